@@ -1,0 +1,494 @@
+"""Legacy SEV API command buffers and the data structures they point to (SEV API spec 55766
+chapters 5-7; sev-reference.md §1.5, §1.9-§1.12).
+
+Every layout is little-endian and packed.  Offsets follow the reference table §1.5, cross-checked
+with AMDESE/sev-tool ``sevapi.h``, Linux ``include/linux/psp-sev.h`` and AMD's firmware source
+(amd/AMD-ASPFW ``sev_mcmd.h``, "AF" below).  Field names are the spec's in snake_case; where the
+sources disagree on a name the one AF uses is kept (e.g. LAUNCH_START ``dh_cert_paddr``, the GODH
+certificate).  Bytes a buffer does not name are reserved and must be zero.
+
+Decisions:
+
+* PLATFORM_STATUS (output only) is byte 03 ``owner`` (:class:`PlatformOwner`), u16 ``config`` at
+  04 (:class:`PlatformConfig`), byte 06 reserved, byte 07 ``build``, as sev-tool and AF declare it.
+  Linux's uapi reads bytes 03..06 as one u32 ``flags`` (owner = bit 0, CONFIG_ES = bit 8): the same
+  bytes, see :data:`LINUX_STATUS_FLAGS_OWNER` / :data:`LINUX_STATUS_FLAGS_CONFIG_ES`.
+* INIT / INIT_EX ``options`` is a u32 as in sev-tool and Linux (AF declares a u16 followed by
+  reserved bytes; identical encoding for every defined option).
+* SEND_UPDATE_VMSA uses the common transport layout with the reserved word at 04; Linux's
+  ``sev_data_send_update_vmsa`` omits it, which sev-tool, AF and every other *_UPDATE buffer
+  contradict.
+* COPY and ACTIVATE_EX (sev-tool/AF only, not in the reference table) are declared from AF.
+  RING_BUFFER, SWAP_OUT and SWAP_IN have no layout here; :data:`COMMAND_BUFFERS` leaves them out and
+  :data:`COMMANDS_WITHOUT_BUFFER` lists the commands that take no buffer at all.
+* GET_ID writes one 64-byte ID per socket (:class:`GetIdEntry`); Linux's ``sev_user_data_get_id``
+  is two of them (socket1, socket2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntFlag
+from typing import Final
+
+from sevemu.abi.commands import CommandId
+from sevemu.abi.states import PlatformOwner
+from sevemu.abi.struct import Struct, layout, raw, u8, u16, u32, u64
+
+__all__ = [
+    "ACTIVATE_EX_LENGTH",
+    "COMMANDS_WITHOUT_BUFFER",
+    "COMMAND_BUFFERS",
+    "GET_ID_ENTRY_LEN",
+    "INIT_EX_LENGTH",
+    "INIT_EX_NV_LEN",
+    "LINUX_STATUS_FLAGS_CONFIG_ES",
+    "LINUX_STATUS_FLAGS_OWNER",
+    "SEV_TMR_LEN",
+    "SNP_TMR_LEN",
+    "ActivateCmd",
+    "ActivateExCmd",
+    "AttestationCmd",
+    "CopyCmd",
+    "DbgCmd",
+    "DeactivateCmd",
+    "DecommissionCmd",
+    "DownloadFirmwareCmd",
+    "GetIdCmd",
+    "GetIdEntry",
+    "GuestStatusCmd",
+    "HandleCmd",
+    "HdrBuf",
+    "HdrFlags",
+    "InitCmd",
+    "InitExCmd",
+    "InitOptions",
+    "LaunchFinishCmd",
+    "LaunchMeasureCmd",
+    "LaunchSecretCmd",
+    "LaunchStartCmd",
+    "LaunchUpdateDataCmd",
+    "LaunchUpdateVmsaCmd",
+    "LegacyAttestationReport",
+    "MeasureBuf",
+    "PdhCertExportCmd",
+    "PekCertImportCmd",
+    "PekCsrCmd",
+    "PlatformConfig",
+    "PlatformOwner",
+    "PlatformStatus",
+    "ReceiveFinishCmd",
+    "ReceiveStartCmd",
+    "ReceiveUpdateDataCmd",
+    "ReceiveUpdateVmsaCmd",
+    "SendCancelCmd",
+    "SendFinishCmd",
+    "SendStartCmd",
+    "SendUpdateDataCmd",
+    "SendUpdateVmsaCmd",
+    "SessionBuf",
+    "TransportCmd",
+]
+
+
+# --- flags and constants -------------------------------------------------------------------------
+
+
+class InitOptions(IntFlag):
+    """INIT / INIT_EX ``options``."""
+
+    SEV_ES = 1 << 0
+
+
+class PlatformConfig(IntFlag):
+    """PLATFORM_STATUS ``config`` (sev-tool ``SEV_CONFIG``)."""
+
+    ES = 1 << 0  # SEV-ES initialised (INIT with options.SEV_ES)
+
+
+class HdrFlags(IntFlag):
+    """Packet header ``flags`` (§1.11, §1.13)."""
+
+    COMPRESSED = 1 << 0
+
+
+LINUX_STATUS_FLAGS_OWNER: Final = 0x0001
+LINUX_STATUS_FLAGS_CONFIG_ES: Final = 0x0100  # Linux SEV_STATUS_FLAGS_CONFIG_ES
+
+SEV_TMR_LEN: Final = 1 << 20  # INIT.tmr_len for SEV-ES (1 MiB, 1 MiB aligned)
+SNP_TMR_LEN: Final = 2 << 20  # once SNP is initialised
+INIT_EX_LENGTH: Final = 0x24
+INIT_EX_NV_LEN: Final = 32 << 10
+ACTIVATE_EX_LENGTH: Final = 0x18  # API 0.17
+GET_ID_ENTRY_LEN: Final = 0x40
+
+
+# --- platform command buffers --------------------------------------------------------------------
+
+
+@layout(size=0x14)
+@dataclass(frozen=True, slots=True)
+class InitCmd(Struct):
+    """INIT (0x01)."""
+
+    options: int = u32(0x00)
+    tmr_paddr: int = u64(0x08)
+    tmr_len: int = u32(0x10)
+
+
+@layout(size=0x24)
+@dataclass(frozen=True, slots=True)
+class InitExCmd(Struct):
+    """INIT_EX (0x0D); ``length`` must be 0x24."""
+
+    length: int = u32(0x00, INIT_EX_LENGTH)
+    options: int = u32(0x04)
+    tmr_paddr: int = u64(0x08)
+    tmr_len: int = u32(0x10)
+    nv_paddr: int = u64(0x18)
+    nv_len: int = u32(0x20)
+
+
+@layout(size=0x0C)
+@dataclass(frozen=True, slots=True)
+class PlatformStatus(Struct):
+    """PLATFORM_STATUS (0x04) output; see the module docstring for owner/config/build."""
+
+    api_major: int = u8(0x00)
+    api_minor: int = u8(0x01)
+    state: int = u8(0x02)
+    owner: int = u8(0x03)
+    config: int = u16(0x04)
+    build: int = u8(0x07)
+    guest_count: int = u32(0x08)
+
+
+@layout(size=0x0C)
+@dataclass(frozen=True, slots=True)
+class PekCsrCmd(Struct):
+    """PEK_CSR (0x06); ``csr_len`` is written back (0x824) on INVALID_LENGTH."""
+
+    csr_paddr: int = u64(0x00)
+    csr_len: int = u32(0x08)
+
+
+@layout(size=0x1C)
+@dataclass(frozen=True, slots=True)
+class PekCertImportCmd(Struct):
+    """PEK_CERT_IMPORT (0x07)."""
+
+    pek_cert_paddr: int = u64(0x00)
+    pek_cert_len: int = u32(0x08)
+    oca_cert_paddr: int = u64(0x10)
+    oca_cert_len: int = u32(0x18)
+
+
+@layout(size=0x1C)
+@dataclass(frozen=True, slots=True)
+class PdhCertExportCmd(Struct):
+    """PDH_CERT_EXPORT (0x08); certs = PEK || OCA || CEK (3 x 0x824)."""
+
+    pdh_cert_paddr: int = u64(0x00)
+    pdh_cert_len: int = u32(0x08)
+    certs_paddr: int = u64(0x10)
+    certs_len: int = u32(0x18)
+
+
+@layout(size=0x0C)
+@dataclass(frozen=True, slots=True)
+class DownloadFirmwareCmd(Struct):
+    """DOWNLOAD_FIRMWARE (0x0B)."""
+
+    fw_paddr: int = u64(0x00)
+    fw_len: int = u32(0x08)
+
+
+@layout(size=0x0C)
+@dataclass(frozen=True, slots=True)
+class GetIdCmd(Struct):
+    """GET_ID (0x0C); the output is one :class:`GetIdEntry` per socket."""
+
+    id_paddr: int = u64(0x00)
+    id_len: int = u32(0x08)
+
+
+# --- guest management ----------------------------------------------------------------------------
+
+
+@layout(size=0x04)
+@dataclass(frozen=True, slots=True)
+class HandleCmd(Struct):
+    """The handle-only buffer of DECOMMISSION, DEACTIVATE, LAUNCH_FINISH, SEND_FINISH, SEND_CANCEL
+    and RECEIVE_FINISH."""
+
+    handle: int = u32(0x00)
+
+
+DecommissionCmd = HandleCmd
+DeactivateCmd = HandleCmd
+LaunchFinishCmd = HandleCmd
+SendFinishCmd = HandleCmd
+SendCancelCmd = HandleCmd
+ReceiveFinishCmd = HandleCmd
+
+
+@layout(size=0x08)
+@dataclass(frozen=True, slots=True)
+class ActivateCmd(Struct):
+    """ACTIVATE (0x21)."""
+
+    handle: int = u32(0x00)
+    asid: int = u32(0x04)
+
+
+@layout(size=0x0D)
+@dataclass(frozen=True, slots=True)
+class GuestStatusCmd(Struct):
+    """GUEST_STATUS (0x23): ``handle`` in; ``policy``, ``asid``, ``state`` out."""
+
+    handle: int = u32(0x00)
+    policy: int = u32(0x04)
+    asid: int = u32(0x08)
+    state: int = u8(0x0C)
+
+
+@layout(size=0x18)
+@dataclass(frozen=True, slots=True)
+class CopyCmd(Struct):
+    """COPY (0x24), AF ``sev_mcmd_copy``."""
+
+    handle: int = u32(0x00)
+    len: int = u32(0x04)
+    src_paddr: int = u64(0x08)
+    dst_paddr: int = u64(0x10)
+
+
+@layout(size=0x18)
+@dataclass(frozen=True, slots=True)
+class ActivateExCmd(Struct):
+    """ACTIVATE_EX (0x25), AF ``sev_mcmd_activate_ex``; ``ex_len`` is 0x18."""
+
+    ex_len: int = u32(0x00, ACTIVATE_EX_LENGTH)
+    handle: int = u32(0x04)
+    asid: int = u32(0x08)
+    num_ids: int = u32(0x0C)
+    ids_paddr: int = u64(0x10)
+
+
+# --- launch --------------------------------------------------------------------------------------
+
+
+@layout(size=0x24)
+@dataclass(frozen=True, slots=True)
+class LaunchStartCmd(Struct):
+    """LAUNCH_START (0x30): ``handle`` 0 = new key, else share that guest's; new handle out."""
+
+    handle: int = u32(0x00)
+    policy: int = u32(0x04)
+    dh_cert_paddr: int = u64(0x08)
+    dh_cert_len: int = u32(0x10)
+    session_paddr: int = u64(0x18)
+    session_len: int = u32(0x20)
+
+
+@layout(size=0x14)
+@dataclass(frozen=True, slots=True)
+class LaunchUpdateDataCmd(Struct):
+    """LAUNCH_UPDATE_DATA (0x31), also LAUNCH_UPDATE_VMSA (0x32) and LAUNCH_MEASURE (0x33)."""
+
+    handle: int = u32(0x00)
+    paddr: int = u64(0x08)
+    len: int = u32(0x10)
+
+
+LaunchUpdateVmsaCmd = LaunchUpdateDataCmd
+LaunchMeasureCmd = LaunchUpdateDataCmd
+
+
+@layout(size=0x34)
+@dataclass(frozen=True, slots=True)
+class TransportCmd(Struct):
+    """LAUNCH_SECRET (0x34), SEND_UPDATE_DATA/VMSA (0x41/0x42), RECEIVE_UPDATE_DATA/VMSA
+    (0x51/0x52): header (:class:`HdrBuf`), guest region and transport buffer."""
+
+    handle: int = u32(0x00)
+    hdr_paddr: int = u64(0x08)
+    hdr_len: int = u32(0x10)
+    guest_paddr: int = u64(0x18)
+    guest_len: int = u32(0x20)
+    trans_paddr: int = u64(0x28)
+    trans_len: int = u32(0x30)
+
+
+LaunchSecretCmd = TransportCmd
+SendUpdateDataCmd = TransportCmd
+SendUpdateVmsaCmd = TransportCmd
+ReceiveUpdateDataCmd = TransportCmd
+ReceiveUpdateVmsaCmd = TransportCmd
+
+
+@layout(size=0x24)
+@dataclass(frozen=True, slots=True)
+class AttestationCmd(Struct):
+    """ATTESTATION (0x36); the report is a :class:`LegacyAttestationReport`."""
+
+    handle: int = u32(0x00)
+    paddr: int = u64(0x08)
+    mnonce: bytes = raw(0x10, 16)
+    len: int = u32(0x20)
+
+
+# --- migration -----------------------------------------------------------------------------------
+
+
+@layout(size=0x44)
+@dataclass(frozen=True, slots=True)
+class SendStartCmd(Struct):
+    """SEND_START (0x40): target PDH, target PEK||OCA||CEK, ASK||ARK; policy and session out."""
+
+    handle: int = u32(0x00)
+    policy: int = u32(0x04)
+    pdh_cert_paddr: int = u64(0x08)
+    pdh_cert_len: int = u32(0x10)
+    plat_certs_paddr: int = u64(0x18)
+    plat_certs_len: int = u32(0x20)
+    amd_certs_paddr: int = u64(0x28)
+    amd_certs_len: int = u32(0x30)
+    session_paddr: int = u64(0x38)
+    session_len: int = u32(0x40)
+
+
+@layout(size=0x24)
+@dataclass(frozen=True, slots=True)
+class ReceiveStartCmd(Struct):
+    """RECEIVE_START (0x50): the source platform's PDH and the session; new handle out."""
+
+    handle: int = u32(0x00)
+    policy: int = u32(0x04)
+    pdh_cert_paddr: int = u64(0x08)
+    pdh_cert_len: int = u32(0x10)
+    session_paddr: int = u64(0x18)
+    session_len: int = u32(0x20)
+
+
+# --- debug ---------------------------------------------------------------------------------------
+
+
+@layout(size=0x1C)
+@dataclass(frozen=True, slots=True)
+class DbgCmd(Struct):
+    """DBG_DECRYPT (0x60) / DBG_ENCRYPT (0x61); 16-byte granularity."""
+
+    handle: int = u32(0x00)
+    src_paddr: int = u64(0x08)
+    dst_paddr: int = u64(0x10)
+    len: int = u32(0x18)
+
+
+# --- data structures the buffers point to --------------------------------------------------------
+
+
+@layout(size=0x80)
+@dataclass(frozen=True, slots=True)
+class SessionBuf(Struct):
+    """Session data of LAUNCH_START (in), SEND_START (out), RECEIVE_START (in) (§1.9)."""
+
+    nonce: bytes = raw(0x00, 16)
+    wrap_tk: bytes = raw(0x10, 32)  # AES-128-CTR(KEK, wrap_iv)(TEK || TIK)
+    wrap_iv: bytes = raw(0x30, 16)
+    wrap_mac: bytes = raw(0x40, 32)  # HMAC-SHA256(KIK, wrap_tk)
+    policy_mac: bytes = raw(0x60, 32)  # HMAC-SHA256(TIK, policy)
+
+
+@layout(size=0x30)
+@dataclass(frozen=True, slots=True)
+class MeasureBuf(Struct):
+    """LAUNCH_MEASURE output (§1.10)."""
+
+    measure: bytes = raw(0x00, 32)
+    mnonce: bytes = raw(0x20, 16)
+
+
+@layout(size=0x34)
+@dataclass(frozen=True, slots=True)
+class HdrBuf(Struct):
+    """Packet header of LAUNCH_SECRET and SEND/RECEIVE_UPDATE_* (§1.11, §1.13)."""
+
+    flags: int = u32(0x00)
+    iv: bytes = raw(0x04, 16)
+    mac: bytes = raw(0x14, 32)
+
+
+@layout(size=0xD0)
+@dataclass(frozen=True, slots=True)
+class LegacyAttestationReport(Struct):
+    """ATTESTATION output (§1.12); PEK signs bytes [0x00, 0x34) with ECDSA P-384 / SHA-256.
+
+    ``sig1`` is r[72] || s[72], each little-endian and zero-padded.
+    """
+
+    mnonce: bytes = raw(0x00, 16)
+    launch_digest: bytes = raw(0x10, 32)
+    policy: int = u32(0x30)
+    sig_usage: int = u32(0x34)
+    sig_algo: int = u32(0x38)
+    sig1: bytes = raw(0x40, 144)
+
+
+@layout(size=GET_ID_ENTRY_LEN)
+@dataclass(frozen=True, slots=True)
+class GetIdEntry(Struct):
+    """One socket's entry of the GET_ID output (the chip ID used by AMD's KDS for the CEK)."""
+
+    id: bytes = raw(0x00, GET_ID_ENTRY_LEN)
+
+
+# --- dispatch tables -----------------------------------------------------------------------------
+
+# The buffer each legacy command reads (and possibly writes back): the dispatcher reads SIZE bytes.
+COMMAND_BUFFERS: Final[dict[CommandId, type[Struct]]] = {
+    CommandId.INIT: InitCmd,
+    CommandId.PLATFORM_STATUS: PlatformStatus,
+    CommandId.PEK_CSR: PekCsrCmd,
+    CommandId.PEK_CERT_IMPORT: PekCertImportCmd,
+    CommandId.PDH_CERT_EXPORT: PdhCertExportCmd,
+    CommandId.DOWNLOAD_FIRMWARE: DownloadFirmwareCmd,
+    CommandId.GET_ID: GetIdCmd,
+    CommandId.INIT_EX: InitExCmd,
+    CommandId.DECOMMISSION: HandleCmd,
+    CommandId.ACTIVATE: ActivateCmd,
+    CommandId.DEACTIVATE: HandleCmd,
+    CommandId.GUEST_STATUS: GuestStatusCmd,
+    CommandId.COPY: CopyCmd,
+    CommandId.ACTIVATE_EX: ActivateExCmd,
+    CommandId.LAUNCH_START: LaunchStartCmd,
+    CommandId.LAUNCH_UPDATE_DATA: LaunchUpdateDataCmd,
+    CommandId.LAUNCH_UPDATE_VMSA: LaunchUpdateDataCmd,
+    CommandId.LAUNCH_MEASURE: LaunchUpdateDataCmd,
+    CommandId.LAUNCH_SECRET: TransportCmd,
+    CommandId.LAUNCH_FINISH: HandleCmd,
+    CommandId.ATTESTATION: AttestationCmd,
+    CommandId.SEND_START: SendStartCmd,
+    CommandId.SEND_UPDATE_DATA: TransportCmd,
+    CommandId.SEND_UPDATE_VMSA: TransportCmd,
+    CommandId.SEND_FINISH: HandleCmd,
+    CommandId.SEND_CANCEL: HandleCmd,
+    CommandId.RECEIVE_START: ReceiveStartCmd,
+    CommandId.RECEIVE_UPDATE_DATA: TransportCmd,
+    CommandId.RECEIVE_UPDATE_VMSA: TransportCmd,
+    CommandId.RECEIVE_FINISH: HandleCmd,
+    CommandId.DBG_DECRYPT: DbgCmd,
+    CommandId.DBG_ENCRYPT: DbgCmd,
+}
+
+# Legacy commands that take no buffer (Linux passes a NULL address; AF ignores the registers).
+COMMANDS_WITHOUT_BUFFER: Final = frozenset(
+    {
+        CommandId.SHUTDOWN,
+        CommandId.PLATFORM_RESET,
+        CommandId.PEK_GEN,
+        CommandId.PDH_GEN,
+        CommandId.DF_FLUSH,
+        CommandId.NOP,
+    }
+)

@@ -1,0 +1,1 @@
+"""sevemu.certs"""

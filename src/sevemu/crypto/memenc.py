@@ -1,0 +1,781 @@
+"""The memory controller's AES engine: per-ASID encryption of DRAM at 16-byte granularity.
+
+Models sev-reference §4.2 (behaviour), §4.3 (AES mode and tweak per generation) and §4.4 (research
+findings a faithful model must reproduce).  The memory controller of the SoC model keeps one
+:class:`MemoryCipher` per key slot and calls :meth:`MemoryCipher.encrypt_line` on every cache-line
+writeback and :meth:`MemoryCipher.decrypt_line` on every line fill; whole pages and regions
+(firmware LAUNCH_UPDATE_DATA, DBG commands, migration) go through the vectorised ``*_bulk`` paths.
+Both paths give identical bytes.
+
+Modes (:class:`EncryptionMode`), for a 16-byte block ``P`` at system physical address ``p``::
+
+    XE      C = AES-128_K(P ^ T(p))              P = AES-128_K^-1(C) ^ T(p)
+    XEX     C = AES-128_K(P ^ T(p)) ^ T(p)       P = AES-128_K^-1(C ^ T(p)) ^ T(p)
+    XTS256  AES-256-XTS (IEEE Std 1619) with a 512-bit key K1 || K2
+
+XE is what early Zen 1 parts do (EPYC 7251, Ryzen), XEX later Zen 1 parts and Zen 2/3; Zen 4 and
+later can also run AES-256-XTS (SNP policy bit 22 MEM_AES_256_XTS) (§4.3).
+
+The address tweak (§4.3; SEVurity, Wilke et al. 2020) is linear in the address bits above the block
+offset::
+
+    T(p) = XOR over i >= 4 with bit i of p set of t_i          (bits 3:0 select a byte in the block)
+
+so ``T(p ^ q) = T(p) ^ T(q)``.  The constants are chosen at boot and are the same for every key, the
+host's included (§4.4): they live in :class:`TweakConstants`, shared by all the ciphers of a boot.
+Consequences the model keeps (and the tests check): the same (key, address, plaintext) always gives
+the same ciphertext (CipherLeaks, §4.4); a ciphertext block moved from ``p`` to ``q`` decrypts under
+XE to ``m ^ T(p) ^ T(q)``; under XEX the mover must first XOR ``T(p) ^ T(q)`` into it, and then gets
+the same plaintext difference.
+
+Model choices where AMD publishes nothing (sev-reference §5 item 10):
+
+* **Zen 1 constants** (:meth:`TweakConstants.published_zen1`): t_4..t_31 are the table
+  reverse-engineered on an EPYC 7251 by SEVurity (§4.3), each a 4-byte value repeated four times
+  (byte j of the tweak is XORed with byte ``j mod 4`` of the value).  Bits 32 and up were never
+  published (the authors' host had 4.3 GiB of RAM): for them we draw fresh random 4-byte values at
+  every boot, repeated the same way, so the whole table keeps Zen 1's 32-bit-per-constant
+  structure.
+* **Zen 2+ tweak function** (:meth:`TweakConstants.random_zen2`): AMD says only that Rome's tweak is
+  "no longer 4-byte periodic" with "fresh randomness per boot" (§4.3).  We keep the linear form
+  above with independent uniformly random 128-bit t_i (i >= 4) drawn at boot.  Determinism across
+  the life of a key (CipherLeaks on Milan) follows.
+* **XTS data unit and tweak** (:attr:`EncryptionMode.XTS256`): the data unit is the 64-byte cache
+  line, the unit the memory controller moves; its tweak is the data-unit sequence number
+  ``SPA >> 6`` encoded as a 128-bit little-endian integer, exactly as IEEE 1619 §5.1 encodes the
+  sequence number.  Block j (0..3) of a line therefore uses ``E_K2(SPA >> 6) * alpha^j`` in
+  GF(2^128) (IEEE 1619 little-endian convention: x^128 = x^7 + x^2 + x + 1).  The SPA tweak
+  constants are not used by XTS, but their ``pa_bits`` still bounds the address range.
+
+Implementation notes.  The AES block operations are `cryptography`'s AES-ECB; ECB contexts keep no
+state between ``update`` calls, so each cipher keeps one encryptor and one decryptor for its whole
+life.  The single-line path works on 512-bit Python integers (one line = one ``int``); the bulk path
+works on ``numpy`` ``uint64`` views in 128 KiB chunks with preallocated buffers.  A
+:class:`MemoryCipher` is not thread-safe (neither are the ECB contexts it holds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import random
+import secrets
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+
+from sevemu.errors import AddressError, AlignmentError, InputError, KeySizeError
+
+__all__ = [
+    "BLOCK_SIZE",
+    "LINE_SIZE",
+    "MAX_PA_BITS",
+    "PAGE_SIZE",
+    "SEVURITY_ZEN1_TWEAKS",
+    "EncryptionMode",
+    "MemoryCipher",
+    "TweakConstants",
+    "xts_decrypt_units",
+    "xts_encrypt_units",
+]
+
+BLOCK_SIZE: Final = 16
+LINE_SIZE: Final = 64
+PAGE_SIZE: Final = 4096
+#: x86-64's architectural maximum physical-address width.
+MAX_PA_BITS: Final = 52
+#: Lowest address width accepted: the tweak tables must cover at least one page.
+MIN_PA_BITS: Final = 12
+
+#: SEVurity's EPYC 7251 tweak table (sev-reference §4.3; SVY ``plaintext_gpa_database.c``):
+#: t_i for i = 4..31, as the 4 bytes repeated over the 16-byte block, in memory order.
+SEVURITY_ZEN1_TWEAKS: Final[tuple[str, ...]] = (
+    "82253838", "ec09079c", "40000018", "8102a23a", "77d91077", "b010b2c0", "536d544d",  # 4..10
+    "1568ee53", "b09230c2", "9670ff8e", "361b90d5", "0400c236", "e8182985", "bd31f92a",  # 11..17
+    "a50d3744", "f431d84c", "02043181", "b37132a1", "508ac06c", "168a8020", "7f9bc007",  # 18..24
+    "00db0407", "7f000404", "70fa01be", "bb3d2890", "bd2dd526", "1c5d6ce2", "4f5ce727",  # 25..31
+)
+
+_U64 = np.uint64
+_M64: Final = (1 << 64) - 1
+_M128: Final = (1 << 128) - 1
+#: Replicates a 128-bit value into the four blocks of a 512-bit line integer.
+_REP4: Final = 1 | 1 << 128 | 1 << 256 | 1 << 384
+#: clmul(h, 0x87) for h < 8: the reduction of the bits shifted out of a 128-bit GF element.
+_GF_RED: Final = tuple(
+    (h & 1) * 0x87 ^ (h >> 1 & 1) * (0x87 << 1) ^ (h >> 2 & 1) * (0x87 << 2) for h in range(8)
+)
+#: s * _XTS_SPREAD places s, s << 1, s << 2, s << 3 at bits 0, 128, 256, 384 of a line integer
+#: (they do not overlap); the bits each shift pushes past its 128-bit block (the top 3 bits of s)
+#: then select the fix-up: clear those bits and XOR in their GF(2^128) reduction.
+_XTS_SPREAD: Final = 1 | 1 << 129 | 1 << 258 | 1 << 387
+
+
+def _xts_fix(top: int) -> int:
+    fix = 0
+    for j in (1, 2, 3):
+        out = top >> (3 - j)  # the j bits of s shifted out of block j
+        fix ^= out << (128 * (j + 1))  # where the spread left them: clear them
+        fix ^= _GF_RED[out] << (128 * j)  # their reduction, into block j
+    return fix
+
+
+_XTS_FIX: Final = tuple(_xts_fix(top) for top in range(8))
+#: Bulk processing chunk: a power of two, aligned in SPA space, sized for L2.
+_CHUNK: Final = 128 << 10
+_CHUNK_BITS: Final = 17
+_CHUNK_WORDS: Final = _CHUNK // 8
+#: Row length (in uint64 words) of the 16-byte patterns XORed over a chunk (64 KiB rows: long rows
+#: keep numpy's broadcasting on its fast contiguous loops).
+_ROW_WORDS: Final = 8192
+#: Spans up to this length take the integer path in ``*_line``; longer ones the bulk path.
+_LINE_PATH_MAX: Final = 4096
+#: Bounds of the memo tables (entries).
+_PAGE_MEMO_MAX: Final = 1 << 14
+_XTS_MEMO_MAX: Final = 1 << 12
+
+Buffer = bytes | bytearray | memoryview
+_from_bytes: Final = int.from_bytes  # one attribute lookup less on the hot path
+_U64Array = npt.NDArray[np.uint64]
+
+
+class EncryptionMode(enum.Enum):
+    """The memory controller's AES mode (sev-reference §4.3)."""
+
+    XE = "xe"
+    XEX = "xex"
+    XTS256 = "aes-256-xts"
+
+    @property
+    def key_size(self) -> int:
+        """Key length in bytes: AES-128 for XE/XEX, two AES-256 keys (K1 || K2) for XTS."""
+        return 64 if self is EncryptionMode.XTS256 else 16
+
+    @property
+    def granule(self) -> int:
+        """Smallest span the engine encrypts: a 16-byte block, or the 64-byte XTS data unit."""
+        return LINE_SIZE if self is EncryptionMode.XTS256 else BLOCK_SIZE
+
+
+# ---------------------------------------------------------------------------------------------
+# Tweak constants
+# ---------------------------------------------------------------------------------------------
+
+
+class _TweakTables:
+    """Lookup tables derived from a :class:`TweakConstants` (key-independent, built once)."""
+
+    def __init__(self, constants: Sequence[bytes], pa_bits: int) -> None:
+        words = np.zeros((MAX_PA_BITS, 2), dtype=_U64)
+        for i, t in enumerate(constants):
+            words[i] = np.frombuffer(t, dtype="<u8")
+        # Vectorised lookup: one 256-entry table per 8-bit slice of the block number (bits 4..).
+        idx = np.arange(256, dtype=_U64)
+        self.slices: list[_U64Array] = []
+        for lo in range(4, pa_bits, 8):
+            tab = np.zeros((256, 2), dtype=_U64)
+            for b in range(8):
+                if lo + b < pa_bits:
+                    sel = ((idx >> _U64(b)) & _U64(1)).astype(bool)
+                    tab[sel] ^= words[lo + b]
+            self.slices.append(tab)
+        # Zero-padded past pa_bits so the last 8-bit slice tables stay in range.
+        ints = [int.from_bytes(t, "little") for t in constants] + [0] * (MAX_PA_BITS + 8 - pa_bits)
+        # Single-line path: in-page tweaks of the 64 lines (bits 4..11), as 512-bit line integers,
+        # and per-page tweaks (bits 12..) from 8-bit slices of the page number.
+        self.line_in_page: list[int] = []
+        for line in range(PAGE_SIZE // LINE_SIZE):
+            acc = 0
+            for j in range(LINE_SIZE // BLOCK_SIZE):
+                acc |= _xor_bits(ints, (line * LINE_SIZE + j * BLOCK_SIZE) >> 4, 4) << (128 * j)
+            self.line_in_page.append(acc)
+        self.page_slices: list[list[int]] = [
+            [_xor_bits(ints, v, lo) * _REP4 for v in range(256)] for lo in range(12, pa_bits, 8)
+        ]
+        self.page_memo: dict[int, int] = {}
+        self.block_ints = ints
+        self._chunk_table: _U64Array | None = None
+        self._carry_rows: dict[int, _U64Array] = {}
+
+    def page_rep(self, page: int) -> int:
+        """T(page << 12) replicated over the four blocks of a line (512-bit integer)."""
+        memo = self.page_memo
+        rep = memo.get(page)
+        if rep is None:
+            rep = 0
+            rest = page
+            for tab in self.page_slices:
+                rep ^= tab[rest & 0xFF]
+                rest >>= 8
+                if not rest:
+                    break
+            if len(memo) >= _PAGE_MEMO_MAX:
+                memo.clear()
+            memo[page] = rep
+        return rep
+
+    def chunk_table(self) -> _U64Array:
+        """T of the 8192 blocks of a 128 KiB chunk at SPA 0 (bits 4..16), flat uint64 words."""
+        if self._chunk_table is None:
+            spas = np.arange(0, _CHUNK, BLOCK_SIZE, dtype=_U64)
+            self._chunk_table = self.lookup(spas).reshape(-1)
+        return self._chunk_table
+
+    def carry_row(self, carries: int) -> _U64Array:
+        """A 64 KiB row of T(base ^ next_base) for chunk bases whose increment carries ``carries``
+        times past bit 17 (so consecutive chunks' tweaks differ by this row)."""
+        row = self._carry_rows.get(carries)
+        if row is None:
+            delta = ((1 << (carries + 1)) - 1) << _CHUNK_BITS
+            pair = self.lookup(np.array([delta], dtype=_U64))[0]
+            row = np.empty(_ROW_WORDS, dtype=_U64)
+            _fill_pattern(row, pair)
+            self._carry_rows[carries] = row
+        return row
+
+    def lookup(self, spas: _U64Array) -> _U64Array:
+        """T(p) for an array of addresses, as an ``(n, 2)`` little-endian uint64 array."""
+        out = np.zeros((spas.shape[0], 2), dtype=_U64)
+        blocks = spas >> _U64(4)
+        for k, tab in enumerate(self.slices):
+            out ^= tab[(blocks >> _U64(8 * k)) & _U64(0xFF)]
+        return out
+
+
+def _xor_bits(ints: Sequence[int], value: int, lo: int) -> int:
+    """XOR of ``ints[lo + b]`` over the set bits b of ``value``."""
+    acc = 0
+    b = lo
+    while value:
+        if value & 1:
+            acc ^= ints[b]
+        value >>= 1
+        b += 1
+    return acc
+
+
+def _fill_pattern(dst: _U64Array, pair: _U64Array) -> None:
+    """Fill a flat uint64 array with a repeated 16-byte value (by doubling copies)."""
+    n = dst.shape[0]
+    dst[:2] = pair
+    filled = 2
+    while filled < n:
+        step = min(filled, n - filled)
+        dst[filled : filled + step] = dst[:step]
+        filled += step
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TweakConstants:
+    """The per-boot address-tweak constants t_i of the memory controller (sev-reference §4.3).
+
+    ``constants[i]`` is t_i (16 bytes) for every address bit ``i < pa_bits``; t_0..t_3 are zero (the
+    low four bits select a byte within the block).  The same object serves every key of a boot: the
+    tweaks do not depend on the key (§4.4).  Build one with :meth:`published_zen1`,
+    :meth:`random_zen2` or :meth:`zeros`.
+    """
+
+    pa_bits: int
+    constants: tuple[bytes, ...]
+    origin: str = "custom"
+    _tables: _TweakTables = dataclasses.field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not MIN_PA_BITS <= self.pa_bits <= MAX_PA_BITS:
+            raise InputError(f"pa_bits {self.pa_bits} outside {MIN_PA_BITS}..{MAX_PA_BITS}")
+        if len(self.constants) != self.pa_bits:
+            raise InputError(f"{len(self.constants)} tweak constants given for {self.pa_bits} address bits")
+        for i, t in enumerate(self.constants):
+            if not isinstance(t, bytes) or len(t) != BLOCK_SIZE:
+                raise InputError(f"tweak constant t_{i} must be {BLOCK_SIZE} bytes")
+            if i < 4 and any(t):
+                raise InputError(f"tweak constant t_{i} must be zero: bits 3:0 are the offset in a block")
+        object.__setattr__(self, "_tables", _TweakTables(self.constants, self.pa_bits))
+
+    # -- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def published_zen1(cls, pa_bits: int = 48, rng: random.Random | None = None) -> TweakConstants:
+        """Zen 1 constants: SEVurity's table for bits 4..31, random 4-byte-periodic values above.
+
+        ``rng`` draws the unpublished constants for bits 32 and up (a fresh boot draws new ones);
+        give a seeded :class:`random.Random` for a reproducible boot, or None for the OS's CSPRNG.
+        """
+        _check_pa_bits(pa_bits)
+        consts = [bytes(BLOCK_SIZE)] * 4
+        for i in range(4, pa_bits):
+            if i < 32:
+                word = bytes.fromhex(SEVURITY_ZEN1_TWEAKS[i - 4])
+            else:
+                word = _random_bytes(rng, 4)
+            consts.append(word * 4)
+        return cls(pa_bits, tuple(consts), "zen1-published")
+
+    @classmethod
+    def random_zen2(cls, pa_bits: int = 48, rng: random.Random | None = None) -> TweakConstants:
+        """Zen 2+ constants: independent uniformly random 128-bit t_i (i >= 4), drawn per boot."""
+        _check_pa_bits(pa_bits)
+        consts = [bytes(BLOCK_SIZE)] * 4 + [_random_bytes(rng, BLOCK_SIZE) for _ in range(4, pa_bits)]
+        return cls(pa_bits, tuple(consts), "zen2-random")
+
+    @classmethod
+    def zeros(cls, pa_bits: int = 48) -> TweakConstants:
+        """All-zero constants (no address tweak): XE and XEX degenerate to AES-ECB.  For tests."""
+        _check_pa_bits(pa_bits)
+        return cls(pa_bits, (bytes(BLOCK_SIZE),) * pa_bits, "zeros")
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    @property
+    def address_limit(self) -> int:
+        """One past the highest SPA the constants cover (2**pa_bits)."""
+        return 1 << self.pa_bits
+
+    def tweak(self, spa: int) -> bytes:
+        """T(spa) for the 16-byte block holding ``spa`` (bits 3:0 of ``spa`` are ignored)."""
+        _check_range(spa, 0, self.pa_bits)
+        return _xor_bits(self._tables.block_ints, spa >> 4, 4).to_bytes(BLOCK_SIZE, "little")
+
+    def tweaks(self, spas: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+        """T(p) for an array of addresses, vectorised: an ``(n, 16)`` uint8 array."""
+        arr = np.asarray(spas)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise InputError("spas must be a one-dimensional array of integers")
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= self.address_limit):
+            raise AddressError(f"an address is outside the {self.pa_bits}-bit physical address space")
+        words = self._tables.lookup(arr.astype(_U64))
+        return words.view(np.uint8).reshape(-1, BLOCK_SIZE)
+
+
+def _check_pa_bits(pa_bits: int) -> None:
+    if not MIN_PA_BITS <= pa_bits <= MAX_PA_BITS:
+        raise InputError(f"pa_bits {pa_bits} outside {MIN_PA_BITS}..{MAX_PA_BITS}")
+
+
+def _random_bytes(rng: random.Random | None, n: int) -> bytes:
+    if rng is None:
+        return secrets.token_bytes(n)
+    return rng.getrandbits(8 * n).to_bytes(n, "little")
+
+
+def _check_range(spa: int, length: int, pa_bits: int) -> None:
+    if spa < 0 or spa + length > 1 << pa_bits:
+        raise AddressError(
+            f"SPA range 0x{spa:x}+0x{length:x} is outside the {pa_bits}-bit physical address space"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# AES-XTS on top of AES-ECB
+# ---------------------------------------------------------------------------------------------
+
+
+def _ecb(key: bytes) -> tuple[CipherContext, CipherContext]:
+    cipher = Cipher(algorithms.AES(key), modes.ECB())
+    return cipher.encryptor(), cipher.decryptor()
+
+
+def _gf_double(x: int) -> int:
+    """x * alpha in GF(2^128), IEEE 1619 little-endian convention."""
+    return ((x << 1) & _M128) ^ (0x87 if x >> 127 else 0)
+
+
+def _xts_units(key: bytes, tweak: int, data: bytes, unit: int, encrypt: bool) -> bytes:
+    if len(key) not in (32, 64):
+        raise KeySizeError(f"an AES-XTS key is 32 or 64 bytes (K1 || K2), not {len(key)}")
+    if unit <= 0 or unit % BLOCK_SIZE or len(data) % unit:
+        raise AlignmentError(f"data of {len(data)} bytes is not a whole number of {unit}-byte data units")
+    if not 0 <= tweak < 1 << 128:
+        raise InputError("an XTS tweak is a 128-bit unsigned integer")
+    half = len(key) // 2
+    data_enc, data_dec = _ecb(key[:half])
+    tweak_enc, _ = _ecb(key[half:])
+    ctx = data_enc if encrypt else data_dec
+    out = bytearray()
+    for start in range(0, len(data), unit):
+        t = int.from_bytes(tweak_enc.update(((tweak + start // unit) & _M128).to_bytes(16, "little")), "little")
+        mask = 0
+        for j in range(unit // BLOCK_SIZE):
+            mask |= t << (128 * j)
+            t = _gf_double(t)
+        x = int.from_bytes(data[start : start + unit], "little") ^ mask
+        y = int.from_bytes(ctx.update(x.to_bytes(unit, "little")), "little") ^ mask
+        out += y.to_bytes(unit, "little")
+    return bytes(out)
+
+
+def xts_encrypt_units(key: bytes, tweak: int, data: bytes, unit: int) -> bytes:
+    """IEEE 1619 XTS-AES encryption of consecutive ``unit``-byte data units (no ciphertext stealing).
+
+    ``key`` is K1 || K2 (32 bytes: XTS-AES-128, 64 bytes: XTS-AES-256); data unit k uses the
+    sequence number ``tweak + k`` (128-bit little-endian, wrapping).  A plain reference
+    implementation on AES-ECB, used to validate the memory engine against the standard's vectors.
+    """
+    return _xts_units(key, tweak, data, unit, True)
+
+
+def xts_decrypt_units(key: bytes, tweak: int, data: bytes, unit: int) -> bytes:
+    """Inverse of :func:`xts_encrypt_units`."""
+    return _xts_units(key, tweak, data, unit, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+_XE: Final = 0
+_XEX: Final = 1
+_XTS: Final = 2
+_MODE_CODE: Final = {EncryptionMode.XE: _XE, EncryptionMode.XEX: _XEX, EncryptionMode.XTS256: _XTS}
+
+
+class MemoryCipher:
+    """One key slot's encryption engine: a mode, a key and the boot's tweak constants."""
+
+    __slots__ = (
+        "mode",
+        "granule",
+        "tweak_constants",
+        "_code",
+        "_limit",
+        "_enc",
+        "_dec",
+        "_tweak_enc",
+        "_tables",
+        "_xts_memo",
+        "_page_memo",
+        "_line_in_page",
+        "_scratch",
+    )
+
+    def __init__(self, mode: EncryptionMode, key: bytes, tweaks: TweakConstants) -> None:
+        if not isinstance(mode, EncryptionMode):
+            raise InputError(f"unknown encryption mode {mode!r}")
+        if not isinstance(key, (bytes, bytearray)) or len(key) != mode.key_size:
+            size = len(key) if isinstance(key, (bytes, bytearray)) else type(key).__name__
+            raise KeySizeError(f"{mode.value} needs a {mode.key_size}-byte key, got {size}")
+        self.mode = mode
+        self.granule = mode.granule
+        self.tweak_constants = tweaks
+        self._code = _MODE_CODE[mode]
+        self._limit = tweaks.address_limit
+        self._tables = tweaks._tables
+        key = bytes(key)
+        if self._code == _XTS:
+            self._enc, self._dec = _ecb(key[:32])
+            self._tweak_enc = _ecb(key[32:])[0]
+        else:
+            self._enc, self._dec = _ecb(key)
+            self._tweak_enc = self._enc
+        self._xts_memo: dict[int, int] = {}
+        self._page_memo = self._tables.page_memo
+        self._line_in_page = self._tables.line_in_page
+        self._scratch: _Scratch | None = None
+
+    def __repr__(self) -> str:
+        return f"MemoryCipher({self.mode.value}, pa_bits={self.tweak_constants.pa_bits})"
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def _check(self, spa: int, length: int) -> None:
+        g = self.granule
+        if spa % g or length % g:
+            raise AlignmentError(
+                f"{self.mode.value} works on {g}-byte units: SPA 0x{spa:x} and length {length} "
+                f"must both be multiples of {g}"
+            )
+        _check_range(spa, length, self.tweak_constants.pa_bits)
+
+    # -- single-line path ---------------------------------------------------------------------
+
+    def _line_tweak(self, spa: int) -> int:
+        """The 512-bit tweak integer of the 64-byte line at ``spa`` (64-aligned, in range)."""
+        if self._code == _XTS:
+            n = spa >> 6
+            tw = self._xts_memo.get(n)
+            if tw is None:
+                s = _from_bytes(self._tweak_enc.update(n.to_bytes(16, "little")), "little")
+                tw = s * _XTS_SPREAD ^ _XTS_FIX[s >> 125]
+                memo = self._xts_memo
+                if len(memo) >= _XTS_MEMO_MAX:
+                    memo.clear()
+                memo[n] = tw
+            return tw
+        tables = self._tables
+        return tables.line_in_page[(spa >> 6) & 63] ^ tables.page_rep(spa >> 12)
+
+    def _span_tweak(self, spa: int, nbytes: int) -> int:
+        """Tweak integer for an arbitrary granule-aligned span (XE/XEX: per 16-byte block)."""
+        if self._code == _XTS:
+            acc = 0
+            for off in range(0, nbytes, LINE_SIZE):
+                acc |= self._line_tweak(spa + off) << (8 * off)
+            return acc
+        ints = self._tables.block_ints
+        acc = 0
+        for off in range(0, nbytes, BLOCK_SIZE):
+            acc |= _xor_bits(ints, (spa + off) >> 4, 4) << (8 * off)
+        return acc
+
+    def encrypt_line(self, spa: int, data: Buffer) -> bytes:
+        """Encrypt a cache line (or any granule-aligned span) at SPA ``spa``; returns ciphertext.
+
+        The hot path is a 64-byte, 64-aligned line.  Spans longer than a page go to the bulk path.
+        """
+        n = len(data)
+        if n == LINE_SIZE and not spa & 63 and 0 <= spa < self._limit:
+            code = self._code
+            if code == _XTS:
+                tw = self._xts_memo.get(spa >> 6)
+                if tw is None:
+                    tw = self._line_tweak(spa)
+            else:
+                tw = self._page_memo.get(spa >> 12)
+                if tw is None:
+                    tw = self._tables.page_rep(spa >> 12)
+                tw ^= self._line_in_page[(spa >> 6) & 63]
+            if code == _XE:
+                return self._enc.update((_from_bytes(data, "little") ^ tw).to_bytes(64, "little"))
+            return (
+                _from_bytes(self._enc.update((_from_bytes(data, "little") ^ tw).to_bytes(64, "little")), "little")
+                ^ tw
+            ).to_bytes(64, "little")
+        self._check(spa, n)
+        if n > _LINE_PATH_MAX:
+            return bytes(self.encrypt_bulk(spa, data))
+        tw = self._span_tweak(spa, n)
+        x = (_from_bytes(data, "little") ^ tw).to_bytes(n, "little")
+        if self._code == _XE:
+            return self._enc.update(x)
+        return (_from_bytes(self._enc.update(x), "little") ^ tw).to_bytes(n, "little")
+
+    def decrypt_line(self, spa: int, data: Buffer) -> bytes:
+        """Decrypt a cache line (or any granule-aligned span) at SPA ``spa``; returns plaintext."""
+        n = len(data)
+        if n == LINE_SIZE and not spa & 63 and 0 <= spa < self._limit:
+            code = self._code
+            if code == _XTS:
+                tw = self._xts_memo.get(spa >> 6)
+                if tw is None:
+                    tw = self._line_tweak(spa)
+            else:
+                tw = self._page_memo.get(spa >> 12)
+                if tw is None:
+                    tw = self._tables.page_rep(spa >> 12)
+                tw ^= self._line_in_page[(spa >> 6) & 63]
+            if code == _XE:
+                return (_from_bytes(self._dec.update(data), "little") ^ tw).to_bytes(64, "little")
+            return (
+                _from_bytes(self._dec.update((_from_bytes(data, "little") ^ tw).to_bytes(64, "little")), "little")
+                ^ tw
+            ).to_bytes(64, "little")
+        self._check(spa, n)
+        if n > _LINE_PATH_MAX:
+            return bytes(self.decrypt_bulk(spa, data))
+        tw = self._span_tweak(spa, n)
+        if self._code == _XE:
+            x = self._dec.update(data)
+        else:
+            x = self._dec.update((_from_bytes(data, "little") ^ tw).to_bytes(n, "little"))
+        return (_from_bytes(x, "little") ^ tw).to_bytes(n, "little")
+
+    # -- bulk path ----------------------------------------------------------------------------
+
+    def encrypt_bulk(self, spa: int, data: Buffer) -> bytearray:
+        """Encrypt a whole region (pages, a guest image) starting at SPA ``spa``; vectorised."""
+        out = bytearray(len(data))
+        self.encrypt_bulk_into(spa, data, out)
+        return out
+
+    def decrypt_bulk(self, spa: int, data: Buffer) -> bytearray:
+        """Decrypt a whole region starting at SPA ``spa``; vectorised."""
+        out = bytearray(len(data))
+        self.decrypt_bulk_into(spa, data, out)
+        return out
+
+    def encrypt_bulk_into(self, spa: int, data: Buffer, out: bytearray | memoryview) -> None:
+        """:meth:`encrypt_bulk` writing into ``out`` (same length; may be ``data`` itself, but must
+        not otherwise overlap it)."""
+        self._bulk(spa, data, out, True)
+
+    def decrypt_bulk_into(self, spa: int, data: Buffer, out: bytearray | memoryview) -> None:
+        """:meth:`decrypt_bulk` writing into ``out`` (same rules as :meth:`encrypt_bulk_into`)."""
+        self._bulk(spa, data, out, False)
+
+    def _bulk(self, spa: int, data: Buffer, out: bytearray | memoryview, encrypt: bool) -> None:
+        src = _byte_view(data, "data")
+        dst = _byte_view(out, "out")
+        if dst.readonly:
+            raise InputError("out must be a writable buffer")
+        n = src.nbytes
+        if dst.nbytes != n:
+            raise InputError(f"out has {dst.nbytes} bytes for {n} bytes of data")
+        self._check(spa, n)
+        if not n:
+            return
+        sc = self._scratch
+        if sc is None:
+            sc = self._scratch = _Scratch()
+        if self._code == _XTS:
+            self._bulk_xts(spa, src, dst, encrypt, sc)
+        else:
+            self._bulk_xex(spa, src, dst, encrypt, sc)
+
+    def _bulk_xex(self, spa: int, src: memoryview, dst: memoryview, encrypt: bool, sc: _Scratch) -> None:
+        """XE/XEX over chunks aligned to 128 KiB in SPA space (one high-bits tweak per chunk)."""
+        tables = self._tables
+        table = tables.chunk_table()
+        xor = np.bitwise_xor
+        ctx = self._enc if encrypt else self._dec
+        pre = encrypt or self._code == _XEX  # XOR before AES (XE decryption: only after)
+        post = not encrypt or self._code == _XEX
+        src_w = np.frombuffer(src, dtype=_U64)
+        dst_w = np.frombuffer(dst, dtype=_U64)
+        n = src.nbytes
+        end = spa + n
+        base = spa & ~(_CHUNK - 1)
+        first_off = spa - base
+        multi = end > base + _CHUNK
+        tw = sc.tw
+        high = tables.lookup(np.array([base], dtype=_U64))[0]
+        if multi:
+            # Whole-chunk tweak state, carried from chunk to chunk by XORing the carry rows.
+            _fill_pattern(sc.row, high)
+            xor(table.reshape(-1, _ROW_WORDS), sc.row, out=tw.reshape(-1, _ROW_WORDS))
+        pos = 0
+        while pos < n:
+            off = first_off if pos == 0 else 0
+            m = min(_CHUNK - off, n - pos)
+            w0, w1 = off >> 3, (off + m) >> 3
+            seg_tw = tw[w0:w1]
+            if not multi:
+                _xor_pattern(table[w0:w1], high, seg_tw, sc.row)
+            p0, p1 = pos >> 3, (pos + m) >> 3
+            s_w = src_w[p0:p1]
+            d_w = dst_w[p0:p1]
+            room = pos + m + 15 <= n
+            target = dst[pos : pos + m + 15] if room else sc.out_bytes
+            if pre:
+                buf = sc.buf[: w1 - w0]
+                xor(s_w, seg_tw, out=buf)
+                ctx.update_into(sc.buf_bytes[: m], target)
+            else:
+                ctx.update_into(src[pos : pos + m], target)
+            if post:
+                res = d_w if room else sc.out[: w1 - w0]
+                xor(res, seg_tw, out=d_w)
+            elif not room:
+                d_w[:] = sc.out[: w1 - w0]
+            pos += m
+            if pos < n:
+                index = (base >> _CHUNK_BITS)
+                carries = ((index ^ (index + 1)).bit_length()) - 1
+                base += _CHUNK
+                xor(tw.reshape(-1, _ROW_WORDS), tables.carry_row(carries), out=tw.reshape(-1, _ROW_WORDS))
+
+    def _bulk_xts(self, spa: int, src: memoryview, dst: memoryview, encrypt: bool, sc: _Scratch) -> None:
+        """AES-256-XTS with 64-byte data units, in 128 KiB chunks."""
+        xor = np.bitwise_xor
+        ctx = self._enc if encrypt else self._dec
+        src_w = np.frombuffer(src, dtype=_U64)
+        dst_w = np.frombuffer(dst, dtype=_U64)
+        n = src.nbytes
+        pos = 0
+        while pos < n:
+            m = min(_CHUNK, n - pos)
+            words = m >> 3
+            seg_tw = sc.tw[:words]
+            _xts_tweaks(self._tweak_enc, (spa + pos) >> 6, m >> 6, seg_tw, sc)
+            p0, p1 = pos >> 3, (pos + m) >> 3
+            d_w = dst_w[p0:p1]
+            room = pos + m + 15 <= n
+            target = dst[pos : pos + m + 15] if room else sc.out_bytes
+            buf = sc.buf[:words]
+            xor(src_w[p0:p1], seg_tw, out=buf)
+            ctx.update_into(sc.buf_bytes[:m], target)
+            res = d_w if room else sc.out[:words]
+            xor(res, seg_tw, out=d_w)
+            pos += m
+
+
+class _Scratch:
+    """Preallocated per-cipher buffers of the bulk path (one chunk each, +15 bytes of slack that
+    ``update_into`` insists on)."""
+
+    __slots__ = ("tw", "row", "buf", "buf_bytes", "out", "out_bytes", "seq", "seq_bytes", "s", "s_bytes", "tmp")
+
+    def __init__(self) -> None:
+        self.tw = np.empty(_CHUNK_WORDS, dtype=_U64)
+        self.row = np.empty(_ROW_WORDS, dtype=_U64)
+        self.buf = np.empty(_CHUNK_WORDS, dtype=_U64)
+        self.buf_bytes = memoryview(self.buf).cast("B")
+        raw_out = bytearray(_CHUNK + 16)
+        self.out_bytes = memoryview(raw_out)
+        self.out = np.frombuffer(raw_out, dtype=_U64, count=_CHUNK_WORDS)
+        lines = _CHUNK // LINE_SIZE
+        self.seq = np.zeros((lines, 2), dtype=_U64)
+        self.seq_bytes = memoryview(self.seq).cast("B")
+        raw_s = bytearray(lines * BLOCK_SIZE + 16)
+        self.s_bytes = memoryview(raw_s)
+        self.s = np.frombuffer(raw_s, dtype=_U64, count=lines * 2)
+        self.tmp = np.empty((4, lines * 2), dtype=_U64)
+
+
+_LINES_PER_CHUNK: Final = _CHUNK // LINE_SIZE
+_ARANGE: Final = np.arange(_LINES_PER_CHUNK, dtype=_U64)
+#: Masks for the lane carries of a flat (lo, hi, lo, hi, ...) GF element array.
+_ODD_ONE: Final = np.tile(np.array([0, 1], dtype=_U64), _LINES_PER_CHUNK)
+_EVEN_87: Final = np.tile(np.array([0x87, 0], dtype=_U64), _LINES_PER_CHUNK)
+_V16: Final = np.dtype("V16")
+
+
+def _xts_tweaks(tweak_enc: CipherContext, first: int, lines: int, tw: _U64Array, sc: _Scratch) -> None:
+    """Fill ``tw`` (lines * 8 words) with the XTS tweaks E_K2(n) * alpha^j of ``lines`` data units."""
+    seq = sc.seq[:lines]
+    np.add(_ARANGE[:lines], _U64(first), out=seq[:, 0])
+    nbytes = lines * BLOCK_SIZE
+    tweak_enc.update_into(sc.seq_bytes[:nbytes], sc.s_bytes[: nbytes + 15])
+    w = lines * 2
+    cur = sc.s[:w]
+    blocks = tw.view(_V16).reshape(lines, 4)
+    blocks[:, 0] = cur.view(_V16)
+    tmp = sc.tmp
+    odd = _ODD_ONE[:w]
+    even = _EVEN_87[:w]
+    for j in (1, 2, 3):
+        nxt = tmp[j, :w]
+        carry = tmp[0, :w]
+        np.left_shift(cur, _U64(1), out=nxt)
+        np.right_shift(cur, _U64(63), out=carry)
+        # hi lane |= carry out of the lo lane; lo lane ^= 0x87 * carry out of the hi lane.
+        np.bitwise_xor(nxt[1:], carry[:-1] * odd[1:], out=nxt[1:])
+        np.bitwise_xor(nxt[:-1], carry[1:] * even[:-1], out=nxt[:-1])
+        blocks[:, j] = nxt.view(_V16)
+        cur = nxt
+
+
+def _xor_pattern(words: _U64Array, pair: _U64Array, out: _U64Array, row: _U64Array) -> None:
+    """out = words ^ (16-byte value ``pair`` repeated)."""
+    n = words.shape[0]
+    if n <= 1024:
+        np.bitwise_xor(words.reshape(-1, 2), pair, out=out.reshape(-1, 2))
+        return
+    width = min(n, _ROW_WORDS)
+    _fill_pattern(row[:width], pair)
+    if n % width:
+        np.bitwise_xor(words, np.resize(row[:width], n), out=out)
+    else:
+        np.bitwise_xor(words.reshape(-1, width), row[:width], out=out.reshape(-1, width))
+
+
+def _byte_view(buf: object, name: str) -> memoryview:
+    try:
+        mv = memoryview(buf)  # type: ignore[arg-type]
+    except TypeError:
+        raise InputError(f"{name} must be a bytes-like object, not {type(buf).__name__}") from None
+    if not mv.c_contiguous:
+        raise InputError(f"{name} must be a contiguous buffer")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv

@@ -1,0 +1,445 @@
+"""SEV transport cryptography shared by the guest owner and the firmware (reference 1.9-1.11).
+
+Both ends of a legacy SEV session run the same primitives in opposite directions, so they live
+here, pure and symmetric: the owner (:mod:`sevemu.owner`) seals, the firmware opens, and for SEND
+and RECEIVE the firmware does both.
+
+Session establishment (SEV API "session buffer", reference 1.9)
+    ``Z`` is the ECDH shared secret between the guest owner's Diffie-Hellman key (GODH) and the
+    platform's PDH -- for P-384 the 48-byte big-endian x-coordinate.  From it::
+
+        master = KDF(Z, "sev-master-secret", nonce, 16)
+        KEK    = KDF(master, "sev-kek", "", 16)
+        KIK    = KDF(master, "sev-kik", "", 16)
+        wrap_tk    = AES-128-CTR(KEK, wrap_iv)(TEK || TIK)
+        wrap_mac   = HMAC-SHA256(KIK, wrap_tk)
+        policy_mac = HMAC-SHA256(TIK, le32(policy))
+
+    The MAC covers ``wrap_tk`` only, not ``wrap_iv``: a changed IV unwraps to a wrong TEK/TIK and
+    is caught by ``policy_mac`` instead.  :func:`open_session` therefore reports a tampered
+    ``wrap_iv`` as :class:`PolicyMacError`.
+
+LAUNCH_MEASURE (reference 1.10)
+    ``MEASURE = HMAC-SHA256(TIK, 0x04 || API_MAJOR || API_MINOR || BUILD || le32(POLICY) || LD ||
+    MNONCE)``; firmware older than API 0.17 omits the four-byte prefix.
+
+LAUNCH_SECRET packets (reference 1.11)
+    ``TRANS = AES-128-CTR(TEK, IV)(plaintext)`` and the header MAC is
+    ``HMAC-SHA256(TIK, 0x01 || le32(FLAGS) || IV || le32(GUEST_LEN) || le32(TRANS_LEN) || TRANS
+    || MEASURE)``, the ``MEASURE`` term only for API >= 0.17.
+
+AES-CTR uses the whole 16-byte IV as the initial counter block, incremented as a 128-bit
+big-endian integer (OpenSSL's ``aes-128-ctr``, which the reference tools use).  Every MAC
+comparison is constant-time (:func:`hmac.compare_digest`).  The firmware's failure status codes
+for these checks are not published (reference 1.9 item 5); callers map the exceptions below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from sevemu.abi.sev import HdrBuf, SessionBuf
+from sevemu.crypto.kdf import kdf
+from sevemu.errors import InputError, KeySizeError, LayoutError, VerificationError
+
+__all__ = [
+    "DIGEST_SIZE",
+    "IV_SIZE",
+    "KEK_LABEL",
+    "KEY_SIZE",
+    "KIK_LABEL",
+    "MAC_SIZE",
+    "MASTER_SECRET_LABEL",
+    "MEASURE_CONTEXT",
+    "MNONCE_SIZE",
+    "NONCE_SIZE",
+    "PACKET_CONTEXT",
+    "MeasureMacError",
+    "PacketMacError",
+    "PolicyMacError",
+    "TransportKeys",
+    "WrapMacError",
+    "WrappingKeys",
+    "aes128_ctr",
+    "api_at_least",
+    "derive_master_secret",
+    "derive_wrapping_keys",
+    "hmac_sha256",
+    "measure_mac",
+    "open_packet",
+    "open_session",
+    "packet_mac",
+    "policy_mac",
+    "seal_packet",
+    "seal_session",
+    "session_wrapping_keys",
+    "unwrap_transport_keys",
+    "verify_measure_mac",
+    "verify_policy_mac",
+    "wrap_transport_keys",
+]
+
+KEY_SIZE = 16
+"""TEK, TIK, KEK, KIK and the master secret are AES-128 / HMAC keys of 16 bytes."""
+NONCE_SIZE = 16
+IV_SIZE = 16
+MAC_SIZE = 32
+DIGEST_SIZE = 32
+"""GCTX.LD, the SHA-256 launch digest."""
+MNONCE_SIZE = 16
+
+MASTER_SECRET_LABEL = b"sev-master-secret"
+KEK_LABEL = b"sev-kek"
+KIK_LABEL = b"sev-kik"
+
+MEASURE_CONTEXT = 0x04
+"""First byte of the LAUNCH_MEASURE MAC input (API >= 0.17)."""
+PACKET_CONTEXT = 0x01
+"""First byte of the LAUNCH_SECRET packet MAC input."""
+
+# API version from which the MEASURE prefix and the MEASURE term of packet MACs are present.
+_MEASURE_TERM_API = (0, 17)
+
+
+class WrapMacError(VerificationError):
+    """Raised when a session buffer's wrap_mac does not verify under the KIK derived from Z.
+
+    Causes: the GODH/PDH pair does not match, the nonce or wrap_tk was altered.
+    """
+
+
+class PolicyMacError(VerificationError):
+    """Raised when policy_mac does not verify under the TIK for the policy given.
+
+    Causes: the launch policy differs from the one the guest owner authorised, or the unwrapped
+    TIK is wrong (for instance because wrap_iv was altered).
+    """
+
+
+class MeasureMacError(VerificationError):
+    """Raised when a LAUNCH_MEASURE value is not the HMAC of the expected launch context.
+
+    Causes: a different launch digest (other memory contents or VMSAs), policy, firmware version,
+    MNONCE or TIK than the ones the verifier expects.
+    """
+
+
+class PacketMacError(VerificationError):
+    """Raised when a packet header's MAC does not verify (altered flags, IV, lengths, TRANS,
+    MEASURE, or a different TIK)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WrappingKeys:
+    """KEK and KIK of one session, derived from the ECDH secret and the session nonce."""
+
+    kek: bytes = field(repr=False)
+    kik: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _key("KEK", self.kek)
+        _key("KIK", self.kik)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportKeys:
+    """TEK (transport encryption key) and TIK (transport integrity key) of a guest."""
+
+    tek: bytes = field(repr=False)
+    tik: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _key("TEK", self.tek)
+        _key("TIK", self.tik)
+
+
+def _key(name: str, value: bytes) -> None:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != KEY_SIZE:
+        got = len(value) if isinstance(value, (bytes, bytearray)) else type(value).__name__
+        raise KeySizeError(f"{name} must be {KEY_SIZE} bytes, got {got}")
+
+
+def _sized(name: str, value: bytes, size: int) -> None:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != size:
+        got = len(value) if isinstance(value, (bytes, bytearray)) else type(value).__name__
+        raise LayoutError(f"{name} must be {size} bytes, got {got}")
+
+
+def _u32(name: str, value: int) -> bytes:
+    if not 0 <= value < 2**32:
+        raise InputError(f"{name} must fit in 32 bits, got {value:#x}")
+    return value.to_bytes(4, "little")
+
+
+def _u8(name: str, value: int) -> bytes:
+    if not 0 <= value < 2**8:
+        raise InputError(f"{name} must fit in 8 bits, got {value:#x}")
+    return bytes([value])
+
+
+def aes128_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
+    """AES-128 in CTR mode with ``iv`` as the 128-bit initial counter block (both directions)."""
+    _key("AES-128 key", key)
+    _sized("CTR IV", iv, IV_SIZE)
+    ctx = Cipher(algorithms.AES(bytes(key)), modes.CTR(bytes(iv))).encryptor()
+    return ctx.update(bytes(data)) + ctx.finalize()
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data`` under ``key``."""
+    return hmac.new(bytes(key), bytes(data), hashlib.sha256).digest()
+
+
+def _check_mac(expected: bytes, given: bytes, error: type[VerificationError], what: str) -> None:
+    _sized(what, given, MAC_SIZE)
+    if not hmac.compare_digest(expected, bytes(given)):
+        raise error(f"{what} does not verify")
+
+
+# -- session establishment (1.9) ---------------------------------------------------------------
+
+
+def derive_master_secret(z: bytes, nonce: bytes) -> bytes:
+    """master = KDF(Z, "sev-master-secret", nonce, 16).
+
+    ``z`` is the raw ECDH output (48 bytes for P-384; the published test vector uses 16 zero
+    bytes, so any non-empty length is accepted).
+    """
+    if not z:
+        raise InputError("shared secret Z must not be empty")
+    _sized("session nonce", nonce, NONCE_SIZE)
+    return kdf(bytes(z), MASTER_SECRET_LABEL, bytes(nonce), KEY_SIZE)
+
+
+def derive_wrapping_keys(master: bytes) -> WrappingKeys:
+    """KEK = KDF(master, "sev-kek", "", 16); KIK = KDF(master, "sev-kik", "", 16)."""
+    _key("master secret", master)
+    return WrappingKeys(
+        kek=kdf(bytes(master), KEK_LABEL, b"", KEY_SIZE),
+        kik=kdf(bytes(master), KIK_LABEL, b"", KEY_SIZE),
+    )
+
+
+def session_wrapping_keys(z: bytes, nonce: bytes) -> WrappingKeys:
+    """KEK and KIK straight from the shared secret and the session nonce."""
+    return derive_wrapping_keys(derive_master_secret(z, nonce))
+
+
+def wrap_transport_keys(wrapping: WrappingKeys, keys: TransportKeys, wrap_iv: bytes) -> tuple[bytes, bytes]:
+    """(wrap_tk, wrap_mac) for TEK||TIK under KEK/KIK and ``wrap_iv``."""
+    wrap_tk = aes128_ctr(wrapping.kek, wrap_iv, keys.tek + keys.tik)
+    return wrap_tk, hmac_sha256(wrapping.kik, wrap_tk)
+
+
+def unwrap_transport_keys(
+    wrapping: WrappingKeys, wrap_tk: bytes, wrap_iv: bytes, wrap_mac: bytes
+) -> TransportKeys:
+    """Verify ``wrap_mac`` over ``wrap_tk`` with KIK, then decrypt TEK||TIK with KEK.
+
+    Raises :class:`WrapMacError` when the MAC does not verify.
+    """
+    _sized("wrap_tk", wrap_tk, 2 * KEY_SIZE)
+    _check_mac(hmac_sha256(wrapping.kik, wrap_tk), wrap_mac, WrapMacError, "wrap_mac")
+    plain = aes128_ctr(wrapping.kek, wrap_iv, wrap_tk)
+    return TransportKeys(tek=plain[:KEY_SIZE], tik=plain[KEY_SIZE:])
+
+
+def policy_mac(tik: bytes, policy: int) -> bytes:
+    """policy_mac = HMAC-SHA256(TIK, le32(policy))."""
+    _key("TIK", tik)
+    return hmac_sha256(tik, _u32("policy", policy))
+
+
+def verify_policy_mac(tik: bytes, policy: int, mac: bytes) -> None:
+    """Raise :class:`PolicyMacError` unless ``mac`` is :func:`policy_mac` of ``policy``."""
+    _check_mac(policy_mac(tik, policy), mac, PolicyMacError, "policy_mac")
+
+
+def seal_session(
+    z: bytes, nonce: bytes, wrap_iv: bytes, keys: TransportKeys, policy: int
+) -> SessionBuf:
+    """Build the session buffer that hands ``keys`` to the peer holding the other half of ``z``."""
+    wrapping = session_wrapping_keys(z, nonce)
+    wrap_tk, wrap_mac = wrap_transport_keys(wrapping, keys, wrap_iv)
+    return SessionBuf(
+        nonce=bytes(nonce),
+        wrap_tk=wrap_tk,
+        wrap_iv=bytes(wrap_iv),
+        wrap_mac=wrap_mac,
+        policy_mac=policy_mac(keys.tik, policy),
+    )
+
+
+def open_session(z: bytes, session: SessionBuf | bytes, policy: int) -> TransportKeys:
+    """Inverse of :func:`seal_session`: check both MACs and return TEK/TIK.
+
+    Raises :class:`WrapMacError` (wrong Z, nonce or wrap_tk), :class:`PolicyMacError` (policy not
+    the one sealed, or a wrong TIK from an altered wrap_iv), :class:`~sevemu.errors.LayoutError`
+    for a buffer that is not 0x80 bytes.
+    """
+    buf = session if isinstance(session, SessionBuf) else SessionBuf.decode(session)
+    wrapping = session_wrapping_keys(z, buf.nonce)
+    keys = unwrap_transport_keys(wrapping, buf.wrap_tk, buf.wrap_iv, buf.wrap_mac)
+    verify_policy_mac(keys.tik, policy, buf.policy_mac)
+    return keys
+
+
+# -- LAUNCH_MEASURE (1.10) ---------------------------------------------------------------------
+
+
+def api_at_least(api_major: int, api_minor: int, major: int, minor: int) -> bool:
+    """True when firmware API ``api_major.api_minor`` is ``major.minor`` or later."""
+    return (api_major, api_minor) >= (major, minor)
+
+
+def measure_mac(
+    tik: bytes,
+    *,
+    api_major: int,
+    api_minor: int,
+    build: int,
+    policy: int,
+    launch_digest: bytes,
+    mnonce: bytes,
+) -> bytes:
+    """MEASURE = HMAC-SHA256(TIK, [0x04 || major || minor || build] || le32(policy) || LD || MNONCE).
+
+    The bracketed prefix is present for API >= 0.17 only.
+    """
+    _key("TIK", tik)
+    _sized("launch digest", launch_digest, DIGEST_SIZE)
+    _sized("MNONCE", mnonce, MNONCE_SIZE)
+    msg = bytearray()
+    if api_at_least(api_major, api_minor, *_MEASURE_TERM_API):
+        msg += bytes([MEASURE_CONTEXT])
+        msg += _u8("API major", api_major) + _u8("API minor", api_minor) + _u8("build", build)
+    msg += _u32("policy", policy) + bytes(launch_digest) + bytes(mnonce)
+    return hmac_sha256(tik, bytes(msg))
+
+
+def verify_measure_mac(
+    tik: bytes,
+    measure: bytes,
+    *,
+    api_major: int,
+    api_minor: int,
+    build: int,
+    policy: int,
+    launch_digest: bytes,
+    mnonce: bytes,
+) -> None:
+    """Raise :class:`MeasureMacError` unless ``measure`` is :func:`measure_mac` of the inputs."""
+    expected = measure_mac(
+        tik,
+        api_major=api_major,
+        api_minor=api_minor,
+        build=build,
+        policy=policy,
+        launch_digest=launch_digest,
+        mnonce=mnonce,
+    )
+    _check_mac(expected, measure, MeasureMacError, "MEASURE")
+
+
+# -- packets: LAUNCH_SECRET (1.11) -------------------------------------------------------------
+
+
+def _measure_term(api_major: int, api_minor: int, measure: bytes | None) -> bytes:
+    if not api_at_least(api_major, api_minor, *_MEASURE_TERM_API):
+        return b""
+    if measure is None:
+        raise InputError("API >= 0.17 packet MACs cover MEASURE; none was given")
+    _sized("MEASURE", measure, MAC_SIZE)
+    return bytes(measure)
+
+
+def packet_mac(
+    tik: bytes,
+    *,
+    flags: int,
+    iv: bytes,
+    guest_len: int,
+    trans: bytes,
+    api_major: int,
+    api_minor: int,
+    measure: bytes | None,
+) -> bytes:
+    """HMAC-SHA256(TIK, 0x01 || le32(flags) || iv || le32(guest_len) || le32(len(trans)) || trans
+    [|| measure]).
+
+    ``measure`` (the 32-byte MEASURE of this launch) is required for API >= 0.17 and ignored
+    before it.
+    """
+    _key("TIK", tik)
+    _sized("packet IV", iv, IV_SIZE)
+    msg = (
+        bytes([PACKET_CONTEXT])
+        + _u32("flags", flags)
+        + bytes(iv)
+        + _u32("guest_len", guest_len)
+        + _u32("trans_len", len(trans))
+        + bytes(trans)
+        + _measure_term(api_major, api_minor, measure)
+    )
+    return hmac_sha256(tik, msg)
+
+
+def seal_packet(
+    keys: TransportKeys,
+    plaintext: bytes,
+    *,
+    iv: bytes,
+    api_major: int,
+    api_minor: int,
+    measure: bytes | None,
+    flags: int = 0,
+) -> tuple[HdrBuf, bytes]:
+    """Encrypt ``plaintext`` under TEK and MAC it under TIK: returns (header, TRANS).
+
+    GUEST_LEN = TRANS_LEN = ``len(plaintext)`` (CTR mode keeps the length).
+    """
+    trans = aes128_ctr(keys.tek, iv, plaintext)
+    mac = packet_mac(
+        keys.tik,
+        flags=flags,
+        iv=iv,
+        guest_len=len(plaintext),
+        trans=trans,
+        api_major=api_major,
+        api_minor=api_minor,
+        measure=measure,
+    )
+    return HdrBuf(flags=flags, iv=bytes(iv), mac=mac), trans
+
+
+def open_packet(
+    keys: TransportKeys,
+    header: HdrBuf | bytes,
+    trans: bytes,
+    *,
+    guest_len: int,
+    api_major: int,
+    api_minor: int,
+    measure: bytes | None,
+) -> bytes:
+    """Inverse of :func:`seal_packet`: verify the header MAC, then decrypt TRANS with TEK.
+
+    Raises :class:`PacketMacError` when the MAC does not verify.
+    """
+    hdr = header if isinstance(header, HdrBuf) else HdrBuf.decode(header)
+    expected = packet_mac(
+        keys.tik,
+        flags=hdr.flags,
+        iv=hdr.iv,
+        guest_len=guest_len,
+        trans=trans,
+        api_major=api_major,
+        api_minor=api_minor,
+        measure=measure,
+    )
+    _check_mac(expected, hdr.mac, PacketMacError, "packet MAC")
+    return aes128_ctr(keys.tek, hdr.iv, trans)

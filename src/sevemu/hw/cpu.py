@@ -1,0 +1,278 @@
+"""CPU cores: host accesses, VMRUN, and the guest memory port that instruction engines drive.
+
+A :class:`Core` runs either the host (ASID 0) or, inside :meth:`Core.vmrun`, one guest vCPU described
+by a :class:`~sevemu.hw.svm.Vmcb`.  VMRUN does the SEV consistency checks of APM 15.34.3 (reference
+4.1), applies the VMCB's TLB_CONTROL, then hands a :class:`GuestCpu` to the vCPU's instruction engine
+until the guest does something the hypervisor intercepts; the result is a :class:`~sevemu.hw.svm.VmExit`.
+
+:class:`GuestCpu` is the interface an instruction engine plugs into (the Python workload engine of
+:mod:`sevemu.hw.pyengine` now, a real x86 engine later): ``load``/``store``/``read``/``write``/``fetch``
+through the ASID-tagged TLB, the page walks and the cache.  Everything a guest touches is plaintext
+inside the SoC and ciphertext in DRAM.  Accesses raise :class:`~sevemu.hw.faults.PageFault` (the
+guest's) or :class:`~sevemu.hw.faults.NestedPageFault` (becomes #VMEXIT(NPF)); an access never
+half-happens: a faulting access changes no memory, so the instruction can be restarted.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sevemu.abi.paging import ExitCode
+from sevemu.errors import AddressError
+from sevemu.hw.cache import Cache, tag_key
+from sevemu.hw.faults import GeneralProtection, NestedPageFault
+from sevemu.hw.memctl import MemoryController
+from sevemu.hw.mmu import Mmu, Translation
+from sevemu.hw.profiles import CpuProfile
+from sevemu.hw.svm import TlbControl, Vmcb, VmExit
+
+__all__ = ["Core", "GuestCpu", "Engine", "Tlb"]
+
+# TLB entry flags
+_W_OK = 1  # writable and the guest's Dirty bit already set
+_X_OK = 2  # executable
+
+
+class Tlb:
+    """A core's TLB: translations tagged by ASID (one dictionary per ASID), bounded in size."""
+
+    def __init__(self, entries: int = 2048) -> None:
+        self.capacity = entries
+        self.by_asid: dict[int, dict[int, tuple[int, int, int]]] = {}
+        self.misses = 0
+
+    def for_asid(self, asid: int) -> dict[int, tuple[int, int, int]]:
+        d = self.by_asid.get(asid)
+        if d is None:
+            d = self.by_asid[asid] = {}
+        return d
+
+    def insert(self, table: dict[int, tuple[int, int, int]], vpn: int, entry: tuple[int, int, int]) -> None:
+        if len(table) >= self.capacity:
+            del table[next(iter(table))]
+        table[vpn] = entry
+
+    def flush_asid(self, asid: int) -> None:
+        self.by_asid.pop(asid, None)
+
+    def flush_all(self) -> None:
+        self.by_asid.clear()
+
+    def asids(self) -> list[int]:
+        return [a for a, d in self.by_asid.items() if d]
+
+
+class Engine(Protocol):
+    """An instruction engine: runs guest code on a :class:`GuestCpu` until an intercepted event.
+
+    ``run`` returns the exit (HLT, IOIO, CPUID, MSR, VMMCALL, SHUTDOWN ...) with the guest's
+    registers left in ``cpu.vmcb``; it lets :class:`NestedPageFault` propagate, leaving the
+    faulting instruction to be restarted by the next ``run``.
+    """
+
+    def run(self, cpu: GuestCpu) -> VmExit: ...
+
+
+class GuestCpu:
+    """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
+
+    __slots__ = ("core", "vmcb", "asid", "sev", "_tlb", "_tlb_insert", "_line", "_dirty", "_mmu")
+
+    def __init__(self, core: Core, vmcb: Vmcb) -> None:
+        self.core = core
+        self.vmcb = vmcb
+        self.asid = vmcb.asid
+        self.sev = vmcb.sev_enable
+        self._tlb = core.tlb.for_asid(vmcb.asid)
+        self._tlb_insert = core.tlb.insert
+        self._line = core.cache.line
+        self._dirty = core.cache.dirty.add
+        self._mmu = core.mmu
+
+    # ---- translation ------------------------------------------------------------------------
+    def _walk(self, gva: int, write: bool, fetch: bool) -> tuple[int, int, int]:
+        v = self.vmcb
+        self.core.tlb.misses += 1
+        t: Translation = self._mmu.translate(asid=v.asid, sev=self.sev, ncr3=v.ncr3, paging=v.paging,
+                                             cr3=v.cr3, gva=gva, write=write, fetch=fetch)
+        flags = (_W_OK if (write and t.writable) else 0) | (_X_OK if t.executable else 0)
+        entry = (tag_key(t.data_asid, t.data_c, t.spa), flags, tag_key(t.fetch_asid, t.fetch_c, t.spa))
+        self._tlb_insert(self._tlb, gva >> 12, entry)
+        return entry
+
+    def translate(self, gva: int, write: bool = False) -> Translation:
+        """Walk (without the TLB) and return the translation; faults as an access would."""
+        v = self.vmcb
+        return self._mmu.translate(asid=v.asid, sev=self.sev, ncr3=v.ncr3, paging=v.paging,
+                                   cr3=v.cr3, gva=gva, write=write, fetch=False)
+
+    # ---- the hot paths ----------------------------------------------------------------------
+    def load(self, gva: int, size: int) -> int:
+        """Load a little-endian integer of ``size`` (1, 2, 4, 8) bytes."""
+        e = self._tlb.get(gva >> 12)
+        if e is None:
+            e = self._walk(gva, False, False)
+        off = gva & 63
+        if off + size <= 64:
+            return int.from_bytes(self._line(e[0] | (gva & 0xFC0))[off : off + size], "little")
+        return int.from_bytes(self.read(gva, size), "little")
+
+    def store(self, gva: int, size: int, value: int) -> None:
+        """Store the low ``size`` bytes of ``value``, little-endian."""
+        e = self._tlb.get(gva >> 12)
+        if e is None or not e[1] & _W_OK:
+            e = self._walk(gva, True, False)
+        off = gva & 63
+        if off + size <= 64:
+            key = e[0] | (gva & 0xFC0)
+            self._line(key)[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self._dirty(key)
+            return
+        self.write(gva, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def read(self, gva: int, length: int) -> bytes:
+        """``length`` bytes from ``gva`` (any alignment)."""
+        out = bytearray()
+        pos = gva
+        end = gva + length
+        while pos < end:
+            e = self._tlb.get(pos >> 12)
+            if e is None:
+                e = self._walk(pos, False, False)
+            off = pos & 63
+            n = min(64 - off, end - pos)
+            out += self._line(e[0] | (pos & 0xFC0))[off : off + n]
+            pos += n
+        return bytes(out)
+
+    def write(self, gva: int, data: bytes | bytearray) -> None:
+        """Store ``data`` at ``gva``; every page is translated before any byte is written."""
+        end = gva + len(data)
+        entries = {}
+        for page in range(gva >> 12, ((end - 1) >> 12) + 1):
+            addr = max(page << 12, gva)
+            e = self._tlb.get(page)
+            if e is None or not e[1] & _W_OK:
+                e = self._walk(addr, True, False)
+            entries[page] = e
+        pos = gva
+        while pos < end:
+            e = entries[pos >> 12]
+            off = pos & 63
+            n = min(64 - off, end - pos)
+            key = e[0] | (pos & 0xFC0)
+            self._line(key)[off : off + n] = data[pos - gva : pos - gva + n]
+            self._dirty(key)
+            pos += n
+
+    def fetch(self, gva: int, length: int) -> bytes:
+        """Instruction fetch: always private for an SEV guest (reference 4.2)."""
+        out = bytearray()
+        pos = gva
+        end = gva + length
+        while pos < end:
+            e = self._tlb.get(pos >> 12)
+            if e is None or not e[1] & _X_OK:
+                e = self._walk(pos, False, True)
+            off = pos & 63
+            n = min(64 - off, end - pos)
+            out += self._line(e[2] | (pos & 0xFC0))[off : off + n]
+            pos += n
+        return bytes(out)
+
+    # ---- guest control operations -----------------------------------------------------------
+    def write_cr3(self, value: int) -> None:
+        """MOV CR3: switch page tables, flushing this ASID's (non-global) translations."""
+        self.vmcb.cr3 = value
+        self._tlb.clear()
+
+    def write_cr0(self, value: int) -> None:
+        self.vmcb.cr0 = value
+        self._tlb.clear()
+
+    def invlpg(self, gva: int) -> None:
+        self._tlb.pop(gva >> 12, None)
+
+
+class Core:
+    """One x86 core of the SoC: host accesses, cache maintenance, VMRUN."""
+
+    def __init__(self, index: int, profile: CpuProfile, cache: Cache, mmu: Mmu, mc: MemoryController,
+                 tlb_entries: int = 2048) -> None:
+        self.index = index
+        self.profile = profile
+        self.cache = cache
+        self.mmu = mmu
+        self.mc = mc
+        self.tlb = Tlb(tlb_entries)
+        self.wbinvd_count = 0
+        self.vmruns = 0
+
+    # ---- host (ASID 0) memory accesses ------------------------------------------------------
+    def host_read(self, spa: int, length: int, c: bool = False) -> bytes:
+        """Read physical memory as the host: domain (0, c) -- ciphertext for guest-private pages."""
+        self.mc.dram.check_range(spa, length)
+        return self.cache.read(0, c, spa, length)
+
+    def host_write(self, spa: int, data: bytes | bytearray, c: bool = False) -> None:
+        """Write physical memory as the host (no integrity on SEV: guest pages are silently corrupted)."""
+        self.mc.dram.check_range(spa, len(data))
+        self.cache.write(0, c, spa, data)
+
+    def clflush(self, spa: int, c: bool = False) -> None:
+        """CLFLUSH of one line as the host: only host-domain lines are evicted."""
+        self.cache.clflush(0, c, spa)
+
+    def wbinvd(self) -> int:
+        """WBINVD: write back and invalidate every line, whatever its ASID."""
+        self.wbinvd_count += 1
+        return self.cache.wbinvd()
+
+    def vmpage_flush(self, spa: int, asid: int) -> int:
+        """WRMSR VMPAGE_FLUSH (0xC001_011E): flush one page's lines of ``asid``; #GP for ASID 0."""
+        if asid == 0 or asid > self.profile.max_asid:
+            raise GeneralProtection(f"VMPAGE_FLUSH with ASID {asid}")
+        return self.cache.vmpage_flush(asid, spa & ~0xFFF)
+
+    # ---- VMRUN --------------------------------------------------------------------------------
+    def vmrun(self, vmcb: Vmcb, engine: Engine) -> VmExit:
+        """Run the guest described by ``vmcb`` until #VMEXIT; the exit is also written into ``vmcb``."""
+        self.vmruns += 1
+        invalid = self._consistency(vmcb)
+        if invalid:
+            return self._exit(vmcb, VmExit(ExitCode.INVALID))
+        if vmcb.tlb_control == TlbControl.FLUSH_ALL:
+            self.tlb.flush_all()
+        elif vmcb.tlb_control == TlbControl.FLUSH_ASID:
+            self.tlb.flush_asid(vmcb.asid)
+        vmcb.tlb_control = TlbControl.DO_NOTHING
+        cpu = GuestCpu(self, vmcb)
+        try:
+            ex = engine.run(cpu)
+        except NestedPageFault as f:
+            ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+        return self._exit(vmcb, ex)
+
+    def _consistency(self, vmcb: Vmcb) -> bool:
+        """True when VMRUN must fail with VMEXIT_INVALID (APM 15.34.3, reference 4.1)."""
+        if vmcb.asid == 0 or vmcb.asid > (1 << 15):
+            return True
+        if vmcb.sev_enable:
+            if not vmcb.np_enable or vmcb.asid > self.profile.max_asid:
+                return True
+            if vmcb.sev_es_enable != (vmcb.asid < self.profile.min_sev_asid):
+                return True
+            if not self.mc.has_key(vmcb.asid):
+                return True
+        return False
+
+    @staticmethod
+    def _exit(vmcb: Vmcb, ex: VmExit) -> VmExit:
+        vmcb.exit_code = ex.code
+        vmcb.exit_info1 = ex.info1
+        vmcb.exit_info2 = ex.info2
+        return ex
+
+    def check_spa(self, spa: int) -> None:
+        if not 0 <= spa < self.mc.dram.size:
+            raise AddressError(f"SPA {spa:#x} is outside DRAM")

@@ -1,0 +1,147 @@
+"""The memory controller: per-ASID AES engine between the SoC and DRAM.
+
+Everything that leaves the SoC passes here (APM 15.34.5-15.34.9, reference 4.2).  A memory access
+arrives tagged with an *encryption domain* ``(asid, c)``:
+
+* ``c = 1``: encrypt/decrypt with the key in slot ``asid`` (slot 0 is the host's SME key, generated
+  at boot and never leaving the controller);
+* ``c = 0``: no encryption, whatever the ASID.
+
+Key slots are programmed only through the Secure Processor's port (:meth:`MemoryController.secure_port`,
+handed out once, to the PSP, by :class:`~sevemu.hw.soc.Soc`); x86 software has no way to read or set
+a key.  The cipher (XE, XEX or AES-256-XTS) and its per-boot tweak constants come from the CPU
+profile (reference 4.3).
+
+The key-selection table of APM Table 15-31 (guest C-bit, NPT C-bit -> key) lives in :func:`domain_for`,
+used by the MMU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
+from sevemu.errors import AlignmentError, AsidError, KeySizeError, KeySlotError
+from sevemu.hw.dram import LINE, Dram
+
+_ZERO_LINE = bytes(LINE)
+
+__all__ = ["MemoryController", "KeySlotPort", "domain_for"]
+
+Rng = Callable[[int], bytes]
+
+
+def domain_for(guest_asid: int, guest_c: bool, npt_c: bool) -> tuple[int, bool]:
+    """Encryption domain of a guest data access (APM Table 15-31, reference 4.2).
+
+    guest C=1 -> guest key, whatever the NPT says; guest C=0 and NPT C=1 -> host (SME) key;
+    both 0 -> unencrypted.
+    """
+    if guest_c:
+        return guest_asid, True
+    if npt_c:
+        return 0, True
+    return 0, False
+
+
+class MemoryController:
+    """AES engine with one key slot per ASID, in front of :class:`~sevemu.hw.dram.Dram`."""
+
+    def __init__(self, dram: Dram, mode: EncryptionMode, tweaks: TweakConstants, max_asid: int,
+                 rng: Rng = os.urandom) -> None:
+        self.dram = dram
+        self.mode = mode
+        self.tweaks = tweaks
+        self.max_asid = max_asid
+        self._slots: dict[int, MemoryCipher] = {0: MemoryCipher(mode, rng(mode.key_size), tweaks)}
+        self._port_issued = False
+        self.lines_encrypted = 0
+        self._pages = dram.pages_dict()  # the line path reads DRAM's page store directly
+
+    # ---- key slots ---------------------------------------------------------------------------
+    def secure_port(self) -> KeySlotPort:
+        """The key-programming port; handed out once (to the Secure Processor)."""
+        if self._port_issued:
+            raise KeySlotError("the key-slot port belongs to the Secure Processor and was already issued")
+        self._port_issued = True
+        return KeySlotPort(self)
+
+    def has_key(self, asid: int) -> bool:
+        return asid in self._slots
+
+    def _cipher(self, asid: int) -> MemoryCipher:
+        cipher = self._slots.get(asid)
+        if cipher is None:
+            raise KeySlotError(f"no key is loaded for ASID {asid}")
+        return cipher
+
+    # ---- line path (cache fills and write-backs) --------------------------------------------
+    def read_line(self, spa: int, asid: int, c: int | bool) -> bytes | bytearray:
+        """Fill a 64-byte line from DRAM in domain (asid, c)."""
+        page = self._pages.get(spa >> 12)
+        if page is None:
+            data: bytes | bytearray = _ZERO_LINE
+        else:
+            off = spa & 0xFFF
+            data = page[off : off + LINE]
+        if not c:
+            return data
+        cipher = self._slots.get(asid)
+        if cipher is None:
+            raise KeySlotError(f"no key is loaded for ASID {asid}")
+        return cipher.decrypt_line(spa, data)
+
+    def write_line(self, spa: int, asid: int, c: bool, data: bytes | bytearray) -> None:
+        """Write a 64-byte line back to DRAM in domain (asid, c)."""
+        if c:
+            self.lines_encrypted += 1
+            data = self._cipher(asid).encrypt_line(spa, data)
+        self.dram.write_line(spa, data)
+
+    # ---- bulk path (DMA, firmware in-place operations) --------------------------------------
+    def read(self, spa: int, length: int, asid: int, c: bool) -> bytes:
+        """``length`` bytes at line-aligned ``spa`` through domain (asid, c), bypassing the caches."""
+        self._check_bulk(spa, length)
+        raw = self.dram.read(spa, length)
+        if not c:
+            return raw
+        return bytes(self._cipher(asid).decrypt_bulk(spa, raw))
+
+    def write(self, spa: int, data: bytes | bytearray | memoryview, asid: int, c: bool) -> None:
+        self._check_bulk(spa, len(data))
+        if c:
+            data = self._cipher(asid).encrypt_bulk(spa, data)
+        self.dram.write(spa, data)
+
+    def _check_bulk(self, spa: int, length: int) -> None:
+        if spa % LINE or length % LINE:
+            raise AlignmentError(f"memory-controller transfers are whole 64-byte lines: {spa:#x}+{length:#x}")
+        self.dram.check_range(spa, length)
+
+
+class KeySlotPort:
+    """The Secure Processor's private port into the memory controller's key slots."""
+
+    __slots__ = ("_mc",)
+
+    def __init__(self, mc: MemoryController) -> None:
+        self._mc = mc
+
+    def load(self, asid: int, key: bytes) -> None:
+        """Install ``key`` for ``asid`` (ACTIVATE)."""
+        mc = self._mc
+        if not 1 <= asid <= mc.max_asid:
+            raise AsidError(f"ASID {asid} is outside 1..{mc.max_asid}")
+        if len(key) != mc.mode.key_size:
+            raise KeySizeError(f"{mc.mode.value} keys are {mc.mode.key_size} bytes, got {len(key)}")
+        mc._slots[asid] = MemoryCipher(mc.mode, bytes(key), mc.tweaks)
+
+    def clear(self, asid: int) -> None:
+        """Remove the key of ``asid`` (the slot reads as empty afterwards)."""
+        if asid == 0:
+            raise AsidError("slot 0 holds the host SME key and cannot be cleared")
+        self._mc._slots.pop(asid, None)
+
+    def loaded(self, asid: int) -> bool:
+        return asid in self._mc._slots

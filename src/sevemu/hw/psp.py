@@ -1,0 +1,156 @@
+"""The AMD Secure Processor (PSP) as a device: mailbox registers and the PSP's private ports.
+
+x86 software talks to the firmware only through the mailbox (reference 1.5; register interface in
+:mod:`sevemu.abi.mailbox`): it writes the command buffer's physical address to CMDBUFF_ADDR_LO/HI,
+then the command id to CMDRESP; the PSP runs the command and answers ``RESP | status`` in CMDRESP.
+The model executes the command synchronously inside the CMDRESP write.
+
+Behind the mailbox sits whatever :meth:`Psp.install` received (the firmware, wired by the
+composition root).  The firmware reaches the rest of the SoC only through :class:`PspPorts`:
+
+* ``keys``: the memory controller's key-slot port (nobody else has it);
+* ``dma``: the PSP's view of memory (:class:`PspDma`): unencrypted accesses are coherent with the
+  host's unencrypted cache lines (the PSP snoops them, as DMA does); encrypted accesses go straight
+  through the memory controller with the named key and are *not* coherent with the caches -- which
+  is why KVM flushes guest pages before LAUNCH_UPDATE_DATA and WBINVDs before DF_FLUSH;
+* ``flush_epoch``: a count of completed WBINVDs (the hardware signal the firmware uses for the
+  WBINVD_REQUIRED rule);
+* ``trng``: the PSP's random-number generator.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sevemu.abi.mailbox import (
+    CMDRESP_RESP,
+    MailboxReg,
+    PspCapability,
+    decode_command,
+    encode_response,
+)
+from sevemu.abi.status import Status
+from sevemu.errors import AddressError
+from sevemu.hw.cache import Cache, tag_key
+from sevemu.hw.dram import LINE
+from sevemu.hw.memctl import KeySlotPort, MemoryController
+from sevemu.hw.profiles import CpuProfile
+
+__all__ = ["Psp", "PspPorts", "PspDma", "MailboxHandler"]
+
+
+class MailboxHandler(Protocol):
+    """What runs behind the mailbox: takes a command id and buffer address, returns a status."""
+
+    def handle(self, command: int, buffer_paddr: int) -> int: ...
+
+
+class PspDma:
+    """The Secure Processor's access to system memory (see the module docstring)."""
+
+    def __init__(self, cache: Cache, mc: MemoryController, cbit: int) -> None:
+        self._cache = cache
+        self._mc = mc
+        self.cbit_mask = 1 << cbit
+
+    def strip(self, paddr: int) -> tuple[int, bool]:
+        """(SPA, C-bit) of a physical address as software passes it (the C-bit may be set)."""
+        return paddr & ~self.cbit_mask, bool(paddr & self.cbit_mask)
+
+    def check(self, spa: int, length: int) -> None:
+        """AddressError unless ``[spa, spa+length)`` lies in DRAM."""
+        self._mc.dram.check_range(spa, length)
+
+    def read(self, spa: int, length: int) -> bytes:
+        """Unencrypted read, coherent with the host's unencrypted cache lines."""
+        self._mc.dram.check_range(spa, length)
+        out = bytearray(self._mc.dram.read(spa, length))
+        for line_spa in range(spa & ~(LINE - 1), spa + length, LINE):
+            cached = self._cache.peek(0, False, line_spa)
+            if cached is not None:
+                lo = max(line_spa, spa)
+                hi = min(line_spa + LINE, spa + length)
+                out[lo - spa : hi - spa] = cached[lo - line_spa : hi - line_spa]
+        return bytes(out)
+
+    def write(self, spa: int, data: bytes) -> None:
+        """Unencrypted write; stale host copies of those lines are invalidated (after write-back)."""
+        self._mc.dram.check_range(spa, len(data))
+        for line_spa in range(spa & ~(LINE - 1), spa + len(data), LINE):
+            self._cache.clflush(0, False, line_spa)
+        self._mc.dram.write(spa, data)
+
+    def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:
+        """Read with the key of ``asid`` straight from DRAM (not coherent with the caches)."""
+        return self._mc.read(spa, length, asid, True)
+
+    def write_encrypted(self, spa: int, data: bytes, asid: int) -> None:
+        """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""
+        self._mc.write(spa, data, asid, True)
+
+    def cached_lines(self, asid: int, c: bool, spa: int, length: int) -> int:
+        """How many lines of the range are resident in domain (asid, c) (firmware sanity checks)."""
+        n = 0
+        for line_spa in range(spa & ~(LINE - 1), spa + length, LINE):
+            key = tag_key(asid, c, line_spa)
+            n += self._cache.sets[(key >> 6) & self._cache.set_mask].get(key) is not None
+        return n
+
+
+@dataclass(frozen=True)
+class PspPorts:
+    """Everything the firmware may touch besides its own state (see the module docstring)."""
+
+    profile: CpuProfile
+    keys: KeySlotPort
+    dma: PspDma
+    flush_epoch: Callable[[], int]
+    trng: Callable[[int], bytes] = os.urandom
+
+
+class Psp:
+    """The PSP mailbox device."""
+
+    def __init__(self, ports: PspPorts) -> None:
+        self._ports: PspPorts | None = ports
+        self._handler: MailboxHandler | None = None
+        self._regs: dict[int, int] = {r.value: 0 for r in MailboxReg}
+        self._regs[MailboxReg.FEATURE] = int(PspCapability.SEV)
+        self.commands = 0
+
+    def take_ports(self) -> PspPorts:
+        """Hand the PSP's private ports to the firmware (once; the composition root does it)."""
+        if self._ports is None:
+            raise AddressError("the PSP ports were already handed to the firmware")
+        ports, self._ports = self._ports, None
+        return ports
+
+    def install(self, handler: MailboxHandler) -> None:
+        """Load the firmware that answers mailbox commands."""
+        self._handler = handler
+
+    # ---- MMIO ----------------------------------------------------------------------------
+    def mmio_read(self, offset: int) -> int:
+        if offset not in self._regs:
+            raise AddressError(f"no PSP mailbox register at offset {offset:#x}")
+        return self._regs[offset]
+
+    def mmio_write(self, offset: int, value: int) -> None:
+        if offset not in self._regs:
+            raise AddressError(f"no PSP mailbox register at offset {offset:#x}")
+        value &= 0xFFFFFFFF
+        if offset != MailboxReg.CMDRESP:
+            self._regs[offset] = value
+            return
+        if value & CMDRESP_RESP:
+            self._regs[offset] = value  # software clearing/acknowledging; not a command
+            return
+        self.commands += 1
+        cmd = decode_command(value)
+        paddr = self._regs[MailboxReg.CMDBUFF_ADDR_HI] << 32 | self._regs[MailboxReg.CMDBUFF_ADDR_LO]
+        status = Status.INVALID_COMMAND if self._handler is None else self._handler.handle(cmd, paddr)
+        self._regs[MailboxReg.CMDRESP] = encode_response(int(status))
+        self._regs[MailboxReg.INTSTS] |= 1 << 1

@@ -1,0 +1,254 @@
+"""The Python workload engine: guest programs written as generators of restartable operations.
+
+A workload is a generator that *yields* one operation at a time and receives its result::
+
+    def workload():
+        yield op.store(0x1000, 8, 0x1122334455667788)
+        value = yield op.load(0x1000, 8)
+        yield op.out(0x3F8, ord("A"))
+        yield op.hlt()
+
+Each operation is one "instruction": it either completes, raises #PF into the workload (which may
+catch it, as a guest's exception handler would), or takes a #VMEXIT.  On #NPF the operation stays
+pending and is restarted on the next VMRUN, after the hypervisor fixed its NPT -- exactly the
+restartable-instruction contract of real hardware.  Intercepted operations (HLT, IN/OUT, CPUID,
+RDMSR/WRMSR, VMMCALL) exit with the registers the hypervisor expects (RAX, RCX, RDX...) and pick their
+result up from the registers when the guest is resumed.  The guest RIP counts operations.
+
+An exception escaping the workload (an unhandled #PF, a bug) is a triple fault: #VMEXIT(SHUTDOWN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from sevemu.abi.paging import ExitCode
+from sevemu.hw.cpu import GuestCpu
+from sevemu.hw.faults import GeneralProtection, PageFault
+from sevemu.hw.svm import VmExit
+
+__all__ = ["PyEngine", "Workload", "op", "Op"]
+
+Op = tuple[Any, ...]
+Workload = Generator[Op, Any, Any]
+
+# operation codes (small ints: compared on every step)
+LD, ST, RD, WR, FETCH, HLT, OUT, IN, CPUID, RDMSR, WRMSR, VMMCALL, WRCR, INVLPG, WBINVD, CLFLUSH = range(16)
+
+
+class op:  # noqa: N801 - used as a namespace of constructors: op.load(...)
+    """Constructors of workload operations."""
+
+    @staticmethod
+    def load(gva: int, size: int = 8) -> Op:
+        return (LD, gva, size)
+
+    @staticmethod
+    def store(gva: int, size: int, value: int) -> Op:
+        return (ST, gva, size, value)
+
+    @staticmethod
+    def read(gva: int, length: int) -> Op:
+        return (RD, gva, length)
+
+    @staticmethod
+    def write(gva: int, data: bytes) -> Op:
+        return (WR, gva, bytes(data))
+
+    @staticmethod
+    def fetch(gva: int, length: int) -> Op:
+        return (FETCH, gva, length)
+
+    @staticmethod
+    def hlt() -> Op:
+        return (HLT,)
+
+    @staticmethod
+    def out(port: int, value: int, size: int = 1) -> Op:
+        return (OUT, port, value, size)
+
+    @staticmethod
+    def inp(port: int, size: int = 1) -> Op:
+        return (IN, port, size)
+
+    @staticmethod
+    def cpuid(leaf: int, subleaf: int = 0) -> Op:
+        return (CPUID, leaf, subleaf)
+
+    @staticmethod
+    def rdmsr(msr: int) -> Op:
+        return (RDMSR, msr)
+
+    @staticmethod
+    def wrmsr(msr: int, value: int) -> Op:
+        return (WRMSR, msr, value)
+
+    @staticmethod
+    def vmmcall(**regs: int) -> Op:
+        """VMMCALL with the given registers (rax, rbx, rcx, rdx...); returns RAX after the call."""
+        return (VMMCALL, regs)
+
+    @staticmethod
+    def write_cr(n: int, value: int) -> Op:
+        return (WRCR, n, value)
+
+    @staticmethod
+    def invlpg(gva: int) -> Op:
+        return (INVLPG, gva)
+
+    @staticmethod
+    def wbinvd() -> Op:
+        return (WBINVD,)
+
+    @staticmethod
+    def clflush(gva: int) -> Op:
+        return (CLFLUSH, gva)
+
+
+_MSR_SEV_STATUS = 0xC0010131
+
+
+def _ioio_info(port: int, size: int, is_in: bool) -> int:
+    """SVM IOIO EXITINFO1 (APM 15.10.2): TYPE bit0, SZ8/16/32 bits 4..6, port bits 31:16."""
+    sz = {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}[size]
+    return (port << 16) | sz | int(is_in)
+
+
+class PyEngine:
+    """Runs one workload generator as a vCPU's instruction stream."""
+
+    def __init__(self, workload: Workload) -> None:
+        self._gen = workload
+        self._pending: Op | None = None  # fetched but not completed (restart after #NPF)
+        self._exited: Op | None = None  # intercepted; completes when the guest is resumed
+        self._value: Any = None
+        self._started = False
+        self.finished = False
+        self.crash: str | None = None
+        self.ops = 0
+
+    def run(self, cpu: GuestCpu) -> VmExit:
+        if self.crash is not None:
+            return VmExit(ExitCode.SHUTDOWN)
+        if self.finished:
+            return VmExit(ExitCode.HLT)
+        regs = cpu.vmcb.regs
+        if self._exited is not None:
+            self._value = self._result_of_exit(self._exited, regs)
+            self._exited = None
+        gen = self._gen
+        while True:
+            o = self._pending
+            if o is None:
+                try:
+                    o = gen.send(self._value) if self._started else next(gen)
+                    self._started = True
+                except StopIteration:
+                    self.finished = True
+                    return VmExit(ExitCode.HLT)
+                except Exception as exc:  # the guest died: triple fault
+                    return self._triple_fault(exc)
+                self._pending = o
+            try:
+                self._value = self._execute(o, cpu, regs)
+            except (PageFault, GeneralProtection) as pf:
+                self._pending = None
+                try:
+                    o = gen.throw(pf)
+                except StopIteration:
+                    self.finished = True
+                    return VmExit(ExitCode.HLT)
+                except Exception as exc:
+                    return self._triple_fault(exc)
+                self._pending = o
+                continue
+            except _Exit as ex:
+                self._pending = None
+                self._exited = o
+                cpu.vmcb.next_rip = cpu.vmcb.rip + 1
+                return ex.vmexit
+            self._pending = None
+            self.ops += 1
+            cpu.vmcb.rip += 1
+
+    def _triple_fault(self, exc: BaseException) -> VmExit:
+        self.crash = f"{type(exc).__name__}: {exc}"
+        return VmExit(ExitCode.SHUTDOWN)
+
+    @staticmethod
+    def _execute(o: Op, cpu: GuestCpu, regs: dict[str, int]) -> Any:
+        kind = o[0]
+        if kind == LD:
+            return cpu.load(o[1], o[2])
+        if kind == ST:
+            cpu.store(o[1], o[2], o[3])
+            return None
+        if kind == RD:
+            return cpu.read(o[1], o[2])
+        if kind == WR:
+            cpu.write(o[1], o[2])
+            return None
+        if kind == FETCH:
+            return cpu.fetch(o[1], o[2])
+        if kind == HLT:
+            raise _Exit(VmExit(ExitCode.HLT))
+        if kind == OUT:
+            regs["rax"] = o[2] & ((1 << (8 * o[3])) - 1)
+            raise _Exit(VmExit(ExitCode.IOIO, _ioio_info(o[1], o[3], False)))
+        if kind == IN:
+            raise _Exit(VmExit(ExitCode.IOIO, _ioio_info(o[1], o[2], True)))
+        if kind == CPUID:
+            regs["rax"], regs["rcx"] = o[1], o[2]
+            raise _Exit(VmExit(ExitCode.CPUID))
+        if kind == RDMSR:
+            if o[1] == _MSR_SEV_STATUS:  # read-only, never intercepted (APM 15.34.10)
+                return (1 if cpu.sev else 0) | (2 if cpu.vmcb.sev_es_enable else 0)
+            regs["rcx"] = o[1]
+            raise _Exit(VmExit(ExitCode.MSR, 0))
+        if kind == WRMSR:
+            regs["rcx"], regs["rax"], regs["rdx"] = o[1], o[2] & 0xFFFFFFFF, o[2] >> 32
+            raise _Exit(VmExit(ExitCode.MSR, 1))
+        if kind == VMMCALL:
+            regs.update(o[1])
+            raise _Exit(VmExit(ExitCode.VMMCALL))
+        if kind == WRCR:
+            if o[1] == 3:
+                cpu.write_cr3(o[2])
+            elif o[1] == 0:
+                cpu.write_cr0(o[2])
+            elif o[1] == 4:
+                cpu.vmcb.cr4 = o[2]
+            else:
+                raise GeneralProtection(f"MOV CR{o[1]}")
+            return None
+        if kind == INVLPG:
+            cpu.invlpg(o[1])
+            return None
+        if kind == WBINVD:
+            cpu.core.wbinvd()
+            return None
+        if kind == CLFLUSH:
+            t = cpu.translate(o[1])
+            cpu.core.cache.clflush(t.data_asid, t.data_c, t.spa | (o[1] & 0xFC0))
+            return None
+        raise GeneralProtection(f"unknown operation {o!r}")
+
+    @staticmethod
+    def _result_of_exit(o: Op, regs: dict[str, int]) -> Any:
+        kind = o[0]
+        if kind == IN:
+            return regs["rax"] & ((1 << (8 * o[2])) - 1)
+        if kind == CPUID:
+            return (regs["rax"] & 0xFFFFFFFF, regs["rbx"] & 0xFFFFFFFF, regs["rcx"] & 0xFFFFFFFF,
+                    regs["rdx"] & 0xFFFFFFFF)
+        if kind == RDMSR:
+            return ((regs["rdx"] & 0xFFFFFFFF) << 32) | (regs["rax"] & 0xFFFFFFFF)
+        if kind == VMMCALL:
+            return regs["rax"]
+        return None
+
+
+class _Exit(Exception):
+    def __init__(self, vmexit: VmExit) -> None:
+        self.vmexit = vmexit

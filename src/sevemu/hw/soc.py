@@ -1,0 +1,109 @@
+"""The SoC: receives its parts and wires them in a documented order.
+
+Wiring order (each part only sees what it is handed):
+
+1. DRAM (sparse page store) of ``dram_size`` bytes;
+2. per-boot tweak constants for the profile's memory-encryption mode (the published Zen 1 table, or
+   fresh random constants from Zen 2 on) and the memory controller with its host SME key in slot 0;
+3. the shared cache in front of the memory controller (coherent across encryption domains only if
+   the profile says so), and the MMU that walks tables through that cache;
+4. the cores (TLB each);
+5. the PSP device, holding the memory controller's key-slot port (issued exactly once), its DMA view
+   of memory, the WBINVD epoch signal and the TRNG.  The firmware is installed later by the
+   composition root (:mod:`sevemu.scenario`), which takes the PSP's ports for it.
+
+The host side (the hypervisor) gets the :class:`Soc` object: cores, the PSP's MMIO registers, CPUID and
+MSRs.  It never gets the key-slot port.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import random
+from collections.abc import Callable
+
+from sevemu.abi.cpuid import Msr
+from sevemu.crypto.memenc import TweakConstants
+from sevemu.errors import InputError
+from sevemu.hw.cache import Cache
+from sevemu.hw.cpu import Core
+from sevemu.hw.dram import Dram
+from sevemu.hw.memctl import MemoryController
+from sevemu.hw.mmu import Mmu
+from sevemu.hw.profiles import CpuProfile
+from sevemu.hw.psp import Psp, PspDma, PspPorts
+
+__all__ = ["Soc"]
+
+# SYSCFG (MSR 0xC001_0010) bit 23: MemEncryptionModEn (reference 4.1)
+_SYSCFG_MEM_ENCRYPTION_MOD_EN = 1 << 23
+
+
+class _ByteSourceRandom(random.Random):
+    """The SoC's byte source (``rng(n) -> bytes``) seen through :class:`random.Random`, as the
+    tweak-constant constructors of :mod:`sevemu.crypto.memenc` take it: every bit still comes from
+    ``rng`` (a seeded source gives a reproducible boot; os.urandom a fresh one)."""
+
+    def __init__(self, source: Callable[[int], bytes]) -> None:
+        self._source = source
+        super().__init__(0)
+
+    def getrandbits(self, k: int) -> int:
+        return int.from_bytes(self._source((k + 7) // 8), "little") & ((1 << k) - 1)
+
+
+class Soc:
+    """An SEV-capable EPYC SoC: DRAM, memory controller, cache, cores and the PSP."""
+
+    def __init__(self, profile: CpuProfile, *, dram_size: int = 1 << 40, cores: int = 2,
+                 cache_size: int = 4 << 20, cache_ways: int = 16, tlb_entries: int = 2048,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
+        if cores < 1:
+            raise InputError("a SoC needs at least one core")
+        if dram_size > profile.max_spa:
+            raise InputError(
+                f"{dram_size:#x} bytes of DRAM exceed the {profile.addr_bits}-bit physical address "
+                f"space of {profile.product} with memory encryption enabled"
+            )
+        self.profile = profile
+        self.dram = Dram(dram_size)
+        boot_rng = _ByteSourceRandom(rng)
+        if profile.published_tweaks:
+            tweaks = TweakConstants.published_zen1(profile.phys_addr_bits, boot_rng)
+        else:
+            tweaks = TweakConstants.random_zen2(profile.phys_addr_bits, boot_rng)
+        self.mc = MemoryController(self.dram, profile.mem_mode, tweaks, profile.max_asid, rng)
+        self.cache = Cache(self.mc, cache_size, cache_ways, coherent=profile.coherent)
+        self.mmu = Mmu(self.cache, profile)
+        self.cores = [Core(i, profile, self.cache, self.mmu, self.mc, tlb_entries) for i in range(cores)]
+        self.psp = Psp(PspPorts(
+            profile=profile,
+            keys=self.mc.secure_port(),
+            dma=PspDma(self.cache, self.mc, profile.cbit),
+            flush_epoch=lambda: self.cache.flush_epoch,
+            trng=rng,
+        ))
+        self._msrs: dict[int, int] = {int(Msr.SYSCFG): _SYSCFG_MEM_ENCRYPTION_MOD_EN}
+
+    @property
+    def boot_cpu(self) -> Core:
+        return self.cores[0]
+
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        """The host's CPUID for the leaves the SEV model defines (others read as zeros)."""
+        p = self.profile
+        if leaf == 0x8000001F:
+            return p.cpuid_fn8000_001f
+        if leaf == 0x00000001:
+            return p.cpuid_fn0000_0001_eax, 0, 0, 0
+        if leaf == 0x80000008:
+            return p.phys_addr_bits | (48 << 8), 0, 0, 0
+        return 0, 0, 0, 0
+
+    def rdmsr(self, msr: int) -> int:
+        return self._msrs.get(msr, 0)
+
+    def wbinvd_all(self) -> int:
+        """WBINVD on every core (the caches are shared, so the first one does the work)."""
+        return sum(core.wbinvd() for core in self.cores)

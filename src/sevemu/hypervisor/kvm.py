@@ -1,0 +1,291 @@
+"""The KVM-like hypervisor: platform bring-up, ASIDs, VM lifecycle, SEV launch, the vCPU run loop.
+
+Flows follow Linux KVM (arch/x86/kvm/svm/sev.c, reference 1.3/1.14):
+
+* ``platform_init``: INIT through the PSP driver (the SEV-ES TMR when asked).
+* ASIDs (reference 4.1): SEV guests get [EDX, ECX], SEV-ES guests [1, EDX-1], plain guests ASIDs
+  above ECX.  Freed SEV ASIDs wait in a reclaim set; when no fresh ASID is left the hypervisor does
+  WBINVD on all CPUs then DF_FLUSH and reuses them (``sev_flush_asids``) -- the firmware refuses an
+  ACTIVATE that skipped either step.
+* ``launch`` (SEV): LAUNCH_START (new VEK), ACTIVATE (bind the ASID), for each image region: back
+  and fill the pages as the host, CLFLUSH them (``sev_clflush_pages``), LAUNCH_UPDATE_DATA per
+  physically contiguous run; LAUNCH_MEASURE; LAUNCH_FINISH.
+* ``run``: VMRUN until an exit the run loop cannot handle itself.  #NPF inside guest memory backs
+  the page (demand paging); port I/O to COM1 is the serial console; CPUID returns the host's values
+  (including Fn8000_001F, so a guest learns its C-bit); VMMCALL implements KVM_HC_MAP_GPA_RANGE, by
+  which an SEV guest announces pages it made shared.  HLT returns to the caller; SHUTDOWN, an
+  unresolvable #NPF or VMEXIT_INVALID mark the VM crashed.
+* ``destroy``: DEACTIVATE, DECOMMISSION, release memory, ASID to the reclaim set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sevemu.abi.commands import CommandId
+from sevemu.abi.paging import ExitCode
+from sevemu.abi.sev import (
+    ActivateCmd,
+    GuestStatusCmd,
+    HandleCmd,
+    InitCmd,
+    InitOptions,
+    LaunchStartCmd,
+    LaunchUpdateDataCmd,
+    MeasureBuf,
+    PlatformStatus,
+    SEV_TMR_LEN,
+)
+from sevemu.abi.status import Status
+from sevemu.errors import AsidError, InputError, MailboxError, VmError
+from sevemu.hw.cpu import Engine
+from sevemu.hw.soc import Soc
+from sevemu.hw.svm import VmExit
+from sevemu.hypervisor.memory import PageAllocator
+from sevemu.hypervisor.psp import PspDriver
+from sevemu.hypervisor.vm import Vcpu, Vm, VmKind, VmState
+
+__all__ = ["Hypervisor", "RunResult", "COM1", "KVM_HC_MAP_GPA_RANGE"]
+
+COM1 = 0x3F8
+KVM_HC_MAP_GPA_RANGE = 12
+_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+PAGE = 4096
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Why the run loop returned."""
+
+    exit: VmExit
+    reason: str
+    exits: int
+
+
+class Hypervisor:
+    """A KVM-like host running on core 0 of ``soc``."""
+
+    def __init__(self, soc: Soc, host_reserved: int = 256 * MiB) -> None:
+        self.soc = soc
+        self.core = soc.boot_cpu
+        p = soc.profile
+        # host layout: [1 MiB, 2 MiB) PSP buffers, [2 MiB, 4 MiB) TMR, [4 MiB, reserved) tables
+        self.psp = PspDriver(self.core, soc.psp, buffer_spa=1 * MiB, data_spa=1 * MiB + PAGE,
+                             data_len=1 * MiB - PAGE)
+        self.tmr_spa = 2 * MiB
+        self.tables = PageAllocator(self.core, 4 * MiB, host_reserved)
+        self.pages = PageAllocator(self.core, host_reserved, soc.dram.size)
+        self.vms: list[Vm] = []
+        self._sev_free = list(p.sev_asids())
+        self._es_free = list(p.es_asids())
+        self._reclaim: set[int] = set()
+        self._plain_next = p.max_asid + 1
+        self.asid_flushes = 0
+
+    # ---- platform ------------------------------------------------------------------------------
+    def platform_init(self, es: bool = False) -> None:
+        """INIT the SEV firmware (with SEV-ES and its TMR when ``es``)."""
+        if es:
+            self.psp.call(CommandId.INIT, InitCmd(options=int(InitOptions.SEV_ES), tmr_paddr=self.tmr_spa,
+                                                  tmr_len=SEV_TMR_LEN))
+        else:
+            self.psp.call(CommandId.INIT, InitCmd())
+
+    def platform_status(self) -> PlatformStatus:
+        return self.psp.call(CommandId.PLATFORM_STATUS, PlatformStatus())
+
+    def guest_status(self, vm: Vm) -> GuestStatusCmd:
+        return self.psp.call(CommandId.GUEST_STATUS, GuestStatusCmd(handle=vm.handle))
+
+    # ---- ASIDs ----------------------------------------------------------------------------------
+    def _alloc_asid(self, kind: VmKind) -> int:
+        if kind is VmKind.PLAIN:
+            asid = self._plain_next
+            self._plain_next += 1
+            return asid
+        if not self._sev_free and self._reclaim:
+            self.flush_asids()
+        if not self._sev_free:
+            raise AsidError(f"no free SEV ASID ({self.soc.profile.max_asid} in use)")
+        return self._sev_free.pop(0)
+
+    def flush_asids(self) -> None:
+        """Make reclaimed ASIDs reusable: WBINVD on every CPU, then DF_FLUSH (``sev_flush_asids``)."""
+        self.soc.wbinvd_all()
+        self.psp.call_nobuf(CommandId.DF_FLUSH)
+        self._sev_free = sorted(set(self._sev_free) | self._reclaim)
+        self._reclaim.clear()
+        self.asid_flushes += 1
+
+    # ---- VM lifecycle ---------------------------------------------------------------------------
+    def create_vm(self, name: str, memory: int, kind: VmKind = VmKind.SEV) -> Vm:
+        asid = self._alloc_asid(kind)
+        vm = Vm(name, kind, memory, asid, self.core, self.pages, self.tables)
+        self.vms.append(vm)
+        return vm
+
+    def launch(self, vm: Vm, regions: list[tuple[int, bytes]], policy: int = 0) -> bytes:
+        """Load ``regions`` (GPA, bytes) into ``vm`` and, for SEV, run the measured launch.
+
+        Returns the LAUNCH_MEASURE blob (MEASURE || MNONCE) for SEV guests, b"" for plain ones.
+        """
+        if vm.state is not VmState.CREATED:
+            raise VmError(f"{vm.name} was already launched")
+        for gpa, data in regions:
+            if gpa < 0 or gpa + len(data) > vm.memory:
+                raise InputError(
+                    f"image region {gpa:#x}+{len(data):#x} does not fit {vm.name}'s {vm.memory:#x} bytes"
+                )
+        vm.state = VmState.LAUNCHING
+        for gpa, data in regions:
+            vm.back_range(gpa, len(data))
+            vm.host_write(gpa, data)
+        if not vm.sev:
+            vm.state = VmState.RUNNING
+            return b""
+        vm.policy = policy
+        start = self.psp.call(CommandId.LAUNCH_START, LaunchStartCmd(policy=policy))
+        vm.handle = start.handle
+        self.psp.call(CommandId.ACTIVATE, ActivateCmd(handle=vm.handle, asid=vm.asid))
+        for gpa, data in regions:
+            for spa, length in self._contiguous_runs(vm, gpa, len(data)):
+                for line in range(spa & ~63, spa + length, 64):
+                    self.core.clflush(line)
+                self.psp.call(CommandId.LAUNCH_UPDATE_DATA,
+                              LaunchUpdateDataCmd(handle=vm.handle, paddr=spa, len=length))
+        out_spa = self.psp.put_data(bytes(MeasureBuf.SIZE))
+        self.psp.call(CommandId.LAUNCH_MEASURE,
+                      LaunchUpdateDataCmd(handle=vm.handle, paddr=out_spa, len=MeasureBuf.SIZE))
+        measure = self.psp.get_data(MeasureBuf.SIZE)
+        self.psp.call(CommandId.LAUNCH_FINISH, HandleCmd(handle=vm.handle))
+        vm.measurement = measure
+        vm.state = VmState.RUNNING
+        return measure
+
+    @staticmethod
+    def _contiguous_runs(vm: Vm, gpa: int, length: int) -> list[tuple[int, int]]:
+        """(SPA, length) runs of physically contiguous backing for a GPA range, rounded to whole
+        cache lines (KVM rounds to 16 bytes; a line suits every generation's cipher)."""
+        start = gpa & ~63
+        end = (gpa + length + 63) & ~63
+        runs: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            n = min(PAGE - (pos & 0xFFF), end - pos)
+            spa = vm.spa_of(pos)
+            if runs and runs[-1][0] + runs[-1][1] == spa:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((spa, n))
+            pos += n
+        return runs
+
+    def destroy(self, vm: Vm) -> None:
+        """Tear ``vm`` down: DEACTIVATE and DECOMMISSION (SEV), free its memory, reclaim its ASID."""
+        if vm.state is VmState.DESTROYED:
+            return
+        if vm.sev and vm.handle:
+            try:
+                self.psp.call(CommandId.DEACTIVATE, HandleCmd(handle=vm.handle))
+            except MailboxError as e:
+                if e.status != Status.INACTIVE:
+                    raise
+            self.psp.call(CommandId.DECOMMISSION, HandleCmd(handle=vm.handle))
+            self._reclaim.add(vm.asid)
+        vm.release()
+        vm.state = VmState.DESTROYED
+        self.vms.remove(vm)
+
+    def map_foreign(self, vm: Vm, gpa: int, other: Vm, other_gpa: int) -> None:
+        """Point ``vm``'s page at ``gpa`` to the page backing ``other_gpa`` of ``other``.
+
+        Nothing stops a hypervisor doing this; the victim's data then reaches ``vm`` decrypted with
+        ``vm``'s own key (garbage).  Flushes ``vm``'s TLB entries on its next VMRUN.
+        """
+        vm.npt.map(gpa & ~0xFFF, other.spa_of(other_gpa) & ~0xFFF)
+        for vcpu in vm.vcpus:
+            vcpu.vmcb.tlb_control = 3
+
+    # ---- running ----------------------------------------------------------------------------------
+    def run(self, vm: Vm, vcpu: Vcpu | int = 0, engine: Engine | None = None,
+            max_exits: int = 1_000_000) -> RunResult:
+        """VMRUN ``vcpu`` of ``vm`` until it halts, crashes, or ``max_exits`` exits were handled."""
+        if vm.state is not VmState.RUNNING:
+            raise VmError(f"{vm.name} is {vm.state.value}, not running")
+        v = vm.vcpus[vcpu] if isinstance(vcpu, int) else vcpu
+        if engine is not None:
+            v.engine = engine
+        if v.engine is None:
+            raise VmError(f"vCPU {v.index} of {vm.name} has nothing to run")
+        for n in range(1, max_exits + 1):
+            ex = self.core.vmrun(v.vmcb, v.engine)
+            v.exits[ex.name] += 1
+            v.last_exit = ex
+            reason = self._handle_exit(vm, v, ex)
+            if reason is not None:
+                return RunResult(ex, reason, n)
+        return RunResult(v.last_exit or VmExit(0), "exit budget exhausted", max_exits)
+
+    def _handle_exit(self, vm: Vm, v: Vcpu, ex: VmExit) -> str | None:
+        """Handle one exit; returns a reason to stop the run loop, or None to re-enter the guest."""
+        vmcb = v.vmcb
+        regs = vmcb.regs
+        code = ex.code
+        if code == ExitCode.NPF:
+            gpa = ex.info2
+            if ex.info1 & 1 or not 0 <= gpa < vm.memory:
+                return self._crash(vm, f"unresolvable #NPF at GPA {gpa:#x} (EXITINFO1 {ex.info1:#x})")
+            vm.back(gpa)
+            return None
+        if code == ExitCode.IOIO:
+            port = ex.info1 >> 16
+            size = (ex.info1 >> 4) & 0x7
+            nbytes = {1: 1, 2: 2, 4: 4}.get(size, 1)
+            if ex.info1 & 1:  # IN
+                regs["rax"] = 0x20 if port == COM1 + 5 else (1 << (8 * nbytes)) - 1
+            elif port == COM1:
+                vm.console.append(regs["rax"] & 0xFF)
+            vmcb.rip = vmcb.next_rip
+            return None
+        if code == ExitCode.CPUID:
+            a, b, c, d = self.soc.cpuid(regs["rax"] & 0xFFFFFFFF, regs["rcx"] & 0xFFFFFFFF)
+            regs.update(rax=a, rbx=b, rcx=c, rdx=d)
+            vmcb.rip = vmcb.next_rip
+            return None
+        if code == ExitCode.MSR:
+            if ex.info1 == 0:
+                regs["rax"], regs["rdx"] = 0, 0
+            vmcb.rip = vmcb.next_rip
+            return None
+        if code == ExitCode.VMMCALL:
+            regs["rax"] = self._hypercall(vm, regs)
+            vmcb.rip = vmcb.next_rip
+            return None
+        if code == ExitCode.HLT:
+            vmcb.rip = vmcb.next_rip
+            return "hlt"
+        if code == ExitCode.SHUTDOWN:
+            crash = getattr(v.engine, "crash", None)
+            return self._crash(vm, f"triple fault (shutdown){': ' + crash if crash else ''}")
+        if code == ExitCode.INVALID:
+            return self._crash(vm, "VMRUN failed its consistency checks (VMEXIT_INVALID)")
+        return self._crash(vm, f"unhandled exit {ex.name}")
+
+    def _hypercall(self, vm: Vm, regs: dict[str, int]) -> int:
+        if regs["rax"] == KVM_HC_MAP_GPA_RANGE:
+            gpa, npages, attrs = regs["rbx"], regs["rcx"], regs["rdx"]
+            for i in range(npages):
+                page = gpa + i * PAGE
+                if attrs & _MAP_GPA_RANGE_ENCRYPTED:
+                    vm.shared_gpas.discard(page)
+                else:
+                    vm.shared_gpas.add(page)
+            return 0
+        return (1 << 64) - 1000  # -KVM_ENOSYS
+
+    @staticmethod
+    def _crash(vm: Vm, reason: str) -> str:
+        vm.state = VmState.CRASHED
+        vm.crash_reason = reason
+        return reason

@@ -1,0 +1,45 @@
+"""The host's physical-memory allocator (the hypervisor's page allocator).
+
+DRAM below ``host_reserved`` belongs to the host itself (its own data, PSP command buffers, nested
+page tables); guest memory is handed out page by page from above it, on demand, as KVM backs guest
+memory lazily.  A page that comes back to the allocator is zeroed by the host before reuse (with
+plain C=0 writes, like Linux's ``clear_page``), so a new owner never inherits another guest's
+ciphertext in the clear -- nor its plaintext, which never reached DRAM anyway.
+"""
+
+from __future__ import annotations
+
+from sevemu.errors import HardwareError
+from sevemu.hw.cpu import Core
+
+__all__ = ["PageAllocator"]
+
+PAGE = 4096
+
+
+class PageAllocator:
+    """Bump allocator with a free list over a range of system-physical pages."""
+
+    def __init__(self, core: Core, start: int, end: int) -> None:
+        self._core = core
+        self._next = start
+        self._end = end
+        self._free: list[int] = []
+        self.allocated = 0
+
+    def alloc(self) -> int:
+        """A page's SPA; recycled pages are zeroed first."""
+        if self._free:
+            spa = self._free.pop()
+            self._core.host_write(spa, bytes(PAGE))
+        elif self._next < self._end:
+            spa = self._next
+            self._next += PAGE
+        else:
+            raise HardwareError("host is out of physical memory")
+        self.allocated += 1
+        return spa
+
+    def free(self, spa: int) -> None:
+        self.allocated -= 1
+        self._free.append(spa)

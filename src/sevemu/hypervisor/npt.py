@@ -1,0 +1,73 @@
+"""Nested page tables built by the hypervisor (AMD NPT: the x86-64 4-level format, reference 4.2).
+
+The tables are real bytes in host memory, written with the host's ordinary (C=0) stores; the SoC's
+nested walker reads them through the cache.  Leaves map one 4 KiB guest-physical page to a system
+page.  The NPT C-bit of a leaf (host SME key for guest C=0 accesses, APM Table 15-31) is left clear:
+the model's host does not run with SME.
+
+The hypervisor also keeps its own index (GFN -> PFN), as KVM keeps memslots: it never needs to read
+its tables back, and changing a mapping costs one entry write plus a TLB flush of the ASID.
+"""
+
+from __future__ import annotations
+
+from sevemu.abi.paging import Pte
+from sevemu.errors import AddressError, AlignmentError
+from sevemu.hw.cpu import Core
+from sevemu.hypervisor.memory import PageAllocator
+
+__all__ = ["NestedPageTable"]
+
+_TABLE = int(Pte.P | Pte.RW | Pte.US)
+_LEAF = int(Pte.P | Pte.US)
+_RW = int(Pte.RW)
+
+
+class NestedPageTable:
+    """One VM's NPT."""
+
+    def __init__(self, core: Core, alloc: PageAllocator, gpa_limit: int) -> None:
+        self._core = core
+        self._alloc = alloc
+        self.gpa_limit = gpa_limit
+        self.root = alloc.alloc()
+        self._tables: dict[tuple[int, int], int] = {(4, 0): self.root}  # (level, gpa prefix) -> SPA
+        self.mappings: dict[int, int] = {}  # GFN -> SPA of the backing page
+        self.table_pages = 1
+
+    def _table(self, level: int, gpa: int) -> int:
+        """SPA of the level-``level`` table covering ``gpa`` (level 4 = PML4 ... 1 = PT)."""
+        key = (level, gpa >> (12 + 9 * level))
+        spa = self._tables.get(key)
+        if spa is None:
+            parent = self._table(level + 1, gpa)
+            spa = self._alloc.alloc()
+            self.table_pages += 1
+            index = (gpa >> (12 + 9 * level)) & 0x1FF
+            self._core.host_write(parent + index * 8, (spa | _TABLE).to_bytes(8, "little"))
+            self._tables[key] = spa
+        return spa
+
+    def map(self, gpa: int, spa: int, writable: bool = True) -> None:
+        """Map the 4 KiB guest page at ``gpa`` to the system page ``spa``."""
+        if gpa % 4096 or spa % 4096:
+            raise AlignmentError(f"NPT mappings are 4 KiB pages: GPA {gpa:#x}, SPA {spa:#x}")
+        if not 0 <= gpa < self.gpa_limit:
+            raise AddressError(f"GPA {gpa:#x} is beyond the VM's {self.gpa_limit:#x} bytes")
+        pt = self._table(1, gpa)
+        entry = spa | _LEAF | (_RW if writable else 0)
+        self._core.host_write(pt + ((gpa >> 12) & 0x1FF) * 8, entry.to_bytes(8, "little"))
+        self.mappings[gpa >> 12] = spa
+
+    def unmap(self, gpa: int) -> int | None:
+        """Remove the mapping of ``gpa``; returns the SPA it pointed to."""
+        spa = self.mappings.pop(gpa >> 12, None)
+        if spa is not None:
+            pt = self._tables[(1, gpa >> 21)]
+            self._core.host_write(pt + ((gpa >> 12) & 0x1FF) * 8, bytes(8))
+        return spa
+
+    def lookup(self, gpa: int) -> int | None:
+        """SPA backing ``gpa`` (with the page offset), or None if unmapped."""
+        spa = self.mappings.get(gpa >> 12)
+        return None if spa is None else spa | (gpa & 0xFFF)

@@ -1,0 +1,144 @@
+"""Virtual machines as the hypervisor sees them: memory (NPT + backing pages), vCPUs, console.
+
+The hypervisor can read and write any physical memory as the host (ASID 0, C=0).  For a guest's
+private pages that is ciphertext when read, and silent corruption when written -- SEV (before SNP)
+has no integrity (reference 4.2, 4.4).  :meth:`Vm.host_read` / :meth:`Vm.host_write` do exactly that,
+by GPA, through the SPA the NPT maps it to.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sevemu.errors import AddressError, UnmappedError
+from sevemu.hw.cpu import Core, Engine
+from sevemu.hw.svm import Vmcb, VmExit
+from sevemu.hypervisor.memory import PageAllocator
+from sevemu.hypervisor.npt import NestedPageTable
+
+__all__ = ["Vm", "Vcpu", "VmKind", "VmState"]
+
+PAGE = 4096
+
+
+class VmKind(enum.Enum):
+    """What protection the VM runs with."""
+
+    PLAIN = "plain"
+    SEV = "sev"
+
+
+class VmState(enum.Enum):
+    CREATED = "created"
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    CRASHED = "crashed"
+    DESTROYED = "destroyed"
+
+
+@dataclass(eq=False)
+class Vcpu:
+    """One virtual CPU: its VMCB and the instruction engine running on it."""
+
+    index: int
+    vmcb: Vmcb
+    engine: Engine | None = None
+    exits: Counter[str] = field(default_factory=Counter)
+    last_exit: VmExit | None = None
+
+
+class Vm:
+    """A guest: kind, ASID, NPT, firmware handle (SEV), vCPUs and the host-emulated serial console."""
+
+    def __init__(self, name: str, kind: VmKind, memory: int, asid: int, core: Core,
+                 alloc: PageAllocator, table_alloc: PageAllocator) -> None:
+        if memory <= 0 or memory % PAGE:
+            raise AddressError(f"VM memory must be a positive multiple of 4 KiB, got {memory:#x}")
+        self.name = name
+        self.kind = kind
+        self.memory = memory
+        self.asid = asid
+        self.handle = 0
+        self.state = VmState.CREATED
+        self.policy = 0
+        self.measurement = b""
+        self._core = core
+        self._alloc = alloc
+        self.npt = NestedPageTable(core, table_alloc, memory)
+        self.vcpus: list[Vcpu] = []
+        self.console = bytearray()
+        self.shared_gpas: set[int] = set()  # pages the guest declared shared (KVM_HC_MAP_GPA_RANGE)
+        self.crash_reason: str | None = None
+        self._owned: set[int] = set()  # SPAs allocated for this VM (freed on release)
+
+    @property
+    def sev(self) -> bool:
+        return self.kind is VmKind.SEV
+
+    def add_vcpu(self, engine: Engine | None = None) -> Vcpu:
+        vmcb = Vmcb(asid=self.asid, np_enable=True, sev_enable=self.sev, ncr3=self.npt.root)
+        vcpu = Vcpu(len(self.vcpus), vmcb, engine)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    # ---- backing memory ---------------------------------------------------------------------
+    def back(self, gpa: int) -> int:
+        """Back the guest page containing ``gpa`` with a host page (if not yet); returns its SPA."""
+        page = gpa & ~0xFFF
+        if not 0 <= page < self.memory:
+            raise AddressError(f"GPA {gpa:#x} is outside {self.name}'s {self.memory:#x} bytes")
+        spa = self.npt.lookup(page)
+        if spa is None:
+            spa = self._alloc.alloc()
+            self.npt.map(page, spa)
+            self._owned.add(spa)
+        return spa
+
+    def back_range(self, gpa: int, length: int) -> list[int]:
+        return [self.back(p) for p in range(gpa & ~0xFFF, gpa + length, PAGE)]
+
+    def spa_of(self, gpa: int) -> int:
+        """SPA backing ``gpa``; :class:`UnmappedError` if the page is not backed."""
+        spa = self.npt.lookup(gpa)
+        if spa is None:
+            raise UnmappedError(f"GPA {gpa:#x} of {self.name} is not mapped")
+        return spa
+
+    # ---- the host's view ----------------------------------------------------------------------
+    def host_read(self, gpa: int, length: int) -> bytes:
+        """Read guest memory as the host: plaintext for shared pages, ciphertext for private ones."""
+        out = bytearray()
+        for page, off, n in _pieces(gpa, length):
+            out += self._core.host_read(self.spa_of(page) + off, n)
+        return bytes(out)
+
+    def host_write(self, gpa: int, data: bytes) -> None:
+        """Write guest memory as the host (corrupts private pages: no integrity before SNP)."""
+        spas = [self.spa_of(page) for page, _, _ in _pieces(gpa, len(data))]
+        pos = 0
+        for spa, (_, off, n) in zip(spas, _pieces(gpa, len(data)), strict=True):
+            self._core.host_write(spa + off, data[pos : pos + n])
+            pos += n
+
+    def release(self) -> None:
+        """Return every backing page to the host allocator."""
+        for gfn in list(self.npt.mappings):
+            self.npt.unmap(gfn << 12)
+        for spa in self._owned:
+            self._alloc.free(spa)
+        self._owned.clear()
+
+
+def _pieces(gpa: int, length: int) -> list[tuple[int, int, int]]:
+    """(page GPA, offset, length) pieces of a range split at page boundaries."""
+    out = []
+    pos = gpa
+    end = gpa + length
+    while pos < end:
+        off = pos & 0xFFF
+        n = min(PAGE - off, end - pos)
+        out.append((pos & ~0xFFF, off, n))
+        pos += n
+    return out

@@ -1,0 +1,183 @@
+"""Expected-measurement calculator for legacy SEV and SEV-ES launches (reference 1.10, 2.3).
+
+Written independently of the firmware model: it predicts what the firmware's GCTX.LD will be from
+what the guest owner knows (firmware image, kernel-hashes table, initial VMSAs) and checks the
+LAUNCH_MEASURE result against it.
+
+Launch digest
+    LD = SHA-256 over the plaintext of every LAUNCH_UPDATE_DATA region in order, then (SEV-ES) over
+    every LAUNCH_UPDATE_VMSA page (4096 bytes each) in vCPU order -- one running hash, so
+    ``SHA-256(region_1 || ... || region_n || vmsa_0 || ... || vmsa_k)``.
+
+Kernel-hashes table (QEMU ``-kernel`` with an SEV OVMF)
+    ``GUID 9438d606-4f22-4cc9-b479-a793d411fd21 || u16 length || entries``, each entry
+    ``GUID || u16 50 || SHA-256`` for, in this order, the command line (hashed with its trailing
+    NUL; an absent command line hashes as a single NUL), the initrd (empty if none) and the kernel.
+    ``length`` counts header and entries (168) without padding; the table is measured zero-padded
+    to a multiple of 16 bytes (176).  GUIDs are stored in their little-endian (``bytes_le``) form.
+
+LAUNCH_MEASURE
+    The 0x30-byte output is ``MEASURE || MNONCE`` with MEASURE as in
+    :func:`sevemu.crypto.transport.measure_mac` (the 0x04/API/build prefix only for API >= 0.17).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable
+
+from sevemu.abi.sev import MeasureBuf
+from sevemu.abi.vmsa import VMSA_PAGE_SIZE
+from sevemu.crypto.transport import (
+    DIGEST_SIZE,
+    MeasureMacError,
+    measure_mac,
+    verify_measure_mac,
+)
+from sevemu.errors import InputError, LayoutError
+
+__all__ = [
+    "SEV_CMDLINE_ENTRY_GUID",
+    "SEV_HASH_TABLE_GUID",
+    "SEV_HASH_TABLE_LENGTH",
+    "SEV_INITRD_ENTRY_GUID",
+    "SEV_KERNEL_ENTRY_GUID",
+    "LaunchDigest",
+    "MeasureMacError",
+    "expected_launch_digest",
+    "kernel_hashes_table",
+    "launch_measure_blob",
+    "verify_measurement",
+]
+
+SEV_HASH_TABLE_GUID = uuid.UUID("9438d606-4f22-4cc9-b479-a793d411fd21")
+SEV_CMDLINE_ENTRY_GUID = uuid.UUID("97d02dd8-bd20-4c94-aa78-e7714d36ab2a")
+SEV_INITRD_ENTRY_GUID = uuid.UUID("44baf731-3a2f-4bd7-9af1-41e29169781d")
+SEV_KERNEL_ENTRY_GUID = uuid.UUID("4de79437-abd2-427f-b835-d5b172d2045b")
+
+_ENTRY_LENGTH = 16 + 2 + 32
+SEV_HASH_TABLE_LENGTH = 16 + 2 + 3 * _ENTRY_LENGTH
+"""Value of the table's u16 length field (168): header plus three entries, without padding."""
+
+
+class LaunchDigest:
+    """Running GCTX.LD as the firmware extends it, command by command.
+
+    A functional reference: call :meth:`update_data` for each LAUNCH_UPDATE_DATA region and
+    :meth:`update_vmsa` for each LAUNCH_UPDATE_VMSA page, in the order the hypervisor issues them.
+    """
+
+    __slots__ = ("_hash", "_vmsas")
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._vmsas = 0
+
+    def update_data(self, region: bytes) -> LaunchDigest:
+        """Extend with the plaintext of a LAUNCH_UPDATE_DATA region; must precede every VMSA."""
+        if self._vmsas:
+            raise InputError("LAUNCH_UPDATE_DATA after LAUNCH_UPDATE_VMSA is not a valid launch order")
+        self._hash.update(bytes(region))
+        return self
+
+    def update_vmsa(self, page: bytes) -> LaunchDigest:
+        """Extend with one 4096-byte VMSA page (LAUNCH_UPDATE_VMSA)."""
+        if len(page) != VMSA_PAGE_SIZE:
+            raise LayoutError(f"a VMSA page is {VMSA_PAGE_SIZE:#x} bytes, got {len(page):#x}")
+        self._hash.update(bytes(page))
+        self._vmsas += 1
+        return self
+
+    def digest(self) -> bytes:
+        """The 32-byte LD so far."""
+        return self._hash.digest()
+
+
+def expected_launch_digest(regions: Iterable[bytes], vmsas: Iterable[bytes] = ()) -> bytes:
+    """LD of a launch measuring ``regions`` (LAUNCH_UPDATE_DATA, in order) then ``vmsas``.
+
+    For a QEMU/OVMF direct-kernel boot: ``regions = [ovmf_image, kernel_hashes_table(...)]``.
+    """
+    ld = LaunchDigest()
+    for region in regions:
+        ld.update_data(region)
+    for page in vmsas:
+        ld.update_vmsa(page)
+    return ld.digest()
+
+
+def _entry(guid: uuid.UUID, data: bytes) -> bytes:
+    return guid.bytes_le + _ENTRY_LENGTH.to_bytes(2, "little") + hashlib.sha256(data).digest()
+
+
+def kernel_hashes_table(kernel: bytes, initrd: bytes = b"", cmdline: str | bytes | None = None) -> bytes:
+    """The padded SEV kernel-hashes table QEMU measures for ``-kernel/-initrd/-append``.
+
+    ``cmdline`` is hashed with a trailing NUL appended; ``None`` or empty hashes a lone NUL.  A
+    ``str`` command line is UTF-8 encoded.
+    """
+    if isinstance(cmdline, str):
+        cmdline = cmdline.encode()
+    table = (
+        SEV_HASH_TABLE_GUID.bytes_le
+        + SEV_HASH_TABLE_LENGTH.to_bytes(2, "little")
+        + _entry(SEV_CMDLINE_ENTRY_GUID, (cmdline or b"") + b"\x00")
+        + _entry(SEV_INITRD_ENTRY_GUID, bytes(initrd))
+        + _entry(SEV_KERNEL_ENTRY_GUID, bytes(kernel))
+    )
+    return table + bytes(-len(table) % 16)
+
+
+def launch_measure_blob(
+    tik: bytes,
+    *,
+    api_major: int,
+    api_minor: int,
+    build: int,
+    policy: int,
+    launch_digest: bytes,
+    mnonce: bytes,
+) -> bytes:
+    """The 0x30-byte LAUNCH_MEASURE output a firmware with these inputs returns (MEASURE||MNONCE)."""
+    measure = measure_mac(
+        tik,
+        api_major=api_major,
+        api_minor=api_minor,
+        build=build,
+        policy=policy,
+        launch_digest=launch_digest,
+        mnonce=mnonce,
+    )
+    return MeasureBuf(measure=measure, mnonce=bytes(mnonce)).encode()
+
+
+def verify_measurement(
+    measure_blob: bytes,
+    tik: bytes,
+    api_major: int,
+    api_minor: int,
+    build: int,
+    policy: int,
+    expected_ld: bytes,
+) -> None:
+    """Check a LAUNCH_MEASURE output against the launch the guest owner expects.
+
+    ``measure_blob`` is the 0x30-byte buffer (MEASURE || MNONCE) the hypervisor relays;
+    ``api_major``/``api_minor``/``build`` are the firmware version it claims (PLATFORM_STATUS) --
+    the MAC binds them, so a lie is caught here.  Raises :class:`MeasureMacError` on mismatch and
+    :class:`~sevemu.errors.LayoutError` for a blob or digest of the wrong size.
+    """
+    if len(expected_ld) != DIGEST_SIZE:
+        raise LayoutError(f"launch digest must be {DIGEST_SIZE} bytes, got {len(expected_ld)}")
+    out = MeasureBuf.decode(measure_blob)
+    verify_measure_mac(
+        tik,
+        out.measure,
+        api_major=api_major,
+        api_minor=api_minor,
+        build=build,
+        policy=policy,
+        launch_digest=expected_ld,
+        mnonce=out.mnonce,
+    )

@@ -1,0 +1,29 @@
+"""Shared fixtures.
+
+Real vectors (AMD certificates, real reports, KATs) live outside the repository, in
+``../shared/vectors`` relative to the project root (override with ``SEVEMU_VECTORS``).  Tests that
+need them take the ``vectors`` fixture and are skipped, with the reason, when the folder is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _vectors_dir() -> Path:
+    env = os.environ.get("SEVEMU_VECTORS")
+    return Path(env) if env else ROOT.parent / "shared" / "vectors"
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    """Path of the shared real-data vectors folder; skips the test when it is absent."""
+    path = _vectors_dir()
+    if not (path / "README.md").is_file():
+        pytest.skip(f"real vectors not found at {path} (set SEVEMU_VECTORS or provide ../shared/vectors)")
+    return path

@@ -1,0 +1,263 @@
+"""SP800-108 KDF and the SEV transport primitives: reference 1.9-1.11 vectors, round trips, tampering."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sevemu.abi.sev import HdrBuf, SessionBuf
+from sevemu.crypto import transport as tp
+from sevemu.crypto.kdf import kdf
+from sevemu.errors import InputError, KeySizeError, LayoutError, VerificationError
+
+Z0 = bytes(16)
+ZERO_KEYS = tp.TransportKeys(tek=bytes(16), tik=bytes(16))
+
+
+def flip(data: bytes, bit: int = 0) -> bytes:
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
+
+
+# -- KDF ------------------------------------------------------------------------------------------
+
+
+def test_kdf_reference_vector() -> None:
+    assert kdf(bytes(16), b"sev-master-secret", bytes(16), 16).hex() == "ab4d269fcc62bedb4511d56c386ce706"
+
+
+def test_kdf_matches_the_formula_over_several_blocks() -> None:
+    key, label, ctx = b"k" * 16, b"label", b"context"
+    length = 80  # three blocks, the last truncated
+    fixed = label + b"\x00" + ctx + (8 * length).to_bytes(4, "little")
+    blocks = b"".join(
+        hmac.new(key, i.to_bytes(4, "little") + fixed, hashlib.sha256).digest() for i in (1, 2, 3)
+    )
+    assert kdf(key, label, ctx, length) == blocks[:length]
+
+
+def test_kdf_length_is_bound_into_every_block() -> None:
+    # L is part of the PRF input, so a shorter output is not a prefix of a longer one.
+    assert kdf(b"k" * 16, b"x", b"", 32)[:16] != kdf(b"k" * 16, b"x", b"", 16)
+
+
+@pytest.mark.parametrize("length", [0, -1, 2**32])
+def test_kdf_rejects_bad_lengths(length: int) -> None:
+    with pytest.raises(InputError):
+        kdf(b"k" * 16, b"x", b"", length)
+
+
+def test_kdf_rejects_empty_key() -> None:
+    with pytest.raises(InputError):
+        kdf(b"", b"x", b"", 16)
+
+
+# -- session buffer (1.9) --------------------------------------------------------------------------
+
+
+def test_session_reference_vectors() -> None:
+    buf = tp.seal_session(Z0, bytes(16), bytes(16), ZERO_KEYS, 0)
+    assert buf.wrap_tk.hex() == "2137bc7f9bb8bd7c3e55a576a15d3454b3856b8ba27afadf46dcfee9f02c02c4"
+    assert buf.wrap_mac.hex() == "3176c0752738bd9d5e86689534020f528c088f16238826b000b327dee6aeed7d"
+    assert buf.policy_mac.hex() == "aa7855e13839dd767cd5da7c1ff5036540c9264b7a803029315e55375287b4af"
+    assert buf.nonce == bytes(16) and buf.wrap_iv == bytes(16)
+    assert len(buf.encode()) == 0x80
+
+
+def test_session_derivation_steps() -> None:
+    master = tp.derive_master_secret(Z0, bytes(16))
+    assert master.hex() == "ab4d269fcc62bedb4511d56c386ce706"
+    wk = tp.derive_wrapping_keys(master)
+    assert wk.kek == kdf(master, b"sev-kek", b"", 16)
+    assert wk.kik == kdf(master, b"sev-kik", b"", 16)
+    assert tp.session_wrapping_keys(Z0, bytes(16)) == wk
+
+
+@given(
+    z=st.binary(min_size=48, max_size=48),
+    nonce=st.binary(min_size=16, max_size=16),
+    iv=st.binary(min_size=16, max_size=16),
+    tek=st.binary(min_size=16, max_size=16),
+    tik=st.binary(min_size=16, max_size=16),
+    policy=st.integers(0, 2**32 - 1),
+)
+def test_session_round_trip(z: bytes, nonce: bytes, iv: bytes, tek: bytes, tik: bytes, policy: int) -> None:
+    keys = tp.TransportKeys(tek=tek, tik=tik)
+    blob = tp.seal_session(z, nonce, iv, keys, policy).encode()
+    assert tp.open_session(z, blob, policy) == keys
+
+
+@pytest.mark.parametrize(
+    ("field", "error"),
+    [
+        ("nonce", tp.WrapMacError),  # other master secret -> other KIK
+        ("wrap_tk", tp.WrapMacError),
+        ("wrap_mac", tp.WrapMacError),
+        ("wrap_iv", tp.PolicyMacError),  # not MACed; unwraps to a wrong TIK
+        ("policy_mac", tp.PolicyMacError),
+    ],
+)
+def test_session_tampering(field: str, error: type[VerificationError]) -> None:
+    keys = tp.TransportKeys(tek=b"E" * 16, tik=b"I" * 16)
+    buf = tp.seal_session(b"z" * 48, b"n" * 16, b"v" * 16, keys, 0x37)
+    for bit in (0, 77, 8 * len(getattr(buf, field)) - 1):
+        fields = {name: getattr(buf, name) for name in ("nonce", "wrap_tk", "wrap_iv", "wrap_mac", "policy_mac")}
+        fields[field] = flip(fields[field], bit % (8 * len(fields[field])))
+        with pytest.raises(error):
+            tp.open_session(b"z" * 48, SessionBuf(**fields), 0x37)
+
+
+def test_session_wrong_policy_or_wrong_secret() -> None:
+    keys = tp.TransportKeys(tek=b"E" * 16, tik=b"I" * 16)
+    blob = tp.seal_session(b"z" * 48, b"n" * 16, b"v" * 16, keys, 0x37).encode()
+    with pytest.raises(tp.PolicyMacError):
+        tp.open_session(b"z" * 48, blob, 0x33)
+    with pytest.raises(tp.WrapMacError):
+        tp.open_session(b"y" * 48, blob, 0x37)
+    with pytest.raises(LayoutError):
+        tp.open_session(b"z" * 48, blob[:-1], 0x37)
+
+
+def test_policy_mac_rejects_out_of_range_policy() -> None:
+    with pytest.raises(InputError):
+        tp.policy_mac(bytes(16), 2**32)
+
+
+def test_key_sizes_are_checked() -> None:
+    with pytest.raises(KeySizeError):
+        tp.TransportKeys(tek=bytes(15), tik=bytes(16))
+    with pytest.raises(KeySizeError):
+        tp.WrappingKeys(kek=bytes(16), kik=bytes(32))
+    with pytest.raises(LayoutError):
+        tp.seal_session(Z0, bytes(15), bytes(16), ZERO_KEYS, 0)
+    with pytest.raises(LayoutError):
+        tp.aes128_ctr(bytes(16), bytes(8), b"x")
+    with pytest.raises(InputError):
+        tp.derive_master_secret(b"", bytes(16))
+
+
+def test_key_material_is_not_in_repr() -> None:
+    keys = tp.TransportKeys(tek=b"\xaa" * 16, tik=b"\xbb" * 16)
+    assert "aa" not in repr(keys) and "170" not in repr(keys)
+
+
+# -- LAUNCH_MEASURE (1.10) -------------------------------------------------------------------------
+
+MEASURE_INPUT = {
+    "api_major": 0,
+    "api_minor": 18,
+    "build": 0x0F,
+    "policy": 0,
+    "launch_digest": bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+    "mnonce": bytes.fromhex("4fbe0bedbad6c86ae8f68971d103e554"),
+}
+MEASURE_TIK = bytes.fromhex("66320db73158a35a255d051758e95ed4")
+MEASURE_EXPECTED = "6faab2daae389bcd3405a05d6cafe33c0414f7bedd0bae19ba5f38b7fd1664ea"
+
+
+def test_measure_reference_vector() -> None:
+    assert tp.measure_mac(MEASURE_TIK, **MEASURE_INPUT).hex() == MEASURE_EXPECTED
+
+
+def test_measure_before_api_0_17_omits_the_prefix() -> None:
+    inp = dict(MEASURE_INPUT, api_major=0, api_minor=16)
+    expected = hmac.new(
+        MEASURE_TIK,
+        (0).to_bytes(4, "little") + MEASURE_INPUT["launch_digest"] + MEASURE_INPUT["mnonce"],
+        hashlib.sha256,
+    ).digest()
+    assert tp.measure_mac(MEASURE_TIK, **inp) == expected
+    # and the version/build are then not bound
+    assert tp.measure_mac(MEASURE_TIK, **dict(inp, build=99)) == expected
+    assert tp.api_at_least(0, 17, 0, 17) and tp.api_at_least(1, 0, 0, 17) and not tp.api_at_least(0, 16, 0, 17)
+
+
+@pytest.mark.parametrize("field", ["api_major", "api_minor", "build", "policy", "launch_digest", "mnonce"])
+def test_measure_binds_every_input(field: str) -> None:
+    measure = bytes.fromhex(MEASURE_EXPECTED)
+    tp.verify_measure_mac(MEASURE_TIK, measure, **MEASURE_INPUT)
+    value = MEASURE_INPUT[field]
+    changed = flip(value) if isinstance(value, bytes) else value ^ 1
+    with pytest.raises(tp.MeasureMacError):
+        tp.verify_measure_mac(MEASURE_TIK, measure, **dict(MEASURE_INPUT, **{field: changed}))
+
+
+@pytest.mark.parametrize("bit", [0, 100, 255])
+def test_measure_flipped_bit(bit: int) -> None:
+    with pytest.raises(tp.MeasureMacError):
+        tp.verify_measure_mac(MEASURE_TIK, flip(bytes.fromhex(MEASURE_EXPECTED), bit), **MEASURE_INPUT)
+
+
+def test_measure_field_ranges() -> None:
+    with pytest.raises(InputError):
+        tp.measure_mac(MEASURE_TIK, **dict(MEASURE_INPUT, build=256))
+    with pytest.raises(LayoutError):
+        tp.measure_mac(MEASURE_TIK, **dict(MEASURE_INPUT, mnonce=bytes(15)))
+    with pytest.raises(LayoutError):
+        tp.verify_measure_mac(MEASURE_TIK, bytes(31), **MEASURE_INPUT)
+
+
+# -- packets (1.11) --------------------------------------------------------------------------------
+
+KEYS = tp.TransportKeys(tek=b"T" * 16, tik=b"I" * 16)
+MEASURE = b"M" * 32
+API_NEW = {"api_major": 1, "api_minor": 40}
+API_OLD = {"api_major": 0, "api_minor": 16}
+
+
+def test_packet_mac_formula() -> None:
+    iv, plain = b"v" * 16, b"secret data!"
+    hdr, trans = tp.seal_packet(KEYS, plain, iv=iv, measure=MEASURE, **API_NEW)
+    assert trans == tp.aes128_ctr(KEYS.tek, iv, plain) and len(trans) == len(plain)
+    msg = b"\x01" + bytes(4) + iv + (12).to_bytes(4, "little") * 2 + trans + MEASURE
+    assert hdr.mac == hmac.new(KEYS.tik, msg, hashlib.sha256).digest()
+    assert hdr.flags == 0 and hdr.iv == iv and len(hdr.encode()) == 0x34
+
+
+def test_packet_before_api_0_17_has_no_measure_term() -> None:
+    iv, plain = b"v" * 16, b"secret data!"
+    hdr_old, _ = tp.seal_packet(KEYS, plain, iv=iv, measure=None, **API_OLD)
+    hdr_other, _ = tp.seal_packet(KEYS, plain, iv=iv, measure=b"X" * 32, **API_OLD)
+    assert hdr_old == hdr_other
+    with pytest.raises(InputError):
+        tp.seal_packet(KEYS, plain, iv=iv, measure=None, **API_NEW)
+
+
+@given(plain=st.binary(max_size=300), iv=st.binary(min_size=16, max_size=16), flags=st.sampled_from([0, 1]))
+def test_packet_round_trip(plain: bytes, iv: bytes, flags: int) -> None:
+    hdr, trans = tp.seal_packet(KEYS, plain, iv=iv, measure=MEASURE, flags=flags, **API_NEW)
+    got = tp.open_packet(KEYS, hdr.encode(), trans, guest_len=len(plain), measure=MEASURE, **API_NEW)
+    assert got == plain
+
+
+@pytest.mark.parametrize("what", ["flags", "iv", "mac", "trans", "measure", "guest_len", "tik"])
+def test_packet_tampering(what: str) -> None:
+    plain = b"0123456789abcdef0123"
+    hdr, trans = tp.seal_packet(KEYS, plain, iv=b"v" * 16, measure=MEASURE, **API_NEW)
+    keys, measure, guest_len = KEYS, MEASURE, len(plain)
+    if what == "flags":
+        hdr = HdrBuf(flags=hdr.flags ^ 1, iv=hdr.iv, mac=hdr.mac)
+    elif what == "iv":
+        hdr = HdrBuf(flags=hdr.flags, iv=flip(hdr.iv, 5), mac=hdr.mac)
+    elif what == "mac":
+        hdr = HdrBuf(flags=hdr.flags, iv=hdr.iv, mac=flip(hdr.mac, 200))
+    elif what == "trans":
+        trans = flip(trans, 9)
+    elif what == "measure":
+        measure = flip(measure, 31)
+    elif what == "guest_len":
+        guest_len += 1
+    else:
+        keys = tp.TransportKeys(tek=KEYS.tek, tik=flip(KEYS.tik))
+    with pytest.raises(tp.PacketMacError):
+        tp.open_packet(keys, hdr, trans, guest_len=guest_len, measure=measure, **API_NEW)
+
+
+def test_open_packet_rejects_malformed_header() -> None:
+    with pytest.raises(LayoutError):
+        tp.open_packet(KEYS, bytes(0x33), b"", guest_len=0, measure=MEASURE, **API_NEW)

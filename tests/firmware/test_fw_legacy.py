@@ -1,0 +1,236 @@
+"""Firmware commands through the real mailbox path: status codes, state machines, ASID rules."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import pytest
+
+from sevemu.abi.commands import CommandId
+from sevemu.abi.policy import GuestPolicy, compose_policy
+from sevemu.abi.sev import (
+    ActivateCmd,
+    GuestStatusCmd,
+    HandleCmd,
+    InitCmd,
+    InitOptions,
+    LaunchStartCmd,
+    LaunchUpdateDataCmd,
+    MeasureBuf,
+    PlatformStatus,
+)
+from sevemu.abi.states import GuestState, PlatformState
+from sevemu.abi.status import Status
+from sevemu.scenario import Machine, build_machine
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def m() -> Machine:
+    return build_machine("milan", seed="fw-tests", dram_size=8 << 30, init=False)
+
+
+def call(m: Machine, cmd: CommandId, buf: object | None) -> tuple[int, bytes]:
+    raw = None if buf is None else buf.encode()  # type: ignore[attr-defined]
+    return m.hv.psp.raw(cmd, raw)
+
+
+def ok(m: Machine, cmd: CommandId, buf: object | None = None) -> bytes:
+    status, out = call(m, cmd, buf)
+    assert status == Status.SUCCESS, Status(status).name
+    return out
+
+
+def snapshot(m: Machine) -> object:
+    fw = m.firmware
+    return (fw.state, fw.config_es, {h: (g.state, g.asid, g.policy, g.vek, g.ld.digest())
+                                    for h, g in fw.guests.items()},
+            dict(fw.asid_owner), dict(fw.asid_deactivated), fw.next_handle)
+
+
+def start_guest(m: Machine, policy: int = 0, asid: int | None = 100) -> int:
+    out = ok(m, CommandId.LAUNCH_START, LaunchStartCmd(policy=policy))
+    handle = LaunchStartCmd.decode(out).handle
+    if asid is not None:
+        ok(m, CommandId.ACTIVATE, ActivateCmd(handle=handle, asid=asid))
+    return handle
+
+
+def test_platform_status_and_init(m: Machine) -> None:
+    st = PlatformStatus.decode(ok(m, CommandId.PLATFORM_STATUS, PlatformStatus()))
+    assert (st.api_major, st.api_minor, st.build) == (1, 51, 3)
+    assert st.state == PlatformState.UNINIT
+    ok(m, CommandId.INIT, InitCmd())
+    assert call(m, CommandId.INIT, InitCmd())[0] == Status.INVALID_PLATFORM_STATE
+    st = PlatformStatus.decode(ok(m, CommandId.PLATFORM_STATUS, PlatformStatus()))
+    assert st.state == PlatformState.INIT and st.config == 0
+
+
+def test_platform_status_ignores_input_bytes(m: Machine) -> None:
+    status, out = m.hv.psp.raw(CommandId.PLATFORM_STATUS, b"\xff" * PlatformStatus.SIZE)
+    assert status == Status.SUCCESS
+    assert PlatformStatus.decode(out).api_major == 1
+
+
+def test_init_es_needs_tmr(m: Machine) -> None:
+    es = int(InitOptions.SEV_ES)
+    assert call(m, CommandId.INIT, InitCmd(options=es, tmr_paddr=0x123000, tmr_len=MiB))[0] == Status.INVALID_ADDRESS
+    assert call(m, CommandId.INIT, InitCmd(options=es, tmr_paddr=2 * MiB, tmr_len=4096))[0] == Status.INVALID_LENGTH
+    assert m.firmware.state == PlatformState.UNINIT
+    ok(m, CommandId.INIT, InitCmd(options=es, tmr_paddr=2 * MiB, tmr_len=MiB))
+    st = PlatformStatus.decode(ok(m, CommandId.PLATFORM_STATUS, PlatformStatus()))
+    assert st.config == 1
+
+
+def test_init_es_on_naples_is_invalid_config() -> None:
+    m = build_machine("naples", seed="x", dram_size=1 << 30, init=False)
+    assert call(m, CommandId.INIT, InitCmd(options=1, tmr_paddr=2 * MiB, tmr_len=MiB))[0] == Status.INVALID_CONFIG
+
+
+def test_unknown_command_and_bad_buffers(m: Machine) -> None:
+    ok(m, CommandId.INIT, InitCmd())
+    assert m.hv.psp.raw(CommandId.COPY, bytes(0x18))[0] == Status.INVALID_COMMAND
+    # reserved bytes of LAUNCH_UPDATE_DATA (0x04..0x07) must be zero
+    raw = bytearray(LaunchUpdateDataCmd(handle=1, paddr=0x1000, len=16).encode())
+    raw[5] = 1
+    assert m.hv.psp.raw(CommandId.LAUNCH_UPDATE_DATA, bytes(raw))[0] == Status.INVALID_PARAM
+    # a buffer address outside DRAM
+    from sevemu.abi.mailbox import MailboxReg, decode_status, encode_cmdresp
+
+    psp = m.soc.psp
+    psp.mmio_write(MailboxReg.CMDBUFF_ADDR_LO, 0)
+    psp.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, 0x100)  # 1 TiB
+    psp.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(CommandId.GUEST_STATUS)))
+    assert decode_status(psp.mmio_read(MailboxReg.CMDRESP)) == Status.INVALID_ADDRESS
+    assert not m.firmware.internal_errors
+
+
+def test_guest_commands_need_init(m: Machine) -> None:
+    assert call(m, CommandId.LAUNCH_START, LaunchStartCmd())[0] == Status.INVALID_PLATFORM_STATE
+    assert call(m, CommandId.DF_FLUSH, None)[0] == Status.INVALID_PLATFORM_STATE
+
+
+def test_launch_flow_and_states(m: Machine) -> None:
+    ok(m, CommandId.INIT, InitCmd())
+    handle = start_guest(m, asid=None)
+    assert m.firmware.state == PlatformState.WORKING
+    spa = 0x4000_0000
+    image = bytes(range(256)) * 32
+    m.hv.core.host_write(spa, image)
+    upd = LaunchUpdateDataCmd(handle=handle, paddr=spa, len=len(image))
+    assert call(m, CommandId.LAUNCH_UPDATE_DATA, upd)[0] == Status.INACTIVE
+    ok(m, CommandId.ACTIVATE, ActivateCmd(handle=handle, asid=100))
+    assert call(m, CommandId.LAUNCH_FINISH, HandleCmd(handle=handle))[0] == Status.INVALID_GUEST_STATE
+    for bad, want in ((LaunchUpdateDataCmd(handle=handle, paddr=spa + 8, len=16), Status.INVALID_ADDRESS),
+                      (LaunchUpdateDataCmd(handle=handle, paddr=spa, len=24), Status.INVALID_LENGTH),
+                      (LaunchUpdateDataCmd(handle=handle, paddr=spa, len=0), Status.INVALID_LENGTH),
+                      (LaunchUpdateDataCmd(handle=handle, paddr=1 << 40, len=16), Status.INVALID_ADDRESS),
+                      (LaunchUpdateDataCmd(handle=99, paddr=spa, len=16), Status.INVALID_GUEST)):
+        before = snapshot(m)
+        assert call(m, CommandId.LAUNCH_UPDATE_DATA, bad)[0] == want
+        assert snapshot(m) == before
+    ok(m, CommandId.LAUNCH_UPDATE_DATA, upd)
+    # in place: DRAM now holds ciphertext, the launch digest covers the plaintext
+    assert m.soc.dram.read(spa, len(image)) != image
+    assert m.firmware.guests[handle].launch_digest == hashlib.sha256(image).digest()
+    # length query for LAUNCH_MEASURE
+    status, out = call(m, CommandId.LAUNCH_MEASURE, LaunchUpdateDataCmd(handle=handle, paddr=0, len=0))
+    assert status == Status.INVALID_LENGTH
+    assert LaunchUpdateDataCmd.decode(out).len == MeasureBuf.SIZE
+    out_spa = 0x3000_0000
+    ok(m, CommandId.LAUNCH_MEASURE, LaunchUpdateDataCmd(handle=handle, paddr=out_spa, len=MeasureBuf.SIZE))
+    blob = MeasureBuf.decode(m.hv.core.host_read(out_spa, MeasureBuf.SIZE))
+    assert blob.measure == m.firmware.guests[handle].measure
+    assert call(m, CommandId.LAUNCH_UPDATE_DATA, upd)[0] == Status.INVALID_GUEST_STATE
+    ok(m, CommandId.LAUNCH_FINISH, HandleCmd(handle=handle))
+    st = GuestStatusCmd.decode(ok(m, CommandId.GUEST_STATUS, GuestStatusCmd(handle=handle)))
+    assert (st.state, st.asid, st.policy) == (GuestState.RUNNING, 100, 0)
+
+
+def test_policy_checks(m: Machine) -> None:
+    ok(m, CommandId.INIT, InitCmd())
+    cases = [
+        (0x40, Status.INVALID_PARAM),  # reserved bit 6
+        (compose_policy(0, api_major=2), Status.POLICY_FAILURE),  # needs API 2.0
+        (int(GuestPolicy.ES), Status.POLICY_FAILURE),  # SEV-ES not enabled by INIT
+    ]
+    for policy, want in cases:
+        before = snapshot(m)
+        assert call(m, CommandId.LAUNCH_START, LaunchStartCmd(policy=policy))[0] == want
+        assert snapshot(m) == before
+    # key sharing
+    h1 = start_guest(m, policy=int(GuestPolicy.NOKS), asid=None)
+    assert call(m, CommandId.LAUNCH_START, LaunchStartCmd(handle=h1))[0] == Status.POLICY_FAILURE
+    h2 = start_guest(m, asid=None)
+    shared = LaunchStartCmd.decode(ok(m, CommandId.LAUNCH_START, LaunchStartCmd(handle=h2))).handle
+    assert m.firmware.guests[shared].vek == m.firmware.guests[h2].vek
+    assert call(m, CommandId.LAUNCH_START, LaunchStartCmd(handle=77))[0] == Status.INVALID_GUEST
+
+
+def test_activate_rules(m: Machine) -> None:
+    ok(m, CommandId.INIT, InitCmd())
+    a = start_guest(m, asid=None)
+    b = start_guest(m, asid=None)
+    assert call(m, CommandId.ACTIVATE, ActivateCmd(handle=a, asid=5))[0] == Status.INVALID_ASID  # ES range
+    assert call(m, CommandId.ACTIVATE, ActivateCmd(handle=a, asid=510))[0] == Status.INVALID_ASID
+    ok(m, CommandId.ACTIVATE, ActivateCmd(handle=a, asid=100))
+    assert call(m, CommandId.ACTIVATE, ActivateCmd(handle=a, asid=101))[0] == Status.ACTIVE
+    before = snapshot(m)
+    assert call(m, CommandId.ACTIVATE, ActivateCmd(handle=b, asid=100))[0] == Status.ASID_OWNED
+    assert snapshot(m) == before
+    assert call(m, CommandId.DECOMMISSION, HandleCmd(handle=a))[0] == Status.ACTIVE
+    assert call(m, CommandId.DEACTIVATE, HandleCmd(handle=b))[0] == Status.INACTIVE
+
+
+def test_asid_reuse_needs_wbinvd_then_df_flush(m: Machine) -> None:
+    ok(m, CommandId.INIT, InitCmd())
+    a = start_guest(m, asid=100)
+    ok(m, CommandId.DEACTIVATE, HandleCmd(handle=a))
+    ok(m, CommandId.DECOMMISSION, HandleCmd(handle=a))
+    assert m.firmware.state == PlatformState.INIT  # last guest gone
+    b = start_guest(m, asid=None)
+    reuse = ActivateCmd(handle=b, asid=100)
+    assert call(m, CommandId.ACTIVATE, reuse)[0] == Status.WBINVD_REQUIRED
+    assert call(m, CommandId.DF_FLUSH, None)[0] == Status.WBINVD_REQUIRED
+    m.soc.wbinvd_all()
+    assert call(m, CommandId.ACTIVATE, reuse)[0] == Status.DF_FLUSH_REQUIRED
+    ok(m, CommandId.DF_FLUSH)
+    ok(m, CommandId.ACTIVATE, reuse)
+    # another ASID was never used: no flush needed
+    c = start_guest(m, asid=None)
+    ok(m, CommandId.ACTIVATE, ActivateCmd(handle=c, asid=101))
+
+
+def test_shutdown_forgets_guests_and_keys(m: Machine) -> None:
+    ok(m, CommandId.INIT, InitCmd())
+    start_guest(m, asid=100)
+    assert m.soc.mc.has_key(100)
+    ok(m, CommandId.SHUTDOWN)
+    assert m.firmware.state == PlatformState.UNINIT and not m.firmware.guests
+    assert not m.soc.mc.has_key(100)
+    assert call(m, CommandId.SHUTDOWN, None)[0] == Status.INVALID_PLATFORM_STATE
+
+
+def test_guest_status_unknown_handle(m: Machine) -> None:
+    ok(m, CommandId.INIT, InitCmd())
+    assert call(m, CommandId.GUEST_STATUS, GuestStatusCmd(handle=3))[0] == Status.INVALID_GUEST
+
+
+def test_mailbox_never_raises_on_garbage(m: Machine) -> None:
+    import random
+
+    rnd = random.Random(7)
+    ok(m, CommandId.INIT, InitCmd())
+    start_guest(m, asid=100)
+    for _ in range(400):
+        cmd = rnd.choice(list(CommandId))
+        size = rnd.choice([0, 4, 8, 0x14, 0x24, 0x34, 0x44])
+        raw = bytes(rnd.getrandbits(8) for _ in range(size)) if size else None
+        before = copy.copy(snapshot(m))
+        status, _ = m.hv.psp.raw(cmd, raw)
+        assert 0 <= status <= 0xFFFF
+        if status != Status.SUCCESS:
+            assert snapshot(m) == before, (cmd.name, Status(status).name)
+    assert not m.firmware.internal_errors
