@@ -60,6 +60,7 @@ import dataclasses
 import enum
 import random
 import secrets
+import threading
 from collections.abc import Sequence
 from typing import Final
 
@@ -92,15 +93,16 @@ MIN_PA_BITS: Final = 12
 
 #: SEVurity's EPYC 7251 tweak table (sev-reference §4.3; SVY ``plaintext_gpa_database.c``):
 #: t_i for i = 4..31, as the 4 bytes repeated over the 16-byte block, in memory order.
+# fmt: off
 SEVURITY_ZEN1_TWEAKS: Final[tuple[str, ...]] = (
-    "82253838", "ec09079c", "40000018", "8102a23a", "77d91077", "b010b2c0", "536d544d",  # 4..10
-    "1568ee53", "b09230c2", "9670ff8e", "361b90d5", "0400c236", "e8182985", "bd31f92a",  # 11..17
-    "a50d3744", "f431d84c", "02043181", "b37132a1", "508ac06c", "168a8020", "7f9bc007",  # 18..24
-    "00db0407", "7f000404", "70fa01be", "bb3d2890", "bd2dd526", "1c5d6ce2", "4f5ce727",  # 25..31
+    "82253838", "ec09079c", "40000018", "8102a23a", "77d91077", "b010b2c0", "536d544d",  # t4..t10
+    "1568ee53", "b09230c2", "9670ff8e", "361b90d5", "0400c236", "e8182985", "bd31f92a",  # t11..t17
+    "a50d3744", "f431d84c", "02043181", "b37132a1", "508ac06c", "168a8020", "7f9bc007",  # t18..t24
+    "00db0407", "7f000404", "70fa01be", "bb3d2890", "bd2dd526", "1c5d6ce2", "4f5ce727",  # t25..t31
 )
+# fmt: on
 
 _U64 = np.uint64
-_M64: Final = (1 << 64) - 1
 _M128: Final = (1 << 128) - 1
 #: Replicates a 128-bit value into the four blocks of a 512-bit line integer.
 _REP4: Final = 1 | 1 << 128 | 1 << 256 | 1 << 384
@@ -135,7 +137,7 @@ _ROW_WORDS: Final = 8192
 _LINE_PATH_MAX: Final = 4096
 #: Bounds of the memo tables (entries).
 _PAGE_MEMO_MAX: Final = 1 << 14
-_XTS_MEMO_MAX: Final = 1 << 12
+_XTS_MEMO_MAX: Final = 1 << 11
 
 Buffer = bytes | bytearray | memoryview
 _from_bytes: Final = int.from_bytes  # one attribute lookup less on the hot path
@@ -396,7 +398,9 @@ def _xts_units(key: bytes, tweak: int, data: bytes, unit: int, encrypt: bool) ->
     ctx = data_enc if encrypt else data_dec
     out = bytearray()
     for start in range(0, len(data), unit):
-        t = int.from_bytes(tweak_enc.update(((tweak + start // unit) & _M128).to_bytes(16, "little")), "little")
+        t = int.from_bytes(
+            tweak_enc.update(((tweak + start // unit) & _M128).to_bytes(16, "little")), "little"
+        )
         mask = 0
         for j in range(unit // BLOCK_SIZE):
             mask |= t << (128 * j)
@@ -436,19 +440,18 @@ class MemoryCipher:
     """One key slot's encryption engine: a mode, a key and the boot's tweak constants."""
 
     __slots__ = (
-        "mode",
-        "granule",
-        "tweak_constants",
         "_code",
-        "_limit",
-        "_enc",
         "_dec",
-        "_tweak_enc",
-        "_tables",
-        "_xts_memo",
-        "_page_memo",
+        "_enc",
+        "_limit",
         "_line_in_page",
-        "_scratch",
+        "_page_memo",
+        "_tables",
+        "_tweak_enc",
+        "_xts_memo",
+        "granule",
+        "mode",
+        "tweak_constants",
     )
 
     def __init__(self, mode: EncryptionMode, key: bytes, tweaks: TweakConstants) -> None:
@@ -473,7 +476,6 @@ class MemoryCipher:
         self._xts_memo: dict[int, int] = {}
         self._page_memo = self._tables.page_memo
         self._line_in_page = self._tables.line_in_page
-        self._scratch: _Scratch | None = None
 
     def __repr__(self) -> str:
         return f"MemoryCipher({self.mode.value}, pa_bits={self.tweak_constants.pa_bits})"
@@ -540,7 +542,9 @@ class MemoryCipher:
             if code == _XE:
                 return self._enc.update((_from_bytes(data, "little") ^ tw).to_bytes(64, "little"))
             return (
-                _from_bytes(self._enc.update((_from_bytes(data, "little") ^ tw).to_bytes(64, "little")), "little")
+                _from_bytes(
+                    self._enc.update((_from_bytes(data, "little") ^ tw).to_bytes(64, "little")), "little"
+                )
                 ^ tw
             ).to_bytes(64, "little")
         self._check(spa, n)
@@ -569,7 +573,9 @@ class MemoryCipher:
             if code == _XE:
                 return (_from_bytes(self._dec.update(data), "little") ^ tw).to_bytes(64, "little")
             return (
-                _from_bytes(self._dec.update((_from_bytes(data, "little") ^ tw).to_bytes(64, "little")), "little")
+                _from_bytes(
+                    self._dec.update((_from_bytes(data, "little") ^ tw).to_bytes(64, "little")), "little"
+                )
                 ^ tw
             ).to_bytes(64, "little")
         self._check(spa, n)
@@ -616,9 +622,9 @@ class MemoryCipher:
         self._check(spa, n)
         if not n:
             return
-        sc = self._scratch
+        sc: _Scratch | None = getattr(_SCRATCH, "buffers", None)
         if sc is None:
-            sc = self._scratch = _Scratch()
+            sc = _SCRATCH.buffers = _Scratch()
         if self._code == _XTS:
             self._bulk_xts(spa, src, dst, encrypt, sc)
         else:
@@ -661,7 +667,7 @@ class MemoryCipher:
             if pre:
                 buf = sc.buf[: w1 - w0]
                 xor(s_w, seg_tw, out=buf)
-                ctx.update_into(sc.buf_bytes[: m], target)
+                ctx.update_into(sc.buf_bytes[:m], target)
             else:
                 ctx.update_into(src[pos : pos + m], target)
             if post:
@@ -671,7 +677,7 @@ class MemoryCipher:
                 d_w[:] = sc.out[: w1 - w0]
             pos += m
             if pos < n:
-                index = (base >> _CHUNK_BITS)
+                index = base >> _CHUNK_BITS
                 carries = ((index ^ (index + 1)).bit_length()) - 1
                 base += _CHUNK
                 xor(tw.reshape(-1, _ROW_WORDS), tables.carry_row(carries), out=tw.reshape(-1, _ROW_WORDS))
@@ -702,33 +708,43 @@ class MemoryCipher:
 
 
 class _Scratch:
-    """Preallocated per-cipher buffers of the bulk path (one chunk each, +15 bytes of slack that
-    ``update_into`` insists on)."""
+    """Preallocated buffers of the bulk path (one chunk each, +15 bytes of slack where
+    ``update_into`` writes): key-independent, so shared by every cipher of a thread."""
 
-    __slots__ = ("tw", "row", "buf", "buf_bytes", "out", "out_bytes", "seq", "seq_bytes", "s", "s_bytes", "tmp")
+    __slots__ = (
+        "buf",
+        "buf_bytes",
+        "out",
+        "out_bytes",
+        "row",
+        "s",
+        "s_bytes",
+        "seq",
+        "seq_bytes",
+        "tmp",
+        "tw",
+    )
 
     def __init__(self) -> None:
         self.tw = np.empty(_CHUNK_WORDS, dtype=_U64)
         self.row = np.empty(_ROW_WORDS, dtype=_U64)
         self.buf = np.empty(_CHUNK_WORDS, dtype=_U64)
-        self.buf_bytes = memoryview(self.buf).cast("B")
+        self.buf_bytes = self.buf.data.cast("B")
         raw_out = bytearray(_CHUNK + 16)
         self.out_bytes = memoryview(raw_out)
         self.out = np.frombuffer(raw_out, dtype=_U64, count=_CHUNK_WORDS)
         lines = _CHUNK // LINE_SIZE
         self.seq = np.zeros((lines, 2), dtype=_U64)
-        self.seq_bytes = memoryview(self.seq).cast("B")
+        self.seq_bytes = self.seq.data.cast("B")
         raw_s = bytearray(lines * BLOCK_SIZE + 16)
         self.s_bytes = memoryview(raw_s)
         self.s = np.frombuffer(raw_s, dtype=_U64, count=lines * 2)
         self.tmp = np.empty((4, lines * 2), dtype=_U64)
 
 
+_SCRATCH: Final = threading.local()
 _LINES_PER_CHUNK: Final = _CHUNK // LINE_SIZE
 _ARANGE: Final = np.arange(_LINES_PER_CHUNK, dtype=_U64)
-#: Masks for the lane carries of a flat (lo, hi, lo, hi, ...) GF element array.
-_ODD_ONE: Final = np.tile(np.array([0, 1], dtype=_U64), _LINES_PER_CHUNK)
-_EVEN_87: Final = np.tile(np.array([0x87, 0], dtype=_U64), _LINES_PER_CHUNK)
 _V16: Final = np.dtype("V16")
 
 
@@ -742,17 +758,17 @@ def _xts_tweaks(tweak_enc: CipherContext, first: int, lines: int, tw: _U64Array,
     cur = sc.s[:w]
     blocks = tw.view(_V16).reshape(lines, 4)
     blocks[:, 0] = cur.view(_V16)
-    tmp = sc.tmp
-    odd = _ODD_ONE[:w]
-    even = _EVEN_87[:w]
+    carry = sc.tmp[0, :w]
+    lo_carry, hi_carry = carry[0::2], carry[1::2]
     for j in (1, 2, 3):
-        nxt = tmp[j, :w]
-        carry = tmp[0, :w]
+        nxt = sc.tmp[j, :w]
+        # One doubling per block of the line: shift each (lo, hi) pair left by one bit; the hi word
+        # takes the lo word's top bit, the lo word the reduction 0x87 of the hi word's top bit.
         np.left_shift(cur, _U64(1), out=nxt)
         np.right_shift(cur, _U64(63), out=carry)
-        # hi lane |= carry out of the lo lane; lo lane ^= 0x87 * carry out of the hi lane.
-        np.bitwise_xor(nxt[1:], carry[:-1] * odd[1:], out=nxt[1:])
-        np.bitwise_xor(nxt[:-1], carry[1:] * even[:-1], out=nxt[:-1])
+        np.bitwise_or(nxt[1::2], lo_carry, out=nxt[1::2])
+        np.multiply(hi_carry, _U64(0x87), out=hi_carry)
+        np.bitwise_xor(nxt[0::2], hi_carry, out=nxt[0::2])
         blocks[:, j] = nxt.view(_V16)
         cur = nxt
 

@@ -120,6 +120,11 @@ class Hypervisor:
 
     # ---- VM lifecycle ---------------------------------------------------------------------------
     def create_vm(self, name: str, memory: int, kind: VmKind = VmKind.SEV) -> Vm:
+        """A new VM of ``memory`` bytes (a positive multiple of 4 KiB); memory is backed on demand."""
+        if memory <= 0 or memory % PAGE:
+            raise InputError(f"VM memory must be a positive multiple of 4 KiB, got {memory:#x}")
+        if memory > self.soc.dram.size:
+            raise InputError(f"VM memory {memory:#x} exceeds the host's {self.soc.dram.size:#x} bytes of DRAM")
         asid = self._alloc_asid(kind)
         vm = Vm(name, kind, memory, asid, self.core, self.pages, self.tables)
         self.vms.append(vm)
@@ -213,7 +218,12 @@ class Hypervisor:
         """VMRUN ``vcpu`` of ``vm`` until it halts, crashes, or ``max_exits`` exits were handled."""
         if vm.state is not VmState.RUNNING:
             raise VmError(f"{vm.name} is {vm.state.value}, not running")
-        v = vm.vcpus[vcpu] if isinstance(vcpu, int) else vcpu
+        if isinstance(vcpu, int):
+            if not 0 <= vcpu < len(vm.vcpus):
+                raise VmError(f"{vm.name} has no vCPU {vcpu} ({len(vm.vcpus)} created)")
+            v = vm.vcpus[vcpu]
+        else:
+            v = vcpu
         if engine is not None:
             v.engine = engine
         if v.engine is None:

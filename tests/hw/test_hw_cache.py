@@ -1,0 +1,218 @@
+"""The ASID-tagged write-back cache: LRU, write-back, tag isolation, (non-)coherency, flushes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sevemu.crypto.memenc import EncryptionMode, TweakConstants
+from sevemu.errors import AlignmentError, InputError
+from sevemu.hw.cache import Cache, key_domain, tag_key
+from sevemu.hw.dram import LINE, Dram
+from sevemu.hw.faults import GeneralProtection
+from sevemu.hw.memctl import KeySlotPort, MemoryController
+from sevemu.hw.profiles import GENOA, MILAN
+from sevemu.hw.soc import Soc
+
+MiB = 1 << 20
+X = 0x40000  # an SPA used by several tests
+
+
+def _cache(size: int = 64 << 10, ways: int = 16, coherent: bool = False) -> tuple[Cache, KeySlotPort]:
+    r = random.Random(11)
+    mc = MemoryController(Dram(4 * MiB), EncryptionMode.XEX, TweakConstants.random_zen2(48, r), 15,
+                          rng=r.randbytes)
+    port = mc.secure_port()
+    port.load(1, r.randbytes(16))
+    port.load(2, r.randbytes(16))
+    return Cache(mc, size, ways, coherent), port
+
+
+def _data(tag: int, n: int = LINE) -> bytes:
+    return random.Random(tag).randbytes(n)
+
+
+def _resident(cache: Cache) -> set[tuple[int, bool, int]]:
+    return {(a, c, s) for a, c, s, _ in cache.resident()}
+
+
+def test_tag_key_round_trip_and_c0_domain_has_no_asid() -> None:
+    assert key_domain(tag_key(7, True, 0x12345)) == (7, True, 0x12340)
+    assert tag_key(7, False, 0x1000) == tag_key(0, False, 0x1000) == 0x1000
+    assert tag_key(1, True, X) != tag_key(2, True, X) != tag_key(0, True, X)
+
+
+@pytest.mark.parametrize("size,ways", [(0, 16), (3 * 64 * 16, 16), (1000, 16), (64 << 10, 0)])
+def test_geometry_must_give_a_power_of_two_set_count(size: int, ways: int) -> None:
+    with pytest.raises((InputError, ZeroDivisionError)):
+        Cache(_cache()[0].mc, size, ways)
+
+
+def test_lru_replacement_order() -> None:
+    cache, _ = _cache(size=2 * LINE, ways=2)  # one set of two ways
+    a, b, c = 0x0, 0x40, 0x80
+    cache.read(0, False, a, 1)
+    cache.read(0, False, b, 1)
+    cache.read(0, False, a, 1)  # a becomes most recent
+    cache.read(0, False, c, 1)  # evicts b
+    assert _resident(cache) == {(0, False, a), (0, False, c)}
+    cache.read(0, False, b, 1)  # evicts a (least recent now)
+    assert _resident(cache) == {(0, False, c), (0, False, b)}
+
+
+def test_hit_and_miss_counters() -> None:
+    cache, _ = _cache()
+    cache.read(0, False, 0x1000, 8)
+    cache.read(0, False, 0x1008, 8)
+    cache.read(0, False, 0x1000, 128)  # two lines: one hit, one miss
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert cache.peek(0, False, 0x1040) is not None
+    assert (cache.hits, cache.misses) == (2, 2)  # peek neither fills nor counts
+    assert cache.peek(0, False, 0x9000) is None
+
+
+def test_write_back_on_eviction_only_when_dirty() -> None:
+    cache, _ = _cache(size=2 * LINE, ways=2)
+    dram = cache.mc.dram
+    dram.write(0x0, b"\x5a" * LINE)
+    cache.read(0, False, 0x0, 1)  # clean line
+    cache.write(0, False, 0x40, b"dirty!")
+    assert dram.read(0x40, 6) == bytes(6)  # write-back cache: DRAM untouched
+    assert [d for *_, d in cache.resident()] == [False, True]
+    cache.read(0, False, 0x80, 1)  # evicts the clean line: nothing written
+    cache.read(0, False, 0xC0, 1)  # evicts the dirty one
+    assert cache.writebacks == 1
+    assert dram.read(0x40, 6) == b"dirty!"
+    assert dram.read(0x0, LINE) == b"\x5a" * LINE
+    assert dram.populated_pages == 1
+
+
+def test_a_line_of_one_asid_never_serves_another() -> None:
+    cache, _ = _cache()
+    secret = _data(1)
+    cache.write(1, True, X, secret)
+    seen_by_2 = cache.read(2, True, X, LINE)  # same SPA, other key: a separate miss
+    assert seen_by_2 != secret
+    assert cache.misses == 2
+    assert cache.peek(1, True, X) == secret
+    assert cache.peek(2, True, X) == seen_by_2
+    assert cache.read(0, False, X, LINE) != secret  # the host's view is another line too
+    assert cache.read(0, True, X, LINE) != secret  # and so is the host-key (SME) view
+    assert {(a, c) for a, c, s, _ in cache.resident() if s == X} == {(1, True), (2, True), (0, False), (0, True)}
+
+
+def test_c0_lines_are_shared_by_every_asid() -> None:
+    cache, _ = _cache()
+    cache.write(1, False, X, b"shared bounce buffer")
+    assert cache.read(2, False, X, 20) == b"shared bounce buffer"
+    assert cache.read(0, False, X, 20) == b"shared bounce buffer"
+    assert (cache.hits, cache.misses) == (2, 1)
+    assert _resident(cache) == {(0, False, X)}
+
+
+def test_non_coherent_last_write_back_wins() -> None:
+    """Milan (no EAX[10]): host C=0 and guest C=1 lines of one SPA coexist; the later flush wins."""
+    for host_first in (True, False):
+        cache, _ = _cache(coherent=False)
+        guest, host = _data(2), _data(3)
+        cache.write(1, True, X, guest)
+        cache.write(0, False, X, host)  # does not disturb the guest's dirty line
+        assert cache.peek(1, True, X) == guest and cache.peek(0, False, X) == host
+        order = [(0, False), (1, True)] if host_first else [(1, True), (0, False)]
+        for asid, c in order:
+            assert cache.clflush(asid, c, X)
+        raw = cache.mc.dram.read(X, LINE)
+        if host_first:  # the guest's line was written back last
+            assert raw != guest and raw != host
+            assert cache.read(1, True, X, LINE) == guest
+        else:  # the host's plaintext overwrote the guest's ciphertext
+            assert raw == host
+            assert cache.read(1, True, X, LINE) not in (guest, host)
+
+
+def test_coherent_fill_evicts_other_domain_lines_of_the_same_spa() -> None:
+    """Genoa (EAX[10]): a fill writes back and drops every other-domain line of that SPA first."""
+    cache, _ = _cache(coherent=True)
+    guest = _data(4)
+    cache.write(1, True, X, guest)
+    host_view = cache.read(0, False, X, LINE)  # evicts the guest's line, writing it back
+    assert _resident(cache) == {(0, False, X)}
+    assert host_view == cache.mc.dram.read(X, LINE) != guest  # ciphertext
+    host = _data(5)
+    cache.write(0, False, X, host)
+    assert cache.read(1, True, X, LINE) not in (guest, host)  # host's write reached DRAM first
+    assert cache.mc.dram.read(X, LINE) == host
+    # unrelated SPAs are not touched
+    cache.write(2, True, X + LINE, guest)
+    cache.read(0, False, X, 1)
+    assert cache.peek(2, True, X + LINE) == guest
+
+
+def test_host_clflush_does_not_evict_guest_lines() -> None:
+    soc = Soc(MILAN, dram_size=64 * MiB, cache_size=64 << 10)
+    keys = soc.psp.take_ports().keys
+    keys.load(200, bytes(16))
+    soc.cache.write(200, True, X, _data(6))
+    soc.boot_cpu.clflush(X)
+    soc.boot_cpu.clflush(X, c=True)
+    assert soc.cache.peek(200, True, X) == _data(6)
+    assert soc.mc.dram.populated_pages == 0
+
+
+def test_vmpage_flush_flushes_one_asids_private_lines_of_one_page() -> None:
+    soc = Soc(MILAN, dram_size=64 * MiB, cache_size=64 << 10)
+    keys = soc.psp.take_ports().keys
+    keys.load(200, bytes(16))
+    keys.load(201, bytes(range(16)))
+    for off in (0, 0x40, 0xFC0):
+        soc.cache.write(200, True, X + off, _data(off))
+    soc.cache.write(201, True, X, _data(7))
+    soc.cache.write(200, True, X + 0x1000, _data(8))  # next page
+    soc.cache.write(0, False, X + 0x80, _data(9))
+    assert soc.boot_cpu.vmpage_flush(X + 0x123, 200) == 3
+    assert {(a, c, s) for a, c, s, _ in soc.cache.resident()} == {
+        (201, True, X), (200, True, X + 0x1000), (0, False, X + 0x80)}
+    assert soc.cache.read(200, True, X + 0x40, LINE) == _data(0x40)  # written back, decrypts
+    for bad in (0, MILAN.max_asid + 1):
+        with pytest.raises(GeneralProtection):
+            soc.boot_cpu.vmpage_flush(X, bad)
+    with pytest.raises(AlignmentError):
+        soc.cache.vmpage_flush(200, X + 0x40)
+
+
+def test_wbinvd_writes_back_everything_and_counts_epochs() -> None:
+    cache, _ = _cache()
+    assert cache.flush_epoch == 0
+    cache.write(1, True, X, _data(10))
+    cache.write(2, True, X + 0x1000, _data(11))
+    cache.read(0, False, X + 0x2000, 8)  # clean
+    assert cache.wbinvd() == 2
+    assert cache.flush_epoch == 1
+    assert list(cache.resident()) == []
+    assert cache.read(1, True, X, LINE) == _data(10)
+    assert cache.wbinvd() == 0
+    assert cache.flush_epoch == 2
+
+
+def test_invd_drops_dirty_lines() -> None:
+    cache, _ = _cache()
+    cache.write(0, False, X, b"lost")
+    cache.invalidate_all()
+    assert cache.read(0, False, X, 4) == bytes(4)
+    assert cache.wbinvd() == 0
+
+
+def test_profiles_choose_coherency() -> None:
+    assert not Soc(MILAN, dram_size=64 * MiB).cache.coherent
+    assert Soc(GENOA, dram_size=64 * MiB).cache.coherent
+
+
+def test_multi_line_write_and_read_through_the_cache() -> None:
+    cache, _ = _cache()
+    data = _data(12, 300)
+    cache.write(1, True, X + 5, data)
+    assert cache.read(1, True, X + 5, 300) == data
+    cache.wbinvd()
+    assert cache.read(1, True, X + 5, 300) == data
+    assert data[16:32] not in cache.mc.dram.read(X, 512)

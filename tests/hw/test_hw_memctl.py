@@ -1,0 +1,143 @@
+"""Memory controller: C=0 passthrough, per-ASID keys, the Secure Processor's key-slot port."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sevemu.crypto.memenc import EncryptionMode, TweakConstants
+from sevemu.errors import AlignmentError, AsidError, KeySizeError, KeySlotError
+from sevemu.hw.dram import Dram
+from sevemu.hw.memctl import KeySlotPort, MemoryController, domain_for
+
+MiB = 1 << 20
+MODES = [EncryptionMode.XE, EncryptionMode.XEX, EncryptionMode.XTS256]
+
+
+def _mc(mode: EncryptionMode = EncryptionMode.XEX, max_asid: int = 15) -> tuple[MemoryController, KeySlotPort]:
+    r = random.Random(7)
+    tweaks = TweakConstants.random_zen2(48, r)
+    mc = MemoryController(Dram(4 * MiB), mode, tweaks, max_asid, rng=r.randbytes)
+    return mc, mc.secure_port()
+
+
+def _line(tag: int) -> bytes:
+    return random.Random(tag).randbytes(64)
+
+
+def test_c0_is_a_passthrough_whatever_the_asid() -> None:
+    mc, _ = _mc()
+    data = _line(1)
+    mc.write_line(0x1000, 5, False, data)  # ASID 5 has no key: irrelevant with C=0
+    assert mc.dram.read_line(0x1000) == data
+    assert mc.read_line(0x1000, 9, False) == data
+    assert mc.lines_encrypted == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_c1_stores_ciphertext_that_decrypts_back(mode: EncryptionMode) -> None:
+    mc, port = _mc(mode)
+    port.load(3, bytes(range(mode.key_size)))
+    data = _line(2)
+    mc.write_line(0x2040, 3, True, data)
+    raw = mc.dram.read_line(0x2040)
+    assert raw != data
+    for i in range(0, 64, 16):
+        assert data[i : i + 16] not in raw
+    assert mc.read_line(0x2040, 3, True) == data
+    assert mc.lines_encrypted == 1
+    # the host key (slot 0) and other guests' keys give garbage
+    assert mc.read_line(0x2040, 0, True) != data
+    port.load(4, bytes(reversed(range(mode.key_size))))
+    assert mc.read_line(0x2040, 4, True) != data
+    # the same plaintext at another address gives another ciphertext (address tweak)
+    mc.write_line(0x3040, 3, True, data)
+    assert mc.dram.read_line(0x3040) != raw
+
+
+def test_slot_zero_holds_the_host_key_from_boot() -> None:
+    mc, port = _mc()
+    assert mc.has_key(0) and port.loaded(0)
+    data = _line(3)
+    mc.write_line(0, 0, True, data)
+    assert mc.dram.read_line(0) != data
+    assert mc.read_line(0, 0, True) == data
+    with pytest.raises(AsidError):
+        port.clear(0)
+    with pytest.raises(AsidError):
+        port.load(0, bytes(16))
+    assert mc.read_line(0, 0, True) == data
+
+
+def test_the_key_port_is_issued_once() -> None:
+    mc, _ = _mc()
+    with pytest.raises(KeySlotError):
+        mc.secure_port()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_wrong_key_size_is_refused(mode: EncryptionMode) -> None:
+    mc, port = _mc(mode)
+    for size in (0, mode.key_size - 1, mode.key_size + 1, 32):
+        with pytest.raises(KeySizeError):
+            port.load(1, bytes(size))
+    assert not port.loaded(1)
+
+
+@pytest.mark.parametrize("asid", [-1, 0, 16, 1 << 20])
+def test_asid_out_of_range_is_refused(asid: int) -> None:
+    mc, port = _mc(max_asid=15)
+    with pytest.raises(AsidError):
+        port.load(asid, bytes(16))
+    assert sorted(mc._slots) == [0]
+
+
+def test_an_empty_slot_cannot_encrypt_or_decrypt() -> None:
+    mc, port = _mc()
+    with pytest.raises(KeySlotError):
+        mc.write_line(0x1000, 2, True, _line(4))
+    with pytest.raises(KeySlotError):
+        mc.read_line(0x1000, 2, True)
+    with pytest.raises(KeySlotError):
+        mc.read(0x1000, 64, 2, True)
+    assert mc.dram.populated_pages == 0
+    port.load(2, bytes(16))
+    port.clear(2)
+    assert not mc.has_key(2)
+    with pytest.raises(KeySlotError):
+        mc.read_line(0x1000, 2, True)
+    port.clear(2)  # clearing an empty slot is harmless
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bulk_and_line_paths_agree(mode: EncryptionMode) -> None:
+    mc, port = _mc(mode)
+    port.load(1, random.Random(5).randbytes(mode.key_size))
+    data = random.Random(6).randbytes(3 * 4096)
+    base = 0x7000
+    mc.write(base, data, 1, True)
+    bulk_ct = mc.dram.read(base, len(data))
+    for off in range(0, len(data), 64):
+        line = data[off : off + 64]
+        mc.write_line(0x100000 + off, 1, True, line)  # same key elsewhere ...
+        mc.write_line(base + off, 1, True, line)  # ... and at the same SPA
+    assert mc.dram.read(base, len(data)) == bulk_ct
+    assert b"".join(mc.read_line(base + o, 1, True) for o in range(0, len(data), 64)) == data
+    assert mc.read(base, len(data), 1, True) == data
+    assert mc.read(base, len(data), 1, False) == bulk_ct
+
+
+def test_bulk_transfers_are_whole_lines() -> None:
+    mc, _ = _mc()
+    with pytest.raises(AlignmentError):
+        mc.read(0x10, 64, 0, False)
+    with pytest.raises(AlignmentError):
+        mc.write(0, bytes(63), 0, True)
+
+
+def test_domain_for_follows_apm_table_15_31() -> None:
+    assert domain_for(7, True, False) == (7, True)
+    assert domain_for(7, True, True) == (7, True)
+    assert domain_for(7, False, True) == (0, True)
+    assert domain_for(7, False, False) == (0, False)
