@@ -19,23 +19,23 @@ dispatcher turns it into the status word the mailbox returns.
 from __future__ import annotations
 
 __all__ = [
-    "SevemuError",
-    "InputError",
     "AddressError",
     "AlignmentError",
-    "AsidError",
-    "KeySizeError",
-    "LayoutError",
-    "UnmappedError",
-    "HardwareError",
-    "KeySlotError",
     "ArchitecturalFault",
-    "FirmwareError",
-    "MailboxError",
-    "VmError",
-    "VerificationError",
+    "AsidError",
     "FileFormatError",
+    "FirmwareError",
     "GuestBuildError",
+    "HardwareError",
+    "InputError",
+    "KeySizeError",
+    "KeySlotError",
+    "LayoutError",
+    "MailboxError",
+    "SevemuError",
+    "UnmappedError",
+    "VerificationError",
+    "VmError",
 ]
 
 

@@ -5,21 +5,42 @@ it builds a :class:`~sevemu.hw.soc.Soc` for a CPU generation, takes the PSP's pr
 loads the firmware behind the mailbox, and starts the hypervisor on the host side.  Nothing else
 crosses those boundaries: the hypervisor drives the firmware only through mailbox registers, and
 guests talk to the hypervisor only through exits and shared pages.
+
+The factory (:func:`manufacture`): a chip is fused (:class:`~sevemu.amd.chip.FusedChip`), the
+emulated AMD root of its generation certifies its CEK, and the fused secret, the CEK certificate and
+the AMD chain (ASK || ARK) are written into the *platform directory*
+(:mod:`sevemu.firmware.nvstore`), where the firmware finds them when it boots -- bytes in files, the
+firmware never imports the manufacturer.  :func:`build_machine` manufactures a chip into its
+platform directory the first time and boots from it every time: the same directory (in a new
+process too) gives the same chip and the same platform identity.
+
+Emulated AMD roots (RSA-4096 key generation takes about a second per key) are made once per
+generation and cached in the process and on disk, under ``$SEVEMU_CACHE_DIR/amd-roots/<generation>``
+(default ``$XDG_CACHE_HOME/sevemu`` or ``~/.cache/sevemu``; ``SEVEMU_CACHE_DIR=""`` disables the disk
+cache).  They hold the emulated ARK/ASK private keys: emulated, and never trusted by real verifiers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+from sevemu.amd.chip import CHIP_SECRET_SIZE, FusedChip
+from sevemu.amd.roots import AmdRoot
+from sevemu.errors import InputError, SevemuError
 from sevemu.firmware.dispatcher import Firmware
+from sevemu.firmware.nvstore import FactoryData, is_manufactured, read_factory, write_factory
 from sevemu.hw.profiles import CpuProfile, profile
 from sevemu.hw.soc import Soc
 from sevemu.hypervisor.kvm import Hypervisor
 
-__all__ = ["Machine", "build_machine", "SeededRng"]
+__all__ = ["Machine", "SeededRng", "build_machine", "default_amd_root", "manufacture"]
 
 GiB = 1 << 30
 
@@ -31,6 +52,10 @@ class Machine:
     soc: Soc
     firmware: Firmware
     hv: Hypervisor
+    platform_dir: Path | None = None
+    """Where the chip's fuses, factory data and NV store live."""
+    amd_root: AmdRoot | None = None
+    """The emulated manufacturer that certified this chip, when known (its ``pin()`` is the trust anchor)."""
 
     @property
     def profile(self) -> CpuProfile:
@@ -58,16 +83,125 @@ class SeededRng:
         return out
 
 
+# ---- the emulated manufacturer ------------------------------------------------------------------
+_ROOTS: dict[str, AmdRoot] = {}
+
+
+def _root_cache_dir() -> Path | None:
+    env = os.environ.get("SEVEMU_CACHE_DIR")
+    if env is not None:
+        return Path(env) / "amd-roots" if env else None
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sevemu" / "amd-roots"
+
+
+def _cached_root(generation: str) -> AmdRoot | None:
+    """The root of ``generation`` from the process or the disk cache, without making one."""
+    root = _ROOTS.get(generation)
+    cache = _root_cache_dir()
+    if root is None and cache is not None and (cache / generation).is_dir():
+        try:
+            root = AmdRoot.load(cache / generation)
+        except (OSError, SevemuError):
+            return None  # unreadable or stale: default_amd_root makes a new one
+        if root.generation != generation:
+            return None
+        _ROOTS[generation] = root
+    return root
+
+
+def default_amd_root(generation: str) -> AmdRoot:
+    """The emulated AMD root of ``generation``: made once, then cached (module docstring)."""
+    root = _cached_root(generation)
+    if root is not None:
+        return root
+    root = AmdRoot.create(generation)
+    _ROOTS[generation] = root
+    cache = _root_cache_dir()
+    if cache is None:
+        return root
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{generation}-", dir=cache))
+    except OSError:
+        return root  # no writable cache: the process cache suffices
+    try:
+        root.save(staging)
+        final = cache / generation
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)  # a stale root that failed to load
+        os.rename(staging, final)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+    return root
+
+
+def manufacture(platform_dir: str | os.PathLike[str], generation: str, amd_root: AmdRoot, *,
+                secret: bytes | None = None, trusted_roots: Iterable[AmdRoot] = ()) -> FusedChip:
+    """Fuse a chip of ``generation``, have ``amd_root`` certify its CEK, provision ``platform_dir``.
+
+    ``secret``: the chip secret to fuse (default: fresh random); ``trusted_roots``: other emulated
+    roots whose ARKs the firmware will also trust in a migration target's chain.
+    """
+    chip = FusedChip.fuse(generation) if secret is None else FusedChip(generation, secret)
+    cek_cert = amd_root.certify_chip(chip)
+    arks = [(amd_root.generation, amd_root.ark.encode())]
+    arks += [(r.generation, r.ark.encode()) for r in trusted_roots]
+    write_factory(platform_dir, FactoryData(
+        generation=generation,
+        chip_secret=chip.secret,
+        cek_cert=cek_cert.encode(),
+        amd_chain=amd_root.amd_certs.encode(),
+        trusted_arks=tuple(arks),
+    ))
+    return chip
+
+
+def _seed_bytes(seed: bytes | str, purpose: str) -> bytes:
+    raw = seed.encode() if isinstance(seed, str) else bytes(seed)
+    return hashlib.sha256(purpose.encode() + b"\x00" + raw).digest()
+
+
 def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 256 * GiB,
                   cores: int = 2, cache_size: int = 4 << 20, seed: bytes | str | None = None,
-                  init: bool = True, es: bool = False) -> Machine:
-    """Build a host of ``generation`` with its firmware loaded and (by default) INIT done."""
+                  init: bool = True, es: bool = False,
+                  platform_dir: str | os.PathLike[str] | None = None,
+                  amd_root: AmdRoot | None = None) -> Machine:
+    """Build a host of ``generation`` with its firmware loaded and (by default) INIT done.
+
+    ``platform_dir``: the chip's directory (fuses, factory data, NV store); by default a temporary
+    one, removed when the firmware is garbage-collected (or at exit).  A directory without a chip
+    gets one manufactured by ``amd_root`` (default :func:`default_amd_root`); one with a chip is
+    booted as it is (same identity), and :attr:`Machine.amd_root` is the given root or, if it made
+    this chip, this process's default one.  With a ``seed`` a new chip's secret is derived from it
+    too, so equal seeds make equal chips (and, the TRNG being seeded, equal OCA/PEK/PDH keys).
+    """
     prof = profile(generation) if isinstance(generation, str) else generation
     rng: Callable[[int], bytes] = SeededRng(seed) if seed is not None else os.urandom
-    soc = Soc(prof, dram_size=dram_size, cores=cores, cache_size=cache_size, rng=rng)
-    firmware = Firmware(soc.psp.take_ports())
+    if amd_root is not None and amd_root.generation != prof.name:
+        raise InputError(f"a {amd_root.generation} root cannot make a {prof.name} chip")
+    temporary = platform_dir is None
+    path = Path(tempfile.mkdtemp(prefix="sevemu-platform-") if platform_dir is None else platform_dir)
+    try:
+        if not is_manufactured(path):
+            amd_root = amd_root or default_amd_root(prof.name)
+            secret = None if seed is None else SeededRng(_seed_bytes(seed, "fuses"))(CHIP_SECRET_SIZE)
+            manufacture(path, prof.name, amd_root, secret=secret)
+        elif amd_root is None:
+            # already in this process (loading one from disk costs a second): the root that made it?
+            known = _ROOTS.get(prof.name)
+            if known is not None and known.amd_certs.encode() == read_factory(path).amd_chain:
+                amd_root = known
+        soc = Soc(prof, dram_size=dram_size, cores=cores, cache_size=cache_size, rng=rng)
+        firmware = Firmware(soc.psp.take_ports(), path)
+    except BaseException:
+        if temporary:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    if temporary:  # the chip's directory lives as long as its firmware
+        weakref.finalize(firmware, shutil.rmtree, path, True)
     soc.psp.install(firmware)
     hv = Hypervisor(soc)
     if init:
         hv.platform_init(es=es)
-    return Machine(soc, firmware, hv)
+    return Machine(soc, firmware, hv, path, amd_root)

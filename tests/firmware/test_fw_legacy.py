@@ -152,9 +152,9 @@ def test_launch_flow_and_states(m: Machine) -> None:
 def test_policy_checks(m: Machine) -> None:
     ok(m, CommandId.INIT, InitCmd())
     cases = [
-        (0x40, Status.INVALID_PARAM),  # reserved bit 6
+        (0x40, Status.POLICY_FAILURE),  # reserved bit 6 (AMD sev_guest_verify_policy)
         (compose_policy(0, api_major=2), Status.POLICY_FAILURE),  # needs API 2.0
-        (int(GuestPolicy.ES), Status.POLICY_FAILURE),  # SEV-ES not enabled by INIT
+        (int(GuestPolicy.ES), Status.UNSUPPORTED),  # SEV-ES not enabled by INIT (AMD launch_start)
     ]
     for policy, want in cases:
         before = snapshot(m)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 
+from sevemu.cli.bench_launch import register_launch
 from sevemu.guest.workloads import touch_pages
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.pyengine import Op, PyEngine, Workload, op
@@ -40,6 +41,7 @@ def register(sub: Any) -> None:
     m.add_argument("--loads", type=int, default=1_000_000, help="loads per load benchmark")
     m.add_argument("--generation", default="milan", help="platform for the guest-load benchmarks")
     m.set_defaults(func=run_memory)
+    register_launch(bsub)
 
 
 class _PortLoop:

@@ -55,12 +55,12 @@ def scenario(generation: str = "milan", dump: Path | None = None, seed: str | No
     out: dict[str, Any] = {"generation": m.profile.product, "memory_mode": m.profile.mem_mode.value,
                            "cbit": m.profile.cbit, "vms": {}}
     vms: dict[str, Vm] = {}
-    for name in secrets:
+    for name, secret in secrets.items():
         vm = hv.create_vm(name, GUEST_MEMORY)
         image = f"sevemu demo boot image for {name}\n".encode().ljust(4096, b"\0")
         measure = hv.launch(vm, [(IMAGE_GPA, image)])
         peek = PEEK_GPA if name == "vm-b" else None
-        vm.add_vcpu(PyEngine(demo_guest(GUEST_MEMORY, SECRET_GPA, secrets[name], SHARED_GPA,
+        vm.add_vcpu(PyEngine(demo_guest(GUEST_MEMORY, SECRET_GPA, secret, SHARED_GPA,
                                         messages[name], peek)))
         vms[name] = vm
         status = hv.guest_status(vm)

@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sevemu.cli import bench, demo
+    from sevemu.cli import bench, demo, launch, owner, platform
 
     parser = argparse.ArgumentParser(
         prog="sevemu",
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.register(sub)
+    launch.register(sub)
+    platform.register(sub)
+    owner.register(sub)
     bench.register(sub)
     return parser
 

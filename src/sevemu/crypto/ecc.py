@@ -22,6 +22,12 @@ manufacturer (:mod:`sevemu.amd.chip`) and the firmware so that they agree on the
 Step 2 is FIPS 186-5 A.2.1 / FIPS 186-4 B.4.1 ("key pair generation using extra random bits"):
 the 64 extra bits make the bias of the reduction negligible (< 2^-64) and the ``+ 1`` makes
 ``d = 0`` impossible, so no rejection loop is needed.  The secret must be at least 32 bytes.
+
+Chip ID (:func:`derive_chip_id`): AMD's firmware answers GET_ID with the public point ``Q = CUK * G``
+of its 32-byte chip-unique key (CUK) on **secp256k1**, x and y each 32 bytes big-endian (AMD-ASPFW
+``sev_plat.c: sev_get_id``).  The model has no separate CUK fuse: ``CUK`` is derived from the chip
+secret with the construction above (label :data:`CUK_LABEL`, curve secp256k1), so the firmware and
+the manufacturer (whose key distribution service indexes CEKs by this ID) compute the same 64 bytes.
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ from sevemu.errors import InputError, KeySizeError, VerificationError
 
 __all__ = [
     "CEK_LABEL",
+    "CHIP_ID_SIZE",
     "COORD_SIZE",
+    "CUK_LABEL",
     "MIN_SECRET_SIZE",
     "P256",
     "P384",
+    "SECP256K1",
     "SIGNATURE_SIZE",
     "curve_order",
     "derive_cek",
+    "derive_chip_id",
     "derive_private_key",
     "ecdh",
     "generate_private_key",
@@ -64,6 +74,8 @@ __all__ = [
 
 P256: Final[ec.EllipticCurve] = ec.SECP256R1()
 P384: Final[ec.EllipticCurve] = ec.SECP384R1()
+SECP256K1: Final[ec.EllipticCurve] = ec.SECP256K1()
+"""Curve of the chip-unique key whose public point is the GET_ID chip ID."""
 
 COORD_SIZE: Final = SEV_ECC_COORD_SIZE
 """Bytes of every coordinate / scalar field in AMD structures (72, little-endian)."""
@@ -73,6 +85,10 @@ SIGNATURE_SIZE: Final = 2 * COORD_SIZE
 CEK_LABEL: Final = b"sev-chip-endorsement-key"
 """Label of the CEK derivation (the string AMD sev-tool ``crypto.h`` names for the CEK)."""
 MIN_SECRET_SIZE: Final = 32
+CUK_LABEL: Final = b"sevemu chip-unique-key"
+"""Label deriving the model's chip-unique key (CUK) from the chip secret (model choice)."""
+CHIP_ID_SIZE: Final = 64
+"""Bytes of one socket's chip ID: x || y of CUK * G on secp256k1, 32 bytes each, big-endian."""
 
 _HKDF_SALT: Final = b"sevemu ecc private key v1"
 
@@ -80,11 +96,12 @@ _HKDF_SALT: Final = b"sevemu ecc private key v1"
 _ORDERS: Final[dict[str, int]] = {
     "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
     "secp384r1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973,
+    "secp256k1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
 }
 
 
 def curve_order(curve: ec.EllipticCurve) -> int:
-    """Order n of the base point of ``curve`` (P-256 or P-384)."""
+    """Order n of the base point of ``curve`` (P-256, P-384, or secp256k1 for the chip ID)."""
     try:
         return _ORDERS[curve.name]
     except KeyError:
@@ -214,3 +231,14 @@ def derive_cek(chip_secret: bytes) -> ec.EllipticCurvePrivateKey:
     with it): both hold the same chip secret, handed to them by the scenario.
     """
     return derive_private_key(chip_secret, CEK_LABEL, P384)
+
+
+def derive_chip_id(chip_secret: bytes) -> bytes:
+    """The 64-byte GET_ID chip ID of a chip whose fused secret is ``chip_secret``.
+
+    ``x || y`` (each 32 bytes big-endian) of ``CUK * G`` on secp256k1, with the CUK derived from the
+    secret (module docstring).  Public: it names the chip, it reveals nothing about the secret.
+    """
+    cuk = derive_private_key(chip_secret, CUK_LABEL, SECP256K1)
+    numbers = cuk.public_key().public_numbers()
+    return numbers.x.to_bytes(32, "big") + numbers.y.to_bytes(32, "big")

@@ -49,8 +49,14 @@ Model choices where AMD publishes nothing (sev-reference §5 item 10):
 
 Implementation notes.  The AES block operations are `cryptography`'s AES-ECB; ECB contexts keep no
 state between ``update`` calls, so each cipher keeps one encryptor and one decryptor for its whole
-life.  The single-line path works on 512-bit Python integers (one line = one ``int``); the bulk path
-works on ``numpy`` ``uint64`` views in 128 KiB chunks with preallocated buffers.  A
+life.  The single-line path works on 512-bit Python integers (one line = one ``int``): XE/XEX take
+the line's tweak from a per-boot table of the 64 in-page line tweaks XORed with a memoised per-page
+tweak; XTS memoises E_K2 of a page's 64 sequence numbers (one AES call per page) and the line
+tweaks derived from them (bounded memos, cleared when full).  The bulk path works on ``numpy``
+``uint64`` views: AES on 128 KiB chunks through ``update_into`` with preallocated buffers (shared by
+the ciphers of a thread); XE/XEX take T from a per-boot table spanning a 512 KiB window XORed with
+the window's high-bit tweak, carried from window to window by XORing a cached row; XTS computes
+E_K2 of the chunk's sequence numbers in one AES call and the alpha multiples with shifts.  A
 :class:`MemoryCipher` is not thread-safe (neither are the ECB contexts it holds).
 """
 
@@ -61,7 +67,7 @@ import enum
 import random
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import numpy as np
@@ -70,7 +76,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 
 from sevemu.errors import AddressError, AlignmentError, InputError, KeySizeError
 
+try:
+    from sevemu.crypto import _memenc_accel
+except ImportError:  # built without a C compiler: the numpy and integer paths do the same work
+    ACCELERATED = False
+else:
+    ACCELERATED = True
+
 __all__ = [
+    "ACCELERATED",
     "BLOCK_SIZE",
     "LINE_SIZE",
     "MAX_PA_BITS",
@@ -126,10 +140,14 @@ def _xts_fix(top: int) -> int:
 
 
 _XTS_FIX: Final = tuple(_xts_fix(top) for top in range(8))
-#: Bulk processing chunk: a power of two, aligned in SPA space, sized for L2.
+#: Bulk processing: AES runs on chunks of at most 128 KiB, aligned in SPA space (sized for L2);
+#: XE/XEX take the address tweak from a per-boot table spanning a 512 KiB window.
 _CHUNK: Final = 128 << 10
-_CHUNK_BITS: Final = 17
 _CHUNK_WORDS: Final = _CHUNK // 8
+#: The accelerated path's chunk (no SPA alignment needed there).
+_ACCEL_CHUNK: Final = _CHUNK
+_WINDOW_BITS: Final = 19
+_WINDOW: Final = 1 << _WINDOW_BITS
 #: Row length (in uint64 words) of the 16-byte patterns XORed over a chunk (64 KiB rows: long rows
 #: keep numpy's broadcasting on its fast contiguous loops).
 _ROW_WORDS: Final = 8192
@@ -138,6 +156,11 @@ _LINE_PATH_MAX: Final = 4096
 #: Bounds of the memo tables (entries).
 _PAGE_MEMO_MAX: Final = 1 << 14
 _XTS_MEMO_MAX: Final = 1 << 11
+_XTS_PAGES_MAX: Final = 1 << 9
+#: The 64 sequence numbers of a page's lines as one integer: (first * _SEQ_REP64 + _SEQ_IDX64),
+#: 128 bits each, little-endian.
+_SEQ_REP64: Final = sum(1 << (128 * i) for i in range(64))
+_SEQ_IDX64: Final = sum(i << (128 * i) for i in range(64))
 
 Buffer = bytes | bytearray | memoryview
 _from_bytes: Final = int.from_bytes  # one attribute lookup less on the hot path
@@ -199,39 +222,59 @@ class _TweakTables:
         ]
         self.page_memo: dict[int, int] = {}
         self.block_ints = ints
-        self._chunk_table: _U64Array | None = None
+        # The accelerator's forms: the constants back to back (C derives T from them), the line
+        # tweaks and memoised page tweaks as 64-byte strings.
+        self.consts_bytes = b"".join(constants)
+        self.line_in_page_bytes = [t.to_bytes(LINE_SIZE, "little") for t in self.line_in_page]
+        self.page_memo_bytes: dict[int, bytes] = {}
+        self._window_table: _U64Array | None = None
         self._carry_rows: dict[int, _U64Array] = {}
+
+    def _page_rep(self, page: int) -> int:
+        rep = 0
+        rest = page
+        for tab in self.page_slices:
+            rep ^= tab[rest & 0xFF]
+            rest >>= 8
+            if not rest:
+                break
+        return rep
 
     def page_rep(self, page: int) -> int:
         """T(page << 12) replicated over the four blocks of a line (512-bit integer)."""
         memo = self.page_memo
         rep = memo.get(page)
         if rep is None:
-            rep = 0
-            rest = page
-            for tab in self.page_slices:
-                rep ^= tab[rest & 0xFF]
-                rest >>= 8
-                if not rest:
-                    break
+            rep = self._page_rep(page)
             if len(memo) >= _PAGE_MEMO_MAX:
                 memo.clear()
             memo[page] = rep
         return rep
 
-    def chunk_table(self) -> _U64Array:
-        """T of the 8192 blocks of a 128 KiB chunk at SPA 0 (bits 4..16), flat uint64 words."""
-        if self._chunk_table is None:
-            spas = np.arange(0, _CHUNK, BLOCK_SIZE, dtype=_U64)
-            self._chunk_table = self.lookup(spas).reshape(-1)
-        return self._chunk_table
+    def page_rep_bytes(self, page: int) -> bytes:
+        """:meth:`page_rep` as 64 little-endian bytes (the accelerated line path's form)."""
+        memo = self.page_memo_bytes
+        rep = memo.get(page)
+        if rep is None:
+            rep = self._page_rep(page).to_bytes(LINE_SIZE, "little")
+            if len(memo) >= _PAGE_MEMO_MAX:
+                memo.clear()
+            memo[page] = rep
+        return rep
+
+    def window_table(self) -> _U64Array:
+        """T of the blocks of the bulk path's window at SPA 0 (bits 4.._WINDOW_BITS-1), flat words."""
+        if self._window_table is None:
+            spas = np.arange(0, _WINDOW, BLOCK_SIZE, dtype=_U64)
+            self._window_table = self.lookup(spas).reshape(-1)
+        return self._window_table
 
     def carry_row(self, carries: int) -> _U64Array:
-        """A 64 KiB row of T(base ^ next_base) for chunk bases whose increment carries ``carries``
-        times past bit 17 (so consecutive chunks' tweaks differ by this row)."""
+        """A 64 KiB row of T(base ^ next_base) for window bases whose increment carries ``carries``
+        times (consecutive windows' tweaks differ by this row)."""
         row = self._carry_rows.get(carries)
         if row is None:
-            delta = ((1 << (carries + 1)) - 1) << _CHUNK_BITS
+            delta = ((1 << (carries + 1)) - 1) << _WINDOW_BITS
             pair = self.lookup(np.array([delta], dtype=_U64))[0]
             row = np.empty(_ROW_WORDS, dtype=_U64)
             _fill_pattern(row, pair)
@@ -338,7 +381,7 @@ class TweakConstants:
 
     def tweak(self, spa: int) -> bytes:
         """T(spa) for the 16-byte block holding ``spa`` (bits 3:0 of ``spa`` are ignored)."""
-        _check_range(spa, 0, self.pa_bits)
+        _check_range(spa, 1, self.pa_bits)
         return _xor_bits(self._tables.block_ints, spa >> 4, 4).to_bytes(BLOCK_SIZE, "little")
 
     def tweaks(self, spas: npt.ArrayLike) -> npt.NDArray[np.uint8]:
@@ -440,23 +483,40 @@ class MemoryCipher:
     """One key slot's encryption engine: a mode, a key and the boot's tweak constants."""
 
     __slots__ = (
+        "_accel",
         "_code",
         "_dec",
         "_enc",
         "_limit",
         "_line_in_page",
+        "_line_in_page_bytes",
         "_page_memo",
+        "_page_memo_bytes",
         "_tables",
         "_tweak_enc",
+        "_xor",
         "_xts_memo",
+        "_xts_memo_bytes",
+        "_xts_pages",
         "granule",
         "mode",
         "tweak_constants",
     )
 
-    def __init__(self, mode: EncryptionMode, key: bytes, tweaks: TweakConstants) -> None:
+    def __init__(
+        self,
+        mode: EncryptionMode,
+        key: bytes | bytearray,
+        tweaks: TweakConstants,
+        *,
+        accel: bool | None = None,
+    ) -> None:
+        """``accel``: use the C accelerator (None: when it was built; True: require it; False: the
+        numpy and integer paths).  Both give the same bytes."""
         if not isinstance(mode, EncryptionMode):
             raise InputError(f"unknown encryption mode {mode!r}")
+        if accel and not ACCELERATED:
+            raise InputError("the C accelerator sevemu.crypto._memenc_accel was not built")
         if not isinstance(key, (bytes, bytearray)) or len(key) != mode.key_size:
             size = len(key) if isinstance(key, (bytes, bytearray)) else type(key).__name__
             raise KeySizeError(f"{mode.value} needs a {mode.key_size}-byte key, got {size}")
@@ -474,11 +534,22 @@ class MemoryCipher:
             self._enc, self._dec = _ecb(key)
             self._tweak_enc = self._enc
         self._xts_memo: dict[int, int] = {}
+        self._xts_pages: dict[int, bytes] = {}
         self._page_memo = self._tables.page_memo
         self._line_in_page = self._tables.line_in_page
+        self._accel = ACCELERATED if accel is None else accel
+        self._xor: Callable[..., bytes] | None = _memenc_accel.xor_bytes if self._accel else None
+        self._xts_memo_bytes: dict[int, bytearray] = {}
+        self._page_memo_bytes = self._tables.page_memo_bytes
+        self._line_in_page_bytes = self._tables.line_in_page_bytes
 
     def __repr__(self) -> str:
         return f"MemoryCipher({self.mode.value}, pa_bits={self.tweak_constants.pa_bits})"
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether this cipher runs its tweak work in the C accelerator."""
+        return self._accel
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -499,7 +570,9 @@ class MemoryCipher:
             n = spa >> 6
             tw = self._xts_memo.get(n)
             if tw is None:
-                s = _from_bytes(self._tweak_enc.update(n.to_bytes(16, "little")), "little")
+                enc_seq = self._xts_page_seq(n >> 6)
+                i = (n & 63) << 4
+                s = _from_bytes(enc_seq[i : i + 16], "little")
                 tw = s * _XTS_SPREAD ^ _XTS_FIX[s >> 125]
                 memo = self._xts_memo
                 if len(memo) >= _XTS_MEMO_MAX:
@@ -508,6 +581,32 @@ class MemoryCipher:
             return tw
         tables = self._tables
         return tables.line_in_page[(spa >> 6) & 63] ^ tables.page_rep(spa >> 12)
+
+    def _xts_page_seq(self, page: int) -> bytes:
+        """E_K2 of the 64 sequence numbers of a page, in one AES call, memoised per page."""
+        enc_seq = self._xts_pages.get(page)
+        if enc_seq is None:
+            seq = ((page << 6) * _SEQ_REP64 + _SEQ_IDX64).to_bytes(64 * BLOCK_SIZE, "little")
+            enc_seq = self._tweak_enc.update(seq)
+            if len(self._xts_pages) >= _XTS_PAGES_MAX:
+                self._xts_pages.clear()
+            self._xts_pages[page] = enc_seq
+        return enc_seq
+
+    def _xts_line_tweak_bytes(self, spa: int) -> bytearray:
+        """The accelerated path's form of :meth:`_line_tweak` for XTS: the line's four tweaks as 64
+        bytes, expanded by the C code from E_K2(SPA >> 6)."""
+        n = spa >> 6
+        tw = self._xts_memo_bytes.get(n)
+        if tw is None:
+            i = (n & 63) << 4
+            tw = bytearray(LINE_SIZE)
+            _memenc_accel.xts_xor(tw, _ZERO_LINE, memoryview(self._xts_page_seq(n >> 6))[i : i + 16], 4)
+            memo = self._xts_memo_bytes
+            if len(memo) >= _XTS_MEMO_MAX:
+                memo.clear()
+            memo[n] = tw
+        return tw
 
     def _span_tweak(self, spa: int, nbytes: int) -> int:
         """Tweak integer for an arbitrary granule-aligned span (XE/XEX: per 16-byte block)."""
@@ -530,6 +629,20 @@ class MemoryCipher:
         n = len(data)
         if n == LINE_SIZE and not spa & 63 and 0 <= spa < self._limit:
             code = self._code
+            xor = self._xor
+            if xor is not None:  # the accelerator: XORs of 64-byte strings in C
+                if code == _XTS:
+                    twb = self._xts_memo_bytes.get(spa >> 6)
+                    if twb is None:
+                        twb = self._xts_line_tweak_bytes(spa)
+                    return xor(self._enc.update(xor(data, twb)), twb)
+                page = self._page_memo_bytes.get(spa >> 12)
+                if page is None:
+                    page = self._tables.page_rep_bytes(spa >> 12)
+                line = self._line_in_page_bytes[(spa >> 6) & 63]
+                if code == _XE:
+                    return self._enc.update(xor(data, page, line))
+                return xor(self._enc.update(xor(data, page, line)), page, line)
             if code == _XTS:
                 tw = self._xts_memo.get(spa >> 6)
                 if tw is None:
@@ -548,7 +661,7 @@ class MemoryCipher:
                 ^ tw
             ).to_bytes(64, "little")
         self._check(spa, n)
-        if n > _LINE_PATH_MAX:
+        if n > _LINE_PATH_MAX or self._accel:
             return bytes(self.encrypt_bulk(spa, data))
         tw = self._span_tweak(spa, n)
         x = (_from_bytes(data, "little") ^ tw).to_bytes(n, "little")
@@ -561,6 +674,20 @@ class MemoryCipher:
         n = len(data)
         if n == LINE_SIZE and not spa & 63 and 0 <= spa < self._limit:
             code = self._code
+            xor = self._xor
+            if xor is not None:
+                if code == _XTS:
+                    twb = self._xts_memo_bytes.get(spa >> 6)
+                    if twb is None:
+                        twb = self._xts_line_tweak_bytes(spa)
+                    return xor(self._dec.update(xor(data, twb)), twb)
+                page = self._page_memo_bytes.get(spa >> 12)
+                if page is None:
+                    page = self._tables.page_rep_bytes(spa >> 12)
+                line = self._line_in_page_bytes[(spa >> 6) & 63]
+                if code == _XE:
+                    return xor(self._dec.update(data), page, line)
+                return xor(self._dec.update(xor(data, page, line)), page, line)
             if code == _XTS:
                 tw = self._xts_memo.get(spa >> 6)
                 if tw is None:
@@ -579,7 +706,7 @@ class MemoryCipher:
                 ^ tw
             ).to_bytes(64, "little")
         self._check(spa, n)
-        if n > _LINE_PATH_MAX:
+        if n > _LINE_PATH_MAX or self._accel:
             return bytes(self.decrypt_bulk(spa, data))
         tw = self._span_tweak(spa, n)
         if self._code == _XE:
@@ -592,14 +719,16 @@ class MemoryCipher:
 
     def encrypt_bulk(self, spa: int, data: Buffer) -> bytearray:
         """Encrypt a whole region (pages, a guest image) starting at SPA ``spa``; vectorised."""
-        out = bytearray(len(data))
-        self.encrypt_bulk_into(spa, data, out)
+        src = _byte_view(data, "data")
+        out = bytearray(src.nbytes)
+        self._bulk(spa, src, out, True)
         return out
 
     def decrypt_bulk(self, spa: int, data: Buffer) -> bytearray:
         """Decrypt a whole region starting at SPA ``spa``; vectorised."""
-        out = bytearray(len(data))
-        self.decrypt_bulk_into(spa, data, out)
+        src = _byte_view(data, "data")
+        out = bytearray(src.nbytes)
+        self._bulk(spa, src, out, False)
         return out
 
     def encrypt_bulk_into(self, spa: int, data: Buffer, out: bytearray | memoryview) -> None:
@@ -625,15 +754,80 @@ class MemoryCipher:
         sc: _Scratch | None = getattr(_SCRATCH, "buffers", None)
         if sc is None:
             sc = _SCRATCH.buffers = _Scratch()
-        if self._code == _XTS:
+        if self._accel:
+            if self._code == _XTS:
+                self._bulk_xts_accel(spa, src, dst, encrypt, sc)
+            else:
+                self._bulk_xex_accel(spa, src, dst, encrypt, sc)
+        elif self._code == _XTS:
             self._bulk_xts(spa, src, dst, encrypt, sc)
         else:
             self._bulk_xex(spa, src, dst, encrypt, sc)
 
+    def _bulk_xex_accel(
+        self, spa: int, src: memoryview, dst: memoryview, encrypt: bool, sc: _Scratch
+    ) -> None:
+        """XE/XEX through the accelerator: per chunk, one C pass XORs T into the data on the way
+        to a scratch buffer, AES runs from there, and (XEX, XE decryption) one C pass XORs T into
+        the result in place."""
+        xor_tweak = _memenc_accel.xor_addr_tweak
+        consts = self._tables.consts_bytes
+        ctx = self._enc if encrypt else self._dec
+        pre = encrypt or self._code == _XEX
+        post = not encrypt or self._code == _XEX
+        n = src.nbytes
+        pos = 0
+        while pos < n:
+            end = min(pos + _ACCEL_CHUNK, n)
+            m = end - pos
+            room = end + 15 <= n
+            target = dst[pos : end + 15] if room else sc.out_bytes
+            if pre:
+                buf = sc.buf_bytes[:m]
+                xor_tweak(buf, src[pos:end], spa + pos, consts)
+                ctx.update_into(buf, target)
+            else:
+                ctx.update_into(src[pos:end], target)
+            d = dst[pos:end]
+            if post:
+                xor_tweak(d, d if room else sc.out_bytes[:m], spa + pos, consts)
+            elif not room:
+                d[:] = sc.out_bytes[:m]
+            pos = end
+
+    def _bulk_xts_accel(
+        self, spa: int, src: memoryview, dst: memoryview, encrypt: bool, sc: _Scratch
+    ) -> None:
+        """AES-256-XTS through the accelerator: per chunk, E_K2 of the sequence numbers in one AES
+        call; the C code expands each to its four alpha multiples and XORs them in, before and
+        after the data AES."""
+        ax = _memenc_accel
+        ctx = self._enc if encrypt else self._dec
+        tweak_enc = self._tweak_enc
+        n = src.nbytes
+        pos = 0
+        while pos < n:
+            end = min(pos + _ACCEL_CHUNK, n)
+            m = end - pos
+            tb = m >> 2  # 16 bytes of tweak per 64-byte line
+            seq = sc.seq_bytes[:tb]
+            ax.xts_sequence(seq, (spa + pos) >> 6)
+            tweak_enc.update_into(seq, sc.s_bytes[: tb + 15])
+            s = sc.s_bytes[:tb]
+            buf = sc.buf_bytes[:m]
+            ax.xts_xor(buf, src[pos:end], s, 4)
+            room = end + 15 <= n
+            ctx.update_into(buf, dst[pos : end + 15] if room else sc.out_bytes)
+            d = dst[pos:end]
+            ax.xts_xor(d, d if room else sc.out_bytes[:m], s, 4)
+            pos = end
+
     def _bulk_xex(self, spa: int, src: memoryview, dst: memoryview, encrypt: bool, sc: _Scratch) -> None:
-        """XE/XEX over chunks aligned to 128 KiB in SPA space (one high-bits tweak per chunk)."""
+        """XE/XEX.  T(p) = table[p mod window] ^ T(window base): the table (bits 4..18) is built once
+        per boot; the tweak of a window is kept in ``sc.tw`` and moved to the next window by XORing
+        T(base ^ next base), one of a few cached rows.  AES runs on 128 KiB chunks."""
         tables = self._tables
-        table = tables.chunk_table()
+        table = tables.window_table()
         xor = np.bitwise_xor
         ctx = self._enc if encrypt else self._dec
         pre = encrypt or self._code == _XEX  # XOR before AES (XE decryption: only after)
@@ -641,49 +835,51 @@ class MemoryCipher:
         src_w = np.frombuffer(src, dtype=_U64)
         dst_w = np.frombuffer(dst, dtype=_U64)
         n = src.nbytes
-        end = spa + n
-        base = spa & ~(_CHUNK - 1)
-        first_off = spa - base
-        multi = end > base + _CHUNK
+        base = spa & ~(_WINDOW - 1)
+        win_off = spa - base
+        multi = spa + n > base + _WINDOW
         tw = sc.tw
+        tw_rows = tw.reshape(-1, _ROW_WORDS)
         high = tables.lookup(np.array([base], dtype=_U64))[0]
         if multi:
-            # Whole-chunk tweak state, carried from chunk to chunk by XORing the carry rows.
             _fill_pattern(sc.row, high)
-            xor(table.reshape(-1, _ROW_WORDS), sc.row, out=tw.reshape(-1, _ROW_WORDS))
+            xor(table.reshape(-1, _ROW_WORDS), sc.row, out=tw_rows)
+        buf, buf_bytes = sc.buf, sc.buf_bytes
         pos = 0
         while pos < n:
-            off = first_off if pos == 0 else 0
-            m = min(_CHUNK - off, n - pos)
-            w0, w1 = off >> 3, (off + m) >> 3
+            m = min(_CHUNK - (win_off & (_CHUNK - 1)), n - pos)
+            w0 = win_off >> 3
+            w1 = w0 + (m >> 3)
             seg_tw = tw[w0:w1]
             if not multi:
                 _xor_pattern(table[w0:w1], high, seg_tw, sc.row)
-            p0, p1 = pos >> 3, (pos + m) >> 3
-            s_w = src_w[p0:p1]
-            d_w = dst_w[p0:p1]
-            room = pos + m + 15 <= n
-            target = dst[pos : pos + m + 15] if room else sc.out_bytes
+            end = pos + m
+            d_w = dst_w[pos >> 3 : end >> 3]
+            room = end + 15 <= n
+            target = dst[pos : end + 15] if room else sc.out_bytes
             if pre:
-                buf = sc.buf[: w1 - w0]
-                xor(s_w, seg_tw, out=buf)
-                ctx.update_into(sc.buf_bytes[:m], target)
+                if m == _CHUNK:
+                    xor(src_w[pos >> 3 : end >> 3], seg_tw, out=buf)
+                    ctx.update_into(buf_bytes, target)
+                else:
+                    xor(src_w[pos >> 3 : end >> 3], seg_tw, out=buf[: w1 - w0])
+                    ctx.update_into(buf_bytes[:m], target)
             else:
-                ctx.update_into(src[pos : pos + m], target)
+                ctx.update_into(src[pos:end], target)
             if post:
-                res = d_w if room else sc.out[: w1 - w0]
-                xor(res, seg_tw, out=d_w)
+                xor(d_w if room else sc.out[: w1 - w0], seg_tw, out=d_w)
             elif not room:
                 d_w[:] = sc.out[: w1 - w0]
-            pos += m
-            if pos < n:
-                index = base >> _CHUNK_BITS
-                carries = ((index ^ (index + 1)).bit_length()) - 1
-                base += _CHUNK
-                xor(tw.reshape(-1, _ROW_WORDS), tables.carry_row(carries), out=tw.reshape(-1, _ROW_WORDS))
+            pos = end
+            win_off += m
+            if win_off == _WINDOW and pos < n:
+                index = base >> _WINDOW_BITS
+                base += _WINDOW
+                win_off = 0
+                xor(tw_rows, tables.carry_row((index ^ (index + 1)).bit_length() - 1), out=tw_rows)
 
     def _bulk_xts(self, spa: int, src: memoryview, dst: memoryview, encrypt: bool, sc: _Scratch) -> None:
-        """AES-256-XTS with 64-byte data units, in 128 KiB chunks."""
+        """AES-256-XTS with 64-byte data units, in chunks of at most 128 KiB."""
         xor = np.bitwise_xor
         ctx = self._enc if encrypt else self._dec
         src_w = np.frombuffer(src, dtype=_U64)
@@ -726,7 +922,7 @@ class _Scratch:
     )
 
     def __init__(self) -> None:
-        self.tw = np.empty(_CHUNK_WORDS, dtype=_U64)
+        self.tw = np.empty(max(_WINDOW, _CHUNK) // 8, dtype=_U64)
         self.row = np.empty(_ROW_WORDS, dtype=_U64)
         self.buf = np.empty(_CHUNK_WORDS, dtype=_U64)
         self.buf_bytes = self.buf.data.cast("B")
@@ -743,6 +939,7 @@ class _Scratch:
 
 
 _SCRATCH: Final = threading.local()
+_ZERO_LINE: Final = bytes(LINE_SIZE)
 _LINES_PER_CHUNK: Final = _CHUNK // LINE_SIZE
 _ARANGE: Final = np.arange(_LINES_PER_CHUNK, dtype=_U64)
 _V16: Final = np.dtype("V16")

@@ -21,6 +21,7 @@ firmware bug, answered with HWERROR_PLATFORM and recorded in :attr:`Firmware.int
 
 from __future__ import annotations
 
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,9 +34,11 @@ from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct
 from sevemu.errors import AddressError, FirmwareError, LayoutError
 from sevemu.firmware.gctx import GuestContext
+from sevemu.firmware.identity import PlatformIdentity, boot_identity
+from sevemu.firmware.nvstore import NvStore
 from sevemu.hw.psp import PspPorts
 
-__all__ = ["Firmware", "command", "Reply", "ANY_STATE", "READY"]
+__all__ = ["ANY_STATE", "READY", "Firmware", "Reply", "command"]
 
 ANY_STATE = frozenset(PlatformState)
 READY = frozenset({PlatformState.INIT, PlatformState.WORKING})
@@ -76,9 +79,9 @@ class Reply(FirmwareError):
 class Firmware:
     """The SEV firmware running on the PSP."""
 
-    def __init__(self, ports: PspPorts) -> None:
+    def __init__(self, ports: PspPorts, platform_dir: str | os.PathLike[str] | None = None) -> None:
         # importing the command modules registers their handlers
-        from sevemu.firmware.sev import guest, launch, platform  # noqa: F401
+        from sevemu.firmware.sev import attest, debug, guest, launch, migrate, pki, platform  # noqa: F401
 
         self.ports = ports
         self.profile = ports.profile
@@ -91,6 +94,16 @@ class Firmware:
         self.asid_deactivated: dict[int, int] = {}  # ASID -> WBINVD epoch at DEACTIVATE (needs flush)
         self.internal_errors: list[str] = []
         self.log: list[tuple[str, int]] = []  # (command name, status), newest last
+        # Non-volatile state (sevemu.firmware.nvstore): the platform identity, loaded at boot from the
+        # platform directory the factory provisioned; without one the part is unprovisioned and the
+        # commands that need the identity answer HWERROR_PLATFORM.
+        self.nv: NvStore | None = None
+        self._identity: PlatformIdentity | None = None
+        self.nv_area: int | None = None  # SPA of INIT_EX's host NV buffer; None: the SPI store
+        if platform_dir is not None:
+            p = self.profile
+            self.nv, self._identity = boot_identity(platform_dir, generation=p.name, api_major=p.api_major,
+                                                    api_minor=p.api_minor, rng=ports.trng)
 
     # ---- mailbox entry point -------------------------------------------------------------------
     def handle(self, command_id: int, buffer_paddr: int) -> int:
@@ -137,6 +150,22 @@ class Firmware:
         return Status.SUCCESS
 
     # ---- helpers shared by handlers ------------------------------------------------------------
+    @property
+    def identity(self) -> PlatformIdentity:
+        """The platform's keys and certificates; HWERROR_PLATFORM on an unprovisioned part."""
+        if self._identity is None:
+            raise FirmwareError(Status.HWERROR_PLATFORM, "unprovisioned part: no platform identity")
+        return self._identity
+
+    @identity.setter
+    def identity(self, value: PlatformIdentity) -> None:
+        self._identity = value
+
+    def close(self) -> None:
+        """Close the NV store (the firmware answers no more commands that touch it)."""
+        if self.nv is not None:
+            self.nv.close()
+
     def guest(self, handle: int) -> GuestContext:
         """The context of ``handle``; INVALID_GUEST when there is none."""
         g = self.guests.get(handle)

@@ -4,8 +4,8 @@ Boot, as an SEV guest's early code does it (Linux ``sme_enable``/``sev_enable``)
 
 1. ``CPUID 0x8000001F`` for the C-bit position, ``RDMSR SEV_STATUS`` (never intercepted) to learn
    whether memory encryption is active -- a plain VM sees SEV_STATUS = 0 and uses no C-bit;
-2. build identity-map page tables (:class:`~sevemu.guest.paging.PageTableBuilder`) while paging is
-   off -- every store is private then;
+2. clear the page-table pages and build identity-map page tables
+   (:class:`~sevemu.guest.paging.PageTableBuilder`) while paging is off -- every store is private then;
 3. load CR3, set CR0.PG;
 4. announce the shared (C=0) pages to the host with the KVM_HC_MAP_GPA_RANGE hypercall.
 
@@ -19,10 +19,10 @@ from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sevemu.hw.pyengine import Op, op
 from sevemu.guest.paging import PageTableBuilder
+from sevemu.hw.pyengine import Op, op
 
-__all__ = ["GuestInfo", "boot", "print_", "COM1", "KVM_HC_MAP_GPA_RANGE", "SEV_STATUS_MSR"]
+__all__ = ["COM1", "KVM_HC_MAP_GPA_RANGE", "SEV_STATUS_MSR", "GuestInfo", "boot", "print_"]
 
 COM1 = 0x3F8
 KVM_HC_MAP_GPA_RANGE = 12
@@ -51,6 +51,11 @@ def boot(mapped: int, tables_at: int = 0x10000, shared: Iterable[int] = ()) -> G
     sev = bool(status & 1)
     cbit_pos = ebx & 0x3F if sev else 0
     builder = PageTableBuilder(tables_at, mapped, (1 << cbit_pos) if sev else 0, shared)
+    # Clear the table pages first, as a kernel clears every page-table page it allocates: fresh
+    # encrypted memory reads as whatever DRAM decrypts to, not zeros, and garbage entries could
+    # look present.
+    for page in range(builder.base, builder.end, PAGE):
+        yield op.write(page, bytes(PAGE))
     for gpa, value in builder.entries:
         yield op.store(gpa, 8, value)
     yield op.write_cr(3, builder.root)

@@ -13,7 +13,7 @@ from typing import Any
 from sevemu.guest.kernel import Gen, boot, print_
 from sevemu.hw.pyengine import Op, op
 
-__all__ = ["keep_secret", "read_back", "shared_exchange", "touch_pages", "read_region", "demo_guest"]
+__all__ = ["demo_guest", "keep_secret", "read_back", "read_region", "shared_exchange", "touch_pages"]
 
 LARGE = 2 << 20
 

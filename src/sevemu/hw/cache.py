@@ -14,19 +14,25 @@ hypervisor must flush before changing a page's key or C-bit (reference 4.2).  Wi
 feature, a fill evicts (writing back) every other-domain line of the same SPA first.
 
 The whole cache hierarchy is modelled as one shared level: private L1/L2 levels would change timing,
-which this model does not claim, but not which bytes reach DRAM.
+which this model does not claim, but not which bytes reach DRAM.  The one exception is a private
+level that holds whole pages for an instruction engine that cannot go through :meth:`Cache.line`
+on every access (the Unicorn engine, :mod:`sevemu.hw.ucengine`): such a level attaches itself as a
+:class:`CacheAgent` and the cache keeps it coherent by snooping, as a real hierarchy does -- before
+anyone else reads lines of a page it holds, it writes its modifications back; before anyone else
+writes, flushes or invalidates them, it writes back and drops (or refreshes) its copy.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
+from typing import Protocol
 
 from sevemu.errors import AlignmentError, InputError
 from sevemu.hw.dram import LINE
 from sevemu.hw.memctl import MemoryController
 
-__all__ = ["Cache", "tag_key", "key_domain", "C_SHIFT", "ASID_SHIFT", "SPA_MASK"]
+__all__ = ["Cache", "CacheAgent", "tag_key", "key_domain", "C_SHIFT", "ASID_SHIFT", "SPA_MASK"]
 
 C_SHIFT = 52
 ASID_SHIFT = 53
@@ -44,6 +50,24 @@ def tag_key(asid: int, c: bool, spa: int) -> int:
 def key_domain(key: int) -> tuple[int, bool, int]:
     """(asid, c, line spa) of a cache key."""
     return key >> ASID_SHIFT, bool((key >> C_SHIFT) & 1), key & SPA_MASK
+
+
+class CacheAgent(Protocol):
+    """A private level above the cache holding whole pages of plaintext, kept coherent by snooping.
+
+    Keys are cache keys (:func:`tag_key`); a range ``[lo, hi)`` stays inside one encryption domain,
+    except for WBINVD/INVD which pass every key.  ``origin`` arguments of the cache's methods name
+    the agent doing the access, which is not snooped about its own accesses.
+    """
+
+    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+        """Lines with keys in ``[lo, hi)`` are about to be read by someone else (write modified
+        copies back first) or, with ``invalidate``, written, flushed or dropped (write back, then
+        drop or refresh the copies)."""
+
+    def snoop_fill(self, key: int) -> None:
+        """Coherent profiles only: the line ``key`` is being filled, so copies of the same SPA in
+        other encryption domains must go (written back first)."""
 
 
 class Cache:
@@ -69,6 +93,30 @@ class Cache:
         self.writebacks = 0
         self.flush_epoch = 0
         """Number of completed WBINVDs; the Secure Processor reads it to enforce ASID-reuse rules."""
+        self.agents: list[CacheAgent] = []
+        """Private page-holding levels above this cache (see :class:`CacheAgent`); usually none."""
+
+    # ---- snooping -------------------------------------------------------------------------------
+    def attach(self, agent: CacheAgent) -> None:
+        """Keep ``agent`` coherent with this cache from now on."""
+        if agent not in self.agents:
+            self.agents.append(agent)
+
+    def detach(self, agent: CacheAgent) -> None:
+        if agent in self.agents:
+            self.agents.remove(agent)
+
+    def _snoop(self, asid: int, c: bool, spa: int, length: int, invalidate: bool,
+               origin: object | None) -> None:
+        lo = tag_key(asid, c, spa)
+        hi = tag_key(asid, c, spa + max(length, 1) - 1) + LINE
+        for agent in list(self.agents):
+            if agent is not origin:
+                agent.snoop(lo, hi, invalidate)
+
+    def _snoop_all(self) -> None:
+        for agent in list(self.agents):
+            agent.snoop(0, 1 << 64, True)
 
     # ---- the lookup every access goes through -------------------------------------------------
     def line(self, key: int) -> bytearray:
@@ -86,6 +134,8 @@ class Cache:
         self.misses += 1
         spa = key & SPA_MASK
         if self.coherent:
+            for agent in self.agents:
+                agent.snoop_fill(key)
             for other in [k for k in s if k & SPA_MASK == spa]:
                 self._writeback(other, s.pop(other))
         if len(s) >= self.ways:
@@ -102,8 +152,10 @@ class Cache:
             self.mc.write_line(key & SPA_MASK, key >> ASID_SHIFT, bool((key >> C_SHIFT) & 1), line)
 
     # ---- multi-byte helpers (host accesses, page-table walks, tests) -------------------------
-    def read(self, asid: int, c: bool, spa: int, length: int) -> bytes:
+    def read(self, asid: int, c: bool, spa: int, length: int, origin: object | None = None) -> bytes:
         """``length`` bytes at ``spa`` in domain (asid, c), through the cache."""
+        if self.agents:
+            self._snoop(asid, c, spa, length, False, origin)
         out = bytearray()
         pos = spa
         end = spa + length
@@ -114,11 +166,14 @@ class Cache:
             pos += n
         return bytes(out)
 
-    def write(self, asid: int, c: bool, spa: int, data: bytes | bytearray | memoryview) -> None:
+    def write(self, asid: int, c: bool, spa: int, data: bytes | bytearray | memoryview,
+              origin: object | None = None) -> None:
         """Store ``data`` at ``spa`` in domain (asid, c), through the cache (write-allocate)."""
         view = memoryview(data).cast("B")
         pos = 0
         length = len(view)
+        if self.agents:
+            self._snoop(asid, c, spa, length, True, origin)
         while pos < length:
             addr = spa + pos
             off = addr & (LINE - 1)
@@ -136,6 +191,8 @@ class Cache:
         does not evict guest-tagged lines (reference 4.2).
         """
         key = tag_key(asid, c, spa)
+        if self.agents:
+            self._snoop(asid, c, spa, 1, True, None)
         s = self.sets[(key >> 6) & self.set_mask]
         line = s.pop(key, None)
         if line is None:
@@ -144,9 +201,25 @@ class Cache:
         return True
 
     def flush_range(self, asid: int, c: bool, spa: int, length: int) -> None:
-        """CLFLUSH every line of ``[spa, spa+length)`` in domain (asid, c)."""
-        for addr in range(spa & _LINE_MASK, spa + length, LINE):
-            self.clflush(asid, c, addr)
+        """CLFLUSH every line of ``[spa, spa+length)`` in domain (asid, c).
+
+        A range with more lines than the cache can hold is flushed by visiting the resident lines
+        instead of every address (same lines flushed, same write-backs, in set order).
+        """
+        lo = spa & _LINE_MASK
+        hi = spa + length
+        if (hi - lo) // LINE <= len(self.sets) * self.ways:
+            for addr in range(lo, hi, LINE):
+                self.clflush(asid, c, addr)
+            return
+        if self.agents:
+            self._snoop(asid, c, lo, hi - lo, True, None)
+        base = tag_key(asid, c, 0)
+        klo, khi = base | lo, base | hi
+        for s in self.sets:
+            victims = [key for key in s if klo <= key < khi]
+            for key in victims:
+                self._writeback(key, s.pop(key))
 
     def vmpage_flush(self, asid: int, spa: int) -> int:
         """VMPAGE_FLUSH MSR: write back and invalidate the encrypted lines of one 4 KiB page of ``asid``."""
@@ -159,6 +232,8 @@ class Cache:
 
     def wbinvd(self) -> int:
         """WBINVD: write back every dirty line and invalidate the whole cache; returns lines written."""
+        if self.agents:
+            self._snoop_all()
         before = self.writebacks
         for s in self.sets:
             for key, line in s.items():
@@ -169,6 +244,8 @@ class Cache:
 
     def invalidate_all(self) -> None:
         """INVD: drop every line without writing anything back."""
+        if self.agents:
+            self._snoop_all()
         for s in self.sets:
             s.clear()
         self.dirty.clear()

@@ -219,9 +219,52 @@ class Core:
         self.mc.dram.check_range(spa, len(data))
         self.cache.write(0, c, spa, data)
 
+    def host_read_stream(self, spa: int, length: int) -> bytes:
+        """Streaming (non-temporal) read of unencrypted memory as the host, C=0 (``MOVNTDQA``).
+
+        Returns what an ordinary read would -- DRAM, with the host's dirty cached lines of the range
+        in place of their DRAM bytes -- but allocates no line: how a large copy out of a DMA buffer
+        (PSP output, a NIC ring) avoids polluting the cache.
+        """
+        dram = self.mc.dram
+        data = dram.read(spa, length)
+        cache = self.cache
+        dirty = cache.dirty
+        first, end = spa & ~63, spa + length
+        keys = [k for k in range(first, end, 64) if k in dirty]  # domain (0, C=0): the key is the SPA
+        if not keys:
+            return data
+        out = bytearray(data)
+        for key in keys:
+            line = cache.sets[(key >> 6) & cache.set_mask].get(key)
+            if line is not None:
+                lo, hi = max(key, spa), min(key + 64, end)
+                out[lo - spa : hi - spa] = line[lo - key : hi - key]
+        return bytes(out)
+
+    def host_write_stream(self, spa: int, data: bytes | bytearray) -> None:
+        """Streaming (non-temporal) write of unencrypted memory as the host, C=0 (``MOVNTDQ``).
+
+        The host's cached lines of the range are written back and invalidated, then the bytes go
+        straight to DRAM: the same memory contents as an ordinary write followed by CLFLUSH, without
+        filling the cache (copying into a DMA buffer the PSP or a device reads next).
+        """
+        dram = self.mc.dram
+        dram.check_range(spa, len(data))
+        cache = self.cache
+        sets, mask = cache.sets, cache.set_mask
+        for key in range(spa & ~63, spa + len(data), 64):
+            if key in sets[(key >> 6) & mask]:
+                cache.clflush(0, False, key)
+        dram.write(spa, data)
+
     def clflush(self, spa: int, c: bool = False) -> None:
         """CLFLUSH of one line as the host: only host-domain lines are evicted."""
         self.cache.clflush(0, c, spa)
+
+    def clflush_range(self, spa: int, length: int, c: bool = False) -> None:
+        """CLFLUSH every line of ``[spa, spa+length)`` as the host (Linux ``clflush_cache_range``)."""
+        self.cache.flush_range(0, c, spa, length)
 
     def wbinvd(self) -> int:
         """WBINVD: write back and invalidate every line, whatever its ASID."""

@@ -61,6 +61,9 @@ class Dram:
     def read(self, spa: int, length: int) -> bytes:
         """``length`` bytes from ``spa`` (any alignment, may span pages)."""
         self.check_range(spa, length)
+        if not (spa | length) & 0xFFF:  # whole pages: one join, one copy
+            get = self._pages.get
+            return b"".join([get(pfn, _ZERO_PAGE) for pfn in range(spa >> 12, (spa + length) >> 12)])
         out = bytearray(length)
         pos = 0
         while pos < length:

@@ -77,9 +77,10 @@ class Mmu:
     def __init__(self, cache: Cache, profile: CpuProfile) -> None:
         self.cache = cache
         self.cbit = profile.cbit_mask
-        # address field of an entry: bits 12..MAXPHYADDR-1, C-bit excluded
-        self.addr_mask = ((1 << profile.phys_addr_bits) - 1) & ~0xFFF & ~self.cbit
-        high = ((1 << 52) - 1) & ~((1 << profile.phys_addr_bits) - 1)
+        # address field of an entry: bits 12..MAXPHYADDR-1, C-bit excluded.  With memory encryption
+        # on, MAXPHYADDR loses the EBX[11:6] reduction and those bits become reserved (reference 4.1).
+        self.addr_mask = ((1 << profile.addr_bits) - 1) & ~0xFFF & ~self.cbit
+        high = ((1 << 52) - 1) & ~((1 << profile.addr_bits) - 1)
         self.rsvd_plain = high | (self.cbit if self.cbit < (1 << 52) else 0)
         self.rsvd_sev = high & ~self.cbit
 

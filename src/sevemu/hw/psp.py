@@ -65,22 +65,42 @@ class PspDma:
         self._mc.dram.check_range(spa, length)
 
     def read(self, spa: int, length: int) -> bytes:
-        """Unencrypted read, coherent with the host's unencrypted cache lines."""
+        """Unencrypted read, coherent with the host's unencrypted cache lines.
+
+        A snoop is answered by a cache only for a line it holds modified; a clean line holds what
+        DRAM holds, so only the dirty host-domain lines of the range are merged in.  Large ranges
+        visit the dirty lines instead of every address.
+        """
         self._mc.dram.check_range(spa, length)
-        out = bytearray(self._mc.dram.read(spa, length))
-        for line_spa in range(spa & ~(LINE - 1), spa + length, LINE):
-            cached = self._cache.peek(0, False, line_spa)
-            if cached is not None:
-                lo = max(line_spa, spa)
-                hi = min(line_spa + LINE, spa + length)
-                out[lo - spa : hi - spa] = cached[lo - line_spa : hi - line_spa]
+        data = self._mc.dram.read(spa, length)
+        cache = self._cache
+        dirty = cache.dirty
+        first = spa & ~(LINE - 1)
+        end = spa + length
+        if (end - first) // LINE <= len(dirty):
+            keys = [k for k in range(first, end, LINE) if k in dirty]  # host C=0 key == SPA
+        else:
+            keys = sorted(k for k in dirty if first <= k < end)  # domain (0, C=0) keys are SPAs
+        if not keys:
+            return data
+        out = bytearray(data)
+        for key in keys:
+            line = cache.sets[(key >> 6) & cache.set_mask].get(key)
+            if line is None:
+                continue
+            lo = max(key, spa)
+            hi = min(key + LINE, end)
+            out[lo - spa : hi - spa] = line[lo - key : hi - key]
         return bytes(out)
 
     def write(self, spa: int, data: bytes) -> None:
         """Unencrypted write; stale host copies of those lines are invalidated (after write-back)."""
         self._mc.dram.check_range(spa, len(data))
+        cache = self._cache
+        sets, mask = cache.sets, cache.set_mask
         for line_spa in range(spa & ~(LINE - 1), spa + len(data), LINE):
-            self._cache.clflush(0, False, line_spa)
+            if line_spa in sets[(line_spa >> 6) & mask]:  # domain (0, C=0): the cache key is the SPA
+                cache.clflush(0, False, line_spa)
         self._mc.dram.write(spa, data)
 
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:

@@ -7,9 +7,22 @@ Flows follow Linux KVM (arch/x86/kvm/svm/sev.c, reference 1.3/1.14):
   above ECX.  Freed SEV ASIDs wait in a reclaim set; when no fresh ASID is left the hypervisor does
   WBINVD on all CPUs then DF_FLUSH and reuses them (``sev_flush_asids``) -- the firmware refuses an
   ACTIVATE that skipped either step.
-* ``launch`` (SEV): LAUNCH_START (new VEK), ACTIVATE (bind the ASID), for each image region: back
-  and fill the pages as the host, CLFLUSH them (``sev_clflush_pages``), LAUNCH_UPDATE_DATA per
-  physically contiguous run; LAUNCH_MEASURE; LAUNCH_FINISH.
+* ``launch`` (SEV) = ``launch_measure`` + ``launch_finish``.  ``launch_measure``: LAUNCH_START (new
+  VEK; with the guest owner's GODH certificate and session blob when given, copied into the PSP
+  bounce area like KVM's ``dh_uaddr``/``session_uaddr``), ACTIVATE (bind the ASID), for each image
+  region: back and fill the pages as the host, CLFLUSH them (``sev_clflush_pages``),
+  LAUNCH_UPDATE_DATA per physically contiguous run; LAUNCH_MEASURE, whose blob goes to the owner.
+  Between the two, ``launch_secret`` (KVM_SEV_LAUNCH_SECRET) injects an owner-sealed packet at a
+  GPA: the guest region is backed, must be physically contiguous (``-EINVAL`` otherwise), is
+  CLFLUSHed, and is given to the firmware by SPA with the C-bit set.  ``launch_finish``:
+  LAUNCH_FINISH.
+* ``attestation_report`` (KVM_SEV_GET_ATTESTATION_REPORT): length query, then ATTESTATION with the
+  caller's MNONCE.
+* ``dbg_decrypt`` / ``dbg_encrypt`` (KVM_SEV_DBG_DECRYPT / _ENCRYPT): page by page through a bounce
+  buffer, 16-byte aligned (unaligned ends are handled by decrypting the enclosing blocks first, as
+  KVM does).  The firmware works on DRAM, so the guest's cached lines of each page are written back
+  and invalidated first (VMPAGE_FLUSH when CPUID Fn8000_001F EAX[2] has it, else WBINVD): a host
+  CLFLUSH cannot evict guest-tagged lines.
 * ``run``: VMRUN until an exit the run loop cannot handle itself.  #NPF inside guest memory backs
   the page (demand paging); port I/O to COM1 is the serial console; CPUID returns the host's values
   (including Fn8000_001F, so a guest learns its C-bit); VMMCALL implements KVM_HC_MAP_GPA_RANGE, by
@@ -25,33 +38,40 @@ from dataclasses import dataclass
 from sevemu.abi.commands import CommandId
 from sevemu.abi.paging import ExitCode
 from sevemu.abi.sev import (
+    SEV_TMR_LEN,
     ActivateCmd,
+    AttestationCmd,
+    DbgCmd,
     GuestStatusCmd,
     HandleCmd,
     InitCmd,
     InitOptions,
     LaunchStartCmd,
     LaunchUpdateDataCmd,
+    LegacyAttestationReport,
     MeasureBuf,
     PlatformStatus,
-    SEV_TMR_LEN,
+    TransportCmd,
 )
-from sevemu.abi.status import Status
+from sevemu.abi.status import Status, status_name
 from sevemu.errors import AsidError, InputError, MailboxError, VmError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.soc import Soc
-from sevemu.hw.svm import VmExit
+from sevemu.hw.svm import TlbControl, Vmcb, VmExit
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.psp import PspDriver
 from sevemu.hypervisor.vm import Vcpu, Vm, VmKind, VmState
 
-__all__ = ["Hypervisor", "RunResult", "COM1", "KVM_HC_MAP_GPA_RANGE"]
+__all__ = ["COM1", "KVM_HC_MAP_GPA_RANGE", "Hypervisor", "RunResult"]
 
 COM1 = 0x3F8
 KVM_HC_MAP_GPA_RANGE = 12
 _MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 PAGE = 4096
 MiB = 1 << 20
+_VMPAGE_FLUSH = 1 << 2  # CPUID Fn8000_001F EAX[2]
+_SECRET_HDR_OFFSET = 0  # PSP bounce-area layout for LAUNCH_START / LAUNCH_SECRET blobs
+_SECRET_TRANS_OFFSET = PAGE
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,7 @@ class Hypervisor:
         self._reclaim: set[int] = set()
         self._plain_next = p.max_asid + 1
         self.asid_flushes = 0
+        self._last_vmcb: dict[int, Vmcb] = {}  # ASID -> the VMCB that last ran with it on the core
 
     # ---- platform ------------------------------------------------------------------------------
     def platform_init(self, es: bool = False) -> None:
@@ -130,13 +151,32 @@ class Hypervisor:
         self.vms.append(vm)
         return vm
 
-    def launch(self, vm: Vm, regions: list[tuple[int, bytes]], policy: int = 0) -> bytes:
-        """Load ``regions`` (GPA, bytes) into ``vm`` and, for SEV, run the measured launch.
+    def launch(self, vm: Vm, regions: list[tuple[int, bytes]], policy: int = 0, *,
+               godh_cert: bytes | None = None, session: bytes | None = None) -> bytes:
+        """Load ``regions`` (GPA, bytes) into ``vm`` and, for SEV, run the whole measured launch.
 
-        Returns the LAUNCH_MEASURE blob (MEASURE || MNONCE) for SEV guests, b"" for plain ones.
+        ``godh_cert`` and ``session`` are the guest owner's GODH certificate and session buffer
+        (both or neither).  Returns the LAUNCH_MEASURE blob (MEASURE || MNONCE) for SEV guests, b""
+        for plain ones.  To inject secrets, use :meth:`launch_measure`, :meth:`launch_secret` and
+        :meth:`launch_finish` instead.
+        """
+        measure = self.launch_measure(vm, regions, policy, godh_cert=godh_cert, session=session)
+        if vm.sev:
+            self.launch_finish(vm)
+        return measure
+
+    def launch_measure(self, vm: Vm, regions: list[tuple[int, bytes]], policy: int = 0, *,
+                       godh_cert: bytes | None = None, session: bytes | None = None) -> bytes:
+        """LAUNCH_START .. LAUNCH_MEASURE for ``vm``; returns the 0x30-byte measurement blob.
+
+        The VM stays LAUNCHING (firmware state LSECRET) until :meth:`launch_finish`; a plain VM is
+        loaded and RUNNING at once (b"" returned).  A refused LAUNCH_START raises
+        :class:`~sevemu.errors.MailboxError` and leaves the VM CREATED.
         """
         if vm.state is not VmState.CREATED:
             raise VmError(f"{vm.name} was already launched")
+        if (godh_cert is None) != (session is None):
+            raise InputError("an owner session needs both the GODH certificate and the session buffer")
         for gpa, data in regions:
             if gpa < 0 or gpa + len(data) > vm.memory:
                 raise InputError(
@@ -149,8 +189,21 @@ class Hypervisor:
         if not vm.sev:
             vm.state = VmState.RUNNING
             return b""
+        start_cmd = LaunchStartCmd(policy=policy)
+        if godh_cert is not None and session is not None:
+            start_cmd = LaunchStartCmd(
+                policy=policy,
+                dh_cert_paddr=self.psp.put_data(godh_cert, _SECRET_HDR_OFFSET),
+                dh_cert_len=len(godh_cert),
+                session_paddr=self.psp.put_data(session, _SECRET_TRANS_OFFSET),
+                session_len=len(session),
+            )
+        try:
+            start = self.psp.call(CommandId.LAUNCH_START, start_cmd)
+        except MailboxError:
+            vm.state = VmState.CREATED
+            raise
         vm.policy = policy
-        start = self.psp.call(CommandId.LAUNCH_START, LaunchStartCmd(policy=policy))
         vm.handle = start.handle
         self.psp.call(CommandId.ACTIVATE, ActivateCmd(handle=vm.handle, asid=vm.asid))
         for gpa, data in regions:
@@ -163,10 +216,131 @@ class Hypervisor:
         self.psp.call(CommandId.LAUNCH_MEASURE,
                       LaunchUpdateDataCmd(handle=vm.handle, paddr=out_spa, len=MeasureBuf.SIZE))
         measure = self.psp.get_data(MeasureBuf.SIZE)
-        self.psp.call(CommandId.LAUNCH_FINISH, HandleCmd(handle=vm.handle))
         vm.measurement = measure
-        vm.state = VmState.RUNNING
         return measure
+
+    def _measured(self, vm: Vm, what: str) -> None:
+        if not vm.sev or vm.state is not VmState.LAUNCHING or not vm.measurement:
+            raise VmError(f"{what} needs an SEV guest measured and not yet finished; {vm.name} is "
+                          f"{vm.state.value}")
+
+    def _cbit_mask(self) -> int:
+        """The C-bit as software learns it: CPUID Fn8000_001F EBX[5:0]."""
+        return 1 << (self.soc.cpuid(0x8000001F)[1] & 0x3F)
+
+    def launch_secret(self, vm: Vm, header: bytes, trans: bytes, gpa: int,
+                      guest_len: int | None = None) -> None:
+        """KVM_SEV_LAUNCH_SECRET: hand the owner's packet (header, TRANS) to the firmware, which
+        decrypts it into guest memory at ``gpa`` (``guest_len`` defaults to ``len(trans)``).
+
+        Raises :class:`~sevemu.errors.VmError` when the VM is not between LAUNCH_MEASURE and
+        LAUNCH_FINISH or the guest region is not physically contiguous,
+        :class:`~sevemu.errors.MailboxError` when the firmware refuses the packet.
+        """
+        self._measured(vm, "LAUNCH_SECRET")
+        length = len(trans) if guest_len is None else guest_len
+        if gpa < 0 or length <= 0 or gpa + length > vm.memory:
+            raise InputError(f"secret region {gpa:#x}+{length:#x} does not fit {vm.name}'s memory")
+        vm.back_range(gpa, length)
+        spa = vm.spa_of(gpa)
+        for page in range((gpa & ~0xFFF) + PAGE, gpa + length, PAGE):
+            if vm.spa_of(page) != spa + (page - gpa):
+                raise VmError(f"secret region {gpa:#x}+{length:#x} of {vm.name} is not physically "
+                              "contiguous (KVM: -EINVAL)")
+        for line in range(spa & ~63, spa + length, 64):
+            self.core.clflush(line)
+        cmd = TransportCmd(
+            handle=vm.handle,
+            hdr_paddr=self.psp.put_data(header, _SECRET_HDR_OFFSET),
+            hdr_len=len(header),
+            guest_paddr=spa | self._cbit_mask(),
+            guest_len=length,
+            trans_paddr=self.psp.put_data(trans, _SECRET_TRANS_OFFSET),
+            trans_len=len(trans),
+        )
+        self.psp.call(CommandId.LAUNCH_SECRET, cmd)
+
+    def launch_finish(self, vm: Vm) -> None:
+        """LAUNCH_FINISH: the measured (and possibly secret-provisioned) guest becomes RUNNING."""
+        self._measured(vm, "LAUNCH_FINISH")
+        self.psp.call(CommandId.LAUNCH_FINISH, HandleCmd(handle=vm.handle))
+        vm.state = VmState.RUNNING
+
+    def attestation_report(self, vm: Vm, mnonce: bytes) -> bytes:
+        """KVM_SEV_GET_ATTESTATION_REPORT: the 0xD0-byte PEK-signed report for ``mnonce``.
+
+        Like KVM, asks the firmware for the length first (INVALID_LENGTH with the length written
+        back), then issues ATTESTATION with a buffer of that size.
+        """
+        if not vm.sev or not vm.handle:
+            raise VmError(f"{vm.name} has no SEV guest context")
+        if len(mnonce) != 16:
+            raise InputError(f"MNONCE is 16 bytes, got {len(mnonce)}")
+        status, out = self.psp.raw(CommandId.ATTESTATION,
+                                   AttestationCmd(handle=vm.handle, mnonce=mnonce).encode())
+        if status != Status.INVALID_LENGTH:
+            raise MailboxError(CommandId.ATTESTATION.name, status, status_name(status))
+        length = AttestationCmd.decode(out).len
+        paddr = self.psp.put_data(bytes(length))
+        self.psp.call(CommandId.ATTESTATION, AttestationCmd(handle=vm.handle, paddr=paddr, mnonce=mnonce,
+                                                            len=length))
+        return self.psp.get_data(LegacyAttestationReport.SIZE)
+
+    # ---- debugging (DBG_DECRYPT / DBG_ENCRYPT) ----------------------------------------------------
+    def _flush_guest_page(self, vm: Vm, spa: int) -> None:
+        """Write back and invalidate the guest's cached lines of one page before the firmware
+        touches it in DRAM (see the module docstring)."""
+        if self.soc.cpuid(0x8000001F)[0] & _VMPAGE_FLUSH:
+            self.core.vmpage_flush(spa & ~0xFFF, vm.asid)
+        else:
+            self.soc.wbinvd_all()
+
+    def _dbg_chunks(self, vm: Vm, gpa: int, length: int) -> list[tuple[int, int, int]]:
+        """(GPA, SPA, length) per page of a 16-byte aligned range; the pages must be backed."""
+        if not vm.sev or not vm.handle:
+            raise VmError(f"{vm.name} has no SEV guest context")
+        if gpa < 0 or gpa + length > vm.memory:
+            raise InputError(f"range {gpa:#x}+{length:#x} does not fit {vm.name}'s memory")
+        out = []
+        pos = gpa
+        while pos < gpa + length:
+            n = min(PAGE - (pos & 0xFFF), gpa + length - pos)
+            out.append((pos, vm.spa_of(pos), n))
+            pos += n
+        return out
+
+    def dbg_decrypt(self, vm: Vm, gpa: int, length: int) -> bytes:
+        """KVM_SEV_DBG_DECRYPT: ``length`` bytes of guest memory at ``gpa`` in plaintext.
+
+        Refused by the firmware (POLICY_FAILURE in the raised MailboxError) when the guest's policy
+        has NODBG.
+        """
+        start = gpa & ~15
+        end = (gpa + length + 15) & ~15
+        out = bytearray()
+        for _, spa, n in self._dbg_chunks(vm, start, end - start):
+            self._flush_guest_page(vm, spa)
+            dst = self.psp.put_data(bytes(n))
+            self.psp.call(CommandId.DBG_DECRYPT, DbgCmd(handle=vm.handle, src_paddr=spa | self._cbit_mask(),
+                                                        dst_paddr=dst, len=n))
+            out += self.psp.get_data(n)
+        return bytes(out[gpa - start : gpa - start + length])
+
+    def dbg_encrypt(self, vm: Vm, gpa: int, data: bytes) -> None:
+        """KVM_SEV_DBG_ENCRYPT: write ``data`` into guest memory at ``gpa``, encrypted with the
+        guest's key (unaligned ends: the enclosing 16-byte blocks are decrypted and patched first)."""
+        start = gpa & ~15
+        end = (gpa + len(data) + 15) & ~15
+        plain = bytes(data)
+        if (start, end) != (gpa, gpa + len(data)):
+            buf = bytearray(self.dbg_decrypt(vm, start, end - start))
+            buf[gpa - start : gpa - start + len(data)] = data
+            plain = bytes(buf)
+        for pos, spa, n in self._dbg_chunks(vm, start, end - start):
+            self._flush_guest_page(vm, spa)
+            src = self.psp.put_data(plain[pos - start : pos - start + n])
+            self.psp.call(CommandId.DBG_ENCRYPT, DbgCmd(handle=vm.handle, src_paddr=src,
+                                                        dst_paddr=spa | self._cbit_mask(), len=n))
 
     @staticmethod
     def _contiguous_runs(vm: Vm, gpa: int, length: int) -> list[tuple[int, int]]:
@@ -190,6 +364,13 @@ class Hypervisor:
         """Tear ``vm`` down: DEACTIVATE and DECOMMISSION (SEV), free its memory, reclaim its ASID."""
         if vm.state is VmState.DESTROYED:
             return
+        if vm.sev:
+            # Guest-tagged lines must reach DRAM before the pages go back to the allocator: CLFLUSH
+            # from the host cannot evict them, so WBINVD (KVM sev_vm_destroy).  Otherwise a later
+            # write-back of a stale line would overwrite the pages' next owner.
+            self.soc.wbinvd_all()
+        if vm.sev and not vm.handle:
+            self._sev_free = sorted({*self._sev_free, vm.asid})  # never activated: no flush needed
         if vm.sev and vm.handle:
             try:
                 self.psp.call(CommandId.DEACTIVATE, HandleCmd(handle=vm.handle))
@@ -210,7 +391,7 @@ class Hypervisor:
         """
         vm.npt.map(gpa & ~0xFFF, other.spa_of(other_gpa) & ~0xFFF)
         for vcpu in vm.vcpus:
-            vcpu.vmcb.tlb_control = 3
+            vcpu.vmcb.tlb_control = TlbControl.FLUSH_ASID
 
     # ---- running ----------------------------------------------------------------------------------
     def run(self, vm: Vm, vcpu: Vcpu | int = 0, engine: Engine | None = None,
@@ -228,6 +409,11 @@ class Hypervisor:
             v.engine = engine
         if v.engine is None:
             raise VmError(f"vCPU {v.index} of {vm.name} has nothing to run")
+        if self._last_vmcb.get(v.vmcb.asid) is not v.vmcb:
+            # Another VMCB (another vCPU, or a destroyed VM whose ASID was reused) ran with this
+            # ASID on the core last: its translations must not be used (KVM pre_sev_run).
+            self._last_vmcb[v.vmcb.asid] = v.vmcb
+            v.vmcb.tlb_control = TlbControl.FLUSH_ASID
         for n in range(1, max_exits + 1):
             ex = self.core.vmrun(v.vmcb, v.engine)
             v.exits[ex.name] += 1

@@ -3,8 +3,8 @@
 DRAM below ``host_reserved`` belongs to the host itself (its own data, PSP command buffers, nested
 page tables); guest memory is handed out page by page from above it, on demand, as KVM backs guest
 memory lazily.  A page that comes back to the allocator is zeroed by the host before reuse (with
-plain C=0 writes, like Linux's ``clear_page``), so a new owner never inherits another guest's
-ciphertext in the clear -- nor its plaintext, which never reached DRAM anyway.
+plain C=0 writes, like Linux's ``clear_page``, then flushed to DRAM), so a new owner never inherits
+another guest's ciphertext in the clear -- nor its plaintext, which never reached DRAM anyway.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ class PageAllocator:
         if self._free:
             spa = self._free.pop()
             self._core.host_write(spa, bytes(PAGE))
+            # ... and pushed to DRAM (``sev_clflush_pages``): dirty host-tagged lines left in the
+            # cache would otherwise be written back over whatever the new owner stores later.
+            for line in range(spa, spa + PAGE, 64):
+                self._core.clflush(line)
         elif self._next < self._end:
             spa = self._next
             self._next += PAGE

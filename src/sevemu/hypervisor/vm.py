@@ -18,7 +18,7 @@ from sevemu.hw.svm import Vmcb, VmExit
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.npt import NestedPageTable
 
-__all__ = ["Vm", "Vcpu", "VmKind", "VmState"]
+__all__ = ["Vcpu", "Vm", "VmKind", "VmState"]
 
 PAGE = 4096
 

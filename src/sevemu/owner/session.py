@@ -3,7 +3,8 @@
 ::
 
     LaunchSession.create(pdh, policy)        fresh GODH key pair, nonce, wrap IV, TEK/TIK
-        .godh_public_key()                   -> goes into the GODH certificate (LAUNCH_START)
+        .godh_public_key()                   -> the guest owner's DH public key
+        .godh_cert_blob                      -> the 0x824-byte GODH certificate (LAUNCH_START)
         .session_blob                        -> the 0x80-byte session buffer (LAUNCH_START)
         .verify_measurement(blob, ...)       -> MeasuredLaunch   (after LAUNCH_MEASURE)
             .launch_secret(secrets)          -> LaunchSecret     (for LAUNCH_SECRET)
@@ -14,9 +15,11 @@ Key agreement: ``Z = ECDH(GODH private, PDH public)`` on P-384, the 48-byte big-
 x-coordinate (``cryptography``'s ECDH output).  The rest is
 :func:`sevemu.crypto.transport.seal_session`.
 
-Note for the lead: the GODH *certificate* (an AMD-format ``sev_cert`` carrying
-:meth:`LaunchSession.godh_public_key`) is built by ``certs.sev``; this module only exposes the
-key.
+GODH certificate (reference 1.7): an AMD-format SEV certificate carrying the GODH public key,
+usage PDH (0x1003), algorithm ECDH_SHA256 (3), curve P-384, version 1, API version 0.0, both
+signature slots empty -- as virtee/sev builds it.  AMD's firmware checks only the body (version,
+usage, algorithm, a valid P-384 point) and ignores the slots; sev-tool's self-signature (slot 1
+usage PEK) would be accepted the same way.  :func:`godh_certificate` builds it.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sevemu.abi.certs import KeyUsage, SigAlgo
 from sevemu.abi.policy import check_policy
 from sevemu.abi.sev import MeasureBuf, SessionBuf
+from sevemu.certs.sev import SevCert
 from sevemu.crypto.ecc import ecdh
 from sevemu.crypto.transport import (
     IV_SIZE,
@@ -42,7 +47,7 @@ from sevemu.errors import InputError
 from sevemu.owner.measurement import verify_measurement
 from sevemu.owner.secret import LaunchSecret, package_secret, secret_table
 
-__all__ = ["LaunchSession", "MeasuredLaunch", "shared_secret"]
+__all__ = ["LaunchSession", "MeasuredLaunch", "godh_certificate", "shared_secret"]
 
 
 def shared_secret(private: ec.EllipticCurvePrivateKey, peer: ec.EllipticCurvePublicKey) -> bytes:
@@ -54,6 +59,17 @@ def shared_secret(private: ec.EllipticCurvePrivateKey, peer: ec.EllipticCurvePub
         if not isinstance(key.curve, ec.SECP384R1):
             raise InputError(f"SEV sessions use P-384; the {what} is on {key.curve.name}")
     return ecdh(private, peer)
+
+
+def godh_certificate(public_key: ec.EllipticCurvePublicKey) -> SevCert:
+    """The GODH certificate for ``public_key`` (module docstring): usage PDH, ECDH_SHA256, P-384,
+    signature slots empty.
+
+    Raises :class:`~sevemu.errors.InputError` when the key is not on P-384.
+    """
+    if not isinstance(public_key.curve, ec.SECP384R1):
+        raise InputError(f"a GODH key is on P-384, not {public_key.curve.name}")
+    return SevCert.new(KeyUsage.PDH, SigAlgo.ECDH_SHA256, public_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +119,15 @@ class LaunchSession:
     def godh_public_key(self) -> ec.EllipticCurvePublicKey:
         """The guest owner's DH public key, to be certified as the GODH cert of LAUNCH_START."""
         return self.godh_public
+
+    def godh_cert(self) -> SevCert:
+        """The GODH certificate carrying :meth:`godh_public_key` (for LAUNCH_START)."""
+        return godh_certificate(self.godh_public)
+
+    @property
+    def godh_cert_blob(self) -> bytes:
+        """The encoded 0x824-byte GODH certificate (LAUNCH_START ``dh_cert``)."""
+        return self.godh_cert().encode()
 
     @property
     def session_blob(self) -> bytes:

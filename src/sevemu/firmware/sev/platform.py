@@ -1,4 +1,5 @@
-"""Platform commands: INIT, SHUTDOWN, PLATFORM_STATUS, DF_FLUSH (SEV API 55766 ch. 5; reference 1.2-1.5).
+"""Platform commands: INIT, INIT_EX, SHUTDOWN, PLATFORM_STATUS, DF_FLUSH (SEV API 55766 ch. 5;
+reference 1.2-1.5).
 
 INIT moves UNINIT -> INIT; with ``options.SEV_ES`` it also enables SEV-ES, which needs a CPU that
 has ES ASIDs and a 1 MiB, 1 MiB-aligned Trusted Memory Region (INVALID_ADDRESS / INVALID_LENGTH
@@ -9,36 +10,127 @@ SHUTDOWN returns to UNINIT from INIT or WORKING, forgetting every guest and unlo
 DF_FLUSH clears the data-fabric write buffers for every ASID deactivated since the last DF_FLUSH.
 It fails WBINVD_REQUIRED while any of those ASIDs was deactivated after the last WBINVD (Linux:
 "DEACTIVATE will clear the WBINVD indicator causing DF_FLUSH to fail").
+
+INIT_EX (AMD-ASPFW ``sev_mcmd_init_common``): ``length`` must be 0x24 (INVALID_LENGTH).  With
+``nv_paddr`` 0 it is INIT: the NV store is the platform's own (the SPI flash, here the SQLite store
+of :mod:`sevemu.firmware.nvstore`).  Otherwise the firmware keeps its NV in that host buffer for
+this session: 4 KiB aligned and inside DRAM (INVALID_ADDRESS), ``nv_len`` exactly 32 KiB
+(INVALID_LENGTH), not overlapping the SEV-ES TMR (INVALID_ADDRESS).  An erased buffer (all 0xFF or
+all 0x00) gets a fresh self-owned identity, sealed and written back at once; a buffer that does
+not unseal with this chip's key, or whose records do not form a valid chain, is refused with
+SECURE_DATA_INVALID (AMD's firmware also erases it; the model leaves a refused command's memory
+alone).  Until the next INIT, PEK_GEN, PDH_GEN and PEK_CERT_IMPORT write the sealed image there (the
+host persists it, as Linux does after those commands); PLATFORM_RESET always resets the SPI store.
+A plain INIT returns to the SPI store's identity.
+
+PLATFORM_STATUS reports the owner bit (1 = externally owned) in INIT and WORKING; in UNINIT it
+reports 0, like the SEV-ES config bit and the guest count ("these values are invalid if we aren't
+initialized", AMD-ASPFW ``sev_mcmd_platform_status``).
 """
 
 from __future__ import annotations
 
 from sevemu.abi.commands import CommandId
-from sevemu.abi.sev import SEV_TMR_LEN, InitCmd, InitOptions, PlatformConfig, PlatformStatus
+from sevemu.abi.sev import (
+    INIT_EX_LENGTH,
+    INIT_EX_NV_LEN,
+    SEV_TMR_LEN,
+    InitCmd,
+    InitExCmd,
+    InitOptions,
+    PlatformConfig,
+    PlatformStatus,
+)
 from sevemu.abi.states import PlatformOwner, PlatformState
 from sevemu.abi.status import Status
-from sevemu.errors import FirmwareError
+from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.dispatcher import READY, Firmware, command
+from sevemu.firmware.identity import PlatformIdentity
+from sevemu.firmware.nvstore import NvStoreError, seal_host_nv, unseal_host_nv
+
+_UNINIT = frozenset({PlatformState.UNINIT})
+_PAGE = 4096
 
 
-@command(CommandId.INIT, frozenset({PlatformState.UNINIT}))
-def init(fw: Firmware, cmd: InitCmd) -> None:
-    if cmd.options & ~int(InitOptions.SEV_ES):
-        raise FirmwareError(Status.INVALID_PARAM, f"unknown INIT options {cmd.options:#x}")
-    es = bool(cmd.options & InitOptions.SEV_ES)
+def _check_options(fw: Firmware, options: int, tmr_paddr: int, tmr_len: int) -> tuple[bool, tuple[int, int] | None]:
+    """(SEV-ES enabled, TMR) of an INIT/INIT_EX request, refusing what the platform cannot do."""
+    if options & ~int(InitOptions.SEV_ES):
+        raise FirmwareError(Status.INVALID_PARAM, f"unknown INIT options {options:#x}")
+    es = bool(options & InitOptions.SEV_ES)
     tmr = None
     if es:
         if not fw.profile.sev_es:
             raise FirmwareError(Status.INVALID_CONFIG, "this CPU has no SEV-ES ASIDs")
-        spa, _ = fw.ports.dma.strip(cmd.tmr_paddr)
+        spa, _ = fw.ports.dma.strip(tmr_paddr)
         if spa % SEV_TMR_LEN or spa == 0:
             raise FirmwareError(Status.INVALID_ADDRESS, "TMR must be 1 MiB aligned")
-        if cmd.tmr_len != SEV_TMR_LEN:
+        if tmr_len != SEV_TMR_LEN:
             raise FirmwareError(Status.INVALID_LENGTH, "TMR must be 1 MiB")
-        tmr = (spa, cmd.tmr_len)
+        tmr = (spa, tmr_len)
+    return es, tmr
+
+
+def _spi_identity(fw: Firmware) -> PlatformIdentity | None:
+    """The SPI store's identity when the last INIT_EX used a host buffer; None: already current."""
+    if fw.nv_area is None or fw.nv is None:
+        return None
+    try:
+        ident, fresh = fw.identity.with_records(fw.nv.read(), fw.ports.trng)
+        if fresh:
+            fw.nv.commit(ident.nv_records())
+    except NvStoreError as exc:
+        raise FirmwareError(Status.HWERROR_PLATFORM, str(exc)) from exc
+    return ident
+
+
+def _enter_init(fw: Firmware, es: bool, tmr: tuple[int, int] | None) -> None:
     fw.state = PlatformState.INIT
     fw.config_es = es
     fw.tmr = tmr
+
+
+@command(CommandId.INIT, _UNINIT)
+def init(fw: Firmware, cmd: InitCmd) -> None:
+    es, tmr = _check_options(fw, cmd.options, cmd.tmr_paddr, cmd.tmr_len)
+    spi = _spi_identity(fw)
+    if spi is not None:
+        fw.identity = spi
+        fw.nv_area = None
+    _enter_init(fw, es, tmr)
+
+
+@command(CommandId.INIT_EX, _UNINIT)
+def init_ex(fw: Firmware, cmd: InitExCmd) -> None:
+    if cmd.length != INIT_EX_LENGTH:
+        raise FirmwareError(Status.INVALID_LENGTH, f"INIT_EX length {cmd.length:#x}, expected 0x24")
+    es, tmr = _check_options(fw, cmd.options, cmd.tmr_paddr, cmd.tmr_len)
+    if not cmd.nv_paddr:
+        init(fw, InitCmd(options=cmd.options, tmr_paddr=cmd.tmr_paddr, tmr_len=cmd.tmr_len))
+        return
+    dma = fw.ports.dma
+    nv_spa, _ = dma.strip(cmd.nv_paddr)
+    if nv_spa % _PAGE:
+        raise FirmwareError(Status.INVALID_ADDRESS, "the NV buffer must be 4 KiB aligned")
+    try:
+        dma.check(nv_spa, max(cmd.nv_len, 1))
+    except AddressError as exc:
+        raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
+    if cmd.nv_len != INIT_EX_NV_LEN:
+        raise FirmwareError(Status.INVALID_LENGTH, f"nv_len {cmd.nv_len:#x}, expected 32 KiB")
+    if tmr is not None and nv_spa < tmr[0] + tmr[1] and tmr[0] < nv_spa + INIT_EX_NV_LEN:
+        raise FirmwareError(Status.INVALID_ADDRESS, "the NV buffer overlaps the TMR")
+    current = fw.identity
+    key = current.nv_seal_key()
+    try:
+        ident, fresh = current.with_records(unseal_host_nv(key, dma.read(nv_spa, INIT_EX_NV_LEN)),
+                                            fw.ports.trng)
+    except NvStoreError as exc:
+        raise FirmwareError(Status.SECURE_DATA_INVALID, str(exc)) from None
+    if fresh:
+        dma.write(nv_spa, seal_host_nv(key, ident.nv_records(), fw.ports.trng(12)))
+    fw.identity = ident
+    fw.nv_area = nv_spa
+    _enter_init(fw, es, tmr)
 
 
 @command(CommandId.SHUTDOWN, READY)
@@ -56,11 +148,14 @@ def shutdown(fw: Firmware, _: None) -> None:
 @command(CommandId.PLATFORM_STATUS, frozenset(PlatformState), output_only=True)
 def platform_status(fw: Firmware, _: None) -> PlatformStatus:
     major, minor, build = fw.api_version
+    owner = PlatformOwner.SELF_OWNED
+    if fw.state != PlatformState.UNINIT and fw.nv is not None and fw.identity.owner_external:
+        owner = PlatformOwner.EXTERNAL
     return PlatformStatus(
         api_major=major,
         api_minor=minor,
         state=int(fw.state),
-        owner=int(PlatformOwner.SELF_OWNED),
+        owner=int(owner),
         config=int(PlatformConfig.ES) if fw.config_es else 0,
         build=build,
         guest_count=len(fw.guests),

@@ -1,0 +1,441 @@
+/*
+ * sevemu.crypto._memenc_accel: optional C helpers for the memory-encryption engine
+ * (src/sevemu/crypto/memenc.py).  The AES itself stays in `cryptography`; this module does only the
+ * work around it that would otherwise take several numpy passes per chunk:
+ *
+ *   xor_addr_tweak(dst, src, spa, consts)     XE/XEX: dst = src ^ T(spa + 16k) for each block k
+ *   xts_xor(dst, src, tweaks, blocks)         XTS: dst = src ^ E_K2(n) * alpha^j per block j of unit n
+ *   xts_sequence(out, first)                  XTS: the 128-bit little-endian numbers first, first+1, ...
+ *   xor_bytes(a, b[, c]) -> bytes             the single-line path: a ^ b (^ c)
+ *
+ * Portable C99: no intrinsics, unaligned accesses through memcpy, little-endian decoding spelled
+ * out for the GF(2^128) arithmetic.  Buffers come through the buffer protocol (C-contiguous); every
+ * length is checked here (ValueError), although memenc validates its arguments first.  dst may be
+ * src itself (each block is read before it is written); other overlaps are not supported.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 16
+#define PAGE_SHIFT 12
+#define PAGE_BLOCKS ((1 << PAGE_SHIFT) / BLOCK)
+#define MAX_BITS 63
+#define MAX_UNIT_BLOCKS (1L << 24)
+
+static uint64_t load64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static void store64(unsigned char *p, uint64_t v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
+/* Little-endian 64-bit load/store for the GF(2^128) arithmetic, whatever the host's byte order
+ * (the test folds to a constant: plain loads and stores on little-endian machines). */
+static int host_is_little_endian(void)
+{
+    const uint16_t one = 1;
+    unsigned char first;
+    memcpy(&first, &one, 1);
+    return first == 1;
+}
+
+static uint64_t byte_swap64(uint64_t v)
+{
+    v = (v & 0x00FF00FF00FF00FFu) << 8 | (v >> 8 & 0x00FF00FF00FF00FFu);
+    v = (v & 0x0000FFFF0000FFFFu) << 16 | (v >> 16 & 0x0000FFFF0000FFFFu);
+    return v << 32 | v >> 32;
+}
+
+static uint64_t load_le64(const unsigned char *p)
+{
+    uint64_t v = load64(p);
+    return host_is_little_endian() ? v : byte_swap64(v);
+}
+
+static void store_le64(unsigned char *p, uint64_t v)
+{
+    store64(p, host_is_little_endian() ? v : byte_swap64(v));
+}
+
+/* ---- argument helpers -------------------------------------------------------------------- */
+
+static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi)
+{
+    if (nargs < lo || nargs > hi) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd positional arguments (%zd given)", name, lo,
+                     hi, nargs);
+        return -1;
+    }
+    return 0;
+}
+
+/* Acquire n buffers; the first `writable` of them must be writable.  On failure releases what was
+ * acquired and returns -1. */
+static int get_buffers(PyObject *const *args, Py_buffer *views, int n, int writable)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        int flags = i < writable ? PyBUF_WRITABLE : PyBUF_SIMPLE;
+        if (PyObject_GetBuffer(args[i], &views[i], flags) < 0) {
+            while (--i >= 0) {
+                PyBuffer_Release(&views[i]);
+            }
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void release_buffers(Py_buffer *views, int n)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        PyBuffer_Release(&views[i]);
+    }
+}
+
+static int get_u64(PyObject *obj, const char *what, uint64_t *out)
+{
+    unsigned long long v;
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int", what);
+        return -1;
+    }
+    v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s must be in 0..2**64-1", what);
+        }
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* ---- XE/XEX: the address tweak ------------------------------------------------------------ */
+
+/* T(spa + 16k) = in_page[block in page] ^ T(page base), both XORs of the constants t_i (16 bytes
+ * each, t_i for address bit i) over the set bits of the address. */
+static void addr_tweak_xor(unsigned char *dst, const unsigned char *src, Py_ssize_t len, uint64_t spa,
+                           const unsigned char *consts, int nbits)
+{
+    uint64_t in_page[PAGE_BLOCKS][2];
+    int b, i;
+
+    /* in_page[b] = XOR of t_(4+i) over the set bits i of b (bits 4..11 of the address). */
+    in_page[0][0] = in_page[0][1] = 0;
+    for (b = 1; b < PAGE_BLOCKS; b++) {
+        int low = 0;
+        while (!((b >> low) & 1)) {
+            low++;
+        }
+        in_page[b][0] = in_page[b & (b - 1)][0] ^ load64(consts + BLOCK * (4 + low));
+        in_page[b][1] = in_page[b & (b - 1)][1] ^ load64(consts + BLOCK * (4 + low) + 8);
+    }
+
+    while (len > 0) {
+        uint64_t page_lo = 0, page_hi = 0;
+        Py_ssize_t first = (Py_ssize_t)((spa >> 4) & (PAGE_BLOCKS - 1));
+        Py_ssize_t count = PAGE_BLOCKS - first;
+        Py_ssize_t k;
+        if (count > len / BLOCK) {
+            count = len / BLOCK;
+        }
+        for (i = PAGE_SHIFT; i < nbits; i++) {
+            if ((spa >> i) & 1) {
+                page_lo ^= load64(consts + BLOCK * i);
+                page_hi ^= load64(consts + BLOCK * i + 8);
+            }
+        }
+        for (k = 0; k < count; k++) {
+            const unsigned char *s = src + BLOCK * k;
+            unsigned char *d = dst + BLOCK * k;
+            uint64_t lo = load64(s) ^ in_page[first + k][0] ^ page_lo;
+            uint64_t hi = load64(s + 8) ^ in_page[first + k][1] ^ page_hi;
+            store64(d, lo);
+            store64(d + 8, hi);
+        }
+        src += BLOCK * count;
+        dst += BLOCK * count;
+        len -= BLOCK * count;
+        spa += (uint64_t)(BLOCK * count);
+    }
+}
+
+PyDoc_STRVAR(xor_addr_tweak_doc,
+             "xor_addr_tweak(dst, src, spa, consts, /)\n--\n\n"
+             "dst = src ^ T(spa + 16k) for every 16-byte block k, where T(p) is the XOR of the\n"
+             "16-byte constants consts[16i:16i+16] over the set bits i >= 4 of p.  len(consts) is\n"
+             "16 * pa_bits (12..63); spa is 16-aligned and spa + len(src) <= 2**pa_bits; dst has\n"
+             "len(src) bytes and may be src.");
+
+static PyObject *xor_addr_tweak(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer v[3]; /* dst, src, consts */
+    PyObject *bufs[3];
+    uint64_t spa;
+    Py_ssize_t nbits;
+    (void)self;
+
+    if (check_nargs("xor_addr_tweak", nargs, 4, 4) < 0 || get_u64(args[2], "spa", &spa) < 0) {
+        return NULL;
+    }
+    bufs[0] = args[0];
+    bufs[1] = args[1];
+    bufs[2] = args[3];
+    if (get_buffers(bufs, v, 3, 1) < 0) {
+        return NULL;
+    }
+    nbits = v[2].len / BLOCK;
+    if (v[0].len != v[1].len || v[1].len % BLOCK) {
+        PyErr_Format(PyExc_ValueError, "dst (%zd bytes) and src (%zd bytes) must be the same whole number "
+                     "of 16-byte blocks", v[0].len, v[1].len);
+    } else if (v[2].len % BLOCK || nbits < PAGE_SHIFT || nbits > MAX_BITS) {
+        PyErr_Format(PyExc_ValueError, "consts must be 16 * pa_bits bytes with 12 <= pa_bits <= 63, not %zd",
+                     v[2].len);
+    } else if (spa % BLOCK) {
+        PyErr_SetString(PyExc_ValueError, "spa must be a multiple of 16");
+    } else if (spa >> nbits || (uint64_t)v[1].len > ((uint64_t)1 << nbits) - spa) {
+        PyErr_Format(PyExc_ValueError, "the span is outside the %zd-bit address space", nbits);
+    } else {
+        unsigned char *dst = (unsigned char *)v[0].buf;
+        const unsigned char *src = (const unsigned char *)v[1].buf;
+        const unsigned char *consts = (const unsigned char *)v[2].buf;
+        Py_ssize_t len = v[1].len;
+        Py_BEGIN_ALLOW_THREADS
+        addr_tweak_xor(dst, src, len, spa, consts, (int)nbits);
+        Py_END_ALLOW_THREADS
+        release_buffers(v, 3);
+        Py_RETURN_NONE;
+    }
+    release_buffers(v, 3);
+    return NULL;
+}
+
+/* ---- XTS ---------------------------------------------------------------------------------- */
+
+/* x * alpha in GF(2^128), x = hi:lo little-endian: shift left one bit, reduce by
+ * x^128 = x^7 + x^2 + x + 1. */
+#define GF_DOUBLE(lo, hi)                                                                           \
+    do {                                                                                           \
+        uint64_t carry_ = (hi) >> 63;                                                              \
+        (hi) = (hi) << 1 | (lo) >> 63;                                                             \
+        (lo) = (lo) << 1 ^ ((uint64_t)0x87 & ((uint64_t)0 - carry_));                              \
+    } while (0)
+
+/* dst = src ^ t for one 16-byte block, t = hi:lo little-endian. */
+static void xor_block_le(unsigned char *dst, const unsigned char *src, uint64_t lo, uint64_t hi)
+{
+    uint64_t a = load_le64(src) ^ lo;
+    uint64_t b = load_le64(src + 8) ^ hi;
+    store_le64(dst, a);
+    store_le64(dst + 8, b);
+}
+
+static void xts_xor_units(unsigned char *dst, const unsigned char *src, const unsigned char *tweaks,
+                          Py_ssize_t units, Py_ssize_t unit_blocks)
+{
+    Py_ssize_t u, j;
+    for (u = 0; u < units; u++) {
+        /* The tweak as a little-endian 128-bit integer (IEEE 1619 byte order): hi:lo. */
+        uint64_t lo0 = load_le64(tweaks + BLOCK * u);
+        uint64_t hi0 = load_le64(tweaks + BLOCK * u + 8);
+        for (j = 0; j + 4 <= unit_blocks; j += 4) {
+            /* Four blocks at a time: the multiples first (a short chain in registers), then the
+             * XORs, which do not wait on each other. */
+            uint64_t lo1 = lo0, hi1 = hi0, lo2, hi2, lo3, hi3;
+            GF_DOUBLE(lo1, hi1);
+            lo2 = lo1;
+            hi2 = hi1;
+            GF_DOUBLE(lo2, hi2);
+            lo3 = lo2;
+            hi3 = hi2;
+            GF_DOUBLE(lo3, hi3);
+            xor_block_le(dst, src, lo0, hi0);
+            xor_block_le(dst + BLOCK, src + BLOCK, lo1, hi1);
+            xor_block_le(dst + 2 * BLOCK, src + 2 * BLOCK, lo2, hi2);
+            xor_block_le(dst + 3 * BLOCK, src + 3 * BLOCK, lo3, hi3);
+            GF_DOUBLE(lo3, hi3);
+            lo0 = lo3;
+            hi0 = hi3;
+            src += 4 * BLOCK;
+            dst += 4 * BLOCK;
+        }
+        for (; j < unit_blocks; j++) {
+            xor_block_le(dst, src, lo0, hi0);
+            GF_DOUBLE(lo0, hi0);
+            src += BLOCK;
+            dst += BLOCK;
+        }
+    }
+}
+
+PyDoc_STRVAR(xts_xor_doc,
+             "xts_xor(dst, src, tweaks, unit_blocks, /)\n--\n\n"
+             "XTS masking: tweaks holds one 16-byte encrypted tweak E_K2(n) per data unit of\n"
+             "unit_blocks 16-byte blocks; block j of unit u becomes src ^ E_K2(n_u) * alpha^j in\n"
+             "GF(2^128) (IEEE 1619, little-endian).  dst has len(src) bytes and may be src.");
+
+static PyObject *xts_xor(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer v[3]; /* dst, src, tweaks */
+    Py_ssize_t unit_blocks, units;
+    (void)self;
+
+    if (check_nargs("xts_xor", nargs, 4, 4) < 0) {
+        return NULL;
+    }
+    unit_blocks = PyLong_AsSsize_t(args[3]);
+    if (unit_blocks == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (unit_blocks < 1 || unit_blocks > MAX_UNIT_BLOCKS) {
+        PyErr_SetString(PyExc_ValueError, "unit_blocks must be in 1..2**24");
+        return NULL;
+    }
+    if (get_buffers(args, v, 3, 1) < 0) {
+        return NULL;
+    }
+    units = v[2].len / BLOCK;
+    if (v[2].len % BLOCK) {
+        PyErr_Format(PyExc_ValueError, "tweaks must be a whole number of 16-byte blocks, not %zd bytes",
+                     v[2].len);
+    } else if (v[0].len != v[1].len || v[1].len % (BLOCK * unit_blocks) ||
+               v[1].len / (BLOCK * unit_blocks) != units) {
+        PyErr_Format(PyExc_ValueError, "dst (%zd bytes) and src (%zd bytes) must both be %zd units of %zd "
+                     "blocks", v[0].len, v[1].len, units, unit_blocks);
+    } else {
+        unsigned char *dst = (unsigned char *)v[0].buf;
+        const unsigned char *src = (const unsigned char *)v[1].buf;
+        const unsigned char *tweaks = (const unsigned char *)v[2].buf;
+        Py_BEGIN_ALLOW_THREADS
+        xts_xor_units(dst, src, tweaks, units, unit_blocks);
+        Py_END_ALLOW_THREADS
+        release_buffers(v, 3);
+        Py_RETURN_NONE;
+    }
+    release_buffers(v, 3);
+    return NULL;
+}
+
+PyDoc_STRVAR(xts_sequence_doc,
+             "xts_sequence(out, first, /)\n--\n\n"
+             "Fill out (a whole number of 16-byte blocks) with the 128-bit little-endian integers\n"
+             "first, first + 1, ... (the XTS data-unit sequence numbers); first < 2**64.");
+
+static PyObject *xts_sequence(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer v;
+    uint64_t first;
+    Py_ssize_t i, count;
+    unsigned char *out;
+    (void)self;
+
+    if (check_nargs("xts_sequence", nargs, 2, 2) < 0 || get_u64(args[1], "first", &first) < 0) {
+        return NULL;
+    }
+    if (get_buffers(args, &v, 1, 1) < 0) {
+        return NULL;
+    }
+    if (v.len % BLOCK) {
+        PyErr_Format(PyExc_ValueError, "out must be a whole number of 16-byte blocks, not %zd bytes", v.len);
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    count = v.len / BLOCK;
+    out = (unsigned char *)v.buf;
+    for (i = 0; i < count; i++) {
+        uint64_t lo = first + (uint64_t)i;
+        store_le64(out + BLOCK * i, lo);
+        store_le64(out + BLOCK * i + 8, lo < first ? 1 : 0);
+    }
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+/* ---- the single-line path ----------------------------------------------------------------- */
+
+PyDoc_STRVAR(xor_bytes_doc,
+             "xor_bytes(a, b, c=None, /)\n--\n\n"
+             "a ^ b (^ c) as bytes; the buffers must have the same length.");
+
+static PyObject *xor_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer v[3];
+    int n;
+    Py_ssize_t len, i;
+    PyObject *result = NULL;
+    (void)self;
+
+    if (check_nargs("xor_bytes", nargs, 2, 3) < 0) {
+        return NULL;
+    }
+    n = (nargs == 3 && args[2] != Py_None) ? 3 : 2;
+    if (get_buffers(args, v, n, 0) < 0) {
+        return NULL;
+    }
+    len = v[0].len;
+    if (v[1].len != len || (n == 3 && v[2].len != len)) {
+        PyErr_SetString(PyExc_ValueError, "xor_bytes: the buffers must have the same length");
+    } else if ((result = PyBytes_FromStringAndSize(NULL, len)) != NULL) {
+        unsigned char *d = (unsigned char *)PyBytes_AS_STRING(result);
+        const unsigned char *a = (const unsigned char *)v[0].buf;
+        const unsigned char *b = (const unsigned char *)v[1].buf;
+        const unsigned char *c = n == 3 ? (const unsigned char *)v[2].buf : NULL;
+        for (i = 0; i + 8 <= len; i += 8) {
+            uint64_t x = load64(a + i) ^ load64(b + i);
+            if (c) {
+                x ^= load64(c + i);
+            }
+            store64(d + i, x);
+        }
+        for (; i < len; i++) {
+            d[i] = (unsigned char)(a[i] ^ b[i] ^ (c ? c[i] : 0));
+        }
+    }
+    release_buffers(v, n);
+    return result;
+}
+
+/* ---- module ------------------------------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"xor_addr_tweak", (PyCFunction)(void (*)(void))xor_addr_tweak, METH_FASTCALL, xor_addr_tweak_doc},
+    {"xts_xor", (PyCFunction)(void (*)(void))xts_xor, METH_FASTCALL, xts_xor_doc},
+    {"xts_sequence", (PyCFunction)(void (*)(void))xts_sequence, METH_FASTCALL, xts_sequence_doc},
+    {"xor_bytes", (PyCFunction)(void (*)(void))xor_bytes, METH_FASTCALL, xor_bytes_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyModuleDef_Slot slots[] = {
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "sevemu.crypto._memenc_accel",
+    "Optional C helpers of sevemu.crypto.memenc (tweak XOR passes; the AES stays in cryptography).",
+    0,
+    methods,
+    slots,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__memenc_accel(void)
+{
+    return PyModuleDef_Init(&module);
+}

@@ -1,0 +1,78 @@
+"""DBG_DECRYPT (0x60) and DBG_ENCRYPT (0x61): the debug window into a guest (reference 1.3, 1.5, 1.6).
+
+DBG_DECRYPT reads ``len`` bytes of guest memory at ``src_paddr``, decrypts them with the guest's
+key and writes the plaintext to host memory at ``dst_paddr``; DBG_ENCRYPT reads host plaintext at
+``src_paddr`` and writes it into guest memory at ``dst_paddr``, encrypted with the guest's key.
+Both only for a guest whose policy has NODBG = 0.
+
+Checks, in the order of AMD's firmware (amd/AMD-ASPFW ``sev_mcmd.c: sev_mcmd_dbg_decrypt``,
+``debug_crypt_common``):
+
+* ``src_paddr`` or ``dst_paddr`` (C-bit stripped) not 16-byte aligned: INVALID_ADDRESS;
+* ``len`` not a multiple of 16: INVALID_LENGTH (``len`` = 0 too: model choice -- AF lets it through
+  as a no-op);
+* unknown handle: INVALID_GUEST;
+* policy NODBG: POLICY_FAILURE;
+* guest not activated (no key in the memory controller): INACTIVE;
+* either range outside DRAM: INVALID_ADDRESS.
+
+No guest state is required (AF checks none, which settles the "allowed states" question of
+reference section 5 item 4 for DBG): a debuggable guest can be inspected from LUPDATE to SENT, as
+long as it holds an ASID.
+
+What the firmware sees is DRAM.  The guest's own dirty cache lines are plaintext inside the SoC,
+tagged with its ASID; the PSP's encrypted accesses bypass the caches.  So DBG_DECRYPT returns the
+last data *written back*, and a DBG_ENCRYPT can be undone by the later write-back of a stale guest
+line (or hidden behind a clean one).  The hypervisor must write back and invalidate the guest's
+lines first -- WBINVD, or VMPAGE_FLUSH per page -- as KVM does (``sev_dbg_crypt`` flushes before
+the command).  On the host side the firmware is coherent: it reads host plaintext through the
+snooping unencrypted path, writes DBG_DECRYPT's output through it (invalidating stale host lines),
+and before DBG_ENCRYPT writes the guest range it evicts the host's cached lines of that range
+(AF's CSF-698 dummy read), as for LAUNCH_SECRET.  Partial 64-byte lines are read-modify-written
+(:func:`~sevemu.firmware.sev.launch.write_guest`).
+"""
+
+from __future__ import annotations
+
+from sevemu.abi.commands import CommandId
+from sevemu.abi.sev import DbgCmd
+from sevemu.abi.status import Status
+from sevemu.errors import FirmwareError
+from sevemu.firmware.dispatcher import READY, Firmware, command
+from sevemu.firmware.gctx import GuestContext
+from sevemu.firmware.sev.launch import check_range, evict_host_lines, need_active, read_guest, write_guest
+
+__all__ = ["DBG_GRANULE", "dbg_decrypt", "dbg_encrypt"]
+
+DBG_GRANULE = 16
+
+
+def _checks(fw: Firmware, cmd: DbgCmd) -> tuple[GuestContext, int, int]:
+    dma = fw.ports.dma
+    src, _ = dma.strip(cmd.src_paddr)
+    dst, _ = dma.strip(cmd.dst_paddr)
+    if src % DBG_GRANULE or dst % DBG_GRANULE:
+        raise FirmwareError(Status.INVALID_ADDRESS, f"src {src:#x} / dst {dst:#x} not 16-byte aligned")
+    if cmd.len == 0 or cmd.len % DBG_GRANULE:
+        raise FirmwareError(Status.INVALID_LENGTH, f"len {cmd.len:#x} is not a non-zero multiple of 16")
+    g = fw.guest(cmd.handle)
+    if g.nodbg:
+        raise FirmwareError(Status.POLICY_FAILURE, f"guest {g.handle} policy forbids debugging (NODBG)")
+    need_active(g)
+    check_range(fw, src, cmd.len)
+    check_range(fw, dst, cmd.len)
+    return g, src, dst
+
+
+@command(CommandId.DBG_DECRYPT, READY)
+def dbg_decrypt(fw: Firmware, cmd: DbgCmd) -> None:
+    g, src, dst = _checks(fw, cmd)
+    fw.ports.dma.write(dst, read_guest(fw, g, src, cmd.len))
+
+
+@command(CommandId.DBG_ENCRYPT, READY)
+def dbg_encrypt(fw: Firmware, cmd: DbgCmd) -> None:
+    g, src, dst = _checks(fw, cmd)
+    plaintext = fw.ports.dma.read(src, cmd.len)
+    evict_host_lines(fw, dst, cmd.len)
+    write_guest(fw, g, dst, plaintext)

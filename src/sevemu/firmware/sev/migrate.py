@@ -1,0 +1,499 @@
+"""Migration commands: SEND_START, SEND_UPDATE_DATA, SEND_FINISH, SEND_CANCEL, RECEIVE_START,
+RECEIVE_UPDATE_DATA, RECEIVE_FINISH (reference 1.3, 1.5, 1.9, 1.13; AMD's firmware source
+amd/AMD-ASPFW ``sev_mcmd.c``, ``sev_channel.c``, ``ccp_direct_cipher.c``, "AF" below).
+
+The source firmware opens a *trusted channel* to the target platform exactly like a guest owner opens
+one to a launching platform (reference 1.9): ``Z = ECDH(own PDH private, target PDH public)``, fresh
+TEK, TIK and nonce from the TRNG, the session buffer sealed with
+:func:`sevemu.crypto.transport.seal_session` (AF ``sev_channel_open_client``: TEK, TIK, nonce, then
+wrap_iv, in that order).  The target opens it with its own PDH private key and the source's PDH
+(AF ``sev_channel_open_server``), as LAUNCH_START opens an owner session.  TEK and TIK live in the
+guest context (``tek``/``tik``, AF ``guest->channel``) until SEND_FINISH, SEND_CANCEL or
+RECEIVE_FINISH closes the channel.
+
+Guest states (reference 1.3): RUNNING -(SEND_START)-> SUPDATE -(SEND_FINISH)-> SENT, or
+-(SEND_CANCEL)-> RUNNING; RECEIVE_START creates a guest in RUPDATE -(RECEIVE_FINISH)-> RUNNING.
+
+SEND_START (checks in AF's order; every refusal leaves the guest and memory untouched)
+    ======================================================================  ====================
+    unknown handle                                                          INVALID_GUEST
+    ``session_len`` is not 0x80 (the length query: 0x80 written back)       INVALID_LENGTH
+    guest not RUNNING                                                       INVALID_GUEST_STATE
+    policy NOSEND                                                           POLICY_FAILURE
+    policy SEV: ``plat_certs_len`` not 0x186C, ``pdh_cert_len`` not 0x824,  INVALID_LENGTH
+    ``amd_certs_len`` not the size of an ASK || ARK pair
+    policy SEV: a certificate buffer outside DRAM                           INVALID_ADDRESS
+    policy SEV: the target chain PDH <- PEK <- (CEK <- ASK <- ARK, OCA)     INVALID_CERTIFICATE
+    does not decode, a certificate has the wrong usage/algorithm, or the    (BAD_SIGNATURE for a
+    ARK is not one the firmware trusts (:meth:`PlatformChain.verify` with   signature that does
+    ``fw.identity.trusted_arks``)                                           not verify)
+    policy SEV: the target PEK's API version is below the policy minimum    POLICY_FAILURE
+    policy DOMAIN: OCA self-signed, PEK <- OCA, PDH <- PEK (same lengths     as for SEV
+    and statuses as above)
+    policy DOMAIN: the target OCA is not byte-for-byte this platform's      POLICY_FAILURE
+    target PDH: length, address; body not a P-384 ECDH_SHA256 PDH key       INVALID_LENGTH /
+                                                                            INVALID_ADDRESS /
+                                                                            INVALID_CERTIFICATE
+    session buffer outside DRAM                                             INVALID_ADDRESS
+    ======================================================================  ====================
+
+    Like AF, a policy with neither SEV nor DOMAIN lets the guest go to any PDH: the certificate
+    chain is not looked at (the guest owner chose not to restrict the target).  The API minimum is
+    checked against the target PEK only under SEV, where the PEK is AMD-certified (AF).
+    Output: the session buffer and ``policy`` (the guest's policy, for RECEIVE_START).
+
+SEND_UPDATE_DATA (SUPDATE)
+    ``hdr_len`` below 0x34: INVALID_LENGTH with 0x34 written back (the length query; AF checks it
+    before the handle).  Then INVALID_GUEST, INVALID_GUEST_STATE, INACTIVE (the guest's key must be
+    in the memory controller); ``guest_len`` zero, above one 4 KiB page, not a multiple of the
+    granule (16 bytes; 64 on AES-XTS generations), ``trans_len`` zero or below ``guest_len``, or
+    the region crossing a 4 KiB boundary: INVALID_LENGTH; ``guest_paddr`` (C-bit stripped) not
+    granule-aligned, or header/TRANS/guest region outside DRAM: INVALID_ADDRESS.
+    One page per call and no page crossing is KVM's contract (``sev_send_update_data``), made a
+    firmware rule here (model choice; AF itself accepts up to its 20 KiB scratch buffer).
+
+    The plaintext is read from DRAM through the PSP's encrypted path with the guest's key -- *not*
+    coherent with the caches: the guest's dirty lines must have been written back first (the
+    hypervisor does WBINVD before sending, and does not run the guest while it sends).
+    ``TRANS = AES-128-CTR(TEK, IV)(plaintext)`` with a fresh 16-byte IV from the TRNG, and::
+
+        MAC = HMAC-SHA256(TIK, 0x02 || le32(FLAGS) || IV || le32(GUEST_LEN) || le32(TRANS_LEN) || TRANS)
+
+    This settles reference section 5 item 1 from AF: ``send_receive_update_aad`` is the channel
+    context byte ``SEV_CHANNEL_CTX_DATA`` (0x02; LAUNCH_SECRET uses 0x01, MEASURE 0x04), the header
+    flags, the IV, the uncompressed size and the TRANS size, and ``aesctr_hmac256_encrypt`` MACs
+    that AAD followed by the ciphertext (encrypt-then-MAC).  There is no MEASURE term: a migration
+    has none.  AF sets ``trans_len = guest_len`` (no compression), writes TRANS (``guest_len``
+    bytes) and the header (flags 0), and writes ``hdr_len`` = 0x34 back.
+
+RECEIVE_START
+    AF's order: ``session_len`` not 0x80 INVALID_LENGTH; session outside DRAM INVALID_ADDRESS;
+    ``pdh_cert_len`` not 0x824 INVALID_LENGTH; source PDH outside DRAM INVALID_ADDRESS; its body not
+    a P-384 ECDH_SHA256 PDH INVALID_CERTIFICATE; wrap_mac or policy_mac wrong BAD_MEASUREMENT (AF's
+    ``hmac_sha256_verify``); policy minimum API above this firmware's or reserved bits POLICY_FAILURE;
+    key sharing with a non-zero ``handle``: INVALID_GUEST for an unknown one, POLICY_FAILURE unless
+    both policies are identical and without NOKS; policy ES on a platform without SEV-ES
+    UNSUPPORTED.  Then a new guest context in RUPDATE with a fresh VEK from the TRNG (or the shared
+    guest's) and the channel's TEK/TIK; the platform becomes WORKING; the new handle is written back.
+
+RECEIVE_UPDATE_DATA (RUPDATE)
+    INVALID_GUEST, INVALID_GUEST_STATE, INACTIVE (ACTIVATE the new guest first, as for
+    LAUNCH_UPDATE_DATA); ``trans_len`` zero or above a page, ``guest_len`` different from
+    ``trans_len``, not a granule multiple, ``hdr_len`` below 0x34, or the region crossing a page:
+    INVALID_LENGTH; ``guest_paddr`` not granule-aligned or any buffer outside DRAM: INVALID_ADDRESS;
+    header flag COMPRESSED: UNSUPPORTED (AF supports no compression and checks the flag first);
+    MAC mismatch (tampered header, TRANS, lengths, or another channel's TIK): BAD_MEASUREMENT.
+    The plaintext is then written into the guest's memory encrypted with the guest's (new) key,
+    after the host's cached copies of the region are written back and dropped (AF's "CSF-698" dummy
+    reads), so a dirty host line cannot later overwrite it.
+
+SEND_UPDATE_VMSA / RECEIVE_UPDATE_VMSA
+    The same packets for an SEV-ES guest's VMSA page (AF: the same code path, the same channel
+    context byte 0x02), after the DATA checks' state check: a guest that is not SEV-ES answers
+    UNSUPPORTED.  AF's VMSA validation (``sev_es_validate_vmsa``) and its VMSA bookkeeping on the
+    target (``sev_es_setup_vmsa``) are not modelled: the page moves like any other.
+
+SEND_FINISH (SUPDATE -> SENT), SEND_CANCEL (SUPDATE -> RUNNING), RECEIVE_FINISH (RUPDATE -> RUNNING)
+    INVALID_GUEST / INVALID_GUEST_STATE; each closes the channel (TEK/TIK forgotten).
+
+The platform keys come from ``fw.identity`` (:class:`~sevemu.firmware.identity.PlatformIdentity`:
+``pdh_key``, ``oca_cert``, ``trusted_arks``); an unprovisioned part answers SEND_START and
+RECEIVE_START with HWERROR_PLATFORM (:attr:`Firmware.identity`).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import replace
+from typing import Final
+
+from sevemu.abi.certs import AMD_CERT_HEADER_SIZE, SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage
+from sevemu.abi.commands import CommandId
+from sevemu.abi.policy import GuestPolicy, api_major, api_minor
+from sevemu.abi.sev import (
+    HandleCmd,
+    HdrBuf,
+    HdrFlags,
+    ReceiveStartCmd,
+    SendStartCmd,
+    SessionBuf,
+    TransportCmd,
+)
+from sevemu.abi.states import GuestState, PlatformState
+from sevemu.abi.status import Status
+from sevemu.certs.amd import MODULUS_SIZES
+from sevemu.certs.chain import PlatformChain, SevCertChain
+from sevemu.certs.errors import CertSignatureError, ChainError, UntrustedRootError
+from sevemu.certs.sev import SevCert
+from sevemu.crypto.ecc import ecdh
+from sevemu.crypto.transport import (
+    IV_SIZE,
+    KEY_SIZE,
+    NONCE_SIZE,
+    PolicyMacError,
+    TransportKeys,
+    WrapMacError,
+    aes128_ctr,
+    hmac_sha256,
+    open_session,
+    seal_session,
+)
+from sevemu.errors import FirmwareError, InputError, LayoutError
+from sevemu.firmware.dispatcher import READY, Firmware, Reply, command
+from sevemu.firmware.gctx import CLOSED_KEY, GuestContext
+from sevemu.firmware.sev.launch import (
+    check_policy,
+    check_range,
+    evict_host_lines,
+    need_active,
+    need_state,
+    read_guest,
+    write_guest,
+)
+from sevemu.firmware.sev.session import godh_public_key, read_host
+
+__all__ = [
+    "AMD_CERTS_LENGTHS",
+    "DATA_CONTEXT",
+    "MAX_PACKET",
+    "data_packet_mac",
+    "open_data_packet",
+    "seal_data_packet",
+]
+
+PAGE: Final = 4096
+MAX_PACKET: Final = PAGE
+"""Largest ``guest_len`` of one SEND/RECEIVE_UPDATE_DATA (one page, KVM's contract)."""
+DATA_CONTEXT: Final = 0x02
+"""Channel context byte of SEND/RECEIVE_UPDATE_DATA MACs (AF ``SEV_CHANNEL_CTX_DATA``)."""
+
+
+def _amd_cert_sizes() -> tuple[frozenset[int], frozenset[int]]:
+    signed = frozenset(AMD_CERT_HEADER_SIZE + 3 * bits // 8 for bits in MODULUS_SIZES)
+    unsigned = frozenset(AMD_CERT_HEADER_SIZE + 2 * bits // 8 for bits in MODULUS_SIZES)
+    return signed, unsigned
+
+
+def _amd_certs_lengths() -> frozenset[int]:
+    signed, unsigned = _amd_cert_sizes()
+    return frozenset(ask + ark for ask in signed for ark in signed | unsigned)
+
+
+AMD_CERTS_LENGTHS: Final = _amd_certs_lengths()
+"""Valid ``amd_certs_len`` values: a signed ASK followed by an ARK (signed, or AMD's signature-less
+Naples form), each RSA-2048 or RSA-4096 (reference 1.8)."""
+
+
+# ---- the data packet (AF send_receive_update_aad + aesctr_hmac256_*) ----------------------------
+
+
+def data_packet_mac(tik: bytes, *, flags: int, iv: bytes, guest_len: int, trans: bytes) -> bytes:
+    """HMAC-SHA256(TIK, 0x02 || le32(flags) || iv || le32(guest_len) || le32(len(trans)) || trans)."""
+    if len(iv) != IV_SIZE:
+        raise InputError(f"packet IV must be {IV_SIZE} bytes, got {len(iv)}")
+    aad = (
+        bytes([DATA_CONTEXT])
+        + flags.to_bytes(4, "little")
+        + bytes(iv)
+        + guest_len.to_bytes(4, "little")
+        + len(trans).to_bytes(4, "little")
+    )
+    return hmac_sha256(tik, aad + bytes(trans))
+
+
+def seal_data_packet(keys: TransportKeys, plaintext: bytes, iv: bytes, flags: int = 0) -> tuple[HdrBuf, bytes]:
+    """(header, TRANS) of one SEND_UPDATE_DATA packet."""
+    trans = aes128_ctr(keys.tek, iv, plaintext)
+    mac = data_packet_mac(keys.tik, flags=flags, iv=iv, guest_len=len(plaintext), trans=trans)
+    return HdrBuf(flags=flags, iv=bytes(iv), mac=mac), trans
+
+
+def open_data_packet(keys: TransportKeys, hdr: HdrBuf, trans: bytes, guest_len: int) -> bytes:
+    """Verify the MAC of a RECEIVE_UPDATE_DATA packet (BAD_MEASUREMENT) and decrypt TRANS."""
+    expected = data_packet_mac(keys.tik, flags=hdr.flags, iv=hdr.iv, guest_len=guest_len, trans=trans)
+    if not hmac.compare_digest(expected, hdr.mac):
+        raise FirmwareError(Status.BAD_MEASUREMENT, "packet MAC does not verify")
+    return aes128_ctr(keys.tek, hdr.iv, trans)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _chain_status(exc: ChainError) -> Status:
+    """AF: malformed or misused certificates are INVALID_CERTIFICATE (also an untrusted ARK, whose
+    key id or fused hash does not match); a signature that does not verify is BAD_SIGNATURE."""
+    if isinstance(exc, UntrustedRootError) or "<-" not in exc.link:
+        return Status.INVALID_CERTIFICATE
+    return Status.BAD_SIGNATURE
+
+
+class _TargetCerts:
+    """The target's certificates as SEND_START reads them, fetched once, on first need."""
+
+    def __init__(self, fw: Firmware, cmd: SendStartCmd) -> None:
+        self._fw = fw
+        self._cmd = cmd
+        self._pdh: bytes | None = None
+        self._chain: SevCertChain | None = None
+
+    def pdh_raw(self) -> bytes:
+        if self._pdh is None:
+            if self._cmd.pdh_cert_len != SEV_CERT_SIZE:
+                raise FirmwareError(Status.INVALID_LENGTH, f"target PDH is {SEV_CERT_SIZE:#x} bytes, "
+                                                           f"not {self._cmd.pdh_cert_len:#x}")
+            self._pdh = read_host(self._fw, self._cmd.pdh_cert_paddr, SEV_CERT_SIZE)
+        return self._pdh
+
+    def _check_sev_lengths(self) -> None:
+        cmd = self._cmd
+        if cmd.plat_certs_len != SEV_CERT_CHAIN_SIZE:
+            raise FirmwareError(Status.INVALID_LENGTH, f"PEK || OCA || CEK is {SEV_CERT_CHAIN_SIZE:#x} "
+                                                       f"bytes, not {cmd.plat_certs_len:#x}")
+        if cmd.pdh_cert_len != SEV_CERT_SIZE:
+            raise FirmwareError(Status.INVALID_LENGTH, f"target PDH is {SEV_CERT_SIZE:#x} bytes")
+
+    def full_chain(self) -> PlatformChain:
+        """PDH, PEK, OCA, CEK, ASK, ARK decoded (lengths first, as AF ``validate_platform``)."""
+        cmd = self._cmd
+        self._check_sev_lengths()
+        if cmd.amd_certs_len not in AMD_CERTS_LENGTHS:
+            raise FirmwareError(Status.INVALID_LENGTH, f"amd_certs_len {cmd.amd_certs_len:#x} is not "
+                                                       "the size of an ASK || ARK pair")
+        certs = read_host(self._fw, cmd.plat_certs_paddr, SEV_CERT_CHAIN_SIZE)
+        pdh = self.pdh_raw()
+        amd = read_host(self._fw, cmd.amd_certs_paddr, cmd.amd_certs_len)
+        try:
+            chain = PlatformChain.from_buffers(pdh, certs, amd)
+        except InputError as exc:
+            raise FirmwareError(Status.INVALID_CERTIFICATE, f"target chain: {exc}") from None
+        self._chain = chain.cert_chain
+        return chain
+
+    def sev_chain(self) -> tuple[SevCert, SevCertChain]:
+        """The target PDH and PEK || OCA || CEK decoded (AF ``validate_domain``)."""
+        if self._chain is None:
+            self._check_sev_lengths()
+            certs = read_host(self._fw, self._cmd.plat_certs_paddr, SEV_CERT_CHAIN_SIZE)
+            try:
+                self._chain = SevCertChain.decode(certs)
+            except InputError as exc:
+                raise FirmwareError(Status.INVALID_CERTIFICATE, f"target chain: {exc}") from None
+        try:
+            pdh = SevCert.decode(self.pdh_raw())
+        except InputError as exc:
+            raise FirmwareError(Status.INVALID_CERTIFICATE, f"target PDH: {exc}") from None
+        return pdh, self._chain
+
+
+def _check_sev_target(fw: Firmware, g: GuestContext, target: _TargetCerts) -> None:
+    """Policy SEV: the whole chain verifies to a trusted ARK; the PEK meets the API minimum."""
+    chain = target.full_chain()
+    try:
+        chain.verify(fw.identity.trusted_arks)
+    except ChainError as exc:
+        raise FirmwareError(_chain_status(exc), f"target chain: {exc}") from None
+    want = (api_major(g.policy), api_minor(g.policy))
+    if (chain.pek.api_major, chain.pek.api_minor) < want:
+        raise FirmwareError(Status.POLICY_FAILURE, f"target firmware API {chain.pek.api_major}."
+                                                   f"{chain.pek.api_minor} is below the policy's "
+                                                   f"{want[0]}.{want[1]}")
+
+
+def _check_domain_target(fw: Firmware, target: _TargetCerts) -> None:
+    """Policy DOMAIN: OCA -> PEK -> PDH verify and the OCA is this platform's own."""
+    pdh, chain = target.sev_chain()
+    links = (
+        ("OCA", chain.oca, KeyUsage.OCA, "OCA", chain.oca),
+        ("PEK", chain.pek, KeyUsage.PEK, "OCA", chain.oca),
+        ("PDH", pdh, KeyUsage.PDH, "PEK", chain.pek),
+    )
+    for name, cert, usage, signer_name, signer in links:
+        if cert.usage != usage:
+            raise FirmwareError(Status.INVALID_CERTIFICATE, f"target {name} has usage {cert.usage.name}")
+        try:
+            cert.verify(signer)
+        except CertSignatureError as exc:
+            raise FirmwareError(Status.BAD_SIGNATURE, f"target {name} <- {signer_name}: {exc}") from None
+    if chain.oca.encode() != fw.identity.oca_cert.encode():
+        raise FirmwareError(Status.POLICY_FAILURE, "target OCA differs from this platform's (DOMAIN)")
+
+
+def _transport_region(fw: Firmware, cmd: TransportCmd, length: int) -> int:
+    """SPA of the guest region of a SEND/RECEIVE_UPDATE_DATA (lengths checked by the caller)."""
+    dma = fw.ports.dma
+    spa, _ = dma.strip(cmd.guest_paddr)
+    gran = fw.granule()
+    if length == 0 or length > MAX_PACKET or length % gran:
+        raise FirmwareError(Status.INVALID_LENGTH, f"guest_len {length:#x}: a non-zero multiple of {gran} "
+                                                   f"up to {MAX_PACKET:#x} is needed")
+    if (spa % PAGE) + length > PAGE:
+        raise FirmwareError(Status.INVALID_LENGTH, f"guest region {spa:#x}+{length:#x} crosses a page")
+    if spa % gran:
+        raise FirmwareError(Status.INVALID_ADDRESS, f"guest_paddr {spa:#x} is not {gran}-byte aligned")
+    return spa
+
+
+# ---- SEND ---------------------------------------------------------------------------------------
+
+
+@command(CommandId.SEND_START, READY)
+def send_start(fw: Firmware, cmd: SendStartCmd) -> SendStartCmd:
+    g = fw.guest(cmd.handle)
+    if cmd.session_len != SessionBuf.SIZE:
+        raise Reply(Status.INVALID_LENGTH, replace(cmd, session_len=SessionBuf.SIZE))
+    need_state(g, GuestState.RUNNING)
+    if g.policy & GuestPolicy.NOSEND:
+        raise FirmwareError(Status.POLICY_FAILURE, f"guest {g.handle} may not be sent (NOSEND)")
+    target = _TargetCerts(fw, cmd)
+    if g.policy & GuestPolicy.SEV:
+        _check_sev_target(fw, g, target)
+    if g.policy & GuestPolicy.DOMAIN:
+        _check_domain_target(fw, target)
+    peer = godh_public_key(target.pdh_raw())
+    session_spa, _ = fw.ports.dma.strip(cmd.session_paddr)
+    check_range(fw, session_spa, SessionBuf.SIZE)
+    z = ecdh(fw.identity.pdh_key, peer)
+    trng = fw.ports.trng
+    keys = TransportKeys(tek=trng(KEY_SIZE), tik=trng(KEY_SIZE))
+    nonce = trng(NONCE_SIZE)
+    session = seal_session(z, nonce, trng(IV_SIZE), keys, g.policy)
+    fw.ports.dma.write(session_spa, session.encode())
+    g.tek, g.tik = keys.tek, keys.tik
+    g.state = GuestState.SUPDATE
+    return replace(cmd, policy=g.policy)
+
+
+def _need_es(g: GuestContext, vmsa: bool) -> None:
+    if vmsa and not g.es:
+        raise FirmwareError(Status.UNSUPPORTED, f"guest {g.handle} is not an SEV-ES guest: it has no VMSA")
+
+
+def _send_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> TransportCmd:
+    if cmd.hdr_len < HdrBuf.SIZE:
+        raise Reply(Status.INVALID_LENGTH, replace(cmd, hdr_len=HdrBuf.SIZE))
+    g = fw.guest(cmd.handle)
+    need_state(g, GuestState.SUPDATE)
+    _need_es(g, vmsa)
+    need_active(g)
+    n = cmd.guest_len
+    if cmd.trans_len == 0 or cmd.trans_len < n:
+        raise FirmwareError(Status.INVALID_LENGTH, f"trans_len {cmd.trans_len:#x} is below guest_len {n:#x}")
+    spa = _transport_region(fw, cmd, n)
+    dma = fw.ports.dma
+    hdr_spa, _ = dma.strip(cmd.hdr_paddr)
+    trans_spa, _ = dma.strip(cmd.trans_paddr)
+    check_range(fw, spa, n)
+    check_range(fw, hdr_spa, HdrBuf.SIZE)
+    check_range(fw, trans_spa, n)
+    plaintext = read_guest(fw, g, spa, n)
+    hdr, trans = seal_data_packet(TransportKeys(g.tek, g.tik), plaintext, fw.ports.trng(IV_SIZE))
+    dma.write(trans_spa, trans)
+    dma.write(hdr_spa, hdr.encode())
+    return replace(cmd, hdr_len=HdrBuf.SIZE)
+
+
+@command(CommandId.SEND_UPDATE_DATA, READY)
+def send_update_data(fw: Firmware, cmd: TransportCmd) -> TransportCmd:
+    return _send_update(fw, cmd, vmsa=False)
+
+
+@command(CommandId.SEND_UPDATE_VMSA, READY)
+def send_update_vmsa(fw: Firmware, cmd: TransportCmd) -> TransportCmd:
+    return _send_update(fw, cmd, vmsa=True)
+
+
+def _close(g: GuestContext, state: GuestState) -> None:
+    g.tek = g.tik = CLOSED_KEY
+    g.state = state
+
+
+@command(CommandId.SEND_FINISH, READY)
+def send_finish(fw: Firmware, cmd: HandleCmd) -> None:
+    g = fw.guest(cmd.handle)
+    need_state(g, GuestState.SUPDATE)
+    _close(g, GuestState.SENT)
+
+
+@command(CommandId.SEND_CANCEL, READY)
+def send_cancel(fw: Firmware, cmd: HandleCmd) -> None:
+    g = fw.guest(cmd.handle)
+    need_state(g, GuestState.SUPDATE)
+    _close(g, GuestState.RUNNING)
+
+
+# ---- RECEIVE ------------------------------------------------------------------------------------
+
+
+def _open_receive_session(fw: Firmware, cmd: ReceiveStartCmd) -> TransportKeys:
+    """TEK and TIK from the source's session (AF ``sev_channel_open_server``)."""
+    if cmd.session_len != SessionBuf.SIZE:
+        raise FirmwareError(Status.INVALID_LENGTH, f"session is {SessionBuf.SIZE:#x} bytes, "
+                                                   f"not {cmd.session_len:#x}")
+    session = read_host(fw, cmd.session_paddr, SessionBuf.SIZE)
+    if cmd.pdh_cert_len != SEV_CERT_SIZE:
+        raise FirmwareError(Status.INVALID_LENGTH, f"source PDH is {SEV_CERT_SIZE:#x} bytes, "
+                                                   f"not {cmd.pdh_cert_len:#x}")
+    peer = godh_public_key(read_host(fw, cmd.pdh_cert_paddr, SEV_CERT_SIZE))
+    z = ecdh(fw.identity.pdh_key, peer)
+    try:
+        return open_session(z, session, cmd.policy)
+    except (WrapMacError, PolicyMacError, LayoutError) as exc:
+        raise FirmwareError(Status.BAD_MEASUREMENT, f"session: {exc}") from None
+
+
+@command(CommandId.RECEIVE_START, READY)
+def receive_start(fw: Firmware, cmd: ReceiveStartCmd) -> ReceiveStartCmd:
+    keys = _open_receive_session(fw, cmd)
+    check_policy(fw, cmd.policy)
+    shared = None
+    if cmd.handle:
+        shared = fw.guest(cmd.handle)
+        if shared.policy != cmd.policy or shared.policy & GuestPolicy.NOKS:
+            raise FirmwareError(Status.POLICY_FAILURE, "key sharing needs identical policies without NOKS")
+    es = bool(cmd.policy & GuestPolicy.ES)
+    if es and not fw.config_es:
+        raise FirmwareError(Status.UNSUPPORTED, "policy requires SEV-ES, which INIT did not enable")
+    vek = shared.vek if shared is not None else fw.new_key()
+    handle = fw.next_handle
+    fw.next_handle += 1
+    fw.guests[handle] = GuestContext(handle=handle, policy=cmd.policy, vek=vek, tek=keys.tek, tik=keys.tik,
+                                     state=GuestState.RUPDATE, es=es)
+    fw.state = PlatformState.WORKING
+    return replace(cmd, handle=handle)
+
+
+def _receive_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> None:
+    g = fw.guest(cmd.handle)
+    need_state(g, GuestState.RUPDATE)
+    _need_es(g, vmsa)
+    need_active(g)
+    n = cmd.trans_len
+    if n == 0 or n > MAX_PACKET or cmd.guest_len != n or cmd.hdr_len < HdrBuf.SIZE:
+        raise FirmwareError(Status.INVALID_LENGTH, f"guest_len {cmd.guest_len:#x}, trans_len {n:#x}, "
+                                                   f"hdr_len {cmd.hdr_len:#x}")
+    spa = _transport_region(fw, cmd, n)
+    check_range(fw, spa, n)
+    hdr = HdrBuf.decode(read_host(fw, cmd.hdr_paddr, HdrBuf.SIZE))
+    trans = read_host(fw, cmd.trans_paddr, n)
+    if hdr.flags & HdrFlags.COMPRESSED:
+        raise FirmwareError(Status.UNSUPPORTED, "compressed packets are not supported")
+    plaintext = open_data_packet(TransportKeys(g.tek, g.tik), hdr, trans, n)
+    evict_host_lines(fw, spa, n)
+    write_guest(fw, g, spa, plaintext)
+
+
+@command(CommandId.RECEIVE_UPDATE_DATA, READY)
+def receive_update_data(fw: Firmware, cmd: TransportCmd) -> None:
+    _receive_update(fw, cmd, vmsa=False)
+
+
+@command(CommandId.RECEIVE_UPDATE_VMSA, READY)
+def receive_update_vmsa(fw: Firmware, cmd: TransportCmd) -> None:
+    _receive_update(fw, cmd, vmsa=True)
+
+
+@command(CommandId.RECEIVE_FINISH, READY)
+def receive_finish(fw: Firmware, cmd: HandleCmd) -> None:
+    g = fw.guest(cmd.handle)
+    need_state(g, GuestState.RUPDATE)
+    _close(g, GuestState.RUNNING)

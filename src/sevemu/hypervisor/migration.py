@@ -1,0 +1,607 @@
+"""Moving an SEV guest to another host: the KVM/QEMU flow and its wire protocol (reference 1.13;
+Linux arch/x86/kvm/svm/sev.c ``sev_send_*`` / ``sev_receive_*``; QEMU target/i386/sev.c).
+
+The hypervisor never sees the guest's memory in the clear and holds no key: it moves the firmware's
+sealed packets between the two Secure Processors, which share a trusted channel (TEK/TIK) set up by
+SEND_START / RECEIVE_START from the *platforms'* Diffie-Hellman keys.
+
+Flow (non-live, "stop and copy": the guest does not run while it is sent)::
+
+    destination                                   source
+    -----------                                   ------
+    PDH_CERT_EXPORT -> HELLO(PDH, PEK||OCA||CEK,  ->
+                             ASK||ARK)
+                                                  WBINVD (guest's dirty lines -> DRAM: the PSP reads
+                                                          guest memory from DRAM, not from the caches)
+                                                  SEND_START (length query, then with the target's
+                                                          certificates) -> policy, session
+                                              <-  START(policy, memory size, vCPUs, own PDH, session)
+    RECEIVE_START -> handle (new VEK)
+    ACTIVATE(handle, new ASID)
+                                                  per backed private page:
+                                                      SEND_UPDATE_DATA(GPA's SPA | C-bit) -> hdr, trans
+                                              <-      PAGE(gpa, hdr, trans)
+    back the page, CLFLUSH its host lines,
+    RECEIVE_UPDATE_DATA(SPA | C-bit)
+                                              <-  SHARED(gpa, bytes) per shared (C=0) page: the guest
+                                                  made it visible, it travels as plain RAM
+                                              <-  VCPU(save area) per vCPU (a plain SEV guest's
+                                                  registers are the hypervisor's to see)
+                                              <-  FINISH(counts)
+    RECEIVE_FINISH -> RUNNING     DONE        ->
+                                                  SEND_FINISH -> SENT; the source VM is destroyed
+
+The destination VM gets the same GPAs (backed by its own pages), the same vCPU registers and a new
+ASID; it runs from where the source stopped.  ``ABORT(reason)`` may be sent by either side at any
+point.  Failure handling: any error on the source -- the connection dropped or timed out, the
+destination aborted (a packet whose MAC did not verify, a refused command), a firmware refusal --
+issues SEND_CANCEL, so the source guest is RUNNING again, untouched.  Any error on the destination
+discards the new VM (DEACTIVATE, DECOMMISSION, pages freed, ASID to the reclaim set).  One window
+remains, as in every two-party commit: if DONE is lost after the destination finished, the source
+cancels and both guests run; the caller (a management layer) must decide.
+
+What the protocol does *not* add: legacy SEV packets are MACed one by one (reference 1.13) but not
+bound to a GPA or a sequence number, so a hostile host could drop, replay or move pages; SEV does
+not promise the guest otherwise (no integrity before SNP).  The counts in FINISH only catch
+accidents.
+
+Wire format: every message is a frame ``u32 big-endian length || u8 type || payload`` (the length
+counts the type byte), at most :data:`MAX_FRAME` bytes; integers in payloads are big-endian.  Both
+sides bound every wait with a socket timeout.
+
+SEV-ES guests (whose registers live in the encrypted VMSA and move with SEND_UPDATE_VMSA) and
+plain VMs are refused: only legacy SEV guests are modelled.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from sevemu.abi.commands import CommandId
+from sevemu.abi.policy import GuestPolicy
+from sevemu.abi.sev import (
+    ActivateCmd,
+    HandleCmd,
+    HdrBuf,
+    PdhCertExportCmd,
+    ReceiveStartCmd,
+    SendStartCmd,
+    SessionBuf,
+    TransportCmd,
+)
+from sevemu.abi.status import Status
+from sevemu.errors import MailboxError, SevemuError, VmError
+from sevemu.hw.svm import GPRS
+from sevemu.hypervisor.kvm import Hypervisor
+from sevemu.hypervisor.vm import Vm, VmKind, VmState
+
+__all__ = [
+    "MAX_FRAME",
+    "Abort",
+    "Channel",
+    "Done",
+    "Finish",
+    "Hello",
+    "Message",
+    "MigrationError",
+    "MsgType",
+    "Page",
+    "ProtocolError",
+    "SendResult",
+    "SharedPage",
+    "Start",
+    "VcpuState",
+    "decode_frame",
+    "encode_frame",
+    "platform_certs",
+    "receive_vm",
+    "send_vm",
+]
+
+PAGE: Final = 4096
+CERT_SIZE: Final = 0x824
+CHAIN_SIZE: Final = 3 * CERT_SIZE
+MAX_FRAME: Final = 64 << 10
+"""Largest frame either side accepts (a page packet is about 4.2 KiB, HELLO about 11.5 KiB)."""
+DEFAULT_TIMEOUT: Final = 30.0
+_SEND_BUFFER: Final = 256 << 10
+
+# PSP bounce-area offsets (hypervisor/psp.py: the driver's data area)
+_OFF_PDH, _OFF_CHAIN, _OFF_AMD, _OFF_SESSION = 0x0000, 0x1000, 0x3000, 0x4000
+_OFF_HDR, _OFF_TRANS = 0x5000, 0x6000
+_MAX_AMD_CERTS: Final = 0x2000
+
+
+class MigrationError(VmError):
+    """Raised when a migration fails; the local side was rolled back before raising (the source
+    guest is RUNNING again after SEND_CANCEL, the destination VM is discarded).  Causes: the
+    connection dropped or timed out, the peer aborted, a firmware command refused, a protocol
+    violation."""
+
+
+class ProtocolError(MigrationError):
+    """Raised when a frame is malformed, too large, of an unknown type, or not the one expected."""
+
+
+# ---- messages -----------------------------------------------------------------------------------
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    START = 2
+    PAGE = 3
+    SHARED = 4
+    VCPU = 5
+    FINISH = 6
+    DONE = 7
+    ABORT = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Destination -> source: the target platform's PDH, PEK || OCA || CEK and ASK || ARK."""
+
+    pdh: bytes
+    cert_chain: bytes
+    amd_certs: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Source -> destination: SEND_START's outputs and what the destination VM needs."""
+
+    policy: int
+    memory: int
+    vcpus: int
+    pdh: bytes  # the source platform's PDH certificate
+    session: bytes  # the 0x80-byte session buffer
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One SEND_UPDATE_DATA packet of the private page at ``gpa``."""
+
+    gpa: int
+    hdr: bytes
+    trans: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPage:
+    """A page the guest shares with the host (C=0): plain RAM, moved as is."""
+
+    gpa: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuState:
+    """A vCPU's VMCB save area (control registers, RIP, RFLAGS, the 16 GPRs in :data:`GPRS` order)."""
+
+    index: int
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+    rip: int
+    rflags: int
+    regs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Source -> destination: every page was sent (counts for a sanity check)."""
+
+    pages: int
+    shared: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Destination -> source: RECEIVE_FINISH succeeded, the guest runs here now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Either side: the migration is abandoned."""
+
+    reason: str
+
+
+Message = Hello | Start | Page | SharedPage | VcpuState | Finish | Done | Abort
+
+_U64 = struct.Struct(">Q")
+_START = struct.Struct(">IQI")
+_VCPU = struct.Struct(">I6Q16Q")
+_FINISH = struct.Struct(">QQ")
+_HELLO = struct.Struct(">III")
+_HEADER = struct.Struct(">IB")
+
+
+def _blob(*parts: bytes) -> bytes:
+    return b"".join(parts)
+
+
+def encode_frame(msg: Message) -> bytes:
+    """The frame of ``msg`` (module docstring)."""
+    kind: MsgType
+    if isinstance(msg, Page):
+        kind, payload = MsgType.PAGE, _blob(_U64.pack(msg.gpa), msg.hdr, msg.trans)
+    elif isinstance(msg, Hello):
+        kind = MsgType.HELLO
+        payload = _blob(_HELLO.pack(len(msg.pdh), len(msg.cert_chain), len(msg.amd_certs)),
+                        msg.pdh, msg.cert_chain, msg.amd_certs)
+    elif isinstance(msg, Start):
+        kind = MsgType.START
+        payload = _blob(_START.pack(msg.policy, msg.memory, msg.vcpus), msg.pdh, msg.session)
+    elif isinstance(msg, SharedPage):
+        kind, payload = MsgType.SHARED, _blob(_U64.pack(msg.gpa), msg.data)
+    elif isinstance(msg, VcpuState):
+        kind = MsgType.VCPU
+        payload = _VCPU.pack(msg.index, msg.cr0, msg.cr3, msg.cr4, msg.efer, msg.rip, msg.rflags, *msg.regs)
+    elif isinstance(msg, Finish):
+        kind, payload = MsgType.FINISH, _FINISH.pack(msg.pages, msg.shared)
+    elif isinstance(msg, Done):
+        kind, payload = MsgType.DONE, b""
+    else:
+        kind, payload = MsgType.ABORT, msg.reason.encode("utf-8", "replace")[:1024]
+    if len(payload) + 1 > MAX_FRAME:
+        raise ProtocolError(f"{kind.name} frame of {len(payload) + 1} bytes exceeds {MAX_FRAME}")
+    return _HEADER.pack(len(payload) + 1, kind) + payload
+
+
+def _need(cond: bool, kind: MsgType, what: str) -> None:
+    if not cond:
+        raise ProtocolError(f"malformed {kind.name} frame: {what}")
+
+
+def decode_frame(kind_byte: int, payload: bytes) -> Message:
+    """The message of one frame's type byte and payload; :class:`ProtocolError` if malformed."""
+    try:
+        kind = MsgType(kind_byte)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {kind_byte}") from None
+    n = len(payload)
+    if kind is MsgType.PAGE:
+        _need(n > 8 + HdrBuf.SIZE, kind, f"{n} bytes")
+        return Page(_U64.unpack_from(payload)[0], payload[8 : 8 + HdrBuf.SIZE], payload[8 + HdrBuf.SIZE :])
+    if kind is MsgType.HELLO:
+        _need(n >= _HELLO.size, kind, "truncated")
+        a, b, c = _HELLO.unpack_from(payload)
+        _need(n == _HELLO.size + a + b + c, kind, "lengths do not add up")
+        p = _HELLO.size
+        return Hello(payload[p : p + a], payload[p + a : p + a + b], payload[p + a + b :])
+    if kind is MsgType.START:
+        _need(n == _START.size + CERT_SIZE + SessionBuf.SIZE, kind, f"{n} bytes")
+        policy, memory, vcpus = _START.unpack_from(payload)
+        p = _START.size
+        return Start(policy, memory, vcpus, payload[p : p + CERT_SIZE], payload[p + CERT_SIZE :])
+    if kind is MsgType.SHARED:
+        _need(n == 8 + PAGE, kind, f"{n} bytes")
+        return SharedPage(_U64.unpack_from(payload)[0], payload[8:])
+    if kind is MsgType.VCPU:
+        _need(n == _VCPU.size, kind, f"{n} bytes")
+        v = _VCPU.unpack(payload)
+        return VcpuState(v[0], v[1], v[2], v[3], v[4], v[5], v[6], tuple(v[7:]))
+    if kind is MsgType.FINISH:
+        _need(n == _FINISH.size, kind, f"{n} bytes")
+        return Finish(*_FINISH.unpack(payload))
+    if kind is MsgType.DONE:
+        _need(n == 0, kind, f"{n} bytes")
+        return Done()
+    return Abort(payload.decode("utf-8", "replace"))
+
+
+class Channel:
+    """One migration connection: framed messages over a stream socket, every wait bounded.
+
+    Outgoing frames are buffered and pushed by :meth:`flush` (called before every wait for an
+    answer); ``bytes_sent`` / ``bytes_received`` count the wire bytes.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> None:
+        sock.settimeout(timeout)
+        self.sock = sock
+        self._rfile = sock.makefile("rb")
+        self._out = bytearray()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @classmethod
+    def connect(cls, host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> Channel:
+        return cls(socket.create_connection((host, port), timeout=timeout), timeout)
+
+    @classmethod
+    def accept(cls, listener: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> Channel:
+        listener.settimeout(timeout)
+        sock, _ = listener.accept()
+        return cls(sock, timeout)
+
+    def send(self, msg: Message) -> None:
+        frame = encode_frame(msg)
+        self._out += frame
+        self.bytes_sent += len(frame)
+        if len(self._out) >= _SEND_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._out:
+            out, self._out = bytes(self._out), bytearray()
+            self.sock.sendall(out)
+
+    def _read(self, n: int) -> bytes:
+        data = self._rfile.read(n)
+        if data is None or len(data) != n:
+            raise ConnectionError("the peer closed the connection")
+        self.bytes_received += n
+        return data
+
+    def recv(self) -> Message:
+        """The next message (flushes pending output first)."""
+        self.flush()
+        length, kind = _HEADER.unpack(self._read(_HEADER.size))
+        if not 1 <= length <= MAX_FRAME:
+            raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
+        return decode_frame(kind, self._read(length - 1))
+
+    def abort(self, reason: str) -> None:
+        """Best effort: tell the peer the migration is off (errors ignored: it may be gone)."""
+        try:
+            self.send(Abort(reason))
+            self.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self._rfile.close()
+        except (OSError, ValueError):
+            pass
+        self.sock.close()
+
+
+M = TypeVar("M", Hello, Start, Done)
+
+
+def _next(chan: Channel) -> Message:
+    msg = chan.recv()
+    if isinstance(msg, Abort):
+        raise MigrationError(f"the peer aborted: {msg.reason}")
+    return msg
+
+
+def _expect(chan: Channel, kind: type[M]) -> M:
+    msg = _next(chan)
+    if not isinstance(msg, kind):
+        raise ProtocolError(f"expected {kind.__name__}, got a {type(msg).__name__} frame")
+    return msg
+
+
+# ---- firmware calls -----------------------------------------------------------------------------
+
+
+def _put(hv: Hypervisor, offset: int, data: bytes) -> int:
+    """Copy ``data`` into the PSP bounce area (a streaming copy: the buffers are DMA buffers, not
+    data the host works on); returns its SPA."""
+    spa = hv.psp.data_spa + offset
+    hv.core.host_write_stream(spa, data)
+    return spa
+
+
+def _get(hv: Hypervisor, offset: int, length: int) -> bytes:
+    """``length`` bytes the PSP wrote into the bounce area (a streaming copy)."""
+    return hv.core.host_read_stream(hv.psp.data_spa + offset, length)
+
+
+def _cbit_mask(hv: Hypervisor) -> int:
+    _, ebx, _, _ = hv.soc.cpuid(0x8000001F)
+    return 1 << (ebx & 0x3F)
+
+
+def platform_certs(hv: Hypervisor) -> tuple[bytes, bytes]:
+    """(PDH, PEK || OCA || CEK) of this platform, by PDH_CERT_EXPORT."""
+    pdh_spa = _put(hv, _OFF_PDH, bytes(CERT_SIZE))
+    chain_spa = _put(hv, _OFF_CHAIN, bytes(CHAIN_SIZE))
+    hv.psp.call(CommandId.PDH_CERT_EXPORT, PdhCertExportCmd(pdh_cert_paddr=pdh_spa, pdh_cert_len=CERT_SIZE,
+                                                            certs_paddr=chain_spa, certs_len=CHAIN_SIZE))
+    return _get(hv, _OFF_PDH, CERT_SIZE), _get(hv, _OFF_CHAIN, CHAIN_SIZE)
+
+
+def _length_query(hv: Hypervisor, cmd: CommandId, buf: SendStartCmd | TransportCmd) -> bytes:
+    """Issue ``cmd`` expecting INVALID_LENGTH; the buffer as the firmware wrote it back."""
+    status, out = hv.psp.raw(cmd, buf.encode())
+    if status != Status.INVALID_LENGTH:
+        raise MailboxError(cmd.name, status, f"length query answered {status:#x}")
+    return out
+
+
+# ---- source -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What :func:`send_vm` moved."""
+
+    pages: int
+    shared: int
+    bytes_sent: int
+    seconds: float
+
+
+def _check_sendable(vm: Vm) -> None:
+    if vm.kind is not VmKind.SEV or not vm.handle:
+        raise MigrationError(f"{vm.name} is not a launched SEV guest")
+    if vm.state is not VmState.RUNNING:
+        raise MigrationError(f"{vm.name} is {vm.state.value}, not running")
+    if vm.policy & GuestPolicy.ES:
+        raise MigrationError(f"{vm.name} is an SEV-ES guest: SEND_UPDATE_VMSA is not modelled")
+
+
+def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False,
+            progress: Callable[[int], None] | None = None) -> SendResult:
+    """Send ``vm`` over ``chan`` (module docstring); the guest must not run meanwhile.
+
+    On success the source guest is SENT and the VM destroyed (kept, for inspection, with
+    ``keep_source``).  On failure SEND_CANCEL makes it RUNNING again and :class:`MigrationError` is
+    raised.  ``progress`` is called with the number of pages sent so far, every 4096 pages.
+    """
+    _check_sendable(vm)
+    t0 = time.perf_counter()
+    psp = hv.psp
+    started = False
+    try:
+        hello = _expect(chan, Hello)
+        if len(hello.pdh) != CERT_SIZE or len(hello.cert_chain) != CHAIN_SIZE \
+                or not 0 < len(hello.amd_certs) <= _MAX_AMD_CERTS:
+            raise ProtocolError("HELLO certificates have the wrong sizes")
+        hv.soc.wbinvd_all()  # the guest's dirty lines to DRAM: SEND_UPDATE_DATA reads DRAM
+        query = _length_query(hv, CommandId.SEND_START, SendStartCmd(handle=vm.handle))
+        session_len = SendStartCmd.decode(query).session_len
+        cmd = SendStartCmd(
+            handle=vm.handle,
+            pdh_cert_paddr=_put(hv, _OFF_PDH, hello.pdh), pdh_cert_len=len(hello.pdh),
+            plat_certs_paddr=_put(hv, _OFF_CHAIN, hello.cert_chain), plat_certs_len=len(hello.cert_chain),
+            amd_certs_paddr=_put(hv, _OFF_AMD, hello.amd_certs), amd_certs_len=len(hello.amd_certs),
+            session_paddr=_put(hv, _OFF_SESSION, bytes(session_len)), session_len=session_len,
+        )
+        out = psp.call(CommandId.SEND_START, cmd)
+        started = True
+        session = _get(hv, _OFF_SESSION, session_len)
+        own_pdh, _ = platform_certs(hv)
+        chan.send(Start(out.policy, vm.memory, len(vm.vcpus), own_pdh, session))
+        pages, shared = _send_pages(hv, vm, chan, progress)
+        for vcpu in vm.vcpus:
+            s = vcpu.vmcb
+            chan.send(VcpuState(vcpu.index, s.cr0, s.cr3, s.cr4, s.efer, s.rip, s.rflags,
+                                tuple(s.regs[r] for r in GPRS)))
+        chan.send(Finish(pages, shared))
+        _expect(chan, Done)
+        psp.call(CommandId.SEND_FINISH, HandleCmd(handle=vm.handle))
+    except (OSError, SevemuError) as exc:
+        if started:
+            psp.call(CommandId.SEND_CANCEL, HandleCmd(handle=vm.handle))
+        chan.abort(f"source: {exc}")
+        if isinstance(exc, MigrationError):
+            raise
+        raise MigrationError(f"sending {vm.name} failed: {exc}") from exc
+    result = SendResult(pages, shared, chan.bytes_sent, time.perf_counter() - t0)
+    if not keep_source:
+        hv.destroy(vm)
+    return result
+
+
+def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel,
+                progress: Callable[[int], None] | None) -> tuple[int, int]:
+    psp = hv.psp
+    cbit = _cbit_mask(hv)
+    hdr_spa = psp.data_spa + _OFF_HDR
+    trans_spa = psp.data_spa + _OFF_TRANS
+    query = _length_query(hv, CommandId.SEND_UPDATE_DATA, TransportCmd(handle=vm.handle))
+    hdr_len = TransportCmd.decode(query).hdr_len
+    pages = shared = 0
+    for gfn, spa in sorted(vm.npt.mappings.items()):
+        gpa = gfn << 12
+        if gpa in vm.shared_gpas:
+            chan.send(SharedPage(gpa, vm.host_read(gpa, PAGE)))
+            shared += 1
+            continue
+        psp.call(CommandId.SEND_UPDATE_DATA, TransportCmd(
+            handle=vm.handle, hdr_paddr=hdr_spa, hdr_len=hdr_len, guest_paddr=spa | cbit, guest_len=PAGE,
+            trans_paddr=trans_spa, trans_len=PAGE))
+        chan.send(Page(gpa, _get(hv, _OFF_HDR, hdr_len), _get(hv, _OFF_TRANS, PAGE)))
+        pages += 1
+        if progress is not None and pages % 4096 == 0:
+            progress(pages)
+    return pages, shared
+
+
+# ---- destination --------------------------------------------------------------------------------
+
+
+def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "migrated",
+               max_memory: int | None = None) -> Vm:
+    """Receive a guest over ``chan`` (module docstring); returns the RUNNING VM.
+
+    ``amd_certs`` is this platform's ASK || ARK (a host fetches it from AMD's key server).  On any
+    failure the new VM is discarded and :class:`MigrationError` raised.
+    """
+    pdh, chain = platform_certs(hv)
+    chan.send(Hello(pdh, chain, bytes(amd_certs)))
+    vm: Vm | None = None
+    try:
+        start = _expect(chan, Start)
+        limit = max_memory if max_memory is not None else hv.soc.dram.size
+        if start.memory <= 0 or start.memory % PAGE or start.memory > limit or not 0 < start.vcpus <= 64:
+            raise ProtocolError(f"START asks for {start.memory:#x} bytes and {start.vcpus} vCPUs")
+        vm = hv.create_vm(name, start.memory, VmKind.SEV)
+        psp = hv.psp
+        out = psp.call(CommandId.RECEIVE_START, ReceiveStartCmd(
+            policy=start.policy,
+            pdh_cert_paddr=_put(hv, _OFF_PDH, start.pdh), pdh_cert_len=len(start.pdh),
+            session_paddr=_put(hv, _OFF_SESSION, start.session), session_len=len(start.session)))
+        vm.handle, vm.policy = out.handle, start.policy
+        vm.state = VmState.LAUNCHING
+        psp.call(CommandId.ACTIVATE, ActivateCmd(handle=vm.handle, asid=vm.asid))
+        _receive_pages(hv, vm, chan, start.vcpus)
+        vm.state = VmState.RUNNING
+        chan.send(Done())
+        chan.flush()
+    except (OSError, SevemuError) as exc:
+        if vm is not None:
+            hv.destroy(vm)
+        chan.abort(f"destination: {exc}")
+        if isinstance(exc, MigrationError):
+            raise
+        raise MigrationError(f"receiving failed: {exc}") from exc
+    return vm
+
+
+def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
+    psp = hv.psp
+    cbit = _cbit_mask(hv)
+    hdr_spa = psp.data_spa + _OFF_HDR
+    trans_spa = psp.data_spa + _OFF_TRANS
+    pages = shared = 0
+    seen: set[int] = set()
+    while True:
+        msg = _next(chan)
+        if isinstance(msg, (Page, SharedPage)):
+            gpa = msg.gpa
+            if gpa % PAGE or not 0 <= gpa < vm.memory or gpa in seen:
+                raise ProtocolError(f"page at GPA {gpa:#x}: unaligned, outside the VM or repeated")
+            seen.add(gpa)
+            spa = vm.back(gpa)
+            if isinstance(msg, SharedPage):
+                vm.host_write(gpa, msg.data)
+                vm.shared_gpas.add(gpa)
+                shared += 1
+                continue
+            if len(msg.trans) > PAGE:
+                raise ProtocolError(f"packet of {len(msg.trans)} bytes exceeds a page")
+            _put(hv, _OFF_HDR, msg.hdr)
+            _put(hv, _OFF_TRANS, msg.trans)
+            psp.call(CommandId.RECEIVE_UPDATE_DATA, TransportCmd(
+                handle=vm.handle, hdr_paddr=hdr_spa, hdr_len=len(msg.hdr), guest_paddr=spa | cbit,
+                guest_len=len(msg.trans), trans_paddr=trans_spa, trans_len=len(msg.trans)))
+            pages += 1
+        elif isinstance(msg, VcpuState):
+            if msg.index != len(vm.vcpus) or msg.index >= vcpus:
+                raise ProtocolError(f"vCPU {msg.index} out of order")
+            s = vm.add_vcpu().vmcb
+            s.cr0, s.cr3, s.cr4, s.efer, s.rip, s.rflags = msg.cr0, msg.cr3, msg.cr4, msg.efer, msg.rip, msg.rflags
+            s.regs.update(zip(GPRS, msg.regs, strict=True))
+        elif isinstance(msg, Finish):
+            if (msg.pages, msg.shared) != (pages, shared) or len(vm.vcpus) != vcpus:
+                raise ProtocolError(f"FINISH counts {msg.pages}+{msg.shared} pages, {vcpus} vCPUs; "
+                                    f"received {pages}+{shared}, {len(vm.vcpus)}")
+            psp.call(CommandId.RECEIVE_FINISH, HandleCmd(handle=vm.handle))
+            return
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} frame while receiving pages")
+

@@ -1,0 +1,107 @@
+"""The PSP as a device: mailbox register protocol, its private ports, its DMA view of memory."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_soc
+
+from sevemu.abi.mailbox import (
+    CMDRESP_RESP,
+    INTSTS_CMD_COMPLETE,
+    MailboxReg,
+    PspCapability,
+    decode_status,
+    encode_cmdresp,
+    is_response,
+)
+from sevemu.abi.status import Status
+from sevemu.errors import AddressError, KeySlotError
+from sevemu.hw.soc import Soc
+
+
+class Recorder:
+    def __init__(self, status: int = 0) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.status = status
+
+    def handle(self, command: int, buffer_paddr: int) -> int:
+        self.calls.append((command, buffer_paddr))
+        return self.status
+
+
+def test_mailbox_protocol(soc: Soc) -> None:
+    psp = soc.psp
+    fw = Recorder(status=int(Status.INVALID_GUEST))
+    psp.install(fw)
+    assert psp.mmio_read(MailboxReg.FEATURE) == PspCapability.SEV
+    psp.mmio_write(MailboxReg.CMDBUFF_ADDR_LO, 0x8_1234_5000 & 0xFFFFFFFF)
+    psp.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, 0x8)
+    assert fw.calls == []  # address registers alone do nothing
+    psp.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(0x21))
+    assert fw.calls == [(0x21, 0x8_1234_5000)]
+    reg = psp.mmio_read(MailboxReg.CMDRESP)
+    assert is_response(reg) and decode_status(reg) == Status.INVALID_GUEST
+    assert reg == CMDRESP_RESP | Status.INVALID_GUEST
+    assert psp.mmio_read(MailboxReg.INTSTS) & INTSTS_CMD_COMPLETE
+    assert psp.commands == 1
+    # software acknowledging (RESP set) is not a new command
+    psp.mmio_write(MailboxReg.CMDRESP, reg)
+    assert psp.commands == 1 and len(fw.calls) == 1
+    # registers are 32 bits wide
+    psp.mmio_write(MailboxReg.INTEN, 0x1_FFFF_FFFF)
+    assert psp.mmio_read(MailboxReg.INTEN) == 0xFFFF_FFFF
+
+
+def test_no_firmware_answers_invalid_command(soc: Soc) -> None:
+    psp = soc.psp
+    psp.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(0x01))
+    assert decode_status(psp.mmio_read(MailboxReg.CMDRESP)) == Status.INVALID_COMMAND
+
+
+@pytest.mark.parametrize("offset", [0, 0x10984, 0x109E8, 0x10580, -4])
+def test_unknown_register_offsets(soc: Soc, offset: int) -> None:
+    with pytest.raises(AddressError):
+        soc.psp.mmio_read(offset)
+    with pytest.raises(AddressError):
+        soc.psp.mmio_write(offset, 1)
+
+
+def test_ports_are_handed_out_once_and_the_key_port_only_to_the_psp(soc: Soc) -> None:
+    ports = soc.psp.take_ports()
+    assert ports.profile is soc.profile
+    with pytest.raises(AddressError):
+        soc.psp.take_ports()
+    with pytest.raises(KeySlotError):
+        soc.mc.secure_port()
+    assert ports.flush_epoch() == 0
+    soc.wbinvd_all()
+    assert ports.flush_epoch() == len(soc.cores)
+    assert len(ports.trng(32)) == 32
+
+
+def test_dma_view_is_coherent_with_host_c0_lines_only() -> None:
+    soc = make_soc()
+    ports = soc.psp.take_ports()
+    dma = ports.dma
+    ports.keys.load(200, bytes(16))
+    soc.boot_cpu.host_write(0x2000, b"command buffer in the host's cache")
+    assert soc.dram.read(0x2000, 8) == bytes(8)
+    assert dma.read(0x2000, 34) == b"command buffer in the host's cache"  # snooped
+    # a DMA write invalidates the host's copy (after writing it back)
+    dma.write(0x2008, b"FIRMWARE")
+    assert soc.cache.peek(0, False, 0x2000) is None
+    assert soc.boot_cpu.host_read(0x2000, 16) == b"command FIRMWARE"
+    # encrypted accesses bypass the caches
+    soc.cache.write(200, True, 0x3000, b"guest line still in the cache!!!" * 2)
+    assert dma.cached_lines(200, True, 0x3000, 4096) == 1
+    assert dma.read_encrypted(0x3000, 64, 200) != b"guest line still in the cache!!!" * 2
+    dma.write_encrypted(0x4000, b"x" * 64, 200)
+    assert soc.dram.read(0x4000, 64) != b"x" * 64
+    assert soc.cache.read(200, True, 0x4000, 64) == b"x" * 64
+    # the C-bit is stripped from addresses software hands the firmware
+    assert dma.strip(0x4000 | soc.profile.cbit_mask) == (0x4000, True)
+    assert dma.strip(0x4000) == (0x4000, False)
+    with pytest.raises(AddressError):
+        dma.read(soc.dram.size - 8, 16)
+    with pytest.raises(AddressError):
+        dma.check(soc.dram.size, 1)
