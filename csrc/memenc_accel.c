@@ -25,6 +25,17 @@
 #define MAX_BITS 63
 #define MAX_UNIT_BLOCKS (1L << 24)
 
+/* A read-prefetch hint this far ahead of the source (where the compiler has one: GCC, Clang), for
+ * passes that copy (dst != src): in memenc those read a chunk fresh from DRAM, and the hint keeps
+ * more of it in flight.  In-place passes work on what AES has just written, in cache, where the
+ * hints only cost.  Pointers are formed only inside the buffer. */
+#define PREFETCH_AHEAD 4096
+#if defined(__GNUC__)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PREFETCH(p) ((void)0)
+#endif
+
 static uint64_t load64(const unsigned char *p)
 {
     uint64_t v;
@@ -70,8 +81,12 @@ static void store_le64(unsigned char *p, uint64_t v)
 static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi)
 {
     if (nargs < lo || nargs > hi) {
-        PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd positional arguments (%zd given)", name, lo,
-                     hi, nargs);
+        if (lo == hi) {
+            PyErr_Format(PyExc_TypeError, "%s() takes %zd positional arguments (%zd given)", name, lo, nargs);
+        } else {
+            PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd positional arguments (%zd given)", name, lo,
+                         hi, nargs);
+        }
         return -1;
     }
     return 0;
@@ -129,17 +144,19 @@ static void addr_tweak_xor(unsigned char *dst, const unsigned char *src, Py_ssiz
                            const unsigned char *consts, int nbits)
 {
     uint64_t in_page[PAGE_BLOCKS][2];
-    int b, i;
+    int b, i, j;
+    int prefetch = dst != src;
 
-    /* in_page[b] = XOR of t_(4+i) over the set bits i of b (bits 4..11 of the address). */
+    /* in_page[b] = XOR of t_(4+j) over the set bits j of b (bits 4..11 of the address): the
+     * entries [2^j, 2^(j+1)) are those below 2^j with t_(4+j) added. */
     in_page[0][0] = in_page[0][1] = 0;
-    for (b = 1; b < PAGE_BLOCKS; b++) {
-        int low = 0;
-        while (!((b >> low) & 1)) {
-            low++;
+    for (j = 0; (1 << j) < PAGE_BLOCKS; j++) {
+        uint64_t t_lo = load64(consts + BLOCK * (4 + j));
+        uint64_t t_hi = load64(consts + BLOCK * (4 + j) + 8);
+        for (b = 0; b < (1 << j); b++) {
+            in_page[(1 << j) + b][0] = in_page[b][0] ^ t_lo;
+            in_page[(1 << j) + b][1] = in_page[b][1] ^ t_hi;
         }
-        in_page[b][0] = in_page[b & (b - 1)][0] ^ load64(consts + BLOCK * (4 + low));
-        in_page[b][1] = in_page[b & (b - 1)][1] ^ load64(consts + BLOCK * (4 + low) + 8);
     }
 
     while (len > 0) {
@@ -159,6 +176,9 @@ static void addr_tweak_xor(unsigned char *dst, const unsigned char *src, Py_ssiz
         for (k = 0; k < count; k++) {
             const unsigned char *s = src + BLOCK * k;
             unsigned char *d = dst + BLOCK * k;
+            if (prefetch && (k & 3) == 0 && BLOCK * k + PREFETCH_AHEAD < len) {
+                PREFETCH(s + PREFETCH_AHEAD);
+            }
             uint64_t lo = load64(s) ^ in_page[first + k][0] ^ page_lo;
             uint64_t hi = load64(s + 8) ^ in_page[first + k][1] ^ page_hi;
             store64(d, lo);
@@ -223,15 +243,6 @@ static PyObject *xor_addr_tweak(PyObject *self, PyObject *const *args, Py_ssize_
 
 /* ---- XTS ---------------------------------------------------------------------------------- */
 
-/* x * alpha in GF(2^128), x = hi:lo little-endian: shift left one bit, reduce by
- * x^128 = x^7 + x^2 + x + 1. */
-#define GF_DOUBLE(lo, hi)                                                                           \
-    do {                                                                                           \
-        uint64_t carry_ = (hi) >> 63;                                                              \
-        (hi) = (hi) << 1 | (lo) >> 63;                                                             \
-        (lo) = (lo) << 1 ^ ((uint64_t)0x87 & ((uint64_t)0 - carry_));                              \
-    } while (0)
-
 /* dst = src ^ t for one 16-byte block, t = hi:lo little-endian. */
 static void xor_block_le(unsigned char *dst, const unsigned char *src, uint64_t lo, uint64_t hi)
 {
@@ -241,40 +252,47 @@ static void xor_block_le(unsigned char *dst, const unsigned char *src, uint64_t 
     store_le64(dst + 8, b);
 }
 
+/* The GF(2^128) reduction of the bits that x * alpha^j (j <= 3) shifts out of the top: for those
+ * bits h (h < 8), the carry-less product h * 0x87. */
+static const uint64_t gf_reduce[8] = {0x000, 0x087, 0x10e, 0x189, 0x21c, 0x29b, 0x312, 0x395};
+
 static void xts_xor_units(unsigned char *dst, const unsigned char *src, const unsigned char *tweaks,
                           Py_ssize_t units, Py_ssize_t unit_blocks)
 {
     Py_ssize_t u, j;
+    Py_ssize_t left = BLOCK * unit_blocks * units; /* bytes from src to the end */
+    int prefetch = dst != src;
     for (u = 0; u < units; u++) {
         /* The tweak as a little-endian 128-bit integer (IEEE 1619 byte order): hi:lo. */
-        uint64_t lo0 = load_le64(tweaks + BLOCK * u);
-        uint64_t hi0 = load_le64(tweaks + BLOCK * u + 8);
+        uint64_t lo = load_le64(tweaks + BLOCK * u);
+        uint64_t hi = load_le64(tweaks + BLOCK * u + 8);
         for (j = 0; j + 4 <= unit_blocks; j += 4) {
-            /* Four blocks at a time: the multiples first (a short chain in registers), then the
-             * XORs, which do not wait on each other. */
-            uint64_t lo1 = lo0, hi1 = hi0, lo2, hi2, lo3, hi3;
-            GF_DOUBLE(lo1, hi1);
-            lo2 = lo1;
-            hi2 = hi1;
-            GF_DOUBLE(lo2, hi2);
-            lo3 = lo2;
-            hi3 = hi2;
-            GF_DOUBLE(lo3, hi3);
-            xor_block_le(dst, src, lo0, hi0);
-            xor_block_le(dst + BLOCK, src + BLOCK, lo1, hi1);
-            xor_block_le(dst + 2 * BLOCK, src + 2 * BLOCK, lo2, hi2);
-            xor_block_le(dst + 3 * BLOCK, src + 3 * BLOCK, lo3, hi3);
-            GF_DOUBLE(lo3, hi3);
-            lo0 = lo3;
-            hi0 = hi3;
+            if (prefetch && PREFETCH_AHEAD < left) {
+                PREFETCH(src + PREFETCH_AHEAD);
+            }
+            /* Four blocks at a time: t * alpha^k = (t << k) ^ reduction of the k bits shifted out,
+             * each computed from t directly (no chain from one to the next). */
+            xor_block_le(dst, src, lo, hi);
+            xor_block_le(dst + BLOCK, src + BLOCK, lo << 1 ^ gf_reduce[hi >> 63], hi << 1 | lo >> 63);
+            xor_block_le(dst + 2 * BLOCK, src + 2 * BLOCK, lo << 2 ^ gf_reduce[hi >> 62], hi << 2 | lo >> 62);
+            xor_block_le(dst + 3 * BLOCK, src + 3 * BLOCK, lo << 3 ^ gf_reduce[hi >> 61], hi << 3 | lo >> 61);
+            if (j + 4 < unit_blocks) { /* t * alpha^4 for the next four (never for a cache line) */
+                uint64_t top = hi >> 60;
+                hi = hi << 4 | lo >> 60;
+                lo = lo << 4 ^ gf_reduce[top & 7] ^ (top >> 3) * ((uint64_t)0x87 << 3);
+            }
             src += 4 * BLOCK;
             dst += 4 * BLOCK;
+            left -= 4 * BLOCK;
         }
         for (; j < unit_blocks; j++) {
-            xor_block_le(dst, src, lo0, hi0);
-            GF_DOUBLE(lo0, hi0);
+            uint64_t carry = hi >> 63;
+            xor_block_le(dst, src, lo, hi);
+            hi = hi << 1 | lo >> 63;
+            lo = lo << 1 ^ gf_reduce[carry];
             src += BLOCK;
             dst += BLOCK;
+            left -= BLOCK;
         }
     }
 }
@@ -416,9 +434,13 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The module keeps no state: safe in subinterpreters and without the GIL. */
 static PyModuleDef_Slot slots[] = {
 #ifdef Py_mod_multiple_interpreters
     {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+#ifdef Py_GIL_DISABLED
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
 #endif
     {0, NULL},
 };

@@ -1,11 +1,14 @@
 """The memory-encryption engine (sev-reference §4.2-4.4): known answers against independent reference
-code, the algebra the SEV research relies on, single-line vs bulk paths, and bad input."""
+code, the algebra the SEV research relies on, single-line vs bulk paths, the C accelerator vs the
+numpy paths, and bad input."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,8 +16,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sevemu.crypto import memenc
 from sevemu.crypto.membench import bench_modes
 from sevemu.crypto.memenc import (
+    ACCELERATED,
     SEVURITY_ZEN1_TWEAKS,
     EncryptionMode,
     MemoryCipher,
@@ -28,6 +33,12 @@ MODES = [XE, XEX, XTS]
 ZEN1 = TweakConstants.published_zen1(48, random.Random(1))
 ZEN2 = TweakConstants.random_zen2(48, random.Random(2))
 CHUNK = 512 << 10  # the bulk path's SPA-aligned tweak window
+#: The two implementations of the engine: the C accelerator (when built) and the numpy/int paths.
+PATHS = [
+    pytest.param(True, id="accel", marks=pytest.mark.skipif(not ACCELERATED, reason="accelerator not built")),
+    pytest.param(False, id="numpy"),
+]
+needs_accel = pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
 
 
 def _key(mode: EncryptionMode, seed: int = 0) -> bytes:
@@ -179,12 +190,14 @@ def test_tweak_addresses_outside_the_table() -> None:
 # -- known answers against the reference ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("accel", PATHS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tc", [ZEN1, ZEN2], ids=["zen1", "zen2"])
-def test_matches_reference(mode: EncryptionMode, tc: TweakConstants) -> None:
+def test_matches_reference(mode: EncryptionMode, tc: TweakConstants, accel: bool) -> None:
     rng = random.Random(11)
     key = _key(mode, 1)
-    mc = MemoryCipher(mode, key, tc)
+    mc = MemoryCipher(mode, key, tc, accel=accel)
+    assert mc.accelerated is accel
     for _ in range(12):
         n = mode.granule * rng.randint(1, 40)
         spa = rng.randrange(0, 1 << 44) & -mode.granule
@@ -197,12 +210,13 @@ def test_matches_reference(mode: EncryptionMode, tc: TweakConstants) -> None:
         assert mc.decrypt_bulk(spa, ct) == pt
 
 
-def test_xts_is_cryptographys_xts_on_each_line() -> None:
+@pytest.mark.parametrize("accel", PATHS)
+def test_xts_is_cryptographys_xts_on_each_line(accel: bool) -> None:
     # Random keys and addresses, lines and multi-line spans, against cryptography's modes.XTS.
     rng = random.Random(12)
     for _ in range(20):
         key = rng.randbytes(64)
-        mc = MemoryCipher(XTS, key, ZEN2)
+        mc = MemoryCipher(XTS, key, ZEN2, accel=accel)
         spa = rng.randrange(0, 1 << 48) & ~63
         spa = min(spa, (1 << 48) - 64 * 8)
         pt = rng.randbytes(64 * rng.randint(1, 8))
@@ -306,13 +320,14 @@ def spans(draw: st.DrawFn, granule: int) -> tuple[int, int]:
     return spa, n
 
 
+@pytest.mark.parametrize("accel", PATHS)
 @pytest.mark.parametrize("mode", MODES)
 @given(data=st.data())
 @settings(max_examples=25, deadline=None)
-def test_line_and_bulk_paths_agree(mode: EncryptionMode, data: st.DataObject) -> None:
+def test_line_and_bulk_paths_agree(mode: EncryptionMode, accel: bool, data: st.DataObject) -> None:
     spa, n = data.draw(spans(mode.granule))
     pt = data.draw(st.binary(min_size=n, max_size=n))
-    mc = MemoryCipher(mode, _key(mode), ZEN1 if mode is XE else ZEN2)
+    mc = MemoryCipher(mode, _key(mode), ZEN1 if mode is XE else ZEN2, accel=accel)
     ct = mc.encrypt_line(spa, pt)
     assert mc.encrypt_bulk(spa, pt) == ct
     assert mc.decrypt_line(spa, ct) == pt
@@ -322,10 +337,11 @@ def test_line_and_bulk_paths_agree(mode: EncryptionMode, data: st.DataObject) ->
     assert b"".join(mc.encrypt_line(spa + o, pt[o : o + g]) for o in range(0, n, g)) == ct
 
 
+@pytest.mark.parametrize("accel", PATHS)
 @pytest.mark.parametrize("mode", MODES)
-def test_bulk_over_many_chunks_matches_pages(mode: EncryptionMode) -> None:
+def test_bulk_over_many_chunks_matches_pages(mode: EncryptionMode, accel: bool) -> None:
     # Crosses chunk-index carries (0b0111 -> 0b1000) with an unaligned start and a ragged end.
-    mc = MemoryCipher(mode, _key(mode), ZEN2)
+    mc = MemoryCipher(mode, _key(mode), ZEN2, accel=accel)
     spa = 7 * CHUNK - 3 * 4096 - 256
     pt = os.urandom(2 * CHUNK + 5 * 4096 + 192)
     ct = mc.encrypt_bulk(spa, pt)
@@ -334,14 +350,18 @@ def test_bulk_over_many_chunks_matches_pages(mode: EncryptionMode) -> None:
     assert mc.decrypt_bulk(spa, ct) == pt
 
 
+@pytest.mark.parametrize("accel", PATHS)
 @pytest.mark.parametrize("mode", MODES)
-def test_bulk_into_caller_buffers(mode: EncryptionMode) -> None:
-    mc = MemoryCipher(mode, _key(mode), ZEN2)
+def test_bulk_into_caller_buffers(mode: EncryptionMode, accel: bool) -> None:
+    mc = MemoryCipher(mode, _key(mode), ZEN2, accel=accel)
     pt = bytearray(os.urandom(CHUNK + 4096))
     expected = mc.encrypt_bulk(0x40000, pt)
     buf = bytearray(pt)
     mc.encrypt_bulk_into(0x40000, buf, buf)  # in place
     assert buf == expected
+    mc.decrypt_bulk_into(0x40000, buf, buf)  # in place, both ways
+    assert buf == pt
+    mc.encrypt_bulk_into(0x40000, buf, buf)
     out = np.zeros(len(pt), dtype=np.uint8)
     mc.decrypt_bulk_into(0x40000, buf, out.data)  # any writable buffer
     assert out.tobytes() == pt
@@ -359,9 +379,10 @@ def test_bulk_into_caller_buffers(mode: EncryptionMode) -> None:
     assert mc.encrypt_bulk(0x40000, words.data) == expected
 
 
+@pytest.mark.parametrize("accel", PATHS)
 @pytest.mark.parametrize("mode", MODES)
-def test_memo_tables_stay_correct_when_they_roll_over(mode: EncryptionMode) -> None:
-    mc = MemoryCipher(mode, _key(mode), TweakConstants.random_zen2(40, random.Random(4)))
+def test_memo_tables_stay_correct_when_they_roll_over(mode: EncryptionMode, accel: bool) -> None:
+    mc = MemoryCipher(mode, _key(mode), TweakConstants.random_zen2(40, random.Random(4)), accel=accel)
     line = bytes(64)
     stride = 4096 if mode is not XTS else 64  # page memo for XE/XEX, line memo for XTS
     spas = [0x100000 + i * stride for i in range((1 << 14) + 3 if mode is not XTS else (1 << 11) + 3)]
@@ -370,6 +391,243 @@ def test_memo_tables_stay_correct_when_they_roll_over(mode: EncryptionMode) -> N
         mc.encrypt_line(s, line)
     assert all(mc.encrypt_line(s, line) == c for s, c in first.items())
     assert mc.decrypt_line(spas[-1], mc.encrypt_line(spas[-1], line)) == line
+
+
+# -- the C accelerator against the numpy paths -----------------------------------------------------
+
+
+def _gf_double(x: int) -> int:
+    return ((x << 1) & ((1 << 128) - 1)) ^ (0x87 if x >> 127 else 0)
+
+
+@st.composite
+def bulk_cases(draw: st.DrawFn, granule: int) -> tuple[TweakConstants, int, int, int]:
+    """(tweak constants, spa, length, data seed): spans near the numpy path's window and chunk
+    boundaries and the accelerator's chunk boundaries, near the top of the address space, anywhere."""
+    tc = draw(
+        st.sampled_from(
+            [
+                ZEN1,
+                ZEN2,
+                TweakConstants.random_zen2(52, random.Random(9)),
+                TweakConstants.random_zen2(12, random.Random(10)),
+            ]
+        )
+    )
+    n = granule * draw(st.integers(1, (1300 << 10) // granule))
+    limit = tc.address_limit
+    if n > limit:
+        n = limit - granule * draw(st.integers(0, 3))
+    where = draw(st.sampled_from(["boundary", "top", "anywhere"]))
+    if where == "boundary":
+        unit = draw(st.sampled_from([128 << 10, 256 << 10, CHUNK, 4096]))
+        spa = draw(st.integers(0, 64)) * unit + granule * draw(st.integers(-700, 700))
+    elif where == "top":
+        spa = limit - n - granule * draw(st.integers(0, 100))
+    else:
+        spa = granule * draw(st.integers(0, limit // granule))
+    spa = min(max(spa, 0), limit - n)
+    return tc, spa, n, draw(st.integers(0, 1 << 32))
+
+
+@needs_accel
+@pytest.mark.parametrize("mode", MODES)
+@given(data=st.data())
+@settings(max_examples=30, deadline=None)
+def test_accelerated_and_numpy_paths_give_the_same_bytes(mode: EncryptionMode, data: st.DataObject) -> None:
+    tc, spa, n, seed = data.draw(bulk_cases(mode.granule))
+    rng = random.Random(seed)
+    key = rng.randbytes(mode.key_size)
+    fast = MemoryCipher(mode, key, tc, accel=True)
+    slow = MemoryCipher(mode, key, tc, accel=False)
+    assert fast.accelerated and not slow.accelerated
+    pt = rng.randbytes(n)
+    ct = slow.encrypt_bulk(spa, pt)
+    assert fast.encrypt_bulk(spa, pt) == ct
+    assert fast.decrypt_bulk(spa, ct) == pt == slow.decrypt_bulk(spa, ct)
+    buf = bytearray(ct)
+    fast.decrypt_bulk_into(spa, buf, buf)  # in place
+    assert buf == pt
+    # The single-line path, on the lines of the span (and spans shorter than a page).
+    for off in range(0, min(n, 1024), 64):
+        if off + 64 <= n and (spa + off) % 64 == 0:
+            line = pt[off : off + 64]
+            c = slow.encrypt_line(spa + off, line)
+            assert fast.encrypt_line(spa + off, line) == c == ct[off : off + 64]
+            assert fast.decrypt_line(spa + off, c) == line == slow.decrypt_line(spa + off, c)
+    short = min(n, 4096)
+    assert fast.encrypt_line(spa, pt[:short]) == slow.encrypt_line(spa, pt[:short]) == ct[:short]
+    assert fast.decrypt_line(spa, ct[:short]) == pt[:short]
+
+
+@needs_accel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("spa", "n"),
+    [
+        (7 * CHUNK - 3 * 4096 - 256, 2 * CHUNK + 5 * 4096 + 192),  # window carries, ragged ends
+        (0, 3 << 20),
+        ((1 << 48) - (1 << 20) - 64, 1 << 20),  # the top of the address space
+    ],
+)
+def test_accelerated_and_numpy_paths_agree_over_many_chunks(mode: EncryptionMode, spa: int, n: int) -> None:
+    key = _key(mode, 7)
+    fast = MemoryCipher(mode, key, ZEN2, accel=True)
+    slow = MemoryCipher(mode, key, ZEN2, accel=False)
+    pt = os.urandom(n)
+    ct = slow.encrypt_bulk(spa, pt)
+    assert fast.encrypt_bulk(spa, pt) == ct
+    assert fast.decrypt_bulk(spa, ct) == pt
+
+
+@needs_accel
+@pytest.mark.parametrize(
+    "tc", [ZEN1, ZEN2, TweakConstants.random_zen2(52, random.Random(3))], ids=["zen1", "zen2", "pa52"]
+)
+def test_accel_address_tweak_is_t_of_each_block(tc: TweakConstants) -> None:
+    from sevemu.crypto import _memenc_accel as accel
+
+    consts = b"".join(tc.constants)
+    rng = random.Random(5)
+    for _ in range(20):
+        n = 16 * rng.randint(1, 700)
+        spa = rng.randrange(0, tc.address_limit - n) & ~15
+        src = rng.randbytes(n)
+        dst = bytearray(n)
+        accel.xor_addr_tweak(dst, src, spa, consts)
+        tweaks = tc.tweaks(np.arange(spa, spa + n, 16, dtype=np.uint64)).tobytes()
+        assert bytes(dst) == _xor(src, tweaks)
+        accel.xor_addr_tweak(dst, dst, spa, consts)  # in place: back to src
+        assert bytes(dst) == src
+    top = tc.address_limit - 64
+    accel.xor_addr_tweak(dst := bytearray(64), bytes(64), top, consts)
+    assert bytes(dst) == tc.tweaks(np.arange(top, top + 64, 16, dtype=np.uint64)).tobytes()
+
+
+@needs_accel
+@pytest.mark.parametrize("unit_blocks", [1, 2, 3, 4, 5, 7, 8, 9, 32, 33])
+def test_accel_xts_masks_are_the_alpha_multiples(unit_blocks: int) -> None:
+    from sevemu.crypto import _memenc_accel as accel
+
+    rng = random.Random(unit_blocks)
+    units = 5
+    # Tweaks with the top bits set take the reduction paths.
+    tweaks = rng.randbytes(16 * (units - 2)) + b"\xff" * 16 + bytes(15) + b"\xe0"
+    src = rng.randbytes(16 * unit_blocks * units)
+    dst = bytearray(len(src))
+    accel.xts_xor(dst, src, tweaks, unit_blocks)
+    expected = bytearray()
+    for u in range(units):
+        t = int.from_bytes(tweaks[16 * u : 16 * u + 16], "little")
+        for j in range(unit_blocks):
+            off = 16 * (u * unit_blocks + j)
+            expected += (int.from_bytes(src[off : off + 16], "little") ^ t).to_bytes(16, "little")
+            t = _gf_double(t)
+    assert dst == expected
+    # ... and the numpy path's expansion agrees.
+    s = np.frombuffer(tweaks, dtype=np.uint64).copy()
+    mask = np.empty(len(src) // 8, dtype=np.uint64)
+    memenc._xts_alpha_powers(s, unit_blocks, mask, np.empty((3, s.shape[0]), dtype=np.uint64))
+    assert (np.frombuffer(src, dtype=np.uint64) ^ mask).tobytes() == expected
+
+
+@needs_accel
+def test_accel_sequence_numbers_and_xor() -> None:
+    from sevemu.crypto import _memenc_accel as accel
+
+    out = bytearray(16 * 6)
+    accel.xts_sequence(out, (1 << 64) - 3)  # carries into the high word
+    assert [int.from_bytes(out[i : i + 16], "little") for i in range(0, 96, 16)] == [
+        (1 << 64) - 3 + i for i in range(6)
+    ]
+    a, b, c = os.urandom(67), os.urandom(67), os.urandom(67)
+    assert accel.xor_bytes(a, b) == _xor(a, b)
+    assert accel.xor_bytes(a, b, c) == _xor(_xor(a, b), c)
+    assert accel.xor_bytes(a, memoryview(b), None) == _xor(a, b)
+    assert accel.xor_bytes(b"", b"") == b""
+
+
+@needs_accel
+def test_accel_rejects_bad_arguments() -> None:
+    from sevemu.crypto import _memenc_accel as accel
+
+    consts = b"".join(ZEN2.constants)
+    line = bytes(64)
+    for call in (
+        lambda: accel.xor_addr_tweak(bytearray(48), line, 0, consts),  # length mismatch
+        lambda: accel.xor_addr_tweak(bytearray(24), bytes(24), 0, consts),  # not whole blocks
+        lambda: accel.xor_addr_tweak(bytearray(64), line, 8, consts),  # unaligned spa
+        lambda: accel.xor_addr_tweak(bytearray(64), line, 1 << 48, consts),  # out of range
+        lambda: accel.xor_addr_tweak(bytearray(64), line, (1 << 48) - 48, consts),  # runs past the end
+        lambda: accel.xor_addr_tweak(bytearray(64), line, -16, consts),
+        lambda: accel.xor_addr_tweak(bytearray(64), line, 1 << 64, consts),
+        lambda: accel.xor_addr_tweak(bytearray(64), line, 0, consts[:-1]),
+        lambda: accel.xor_addr_tweak(bytearray(64), line, 0, consts[: 16 * 11]),
+        lambda: accel.xor_addr_tweak(bytearray(64), line, 0, bytes(16 * 64)),
+        lambda: accel.xts_xor(bytearray(64), line, bytes(32), 4),  # tweaks for two units
+        lambda: accel.xts_xor(bytearray(64), line, bytes(15), 4),
+        lambda: accel.xts_xor(bytearray(48), line, bytes(16), 4),
+        lambda: accel.xts_xor(bytearray(64), line, bytes(16), 0),
+        lambda: accel.xts_xor(bytearray(64), line, bytes(16), 1 << 30),
+        lambda: accel.xts_sequence(bytearray(17), 0),
+        lambda: accel.xts_sequence(bytearray(16), -1),
+        lambda: accel.xor_bytes(line, bytes(63)),
+        lambda: accel.xor_bytes(line, line, bytes(65)),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    for call in (
+        lambda: accel.xor_addr_tweak(bytes(64), line, 0, consts),  # read-only dst
+        lambda: accel.xor_addr_tweak(bytearray(64), "x" * 64, 0, consts),
+        lambda: accel.xor_addr_tweak(bytearray(64), line, 0.0, consts),
+        lambda: accel.xor_addr_tweak(bytearray(64), line, 0),
+        lambda: accel.xts_xor(bytearray(64), memoryview(bytes(128))[::2], bytes(16), 4),  # strided
+        lambda: accel.xor_bytes(line),
+        lambda: accel.xor_bytes(line, 64),
+    ):
+        with pytest.raises((TypeError, BufferError)):
+            call()
+
+
+def test_requiring_the_accelerator_when_it_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memenc, "ACCELERATED", False)
+    with pytest.raises(InputError, match="not built"):
+        MemoryCipher(XE, _key(XE), ZEN2, accel=True)
+    mc = MemoryCipher(XTS, _key(XTS), ZEN2)  # the default follows what was built
+    assert not mc.accelerated
+    assert mc.encrypt_line(0x1000, bytes(64)) == ref_crypt(XTS, _key(XTS), ZEN2, 0x1000, bytes(64), True)
+
+
+def test_falls_back_to_numpy_when_the_extension_cannot_be_imported() -> None:
+    # A fresh interpreter in which importing the extension fails, as after an install without a C
+    # compiler: memenc imports, reports it, and gives the reference bytes.
+    spa = 0x12345000
+    pt = bytes(range(256)) * 4
+    expected = [ref_crypt(m, _key(m), ZEN1, spa, pt, True).hex() for m in MODES]
+    code = f"""
+import random, sys
+sys.modules["sevemu.crypto._memenc_accel"] = None  # makes the import raise ImportError
+from sevemu.crypto import memenc
+from sevemu.errors import InputError
+assert not memenc.ACCELERATED
+tc = memenc.TweakConstants.published_zen1(48, random.Random(1))
+for mode, want in zip(memenc.EncryptionMode, {expected!r}):
+    mc = memenc.MemoryCipher(mode, random.Random(0).randbytes(mode.key_size), tc)
+    assert not mc.accelerated
+    pt = {pt!r}
+    assert mc.encrypt_bulk({spa}, pt).hex() == want, mode
+    assert mc.encrypt_line({spa}, pt[:64]).hex() == want[:128], mode
+    assert mc.decrypt_bulk({spa}, bytes.fromhex(want)) == pt
+try:
+    memenc.MemoryCipher(memenc.EncryptionMode.XE, bytes(16), tc, accel=True)
+except InputError:
+    print("fallback ok")
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "fallback ok"
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -396,8 +654,9 @@ def test_key_must_be_bytes_and_mode_an_enum() -> None:
     ("mode", "spa", "length"),
     [(XE, 8, 16), (XEX, 0x1000, 8), (XEX, 0x1004, 64), (XTS, 0x10, 64), (XTS, 0x40, 16), (XTS, 0x40, 80)],
 )
-def test_unaligned_spa_or_length(mode: EncryptionMode, spa: int, length: int) -> None:
-    mc = MemoryCipher(mode, _key(mode), ZEN2)
+@pytest.mark.parametrize("accel", PATHS)
+def test_unaligned_spa_or_length(mode: EncryptionMode, spa: int, length: int, accel: bool) -> None:
+    mc = MemoryCipher(mode, _key(mode), ZEN2, accel=accel)
     for fn in (mc.encrypt_line, mc.decrypt_line, mc.encrypt_bulk, mc.decrypt_bulk):
         with pytest.raises(AlignmentError, match="multiples of"):
             fn(spa, bytes(length))
@@ -407,8 +666,11 @@ def test_unaligned_spa_or_length(mode: EncryptionMode, spa: int, length: int) ->
 @pytest.mark.parametrize(
     ("spa", "length"), [(1 << 48, 64), ((1 << 48) - 64, 128), (-64, 64), ((1 << 48) - 64, 8192)]
 )
-def test_address_outside_the_physical_address_space(mode: EncryptionMode, spa: int, length: int) -> None:
-    mc = MemoryCipher(mode, _key(mode), ZEN2)
+@pytest.mark.parametrize("accel", PATHS)
+def test_address_outside_the_physical_address_space(
+    mode: EncryptionMode, spa: int, length: int, accel: bool
+) -> None:
+    mc = MemoryCipher(mode, _key(mode), ZEN2, accel=accel)
     for fn in (mc.encrypt_line, mc.decrypt_line, mc.encrypt_bulk, mc.decrypt_bulk):
         with pytest.raises(AddressError) as info:
             fn(spa, bytes(length))
@@ -419,12 +681,18 @@ def test_address_outside_the_physical_address_space(mode: EncryptionMode, spa: i
 # -- benchmark entry point (smoke only: benchmarks are commands, not timed tests) ------------------
 
 
-def test_bench_modes_smoke() -> None:
-    rows = bench_modes(1 << 20, repeats=1, lines=64)
+@pytest.mark.parametrize("accel", PATHS)
+def test_bench_modes_smoke(accel: bool) -> None:
+    rows = bench_modes(1 << 20, repeats=1, lines=64, accel=accel)
     assert [r["mode"] for r in rows] == ["xe", "xex", "aes-256-xts"]
     for r in rows:
         for k in ("mode_gbps", "baseline_gbps", "ratio", "line_encrypt_us", "line_decrypt_us"):
             assert r[k] > 0
-    assert rows[0]["baseline"] == "aes-128-ecb" and rows[2]["baseline"].startswith("aes-256-xts")
+        assert r["accelerated"] is accel
+    assert rows[0]["baseline"] == "aes-128-ecb"
+    # XTS: the ratio is to cryptography's XTS in 1 MiB units; per-page units are extra information.
+    assert rows[2]["baseline"] == "aes-256-xts/1MiB-units"
+    assert rows[2]["xts_unit_baseline"] == "aes-256-xts/4096B-units"
+    assert rows[2]["xts_unit_gbps"] > 0 and rows[2]["ratio_xts_unit"] > 0
     with pytest.raises(InputError):
         bench_modes(1000)

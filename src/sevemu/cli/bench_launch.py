@@ -35,7 +35,7 @@ from sevemu.hypervisor.psp import PspDriver
 from sevemu.hypervisor.sevdev import IoctlError, SevDevice
 from sevemu.scenario import build_machine
 
-__all__ = ["TARGET_RATIO", "register_launch", "run_launch", "bench_launch"]
+__all__ = ["TARGET_RATIO", "bench_launch", "register_launch", "run_launch"]
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -13,7 +13,9 @@ process, step by step (reference 1.9-1.11).
     [guest]       boots and reads its secrets in plaintext at their GPA
     [hypervisor]  reads the same GPA: ciphertext
 
-The hypervisor side is :class:`~sevemu.hypervisor.kvm_ops.KvmSev` (KVM's ioctl), the owner side
+The image is padded with zeros to whole 4 KiB pages, as a VMM loads a firmware volume into whole
+pages (the firmware measures in 16-byte units, 64 on AES-XTS generations): the owner's expected digest
+is that of the padded image.  The hypervisor side is :class:`~sevemu.hypervisor.kvm_ops.KvmSev` (KVM's ioctl), the owner side
 :mod:`sevemu.owner`; they share nothing but the blobs printed here.  The platform's chain is checked
 against the ARK of the emulated manufacturer that made it (as a relying party would pin it).
 """
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     image = read_file(args.image) if args.image is not None else DEMO_IMAGE
     if not image:
         raise InputError(f"{args.image}: the image is empty")
+    image += bytes(-len(image) % PAGE)  # loaded into whole pages, and measured so (module docstring)
     image_gpa = parse_int(args.image_gpa, "--image-gpa", 40)
     if image_gpa % PAGE:
         raise InputError(f"--image-gpa {image_gpa:#x} is not page aligned")

@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sevemu.cli import bench, demo, launch, owner, platform
+    from sevemu.cli import bench, demo, launch, owner, platform, run
 
     parser = argparse.ArgumentParser(
         prog="sevemu",
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.register(sub)
     platform.register(sub)
     owner.register(sub)
+    run.register(sub)
     bench.register(sub)
     return parser
 

@@ -224,9 +224,10 @@ def run_secret_build(args: argparse.Namespace) -> int:
                             api_minor=minor)
     write_file(args.header, packet.header_bytes)
     write_file(args.payload, packet.trans)
+    entries = f"{len(secrets)} entr{'y' if len(secrets) == 1 else 'ies'}"
+    measure = MeasureBuf.decode(blob).measure.hex()
     emit(args, {"entries": [g for g, _ in secrets], "guest_len": packet.guest_len,
                 "header": str(args.header), "payload": str(args.payload)},
-         [f"secret table with {len(secrets)} entr{'y' if len(secrets) == 1 else 'ies'}, "
-          f"{packet.guest_len} bytes, sealed for MEASURE {MeasureBuf.decode(blob).measure.hex()[:16]}...",
+         [f"secret table with {entries}, {packet.guest_len} bytes, sealed for MEASURE {measure[:16]}...",
           f"  header  {args.header}", f"  payload {args.payload}"])
     return 0

@@ -49,15 +49,28 @@ Model choices where AMD publishes nothing (sev-reference §5 item 10):
 
 Implementation notes.  The AES block operations are `cryptography`'s AES-ECB; ECB contexts keep no
 state between ``update`` calls, so each cipher keeps one encryptor and one decryptor for its whole
-life.  The single-line path works on 512-bit Python integers (one line = one ``int``): XE/XEX take
-the line's tweak from a per-boot table of the 64 in-page line tweaks XORed with a memoised per-page
-tweak; XTS memoises E_K2 of a page's 64 sequence numbers (one AES call per page) and the line
-tweaks derived from them (bounded memos, cleared when full).  The bulk path works on ``numpy``
-``uint64`` views: AES on 128 KiB chunks through ``update_into`` with preallocated buffers (shared by
-the ciphers of a thread); XE/XEX take T from a per-boot table spanning a 512 KiB window XORed with
-the window's high-bit tweak, carried from window to window by XORing a cached row; XTS computes
-E_K2 of the chunk's sequence numbers in one AES call and the alpha multiples with shifts.  A
-:class:`MemoryCipher` is not thread-safe (neither are the ECB contexts it holds).
+life.  Everything around the AES has two implementations giving the same bytes:
+
+* **The C accelerator** ``sevemu.crypto._memenc_accel`` (``csrc/memenc_accel.c``, an optional
+  extension built at install time; :data:`ACCELERATED` says whether it loaded).  It only XORs:
+  ``xor_addr_tweak`` XORs T(p) into each 16-byte block, deriving it from the constants (an in-page
+  table of bits 4..11 and a per-page tweak); ``xts_xor`` expands each E_K2(n) to its four alpha
+  multiples and XORs them in; ``xor_bytes`` serves the single-line path.  The bulk path then runs,
+  per 256 KiB chunk (sized for L2): one C pass into a preallocated buffer, one ``update_into``
+  straight into the output, one C pass in place (XEX, XE decryption, XTS); XTS first encrypts the
+  chunk's sequence numbers with one ``update_into``.  The single-line path XORs 64-byte strings:
+  the memoised page tweak and the line's in-page tweak (XE/XEX), or the line's four XTS tweaks
+  (memoised per line, from E_K2 of the page's 64 sequence numbers, one AES call per page).
+* **The numpy and integer paths**, used when the extension is missing (no C compiler at install
+  time) or with ``MemoryCipher(..., accel=False)``.  The single-line path works on 512-bit Python
+  integers (one line = one ``int``), with the same memos.  The bulk path works on ``numpy``
+  ``uint64`` views: AES on 128 KiB chunks through ``update_into`` with preallocated buffers (shared
+  by the ciphers of a thread); XE/XEX take T from a per-boot table spanning a 512 KiB window XORed
+  with the window's high-bit tweak, carried from window to window by XORing a cached row; XTS
+  computes E_K2 of the chunk's sequence numbers in one AES call and the alpha multiples with shifts.
+
+Memos are bounded and cleared when full.  A :class:`MemoryCipher` is not thread-safe (neither are the
+ECB contexts it holds).
 """
 
 from __future__ import annotations
@@ -76,9 +89,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 
 from sevemu.errors import AddressError, AlignmentError, InputError, KeySizeError
 
+#: Whether the optional C accelerator (``csrc/memenc_accel.c``) was built and loaded; without it the
+#: numpy and integer paths do the same work, slower.
+ACCELERATED: bool
 try:
     from sevemu.crypto import _memenc_accel
-except ImportError:  # built without a C compiler: the numpy and integer paths do the same work
+except ImportError:  # installed without a C compiler
     ACCELERATED = False
 else:
     ACCELERATED = True
@@ -145,7 +161,8 @@ _XTS_FIX: Final = tuple(_xts_fix(top) for top in range(8))
 _CHUNK: Final = 128 << 10
 _CHUNK_WORDS: Final = _CHUNK // 8
 #: The accelerated path's chunk (no SPA alignment needed there).
-_ACCEL_CHUNK: Final = _CHUNK
+_ACCEL_CHUNK: Final = 256 << 10
+_SCRATCH_CHUNK: Final = max(_CHUNK, _ACCEL_CHUNK)
 _WINDOW_BITS: Final = 19
 _WINDOW: Final = 1 << _WINDOW_BITS
 #: Row length (in uint64 words) of the 16-byte patterns XORed over a chunk (64 KiB rows: long rows
@@ -844,7 +861,7 @@ class MemoryCipher:
         if multi:
             _fill_pattern(sc.row, high)
             xor(table.reshape(-1, _ROW_WORDS), sc.row, out=tw_rows)
-        buf, buf_bytes = sc.buf, sc.buf_bytes
+        buf, buf_bytes = sc.buf[:_CHUNK_WORDS], sc.buf_bytes[:_CHUNK]
         pos = 0
         while pos < n:
             m = min(_CHUNK - (win_off & (_CHUNK - 1)), n - pos)
@@ -924,18 +941,18 @@ class _Scratch:
     def __init__(self) -> None:
         self.tw = np.empty(max(_WINDOW, _CHUNK) // 8, dtype=_U64)
         self.row = np.empty(_ROW_WORDS, dtype=_U64)
-        self.buf = np.empty(_CHUNK_WORDS, dtype=_U64)
+        self.buf = np.empty(_SCRATCH_CHUNK // 8, dtype=_U64)
         self.buf_bytes = self.buf.data.cast("B")
-        raw_out = bytearray(_CHUNK + 16)
+        raw_out = bytearray(_SCRATCH_CHUNK + 16)
         self.out_bytes = memoryview(raw_out)
-        self.out = np.frombuffer(raw_out, dtype=_U64, count=_CHUNK_WORDS)
-        lines = _CHUNK // LINE_SIZE
+        self.out = np.frombuffer(raw_out, dtype=_U64, count=_SCRATCH_CHUNK // 8)
+        lines = _SCRATCH_CHUNK // LINE_SIZE
         self.seq = np.zeros((lines, 2), dtype=_U64)
         self.seq_bytes = self.seq.data.cast("B")
         raw_s = bytearray(lines * BLOCK_SIZE + 16)
         self.s_bytes = memoryview(raw_s)
         self.s = np.frombuffer(raw_s, dtype=_U64, count=lines * 2)
-        self.tmp = np.empty((4, lines * 2), dtype=_U64)
+        self.tmp = np.empty((3, lines * 2), dtype=_U64)
 
 
 _SCRATCH: Final = threading.local()
@@ -952,15 +969,23 @@ def _xts_tweaks(tweak_enc: CipherContext, first: int, lines: int, tw: _U64Array,
     nbytes = lines * BLOCK_SIZE
     tweak_enc.update_into(sc.seq_bytes[:nbytes], sc.s_bytes[: nbytes + 15])
     w = lines * 2
-    cur = sc.s[:w]
-    blocks = tw.view(_V16).reshape(lines, 4)
-    blocks[:, 0] = cur.view(_V16)
-    carry = sc.tmp[0, :w]
+    _xts_alpha_powers(sc.s[:w], LINE_SIZE // BLOCK_SIZE, tw, sc.tmp[:, :w])
+
+
+def _xts_alpha_powers(s: _U64Array, unit_blocks: int, out: _U64Array, tmp: _U64Array) -> None:
+    """out = s_u * alpha^j in GF(2^128) for each data unit u and block j < ``unit_blocks``: ``s``
+    holds one encrypted tweak per unit (two little-endian words), ``out`` unit after unit
+    (``unit_blocks`` * 2 words each), ``tmp`` is ``(3, len(s))`` scratch."""
+    w = s.shape[0]
+    blocks = out.view(_V16).reshape(w // 2, unit_blocks)
+    blocks[:, 0] = s.view(_V16)
+    carry = tmp[0]
     lo_carry, hi_carry = carry[0::2], carry[1::2]
-    for j in (1, 2, 3):
-        nxt = sc.tmp[j, :w]
-        # One doubling per block of the line: shift each (lo, hi) pair left by one bit; the hi word
-        # takes the lo word's top bit, the lo word the reduction 0x87 of the hi word's top bit.
+    cur = s
+    for j in range(1, unit_blocks):
+        nxt = tmp[1 + (j & 1)]
+        # One doubling per block: shift each (lo, hi) pair left by one bit; the hi word takes the
+        # lo word's top bit, the lo word the reduction 0x87 of the hi word's top bit.
         np.left_shift(cur, _U64(1), out=nxt)
         np.right_shift(cur, _U64(63), out=carry)
         np.bitwise_or(nxt[1::2], lo_carry, out=nxt[1::2])

@@ -142,7 +142,7 @@ class Firmware:
             return Status(r.status)
         except FirmwareError as e:
             return Status(e.status)
-        except Exception:  # a firmware bug: never raise out of the mailbox
+        except Exception:  # noqa: BLE001 - a firmware bug: never raise out of the mailbox
             self.internal_errors.append(traceback.format_exc())
             return Status.HWERROR_PLATFORM
         if out is not None:

@@ -32,7 +32,7 @@ from sevemu.errors import AlignmentError, InputError
 from sevemu.hw.dram import LINE
 from sevemu.hw.memctl import MemoryController
 
-__all__ = ["Cache", "CacheAgent", "tag_key", "key_domain", "C_SHIFT", "ASID_SHIFT", "SPA_MASK"]
+__all__ = ["ASID_SHIFT", "C_SHIFT", "SPA_MASK", "Cache", "CacheAgent", "key_domain", "tag_key"]
 
 C_SHIFT = 52
 ASID_SHIFT = 53

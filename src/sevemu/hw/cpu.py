@@ -26,7 +26,7 @@ from sevemu.hw.mmu import Mmu, Translation
 from sevemu.hw.profiles import CpuProfile
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
 
-__all__ = ["Core", "GuestCpu", "Engine", "Tlb"]
+__all__ = ["Core", "Engine", "GuestCpu", "Tlb"]
 
 # TLB entry flags
 _W_OK = 1  # writable and the guest's Dirty bit already set
@@ -76,7 +76,7 @@ class Engine(Protocol):
 class GuestCpu:
     """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
 
-    __slots__ = ("core", "vmcb", "asid", "sev", "_tlb", "_tlb_insert", "_line", "_dirty", "_mmu")
+    __slots__ = ("_dirty", "_line", "_mmu", "_tlb", "_tlb_insert", "asid", "core", "sev", "vmcb")
 
     def __init__(self, core: Core, vmcb: Vmcb) -> None:
         self.core = core

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sevemu.errors import AddressError, AlignmentError, FileFormatError
 
-__all__ = ["Dram", "ColdBootImage", "PAGE", "LINE"]
+__all__ = ["LINE", "PAGE", "ColdBootImage", "Dram"]
 
 PAGE = 4096
 LINE = 64
@@ -29,7 +29,7 @@ _ZERO_PAGE = bytes(PAGE)
 class Dram:
     """Sparse byte-addressable physical memory of ``size`` bytes."""
 
-    __slots__ = ("size", "_pages")
+    __slots__ = ("_pages", "size")
 
     def __init__(self, size: int) -> None:
         if size <= 0 or size % PAGE:
@@ -89,7 +89,7 @@ class Dram:
             pfn = addr >> 12
             page = self._pages.get(pfn)
             if page is None:
-                if not any(view[pos : pos + n]):
+                if _ZERO_PAGE.startswith(view[pos : pos + n]):  # all zeros (one memcmp, not any())
                     pos += n
                     continue
                 page = self._pages[pfn] = bytearray(PAGE)

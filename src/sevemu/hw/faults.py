@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from sevemu.errors import ArchitecturalFault
 
-__all__ = ["PageFault", "NestedPageFault", "GeneralProtection"]
+__all__ = ["GeneralProtection", "NestedPageFault", "PageFault"]
 
 
 class PageFault(ArchitecturalFault):

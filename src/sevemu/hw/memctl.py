@@ -27,7 +27,7 @@ from sevemu.hw.dram import LINE, Dram
 
 _ZERO_LINE = bytes(LINE)
 
-__all__ = ["MemoryController", "KeySlotPort", "domain_for"]
+__all__ = ["KeySlotPort", "MemoryController", "domain_for"]
 
 Rng = Callable[[int], bytes]
 

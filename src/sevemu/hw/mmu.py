@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sevemu.hw.cache import Cache
 from sevemu.abi.paging import NpfExitInfo1, PfErrorCode, Pte
+from sevemu.hw.cache import Cache
 from sevemu.hw.faults import NestedPageFault, PageFault
 from sevemu.hw.memctl import domain_for
 from sevemu.hw.profiles import CpuProfile
 
-__all__ = ["Mmu", "Translation", "PTE_P", "PTE_RW", "PTE_US", "PTE_A", "PTE_D", "PTE_PS", "PTE_NX"]
+__all__ = ["PTE_A", "PTE_D", "PTE_NX", "PTE_P", "PTE_PS", "PTE_RW", "PTE_US", "Mmu", "Translation"]
 
 # Plain ints: IntFlag arithmetic is too slow for the walker.
 PTE_P = int(Pte.P)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sevemu.crypto.memenc import EncryptionMode
 from sevemu.errors import InputError
 
-__all__ = ["CpuProfile", "PROFILES", "profile", "NAPLES", "ROME", "MILAN", "GENOA", "TURIN"]
+__all__ = ["GENOA", "MILAN", "NAPLES", "PROFILES", "ROME", "TURIN", "CpuProfile", "profile"]
 
 # CPUID Fn8000_001F EAX feature bits (reference 4.1).
 _SME = 1 << 0

@@ -39,7 +39,7 @@ from sevemu.hw.dram import LINE
 from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import CpuProfile
 
-__all__ = ["Psp", "PspPorts", "PspDma", "MailboxHandler"]
+__all__ = ["MailboxHandler", "Psp", "PspDma", "PspPorts"]
 
 
 class MailboxHandler(Protocol):

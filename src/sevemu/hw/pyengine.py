@@ -28,7 +28,7 @@ from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import GeneralProtection, PageFault
 from sevemu.hw.svm import VmExit
 
-__all__ = ["PyEngine", "Workload", "op", "Op"]
+__all__ = ["Op", "PyEngine", "Workload", "op"]
 
 Op = tuple[Any, ...]
 Workload = Generator[Op, Any, Any]
@@ -37,7 +37,7 @@ Workload = Generator[Op, Any, Any]
 LD, ST, RD, WR, FETCH, HLT, OUT, IN, CPUID, RDMSR, WRMSR, VMMCALL, WRCR, INVLPG, WBINVD, CLFLUSH = range(16)
 
 
-class op:  # noqa: N801 - used as a namespace of constructors: op.load(...)
+class op:
     """Constructors of workload operations."""
 
     @staticmethod
@@ -147,7 +147,7 @@ class PyEngine:
                 except StopIteration:
                     self.finished = True
                     return VmExit(ExitCode.HLT)
-                except Exception as exc:  # the guest died: triple fault
+                except Exception as exc:  # noqa: BLE001 - the guest died: triple fault
                     return self._triple_fault(exc)
                 self._pending = o
             try:
@@ -159,7 +159,7 @@ class PyEngine:
                 except StopIteration:
                     self.finished = True
                     return VmExit(ExitCode.HLT)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - unhandled in the guest: triple fault
                     return self._triple_fault(exc)
                 self._pending = o
                 continue

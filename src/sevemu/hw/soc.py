@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import random
-import random
 from collections.abc import Callable
 
 from sevemu.abi.cpuid import Msr

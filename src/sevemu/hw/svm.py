@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sevemu.abi.paging import ExitCode
 
-__all__ = ["Vmcb", "VmExit", "TlbControl", "GPRS"]
+__all__ = ["GPRS", "TlbControl", "VmExit", "Vmcb"]
 
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -64,7 +64,8 @@ class VmExit:
 
     @property
     def name(self) -> str:
-        try:
-            return ExitCode(self.code).name
-        except ValueError:
-            return f"0x{self.code:x}"
+        name = _EXIT_NAMES.get(self.code)
+        return name if name is not None else f"0x{self.code:x}"
+
+
+_EXIT_NAMES: dict[int, str] = {int(c): c.name for c in ExitCode}

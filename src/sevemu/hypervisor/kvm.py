@@ -26,8 +26,9 @@ Flows follow Linux KVM (arch/x86/kvm/svm/sev.c, reference 1.3/1.14):
 * ``run``: VMRUN until an exit the run loop cannot handle itself.  #NPF inside guest memory backs
   the page (demand paging); port I/O to COM1 is the serial console; CPUID returns the host's values
   (including Fn8000_001F, so a guest learns its C-bit); VMMCALL implements KVM_HC_MAP_GPA_RANGE, by
-  which an SEV guest announces pages it made shared.  HLT returns to the caller; SHUTDOWN, an
-  unresolvable #NPF or VMEXIT_INVALID mark the VM crashed.
+  which an SEV guest announces pages it made shared.  HLT returns to the caller, and so does INTR
+  (the host timer ended the guest's time slice: the caller re-enters); SHUTDOWN, an unresolvable
+  #NPF or VMEXIT_INVALID mark the VM crashed.
 * ``destroy``: DEACTIVATE, DECOMMISSION, release memory, ASID to the reclaim set.
 """
 
@@ -461,6 +462,10 @@ class Hypervisor:
         if code == ExitCode.HLT:
             vmcb.rip = vmcb.next_rip
             return "hlt"
+        if code == ExitCode.INTR:
+            # A physical interrupt (the host's timer) ended the guest's time slice: back to the
+            # caller, which decides when to re-enter (the guest resumes where it was).
+            return "intr"
         if code == ExitCode.SHUTDOWN:
             crash = getattr(v.engine, "crash", None)
             return self._crash(vm, f"triple fault (shutdown){': ' + crash if crash else ''}")

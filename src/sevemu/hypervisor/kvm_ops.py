@@ -44,8 +44,8 @@ Deviations, each documented where it happens:
   ``bytes`` for input, a ``bytearray`` the kernel copies into for output (``None`` = NULL).
 * ``KVM_SEV_CERT_EXPORT`` (19), ``SEND_UPDATE_VMSA`` (10) and ``RECEIVE_UPDATE_VMSA`` (14): upstream
   KVM defines the ids but answers ``-EINVAL``.  sevemu implements them: CERT_EXPORT as
-  PDH_CERT_EXPORT for the VMM (:class:`KvmSevCertExport`, field names of /dev/sev's
-  ``sev_user_data_pdh_cert_export``), the VMSA transfers with AMD's out-of-tree layout
+  PDH_CERT_EXPORT for the VMM (:class:`KvmSevCertExport`: the fields of /dev/sev's
+  ``sev_user_data_pdh_cert_export`` with KVM's ``*_uaddr`` naming), the VMSA transfers with AMD's out-of-tree layout
   (``vcpu_id`` plus header and transport buffers) on SEV-ES guests.
 * ``KVM_SEV_INIT2`` (22) needs the ``KVM_X86_SEV_VM`` VM types, which the model does not have:
   ``-EINVAL``.
@@ -356,6 +356,9 @@ class KvmSev:
         self.handle = 0
         self.fd: SevDevice | None = None
         self.vmsa_spa: dict[int, int] = {}  # vCPU index -> SPA of its VMSA page (SEV-ES)
+        self.last_error = 0
+        """Firmware status of the last sub-command (its ``kvm_sev_cmd.error``)."""
+        self.last_cmd: KvmSevCmd | None = None
         _, ebx, _, _ = hv.soc.cpuid(0x8000_001F)
         eax = hv.soc.cpuid(0x8000_001F)[0]
         self.me_mask = 1 << (ebx & 0x3F)  # sev_me_mask: the C-bit
@@ -413,9 +416,6 @@ class KvmSev:
         self.last_error = cmd.error
         self.last_cmd = cmd
         return rc
-
-    last_error: int = 0
-    last_cmd: KvmSevCmd | None = None
 
     def op(self, sub: KvmSevCmdId, data: Any = None, sev_fd: SevDevice | None = None) -> Any:
         """Run a sub-command and raise :class:`~sevemu.hypervisor.sevdev.IoctlError` on failure;
@@ -478,9 +478,8 @@ class KvmSev:
             return -Errno.EBUSY
         if vm.kind is not VmKind.SEV:
             return -Errno.EINVAL  # model: the VM was not created as an SEV VM (no SEV ASID)
-        if es and vm.asid not in self.hv.soc.profile.es_asids():
-            if not self._swap_to_es_asid():
-                return -Errno.EBUSY
+        if es and vm.asid not in self.hv.soc.profile.es_asids() and not self._swap_to_es_asid():
+            return -Errno.EBUSY
         dev = cmd.sev_fd if cmd.sev_fd is not None else SevDevice(self.hv)
         rc = dev.platform_init(cmd)
         if rc:
@@ -604,11 +603,10 @@ class KvmSev:
         """LAUNCH_MEASURE / ATTESTATION: ``len`` 0 queries; otherwise a bounce buffer of ``len``."""
         stage = Staging(self.hv)
         blob = 0
-        if params.len:
-            if params.uaddr is not None:
-                if params.len > SEV_FW_BLOB_MAX_SIZE:
-                    return -Errno.EINVAL
-                blob = stage.zeroed(params.len)
+        if params.len and params.uaddr is not None:
+            if params.len > SEV_FW_BLOB_MAX_SIZE:
+                return -Errno.EINVAL
+            blob = stage.zeroed(params.len)
         buf = make(blob, params.len if blob else 0)
         rc, out = self._fw(command, buf.encode(), cmd)
         done = type(buf).decode(out)

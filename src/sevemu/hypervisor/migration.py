@@ -32,7 +32,9 @@ Flow (non-live, "stop and copy": the guest does not run while it is sent)::
                                                   SEND_FINISH -> SENT; the source VM is destroyed
 
 The destination VM gets the same GPAs (backed by its own pages), the same vCPU registers and a new
-ASID; it runs from where the source stopped.  ``ABORT(reason)`` may be sent by either side at any
+ASID; it runs from where the source stopped.  What moves is architectural state -- memory and the
+VMCB save area; an instruction engine's private state does not (a Python workload is a generator):
+the caller attaches the engine that resumes the vCPU, as a fresh x86 engine resumes from registers.  ``ABORT(reason)`` may be sent by either side at any
 point.  Failure handling: any error on the source -- the connection dropped or timed out, the
 destination aborted (a packet whose MAC did not verify, a refused command), a firmware refusal --
 issues SEND_CANCEL, so the source guest is RUNNING again, untouched.  Any error on the destination
@@ -59,7 +61,6 @@ import enum
 import socket
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -75,7 +76,7 @@ from sevemu.abi.sev import (
     SessionBuf,
     TransportCmd,
 )
-from sevemu.abi.status import Status
+from sevemu.abi.status import Status, status_name
 from sevemu.errors import MailboxError, SevemuError, VmError
 from sevemu.hw.svm import GPRS
 from sevemu.hypervisor.kvm import Hypervisor
@@ -114,7 +115,8 @@ _SEND_BUFFER: Final = 256 << 10
 
 # PSP bounce-area offsets (hypervisor/psp.py: the driver's data area)
 _OFF_PDH, _OFF_CHAIN, _OFF_AMD, _OFF_SESSION = 0x0000, 0x1000, 0x3000, 0x4000
-_OFF_HDR, _OFF_TRANS = 0x5000, 0x6000
+_OFF_TRANS = 0x6000
+_OFF_HDR = _OFF_TRANS - 0x40  # header right below TRANS: one copy moves both
 _MAX_AMD_CERTS: Final = 0x2000
 
 
@@ -413,6 +415,13 @@ def platform_certs(hv: Hypervisor) -> tuple[bytes, bytes]:
     return _get(hv, _OFF_PDH, CERT_SIZE), _get(hv, _OFF_CHAIN, CHAIN_SIZE)
 
 
+def _issue(hv: Hypervisor, cmd: CommandId, buf: TransportCmd) -> None:
+    """A per-page command whose written-back buffer is of no interest (no decode)."""
+    status, _ = hv.psp.raw(cmd, buf.encode())
+    if status != Status.SUCCESS:
+        raise MailboxError(cmd.name, status, status_name(status))
+
+
 def _length_query(hv: Hypervisor, cmd: CommandId, buf: SendStartCmd | TransportCmd) -> bytes:
     """Issue ``cmd`` expecting INVALID_LENGTH; the buffer as the firmware wrote it back."""
     status, out = hv.psp.raw(cmd, buf.encode())
@@ -443,13 +452,12 @@ def _check_sendable(vm: Vm) -> None:
         raise MigrationError(f"{vm.name} is an SEV-ES guest: SEND_UPDATE_VMSA is not modelled")
 
 
-def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False,
-            progress: Callable[[int], None] | None = None) -> SendResult:
+def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False) -> SendResult:
     """Send ``vm`` over ``chan`` (module docstring); the guest must not run meanwhile.
 
     On success the source guest is SENT and the VM destroyed (kept, for inspection, with
     ``keep_source``).  On failure SEND_CANCEL makes it RUNNING again and :class:`MigrationError` is
-    raised.  ``progress`` is called with the number of pages sent so far, every 4096 pages.
+    raised.
     """
     _check_sendable(vm)
     t0 = time.perf_counter()
@@ -475,7 +483,7 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False,
         session = _get(hv, _OFF_SESSION, session_len)
         own_pdh, _ = platform_certs(hv)
         chan.send(Start(out.policy, vm.memory, len(vm.vcpus), own_pdh, session))
-        pages, shared = _send_pages(hv, vm, chan, progress)
+        pages, shared = _send_pages(hv, vm, chan)
         for vcpu in vm.vcpus:
             s = vcpu.vmcb
             chan.send(VcpuState(vcpu.index, s.cr0, s.cr3, s.cr4, s.efer, s.rip, s.rflags,
@@ -484,20 +492,23 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False,
         _expect(chan, Done)
         psp.call(CommandId.SEND_FINISH, HandleCmd(handle=vm.handle))
     except (OSError, SevemuError) as exc:
+        note = ""
         if started:
-            psp.call(CommandId.SEND_CANCEL, HandleCmd(handle=vm.handle))
+            try:
+                psp.call(CommandId.SEND_CANCEL, HandleCmd(handle=vm.handle))
+            except MailboxError as cancel:
+                note = f"; SEND_CANCEL failed too: {cancel}"
         chan.abort(f"source: {exc}")
-        if isinstance(exc, MigrationError):
+        if isinstance(exc, MigrationError) and not note:
             raise
-        raise MigrationError(f"sending {vm.name} failed: {exc}") from exc
+        raise MigrationError(f"sending {vm.name} failed: {exc}{note}") from exc
     result = SendResult(pages, shared, chan.bytes_sent, time.perf_counter() - t0)
     if not keep_source:
         hv.destroy(vm)
     return result
 
 
-def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel,
-                progress: Callable[[int], None] | None) -> tuple[int, int]:
+def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel) -> tuple[int, int]:
     psp = hv.psp
     cbit = _cbit_mask(hv)
     hdr_spa = psp.data_spa + _OFF_HDR
@@ -511,13 +522,12 @@ def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel,
             chan.send(SharedPage(gpa, vm.host_read(gpa, PAGE)))
             shared += 1
             continue
-        psp.call(CommandId.SEND_UPDATE_DATA, TransportCmd(
+        _issue(hv, CommandId.SEND_UPDATE_DATA, TransportCmd(
             handle=vm.handle, hdr_paddr=hdr_spa, hdr_len=hdr_len, guest_paddr=spa | cbit, guest_len=PAGE,
             trans_paddr=trans_spa, trans_len=PAGE))
-        chan.send(Page(gpa, _get(hv, _OFF_HDR, hdr_len), _get(hv, _OFF_TRANS, PAGE)))
+        packet = _get(hv, _OFF_HDR, _OFF_TRANS - _OFF_HDR + PAGE)
+        chan.send(Page(gpa, packet[:hdr_len], packet[_OFF_TRANS - _OFF_HDR :]))
         pages += 1
-        if progress is not None and pages % 4096 == 0:
-            progress(pages)
     return pages, shared
 
 
@@ -531,10 +541,10 @@ def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "
     ``amd_certs`` is this platform's ASK || ARK (a host fetches it from AMD's key server).  On any
     failure the new VM is discarded and :class:`MigrationError` raised.
     """
-    pdh, chain = platform_certs(hv)
-    chan.send(Hello(pdh, chain, bytes(amd_certs)))
     vm: Vm | None = None
     try:
+        pdh, chain = platform_certs(hv)
+        chan.send(Hello(pdh, chain, bytes(amd_certs)))
         start = _expect(chan, Start)
         limit = max_memory if max_memory is not None else hv.soc.dram.size
         if start.memory <= 0 or start.memory % PAGE or start.memory > limit or not 0 < start.vcpus <= 64:
@@ -584,9 +594,10 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
                 continue
             if len(msg.trans) > PAGE:
                 raise ProtocolError(f"packet of {len(msg.trans)} bytes exceeds a page")
-            _put(hv, _OFF_HDR, msg.hdr)
-            _put(hv, _OFF_TRANS, msg.trans)
-            psp.call(CommandId.RECEIVE_UPDATE_DATA, TransportCmd(
+            if len(msg.hdr) > _OFF_TRANS - _OFF_HDR:
+                raise ProtocolError(f"packet header of {len(msg.hdr)} bytes")
+            _put(hv, _OFF_HDR, msg.hdr.ljust(_OFF_TRANS - _OFF_HDR, b"\0") + msg.trans)
+            _issue(hv, CommandId.RECEIVE_UPDATE_DATA, TransportCmd(
                 handle=vm.handle, hdr_paddr=hdr_spa, hdr_len=len(msg.hdr), guest_paddr=spa | cbit,
                 guest_len=len(msg.trans), trans_paddr=trans_spa, trans_len=len(msg.trans)))
             pages += 1

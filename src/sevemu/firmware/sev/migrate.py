@@ -46,9 +46,10 @@ SEND_UPDATE_DATA (SUPDATE)
     ``hdr_len`` below 0x34: INVALID_LENGTH with 0x34 written back (the length query; AF checks it
     before the handle).  Then INVALID_GUEST, INVALID_GUEST_STATE, INACTIVE (the guest's key must be
     in the memory controller); ``guest_len`` zero, above one 4 KiB page, not a multiple of the
-    granule (16 bytes; 64 on AES-XTS generations), ``trans_len`` zero or below ``guest_len``, or
-    the region crossing a 4 KiB boundary: INVALID_LENGTH; ``guest_paddr`` (C-bit stripped) not
-    granule-aligned, or header/TRANS/guest region outside DRAM: INVALID_ADDRESS.
+    granule (16 bytes; 64 on AES-XTS generations), ``trans_len`` zero or below ``guest_len``:
+    INVALID_LENGTH; ``guest_paddr`` (C-bit stripped) not granule-aligned: INVALID_ADDRESS; the
+    region crossing a 4 KiB boundary: INVALID_LENGTH; header, TRANS or guest region outside DRAM:
+    INVALID_ADDRESS.
     One page per call and no page crossing is KVM's contract (``sev_send_update_data``), made a
     firmware rule here (model choice; AF itself accepts up to its 20 KiB scratch buffer).
 
@@ -79,8 +80,9 @@ RECEIVE_START
 RECEIVE_UPDATE_DATA (RUPDATE)
     INVALID_GUEST, INVALID_GUEST_STATE, INACTIVE (ACTIVATE the new guest first, as for
     LAUNCH_UPDATE_DATA); ``trans_len`` zero or above a page, ``guest_len`` different from
-    ``trans_len``, not a granule multiple, ``hdr_len`` below 0x34, or the region crossing a page:
-    INVALID_LENGTH; ``guest_paddr`` not granule-aligned or any buffer outside DRAM: INVALID_ADDRESS;
+    ``trans_len``, not a granule multiple, or ``hdr_len`` below 0x34: INVALID_LENGTH; ``guest_paddr``
+    not granule-aligned: INVALID_ADDRESS; the region crossing a page: INVALID_LENGTH; any buffer
+    outside DRAM: INVALID_ADDRESS;
     header flag COMPRESSED: UNSUPPORTED (AF supports no compression and checks the flag first);
     MAC mismatch (tampered header, TRANS, lengths, or another channel's TIK): BAD_MEASUREMENT.
     The plaintext is then written into the guest's memory encrypted with the guest's (new) key,
@@ -103,7 +105,9 @@ RECEIVE_START with HWERROR_PLATFORM (:attr:`Firmware.identity`).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import struct
 from dataclasses import replace
 from typing import Final
 
@@ -134,7 +138,6 @@ from sevemu.crypto.transport import (
     TransportKeys,
     WrapMacError,
     aes128_ctr,
-    hmac_sha256,
     open_session,
     seal_session,
 )
@@ -166,16 +169,12 @@ MAX_PACKET: Final = PAGE
 """Largest ``guest_len`` of one SEND/RECEIVE_UPDATE_DATA (one page, KVM's contract)."""
 DATA_CONTEXT: Final = 0x02
 """Channel context byte of SEND/RECEIVE_UPDATE_DATA MACs (AF ``SEV_CHANNEL_CTX_DATA``)."""
-
-
-def _amd_cert_sizes() -> tuple[frozenset[int], frozenset[int]]:
-    signed = frozenset(AMD_CERT_HEADER_SIZE + 3 * bits // 8 for bits in MODULUS_SIZES)
-    unsigned = frozenset(AMD_CERT_HEADER_SIZE + 2 * bits // 8 for bits in MODULUS_SIZES)
-    return signed, unsigned
+_AAD: Final = struct.Struct("<BI16sII")  # AF send_receive_update_aad without its 3 pad bytes
 
 
 def _amd_certs_lengths() -> frozenset[int]:
-    signed, unsigned = _amd_cert_sizes()
+    signed = {AMD_CERT_HEADER_SIZE + 3 * bits // 8 for bits in MODULUS_SIZES}  # header, exponent, modulus, sig
+    unsigned = {AMD_CERT_HEADER_SIZE + 2 * bits // 8 for bits in MODULUS_SIZES}
     return frozenset(ask + ark for ask in signed for ark in signed | unsigned)
 
 
@@ -189,16 +188,12 @@ Naples form), each RSA-2048 or RSA-4096 (reference 1.8)."""
 
 def data_packet_mac(tik: bytes, *, flags: int, iv: bytes, guest_len: int, trans: bytes) -> bytes:
     """HMAC-SHA256(TIK, 0x02 || le32(flags) || iv || le32(guest_len) || le32(len(trans)) || trans)."""
-    if len(iv) != IV_SIZE:
-        raise InputError(f"packet IV must be {IV_SIZE} bytes, got {len(iv)}")
-    aad = (
-        bytes([DATA_CONTEXT])
-        + flags.to_bytes(4, "little")
-        + bytes(iv)
-        + guest_len.to_bytes(4, "little")
-        + len(trans).to_bytes(4, "little")
-    )
-    return hmac_sha256(tik, aad + bytes(trans))
+    if len(iv) != IV_SIZE or len(tik) != KEY_SIZE:
+        raise InputError(f"packet IV and TIK must be {IV_SIZE} bytes, got {len(iv)} and {len(tik)}")
+    aad = _AAD.pack(DATA_CONTEXT, flags, bytes(iv), guest_len, len(trans))
+    mac = hmac.new(bytes(tik), aad, hashlib.sha256)
+    mac.update(trans)
+    return mac.digest()
 
 
 def seal_data_packet(keys: TransportKeys, plaintext: bytes, iv: bytes, flags: int = 0) -> tuple[HdrBuf, bytes]:
@@ -326,10 +321,10 @@ def _transport_region(fw: Firmware, cmd: TransportCmd, length: int) -> int:
     if length == 0 or length > MAX_PACKET or length % gran:
         raise FirmwareError(Status.INVALID_LENGTH, f"guest_len {length:#x}: a non-zero multiple of {gran} "
                                                    f"up to {MAX_PACKET:#x} is needed")
-    if (spa % PAGE) + length > PAGE:
-        raise FirmwareError(Status.INVALID_LENGTH, f"guest region {spa:#x}+{length:#x} crosses a page")
     if spa % gran:
         raise FirmwareError(Status.INVALID_ADDRESS, f"guest_paddr {spa:#x} is not {gran}-byte aligned")
+    if (spa % PAGE) + length > PAGE:
+        raise FirmwareError(Status.INVALID_LENGTH, f"guest region {spa:#x}+{length:#x} crosses a page")
     return spa
 
 
@@ -368,7 +363,7 @@ def _need_es(g: GuestContext, vmsa: bool) -> None:
         raise FirmwareError(Status.UNSUPPORTED, f"guest {g.handle} is not an SEV-ES guest: it has no VMSA")
 
 
-def _send_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> TransportCmd:
+def _send_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> TransportCmd | None:
     if cmd.hdr_len < HdrBuf.SIZE:
         raise Reply(Status.INVALID_LENGTH, replace(cmd, hdr_len=HdrBuf.SIZE))
     g = fw.guest(cmd.handle)
@@ -389,16 +384,17 @@ def _send_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> TransportCmd:
     hdr, trans = seal_data_packet(TransportKeys(g.tek, g.tik), plaintext, fw.ports.trng(IV_SIZE))
     dma.write(trans_spa, trans)
     dma.write(hdr_spa, hdr.encode())
-    return replace(cmd, hdr_len=HdrBuf.SIZE)
+    # AF writes hdr_len back; a buffer that already says 0x34 needs no write
+    return None if cmd.hdr_len == HdrBuf.SIZE else replace(cmd, hdr_len=HdrBuf.SIZE)
 
 
 @command(CommandId.SEND_UPDATE_DATA, READY)
-def send_update_data(fw: Firmware, cmd: TransportCmd) -> TransportCmd:
+def send_update_data(fw: Firmware, cmd: TransportCmd) -> TransportCmd | None:
     return _send_update(fw, cmd, vmsa=False)
 
 
 @command(CommandId.SEND_UPDATE_VMSA, READY)
-def send_update_vmsa(fw: Firmware, cmd: TransportCmd) -> TransportCmd:
+def send_update_vmsa(fw: Firmware, cmd: TransportCmd) -> TransportCmd | None:
     return _send_update(fw, cmd, vmsa=True)
 
 

@@ -1,0 +1,323 @@
+"""``sevemu run GUEST``: build a bundled guest image, launch it (measured, for SEV) and run it.
+
+The guest is real x86-64 code (:mod:`sevemu.guest.build`) executed by the Unicorn engine
+(:mod:`sevemu.hw.ucengine`); its serial console goes to stdout, what happens to it to stderr.
+This module is also the small VMM the tests, the demo and the benchmark drive guests with:
+
+* :func:`launch_guest` -- VM (plain or SEV), LAUNCH_UPDATE_DATA of the image, vCPUs in the
+  documented initial state (ESI = vCPU index, EDI = vCPU count);
+* :class:`GuestRun` -- the run loop: round-robin over the vCPUs, each HLT is "host, your turn" (the
+  bounce-buffer device is serviced, an ``on_halt`` callback may act), HLT at the runtime's
+  ``rt_done`` means that vCPU is finished; crashes are reported with reason and RIP, never raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sevemu.errors import GuestBuildError, InputError, SevemuError, UnmappedError
+from sevemu.guest.build import GuestImage, build_guest, build_source, list_guests
+from sevemu.hw.ucengine import InitialState, UcEngine
+from sevemu.hypervisor.kvm import RunResult
+from sevemu.hypervisor.vm import Vm, VmKind, VmState
+from sevemu.scenario import Machine, build_machine
+
+__all__ = ["BOUNCE_MAGIC", "GuestRun", "Outcome", "launch_guest", "load_image", "register", "run_guest"]
+
+MiB = 1 << 20
+DEFAULT_MEMORY = 16 * MiB
+BOUNCE_MAGIC = 0x42425653
+_BOUNCE_REQUEST, _BOUNCE_REPLY = 1, 2
+_OP_ECHO_UPPER, _OP_CHECKSUM = 1, 2
+
+
+def load_image(guest: str, *, rebuild: bool = False) -> GuestImage:
+    """A bundled guest by name, or the guest whose ``main`` is in the C file ``guest``."""
+    if guest.endswith(".c") or "/" in guest:
+        return build_source(Path(guest), rebuild=rebuild)
+    return build_guest(guest, rebuild=rebuild)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a guest run ended."""
+
+    status: str
+    """``finished`` (every vCPU reached rt_done), ``crashed``, ``timeout`` or ``paused``."""
+    console: str
+    reason: str = ""
+    rip: int | None = None
+    exits: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class GuestRun:
+    """A launched guest and the loop that runs it."""
+
+    machine: Machine
+    vm: Vm
+    image: GuestImage
+    engines: list[UcEngine]
+    measurement: bytes
+    halted: set[int] = field(default_factory=set)
+    exits: int = 0
+    _printed: int = 0
+
+    @property
+    def sev(self) -> bool:
+        return self.vm.sev
+
+    @property
+    def console(self) -> str:
+        return self.vm.console.decode(errors="replace")
+
+    def finished(self, vcpu: int) -> bool:
+        done = self.image.symbols.get("rt_done")
+        rip = self.vm.vcpus[vcpu].vmcb.rip
+        return done is not None and done <= rip < done + 4
+
+    def step(self, vcpu: int = 0, max_exits: int = 1_000_000) -> RunResult:
+        """One pass of the hypervisor's run loop on ``vcpu`` (until HLT, a time slice, a crash)."""
+        r = self.machine.hv.run(self.vm, vcpu, max_exits=max_exits)
+        self.exits += r.exits
+        return r
+
+    def service_bounce(self) -> bool:
+        """The host side of the bounce-buffer device: answer a pending request; True if there was one."""
+        gpa = self.image.symbols.get("__shared_start")
+        if gpa is None:
+            return False
+        try:
+            head = self.vm.host_read(gpa, 16)
+        except UnmappedError:
+            return False
+        magic, state, op, length = (int.from_bytes(head[i : i + 4], "little") for i in range(0, 16, 4))
+        if magic != BOUNCE_MAGIC or state != _BOUNCE_REQUEST:
+            return False
+        data = self.vm.host_read(gpa + 16, min(length, 4080))
+        if op == _OP_ECHO_UPPER:
+            reply = data.upper()
+        elif op == _OP_CHECKSUM:
+            reply = f"sum={sum(data)}".encode()
+        else:
+            reply = b"unknown request"
+        self.vm.host_write(gpa + 8, (op.to_bytes(4, "little") + len(reply).to_bytes(4, "little") + reply))
+        self.vm.host_write(gpa + 4, _BOUNCE_REPLY.to_bytes(4, "little"))
+        return True
+
+    def run(self, *, timeout: float = 60.0, on_halt: Callable[[GuestRun, int], bool | None] | None = None,
+            echo: Callable[[str], None] | None = None) -> Outcome:
+        """Run every vCPU until all are finished, one crashes, or ``timeout`` seconds pass.
+
+        Each HLT that is not the final one gives the host its turn: a pending bounce request is
+        answered, then ``on_halt(run, vcpu)`` is called; returning False pauses the run (call
+        :meth:`run` again to go on).  ``echo`` receives console output as it appears.
+        """
+        start = time.monotonic()
+        n = len(self.vm.vcpus)
+        while True:
+            for i in range(n):
+                if i in self.halted:
+                    continue
+                r = self.step(i, max_exits=20_000)  # bounded, so vCPUs take turns and the timeout is seen
+                self._echo(echo)
+                if self.vm.state is VmState.CRASHED:
+                    eng = self.engines[i]
+                    return Outcome("crashed", self.console, self.vm.crash_reason or r.reason,
+                                   eng.crash_rip if eng.crash_rip is not None else self.vm.vcpus[i].vmcb.rip,
+                                   self.exits, time.monotonic() - start)
+                if r.reason == "hlt":
+                    if self.finished(i):
+                        self.halted.add(i)
+                        continue
+                    self.service_bounce()
+                    if on_halt is not None and on_halt(self, i) is False:
+                        self._echo(echo)
+                        return Outcome("paused", self.console, "", self.vm.vcpus[i].vmcb.rip, self.exits,
+                                       time.monotonic() - start)
+                    self._echo(echo)
+            if len(self.halted) == n:
+                return Outcome("finished", self.console, "", None, self.exits, time.monotonic() - start)
+            if time.monotonic() - start > timeout:
+                return Outcome("timeout", self.console, f"the guest did not finish within {timeout:g} s",
+                               self.vm.vcpus[0].vmcb.rip, self.exits, time.monotonic() - start)
+
+    def _echo(self, echo: Callable[[str], None] | None) -> None:
+        if echo is not None and len(self.vm.console) > self._printed:
+            echo(self.vm.console[self._printed :].decode(errors="replace"))
+            self._printed = len(self.vm.console)
+
+    def close(self) -> None:
+        for e in self.engines:
+            e.close()
+
+
+def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory: int = DEFAULT_MEMORY,
+                 machine: Machine | None = None, generation: str = "milan", seed: str | None = None,
+                 pool_pages: int = 4096, slice_s: float | None = None, name: str | None = None) -> GuestRun:
+    """Create a VM for ``image`` (plain or SEV), load it through the (measured) launch, add vCPUs.
+
+    Everything is checked before anything runs: the mode, the vCPU count, that the image fits the
+    guest's memory (with its shared page).
+    """
+    if mode not in ("plain", "sev"):
+        raise InputError(f"unknown mode {mode!r}: plain or sev")
+    if not 1 <= vcpus <= 8:
+        raise InputError(f"--vcpus must be between 1 and 8, got {vcpus}")
+    if memory <= 0 or memory % 4096:
+        raise InputError(f"guest memory must be a positive multiple of 4 KiB, got {memory:#x}")
+    needed = max(image.end, image.symbols.get("__shared_end", image.end))
+    if needed > memory:
+        raise GuestBuildError(
+            f"guest {image.name!r} needs {needed:#x} bytes of guest-physical memory (image of "
+            f"{len(image.data)} bytes at GPA {image.base:#x}), more than the VM's {memory:#x}"
+        )
+    m = machine or build_machine(generation, seed=seed)
+    kind = VmKind.SEV if mode == "sev" else VmKind.PLAIN
+    vm = m.hv.create_vm(name or image.name, memory, kind)
+    measurement = m.hv.launch(vm, [(image.base, image.data)])
+    slice_s = slice_s if slice_s is not None else (0.2 if vcpus == 1 else 0.02)
+    engines = []
+    for i in range(vcpus):
+        state = InitialState(rip=image.entry, regs=(("rsi", i), ("rdi", vcpus)))
+        eng = UcEngine(pool_pages=pool_pages, slice_s=slice_s, initial=state, name=f"{vm.name}/{i}")
+        v = vm.add_vcpu(eng)
+        state.apply(v.vmcb)
+        engines.append(eng)
+    return GuestRun(m, vm, image, engines, measurement)
+
+
+def run_guest(guest: str | GuestImage, mode: str = "sev", **kw: Any) -> Outcome:
+    """Build (if needed), launch and run a guest to its end; returns the outcome."""
+    image = load_image(guest) if isinstance(guest, str) else guest
+    timeout = kw.pop("timeout", 60.0)
+    run = launch_guest(image, mode=mode, **kw)
+    try:
+        return run.run(timeout=timeout)
+    finally:
+        run.close()
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="build, launch and run a guest image (real x86-64 code) on the emulated platform",
+                       description="Build a bundled guest (or a C file using the guest runtime), load it through "
+                                   "the measured launch and run it; its serial console goes to stdout.")
+    p.add_argument("guest", nargs="?", help="a bundled guest name (see --list) or a path to a guest .c file")
+    p.add_argument("--list", action="store_true", help="list the bundled guests")
+    p.add_argument("--mode", choices=("plain", "sev"), default="sev", help="plain VM or SEV guest (default sev)")
+    p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    p.add_argument("--generation", default="milan", help="CPU generation (naples, rome, milan, genoa, turin)")
+    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY // MiB, help="guest memory in MiB (default 16)")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
+    p.add_argument("--seed", help="make the run reproducible (seeds the TRNG and boot randomness)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the image even if a cached build exists")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of the console")
+    p.add_argument("--inject-shellcode", action="store_true",
+                   help="play the malicious hypervisor: at the guest's first HLT overwrite its report() page "
+                        "with code of the host's own (the victim guest), then WBINVD")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.list:
+        width = max(len(n) for n, _ in list_guests())
+        for name, desc in list_guests():
+            print(f"{name:<{width}}  {desc}")
+        return 0
+    if not args.guest:
+        raise InputError("name a guest to run (sevemu run --list shows the bundled ones)")
+    if args.memory <= 0:
+        raise InputError("--memory must be positive")
+    image = load_image(args.guest, rebuild=args.rebuild)
+    run = launch_guest(image, mode=args.mode, vcpus=args.vcpus, memory=args.memory * MiB,
+                       generation=args.generation, seed=args.seed)
+    info = _launch_info(run)
+    if not args.json:
+        print(f"sevemu: {info['summary']}", file=sys.stderr)
+
+    def echo(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    on_halt = _shellcode_attack(args.json) if args.inject_shellcode else None
+    if args.inject_shellcode and "report" not in image.symbols:
+        raise InputError(f"--inject-shellcode needs a guest with a report() function (victim), not {image.name!r}")
+    try:
+        out = run.run(timeout=args.timeout, echo=None if args.json else echo, on_halt=on_halt)
+    finally:
+        run.close()
+    if args.json:
+        print(json.dumps({**info, "status": out.status, "console": out.console, "reason": out.reason,
+                          "rip": out.rip, "exits": out.exits, "seconds": round(out.seconds, 3)}, indent=2))
+    elif out.status == "finished":
+        print(f"sevemu: {image.name} finished ({out.exits} exits, {out.seconds:.2f} s)", file=sys.stderr)
+    else:
+        where = f" at RIP {out.rip:#x}" if out.rip is not None else ""
+        print(f"sevemu: {image.name} {out.status}{where}: {out.reason}", file=sys.stderr)
+    return 0 if out.status == "finished" else 1
+
+
+# x86-64, position independent: lea msg(%rip),%rsi; mov $0x3f8,%dx; 1: lodsb; test %al,%al; jz 2f;
+# out %al,%dx; jmp 1b; 2: hlt; jmp 2b; msg: ...
+SHELLCODE = bytes.fromhex("488d350f00000066baf803ac84c07403eeebf8f4ebfd") + b"PWNED by the hypervisor\n\0"
+
+
+def _shellcode_attack(quiet: bool) -> Callable[[GuestRun, int], bool]:
+    """What a malicious hypervisor does between two ticks of the victim: its own code over report()."""
+    state = {"done": False}
+
+    def attack(run: GuestRun, vcpu: int) -> bool:
+        if state["done"]:
+            return True
+        gpa = run.image.symbol("report")
+        run.vm.host_write(gpa, SHELLCODE)
+        run.machine.soc.wbinvd_all()
+        state["done"] = True
+        if not quiet:
+            print(f"sevemu: hypervisor: wrote {len(SHELLCODE)} bytes of its own code over report() at GPA "
+                  f"{gpa:#x} and flushed the caches", file=sys.stderr)
+        return True
+
+    return attack
+
+
+def _launch_info(run: GuestRun) -> dict[str, Any]:
+    vm, image = run.vm, run.image
+    info: dict[str, Any] = {"guest": image.name, "mode": "sev" if vm.sev else "plain", "asid": vm.asid,
+                            "vcpus": len(vm.vcpus), "image_bytes": len(image.data), "image_sha256": image.digest,
+                            "platform": run.machine.profile.product}
+    if vm.sev:
+        info["measurement"] = run.measurement[:32].hex()
+        info["measurement_verified"] = _verify(run)
+        info["summary"] = (f"{image.name}: SEV guest on {info['platform']} (ASID {vm.asid}), image "
+                           f"{len(image.data)} bytes sha256 {image.digest[:16]}..., launch measurement "
+                           f"{info['measurement'][:16]}... {'verified' if info['measurement_verified'] else 'MISMATCH'}")
+    else:
+        info["summary"] = f"{image.name}: plain VM on {info['platform']} (ASID {vm.asid}), image {len(image.data)} bytes"
+    return info
+
+
+def _verify(run: GuestRun) -> bool:
+    """What the guest owner checks: LAUNCH_MEASURE against the image it expects to run.
+
+    Without an owner session the firmware's TIK is the closed channel's all-zero key (model choice,
+    see docs/firmware.md), so the check shows the digest covers exactly this image.
+    """
+    from sevemu.owner.measurement import expected_launch_digest, verify_measurement
+
+    st = run.machine.hv.platform_status()
+    try:
+        verify_measurement(run.measurement, bytes(16), st.api_major, st.api_minor, st.build, run.vm.policy,
+                           expected_launch_digest([run.image.data]))
+    except SevemuError:
+        return False
+    return True

@@ -1,0 +1,18 @@
+"""Type stub of the optional C accelerator of :mod:`sevemu.crypto.memenc` (``csrc/memenc_accel.c``).
+
+Every function raises ValueError on inconsistent lengths, and takes C-contiguous buffers.
+"""
+
+from _typeshed import ReadableBuffer, WriteableBuffer
+
+def xor_addr_tweak(dst: WriteableBuffer, src: ReadableBuffer, spa: int, consts: ReadableBuffer, /) -> None:
+    """dst = src ^ T(spa + 16k) for each 16-byte block k; ``consts`` = t_0 || ... || t_(pa_bits-1)."""
+
+def xts_xor(dst: WriteableBuffer, src: ReadableBuffer, tweaks: ReadableBuffer, unit_blocks: int, /) -> None:
+    """dst = src ^ E_K2(n_u) * alpha^j for block j of data unit u (``tweaks``: 16 bytes per unit)."""
+
+def xts_sequence(out: WriteableBuffer, first: int, /) -> None:
+    """Fill ``out`` with the 128-bit little-endian integers first, first + 1, ..."""
+
+def xor_bytes(a: ReadableBuffer, b: ReadableBuffer, c: ReadableBuffer | None = None, /) -> bytes:
+    """a ^ b (^ c)."""

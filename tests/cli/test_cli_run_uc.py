@@ -1,0 +1,107 @@
+"""``sevemu run`` (cli/run.py) and ``sevemu bench cpu`` (cli/bench_cpu.py) as a user drives them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sevemu.cli import bench_cpu
+from sevemu.cli.main import main
+from sevemu.errors import GuestBuildError
+from sevemu.guest.build import GUESTS, toolchain
+
+pytest.importorskip("unicorn")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _guest_builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    old = os.environ.get("SEVEMU_BUILD_DIR")
+    os.environ["SEVEMU_BUILD_DIR"] = str(tmp_path_factory.getbasetemp() / "guest-builds")
+    yield
+    if old is None:
+        os.environ.pop("SEVEMU_BUILD_DIR", None)
+    else:
+        os.environ["SEVEMU_BUILD_DIR"] = old
+
+
+@pytest.fixture
+def gcc() -> None:
+    try:
+        toolchain()
+    except GuestBuildError as exc:
+        pytest.skip(str(exc))
+
+
+def test_run_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in GUESTS:
+        assert name in out
+    assert "prints through the serial console" in out
+
+
+@pytest.mark.parametrize("mode", ["plain", "sev"])
+def test_run_hello(gcc: None, mode: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "hello", "--mode", mode, "--seed", "cli"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("Hello from a sevemu guest")  # the console, on stdout
+    assert "finished" in cap.err
+    if mode == "sev":
+        assert "launch measurement" in cap.err and "verified" in cap.err
+
+
+def test_run_json_and_vcpus(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "smp", "--vcpus", "2", "--json", "--seed", "cli"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["status"] == "finished" and r["vcpus"] == 2 and r["mode"] == "sev"
+    assert r["measurement_verified"] is True
+    assert "smp: 2 vCPU(s)" in r["console"]
+
+
+def test_run_crash_is_reported_not_raised(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "crash", "--mode", "plain"]) == 1
+    err = capsys.readouterr().err
+    assert "crashed at RIP 0x" in err and "#UD" in err
+
+
+def test_run_bad_inputs(gcc: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "nosuchguest"]) == 2
+    assert "no bundled guest" in capsys.readouterr().err
+    broken = tmp_path / "broken.c"
+    broken.write_text("int main(void) { this is not C; }\n")
+    assert main(["run", str(broken)]) == 2
+    assert "compiling broken.c failed" in capsys.readouterr().err
+    assert main(["run", "hello", "--memory", "1"]) == 2
+    assert "more than the VM" in capsys.readouterr().err
+    assert main(["run", "hello", "--vcpus", "0"]) == 2
+    assert "--vcpus" in capsys.readouterr().err
+    assert main(["run"]) == 2
+
+
+def test_bench_cpu_small(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
+    p = argparse.ArgumentParser()
+    bench_cpu.register_cpu(p.add_subparsers())
+    args = p.parse_args(["cpu", "--json", "--iterations", "20000", "--exits", "2000", "--repeat", "1"])
+    assert bench_cpu.run_cpu(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["compute"]["instructions"] == 20000 * bench_cpu.INSNS_PER_ITERATION
+    assert r["compute"]["guest_instructions_per_s"] > 0 and r["compute"]["bare_instructions_per_s"] > 0
+    assert r["exits"]["round_trips"] == 2000 and r["exits"]["round_trips_per_s"] > 0
+    assert set(r["targets"]) == {"compute_ratio", "exit_round_trips_per_s"}
+    args = p.parse_args(["cpu", "--iterations", "20000", "--exits", "1000", "--repeat", "1"])
+    assert bench_cpu.run_cpu(args) == 0
+    assert "VMEXIT round trips" in capsys.readouterr().out
+
+
+def test_run_inject_shellcode(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["run", "victim", "--mode", "plain", "--inject-shellcode", "--timeout", "2"])
+    assert "PWNED by the hypervisor" in capsys.readouterr().out
+    assert main(["run", "victim", "--mode", "sev", "--inject-shellcode", "--timeout", "5", "--seed", "a"]) == 1
+    cap = capsys.readouterr()
+    assert "PWNED" not in cap.out and "wrote" in cap.err
+    assert main(["run", "hello", "--inject-shellcode"]) == 2

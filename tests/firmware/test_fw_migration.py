@@ -1,0 +1,657 @@
+"""SEND_* / RECEIVE_* through the real mailbox path, between two platforms of one process.
+
+Every refusal names its status and checks that neither firmware's state nor the guest's memory
+changed.  Statuses follow AMD's firmware source (see ``sevemu.firmware.sev.migrate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage, SigAlgo
+from sevemu.abi.commands import CommandId
+from sevemu.abi.policy import GuestPolicy, compose_policy
+from sevemu.abi.sev import (
+    ActivateCmd,
+    GuestStatusCmd,
+    HandleCmd,
+    HdrBuf,
+    HdrFlags,
+    InitCmd,
+    LaunchStartCmd,
+    LaunchUpdateDataCmd,
+    MeasureBuf,
+    PdhCertExportCmd,
+    PekCertImportCmd,
+    PekCsrCmd,
+    ReceiveStartCmd,
+    SendStartCmd,
+    SessionBuf,
+    TransportCmd,
+)
+from sevemu.abi.states import GuestState, PlatformState
+from sevemu.abi.status import Status
+from sevemu.amd.roots import AmdRoot
+from sevemu.certs.sev import SevCert
+from sevemu.crypto import ecc
+from sevemu.firmware.gctx import CLOSED_KEY
+from sevemu.firmware.sev.migrate import AMD_CERTS_LENGTHS, DATA_CONTEXT
+from sevemu.hw.profiles import CpuProfile, profile
+from sevemu.scenario import Machine, build_machine, default_amd_root
+
+MiB = 1 << 20
+GiB = 1 << 30
+PAGE = 4096
+# host scratch buffers (below the guest images)
+PDH_SPA = 0x3000_0000
+CHAIN_SPA = 0x3000_1000
+AMD_SPA = 0x3000_3000
+SESSION_SPA = 0x3000_4000
+HDR_SPA = 0x3000_5000
+TRANS_SPA = 0x3000_6000
+MEASURE_SPA = 0x3000_8000
+IMAGE_BASE = 0x4000_0000  # the source guest's pages
+TARGET_BASE = 0x5000_0000  # where the destination puts them
+OUTSIDE = 1 << 40
+IMAGE = os.urandom(4 * PAGE)
+
+
+# ---- platforms ----------------------------------------------------------------------------------
+def machine(seed: str, generation: str | CpuProfile = "milan", root: AmdRoot | None = None) -> Machine:
+    m = build_machine(generation, seed=seed, dram_size=8 * GiB, init=False,
+                      amd_root=root or default_amd_root("milan"))
+    ok(m, CommandId.INIT, InitCmd())
+    return m
+
+
+@pytest.fixture
+def src() -> Machine:
+    return machine("mig-src")
+
+
+@pytest.fixture
+def dst() -> Machine:
+    return machine("mig-dst")
+
+
+def call(m: Machine, cmd: CommandId, buf: Any) -> tuple[int, bytes]:
+    return m.hv.psp.raw(cmd, None if buf is None else buf.encode())
+
+
+def ok(m: Machine, cmd: CommandId, buf: Any = None) -> bytes:
+    status, out = call(m, cmd, buf)
+    assert status == Status.SUCCESS, Status(status).name
+    return out
+
+
+def put(m: Machine, spa: int, data: bytes) -> None:
+    m.hv.core.host_write(spa, data)
+    for line in range(spa & ~63, spa + len(data), 64):
+        m.hv.core.clflush(line)
+
+
+def get(m: Machine, spa: int, length: int) -> bytes:
+    return m.hv.core.host_read(spa, length)
+
+
+def snapshot(m: Machine) -> object:
+    fw = m.firmware
+    return (fw.state, fw.next_handle, dict(fw.asid_owner),
+            {h: (g.state, g.asid, g.policy, g.vek, g.tek, g.tik) for h, g in fw.guests.items()})
+
+
+def refused(m: Machine, cmd: CommandId, buf: Any, want: Status, *, dram: tuple[int, int] | None = None) -> bytes:
+    """``cmd`` answers ``want`` and changes neither the firmware state nor DRAM at ``dram``."""
+    before = snapshot(m)
+    mem = m.soc.dram.read(*dram) if dram else b""
+    status, out = call(m, cmd, buf)
+    assert Status(status) == want, f"{cmd.name}: {Status(status).name}, expected {want.name}"
+    assert snapshot(m) == before
+    if dram:
+        assert m.soc.dram.read(*dram) == mem
+    assert not m.firmware.internal_errors
+    return out
+
+
+def guest_memory(m: Machine, handle: int, spa: int, length: int) -> bytes:
+    """Test-only look at guest memory through the guest's key slot."""
+    g = m.firmware.guests[handle]
+    return m.soc.mc.read(spa, length, g.asid, True)
+
+
+@dataclass(frozen=True)
+class Certs:
+    pdh: bytes
+    chain: bytes
+    amd: bytes
+
+
+def export(m: Machine) -> Certs:
+    """PDH_CERT_EXPORT, plus the ASK || ARK the host got from the manufacturer."""
+    ok(m, CommandId.PDH_CERT_EXPORT, PdhCertExportCmd(pdh_cert_paddr=PDH_SPA, pdh_cert_len=SEV_CERT_SIZE,
+                                                      certs_paddr=CHAIN_SPA, certs_len=SEV_CERT_CHAIN_SIZE))
+    assert m.amd_root is not None
+    return Certs(get(m, PDH_SPA, SEV_CERT_SIZE), get(m, CHAIN_SPA, SEV_CERT_CHAIN_SIZE),
+                 m.amd_root.amd_certs.encode())
+
+
+def launch(m: Machine, policy: int = 0, image: bytes = IMAGE, asid: int | None = None) -> int:
+    """A RUNNING guest whose memory at IMAGE_BASE is ``image``; returns its handle."""
+    handle = LaunchStartCmd.decode(ok(m, CommandId.LAUNCH_START, LaunchStartCmd(policy=policy))).handle
+    ok(m, CommandId.ACTIVATE, ActivateCmd(handle=handle, asid=asid or m.profile.min_sev_asid))
+    put(m, IMAGE_BASE, image)
+    ok(m, CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd(handle=handle, paddr=IMAGE_BASE, len=len(image)))
+    ok(m, CommandId.LAUNCH_MEASURE, LaunchUpdateDataCmd(handle=handle, paddr=MEASURE_SPA, len=MeasureBuf.SIZE))
+    ok(m, CommandId.LAUNCH_FINISH, HandleCmd(handle=handle))
+    return handle
+
+
+def send_start_cmd(m: Machine, h: int, target: Certs, **over: int) -> SendStartCmd:
+    put(m, PDH_SPA, target.pdh)
+    put(m, CHAIN_SPA, target.chain)
+    put(m, AMD_SPA, target.amd)
+    cmd = SendStartCmd(handle=h, pdh_cert_paddr=PDH_SPA, pdh_cert_len=len(target.pdh),
+                       plat_certs_paddr=CHAIN_SPA, plat_certs_len=len(target.chain),
+                       amd_certs_paddr=AMD_SPA, amd_certs_len=len(target.amd),
+                       session_paddr=SESSION_SPA, session_len=SessionBuf.SIZE)
+    return dataclasses.replace(cmd, **over)
+
+
+def send_start(m: Machine, handle: int, target: Certs) -> tuple[int, bytes]:
+    """SEND_START; returns (policy, session)."""
+    out = SendStartCmd.decode(ok(m, CommandId.SEND_START, send_start_cmd(m, handle, target)))
+    return out.policy, get(m, SESSION_SPA, SessionBuf.SIZE)
+
+
+def update_cmd(m: Machine, h: int, spa: int, length: int = PAGE, **over: int) -> TransportCmd:
+    cmd = TransportCmd(handle=h, hdr_paddr=HDR_SPA, hdr_len=HdrBuf.SIZE, guest_paddr=spa | m.profile.cbit_mask,
+                       guest_len=length, trans_paddr=TRANS_SPA, trans_len=length)
+    return dataclasses.replace(cmd, **over)
+
+
+def send_page(m: Machine, handle: int, spa: int, length: int = PAGE) -> tuple[bytes, bytes]:
+    """SEND_UPDATE_DATA of one region; returns (header, TRANS)."""
+    ok(m, CommandId.SEND_UPDATE_DATA, update_cmd(m, handle, spa, length))
+    return get(m, HDR_SPA, HdrBuf.SIZE), get(m, TRANS_SPA, length)
+
+
+def receive_start_cmd(m: Machine, source: Certs, policy: int, session: bytes, **over: int) -> ReceiveStartCmd:
+    put(m, PDH_SPA, source.pdh)
+    put(m, SESSION_SPA, session)
+    cmd = ReceiveStartCmd(policy=policy, pdh_cert_paddr=PDH_SPA, pdh_cert_len=len(source.pdh),
+                          session_paddr=SESSION_SPA, session_len=len(session))
+    return dataclasses.replace(cmd, **over)
+
+
+def receive_update_cmd(m: Machine, h: int, spa: int, hdr: bytes, trans: bytes, **over: int) -> TransportCmd:
+    put(m, HDR_SPA, hdr)
+    put(m, TRANS_SPA, trans)
+    cmd = TransportCmd(handle=h, hdr_paddr=HDR_SPA, hdr_len=len(hdr), guest_paddr=spa | m.profile.cbit_mask,
+                       guest_len=len(trans), trans_paddr=TRANS_SPA, trans_len=len(trans))
+    return dataclasses.replace(cmd, **over)
+
+
+@dataclass
+class Channel:
+    """A guest sent from ``src`` (handle ``sh``) and received on ``dst`` (handle ``dh``, ACTIVE)."""
+
+    sh: int
+    dh: int
+    policy: int
+
+
+def open_channel(src: Machine, dst: Machine, policy: int = 0, *, activate: bool = True) -> Channel:
+    sh = launch(src, policy)
+    got, session = send_start(src, sh, export(dst))
+    assert got == policy
+    dh = ReceiveStartCmd.decode(ok(dst, CommandId.RECEIVE_START,
+                                   receive_start_cmd(dst, export(src), policy, session))).handle
+    if activate:
+        ok(dst, CommandId.ACTIVATE, ActivateCmd(handle=dh, asid=dst.profile.min_sev_asid + 1))
+    return Channel(sh, dh, policy)
+
+
+def ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
+    enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    return enc.update(data) + enc.finalize()
+
+
+# ---- the whole exchange -------------------------------------------------------------------------
+def test_migration_moves_pages_between_platforms(src: Machine, dst: Machine) -> None:
+    ch = open_channel(src, dst)
+    assert src.firmware.guests[ch.sh].state == GuestState.SUPDATE
+    assert dst.firmware.guests[ch.dh].state == GuestState.RUPDATE
+    assert dst.firmware.state == PlatformState.WORKING
+    assert dst.firmware.guests[ch.dh].vek != src.firmware.guests[ch.sh].vek
+    for i in range(len(IMAGE) // PAGE):
+        hdr, trans = send_page(src, ch.sh, IMAGE_BASE + i * PAGE)
+        assert trans != IMAGE[i * PAGE : (i + 1) * PAGE]
+        ok(dst, CommandId.RECEIVE_UPDATE_DATA, receive_update_cmd(dst, ch.dh, TARGET_BASE + i * PAGE, hdr, trans))
+    ok(src, CommandId.SEND_FINISH, HandleCmd(handle=ch.sh))
+    ok(dst, CommandId.RECEIVE_FINISH, HandleCmd(handle=ch.dh))
+    assert src.firmware.guests[ch.sh].state == GuestState.SENT
+    assert dst.firmware.guests[ch.dh].state == GuestState.RUNNING
+    assert guest_memory(dst, ch.dh, TARGET_BASE, len(IMAGE)) == IMAGE
+    # DRAM holds ciphertext under the new key, not the plaintext
+    assert dst.soc.dram.read(TARGET_BASE, len(IMAGE)) != IMAGE
+    for m, h in ((src, ch.sh), (dst, ch.dh)):  # channels closed
+        assert (m.firmware.guests[h].tek, m.firmware.guests[h].tik) == (CLOSED_KEY, CLOSED_KEY)
+    st = GuestStatusCmd.decode(ok(dst, CommandId.GUEST_STATUS, GuestStatusCmd(handle=ch.dh)))
+    assert (st.state, st.policy) == (GuestState.RUNNING, ch.policy)
+    assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+
+
+def test_packet_format_is_ctr_then_hmac_with_data_context(src: Machine, dst: Machine) -> None:
+    """TRANS = AES-128-CTR(TEK, IV)(plaintext); MAC = HMAC-SHA256(TIK, 0x02 || flags || IV || lengths || TRANS)."""
+    ch = open_channel(src, dst)
+    g = src.firmware.guests[ch.sh]
+    for offset, length in ((0, PAGE), (0x100, 0x40), (0xFF0, 0x10)):
+        hdr_raw, trans = send_page(src, ch.sh, IMAGE_BASE + offset, length)
+        hdr = HdrBuf.decode(hdr_raw)
+        plain = IMAGE[offset : offset + length]
+        assert hdr.flags == 0
+        assert trans == ctr(g.tek, hdr.iv, plain)
+        aad = (bytes([DATA_CONTEXT]) + (0).to_bytes(4, "little") + hdr.iv + length.to_bytes(4, "little")
+               + length.to_bytes(4, "little"))
+        assert hdr.mac == hmac.new(g.tik, aad + trans, hashlib.sha256).digest()
+    assert DATA_CONTEXT == 0x02
+
+
+def test_session_is_the_launch_construction(src: Machine, dst: Machine) -> None:
+    """The target opens SEND_START's session with Z = ECDH(its PDH, the source PDH)."""
+    from sevemu.crypto.transport import open_session
+
+    sh = launch(src, 0)
+    _, session = send_start(src, sh, export(dst))
+    z = ecc.ecdh(dst.firmware.identity.pdh_key, src.firmware.identity.pdh_cert.public_key())  # type: ignore[arg-type]
+    keys = open_session(z, session, 0)
+    assert (keys.tek, keys.tik) == (src.firmware.guests[sh].tek, src.firmware.guests[sh].tik)
+
+
+# ---- SEND_START ---------------------------------------------------------------------------------
+def test_send_start_length_query(src: Machine, dst: Machine) -> None:
+    sh = launch(src)
+    for length in (0, 0x40, 0x100):
+        out = refused(src, CommandId.SEND_START, send_start_cmd(src, sh, export(dst), session_len=length),
+                      Status.INVALID_LENGTH)
+        assert SendStartCmd.decode(out).session_len == SessionBuf.SIZE
+
+
+def test_send_start_guest_and_state(src: Machine, dst: Machine) -> None:
+    target = export(dst)
+    refused(src, CommandId.SEND_START, send_start_cmd(src, 7, target), Status.INVALID_GUEST)
+    h = LaunchStartCmd.decode(ok(src, CommandId.LAUNCH_START, LaunchStartCmd())).handle
+    refused(src, CommandId.SEND_START, send_start_cmd(src, h, target), Status.INVALID_GUEST_STATE)
+    sh = launch(src, asid=src.profile.min_sev_asid + 1)
+    send_start(src, sh, target)
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, target), Status.INVALID_GUEST_STATE)
+
+
+def test_send_start_nosend(src: Machine, dst: Machine) -> None:
+    sh = launch(src, int(GuestPolicy.NOSEND))
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, export(dst)), Status.POLICY_FAILURE)
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    out = bytearray(data)
+    out[offset] ^= 0x01
+    return bytes(out)
+
+
+def _chain_case(name: str) -> Callable[[Certs], Certs]:
+    pek, oca, cek = 0, SEV_CERT_SIZE, 2 * SEV_CERT_SIZE
+    sig1 = 0x41C
+    cases: dict[str, Callable[[Certs], Certs]] = {
+        # a signature byte: the link does not verify
+        "PEK signature": lambda c: dataclasses.replace(c, chain=_flip(c.chain, pek + sig1 + 5)),
+        "CEK signature": lambda c: dataclasses.replace(c, chain=_flip(c.chain, cek + sig1 + 5)),
+        "PDH signature": lambda c: dataclasses.replace(c, pdh=_flip(c.pdh, sig1 + 5)),
+        "PDH key": lambda c: dataclasses.replace(c, pdh=_flip(c.pdh, 0x14)),
+        "OCA key": lambda c: dataclasses.replace(c, chain=_flip(c.chain, oca + 0x14)),
+        "ASK signature": lambda c: dataclasses.replace(c, amd=_flip(c.amd, len(c.amd) // 2 - 3)),
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize("case", ["PEK signature", "CEK signature", "PDH signature", "PDH key", "OCA key",
+                                  "ASK signature"])
+def test_send_start_sev_policy_bad_chain(src: Machine, dst: Machine, case: str) -> None:
+    sh = launch(src, int(GuestPolicy.SEV))
+    target = _chain_case(case)(export(dst))
+    status, _ = call(src, CommandId.SEND_START, send_start_cmd(src, sh, target))
+    assert Status(status) in (Status.BAD_SIGNATURE, Status.INVALID_CERTIFICATE), Status(status).name
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, target), Status(status))
+
+
+def test_send_start_sev_policy_signature_status(src: Machine, dst: Machine) -> None:
+    sh = launch(src, int(GuestPolicy.SEV))
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, _chain_case("PEK signature")(export(dst))),
+            Status.BAD_SIGNATURE)
+    # a certificate with a reserved byte set does not decode
+    bad = export(dst)
+    bad = dataclasses.replace(bad, chain=_flip(bad.chain, 0x06))
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, bad), Status.INVALID_CERTIFICATE)
+
+
+def test_send_start_sev_policy_untrusted_root(src: Machine) -> None:
+    """A target whose chain ends at another (emulated) ARK is refused under policy SEV."""
+    stranger = machine("mig-stranger", root=AmdRoot.create("milan", key_bits=2048))
+    sh = launch(src, int(GuestPolicy.SEV))
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, export(stranger)), Status.INVALID_CERTIFICATE)
+    # without SEV in the policy the chain is not looked at (AF): the guest may go there
+    sh2 = launch(src, 0, asid=src.profile.min_sev_asid + 1)
+    send_start(src, sh2, export(stranger))
+
+
+@pytest.mark.parametrize("field,value", [("pdh_cert_len", SEV_CERT_SIZE - 1), ("plat_certs_len", SEV_CERT_SIZE),
+                                         ("amd_certs_len", 0x100), ("amd_certs_len", 0)])
+def test_send_start_sev_policy_lengths(src: Machine, dst: Machine, field: str, value: int) -> None:
+    sh = launch(src, int(GuestPolicy.SEV))
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, export(dst), **{field: value}),
+            Status.INVALID_LENGTH)
+
+
+def test_send_start_addresses(src: Machine, dst: Machine) -> None:
+    sh = launch(src, int(GuestPolicy.SEV))
+    for field in ("pdh_cert_paddr", "plat_certs_paddr", "amd_certs_paddr", "session_paddr"):
+        refused(src, CommandId.SEND_START, send_start_cmd(src, sh, export(dst), **{field: OUTSIDE}),
+                Status.INVALID_ADDRESS)
+
+
+def test_amd_certs_lengths() -> None:
+    assert {0x680, 0xC80, 0x580} <= AMD_CERTS_LENGTHS  # 2048/2048, 4096/4096, Naples' unsigned ARK
+    assert 0x640 not in AMD_CERTS_LENGTHS
+
+
+def test_send_start_api_minimum_against_target_pek(src: Machine) -> None:
+    """Policy SEV: the target PEK's API version must meet the policy's minimum."""
+    old = dataclasses.replace(profile("milan"), api_minor=10)
+    target = machine("mig-old", generation=old)
+    assert SevCert.decode(export(target).chain[:SEV_CERT_SIZE]).api_minor == 10
+    major, minor = src.profile.api_major, src.profile.api_minor
+    sh = launch(src, compose_policy(int(GuestPolicy.SEV), api_major=major, api_minor=minor))
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, export(target)), Status.POLICY_FAILURE)
+    sh2 = launch(src, compose_policy(int(GuestPolicy.SEV), api_major=1, api_minor=10),
+                 asid=src.profile.min_sev_asid + 1)
+    send_start(src, sh2, export(target))
+
+
+def test_send_start_domain_policy(src: Machine, dst: Machine) -> None:
+    """DOMAIN: only to a platform with this platform's OCA -- the same platform here."""
+    sh = launch(src, int(GuestPolicy.DOMAIN))
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, export(dst)), Status.POLICY_FAILURE)
+    send_start(src, sh, export(src))
+    bad = dataclasses.replace(export(src), pdh=_flip(export(src).pdh, 0x41C + 5))
+    sh2 = launch(src, int(GuestPolicy.DOMAIN), asid=src.profile.min_sev_asid + 1)
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh2, bad), Status.BAD_SIGNATURE)
+
+
+def _import_owner(m: Machine, oca_key: Any, oca: SevCert) -> None:
+    ok(m, CommandId.PEK_CSR, PekCsrCmd(csr_paddr=PDH_SPA, csr_len=SEV_CERT_SIZE))
+    csr = SevCert.decode(get(m, PDH_SPA, SEV_CERT_SIZE))
+    pek = csr.sign_with(oca_key, KeyUsage.OCA, SigAlgo.ECDSA_SHA256, slot=1)
+    put(m, PDH_SPA, pek.encode())
+    put(m, CHAIN_SPA, oca.encode())
+    ok(m, CommandId.PEK_CERT_IMPORT, PekCertImportCmd(pek_cert_paddr=PDH_SPA, pek_cert_len=SEV_CERT_SIZE,
+                                                      oca_cert_paddr=CHAIN_SPA, oca_cert_len=SEV_CERT_SIZE))
+
+
+def test_domain_policy_between_platforms_of_one_owner(src: Machine, dst: Machine) -> None:
+    key = ecc.generate_private_key()
+    alg = SigAlgo.ECDSA_SHA256
+    oca = SevCert.new(KeyUsage.OCA, alg, key.public_key()).sign_with(key, KeyUsage.OCA, alg)
+    for m in (src, dst):
+        _import_owner(m, key, oca)
+    ch = open_channel(src, dst, int(GuestPolicy.DOMAIN | GuestPolicy.SEV))
+    hdr, trans = send_page(src, ch.sh, IMAGE_BASE)
+    ok(dst, CommandId.RECEIVE_UPDATE_DATA, receive_update_cmd(dst, ch.dh, TARGET_BASE, hdr, trans))
+    assert guest_memory(dst, ch.dh, TARGET_BASE, PAGE) == IMAGE[:PAGE]
+
+
+def test_send_start_target_pdh(src: Machine, dst: Machine) -> None:
+    sh = launch(src, 0)
+    target = export(dst)
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, target, pdh_cert_len=0), Status.INVALID_LENGTH)
+    not_pdh = dataclasses.replace(target, pdh=target.chain[:SEV_CERT_SIZE])  # the PEK
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, not_pdh), Status.INVALID_CERTIFICATE)
+
+
+# ---- SEND_UPDATE_DATA ---------------------------------------------------------------------------
+def test_send_update_length_query(src: Machine, dst: Machine) -> None:
+    ch = open_channel(src, dst)
+    out = refused(src, CommandId.SEND_UPDATE_DATA, TransportCmd(handle=ch.sh), Status.INVALID_LENGTH)
+    assert TransportCmd.decode(out).hdr_len == HdrBuf.SIZE
+    # checked before the handle, as AF does
+    out = refused(src, CommandId.SEND_UPDATE_DATA, TransportCmd(handle=99, hdr_len=8), Status.INVALID_LENGTH)
+    assert TransportCmd.decode(out).hdr_len == HdrBuf.SIZE
+
+
+@pytest.mark.parametrize("over,want", [
+    ({"guest_len": 0}, Status.INVALID_LENGTH),
+    ({"guest_len": PAGE + 16, "trans_len": PAGE + 16}, Status.INVALID_LENGTH),
+    ({"guest_len": 24, "trans_len": 24}, Status.INVALID_LENGTH),  # not a multiple of 16
+    ({"trans_len": PAGE - 16}, Status.INVALID_LENGTH),  # TRANS smaller than the region
+    ({"trans_len": 0}, Status.INVALID_LENGTH),
+    ({"guest_paddr": IMAGE_BASE + 8}, Status.INVALID_ADDRESS),
+    ({"guest_paddr": OUTSIDE}, Status.INVALID_ADDRESS),
+    ({"trans_paddr": OUTSIDE}, Status.INVALID_ADDRESS),
+    ({"hdr_paddr": OUTSIDE}, Status.INVALID_ADDRESS),
+    ({"handle": 99}, Status.INVALID_GUEST),
+])
+def test_send_update_refusals(src: Machine, dst: Machine, over: dict[str, int], want: Status) -> None:
+    ch = open_channel(src, dst)
+    refused(src, CommandId.SEND_UPDATE_DATA, update_cmd(src, ch.sh, IMAGE_BASE, **over), want,
+            dram=(TRANS_SPA, PAGE))
+
+
+def test_send_update_page_crossing(src: Machine, dst: Machine) -> None:
+    ch = open_channel(src, dst)
+    refused(src, CommandId.SEND_UPDATE_DATA, update_cmd(src, ch.sh, IMAGE_BASE + 0x800), Status.INVALID_LENGTH,
+            dram=(TRANS_SPA, PAGE))
+    refused(src, CommandId.SEND_UPDATE_DATA, update_cmd(src, ch.sh, IMAGE_BASE + PAGE - 16, 32),
+            Status.INVALID_LENGTH)
+    send_page(src, ch.sh, IMAGE_BASE + PAGE - 16, 16)
+
+
+def test_send_update_needs_supdate_and_active(src: Machine, dst: Machine) -> None:
+    sh = launch(src)
+    refused(src, CommandId.SEND_UPDATE_DATA, update_cmd(src, sh, IMAGE_BASE), Status.INVALID_GUEST_STATE)
+    send_start(src, sh, export(dst))
+    ok(src, CommandId.DEACTIVATE, HandleCmd(handle=sh))
+    refused(src, CommandId.SEND_UPDATE_DATA, update_cmd(src, sh, IMAGE_BASE), Status.INACTIVE)
+
+
+def test_update_vmsa_needs_an_es_guest(src: Machine, dst: Machine) -> None:
+    ch = open_channel(src, dst)
+    refused(src, CommandId.SEND_UPDATE_VMSA, update_cmd(src, ch.sh, IMAGE_BASE), Status.UNSUPPORTED)
+    hdr, trans = send_page(src, ch.sh, IMAGE_BASE)
+    refused(dst, CommandId.RECEIVE_UPDATE_VMSA, receive_update_cmd(dst, ch.dh, TARGET_BASE, hdr, trans),
+            Status.UNSUPPORTED)
+
+
+# ---- SEND_FINISH / SEND_CANCEL ------------------------------------------------------------------
+def test_send_cancel_returns_to_running(src: Machine, dst: Machine) -> None:
+    sh = launch(src)
+    refused(src, CommandId.SEND_CANCEL, HandleCmd(handle=sh), Status.INVALID_GUEST_STATE)
+    refused(src, CommandId.SEND_FINISH, HandleCmd(handle=sh), Status.INVALID_GUEST_STATE)
+    send_start(src, sh, export(dst))
+    send_page(src, sh, IMAGE_BASE)
+    ok(src, CommandId.SEND_CANCEL, HandleCmd(handle=sh))
+    g = src.firmware.guests[sh]
+    assert g.state == GuestState.RUNNING and g.tek == CLOSED_KEY
+    refused(src, CommandId.SEND_UPDATE_DATA, update_cmd(src, sh, IMAGE_BASE), Status.INVALID_GUEST_STATE)
+    assert guest_memory(src, sh, IMAGE_BASE, len(IMAGE)) == IMAGE
+    # and it can be sent again, with a fresh channel
+    send_start(src, sh, export(dst))
+    ok(src, CommandId.SEND_FINISH, HandleCmd(handle=sh))
+    assert src.firmware.guests[sh].state == GuestState.SENT
+    refused(src, CommandId.SEND_START, send_start_cmd(src, sh, export(dst)), Status.INVALID_GUEST_STATE)
+    refused(src, CommandId.SEND_FINISH, HandleCmd(handle=99), Status.INVALID_GUEST)
+
+
+# ---- RECEIVE_START ------------------------------------------------------------------------------
+def _session(src: Machine, dst: Machine, policy: int = 0) -> bytes:
+    sh = launch(src, policy)
+    return send_start(src, sh, export(dst))[1]
+
+
+@pytest.mark.parametrize("field", ["nonce", "wrap_tk", "wrap_iv", "wrap_mac", "policy_mac"])
+def test_receive_start_tampered_session(src: Machine, dst: Machine, field: str) -> None:
+    session = SessionBuf.decode(_session(src, dst))
+    raw = bytearray(getattr(session, field))
+    raw[0] ^= 0x80
+    bad = dataclasses.replace(session, **{field: bytes(raw)}).encode()
+    refused(dst, CommandId.RECEIVE_START, receive_start_cmd(dst, export(src), 0, bad), Status.BAD_MEASUREMENT)
+
+
+def test_receive_start_policy_is_bound(src: Machine, dst: Machine) -> None:
+    session = _session(src, dst, int(GuestPolicy.NODBG))
+    refused(dst, CommandId.RECEIVE_START, receive_start_cmd(dst, export(src), 0, session), Status.BAD_MEASUREMENT)
+    ok(dst, CommandId.RECEIVE_START, receive_start_cmd(dst, export(src), int(GuestPolicy.NODBG), session))
+
+
+def test_receive_start_wrong_source_pdh(src: Machine, dst: Machine) -> None:
+    session = _session(src, dst)
+    refused(dst, CommandId.RECEIVE_START, receive_start_cmd(dst, export(dst), 0, session), Status.BAD_MEASUREMENT)
+    not_pdh = dataclasses.replace(export(src), pdh=export(src).chain[:SEV_CERT_SIZE])
+    refused(dst, CommandId.RECEIVE_START, receive_start_cmd(dst, not_pdh, 0, session), Status.INVALID_CERTIFICATE)
+
+
+@pytest.mark.parametrize("over,want", [
+    ({"session_len": 0x7F}, Status.INVALID_LENGTH),
+    ({"pdh_cert_len": 0x800}, Status.INVALID_LENGTH),
+    ({"session_paddr": OUTSIDE}, Status.INVALID_ADDRESS),
+    ({"pdh_cert_paddr": OUTSIDE}, Status.INVALID_ADDRESS),
+    ({"handle": 42}, Status.INVALID_GUEST),
+])
+def test_receive_start_refusals(src: Machine, dst: Machine, over: dict[str, int], want: Status) -> None:
+    session = _session(src, dst)
+    refused(dst, CommandId.RECEIVE_START, receive_start_cmd(dst, export(src), 0, session, **over), want)
+
+
+def test_receive_start_es_needs_es_platform(src: Machine, dst: Machine) -> None:
+    """The source never gets an ES guest here; the policy MAC is made for the ES policy directly."""
+    from sevemu.crypto.transport import TransportKeys, seal_session
+
+    es = int(GuestPolicy.ES)
+    z = ecc.ecdh(src.firmware.identity.pdh_key, dst.firmware.identity.pdh_cert.public_key())  # type: ignore[arg-type]
+    session = seal_session(z, os.urandom(16), os.urandom(16), TransportKeys(os.urandom(16), os.urandom(16)), es)
+    refused(dst, CommandId.RECEIVE_START, receive_start_cmd(dst, export(src), es, session.encode()),
+            Status.UNSUPPORTED)
+
+
+def test_receive_start_key_sharing(src: Machine, dst: Machine) -> None:
+    first = ReceiveStartCmd.decode(ok(dst, CommandId.RECEIVE_START,
+                                      receive_start_cmd(dst, export(src), 0, _session(src, dst)))).handle
+    session = send_start(src, launch(src, 0, asid=src.profile.min_sev_asid + 1), export(dst))[1]
+    shared = ReceiveStartCmd.decode(ok(dst, CommandId.RECEIVE_START,
+                                       receive_start_cmd(dst, export(src), 0, session, handle=first))).handle
+    assert dst.firmware.guests[shared].vek == dst.firmware.guests[first].vek
+    noks = int(GuestPolicy.NOKS)
+    sh = launch(src, noks, asid=src.profile.min_sev_asid + 2)
+    session = send_start(src, sh, export(dst))[1]
+    h3 = ReceiveStartCmd.decode(ok(dst, CommandId.RECEIVE_START,
+                                   receive_start_cmd(dst, export(src), noks, session))).handle
+    sh4 = launch(src, noks, asid=src.profile.min_sev_asid + 3)
+    session = send_start(src, sh4, export(dst))[1]
+    refused(dst, CommandId.RECEIVE_START, receive_start_cmd(dst, export(src), noks, session, handle=h3),
+            Status.POLICY_FAILURE)
+
+
+# ---- RECEIVE_UPDATE_DATA ------------------------------------------------------------------------
+def test_receive_update_needs_activate(src: Machine, dst: Machine) -> None:
+    ch = open_channel(src, dst, activate=False)
+    hdr, trans = send_page(src, ch.sh, IMAGE_BASE)
+    refused(dst, CommandId.RECEIVE_UPDATE_DATA, receive_update_cmd(dst, ch.dh, TARGET_BASE, hdr, trans),
+            Status.INACTIVE, dram=(TARGET_BASE, PAGE))
+
+
+def _tamper(what: str) -> Callable[[bytes, bytes], tuple[bytes, bytes]]:
+    cases: dict[str, Callable[[bytes, bytes], tuple[bytes, bytes]]] = {
+        "trans first byte": lambda h, t: (h, _flip(t, 0)),
+        "trans last byte": lambda h, t: (h, _flip(t, len(t) - 1)),
+        "iv": lambda h, t: (_flip(h, 0x04), t),
+        "mac": lambda h, t: (_flip(h, 0x14 + 31), t),
+        "flags": lambda h, t: (_flip(h, 0x01), t),
+    }
+    return cases[what]
+
+
+@pytest.mark.parametrize("what", ["trans first byte", "trans last byte", "iv", "mac", "flags"])
+def test_receive_update_tampered_packet(src: Machine, dst: Machine, what: str) -> None:
+    ch = open_channel(src, dst)
+    hdr, trans = _tamper(what)(*send_page(src, ch.sh, IMAGE_BASE))
+    refused(dst, CommandId.RECEIVE_UPDATE_DATA, receive_update_cmd(dst, ch.dh, TARGET_BASE, hdr, trans),
+            Status.BAD_MEASUREMENT, dram=(TARGET_BASE, PAGE))
+
+
+def test_receive_update_packet_of_another_channel(src: Machine, dst: Machine) -> None:
+    """A packet sealed for one guest's channel does not open on another's."""
+    a = open_channel(src, dst)
+    sh = launch(src, 0, asid=src.profile.min_sev_asid + 1)
+    send_start(src, sh, export(dst))
+    hdr, trans = send_page(src, sh, IMAGE_BASE)
+    refused(dst, CommandId.RECEIVE_UPDATE_DATA, receive_update_cmd(dst, a.dh, TARGET_BASE, hdr, trans),
+            Status.BAD_MEASUREMENT)
+
+
+def test_receive_update_compressed_flag(src: Machine, dst: Machine) -> None:
+    ch = open_channel(src, dst)
+    hdr, trans = send_page(src, ch.sh, IMAGE_BASE)
+    flagged = dataclasses.replace(HdrBuf.decode(hdr), flags=int(HdrFlags.COMPRESSED)).encode()
+    refused(dst, CommandId.RECEIVE_UPDATE_DATA, receive_update_cmd(dst, ch.dh, TARGET_BASE, flagged, trans),
+            Status.UNSUPPORTED)
+
+
+@pytest.mark.parametrize("over,want", [
+    ({"guest_len": PAGE - 16}, Status.INVALID_LENGTH),  # not equal to trans_len
+    ({"trans_len": 0, "guest_len": 0}, Status.INVALID_LENGTH),
+    ({"hdr_len": 0x30}, Status.INVALID_LENGTH),
+    ({"guest_paddr": TARGET_BASE + 0x800}, Status.INVALID_LENGTH),  # crosses a page
+    ({"guest_paddr": TARGET_BASE + 4}, Status.INVALID_ADDRESS),
+    ({"guest_paddr": OUTSIDE}, Status.INVALID_ADDRESS),
+    ({"trans_paddr": OUTSIDE}, Status.INVALID_ADDRESS),
+    ({"hdr_paddr": OUTSIDE}, Status.INVALID_ADDRESS),
+    ({"handle": 77}, Status.INVALID_GUEST),
+])
+def test_receive_update_refusals(src: Machine, dst: Machine, over: dict[str, int], want: Status) -> None:
+    ch = open_channel(src, dst)
+    hdr, trans = send_page(src, ch.sh, IMAGE_BASE)
+    refused(dst, CommandId.RECEIVE_UPDATE_DATA, receive_update_cmd(dst, ch.dh, TARGET_BASE, hdr, trans, **over),
+            want, dram=(TARGET_BASE, PAGE))
+
+
+def test_receive_update_needs_rupdate(src: Machine, dst: Machine) -> None:
+    ch = open_channel(src, dst)
+    hdr, trans = send_page(src, ch.sh, IMAGE_BASE)
+    ok(dst, CommandId.RECEIVE_FINISH, HandleCmd(handle=ch.dh))
+    refused(dst, CommandId.RECEIVE_UPDATE_DATA, receive_update_cmd(dst, ch.dh, TARGET_BASE, hdr, trans),
+            Status.INVALID_GUEST_STATE)
+    refused(dst, CommandId.RECEIVE_FINISH, HandleCmd(handle=ch.dh), Status.INVALID_GUEST_STATE)
+    refused(dst, CommandId.RECEIVE_FINISH, HandleCmd(handle=55), Status.INVALID_GUEST)
+
+
+def test_receive_update_evicts_dirty_host_lines(src: Machine, dst: Machine) -> None:
+    """A dirty host line over the target page cannot overwrite the received data later."""
+    ch = open_channel(src, dst)
+    hdr, trans = send_page(src, ch.sh, IMAGE_BASE)
+    dst.hv.core.host_write(TARGET_BASE, b"\xAA" * 64)  # dirty, host-tagged, not flushed
+    ok(dst, CommandId.RECEIVE_UPDATE_DATA, receive_update_cmd(dst, ch.dh, TARGET_BASE, hdr, trans))
+    dst.soc.wbinvd_all()
+    assert guest_memory(dst, ch.dh, TARGET_BASE, PAGE) == IMAGE[:PAGE]
+
+
+def test_received_guest_decommission_returns_platform_to_init(src: Machine, dst: Machine) -> None:
+    ch = open_channel(src, dst)
+    ok(dst, CommandId.DEACTIVATE, HandleCmd(handle=ch.dh))
+    ok(dst, CommandId.DECOMMISSION, HandleCmd(handle=ch.dh))
+    assert dst.firmware.state == PlatformState.INIT and not dst.firmware.guests

@@ -1,0 +1,262 @@
+"""The Unicorn vCPU engine (hw/ucengine.py) on hand-assembled guest code: exits, registers, memory
+semantics (C-bit, always-private fetch, nothing unencrypted in DRAM), faults, coherence, limits.
+
+The snippets are raw machine code (the assembly is beside each), so these tests need no compiler.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sevemu.abi.paging import ExitCode
+from sevemu.errors import InputError
+from sevemu.hw.svm import Vmcb
+from sevemu.hw.ucengine import InitialState, UcEngine, check_vmcb_state, scan_io_candidates
+from sevemu.hypervisor.kvm import COM1, RunResult
+from sevemu.hypervisor.vm import Vm, VmKind
+from sevemu.scenario import Machine, build_machine
+
+pytest.importorskip("unicorn")
+
+MiB = 1 << 20
+BASE = 0x100000
+
+# 32-bit, paging off:  mov $SEV_STATUS,%ecx; rdmsr; mov %eax,%edi; mov $0x3f8,%dx; mov $'O',%al; out;
+# mov $'K',%al; out; mov $0x8000001f,%eax; xor %ecx,%ecx; cpuid; mov %ebx,%esi;
+# mov $0x11223344,%eax; mov %eax,0x200000; mov 0x200000,%ebp; hlt; ud2
+BASIC = bytes.fromhex("b9310101c00f3289c766baf803b04feeb04beeb81f00008031c90fa289deb844332211a3000020008b2d"
+                      "00002000f40f0b")
+# mov $0x300000,%edi; mov $msg,%esi; mov $64,%ecx; cld; rep movsb; hlt; mov 0x300000,%eax; hlt; msg: ...
+MARKER_TEXT = b"TOP-SECRET-MARKER:0123456789abcdef0123456789abcdef-0123456789ABC"
+MARKER = bytes.fromhex("bf00003000be19001000b940000000fcf3a4f4a100003000f4") + MARKER_TEXT
+LOOP = bytes.fromhex("ebfe")  # 1: jmp 1b
+# in $0x71,%al; mov $0x1234,%ax; mov $0x510,%dx; out %ax,%dx; mov $0xdeadbeef,%eax; out %eax,$0x80;
+# mov $0x3f8,%dx; mov $'A',%al; out %al,%dx; hlt; mov $msg,%esi; mov $4,%ecx; rep outsb; hlt; "abcd"
+IO = bytes.fromhex("e47166b8341266ba100566efb8efbeaddee78066baf803b041eef4be28001000b904000000f36ef461626364")
+# for i < 64: *(0x400000 + i*4096) = i; then ebx = sum of them; wbinvd; hlt
+PAGES = bytes.fromhex("31c989c8c1e00c8988000040004183f94075ef31c931db89c8c1e00c0398000040004183f94075ef0f09f4")
+# 64-bit: write "HELLO" to the shared page 0x120000 and "P-SECRET" to private 0x121000; hlt;
+# rbx = shared[64] (the host's reply); r14 = data view of the code page 0x122000 (C=0);
+# call 0x122000 (sets r13 = 0x1234); r15 = data view again; hlt
+LONG = bytes.fromhex("bf0000120048b848454c4c4f000000488907be0010120048b8502d534543524554488906f4488b5f4041bc"
+                     "002012004d8b342441ffd44d8b3c24f4")
+CODE2 = bytes.fromhex("41bd34120000c3")  # mov $0x1234,%r13d; ret
+
+
+def run(m: Machine, vm: Vm, max_exits: int = 1_000_000) -> RunResult:
+    """The hypervisor's run loop until something other than the end of a time slice."""
+    while True:
+        r = m.hv.run(vm, max_exits=max_exits)
+        if r.reason != "intr":
+            return r
+
+
+def machine(generation: str = "milan") -> Machine:
+    return build_machine(generation, seed="uc-tests", dram_size=1 << 30, cache_size=256 << 10)
+
+
+def launch(m: Machine, code: bytes, kind: VmKind, state: InitialState | None = None,
+           pool_pages: int = 256, slice_s: float = 0.2) -> tuple[Vm, UcEngine]:
+    vm = m.hv.create_vm("t", 16 * MiB, kind)
+    m.hv.launch(vm, [(BASE, code.ljust((len(code) + 4095) & ~4095, b"\0"))])
+    state = state or InitialState(rip=BASE)
+    eng = UcEngine(pool_pages=pool_pages, slice_s=slice_s, initial=state)
+    state.apply(vm.add_vcpu(eng).vmcb)
+    return vm, eng
+
+
+@pytest.mark.parametrize("kind", [VmKind.PLAIN, VmKind.SEV])
+def test_exits_registers_and_demand_paging(kind: VmKind) -> None:
+    m = machine()
+    vm, eng = launch(m, BASIC, kind)
+    r = run(m, vm)
+    assert r.reason == "hlt"
+    v = vm.vcpus[0]
+    assert vm.console == bytearray(b"OK")
+    regs = v.vmcb.regs
+    assert regs["rdi"] == (1 if kind is VmKind.SEV else 0)  # SEV_STATUS, answered by the CPU itself
+    assert regs["rsi"] & 0x3F == m.profile.cbit  # CPUID 0x8000001F went to the hypervisor
+    assert regs["rbp"] == 0x11223344  # the store to a demand-paged page, read back
+    counts = eng.stats.by_reason
+    assert counts["IOIO"] == 2 and counts["CPUID"] == 1 and counts["NPF"] == 1 and counts["HLT"] == 1
+    assert v.vmcb.rip == BASE + len(BASIC) - 2  # after HLT: RIP at the ud2
+    # the next VMRUN executes ud2: a triple fault, reported with reason and RIP; the host lives on
+    r = run(m, vm)
+    assert r.exit.code == ExitCode.SHUTDOWN
+    assert "#UD" in (vm.crash_reason or "") and f"{BASE + len(BASIC) - 2:#x}" in (vm.crash_reason or "")
+    assert eng.crash_rip == BASE + len(BASIC) - 2
+    assert eng.run.__self__ is eng  # still callable: a dead guest keeps answering SHUTDOWN
+
+
+def test_private_memory_is_ciphertext_everywhere_the_host_looks() -> None:
+    for kind in (VmKind.SEV, VmKind.PLAIN):
+        m = machine()
+        vm, _ = launch(m, MARKER, kind)
+        assert run(m, vm).reason == "hlt"  # the guest holds the marker in private memory now
+        before = vm.host_read(0x300000, len(MARKER_TEXT))  # the guest's lines are still in the SoC
+        m.soc.wbinvd_all()  # every line in DRAM
+        host = vm.host_read(0x300000, len(MARKER_TEXT))
+        dram = m.soc.dram.read(vm.spa_of(0x300000), len(MARKER_TEXT))
+        if kind is VmKind.SEV:
+            assert MARKER_TEXT not in (before, host, dram)
+            assert dram == host  # the hypervisor reads exactly the ciphertext in DRAM
+        else:
+            assert host == MARKER_TEXT and dram == MARKER_TEXT
+        # the guest still reads its plaintext after the flush
+        assert run(m, vm).reason == "hlt"
+        assert vm.vcpus[0].vmcb.regs["rax"] == int.from_bytes(MARKER_TEXT[:4], "little")
+
+
+def test_no_plaintext_in_dram_at_any_exit() -> None:
+    m = machine()
+    vm, eng = launch(m, MARKER, VmKind.SEV)
+    for _ in range(20):
+        r = run(m, vm, max_exits=1)
+        for page in m.soc.dram.pages_dict().values():
+            assert MARKER_TEXT[:24] not in page
+        if r.reason == "hlt":
+            break
+    assert eng.resident_pages()  # the plaintext lives in the engine's pool and the cache: inside the SoC
+
+
+def test_port_io_exit_information() -> None:
+    m = machine()
+    vm, eng = launch(m, IO, VmKind.SEV)
+    seen = []
+    for _ in range(4):
+        r = run(m, vm, max_exits=1)
+        seen.append((r.exit.info1, r.exit.info2, vm.vcpus[0].vmcb.regs["rax"]))
+    # in $0x71,%al: IN, 8-bit, A32, port 0x71; EXITINFO2 = next RIP
+    assert seen[0][0] == (0x71 << 16) | (1 << 8) | (1 << 4) | 1 and seen[0][1] == BASE + 2
+    # out %ax,%dx (0x66 prefix): 16-bit, port 0x510, AX visible to the hypervisor
+    assert seen[1][0] == (0x510 << 16) | (1 << 8) | (1 << 5) and seen[1][2] & 0xFFFF == 0x1234
+    # out %eax,$0x80: 32-bit
+    assert seen[2][0] == (0x80 << 16) | (1 << 8) | (1 << 6) and seen[2][2] & 0xFFFFFFFF == 0xDEADBEEF
+    assert run(m, vm).reason == "hlt" and vm.console == bytearray(b"A")
+    # rep outsb: string port I/O is refused clearly
+    r = run(m, vm)
+    assert r.exit.code == ExitCode.SHUTDOWN and "string port I/O" in (vm.crash_reason or "")
+    assert eng.stats.io_exits == 4
+
+
+def test_runaway_guest_is_preempted() -> None:
+    m = machine()
+    vm, _eng = launch(m, LOOP, VmKind.SEV, slice_s=0.05)
+    t = time.monotonic()
+    r = m.hv.run(vm)
+    assert r.reason == "intr" and r.exit.code == ExitCode.INTR
+    assert time.monotonic() - t < 5
+    assert vm.vcpus[0].vmcb.rip == BASE  # resumable where it was
+    assert m.hv.run(vm).reason == "intr"
+
+
+@pytest.mark.parametrize("kind", [VmKind.PLAIN, VmKind.SEV])
+def test_pool_eviction_keeps_memory_right(kind: VmKind) -> None:
+    m = machine()
+    vm, eng = launch(m, PAGES, kind, pool_pages=32)
+    r = run(m, vm)
+    assert r.reason == "hlt", vm.crash_reason
+    assert vm.vcpus[0].vmcb.regs["rbx"] == sum(range(64))
+    assert eng.stats.evictions > 0  # 64 pages through a 32-slot pool
+    assert eng.stats.by_reason.get("WBINVD") is None  # WBINVD was handled inside the CPU
+
+
+def _long_mode_image(sev_cbit: int | None) -> bytes:
+    """LONG + CODE2 with identity page tables: 0x120000 (shared) and 0x122000 (code) have C = 0."""
+    img = bytearray(0x31000)
+    img[0 : len(LONG)] = LONG
+    img[0x22000 : 0x22000 + len(CODE2)] = CODE2
+    c = 0 if sev_cbit is None else 1 << sev_cbit
+    flags = 0x63  # P RW A D
+    pml4, pdpt, pd, pt = 0x110000, 0x111000, 0x112000, 0x113000
+
+    def put(gpa: int, value: int) -> None:
+        img[gpa - BASE : gpa - BASE + 8] = value.to_bytes(8, "little")
+
+    put(pml4, pdpt | c | flags)
+    put(pdpt, pd | c | flags)
+    put(pd, pt | c | flags)
+    for i in range(512):
+        page = i << 12
+        put(pt + 8 * i, page | flags | (0 if page in (0x120000, 0x122000) else c))
+    return bytes(img)
+
+
+@pytest.mark.parametrize("kind", [VmKind.PLAIN, VmKind.SEV])
+def test_long_mode_shared_page_and_always_private_fetch(kind: VmKind) -> None:
+    m = machine()
+    sev = kind is VmKind.SEV
+    image = _long_mode_image(m.profile.cbit if sev else None)
+    state = InitialState(rip=BASE, mode="long64", cr3=0x110000, rsp=0x130000)
+    vm, _eng = launch(m, image, kind, state)
+    assert run(m, vm).reason == "hlt"
+    # the shared page is plaintext to the host, the private one is not (under SEV)
+    assert vm.host_read(0x120000, 5) == b"HELLO"
+    assert (vm.host_read(0x121000, 8) == b"P-SECRET") is not sev
+    vm.host_write(0x120040, b"REPLY!!!")  # the guest sees the host's write (snooped) on resume
+    assert run(m, vm).reason == "hlt"
+    regs = vm.vcpus[0].vmcb.regs
+    assert regs["rbx"].to_bytes(8, "little") == b"REPLY!!!"
+    assert regs["r13"] == 0x1234  # the code in the C=0 page ran: instruction fetches are private
+    code = int.from_bytes(CODE2.ljust(8, b"\0"), "little")
+    # its data view through the C=0 mapping: the launched ciphertext under SEV, the code otherwise
+    assert (regs["r14"] == code) is not sev and regs["r14"] == regs["r15"]
+
+
+def test_code_written_by_the_host_runs_only_without_sev() -> None:
+    out = {}
+    for kind in (VmKind.PLAIN, VmKind.SEV):
+        m = machine()
+        vm, _eng = launch(m, MARKER, kind)
+        assert run(m, vm).reason == "hlt"
+        # overwrite the instruction after the HLT with "mov $0x3f8,%dx; mov $'!',%al; out; hlt"
+        rip = vm.vcpus[0].vmcb.rip
+        vm.host_write(rip, bytes.fromhex("66baf803b021eef4"))
+        m.soc.wbinvd_all()
+        r = run(m, vm)
+        out[kind] = (r, bytes(vm.console))
+    assert out[VmKind.PLAIN][1] == b"!"
+    r, console = out[VmKind.SEV]
+    assert console != b"!" and b"!" not in console
+
+
+def test_invalid_initial_state_is_an_error_before_anything_runs() -> None:
+    with pytest.raises(InputError):
+        InitialState(rip=BASE, mode="real16").validate()
+    with pytest.raises(InputError):
+        InitialState(rip=1 << 40).validate()
+    with pytest.raises(InputError):
+        InitialState(rip=BASE, mode="long64", cr3=0x1234).validate()
+    with pytest.raises(InputError):
+        InitialState(rip=BASE, regs=(("rip", 1),)).validate()
+    with pytest.raises(InputError):
+        UcEngine(initial=InitialState(rip=BASE, mode="long64"))
+    with pytest.raises(InputError):
+        UcEngine(pool_pages=4)
+    bad = Vmcb(cr0=0x80000011)  # paging without long mode
+    assert "long mode" in (check_vmcb_state(bad) or "")
+    assert check_vmcb_state(Vmcb(cr0=0x10)) is not None  # real mode
+    # a VMCB the engine cannot run: VMEXIT_INVALID with the reason, nothing executed
+    m = machine()
+    vm = m.hv.create_vm("bad", 16 * MiB, VmKind.SEV)
+    m.hv.launch(vm, [(BASE, LOOP.ljust(4096, b"\0"))])
+    eng = UcEngine()
+    v = vm.add_vcpu(eng)
+    v.vmcb.cr0, v.vmcb.rip = 0x80000011, BASE
+    r = run(m, vm)
+    assert r.exit.code == ExitCode.INVALID and "long mode" in (eng.crash or "")
+
+
+def test_scan_io_candidates() -> None:
+    page = bytes.fromhex("90 66 ee 90 e4 71 48 90 f3 6e 0f 01 d9")
+    ranges = scan_io_candidates(page)
+    assert (1, 2) in ranges  # 66 ee: out %ax,%dx with its prefix
+    assert (4, 4) in ranges  # e4 71: in $0x71,%al
+    assert (8, 9) in ranges  # f3 6e: rep outsb
+    assert all(page[last] in b"\x6c\x6d\x6e\x6f\xe4\xe5\xe6\xe7\xec\xed\xee\xef" for _, last in ranges)
+
+
+def test_serial_console_port() -> None:
+    assert COM1 == 0x3F8

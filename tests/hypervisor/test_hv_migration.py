@@ -1,0 +1,395 @@
+"""Guest migration between two hosts: the wire protocol, the KVM/QEMU flow, failure handling.
+
+The end-to-end tests run the destination host in a second process (``sevemu.cli.bench_migrate``'s
+:class:`Destination`) and put a recording proxy on the loopback connection between the two, which
+can also cut the connection or flip a byte of a packet.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sevemu.abi.commands import CommandId
+from sevemu.abi.policy import GuestPolicy
+from sevemu.abi.sev import GuestStatusCmd
+from sevemu.abi.states import GuestState, PlatformState
+from sevemu.amd.roots import AmdRoot
+from sevemu.cli.bench_migrate import Destination, DestinationPlan
+from sevemu.guest.kernel import boot
+from sevemu.hw.pyengine import Op, PyEngine, op
+from sevemu.hypervisor.kvm import Hypervisor
+from sevemu.hypervisor.migration import (
+    MAX_FRAME,
+    Abort,
+    Channel,
+    Done,
+    Finish,
+    Hello,
+    Message,
+    MigrationError,
+    MsgType,
+    Page,
+    ProtocolError,
+    SharedPage,
+    Start,
+    VcpuState,
+    decode_frame,
+    encode_frame,
+    receive_vm,
+    send_vm,
+)
+from sevemu.hypervisor.vm import Vm, VmKind, VmState
+from sevemu.scenario import Machine, build_machine, default_amd_root, manufacture
+
+MiB = 1 << 20
+GiB = 1 << 30
+PAGE = 4096
+MEM = 16 * MiB
+SHARED_GPA = 0x0030_0000
+SECRET_GPAS = (0x0040_0000, 0x0080_1000, 0x00F0_0000)
+SHARED_MARK = b"shared page: the guest published this on purpose".ljust(64, b".")
+TIMEOUT = 20.0
+
+
+# ---- the wire protocol --------------------------------------------------------------------------
+MESSAGES: list[Message] = [
+    Hello(b"p" * 0x824, b"c" * 0x186C, b"a" * 0xC80),
+    Start(0x30005, 64 * MiB, 2, b"d" * 0x824, b"s" * 0x80),
+    Page(0x1234000, b"h" * 0x34, os.urandom(PAGE)),
+    SharedPage(0x5000, os.urandom(PAGE)),
+    VcpuState(1, 0x80000011, 0x10000, 0, 0x1000, 0xFFF0, 0x202, tuple(range(16))),
+    Finish(12, 3),
+    Done(),
+    Abort("destination: BAD_MEASUREMENT"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_frames_round_trip(msg: Message) -> None:
+    frame = encode_frame(msg)
+    length, kind = struct.unpack(">IB", frame[:5])
+    assert length == len(frame) - 4
+    assert decode_frame(kind, frame[5:]) == msg
+
+
+@pytest.mark.parametrize("kind,payload", [
+    (0, b""),  # unknown type
+    (99, b"x"),
+    (MsgType.PAGE, b"\x00" * 20),  # shorter than gpa + header
+    (MsgType.START, b"\x00" * 10),
+    (MsgType.HELLO, struct.pack(">III", 1, 2, 3) + b"xx"),  # lengths do not add up
+    (MsgType.SHARED, b"\x00" * 100),
+    (MsgType.VCPU, b"\x00" * 7),
+    (MsgType.FINISH, b""),
+    (MsgType.DONE, b"\x00"),
+])
+def test_malformed_frames(kind: int, payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_frame(kind, payload)
+
+
+def test_channel_bounds_frames() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        chan = Channel(b, timeout=2)
+        a.sendall(struct.pack(">IB", MAX_FRAME + 1, MsgType.PAGE))
+        with pytest.raises(ProtocolError):
+            chan.recv()
+    a, b = socket.socketpair()
+    with a, b:
+        chan = Channel(b, timeout=0.2)
+        with pytest.raises(TimeoutError):  # nothing comes: the wait is bounded
+            chan.recv()
+
+
+# ---- hosts and guests ---------------------------------------------------------------------------
+def host(seed: str, root: AmdRoot | None = None, platform_dir: Path | None = None) -> Machine:
+    return build_machine("milan", seed=seed, dram_size=4 * GiB, cache_size=1 << 20,
+                         amd_root=root or default_amd_root("milan"), platform_dir=platform_dir)
+
+
+def secret_pages() -> dict[int, bytes]:
+    """High-entropy page contents the guest keeps private (random: any 32-byte block is unique)."""
+    return {gpa: os.urandom(PAGE) for gpa in SECRET_GPAS}
+
+
+def _guest(secrets: dict[int, bytes]) -> Generator[Op, Any, None]:
+    yield from boot(MEM, shared=[SHARED_GPA])
+    for gpa, data in secrets.items():
+        yield op.write(gpa, data)
+    yield op.write(SHARED_GPA, SHARED_MARK)
+    yield op.hlt()
+
+
+def _read_back(ranges: list[tuple[int, int]], out: list[bytes]) -> Generator[Op, Any, None]:
+    for gpa, length in ranges:
+        data = yield op.read(gpa, length)
+        out.append(data)
+    yield op.hlt()
+
+
+def running_guest(m: Machine, secrets: dict[int, bytes], policy: int = 0, vcpus: int = 1) -> Vm:
+    """An SEV guest that booted, wrote ``secrets`` into private pages and a mark into a shared one."""
+    vm = m.hv.create_vm("guest", MEM)
+    m.hv.launch(vm, [(0x10_0000, b"\xf4" * PAGE)], policy=policy)
+    vm.add_vcpu(PyEngine(_guest(secrets)))
+    for _ in range(vcpus - 1):
+        vm.add_vcpu()
+    assert m.hv.run(vm).reason == "hlt"
+    return vm
+
+
+def guest_reads(hv: Hypervisor, vm: Vm, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Run ``vm`` (resumed with its own registers: paging on) to read ``ranges``."""
+    out: list[bytes] = []
+    assert hv.run(vm, engine=PyEngine(_read_back(ranges, out))).reason == "hlt"
+    return out
+
+
+def guest_state(hv: Hypervisor, vm: Vm) -> GuestState:
+    return GuestState(hv.psp.call(CommandId.GUEST_STATUS, GuestStatusCmd(handle=vm.handle)).state)
+
+
+def amd_certs(m: Machine) -> bytes:
+    assert m.amd_root is not None
+    return m.amd_root.amd_certs.encode()
+
+
+# ---- in-process migrations (the destination in a thread) ----------------------------------------
+def migrate_in_process(src: Machine, dst: Machine, vm: Vm, **kw: Any) -> tuple[Vm | None, Exception | None]:
+    a, b = socket.socketpair()
+    result: dict[str, Any] = {}
+
+    def destination() -> None:
+        try:
+            result["vm"] = receive_vm(dst.hv, Channel(b, TIMEOUT), amd_certs=amd_certs(dst))
+        except MigrationError as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=destination, daemon=True)
+    t.start()
+    error: Exception | None = None
+    try:
+        send_vm(src.hv, vm, Channel(a, TIMEOUT), **kw)
+    except MigrationError as exc:
+        error = exc
+    t.join(TIMEOUT)
+    a.close()
+    b.close()
+    return result.get("vm"), error or result.get("error")
+
+
+def test_in_process_migration_keeps_memory_registers_and_shared_pages() -> None:
+    src, dst = host("hv-mig-src"), host("hv-mig-dst")
+    secrets = secret_pages()
+    vm = running_guest(src, secrets, vcpus=2)
+    regs = dict(vm.vcpus[0].vmcb.regs)
+    moved, error = migrate_in_process(src, dst, vm, keep_source=True)
+    assert error is None and moved is not None
+    assert guest_state(src.hv, vm) == GuestState.SENT
+    assert guest_state(dst.hv, moved) == GuestState.RUNNING
+    assert moved.state is VmState.RUNNING and moved.asid != 0 and len(moved.vcpus) == 2
+    assert moved.vcpus[0].vmcb.cr3 == vm.vcpus[0].vmcb.cr3 and moved.vcpus[0].vmcb.regs == regs
+    assert set(moved.npt.mappings) == set(vm.npt.mappings)  # the same GPAs
+    assert moved.shared_gpas == {SHARED_GPA}
+    ranges = [(gpa, PAGE) for gpa in secrets] + [(SHARED_GPA, len(SHARED_MARK))]
+    assert guest_reads(dst.hv, moved, ranges) == [*secrets.values(), SHARED_MARK]
+    assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+
+
+def test_source_vm_is_destroyed_after_success() -> None:
+    src, dst = host("hv-mig-src2"), host("hv-mig-dst2")
+    vm = running_guest(src, secret_pages())
+    moved, error = migrate_in_process(src, dst, vm)
+    assert error is None and moved is not None
+    assert vm.state is VmState.DESTROYED and vm not in src.hv.vms
+    assert src.hv.platform_status().guest_count == 0
+
+
+def test_refused_send_start_leaves_the_guest_running() -> None:
+    """Policy SEV and a destination certified by another manufacturer: SEND_START refuses."""
+    src = host("hv-mig-src3")
+    dst = host("hv-mig-dst3", root=AmdRoot.create("milan", key_bits=2048))
+    secrets = secret_pages()
+    vm = running_guest(src, secrets, policy=int(GuestPolicy.SEV))
+    moved, error = migrate_in_process(src, dst, vm)
+    assert isinstance(error, MigrationError) and "INVALID_CERTIFICATE" in str(error)
+    assert moved is None and not dst.hv.vms and dst.hv.platform_status().guest_count == 0
+    assert guest_state(src.hv, vm) == GuestState.RUNNING and vm.state is VmState.RUNNING
+    assert guest_reads(src.hv, vm, [(g, PAGE) for g in secrets]) == list(secrets.values())
+
+
+def test_only_launched_sev_guests_are_sent() -> None:
+    src = host("hv-mig-src4")
+    a, b = socket.socketpair()
+    with a, b:
+        plain = src.hv.create_vm("plain", MEM, VmKind.PLAIN)
+        with pytest.raises(MigrationError):
+            send_vm(src.hv, plain, Channel(a, 1))
+        fresh = src.hv.create_vm("fresh", MEM)
+        with pytest.raises(MigrationError):
+            send_vm(src.hv, fresh, Channel(a, 1))
+
+
+def test_destination_discards_the_vm_on_garbage() -> None:
+    dst = host("hv-mig-dst5")
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(encode_frame(Start(0, MEM, 1, b"\0" * 0x824, b"\0" * 0x80)))
+        with pytest.raises(MigrationError):
+            receive_vm(dst.hv, Channel(b, 2), amd_certs=amd_certs(dst))
+    assert not dst.hv.vms and dst.hv.platform_status().guest_count == 0
+    assert dst.firmware.state == PlatformState.INIT
+
+
+# ---- two processes over loopback TCP, through a recording proxy ---------------------------------
+class Proxy:
+    """Forwards one connection to ``port`` on 127.0.0.1 and records every byte in both directions.
+
+    ``tamper_page``: flip one byte in the TRANS of that PAGE frame (counted from 0);
+    ``cut_after_pages``: close both connections once that many PAGE frames went through.
+    """
+
+    def __init__(self, port: int, *, tamper_page: int | None = None, cut_after_pages: int | None = None) -> None:
+        self.target = port
+        self.tamper_page = tamper_page
+        self.cut_after_pages = cut_after_pages
+        self.forward = bytearray()
+        self.backward = bytearray()
+        self.pages = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(TIMEOUT)
+        self.port = self.listener.getsockname()[1]
+        self._socks: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            a, _ = self.listener.accept()
+            b = socket.create_connection(("127.0.0.1", self.target), timeout=TIMEOUT)
+        except OSError:
+            return
+        for s in (a, b):
+            s.settimeout(TIMEOUT)
+        self._socks = [a, b]
+        threading.Thread(target=self._pump_back, args=(b, a), daemon=True).start()
+        try:
+            while True:
+                head = self._read(a, 5)
+                length, kind = struct.unpack(">IB", head)
+                body = bytearray(self._read(a, length - 1))
+                if kind == MsgType.PAGE:
+                    if self.pages == self.tamper_page:
+                        body[8 + 0x34 + 100] ^= 0x01
+                    self.pages += 1
+                frame = head + bytes(body)
+                self.forward += frame
+                b.sendall(frame)
+                if kind == MsgType.PAGE and self.pages == self.cut_after_pages:
+                    self.close()
+                    return
+        except OSError:
+            self.close()
+
+    @staticmethod
+    def _read(s: socket.socket, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = s.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed")
+            out += chunk
+        return bytes(out)
+
+    def _pump_back(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                self.backward += chunk
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def root() -> AmdRoot:
+    return default_amd_root("milan")
+
+
+@pytest.fixture
+def destination_dir(tmp_path: Path, root: AmdRoot) -> Iterator[Path]:
+    path = tmp_path / "destination"
+    manufacture(path, "milan", root)
+    yield path
+
+
+def plan(destination_dir: Path, root: AmdRoot, check: tuple[tuple[int, int], ...] = ()) -> DestinationPlan:
+    return DestinationPlan("milan", str(destination_dir), root.amd_certs.encode(), timeout=TIMEOUT, check=check,
+                           seed="hv-mig-two-process")
+
+
+def test_two_process_migration_never_puts_plaintext_on_the_wire(destination_dir: Path, root: AmdRoot) -> None:
+    secrets = secret_pages()
+    check = tuple((gpa, PAGE) for gpa in secrets) + ((SHARED_GPA, len(SHARED_MARK)),)
+    src = host("hv-mig-2p-src", root)
+    vm = running_guest(src, secrets)
+    with Destination(plan(destination_dir, root, check)) as dest:
+        proxy = Proxy(dest.port)
+        chan = Channel.connect("127.0.0.1", proxy.port, TIMEOUT)
+        sent = send_vm(src.hv, vm, chan, keep_source=True)
+        chan.close()
+        report = dest.result()
+    assert report["ok"], report.get("error")
+    assert report["guest_state"] == GuestState.RUNNING and report["check_reason"] == "hlt"
+    assert bytes.fromhex(report["check_hex"]) == b"".join(secrets.values()) + SHARED_MARK
+    assert report["pages"] == sent.pages + sent.shared and not report["firmware_errors"]
+    assert guest_state(src.hv, vm) == GuestState.SENT
+    wire = bytes(proxy.forward) + bytes(proxy.backward)
+    assert len(proxy.forward) == sent.bytes_sent
+    assert SHARED_MARK in wire  # the capture sees plaintext when there is some...
+    for data in secrets.values():  # ... and the guest's private pages never are
+        for off in range(0, PAGE, 32):
+            assert data[off : off + 32] not in wire
+
+
+@pytest.mark.parametrize("failure", ["cut", "tamper"])
+def test_two_process_failure_cancels_the_source_and_discards_the_destination(
+        destination_dir: Path, root: AmdRoot, failure: str) -> None:
+    secrets = secret_pages()
+    src = host(f"hv-mig-2p-{failure}", root)
+    vm = running_guest(src, secrets)
+    with Destination(plan(destination_dir, root)) as dest:
+        proxy = Proxy(dest.port, cut_after_pages=3) if failure == "cut" else Proxy(dest.port, tamper_page=2)
+        chan = Channel.connect("127.0.0.1", proxy.port, TIMEOUT)
+        with pytest.raises(MigrationError):
+            send_vm(src.hv, vm, chan)
+        chan.close()
+        report = dest.result()
+    assert not report["ok"]
+    if failure == "tamper":
+        assert "BAD_MEASUREMENT" in report["error"]
+    # the destination threw the half-received guest away ...
+    assert report["vms"] == 0 and report["guest_count"] == 0 and report["platform_state"] == PlatformState.INIT
+    assert not report["firmware_errors"]
+    # ... and the source guest runs on, untouched
+    assert guest_state(src.hv, vm) == GuestState.RUNNING and vm.state is VmState.RUNNING
+    assert guest_reads(src.hv, vm, [(g, PAGE) for g in secrets]) == list(secrets.values())
+    assert not src.firmware.internal_errors
