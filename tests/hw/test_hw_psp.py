@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_soc
+from hwkit import make_soc
 
 from sevemu.abi.mailbox import (
     CMDRESP_RESP,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import GUEST_SPA, PageTables
+from hwkit import GUEST_SPA, PageTables
 
 from sevemu.abi.paging import ExitCode
 from sevemu.hw.faults import GeneralProtection, PageFault

@@ -1,19 +1,3 @@
-"""Fixtures for the hypervisor tests: a small host of each generation with its firmware INIT."""
+"""Fixtures for the hypervisor tests; the helpers live in hvkit."""
 
-from __future__ import annotations
-
-import pytest
-
-from sevemu.scenario import Machine, build_machine
-
-MiB = 1 << 20
-
-
-def small_machine(generation: str = "milan", seed: str = "hv-tests", cache_size: int = 256 << 10,
-                  dram_size: int = 512 * MiB) -> Machine:
-    return build_machine(generation, seed=seed, dram_size=dram_size, cache_size=cache_size)
-
-
-@pytest.fixture
-def machine() -> Machine:
-    return small_machine()
+from hvkit import machine  # noqa: F401

@@ -8,7 +8,7 @@ import random
 from typing import Any
 
 import pytest
-from conftest import small_machine
+from hvkit import small_machine
 
 from sevemu.abi.commands import CommandId
 from sevemu.abi.paging import ExitCode

@@ -686,6 +686,56 @@ class MemoryCipher:
             return self._enc.update(x)
         return (_from_bytes(self._enc.update(x), "little") ^ tw).to_bytes(n, "little")
 
+    def line_functions(self) -> tuple[Callable[[int, Buffer], bytes], Callable[[int, Buffer], bytes]]:
+        """(encrypt, decrypt) of one 64-byte line, specialised for this cipher, without checks.
+
+        For the memory controller's line path, which only ever passes a 64-byte line at a 64-byte
+        aligned SPA inside DRAM (hence inside the tweak tables): the same bytes as
+        :meth:`encrypt_line` / :meth:`decrypt_line`, with one Python frame instead of several.
+        """
+        xor = self._xor
+        if xor is None:
+            return self.encrypt_line, self.decrypt_line
+        enc = self._enc.update
+        dec = self._dec.update
+        if self._code == _XTS:
+            xts_memo = self._xts_memo_bytes
+            xts_tweak = self._xts_line_tweak_bytes
+
+            def xts_enc(spa: int, data: Buffer) -> bytes:
+                tw = xts_memo.get(spa >> 6) or xts_tweak(spa)
+                return xor(enc(xor(data, tw)), tw)
+
+            def xts_dec(spa: int, data: Buffer) -> bytes:
+                tw = xts_memo.get(spa >> 6) or xts_tweak(spa)
+                return xor(dec(xor(data, tw)), tw)
+
+            return xts_enc, xts_dec
+        memo = self._page_memo_bytes
+        rep = self._tables.page_rep_bytes
+        lines = self._line_in_page_bytes
+        if self._code == _XE:
+
+            def xe_enc(spa: int, data: Buffer) -> bytes:
+                return enc(xor(data, memo.get(spa >> 12) or rep(spa >> 12), lines[(spa >> 6) & 63]))
+
+            def xe_dec(spa: int, data: Buffer) -> bytes:
+                return xor(dec(data), memo.get(spa >> 12) or rep(spa >> 12), lines[(spa >> 6) & 63])
+
+            return xe_enc, xe_dec
+
+        def xex_enc(spa: int, data: Buffer) -> bytes:
+            page = memo.get(spa >> 12) or rep(spa >> 12)
+            line = lines[(spa >> 6) & 63]
+            return xor(enc(xor(data, page, line)), page, line)
+
+        def xex_dec(spa: int, data: Buffer) -> bytes:
+            page = memo.get(spa >> 12) or rep(spa >> 12)
+            line = lines[(spa >> 6) & 63]
+            return xor(dec(xor(data, page, line)), page, line)
+
+        return xex_enc, xex_dec
+
     def decrypt_line(self, spa: int, data: Buffer) -> bytes:
         """Decrypt a cache line (or any granule-aligned span) at SPA ``spa``; returns plaintext."""
         n = len(data)

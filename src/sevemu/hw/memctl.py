@@ -54,7 +54,11 @@ class MemoryController:
         self.mode = mode
         self.tweaks = tweaks
         self.max_asid = max_asid
-        self._slots: dict[int, MemoryCipher] = {0: MemoryCipher(mode, rng(mode.key_size), tweaks)}
+        self._slots: dict[int, MemoryCipher] = {}
+        # per-slot specialised line functions (the cache's fill and write-back path)
+        self._line_enc: dict[int, Callable[[int, bytes | bytearray], bytes]] = {}
+        self._line_dec: dict[int, Callable[[int, bytes | bytearray], bytes]] = {}
+        self._install(0, MemoryCipher(mode, rng(mode.key_size), tweaks))
         self._port_issued = False
         self.lines_encrypted = 0
         self._pages = dram.pages_dict()  # the line path reads DRAM's page store directly
@@ -66,6 +70,15 @@ class MemoryController:
             raise KeySlotError("the key-slot port belongs to the Secure Processor and was already issued")
         self._port_issued = True
         return KeySlotPort(self)
+
+    def _install(self, asid: int, cipher: MemoryCipher) -> None:
+        self._slots[asid] = cipher
+        self._line_enc[asid], self._line_dec[asid] = cipher.line_functions()
+
+    def _remove(self, asid: int) -> None:
+        self._slots.pop(asid, None)
+        self._line_enc.pop(asid, None)
+        self._line_dec.pop(asid, None)
 
     def has_key(self, asid: int) -> bool:
         return asid in self._slots
@@ -87,16 +100,19 @@ class MemoryController:
             data = page[off : off + LINE]
         if not c:
             return data
-        cipher = self._slots.get(asid)
-        if cipher is None:
+        dec = self._line_dec.get(asid)
+        if dec is None:
             raise KeySlotError(f"no key is loaded for ASID {asid}")
-        return cipher.decrypt_line(spa, data)
+        return dec(spa, data)
 
     def write_line(self, spa: int, asid: int, c: bool, data: bytes | bytearray) -> None:
         """Write a 64-byte line back to DRAM in domain (asid, c)."""
         if c:
             self.lines_encrypted += 1
-            data = self._cipher(asid).encrypt_line(spa, data)
+            enc = self._line_enc.get(asid)
+            if enc is None:
+                raise KeySlotError(f"no key is loaded for ASID {asid}")
+            data = enc(spa, data)
         self.dram.write_line(spa, data)
 
     # ---- bulk path (DMA, firmware in-place operations) --------------------------------------
@@ -135,13 +151,13 @@ class KeySlotPort:
             raise AsidError(f"ASID {asid} is outside 1..{mc.max_asid}")
         if len(key) != mc.mode.key_size:
             raise KeySizeError(f"{mc.mode.value} keys are {mc.mode.key_size} bytes, got {len(key)}")
-        mc._slots[asid] = MemoryCipher(mc.mode, bytes(key), mc.tweaks)
+        mc._install(asid, MemoryCipher(mc.mode, bytes(key), mc.tweaks))
 
     def clear(self, asid: int) -> None:
         """Remove the key of ``asid`` (the slot reads as empty afterwards)."""
         if asid == 0:
             raise AsidError("slot 0 holds the host SME key and cannot be cleared")
-        self._mc._slots.pop(asid, None)
+        self._mc._remove(asid)
 
     def loaded(self, asid: int) -> bool:
         return asid in self._mc._slots

@@ -1,0 +1,179 @@
+"""Helpers for the SoC tests: a small SoC and hand-built page tables (NPT and guest tables).
+
+:class:`PageTables` writes real table bytes the way the two owners would: the NPT with the host's
+C=0 stores into host memory, the guest's tables with the guest's own stores (private, domain
+(ASID, C=1), for an SEV guest; unencrypted for a plain one) into guest memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from sevemu.abi.paging import Pte
+from sevemu.hw.cpu import GuestCpu
+from sevemu.hw.mmu import Translation
+from sevemu.hw.profiles import MILAN, CpuProfile
+from sevemu.hw.soc import Soc
+from sevemu.hw.svm import Vmcb, VmExit
+from sevemu.scenario import SeededRng
+
+MiB = 1 << 20
+P, RW, US, PS, NX, A, D = (int(f) for f in (Pte.P, Pte.RW, Pte.US, Pte.PS, Pte.NX, Pte.A, Pte.D))
+
+GUEST_SPA = 0x1000000  # GPA g is backed by SPA GUEST_SPA + g unless a test says otherwise
+NPT_POOL = 0x100000  # host pages for NPT tables
+GPT_POOL = 0x80000  # guest-physical pages for the guest's own tables
+
+
+def make_soc(profile: CpuProfile = MILAN, **kw: int) -> Soc:
+    kw.setdefault("dram_size", 64 * MiB)
+    kw.setdefault("cache_size", 64 << 10)
+    return Soc(profile, rng=SeededRng("hw-tests"), **kw)
+
+
+class PageTables:
+    """An NPT plus a guest's 4-level tables for one ASID on ``soc``."""
+
+    def __init__(self, soc: Soc, asid: int, sev: bool, npt_pool: int = NPT_POOL) -> None:
+        self.soc = soc
+        self.cache = soc.cache
+        self.asid = asid
+        self.sev = sev
+        self.cbit = soc.profile.cbit_mask
+        self._npt_next = npt_pool
+        self._gpt_next = GPT_POOL
+        self.npt_map_4k: dict[int, int] = {}
+        self.ncr3 = self._host_page()
+        self._npt_tables: dict[tuple[int, int], int] = {}
+        self._gpt_tables: dict[tuple[int, int], int] = {}
+        self.cr3 = 0
+
+    # ---- NPT ---------------------------------------------------------------------------------
+    def _host_page(self) -> int:
+        spa = self._npt_next
+        self._npt_next += 0x1000
+        return spa
+
+    def _npt_write(self, spa: int, value: int) -> None:
+        self.cache.write(0, False, spa, value.to_bytes(8, "little"))
+
+    def npt_map(self, gpa: int, spa: int, flags: int = P | RW | US, large: bool = False,
+                c: bool = False) -> None:
+        """Map ``gpa`` -> ``spa`` (4 KiB, or 2 MiB with ``large``); ``c`` sets the NPT C-bit."""
+        table = self.ncr3
+        last = 21 if large else 12
+        for shift in (39, 30, 21, 12):
+            index = (gpa >> shift) & 0x1FF
+            if shift == last:
+                self._npt_write(table + index * 8, spa | flags | (PS if large else 0) | (self.cbit if c else 0))
+                break
+            key = (shift, gpa >> shift)
+            nxt = self._npt_tables.get(key)
+            if nxt is None:
+                nxt = self._npt_tables[key] = self._host_page()
+                self._npt_write(table + index * 8, nxt | P | RW | US)
+            table = nxt
+        size = (2 * MiB) if large else 0x1000
+        for off in range(0, size, 0x1000):
+            self.npt_map_4k[(gpa + off) >> 12] = spa + off
+
+    def npt_leaf_spa(self, gpa: int) -> int:
+        """SPA of the 4 KiB NPT leaf entry of ``gpa`` (for tests that edit it)."""
+        return self._npt_tables[(21, gpa >> 21)] + ((gpa >> 12) & 0x1FF) * 8
+
+    def identity(self, size: int = 4 * MiB) -> None:
+        """Back GPAs ``[0, size)`` with SPAs ``GUEST_SPA + gpa`` (4 KiB NPT leaves)."""
+        for gpa in range(0, size, 0x1000):
+            self.npt_map(gpa, GUEST_SPA + gpa)
+
+    # ---- guest memory and tables ---------------------------------------------------------------
+    def spa(self, gpa: int) -> int:
+        return self.npt_map_4k[gpa >> 12] | (gpa & 0xFFF)
+
+    def gwrite(self, gpa: int, data: bytes, c: bool | None = None) -> None:
+        """Store into guest memory as the guest would (private for SEV unless ``c`` says otherwise)."""
+        priv = self.sev if c is None else c
+        self.cache.write(self.asid if priv else 0, priv, self.spa(gpa), data)
+
+    def gread(self, gpa: int, length: int, c: bool | None = None) -> bytes:
+        priv = self.sev if c is None else c
+        return self.cache.read(self.asid if priv else 0, priv, self.spa(gpa), length)
+
+    def _guest_table(self) -> int:
+        gpa = self._gpt_next
+        self._gpt_next += 0x1000
+        self.gwrite(gpa, bytes(0x1000))
+        return gpa
+
+    def guest_map(self, gva: int, gpa: int, flags: int = P | RW, c: bool = True, large: bool = False,
+                  table_c: bool = True) -> None:
+        """Map ``gva`` -> ``gpa`` in the guest's tables; ``c``: leaf C-bit, ``table_c``: C-bit of the
+        table pointers (ignored by hardware for SEV walks, which are always private)."""
+        if not self.cr3:
+            self.cr3 = self._guest_table()
+        tc = self.cbit if table_c and self.sev else 0
+        table = self.cr3
+        last = 21 if large else 12
+        for shift in (39, 30, 21, 12):
+            index = (gva >> shift) & 0x1FF
+            if shift == last:
+                entry = gpa | flags | (PS if large else 0) | (self.cbit if c else 0)
+                self.gwrite(table + index * 8, entry.to_bytes(8, "little"))
+                break
+            key = (shift, gva >> shift)
+            nxt = self._gpt_tables.get(key)
+            if nxt is None:
+                nxt = self._gpt_tables[key] = self._guest_table()
+                self.gwrite(table + index * 8, (nxt | tc | P | RW).to_bytes(8, "little"))
+            table = nxt
+
+    def guest_entry_gpa(self, gva: int, level_shift: int) -> int:
+        """GPA of the guest entry mapping ``gva`` at the level of ``level_shift`` (39/30/21/12)."""
+        table = self.cr3
+        for shift in (39, 30, 21, 12):
+            if shift == level_shift:
+                return table + ((gva >> shift) & 0x1FF) * 8
+            table = self._gpt_tables[(shift, gva >> shift)]
+        raise AssertionError(level_shift)
+
+    def translate(self, gva: int, write: bool = False, fetch: bool = False, paging: bool = True) -> Translation:
+        return self.soc.mmu.translate(asid=self.asid, sev=self.sev, ncr3=self.ncr3, paging=paging,
+                                      cr3=self.cr3, gva=gva, write=write, fetch=fetch)
+
+    def vmcb(self, paging: bool = True) -> Vmcb:
+        v = Vmcb(asid=self.asid, np_enable=True, sev_enable=self.sev, ncr3=self.ncr3, cr3=self.cr3)
+        if paging:
+            v.cr0 |= 1 << 31 | 1
+        return v
+
+
+class FnEngine:
+    """An engine running a plain function on the GuestCpu (then HLT)."""
+
+    def __init__(self, fn: Callable[[GuestCpu], object]) -> None:
+        self.fn = fn
+        self.result: object = None
+        self.cpu: GuestCpu | None = None
+
+    def run(self, cpu: GuestCpu) -> VmExit:
+        from sevemu.abi.paging import ExitCode
+
+        self.cpu = cpu
+        self.result = self.fn(cpu)
+        return VmExit(ExitCode.HLT)
+
+
+@pytest.fixture
+def soc() -> Soc:
+    return make_soc()
+
+
+@pytest.fixture
+def sev_tables(soc: Soc) -> PageTables:
+    """An SEV guest on ASID 200 (a Milan SEV ASID) with its key loaded and 4 MiB identity-backed."""
+    soc.psp.take_ports().keys.load(200, bytes(range(16)))
+    pt = PageTables(soc, 200, True)
+    pt.identity()
+    return pt
