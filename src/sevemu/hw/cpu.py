@@ -76,7 +76,7 @@ class Engine(Protocol):
 class GuestCpu:
     """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
 
-    __slots__ = ("_dirty", "_line", "_mmu", "_tlb", "_tlb_insert", "asid", "core", "sev", "vmcb")
+    __slots__ = ("_cache", "_dirty", "_line", "_mmu", "_tlb", "_tlb_insert", "asid", "core", "sev", "vmcb")
 
     def __init__(self, core: Core, vmcb: Vmcb) -> None:
         self.core = core
@@ -86,6 +86,7 @@ class GuestCpu:
         self._tlb = core.tlb.for_asid(vmcb.asid)
         self._tlb_insert = core.tlb.insert
         self._line = core.cache.line
+        self._cache = core.cache
         self._dirty = core.cache.dirty.add
         self._mmu = core.mmu
 
@@ -114,7 +115,17 @@ class GuestCpu:
             e = self._walk(gva, False, False)
         off = gva & 63
         if off + size <= 64:
-            return int.from_bytes(self._line(e[0] | (gva & 0xFC0))[off : off + size], "little")
+            # the cache's hit path, inlined (Cache.line does the same, and handles the miss)
+            key = e[0] | (gva & 0xFC0)
+            cache = self._cache
+            s = cache.sets[(key >> 6) & cache.set_mask]
+            line = s.get(key)
+            if line is None:
+                line = self._line(key)
+            else:
+                s.move_to_end(key)
+                cache.hits += 1
+            return int.from_bytes(line[off : off + size], "little")
         return int.from_bytes(self.read(gva, size), "little")
 
     def store(self, gva: int, size: int, value: int) -> None:
