@@ -19,6 +19,7 @@ Plaintext blocks are drawn from SHA-256 of a counter: high entropy, so no accide
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,19 @@ def _instrument(world: World) -> None:
         return data
 
     cache.line = line  # type: ignore[method-assign]
+
+    # GuestCpu.load inlines the hit path (it looks the key up in the set directly): check those
+    # lookups too, by swapping every set for a dictionary that checks the domain of each lookup.
+    class CheckedSet(OrderedDict[int, bytearray]):
+        def get(self, key: int, default: Any = None) -> Any:  # type: ignore[override]
+            asid, c, _ = key_domain(key)
+            who = world.actor[0]
+            if who is not None:
+                mine = world.vms[who].asid
+                assert (asid, c) in {(mine, True), (0, False)}, f"guest ASID {mine} hit {(asid, c)}"
+            return super().get(key, default)
+
+    cache.sets = [CheckedSet(s) for s in cache.sets]
 
 
 def _guest(world: World, i: int, fn: Callable[[GuestCpu], Any]) -> Any:
