@@ -250,16 +250,16 @@ def run_actions(generation: str, actions: list[Action]) -> World:
         gpa = line_gpa + blk * 16
         if kind == "guest_write":
             value = world.fresh(b"guest")
-            _guest(world, i, lambda cpu: cpu.write(gpa, value))
+            _guest(world, i, lambda cpu, gpa=gpa, value=value: cpu.write(gpa, value))
             if private:
                 world.private_blocks.add(value)
             ideal.write(d, vm.spa_of(gpa), value)
             where[(d, vm.spa_of(gpa))] = (i, gpa)
         elif kind == "guest_read":
-            data = _guest(world, i, lambda cpu: cpu.read(line_gpa, 64))
+            data = _guest(world, i, lambda cpu, line_gpa=line_gpa: cpu.read(line_gpa, 64))
             ideal.check(d, vm.spa_of(line_gpa), data, vm.name)
         elif kind == "guest_load":
-            got = _guest(world, i, lambda cpu: cpu.load(gpa + 8, 8))
+            got = _guest(world, i, lambda cpu, gpa=gpa: cpu.load(gpa + 8, 8))
             want = ideal.value.get((d, vm.spa_of(gpa)))
             if want is not None:
                 assert got == int.from_bytes(want[8:], "little"), f"{vm.name} lost its write"

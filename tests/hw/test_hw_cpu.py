@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hwkit import GUEST_SPA, P, US, FnEngine, PageTables, make_soc
+from hwkit import GUEST_SPA, US, FnEngine, P, PageTables, make_soc
 
 from sevemu.abi.paging import ExitCode
 from sevemu.abi.paging import NpfExitInfo1 as N

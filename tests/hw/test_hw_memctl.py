@@ -78,7 +78,7 @@ def test_the_key_port_is_issued_once() -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_wrong_key_size_is_refused(mode: EncryptionMode) -> None:
-    mc, port = _mc(mode)
+    _, port = _mc(mode)
     for size in (0, mode.key_size - 1, mode.key_size + 1, 32):
         with pytest.raises(KeySizeError):
             port.load(1, bytes(size))

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from hwkit import GUEST_SPA, NX, PS, US, A, D, P, PageTables, RW, make_soc
+from hwkit import GUEST_SPA, NX, PS, RW, US, A, D, P, PageTables, make_soc
 
 from sevemu.abi.paging import NpfExitInfo1 as N
 from sevemu.abi.paging import PfErrorCode as E

@@ -15,7 +15,15 @@ from sevemu.abi.paging import ExitCode
 from sevemu.abi.sev import ActivateCmd, GuestStatusCmd, HandleCmd, LaunchStartCmd
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
-from sevemu.errors import AddressError, AlignmentError, AsidError, InputError, MailboxError, UnmappedError, VmError
+from sevemu.errors import (
+    AddressError,
+    AlignmentError,
+    AsidError,
+    InputError,
+    MailboxError,
+    UnmappedError,
+    VmError,
+)
 from sevemu.guest.kernel import KVM_HC_MAP_GPA_RANGE, boot, print_
 from sevemu.guest.workloads import keep_secret, touch_pages
 from sevemu.hw.profiles import MILAN
