@@ -45,7 +45,7 @@ def test_tag_key_round_trip_and_c0_domain_has_no_asid() -> None:
 
 @pytest.mark.parametrize("size,ways", [(0, 16), (3 * 64 * 16, 16), (1000, 16), (64 << 10, 0)])
 def test_geometry_must_give_a_power_of_two_set_count(size: int, ways: int) -> None:
-    with pytest.raises((InputError, ZeroDivisionError)):
+    with pytest.raises(InputError):
         Cache(_cache()[0].mc, size, ways)
 
 

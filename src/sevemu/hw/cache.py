@@ -75,7 +75,7 @@ class Cache:
 
     def __init__(self, mc: MemoryController, size: int = 4 << 20, ways: int = 16,
                  coherent: bool = False) -> None:
-        nsets = size // (LINE * ways)
+        nsets = size // (LINE * ways) if ways > 0 else 0
         if nsets <= 0 or nsets & (nsets - 1) or nsets * LINE * ways != size:
             raise InputError(f"cache of {size} bytes, {ways} ways: the set count must be a power of two")
         self.mc = mc
