@@ -75,6 +75,7 @@ class World:
     engines: list[ActionEngine]
     actor: list[int | None] = field(default_factory=lambda: [None])  # None: the host; i: guest i
     private_blocks: set[bytes] = field(default_factory=set)
+    mapped: set[tuple[int, int]] = field(default_factory=set)  # (ASID, SPA page) ever mapped by remaps
     counter: int = 0
     lookups: int = 0
 
@@ -237,11 +238,15 @@ def run_actions(generation: str, actions: list[Action]) -> World:
             _scan_dram(world)
             _dram_matches(world, ideal)
             continue
-        if kind == "remap":  # the hypervisor maps vm b's last private page onto a page of vm a
+        if kind == "remap":  # the hypervisor maps vm b's private page onto the same page of vm a
             _, a, b, page = act
             if a != b:
-                world.vms[a].back(_page(True, page))
-                m.hv.map_foreign(world.vms[b], _page(True, N_PRIVATE - 1), world.vms[a], _page(True, page))
+                va, vb = world.vms[a], world.vms[b]
+                old = vb.npt.lookup(_page(True, page))
+                if old is not None:
+                    world.mapped.add((vb.asid, old))
+                m.hv.map_foreign(vb, _page(True, page), va, _page(True, page))
+                world.mapped.add((vb.asid, va.spa_of(_page(True, page))))
             continue
         _, i, private, page, line, blk = act
         vm = world.vms[i]
@@ -313,6 +318,7 @@ def _check_tags(world: World) -> None:
     for i in range(len(world.vms)):  # leave some private lines of every guest in the cache
         _guest(world, i, lambda cpu: cpu.read(PRIVATE, 16))
     pages = {(vm.asid, spa) for vm in world.vms for spa in {*vm._owned, *vm.npt.mappings.values()}}
+    pages |= world.mapped
     for asid, c, spa, _ in world.m.soc.cache.resident():
         if c:
             assert (asid, spa & ~0xFFF) in pages
@@ -323,27 +329,29 @@ _KINDS = (["guest_write"] * 6 + ["guest_read"] * 3 + ["guest_load", "guest_clflu
           + ["host_read"] * 2 + ["host_write", "host_clflush", "wbinvd", "remap"])
 
 
-def _action(t: tuple[str, int, bool, int, int, int, int]) -> Action:
-    kind, vm, private, page, line, blk, other = t
+def _action(kind: str, vm: int, other: int, addr: tuple[bool, int, int, int]) -> Action:
+    private, page, line, blk = addr
     if kind == "wbinvd":
         return ("wbinvd",)
-    if kind == "remap":  # vm b's last private page onto one of the first two pages of vm a
-        return ("remap", vm, other, page % 2)
+    if kind == "remap":  # vm ``other``'s private page onto the same page of vm ``vm``
+        return ("remap", vm, other, page)
     return (kind, vm, private, page % (N_PRIVATE if private else N_SHARED), line, blk)
 
 
-ADDRESS = st.tuples(st.integers(0, N_VMS - 1), st.booleans(), st.integers(0, N_PRIVATE - 1),
-                    st.integers(0, N_LINES - 1), st.integers(0, 3))
+ADDRESS = st.tuples(st.booleans(), st.integers(0, N_PRIVATE - 1), st.integers(0, N_LINES - 1),
+                    st.integers(0, 3))
+VM = st.integers(0, N_VMS - 1)
 
 
 @st.composite
 def action_lists(draw: st.DrawFn) -> list[Action]:
-    """Actions whose addresses come mostly from a small pool, so that accesses of different kinds and
-    actors meet on the same lines; the rest are anywhere (and keep the cache busy)."""
+    """Actions whose addresses (GPAs) come mostly from a small pool, so that accesses of different
+    kinds and actors -- and of guests whose pages the hypervisor aliased -- meet on the same lines;
+    the rest are anywhere (and keep the cache busy)."""
     pool = draw(st.lists(ADDRESS, min_size=1, max_size=4))
-    raw = draw(st.lists(st.tuples(st.sampled_from(_KINDS), st.one_of(st.sampled_from(pool), ADDRESS),
-                                  st.integers(0, N_VMS - 1)), min_size=10, max_size=120))
-    return [_action((kind, *addr, other)) for kind, addr, other in raw]
+    raw = draw(st.lists(st.tuples(st.sampled_from(_KINDS), VM, VM, st.one_of(st.sampled_from(pool), ADDRESS)),
+                        min_size=10, max_size=120))
+    return [_action(*t) for t in raw]
 
 
 @pytest.mark.parametrize("generation", ["milan", "genoa", "naples"])

@@ -27,7 +27,7 @@ Conventions, where the two tools could differ (they agree on every one)
     * Kernel hashes: command line hashed with its trailing NUL, an absent one as a lone NUL; no
       initrd hashes as ``SHA-256(b"")``; table length field 168, table zero-padded to 176 bytes and
       measured as its own LAUNCH_UPDATE_DATA region after the image.
-    * VMSA: ``--vmm-type QEMU`` models KVM since 2023 (MXCSR 0x1f80, FCW 0x037f): our
+    * VMSA: ``--vmm-type QEMU`` models KVM after 2022 (MXCSR 0x1f80, FCW 0x037f): our
       ``KvmFpuReset.ARCHITECTURAL`` (the default).  Our ``KvmFpuReset.KVM_2022`` (MXCSR = FCW = 0,
       the older kernels sevctl's vectors come from) differs on purpose; a test pins that.  The EC2
       and GCE VMM types of ``sev-snp-measure`` are not modelled by :mod:`sevemu.owner.vmsa`.
@@ -53,6 +53,8 @@ import pytest
 
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE
 from sevemu.errors import LayoutError
+from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevLaunchStart, load_image
+from sevemu.hypervisor.sevdev import SevDevice
 from sevemu.owner.measurement import expected_launch_digest, kernel_hashes_table
 from sevemu.owner.ovmf import (
     OVMF_TABLE_FOOTER_GUID,
@@ -62,8 +64,6 @@ from sevemu.owner.ovmf import (
     sev_es_reset_eip,
 )
 from sevemu.owner.vmsa import KvmFpuReset, cpuid_signature, vmsa_pages
-from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevLaunchStart, load_image
-from sevemu.hypervisor.sevdev import SevDevice
 from sevemu.scenario import Machine, build_machine
 
 pytestmark = pytest.mark.skipif(
@@ -254,7 +254,7 @@ def ssm(*args: str) -> tuple[bytes, tuple[bytes, ...]]:
         r = subprocess.run([sys.executable, "-m", "sevsnpmeasure.cli", *args, "--output-format", "hex"],
                            cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
         assert r.returncode == 0, f"sev-snp-measure {' '.join(args)} failed: {r.stderr or r.stdout}"
-        pages = []
+        pages: list[bytes] = []
         while (Path(cwd) / f"vmsa{len(pages)}.bin").is_file():
             pages.append((Path(cwd) / f"vmsa{len(pages)}.bin").read_bytes())
     return bytes.fromhex(r.stdout.strip()), tuple(pages)
@@ -288,7 +288,7 @@ def test_sev_kernel_hashes(hashes_image: Image, boot: Boot) -> None:
 
 def test_kernel_hashes_table_bytes(boot: Boot) -> None:
     """The table itself, byte for byte (a diagnostic for test_sev_kernel_hashes)."""
-    from sevsnpmeasure.sev_hashes import SevHashes
+    from sevsnpmeasure.sev_hashes import SevHashes  # type: ignore[import-untyped]
 
     theirs = SevHashes(str(boot.kernel), str(boot.initrd or ""), boot.append or "").construct_table()
     ours = boot.table()
@@ -314,7 +314,7 @@ def test_seves_kernel_hashes(hashes_image: Image, boot: Boot) -> None:
 
 
 def test_seves_kvm_2022_is_a_different_convention(synthetic: Image) -> None:
-    """sev-snp-measure's QEMU VMSA has MXCSR/FCW at their reset values (KVM since 2023); KVM_2022 does not."""
+    """sev-snp-measure's QEMU VMSA has MXCSR/FCW at their reset values (KVM after 2022); KVM_2022 does not."""
     eip, sig = sev_es_reset_eip(synthetic.data), cpuid_signature(*QEMU_EPYC_FMS["EPYC-Milan"])
     digest, theirs = ssm_seves(synthetic, 1, "EPYC-Milan")
     old = vmsa_pages(1, eip, cpu_signature=sig, fpu=KvmFpuReset.KVM_2022)[0]
@@ -327,12 +327,6 @@ def test_seves_kvm_2022_is_a_different_convention(synthetic: Image) -> None:
 # Two host paths load the regions: ``kvm-ioctl`` is QEMU's (KVM_MEMORY_ENCRYPT_OP LAUNCH_START and
 # LAUNCH_UPDATE_DATA through :class:`~sevemu.hypervisor.kvm_ops.KvmSev`, exact lengths as KVM);
 # ``hv.launch`` is the model's one-call :meth:`~sevemu.hypervisor.kvm.Hypervisor.launch`.
-HV_LAUNCH_ROUNDS = pytest.mark.xfail(
-    strict=True,
-    reason="Hypervisor.launch measures every region rounded out to whole 64-byte lines "
-           "(Hypervisor._contiguous_runs), so the 176-byte kernel-hashes table is measured as 192 bytes "
-           "(16 more of guest memory); KVM and QEMU measure exactly the 176 bytes",
-)
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +358,7 @@ def test_firmware_sev_ovmf(machine: Machine, image: Image, path: str) -> None:
     assert ld.hex() == ssm_sev(image).hex()
 
 
-@pytest.mark.parametrize("path", ["kvm-ioctl", pytest.param("hv.launch", marks=HV_LAUNCH_ROUNDS)])
+@pytest.mark.parametrize("path", ["kvm-ioctl", "hv.launch"])
 def test_firmware_sev_kernel_hashes(machine: Machine, hashes_image: Image, kernel_files: tuple[Path, Path],
                                     path: str) -> None:
     """QEMU measures the image, then the padded table at the GPA of the image's hashes area."""

@@ -178,8 +178,13 @@ class Firmware:
         return self.profile.api_major, self.profile.api_minor, self.profile.build
 
     def granule(self) -> int:
-        """Smallest unit of guest memory the firmware encrypts in place (16 B; 64 B with XTS)."""
-        return 64 if self.profile.mem_mode.key_size == 64 else 16
+        """Smallest unit of guest memory the firmware encrypts in place: the SEV API's 16 bytes.
+
+        Every mode encrypts each 16-byte block independently (XTS too: block j of a 64-byte data
+        unit has its own tweak), so partial cache lines are read-modify-written
+        (:func:`sevemu.firmware.sev.launch.write_guest`) and 16 bytes work on every generation.
+        """
+        return 16
 
     def new_key(self) -> bytes:
         """A fresh VEK from the TRNG, sized for the memory controller's mode."""

@@ -345,10 +345,11 @@ class Hypervisor:
 
     @staticmethod
     def _contiguous_runs(vm: Vm, gpa: int, length: int) -> list[tuple[int, int]]:
-        """(SPA, length) runs of physically contiguous backing for a GPA range, rounded to whole
-        cache lines (KVM rounds to 16 bytes; a line suits every generation's cipher)."""
-        start = gpa & ~63
-        end = (gpa + length + 63) & ~63
+        """(SPA, length) runs of physically contiguous backing for a GPA range, rounded out to the
+        SEV API's 16-byte granularity (as KVM does), so an owner measuring the regions as given
+        gets the same digest when they are 16-byte aligned and sized."""
+        start = gpa & ~15
+        end = (gpa + length + 15) & ~15
         runs: list[tuple[int, int]] = []
         pos = start
         while pos < end:

@@ -18,7 +18,7 @@ LAUNCH_UPDATE_DATA
     plaintext through the PSP's unencrypted, cache-coherent view, extends the launch digest with it,
     and writes it back in place encrypted with the guest's key, straight to DRAM.  The host's own
     cached copies of those lines are not touched: KVM flushes them first, as it must.  Granularity:
-    16 bytes (64 bytes on AES-XTS generations, whose data unit is the cache line).
+    16 bytes on every generation (partial cache lines are read-modify-written).
 
 LAUNCH_MEASURE
     LUPDATE -> LSECRET; returns MEASURE || MNONCE (0x30 bytes; length query per reference 1.1) and
