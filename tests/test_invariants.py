@@ -41,7 +41,7 @@ MiB = 1 << 20
 MEM = 4 * MiB
 PRIVATE = 0x200000  # private data pages: PRIVATE + i * 4 KiB
 SHARED = 0x300000  # shared (C=0) data pages
-N_PRIVATE = 4  # the last one is where the hypervisor maps another guest's page ("remap")
+N_PRIVATE = 4
 N_SHARED = 1
 N_LINES = 4  # lines used per page: the same few cache sets compete, so evictions are frequent
 CACHE = 8 << 10  # 8 sets of 16 ways: the data lines of all guests share four of them
@@ -242,6 +242,7 @@ def run_actions(generation: str, actions: list[Action]) -> World:
             _, a, b, page = act
             if a != b:
                 va, vb = world.vms[a], world.vms[b]
+                va.back(_page(True, page))
                 old = vb.npt.lookup(_page(True, page))
                 if old is not None:
                     world.mapped.add((vb.asid, old))
