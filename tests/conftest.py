@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as _hyp_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,3 +28,11 @@ def vectors() -> Path:
     if not (path / "README.md").is_file():
         pytest.skip(f"real vectors not found at {path} (set SEVEMU_VECTORS or provide ../shared/vectors)")
     return path
+
+
+# Hypothesis: random exploration on developer machines; a fixed, reproducible search in CI
+# (a CI failure can then be replayed exactly), selected by the CI environment variable.
+
+_hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")
