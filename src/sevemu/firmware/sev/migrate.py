@@ -134,14 +134,11 @@ from sevemu.crypto.transport import (
     IV_SIZE,
     KEY_SIZE,
     NONCE_SIZE,
-    PolicyMacError,
     TransportKeys,
-    WrapMacError,
     aes128_ctr,
-    open_session,
     seal_session,
 )
-from sevemu.errors import FirmwareError, InputError, LayoutError
+from sevemu.errors import FirmwareError, InputError
 from sevemu.firmware.dispatcher import READY, Firmware, Reply, command
 from sevemu.firmware.gctx import CLOSED_KEY, GuestContext
 from sevemu.firmware.sev.launch import (
@@ -153,7 +150,7 @@ from sevemu.firmware.sev.launch import (
     read_guest,
     write_guest,
 )
-from sevemu.firmware.sev.session import godh_public_key, read_host
+from sevemu.firmware.sev.session import godh_public_key, open_channel, read_host
 
 __all__ = [
     "AMD_CERTS_LENGTHS",
@@ -421,20 +418,9 @@ def send_cancel(fw: Firmware, cmd: HandleCmd) -> None:
 
 
 def _open_receive_session(fw: Firmware, cmd: ReceiveStartCmd) -> TransportKeys:
-    """TEK and TIK from the source's session (AF ``sev_channel_open_server``)."""
-    if cmd.session_len != SessionBuf.SIZE:
-        raise FirmwareError(Status.INVALID_LENGTH, f"session is {SessionBuf.SIZE:#x} bytes, "
-                                                   f"not {cmd.session_len:#x}")
-    session = read_host(fw, cmd.session_paddr, SessionBuf.SIZE)
-    if cmd.pdh_cert_len != SEV_CERT_SIZE:
-        raise FirmwareError(Status.INVALID_LENGTH, f"source PDH is {SEV_CERT_SIZE:#x} bytes, "
-                                                   f"not {cmd.pdh_cert_len:#x}")
-    peer = godh_public_key(read_host(fw, cmd.pdh_cert_paddr, SEV_CERT_SIZE))
-    z = ecdh(fw.identity.pdh_key, peer)
-    try:
-        return open_session(z, session, cmd.policy)
-    except (WrapMacError, PolicyMacError, LayoutError) as exc:
-        raise FirmwareError(Status.BAD_MEASUREMENT, f"session: {exc}") from None
+    """TEK and TIK from the source's session, wrapped for our PDH by the source's PDH."""
+    return open_channel(fw, cmd.session_paddr, cmd.session_len, cmd.pdh_cert_paddr, cmd.pdh_cert_len,
+                        cmd.policy, "source PDH")
 
 
 @command(CommandId.RECEIVE_START, READY)

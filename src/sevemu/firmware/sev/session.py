@@ -63,11 +63,11 @@ from sevemu.crypto.transport import (
     open_packet,
     open_session,
 )
-from sevemu.errors import AddressError, FirmwareError, InputError
+from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError
 from sevemu.firmware.dispatcher import Firmware
 from sevemu.firmware.gctx import GuestContext
 
-__all__ = ["godh_public_key", "identity_key", "open_launch_session", "open_secret", "read_host"]
+__all__ = ["godh_public_key", "identity_key", "open_channel", "open_launch_session", "open_secret", "read_host"]
 
 
 def identity_key(fw: Firmware, name: str) -> ec.EllipticCurvePrivateKey:
@@ -113,21 +113,34 @@ def godh_public_key(raw: bytes) -> ec.EllipticCurvePublicKey:
         raise FirmwareError(Status.INVALID_CERTIFICATE, f"GODH certificate: {exc}") from None
 
 
+def open_channel(fw: Firmware, session_paddr: int, session_len: int, cert_paddr: int, cert_len: int,
+                 policy: int, peer: str) -> TransportKeys:
+    """TEK and TIK from a session buffer wrapped for our PDH by ``peer``'s Diffie-Hellman key.
+
+    The owner's GODH at LAUNCH_START and the source platform's PDH at RECEIVE_START open the same
+    way (reference 1.9, 1.13; AF ``sev_channel_open_server``): the session length and address, then
+    the certificate's, then ECDH with our PDH and the session's MACs (any MAC failure:
+    BAD_MEASUREMENT).
+    """
+    if session_len != SessionBuf.SIZE:
+        raise FirmwareError(Status.INVALID_LENGTH, f"session is {SessionBuf.SIZE:#x} bytes, "
+                                                   f"not {session_len:#x}")
+    session = read_host(fw, session_paddr, SessionBuf.SIZE)
+    if cert_len != SEV_CERT_SIZE:
+        raise FirmwareError(Status.INVALID_LENGTH, f"{peer} certificate is {SEV_CERT_SIZE:#x} bytes, "
+                                                   f"not {cert_len:#x}")
+    peer_key = godh_public_key(read_host(fw, cert_paddr, SEV_CERT_SIZE))
+    z = ecdh(identity_key(fw, "pdh_key"), peer_key)
+    try:
+        return open_session(z, session, policy)
+    except (WrapMacError, PolicyMacError, LayoutError) as exc:
+        raise FirmwareError(Status.BAD_MEASUREMENT, f"session: {exc}") from None
+
+
 def open_launch_session(fw: Firmware, cmd: LaunchStartCmd) -> TransportKeys:
     """TEK and TIK from the owner's GODH certificate and session buffer (checks: module docstring)."""
-    if cmd.session_len != SessionBuf.SIZE:
-        raise FirmwareError(Status.INVALID_LENGTH, f"session is {SessionBuf.SIZE:#x} bytes, "
-                                                   f"not {cmd.session_len:#x}")
-    session = read_host(fw, cmd.session_paddr, SessionBuf.SIZE)
-    if cmd.dh_cert_len != SEV_CERT_SIZE:
-        raise FirmwareError(Status.INVALID_LENGTH, f"GODH certificate is {SEV_CERT_SIZE:#x} bytes, "
-                                                   f"not {cmd.dh_cert_len:#x}")
-    godh = godh_public_key(read_host(fw, cmd.dh_cert_paddr, SEV_CERT_SIZE))
-    z = ecdh(identity_key(fw, "pdh_key"), godh)
-    try:
-        return open_session(z, session, cmd.policy)
-    except (WrapMacError, PolicyMacError) as exc:
-        raise FirmwareError(Status.BAD_MEASUREMENT, f"session: {exc}") from None
+    return open_channel(fw, cmd.session_paddr, cmd.session_len, cmd.dh_cert_paddr, cmd.dh_cert_len,
+                        cmd.policy, "GODH")
 
 
 def open_secret(fw: Firmware, g: GuestContext, header: bytes, trans: bytes, guest_len: int) -> bytes:
