@@ -19,7 +19,6 @@ Plaintext blocks are drawn from SHA-256 of a counter: high entropy, so no accide
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,7 +124,7 @@ def _instrument(world: World) -> None:
 
     # GuestCpu.load inlines the hit path (it looks the key up in the set directly): check those
     # lookups too, by swapping every set for a dictionary that checks the domain of each lookup.
-    class CheckedSet(OrderedDict[int, bytearray]):
+    class CheckedSet(dict[int, bytearray]):
         def get(self, key: int, default: Any = None) -> Any:  # type: ignore[override]
             asid, c, _ = key_domain(key)
             who = world.actor[0]

@@ -24,7 +24,6 @@ writes, flushes or invalidates them, it writes back and drops (or refreshes) its
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -85,7 +84,9 @@ class Cache:
         self.coherent = coherent
         self.set_mask = nsets - 1
         # each set maps cache key -> the line's 64 plaintext bytes, in LRU order (oldest first)
-        self.sets: list[OrderedDict[int, bytearray]] = [OrderedDict() for _ in range(nsets)]
+        # (plain dicts keep insertion order: re-inserting a key makes it the most recent; they are
+        # markedly cheaper than OrderedDict on this path, measured)
+        self.sets: list[dict[int, bytearray]] = [{} for _ in range(nsets)]
         self.dirty: set[int] = set()
         """Keys of the lines modified since they were filled (written back on eviction)."""
         self.hits = 0
@@ -127,10 +128,15 @@ class Cache:
         s = self.sets[(key >> 6) & self.set_mask]
         line = s.get(key)
         if line is not None:
-            s.move_to_end(key)
+            del s[key]  # most recently used: back to the end of the set's order
+            s[key] = line
             self.hits += 1
             return line
-        # miss: make room (LRU victim, written back if dirty), then fill through the memory controller
+        return self.fill(key, s)
+
+    def fill(self, key: int, s: dict[int, bytearray]) -> bytearray:
+        """The miss path of :meth:`line`, for a ``key`` known to be absent from its set ``s``:
+        make room (the LRU victim, written back if dirty), then fill through the memory controller."""
         self.misses += 1
         spa = key & SPA_MASK
         if self.coherent:
@@ -139,7 +145,8 @@ class Cache:
             for other in [k for k in s if k & SPA_MASK == spa]:
                 self._writeback(other, s.pop(other))
         if len(s) >= self.ways:
-            victim, old = s.popitem(last=False)
+            victim = next(iter(s))  # least recently used
+            old = s.pop(victim)
             if victim in self.dirty:
                 self._writeback(victim, old)
         line = s[key] = bytearray(self._read_line(spa, key >> ASID_SHIFT, (key >> C_SHIFT) & 1))

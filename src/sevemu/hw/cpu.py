@@ -121,9 +121,10 @@ class GuestCpu:
             s = cache.sets[(key >> 6) & cache.set_mask]
             line = s.get(key)
             if line is None:
-                line = self._line(key)
+                line = cache.fill(key, s)
             else:
-                s.move_to_end(key)
+                del s[key]  # most recently used (as Cache.line does)
+                s[key] = line
                 cache.hits += 1
             return int.from_bytes(line[off : off + size], "little")
         return int.from_bytes(self.read(gva, size), "little")
