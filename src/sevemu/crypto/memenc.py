@@ -80,7 +80,7 @@ import enum
 import random
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import numpy as np
@@ -685,6 +685,59 @@ class MemoryCipher:
         if self._code == _XE:
             return self._enc.update(x)
         return (_from_bytes(self._enc.update(x), "little") ^ tw).to_bytes(n, "little")
+
+    def line_reader(self, pages: Mapping[int, bytearray]) -> Callable[[int], bytes]:
+        """A function decrypting the 64-byte line at an SPA straight from a page store.
+
+        ``pages`` maps a page frame number to its 4 KiB of ciphertext (absent pages read as zeros):
+        the memory controller's view of DRAM.  Same contract and bytes as :meth:`line_functions`'
+        decrypt, in a single Python frame: this is the cache-miss path.
+        """
+        zero = _ZERO_LINE
+        xor = self._xor
+        if xor is None:
+            decrypt = self.decrypt_line
+
+            def generic(spa: int) -> bytes:
+                page = pages.get(spa >> 12)
+                off = spa & 0xFFF
+                return decrypt(spa, zero if page is None else page[off : off + LINE_SIZE])
+
+            return generic
+        dec = self._dec.update
+        if self._code == _XTS:
+            xts_memo = self._xts_memo_bytes
+            xts_tweak = self._xts_line_tweak_bytes
+
+            def xts_read(spa: int) -> bytes:
+                page = pages.get(spa >> 12)
+                off = spa & 0xFFF
+                tw = xts_memo.get(spa >> 6) or xts_tweak(spa)
+                return xor(dec(xor(zero if page is None else page[off : off + LINE_SIZE], tw)), tw)
+
+            return xts_read
+        memo = self._page_memo_bytes
+        rep = self._tables.page_rep_bytes
+        lines = self._line_in_page_bytes
+        if self._code == _XE:
+
+            def xe_read(spa: int) -> bytes:
+                page = pages.get(spa >> 12)
+                off = spa & 0xFFF
+                data = zero if page is None else page[off : off + LINE_SIZE]
+                return xor(dec(data), memo.get(spa >> 12) or rep(spa >> 12), lines[(spa >> 6) & 63])
+
+            return xe_read
+
+        def xex_read(spa: int) -> bytes:
+            page = pages.get(spa >> 12)
+            off = spa & 0xFFF
+            data = zero if page is None else page[off : off + LINE_SIZE]
+            tp = memo.get(spa >> 12) or rep(spa >> 12)
+            tl = lines[(spa >> 6) & 63]
+            return xor(dec(xor(data, tp, tl)), tp, tl)
+
+        return xex_read
 
     def line_functions(self) -> tuple[Callable[[int, Buffer], bytes], Callable[[int, Buffer], bytes]]:
         """(encrypt, decrypt) of one 64-byte line, specialised for this cipher, without checks.

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from sevemu.errors import AlignmentError, InputError
+from sevemu.errors import AlignmentError, InputError, KeySlotError
 from sevemu.hw.dram import LINE
 from sevemu.hw.memctl import MemoryController
 
@@ -78,7 +78,7 @@ class Cache:
         if nsets <= 0 or nsets & (nsets - 1) or nsets * LINE * ways != size:
             raise InputError(f"cache of {size} bytes, {ways} ways: the set count must be a power of two")
         self.mc = mc
-        self._read_line = mc.read_line
+        self._readers = mc.readers  # per-domain fill functions, kept current by the memory controller
         self.size = size
         self.ways = ways
         self.coherent = coherent
@@ -149,7 +149,10 @@ class Cache:
             old = s.pop(victim)
             if victim in self.dirty:
                 self._writeback(victim, old)
-        line = s[key] = bytearray(self._read_line(spa, key >> ASID_SHIFT, (key >> C_SHIFT) & 1))
+        reader = self._readers.get(key >> C_SHIFT)
+        if reader is None:
+            raise KeySlotError(f"no key is loaded for ASID {key >> ASID_SHIFT}")
+        line = s[key] = bytearray(reader(spa))
         return line
 
     def _writeback(self, key: int, line: bytearray) -> None:

@@ -76,7 +76,8 @@ class Engine(Protocol):
 class GuestCpu:
     """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
 
-    __slots__ = ("_cache", "_dirty", "_line", "_mmu", "_tlb", "_tlb_insert", "asid", "core", "sev", "vmcb")
+    __slots__ = ("_cache", "_dirty", "_line", "_mmu", "_set_mask", "_sets", "_tlb", "_tlb_insert", "asid", "core",
+                 "sev", "vmcb")
 
     def __init__(self, core: Core, vmcb: Vmcb) -> None:
         self.core = core
@@ -87,6 +88,8 @@ class GuestCpu:
         self._tlb_insert = core.tlb.insert
         self._line = core.cache.line
         self._cache = core.cache
+        self._sets = core.cache.sets  # the cache never rebinds its set list
+        self._set_mask = core.cache.set_mask
         self._dirty = core.cache.dirty.add
         self._mmu = core.mmu
 
@@ -117,15 +120,14 @@ class GuestCpu:
         if off + size <= 64:
             # the cache's hit path, inlined (Cache.line does the same, and handles the miss)
             key = e[0] | (gva & 0xFC0)
-            cache = self._cache
-            s = cache.sets[(key >> 6) & cache.set_mask]
+            s = self._sets[(key >> 6) & self._set_mask]
             line = s.get(key)
             if line is None:
-                line = cache.fill(key, s)
+                line = self._cache.fill(key, s)
             else:
                 del s[key]  # most recently used (as Cache.line does)
                 s[key] = line
-                cache.hits += 1
+                self._cache.hits += 1
             return int.from_bytes(line[off : off + size], "little")
         return int.from_bytes(self.read(gva, size), "little")
 

@@ -54,14 +54,17 @@ class MemoryController:
         self.mode = mode
         self.tweaks = tweaks
         self.max_asid = max_asid
+        self._pages = dram.pages_dict()  # the line path reads DRAM's page store directly
         self._slots: dict[int, MemoryCipher] = {}
         # per-slot specialised line functions (the cache's fill and write-back path)
         self._line_enc: dict[int, Callable[[int, bytes | bytearray], bytes]] = {}
         self._line_dec: dict[int, Callable[[int, bytes | bytearray], bytes]] = {}
+        self.readers: dict[int, Callable[[int], bytes | bytearray]] = {0: self._read_plain}
+        """Line-fill function per encryption domain, keyed ``(asid << 1) | c`` (the top bits of a
+        cache key): what the cache calls on a miss.  Only (0, C=0) and loaded key slots have one."""
         self._install(0, MemoryCipher(mode, rng(mode.key_size), tweaks))
         self._port_issued = False
         self.lines_encrypted = 0
-        self._pages = dram.pages_dict()  # the line path reads DRAM's page store directly
 
     # ---- key slots ---------------------------------------------------------------------------
     def secure_port(self) -> KeySlotPort:
@@ -74,11 +77,13 @@ class MemoryController:
     def _install(self, asid: int, cipher: MemoryCipher) -> None:
         self._slots[asid] = cipher
         self._line_enc[asid], self._line_dec[asid] = cipher.line_functions()
+        self.readers[(asid << 1) | 1] = cipher.line_reader(self._pages)
 
     def _remove(self, asid: int) -> None:
         self._slots.pop(asid, None)
         self._line_enc.pop(asid, None)
         self._line_dec.pop(asid, None)
+        self.readers.pop((asid << 1) | 1, None)
 
     def has_key(self, asid: int) -> bool:
         return asid in self._slots
@@ -90,6 +95,13 @@ class MemoryController:
         return cipher
 
     # ---- line path (cache fills and write-backs) --------------------------------------------
+    def _read_plain(self, spa: int) -> bytes | bytearray:
+        page = self._pages.get(spa >> 12)
+        if page is None:
+            return _ZERO_LINE
+        off = spa & 0xFFF
+        return page[off : off + LINE]
+
     def read_line(self, spa: int, asid: int, c: int | bool) -> bytes | bytearray:
         """Fill a 64-byte line from DRAM in domain (asid, c)."""
         page = self._pages.get(spa >> 12)
