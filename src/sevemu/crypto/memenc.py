@@ -722,19 +722,21 @@ class MemoryCipher:
         if self._code == _XE:
 
             def xe_read(spa: int) -> bytes:
-                page = pages.get(spa >> 12)
+                pfn = spa >> 12
+                page = pages.get(pfn)
                 off = spa & 0xFFF
                 data = zero if page is None else page[off : off + LINE_SIZE]
-                return xor(dec(data), memo.get(spa >> 12) or rep(spa >> 12), lines[(spa >> 6) & 63])
+                return xor(dec(data), memo.get(pfn) or rep(pfn), lines[off >> 6])
 
             return xe_read
 
         def xex_read(spa: int) -> bytes:
-            page = pages.get(spa >> 12)
+            pfn = spa >> 12
+            page = pages.get(pfn)
             off = spa & 0xFFF
             data = zero if page is None else page[off : off + LINE_SIZE]
-            tp = memo.get(spa >> 12) or rep(spa >> 12)
-            tl = lines[(spa >> 6) & 63]
+            tp = memo.get(pfn) or rep(pfn)
+            tl = lines[off >> 6]
             return xor(dec(xor(data, tp, tl)), tp, tl)
 
         return xex_read

@@ -76,8 +76,8 @@ class Engine(Protocol):
 class GuestCpu:
     """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
 
-    __slots__ = ("_cache", "_dirty", "_line", "_mmu", "_set_mask", "_sets", "_tlb", "_tlb_insert", "asid", "core",
-                 "sev", "vmcb")
+    __slots__ = ("_cache", "_dirty", "_fill", "_line", "_mmu", "_set_mask", "_sets", "_tlb", "_tlb_insert", "asid",
+                 "core", "sev", "vmcb")
 
     def __init__(self, core: Core, vmcb: Vmcb) -> None:
         self.core = core
@@ -90,6 +90,7 @@ class GuestCpu:
         self._cache = core.cache
         self._sets = core.cache.sets  # the cache never rebinds its set list
         self._set_mask = core.cache.set_mask
+        self._fill = core.cache.fill
         self._dirty = core.cache.dirty.add
         self._mmu = core.mmu
 
@@ -123,7 +124,7 @@ class GuestCpu:
             s = self._sets[(key >> 6) & self._set_mask]
             line = s.get(key)
             if line is None:
-                line = self._cache.fill(key, s)
+                line = self._fill(key, s)
             else:
                 del s[key]  # most recently used (as Cache.line does)
                 s[key] = line
