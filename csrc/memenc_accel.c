@@ -7,6 +7,7 @@
  *   xts_xor(dst, src, tweaks, blocks)         XTS: dst = src ^ E_K2(n) * alpha^j per block j of unit n
  *   xts_sequence(out, first)                  XTS: the 128-bit little-endian numbers first, first+1, ...
  *   xor_bytes(a, b[, c]) -> bytes             the single-line path: a ^ b (^ c)
+ *   xor_bytearray(a, b[, c]) -> bytearray     the same, as a new bytearray (cache fills)
  *
  * Portable C99: no intrinsics, unaligned accesses through memcpy, little-endian decoding spelled
  * out for the GF(2^128) arithmetic.  Buffers come through the buffer protocol (C-contiguous); every
@@ -386,15 +387,18 @@ PyDoc_STRVAR(xor_bytes_doc,
              "xor_bytes(a, b, c=None, /)\n--\n\n"
              "a ^ b (^ c) as bytes; the buffers must have the same length.");
 
-static PyObject *xor_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+PyDoc_STRVAR(xor_bytearray_doc,
+             "xor_bytearray(a, b, c=None, /)\n--\n\n"
+             "a ^ b (^ c) as a new bytearray (a cache line the caller will own and modify).");
+
+static PyObject *xor_common(const char *name, PyObject *const *args, Py_ssize_t nargs, int as_bytearray)
 {
     Py_buffer v[3];
     int n;
     Py_ssize_t len, i;
     PyObject *result = NULL;
-    (void)self;
 
-    if (check_nargs("xor_bytes", nargs, 2, 3) < 0) {
+    if (check_nargs(name, nargs, 2, 3) < 0) {
         return NULL;
     }
     n = (nargs == 3 && args[2] != Py_None) ? 3 : 2;
@@ -403,9 +407,11 @@ static PyObject *xor_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     len = v[0].len;
     if (v[1].len != len || (n == 3 && v[2].len != len)) {
-        PyErr_SetString(PyExc_ValueError, "xor_bytes: the buffers must have the same length");
-    } else if ((result = PyBytes_FromStringAndSize(NULL, len)) != NULL) {
-        unsigned char *d = (unsigned char *)PyBytes_AS_STRING(result);
+        PyErr_Format(PyExc_ValueError, "%s: the buffers must have the same length", name);
+    } else if ((result = as_bytearray ? PyByteArray_FromStringAndSize(NULL, len)
+                                      : PyBytes_FromStringAndSize(NULL, len)) != NULL) {
+        unsigned char *d = (unsigned char *)(as_bytearray ? PyByteArray_AS_STRING(result)
+                                                          : PyBytes_AS_STRING(result));
         const unsigned char *a = (const unsigned char *)v[0].buf;
         const unsigned char *b = (const unsigned char *)v[1].buf;
         const unsigned char *c = n == 3 ? (const unsigned char *)v[2].buf : NULL;
@@ -424,13 +430,24 @@ static PyObject *xor_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return result;
 }
 
-/* ---- module ------------------------------------------------------------------------------- */
+static PyObject *xor_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    return xor_common("xor_bytes", args, nargs, 0);
+}
+
+static PyObject *xor_bytearray(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    return xor_common("xor_bytearray", args, nargs, 1);
+}
 
 static PyMethodDef methods[] = {
     {"xor_addr_tweak", (PyCFunction)(void (*)(void))xor_addr_tweak, METH_FASTCALL, xor_addr_tweak_doc},
     {"xts_xor", (PyCFunction)(void (*)(void))xts_xor, METH_FASTCALL, xts_xor_doc},
     {"xts_sequence", (PyCFunction)(void (*)(void))xts_sequence, METH_FASTCALL, xts_sequence_doc},
     {"xor_bytes", (PyCFunction)(void (*)(void))xor_bytes, METH_FASTCALL, xor_bytes_doc},
+    {"xor_bytearray", (PyCFunction)(void (*)(void))xor_bytearray, METH_FASTCALL, xor_bytearray_doc},
     {NULL, NULL, 0, NULL},
 };
 

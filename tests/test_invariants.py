@@ -355,7 +355,7 @@ def action_lists(draw: st.DrawFn) -> list[Action]:
 
 
 @pytest.mark.parametrize("generation", ["milan", "genoa", "naples"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(actions=action_lists())
 def test_guest_memory_invariants(generation: str, actions: list[Action]) -> None:
     world = run_actions(generation, actions)

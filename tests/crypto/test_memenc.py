@@ -545,6 +545,9 @@ def test_accel_sequence_numbers_and_xor() -> None:
     assert accel.xor_bytes(a, b, c) == _xor(_xor(a, b), c)
     assert accel.xor_bytes(a, memoryview(b), None) == _xor(a, b)
     assert accel.xor_bytes(b"", b"") == b""
+    out = accel.xor_bytearray(a, b, c)  # the cache-fill form: a new, owned bytearray
+    assert type(out) is bytearray and out == _xor(_xor(a, b), c)
+    assert accel.xor_bytearray(a, b) == _xor(a, b)
 
 
 @needs_accel
@@ -573,6 +576,7 @@ def test_accel_rejects_bad_arguments() -> None:
         lambda: accel.xts_sequence(bytearray(16), -1),
         lambda: accel.xor_bytes(line, bytes(63)),
         lambda: accel.xor_bytes(line, line, bytes(65)),
+        lambda: accel.xor_bytearray(line, bytes(63)),
     ):
         with pytest.raises(ValueError):
             call()
@@ -584,6 +588,7 @@ def test_accel_rejects_bad_arguments() -> None:
         lambda: accel.xts_xor(bytearray(64), memoryview(bytes(128))[::2], bytes(16), 4),  # strided
         lambda: accel.xor_bytes(line),
         lambda: accel.xor_bytes(line, 64),
+        lambda: accel.xor_bytearray(line),
     ):
         with pytest.raises((TypeError, BufferError)):
             call()
@@ -696,3 +701,23 @@ def test_bench_modes_smoke(accel: bool) -> None:
     assert rows[2]["xts_unit_gbps"] > 0 and rows[2]["ratio_xts_unit"] > 0
     with pytest.raises(InputError):
         bench_modes(1000)
+
+
+@pytest.mark.parametrize("mode", list(EncryptionMode))
+@pytest.mark.parametrize("accel", [False, True])
+def test_line_reader_matches_decrypt_line(mode: EncryptionMode, accel: bool) -> None:
+    """The memory controller's miss path (line_reader over a page store) gives decrypt_line's bytes,
+    as a new bytearray, with absent pages reading as zeros."""
+    from sevemu.crypto import memenc
+
+    if accel and not memenc.ACCELERATED:
+        pytest.skip("the C accelerator is not built")
+    cipher = MemoryCipher(mode, os.urandom(mode.key_size), ZEN2, accel=accel)
+    pages = {5: bytearray(os.urandom(4096))}
+    read = cipher.line_reader(pages)
+    for spa in (5 << 12, (5 << 12) + 64 * 17, (5 << 12) + 4032, 9 << 12):
+        page = pages.get(spa >> 12)
+        raw = bytes(64) if page is None else bytes(page[spa & 0xFFF : (spa & 0xFFF) + 64])
+        got = read(spa)
+        assert type(got) is bytearray
+        assert got == cipher.decrypt_line(spa, raw)

@@ -157,6 +157,23 @@ def test_intercepted_operations_and_their_registers(sev_tables: PageTables) -> N
     assert got["out32"] is None
 
 
+def test_impossible_port_io_is_a_guest_fault(sev_tables: PageTables) -> None:
+    seen: list[str] = []
+
+    def work() -> Workload:
+        for bad in (op.out(0x3F8, 1, 3), op.inp(0x10000), op.out(-1, 0)):
+            try:
+                yield bad
+            except GeneralProtection as gp:
+                seen.append(str(gp))
+        yield op.hlt()
+
+    vmcb = sev_tables.vmcb(paging=False)
+    vmcb.regs["rax"] = 0x1234
+    assert _run(sev_tables, PyEngine(work()), vmcb).code == ExitCode.HLT
+    assert len(seen) == 3 and vmcb.regs["rax"] == 0x1234  # nothing reached the registers
+
+
 @pytest.mark.parametrize("sev,es,expected", [(True, False, 1), (True, True, 3), (False, False, 0)])
 def test_sev_status_is_read_without_an_exit(soc: Soc, sev: bool, es: bool, expected: int) -> None:
     asid = 5 if es else (200 if sev else 600)

@@ -14,5 +14,8 @@ def xts_xor(dst: WriteableBuffer, src: ReadableBuffer, tweaks: ReadableBuffer, u
 def xts_sequence(out: WriteableBuffer, first: int, /) -> None:
     """Fill ``out`` with the 128-bit little-endian integers first, first + 1, ..."""
 
+def xor_bytearray(a: ReadableBuffer, b: ReadableBuffer, c: ReadableBuffer | None = None, /) -> bytearray:
+    """a ^ b (^ c) as a new bytearray."""
+
 def xor_bytes(a: ReadableBuffer, b: ReadableBuffer, c: ReadableBuffer | None = None, /) -> bytes:
     """a ^ b (^ c)."""

@@ -686,34 +686,38 @@ class MemoryCipher:
             return self._enc.update(x)
         return (_from_bytes(self._enc.update(x), "little") ^ tw).to_bytes(n, "little")
 
-    def line_reader(self, pages: Mapping[int, bytearray]) -> Callable[[int], bytes]:
+    def line_reader(self, pages: Mapping[int, bytearray]) -> Callable[[int], bytearray]:
         """A function decrypting the 64-byte line at an SPA straight from a page store.
 
         ``pages`` maps a page frame number to its 4 KiB of ciphertext (absent pages read as zeros):
         the memory controller's view of DRAM.  Same contract and bytes as :meth:`line_functions`'
-        decrypt, in a single Python frame: this is the cache-miss path.
+        decrypt, in a single Python frame, returned as a new bytearray the caller owns (the cache
+        keeps it as the line): this is the cache-miss path.
         """
         zero = _ZERO_LINE
         xor = self._xor
         if xor is None:
             decrypt = self.decrypt_line
 
-            def generic(spa: int) -> bytes:
+            def generic(spa: int) -> bytearray:
                 page = pages.get(spa >> 12)
                 off = spa & 0xFFF
-                return decrypt(spa, zero if page is None else page[off : off + LINE_SIZE])
+                return bytearray(decrypt(spa, zero if page is None else page[off : off + LINE_SIZE]))
 
             return generic
         dec = self._dec.update
+        xor_out: Callable[..., bytearray] = getattr(
+            _memenc_accel, "xor_bytearray", lambda *bufs: bytearray(xor(*bufs))  # an older build
+        )
         if self._code == _XTS:
             xts_memo = self._xts_memo_bytes
             xts_tweak = self._xts_line_tweak_bytes
 
-            def xts_read(spa: int) -> bytes:
+            def xts_read(spa: int) -> bytearray:
                 page = pages.get(spa >> 12)
                 off = spa & 0xFFF
                 tw = xts_memo.get(spa >> 6) or xts_tweak(spa)
-                return xor(dec(xor(zero if page is None else page[off : off + LINE_SIZE], tw)), tw)
+                return xor_out(dec(xor(zero if page is None else page[off : off + LINE_SIZE], tw)), tw)
 
             return xts_read
         memo = self._page_memo_bytes
@@ -721,23 +725,23 @@ class MemoryCipher:
         lines = self._line_in_page_bytes
         if self._code == _XE:
 
-            def xe_read(spa: int) -> bytes:
+            def xe_read(spa: int) -> bytearray:
                 pfn = spa >> 12
                 page = pages.get(pfn)
                 off = spa & 0xFFF
                 data = zero if page is None else page[off : off + LINE_SIZE]
-                return xor(dec(data), memo.get(pfn) or rep(pfn), lines[off >> 6])
+                return xor_out(dec(data), memo.get(pfn) or rep(pfn), lines[off >> 6])
 
             return xe_read
 
-        def xex_read(spa: int) -> bytes:
+        def xex_read(spa: int) -> bytearray:
             pfn = spa >> 12
             page = pages.get(pfn)
             off = spa & 0xFFF
             data = zero if page is None else page[off : off + LINE_SIZE]
             tp = memo.get(pfn) or rep(pfn)
             tl = lines[off >> 6]
-            return xor(dec(xor(data, tp, tl)), tp, tl)
+            return xor_out(dec(xor(data, tp, tl)), tp, tl)
 
         return xex_read
 

@@ -152,7 +152,7 @@ class Cache:
         reader = self._readers.get(key >> C_SHIFT)
         if reader is None:
             raise KeySlotError(f"no key is loaded for ASID {key >> ASID_SHIFT}")
-        line = s[key] = bytearray(reader(spa))
+        line = s[key] = reader(spa)  # a new bytearray, the cache's own
         return line
 
     def _writeback(self, key: int, line: bytearray) -> None:

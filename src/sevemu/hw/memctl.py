@@ -59,9 +59,10 @@ class MemoryController:
         # per-slot specialised line functions (the cache's fill and write-back path)
         self._line_enc: dict[int, Callable[[int, bytes | bytearray], bytes]] = {}
         self._line_dec: dict[int, Callable[[int, bytes | bytearray], bytes]] = {}
-        self.readers: dict[int, Callable[[int], bytes | bytearray]] = {0: self._read_plain}
+        self.readers: dict[int, Callable[[int], bytearray]] = {0: self._read_plain}
         """Line-fill function per encryption domain, keyed ``(asid << 1) | c`` (the top bits of a
-        cache key): what the cache calls on a miss.  Only (0, C=0) and loaded key slots have one."""
+        cache key): what the cache calls on a miss; each returns a new bytearray of the line's
+        plaintext.  Only (0, C=0) and loaded key slots have one."""
         self._install(0, MemoryCipher(mode, rng(mode.key_size), tweaks))
         self._port_issued = False
         self.lines_encrypted = 0
@@ -95,12 +96,12 @@ class MemoryController:
         return cipher
 
     # ---- line path (cache fills and write-backs) --------------------------------------------
-    def _read_plain(self, spa: int) -> bytes | bytearray:
+    def _read_plain(self, spa: int) -> bytearray:
         page = self._pages.get(spa >> 12)
         if page is None:
-            return _ZERO_LINE
+            return bytearray(LINE)
         off = spa & 0xFFF
-        return page[off : off + LINE]
+        return page[off : off + LINE]  # a bytearray slice: a copy
 
     def read_line(self, spa: int, asid: int, c: int | bool) -> bytes | bytearray:
         """Fill a 64-byte line from DRAM in domain (asid, c)."""

@@ -111,7 +111,9 @@ _MSR_SEV_STATUS = 0xC0010131
 
 def _ioio_info(port: int, size: int, is_in: bool) -> int:
     """SVM IOIO EXITINFO1 (APM 15.10.2): TYPE bit0, SZ8/16/32 bits 4..6, port bits 31:16."""
-    sz = {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}[size]
+    sz = {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}.get(size)
+    if sz is None or not 0 <= port <= 0xFFFF:  # no such IN/OUT encoding: a guest fault, not ours
+        raise GeneralProtection(f"{'IN' if is_in else 'OUT'} of {size} bytes at port {port:#x}")
     return (port << 16) | sz | int(is_in)
 
 
@@ -194,8 +196,9 @@ class PyEngine:
         if kind == HLT:
             raise _Exit(VmExit(ExitCode.HLT))
         if kind == OUT:
+            info = _ioio_info(o[1], o[3], False)
             regs["rax"] = o[2] & ((1 << (8 * o[3])) - 1)
-            raise _Exit(VmExit(ExitCode.IOIO, _ioio_info(o[1], o[3], False)))
+            raise _Exit(VmExit(ExitCode.IOIO, info))
         if kind == IN:
             raise _Exit(VmExit(ExitCode.IOIO, _ioio_info(o[1], o[2], True)))
         if kind == CPUID:
