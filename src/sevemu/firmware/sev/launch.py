@@ -57,7 +57,7 @@ from sevemu.abi.policy import POLICY_RESERVED_MASK, GuestPolicy, api_major, api_
 from sevemu.abi.sev import HandleCmd, HdrBuf, LaunchStartCmd, LaunchUpdateDataCmd, MeasureBuf, TransportCmd
 from sevemu.abi.states import GuestState, PlatformState
 from sevemu.abi.status import Status
-from sevemu.crypto.transport import measure_mac
+from sevemu.crypto.transport import TransportKeys, measure_mac
 from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.dispatcher import READY, Firmware, Reply, command
 from sevemu.firmware.gctx import CLOSED_KEY, GuestContext
@@ -67,6 +67,7 @@ __all__ = [
     "LAUNCH_SECRET_MAX_LEN",
     "check_policy",
     "check_range",
+    "create_guest",
     "evict_host_lines",
     "guest_region",
     "need_active",
@@ -140,16 +141,21 @@ def evict_host_lines(fw: Firmware, spa: int, length: int) -> None:
     dma.write(spa, dma.read(spa, length))
 
 
-@command(CommandId.LAUNCH_START, READY)
-def launch_start(fw: Firmware, cmd: LaunchStartCmd) -> LaunchStartCmd:
-    keys = session.open_launch_session(fw, cmd) if cmd.dh_cert_paddr else None
-    check_policy(fw, cmd.policy)
+def create_guest(fw: Firmware, share: int, policy: int, keys: TransportKeys | None,
+                 state: GuestState) -> int:
+    """Check a new guest's policy and create its context (LAUNCH_START, RECEIVE_START); its handle.
+
+    ``share`` non-zero: use that guest's VEK, if both policies are identical and allow key sharing
+    (POLICY_FAILURE otherwise).  An ES policy needs SEV-ES enabled by INIT (UNSUPPORTED).  Every check
+    comes before any change.  Without owner ``keys`` the channel is closed (all-zero TEK/TIK).
+    """
+    check_policy(fw, policy)
     shared = None
-    if cmd.handle:
-        shared = fw.guest(cmd.handle)
-        if shared.policy != cmd.policy or shared.noks:
+    if share:
+        shared = fw.guest(share)
+        if shared.policy != policy or shared.noks:
             raise FirmwareError(Status.POLICY_FAILURE, "key sharing needs identical policies without NOKS")
-    es = bool(cmd.policy & GuestPolicy.ES)
+    es = bool(policy & GuestPolicy.ES)
     if es and not fw.config_es:
         raise FirmwareError(Status.UNSUPPORTED, "policy requires SEV-ES, which INIT did not enable")
     vek = shared.vek if shared is not None else fw.new_key()
@@ -157,14 +163,22 @@ def launch_start(fw: Firmware, cmd: LaunchStartCmd) -> LaunchStartCmd:
     fw.next_handle += 1
     fw.guests[handle] = GuestContext(
         handle=handle,
-        policy=cmd.policy,
+        policy=policy,
         vek=vek,
         tek=keys.tek if keys is not None else CLOSED_KEY,
         tik=keys.tik if keys is not None else CLOSED_KEY,
+        state=state,
         es=es,
-        session=keys is not None,
+        session=keys is not None and state is GuestState.LUPDATE,
     )
     fw.state = PlatformState.WORKING
+    return handle
+
+
+@command(CommandId.LAUNCH_START, READY)
+def launch_start(fw: Firmware, cmd: LaunchStartCmd) -> LaunchStartCmd:
+    keys = session.open_launch_session(fw, cmd) if cmd.dh_cert_paddr else None
+    handle = create_guest(fw, cmd.handle, cmd.policy, keys, GuestState.LUPDATE)
     return LaunchStartCmd(handle=handle, policy=cmd.policy, dh_cert_paddr=cmd.dh_cert_paddr,
                           dh_cert_len=cmd.dh_cert_len, session_paddr=cmd.session_paddr,
                           session_len=cmd.session_len)

@@ -123,7 +123,7 @@ from sevemu.abi.sev import (
     SessionBuf,
     TransportCmd,
 )
-from sevemu.abi.states import GuestState, PlatformState
+from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
 from sevemu.certs.amd import MODULUS_SIZES
 from sevemu.certs.chain import PlatformChain, SevCertChain
@@ -142,8 +142,8 @@ from sevemu.errors import FirmwareError, InputError
 from sevemu.firmware.dispatcher import READY, Firmware, Reply, command
 from sevemu.firmware.gctx import CLOSED_KEY, GuestContext
 from sevemu.firmware.sev.launch import (
-    check_policy,
     check_range,
+    create_guest,
     evict_host_lines,
     need_active,
     need_state,
@@ -426,21 +426,7 @@ def _open_receive_session(fw: Firmware, cmd: ReceiveStartCmd) -> TransportKeys:
 @command(CommandId.RECEIVE_START, READY)
 def receive_start(fw: Firmware, cmd: ReceiveStartCmd) -> ReceiveStartCmd:
     keys = _open_receive_session(fw, cmd)
-    check_policy(fw, cmd.policy)
-    shared = None
-    if cmd.handle:
-        shared = fw.guest(cmd.handle)
-        if shared.policy != cmd.policy or shared.policy & GuestPolicy.NOKS:
-            raise FirmwareError(Status.POLICY_FAILURE, "key sharing needs identical policies without NOKS")
-    es = bool(cmd.policy & GuestPolicy.ES)
-    if es and not fw.config_es:
-        raise FirmwareError(Status.UNSUPPORTED, "policy requires SEV-ES, which INIT did not enable")
-    vek = shared.vek if shared is not None else fw.new_key()
-    handle = fw.next_handle
-    fw.next_handle += 1
-    fw.guests[handle] = GuestContext(handle=handle, policy=cmd.policy, vek=vek, tek=keys.tek, tik=keys.tik,
-                                     state=GuestState.RUPDATE, es=es)
-    fw.state = PlatformState.WORKING
+    handle = create_guest(fw, cmd.handle, cmd.policy, keys, GuestState.RUPDATE)
     return replace(cmd, handle=handle)
 
 
