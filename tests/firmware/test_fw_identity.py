@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
+from fwkit import call, ok
 
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage, SigAlgo
 from sevemu.abi.commands import CommandId
@@ -59,15 +60,8 @@ def m(tmp_path: Path) -> Machine:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def call(m: Machine, cmd: CommandId, buf: object | None = None) -> tuple[int, bytes]:
-    raw = None if buf is None else buf.encode()  # type: ignore[attr-defined]
-    return m.hv.psp.raw(cmd, raw)
 
 
-def ok(m: Machine, cmd: CommandId, buf: object | None = None) -> bytes:
-    status, out = call(m, cmd, buf)
-    assert status == Status.SUCCESS, Status(status).name
-    return out
 
 
 def spa(m: Machine, off: int) -> int:

@@ -6,6 +6,7 @@ import copy
 import hashlib
 
 import pytest
+from fwkit import call, ok
 
 from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy, compose_policy
@@ -32,15 +33,8 @@ def m() -> Machine:
     return build_machine("milan", seed="fw-tests", dram_size=8 << 30, init=False)
 
 
-def call(m: Machine, cmd: CommandId, buf: object | None) -> tuple[int, bytes]:
-    raw = None if buf is None else buf.encode()  # type: ignore[attr-defined]
-    return m.hv.psp.raw(cmd, raw)
 
 
-def ok(m: Machine, cmd: CommandId, buf: object | None = None) -> bytes:
-    status, out = call(m, cmd, buf)
-    assert status == Status.SUCCESS, Status(status).name
-    return out
 
 
 def snapshot(m: Machine) -> object:

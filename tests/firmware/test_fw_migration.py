@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from fwkit import call, ok, put
 
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage, SigAlgo
 from sevemu.abi.commands import CommandId
@@ -83,20 +84,10 @@ def dst() -> Machine:
     return machine("mig-dst")
 
 
-def call(m: Machine, cmd: CommandId, buf: Any) -> tuple[int, bytes]:
-    return m.hv.psp.raw(cmd, None if buf is None else buf.encode())
 
 
-def ok(m: Machine, cmd: CommandId, buf: Any = None) -> bytes:
-    status, out = call(m, cmd, buf)
-    assert status == Status.SUCCESS, Status(status).name
-    return out
 
 
-def put(m: Machine, spa: int, data: bytes) -> None:
-    m.hv.core.host_write(spa, data)
-    for line in range(spa & ~63, spa + len(data), 64):
-        m.hv.core.clflush(line)
 
 
 def get(m: Machine, spa: int, length: int) -> bytes:

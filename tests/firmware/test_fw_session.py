@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from fwkit import call, ok, put
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,21 +83,10 @@ def m() -> Machine:
 
 
 # ---- mailbox helpers -------------------------------------------------------------------------
-def call(m: Machine, cmd: CommandId, buf: Any) -> tuple[int, bytes]:
-    return m.hv.psp.raw(cmd, None if buf is None else buf.encode())
 
 
-def ok(m: Machine, cmd: CommandId, buf: Any = None) -> bytes:
-    status, out = call(m, cmd, buf)
-    assert status == Status.SUCCESS, Status(status).name
-    return out
 
 
-def put(m: Machine, spa: int, data: bytes) -> None:
-    """Host write, then CLFLUSH (what KVM does before handing memory to the firmware)."""
-    m.hv.core.host_write(spa, data)
-    for line in range(spa & ~63, spa + len(data), 64):
-        m.hv.core.clflush(line)
 
 
 def cbit(m: Machine) -> int:
