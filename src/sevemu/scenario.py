@@ -201,7 +201,7 @@ def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 25
     if temporary:  # the chip's directory lives as long as its firmware
         weakref.finalize(firmware, shutil.rmtree, path, True)
     soc.psp.install(firmware)
-    hv = Hypervisor(soc)
+    hv = Hypervisor(soc.host_view())
     if init:
         hv.platform_init(es=es)
     return Machine(soc, firmware, hv, path, amd_root)

@@ -226,7 +226,7 @@ def _platform_pdh(rig: Rig) -> ec.EllipticCurvePublicKey:
 def build_rig(name: str, seed: int) -> Rig:
     es = name == "es_lupdate"
     m = build_machine("milan", seed=f"fuzz-{name}-{seed}", dram_size=DRAM, cache_size=64 << 10, init=False)
-    hv = Hypervisor(m.soc, host_reserved=HOST_RESERVED)
+    hv = Hypervisor(m.soc.host_view(), host_reserved=HOST_RESERVED)
     rig = Rig(name, m, hv)
     if name != "uninit":
         hv.platform_init(es=es)

@@ -320,8 +320,8 @@ class Core:
                 return True
             if vmcb.sev_es_enable != (vmcb.asid < self.profile.min_sev_asid):
                 return True
-            if not self.mc.has_key(vmcb.asid):
-                return True
+            if not self.mc.asid_valid(vmcb.asid):
+                return True  # no key, or the PSP marked the ASID invalid (DEACTIVATE, SHUTDOWN)
         return False
 
     @staticmethod

@@ -56,6 +56,10 @@ class MemoryController:
         self.max_asid = max_asid
         self._pages = dram.pages_dict()  # the line path reads DRAM's page store directly
         self._slots: dict[int, MemoryCipher] = {}
+        self._valid: set[int] = set()
+        """ASIDs VMRUN accepts for an SEV guest: loaded by the PSP and not marked invalid since
+        (AMD's firmware marks an ASID invalid at DEACTIVATE, SHUTDOWN and INIT; the key stays in the
+        slot so that the ASID's dirty lines can still be written back)."""
         # per-slot specialised line functions (the cache's fill and write-back path)
         self._line_enc: dict[int, Callable[[int, bytes | bytearray], bytes]] = {}
         self._line_dec: dict[int, Callable[[int, bytes | bytearray], bytes]] = {}
@@ -81,6 +85,7 @@ class MemoryController:
         self.readers[(asid << 1) | 1] = cipher.line_reader(self._pages)
 
     def _remove(self, asid: int) -> None:
+        self._valid.discard(asid)
         self._slots.pop(asid, None)
         self._line_enc.pop(asid, None)
         self._line_dec.pop(asid, None)
@@ -88,6 +93,10 @@ class MemoryController:
 
     def has_key(self, asid: int) -> bool:
         return asid in self._slots
+
+    def asid_valid(self, asid: int) -> bool:
+        """Whether VMRUN may run an SEV guest on ``asid`` (its key loaded and not invalidated)."""
+        return asid in self._valid
 
     def _cipher(self, asid: int) -> MemoryCipher:
         cipher = self._slots.get(asid)
@@ -165,6 +174,16 @@ class KeySlotPort:
         if len(key) != mc.mode.key_size:
             raise KeySizeError(f"{mc.mode.value} keys are {mc.mode.key_size} bytes, got {len(key)}")
         mc._install(asid, MemoryCipher(mc.mode, bytes(key), mc.tweaks))
+        mc._valid.add(asid)
+
+    def invalidate(self, asid: int) -> None:
+        """Mark ``asid`` invalid for VMRUN (DEACTIVATE, SHUTDOWN, INIT); the key stays loaded, so
+        lines of that ASID still in the caches are written back encrypted as before."""
+        self._mc._valid.discard(asid)
+
+    def valid(self, asid: int) -> bool:
+        """Whether ``asid`` is loaded and valid for VMRUN."""
+        return self._mc.asid_valid(asid)
 
     def clear(self, asid: int) -> None:
         """Remove the key of ``asid`` (the slot reads as empty afterwards)."""

@@ -12,8 +12,9 @@ Wiring order (each part only sees what it is handed):
    of memory, the WBINVD epoch signal and the TRNG.  The firmware is installed later by the
    composition root (:mod:`sevemu.scenario`), which takes the PSP's ports for it.
 
-The host side (the hypervisor) gets the :class:`Soc` object: cores, the PSP's MMIO registers, CPUID and
-MSRs.  It never gets the key-slot port.
+The host side (the hypervisor) gets :meth:`Soc.host_view` (:mod:`sevemu.hw.host`): host operations on
+the cores, the PSP's mailbox registers, CPUID and MSRs.  It never gets the key-slot port, the PSP's
+DMA view or the memory controller.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sevemu.errors import InputError
 from sevemu.hw.cache import Cache
 from sevemu.hw.cpu import Core
 from sevemu.hw.dram import Dram
+from sevemu.hw.host import HostSoc
 from sevemu.hw.memctl import MemoryController
 from sevemu.hw.mmu import Mmu
 from sevemu.hw.profiles import CpuProfile
@@ -84,6 +86,10 @@ class Soc:
             trng=rng,
         ))
         self._msrs: dict[int, int] = {int(Msr.SYSCFG): _SYSCFG_MEM_ENCRYPTION_MOD_EN}
+
+    def host_view(self) -> HostSoc:
+        """What host software may use (:mod:`sevemu.hw.host`): the hypervisor's handle."""
+        return HostSoc(self)
 
     @property
     def boot_cpu(self) -> Core:

@@ -57,7 +57,7 @@ from sevemu.abi.sev import (
 from sevemu.abi.status import Status, status_name
 from sevemu.errors import AsidError, InputError, MailboxError, VmError
 from sevemu.hw.cpu import Engine
-from sevemu.hw.soc import Soc
+from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.psp import PspDriver
@@ -87,16 +87,16 @@ class RunResult:
 class Hypervisor:
     """A KVM-like host running on core 0 of ``soc``."""
 
-    def __init__(self, soc: Soc, host_reserved: int = 256 * MiB) -> None:
-        self.soc = soc
+    def __init__(self, soc: HostSoc, host_reserved: int = 256 * MiB) -> None:
+        self.soc = soc  # the host's view only (sevemu.hw.host): no key ports, no decrypting reads
         self.core = soc.boot_cpu
         p = soc.profile
         # host layout: [1 MiB, 2 MiB) PSP buffers, [2 MiB, 4 MiB) TMR, [4 MiB, reserved) tables
-        self.psp = PspDriver(self.core, soc.psp, buffer_spa=1 * MiB, data_spa=1 * MiB + PAGE,
+        self.psp = PspDriver(self.core, soc.mailbox, buffer_spa=1 * MiB, data_spa=1 * MiB + PAGE,
                              data_len=1 * MiB - PAGE)
         self.tmr_spa = 2 * MiB
         self.tables = PageAllocator(self.core, 4 * MiB, host_reserved)
-        self.pages = PageAllocator(self.core, host_reserved, soc.dram.size)
+        self.pages = PageAllocator(self.core, host_reserved, soc.dram_size)
         self.vms: list[Vm] = []
         self._sev_free = list(p.sev_asids())
         self._es_free = list(p.es_asids())
@@ -145,8 +145,8 @@ class Hypervisor:
         """A new VM of ``memory`` bytes (a positive multiple of 4 KiB); memory is backed on demand."""
         if memory <= 0 or memory % PAGE:
             raise InputError(f"VM memory must be a positive multiple of 4 KiB, got {memory:#x}")
-        if memory > self.soc.dram.size:
-            raise InputError(f"VM memory {memory:#x} exceeds the host's {self.soc.dram.size:#x} bytes of DRAM")
+        if memory > self.soc.dram_size:
+            raise InputError(f"VM memory {memory:#x} exceeds the host's {self.soc.dram_size:#x} bytes of DRAM")
         asid = self._alloc_asid(kind)
         vm = Vm(name, kind, memory, asid, self.core, self.pages, self.tables)
         self.vms.append(vm)

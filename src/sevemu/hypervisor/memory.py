@@ -10,7 +10,7 @@ another guest's ciphertext in the clear -- nor its plaintext, which never reache
 from __future__ import annotations
 
 from sevemu.errors import HardwareError
-from sevemu.hw.cpu import Core
+from sevemu.hw.host import HostCore
 
 __all__ = ["PageAllocator"]
 
@@ -20,7 +20,7 @@ PAGE = 4096
 class PageAllocator:
     """Bump allocator with a free list over a range of system-physical pages."""
 
-    def __init__(self, core: Core, start: int, end: int) -> None:
+    def __init__(self, core: HostCore, start: int, end: int) -> None:
         self._core = core
         self._next = start
         self._end = end

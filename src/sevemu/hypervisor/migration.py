@@ -546,7 +546,7 @@ def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "
         pdh, chain = platform_certs(hv)
         chan.send(Hello(pdh, chain, bytes(amd_certs)))
         start = _expect(chan, Start)
-        limit = max_memory if max_memory is not None else hv.soc.dram.size
+        limit = max_memory if max_memory is not None else hv.soc.dram_size
         if start.memory <= 0 or start.memory % PAGE or start.memory > limit or not 0 < start.vcpus <= 64:
             raise ProtocolError(f"START asks for {start.memory:#x} bytes and {start.vcpus} vCPUs")
         vm = hv.create_vm(name, start.memory, VmKind.SEV)

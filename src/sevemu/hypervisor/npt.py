@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from sevemu.abi.paging import Pte
 from sevemu.errors import AddressError, AlignmentError
-from sevemu.hw.cpu import Core
+from sevemu.hw.host import HostCore
 from sevemu.hypervisor.memory import PageAllocator
 
 __all__ = ["NestedPageTable"]
@@ -26,7 +26,7 @@ _RW = int(Pte.RW)
 class NestedPageTable:
     """One VM's NPT."""
 
-    def __init__(self, core: Core, alloc: PageAllocator, gpa_limit: int) -> None:
+    def __init__(self, core: HostCore, alloc: PageAllocator, gpa_limit: int) -> None:
         self._core = core
         self._alloc = alloc
         self.gpa_limit = gpa_limit

@@ -16,8 +16,7 @@ from sevemu.abi.mailbox import MailboxReg, decode_status, encode_cmdresp, is_res
 from sevemu.abi.status import Status, status_name
 from sevemu.abi.struct import Struct
 from sevemu.errors import HardwareError, MailboxError
-from sevemu.hw.cpu import Core
-from sevemu.hw.psp import Psp
+from sevemu.hw.host import HostCore, PspMailbox
 
 __all__ = ["PspDriver"]
 
@@ -29,7 +28,7 @@ PAGE = 4096
 class PspDriver:
     """Host-side driver of the PSP mailbox (what Linux's ccp/sev-dev is)."""
 
-    def __init__(self, core: Core, psp: Psp, buffer_spa: int, data_spa: int, data_len: int) -> None:
+    def __init__(self, core: HostCore, psp: PspMailbox, buffer_spa: int, data_spa: int, data_len: int) -> None:
         self._core = core
         self._psp = psp
         self.buffer_spa = buffer_spa

@@ -13,7 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sevemu.errors import AddressError, UnmappedError
-from sevemu.hw.cpu import Core, Engine
+from sevemu.hw.cpu import Engine
+from sevemu.hw.host import HostCore
 from sevemu.hw.svm import Vmcb, VmExit
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.npt import NestedPageTable
@@ -52,7 +53,7 @@ class Vcpu:
 class Vm:
     """A guest: kind, ASID, NPT, firmware handle (SEV), vCPUs and the host-emulated serial console."""
 
-    def __init__(self, name: str, kind: VmKind, memory: int, asid: int, core: Core,
+    def __init__(self, name: str, kind: VmKind, memory: int, asid: int, core: HostCore,
                  alloc: PageAllocator, table_alloc: PageAllocator) -> None:
         if memory <= 0 or memory % PAGE:
             raise AddressError(f"VM memory must be a positive multiple of 4 KiB, got {memory:#x}")

@@ -59,6 +59,7 @@ def deactivate(fw: Firmware, cmd: HandleCmd) -> None:
         fw.asid_owner[asid] = sharers[0]
         return
     del fw.asid_owner[asid]
+    fw.ports.keys.invalidate(asid)  # VMRUN on it now fails; its lines still write back with the key
     fw.asid_deactivated[asid] = fw.ports.flush_epoch()
 
 

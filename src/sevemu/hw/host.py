@@ -1,0 +1,125 @@
+"""What x86 host software can do with the SoC: the hypervisor's only handle on the hardware.
+
+The host (the hypervisor and everything it links) runs on the cores at ASID 0.  It may read and
+write physical memory through its own cache domain, flush lines (CLFLUSH, WBINVD, VMPAGE_FLUSH),
+run guests with VMRUN on VMCBs it builds, execute CPUID and RDMSR, and talk to the Secure Processor
+through the mailbox registers.  It may not reach the memory controller's key-slot port, the PSP's
+DMA view, any other key domain's plaintext, or the PSP's firmware (see ``docs/threat-model.md``).
+
+:class:`HostSoc` and :class:`HostCore` expose exactly that and hold their parts privately, so the
+hypervisor is written against the host's interface and a test of a host attack can use nothing
+else.  (Python cannot enforce capability boundaries; the import contracts and these facades keep
+the model's code honest, and the attack tests are written against them.)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sevemu.hw.cpu import Core, Engine
+    from sevemu.hw.profiles import CpuProfile
+    from sevemu.hw.psp import Psp
+    from sevemu.hw.soc import Soc
+    from sevemu.hw.svm import Vmcb, VmExit
+
+__all__ = ["HostCore", "HostSoc", "PspMailbox"]
+
+
+class HostCore:
+    """One core as host software drives it (ASID 0)."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+
+    @property
+    def index(self) -> int:
+        return self._core.index
+
+    def host_read(self, spa: int, length: int, c: bool = False) -> bytes:
+        """A load by the host (C=1 selects the host's SME key)."""
+        return self._core.host_read(spa, length, c)
+
+    def host_write(self, spa: int, data: bytes | bytearray, c: bool = False) -> None:
+        """A store by the host (C=1 selects the host's SME key)."""
+        self._core.host_write(spa, data, c)
+
+    def host_read_stream(self, spa: int, length: int) -> bytes:
+        """Non-temporal loads of a large range (C=0)."""
+        return self._core.host_read_stream(spa, length)
+
+    def host_write_stream(self, spa: int, data: bytes | bytearray) -> None:
+        """Non-temporal stores of a large range (C=0)."""
+        self._core.host_write_stream(spa, data)
+
+    def clflush(self, spa: int, c: bool = False) -> None:
+        """CLFLUSH of the host's line (it cannot evict another ASID's line)."""
+        self._core.clflush(spa, c)
+
+    def clflush_range(self, spa: int, length: int, c: bool = False) -> None:
+        """CLFLUSH of every host line of a range."""
+        self._core.clflush_range(spa, length, c)
+
+    def wbinvd(self) -> int:
+        """WBINVD: write back and invalidate every line, whatever its ASID."""
+        return self._core.wbinvd()
+
+    def vmpage_flush(self, spa: int, asid: int) -> int:
+        """WRMSR VMPAGE_FLUSH: write back and invalidate one page's lines of ``asid``."""
+        return self._core.vmpage_flush(spa, asid)
+
+    def vmrun(self, vmcb: Vmcb, engine: Engine) -> VmExit:
+        """VMRUN the guest described by ``vmcb`` until #VMEXIT."""
+        return self._core.vmrun(vmcb, engine)
+
+
+class PspMailbox:
+    """The PSP's mailbox registers, the only part of the Secure Processor x86 software sees."""
+
+    __slots__ = ("_psp",)
+
+    def __init__(self, psp: Psp) -> None:
+        self._psp = psp
+
+    def mmio_read(self, offset: int) -> int:
+        return self._psp.mmio_read(offset)
+
+    def mmio_write(self, offset: int, value: int) -> None:
+        self._psp.mmio_write(offset, value)
+
+
+class HostSoc:
+    """The SoC as the host sees it (see the module docstring)."""
+
+    __slots__ = ("_soc", "cores", "mailbox")
+
+    def __init__(self, soc: Soc) -> None:
+        self._soc = soc
+        self.cores: tuple[HostCore, ...] = tuple(HostCore(c) for c in soc.cores)
+        self.mailbox = PspMailbox(soc.psp)
+
+    @property
+    def profile(self) -> CpuProfile:
+        """The CPU model (what CPUID and the product name tell software)."""
+        return self._soc.profile
+
+    @property
+    def boot_cpu(self) -> HostCore:
+        return self.cores[0]
+
+    @property
+    def dram_size(self) -> int:
+        """Bytes of installed DRAM (what the firmware's memory map tells the host)."""
+        return self._soc.dram.size
+
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        return self._soc.cpuid(leaf, subleaf)
+
+    def rdmsr(self, msr: int) -> int:
+        return self._soc.rdmsr(msr)
+
+    def wbinvd_all(self) -> int:
+        """WBINVD on every core."""
+        return self._soc.wbinvd_all()
