@@ -19,7 +19,6 @@ the public exponent, the modulus and the signature, whose widths come from the h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
 
 from sevemu.abi.struct import Struct, layout, raw, u8, u32
@@ -94,7 +93,6 @@ SEV_RSA_MAX_BYTES = 0x200
 
 
 @layout(size=SEV_CERT_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevCertLayout(Struct):
     """``sev_cert`` (0x824 bytes); bytes 0x006..0x007 are reserved."""
 
@@ -113,7 +111,6 @@ class SevCertLayout(Struct):
 
 
 @layout(size=SEV_PUBKEY_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevRsaPubKey(Struct):
     """RSA member of the ``pub_key`` union: sizes in bits, exponent and modulus little-endian."""
 
@@ -123,7 +120,6 @@ class SevRsaPubKey(Struct):
 
 
 @layout(size=SEV_PUBKEY_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevEcPubKey(Struct):
     """ECDSA/ECDH member of the ``pub_key`` union; bytes 0x94..0x403 must be zero."""
 
@@ -133,7 +129,6 @@ class SevEcPubKey(Struct):
 
 
 @layout(size=SEV_SIG_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevRsaSig(Struct):
     """RSA member of the signature union: the signature, little-endian, in the low bytes."""
 
@@ -141,7 +136,6 @@ class SevRsaSig(Struct):
 
 
 @layout(size=SEV_SIG_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevEcdsaSig(Struct):
     """ECDSA member of the signature union; bytes 0x90..0x1FF must be zero."""
 
@@ -154,7 +148,6 @@ AMD_CERT_VERSION = 1
 
 
 @layout(size=AMD_CERT_HEADER_SIZE)
-@dataclass(frozen=True, slots=True)
 class AmdCertHeader(Struct):
     """Fixed part of ``amd_cert`` (reference 1.8); bytes 0x28..0x37 are reserved.
 

@@ -27,7 +27,6 @@ Decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntFlag
 from typing import Final
 
@@ -127,7 +126,6 @@ GET_ID_ENTRY_LEN: Final = 0x40
 
 
 @layout(size=0x14)
-@dataclass(frozen=True, slots=True)
 class InitCmd(Struct):
     """INIT (0x01)."""
 
@@ -137,7 +135,6 @@ class InitCmd(Struct):
 
 
 @layout(size=0x24)
-@dataclass(frozen=True, slots=True)
 class InitExCmd(Struct):
     """INIT_EX (0x0D); ``length`` must be 0x24."""
 
@@ -150,7 +147,6 @@ class InitExCmd(Struct):
 
 
 @layout(size=0x0C)
-@dataclass(frozen=True, slots=True)
 class PlatformStatus(Struct):
     """PLATFORM_STATUS (0x04) output; see the module docstring for owner/config/build."""
 
@@ -164,7 +160,6 @@ class PlatformStatus(Struct):
 
 
 @layout(size=0x0C)
-@dataclass(frozen=True, slots=True)
 class PekCsrCmd(Struct):
     """PEK_CSR (0x06); ``csr_len`` is written back (0x824) on INVALID_LENGTH."""
 
@@ -173,7 +168,6 @@ class PekCsrCmd(Struct):
 
 
 @layout(size=0x1C)
-@dataclass(frozen=True, slots=True)
 class PekCertImportCmd(Struct):
     """PEK_CERT_IMPORT (0x07)."""
 
@@ -184,7 +178,6 @@ class PekCertImportCmd(Struct):
 
 
 @layout(size=0x1C)
-@dataclass(frozen=True, slots=True)
 class PdhCertExportCmd(Struct):
     """PDH_CERT_EXPORT (0x08); certs = PEK || OCA || CEK (3 x 0x824)."""
 
@@ -195,7 +188,6 @@ class PdhCertExportCmd(Struct):
 
 
 @layout(size=0x0C)
-@dataclass(frozen=True, slots=True)
 class DownloadFirmwareCmd(Struct):
     """DOWNLOAD_FIRMWARE (0x0B)."""
 
@@ -204,7 +196,6 @@ class DownloadFirmwareCmd(Struct):
 
 
 @layout(size=0x0C)
-@dataclass(frozen=True, slots=True)
 class GetIdCmd(Struct):
     """GET_ID (0x0C); the output is one :class:`GetIdEntry` per socket."""
 
@@ -216,7 +207,6 @@ class GetIdCmd(Struct):
 
 
 @layout(size=0x04)
-@dataclass(frozen=True, slots=True)
 class HandleCmd(Struct):
     """The handle-only buffer of DECOMMISSION, DEACTIVATE, LAUNCH_FINISH, SEND_FINISH, SEND_CANCEL
     and RECEIVE_FINISH."""
@@ -233,7 +223,6 @@ ReceiveFinishCmd = HandleCmd
 
 
 @layout(size=0x08)
-@dataclass(frozen=True, slots=True)
 class ActivateCmd(Struct):
     """ACTIVATE (0x21)."""
 
@@ -242,7 +231,6 @@ class ActivateCmd(Struct):
 
 
 @layout(size=0x0D)
-@dataclass(frozen=True, slots=True)
 class GuestStatusCmd(Struct):
     """GUEST_STATUS (0x23): ``handle`` in; ``policy``, ``asid``, ``state`` out."""
 
@@ -253,7 +241,6 @@ class GuestStatusCmd(Struct):
 
 
 @layout(size=0x18)
-@dataclass(frozen=True, slots=True)
 class CopyCmd(Struct):
     """COPY (0x24), AF ``sev_mcmd_copy``."""
 
@@ -264,7 +251,6 @@ class CopyCmd(Struct):
 
 
 @layout(size=0x18)
-@dataclass(frozen=True, slots=True)
 class ActivateExCmd(Struct):
     """ACTIVATE_EX (0x25), AF ``sev_mcmd_activate_ex``; ``ex_len`` is 0x18."""
 
@@ -279,7 +265,6 @@ class ActivateExCmd(Struct):
 
 
 @layout(size=0x24)
-@dataclass(frozen=True, slots=True)
 class LaunchStartCmd(Struct):
     """LAUNCH_START (0x30): ``handle`` 0 = new key, else share that guest's; new handle out."""
 
@@ -292,7 +277,6 @@ class LaunchStartCmd(Struct):
 
 
 @layout(size=0x14)
-@dataclass(frozen=True, slots=True)
 class LaunchUpdateDataCmd(Struct):
     """LAUNCH_UPDATE_DATA (0x31), also LAUNCH_UPDATE_VMSA (0x32) and LAUNCH_MEASURE (0x33)."""
 
@@ -306,7 +290,6 @@ LaunchMeasureCmd = LaunchUpdateDataCmd
 
 
 @layout(size=0x34)
-@dataclass(frozen=True, slots=True)
 class TransportCmd(Struct):
     """LAUNCH_SECRET (0x34), SEND_UPDATE_DATA/VMSA (0x41/0x42), RECEIVE_UPDATE_DATA/VMSA
     (0x51/0x52): header (:class:`HdrBuf`), guest region and transport buffer."""
@@ -328,7 +311,6 @@ ReceiveUpdateVmsaCmd = TransportCmd
 
 
 @layout(size=0x24)
-@dataclass(frozen=True, slots=True)
 class AttestationCmd(Struct):
     """ATTESTATION (0x36); the report is a :class:`LegacyAttestationReport`."""
 
@@ -342,7 +324,6 @@ class AttestationCmd(Struct):
 
 
 @layout(size=0x44)
-@dataclass(frozen=True, slots=True)
 class SendStartCmd(Struct):
     """SEND_START (0x40): target PDH, target PEK||OCA||CEK, ASK||ARK; policy and session out."""
 
@@ -359,7 +340,6 @@ class SendStartCmd(Struct):
 
 
 @layout(size=0x24)
-@dataclass(frozen=True, slots=True)
 class ReceiveStartCmd(Struct):
     """RECEIVE_START (0x50): the source platform's PDH and the session; new handle out."""
 
@@ -375,7 +355,6 @@ class ReceiveStartCmd(Struct):
 
 
 @layout(size=0x1C)
-@dataclass(frozen=True, slots=True)
 class DbgCmd(Struct):
     """DBG_DECRYPT (0x60) / DBG_ENCRYPT (0x61); 16-byte granularity."""
 
@@ -389,7 +368,6 @@ class DbgCmd(Struct):
 
 
 @layout(size=0x80)
-@dataclass(frozen=True, slots=True)
 class SessionBuf(Struct):
     """Session data of LAUNCH_START (in), SEND_START (out), RECEIVE_START (in) (§1.9)."""
 
@@ -401,7 +379,6 @@ class SessionBuf(Struct):
 
 
 @layout(size=0x30)
-@dataclass(frozen=True, slots=True)
 class MeasureBuf(Struct):
     """LAUNCH_MEASURE output (§1.10)."""
 
@@ -410,7 +387,6 @@ class MeasureBuf(Struct):
 
 
 @layout(size=0x34)
-@dataclass(frozen=True, slots=True)
 class HdrBuf(Struct):
     """Packet header of LAUNCH_SECRET and SEND/RECEIVE_UPDATE_* (§1.11, §1.13)."""
 
@@ -420,7 +396,6 @@ class HdrBuf(Struct):
 
 
 @layout(size=0xD0)
-@dataclass(frozen=True, slots=True)
 class LegacyAttestationReport(Struct):
     """ATTESTATION output (§1.12); PEK signs bytes [0x00, 0x34) with ECDSA P-384 / SHA-256.
 
@@ -436,7 +411,6 @@ class LegacyAttestationReport(Struct):
 
 
 @layout(size=GET_ID_ENTRY_LEN)
-@dataclass(frozen=True, slots=True)
 class GetIdEntry(Struct):
     """One socket's entry of the GET_ID output (the chip ID used by AMD's KDS for the CEK)."""
 

@@ -12,8 +12,6 @@ reference was checked against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from sevemu.abi.struct import Struct, layout, raw, u8, u16, u32, u64
 
 __all__ = [
@@ -35,7 +33,6 @@ SEGMENT_REGISTERS = ("es", "cs", "ss", "ds", "fs", "gs", "gdtr", "ldtr", "idtr",
 
 
 @layout(size=0x10)
-@dataclass(frozen=True, slots=True)
 class VmcbSeg(Struct):
     """``struct vmcb_seg``: one segment register as the VMCB/VMSA stores it."""
 
@@ -46,7 +43,6 @@ class VmcbSeg(Struct):
 
 
 @layout(size=VMSA_PAGE_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevEsSaveArea(Struct):
     """The VMSA page (``struct sev_es_save_area`` followed by reserved bytes up to 4 KiB)."""
 
