@@ -320,7 +320,7 @@ class _Plan:
         self.reserved_zero: tuple[bytes, ...] = ()
         self.args: Callable[[Any], tuple[Any, ...]] = _tuple_getter(())  # unpacked -> ctor order
         self.attrs: Callable[[Any], tuple[Any, ...]] = _attr_getter(())  # object -> pack order
-        self.raw_checks: tuple[tuple[int, int, str], ...] = ()  # (pack index, size, name)
+        self.raw_checks: tuple[tuple[int, int, str], ...] = ()  # (pack index, size, where)
         self.mbz_mask = 0
         self.ignored_mask = 0
 
@@ -498,6 +498,8 @@ class Struct:
     def decode(cls, buf: bytes | bytearray | memoryview) -> Self:
         """Decode exactly ``SIZE`` bytes; reserved bytes (bits) must be zero."""
         p = cls._PLAN
+        if not isinstance(buf, (bytes, bytearray, memoryview)):
+            raise LayoutError(f"{p.name}: expected a bytes-like buffer, got {type(buf).__name__}")
         if len(buf) != p.size:
             raise LayoutError(f"{p.name}: expected {p.size:#x} bytes, got {len(buf):#x}")
         if p.flat:
@@ -534,10 +536,10 @@ class Struct:
         p = self._PLAN
         if p.flat:
             vals = p.attrs(self)
-            for index, size, fname in p.raw_checks:
+            for index, size, where in p.raw_checks:
                 v = vals[index]
                 if not isinstance(v, (bytes, bytearray)) or len(v) != size:
-                    raise LayoutError(f"{p.name}.{fname}: expected {size} bytes, got {_describe(v)}")
+                    raise LayoutError(f"{where}: expected {size} bytes, got {_describe(v)}")
             try:
                 return p.epack(*vals)
             except _struct.error:
@@ -699,7 +701,7 @@ def _compile_bytes(plan: _Plan, fields: list[_Field], ctor_order: list[str],
             efmt.append(code)
             at.index = index
             if at.kind == BYTES:
-                raw_checks.append((len(pack_names), at.size, at.name))
+                raw_checks.append((len(pack_names), at.size, at.where(name)))
             pack_names.append(at.name)
             index += 1
             pos += at.size
