@@ -1,7 +1,7 @@
 """Legacy SEV API command buffers and the data structures they point to (SEV API spec 55766
-chapters 5-7; sev-reference.md §1.5, §1.9-§1.12).
+chapters 5-7, one section per command; Linux ``include/linux/psp-sev.h`` ``struct sev_data_*``).
 
-Every layout is little-endian and packed.  Offsets follow the reference table §1.5, cross-checked
+Every layout is little-endian and packed.  Offsets follow the SEV API section of each command, cross-checked
 with AMDESE/sev-tool ``sevapi.h``, Linux ``include/linux/psp-sev.h`` and AMD's firmware source
 (amd/AMD-ASPFW ``sev_mcmd.h``, "AF" below).  Field names are the spec's in snake_case; where the
 sources disagree on a name the one AF uses is kept (e.g. LAUNCH_START ``dh_cert_paddr``, the GODH
@@ -18,7 +18,7 @@ Decisions:
 * SEND_UPDATE_VMSA uses the common transport layout with the reserved word at 04; Linux's
   ``sev_data_send_update_vmsa`` omits it, which sev-tool, AF and every other *_UPDATE buffer
   contradict.
-* COPY and ACTIVATE_EX (sev-tool/AF only, not in the reference table) are declared from AF.
+* COPY and ACTIVATE_EX (sev-tool/AF only, not in the SEV API tables) are declared from AF.
   RING_BUFFER, SWAP_OUT and SWAP_IN have no layout here; :data:`COMMAND_BUFFERS` leaves them out and
   :data:`COMMANDS_WITHOUT_BUFFER` lists the commands that take no buffer at all.
 * GET_ID writes one 64-byte ID per socket (:class:`GetIdEntry`); Linux's ``sev_user_data_get_id``
@@ -30,6 +30,7 @@ from __future__ import annotations
 from enum import IntFlag
 from typing import Final
 
+from sevemu._util.units import KiB, MiB
 from sevemu.abi.commands import CommandId
 from sevemu.abi.states import PlatformOwner
 from sevemu.abi.struct import Struct, layout, raw, u8, u16, u32, u64
@@ -106,7 +107,7 @@ class PlatformConfig(IntFlag):
 
 
 class HdrFlags(IntFlag):
-    """Packet header ``flags`` (§1.11, §1.13)."""
+    """Packet header ``flags`` (SEV API 55766, LAUNCH_SECRET and SEND_UPDATE_DATA)."""
 
     COMPRESSED = 1 << 0
 
@@ -114,10 +115,10 @@ class HdrFlags(IntFlag):
 LINUX_STATUS_FLAGS_OWNER: Final = 0x0001
 LINUX_STATUS_FLAGS_CONFIG_ES: Final = 0x0100  # Linux SEV_STATUS_FLAGS_CONFIG_ES
 
-SEV_TMR_LEN: Final = 1 << 20  # INIT.tmr_len for SEV-ES (1 MiB, 1 MiB aligned)
-SNP_TMR_LEN: Final = 2 << 20  # once SNP is initialised
+SEV_TMR_LEN: Final = MiB  # INIT.tmr_len for SEV-ES (1 MiB, 1 MiB aligned)
+SNP_TMR_LEN: Final = 2 * MiB  # once SNP is initialised
 INIT_EX_LENGTH: Final = 0x24
-INIT_EX_NV_LEN: Final = 32 << 10
+INIT_EX_NV_LEN: Final = 32 * KiB
 ACTIVATE_EX_LENGTH: Final = 0x18  # API 0.17
 GET_ID_ENTRY_LEN: Final = 0x40
 
@@ -369,7 +370,8 @@ class DbgCmd(Struct):
 
 @layout(size=0x80)
 class SessionBuf(Struct):
-    """Session data of LAUNCH_START (in), SEND_START (out), RECEIVE_START (in) (§1.9)."""
+    """Session data of LAUNCH_START (in), SEND_START (out), RECEIVE_START (in) (SEV API 55766,
+    LAUNCH_START; sev-tool ``src/commands.cpp`` ``build_session_buffer``)."""
 
     nonce: bytes = raw(0x00, 16)
     wrap_tk: bytes = raw(0x10, 32)  # AES-128-CTR(KEK, wrap_iv)(TEK || TIK)
@@ -380,7 +382,7 @@ class SessionBuf(Struct):
 
 @layout(size=0x30)
 class MeasureBuf(Struct):
-    """LAUNCH_MEASURE output (§1.10)."""
+    """LAUNCH_MEASURE output (SEV API 55766, LAUNCH_MEASURE)."""
 
     measure: bytes = raw(0x00, 32)
     mnonce: bytes = raw(0x20, 16)
@@ -388,7 +390,8 @@ class MeasureBuf(Struct):
 
 @layout(size=0x34)
 class HdrBuf(Struct):
-    """Packet header of LAUNCH_SECRET and SEND/RECEIVE_UPDATE_* (§1.11, §1.13)."""
+    """Packet header of LAUNCH_SECRET and SEND/RECEIVE_UPDATE_* (SEV API 55766, LAUNCH_SECRET;
+    sev-tool ``src/sevapi.h`` ``sev_hdr_buf``)."""
 
     flags: int = u32(0x00)
     iv: bytes = raw(0x04, 16)
@@ -397,7 +400,7 @@ class HdrBuf(Struct):
 
 @layout(size=0xD0)
 class LegacyAttestationReport(Struct):
-    """ATTESTATION output (§1.12); PEK signs bytes [0x00, 0x34) with ECDSA P-384 / SHA-256.
+    """ATTESTATION output (SEV API 55766, ATTESTATION; sev-tool ``attestation_report``); PEK signs bytes [0x00, 0x34) with ECDSA P-384 / SHA-256.
 
     ``sig1`` is r[72] || s[72], each little-endian and zero-padded.
     """

@@ -45,8 +45,9 @@ written as zeros.
 (wrong length, non-zero reserved bytes or bits, a field of a version the buffer does not have).
 ``encode`` raises it for a value that does not fit its field, its bit range or its array.
 
-Speed: each layout is compiled once into :mod:`struct` formats; a layout of plain integer and byte
-fields (every command buffer) decodes with one ``unpack`` and one comparison of its reserved bytes.
+Speed: each layout is compiled once into :mod:`struct` formats; decoding is one ``unpack``, one
+comparison of the reserved bytes and the dataclass constructor, plus per-field work only for nested,
+array and version-dependent fields; encoding is one ``pack``.
 """
 
 from __future__ import annotations
@@ -293,7 +294,6 @@ class _Plan:
         "dunpack",
         "epack",
         "fields",
-        "flat",
         "ignored_mask",
         "mbz_mask",
         "name",
@@ -302,6 +302,8 @@ class _Plan:
         "reserved_get",
         "reserved_zero",
         "size",
+        "special",
+        "special_pack",
         "version",
     )
 
@@ -311,7 +313,6 @@ class _Plan:
         self.fields: tuple[_Field, ...] = ()  # offset (bit) order
         self.by_name: dict[str, _Field] = {}
         self.bit_layout = False
-        self.flat = False
         self.version: _Field | None = None
         self.dunpack: Callable[[Any], tuple[Any, ...]] = _struct.Struct("<").unpack
         self.epack: Callable[..., bytes] = _struct.Struct("<").pack
@@ -321,6 +322,8 @@ class _Plan:
         self.args: Callable[[Any], tuple[Any, ...]] = _tuple_getter(())  # unpacked -> ctor order
         self.attrs: Callable[[Any], tuple[Any, ...]] = _attr_getter(())  # object -> pack order
         self.raw_checks: tuple[tuple[int, int, str], ...] = ()  # (pack index, size, where)
+        self.special: tuple[tuple[int, _Field], ...] = ()  # (ctor position, field) needing conversion
+        self.special_pack: tuple[tuple[int, _Field], ...] = ()  # (pack position, field)
         self.mbz_mask = 0
         self.ignored_mask = 0
 
@@ -358,32 +361,29 @@ class _Plan:
             args.append(bool(v) if f.is_bool else v)
         return cls(*self.args(args))
 
-    def decode_complex(self, cls: type[Struct], buf: bytes | bytearray | memoryview) -> Any:
-        vals = self.dunpack(buf)
-        if self.reserved_get(vals) != self.reserved_zero:
-            raise self.reserved_error(vals)
+    def decode_special(self, vals: tuple[Any, ...]) -> list[Any]:
+        """Constructor arguments when some fields are nested, arrays or version-dependent."""
+        args = list(self.args(vals))
         version = vals[self.version.index] if self.version is not None else 0
-        out: list[Any] = [None] * len(self.fields)
-        for i, f in enumerate(self.fields):
-            v = vals[f.index]
+        for pos, f in self.special:
+            v = args[pos]
             if f.since is not None and version < f.since:
                 if f.absent == "mbz" and (v if f.kind == INT else any(v)):
                     raise LayoutError(f"{f.where(self.name)}: field exists from version {f.since}; "
                                       f"version {version} requires zero bytes")
-                continue
-            if f.kind == NESTED:
+                args[pos] = None
+            elif f.kind == NESTED:
                 assert f.layout is not None
-                v = _decode_inner(f.layout, v, f.where(self.name))
+                args[pos] = _decode_inner(f.layout, v, f.where(self.name))
             elif f.kind == INTS:
                 assert f.elem is not None
-                v = f.elem.unpack(v)
+                args[pos] = f.elem.unpack(v)
             elif f.kind == STRUCTS:
                 assert f.layout is not None
                 n = f.elem_size
-                v = tuple(_decode_inner(f.layout, v[k * n : (k + 1) * n], f"{f.where(self.name)} [{k}]")
-                          for k in range(f.count))
-            out[i] = v
-        return cls(*self.args(out))
+                args[pos] = tuple(_decode_inner(f.layout, v[k * n : (k + 1) * n], f"{f.where(self.name)} [{k}]")
+                                  for k in range(f.count))
+        return args
 
     # ---- encode --------------------------------------------------------------------------------
 
@@ -442,8 +442,12 @@ class _Plan:
             value |= self.encode_field(f, getattr(obj, f.name), obj) << f.lo
         return value.to_bytes(self.size, "little")
 
-    def encode_complex(self, obj: Struct) -> bytes:
-        return self.epack(*[self.encode_field(f, getattr(obj, f.name), obj) for f in self.fields])
+    def encode_special(self, obj: Struct, vals: Sequence[Any]) -> list[Any]:
+        """Packable values when some fields are nested, arrays or version-dependent."""
+        out = list(vals)
+        for pos, f in self.special_pack:
+            out[pos] = self.encode_field(f, out[pos], obj)
+        return out
 
 
 def _describe(v: object) -> str:
@@ -502,16 +506,15 @@ class Struct:
             raise LayoutError(f"{p.name}: expected a bytes-like buffer, got {type(buf).__name__}")
         if len(buf) != p.size:
             raise LayoutError(f"{p.name}: expected {p.size:#x} bytes, got {len(buf):#x}")
-        if p.flat:
-            vals = p.dunpack(buf)
-            if p.reserved_get(vals) != p.reserved_zero:
-                raise p.reserved_error(vals)
-            return cls(*p.args(vals))
         if p.bit_layout:
             result: Self = p.decode_bits(cls, buf)
-        else:
-            result = p.decode_complex(cls, buf)
-        return result
+            return result
+        vals = p.dunpack(buf)
+        if p.reserved_get(vals) != p.reserved_zero:
+            raise p.reserved_error(vals)
+        if p.special:
+            return cls(*p.decode_special(vals))
+        return cls(*p.args(vals))
 
     @classmethod
     def decode_prefix(cls, buf: bytes | bytearray | memoryview) -> Self:
@@ -534,19 +537,19 @@ class Struct:
     def encode(self) -> bytes:
         """The ``SIZE``-byte encoding; reserved bytes (bits) are zero."""
         p = self._PLAN
-        if p.flat:
-            vals = p.attrs(self)
-            for index, size, where in p.raw_checks:
-                v = vals[index]
-                if not isinstance(v, (bytes, bytearray)) or len(v) != size:
-                    raise LayoutError(f"{where}: expected {size} bytes, got {_describe(v)}")
-            try:
-                return p.epack(*vals)
-            except _struct.error:
-                raise p.field_error(self) from None
         if p.bit_layout:
             return p.encode_bits(self)
-        return p.encode_complex(self)
+        vals: Sequence[Any] = p.attrs(self)
+        for index, size, where in p.raw_checks:
+            v = vals[index]
+            if not isinstance(v, (bytes, bytearray)) or len(v) != size:
+                raise LayoutError(f"{where}: expected {size} bytes, got {_describe(v)}")
+        if p.special_pack:
+            vals = p.encode_special(self, vals)
+        try:
+            return p.epack(*vals)
+        except _struct.error:
+            raise p.field_error(self) from None
 
     @classmethod
     def offset_of(cls, fname: str) -> int:
@@ -700,7 +703,7 @@ def _compile_bytes(plan: _Plan, fields: list[_Field], ctor_order: list[str],
             dfmt.append(code)
             efmt.append(code)
             at.index = index
-            if at.kind == BYTES:
+            if at.kind == BYTES and at.since is None:
                 raw_checks.append((len(pack_names), at.size, at.where(name)))
             pack_names.append(at.name)
             index += 1
@@ -726,14 +729,16 @@ def _compile_bytes(plan: _Plan, fields: list[_Field], ctor_order: list[str],
     plan.reserved = tuple(reserved)
     plan.reserved_get = _tuple_getter([r[0] for r in reserved])
     plan.reserved_zero = tuple(bytes(r[2]) for r in reserved)
-    plan.flat = all(f.kind in (INT, BYTES) and f.since is None for f in fields)
-    if plan.flat:
-        plan.args = _tuple_getter([plan.by_name[n].index for n in ctor_order])
-        plan.attrs = _attr_getter(pack_names)
-        plan.raw_checks = tuple(raw_checks)
-    else:
-        position = {f.name: i for i, f in enumerate(fields)}
-        plan.args = _tuple_getter([position[n] for n in ctor_order])
+    plan.args = _tuple_getter([plan.by_name[n].index for n in ctor_order])
+    plan.attrs = _attr_getter(pack_names)
+    plan.raw_checks = tuple(raw_checks)
+    plan.special = tuple((ctor_order.index(f.name), f) for f in fields if _is_special(f))
+    plan.special_pack = tuple((pack_names.index(f.name), f) for f in fields if _is_special(f))
+
+
+def _is_special(f: _Field) -> bool:
+    """Whether a byte-layout field needs conversion beyond what struct.unpack gives."""
+    return f.kind not in (INT, BYTES) or f.since is not None
 
 
 def _plan_of(cls: type[Struct]) -> _Plan:

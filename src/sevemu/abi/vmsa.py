@@ -1,4 +1,5 @@
-"""SEV-ES VM save area (VMSA), reference 2.2 (Linux ``struct sev_es_save_area``, APM Table B-4).
+"""SEV-ES VM save area (VMSA): APM2 15.35 and Appendix B (Table B-4), Linux
+``arch/x86/include/asm/svm.h`` ``struct sev_es_save_area``.
 
 The VMSA is one 4 KiB page; the architecturally defined part is the first 0x670 bytes, the rest of
 the page is reserved here.  Field names are Linux's verbatim.  The ten segment registers are each a
