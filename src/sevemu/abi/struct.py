@@ -255,7 +255,8 @@ class _Field:
         self.mask = (1 << (spec.hi - spec.lo + 1)) - 1
         self.index = -1  # position in the unpacked tuple
         self.elem: _struct.Struct | None = None
-        if spec.kind == INTS:
+        if spec.kind == INTS or (spec.kind == STRUCTS and spec.layout is not None
+                                 and spec.layout._PLAN.bit_layout and spec.elem_size in _INT_CODES):
             self.elem = _struct.Struct(f"<{spec.count}{_INT_CODES[spec.elem_size]}")
 
     def where(self, owner: str) -> str:
@@ -289,6 +290,7 @@ class _Plan:
     __slots__ = (
         "args",
         "attrs",
+        "bit_fields",
         "bit_layout",
         "by_name",
         "dunpack",
@@ -326,6 +328,7 @@ class _Plan:
         self.special_pack: tuple[tuple[int, _Field], ...] = ()  # (pack position, field)
         self.mbz_mask = 0
         self.ignored_mask = 0
+        self.bit_fields: tuple[tuple[str, int, int, bool], ...] = ()  # bit layouts: (name, lo, mask, bool)
 
     # ---- errors --------------------------------------------------------------------------------
 
@@ -352,14 +355,31 @@ class _Plan:
     # ---- decode --------------------------------------------------------------------------------
 
     def decode_bits(self, cls: type[Struct], buf: bytes | bytearray | memoryview) -> Any:
-        value = int.from_bytes(buf, "little")
+        return self.from_value(cls, int.from_bytes(buf, "little"))
+
+    def from_value(self, cls: type[Struct], value: int) -> Any:
+        """A bit layout's instance from its integer value."""
         if value & self.mbz_mask:
             raise self.bits_error(value)
-        args = []
-        for f in self.fields:
-            v = (value >> f.lo) & f.mask
-            args.append(bool(v) if f.is_bool else v)
+        args = [bool(value >> lo & mask) if is_bool else value >> lo & mask
+                for _, lo, mask, is_bool in self.bit_fields]
         return cls(*self.args(args))
+
+    def to_value(self, obj: Struct) -> int:
+        """A bit layout instance's integer value (LayoutError for a field that does not fit)."""
+        value = 0
+        for name, lo, mask, _ in self.bit_fields:
+            v = getattr(obj, name)
+            if type(v) not in (int, bool) or not 0 <= v <= mask:
+                return self._to_value_checked(obj)
+            value |= v << lo
+        return value
+
+    def _to_value_checked(self, obj: Struct) -> int:
+        value = 0
+        for f in self.fields:
+            value |= self.encode_field(f, getattr(obj, f.name), obj) << f.lo
+        return value
 
     def decode_special(self, vals: tuple[Any, ...]) -> list[Any]:
         """Constructor arguments when some fields are nested, arrays or version-dependent."""
@@ -378,6 +398,16 @@ class _Plan:
             elif f.kind == INTS:
                 assert f.elem is not None
                 args[pos] = f.elem.unpack(v)
+            elif f.kind == STRUCTS and f.elem is not None:  # an array of bit layouts: unpack as ints
+                assert f.layout is not None
+                plan, where = f.layout._PLAN, f.where(self.name)
+                items = []
+                for k, value in enumerate(f.elem.unpack(v)):
+                    try:
+                        items.append(plan.from_value(f.layout, value))
+                    except LayoutError as exc:
+                        raise LayoutError(f"{where} [{k}]: {exc}") from None
+                args[pos] = tuple(items)
             elif f.kind == STRUCTS:
                 assert f.layout is not None
                 n = f.elem_size
@@ -425,6 +455,12 @@ class _Plan:
             assert f.layout is not None
             if not isinstance(v, (tuple, list)) or len(v) != f.count:
                 raise LayoutError(f"{where}: expected {f.count} elements, got {_describe(v)}")
+            if f.elem is not None and all(type(e) is f.layout for e in v):  # bit layouts: pack ints
+                plan = f.layout._PLAN
+                try:
+                    return f.elem.pack(*[plan.to_value(e) for e in v])
+                except LayoutError:
+                    pass  # name the element below
             parts = []
             for k, e in enumerate(v):
                 if not isinstance(e, f.layout):
@@ -437,10 +473,7 @@ class _Plan:
         return int(v)
 
     def encode_bits(self, obj: Struct) -> bytes:
-        value = 0
-        for f in self.fields:
-            value |= self.encode_field(f, getattr(obj, f.name), obj) << f.lo
-        return value.to_bytes(self.size, "little")
+        return self.to_value(obj).to_bytes(self.size, "little")
 
     def encode_special(self, obj: Struct, vals: Sequence[Any]) -> list[Any]:
         """Packable values when some fields are nested, arrays or version-dependent."""
@@ -655,6 +688,7 @@ def _compile_bits(plan: _Plan, fields: list[_Field], ctor_order: list[str],
     fields.sort(key=lambda f: f.lo)
     plan.fields = tuple(fields)
     plan.bit_layout = True
+    plan.bit_fields = tuple((f.name, f.lo, f.mask, f.is_bool) for f in fields)
     plan.ignored_mask = ignored_mask
     plan.mbz_mask = ((1 << width) - 1) & ~covered & ~ignored_mask
     position = {f.name: i for i, f in enumerate(fields)}
