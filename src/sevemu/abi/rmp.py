@@ -23,7 +23,7 @@ from __future__ import annotations
 from enum import IntEnum, IntFlag
 from typing import Final
 
-from sevemu._util.units import KiB
+from sevemu._util.units import PAGE, PAGE_SHIFT, KiB
 from sevemu.abi.struct import Struct, array, bit, bits, layout, nested, u8, u32, u64
 
 __all__ = [
@@ -190,10 +190,10 @@ def rmp_entry_offset(spa: int) -> int:
     """Byte offset from RMP_BASE of the entry that covers system-physical address ``spa``."""
     if spa < 0:
         raise ValueError(f"system-physical address {spa:#x} is negative")
-    return RMP_BOOKKEEPING_SIZE + (spa >> 12) * RMP_ENTRY_SIZE
+    return RMP_BOOKKEEPING_SIZE + (spa >> PAGE_SHIFT) * RMP_ENTRY_SIZE
 
 
 def rmp_covered_bytes(rmp_base: int, rmp_end: int) -> int:
     """Bytes of system-physical memory from 0 an RMP at [rmp_base, rmp_end] covers (0 if too small)."""
     entries = (rmp_end + 1 - rmp_base - RMP_BOOKKEEPING_SIZE) // RMP_ENTRY_SIZE
-    return max(entries, 0) * 4 * KiB
+    return max(entries, 0) * PAGE

@@ -95,42 +95,31 @@ _INT_CODES: Final = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Spec:
-    """What a field function records; the name is added when the layout is declared."""
+class FieldInfo:
+    """A declared field, as the field functions record it and :func:`layout_fields` lists it."""
 
     kind: str
+    """One of ``int``, ``bytes``, ``nested``, ``ints``, ``structs``, ``bits``."""
     offset: int = 0
-    size: int = 0  # bytes the field covers (bit fields: 0)
-    layout: type[Struct] | None = None  # NESTED / STRUCTS
-    count: int = 0  # arrays
-    elem_size: int = 0  # arrays: bytes per element
-    hi: int = 0  # BITS
+    """Byte offset (bit fields: the byte holding bit ``lo``)."""
+    size: int = 0
+    """Bytes covered (bit fields: 0)."""
+    layout: type[Struct] | None = None
+    """The nested layout, or the element layout of an array of layouts."""
+    count: int = 0
+    """Array elements."""
+    elem_size: int = 0
+    """Bytes per array element."""
+    hi: int = 0
     lo: int = 0
     is_bool: bool = False
     since: int | None = None
     absent: Absent = "mbz"
+    name: str = ""
+    """Filled in when the layout is declared."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class FieldInfo:
-    """A declared field of a layout, as :func:`layout_fields` lists them (offset order)."""
-
-    name: str
-    kind: str
-    """One of ``int``, ``bytes``, ``nested``, ``ints``, ``structs``, ``bits``."""
-    offset: int
-    """Byte offset (bit fields: the byte holding bit ``lo``)."""
-    size: int
-    """Bytes covered (bit fields: 0)."""
-    layout: type[Struct] | None
-    count: int
-    hi: int
-    lo: int
-    since: int | None
-    absent: Absent
-
-
-def _field(spec: _Spec, default: Any) -> Any:
+def _field(spec: FieldInfo, default: Any) -> Any:
     if spec.since is not None:
         default = None
     return dataclasses.field(default=default, metadata={_META: spec})
@@ -144,25 +133,25 @@ def _check_absent(absent: str) -> None:
 def u8(offset: int, default: int = 0, *, since: int | None = None, absent: Absent = "mbz") -> Any:
     """An unsigned 8-bit field at ``offset``."""
     _check_absent(absent)
-    return _field(_Spec(INT, offset, 1, since=since, absent=absent), default)
+    return _field(FieldInfo(INT, offset, 1, since=since, absent=absent), default)
 
 
 def u16(offset: int, default: int = 0, *, since: int | None = None, absent: Absent = "mbz") -> Any:
     """An unsigned little-endian 16-bit field at ``offset``."""
     _check_absent(absent)
-    return _field(_Spec(INT, offset, 2, since=since, absent=absent), default)
+    return _field(FieldInfo(INT, offset, 2, since=since, absent=absent), default)
 
 
 def u32(offset: int, default: int = 0, *, since: int | None = None, absent: Absent = "mbz") -> Any:
     """An unsigned little-endian 32-bit field at ``offset``."""
     _check_absent(absent)
-    return _field(_Spec(INT, offset, 4, since=since, absent=absent), default)
+    return _field(FieldInfo(INT, offset, 4, since=since, absent=absent), default)
 
 
 def u64(offset: int, default: int = 0, *, since: int | None = None, absent: Absent = "mbz") -> Any:
     """An unsigned little-endian 64-bit field at ``offset``."""
     _check_absent(absent)
-    return _field(_Spec(INT, offset, 8, since=since, absent=absent), default)
+    return _field(FieldInfo(INT, offset, 8, since=since, absent=absent), default)
 
 
 _INT_ELEMS: Final[dict[Callable[..., Any], int]] = {u8: 1, u16: 2, u32: 4, u64: 8}
@@ -173,7 +162,7 @@ def raw(offset: int, size: int, *, since: int | None = None, absent: Absent = "m
     _check_absent(absent)
     if size <= 0:
         raise TypeError(f"raw field at {offset:#x}: size {size} is not positive")
-    return _field(_Spec(BYTES, offset, size, since=since, absent=absent), bytes(size))
+    return _field(FieldInfo(BYTES, offset, size, since=since, absent=absent), bytes(size))
 
 
 def _need_layout(what: object, where: str) -> type[Struct]:
@@ -186,7 +175,7 @@ def nested(offset: int, cls: type[Struct], *, since: int | None = None, absent: 
     """Layout ``cls`` at ``offset``, decoded to a ``cls`` instance (default: ``cls()``)."""
     _check_absent(absent)
     cls = _need_layout(cls, f"nested field at {offset:#x}")
-    return _field(_Spec(NESTED, offset, cls.SIZE, layout=cls, since=since, absent=absent), cls())
+    return _field(FieldInfo(NESTED, offset, cls.SIZE, layout=cls, since=since, absent=absent), cls())
 
 
 def array(
@@ -206,13 +195,13 @@ def array(
         raise TypeError(f"array at {offset:#x}: count {count} is not positive")
     if isinstance(elem, type):
         cls = _need_layout(elem, f"array at {offset:#x}")
-        spec = _Spec(STRUCTS, offset, count * cls.SIZE, layout=cls, count=count, elem_size=cls.SIZE,
+        spec = FieldInfo(STRUCTS, offset, count * cls.SIZE, layout=cls, count=count, elem_size=cls.SIZE,
                      since=since, absent=absent)
         return _field(spec, tuple(cls() for _ in range(count)))
     width = _INT_ELEMS.get(elem)
     if width is None:
         raise TypeError(f"array at {offset:#x}: element must be u8/u16/u32/u64 or a layout, not {elem!r}")
-    spec = _Spec(INTS, offset, count * width, count=count, elem_size=width, since=since, absent=absent)
+    spec = FieldInfo(INTS, offset, count * width, count=count, elem_size=width, since=since, absent=absent)
     return _field(spec, (0,) * count)
 
 
@@ -220,14 +209,14 @@ def bits(hi: int, lo: int, default: int = 0) -> Any:
     """Bits ``hi:lo`` (inclusive, as the specifications write them) of a bit layout."""
     if not 0 <= lo <= hi:
         raise TypeError(f"bit range {hi}:{lo} is not hi:lo with hi >= lo >= 0")
-    return _field(_Spec(BITS, hi=hi, lo=lo), default)
+    return _field(FieldInfo(BITS, hi=hi, lo=lo), default)
 
 
 def bit(n: int, default: bool = False) -> Any:
     """Bit ``n`` of a bit layout, decoded to a ``bool``."""
     if n < 0:
         raise TypeError(f"bit {n} is negative")
-    return _field(_Spec(BITS, hi=n, lo=n, is_bool=True), default)
+    return _field(FieldInfo(BITS, hi=n, lo=n, is_bool=True), default)
 
 
 # --- the compiled form of a layout ---------------------------------------------------------------
@@ -236,10 +225,13 @@ def bit(n: int, default: bool = False) -> Any:
 class _Field:
     """A declared field with everything decode/encode needs (built once per layout)."""
 
-    __slots__ = ("absent", "count", "elem", "elem_size", "hi", "index", "is_bool", "kind", "layout",
+    __slots__ = ("absent", "count", "elem", "elem_size", "hi", "index", "info", "is_bool", "kind", "layout",
                  "lo", "mask", "name", "offset", "since", "size")
 
-    def __init__(self, name: str, spec: _Spec) -> None:
+    def __init__(self, name: str, spec: FieldInfo) -> None:
+        if spec.kind == BITS:
+            spec = dataclasses.replace(spec, offset=spec.lo // 8)
+        self.info = dataclasses.replace(spec, name=name)
         self.name = name
         self.kind = spec.kind
         self.offset = spec.offset
@@ -370,7 +362,7 @@ class _Plan:
         value = 0
         for name, lo, mask, _ in self.bit_fields:
             v = getattr(obj, name)
-            if type(v) not in (int, bool) or not 0 <= v <= mask:
+            if not isinstance(v, int) or not 0 <= v <= mask:
                 return self._to_value_checked(obj)
             value |= v << lo
         return value
@@ -561,10 +553,17 @@ class Struct:
         """Decode the little-endian integer ``value`` (bit layouts: the policy word, the flags...)."""
         if not isinstance(value, int) or value < 0 or value >> (8 * cls.SIZE):
             raise LayoutError(f"{cls.__name__}: {value!r} does not fit {cls.SIZE} bytes")
+        p = cls._PLAN
+        if p.bit_layout:
+            result: Self = p.from_value(cls, value)
+            return result
         return cls.decode(value.to_bytes(cls.SIZE, "little"))
 
     def to_int(self) -> int:
         """The encoding read as one little-endian integer."""
+        p = self._PLAN
+        if p.bit_layout:
+            return p.to_value(self)
         return int.from_bytes(self.encode(), "little")
 
     def encode(self) -> bytes:
@@ -637,7 +636,7 @@ def layout(
 def _compile(
     name: str,
     size: int,
-    specs: list[tuple[str, _Spec]],
+    specs: list[tuple[str, FieldInfo]],
     ignored: tuple[tuple[int, int], ...],
     ignored_bits: tuple[tuple[int, int], ...],
     version: str | None,
@@ -676,7 +675,6 @@ def _compile_bits(plan: _Plan, fields: list[_Field], ctor_order: list[str],
         if covered & span:
             raise TypeError(f"{name}.{f.name}: bits {f.hi}:{f.lo} overlaps another field")
         covered |= span
-        f.offset = f.lo // 8
     ignored_mask = 0
     for hi, lo in ignored_bits:
         if not 0 <= lo <= hi < width:
@@ -807,7 +805,4 @@ def bit_span(cls: type[Struct], fname: str) -> tuple[int, int]:
 
 def layout_fields(cls: type[Struct]) -> tuple[FieldInfo, ...]:
     """The declared fields of a layout class in offset (bit) order, for tools and tests."""
-    return tuple(
-        FieldInfo(f.name, f.kind, f.offset, f.size, f.layout, f.count, f.hi, f.lo, f.since, f.absent)
-        for f in _plan_of(cls).fields
-    )
+    return tuple(f.info for f in _plan_of(cls).fields)
