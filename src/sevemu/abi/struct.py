@@ -544,6 +544,8 @@ class Struct:
     @classmethod
     def decode_prefix(cls, buf: bytes | bytearray | memoryview) -> Self:
         """Decode the first ``SIZE`` bytes of a longer buffer."""
+        if not isinstance(buf, (bytes, bytearray, memoryview)):
+            raise LayoutError(f"{cls.__name__}: expected a bytes-like buffer, got {type(buf).__name__}")
         if len(buf) < cls.SIZE:
             raise LayoutError(f"{cls.__name__}: expected at least {cls.SIZE:#x} bytes, got {len(buf):#x}")
         return cls.decode(buf[: cls.SIZE])
