@@ -1,5 +1,5 @@
 """Status codes, command ids, states, policy, mailbox, CPUID/MSR and paging constants against
-sev-reference.md (§1.1-§1.4, §1.6, §2.8, §3.1, §3.4, §4.1) and Linux's psp driver."""
+the public sources (SEV API 55766, SNP ABI 56860, APM2 15.34-15.36) and Linux's psp driver."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def test_mailbox_status_out_of_range(status: int) -> None:
 
 
 def test_cpuid_fields() -> None:
-    # EPYC 9654 example (reference §4.1): C-bit 51, PA reduction 6, 4 VMPLs.
+    # EPYC 9654 example (APM2 15.34, CPUID Fn8000_001F): C-bit 51, PA reduction 6, 4 VMPLs.
     ebx = cpuid.encode_ebx(51, 6, 4)
     assert ebx == 51 | 6 << 6 | 4 << 12
     assert (cpuid.ebx_cbit(ebx), cpuid.ebx_pa_reduction(ebx), cpuid.ebx_num_vmpls(ebx)) == (51, 6, 4)

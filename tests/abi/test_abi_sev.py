@@ -1,6 +1,6 @@
-"""Legacy SEV command buffers and data structures against sev-reference.md §1.5, §1.9-§1.12.
+"""Legacy SEV command buffers and data structures against SEV API 55766 (each command's section) and Linux ``struct sev_data_*``.
 
-The expected tables below are written from the reference, independently of the declarations in
+The expected tables below are written from those sources, independently of the declarations in
 :mod:`sevemu.abi.sev`; reserved bytes are whatever the table does not name.
 """
 
@@ -269,7 +269,7 @@ def test_aliases_share_one_layout() -> None:
         assert transport is sev.TransportCmd
 
 
-# Buffer size per command from reference §1.5 (COPY / ACTIVATE_EX from AMD's firmware source).
+# Buffer size per command from the SEV API (COPY / ACTIVATE_EX from AMD's firmware source).
 COMMAND_SIZES = {
     CommandId.INIT: 0x14,
     CommandId.INIT_EX: 0x24,
@@ -335,7 +335,7 @@ def test_platform_status_linux_flags_view() -> None:
 
 
 def test_session_buffer_virtee_vector() -> None:
-    # virtee/sev session test (reference §1.9): Z = 0, nonce = 0, IV = 0, TEK = TIK = 0, policy 0.
+    # virtee/sev session test (src/session/mod.rs): Z = 0, nonce = 0, IV = 0, TEK = TIK = 0, policy 0.
     wrap_tk = bytes.fromhex("2137bc7f9bb8bd7c3e55a576a15d3454b3856b8ba27afadf46dcfee9f02c02c4")
     wrap_mac = bytes.fromhex("3176c0752738bd9d5e86689534020f528c088f16238826b000b327dee6aeed7d")
     policy_mac = bytes.fromhex("aa7855e13839dd767cd5da7c1ff5036540c9264b7a803029315e55375287b4af")

@@ -1,4 +1,4 @@
-"""The VMSA layout (reference 2.2): offsets, size, decode/encode on real pages."""
+"""The VMSA layout (APM2 15.35, Linux ``struct sev_es_save_area``): offsets, size, decode/encode on real pages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sevemu.abi.struct import field_span
 from sevemu.abi.vmsa import SEGMENT_REGISTERS, SEV_ES_SAVE_AREA_SIZE, VMSA_PAGE_SIZE, SevEsSaveArea, VmcbSeg
 from sevemu.errors import LayoutError
 
-# Offsets checked against Linux's BUILD_BUG_RESERVED_OFFSET list and reference 2.2.
+# Offsets checked against Linux's BUILD_BUG_RESERVED_OFFSET list (arch/x86/include/asm/svm.h).
 OFFSETS = {
     "pl0_ssp": 0x0A0, "u_cet": 0x0C0, "vmpl": 0x0CA, "cpl": 0x0CB, "efer": 0x0D0, "xss": 0x140,
     "cr4": 0x148, "cr0": 0x158, "dr7": 0x160, "rflags": 0x170, "rip": 0x178, "dr3_addr_mask": 0x1B8,

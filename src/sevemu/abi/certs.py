@@ -1,6 +1,6 @@
 """Legacy SEV certificate layouts: the 0x824-byte SEV certificate and the AMD ARK/ASK header.
 
-Sources: reference section 1.7 (``sev_cert``: SEV API spec 55766 appendix "Certificates", AMD sev-tool
+Sources: ``sev_cert``: SEV API spec 55766 appendix "Certificates", AMD sev-tool
 ``sevapi.h``, virtee/sev ``certs/sev/sev/cert/v1``) and section 1.8 (``amd_cert``: the AMD root /
 signing key certificate).  Layouts only: building, parsing into typed values and verifying live in
 :mod:`sevemu.certs`.
@@ -19,7 +19,6 @@ the public exponent, the modulus and the signature, whose widths come from the h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
 
 from sevemu.abi.struct import Struct, layout, raw, u8, u32
@@ -48,7 +47,7 @@ __all__ = [
 
 
 class KeyUsage(IntEnum):
-    """Key usage codes (u32) of SEV and AMD certificates (reference 1.7, ST ``SEV_USAGE``)."""
+    """Key usage codes (u32) of SEV and AMD certificates (SEV API 55766 appendix "Certificates"; sev-tool ``SEV_USAGE``)."""
 
     ARK = 0x0000
     ASK = 0x0013
@@ -61,7 +60,8 @@ class KeyUsage(IntEnum):
 
 
 class SigAlgo(IntEnum):
-    """Public-key / signature algorithm codes (u32) of SEV certificates (reference 1.7)."""
+    """Public-key / signature algorithm codes (u32) of SEV certificates (SEV API 55766 appendix
+    "Certificates"; sev-tool ``src/sevcert.cpp``)."""
 
     INVALID = 0x000
     RSA_SHA256 = 0x001
@@ -73,7 +73,7 @@ class SigAlgo(IntEnum):
 
 
 class EcCurve(IntEnum):
-    """``curve`` field of the ECDSA/ECDH public key union (reference 1.7)."""
+    """``curve`` field of the ECDSA/ECDH public key union (SEV API 55766 appendix "Certificates")."""
 
     P256 = 1
     P384 = 2
@@ -81,7 +81,7 @@ class EcCurve(IntEnum):
 
 SEV_CERT_SIZE = 0x824
 SEV_CERT_SIGNED_SIZE = 0x414
-"""Signed region: bytes [0x000, 0x414) = version .. pub_key (reference 1.7)."""
+"""Signed region: bytes [0x000, 0x414) = version .. pub_key (sev-tool ``src/sevcert.cpp``)."""
 SEV_CERT_VERSION = 1
 SEV_CERT_CHAIN_SIZE = 3 * SEV_CERT_SIZE
 """PDH_CERT_EXPORT ``cert_chain`` buffer: PEK || OCA || CEK."""
@@ -94,7 +94,6 @@ SEV_RSA_MAX_BYTES = 0x200
 
 
 @layout(size=SEV_CERT_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevCertLayout(Struct):
     """``sev_cert`` (0x824 bytes); bytes 0x006..0x007 are reserved."""
 
@@ -113,7 +112,6 @@ class SevCertLayout(Struct):
 
 
 @layout(size=SEV_PUBKEY_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevRsaPubKey(Struct):
     """RSA member of the ``pub_key`` union: sizes in bits, exponent and modulus little-endian."""
 
@@ -123,7 +121,6 @@ class SevRsaPubKey(Struct):
 
 
 @layout(size=SEV_PUBKEY_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevEcPubKey(Struct):
     """ECDSA/ECDH member of the ``pub_key`` union; bytes 0x94..0x403 must be zero."""
 
@@ -133,7 +130,6 @@ class SevEcPubKey(Struct):
 
 
 @layout(size=SEV_SIG_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevRsaSig(Struct):
     """RSA member of the signature union: the signature, little-endian, in the low bytes."""
 
@@ -141,7 +137,6 @@ class SevRsaSig(Struct):
 
 
 @layout(size=SEV_SIG_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevEcdsaSig(Struct):
     """ECDSA member of the signature union; bytes 0x90..0x1FF must be zero."""
 
@@ -154,9 +149,9 @@ AMD_CERT_VERSION = 1
 
 
 @layout(size=AMD_CERT_HEADER_SIZE)
-@dataclass(frozen=True, slots=True)
 class AmdCertHeader(Struct):
-    """Fixed part of ``amd_cert`` (reference 1.8); bytes 0x28..0x37 are reserved.
+    """Fixed part of ``amd_cert`` (SEV API 55766 appendix, AMD root / signing key; sev-tool
+    ``src/amdcert.cpp``); bytes 0x28..0x37 are reserved.
 
     It is followed by ``pub_exp`` (``pub_exp_size`` / 8 bytes), ``modulus`` (``modulus_size`` / 8)
     and ``sig`` (``modulus_size`` / 8), all little-endian.

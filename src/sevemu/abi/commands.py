@@ -1,5 +1,5 @@
 """Firmware command identifiers (SEV API spec 55766 "Command Identifiers"; SNP ABI 56860;
-sev-reference.md §1.1 and §3.1).
+Linux ``include/linux/psp-sev.h`` ``enum sev_cmd``).
 
 Legacy ids carry the SEV API names (AMDESE/sev-tool ``SEV_API_COMMAND``; AMD's own firmware source
 amd/AMD-ASPFW ``sev_mcmd.h`` agrees), not Linux's aliases (Linux: ``FACTORY_RESET`` for
@@ -66,7 +66,7 @@ class CommandId(IntEnum):
     DBG_ENCRYPT = 0x61
     SWAP_OUT = 0x70
     SWAP_IN = 0x71
-    # SEV-SNP (§3.1).
+    # SEV-SNP (SNP ABI 56860, command id table).
     SNP_INIT = 0x81
     SNP_SHUTDOWN = 0x82
     SNP_PLATFORM_STATUS = 0x83
@@ -96,7 +96,7 @@ class CommandId(IntEnum):
     SNP_COMMIT = 0xCB
     SNP_VLEK_LOAD = 0xCD
     SNP_FEATURE_INFO = 0xCE
-    # SEV-TIO (§3.1, Linux only).
+    # SEV-TIO (Linux include/linux/psp-sev.h only).
     TIO_STATUS = 0xD0
     TIO_INIT = 0xD1
     TIO_DEV_CREATE = 0xD2

@@ -1,12 +1,12 @@
 """Memory-encryption discovery: CPUID Fn8000_001F and the SEV-related MSRs (AMD APM Vol. 2 §15.34,
-§15.35, §15.36; sev-reference.md §4.1, §3.4, §2.8).
+§15.35, §15.36; Linux ``arch/x86/kvm/svm/sev.c`` ``sev_hardware_setup``).
 
 CPUID Fn8000_001F: EAX feature bits (:class:`SevCpuidEax`); EBX [5:0] C-bit position, [11:6]
 physical-address-width reduction when memory encryption is on, [15:12] number of VMPLs; ECX the
 number of encrypted guests supported simultaneously (= highest SEV ASID); EDX the lowest ASID an SEV
 guest *without* SEV-ES may use (ASIDs below it are for SEV-ES / SEV-SNP).
 
-Only the EAX bits the reference confirms are named; the others (6, 8, 9, 11..15, 19..21, 24, 25,
+Only the EAX bits APM2 15.34 and Linux confirm are named; the others (6, 8, 9, 11..15, 19..21, 24, 25,
 28, 30) exist on some parts but are left out.  Pure constants and bit-field helpers.
 """
 
@@ -132,7 +132,8 @@ class Hwcr(IntFlag):
 
 
 class SevStatus(IntFlag):
-    """SEV_STATUS (MSR C001_0131) as a guest reads it (APM Table 15-32; sev-reference.md §2.8).
+    """SEV_STATUS (MSR C001_0131) as a guest reads it (APM2 15.35, Table 15-32; Linux
+    ``arch/x86/include/asm/svm.h`` ``SVM_SEV_FEAT_*``).
 
     From bit 2 up, SEV_STATUS bit n mirrors VMSA SEV_FEATURES bit n-2.
     """

@@ -1,6 +1,6 @@
 """x86-64 4-level paging with the memory-encryption C-bit, #PF / #NPF error codes and the SVM exit
 codes a basic VMEXIT model needs (AMD APM Vol. 2 §5.3-5.4, §8.4.2, §15.9, §15.25.6, §15.34.5,
-Appendix C; sev-reference.md §3.4, §4.1, §4.2).
+Appendix C; Linux ``arch/x86/include/asm/kvm_host.h`` ``PFERR_*``).
 
 The C-bit sits in the physical-address field of every entry (its position from CPUID Fn8000_001F
 EBX[5:0]); :func:`address_mask` gives the bits of an entry that form the next-level address with the
@@ -13,6 +13,7 @@ from __future__ import annotations
 from enum import IntEnum, IntFlag
 from typing import Final
 
+from sevemu._util.units import PAGE, PAGE_1G, PAGE_2M, PAGE_SHIFT
 from sevemu.errors import InputError
 
 __all__ = [
@@ -33,10 +34,9 @@ __all__ = [
     "exitcode_to_field",
 ]
 
-PAGE_SHIFT: Final = 12
-PAGE_SIZE: Final = 1 << PAGE_SHIFT
-PAGE_SIZE_2M: Final = 1 << 21
-PAGE_SIZE_1G: Final = 1 << 30
+PAGE_SIZE: Final = PAGE
+PAGE_SIZE_2M: Final = PAGE_2M
+PAGE_SIZE_1G: Final = PAGE_1G
 PT_LEVELS: Final = 4  # PML4, PDPT, PD, PT
 PT_INDEX_BITS: Final = 9
 MAX_PA_BITS: Final = 52  # architectural MAXPHYADDR limit

@@ -1,9 +1,10 @@
-"""Legacy SEV guest policy, 32 bits (SEV API spec 55766 "Guest Policy"; sev-reference.md §1.6).
+"""Legacy SEV guest policy, 32 bits (SEV API spec 55766 "Guest Policy"; Linux
+``include/linux/psp-sev.h`` ``SEV_POLICY_*``).
 
 Bits 5:0 are flags, bits 15:6 reserved, bits 23:16 the minimum firmware API_MAJOR and bits 31:24 the
 minimum API_MINOR the guest may be sent to (Linux ``SEV_POLICY_MASK_*``, sev-tool ``SEV_POLICY``).
 virtee/sev reads the API field as two nibbles of the upper half; that disagrees with both sources
-and is not followed.  The SNP policy (64-bit, §3.5) is a different layout and lives elsewhere.
+and is not followed.  The SNP policy (64-bit, SNP ABI 56860) is a different layout: :class:`sevemu.abi.snp.SnpPolicy`.
 """
 
 from __future__ import annotations

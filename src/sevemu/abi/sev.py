@@ -1,7 +1,7 @@
 """Legacy SEV API command buffers and the data structures they point to (SEV API spec 55766
-chapters 5-7; sev-reference.md §1.5, §1.9-§1.12).
+chapters 5-7, one section per command; Linux ``include/linux/psp-sev.h`` ``struct sev_data_*``).
 
-Every layout is little-endian and packed.  Offsets follow the reference table §1.5, cross-checked
+Every layout is little-endian and packed.  Offsets follow the SEV API section of each command, cross-checked
 with AMDESE/sev-tool ``sevapi.h``, Linux ``include/linux/psp-sev.h`` and AMD's firmware source
 (amd/AMD-ASPFW ``sev_mcmd.h``, "AF" below).  Field names are the spec's in snake_case; where the
 sources disagree on a name the one AF uses is kept (e.g. LAUNCH_START ``dh_cert_paddr``, the GODH
@@ -18,7 +18,7 @@ Decisions:
 * SEND_UPDATE_VMSA uses the common transport layout with the reserved word at 04; Linux's
   ``sev_data_send_update_vmsa`` omits it, which sev-tool, AF and every other *_UPDATE buffer
   contradict.
-* COPY and ACTIVATE_EX (sev-tool/AF only, not in the reference table) are declared from AF.
+* COPY and ACTIVATE_EX (sev-tool/AF only, not in the SEV API tables) are declared from AF.
   RING_BUFFER, SWAP_OUT and SWAP_IN have no layout here; :data:`COMMAND_BUFFERS` leaves them out and
   :data:`COMMANDS_WITHOUT_BUFFER` lists the commands that take no buffer at all.
 * GET_ID writes one 64-byte ID per socket (:class:`GetIdEntry`); Linux's ``sev_user_data_get_id``
@@ -27,10 +27,10 @@ Decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntFlag
 from typing import Final
 
+from sevemu._util.units import KiB, MiB
 from sevemu.abi.commands import CommandId
 from sevemu.abi.states import PlatformOwner
 from sevemu.abi.struct import Struct, layout, raw, u8, u16, u32, u64
@@ -107,7 +107,7 @@ class PlatformConfig(IntFlag):
 
 
 class HdrFlags(IntFlag):
-    """Packet header ``flags`` (§1.11, §1.13)."""
+    """Packet header ``flags`` (SEV API 55766, LAUNCH_SECRET and SEND_UPDATE_DATA)."""
 
     COMPRESSED = 1 << 0
 
@@ -115,10 +115,10 @@ class HdrFlags(IntFlag):
 LINUX_STATUS_FLAGS_OWNER: Final = 0x0001
 LINUX_STATUS_FLAGS_CONFIG_ES: Final = 0x0100  # Linux SEV_STATUS_FLAGS_CONFIG_ES
 
-SEV_TMR_LEN: Final = 1 << 20  # INIT.tmr_len for SEV-ES (1 MiB, 1 MiB aligned)
-SNP_TMR_LEN: Final = 2 << 20  # once SNP is initialised
+SEV_TMR_LEN: Final = MiB  # INIT.tmr_len for SEV-ES (1 MiB, 1 MiB aligned)
+SNP_TMR_LEN: Final = 2 * MiB  # once SNP is initialised
 INIT_EX_LENGTH: Final = 0x24
-INIT_EX_NV_LEN: Final = 32 << 10
+INIT_EX_NV_LEN: Final = 32 * KiB
 ACTIVATE_EX_LENGTH: Final = 0x18  # API 0.17
 GET_ID_ENTRY_LEN: Final = 0x40
 
@@ -127,7 +127,6 @@ GET_ID_ENTRY_LEN: Final = 0x40
 
 
 @layout(size=0x14)
-@dataclass(frozen=True, slots=True)
 class InitCmd(Struct):
     """INIT (0x01)."""
 
@@ -137,7 +136,6 @@ class InitCmd(Struct):
 
 
 @layout(size=0x24)
-@dataclass(frozen=True, slots=True)
 class InitExCmd(Struct):
     """INIT_EX (0x0D); ``length`` must be 0x24."""
 
@@ -150,7 +148,6 @@ class InitExCmd(Struct):
 
 
 @layout(size=0x0C)
-@dataclass(frozen=True, slots=True)
 class PlatformStatus(Struct):
     """PLATFORM_STATUS (0x04) output; see the module docstring for owner/config/build."""
 
@@ -164,7 +161,6 @@ class PlatformStatus(Struct):
 
 
 @layout(size=0x0C)
-@dataclass(frozen=True, slots=True)
 class PekCsrCmd(Struct):
     """PEK_CSR (0x06); ``csr_len`` is written back (0x824) on INVALID_LENGTH."""
 
@@ -173,7 +169,6 @@ class PekCsrCmd(Struct):
 
 
 @layout(size=0x1C)
-@dataclass(frozen=True, slots=True)
 class PekCertImportCmd(Struct):
     """PEK_CERT_IMPORT (0x07)."""
 
@@ -184,7 +179,6 @@ class PekCertImportCmd(Struct):
 
 
 @layout(size=0x1C)
-@dataclass(frozen=True, slots=True)
 class PdhCertExportCmd(Struct):
     """PDH_CERT_EXPORT (0x08); certs = PEK || OCA || CEK (3 x 0x824)."""
 
@@ -195,7 +189,6 @@ class PdhCertExportCmd(Struct):
 
 
 @layout(size=0x0C)
-@dataclass(frozen=True, slots=True)
 class DownloadFirmwareCmd(Struct):
     """DOWNLOAD_FIRMWARE (0x0B)."""
 
@@ -204,7 +197,6 @@ class DownloadFirmwareCmd(Struct):
 
 
 @layout(size=0x0C)
-@dataclass(frozen=True, slots=True)
 class GetIdCmd(Struct):
     """GET_ID (0x0C); the output is one :class:`GetIdEntry` per socket."""
 
@@ -216,7 +208,6 @@ class GetIdCmd(Struct):
 
 
 @layout(size=0x04)
-@dataclass(frozen=True, slots=True)
 class HandleCmd(Struct):
     """The handle-only buffer of DECOMMISSION, DEACTIVATE, LAUNCH_FINISH, SEND_FINISH, SEND_CANCEL
     and RECEIVE_FINISH."""
@@ -233,7 +224,6 @@ ReceiveFinishCmd = HandleCmd
 
 
 @layout(size=0x08)
-@dataclass(frozen=True, slots=True)
 class ActivateCmd(Struct):
     """ACTIVATE (0x21)."""
 
@@ -242,7 +232,6 @@ class ActivateCmd(Struct):
 
 
 @layout(size=0x0D)
-@dataclass(frozen=True, slots=True)
 class GuestStatusCmd(Struct):
     """GUEST_STATUS (0x23): ``handle`` in; ``policy``, ``asid``, ``state`` out."""
 
@@ -253,7 +242,6 @@ class GuestStatusCmd(Struct):
 
 
 @layout(size=0x18)
-@dataclass(frozen=True, slots=True)
 class CopyCmd(Struct):
     """COPY (0x24), AF ``sev_mcmd_copy``."""
 
@@ -264,7 +252,6 @@ class CopyCmd(Struct):
 
 
 @layout(size=0x18)
-@dataclass(frozen=True, slots=True)
 class ActivateExCmd(Struct):
     """ACTIVATE_EX (0x25), AF ``sev_mcmd_activate_ex``; ``ex_len`` is 0x18."""
 
@@ -279,7 +266,6 @@ class ActivateExCmd(Struct):
 
 
 @layout(size=0x24)
-@dataclass(frozen=True, slots=True)
 class LaunchStartCmd(Struct):
     """LAUNCH_START (0x30): ``handle`` 0 = new key, else share that guest's; new handle out."""
 
@@ -292,7 +278,6 @@ class LaunchStartCmd(Struct):
 
 
 @layout(size=0x14)
-@dataclass(frozen=True, slots=True)
 class LaunchUpdateDataCmd(Struct):
     """LAUNCH_UPDATE_DATA (0x31), also LAUNCH_UPDATE_VMSA (0x32) and LAUNCH_MEASURE (0x33)."""
 
@@ -306,7 +291,6 @@ LaunchMeasureCmd = LaunchUpdateDataCmd
 
 
 @layout(size=0x34)
-@dataclass(frozen=True, slots=True)
 class TransportCmd(Struct):
     """LAUNCH_SECRET (0x34), SEND_UPDATE_DATA/VMSA (0x41/0x42), RECEIVE_UPDATE_DATA/VMSA
     (0x51/0x52): header (:class:`HdrBuf`), guest region and transport buffer."""
@@ -328,7 +312,6 @@ ReceiveUpdateVmsaCmd = TransportCmd
 
 
 @layout(size=0x24)
-@dataclass(frozen=True, slots=True)
 class AttestationCmd(Struct):
     """ATTESTATION (0x36); the report is a :class:`LegacyAttestationReport`."""
 
@@ -342,7 +325,6 @@ class AttestationCmd(Struct):
 
 
 @layout(size=0x44)
-@dataclass(frozen=True, slots=True)
 class SendStartCmd(Struct):
     """SEND_START (0x40): target PDH, target PEK||OCA||CEK, ASK||ARK; policy and session out."""
 
@@ -359,7 +341,6 @@ class SendStartCmd(Struct):
 
 
 @layout(size=0x24)
-@dataclass(frozen=True, slots=True)
 class ReceiveStartCmd(Struct):
     """RECEIVE_START (0x50): the source platform's PDH and the session; new handle out."""
 
@@ -375,7 +356,6 @@ class ReceiveStartCmd(Struct):
 
 
 @layout(size=0x1C)
-@dataclass(frozen=True, slots=True)
 class DbgCmd(Struct):
     """DBG_DECRYPT (0x60) / DBG_ENCRYPT (0x61); 16-byte granularity."""
 
@@ -389,9 +369,9 @@ class DbgCmd(Struct):
 
 
 @layout(size=0x80)
-@dataclass(frozen=True, slots=True)
 class SessionBuf(Struct):
-    """Session data of LAUNCH_START (in), SEND_START (out), RECEIVE_START (in) (§1.9)."""
+    """Session data of LAUNCH_START (in), SEND_START (out), RECEIVE_START (in) (SEV API 55766,
+    LAUNCH_START; sev-tool ``src/commands.cpp`` ``build_session_buffer``)."""
 
     nonce: bytes = raw(0x00, 16)
     wrap_tk: bytes = raw(0x10, 32)  # AES-128-CTR(KEK, wrap_iv)(TEK || TIK)
@@ -401,18 +381,17 @@ class SessionBuf(Struct):
 
 
 @layout(size=0x30)
-@dataclass(frozen=True, slots=True)
 class MeasureBuf(Struct):
-    """LAUNCH_MEASURE output (§1.10)."""
+    """LAUNCH_MEASURE output (SEV API 55766, LAUNCH_MEASURE)."""
 
     measure: bytes = raw(0x00, 32)
     mnonce: bytes = raw(0x20, 16)
 
 
 @layout(size=0x34)
-@dataclass(frozen=True, slots=True)
 class HdrBuf(Struct):
-    """Packet header of LAUNCH_SECRET and SEND/RECEIVE_UPDATE_* (§1.11, §1.13)."""
+    """Packet header of LAUNCH_SECRET and SEND/RECEIVE_UPDATE_* (SEV API 55766, LAUNCH_SECRET;
+    sev-tool ``src/sevapi.h`` ``sev_hdr_buf``)."""
 
     flags: int = u32(0x00)
     iv: bytes = raw(0x04, 16)
@@ -420,9 +399,8 @@ class HdrBuf(Struct):
 
 
 @layout(size=0xD0)
-@dataclass(frozen=True, slots=True)
 class LegacyAttestationReport(Struct):
-    """ATTESTATION output (§1.12); PEK signs bytes [0x00, 0x34) with ECDSA P-384 / SHA-256.
+    """ATTESTATION output (SEV API 55766, ATTESTATION; sev-tool ``attestation_report``); PEK signs bytes [0x00, 0x34) with ECDSA P-384 / SHA-256.
 
     ``sig1`` is r[72] || s[72], each little-endian and zero-padded.
     """
@@ -436,7 +414,6 @@ class LegacyAttestationReport(Struct):
 
 
 @layout(size=GET_ID_ENTRY_LEN)
-@dataclass(frozen=True, slots=True)
 class GetIdEntry(Struct):
     """One socket's entry of the GET_ID output (the chip ID used by AMD's KDS for the CEK)."""
 

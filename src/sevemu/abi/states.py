@@ -1,10 +1,10 @@
 """Legacy SEV platform and guest states (SEV API spec 55766 "Platform State Machine" and "GSTATE";
-sev-reference.md §1.2, §1.3).
+AMD sev-tool ``src/sevapi.h``).
 
 Values are the bytes the firmware reports in PLATFORM_STATUS.state and GUEST_STATUS.state.  The
 allowed-command tables and transitions belong to the firmware (``sevemu.firmware``), not here.
-SENT (6) is the state after SEND_FINISH; AMDESE/sev-tool's enum stops at RUPDATE (5), the reference
-table (§1.3) lists SENT.
+SENT (6) is the state after SEND_FINISH; AMDESE/sev-tool's enum stops at RUPDATE (5), the SEV API's
+guest state table lists SENT.
 """
 
 from __future__ import annotations

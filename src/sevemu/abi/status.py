@@ -1,8 +1,9 @@
-"""Firmware status codes of the SEV API (SEV API spec 55766, "Status Codes"; sev-reference.md §1.4).
+"""Firmware status codes of the SEV API (SEV API spec 55766, "Status Codes"; Linux
+``include/uapi/linux/psp-sev.h`` ``enum sev_ret_code``).
 
 One code space serves the legacy SEV, SEV-ES and SEV-SNP commands (SNP ABI 56860 reuses it).  The
 codes are 16 bits wide: the firmware returns them in bits 15:0 of the mailbox CMDRESP register
-(:mod:`sevemu.abi.mailbox`).  Names follow the reference table; 0x1E is unassigned.
+(:mod:`sevemu.abi.mailbox`).  Names follow the SEV API table; 0x1E is unassigned.
 
 Sources: AMDESE/sev-tool ``SEV_ERROR_CODE`` (0x00..0x17) and Linux ``include/uapi/linux/psp-sev.h``
 ``sev_ret_code`` (0x18..0x27, which spells 0x1F ``EXIT_RING_BUFFER``).

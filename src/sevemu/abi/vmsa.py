@@ -1,41 +1,83 @@
-"""SEV-ES VM save area (VMSA), reference 2.2 (Linux ``struct sev_es_save_area``, APM Table B-4).
+"""SEV-ES VM save area (VMSA): APM2 15.35 and Appendix B (Table B-4), Linux
+``arch/x86/include/asm/svm.h`` ``struct sev_es_save_area``; SEV_FEATURES and SEV_STATUS: APM2 Table
+15-32 and Linux ``SVM_SEV_FEAT_*``.
 
-The VMSA is one 4 KiB page; the architecturally defined part is the first 0x670 bytes, the rest of
-the page is reserved here.  Field names are Linux's verbatim.  The ten segment registers are each a
-``vmcb_seg`` {selector u16, attrib u16, limit u32, base u64}; since layouts are flat, they appear as
-``<seg>_selector``, ``<seg>_attrib``, ``<seg>_limit``, ``<seg>_base``.
+The VMSA is one 4 KiB page; Linux's struct covers the first 0x670 bytes.  Field names are Linux's
+verbatim.  The ten segment registers are each a ``vmcb_seg`` {selector u16, attrib u16, limit u32,
+base u64}; they appear flat as ``<seg>_selector``, ``<seg>_attrib``, ``<seg>_limit``, ``<seg>_base``
+(:meth:`SevEsSaveArea.segment` gives a :class:`VmcbSeg`).
 
-Not declared (so decoding a page that uses them fails as "reserved bytes not zero"): the APM's
-guest-intercept-control additions at 0x900/0x920 and fields newer than the Linux struct the
-reference was checked against.
+Beyond Linux's struct, the page declares the APM's guest intercept controls used with
+SEV_FEATURES.GuestInterceptCtl: eight 32-bit intercept vector words at 0x900 and four 64-bit MSR
+intercept words at 0x920 (as read from the APM; names are ours).  Everything else is reserved, so a
+page that uses newer fields fails to decode with "reserved bytes not zero".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from enum import IntFlag
+from typing import Final
 
-from sevemu.abi.struct import Struct, layout, raw, u8, u16, u32, u64
+from sevemu._util.units import PAGE
+from sevemu.abi.struct import Struct, array, layout, raw, u8, u16, u32, u64
 
 __all__ = [
     "SEGMENT_REGISTERS",
     "SEV_ES_SAVE_AREA_SIZE",
+    "SEV_STATUS_FEATURES_SHIFT",
     "VMSA_PAGE_SIZE",
     "SevEsSaveArea",
+    "SevFeatures",
     "VmcbSeg",
+    "sev_status_of",
 ]
 
-VMSA_PAGE_SIZE = 0x1000
+VMSA_PAGE_SIZE: Final = PAGE
 """A VMSA occupies one 4 KiB page; LAUNCH_UPDATE_VMSA measures all of it."""
 
-SEV_ES_SAVE_AREA_SIZE = 0x670
+SEV_ES_SAVE_AREA_SIZE: Final = 0x670
 """``sizeof(struct sev_es_save_area)`` (Linux ``EXPECTED_SEV_ES_SAVE_AREA_SIZE`` = 1648)."""
 
-SEGMENT_REGISTERS = ("es", "cs", "ss", "ds", "fs", "gs", "gdtr", "ldtr", "idtr", "tr")
+SEGMENT_REGISTERS: Final = ("es", "cs", "ss", "ds", "fs", "gs", "gdtr", "ldtr", "idtr", "tr")
 """The ``vmcb_seg`` fields at 0x00..0x9F, 16 bytes each, in this order."""
 
 
+class SevFeatures(IntFlag):
+    """VMSA ``sev_features`` (0x3B0), APM2 Table 15-32; bit n shows in SEV_STATUS bit n + 2
+    (:class:`sevemu.abi.cpuid.SevStatus`, :func:`sev_status_of`)."""
+
+    SNP_ACTIVE = 1 << 0
+    VTOM = 1 << 1
+    REFLECT_VC = 1 << 2
+    RESTRICTED_INJECTION = 1 << 3
+    ALTERNATE_INJECTION = 1 << 4
+    DEBUG_SWAP = 1 << 5
+    PREVENT_HOST_IBS = 1 << 6
+    BTB_ISOLATION = 1 << 7
+    VMPL_SSS = 1 << 8
+    SECURE_TSC = 1 << 9
+    VMGEXIT_PARAMETER = 1 << 10
+    PMC_VIRT = 1 << 11
+    IBS_VIRT = 1 << 12
+    GUEST_INTERCEPT_CTL = 1 << 13
+    VMSA_REG_PROT = 1 << 14
+    SMT_PROTECTION = 1 << 15
+    SECURE_AVIC = 1 << 16
+    IBPB_ON_ENTRY = 1 << 21
+
+
+SEV_STATUS_FEATURES_SHIFT: Final = 2
+_SEV_STATUS_SEV_ES: Final = 0b11  # SEV_STATUS bits 0 (SEV enabled) and 1 (SEV-ES enabled)
+
+
+def sev_status_of(sev_features: int) -> int:
+    """The SEV_STATUS MSR value an SEV-ES or SNP guest with VMSA ``sev_features`` reads."""
+    if not 0 <= sev_features < 1 << 62:
+        raise ValueError(f"sev_features {sev_features:#x} out of range")
+    return _SEV_STATUS_SEV_ES | sev_features << SEV_STATUS_FEATURES_SHIFT
+
+
 @layout(size=0x10)
-@dataclass(frozen=True, slots=True)
 class VmcbSeg(Struct):
     """``struct vmcb_seg``: one segment register as the VMCB/VMSA stores it."""
 
@@ -46,9 +88,8 @@ class VmcbSeg(Struct):
 
 
 @layout(size=VMSA_PAGE_SIZE)
-@dataclass(frozen=True, slots=True)
 class SevEsSaveArea(Struct):
-    """The VMSA page (``struct sev_es_save_area`` followed by reserved bytes up to 4 KiB)."""
+    """The VMSA page: ``struct sev_es_save_area``, the guest intercept controls, reserved bytes."""
 
     es_selector: int = u16(0x000)
     es_attrib: int = u16(0x002)
@@ -186,4 +227,14 @@ class SevEsSaveArea(Struct):
     fpreg_x87: bytes = raw(0x420, 80)
     fpreg_xmm: bytes = raw(0x470, 256)
     fpreg_ymm: bytes = raw(0x570, 256)
-    # 0x670..0xFFF reserved
+    # 0x670..0x8FF reserved
+    guest_intercept_vectors: tuple[int, ...] = array(0x900, 8, u32)
+    guest_msr_intercepts: tuple[int, ...] = array(0x920, 4, u64)
+    # 0x940..0xFFF reserved
+
+    def segment(self, name: str) -> VmcbSeg:
+        """Segment register ``name`` (one of :data:`SEGMENT_REGISTERS`) as a :class:`VmcbSeg`."""
+        if name not in SEGMENT_REGISTERS:
+            raise ValueError(f"no segment register {name!r}; expected one of {', '.join(SEGMENT_REGISTERS)}")
+        return VmcbSeg(getattr(self, f"{name}_selector"), getattr(self, f"{name}_attrib"),
+                       getattr(self, f"{name}_limit"), getattr(self, f"{name}_base"))
