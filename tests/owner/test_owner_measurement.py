@@ -1,4 +1,4 @@
-"""Launch digest, kernel-hashes table and LAUNCH_MEASURE verification (reference 1.10)."""
+"""Launch digest, kernel-hashes table and LAUNCH_MEASURE verification (SEV API 55766, LAUNCH_MEASURE)."""
 
 from __future__ import annotations
 

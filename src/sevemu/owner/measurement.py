@@ -1,4 +1,6 @@
-"""Expected-measurement calculator for legacy SEV and SEV-ES launches (reference 1.10, 2.3).
+"""Expected-measurement calculator for legacy SEV and SEV-ES launches (SEV API 55766,
+LAUNCH_UPDATE_DATA / LAUNCH_UPDATE_VMSA / LAUNCH_MEASURE; virtee sev ``src/launch/sev.rs``;
+sev-snp-measure ``guest.py``; QEMU ``target/i386/sev.c`` for the kernel-hashes table).
 
 Written independently of the firmware model: it predicts what the firmware's GCTX.LD will be from
 what the guest owner knows (firmware image, kernel-hashes table, initial VMSAs) and checks the
@@ -16,6 +18,13 @@ Kernel-hashes table (QEMU ``-kernel`` with an SEV OVMF)
     ``length`` counts header and entries (168) without padding; the table is measured zero-padded
     to a multiple of 16 bytes (176).  GUIDs are stored in their little-endian (``bytes_le``) form.
 
+Image padding (the project's one rule)
+    A guest image (a firmware volume, a file given to ``sevemu launch``/``vmm``/``measurement``) is
+    loaded into whole 4 KiB pages and measured with its zero padding: :func:`padded_image`.  The
+    firmware measures what LAUNCH_UPDATE_DATA covers, and a VMM maps and encrypts whole pages; a
+    firmware volume is a whole number of pages already, so for real images this is the file's own
+    hash, as sevctl computes it.
+
 LAUNCH_MEASURE
     The 0x30-byte output is ``MEASURE || MNONCE`` with MEASURE as in
     :func:`sevemu.crypto.transport.measure_mac` (the 0x04/API/build prefix only for API >= 0.17).
@@ -27,6 +36,7 @@ import hashlib
 import uuid
 from collections.abc import Iterable
 
+from sevemu._util.units import PAGE
 from sevemu.abi.sev import MeasureBuf
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE
 from sevemu.crypto.transport import (
@@ -38,6 +48,7 @@ from sevemu.crypto.transport import (
 from sevemu.errors import InputError, LayoutError
 
 __all__ = [
+    "IMAGE_ALIGNMENT",
     "SEV_CMDLINE_ENTRY_GUID",
     "SEV_HASH_TABLE_GUID",
     "SEV_HASH_TABLE_LENGTH",
@@ -48,6 +59,7 @@ __all__ = [
     "expected_launch_digest",
     "kernel_hashes_table",
     "launch_measure_blob",
+    "padded_image",
     "verify_measurement",
 ]
 
@@ -59,6 +71,15 @@ SEV_KERNEL_ENTRY_GUID = uuid.UUID("4de79437-abd2-427f-b835-d5b172d2045b")
 _ENTRY_LENGTH = 16 + 2 + 32
 SEV_HASH_TABLE_LENGTH = 16 + 2 + 3 * _ENTRY_LENGTH
 """Value of the table's u16 length field (168): header plus three entries, without padding."""
+
+
+IMAGE_ALIGNMENT = PAGE
+"""A guest image is loaded and measured in whole pages (module docstring)."""
+
+
+def padded_image(image: bytes) -> bytes:
+    """``image`` zero-padded to whole :data:`IMAGE_ALIGNMENT` pages, as it is loaded and measured."""
+    return bytes(image) + bytes(-len(image) % IMAGE_ALIGNMENT)
 
 
 class LaunchDigest:
