@@ -292,9 +292,11 @@ def _umask() -> int:
     return mask
 
 
-def _check_writable(path: Path, what: str) -> None:
+def _check_writable(path: Path, what: str, create_parents: bool = True) -> None:
     if path.is_dir():
         raise FileFormatError(f"{path}: is a directory; {what} needs a file name")
+    if not create_parents and not path.parent.exists():
+        raise FileFormatError(f"{path}: no such directory {path.parent}")
     parent = path.parent
     while not parent.exists():
         if parent == parent.parent:
@@ -339,16 +341,18 @@ class Outputs:
     inputs: tuple[Path, ...] = ()
     planned: dict[Path, tuple[str, bool]] = field(default_factory=dict)
 
-    def add(self, path: Path, what: str, *, secret: bool = False, protect: bool | None = None) -> Path:
+    def add(self, path: Path, what: str, *, secret: bool = False, protect: bool | None = None,
+            create_parents: bool = True) -> Path:
         """Check that ``path`` can take ``what``; returns it.  ``secret``: a key (mode 0600, not
-        overwritten without ``--force``); ``protect``: not overwritten without ``--force`` either."""
+        overwritten without ``--force``); ``protect``: not overwritten without ``--force`` either;
+        ``create_parents``: missing directories above it will be made."""
         key = Path(os.path.abspath(path))
         if key in self.planned:
             raise InputError(f"{path} is given both as {self.planned[key][0]} and as {what}")
         for given in self.inputs:
             if Path(os.path.abspath(given)) == key:
                 raise InputError(f"{path} is an input of this command; {what} must go elsewhere")
-        _check_writable(path, what)
+        _check_writable(path, what, create_parents)
         if (secret if protect is None else protect) and path.exists() and not self.force:
             raise FileFormatError(f"{path}: exists; refusing to overwrite {what} (--force to replace it)")
         self.planned[key] = (what, secret)

@@ -172,7 +172,7 @@ def _print_human(r: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.dump is not None:
-        Outputs().add(args.dump, "--dump (the DRAM image)")  # checked before the demo runs
+        Outputs().add(args.dump, "--dump (the DRAM image)", create_parents=False)  # before the demo runs
     enabled = progress_enabled(quiet=args.json or bool(getattr(args, "quiet", False)))
     with Progress(enabled, "demo") as progress:
         r = scenario(args.generation, args.dump, args.seed, progress)

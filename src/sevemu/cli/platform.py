@@ -155,7 +155,7 @@ def _add_commands(sub: Any, *, under_platform: bool) -> None:
                        "example:\n  sevemu platform export --full certs/     one file per certificate "
                        "(sevemu export writes sevctl's chain file)")
     add_platform_args(e)
-    e.add_argument("dest", type=Path, nargs="?", default=Path("."),
+    e.add_argument("dest", nargs="?", default=".",
                    help="chain file, or a directory for one file per certificate (default .)")
     e.add_argument("-f", "--full", action="store_true", help="also the manufacturer's ASK and ARK")
     e.add_argument("--json", action="store_true", help="machine-readable output")
@@ -297,13 +297,9 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_dir_dest(dest: Path) -> bool:
-    return dest.is_dir() or str(dest).endswith(("/", "\\"))
-
-
 def run_export(args: argparse.Namespace) -> int:
-    dest: Path = args.dest
-    as_dir = args.dest_is_dir or _is_dir_dest(dest)
+    dest = Path(args.dest)
+    as_dir = args.dest_is_dir or dest.is_dir() or args.dest.endswith("/")
     outputs = Outputs()
     names = CERT_FILES if args.full else CERT_FILES[:4]
     if as_dir:
