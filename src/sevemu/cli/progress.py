@@ -16,15 +16,17 @@ from typing import Any, Self
 __all__ = ["Progress", "progress_enabled"]
 
 
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return False
+
+
 def progress_enabled(*, quiet: bool = False) -> bool:
     """Whether a progress display may be shown: stderr is a terminal and the user did not ask for
     machine output or silence."""
-    if quiet:
-        return False
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
+    return not quiet and _isatty(sys.stderr)
 
 
 class Progress:
@@ -55,9 +57,13 @@ class Progress:
             )
             from rich.progress import Progress as RichProgress
 
+            # lines printed to stdout go above the display when stdout is the same terminal; a piped
+            # stdout is left alone
+            on_terminal = _isatty(sys.stdout)
             self._progress = RichProgress(
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                 TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                redirect_stdout=on_terminal, redirect_stderr=False,
             )
             self._progress.start()
         return self
