@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,24 @@ def wait_for(path: Path, proc: subprocess.Popen[str], seconds: float = 90) -> No
         assert time.monotonic() < end, f"{path} did not appear"
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
+
+
+@contextmanager
+def running(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """The VMM process; killed if the test ends before it does."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def vmm_output(proc: subprocess.Popen[str]) -> str:
+    """Wait for the VMM's end; it must succeed, without a traceback: its stdout."""
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    return out
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -79,11 +99,10 @@ def test_exchange_with_files(parties: tuple[Path, Path, Path]) -> None:
     (owner / "fw.bin").write_bytes(image)
     version = firmware_version(home, host)
 
-    vmm = spawn(home, host, "vmm", "--dh-cert-file", "vm_godh.b64", "--session-file", "vm_session.b64",
-                "--policy", "0x1", "--firmware", "fw.bin", "--launch-measure-blob", "measure.b64",
-                "--secret-header", "secret_header.bin", "--secret-payload", "secret_payload.bin",
-                "--timeout", "120")
-    try:
+    with running(spawn(home, host, "vmm", "--dh-cert-file", "vm_godh.b64", "--session-file", "vm_session.b64",
+                       "--policy", "0x1", "--firmware", "fw.bin", "--launch-measure-blob", "measure.b64",
+                       "--secret-header", "secret_header.bin", "--secret-payload", "secret_payload.bin",
+                       "--timeout", "120")) as vmm:
         wait_for(host / "measure.b64", vmm)
         hand_over(host / "measure.b64", owner / "measure.b64")
         out = ok(call(home, owner, "measurement", "verify", "--launch-measure-blob", "measure.b64",
@@ -98,14 +117,9 @@ def test_exchange_with_files(parties: tuple[Path, Path, Path]) -> None:
                 "secret_header.bin", "secret_payload.bin"))
         hand_over(owner / "secret_header.bin", host / "secret_header.bin")
         hand_over(owner / "secret_payload.bin", host / "secret_payload.bin")
-        out, err = vmm.communicate(timeout=120)
-    finally:
-        if vmm.poll() is None:
-            vmm.kill()
-            vmm.wait()
-    assert vmm.returncode == 0, err
+        out = vmm_output(vmm)
     assert f"[guest] reads its secret {GUID}" in out and "correct horse battery staple" in out
-    assert "(ciphertext)" in out and "Traceback" not in err
+    assert "(ciphertext)" in out
 
 
 def test_exchange_with_qmp(parties: tuple[Path, Path, Path]) -> None:
@@ -114,9 +128,8 @@ def test_exchange_with_qmp(parties: tuple[Path, Path, Path]) -> None:
     (host / "fw.bin").write_bytes(b"firmware volume".ljust(8192, b"\xff"))
     (owner / "fw.bin").write_bytes((host / "fw.bin").read_bytes())
     version = firmware_version(home, host)
-    vmm = spawn(home, host, "vmm", "--dh-cert-file", "vm_godh.b64", "--session-file", "vm_session.b64",
-                "--firmware", "fw.bin", "--qmp", "vmm.sock", "--timeout", "120")
-    try:
+    with running(spawn(home, host, "vmm", "--dh-cert-file", "vm_godh.b64", "--session-file", "vm_session.b64",
+                       "--firmware", "fw.bin", "--qmp", "vmm.sock", "--timeout", "120")) as vmm:
         wait_for(host / "vmm.sock", vmm)
         sev = json.loads(ok(call(home, host, "qmp", "vmm.sock", "query-sev")))
         assert sev["state"] == "launch-secret" and sev["policy"] == 1
@@ -145,12 +158,7 @@ def test_exchange_with_qmp(parties: tuple[Path, Path, Path]) -> None:
         ok(call(home, host, "qmp", "vmm.sock", "sev-inject-launch-secret", "packet-header=@hdr.bin",
                 "secret=@payload.bin"))
         ok(call(home, host, "qmp", "vmm.sock", "cont"))
-        out, err = vmm.communicate(timeout=120)
-    finally:
-        if vmm.poll() is None:
-            vmm.kill()
-            vmm.wait()
-    assert vmm.returncode == 0, err
+        out = vmm_output(vmm)
     assert "correct horse battery staple" in out and not (host / "vmm.sock").exists()
 
 
