@@ -36,11 +36,10 @@ import hashlib
 import uuid
 from collections.abc import Iterable
 
-from sevemu._util.units import PAGE
+from sevemu._util.units import PAGE, align_up
 from sevemu.abi.sev import MeasureBuf
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE
 from sevemu.crypto.transport import (
-    DIGEST_SIZE,
     MeasureMacError,
     measure_mac,
     verify_measure_mac,
@@ -71,6 +70,8 @@ SEV_KERNEL_ENTRY_GUID = uuid.UUID("4de79437-abd2-427f-b835-d5b172d2045b")
 _ENTRY_LENGTH = 16 + 2 + 32
 SEV_HASH_TABLE_LENGTH = 16 + 2 + 3 * _ENTRY_LENGTH
 """Value of the table's u16 length field (168): header plus three entries, without padding."""
+_HASH_TABLE_PADDED = align_up(SEV_HASH_TABLE_LENGTH, 16)
+"""The table as measured: zero-padded to 16-byte units (176)."""
 
 
 IMAGE_ALIGNMENT = PAGE
@@ -89,15 +90,15 @@ class LaunchDigest:
     :meth:`update_vmsa` for each LAUNCH_UPDATE_VMSA page, in the order the hypervisor issues them.
     """
 
-    __slots__ = ("_hash", "_vmsas")
+    __slots__ = ("_hash", "_vmsa_seen")
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
-        self._vmsas = 0
+        self._vmsa_seen = False
 
     def update_data(self, region: bytes) -> LaunchDigest:
         """Extend with the plaintext of a LAUNCH_UPDATE_DATA region; must precede every VMSA."""
-        if self._vmsas:
+        if self._vmsa_seen:
             raise InputError("LAUNCH_UPDATE_DATA after LAUNCH_UPDATE_VMSA is not a valid launch order")
         self._hash.update(bytes(region))
         return self
@@ -107,7 +108,7 @@ class LaunchDigest:
         if len(page) != VMSA_PAGE_SIZE:
             raise LayoutError(f"a VMSA page is {VMSA_PAGE_SIZE:#x} bytes, got {len(page):#x}")
         self._hash.update(bytes(page))
-        self._vmsas += 1
+        self._vmsa_seen = True
         return self
 
     def digest(self) -> bytes:
@@ -147,7 +148,7 @@ def kernel_hashes_table(kernel: bytes, initrd: bytes = b"", cmdline: str | bytes
         + _entry(SEV_INITRD_ENTRY_GUID, bytes(initrd))
         + _entry(SEV_KERNEL_ENTRY_GUID, bytes(kernel))
     )
-    return table + bytes(-len(table) % 16)
+    return table + bytes(_HASH_TABLE_PADDED - len(table))
 
 
 def launch_measure_blob(
@@ -187,10 +188,9 @@ def verify_measurement(
     ``measure_blob`` is the 0x30-byte buffer (MEASURE || MNONCE) the hypervisor relays;
     ``api_major``/``api_minor``/``build`` are the firmware version it claims (PLATFORM_STATUS) --
     the MAC binds them, so a lie is caught here.  Raises :class:`MeasureMacError` on mismatch and
-    :class:`~sevemu.errors.LayoutError` for a blob or digest of the wrong size.
+    :class:`~sevemu.errors.LayoutError` for a blob or digest of the wrong size (the digest's size is
+    checked by :func:`~sevemu.crypto.transport.measure_mac`, with the same error).
     """
-    if len(expected_ld) != DIGEST_SIZE:
-        raise LayoutError(f"launch digest must be {DIGEST_SIZE} bytes, got {len(expected_ld)}")
     out = MeasureBuf.decode(measure_blob)
     verify_measure_mac(
         tik,
