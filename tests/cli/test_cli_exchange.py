@@ -171,3 +171,18 @@ def test_vmm_gives_up_after_its_timeout(parties: tuple[Path, Path, Path]) -> Non
              "--secret-payload", "p.bin", "--timeout", "1")
     assert r.returncode == 1 and "no secret within 1 s" in r.stderr and "Traceback" not in r.stderr
     assert (host / "m.b64").exists() and "[guest]" not in r.stdout
+
+
+def test_qmp_quit_and_capabilities(parties: tuple[Path, Path, Path]) -> None:
+    home, host, _ = parties
+    (host / "fw.bin").write_bytes(bytes(4096))
+    with running(spawn(home, host, "vmm", "--firmware", "fw.bin", "--qmp", "q.sock", "--timeout", "120")) as vmm:
+        wait_for(host / "q.sock", vmm)
+        caps = json.loads(ok(call(home, host, "qmp", "q.sock", "query-sev-capabilities")))
+        assert len(base64.b64decode(caps["pdh"])) == 0x824 and len(base64.b64decode(caps["cert-chain"])) == 3 * 0x824
+        assert caps["cbitpos"] == 51
+        ok(call(home, host, "qmp", "q.sock", "quit"))
+        out = vmm_output(vmm)
+    assert "quit: the guest is destroyed without running" in out and "[guest]" not in out
+    gone = call(home, host, "qmp", "q.sock", "query-sev")
+    assert gone.returncode == 2 and "q.sock: no such socket" in gone.stderr

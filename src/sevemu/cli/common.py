@@ -58,6 +58,7 @@ __all__ = [
     "default_platform_dir",
     "emit",
     "host_memory",
+    "names_a_file",
     "open_platform",
     "parse_guid",
     "parse_int",
@@ -220,12 +221,19 @@ def read_blob(path: Path | str, size: int, what: str) -> bytes:
     raise FileFormatError(f"{path}: expected {size} bytes of {what} (raw, hex or base64), got {len(data)} bytes")
 
 
+def names_a_file(text: str) -> bool:
+    """Whether an option value names an existing file (a long inline value is not a path)."""
+    try:
+        return bool(text) and Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def read_value(text: str, what: str, size: int, option: str) -> bytes:
     """A ``size``-byte value given as sevctl takes it: the path of a file (holding the value raw,
     as hex or as base64), else the value itself inline in base64 (or hex)."""
-    path = Path(text)
-    if text and path.exists():
-        return read_blob(path, size, what)
+    if names_a_file(text):
+        return read_blob(Path(text), size, what)
     for value in decode_text(text):
         if len(value) == size:
             return value

@@ -46,6 +46,7 @@ from sevemu.cli.common import (
     Outputs,
     add_force,
     emit,
+    names_a_file,
     parse_guid,
     parse_int,
     pdh_public_key,
@@ -370,7 +371,7 @@ def run_secret_build(args: argparse.Namespace) -> int:
     major, minor = ((parse_int(args.api_major, "--api-major", 8), parse_int(args.api_minor, "--api-minor", 8))
                     if args.api_major is not None else _SECRET_API_DEFAULT)
     secret_files = [Path(item.partition(":")[2]) for item in args.secret]
-    key_files = [Path(v) for v in (args.tek, args.tik, args.launch_measure_blob) if Path(v).exists()]
+    key_files = [Path(v) for v in (args.tek, args.tik, args.launch_measure_blob) if names_a_file(v)]
     outputs = Outputs(inputs=tuple(secret_files + key_files))
     outputs.add(args.header, "the packet header")
     outputs.add(args.payload, "the payload")

@@ -501,11 +501,14 @@ def run_vmm(args: argparse.Namespace) -> int:
         if not waits:
             entries = vmm.finish_and_run()
         else:
-            entries = _serve(args, vmm, progress)
-            if entries is None and vmm.state != "running":
-                result = {"ok": False, "steps": report.steps, "reason": "timeout"}
+            outcome, entries = _serve(args, vmm, progress)
+            if outcome == "quit":
                 if quiet:
-                    emit(args, result, [])
+                    emit(args, {"ok": True, "quit": True, "steps": report.steps}, [])
+                return 0
+            if outcome == "timeout":
+                if quiet:
+                    emit(args, {"ok": False, "steps": report.steps, "reason": "timeout"}, [])
                 print(f"sevemu: error: no secret within {args.timeout:g} s; the guest was destroyed without "
                       "running", file=sys.stderr)
                 return 1
@@ -524,8 +527,10 @@ def _files_ready(header: Path, payload: Path) -> bool:
         return False
 
 
-def _serve(args: argparse.Namespace, vmm: SevVmm, progress: Progress) -> dict[uuid.UUID, bytes] | None:
-    """Wait for the secret files or QMP commands until the guest runs, ``quit``, or the timeout."""
+def _serve(args: argparse.Namespace, vmm: SevVmm,
+           progress: Progress) -> tuple[str, dict[uuid.UUID, bytes] | None]:
+    """Wait for the secret files or QMP commands until the guest runs (``"ran"`` and what it read),
+    ``quit`` (``"quit"``), or the timeout (``"timeout"``)."""
     deadline = time.monotonic() + args.timeout
     where = []
     if args.secret_header is not None:
@@ -545,7 +550,7 @@ def _serve(args: argparse.Namespace, vmm: SevVmm, progress: Progress) -> dict[uu
                 except InputError as exc:
                     raise InputError(f"{args.secret_payload}: {exc}") from None
                 vmm.inject(header, payload)
-                return vmm.finish_and_run()
+                return "ran", vmm.finish_and_run()
             if server is not None:
                 ready, _, _ = select.select([server], [], [], min(0.1, max(deadline - time.monotonic(), 0)))
                 if ready:
@@ -553,10 +558,10 @@ def _serve(args: argparse.Namespace, vmm: SevVmm, progress: Progress) -> dict[uu
                     with conn:
                         qmp.session(conn, deadline)
                     if qmp.finished:
-                        return qmp.entries
+                        return ("ran" if vmm.state == "running" else "quit"), qmp.entries
             else:
                 time.sleep(0.05)
-    return None
+    return "timeout", None
 
 
 @contextmanager
@@ -729,7 +734,10 @@ def _recv(reader: Any, path: Path) -> dict[str, Any]:
     line = reader.readline()
     if not line:
         raise FileFormatError(f"{path}: the VMM closed the connection")
-    msg = json.loads(line)
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        msg = None
     if not isinstance(msg, dict):
         raise FileFormatError(f"{path}: not a QMP reply: {line[:60]!r}")
     return msg
