@@ -125,6 +125,9 @@ def test_launch_refuses_a_layout_before_any_step(capsys: pytest.CaptureFixture[s
     (home / "empty.bin").write_bytes(b"")
     assert "empty.bin: the image is empty" in fails(capsys, "launch", "--platform-dir", "fresh", "--image",
                                                     "empty.bin")
+    assert "/dev/zero: not a regular file" in fails(capsys, "launch", "--platform-dir", "fresh", "--image",
+                                                    "/dev/zero")
+    assert "must lie below 4 GiB" in fails(capsys, "launch", "--platform-dir", "fresh", "--image-gpa", "0x100000000")
     assert not (home / "fresh").exists()  # nothing ran: not even the platform was made
 
 

@@ -262,3 +262,22 @@ def test_version_quiet_and_json_errors(capsys: pytest.CaptureFixture[str]) -> No
     assert err.startswith("sevemu: error: argument --size: 0 is not positive (see 'sevemu bench memory --help')")
     for argv in (["frobnicate"], [], ["platform"], ["session", "--bogus"], ["display"]):
         fails(capsys, *argv)
+
+
+def test_every_command_has_examples() -> None:
+    import argparse
+
+    from sevemu.cli.main import build_parser
+
+    missing: list[str] = []
+
+    def walk(p: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, [*path, name])
+        if p.get_default("func") is not None and "example" not in (p.epilog or ""):
+            missing.append(" ".join(path))
+
+    walk(build_parser(), [])
+    assert missing == []

@@ -31,7 +31,7 @@ base64; ``gpa`` optional), ``query-sev-attestation-report`` (``mnonce`` base64 -
 COMMAND [NAME=VALUE ...]`` is a small client (``NAME=@FILE`` sends the file in base64).
 
 Guest memory layout (model choices, checked before anything runs): the image at ``--firmware-gpa``
-(default 0x100000); the guest model keeps its page tables from GPA 0x10000 (the image must not
+(default 0x100000), below 4 GiB as a VMM maps firmware; the guest model keeps its page tables from GPA 0x10000 (the image must not
 overlap them); the secret area is the image's OVMF SEV secret block when it has one (QEMU's default
 ``gpa``), else one page placed after the image and the page tables (OVMF's secret area is one 4 KiB
 page too).  A secret larger than that area, or than the 16 KiB KVM copies, is refused with the
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sevemu._util.units import PAGE, PAGE_2M, KiB, MiB, align_up
+from sevemu._util.units import PAGE, PAGE_2M, GiB, KiB, MiB, align_up
 from sevemu.abi.certs import SEV_CERT_SIZE
 from sevemu.abi.sev import MeasureBuf, SessionBuf
 from sevemu.abi.states import GuestState
@@ -104,6 +104,9 @@ LOAD_CHUNK = 4 * MiB
 """LAUNCH_UPDATE_DATA is issued in chunks of this size (one KVM sub-command each; the launch digest
 is one running hash, so it does not depend on the chunking); progress is shown per chunk."""
 DEFAULT_TIMEOUT = 300.0
+FIRMWARE_LIMIT = 4 * GiB
+"""Guest firmware and its secret area lie below 4 GiB (QEMU maps the flash there; OVMF's GUIDed table
+gives 32-bit addresses)."""
 HEADER_SIZE = 0x34
 
 
@@ -141,6 +144,11 @@ def plan_layout(image: bytes, image_gpa: int, *, option: str = "--firmware-gpa",
         raise InputError(f"{option} {image_gpa:#x} is not page aligned")
     size = len(image)
     image_range = (image_gpa, image_gpa + size)
+    if image_range[1] > FIRMWARE_LIMIT:
+        raise InputError(f"{option} {image_gpa:#x}: the image [{image_range[0]:#x}, {image_range[1]:#x}) must lie "
+                         f"below 4 GiB, where a VMM maps guest firmware")
+    if secret_gpa is not None and secret_gpa + PAGE > FIRMWARE_LIMIT:
+        raise InputError(f"--secret-gpa {secret_gpa:#x} must lie below 4 GiB (OVMF's secret block is 32-bit)")
     try:
         area = sev_secret_area(image)
     except LayoutError as exc:
@@ -329,10 +337,11 @@ class SevVmm:
             entries = {}
         for guid, value in entries.items():
             self.report.step("guest", f"reads its secret {guid} at GPA {gpa:#x}: {show_value(value)}", guid=str(guid))
-        hv.soc.wbinvd_all()
-        host_view = self.vm.host_read(gpa, min(32, length))
-        self.report.step("hypervisor", f"reads the same GPA after WBINVD: {host_view.hex()} (ciphertext)",
-                         host_view=host_view.hex())
+        if self.secret_len:
+            hv.soc.wbinvd_all()
+            host_view = self.vm.host_read(gpa, min(32, length))
+            self.report.step("hypervisor", f"reads the same GPA after WBINVD: {host_view.hex()} (ciphertext)",
+                             host_view=host_view.hex())
         return entries
 
     def destroy(self) -> None:
@@ -458,6 +467,8 @@ def _check_inputs(args: argparse.Namespace, outputs: Outputs) -> _Inputs:
 
 def load_guest_image(path: Path) -> bytes:
     """The image file, padded to whole pages; refused when empty or larger than this host can hold."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise FileFormatError(f"{path}: not a regular file (a device or pipe has no size to load)")
     try:
         size = path.stat().st_size
     except OSError:
