@@ -106,7 +106,7 @@ def test_platform_commands_and_verify(capsys: pytest.CaptureFixture[str], home: 
     assert "ALREADY_OWNED" in fails(capsys, "platform", "provision", "--oca-cert", "oca.cert", "--oca-key", "oca.key")
     assert "x.key is not the key of oca.cert" in fails(capsys, "platform", "provision", "--oca-cert", "oca.cert",
                                                 "--oca-key", _other_key(home))
-    assert "not an unencrypted PEM private key" in fails(capsys, "platform", "provision", "--oca-cert",
+    assert "not an unencrypted private key (DER or PEM)" in fails(capsys, "platform", "provision", "--oca-cert",
                                                          "oca.cert", "--oca-key", "oca.cert")
     assert run(capsys, "platform", "reset")[0] == 0
     assert json.loads(run(capsys, "platform", "status", "--json")[1])["owner"] == "self"

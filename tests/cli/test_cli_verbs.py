@@ -281,3 +281,14 @@ def test_every_command_has_examples() -> None:
 
     walk(build_parser(), [])
     assert missing == []
+
+
+def test_oca_keys_as_sevctl_writes_them(capsys: pytest.CaptureFixture[str], home: Path) -> None:
+    """generate writes the key in DER (sevctl: OpenSSL i2d_PrivateKey); provision takes DER or PEM."""
+    run(capsys, "generate", "oca.cert", "oca.key")
+    key = serialization.load_der_private_key((home / "oca.key").read_bytes(), password=None)
+    (home / "oca.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))
+    assert run(capsys, "provision", "oca.cert", "oca.pem")[0] == 0
+    run(capsys, "reset")
+    assert run(capsys, "provision", "oca.cert", "oca.key")[0] == 0

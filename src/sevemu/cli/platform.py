@@ -174,7 +174,7 @@ def _add_commands(sub: Any, *, under_platform: bool) -> None:
                        epilog=_EXAMPLES["provision"])
     add_platform_args(v)
     v.add_argument("cert", type=Path, nargs="?", help="the owner's OCA certificate")
-    v.add_argument("key", type=Path, nargs="?", help="its P-384 private key (PEM)")
+    v.add_argument("key", type=Path, nargs="?", help="its P-384 private key (DER as sevctl writes it, or PEM)")
     v.add_argument("--oca-cert", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     v.add_argument("--oca-key", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     v.set_defaults(func=run_provision)
@@ -182,7 +182,7 @@ def _add_commands(sub: Any, *, under_platform: bool) -> None:
     g = sub.add_parser("generate", help="a new self-signed OCA certificate and its key (no platform)",
                        epilog=_EXAMPLES["generate"])
     g.add_argument("cert", type=Path, help="where to write the OCA certificate")
-    g.add_argument("key", type=Path, help="where to write the private key (PEM, mode 0600)")
+    g.add_argument("key", type=Path, help="where to write the private key (DER as sevctl writes it, mode 0600)")
     add_force(g)
     g.set_defaults(func=run_generate)
 
@@ -338,11 +338,14 @@ def run_rotate(args: argparse.Namespace) -> int:
 
 
 def _load_oca_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The OCA private key: DER (what sevctl generate writes; SEC1 or PKCS#8) or PEM, unencrypted."""
     data = read_file(path)
+    load = serialization.load_pem_private_key if data.lstrip().startswith(b"-----") else \
+        serialization.load_der_private_key
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = load(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise FileFormatError(f"{path}: not an unencrypted PEM private key: {exc}") from None
+        raise FileFormatError(f"{path}: not an unencrypted private key (DER or PEM): {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
         raise FileFormatError(f"{path}: the OCA key must be an EC P-384 private key")
     return key
@@ -390,10 +393,11 @@ def run_generate(args: argparse.Namespace) -> int:
     key = ec.generate_private_key(ec.SECP384R1())
     cert = SevCert.new(KeyUsage.OCA, SigAlgo.ECDSA_SHA256, key.public_key()).sign_with(
         key, KeyUsage.OCA, SigAlgo.ECDSA_SHA256, slot=1)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    # the key as sevctl writes it (OpenSSL's i2d_PrivateKey of an EC key: SEC1 DER)
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
                             serialization.NoEncryption())
     outputs.write(args.cert, cert.encode())
-    outputs.write(args.key, pem)
+    outputs.write(args.key, der)
     print(f"wrote {args.cert} (self-signed OCA, P-384) and {args.key}")
     return 0
 
