@@ -89,7 +89,7 @@ def _guest_loads(generation: str, loads: int) -> dict[str, Any]:
     m = build_machine(generation, seed="bench")
     hv = m.hv
     vm = hv.create_vm("bench", 256 * MiB)
-    hv.launch(vm, [(0x100000, bytes(4096))])
+    hv.launch(vm, [(0x100000, bytes(PAGE))])
     region = 0x1000000
     miss_bytes = m.soc.cache.size * 3 // 2  # 1.5x the cache: a sequential sweep always misses
     vm.add_vcpu(PyEngine(touch_pages(256 * MiB, region, miss_bytes, 64)))
@@ -134,7 +134,7 @@ def _sparse_guest(generation: str) -> dict[str, Any]:
     before = _rss()
     hv = m.hv
     vm = hv.create_vm("sparse", 64 * GiB)
-    hv.launch(vm, [(0x100000, bytes(4096))])
+    hv.launch(vm, [(0x100000, bytes(PAGE))])
     touched = 64 * MiB
     vm.add_vcpu(PyEngine(touch_pages(64 * GiB, 1 * GiB, touched)))
     hv.run(vm)

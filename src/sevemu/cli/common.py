@@ -37,6 +37,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sevemu._util.units import GiB
 from sevemu.abi.certs import SEV_CERT_SIZE, KeyUsage
 from sevemu.certs.amd import AmdCert
 from sevemu.certs.chain import AmdCertChain
@@ -138,7 +139,8 @@ class Platform:
 
 
 @contextmanager
-def open_platform(args: argparse.Namespace, *, writable: bool = True, dram_size: int = 1 << 32) -> Iterator[Platform]:
+def open_platform(args: argparse.Namespace, *, writable: bool = True,
+                  dram_size: int = 4 * GiB) -> Iterator[Platform]:
     """Boot the platform of ``args`` (manufacturing it on first use); the SEV firmware starts UNINIT
     as after a power-on, and ``/dev/sev`` INITs it on demand.  Closes the NV store afterwards.
 

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     step = report.step
 
     with Progress(progress_enabled(quiet=quiet or bool(getattr(args, "quiet", False))), "launch") as progress, \
-            open_platform(args, dram_size=max(1 << 32, 2 * layout.memory)) as plat:
+            open_platform(args, dram_size=layout.host_dram) as plat:
         st = platform_status(plat)
         step("platform", f"{plat.generation} platform at {plat.directory}: firmware API "
                          f"{st.api_major}.{st.api_minor} build {st.build}, {PlatformState(st.state).name}")

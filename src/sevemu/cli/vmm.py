@@ -124,9 +124,9 @@ class GuestLayout:
     secret_from_image: bool
 
     @property
-    def secret_limit(self) -> int:
-        """The largest secret payload this guest takes (its area, and what KVM copies)."""
-        return min(self.secret_size, SEV_FW_BLOB_MAX_SIZE)
+    def host_dram(self) -> int:
+        """DRAM of the host that runs this guest (sparse: only what is touched costs memory)."""
+        return max(4 * GiB, align_up(2 * self.memory, GiB))
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -491,8 +491,7 @@ def run_vmm(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         progress = stack.enter_context(Progress(progress_enabled(quiet=quiet or bool(getattr(args, "quiet", False))),
                                                 "vmm"))
-        plat = stack.enter_context(open_platform(args, dram_size=max(1 << 32, align_up(2 * inp.layout.memory,
-                                                                                          1 << 30))))
+        plat = stack.enter_context(open_platform(args, dram_size=inp.layout.host_dram))
         vmm = SevVmm(plat, inp.layout, inp.policy, report, progress)
         stack.callback(vmm.destroy)
         major, minor, build = plat.dev.api_version()
