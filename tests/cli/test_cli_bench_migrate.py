@@ -31,6 +31,10 @@ def test_smallest_run_verifies(capsys: pytest.CaptureFixture[str]) -> None:
     assert 0 < r["ratio"] < 1
 
 
-def test_rejects_bad_sizes() -> None:
-    with pytest.raises(SystemExit):
-        run_migrate(parse("--size", "0"))
+def test_rejects_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    from sevemu.cli.main import main
+
+    for argv in (["--size", "0"], ["--size", "7"], ["--timeout", "inf"]):
+        assert main(["bench", "migrate", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sevemu: error: ") and err.count("\n") == 1 and "Traceback" not in err

@@ -4,6 +4,7 @@ error messages for wrong input (exit 2, no traceback)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import uuid
@@ -105,7 +106,7 @@ def test_platform_commands_and_verify(capsys: pytest.CaptureFixture[str], home: 
     assert "ALREADY_OWNED" in fails(capsys, "platform", "provision", "--oca-cert", "oca.cert", "--oca-key", "oca.key")
     assert "x.key is not the key of oca.cert" in fails(capsys, "platform", "provision", "--oca-cert", "oca.cert",
                                                 "--oca-key", _other_key(home))
-    assert "not an unencrypted PEM private key" in fails(capsys, "platform", "provision", "--oca-cert",
+    assert "not an unencrypted private key (DER or PEM)" in fails(capsys, "platform", "provision", "--oca-cert",
                                                          "oca.cert", "--oca-key", "oca.cert")
     assert run(capsys, "platform", "reset")[0] == 0
     assert json.loads(run(capsys, "platform", "status", "--json")[1])["owner"] == "self"
@@ -127,7 +128,7 @@ def test_owner_files_against_a_host(capsys: pytest.CaptureFixture[str], home: Pa
     assert run(capsys, "platform", "export", "--platform-dir", str(plat), "certs")[0] == 0
     assert run(capsys, "session", "--pdh", "certs/pdh.cert", "--policy", "0x1", "--out", "o", "--name", "vm")[0] == 0
     files = {p.name for p in (home / "o").iterdir()}
-    assert files == {"vm_godh.cert", "vm_session.bin", "vm_tek.bin", "vm_tik.bin"}
+    assert files == {"vm_godh.b64", "vm_session.b64", "vm_tek.bin", "vm_tik.bin"}  # sevctl's names and formats
     image = os.urandom(12288)
     (home / "fw.bin").write_bytes(image)
 
@@ -136,7 +137,9 @@ def test_owner_files_against_a_host(capsys: pytest.CaptureFixture[str], home: Pa
     vm = hv.create_vm("g", 16 << 20)
     kvm = KvmSev(hv, vm)
     kvm.op(KvmSevCmdId.INIT, sev_fd=dev)
-    godh, session = (home / "o" / "vm_godh.cert").read_bytes(), (home / "o" / "vm_session.bin").read_bytes()
+    godh = base64.b64decode((home / "o" / "vm_godh.b64").read_bytes(), validate=True)
+    session = base64.b64decode((home / "o" / "vm_session.b64").read_bytes(), validate=True)
+    assert (len(godh), len(session)) == (0x824, 0x80)
     kvm.op(KvmSevCmdId.LAUNCH_START, KvmSevLaunchStart(policy=1, dh_uaddr=godh, dh_len=len(godh),
                                                        session_uaddr=session, session_len=len(session)),
            sev_fd=dev)
@@ -160,8 +163,8 @@ def test_owner_files_against_a_host(capsys: pytest.CaptureFixture[str], home: Pa
     assert "short.bin: expected 48 bytes of LAUNCH_MEASURE blob (raw, hex or base64), got 17 bytes" in fails(
         capsys, "measurement", "verify", "--measurement", "short.bin", "--tik", "o/vm_tik.bin", "--image",
         "fw.bin", *common)
-    assert "o/vm_godh.cert: expected 16 bytes (a TIK), got 2084" in fails(
-        capsys, "measurement", "verify", "--measurement", "measure.txt", "--tik", "o/vm_godh.cert", "--image",
+    assert "o/vm_godh.b64: expected 16 bytes of a TIK (raw, hex or base64), got 2780 bytes" in fails(
+        capsys, "measurement", "verify", "--measurement", "measure.txt", "--tik", "o/vm_godh.b64", "--image",
         "fw.bin", *common)
 
     (home / "disk.key").write_bytes(b"luks passphrase")

@@ -1,4 +1,4 @@
-"""Launch digest, kernel-hashes table and LAUNCH_MEASURE verification (reference 1.10)."""
+"""Launch digest, kernel-hashes table and LAUNCH_MEASURE verification (SEV API 55766, LAUNCH_MEASURE)."""
 
 from __future__ import annotations
 
@@ -64,8 +64,17 @@ def test_pre_0_17_variant_round_trip() -> None:
 def test_wrong_sizes() -> None:
     with pytest.raises(LayoutError):
         m.verify_measurement(KAT, TIK, 0, 18, 0x0F, 0, EMPTY_LD)
-    with pytest.raises(LayoutError):
+    with pytest.raises(LayoutError, match="launch digest must be 32 bytes, got 16"):
         m.verify_measurement(KAT + MNONCE, TIK, 0, 18, 0x0F, 0, EMPTY_LD[:16])
+
+
+@pytest.mark.parametrize(("size", "padded"), [(1, 4096), (4095, 4096), (4096, 4096), (4097, 8192), (0, 0)])
+def test_the_one_padding_rule(size: int, padded: int) -> None:
+    """An image is measured as the whole 4 KiB pages it is loaded into, its tail zero-filled."""
+    image = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    out = m.padded_image(image)
+    assert len(out) == padded and out[:size] == image and out[size:] == bytes(padded - size)
+    assert m.IMAGE_ALIGNMENT == 4096
 
 
 def test_launch_digest_is_one_running_hash() -> None:
@@ -77,10 +86,11 @@ def test_launch_digest_is_one_running_hash() -> None:
 
 
 def test_launch_digest_order_rules() -> None:
-    ld = m.LaunchDigest().update_vmsa(bytes(4096))
-    with pytest.raises(InputError):
+    ld = m.LaunchDigest().update_data(b"early").update_data(b"")  # data after data is fine
+    ld.update_vmsa(bytes(4096))
+    with pytest.raises(InputError, match="LAUNCH_UPDATE_DATA after LAUNCH_UPDATE_VMSA"):
         ld.update_data(b"late")
-    with pytest.raises(LayoutError):
+    with pytest.raises(LayoutError, match="a VMSA page is 0x1000 bytes, got 0xfff"):
         m.LaunchDigest().update_vmsa(bytes(4095))
 
 

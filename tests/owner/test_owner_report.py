@@ -1,4 +1,4 @@
-"""Legacy ATTESTATION report verification (reference 1.12), with a PEK made up for the test."""
+"""Legacy ATTESTATION report verification (SEV API 55766, ATTESTATION), with a PEK made up for the test."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OVMF secret table and LAUNCH_SECRET packets (reference 1.11)."""
+"""OVMF secret table and LAUNCH_SECRET packets (SEV API 55766, LAUNCH_SECRET; sevctl src/secret.rs)."""
 
 from __future__ import annotations
 

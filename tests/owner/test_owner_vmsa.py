@@ -1,4 +1,4 @@
-"""Initial SEV-ES VMSAs (reference 2.2) and the CPUID signature."""
+"""Initial SEV-ES VMSAs (APM2 15.35; QEMU target/i386/sev.c) and the CPUID signature."""
 
 from __future__ import annotations
 

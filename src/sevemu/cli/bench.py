@@ -6,6 +6,9 @@
   loads that hit the cache, and loads that miss and fill a line from encrypted DRAM -- measured both
   through the memory port an instruction engine calls and through the Python workload engine;
 * resident memory of a 64 GiB SEV guest that touched 64 MiB.
+
+Options are checked before anything runs (a bulk buffer larger than this host's available memory
+allows is refused); on a terminal each phase shows its progress on stderr.
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sevemu._util.units import PAGE, GiB, MiB
 from sevemu.abi.paging import ExitCode
+from sevemu.certs.roots import GENERATIONS
 from sevemu.cli.bench_launch import register_launch
 from sevemu.cli.bench_migrate import register_migrate
+from sevemu.cli.common import host_memory, positive_int
+from sevemu.cli.progress import Progress, progress_enabled
+from sevemu.errors import InputError
 from sevemu.guest.workloads import touch_pages
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.pyengine import Op, PyEngine, Workload, op
 from sevemu.hw.svm import VmExit
 from sevemu.scenario import build_machine
-
-MiB = 1 << 20
-GiB = 1 << 30
 
 TARGETS = {"bulk_ratio": 0.5, "load_hit_per_s": 1_000_000, "load_miss_per_s": 300_000, "rss_ratio": 3.0}
 
@@ -35,11 +40,14 @@ TARGETS = {"bulk_ratio": 0.5, "load_hit_per_s": 1_000_000, "load_miss_per_s": 30
 def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
-    m = bsub.add_parser("memory", help="memory encryption, guest loads, sparse-guest RSS")
+    m = bsub.add_parser("memory", help="memory encryption, guest loads, sparse-guest RSS",
+                        epilog="examples:\n  sevemu bench memory\n  sevemu bench memory --size 64 --json")
     m.add_argument("--json", action="store_true", help="machine-readable output")
-    m.add_argument("--size", type=int, default=256, help="bulk buffer size in MiB (default 256)")
-    m.add_argument("--loads", type=int, default=1_000_000, help="loads per load benchmark")
-    m.add_argument("--generation", default="milan", help="platform for the guest-load benchmarks")
+    m.add_argument("--size", type=positive_int, default=256, metavar="MiB",
+                   help="bulk buffer size in MiB (default 256)")
+    m.add_argument("--loads", type=positive_int, default=1_000_000, help="loads per load benchmark")
+    m.add_argument("--generation", choices=GENERATIONS, default="milan",
+                   help="platform for the guest-load benchmarks")
     m.set_defaults(func=run_memory)
     register_launch(bsub)
     register_migrate(bsub)
@@ -81,7 +89,7 @@ def _guest_loads(generation: str, loads: int) -> dict[str, Any]:
     m = build_machine(generation, seed="bench")
     hv = m.hv
     vm = hv.create_vm("bench", 256 * MiB)
-    hv.launch(vm, [(0x100000, bytes(4096))])
+    hv.launch(vm, [(0x100000, bytes(PAGE))])
     region = 0x1000000
     miss_bytes = m.soc.cache.size * 3 // 2  # 1.5x the cache: a sequential sweep always misses
     vm.add_vcpu(PyEngine(touch_pages(256 * MiB, region, miss_bytes, 64)))
@@ -117,7 +125,7 @@ def _guest_loads(generation: str, loads: int) -> dict[str, Any]:
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * PAGE
 
 
 def _sparse_guest(generation: str) -> dict[str, Any]:
@@ -126,7 +134,7 @@ def _sparse_guest(generation: str) -> dict[str, Any]:
     before = _rss()
     hv = m.hv
     vm = hv.create_vm("sparse", 64 * GiB)
-    hv.launch(vm, [(0x100000, bytes(4096))])
+    hv.launch(vm, [(0x100000, bytes(PAGE))])
     touched = 64 * MiB
     vm.add_vcpu(PyEngine(touch_pages(64 * GiB, 1 * GiB, touched)))
     hv.run(vm)
@@ -137,15 +145,30 @@ def _sparse_guest(generation: str) -> dict[str, Any]:
             "rss_ratio": (after - before) / touched, "dram_pages": m.soc.dram.populated_pages}
 
 
+BULK_MEMORY_FACTOR = 3
+"""The bulk benchmark holds its source buffer, its output and the cipher's working copy."""
+
+
+def check_memory(size: int, factor: int, option: str = "--size") -> None:
+    """Refuse a benchmark size this host cannot hold (``factor`` x ``size`` bytes of memory)."""
+    available = host_memory()
+    if size * factor > available:
+        raise InputError(f"{option} {size // MiB} MiB: the benchmark needs about {factor}x that in memory, and "
+                         f"this host has {available // MiB} MiB available")
+
+
 def run_memory(args: argparse.Namespace) -> int:
-    if args.size <= 0 or args.loads <= 0:
-        raise SystemExit("sevemu bench memory: --size and --loads must be positive")
+    check_memory(args.size * MiB, BULK_MEMORY_FACTOR)
     from sevemu.crypto.membench import bench_modes
 
     results: dict[str, Any] = {"targets": TARGETS}
-    results["bulk"] = bench_modes(args.size * MiB)
-    results["loads"] = _guest_loads(args.generation, args.loads)
-    results["sparse_guest"] = _sparse_guest(args.generation)
+    with Progress(progress_enabled(quiet=args.json or bool(getattr(args, "quiet", False))), "bench memory") as p:
+        p.step(f"bulk encrypt+decrypt of {args.size} MiB per mode")
+        results["bulk"] = bench_modes(args.size * MiB)
+        p.step("guest loads (hits and misses)")
+        results["loads"] = _guest_loads(args.generation, args.loads)
+        p.step("a 64 GiB sparse SEV guest")
+        results["sparse_guest"] = _sparse_guest(args.generation)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -23,6 +23,8 @@ import time
 from typing import Any
 
 from sevemu.abi.paging import ExitCode
+from sevemu.certs.roots import GENERATIONS
+from sevemu.cli.common import positive_int
 from sevemu.cli.run import launch_guest, load_image
 from sevemu.errors import InputError
 from sevemu.guest.build import GuestImage
@@ -37,13 +39,16 @@ _MARK = 0x80
 
 def register_cpu(bsub: Any) -> None:
     """Add ``cpu`` to the ``sevemu bench`` sub-commands."""
-    p = bsub.add_parser("cpu", help="Unicorn vCPU engine: SEV-guest instructions/s vs bare Unicorn, VMEXIT round trips/s")
+    p = bsub.add_parser("cpu", help="Unicorn vCPU engine: SEV-guest instructions/s vs bare Unicorn, VMEXIT round trips/s",
+                        epilog="examples:\n  sevemu bench cpu\n  sevemu bench cpu --mode plain --repeat 3 --json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--iterations", type=int, default=1 << 22,
+    p.add_argument("--iterations", type=positive_int, default=1 << 22,
                    help=f"compute-loop iterations ({INSNS_PER_ITERATION} instructions each; default 4194304)")
-    p.add_argument("--exits", type=int, default=100_000, help="VMEXIT round trips to time (default 100000)")
-    p.add_argument("--repeat", type=int, default=2, help="runs of each measurement; the best counts (default 2)")
-    p.add_argument("--generation", default="milan", help="CPU generation of the platform (default milan)")
+    p.add_argument("--exits", type=positive_int, default=100_000, help="VMEXIT round trips to time (default 100000)")
+    p.add_argument("--repeat", type=positive_int, default=2,
+                   help="runs of each measurement; the best counts (default 2)")
+    p.add_argument("--generation", choices=GENERATIONS, default="milan",
+                   help="CPU generation of the platform (default milan)")
     p.add_argument("--mode", choices=("sev", "plain"), default="sev", help="guest kind (default sev)")
     p.set_defaults(func=run_cpu)
 

@@ -15,6 +15,8 @@ extends the SHA-256 launch digest with it and writes it back encrypted with the 
   compared with the least any implementation must do, one AES pass plus one SHA-256 pass.
 
 The guest image (random bytes) is written into guest memory by the host before the clock starts.
+``--size`` is checked against this host's available memory before anything runs; on a terminal the
+phases show their progress on stderr.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from sevemu._util.units import GiB, MiB
+from sevemu.certs.roots import GENERATIONS
+from sevemu.cli.common import host_memory, positive_int
+from sevemu.cli.progress import Progress, progress_enabled
+from sevemu.errors import InputError
 from sevemu.hw.profiles import profile
 from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevLaunchStart, KvmSevLaunchUpdateData
 from sevemu.hypervisor.psp import PspDriver
@@ -37,8 +44,6 @@ from sevemu.scenario import build_machine
 
 __all__ = ["TARGET_RATIO", "bench_launch", "register_launch", "run_launch"]
 
-MiB = 1 << 20
-GiB = 1 << 30
 TARGET_RATIO = 0.5
 _IMAGE_GPA = 0x10_0000
 _XTS_UNIT = MiB
@@ -46,11 +51,12 @@ _XTS_UNIT = MiB
 
 def register_launch(bsub: Any) -> None:
     """Add ``launch`` to the ``sevemu bench`` sub-commands."""
-    p = bsub.add_parser("launch", help="LAUNCH_UPDATE_DATA of a large image vs raw AES")
+    p = bsub.add_parser("launch", help="LAUNCH_UPDATE_DATA of a large image vs raw AES",
+                        epilog="examples:\n  sevemu bench launch\n  sevemu bench launch --size 256 --repeat 3 --json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--size", type=int, default=64, help="image size in MiB (default 64)")
-    p.add_argument("--generation", default="milan", help="platform (naples, rome, milan, genoa, turin)")
-    p.add_argument("--repeat", type=int, default=1, help="launches to time, best kept (default 1)")
+    p.add_argument("--size", type=positive_int, default=64, metavar="MiB", help="image size in MiB (default 64)")
+    p.add_argument("--generation", choices=GENERATIONS, default="milan", help="platform (default milan)")
+    p.add_argument("--repeat", type=positive_int, default=1, help="launches to time, best kept (default 1)")
     p.set_defaults(func=run_launch)
 
 
@@ -120,12 +126,26 @@ def _one_launch(generation: str, image: bytes, seed: str) -> dict[str, float]:
             "setup_seconds": setup}
 
 
-def bench_launch(generation: str = "milan", size: int = 64 * MiB, repeat: int = 1) -> dict[str, Any]:
+MEMORY_FACTOR = 4
+"""The image, its copy in the emulated DRAM, the encrypted copy and the baseline's output buffer."""
+
+
+def bench_launch(generation: str = "milan", size: int = 64 * MiB, repeat: int = 1,
+                 progress: Progress | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the figures (module docstring)."""
+    available = host_memory()
+    if size * MEMORY_FACTOR > available:
+        raise InputError(f"--size {size // MiB} MiB: the benchmark needs about {MEMORY_FACTOR}x that in memory, "
+                         f"and this host has {available // MiB} MiB available")
+    progress = progress or Progress(False)
     image = os.urandom(size)
-    runs = [_one_launch(generation, image, f"bench-launch-{i}") for i in range(max(repeat, 1))]
+    runs = []
+    for i in range(max(repeat, 1)):
+        progress.step(f"launch {i + 1} of {max(repeat, 1)}: LAUNCH_UPDATE_DATA of {size // MiB} MiB")
+        runs.append(_one_launch(generation, image, f"bench-launch-{i}"))
     best = min(runs, key=lambda r: r["seconds"])
     xts = profile(generation).mem_mode.key_size == 64
+    progress.step("baselines: raw AES and SHA-256 of the same bytes")
     name, base = _baseline(xts, image)
     sha = _best(lambda: hashlib.sha256(image).digest(), 3)
     gb = size / 1e9
@@ -152,9 +172,8 @@ def bench_launch(generation: str = "milan", size: int = 64 * MiB, repeat: int = 
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    if args.size <= 0 or args.repeat <= 0:
-        raise SystemExit("sevemu bench launch: --size and --repeat must be positive")
-    r = bench_launch(args.generation, args.size * MiB, args.repeat)
+    with Progress(progress_enabled(quiet=args.json or bool(getattr(args, "quiet", False))), "bench launch") as p:
+        r = bench_launch(args.generation, args.size * MiB, args.repeat, p)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

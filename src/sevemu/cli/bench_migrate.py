@@ -29,7 +29,10 @@ Verification: the destination runs the guest from where it stopped; it reads the
 prints their SHA-256, which must equal the source's.
 
 The child-process side (:class:`DestinationPlan`, :func:`destination_main`, :class:`Destination`)
-is reused by the end-to-end migration tests.
+is reused by the end-to-end migration tests.  The child is started with SIGINT ignored: Ctrl-C on a
+terminal reaches the whole process group, and it is the parent's to handle (it stops the child
+and exits with status 130, no traceback from either process).  Options are checked before anything
+runs (``--size`` against this host's available memory, ``--timeout`` positive and finite).
 """
 
 from __future__ import annotations
@@ -39,18 +42,25 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final, Self
 
+from sevemu._util.units import PAGE, MiB
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import ActivateCmd, HandleCmd, LaunchStartCmd, LaunchUpdateDataCmd, MeasureBuf
+from sevemu.certs.roots import GENERATIONS
+from sevemu.cli.common import host_memory, positive_int, seconds
+from sevemu.cli.progress import Progress, progress_enabled
+from sevemu.errors import InputError
 from sevemu.guest.kernel import boot, print_
 from sevemu.hw.pyengine import Op, PyEngine, op
 from sevemu.hypervisor.kvm import Hypervisor
@@ -68,21 +78,26 @@ __all__ = [
     "run_migrate",
 ]
 
-MiB: Final = 1 << 20
-PAGE: Final = 4096
 _RUN: Final = 64 * MiB
 _MARKS: Final = 256
 _RAW_CHUNK: Final = 256 << 10
 _LOCALHOST: Final = "127.0.0.1"
+MIN_SIZE_MIB: Final = 8
+MEMORY_FACTOR: Final = 3
+"""Both hosts hold the guest's populated pages, the source its launch and the wire its frames."""
 
 
 def register_migrate(bench_subparsers: Any) -> None:
     """Add ``migrate`` to the ``sevemu bench`` sub-commands."""
-    p = bench_subparsers.add_parser("migrate", help="SEV guest migration over loopback TCP vs raw TCP")
+    p = bench_subparsers.add_parser("migrate", help="SEV guest migration over loopback TCP vs raw TCP",
+                                    epilog="examples:\n  sevemu bench migrate\n"
+                                           "  sevemu bench migrate --size 64 --json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--size", type=int, default=1024, help="guest memory in MiB (default 1024)")
-    p.add_argument("--generation", default="milan", help="platform of both hosts (default milan)")
-    p.add_argument("--timeout", type=float, default=60.0, help="bound on every network wait, seconds")
+    p.add_argument("--size", type=positive_int, default=1024, metavar="MiB",
+                   help=f"guest memory in MiB (default 1024, at least {MIN_SIZE_MIB})")
+    p.add_argument("--generation", choices=GENERATIONS, default="milan", help="platform of both hosts (default milan)")
+    p.add_argument("--timeout", type=seconds, default=60.0, metavar="S",
+                   help="bound on every network wait, seconds (default 60)")
     p.set_defaults(func=run_migrate)
 
 
@@ -213,7 +228,8 @@ class Destination:
         self._conn = parent
         self.process = ctx.Process(target=destination_main, args=(self.plan, child), daemon=True,
                                    name="sevemu-destination")
-        self.process.start()
+        with _sigint_ignored():  # inherited: Ctrl-C is the parent's (module docstring)
+            self.process.start()
         child.close()
         port = self._expect("port", self.start_timeout)
         if not isinstance(port, int):
@@ -251,6 +267,20 @@ class Destination:
                 proc.join(5)
         if self._conn is not None:
             self._conn.close()
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a child is started (only the main thread may change signal handlers)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---- the source guest ---------------------------------------------------------------------------
@@ -319,11 +349,18 @@ def _raw_tcp(port: int, nbytes: int, timeout: float) -> float:
         return time.perf_counter() - t0
 
 
-def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.0) -> dict[str, Any]:
+def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.0,
+                  progress: Progress | None = None) -> dict[str, Any]:
     """Run the benchmark (module docstring); returns the figures."""
-    if size_mib < 8:
-        raise MigrationError("the benchmark guest needs at least 8 MiB")
+    if size_mib < MIN_SIZE_MIB:
+        raise InputError(f"--size {size_mib}: the benchmark guest needs at least {MIN_SIZE_MIB} MiB")
     size = size_mib * MiB
+    available = host_memory()
+    if size * MEMORY_FACTOR > available:
+        raise InputError(f"--size {size_mib} MiB: the benchmark needs about {MEMORY_FACTOR}x that in memory, "
+                         f"and this host has {available // MiB} MiB available")
+    progress = progress or Progress(False)
+    progress.step("manufacturing the destination's chip, starting its process")
     t_setup = time.perf_counter()
     root = default_amd_root(generation)
     marks = _marks(size, _MARKS)
@@ -334,6 +371,7 @@ def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.
         plan = DestinationPlan(generation, str(dst_dir), root.amd_certs.encode(), timeout=timeout,
                                check=tuple((gpa, len(d)) for gpa, d in marks), baseline=True)
         with Destination(plan) as dest:
+            progress.step(f"launching a {size_mib} MiB SEV guest on the source")
             src = build_machine(generation, amd_root=root)
             hv = src.hv
             vm = hv.create_vm("bench", size)
@@ -343,6 +381,7 @@ def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.
             if booted.reason != "hlt":
                 raise MigrationError(f"the benchmark guest did not boot: {booted.reason}")
             setup = time.perf_counter() - t_setup
+            progress.step(f"migrating {size_mib} MiB over loopback TCP")
             chan = Channel.connect(_LOCALHOST, dest.port, timeout)
             c0 = time.process_time()
             try:
@@ -353,6 +392,7 @@ def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.
             received = dest.result()
             if not received.get("ok"):
                 raise MigrationError(f"the destination failed: {received.get('error')}")
+            progress.step("raw TCP baseline")
             raw_seconds = _raw_tcp(dest.port, sent.bytes_sent, timeout)
     moved = sent.pages * PAGE
     migrate_mbps = moved / sent.seconds / 1e6
@@ -381,9 +421,8 @@ def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    if args.size <= 0 or args.timeout <= 0:
-        raise SystemExit("sevemu bench migrate: --size and --timeout must be positive")
-    r = bench_migrate(args.size, args.generation, args.timeout)
+    with Progress(progress_enabled(quiet=args.json or bool(getattr(args, "quiet", False))), "bench migrate") as p:
+        r = bench_migrate(args.size, args.generation, args.timeout, p)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0 if r["verified"] else 1

@@ -7,6 +7,9 @@
 3. Side by side: the guest's view of its secret (plaintext), the hypervisor's read of the same guest
    page (ciphertext), a DRAM "cold boot" dump searched for the secret (absent) and for the
    ciphertext (present), and VM B reading VM A's page after the hypervisor remapped it (garbage).
+
+``--dump PATH`` is checked before the demo runs (a file name in a writable directory); on a terminal
+the demo shows its progress on stderr.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sevemu._util.units import PAGE, GiB, MiB
+from sevemu.certs.roots import GENERATIONS
+from sevemu.cli.common import Outputs
+from sevemu.cli.progress import Progress, progress_enabled
 from sevemu.guest.workloads import demo_guest
 from sevemu.hw.dram import ColdBootImage
 from sevemu.hw.pyengine import PyEngine
 from sevemu.hypervisor.vm import Vm
 from sevemu.scenario import build_machine
 
-MiB = 1 << 20
 GUEST_MEMORY = 64 * MiB
 IMAGE_GPA = 0x100000
 SECRET_GPA = 0x200000
@@ -32,10 +38,14 @@ PEEK_GPA = 0x400000
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("demo", help="two SEV guests, a hypervisor and a DRAM dump: who sees what")
-    p.add_argument("--generation", default="milan", help="CPU generation (naples, rome, milan, genoa, turin)")
+    p = sub.add_parser("demo", help="two SEV guests, a hypervisor and a DRAM dump: who sees what",
+                       description="Launch two SEV guests on one platform and show side by side what the "
+                                   "guests, the hypervisor and a cold-boot DRAM dump see.",
+                       epilog="examples:\n  sevemu demo\n  sevemu demo --generation genoa --json\n"
+                              "  sevemu demo --dump /tmp/dram.img       keep the 1 GiB (sparse) DRAM image")
+    p.add_argument("--generation", choices=GENERATIONS, default="milan", help="CPU generation (default milan)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--dump", type=Path, help="keep the cold-boot DRAM image at this path")
+    p.add_argument("--dump", type=Path, metavar="PATH", help="keep the cold-boot DRAM image at this path")
     p.add_argument("--seed", help="make the run reproducible (seeds the TRNG and boot randomness)")
     p.set_defaults(func=run)
 
@@ -47,7 +57,10 @@ def _console_value(vm: Vm, key: str) -> str:
     return ""
 
 
-def scenario(generation: str = "milan", dump: Path | None = None, seed: str | None = None) -> dict[str, Any]:
+def scenario(generation: str = "milan", dump: Path | None = None, seed: str | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or Progress(False)
+    progress.step("booting the platform")
     m = build_machine(generation, seed=seed)
     hv = m.hv
     secrets = {"vm-a": b"vm-a: attack at dawn, key 0x5EC2", "vm-b": b"vm-b: my password is hunter2!!!!"}
@@ -55,9 +68,10 @@ def scenario(generation: str = "milan", dump: Path | None = None, seed: str | No
     out: dict[str, Any] = {"generation": m.profile.product, "memory_mode": m.profile.mem_mode.value,
                            "cbit": m.profile.cbit, "vms": {}}
     vms: dict[str, Vm] = {}
+    progress.step("launching two SEV guests")
     for name, secret in secrets.items():
         vm = hv.create_vm(name, GUEST_MEMORY)
-        image = f"sevemu demo boot image for {name}\n".encode().ljust(4096, b"\0")
+        image = f"sevemu demo boot image for {name}\n".encode().ljust(PAGE, b"\0")
         measure = hv.launch(vm, [(IMAGE_GPA, image)])
         peek = PEEK_GPA if name == "vm-b" else None
         vm.add_vcpu(PyEngine(demo_guest(GUEST_MEMORY, SECRET_GPA, secret, SHARED_GPA,
@@ -67,6 +81,7 @@ def scenario(generation: str = "milan", dump: Path | None = None, seed: str | No
         out["vms"][name] = {"asid": vm.asid, "handle": vm.handle, "guest_state": status.state,
                             "launch_measure": measure[:32].hex(), "mnonce": measure[32:].hex()}
     # Phase 1: boot, store the secret, post a message in the shared page.
+    progress.step("running the guests")
     for name, vm in vms.items():
         hv.run(vm)
         shared = vm.host_read(SHARED_GPA, 64).rstrip(b"\0")
@@ -97,14 +112,15 @@ def scenario(generation: str = "milan", dump: Path | None = None, seed: str | No
     peeked = bytes.fromhex(_console_value(vms["vm-b"], "peek"))
     out["remap"] = {"vm-b_gpa": hex(PEEK_GPA), "vm-a_spa": out["vms"]["vm-a"]["secret_spa"],
                     "vm-b_reads": peeked.hex(), "equals_vm-a_secret": peeked == secrets["vm-a"]}
+    progress.step("dumping and searching the first GiB of DRAM")
     with tempfile.TemporaryDirectory() as tmp:
         path = dump or Path(tmp) / "dram.img"
         # the guest pool starts at the hypervisor's reserved boundary; dump the first 1 GiB
-        written = m.soc.dram.dump(path, 0, 1 << 30)
+        written = m.soc.dram.dump(path, 0, GiB)
         img = ColdBootImage(path)
         out["cold_boot"] = {
             "path": str(path) if dump else None,
-            "bytes_dumped": 1 << 30,
+            "bytes_dumped": GiB,
             "populated_bytes": written,
             "secrets_found": {n: [hex(a) for a in img.find(s)] for n, s in secrets.items()},
             "ciphertext_found": {n: [hex(a) for a in img.find(bytes.fromhex(out["vms"][n]["hypervisor_view"]))]
@@ -140,7 +156,7 @@ def _print_human(r: dict[str, Any]) -> None:
     w(f"     vm-b reads : {rm['vm-b_reads'][:64]}  (vm-a's secret? {rm['equals_vm-a_secret']})")
     cb = r["cold_boot"]
     w("")
-    w(f"4. Cold-boot image of the first GiB of DRAM ({cb['populated_bytes'] // 4096} pages populated):")
+    w(f"4. Cold-boot image of the first GiB of DRAM ({cb['populated_bytes'] // PAGE} pages populated):")
     for name, hits in cb["secrets_found"].items():
         w(f"     {name} secret plaintext found at: {hits or 'nowhere'}")
     for name, hits in cb["ciphertext_found"].items():
@@ -155,7 +171,11 @@ def _print_human(r: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    r = scenario(args.generation, args.dump, args.seed)
+    if args.dump is not None:
+        Outputs().add(args.dump, "--dump (the DRAM image)", create_parents=False)  # before the demo runs
+    enabled = progress_enabled(quiet=args.json or bool(getattr(args, "quiet", False)))
+    with Progress(enabled, "demo") as progress:
+        r = scenario(args.generation, args.dump, args.seed, progress)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

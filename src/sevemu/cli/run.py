@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sevemu._util.units import PAGE, MiB
+from sevemu.certs.roots import GENERATIONS
+from sevemu.cli.common import positive_int, seconds
 from sevemu.errors import GuestBuildError, InputError, SevemuError, UnmappedError
 from sevemu.guest.build import GuestImage, build_guest, build_source, list_guests
 from sevemu.hw.ucengine import InitialState, UcEngine
@@ -31,7 +34,6 @@ from sevemu.scenario import Machine, build_machine
 
 __all__ = ["BOUNCE_MAGIC", "GuestRun", "Outcome", "launch_guest", "load_image", "register", "run_guest"]
 
-MiB = 1 << 20
 DEFAULT_MEMORY = 16 * MiB
 BOUNCE_MAGIC = 0x42425653
 _BOUNCE_REQUEST, _BOUNCE_REPLY = 1, 2
@@ -172,7 +174,7 @@ def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory
         raise InputError(f"unknown mode {mode!r}: plain or sev")
     if not 1 <= vcpus <= 8:
         raise InputError(f"--vcpus must be between 1 and 8, got {vcpus}")
-    if memory <= 0 or memory % 4096:
+    if memory <= 0 or memory % PAGE:
         raise InputError(f"guest memory must be a positive multiple of 4 KiB, got {memory:#x}")
     needed = max(image.end, image.symbols.get("__shared_end", image.end))
     if needed > memory:
@@ -210,14 +212,19 @@ def run_guest(guest: str | GuestImage, mode: str = "sev", **kw: Any) -> Outcome:
 def register(sub: Any) -> None:
     p = sub.add_parser("run", help="build, launch and run a guest image (real x86-64 code) on the emulated platform",
                        description="Build a bundled guest (or a C file using the guest runtime), load it through "
-                                   "the measured launch and run it; its serial console goes to stdout.")
+                                   "the measured launch and run it; its serial console goes to stdout.",
+                       epilog="examples:\n  sevemu run --list\n  sevemu run hello\n"
+                              "  sevemu run victim --inject-shellcode\n  sevemu run my_guest.c --vcpus 4 --json\n"
+                              "guest builds are cached in $SEVEMU_BUILD_DIR (default ~/.cache/sevemu/guests)")
     p.add_argument("guest", nargs="?", help="a bundled guest name (see --list) or a path to a guest .c file")
     p.add_argument("--list", action="store_true", help="list the bundled guests")
     p.add_argument("--mode", choices=("plain", "sev"), default="sev", help="plain VM or SEV guest (default sev)")
-    p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
-    p.add_argument("--generation", default="milan", help="CPU generation (naples, rome, milan, genoa, turin)")
-    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY // MiB, help="guest memory in MiB (default 16)")
-    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
+    p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs, 1 to 8 (default 1)")
+    p.add_argument("--generation", choices=GENERATIONS, default="milan", help="CPU generation (default milan)")
+    p.add_argument("--memory", type=positive_int, default=DEFAULT_MEMORY // MiB, metavar="MiB",
+                   help="guest memory in MiB (default 16)")
+    p.add_argument("--timeout", type=seconds, default=60.0, metavar="S",
+                   help="give up after this many seconds (default 60)")
     p.add_argument("--seed", help="make the run reproducible (seeds the TRNG and boot randomness)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the image even if a cached build exists")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of the console")
@@ -235,9 +242,11 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if not args.guest:
         raise InputError("name a guest to run (sevemu run --list shows the bundled ones)")
-    if args.memory <= 0:
-        raise InputError("--memory must be positive")
+    if not 1 <= args.vcpus <= 8:
+        raise InputError(f"--vcpus must be between 1 and 8, got {args.vcpus}")
     image = load_image(args.guest, rebuild=args.rebuild)
+    if args.inject_shellcode and "report" not in image.symbols:
+        raise InputError(f"--inject-shellcode needs a guest with a report() function (victim), not {image.name!r}")
     run = launch_guest(image, mode=args.mode, vcpus=args.vcpus, memory=args.memory * MiB,
                        generation=args.generation, seed=args.seed)
     info = _launch_info(run)
@@ -249,8 +258,6 @@ def run_command(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     on_halt = _shellcode_attack(args.json) if args.inject_shellcode else None
-    if args.inject_shellcode and "report" not in image.symbols:
-        raise InputError(f"--inject-shellcode needs a guest with a report() function (victim), not {image.name!r}")
     try:
         out = run.run(timeout=args.timeout, echo=None if args.json else echo, on_halt=on_halt)
     finally:

@@ -1,4 +1,5 @@
-"""The OVMF GUIDed footer table, as far as a guest owner needs it to predict a launch (reference 2.2).
+"""The OVMF GUIDed footer table, as far as a guest owner needs it to predict a launch (QEMU
+``hw/i386/pc_sysfw_ovmf.c``, ``target/i386/sev.c``; OVMF's ``ResetVector`` GUIDed table).
 
 OVMF images built for SEV end with a table of GUID-tagged entries just below the 32-byte reset
 vector area at the top of the image.  The layout, read backwards from the end of the image::
@@ -13,6 +14,11 @@ The entry a VMSA builder needs is the SEV-ES reset block (GUID
 ``00f771de-1a7e-4fcb-890e-68c77e2fb44e``): its first four bytes are the 32-bit EIP at which
 application processors start; QEMU splits it into CS base (``eip & 0xffff0000``) and RIP
 (``eip & 0xffff``).
+
+The SEV secret block (GUID ``4c2eb361-7d9b-4cc3-8081-127c90d3d294``; OVMF ``ResetVector``,
+QEMU ``target/i386/sev.c`` ``struct sev_secret_area``) is ``u32 base || u32 size``: the guest RAM
+area where the hypervisor injects the LAUNCH_SECRET payload; QEMU's ``sev-inject-launch-secret``
+uses ``base`` when no ``gpa`` is given.
 """
 
 from __future__ import annotations
@@ -25,14 +31,18 @@ __all__ = [
     "OVMF_TABLE_FOOTER_GUID",
     "SEV_ES_RESET_BLOCK_GUID",
     "SEV_HASH_TABLE_RV_GUID",
+    "SEV_SECRET_BLOCK_GUID",
     "footer_table",
     "sev_es_reset_eip",
+    "sev_secret_area",
 ]
 
 OVMF_TABLE_FOOTER_GUID = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d")
 SEV_ES_RESET_BLOCK_GUID = uuid.UUID("00f771de-1a7e-4fcb-890e-68c77e2fb44e")
 SEV_HASH_TABLE_RV_GUID = uuid.UUID("7255371f-3a3b-4b04-927b-1da6efa8d454")
 """Entry giving the guest-physical address (u32) and size of the kernel-hashes page."""
+SEV_SECRET_BLOCK_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
+"""Entry giving the guest-physical base (u32) and size (u32) of the LAUNCH_SECRET area."""
 
 _RESET_AREA = 32
 _ENTRY_TRAILER = 16 + 2  # GUID + u16 length
@@ -77,3 +87,21 @@ def sev_es_reset_eip(image: bytes) -> int:
     if data is None or len(data) < 4:
         raise LayoutError("OVMF image has no SEV-ES reset block")
     return int.from_bytes(data[:4], "little")
+
+
+def sev_secret_area(image: bytes) -> tuple[int, int] | None:
+    """(base GPA, size) of the image's SEV secret area, or ``None`` when the image has no footer
+    table or no SEV secret block.
+
+    Raises :class:`~sevemu.errors.LayoutError` when the block is too short to hold base and size.
+    """
+    try:
+        table = footer_table(image)
+    except LayoutError:
+        return None
+    data = table.get(SEV_SECRET_BLOCK_GUID)
+    if data is None:
+        return None
+    if len(data) < 8:
+        raise LayoutError(f"OVMF SEV secret block of {len(data)} bytes, expected base and size (8)")
+    return int.from_bytes(data[:4], "little"), int.from_bytes(data[4:8], "little")

@@ -1,4 +1,5 @@
-"""Verification of a legacy SEV ATTESTATION report (command 0x36; reference 1.12).
+"""Verification of a legacy SEV ATTESTATION report (command 0x36; SEV API 55766,
+ATTESTATION; sev-tool ``src/sevapi.h``).
 
 The report (0xD0 bytes, :class:`sevemu.abi.sev.LegacyAttestationReport`) carries the MNONCE the
 requester chose, the guest's launch digest and policy, and an ECDSA P-384 signature by the

@@ -1,4 +1,5 @@
-"""LAUNCH_SECRET packaging on the guest owner's side (reference 1.11).
+"""LAUNCH_SECRET packaging on the guest owner's side (SEV API 55766, LAUNCH_SECRET; virtee/sevctl
+``src/secret.rs`` for the OVMF secret table).
 
 Packet
     Header (0x34): ``flags u32 || iv[16] || mac[32]``; TRANS = AES-128-CTR(TEK, iv)(plaintext),
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sevemu._util.units import KiB
 from sevemu.abi.sev import HdrBuf
 from sevemu.crypto.transport import (
     IV_SIZE,
@@ -30,6 +32,7 @@ from sevemu.crypto.transport import (
 from sevemu.errors import InputError, LayoutError
 
 __all__ = [
+    "MAX_SECRET_SIZE",
     "SECRET_TABLE_GUID",
     "LaunchSecret",
     "SecretEntry",
@@ -40,6 +43,11 @@ __all__ = [
 ]
 
 SECRET_TABLE_GUID = uuid.UUID("1e74f542-71dd-4d66-963e-ef4287ff173b")
+
+MAX_SECRET_SIZE = 16 * KiB
+"""The largest TRANS a host can hand to LAUNCH_SECRET: KVM copies it with ``psp_copy_user_blob``,
+which refuses more than ``SEV_FW_BLOB_MAX_SIZE`` (Linux arch/x86/kvm/svm/sev.c ``sev_launch_secret``;
+include/linux/psp-sev.h).  OVMF's own secret area is one 4 KiB page."""
 
 _HEADER = 16 + 4  # GUID + u32 length, for the table and for each entry
 

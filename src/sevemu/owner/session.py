@@ -1,4 +1,6 @@
-"""The guest owner's side of a legacy SEV launch, as a small typed state machine (reference 1.9-1.11).
+"""The guest owner's side of a legacy SEV launch, as a small typed state machine (SEV API
+55766, LAUNCH_START / LAUNCH_MEASURE / LAUNCH_SECRET and its key-derivation appendix; SP 800-108;
+sev-tool ``src/commands.cpp``).
 
 ::
 
@@ -15,7 +17,7 @@ Key agreement: ``Z = ECDH(GODH private, PDH public)`` on P-384, the 48-byte big-
 x-coordinate (``cryptography``'s ECDH output).  The rest is
 :func:`sevemu.crypto.transport.seal_session`.
 
-GODH certificate (reference 1.7): an AMD-format SEV certificate carrying the GODH public key,
+GODH certificate (SEV API 55766, certificate appendix; sev-tool ``src/sevcert.cpp``): an AMD-format SEV certificate carrying the GODH public key,
 usage PDH (0x1003), algorithm ECDH_SHA256 (3), curve P-384, version 1, API version 0.0, both
 signature slots empty -- as virtee/sev builds it.  AMD's firmware checks only the body (version,
 usage, algorithm, a valid P-384 point) and ignores the slots; sev-tool's self-signature (slot 1

@@ -1,4 +1,5 @@
-"""Initial SEV-ES VMSAs as QEMU + KVM create them for an OVMF guest (reference 2.2, 2.3).
+"""Initial SEV-ES VMSAs as QEMU + KVM create them for an OVMF guest (APM2 15.35; QEMU
+``target/i386/sev.c``; Linux arch/x86/kvm/svm/sev.c ``sev_es_sync_vmsa``; sev-snp-measure ``vmsa.py``).
 
 A guest owner predicting an SEV-ES launch digest must know the exact 4 KiB VMSA page of every vCPU
 at LAUNCH_UPDATE_VMSA time.  For QEMU/KVM booting OVMF that is the x86 reset state:
