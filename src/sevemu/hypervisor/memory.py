@@ -9,12 +9,11 @@ another guest's ciphertext in the clear -- nor its plaintext, which never reache
 
 from __future__ import annotations
 
+from sevemu._util.units import PAGE
 from sevemu.errors import HardwareError
 from sevemu.hw.host import HostCore
 
 __all__ = ["PageAllocator"]
-
-PAGE = 4096
 
 
 class PageAllocator:
@@ -26,6 +25,7 @@ class PageAllocator:
         self._end = end
         self._free: list[int] = []
         self.allocated = 0
+        """Pages handed out and not freed."""
 
     def alloc(self) -> int:
         """A page's SPA; recycled pages are zeroed first."""
@@ -34,8 +34,7 @@ class PageAllocator:
             self._core.host_write(spa, bytes(PAGE))
             # ... and pushed to DRAM (``sev_clflush_pages``): dirty host-tagged lines left in the
             # cache would otherwise be written back over whatever the new owner stores later.
-            for line in range(spa, spa + PAGE, 64):
-                self._core.clflush(line)
+            self._core.clflush_range(spa, PAGE)
         elif self._next < self._end:
             spa = self._next
             self._next += PAGE
@@ -45,5 +44,6 @@ class PageAllocator:
         return spa
 
     def free(self, spa: int) -> None:
+        """Give the page at ``spa`` back (it is zeroed when handed out again)."""
         self.allocated -= 1
         self._free.append(spa)
