@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hvkit import small_machine
 
+from sevemu._util.units import MiB
 from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import ActivateCmd, LaunchStartCmd
@@ -31,7 +32,6 @@ from sevemu.hypervisor.sevdev import SevDevice, SevUserCmd, SevUserDataGetId2
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine, build_machine
 
-MiB = 1 << 20
 MEM = 4 * MiB
 
 
