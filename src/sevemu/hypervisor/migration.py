@@ -519,8 +519,8 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
                 if gpa % PAGE or not 0 <= gpa < vm.memory or gpa in seen:
                     raise ProtocolError(f"page at GPA {gpa:#x}: unaligned, outside the VM or repeated")
                 seen.add(gpa)
-                vm.back(gpa)  # a fresh page: zeroed and flushed by the allocator, no host line to write back
                 if isinstance(msg, SharedPage):
+                    vm.back(gpa)
                     vm.host_write(gpa, msg.data)
                     vm.shared_gpas.add(gpa)
                     shared += 1
@@ -529,6 +529,7 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
                     raise ProtocolError(f"packet of {len(msg.trans)} bytes exceeds a page")
                 if len(msg.hdr) > packet.room:
                     raise ProtocolError(f"packet header of {len(msg.hdr)} bytes")
+                # backs a fresh page: zeroed and flushed by the allocator, no host line to write back
                 sev.receive_update_data(vm, gpa, len(msg.trans), msg.hdr, msg.trans, packet)
                 pages += 1
             elif isinstance(msg, VcpuState):

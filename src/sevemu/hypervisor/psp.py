@@ -45,9 +45,9 @@ class Stage:
         self._mark = area.top
         self._open = True
 
-    def alloc(self, length: int) -> int:
-        """``length`` bytes (64-byte aligned, contents left as they are); returns the SPA."""
-        return self._area.alloc(length)
+    def alloc(self, length: int, align: int = LINE) -> int:
+        """``length`` bytes at an ``align``-aligned SPA (contents left as they are)."""
+        return self._area.alloc(length, align)
 
     def zeroed(self, length: int) -> int:
         """A zero-filled buffer of ``length`` bytes (``kzalloc``) for the firmware to write into."""
@@ -98,16 +98,17 @@ class BounceArea:
         """Open a stage; use it as a context manager."""
         return Stage(self)
 
-    def alloc(self, length: int) -> int:
+    def alloc(self, length: int, align: int = LINE) -> int:
+        """``length`` bytes at an ``align``-aligned SPA (a power of two, at least a line)."""
         if length < 0:
             raise SevInputError(Errno.EINVAL, f"negative buffer length {length}")
-        size = align_up(length, LINE)
-        if self.top + size > self.length:
+        start = align_up(self.spa + self.top, max(align, LINE)) - self.spa
+        end = start + align_up(length, LINE)
+        if end > self.length:
             raise SevInputError(Errno.ENOMEM, f"{length} bytes do not fit the PSP bounce area "
                                               f"({self.length - self.top} of {self.length} left)")
-        spa = self.spa + self.top
-        self.top += size
-        return spa
+        self.top = end
+        return self.spa + start
 
     def release(self, mark: int) -> None:
         self.top = min(self.top, mark)

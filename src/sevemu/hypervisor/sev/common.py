@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from sevemu._util.units import PAGE, PAGE_MASK, align_down
+from sevemu._util.units import PAGE, PAGE_MASK, align_down, align_up
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import TransportCmd
 from sevemu.abi.status import Status
@@ -100,16 +100,18 @@ def contiguous_runs(spas: list[int]) -> list[tuple[int, int]]:
 
 
 class Packet:
-    """A transport packet's buffers in a stage: the header right below TRANS, so one copy moves both."""
+    """A transport packet's buffers in a stage: TRANS page-aligned (a guest page's packet stays in
+    one page) with the header right below it, so one copy moves both."""
 
     __slots__ = ("_stage", "hdr_spa", "room", "spa", "trans_spa")
 
     def __init__(self, stage: Stage, hdr_len: int, trans_len: int) -> None:
         self._stage = stage
-        self.room = max(_HDR_ROOM, -(-hdr_len // _HDR_ROOM) * _HDR_ROOM)
-        self.spa = stage.alloc(self.room + trans_len)
-        self.hdr_spa = self.spa
-        self.trans_spa = self.spa + self.room
+        self.room = max(_HDR_ROOM, align_up(hdr_len, _HDR_ROOM))
+        below = align_up(self.room, PAGE)
+        base = stage.alloc(below + trans_len, PAGE)
+        self.trans_spa = base + below
+        self.spa = self.hdr_spa = self.trans_spa - self.room
 
     def write(self, hdr: bytes, trans: bytes) -> None:
         self._stage.put_at(self.spa, hdr.ljust(self.room, b"\0") + trans)
@@ -231,8 +233,9 @@ class SevHost:
     # ---- the VM's context and memory ---------------------------------------------------------
     @staticmethod
     def need_context(vm: Vm, errno: Errno = Errno.ENOTTY) -> None:
-        """The VM has an SEV context (KVM ``sev_guest(kvm)``): ``-ENOTTY`` otherwise."""
-        if not vm.sev_active or vm.kind is not VmKind.SEV:
+        """The VM has an SEV context (KVM ``sev_guest(kvm)``; a firmware handle implies one):
+        ``-ENOTTY`` otherwise."""
+        if vm.kind is not VmKind.SEV or not (vm.sev_active or vm.handle):
             raise SevStateError(errno, f"{vm.name} has no SEV guest context")
 
     @staticmethod
@@ -257,8 +260,9 @@ class SevHost:
         offset = gpa & PAGE_MASK
         if offset + length > PAGE:
             raise SevInputError(Errno.EINVAL, f"guest range {gpa:#x}+{length:#x} crosses a page boundary")
-        spa = self.pin(vm, align_down(gpa, PAGE), PAGE)[0]
-        return (spa + offset) | self.caps.me_mask
+        if length <= 0 or gpa < 0 or gpa - offset + PAGE > vm.memory:
+            self.pin(vm, gpa - offset, PAGE if length > 0 else 0)  # raises what sev_pin_memory does
+        return (vm.back(gpa) + offset) | self.caps.me_mask
 
     # ---- flushes ------------------------------------------------------------------------------
     def clflush_pages(self, spas: list[int]) -> None:
