@@ -177,21 +177,12 @@ class PythonApi:
     def dbg_encrypt(self, vm: Vm, gpa: int, data: bytes) -> None:
         self.hv.dbg_encrypt(vm, gpa, data)
 
-    def _fetch(self, fn: Callable[..., Any], n: int) -> Any:
-        """A length query, then the call with the lengths it answered (as the ioctl caller does)."""
-        try:
-            fn(*(0,) * n)
-        except SevError as e:
-            assert e.status == Status.INVALID_LENGTH
-            return fn(*e.lengths)
-        raise AssertionError("the query succeeded")
-
     def pdh_export(self) -> tuple[bytes, bytes]:
-        reply = self._fetch(self.sev.pdh_cert_export, 2)
+        reply = self.sev.fetch(self.sev.pdh_cert_export, 2)
         return reply.blobs[0], reply.blobs[1]
 
     def pek_csr(self) -> bytes:
-        return bytes(self._fetch(self.sev.pek_csr, 1).blobs[0])
+        return bytes(self.sev.fetch(self.sev.pek_csr).blobs[0])
 
     def pek_import(self, pek: bytes, oca: bytes) -> None:
         self.sev.pek_cert_import(pek, oca)
@@ -203,7 +194,7 @@ class PythonApi:
         self.sev.factory_reset()
 
     def get_id(self) -> bytes:
-        return bytes(self._fetch(self.sev.get_id, 1).blobs[0])
+        return bytes(self.sev.fetch(self.sev.get_id).blobs[0])
 
     def send(self, vm: Vm, dst: Interface, pdh: bytes) -> Vm:
         ident = dst.m.firmware.identity
@@ -270,7 +261,7 @@ class Ioctls:
         """A length query: -EIO with INVALID_LENGTH (the lengths are written back)."""
         assert refusal(fn) == (Errno.EIO, Status.INVALID_LENGTH)
 
-    def fetch(self, cmd: SevUserCmd, struct: type[SevUserDataPekCsr] | type[SevUserDataGetId2]) -> bytes:
+    def fetch(self, cmd: SevUserCmd, struct: type[SevUserDataPekCsr | SevUserDataGetId2]) -> bytes:
         """A one-buffer /dev/sev command: the length query, then the buffer."""
         q = struct()
         self.query(lambda: self.issue(cmd, q))

@@ -28,6 +28,7 @@ the same table (their flows in ``sev/es.py`` and a future ``sev/snp.py``).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -349,7 +350,8 @@ class Command(Generic[S]):
         try:
             return self.handler(caller, p, args)
         finally:
-            sev.psp.raw(CommandId.SHUTDOWN, None)
+            with contextlib.suppress(SevError):  # as sev-dev.c, a failed SHUTDOWN is not the command's error
+                sev.shutdown()
 
     def _back_on_error(self, p: S, e: SevError) -> None:
         out = self.out

@@ -42,9 +42,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sevemu._util.units import PAGE, MiB, align_down, align_up
-from sevemu.abi.commands import CommandId
 from sevemu.abi.paging import ExitCode
-from sevemu.abi.sev import AttestationCmd, GuestStatusCmd, MeasureBuf, PlatformStatus
+from sevemu.abi.sev import GuestStatusCmd, MeasureBuf, PlatformStatus
 from sevemu.errors import InputError, VmError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostSoc
@@ -53,7 +52,6 @@ from sevemu.hypervisor.asid import AsidPool
 from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.psp import PspDriver
-from sevemu.hypervisor.sev.common import OutBlob
 from sevemu.hypervisor.sev.legacy import DBG_GRANULE, LegacySev
 from sevemu.hypervisor.vm import Vcpu, Vm, VmKind, VmState
 
@@ -223,9 +221,7 @@ class Hypervisor:
         self._has_context(vm)
         if len(mnonce) != 16:
             raise InputError(f"MNONCE is 16 bytes, got {len(mnonce)}")
-        reply = self.sev.fetch(CommandId.ATTESTATION, AttestationCmd, {"handle": vm.handle, "mnonce": bytes(mnonce)},
-                               (OutBlob("paddr", "len"),))
-        return reply.blobs[0]
+        return self.sev.fetch(lambda length: self.sev.attestation(vm, mnonce, length)).blobs[0]
 
     # ---- debugging (DBG_DECRYPT / DBG_ENCRYPT) ----------------------------------------------------
     def _debug_range(self, vm: Vm, gpa: int, length: int) -> None:

@@ -17,7 +17,7 @@ and :meth:`SevHost.fetch` asks the length, then fetches.  Errors follow
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -184,22 +184,27 @@ class SevHost:
                           for spa, n, g in zip(addrs, lengths, got, strict=True))
         return Reply(got, blobs, values)
 
-    def query(self, cmd: CommandId, cls: type[S], fields: Mapping[str, int | bytes],
-              outs: tuple[OutBlob, ...]) -> tuple[int, ...]:
-        """The length query of ``cmd``: the lengths the firmware needs (it answers INVALID_LENGTH)."""
+    @staticmethod
+    def answered(query: Callable[[], Reply]) -> tuple[int, ...]:
+        """The lengths a length query was answered with (INVALID_LENGTH, the lengths written back)."""
         try:
-            reply = self.exchange(cmd, cls, fields, outs, (0,) * len(outs))
+            reply = query()
         except SevFirmwareError as e:
             if e.status != Status.INVALID_LENGTH or not any(e.lengths):
                 raise
             return e.lengths
-        raise SevStateError(Errno.EIO, f"{cmd.name} answered a length query with SUCCESS "
-                                       f"(lengths {reply.lengths})")
+        raise SevStateError(Errno.EIO, f"a length query succeeded (lengths {reply.lengths})")
 
-    def fetch(self, cmd: CommandId, cls: type[S], fields: Mapping[str, int | bytes],
-              outs: tuple[OutBlob, ...], back: tuple[str, ...] = ()) -> Reply:
-        """Ask the lengths (:meth:`query`), then :meth:`exchange` with them."""
-        return self.exchange(cmd, cls, fields, outs, self.query(cmd, cls, fields, outs), back)
+    def query(self, cmd: CommandId, cls: type[S], fields: Mapping[str, int | bytes],
+              outs: tuple[OutBlob, ...]) -> tuple[int, ...]:
+        """The length query of ``cmd``: the lengths the firmware needs."""
+        return self.answered(lambda: self.exchange(cmd, cls, fields, outs, (0,) * len(outs)))
+
+    @classmethod
+    def fetch(cls, flow: Callable[..., Reply], outs: int = 1) -> Reply:
+        """Run ``flow`` (a flow with ``outs`` output lengths) as a length query, then with the
+        lengths the firmware answered: what a caller of the ioctls does in two calls."""
+        return flow(*cls.answered(lambda: flow(*(0,) * outs)))
 
     def transport(self, cmd: CommandId, vm: Vm, hdr_spa: int, hdr_len: int, guest_paddr: int, guest_len: int,
                   trans_spa: int, trans_len: int) -> None:
