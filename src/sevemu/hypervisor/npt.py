@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from sevemu._util.units import PAGE, PAGE_MASK, PAGE_SHIFT, is_aligned
 from sevemu.abi.paging import Pte
-from sevemu.errors import AddressError, AlignmentError
+from sevemu.errors import AddressError, AlignmentError, HardwareError
 from sevemu.hw.host import HostCore
 from sevemu.hypervisor.memory import PageAllocator
 
@@ -56,6 +56,8 @@ class NestedPageTable:
             raise AlignmentError(f"NPT mappings are 4 KiB pages: GPA {gpa:#x}, SPA {spa:#x}")
         if not 0 <= gpa < self.gpa_limit:
             raise AddressError(f"GPA {gpa:#x} is beyond the VM's {self.gpa_limit:#x} bytes")
+        if not self._tables:
+            raise HardwareError("the nested page table was released (its VM was destroyed)")
         pt = self._table(1, gpa)
         entry = spa | _LEAF | (_RW if writable else 0)
         self._core.host_write(pt + ((gpa >> PAGE_SHIFT) & 0x1FF) * 8, entry.to_bytes(8, "little"))
