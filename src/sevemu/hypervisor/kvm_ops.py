@@ -18,8 +18,9 @@ INIT / ES_INIT          SEV (ES) context for the VM: platform INIT (+ WBINVD, DF
 LAUNCH_START            copies GODH cert and session blobs, LAUNCH_START through ``sev_fd``
                         (``-EBADF`` without one), ACTIVATE the VM's ASID (DECOMMISSION if that
                         fails), the handle back in ``handle``.
-LAUNCH_UPDATE_DATA      pins the guest range, CLFLUSHes it (unless the CPU is SME-coherent),
-                        one firmware command per physically contiguous run, exact lengths.
+LAUNCH_UPDATE_DATA      pins the guest range, CLFLUSHes it (on every generation: see
+                        ``SevHost.clflush_pages``), one firmware command per physically
+                        contiguous run, exact lengths.
 LAUNCH_UPDATE_VMSA      SEV-ES only (``-ENOTTY`` for an SEV guest): each vCPU's save area into a
                         VMSA page, CLFLUSH, LAUNCH_UPDATE_VMSA with ``len`` = 4096.
 LAUNCH_MEASURE          ``len`` 0 queries the length: the firmware's INVALID_LENGTH answer, with
