@@ -277,3 +277,22 @@ def test_nodbg_refusal_reaches_python_callers_as_a_mailbox_error() -> None:
         m.hv.dbg_decrypt(vm, 0x100000, 16)
     assert ei.value.status == Status.POLICY_FAILURE and getattr(ei.value, "errno", None) == Errno.EIO
     assert vm.state is VmState.RUNNING
+
+
+def test_es_asids_are_reclaimed_before_es_init_gives_up() -> None:
+    """One SEV-ES ASID: after its guest is destroyed, the next KVM_SEV_ES_INIT flushes and reuses it."""
+    m = build_machine(dataclasses.replace(MILAN, min_sev_asid=2), seed="es-asids", dram_size=512 * MiB,
+                      cache_size=64 << 10, es=True)
+    hv, dev = m.hv, SevDevice(m.hv)
+    first = hv.create_vm("es-1", MEM)
+    KvmSev(hv, first).op(KvmSevCmdId.ES_INIT, sev_fd=dev)
+    hv.sev.launch_start(first, int(GuestPolicy.ES))
+    assert first.asid == 1
+    second = hv.create_vm("es-2", MEM)
+    assert KvmSev(hv, second).memory_encrypt_op(KvmSevCmdId.ES_INIT, sev_fd=dev) == -int(Errno.EBUSY)
+    hv.destroy(first)
+    flushes = hv.asid_flushes
+    assert KvmSev(hv, second).memory_encrypt_op(KvmSevCmdId.ES_INIT, sev_fd=dev) == 0
+    assert second.asid == 1 and hv.asid_flushes == flushes + 1
+    hv.sev.launch_start(second, int(GuestPolicy.ES))  # the firmware accepts the flushed ASID
+    assert hv.guest_status(second).asid == 1

@@ -177,10 +177,13 @@ class LegacySev(SevHost):
             raise SevStateError(Errno.EBUSY, f"{vm.name} already has an SEV context")
         if vm.kind is not VmKind.SEV:
             raise SevStateError(Errno.EINVAL, f"{vm.name} was not created as an SEV VM (no SEV ASID)")
-        if es and not self.asids.is_es(vm.asid) and not self.asids.es_free():
+        swap = es and not self.asids.is_es(vm.asid)
+        if swap and not self.asids.es_free() and self.asids.reclaimable:
+            self.flush_asids()  # sev_asid_new: reclaim before giving up
+        if swap and not self.asids.es_free():
             raise SevStateError(Errno.EBUSY, "no free SEV-ES ASID")
         self.ensure_init()
-        if es and not self.asids.is_es(vm.asid):
+        if swap:
             asid = self.asids.exchange_for_es(vm.asid)
             if asid is None:
                 raise SevStateError(Errno.EBUSY, "no free SEV-ES ASID")
