@@ -52,7 +52,7 @@ from sevemu.hypervisor.asid import AsidPool
 from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.psp import PspDriver
-from sevemu.hypervisor.sev.legacy import DBG_GRANULE, LegacySev
+from sevemu.hypervisor.sev.legacy import GRANULE, LegacySev
 from sevemu.hypervisor.vm import Vcpu, Vm, VmKind, VmState
 
 __all__ = ["COM1", "KVM_HC_MAP_GPA_RANGE", "Hypervisor", "RunResult"]
@@ -176,8 +176,8 @@ class Hypervisor:
             vm.state = VmState.CREATED
             raise
         for gpa, data in regions:
-            start = align_down(gpa, DBG_GRANULE)
-            end = align_up(gpa + len(data), DBG_GRANULE)
+            start = align_down(gpa, GRANULE)
+            end = align_up(gpa + len(data), GRANULE)
             if end > start:
                 sev.launch_update_data(vm, start, end - start)
         return sev.launch_measure(vm, MeasureBuf.SIZE).blobs[0]

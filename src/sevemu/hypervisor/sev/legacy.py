@@ -61,10 +61,11 @@ from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, Sev
 from sevemu.hypervisor.sev.common import PACKET, OutBlob, Packet, Reply, SevHost, contiguous_runs
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
-__all__ = ["DBG_GRANULE", "LegacySev"]
+__all__ = ["GRANULE", "LegacySev"]
 
-DBG_GRANULE = 16
-"""DBG_DECRYPT / DBG_ENCRYPT work on 16-byte aligned addresses and lengths (SEV API 55766, DBG_DECRYPT)."""
+GRANULE = 16
+"""The SEV API's 16-byte granularity: LAUNCH_UPDATE_DATA lengths, DBG_DECRYPT / DBG_ENCRYPT addresses
+and lengths (SEV API 55766, LAUNCH_UPDATE_DATA, DBG_DECRYPT)."""
 _MAX_LEN = 1 << 32  # a u32 length field
 
 _MEASURE = (OutBlob("paddr", "len"),)
@@ -286,8 +287,8 @@ class LegacySev(SevHost):
 
     def _dbg_read(self, vm: Vm, spa: int, length: int) -> bytes:
         """``__sev_dbg_decrypt``: the enclosing 16-byte blocks of ``[spa, spa+length)`` through a bounce buffer."""
-        start = align_down(spa, DBG_GRANULE)
-        size = align_up(spa + length, DBG_GRANULE) - start
+        start = align_down(spa, GRANULE)
+        size = align_up(spa + length, GRANULE) - start
         with self.psp.bounce.stage() as st:
             tmp = st.zeroed(size)
             self._dbg(CommandId.DBG_DECRYPT, vm, start, tmp, size)
@@ -323,8 +324,8 @@ class LegacySev(SevHost):
         into its decrypted 16-byte blocks first (``__sev_dbg_encrypt_user``)."""
         for pos, spa, n in self._dbg_pieces(vm, gpa, len(data)):
             piece = data[pos : pos + n]
-            start = align_down(spa, DBG_GRANULE)
-            end = align_up(spa + n, DBG_GRANULE)
+            start = align_down(spa, GRANULE)
+            end = align_up(spa + n, GRANULE)
             if (start, end) != (spa, spa + n):
                 old = self._dbg_read(vm, start, end - start)
                 piece = old[: spa - start] + piece + old[spa - start + n :]
