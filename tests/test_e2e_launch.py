@@ -15,10 +15,8 @@ from dataclasses import dataclass
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
-from sevemu.abi.commands import CommandId
+from sevemu._util.units import MiB
 from sevemu.abi.policy import GuestPolicy
-from sevemu.abi.sev import PdhCertExportCmd
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
 from sevemu.certs.chain import PlatformChain
@@ -35,7 +33,6 @@ from sevemu.owner.secret import parse_secret_table
 from sevemu.owner.session import LaunchSession, MeasuredLaunch
 from sevemu.scenario import Machine, build_machine
 
-MiB = 1 << 20
 MEM = 16 * MiB
 IMAGE_GPA = 0x100000
 SECRET_GPA = 0x200000
@@ -48,14 +45,9 @@ DISK_KEY = b"correct horse battery staple: the LUKS passphrase"
 def platform_certs(m: Machine) -> tuple[SevCert, SevCert]:
     """(PDH, PEK) as the owner gets them: PDH_CERT_EXPORT through the host, ASK || ARK from AMD, the
     whole chain verified up to the pinned (emulated) ARK."""
-    psp = m.hv.psp
-    pdh_spa = psp.put_data(bytes(SEV_CERT_SIZE), 0)
-    chain_spa = psp.put_data(bytes(SEV_CERT_CHAIN_SIZE), 0x1000)
-    psp.call(CommandId.PDH_CERT_EXPORT, PdhCertExportCmd(pdh_cert_paddr=pdh_spa, pdh_cert_len=SEV_CERT_SIZE,
-                                                         certs_paddr=chain_spa, certs_len=SEV_CERT_CHAIN_SIZE))
+    pdh, chain_blob = m.hv.sev.platform_certs()
     assert m.amd_root is not None
-    chain = PlatformChain.from_buffers(psp.get_data(SEV_CERT_SIZE, 0), psp.get_data(SEV_CERT_CHAIN_SIZE, 0x1000),
-                                       m.amd_root.amd_certs.encode())
+    chain = PlatformChain.from_buffers(pdh, chain_blob, m.amd_root.amd_certs.encode())
     chain.verify([m.amd_root.pin()])
     return chain.pdh, chain.pek
 

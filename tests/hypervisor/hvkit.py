@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sevemu._util.units import MiB
 from sevemu.scenario import Machine, build_machine
-
-MiB = 1 << 20
 
 
 def small_machine(generation: str = "milan", seed: str = "hv-tests", cache_size: int = 256 << 10,

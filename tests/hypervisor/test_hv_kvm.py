@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hvkit import small_machine
 
+from sevemu._util.units import MiB
 from sevemu.abi.commands import CommandId
 from sevemu.abi.paging import ExitCode
 from sevemu.abi.sev import ActivateCmd, GuestStatusCmd, HandleCmd, LaunchStartCmd
@@ -31,7 +32,6 @@ from sevemu.hw.pyengine import PyEngine, Workload, op
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine
 
-MiB = 1 << 20
 MEM = 4 * MiB
 IMAGE = 0x100000
 SECRET = 0x200000

@@ -9,6 +9,7 @@ import uuid
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sevemu._util.units import MiB
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
@@ -42,7 +43,6 @@ from sevemu.owner.secret import parse_secret_table
 from sevemu.owner.session import LaunchSession
 from sevemu.scenario import Machine, build_machine
 
-MiB = 1 << 20
 MEM = 16 * MiB
 IMAGE_GPA = 0x100000
 SECRET_GPA = 0x200000

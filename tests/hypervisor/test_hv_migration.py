@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from sevemu._util.units import PAGE, GiB, MiB
 from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import GuestStatusCmd
@@ -49,9 +50,6 @@ from sevemu.hypervisor.migration import (
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine, build_machine, default_amd_root, manufacture
 
-MiB = 1 << 20
-GiB = 1 << 30
-PAGE = 4096
 MEM = 16 * MiB
 SHARED_GPA = 0x0030_0000
 SECRET_GPAS = (0x0040_0000, 0x0080_1000, 0x00F0_0000)

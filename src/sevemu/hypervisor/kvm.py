@@ -1,66 +1,58 @@
 """The KVM-like hypervisor: platform bring-up, ASIDs, VM lifecycle, SEV launch, the vCPU run loop.
 
-Flows follow Linux KVM (arch/x86/kvm/svm/sev.c, reference 1.3/1.14):
+This is the Python API a VMM written in Python uses; the SEV work itself is done by the flows of
+:mod:`sevemu.hypervisor.sev` (the same ones ``KVM_MEMORY_ENCRYPT_OP`` and ``/dev/sev`` drive), after
+the checks this API adds.  Flows follow Linux KVM (arch/x86/kvm/svm/sev.c):
 
-* ``platform_init``: INIT through the PSP driver (the SEV-ES TMR when asked).
-* ASIDs (reference 4.1): SEV guests get [EDX, ECX], SEV-ES guests [1, EDX-1], plain guests ASIDs
-  above ECX.  Freed SEV ASIDs wait in a reclaim set; when no fresh ASID is left the hypervisor does
-  WBINVD on all CPUs then DF_FLUSH and reuses them (``sev_flush_asids``) -- the firmware refuses an
-  ACTIVATE that skipped either step.
-* ``launch`` (SEV) = ``launch_measure`` + ``launch_finish``.  ``launch_measure``: LAUNCH_START (new
-  VEK; with the guest owner's GODH certificate and session blob when given, copied into the PSP
-  bounce area like KVM's ``dh_uaddr``/``session_uaddr``), ACTIVATE (bind the ASID), for each image
-  region: back and fill the pages as the host, CLFLUSH them (``sev_clflush_pages``),
-  LAUNCH_UPDATE_DATA per physically contiguous run; LAUNCH_MEASURE, whose blob goes to the owner.
-  Between the two, ``launch_secret`` (KVM_SEV_LAUNCH_SECRET) injects an owner-sealed packet at a
-  GPA: the guest region is backed, must be physically contiguous (``-EINVAL`` otherwise), is
-  CLFLUSHed, and is given to the firmware by SPA with the C-bit set.  ``launch_finish``:
-  LAUNCH_FINISH.
+* ``platform_init``: INIT through the PSP driver (the SEV-ES TMR when asked), then WBINVD on every
+  CPU and DF_FLUSH, as Linux does right after INIT.
+* ASIDs (:mod:`sevemu.hypervisor.asid`): SEV guests get [EDX, ECX], SEV-ES guests [1, EDX-1], plain
+  guests ASIDs above ECX.  Freed SEV ASIDs wait in a reclaim set; when no fresh ASID is left the
+  hypervisor does WBINVD on all CPUs then DF_FLUSH and reuses them (``sev_flush_asids``) -- the
+  firmware refuses an ACTIVATE that skipped either step.
+* ``launch`` (SEV) = ``launch_measure`` + ``launch_finish``.  ``launch_measure``: the VM gets its SEV
+  context, the host backs and fills the image's pages; LAUNCH_START (new VEK; with the guest
+  owner's GODH certificate and session blob when given), ACTIVATE; LAUNCH_UPDATE_DATA of each region
+  rounded out to 16 bytes, per physically contiguous run after CLFLUSH; LAUNCH_MEASURE, whose blob
+  goes to the owner.  Between the two, ``launch_secret`` (KVM_SEV_LAUNCH_SECRET) injects an
+  owner-sealed packet at a GPA (physically contiguous backing: ``VmError`` otherwise).
+  ``launch_finish``: LAUNCH_FINISH.
 * ``attestation_report`` (KVM_SEV_GET_ATTESTATION_REPORT): length query, then ATTESTATION with the
   caller's MNONCE.
-* ``dbg_decrypt`` / ``dbg_encrypt`` (KVM_SEV_DBG_DECRYPT / _ENCRYPT): page by page through a bounce
-  buffer, 16-byte aligned (unaligned ends are handled by decrypting the enclosing blocks first, as
-  KVM does).  The firmware works on DRAM, so the guest's cached lines of each page are written back
-  and invalidated first (VMPAGE_FLUSH when CPUID Fn8000_001F EAX[2] has it, else WBINVD): a host
-  CLFLUSH cannot evict guest-tagged lines.
+* ``dbg_decrypt`` / ``dbg_encrypt`` (KVM_SEV_DBG_DECRYPT / _ENCRYPT): page by page through bounce
+  buffers, 16-byte aligned firmware accesses (unaligned ends are read-modify-written); the
+  guest's cached lines of each page are written back first (VMPAGE_FLUSH when CPUID
+  Fn8000_001F EAX[2] has it, else WBINVD): a host CLFLUSH cannot evict guest-tagged lines.
 * ``run``: VMRUN until an exit the run loop cannot handle itself.  #NPF inside guest memory backs
   the page (demand paging); port I/O to COM1 is the serial console; CPUID returns the host's values
   (including Fn8000_001F, so a guest learns its C-bit); VMMCALL implements KVM_HC_MAP_GPA_RANGE, by
   which an SEV guest announces pages it made shared.  HLT returns to the caller, and so does INTR
   (the host timer ended the guest's time slice: the caller re-enters); SHUTDOWN, an unresolvable
   #NPF or VMEXIT_INVALID mark the VM crashed.
-* ``destroy``: DEACTIVATE, DECOMMISSION, release memory, ASID to the reclaim set.
+* ``destroy``: WBINVD, DEACTIVATE, DECOMMISSION, the vCPUs' engines closed, every page (guest
+  memory, nested page tables, VMSAs) back to the host allocators, the ASID to the reclaim set.
+
+Errors: what the firmware refuses is a :class:`~sevemu.hypervisor.errors.SevFirmwareError` (a
+``MailboxError`` with the status); a wrong VM state a ``VmError``; a bad argument an ``InputError``
+(:mod:`sevemu.hypervisor.errors`: each also carries the errno the ioctls would return).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sevemu.abi.commands import CommandId
+from sevemu._util.units import PAGE, MiB, align_down, align_up
 from sevemu.abi.paging import ExitCode
-from sevemu.abi.sev import (
-    SEV_TMR_LEN,
-    ActivateCmd,
-    AttestationCmd,
-    DbgCmd,
-    GuestStatusCmd,
-    HandleCmd,
-    InitCmd,
-    InitOptions,
-    LaunchStartCmd,
-    LaunchUpdateDataCmd,
-    LegacyAttestationReport,
-    MeasureBuf,
-    PlatformStatus,
-    TransportCmd,
-)
-from sevemu.abi.status import Status, status_name
-from sevemu.errors import AsidError, InputError, MailboxError, VmError
+from sevemu.abi.sev import GuestStatusCmd, MeasureBuf, PlatformStatus
+from sevemu.errors import InputError, VmError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
+from sevemu.hypervisor.asid import AsidPool
+from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.psp import PspDriver
+from sevemu.hypervisor.sev.legacy import GRANULE, LegacySev
 from sevemu.hypervisor.vm import Vcpu, Vm, VmKind, VmState
 
 __all__ = ["COM1", "KVM_HC_MAP_GPA_RANGE", "Hypervisor", "RunResult"]
@@ -68,11 +60,15 @@ __all__ = ["COM1", "KVM_HC_MAP_GPA_RANGE", "Hypervisor", "RunResult"]
 COM1 = 0x3F8
 KVM_HC_MAP_GPA_RANGE = 12
 _MAP_GPA_RANGE_ENCRYPTED = 1 << 4
-PAGE = 4096
-MiB = 1 << 20
-_VMPAGE_FLUSH = 1 << 2  # CPUID Fn8000_001F EAX[2]
-_SECRET_HDR_OFFSET = 0  # PSP bounce-area layout for LAUNCH_START / LAUNCH_SECRET blobs
-_SECRET_TRANS_OFFSET = PAGE
+_KVM_ENOSYS = (1 << 64) - 1000  # -KVM_ENOSYS as a 64-bit register value
+
+# The host's reserved memory, from the bottom: [1 MiB, +4 KiB) command buffer, [2 MiB, 3 MiB) the
+# SEV-ES TMR (1 MiB aligned), [4 MiB, 12 MiB) the PSP bounce area (big enough for the largest
+# buffer Linux's page allocator hands out, 4 MiB: SEV_GET_ID2), then page-table and VMSA pages.
+_CMD_BUFFER = 1 * MiB
+_TMR = 2 * MiB
+_BOUNCE, _BOUNCE_LEN = 4 * MiB, 8 * MiB
+_TABLES = 12 * MiB
 
 
 @dataclass(frozen=True)
@@ -90,55 +86,35 @@ class Hypervisor:
     def __init__(self, soc: HostSoc, host_reserved: int = 256 * MiB) -> None:
         self.soc = soc  # the host's view only (sevemu.hw.host): no key ports, no decrypting reads
         self.core = soc.boot_cpu
-        p = soc.profile
-        # host layout: [1 MiB, 2 MiB) PSP buffers, [2 MiB, 4 MiB) TMR, [4 MiB, reserved) tables
-        self.psp = PspDriver(self.core, soc.mailbox, buffer_spa=1 * MiB, data_spa=1 * MiB + PAGE,
-                             data_len=1 * MiB - PAGE)
-        self.tmr_spa = 2 * MiB
-        self.tables = PageAllocator(self.core, 4 * MiB, host_reserved)
+        self.psp = PspDriver(self.core, soc.mailbox, buffer_spa=_CMD_BUFFER, data_spa=_BOUNCE, data_len=_BOUNCE_LEN)
+        self.tmr_spa = _TMR
+        self.tables = PageAllocator(self.core, _TABLES, host_reserved)
         self.pages = PageAllocator(self.core, host_reserved, soc.dram_size)
+        self.asids = AsidPool(soc.profile)
+        self.sev = LegacySev(soc, self.psp, self.asids, self.tables, self.tmr_spa)
+        """The SEV flows (platform and guests) this host runs."""
         self.vms: list[Vm] = []
-        self._sev_free = list(p.sev_asids())
-        self._es_free = list(p.es_asids())
-        self._reclaim: set[int] = set()
-        self._plain_next = p.max_asid + 1
-        self.asid_flushes = 0
         self._last_vmcb: dict[int, Vmcb] = {}  # ASID -> the VMCB that last ran with it on the core
+
+    @property
+    def asid_flushes(self) -> int:
+        """How many times reclaimed ASIDs were made reusable (WBINVD + DF_FLUSH)."""
+        return self.asids.flushes
 
     # ---- platform ------------------------------------------------------------------------------
     def platform_init(self, es: bool = False) -> None:
-        """INIT the SEV firmware (with SEV-ES and its TMR when ``es``)."""
-        if es:
-            self.psp.call(CommandId.INIT, InitCmd(options=int(InitOptions.SEV_ES), tmr_paddr=self.tmr_spa,
-                                                  tmr_len=SEV_TMR_LEN))
-        else:
-            self.psp.call(CommandId.INIT, InitCmd())
+        """INIT the SEV firmware (with SEV-ES and its TMR when ``es``), then WBINVD + DF_FLUSH."""
+        self.sev.platform_init(es)
 
     def platform_status(self) -> PlatformStatus:
-        return self.psp.call(CommandId.PLATFORM_STATUS, PlatformStatus())
+        return self.sev.platform_status()
 
     def guest_status(self, vm: Vm) -> GuestStatusCmd:
-        return self.psp.call(CommandId.GUEST_STATUS, GuestStatusCmd(handle=vm.handle))
-
-    # ---- ASIDs ----------------------------------------------------------------------------------
-    def _alloc_asid(self, kind: VmKind) -> int:
-        if kind is VmKind.PLAIN:
-            asid = self._plain_next
-            self._plain_next += 1
-            return asid
-        if not self._sev_free and self._reclaim:
-            self.flush_asids()
-        if not self._sev_free:
-            raise AsidError(f"no free SEV ASID ({self.soc.profile.max_asid} in use)")
-        return self._sev_free.pop(0)
+        return self.sev.guest_status(vm)
 
     def flush_asids(self) -> None:
         """Make reclaimed ASIDs reusable: WBINVD on every CPU, then DF_FLUSH (``sev_flush_asids``)."""
-        self.soc.wbinvd_all()
-        self.psp.call_nobuf(CommandId.DF_FLUSH)
-        self._sev_free = sorted(set(self._sev_free) | self._reclaim)
-        self._reclaim.clear()
-        self.asid_flushes += 1
+        self.sev.flush_asids()
 
     # ---- VM lifecycle ---------------------------------------------------------------------------
     def create_vm(self, name: str, memory: int, kind: VmKind = VmKind.SEV) -> Vm:
@@ -147,7 +123,7 @@ class Hypervisor:
             raise InputError(f"VM memory must be a positive multiple of 4 KiB, got {memory:#x}")
         if memory > self.soc.dram_size:
             raise InputError(f"VM memory {memory:#x} exceeds the host's {self.soc.dram_size:#x} bytes of DRAM")
-        asid = self._alloc_asid(kind)
+        asid = self.sev.asid_new(kind)
         vm = Vm(name, kind, memory, asid, self.core, self.pages, self.tables)
         self.vms.append(vm)
         return vm
@@ -172,7 +148,9 @@ class Hypervisor:
 
         The VM stays LAUNCHING (firmware state LSECRET) until :meth:`launch_finish`; a plain VM is
         loaded and RUNNING at once (b"" returned).  A refused LAUNCH_START raises
-        :class:`~sevemu.errors.MailboxError` and leaves the VM CREATED.
+        :class:`~sevemu.errors.MailboxError` and leaves the VM CREATED.  Each region is measured
+        rounded out to the SEV API's 16-byte granularity, so an owner measuring the regions as
+        given gets the same digest when they are 16-byte aligned and sized.
         """
         if vm.state is not VmState.CREATED:
             raise VmError(f"{vm.name} was already launched")
@@ -190,44 +168,24 @@ class Hypervisor:
         if not vm.sev:
             vm.state = VmState.RUNNING
             return b""
-        start_cmd = LaunchStartCmd(policy=policy)
-        if godh_cert is not None and session is not None:
-            start_cmd = LaunchStartCmd(
-                policy=policy,
-                dh_cert_paddr=self.psp.put_data(godh_cert, _SECRET_HDR_OFFSET),
-                dh_cert_len=len(godh_cert),
-                session_paddr=self.psp.put_data(session, _SECRET_TRANS_OFFSET),
-                session_len=len(session),
-            )
+        sev = self.sev
+        sev.context(vm)
         try:
-            start = self.psp.call(CommandId.LAUNCH_START, start_cmd)
-        except MailboxError:
+            sev.launch_start(vm, policy, godh_cert, session)
+        except SevFirmwareError:
             vm.state = VmState.CREATED
             raise
-        vm.policy = policy
-        vm.handle = start.handle
-        self.psp.call(CommandId.ACTIVATE, ActivateCmd(handle=vm.handle, asid=vm.asid))
         for gpa, data in regions:
-            for spa, length in self._contiguous_runs(vm, gpa, len(data)):
-                for line in range(spa & ~63, spa + length, 64):
-                    self.core.clflush(line)
-                self.psp.call(CommandId.LAUNCH_UPDATE_DATA,
-                              LaunchUpdateDataCmd(handle=vm.handle, paddr=spa, len=length))
-        out_spa = self.psp.put_data(bytes(MeasureBuf.SIZE))
-        self.psp.call(CommandId.LAUNCH_MEASURE,
-                      LaunchUpdateDataCmd(handle=vm.handle, paddr=out_spa, len=MeasureBuf.SIZE))
-        measure = self.psp.get_data(MeasureBuf.SIZE)
-        vm.measurement = measure
-        return measure
+            start = align_down(gpa, GRANULE)
+            end = align_up(gpa + len(data), GRANULE)
+            if end > start:
+                sev.launch_update_data(vm, start, end - start)
+        return sev.launch_measure(vm, MeasureBuf.SIZE).blobs[0]
 
     def _measured(self, vm: Vm, what: str) -> None:
         if not vm.sev or vm.state is not VmState.LAUNCHING or not vm.measurement:
             raise VmError(f"{what} needs an SEV guest measured and not yet finished; {vm.name} is "
                           f"{vm.state.value}")
-
-    def _cbit_mask(self) -> int:
-        """The C-bit as software learns it: CPUID Fn8000_001F EBX[5:0]."""
-        return 1 << (self.soc.cpuid(0x8000001F)[1] & 0x3F)
 
     def launch_secret(self, vm: Vm, header: bytes, trans: bytes, gpa: int,
                       guest_len: int | None = None) -> None:
@@ -242,30 +200,17 @@ class Hypervisor:
         length = len(trans) if guest_len is None else guest_len
         if gpa < 0 or length <= 0 or gpa + length > vm.memory:
             raise InputError(f"secret region {gpa:#x}+{length:#x} does not fit {vm.name}'s memory")
-        vm.back_range(gpa, length)
-        spa = vm.spa_of(gpa)
-        for page in range((gpa & ~0xFFF) + PAGE, gpa + length, PAGE):
-            if vm.spa_of(page) != spa + (page - gpa):
-                raise VmError(f"secret region {gpa:#x}+{length:#x} of {vm.name} is not physically "
-                              "contiguous (KVM: -EINVAL)")
-        for line in range(spa & ~63, spa + length, 64):
-            self.core.clflush(line)
-        cmd = TransportCmd(
-            handle=vm.handle,
-            hdr_paddr=self.psp.put_data(header, _SECRET_HDR_OFFSET),
-            hdr_len=len(header),
-            guest_paddr=spa | self._cbit_mask(),
-            guest_len=length,
-            trans_paddr=self.psp.put_data(trans, _SECRET_TRANS_OFFSET),
-            trans_len=len(trans),
-        )
-        self.psp.call(CommandId.LAUNCH_SECRET, cmd)
+        self.sev.launch_secret(vm, gpa, length, header, trans)
 
     def launch_finish(self, vm: Vm) -> None:
         """LAUNCH_FINISH: the measured (and possibly secret-provisioned) guest becomes RUNNING."""
         self._measured(vm, "LAUNCH_FINISH")
-        self.psp.call(CommandId.LAUNCH_FINISH, HandleCmd(handle=vm.handle))
-        vm.state = VmState.RUNNING
+        self.sev.launch_finish(vm)
+
+    def _has_context(self, vm: Vm) -> None:
+        if not vm.sev or not vm.handle:
+            raise VmError(f"{vm.name} has no SEV guest context")
+        self.sev.context(vm)
 
     def attestation_report(self, vm: Vm, mnonce: bytes) -> bytes:
         """KVM_SEV_GET_ATTESTATION_REPORT: the 0xD0-byte PEK-signed report for ``mnonce``.
@@ -273,42 +218,16 @@ class Hypervisor:
         Like KVM, asks the firmware for the length first (INVALID_LENGTH with the length written
         back), then issues ATTESTATION with a buffer of that size.
         """
-        if not vm.sev or not vm.handle:
-            raise VmError(f"{vm.name} has no SEV guest context")
+        self._has_context(vm)
         if len(mnonce) != 16:
             raise InputError(f"MNONCE is 16 bytes, got {len(mnonce)}")
-        status, out = self.psp.raw(CommandId.ATTESTATION,
-                                   AttestationCmd(handle=vm.handle, mnonce=mnonce).encode())
-        if status != Status.INVALID_LENGTH:
-            raise MailboxError(CommandId.ATTESTATION.name, status, status_name(status))
-        length = AttestationCmd.decode(out).len
-        paddr = self.psp.put_data(bytes(length))
-        self.psp.call(CommandId.ATTESTATION, AttestationCmd(handle=vm.handle, paddr=paddr, mnonce=mnonce,
-                                                            len=length))
-        return self.psp.get_data(LegacyAttestationReport.SIZE)
+        return self.sev.fetch(lambda length: self.sev.attestation(vm, mnonce, length)).blobs[0]
 
     # ---- debugging (DBG_DECRYPT / DBG_ENCRYPT) ----------------------------------------------------
-    def _flush_guest_page(self, vm: Vm, spa: int) -> None:
-        """Write back and invalidate the guest's cached lines of one page before the firmware
-        touches it in DRAM (see the module docstring)."""
-        if self.soc.cpuid(0x8000001F)[0] & _VMPAGE_FLUSH:
-            self.core.vmpage_flush(spa & ~0xFFF, vm.asid)
-        else:
-            self.soc.wbinvd_all()
-
-    def _dbg_chunks(self, vm: Vm, gpa: int, length: int) -> list[tuple[int, int, int]]:
-        """(GPA, SPA, length) per page of a 16-byte aligned range; the pages must be backed."""
-        if not vm.sev or not vm.handle:
-            raise VmError(f"{vm.name} has no SEV guest context")
+    def _debug_range(self, vm: Vm, gpa: int, length: int) -> None:
+        self._has_context(vm)
         if gpa < 0 or gpa + length > vm.memory:
             raise InputError(f"range {gpa:#x}+{length:#x} does not fit {vm.name}'s memory")
-        out = []
-        pos = gpa
-        while pos < gpa + length:
-            n = min(PAGE - (pos & 0xFFF), gpa + length - pos)
-            out.append((pos, vm.spa_of(pos), n))
-            pos += n
-        return out
 
     def dbg_decrypt(self, vm: Vm, gpa: int, length: int) -> bytes:
         """KVM_SEV_DBG_DECRYPT: ``length`` bytes of guest memory at ``gpa`` in plaintext.
@@ -316,71 +235,28 @@ class Hypervisor:
         Refused by the firmware (POLICY_FAILURE in the raised MailboxError) when the guest's policy
         has NODBG.
         """
-        start = gpa & ~15
-        end = (gpa + length + 15) & ~15
-        out = bytearray()
-        for _, spa, n in self._dbg_chunks(vm, start, end - start):
-            self._flush_guest_page(vm, spa)
-            dst = self.psp.put_data(bytes(n))
-            self.psp.call(CommandId.DBG_DECRYPT, DbgCmd(handle=vm.handle, src_paddr=spa | self._cbit_mask(),
-                                                        dst_paddr=dst, len=n))
-            out += self.psp.get_data(n)
-        return bytes(out[gpa - start : gpa - start + length])
+        self._debug_range(vm, gpa, length)
+        return self.sev.dbg_decrypt(vm, gpa, length)
 
     def dbg_encrypt(self, vm: Vm, gpa: int, data: bytes) -> None:
         """KVM_SEV_DBG_ENCRYPT: write ``data`` into guest memory at ``gpa``, encrypted with the
         guest's key (unaligned ends: the enclosing 16-byte blocks are decrypted and patched first)."""
-        start = gpa & ~15
-        end = (gpa + len(data) + 15) & ~15
-        plain = bytes(data)
-        if (start, end) != (gpa, gpa + len(data)):
-            buf = bytearray(self.dbg_decrypt(vm, start, end - start))
-            buf[gpa - start : gpa - start + len(data)] = data
-            plain = bytes(buf)
-        for pos, spa, n in self._dbg_chunks(vm, start, end - start):
-            self._flush_guest_page(vm, spa)
-            src = self.psp.put_data(plain[pos - start : pos - start + n])
-            self.psp.call(CommandId.DBG_ENCRYPT, DbgCmd(handle=vm.handle, src_paddr=src,
-                                                        dst_paddr=spa | self._cbit_mask(), len=n))
-
-    @staticmethod
-    def _contiguous_runs(vm: Vm, gpa: int, length: int) -> list[tuple[int, int]]:
-        """(SPA, length) runs of physically contiguous backing for a GPA range, rounded out to the
-        SEV API's 16-byte granularity (as KVM does), so an owner measuring the regions as given
-        gets the same digest when they are 16-byte aligned and sized."""
-        start = gpa & ~15
-        end = (gpa + length + 15) & ~15
-        runs: list[tuple[int, int]] = []
-        pos = start
-        while pos < end:
-            n = min(PAGE - (pos & 0xFFF), end - pos)
-            spa = vm.spa_of(pos)
-            if runs and runs[-1][0] + runs[-1][1] == spa:
-                runs[-1] = (runs[-1][0], runs[-1][1] + n)
-            else:
-                runs.append((spa, n))
-            pos += n
-        return runs
+        self._debug_range(vm, gpa, len(data))
+        self.sev.dbg_encrypt(vm, gpa, bytes(data))
 
     def destroy(self, vm: Vm) -> None:
-        """Tear ``vm`` down: DEACTIVATE and DECOMMISSION (SEV), free its memory, reclaim its ASID."""
+        """Tear ``vm`` down: DEACTIVATE and DECOMMISSION (SEV), close its vCPUs' engines, give every
+        page it held back, reclaim its ASID."""
         if vm.state is VmState.DESTROYED:
             return
-        if vm.sev:
-            # Guest-tagged lines must reach DRAM before the pages go back to the allocator: CLFLUSH
-            # from the host cannot evict them, so WBINVD (KVM sev_vm_destroy).  Otherwise a later
-            # write-back of a stale line would overwrite the pages' next owner.
-            self.soc.wbinvd_all()
-        if vm.sev and not vm.handle:
-            self._sev_free = sorted({*self._sev_free, vm.asid})  # never activated: no flush needed
-        if vm.sev and vm.handle:
-            try:
-                self.psp.call(CommandId.DEACTIVATE, HandleCmd(handle=vm.handle))
-            except MailboxError as e:
-                if e.status != Status.INACTIVE:
-                    raise
-            self.psp.call(CommandId.DECOMMISSION, HandleCmd(handle=vm.handle))
-            self._reclaim.add(vm.asid)
+        self.sev.decommission(vm)
+        for vcpu in vm.vcpus:
+            close = getattr(vcpu.engine, "close", None)
+            if callable(close):
+                close()  # an engine's private copies of guest pages go with it
+            vcpu.engine = None
+            if self._last_vmcb.get(vcpu.vmcb.asid) is vcpu.vmcb:
+                del self._last_vmcb[vcpu.vmcb.asid]
         vm.release()
         vm.state = VmState.DESTROYED
         self.vms.remove(vm)
@@ -391,7 +267,7 @@ class Hypervisor:
         Nothing stops a hypervisor doing this; the victim's data then reaches ``vm`` decrypted with
         ``vm``'s own key (garbage).  Flushes ``vm``'s TLB entries on its next VMRUN.
         """
-        vm.npt.map(gpa & ~0xFFF, other.spa_of(other_gpa) & ~0xFFF)
+        vm.npt.map(align_down(gpa, PAGE), align_down(other.spa_of(other_gpa), PAGE))
         for vcpu in vm.vcpus:
             vcpu.vmcb.tlb_control = TlbControl.FLUSH_ASID
 
@@ -484,7 +360,7 @@ class Hypervisor:
                 else:
                     vm.shared_gpas.add(page)
             return 0
-        return (1 << 64) - 1000  # -KVM_ENOSYS
+        return _KVM_ENOSYS
 
     @staticmethod
     def _crash(vm: Vm, reason: str) -> str:

@@ -3,18 +3,20 @@
 DRAM below ``host_reserved`` belongs to the host itself (its own data, PSP command buffers, nested
 page tables); guest memory is handed out page by page from above it, on demand, as KVM backs guest
 memory lazily.  A page that comes back to the allocator is zeroed by the host before reuse (with
-plain C=0 writes, like Linux's ``clear_page``, then flushed to DRAM), so a new owner never inherits
-another guest's ciphertext in the clear -- nor its plaintext, which never reached DRAM anyway.
+plain C=0 streaming writes, the contents of Linux's ``clear_page`` followed by a flush to DRAM), so a
+new owner never inherits another guest's ciphertext in the clear -- nor its plaintext, which never
+reached DRAM anyway.
 """
 
 from __future__ import annotations
 
+from sevemu._util.units import PAGE
 from sevemu.errors import HardwareError
 from sevemu.hw.host import HostCore
 
 __all__ = ["PageAllocator"]
 
-PAGE = 4096
+_ZERO_PAGE = bytes(PAGE)
 
 
 class PageAllocator:
@@ -26,16 +28,17 @@ class PageAllocator:
         self._end = end
         self._free: list[int] = []
         self.allocated = 0
+        """Pages handed out and not freed."""
 
     def alloc(self) -> int:
         """A page's SPA; recycled pages are zeroed first."""
         if self._free:
             spa = self._free.pop()
-            self._core.host_write(spa, bytes(PAGE))
-            # ... and pushed to DRAM (``sev_clflush_pages``): dirty host-tagged lines left in the
-            # cache would otherwise be written back over whatever the new owner stores later.
-            for line in range(spa, spa + PAGE, 64):
-                self._core.clflush(line)
+            # Zeroed with streaming stores: the host's lines of the page are written back and
+            # dropped, the zeros go straight to DRAM -- the contents of a zeroing followed by
+            # CLFLUSH, so no dirty host line is left to be written back over what the new owner
+            # stores later, without filling the cache with a page nobody reads.
+            self._core.host_write_stream(spa, _ZERO_PAGE)
         elif self._next < self._end:
             spa = self._next
             self._next += PAGE
@@ -45,5 +48,6 @@ class PageAllocator:
         return spa
 
     def free(self, spa: int) -> None:
+        """Give the page at ``spa`` back (it is zeroed when handed out again)."""
         self.allocated -= 1
         self._free.append(spa)

@@ -1,5 +1,6 @@
-"""Moving an SEV guest to another host: the KVM/QEMU flow and its wire protocol (reference 1.13;
-Linux arch/x86/kvm/svm/sev.c ``sev_send_*`` / ``sev_receive_*``; QEMU target/i386/sev.c).
+"""Moving an SEV guest to another host: the KVM/QEMU flow and its wire protocol (SEV API 55766,
+SEND_* and RECEIVE_*; Linux arch/x86/kvm/svm/sev.c ``sev_send_*`` / ``sev_receive_*``; QEMU
+target/i386/sev.c).  The firmware side of each step is a flow of :mod:`sevemu.hypervisor.sev.legacy`.
 
 The hypervisor never sees the guest's memory in the clear and holds no key: it moves the firmware's
 sealed packets between the two Secure Processors, which share a trusted channel (TEK/TIK) set up by
@@ -42,7 +43,8 @@ discards the new VM (DEACTIVATE, DECOMMISSION, pages freed, ASID to the reclaim 
 remains, as in every two-party commit: if DONE is lost after the destination finished, the source
 cancels and both guests run; the caller (a management layer) must decide.
 
-What the protocol does *not* add: legacy SEV packets are MACed one by one (reference 1.13) but not
+What the protocol does *not* add: legacy SEV packets are MACed one by one (SEV API 55766,
+SEND_UPDATE_DATA) but not
 bound to a GPA or a sequence number, so a hostile host could drop, replay or move pages; SEV does
 not promise the guest otherwise (no integrity before SNP).  The counts in FINISH only catch
 accidents.
@@ -57,6 +59,7 @@ plain VMs are refused: only legacy SEV guests are modelled.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import socket
 import struct
@@ -64,22 +67,15 @@ import time
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sevemu.abi.commands import CommandId
+from sevemu._util.units import PAGE, KiB
+from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
 from sevemu.abi.policy import GuestPolicy
-from sevemu.abi.sev import (
-    ActivateCmd,
-    HandleCmd,
-    HdrBuf,
-    PdhCertExportCmd,
-    ReceiveStartCmd,
-    SendStartCmd,
-    SessionBuf,
-    TransportCmd,
-)
-from sevemu.abi.status import Status, status_name
-from sevemu.errors import MailboxError, SevemuError, VmError
+from sevemu.abi.sev import HdrBuf, SessionBuf
+from sevemu.errors import SevemuError, VmError
 from sevemu.hw.svm import GPRS
+from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.kvm import Hypervisor
+from sevemu.hypervisor.sev.common import Packet
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
 __all__ = [
@@ -105,19 +101,13 @@ __all__ = [
     "send_vm",
 ]
 
-PAGE: Final = 4096
-CERT_SIZE: Final = 0x824
-CHAIN_SIZE: Final = 3 * CERT_SIZE
-MAX_FRAME: Final = 64 << 10
+CERT_SIZE: Final = SEV_CERT_SIZE
+CHAIN_SIZE: Final = SEV_CERT_CHAIN_SIZE
+MAX_FRAME: Final = 64 * KiB
 """Largest frame either side accepts (a page packet is about 4.2 KiB, HELLO about 11.5 KiB)."""
 DEFAULT_TIMEOUT: Final = 30.0
-_SEND_BUFFER: Final = 256 << 10
-
-# PSP bounce-area offsets (hypervisor/psp.py: the driver's data area)
-_OFF_PDH, _OFF_CHAIN, _OFF_AMD, _OFF_SESSION = 0x0000, 0x1000, 0x3000, 0x4000
-_OFF_TRANS = 0x6000
-_OFF_HDR = _OFF_TRANS - 0x40  # header right below TRANS: one copy moves both
-_MAX_AMD_CERTS: Final = 0x2000
+_SEND_BUFFER: Final = 256 * KiB
+_MAX_AMD_CERTS: Final = 8 * KiB
 
 
 class MigrationError(VmError):
@@ -388,46 +378,9 @@ def _expect(chan: Channel, kind: type[M]) -> M:
 # ---- firmware calls -----------------------------------------------------------------------------
 
 
-def _put(hv: Hypervisor, offset: int, data: bytes) -> int:
-    """Copy ``data`` into the PSP bounce area (a streaming copy: the buffers are DMA buffers, not
-    data the host works on); returns its SPA."""
-    spa = hv.psp.data_spa + offset
-    hv.core.host_write_stream(spa, data)
-    return spa
-
-
-def _get(hv: Hypervisor, offset: int, length: int) -> bytes:
-    """``length`` bytes the PSP wrote into the bounce area (a streaming copy)."""
-    return hv.core.host_read_stream(hv.psp.data_spa + offset, length)
-
-
-def _cbit_mask(hv: Hypervisor) -> int:
-    _, ebx, _, _ = hv.soc.cpuid(0x8000001F)
-    return 1 << (ebx & 0x3F)
-
-
 def platform_certs(hv: Hypervisor) -> tuple[bytes, bytes]:
     """(PDH, PEK || OCA || CEK) of this platform, by PDH_CERT_EXPORT."""
-    pdh_spa = _put(hv, _OFF_PDH, bytes(CERT_SIZE))
-    chain_spa = _put(hv, _OFF_CHAIN, bytes(CHAIN_SIZE))
-    hv.psp.call(CommandId.PDH_CERT_EXPORT, PdhCertExportCmd(pdh_cert_paddr=pdh_spa, pdh_cert_len=CERT_SIZE,
-                                                            certs_paddr=chain_spa, certs_len=CHAIN_SIZE))
-    return _get(hv, _OFF_PDH, CERT_SIZE), _get(hv, _OFF_CHAIN, CHAIN_SIZE)
-
-
-def _issue(hv: Hypervisor, cmd: CommandId, buf: TransportCmd) -> None:
-    """A per-page command whose written-back buffer is of no interest (no decode)."""
-    status, _ = hv.psp.raw(cmd, buf.encode())
-    if status != Status.SUCCESS:
-        raise MailboxError(cmd.name, status, status_name(status))
-
-
-def _length_query(hv: Hypervisor, cmd: CommandId, buf: SendStartCmd | TransportCmd) -> bytes:
-    """Issue ``cmd`` expecting INVALID_LENGTH; the buffer as the firmware wrote it back."""
-    status, out = hv.psp.raw(cmd, buf.encode())
-    if status != Status.INVALID_LENGTH:
-        raise MailboxError(cmd.name, status, f"length query answered {status:#x}")
-    return out
+    return hv.sev.platform_certs()
 
 
 # ---- source -------------------------------------------------------------------------------------
@@ -461,7 +414,8 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False)
     """
     _check_sendable(vm)
     t0 = time.perf_counter()
-    psp = hv.psp
+    sev = hv.sev
+    sev.context(vm)
     started = False
     try:
         hello = _expect(chan, Hello)
@@ -469,20 +423,10 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False)
                 or not 0 < len(hello.amd_certs) <= _MAX_AMD_CERTS:
             raise ProtocolError("HELLO certificates have the wrong sizes")
         hv.soc.wbinvd_all()  # the guest's dirty lines to DRAM: SEND_UPDATE_DATA reads DRAM
-        query = _length_query(hv, CommandId.SEND_START, SendStartCmd(handle=vm.handle))
-        session_len = SendStartCmd.decode(query).session_len
-        cmd = SendStartCmd(
-            handle=vm.handle,
-            pdh_cert_paddr=_put(hv, _OFF_PDH, hello.pdh), pdh_cert_len=len(hello.pdh),
-            plat_certs_paddr=_put(hv, _OFF_CHAIN, hello.cert_chain), plat_certs_len=len(hello.cert_chain),
-            amd_certs_paddr=_put(hv, _OFF_AMD, hello.amd_certs), amd_certs_len=len(hello.amd_certs),
-            session_paddr=_put(hv, _OFF_SESSION, bytes(session_len)), session_len=session_len,
-        )
-        out = psp.call(CommandId.SEND_START, cmd)
+        out = sev.send_start(vm, hello.pdh, hello.cert_chain, hello.amd_certs, sev.session_length(vm))
         started = True
-        session = _get(hv, _OFF_SESSION, session_len)
-        own_pdh, _ = platform_certs(hv)
-        chan.send(Start(out.policy, vm.memory, len(vm.vcpus), own_pdh, session))
+        own_pdh, _ = sev.platform_certs()
+        chan.send(Start(int(out.fields["policy"]), vm.memory, len(vm.vcpus), own_pdh, out.blobs[0]))
         pages, shared = _send_pages(hv, vm, chan)
         for vcpu in vm.vcpus:
             s = vcpu.vmcb
@@ -490,13 +434,13 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False)
                                 tuple(s.regs[r] for r in GPRS)))
         chan.send(Finish(pages, shared))
         _expect(chan, Done)
-        psp.call(CommandId.SEND_FINISH, HandleCmd(handle=vm.handle))
+        sev.send_finish(vm)
     except (OSError, SevemuError) as exc:
         note = ""
         if started:
             try:
-                psp.call(CommandId.SEND_CANCEL, HandleCmd(handle=vm.handle))
-            except MailboxError as cancel:
+                sev.send_cancel(vm)
+            except SevFirmwareError as cancel:
                 note = f"; SEND_CANCEL failed too: {cancel}"
         chan.abort(f"source: {exc}")
         if isinstance(exc, MigrationError) and not note:
@@ -509,25 +453,20 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False)
 
 
 def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel) -> tuple[int, int]:
-    psp = hv.psp
-    cbit = _cbit_mask(hv)
-    hdr_spa = psp.data_spa + _OFF_HDR
-    trans_spa = psp.data_spa + _OFF_TRANS
-    query = _length_query(hv, CommandId.SEND_UPDATE_DATA, TransportCmd(handle=vm.handle))
-    hdr_len = TransportCmd.decode(query).hdr_len
-    pages = shared = 0
-    for gfn, spa in sorted(vm.npt.mappings.items()):
+    private = []
+    shared = 0
+    for gfn in sorted(vm.npt.mappings):
         gpa = gfn << 12
         if gpa in vm.shared_gpas:
             chan.send(SharedPage(gpa, vm.host_read(gpa, PAGE)))
             shared += 1
-            continue
-        _issue(hv, CommandId.SEND_UPDATE_DATA, TransportCmd(
-            handle=vm.handle, hdr_paddr=hdr_spa, hdr_len=hdr_len, guest_paddr=spa | cbit, guest_len=PAGE,
-            trans_paddr=trans_spa, trans_len=PAGE))
-        packet = _get(hv, _OFF_HDR, _OFF_TRANS - _OFF_HDR + PAGE)
-        chan.send(Page(gpa, packet[:hdr_len], packet[_OFF_TRANS - _OFF_HDR :]))
-        pages += 1
+        else:
+            private.append(gpa)
+    pages = 0
+    with contextlib.closing(hv.sev.send_pages(vm, private)) as packets:
+        for gpa, hdr, trans in packets:
+            chan.send(Page(gpa, hdr, trans))
+            pages += 1
     return pages, shared
 
 
@@ -542,22 +481,17 @@ def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "
     failure the new VM is discarded and :class:`MigrationError` raised.
     """
     vm: Vm | None = None
+    sev = hv.sev
     try:
-        pdh, chain = platform_certs(hv)
+        pdh, chain = sev.platform_certs()
         chan.send(Hello(pdh, chain, bytes(amd_certs)))
         start = _expect(chan, Start)
         limit = max_memory if max_memory is not None else hv.soc.dram_size
         if start.memory <= 0 or start.memory % PAGE or start.memory > limit or not 0 < start.vcpus <= 64:
             raise ProtocolError(f"START asks for {start.memory:#x} bytes and {start.vcpus} vCPUs")
         vm = hv.create_vm(name, start.memory, VmKind.SEV)
-        psp = hv.psp
-        out = psp.call(CommandId.RECEIVE_START, ReceiveStartCmd(
-            policy=start.policy,
-            pdh_cert_paddr=_put(hv, _OFF_PDH, start.pdh), pdh_cert_len=len(start.pdh),
-            session_paddr=_put(hv, _OFF_SESSION, start.session), session_len=len(start.session)))
-        vm.handle, vm.policy = out.handle, start.policy
-        vm.state = VmState.LAUNCHING
-        psp.call(CommandId.ACTIVATE, ActivateCmd(handle=vm.handle, asid=vm.asid))
+        sev.context(vm)
+        sev.receive_start(vm, start.policy, start.pdh, start.session)
         _receive_pages(hv, vm, chan, start.vcpus)
         vm.state = VmState.RUNNING
         chan.send(Done())
@@ -573,46 +507,42 @@ def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "
 
 
 def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
-    psp = hv.psp
-    cbit = _cbit_mask(hv)
-    hdr_spa = psp.data_spa + _OFF_HDR
-    trans_spa = psp.data_spa + _OFF_TRANS
+    sev = hv.sev
     pages = shared = 0
     seen: set[int] = set()
-    while True:
-        msg = _next(chan)
-        if isinstance(msg, (Page, SharedPage)):
-            gpa = msg.gpa
-            if gpa % PAGE or not 0 <= gpa < vm.memory or gpa in seen:
-                raise ProtocolError(f"page at GPA {gpa:#x}: unaligned, outside the VM or repeated")
-            seen.add(gpa)
-            spa = vm.back(gpa)
-            if isinstance(msg, SharedPage):
-                vm.host_write(gpa, msg.data)
-                vm.shared_gpas.add(gpa)
-                shared += 1
-                continue
-            if len(msg.trans) > PAGE:
-                raise ProtocolError(f"packet of {len(msg.trans)} bytes exceeds a page")
-            if len(msg.hdr) > _OFF_TRANS - _OFF_HDR:
-                raise ProtocolError(f"packet header of {len(msg.hdr)} bytes")
-            _put(hv, _OFF_HDR, msg.hdr.ljust(_OFF_TRANS - _OFF_HDR, b"\0") + msg.trans)
-            _issue(hv, CommandId.RECEIVE_UPDATE_DATA, TransportCmd(
-                handle=vm.handle, hdr_paddr=hdr_spa, hdr_len=len(msg.hdr), guest_paddr=spa | cbit,
-                guest_len=len(msg.trans), trans_paddr=trans_spa, trans_len=len(msg.trans)))
-            pages += 1
-        elif isinstance(msg, VcpuState):
-            if msg.index != len(vm.vcpus) or msg.index >= vcpus:
-                raise ProtocolError(f"vCPU {msg.index} out of order")
-            s = vm.add_vcpu().vmcb
-            s.cr0, s.cr3, s.cr4, s.efer, s.rip, s.rflags = msg.cr0, msg.cr3, msg.cr4, msg.efer, msg.rip, msg.rflags
-            s.regs.update(zip(GPRS, msg.regs, strict=True))
-        elif isinstance(msg, Finish):
-            if (msg.pages, msg.shared) != (pages, shared) or len(vm.vcpus) != vcpus:
-                raise ProtocolError(f"FINISH counts {msg.pages}+{msg.shared} pages, {vcpus} vCPUs; "
-                                    f"received {pages}+{shared}, {len(vm.vcpus)}")
-            psp.call(CommandId.RECEIVE_FINISH, HandleCmd(handle=vm.handle))
-            return
-        else:
-            raise ProtocolError(f"unexpected {type(msg).__name__} frame while receiving pages")
-
+    with hv.psp.bounce.stage() as st:
+        packet = Packet(st, HdrBuf.SIZE, PAGE)
+        while True:
+            msg = _next(chan)
+            if isinstance(msg, (Page, SharedPage)):
+                gpa = msg.gpa
+                if gpa % PAGE or not 0 <= gpa < vm.memory or gpa in seen:
+                    raise ProtocolError(f"page at GPA {gpa:#x}: unaligned, outside the VM or repeated")
+                seen.add(gpa)
+                if isinstance(msg, SharedPage):
+                    vm.back(gpa)
+                    vm.host_write(gpa, msg.data)
+                    vm.shared_gpas.add(gpa)
+                    shared += 1
+                    continue
+                if len(msg.trans) > PAGE:
+                    raise ProtocolError(f"packet of {len(msg.trans)} bytes exceeds a page")
+                if len(msg.hdr) > packet.room:
+                    raise ProtocolError(f"packet header of {len(msg.hdr)} bytes")
+                # backs a fresh page: zeroed and flushed by the allocator, no host line to write back
+                sev.receive_update_data(vm, gpa, len(msg.trans), msg.hdr, msg.trans, packet)
+                pages += 1
+            elif isinstance(msg, VcpuState):
+                if msg.index != len(vm.vcpus) or msg.index >= vcpus:
+                    raise ProtocolError(f"vCPU {msg.index} out of order")
+                s = vm.add_vcpu().vmcb
+                s.cr0, s.cr3, s.cr4, s.efer, s.rip, s.rflags = msg.cr0, msg.cr3, msg.cr4, msg.efer, msg.rip, msg.rflags
+                s.regs.update(zip(GPRS, msg.regs, strict=True))
+            elif isinstance(msg, Finish):
+                if (msg.pages, msg.shared) != (pages, shared) or len(vm.vcpus) != vcpus:
+                    raise ProtocolError(f"FINISH counts {msg.pages}+{msg.shared} pages, {vcpus} vCPUs; "
+                                        f"received {pages}+{shared}, {len(vm.vcpus)}")
+                sev.receive_finish(vm)
+                return
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} frame while receiving pages")

@@ -1,4 +1,4 @@
-"""Nested page tables built by the hypervisor (AMD NPT: the x86-64 4-level format, reference 4.2).
+"""Nested page tables built by the hypervisor (AMD NPT: the x86-64 4-level format, APM2 15.25 and 5.3).
 
 The tables are real bytes in host memory, written with the host's ordinary (C=0) stores; the SoC's
 nested walker reads them through the cache.  Leaves map one 4 KiB guest-physical page to a system
@@ -7,12 +7,14 @@ the model's host does not run with SME.
 
 The hypervisor also keeps its own index (GFN -> PFN), as KVM keeps memslots: it never needs to read
 its tables back, and changing a mapping costs one entry write plus a TLB flush of the ASID.
+:meth:`NestedPageTable.release` gives every table page back to the host allocator when the VM goes.
 """
 
 from __future__ import annotations
 
+from sevemu._util.units import PAGE, PAGE_MASK, PAGE_SHIFT, is_aligned
 from sevemu.abi.paging import Pte
-from sevemu.errors import AddressError, AlignmentError
+from sevemu.errors import AddressError, AlignmentError, HardwareError
 from sevemu.hw.host import HostCore
 from sevemu.hypervisor.memory import PageAllocator
 
@@ -37,37 +39,47 @@ class NestedPageTable:
 
     def _table(self, level: int, gpa: int) -> int:
         """SPA of the level-``level`` table covering ``gpa`` (level 4 = PML4 ... 1 = PT)."""
-        key = (level, gpa >> (12 + 9 * level))
+        key = (level, gpa >> (PAGE_SHIFT + 9 * level))
         spa = self._tables.get(key)
         if spa is None:
             parent = self._table(level + 1, gpa)
             spa = self._alloc.alloc()
             self.table_pages += 1
-            index = (gpa >> (12 + 9 * level)) & 0x1FF
+            index = (gpa >> (PAGE_SHIFT + 9 * level)) & 0x1FF
             self._core.host_write(parent + index * 8, (spa | _TABLE).to_bytes(8, "little"))
             self._tables[key] = spa
         return spa
 
     def map(self, gpa: int, spa: int, writable: bool = True) -> None:
         """Map the 4 KiB guest page at ``gpa`` to the system page ``spa``."""
-        if gpa % 4096 or spa % 4096:
+        if not (is_aligned(gpa, PAGE) and is_aligned(spa, PAGE)):
             raise AlignmentError(f"NPT mappings are 4 KiB pages: GPA {gpa:#x}, SPA {spa:#x}")
         if not 0 <= gpa < self.gpa_limit:
             raise AddressError(f"GPA {gpa:#x} is beyond the VM's {self.gpa_limit:#x} bytes")
+        if not self._tables:
+            raise HardwareError("the nested page table was released (its VM was destroyed)")
         pt = self._table(1, gpa)
         entry = spa | _LEAF | (_RW if writable else 0)
-        self._core.host_write(pt + ((gpa >> 12) & 0x1FF) * 8, entry.to_bytes(8, "little"))
-        self.mappings[gpa >> 12] = spa
+        self._core.host_write(pt + ((gpa >> PAGE_SHIFT) & 0x1FF) * 8, entry.to_bytes(8, "little"))
+        self.mappings[gpa >> PAGE_SHIFT] = spa
 
     def unmap(self, gpa: int) -> int | None:
         """Remove the mapping of ``gpa``; returns the SPA it pointed to."""
-        spa = self.mappings.pop(gpa >> 12, None)
+        spa = self.mappings.pop(gpa >> PAGE_SHIFT, None)
         if spa is not None:
             pt = self._tables[(1, gpa >> 21)]
-            self._core.host_write(pt + ((gpa >> 12) & 0x1FF) * 8, bytes(8))
+            self._core.host_write(pt + ((gpa >> PAGE_SHIFT) & 0x1FF) * 8, bytes(8))
         return spa
+
+    def release(self) -> None:
+        """Give every table page (root included) back to the allocator; the table is unusable after."""
+        for spa in self._tables.values():
+            self._alloc.free(spa)
+        self._tables.clear()
+        self.mappings.clear()
+        self.table_pages = 0
 
     def lookup(self, gpa: int) -> int | None:
         """SPA backing ``gpa`` (with the page offset), or None if unmapped."""
-        spa = self.mappings.get(gpa >> 12)
-        return None if spa is None else spa | (gpa & 0xFFF)
+        spa = self.mappings.get(gpa >> PAGE_SHIFT)
+        return None if spa is None else spa | (gpa & PAGE_MASK)

@@ -2,8 +2,14 @@
 
 The hypervisor can read and write any physical memory as the host (ASID 0, C=0).  For a guest's
 private pages that is ciphertext when read, and silent corruption when written -- SEV (before SNP)
-has no integrity (reference 4.2, 4.4).  :meth:`Vm.host_read` / :meth:`Vm.host_write` do exactly that,
-by GPA, through the SPA the NPT maps it to.
+has no integrity (APM2 15.34; SEVurity).  :meth:`Vm.host_read` / :meth:`Vm.host_write` do exactly
+that, by GPA, through the SPA the NPT maps it to.
+
+A VM's whole state lives here, once: its lifecycle (:class:`VmState`) and the SEV information KVM
+keeps per VM in ``struct kvm_sev_info`` (Linux arch/x86/kvm/svm/svm.h): ``sev_active`` (the SEV
+context exists: ``KVM_SEV_INIT`` or a launch through :class:`~sevemu.hypervisor.kvm.Hypervisor`),
+``es`` (SEV-ES), the firmware ``handle``, the guest ``policy`` and each vCPU's VMSA page.  The
+ioctl layer (``KvmSev``) keeps no copy of it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
+from sevemu._util.units import PAGE, PAGE_MASK, align_down
 from sevemu.errors import AddressError, UnmappedError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostCore
@@ -20,8 +27,6 @@ from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.npt import NestedPageTable
 
 __all__ = ["Vcpu", "Vm", "VmKind", "VmState"]
-
-PAGE = 4096
 
 
 class VmKind(enum.Enum):
@@ -32,6 +37,8 @@ class VmKind(enum.Enum):
 
 
 class VmState(enum.Enum):
+    """Where a VM is in its life: created, being launched (or received), running, crashed, gone."""
+
     CREATED = "created"
     LAUNCHING = "launching"
     RUNNING = "running"
@@ -61,12 +68,19 @@ class Vm:
         self.kind = kind
         self.memory = memory
         self.asid = asid
-        self.handle = 0
         self.state = VmState.CREATED
+        self.sev_active = False
+        """The SEV context exists (KVM ``sev->active``: KVM_SEV_INIT, or a launch by the hypervisor)."""
+        self.es = False
+        """An SEV-ES guest (KVM ``sev->es_active``)."""
+        self.handle = 0
+        """The firmware's guest handle (0: none yet)."""
         self.policy = 0
         self.measurement = b""
+        self.vmsa_pages: dict[int, int] = {}  # vCPU index -> SPA of its VMSA page (SEV-ES)
         self._core = core
         self._alloc = alloc
+        self._table_alloc = table_alloc
         self.npt = NestedPageTable(core, table_alloc, memory)
         self.vcpus: list[Vcpu] = []
         self.console = bytearray()
@@ -87,7 +101,7 @@ class Vm:
     # ---- backing memory ---------------------------------------------------------------------
     def back(self, gpa: int) -> int:
         """Back the guest page containing ``gpa`` with a host page (if not yet); returns its SPA."""
-        page = gpa & ~0xFFF
+        page = align_down(gpa, PAGE)
         if not 0 <= page < self.memory:
             raise AddressError(f"GPA {gpa:#x} is outside {self.name}'s {self.memory:#x} bytes")
         spa = self.npt.lookup(page)
@@ -98,7 +112,8 @@ class Vm:
         return spa
 
     def back_range(self, gpa: int, length: int) -> list[int]:
-        return [self.back(p) for p in range(gpa & ~0xFFF, gpa + length, PAGE)]
+        """Back every page of ``[gpa, gpa+length)``; their SPAs in order (KVM ``sev_pin_memory``)."""
+        return [self.back(p) for p in range(align_down(gpa, PAGE), gpa + length, PAGE)]
 
     def spa_of(self, gpa: int) -> int:
         """SPA backing ``gpa``; :class:`UnmappedError` if the page is not backed."""
@@ -123,13 +138,23 @@ class Vm:
             self._core.host_write(spa + off, data[pos : pos + n])
             pos += n
 
+    def vmsa_page(self, vcpu: int) -> int:
+        """SPA of ``vcpu``'s VMSA page (allocated from the host's table pages on first use)."""
+        spa = self.vmsa_pages.get(vcpu)
+        if spa is None:
+            spa = self.vmsa_pages[vcpu] = self._table_alloc.alloc()
+        return spa
+
     def release(self) -> None:
-        """Return every backing page to the host allocator."""
-        for gfn in list(self.npt.mappings):
-            self.npt.unmap(gfn << 12)
+        """Return every page the VM holds to the host allocators: backing pages, the NPT's table
+        pages and the VMSA pages."""
+        self.npt.release()
         for spa in self._owned:
             self._alloc.free(spa)
         self._owned.clear()
+        for spa in self.vmsa_pages.values():
+            self._table_alloc.free(spa)
+        self.vmsa_pages.clear()
 
 
 def _pieces(gpa: int, length: int) -> list[tuple[int, int, int]]:
@@ -138,8 +163,8 @@ def _pieces(gpa: int, length: int) -> list[tuple[int, int, int]]:
     pos = gpa
     end = gpa + length
     while pos < end:
-        off = pos & 0xFFF
+        off = pos & PAGE_MASK
         n = min(PAGE - off, end - pos)
-        out.append((pos & ~0xFFF, off, n))
+        out.append((pos - off, off, n))
         pos += n
     return out

@@ -1,0 +1,440 @@
+"""The host side of the legacy SEV API, each flow written once (SEV API 55766, chapters 5 and 6).
+
+Every caller goes through these flows: the Python API (:class:`~sevemu.hypervisor.kvm.Hypervisor`),
+``KVM_MEMORY_ENCRYPT_OP`` and ``/dev/sev`` (through the command table of
+:mod:`sevemu.hypervisor.uapi`), and migration (:mod:`sevemu.hypervisor.migration`).  They follow
+Linux: drivers/crypto/ccp/sev-dev.c for the platform, arch/x86/kvm/svm/sev.c for guests.
+
+Platform (sev-dev.c)
+    ``platform_init``: INIT (SEV-ES and its TMR where asked), then WBINVD on every CPU and
+    DF_FLUSH -- the firmware marks every ASID dirty at INIT (``__sev_platform_init_locked``).
+    ``factory_reset`` (``-EBUSY`` while guests run; SHUTDOWN first from INIT), PEK/PDH generation,
+    PEK_CSR, PEK_CERT_IMPORT, PDH_CERT_EXPORT, GET_ID with length queries.
+
+Guests (sev.c)
+    ``guest_init`` (KVM_SEV_INIT / ES_INIT: before any vCPU, once, SEV-ES ASIDs for ES guests,
+    the platform INITed if it is not); ``launch_start`` (owner blobs staged, ACTIVATE of the VM's
+    ASID, DECOMMISSION when that fails); ``launch_update_data`` (pin, CLFLUSH unless the CPU is
+    coherent, one command per physically contiguous run, exact lengths); ``launch_measure`` and
+    ``attestation`` (length queries); ``launch_secret`` (the guest range must be physically
+    contiguous: ``-EINVAL``); ``launch_finish``; ``dbg_decrypt`` / ``dbg_encrypt`` (page by page, the
+    guest's lines flushed first, 16-byte aligned firmware accesses through bounce buffers,
+    read-modify-write for unaligned ends); SEND_* / RECEIVE_* (length queries, one page at most per
+    update, guest addresses with the C-bit); ``decommission`` at teardown.
+
+Addresses: guest pages given to the firmware as *guest* memory (LAUNCH_SECRET, SEND/RECEIVE) carry
+the C-bit (Linux ORs ``sev_me_mask``); LAUNCH_UPDATE_DATA and DBG take plain SPAs (Linux's
+``__sme_page_pa`` adds only the host's SME mask, which this host does not use).  The firmware
+strips the bit either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable
+
+from sevemu._util.units import PAGE, PAGE_MASK, align_down, align_up
+from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
+from sevemu.abi.commands import CommandId
+from sevemu.abi.sev import (
+    SEV_TMR_LEN,
+    ActivateCmd,
+    AttestationCmd,
+    DbgCmd,
+    GetIdCmd,
+    GuestStatusCmd,
+    HandleCmd,
+    InitCmd,
+    InitOptions,
+    LaunchStartCmd,
+    LaunchUpdateDataCmd,
+    PdhCertExportCmd,
+    PekCertImportCmd,
+    PekCsrCmd,
+    PlatformStatus,
+    ReceiveStartCmd,
+    SendStartCmd,
+    TransportCmd,
+)
+from sevemu.abi.states import PlatformState
+from sevemu.abi.status import Status
+from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
+from sevemu.hypervisor.sev.common import PACKET, OutBlob, Packet, Reply, SevHost, contiguous_runs
+from sevemu.hypervisor.vm import Vm, VmKind, VmState
+
+__all__ = ["GRANULE", "LegacySev"]
+
+GRANULE = 16
+"""The SEV API's 16-byte granularity: LAUNCH_UPDATE_DATA lengths, DBG_DECRYPT / DBG_ENCRYPT addresses
+and lengths (SEV API 55766, LAUNCH_UPDATE_DATA, DBG_DECRYPT)."""
+_MAX_LEN = 1 << 32  # a u32 length field
+
+_MEASURE = (OutBlob("paddr", "len"),)
+_PEK_CSR = (OutBlob("csr_paddr", "csr_len"),)
+_PDH_EXPORT = (OutBlob("pdh_cert_paddr", "pdh_cert_len"), OutBlob("certs_paddr", "certs_len"))
+_GET_ID = (OutBlob("id_paddr", "id_len"),)
+_SESSION = (OutBlob("session_paddr", "session_len"),)
+
+
+class LegacySev(SevHost):
+    """The SEV flows of one host (module docstring)."""
+
+    # ==== platform (sev-dev.c) ====================================================================
+    def platform_status(self) -> PlatformStatus:
+        return self.issue(CommandId.PLATFORM_STATUS, PlatformStatus())
+
+    def platform_state(self) -> PlatformState:
+        return PlatformState(self.platform_status().state)
+
+    def api_version(self) -> tuple[int, int, int]:
+        """(major, minor, build) of the firmware; (0, 0, 0) when PLATFORM_STATUS fails."""
+        try:
+            st = self.platform_status()
+        except SevFirmwareError:
+            return (0, 0, 0)
+        return st.api_major, st.api_minor, st.build
+
+    def platform_init(self, es: bool | None = None) -> None:
+        """INIT (with SEV-ES and the TMR when ``es``; by default when the CPU has SEV-ES), then
+        WBINVD on every CPU and DF_FLUSH, as Linux ``__sev_platform_init_locked`` does."""
+        if self.caps.es if es is None else es:
+            init = InitCmd(options=int(InitOptions.SEV_ES), tmr_paddr=self.tmr_spa, tmr_len=SEV_TMR_LEN)
+        else:
+            init = InitCmd()
+        self.issue(CommandId.INIT, init)
+        self.soc.wbinvd_all()
+        self.issue_nobuf(CommandId.DF_FLUSH)
+
+    def ensure_init(self) -> bool:
+        """``sev_platform_init``: INIT the platform unless it is initialised; True when this call did."""
+        if self.platform_state() != PlatformState.UNINIT:
+            return False
+        self.platform_init()
+        return True
+
+    def shutdown(self) -> None:
+        self.issue_nobuf(CommandId.SHUTDOWN)
+
+    def factory_reset(self) -> None:
+        """``sev_ioctl_do_reset``: ``-EBUSY`` while guests run; SHUTDOWN from INIT; PLATFORM_RESET."""
+        state = self.platform_state()
+        if state == PlatformState.WORKING:
+            raise SevStateError(Errno.EBUSY, "the platform has guests (WORKING): no factory reset")
+        if state == PlatformState.INIT:
+            self.shutdown()
+        self.issue_nobuf(CommandId.PLATFORM_RESET)
+
+    def pek_gen(self) -> None:
+        self.issue_nobuf(CommandId.PEK_GEN)
+
+    def pdh_gen(self) -> None:
+        self.issue_nobuf(CommandId.PDH_GEN)
+
+    def pek_csr(self, length: int) -> Reply:
+        """PEK_CSR into a ``length``-byte buffer (0: the length query)."""
+        return self.exchange(CommandId.PEK_CSR, PekCsrCmd, {}, _PEK_CSR, (length,))
+
+    def pek_cert_import(self, pek: bytes, oca: bytes) -> None:
+        with self.psp.bounce.stage() as st:
+            self.issue(CommandId.PEK_CERT_IMPORT, PekCertImportCmd(
+                pek_cert_paddr=st.put(pek), pek_cert_len=len(pek), oca_cert_paddr=st.put(oca), oca_cert_len=len(oca)))
+
+    def pdh_cert_export(self, pdh_len: int, chain_len: int) -> Reply:
+        """PDH_CERT_EXPORT into buffers of these lengths (0: the length query): (PDH, PEK || OCA || CEK)."""
+        return self.exchange(CommandId.PDH_CERT_EXPORT, PdhCertExportCmd, {}, _PDH_EXPORT, (pdh_len, chain_len))
+
+    def platform_certs(self) -> tuple[bytes, bytes]:
+        """(PDH, PEK || OCA || CEK) of this platform, as a migration peer or an owner asks for them."""
+        reply = self.pdh_cert_export(SEV_CERT_SIZE, SEV_CERT_CHAIN_SIZE)
+        return reply.blobs[0], reply.blobs[1]
+
+    def get_id(self, length: int) -> Reply:
+        """GET_ID into a ``length``-byte buffer (0: the length query)."""
+        return self.exchange(CommandId.GET_ID, GetIdCmd, {}, _GET_ID, (length,))
+
+    # ==== ASIDs ===================================================================================
+    def asid_new(self, kind: VmKind) -> int:
+        """An ASID for a new VM; reclaimed SEV ASIDs are flushed (WBINVD + DF_FLUSH) when no fresh one is left."""
+        if kind is VmKind.PLAIN:
+            return self.asids.alloc_plain()
+        if not self.asids.sev_free() and self.asids.reclaimable:
+            self.flush_asids()
+        return self.asids.alloc_sev()
+
+    # ==== guest context ===========================================================================
+    @staticmethod
+    def context(vm: Vm) -> None:
+        """Give an SEV VM its SEV context without INITing the platform (the Python API's implicit
+        KVM_SEV_INIT: its VMs live on a platform the hypervisor brought up)."""
+        if vm.kind is VmKind.SEV:
+            vm.sev_active = True
+
+    def guest_init(self, vm: Vm, es: bool = False) -> None:
+        """KVM_SEV_INIT / KVM_SEV_ES_INIT (``sev_guest_init``)."""
+        if es and not self.caps.es:
+            raise SevStateError(Errno.ENOTTY, "this CPU has no SEV-ES")
+        if vm.vcpus:
+            raise SevStateError(Errno.EINVAL, f"{vm.name} already has vCPUs")
+        if vm.sev_active:
+            raise SevStateError(Errno.EBUSY, f"{vm.name} already has an SEV context")
+        if vm.kind is not VmKind.SEV:
+            raise SevStateError(Errno.EINVAL, f"{vm.name} was not created as an SEV VM (no SEV ASID)")
+        swap = es and not self.asids.is_es(vm.asid)
+        if swap and not self.asids.es_free() and self.asids.reclaimable:
+            self.flush_asids()  # sev_asid_new: reclaim before giving up
+        if swap and not self.asids.es_free():
+            raise SevStateError(Errno.EBUSY, "no free SEV-ES ASID")
+        self.ensure_init()
+        if swap:
+            asid = self.asids.exchange_for_es(vm.asid)
+            if asid is None:
+                raise SevStateError(Errno.EBUSY, "no free SEV-ES ASID")
+            vm.asid = asid
+        vm.sev_active = True
+        vm.es = es
+
+    def _activate(self, vm: Vm, handle: int) -> None:
+        """ACTIVATE ``handle`` on the VM's ASID (``sev_bind_asid``); DECOMMISSION when it fails."""
+        try:
+            self.issue(CommandId.ACTIVATE, ActivateCmd(handle=handle, asid=vm.asid))
+        except SevFirmwareError:
+            self.psp.raw(CommandId.DECOMMISSION, HandleCmd(handle=handle).encode())
+            raise
+
+    def _started(self, vm: Vm, handle: int, policy: int) -> None:
+        vm.handle = handle
+        vm.policy = policy
+        vm.state = VmState.LAUNCHING
+
+    # ==== launch ==================================================================================
+    def launch_start(self, vm: Vm, policy: int, dh: bytes | None = None, session: bytes | None = None,
+                     handle: int = 0) -> int:
+        """LAUNCH_START (the owner's GODH certificate and session blob staged when given), then
+        ACTIVATE of the VM's ASID; the VM is LAUNCHING with the new handle, which is returned."""
+        self.need_context(vm)
+        fields: dict[str, int | bytes] = {"handle": handle, "policy": policy}
+        with self.psp.bounce.stage() as st:
+            if dh is not None:
+                fields.update(dh_cert_paddr=st.put(dh), dh_cert_len=len(dh))
+            if session is not None:
+                fields.update(session_paddr=st.put(session), session_len=len(session))
+            done = self.issue(CommandId.LAUNCH_START, self.build(LaunchStartCmd, fields))
+        self._activate(vm, done.handle)
+        self._started(vm, done.handle, policy)
+        return done.handle
+
+    def launch_update_data(self, vm: Vm, gpa: int, length: int) -> None:
+        """LAUNCH_UPDATE_DATA of ``[gpa, gpa+length)`` (``sev_launch_update_data``)."""
+        self.need_context(vm)
+        if not 0 < length < _MAX_LEN:
+            raise SevInputError(Errno.EINVAL, f"LAUNCH_UPDATE_DATA length {length:#x}")
+        spas = self.pin(vm, gpa, length)
+        self.clflush_pages(spas)
+        offset = gpa & PAGE_MASK
+        size = length
+        for first, count in contiguous_runs(spas):
+            n = min(count * PAGE - offset, size)
+            self.issue(CommandId.LAUNCH_UPDATE_DATA,
+                       LaunchUpdateDataCmd(handle=vm.handle, paddr=spas[first] + offset, len=n))
+            size -= n
+            offset = 0
+
+    def launch_measure(self, vm: Vm, length: int) -> Reply:
+        """LAUNCH_MEASURE into a ``length``-byte buffer (0: the length query); the VM keeps the blob."""
+        self.need_context(vm)
+        reply = self.exchange(CommandId.LAUNCH_MEASURE, LaunchUpdateDataCmd, {"handle": vm.handle},
+                              _MEASURE, (length,))
+        if length:
+            vm.measurement = reply.blobs[0]
+        return reply
+
+    def launch_secret(self, vm: Vm, gpa: int, guest_len: int, hdr: bytes, trans: bytes) -> None:
+        """LAUNCH_SECRET: the firmware decrypts the owner's packet into ``[gpa, gpa+guest_len)``,
+        which must be backed by physically contiguous pages (``-EINVAL``, KVM ``sev_launch_secret``)."""
+        self.need_context(vm)
+        spas = self.pin(vm, gpa, guest_len)
+        if len(contiguous_runs(spas)) != 1:
+            raise SevStateError(Errno.EINVAL, f"secret region {gpa:#x}+{guest_len:#x} of {vm.name} is not "
+                                              "physically contiguous")
+        self.clflush_pages(spas)
+        with self.psp.bounce.stage() as st:
+            trans_spa = st.put(trans)
+            hdr_spa = st.put(hdr)
+            guest = (spas[0] + (gpa & PAGE_MASK)) | self.caps.me_mask
+            self.transport(CommandId.LAUNCH_SECRET, vm, hdr_spa, len(hdr), guest, guest_len, trans_spa, len(trans))
+
+    def launch_finish(self, vm: Vm) -> None:
+        """LAUNCH_FINISH: the guest is RUNNING."""
+        self.need_context(vm)
+        self.issue(CommandId.LAUNCH_FINISH, HandleCmd(handle=vm.handle))
+        vm.state = VmState.RUNNING
+
+    def guest_status(self, vm: Vm) -> GuestStatusCmd:
+        return self.issue(CommandId.GUEST_STATUS, GuestStatusCmd(handle=vm.handle))
+
+    def attestation(self, vm: Vm, mnonce: bytes, length: int) -> Reply:
+        """ATTESTATION with ``mnonce`` into a ``length``-byte buffer (0: the length query, whose
+        MNONCE is zero as in KVM ``sev_get_attestation_report``)."""
+        self.need_context(vm)
+        if len(mnonce) != 16:
+            raise SevInputError(Errno.EINVAL, f"MNONCE is 16 bytes, got {len(mnonce)}")
+        return self.exchange(CommandId.ATTESTATION, AttestationCmd,
+                             {"handle": vm.handle, "mnonce": bytes(mnonce) if length else bytes(16)},
+                             _MEASURE, (length,))
+
+    # ==== debug ===================================================================================
+    def _dbg(self, cmd: CommandId, vm: Vm, src: int, dst: int, length: int) -> None:
+        self.issue(cmd, DbgCmd(handle=vm.handle, src_paddr=src, dst_paddr=dst, len=length))
+
+    def _dbg_read(self, vm: Vm, spa: int, length: int) -> bytes:
+        """``__sev_dbg_decrypt``: the enclosing 16-byte blocks of ``[spa, spa+length)`` through a bounce buffer."""
+        start = align_down(spa, GRANULE)
+        size = align_up(spa + length, GRANULE) - start
+        with self.psp.bounce.stage() as st:
+            tmp = st.zeroed(size)
+            self._dbg(CommandId.DBG_DECRYPT, vm, start, tmp, size)
+            data = st.get(tmp, size)
+        return data[spa - start : spa - start + length]
+
+    def _dbg_pieces(self, vm: Vm, gpa: int, length: int) -> list[tuple[int, int, int]]:
+        """(offset in the range, SPA, length) per page of a guest range, each page pinned and its
+        lines flushed (``sev_dbg_crypt``); none for an empty range."""
+        self.need_context(vm)
+        if length <= 0:
+            return []
+        spas = self.pin(vm, gpa, length)
+        pieces = []
+        pos = 0
+        for page in spas:
+            n = min(PAGE - ((gpa + pos) & PAGE_MASK), length - pos)
+            self.flush_guest_page(vm, page)
+            pieces.append((pos, page + ((gpa + pos) & PAGE_MASK), n))
+            pos += n
+        return pieces
+
+    def dbg_decrypt(self, vm: Vm, gpa: int, length: int) -> bytes:
+        """DBG_DECRYPT: ``length`` bytes of guest memory at ``gpa`` in plaintext (``sev_dbg_crypt``);
+        the firmware refuses a NODBG guest (POLICY_FAILURE)."""
+        out = bytearray()
+        for _, spa, n in self._dbg_pieces(vm, gpa, length):
+            out += self._dbg_read(vm, spa, n)
+        return bytes(out)
+
+    def dbg_encrypt(self, vm: Vm, gpa: int, data: bytes) -> None:
+        """DBG_ENCRYPT: write ``data`` at ``gpa`` with the guest's key; an unaligned piece is merged
+        into its decrypted 16-byte blocks first (``__sev_dbg_encrypt_user``)."""
+        for pos, spa, n in self._dbg_pieces(vm, gpa, len(data)):
+            piece = data[pos : pos + n]
+            start = align_down(spa, GRANULE)
+            end = align_up(spa + n, GRANULE)
+            if (start, end) != (spa, spa + n):
+                old = self._dbg_read(vm, start, end - start)
+                piece = old[: spa - start] + piece + old[spa - start + n :]
+            with self.psp.bounce.stage() as st:
+                self._dbg(CommandId.DBG_ENCRYPT, vm, st.put(piece), start, len(piece))
+
+    # ==== migration: source =======================================================================
+    def send_start(self, vm: Vm, pdh: bytes, plat_certs: bytes, amd_certs: bytes, session_len: int) -> Reply:
+        """SEND_START with the target's certificates; ``session_len`` 0 is the length query (the
+        handle only, as KVM ``__sev_send_start_query_session_length``).  Returns the session and
+        the guest's ``policy``."""
+        self.need_context(vm)
+        if not session_len:
+            return self.exchange(CommandId.SEND_START, SendStartCmd, {"handle": vm.handle}, _SESSION, (0,))
+        with self.psp.bounce.stage() as st:
+            fields: dict[str, int | bytes] = {
+                "handle": vm.handle,
+                "pdh_cert_paddr": st.put(pdh), "pdh_cert_len": len(pdh),
+                "plat_certs_paddr": st.put(plat_certs), "plat_certs_len": len(plat_certs),
+                "amd_certs_paddr": st.put(amd_certs), "amd_certs_len": len(amd_certs),
+            }
+            return self.exchange(CommandId.SEND_START, SendStartCmd, fields, _SESSION, (session_len,), ("policy",))
+
+    def session_length(self, vm: Vm) -> int:
+        """The session buffer's length SEND_START needs (its query, the handle only)."""
+        self.need_context(vm)
+        return self.query(CommandId.SEND_START, SendStartCmd, {"handle": vm.handle}, _SESSION)[0]
+
+    def packet_lengths(self, vm: Vm, cmd: CommandId = CommandId.SEND_UPDATE_DATA) -> tuple[int, int]:
+        """(hdr_len, trans_len) a SEND_UPDATE_DATA / _VMSA needs (the query, the handle only)."""
+        self.need_context(vm)
+        hdr_len, trans_len = self.query(cmd, TransportCmd, {"handle": vm.handle}, PACKET)
+        return hdr_len, trans_len
+
+    def send_update_query(self, vm: Vm, cmd: CommandId = CommandId.SEND_UPDATE_DATA) -> Reply:
+        """SEND_UPDATE_DATA / _VMSA as a length query (KVM: ``hdr_len`` or ``trans_len`` 0)."""
+        self.need_context(vm)
+        return self.exchange(cmd, TransportCmd, {"handle": vm.handle}, PACKET, (0, 0))
+
+    def send_update_data(self, vm: Vm, gpa: int, guest_len: int, hdr_len: int, trans_len: int) -> Reply:
+        """SEND_UPDATE_DATA of a guest range inside one page: (header, transport buffer)."""
+        self.need_context(vm)
+        guest = self.guest_page(vm, gpa, guest_len)
+        return self.send_packet(CommandId.SEND_UPDATE_DATA, vm, guest, guest_len, hdr_len, trans_len)
+
+    def send_pages(self, vm: Vm, gpas: Iterable[int]) -> Generator[tuple[int, bytes, bytes], None, None]:
+        """SEND_UPDATE_DATA of whole private pages, one command each (KVM's contract), through one
+        packet buffer staged for the whole run: yields (GPA, header, transport buffer)."""
+        hdr_len, _ = self.packet_lengths(vm)
+        me_mask = self.caps.me_mask
+        with self.psp.bounce.stage() as st:
+            packet = Packet(st, hdr_len, PAGE)
+            for gpa in gpas:
+                self.transport(CommandId.SEND_UPDATE_DATA, vm, packet.hdr_spa, hdr_len, vm.spa_of(gpa) | me_mask,
+                               PAGE, packet.trans_spa, PAGE)
+                hdr, trans = packet.read(hdr_len, PAGE)
+                yield gpa, hdr, trans
+
+    def send_finish(self, vm: Vm) -> None:
+        self.need_context(vm)
+        self.issue(CommandId.SEND_FINISH, HandleCmd(handle=vm.handle))
+
+    def send_cancel(self, vm: Vm) -> None:
+        self.need_context(vm)
+        self.issue(CommandId.SEND_CANCEL, HandleCmd(handle=vm.handle))
+
+    # ==== migration: destination ==================================================================
+    def receive_start(self, vm: Vm, policy: int, pdh: bytes, session: bytes, handle: int = 0) -> int:
+        """RECEIVE_START with the source's PDH and session (a new VEK), then ACTIVATE as LAUNCH_START."""
+        self.need_context(vm)
+        with self.psp.bounce.stage() as st:
+            buf = self.build(ReceiveStartCmd, {
+                "handle": handle, "policy": policy, "pdh_cert_paddr": st.put(pdh), "pdh_cert_len": len(pdh),
+                "session_paddr": st.put(session), "session_len": len(session)})
+            done = self.issue(CommandId.RECEIVE_START, buf)
+        self._activate(vm, done.handle)
+        self._started(vm, done.handle, policy)
+        return done.handle
+
+    def receive_update_data(self, vm: Vm, gpa: int, guest_len: int, hdr: bytes, trans: bytes,
+                            packet: Packet | None = None) -> None:
+        """RECEIVE_UPDATE_DATA into a guest range inside one page.  ``packet``: a buffer the caller
+        staged for a run of pages (migration), else one is staged for this call."""
+        self.need_context(vm, Errno.EINVAL)
+        guest = self.guest_page(vm, gpa, guest_len)
+        self.receive_packet(CommandId.RECEIVE_UPDATE_DATA, vm, guest, guest_len, hdr, trans, packet)
+
+    def receive_finish(self, vm: Vm) -> None:
+        """RECEIVE_FINISH: the guest is RUNNING here."""
+        self.need_context(vm)
+        self.issue(CommandId.RECEIVE_FINISH, HandleCmd(handle=vm.handle))
+        vm.state = VmState.RUNNING
+
+    # ==== teardown ================================================================================
+    def decommission(self, vm: Vm) -> None:
+        """The firmware side of ``sev_vm_destroy``: WBINVD (the guest's lines reach DRAM before its
+        pages are freed: a host CLFLUSH cannot evict them), DEACTIVATE (an INACTIVE guest is fine),
+        DECOMMISSION; the ASID goes to the reclaim set, or straight back if it was never bound."""
+        if vm.kind is not VmKind.SEV:
+            self.asids.free(vm.asid, activated=False)
+            return
+        self.soc.wbinvd_all()
+        if not vm.handle:
+            self.asids.free(vm.asid, activated=False)
+            return
+        try:
+            self.issue(CommandId.DEACTIVATE, HandleCmd(handle=vm.handle))
+        except SevFirmwareError as e:
+            if e.status != Status.INACTIVE:
+                raise
+        self.issue(CommandId.DECOMMISSION, HandleCmd(handle=vm.handle))
+        self.asids.free(vm.asid, activated=True)
