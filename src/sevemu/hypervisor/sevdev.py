@@ -146,6 +146,11 @@ class SevDevice:
         """The firmware's platform state (PLATFORM_STATUS)."""
         return self.hv.sev.platform_state()
 
+    def api_version(self) -> tuple[int, int, int]:
+        """(API major, API minor, build) the firmware reports (PLATFORM_STATUS; the driver's
+        ``sev->api_major``/``api_minor``/``build``)."""
+        return self.hv.sev.api_version()
+
     def platform_init(self) -> int:
         """``sev_platform_init``: INIT (SEV-ES with the TMR when the CPU has it) unless already
         initialised, then WBINVD on all CPUs and DF_FLUSH.  0 or -EIO."""
