@@ -7,8 +7,15 @@ same 32 bytes as
 * the guest owner's prediction: :func:`sevemu.owner.measurement.expected_launch_digest` over the
   image, :func:`~sevemu.owner.measurement.kernel_hashes_table` and
   :func:`sevemu.owner.vmsa.vmsa_pages` (AP EIP from :func:`sevemu.owner.ovmf.sev_es_reset_eip`);
+* the owner's command line: ``sevemu measurement build --policy 0x5 --num-cpus N --vcpu-type T``;
 * the firmware model: GCTX.LD after the hypervisor's LAUNCH_UPDATE_DATA of the image placed at
   4 GiB - size, as QEMU maps OVMF's flash.
+
+SEV-ES (owner side): every VMSA page of every QEMU vCPU type, 1-8 vCPUs, both KVM VM types, and the
+launch digests for 1-8 vCPUs of EPYC, EPYC-v4, EPYC-Rome, EPYC-Milan and EPYC-Genoa, on Debian 12's
+``/usr/share/ovmf/OVMF.fd`` and ``/usr/share/OVMF/OVMF_CODE_4M.fd`` (each skipped, with the reason,
+when not installed) and the synthetic image; the tool's VMSA and digest functions are called in
+process for the large matrices, its command line for a sample.
 
 The tool is run through its command line (``python -m sevsnpmeasure.cli``, the target of its
 ``sev-snp-measure`` script); every test skips, with the reason, when it is not installed.
@@ -39,10 +46,13 @@ Conventions, where the two tools could differ (they agree on every one)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
 import importlib.util
+import io
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +63,7 @@ from pathlib import Path
 import pytest
 
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE
+from sevemu.cli.main import main as sevemu_main
 from sevemu.errors import LayoutError
 from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevLaunchStart, load_image
 from sevemu.hypervisor.sevdev import SevDevice
@@ -402,6 +413,43 @@ def test_seves_digests_1_to_8_vcpus(es_image: Image, vcpu_type: str) -> None:
         theirs = seves_calc_launch_digest(vcpus, sig, str(es_image.path), None, None, None, vmm_type=VMMType.QEMU)
         ours = expected_launch_digest([es_image.data], ovmf_vmsa_pages(es_image.data, vcpus, cpu_signature=sig))
         assert ours.hex() == theirs.hex(), f"{vcpus} vCPUs"
+
+
+def owner_cli_digest(img: Image, vcpus: int, vcpu_type: str, boot: Boot | None = None) -> bytes:
+    """``sevemu measurement build`` (the owner's command line, in this process) for an SEV-ES launch."""
+    argv = ["measurement", "build", "--api-major", "1", "--api-minor", "51", "--build-id", "3", "--policy", "0x5",
+            "--firmware", str(img.path), "--num-cpus", str(vcpus), "--vcpu-type", vcpu_type, "--json"]
+    if boot is not None:
+        argv += ["--kernel", str(boot.kernel)] + (["--initrd", str(boot.initrd)] if boot.initrd else [])
+        argv += ["--cmdline", boot.append] if boot.append is not None else []
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = sevemu_main(argv)
+    assert rc == 0, out.getvalue()
+    return bytes.fromhex(json.loads(out.getvalue())["launch_digest"])
+
+
+@pytest.mark.parametrize("vcpu_type", ES_VCPU_TYPES)
+def test_owner_cli_seves_digests_1_to_8_vcpus(es_image: Image, vcpu_type: str) -> None:
+    """``sevemu measurement build --num-cpus N --vcpu-type T`` against the tool, for 1-8 vCPUs."""
+    from sevsnpmeasure.guest import seves_calc_launch_digest
+    from sevsnpmeasure.vmm_types import VMMType
+
+    for vcpus in range(1, 9):
+        theirs = seves_calc_launch_digest(vcpus, tool_signature(vcpu_type), str(es_image.path), None, None, None,
+                                          vmm_type=VMMType.QEMU)
+        assert owner_cli_digest(es_image, vcpus, vcpu_type).hex() == theirs.hex(), f"{vcpus} vCPUs"
+
+
+@pytest.mark.parametrize("vcpus", [1, 2, 8])
+def test_owner_cli_against_the_tools_cli(es_image: Image, vcpus: int) -> None:
+    """Command line against command line (``sev-snp-measure --mode seves --vcpu-type EPYC-v4``)."""
+    assert owner_cli_digest(es_image, vcpus, "EPYC-v4").hex() == ssm_seves(es_image, vcpus, "EPYC-v4")[0].hex()
+
+
+def test_owner_cli_seves_kernel_hashes(hashes_image: Image, boot: Boot) -> None:
+    digest, _ = ssm_seves(hashes_image, 3, "EPYC-Genoa", boot)
+    assert owner_cli_digest(hashes_image, 3, "EPYC-Genoa", boot).hex() == digest.hex()
 
 
 # ---- the firmware's launch digest against sev-snp-measure ---------------------------------------
