@@ -92,11 +92,15 @@ examples:
       --firmware OVMF.fd --tik vm_tik.bin --launch-measure-blob measure.b64
   sevemu measurement build ... --launch-digest BASE64 --nonce BASE64 --outfile expected.bin
   sevemu measurement build --api-major 1 --api-minor 51 --build-id 3 --policy 0x1 --firmware OVMF.fd
-      (no --tik: prints the launch digest only)"""
+      (no --tik: prints the launch digest only)
+  sevemu measurement build --api-major 1 --api-minor 51 --build-id 3 --policy 0x5 --firmware OVMF.fd \
+      --num-cpus 4 --vcpu-type EPYC-Milan          (SEV-ES: QEMU -cpu EPYC-Milan -smp 4)
+  sevemu measurement build ... --policy 0x5 --num-cpus 4 --vmsa-cpu0 vmsa0.bin --vmsa-cpu1 vmsa1.bin"""
 _VERIFY_EPILOG = """\
 example:
   sevemu measurement verify --launch-measure-blob measure.b64 --tik vm_tik.bin --firmware OVMF.fd \\
-      --api-major 1 --api-minor 51 --build-id 3 --policy 0x1"""
+      --api-major 1 --api-minor 51 --build-id 3 --policy 0x1
+  sevemu measurement verify ... --policy 0x5 --num-cpus 2 --vcpu-type EPYC-Genoa --vm-type legacy"""
 _SECRET_EPILOG = """\
 example:
   sevemu secret build --tek vm_tek.bin --tik vm_tik.bin --launch-measure-blob measure.b64 \\

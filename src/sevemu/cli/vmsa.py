@@ -37,12 +37,15 @@ from sevemu.owner.ovmf import sev_es_reset_eip
 from sevemu.owner.vmsa import BSP_RESET_EIP, KvmVmType, build_vmsa, cpuid_signature, vcpu_signature
 
 __all__ = [
+    "MAX_VCPUS",
     "VM_TYPES",
     "add_vcpu_args",
     "cpu_signature_of",
     "features_of",
     "read_vmsa",
     "register",
+    "vcpu_given",
+    "vm_options_given",
     "vm_type_of",
     "vmsa_fields",
     "vmsa_json",
@@ -99,14 +102,17 @@ def cpu_signature_of(args: argparse.Namespace) -> int | None:
 
 
 def vm_type_of(args: argparse.Namespace) -> KvmVmType:
+    """The KVM VM type ``--vm-type`` names (default: the KVM_SEV_INIT2 VM)."""
     return VM_TYPES[args.vm_type or "init2"]
 
 
 def features_of(args: argparse.Namespace) -> int:
+    """The VM's ``vmsa_features`` (``--vmsa-features``, default 0)."""
     return parse_int(args.vmsa_features, "--vmsa-features", 64) if args.vmsa_features is not None else 0
 
 
 def vm_options_given(args: argparse.Namespace) -> bool:
+    """Whether ``--vm-type`` or ``--vmsa-features`` was given."""
     return args.vm_type is not None or args.vmsa_features is not None
 
 
@@ -255,6 +261,11 @@ examples:
   sevemu vmsa build vmsa0.bin --cpu 0 --vcpu-type EPYC-Milan
   sevemu vmsa build vmsa1.bin --cpu 1 --vcpu-type EPYC-Milan --firmware /usr/share/ovmf/OVMF.fd
   sevemu vmsa build vmsa0.bin --cpu 0 --family 25 --model 1 --stepping 1 --vm-type legacy   (sevctl's bytes)"""
+_VMSA_EPILOG = """\
+examples:
+  sevemu vmsa build vmsa1.bin --cpu 1 --vcpu-type EPYC-Milan --firmware /usr/share/ovmf/OVMF.fd
+  sevemu vmsa show vmsa1.bin
+  sevemu vmsa update vmsa1.bin --set sev_features=0x20"""
 _SHOW_EPILOG = """\
 examples:
   sevemu vmsa show vmsa1.bin
@@ -268,7 +279,8 @@ examples:
 
 def register(sub: Any) -> None:
     v = sub.add_parser("vmsa", help="build, show or update an SEV-ES VMSA file (sevctl vmsa)",
-                       description="SEV-ES initial VMSA pages as KVM makes them for QEMU vCPUs (sevctl vmsa).")
+                       description="SEV-ES initial VMSA pages as KVM makes them for QEMU vCPUs (sevctl vmsa).",
+                       epilog=_VMSA_EPILOG)
     vsub = v.add_subparsers(dest="vmsa_command", required=True, metavar="ACTION")
     b = vsub.add_parser("build", help="the VMSA page of one vCPU of a QEMU/KVM SEV-ES guest", epilog=_BUILD_EPILOG)
     s = vsub.add_parser("show", help="the fields of a VMSA page", epilog=_SHOW_EPILOG)
