@@ -5,8 +5,9 @@
   [--firmware OVMF | --reset-eip ADDR] [--vm-type init2|legacy] [--vmsa-features F]``: the 4 KiB
   VMSA page KVM makes for vCPU N of a QEMU guest (:mod:`sevemu.owner.vmsa`): vCPU 0 starts at the
   reset vector, the others at the OVMF image's SEV-ES reset block (or ``--reset-eip``).
-  ``--vm-type legacy`` is the ``KVM_SEV_ES_INIT`` VM, whose pages sevctl builds (FPU words 0);
-  ``init2`` (the default) the ``KVM_SEV_INIT2`` VM QEMU uses on current kernels.
+  ``--vm-type legacy`` is the ``KVM_SEV_ES_INIT`` VM, whose pages sevctl builds (FPU words 0) and
+  which QEMU makes by default (``legacy-vm-type=auto``); ``init2`` (the default here, as in
+  sev-snp-measure) the ``KVM_SEV_INIT2`` VM (QEMU ``legacy-vm-type=off``).
 * ``vmsa show FILE [--json]``: the fields of a VMSA page (raw, hex or base64), by Linux's names
   (``struct sev_es_save_area``); segments as ``selector/attrib/limit/base``.  Human output lists
   the non-zero fields; ``--json`` all of them, segments as objects as sevctl prints them.
@@ -71,8 +72,9 @@ def add_vcpu_args(p: argparse._ActionsContainer, *, vm: bool = True) -> None:
     p.add_argument("--stepping", "--vcpu-stepping", dest="stepping", metavar="S", help="CPU stepping")
     if vm:
         p.add_argument("--vm-type", choices=tuple(VM_TYPES), default=None,
-                       help="the KVM VM type: init2 (KVM_SEV_INIT2, QEMU's default on Linux >= 6.10; the "
-                            "default) or legacy (KVM_SEV_ES_INIT; sevctl's VMSAs)")
+                       help="the KVM VM type the host made: init2 (KVM_SEV_INIT2, QEMU legacy-vm-type=off; "
+                            "sev-snp-measure's pages; the default) or legacy (KVM_SEV_ES_INIT, QEMU's default "
+                            "legacy-vm-type=auto/on; sevctl's VMSAs)")
         p.add_argument("--vmsa-features", metavar="F",
                        help="the VM's vmsa_features = VMSA sev_features (init2 only; KVM takes DEBUG_SWAP 0x20)")
 

@@ -31,15 +31,19 @@ at LAUNCH_UPDATE_VMSA time.  KVM makes it in two steps, and so does this module:
 The switch: the KVM VM type
     Whether the x87/SSE/AVX state is copied into the VMSA depends on the **KVM VM type**, not on the
     kernel's age.  A VM of type ``KVM_X86_DEFAULT_VM`` made an SEV-ES guest with the legacy
-    ``KVM_SEV_ES_INIT`` gets no FPU state in its VMSA (FCW and MXCSR stay 0: KVM keeps it so "to
-    avoid breaking older measurements"), and its ``vmsa_features`` are always 0.  A VM created with
+    ``KVM_SEV_ES_INIT`` gets no FPU state in its VMSA (FCW and MXCSR stay 0, so that the launch
+    digests of existing guests do not change), and its ``vmsa_features`` are always 0.  A VM created with
     type ``KVM_X86_SEV_ES_VM`` and initialised with ``KVM_SEV_INIT2`` (Linux 6.10 and later) gets the
     FPU state (FCW 0x037f, MXCSR 0x1f80 at reset) and the ``vmsa_features`` of ``struct
     kvm_sev_init`` (KVM accepts DEBUG_SWAP for an SEV-ES VM).  :class:`KvmVmType` names the two with
-    Linux's values.  QEMU chooses with the ``sev-guest`` property ``legacy-vm-type``: ``on`` is the
-    legacy VM; QEMU's default (``auto``) takes the SEV-ES VM type where the kernel has it.
-    sevctl's VMSA files and test vectors are the legacy VM's; sev-snp-measure's ``--vmm-type QEMU``
-    pages are the ``KVM_SEV_INIT2`` VM's.  (Earlier versions of this module called the two
+    Linux's values.  QEMU chooses with the ``sev-guest`` property ``legacy-vm-type``: ``off`` makes
+    the ``KVM_SEV_INIT2`` VM (and fails on a kernel without it); ``on`` the legacy VM; ``auto``,
+    QEMU's default, the legacy VM unless an option needs ``KVM_SEV_INIT2`` (QEMU has none such for
+    SEV-ES yet).  An SNP guest is always a ``KVM_SEV_INIT2`` VM.  sevctl's VMSA files and test
+    vectors are the legacy VM's; sev-snp-measure's ``--vmm-type QEMU`` pages are the
+    ``KVM_SEV_INIT2`` VM's.  The functions here default to the ``KVM_SEV_INIT2`` VM, as
+    sev-snp-measure does; a guest owner whose host runs QEMU with its default ``legacy-vm-type``
+    asks for :attr:`KvmVmType.DEFAULT_VM`.  (Earlier versions of this module called the two
     ``KvmFpuReset.KVM_2022`` and ``KvmFpuReset.ARCHITECTURAL``, which read as a kernel date; the old
     names remain as aliases.)
 
@@ -159,8 +163,10 @@ def cpuid_signature(family: int, model: int, stepping: int) -> int:
     """CPUID(1).EAX for a display family/model/stepping (e.g. 25/1/1 -> 0x00a00f11 for Milan).
 
     Families above 0xf are encoded as base family 0xf plus an extended family; for base family
-    0xf the model's high nibble goes to the extended-model field (AMD CPUID specification 25481,
-    Fn0000_0001_EAX).
+    0xf the model's high nibble goes to the extended-model field (CPUID Fn0000_0001_EAX; QEMU
+    ``x86_cpuid_version_set_family``/``_model``, virtee ``sev`` ``Vmsa::cpu_sku`` and
+    sev-snp-measure ``cpu_sig`` encode the same for every AMD family).  A model above 0xf with a
+    base family below 0xf has no encoding there and is refused.
     """
     if not (0 <= family <= 0xF + 0xFF and 0 <= model <= 0xFF and 0 <= stepping <= 0xF):
         raise InputError(f"family/model/stepping out of range: {family}/{model}/{stepping}")
