@@ -171,7 +171,7 @@ def test_sevctl_vmsa_show_matches_decode(launch: Path, cpu: int) -> None:
     assert checked > 60
 
 
-def test_vmsa_pages_current_kernels_differ_only_in_fpu_words(launch: Path) -> None:
+def test_vmsa_pages_of_the_two_vm_types_differ_only_in_fpu_words(launch: Path) -> None:
     old = vmsa_pages(2, OVMF_AP_EIP, cpu_signature=0xA00F11, vm_type=KvmVmType.DEFAULT_VM)
     new = vmsa_pages(2, OVMF_AP_EIP, cpu_signature=0xA00F11, vm_type=KvmVmType.SEV_ES_VM)
     for o, n in zip(old, new, strict=True):
