@@ -7,8 +7,15 @@ same 32 bytes as
 * the guest owner's prediction: :func:`sevemu.owner.measurement.expected_launch_digest` over the
   image, :func:`~sevemu.owner.measurement.kernel_hashes_table` and
   :func:`sevemu.owner.vmsa.vmsa_pages` (AP EIP from :func:`sevemu.owner.ovmf.sev_es_reset_eip`);
+* the owner's command line: ``sevemu measurement build --policy 0x5 --num-cpus N --vcpu-type T``;
 * the firmware model: GCTX.LD after the hypervisor's LAUNCH_UPDATE_DATA of the image placed at
   4 GiB - size, as QEMU maps OVMF's flash.
+
+SEV-ES (owner side): every VMSA page of every QEMU vCPU type, 1-8 vCPUs, both KVM VM types, and the
+launch digests for 1-8 vCPUs of EPYC, EPYC-v4, EPYC-Rome, EPYC-Milan and EPYC-Genoa, on Debian 12's
+``/usr/share/ovmf/OVMF.fd`` and ``/usr/share/OVMF/OVMF_CODE_4M.fd`` (each skipped, with the reason,
+when not installed) and the synthetic image; the tool's VMSA and digest functions are called in
+process for the large matrices, its command line for a sample.
 
 The tool is run through its command line (``python -m sevsnpmeasure.cli``, the target of its
 ``sev-snp-measure`` script); every test skips, with the reason, when it is not installed.
@@ -27,9 +34,10 @@ Conventions, where the two tools could differ (they agree on every one)
     * Kernel hashes: command line hashed with its trailing NUL, an absent one as a lone NUL; no
       initrd hashes as ``SHA-256(b"")``; table length field 168, table zero-padded to 176 bytes and
       measured as its own LAUNCH_UPDATE_DATA region after the image.
-    * VMSA: ``--vmm-type QEMU`` models KVM after 2022 (MXCSR 0x1f80, FCW 0x037f): our
-      ``KvmFpuReset.ARCHITECTURAL`` (the default).  Our ``KvmFpuReset.KVM_2022`` (MXCSR = FCW = 0,
-      the older kernels sevctl's vectors come from) differs on purpose; a test pins that.  The EC2
+    * VMSA: ``--vmm-type QEMU`` pages are those of a ``KVM_SEV_INIT2`` VM (``KVM_X86_SEV_ES_VM``:
+      MXCSR 0x1f80, FCW 0x037f synced from the vCPU's FPU): our ``KvmVmType.SEV_ES_VM`` (the default).
+      Our ``KvmVmType.DEFAULT_VM`` (the legacy ``KVM_SEV_ES_INIT`` VM: no FPU state, MXCSR = FCW = 0,
+      the VM sevctl's vectors come from) differs in those two words only; a test pins that.  The EC2
       and GCE VMM types of ``sev-snp-measure`` are not modelled by :mod:`sevemu.owner.vmsa`.
     * ``--mode seves`` always uses SEV_FEATURES 0 (``--guest-features`` is for SNP): our default.
     * vCPU types: QEMU's family/model/stepping of each EPYC model, written out below, through our
@@ -38,10 +46,13 @@ Conventions, where the two tools could differ (they agree on every one)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
 import importlib.util
+import io
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +63,7 @@ from pathlib import Path
 import pytest
 
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE
+from sevemu.cli.main import main as sevemu_main
 from sevemu.errors import LayoutError
 from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevLaunchStart, load_image
 from sevemu.hypervisor.sevdev import SevDevice
@@ -63,7 +75,14 @@ from sevemu.owner.ovmf import (
     footer_table,
     sev_es_reset_eip,
 )
-from sevemu.owner.vmsa import KvmFpuReset, cpuid_signature, vmsa_pages
+from sevemu.owner.vmsa import (
+    VCPU_TYPES,
+    KvmVmType,
+    cpuid_signature,
+    ovmf_vmsa_pages,
+    vcpu_signature,
+    vmsa_pages,
+)
 from sevemu.scenario import Machine, build_machine
 
 pytestmark = pytest.mark.skipif(
@@ -313,14 +332,124 @@ def test_seves_kernel_hashes(hashes_image: Image, boot: Boot) -> None:
     assert expected_launch_digest([hashes_image.data, boot.table()], pages).hex() == digest.hex()
 
 
-def test_seves_kvm_2022_is_a_different_convention(synthetic: Image) -> None:
-    """sev-snp-measure's QEMU VMSA has MXCSR/FCW at their reset values (KVM after 2022); KVM_2022 does not."""
+def test_seves_legacy_vm_type_is_a_different_measurement(synthetic: Image) -> None:
+    """sev-snp-measure's QEMU VMSA has MXCSR/FCW at their reset values (a KVM_SEV_INIT2 VM); the legacy
+    KVM_SEV_ES_INIT VM's has them at 0."""
     eip, sig = sev_es_reset_eip(synthetic.data), cpuid_signature(*QEMU_EPYC_FMS["EPYC-Milan"])
     digest, theirs = ssm_seves(synthetic, 1, "EPYC-Milan")
-    old = vmsa_pages(1, eip, cpu_signature=sig, fpu=KvmFpuReset.KVM_2022)[0]
+    old = vmsa_pages(1, eip, cpu_signature=sig, vm_type=KvmVmType.DEFAULT_VM)[0]
     assert expected_launch_digest([synthetic.data], [old]) != digest
     diff = [i for i, (a, b) in enumerate(zip(old, theirs[0], strict=True)) if a != b]
     assert diff and all(0x408 <= i < 0x40C or 0x410 <= i < 0x412 for i in diff)  # mxcsr, x87_fcw only
+
+
+# ---- SEV-ES: every vCPU type, 1-8 vCPUs, both KVM VM types, Debian's OVMF images ------------------
+DEBIAN_OVMF = ("/usr/share/ovmf/OVMF.fd", "/usr/share/OVMF/OVMF_CODE_4M.fd")
+ES_VCPU_TYPES = ("EPYC", "EPYC-v4", "EPYC-Rome", "EPYC-Milan", "EPYC-Genoa")
+MXCSR_FCW = {0x408, 0x409, 0x410, 0x411}
+
+
+@pytest.fixture(scope="module", params=[*DEBIAN_OVMF, "synthetic"])
+def es_image(request: pytest.FixtureRequest, synthetic: Image) -> Image:
+    """Debian 12's two SEV-ES capable OVMF builds (package ``ovmf``), and the synthetic image."""
+    if request.param == "synthetic":
+        return synthetic
+    path = Path(request.param)
+    if not path.is_file():
+        pytest.skip(f"{path} is not installed (Debian: apt-get install ovmf)")
+    return Image(path.name, path, path.read_bytes())
+
+
+def tool_signature(vcpu_type: str) -> int:
+    """The tool's CPUID signature for ``vcpu_type``; for a QEMU model version it does not list, its
+    base model's (QEMU's versions change features, never family/model/stepping)."""
+    from sevsnpmeasure.vcpu_types import CPU_SIGS  # type: ignore[import-untyped]
+
+    sig = CPU_SIGS.get(vcpu_type)
+    return int(sig if sig is not None else CPU_SIGS[vcpu_type.rsplit("-v", 1)[0]])
+
+
+def tool_pages(ap_eip: int, vcpus: int, sig: int) -> list[bytes]:
+    from sevsnpmeasure.sev_mode import SevMode  # type: ignore[import-untyped]
+    from sevsnpmeasure.vmm_types import VMMType  # type: ignore[import-untyped]
+    from sevsnpmeasure.vmsa import VMSA  # type: ignore[import-untyped]
+
+    return [bytes(p) for p in VMSA(SevMode.SEV_ES, ap_eip, sig, 0x0, VMMType.QEMU).pages(vcpus)]
+
+
+def test_vcpu_types_equal_the_tools_table() -> None:
+    from sevsnpmeasure.vcpu_types import CPU_SIGS
+
+    assert set(CPU_SIGS) <= set(VCPU_TYPES)
+    for name in VCPU_TYPES:
+        assert vcpu_signature(name) == tool_signature(name), name
+
+
+@pytest.mark.parametrize("vm_type", list(KvmVmType))
+@pytest.mark.parametrize("vcpu_type", sorted(VCPU_TYPES))
+def test_vmsa_bytes_every_vcpu_type(es_image: Image, vcpu_type: str, vm_type: KvmVmType) -> None:
+    """Every page for 1-8 vCPUs: equal to the tool's for a KVM_SEV_INIT2 VM; for the legacy VM type
+    different in MXCSR and FCW only (0 there)."""
+    theirs = tool_pages(sev_es_reset_eip(es_image.data), 8, tool_signature(vcpu_type))
+    for vcpus in range(1, 9):
+        ours = ovmf_vmsa_pages(es_image.data, vcpus, cpu_signature=vcpu_signature(vcpu_type), vm_type=vm_type)
+        assert len(ours) == vcpus
+        for i, (a, b) in enumerate(zip(ours, theirs[:vcpus], strict=True)):
+            if vm_type is KvmVmType.SEV_ES_VM:
+                assert a == b, f"vCPU {i}: {first_difference(a, b)}"
+            else:
+                assert {k for k in range(VMSA_PAGE_SIZE) if a[k] != b[k]} == MXCSR_FCW, f"vCPU {i}"
+                assert not any(a[k] for k in MXCSR_FCW)
+
+
+@pytest.mark.parametrize("vcpu_type", ES_VCPU_TYPES)
+def test_seves_digests_1_to_8_vcpus(es_image: Image, vcpu_type: str) -> None:
+    """The owner's SEV-ES launch digest against the tool's, in process, for 1-8 vCPUs."""
+    from sevsnpmeasure.guest import seves_calc_launch_digest  # type: ignore[import-untyped]
+    from sevsnpmeasure.vmm_types import VMMType
+
+    sig = vcpu_signature(vcpu_type)
+    for vcpus in range(1, 9):
+        theirs = seves_calc_launch_digest(vcpus, sig, str(es_image.path), None, None, None, vmm_type=VMMType.QEMU)
+        ours = expected_launch_digest([es_image.data], ovmf_vmsa_pages(es_image.data, vcpus, cpu_signature=sig))
+        assert ours.hex() == theirs.hex(), f"{vcpus} vCPUs"
+
+
+def owner_cli_digest(img: Image, vcpus: int, vcpu_type: str, boot: Boot | None = None) -> bytes:
+    """``sevemu measurement build`` (the owner's command line, in this process) for an SEV-ES launch."""
+    argv = ["measurement", "build", "--api-major", "1", "--api-minor", "51", "--build-id", "3", "--policy", "0x5",
+            "--firmware", str(img.path), "--num-cpus", str(vcpus), "--vcpu-type", vcpu_type, "--json"]
+    if boot is not None:
+        argv += ["--kernel", str(boot.kernel)] + (["--initrd", str(boot.initrd)] if boot.initrd else [])
+        argv += ["--cmdline", boot.append] if boot.append is not None else []
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = sevemu_main(argv)
+    assert rc == 0, out.getvalue()
+    return bytes.fromhex(json.loads(out.getvalue())["launch_digest"])
+
+
+@pytest.mark.parametrize("vcpu_type", ES_VCPU_TYPES)
+def test_owner_cli_seves_digests_1_to_8_vcpus(es_image: Image, vcpu_type: str) -> None:
+    """``sevemu measurement build --num-cpus N --vcpu-type T`` against the tool, for 1-8 vCPUs."""
+    from sevsnpmeasure.guest import seves_calc_launch_digest
+    from sevsnpmeasure.vmm_types import VMMType
+
+    for vcpus in range(1, 9):
+        theirs = seves_calc_launch_digest(vcpus, tool_signature(vcpu_type), str(es_image.path), None, None, None,
+                                          vmm_type=VMMType.QEMU)
+        assert owner_cli_digest(es_image, vcpus, vcpu_type).hex() == theirs.hex(), f"{vcpus} vCPUs"
+
+
+@pytest.mark.parametrize("vcpus", [1, 2, 8])
+def test_owner_cli_against_the_tools_cli(es_image: Image, vcpus: int) -> None:
+    """Command line against command line (``sev-snp-measure --mode seves --vcpu-type EPYC-v4``)."""
+    assert owner_cli_digest(es_image, vcpus, "EPYC-v4").hex() == ssm_seves(es_image, vcpus, "EPYC-v4")[0].hex()
+
+
+def test_owner_cli_seves_kernel_hashes(hashes_image: Image, boot: Boot) -> None:
+    digest, _ = ssm_seves(hashes_image, 3, "EPYC-Genoa", boot)
+    assert owner_cli_digest(hashes_image, 3, "EPYC-Genoa", boot).hex() == digest.hex()
 
 
 # ---- the firmware's launch digest against sev-snp-measure ---------------------------------------

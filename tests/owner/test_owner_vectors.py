@@ -26,7 +26,7 @@ from sevemu.owner.measurement import (
 )
 from sevemu.owner.ovmf import sev_es_reset_eip
 from sevemu.owner.secret import package_secret, parse_secret_table, secret_table, unpack_secret
-from sevemu.owner.vmsa import BSP_RESET_EIP, KvmFpuReset, build_vmsa, cpuid_signature, vmsa_pages
+from sevemu.owner.vmsa import BSP_RESET_EIP, KvmVmType, build_vmsa, cpuid_signature, vmsa_pages
 
 OVMF_NAME = "sevctl_OVMF.amdsev.fd_trimmed_edk2-ovmf-20220126gitbb1bba3d77-4.el9"
 # AP reset EIP of that OVMF build (its SEV-ES reset block).  The image is not shipped, so the value
@@ -126,7 +126,7 @@ def test_sevctl_measure_sev_es_four_vcpus(launch: Path, expected: dict[str, Any]
     ovmf = ovmf_or_skip(launch)
     # Our own VMSA pages, not the files: the whole SEV-ES prediction from first principles.
     pages = vmsa_pages(4, sev_es_reset_eip(ovmf), cpu_signature=cpuid_signature(25, 1, 1),
-                       fpu=KvmFpuReset.KVM_2022)
+                       vm_type=KvmVmType.DEFAULT_VM)
     ld = expected_launch_digest([ovmf], pages)
     mnonce = b64(case["expected_launch_measure_blob_b64"])[32:]
     check_measure_case(case, case_inputs(launch, case), ld, mnonce)
@@ -145,7 +145,7 @@ def test_sevctl_vmsa_build(launch: Path, expected: dict[str, Any], cpu: int, nam
     vmsa = build_vmsa(
         BSP_RESET_EIP if cpu == 0 else ap_eip,
         cpu_signature=cpuid_signature(args["family"], args["model"], args["stepping"]),
-        fpu=KvmFpuReset.KVM_2022,
+        vm_type=KvmVmType.DEFAULT_VM,
     )
     assert vmsa.encode() == (launch / case[name]).read_bytes()
 
@@ -171,9 +171,9 @@ def test_sevctl_vmsa_show_matches_decode(launch: Path, cpu: int) -> None:
     assert checked > 60
 
 
-def test_vmsa_pages_current_kernels_differ_only_in_fpu_words(launch: Path) -> None:
-    old = vmsa_pages(2, OVMF_AP_EIP, cpu_signature=0xA00F11, fpu=KvmFpuReset.KVM_2022)
-    new = vmsa_pages(2, OVMF_AP_EIP, cpu_signature=0xA00F11, fpu=KvmFpuReset.ARCHITECTURAL)
+def test_vmsa_pages_of_the_two_vm_types_differ_only_in_fpu_words(launch: Path) -> None:
+    old = vmsa_pages(2, OVMF_AP_EIP, cpu_signature=0xA00F11, vm_type=KvmVmType.DEFAULT_VM)
+    new = vmsa_pages(2, OVMF_AP_EIP, cpu_signature=0xA00F11, vm_type=KvmVmType.SEV_ES_VM)
     for o, n in zip(old, new, strict=True):
         diff = [i for i in range(len(o)) if o[i] != n[i]]
         assert diff == [0x408, 0x409, 0x410, 0x411]

@@ -3,8 +3,9 @@
 A registry (:data:`ARTEFACTS`) of the kinds of files, each with how to recognise it, the fields it
 shows and, for certificates, its public key (``--encoding pem|der``).  The kind is recognised from
 the bytes -- raw, or hex / base64 text as ``session`` and the VMM write them -- unless ``--type``
-names it.  SEV-SNP artefacts (reports, VCEK, ID blocks) and VMSAs join the registry with their
-issues: :func:`register_artefact`.
+names it.  SEV-SNP artefacts (reports, VCEK, ID blocks) join the registry with their
+issues: :func:`register_artefact`.  The VMSA comes last: any page whose reserved bytes are zero
+decodes as one, so every other kind is tried first.
 
 ======================  =======================================================================
 type                    what
@@ -19,6 +20,8 @@ measure                 the 0x30-byte LAUNCH_MEASURE blob, MEASURE || MNONCE
 secret-header           the 0x34-byte LAUNCH_SECRET packet header: flags, IV, MAC
 report                  the 0xD0-byte legacy ATTESTATION report
 transport-key           a 16-byte TEK or TIK (recognised raw only; its value is not printed)
+vmsa                    an SEV-ES VMSA page, 4096 bytes (``vmsa build``, sevctl's VMSA files): its
+                        non-zero fields by Linux's names (``struct sev_es_save_area``)
 ======================  =======================================================================
 """
 
@@ -35,10 +38,12 @@ from cryptography.hazmat.primitives import serialization
 
 from sevemu.abi.certs import SEV_CERT_SIZE, KeyUsage, SigAlgo
 from sevemu.abi.sev import HdrBuf, LegacyAttestationReport, MeasureBuf, SessionBuf
+from sevemu.abi.vmsa import VMSA_PAGE_SIZE, SevEsSaveArea
 from sevemu.certs.amd import AmdCert
 from sevemu.certs.chain import AmdCertChain
 from sevemu.certs.sev import SevCert, SevEcKey
 from sevemu.cli.common import Outputs, emit, read_file
+from sevemu.cli.vmsa import vmsa_fields
 from sevemu.crypto.transport import KEY_SIZE
 from sevemu.errors import FileFormatError, InputError, SevemuError
 
@@ -156,6 +161,12 @@ def _decode_report(data: bytes) -> Fields:
         ("sig_algo", _name(rep.sig_algo, SigAlgo))]
 
 
+def _decode_vmsa(data: bytes) -> Fields:
+    if len(data) != VMSA_PAGE_SIZE:
+        raise InputError(f"not {VMSA_PAGE_SIZE} bytes")
+    return list(vmsa_fields(SevEsSaveArea.decode(data)))
+
+
 def _sev_cert_key(data: bytes) -> Any:
     return SevCert.decode(data).public_key()
 
@@ -174,6 +185,7 @@ for _a in (
     Artefact("secret-header", "the LAUNCH_SECRET packet header", _fixed(HdrBuf)),
     Artefact("report", "a legacy ATTESTATION report", _decode_report),
     Artefact("transport-key", "a transport key (TEK or TIK) of a session", _decode_key),
+    Artefact("vmsa", "an SEV-ES VMSA page (a vCPU's initial save area)", _decode_vmsa),
 ):
     register_artefact(_a)
 
@@ -208,13 +220,14 @@ examples:
   sevemu display vm_godh.b64
   sevemu display chain.cert --json
   sevemu display measure.b64
+  sevemu display vmsa0.bin                          an SEV-ES VMSA (sevemu vmsa build)
   sevemu display pdh.cert --encoding pem           the certificate's public key
   sevemu display ark.cert --encoding der --outfile ark.der"""
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("display", help="show what an artefact holds (certificates, chains, session, measure, "
-                                       "secret header, report)",
+                                       "secret header, report, VMSA)",
                        description="Decode and show a file sevemu writes or reads; the kind is recognised "
                                    "from its bytes (raw, hex or base64).", epilog=_EPILOG)
     p.add_argument("file", type=Path, help="the file")

@@ -71,7 +71,7 @@ class CliParser(argparse.ArgumentParser):
 
 
 def build_parser() -> CliParser:
-    from sevemu.cli import bench, demo, display, launch, ok, owner, platform, run, vmm
+    from sevemu.cli import bench, demo, display, launch, ok, owner, platform, run, vmm, vmsa
 
     parser = CliParser(
         prog="sevemu",
@@ -92,6 +92,7 @@ def build_parser() -> CliParser:
     ok.register(sub)
     platform.register(sub)
     owner.register(sub)
+    vmsa.register(sub)
     display.register(sub)
     run.register(sub)
     bench.register(sub)

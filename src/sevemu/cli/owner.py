@@ -54,12 +54,22 @@ from sevemu.cli.common import (
     read_file,
     read_value,
 )
+from sevemu.cli.vmsa import (
+    MAX_VCPUS,
+    add_vcpu_args,
+    cpu_signature_of,
+    features_of,
+    vcpu_given,
+    vm_options_given,
+    vm_type_of,
+)
 from sevemu.crypto.transport import KEY_SIZE, MeasureMacError, TransportKeys, measure_mac
 from sevemu.errors import FileFormatError, InputError, LayoutError, VerificationError
 from sevemu.owner.measurement import LaunchDigest, kernel_hashes_table, padded_image, verify_measurement
 from sevemu.owner.report import verify_attestation_report
 from sevemu.owner.secret import MAX_SECRET_SIZE, package_secret, secret_table
 from sevemu.owner.session import LaunchSession
+from sevemu.owner.vmsa import ovmf_vmsa_pages
 
 __all__ = ["expected_digest", "parse_secrets", "register"]
 
@@ -82,11 +92,15 @@ examples:
       --firmware OVMF.fd --tik vm_tik.bin --launch-measure-blob measure.b64
   sevemu measurement build ... --launch-digest BASE64 --nonce BASE64 --outfile expected.bin
   sevemu measurement build --api-major 1 --api-minor 51 --build-id 3 --policy 0x1 --firmware OVMF.fd
-      (no --tik: prints the launch digest only)"""
+      (no --tik: prints the launch digest only)
+  sevemu measurement build --api-major 1 --api-minor 51 --build-id 3 --policy 0x5 --firmware OVMF.fd \
+      --num-cpus 4 --vcpu-type EPYC-Milan          (SEV-ES: QEMU -cpu EPYC-Milan -smp 4)
+  sevemu measurement build ... --policy 0x5 --num-cpus 4 --vmsa-cpu0 vmsa0.bin --vmsa-cpu1 vmsa1.bin"""
 _VERIFY_EPILOG = """\
 example:
   sevemu measurement verify --launch-measure-blob measure.b64 --tik vm_tik.bin --firmware OVMF.fd \\
-      --api-major 1 --api-minor 51 --build-id 3 --policy 0x1"""
+      --api-major 1 --api-minor 51 --build-id 3 --policy 0x1
+  sevemu measurement verify ... --policy 0x5 --num-cpus 2 --vcpu-type EPYC-Genoa --vm-type legacy"""
 _SECRET_EPILOG = """\
 example:
   sevemu secret build --tek vm_tek.bin --tik vm_tik.bin --launch-measure-blob measure.b64 \\
@@ -175,9 +189,12 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", type=Path, metavar="FILE", help="append QEMU's kernel-hashes table")
     p.add_argument("--initrd", type=Path, metavar="FILE", help="(with --kernel)")
     p.add_argument("--cmdline", help="(with --kernel)")
-    p.add_argument("--num-cpus", type=int, metavar="N", help="SEV-ES: number of vCPUs")
-    p.add_argument("--vmsa-cpu0", type=Path, metavar="FILE", help="SEV-ES: the boot vCPU's VMSA page")
-    p.add_argument("--vmsa-cpu1", type=Path, metavar="FILE", help="SEV-ES: the other vCPUs' VMSA page")
+    es = p.add_argument_group("SEV-ES (policy bit 0x4): the vCPUs, one VMSA page each after the images",
+                              "--num-cpus N with the vCPU model (QEMU's -cpu), or with sevctl's VMSA files")
+    es.add_argument("--num-cpus", "--vcpus", dest="num_cpus", type=_num_cpus, metavar="N", help="number of vCPUs")
+    add_vcpu_args(es)
+    es.add_argument("--vmsa-cpu0", type=Path, metavar="FILE", help="the boot vCPU's VMSA page (sevemu vmsa build)")
+    es.add_argument("--vmsa-cpu1", type=Path, metavar="FILE", help="the other vCPUs' VMSA page")
 
 
 # ---- shared ----------------------------------------------------------------------------------
@@ -205,45 +222,104 @@ def _digest_arg(text: str) -> bytes:
     raise InputError(f"--launch-digest: {text[:48]!r} is not {DIGEST_SIZE} bytes in base64 or hex")
 
 
-def _vmsas(args: argparse.Namespace, policy: int) -> list[bytes]:
-    """The VMSA pages of an SEV-ES launch, in LAUNCH_UPDATE_VMSA order (sevctl's rules)."""
-    given = [x is not None for x in (args.num_cpus, args.vmsa_cpu0, args.vmsa_cpu1)]
+def _num_cpus(text: str) -> int:
+    """argparse type: a number of vCPUs a KVM VM can have."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_VCPUS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of vCPUs (1..{MAX_VCPUS})")
+    return value
+
+
+def _es_given(args: argparse.Namespace) -> list[str]:
+    """The SEV-ES options given, by name."""
+    names = {"num_cpus": "--num-cpus", "vmsa_cpu0": "--vmsa-cpu0", "vmsa_cpu1": "--vmsa-cpu1",
+             "vcpu_type": "--vcpu-type", "vcpu_sig": "--vcpu-sig", "family": "--family", "model": "--model",
+             "stepping": "--stepping", "vm_type": "--vm-type", "vmsa_features": "--vmsa-features"}
+    return [opt for key, opt in names.items() if getattr(args, key) is not None]
+
+
+_ES_NEEDS = ("give the vCPUs: --num-cpus N --vcpu-type T (QEMU's -cpu model, e.g. EPYC-Milan), or --num-cpus N "
+             "--vmsa-cpu0 FILE --vmsa-cpu1 FILE (as sevctl)")
+
+
+def _vmsas(args: argparse.Namespace, policy: int, image: bytes | None) -> tuple[list[bytes], dict[str, Any]]:
+    """The VMSA pages of an SEV-ES launch in LAUNCH_UPDATE_VMSA order, and what they are (for --json).
+
+    ``image`` is the first ``--firmware`` file (its SEV-ES reset block gives the APs' EIP), ``None``
+    with ``--launch-digest`` (which already covers the VMSAs: no vCPU options then)."""
+    given = _es_given(args)
     if not policy & POLICY_ES:
-        if any(given):
-            raise InputError("--num-cpus/--vmsa-cpu0/--vmsa-cpu1 describe an SEV-ES launch; the policy "
-                             "has no ES bit (0x4)")
-        return []
-    if not all(given):
-        raise InputError("the policy requires SEV-ES: give --num-cpus, --vmsa-cpu0 and --vmsa-cpu1 together")
-    if args.num_cpus < 1:
-        raise InputError(f"--num-cpus: {args.num_cpus} is not a positive number of vCPUs")
-    cpu0 = read_file(args.vmsa_cpu0, size=VMSA_PAGE_SIZE, what="a VMSA page")
-    cpu1 = read_file(args.vmsa_cpu1, size=VMSA_PAGE_SIZE, what="a VMSA page")
-    return [cpu0] + [cpu1] * (args.num_cpus - 1)
+        if given:
+            raise InputError(f"{'/'.join(given)} describe an SEV-ES launch; the policy has no ES bit (0x4)")
+        return [], {}
+    if image is None:
+        if given:
+            raise InputError(f"{'/'.join(given)}: --launch-digest already covers the VMSAs; give the vCPUs with "
+                             "--firmware instead")
+        return [], {}
+    if args.num_cpus is None:
+        raise InputError(f"the policy {policy:#x} requires SEV-ES (0x4), whose launch digest covers every vCPU's "
+                         f"VMSA: {_ES_NEEDS}")
+    if args.vmsa_cpu0 is not None or args.vmsa_cpu1 is not None:
+        return _vmsa_files(args)
+    signature = cpu_signature_of(args)
+    if signature is None:
+        raise InputError(f"--num-cpus {args.num_cpus}: {_ES_NEEDS}")
+    vm_type = vm_type_of(args)
+    features = features_of(args)
+    try:
+        pages = ovmf_vmsa_pages(image, args.num_cpus, cpu_signature=signature, sev_features=features, vm_type=vm_type)
+    except LayoutError as exc:
+        raise FileFormatError(f"{args.firmware[0]}: {exc}; an SEV-ES guest needs OVMF with the SEV-ES reset "
+                              "block") from None
+    return pages, {"num_cpus": args.num_cpus, "vcpu_type": args.vcpu_type, "cpu_signature": signature,
+                   "vm_type": args.vm_type or "init2", "vmsa_features": features}
 
 
-def expected_digest(args: argparse.Namespace, policy: int) -> bytes:
-    """The launch digest the owner expects: ``--launch-digest``, or the ``--firmware`` regions (each
-    padded to whole pages), QEMU's kernel-hashes table with ``--kernel``, and the VMSAs of an
-    SEV-ES launch."""
+def _vmsa_files(args: argparse.Namespace) -> tuple[list[bytes], dict[str, Any]]:
+    """sevctl's way: ``--vmsa-cpu0`` for vCPU 0, ``--vmsa-cpu1`` for each other vCPU."""
+    if vcpu_given(args) or vm_options_given(args):
+        raise InputError("the VMSA files are the vCPUs already: give --vmsa-cpu0/--vmsa-cpu1 or the vCPU model "
+                         "options, not both")
+    n = args.num_cpus
+    if args.vmsa_cpu0 is None or (args.vmsa_cpu1 is None and n > 1):
+        raise InputError(f"--num-cpus {n} needs --vmsa-cpu0" + (" and --vmsa-cpu1" if n > 1 else ""))
+    files = [args.vmsa_cpu0] + ([args.vmsa_cpu1] if n > 1 else [])
+    cpu0, *cpu1 = (read_file(f, size=VMSA_PAGE_SIZE, what="a VMSA page") for f in files)
+    return [cpu0] + cpu1 * (n - 1), {"num_cpus": n, "vmsa_files": [str(f) for f in files]}
+
+
+def _expected(args: argparse.Namespace, policy: int) -> tuple[bytes, dict[str, Any]]:
     kernel_opts = args.kernel is not None or args.initrd is not None or args.cmdline is not None
     if args.launch_digest is not None:
         if kernel_opts:
             raise InputError("--kernel/--initrd/--cmdline go with --firmware, not with --launch-digest")
-        _vmsas(args, policy)  # the options are checked all the same
-        return _digest_arg(args.launch_digest)
+        _vmsas(args, policy, None)  # the options are checked all the same
+        return _digest_arg(args.launch_digest), {}
     if args.kernel is None and kernel_opts:
         raise InputError("--initrd and --cmdline need --kernel")
-    regions = [padded_image(read_file(path)) for path in args.firmware]
+    images = [read_file(path) for path in args.firmware]
+    vmsas, es = _vmsas(args, policy, images[0])
+    regions = [padded_image(image) for image in images]
     if args.kernel is not None:
         initrd = read_file(args.initrd) if args.initrd is not None else b""
         regions.append(kernel_hashes_table(read_file(args.kernel), initrd, args.cmdline))
     ld = LaunchDigest()
     for region in regions:
         ld.update_data(region)
-    for page in _vmsas(args, policy):
+    for page in vmsas:
         ld.update_vmsa(page)
-    return ld.digest()
+    return ld.digest(), es
+
+
+def expected_digest(args: argparse.Namespace, policy: int) -> bytes:
+    """The launch digest the owner expects: ``--launch-digest``, or the ``--firmware`` regions (each
+    padded to whole pages), QEMU's kernel-hashes table with ``--kernel``, and the VMSAs of an
+    SEV-ES launch (from the vCPU model, or sevctl's VMSA files)."""
+    return _expected(args, policy)[0]
 
 
 def _versions(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -308,11 +384,13 @@ def run_measurement_verify(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
     blob = _measure_blob(args.launch_measure_blob)
     tik = _key(args.tik, "--tik")
-    digest = expected_digest(args, policy)
+    digest, es = _expected(args, policy)
     out = MeasureBuf.decode(blob)
     result: dict[str, Any] = {"expected_launch_digest": digest.hex(), "measure": out.measure.hex(),
                               "mnonce": out.mnonce.hex(), "api": f"{major}.{minor}", "build": build,
                               "policy": policy}
+    if es:
+        result["sev_es"] = es
     try:
         verify_measurement(blob, tik, major, minor, build, policy, digest)
     except MeasureMacError:
@@ -347,8 +425,10 @@ def run_measurement_build(args: argparse.Namespace) -> int:
     outputs = Outputs(inputs=tuple(args.firmware or ()))
     if args.outfile is not None:
         outputs.add(args.outfile, "--outfile")
-    digest = expected_digest(args, policy)
+    digest, es = _expected(args, policy)
     result: dict[str, Any] = {"launch_digest": digest.hex(), "launch_digest_b64": base64.b64encode(digest).decode()}
+    if es:
+        result["sev_es"] = es
     if tik is None:
         emit(args, result, [f"launch digest {digest.hex()} ({result['launch_digest_b64']})"])
         return 0

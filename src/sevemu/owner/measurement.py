@@ -9,7 +9,8 @@ LAUNCH_MEASURE result against it.
 Launch digest
     LD = SHA-256 over the plaintext of every LAUNCH_UPDATE_DATA region in order, then (SEV-ES) over
     every LAUNCH_UPDATE_VMSA page (4096 bytes each) in vCPU order -- one running hash, so
-    ``SHA-256(region_1 || ... || region_n || vmsa_0 || ... || vmsa_k)``.
+    ``SHA-256(region_1 || ... || region_n || vmsa_0 || ... || vmsa_k)``.  The pages a QEMU/KVM host
+    makes for an OVMF guest come from :mod:`sevemu.owner.vmsa` (:func:`~sevemu.owner.vmsa.ovmf_vmsa_pages`).
 
 Kernel-hashes table (QEMU ``-kernel`` with an SEV OVMF)
     ``GUID 9438d606-4f22-4cc9-b479-a793d411fd21 || u16 length || entries``, each entry
@@ -32,13 +33,6 @@ LAUNCH_MEASURE
 
 from __future__ import annotations
 
-# Mutation testing (each comparison, condition, constant, statement and keyword argument of this
-# module changed or removed in turn; tests/owner and tests/interop run against each mutant): every
-# mutant is killed.  No equivalent mutant remains: the three there were are written away -- a VMSA
-# counter of which only the truth mattered (now a flag), a padding expression that gave the same
-# result for the table's one length (now a constant), and a digest-size check that measure_mac
-# repeats with the same error (removed).
-
 import hashlib
 import uuid
 from collections.abc import Iterable
@@ -52,6 +46,13 @@ from sevemu.crypto.transport import (
     verify_measure_mac,
 )
 from sevemu.errors import InputError, LayoutError
+
+# Mutation testing (each comparison, condition, constant, statement and keyword argument of this
+# module changed or removed in turn; tests/owner and tests/interop run against each mutant): every
+# mutant is killed.  No equivalent mutant remains: the three there were are written away -- a VMSA
+# counter of which only the truth mattered (now a flag), a padding expression that gave the same
+# result for the table's one length (now a constant), and a digest-size check that measure_mac
+# repeats with the same error (removed).
 
 __all__ = [
     "IMAGE_ALIGNMENT",
