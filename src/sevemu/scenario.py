@@ -31,10 +31,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sevemu.abi.commands import CommandId
 from sevemu.amd.chip import CHIP_SECRET_SIZE, FusedChip
 from sevemu.amd.roots import AmdRoot
 from sevemu.errors import InputError, SevemuError
-from sevemu.firmware.dispatcher import Firmware
+from sevemu.firmware.apis import load_firmware
+from sevemu.firmware.core import Firmware
 from sevemu.firmware.nvstore import FactoryData, is_manufactured, read_factory, write_factory
 from sevemu.hw.profiles import CpuProfile, profile
 from sevemu.hw.soc import Soc
@@ -193,7 +195,7 @@ def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 25
             if known is not None and known.amd_certs.encode() == read_factory(path).amd_chain:
                 amd_root = known
         soc = Soc(prof, dram_size=dram_size, cores=cores, cache_size=cache_size, rng=rng)
-        firmware = Firmware(soc.psp.take_ports(), path)
+        firmware = load_firmware(soc.psp.take_ports(), path)
     except BaseException:
         if temporary:
             shutil.rmtree(path, ignore_errors=True)
@@ -204,4 +206,8 @@ def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 25
     hv = Hypervisor(soc.host_view())
     if init:
         hv.platform_init(es=es)
+        # INIT leaves every ASID dirty; Linux follows it with WBINVD on every CPU and DF_FLUSH
+        # (__sev_platform_init_locked), without which no ASID can be ACTIVATEd.
+        soc.wbinvd_all()
+        hv.psp.call_nobuf(CommandId.DF_FLUSH)
     return Machine(soc, firmware, hv, path, amd_root)

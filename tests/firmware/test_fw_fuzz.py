@@ -68,7 +68,7 @@ from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct, field_span
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE
 from sevemu.certs.sev import SevCert
-from sevemu.firmware.dispatcher import Firmware
+from sevemu.firmware.core import Firmware
 from sevemu.firmware.nvstore import NvStore
 from sevemu.firmware.sev.migrate import seal_data_packet
 from sevemu.hypervisor.kvm import Hypervisor
@@ -134,7 +134,7 @@ def norm(x: Any) -> Any:
     raise TypeError(f"snapshot: no rendering for {type(x).__name__}")
 
 
-_FW_SKIP = {"ports", "profile", "log", "internal_errors"}
+_FW_SKIP = {"ports", "profile", "log", "internal_errors", "_table"}
 _IDENTITIES: dict[int, tuple[Any, Any]] = {}
 
 
@@ -142,7 +142,8 @@ def fw_snapshot(m: Machine) -> Any:
     fw = m.firmware
     state = {k: norm(v) for k, v in vars(fw).items() if k not in _FW_SKIP}
     slots = m.soc.mc._slots
-    return state, tuple(sorted((asid, id(cipher)) for asid, cipher in slots.items()))
+    return (state, tuple(sorted((asid, id(cipher)) for asid, cipher in slots.items())),
+            tuple(sorted(m.soc.mc._valid)))
 
 
 def mem_snapshot(m: Machine) -> tuple[dict[int, bytes], dict[int, bytes]]:
@@ -230,6 +231,8 @@ def build_rig(name: str, seed: int) -> Rig:
     rig = Rig(name, m, hv)
     if name != "uninit":
         hv.platform_init(es=es)
+        m.soc.wbinvd_all()  # INIT leaves every ASID dirty: WBINVD + DF_FLUSH, as Linux does
+        hv.psp.call_nobuf(CommandId.DF_FLUSH)
     ident = rig.fw.identity
     api = (m.profile.api_major, m.profile.api_minor)
     # blobs every state offers (the platform's own chain, an owner-signed PEK, a target PDH)
@@ -626,21 +629,21 @@ def test_refusals_are_seen() -> None:
 def test_the_harness_catches_a_sloppy_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     """A handler that changes state before refusing, or that crashes, fails the invariants."""
     from sevemu.errors import FirmwareError
-    from sevemu.firmware import dispatcher
+    from sevemu.firmware.core import Entry
 
-    def sloppy(fw: Firmware, _: None) -> None:
+    def sloppy(fw: Firmware, _: Struct | None) -> None:
         fw.next_handle += 1
         raise FirmwareError(Status.INVALID_PARAM, "changed something first")
 
-    def crashing(fw: Firmware, _: None) -> None:
+    def crashing(fw: Firmware, _: Struct | None) -> None:
         raise KeyError("a bug")
 
     rig = build_rig("init", 7)
     rig.name = "harness"
     nop = int(CommandId.NOP)
     for handler, message in ((sloppy, "changed the firmware state"), (crashing, "KeyError")):
-        monkeypatch.setitem(dispatcher._REGISTRY, nop, dispatcher._Entry(handler, None, frozenset(PlatformState),
-                                                                       True))
+        monkeypatch.setitem(rig.fw._table, nop, Entry(CommandId.NOP, "test", None, frozenset(PlatformState),
+                                                      None, True, handler))
         with pytest.raises(AssertionError, match=message):
             issue(rig, Case("harness", nop, "valid"))
         rig.fw.internal_errors.clear()

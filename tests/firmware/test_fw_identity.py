@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
-from fwkit import call, ok
+from fwkit import call, init, ok
 
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage, SigAlgo
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import (
     INIT_EX_NV_LEN,
     GetIdCmd,
-    InitCmd,
     InitExCmd,
     LaunchStartCmd,
     PdhCertExportCmd,
@@ -35,7 +34,7 @@ from sevemu.certs.errors import UntrustedRootError
 from sevemu.certs.roots import AMD_ARKS
 from sevemu.certs.sev import EMPTY_SLOT, SevCert
 from sevemu.crypto import ecc
-from sevemu.firmware.dispatcher import Firmware
+from sevemu.firmware.apis import load_firmware
 from sevemu.firmware.nvstore import FACTORY_DIR, HOST_NV_MAGIC
 from sevemu.hw.profiles import profile
 from sevemu.hw.soc import Soc
@@ -66,10 +65,6 @@ def m(tmp_path: Path) -> Machine:
 
 def spa(m: Machine, off: int) -> int:
     return m.hv.psp.data_spa + off
-
-
-def init(m: Machine) -> None:
-    ok(m, CommandId.INIT, InitCmd())
 
 
 def working(m: Machine) -> None:
@@ -509,7 +504,7 @@ def test_an_existing_platform_dir_keeps_its_generation(tmp_path: Path) -> None:
 
 def test_unprovisioned_firmware_answers_hwerror(tmp_path: Path) -> None:
     soc = Soc(profile("milan"), dram_size=1 << 30)
-    fw = Firmware(soc.psp.take_ports())
+    fw = load_firmware(soc.psp.take_ports())
     soc.psp.install(fw)
     assert fw.handle(CommandId.PLATFORM_RESET, 0) == Status.HWERROR_PLATFORM
     assert fw.handle(CommandId.INIT, 0) == Status.SUCCESS  # INIT itself needs no identity

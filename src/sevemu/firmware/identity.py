@@ -73,6 +73,7 @@ __all__ = [
     "IDENTITY_RECORDS",
     "PDH_ALGO",
     "SIG_ALGO",
+    "Boot",
     "PlatformIdentity",
     "boot_identity",
 ]
@@ -369,6 +370,16 @@ class _Chip:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Boot:
+    """What the firmware finds when it boots from a platform directory."""
+
+    nv: NvStore
+    identity: PlatformIdentity
+    notices: tuple[str, ...] = ()
+    """What the user should hear about (e.g. an emptied NV store reset the ownership)."""
+
+
 def boot_identity(
     platform_dir: str | os.PathLike[str],
     *,
@@ -376,7 +387,7 @@ def boot_identity(
     api_major: int,
     api_minor: int,
     rng: Rng,
-) -> tuple[NvStore, PlatformIdentity]:
+) -> Boot:
     """Open the NV store of ``platform_dir`` and load (on first boot: make and commit) the identity.
 
     ``generation`` is the CPU's (the profile name): factory data of another generation is refused.
@@ -395,4 +406,4 @@ def boot_identity(
     except BaseException:
         nv.close()
         raise
-    return nv, identity
+    return Boot(nv, identity)
