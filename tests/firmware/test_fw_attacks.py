@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from fwkit import call, ok
 
-from sevemu._util.units import MiB, PAGE
+from sevemu._util.units import PAGE, MiB
 from sevemu.abi.commands import CommandId
 from sevemu.abi.paging import ExitCode
 from sevemu.abi.policy import GuestPolicy
