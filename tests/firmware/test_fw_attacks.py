@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from fwkit import call, ok
 
 from sevemu._util.units import PAGE, MiB
@@ -27,13 +30,18 @@ from sevemu.abi.sev import (
     LaunchStartCmd,
     LaunchUpdateDataCmd,
     MeasureBuf,
+    PdhCertExportCmd,
     PlatformStatus,
+    SendStartCmd,
     TransportCmd,
 )
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
-from sevemu.crypto.transport import TransportKeys
+from sevemu.amd.roots import AmdRoot
+from sevemu.crypto.ecc import ecdh
+from sevemu.crypto.transport import TransportKeys, open_session
 from sevemu.firmware.core import LOG_SIZE
+from sevemu.firmware.nvstore import FACTORY_DIR, FactoryDataError
 from sevemu.guest.kernel import boot
 from sevemu.hw.pyengine import Op, PyEngine, op
 from sevemu.hypervisor.vm import Vm, VmState
@@ -207,3 +215,100 @@ def test_the_command_log_is_a_ring(m: Machine) -> None:
     call(m, CommandId.GUEST_STATUS, GuestStatusCmd(handle=77))
     assert len(log) == LOG_SIZE and log[-1][0] == "GUEST_STATUS"
     assert list(log) == log[:] and log == list(log)
+
+
+# ---- issue 8 item 3: the platform directory holds no key the host could use ---------------------
+_P384_PKCS8_PREFIX = bytes.fromhex("3081b6020100301006072a8648ce3d020106052b81040022")
+"""The DER header every unencrypted PKCS#8 P-384 private key starts with."""
+
+
+def _host_readable(platform_dir: Path) -> bytes:
+    """Every file of the platform directory the host can read: all but the fuses (silicon)."""
+    return b"".join(p.read_bytes() for p in sorted(platform_dir.rglob("*"))
+                    if p.is_file() and p != platform_dir / FACTORY_DIR / "fuses.bin")
+
+
+def _key_forms(key: ec.EllipticCurvePrivateKey) -> list[bytes]:
+    scalar = key.private_numbers().private_value.to_bytes(48, "big")
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return [der, scalar, scalar[::-1]]
+
+
+def test_the_platform_directory_leaks_no_key_and_no_session(tmp_path: Path) -> None:
+    m = build_machine("milan", seed="leak", dram_size=1 << 30, platform_dir=tmp_path / "p")
+    ident = m.firmware.identity  # the oracle: what the host must not find
+    pdh_public = ident.pdh_cert.public_key()
+    assert isinstance(pdh_public, ec.EllipticCurvePublicKey)
+    policy = 0
+    owner = LaunchSession.create(pdh_public, policy)
+    vm = m.hv.create_vm("g", MEM)
+    m.hv.launch_measure(vm, [(IMAGE_GPA, b"\xf4" * PAGE)], policy, godh_cert=owner.godh_cert_blob,
+                        session=owner.session_blob)  # the host relays the owner's blobs
+    ok(m, CommandId.PDH_GEN)  # and makes the firmware write NV once more
+    m.firmware.close()
+    assert m.platform_dir is not None
+    seen = _host_readable(m.platform_dir)
+    assert len(seen) > 10_000  # the NV store and the factory certificates are there
+    keys = [ident.oca_key, ident.pek_key, ident.pdh_key, ident.cek_key, m.firmware.identity.pdh_key]
+    for key in keys:
+        assert key is not None
+        for form in _key_forms(key):
+            assert form not in seen
+    # the host's best attack on the relayed session would be the PDH private key from the directory:
+    # no key in any encoding (above), no PKCS#8 structure at all
+    assert _P384_PKCS8_PREFIX not in seen
+    godh = owner.godh_public
+    # control: the PDH private key -- which only the firmware holds -- does open the session
+    assert ident.pdh_key is not None
+    assert open_session(ecdh(ident.pdh_key, godh), owner.session_blob, policy) == owner.keys
+
+
+# ---- issue 8 item 4: the trust anchors are fused, AMD's keys are not the host's -----------------
+def _export(m: Machine) -> tuple[bytes, bytes]:
+    """The target's PDH and PEK || OCA || CEK as PDH_CERT_EXPORT gives them to its host."""
+    psp = m.hv.psp
+    pdh_spa, chain_spa = psp.put_data(bytes(0x824)), psp.put_data(bytes(0x186C), 0x1000)
+    ok(m, CommandId.PDH_CERT_EXPORT, PdhCertExportCmd(pdh_cert_paddr=pdh_spa, pdh_cert_len=0x824,
+                                                      certs_paddr=chain_spa, certs_len=0x186C))
+    return psp.get_data(0x824), psp.get_data(0x186C, 0x1000)
+
+
+def _send_start(src: Machine, handle: int, pdh: bytes, chain: bytes, amd: bytes) -> int:
+    psp = src.hv.psp
+    cmd = SendStartCmd(handle=handle, pdh_cert_paddr=psp.put_data(pdh, 0x0000), pdh_cert_len=len(pdh),
+                       plat_certs_paddr=psp.put_data(chain, 0x1000), plat_certs_len=len(chain),
+                       amd_certs_paddr=psp.put_data(amd, 0x3000), amd_certs_len=len(amd),
+                       session_paddr=psp.put_data(bytes(0x80), 0x5000), session_len=0x80)
+    return call(src, CommandId.SEND_START, cmd)[0]
+
+
+def test_a_host_minted_platform_is_not_a_trusted_migration_target(tmp_path: Path) -> None:
+    src = build_machine("milan", seed="src", dram_size=1 << 30, platform_dir=tmp_path / "src")
+    vm = src.hv.create_vm("g", MEM)
+    src.hv.launch(vm, [(IMAGE_GPA, b"\xf4" * PAGE)], policy=int(GuestPolicy.SEV))
+    # The host holds nothing of the emulated AMD: no private key in the platform directory or the
+    # host's cache, so it mints its own manufacturer and a whole platform from it.
+    for where in (tmp_path / "src", Path(os.environ.get("SEVEMU_CACHE_DIR") or tmp_path / "none")):
+        for f in (p for p in where.rglob("*") if p.is_file()):
+            assert b"PRIVATE KEY" not in f.read_bytes(), f
+    fake_root = AmdRoot.create("milan", key_bits=2048)
+    fake = build_machine("milan", dram_size=1 << 30, platform_dir=tmp_path / "fake", amd_root=fake_root)
+    pdh, chain = _export(fake)
+    amd = fake_root.amd_certs.encode()
+    assert _send_start(src, vm.handle, pdh, chain, amd) == Status.INVALID_CERTIFICATE
+    # editing the source's factory data to trust the fake ARK does not help: the part refuses to boot
+    src.firmware.close()
+    folder = tmp_path / "src" / FACTORY_DIR
+    ark0 = folder / "trusted_ark_0.cert"
+    ark0.chmod(0o644)
+    ark0.write_bytes(fake_root.ark.encode())
+    with pytest.raises(FactoryDataError, match="not fused"):
+        build_machine("milan", dram_size=1 << 30, platform_dir=tmp_path / "src")
+    # control: a platform the same (emulated) AMD made is a valid target
+    src2 = build_machine("milan", seed="src2", dram_size=1 << 30)
+    vm2 = src2.hv.create_vm("g", MEM)
+    src2.hv.launch(vm2, [(IMAGE_GPA, b"\xf4" * PAGE)], policy=int(GuestPolicy.SEV))
+    real = build_machine("milan", seed="dst", dram_size=1 << 30)
+    pdh, chain = _export(real)
+    assert _send_start(src2, vm2.handle, pdh, chain, real.firmware.identity.amd_chain.encode()) == Status.SUCCESS

@@ -69,7 +69,7 @@ from sevemu.abi.struct import Struct, field_span
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE
 from sevemu.certs.sev import SevCert
 from sevemu.firmware.core import Firmware
-from sevemu.firmware.nvstore import NvStore
+from sevemu.firmware.nvstore import NvStore, SealedNv
 from sevemu.firmware.sev.migrate import seal_data_packet
 from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.owner.measurement import expected_launch_digest
@@ -118,6 +118,8 @@ def norm(x: Any) -> Any:
         return ("set", tuple(sorted((norm(v) for v in x), key=repr)))
     if isinstance(x, NvStore):
         return ("nv", norm(x.read()))
+    if isinstance(x, SealedNv):  # the sealed bytes as stored: any write changes them (fresh nonces)
+        return ("nv", norm(x.store.read()))
     if hasattr(x, "nv_records") and hasattr(x, "chip_id"):  # PlatformIdentity: its NV image says all
         cached = _IDENTITIES.get(id(x))
         if cached is None or cached[0] is not x:  # immutable: render each identity object once

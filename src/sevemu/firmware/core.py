@@ -50,7 +50,7 @@ from sevemu.abi.struct import Struct
 from sevemu.errors import AddressError, FirmwareError, LayoutError
 from sevemu.firmware.gctx import GuestContext
 from sevemu.firmware.identity import PlatformIdentity, boot_identity
-from sevemu.firmware.nvstore import NvStore
+from sevemu.firmware.nvstore import SealedNv
 from sevemu.hw.psp import PspPorts
 
 __all__ = [
@@ -303,7 +303,7 @@ class Firmware:
         # Non-volatile state (sevemu.firmware.nvstore): the platform identity, loaded at boot from the
         # platform directory the factory provisioned; without one the part is unprovisioned and the
         # commands that need the identity answer HWERROR_PLATFORM.
-        self.nv: NvStore | None = None
+        self.nv: SealedNv | None = None
         self._identity: PlatformIdentity | None = None
         self.nv_area: int | None = None  # SPA of INIT_EX's host NV buffer; None: the SPI store
         if platform_dir is not None:

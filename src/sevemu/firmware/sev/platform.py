@@ -58,7 +58,7 @@ from sevemu.abi.status import Status
 from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.core import ANY_STATE, READY, Firmware
 from sevemu.firmware.identity import PlatformIdentity
-from sevemu.firmware.nvstore import NvStoreError, seal_host_nv, unseal_host_nv
+from sevemu.firmware.nvstore import NvStoreError, NvTamperedError, seal_host_nv, unseal_host_nv
 from sevemu.firmware.sev.api import SEV_API
 
 __all__ = ["UNINIT"]
@@ -92,6 +92,8 @@ def _spi_identity(fw: Firmware) -> PlatformIdentity | None:
         ident, fresh = fw.identity.with_records(fw.nv.read(), fw.ports.trng)
         if fresh:
             fw.nv.commit(ident.nv_records())
+    except NvTamperedError as exc:  # AF sev_mcmd_init_common: a store that does not unseal
+        raise FirmwareError(Status.SECURE_DATA_INVALID, str(exc)) from exc
     except NvStoreError as exc:
         raise FirmwareError(Status.HWERROR_PLATFORM, str(exc)) from exc
     return ident
