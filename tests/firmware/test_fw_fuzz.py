@@ -649,3 +649,92 @@ def test_the_harness_catches_a_sloppy_handler(monkeypatch: pytest.MonkeyPatch) -
         with pytest.raises(AssertionError, match=message):
             issue(rig, Case("harness", nop, "valid"))
         rig.fw.internal_errors.clear()
+
+
+# ---- the allowed-state table -----------------------------------------------------------------
+_U, _I, _W = PlatformState.UNINIT, PlatformState.INIT, PlatformState.WORKING
+_ANY = frozenset({_U, _I, _W})
+_READY = frozenset({_I, _W})
+_EVERY_GUEST = frozenset(GuestState) - {GuestState.UNINIT}
+_G = GuestState
+ALLOWED: dict[CommandId, tuple[frozenset[PlatformState], frozenset[GuestState] | None]] = {
+    # SEV API 55766 ch. 5 (platform state machine); AMD-ASPFW sev_mcmd.c where the spec is silent
+    CommandId.INIT: (frozenset({_U}), None),
+    CommandId.INIT_EX: (frozenset({_U}), None),
+    CommandId.SHUTDOWN: (_READY, None),
+    CommandId.PLATFORM_RESET: (frozenset({_U}), None),
+    CommandId.PLATFORM_STATUS: (_ANY, None),
+    CommandId.PEK_GEN: (frozenset({_I}), None),
+    CommandId.PEK_CSR: (_READY, None),
+    CommandId.PEK_CERT_IMPORT: (frozenset({_I}), None),
+    CommandId.PDH_GEN: (_READY, None),
+    CommandId.PDH_CERT_EXPORT: (_READY, None),
+    CommandId.DF_FLUSH: (_READY, None),
+    CommandId.GET_ID: (_ANY, None),
+    # SEV API 55766 ch. 6 (GSTATE); AF for ACTIVATE (not SENT), ATTESTATION and DBG (no state)
+    CommandId.ACTIVATE: (_READY, _EVERY_GUEST - {_G.SENT}),
+    CommandId.DEACTIVATE: (_READY, _EVERY_GUEST),
+    CommandId.DECOMMISSION: (_READY, _EVERY_GUEST),
+    CommandId.GUEST_STATUS: (_READY, _EVERY_GUEST),
+    CommandId.LAUNCH_START: (_READY, None),
+    CommandId.LAUNCH_UPDATE_DATA: (_READY, frozenset({_G.LUPDATE})),
+    CommandId.LAUNCH_MEASURE: (_READY, frozenset({_G.LUPDATE})),
+    CommandId.LAUNCH_SECRET: (_READY, frozenset({_G.LSECRET})),
+    CommandId.LAUNCH_FINISH: (_READY, frozenset({_G.LSECRET})),
+    CommandId.ATTESTATION: (_READY, frozenset({_G.LSECRET, _G.RUNNING, _G.SUPDATE, _G.SENT})),
+    CommandId.SEND_START: (_READY, frozenset({_G.RUNNING})),
+    CommandId.SEND_UPDATE_DATA: (_READY, frozenset({_G.SUPDATE})),
+    CommandId.SEND_UPDATE_VMSA: (_READY, frozenset({_G.SUPDATE})),
+    CommandId.SEND_FINISH: (_READY, frozenset({_G.SUPDATE})),
+    CommandId.SEND_CANCEL: (_READY, frozenset({_G.SUPDATE})),
+    CommandId.RECEIVE_START: (_READY, None),
+    CommandId.RECEIVE_UPDATE_DATA: (_READY, frozenset({_G.RUPDATE})),
+    CommandId.RECEIVE_UPDATE_VMSA: (_READY, frozenset({_G.RUPDATE})),
+    CommandId.RECEIVE_FINISH: (_READY, frozenset({_G.RUPDATE})),
+    CommandId.DBG_DECRYPT: (_READY, _EVERY_GUEST),
+    CommandId.DBG_ENCRYPT: (_READY, _EVERY_GUEST),
+}
+"""What the spec and AMD's firmware allow, written here independently of the firmware's tables."""
+
+
+def test_the_firmware_declares_the_allowed_state_table() -> None:
+    rig = _RIGS.get("init")
+    declared = {CommandId(cid): (e.platform_states, e.guest_states) for cid, e in rig.fw.commands.items()}
+    assert declared == ALLOWED
+
+
+def _expected_refusal(rig: Rig, command: CommandId) -> Status | None:
+    platform_states, guest_states = ALLOWED[command]
+    if rig.fw.state not in platform_states:
+        return Status.INVALID_PLATFORM_STATE
+    if guest_states is not None and rig.handle and rig.fw.guests[rig.handle].state not in guest_states:
+        return Status.INVALID_GUEST_STATE
+    return None
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_commands_outside_their_allowed_states_are_refused(state: str) -> None:
+    """Every command, with the valid buffer of the state, outside its allowed platform or guest
+    states answers INVALID_PLATFORM_STATE / INVALID_GUEST_STATE and changes nothing (``issue``)."""
+    refused = 0
+    for command in sorted(ALLOWED):
+        rig = _RIGS.get(state)
+        want = _expected_refusal(rig, command)
+        if want is None:
+            continue
+        status = run_case(Case(state, int(command), "valid"))
+        assert status == want, f"{state}: {command.name} answered {Status(status).name}, expected {want.name}"
+        refused += 1
+    assert refused  # every state has commands it refuses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", STATES)
+def test_commands_inside_their_allowed_states_are_not_refused_for_the_state(state: str) -> None:
+    for command in sorted(ALLOWED):
+        rig = _RIGS.get(state)
+        if _expected_refusal(rig, command) is not None:
+            continue
+        status = run_case(Case(state, int(command), "valid"))
+        assert status not in (Status.INVALID_PLATFORM_STATE, Status.INVALID_GUEST_STATE), \
+            f"{state}: {command.name} answered {Status(status).name}"
