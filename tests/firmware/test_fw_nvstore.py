@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from hashlib import sha256
 import shutil
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from hashlib import sha256
 from pathlib import Path
 
 import pytest

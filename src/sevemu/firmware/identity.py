@@ -80,8 +80,8 @@ from sevemu.firmware.nvstore import (
     FactoryDataError,
     NvStore,
     NvStoreError,
-    PlatformReadOnlyError,
     SealedNv,
+    check_writable,
     read_factory,
 )
 
@@ -454,11 +454,7 @@ def boot_identity(
         raise NvStoreError(f"{path} was manufactured as a {factory.generation} chip, not {generation}")
     chip = _Chip.from_factory(factory)
     nv_path = path / NV_FILENAME
-    for target in (path, nv_path):
-        if target.exists() and not os.access(target, os.W_OK):
-            raise PlatformReadOnlyError(f"{target}: not writable, and the firmware keeps its NV store {nv_path} "
-                                        f"there (with a journal beside it); make {path} and {nv_path} writable "
-                                        "(e.g. chmod u+w) or use another platform directory")
+    check_writable(path)
     lost = not nv_path.exists() or nv_path.stat().st_size == 0
     nv = SealedNv(NvStore.open(path), chip.spi_seal_key(), rng)
     notices: list[str] = []

@@ -113,6 +113,7 @@ __all__ = [
     "PlatformExistsError",
     "PlatformReadOnlyError",
     "SealedNv",
+    "check_writable",
     "inspect_platform_dir",
     "is_manufactured",
     "pack_fuses",
@@ -314,7 +315,9 @@ def _check_usable(root: Path) -> None:
                                 "directory for a platform")
 
 
-def _check_writable(root: Path) -> None:
+def check_writable(root: Path) -> None:
+    """:class:`PlatformReadOnlyError` naming the file unless the firmware can write its NV store in
+    the platform directory ``root``."""
     nv = root / NV_FILENAME
     for path in (root, nv):
         if path.exists() and not os.access(path, os.W_OK):
@@ -346,7 +349,7 @@ def write_factory(platform_dir: str | os.PathLike[str], data: FactoryData) -> Pa
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PlatformReadOnlyError(f"{root}: cannot create the platform directory: {exc.strerror}") from None
-    _check_writable(root)
+    check_writable(root)
     final = root / FACTORY_DIR
     try:
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
