@@ -153,3 +153,13 @@ def test_trailing_bytes_after_the_chain_buffers_are_refused(chain: PlatformChain
         AmdCertChain.decode(amd + b"\x00")
     with pytest.raises(LayoutError):
         AmdCertChain.decode(chain.ask.encode())  # an ASK without its ARK
+
+
+def test_decoded_chains_are_frozen_and_slotted(chain: PlatformChain) -> None:
+    """Decoded structures are immutable values (house convention): a check cannot be undone by
+    assigning a certificate after verification."""
+    for value in (chain, chain.cert_chain, chain.amd_certs):
+        assert not hasattr(value, "__dict__")
+        first = dataclasses.fields(value)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, first, getattr(value, first))
