@@ -70,19 +70,7 @@ from sevemu.firmware.checks import read_host
 from sevemu.firmware.core import Firmware
 from sevemu.firmware.gctx import GuestContext
 
-__all__ = ["godh_public_key", "identity_key", "open_channel", "open_launch_session", "open_secret"]
-
-
-def identity_key(fw: Firmware, name: str) -> ec.EllipticCurvePrivateKey:
-    """The platform private key ``name`` (``pdh_key``, ``pek_key``) of ``fw.identity``.
-
-    HWERROR_PLATFORM on an unprovisioned part (``Firmware.identity``); INVALID_PLATFORM_STATE if the
-    identity has no such key (e.g. ``oca_key`` of an externally owned platform).
-    """
-    key = getattr(fw.identity, name, None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise FirmwareError(Status.INVALID_PLATFORM_STATE, f"the platform has no {name}")
-    return key
+__all__ = ["godh_public_key", "open_channel", "open_launch_session", "open_secret"]
 
 
 def godh_public_key(raw: bytes) -> ec.EllipticCurvePublicKey:
@@ -123,7 +111,7 @@ def open_channel(fw: Firmware, session_paddr: int, session_len: int, cert_paddr:
         raise FirmwareError(Status.INVALID_LENGTH, f"{peer} certificate is {SEV_CERT_SIZE:#x} bytes, "
                                                    f"not {cert_len:#x}")
     peer_key = godh_public_key(read_host(fw, cert_paddr, SEV_CERT_SIZE))
-    z = ecdh(identity_key(fw, "pdh_key"), peer_key)
+    z = ecdh(fw.identity.pdh_key, peer_key)
     try:
         return open_session(z, session, policy)
     except (WrapMacError, PolicyMacError, LayoutError) as exc:
