@@ -12,6 +12,7 @@ from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy, compose_policy
 from sevemu.abi.sev import (
     ActivateCmd,
+    DbgCmd,
     GuestStatusCmd,
     HandleCmd,
     InitCmd,
@@ -141,6 +142,28 @@ def test_launch_flow_and_states(m: Machine) -> None:
     ok(m, CommandId.LAUNCH_FINISH, HandleCmd(handle=handle))
     st = GuestStatusCmd.decode(ok(m, CommandId.GUEST_STATUS, GuestStatusCmd(handle=handle)))
     assert (st.state, st.asid, st.policy) == (GuestState.RUNNING, 100, 0)
+
+
+def test_large_launch_updates_are_hashed_and_encrypted_like_small_ones(m: Machine) -> None:
+    """Runs of 1 MiB and more hash on the PSP's separate SHA engine (a worker thread) beside the
+    encryption: the digest and the memory must be those of the inline path."""
+    init(m, InitCmd())
+    handle = start_guest(m, asid=100)
+    spa = 0x4000_0000
+    big = hashlib.shake_256(b"big").digest(MiB + 4096)
+    small = hashlib.shake_256(b"small").digest(4096)
+    for _ in range(2):  # the engine is made on first use and reused after
+        for data, at in ((big, spa), (small, spa + 2 * MiB)):
+            m.hv.core.host_write(at, data)
+            m.hv.core.clflush_range(at, len(data))
+            ok(m, CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd(handle=handle, paddr=at, len=len(data)))
+    assert m.firmware.guests[handle].launch_digest == hashlib.sha256((big + small) * 2).digest()
+    assert m.soc.dram.read(spa, 4096) != big[:4096]
+    for off in (0, MiB):
+        dst = m.hv.psp.put_data(bytes(64))
+        ok(m, CommandId.DBG_DECRYPT, DbgCmd(handle=handle, src_paddr=(spa + off) | m.profile.cbit_mask,
+                                            dst_paddr=dst, len=64))
+        assert m.hv.psp.get_data(64) == big[off : off + 64]
 
 
 def test_policy_checks(m: Machine) -> None:
