@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 
 import pytest
 from fwkit import call, init, ok
@@ -164,6 +165,29 @@ def test_large_launch_updates_are_hashed_and_encrypted_like_small_ones(m: Machin
         ok(m, CommandId.DBG_DECRYPT, DbgCmd(handle=handle, src_paddr=(spa + off) | m.profile.cbit_mask,
                                             dst_paddr=dst, len=64))
         assert m.hv.psp.get_data(64) == big[off : off + 64]
+
+
+def test_a_large_launch_update_waits_for_its_hash(m: Machine) -> None:
+    """The command returns only once the SHA engine has taken the run in: a slow hash (standing for
+    a hash that outlasts the encryption) is still in the digest the moment the command answers."""
+    init(m, InitCmd())
+    handle = start_guest(m, asid=100)
+    g = m.firmware.guests[handle]
+    real = g.ld
+
+    class SlowHash:
+        def update(self, data: bytes) -> None:
+            time.sleep(0.3)
+            real.update(data)
+
+        def digest(self) -> bytes:
+            return real.digest()
+
+    g.ld = SlowHash()  # type: ignore[assignment]
+    big = bytes(MiB)
+    m.hv.core.host_write(0x4000_0000, big)
+    ok(m, CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd(handle=handle, paddr=0x4000_0000, len=len(big)))
+    assert g.launch_digest == hashlib.sha256(big).digest()
 
 
 def test_policy_checks(m: Machine) -> None:

@@ -39,6 +39,8 @@ def write_guest(fw: Firmware, g: GuestContext, spa: int, data: bytes) -> None:
     are read-modify-written)."""
     dma = fw.ports.dma
     lo, span = _lines(spa, len(data))
+    # (equivalent mutant: ``lo != spa`` here sends whole-line writes through the read-modify-write
+    # path, which writes the same bytes)
     if lo == spa and span == len(data):
         dma.write_encrypted(spa, data, g.asid)
         return
