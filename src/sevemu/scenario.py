@@ -7,17 +7,23 @@ crosses those boundaries: the hypervisor drives the firmware only through mailbo
 guests talk to the hypervisor only through exits and shared pages.
 
 The factory (:func:`manufacture`): a chip is fused (:class:`~sevemu.amd.chip.FusedChip`), the
-emulated AMD root of its generation certifies its CEK, and the fused secret, the CEK certificate and
-the AMD chain (ASK || ARK) are written into the *platform directory*
-(:mod:`sevemu.firmware.nvstore`), where the firmware finds them when it boots -- bytes in files, the
-firmware never imports the manufacturer.  :func:`build_machine` manufactures a chip into its
-platform directory the first time and boots from it every time: the same directory (in a new
-process too) gives the same chip and the same platform identity.
+emulated AMD root of its generation certifies its CEK, and the fuses (the chip secret and the
+digests of the ARKs the firmware will trust), the CEK certificate and the AMD chain (ASK || ARK) are
+written into the *platform directory* (:mod:`sevemu.firmware.nvstore`), where the firmware finds
+them when it boots -- bytes in files, the firmware never imports the manufacturer.
+:func:`build_machine` manufactures a chip into its platform directory the first time and boots from
+it every time: the same directory (in a new process too) gives the same chip and the same platform
+identity.  Two processes making the same directory at once get one chip: the loser boots the
+winner's.
 
-Emulated AMD roots (RSA-4096 key generation takes about a second per key) are made once per
-generation and cached in the process and on disk, under ``$SEVEMU_CACHE_DIR/amd-roots/<generation>``
-(default ``$XDG_CACHE_HOME/sevemu`` or ``~/.cache/sevemu``; ``SEVEMU_CACHE_DIR=""`` disables the disk
-cache).  They hold the emulated ARK/ASK private keys: emulated, and never trusted by real verifiers.
+The emulated AMD's own vault: the ARK and ASK private keys of each generation (RSA-4096 key
+generation takes about a second per key) are made once and kept in the process and in
+``$SEVEMU_AMD_VAULT/<generation>`` (default ``$XDG_DATA_HOME/sevemu-amd-vault``, i.e.
+``~/.local/share/sevemu-amd-vault``; ``SEVEMU_AMD_VAULT=""`` keeps them in the process only).  The
+vault stands for AMD's side of the world: only this module, in its role of the factory, reads it;
+the platform directory, the host (hypervisor, CLI host commands) and the host's cache never hold
+these keys (``docs/threat-model-firmware.md``).  The keys are emulated, and never trusted by real
+verifiers.
 """
 
 from __future__ import annotations
@@ -31,18 +37,46 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sevemu._util.units import GiB, MiB
+from sevemu.abi.commands import CommandId
 from sevemu.amd.chip import CHIP_SECRET_SIZE, FusedChip
 from sevemu.amd.roots import AmdRoot
 from sevemu.errors import InputError, SevemuError
-from sevemu.firmware.dispatcher import Firmware
-from sevemu.firmware.nvstore import FactoryData, is_manufactured, read_factory, write_factory
+from sevemu.firmware.apis import load_firmware
+from sevemu.firmware.core import Firmware
+from sevemu.firmware.nvstore import (
+    FactoryData,
+    FactoryDataError,
+    FactoryMissingError,
+    NotAPlatformError,
+    NvTamperedError,
+    PlatformDirError,
+    PlatformExistsError,
+    PlatformReadOnlyError,
+    is_manufactured,
+    read_factory,
+    write_factory,
+)
 from sevemu.hw.profiles import CpuProfile, profile
 from sevemu.hw.soc import Soc
 from sevemu.hypervisor.kvm import Hypervisor
 
-__all__ = ["Machine", "SeededRng", "build_machine", "default_amd_root", "manufacture"]
+__all__ = [
+    "FactoryDataError",
+    "FactoryMissingError",
+    "Machine",
+    "NotAPlatformError",
+    "NvTamperedError",
+    "PlatformDirError",
+    "PlatformExistsError",
+    "PlatformReadOnlyError",
+    "SeededRng",
+    "amd_vault_dir",
+    "build_machine",
+    "default_amd_root",
+    "manufacture",
+]
 
-GiB = 1 << 30
 
 
 @dataclass
@@ -60,6 +94,11 @@ class Machine:
     @property
     def profile(self) -> CpuProfile:
         return self.soc.profile
+
+    @property
+    def notices(self) -> list[str]:
+        """What the platform noticed at boot that its user should hear (:attr:`Firmware.notices`)."""
+        return self.firmware.notices
 
 
 class SeededRng:
@@ -87,18 +126,19 @@ class SeededRng:
 _ROOTS: dict[str, AmdRoot] = {}
 
 
-def _root_cache_dir() -> Path | None:
-    env = os.environ.get("SEVEMU_CACHE_DIR")
+def amd_vault_dir() -> Path | None:
+    """Where the emulated AMD keeps its signing keys (module docstring); None: in the process only."""
+    env = os.environ.get("SEVEMU_AMD_VAULT")
     if env is not None:
-        return Path(env) / "amd-roots" if env else None
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sevemu" / "amd-roots"
+        return Path(env) if env else None
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "sevemu-amd-vault"
 
 
 def _cached_root(generation: str) -> AmdRoot | None:
-    """The root of ``generation`` from the process or the disk cache, without making one."""
+    """The root of ``generation`` from the process or the vault, without making one."""
     root = _ROOTS.get(generation)
-    cache = _root_cache_dir()
+    cache = amd_vault_dir()
     if root is None and cache is not None and (cache / generation).is_dir():
         try:
             root = AmdRoot.load(cache / generation)
@@ -111,20 +151,20 @@ def _cached_root(generation: str) -> AmdRoot | None:
 
 
 def default_amd_root(generation: str) -> AmdRoot:
-    """The emulated AMD root of ``generation``: made once, then cached (module docstring)."""
+    """The emulated AMD root of ``generation``: made once, then kept in the vault (module docstring)."""
     root = _cached_root(generation)
     if root is not None:
         return root
     root = AmdRoot.create(generation)
     _ROOTS[generation] = root
-    cache = _root_cache_dir()
+    cache = amd_vault_dir()
     if cache is None:
         return root
     try:
-        cache.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{generation}-", dir=cache))
     except OSError:
-        return root  # no writable cache: the process cache suffices
+        return root  # no writable vault: the process keeps the root
     try:
         root.save(staging)
         final = cache / generation
@@ -141,12 +181,16 @@ def manufacture(platform_dir: str | os.PathLike[str], generation: str, amd_root:
     """Fuse a chip of ``generation``, have ``amd_root`` certify its CEK, provision ``platform_dir``.
 
     ``secret``: the chip secret to fuse (default: fresh random); ``trusted_roots``: other emulated
-    roots whose ARKs the firmware will also trust in a migration target's chain.
+    roots whose ARKs the firmware will also trust in a migration target's chain (their digests are
+    fused).  Raises :class:`~sevemu.firmware.nvstore.PlatformExistsError` if the directory already
+    holds a chip, and the other :class:`~sevemu.firmware.nvstore.PlatformDirError` subclasses for a
+    directory that may not become a platform.
     """
     chip = FusedChip.fuse(generation) if secret is None else FusedChip(generation, secret)
     cek_cert = amd_root.certify_chip(chip)
     arks = [(amd_root.generation, amd_root.ark.encode())]
     arks += [(r.generation, r.ark.encode()) for r in trusted_roots]
+    # the factory fuses the digest of every ARK the firmware is to trust (FactoryData.fused_arks)
     write_factory(platform_dir, FactoryData(
         generation=generation,
         chip_secret=chip.secret,
@@ -163,7 +207,7 @@ def _seed_bytes(seed: bytes | str, purpose: str) -> bytes:
 
 
 def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 256 * GiB,
-                  cores: int = 2, cache_size: int = 4 << 20, seed: bytes | str | None = None,
+                  cores: int = 2, cache_size: int = 4 * MiB, seed: bytes | str | None = None,
                   init: bool = True, es: bool = False,
                   platform_dir: str | os.PathLike[str] | None = None,
                   amd_root: AmdRoot | None = None) -> Machine:
@@ -184,16 +228,20 @@ def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 25
     path = Path(tempfile.mkdtemp(prefix="sevemu-platform-") if platform_dir is None else platform_dir)
     try:
         if not is_manufactured(path):
-            amd_root = amd_root or default_amd_root(prof.name)
+            maker = amd_root or default_amd_root(prof.name)
             secret = None if seed is None else SeededRng(_seed_bytes(seed, "fuses"))(CHIP_SECRET_SIZE)
-            manufacture(path, prof.name, amd_root, secret=secret)
-        elif amd_root is None:
+            try:
+                manufacture(path, prof.name, maker, secret=secret)
+                amd_root = maker
+            except PlatformExistsError:
+                pass  # another process made this chip meanwhile: boot the winner's
+        if amd_root is None:
             # already in this process (loading one from disk costs a second): the root that made it?
             known = _ROOTS.get(prof.name)
             if known is not None and known.amd_certs.encode() == read_factory(path).amd_chain:
                 amd_root = known
         soc = Soc(prof, dram_size=dram_size, cores=cores, cache_size=cache_size, rng=rng)
-        firmware = Firmware(soc.psp.take_ports(), path)
+        firmware = load_firmware(soc.psp.take_ports(), path)
     except BaseException:
         if temporary:
             shutil.rmtree(path, ignore_errors=True)
@@ -204,4 +252,8 @@ def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 25
     hv = Hypervisor(soc.host_view())
     if init:
         hv.platform_init(es=es)
+        # INIT leaves every ASID dirty; Linux follows it with WBINVD on every CPU and DF_FLUSH
+        # (__sev_platform_init_locked), without which no ASID can be ACTIVATEd.
+        soc.wbinvd_all()
+        hv.psp.call_nobuf(CommandId.DF_FLUSH)
     return Machine(soc, firmware, hv, path, amd_root)

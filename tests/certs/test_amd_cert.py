@@ -1,4 +1,4 @@
-"""AMD ARK/ASK certificates (reference 1.8) and the real-ARK pins."""
+"""AMD ARK/ASK certificates (SEV API 55766 appendix) and the real-ARK pins."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SEV platform certificates (reference 1.7): byte-exact round trip, signing and slot rules."""
+"""SEV platform certificates (SEV API 55766 appendix): byte-exact round trip, signing and slot rules."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ Legacy = Callable[[str], bytes]
 
 SEV_FILES = [f"virtee_{p}_{c}.cert" for p in ("naples", "rome") for c in ("cek", "oca", "pek", "pdh")]
 
-# (usage, algo, sig1 usage/algo, sig2 usage/algo) of the real chains (reference 1.7 table).
+# (usage, algo, sig1 usage/algo, sig2 usage/algo) of the real chains in the vectors.
 EXPECTED = {
     "cek": (KeyUsage.CEK, SigAlgo.ECDSA_SHA256, KeyUsage.ASK, None, KeyUsage.INVALID, SigAlgo.INVALID),
     "oca": (

@@ -68,8 +68,8 @@ from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct, field_span
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE
 from sevemu.certs.sev import SevCert
-from sevemu.firmware.dispatcher import Firmware
-from sevemu.firmware.nvstore import NvStore
+from sevemu.firmware.core import Firmware
+from sevemu.firmware.nvstore import NvStore, SealedNv
 from sevemu.firmware.sev.migrate import seal_data_packet
 from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.owner.measurement import expected_launch_digest
@@ -118,6 +118,8 @@ def norm(x: Any) -> Any:
         return ("set", tuple(sorted((norm(v) for v in x), key=repr)))
     if isinstance(x, NvStore):
         return ("nv", norm(x.read()))
+    if isinstance(x, SealedNv):  # the sealed bytes as stored: any write changes them (fresh nonces)
+        return ("nv", norm(x.store.read()))
     if hasattr(x, "nv_records") and hasattr(x, "chip_id"):  # PlatformIdentity: its NV image says all
         cached = _IDENTITIES.get(id(x))
         if cached is None or cached[0] is not x:  # immutable: render each identity object once
@@ -134,7 +136,7 @@ def norm(x: Any) -> Any:
     raise TypeError(f"snapshot: no rendering for {type(x).__name__}")
 
 
-_FW_SKIP = {"ports", "profile", "log", "internal_errors"}
+_FW_SKIP = {"ports", "profile", "log", "internal_errors", "_table"}
 _IDENTITIES: dict[int, tuple[Any, Any]] = {}
 
 
@@ -142,7 +144,8 @@ def fw_snapshot(m: Machine) -> Any:
     fw = m.firmware
     state = {k: norm(v) for k, v in vars(fw).items() if k not in _FW_SKIP}
     slots = m.soc.mc._slots
-    return state, tuple(sorted((asid, id(cipher)) for asid, cipher in slots.items()))
+    return (state, tuple(sorted((asid, id(cipher)) for asid, cipher in slots.items())),
+            tuple(sorted(m.soc.mc._valid)))
 
 
 def mem_snapshot(m: Machine) -> tuple[dict[int, bytes], dict[int, bytes]]:
@@ -230,6 +233,8 @@ def build_rig(name: str, seed: int) -> Rig:
     rig = Rig(name, m, hv)
     if name != "uninit":
         hv.platform_init(es=es)
+        m.soc.wbinvd_all()  # INIT leaves every ASID dirty: WBINVD + DF_FLUSH, as Linux does
+        hv.psp.call_nobuf(CommandId.DF_FLUSH)
     ident = rig.fw.identity
     api = (m.profile.api_major, m.profile.api_minor)
     # blobs every state offers (the platform's own chain, an owner-signed PEK, a target PDH)
@@ -626,21 +631,110 @@ def test_refusals_are_seen() -> None:
 def test_the_harness_catches_a_sloppy_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     """A handler that changes state before refusing, or that crashes, fails the invariants."""
     from sevemu.errors import FirmwareError
-    from sevemu.firmware import dispatcher
+    from sevemu.firmware.core import Entry
 
-    def sloppy(fw: Firmware, _: None) -> None:
+    def sloppy(fw: Firmware, _: Struct | None) -> None:
         fw.next_handle += 1
         raise FirmwareError(Status.INVALID_PARAM, "changed something first")
 
-    def crashing(fw: Firmware, _: None) -> None:
+    def crashing(fw: Firmware, _: Struct | None) -> None:
         raise KeyError("a bug")
 
     rig = build_rig("init", 7)
     rig.name = "harness"
     nop = int(CommandId.NOP)
     for handler, message in ((sloppy, "changed the firmware state"), (crashing, "KeyError")):
-        monkeypatch.setitem(dispatcher._REGISTRY, nop, dispatcher._Entry(handler, None, frozenset(PlatformState),
-                                                                       True))
+        monkeypatch.setitem(rig.fw._table, nop, Entry(CommandId.NOP, "test", None, frozenset(PlatformState),
+                                                      None, True, handler))
         with pytest.raises(AssertionError, match=message):
             issue(rig, Case("harness", nop, "valid"))
         rig.fw.internal_errors.clear()
+
+
+# ---- the allowed-state table -----------------------------------------------------------------
+_U, _I, _W = PlatformState.UNINIT, PlatformState.INIT, PlatformState.WORKING
+_ANY = frozenset({_U, _I, _W})
+_READY = frozenset({_I, _W})
+_EVERY_GUEST = frozenset(GuestState) - {GuestState.UNINIT}
+_G = GuestState
+ALLOWED: dict[CommandId, tuple[frozenset[PlatformState], frozenset[GuestState] | None]] = {
+    # SEV API 55766 ch. 5 (platform state machine); AMD-ASPFW sev_mcmd.c where the spec is silent
+    CommandId.INIT: (frozenset({_U}), None),
+    CommandId.INIT_EX: (frozenset({_U}), None),
+    CommandId.SHUTDOWN: (_READY, None),
+    CommandId.PLATFORM_RESET: (frozenset({_U}), None),
+    CommandId.PLATFORM_STATUS: (_ANY, None),
+    CommandId.PEK_GEN: (frozenset({_I}), None),
+    CommandId.PEK_CSR: (_READY, None),
+    CommandId.PEK_CERT_IMPORT: (frozenset({_I}), None),
+    CommandId.PDH_GEN: (_READY, None),
+    CommandId.PDH_CERT_EXPORT: (_READY, None),
+    CommandId.DF_FLUSH: (_READY, None),
+    CommandId.GET_ID: (_ANY, None),
+    # SEV API 55766 ch. 6 (GSTATE); AF for ACTIVATE (not SENT), ATTESTATION and DBG (no state)
+    CommandId.ACTIVATE: (_READY, _EVERY_GUEST - {_G.SENT}),
+    CommandId.DEACTIVATE: (_READY, _EVERY_GUEST),
+    CommandId.DECOMMISSION: (_READY, _EVERY_GUEST),
+    CommandId.GUEST_STATUS: (_READY, _EVERY_GUEST),
+    CommandId.LAUNCH_START: (_READY, None),
+    CommandId.LAUNCH_UPDATE_DATA: (_READY, frozenset({_G.LUPDATE})),
+    CommandId.LAUNCH_MEASURE: (_READY, frozenset({_G.LUPDATE})),
+    CommandId.LAUNCH_SECRET: (_READY, frozenset({_G.LSECRET})),
+    CommandId.LAUNCH_FINISH: (_READY, frozenset({_G.LSECRET})),
+    CommandId.ATTESTATION: (_READY, frozenset({_G.LSECRET, _G.RUNNING, _G.SUPDATE, _G.SENT})),
+    CommandId.SEND_START: (_READY, frozenset({_G.RUNNING})),
+    CommandId.SEND_UPDATE_DATA: (_READY, frozenset({_G.SUPDATE})),
+    CommandId.SEND_UPDATE_VMSA: (_READY, frozenset({_G.SUPDATE})),
+    CommandId.SEND_FINISH: (_READY, frozenset({_G.SUPDATE})),
+    CommandId.SEND_CANCEL: (_READY, frozenset({_G.SUPDATE})),
+    CommandId.RECEIVE_START: (_READY, None),
+    CommandId.RECEIVE_UPDATE_DATA: (_READY, frozenset({_G.RUPDATE})),
+    CommandId.RECEIVE_UPDATE_VMSA: (_READY, frozenset({_G.RUPDATE})),
+    CommandId.RECEIVE_FINISH: (_READY, frozenset({_G.RUPDATE})),
+    CommandId.DBG_DECRYPT: (_READY, _EVERY_GUEST),
+    CommandId.DBG_ENCRYPT: (_READY, _EVERY_GUEST),
+}
+"""What the spec and AMD's firmware allow, written here independently of the firmware's tables."""
+
+
+def test_the_firmware_declares_the_allowed_state_table() -> None:
+    rig = _RIGS.get("init")
+    declared = {CommandId(cid): (e.platform_states, e.guest_states) for cid, e in rig.fw.commands.items()}
+    assert declared == ALLOWED
+
+
+def _expected_refusal(rig: Rig, command: CommandId) -> Status | None:
+    platform_states, guest_states = ALLOWED[command]
+    if rig.fw.state not in platform_states:
+        return Status.INVALID_PLATFORM_STATE
+    if guest_states is not None and rig.handle and rig.fw.guests[rig.handle].state not in guest_states:
+        return Status.INVALID_GUEST_STATE
+    return None
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_commands_outside_their_allowed_states_are_refused(state: str) -> None:
+    """Every command, with the valid buffer of the state, outside its allowed platform or guest
+    states answers INVALID_PLATFORM_STATE / INVALID_GUEST_STATE and changes nothing (``issue``)."""
+    refused = 0
+    for command in sorted(ALLOWED):
+        rig = _RIGS.get(state)
+        want = _expected_refusal(rig, command)
+        if want is None:
+            continue
+        status = run_case(Case(state, int(command), "valid"))
+        assert status == want, f"{state}: {command.name} answered {Status(status).name}, expected {want.name}"
+        refused += 1
+    assert refused  # every state has commands it refuses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", STATES)
+def test_commands_inside_their_allowed_states_are_not_refused_for_the_state(state: str) -> None:
+    for command in sorted(ALLOWED):
+        rig = _RIGS.get(state)
+        if _expected_refusal(rig, command) is not None:
+            continue
+        status = run_case(Case(state, int(command), "valid"))
+        assert status not in (Status.INVALID_PLATFORM_STATE, Status.INVALID_GUEST_STATE), \
+            f"{state}: {command.name} answered {Status(status).name}"

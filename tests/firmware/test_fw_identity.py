@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
-from fwkit import call, ok
+from fwkit import call, init, ok
 
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage, SigAlgo
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import (
     INIT_EX_NV_LEN,
     GetIdCmd,
-    InitCmd,
     InitExCmd,
     LaunchStartCmd,
     PdhCertExportCmd,
@@ -35,8 +34,8 @@ from sevemu.certs.errors import UntrustedRootError
 from sevemu.certs.roots import AMD_ARKS
 from sevemu.certs.sev import EMPTY_SLOT, SevCert
 from sevemu.crypto import ecc
-from sevemu.firmware.dispatcher import Firmware
-from sevemu.firmware.nvstore import FACTORY_DIR, HOST_NV_MAGIC
+from sevemu.firmware.apis import load_firmware
+from sevemu.firmware.nvstore import FACTORY_DIR, HOST_NV_MAGIC, unpack_fuses
 from sevemu.hw.profiles import profile
 from sevemu.hw.soc import Soc
 from sevemu.scenario import Machine, build_machine
@@ -66,10 +65,6 @@ def m(tmp_path: Path) -> Machine:
 
 def spa(m: Machine, off: int) -> int:
     return m.hv.psp.data_spa + off
-
-
-def init(m: Machine) -> None:
-    ok(m, CommandId.INIT, InitCmd())
 
 
 def working(m: Machine) -> None:
@@ -171,8 +166,9 @@ def test_first_boot_is_self_owned_and_chain_verifies_against_the_emulated_ark(m:
 
 def test_chip_id_and_cek_come_from_the_fuses(m: Machine, tmp_path: Path) -> None:
     assert m.platform_dir is not None
-    secret = (m.platform_dir / FACTORY_DIR / "fuses.bin").read_bytes()
+    secret, fused = unpack_fuses((m.platform_dir / FACTORY_DIR / "fuses.bin").read_bytes())
     ident = m.firmware.identity
+    assert fused == tuple(p.fingerprints and next(iter(p.fingerprints)) for p in ident.trusted_arks)
     assert ident.chip_id == ecc.derive_chip_id(secret)
     assert ident.cek_key.private_numbers() == ecc.derive_cek(secret).private_numbers()
     # the ID is the secp256k1 public point of the chip-unique key, x || y big-endian
@@ -509,7 +505,7 @@ def test_an_existing_platform_dir_keeps_its_generation(tmp_path: Path) -> None:
 
 def test_unprovisioned_firmware_answers_hwerror(tmp_path: Path) -> None:
     soc = Soc(profile("milan"), dram_size=1 << 30)
-    fw = Firmware(soc.psp.take_ports())
+    fw = load_firmware(soc.psp.take_ports())
     soc.psp.install(fw)
     assert fw.handle(CommandId.PLATFORM_RESET, 0) == Status.HWERROR_PLATFORM
     assert fw.handle(CommandId.INIT, 0) == Status.SUCCESS  # INIT itself needs no identity
@@ -590,18 +586,23 @@ def test_init_ex_keeps_nv_in_the_host_buffer(m: Machine, tmp_path: Path) -> None
 
 
 # ---- the factory --------------------------------------------------------------------------------
-def test_amd_roots_are_cached_in_the_process_and_on_disk(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_amd_roots_are_kept_in_the_process_and_in_amds_vault(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from sevemu import scenario
 
+    monkeypatch.setenv("SEVEMU_AMD_VAULT", str(tmp_path / "vault"))
     monkeypatch.setenv("SEVEMU_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setattr(scenario, "_ROOTS", {})
     made = scenario.default_amd_root("naples")
     assert scenario.default_amd_root("naples") is made
-    assert (tmp_path / "cache" / "amd-roots" / "naples" / "ark.cert").read_bytes() == made.ark.encode()
-    monkeypatch.setattr(scenario, "_ROOTS", {})  # a new process: loaded from disk, not made again
+    assert (tmp_path / "vault" / "naples" / "ark.cert").read_bytes() == made.ark.encode()
+    assert (tmp_path / "vault").stat().st_mode & 0o077 == 0  # AMD's side: private to its owner
+    # the host's cache holds no AMD key (issue: the emulated AMD's keys used to sit in ~/.cache)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "xdg-cache").exists()
+    monkeypatch.setattr(scenario, "_ROOTS", {})  # a new process: loaded from the vault, not made again
     assert scenario.default_amd_root("naples").ark.encode() == made.ark.encode()
-    monkeypatch.setenv("SEVEMU_CACHE_DIR", "")
+    monkeypatch.setenv("SEVEMU_AMD_VAULT", "")
     monkeypatch.setattr(scenario, "_ROOTS", {})
     assert scenario.default_amd_root("naples").ark.encode() != made.ark.encode()
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 
 import pytest
-from fwkit import call, ok
+from fwkit import call, init, ok
 
 from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy, compose_policy
 from sevemu.abi.sev import (
     ActivateCmd,
+    DbgCmd,
     GuestStatusCmd,
     HandleCmd,
     InitCmd,
@@ -41,7 +43,7 @@ def snapshot(m: Machine) -> object:
     fw = m.firmware
     return (fw.state, fw.config_es, {h: (g.state, g.asid, g.policy, g.vek, g.ld.digest())
                                     for h, g in fw.guests.items()},
-            dict(fw.asid_owner), dict(fw.asid_deactivated), fw.next_handle)
+            dict(fw.asid_owner), dict(fw.asid_dirty), fw.next_handle)
 
 
 def start_guest(m: Machine, policy: int = 0, asid: int | None = 100) -> int:
@@ -56,7 +58,7 @@ def test_platform_status_and_init(m: Machine) -> None:
     st = PlatformStatus.decode(ok(m, CommandId.PLATFORM_STATUS, PlatformStatus()))
     assert (st.api_major, st.api_minor, st.build) == (1, 51, 3)
     assert st.state == PlatformState.UNINIT
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     assert call(m, CommandId.INIT, InitCmd())[0] == Status.INVALID_PLATFORM_STATE
     st = PlatformStatus.decode(ok(m, CommandId.PLATFORM_STATUS, PlatformStatus()))
     assert st.state == PlatformState.INIT and st.config == 0
@@ -73,7 +75,7 @@ def test_init_es_needs_tmr(m: Machine) -> None:
     assert call(m, CommandId.INIT, InitCmd(options=es, tmr_paddr=0x123000, tmr_len=MiB))[0] == Status.INVALID_ADDRESS
     assert call(m, CommandId.INIT, InitCmd(options=es, tmr_paddr=2 * MiB, tmr_len=4096))[0] == Status.INVALID_LENGTH
     assert m.firmware.state == PlatformState.UNINIT
-    ok(m, CommandId.INIT, InitCmd(options=es, tmr_paddr=2 * MiB, tmr_len=MiB))
+    init(m, InitCmd(options=es, tmr_paddr=2 * MiB, tmr_len=MiB))
     st = PlatformStatus.decode(ok(m, CommandId.PLATFORM_STATUS, PlatformStatus()))
     assert st.config == 1
 
@@ -84,7 +86,7 @@ def test_init_es_on_naples_is_invalid_config() -> None:
 
 
 def test_unknown_command_and_bad_buffers(m: Machine) -> None:
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     assert m.hv.psp.raw(CommandId.COPY, bytes(0x18))[0] == Status.INVALID_COMMAND
     # reserved bytes of LAUNCH_UPDATE_DATA (0x04..0x07) must be zero
     raw = bytearray(LaunchUpdateDataCmd(handle=1, paddr=0x1000, len=16).encode())
@@ -107,7 +109,7 @@ def test_guest_commands_need_init(m: Machine) -> None:
 
 
 def test_launch_flow_and_states(m: Machine) -> None:
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     handle = start_guest(m, asid=None)
     assert m.firmware.state == PlatformState.WORKING
     spa = 0x4000_0000
@@ -143,8 +145,53 @@ def test_launch_flow_and_states(m: Machine) -> None:
     assert (st.state, st.asid, st.policy) == (GuestState.RUNNING, 100, 0)
 
 
+def test_large_launch_updates_are_hashed_and_encrypted_like_small_ones(m: Machine) -> None:
+    """Runs of 1 MiB and more hash on the PSP's separate SHA engine (a worker thread) beside the
+    encryption: the digest and the memory must be those of the inline path."""
+    init(m, InitCmd())
+    handle = start_guest(m, asid=100)
+    spa = 0x4000_0000
+    big = hashlib.shake_256(b"big").digest(MiB + 4096)
+    small = hashlib.shake_256(b"small").digest(4096)
+    for _ in range(2):  # the engine is made on first use and reused after
+        for data, at in ((big, spa), (small, spa + 2 * MiB)):
+            m.hv.core.host_write(at, data)
+            m.hv.core.clflush_range(at, len(data))
+            ok(m, CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd(handle=handle, paddr=at, len=len(data)))
+    assert m.firmware.guests[handle].launch_digest == hashlib.sha256((big + small) * 2).digest()
+    assert m.soc.dram.read(spa, 4096) != big[:4096]
+    for off in (0, MiB):
+        dst = m.hv.psp.put_data(bytes(64))
+        ok(m, CommandId.DBG_DECRYPT, DbgCmd(handle=handle, src_paddr=(spa + off) | m.profile.cbit_mask,
+                                            dst_paddr=dst, len=64))
+        assert m.hv.psp.get_data(64) == big[off : off + 64]
+
+
+def test_a_large_launch_update_waits_for_its_hash(m: Machine) -> None:
+    """The command returns only once the SHA engine has taken the run in: a slow hash (standing for
+    a hash that outlasts the encryption) is still in the digest the moment the command answers."""
+    init(m, InitCmd())
+    handle = start_guest(m, asid=100)
+    g = m.firmware.guests[handle]
+    real = g.ld
+
+    class SlowHash:
+        def update(self, data: bytes) -> None:
+            time.sleep(0.3)
+            real.update(data)
+
+        def digest(self) -> bytes:
+            return real.digest()
+
+    g.ld = SlowHash()  # type: ignore[assignment]
+    big = bytes(MiB)
+    m.hv.core.host_write(0x4000_0000, big)
+    ok(m, CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd(handle=handle, paddr=0x4000_0000, len=len(big)))
+    assert g.launch_digest == hashlib.sha256(big).digest()
+
+
 def test_policy_checks(m: Machine) -> None:
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     cases = [
         (0x40, Status.POLICY_FAILURE),  # reserved bit 6 (AMD sev_guest_verify_policy)
         (compose_policy(0, api_major=2), Status.POLICY_FAILURE),  # needs API 2.0
@@ -164,7 +211,7 @@ def test_policy_checks(m: Machine) -> None:
 
 
 def test_activate_rules(m: Machine) -> None:
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     a = start_guest(m, asid=None)
     b = start_guest(m, asid=None)
     assert call(m, CommandId.ACTIVATE, ActivateCmd(handle=a, asid=5))[0] == Status.INVALID_ASID  # ES range
@@ -179,7 +226,7 @@ def test_activate_rules(m: Machine) -> None:
 
 
 def test_asid_reuse_needs_wbinvd_then_df_flush(m: Machine) -> None:
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     a = start_guest(m, asid=100)
     ok(m, CommandId.DEACTIVATE, HandleCmd(handle=a))
     ok(m, CommandId.DECOMMISSION, HandleCmd(handle=a))
@@ -197,18 +244,20 @@ def test_asid_reuse_needs_wbinvd_then_df_flush(m: Machine) -> None:
     ok(m, CommandId.ACTIVATE, ActivateCmd(handle=c, asid=101))
 
 
-def test_shutdown_forgets_guests_and_keys(m: Machine) -> None:
-    ok(m, CommandId.INIT, InitCmd())
+def test_shutdown_forgets_guests_and_invalidates_their_asids(m: Machine) -> None:
+    init(m, InitCmd())
     start_guest(m, asid=100)
-    assert m.soc.mc.has_key(100)
+    assert m.soc.mc.has_key(100) and m.soc.mc.asid_valid(100)
     ok(m, CommandId.SHUTDOWN)
     assert m.firmware.state == PlatformState.UNINIT and not m.firmware.guests
-    assert not m.soc.mc.has_key(100)
+    # AMD-ASPFW sev_clear marks every ASID invalid and leaves the key in its slot, so the guest's
+    # lines still in the caches write back under the key they were written with
+    assert not m.soc.mc.asid_valid(100) and m.soc.mc.has_key(100)
     assert call(m, CommandId.SHUTDOWN, None)[0] == Status.INVALID_PLATFORM_STATE
 
 
 def test_guest_status_unknown_handle(m: Machine) -> None:
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     assert call(m, CommandId.GUEST_STATUS, GuestStatusCmd(handle=3))[0] == Status.INVALID_GUEST
 
 
@@ -216,7 +265,7 @@ def test_mailbox_never_raises_on_garbage(m: Machine) -> None:
     import random
 
     rnd = random.Random(7)
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     start_guest(m, asid=100)
     for _ in range(400):
         cmd = rnd.choice(list(CommandId))

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from fwkit import call, ok, put
+from fwkit import call, init, ok, put
 
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage, SigAlgo
 from sevemu.abi.commands import CommandId
@@ -70,7 +70,7 @@ IMAGE = os.urandom(4 * PAGE)
 def machine(seed: str, generation: str | CpuProfile = "milan", root: AmdRoot | None = None) -> Machine:
     m = build_machine(generation, seed=seed, dram_size=8 * GiB, init=False,
                       amd_root=root or default_amd_root("milan"))
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     return m
 
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,10 @@ from sevemu.firmware.nvstore import (
     NvStore,
     NvStoreError,
     is_manufactured,
+    pack_fuses,
     read_factory,
     seal_host_nv,
+    unpack_fuses,
     unseal_host_nv,
     write_factory,
 )
@@ -97,10 +100,12 @@ def test_factory_data_roundtrip_and_write_once(tmp_path: Path) -> None:
     assert is_manufactured(tmp_path)
     assert read_factory(tmp_path) == data
     fuses = tmp_path / FACTORY_DIR / "fuses.bin"
-    assert fuses.read_bytes() == data.chip_secret and (fuses.stat().st_mode & 0o777) == 0o400
+    assert unpack_fuses(fuses.read_bytes()) == (data.chip_secret, (sha256(b"ark").digest(), sha256(b"ark2").digest()))
+    assert (fuses.stat().st_mode & 0o777) == 0o400
     with pytest.raises(InputError):
         write_factory(tmp_path, data)
-    assert [p.name for p in tmp_path.iterdir()] == [FACTORY_DIR]  # no staging left behind
+    # no staging left behind; the NV store leaves the factory formatted and empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORY_DIR, NV_FILENAME]
 
 
 def test_missing_or_malformed_factory_data(tmp_path: Path) -> None:
@@ -121,7 +126,8 @@ def test_boot_refuses_broken_platform_dirs(tmp_path: Path) -> None:
         build_machine("rome", dram_size=1 << 30, init=False, platform_dir=tmp_path / "p")
     # a corrupted NV record: the chain no longer verifies, the part does not boot
     nv = NvStore.open(tmp_path / "p")
-    pek = bytearray(nv.read()["pek.cert"])
+    good = nv.read()["pek.cert"]
+    pek = bytearray(good)
     pek[0x20] ^= 1
     nv.commit({"pek.cert": bytes(pek)})
     nv.close()
@@ -129,7 +135,7 @@ def test_boot_refuses_broken_platform_dirs(tmp_path: Path) -> None:
         boot(tmp_path / "p")
     # a partial identity
     nv = NvStore.open(tmp_path / "p")
-    nv.commit({}, delete=["pdh.key"])
+    nv.commit({"pek.cert": good}, delete=["pdh.key"])
     nv.close()
     with pytest.raises(NvStoreError, match="partial identity"):
         boot(tmp_path / "p")
@@ -138,7 +144,7 @@ def test_boot_refuses_broken_platform_dirs(tmp_path: Path) -> None:
     boot(q).firmware.close()
     fuses = q / FACTORY_DIR / "fuses.bin"
     fuses.chmod(0o600)
-    fuses.write_bytes(os.urandom(64))
+    fuses.write_bytes(pack_fuses(os.urandom(64), unpack_fuses(fuses.read_bytes())[1]))
     with pytest.raises(NvStoreError, match="CEK"):
         boot(q)
 

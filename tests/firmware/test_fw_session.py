@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from fwkit import call, ok, put
+from fwkit import call, init, ok, put
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,7 +72,7 @@ def provision(m: Machine) -> PlatformIdentity:
 
 def machine(generation: str | CpuProfile = "milan", seed: str = "fw-session") -> Machine:
     m = build_machine(generation, seed=seed, dram_size=8 * GiB, init=False)
-    ok(m, CommandId.INIT, InitCmd())
+    init(m, InitCmd())
     provision(m)
     return m
 

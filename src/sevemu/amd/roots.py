@@ -1,8 +1,8 @@
 """The emulated manufacturer's root keys: an ARK and an ASK per generation, in AMD's format.
 
 An :class:`AmdRoot` plays AMD for one EPYC generation: it holds an emulated ARK (self-signed) and
-ASK (signed by the ARK) as AMD-format certificates (reference 1.8) with their RSA private keys,
-and certifies chip endorsement keys (:meth:`AmdRoot.certify_cek`) as AMD's ASK does (reference 1.7:
+ASK (signed by the ARK) as AMD-format certificates (SEV API 55766 appendix, AMD root/signing key format) with their RSA private keys,
+and certifies chip endorsement keys (:meth:`AmdRoot.certify_cek`) as AMD's ASK does (SEV API 55766 appendix, certificate format; sev-tool ``src/sevcert.cpp``:
 CEK usage 0x1004, P-384 key, algorithm ECDSA_SHA256, API 0.14 as on the real Naples and Rome
 CEKs in the vectors; slot 1 = ASK with RSA_SHA256 or RSA_SHA384 by the ASK's size).
 

@@ -1,7 +1,7 @@
 """AMD root and signing key certificates (ARK, ASK) in AMD's own format.
 
-Source: reference 1.8 (SEV API spec 55766 appendix "AMD Root/Signing Key certificate"; AMD sev-tool
-``amdcert.cpp``; virtee/sev ``certs/sev/ca/cert/v1.rs``); layout in :mod:`sevemu.abi.certs`.
+Sources: SEV API 55766 appendix "AMD Root/Signing Key certificate"; sev-tool ``src/amdcert.cpp``;
+virtee ``sev`` ``src/certs/sev/ca/cert/v1.rs``; layout in :mod:`sevemu.abi.certs`.
 
 An :class:`AmdCert` is the 0x40-byte header, then ``pub_exp``, ``modulus`` and ``sig`` (widths
 from the header; all little-endian).  The signature is RSASSA-PSS by the ARK over everything
@@ -60,7 +60,7 @@ def _key_usage(value: int) -> KeyUsage:
 
 
 def hash_for_modulus(bits: int) -> hashes.HashAlgorithm:
-    """Hash an AMD key of ``bits`` signs with: SHA-256 for 2048 bits, SHA-384 for 4096 (ref. 1.8)."""
+    """Hash an AMD key of ``bits`` signs with: SHA-256 for 2048 bits, SHA-384 for 4096 (SEV API 55766 appendix)."""
     if bits == 2048:
         return hashes.SHA256()
     if bits == 4096:
@@ -69,7 +69,7 @@ def hash_for_modulus(bits: int) -> hashes.HashAlgorithm:
 
 
 def sig_algo_for_modulus(bits: int) -> SigAlgo:
-    """SEV certificate algorithm code of an AMD key of ``bits`` (the ASK signing a CEK, ref. 1.8)."""
+    """SEV certificate algorithm code of an AMD key of ``bits`` (the ASK signing a CEK; sev-tool ``src/amdcert.cpp``)."""
     if bits == 2048:
         return SigAlgo.RSA_SHA256
     if bits == 4096:
@@ -79,7 +79,7 @@ def sig_algo_for_modulus(bits: int) -> SigAlgo:
 
 @dataclass(frozen=True, slots=True)
 class AmdCert:
-    """An ARK or ASK certificate (reference 1.8); integers are held as numbers, sizes in bits."""
+    """An ARK or ASK certificate (SEV API 55766 appendix, AMD root/signing key format); integers are held as numbers, sizes in bits."""
 
     version: int
     key_id: bytes

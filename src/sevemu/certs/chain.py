@@ -1,7 +1,8 @@
 """The legacy SEV platform chain and its transport buffers.
 
-Sources: reference 1.7 (observed real chain, signing rule), 1.8 (ARK/ASK, CEK signed by the ASK),
-1.13 (SEND_START takes the target's PEK || OCA || CEK and the AMD chain ASK || ARK).
+Sources: SEV API 55766 appendices on the SEV and AMD certificate formats (the signing rule, the
+CEK signed by the ASK) and SEND_START (the target's PEK || OCA || CEK and the AMD chain ASK || ARK);
+sev-tool ``src/sevcert.cpp``, ``src/amdcert.cpp``; the real chains in the vectors.
 
 ::
 
@@ -13,7 +14,7 @@ Sources: reference 1.7 (observed real chain, signing rule), 1.8 (ARK/ASK, CEK si
 
 1. ``ARK``: byte-for-byte one of the pinned ARKs (:class:`~sevemu.certs.errors.UntrustedRootError`
    otherwise), usage ARK, self-certified; ``ARK <- ARK``: its signature, when it carries one (the
-   Naples ARK as AMD ships it has none, reference 1.8), verifies under itself;
+   Naples ARK as AMD ships it has none; AMDESE/AMDSEV issue 17), verifies under itself;
 2. ``ASK``: usage ASK; ``ASK <- ARK``: certifying_id is the ARK's key_id and the signature verifies;
 3. ``CEK``: usage CEK, ECDSA; ``CEK <- ASK``: signed by the ASK with RSA_SHA256 (2048-bit ASK) or
    RSA_SHA384 (4096-bit).  A CEK of one generation under another generation's ASK fails here;

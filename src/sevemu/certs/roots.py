@@ -1,14 +1,14 @@
-"""Pins of AMD's real ARKs (AMD-format, reference 1.8), one per EPYC generation.
+"""Pins of AMD's real ARKs (AMD format: SEV API 55766 appendix, AMD root/signing key), one per EPYC generation.
 
-Facts only: each pin is the ARK's ``key_id`` (reference 1.8; AMD sev-tool ``amdcert.h``) and the
+Facts only: each pin is the ARK's ``key_id`` (sev-tool ``src/amdcert.h``) and the
 SHA-256 of the ARK certificate as AMD distributes it (:meth:`AmdCert.fingerprint`), computed once
 from the certificates published in virtee/sev ``src/certs/sev/builtin/<product>/ark.cert`` (the
 ARK half of AMD's ``ask_ark_<product>.cert``, whose hashes match third-party pins; see the
 vectors' PROVENANCE.md).  AMD's certificate files themselves are not shipped.
 
 Naples has two accepted encodings of the same key: the certificate with its signature, and the
-576-byte signature-less form that AMD's ``ask_ark_naples.cert`` actually contains (reference 1.8;
-AMDESE/AMDSEV issue 17).  Either is trusted by pin; a present signature must still verify.
+576-byte signature-less form that AMD's ``ask_ark_naples.cert`` actually contains
+(AMDESE/AMDSEV issue 17).  Either is trusted by pin; a present signature must still verify.
 
 Emulated roots (:mod:`sevemu.amd.roots`) make their own :class:`PinnedArk` with ``emulated=True``;
 they never match these pins.

@@ -1,7 +1,7 @@
 """SEV platform certificates (CEK, OCA, PEK, PDH, and the guest owner's GODH): 0x824 bytes each.
 
-Source: reference 1.7 (SEV API spec 55766 appendix "Certificates"; AMD sev-tool ``sevcert.cpp``;
-virtee/sev ``certs/sev/sev/cert/v1``); layouts in :mod:`sevemu.abi.certs`.
+Sources: SEV API 55766 appendix "Certificates"; sev-tool ``src/sevcert.cpp``; virtee ``sev``
+``src/certs/sev/sev/cert/v1``; layouts in :mod:`sevemu.abi.certs`.
 
 A :class:`SevCert` holds one public key (:class:`SevEcKey` for the ECDSA/ECDH algorithms,
 :class:`SevRsaKey` for the RSA ones) and two signature slots (:class:`SigSlot`).  Each slot names
@@ -287,7 +287,7 @@ EMPTY_SLOT: Final = SigSlot()
 # ---- the certificate ------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SevCert:
-    """A SEV certificate (reference 1.7)."""
+    """A SEV certificate (SEV API 55766 appendix, certificate format)."""
 
     version: int
     api_major: int

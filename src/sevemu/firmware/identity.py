@@ -1,6 +1,6 @@
-"""The platform identity: the firmware's keys and certificates (SEV API 55766 "Platform Management";
-reference 1.2, 1.7, 1.8; behaviour cross-checked with AMD's firmware source, AMD-ASPFW
-``sev_plat.c`` / ``sev_mcmd.c``, "AF" below).
+"""The platform identity: the firmware's keys and certificates (SEV API 55766 ch. 5, "Platform
+Management", and its appendices on the SEV and AMD certificate formats; behaviour cross-checked with
+AMD's firmware source, AMD-ASPFW ``sev_plat.c`` / ``sev_mcmd.c``, "AF" below).
 
 ::
 
@@ -20,7 +20,8 @@ reference 1.2, 1.7, 1.8; behaviour cross-checked with AMD's firmware source, AMD
   put it and the CEK signature goes in the other slot).
 * **PDH** (platform Diffie-Hellman key, P-384 ECDH): signed by the PEK.
 
-Algorithms and API fields follow the real chains (reference 1.7): ECDSA_SHA256 signatures, PDH
+Algorithms and API fields follow the real chains (sev-tool ``src/sevcert.cpp``; virtee ``sev``
+``src/certs/sev``): ECDSA_SHA256 signatures, PDH
 algorithm ECDH_SHA256; OCA, PEK and PDH certificates carry the firmware's API version
 (:attr:`PlatformIdentity.api_major` / ``api_minor``, from the CPU profile), the CEK the 0.14 AMD wrote.
 
@@ -34,13 +35,18 @@ Model choices:
 * The identity is loaded when the firmware boots; on first boot (or after PLATFORM_RESET emptied the
   records) a fresh self-owned OCA, PEK and PDH are made and committed.  AF does the same lazily at the
   next INIT; nothing observable differs, since every command that needs them needs INIT first.
-* INIT_EX's copy of NV in host memory is sealed (:func:`sevemu.firmware.nvstore.seal_host_nv`) with
-  :meth:`PlatformIdentity.nv_seal_key`, HKDF-SHA-256 of the CEK's private scalar: chip-unique and
-  never outside the firmware, so another chip's image, or an altered one, does not unseal.
-* Trusted ARKs (:attr:`PlatformIdentity.trusted_arks`): the manufacturer's emulated ARK, first, plus
-  any other ARK the factory provisioned -- what SEND_START checks a target platform's chain against.
+* Every NV record is sealed (:func:`sevemu.firmware.nvstore.seal_record`) with
+  :meth:`PlatformIdentity.spi_seal_key`, and INIT_EX's copy of NV in host memory
+  (:func:`sevemu.firmware.nvstore.seal_host_nv`) with :meth:`PlatformIdentity.nv_seal_key`: both
+  HKDF-SHA-256 of the CEK's private scalar with their own labels, chip-unique and never outside the
+  firmware, so another chip's records, or altered ones, do not unseal.
+* Trusted ARKs (:attr:`PlatformIdentity.trusted_arks`): the ARKs whose SHA-256 the factory fused
+  (:mod:`sevemu.firmware.nvstore`, "Fuses"), the manufacturer's first -- what SEND_START checks a
+  target platform's chain against.  The ARK certificates come from ``factory/``; a file whose digest
+  is not fused, or a fused digest without its file, stops the boot: editing the platform directory
+  cannot change what the firmware trusts.
 
-NV records (:meth:`PlatformIdentity.nv_records`, written in one transaction by
+NV records (:meth:`PlatformIdentity.nv_records`, sealed and written in one transaction by
 :mod:`sevemu.firmware.nvstore`): ``owner`` (one byte, 0 self-owned / 1 external), ``oca.key`` (PKCS#8
 DER; absent when externally owned), ``oca.cert``, ``pek.key``, ``pek.cert``, ``pdh.key``, ``pdh.cert``
 (certificates in their 0x824-byte form).  The identity is immutable: every change makes a new one,
@@ -53,8 +59,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -67,12 +74,22 @@ from sevemu.certs.roots import PinnedArk
 from sevemu.certs.sev import EMPTY_SLOT, SevCert
 from sevemu.crypto import ecc
 from sevemu.errors import InputError, SevemuError
-from sevemu.firmware.nvstore import FactoryData, NvStore, NvStoreError, read_factory
+from sevemu.firmware.nvstore import (
+    NV_FILENAME,
+    FactoryData,
+    FactoryDataError,
+    NvStore,
+    NvStoreError,
+    SealedNv,
+    check_writable,
+    read_factory,
+)
 
 __all__ = [
     "IDENTITY_RECORDS",
     "PDH_ALGO",
     "SIG_ALGO",
+    "Boot",
     "PlatformIdentity",
     "boot_identity",
 ]
@@ -87,6 +104,11 @@ IDENTITY_RECORDS: Final = ("owner", "oca.key", "oca.cert", "pek.key", "pek.cert"
 """Names of the NV records that hold the identity (see the module docstring)."""
 
 _KEY_SEED_BYTES: Final = 64
+
+
+def _seal_key(cek_key: ec.EllipticCurvePrivateKey, info: bytes) -> bytes:
+    scalar = cek_key.private_numbers().private_value.to_bytes(48, "big")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"sevemu nv seal v1", info=info).derive(scalar)
 
 
 def _new_key(rng: Rng, label: bytes) -> ec.EllipticCurvePrivateKey:
@@ -242,9 +264,11 @@ class PlatformIdentity:
 
     def nv_seal_key(self) -> bytes:
         """Key sealing INIT_EX's host copy of NV: HKDF-SHA-256 of the CEK scalar (model choice)."""
-        scalar = self.cek_key.private_numbers().private_value.to_bytes(48, "big")
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"sevemu nv seal v1",
-                    info=b"init_ex host nv").derive(scalar)
+        return _seal_key(self.cek_key, b"init_ex host nv")
+
+    def spi_seal_key(self) -> bytes:
+        """Key sealing every record of the SPI store (``nv.sqlite3``; model choice)."""
+        return _seal_key(self.cek_key, b"spi nv records")
 
     def nv_records(self) -> dict[str, bytes]:
         """The NV records of this identity (module docstring); ``oca.key`` only when self-owned."""
@@ -287,6 +311,16 @@ def _make_pdh(
     return pdh_key, pdh_cert
 
 
+_T = TypeVar("_T")
+
+
+def _decode(where: str, decode: Callable[[], _T]) -> _T:
+    try:
+        return decode()
+    except SevemuError as exc:
+        raise FactoryDataError(f"{where}: malformed factory data: {exc}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class _Chip:
     """The part of the identity fixed at manufacturing, checked once when it is read."""
@@ -299,29 +333,49 @@ class _Chip:
 
     @classmethod
     def from_factory(cls, factory: FactoryData) -> _Chip:
+        """The chip the factory data describes, checked; errors name the factory file at fault."""
+        where = factory.where
         if factory.sockets != 1:
-            raise NvStoreError(f"factory data for {factory.sockets} sockets; the model has one")
-        try:
-            cek_key = ecc.derive_cek(factory.chip_secret)
-            chip_id = ecc.derive_chip_id(factory.chip_secret)
-            cek_cert = SevCert.decode(factory.cek_cert)
-            amd_chain = AmdCertChain.decode(factory.amd_chain)
-            others = [(gen, AmdCert.decode(raw)) for gen, raw in factory.trusted_arks]
-        except SevemuError as exc:
-            raise NvStoreError(f"malformed factory data: {exc}") from exc
+            raise FactoryDataError(f"{where('manifest.json')}: {factory.sockets} sockets; the model has one")
+        cek_key = ecc.derive_cek(factory.chip_secret)
+        chip_id = ecc.derive_chip_id(factory.chip_secret)
+        cek_cert = _decode(where("cek.cert"), partial(SevCert.decode, factory.cek_cert))
+        amd_chain = _decode(where("ask_ark.cert"), partial(AmdCertChain.decode, factory.amd_chain))
+        others = [(gen, name, _decode(where(name), partial(AmdCert.decode, raw)))
+                  for (gen, raw), name in zip(factory.trusted_arks, factory.trusted_ark_files, strict=True)]
         if cek_cert.usage != KeyUsage.CEK or not _same_key(cek_key, cek_cert):
-            raise NvStoreError("the provisioned CEK certificate does not certify this chip's CEK")
+            raise FactoryDataError(f"{where('cek.cert')}: the provisioned CEK certificate does not certify "
+                                   f"the CEK of this chip's fuses ({where('fuses.bin')})")
         try:
             cek_cert.verify(amd_chain.ask)
             amd_chain.ask.verify(amd_chain.ark)
         except SevemuError as exc:
-            raise NvStoreError(f"the provisioned CEK does not chain to the AMD certificates: {exc}") from exc
+            raise FactoryDataError(f"{where('ask_ark.cert')}: the provisioned CEK does not chain to the AMD "
+                                   f"certificates: {exc}") from exc
+        fused = factory.fused_arks
         ark = amd_chain.ark
+        if not fused or ark.fingerprint() != fused[0]:
+            raise FactoryDataError(f"{where('ask_ark.cert')}: its ARK is not the root fused into this chip "
+                                   f"({where('fuses.bin')}); the factory data was altered")
         pins = [PinnedArk.from_cert(factory.generation, ark, emulated=ark.is_emulated)]
-        for gen, other in others:
-            if other.fingerprint() not in pins[0].fingerprints:
+        seen = {ark.fingerprint()}
+        for gen, name, other in others:
+            digest = other.fingerprint()
+            if digest not in fused:
+                raise FactoryDataError(f"{where(name)}: this ARK is not fused into the chip; the factory data "
+                                       "was altered (the firmware trusts only the ARKs fused at manufacture)")
+            if digest not in seen:
                 pins.append(PinnedArk.from_cert(gen, other, emulated=other.is_emulated))
+                seen.add(digest)
+        missing = [d.hex()[:16] for d in fused if d not in seen]
+        if missing:
+            raise FactoryDataError(f"{where('manifest.json')}: no trusted_ark file for the fused root(s) "
+                                   f"{', '.join(missing)}...; the factory data was altered")
         return cls(chip_id, cek_key, cek_cert, amd_chain, tuple(pins))
+
+    def spi_seal_key(self) -> bytes:
+        """See :meth:`PlatformIdentity.spi_seal_key`."""
+        return _seal_key(self.cek_key, b"spi nv records")
 
     def identity(
         self, records: Mapping[str, bytes], api: tuple[int, int], rng: Rng
@@ -369,6 +423,16 @@ class _Chip:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Boot:
+    """What the firmware finds when it boots from a platform directory."""
+
+    nv: SealedNv
+    identity: PlatformIdentity
+    notices: tuple[str, ...] = ()
+    """What the user should hear about (e.g. an emptied NV store reset the ownership)."""
+
+
 def boot_identity(
     platform_dir: str | os.PathLike[str],
     *,
@@ -376,23 +440,39 @@ def boot_identity(
     api_major: int,
     api_minor: int,
     rng: Rng,
-) -> tuple[NvStore, PlatformIdentity]:
+) -> Boot:
     """Open the NV store of ``platform_dir`` and load (on first boot: make and commit) the identity.
 
     ``generation`` is the CPU's (the profile name): factory data of another generation is refused.
-    Raises :class:`~sevemu.firmware.nvstore.NvStoreError`.
+    An NV store that is missing or empty although the chip booted before (the factory leaves it
+    formatted) gives a fresh self-owned identity and a notice.  Raises
+    :class:`~sevemu.firmware.nvstore.NvStoreError` (subclasses name the file and the way out).
     """
     path = Path(platform_dir)
     factory = read_factory(path)
     if factory.generation != generation:
         raise NvStoreError(f"{path} was manufactured as a {factory.generation} chip, not {generation}")
-    nv = NvStore.open(path)
+    chip = _Chip.from_factory(factory)
+    nv_path = path / NV_FILENAME
+    check_writable(path)
+    lost = not nv_path.exists() or nv_path.stat().st_size == 0
+    nv = SealedNv(NvStore.open(path), chip.spi_seal_key(), rng)
+    notices: list[str] = []
+    api = (api_major, api_minor)
     try:
-        identity, fresh = PlatformIdentity.load(factory, nv.read(), api_major=api_major,
-                                                api_minor=api_minor, rng=rng)
+        records = nv.read()
+        used = nv.commits > 0
+        identity, fresh = chip.identity(records, api, rng)
         if fresh:
-            nv.commit(identity.nv_records(), delete=IDENTITY_RECORDS)
+            nv.commit(identity.nv_records(), delete=IDENTITY_RECORDS, unless_any=IDENTITY_RECORDS)
+            committed = nv.read()
+            if committed != identity.nv_records():  # another process booted this chip first
+                identity, _ = chip.identity(committed, api, rng)
+            elif lost or used:
+                notices.append(f"{nv_path}: the NV store was {'missing' if lost else 'emptied'}; the platform "
+                               "made a new self-owned identity (OCA, PEK, PDH): any ownership "
+                               "(PEK_CERT_IMPORT) is reset and earlier PDH certificates no longer work")
     except BaseException:
         nv.close()
         raise
-    return nv, identity
+    return Boot(nv, identity, tuple(notices))

@@ -1,4 +1,5 @@
-"""DBG_DECRYPT (0x60) and DBG_ENCRYPT (0x61): the debug window into a guest (reference 1.3, 1.5, 1.6).
+"""DBG_DECRYPT (0x60) and DBG_ENCRYPT (0x61): the debug window into a guest (SEV API 55766:
+DBG_DECRYPT, DBG_ENCRYPT, guest policy NODBG).
 
 DBG_DECRYPT reads ``len`` bytes of guest memory at ``src_paddr``, decrypts them with the guest's
 key and writes the plaintext to host memory at ``dst_paddr``; DBG_ENCRYPT reads host plaintext at
@@ -16,9 +17,8 @@ Checks, in the order of AMD's firmware (amd/AMD-ASPFW ``sev_mcmd.c: sev_mcmd_dbg
 * guest not activated (no key in the memory controller): INACTIVE;
 * either range outside DRAM: INVALID_ADDRESS.
 
-No guest state is required (AF checks none, which settles the "allowed states" question of
-reference section 5 item 4 for DBG): a debuggable guest can be inspected from LUPDATE to SENT, as
-long as it holds an ASID.
+No guest state is required (AF checks none; the command is registered with every guest state): a
+debuggable guest can be inspected from LUPDATE to SENT, as long as it holds an ASID.
 
 What the firmware sees is DRAM.  The guest's own dirty cache lines are plaintext inside the SoC,
 tagged with its ASID; the PSP's encrypted accesses bypass the caches.  So DBG_DECRYPT returns the
@@ -29,50 +29,60 @@ the command).  On the host side the firmware is coherent: it reads host plaintex
 snooping unencrypted path, writes DBG_DECRYPT's output through it (invalidating stale host lines),
 and before DBG_ENCRYPT writes the guest range it evicts the host's cached lines of that range
 (AF's CSF-698 dummy read), as for LAUNCH_SECRET.  Partial 64-byte lines are read-modify-written
-(:func:`~sevemu.firmware.sev.launch.write_guest`).
+(:func:`~sevemu.firmware.guestmem.write_guest`).
 """
 
 from __future__ import annotations
 
+from typing import Final
+
+from sevemu._util.units import is_aligned
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import DbgCmd
 from sevemu.abi.status import Status
 from sevemu.errors import FirmwareError
-from sevemu.firmware.dispatcher import READY, Firmware, command
+from sevemu.firmware.checks import check_range, need_active
+from sevemu.firmware.core import ANY_GUEST, READY, Firmware
 from sevemu.firmware.gctx import GuestContext
-from sevemu.firmware.sev.launch import check_range, evict_host_lines, need_active, read_guest, write_guest
+from sevemu.firmware.guestmem import evict_host_lines, read_guest, write_guest
+from sevemu.firmware.sev.api import SEV_API
 
 __all__ = ["DBG_GRANULE", "dbg_decrypt", "dbg_encrypt"]
 
-DBG_GRANULE = 16
+DBG_GRANULE: Final = 16
 
 
-def _checks(fw: Firmware, cmd: DbgCmd) -> tuple[GuestContext, int, int]:
+def _shape(fw: Firmware, cmd: DbgCmd) -> None:
+    """Alignment and length, which AF checks before the handle."""
     dma = fw.ports.dma
     src, _ = dma.strip(cmd.src_paddr)
     dst, _ = dma.strip(cmd.dst_paddr)
-    if src % DBG_GRANULE or dst % DBG_GRANULE:
+    if not (is_aligned(src, DBG_GRANULE) and is_aligned(dst, DBG_GRANULE)):
         raise FirmwareError(Status.INVALID_ADDRESS, f"src {src:#x} / dst {dst:#x} not 16-byte aligned")
     if cmd.len == 0 or cmd.len % DBG_GRANULE:
         raise FirmwareError(Status.INVALID_LENGTH, f"len {cmd.len:#x} is not a non-zero multiple of 16")
-    g = fw.guest(cmd.handle)
+
+
+def _checks(fw: Firmware, cmd: DbgCmd, g: GuestContext) -> tuple[int, int]:
     if g.nodbg:
         raise FirmwareError(Status.POLICY_FAILURE, f"guest {g.handle} policy forbids debugging (NODBG)")
     need_active(g)
+    src, _ = fw.ports.dma.strip(cmd.src_paddr)
+    dst, _ = fw.ports.dma.strip(cmd.dst_paddr)
     check_range(fw, src, cmd.len)
     check_range(fw, dst, cmd.len)
-    return g, src, dst
+    return src, dst
 
 
-@command(CommandId.DBG_DECRYPT, READY)
-def dbg_decrypt(fw: Firmware, cmd: DbgCmd) -> None:
-    g, src, dst = _checks(fw, cmd)
+@SEV_API.guest(CommandId.DBG_DECRYPT, DbgCmd, READY, ANY_GUEST, before_guest=(_shape,))
+def dbg_decrypt(fw: Firmware, cmd: DbgCmd, g: GuestContext) -> None:
+    src, dst = _checks(fw, cmd, g)
     fw.ports.dma.write(dst, read_guest(fw, g, src, cmd.len))
 
 
-@command(CommandId.DBG_ENCRYPT, READY)
-def dbg_encrypt(fw: Firmware, cmd: DbgCmd) -> None:
-    g, src, dst = _checks(fw, cmd)
+@SEV_API.guest(CommandId.DBG_ENCRYPT, DbgCmd, READY, ANY_GUEST, before_guest=(_shape,))
+def dbg_encrypt(fw: Firmware, cmd: DbgCmd, g: GuestContext) -> None:
+    src, dst = _checks(fw, cmd, g)
     plaintext = fw.ports.dma.read(src, cmd.len)
     evict_host_lines(fw, dst, cmd.len)
     write_guest(fw, g, dst, plaintext)

@@ -1,9 +1,10 @@
 """Migration commands: SEND_START, SEND_UPDATE_DATA, SEND_FINISH, SEND_CANCEL, RECEIVE_START,
-RECEIVE_UPDATE_DATA, RECEIVE_FINISH (reference 1.3, 1.5, 1.9, 1.13; AMD's firmware source
-amd/AMD-ASPFW ``sev_mcmd.c``, ``sev_channel.c``, ``ccp_direct_cipher.c``, "AF" below).
+RECEIVE_UPDATE_DATA, RECEIVE_FINISH (SEV API 55766 ch. 6, SEND_* and RECEIVE_*; Linux
+``arch/x86/kvm/svm/sev.c``, ``sev_send_*``; QEMU ``target/i386/sev.c``; AMD's firmware source
+AMD-ASPFW ``sev_mcmd.c``, ``sev_channel.c``, ``ccp_direct_cipher.c``, "AF" below).
 
 The source firmware opens a *trusted channel* to the target platform exactly like a guest owner opens
-one to a launching platform (reference 1.9): ``Z = ECDH(own PDH private, target PDH public)``, fresh
+one to a launching platform (SEV API 55766, key derivation): ``Z = ECDH(own PDH private, target PDH public)``, fresh
 TEK, TIK and nonce from the TRNG, the session buffer sealed with
 :func:`sevemu.crypto.transport.seal_session` (AF ``sev_channel_open_client``: TEK, TIK, nonce, then
 wrap_iv, in that order).  The target opens it with its own PDH private key and the source's PDH
@@ -11,7 +12,7 @@ wrap_iv, in that order).  The target opens it with its own PDH private key and t
 guest context (``tek``/``tik``, AF ``guest->channel``) until SEND_FINISH, SEND_CANCEL or
 RECEIVE_FINISH closes the channel.
 
-Guest states (reference 1.3): RUNNING -(SEND_START)-> SUPDATE -(SEND_FINISH)-> SENT, or
+Guest states (SEV API 55766 ch. 6, GSTATE; declared with each command): RUNNING -(SEND_START)-> SUPDATE -(SEND_FINISH)-> SENT, or
 -(SEND_CANCEL)-> RUNNING; RECEIVE_START creates a guest in RUPDATE -(RECEIVE_FINISH)-> RUNNING.
 
 SEND_START (checks in AF's order; every refusal leaves the guest and memory untouched)
@@ -60,7 +61,7 @@ SEND_UPDATE_DATA (SUPDATE)
 
         MAC = HMAC-SHA256(TIK, 0x02 || le32(FLAGS) || IV || le32(GUEST_LEN) || le32(TRANS_LEN) || TRANS)
 
-    This settles reference section 5 item 1 from AF: ``send_receive_update_aad`` is the channel
+    From AF: ``send_receive_update_aad`` is the channel
     context byte ``SEV_CHANNEL_CTX_DATA`` (0x02; LAUNCH_SECRET uses 0x01, MEASURE 0x04), the header
     flags, the IV, the uncompressed size and the TRANS size, and ``aesctr_hmac256_encrypt`` MACs
     that AAD followed by the ciphertext (encrypt-then-MAC).  There is no MEASURE term: a migration
@@ -111,6 +112,7 @@ import struct
 from dataclasses import replace
 from typing import Final
 
+from sevemu._util.units import PAGE
 from sevemu.abi.certs import AMD_CERT_HEADER_SIZE, SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage
 from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy, api_major, api_minor
@@ -139,18 +141,13 @@ from sevemu.crypto.transport import (
     seal_session,
 )
 from sevemu.errors import FirmwareError, InputError
-from sevemu.firmware.dispatcher import READY, Firmware, Reply, command
+from sevemu.firmware.checks import check_range, host_region, need_active, read_host
+from sevemu.firmware.core import READY, Firmware, Reply
 from sevemu.firmware.gctx import CLOSED_KEY, GuestContext
-from sevemu.firmware.sev.launch import (
-    check_range,
-    create_guest,
-    evict_host_lines,
-    need_active,
-    need_state,
-    read_guest,
-    write_guest,
-)
-from sevemu.firmware.sev.session import godh_public_key, open_channel, read_host
+from sevemu.firmware.guestmem import evict_host_lines, read_guest, write_guest
+from sevemu.firmware.sev.api import SEV_API
+from sevemu.firmware.sev.guest import create_guest
+from sevemu.firmware.sev.session import godh_public_key, open_channel
 
 __all__ = [
     "AMD_CERTS_LENGTHS",
@@ -161,7 +158,6 @@ __all__ = [
     "seal_data_packet",
 ]
 
-PAGE: Final = 4096
 MAX_PACKET: Final = PAGE
 """Largest ``guest_len`` of one SEND/RECEIVE_UPDATE_DATA (one page, KVM's contract)."""
 DATA_CONTEXT: Final = 0x02
@@ -177,7 +173,7 @@ def _amd_certs_lengths() -> frozenset[int]:
 
 AMD_CERTS_LENGTHS: Final = _amd_certs_lengths()
 """Valid ``amd_certs_len`` values: a signed ASK followed by an ARK (signed, or AMD's signature-less
-Naples form), each RSA-2048 or RSA-4096 (reference 1.8)."""
+Naples form), each RSA-2048 or RSA-4096 (SEV API 55766 appendix, AMD root/signing key format)."""
 
 
 # ---- the data packet (AF send_receive_update_aad + aesctr_hmac256_*) ----------------------------
@@ -328,12 +324,19 @@ def _transport_region(fw: Firmware, cmd: TransportCmd, length: int) -> int:
 # ---- SEND ---------------------------------------------------------------------------------------
 
 
-@command(CommandId.SEND_START, READY)
-def send_start(fw: Firmware, cmd: SendStartCmd) -> SendStartCmd:
-    g = fw.guest(cmd.handle)
+_RUNNING: Final = frozenset({GuestState.RUNNING})
+_SUPDATE: Final = frozenset({GuestState.SUPDATE})
+_RUPDATE: Final = frozenset({GuestState.RUPDATE})
+
+
+def _session_length_query(fw: Firmware, cmd: SendStartCmd, g: GuestContext) -> None:
+    """AF answers a wrong ``session_len`` (the length query) before it looks at the guest state."""
     if cmd.session_len != SessionBuf.SIZE:
         raise Reply(Status.INVALID_LENGTH, replace(cmd, session_len=SessionBuf.SIZE))
-    need_state(g, GuestState.RUNNING)
+
+
+@SEV_API.guest(CommandId.SEND_START, SendStartCmd, READY, _RUNNING, before_state=(_session_length_query,))
+def send_start(fw: Firmware, cmd: SendStartCmd, g: GuestContext) -> SendStartCmd:
     if g.policy & GuestPolicy.NOSEND:
         raise FirmwareError(Status.POLICY_FAILURE, f"guest {g.handle} may not be sent (NOSEND)")
     target = _TargetCerts(fw, cmd)
@@ -342,8 +345,7 @@ def send_start(fw: Firmware, cmd: SendStartCmd) -> SendStartCmd:
     if g.policy & GuestPolicy.DOMAIN:
         _check_domain_target(fw, target)
     peer = godh_public_key(target.pdh_raw())
-    session_spa, _ = fw.ports.dma.strip(cmd.session_paddr)
-    check_range(fw, session_spa, SessionBuf.SIZE)
+    session_spa = host_region(fw, cmd.session_paddr, SessionBuf.SIZE)
     z = ecdh(fw.identity.pdh_key, peer)
     trng = fw.ports.trng
     keys = TransportKeys(tek=trng(KEY_SIZE), tik=trng(KEY_SIZE))
@@ -360,11 +362,13 @@ def _need_es(g: GuestContext, vmsa: bool) -> None:
         raise FirmwareError(Status.UNSUPPORTED, f"guest {g.handle} is not an SEV-ES guest: it has no VMSA")
 
 
-def _send_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> TransportCmd | None:
+def _hdr_length_query(fw: Firmware, cmd: TransportCmd) -> None:
+    """AF answers a short ``hdr_len`` (the length query) before it looks at the handle."""
     if cmd.hdr_len < HdrBuf.SIZE:
         raise Reply(Status.INVALID_LENGTH, replace(cmd, hdr_len=HdrBuf.SIZE))
-    g = fw.guest(cmd.handle)
-    need_state(g, GuestState.SUPDATE)
+
+
+def _send_update(fw: Firmware, cmd: TransportCmd, g: GuestContext, vmsa: bool) -> TransportCmd | None:
     _need_es(g, vmsa)
     need_active(g)
     n = cmd.guest_len
@@ -372,11 +376,9 @@ def _send_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> TransportCmd | 
         raise FirmwareError(Status.INVALID_LENGTH, f"trans_len {cmd.trans_len:#x} is below guest_len {n:#x}")
     spa = _transport_region(fw, cmd, n)
     dma = fw.ports.dma
-    hdr_spa, _ = dma.strip(cmd.hdr_paddr)
-    trans_spa, _ = dma.strip(cmd.trans_paddr)
     check_range(fw, spa, n)
-    check_range(fw, hdr_spa, HdrBuf.SIZE)
-    check_range(fw, trans_spa, n)
+    hdr_spa = host_region(fw, cmd.hdr_paddr, HdrBuf.SIZE)
+    trans_spa = host_region(fw, cmd.trans_paddr, n)
     plaintext = read_guest(fw, g, spa, n)
     hdr, trans = seal_data_packet(TransportKeys(g.tek, g.tik), plaintext, fw.ports.trng(IV_SIZE))
     dma.write(trans_spa, trans)
@@ -385,14 +387,14 @@ def _send_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> TransportCmd | 
     return None if cmd.hdr_len == HdrBuf.SIZE else replace(cmd, hdr_len=HdrBuf.SIZE)
 
 
-@command(CommandId.SEND_UPDATE_DATA, READY)
-def send_update_data(fw: Firmware, cmd: TransportCmd) -> TransportCmd | None:
-    return _send_update(fw, cmd, vmsa=False)
+@SEV_API.guest(CommandId.SEND_UPDATE_DATA, TransportCmd, READY, _SUPDATE, before_guest=(_hdr_length_query,))
+def send_update_data(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> TransportCmd | None:
+    return _send_update(fw, cmd, g, vmsa=False)
 
 
-@command(CommandId.SEND_UPDATE_VMSA, READY)
-def send_update_vmsa(fw: Firmware, cmd: TransportCmd) -> TransportCmd | None:
-    return _send_update(fw, cmd, vmsa=True)
+@SEV_API.guest(CommandId.SEND_UPDATE_VMSA, TransportCmd, READY, _SUPDATE, before_guest=(_hdr_length_query,))
+def send_update_vmsa(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> TransportCmd | None:
+    return _send_update(fw, cmd, g, vmsa=True)
 
 
 def _close(g: GuestContext, state: GuestState) -> None:
@@ -400,17 +402,13 @@ def _close(g: GuestContext, state: GuestState) -> None:
     g.state = state
 
 
-@command(CommandId.SEND_FINISH, READY)
-def send_finish(fw: Firmware, cmd: HandleCmd) -> None:
-    g = fw.guest(cmd.handle)
-    need_state(g, GuestState.SUPDATE)
+@SEV_API.guest(CommandId.SEND_FINISH, HandleCmd, READY, _SUPDATE)
+def send_finish(fw: Firmware, cmd: HandleCmd, g: GuestContext) -> None:
     _close(g, GuestState.SENT)
 
 
-@command(CommandId.SEND_CANCEL, READY)
-def send_cancel(fw: Firmware, cmd: HandleCmd) -> None:
-    g = fw.guest(cmd.handle)
-    need_state(g, GuestState.SUPDATE)
+@SEV_API.guest(CommandId.SEND_CANCEL, HandleCmd, READY, _SUPDATE)
+def send_cancel(fw: Firmware, cmd: HandleCmd, g: GuestContext) -> None:
     _close(g, GuestState.RUNNING)
 
 
@@ -423,16 +421,14 @@ def _open_receive_session(fw: Firmware, cmd: ReceiveStartCmd) -> TransportKeys:
                         cmd.policy, "source PDH")
 
 
-@command(CommandId.RECEIVE_START, READY)
+@SEV_API.platform(CommandId.RECEIVE_START, ReceiveStartCmd, READY)
 def receive_start(fw: Firmware, cmd: ReceiveStartCmd) -> ReceiveStartCmd:
     keys = _open_receive_session(fw, cmd)
     handle = create_guest(fw, cmd.handle, cmd.policy, keys, GuestState.RUPDATE)
     return replace(cmd, handle=handle)
 
 
-def _receive_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> None:
-    g = fw.guest(cmd.handle)
-    need_state(g, GuestState.RUPDATE)
+def _receive_update(fw: Firmware, cmd: TransportCmd, g: GuestContext, vmsa: bool) -> None:
     _need_es(g, vmsa)
     need_active(g)
     n = cmd.trans_len
@@ -450,18 +446,16 @@ def _receive_update(fw: Firmware, cmd: TransportCmd, vmsa: bool) -> None:
     write_guest(fw, g, spa, plaintext)
 
 
-@command(CommandId.RECEIVE_UPDATE_DATA, READY)
-def receive_update_data(fw: Firmware, cmd: TransportCmd) -> None:
-    _receive_update(fw, cmd, vmsa=False)
+@SEV_API.guest(CommandId.RECEIVE_UPDATE_DATA, TransportCmd, READY, _RUPDATE)
+def receive_update_data(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> None:
+    _receive_update(fw, cmd, g, vmsa=False)
 
 
-@command(CommandId.RECEIVE_UPDATE_VMSA, READY)
-def receive_update_vmsa(fw: Firmware, cmd: TransportCmd) -> None:
-    _receive_update(fw, cmd, vmsa=True)
+@SEV_API.guest(CommandId.RECEIVE_UPDATE_VMSA, TransportCmd, READY, _RUPDATE)
+def receive_update_vmsa(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> None:
+    _receive_update(fw, cmd, g, vmsa=True)
 
 
-@command(CommandId.RECEIVE_FINISH, READY)
-def receive_finish(fw: Firmware, cmd: HandleCmd) -> None:
-    g = fw.guest(cmd.handle)
-    need_state(g, GuestState.RUPDATE)
+@SEV_API.guest(CommandId.RECEIVE_FINISH, HandleCmd, READY, _RUPDATE)
+def receive_finish(fw: Firmware, cmd: HandleCmd, g: GuestContext) -> None:
     _close(g, GuestState.RUNNING)

@@ -1,8 +1,8 @@
 """Platform key management: PLATFORM_RESET, PEK_GEN, PEK_CSR, PEK_CERT_IMPORT, PDH_GEN,
-PDH_CERT_EXPORT, GET_ID (SEV API 55766 ch. 5; reference 1.1, 1.2, 1.4, 1.5, 1.7; behaviour
-cross-checked with AMD's firmware source, AMD-ASPFW ``sev_mcmd.c``, "AF").
+PDH_CERT_EXPORT, GET_ID (SEV API 55766 ch. 5, one section per command, and its certificate
+appendix; behaviour cross-checked with AMD's firmware source, AMD-ASPFW ``sev_mcmd.c``, "AF").
 
-Ownership (reference 1.2): PLATFORM_RESET (UNINIT) and PEK_GEN (INIT) make the platform self-owned
+Ownership (SEV API 55766 ch. 5, "Platform Ownership"): PLATFORM_RESET (UNINIT) and PEK_GEN (INIT) make the platform self-owned
 with a new OCA, PEK and PDH; PEK_CERT_IMPORT (INIT, self-owned only, else ALREADY_OWNED) makes it
 externally owned.  The owner cannot change in WORKING: PEK_GEN and PEK_CERT_IMPORT answer
 INVALID_PLATFORM_STATE there.  PDH_GEN (INIT or WORKING) replaces the PDH only.
@@ -20,10 +20,11 @@ its body is the current PEK's byte for byte and its other slot is free for the C
 (INVALID_CERTIFICATE).  Then the firmware moves its CEK signature in, records the owner's OCA, marks
 the platform externally owned and makes a new PDH.
 
-Output commands follow the length-query convention (reference 1.1): an address of 0 or a length
+Output commands follow the length-query convention (Linux ``drivers/crypto/ccp/sev-dev.c``,
+``sev_ioctl_do_pek_csr``): an address of 0 or a length
 below what is needed answers INVALID_LENGTH with the needed length(s) written back; on success the
 length actually written is written back too (AF ``exit_store_length``).  PEK_CSR and PDH_CERT_EXPORT
-are allowed in INIT and WORKING (AF; the reference 1.2 table omits PEK_CSR from WORKING).
+are allowed in INIT and WORKING (AF ``sev_mcmd_pek_csr``).
 
 PDH_CERT_EXPORT's chain is PEK || OCA || CEK with the CEK certificate the factory provisioned,
 signed by the emulated ASK.  (AF writes the CEK *body* unsigned there and leaves it to the host to
@@ -37,6 +38,7 @@ GET_ID (any state): 64 bytes per socket, one socket here (:attr:`PlatformIdentit
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Final
 
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage
 from sevemu.abi.commands import CommandId
@@ -45,15 +47,17 @@ from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
 from sevemu.certs.errors import CertSignatureError
 from sevemu.certs.sev import SIGNING_ALGOS, SevCert
-from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError
-from sevemu.firmware.dispatcher import ANY_STATE, READY, Firmware, Reply, command
+from sevemu.errors import FirmwareError, InputError, LayoutError
+from sevemu.firmware.checks import host_region
+from sevemu.firmware.core import ANY_STATE, READY, Firmware, Reply
 from sevemu.firmware.identity import IDENTITY_RECORDS, PlatformIdentity
 from sevemu.firmware.nvstore import NvStoreError, seal_host_nv
+from sevemu.firmware.sev.api import SEV_API
+from sevemu.firmware.sev.platform import UNINIT
 
 __all__ = ["commit_identity"]
 
-_UNINIT = frozenset({PlatformState.UNINIT})
-_INIT = frozenset({PlatformState.INIT})
+_INIT: Final = frozenset({PlatformState.INIT})
 
 
 def commit_identity(fw: Firmware, new: PlatformIdentity, *, reset: bool = False) -> None:
@@ -77,16 +81,6 @@ def commit_identity(fw: Firmware, new: PlatformIdentity, *, reset: bool = False)
     fw.identity = new
 
 
-def _region(fw: Firmware, paddr: int, length: int) -> int:
-    """SPA of a buffer the firmware reads or writes; INVALID_ADDRESS unless it lies in DRAM."""
-    spa, _ = fw.ports.dma.strip(paddr)
-    try:
-        fw.ports.dma.check(spa, length)
-    except AddressError as exc:
-        raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
-    return spa
-
-
 def _check_signed(child: SevCert, signer: SevCert, link: str) -> None:
     """``signer`` signed ``child``: INVALID_CERTIFICATE if it cannot have, BAD_SIGNATURE if it did not."""
     if signer.algo not in SIGNING_ALGOS:
@@ -104,41 +98,41 @@ def _check_signed(child: SevCert, signer: SevCert, link: str) -> None:
 
 
 # ---- ownership ----------------------------------------------------------------------------------
-@command(CommandId.PLATFORM_RESET, _UNINIT)
-def platform_reset(fw: Firmware, _: None) -> None:
+@SEV_API.bare(CommandId.PLATFORM_RESET, UNINIT)
+def platform_reset(fw: Firmware) -> None:
     commit_identity(fw, fw.identity.with_new_owner(fw.ports.trng), reset=True)
 
 
-@command(CommandId.PEK_GEN, _INIT)
-def pek_gen(fw: Firmware, _: None) -> None:
+@SEV_API.bare(CommandId.PEK_GEN, _INIT)
+def pek_gen(fw: Firmware) -> None:
     commit_identity(fw, fw.identity.with_new_owner(fw.ports.trng))
 
 
-@command(CommandId.PDH_GEN, READY)
-def pdh_gen(fw: Firmware, _: None) -> None:
+@SEV_API.bare(CommandId.PDH_GEN, READY)
+def pdh_gen(fw: Firmware) -> None:
     commit_identity(fw, fw.identity.with_new_pdh(fw.ports.trng))
 
 
-@command(CommandId.PEK_CSR, READY)
+@SEV_API.platform(CommandId.PEK_CSR, PekCsrCmd, READY)
 def pek_csr(fw: Firmware, cmd: PekCsrCmd) -> PekCsrCmd:
     csr = fw.identity.pek_csr().encode()
     done = replace(cmd, csr_len=SEV_CERT_SIZE)
     if cmd.csr_paddr == 0 or cmd.csr_len < SEV_CERT_SIZE:
         raise Reply(Status.INVALID_LENGTH, done, "PEK_CSR needs 0x824 bytes")
-    spa = _region(fw, cmd.csr_paddr, SEV_CERT_SIZE)
+    spa = host_region(fw, cmd.csr_paddr, SEV_CERT_SIZE)
     fw.ports.dma.write(spa, csr)
     return done
 
 
-@command(CommandId.PEK_CERT_IMPORT, _INIT)
+@SEV_API.platform(CommandId.PEK_CERT_IMPORT, PekCertImportCmd, _INIT)
 def pek_cert_import(fw: Firmware, cmd: PekCertImportCmd) -> None:
     ident = fw.identity
     if ident.owner_external:
         raise FirmwareError(Status.ALREADY_OWNED, "the platform is externally owned; PEK_GEN first")
     if cmd.pek_cert_len != SEV_CERT_SIZE or cmd.oca_cert_len != SEV_CERT_SIZE:
         raise FirmwareError(Status.INVALID_LENGTH, "PEK and OCA certificates are 0x824 bytes each")
-    pek_spa = _region(fw, cmd.pek_cert_paddr, SEV_CERT_SIZE)
-    oca_spa = _region(fw, cmd.oca_cert_paddr, SEV_CERT_SIZE)
+    pek_spa = host_region(fw, cmd.pek_cert_paddr, SEV_CERT_SIZE)
+    oca_spa = host_region(fw, cmd.oca_cert_paddr, SEV_CERT_SIZE)
     try:
         pek = SevCert.decode(fw.ports.dma.read(pek_spa, SEV_CERT_SIZE))
         oca = SevCert.decode(fw.ports.dma.read(oca_spa, SEV_CERT_SIZE))
@@ -158,26 +152,26 @@ def pek_cert_import(fw: Firmware, cmd: PekCertImportCmd) -> None:
 
 
 # ---- export -------------------------------------------------------------------------------------
-@command(CommandId.PDH_CERT_EXPORT, READY)
+@SEV_API.platform(CommandId.PDH_CERT_EXPORT, PdhCertExportCmd, READY)
 def pdh_cert_export(fw: Firmware, cmd: PdhCertExportCmd) -> PdhCertExportCmd:
     ident = fw.identity
     done = replace(cmd, pdh_cert_len=SEV_CERT_SIZE, certs_len=SEV_CERT_CHAIN_SIZE)
     if (cmd.pdh_cert_paddr == 0 or cmd.certs_paddr == 0
             or cmd.pdh_cert_len < SEV_CERT_SIZE or cmd.certs_len < SEV_CERT_CHAIN_SIZE):
         raise Reply(Status.INVALID_LENGTH, done, "PDH_CERT_EXPORT needs 0x824 and 0x186C bytes")
-    pdh_spa = _region(fw, cmd.pdh_cert_paddr, SEV_CERT_SIZE)
-    chain_spa = _region(fw, cmd.certs_paddr, SEV_CERT_CHAIN_SIZE)
+    pdh_spa = host_region(fw, cmd.pdh_cert_paddr, SEV_CERT_SIZE)
+    chain_spa = host_region(fw, cmd.certs_paddr, SEV_CERT_CHAIN_SIZE)
     fw.ports.dma.write(pdh_spa, ident.pdh_cert.encode())
     fw.ports.dma.write(chain_spa, ident.cert_chain.encode())
     return done
 
 
-@command(CommandId.GET_ID, ANY_STATE)
+@SEV_API.platform(CommandId.GET_ID, GetIdCmd, ANY_STATE)
 def get_id(fw: Firmware, cmd: GetIdCmd) -> GetIdCmd:
     chip_id = fw.identity.chip_id
     done = replace(cmd, id_len=len(chip_id))
     if cmd.id_paddr == 0 or cmd.id_len < len(chip_id):
         raise Reply(Status.INVALID_LENGTH, done, "GET_ID needs 64 bytes per socket")
-    spa = _region(fw, cmd.id_paddr, len(chip_id))
+    spa = host_region(fw, cmd.id_paddr, len(chip_id))
     fw.ports.dma.write(spa, chip_id)
     return done

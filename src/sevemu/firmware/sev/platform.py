@@ -1,23 +1,32 @@
-"""Platform commands: INIT, INIT_EX, SHUTDOWN, PLATFORM_STATUS, DF_FLUSH (SEV API 55766 ch. 5;
-reference 1.2-1.5).
+"""Platform commands: INIT, INIT_EX, SHUTDOWN, PLATFORM_STATUS, DF_FLUSH (SEV API 55766 ch. 5:
+INIT, INIT_EX, SHUTDOWN, PLATFORM_STATUS, DF_FLUSH; AMD-ASPFW ``sev_mcmd.c``, ``sev_plat.c``).
 
 INIT moves UNINIT -> INIT; with ``options.SEV_ES`` it also enables SEV-ES, which needs a CPU that
 has ES ASIDs and a 1 MiB, 1 MiB-aligned Trusted Memory Region (INVALID_ADDRESS / INVALID_LENGTH
 otherwise; INVALID_CONFIG when the CPU has no ES ASIDs -- model choices where the spec is silent).
+Like AMD's firmware (``sev_mcmd_init_common``: ``mark_all_asids_invalid``, ``clear_wbinvd_done``,
+every ``asid_dirty``), INIT marks every ASID invalid for VMRUN and dirty: none can be ACTIVATEd
+until the host did a WBINVD and then a DF_FLUSH (ACTIVATE: WBINVD_REQUIRED, then
+DF_FLUSH_REQUIRED), which is why Linux runs WBINVD + DF_FLUSH right after INIT
+(``drivers/crypto/ccp/sev-dev.c``, ``__sev_platform_init_locked``).  Whatever a guest of an earlier
+INIT left in the caches is thus written back under that guest's key before its ASID has a new one.
 
-SHUTDOWN returns to UNINIT from INIT or WORKING, forgetting every guest and unloading their keys.
+SHUTDOWN returns to UNINIT from INIT or WORKING, forgetting every guest.  Like AMD's firmware
+(``sev_clear``: "mark all ASIDs invalid"; ``sev_guest_deactivate``: "We do not clear umc key here
+anymore") it marks every ASID invalid for VMRUN and leaves the keys in the memory controller's
+slots: lines still in the caches are written back encrypted with the key they were written under.
 
-DF_FLUSH clears the data-fabric write buffers for every ASID deactivated since the last DF_FLUSH.
-It fails WBINVD_REQUIRED while any of those ASIDs was deactivated after the last WBINVD (Linux:
+DF_FLUSH clears the data-fabric write buffers for every dirty ASID (deactivated, or marked at
+INIT).  It fails WBINVD_REQUIRED while any of them became dirty after the last WBINVD (Linux:
 "DEACTIVATE will clear the WBINVD indicator causing DF_FLUSH to fail").
 
 INIT_EX (AMD-ASPFW ``sev_mcmd_init_common``): ``length`` must be 0x24 (INVALID_LENGTH).  With
-``nv_paddr`` 0 it is INIT: the NV store is the platform's own (the SPI flash, here the SQLite store
-of :mod:`sevemu.firmware.nvstore`).  Otherwise the firmware keeps its NV in that host buffer for
-this session: 4 KiB aligned and inside DRAM (INVALID_ADDRESS), ``nv_len`` exactly 32 KiB
+``nv_paddr`` 0 it is INIT: the NV store is the platform's own (the SPI flash, here the sealed SQLite
+store of :mod:`sevemu.firmware.nvstore`).  Otherwise the firmware keeps its NV in that host buffer
+for this session: 4 KiB aligned and inside DRAM (INVALID_ADDRESS), ``nv_len`` exactly 32 KiB
 (INVALID_LENGTH), not overlapping the SEV-ES TMR (INVALID_ADDRESS).  An erased buffer (all 0xFF or
-all 0x00) gets a fresh self-owned identity, sealed and written back at once; a buffer that does
-not unseal with this chip's key, or whose records do not form a valid chain, is refused with
+all 0x00) gets a fresh self-owned identity, sealed and written back at once; a buffer that does not
+unseal with this chip's key, or whose records do not form a valid chain, is refused with
 SECURE_DATA_INVALID (AMD's firmware also erases it; the model leaves a refused command's memory
 alone).  Until the next INIT, PEK_GEN, PDH_GEN and PEK_CERT_IMPORT write the sealed image there (the
 host persists it, as Linux does after those commands); PLATFORM_RESET always resets the SPI store.
@@ -30,6 +39,9 @@ initialized", AMD-ASPFW ``sev_mcmd_platform_status``).
 
 from __future__ import annotations
 
+from typing import Final
+
+from sevemu._util.units import PAGE, is_aligned
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import (
     INIT_EX_LENGTH,
@@ -44,12 +56,14 @@ from sevemu.abi.sev import (
 from sevemu.abi.states import PlatformOwner, PlatformState
 from sevemu.abi.status import Status
 from sevemu.errors import AddressError, FirmwareError
-from sevemu.firmware.dispatcher import READY, Firmware, command
+from sevemu.firmware.core import ANY_STATE, READY, Firmware
 from sevemu.firmware.identity import PlatformIdentity
-from sevemu.firmware.nvstore import NvStoreError, seal_host_nv, unseal_host_nv
+from sevemu.firmware.nvstore import NvStoreError, NvTamperedError, seal_host_nv, unseal_host_nv
+from sevemu.firmware.sev.api import SEV_API
 
-_UNINIT = frozenset({PlatformState.UNINIT})
-_PAGE = 4096
+__all__ = ["UNINIT"]
+
+UNINIT: Final = frozenset({PlatformState.UNINIT})
 
 
 def _check_options(fw: Firmware, options: int, tmr_paddr: int, tmr_len: int) -> tuple[bool, tuple[int, int] | None]:
@@ -62,7 +76,7 @@ def _check_options(fw: Firmware, options: int, tmr_paddr: int, tmr_len: int) -> 
         if not fw.profile.sev_es:
             raise FirmwareError(Status.INVALID_CONFIG, "this CPU has no SEV-ES ASIDs")
         spa, _ = fw.ports.dma.strip(tmr_paddr)
-        if spa % SEV_TMR_LEN or spa == 0:
+        if not is_aligned(spa, SEV_TMR_LEN) or spa == 0:
             raise FirmwareError(Status.INVALID_ADDRESS, "TMR must be 1 MiB aligned")
         if tmr_len != SEV_TMR_LEN:
             raise FirmwareError(Status.INVALID_LENGTH, "TMR must be 1 MiB")
@@ -78,18 +92,30 @@ def _spi_identity(fw: Firmware) -> PlatformIdentity | None:
         ident, fresh = fw.identity.with_records(fw.nv.read(), fw.ports.trng)
         if fresh:
             fw.nv.commit(ident.nv_records())
+    except NvTamperedError as exc:  # AF sev_mcmd_init_common: a store that does not unseal
+        raise FirmwareError(Status.SECURE_DATA_INVALID, str(exc)) from exc
     except NvStoreError as exc:
         raise FirmwareError(Status.HWERROR_PLATFORM, str(exc)) from exc
     return ident
 
 
+def _invalidate_all(fw: Firmware) -> None:
+    """Every ASID invalid for VMRUN; the keys stay in their slots (AF ``mark_all_asids_invalid``)."""
+    keys = fw.ports.keys
+    for asid in fw.profile.all_asids():
+        keys.invalidate(asid)
+
+
 def _enter_init(fw: Firmware, es: bool, tmr: tuple[int, int] | None) -> None:
+    _invalidate_all(fw)
+    epoch = fw.ports.flush_epoch()
+    fw.asid_dirty = dict.fromkeys(fw.profile.all_asids(), epoch)
     fw.state = PlatformState.INIT
     fw.config_es = es
     fw.tmr = tmr
 
 
-@command(CommandId.INIT, _UNINIT)
+@SEV_API.platform(CommandId.INIT, InitCmd, UNINIT)
 def init(fw: Firmware, cmd: InitCmd) -> None:
     es, tmr = _check_options(fw, cmd.options, cmd.tmr_paddr, cmd.tmr_len)
     spi = _spi_identity(fw)
@@ -99,7 +125,7 @@ def init(fw: Firmware, cmd: InitCmd) -> None:
     _enter_init(fw, es, tmr)
 
 
-@command(CommandId.INIT_EX, _UNINIT)
+@SEV_API.platform(CommandId.INIT_EX, InitExCmd, UNINIT)
 def init_ex(fw: Firmware, cmd: InitExCmd) -> None:
     if cmd.length != INIT_EX_LENGTH:
         raise FirmwareError(Status.INVALID_LENGTH, f"INIT_EX length {cmd.length:#x}, expected 0x24")
@@ -109,7 +135,7 @@ def init_ex(fw: Firmware, cmd: InitExCmd) -> None:
         return
     dma = fw.ports.dma
     nv_spa, _ = dma.strip(cmd.nv_paddr)
-    if nv_spa % _PAGE:
+    if not is_aligned(nv_spa, PAGE):
         raise FirmwareError(Status.INVALID_ADDRESS, "the NV buffer must be 4 KiB aligned")
     try:
         dma.check(nv_spa, max(cmd.nv_len, 1))
@@ -133,11 +159,9 @@ def init_ex(fw: Firmware, cmd: InitExCmd) -> None:
     _enter_init(fw, es, tmr)
 
 
-@command(CommandId.SHUTDOWN, READY)
-def shutdown(fw: Firmware, _: None) -> None:
-    keys = fw.ports.keys
-    for asid in list(fw.asid_owner):
-        keys.clear(asid)
+@SEV_API.bare(CommandId.SHUTDOWN, READY)
+def shutdown(fw: Firmware) -> None:
+    _invalidate_all(fw)
     fw.guests.clear()
     fw.asid_owner.clear()
     fw.state = PlatformState.UNINIT
@@ -145,8 +169,8 @@ def shutdown(fw: Firmware, _: None) -> None:
     fw.tmr = None
 
 
-@command(CommandId.PLATFORM_STATUS, frozenset(PlatformState), output_only=True)
-def platform_status(fw: Firmware, _: None) -> PlatformStatus:
+@SEV_API.output(CommandId.PLATFORM_STATUS, PlatformStatus, ANY_STATE)
+def platform_status(fw: Firmware) -> PlatformStatus:
     major, minor, build = fw.api_version
     owner = PlatformOwner.SELF_OWNED
     if fw.state != PlatformState.UNINIT and fw.nv is not None and fw.identity.owner_external:
@@ -162,10 +186,10 @@ def platform_status(fw: Firmware, _: None) -> PlatformStatus:
     )
 
 
-@command(CommandId.DF_FLUSH, READY)
-def df_flush(fw: Firmware, _: None) -> None:
+@SEV_API.bare(CommandId.DF_FLUSH, READY)
+def df_flush(fw: Firmware) -> None:
     epoch = fw.ports.flush_epoch()
-    stale = [asid for asid, at in fw.asid_deactivated.items() if at >= epoch]
+    stale = [asid for asid, at in fw.asid_dirty.items() if at >= epoch]
     if stale:
-        raise FirmwareError(Status.WBINVD_REQUIRED, f"no WBINVD since ASID {stale[0]} was deactivated")
-    fw.asid_deactivated.clear()
+        raise FirmwareError(Status.WBINVD_REQUIRED, f"no WBINVD since ASID {stale[0]} became dirty")
+    fw.asid_dirty.clear()

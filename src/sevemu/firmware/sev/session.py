@@ -1,4 +1,6 @@
-"""The trusted channel between the guest owner and the firmware (reference 1.7, 1.9, 1.11).
+"""The trusted channel between the guest owner and the firmware (SEV API 55766: LAUNCH_START, key
+derivation and LAUNCH_SECRET; the SEV certificate appendix; sev-tool ``src/commands.cpp``,
+``build_session_buffer``).
 
 LAUNCH_START with an owner session
     The hypervisor relays two owner-built blobs: the guest owner's Diffie-Hellman certificate (GODH,
@@ -9,7 +11,7 @@ LAUNCH_START with an owner session
     Checks and their status codes, in the order AMD's firmware makes them (amd/AMD-ASPFW
     ``sev_mcmd.c: sev_mcmd_launch_start``, ``sev_channel.c: sev_channel_open_server``,
     ``sev_cert.c: sev_cert_sanity_check``, ``ecdh.c: ecdh_key_agreement``, ``hmac.c``,
-    ``sev_guest.c: sev_guest_verify_policy``) -- this settles reference section 5 item 2:
+    ``sev_guest.c: sev_guest_verify_policy``):
 
     ======================================================================  ====================
     session length is not 0x80                                              INVALID_LENGTH
@@ -29,7 +31,7 @@ LAUNCH_START with an owner session
     the same rather than inventing a distinction (BAD_SIGNATURE, POLICY_FAILURE) the firmware does
     not make.  The certificate's signature slots are not looked at: AMD's firmware checks only the
     body, and the owner tools disagree on them (virtee/sev leaves both empty, sev-tool self-signs
-    with usage PEK) -- reference 1.7 note.
+    with usage PEK; sev-tool ``src/sevcert.cpp``, virtee ``sev`` ``src/certs/sev``).
 
     Presence of a session is keyed on ``dh_cert_paddr != 0``, as in AMD's firmware; without it
     TEK and TIK stay all-zero (AMD zeroes the new guest context and only ``open_server`` fills the
@@ -63,33 +65,12 @@ from sevemu.crypto.transport import (
     open_packet,
     open_session,
 )
-from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError
-from sevemu.firmware.dispatcher import Firmware
+from sevemu.errors import FirmwareError, InputError, LayoutError
+from sevemu.firmware.checks import read_host
+from sevemu.firmware.core import Firmware
 from sevemu.firmware.gctx import GuestContext
 
-__all__ = ["godh_public_key", "identity_key", "open_channel", "open_launch_session", "open_secret", "read_host"]
-
-
-def identity_key(fw: Firmware, name: str) -> ec.EllipticCurvePrivateKey:
-    """The platform private key ``name`` (``pdh_key``, ``pek_key``) of ``fw.identity``.
-
-    HWERROR_PLATFORM on an unprovisioned part (``Firmware.identity``); INVALID_PLATFORM_STATE if the
-    identity has no such key (e.g. ``oca_key`` of an externally owned platform).
-    """
-    key = getattr(fw.identity, name, None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise FirmwareError(Status.INVALID_PLATFORM_STATE, f"the platform has no {name}")
-    return key
-
-
-def read_host(fw: Firmware, paddr: int, length: int) -> bytes:
-    """``length`` bytes of host memory at ``paddr`` (C-bit stripped); INVALID_ADDRESS outside DRAM."""
-    dma = fw.ports.dma
-    spa, _ = dma.strip(paddr)
-    try:
-        return dma.read(spa, length)
-    except AddressError as exc:
-        raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
+__all__ = ["godh_public_key", "open_channel", "open_launch_session", "open_secret"]
 
 
 def godh_public_key(raw: bytes) -> ec.EllipticCurvePublicKey:
@@ -118,7 +99,7 @@ def open_channel(fw: Firmware, session_paddr: int, session_len: int, cert_paddr:
     """TEK and TIK from a session buffer wrapped for our PDH by ``peer``'s Diffie-Hellman key.
 
     The owner's GODH at LAUNCH_START and the source platform's PDH at RECEIVE_START open the same
-    way (reference 1.9, 1.13; AF ``sev_channel_open_server``): the session length and address, then
+    way (SEV API 55766: LAUNCH_START, RECEIVE_START; AF ``sev_channel_open_server``): the session length and address, then
     the certificate's, then ECDH with our PDH and the session's MACs (any MAC failure:
     BAD_MEASUREMENT).
     """
@@ -130,7 +111,7 @@ def open_channel(fw: Firmware, session_paddr: int, session_len: int, cert_paddr:
         raise FirmwareError(Status.INVALID_LENGTH, f"{peer} certificate is {SEV_CERT_SIZE:#x} bytes, "
                                                    f"not {cert_len:#x}")
     peer_key = godh_public_key(read_host(fw, cert_paddr, SEV_CERT_SIZE))
-    z = ecdh(identity_key(fw, "pdh_key"), peer_key)
+    z = ecdh(fw.identity.pdh_key, peer_key)
     try:
         return open_session(z, session, policy)
     except (WrapMacError, PolicyMacError, LayoutError) as exc:

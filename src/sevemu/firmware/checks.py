@@ -1,0 +1,67 @@
+"""Checks every command API shares: policy, activation, address ranges, buffers in host memory.
+
+Each raises :class:`~sevemu.errors.FirmwareError` with the status AMD's firmware answers
+(AMD-ASPFW ``sev_mcmd.c``; ``sev_guest.c: sev_guest_verify_policy``; ``helper.c:
+validate_address_range``) and changes nothing, so a handler can call them in the order its command
+checks in and only then act.
+"""
+
+from __future__ import annotations
+
+from sevemu.abi.policy import POLICY_RESERVED_MASK, api_major, api_minor
+from sevemu.abi.status import Status
+from sevemu.errors import AddressError, FirmwareError
+from sevemu.firmware.core import Firmware
+from sevemu.firmware.gctx import GuestContext
+
+__all__ = ["check_policy", "check_range", "granule_region", "host_region", "need_active", "read_host"]
+
+
+def check_policy(fw: Firmware, policy: int) -> None:
+    """Refuse a policy this firmware cannot honour: minimum API version above the firmware's, or
+    reserved bits 15:6 set (POLICY_FAILURE, AMD-ASPFW ``sev_guest_verify_policy``)."""
+    major, minor, _ = fw.api_version
+    if (api_major(policy), api_minor(policy)) > (major, minor):
+        raise FirmwareError(Status.POLICY_FAILURE, "policy requires a newer firmware API")
+    if policy & POLICY_RESERVED_MASK:
+        raise FirmwareError(Status.POLICY_FAILURE, f"policy {policy:#x} sets reserved bits")
+
+
+def need_active(g: GuestContext) -> None:
+    """INACTIVE unless ``g`` is activated (its key in the memory controller)."""
+    if not g.asid:
+        raise FirmwareError(Status.INACTIVE, f"guest {g.handle} must be activated first")
+
+
+def check_range(fw: Firmware, spa: int, length: int) -> None:
+    """INVALID_ADDRESS unless ``[spa, spa+length)`` lies in DRAM."""
+    try:
+        fw.ports.dma.check(spa, length)
+    except AddressError as exc:
+        raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
+
+
+def host_region(fw: Firmware, paddr: int, length: int) -> int:
+    """SPA of a buffer at ``paddr`` (C-bit stripped); INVALID_ADDRESS unless it lies in DRAM."""
+    spa, _ = fw.ports.dma.strip(paddr)
+    check_range(fw, spa, length)
+    return spa
+
+
+def read_host(fw: Firmware, paddr: int, length: int) -> bytes:
+    """``length`` bytes of host memory at ``paddr`` (C-bit stripped); INVALID_ADDRESS outside DRAM."""
+    return fw.ports.dma.read(host_region(fw, paddr, length), length)
+
+
+def granule_region(fw: Firmware, paddr: int, length: int) -> int:
+    """SPA of a guest region the firmware encrypts in place (LAUNCH_UPDATE_DATA): ``length`` a
+    non-zero multiple of the granule (INVALID_LENGTH), the address granule-aligned
+    (INVALID_ADDRESS), the region in DRAM (INVALID_ADDRESS)."""
+    spa, _ = fw.ports.dma.strip(paddr)
+    gran = fw.granule()
+    if length == 0 or length % gran:
+        raise FirmwareError(Status.INVALID_LENGTH, f"length {length:#x} is not a multiple of {gran}")
+    if spa % gran:
+        raise FirmwareError(Status.INVALID_ADDRESS, f"address {spa:#x} is not {gran}-byte aligned")
+    check_range(fw, spa, length)
+    return spa
