@@ -21,7 +21,7 @@ from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import ActivateCmd, LaunchStartCmd
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
-from sevemu.errors import AsidError, KeySlotError, MailboxError
+from sevemu.errors import AsidError, MailboxError
 from sevemu.guest.kernel import boot
 from sevemu.hw.profiles import MILAN
 from sevemu.hw.pyengine import Op, PyEngine, op
@@ -69,8 +69,6 @@ def test_every_init_is_followed_by_wbinvd_and_df_flush(path: str) -> None:
         assert hv.guest_status(vm).asid == vm.asid
 
 
-@pytest.mark.xfail(strict=True, raises=KeySlotError,
-                   reason="needs the hw fix of issue 8.2: WBINVD after SHUTDOWN cleared a dirty line's key slot raises")
 def test_reinit_does_not_hand_a_victims_dirty_lines_to_the_next_guest() -> None:
     """The attack of issue 8.1 as the host runs it: a NODBG victim leaves dirty lines under its ASID,
     the platform goes through SHUTDOWN and INIT, and a debuggable guest gets the same ASID.  The host
