@@ -39,11 +39,11 @@ _STATE_HELP = """\
 state the project keeps (docs/cli.md, "Where sevemu keeps state"):
   platform directories   $SEVEMU_HOME/<generation>, else $XDG_DATA_HOME/sevemu/<generation>
                          (~/.local/share/sevemu/<generation>); --platform-dir DIR overrides
-  cache                  $SEVEMU_CACHE_DIR, else $XDG_CACHE_HOME/sevemu (~/.cache/sevemu): what
-                         the emulated manufacturer publishes (SEVEMU_CACHE_DIR="" disables it)
   guest builds           $SEVEMU_BUILD_DIR, else $XDG_CACHE_HOME/sevemu/guests (sevemu run)
-  emulated AMD's keys    a store of its own, apart from the platform and the host cache
-                         (docs/cli.md, "Where sevemu keeps state")
+  emulated AMD's vault   $SEVEMU_AMD_VAULT, else $XDG_DATA_HOME/sevemu-amd-vault
+                         (~/.local/share/sevemu-amd-vault): the emulated manufacturer's private
+                         keys, apart from platforms and host (SEVEMU_AMD_VAULT="" keeps them in the
+                         process only; docs/threat-model.md)
 
 exit status: 0 success, 1 a check failed, 2 bad input, 130 interrupted
 """
