@@ -27,7 +27,7 @@ from sevemu.hypervisor.kvm_ops import (
     load_image,
 )
 from sevemu.hypervisor.sev import es
-from sevemu.hypervisor.sevdev import SevDevice
+from sevemu.hypervisor.sevdev import SevDevice, SevUserCmd, SevUserDataStatus
 from sevemu.hypervisor.vcpu import BSP_RESET_EIP, CPU_MODELS, HOST_CPU, CpuModel
 from sevemu.hypervisor.vm import Vm, VmState
 from sevemu.owner import vmsa as owner
@@ -349,6 +349,8 @@ def test_platform_comes_up_with_es_where_the_cpu_has_it(generation: str, es_on: 
     host = build_machine(generation, seed="hv-es-up", dram_size=1 * GiB)
     st = host.hv.platform_status()
     assert st.config == int(es_on) and (host.firmware.tmr is not None) == es_on
+    user = SevDevice(host.hv).issue(SevUserCmd.PLATFORM_STATUS, SevUserDataStatus()).data
+    assert isinstance(user, SevUserDataStatus) and user.flags & 0x100 == 0x100 * es_on  # SEV_STATUS_FLAGS_CONFIG_ES
     if es_on:
         assert host.firmware.tmr is not None and host.firmware.tmr.ready  # DF_FLUSH after INIT
         assert host.firmware.tmr.base == host.hv.tmr_spa
@@ -370,3 +372,17 @@ def test_an_es_policy_on_a_platform_without_es_says_so() -> None:
     assert kvm.memory_encrypt_op(KvmSevCmdId.LAUNCH_START, KvmSevLaunchStart(policy=ES),
                                  sev_fd=SevDevice(host.hv)) == EIO
     assert kvm.last_error == Status.UNSUPPORTED
+
+
+def test_an_es_policy_on_a_vm_that_is_not_es_says_so(m: Machine) -> None:
+    """KVM does not compare the policy with the VM: the firmware's ASID ranges refuse the ACTIVATE
+    (INVALID_ASID, the guest decommissioned), and the error names the mismatch."""
+    for policy, make_es in ((ES, False), (0, True)):
+        vm = m.hv.create_vm("mismatch", MEM)
+        kvm = KvmSev(m.hv, vm)
+        kvm.op(KvmSevCmdId.ES_INIT if make_es else KvmSevCmdId.INIT)
+        guests = dict(m.firmware.guests)
+        with pytest.raises(SevFirmwareError, match="needs an SEV-ES guest" if policy else "needs an SEV guest") as ei:
+            m.hv.sev.launch_start(vm, policy)
+        assert ei.value.status == Status.INVALID_ASID and m.firmware.guests == guests and not vm.handle
+        m.hv.destroy(vm)

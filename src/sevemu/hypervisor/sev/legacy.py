@@ -225,12 +225,19 @@ class LegacySev(SevHost):
         vm.ghcb_version = ghcb or (GHCB_VERSION_MAX if es else 0)  # KVM's default for an ES VM
         vm.need_init = False
 
-    def _activate(self, vm: Vm, handle: int) -> None:
-        """ACTIVATE ``handle`` on the VM's ASID (``sev_bind_asid``); DECOMMISSION when it fails."""
+    def _activate(self, vm: Vm, handle: int, policy: int) -> None:
+        """ACTIVATE ``handle`` on the VM's ASID (``sev_bind_asid``); DECOMMISSION when it fails.  An
+        ES policy on a VM that is not SEV-ES (or the reverse) meets the firmware's ASID ranges: the
+        error says so."""
         try:
             self.issue(CommandId.ACTIVATE, ActivateCmd(handle=handle, asid=vm.asid))
-        except SevFirmwareError:
+        except SevFirmwareError as e:
             self.psp.raw(CommandId.DECOMMISSION, HandleCmd(handle=handle).encode())
+            if e.status == Status.INVALID_ASID and bool(policy & GuestPolicy.ES) != vm.es:
+                want = "an SEV-ES guest (KVM_SEV_ES_INIT, or KVM_SEV_INIT2 of a KVM_X86_SEV_ES_VM)" \
+                    if policy & GuestPolicy.ES else "an SEV guest without ES"
+                raise SevFirmwareError(f"ACTIVATE of ASID {vm.asid} (policy {policy:#x} needs {want})",
+                                       e.status) from e
             raise
 
     def _started(self, vm: Vm, handle: int, policy: int) -> None:
@@ -257,7 +264,7 @@ class LegacySev(SevHost):
                     raise SevFirmwareError(f"LAUNCH_START (policy {policy:#x} requires SEV-ES, which the "
                                            "platform was not INITed with)", e.status) from e
                 raise
-        self._activate(vm, done.handle)
+        self._activate(vm, done.handle, policy)
         self._started(vm, done.handle, policy)
         return done.handle
 
@@ -440,7 +447,7 @@ class LegacySev(SevHost):
                 "handle": handle, "policy": policy, "pdh_cert_paddr": st.put(pdh), "pdh_cert_len": len(pdh),
                 "session_paddr": st.put(session), "session_len": len(session)})
             done = self.issue(CommandId.RECEIVE_START, buf)
-        self._activate(vm, done.handle)
+        self._activate(vm, done.handle, policy)
         self._started(vm, done.handle, policy)
         return done.handle
 
