@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sevemu._util.units import GiB, MiB
-from sevemu.abi.commands import CommandId
 from sevemu.amd.chip import CHIP_SECRET_SIZE, FusedChip
 from sevemu.amd.roots import AmdRoot
 from sevemu.errors import InputError, SevemuError
@@ -208,10 +207,12 @@ def _seed_bytes(seed: bytes | str, purpose: str) -> bytes:
 
 def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 256 * GiB,
                   cores: int = 2, cache_size: int = 4 * MiB, seed: bytes | str | None = None,
-                  init: bool = True, es: bool = False,
+                  init: bool = True, es: bool | None = None,
                   platform_dir: str | os.PathLike[str] | None = None,
                   amd_root: AmdRoot | None = None) -> Machine:
-    """Build a host of ``generation`` with its firmware loaded and (by default) INIT done.
+    """Build a host of ``generation`` with its firmware loaded and (by default) INIT done as Linux
+    does it: with SEV-ES and a TMR where the CPU has SEV-ES (``es`` None; True/False force it), then
+    WBINVD and DF_FLUSH.
 
     ``platform_dir``: the chip's directory (fuses, factory data, NV store); by default a temporary
     one, removed when the firmware is garbage-collected (or at exit).  A directory without a chip
@@ -251,9 +252,8 @@ def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 25
     soc.psp.install(firmware)
     hv = Hypervisor(soc.host_view())
     if init:
+        # As Linux's sev-dev (__sev_platform_init_locked): INIT, with SEV-ES and a 1 MiB TMR wherever
+        # the CPU has SEV-ES (``es`` None), then WBINVD on every CPU and DF_FLUSH -- INIT leaves every
+        # ASID dirty, and the TMR is usable only after that DF_FLUSH.
         hv.platform_init(es=es)
-        # INIT leaves every ASID dirty; Linux follows it with WBINVD on every CPU and DF_FLUSH
-        # (__sev_platform_init_locked), without which no ASID can be ACTIVATEd.
-        soc.wbinvd_all()
-        hv.psp.call_nobuf(CommandId.DF_FLUSH)
     return Machine(soc, firmware, hv, path, amd_root)

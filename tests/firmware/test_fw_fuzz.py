@@ -270,6 +270,13 @@ def build_rig(name: str, seed: int) -> Rig:
         hv.core.clflush_range(rig.image_spa, PAGE)
         _ok(rig, CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd(handle=rig.handle, paddr=rig.image_spa,
                                                                    len=PAGE))
+    if es:  # one VMSA set up already: the guest has a checksum block in the TMR
+        first_vmsa = hv.tables.alloc()
+        hv.core.host_write(first_vmsa, bytes(VMSA_PAGE_SIZE))
+        hv.core.clflush_range(first_vmsa, VMSA_PAGE_SIZE)
+        _ok(rig, CommandId.LAUNCH_UPDATE_VMSA, LaunchUpdateDataCmd(handle=rig.handle, paddr=first_vmsa,
+                                                                   len=VMSA_PAGE_SIZE))
+        assert len(rig.fw.guests[rig.handle].vmsas) == 1
     measure = bytes(32)
     if name in ("lsecret", "running", "supdate", "sent", "deactivated"):
         _ok(rig, CommandId.LAUNCH_MEASURE, LaunchUpdateDataCmd(handle=rig.handle, paddr=rig.slot("measure"),
@@ -678,6 +685,7 @@ ALLOWED: dict[CommandId, tuple[frozenset[PlatformState], frozenset[GuestState] |
     CommandId.GUEST_STATUS: (_READY, _EVERY_GUEST),
     CommandId.LAUNCH_START: (_READY, None),
     CommandId.LAUNCH_UPDATE_DATA: (_READY, frozenset({_G.LUPDATE})),
+    CommandId.LAUNCH_UPDATE_VMSA: (_READY, frozenset({_G.LUPDATE})),
     CommandId.LAUNCH_MEASURE: (_READY, frozenset({_G.LUPDATE})),
     CommandId.LAUNCH_SECRET: (_READY, frozenset({_G.LSECRET})),
     CommandId.LAUNCH_FINISH: (_READY, frozenset({_G.LSECRET})),

@@ -530,7 +530,7 @@ INIT_EX_REFUSALS = [
     ("unaligned NV", init_ex(nv_paddr=NV_SPA + 0x800), Status.INVALID_ADDRESS),
     ("NV outside DRAM", init_ex(nv_paddr=1 << 40), Status.INVALID_ADDRESS),
     ("NV length", init_ex(nv_len=16 << 10), Status.INVALID_LENGTH),
-    ("options", init_ex(options=2), Status.INVALID_PARAM),
+    ("options", init_ex(options=2), Status.INVALID_CONFIG),  # AF init_ex_cmd_buf_valid
     ("NV overlaps the TMR", init_ex(nv_paddr=2 * MiB, options=1, tmr_paddr=2 * MiB, tmr_len=MiB),
      Status.INVALID_ADDRESS),
 ]

@@ -34,11 +34,14 @@ def need_active(g: GuestContext) -> None:
 
 
 def check_range(fw: Firmware, spa: int, length: int) -> None:
-    """INVALID_ADDRESS unless ``[spa, spa+length)`` lies in DRAM."""
+    """INVALID_ADDRESS unless ``[spa, spa+length)`` lies in DRAM and outside the SEV-ES TMR (AF
+    ``validate_address_range``: no x86 range may touch a TMR; :mod:`sevemu.firmware.tmr`)."""
     try:
         fw.ports.dma.check(spa, length)
     except AddressError as exc:
         raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
+    if fw.tmr is not None and fw.tmr.overlaps(spa, length):
+        raise FirmwareError(Status.INVALID_ADDRESS, f"range {spa:#x}+{length:#x} overlaps the SEV-ES TMR")
 
 
 def host_region(fw: Firmware, paddr: int, length: int) -> int:

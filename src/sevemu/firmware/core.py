@@ -51,6 +51,7 @@ from sevemu.errors import AddressError, FirmwareError, LayoutError
 from sevemu.firmware.gctx import GuestContext
 from sevemu.firmware.identity import PlatformIdentity, boot_identity
 from sevemu.firmware.nvstore import SealedNv
+from sevemu.firmware.tmr import Tmr
 from sevemu.hw.psp import PspPorts
 
 __all__ = [
@@ -104,6 +105,9 @@ class Entry:
     decode: bool
     """False for an output-only buffer (PLATFORM_STATUS): its input bytes are ignored."""
     run: Run
+    malformed: Status = Status.INVALID_PARAM
+    """The answer to a buffer that does not decode (non-zero reserved bytes): INVALID_PARAM (model
+    choice) unless AMD's firmware says otherwise for the command (INIT: INVALID_CONFIG)."""
 
 
 class Reply(FirmwareError):
@@ -132,7 +136,8 @@ class CommandTable:
         return dict(self._entries)
 
     def _add(self, cid: CommandId, buffer: type[Struct] | None, states: frozenset[PlatformState],
-             guest_states: frozenset[GuestState] | None, run: Run, decode: bool = True) -> None:
+             guest_states: frozenset[GuestState] | None, run: Run, decode: bool = True,
+             malformed: Status = Status.INVALID_PARAM) -> None:
         if cid in self._entries:
             raise ValueError(f"{self.api}: {cid.name} is registered twice")
         if COMMAND_BUFFERS.get(cid) is not buffer:
@@ -141,7 +146,7 @@ class CommandTable:
                             f"the command's buffer is {getattr(want, '__name__', None)}")
         if not states <= ANY_STATE or not states:
             raise ValueError(f"{self.api}: {cid.name} needs a non-empty set of platform states")
-        self._entries[cid] = Entry(cid, self.api, buffer, states, guest_states, decode, run)
+        self._entries[cid] = Entry(cid, self.api, buffer, states, guest_states, decode, run, malformed)
 
     def bare(self, cid: CommandId, states: frozenset[PlatformState]
              ) -> Callable[[Callable[[Firmware], None]], Callable[[Firmware], None]]:
@@ -169,15 +174,17 @@ class CommandTable:
 
         return wrap
 
-    def platform(self, cid: CommandId, buffer: type[B], states: frozenset[PlatformState]
+    def platform(self, cid: CommandId, buffer: type[B], states: frozenset[PlatformState], *,
+                 malformed: Status = Status.INVALID_PARAM
                  ) -> Callable[[Callable[[Firmware, B], B | None]], Callable[[Firmware, B], B | None]]:
-        """Register a command that reads ``buffer`` and names no existing guest: ``fn(fw, cmd)``."""
+        """Register a command that reads ``buffer`` and names no existing guest: ``fn(fw, cmd)``;
+        ``malformed``: the status for a buffer with non-zero reserved bytes."""
 
         def wrap(fn: Callable[[Firmware, B], B | None]) -> Callable[[Firmware, B], B | None]:
             def run(fw: Firmware, buf: Struct | None) -> B | None:
                 return fn(fw, _expect(buffer, buf))
 
-            self._add(cid, buffer, states, None, run)
+            self._add(cid, buffer, states, None, run, malformed=malformed)
             return fn
 
         return wrap
@@ -288,7 +295,9 @@ class Firmware:
         self.profile = ports.profile
         self.state = PlatformState.UNINIT
         self.config_es = False
-        self.tmr: tuple[int, int] | None = None
+        self.tmr: Tmr | None = None
+        """The SEV-ES Trusted Memory Region INIT reserved (CONFIG.ES), with its VMSA checksum pool
+        (:mod:`sevemu.firmware.tmr`); None without SEV-ES."""
         self.guests: dict[int, GuestContext] = {}
         self.next_handle = 1
         self.asid_owner: dict[int, int] = {}  # ASID -> handle of the guest activated on it
@@ -340,6 +349,8 @@ class Firmware:
         buf: Struct | None = None
         if entry.buffer is not None:
             spa, _ = dma.strip(buffer_paddr)
+            if self.tmr is not None and self.tmr.overlaps(spa, entry.buffer.SIZE):
+                return Status.INVALID_ADDRESS  # no x86 range inside the TMR (sevemu.firmware.tmr)
             try:
                 raw = dma.read(spa, entry.buffer.SIZE)
             except AddressError:
@@ -348,7 +359,7 @@ class Firmware:
                 try:
                     buf = entry.buffer.decode(raw)
                 except LayoutError:
-                    return Status.INVALID_PARAM
+                    return entry.malformed
         try:
             out = entry.run(self, buf)
         except Reply as r:

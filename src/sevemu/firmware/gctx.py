@@ -54,6 +54,9 @@ class GuestContext:
     measure: bytes = b""  # LAUNCH_MEASURE output, bound into LAUNCH_SECRET MACs (API >= 0.17)
     measured_ld: bytes = NO_DIGEST  # GCTX.LD as LAUNCH_MEASURE finalised it (ATTESTATION reports it)
     session: bool = False  # LAUNCH_START carried an owner session (GODH certificate + session blob)
+    vmsas: list[tuple[int, int]] = field(default_factory=list)
+    """SEV-ES: (SPA, TMR checksum block) of each VMSA page set up for this guest, in order
+    (LAUNCH_UPDATE_VMSA, RECEIVE_UPDATE_VMSA; :mod:`sevemu.firmware.tmr`)."""
 
     # ---- policy bits (SEV API 55766, guest policy) -------------------------------------------
     @property

@@ -49,6 +49,7 @@ from sevemu.hypervisor.uapi import (
     KvmSevCmdId,
     KvmSevDbg,
     KvmSevGuestStatus,
+    KvmSevInit,
     KvmSevLaunchMeasure,
     KvmSevLaunchSecret,
     KvmSevLaunchStart,
@@ -125,6 +126,9 @@ class Needs(enum.Flag):
     """With INIT: write access only when the platform has to be INITed (PDH_CERT_EXPORT)."""
     API_0_16 = enum.auto()
     """Firmware API 0.16 or later (GET_ID): else ``-ENOTSUPP``."""
+    NEED_INIT = enum.auto()
+    """The VM is of an SEV type and awaits KVM_SEV_INIT2 (``sev->need_init``): else ``-EINVAL``,
+    before the user structure is read."""
 
 
 class Query(enum.Enum):
@@ -299,6 +303,9 @@ class Command(Generic[S]):
                 raise SevStateError(Errno.ENOTSUPP, "GET_ID needs firmware API 0.16")
         if Needs.WRITABLE in needs and not caller.writable:
             raise SevStateError(Errno.EPERM, "/dev/sev is not open for writing")
+        if Needs.NEED_INIT in needs and not caller.guest.need_init:
+            raise SevStateError(Errno.EINVAL, f"{caller.guest.name} ({caller.guest.vm_type.name}) takes no "
+                                              "KVM_SEV_INIT2")
         if Needs.SEV in needs:
             caller.sev.need_context(caller.guest, self.not_sev)
         if Needs.ES in needs:
@@ -389,6 +396,10 @@ def _kvm_init(c: Caller, p: NoData, a: Args) -> None:
 
 def _kvm_es_init(c: Caller, p: NoData, a: Args) -> None:
     c.sev.guest_init(c.guest, es=True)
+
+
+def _kvm_init2(c: Caller, p: KvmSevInit, a: Args) -> None:
+    es.guest_init2(c.sev, c.guest, p)
 
 
 def _launch_start(c: Caller, p: KvmSevLaunchStart, a: Args) -> Reply:
@@ -561,6 +572,8 @@ COMMANDS: Final[tuple[Runnable, ...]] = (
     # ---- KVM_MEMORY_ENCRYPT_OP (arch/x86/kvm/svm/sev.c) ----
     Command(_K, KvmSevCmdId.INIT, NoData, _kvm_init, (_F.PLATFORM_STATUS, _F.INIT, _F.DF_FLUSH)),
     Command(_K, KvmSevCmdId.ES_INIT, NoData, _kvm_es_init, (_F.PLATFORM_STATUS, _F.INIT, _F.DF_FLUSH)),
+    Command(_K, KvmSevCmdId.INIT2, KvmSevInit, _kvm_init2, (_F.PLATFORM_STATUS, _F.INIT, _F.DF_FLUSH),
+            Needs.NEED_INIT),
     Command(_K, KvmSevCmdId.LAUNCH_START, KvmSevLaunchStart, _launch_start, (_F.LAUNCH_START, _F.ACTIVATE),
             _SEV | Needs.SEV_FD, ins=(InBlob("dh_uaddr", "dh_len", optional=True),
                                       InBlob("session_uaddr", "session_len", optional=True))),

@@ -4,8 +4,11 @@ This is the Python API a VMM written in Python uses; the SEV work itself is done
 :mod:`sevemu.hypervisor.sev` (the same ones ``KVM_MEMORY_ENCRYPT_OP`` and ``/dev/sev`` drive), after
 the checks this API adds.  Flows follow Linux KVM (arch/x86/kvm/svm/sev.c):
 
-* ``platform_init``: INIT through the PSP driver (the SEV-ES TMR when asked), then WBINVD on every
-  CPU and DF_FLUSH, as Linux does right after INIT.
+* ``platform_init``: INIT through the PSP driver (with SEV-ES and its TMR wherever the CPU has SEV-ES,
+  as Linux's sev-dev does), then WBINVD on every CPU and DF_FLUSH, as Linux does right after INIT.
+* ``create_vm``: KVM_CREATE_VM with a VM type (``KvmVmType``: the default, ``SEV_VM``, ``SEV_ES_VM``)
+  and a vCPU type (QEMU's ``-cpu``); each vCPU starts in the x86 reset state
+  (:mod:`sevemu.hypervisor.vcpu`).
 * ASIDs (:mod:`sevemu.hypervisor.asid`): SEV guests get [EDX, ECX], SEV-ES guests [1, EDX-1], plain
   guests ASIDs above ECX.  Freed SEV ASIDs wait in a reclaim set; when no fresh ASID is left the
   hypervisor does WBINVD on all CPUs then DF_FLUSH and reuses them (``sev_flush_asids``) -- the
@@ -14,7 +17,8 @@ the checks this API adds.  Flows follow Linux KVM (arch/x86/kvm/svm/sev.c):
   context, the host backs and fills the image's pages; LAUNCH_START (new VEK; with the guest
   owner's GODH certificate and session blob when given), ACTIVATE; LAUNCH_UPDATE_DATA of each region
   rounded out to 16 bytes, per physically contiguous run after CLFLUSH; LAUNCH_MEASURE, whose blob
-  goes to the owner.  Between the two, ``launch_secret`` (KVM_SEV_LAUNCH_SECRET) injects an
+  goes to the owner; for an SEV-ES guest every vCPU's VMSA before LAUNCH_MEASURE
+  (:func:`~sevemu.hypervisor.sev.es.launch_update_vmsa`).  Between the two, ``launch_secret`` (KVM_SEV_LAUNCH_SECRET) injects an
   owner-sealed packet at a GPA (physically contiguous backing: ``VmError`` otherwise).
   ``launch_finish``: LAUNCH_FINISH.
 * ``attestation_report`` (KVM_SEV_GET_ATTESTATION_REPORT): length query, then ATTESTATION with the
@@ -49,10 +53,14 @@ from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
 from sevemu.hypervisor.asid import AsidPool
-from sevemu.hypervisor.errors import SevFirmwareError
+from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.psp import PspDriver
+from sevemu.hypervisor.sev.es import guest_init2 as init2
+from sevemu.hypervisor.sev.es import launch_update_vmsa
 from sevemu.hypervisor.sev.legacy import GRANULE, LegacySev
+from sevemu.hypervisor.uapi import KvmSevInit
+from sevemu.hypervisor.vcpu import HOST_CPU, KvmVmType, cpu_model
 from sevemu.hypervisor.vm import Vcpu, Vm, VmKind, VmState
 
 __all__ = ["COM1", "KVM_HC_MAP_GPA_RANGE", "Hypervisor", "RunResult"]
@@ -102,8 +110,9 @@ class Hypervisor:
         return self.asids.flushes
 
     # ---- platform ------------------------------------------------------------------------------
-    def platform_init(self, es: bool = False) -> None:
-        """INIT the SEV firmware (with SEV-ES and its TMR when ``es``), then WBINVD + DF_FLUSH."""
+    def platform_init(self, es: bool | None = None) -> None:
+        """INIT the SEV firmware, with SEV-ES and its TMR when ``es`` -- by default wherever the CPU
+        has SEV-ES, as Linux's sev-dev does -- then WBINVD + DF_FLUSH."""
         self.sev.platform_init(es)
 
     def platform_status(self) -> PlatformStatus:
@@ -117,16 +126,38 @@ class Hypervisor:
         self.sev.flush_asids()
 
     # ---- VM lifecycle ---------------------------------------------------------------------------
-    def create_vm(self, name: str, memory: int, kind: VmKind = VmKind.SEV) -> Vm:
-        """A new VM of ``memory`` bytes (a positive multiple of 4 KiB); memory is backed on demand."""
+    def create_vm(self, name: str, memory: int, kind: VmKind = VmKind.SEV, *,
+                  vm_type: KvmVmType = KvmVmType.DEFAULT_VM, vcpu_type: str = HOST_CPU) -> Vm:
+        """A new VM of ``memory`` bytes (a positive multiple of 4 KiB); memory is backed on demand.
+
+        ``vm_type`` is KVM_CREATE_VM's type: ``SEV_VM`` / ``SEV_ES_VM`` make a VM that becomes a guest
+        through KVM_SEV_INIT2 (the Python API's launch does it implicitly); a type the host cannot
+        run (SEV-ES without SEV-ES ASIDs, SNP, software-protected) is ``-EINVAL``, as
+        ``kvm_is_vm_type_supported`` answers.  ``vcpu_type``: QEMU's ``-cpu`` (an EPYC model or
+        ``host``), whose CPUID signature each vCPU has in RDX at reset.
+        """
         if memory <= 0 or memory % PAGE:
             raise InputError(f"VM memory must be a positive multiple of 4 KiB, got {memory:#x}")
         if memory > self.soc.dram_size:
             raise InputError(f"VM memory {memory:#x} exceeds the host's {self.soc.dram_size:#x} bytes of DRAM")
+        vm_type = KvmVmType(vm_type)
+        supported = {KvmVmType.DEFAULT_VM, KvmVmType.SEV_VM} | ({KvmVmType.SEV_ES_VM} if self.sev.caps.es else set())
+        if vm_type not in supported:
+            raise SevInputError(Errno.EINVAL, f"VM type {vm_type.name} is not supported by this host "
+                                              f"(supported: {', '.join(t.name for t in sorted(supported))})")
+        if vm_type.needs_init2 and kind is not VmKind.SEV:
+            raise SevInputError(Errno.EINVAL, f"a {vm_type.name} needs an SEV ASID, not a {kind.value} VM")
+        cpu = cpu_model(vcpu_type, self.soc.cpuid(1)[0])
         asid = self.sev.asid_new(kind)
-        vm = Vm(name, kind, memory, asid, self.core, self.pages, self.tables)
+        vm = Vm(name, kind, memory, asid, self.core, self.pages, self.tables, vm_type=vm_type, cpu=cpu)
         self.vms.append(vm)
         return vm
+
+    def sev_init(self, vm: Vm, data: KvmSevInit | None = None) -> None:
+        """KVM_SEV_INIT2 for a VM created with an SEV type (``struct kvm_sev_init``, default: no
+        ``vmsa_features``, KVM's GHCB version): before the VM's first vCPU, as QEMU does it right
+        after creating the VM.  A VM of an SEV type launched without it gets the default one."""
+        init2(self.sev, vm, data if data is not None else KvmSevInit())
 
     def launch(self, vm: Vm, regions: list[tuple[int, bytes]], policy: int = 0, *,
                godh_cert: bytes | None = None, session: bytes | None = None) -> bytes:
@@ -161,6 +192,8 @@ class Hypervisor:
                 raise InputError(
                     f"image region {gpa:#x}+{len(data):#x} does not fit {vm.name}'s {vm.memory:#x} bytes"
                 )
+        sev = self.sev
+        sev.context(vm)  # the implicit KVM_SEV_INIT (a VM of an SEV type: KVM_SEV_INIT2)
         vm.state = VmState.LAUNCHING
         for gpa, data in regions:
             vm.back_range(gpa, len(data))
@@ -168,8 +201,6 @@ class Hypervisor:
         if not vm.sev:
             vm.state = VmState.RUNNING
             return b""
-        sev = self.sev
-        sev.context(vm)
         try:
             sev.launch_start(vm, policy, godh_cert, session)
         except SevFirmwareError:
@@ -180,6 +211,8 @@ class Hypervisor:
             end = align_up(gpa + len(data), GRANULE)
             if end > start:
                 sev.launch_update_data(vm, start, end - start)
+        if vm.es:  # every vCPU's VMSA, in vCPU order, after the data (as QEMU does)
+            launch_update_vmsa(sev, vm)
         return sev.launch_measure(vm, MeasureBuf.SIZE).blobs[0]
 
     def _measured(self, vm: Vm, what: str) -> None:

@@ -12,17 +12,24 @@ command table (:mod:`sevemu.hypervisor.ioctl`), and the work is the SEV flows'
 (:mod:`sevemu.hypervisor.sev`), the same the Python API and ``/dev/sev`` use.  Sub-commands follow KVM:
 
 ======================  ====================================================================
-INIT / ES_INIT          SEV (ES) context for the VM: platform INIT (+ WBINVD, DF_FLUSH) if
-                        needed; before any vCPU exists (``-EINVAL``), once (``-EBUSY``).
-                        ES_INIT: ``-ENOTTY`` without SEV-ES on this CPU.
+INIT / ES_INIT          SEV (ES) context for a ``KVM_X86_DEFAULT_VM`` (``-EINVAL`` for another
+                        type): platform INIT (+ WBINVD, DF_FLUSH) if needed; before any vCPU
+                        exists (``-EINVAL``), once (``-EBUSY``).  ES_INIT: ``-ENOTTY`` without
+                        SEV-ES on this CPU; GHCB protocol version 1.
+INIT2                   ``struct kvm_sev_init`` for a VM created as ``KVM_X86_SEV_VM`` /
+                        ``KVM_X86_SEV_ES_VM`` (``-EINVAL`` for any other, or once done; NULL
+                        data ``-EFAULT``): ``flags``, unsupported ``vmsa_features``, a GHCB
+                        version above 2 (any for SEV), existing vCPUs: ``-EINVAL``.
 LAUNCH_START            copies GODH cert and session blobs, LAUNCH_START through ``sev_fd``
                         (``-EBADF`` without one), ACTIVATE the VM's ASID (DECOMMISSION if that
                         fails), the handle back in ``handle``.
 LAUNCH_UPDATE_DATA      pins the guest range, CLFLUSHes it (on every generation: see
                         ``SevHost.clflush_pages``), one firmware command per physically
                         contiguous run, exact lengths.
-LAUNCH_UPDATE_VMSA      SEV-ES only (``-ENOTTY`` for an SEV guest): each vCPU's save area into a
-                        VMSA page, CLFLUSH, LAUNCH_UPDATE_VMSA with ``len`` = 4096.
+LAUNCH_UPDATE_VMSA      SEV-ES only (``-ENOTTY`` for an SEV guest): each vCPU's whole save area
+                        into a VMSA page (``sev_es_sync_vmsa``; FPU only for INIT2 VMs; DR7
+                        other than 0x400 ``-EINVAL``), CLFLUSH, LAUNCH_UPDATE_VMSA with ``len``
+                        = 4096, in vCPU order; the vCPUs' state is protected afterwards.
 LAUNCH_MEASURE          ``len`` 0 queries the length: the firmware's INVALID_LENGTH answer, with
                         the required length written back into ``len`` (``-EIO``).
 LAUNCH_SECRET           the guest range must be physically contiguous (``-EINVAL``).
@@ -49,8 +56,6 @@ Deviations, each documented where it happens:
   PDH_CERT_EXPORT for the VMM (:class:`KvmSevCertExport`: the fields of /dev/sev's
   ``sev_user_data_pdh_cert_export`` with KVM's ``*_uaddr`` naming), the VMSA transfers with AMD's
   out-of-tree layout (``vcpu_id`` plus header and transport buffers) on SEV-ES guests.
-* ``KVM_SEV_INIT2`` (22) needs the ``KVM_X86_SEV_VM`` VM types, which the model does not have:
-  ``-EINVAL`` (no row in the table).
 * The model's hypervisor gives a VM its SEV ASID when it creates it; INIT checks that the VM was
   created as an SEV VM, ES_INIT exchanges that ASID for one of the SEV-ES range.
 * A blob copied out is as long as what the firmware wrote (Linux copies the whole buffer it
@@ -76,6 +81,7 @@ from sevemu.hypervisor.uapi import (
     KvmSevData,
     KvmSevDbg,
     KvmSevGuestStatus,
+    KvmSevInit,
     KvmSevLaunchMeasure,
     KvmSevLaunchSecret,
     KvmSevLaunchStart,
@@ -86,6 +92,7 @@ from sevemu.hypervisor.uapi import (
     KvmSevSendStart,
     KvmSevSendUpdateData,
     KvmSevSendUpdateVmsa,
+    KvmVmType,
     NoData,
     UserFields,
 )
@@ -100,6 +107,7 @@ __all__ = [
     "KvmSevCmdId",
     "KvmSevDbg",
     "KvmSevGuestStatus",
+    "KvmSevInit",
     "KvmSevLaunchMeasure",
     "KvmSevLaunchSecret",
     "KvmSevLaunchStart",
@@ -110,6 +118,7 @@ __all__ = [
     "KvmSevSendStart",
     "KvmSevSendUpdateData",
     "KvmSevSendUpdateVmsa",
+    "KvmVmType",
     "load_image",
 ]
 

@@ -24,8 +24,11 @@ from typing import Final
 
 from sevemu._util.units import KiB
 from sevemu.hypervisor.errors import Errno, SevInputError
+from sevemu.hypervisor.vcpu import KvmVmType
 
 __all__ = [
+    "GHCB_VERSION_MAX",
+    "GHCB_VERSION_MIN",
     "KVM_MEMORY_ENCRYPT_OP",
     "SEV_FW_BLOB_MAX_SIZE",
     "SEV_ISSUE_CMD",
@@ -35,6 +38,7 @@ __all__ = [
     "KvmSevData",
     "KvmSevDbg",
     "KvmSevGuestStatus",
+    "KvmSevInit",
     "KvmSevLaunchMeasure",
     "KvmSevLaunchSecret",
     "KvmSevLaunchStart",
@@ -45,6 +49,7 @@ __all__ = [
     "KvmSevSendStart",
     "KvmSevSendUpdateData",
     "KvmSevSendUpdateVmsa",
+    "KvmVmType",
     "NoData",
     "SevUserCmd",
     "SevUserData",
@@ -133,6 +138,25 @@ class KvmSevCmdId(enum.IntEnum):
     SNP_LAUNCH_START = 100
     SNP_LAUNCH_UPDATE = 101
     SNP_LAUNCH_FINISH = 102
+
+
+GHCB_VERSION_MIN: Final = 1
+GHCB_VERSION_MAX: Final = 2
+"""The GHCB protocol versions KVM supports (Linux ``GHCB_VERSION_MIN``/``_MAX``; KVM_SEV_INIT2
+makes 2 the default of an SEV-ES VM, KVM_SEV_ES_INIT keeps 1)."""
+
+
+@dataclass
+class KvmSevInit:
+    """``struct kvm_sev_init`` (KVM_SEV_INIT2): ``vmsa_features`` (the VMSA's ``sev_features``),
+    ``flags`` (none defined: non-zero is ``-EINVAL``), ``ghcb_version`` (0: KVM's default), padding
+    KVM does not look at."""
+
+    vmsa_features: int = 0
+    flags: int = 0
+    ghcb_version: int = 0
+    pad1: int = 0
+    pad2: tuple[int, ...] = (0,) * 8
 
 
 @dataclass
@@ -278,7 +302,7 @@ class KvmSevCertExport:
     cert_chain_len: int = 0
 
 
-KvmSevData = (KvmSevLaunchStart | KvmSevLaunchUpdateData | KvmSevLaunchSecret | KvmSevLaunchMeasure
+KvmSevData = (KvmSevInit | KvmSevLaunchStart | KvmSevLaunchUpdateData | KvmSevLaunchSecret | KvmSevLaunchMeasure
               | KvmSevGuestStatus | KvmSevDbg | KvmSevAttestationReport | KvmSevSendStart
               | KvmSevSendUpdateData | KvmSevSendUpdateVmsa | KvmSevReceiveStart | KvmSevReceiveUpdateData
               | KvmSevReceiveUpdateVmsa | KvmSevCertExport | NoData)

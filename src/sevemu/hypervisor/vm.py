@@ -8,7 +8,9 @@ that, by GPA, through the SPA the NPT maps it to.
 A VM's whole state lives here, once: its lifecycle (:class:`VmState`) and the SEV information KVM
 keeps per VM in ``struct kvm_sev_info`` (Linux arch/x86/kvm/svm/svm.h): ``sev_active`` (the SEV
 context exists: ``KVM_SEV_INIT`` or a launch through :class:`~sevemu.hypervisor.kvm.Hypervisor`),
-``es`` (SEV-ES), the firmware ``handle``, the guest ``policy`` and each vCPU's VMSA page.  The
+``es`` (SEV-ES), the firmware ``handle``, the guest ``policy`` and each vCPU's VMSA page, and what
+KVM keeps per VM for SEV-ES (``vm_type``, ``need_init``, ``vmsa_features``, ``ghcb_version``) and
+the vCPU model.  The
 ioctl layer (``KvmSev``) keeps no copy of it.
 """
 
@@ -25,6 +27,7 @@ from sevemu.hw.host import HostCore
 from sevemu.hw.svm import Vmcb, VmExit
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.npt import NestedPageTable
+from sevemu.hypervisor.vcpu import BSP_RESET_EIP, CpuModel, KvmVmType, X86State, reset_vcpu
 
 __all__ = ["Vcpu", "Vm", "VmKind", "VmState"]
 
@@ -55,13 +58,20 @@ class Vcpu:
     engine: Engine | None = None
     exits: Counter[str] = field(default_factory=Counter)
     last_exit: VmExit | None = None
+    arch: X86State = field(default_factory=X86State)
+    """The rest of the vCPU's register state (segments, DR6/DR7, XCR0, PKRU, XSS, PAT, FPU):
+    :mod:`sevemu.hypervisor.vcpu`."""
+    guest_state_protected: bool = False
+    """SEV-ES: the vCPU's state went into its encrypted VMSA (KVM ``guest_state_protected``); the
+    VMCB's save fields and :attr:`arch` are no longer the guest's."""
 
 
 class Vm:
     """A guest: kind, ASID, NPT, firmware handle (SEV), vCPUs and the host-emulated serial console."""
 
     def __init__(self, name: str, kind: VmKind, memory: int, asid: int, core: HostCore,
-                 alloc: PageAllocator, table_alloc: PageAllocator) -> None:
+                 alloc: PageAllocator, table_alloc: PageAllocator, *,
+                 vm_type: KvmVmType = KvmVmType.DEFAULT_VM, cpu: CpuModel | None = None) -> None:
         if memory <= 0 or memory % PAGE:
             raise AddressError(f"VM memory must be a positive multiple of 4 KiB, got {memory:#x}")
         self.name = name
@@ -78,6 +88,16 @@ class Vm:
         self.policy = 0
         self.measurement = b""
         self.vmsa_pages: dict[int, int] = {}  # vCPU index -> SPA of its VMSA page (SEV-ES)
+        self.vm_type = vm_type
+        """KVM_CREATE_VM's type (:class:`~sevemu.hypervisor.vcpu.KvmVmType`)."""
+        self.need_init = vm_type.needs_init2
+        """KVM ``need_init``: a VM of an SEV type waits for KVM_SEV_INIT2."""
+        self.vmsa_features = 0
+        """The SEV-ES guest's ``sev_features`` (KVM ``vmsa_features``, from KVM_SEV_INIT2)."""
+        self.ghcb_version = 0
+        """The GHCB protocol version the guest may use (KVM ``ghcb_version``)."""
+        self.cpu = cpu if cpu is not None else CpuModel("none", 0, 0, 0)
+        """The vCPU model (QEMU ``-cpu``): its signature goes to RDX at reset."""
         self._core = core
         self._alloc = alloc
         self._table_alloc = table_alloc
@@ -92,9 +112,12 @@ class Vm:
     def sev(self) -> bool:
         return self.kind is VmKind.SEV
 
-    def add_vcpu(self, engine: Engine | None = None) -> Vcpu:
+    def add_vcpu(self, engine: Engine | None = None, *, reset_eip: int = BSP_RESET_EIP) -> Vcpu:
+        """A new vCPU in the x86 reset state at ``reset_eip`` (KVM_CREATE_VCPU, then QEMU's reset;
+        an SEV-ES guest's APs start at OVMF's SEV-ES reset EIP)."""
         vmcb = Vmcb(asid=self.asid, np_enable=True, sev_enable=self.sev, ncr3=self.npt.root)
         vcpu = Vcpu(len(self.vcpus), vmcb, engine)
+        reset_vcpu(vmcb, vcpu.arch, self.cpu.signature, reset_eip)
         self.vcpus.append(vcpu)
         return vcpu
 

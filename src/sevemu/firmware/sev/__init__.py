@@ -8,6 +8,7 @@ Importing the package imports every command module, which registers its handlers
 ``pki``         PLATFORM_RESET, PEK_GEN, PEK_CSR, PEK_CERT_IMPORT, PDH_GEN, PDH_CERT_EXPORT, GET_ID
 ``guest``       ACTIVATE, DEACTIVATE, DECOMMISSION, GUEST_STATUS; guest creation
 ``launch``      LAUNCH_START, LAUNCH_UPDATE_DATA, LAUNCH_MEASURE, LAUNCH_SECRET, LAUNCH_FINISH
+``es``          LAUNCH_UPDATE_VMSA; the VMSA set-up and check of SEND/RECEIVE_UPDATE_VMSA
 ``session``     the trusted channel (owner session, LAUNCH_SECRET packets)
 ``attest``      ATTESTATION
 ``debug``       DBG_DECRYPT, DBG_ENCRYPT
@@ -17,7 +18,7 @@ Importing the package imports every command module, which registers its handlers
 
 from __future__ import annotations
 
-from sevemu.firmware.sev import attest, debug, guest, launch, migrate, pki, platform  # noqa: F401 - registers
+from sevemu.firmware.sev import attest, debug, es, guest, launch, migrate, pki, platform  # noqa: F401 - registers
 from sevemu.firmware.sev.api import SEV_API
 
 __all__ = ["SEV_API"]

@@ -20,6 +20,11 @@ Checks, in the order of AMD's firmware (amd/AMD-ASPFW ``sev_mcmd.c: sev_mcmd_dbg
 No guest state is required (AF checks none; the command is registered with every guest state): a
 debuggable guest can be inspected from LUPDATE to SENT, as long as it holds an ASID.
 
+SEV-ES guests: AF treats their VMSA pages like any other guest memory -- a guest whose owner allowed
+debugging (NODBG = 0) has its registers readable and writable through DBG_*; NODBG refuses both.
+A DBG_ENCRYPT into a VMSA does not update the page's TMR checksum (:mod:`sevemu.firmware.tmr`), so
+SEND_UPDATE_VMSA (and the CPU at VMRUN) refuse the altered page.  Neither range may touch the TMR.
+
 What the firmware sees is DRAM.  The guest's own dirty cache lines are plaintext inside the SoC,
 tagged with its ASID; the PSP's encrypted accesses bypass the caches.  So DBG_DECRYPT returns the
 last data *written back*, and a DBG_ENCRYPT can be undone by the later write-back of a stale guest

@@ -19,7 +19,8 @@ CPUID Fn8000_001F; Linux ``arch/x86/kvm/svm/sev.c``, ``sev_flush_asids``; Cipher
   here anymore").
 * DECOMMISSION deletes an inactive guest (ACTIVE if it is still bound; AF
   ``mcmd_decommission_common``); its ASID was already invalidated by DEACTIVATE, so there is
-  nothing left to invalidate.  When the last guest goes the platform returns from WORKING to INIT.
+  nothing left to invalidate.  An SEV-ES guest's VMSA checksum blocks go back to the TMR's pool
+  (:mod:`sevemu.firmware.tmr`).  When the last guest goes the platform returns from WORKING to INIT.
 
 No guest state is required by DEACTIVATE, DECOMMISSION and GUEST_STATUS (AF checks none).
 """
@@ -123,6 +124,8 @@ def deactivate(fw: Firmware, cmd: HandleCmd, g: GuestContext) -> None:
 def decommission(fw: Firmware, cmd: HandleCmd, g: GuestContext) -> None:
     if g.asid:
         raise FirmwareError(Status.ACTIVE, f"guest {g.handle} must be deactivated first")
+    if g.vmsas and fw.tmr is not None:  # AF: the guest's VMSA checksum blocks back to the pool
+        fw.tmr.release([block for _, block in g.vmsas])
     del fw.guests[g.handle]
     if not fw.guests:
         fw.state = PlatformState.INIT

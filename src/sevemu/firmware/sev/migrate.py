@@ -93,8 +93,11 @@ RECEIVE_UPDATE_DATA (RUPDATE)
 SEND_UPDATE_VMSA / RECEIVE_UPDATE_VMSA
     The same packets for an SEV-ES guest's VMSA page (AF: the same code path, the same channel
     context byte 0x02), after the DATA checks' state check: a guest that is not SEV-ES answers
-    UNSUPPORTED.  AF's VMSA validation (``sev_es_validate_vmsa``) and its VMSA bookkeeping on the
-    target (``sev_es_setup_vmsa``) are not modelled: the page moves like any other.
+    UNSUPPORTED.  SEND_UPDATE_VMSA checks the page before it seals it (AF ``sev_es_validate_vmsa``:
+    the guest has VMSAs, the page names one of its TMR checksum blocks and matches the checksum;
+    INVALID_PARAM otherwise), so a VMSA the host altered does not leave.  RECEIVE_UPDATE_VMSA, after
+    the MAC, sets the page up on the target like LAUNCH_UPDATE_VMSA (a new checksum block; a page
+    shorter than 4 KiB INVALID_LENGTH, no free block RESOURCE_LIMIT): :mod:`sevemu.firmware.sev.es`.
 
 SEND_FINISH (SUPDATE -> SENT), SEND_CANCEL (SUPDATE -> RUNNING), RECEIVE_FINISH (RUPDATE -> RUNNING)
     INVALID_GUEST / INVALID_GUEST_STATE; each closes the channel (TEK/TIK forgotten).
@@ -146,6 +149,7 @@ from sevemu.firmware.core import READY, Firmware, Reply
 from sevemu.firmware.gctx import CLOSED_KEY, GuestContext
 from sevemu.firmware.guestmem import evict_host_lines, read_guest, write_guest
 from sevemu.firmware.sev.api import SEV_API
+from sevemu.firmware.sev.es import check_vmsa, need_es, set_up_vmsa, vmsa_room
 from sevemu.firmware.sev.guest import create_guest
 from sevemu.firmware.sev.session import godh_public_key, open_channel
 
@@ -357,11 +361,6 @@ def send_start(fw: Firmware, cmd: SendStartCmd, g: GuestContext) -> SendStartCmd
     return replace(cmd, policy=g.policy)
 
 
-def _need_es(g: GuestContext, vmsa: bool) -> None:
-    if vmsa and not g.es:
-        raise FirmwareError(Status.UNSUPPORTED, f"guest {g.handle} is not an SEV-ES guest: it has no VMSA")
-
-
 def _hdr_length_query(fw: Firmware, cmd: TransportCmd) -> None:
     """AF answers a short ``hdr_len`` (the length query) before it looks at the handle."""
     if cmd.hdr_len < HdrBuf.SIZE:
@@ -369,7 +368,8 @@ def _hdr_length_query(fw: Firmware, cmd: TransportCmd) -> None:
 
 
 def _send_update(fw: Firmware, cmd: TransportCmd, g: GuestContext, vmsa: bool) -> TransportCmd | None:
-    _need_es(g, vmsa)
+    if vmsa:
+        need_es(g)
     need_active(g)
     n = cmd.guest_len
     if cmd.trans_len == 0 or cmd.trans_len < n:
@@ -380,6 +380,8 @@ def _send_update(fw: Firmware, cmd: TransportCmd, g: GuestContext, vmsa: bool) -
     hdr_spa = host_region(fw, cmd.hdr_paddr, HdrBuf.SIZE)
     trans_spa = host_region(fw, cmd.trans_paddr, n)
     plaintext = read_guest(fw, g, spa, n)
+    if vmsa:
+        check_vmsa(fw, g, plaintext)
     hdr, trans = seal_data_packet(TransportKeys(g.tek, g.tik), plaintext, fw.ports.trng(IV_SIZE))
     dma.write(trans_spa, trans)
     dma.write(hdr_spa, hdr.encode())
@@ -429,7 +431,8 @@ def receive_start(fw: Firmware, cmd: ReceiveStartCmd) -> ReceiveStartCmd:
 
 
 def _receive_update(fw: Firmware, cmd: TransportCmd, g: GuestContext, vmsa: bool) -> None:
-    _need_es(g, vmsa)
+    if vmsa:
+        need_es(g)
     need_active(g)
     n = cmd.trans_len
     if n == 0 or n > MAX_PACKET or cmd.guest_len != n or cmd.hdr_len < HdrBuf.SIZE:
@@ -442,7 +445,12 @@ def _receive_update(fw: Firmware, cmd: TransportCmd, g: GuestContext, vmsa: bool
     if hdr.flags & HdrFlags.COMPRESSED:
         raise FirmwareError(Status.UNSUPPORTED, "compressed packets are not supported")
     plaintext = open_data_packet(TransportKeys(g.tek, g.tik), hdr, trans, n)
+    if vmsa:
+        vmsa_room(fw, plaintext)
     evict_host_lines(fw, spa, n)
+    if vmsa:
+        set_up_vmsa(fw, g, spa, plaintext)
+        return
     write_guest(fw, g, spa, plaintext)
 
 

@@ -26,6 +26,7 @@ from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import TransportCmd
 from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct
+from sevemu.abi.vmsa import SevFeatures
 from sevemu.errors import LayoutError
 from sevemu.hw.host import HostSoc
 from sevemu.hypervisor.asid import AsidPool
@@ -41,6 +42,7 @@ S = TypeVar("S", bound=Struct)
 _FN_SEV = 0x8000_001F
 _VMPAGE_FLUSH = 1 << 2  # CPUID Fn8000_001F EAX[2]
 _SME_COHERENT = 1 << 10  # EAX[10]: hardware-enforced cache coherency across encryption domains
+_DEBUG_SWAP = 1 << 14  # EAX[14]: DebugSwap (X86_FEATURE_DEBUG_SWAP)
 _HDR_ROOM = 0x40  # a transport header (HdrBuf, 0x34 bytes) rounded to a cache line
 
 
@@ -56,12 +58,17 @@ class SevCaps:
     """EAX[10]: caches are coherent across encryption domains (see :meth:`SevHost.clflush_pages`)."""
     es: bool
     """SEV-ES is enabled and has ASIDs."""
+    vmsa_features: int = 0
+    """What an SEV-ES VM may ask for in KVM_SEV_INIT2's ``vmsa_features`` (Linux
+    ``sev_supported_vmsa_features``: DEBUG_SWAP where EAX[14] says the CPU has it)."""
 
     @classmethod
     def of(cls, soc: HostSoc) -> SevCaps:
         eax, ebx, _, _ = soc.cpuid(_FN_SEV)
+        es = soc.profile.sev_es
         return cls(me_mask=1 << (ebx & 0x3F), vmpage_flush=bool(eax & _VMPAGE_FLUSH),
-                   sme_coherent=bool(eax & _SME_COHERENT), es=soc.profile.sev_es)
+                   sme_coherent=bool(eax & _SME_COHERENT), es=es,
+                   vmsa_features=int(SevFeatures.DEBUG_SWAP) if es and eax & _DEBUG_SWAP else 0)
 
 
 @dataclass(frozen=True, slots=True)

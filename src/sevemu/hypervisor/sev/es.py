@@ -1,42 +1,94 @@
-"""The host side of the SEV-ES commands of the legacy API: VMSAs (SEV API 55766, LAUNCH_UPDATE_VMSA,
-SEND_UPDATE_VMSA, RECEIVE_UPDATE_VMSA; APM2 15.35).
+"""The host side of SEV-ES: KVM_SEV_INIT2 and the VMSAs (SEV API 55766, LAUNCH_UPDATE_VMSA,
+SEND_UPDATE_VMSA, RECEIVE_UPDATE_VMSA; APM2 15.35; Linux arch/x86/kvm/svm/sev.c ``sev_guest_init2``,
+``sev_es_sync_vmsa``, ``__sev_launch_update_vmsa``; Documentation/virt/kvm/x86/amd-memory-encryption.rst).
+
+KVM_SEV_INIT2 (:func:`guest_init2`) makes a VM created with type ``KVM_X86_SEV_VM`` or
+``KVM_X86_SEV_ES_VM`` an SEV or SEV-ES guest with the ``struct kvm_sev_init`` it is given:
+``-EINVAL`` for a VM of another type or one already initialised, for vCPUs already created, for
+``flags``, for ``vmsa_features`` the host does not support (DEBUG_SWAP where CPUID Fn8000_001F EAX[14]
+has it; none for an SEV guest) and for a GHCB version above 2 (or any for an SEV guest).
 
 An SEV-ES vCPU's register state lives in a VMSA page the firmware encrypts with the guest's key.
-``launch_update_vmsa`` builds each vCPU's page from its save area (Linux arch/x86/kvm/svm/sev.c
-``sev_es_sync_vmsa``), flushes it and has the firmware measure and encrypt it; the VMSA transfers
-move one vCPU's page through a transport packet (AMD's out-of-tree KVM layout: ``vcpu_id`` plus
-header and transport buffers; upstream KVM defines the ids but refuses them).  The pages come from
-the host's table pages and go back when the VM is destroyed (:meth:`~sevemu.hypervisor.vm.Vm.release`).
+:func:`sync_vmsa` makes the page as ``sev_es_sync_vmsa`` does, from the hypervisor's own vCPU state
+(:mod:`sevemu.hypervisor.vcpu`): the whole VMCB save area (segments, EFER, CR0/3/4, DR7, RFLAGS, RIP,
+RSP, RAX, PAT ...), then the GPRs and RIP, XCR0, PKRU, XSS and DR6 of ``vcpu->arch``, and
+``sev_features`` = the VM's ``vmsa_features``; for a VM of any type but ``KVM_X86_DEFAULT_VM`` (a
+KVM_SEV_INIT2 VM) also the x87/SSE/AVX state (FCW 0x37f and MXCSR 0x1f80 at reset; the legacy
+KVM_SEV_ES_INIT VM keeps them 0 so that existing launch digests do not change).  A vCPU with
+KVM_SET_GUEST_DEBUG on or DR7 other than 0x400 is refused (``-EINVAL``).
+:func:`launch_update_vmsa` (KVM_SEV_LAUNCH_UPDATE_VMSA, ``-ENOTTY`` for a VM that is not SEV-ES) does
+that for every vCPU in vCPU order: the page written as the host, CLFLUSHed (the firmware encrypts it
+in place), LAUNCH_UPDATE_VMSA with ``len`` 4096; the vCPU's state is then protected
+(``guest_state_protected``; the VMCB's ``sev_es_enable``).  The pages are the VM's
+(:attr:`~sevemu.hypervisor.vm.Vm.vmsa_pages`: vCPU index -> SPA), from the host's table pages, given
+back when the VM is destroyed.
+
+The VMSA transfers move one vCPU's page through a transport packet (AMD's out-of-tree KVM layout:
+``vcpu_id`` plus header and transport buffers; upstream KVM defines the ids but refuses them).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import LaunchUpdateDataCmd
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE, SevEsSaveArea
-from sevemu.hypervisor.errors import Errno, SevInputError
+from sevemu.hypervisor.errors import Errno, SevInputError, SevStateError
 from sevemu.hypervisor.sev.common import Reply, SevHost
+from sevemu.hypervisor.sev.legacy import LegacySev
+from sevemu.hypervisor.uapi import KvmSevInit
+from sevemu.hypervisor.vcpu import DR7_RESET, KvmVmType
 from sevemu.hypervisor.vm import Vcpu, Vm
 
-__all__ = ["launch_update_vmsa", "receive_update_vmsa", "send_update_vmsa", "vmsa_page"]
-
-_DR6_RESET = 0xFFFF0FF0
-_DR7_RESET = 0x400
-_PAT_RESET = 0x0007040600070406
+__all__ = ["guest_init2", "launch_update_vmsa", "receive_update_vmsa", "send_update_vmsa", "sync_vmsa"]
 
 
-def vmsa_page(vcpu: Vcpu) -> bytes:
-    """``sev_es_sync_vmsa``: the vCPU's save area as a VMSA page."""
-    v = vcpu.vmcb
-    regs = v.regs
-    area = SevEsSaveArea(
-        efer=v.efer, cr4=v.cr4, cr3=v.cr3, cr0=v.cr0, dr7=_DR7_RESET, dr6=_DR6_RESET,
-        rflags=v.rflags, rip=v.rip, rsp=regs["rsp"], rax=regs["rax"], rcx=regs["rcx"],
-        rdx=regs["rdx"], rbx=regs["rbx"], rbp=regs["rbp"], rsi=regs["rsi"], rdi=regs["rdi"],
-        r8=regs["r8"], r9=regs["r9"], r10=regs["r10"], r11=regs["r11"], r12=regs["r12"],
-        r13=regs["r13"], r14=regs["r14"], r15=regs["r15"], xcr0=1, g_pat=_PAT_RESET,
-    )
-    return area.encode()
+def guest_init2(host: LegacySev, vm: Vm, data: KvmSevInit) -> None:
+    """KVM_SEV_INIT2 (module docstring)."""
+    if not vm.need_init or vm.vm_type not in (KvmVmType.SEV_VM, KvmVmType.SEV_ES_VM):
+        raise SevStateError(Errno.EINVAL, f"{vm.name} ({vm.vm_type.name}) takes no KVM_SEV_INIT2")
+    host.guest_init(vm, es=vm.vm_type is KvmVmType.SEV_ES_VM, init2=True, vmsa_features=data.vmsa_features,
+                    flags=data.flags, ghcb_version=data.ghcb_version)
+
+
+def sync_vmsa(vm: Vm, vcpu: Vcpu) -> SevEsSaveArea:
+    """``sev_es_sync_vmsa``: the VMSA of ``vcpu`` (module docstring); ``-EINVAL`` for a vCPU being
+    debugged or with DR7 other than 0x400."""
+    arch, vmcb = vcpu.arch, vcpu.vmcb
+    if arch.guest_debug or arch.dr7 & ~DR7_RESET:
+        raise SevInputError(Errno.EINVAL, f"vCPU {vcpu.index} of {vm.name}: debug registers armed "
+                                          f"(DR7 {arch.dr7:#x}, guest debug {arch.guest_debug})")
+    values: dict[str, Any] = {}
+    for name, seg in arch.segments.items():  # the VMCB save area (memcpy)
+        values.update({f"{name}_selector": seg.selector, f"{name}_attrib": seg.attrib,
+                       f"{name}_limit": seg.limit, f"{name}_base": seg.base})
+    values.update(efer=vmcb.efer, cr4=vmcb.cr4, cr3=vmcb.cr3, cr0=vmcb.cr0, dr7=arch.dr7, rflags=vmcb.rflags,
+                  g_pat=arch.g_pat)
+    values.update(vmcb.regs)  # the GPRs
+    values.update(rip=vmcb.rip, xcr0=arch.xcr0, pkru=arch.pkru, xss=arch.xss, dr6=arch.dr6,
+                  sev_features=vm.vmsa_features)
+    if vm.vm_type is not KvmVmType.DEFAULT_VM:  # FPU and AVX only for KVM_SEV_INIT2 VMs
+        fpu = arch.fpu
+        st = [fpu.st[16 * i : 16 * i + 10] for i in range(8)]  # 10 of each 16-byte FXSAVE slot
+        values.update(x87_dp=fpu.rdp, mxcsr=fpu.mxcsr, x87_ftw=fpu.ftw, x87_fsw=fpu.fsw, x87_fcw=fpu.fcw,
+                      x87_fop=fpu.fop, x87_rip=fpu.rip,
+                      fpreg_x87=b"".join(r[:8] for r in st) + b"".join(r[8:] for r in st),
+                      fpreg_xmm=fpu.xmm, fpreg_ymm=fpu.ymm)
+    return SevEsSaveArea(**values)
+
+
+def launch_update_vmsa(host: SevHost, vm: Vm) -> None:
+    """KVM_SEV_LAUNCH_UPDATE_VMSA: every vCPU's VMSA measured and encrypted; its state is protected."""
+    host.need_es(vm)
+    for vcpu in vm.vcpus:
+        page = sync_vmsa(vm, vcpu).encode()
+        spa = vm.vmsa_page(vcpu.index)
+        host.core.host_write(spa, page)
+        host.core.clflush_range(spa, VMSA_PAGE_SIZE)
+        host.issue(CommandId.LAUNCH_UPDATE_VMSA, LaunchUpdateDataCmd(handle=vm.handle, paddr=spa, len=VMSA_PAGE_SIZE))
+        vcpu.guest_state_protected = True
+        vcpu.vmcb.sev_es_enable = True
 
 
 def _vmsa(host: SevHost, vm: Vm, vcpu: int) -> int:
@@ -46,17 +98,6 @@ def _vmsa(host: SevHost, vm: Vm, vcpu: int) -> int:
     if not 0 <= vcpu < len(vm.vcpus):
         raise SevInputError(Errno.EINVAL, f"{vm.name} has no vCPU {vcpu}")
     return vm.vmsa_page(vcpu) | host.caps.me_mask
-
-
-def launch_update_vmsa(host: SevHost, vm: Vm) -> None:
-    """KVM_SEV_LAUNCH_UPDATE_VMSA: every vCPU's VMSA measured and encrypted; its state is protected."""
-    host.need_es(vm)
-    for vcpu in vm.vcpus:
-        spa = vm.vmsa_page(vcpu.index)
-        host.core.host_write(spa, vmsa_page(vcpu))
-        host.core.clflush_range(spa, VMSA_PAGE_SIZE)
-        host.issue(CommandId.LAUNCH_UPDATE_VMSA, LaunchUpdateDataCmd(handle=vm.handle, paddr=spa, len=VMSA_PAGE_SIZE))
-        vcpu.vmcb.sev_es_enable = True  # guest_state_protected
 
 
 def send_update_vmsa(host: SevHost, vm: Vm, vcpu: int, hdr_len: int, trans_len: int) -> Reply:
@@ -69,4 +110,6 @@ def receive_update_vmsa(host: SevHost, vm: Vm, vcpu: int, hdr: bytes, trans: byt
     """RECEIVE_UPDATE_VMSA of one vCPU; its state is protected from then on."""
     guest = _vmsa(host, vm, vcpu)
     host.receive_packet(CommandId.RECEIVE_UPDATE_VMSA, vm, guest, VMSA_PAGE_SIZE, hdr, trans)
-    vm.vcpus[vcpu].vmcb.sev_es_enable = True
+    target = vm.vcpus[vcpu]
+    target.guest_state_protected = True
+    target.vmcb.sev_es_enable = True

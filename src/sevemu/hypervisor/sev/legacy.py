@@ -35,6 +35,7 @@ from collections.abc import Generator, Iterable
 from sevemu._util.units import PAGE, PAGE_MASK, align_down, align_up
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
 from sevemu.abi.commands import CommandId
+from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import (
     SEV_TMR_LEN,
     ActivateCmd,
@@ -59,6 +60,8 @@ from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
 from sevemu.hypervisor.sev.common import PACKET, OutBlob, Packet, Reply, SevHost, contiguous_runs
+from sevemu.hypervisor.uapi import GHCB_VERSION_MAX, GHCB_VERSION_MIN
+from sevemu.hypervisor.vcpu import KvmVmType
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
 __all__ = ["GRANULE", "LegacySev"]
@@ -161,21 +164,48 @@ class LegacySev(SevHost):
         return self.asids.alloc_sev()
 
     # ==== guest context ===========================================================================
-    @staticmethod
-    def context(vm: Vm) -> None:
+    def context(self, vm: Vm) -> None:
         """Give an SEV VM its SEV context without INITing the platform (the Python API's implicit
-        KVM_SEV_INIT: its VMs live on a platform the hypervisor brought up)."""
-        if vm.kind is VmKind.SEV:
-            vm.sev_active = True
+        KVM_SEV_INIT: its VMs live on a platform the hypervisor brought up); a VM of an SEV type
+        gets KVM_SEV_INIT2's with the default ``struct kvm_sev_init``."""
+        if vm.kind is not VmKind.SEV or vm.sev_active:
+            return
+        if vm.need_init:
+            if vm.vcpus:
+                raise SevStateError(Errno.EINVAL, f"{vm.name} is a {vm.vm_type.name}: its KVM_SEV_INIT2 must come "
+                                                  "before its vCPUs (Hypervisor.sev_init right after create_vm)")
+            self.guest_init(vm, es=vm.vm_type is not KvmVmType.SEV_VM, init2=True)
+            return
+        vm.sev_active = True
 
-    def guest_init(self, vm: Vm, es: bool = False) -> None:
-        """KVM_SEV_INIT / KVM_SEV_ES_INIT (``sev_guest_init``)."""
-        if es and not self.caps.es:
-            raise SevStateError(Errno.ENOTTY, "this CPU has no SEV-ES")
+    def guest_init(self, vm: Vm, es: bool = False, *, init2: bool = False, vmsa_features: int = 0,
+                   flags: int = 0, ghcb_version: int | None = None) -> None:
+        """KVM_SEV_INIT / KVM_SEV_ES_INIT (``sev_guest_init``), or with ``init2`` KVM_SEV_INIT2
+        (``sev_guest_init2``: the VM's type says SEV or SEV-ES), then ``__sev_guest_init``: no vCPU
+        yet, no flags, only the ``vmsa_features`` KVM supports (none for SEV), a GHCB version KVM
+        knows (none for SEV), once; SEV-ES ASIDs for ES guests, the platform INITed if it is not."""
+        if init2:
+            if not vm.need_init:
+                raise SevStateError(Errno.EINVAL, f"{vm.name} is not a VM of an SEV type awaiting KVM_SEV_INIT2")
+        else:
+            if es and not self.caps.es:
+                raise SevStateError(Errno.ENOTTY, "this CPU has no SEV-ES")
+            if vm.vm_type is not KvmVmType.DEFAULT_VM:
+                raise SevStateError(Errno.EINVAL, f"{vm.name} is a {vm.vm_type.name}: KVM_SEV_INIT2 only")
+            ghcb_version = GHCB_VERSION_MIN if es else 0  # KVM_SEV_ES_INIT: the minimal protocol
+        ghcb = ghcb_version or 0
         if vm.vcpus:
             raise SevStateError(Errno.EINVAL, f"{vm.name} already has vCPUs")
+        if flags:
+            raise SevInputError(Errno.EINVAL, f"kvm_sev_init.flags {flags:#x}: no flag is defined")
+        valid = self.caps.vmsa_features if es else 0
+        if vmsa_features & ~valid:
+            raise SevInputError(Errno.EINVAL, f"vmsa_features {vmsa_features:#x}: this host supports {valid:#x}"
+                                              f"{'' if es else ' (none for an SEV guest)'}")
+        if ghcb > GHCB_VERSION_MAX or (not es and ghcb):
+            raise SevInputError(Errno.EINVAL, f"GHCB version {ghcb} (SEV-ES guests: 1..{GHCB_VERSION_MAX})")
         if vm.sev_active:
-            raise SevStateError(Errno.EBUSY, f"{vm.name} already has an SEV context")
+            raise SevStateError(Errno.EINVAL if init2 else Errno.EBUSY, f"{vm.name} already has an SEV context")
         if vm.kind is not VmKind.SEV:
             raise SevStateError(Errno.EINVAL, f"{vm.name} was not created as an SEV VM (no SEV ASID)")
         swap = es and not self.asids.is_es(vm.asid)
@@ -191,13 +221,23 @@ class LegacySev(SevHost):
             vm.asid = asid
         vm.sev_active = True
         vm.es = es
+        vm.vmsa_features = vmsa_features
+        vm.ghcb_version = ghcb or (GHCB_VERSION_MAX if es else 0)  # KVM's default for an ES VM
+        vm.need_init = False
 
-    def _activate(self, vm: Vm, handle: int) -> None:
-        """ACTIVATE ``handle`` on the VM's ASID (``sev_bind_asid``); DECOMMISSION when it fails."""
+    def _activate(self, vm: Vm, handle: int, policy: int) -> None:
+        """ACTIVATE ``handle`` on the VM's ASID (``sev_bind_asid``); DECOMMISSION when it fails.  An
+        ES policy on a VM that is not SEV-ES (or the reverse) meets the firmware's ASID ranges: the
+        error says so."""
         try:
             self.issue(CommandId.ACTIVATE, ActivateCmd(handle=handle, asid=vm.asid))
-        except SevFirmwareError:
+        except SevFirmwareError as e:
             self.psp.raw(CommandId.DECOMMISSION, HandleCmd(handle=handle).encode())
+            if e.status == Status.INVALID_ASID and bool(policy & GuestPolicy.ES) != vm.es:
+                want = "an SEV-ES guest (KVM_SEV_ES_INIT, or KVM_SEV_INIT2 of a KVM_X86_SEV_ES_VM)" \
+                    if policy & GuestPolicy.ES else "an SEV guest without ES"
+                raise SevFirmwareError(f"ACTIVATE of ASID {vm.asid} (policy {policy:#x} needs {want})",
+                                       e.status) from e
             raise
 
     def _started(self, vm: Vm, handle: int, policy: int) -> None:
@@ -217,8 +257,14 @@ class LegacySev(SevHost):
                 fields.update(dh_cert_paddr=st.put(dh), dh_cert_len=len(dh))
             if session is not None:
                 fields.update(session_paddr=st.put(session), session_len=len(session))
-            done = self.issue(CommandId.LAUNCH_START, self.build(LaunchStartCmd, fields))
-        self._activate(vm, done.handle)
+            try:
+                done = self.issue(CommandId.LAUNCH_START, self.build(LaunchStartCmd, fields))
+            except SevFirmwareError as e:
+                if e.status == Status.UNSUPPORTED and policy & GuestPolicy.ES:
+                    raise SevFirmwareError(f"LAUNCH_START (policy {policy:#x} requires SEV-ES, which the "
+                                           "platform was not INITed with)", e.status) from e
+                raise
+        self._activate(vm, done.handle, policy)
         self._started(vm, done.handle, policy)
         return done.handle
 
@@ -401,7 +447,7 @@ class LegacySev(SevHost):
                 "handle": handle, "policy": policy, "pdh_cert_paddr": st.put(pdh), "pdh_cert_len": len(pdh),
                 "session_paddr": st.put(session), "session_len": len(session)})
             done = self.issue(CommandId.RECEIVE_START, buf)
-        self._activate(vm, done.handle)
+        self._activate(vm, done.handle, policy)
         self._started(vm, done.handle, policy)
         return done.handle
 
