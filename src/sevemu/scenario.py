@@ -22,7 +22,7 @@ generation takes about a second per key) are made once and kept in the process a
 ``~/.local/share/sevemu-amd-vault``; ``SEVEMU_AMD_VAULT=""`` keeps them in the process only).  The
 vault stands for AMD's side of the world: only this module, in its role of the factory, reads it;
 the platform directory, the host (hypervisor, CLI host commands) and the host's cache never hold
-these keys (``docs/threat-model-firmware.md``).  The keys are emulated, and never trusted by real
+these keys (``docs/threat-model.md``).  The keys are emulated, and never trusted by real
 verifiers.
 """
 

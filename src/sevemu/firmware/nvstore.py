@@ -17,7 +17,7 @@ certificates in a region of the SPI flash, encrypted and MACed with chip-unique 
       nv.sqlite3              the NV store (the SPI flash): a real SQLite database, every record sealed
 
 ``factory/fuses.bin`` stands for silicon: nothing on the host side reads it (the host-attacker model
-of ``docs/threat-model-firmware.md``).  Every other file is the host's to read and write; the
+of ``docs/threat-model.md``).  Every other file is the host's to read and write; the
 firmware trusts none of them beyond what the fuses vouch for:
 
 * the ARKs it trusts are the ones whose SHA-256 is fused (format below); the ARK files and the
