@@ -260,3 +260,27 @@ def test_scan_io_candidates() -> None:
 
 def test_serial_console_port() -> None:
     assert COM1 == 0x3F8
+
+
+# mov $EFER,%ecx; rdmsr; or $0x800,%eax; wrmsr; rdmsr; mov %eax,%ebp; hlt;
+# xor %eax,%eax; vmgexit (rep vmmcall); mov %eax,%esi; hlt; pvalidate
+SHARED = bytes.fromhex("b9800000c00f320d000800000f300f3289c5f4" "31c0f30f01d989c6f4" "f20f01ff")
+
+
+@pytest.mark.parametrize("kind", [VmKind.PLAIN, VmKind.SEV])
+def test_shared_instruction_semantics_on_real_code(kind: VmKind) -> None:
+    """EFER is the CPU's (no exit), VMGEXIT outside SEV-ES is VMMCALL, PVALIDATE outside SNP is #UD --
+    decided by hw/x86/insn.py, the same code the Python engine runs."""
+    m = machine()
+    vm, eng = launch(m, SHARED, kind)
+    assert run(m, vm).reason == "hlt"
+    v = vm.vcpus[0].vmcb
+    assert v.regs["rbp"] & 0xFFFFFFFF == 0x800 and v.efer & 0x800
+    assert "MSR" not in eng.stats.by_reason
+    assert run(m, vm).reason == "hlt"
+    assert eng.stats.by_reason["VMMCALL"] == 1
+    assert v.regs["rsi"] & 0xFFFFFFFF == ((1 << 64) - 1000) & 0xFFFFFFFF  # KVM's -ENOSYS for hypercall 0
+    r = run(m, vm)
+    assert r.exit.code == ExitCode.SHUTDOWN
+    assert "#UD" in (vm.crash_reason or "") and "PVALIDATE outside an SEV-SNP guest" in (vm.crash_reason or "")
+    assert eng.crash_rip == BASE + len(SHARED) - 4
