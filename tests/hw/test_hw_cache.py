@@ -7,7 +7,7 @@ import random
 import pytest
 
 from sevemu.crypto.memenc import EncryptionMode, TweakConstants
-from sevemu.errors import AlignmentError, InputError
+from sevemu.errors import AlignmentError, InputError, KeySlotError
 from sevemu.hw.cache import Cache, key_domain, tag_key
 from sevemu.hw.dram import LINE, Dram
 from sevemu.hw.faults import GeneralProtection
@@ -216,3 +216,45 @@ def test_multi_line_write_and_read_through_the_cache() -> None:
     cache.wbinvd()
     assert cache.read(1, True, X + 5, 300) == data
     assert data[16:32] not in cache.mc.dram.read(X, 512)
+
+
+@pytest.mark.parametrize("flush", ["wbinvd", "clflush", "flush_range", "vmpage_flush"])
+def test_flushing_lines_of_a_cleared_key_slot_never_raises_and_destroys_the_data(flush: str) -> None:
+    """SHUTDOWN / DECOMMISSION clear a slot while its lines may be dirty: the next flush writes them
+    back under a key nobody knows (docs/memory-model.md) -- no exception, no plaintext, no lost line."""
+    cache, port = _cache()
+    secret = _data(20)
+    cache.write(1, True, X, secret)
+    cache.write(1, True, X + 0x1000, secret)  # another page, for the flushes that name one line
+    before = cache.mc.dram.read(X, LINE)
+    port.clear(1)
+    assert not cache.mc.has_key(1) and not cache.mc.asid_valid(1)
+    if flush == "wbinvd":
+        assert cache.wbinvd() == 2
+    elif flush == "clflush":
+        assert cache.clflush(1, True, X)
+    elif flush == "flush_range":
+        cache.flush_range(1, True, X, 0x2000)
+    else:
+        assert cache.vmpage_flush(1, X) == 1
+    assert cache.peek(1, True, X) is None
+    raw = cache.mc.dram.read(X, LINE)
+    assert raw not in (before, secret)  # written back, encrypted, but not with the guest's key
+    port.load(1, random.Random(11).randbytes(16))  # even the same key again cannot read it
+    assert cache.read(1, True, X, LINE) != secret
+    assert cache.wbinvd() >= 0 and cache.wbinvd() == 0  # WBINVD keeps working
+    assert not cache.dirty
+
+
+def test_a_fill_in_a_cleared_domain_reads_garbage_instead_of_raising() -> None:
+    cache, port = _cache()
+    secret = _data(21)
+    cache.write(2, True, X, secret)
+    cache.wbinvd()
+    port.clear(2)
+    line = cache.read(2, True, X, LINE)  # e.g. a private cache level writing back after the clear
+    assert line != secret
+    cache.write(2, True, X + 8, b"late write")
+    assert cache.wbinvd() == 1
+    with pytest.raises(KeySlotError):  # an ASID that never had a key is still refused
+        cache.read(9, True, X, LINE)
