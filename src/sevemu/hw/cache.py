@@ -1,6 +1,6 @@
 """The SoC's cache: set-associative, write-back, LRU, lines tagged by encryption domain.
 
-Inside the SoC data is plaintext (APM2 15.34.5-15.34.7).  Each 64-byte line is tagged with the
+Inside the SoC data is plaintext (APM2 15.34).  Each 64-byte line is tagged with the
 domain of the access that brought it in, ``(ASID, C-bit)``, and its SPA; a lookup matches all three,
 so a line of one ASID never serves another.  Lines reach DRAM only through the memory controller,
 which encrypts them with the key of their own tag on eviction, CLFLUSH, VMPAGE_FLUSH or WBINVD.
@@ -10,7 +10,7 @@ that is why a shared (C=0) page works as a bounce buffer between a guest and the
 flushes.  Encrypted lines of different ASIDs (or the same SPA seen with and without the C-bit) are
 *not* coherent unless the profile has hardware-enforced coherency (CPUID Fn8000_001F EAX[10]):
 two lines for one SPA may coexist, and whichever is written back last wins in DRAM — the reason the
-hypervisor must flush before changing a page's key or C-bit (APM2 15.34.9).  With the coherency
+hypervisor must flush before changing a page's key or C-bit (APM2 15.34).  With the coherency
 feature, a fill evicts (writing back) every other-domain line of the same SPA first.
 
 The whole cache hierarchy is modelled as one shared level: private L1/L2 levels would change timing,
@@ -198,7 +198,7 @@ class Cache:
         """CLFLUSH: write back and invalidate the line of ``spa`` in domain (asid, c) only.
 
         Returns whether a line was present.  A host CLFLUSH names the host's own domain, so it
-        does not evict guest-tagged lines (APM2 15.34.9).
+        does not evict guest-tagged lines (APM2 15.34).
         """
         key = tag_key(asid, c, spa)
         if self.agents:

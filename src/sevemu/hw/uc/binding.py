@@ -36,6 +36,7 @@ __all__ = [
     "MsrArg",
     "check",
     "ctl",
+    "fn_address",
     "hook_insn",
     "library",
     "loaded_library",
@@ -148,6 +149,16 @@ def unicorn_version() -> str:
     return f"{v >> 24}.{(v >> 16) & 0xFF}.{(v >> 8) & 0xFF}"
 
 
+def fn_address(cb: Any) -> int:
+    """The code address of a ctypes function object (a callback or a library function).
+
+    ``ctypes.cast`` would do, but it stores the source in its own ``_objects``: a reference cycle
+    that keeps every callback -- and the engine its bound methods belong to -- alive until the
+    garbage collector runs.
+    """
+    return int(ctypes.c_void_p.from_buffer(cb).value or 0)
+
+
 def check(err: int, what: str) -> None:
     """Raise :class:`~sevemu.errors.HardwareError` naming ``what`` unless ``err`` is UC_ERR_OK."""
     if err != UC_ERR_OK:
@@ -159,7 +170,7 @@ def hook_insn(h: ctypes.c_void_p, handle: ctypes.c_size_t, cb: Any, insn: int) -
     """uc_hook_add for UC_HOOK_INSN, whose instruction id is a variadic argument."""
     fn = library()["uc_hook_add"]  # a fresh function object: no fixed prototype
     fn.restype = ctypes.c_int
-    check(fn(h, ctypes.byref(handle), ctypes.c_int(UC_HOOK_INSN), ctypes.cast(cb, ctypes.c_void_p),
+    check(fn(h, ctypes.byref(handle), ctypes.c_int(UC_HOOK_INSN), ctypes.c_void_p(fn_address(cb)),
              ctypes.c_void_p(None), ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn)),
           "port I/O hook")
 

@@ -31,6 +31,8 @@ import array
 import contextlib
 import ctypes
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any, Final
 
 from sevemu._util.units import PAGE
@@ -41,6 +43,7 @@ from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault
 from sevemu.hw.svm import GPRS, SaveState, Vmcb, VmExit
 from sevemu.hw.uc import binding as uc
+from sevemu.hw.uc import exits
 from sevemu.hw.uc.binding import I_CR0, I_CR3, I_RIP, REG, SYNC_IDS, check, ctl
 from sevemu.hw.uc.exits import (
     EXIT_HLT,
@@ -54,7 +57,6 @@ from sevemu.hw.uc.exits import (
     VMEXIT_BASE,
     VMRUN_STUB,
     Crash,
-    ExitHandler,
     msr_permission_map,
     msrpm_bit,
     private_vmcb,
@@ -83,6 +85,19 @@ __all__ = ["EngineClosedError", "UcEngine", "check_vmcb_state"]
 _VM_HSAVE_PA_MSR: Final = 0xC001_0117
 _CLEAN_SYNCS_BEFORE_DEMOTE: Final = 256
 _SPURIOUS_LIMIT: Final = 1000
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """``method`` of the engine, called only while the engine lives: what the pool and the port
+    hooks hold, so that the cache (which holds the pool) does not keep a dropped engine alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        m = ref()
+        if m is not None:
+            m()
+
+    return call
 
 
 class EngineClosedError(HardwareError):
@@ -146,9 +161,8 @@ class UcEngine:
         self._keep: list[Any] = []  # ctypes callbacks Unicorn holds pointers to
         self._cpu: GuestCpu | None = None
         self._tlb_token: object = None
-        self.pool = PagePool(pool_pages, self.stats, self._stop)
+        self.pool = PagePool(pool_pages, self.stats, _weakly(self._stop))
         self._ports: IoHooks | None = None
-        self._exits = ExitHandler(self)
         # registers
         n = len(SYNC_IDS)
         self.vals = array.array("Q", bytes(8 * n))
@@ -190,6 +204,7 @@ class UcEngine:
         self.pool.close()
         if self._ports is not None:
             self._ports.close()
+            self._ports = None
         self._keep.clear()
         self._cpu = None
         self._regs_obj = None
@@ -275,8 +290,7 @@ class UcEngine:
               "mapping the page pool")
         # The port-I/O code hooks call uc_emu_stop itself (its one argument is the hook's first):
         # no Python on the way; a stop without another reason at a hooked address is the I/O exit.
-        self._ports = IoHooks(lib, h, ctypes.cast(lib.uc_emu_stop, ctypes.c_void_p).value, self.pool.page,
-                              self._flush_tb)
+        self._ports = IoHooks(lib, h, uc.fn_address(lib.uc_emu_stop), self.pool.page, _weakly(self._flush_tb))
         self.pool.on_forget = self._ports.forget_slot
         # hooks
         fill = uc.TLB_FILL_CB(self._on_fill)
@@ -285,10 +299,10 @@ class UcEngine:
         hout = uc.OUT_CB(self._on_out)
         self._keep += [fill, intr, hin, hout]
         hh = ctypes.c_size_t()
-        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_TLB_FILL, ctypes.cast(fill, ctypes.c_void_p),
-                              None, 1, 0), "TLB-fill hook")
-        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INTR, ctypes.cast(intr, ctypes.c_void_p),
-                              None, 1, 0), "interrupt hook")
+        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_TLB_FILL, uc.fn_address(fill), None, 1, 0),
+              "TLB-fill hook")
+        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INTR, uc.fn_address(intr), None, 1, 0),
+              "interrupt hook")
         for cb, which in ((hin, uc.UC_X86_INS_IN), (hout, uc.UC_X86_INS_OUT)):
             uc.hook_insn(h, hh, cb, which)
         # the private VMCB, permission maps, VMRUN stub
@@ -320,7 +334,7 @@ class UcEngine:
         self._booted = True
         WATCHDOG.watch(self)
 
-    # ---- low-level helpers (also the ExitHandler's view of the engine) --------------------------
+    # ---- low-level helpers (also what hw/uc/exits.py sees of the engine) -------------------------
     def _write_phys(self, pa: int, data: bytes) -> None:
         buf = ctypes.create_string_buffer(data, len(data))
         check(self._lib.uc_mem_write(self._h, pa, buf, len(data)), "uc_mem_write")
@@ -494,7 +508,6 @@ class UcEngine:
         assert ports is not None
         io_offsets = ports.offsets
         io_exits = ports.exits
-        exits = self._exits
         monotonic = time.monotonic
         rip = cpu.state.rip
         spurious = 0
@@ -513,7 +526,7 @@ class UcEngine:
             ev = self._event
             if err:
                 pending, self._pending = self._pending, None
-                ex = exits.error(cpu, err, pending, rip)
+                ex = exits.error(self, cpu, err, pending, rip)
                 if ex is not None:
                     return ex
                 self.stats.internal_exits += 1
@@ -545,13 +558,13 @@ class UcEngine:
                     raise Crash(f"emulation keeps stopping without a reason at RIP {rip:#x}")
                 continue
             elif ev >= VMEXIT_BASE:
-                ex = exits.intercept(cpu, ev - VMEXIT_BASE, rip)
+                ex = exits.intercept(self, cpu, ev - VMEXIT_BASE, rip)
                 if ex is not None:
                     return ex
                 self.stats.internal_exits += 1
                 rip = vals[I_RIP]
             else:
-                ex = exits.exception(cpu, ev, rip)
+                ex = exits.exception(self, cpu, ev, rip)
                 if ex is not None:
                     return ex
                 self.stats.internal_exits += 1
@@ -567,7 +580,7 @@ class UcEngine:
             self.stats.spurious_stops += 1
             return None
         if isinstance(out, insn.Fault):
-            self._exits.deliver(out, rip)
+            exits.deliver(out, rip)
         if not isinstance(out, insn.Exit):  # pragma: no cover - port I/O always exits
             raise Crash(f"engine error: port I/O at RIP {rip:#x} did not exit")
         if out.exit.info1 & 4:  # STR

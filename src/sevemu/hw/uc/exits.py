@@ -11,12 +11,13 @@ instruction not executed, RIP on it), which Unicorn reports through its interrup
 "interrupt" :data:`VMEXIT_BASE` + exit code (it never runs QEMU's ``do_vmexit``, so Unicorn stays in
 guest mode).
 
-:class:`ExitHandler` turns such a stop -- and #UD, which is where the SEV-SNP instructions QEMU 5
+:func:`intercept` turns such a stop -- and #UD, which is where the SEV-SNP instructions QEMU 5
 does not know arrive -- into a call of the shared instruction semantics
 (:mod:`sevemu.hw.x86.insn`) and applies the outcome: registers and RIP for a retired instruction,
 the :class:`~sevemu.hw.svm.VmExit` for the hypervisor, or a guest exception.  Exceptions are not
-delivered to a guest IDT yet (:meth:`ExitHandler.deliver` is the one place that changes when they
-are): each one is a triple fault, :class:`Crash`.
+delivered to a guest IDT yet (:func:`deliver` is the one place that changes when they
+are): each one is a triple fault, :class:`Crash`.  The functions take the engine as an
+:class:`EnginePort` and keep no state.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from sevemu.hw.x86.decode import GuestInsn, decode_guest_insn, skip_prefixes
 __all__ = [
     "EXIT_CPUID", "EXIT_HLT", "EXIT_MSR", "EXIT_VMMCALL", "EXIT_VMRUN", "EXIT_WBINVD", "HSAVE_PA", "IOPM_PA", "MSRPM_PA",
     "POOL_PA", "STUB_PA", "SVM_AREA_END", "VMCB_PA", "VMEXIT_BASE", "VMRUN_STUB", "Crash", "EnginePort",
-    "ExitHandler", "msr_permission_map", "msrpm_bit", "private_vmcb",
+    "apply", "deliver", "error", "exception", "intercept", "msr_permission_map", "msrpm_bit", "private_vmcb",
 ]
 
 # ---- Unicorn's physical memory: the SVM area, then the page pool -----------------------------------
@@ -154,7 +155,7 @@ def private_vmcb(state: SaveState) -> bytes:
 
 
 class EnginePort(Protocol):
-    """What :class:`ExitHandler` needs of the engine."""
+    """What the exit functions need of the engine."""
 
     @property
     def vals(self) -> array.array[int]:
@@ -174,118 +175,115 @@ class EnginePort(Protocol):
         ...
 
 
-class ExitHandler:
-    """Intercepts and exceptions of the engine's guest -> shared semantics -> outcome applied."""
+# ---- intercepts -------------------------------------------------------------------------------------
+def intercept(e: EnginePort, cpu: GuestCpu, code: int, rip: int) -> VmExit | None:
+    """An SVM intercept at ``rip``: the exit for the hypervisor, or None when the CPU handled it
+    (RIP in the register batch is then past the instruction)."""
+    vals = e.vals
+    long_mode = bool(vals[I_CR0] & CR0_PG)
+    code_bytes = e.read_code(rip, 15)
+    plen = skip_prefixes(code_bytes, long_mode)
+    if code == EXIT_HLT:
+        return apply(e, cpu, insn.hlt(cpu), rip, plen + 1)
+    if code == EXIT_CPUID:
+        return apply(e, cpu, insn.cpuid(cpu), rip, plen + 2)
+    if code == EXIT_VMMCALL:
+        guest = decode_guest_insn(code_bytes, long_mode)
+        if guest is not None and guest[0] is GuestInsn.VMGEXIT:
+            return apply(e, cpu, insn.vmgexit(cpu), rip, guest[1])
+        return apply(e, cpu, insn.vmmcall(cpu), rip, plen + 3)
+    if code == EXIT_MSR:
+        msr = vals[2] & 0xFFFFFFFF
+        state = cpu.state
+        cr0 = state.cr0 = vals[I_CR0]  # what the CPU-handled MSRs depend on, as of now
+        state.efer = e.guest_efer(cr0)
+        if code_bytes[plen : plen + 2] == b"\x0f\x30":
+            value = ((vals[3] & 0xFFFFFFFF) << 32) | (vals[0] & 0xFFFFFFFF)
+            out = insn.wrmsr(cpu, msr, value)
+            info1 = 1
+        else:
+            out = insn.rdmsr(cpu, msr)
+            info1 = 0
+        if isinstance(out, insn.Exit) and out.exit.info1 != info1:  # pragma: no cover - invariant
+            raise Crash(f"engine error: MSR exit direction at RIP {rip:#x}")
+        return apply(e, cpu, out, rip, plen + 2)
+    if code == EXIT_WBINVD:
+        out = insn.wbinvd(cpu)
+        e.refresh()  # the snoop made every slot stale: the guest continues from DRAM's view
+        return apply(e, cpu, out, rip, plen + 2)
+    name = _UD_INTERCEPTS.get(code)
+    if name is not None:
+        deliver(insn.undefined(name), rip)
+    cpu.vmcb.next_rip = 0
+    return VmExit(code)
 
-    def __init__(self, engine: EnginePort) -> None:
-        self._e = engine
 
-    # ---- intercepts ---------------------------------------------------------------------------------
-    def intercept(self, cpu: GuestCpu, code: int, rip: int) -> VmExit | None:
-        """An SVM intercept at ``rip``: the exit for the hypervisor, or None when the CPU handled it
-        (RIP in the register batch is then past the instruction)."""
-        e = self._e
-        vals = e.vals
-        long_mode = bool(vals[I_CR0] & CR0_PG)
-        code_bytes = e.read_code(rip, 15)
-        plen = skip_prefixes(code_bytes, long_mode)
-        if code == EXIT_HLT:
-            return self.apply(cpu, insn.hlt(cpu), rip, plen + 1)
-        if code == EXIT_CPUID:
-            return self.apply(cpu, insn.cpuid(cpu), rip, plen + 2)
-        if code == EXIT_VMMCALL:
-            guest = decode_guest_insn(code_bytes, long_mode)
-            if guest is not None and guest[0] is GuestInsn.VMGEXIT:
-                return self.apply(cpu, insn.vmgexit(cpu), rip, guest[1])
-            return self.apply(cpu, insn.vmmcall(cpu), rip, plen + 3)
-        if code == EXIT_MSR:
-            msr = vals[2] & 0xFFFFFFFF
-            state = cpu.state
-            cr0 = state.cr0 = vals[I_CR0]  # what the CPU-handled MSRs depend on, as of now
-            state.efer = e.guest_efer(cr0)
-            if code_bytes[plen : plen + 2] == b"\x0f\x30":
-                value = ((vals[3] & 0xFFFFFFFF) << 32) | (vals[0] & 0xFFFFFFFF)
-                out = insn.wrmsr(cpu, msr, value)
-                info1 = 1
-            else:
-                out = insn.rdmsr(cpu, msr)
-                info1 = 0
-            if isinstance(out, insn.Exit) and out.exit.info1 != info1:  # pragma: no cover - invariant
-                raise Crash(f"engine error: MSR exit direction at RIP {rip:#x}")
-            return self.apply(cpu, out, rip, plen + 2)
-        if code == EXIT_WBINVD:
-            out = insn.wbinvd(cpu)
-            e.refresh()  # the snoop made every slot stale: the guest continues from DRAM's view
-            return self.apply(cpu, out, rip, plen + 2)
-        name = _UD_INTERCEPTS.get(code)
-        if name is not None:
-            self.deliver(insn.undefined(name), rip)
-        cpu.vmcb.next_rip = 0
-        return VmExit(code)
+def apply(e: EnginePort, cpu: GuestCpu, out: insn.Outcome, rip: int, length: int) -> VmExit | None:
+    """Apply the outcome of the instruction of ``length`` bytes at ``rip``."""
+    if isinstance(out, insn.Exit):
+        cpu.vmcb.next_rip = rip + length
+        return out.exit
+    if isinstance(out, insn.Fault):
+        deliver(out, rip)
+    for name, value in out.regs:
+        e.write_reg(REG[name], value)
+    if out.cf is not None:
+        rflags = e.vals[I_RFLAGS]
+        e.write_reg(REG_RFLAGS, (rflags | RFLAGS_CF) if out.cf else (rflags & ~RFLAGS_CF))
+    if "efer" in out.changed:
+        e.set_efer(cpu.state.efer, e.vals[I_CR0])
+    e.vals[I_RIP] = rip + length
+    return None
 
-    def apply(self, cpu: GuestCpu, out: insn.Outcome, rip: int, length: int) -> VmExit | None:
-        """Apply the outcome of the instruction of ``length`` bytes at ``rip``."""
-        if isinstance(out, insn.Exit):
-            cpu.vmcb.next_rip = rip + length
-            return out.exit
-        if isinstance(out, insn.Fault):
-            self.deliver(out, rip)
-        e = self._e
-        for name, value in out.regs:
-            e.write_reg(REG[name], value)
-        if out.cf is not None:
-            rflags = e.vals[I_RFLAGS]
-            e.write_reg(REG_RFLAGS, (rflags | RFLAGS_CF) if out.cf else (rflags & ~RFLAGS_CF))
-        if "efer" in out.changed:
-            e.set_efer(cpu.state.efer, e.vals[I_CR0])
-        e.vals[I_RIP] = rip + length
-        return None
 
-    # ---- exceptions ---------------------------------------------------------------------------------
-    def deliver(self, fault: insn.Fault, rip: int) -> NoReturn:
-        """A guest exception.  The engine's guests have no IDT (delivery is not modelled yet):
-        a triple fault."""
-        detail = f": {fault.reason}" if fault.reason else ""
-        code = f", error code {fault.error_code:#x}" if fault.error_code else ""
-        raise Crash(f"{exception_name(fault.vector)} at RIP {rip:#x}{detail}{code}, with no IDT to deliver "
-                    "it: triple fault")
+# ---- exceptions ---------------------------------------------------------------------------------
+def deliver(fault: insn.Fault, rip: int) -> NoReturn:
+    """A guest exception.  The engine's guests have no IDT (delivery is not modelled yet):
+    a triple fault."""
+    detail = f": {fault.reason}" if fault.reason else ""
+    code = f", error code {fault.error_code:#x}" if fault.error_code else ""
+    raise Crash(f"{exception_name(fault.vector)} at RIP {rip:#x}{detail}{code}, with no IDT to deliver "
+                "it: triple fault")
 
-    def exception(self, cpu: GuestCpu, vector: int, rip: int) -> VmExit | None:
-        """Unicorn raised exception ``vector`` (its interrupt hook).  #UD may be an instruction QEMU
-        does not know (PVALIDATE, RMPADJUST): those go to the shared semantics."""
-        if vector == Vector.UD:
-            return self._unknown_to_qemu(cpu, rip)
-        self.deliver(insn.Fault(vector, None, ""), rip)
 
-    def error(self, cpu: GuestCpu, err: int, pending: PageFault | NestedPageFault | None,
-              rip: int) -> VmExit | None:
-        """``uc_emu_start`` failed with ``err``: a nested page fault (raised for the hypervisor),
-        a guest fault, or an instruction QEMU does not know (PVALIDATE, RMPADJUST...), which goes
-        to the shared semantics.  Returns what :meth:`apply` returns for those."""
-        if err == UC_ERR_EXCEPTION:
-            if isinstance(pending, NestedPageFault):
-                raise pending
-            if isinstance(pending, PageFault):
-                self.deliver(insn.Fault(Vector.PF, pending.error_code, f"address {pending.address:#x}"), rip)
-            self.deliver(insn.Fault(Vector.GP, 0, "non-canonical or inaccessible address"), rip)
-        if err == UC_ERR_INSN_INVALID:
-            return self._unknown_to_qemu(cpu, rip)
-        msg = library().uc_strerror(err)
-        raise Crash(f"emulation failed at RIP {rip:#x}: {msg.decode() if msg else err}")
+def exception(e: EnginePort, cpu: GuestCpu, vector: int, rip: int) -> VmExit | None:
+    """Unicorn raised exception ``vector`` (its interrupt hook).  #UD may be an instruction QEMU
+    does not know (PVALIDATE, RMPADJUST): those go to the shared semantics."""
+    if vector == Vector.UD:
+        return _unknown_to_qemu(e, cpu, rip)
+    deliver(insn.Fault(vector, None, ""), rip)
 
-    def _unknown_to_qemu(self, cpu: GuestCpu, rip: int) -> VmExit | None:
-        vals = self._e.vals
-        code = self._e.read_code(rip, 15)
-        guest = decode_guest_insn(code, bool(vals[I_CR0] & CR0_PG))
-        if guest is None:
-            self.deliver(insn.Fault(Vector.UD, None, ""), rip)
-        kind, length = guest
-        state = cpu.state  # the operands' translation uses the paging state as of now
-        state.cr0, state.cr3 = vals[I_CR0], vals[I_CR3]
-        if kind is GuestInsn.PVALIDATE:
-            out = insn.pvalidate(cpu, vals[0], vals[2] & 0xFFFFFFFF, bool(vals[3] & 1))
-        elif kind is GuestInsn.RMPADJUST:
-            out = insn.rmpadjust(cpu, vals[0], vals[2], vals[3])
-        else:  # VMMCALL / VMGEXIT arrive as intercepts, never as #UD
-            self.deliver(insn.Fault(Vector.UD, None, kind.value), rip)
-        return self.apply(cpu, out, rip, length)
+
+def error(e: EnginePort, cpu: GuestCpu, err: int, pending: PageFault | NestedPageFault | None,
+          rip: int) -> VmExit | None:
+    """``uc_emu_start`` failed with ``err``: a nested page fault (raised for the hypervisor),
+    a guest fault, or an instruction QEMU does not know (PVALIDATE, RMPADJUST...), which goes
+    to the shared semantics.  Returns what :meth:`apply` returns for those."""
+    if err == UC_ERR_EXCEPTION:
+        if isinstance(pending, NestedPageFault):
+            raise pending
+        if isinstance(pending, PageFault):
+            deliver(insn.Fault(Vector.PF, pending.error_code, f"address {pending.address:#x}"), rip)
+        deliver(insn.Fault(Vector.GP, 0, "non-canonical or inaccessible address"), rip)
+    if err == UC_ERR_INSN_INVALID:
+        return _unknown_to_qemu(e, cpu, rip)
+    msg = library().uc_strerror(err)
+    raise Crash(f"emulation failed at RIP {rip:#x}: {msg.decode() if msg else err}")
+
+
+def _unknown_to_qemu(e: EnginePort, cpu: GuestCpu, rip: int) -> VmExit | None:
+    vals = e.vals
+    code = e.read_code(rip, 15)
+    guest = decode_guest_insn(code, bool(vals[I_CR0] & CR0_PG))
+    if guest is None:
+        deliver(insn.Fault(Vector.UD, None, ""), rip)
+    kind, length = guest
+    state = cpu.state  # the operands' translation uses the paging state as of now
+    state.cr0, state.cr3 = vals[I_CR0], vals[I_CR3]
+    if kind is GuestInsn.PVALIDATE:
+        out = insn.pvalidate(cpu, vals[0], vals[2] & 0xFFFFFFFF, bool(vals[3] & 1))
+    elif kind is GuestInsn.RMPADJUST:
+        out = insn.rmpadjust(cpu, vals[0], vals[2], vals[3])
+    else:  # VMMCALL / VMGEXIT arrive as intercepts, never as #UD
+        deliver(insn.Fault(Vector.UD, None, kind.value), rip)
+    return apply(e, cpu, out, rip, length)
