@@ -59,7 +59,7 @@ def test_automatic_and_non_automatic_exits(code: int, info1: int, automatic: boo
 
 
 def test_es_guest_takes_vc_for_non_automatic_exits(soc: Soc) -> None:
-    pt, vmcb = _es_tables(soc)
+    _pt, vmcb = _es_tables(soc)
     seen: list[tuple[int, int | None]] = []
 
     def work() -> Workload:
@@ -76,7 +76,7 @@ def test_es_guest_takes_vc_for_non_automatic_exits(soc: Soc) -> None:
 
 
 def test_es_guest_ghcb_msr_vmgexit_and_sev_status(soc: Soc) -> None:
-    pt, vmcb = _es_tables(soc, sev_features=1 << 1)  # vTOM
+    _pt, vmcb = _es_tables(soc, sev_features=1 << 1)  # vTOM
     got: dict[str, Any] = {}
 
     def work() -> Workload:
@@ -168,14 +168,14 @@ def test_pvalidate_and_rmpadjust_outside_snp_are_ud(sev_tables: PageTables) -> N
 
 
 def test_snp_guest_needs_an_rmp_to_run(soc: Soc) -> None:
-    pt, vmcb = _es_tables(soc, sev_features=1)
+    _pt, vmcb = _es_tables(soc, sev_features=1)
     assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
     soc.boot_cpu.rmp = FakeRmp()
     assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.HLT
 
 
 def test_pvalidate_and_rmpadjust_register_conventions_in_an_snp_guest(soc: Soc) -> None:
-    pt, vmcb = _es_tables(soc, sev_features=1)
+    _pt, vmcb = _es_tables(soc, sev_features=1)
     rmp = soc.boot_cpu.rmp = FakeRmp()
     got: list[Any] = []
 
@@ -202,7 +202,7 @@ def test_pvalidate_and_rmpadjust_register_conventions_in_an_snp_guest(soc: Soc) 
 
 
 def test_impossible_io_is_gp_whatever_the_guest(soc: Soc) -> None:
-    pt, vmcb = _es_tables(soc)
+    _pt, vmcb = _es_tables(soc)
     seen: list[type] = []
 
     def work() -> Workload:
