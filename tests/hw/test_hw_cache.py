@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sevemu.crypto.memenc import EncryptionMode, TweakConstants
 from sevemu.errors import AlignmentError, InputError, KeySlotError
@@ -258,3 +260,88 @@ def test_a_fill_in_a_cleared_domain_reads_garbage_instead_of_raising() -> None:
     assert cache.wbinvd() == 1
     with pytest.raises(KeySlotError):  # an ASID that never had a key is still refused
         cache.read(9, True, X, LINE)
+
+
+# ---- the bulk write-back path against one write-back per line ---------------------------------------
+_DOMAINS = [(0, False), (0, True), (1, True), (2, True)]
+
+
+def _twin(mode: EncryptionMode, coherent: bool) -> tuple[Cache, KeySlotPort]:
+    r = random.Random(5)
+    mc = MemoryController(Dram(4 * MiB), mode, TweakConstants.random_zen2(48, r), 15, rng=r.randbytes)
+    port = mc.secure_port()
+    port.load(1, r.randbytes(mode.key_size))
+    port.load(2, r.randbytes(mode.key_size))
+    return Cache(mc, 4096, 4, coherent), port  # 64 lines in 16 sets: large flushes take the set walk
+
+
+def _line_by_line_flush_range(cache: Cache, asid: int, c: bool, spa: int, length: int) -> None:
+    for addr in range(spa & ~(LINE - 1), spa + length, LINE):
+        cache.clflush(asid, c, addr)
+
+
+def _line_by_line_wbinvd(cache: Cache) -> int:
+    before = cache.writebacks
+    for s in cache.sets:
+        for key, line in list(s.items()):
+            cache._writeback(key, line)
+        s.clear()
+    cache.flush_epoch += 1
+    return cache.writebacks - before
+
+
+def _state(cache: Cache) -> tuple[object, ...]:
+    return (list(cache.mc.dram.pages()), sorted(cache.resident()), sorted(cache.dirty), cache.writebacks,
+            cache.mc.lines_encrypted, cache.flush_epoch)
+
+
+_op = st.tuples(st.sampled_from(["write", "read", "clflush"]), st.integers(0, len(_DOMAINS) - 1),
+                st.integers(0, 48), st.integers(1, 40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(mode=st.sampled_from(list(EncryptionMode)), coherent=st.booleans(), ops=st.lists(_op, max_size=25),
+       clear=st.booleans(), flush=st.tuples(st.sampled_from(["wbinvd", "range"]), st.integers(0, len(_DOMAINS) - 1),
+                                            st.integers(0, 160), st.integers(0, 200)))
+def test_bulk_write_back_puts_the_same_bytes_in_dram_as_one_write_back_per_line(
+        mode: EncryptionMode, coherent: bool, ops: list[tuple[str, int, int, int]], clear: bool,
+        flush: tuple[str, int, int, int]) -> None:
+    bulk, bport = _twin(mode, coherent)
+    ref, rport = _twin(mode, coherent)
+    for cache in (bulk, ref):
+        for kind, d, line, n in ops:
+            asid, c = _DOMAINS[d]
+            if kind == "write":
+                cache.write(asid, c, 0x10000 + line * LINE, random.Random(line * 7 + d).randbytes(n * LINE))
+            elif kind == "read":
+                cache.read(asid, c, 0x10000 + line * LINE, n * LINE)
+            else:
+                cache.clflush(asid, c, 0x10000 + line * LINE)
+    if clear:  # a slot cleared under its dirty lines: both paths must use the same unknown key
+        bport.clear(2)
+        rport.clear(2)
+    assert _state(bulk) == _state(ref)
+    kind, d, line, n = flush
+    if kind == "wbinvd":
+        assert bulk.wbinvd() == _line_by_line_wbinvd(ref)
+    else:
+        asid, c = _DOMAINS[d]
+        bulk.flush_range(asid, c, 0x10000 + line * LINE + 5, n * LINE)
+        _line_by_line_flush_range(ref, asid, c, 0x10000 + line * LINE + 5, n * LINE)
+    assert _state(bulk) == _state(ref)
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_wbinvd_of_one_spa_dirty_in_several_domains_keeps_the_last_in_set_order(many: bool) -> None:
+    """Non-coherent profile: the bulk WBINVD writes back what one write-back per line in set
+    order would leave in DRAM (the line later in its set wins)."""
+    bulk, _ = _twin(EncryptionMode.XEX, False)
+    ref, _ = _twin(EncryptionMode.XEX, False)
+    for cache in (bulk, ref):
+        if many:  # enough other dirty lines for the bulk path
+            cache.write(0, False, 0x20000, bytes(range(256)) * 4)
+        for asid, c in ((1, True), (0, False), (2, True)):
+            cache.write(asid, c, X, _data(asid * 2 + c))
+    assert bulk.wbinvd() == _line_by_line_wbinvd(ref)
+    assert _state(bulk) == _state(ref)
+    assert bulk.mc.dram.read(X, LINE) == ref.mc.dram.read(X, LINE)

@@ -24,8 +24,11 @@ writes, flushes or invalidates them, it writes back and drops (or refreshes) its
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from itertools import pairwise
 from typing import Protocol
+
+import numpy as np
 
 from sevemu.errors import AlignmentError, InputError, KeySlotError
 from sevemu.hw.dram import LINE
@@ -37,6 +40,15 @@ C_SHIFT = 52
 ASID_SHIFT = 53
 SPA_MASK = (1 << C_SHIFT) - 1
 _LINE_MASK = ~(LINE - 1)
+_BULK_MIN_LINES = 16  # fewer dirty lines are written back one by one
+
+
+def _duplicates(values: list[int]) -> set[int]:
+    seen: set[int] = set()
+    dup: set[int] = set()
+    for v in values:
+        (dup if v in seen else seen).add(v)
+    return dup
 
 
 def tag_key(asid: int, c: bool, spa: int) -> int:
@@ -161,6 +173,45 @@ class Cache:
             self.writebacks += 1
             self.mc.write_line(key & SPA_MASK, key >> ASID_SHIFT, bool((key >> C_SHIFT) & 1), line)
 
+    def _write_runs(self, keys: list[int], lines: Mapping[int, bytearray]) -> None:
+        """Write the dirty lines ``keys`` (sorted; one per SPA) back from ``lines``, each run of
+        consecutive lines of one domain in one call of the memory controller's bulk path (the
+        bytes :meth:`_writeback` would write line by line).  Sorting cache keys sorts by domain,
+        then SPA, so a run never crosses domains."""
+        mc = self.mc
+        n = len(keys)
+        if n < _BULK_MIN_LINES:
+            for key in keys:
+                mc.write_line(key & SPA_MASK, key >> ASID_SHIFT, bool((key >> C_SHIFT) & 1), lines[key])
+            return
+        breaks = np.flatnonzero(np.diff(np.array(keys, dtype=np.uint64)) != LINE) + 1
+        bounds = [0, *breaks.tolist(), n]
+        get = lines.__getitem__
+        for i, j in pairwise(bounds):
+            first = keys[i]
+            asid, c = first >> ASID_SHIFT, bool((first >> C_SHIFT) & 1)
+            if j - i < _BULK_MIN_LINES:
+                for key in keys[i:j]:
+                    mc.write_line(key & SPA_MASK, asid, c, get(key))
+            else:
+                mc.write_run(first & SPA_MASK, asid, c, b"".join(map(get, keys[i:j])))
+
+    def _drop_overwritten(self, keys: list[int]) -> list[int]:
+        """The sorted dirty ``keys`` without the lines another domain's line of the same SPA
+        overwrites in DRAM: the one later in its set's order survives, as if each line were written
+        back in set order (the sets must still hold them; the overwritten count as encrypted)."""
+        spas = [key & SPA_MASK for key in keys]
+        if len(set(spas)) == len(spas):
+            return keys
+        sets, mask = self.sets, self.set_mask
+        last: dict[int, int] = {}
+        for spa in _duplicates(spas):
+            order = list(sets[(spa >> 6) & mask])  # set order; lines of one SPA share a set
+            writers = [key for key in order if key & SPA_MASK == spa and key in self.dirty]
+            last[spa] = writers[-1]
+            self.mc.lines_encrypted += sum(1 for key in writers[:-1] if (key >> C_SHIFT) & 1)
+        return [key for key in keys if last.get(key & SPA_MASK, key) == key]
+
     # ---- multi-byte helpers (host accesses, page-table walks, tests) -------------------------
     def read(self, asid: int, c: bool, spa: int, length: int, origin: object | None = None) -> bytes:
         """``length`` bytes at ``spa`` in domain (asid, c), through the cache."""
@@ -211,25 +262,39 @@ class Cache:
         return True
 
     def flush_range(self, asid: int, c: bool, spa: int, length: int) -> None:
-        """CLFLUSH every line of ``[spa, spa+length)`` in domain (asid, c).
+        """CLFLUSH every line of ``[spa, spa+length)`` in domain (asid, c) (Linux ``clflush_cache_range``).
 
-        A range with more lines than the cache can hold is flushed by visiting the resident lines
-        instead of every address (same lines flushed, same write-backs, in set order).
+        The same lines flushed and the same bytes in DRAM as one :meth:`clflush` per line; the
+        dirty lines are written back in bulk (:meth:`_write_runs`), and a range with more lines
+        than the cache holds is flushed by visiting the resident lines instead of every address.
         """
         lo = spa & _LINE_MASK
         hi = spa + length
-        if (hi - lo) // LINE <= len(self.sets) * self.ways:
-            for addr in range(lo, hi, LINE):
-                self.clflush(asid, c, addr)
+        if hi <= lo:
             return
         if self.agents:
             self._snoop(asid, c, lo, hi - lo, True, None)
         base = tag_key(asid, c, 0)
         klo, khi = base | lo, base | hi
-        for s in self.sets:
-            victims = [key for key in s if klo <= key < khi]
-            for key in victims:
-                self._writeback(key, s.pop(key))
+        gone: dict[int, bytearray] = {}
+        if (hi - lo) // LINE <= len(self.sets) * self.ways:
+            sets, mask = self.sets, self.set_mask
+            present = [key for key in range(klo, khi, LINE) if key in sets[(key >> 6) & mask]]
+            gone = {key: sets[(key >> 6) & mask].pop(key) for key in present}
+        else:
+            for s in self.sets:
+                victims = [key for key in s if klo <= key < khi]
+                if len(victims) == len(s):
+                    gone.update(s)
+                    s.clear()
+                else:
+                    for key in victims:
+                        gone[key] = s.pop(key)
+        dirty = self.dirty.intersection(gone)
+        if dirty:
+            self.dirty.difference_update(dirty)
+            self.writebacks += len(dirty)
+            self._write_runs(sorted(dirty), gone)
 
     def vmpage_flush(self, asid: int, spa: int) -> int:
         """VMPAGE_FLUSH MSR: write back and invalidate the encrypted lines of one 4 KiB page of ``asid``."""
@@ -241,16 +306,33 @@ class Cache:
         return n
 
     def wbinvd(self) -> int:
-        """WBINVD: write back every dirty line and invalidate the whole cache; returns lines written."""
+        """WBINVD: write back every dirty line and invalidate the whole cache; returns lines written.
+
+        Written back in bulk (:meth:`_write_runs`) with the bytes of one write-back per line in set
+        order: where two domains hold the same SPA dirty (non-coherent profiles), DRAM keeps the
+        line later in its set's order, which would be written last.
+        """
         if self.agents:
             self._snoop_all()
-        before = self.writebacks
+        dirty = self.dirty
+        n = len(dirty)
+        if n:
+            sets, mask = self.sets, self.set_mask
+            lines: dict[int, bytearray] = {}
+            if n * 4 < len(sets) * self.ways:  # few dirty lines: find them by key
+                lines = {key: sets[(key >> 6) & mask][key] for key in dirty}
+            else:
+                for s in sets:
+                    lines.update(s)
+            keys = self._drop_overwritten(sorted(dirty))
         for s in self.sets:
-            for key, line in s.items():
-                self._writeback(key, line)
             s.clear()
+        if n:
+            dirty.clear()
+            self.writebacks += n
+            self._write_runs(keys, lines)
         self.flush_epoch += 1
-        return self.writebacks - before
+        return n
 
     def invalidate_all(self) -> None:
         """INVD: drop every line without writing anything back."""

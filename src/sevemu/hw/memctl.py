@@ -34,6 +34,7 @@ from sevemu.errors import AlignmentError, AsidError, KeySizeError, KeySlotError
 from sevemu.hw.dram import LINE, Dram
 
 _ZERO_LINE = bytes(LINE)
+_CHUNK = 1 << 20  # bulk encryption granule of large transfers (a whole number of pages)
 
 __all__ = ["KeySlotPort", "MemoryController", "domain_for"]
 
@@ -165,6 +166,20 @@ class MemoryController:
             data = enc(spa, data)
         self.dram.write_line(spa, data)
 
+    def write_run(self, spa: int, asid: int, c: bool, data: bytes | bytearray) -> None:
+        """Write consecutive 64-byte lines back from the line-aligned ``spa`` in domain (asid, c):
+        the same DRAM bytes as :meth:`write_line` for each, encrypted by the cipher's bulk path
+        (the write-back of a large flush)."""
+        if c:
+            cipher = self._slots.get(asid)
+            if cipher is None:
+                if asid not in self._line_enc:
+                    raise KeySlotError(f"no key is loaded for ASID {asid}")
+                cipher = self._scrap(asid)  # a cleared slot (module docstring)
+            self.lines_encrypted += len(data) // LINE
+            data = cipher.encrypt_bulk(spa, data)
+        self.dram.write_lines(spa, data)
+
     # ---- bulk path (DMA, firmware in-place operations) --------------------------------------
     def read(self, spa: int, length: int, asid: int, c: bool) -> bytes:
         """``length`` bytes at line-aligned ``spa`` through domain (asid, c), bypassing the caches."""
@@ -175,10 +190,25 @@ class MemoryController:
         return bytes(self._cipher(asid).decrypt_bulk(spa, raw))
 
     def write(self, spa: int, data: bytes | bytearray | memoryview, asid: int, c: bool) -> None:
+        """Store ``data`` at line-aligned ``spa`` through domain (asid, c), bypassing the caches.
+
+        Encrypted in chunks through one reused buffer (no ciphertext copy of the whole range)."""
         self._check_bulk(spa, len(data))
-        if c:
-            data = self._cipher(asid).encrypt_bulk(spa, data)
-        self.dram.write(spa, data)
+        if not c:
+            self.dram.write(spa, data)
+            return
+        cipher = self._cipher(asid)
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if n <= _CHUNK:
+            self.dram.write(spa, cipher.encrypt_bulk(spa, view))
+            return
+        buf = bytearray(_CHUNK)
+        for pos in range(0, n, _CHUNK):
+            part = view[pos : pos + _CHUNK]
+            out = memoryview(buf)[: len(part)]
+            cipher.encrypt_bulk_into(spa + pos, part, out)
+            self.dram.write(spa + pos, out)
 
     def _check_bulk(self, spa: int, length: int) -> None:
         if spa % LINE or length % LINE:
