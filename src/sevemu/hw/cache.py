@@ -150,22 +150,29 @@ class Cache:
         """The miss path of :meth:`line`, for a ``key`` known to be absent from its set ``s``:
         make room (the LRU victim, written back if dirty), then fill through the memory controller."""
         self.misses += 1
-        spa = key & SPA_MASK
         if self.coherent:
-            for agent in self.agents:
-                agent.snoop_fill(key)
-            for other in [k for k in s if k & SPA_MASK == spa]:
-                self._writeback(other, s.pop(other))
+            self._evict_other_domains(key, s)
         if len(s) >= self.ways:
-            victim = next(iter(s))  # least recently used
+            for victim in s:  # the least recently used comes first
+                break
             old = s.pop(victim)
             if victim in self.dirty:
                 self._writeback(victim, old)
-        reader = self._readers.get(key >> C_SHIFT)
-        if reader is None:
-            raise KeySlotError(f"no key is loaded for ASID {key >> ASID_SHIFT}")
-        line = s[key] = reader(spa)  # a new bytearray, the cache's own
+        try:
+            reader = self._readers[key >> C_SHIFT]
+        except KeyError:
+            raise KeySlotError(f"no key is loaded for ASID {key >> ASID_SHIFT}") from None
+        line = s[key] = reader(key & SPA_MASK)  # a new bytearray, the cache's own
         return line
+
+    def _evict_other_domains(self, key: int, s: dict[int, bytearray]) -> None:
+        """Coherent profiles: before ``key`` is filled, every other-domain copy of its SPA goes
+        (private levels snooped, lines in this cache written back and dropped)."""
+        for agent in self.agents:
+            agent.snoop_fill(key)
+        spa = key & SPA_MASK
+        for other in [k for k in s if k & SPA_MASK == spa]:
+            self._writeback(other, s.pop(other))
 
     def _writeback(self, key: int, line: bytearray) -> None:
         if key in self.dirty:
