@@ -345,3 +345,84 @@ def test_wbinvd_of_one_spa_dirty_in_several_domains_keeps_the_last_in_set_order(
     assert bulk.wbinvd() == _line_by_line_wbinvd(ref)
     assert _state(bulk) == _state(ref)
     assert bulk.mc.dram.read(X, LINE) == ref.mc.dram.read(X, LINE)
+
+
+# ---- flushes of ranges larger than the cache, and the snoops of private levels ----------------------
+class RecordingAgent:
+    """A private level that records how the cache snoops it."""
+
+    def __init__(self) -> None:
+        self.snoops: list[tuple[int, int, bool]] = []
+        self.fills: list[int] = []
+
+    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+        self.snoops.append((lo, hi, invalidate))
+
+    def snoop_fill(self, key: int) -> None:
+        self.fills.append(key)
+
+    def covers(self, key: int, invalidate: bool) -> bool:
+        return any(lo <= key < hi and inv == invalidate for lo, hi, inv in self.snoops)
+
+
+@pytest.mark.parametrize("asid,c", [(0, False), (1, True)])
+def test_flush_range_larger_than_the_cache_flushes_every_line_of_the_range(asid: int, c: bool) -> None:
+    """The path KVM's flush of a large image takes on non-coherent CPUs (more lines than the cache)."""
+    cache, _ = _cache()  # 64 KiB: 1024 lines
+    agent = RecordingAgent()
+    cache.attach(agent)
+    inside = [X + i * 0x1000 for i in range(8)]
+    for spa in inside:
+        cache.write(asid, c, spa, _data(spa))
+    cache.write(asid, c, X - LINE, _data(1))  # just below the range
+    cache.write(asid, c, X + 0x40000, _data(2))  # just past it
+    cache.write(2 if c else 0, not c, X, _data(3))  # same SPA, other domain
+    agent.snoops.clear()
+    cache.flush_range(asid, c, X, 0x40000)  # 4096 lines > 1024
+    for spa in inside:
+        assert cache.peek(asid, c, spa) is None
+        assert cache.read(asid, c, spa, LINE) == _data(spa)  # written back, read again from DRAM
+    assert cache.mc.dram.read(inside[0], LINE) != (_data(inside[0]) if c else b"")
+    assert cache.peek(asid, c, X - LINE) == _data(1) and cache.peek(asid, c, X + 0x40000) == _data(2)
+    assert cache.peek(2 if c else 0, not c, X) == _data(3)
+    assert {tag_key(asid, c, X - LINE), tag_key(asid, c, X + 0x40000)} <= cache.dirty
+    assert agent.covers(tag_key(asid, c, X), True) and agent.covers(tag_key(asid, c, X + 0x3FFC0), True)
+    assert not agent.covers(tag_key(asid, c, X + 0x40000), True)
+
+
+def test_every_access_snoops_the_private_levels_but_their_own() -> None:
+    cache, _ = _cache()
+    agent, other = RecordingAgent(), RecordingAgent()
+    cache.attach(agent)
+    cache.attach(other)
+    cache.attach(agent)  # once only
+    assert cache.agents == [agent, other]
+    key = tag_key(1, True, X)
+    cache.read(1, True, X, 8)
+    assert agent.covers(key, False)
+    agent.snoops.clear()
+    other.snoops.clear()
+    cache.write(1, True, X, b"x", origin=other)
+    assert agent.covers(key, True) and not other.snoops  # the writer is not snooped about itself
+    for op_ in (lambda: cache.clflush(1, True, X), lambda: cache.vmpage_flush(1, X & ~0xFFF),
+                lambda: cache.flush_range(1, True, X, LINE)):
+        agent.snoops.clear()
+        op_()
+        assert agent.covers(key, True)
+    for op_ in (cache.wbinvd, cache.invalidate_all):
+        agent.snoops.clear()
+        op_()
+        assert agent.snoops == [(0, 1 << 64, True)]
+    cache.detach(agent)
+    agent.snoops.clear()
+    cache.read(1, True, X, 8)
+    assert not agent.snoops
+    assert not agent.fills  # a non-coherent cache never asks for other-domain copies
+
+
+def test_coherent_fills_ask_private_levels_for_other_domain_copies() -> None:
+    cache, _ = _cache(coherent=True)
+    agent = RecordingAgent()
+    cache.attach(agent)
+    cache.read(1, True, X, 8)
+    assert agent.fills == [tag_key(1, True, X)]

@@ -390,3 +390,41 @@ def test_engines_created_and_dropped_do_not_accumulate(close: bool) -> None:
     assert all(r() is None for r in refs)
     assert len(WATCHDOG) == base
     assert _rss() - before < 16 * MiB, f"{(_rss() - before) / MiB:.1f} MiB more after 40 engines"
+
+
+@pytest.mark.parametrize("kind,flush", [(VmKind.SEV, "wbinvd"), (VmKind.PLAIN, "wbinvd"), (VmKind.PLAIN, "clflush")])
+def test_host_flushes_make_the_engine_drop_its_page_copies(kind: VmKind, flush: str) -> None:
+    """WBINVD / CLFLUSH snoop the engine's page pool: after them the guest reads DRAM again, so a
+    physical write to DRAM in between is what the guest sees (decrypted with its key under SEV)."""
+    m = machine()
+    vm, eng = launch(m, MARKER, kind)
+    assert run(m, vm).reason == "hlt"  # the marker is in the guest's page: pool and cache
+    spa = vm.spa_of(0x300000)
+    host = m.soc.host_view().boot_cpu
+    if flush == "wbinvd":
+        host.wbinvd()
+    else:
+        host.clflush(spa)  # the host's own line: for a plain guest, the guest's line too
+    m.soc.dram.write(spa, b"ATTACKER")  # DRAM written behind the caches (a physical attacker)
+    refreshes = eng.stats.slot_refreshes
+    assert run(m, vm).reason == "hlt"
+    got = vm.vcpus[0].vmcb.regs["rax"] & 0xFFFFFFFF
+    assert got != int.from_bytes(MARKER_TEXT[:4], "little")  # not the copy the engine held
+    if kind is VmKind.PLAIN:
+        assert got == int.from_bytes(b"ATTA", "little")
+    assert eng.stats.slot_refreshes > refreshes
+
+
+def test_streaming_host_write_reaches_a_page_the_engine_holds() -> None:
+    """A non-temporal store (or a DMA write) to memory whose lines are no longer in the shared cache
+    still snoops the engine's copy: the guest sees the new bytes."""
+    m = machine()
+    vm, _eng = launch(m, MARKER, VmKind.PLAIN)
+    assert run(m, vm).reason == "hlt"
+    host = m.soc.host_view().boot_cpu
+    host.host_read(0x4000000, 2 * m.soc.cache.size)  # evicts the guest's (clean) lines from the cache
+    spa = vm.spa_of(0x300000)
+    assert m.soc.cache.peek(0, False, spa) is None
+    host.host_write_stream(spa, b"STREAMED")
+    assert run(m, vm).reason == "hlt"
+    assert vm.vcpus[0].vmcb.regs["rax"] & 0xFFFFFFFF == int.from_bytes(b"STRE", "little")

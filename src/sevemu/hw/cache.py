@@ -127,6 +127,13 @@ class Cache:
             if agent is not origin:
                 agent.snoop(lo, hi, invalidate)
 
+    def snoop_range(self, asid: int, c: bool, spa: int, length: int, invalidate: bool) -> None:
+        """A coherent access that bypasses this cache (a DMA transfer, a streaming load) snoops the
+        private levels above it: modified copies of the range are written back first and, for a
+        write (``invalidate``), dropped."""
+        if self.agents and length > 0:
+            self._snoop(asid, c, spa, length, invalidate, None)
+
     def _snoop_all(self) -> None:
         for agent in list(self.agents):
             agent.snoop(0, 1 << 64, True)

@@ -255,8 +255,9 @@ class Core:
         (PSP output, a NIC ring) avoids polluting the cache.
         """
         dram = self.mc.dram
-        data = dram.read(spa, length)
         cache = self.cache
+        cache.snoop_range(0, False, spa, length, False)
+        data = dram.read(spa, length)
         dirty = cache.dirty
         first, end = spa & ~63, spa + length
         keys = [k for k in range(first, end, 64) if k in dirty]  # domain (0, C=0): the key is the SPA
@@ -273,17 +274,14 @@ class Core:
     def host_write_stream(self, spa: int, data: bytes | bytearray) -> None:
         """Streaming (non-temporal) write of unencrypted memory as the host, C=0 (``MOVNTDQ``).
 
-        The host's cached lines of the range are written back and invalidated, then the bytes go
-        straight to DRAM: the same memory contents as an ordinary write followed by CLFLUSH, without
-        filling the cache (copying into a DMA buffer the PSP or a device reads next).
+        The host's cached lines of the range -- in this cache and in private levels above it -- are
+        written back and invalidated, then the bytes go straight to DRAM: the same memory contents
+        as an ordinary write followed by CLFLUSH, without filling the cache (copying into a DMA
+        buffer the PSP or a device reads next).
         """
         dram = self.mc.dram
         dram.check_range(spa, len(data))
-        cache = self.cache
-        sets, mask = cache.sets, cache.set_mask
-        for key in range(spa & ~63, spa + len(data), 64):
-            if key in sets[(key >> 6) & mask]:
-                cache.clflush(0, False, key)
+        self.cache.flush_range(0, False, spa, len(data))
         dram.write(spa, data)
 
     def clflush(self, spa: int, c: bool = False) -> None:

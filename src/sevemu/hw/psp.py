@@ -72,8 +72,9 @@ class PspDma:
         visit the dirty lines instead of every address.
         """
         self._mc.dram.check_range(spa, length)
-        data = self._mc.dram.read(spa, length)
         cache = self._cache
+        cache.snoop_range(0, False, spa, length, False)
+        data = self._mc.dram.read(spa, length)
         dirty = cache.dirty
         first = spa & ~(LINE - 1)
         end = spa + length
@@ -94,13 +95,10 @@ class PspDma:
         return bytes(out)
 
     def write(self, spa: int, data: bytes) -> None:
-        """Unencrypted write; stale host copies of those lines are invalidated (after write-back)."""
+        """Unencrypted write; host copies of those lines (this cache and private levels above it)
+        are written back and invalidated first."""
         self._mc.dram.check_range(spa, len(data))
-        cache = self._cache
-        sets, mask = cache.sets, cache.set_mask
-        for line_spa in range(spa & ~(LINE - 1), spa + len(data), LINE):
-            if line_spa in sets[(line_spa >> 6) & mask]:  # domain (0, C=0): the cache key is the SPA
-                cache.clflush(0, False, line_spa)
+        self._cache.flush_range(0, False, spa, len(data))
         self._mc.dram.write(spa, data)
 
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:
