@@ -30,8 +30,8 @@ from typing import Protocol
 
 import numpy as np
 
+from sevemu._util.units import LINE
 from sevemu.errors import AlignmentError, InputError, KeySlotError
-from sevemu.hw.dram import LINE
 from sevemu.hw.memctl import MemoryController
 
 __all__ = ["ASID_SHIFT", "C_SHIFT", "SPA_MASK", "Cache", "CacheAgent", "key_domain", "tag_key"]

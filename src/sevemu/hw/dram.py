@@ -16,12 +16,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from sevemu._util.units import LINE, PAGE
 from sevemu.errors import AddressError, AlignmentError, FileFormatError
 
-__all__ = ["LINE", "PAGE", "ColdBootImage", "Dram"]
-
-PAGE = 4096
-LINE = 64
+__all__ = ["LINE", "PAGE", "ColdBootImage", "Dram"]  # LINE and PAGE re-exported for callers of old
 _ZERO_LINE = bytes(LINE)
 _ZERO_PAGE = bytes(PAGE)
 

@@ -1,7 +1,7 @@
 """Architectural faults raised by the MMU and the cores (modelled events, not crashes).
 
 * :class:`PageFault` (#PF, vector 14): a guest page-table walk or permission check failed; the
-  error code follows APM Vol.2 8.4.2 (P, W, U, RSVD, I/D).  It belongs to the guest.
+  error code follows APM2 8.4.2 (P, W, U, RSVD, I/D).  It belongs to the guest.
 * :class:`NestedPageFault` (#VMEXIT(NPF), exit code 0x400): the nested walk (GPA -> SPA through the
   hypervisor's NPT) failed.  EXITINFO1 carries the error code (APM2 15.25.6, 15.36.10: P, W, U, RSVD,
   FETCH, GUEST_FINAL, GUEST_PAGE, ENC -- :class:`sevemu.abi.paging.NpfExitInfo1`), EXITINFO2 the GPA.  It belongs to the hypervisor.

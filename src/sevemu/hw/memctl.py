@@ -29,12 +29,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from sevemu._util.units import LINE, MiB
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.errors import AlignmentError, AsidError, KeySizeError, KeySlotError
-from sevemu.hw.dram import LINE, Dram
+from sevemu.hw.dram import Dram
 
 _ZERO_LINE = bytes(LINE)
-_CHUNK = 1 << 20  # bulk encryption granule of large transfers (a whole number of pages)
+_CHUNK = MiB  # bulk encryption granule of large transfers (a whole number of pages)
 
 __all__ = ["KeySlotPort", "MemoryController", "domain_for"]
 

@@ -1,6 +1,7 @@
 """The AMD Secure Processor (PSP) as a device: mailbox registers and the PSP's private ports.
 
-x86 software talks to the firmware only through the mailbox (reference 1.5; register interface in
+x86 software talks to the firmware only through the mailbox (Linux drivers/crypto/ccp/sev-dev.c
+``__sev_do_cmd_locked``; register interface in
 :mod:`sevemu.abi.mailbox`): it writes the command buffer's physical address to CMDBUFF_ADDR_LO/HI,
 then the command id to CMDRESP; the PSP runs the command and answers ``RESP | status`` in CMDRESP.
 The model executes the command synchronously inside the CMDRESP write.
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sevemu._util.units import LINE
 from sevemu.abi.mailbox import (
     CMDRESP_RESP,
     MailboxReg,
@@ -35,7 +37,6 @@ from sevemu.abi.mailbox import (
 from sevemu.abi.status import Status
 from sevemu.errors import AddressError
 from sevemu.hw.cache import Cache, tag_key
-from sevemu.hw.dram import LINE
 from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import CpuProfile
 
