@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sevemu.crypto.memenc import EncryptionMode, TweakConstants
+from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.errors import AlignmentError, InputError, KeySlotError
 from sevemu.hw.cache import Cache, key_domain, tag_key
 from sevemu.hw.dram import LINE, Dram
@@ -225,6 +225,8 @@ def test_flushing_lines_of_a_cleared_key_slot_never_raises_and_destroys_the_data
     """SHUTDOWN / DECOMMISSION clear a slot while its lines may be dirty: the next flush writes them
     back under a key nobody knows (docs/memory-model.md) -- no exception, no plaintext, no lost line."""
     cache, port = _cache()
+    key = bytes(range(16))
+    port.load(1, key)
     secret = _data(20)
     cache.write(1, True, X, secret)
     cache.write(1, True, X + 0x1000, secret)  # another page, for the flushes that name one line
@@ -242,10 +244,58 @@ def test_flushing_lines_of_a_cleared_key_slot_never_raises_and_destroys_the_data
     assert cache.peek(1, True, X) is None
     raw = cache.mc.dram.read(X, LINE)
     assert raw not in (before, secret)  # written back, encrypted, but not with the guest's key
-    port.load(1, random.Random(11).randbytes(16))  # even the same key again cannot read it
+    port.load(1, key)  # even the same key again cannot read it
     assert cache.read(1, True, X, LINE) != secret
     assert cache.wbinvd() >= 0 and cache.wbinvd() == 0  # WBINVD keeps working
     assert not cache.dirty
+
+
+def test_every_clear_of_a_slot_gets_its_own_unknown_key() -> None:
+    """Two guests' lines left behind on one ASID must not be comparable in DRAM (equal plaintext ->
+    equal ciphertext would leak that, as CipherLeaks shows for one key)."""
+    cache, port = _cache()
+    seen = []
+    for _ in range(2):
+        cache.write(1, True, X, _data(22))
+        port.clear(1)
+        cache.wbinvd()
+        seen.append(cache.mc.dram.read(X, LINE))
+        port.load(1, bytes(16))
+    assert seen[0] != seen[1]
+
+
+def test_a_cleared_slot_holds_a_fresh_key_from_the_socs_random_source() -> None:
+    """What "a key nobody knows" means exactly: the next key the SoC's random source gives (here a
+    source the test controls), used for both directions, line by line and in bulk."""
+    r = random.Random(3)
+    drawn: list[bytes] = []
+
+    def rng(n: int) -> bytes:
+        drawn.append(r.randbytes(n))
+        return drawn[-1]
+
+    mc = MemoryController(Dram(4 * MiB), EncryptionMode.XEX, TweakConstants.random_zen2(48, r), 15, rng=rng)
+    port = mc.secure_port()
+    cache = Cache(mc, 64 << 10, 16)
+    port.load(1, bytes(16))
+    mc.dram.write(X, _data(30, 2 * LINE))  # DRAM bytes the guest never wrote through this key
+    cache.write(1, True, X + 0x1000, _data(31, 32 * LINE))  # enough lines for the bulk path
+    cache.write(1, True, X + 0x3000, _data(32))  # and one on its own
+    port.clear(1)
+    assert len(drawn) == 1  # the host key; the unknown key is drawn when first needed
+    line = cache.read(1, True, X + LINE, LINE)
+    unknown = MemoryCipher(EncryptionMode.XEX, drawn[1], mc.tweaks)
+    assert line == unknown.decrypt_line(X + LINE, _data(30, 2 * LINE)[LINE:])
+    assert cache.read(1, True, X + 0x10000, LINE) == unknown.decrypt_line(X + 0x10000, bytes(LINE))
+    cache.wbinvd()
+    assert mc.dram.read(X + 0x1000, 32 * LINE) == bytes(unknown.encrypt_bulk(X + 0x1000, _data(31, 32 * LINE)))
+    assert mc.dram.read(X + 0x3000, LINE) == unknown.encrypt_line(X + 0x3000, _data(32))
+    assert len(drawn) == 2
+    port.clear(2)  # a slot that never had a key stays refused
+    with pytest.raises(KeySlotError):
+        cache.read(2, True, X, LINE)
+    with pytest.raises(KeySlotError):
+        mc.write_line(X, 2, True, _data(33))
 
 
 def test_a_fill_in_a_cleared_domain_reads_garbage_instead_of_raising() -> None:

@@ -128,6 +128,19 @@ def test_bulk_and_line_paths_agree(mode: EncryptionMode) -> None:
     assert mc.read(base, len(data), 1, False) == bulk_ct
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_lines_never_written_read_as_zeros_in_every_domain(mode: EncryptionMode) -> None:
+    mc, port = _mc(mode)
+    port.load(1, bytes(mode.key_size))
+    assert mc.read_line(0x5000, 0, False) == bytes(64)
+    assert mc.readers[0](0x5040) == bytearray(64)
+    zero_pt = mc.read_line(0x5000, 1, True)  # DRAM zeros, decrypted with the key
+    assert zero_pt != bytes(64) and mc.readers[3](0x5000) == zero_pt
+    mc.write_line(0x5000, 1, True, zero_pt)
+    assert mc.dram.read_line(0x5000) == bytes(64)
+    assert mc.dram.populated_pages == 1
+
+
 def test_bulk_transfers_are_whole_lines() -> None:
     mc, _ = _mc()
     with pytest.raises(AlignmentError):

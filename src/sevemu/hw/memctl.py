@@ -93,7 +93,6 @@ class MemoryController:
         return KeySlotPort(self)
 
     def _install(self, asid: int, cipher: MemoryCipher) -> None:
-        self._scraps.pop(asid, None)
         self._slots[asid] = cipher
         self._line_enc[asid], self._line_dec[asid] = cipher.line_functions()
         self.readers[(asid << 1) | 1] = cipher.line_reader(self._pages)
@@ -102,7 +101,7 @@ class MemoryController:
         self._valid.discard(asid)
         had_key = self._slots.pop(asid, None) is not None
         self._line_dec.pop(asid, None)
-        self._scraps.pop(asid, None)
+        self._scraps.pop(asid, None)  # every clear gets its own unknown key
         if not had_key:
             return
         # Lines of the ASID still in the caches go to DRAM under a key nobody knows (module docstring).
