@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from sevemu._util.units import LINE, MiB
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
-from sevemu.errors import AlignmentError, AsidError, KeySizeError, KeySlotError
+from sevemu.errors import AlignmentError, AsidError, KeySlotError
 from sevemu.hw.dram import Dram
 
 _ZERO_LINE = bytes(LINE)
@@ -192,7 +192,8 @@ class MemoryController:
     def write(self, spa: int, data: bytes | bytearray | memoryview, asid: int, c: bool) -> None:
         """Store ``data`` at line-aligned ``spa`` through domain (asid, c), bypassing the caches.
 
-        Encrypted in chunks through one reused buffer (no ciphertext copy of the whole range)."""
+        Encrypted in chunks through one reused buffer (no ciphertext copy of the whole range); the
+        whole range is checked first, so a refused transfer changes nothing."""
         self._check_bulk(spa, len(data))
         if not c:
             self.dram.write(spa, data)
@@ -200,13 +201,10 @@ class MemoryController:
         cipher = self._cipher(asid)
         view = memoryview(data).cast("B")
         n = len(view)
-        if n <= _CHUNK:
-            self.dram.write(spa, cipher.encrypt_bulk(spa, view))
-            return
-        buf = bytearray(_CHUNK)
+        buf = memoryview(bytearray(min(n, _CHUNK)))
         for pos in range(0, n, _CHUNK):
             part = view[pos : pos + _CHUNK]
-            out = memoryview(buf)[: len(part)]
+            out = buf[: len(part)]
             cipher.encrypt_bulk_into(spa + pos, part, out)
             self.dram.write(spa + pos, out)
 
@@ -229,9 +227,7 @@ class KeySlotPort:
         mc = self._mc
         if not 1 <= asid <= mc.max_asid:
             raise AsidError(f"ASID {asid} is outside 1..{mc.max_asid}")
-        if len(key) != mc.mode.key_size:
-            raise KeySizeError(f"{mc.mode.value} keys are {mc.mode.key_size} bytes, got {len(key)}")
-        mc._install(asid, MemoryCipher(mc.mode, bytes(key), mc.tweaks))
+        mc._install(asid, MemoryCipher(mc.mode, bytes(key), mc.tweaks))  # KeySizeError for a wrong size
         mc._valid.add(asid)
 
     def invalidate(self, asid: int) -> None:
