@@ -297,13 +297,8 @@ class Cache:
             gone = {key: sets[(key >> 6) & mask].pop(key) for key in present}
         else:
             for s in self.sets:
-                victims = [key for key in s if klo <= key < khi]
-                if len(victims) == len(s):
-                    gone.update(s)
-                    s.clear()
-                else:
-                    for key in victims:
-                        gone[key] = s.pop(key)
+                for key in [key for key in s if klo <= key < khi]:
+                    gone[key] = s.pop(key)
         dirty = self.dirty.intersection(gone)
         if dirty:
             self.dirty.difference_update(dirty)
