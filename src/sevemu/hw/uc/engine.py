@@ -194,6 +194,9 @@ class UcEngine:
         """End the engine for good: the watchdog forgets it, Unicorn is released, the page pool is
         written back into the cache, detached from it and zeroed (no plaintext of the guest is left
         in the engine).  Running it afterwards raises :class:`EngineClosedError`."""
+        self._close(write_back=True)
+
+    def _close(self, write_back: bool) -> None:
         if self._closed:
             return
         self._closed = True
@@ -201,7 +204,7 @@ class UcEngine:
         h, self._h = self._h, ctypes.c_void_p(0)
         if h.value:
             self._lib.uc_close(h)
-        self.pool.close()
+        self.pool.close(write_back)
         if self._ports is not None:
             self._ports.close()
             self._ports = None
@@ -219,8 +222,10 @@ class UcEngine:
         return self._closed
 
     def __del__(self) -> None:
+        # Collected without close() -- possibly in another thread (the watchdog's): release and zero,
+        # but leave the shared cache alone (the pool has nothing unsynced between two runs anyway).
         with contextlib.suppress(Exception):
-            self.close()
+            self._close(write_back=False)
 
     # ---- watchdog interface -------------------------------------------------------------------
     def timer_expired(self, now: float) -> bool:

@@ -93,10 +93,11 @@ class PagePool:
         self.cache = cache
         return dropped
 
-    def close(self) -> None:
-        """Write back, detach from the cache, zero every slot and release the buffer."""
+    def close(self, write_back: bool = True) -> None:
+        """Write back (unless told not to), detach from the cache, zero every slot, release the buffer."""
         if self.cache is not None:
-            self.sync_all()
+            if write_back:
+                self.sync_all()
             self.cache.detach(self)
             self.cache = None
         mm = self.mm
