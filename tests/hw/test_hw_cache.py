@@ -205,6 +205,11 @@ def test_invd_drops_dirty_lines() -> None:
     assert cache.wbinvd() == 0
 
 
+def test_default_geometry() -> None:
+    cache = Cache(_cache()[0].mc)
+    assert (cache.size, cache.ways, len(cache.sets), cache.coherent) == (4 * MiB, 16, 4096, False)
+
+
 def test_profiles_choose_coherency() -> None:
     assert not Soc(MILAN, dram_size=64 * MiB).cache.coherent
     assert Soc(GENOA, dram_size=64 * MiB).cache.coherent
@@ -308,7 +313,7 @@ def test_a_fill_in_a_cleared_domain_reads_garbage_instead_of_raising() -> None:
     assert line != secret
     cache.write(2, True, X + 8, b"late write")
     assert cache.wbinvd() == 1
-    with pytest.raises(KeySlotError):  # an ASID that never had a key is still refused
+    with pytest.raises(KeySlotError, match="ASID 9"):  # an ASID that never had a key is still refused
         cache.read(9, True, X, LINE)
 
 
@@ -463,7 +468,12 @@ def test_every_access_snoops_the_private_levels_but_their_own() -> None:
         agent.snoops.clear()
         op_()
         assert agent.snoops == [(0, 1 << 64, True)]
+    agent.snoops.clear()
+    cache.clflush(1, True, X + 63)  # the last byte of a line: that line only
+    cache.read(1, True, X + 62, 2)
+    assert agent.snoops == [(key, key + LINE, True), (key, key + LINE, False)]
     cache.detach(agent)
+    cache.detach(agent)  # detaching twice is harmless
     agent.snoops.clear()
     cache.read(1, True, X, 8)
     assert not agent.snoops

@@ -40,7 +40,7 @@ C_SHIFT = 52
 ASID_SHIFT = 53
 SPA_MASK = (1 << C_SHIFT) - 1
 _LINE_MASK = ~(LINE - 1)
-_BULK_MIN_LINES = 16  # fewer dirty lines are written back one by one
+_BULK_MIN_LINES = 16  # shorter runs of dirty lines are written back one by one (the bulk call costs more)
 
 
 def _duplicates(values: list[int]) -> set[int]:
@@ -127,13 +127,6 @@ class Cache:
             if agent is not origin:
                 agent.snoop(lo, hi, invalidate)
 
-    def snoop_range(self, asid: int, c: bool, spa: int, length: int, invalidate: bool) -> None:
-        """A coherent access that bypasses this cache (a DMA transfer, a streaming load) snoops the
-        private levels above it: modified copies of the range are written back first and, for a
-        write (``invalidate``), dropped."""
-        if self.agents and length > 0:
-            self._snoop(asid, c, spa, length, invalidate, None)
-
     def _snoop_all(self) -> None:
         for agent in list(self.agents):
             agent.snoop(0, 1 << 64, True)
@@ -163,8 +156,10 @@ class Cache:
             for victim in s:  # the least recently used comes first
                 break
             old = s.pop(victim)
-            if victim in self.dirty:
-                self._writeback(victim, old)
+            if victim in self.dirty:  # (Cache._writeback, inlined: the miss path)
+                self.dirty.discard(victim)
+                self.writebacks += 1
+                self.mc.write_line(victim & SPA_MASK, victim >> ASID_SHIFT, bool((victim >> C_SHIFT) & 1), old)
         try:
             reader = self._readers[key >> C_SHIFT]
         except KeyError:
@@ -194,10 +189,6 @@ class Cache:
         then SPA, so a run never crosses domains."""
         mc = self.mc
         n = len(keys)
-        if n < _BULK_MIN_LINES:
-            for key in keys:
-                mc.write_line(key & SPA_MASK, key >> ASID_SHIFT, bool((key >> C_SHIFT) & 1), lines[key])
-            return
         breaks = np.flatnonzero(np.diff(np.array(keys, dtype=np.uint64)) != LINE) + 1
         bounds = [0, *breaks.tolist(), n]
         get = lines.__getitem__

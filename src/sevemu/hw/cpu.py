@@ -256,7 +256,6 @@ class Core:
         """
         dram = self.mc.dram
         cache = self.cache
-        cache.snoop_range(0, False, spa, length, False)
         data = dram.read(spa, length)
         dirty = cache.dirty
         first, end = spa & ~63, spa + length

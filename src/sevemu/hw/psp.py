@@ -70,11 +70,12 @@ class PspDma:
 
         A snoop is answered by a cache only for a line it holds modified; a clean line holds what
         DRAM holds, so only the dirty host-domain lines of the range are merged in.  Large ranges
-        visit the dirty lines instead of every address.
+        visit the dirty lines instead of every address.  (A private level above the cache -- the
+        Unicorn engine's page pool -- holds no unwritten modification while the PSP runs: it writes
+        back at every #VMEXIT.)
         """
         self._mc.dram.check_range(spa, length)
         cache = self._cache
-        cache.snoop_range(0, False, spa, length, False)
         data = self._mc.dram.read(spa, length)
         dirty = cache.dirty
         first = spa & ~(LINE - 1)
