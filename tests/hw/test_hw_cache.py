@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.errors import AlignmentError, InputError, KeySlotError
-from sevemu.hw.cache import Cache, key_domain, tag_key
+from sevemu.hw.cache import C_SHIFT, Cache, key_domain, tag_key
 from sevemu.hw.dram import LINE, Dram
 from sevemu.hw.faults import GeneralProtection
 from sevemu.hw.memctl import KeySlotPort, MemoryController
@@ -45,10 +45,17 @@ def test_tag_key_round_trip_and_c0_domain_has_no_asid() -> None:
     assert tag_key(1, True, X) != tag_key(2, True, X) != tag_key(0, True, X)
 
 
-@pytest.mark.parametrize("size,ways", [(0, 16), (3 * 64 * 16, 16), (1000, 16), (64 << 10, 0)])
+@pytest.mark.parametrize("size,ways", [(0, 16), (3 * 64 * 16, 16), (1000, 16), (64 << 10, 0), (64 << 10, -4),
+                                       (-(64 << 10), 16)])
 def test_geometry_must_give_a_power_of_two_set_count(size: int, ways: int) -> None:
     with pytest.raises(InputError):
         Cache(_cache()[0].mc, size, ways)
+
+
+@pytest.mark.parametrize("size,ways", [(64, 1), (1024, 1), (4096, 64), (3 * 4096, 3)])
+def test_any_power_of_two_set_count_is_a_cache(size: int, ways: int) -> None:
+    cache = Cache(_cache()[0].mc, size, ways)
+    assert len(cache.sets) * ways * LINE == size
 
 
 def test_lru_replacement_order() -> None:
@@ -357,7 +364,7 @@ _op = st.tuples(st.sampled_from(["write", "read", "clflush"]), st.integers(0, le
 @settings(max_examples=60, deadline=None)
 @given(mode=st.sampled_from(list(EncryptionMode)), coherent=st.booleans(), ops=st.lists(_op, max_size=25),
        clear=st.booleans(), flush=st.tuples(st.sampled_from(["wbinvd", "range"]), st.integers(0, len(_DOMAINS) - 1),
-                                            st.integers(0, 160), st.integers(0, 200)))
+                                            st.integers(0, 48), st.integers(0, 120)))
 def test_bulk_write_back_puts_the_same_bytes_in_dram_as_one_write_back_per_line(
         mode: EncryptionMode, coherent: bool, ops: list[tuple[str, int, int, int]], clear: bool,
         flush: tuple[str, int, int, int]) -> None:
@@ -387,15 +394,17 @@ def test_bulk_write_back_puts_the_same_bytes_in_dram_as_one_write_back_per_line(
 
 
 @pytest.mark.parametrize("many", [False, True])
-def test_wbinvd_of_one_spa_dirty_in_several_domains_keeps_the_last_in_set_order(many: bool) -> None:
+@pytest.mark.parametrize("order", [((1, True), (0, False), (2, True)), ((2, True), (1, True), (0, False))])
+def test_wbinvd_of_one_spa_dirty_in_several_domains_keeps_the_last_in_set_order(
+        many: bool, order: tuple[tuple[int, bool], ...]) -> None:
     """Non-coherent profile: the bulk WBINVD writes back what one write-back per line in set
-    order would leave in DRAM (the line later in its set wins)."""
+    order would leave in DRAM (the line later in its set wins), and counts what it encrypted."""
     bulk, _ = _twin(EncryptionMode.XEX, False)
     ref, _ = _twin(EncryptionMode.XEX, False)
     for cache in (bulk, ref):
         if many:  # enough other dirty lines for the bulk path
             cache.write(0, False, 0x20000, bytes(range(256)) * 4)
-        for asid, c in ((1, True), (0, False), (2, True)):
+        for asid, c in order:
             cache.write(asid, c, X, _data(asid * 2 + c))
     assert bulk.wbinvd() == _line_by_line_wbinvd(ref)
     assert _state(bulk) == _state(ref)
@@ -445,6 +454,17 @@ def test_flush_range_larger_than_the_cache_flushes_every_line_of_the_range(asid:
     assert not agent.covers(tag_key(asid, c, X + 0x40000), True)
 
 
+def test_an_empty_range_flushes_nothing() -> None:
+    cache, _ = _cache()
+    agent = RecordingAgent()
+    cache.attach(agent)
+    cache.write(1, True, X, _data(60))
+    agent.snoops.clear()
+    cache.flush_range(1, True, X, 0)
+    cache.flush_range(1, True, X + LINE, -LINE)
+    assert not agent.snoops and cache.peek(1, True, X) == _data(60) and cache.writebacks == 0
+
+
 def test_every_access_snoops_the_private_levels_but_their_own() -> None:
     cache, _ = _cache()
     agent, other = RecordingAgent(), RecordingAgent()
@@ -486,3 +506,21 @@ def test_coherent_fills_ask_private_levels_for_other_domain_copies() -> None:
     cache.attach(agent)
     cache.read(1, True, X, 8)
     assert agent.fills == [tag_key(1, True, X)]
+
+
+@pytest.mark.parametrize("mode", list(EncryptionMode))
+@pytest.mark.parametrize("d", range(len(_DOMAINS)))
+def test_bulk_flush_range_small_and_large_against_one_clflush_per_line(mode: EncryptionMode, d: int) -> None:
+    bulk, _ = _twin(mode, False)
+    ref, _ = _twin(mode, False)
+    asid, c = _DOMAINS[d]
+    other = _DOMAINS[(d + 1) % len(_DOMAINS)]
+    for cache in (bulk, ref):
+        cache.write(asid, c, 0x10000, _data(40 + d, 40 * LINE))  # 40 dirty lines: bulk runs
+        cache.write(*other, 0x10000 + 8 * LINE, _data(50, 4 * LINE))  # same SPAs, another domain
+        cache.read(asid, c, 0x10000 + 50 * LINE, 2 * LINE)  # clean lines in range
+    for start, lines in ((0x10000 + 3 * LINE + 5, 30), (0x10000 - LINE, 100)):  # address walk, set walk
+        bulk.flush_range(asid, c, start, lines * LINE)
+        _line_by_line_flush_range(ref, asid, c, start, lines * LINE)
+        assert _state(bulk) == _state(ref)
+    assert bulk.writebacks >= 40 and not any(k for k in bulk.dirty if k >> C_SHIFT == (asid << 1 | c))

@@ -24,6 +24,7 @@ writes, flushes or invalidates them, it writes back and drops (or refreshes) its
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from itertools import pairwise
 from typing import Protocol
@@ -41,14 +42,6 @@ ASID_SHIFT = 53
 SPA_MASK = (1 << C_SHIFT) - 1
 _LINE_MASK = ~(LINE - 1)
 _BULK_MIN_LINES = 16  # shorter runs of dirty lines are written back one by one (the bulk call costs more)
-
-
-def _duplicates(values: list[int]) -> set[int]:
-    seen: set[int] = set()
-    dup: set[int] = set()
-    for v in values:
-        (dup if v in seen else seen).add(v)
-    return dup
 
 
 def tag_key(asid: int, c: bool, spa: int) -> int:
@@ -86,9 +79,10 @@ class Cache:
 
     def __init__(self, mc: MemoryController, size: int = 4 << 20, ways: int = 16,
                  coherent: bool = False) -> None:
-        nsets = size // (LINE * ways) if ways > 0 else 0
-        if nsets <= 0 or nsets & (nsets - 1) or nsets * LINE * ways != size:
+        set_bytes = LINE * ways
+        if ways < 1 or size < set_bytes or size % set_bytes or (size // set_bytes) & (size // set_bytes - 1):
             raise InputError(f"cache of {size} bytes, {ways} ways: the set count must be a power of two")
+        nsets = size // set_bytes
         self.mc = mc
         self._readers = mc.readers  # per-domain fill functions, kept current by the memory controller
         self.size = size
@@ -121,6 +115,8 @@ class Cache:
 
     def _snoop(self, asid: int, c: bool, spa: int, length: int, invalidate: bool,
                origin: object | None) -> None:
+        if not self.agents:
+            return
         lo = tag_key(asid, c, spa)
         hi = tag_key(asid, c, spa + max(length, 1) - 1) + LINE
         for agent in list(self.agents):
@@ -187,6 +183,8 @@ class Cache:
         consecutive lines of one domain in one call of the memory controller's bulk path (the
         bytes :meth:`_writeback` would write line by line).  Sorting cache keys sorts by domain,
         then SPA, so a run never crosses domains."""
+        if not keys:
+            return
         mc = self.mc
         n = len(keys)
         breaks = np.flatnonzero(np.diff(np.array(keys, dtype=np.uint64)) != LINE) + 1
@@ -205,12 +203,12 @@ class Cache:
         """The sorted dirty ``keys`` without the lines another domain's line of the same SPA
         overwrites in DRAM: the one later in its set's order survives, as if each line were written
         back in set order (the sets must still hold them; the overwritten count as encrypted)."""
-        spas = [key & SPA_MASK for key in keys]
-        if len(set(spas)) == len(spas):
+        clashes = [spa for spa, n in Counter(key & SPA_MASK for key in keys).items() if n > 1]
+        if not clashes:
             return keys
         sets, mask = self.sets, self.set_mask
         last: dict[int, int] = {}
-        for spa in _duplicates(spas):
+        for spa in clashes:
             order = list(sets[(spa >> 6) & mask])  # set order; lines of one SPA share a set
             writers = [key for key in order if key & SPA_MASK == spa and key in self.dirty]
             last[spa] = writers[-1]
@@ -220,8 +218,7 @@ class Cache:
     # ---- multi-byte helpers (host accesses, page-table walks, tests) -------------------------
     def read(self, asid: int, c: bool, spa: int, length: int, origin: object | None = None) -> bytes:
         """``length`` bytes at ``spa`` in domain (asid, c), through the cache."""
-        if self.agents:
-            self._snoop(asid, c, spa, length, False, origin)
+        self._snoop(asid, c, spa, length, False, origin)
         out = bytearray()
         pos = spa
         end = spa + length
@@ -238,8 +235,7 @@ class Cache:
         view = memoryview(data).cast("B")
         pos = 0
         length = len(view)
-        if self.agents:
-            self._snoop(asid, c, spa, length, True, origin)
+        self._snoop(asid, c, spa, length, True, origin)
         while pos < length:
             addr = spa + pos
             off = addr & (LINE - 1)
@@ -257,8 +253,7 @@ class Cache:
         does not evict guest-tagged lines (APM2 15.34).
         """
         key = tag_key(asid, c, spa)
-        if self.agents:
-            self._snoop(asid, c, spa, 1, True, None)
+        self._snoop(asid, c, spa, 1, True, None)
         s = self.sets[(key >> 6) & self.set_mask]
         line = s.pop(key, None)
         if line is None:
@@ -277,12 +272,11 @@ class Cache:
         hi = spa + length
         if hi <= lo:
             return
-        if self.agents:
-            self._snoop(asid, c, lo, hi - lo, True, None)
-        base = tag_key(asid, c, 0)
-        klo, khi = base | lo, base | hi
+        self._snoop(asid, c, lo, hi - lo, True, None)
+        klo = tag_key(asid, c, lo)
+        khi = klo + (hi - lo)
         gone: dict[int, bytearray] = {}
-        if (hi - lo) // LINE <= len(self.sets) * self.ways:
+        if hi - lo <= self.size:  # no more lines than the cache holds: visit every address
             sets, mask = self.sets, self.set_mask
             present = [key for key in range(klo, khi, LINE) if key in sets[(key >> 6) & mask]]
             gone = {key: sets[(key >> 6) & mask].pop(key) for key in present}
@@ -312,32 +306,23 @@ class Cache:
         order: where two domains hold the same SPA dirty (non-coherent profiles), DRAM keeps the
         line later in its set's order, which would be written last.
         """
-        if self.agents:
-            self._snoop_all()
+        self._snoop_all()
         dirty = self.dirty
-        n = len(dirty)
-        if n:
-            sets, mask = self.sets, self.set_mask
-            lines: dict[int, bytearray] = {}
-            if n * 4 < len(sets) * self.ways:  # few dirty lines: find them by key
-                lines = {key: sets[(key >> 6) & mask][key] for key in dirty}
-            else:
-                for s in sets:
-                    lines.update(s)
-            keys = self._drop_overwritten(sorted(dirty))
-        for s in self.sets:
+        sets, mask = self.sets, self.set_mask
+        lines = {key: sets[(key >> 6) & mask][key] for key in dirty}
+        keys = self._drop_overwritten(sorted(dirty))
+        for s in sets:
             s.clear()
-        if n:
-            dirty.clear()
-            self.writebacks += n
-            self._write_runs(keys, lines)
+        written = len(dirty)
+        dirty.clear()
+        self.writebacks += written
+        self._write_runs(keys, lines)
         self.flush_epoch += 1
-        return n
+        return written
 
     def invalidate_all(self) -> None:
         """INVD: drop every line without writing anything back."""
-        if self.agents:
-            self._snoop_all()
+        self._snoop_all()
         for s in self.sets:
             s.clear()
         self.dirty.clear()
