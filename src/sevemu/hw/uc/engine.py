@@ -274,7 +274,11 @@ class UcEngine:
             self.stats.count(ExitCode.SHUTDOWN)
             return VmExit(ExitCode.SHUTDOWN)
         self._leave(cpu.state)
-        self.stats.count(ex.code)
+        stats = self.stats  # (UcStats.count, inlined: the exit path)
+        stats.exits += 1
+        by = stats.by_code
+        code = ex.code
+        by[code] = by.get(code, 0) + 1
         return ex
 
     # ---- boot: open Unicorn, VMRUN into the guest --------------------------------------------
