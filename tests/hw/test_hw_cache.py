@@ -394,7 +394,8 @@ def test_bulk_write_back_puts_the_same_bytes_in_dram_as_one_write_back_per_line(
 
 
 @pytest.mark.parametrize("many", [False, True])
-@pytest.mark.parametrize("order", [((1, True), (0, False), (2, True)), ((2, True), (1, True), (0, False))])
+@pytest.mark.parametrize("order", [((1, True), (0, False), (2, True)), ((2, True), (1, True), (0, False)),
+                                   ((0, False), (1, True)), ((2, True), (0, False))])
 def test_wbinvd_of_one_spa_dirty_in_several_domains_keeps_the_last_in_set_order(
         many: bool, order: tuple[tuple[int, bool], ...]) -> None:
     """Non-coherent profile: the bulk WBINVD writes back what one write-back per line in set
