@@ -195,7 +195,7 @@ def test_rsa_public_key_le_round_trip(rsa2048: crypto_rsa.RSAPrivateKey) -> None
         rsa.public_key_from_ints(int.from_bytes(modulus, "little"), 2)
 
 
-# ---- known answers on real AMD certificates (offsets from reference 1.7 / 1.8) --------------
+# ---- known answers on real AMD certificates (offsets from SEV API 55766 appendices) --------------
 def _legacy(vectors: Path, name: str) -> bytes:
     return (vectors / "sev-legacy-certs" / name).read_bytes()
 

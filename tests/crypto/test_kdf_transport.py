@@ -1,4 +1,4 @@
-"""SP800-108 KDF and the SEV transport primitives: reference 1.9-1.11 vectors, round trips, tampering."""
+"""SP800-108 KDF and the SEV transport primitives: SEV API 55766 session/measure/secret vectors, round trips, tampering."""
 
 from __future__ import annotations
 

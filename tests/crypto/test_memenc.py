@@ -1,4 +1,4 @@
-"""The memory-encryption engine (sev-reference §4.2-4.4): known answers against independent reference
+"""The memory-encryption engine (APM2 15.34; SEVurity, CipherLeaks, IEEE 1619): known answers against independent reference
 code, the algebra the SEV research relies on, single-line vs bulk paths, the C accelerator vs the
 numpy paths, and bad input."""
 
@@ -49,7 +49,7 @@ def _xor(a: bytes, b: bytes) -> bytes:
     return bytes(x ^ y for x, y in zip(a, b, strict=True))
 
 
-# -- independent reference (sev-reference §4.3 formulas, bit by bit) -----------------------------
+# -- independent reference (SEVurity / IEEE 1619 formulas, bit by bit) -----------------------------
 
 
 def ref_tweak(tc: TweakConstants, spa: int) -> bytes:
@@ -237,7 +237,7 @@ def test_zero_tweaks_degenerate_to_ecb(mode: EncryptionMode) -> None:
     assert mc.encrypt_bulk(0x123456000, pt) == ecb
 
 
-# -- the algebra of SEVurity / CipherLeaks (sev-reference §4.3 last paragraph, §4.4) -------------
+# -- the algebra of SEVurity / CipherLeaks (SEVurity section III, CipherLeaks) -------------
 
 
 @pytest.mark.parametrize("mode", MODES)

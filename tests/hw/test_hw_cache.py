@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sevemu.crypto.memenc import EncryptionMode, TweakConstants
-from sevemu.errors import AlignmentError, InputError
-from sevemu.hw.cache import Cache, key_domain, tag_key
+from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
+from sevemu.errors import AlignmentError, InputError, KeySlotError
+from sevemu.hw.cache import C_SHIFT, Cache, key_domain, tag_key
 from sevemu.hw.dram import LINE, Dram
 from sevemu.hw.faults import GeneralProtection
 from sevemu.hw.memctl import KeySlotPort, MemoryController
@@ -43,10 +45,17 @@ def test_tag_key_round_trip_and_c0_domain_has_no_asid() -> None:
     assert tag_key(1, True, X) != tag_key(2, True, X) != tag_key(0, True, X)
 
 
-@pytest.mark.parametrize("size,ways", [(0, 16), (3 * 64 * 16, 16), (1000, 16), (64 << 10, 0)])
+@pytest.mark.parametrize("size,ways", [(0, 16), (3 * 64 * 16, 16), (1000, 16), (64 << 10, 0), (64 << 10, -4),
+                                       (-(64 << 10), 16)])
 def test_geometry_must_give_a_power_of_two_set_count(size: int, ways: int) -> None:
     with pytest.raises(InputError):
         Cache(_cache()[0].mc, size, ways)
+
+
+@pytest.mark.parametrize("size,ways", [(64, 1), (1024, 1), (4096, 64), (3 * 4096, 3)])
+def test_any_power_of_two_set_count_is_a_cache(size: int, ways: int) -> None:
+    cache = Cache(_cache()[0].mc, size, ways)
+    assert len(cache.sets) * ways * LINE == size
 
 
 def test_lru_replacement_order() -> None:
@@ -203,6 +212,11 @@ def test_invd_drops_dirty_lines() -> None:
     assert cache.wbinvd() == 0
 
 
+def test_default_geometry() -> None:
+    cache = Cache(_cache()[0].mc)
+    assert (cache.size, cache.ways, len(cache.sets), cache.coherent) == (4 * MiB, 16, 4096, False)
+
+
 def test_profiles_choose_coherency() -> None:
     assert not Soc(MILAN, dram_size=64 * MiB).cache.coherent
     assert Soc(GENOA, dram_size=64 * MiB).cache.coherent
@@ -216,3 +230,298 @@ def test_multi_line_write_and_read_through_the_cache() -> None:
     cache.wbinvd()
     assert cache.read(1, True, X + 5, 300) == data
     assert data[16:32] not in cache.mc.dram.read(X, 512)
+
+
+@pytest.mark.parametrize("flush", ["wbinvd", "clflush", "flush_range", "vmpage_flush"])
+def test_flushing_lines_of_a_cleared_key_slot_never_raises_and_destroys_the_data(flush: str) -> None:
+    """SHUTDOWN / DECOMMISSION clear a slot while its lines may be dirty: the next flush writes them
+    back under a key nobody knows (docs/memory-model.md) -- no exception, no plaintext, no lost line."""
+    cache, port = _cache()
+    key = bytes(range(16))
+    port.load(1, key)
+    secret = _data(20)
+    cache.write(1, True, X, secret)
+    cache.write(1, True, X + 0x1000, secret)  # another page, for the flushes that name one line
+    before = cache.mc.dram.read(X, LINE)
+    port.clear(1)
+    assert not cache.mc.has_key(1) and not cache.mc.asid_valid(1)
+    if flush == "wbinvd":
+        assert cache.wbinvd() == 2
+    elif flush == "clflush":
+        assert cache.clflush(1, True, X)
+    elif flush == "flush_range":
+        cache.flush_range(1, True, X, 0x2000)
+    else:
+        assert cache.vmpage_flush(1, X) == 1
+    assert cache.peek(1, True, X) is None
+    raw = cache.mc.dram.read(X, LINE)
+    assert raw not in (before, secret)  # written back, encrypted, but not with the guest's key
+    port.load(1, key)  # even the same key again cannot read it
+    assert cache.read(1, True, X, LINE) != secret
+    assert cache.wbinvd() >= 0 and cache.wbinvd() == 0  # WBINVD keeps working
+    assert not cache.dirty
+
+
+def test_every_clear_of_a_slot_gets_its_own_unknown_key() -> None:
+    """Two guests' lines left behind on one ASID must not be comparable in DRAM (equal plaintext ->
+    equal ciphertext would leak that, as CipherLeaks shows for one key)."""
+    cache, port = _cache()
+    seen = []
+    for _ in range(2):
+        cache.write(1, True, X, _data(22))
+        port.clear(1)
+        cache.wbinvd()
+        seen.append(cache.mc.dram.read(X, LINE))
+        port.load(1, bytes(16))
+    assert seen[0] != seen[1]
+
+
+def test_a_cleared_slot_holds_a_fresh_key_from_the_socs_random_source() -> None:
+    """What "a key nobody knows" means exactly: the next key the SoC's random source gives (here a
+    source the test controls), used for both directions, line by line and in bulk."""
+    r = random.Random(3)
+    drawn: list[bytes] = []
+
+    def rng(n: int) -> bytes:
+        drawn.append(r.randbytes(n))
+        return drawn[-1]
+
+    mc = MemoryController(Dram(4 * MiB), EncryptionMode.XEX, TweakConstants.random_zen2(48, r), 15, rng=rng)
+    port = mc.secure_port()
+    cache = Cache(mc, 64 << 10, 16)
+    port.load(1, bytes(16))
+    mc.dram.write(X, _data(30, 2 * LINE))  # DRAM bytes the guest never wrote through this key
+    cache.write(1, True, X + 0x1000, _data(31, 32 * LINE))  # enough lines for the bulk path
+    cache.write(1, True, X + 0x3000, _data(32))  # and one on its own
+    port.clear(1)
+    assert len(drawn) == 1  # the host key; the unknown key is drawn when first needed
+    line = cache.read(1, True, X + LINE, LINE)
+    unknown = MemoryCipher(EncryptionMode.XEX, drawn[1], mc.tweaks)
+    assert line == unknown.decrypt_line(X + LINE, _data(30, 2 * LINE)[LINE:])
+    assert cache.read(1, True, X + 0x10000, LINE) == unknown.decrypt_line(X + 0x10000, bytes(LINE))
+    cache.wbinvd()
+    assert mc.dram.read(X + 0x1000, 32 * LINE) == bytes(unknown.encrypt_bulk(X + 0x1000, _data(31, 32 * LINE)))
+    assert mc.dram.read(X + 0x3000, LINE) == unknown.encrypt_line(X + 0x3000, _data(32))
+    assert len(drawn) == 2
+    port.clear(2)  # a slot that never had a key stays refused
+    with pytest.raises(KeySlotError):
+        cache.read(2, True, X, LINE)
+    with pytest.raises(KeySlotError):
+        mc.write_line(X, 2, True, _data(33))
+
+
+def test_a_fill_in_a_cleared_domain_reads_garbage_instead_of_raising() -> None:
+    cache, port = _cache()
+    secret = _data(21)
+    cache.write(2, True, X, secret)
+    cache.wbinvd()
+    port.clear(2)
+    line = cache.read(2, True, X, LINE)  # e.g. a private cache level writing back after the clear
+    assert line != secret
+    cache.write(2, True, X + 8, b"late write")
+    assert cache.wbinvd() == 1
+    with pytest.raises(KeySlotError, match="ASID 9"):  # an ASID that never had a key is still refused
+        cache.read(9, True, X, LINE)
+
+
+# ---- the bulk write-back path against one write-back per line ---------------------------------------
+_DOMAINS = [(0, False), (0, True), (1, True), (2, True)]
+
+
+def _twin(mode: EncryptionMode, coherent: bool) -> tuple[Cache, KeySlotPort]:
+    r = random.Random(5)
+    mc = MemoryController(Dram(4 * MiB), mode, TweakConstants.random_zen2(48, r), 15, rng=r.randbytes)
+    port = mc.secure_port()
+    port.load(1, r.randbytes(mode.key_size))
+    port.load(2, r.randbytes(mode.key_size))
+    return Cache(mc, 4096, 4, coherent), port  # 64 lines in 16 sets: large flushes take the set walk
+
+
+def _line_by_line_flush_range(cache: Cache, asid: int, c: bool, spa: int, length: int) -> None:
+    for addr in range(spa & ~(LINE - 1), spa + length, LINE):
+        cache.clflush(asid, c, addr)
+
+
+def _line_by_line_wbinvd(cache: Cache) -> int:
+    before = cache.writebacks
+    for s in cache.sets:
+        for key, line in list(s.items()):
+            cache._writeback(key, line)
+        s.clear()
+    cache.flush_epoch += 1
+    return cache.writebacks - before
+
+
+def _state(cache: Cache) -> tuple[object, ...]:
+    return (list(cache.mc.dram.pages()), sorted(cache.resident()), sorted(cache.dirty), cache.writebacks,
+            cache.mc.lines_encrypted, cache.flush_epoch)
+
+
+_op = st.tuples(st.sampled_from(["write", "read", "clflush"]), st.integers(0, len(_DOMAINS) - 1),
+                st.integers(0, 48), st.integers(1, 40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(mode=st.sampled_from(list(EncryptionMode)), coherent=st.booleans(), ops=st.lists(_op, max_size=25),
+       clear=st.booleans(), flush=st.tuples(st.sampled_from(["wbinvd", "range"]), st.integers(0, len(_DOMAINS) - 1),
+                                            st.integers(0, 48), st.integers(0, 120)))
+def test_bulk_write_back_puts_the_same_bytes_in_dram_as_one_write_back_per_line(
+        mode: EncryptionMode, coherent: bool, ops: list[tuple[str, int, int, int]], clear: bool,
+        flush: tuple[str, int, int, int]) -> None:
+    bulk, bport = _twin(mode, coherent)
+    ref, rport = _twin(mode, coherent)
+    for cache in (bulk, ref):
+        for kind, d, line, n in ops:
+            asid, c = _DOMAINS[d]
+            if kind == "write":
+                cache.write(asid, c, 0x10000 + line * LINE, random.Random(line * 7 + d).randbytes(n * LINE))
+            elif kind == "read":
+                cache.read(asid, c, 0x10000 + line * LINE, n * LINE)
+            else:
+                cache.clflush(asid, c, 0x10000 + line * LINE)
+    if clear:  # a slot cleared under its dirty lines: both paths must use the same unknown key
+        bport.clear(2)
+        rport.clear(2)
+    assert _state(bulk) == _state(ref)
+    kind, d, line, n = flush
+    if kind == "wbinvd":
+        assert bulk.wbinvd() == _line_by_line_wbinvd(ref)
+    else:
+        asid, c = _DOMAINS[d]
+        bulk.flush_range(asid, c, 0x10000 + line * LINE + 5, n * LINE)
+        _line_by_line_flush_range(ref, asid, c, 0x10000 + line * LINE + 5, n * LINE)
+    assert _state(bulk) == _state(ref)
+
+
+@pytest.mark.parametrize("many", [False, True])
+@pytest.mark.parametrize("order", [((1, True), (0, False), (2, True)), ((2, True), (1, True), (0, False)),
+                                   ((0, False), (1, True)), ((2, True), (0, False))])
+def test_wbinvd_of_one_spa_dirty_in_several_domains_keeps_the_last_in_set_order(
+        many: bool, order: tuple[tuple[int, bool], ...]) -> None:
+    """Non-coherent profile: the bulk WBINVD writes back what one write-back per line in set
+    order would leave in DRAM (the line later in its set wins), and counts what it encrypted."""
+    bulk, _ = _twin(EncryptionMode.XEX, False)
+    ref, _ = _twin(EncryptionMode.XEX, False)
+    for cache in (bulk, ref):
+        if many:  # enough other dirty lines for the bulk path
+            cache.write(0, False, 0x20000, bytes(range(256)) * 4)
+        for asid, c in order:
+            cache.write(asid, c, X, _data(asid * 2 + c))
+    assert bulk.wbinvd() == _line_by_line_wbinvd(ref)
+    assert _state(bulk) == _state(ref)
+    assert bulk.mc.dram.read(X, LINE) == ref.mc.dram.read(X, LINE)
+
+
+# ---- flushes of ranges larger than the cache, and the snoops of private levels ----------------------
+class RecordingAgent:
+    """A private level that records how the cache snoops it."""
+
+    def __init__(self) -> None:
+        self.snoops: list[tuple[int, int, bool]] = []
+        self.fills: list[int] = []
+
+    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+        self.snoops.append((lo, hi, invalidate))
+
+    def snoop_fill(self, key: int) -> None:
+        self.fills.append(key)
+
+    def covers(self, key: int, invalidate: bool) -> bool:
+        return any(lo <= key < hi and inv == invalidate for lo, hi, inv in self.snoops)
+
+
+@pytest.mark.parametrize("asid,c", [(0, False), (1, True)])
+def test_flush_range_larger_than_the_cache_flushes_every_line_of_the_range(asid: int, c: bool) -> None:
+    """The path KVM's flush of a large image takes on non-coherent CPUs (more lines than the cache)."""
+    cache, _ = _cache()  # 64 KiB: 1024 lines
+    agent = RecordingAgent()
+    cache.attach(agent)
+    inside = [X + i * 0x1000 for i in range(8)]
+    for spa in inside:
+        cache.write(asid, c, spa, _data(spa))
+    cache.write(asid, c, X - LINE, _data(1))  # just below the range
+    cache.write(asid, c, X + 0x40000, _data(2))  # just past it
+    cache.write(2 if c else 0, not c, X, _data(3))  # same SPA, other domain
+    agent.snoops.clear()
+    cache.flush_range(asid, c, X, 0x40000)  # 4096 lines > 1024
+    for spa in inside:
+        assert cache.peek(asid, c, spa) is None
+        assert cache.read(asid, c, spa, LINE) == _data(spa)  # written back, read again from DRAM
+    assert cache.mc.dram.read(inside[0], LINE) != (_data(inside[0]) if c else b"")
+    assert cache.peek(asid, c, X - LINE) == _data(1) and cache.peek(asid, c, X + 0x40000) == _data(2)
+    assert cache.peek(2 if c else 0, not c, X) == _data(3)
+    assert {tag_key(asid, c, X - LINE), tag_key(asid, c, X + 0x40000)} <= cache.dirty
+    assert agent.covers(tag_key(asid, c, X), True) and agent.covers(tag_key(asid, c, X + 0x3FFC0), True)
+    assert not agent.covers(tag_key(asid, c, X + 0x40000), True)
+
+
+def test_an_empty_range_flushes_nothing() -> None:
+    cache, _ = _cache()
+    agent = RecordingAgent()
+    cache.attach(agent)
+    cache.write(1, True, X, _data(60))
+    agent.snoops.clear()
+    cache.flush_range(1, True, X, 0)
+    cache.flush_range(1, True, X + LINE, -LINE)
+    assert not agent.snoops and cache.peek(1, True, X) == _data(60) and cache.writebacks == 0
+
+
+def test_every_access_snoops_the_private_levels_but_their_own() -> None:
+    cache, _ = _cache()
+    agent, other = RecordingAgent(), RecordingAgent()
+    cache.attach(agent)
+    cache.attach(other)
+    cache.attach(agent)  # once only
+    assert cache.agents == [agent, other]
+    key = tag_key(1, True, X)
+    cache.read(1, True, X, 8)
+    assert agent.covers(key, False)
+    agent.snoops.clear()
+    other.snoops.clear()
+    cache.write(1, True, X, b"x", origin=other)
+    assert agent.covers(key, True) and not other.snoops  # the writer is not snooped about itself
+    for op_ in (lambda: cache.clflush(1, True, X), lambda: cache.vmpage_flush(1, X & ~0xFFF),
+                lambda: cache.flush_range(1, True, X, LINE)):
+        agent.snoops.clear()
+        op_()
+        assert agent.covers(key, True)
+    for op_ in (cache.wbinvd, cache.invalidate_all):
+        agent.snoops.clear()
+        op_()
+        assert agent.snoops == [(0, 1 << 64, True)]
+    agent.snoops.clear()
+    cache.clflush(1, True, X + 63)  # the last byte of a line: that line only
+    cache.read(1, True, X + 62, 2)
+    assert agent.snoops == [(key, key + LINE, True), (key, key + LINE, False)]
+    cache.detach(agent)
+    cache.detach(agent)  # detaching twice is harmless
+    agent.snoops.clear()
+    cache.read(1, True, X, 8)
+    assert not agent.snoops
+    assert not agent.fills  # a non-coherent cache never asks for other-domain copies
+
+
+def test_coherent_fills_ask_private_levels_for_other_domain_copies() -> None:
+    cache, _ = _cache(coherent=True)
+    agent = RecordingAgent()
+    cache.attach(agent)
+    cache.read(1, True, X, 8)
+    assert agent.fills == [tag_key(1, True, X)]
+
+
+@pytest.mark.parametrize("mode", list(EncryptionMode))
+@pytest.mark.parametrize("d", range(len(_DOMAINS)))
+def test_bulk_flush_range_small_and_large_against_one_clflush_per_line(mode: EncryptionMode, d: int) -> None:
+    bulk, _ = _twin(mode, False)
+    ref, _ = _twin(mode, False)
+    asid, c = _DOMAINS[d]
+    other = _DOMAINS[(d + 1) % len(_DOMAINS)]
+    for cache in (bulk, ref):
+        cache.write(asid, c, 0x10000, _data(40 + d, 40 * LINE))  # 40 dirty lines: bulk runs
+        cache.write(*other, 0x10000 + 8 * LINE, _data(50, 4 * LINE))  # same SPAs, another domain
+        cache.read(asid, c, 0x10000 + 50 * LINE, 2 * LINE)  # clean lines in range
+    for start, lines in ((0x10000 + 3 * LINE + 5, 30), (0x10000 - LINE, 100)):  # address walk, set walk
+        bulk.flush_range(asid, c, start, lines * LINE)
+        _line_by_line_flush_range(ref, asid, c, start, lines * LINE)
+        assert _state(bulk) == _state(ref)
+    assert bulk.writebacks >= 40 and not any(k for k in bulk.dirty if k >> C_SHIFT == (asid << 1 | c))

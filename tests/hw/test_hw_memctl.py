@@ -7,7 +7,7 @@ import random
 import pytest
 
 from sevemu.crypto.memenc import EncryptionMode, TweakConstants
-from sevemu.errors import AlignmentError, AsidError, KeySizeError, KeySlotError
+from sevemu.errors import AddressError, AlignmentError, AsidError, KeySizeError, KeySlotError
 from sevemu.hw.dram import Dram
 from sevemu.hw.memctl import KeySlotPort, MemoryController, domain_for
 
@@ -70,6 +70,23 @@ def test_slot_zero_holds_the_host_key_from_boot() -> None:
     assert mc.read_line(0, 0, True) == data
 
 
+def test_asid_valid_state_is_apart_from_the_key_slot() -> None:
+    """ACTIVATE makes an ASID valid; DEACTIVATE (invalidate) ends that while the key stays for the
+    lines still cached; clearing the slot ends both."""
+    mc, port = _mc()
+    assert not port.valid(3) and not mc.asid_valid(3)
+    port.load(3, bytes(16))
+    assert port.valid(3) is True and mc.asid_valid(3) and port.loaded(3)
+    port.invalidate(3)
+    assert port.valid(3) is False and port.loaded(3) and mc.has_key(3)
+    mc.write_line(0x1000, 3, True, _line(5))  # the key still writes back
+    assert mc.read_line(0x1000, 3, True) == _line(5)
+    port.load(3, bytes(16))
+    assert port.valid(3)
+    port.clear(3)
+    assert not port.valid(3) and not port.loaded(3)
+
+
 def test_the_key_port_is_issued_once() -> None:
     mc, _ = _mc()
     with pytest.raises(KeySlotError):
@@ -126,6 +143,58 @@ def test_bulk_and_line_paths_agree(mode: EncryptionMode) -> None:
     assert b"".join(mc.read_line(base + o, 1, True) for o in range(0, len(data), 64)) == data
     assert mc.read(base, len(data), 1, True) == data
     assert mc.read(base, len(data), 1, False) == bulk_ct
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lines_never_written_read_as_zeros_in_every_domain(mode: EncryptionMode) -> None:
+    mc, port = _mc(mode)
+    port.load(1, bytes(mode.key_size))
+    assert mc.read_line(0x5000, 0, False) == bytes(64)
+    assert mc.readers[0](0x5040) == bytearray(64)
+    zero_pt = mc.read_line(0x5000, 1, True)  # DRAM zeros, decrypted with the key
+    assert zero_pt != bytes(64) and mc.readers[3](0x5000) == zero_pt
+    mc.write_line(0x5000, 1, True, zero_pt)
+    assert mc.dram.read_line(0x5000) == bytes(64)
+    assert mc.dram.populated_pages == 1
+
+
+@pytest.mark.parametrize("mode", [EncryptionMode.XEX, EncryptionMode.XTS256])
+def test_large_bulk_writes_go_in_chunks_with_the_line_paths_bytes(mode: EncryptionMode) -> None:
+    mc, port = _mc(mode)
+    key = random.Random(8).randbytes(mode.key_size)
+    port.load(1, key)
+    data = random.Random(9).randbytes(5 * MiB // 2 + 64)  # two whole chunks and a piece
+    base = 0x40
+    mc.write(base, data, 1, True)
+    ref = MemoryController(Dram(4 * MiB), mode, mc.tweaks, 15, rng=random.Random(7).randbytes)
+    ref.secure_port().load(1, key)
+    for off in range(0, len(data), 64):
+        ref.write_line(base + off, 1, True, data[off : off + 64])
+    assert mc.dram.read(base, len(data)) == ref.dram.read(base, len(data))
+    assert mc.read(base, len(data), 1, True) == data
+    mc.write(base, data, 5, False)  # no key needed without the C-bit: the bytes as they are
+    assert mc.dram.read(base, len(data)) == data
+    mc.write(base, b"", 1, True)  # nothing to do
+    assert mc.dram.read(base, 64) == data[:64]
+
+
+def test_refused_bulk_transfers_change_nothing() -> None:
+    mc, port = _mc()
+    port.load(1, bytes(16))
+    for spa, n in ((0x10, 64), (0, 63)):
+        for c in (False, True):
+            with pytest.raises(AlignmentError):
+                mc.write(spa, bytes(n), 1, c)
+    with pytest.raises(AddressError):  # ends past DRAM: checked before the first chunk is written
+        mc.write(4 * MiB - 2 * MiB, bytes(3 * MiB), 1, True)
+    with pytest.raises(AddressError):
+        mc.read(4 * MiB - 64, 128, 1, True)
+    assert mc.dram.populated_pages == 0
+    with pytest.raises(KeySlotError):
+        mc.write_run(0x1000, 2, True, bytes(128))  # an ASID that never had a key
+    assert mc.dram.populated_pages == 0
+    port.load(15, bytes(16))  # the highest ASID is a valid one
+    assert mc.has_key(15)
 
 
 def test_bulk_transfers_are_whole_lines() -> None:

@@ -6,14 +6,20 @@ The snippets are raw machine code (the assembly is beside each), so these tests 
 
 from __future__ import annotations
 
+import array
+import gc
+import mmap
 import time
+import types
+import weakref
 
 import pytest
 
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import InputError
 from sevemu.hw.svm import Vmcb
-from sevemu.hw.ucengine import InitialState, UcEngine, check_vmcb_state, scan_io_candidates
+from sevemu.hw.uc.watchdog import WATCHDOG
+from sevemu.hw.ucengine import EngineClosedError, InitialState, UcEngine, check_vmcb_state, scan_io_candidates
 from sevemu.hypervisor.kvm import COM1, RunResult
 from sevemu.hypervisor.vm import Vm, VmKind
 from sevemu.scenario import Machine, build_machine
@@ -260,3 +266,165 @@ def test_scan_io_candidates() -> None:
 
 def test_serial_console_port() -> None:
     assert COM1 == 0x3F8
+
+
+# mov $EFER,%ecx; rdmsr; or $0x800,%eax; wrmsr; rdmsr; mov %eax,%ebp; hlt;
+# xor %eax,%eax; vmgexit (rep vmmcall); mov %eax,%esi; hlt; pvalidate
+SHARED = bytes.fromhex("b9800000c00f320d000800000f300f3289c5f4" "31c0f30f01d989c6f4" "f20f01ff")
+
+
+@pytest.mark.parametrize("kind", [VmKind.PLAIN, VmKind.SEV])
+def test_shared_instruction_semantics_on_real_code(kind: VmKind) -> None:
+    """EFER is the CPU's (no exit), VMGEXIT outside SEV-ES is VMMCALL, PVALIDATE outside SNP is #UD --
+    decided by hw/x86/insn.py, the same code the Python engine runs."""
+    m = machine()
+    vm, eng = launch(m, SHARED, kind)
+    assert run(m, vm).reason == "hlt"
+    v = vm.vcpus[0].vmcb
+    assert v.regs["rbp"] & 0xFFFFFFFF == 0x800 and v.efer & 0x800
+    assert "MSR" not in eng.stats.by_reason
+    assert run(m, vm).reason == "hlt"
+    assert eng.stats.by_reason["VMMCALL"] == 1
+    assert v.regs["rsi"] & 0xFFFFFFFF == ((1 << 64) - 1000) & 0xFFFFFFFF  # KVM's -ENOSYS for hypercall 0
+    r = run(m, vm)
+    assert r.exit.code == ExitCode.SHUTDOWN
+    assert "#UD" in (vm.crash_reason or "") and "PVALIDATE outside an SEV-SNP guest" in (vm.crash_reason or "")
+    assert eng.crash_rip == BASE + len(SHARED) - 4
+
+
+def _reachable_bytes(root: object) -> list[bytes]:
+    """Every byte buffer reachable from ``root`` through instances and containers (not through
+    classes, modules or functions: those lead to the rest of the program)."""
+    seen: set[int] = set()
+    todo = [root]
+    out: list[bytes] = []
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)):
+            continue
+        if isinstance(obj, (bytes, bytearray, memoryview, array.array)):
+            out.append(bytes(obj))
+            continue
+        if isinstance(obj, mmap.mmap):
+            if not obj.closed:
+                out.append(obj[:])
+            continue
+        if isinstance(obj, types.MethodType):
+            todo.append(obj.__self__)
+            continue
+        todo.extend(gc.get_referents(obj))
+    return out
+
+
+def test_close_leaves_no_plaintext_in_the_engine_and_detaches_it() -> None:
+    m = machine()
+    vm, eng = launch(m, MARKER, VmKind.SEV)
+    assert run(m, vm).reason == "hlt"  # the guest wrote the marker into private memory
+    assert any(MARKER_TEXT[:24] in b for b in _reachable_bytes(eng))  # held in the pool: the check can fail
+    pool = eng.pool
+    assert pool in m.soc.cache.agents
+    eng.close()
+    assert pool not in m.soc.cache.agents and eng not in m.soc.cache.agents
+    assert not any(MARKER_TEXT[:24] in b for b in _reachable_bytes(eng))
+    assert not any(MARKER_TEXT[:24] in b for b in _reachable_bytes(pool))
+    assert eng.resident_pages() == [] and eng.closed
+    with pytest.raises(EngineClosedError, match="closed"):
+        m.hv.run(vm)
+    eng.close()  # closing twice is harmless
+    # the guest's plaintext went to the cache before the pool was zeroed (not lost): a new engine
+    # picks the guest up where it was
+    eng2 = UcEngine(pool_pages=256)
+    assert m.hv.run(vm, engine=eng2).reason == "hlt"
+    assert vm.vcpus[0].vmcb.regs["rax"] == int.from_bytes(MARKER_TEXT[:4], "little")
+    eng2.close()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_engines_created_and_dropped_do_not_accumulate(close: bool) -> None:
+    """A long-lived host runs guest after guest: closed (or merely dropped) engines are freed, the
+    watchdog walks only live ones, and memory stays flat."""
+    m = machine()
+    vm = m.hv.create_vm("churn", 16 * MiB, VmKind.SEV)
+    m.hv.launch(vm, [(BASE, b"\xf4".ljust(4096, b"\0"))])
+    v = vm.add_vcpu()
+    gc.collect()
+    base = len(WATCHDOG)
+    refs = []
+
+    def cycle() -> None:
+        eng = UcEngine(pool_pages=32)
+        InitialState(rip=BASE).apply(v.vmcb)
+        assert m.hv.run(vm, engine=eng).reason == "hlt"
+        assert len(WATCHDOG) <= base + 1 + (0 if close else len(refs))
+        refs.append(weakref.ref(eng))
+        v.engine = None
+        if close:
+            eng.close()
+            assert len(WATCHDOG) == base
+
+    for _ in range(5):
+        cycle()
+    gc.collect()
+    before = _rss()
+    gc_was = gc.isenabled()
+    if close:
+        gc.disable()  # a closed engine is freed by reference counting alone: no cycles left
+    try:
+        for _ in range(40):
+            cycle()
+        if close:
+            assert all(r() is None for r in refs)
+    finally:
+        if gc_was:
+            gc.enable()
+    gc.collect()
+    time.sleep(0.02)  # a watchdog tick
+    assert all(r() is None for r in refs)
+    assert len(WATCHDOG) == base
+    assert _rss() - before < 16 * MiB, f"{(_rss() - before) / MiB:.1f} MiB more after 40 engines"
+
+
+@pytest.mark.parametrize("kind,flush", [(VmKind.SEV, "wbinvd"), (VmKind.PLAIN, "wbinvd"), (VmKind.PLAIN, "clflush")])
+def test_host_flushes_make_the_engine_drop_its_page_copies(kind: VmKind, flush: str) -> None:
+    """WBINVD / CLFLUSH snoop the engine's page pool: after them the guest reads DRAM again, so a
+    physical write to DRAM in between is what the guest sees (decrypted with its key under SEV)."""
+    m = machine()
+    vm, eng = launch(m, MARKER, kind)
+    assert run(m, vm).reason == "hlt"  # the marker is in the guest's page: pool and cache
+    spa = vm.spa_of(0x300000)
+    host = m.soc.host_view().boot_cpu
+    if flush == "wbinvd":
+        host.wbinvd()
+    else:
+        host.clflush(spa)  # the host's own line: for a plain guest, the guest's line too
+    m.soc.dram.write(spa, b"ATTACKER")  # DRAM written behind the caches (a physical attacker)
+    refreshes = eng.stats.slot_refreshes
+    assert run(m, vm).reason == "hlt"
+    got = vm.vcpus[0].vmcb.regs["rax"] & 0xFFFFFFFF
+    assert got != int.from_bytes(MARKER_TEXT[:4], "little")  # not the copy the engine held
+    if kind is VmKind.PLAIN:
+        assert got == int.from_bytes(b"ATTA", "little")
+    assert eng.stats.slot_refreshes > refreshes
+
+
+def test_streaming_host_write_reaches_a_page_the_engine_holds() -> None:
+    """A non-temporal store (or a DMA write) to memory whose lines are no longer in the shared cache
+    still snoops the engine's copy: the guest sees the new bytes."""
+    m = machine()
+    vm, _eng = launch(m, MARKER, VmKind.PLAIN)
+    assert run(m, vm).reason == "hlt"
+    host = m.soc.host_view().boot_cpu
+    host.host_read(0x4000000, 2 * m.soc.cache.size)  # evicts the guest's (clean) lines from the cache
+    spa = vm.spa_of(0x300000)
+    assert m.soc.cache.peek(0, False, spa) is None
+    host.host_write_stream(spa, b"STREAMED")
+    assert run(m, vm).reason == "hlt"
+    assert vm.vcpus[0].vmcb.regs["rax"] & 0xFFFFFFFF == int.from_bytes(b"STRE", "little")

@@ -9,8 +9,18 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
-    "GiB", "KiB", "LINE", "MiB", "PAGE", "PAGE_1G", "PAGE_2M", "PAGE_MASK", "PAGE_SHIFT",
-    "align_down", "align_up", "is_aligned",
+    "LINE",
+    "PAGE",
+    "PAGE_1G",
+    "PAGE_2M",
+    "PAGE_MASK",
+    "PAGE_SHIFT",
+    "GiB",
+    "KiB",
+    "MiB",
+    "align_down",
+    "align_up",
+    "is_aligned",
 ]
 
 KiB: Final = 1 << 10

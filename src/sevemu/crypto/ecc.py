@@ -1,8 +1,8 @@
 """Elliptic-curve helpers (P-384, P-256) with AMD's little-endian encodings.
 
-Sources: reference 1.7 (SEV certificate: qx, qy, r, s are 72-byte little-endian, zero-padded),
-1.9 (ECDH shared secret Z = the *big-endian* x-coordinate, as OpenSSL's ``EVP_PKEY_derive`` gives
-it and as the session KDF consumes it), 1.12 (legacy attestation report signed by the PEK:
+Sources: SEV API 55766 appendix, certificate format (qx, qy, r, s are 72-byte little-endian,
+zero-padded; sev-tool src/sevcert.cpp), LAUNCH_START key agreement (ECDH shared secret Z = the *big-endian* x-coordinate, as OpenSSL's ``EVP_PKEY_derive`` gives
+it and as the session KDF consumes it), ATTESTATION (legacy attestation report signed by the PEK:
 ECDSA-P384 over SHA-256, r and s little-endian).  Everything runs on ``cryptography``; this module
 only converts between AMD's byte order and the library's integers.
 
@@ -11,8 +11,8 @@ point of the curve raises :class:`~sevemu.errors.InputError`.
 
 Key derivation from a secret (:func:`derive_private_key`, :func:`derive_cek`)
 -----------------------------------------------------------------------------
-AMD does not publish how the firmware turns its fused chip secret into the CEK (reference 1.7
-names only the label ``"sev-chip-endorsement-key"``).  The model's construction, used by both the
+AMD does not publish how the firmware turns its fused chip secret into the CEK (sev-tool
+src/sevcert.cpp names only the label ``"sev-chip-endorsement-key"``).  The model's construction, used by both the
 manufacturer (:mod:`sevemu.amd.chip`) and the firmware so that they agree on the CEK:
 
 1. ``okm = HKDF-SHA-384(ikm=secret, salt=b"sevemu ecc private key v1", info=label || 0x00 ||
@@ -80,7 +80,7 @@ SECP256K1: Final[ec.EllipticCurve] = ec.SECP256K1()
 COORD_SIZE: Final = SEV_ECC_COORD_SIZE
 """Bytes of every coordinate / scalar field in AMD structures (72, little-endian)."""
 SIGNATURE_SIZE: Final = 2 * COORD_SIZE
-"""``r || s`` as AMD lays it out (reference 1.7 sig union, 1.12 report ``sig1``): 144 bytes."""
+"""``r || s`` as AMD lays it out (SEV API 55766 certificate ``sig`` union, ATTESTATION report ``sig1``): 144 bytes."""
 
 CEK_LABEL: Final = b"sev-chip-endorsement-key"
 """Label of the CEK derivation (the string AMD sev-tool ``crypto.h`` names for the CEK)."""

@@ -1,4 +1,5 @@
-"""NIST SP800-108 key derivation in counter mode, as the SEV API uses it (reference section 1.9).
+"""NIST SP800-108 key derivation in counter mode, as the SEV API uses it (SEV API 55766, key derivation appendix;
+SP 800-108).
 
 The PRF is HMAC-SHA256 keyed with the input key (h = 256 bits) and the counter is r = 32 bits.
 Block ``i`` (from 1) is::

@@ -1,7 +1,8 @@
 """The memory controller's AES engine: per-ASID encryption of DRAM at 16-byte granularity.
 
-Models sev-reference §4.2 (behaviour), §4.3 (AES mode and tweak per generation) and §4.4 (research
-findings a faithful model must reproduce).  The memory controller of the SoC model keeps one
+Models the encryption behaviour of APM2 15.34, the AES mode and tweak of each generation (SEVurity,
+Du et al., IEEE 1619) and the research findings a faithful model must reproduce (SEVurity,
+CipherLeaks); ``docs/memory-model.md`` lists the model choices.  The memory controller of the SoC model keeps one
 :class:`MemoryCipher` per key slot and calls :meth:`MemoryCipher.encrypt_line` on every cache-line
 writeback and :meth:`MemoryCipher.decrypt_line` on every line fill; whole pages and regions
 (firmware LAUNCH_UPDATE_DATA, DBG commands, migration) go through the vectorised ``*_bulk`` paths.
@@ -14,30 +15,30 @@ Modes (:class:`EncryptionMode`), for a 16-byte block ``P`` at system physical ad
     XTS256  AES-256-XTS (IEEE Std 1619) with a 512-bit key K1 || K2
 
 XE is what early Zen 1 parts do (EPYC 7251, Ryzen), XEX later Zen 1 parts and Zen 2/3; Zen 4 and
-later can also run AES-256-XTS (SNP policy bit 22 MEM_AES_256_XTS) (§4.3).
+later can also run AES-256-XTS (SNP policy bit 22 MEM_AES_256_XTS; SNP ABI 56860, guest policy).
 
-The address tweak (§4.3; SEVurity, Wilke et al. 2020) is linear in the address bits above the block
+The address tweak (SEVurity, Wilke et al. 2020; Du et al.) is linear in the address bits above the block
 offset::
 
     T(p) = XOR over i >= 4 with bit i of p set of t_i          (bits 3:0 select a byte in the block)
 
 so ``T(p ^ q) = T(p) ^ T(q)``.  The constants are chosen at boot and are the same for every key, the
-host's included (§4.4): they live in :class:`TweakConstants`, shared by all the ciphers of a boot.
+host's included (SEVurity): they live in :class:`TweakConstants`, shared by all the ciphers of a boot.
 Consequences the model keeps (and the tests check): the same (key, address, plaintext) always gives
-the same ciphertext (CipherLeaks, §4.4); a ciphertext block moved from ``p`` to ``q`` decrypts under
+the same ciphertext (CipherLeaks); a ciphertext block moved from ``p`` to ``q`` decrypts under
 XE to ``m ^ T(p) ^ T(q)``; under XEX the mover must first XOR ``T(p) ^ T(q)`` into it, and then gets
 the same plaintext difference.
 
-Model choices where AMD publishes nothing (sev-reference §5 item 10):
+Model choices where AMD publishes nothing (``docs/memory-model.md``):
 
 * **Zen 1 constants** (:meth:`TweakConstants.published_zen1`): t_4..t_31 are the table
-  reverse-engineered on an EPYC 7251 by SEVurity (§4.3), each a 4-byte value repeated four times
+  reverse-engineered on an EPYC 7251 by SEVurity, each a 4-byte value repeated four times
   (byte j of the tweak is XORed with byte ``j mod 4`` of the value).  Bits 32 and up were never
   published (the authors' host had 4.3 GiB of RAM): for them we draw fresh random 4-byte values at
   every boot, repeated the same way, so the whole table keeps Zen 1's 32-bit-per-constant
   structure.
 * **Zen 2+ tweak function** (:meth:`TweakConstants.random_zen2`): AMD says only that Rome's tweak is
-  "no longer 4-byte periodic" with "fresh randomness per boot" (§4.3).  We keep the linear form
+  "no longer 4-byte periodic" with "fresh randomness per boot" (SEVurity, section IX).  We keep the linear form
   above with independent uniformly random 128-bit t_i (i >= 4) drawn at boot.  Determinism across
   the life of a key (CipherLeaks on Milan) follows.
 * **XTS data unit and tweak** (:attr:`EncryptionMode.XTS256`): the data unit is the 64-byte cache
@@ -87,6 +88,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
+from sevemu._util.units import LINE, PAGE
 from sevemu.errors import AddressError, AlignmentError, InputError, KeySizeError
 
 #: Whether the optional C accelerator (``csrc/memenc_accel.c``) was built and loaded; without it the
@@ -114,14 +116,14 @@ __all__ = [
 ]
 
 BLOCK_SIZE: Final = 16
-LINE_SIZE: Final = 64
-PAGE_SIZE: Final = 4096
+LINE_SIZE: Final = LINE
+PAGE_SIZE: Final = PAGE
 #: x86-64's architectural maximum physical-address width.
 MAX_PA_BITS: Final = 52
 #: Lowest address width accepted: the tweak tables must cover at least one page.
 MIN_PA_BITS: Final = 12
 
-#: SEVurity's EPYC 7251 tweak table (sev-reference §4.3; SVY ``plaintext_gpa_database.c``):
+#: SEVurity's EPYC 7251 tweak table (SEVurity, the PoC's ``plaintext_gpa_database.c``):
 #: t_i for i = 4..31, as the 4 bytes repeated over the 16-byte block, in memory order.
 # fmt: off
 SEVURITY_ZEN1_TWEAKS: Final[tuple[str, ...]] = (
@@ -185,7 +187,7 @@ _U64Array = npt.NDArray[np.uint64]
 
 
 class EncryptionMode(enum.Enum):
-    """The memory controller's AES mode (sev-reference §4.3)."""
+    """The memory controller's AES mode (``docs/memory-model.md``, "Ciphers")."""
 
     XE = "xe"
     XEX = "xex"
@@ -332,11 +334,11 @@ def _fill_pattern(dst: _U64Array, pair: _U64Array) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TweakConstants:
-    """The per-boot address-tweak constants t_i of the memory controller (sev-reference §4.3).
+    """The per-boot address-tweak constants t_i of the memory controller (SEVurity; Du et al.).
 
     ``constants[i]`` is t_i (16 bytes) for every address bit ``i < pa_bits``; t_0..t_3 are zero (the
     low four bits select a byte within the block).  The same object serves every key of a boot: the
-    tweaks do not depend on the key (§4.4).  Build one with :meth:`published_zen1`,
+    tweaks do not depend on the key (SEVurity).  Build one with :meth:`published_zen1`,
     :meth:`random_zen2` or :meth:`zeros`.
     """
 

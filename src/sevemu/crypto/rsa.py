@@ -1,7 +1,7 @@
 """RSASSA-PSS with AMD's little-endian byte order (ARK, ASK and the ASK's signature on the CEK).
 
-Sources: reference 1.7 (RSA member of the SEV certificate unions) and 1.8 (AMD ARK/ASK
-certificate): modulus, public exponent and signature are stored little-endian; the signature is
+Sources: SEV API 55766 appendices (RSA member of the SEV certificate unions; AMD ARK/ASK
+certificate format), sev-tool src/amdcert.cpp: modulus, public exponent and signature are stored little-endian; the signature is
 RSASSA-PSS with MGF1 over the same hash and a salt as long as the digest (32 bytes for SHA-256,
 48 for SHA-384).  AMD sev-tool and virtee/sev reverse the bytes before handing them to a big-endian
 RSA library; so does this module, over ``cryptography``.

@@ -1,10 +1,11 @@
-"""SEV transport cryptography shared by the guest owner and the firmware (reference 1.9-1.11).
+"""SEV transport cryptography shared by the guest owner and the firmware (SEV API 55766: LAUNCH_START,
+LAUNCH_MEASURE, LAUNCH_SECRET; sev-tool src/commands.cpp).
 
 Both ends of a legacy SEV session run the same primitives in opposite directions, so they live
 here, pure and symmetric: the owner (:mod:`sevemu.owner`) seals, the firmware opens, and for SEND
 and RECEIVE the firmware does both.
 
-Session establishment (SEV API "session buffer", reference 1.9)
+Session establishment (SEV API 55766 LAUNCH_START, "session buffer"; sev-tool ``build_session_buffer``)
     ``Z`` is the ECDH shared secret between the guest owner's Diffie-Hellman key (GODH) and the
     platform's PDH -- for P-384 the 48-byte big-endian x-coordinate.  From it::
 
@@ -19,11 +20,11 @@ Session establishment (SEV API "session buffer", reference 1.9)
     is caught by ``policy_mac`` instead.  :func:`open_session` therefore reports a tampered
     ``wrap_iv`` as :class:`PolicyMacError`.
 
-LAUNCH_MEASURE (reference 1.10)
+LAUNCH_MEASURE (SEV API 55766 LAUNCH_MEASURE; virtee sev ``src/launch/sev.rs``)
     ``MEASURE = HMAC-SHA256(TIK, 0x04 || API_MAJOR || API_MINOR || BUILD || le32(POLICY) || LD ||
     MNONCE)``; firmware older than API 0.17 omits the four-byte prefix.
 
-LAUNCH_SECRET packets (reference 1.11)
+LAUNCH_SECRET packets (SEV API 55766 LAUNCH_SECRET; sevctl ``src/secret.rs``)
     ``TRANS = AES-128-CTR(TEK, IV)(plaintext)`` and the header MAC is
     ``HMAC-SHA256(TIK, 0x01 || le32(FLAGS) || IV || le32(GUEST_LEN) || le32(TRANS_LEN) || TRANS
     || MEASURE)``, the ``MEASURE`` term only for API >= 0.17.
@@ -31,7 +32,7 @@ LAUNCH_SECRET packets (reference 1.11)
 AES-CTR uses the whole 16-byte IV as the initial counter block, incremented as a 128-bit
 big-endian integer (OpenSSL's ``aes-128-ctr``, which the reference tools use).  Every MAC
 comparison is constant-time (:func:`hmac.compare_digest`).  The firmware's failure status codes
-for these checks are not published (reference 1.9 item 5); callers map the exceptions below.
+for these checks are not published (a model choice); callers map the exceptions below.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The SoC's cache: set-associative, write-back, LRU, lines tagged by encryption domain.
 
-Inside the SoC data is plaintext (APM 15.34.7, reference 4.2).  Each 64-byte line is tagged with the
+Inside the SoC data is plaintext (APM2 15.34).  Each 64-byte line is tagged with the
 domain of the access that brought it in, ``(ASID, C-bit)``, and its SPA; a lookup matches all three,
 so a line of one ASID never serves another.  Lines reach DRAM only through the memory controller,
 which encrypts them with the key of their own tag on eviction, CLFLUSH, VMPAGE_FLUSH or WBINVD.
@@ -10,7 +10,7 @@ that is why a shared (C=0) page works as a bounce buffer between a guest and the
 flushes.  Encrypted lines of different ASIDs (or the same SPA seen with and without the C-bit) are
 *not* coherent unless the profile has hardware-enforced coherency (CPUID Fn8000_001F EAX[10]):
 two lines for one SPA may coexist, and whichever is written back last wins in DRAM — the reason the
-hypervisor must flush before changing a page's key or C-bit (reference 4.2).  With the coherency
+hypervisor must flush before changing a page's key or C-bit (APM2 15.34).  With the coherency
 feature, a fill evicts (writing back) every other-domain line of the same SPA first.
 
 The whole cache hierarchy is modelled as one shared level: private L1/L2 levels would change timing,
@@ -24,11 +24,15 @@ writes, flushes or invalidates them, it writes back and drops (or refreshes) its
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from itertools import pairwise
 from typing import Protocol
 
+import numpy as np
+
+from sevemu._util.units import LINE
 from sevemu.errors import AlignmentError, InputError, KeySlotError
-from sevemu.hw.dram import LINE
 from sevemu.hw.memctl import MemoryController
 
 __all__ = ["ASID_SHIFT", "C_SHIFT", "SPA_MASK", "Cache", "CacheAgent", "key_domain", "tag_key"]
@@ -37,6 +41,7 @@ C_SHIFT = 52
 ASID_SHIFT = 53
 SPA_MASK = (1 << C_SHIFT) - 1
 _LINE_MASK = ~(LINE - 1)
+_BULK_MIN_LINES = 16  # shorter runs of dirty lines are written back one by one (the bulk call costs more)
 
 
 def tag_key(asid: int, c: bool, spa: int) -> int:
@@ -74,9 +79,10 @@ class Cache:
 
     def __init__(self, mc: MemoryController, size: int = 4 << 20, ways: int = 16,
                  coherent: bool = False) -> None:
-        nsets = size // (LINE * ways) if ways > 0 else 0
-        if nsets <= 0 or nsets & (nsets - 1) or nsets * LINE * ways != size:
+        set_bytes = LINE * ways
+        if ways < 1 or size < set_bytes or size % set_bytes or (size // set_bytes) & (size // set_bytes - 1):
             raise InputError(f"cache of {size} bytes, {ways} ways: the set count must be a power of two")
+        nsets = size // set_bytes
         self.mc = mc
         self._readers = mc.readers  # per-domain fill functions, kept current by the memory controller
         self.size = size
@@ -109,6 +115,8 @@ class Cache:
 
     def _snoop(self, asid: int, c: bool, spa: int, length: int, invalidate: bool,
                origin: object | None) -> None:
+        if not self.agents:
+            return
         lo = tag_key(asid, c, spa)
         hi = tag_key(asid, c, spa + max(length, 1) - 1) + LINE
         for agent in list(self.agents):
@@ -138,22 +146,31 @@ class Cache:
         """The miss path of :meth:`line`, for a ``key`` known to be absent from its set ``s``:
         make room (the LRU victim, written back if dirty), then fill through the memory controller."""
         self.misses += 1
-        spa = key & SPA_MASK
         if self.coherent:
-            for agent in self.agents:
-                agent.snoop_fill(key)
-            for other in [k for k in s if k & SPA_MASK == spa]:
-                self._writeback(other, s.pop(other))
+            self._evict_other_domains(key, s)
         if len(s) >= self.ways:
-            victim = next(iter(s))  # least recently used
+            for victim in s:  # the least recently used comes first
+                break
             old = s.pop(victim)
-            if victim in self.dirty:
-                self._writeback(victim, old)
-        reader = self._readers.get(key >> C_SHIFT)
-        if reader is None:
-            raise KeySlotError(f"no key is loaded for ASID {key >> ASID_SHIFT}")
-        line = s[key] = reader(spa)  # a new bytearray, the cache's own
+            if victim in self.dirty:  # (Cache._writeback, inlined: the miss path)
+                self.dirty.discard(victim)
+                self.writebacks += 1
+                self.mc.write_line(victim & SPA_MASK, victim >> ASID_SHIFT, bool((victim >> C_SHIFT) & 1), old)
+        try:
+            reader = self._readers[key >> C_SHIFT]
+        except KeyError:
+            raise KeySlotError(f"no key is loaded for ASID {key >> ASID_SHIFT}") from None
+        line = s[key] = reader(key & SPA_MASK)  # a new bytearray, the cache's own
         return line
+
+    def _evict_other_domains(self, key: int, s: dict[int, bytearray]) -> None:
+        """Coherent profiles: before ``key`` is filled, every other-domain copy of its SPA goes
+        (private levels snooped, lines in this cache written back and dropped)."""
+        for agent in self.agents:
+            agent.snoop_fill(key)
+        spa = key & SPA_MASK
+        for other in [k for k in s if k & SPA_MASK == spa]:
+            self._writeback(other, s.pop(other))
 
     def _writeback(self, key: int, line: bytearray) -> None:
         if key in self.dirty:
@@ -161,11 +178,47 @@ class Cache:
             self.writebacks += 1
             self.mc.write_line(key & SPA_MASK, key >> ASID_SHIFT, bool((key >> C_SHIFT) & 1), line)
 
+    def _write_runs(self, keys: list[int], lines: Mapping[int, bytearray]) -> None:
+        """Write the dirty lines ``keys`` (sorted; one per SPA) back from ``lines``, each run of
+        consecutive lines of one domain in one call of the memory controller's bulk path (the
+        bytes :meth:`_writeback` would write line by line).  Sorting cache keys sorts by domain,
+        then SPA, so a run never crosses domains."""
+        if not keys:
+            return
+        mc = self.mc
+        n = len(keys)
+        breaks = np.flatnonzero(np.diff(np.array(keys, dtype=np.uint64)) != LINE) + 1
+        bounds = [0, *breaks.tolist(), n]
+        get = lines.__getitem__
+        for i, j in pairwise(bounds):
+            first = keys[i]
+            asid, c = first >> ASID_SHIFT, bool((first >> C_SHIFT) & 1)
+            if j - i < _BULK_MIN_LINES:
+                for key in keys[i:j]:
+                    mc.write_line(key & SPA_MASK, asid, c, get(key))
+            else:
+                mc.write_run(first & SPA_MASK, asid, c, b"".join(map(get, keys[i:j])))
+
+    def _drop_overwritten(self, keys: list[int]) -> list[int]:
+        """The sorted dirty ``keys`` without the lines another domain's line of the same SPA
+        overwrites in DRAM: the one later in its set's order survives, as if each line were written
+        back in set order (the sets must still hold them; the overwritten count as encrypted)."""
+        clashes = [spa for spa, n in Counter(key & SPA_MASK for key in keys).items() if n > 1]
+        if not clashes:
+            return keys
+        sets, mask = self.sets, self.set_mask
+        last: dict[int, int] = {}
+        for spa in clashes:
+            order = list(sets[(spa >> 6) & mask])  # set order; lines of one SPA share a set
+            writers = [key for key in order if key & SPA_MASK == spa and key in self.dirty]
+            last[spa] = writers[-1]
+            self.mc.lines_encrypted += sum(1 for key in writers[:-1] if (key >> C_SHIFT) & 1)
+        return [key for key in keys if last.get(key & SPA_MASK, key) == key]
+
     # ---- multi-byte helpers (host accesses, page-table walks, tests) -------------------------
     def read(self, asid: int, c: bool, spa: int, length: int, origin: object | None = None) -> bytes:
         """``length`` bytes at ``spa`` in domain (asid, c), through the cache."""
-        if self.agents:
-            self._snoop(asid, c, spa, length, False, origin)
+        self._snoop(asid, c, spa, length, False, origin)
         out = bytearray()
         pos = spa
         end = spa + length
@@ -182,8 +235,7 @@ class Cache:
         view = memoryview(data).cast("B")
         pos = 0
         length = len(view)
-        if self.agents:
-            self._snoop(asid, c, spa, length, True, origin)
+        self._snoop(asid, c, spa, length, True, origin)
         while pos < length:
             addr = spa + pos
             off = addr & (LINE - 1)
@@ -198,11 +250,10 @@ class Cache:
         """CLFLUSH: write back and invalidate the line of ``spa`` in domain (asid, c) only.
 
         Returns whether a line was present.  A host CLFLUSH names the host's own domain, so it
-        does not evict guest-tagged lines (reference 4.2).
+        does not evict guest-tagged lines (APM2 15.34).
         """
         key = tag_key(asid, c, spa)
-        if self.agents:
-            self._snoop(asid, c, spa, 1, True, None)
+        self._snoop(asid, c, spa, 1, True, None)
         s = self.sets[(key >> 6) & self.set_mask]
         line = s.pop(key, None)
         if line is None:
@@ -211,25 +262,33 @@ class Cache:
         return True
 
     def flush_range(self, asid: int, c: bool, spa: int, length: int) -> None:
-        """CLFLUSH every line of ``[spa, spa+length)`` in domain (asid, c).
+        """CLFLUSH every line of ``[spa, spa+length)`` in domain (asid, c) (Linux ``clflush_cache_range``).
 
-        A range with more lines than the cache can hold is flushed by visiting the resident lines
-        instead of every address (same lines flushed, same write-backs, in set order).
+        The same lines flushed and the same bytes in DRAM as one :meth:`clflush` per line; the
+        dirty lines are written back in bulk (:meth:`_write_runs`), and a range with more lines
+        than the cache holds is flushed by visiting the resident lines instead of every address.
         """
         lo = spa & _LINE_MASK
         hi = spa + length
-        if (hi - lo) // LINE <= len(self.sets) * self.ways:
-            for addr in range(lo, hi, LINE):
-                self.clflush(asid, c, addr)
+        if hi <= lo:
             return
-        if self.agents:
-            self._snoop(asid, c, lo, hi - lo, True, None)
-        base = tag_key(asid, c, 0)
-        klo, khi = base | lo, base | hi
-        for s in self.sets:
-            victims = [key for key in s if klo <= key < khi]
-            for key in victims:
-                self._writeback(key, s.pop(key))
+        self._snoop(asid, c, lo, hi - lo, True, None)
+        klo = tag_key(asid, c, lo)
+        khi = klo + (hi - lo)
+        gone: dict[int, bytearray] = {}
+        if hi - lo <= self.size:  # no more lines than the cache holds: visit every address
+            sets, mask = self.sets, self.set_mask
+            present = [key for key in range(klo, khi, LINE) if key in sets[(key >> 6) & mask]]
+            gone = {key: sets[(key >> 6) & mask].pop(key) for key in present}
+        else:
+            for s in self.sets:
+                for key in [key for key in s if klo <= key < khi]:
+                    gone[key] = s.pop(key)
+        dirty = self.dirty.intersection(gone)
+        if dirty:
+            self.dirty.difference_update(dirty)
+            self.writebacks += len(dirty)
+            self._write_runs(sorted(dirty), gone)
 
     def vmpage_flush(self, asid: int, spa: int) -> int:
         """VMPAGE_FLUSH MSR: write back and invalidate the encrypted lines of one 4 KiB page of ``asid``."""
@@ -241,21 +300,29 @@ class Cache:
         return n
 
     def wbinvd(self) -> int:
-        """WBINVD: write back every dirty line and invalidate the whole cache; returns lines written."""
-        if self.agents:
-            self._snoop_all()
-        before = self.writebacks
-        for s in self.sets:
-            for key, line in s.items():
-                self._writeback(key, line)
+        """WBINVD: write back every dirty line and invalidate the whole cache; returns lines written.
+
+        Written back in bulk (:meth:`_write_runs`) with the bytes of one write-back per line in set
+        order: where two domains hold the same SPA dirty (non-coherent profiles), DRAM keeps the
+        line later in its set's order, which would be written last.
+        """
+        self._snoop_all()
+        dirty = self.dirty
+        sets, mask = self.sets, self.set_mask
+        lines = {key: sets[(key >> 6) & mask][key] for key in dirty}
+        keys = self._drop_overwritten(sorted(dirty))
+        for s in sets:
             s.clear()
+        written = len(dirty)
+        dirty.clear()
+        self.writebacks += written
+        self._write_runs(keys, lines)
         self.flush_epoch += 1
-        return self.writebacks - before
+        return written
 
     def invalidate_all(self) -> None:
         """INVD: drop every line without writing anything back."""
-        if self.agents:
-            self._snoop_all()
+        self._snoop_all()
         for s in self.sets:
             s.clear()
         self.dirty.clear()

@@ -1,13 +1,16 @@
 """CPU cores: host accesses, VMRUN, and the guest memory port that instruction engines drive.
 
 A :class:`Core` runs either the host (ASID 0) or, inside :meth:`Core.vmrun`, one guest vCPU described
-by a :class:`~sevemu.hw.svm.Vmcb`.  VMRUN does the SEV consistency checks of APM 15.34.3 (reference
-4.1), applies the VMCB's TLB_CONTROL, then hands a :class:`GuestCpu` to the vCPU's instruction engine
+by a :class:`~sevemu.hw.svm.Vmcb`.  VMRUN does the SEV consistency checks of APM2 15.34.3 (and
+the ASID-valid state the Secure Processor keeps, SEV API 55766 ACTIVATE/DEACTIVATE), applies the VMCB's TLB_CONTROL, then hands a :class:`GuestCpu` to the vCPU's instruction engine
 until the guest does something the hypervisor intercepts; the result is a :class:`~sevemu.hw.svm.VmExit`.
 
 :class:`GuestCpu` is the interface an instruction engine plugs into (the Python workload engine of
-:mod:`sevemu.hw.pyengine` now, a real x86 engine later): ``load``/``store``/``read``/``write``/``fetch``
-through the ASID-tagged TLB, the page walks and the cache.  Everything a guest touches is plaintext
+:mod:`sevemu.hw.pyengine`, the x86 engine of :mod:`sevemu.hw.ucengine`): ``load``/``store``/``read``/
+``write``/``fetch`` through the ASID-tagged TLB, the page walks and the cache; the guest's registers
+in ``state`` (:class:`~sevemu.hw.svm.SaveState`: the VMCB's save area for plain and SEV guests) and
+the control area in ``vmcb``.  What an instruction does beyond memory (MSRs, CPUID, I/O, VMGEXIT,
+PVALIDATE ...) is decided once for both engines in :mod:`sevemu.hw.x86.insn`.  Everything a guest touches is plaintext
 inside the SoC and ciphertext in DRAM.  Accesses raise :class:`~sevemu.hw.faults.PageFault` (the
 guest's) or :class:`~sevemu.hw.faults.NestedPageFault` (becomes #VMEXIT(NPF)); an access never
 half-happens: a faulting access changes no memory, so the instruction can be restarted.
@@ -15,7 +18,7 @@ half-happens: a faulting access changes no memory, so the instruction can be res
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import AddressError
@@ -24,9 +27,15 @@ from sevemu.hw.faults import GeneralProtection, NestedPageFault
 from sevemu.hw.memctl import MemoryController
 from sevemu.hw.mmu import Mmu, Translation
 from sevemu.hw.profiles import CpuProfile
-from sevemu.hw.svm import TlbControl, Vmcb, VmExit
+from sevemu.hw.svm import SaveState, TlbControl, Vmcb, VmExit
+
+if TYPE_CHECKING:
+    from sevemu.hw.x86.insn import GuestRmp
 
 __all__ = ["Core", "Engine", "GuestCpu", "Tlb"]
+
+_SNP_ACTIVE = 1  # SEV_FEATURES bit 0
+_CR0_PG = 1 << 31
 
 # TLB entry flags
 _W_OK = 1  # writable and the guest's Dirty bit already set
@@ -77,11 +86,12 @@ class GuestCpu:
     """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
 
     __slots__ = ("_cache", "_dirty", "_fill", "_line", "_mmu", "_set_mask", "_sets", "_tlb", "_tlb_insert", "asid",
-                 "core", "sev", "vmcb")
+                 "core", "sev", "state", "vmcb")
 
-    def __init__(self, core: Core, vmcb: Vmcb) -> None:
+    def __init__(self, core: Core, vmcb: Vmcb, state: SaveState | None = None) -> None:
         self.core = core
         self.vmcb = vmcb
+        self.state: SaveState = vmcb if state is None else state
         self.asid = vmcb.asid
         self.sev = vmcb.sev_enable
         self._tlb = core.tlb.for_asid(vmcb.asid)
@@ -96,10 +106,11 @@ class GuestCpu:
 
     # ---- translation ------------------------------------------------------------------------
     def _walk(self, gva: int, write: bool, fetch: bool) -> tuple[int, int, int]:
-        v = self.vmcb
+        st = self.state
         self.core.tlb.misses += 1
-        t: Translation = self._mmu.translate(asid=v.asid, sev=self.sev, ncr3=v.ncr3, paging=v.paging,
-                                             cr3=v.cr3, gva=gva, write=write, fetch=fetch)
+        t: Translation = self._mmu.translate(asid=self.asid, sev=self.sev, ncr3=self.vmcb.ncr3,
+                                             paging=bool(st.cr0 & _CR0_PG), cr3=st.cr3, gva=gva, write=write,
+                                             fetch=fetch)
         flags = (_W_OK if (write and t.writable) else 0) | (_X_OK if t.executable else 0)
         entry = (tag_key(t.data_asid, t.data_c, t.spa), flags, tag_key(t.fetch_asid, t.fetch_c, t.spa))
         self._tlb_insert(self._tlb, gva >> 12, entry)
@@ -107,9 +118,9 @@ class GuestCpu:
 
     def translate(self, gva: int, write: bool = False) -> Translation:
         """Walk (without the TLB) and return the translation; faults as an access would."""
-        v = self.vmcb
-        return self._mmu.translate(asid=v.asid, sev=self.sev, ncr3=v.ncr3, paging=v.paging,
-                                   cr3=v.cr3, gva=gva, write=write, fetch=False)
+        st = self.state
+        return self._mmu.translate(asid=self.asid, sev=self.sev, ncr3=self.vmcb.ncr3, paging=bool(st.cr0 & _CR0_PG),
+                                   cr3=st.cr3, gva=gva, write=write, fetch=False)
 
     # ---- the hot paths ----------------------------------------------------------------------
     def load(self, gva: int, size: int) -> int:
@@ -181,7 +192,7 @@ class GuestCpu:
             pos += n
 
     def fetch(self, gva: int, length: int) -> bytes:
-        """Instruction fetch: always private for an SEV guest (reference 4.2)."""
+        """Instruction fetch: always private for an SEV guest (APM2 15.34.5)."""
         out = bytearray()
         pos = gva
         end = gva + length
@@ -198,11 +209,11 @@ class GuestCpu:
     # ---- guest control operations -----------------------------------------------------------
     def write_cr3(self, value: int) -> None:
         """MOV CR3: switch page tables, flushing this ASID's (non-global) translations."""
-        self.vmcb.cr3 = value
+        self.state.cr3 = value
         self._tlb.clear()
 
     def write_cr0(self, value: int) -> None:
-        self.vmcb.cr0 = value
+        self.state.cr0 = value
         self._tlb.clear()
 
     def invlpg(self, gva: int) -> None:
@@ -220,6 +231,8 @@ class Core:
         self.mmu = mmu
         self.mc = mc
         self.tlb = Tlb(tlb_entries)
+        self.rmp: GuestRmp | None = None
+        """The Reverse Map Table once SEV-SNP is enabled (SYSCFG.SNP_EN); None before."""
         self.wbinvd_count = 0
         self.vmruns = 0
 
@@ -242,8 +255,8 @@ class Core:
         (PSP output, a NIC ring) avoids polluting the cache.
         """
         dram = self.mc.dram
-        data = dram.read(spa, length)
         cache = self.cache
+        data = dram.read(spa, length)
         dirty = cache.dirty
         first, end = spa & ~63, spa + length
         keys = [k for k in range(first, end, 64) if k in dirty]  # domain (0, C=0): the key is the SPA
@@ -260,17 +273,14 @@ class Core:
     def host_write_stream(self, spa: int, data: bytes | bytearray) -> None:
         """Streaming (non-temporal) write of unencrypted memory as the host, C=0 (``MOVNTDQ``).
 
-        The host's cached lines of the range are written back and invalidated, then the bytes go
-        straight to DRAM: the same memory contents as an ordinary write followed by CLFLUSH, without
-        filling the cache (copying into a DMA buffer the PSP or a device reads next).
+        The host's cached lines of the range -- in this cache and in private levels above it -- are
+        written back and invalidated, then the bytes go straight to DRAM: the same memory contents
+        as an ordinary write followed by CLFLUSH, without filling the cache (copying into a DMA
+        buffer the PSP or a device reads next).
         """
         dram = self.mc.dram
         dram.check_range(spa, len(data))
-        cache = self.cache
-        sets, mask = cache.sets, cache.set_mask
-        for key in range(spa & ~63, spa + len(data), 64):
-            if key in sets[(key >> 6) & mask]:
-                cache.clflush(0, False, key)
+        self.cache.flush_range(0, False, spa, len(data))
         dram.write(spa, data)
 
     def clflush(self, spa: int, c: bool = False) -> None:
@@ -312,7 +322,7 @@ class Core:
         return self._exit(vmcb, ex)
 
     def _consistency(self, vmcb: Vmcb) -> bool:
-        """True when VMRUN must fail with VMEXIT_INVALID (APM 15.34.3, reference 4.1)."""
+        """True when VMRUN must fail with VMEXIT_INVALID (APM2 15.34.3, 15.36.17)."""
         if vmcb.asid == 0 or vmcb.asid > (1 << 15):
             return True
         if vmcb.sev_enable:
@@ -322,6 +332,8 @@ class Core:
                 return True
             if not self.mc.asid_valid(vmcb.asid):
                 return True  # no key, or the PSP marked the ASID invalid (DEACTIVATE, SHUTDOWN)
+            if vmcb.sev_features & _SNP_ACTIVE and (not vmcb.sev_es_enable or self.rmp is None):
+                return True  # an SNP guest needs SEV-ES and SYSCFG.SNP_EN (an RMP)
         return False
 
     @staticmethod

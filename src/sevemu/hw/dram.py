@@ -16,12 +16,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from sevemu._util.units import LINE, PAGE
 from sevemu.errors import AddressError, AlignmentError, FileFormatError
 
-__all__ = ["LINE", "PAGE", "ColdBootImage", "Dram"]
-
-PAGE = 4096
-LINE = 64
+__all__ = ["LINE", "PAGE", "ColdBootImage", "Dram"]  # LINE and PAGE re-exported for callers of old
 _ZERO_LINE = bytes(LINE)
 _ZERO_PAGE = bytes(PAGE)
 
@@ -58,6 +56,23 @@ class Dram:
         off = spa & 0xFFF
         page[off : off + LINE] = data
 
+    def write_lines(self, spa: int, data: bytes | bytearray | memoryview) -> None:
+        """Consecutive lines from the line-aligned ``spa`` (the caller checked the range): the same
+        result as :meth:`write_line` for each line, pages allocated as they are written."""
+        view = memoryview(data).cast("B")
+        pages = self._pages
+        pos = 0
+        length = len(view)
+        while pos < length:
+            addr = spa + pos
+            off = addr & 0xFFF
+            n = min(PAGE - off, length - pos)
+            page = pages.get(addr >> 12)
+            if page is None:
+                page = pages[addr >> 12] = bytearray(PAGE)
+            page[off : off + n] = view[pos : pos + n]
+            pos += n
+
     def read(self, spa: int, length: int) -> bytes:
         """``length`` bytes from ``spa`` (any alignment, may span pages)."""
         self.check_range(spa, length)
@@ -82,17 +97,30 @@ class Dram:
         self.check_range(spa, length)
         view = memoryview(data).cast("B")
         pos = 0
+        pages = self._pages
+        if not spa & 0xFFF:  # whole pages first: one copy each, no zero-filled page in between
+            whole = length & ~0xFFF
+            pfn = spa >> 12
+            while pos < whole:
+                chunk = view[pos : pos + PAGE]
+                page = pages.get(pfn)
+                if page is not None:
+                    page[:] = chunk
+                elif chunk != _ZERO_PAGE:  # an absent page stays absent when written with zeros
+                    pages[pfn] = bytearray(chunk)
+                pos += PAGE
+                pfn += 1
         while pos < length:
             addr = spa + pos
             off = addr & 0xFFF
             n = min(PAGE - off, length - pos)
             pfn = addr >> 12
-            page = self._pages.get(pfn)
+            page = pages.get(pfn)
             if page is None:
                 if _ZERO_PAGE.startswith(view[pos : pos + n]):  # all zeros (one memcmp, not any())
                     pos += n
                     continue
-                page = self._pages[pfn] = bytearray(PAGE)
+                page = pages[pfn] = bytearray(PAGE)
             page[off : off + n] = view[pos : pos + n]
             pos += n
 

@@ -1,6 +1,6 @@
 """The memory controller: per-ASID AES engine between the SoC and DRAM.
 
-Everything that leaves the SoC passes here (APM 15.34.5-15.34.9, reference 4.2).  A memory access
+Everything that leaves the SoC passes here (APM2 15.34.5-15.34.9).  A memory access
 arrives tagged with an *encryption domain* ``(asid, c)``:
 
 * ``c = 1``: encrypt/decrypt with the key in slot ``asid`` (slot 0 is the host's SME key, generated
@@ -10,7 +10,15 @@ arrives tagged with an *encryption domain* ``(asid, c)``:
 Key slots are programmed only through the Secure Processor's port (:meth:`MemoryController.secure_port`,
 handed out once, to the PSP, by :class:`~sevemu.hw.soc.Soc`); x86 software has no way to read or set
 a key.  The cipher (XE, XEX or AES-256-XTS) and its per-boot tweak constants come from the CPU
-profile (reference 4.3).
+profile (SEVurity, Du et al., IEEE 1619; model choices in ``docs/memory-model.md``).
+
+**A cleared slot** (:meth:`KeySlotPort.clear`: SHUTDOWN, DECOMMISSION) may still have lines of its
+ASID in the caches -- software should have flushed them, but a CPU instruction never fails because
+it did not.  Model choice (AMD documents nothing): the slot then holds a fresh random key nobody
+knows, created when first needed; a line written back in that domain is encrypted under it (the
+data is destroyed, never leaked, and nothing raises) and a fill in that domain reads garbage.  For
+everything else the slot is empty: no key, not valid for VMRUN, :meth:`MemoryController.read_line`
+and the bulk path refuse it.
 
 The key-selection table of APM Table 15-31 (guest C-bit, NPT C-bit -> key) lives in :func:`domain_for`,
 used by the MMU.
@@ -21,11 +29,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from sevemu._util.units import LINE, MiB
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
-from sevemu.errors import AlignmentError, AsidError, KeySizeError, KeySlotError
-from sevemu.hw.dram import LINE, Dram
+from sevemu.errors import AlignmentError, AsidError, KeySlotError
+from sevemu.hw.dram import Dram
 
 _ZERO_LINE = bytes(LINE)
+_CHUNK = MiB  # bulk encryption granule of large transfers (a whole number of pages)
 
 __all__ = ["KeySlotPort", "MemoryController", "domain_for"]
 
@@ -33,7 +43,7 @@ Rng = Callable[[int], bytes]
 
 
 def domain_for(guest_asid: int, guest_c: bool, npt_c: bool) -> tuple[int, bool]:
-    """Encryption domain of a guest data access (APM Table 15-31, reference 4.2).
+    """Encryption domain of a guest data access (APM2 15.34.5, Table 15-31).
 
     guest C=1 -> guest key, whatever the NPT says; guest C=0 and NPT C=1 -> host (SME) key;
     both 0 -> unencrypted.
@@ -51,6 +61,7 @@ class MemoryController:
     def __init__(self, dram: Dram, mode: EncryptionMode, tweaks: TweakConstants, max_asid: int,
                  rng: Rng = os.urandom) -> None:
         self.dram = dram
+        self._rng = rng
         self.mode = mode
         self.tweaks = tweaks
         self.max_asid = max_asid
@@ -67,6 +78,8 @@ class MemoryController:
         """Line-fill function per encryption domain, keyed ``(asid << 1) | c`` (the top bits of a
         cache key): what the cache calls on a miss; each returns a new bytearray of the line's
         plaintext.  Only (0, C=0) and loaded key slots have one."""
+        self._scraps: dict[int, MemoryCipher] = {}
+        """ASID -> the unknown random key a cleared slot holds (see the module docstring)."""
         self._install(0, MemoryCipher(mode, rng(mode.key_size), tweaks))
         self._port_issued = False
         self.lines_encrypted = 0
@@ -86,10 +99,26 @@ class MemoryController:
 
     def _remove(self, asid: int) -> None:
         self._valid.discard(asid)
-        self._slots.pop(asid, None)
-        self._line_enc.pop(asid, None)
+        had_key = self._slots.pop(asid, None) is not None
         self._line_dec.pop(asid, None)
-        self.readers.pop((asid << 1) | 1, None)
+        self._scraps.pop(asid, None)  # every clear gets its own unknown key
+        if not had_key:
+            return
+        # Lines of the ASID still in the caches go to DRAM under a key nobody knows (module docstring).
+        self._line_enc[asid] = lambda spa, data: self._scrap(asid).encrypt_line(spa, data)
+        self.readers[(asid << 1) | 1] = lambda spa: self._scrap_read(asid, spa)
+
+    def _scrap(self, asid: int) -> MemoryCipher:
+        cipher = self._scraps.get(asid)
+        if cipher is None:
+            cipher = self._scraps[asid] = MemoryCipher(self.mode, self._rng(self.mode.key_size), self.tweaks)
+        return cipher
+
+    def _scrap_read(self, asid: int, spa: int) -> bytearray:
+        page = self._pages.get(spa >> 12)
+        off = spa & 0xFFF
+        data = _ZERO_LINE if page is None else page[off : off + LINE]
+        return bytearray(self._scrap(asid).decrypt_line(spa, data))
 
     def has_key(self, asid: int) -> bool:
         return asid in self._slots
@@ -137,6 +166,20 @@ class MemoryController:
             data = enc(spa, data)
         self.dram.write_line(spa, data)
 
+    def write_run(self, spa: int, asid: int, c: bool, data: bytes | bytearray) -> None:
+        """Write consecutive 64-byte lines back from the line-aligned ``spa`` in domain (asid, c):
+        the same DRAM bytes as :meth:`write_line` for each, encrypted by the cipher's bulk path
+        (the write-back of a large flush)."""
+        if c:
+            cipher = self._slots.get(asid)
+            if cipher is None:
+                if asid not in self._line_enc:
+                    raise KeySlotError(f"no key is loaded for ASID {asid}")
+                cipher = self._scrap(asid)  # a cleared slot (module docstring)
+            self.lines_encrypted += len(data) // LINE
+            data = cipher.encrypt_bulk(spa, data)
+        self.dram.write_lines(spa, data)
+
     # ---- bulk path (DMA, firmware in-place operations) --------------------------------------
     def read(self, spa: int, length: int, asid: int, c: bool) -> bytes:
         """``length`` bytes at line-aligned ``spa`` through domain (asid, c), bypassing the caches."""
@@ -147,10 +190,23 @@ class MemoryController:
         return bytes(self._cipher(asid).decrypt_bulk(spa, raw))
 
     def write(self, spa: int, data: bytes | bytearray | memoryview, asid: int, c: bool) -> None:
+        """Store ``data`` at line-aligned ``spa`` through domain (asid, c), bypassing the caches.
+
+        Encrypted in chunks through one reused buffer (no ciphertext copy of the whole range); the
+        whole range is checked first, so a refused transfer changes nothing."""
         self._check_bulk(spa, len(data))
-        if c:
-            data = self._cipher(asid).encrypt_bulk(spa, data)
-        self.dram.write(spa, data)
+        if not c:
+            self.dram.write(spa, data)
+            return
+        cipher = self._cipher(asid)
+        view = memoryview(data).cast("B")
+        n = len(view)
+        buf = memoryview(bytearray(min(n, _CHUNK)))
+        for pos in range(0, n, _CHUNK):
+            part = view[pos : pos + _CHUNK]
+            out = buf[: len(part)]
+            cipher.encrypt_bulk_into(spa + pos, part, out)
+            self.dram.write(spa + pos, out)
 
     def _check_bulk(self, spa: int, length: int) -> None:
         if spa % LINE or length % LINE:
@@ -167,13 +223,11 @@ class KeySlotPort:
         self._mc = mc
 
     def load(self, asid: int, key: bytes) -> None:
-        """Install ``key`` for ``asid`` (ACTIVATE)."""
+        """Install ``key`` for ``asid`` (ACTIVATE); the ASID is valid for VMRUN from now on."""
         mc = self._mc
         if not 1 <= asid <= mc.max_asid:
             raise AsidError(f"ASID {asid} is outside 1..{mc.max_asid}")
-        if len(key) != mc.mode.key_size:
-            raise KeySizeError(f"{mc.mode.value} keys are {mc.mode.key_size} bytes, got {len(key)}")
-        mc._install(asid, MemoryCipher(mc.mode, bytes(key), mc.tweaks))
+        mc._install(asid, MemoryCipher(mc.mode, bytes(key), mc.tweaks))  # KeySizeError for a wrong size
         mc._valid.add(asid)
 
     def invalidate(self, asid: int) -> None:
@@ -186,7 +240,8 @@ class KeySlotPort:
         return self._mc.asid_valid(asid)
 
     def clear(self, asid: int) -> None:
-        """Remove the key of ``asid`` (the slot reads as empty afterwards)."""
+        """Remove the key of ``asid`` (the slot reads as empty afterwards; lines of the ASID still
+        cached are written back under an unknown random key: see the module docstring)."""
         if asid == 0:
             raise AsidError("slot 0 holds the host SME key and cannot be cleared")
         self._mc._remove(asid)

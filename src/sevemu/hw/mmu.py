@@ -4,7 +4,7 @@ Both use the x86-64 4-level format (4 KiB pages, 2 MiB pages through PDE.PS).  E
 read from memory through the cache, so page tables are real bytes in (encrypted) DRAM:
 
 * guest page tables live in guest memory; for an SEV guest the walk is *always private* (domain
-  (ASID, C=1)) whatever the C-bit in the entries (APM 15.34.5, reference 4.2);
+  (ASID, C=1)) whatever the C-bit in the entries (APM2 15.34.5);
 * the leaf's C-bit decides the domain of SEV data accesses (guest C=1 -> guest key; else the NPT
   C-bit: host key or none -- :func:`~sevemu.hw.memctl.domain_for`); instruction fetches are always
   private;
@@ -78,7 +78,7 @@ class Mmu:
         self.cache = cache
         self.cbit = profile.cbit_mask
         # address field of an entry: bits 12..MAXPHYADDR-1, C-bit excluded.  With memory encryption
-        # on, MAXPHYADDR loses the EBX[11:6] reduction and those bits become reserved (reference 4.1).
+        # on, MAXPHYADDR loses the EBX[11:6] reduction and those bits become reserved (APM2 15.34, CPUID Fn8000_001F EBX[11:6]).
         self.addr_mask = ((1 << profile.addr_bits) - 1) & ~0xFFF & ~self.cbit
         high = ((1 << 52) - 1) & ~((1 << profile.addr_bits) - 1)
         self.rsvd_plain = high | (self.cbit if self.cbit < (1 << 52) else 0)
@@ -129,7 +129,7 @@ class Mmu:
                   write: bool, fetch: bool) -> Translation:
         """Full GVA -> SPA translation with the guest's and the hypervisor's permissions."""
         if not paging:
-            # Paging off: GVA = GPA, and every access of an SEV guest is private (APM 15.34.5).
+            # Paging off: GVA = GPA, and every access of an SEV guest is private (APM2 15.34.5).
             gpa = gva
             guest_c = sev
             g_writable = g_exec = True

@@ -3,8 +3,9 @@
 Generations are data (design.md): one :class:`CpuProfile` per generation, later ones written as small
 deltas on earlier ones with :func:`dataclasses.replace`.
 
-Sources: reference section 4.1 (CPUID Fn8000_001F EAX/EBX/ECX/EDX, ASID ranges), 4.3 (memory
-encryption mode per generation), 3.8/3.11 (family/model/stepping).  Values AMD leaves to the BIOS
+Sources: APM2 15.34 and Linux arch/x86/kvm/svm/sev.c ``sev_hardware_setup`` (CPUID Fn8000_001F
+EAX/EBX/ECX/EDX, ASID ranges); SEVurity, Du et al. and SNP ABI 56860 (memory-encryption mode per
+generation); go-sev-guest ``kds/kds.go`` (family/model/stepping per product).  Values AMD leaves to the BIOS
 (the SEV-ES ASID space limit, i.e. CPUID EDX) are model choices, documented per field; they can be
 changed per platform with :func:`dataclasses.replace`.
 """
@@ -19,7 +20,7 @@ from sevemu.errors import InputError
 
 __all__ = ["GENOA", "MILAN", "NAPLES", "PROFILES", "ROME", "TURIN", "CpuProfile", "profile"]
 
-# CPUID Fn8000_001F EAX feature bits (reference 4.1).
+# CPUID Fn8000_001F EAX feature bits (APM2 15.34; sevemu.abi.cpuid.SevCpuidEax).
 _SME = 1 << 0
 _SEV = 1 << 1
 _VMPAGE_FLUSH = 1 << 2
@@ -54,7 +55,7 @@ class CpuProfile:
     vmpls: int
     eax_features: int
     mem_mode: EncryptionMode
-    """Memory-encryption mode used for guest and SME keys (reference 4.3)."""
+    """Memory-encryption mode used for guest and SME keys (``docs/memory-model.md``, "Ciphers")."""
     published_tweaks: bool
     """True: the XE/XEX tweak constants are the published Zen 1 table; False: random per boot."""
     api_major: int

@@ -1,6 +1,7 @@
 """The AMD Secure Processor (PSP) as a device: mailbox registers and the PSP's private ports.
 
-x86 software talks to the firmware only through the mailbox (reference 1.5; register interface in
+x86 software talks to the firmware only through the mailbox (Linux drivers/crypto/ccp/sev-dev.c
+``__sev_do_cmd_locked``; register interface in
 :mod:`sevemu.abi.mailbox`): it writes the command buffer's physical address to CMDBUFF_ADDR_LO/HI,
 then the command id to CMDRESP; the PSP runs the command and answers ``RESP | status`` in CMDRESP.
 The model executes the command synchronously inside the CMDRESP write.
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sevemu._util.units import LINE
 from sevemu.abi.mailbox import (
     CMDRESP_RESP,
     MailboxReg,
@@ -35,7 +37,6 @@ from sevemu.abi.mailbox import (
 from sevemu.abi.status import Status
 from sevemu.errors import AddressError
 from sevemu.hw.cache import Cache, tag_key
-from sevemu.hw.dram import LINE
 from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import CpuProfile
 
@@ -69,11 +70,13 @@ class PspDma:
 
         A snoop is answered by a cache only for a line it holds modified; a clean line holds what
         DRAM holds, so only the dirty host-domain lines of the range are merged in.  Large ranges
-        visit the dirty lines instead of every address.
+        visit the dirty lines instead of every address.  (A private level above the cache -- the
+        Unicorn engine's page pool -- holds no unwritten modification while the PSP runs: it writes
+        back at every #VMEXIT.)
         """
         self._mc.dram.check_range(spa, length)
-        data = self._mc.dram.read(spa, length)
         cache = self._cache
+        data = self._mc.dram.read(spa, length)
         dirty = cache.dirty
         first = spa & ~(LINE - 1)
         end = spa + length
@@ -94,13 +97,10 @@ class PspDma:
         return bytes(out)
 
     def write(self, spa: int, data: bytes) -> None:
-        """Unencrypted write; stale host copies of those lines are invalidated (after write-back)."""
+        """Unencrypted write; host copies of those lines (this cache and private levels above it)
+        are written back and invalidated first."""
         self._mc.dram.check_range(spa, len(data))
-        cache = self._cache
-        sets, mask = cache.sets, cache.set_mask
-        for line_spa in range(spa & ~(LINE - 1), spa + len(data), LINE):
-            if line_spa in sets[(line_spa >> 6) & mask]:  # domain (0, C=0): the cache key is the SPA
-                cache.clflush(0, False, line_spa)
+        self._cache.flush_range(0, False, spa, len(data))
         self._mc.dram.write(spa, data)
 
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:

@@ -11,9 +11,13 @@ A workload is a generator that *yields* one operation at a time and receives its
 Each operation is one "instruction": it either completes, raises #PF into the workload (which may
 catch it, as a guest's exception handler would), or takes a #VMEXIT.  On #NPF the operation stays
 pending and is restarted on the next VMRUN, after the hypervisor fixed its NPT -- exactly the
-restartable-instruction contract of real hardware.  Intercepted operations (HLT, IN/OUT, CPUID,
-RDMSR/WRMSR, VMMCALL) exit with the registers the hypervisor expects (RAX, RCX, RDX...) and pick their
-result up from the registers when the guest is resumed.  The guest RIP counts operations.
+restartable-instruction contract of real hardware.  What an operation does beyond memory is decided
+by the semantics both engines share (:mod:`sevemu.hw.x86.insn`): intercepted operations (HLT,
+IN/OUT, CPUID, RDMSR/WRMSR, VMMCALL) exit with the registers the hypervisor expects (RAX, RCX,
+RDX...) and pick their result up from the registers when the guest is resumed; what the CPU
+answers itself (SEV_STATUS, EFER, the GHCB MSR of an SEV-ES guest, save-area MSRs) is the
+operation's result at once; guest exceptions (#GP, #UD, #VC) are thrown into the workload.  The
+guest RIP counts operations.
 
 An exception escaping the workload (an unhandled #PF, a bug) is a triple fault: #VMEXIT(SHUTDOWN).
 """
@@ -25,8 +29,10 @@ from typing import Any
 
 from sevemu.abi.paging import ExitCode
 from sevemu.hw.cpu import GuestCpu
-from sevemu.hw.faults import GeneralProtection, PageFault
+from sevemu.hw.faults import GuestFault, PageFault
 from sevemu.hw.svm import VmExit
+from sevemu.hw.x86 import insn
+from sevemu.hw.x86.arch import Vector
 
 __all__ = ["Op", "PyEngine", "Workload", "op"]
 
@@ -34,7 +40,8 @@ Op = tuple[Any, ...]
 Workload = Generator[Op, Any, Any]
 
 # operation codes (small ints: compared on every step)
-LD, ST, RD, WR, FETCH, HLT, OUT, IN, CPUID, RDMSR, WRMSR, VMMCALL, WRCR, INVLPG, WBINVD, CLFLUSH = range(16)
+(LD, ST, RD, WR, FETCH, HLT, OUT, IN, CPUID, RDMSR, WRMSR, VMMCALL, WRCR, INVLPG, WBINVD, CLFLUSH, VMGEXIT,
+ PVALIDATE, RMPADJUST) = range(19)
 
 
 class op:
@@ -105,16 +112,20 @@ class op:
     def clflush(gva: int) -> Op:
         return (CLFLUSH, gva)
 
+    @staticmethod
+    def vmgexit() -> Op:
+        """VMGEXIT: the SEV-ES guest's exit through the GHCB (VMMCALL in any other guest)."""
+        return (VMGEXIT,)
 
-_MSR_SEV_STATUS = 0xC0010131
+    @staticmethod
+    def pvalidate(gva: int, size: int = 0, validate: bool = True) -> Op:
+        """PVALIDATE; returns (EAX, CF)."""
+        return (PVALIDATE, gva, size, validate)
 
-
-def _ioio_info(port: int, size: int, is_in: bool) -> int:
-    """SVM IOIO EXITINFO1 (APM 15.10.2): TYPE bit0, SZ8/16/32 bits 4..6, port bits 31:16."""
-    sz = {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}.get(size)
-    if sz is None or not 0 <= port <= 0xFFFF:  # no such IN/OUT encoding: a guest fault, not ours
-        raise GeneralProtection(f"{'IN' if is_in else 'OUT'} of {size} bytes at port {port:#x}")
-    return (port << 16) | sz | int(is_in)
+    @staticmethod
+    def rmpadjust(gva: int, size: int, rdx: int) -> Op:
+        """RMPADJUST; returns (EAX, CF)."""
+        return (RMPADJUST, gva, size, rdx)
 
 
 class PyEngine:
@@ -154,7 +165,7 @@ class PyEngine:
                 self._pending = o
             try:
                 self._value = self._execute(o, cpu, regs)
-            except (PageFault, GeneralProtection) as pf:
+            except (PageFault, GuestFault) as pf:
                 self._pending = None
                 try:
                     o = gen.throw(pf)
@@ -193,49 +204,76 @@ class PyEngine:
             return None
         if kind == FETCH:
             return cpu.fetch(o[1], o[2])
-        if kind == HLT:
-            raise _Exit(VmExit(ExitCode.HLT))
-        if kind == OUT:
-            info = _ioio_info(o[1], o[3], False)
-            regs["rax"] = o[2] & ((1 << (8 * o[3])) - 1)
-            raise _Exit(VmExit(ExitCode.IOIO, info))
-        if kind == IN:
-            raise _Exit(VmExit(ExitCode.IOIO, _ioio_info(o[1], o[2], True)))
-        if kind == CPUID:
-            regs["rax"], regs["rcx"] = o[1], o[2]
-            raise _Exit(VmExit(ExitCode.CPUID))
-        if kind == RDMSR:
-            if o[1] == _MSR_SEV_STATUS:  # read-only, never intercepted (APM 15.34.10)
-                return (1 if cpu.sev else 0) | (2 if cpu.vmcb.sev_es_enable else 0)
-            regs["rcx"] = o[1]
-            raise _Exit(VmExit(ExitCode.MSR, 0))
-        if kind == WRMSR:
-            regs["rcx"], regs["rax"], regs["rdx"] = o[1], o[2] & 0xFFFFFFFF, o[2] >> 32
-            raise _Exit(VmExit(ExitCode.MSR, 1))
-        if kind == VMMCALL:
-            regs.update(o[1])
-            raise _Exit(VmExit(ExitCode.VMMCALL))
         if kind == WRCR:
             if o[1] == 3:
                 cpu.write_cr3(o[2])
             elif o[1] == 0:
                 cpu.write_cr0(o[2])
             elif o[1] == 4:
-                cpu.vmcb.cr4 = o[2]
+                cpu.state.cr4 = o[2]
             else:
-                raise GeneralProtection(f"MOV CR{o[1]}")
+                raise insn.Fault(Vector.GP, 0, f"MOV CR{o[1]}").exception()
             return None
         if kind == INVLPG:
             cpu.invlpg(o[1])
-            return None
-        if kind == WBINVD:
-            cpu.core.wbinvd()
             return None
         if kind == CLFLUSH:
             t = cpu.translate(o[1])
             cpu.core.cache.clflush(t.data_asid, t.data_c, t.spa | (o[1] & 0xFC0))
             return None
-        raise GeneralProtection(f"unknown operation {o!r}")
+        return PyEngine._apply(o, cpu, regs, PyEngine._semantics(o, cpu))
+
+    @staticmethod
+    def _semantics(o: Op, cpu: GuestCpu) -> insn.Outcome:
+        """The shared semantics of a non-memory operation (:mod:`sevemu.hw.x86.insn`)."""
+        kind = o[0]
+        next_rip = cpu.state.rip + 1
+        if kind == HLT:
+            return insn.hlt(cpu)
+        if kind == OUT:
+            return insn.ioio(cpu, o[1], o[3], False, next_rip)
+        if kind == IN:
+            return insn.ioio(cpu, o[1], o[2], True, next_rip)
+        if kind == CPUID:
+            return insn.cpuid(cpu)
+        if kind == RDMSR:
+            return insn.rdmsr(cpu, o[1])
+        if kind == WRMSR:
+            return insn.wrmsr(cpu, o[1], o[2])
+        if kind == VMMCALL:
+            return insn.vmmcall(cpu)
+        if kind == VMGEXIT:
+            return insn.vmgexit(cpu)
+        if kind == WBINVD:
+            return insn.wbinvd(cpu)
+        if kind == PVALIDATE:
+            return insn.pvalidate(cpu, o[1], o[2], bool(o[3]))
+        if kind == RMPADJUST:
+            return insn.rmpadjust(cpu, o[1], o[2], o[3])
+        return insn.Fault(Vector.UD, None, f"unknown operation {o!r}")
+
+    @staticmethod
+    def _apply(o: Op, cpu: GuestCpu, regs: dict[str, int], out: insn.Outcome) -> Any:
+        """Retire: the operation's result; Fault: thrown into the workload; Exit: the operands go
+        into the registers the hypervisor reads, then #VMEXIT."""
+        if isinstance(out, insn.Retire):
+            if o[0] in (PVALIDATE, RMPADJUST):
+                return out.value, bool(out.cf)
+            return out.value if out.regs else None
+        if isinstance(out, insn.Fault):
+            raise out.exception()
+        kind = o[0]
+        if kind == OUT:
+            regs["rax"] = o[2] & ((1 << (8 * o[3])) - 1)
+        elif kind == CPUID:
+            regs["rax"], regs["rcx"] = o[1], o[2]
+        elif kind == RDMSR:
+            regs["rcx"] = o[1]
+        elif kind == WRMSR:
+            regs["rcx"], regs["rax"], regs["rdx"] = o[1], o[2] & 0xFFFFFFFF, o[2] >> 32
+        elif kind == VMMCALL:
+            regs.update(o[1])
+        raise _Exit(out.exit)
 
     @staticmethod
     def _result_of_exit(o: Op, regs: dict[str, int]) -> Any:

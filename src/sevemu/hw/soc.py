@@ -37,7 +37,7 @@ from sevemu.hw.psp import Psp, PspDma, PspPorts
 
 __all__ = ["Soc"]
 
-# SYSCFG (MSR 0xC001_0010) bit 23: MemEncryptionModEn (reference 4.1)
+# SYSCFG (MSR 0xC001_0010) bit 23: MemEncryptionModEn (APM2 15.34)
 _SYSCFG_MEM_ENCRYPTION_MOD_EN = 1 << 23
 
 

@@ -1,0 +1,688 @@
+"""The Unicorn vCPU engine: real x86-64 guest code behind :class:`~sevemu.hw.cpu.Engine`.
+
+Guests are real machine code (built from C by :mod:`sevemu.guest.build`).  Unicorn (QEMU's TCG as a
+library) translates it to host code; the engine keeps it inside the SoC model's memory semantics
+without calling back into Python on every access (``docs/cpu-engine.md`` has the long version):
+
+* **Unicorn runs as an SVM guest** (:mod:`~sevemu.hw.uc.exits`): intercepted instructions stop
+  precisely, with RIP on them; port I/O stops precisely through code hooks
+  (:mod:`~sevemu.hw.uc.ports`).  What each instruction then does is the shared semantics of
+  :mod:`sevemu.hw.x86.insn`, the same the Python engine uses.
+* **Paging is the model's.**  Unicorn's virtual TLB asks the engine for every translation it
+  misses (:meth:`UcEngine._fill`); the engine walks the guest's page tables and the hypervisor's
+  NPT with :meth:`~sevemu.hw.mmu.Mmu.translate` (C-bit, nested walk, A/D bits, #PF, #NPF) and
+  answers with a *slot* of its page pool (:mod:`~sevemu.hw.uc.pool`) filled in the access's
+  encryption domain -- the fetch domain (always private for SEV) for instruction fetches, the data
+  domain (the guest PTE's C-bit) for data.  A page whose two domains differ (a shared page that is
+  also executed) gets two slots, mapped one role at a time.
+* **The pool is a private cache level**, snooped by the shared cache: plaintext stays inside the
+  SoC, and DRAM holds ciphertext at every exit.
+* A watchdog thread (:mod:`~sevemu.hw.uc.watchdog`) ends a time slice with #VMEXIT(INTR).
+
+The guest's registers -- GPRs, RIP, RFLAGS, CR0, CR3, CR4, EFER -- are read from Unicorn into the
+save state (:attr:`GuestCpu.state <sevemu.hw.cpu.GuestCpu>`, the VMCB for a plain or SEV guest) on
+every exit and written back (only what changed) on every entry.  :meth:`UcEngine.close` ends the
+engine for good: Unicorn released, the pool written back, detached and zeroed.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Final
+
+from sevemu._util.units import PAGE
+from sevemu.abi.paging import ExitCode
+from sevemu.errors import HardwareError, InputError
+from sevemu.hw.cache import tag_key
+from sevemu.hw.cpu import GuestCpu
+from sevemu.hw.faults import NestedPageFault, PageFault
+from sevemu.hw.svm import GPRS, SaveState, Vmcb, VmExit
+from sevemu.hw.uc import binding as uc
+from sevemu.hw.uc import exits
+from sevemu.hw.uc.binding import I_CR0, I_CR3, I_RIP, REG, SYNC_IDS, check, ctl
+from sevemu.hw.uc.exits import (
+    EXIT_HLT,
+    HSAVE_PA,
+    IOPM_PA,
+    MSRPM_PA,
+    POOL_PA,
+    STUB_PA,
+    SVM_AREA_END,
+    VMCB_PA,
+    VMEXIT_BASE,
+    VMRUN_STUB,
+    Crash,
+    msr_permission_map,
+    msrpm_bit,
+    private_vmcb,
+)
+from sevemu.hw.uc.pool import PagePool
+from sevemu.hw.uc.ports import IoHooks
+from sevemu.hw.uc.stats import UcStats
+from sevemu.hw.uc.watchdog import WATCHDOG
+from sevemu.hw.x86 import insn
+from sevemu.hw.x86.arch import (
+    CR0_ET,
+    CR0_PE,
+    CR0_PG,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_SVME,
+    EFER_WRITABLE,
+    MSR_EFER,
+    RFLAGS_FIXED,
+)
+from sevemu.hw.x86.state import InitialState
+
+__all__ = ["EngineClosedError", "UcEngine", "check_vmcb_state"]
+
+_VM_HSAVE_PA_MSR: Final = 0xC001_0117
+_CLEAN_SYNCS_BEFORE_DEMOTE: Final = 256
+_SPURIOUS_LIMIT: Final = 1000
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """``method`` of the engine, called only while the engine lives: what the pool and the port
+    hooks hold, so that the cache (which holds the pool) does not keep a dropped engine alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        m = ref()
+        if m is not None:
+            m()
+
+    return call
+
+
+class EngineClosedError(HardwareError):
+    """Raised when a closed Unicorn engine is asked to run again."""
+
+
+def check_vmcb_state(vmcb: Vmcb) -> str | None:
+    """Why the VMCB's save area cannot be run by this engine (None when it can)."""
+    cr0, cr4, efer = vmcb.cr0, vmcb.cr4, vmcb.efer
+    if vmcb.sev_es_enable:
+        return "SEV-ES guests exit through the GHCB (VMGEXIT), which this engine does not implement"
+    if not cr0 & CR0_PE:
+        return f"CR0 {cr0:#x}: real mode is not supported, the guest must start in protected mode"
+    if cr0 & CR0_PG:
+        if not efer & EFER_LME or not cr4 & CR4_PAE:
+            return f"CR0.PG needs long mode here (EFER.LME and CR4.PAE): CR0 {cr0:#x} CR4 {cr4:#x} EFER {efer:#x}"
+        if not vmcb.cr3 or vmcb.cr3 & 0xFFF:
+            return f"paging is on but CR3 {vmcb.cr3:#x} is not a page-aligned table address"
+    elif efer & EFER_LMA:
+        return f"EFER.LMA without CR0.PG (CR0 {cr0:#x}, EFER {efer:#x})"
+    if efer & ~(EFER_WRITABLE | EFER_LMA):
+        return f"EFER {efer:#x} has reserved bits set"
+    if not vmcb.rflags & RFLAGS_FIXED or vmcb.rflags >> 22:
+        return f"RFLAGS {vmcb.rflags:#x}: bit 1 must be set and bits 63:22 clear"
+    limit = 1 << 47 if cr0 & CR0_PG else 1 << 32
+    if not 0 <= vmcb.rip < limit:
+        return f"RIP {vmcb.rip:#x} is outside the {'long' if cr0 & CR0_PG else '32-bit'} mode address space"
+    return None
+
+
+class UcEngine:
+    """Runs real x86 guest code on a vCPU (see the module docstring).
+
+    ``pool_pages`` bounds the plaintext page pool (slots beyond it are evicted, written back);
+    ``slice_s`` is the time slice after which the watchdog ends a VMRUN with #VMEXIT(INTR).
+    ``initial`` is validated at once (a bad state is an error before anything runs); the launcher
+    writes it into the VMCB with :meth:`InitialState.apply`.  After a triple fault :attr:`crash`
+    holds the reason and :attr:`crash_rip` the guest RIP.
+    """
+
+    def __init__(self, *, pool_pages: int = 4096, slice_s: float = 0.2, initial: InitialState | None = None,
+                 name: str = "") -> None:
+        if pool_pages < 32:
+            raise InputError(f"the page pool needs at least 32 slots, got {pool_pages}")
+        if slice_s <= 0:
+            raise InputError("the time slice must be positive")
+        if initial is not None:
+            initial.validate()
+        self.initial = initial
+        self.name = name
+        self.pool_pages = pool_pages
+        self.slice_s = slice_s
+        self.crash: str | None = None
+        self.crash_rip: int | None = None
+        self.stats = UcStats()
+        self._lib = uc.library()
+        self._h = ctypes.c_void_p(0)
+        self._booted = False
+        self._booting = False
+        self._closed = False
+        self._keep: list[Any] = []  # ctypes callbacks Unicorn holds pointers to
+        self._cpu: GuestCpu | None = None
+        self._tlb_token: object = None
+        self.pool = PagePool(pool_pages, self.stats, _weakly(self._stop))
+        self._ports: IoHooks | None = None
+        # registers
+        n = len(SYNC_IDS)
+        self.vals = array.array("Q", bytes(8 * n))
+        """The register batch of the last stop (Unicorn writes it straight into this array)."""
+        base = self.vals.buffer_info()[0]
+        self._ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+        self._ids = (ctypes.c_int * n)(*SYNC_IDS)
+        self._regs_obj: dict[str, int] | None = None  # the save state's register dict, order checked
+        self._shadow_gprs: list[int] = []  # the GPRs as last exchanged with the save state
+        self._shadow_ctl: tuple[int, ...] = ()  # RFLAGS, CR0, CR3, CR4, EFER likewise
+        self._scratch = ctypes.c_uint64()
+        self._scratch_ref = ctypes.byref(self._scratch)
+        self._efer = 0  # the guest's EFER (LMA follows CR0.PG); Unicorn's copy has SVME too
+        # stop reasons
+        self._event: int | None = None
+        self._pending: PageFault | NestedPageFault | None = None
+        self._internal: str | None = None
+        self._imprecise_io: str | None = None
+        self._timer_fired = False
+        self._run_started = 0.0
+        # translations granted to Unicorn
+        self._w_gvas: dict[int, int] = {}  # GVA page -> CR3 it was written under (D bit set)
+        self._fill_cr0 = -1
+        self._fill_cr3 = -1
+        self._clean_syncs = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """End the engine for good: the watchdog forgets it, Unicorn is released, the page pool is
+        written back into the cache, detached from it and zeroed (no plaintext of the guest is left
+        in the engine).  Running it afterwards raises :class:`EngineClosedError`."""
+        self._close(write_back=True)
+
+    def _close(self, write_back: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        WATCHDOG.unwatch(self)  # from here on the watchdog never touches the handle
+        h, self._h = self._h, ctypes.c_void_p(0)
+        if h.value:
+            self._lib.uc_close(h)
+        self.pool.close(write_back)
+        if self._ports is not None:
+            self._ports.close()
+            self._ports = None
+        self._keep.clear()
+        self._cpu = None
+        self._regs_obj = None
+        self._shadow_gprs = []
+        self._shadow_ctl = ()
+        self._pending = None
+        for i in range(len(self.vals)):
+            self.vals[i] = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __del__(self) -> None:
+        # Collected without close() -- possibly in another thread (the watchdog's): release and zero,
+        # but leave the shared cache alone (the pool has nothing unsynced between two runs anyway).
+        with contextlib.suppress(Exception):
+            self._close(write_back=False)
+
+    # ---- watchdog interface -------------------------------------------------------------------
+    def timer_expired(self, now: float) -> bool:
+        start = self._run_started
+        if start and now - start > self.slice_s:
+            self._timer_fired = True
+            return True
+        return False
+
+    def handle(self) -> int | None:
+        return self._h.value
+
+    def _stop(self) -> None:
+        if self._h.value:
+            self._lib.uc_emu_stop(self._h)
+
+    # ---- Engine protocol ------------------------------------------------------------------------
+    def run(self, cpu: GuestCpu) -> VmExit:
+        """VMRUN: execute guest code on ``cpu`` until an intercepted event (see the module docstring)."""
+        if self._closed:
+            raise EngineClosedError(f"the Unicorn engine {self.name or hex(id(self))} was closed; it cannot run again")
+        if self.crash is not None:
+            return VmExit(ExitCode.SHUTDOWN)
+        self.stats.runs += 1
+        if not self._booted:
+            reason = check_vmcb_state(cpu.vmcb)
+            if reason is None:
+                try:
+                    self._boot(cpu)
+                except HardwareError as exc:
+                    reason = f"the engine could not start: {exc}"
+            if reason is not None:
+                self.crash = f"invalid initial state: {reason}"
+                return VmExit(ExitCode.INVALID)
+        try:
+            self._enter(cpu)
+            ex = self._execute(cpu)
+        except NestedPageFault:
+            self._leave(cpu.state)
+            self.stats.count(ExitCode.NPF)
+            raise
+        except Crash as c:
+            self._leave(cpu.state)
+            self.crash = str(c)
+            self.crash_rip = cpu.state.rip
+            self.stats.count(ExitCode.SHUTDOWN)
+            return VmExit(ExitCode.SHUTDOWN)
+        self._leave(cpu.state)
+        stats = self.stats  # (UcStats.count, inlined: the exit path)
+        stats.exits += 1
+        by = stats.by_code
+        code = ex.code
+        by[code] = by.get(code, 0) + 1
+        return ex
+
+    # ---- boot: open Unicorn, VMRUN into the guest --------------------------------------------
+    def _boot(self, cpu: GuestCpu) -> None:
+        lib = self._lib
+        state = cpu.state
+        check(lib.uc_open(uc.UC_ARCH_X86, uc.UC_MODE_64, ctypes.byref(self._h)), "uc_open")
+        h = self._h
+        check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_CPU_MODEL)), ctypes.c_int(uc.UC_CPU_X86_EPYC_ROME)),
+              "CPU model")
+        check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_TCG_BUFFER_SIZE)), ctypes.c_uint32(64 << 20)),
+              "TCG buffer size")
+        check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_TLB_TYPE)), ctypes.c_int(uc.UC_TLB_VIRTUAL)),
+              "virtual TLB")
+        check(lib.uc_mem_map(h, STUB_PA, SVM_AREA_END - STUB_PA, uc.UC_PROT_ALL), "mapping the SVM area")
+        address = self.pool.open()
+        check(lib.uc_mem_map_ptr(h, POOL_PA, self.pool_pages * PAGE, uc.UC_PROT_ALL, address),
+              "mapping the page pool")
+        # The port-I/O code hooks call uc_emu_stop itself (its one argument is the hook's first):
+        # no Python on the way; a stop without another reason at a hooked address is the I/O exit.
+        self._ports = IoHooks(lib, h, uc.fn_address(lib.uc_emu_stop), self.pool.page, _weakly(self._flush_tb))
+        self.pool.on_forget = self._ports.forget_slot
+        # hooks
+        fill = uc.TLB_FILL_CB(self._on_fill)
+        intr = uc.INTR_CB(self._on_intr)
+        hin = uc.IN_CB(self._on_in)
+        hout = uc.OUT_CB(self._on_out)
+        self._keep += [fill, intr, hin, hout]
+        hh = ctypes.c_size_t()
+        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_TLB_FILL, uc.fn_address(fill), None, 1, 0),
+              "TLB-fill hook")
+        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INTR, uc.fn_address(intr), None, 1, 0),
+              "interrupt hook")
+        for cb, which in ((hin, uc.UC_X86_INS_IN), (hout, uc.UC_X86_INS_OUT)):
+            uc.hook_insn(h, hh, cb, which)
+        # the private VMCB, permission maps, VMRUN stub
+        self._write_phys(IOPM_PA, b"\xff" * 0x3000)
+        self._write_phys(MSRPM_PA, msr_permission_map())
+        self._write_phys(VMCB_PA, private_vmcb(state))
+        self._write_phys(STUB_PA, VMRUN_STUB)
+        self._efer = state.efer & ~EFER_LMA
+        self._raw_msr_write(MSR_EFER, EFER_LME | EFER_LMA | EFER_SVME)
+        self._raw_msr_write(_VM_HSAVE_PA_MSR, HSAVE_PA)
+        self.write_reg(uc.REG_CR4, CR4_PAE)
+        self.write_reg(uc.REG_CR0, CR0_PE | CR0_ET | CR0_PG)
+        self.write_reg(REG["rax"], VMCB_PA)
+        # Run the stub: VMRUN, then stop at the guest's first instruction (an exit address there).
+        check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_UC_USE_EXITS)), ctypes.c_int(1)), "exits")
+        stub_va = 0x1000 if (state.rip & ~0xFFF) != 0x1000 else 0x2000
+        self._set_exits([state.rip])
+        self._booting = True
+        self._event = None
+        try:
+            err = lib.uc_emu_start(h, stub_va, 0, 0, 0)
+        finally:
+            self._booting = False
+        if err != uc.UC_ERR_OK or self._event != VMEXIT_BASE + EXIT_HLT:
+            raise HardwareError(f"VMRUN into the guest failed (error {err}, event {self._event})")
+        self._set_exits([])  # exits stay enabled, with none: Unicorn then never stops on an address
+        self._flush_tlb_all()
+        self.pool.attach(cpu.core.cache)
+        self._booted = True
+        WATCHDOG.watch(self)
+
+    # ---- low-level helpers (also what hw/uc/exits.py sees of the engine) -------------------------
+    def _write_phys(self, pa: int, data: bytes) -> None:
+        buf = ctypes.create_string_buffer(data, len(data))
+        check(self._lib.uc_mem_write(self._h, pa, buf, len(data)), "uc_mem_write")
+
+    def write_reg(self, reg: int, value: int) -> None:
+        self._scratch.value = value & 0xFFFFFFFFFFFFFFFF
+        check(self._lib.uc_reg_write(self._h, reg, self._scratch_ref), "register write")
+
+    def _reg_read(self, reg: int) -> int:
+        check(self._lib.uc_reg_read(self._h, reg, self._scratch_ref), "register read")
+        return int(self._scratch.value)
+
+    def _raw_msr_write(self, msr: int, value: int) -> None:
+        m = uc.MsrArg(msr, value)
+        check(self._lib.uc_reg_write(self._h, uc.REG_MSR, ctypes.byref(m)), f"MSR {msr:#x} write")
+
+    def set_efer(self, guest_efer: int, cr0: int) -> None:
+        """Give Unicorn the guest's EFER (plus SVME, which Unicorn needs for VMMCALL).  Unicorn applies
+        the intercept check to the engine's own MSR write too, so the EFER bits of the permission map
+        are cleared around it (QEMU reads the map from memory each time)."""
+        self._efer = guest_efer & ~EFER_LMA
+        off, shift = msrpm_bit(MSR_EFER)
+        self._write_phys(MSRPM_PA + off, bytes([0xFF & ~(3 << shift)]))
+        try:
+            lma = EFER_LMA if (self._efer & EFER_LME and cr0 & CR0_PG) else 0
+            self._raw_msr_write(MSR_EFER, self._efer | EFER_SVME | lma)
+        finally:
+            self._write_phys(MSRPM_PA + off, b"\xff")
+
+    def guest_efer(self, cr0: int) -> int:
+        return self._efer | (EFER_LMA if (self._efer & EFER_LME and cr0 & CR0_PG) else 0)
+
+    def refresh(self) -> None:
+        if self.pool.stale:
+            changed = self.pool.refresh_stale()
+            if changed and self._ports is not None:
+                self._ports.code_changed(changed)
+
+    def _set_exits(self, addrs: list[int]) -> None:
+        arr = (ctypes.c_uint64 * max(len(addrs), 1))(*addrs)
+        check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 2, uc.UC_CTL_UC_EXITS)), arr,
+                               ctypes.c_size_t(len(addrs))), "exit addresses")
+
+    def _flush_tlb_all(self) -> None:
+        """Drop every Unicorn translation (and translated block); written slots are synced first."""
+        self.pool.sync_all()
+        check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
+        self.stats.tlb_flushes += 1
+        self._forget_grants()
+
+    def _forget_grants(self) -> None:
+        self.pool.writable.clear()
+        self._w_gvas.clear()
+        if self._ports is not None:
+            self._ports.tlb_flushed()
+        self._fill_cr0 = self._fill_cr3 = -1
+
+    def _flush_tb(self) -> None:
+        check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TB_FLUSH))), "TB flush")
+
+    def read_code(self, rip: int, n: int = 16) -> bytes:
+        """Up to ``n`` instruction bytes at ``rip``, from the slot the page was fetched from."""
+        off = rip & (PAGE - 1)
+        slot = self._ports.xgva.get(rip & ~(PAGE - 1)) if self._ports is not None else None
+        mm = self.pool.mm
+        if slot is not None and off + n <= PAGE and mm is not None:
+            return mm[slot * PAGE + off : slot * PAGE + off + n]
+        buf = ctypes.create_string_buffer(n)
+        while n > 0:
+            if self._lib.uc_vmem_read(self._h, rip, uc.UC_PROT_EXEC, buf, n) == uc.UC_ERR_OK:
+                return buf.raw[:n]
+            page_left = PAGE - off
+            n = page_left if n > page_left else 0
+        return b""
+
+    # ---- entry and exit: registers, coherence --------------------------------------------------
+    def _enter(self, cpu: GuestCpu) -> None:
+        self._cpu = cpu
+        core = cpu.core
+        pool = self.pool
+        if (core.cache is not pool.cache or core.tlb.by_asid.get(cpu.asid) is not self._tlb_token
+                or pool.stale or pool.evict_requested):
+            self._enter_maintenance(cpu)
+        # registers the hypervisor changed since the last exit
+        state = cpu.state
+        regs = state.regs
+        if regs is self._regs_obj and len(regs) == 16:
+            now = list(regs.values())  # in GPRS order (checked when the dict was first seen)
+        else:
+            now = [regs[n] for n in GPRS]
+            self._regs_obj = regs if tuple(regs) == GPRS else None
+        if now != self._shadow_gprs:
+            shadow = self._shadow_gprs
+            for i in range(16):
+                if not shadow or now[i] != shadow[i]:
+                    self.write_reg(SYNC_IDS[i], now[i])
+        ctl_regs = (state.rflags, state.cr0, state.cr3, state.cr4, state.efer)
+        if ctl_regs != self._shadow_ctl:
+            self._sync_control(ctl_regs)
+
+    def _enter_maintenance(self, cpu: GuestCpu) -> None:
+        if self.pool.attach(cpu.core.cache):
+            self._flush_tlb_all()
+        token = cpu.core.tlb.by_asid.get(cpu.asid)
+        if token is not self._tlb_token:  # TLB_CONTROL flushed this ASID (or another core runs us)
+            if self._tlb_token is not None:
+                self._flush_tlb_all()
+            self._tlb_token = token
+        self.refresh()
+        if self.pool.evict_requested:
+            self._evict()
+
+    def _sync_control(self, ctl_regs: tuple[int, int, int, int, int]) -> None:
+        old = self._shadow_ctl
+        rflags, cr0, cr3, cr4, efer = ctl_regs
+        if not old or rflags != old[0]:
+            self.write_reg(uc.REG_RFLAGS, rflags | RFLAGS_FIXED)
+        if not old or cr4 != old[3]:
+            self.write_reg(uc.REG_CR4, cr4)
+        if not old or cr3 != old[2]:
+            self.write_reg(uc.REG_CR3, cr3)
+        if not old or cr0 != old[1]:
+            self.write_reg(uc.REG_CR0, cr0)
+        if efer != self.guest_efer(cr0):
+            self.set_efer(efer, cr0)
+        self._shadow_ctl = ctl_regs
+
+    def _leave(self, state: SaveState) -> None:
+        """#VMEXIT: write modified slots back into the SoC and the registers into the save state."""
+        vals = self.vals.tolist()
+        if self.pool.writable:
+            if self.pool.sync_all():
+                self._clean_syncs = 0
+            else:
+                self._clean_syncs += 1
+                if self._clean_syncs >= _CLEAN_SYNCS_BEFORE_DEMOTE:
+                    self._demote_writes(vals[I_CR0], vals[I_CR3])
+        gprs = vals[:16]
+        state.regs.update(zip(GPRS, gprs))
+        self._shadow_gprs = gprs
+        state.rip = vals[I_RIP]
+        state.rflags = rflags = vals[uc.I_RFLAGS]
+        state.cr0 = cr0 = vals[I_CR0]
+        state.cr3 = cr3 = vals[I_CR3]
+        state.cr4 = cr4 = vals[uc.I_CR4]
+        state.efer = efer = self._efer | (EFER_LMA if (self._efer & EFER_LME and cr0 & CR0_PG) else 0)
+        self._shadow_ctl = (rflags, cr0, cr3, cr4, efer)
+
+    def _demote_writes(self, cr0: int, cr3: int) -> None:
+        """Take write permission back from Unicorn (a TLB flush), so that only pages the guest
+        writes again need checking at each exit; called when written pages stay clean a while."""
+        self._clean_syncs = 0
+        if cr0 & CR0_PG:
+            self.write_reg(uc.REG_CR3, cr3)  # a CR3 reload flushes Unicorn's TLB, not its code cache
+        else:
+            check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
+        self._forget_grants()
+
+    def _evict(self) -> None:
+        """Free the oldest quarter of the pool (written back first); Unicorn's TLB is flushed."""
+        self.pool.evict()
+        self._flush_tlb_all()
+
+    # ---- the run loop ----------------------------------------------------------------------------
+    def _execute(self, cpu: GuestCpu) -> VmExit:
+        lib = self._lib
+        h = self._h
+        vals = self.vals
+        ids, ptrs = self._ids, self._ptrs
+        ports = self._ports
+        assert ports is not None
+        io_offsets = ports.offsets
+        io_exits = ports.exits
+        monotonic = time.monotonic
+        rip = cpu.state.rip
+        spurious = 0
+        while True:
+            self._event = None
+            self._pending = None
+            self._timer_fired = False
+            self._run_started = monotonic()
+            err = lib.uc_emu_start(h, rip, 0, 0, 0)
+            self._run_started = 0.0
+            if lib.uc_reg_read_batch(h, ids, ptrs, 21):
+                raise Crash("the engine could not read the guest's registers")
+            rip = vals[I_RIP]
+            if self._internal is not None:
+                raise Crash(f"engine error at RIP {rip:#x}: {self._internal}")
+            ev = self._event
+            if err:
+                pending, self._pending = self._pending, None
+                ex = exits.error(self, cpu, err, pending, rip)
+                if ex is not None:
+                    return ex
+                self.stats.internal_exits += 1
+                rip = vals[I_RIP]
+            elif ev is None:
+                offs = io_offsets.get(rip & ~0xFFF)
+                if offs is not None and (rip & 0xFFF) in offs:  # a port-I/O code hook stopped here
+                    hit = io_exits.get(rip)
+                    if hit is not None and hit[2] in (-1, vals[3] & 0xFFFF) and hit[1] == bool(vals[I_CR0] & CR0_PG) \
+                            and hit[0] == self.read_code(rip, 16):
+                        known: VmExit = hit[3]  # the same instruction as last time: its decoded exit
+                        self.stats.io_exits += 1
+                        cpu.vmcb.next_rip = known.info2
+                        return known
+                    io_exit = self._port_io(cpu, rip)
+                    if io_exit is not None:
+                        return io_exit
+                    continue
+                if self._imprecise_io is not None:
+                    raise Crash(self._imprecise_io)
+                if self._timer_fired:
+                    return VmExit(ExitCode.INTR)
+                if self.pool.evict_requested:
+                    self._evict()
+                    continue
+                spurious += 1
+                self.stats.spurious_stops += 1
+                if spurious > _SPURIOUS_LIMIT:
+                    raise Crash(f"emulation keeps stopping without a reason at RIP {rip:#x}")
+                continue
+            elif ev >= VMEXIT_BASE:
+                ex = exits.intercept(self, cpu, ev - VMEXIT_BASE, rip)
+                if ex is not None:
+                    return ex
+                self.stats.internal_exits += 1
+                rip = vals[I_RIP]
+            else:
+                ex = exits.exception(self, cpu, ev, rip)
+                if ex is not None:
+                    return ex
+                self.stats.internal_exits += 1
+                rip = vals[I_RIP]
+
+    def _port_io(self, cpu: GuestCpu, rip: int) -> VmExit | None:
+        """A code hook stopped the guest before an IN/OUT: the IOIO exit (None if it was not one)."""
+        vals = self.vals
+        long_mode = bool(vals[I_CR0] & CR0_PG)
+        assert self._ports is not None
+        out = self._ports.port_io(cpu, rip, self.read_code(rip, 16), long_mode, vals[3] & 0xFFFF)
+        if out is None:
+            self.stats.spurious_stops += 1
+            return None
+        if isinstance(out, insn.Fault):
+            exits.deliver(out, rip)
+        if not isinstance(out, insn.Exit):  # pragma: no cover - port I/O always exits
+            raise Crash(f"engine error: port I/O at RIP {rip:#x} did not exit")
+        if out.exit.info1 & 4:  # STR
+            kind = "INS" if out.exit.info1 & 1 else "OUTS"
+            raise Crash(f"string port I/O ({kind}) at RIP {rip:#x} is not supported by this engine")
+        self.stats.io_exits += 1
+        cpu.vmcb.next_rip = out.exit.info2
+        return out.exit
+
+    # ---- hooks (called by Unicorn; never let an exception escape) ---------------------------------
+    def _on_intr(self, h: Any, intno: int, user: Any) -> None:
+        self._event = intno
+        self._lib.uc_emu_stop(self._h)
+
+    def _on_in(self, h: Any, port: int, size: int, user: Any) -> int:
+        self._imprecise_io = (f"IN from port {port:#x} was not intercepted precisely (code written at run "
+                              "time is not scanned for port I/O)")
+        self._lib.uc_emu_stop(self._h)
+        return 0xFFFFFFFF
+
+    def _on_out(self, h: Any, port: int, size: int, value: int, user: Any) -> None:
+        self._imprecise_io = (f"OUT to port {port:#x} was not intercepted precisely (code written at run "
+                              "time is not scanned for port I/O)")
+        self._lib.uc_emu_stop(self._h)
+
+    def _on_fill(self, h: Any, vaddr: int, access: int, entry: int, user: Any) -> bool:
+        try:
+            return self._fill(vaddr, access, entry)
+        except (PageFault, NestedPageFault) as f:
+            self._pending = f
+            return False
+        except Exception as exc:  # noqa: BLE001 - an engine or model bug: the guest dies, the host lives
+            self._internal = f"{type(exc).__name__}: {exc}"
+            self._lib.uc_emu_stop(self._h)
+            return False
+
+    def _fill(self, vaddr: int, access: int, entry: int) -> bool:
+        if self._booting:
+            ctypes.c_uint64.from_address(entry).value = STUB_PA
+            ctypes.c_int.from_address(entry + 8).value = uc.UC_PROT_READ | uc.UC_PROT_EXEC
+            return True
+        cpu = self._cpu
+        if cpu is None:
+            return False
+        self.stats.tlb_fills += 1
+        write = access == uc.UC_MEM_WRITE
+        fetch = access == uc.UC_MEM_FETCH
+        cr0 = self._reg_read(uc.REG_CR0)
+        paging = bool(cr0 & CR0_PG)
+        cr3 = self._reg_read(uc.REG_CR3) if paging else 0
+        if paging:
+            if (vaddr >> 47) not in (0, (1 << 17) - 1):  # non-canonical: #GP, never a walk
+                self._pending = None
+                return False
+        elif vaddr >> 32:
+            return False
+        page = vaddr & ~0xFFF
+        pool = self.pool
+        # (The walk reads page-table lines through the cache, which snoops the pool: a table page
+        # the guest modified is written back before the walker reads it.)
+        if cr0 != self._fill_cr0 or cr3 != self._fill_cr3:
+            # The guest switched page tables or paging since the last fill, so Unicorn dropped its
+            # translations (and with them every write permission): write back, forget the grants.
+            pool.sync_all()
+            self._forget_grants()
+            self._fill_cr0, self._fill_cr3 = cr0, cr3
+        t = cpu.core.mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
+                                   gva=vaddr, write=write, fetch=fetch)
+        if pool.stale:
+            self.refresh()  # the walk set A/D bits in a page the guest has mapped
+        same = t.data_asid == t.fetch_asid and t.data_c == t.fetch_c
+        if fetch:
+            key = tag_key(t.fetch_asid, t.fetch_c, t.spa)
+            perms = uc.UC_PROT_EXEC | (uc.UC_PROT_READ if same else 0)
+        else:
+            key = tag_key(t.data_asid, t.data_c, t.spa)
+            perms = uc.UC_PROT_READ | (uc.UC_PROT_EXEC if same and t.executable else 0)
+        if (same or not fetch) and t.writable and (write or self._w_gvas.get(page) == cr3):
+            perms |= uc.UC_PROT_WRITE
+        slot = pool.slot_of.get(key)
+        if slot is None:
+            slot = pool.load(key)
+        if perms & uc.UC_PROT_WRITE:
+            pool.writable.add(slot)
+            self._w_gvas[page] = cr3
+        if perms & uc.UC_PROT_EXEC:
+            assert self._ports is not None
+            self._ports.exec_page(page, slot)
+        ctypes.c_uint64.from_address(entry).value = POOL_PA + slot * PAGE
+        ctypes.c_int.from_address(entry + 8).value = perms
+        return True
+
+    # ---- inspection --------------------------------------------------------------------------------
+    def resident_pages(self) -> list[tuple[int, bool, int]]:
+        """(asid, c, spa) of every page held in the pool (plaintext inside the SoC)."""
+        return self.pool.resident_pages()

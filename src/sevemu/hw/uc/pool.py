@@ -1,0 +1,278 @@
+"""The Unicorn engine's plaintext page pool: a private cache level above the SoC's shared cache.
+
+Unicorn runs guest code from host memory it maps as physical pages.  The engine gives it *slots*:
+4 KiB pages of one contiguous host buffer (mapped once into Unicorn's physical address space),
+each holding the plaintext of one page in one encryption domain, keyed like a cache line
+(:func:`~sevemu.hw.cache.tag_key` of the page's first line) and filled through the shared cache
+(:meth:`~sevemu.hw.cache.Cache.read`), i.e. through the memory controller which decrypts it with
+the key of that domain.  Plaintext therefore stays inside the SoC: in the pool and in the cache.
+
+The pool is kept coherent the way a real hierarchy keeps a private level coherent: it attaches to
+the cache as a :class:`~sevemu.hw.cache.CacheAgent` and the cache snoops it.
+
+* Slots Unicorn may write (:attr:`PagePool.writable`: it was given write permission) are compared
+  with their snapshot at every #VMEXIT, before every page-table walk and on eviction, and the
+  modified 64-byte lines go into the shared cache (marked dirty, so the memory controller encrypts
+  them on their way to DRAM).
+* Before someone else reads lines of a page the pool holds, the snoop writes the modifications
+  back; before someone else writes, CLFLUSHes, VMPAGE_FLUSHes, WBINVDs or INVDs them, it writes
+  back and marks the slot stale (:attr:`PagePool.stale`); the engine re-reads stale slots
+  (:meth:`PagePool.refresh_stale`) before the guest runs again.  On coherent profiles a fill in
+  another domain of the same SPA makes the slot stale too.
+* The pool is bounded: when it runs low, it asks the engine to stop at the next block boundary and
+  the oldest quarter is written back and dropped (:meth:`PagePool.evict`).
+
+:meth:`PagePool.close` writes back, detaches from the cache and zeroes every slot: a closed engine
+keeps no plaintext.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from collections import deque
+from collections.abc import Callable
+
+from sevemu._util.units import LINE, PAGE
+from sevemu.hw.cache import SPA_MASK, Cache, key_domain
+from sevemu.hw.uc.stats import UcStats
+
+__all__ = ["PagePool"]
+
+_LOW_WATER = 16  # free slots left when the pool asks for an eviction at the next block boundary
+
+
+class PagePool:
+    """``pages`` slots of plaintext, a :class:`~sevemu.hw.cache.CacheAgent` of the shared cache."""
+
+    def __init__(self, pages: int, stats: UcStats, request_stop: Callable[[], None]) -> None:
+        self.pages = pages
+        self.stats = stats
+        self._request_stop = request_stop
+        self.on_forget: Callable[[int], None] | None = None
+        """Called with a slot the pool forgets (its contents are no longer that page's)."""
+        self.mm: mmap.mmap | None = None
+        self._anchor: ctypes.c_char | None = None
+        self.cache: Cache | None = None
+        self.slot_of: dict[int, int] = {}
+        """Cache key of a page -> its slot."""
+        self.slot_key: dict[int, int] = {}
+        """Slot -> cache key of the page it holds."""
+        self._by_spa: dict[int, set[int]] = {}  # page SPA -> slots (every domain)
+        self._snap: dict[int, bytes] = {}  # slot -> contents as last written back / filled
+        self._free: list[int] = []
+        self._order: deque[int] = deque()  # fill order (eviction is FIFO)
+        self.writable: set[int] = set()
+        """Slots Unicorn may have written (write permission granted since the last TLB flush)."""
+        self.stale: set[int] = set()
+        """Slots someone else changed: re-read before the guest runs again."""
+        self.evict_requested = False
+
+    # ---- the buffer -----------------------------------------------------------------------------
+    def open(self) -> int:
+        """Allocate the buffer; returns its host address (for ``uc_mem_map_ptr``)."""
+        self.mm = mmap.mmap(-1, self.pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._anchor = ctypes.c_char.from_buffer(self.mm)
+        self._free = list(range(self.pages - 1, -1, -1))
+        return ctypes.addressof(self._anchor)
+
+    def page(self, s: int) -> bytes:
+        """The current contents of slot ``s``."""
+        assert self.mm is not None
+        return self.mm[s * PAGE : (s + 1) * PAGE]
+
+    def attach(self, cache: Cache) -> bool:
+        """Keep coherent with ``cache`` from now on; True when that changed anything (the slots of
+        another cache were written back and dropped: the engine must flush its TLB)."""
+        if cache is self.cache:
+            return False
+        dropped = self.drop_all()
+        if self.cache is not None:
+            self.cache.detach(self)
+        cache.attach(self)
+        self.cache = cache
+        return dropped
+
+    def close(self, write_back: bool = True) -> None:
+        """Write back (unless told not to), detach from the cache, zero every slot, release the buffer."""
+        if self.cache is not None:
+            if write_back:
+                self.sync_all()
+            self.cache.detach(self)
+            self.cache = None
+        mm = self.mm
+        if mm is not None and self._anchor is not None:
+            ctypes.memset(ctypes.addressof(self._anchor), 0, len(mm))
+        self.slot_of.clear()
+        self.slot_key.clear()
+        self._by_spa.clear()
+        self._snap.clear()
+        self._order.clear()
+        self._free.clear()
+        self.writable.clear()
+        self.stale.clear()
+        self.on_forget = None
+        self._request_stop = _nothing
+        self._anchor = None  # the buffer export ends with the anchor ...
+        self.mm = None
+        if mm is not None:
+            mm.close()  # ... so the mapping can go
+
+    # ---- slots ---------------------------------------------------------------------------------
+    def load(self, key: int) -> int:
+        """A slot holding the page of ``key``, filled from the shared cache in its domain."""
+        if not self._free:
+            self.evict()  # inside a hook: only when a burst used up the reserve
+        s = self._free.pop()
+        if len(self._free) < _LOW_WATER and not self.evict_requested:
+            self.evict_requested = True
+            self._request_stop()  # evict at the next block boundary
+        asid, c, spa = key_domain(key)
+        assert self.cache is not None and self.mm is not None
+        data = self.cache.read(asid, c, spa, PAGE, origin=self)
+        off = s * PAGE
+        self.mm[off : off + PAGE] = data
+        self._snap[s] = data
+        self.slot_of[key] = s
+        self.slot_key[s] = key
+        self._by_spa.setdefault(spa, set()).add(s)
+        self._order.append(s)
+        self.stats.slot_fills += 1
+        return s
+
+    def sync_slot(self, s: int) -> None:
+        """Write the lines of slot ``s`` the guest modified back into the shared cache."""
+        mm = self.mm
+        assert mm is not None and self.cache is not None
+        cur = mm[s * PAGE : (s + 1) * PAGE]
+        snap = self._snap[s]
+        if cur == snap:
+            return
+        asid, c, spa = key_domain(self.slot_key[s])
+        write = self.cache.write
+        o = 0
+        while o < PAGE:
+            if cur[o : o + LINE] == snap[o : o + LINE]:
+                o += LINE
+                continue
+            start = o
+            while o < PAGE and cur[o : o + LINE] != snap[o : o + LINE]:
+                o += LINE
+            write(asid, c, spa + start, cur[start:o], origin=self)
+            self.stats.lines_written_back += (o - start) // LINE
+        self._snap[s] = cur
+
+    def sync_all(self) -> int:
+        """Write back every modified slot; returns how many were modified."""
+        mm = self.mm
+        if mm is None:
+            return 0
+        snap = self._snap
+        dirty = 0
+        for s in self.writable:
+            if mm[s * PAGE : (s + 1) * PAGE] != snap.get(s, b"") and s in self.slot_key:
+                self.sync_slot(s)
+                dirty += 1
+        return dirty
+
+    def refresh_stale(self) -> list[int]:
+        """Re-read the slots someone else changed; returns those whose contents differ now."""
+        stale, self.stale = self.stale, set()
+        mm = self.mm
+        assert mm is not None and self.cache is not None
+        changed = []
+        for s in stale:
+            key = self.slot_key.get(s)
+            if key is None:
+                continue
+            asid, c, spa = key_domain(key)
+            new = self.cache.read(asid, c, spa, PAGE, origin=self)
+            if new != mm[s * PAGE : (s + 1) * PAGE]:
+                mm[s * PAGE : (s + 1) * PAGE] = new
+                changed.append(s)
+            self._snap[s] = new
+            self.stats.slot_refreshes += 1
+        return changed
+
+    def evict(self) -> None:
+        """Free the oldest quarter of the pool (written back first); the engine flushes its TLB."""
+        self.evict_requested = False
+        n = max(self.pages // 4, 1)
+        self.sync_all()
+        victims: list[int] = []
+        while self._order and len(victims) < n:
+            victims.append(self._order.popleft())
+        for s in victims:
+            self.forget(s)
+        self.stats.evictions += len(victims)
+
+    def forget(self, s: int) -> None:
+        key = self.slot_key.pop(s, None)
+        if key is None:
+            return
+        self.slot_of.pop(key, None)
+        spa = key & SPA_MASK
+        peers = self._by_spa.get(spa)
+        if peers is not None:
+            peers.discard(s)
+            if not peers:
+                del self._by_spa[spa]
+        self._snap.pop(s, None)
+        self.writable.discard(s)
+        self.stale.discard(s)
+        if self.on_forget is not None:
+            self.on_forget(s)
+        self._free.append(s)
+
+    def drop_all(self) -> bool:
+        """Forget every slot (after a write-back); False when there was none."""
+        if not self.slot_key:
+            return False
+        self.sync_all()
+        for s in list(self.slot_key):
+            self.forget(s)
+        self._order.clear()
+        return True
+
+    # ---- CacheAgent: the shared cache snoops the pool ----------------------------------------------
+    def _slots_in(self, lo: int, hi: int) -> list[int]:
+        if hi - lo <= 64 * PAGE:
+            get = self.slot_of.get
+            out = []
+            for key in range(lo & ~(PAGE - 1), hi, PAGE):
+                s = get(key)
+                if s is not None:
+                    out.append(s)
+            return out
+        return [s for key, s in self.slot_of.items() if key < hi and key + PAGE > lo]
+
+    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+        """Cache lines with keys in ``[lo, hi)`` are about to be read / changed by someone else."""
+        if not self.slot_of:
+            return
+        for s in self._slots_in(lo, hi):
+            if s in self.writable:
+                self.sync_slot(s)
+            if invalidate:
+                self.stale.add(s)
+
+    def snoop_fill(self, key: int) -> None:
+        """Coherent profile: a line of ``key``'s SPA is filled in ``key``'s domain."""
+        peers = self._by_spa.get(key & SPA_MASK & ~(PAGE - 1))
+        if not peers:
+            return
+        page_key = key & ~(PAGE - 1)
+        for s in list(peers):
+            if self.slot_key.get(s) != page_key:
+                if s in self.writable:
+                    self.sync_slot(s)
+                self.stale.add(s)
+
+    # ---- inspection --------------------------------------------------------------------------------
+    def resident_pages(self) -> list[tuple[int, bool, int]]:
+        """(asid, c, spa) of every page held (plaintext inside the SoC)."""
+        return [key_domain(k) for k in self.slot_of]
+
+
+def _nothing() -> None:
+    return None

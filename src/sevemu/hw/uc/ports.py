@@ -1,0 +1,158 @@
+"""Port I/O on the Unicorn engine: precise stops before IN/OUT, and their IOIO exits.
+
+Unicorn disables QEMU's I/O intercept check, so IN/OUT cannot stop through the private VMCB.
+Instead, when a code page is mapped executable, :class:`IoHooks` scans it for every place an
+IN/OUT/INS/OUTS could start (an I/O opcode byte plus the run of prefix bytes before it,
+:func:`scan_io_candidates`) and installs an address-bound Unicorn code hook on each such range.
+A code hook runs *before* its instruction and is followed by an exit-request check, so the stop is
+precise; the hook's callback is ``uc_emu_stop`` itself (no Python on the way), and a stop without
+another reason at a hooked address is the I/O exit.  Bytes that are not instruction starts cost
+nothing (hooks fire only on executed instructions).  When a page's contents change under the
+engine its hooks are rebuilt.  The instruction is decoded by :mod:`sevemu.hw.x86.decode` and its
+exit decided by the shared semantics (:func:`sevemu.hw.x86.insn.ioio`); decoded exits are
+remembered per RIP, so a loop's OUT costs one comparison of its bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Final
+
+from sevemu._util.units import PAGE
+from sevemu.hw.cpu import GuestCpu
+from sevemu.hw.svm import VmExit
+from sevemu.hw.uc.binding import UC_HOOK_CODE, check
+from sevemu.hw.x86 import insn
+from sevemu.hw.x86.decode import IO_OPCODE, LEGACY_PREFIXES, REX, PortIo, decode_io
+
+__all__ = ["IoHooks", "scan_io_candidates"]
+
+_SCAN_PREFIXES: Final = LEGACY_PREFIXES | REX
+_MEMO_LIMIT: Final = 4096
+
+
+def scan_io_candidates(page: bytes) -> tuple[tuple[int, int], ...]:
+    """Offset ranges ``(first, last)`` of a code page where an IN/OUT/INS/OUTS could start.
+
+    One range per I/O opcode byte: the byte itself and the run of prefix bytes right before it.
+    An instruction that starts anywhere in such a range *is* that I/O instruction; bytes that are
+    not instruction starts are harmless, since a code hook fires only on instructions executed.
+    """
+    out = []
+    for m in IO_OPCODE.finditer(page):
+        i = m.start()
+        j = i
+        while j > 0 and i - j < 14 and page[j - 1] in _SCAN_PREFIXES:
+            j -= 1
+        out.append((j, i))
+    return tuple(out)
+
+
+class IoHooks:
+    """The code hooks of every executable guest page, and the IOIO exits they lead to."""
+
+    def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, stop_cb: int | None,
+                 page_of_slot: Callable[[int], bytes], flush_tb: Callable[[], None]) -> None:
+        self._lib = lib
+        self._h = handle
+        self._stop_cb = stop_cb
+        self._page_of_slot = page_of_slot
+        self._flush_tb = flush_tb
+        self.xgva: dict[int, int] = {}
+        """Executable GVA page -> the slot Unicorn fetches it from (until the next TLB flush)."""
+        self._xslots: set[int] = set()  # slots ever mapped executable (and still holding that page)
+        self._scans: dict[int, tuple[tuple[int, int], ...]] = {}  # slot -> candidate ranges
+        self._ranges: dict[int, tuple[tuple[int, int], ...]] = {}  # GVA page -> ranges hooked
+        self._hooks: dict[int, list[int]] = {}  # GVA page -> code-hook handles
+        self.offsets: dict[int, set[int]] = {}
+        """GVA page -> the offsets its hooks cover (a stop there without another reason is I/O)."""
+        self.exits: dict[int, tuple[bytes, bool, int, VmExit]] = {}
+        """RIP -> (instruction bytes, long mode, DX or -1 for an immediate port, the exit)."""
+
+    def exec_page(self, page: int, slot: int) -> None:
+        """``page`` (GVA) executes from ``slot``: hook every place an IN/OUT could start in it."""
+        if self.xgva.get(page) == slot:
+            return
+        self.xgva[page] = slot
+        self._xslots.add(slot)
+        ranges = self._scans.get(slot)
+        if ranges is None:
+            ranges = self._scans[slot] = scan_io_candidates(self._page_of_slot(slot))
+        if self._ranges.get(page) != ranges:
+            self._hook_page(page, ranges)
+
+    def _hook_page(self, page: int, ranges: tuple[tuple[int, int], ...]) -> None:
+        lib = self._lib
+        for hh in self._hooks.pop(page, []):
+            lib.uc_hook_del(self._h, hh)
+        handles = []
+        handle = ctypes.c_size_t()
+        for first, last in ranges:
+            check(lib.uc_hook_add(self._h, ctypes.byref(handle), UC_HOOK_CODE, self._stop_cb, None,
+                                  page + first, page + last), "port I/O code hook")
+            handles.append(handle.value)
+        self._hooks[page] = handles
+        self._ranges[page] = ranges
+        offsets = {o for first, last in ranges for o in range(first, last + 1)}
+        if offsets:
+            self.offsets[page] = offsets
+        else:
+            self.offsets.pop(page, None)
+
+    def unhook_address(self, rip: int) -> None:
+        """A range hook fired on an instruction that is not I/O: drop that range and retranslate."""
+        page = rip & ~(PAGE - 1)
+        ranges = self._ranges.get(page, ())
+        keep = tuple(r for r in ranges if not r[0] <= rip - page <= r[1])
+        self._hook_page(page, keep)
+        self._flush_tb()
+
+    def forget_slot(self, slot: int) -> None:
+        """The pool forgot ``slot``: its scan is void."""
+        self._scans.pop(slot, None)
+        self._xslots.discard(slot)
+
+    def tlb_flushed(self) -> None:
+        """Unicorn dropped every translation: pages are re-hooked as they are fetched again."""
+        self.xgva.clear()
+
+    def code_changed(self, slots: list[int]) -> None:
+        """These slots were re-read with new contents: code among them is rescanned, retranslated."""
+        rescan = [s for s in slots if s in self._xslots]
+        if not rescan:
+            return
+        for s in rescan:
+            self._scans.pop(s, None)
+        self._flush_tb()
+        for page, slot in list(self.xgva.items()):
+            if slot in rescan:
+                del self.xgva[page]
+                self.exec_page(page, slot)
+
+    def port_io(self, cpu: GuestCpu, rip: int, code: bytes, long_mode: bool, dx: int) -> insn.Outcome | None:
+        """A code hook stopped the guest before ``code`` at ``rip``: its exit (None: not I/O)."""
+        hit = self.exits.get(rip)
+        if hit is not None and hit[0] == code and hit[1] == long_mode and hit[2] in (-1, dx):
+            return insn.Exit(hit[3])
+        io: PortIo | None = decode_io(code, long_mode, dx)
+        if io is None:  # an instruction starting inside a range that is not I/O (legacy-mode REX)
+            self.unhook_address(rip)
+            return None
+        out = insn.ioio(cpu, io.port, io.size, io.is_in, rip + io.length, string=io.string, rep=io.rep,
+                        addr_bits=64 if long_mode else 32)
+        if isinstance(out, insn.Exit) and not io.string:
+            if len(self.exits) > _MEMO_LIMIT:
+                self.exits.clear()
+            self.exits[rip] = (code, long_mode, -1 if io.imm_port else dx, out.exit)
+        return out
+
+    def close(self) -> None:
+        """Forget everything (the Unicorn instance is gone; its hooks with it)."""
+        self.xgva.clear()
+        self._xslots.clear()
+        self._scans.clear()
+        self._ranges.clear()
+        self._hooks.clear()
+        self.offsets.clear()
+        self.exits.clear()

@@ -1,0 +1,38 @@
+"""What the Unicorn engine did (cumulative counters, for tests and ``sevemu bench cpu``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sevemu.hw.svm import VmExit
+
+__all__ = ["UcStats"]
+
+
+@dataclass
+class UcStats:
+    """What the engine did (cumulative)."""
+
+    runs: int = 0
+    exits: int = 0
+    internal_exits: int = 0
+    tlb_fills: int = 0
+    slot_fills: int = 0
+    slot_refreshes: int = 0
+    evictions: int = 0
+    lines_written_back: int = 0
+    tlb_flushes: int = 0
+    io_exits: int = 0
+    spurious_stops: int = 0
+    by_code: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def by_reason(self) -> dict[str, int]:
+        """Exits by name (NPF, IOIO, HLT, ...)."""
+        return {VmExit(c).name: n for c, n in self.by_code.items()}
+
+    def count(self, code: int) -> None:
+        """One more exit with ``code``."""
+        self.exits += 1
+        by = self.by_code
+        by[code] = by.get(code, 0) + 1
