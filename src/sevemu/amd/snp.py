@@ -263,7 +263,7 @@ class AmdSnpRoot:
 
     def issue_vlek(self, csp: CspAccount, tcb: int) -> x509.Certificate:
         """The VLEK certificate of ``csp`` at ``tcb`` (issued once, then the same bytes)."""
-        ident = csp.csp_id.encode()
+        ident = csp.csp_id.encode() + b"\x00" + hashlib.sha256(csp.secret).digest()
         with self._lock:
             cached = self._issued.get(("vlek", ident, tcb))
             if cached is None:
