@@ -161,3 +161,13 @@ def test_kds_serve_process(tmp_path: Path) -> None:
 
 def test_kds_serve_refuses_non_loopback(capsys: pytest.CaptureFixture[str]) -> None:
     assert "loopback" in fails(capsys, "kds", "serve", "--host", "0.0.0.0", "--product", "Milan")
+
+
+def test_bench_attest_small(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "bench", "attest", "--reports", "5", "--requests", "8", "--clients", "2", "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["reports"] == 5 and result["verified_per_s"] > 0 and result["kds_requests"] == 8
+    assert result["kds_requests_per_s"] > 0
+    if result.get("omne_attest") is not None or "ratio" in result:
+        assert result["omne_attest_verified_per_s"] > 0 and result["ratio"] > 0

@@ -40,7 +40,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives import serialization
 from flask import Flask, Response, request
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from sevemu.amd.snp import AmdSnpRoot, KeyKind
 from sevemu.amd.vault import AmdRegistry
@@ -222,8 +222,16 @@ def create_app(kds: KeyDistributionService, *, rate_limit: RateLimiter | None = 
     return app
 
 
-def loopback_server(app: Flask, host: str = "127.0.0.1", port: int = 0) -> BaseWSGIServer:
-    """A threaded WSGI server for ``app`` bound to a loopback address (``port`` 0: any free port).
+class _QuietHandler(WSGIRequestHandler):
+    """Werkzeug's request handler without its per-request log lines."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+def loopback_server(app: Flask, host: str = "127.0.0.1", port: int = 0, *, log: bool = False) -> BaseWSGIServer:
+    """A threaded WSGI server for ``app`` bound to a loopback address (``port`` 0: any free port);
+    ``log``: one line per request on stderr (werkzeug's access log).
 
     Raises :class:`~sevemu.errors.InputError` for a host that is not loopback, and for a port that
     cannot be bound.
@@ -237,6 +245,6 @@ def loopback_server(app: Flask, host: str = "127.0.0.1", port: int = 0) -> BaseW
     if not 0 <= port <= 65535:
         raise InputError(f"port {port} is not 0..65535")
     try:
-        return make_server(host, port, app, threaded=True)
+        return make_server(host, port, app, threaded=True, request_handler=None if log else _QuietHandler)
     except (OSError, SystemExit) as exc:
         raise InputError(f"cannot listen on {host}:{port}: {exc}") from None

@@ -19,10 +19,10 @@ names it and whose message is one line ``<check>: <reason>``:
                certificate signed by that intermediate (RSASSA-PSS SHA-384, salt 48; names chain).
 ``product``    ARK, intermediate and signer name one product; a v3+ report's CPUID family is that
                product's (0x19 Milan/Genoa, 0x1A Turin).
+``signer``     the certificate is the kind SIGNER_INFO names (VCEK: hwID extension, VLEK: CSP-ID).
 ``validity``   every certificate valid at ``now``.
 ``crl``        when a CRL is given: signed by the ARK, current at ``now``, the intermediate not
                revoked.  ``require_crl`` makes a missing CRL a failure.
-``signer``     the certificate is the kind SIGNER_INFO names (VCEK: hwID extension, VLEK: CSP-ID).
 ``binding``    VCEK: hwID equals CHIP_ID (Turin: CHIP_ID[0:8], bytes 8..63 zero; a masked, all-zero
                CHIP_ID cannot be bound); VCEK and VLEK: the SPL extensions equal REPORTED_TCB in the
                product's TCB layout.
@@ -34,6 +34,9 @@ names it and whose message is one line ``<check>: <reason>``:
                rollback check), ``firmware`` (minimum current firmware version), ``signing_key``.
 
 Trust is only by fingerprint: a chain whose ARK is not pinned never verifies, whatever its names.
+The signature checks of a chain (and of a CRL) are remembered by the SHA-256 fingerprints of the
+certificates, so verifying many reports against one chain checks its RSA signatures once; the checks
+that depend on the time or on the report run every time.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -53,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
 
 from sevemu.abi.report import REPORT_SIZE, AttestationReport, PlatformInfo, SigningKey
 from sevemu.certs.errors import CertSignatureError
-from sevemu.certs.snp import PSS, amd_extensions, verify_signed_by
+from sevemu.certs.snp import PSS, AmdExtensions, amd_extensions, verify_signed_by
 from sevemu.crypto.vcek import HWID_SIZE, PRODUCTS, tcb_components, verify_report_signature
 from sevemu.errors import InputError, LayoutError, VerificationError
 
@@ -76,7 +79,7 @@ AMD_SNP_ARK_FINGERPRINTS: Final = {
 """SHA-256 of the DER of AMD's real SNP ARKs (ARK-Milan, ARK-Genoa, ARK-Turin as the KDS serves them;
 computed from the copies in virtee/sev ``src/certs/snp/builtin``).  The certificates are not shipped."""
 
-CHECKS: Final = ("format", "ark", "chain", "product", "validity", "crl", "signer", "binding", "signature",
+CHECKS: Final = ("format", "ark", "chain", "product", "signer", "validity", "crl", "binding", "signature",
                  "policy")
 _CPUID_FAMILY: Final = {"milan": 0x19, "genoa": 0x19, "turin": 0x1A}
 
@@ -92,7 +95,21 @@ class SnpCheckError(VerificationError):
 
 def fingerprint(cert: x509.Certificate) -> bytes:
     """SHA-256 of the certificate's DER (what ARK pins are)."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+    return cert.fingerprint(hashes.SHA256())
+
+
+_CACHE_MAX: Final = 256
+_chain_cache: dict[tuple[bytes, bytes, bytes, str], tuple[str, AmdExtensions]] = {}
+_crl_cache: dict[tuple[bytes, bytes], bool] = {}
+"""Verdicts on signatures over immutable bytes (a chain, a CRL): a verifier checking many reports
+against one chain checks its RSA signatures once.  Keys are SHA-256 fingerprints; only successes are
+kept, and the time-dependent checks (validity, CRL freshness, revocation) run on every report."""
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +208,13 @@ def _check_crl(crl: x509.CertificateRevocationList, ark: x509.Certificate, inter
         raise _fail("crl", f"CRL issuer {crl.issuer.rfc4514_string()} is not the ARK")
     if not isinstance(key, crypto_rsa.RSAPublicKey):
         raise _fail("crl", "the ARK key is not RSA")
-    try:
-        key.verify(crl.signature, crl.tbs_certlist_bytes, PSS, hashes.SHA384())
-    except InvalidSignature:
-        raise _fail("crl", "CRL signature does not verify with the ARK") from None
+    cache_key = (hashlib.sha256(crl.public_bytes(serialization.Encoding.DER)).digest(), fingerprint(ark))
+    if cache_key not in _crl_cache:
+        try:
+            key.verify(crl.signature, crl.tbs_certlist_bytes, PSS, hashes.SHA384())
+        except InvalidSignature:
+            raise _fail("crl", "CRL signature does not verify with the ARK") from None
+        _remember(_crl_cache, cache_key, True)
     if crl.next_update_utc is not None and now > crl.next_update_utc:
         raise _fail("crl", f"CRL expired {crl.next_update_utc:%Y-%m-%d %H:%M:%S}Z")
     if crl.get_revoked_certificate_by_serial_number(inter.serial_number) is not None:
@@ -259,6 +279,37 @@ def _check_policy(rep: AttestationReport, gen: str, kind: str, policy: SnpPolicy
         raise _fail("policy.signing_key", f"signed by a {kind.upper()}, the policy wants a {policy.signing_key.upper()}")
 
 
+def _chain_facts(chain: Chain, kind: str, inter_name: str, ark_fp: bytes) -> tuple[str, AmdExtensions]:
+    """The chain checks (signatures, names, signer kind) of one chain, cached (see ``_chain_cache``)."""
+    key = (fingerprint(chain.signer), fingerprint(chain.intermediate), ark_fp, kind)
+    hit = _chain_cache.get(key)
+    if hit is not None:
+        return hit
+    links = (("ARK <- ARK", chain.ark, chain.ark), (f"{inter_name} <- ARK", chain.intermediate, chain.ark),
+             (f"{kind.upper()} <- {inter_name}", chain.signer, chain.intermediate))
+    for link, child, parent in links:
+        try:
+            verify_signed_by(child, parent, link)
+        except CertSignatureError as exc:
+            raise _fail("chain", str(exc)) from None
+    try:
+        ext = amd_extensions(chain.signer)
+        gen = ext.generation
+    except InputError as exc:
+        raise _fail("product", f"{kind.upper()} certificate: {exc}") from None
+    product = PRODUCTS[gen]
+    want_inter = f"SEV-{product}" if kind == "vcek" else f"SEV-VLEK-{product}"
+    if _cn(chain.ark) != f"ARK-{product}" or _cn(chain.intermediate) != want_inter:
+        raise _fail("product", f"{kind.upper()} is for {product} but the chain is {_cn(chain.intermediate)} <- "
+                    f"{_cn(chain.ark)}")
+    if kind == "vcek" and (ext.hwid is None or ext.csp_id is not None or _cn(chain.signer) != "SEV-VCEK"):
+        raise _fail("signer", "SIGNER_INFO names a VCEK but the certificate is not a VCEK")
+    if kind == "vlek" and (ext.csp_id is None or ext.hwid is not None or _cn(chain.signer) != "SEV-VLEK"):
+        raise _fail("signer", "SIGNER_INFO names a VLEK but the certificate is not a VLEK")
+    _remember(_chain_cache, key, (gen, ext))
+    return gen, ext
+
+
 def verify_report(
     report: bytes,
     chain: Chain,
@@ -283,23 +334,8 @@ def verify_report(
     ark_fp = fingerprint(chain.ark)
     if ark_fp not in pins:
         raise _fail("ark", f"the ARK ({_cn(chain.ark)}, SHA-256 {ark_fp.hex()[:16]}...) is not a trusted root")
-    links = (("ARK <- ARK", chain.ark, chain.ark), (f"{inter_name} <- ARK", chain.intermediate, chain.ark),
-             (f"{kind.upper()} <- {inter_name}", chain.signer, chain.intermediate))
-    for link, child, parent in links:
-        try:
-            verify_signed_by(child, parent, link)
-        except CertSignatureError as exc:
-            raise _fail("chain", str(exc)) from None
-    try:
-        ext = amd_extensions(chain.signer)
-        gen = ext.generation
-    except InputError as exc:
-        raise _fail("product", f"{kind.upper()} certificate: {exc}") from None
+    gen, ext = _chain_facts(chain, kind, inter_name, ark_fp)
     product = PRODUCTS[gen]
-    want_inter = f"SEV-{product}" if kind == "vcek" else f"SEV-VLEK-{product}"
-    if _cn(chain.ark) != f"ARK-{product}" or _cn(chain.intermediate) != want_inter:
-        raise _fail("product", f"{kind.upper()} is for {product} but the chain is {_cn(chain.intermediate)} <- "
-                    f"{_cn(chain.ark)}")
     if rep.cpuid_fam_id and rep.cpuid_fam_id != _CPUID_FAMILY[gen]:
         raise _fail("product", f"report CPUID family {rep.cpuid_fam_id:#x} is not {product}'s "
                     f"{_CPUID_FAMILY[gen]:#x}")
@@ -308,10 +344,6 @@ def verify_report(
         _check_crl(chain.crl, chain.ark, chain.intermediate, inter_name, at)
     elif pol.require_crl:
         raise _fail("crl", "no CRL given and the policy requires one")
-    if kind == "vcek" and (ext.hwid is None or ext.csp_id is not None or _cn(chain.signer) != "SEV-VCEK"):
-        raise _fail("signer", "SIGNER_INFO names a VCEK but the certificate is not a VCEK")
-    if kind == "vlek" and (ext.csp_id is None or ext.hwid is not None or _cn(chain.signer) != "SEV-VLEK"):
-        raise _fail("signer", "SIGNER_INFO names a VLEK but the certificate is not a VLEK")
     if kind == "vcek":
         size = HWID_SIZE[gen]
         if not any(rep.chip_id):
