@@ -157,3 +157,22 @@ def test_registry_ignores_a_file_that_is_not_the_chip(tmp_path: object) -> None:
     (d / "chips" / "milan" / hw.hex()).write_bytes(bytes(64))  # someone else's secret
     assert AmdRegistry(d).chip("milan", hw) is None
     assert AmdRegistry(d).chip("milan", hw[:8]) is None
+
+
+def test_the_factory_records_snp_chips_for_the_kds(snp_root: Root, tmp_path: object,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from sevemu.scenario import default_amd_root, manufacture
+
+    legacy = default_amd_root("milan")  # before the vault moves: the session's root
+    vault = Path(str(tmp_path)) / "vault"
+    monkeypatch.setenv("SEVEMU_AMD_VAULT", str(vault))
+    chip = manufacture(Path(str(tmp_path)) / "platform", "milan", legacy)
+    hw = AmdRegistry.hwid_of(chip)
+    assert (vault / "chips" / "milan" / hw.hex()).stat().st_mode & 0o077 == 0
+    kds = KeyDistributionService({"milan": snp_root("milan")}, AmdRegistry(vault))
+    cert = load_certificate(kds.vcek("Milan", hw.hex(), {"blSPL": ["3"], "snpSPL": ["8"]}))
+    assert cert.public_key() == vcek.derive_vcek(chip.secret, "milan", 0x0008000000000003).public_key()
+    rome = manufacture(Path(str(tmp_path)) / "rome", "rome", default_amd_root("rome"))
+    assert rome.generation == "rome" and not (vault / "chips" / "rome").exists()  # no SNP on Rome

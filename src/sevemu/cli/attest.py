@@ -204,6 +204,8 @@ def run_fetch(args: argparse.Namespace) -> int:
         outputs.write(path, data)
         emit(args, {"ok": True, "files": [str(path)]}, [f"wrote {path}"])
         return 0
+    if kind == "vlek":
+        raise InputError("fetch vcek: a VLEK is not fetched by hwid (AMD hands VLEKs to the cloud provider)")
     rep = _read_report(args.report)
     gen = args.product or _product_of(rep)
     if gen is None:
@@ -382,7 +384,7 @@ def run_kds_serve(args: argparse.Namespace) -> int:
     for name in args.csp or ():
         registry.csp(name, create=True)
     app = create_app(KeyDistributionService(roots, registry), rate_limit=limiter)
-    server = loopback_server(app, args.host, args.port)
+    server = loopback_server(app, args.host, args.port, log=args.log)
     where = f"http://{args.host}:{server.server_port}"
     print(f"emulated AMD KDS on {where} ({', '.join(PRODUCTS[g] for g in roots)}); Ctrl-C stops it")
     for g, root in roots.items():
@@ -420,6 +422,7 @@ def register(sub: Any) -> None:
     s.add_argument("--rate-limit", type=float, metavar="PER_S", help="requests per second per client (429 beyond)")
     s.add_argument("--burst", type=int, help="requests a client may make at once (default: the rate, rounded up)")
     s.add_argument("--csp", action="append", metavar="NAME", help="a CSP account for VLEKs (made if new)")
+    s.add_argument("--log", action="store_true", help="one line per request on stderr")
     s.set_defaults(func=run_kds_serve)
 
     f = sub.add_parser("fetch", help="certificates from a KDS into snpguest's directory layout (ark.pem ...)")

@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives import serialization
 from sevemu.abi.report import AttestationReport, SignerInfo
 from sevemu.abi.snp import SnpPolicy as GuestPolicy
 from sevemu.amd.chip import FusedChip
-from sevemu.amd.kds import KeyDistributionService, create_app, loopback_server
 from sevemu.amd.snp import AmdSnpRoot
 from sevemu.amd.vault import AmdRegistry
 from sevemu.cli.common import emit, positive_int
@@ -63,6 +62,7 @@ def _reports(chip: FusedChip, n: int) -> list[bytes]:
 
 
 def run_attest(args: argparse.Namespace) -> int:
+    from sevemu.amd.kds import KeyDistributionService, create_app, loopback_server  # Flask: only when run
     from sevemu.scenario import amd_vault_dir, default_amd_root
 
     vault = amd_vault_dir()
