@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from clikit import fails, run
 from snpkit import CHIP, make_report
 
 import sevemu
@@ -18,24 +19,10 @@ from sevemu.amd.kds import KeyDistributionService, create_app, loopback_server
 from sevemu.amd.snp import AmdSnpRoot
 from sevemu.amd.vault import AmdRegistry
 from sevemu.cli.attest import route
-from sevemu.cli.main import main
 
 Root = Callable[[str], AmdSnpRoot]
 TCB = 0x7308000000000003
 SRC = Path(sevemu.__file__).resolve().parents[1]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def fails(capsys: pytest.CaptureFixture[str], *argv: str, status: int = 2) -> str:
-    rc, _, err = run(capsys, *argv)
-    assert rc == status, err
-    assert err.startswith("sevemu: error: ") and "Traceback" not in err and err.count("\n") == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")
