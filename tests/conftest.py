@@ -36,3 +36,25 @@ def vectors() -> Path:
 _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     _hyp_settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session")
+def snp_root():  # type: ignore[no-untyped-def]
+    """``snp_root(generation)``: the emulated AMD SNP root of a generation, made once per session.
+
+    Its ARK/ASK keys come from the AMD vault (``sevemu.scenario.default_amd_root``), its ASVK is kept
+    next to them, so later sessions start fast.
+    """
+    from sevemu.amd.snp import AmdSnpRoot
+    from sevemu.scenario import amd_vault_dir, default_amd_root
+
+    cache: dict[str, AmdSnpRoot] = {}
+
+    def get(generation: str) -> AmdSnpRoot:
+        if generation not in cache:
+            vault = amd_vault_dir()
+            cache[generation] = AmdSnpRoot.for_root(
+                default_amd_root(generation), None if vault is None else vault / generation / "snp")
+        return cache[generation]
+
+    return get

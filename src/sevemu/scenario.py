@@ -10,7 +10,9 @@ The factory (:func:`manufacture`): a chip is fused (:class:`~sevemu.amd.chip.Fus
 emulated AMD root of its generation certifies its CEK, and the fuses (the chip secret and the
 digests of the ARKs the firmware will trust), the CEK certificate and the AMD chain (ASK || ARK) are
 written into the *platform directory* (:mod:`sevemu.firmware.nvstore`), where the firmware finds
-them when it boots -- bytes in files, the firmware never imports the manufacturer.
+them when it boots -- bytes in files, the firmware never imports the manufacturer.  AMD also records
+an SEV-SNP chip's secret in its vault (:class:`~sevemu.amd.vault.AmdRegistry`), which its KDS
+(``sevemu kds serve``) needs to certify the chip's VCEKs.
 :func:`build_machine` manufactures a chip into its platform directory the first time and boots from
 it every time: the same directory (in a new process too) gives the same chip and the same platform
 identity.  Two processes making the same directory at once get one chip: the loser boots the
@@ -40,6 +42,8 @@ from pathlib import Path
 from sevemu._util.units import GiB, MiB
 from sevemu.amd.chip import CHIP_SECRET_SIZE, FusedChip
 from sevemu.amd.roots import AmdRoot
+from sevemu.amd.vault import AmdRegistry
+from sevemu.crypto.vcek import SNP_GENERATIONS
 from sevemu.errors import InputError, SevemuError
 from sevemu.firmware.apis import load_firmware
 from sevemu.firmware.core import Firmware
@@ -175,6 +179,18 @@ def default_amd_root(generation: str) -> AmdRoot:
     return root
 
 
+def _record_snp_chip(chip: FusedChip) -> None:
+    """AMD records an SNP chip's secret in its vault, so its KDS can certify the chip's VCEKs
+    (:class:`~sevemu.amd.vault.AmdRegistry`); without a writable vault the chip is not recorded."""
+    vault = amd_vault_dir()
+    if vault is None or chip.generation not in SNP_GENERATIONS:
+        return
+    try:
+        AmdRegistry(vault).record(chip)
+    except OSError:
+        pass
+
+
 def manufacture(platform_dir: str | os.PathLike[str], generation: str, amd_root: AmdRoot, *,
                 secret: bytes | None = None, trusted_roots: Iterable[AmdRoot] = ()) -> FusedChip:
     """Fuse a chip of ``generation``, have ``amd_root`` certify its CEK, provision ``platform_dir``.
@@ -187,6 +203,7 @@ def manufacture(platform_dir: str | os.PathLike[str], generation: str, amd_root:
     """
     chip = FusedChip.fuse(generation) if secret is None else FusedChip(generation, secret)
     cek_cert = amd_root.certify_chip(chip)
+    _record_snp_chip(chip)
     arks = [(amd_root.generation, amd_root.ark.encode())]
     arks += [(r.generation, r.ark.encode()) for r in trusted_roots]
     # the factory fuses the digest of every ARK the firmware is to trust (FactoryData.fused_arks)

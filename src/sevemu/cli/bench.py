@@ -23,6 +23,7 @@ from typing import Any
 from sevemu._util.units import PAGE, GiB, MiB
 from sevemu.abi.paging import ExitCode
 from sevemu.certs.roots import GENERATIONS
+from sevemu.cli.bench_attest import register_attest
 from sevemu.cli.bench_launch import register_launch
 from sevemu.cli.bench_migrate import register_migrate
 from sevemu.cli.common import host_memory, positive_int
@@ -51,6 +52,7 @@ def register(sub: Any) -> None:
     m.set_defaults(func=run_memory)
     register_launch(bsub)
     register_migrate(bsub)
+    register_attest(bsub)
     try:
         from sevemu.cli.bench_cpu import register_cpu
     except ImportError:  # the Unicorn engine is optional until its dependency is installed

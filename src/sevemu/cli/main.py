@@ -71,7 +71,7 @@ class CliParser(argparse.ArgumentParser):
 
 
 def build_parser() -> CliParser:
-    from sevemu.cli import bench, demo, display, launch, ok, owner, platform, run, vmm, vmsa
+    from sevemu.cli import attest, bench, demo, display, launch, ok, owner, platform, run, vmm, vmsa
 
     parser = CliParser(
         prog="sevemu",
@@ -96,6 +96,7 @@ def build_parser() -> CliParser:
     display.register(sub)
     run.register(sub)
     bench.register(sub)
+    attest.register(sub)
     _add_quiet(parser)
     return parser
 
@@ -143,6 +144,9 @@ def _warnings_as_lines() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from sevemu.cli.attest import route  # `verify certs|attestation DIR`, `display report FILE` (SNP)
+
+    argv = route(argv)
     out = sys.stdout
     wants_json = "--json" in argv
     try:
