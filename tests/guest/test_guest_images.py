@@ -192,7 +192,10 @@ def test_shared_page_exchange(mode: str) -> None:
     # what the guest copied into the bounce buffer is plaintext to the host, in both modes
     assert any(b"HELLO HOST" in s or b"hello host" in s for s in seen)
     if mode == "sev":
-        assert run.vm.shared_gpas == {run.image.symbol("__shared_start")}  # KVM_HC_MAP_GPA_RANGE
+        # KVM_HC_MAP_GPA_RANGE: exactly the shared region (the bounce page first, then the GHCBs)
+        start, end = run.image.symbol("__shared_start"), run.image.symbol("__shared_end")
+        assert run.vm.shared_gpas == set(range(start, end, 4096))
+        assert start in run.vm.shared_gpas
 
 
 def _inject(mode: str, seed: str = "a") -> tuple[str, str]:

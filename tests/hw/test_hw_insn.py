@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hwkit import GUEST_SPA, PageTables
+from hwkit import GUEST_SPA, PageTables, es_vmsa
 
 from sevemu.abi.paging import ExitCode
 from sevemu.hw.faults import GeneralProtection, InvalidOpcode, VmmCommunication
@@ -27,6 +27,7 @@ def _es_tables(soc: Soc, sev_features: int = 0) -> tuple[PageTables, Vmcb]:
     vmcb = pt.vmcb(paging=False)
     vmcb.sev_es_enable = True
     vmcb.sev_features = sev_features
+    es_vmsa(soc, vmcb)
     return pt, vmcb
 
 

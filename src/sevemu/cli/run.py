@@ -23,18 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from sevemu._util.units import PAGE, MiB
+from sevemu.abi.policy import GuestPolicy
 from sevemu.certs.roots import GENERATIONS
 from sevemu.cli.common import positive_int, seconds
 from sevemu.errors import GuestBuildError, InputError, SevemuError, UnmappedError
 from sevemu.guest.build import GuestImage, build_guest, build_source, list_guests
 from sevemu.hw.ucengine import InitialState, UcEngine
 from sevemu.hypervisor.kvm import RunResult
+from sevemu.hypervisor.vcpu import KvmVmType, Segment
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine, build_machine
 
 __all__ = ["BOUNCE_MAGIC", "GuestRun", "Outcome", "launch_guest", "load_image", "register", "run_guest"]
 
 DEFAULT_MEMORY = 16 * MiB
+MODES = ("plain", "sev", "sev-es")
 BOUNCE_MAGIC = 0x42425653
 _BOUNCE_REQUEST, _BOUNCE_REPLY = 1, 2
 _OP_ECHO_UPPER, _OP_CHECKSUM = 1, 2
@@ -82,6 +85,12 @@ class GuestRun:
         return self.vm.console.decode(errors="replace")
 
     def finished(self, vcpu: int) -> bool:
+        """Whether ``vcpu`` is done: halted at the runtime's ``rt_done``; an SEV-ES vCPU, whose RIP the
+        host cannot see, parked in AP reset hold for good (the BSP at its first hold, an AP at the
+        hold after the one the AP jump table released)."""
+        v = self.vm.vcpus[vcpu]
+        if v.guest_state_protected:
+            return v.reset_hold and (vcpu == 0 or v.released)
         done = self.image.symbols.get("rt_done")
         rip = self.vm.vcpus[vcpu].vmcb.rip
         return done is not None and done <= rip < done + 4
@@ -136,6 +145,10 @@ class GuestRun:
                     return Outcome("crashed", self.console, self.vm.crash_reason or r.reason,
                                    eng.crash_rip if eng.crash_rip is not None else self.vm.vcpus[i].vmcb.rip,
                                    self.exits, time.monotonic() - start)
+                if r.reason == "hold":
+                    if self.finished(i):
+                        self.halted.add(i)
+                    continue
                 if r.reason == "hlt":
                     if self.finished(i):
                         self.halted.add(i)
@@ -170,8 +183,8 @@ def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory
     Everything is checked before anything runs: the mode, the vCPU count, that the image fits the
     guest's memory (with its shared page).
     """
-    if mode not in ("plain", "sev"):
-        raise InputError(f"unknown mode {mode!r}: plain or sev")
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}: {', '.join(MODES)}")
     if not 1 <= vcpus <= 8:
         raise InputError(f"--vcpus must be between 1 and 8, got {vcpus}")
     if memory <= 0 or memory % PAGE:
@@ -183,17 +196,24 @@ def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory
             f"{len(image.data)} bytes at GPA {image.base:#x}), more than the VM's {memory:#x}"
         )
     m = machine or build_machine(generation, seed=seed)
-    kind = VmKind.SEV if mode == "sev" else VmKind.PLAIN
-    vm = m.hv.create_vm(name or image.name, memory, kind)
-    measurement = m.hv.launch(vm, [(image.base, image.data)])
+    kind = VmKind.PLAIN if mode == "plain" else VmKind.SEV
+    es = mode == "sev-es"
+    if es and not m.hv.sev.caps.es:
+        raise InputError(f"--mode sev-es: the {m.profile.product} platform has no SEV-ES")
+    vm = m.hv.create_vm(name or image.name, memory, kind,
+                        vm_type=KvmVmType.SEV_ES_VM if es else KvmVmType.DEFAULT_VM)
+    if es:
+        m.hv.sev_init(vm)  # KVM_SEV_INIT2 before the vCPUs, as QEMU does
     slice_s = slice_s if slice_s is not None else (0.2 if vcpus == 1 else 0.02)
     engines = []
-    for i in range(vcpus):
+    for i in range(vcpus):  # before the launch: an SEV-ES vCPU's state is measured in its VMSA
         state = InitialState(rip=image.entry, regs=(("rsi", i), ("rdi", vcpus)))
         eng = UcEngine(pool_pages=pool_pages, slice_s=slice_s, initial=state, name=f"{vm.name}/{i}")
         v = vm.add_vcpu(eng)
         state.apply(v.vmcb)
+        v.arch.segments = {n: Segment(s.selector, s.attrib, s.limit, s.base) for n, s in state.segments().items()}
         engines.append(eng)
+    measurement = m.hv.launch(vm, [(image.base, image.data)], policy=int(GuestPolicy.ES) if es else 0)
     return GuestRun(m, vm, image, engines, measurement)
 
 
@@ -218,7 +238,9 @@ def register(sub: Any) -> None:
                               "guest builds are cached in $SEVEMU_BUILD_DIR (default ~/.cache/sevemu/guests)")
     p.add_argument("guest", nargs="?", help="a bundled guest name (see --list) or a path to a guest .c file")
     p.add_argument("--list", action="store_true", help="list the bundled guests")
-    p.add_argument("--mode", choices=("plain", "sev"), default="sev", help="plain VM or SEV guest (default sev)")
+    p.add_argument("--mode", choices=MODES, default="sev",
+                   help="plain VM, SEV guest, or SEV-ES guest (registers in the encrypted VMSA, exits "
+                        "through the GHCB; default sev)")
     p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs, 1 to 8 (default 1)")
     p.add_argument("--generation", choices=GENERATIONS, default="milan", help="CPU generation (default milan)")
     p.add_argument("--memory", type=positive_int, default=DEFAULT_MEMORY // MiB, metavar="MiB",
@@ -302,18 +324,42 @@ def _shellcode_attack(quiet: bool) -> Callable[[GuestRun, int], bool]:
 
 def _launch_info(run: GuestRun) -> dict[str, Any]:
     vm, image = run.vm, run.image
-    info: dict[str, Any] = {"guest": image.name, "mode": "sev" if vm.sev else "plain", "asid": vm.asid,
+    mode = "sev-es" if vm.es else "sev" if vm.sev else "plain"
+    info: dict[str, Any] = {"guest": image.name, "mode": mode, "asid": vm.asid,
                             "vcpus": len(vm.vcpus), "image_bytes": len(image.data), "image_sha256": image.digest,
                             "platform": run.machine.profile.product}
     if vm.sev:
         info["measurement"] = run.measurement[:32].hex()
         info["measurement_verified"] = _verify(run)
-        info["summary"] = (f"{image.name}: SEV guest on {info['platform']} (ASID {vm.asid}), image "
+        info["summary"] = (f"{image.name}: {'SEV-ES' if vm.es else 'SEV'} guest on {info['platform']} (ASID {vm.asid}), image "
                            f"{len(image.data)} bytes sha256 {image.digest[:16]}..., launch measurement "
                            f"{info['measurement'][:16]}... {'verified' if info['measurement_verified'] else 'MISMATCH'}")
     else:
         info["summary"] = f"{image.name}: plain VM on {info['platform']} (ASID {vm.asid}), image {len(image.data)} bytes"
     return info
+
+
+def _expected_vmsas(run: GuestRun) -> list[bytes]:
+    """The owner's side of an SEV-ES launch: the VMSA of every vCPU in the documented initial
+    state, made with the owner's own ``sev_es_sync_vmsa`` (KVM_SEV_INIT2 VM, no VMSA features)."""
+    from sevemu.abi.vmsa import VmcbSeg
+    from sevemu.owner.vmsa import DR7_FIXED_1, VcpuState, sev_es_sync_vmsa
+    from sevemu.owner.vmsa import KvmVmType as OwnerVmType
+
+    n = len(run.vm.vcpus)
+    pages = []
+    for i in range(n):
+        state = InitialState(rip=run.image.entry, regs=(("rsi", i), ("rdi", n)))
+        segments = {name: VmcbSeg(selector=g.selector, attrib=g.attrib, limit=g.limit, base=g.base)
+                    for name, g in state.segments().items()}
+        regs = dict.fromkeys(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+                              "r12", "r13", "r14", "r15"), 0)
+        regs.update(state.regs)
+        vcpu = VcpuState(segments=segments, vmcb={"efer": 0, "cr4": 0, "cr3": 0, "cr0": 0x11, "dr7": DR7_FIXED_1,
+                                                  "rflags": 0x2, "g_pat": 0x0007040600070406},
+                         regs=regs, rip=state.rip)
+        pages.append(sev_es_sync_vmsa(vcpu, vm_type=OwnerVmType.SEV_ES_VM).encode())
+    return pages
 
 
 def _verify(run: GuestRun) -> bool:
@@ -325,9 +371,10 @@ def _verify(run: GuestRun) -> bool:
     from sevemu.owner.measurement import expected_launch_digest, verify_measurement
 
     st = run.machine.hv.platform_status()
+    vmsas = _expected_vmsas(run) if run.vm.es else []
     try:
         verify_measurement(run.measurement, bytes(16), st.api_major, st.api_minor, st.build, run.vm.policy,
-                           expected_launch_digest([run.image.data]))
+                           expected_launch_digest([run.image.data], vmsas))
     except SevemuError:
         return False
     return True

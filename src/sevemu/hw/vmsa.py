@@ -1,0 +1,192 @@
+"""The SEV-ES guest's save state inside the CPU: VMRUN loads it from the encrypted VMSA, #VMEXIT
+stores it back (APM2 15.35.8 "VMSA", 15.35.4; AMD-ASPFW ``sev_es.c``: the checksum the microcode
+checks; Linux arch/x86/kvm/svm/sev.c ``sev_es_init_vmcb``: the VMCB's VMSA pointer).
+
+For an SEV-ES guest the VMCB's save area is unused: its registers live in the VMSA page whose
+system-physical address is the VMCB's VMSA pointer (control area 0x108, :attr:`Vmcb.vmsa_pa
+<sevemu.hw.svm.Vmcb.vmsa_pa>`), encrypted with the guest's key.  :class:`VmsaUnit` is the part of
+a core that does the exchange:
+
+* **VMRUN** reads the page in the guest's encryption domain (ASID, C = 1) through the cache -- so
+  the memory controller decrypts it with the guest's key, inside the SoC -- and checks it against
+  the checksum the firmware stored in the TMR (the block the page names at 0x388,
+  :func:`~sevemu.crypto.vmsacrc.crc64_vmsa`).  A page that does not match (the host changed its
+  ciphertext, or the TMR block) fails VMRUN with VMEXIT_INVALID: SEV-ES has no integrity for guest
+  memory, but a tampered VMSA never runs.  The registers become a :class:`VmsaState`, the save state
+  the engines read and write (:class:`~sevemu.hw.svm.SaveState`).
+* **#VMEXIT** encodes the registers back into the page, writes the changed lines into the cache in
+  the guest's domain (ciphertext in DRAM once they leave it) and stores the new checksum in the TMR.
+  The hypervisor sees the exit code (and, for an NPF, the GPA) only.
+
+The unit keeps the decrypted page between exits as a private level above the cache (a
+:class:`~sevemu.hw.cache.CacheAgent`): the next VMRUN uses it while nobody else wrote, flushed or
+invalidated those lines; the shared cache's snoop drops it otherwise and VMRUN reads and checks the
+page again.  Its checksum is kept by :class:`~sevemu.crypto.vmsacrc.VmsaCrc` and updated from the
+changed bytes only -- the value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives.
+
+Model choices: #VMEXIT stores what the engines exchange at every exit (GPRs, RIP, RFLAGS, CR0,
+CR3, CR4, EFER); the other fields of the page (segments, descriptor tables, MSRs, FPU) are loaded at
+VMRUN and kept by the engine across exits; the hardware's ``guest_exit_*`` fields are not written.
+The TMR checksum block is read and written by the CPU directly in DRAM (the data fabric keeps x86
+software away from the TMR; the firmware's side is in :mod:`sevemu.firmware.tmr`).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from sevemu._util.units import LINE, PAGE
+from sevemu.abi.vmsa import SEGMENT_REGISTERS, SevEsSaveArea
+from sevemu.crypto.vmsacrc import VMSA_CRC_SIZE, VmsaCrc, vmsa_crc_paddr
+from sevemu.hw.cache import SPA_MASK, Cache, tag_key
+from sevemu.hw.dram import Dram
+from sevemu.hw.svm import GPRS, Segment
+
+__all__ = ["VmsaState", "VmsaUnit"]
+
+_O: Final = SevEsSaveArea.offset_of
+_Q: Final = struct.Struct("<Q")
+_CTL: Final = struct.Struct("<QQQ16xQQ")  # cr4, cr3, cr0, (dr7, dr6), rflags, rip at 0x148
+_HIGH: Final = struct.Struct("<QQQ8xQQQQQQQQQQQ")  # rcx, rdx, rbx, (0x320), rbp ... r15 at 0x308
+_SEG: Final = struct.Struct("<HHIQ")
+_HIGH_GPRS: Final = ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+                     "r15")
+_OFF_CTL: Final = _O("cr4")
+_OFF_HIGH: Final = _O("rcx")
+_OFF_EFER: Final = _O("efer")
+_OFF_RSP: Final = _O("rsp")
+_OFF_RAX: Final = _O("rax")
+_OFF_FEATURES: Final = _O("sev_features")
+_MSR_FIELDS: Final = {0x174: "sysenter_cs", 0x175: "sysenter_esp", 0x176: "sysenter_eip", 0x277: "g_pat",
+                      0xC000_0081: "star", 0xC000_0082: "lstar", 0xC000_0083: "cstar", 0xC000_0084: "sfmask",
+                      0xC000_0102: "kernel_gs_base"}
+_STORED_LINES: Final = tuple(sorted({off & ~(LINE - 1) for off in (
+    _OFF_EFER, _OFF_CTL, _OFF_CTL + 0x37, _OFF_RSP, _OFF_RAX, _OFF_HIGH, _OFF_HIGH + 0x77)}))
+"""The 64-byte lines of the page #VMEXIT rewrites."""
+
+
+class VmsaState:
+    """An SEV-ES guest's registers as VMRUN decrypted them from its VMSA (a
+    :class:`~sevemu.hw.svm.SaveState`)."""
+
+    __slots__ = ("cr0", "cr3", "cr4", "efer", "msrs", "regs", "rflags", "rip", "segments", "sev_features")
+
+    def __init__(self, page: bytes | bytearray) -> None:
+        self.efer = _Q.unpack_from(page, _OFF_EFER)[0]
+        self.cr4, self.cr3, self.cr0, self.rflags, self.rip = _CTL.unpack_from(page, _OFF_CTL)
+        high = dict(zip(_HIGH_GPRS, _HIGH.unpack_from(page, _OFF_HIGH), strict=True))
+        high["rax"] = _Q.unpack_from(page, _OFF_RAX)[0]
+        high["rsp"] = _Q.unpack_from(page, _OFF_RSP)[0]
+        self.regs: dict[str, int] = {name: high[name] for name in GPRS}
+        self.sev_features = _Q.unpack_from(page, _OFF_FEATURES)[0]
+        self.segments: dict[str, Segment] = {}
+        for i, name in enumerate(SEGMENT_REGISTERS):
+            self.segments[name] = Segment(*_SEG.unpack_from(page, 16 * i))
+        self.msrs: dict[int, int] = {msr: _Q.unpack_from(page, _O(f))[0] for msr, f in _MSR_FIELDS.items()}
+
+    def store(self, page: bytearray) -> None:
+        """Write the registers #VMEXIT saves into ``page``."""
+        r = self.regs
+        _Q.pack_into(page, _OFF_EFER, self.efer)
+        _CTL.pack_into(page, _OFF_CTL, self.cr4, self.cr3, self.cr0, self.rflags, self.rip)
+        _Q.pack_into(page, _OFF_RSP, r["rsp"])
+        _Q.pack_into(page, _OFF_RAX, r["rax"])
+        _HIGH.pack_into(page, _OFF_HIGH, *[r[n] for n in _HIGH_GPRS])
+
+
+@dataclass(eq=False, slots=True)
+class _Held:
+    """One VMSA page held decrypted by the unit."""
+
+    asid: int
+    spa: int
+    page: bytearray
+    lanes: list[int]
+    crc: int
+    crc_paddr: int
+    state: VmsaState
+    valid: bool = True
+
+
+class VmsaUnit:
+    """The VMSA exchange of one core (module docstring)."""
+
+    def __init__(self, cache: Cache, dram: Dram) -> None:
+        self.cache = cache
+        self.dram = dram
+        self._held: dict[int, _Held] = {}
+        self._attached = False
+        self.checks = 0
+        """Full checksum computations (a page read from the cache: first VMRUN, after a snoop)."""
+
+    # ---- VMRUN / #VMEXIT ----------------------------------------------------------------------
+    def load(self, asid: int, spa: int) -> VmsaState | str:
+        """VMRUN: the guest's registers from the VMSA at ``spa``, or why VMRUN must fail."""
+        if spa & (PAGE - 1) or spa <= 0 or spa + PAGE > self.dram.size:
+            return f"VMSA pointer {spa:#x} is not a page of DRAM"
+        if not self._attached:
+            self.cache.attach(self)
+            self._attached = True
+        key = tag_key(asid, True, spa)
+        h = self._held.get(key)
+        if h is None or not h.valid:
+            page = bytearray(self.cache.read(asid, True, spa, PAGE, origin=self))
+            crc_paddr = vmsa_crc_paddr(page)
+            if crc_paddr & 7 or not 0 < crc_paddr <= self.dram.size - 8:
+                self._held.pop(key, None)
+                return f"the VMSA at {spa:#x} names no checksum block ({crc_paddr:#x}): not set up by the firmware"
+            lanes = VmsaCrc.shared().lanes(page)
+            self.checks += 1
+            h = _Held(asid, spa, page, lanes, VmsaCrc.checksum(lanes), crc_paddr, VmsaState(page))
+            self._held[key] = h
+        stored = int.from_bytes(self.dram.read(h.crc_paddr, 8), "little")
+        if stored != h.crc:
+            self._held.pop(key, None)
+            return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
+        return h.state
+
+    def store(self, asid: int, spa: int) -> None:
+        """#VMEXIT: the state :meth:`load` returned goes back into the page, encrypted on its way
+        to DRAM; the TMR gets the new checksum."""
+        h = self._held.get(tag_key(asid, True, spa))
+        if h is None:  # pragma: no cover - store without load is an engine bug
+            return
+        page = h.page
+        old = [page[lo : lo + LINE] for lo in _STORED_LINES]
+        h.state.store(page)
+        changed = False
+        update = VmsaCrc.shared().update
+        for lo, before in zip(_STORED_LINES, old, strict=True):
+            after = page[lo : lo + LINE]
+            if after != before:
+                self.cache.write(asid, True, spa + lo, after, origin=self)
+                if lo < VMSA_CRC_SIZE:
+                    update(h.lanes, lo, before, after)
+                changed = True
+        if changed:
+            h.crc = VmsaCrc.checksum(h.lanes)
+            self.dram.write(h.crc_paddr, h.crc.to_bytes(8, "little"))
+
+    def forget(self) -> None:
+        """Drop every held page (the next VMRUN reads and checks again)."""
+        self._held.clear()
+
+    # ---- CacheAgent -----------------------------------------------------------------------------
+    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+        """Someone else reads (nothing to do: #VMEXIT wrote every change) or writes, flushes or
+        drops lines of a held page (it must be read and checked again)."""
+        if not invalidate or not self._held:
+            return
+        for key, h in self._held.items():
+            if key < hi and key + PAGE > lo:
+                h.valid = False
+
+    def snoop_fill(self, key: int) -> None:
+        """Coherent profiles: a fill of the same SPA in another domain drops the held copy."""
+        spa = key & SPA_MASK & ~(PAGE - 1)
+        page_key = key & ~(PAGE - 1)
+        for held_key, h in self._held.items():
+            if h.spa == spa and held_key != page_key:
+                h.valid = False
