@@ -141,9 +141,7 @@ class GuestRun:
                 r = self.step(i, max_exits=20_000)  # bounded, so vCPUs take turns and the timeout is seen
                 self._echo(echo)
                 if self.vm.state is VmState.CRASHED:
-                    eng = self.engines[i]
-                    return Outcome("crashed", self.console, self.vm.crash_reason or r.reason,
-                                   eng.crash_rip if eng.crash_rip is not None else self.vm.vcpus[i].vmcb.rip,
+                    return Outcome("crashed", self.console, self.vm.crash_reason or r.reason, self._rip(i),
                                    self.exits, time.monotonic() - start)
                 if r.reason == "hold":
                     if self.finished(i):
@@ -157,13 +155,22 @@ class GuestRun:
                     if on_halt is not None and on_halt(self, i) is False:
                         self._echo(echo)
                         return Outcome("paused", self.console, "the hypervisor stopped the vCPU at a HLT",
-                                       self.vm.vcpus[i].vmcb.rip, self.exits, time.monotonic() - start)
+                                       self._rip(i), self.exits, time.monotonic() - start)
                     self._echo(echo)
             if len(self.halted) == n:
                 return Outcome("finished", self.console, "", None, self.exits, time.monotonic() - start)
             if time.monotonic() - start > timeout:
                 return Outcome("timeout", self.console, f"the guest did not finish within {timeout:g} s",
-                               self.vm.vcpus[0].vmcb.rip, self.exits, time.monotonic() - start)
+                               self._rip(0), self.exits, time.monotonic() - start)
+
+    def _rip(self, vcpu: int) -> int | None:
+        """Where a vCPU stopped: the engine's record of a triple fault, else the VMCB's RIP (None
+        for an SEV-ES vCPU: its RIP is in the encrypted VMSA)."""
+        eng = self.engines[vcpu]
+        if eng.crash_rip is not None:
+            return eng.crash_rip
+        v = self.vm.vcpus[vcpu]
+        return None if v.guest_state_protected else v.vmcb.rip
 
     def _echo(self, echo: Callable[[str], None] | None) -> None:
         if echo is not None and len(self.vm.console) > self._printed:
@@ -253,6 +260,12 @@ def register(sub: Any) -> None:
     p.add_argument("--inject-shellcode", action="store_true",
                    help="play the malicious hypervisor: at the guest's first HLT overwrite its report() page "
                         "with code of the host's own (the victim guest), then WBINVD")
+    p.add_argument("--attack-registers", action="store_true",
+                   help="play the malicious hypervisor at the guest's first HLT (the regs guest): read and "
+                        "overwrite its registers, change the CPUID answer; under SEV-ES also read its VMSA")
+    p.add_argument("--tamper-vmsa", action="store_true",
+                   help="SEV-ES: at the guest's first HLT flip one bit of its VMSA's ciphertext in DRAM "
+                        "(the next VMRUN fails its checksum)")
     p.set_defaults(func=run_command)
 
 
@@ -279,7 +292,11 @@ def run_command(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    on_halt = _shellcode_attack(args.json) if args.inject_shellcode else None
+    if args.tamper_vmsa and args.mode != "sev-es":
+        raise InputError("--tamper-vmsa needs --mode sev-es (only an SEV-ES guest's registers live in a VMSA)")
+    on_halt = (_shellcode_attack(args.json) if args.inject_shellcode
+               else register_attack(quiet=args.json) if args.attack_registers
+               else vmsa_tamper(quiet=args.json) if args.tamper_vmsa else None)
     try:
         out = run.run(timeout=args.timeout, echo=None if args.json else echo, on_halt=on_halt)
     finally:
@@ -320,6 +337,65 @@ def _shellcode_attack(quiet: bool) -> Callable[[GuestRun, int], bool]:
         return True
 
     return attack
+
+
+FORGED_R12 = 0xBAD0_BAD0_BAD0_BAD0
+FORGED_CPUID0 = (0x1337, 0, 0, 0)
+
+
+def register_attack(quiet: bool = False, log: list[str] | None = None) -> Callable[[GuestRun, int], bool]:
+    """What a malicious hypervisor does at the guest's first HLT (the ``regs`` guest keeps its key in
+    R12 there): read the registers, overwrite R12, make CPUID(0) answer 0x1337; for an SEV-ES
+    guest, also read its VMSA page from DRAM.  Each finding goes to ``log`` (and stderr)."""
+    state = {"done": False}
+    out = log if log is not None else []
+
+    def say(text: str) -> None:
+        out.append(text)
+        if not quiet:
+            print(f"sevemu: hypervisor: {text}", file=sys.stderr)
+
+    def attack(run: GuestRun, vcpu: int) -> bool:
+        if state["done"]:
+            return True
+        state["done"] = True
+        v = run.vm.vcpus[vcpu]
+        say(f"R12 in the VMCB = {v.vmcb.regs['r12']:#018x}, RIP = {v.vmcb.rip:#x}")
+        v.vmcb.regs["r12"] = FORGED_R12
+        say(f"wrote R12 = {FORGED_R12:#x} into the VMCB")
+        run.machine.hv.cpuid_overrides[(0, 0)] = FORGED_CPUID0
+        say("CPUID(0) now answers EAX = 0x1337")
+        if run.vm.es:
+            hv = run.machine.hv
+            hv.soc.wbinvd_all()  # whatever the guest's lines hold, DRAM gets it
+            page = hv.core.host_read(run.vm.vmsa_pages[vcpu], 4096)
+            say(f"VMSA page in DRAM (first 32 bytes): {page[:32].hex()}")
+        return True
+
+    return attack
+
+
+def vmsa_tamper(quiet: bool = False) -> Callable[[GuestRun, int], bool]:
+    """SEV-ES: at the guest's first HLT flip one bit of its VMSA's ciphertext in DRAM (host
+    interfaces only: WBINVD, a read, a write and CLFLUSH in the host's domain)."""
+    state = {"done": False}
+
+    def tamper(run: GuestRun, vcpu: int) -> bool:
+        if state["done"]:
+            return True
+        state["done"] = True
+        hv = run.machine.hv
+        spa = run.vm.vmsa_pages[vcpu]
+        hv.soc.wbinvd_all()
+        byte = hv.core.host_read(spa + 0x178, 1)[0]  # inside RIP's block
+        hv.core.host_write(spa + 0x178, bytes([byte ^ 1]))
+        hv.core.clflush(spa + 0x178)
+        if not quiet:
+            print(f"sevemu: hypervisor: flipped one bit of the VMSA ciphertext at SPA {spa + 0x178:#x}",
+                  file=sys.stderr)
+        return True
+
+    return tamper
 
 
 def _launch_info(run: GuestRun) -> dict[str, Any]:

@@ -14,8 +14,10 @@ a core that does the exchange:
   ciphertext, or the TMR block) fails VMRUN with VMEXIT_INVALID: SEV-ES has no integrity for guest
   memory, but a tampered VMSA never runs.  The registers become a :class:`VmsaState`, the save state
   the engines read and write (:class:`~sevemu.hw.svm.SaveState`).
-* **#VMEXIT** encodes the registers back into the page, writes the changed lines into the cache in
-  the guest's domain (ciphertext in DRAM once they leave it) and stores the new checksum in the TMR.
+* **#VMEXIT** encodes the registers back into the page and stores the new checksum in the TMR; the
+  changed lines are modified lines of this private level, written into the cache in the guest's
+  domain as soon as anyone else reads, writes or flushes them (WBINVD included) -- ciphertext in
+  DRAM once they leave the cache.
   The hypervisor sees the exit code (and, for an NPF, the GPA) only.
 
 The unit keeps the decrypted page between exits as a private level above the cache (a
@@ -34,7 +36,7 @@ software away from the TMR; the firmware's side is in :mod:`sevemu.firmware.tmr`
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from sevemu._util.units import LINE, PAGE
@@ -108,6 +110,8 @@ class _Held:
     crc_paddr: int
     state: VmsaState
     valid: bool = True
+    dirty: set[int] = field(default_factory=set)
+    """Offsets of lines modified since they were written back."""
 
 
 class VmsaUnit:
@@ -148,8 +152,10 @@ class VmsaUnit:
         return h.state
 
     def store(self, asid: int, spa: int) -> None:
-        """#VMEXIT: the state :meth:`load` returned goes back into the page, encrypted on its way
-        to DRAM; the TMR gets the new checksum."""
+        """#VMEXIT: the state :meth:`load` returned goes back into the page, the TMR gets the new
+        checksum.  The changed lines stay modified in this private level until the cache snoops
+        them (a write-back level: they reach the shared cache, and DRAM encrypted, as soon as anyone
+        else looks or flushes)."""
         h = self._held.get(tag_key(asid, True, spa))
         if h is None:  # pragma: no cover - store without load is an engine bug
             return
@@ -161,7 +167,7 @@ class VmsaUnit:
         for lo, before in zip(_STORED_LINES, old, strict=True):
             after = page[lo : lo + LINE]
             if after != before:
-                self.cache.write(asid, True, spa + lo, after, origin=self)
+                h.dirty.add(lo)
                 if lo < VMSA_CRC_SIZE:
                     update(h.lanes, lo, before, after)
                 changed = True
@@ -169,19 +175,32 @@ class VmsaUnit:
             h.crc = VmsaCrc.checksum(h.lanes)
             self.dram.write(h.crc_paddr, h.crc.to_bytes(8, "little"))
 
+    def _write_back(self, h: _Held) -> None:
+        """The modified lines of ``h`` into the shared cache, in the guest's domain."""
+        for lo in sorted(h.dirty):
+            self.cache.write(h.asid, True, h.spa + lo, h.page[lo : lo + LINE], origin=self)
+        h.dirty.clear()
+
     def forget(self) -> None:
-        """Drop every held page (the next VMRUN reads and checks again)."""
+        """Write back and drop every held page (the next VMRUN reads and checks again)."""
+        for h in self._held.values():
+            if h.dirty:
+                self._write_back(h)
         self._held.clear()
 
     # ---- CacheAgent -----------------------------------------------------------------------------
     def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
-        """Someone else reads (nothing to do: #VMEXIT wrote every change) or writes, flushes or
-        drops lines of a held page (it must be read and checked again)."""
-        if not invalidate or not self._held:
+        """Someone else reads lines of a held page (its modified lines are written back first) or
+        writes, flushes or drops them (written back, then the page must be read and checked again
+        at the next VMRUN)."""
+        if not self._held:
             return
         for key, h in self._held.items():
             if key < hi and key + PAGE > lo:
-                h.valid = False
+                if h.dirty:
+                    self._write_back(h)
+                if invalidate:
+                    h.valid = False
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profiles: a fill of the same SPA in another domain drops the held copy."""
@@ -189,4 +208,6 @@ class VmsaUnit:
         page_key = key & ~(PAGE - 1)
         for held_key, h in self._held.items():
             if h.spa == spa and held_key != page_key:
+                if h.dirty:
+                    self._write_back(h)
                 h.valid = False

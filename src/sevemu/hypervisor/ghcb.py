@@ -66,9 +66,12 @@ _M64: Final = (1 << 64) - 1
 _SAVE_LO: Final = 0x0C8  # the GHCB save-area bytes read at each exit: cpl (0xCB) .. the valid bitmap
 _SAVE_HI: Final = 0x400
 _TAIL: Final = 0xFF8  # protocol_version (0xFFA), ghcb_usage (0xFFC)
+_HEAD: Final = 0x380  # the line of SW_EXITCODE .. SW_SCRATCH, then XCR0 and the valid bitmap
 _SHARED_BUF: Final = 0x800
 _SHARED_END: Final = 0xFF0
 _OFF: Final = {name: bit * 8 for name, bit in GHCB_VALID_BITS.items()}
+_FIELD_OF_BIT: Final = {bit: name for name, bit in GHCB_VALID_BITS.items()}
+_Q: Final = struct.Struct("<Q")
 _BITMAP: Final = 0x3F0
 _AP_RESET_HOLD_RELEASED: Final = 1 << 12
 _IOIO_IN: Final = 1 << 0
@@ -270,17 +273,18 @@ class GhcbHandler:
         if not 0 < gpa <= vm.memory - PAGE:
             return self._terminate(vm, f"GHCB GPA {gpa:#x} is outside the guest")
         try:
-            save = vm.host_read(gpa + _SAVE_LO, _SAVE_HI - _SAVE_LO)
-            tail = vm.host_read(gpa + _TAIL, 8)
+            save, bitmap, usage = self._read(vm, gpa)
         except UnmappedError:
             return self._terminate(vm, f"the GHCB at GPA {gpa:#x} is not backed")
-        bitmap = int.from_bytes(save[_BITMAP - _SAVE_LO :], "little")
         fields: dict[str, int] = {}
-        for name, bit in GHCB_VALID_BITS.items():
-            if bitmap >> bit & 1:
-                off = bit * 8 - _SAVE_LO
-                fields[name] = save[off + 3] if name == "cpl" else struct.unpack_from("<Q", save, off)[0]
-        usage = int.from_bytes(tail[4:8], "little")
+        rest = bitmap
+        while rest:
+            low = rest & -rest
+            rest ^= low
+            name = _FIELD_OF_BIT.get(low.bit_length() - 1)
+            if name is not None:  # bits of no field are ignored, as KVM ignores them
+                off = _OFF[name] - _SAVE_LO
+                fields[name] = save[off + 3] if name == "cpl" else _Q.unpack_from(save, off)[0]
         ex = NaeExit(vm, vcpu, gpa, fields.get("sw_exit_code", 0), fields.get("sw_exit_info_1", 0),
                      fields.get("sw_exit_info_2", 0), fields)
         stop: str | None = None
@@ -304,30 +308,53 @@ class GhcbHandler:
         return stop
 
     @staticmethod
+    def _read(vm: Vm, gpa: int) -> tuple[bytes, int, int]:
+        """The GHCB's save area as far as the valid bitmap marks fields (other bytes zero), the
+        bitmap and ``ghcb_usage``: the line holding SW_EXITCODE..the bitmap first, then the lines of
+        the marked fields, in runs (a hypervisor reads what it needs, not the page)."""
+        save = bytearray(_SAVE_HI - _SAVE_LO)
+        head = vm.host_read(gpa + _HEAD, _SAVE_HI - _HEAD)
+        save[_HEAD - _SAVE_LO :] = head
+        bitmap = int.from_bytes(head[_BITMAP - _HEAD :], "little")
+        lines = sorted({_OFF[name] & ~63 for bit, name in _FIELD_OF_BIT.items()
+                        if bitmap >> bit & 1 and _OFF[name] < _HEAD})
+        i = 0
+        while i < len(lines):
+            j = i + 1
+            while j < len(lines) and lines[j] == lines[j - 1] + 64:
+                j += 1
+            lo, hi = max(lines[i], _SAVE_LO), lines[j - 1] + 64
+            save[lo - _SAVE_LO : hi - _SAVE_LO] = vm.host_read(gpa + lo, hi - lo)
+            i = j
+        usage = int.from_bytes(vm.host_read(gpa + _TAIL + 4, 4), "little")
+        return bytes(save), bitmap, usage
+
+    @staticmethod
     def _write_back(vm: Vm, gpa: int, save: bytes, out: dict[str, int]) -> None:
         """The outputs (and SW_EXITINFO1/2, 0 unless set) into the GHCB, the valid bitmap marking
         exactly them; written as runs of changed quadwords."""
         out.setdefault("sw_exit_info_1", 0)
         out.setdefault("sw_exit_info_2", 0)
-        page = bytearray(save)
+        quads: dict[int, bytes] = {}
         bitmap = 0
         for name, value in out.items():
             off = _OFF[name]
             bitmap |= 1 << GHCB_VALID_BITS[name]
             if name == "cpl":
-                page[off - _SAVE_LO + 3] = value & 0xFF
+                q = bytearray(save[off - _SAVE_LO : off - _SAVE_LO + 8])
+                q[3] = value & 0xFF
+                quads[off] = bytes(q)
             else:
-                struct.pack_into("<Q", page, off - _SAVE_LO, value & _M64)
-        page[_BITMAP - _SAVE_LO :] = bitmap.to_bytes(16, "little")
-        i, n = 0, len(page)
-        while i < n:
-            if page[i : i + 8] == save[i : i + 8]:
-                i += 8
-                continue
-            j = i
-            while j < n and page[j : j + 8] != save[j : j + 8]:
-                j += 8
-            vm.host_write(gpa + _SAVE_LO + i, bytes(page[i:j]))
+                quads[off] = (value & _M64).to_bytes(8, "little")
+        quads[_BITMAP] = (bitmap & _M64).to_bytes(8, "little")
+        quads[_BITMAP + 8] = (bitmap >> 64).to_bytes(8, "little")
+        offs = [o for o in sorted(quads) if quads[o] != save[o - _SAVE_LO : o - _SAVE_LO + 8]]
+        i = 0
+        while i < len(offs):
+            j = i + 1
+            while j < len(offs) and offs[j] == offs[j - 1] + 8:
+                j += 1
+            vm.host_write(gpa + offs[i], b"".join(quads[o] for o in offs[i:j]))
             i = j
 
     # ---- NAE events -------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ class Hypervisor:
         self.sev = LegacySev(soc, self.psp, self.asids, self.tables, self.tmr_spa)
         """The SEV flows (platform and guests) this host runs."""
         self.vms: list[Vm] = []
+        self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        """CPUID results the VMM sets for its guests, by (leaf, subleaf)."""
         self.ghcb = GhcbHandler(self)
         """VMGEXIT of SEV-ES guests: the GHCB MSR protocol and the NAE events (:mod:`sevemu.hypervisor.ghcb`)."""
         self._last_vmcb: dict[int, Vmcb] = {}  # ASID -> the VMCB that last ran with it on the core
@@ -396,8 +398,10 @@ class Hypervisor:
 
     # ---- the services exits use (also the GHCB's NAE events: sevemu.hypervisor.ghcb.NaeHost) ----------
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
-        """CPUID as the host answers a guest: the host's values (Fn8000_001F included)."""
-        return self.soc.cpuid(leaf, subleaf)
+        """CPUID as the host answers a guest: the host's values (Fn8000_001F included), or what the
+        VMM put in :attr:`cpuid_overrides` (KVM_SET_CPUID2: the host decides what guests see)."""
+        forced = self.cpuid_overrides.get((leaf, subleaf))
+        return forced if forced is not None else self.soc.cpuid(leaf, subleaf)
 
     @property
     def cbit(self) -> int:
