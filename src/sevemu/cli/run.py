@@ -221,6 +221,9 @@ def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory
         v.arch.segments = {n: Segment(s.selector, s.attrib, s.limit, s.base) for n, s in state.segments().items()}
         engines.append(eng)
     measurement = m.hv.launch(vm, [(image.base, image.data)], policy=int(GuestPolicy.ES) if es else 0)
+    mmio = image.symbols.get("mmio_page")
+    if mmio is not None:  # the guest's device page: emulated MMIO (a reserved-bit NPT entry)
+        m.hv.add_mmio(vm, mmio)
     return GuestRun(m, vm, image, engines, measurement)
 
 
