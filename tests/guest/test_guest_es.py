@@ -81,7 +81,7 @@ def test_register_attack_works_under_sev_and_not_under_sev_es() -> None:
     results = {}
     for mode in ("sev", "sev-es"):
         log: list[str] = []
-        run, status, console = _run("regs", mode, on_halt=register_attack(quiet=True, log=log))
+        _run_, status, console = _run("regs", mode, on_halt=register_attack(quiet=True, log=log))
         assert status == "finished"
         results[mode] = (console, log)
     sev_console, sev_log = results["sev"]
@@ -151,7 +151,7 @@ def test_mmio_through_a_reserved_bit_npt_entry_is_vc_0x400() -> None:
 
 
 def test_smp_aps_start_through_the_ap_jump_table() -> None:
-    run, status, console = _run("smp", "sev-es", vcpus=3)
+    run, status, _console = _run("smp", "sev-es", vcpus=3)
     assert status == "finished"
     assert run.vm.ap_jump_table == run.image.symbol("ap_entry")
     assert all(v.released for v in run.vm.vcpus[1:]) and not run.vm.vcpus[0].released
