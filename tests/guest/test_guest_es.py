@@ -81,7 +81,7 @@ def test_register_attack_works_under_sev_and_not_under_sev_es() -> None:
     results = {}
     for mode in ("sev", "sev-es"):
         log: list[str] = []
-        _run_, status, console = _run("regs", mode, on_halt=register_attack(quiet=True, log=log))
+        _, status, console = _run("regs", mode, on_halt=register_attack(quiet=True, log=log))
         assert status == "finished"
         results[mode] = (console, log)
     sev_console, sev_log = results["sev"]
