@@ -349,12 +349,20 @@ class GhcbHandler:
         quads[_BITMAP] = (bitmap & _M64).to_bytes(8, "little")
         quads[_BITMAP + 8] = (bitmap >> 64).to_bytes(8, "little")
         offs = [o for o in sorted(quads) if quads[o] != save[o - _SAVE_LO : o - _SAVE_LO + 8]]
+        head = [o for o in offs if o >= _HEAD]
+        if head:  # the head was read whole: one write from its first to its last change
+            lo, hi = head[0], head[-1] + 8
+            block = bytearray(save[lo - _SAVE_LO : hi - _SAVE_LO])
+            for o in head:
+                block[o - lo : o - lo + 8] = quads[o]
+            vm.host_write(gpa + lo, bytes(block))
+        rest = [o for o in offs if o < _HEAD]
         i = 0
-        while i < len(offs):
+        while i < len(rest):
             j = i + 1
-            while j < len(offs) and offs[j] == offs[j - 1] + 8:
+            while j < len(rest) and rest[j] == rest[j - 1] + 8:
                 j += 1
-            vm.host_write(gpa + offs[i], b"".join(quads[o] for o in offs[i:j]))
+            vm.host_write(gpa + rest[i], b"".join(quads[o] for o in rest[i:j]))
             i = j
 
     # ---- NAE events -------------------------------------------------------------------------------------
