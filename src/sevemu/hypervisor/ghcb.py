@@ -67,6 +67,7 @@ _SAVE_LO: Final = 0x0C8  # the GHCB save-area bytes read at each exit: cpl (0xCB
 _SAVE_HI: Final = 0x400
 _TAIL: Final = 0xFF8  # protocol_version (0xFFA), ghcb_usage (0xFFC)
 _HEAD: Final = 0x380  # the line of SW_EXITCODE .. SW_SCRATCH, then XCR0 and the valid bitmap
+_GPRS: Final = 0x1C0  # from the line of RSP and RAX on, the GHCB is read in one piece
 _SHARED_BUF: Final = 0x800
 _SHARED_END: Final = 0xFF0
 _OFF: Final = {name: bit * 8 for name, bit in GHCB_VALID_BITS.items()}
@@ -310,14 +311,15 @@ class GhcbHandler:
     @staticmethod
     def _read(vm: Vm, gpa: int) -> tuple[bytes, int, int]:
         """The GHCB's save area as far as the valid bitmap marks fields (other bytes zero), the
-        bitmap and ``ghcb_usage``: the line holding SW_EXITCODE..the bitmap first, then the lines of
-        the marked fields, in runs (a hypervisor reads what it needs, not the page)."""
+        bitmap and ``ghcb_usage``: 0x1C0..0x400 in one piece (the GPRs, SW_EXITCODE .. the bitmap),
+        then the lines of other marked fields (CPL, RIP ...), then the usage word -- a hypervisor
+        reads what it needs, not the page."""
         save = bytearray(_SAVE_HI - _SAVE_LO)
-        head = vm.host_read(gpa + _HEAD, _SAVE_HI - _HEAD)
-        save[_HEAD - _SAVE_LO :] = head
-        bitmap = int.from_bytes(head[_BITMAP - _HEAD :], "little")
+        head = vm.host_read(gpa + _GPRS, _SAVE_HI - _GPRS)  # RSP, RAX, RCX..R15, SW_EXITCODE .. bitmap
+        save[_GPRS - _SAVE_LO :] = head
+        bitmap = int.from_bytes(head[_BITMAP - _GPRS :], "little")
         lines = sorted({_OFF[name] & ~63 for bit, name in _FIELD_OF_BIT.items()
-                        if bitmap >> bit & 1 and _OFF[name] < _HEAD})
+                        if bitmap >> bit & 1 and _OFF[name] < _GPRS})
         i = 0
         while i < len(lines):
             j = i + 1

@@ -480,6 +480,7 @@ class UcEngine:
         self._cpu = cpu
         core = cpu.core
         pool = self.pool
+        pool.synced = False
         if (core.cache is not pool.cache or core.tlb.by_asid.get(cpu.asid) is not self._tlb_token
                 or pool.stale or pool.evict_requested):
             self._enter_maintenance(cpu)
@@ -537,6 +538,7 @@ class UcEngine:
                 self._clean_syncs += 1
                 if self._clean_syncs >= _CLEAN_SYNCS_BEFORE_DEMOTE:
                     self._demote_writes(vals[I_CR0], vals[I_CR3])
+        self.pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
         gprs = vals[:16]
         state.regs.update(zip(GPRS, gprs))
         self._shadow_gprs = gprs

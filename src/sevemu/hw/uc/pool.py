@@ -71,6 +71,9 @@ class PagePool:
         """Slots someone else changed: re-read before the guest runs again -- the offsets of the
         64-byte lines that changed, or None for the whole page."""
         self.evict_requested = False
+        self.synced = False
+        """Every writable slot was written back and the guest has not run since (set by the engine
+        at #VMEXIT, cleared at VMRUN): a snoop has nothing to write back."""
 
     # ---- the buffer -----------------------------------------------------------------------------
     def open(self) -> int:
@@ -273,8 +276,9 @@ class PagePool:
         """Cache lines with keys in ``[lo, hi)`` are about to be read / changed by someone else."""
         if not self.slot_of:
             return
+        synced = self.synced
         for s in self._slots_in(lo, hi):
-            if s in self.writable:
+            if s in self.writable and not synced:
                 self.sync_slot(s)
             if invalidate:
                 self._mark_stale(s, lo, hi)
