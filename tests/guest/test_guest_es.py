@@ -7,32 +7,17 @@ Needs gcc and binutils; without them every test here is skipped with the reason.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 
 from sevemu.cli.run import FORGED_R12, GuestRun, launch_guest, register_attack, vmsa_tamper
-from sevemu.errors import GuestBuildError, InputError
-from sevemu.guest.build import build_guest, toolchain
+from sevemu.errors import InputError
+from sevemu.guest.build import build_guest
 from sevemu.hypervisor.vm import VmState
 
 pytest.importorskip("unicorn")
+pytestmark = pytest.mark.usefixtures("guest_builds")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _guest_builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    try:
-        toolchain()
-    except GuestBuildError as exc:
-        pytest.skip(str(exc))
-    old = os.environ.get("SEVEMU_BUILD_DIR")
-    os.environ["SEVEMU_BUILD_DIR"] = str(tmp_path_factory.getbasetemp() / "guest-builds")
-    yield
-    if old is None:
-        os.environ.pop("SEVEMU_BUILD_DIR", None)
-    else:
-        os.environ["SEVEMU_BUILD_DIR"] = old
 
 
 def _run(guest: str, mode: str, vcpus: int = 1, **kw: object) -> tuple[GuestRun, str, str]:

@@ -92,22 +92,27 @@ def _guest(image: GuestImage, mode: str, generation: str, exits: int) -> tuple[f
                 marks.setdefault(vcpu.vmcb.regs["rax"] & 0xFF, time.perf_counter())
             if r.reason == "hlt" and run.finished(0):
                 raise InputError("the benchmark guest ended before its exit loop")
-        gc.collect()
-        gc.disable()
-        try:
-            t0 = time.perf_counter()
-            left = exits
-            while left > 0:
-                r = hv.run(vm, 0, max_exits=left)
-                left -= r.exits
-                if vm.crash_reason:
-                    raise InputError(f"the benchmark guest crashed: {vm.crash_reason}")
-            t1 = time.perf_counter()
-        finally:
-            gc.enable()
-        return marks[2] - marks[1], t1 - t0, exits
+        return marks[2] - marks[1], _timed_exits(hv, vm, exits), exits
     finally:
         run.close()
+
+
+def _timed_exits(hv: Any, vm: Any, n: int) -> float:
+    """Seconds for ``n`` exits through the hypervisor's run loop (the garbage collector paused, as
+    ``timeit`` does)."""
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        left = n
+        while left > 0:
+            r = hv.run(vm, 0, max_exits=left)
+            left -= r.exits
+            if vm.crash_reason:
+                raise InputError(f"the benchmark guest crashed: {vm.crash_reason}")
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
 
 
 def _es_guest(image: GuestImage, generation: str, exits: int) -> tuple[float, float]:
@@ -119,19 +124,7 @@ def _es_guest(image: GuestImage, generation: str, exits: int) -> tuple[float, fl
     try:
         for n in (exits, max(exits // 4, 1)):
             _until_hlt(run)
-            gc.collect()
-            gc.disable()
-            try:
-                t0 = time.perf_counter()
-                left = n
-                while left > 0:
-                    r = hv.run(vm, 0, max_exits=left)
-                    left -= r.exits
-                    if vm.crash_reason:
-                        raise InputError(f"the SEV-ES benchmark guest crashed: {vm.crash_reason}")
-                times.append(time.perf_counter() - t0)
-            finally:
-                gc.enable()
+            times.append(_timed_exits(hv, vm, n))
         return times[0], times[1]
     finally:
         run.close()

@@ -14,10 +14,11 @@ a core that does the exchange:
   ciphertext, or the TMR block) fails VMRUN with VMEXIT_INVALID: SEV-ES has no integrity for guest
   memory, but a tampered VMSA never runs.  The registers become a :class:`VmsaState`, the save state
   the engines read and write (:class:`~sevemu.hw.svm.SaveState`).
-* **#VMEXIT** encodes the registers back into the page and stores the new checksum in the TMR; the
-  changed lines are modified lines of this private level, written into the cache in the guest's
-  domain as soon as anyone else reads, writes or flushes them (WBINVD included) -- ciphertext in
-  DRAM once they leave the cache.
+* **#VMEXIT** encodes the registers back into the page and updates its checksum; the changed lines
+  are modified lines of this private level, written into the cache in the guest's domain -- and the
+  checksum into the TMR -- as soon as anyone else reads, writes or flushes them (WBINVD included):
+  ciphertext in DRAM once they leave the cache.  (The firmware reads a VMSA and its TMR block from
+  DRAM, so a host flushes before SEND_UPDATE_VMSA anyway, as it must for any encrypted page.)
   The hypervisor sees the exit code (and, for an NPF, the GPA) only.
 
 The unit keeps the decrypted page between exits as a private level above the cache (a
@@ -30,7 +31,9 @@ Model choices: #VMEXIT stores what the engines exchange at every exit (GPRs, RIP
 CR3, CR4, EFER); the other fields of the page (segments, descriptor tables, MSRs, FPU) are loaded at
 VMRUN and kept by the engine across exits; the hardware's ``guest_exit_*`` fields are not written.
 The TMR checksum block is read and written by the CPU directly in DRAM (the data fabric keeps x86
-software away from the TMR; the firmware's side is in :mod:`sevemu.firmware.tmr`).
+software away from the TMR; the firmware's side is in :mod:`sevemu.firmware.tmr`); VMRUN compares
+it with the value the unit last stored, so a changed block fails VMRUN whether or not the page
+changed since.
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ class _Held:
     valid: bool = True
     dirty: set[int] = field(default_factory=set)
     """Offsets of lines modified since they were written back."""
+    crc_stale: bool = False
+    """The page changed since :attr:`crc` was computed and stored in the TMR."""
 
 
 class VmsaUnit:
@@ -146,7 +151,7 @@ class VmsaUnit:
             h = _Held(asid, spa, page, lanes, VmsaCrc.checksum(lanes), crc_paddr, VmsaState(page))
             self._held[key] = h
         stored = int.from_bytes(self.dram.read(h.crc_paddr, 8), "little")
-        if stored != h.crc:
+        if stored != h.crc:  # the block as this unit last stored it (a changed page is its own)
             self._held.pop(key, None)
             return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
         return h.state
@@ -172,19 +177,23 @@ class VmsaUnit:
                     update(h.lanes, lo, before, after)
                 changed = True
         if changed:
-            h.crc = VmsaCrc.checksum(h.lanes)
-            self.dram.write(h.crc_paddr, h.crc.to_bytes(8, "little"))
+            h.crc_stale = True
 
     def _write_back(self, h: _Held) -> None:
-        """The modified lines of ``h`` into the shared cache, in the guest's domain."""
+        """The modified lines of ``h`` into the shared cache, in the guest's domain, and its
+        checksum into the TMR."""
         for lo in sorted(h.dirty):
             self.cache.write(h.asid, True, h.spa + lo, h.page[lo : lo + LINE], origin=self)
         h.dirty.clear()
+        if h.crc_stale:
+            h.crc = VmsaCrc.checksum(h.lanes)
+            self.dram.write(h.crc_paddr, h.crc.to_bytes(8, "little"))
+            h.crc_stale = False
 
     def forget(self) -> None:
         """Write back and drop every held page (the next VMRUN reads and checks again)."""
         for h in self._held.values():
-            if h.dirty:
+            if h.dirty or h.crc_stale:
                 self._write_back(h)
         self._held.clear()
 
@@ -197,7 +206,7 @@ class VmsaUnit:
             return
         for key, h in self._held.items():
             if key < hi and key + PAGE > lo:
-                if h.dirty:
+                if h.dirty or h.crc_stale:
                     self._write_back(h)
                 if invalidate:
                     h.valid = False
@@ -208,6 +217,6 @@ class VmsaUnit:
         page_key = key & ~(PAGE - 1)
         for held_key, h in self._held.items():
             if h.spa == spa and held_key != page_key:
-                if h.dirty:
+                if h.dirty or h.crc_stale:
                     self._write_back(h)
                 h.valid = False
