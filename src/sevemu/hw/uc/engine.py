@@ -531,8 +531,12 @@ class UcEngine:
     def _leave(self, state: SaveState) -> None:
         """#VMEXIT: write modified slots back into the SoC and the registers into the save state."""
         vals = self.vals.tolist()
-        if self.pool.writable:
-            if self.pool.sync_all():
+        writable = self.pool.writable
+        if writable:
+            # Slots that stay clean lose their write permission after a while (a TLB flush), so that
+            # only pages the guest keeps writing are compared at each exit -- also while others (an
+            # SEV-ES guest's GHCB) are written at every exit.
+            if self.pool.sync_all() >= len(writable):
                 self._clean_syncs = 0
             else:
                 self._clean_syncs += 1
