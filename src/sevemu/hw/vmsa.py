@@ -39,6 +39,7 @@ changed since.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -64,6 +65,7 @@ _OFF_EFER: Final = _O("efer")
 _OFF_RSP: Final = _O("rsp")
 _OFF_RAX: Final = _O("rax")
 _OFF_FEATURES: Final = _O("sev_features")
+_SNP_ACTIVE: Final = 1  # SEV_FEATURES bit 0
 _MSR_FIELDS: Final = {0x174: "sysenter_cs", 0x175: "sysenter_esp", 0x176: "sysenter_eip", 0x277: "g_pat",
                       0xC000_0081: "star", 0xC000_0082: "lstar", 0xC000_0083: "cstar", 0xC000_0084: "sfmask",
                       0xC000_0102: "kernel_gs_base"}
@@ -117,6 +119,8 @@ class _Held:
     """Offsets of lines modified since they were written back."""
     crc_stale: bool = False
     """The page changed since :attr:`crc` was computed and stored in the TMR."""
+    snp: bool = False
+    """An SEV-SNP guest's VMSA (no checksum: the RMP protects it)."""
 
 
 class VmsaUnit:
@@ -129,6 +133,11 @@ class VmsaUnit:
         self._attached = False
         self.checks = 0
         """Full checksum computations (a page read from the cache: first VMRUN, after a snoop)."""
+        self.snp_check: Callable[[int, int], str | None] | None = None
+        """SEV-SNP (set by the SNP work): why the page at ``spa`` may not be ``asid``'s VMSA (its RMP
+        entry: assigned to the guest, VMSA bit ...), or None; an SNP guest's VMSA (SEV_FEATURES bit 0)
+        is checked by it instead of the TMR checksum.  Unset, an SNP guest's VMSA is loaded without
+        a check (VMRUN's consistency checks already require an RMP)."""
 
     # ---- VMRUN / #VMEXIT ----------------------------------------------------------------------
     def load(self, asid: int, spa: int) -> VmsaState | str:
@@ -142,14 +151,26 @@ class VmsaUnit:
         h = self._held.get(key)
         if h is None or not h.valid:
             page = bytearray(self.cache.read(asid, True, spa, PAGE, origin=self))
+            state = VmsaState(page)
+            if state.sev_features & _SNP_ACTIVE:  # SNP: the RMP protects the VMSA, not a checksum
+                check = self.snp_check
+                reason = None if check is None else check(asid, spa)
+                if reason is not None:
+                    self._held.pop(key, None)
+                    return reason
+                h = _Held(asid, spa, page, [], 0, 0, state, snp=True)
+                self._held[key] = h
+                return state
             crc_paddr = vmsa_crc_paddr(page)
             if crc_paddr & 7 or not 0 < crc_paddr <= self.dram.size - 8:
                 self._held.pop(key, None)
                 return f"the VMSA at {spa:#x} names no checksum block ({crc_paddr:#x}): not set up by the firmware"
             lanes = VmsaCrc.shared().lanes(page)
             self.checks += 1
-            h = _Held(asid, spa, page, lanes, VmsaCrc.checksum(lanes), crc_paddr, VmsaState(page))
+            h = _Held(asid, spa, page, lanes, VmsaCrc.checksum(lanes), crc_paddr, state)
             self._held[key] = h
+        if h.snp:
+            return h.state
         stored = int.from_bytes(self.dram.read(h.crc_paddr, 8), "little")
         if stored != h.crc:  # the block as this unit last stored it (a changed page is its own)
             self._held.pop(key, None)
@@ -173,10 +194,10 @@ class VmsaUnit:
             after = page[lo : lo + LINE]
             if after != before:
                 h.dirty.add(lo)
-                if lo < VMSA_CRC_SIZE:
+                if lo < VMSA_CRC_SIZE and not h.snp:
                     update(h.lanes, lo, before, after)
                 changed = True
-        if changed:
+        if changed and not h.snp:
             h.crc_stale = True
 
     def _write_back(self, h: _Held) -> None:
