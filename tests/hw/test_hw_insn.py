@@ -173,6 +173,12 @@ def test_snp_guest_needs_an_rmp_to_run(soc: Soc) -> None:
     assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
     soc.boot_cpu.rmp = FakeRmp()
     assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.HLT
+    # the SNP work's RMP check of the VMSA page replaces the TMR checksum
+    calls: list[tuple[int, int]] = []
+    soc.boot_cpu.vmsa.snp_check = lambda asid, spa: calls.append((asid, spa)) or "not a VMSA page in the RMP"
+    soc.boot_cpu.vmsa.forget()
+    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    assert calls == [(ES_ASID, vmcb.vmsa_pa)] and soc.boot_cpu.vmsa_failure == "not a VMSA page in the RMP"
 
 
 def test_pvalidate_and_rmpadjust_register_conventions_in_an_snp_guest(soc: Soc) -> None:
