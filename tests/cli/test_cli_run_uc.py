@@ -110,3 +110,18 @@ def test_run_inject_shellcode(gcc: None, capsys: pytest.CaptureFixture[str]) -> 
     cap = capsys.readouterr()
     assert "PWNED" not in cap.out and "wrote" in cap.err
     assert main(["run", "hello", "--inject-shellcode"]) == 2
+
+
+def test_run_sev_es_and_its_attacks(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "hello", "--mode", "sev-es", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "sev-es" and r["status"] == "finished" and r["measurement_verified"] is True
+    assert main(["run", "regs", "--mode", "sev-es", "--attack-registers"]) == 0
+    out = capsys.readouterr()
+    assert "key in R12 survived the exit" in out.out and "VMSA page in DRAM" in out.err
+    assert main(["run", "regs", "--mode", "sev-es", "--tamper-vmsa"]) == 1
+    assert "VMEXIT_INVALID" in capsys.readouterr().err
+    assert main(["run", "regs", "--mode", "sev", "--tamper-vmsa"]) == 2
+    assert "--tamper-vmsa needs --mode sev-es" in capsys.readouterr().err
+    assert main(["run", "hello", "--mode", "sev-es", "--generation", "naples"]) == 2
+    assert "has no SEV-ES" in capsys.readouterr().err
