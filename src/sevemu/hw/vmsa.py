@@ -114,7 +114,6 @@ class _Held:
     crc: int
     crc_paddr: int
     state: VmsaState
-    valid: bool = True
     dirty: set[int] = field(default_factory=set)
     """Offsets of lines modified since they were written back."""
     crc_stale: bool = False
@@ -149,7 +148,7 @@ class VmsaUnit:
             self._attached = True
         key = tag_key(asid, True, spa)
         h = self._held.get(key)
-        if h is None or not h.valid:
+        if h is None:
             page = bytearray(self.cache.read(asid, True, spa, PAGE, origin=self))
             state = VmsaState(page)
             if state.sev_features & _SNP_ACTIVE:  # SNP: the RMP protects the VMSA, not a checksum
@@ -225,19 +224,19 @@ class VmsaUnit:
         at the next VMRUN)."""
         if not self._held:
             return
-        for key, h in self._held.items():
+        for key, h in list(self._held.items()):
             if key < hi and key + PAGE > lo:
                 if h.dirty or h.crc_stale:
                     self._write_back(h)
-                if invalidate:
-                    h.valid = False
+                if invalidate:  # the next VMRUN reads and checks the page again
+                    del self._held[key]
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profiles: a fill of the same SPA in another domain drops the held copy."""
         spa = key & SPA_MASK & ~(PAGE - 1)
         page_key = key & ~(PAGE - 1)
-        for held_key, h in self._held.items():
+        for held_key, h in list(self._held.items()):
             if h.spa == spa and held_key != page_key:
                 if h.dirty or h.crc_stale:
                     self._write_back(h)
-                h.valid = False
+                del self._held[held_key]
