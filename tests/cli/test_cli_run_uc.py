@@ -92,10 +92,15 @@ def test_bench_cpu_small(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert r["compute"]["instructions"] == 20000 * bench_cpu.INSNS_PER_ITERATION
     assert r["compute"]["guest_instructions_per_s"] > 0 and r["compute"]["bare_instructions_per_s"] > 0
     assert r["exits"]["round_trips"] == 2000 and r["exits"]["round_trips_per_s"] > 0
-    assert set(r["targets"]) == {"compute_ratio", "exit_round_trips_per_s"}
+    assert set(r["targets"]) == {"compute_ratio", "exit_round_trips_per_s", "vmgexit_round_trips_per_s",
+                                 "vmgexit_to_exit_ratio"}
+    g = r["vmgexits"]  # the SEV-ES guest of the same run
+    assert g["round_trips"] == 2000 and g["round_trips_per_s"] > 0 and g["vc_round_trips"] == 500
+    assert g["ratio_to_exits"] == pytest.approx(g["round_trips_per_s"] / r["exits"]["round_trips_per_s"])
     args = p.parse_args(["cpu", "--iterations", "20000", "--exits", "1000", "--repeat", "1"])
     assert bench_cpu.run_cpu(args) == 0
-    assert "VMEXIT round trips" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "VMEXIT round trips" in out and "VMGEXIT round trips (SEV-ES guest" in out
 
 
 def test_run_inject_shellcode(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,3 +110,18 @@ def test_run_inject_shellcode(gcc: None, capsys: pytest.CaptureFixture[str]) -> 
     cap = capsys.readouterr()
     assert "PWNED" not in cap.out and "wrote" in cap.err
     assert main(["run", "hello", "--inject-shellcode"]) == 2
+
+
+def test_run_sev_es_and_its_attacks(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "hello", "--mode", "sev-es", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "sev-es" and r["status"] == "finished" and r["measurement_verified"] is True
+    assert main(["run", "regs", "--mode", "sev-es", "--attack-registers"]) == 0
+    out = capsys.readouterr()
+    assert "key in R12 survived the exit" in out.out and "VMSA page in DRAM" in out.err
+    assert main(["run", "regs", "--mode", "sev-es", "--tamper-vmsa"]) == 1
+    assert "VMEXIT_INVALID" in capsys.readouterr().err
+    assert main(["run", "regs", "--mode", "sev", "--tamper-vmsa"]) == 2
+    assert "--tamper-vmsa needs --mode sev-es" in capsys.readouterr().err
+    assert main(["run", "hello", "--mode", "sev-es", "--generation", "naples"]) == 2
+    assert "has no SEV-ES" in capsys.readouterr().err

@@ -6,8 +6,6 @@ Needs gcc and binutils; without them every test here is skipped with the reason.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from sevemu.hw.dram import ColdBootImage
 from sevemu.owner.measurement import expected_launch_digest, verify_measurement
 
 pytest.importorskip("unicorn")
+pytestmark = pytest.mark.usefixtures("guest_builds")
 
 M64 = (1 << 64) - 1
 # x86-64: lea msg(%rip),%rsi; mov $0x3f8,%dx; 1: lodsb; test %al,%al; jz 2f; out %al,%dx; jmp 1b;
@@ -26,19 +25,6 @@ M64 = (1 << 64) - 1
 SHELLCODE = bytes.fromhex("488d350f00000066baf803ac84c07403eeebf8f4ebfd") + b"PWNED by the hypervisor\n\0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _guest_builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    try:
-        toolchain()
-    except GuestBuildError as exc:
-        pytest.skip(str(exc))
-    old = os.environ.get("SEVEMU_BUILD_DIR")
-    os.environ["SEVEMU_BUILD_DIR"] = str(tmp_path_factory.getbasetemp() / "guest-builds")
-    yield
-    if old is None:
-        os.environ.pop("SEVEMU_BUILD_DIR", None)
-    else:
-        os.environ["SEVEMU_BUILD_DIR"] = old
 
 
 # ---- the secret guest's computation, written independently in Python ------------------------------
@@ -192,7 +178,10 @@ def test_shared_page_exchange(mode: str) -> None:
     # what the guest copied into the bounce buffer is plaintext to the host, in both modes
     assert any(b"HELLO HOST" in s or b"hello host" in s for s in seen)
     if mode == "sev":
-        assert run.vm.shared_gpas == {run.image.symbol("__shared_start")}  # KVM_HC_MAP_GPA_RANGE
+        # KVM_HC_MAP_GPA_RANGE: exactly the shared region (the bounce page first, then the GHCBs)
+        start, end = run.image.symbol("__shared_start"), run.image.symbol("__shared_end")
+        assert run.vm.shared_gpas == set(range(start, end, 4096))
+        assert start in run.vm.shared_gpas
 
 
 def _inject(mode: str, seed: str = "a") -> tuple[str, str]:

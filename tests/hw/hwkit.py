@@ -177,3 +177,24 @@ def sev_tables(soc: Soc) -> PageTables:
     pt = PageTables(soc, 200, True)
     pt.identity()
     return pt
+
+
+VMSA_SPA = 0x1F000  # a host page for the SEV-ES tests' VMSA, below the NPT pool
+VMSA_CRC = 0x1E000  # its checksum block (a TMR block stand-in)
+
+
+def es_vmsa(soc: Soc, vmcb: Vmcb, spa: int = VMSA_SPA, crc_paddr: int = VMSA_CRC) -> bytes:
+    """Set up an SEV-ES VMSA for ``vmcb`` as LAUNCH_UPDATE_VMSA would: its save fields (registers,
+    control registers, ``sev_features``) in a page sealed with a checksum, written encrypted with
+    the guest's key, the checksum stored; the VMCB points at it.  Returns the plaintext page."""
+    from sevemu.abi.vmsa import SevEsSaveArea
+    from sevemu.crypto.vmsacrc import seal_vmsa
+
+    area = SevEsSaveArea(efer=vmcb.efer, cr0=vmcb.cr0, cr3=vmcb.cr3, cr4=vmcb.cr4, rflags=vmcb.rflags,
+                         rip=vmcb.rip, sev_features=vmcb.sev_features, **vmcb.regs)
+    page, crc = seal_vmsa(area.encode(), crc_paddr)
+    soc.cache.write(vmcb.asid, True, spa, page)
+    soc.cache.flush_range(vmcb.asid, True, spa, len(page))
+    soc.dram.write(crc_paddr, crc.to_bytes(8, "little"))
+    vmcb.vmsa_pa = spa
+    return page

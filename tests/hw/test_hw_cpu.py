@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hwkit import GUEST_SPA, US, FnEngine, P, PageTables, make_soc
+from hwkit import GUEST_SPA, US, FnEngine, P, PageTables, es_vmsa, make_soc
 
 from sevemu.abi.paging import ExitCode
 from sevemu.abi.paging import NpfExitInfo1 as N
@@ -45,8 +45,10 @@ def test_vmrun_accepts_valid_guests(soc: Soc) -> None:
     keys = soc.psp.take_ports().keys
     keys.load(200, bytes(16))
     keys.load(5, bytes(16))
+    es = Vmcb(asid=5, sev_enable=True, sev_es_enable=True)
+    es_vmsa(soc, es)
     for vmcb in (Vmcb(asid=200, sev_enable=True),
-                 Vmcb(asid=5, sev_enable=True, sev_es_enable=True),
+                 es,
                  Vmcb(asid=MILAN.max_asid + 7),  # plain guest: no key needed
                  Vmcb(asid=3, np_enable=False)):  # plain guest without nested paging
         eng = FnEngine(_halt)

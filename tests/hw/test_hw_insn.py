@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hwkit import GUEST_SPA, PageTables
+from hwkit import GUEST_SPA, PageTables, es_vmsa
 
 from sevemu.abi.paging import ExitCode
 from sevemu.hw.faults import GeneralProtection, InvalidOpcode, VmmCommunication
@@ -27,6 +27,7 @@ def _es_tables(soc: Soc, sev_features: int = 0) -> tuple[PageTables, Vmcb]:
     vmcb = pt.vmcb(paging=False)
     vmcb.sev_es_enable = True
     vmcb.sev_features = sev_features
+    es_vmsa(soc, vmcb)
     return pt, vmcb
 
 
@@ -172,6 +173,12 @@ def test_snp_guest_needs_an_rmp_to_run(soc: Soc) -> None:
     assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
     soc.boot_cpu.rmp = FakeRmp()
     assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.HLT
+    # the SNP work's RMP check of the VMSA page replaces the TMR checksum
+    calls: list[tuple[int, int]] = []
+    soc.boot_cpu.vmsa.snp_check = lambda asid, spa: calls.append((asid, spa)) or "not a VMSA page in the RMP"
+    soc.boot_cpu.vmsa.forget()
+    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    assert calls == [(ES_ASID, vmcb.vmsa_pa)] and soc.boot_cpu.vmsa_failure == "not a VMSA page in the RMP"
 
 
 def test_pvalidate_and_rmpadjust_register_conventions_in_an_snp_guest(soc: Soc) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hwkit import GUEST_SPA, PageTables
+from hwkit import GUEST_SPA, PageTables, es_vmsa
 
 from sevemu.abi.paging import ExitCode
 from sevemu.hw.faults import GeneralProtection, PageFault
@@ -188,6 +188,8 @@ def test_sev_status_is_read_without_an_exit(soc: Soc, sev: bool, es: bool, expec
 
     vmcb = pt.vmcb(paging=False)
     vmcb.sev_es_enable = es
+    if es:
+        es_vmsa(soc, vmcb)
     ex = _run(pt, PyEngine(work()), vmcb)
     assert ex.code == ExitCode.HLT
     assert got == [expected]

@@ -10,6 +10,12 @@
   handled by the hypervisor's run loop (registers to the VMCB, dirty pages written back, the
   hypervisor's handler, registers back, VMRUN).  Target: >= 50,000 per second.  As ``timeit``
   does, the garbage collector is paused while this loop is timed.
+* **VMGEXIT round trips** (same run, an SEV-ES guest of the same image): the guest fills its GHCB
+  with an IOIO OUT to port 0x80 and executes VMGEXIT; each round trip is VMRUN with the registers
+  loaded from the checked VMSA, the automatic exit storing them back encrypted, the hypervisor
+  reading and answering the GHCB (:mod:`sevemu.hypervisor.ghcb`).  Target: >= 50,000 per second
+  and >= 0.5 of the plain-exit rate.  Also reported: the OUT of an SEV-ES guest, which is a #VC
+  delivered through the guest's IDT, its handler's VMGEXIT and IRET.
 
 Each figure is the best of ``--repeat`` runs.
 """
@@ -32,7 +38,8 @@ from sevemu.hw.ucengine import BareRunner, unicorn_version
 
 __all__ = ["TARGETS", "measure", "register_cpu", "run_cpu"]
 
-TARGETS = {"compute_ratio": 0.5, "exit_round_trips_per_s": 50_000}
+TARGETS = {"compute_ratio": 0.5, "exit_round_trips_per_s": 50_000, "vmgexit_round_trips_per_s": 50_000,
+           "vmgexit_to_exit_ratio": 0.5}
 INSNS_PER_ITERATION = 15
 _MARK = 0x80
 
@@ -85,22 +92,54 @@ def _guest(image: GuestImage, mode: str, generation: str, exits: int) -> tuple[f
                 marks.setdefault(vcpu.vmcb.regs["rax"] & 0xFF, time.perf_counter())
             if r.reason == "hlt" and run.finished(0):
                 raise InputError("the benchmark guest ended before its exit loop")
-        gc.collect()
-        gc.disable()
-        try:
-            t0 = time.perf_counter()
-            left = exits
-            while left > 0:
-                r = hv.run(vm, 0, max_exits=left)
-                left -= r.exits
-                if vm.crash_reason:
-                    raise InputError(f"the benchmark guest crashed: {vm.crash_reason}")
-            t1 = time.perf_counter()
-        finally:
-            gc.enable()
-        return marks[2] - marks[1], t1 - t0, exits
+        return marks[2] - marks[1], _timed_exits(hv, vm, exits), exits
     finally:
         run.close()
+
+
+def _timed_exits(hv: Any, vm: Any, n: int) -> float:
+    """Seconds for ``n`` exits through the hypervisor's run loop (the garbage collector paused, as
+    ``timeit`` does)."""
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        left = n
+        while left > 0:
+            r = hv.run(vm, 0, max_exits=left)
+            left -= r.exits
+            if vm.crash_reason:
+                raise InputError(f"the benchmark guest crashed: {vm.crash_reason}")
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
+
+
+def _es_guest(image: GuestImage, generation: str, exits: int) -> tuple[float, float]:
+    """(seconds for ``exits`` VMGEXIT round trips, seconds for ``exits // 4`` #VC round trips) of an
+    SEV-ES guest: each loop runs between two HLTs of the guest (the host cannot read its registers)."""
+    run = launch_guest(image, mode="sev-es", generation=generation, seed="bench-cpu-es")
+    hv, vm = run.machine.hv, run.vm
+    times = []
+    try:
+        for n in (exits, max(exits // 4, 1)):
+            _until_hlt(run)
+            times.append(_timed_exits(hv, vm, n))
+        return times[0], times[1]
+    finally:
+        run.close()
+
+
+def _until_hlt(run: Any) -> None:
+    hv, vm = run.machine.hv, run.vm
+    while True:
+        r = hv.run(vm, 0, max_exits=1)
+        if vm.crash_reason:
+            raise InputError(f"the SEV-ES benchmark guest crashed: {vm.crash_reason}")
+        if r.reason == "hlt":
+            return
+        if r.reason == "hold":
+            raise InputError("the SEV-ES benchmark guest ended before its exit loops")
 
 
 def measure(iterations: int = 1 << 22, exits: int = 100_000, repeat: int = 2, generation: str = "milan",
@@ -111,15 +150,19 @@ def measure(iterations: int = 1 << 22, exits: int = 100_000, repeat: int = 2, ge
     base = load_image("bench")
     image = base.patched("bench_iterations", iterations).patched("bench_exits", exits + 16)
     insns = iterations * INSNS_PER_ITERATION
-    bare = guest = exit_s = float("inf")
+    es_image = base.patched("bench_iterations", 1).patched("bench_exits", exits)
+    bare = guest = exit_s = vmgexit_s = vc_s = float("inf")
     for _ in range(repeat):
         bare = min(bare, _bare_compute(image, iterations))
         g, e, _ = _guest(image, mode, generation, exits)
         guest = min(guest, g)
         exit_s = min(exit_s, e)
+        v, c = _es_guest(es_image, generation, exits)
+        vmgexit_s, vc_s = min(vmgexit_s, v), min(vc_s, c)
     guest_ips = insns / guest
     bare_ips = insns / bare
     rate = exits / exit_s
+    vmgexit_rate = exits / vmgexit_s
     return {
         "unicorn": unicorn_version(),
         "generation": generation,
@@ -141,6 +184,16 @@ def measure(iterations: int = 1 << 22, exits: int = 100_000, repeat: int = 2, ge
             "round_trips_per_s": rate,
             "meets_target": rate >= TARGETS["exit_round_trips_per_s"],
         },
+        "vmgexits": {
+            "round_trips": exits,
+            "seconds": vmgexit_s,
+            "round_trips_per_s": vmgexit_rate,
+            "ratio_to_exits": vmgexit_rate / rate,
+            "vc_round_trips": max(exits // 4, 1),
+            "vc_round_trips_per_s": max(exits // 4, 1) / vc_s,
+            "meets_target": vmgexit_rate >= TARGETS["vmgexit_round_trips_per_s"]
+            and vmgexit_rate / rate >= TARGETS["vmgexit_to_exit_ratio"],
+        },
     }
 
 
@@ -158,5 +211,11 @@ def run_cpu(args: argparse.Namespace) -> int:
           f"{c['ratio']:.2f} (target >= {TARGETS['compute_ratio']})")
     print(f"VMEXIT round trips (OUT to port {_MARK:#x} through the hypervisor's run loop): {e['round_trips']:,} in "
           f"{e['seconds']:.2f} s = {e['round_trips_per_s']:,.0f}/s (target >= {TARGETS['exit_round_trips_per_s']:,})")
+    g = r["vmgexits"]
+    print(f"VMGEXIT round trips (SEV-ES guest, GHCB IOIO to port {_MARK:#x}): {g['round_trips']:,} in "
+          f"{g['seconds']:.2f} s = {g['round_trips_per_s']:,.0f}/s, {g['ratio_to_exits']:.2f}x the plain exits "
+          f"(target >= {TARGETS['vmgexit_round_trips_per_s']:,} and >= {TARGETS['vmgexit_to_exit_ratio']}x)")
+    print(f"  #VC round trips (SEV-ES guest's OUT: #VC, its handler's VMGEXIT, IRET): "
+          f"{g['vc_round_trips_per_s']:,.0f}/s")
     return 0
 

@@ -23,18 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from sevemu._util.units import PAGE, MiB
+from sevemu.abi.policy import GuestPolicy
 from sevemu.certs.roots import GENERATIONS
 from sevemu.cli.common import positive_int, seconds
 from sevemu.errors import GuestBuildError, InputError, SevemuError, UnmappedError
 from sevemu.guest.build import GuestImage, build_guest, build_source, list_guests
 from sevemu.hw.ucengine import InitialState, UcEngine
 from sevemu.hypervisor.kvm import RunResult
+from sevemu.hypervisor.vcpu import KvmVmType, Segment
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine, build_machine
 
 __all__ = ["BOUNCE_MAGIC", "GuestRun", "Outcome", "launch_guest", "load_image", "register", "run_guest"]
 
 DEFAULT_MEMORY = 16 * MiB
+MODES = ("plain", "sev", "sev-es")
 BOUNCE_MAGIC = 0x42425653
 _BOUNCE_REQUEST, _BOUNCE_REPLY = 1, 2
 _OP_ECHO_UPPER, _OP_CHECKSUM = 1, 2
@@ -82,6 +85,12 @@ class GuestRun:
         return self.vm.console.decode(errors="replace")
 
     def finished(self, vcpu: int) -> bool:
+        """Whether ``vcpu`` is done: halted at the runtime's ``rt_done``; an SEV-ES vCPU, whose RIP the
+        host cannot see, parked in AP reset hold for good (the BSP at its first hold, an AP at the
+        hold after the one the AP jump table released)."""
+        v = self.vm.vcpus[vcpu]
+        if v.guest_state_protected:
+            return v.reset_hold and (vcpu == 0 or v.released)
         done = self.image.symbols.get("rt_done")
         rip = self.vm.vcpus[vcpu].vmcb.rip
         return done is not None and done <= rip < done + 4
@@ -132,10 +141,12 @@ class GuestRun:
                 r = self.step(i, max_exits=20_000)  # bounded, so vCPUs take turns and the timeout is seen
                 self._echo(echo)
                 if self.vm.state is VmState.CRASHED:
-                    eng = self.engines[i]
-                    return Outcome("crashed", self.console, self.vm.crash_reason or r.reason,
-                                   eng.crash_rip if eng.crash_rip is not None else self.vm.vcpus[i].vmcb.rip,
+                    return Outcome("crashed", self.console, self.vm.crash_reason or r.reason, self._rip(i),
                                    self.exits, time.monotonic() - start)
+                if r.reason == "hold":
+                    if self.finished(i):
+                        self.halted.add(i)
+                    continue
                 if r.reason == "hlt":
                     if self.finished(i):
                         self.halted.add(i)
@@ -144,13 +155,22 @@ class GuestRun:
                     if on_halt is not None and on_halt(self, i) is False:
                         self._echo(echo)
                         return Outcome("paused", self.console, "the hypervisor stopped the vCPU at a HLT",
-                                       self.vm.vcpus[i].vmcb.rip, self.exits, time.monotonic() - start)
+                                       self._rip(i), self.exits, time.monotonic() - start)
                     self._echo(echo)
             if len(self.halted) == n:
                 return Outcome("finished", self.console, "", None, self.exits, time.monotonic() - start)
             if time.monotonic() - start > timeout:
                 return Outcome("timeout", self.console, f"the guest did not finish within {timeout:g} s",
-                               self.vm.vcpus[0].vmcb.rip, self.exits, time.monotonic() - start)
+                               self._rip(0), self.exits, time.monotonic() - start)
+
+    def _rip(self, vcpu: int) -> int | None:
+        """Where a vCPU stopped: the engine's record of a triple fault, else the VMCB's RIP (None
+        for an SEV-ES vCPU: its RIP is in the encrypted VMSA)."""
+        eng = self.engines[vcpu]
+        if eng.crash_rip is not None:
+            return eng.crash_rip
+        v = self.vm.vcpus[vcpu]
+        return None if v.guest_state_protected else v.vmcb.rip
 
     def _echo(self, echo: Callable[[str], None] | None) -> None:
         if echo is not None and len(self.vm.console) > self._printed:
@@ -170,8 +190,8 @@ def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory
     Everything is checked before anything runs: the mode, the vCPU count, that the image fits the
     guest's memory (with its shared page).
     """
-    if mode not in ("plain", "sev"):
-        raise InputError(f"unknown mode {mode!r}: plain or sev")
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}: {', '.join(MODES)}")
     if not 1 <= vcpus <= 8:
         raise InputError(f"--vcpus must be between 1 and 8, got {vcpus}")
     if memory <= 0 or memory % PAGE:
@@ -183,17 +203,27 @@ def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory
             f"{len(image.data)} bytes at GPA {image.base:#x}), more than the VM's {memory:#x}"
         )
     m = machine or build_machine(generation, seed=seed)
-    kind = VmKind.SEV if mode == "sev" else VmKind.PLAIN
-    vm = m.hv.create_vm(name or image.name, memory, kind)
-    measurement = m.hv.launch(vm, [(image.base, image.data)])
+    kind = VmKind.PLAIN if mode == "plain" else VmKind.SEV
+    es = mode == "sev-es"
+    if es and not m.hv.sev.caps.es:
+        raise InputError(f"--mode sev-es: the {m.profile.product} platform has no SEV-ES")
+    vm = m.hv.create_vm(name or image.name, memory, kind,
+                        vm_type=KvmVmType.SEV_ES_VM if es else KvmVmType.DEFAULT_VM)
+    if es:
+        m.hv.sev_init(vm)  # KVM_SEV_INIT2 before the vCPUs, as QEMU does
     slice_s = slice_s if slice_s is not None else (0.2 if vcpus == 1 else 0.02)
     engines = []
-    for i in range(vcpus):
+    for i in range(vcpus):  # before the launch: an SEV-ES vCPU's state is measured in its VMSA
         state = InitialState(rip=image.entry, regs=(("rsi", i), ("rdi", vcpus)))
         eng = UcEngine(pool_pages=pool_pages, slice_s=slice_s, initial=state, name=f"{vm.name}/{i}")
         v = vm.add_vcpu(eng)
         state.apply(v.vmcb)
+        v.arch.segments = {n: Segment(s.selector, s.attrib, s.limit, s.base) for n, s in state.segments().items()}
         engines.append(eng)
+    measurement = m.hv.launch(vm, [(image.base, image.data)], policy=int(GuestPolicy.ES) if es else 0)
+    mmio = image.symbols.get("mmio_page")
+    if mmio is not None:  # the guest's device page: emulated MMIO (a reserved-bit NPT entry)
+        m.hv.add_mmio(vm, mmio)
     return GuestRun(m, vm, image, engines, measurement)
 
 
@@ -218,7 +248,9 @@ def register(sub: Any) -> None:
                               "guest builds are cached in $SEVEMU_BUILD_DIR (default ~/.cache/sevemu/guests)")
     p.add_argument("guest", nargs="?", help="a bundled guest name (see --list) or a path to a guest .c file")
     p.add_argument("--list", action="store_true", help="list the bundled guests")
-    p.add_argument("--mode", choices=("plain", "sev"), default="sev", help="plain VM or SEV guest (default sev)")
+    p.add_argument("--mode", choices=MODES, default="sev",
+                   help="plain VM, SEV guest, or SEV-ES guest (registers in the encrypted VMSA, exits "
+                        "through the GHCB; default sev)")
     p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs, 1 to 8 (default 1)")
     p.add_argument("--generation", choices=GENERATIONS, default="milan", help="CPU generation (default milan)")
     p.add_argument("--memory", type=positive_int, default=DEFAULT_MEMORY // MiB, metavar="MiB",
@@ -231,6 +263,12 @@ def register(sub: Any) -> None:
     p.add_argument("--inject-shellcode", action="store_true",
                    help="play the malicious hypervisor: at the guest's first HLT overwrite its report() page "
                         "with code of the host's own (the victim guest), then WBINVD")
+    p.add_argument("--attack-registers", action="store_true",
+                   help="play the malicious hypervisor at the guest's first HLT (the regs guest): read and "
+                        "overwrite its registers, change the CPUID answer; under SEV-ES also read its VMSA")
+    p.add_argument("--tamper-vmsa", action="store_true",
+                   help="SEV-ES: at the guest's first HLT flip one bit of its VMSA's ciphertext in DRAM "
+                        "(the next VMRUN fails its checksum)")
     p.set_defaults(func=run_command)
 
 
@@ -257,7 +295,11 @@ def run_command(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    on_halt = _shellcode_attack(args.json) if args.inject_shellcode else None
+    if args.tamper_vmsa and args.mode != "sev-es":
+        raise InputError("--tamper-vmsa needs --mode sev-es (only an SEV-ES guest's registers live in a VMSA)")
+    on_halt = (_shellcode_attack(args.json) if args.inject_shellcode
+               else register_attack(quiet=args.json) if args.attack_registers
+               else vmsa_tamper(quiet=args.json) if args.tamper_vmsa else None)
     try:
         out = run.run(timeout=args.timeout, echo=None if args.json else echo, on_halt=on_halt)
     finally:
@@ -300,20 +342,103 @@ def _shellcode_attack(quiet: bool) -> Callable[[GuestRun, int], bool]:
     return attack
 
 
+FORGED_R12 = 0xBAD0_BAD0_BAD0_BAD0
+FORGED_CPUID0 = (0x1337, 0, 0, 0)
+
+
+def register_attack(quiet: bool = False, log: list[str] | None = None) -> Callable[[GuestRun, int], bool]:
+    """What a malicious hypervisor does at the guest's first HLT (the ``regs`` guest keeps its key in
+    R12 there): read the registers, overwrite R12, make CPUID(0) answer 0x1337; for an SEV-ES
+    guest, also read its VMSA page from DRAM.  Each finding goes to ``log`` (and stderr)."""
+    state = {"done": False}
+    out = log if log is not None else []
+
+    def say(text: str) -> None:
+        out.append(text)
+        if not quiet:
+            print(f"sevemu: hypervisor: {text}", file=sys.stderr)
+
+    def attack(run: GuestRun, vcpu: int) -> bool:
+        if state["done"]:
+            return True
+        state["done"] = True
+        v = run.vm.vcpus[vcpu]
+        say(f"R12 in the VMCB = {v.vmcb.regs['r12']:#018x}, RIP = {v.vmcb.rip:#x}")
+        v.vmcb.regs["r12"] = FORGED_R12
+        say(f"wrote R12 = {FORGED_R12:#x} into the VMCB")
+        run.machine.hv.cpuid_overrides[(0, 0)] = FORGED_CPUID0
+        say("CPUID(0) now answers EAX = 0x1337")
+        if run.vm.es:
+            hv = run.machine.hv
+            hv.soc.wbinvd_all()  # whatever the guest's lines hold, DRAM gets it
+            page = hv.core.host_read(run.vm.vmsa_pages[vcpu], 4096)
+            say(f"VMSA page in DRAM (first 32 bytes): {page[:32].hex()}")
+        return True
+
+    return attack
+
+
+def vmsa_tamper(quiet: bool = False) -> Callable[[GuestRun, int], bool]:
+    """SEV-ES: at the guest's first HLT flip one bit of its VMSA's ciphertext in DRAM (host
+    interfaces only: WBINVD, a read, a write and CLFLUSH in the host's domain)."""
+    state = {"done": False}
+
+    def tamper(run: GuestRun, vcpu: int) -> bool:
+        if state["done"]:
+            return True
+        state["done"] = True
+        hv = run.machine.hv
+        spa = run.vm.vmsa_pages[vcpu]
+        hv.soc.wbinvd_all()
+        byte = hv.core.host_read(spa + 0x178, 1)[0]  # inside RIP's block
+        hv.core.host_write(spa + 0x178, bytes([byte ^ 1]))
+        hv.core.clflush(spa + 0x178)
+        if not quiet:
+            print(f"sevemu: hypervisor: flipped one bit of the VMSA ciphertext at SPA {spa + 0x178:#x}",
+                  file=sys.stderr)
+        return True
+
+    return tamper
+
+
 def _launch_info(run: GuestRun) -> dict[str, Any]:
     vm, image = run.vm, run.image
-    info: dict[str, Any] = {"guest": image.name, "mode": "sev" if vm.sev else "plain", "asid": vm.asid,
+    mode = "sev-es" if vm.es else "sev" if vm.sev else "plain"
+    info: dict[str, Any] = {"guest": image.name, "mode": mode, "asid": vm.asid,
                             "vcpus": len(vm.vcpus), "image_bytes": len(image.data), "image_sha256": image.digest,
                             "platform": run.machine.profile.product}
     if vm.sev:
         info["measurement"] = run.measurement[:32].hex()
         info["measurement_verified"] = _verify(run)
-        info["summary"] = (f"{image.name}: SEV guest on {info['platform']} (ASID {vm.asid}), image "
+        info["summary"] = (f"{image.name}: {'SEV-ES' if vm.es else 'SEV'} guest on {info['platform']} (ASID {vm.asid}), image "
                            f"{len(image.data)} bytes sha256 {image.digest[:16]}..., launch measurement "
                            f"{info['measurement'][:16]}... {'verified' if info['measurement_verified'] else 'MISMATCH'}")
     else:
         info["summary"] = f"{image.name}: plain VM on {info['platform']} (ASID {vm.asid}), image {len(image.data)} bytes"
     return info
+
+
+def _expected_vmsas(run: GuestRun) -> list[bytes]:
+    """The owner's side of an SEV-ES launch: the VMSA of every vCPU in the documented initial
+    state, made with the owner's own ``sev_es_sync_vmsa`` (KVM_SEV_INIT2 VM, no VMSA features)."""
+    from sevemu.abi.vmsa import VmcbSeg
+    from sevemu.owner.vmsa import DR7_FIXED_1, VcpuState, sev_es_sync_vmsa
+    from sevemu.owner.vmsa import KvmVmType as OwnerVmType
+
+    n = len(run.vm.vcpus)
+    pages = []
+    for i in range(n):
+        state = InitialState(rip=run.image.entry, regs=(("rsi", i), ("rdi", n)))
+        segments = {name: VmcbSeg(selector=g.selector, attrib=g.attrib, limit=g.limit, base=g.base)
+                    for name, g in state.segments().items()}
+        regs = dict.fromkeys(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+                              "r12", "r13", "r14", "r15"), 0)
+        regs.update(state.regs)
+        vcpu = VcpuState(segments=segments, vmcb={"efer": 0, "cr4": 0, "cr3": 0, "cr0": 0x11, "dr7": DR7_FIXED_1,
+                                                  "rflags": 0x2, "g_pat": 0x0007040600070406},
+                         regs=regs, rip=state.rip)
+        pages.append(sev_es_sync_vmsa(vcpu, vm_type=OwnerVmType.SEV_ES_VM).encode())
+    return pages
 
 
 def _verify(run: GuestRun) -> bool:
@@ -325,9 +450,10 @@ def _verify(run: GuestRun) -> bool:
     from sevemu.owner.measurement import expected_launch_digest, verify_measurement
 
     st = run.machine.hv.platform_status()
+    vmsas = _expected_vmsas(run) if run.vm.es else []
     try:
         verify_measurement(run.measurement, bytes(16), st.api_major, st.api_minor, st.build, run.vm.policy,
-                           expected_launch_digest([run.image.data]))
+                           expected_launch_digest([run.image.data], vmsas))
     except SevemuError:
         return False
     return True

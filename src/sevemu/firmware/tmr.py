@@ -9,7 +9,8 @@ state); AMD's firmware source, AMD-ASPFW ``sev_es.c`` (``sev_es_reserve_trusted_
 
 INIT with CONFIG.ES reserves the region the host gives it: 1 MiB, 1 MiB aligned (while SNP is
 initialised 2 MiB, 2 MiB aligned).  Its first half holds the pool's bookkeeping, its second half the
-checksum blocks, 8 bytes each.  The pool is made usable only by the next DF_FLUSH ("We need to force
+checksum blocks, 8 bytes each.  The checksum itself (:func:`crc64_vmsa`) lives in
+:mod:`sevemu.crypto.vmsacrc`, which the CPU model uses too.  The pool is made usable only by the next DF_FLUSH ("We need to force
 a WBINVD and DF_FLUSH before it is safe to store data in the TMR").  From INIT on, the firmware
 refuses every x86 address range that overlaps the TMR (INVALID_ADDRESS), so no command can make the
 PSP write a checksum for the host.
@@ -31,11 +32,19 @@ ranges that overlap it, is.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Final
 
 from sevemu._util.units import MiB, is_aligned
+from sevemu.crypto.vmsacrc import (
+    VMSA_CRC_PADDR,
+    VMSA_CRC_SIZE,
+    VMSA_CRC_ZEROS,
+    crc32c,
+    crc64_vmsa,
+    seal_vmsa,
+    vmsa_crc_paddr,
+)
 
 __all__ = [
     "CRC_BLOCK",
@@ -54,74 +63,6 @@ TMR_SIZE: Final = MiB
 """The SEV-ES TMR without SNP: 1 MiB, 1 MiB aligned (AF ``SEV_ES_TMR_SIZE``)."""
 CRC_BLOCK: Final = 8
 """One VMSA checksum (AF ``es_vcpu_crc_t``: a CRC64)."""
-VMSA_CRC_ZEROS: Final = 0x380
-"""VMSA offset the firmware zeroes (8 bytes) when it sets a page up (AF ``vmcb_save_area_t.zeros``)."""
-VMSA_CRC_PADDR: Final = 0x388
-"""VMSA offset of the checksum block's SPA (AF ``vmcb_save_area_t.crc_paddr``)."""
-VMSA_CRC_SIZE: Final = 0xFC0
-"""Bytes of the VMSA the checksum covers (AF ``VMSA_CRC_SIZE``: "must match uCode")."""
-
-_CRC32C_REFLECTED: Final = 0x82F63B78  # the Castagnoli polynomial 0x1EDC6F41, bit-reflected
-_CRC_LANES: Final = 3
-_LANE: Final = 8
-
-
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (_CRC32C_REFLECTED if crc & 1 else 0)
-        table.append(crc)
-    return tuple(table)
-
-
-_TABLE: Final = _crc32c_table()
-
-
-def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-    """CRC-32C (Castagnoli; the SSE4.2 CRC32 instruction's): reflected, initial value and final
-    XOR 0xFFFFFFFF.  ``crc`` continues an earlier result."""
-    c = crc ^ 0xFFFFFFFF
-    table = _TABLE
-    for b in bytes(data):
-        c = table[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def crc64_vmsa(page: bytes | bytearray) -> int:
-    """The VMSA checksum (AF ``crc64_vmsa`` over the first :data:`VMSA_CRC_SIZE` bytes).
-
-    Three CRC-32Cs over interleaved 8-byte lanes -- bytes 0-7, 24-31, ... ; 8-15, 32-39, ... ;
-    16-23, 40-47, ... (a remainder shorter than 24 bytes would go to the third; 0xFC0 has none) --
-    then a CRC-32C over the three results (little-endian u32s).  The checksum is
-    ``(crc0 ^ crc1 ^ crc2) << 32 | combined``.
-    """
-    data = bytes(page[:VMSA_CRC_SIZE])
-    if len(data) != VMSA_CRC_SIZE:
-        raise ValueError(f"a VMSA checksum needs {VMSA_CRC_SIZE:#x} bytes, got {len(data):#x}")
-    stride = _CRC_LANES * _LANE
-    lanes = [b"".join(data[i + k * _LANE : i + (k + 1) * _LANE] for i in range(0, len(data), stride))
-             for k in range(_CRC_LANES)]
-    crcs = [crc32c(lane) for lane in lanes]
-    combined = crc32c(struct.pack("<3I", *crcs))
-    return (crcs[0] ^ crcs[1] ^ crcs[2]) << 32 | combined
-
-
-def vmsa_crc_paddr(page: bytes | bytearray) -> int:
-    """The checksum block's SPA a set-up VMSA names (0 for a page never set up)."""
-    return int.from_bytes(page[VMSA_CRC_PADDR : VMSA_CRC_PADDR + 8], "little")
-
-
-def seal_vmsa(page: bytes, crc_paddr: int) -> tuple[bytes, int]:
-    """A VMSA page as the firmware sets it up for checksum block ``crc_paddr`` (AF
-    ``sev_es_setup_vmsa``), and its checksum."""
-    out = bytearray(page)
-    out[VMSA_CRC_ZEROS : VMSA_CRC_ZEROS + 8] = bytes(8)
-    out[VMSA_CRC_PADDR : VMSA_CRC_PADDR + 8] = crc_paddr.to_bytes(8, "little")
-    return bytes(out), crc64_vmsa(out)
-
-
 @dataclass(eq=False)
 class Tmr:
     """The TMR INIT reserved, and the checksum pool in its second half (module docstring)."""

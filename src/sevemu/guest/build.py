@@ -49,7 +49,10 @@ GUESTS: dict[str, str] = {
     "victim": "halts between ticks; the target of the shellcode-injection demo",
     "crash": "executes an invalid instruction: a triple fault",
     "smp": "sums a table on every vCPU (use with --vcpus)",
-    "bench": "the CPU benchmark's guest (compute loop, VMEXIT round trips)",
+    "bench": "the CPU benchmark's guest (compute loop, VMEXIT and VMGEXIT round trips)",
+    "regs": "keeps a key in a register across an exit (what SEV-ES changes: --attack-registers)",
+    "ghcbbad": "SEV-ES only: sends malformed GHCBs, then asks to be terminated",
+    "mmio": "SEV-ES only: a device register the host emulates (reserved-bit NPT entry, #VC 0x400)",
 }
 
 CFLAGS = ("-m64", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-mno-red-zone", "-O2",

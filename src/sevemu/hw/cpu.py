@@ -28,6 +28,7 @@ from sevemu.hw.memctl import MemoryController
 from sevemu.hw.mmu import Mmu, Translation
 from sevemu.hw.profiles import CpuProfile
 from sevemu.hw.svm import SaveState, TlbControl, Vmcb, VmExit
+from sevemu.hw.vmsa import VmsaUnit
 
 if TYPE_CHECKING:
     from sevemu.hw.x86.insn import GuestRmp
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 __all__ = ["Core", "Engine", "GuestCpu", "Tlb"]
 
 _SNP_ACTIVE = 1  # SEV_FEATURES bit 0
+_ES_COMPLETED = frozenset({int(ExitCode.VMGEXIT), int(ExitCode.HLT)})
+"""Automatic exits of an SEV-ES guest after which it resumes past the instruction."""
+_ES_WITH_INFO = frozenset({int(ExitCode.NPF)})
+"""Automatic exits whose EXITINFO1/2 the hypervisor sees (the faulting GPA of an NPF)."""
 _CR0_PG = 1 << 31
 
 # TLB entry flags
@@ -235,6 +240,10 @@ class Core:
         """The Reverse Map Table once SEV-SNP is enabled (SYSCFG.SNP_EN); None before."""
         self.wbinvd_count = 0
         self.vmruns = 0
+        self.vmsa = VmsaUnit(cache, mc.dram)
+        """The SEV-ES save-state exchange (:mod:`sevemu.hw.vmsa`)."""
+        self.vmsa_failure = ""
+        """Why the last SEV-ES VMRUN failed its VMSA check (empty when it did not)."""
 
     # ---- host (ASID 0) memory accesses ------------------------------------------------------
     def host_read(self, spa: int, length: int, c: bool = False) -> bytes:
@@ -314,11 +323,36 @@ class Core:
         elif vmcb.tlb_control == TlbControl.FLUSH_ASID:
             self.tlb.flush_asid(vmcb.asid)
         vmcb.tlb_control = TlbControl.DO_NOTHING
+        if vmcb.sev_es_enable:
+            return self._vmrun_es(vmcb, engine)
         cpu = GuestCpu(self, vmcb)
         try:
             ex = engine.run(cpu)
         except NestedPageFault as f:
             ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+        return self._exit(vmcb, ex)
+
+    def _vmrun_es(self, vmcb: Vmcb, engine: Engine) -> VmExit:
+        """VMRUN of an SEV-ES guest: registers from the VMSA (checked against its TMR checksum),
+        back into it at #VMEXIT (:mod:`sevemu.hw.vmsa`).  The hypervisor sees the exit code, the
+        exit information of an NPF and the GHCB MSR; a VMGEXIT or HLT completes in the guest (RIP
+        past it, as the hardware saves it), so ``next_rip`` is not shown."""
+        state = self.vmsa.load(vmcb.asid, vmcb.vmsa_pa)
+        if isinstance(state, str):
+            self.vmsa_failure = state
+            vmcb.next_rip = 0
+            return self._exit(vmcb, VmExit(ExitCode.INVALID))
+        cpu = GuestCpu(self, vmcb, state)
+        try:
+            ex = engine.run(cpu)
+        except NestedPageFault as f:
+            ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+        if ex.code in _ES_COMPLETED:
+            state.rip = vmcb.next_rip
+        vmcb.next_rip = 0
+        self.vmsa.store(vmcb.asid, vmcb.vmsa_pa)
+        if ex.code not in _ES_WITH_INFO:
+            ex = VmExit(ex.code)
         return self._exit(vmcb, ex)
 
     def _consistency(self, vmcb: Vmcb) -> bool:
@@ -332,6 +366,8 @@ class Core:
                 return True
             if not self.mc.asid_valid(vmcb.asid):
                 return True  # no key, or the PSP marked the ASID invalid (DEACTIVATE, SHUTDOWN)
+            if vmcb.sev_es_enable and (vmcb.vmsa_pa & 0xFFF or not 0 < vmcb.vmsa_pa < self.mc.dram.size):
+                return True  # the VMSA pointer must name a page (APM2 15.35.8)
             if vmcb.sev_features & _SNP_ACTIVE and (not vmcb.sev_es_enable or self.rmp is None):
                 return True  # an SNP guest needs SEV-ES and SYSCFG.SNP_EN (an RMP)
         return False

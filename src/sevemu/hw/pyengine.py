@@ -29,7 +29,7 @@ from typing import Any
 
 from sevemu.abi.paging import ExitCode
 from sevemu.hw.cpu import GuestCpu
-from sevemu.hw.faults import GuestFault, PageFault
+from sevemu.hw.faults import GuestFault, NestedPageFault, PageFault
 from sevemu.hw.svm import VmExit
 from sevemu.hw.x86 import insn
 from sevemu.hw.x86.arch import Vector
@@ -146,7 +146,7 @@ class PyEngine:
             return VmExit(ExitCode.SHUTDOWN)
         if self.finished:
             return VmExit(ExitCode.HLT)
-        regs = cpu.vmcb.regs
+        regs = cpu.state.regs
         if self._exited is not None:
             self._value = self._result_of_exit(self._exited, regs)
             self._exited = None
@@ -164,7 +164,14 @@ class PyEngine:
                     return self._triple_fault(exc)
                 self._pending = o
             try:
-                self._value = self._execute(o, cpu, regs)
+                try:
+                    self._value = self._execute(o, cpu, regs)
+                except NestedPageFault as npf:
+                    # an SEV-ES guest takes the NPF of a reserved-bit (MMIO) entry as #VC 0x400
+                    vc = insn.exit_for(cpu, ExitCode.NPF, npf.exit_info1, npf.gpa)
+                    if isinstance(vc, insn.Fault):
+                        raise vc.exception() from None
+                    raise
             except (PageFault, GuestFault) as pf:
                 self._pending = None
                 try:
@@ -179,11 +186,11 @@ class PyEngine:
             except _Exit as ex:
                 self._pending = None
                 self._exited = o
-                cpu.vmcb.next_rip = cpu.vmcb.rip + 1
+                cpu.vmcb.next_rip = cpu.state.rip + 1
                 return ex.vmexit
             self._pending = None
             self.ops += 1
-            cpu.vmcb.rip += 1
+            cpu.state.rip += 1
 
     def _triple_fault(self, exc: BaseException) -> VmExit:
         self.crash = f"{type(exc).__name__}: {exc}"

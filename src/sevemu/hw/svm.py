@@ -2,12 +2,14 @@
 
 The VMCB is modelled field by field with the names of Linux ``struct vmcb_control_area`` /
 ``vmcb_save_area`` (Linux arch/x86/include/asm/svm.h; APM2 Appendix B), not yet as bytes in memory:
-a plain SEV guest's register state is visible to the hypervisor anyway.
+a plain SEV guest's register state is visible to the hypervisor anyway.  For an SEV-ES guest
+(``sev_es_enable``) the save fields below are the hypervisor's and unused: VMRUN loads the guest's
+registers from the VMSA page at ``vmsa_pa`` and #VMEXIT stores them there (:mod:`sevemu.hw.vmsa`).
 
 The engines read and write a guest's registers through :class:`SaveState`, not through the VMCB
 itself: for a plain or SEV guest the save state *is* the VMCB's save area (:class:`Vmcb`
 implements it); SEV-ES moves it into the encrypted VMSA page, which VMRUN decrypts inside the SoC
-and #VMEXIT encrypts back (APM2 15.35.8), so the SEV-ES work hands the engines a save state made
+and #VMEXIT encrypts back (APM2 15.35.8): the engines get a :class:`~sevemu.hw.vmsa.VmsaState` made
 from the VMSA while the control area stays in the VMCB.
 """
 
@@ -79,6 +81,9 @@ class Vmcb:
     next_rip: int = 0
     ghcb_gpa: int = 0
     """GHCB_GPA (0xA0): the guest's GHCB MSR, saved at #VMEXIT and loaded at VMRUN (SEV-ES)."""
+    vmsa_pa: int = 0
+    """VMSA pointer (0x108): system-physical address of an SEV-ES guest's VMSA page, which holds its
+    save state instead of this VMCB's save area (:mod:`sevemu.hw.vmsa`)."""
     # save area
     cr0: int = 0x10  # ET; PG clear: the vCPU starts with paging off
     cr3: int = 0

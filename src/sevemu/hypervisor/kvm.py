@@ -54,6 +54,7 @@ from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
 from sevemu.hypervisor.asid import AsidPool
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
+from sevemu.hypervisor.ghcb import GhcbHandler
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.psp import PspDriver
 from sevemu.hypervisor.sev.es import guest_init2 as init2
@@ -69,6 +70,7 @@ COM1 = 0x3F8
 KVM_HC_MAP_GPA_RANGE = 12
 _MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 _KVM_ENOSYS = (1 << 64) - 1000  # -KVM_ENOSYS as a 64-bit register value
+_NPF_RSVD = 1 << 3
 
 # The host's reserved memory, from the bottom: [1 MiB, +4 KiB) command buffer, [2 MiB, 3 MiB) the
 # SEV-ES TMR (1 MiB aligned), [4 MiB, 12 MiB) the PSP bounce area (big enough for the largest
@@ -102,6 +104,10 @@ class Hypervisor:
         self.sev = LegacySev(soc, self.psp, self.asids, self.tables, self.tmr_spa)
         """The SEV flows (platform and guests) this host runs."""
         self.vms: list[Vm] = []
+        self.cpuid_overrides: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        """CPUID results the VMM sets for its guests, by (leaf, subleaf)."""
+        self.ghcb = GhcbHandler(self)
+        """VMGEXIT of SEV-ES guests: the GHCB MSR protocol and the NAE events (:mod:`sevemu.hypervisor.ghcb`)."""
         self._last_vmcb: dict[int, Vmcb] = {}  # ASID -> the VMCB that last ran with it on the core
 
     @property
@@ -320,6 +326,8 @@ class Hypervisor:
             v.engine = engine
         if v.engine is None:
             raise VmError(f"vCPU {v.index} of {vm.name} has nothing to run")
+        if v.reset_hold:  # parked (SEV-ES AP reset hold) until another vCPU releases it
+            return RunResult(v.last_exit or VmExit(ExitCode.VMGEXIT), "hold", 0)
         if self._last_vmcb.get(v.vmcb.asid) is not v.vmcb:
             # Another VMCB (another vCPU, or a destroyed VM whose ASID was reused) ran with this
             # ASID on the core last: its translations must not be used (KVM pre_sev_run).
@@ -341,32 +349,37 @@ class Hypervisor:
         code = ex.code
         if code == ExitCode.NPF:
             gpa = ex.info2
+            if ex.info1 & _NPF_RSVD and gpa & ~0xFFF in vm.mmio and not v.guest_state_protected:
+                return self._crash(vm, f"MMIO at GPA {gpa:#x} by a guest whose registers the host cannot "
+                                       "emulate here (instruction emulation is not modelled)")
             if ex.info1 & 1 or not 0 <= gpa < vm.memory:
                 return self._crash(vm, f"unresolvable #NPF at GPA {gpa:#x} (EXITINFO1 {ex.info1:#x})")
             vm.back(gpa)
             return None
+        if code == ExitCode.VMGEXIT:
+            return self.ghcb.vmgexit(vm, v)
         if code == ExitCode.IOIO:
             port = ex.info1 >> 16
-            size = (ex.info1 >> 4) & 0x7
-            nbytes = {1: 1, 2: 2, 4: 4}.get(size, 1)
+            nbytes = {1: 1, 2: 2, 4: 4}.get((ex.info1 >> 4) & 0x7, 1)
             if ex.info1 & 1:  # IN
-                regs["rax"] = 0x20 if port == COM1 + 5 else (1 << (8 * nbytes)) - 1
-            elif port == COM1:
-                vm.console.append(regs["rax"] & 0xFF)
+                regs["rax"] = self.port_in(vm, port, nbytes)
+            else:
+                self.port_out(vm, port, nbytes, regs["rax"])
             vmcb.rip = vmcb.next_rip
             return None
         if code == ExitCode.CPUID:
-            a, b, c, d = self.soc.cpuid(regs["rax"] & 0xFFFFFFFF, regs["rcx"] & 0xFFFFFFFF)
+            a, b, c, d = self.cpuid(regs["rax"] & 0xFFFFFFFF, regs["rcx"] & 0xFFFFFFFF)
             regs.update(rax=a, rbx=b, rcx=c, rdx=d)
             vmcb.rip = vmcb.next_rip
             return None
         if code == ExitCode.MSR:
             if ex.info1 == 0:
-                regs["rax"], regs["rdx"] = 0, 0
+                value = self.msr_read(vm, regs["rcx"] & 0xFFFFFFFF)
+                regs["rax"], regs["rdx"] = value & 0xFFFFFFFF, value >> 32
             vmcb.rip = vmcb.next_rip
             return None
         if code == ExitCode.VMMCALL:
-            regs["rax"] = self._hypercall(vm, regs)
+            regs["rax"] = self.hypercall(vm, regs)
             vmcb.rip = vmcb.next_rip
             return None
         if code == ExitCode.HLT:
@@ -382,6 +395,64 @@ class Hypervisor:
         if code == ExitCode.INVALID:
             return self._crash(vm, "VMRUN failed its consistency checks (VMEXIT_INVALID)")
         return self._crash(vm, f"unhandled exit {ex.name}")
+
+    # ---- the services exits use (also the GHCB's NAE events: sevemu.hypervisor.ghcb.NaeHost) ----------
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        """CPUID as the host answers a guest: the host's values (Fn8000_001F included), or what the
+        VMM put in :attr:`cpuid_overrides` (KVM_SET_CPUID2: the host decides what guests see)."""
+        forced = self.cpuid_overrides.get((leaf, subleaf))
+        return forced if forced is not None else self.soc.cpuid(leaf, subleaf)
+
+    @property
+    def cbit(self) -> int:
+        """The C-bit position guests are told (GHCB SEV information)."""
+        return int(self.sev.caps.me_mask).bit_length() - 1
+
+    def port_in(self, vm: Vm, port: int, size: int) -> int:
+        """IN from the VM's devices: COM1's line status says "ready"; nothing else is there."""
+        return 0x20 if port == COM1 + 5 else (1 << (8 * size)) - 1
+
+    def port_out(self, vm: Vm, port: int, size: int, value: int) -> None:
+        """OUT to the VM's devices: COM1 is the serial console."""
+        if port == COM1:
+            vm.console.append(value & 0xFF)
+
+    def msr_read(self, vm: Vm, msr: int) -> int:
+        """An intercepted RDMSR: 0."""
+        return 0
+
+    def msr_write(self, vm: Vm, msr: int, value: int) -> None:
+        """An intercepted WRMSR: ignored."""
+
+    def mmio_read(self, vm: Vm, gpa: int, size: int) -> bytes:
+        """MMIO read from one of the VM's emulated pages (all ones elsewhere)."""
+        page = vm.mmio.get(gpa & ~0xFFF)
+        off = gpa & 0xFFF
+        if page is None or off + size > PAGE:
+            return b"\xff" * size
+        return bytes(page[off : off + size])
+
+    def mmio_write(self, vm: Vm, gpa: int, data: bytes) -> None:
+        """MMIO write to one of the VM's emulated pages (ignored elsewhere)."""
+        page = vm.mmio.get(gpa & ~0xFFF)
+        off = gpa & 0xFFF
+        if page is not None and off + len(data) <= PAGE:
+            page[off : off + len(data)] = data
+
+    def add_mmio(self, vm: Vm, gpa: int) -> None:
+        """Emulate an MMIO page at ``gpa``: its NPT entry gets a reserved bit, so every access is an
+        NPF with RSVD, which an SEV-ES guest takes as #VC 0x400 (APM2 15.35.5)."""
+        page = align_down(gpa, PAGE)
+        if not 0 <= page < vm.memory:
+            raise InputError(f"MMIO GPA {gpa:#x} is outside {vm.name}'s memory")
+        vm.mmio.setdefault(page, bytearray(PAGE))
+        vm.npt.map(page, vm.back(page) | (1 << (50 if self.cbit == 51 else 51)))  # reserved above MAXPHYADDR
+        for vcpu in vm.vcpus:
+            vcpu.vmcb.tlb_control = TlbControl.FLUSH_ASID
+
+    def hypercall(self, vm: Vm, regs: dict[str, int]) -> int:
+        """VMMCALL: KVM_HC_MAP_GPA_RANGE; -KVM_ENOSYS for anything else."""
+        return self._hypercall(vm, regs)
 
     def _hypercall(self, vm: Vm, regs: dict[str, int]) -> int:
         if regs["rax"] == KVM_HC_MAP_GPA_RANGE:

@@ -64,6 +64,16 @@ class Vcpu:
     guest_state_protected: bool = False
     """SEV-ES: the vCPU's state went into its encrypted VMSA (KVM ``guest_state_protected``); the
     VMCB's save fields and :attr:`arch` are no longer the guest's."""
+    reset_hold: bool = False
+    """SEV-ES: parked in AP reset hold (GHCB MSR protocol or AP_HLT_LOOP) until released."""
+    holds: int = 0
+    """How many times the vCPU entered AP reset hold."""
+    released: bool = False
+    """Released from AP reset hold by the AP jump table (the model's INIT-SIPI, :mod:`sevemu.hypervisor.ghcb`)."""
+    ghcb_registered: int | None = None
+    """The GHCB GPA the guest registered (GHCB MSR protocol REG_GPA_REQ), if it did."""
+    ghcb_errors: list[str] = field(default_factory=list)
+    """GHCB errors the hypervisor answered this vCPU's VMGEXITs with (:mod:`sevemu.hypervisor.ghcb`)."""
 
 
 class Vm:
@@ -106,6 +116,13 @@ class Vm:
         self.console = bytearray()
         self.shared_gpas: set[int] = set()  # pages the guest declared shared (KVM_HC_MAP_GPA_RANGE)
         self.crash_reason: str | None = None
+        self.termination: tuple[int, int] | None = None
+        """SEV-ES: the (reason set, reason code) of the guest's termination request."""
+        self.ap_jump_table = 0
+        """SEV-ES: the AP jump table's address the guest set (GHCB AP_JUMP_TABLE)."""
+        self.mmio: dict[int, bytearray] = {}
+        """Emulated MMIO pages (GPA -> register bytes): the NPT maps them with a reserved bit, so an
+        access is an NPF with RSVD (SEV-ES: #VC 0x400 in the guest, which asks with MMIO_READ/WRITE)."""
         self._owned: set[int] = set()  # SPAs allocated for this VM (freed on release)
 
     @property

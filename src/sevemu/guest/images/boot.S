@@ -6,8 +6,10 @@
  * are written with the guest's key.
  *
  * 1. RDMSR SEV_STATUS (never intercepted): bit 0 = memory encryption active.  If so, CPUID
- *    Fn8000_001F EBX[5:0] gives the C-bit position.  A plain VM uses no C-bit: the same image runs
- *    either way.
+ *    Fn8000_001F EBX[5:0] gives the C-bit position -- for an SEV-ES guest (bit 1), whose CPUID
+ *    would raise #VC before any IDT exists, the GHCB MSR protocol's SEV information request does
+ *    (GHCB 56421 2.3.1; a bad answer terminates the guest, reason set 0 code 0).  A plain VM uses
+ *    no C-bit: the same image runs either way.
  * 2. Page tables: identity map of the first GiB with 2 MiB pages, C-bit set in every entry; the
  *    2 MiB region holding the shared page(s) gets a 4 KiB table in which those pages have C = 0.
  *    A and D are preset so the page walker never has to write them.
@@ -16,6 +18,8 @@
  *    (every other HLT means "host, your turn": see the bounce buffer in rt.h).
  */
 #define SEV_STATUS 0xC0010131
+#define GHCB_MSR   0xC0010130
+#define VMGEXIT    .byte 0xf3, 0x0f, 0x01, 0xd9   /* rep; vmmcall */
 #define EFER       0xC0000080
 #define MAX_VCPUS  8
 #define STACK_SIZE 16384
@@ -35,10 +39,25 @@ _start:
     movl    $0, boot_cmask_lo
     test    $1, %eax
     jz      2f
-    mov     $0x8000001F, %eax
+    test    $2, %eax                    /* SEV-ES: CPUID would be a #VC, and there is no IDT yet */
+    jz      7f
+    mov     $GHCB_MSR, %ecx             /* GHCB MSR protocol: SEV information request */
+    mov     $0x002, %eax
+    xor     %edx, %edx
+    wrmsr
+    VMGEXIT
+    rdmsr
+    mov     %eax, %ebx
+    and     $0xFFF, %ebx
+    cmp     $0x001, %ebx                /* SEV information response */
+    jne     boot_terminate
+    mov     %eax, %ebx
+    shr     $24, %ebx                   /* the C-bit position */
+    jmp     8f
+7:  mov     $0x8000001F, %eax
     xor     %ecx, %ecx
     cpuid
-    mov     %ebx, %ecx
+8:  mov     %ebx, %ecx
     and     $0x3F, %ecx
     cmp     $32, %ecx
     jb      1f
@@ -144,6 +163,57 @@ rt_done:                                /* the guest is finished: the host sees 
     hlt
     jmp     rt_done
 
+    .code32
+boot_terminate:                         /* GHCB MSR protocol: terminate, reason set 0, code 0 */
+    mov     $GHCB_MSR, %ecx
+    mov     $0x100, %eax
+    xor     %edx, %edx
+    wrmsr
+    VMGEXIT
+    hlt
+    jmp     boot_terminate
+
+    /* #VC (vector 29): save the GPRs, vc_handler(struct vc_frame *), restore, drop the error code */
+    .code64
+    .globl  vc_entry
+vc_entry:
+    push    %rax
+    push    %rbx
+    push    %rcx
+    push    %rdx
+    push    %rsi
+    push    %rdi
+    push    %rbp
+    push    %r8
+    push    %r9
+    push    %r10
+    push    %r11
+    push    %r12
+    push    %r13
+    push    %r14
+    push    %r15
+    mov     %rsp, %rdi
+    sub     $8, %rsp                    /* the ABI's 16-byte alignment at the call */
+    call    vc_handler
+    add     $8, %rsp
+    pop     %r15
+    pop     %r14
+    pop     %r13
+    pop     %r12
+    pop     %r11
+    pop     %r10
+    pop     %r9
+    pop     %r8
+    pop     %rbp
+    pop     %rdi
+    pop     %rsi
+    pop     %rdx
+    pop     %rcx
+    pop     %rbx
+    pop     %rax
+    add     $8, %rsp                    /* the error code */
+    iretq
+
     .section .rodata
     .p2align 4
 gdt:
@@ -171,5 +241,6 @@ pt_pt:      .skip 4096
 
     .section .stacks, "aw", @nobits
     .p2align 12
+    .globl  boot_stacks
 boot_stacks:
     .skip   MAX_VCPUS * STACK_SIZE

@@ -17,6 +17,9 @@ typedef unsigned long size_t;
 #define PAGE_SIZE 4096
 #define KVM_HC_MAP_GPA_RANGE 12
 #define SEV_STATUS_MSR 0xC0010131u
+#define GHCB_MSR 0xC0010130u
+#define MAX_VCPUS 8
+#define STACK_SIZE 16384
 
 /* ---- CPU access ---------------------------------------------------------------------------- */
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
@@ -39,6 +42,11 @@ static inline u64 vmmcall(u64 nr, u64 a, u64 b, u64 c) {
     __asm__ volatile("vmmcall" : "=a"(ret) : "a"(nr), "b"(a), "c"(b), "d"(c) : "memory");
     return ret;
 }
+static inline void wrmsr(u32 msr, u64 v) {
+    __asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+}
+/* VMGEXIT (rep; vmmcall): an SEV-ES guest's exit through its GHCB */
+static inline void vmgexit(void) { __asm__ volatile("rep; vmmcall" : : : "memory"); }
 static inline void hlt(void) { __asm__ volatile("hlt" : : : "memory"); }
 static inline void pause(void) { __asm__ volatile("pause" : : : "memory"); }
 static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
@@ -48,6 +56,33 @@ extern u64 rt_cmask;           /* the C-bit as a mask (0 in a plain VM) */
 extern u32 rt_ncpus;           /* number of vCPUs */
 int sev_active(void);
 int cbit_position(void);       /* -1 when memory encryption is off */
+
+/* ---- SEV-ES: the GHCB and #VC (GHCB 56421) ----------------------------------------------------- *
+ * Each vCPU has its own GHCB, a shared page.  Non-automatic exits (CPUID, IN/OUT, RDMSR/WRMSR,
+ * VMMCALL, MMIO) raise #VC; the runtime's handler fills the GHCB and executes VMGEXIT.  A guest may
+ * also call the hypervisor itself: fill the fields (ghcb_set), then ghcb_call().  Offsets are the
+ * GHCB's (struct ghcb in Linux). */
+#define GHCB_RAX 0x1F8
+#define GHCB_RCX 0x308
+#define GHCB_RDX 0x310
+#define GHCB_RBX 0x318
+#define GHCB_SW_EXIT_CODE 0x390
+#define GHCB_SW_EXIT_INFO_1 0x398
+#define GHCB_SW_EXIT_INFO_2 0x3A0
+#define GHCB_SW_SCRATCH 0x3A8
+#define GHCB_XCR0 0x3E8
+#define GHCB_SHARED_BUF 0x800
+#define GHCB_SHARED_BUF_SIZE 2032
+int sev_es_active(void);
+u32 rt_cpu(void);                            /* this vCPU's index (from its stack) */
+u8 *ghcb_page(void);                         /* this vCPU's GHCB */
+void ghcb_clear(u8 *g);                      /* clear the valid bitmap (before filling it) */
+void ghcb_set(u8 *g, u32 off, u64 v);        /* write a field and mark it valid */
+u64 ghcb_get(u8 *g, u32 off);                /* a field the hypervisor wrote (terminates if not valid) */
+void ghcb_call(u8 *g, u64 exit_code, u64 info1, u64 info2);  /* VMGEXIT; terminates on an error */
+u64 ghcb_msr_call(u64 request);              /* GHCB MSR protocol: request -> response */
+void sev_es_terminate(u32 reason_set, u32 reason_code) __attribute__((noreturn));
+extern u64 vc_count[MAX_VCPUS];              /* #VC exceptions handled, per vCPU */
 
 /* ---- the shared (C-bit clear) page: a virtio-style bounce buffer ------------------------------ */
 extern char __shared_start[], __shared_end[];

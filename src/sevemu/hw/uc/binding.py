@@ -26,13 +26,19 @@ __all__ = [
     "OUT_CB",
     "REG",
     "REG_CR0",
+    "REG_CR2",
     "REG_CR3",
     "REG_CR4",
+    "REG_CS",
+    "REG_IDTR",
     "REG_MSR",
     "REG_RFLAGS",
     "REG_RIP",
+    "REG_SS",
+    "REG_TR",
     "SYNC_IDS",
     "TLB_FILL_CB",
+    "Mmr",
     "MsrArg",
     "check",
     "ctl",
@@ -79,9 +85,21 @@ REG_CR0: Final = 50
 REG_CR3: Final = 53
 REG_CR4: Final = 54
 REG_MSR: Final = 248
+REG_CS: Final = 11
+REG_SS: Final = 49
+REG_CR2: Final = 52
+REG_IDTR: Final = 242
+REG_TR: Final = 245
 SYNC_IDS: Final = [REG[n] for n in GPRS] + [REG_RIP, REG_RFLAGS, REG_CR0, REG_CR3, REG_CR4]
 """The register batch read at every stop: the 16 GPRs in VMCB order, then RIP, RFLAGS, CR0, CR3, CR4."""
 I_RIP, I_RFLAGS, I_CR0, I_CR3, I_CR4 = 16, 17, 18, 19, 20
+
+
+class Mmr(ctypes.Structure):
+    """``uc_x86_mmr``: a descriptor-table or task register (selector, base, limit, flags)."""
+
+    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
 
 
 def ctl(op: int, nargs: int, which: int) -> int:
@@ -120,6 +138,7 @@ def library() -> ctypes.CDLL:
             ("uc_mem_map_ptr", ctypes.c_int, [eng, _u64, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_void_p]),
             ("uc_mem_write", ctypes.c_int, [eng, _u64, ctypes.c_void_p, ctypes.c_size_t]),
             ("uc_vmem_read", ctypes.c_int, [eng, _u64, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]),
+            ("uc_vmem_write", ctypes.c_int, [eng, _u64, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]),
             ("uc_reg_read", ctypes.c_int, [eng, ctypes.c_int, ctypes.c_void_p]),
             ("uc_reg_write", ctypes.c_int, [eng, ctypes.c_int, ctypes.c_void_p]),
             ("uc_reg_read_batch", ctypes.c_int, [eng, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]),

@@ -41,7 +41,7 @@ from sevemu.errors import HardwareError, InputError
 from sevemu.hw.cache import tag_key
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault
-from sevemu.hw.svm import GPRS, SaveState, Vmcb, VmExit
+from sevemu.hw.svm import GPRS, SaveState, VmExit
 from sevemu.hw.uc import binding as uc
 from sevemu.hw.uc import exits
 from sevemu.hw.uc.binding import I_CR0, I_CR3, I_RIP, REG, SYNC_IDS, check, ctl
@@ -78,6 +78,7 @@ from sevemu.hw.x86.arch import (
     MSR_EFER,
     RFLAGS_FIXED,
 )
+from sevemu.hw.x86.exc import CpuView, Delivered
 from sevemu.hw.x86.state import InitialState
 
 __all__ = ["EngineClosedError", "UcEngine", "check_vmcb_state"]
@@ -85,6 +86,7 @@ __all__ = ["EngineClosedError", "UcEngine", "check_vmcb_state"]
 _VM_HSAVE_PA_MSR: Final = 0xC001_0117
 _CLEAN_SYNCS_BEFORE_DEMOTE: Final = 256
 _SPURIOUS_LIMIT: Final = 1000
+_I_RSP: Final = GPRS.index("rsp")
 
 
 def _weakly(method: Callable[[], None]) -> Callable[[], None]:
@@ -104,11 +106,10 @@ class EngineClosedError(HardwareError):
     """Raised when a closed Unicorn engine is asked to run again."""
 
 
-def check_vmcb_state(vmcb: Vmcb) -> str | None:
-    """Why the VMCB's save area cannot be run by this engine (None when it can)."""
+def check_vmcb_state(vmcb: SaveState) -> str | None:
+    """Why a save state (the VMCB's save area, or an SEV-ES guest's VMSA) cannot be run by this
+    engine (None when it can)."""
     cr0, cr4, efer = vmcb.cr0, vmcb.cr4, vmcb.efer
-    if vmcb.sev_es_enable:
-        return "SEV-ES guests exit through the GHCB (VMGEXIT), which this engine does not implement"
     if not cr0 & CR0_PE:
         return f"CR0 {cr0:#x}: real mode is not supported, the guest must start in protected mode"
     if cr0 & CR0_PG:
@@ -251,7 +252,7 @@ class UcEngine:
             return VmExit(ExitCode.SHUTDOWN)
         self.stats.runs += 1
         if not self._booted:
-            reason = check_vmcb_state(cpu.vmcb)
+            reason = check_vmcb_state(cpu.state)
             if reason is None:
                 try:
                     self._boot(cpu)
@@ -376,6 +377,61 @@ class UcEngine:
     def guest_efer(self, cr0: int) -> int:
         return self._efer | (EFER_LMA if (self._efer & EFER_LME and cr0 & CR0_PG) else 0)
 
+    # ---- exception delivery (what hw/x86/exc.py needs of the engine) ---------------------------
+    def _mmr(self, reg: int) -> uc.Mmr:
+        m = uc.Mmr()
+        check(self._lib.uc_reg_read(self._h, reg, ctypes.byref(m)), "descriptor-table register read")
+        return m
+
+    def _access_failed(self) -> None:
+        """After a failed access during delivery: an NPF is the hypervisor's (#VMEXIT; the
+        instruction runs again once it is resolved, and raises its exception again)."""
+        pending, self._pending = self._pending, None
+        if isinstance(pending, NestedPageFault):
+            raise pending
+
+    def read_virt(self, gva: int, n: int) -> bytes | None:
+        buf = ctypes.create_string_buffer(n)
+        if self._lib.uc_vmem_read(self._h, gva, uc.UC_PROT_READ, buf, n) != uc.UC_ERR_OK:
+            self._access_failed()
+            return None
+        return buf.raw[:n]
+
+    def write_virt(self, gva: int, data: bytes) -> bool:
+        # Through Unicorn's TLB, so the fill hook grants the write and the pool writes it back at
+        # the next exit; each page is probed for writing first, so nothing is stored on a fault.
+        for page in sorted({gva & ~(PAGE - 1), (gva + len(data) - 1) & ~(PAGE - 1)}):
+            addr = max(page, gva)
+            probe = ctypes.create_string_buffer(1)
+            if self._lib.uc_vmem_read(self._h, addr, uc.UC_PROT_READ, probe, 1) != uc.UC_ERR_OK or \
+                    self._lib.uc_vmem_write(self._h, addr, uc.UC_PROT_WRITE, probe, 1) != uc.UC_ERR_OK:
+                self._access_failed()
+                return False
+        buf = ctypes.create_string_buffer(data, len(data))
+        if self._lib.uc_vmem_write(self._h, gva, uc.UC_PROT_WRITE, buf, len(data)) != uc.UC_ERR_OK:
+            self._access_failed()
+            return False
+        return True
+
+    def cpu_view(self, rip: int) -> CpuView:
+        vals = self.vals
+        idtr = self._mmr(uc.REG_IDTR)
+        long_mode = bool(vals[I_CR0] & CR0_PG) and bool(self._efer & EFER_LME)
+        return CpuView(long_mode=long_mode, idtr_base=idtr.base, idtr_limit=idtr.limit,
+                       cs=self._reg_read(uc.REG_CS) & 0xFFFF, ss=self._reg_read(uc.REG_SS) & 0xFFFF, rip=rip, rsp=vals[_I_RSP],
+                       rflags=vals[uc.I_RFLAGS], tr_base=self._mmr(uc.REG_TR).base if long_mode else 0)
+
+    def enter_handler(self, d: Delivered) -> None:
+        self.write_reg(REG["rsp"], d.rsp)
+        self.write_reg(uc.REG_RFLAGS, d.rflags)
+        self.vals[_I_RSP] = d.rsp
+        self.vals[uc.I_RFLAGS] = d.rflags
+        self.vals[I_RIP] = d.rip
+        self.stats.exceptions_delivered += 1
+
+    def write_cr2(self, address: int) -> None:
+        self.write_reg(uc.REG_CR2, address)
+
     def refresh(self) -> None:
         if self.pool.stale:
             changed = self.pool.refresh_stale()
@@ -424,6 +480,7 @@ class UcEngine:
         self._cpu = cpu
         core = cpu.core
         pool = self.pool
+        pool.synced = False
         if (core.cache is not pool.cache or core.tlb.by_asid.get(cpu.asid) is not self._tlb_token
                 or pool.stale or pool.evict_requested):
             self._enter_maintenance(cpu)
@@ -474,13 +531,18 @@ class UcEngine:
     def _leave(self, state: SaveState) -> None:
         """#VMEXIT: write modified slots back into the SoC and the registers into the save state."""
         vals = self.vals.tolist()
-        if self.pool.writable:
-            if self.pool.sync_all():
+        writable = self.pool.writable
+        if writable:
+            # Slots that stay clean lose their write permission after a while (a TLB flush), so that
+            # only pages the guest keeps writing are compared at each exit -- also while others (an
+            # SEV-ES guest's GHCB) are written at every exit.
+            if self.pool.sync_all() >= len(writable):
                 self._clean_syncs = 0
             else:
                 self._clean_syncs += 1
                 if self._clean_syncs >= _CLEAN_SYNCS_BEFORE_DEMOTE:
                     self._demote_writes(vals[I_CR0], vals[I_CR3])
+        self.pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
         gprs = vals[:16]
         state.regs.update(zip(GPRS, gprs))
         self._shadow_gprs = gprs
@@ -553,6 +615,7 @@ class UcEngine:
                     io_exit = self._port_io(cpu, rip)
                     if io_exit is not None:
                         return io_exit
+                    rip = vals[I_RIP]  # past a spurious stop: unchanged; a delivered #VC: its handler
                     continue
                 if self._imprecise_io is not None:
                     raise Crash(self._imprecise_io)
@@ -588,8 +651,9 @@ class UcEngine:
         if out is None:
             self.stats.spurious_stops += 1
             return None
-        if isinstance(out, insn.Fault):
-            exits.deliver(out, rip)
+        if isinstance(out, insn.Fault):  # #VC of an SEV-ES guest, #GP: the guest's handler runs next
+            exits.deliver(self, out, rip)
+            return None
         if not isinstance(out, insn.Exit):  # pragma: no cover - port I/O always exits
             raise Crash(f"engine error: port I/O at RIP {rip:#x} did not exit")
         if out.exit.info1 & 4:  # STR

@@ -14,18 +14,20 @@ guest mode).
 :func:`intercept` turns such a stop -- and #UD, which is where the SEV-SNP instructions QEMU 5
 does not know arrive -- into a call of the shared instruction semantics
 (:mod:`sevemu.hw.x86.insn`) and applies the outcome: registers and RIP for a retired instruction,
-the :class:`~sevemu.hw.svm.VmExit` for the hypervisor, or a guest exception.  Exceptions are not
-delivered to a guest IDT yet (:func:`deliver` is the one place that changes when they
-are): each one is a triple fault, :class:`Crash`.  The functions take the engine as an
+the :class:`~sevemu.hw.svm.VmExit` for the hypervisor, or a guest exception, which
+:func:`deliver` delivers through the guest's IDT (:mod:`sevemu.hw.x86.exc`: the #VC of an SEV-ES
+guest's non-automatic exit, #GP, #UD, #PF with CR2 ...); when that fails even as #DF the guest is
+dead: a triple fault, :class:`Crash`.  The functions take the engine as an
 :class:`EnginePort` and keep no state.
 """
 
 from __future__ import annotations
 
 import array
-from typing import Final, NoReturn, Protocol
+from typing import Final, Protocol
 
 from sevemu._util.units import PAGE
+from sevemu.abi.paging import ExitCode
 from sevemu.errors import InputError
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault
@@ -54,6 +56,7 @@ from sevemu.hw.x86.arch import (
     exception_name,
 )
 from sevemu.hw.x86.decode import GuestInsn, decode_guest_insn, skip_prefixes
+from sevemu.hw.x86.exc import ERROR_CODE_VECTORS, CpuView, Delivered, escalate
 
 __all__ = [
     "EXIT_CPUID", "EXIT_HLT", "EXIT_MSR", "EXIT_VMMCALL", "EXIT_VMRUN", "EXIT_WBINVD", "HSAVE_PA", "IOPM_PA", "MSRPM_PA",
@@ -174,6 +177,20 @@ class EnginePort(Protocol):
         """Re-read pool slots someone else changed (the guest continues without a VMRUN)."""
         ...
 
+    def read_virt(self, gva: int, n: int) -> bytes | None: ...
+
+    def write_virt(self, gva: int, data: bytes) -> bool: ...
+
+    def cpu_view(self, rip: int) -> CpuView:
+        """The interrupted CPU as exception delivery sees it, returning to ``rip``."""
+        ...
+
+    def enter_handler(self, d: Delivered) -> None:
+        """Continue at the handler: RIP, RSP, RFLAGS as delivery left them."""
+        ...
+
+    def write_cr2(self, address: int) -> None: ...
+
 
 # ---- intercepts -------------------------------------------------------------------------------------
 def intercept(e: EnginePort, cpu: GuestCpu, code: int, rip: int) -> VmExit | None:
@@ -213,7 +230,8 @@ def intercept(e: EnginePort, cpu: GuestCpu, code: int, rip: int) -> VmExit | Non
         return apply(e, cpu, out, rip, plen + 2)
     name = _UD_INTERCEPTS.get(code)
     if name is not None:
-        deliver(insn.undefined(name), rip)
+        deliver(e, insn.undefined(name), rip)
+        return None
     cpu.vmcb.next_rip = 0
     return VmExit(code)
 
@@ -224,7 +242,8 @@ def apply(e: EnginePort, cpu: GuestCpu, out: insn.Outcome, rip: int, length: int
         cpu.vmcb.next_rip = rip + length
         return out.exit
     if isinstance(out, insn.Fault):
-        deliver(out, rip)
+        deliver(e, out, rip)
+        return None
     for name, value in out.regs:
         e.write_reg(REG[name], value)
     if out.cf is not None:
@@ -237,13 +256,19 @@ def apply(e: EnginePort, cpu: GuestCpu, out: insn.Outcome, rip: int, length: int
 
 
 # ---- exceptions ---------------------------------------------------------------------------------
-def deliver(fault: insn.Fault, rip: int) -> NoReturn:
-    """A guest exception.  The engine's guests have no IDT (delivery is not modelled yet):
-    a triple fault."""
-    detail = f": {fault.reason}" if fault.reason else ""
-    code = f", error code {fault.error_code:#x}" if fault.error_code else ""
-    raise Crash(f"{exception_name(fault.vector)} at RIP {rip:#x}{detail}{code}, with no IDT to deliver "
-                "it: triple fault")
+def deliver(e: EnginePort, fault: insn.Fault, rip: int, return_rip: int | None = None) -> None:
+    """Deliver a guest exception through its IDT (:mod:`sevemu.hw.x86.exc`): the handler runs next
+    (RIP in the register batch).  A fault is delivered with RIP on the faulting instruction; a
+    software interrupt with ``return_rip`` after it.  When delivery fails even as #DF: a triple
+    fault (:class:`Crash`)."""
+    vector = fault.vector
+    error_code = (fault.error_code or 0) if vector in ERROR_CODE_VECTORS else None
+    out = escalate(e, e.cpu_view(rip if return_rip is None else return_rip), vector, error_code)
+    if isinstance(out, str):
+        detail = f": {fault.reason}" if fault.reason else ""
+        code = f", error code {fault.error_code:#x}" if fault.error_code else ""
+        raise Crash(f"{exception_name(vector)} at RIP {rip:#x}{detail}{code}, not delivered ({out}): triple fault")
+    e.enter_handler(out)
 
 
 def exception(e: EnginePort, cpu: GuestCpu, vector: int, rip: int) -> VmExit | None:
@@ -251,7 +276,13 @@ def exception(e: EnginePort, cpu: GuestCpu, vector: int, rip: int) -> VmExit | N
     does not know (PVALIDATE, RMPADJUST): those go to the shared semantics."""
     if vector == Vector.UD:
         return _unknown_to_qemu(e, cpu, rip)
-    deliver(insn.Fault(vector, None, ""), rip)
+    code = e.read_code(rip, 2)
+    if vector >= 32 or (code[:1] == b"\xcd" and code[1:2] == bytes([vector])) or (vector == Vector.BP and code[:1] == b"\xcc"):
+        # INT n / INT3: a software interrupt, which returns past the instruction
+        deliver(e, insn.Fault(vector, None, "software interrupt"), rip, return_rip=rip + (1 if code[:1] == b"\xcc" else 2))
+        return None
+    deliver(e, insn.Fault(vector, 0 if vector in ERROR_CODE_VECTORS else None, ""), rip)
+    return None
 
 
 def error(e: EnginePort, cpu: GuestCpu, err: int, pending: PageFault | NestedPageFault | None,
@@ -261,10 +292,18 @@ def error(e: EnginePort, cpu: GuestCpu, err: int, pending: PageFault | NestedPag
     to the shared semantics.  Returns what :meth:`apply` returns for those."""
     if err == UC_ERR_EXCEPTION:
         if isinstance(pending, NestedPageFault):
+            # an SEV-ES guest's NPF on a reserved-bit (MMIO) entry is #VC 0x400 in the guest
+            out = insn.exit_for(cpu, ExitCode.NPF, pending.exit_info1, pending.gpa)
+            if isinstance(out, insn.Fault):
+                deliver(e, out, rip)
+                return None
             raise pending
         if isinstance(pending, PageFault):
-            deliver(insn.Fault(Vector.PF, pending.error_code, f"address {pending.address:#x}"), rip)
-        deliver(insn.Fault(Vector.GP, 0, "non-canonical or inaccessible address"), rip)
+            e.write_cr2(pending.address)
+            deliver(e, insn.Fault(Vector.PF, pending.error_code, f"address {pending.address:#x}"), rip)
+            return None
+        deliver(e, insn.Fault(Vector.GP, 0, "non-canonical or inaccessible address"), rip)
+        return None
     if err == UC_ERR_INSN_INVALID:
         return _unknown_to_qemu(e, cpu, rip)
     msg = library().uc_strerror(err)
@@ -276,7 +315,8 @@ def _unknown_to_qemu(e: EnginePort, cpu: GuestCpu, rip: int) -> VmExit | None:
     code = e.read_code(rip, 15)
     guest = decode_guest_insn(code, bool(vals[I_CR0] & CR0_PG))
     if guest is None:
-        deliver(insn.Fault(Vector.UD, None, ""), rip)
+        deliver(e, insn.Fault(Vector.UD, None, ""), rip)
+        return None
     kind, length = guest
     state = cpu.state  # the operands' translation uses the paging state as of now
     state.cr0, state.cr3 = vals[I_CR0], vals[I_CR3]
@@ -285,5 +325,6 @@ def _unknown_to_qemu(e: EnginePort, cpu: GuestCpu, rip: int) -> VmExit | None:
     elif kind is GuestInsn.RMPADJUST:
         out = insn.rmpadjust(cpu, vals[0], vals[2], vals[3])
     else:  # VMMCALL / VMGEXIT arrive as intercepts, never as #UD
-        deliver(insn.Fault(Vector.UD, None, kind.value), rip)
+        deliver(e, insn.Fault(Vector.UD, None, kind.value), rip)
+        return None
     return apply(e, cpu, out, rip, length)

@@ -16,8 +16,9 @@ the cache as a :class:`~sevemu.hw.cache.CacheAgent` and the cache snoops it.
   them on their way to DRAM).
 * Before someone else reads lines of a page the pool holds, the snoop writes the modifications
   back; before someone else writes, CLFLUSHes, VMPAGE_FLUSHes, WBINVDs or INVDs them, it writes
-  back and marks the slot stale (:attr:`PagePool.stale`); the engine re-reads stale slots
-  (:meth:`PagePool.refresh_stale`) before the guest runs again.  On coherent profiles a fill in
+  back and marks the slot stale (:attr:`PagePool.stale`) -- the lines it named, or the whole page
+  for a large range or WBINVD; the engine re-reads them (:meth:`PagePool.refresh_stale`) before
+  the guest runs again (a host's write to a few fields of a shared page costs a few lines).  On coherent profiles a fill in
   another domain of the same SPA makes the slot stale too.
 * The pool is bounded: when it runs low, it asks the engine to stop at the next block boundary and
   the oldest quarter is written back and dropped (:meth:`PagePool.evict`).
@@ -40,6 +41,8 @@ from sevemu.hw.uc.stats import UcStats
 __all__ = ["PagePool"]
 
 _LOW_WATER = 16  # free slots left when the pool asks for an eviction at the next block boundary
+_BLOCK = 512  # sync_slot compares blocks of 8 lines before single lines
+_PARTIAL_LINES = 16  # a snoop naming more lines of a page makes the whole slot stale
 
 
 class PagePool:
@@ -64,9 +67,13 @@ class PagePool:
         self._order: deque[int] = deque()  # fill order (eviction is FIFO)
         self.writable: set[int] = set()
         """Slots Unicorn may have written (write permission granted since the last TLB flush)."""
-        self.stale: set[int] = set()
-        """Slots someone else changed: re-read before the guest runs again."""
+        self.stale: dict[int, set[int] | None] = {}
+        """Slots someone else changed: re-read before the guest runs again -- the offsets of the
+        64-byte lines that changed, or None for the whole page."""
         self.evict_requested = False
+        self.synced = False
+        """Every writable slot was written back and the guest has not run since (set by the engine
+        at #VMEXIT, cleared at VMRUN): a snoop has nothing to write back."""
 
     # ---- the buffer -----------------------------------------------------------------------------
     def open(self) -> int:
@@ -152,6 +159,9 @@ class PagePool:
         write = self.cache.write
         o = 0
         while o < PAGE:
+            if not o % _BLOCK and cur[o : o + _BLOCK] == snap[o : o + _BLOCK]:
+                o += _BLOCK  # (a block of lines compared at once: most of a page is unchanged)
+                continue
             if cur[o : o + LINE] == snap[o : o + LINE]:
                 o += LINE
                 continue
@@ -176,21 +186,37 @@ class PagePool:
         return dirty
 
     def refresh_stale(self) -> list[int]:
-        """Re-read the slots someone else changed; returns those whose contents differ now."""
-        stale, self.stale = self.stale, set()
+        """Re-read the slots someone else changed (only the lines a snoop named, where it named
+        them); returns those whose contents differ now."""
+        stale, self.stale = self.stale, {}
         mm = self.mm
         assert mm is not None and self.cache is not None
+        read = self.cache.read
         changed = []
-        for s in stale:
+        for s, lines in stale.items():
             key = self.slot_key.get(s)
             if key is None:
                 continue
             asid, c, spa = key_domain(key)
-            new = self.cache.read(asid, c, spa, PAGE, origin=self)
-            if new != mm[s * PAGE : (s + 1) * PAGE]:
-                mm[s * PAGE : (s + 1) * PAGE] = new
-                changed.append(s)
-            self._snap[s] = new
+            base = s * PAGE
+            if lines is None:
+                new = read(asid, c, spa, PAGE, origin=self)
+                if new != mm[base : base + PAGE]:
+                    mm[base : base + PAGE] = new
+                    changed.append(s)
+                self._snap[s] = new
+            else:
+                snap = bytearray(self._snap[s])
+                differs = False
+                for off in sorted(lines):
+                    line = read(asid, c, spa + off, LINE, origin=self)
+                    if line != mm[base + off : base + off + LINE]:
+                        mm[base + off : base + off + LINE] = line
+                        differs = True
+                    snap[off : off + LINE] = line
+                self._snap[s] = bytes(snap)
+                if differs:
+                    changed.append(s)
             self.stats.slot_refreshes += 1
         return changed
 
@@ -219,7 +245,7 @@ class PagePool:
                 del self._by_spa[spa]
         self._snap.pop(s, None)
         self.writable.discard(s)
-        self.stale.discard(s)
+        self.stale.pop(s, None)
         if self.on_forget is not None:
             self.on_forget(s)
         self._free.append(s)
@@ -250,11 +276,26 @@ class PagePool:
         """Cache lines with keys in ``[lo, hi)`` are about to be read / changed by someone else."""
         if not self.slot_of:
             return
+        synced = self.synced
         for s in self._slots_in(lo, hi):
-            if s in self.writable:
+            if s in self.writable and not synced:
                 self.sync_slot(s)
             if invalidate:
-                self.stale.add(s)
+                self._mark_stale(s, lo, hi)
+
+    def _mark_stale(self, s: int, lo: int, hi: int) -> None:
+        """Slot ``s`` must re-read the lines of its page inside ``[lo, hi)`` (cache keys)."""
+        if s in self.stale and self.stale[s] is None:
+            return
+        page = self.slot_key[s]
+        first, last = max(lo, page), min(hi, page + PAGE)
+        if last - first > _PARTIAL_LINES * LINE:
+            self.stale[s] = None
+            return
+        lines = self.stale.get(s)
+        if lines is None:
+            lines = self.stale[s] = set()
+        lines.update(range((first - page) & ~(LINE - 1), last - page, LINE))
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profile: a line of ``key``'s SPA is filled in ``key``'s domain."""
@@ -266,7 +307,7 @@ class PagePool:
             if self.slot_key.get(s) != page_key:
                 if s in self.writable:
                     self.sync_slot(s)
-                self.stale.add(s)
+                self.stale[s] = None
 
     # ---- inspection --------------------------------------------------------------------------------
     def resident_pages(self) -> list[tuple[int, bool, int]]:

@@ -24,6 +24,8 @@ class UcStats:
     tlb_flushes: int = 0
     io_exits: int = 0
     spurious_stops: int = 0
+    exceptions_delivered: int = 0
+    """Exceptions delivered through the guest's IDT (#VC of an SEV-ES guest, #GP, #PF ...)."""
     by_code: dict[int, int] = field(default_factory=dict)
 
     @property

@@ -5,8 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sevemu.errors import InputError
-from sevemu.hw.svm import GPRS, Vmcb
-from sevemu.hw.x86.arch import CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, RFLAGS_FIXED
+from sevemu.hw.svm import GPRS, Segment, Vmcb
+from sevemu.hw.x86.arch import (
+    ATTR_CODE32,
+    ATTR_CODE64,
+    ATTR_DATA,
+    CR0_ET,
+    CR0_PE,
+    CR0_PG,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    RFLAGS_FIXED,
+)
 
 __all__ = ["InitialState"]
 
@@ -52,6 +64,15 @@ class InitialState:
             if not 0 <= value < 1 << 64:
                 raise InputError(f"initial {name} {value:#x} does not fit 64 bits")
 
+    def segments(self) -> dict[str, Segment]:
+        """The segment registers of the mode: flat code (0x08) and data (0x10) segments, a GDT and
+        IDT of limit 0 (none yet), an empty LDT and a busy TSS -- what an SEV-ES vCPU's VMSA holds."""
+        code = Segment(0x08, ATTR_CODE32 if self.mode == "protected32" else ATTR_CODE64, 0xFFFFFFFF, 0)
+        data = Segment(0x10, ATTR_DATA, 0xFFFFFFFF, 0)
+        none = Segment(0, 0, 0, 0)
+        return {"es": data, "cs": code, "ss": data, "ds": data, "fs": data, "gs": data, "gdtr": none,
+                "ldtr": Segment(0, 0x82, 0xFFFF, 0), "idtr": none, "tr": Segment(0, 0x8B, 0xFFFF, 0)}
+
     def apply(self, vmcb: Vmcb) -> None:
         """Validate, then write the state into ``vmcb`` (before the first VMRUN)."""
         self.validate()
@@ -62,7 +83,7 @@ class InitialState:
             vmcb.efer = EFER_LME | EFER_LMA | (EFER_NXE if self.nxe else 0)
         vmcb.rip = self.rip
         vmcb.rflags = RFLAGS_FIXED
-        vmcb.segments = {}  # the flat segments of the mode
+        vmcb.segments = self.segments()
         for name in GPRS:
             vmcb.regs[name] = 0
         vmcb.regs["rsp"] = self.rsp

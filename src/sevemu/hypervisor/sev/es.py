@@ -89,6 +89,7 @@ def launch_update_vmsa(host: SevHost, vm: Vm) -> None:
         host.issue(CommandId.LAUNCH_UPDATE_VMSA, LaunchUpdateDataCmd(handle=vm.handle, paddr=spa, len=VMSA_PAGE_SIZE))
         vcpu.guest_state_protected = True
         vcpu.vmcb.sev_es_enable = True
+        vcpu.vmcb.vmsa_pa = spa  # the VMCB's VMSA pointer (sev_es_init_vmcb)
 
 
 def _vmsa(host: SevHost, vm: Vm, vcpu: int) -> int:
@@ -113,3 +114,4 @@ def receive_update_vmsa(host: SevHost, vm: Vm, vcpu: int, hdr: bytes, trans: byt
     target = vm.vcpus[vcpu]
     target.guest_state_protected = True
     target.vmcb.sev_es_enable = True
+    target.vmcb.vmsa_pa = vm.vmsa_page(vcpu)

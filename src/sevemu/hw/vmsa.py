@@ -1,0 +1,242 @@
+"""The SEV-ES guest's save state inside the CPU: VMRUN loads it from the encrypted VMSA, #VMEXIT
+stores it back (APM2 15.35.8 "VMSA", 15.35.4; AMD-ASPFW ``sev_es.c``: the checksum the microcode
+checks; Linux arch/x86/kvm/svm/sev.c ``sev_es_init_vmcb``: the VMCB's VMSA pointer).
+
+For an SEV-ES guest the VMCB's save area is unused: its registers live in the VMSA page whose
+system-physical address is the VMCB's VMSA pointer (control area 0x108, :attr:`Vmcb.vmsa_pa
+<sevemu.hw.svm.Vmcb.vmsa_pa>`), encrypted with the guest's key.  :class:`VmsaUnit` is the part of
+a core that does the exchange:
+
+* **VMRUN** reads the page in the guest's encryption domain (ASID, C = 1) through the cache -- so
+  the memory controller decrypts it with the guest's key, inside the SoC -- and checks it against
+  the checksum the firmware stored in the TMR (the block the page names at 0x388,
+  :func:`~sevemu.crypto.vmsacrc.crc64_vmsa`).  A page that does not match (the host changed its
+  ciphertext, or the TMR block) fails VMRUN with VMEXIT_INVALID: SEV-ES has no integrity for guest
+  memory, but a tampered VMSA never runs.  The registers become a :class:`VmsaState`, the save state
+  the engines read and write (:class:`~sevemu.hw.svm.SaveState`).
+* **#VMEXIT** encodes the registers back into the page and updates its checksum; the changed lines
+  are modified lines of this private level, written into the cache in the guest's domain -- and the
+  checksum into the TMR -- as soon as anyone else reads, writes or flushes them (WBINVD included):
+  ciphertext in DRAM once they leave the cache.  (The firmware reads a VMSA and its TMR block from
+  DRAM, so a host flushes before SEND_UPDATE_VMSA anyway, as it must for any encrypted page.)
+  The hypervisor sees the exit code (and, for an NPF, the GPA) only.
+
+The unit keeps the decrypted page between exits as a private level above the cache (a
+:class:`~sevemu.hw.cache.CacheAgent`): the next VMRUN uses it while nobody else wrote, flushed or
+invalidated those lines; the shared cache's snoop drops it otherwise and VMRUN reads and checks the
+page again.  Its checksum is kept by :class:`~sevemu.crypto.vmsacrc.VmsaCrc` and updated from the
+changed bytes only -- the value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives.
+
+Model choices: #VMEXIT stores what the engines exchange at every exit (GPRs, RIP, RFLAGS, CR0,
+CR3, CR4, EFER); the other fields of the page (segments, descriptor tables, MSRs, FPU) are loaded at
+VMRUN and kept by the engine across exits; the hardware's ``guest_exit_*`` fields are not written.
+The TMR checksum block is read and written by the CPU directly in DRAM (the data fabric keeps x86
+software away from the TMR; the firmware's side is in :mod:`sevemu.firmware.tmr`); VMRUN compares
+it with the value the unit last stored, so a changed block fails VMRUN whether or not the page
+changed since.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from sevemu._util.units import LINE, PAGE
+from sevemu.abi.vmsa import SEGMENT_REGISTERS, SevEsSaveArea
+from sevemu.crypto.vmsacrc import VMSA_CRC_SIZE, VmsaCrc, vmsa_crc_paddr
+from sevemu.hw.cache import SPA_MASK, Cache, tag_key
+from sevemu.hw.dram import Dram
+from sevemu.hw.svm import GPRS, Segment
+
+__all__ = ["VmsaState", "VmsaUnit"]
+
+_O: Final = SevEsSaveArea.offset_of
+_Q: Final = struct.Struct("<Q")
+_CTL: Final = struct.Struct("<QQQ16xQQ")  # cr4, cr3, cr0, (dr7, dr6), rflags, rip at 0x148
+_HIGH: Final = struct.Struct("<QQQ8xQQQQQQQQQQQ")  # rcx, rdx, rbx, (0x320), rbp ... r15 at 0x308
+_SEG: Final = struct.Struct("<HHIQ")
+_HIGH_GPRS: Final = ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+                     "r15")
+_OFF_CTL: Final = _O("cr4")
+_OFF_HIGH: Final = _O("rcx")
+_OFF_EFER: Final = _O("efer")
+_OFF_RSP: Final = _O("rsp")
+_OFF_RAX: Final = _O("rax")
+_OFF_FEATURES: Final = _O("sev_features")
+_SNP_ACTIVE: Final = 1  # SEV_FEATURES bit 0
+_MSR_FIELDS: Final = {0x174: "sysenter_cs", 0x175: "sysenter_esp", 0x176: "sysenter_eip", 0x277: "g_pat",
+                      0xC000_0081: "star", 0xC000_0082: "lstar", 0xC000_0083: "cstar", 0xC000_0084: "sfmask",
+                      0xC000_0102: "kernel_gs_base"}
+_STORED_LINES: Final = tuple(sorted({off & ~(LINE - 1) for off in (
+    _OFF_EFER, _OFF_CTL, _OFF_CTL + 0x37, _OFF_RSP, _OFF_RAX, _OFF_HIGH, _OFF_HIGH + 0x77)}))
+"""The 64-byte lines of the page #VMEXIT rewrites."""
+
+
+class VmsaState:
+    """An SEV-ES guest's registers as VMRUN decrypted them from its VMSA (a
+    :class:`~sevemu.hw.svm.SaveState`)."""
+
+    __slots__ = ("cr0", "cr3", "cr4", "efer", "msrs", "regs", "rflags", "rip", "segments", "sev_features")
+
+    def __init__(self, page: bytes | bytearray) -> None:
+        self.efer = _Q.unpack_from(page, _OFF_EFER)[0]
+        self.cr4, self.cr3, self.cr0, self.rflags, self.rip = _CTL.unpack_from(page, _OFF_CTL)
+        high = dict(zip(_HIGH_GPRS, _HIGH.unpack_from(page, _OFF_HIGH), strict=True))
+        high["rax"] = _Q.unpack_from(page, _OFF_RAX)[0]
+        high["rsp"] = _Q.unpack_from(page, _OFF_RSP)[0]
+        self.regs: dict[str, int] = {name: high[name] for name in GPRS}
+        self.sev_features = _Q.unpack_from(page, _OFF_FEATURES)[0]
+        self.segments: dict[str, Segment] = {}
+        for i, name in enumerate(SEGMENT_REGISTERS):
+            self.segments[name] = Segment(*_SEG.unpack_from(page, 16 * i))
+        self.msrs: dict[int, int] = {msr: _Q.unpack_from(page, _O(f))[0] for msr, f in _MSR_FIELDS.items()}
+
+    def store(self, page: bytearray) -> None:
+        """Write the registers #VMEXIT saves into ``page``."""
+        r = self.regs
+        _Q.pack_into(page, _OFF_EFER, self.efer)
+        _CTL.pack_into(page, _OFF_CTL, self.cr4, self.cr3, self.cr0, self.rflags, self.rip)
+        _Q.pack_into(page, _OFF_RSP, r["rsp"])
+        _Q.pack_into(page, _OFF_RAX, r["rax"])
+        _HIGH.pack_into(page, _OFF_HIGH, *[r[n] for n in _HIGH_GPRS])
+
+
+@dataclass(eq=False, slots=True)
+class _Held:
+    """One VMSA page held decrypted by the unit."""
+
+    asid: int
+    spa: int
+    page: bytearray
+    lanes: list[int]
+    crc: int
+    crc_paddr: int
+    state: VmsaState
+    dirty: set[int] = field(default_factory=set)
+    """Offsets of lines modified since they were written back."""
+    crc_stale: bool = False
+    """The page changed since :attr:`crc` was computed and stored in the TMR."""
+    snp: bool = False
+    """An SEV-SNP guest's VMSA (no checksum: the RMP protects it)."""
+
+
+class VmsaUnit:
+    """The VMSA exchange of one core (module docstring)."""
+
+    def __init__(self, cache: Cache, dram: Dram) -> None:
+        self.cache = cache
+        self.dram = dram
+        self._held: dict[int, _Held] = {}
+        self._attached = False
+        self.checks = 0
+        """Full checksum computations (a page read from the cache: first VMRUN, after a snoop)."""
+        self.snp_check: Callable[[int, int], str | None] | None = None
+        """SEV-SNP (set by the SNP work): why the page at ``spa`` may not be ``asid``'s VMSA (its RMP
+        entry: assigned to the guest, VMSA bit ...), or None; an SNP guest's VMSA (SEV_FEATURES bit 0)
+        is checked by it instead of the TMR checksum.  Unset, an SNP guest's VMSA is loaded without
+        a check (VMRUN's consistency checks already require an RMP)."""
+
+    # ---- VMRUN / #VMEXIT ----------------------------------------------------------------------
+    def load(self, asid: int, spa: int) -> VmsaState | str:
+        """VMRUN: the guest's registers from the VMSA at ``spa``, or why VMRUN must fail."""
+        if spa & (PAGE - 1) or spa <= 0 or spa + PAGE > self.dram.size:
+            return f"VMSA pointer {spa:#x} is not a page of DRAM"
+        if not self._attached:
+            self.cache.attach(self)
+            self._attached = True
+        key = tag_key(asid, True, spa)
+        h = self._held.get(key)
+        if h is None:
+            page = bytearray(self.cache.read(asid, True, spa, PAGE, origin=self))
+            state = VmsaState(page)
+            if state.sev_features & _SNP_ACTIVE:  # SNP: the RMP protects the VMSA, not a checksum
+                check = self.snp_check
+                reason = None if check is None else check(asid, spa)
+                if reason is not None:
+                    self._held.pop(key, None)
+                    return reason
+                h = _Held(asid, spa, page, [], 0, 0, state, snp=True)
+                self._held[key] = h
+                return state
+            crc_paddr = vmsa_crc_paddr(page)
+            if crc_paddr & 7 or not 0 < crc_paddr <= self.dram.size - 8:
+                self._held.pop(key, None)
+                return f"the VMSA at {spa:#x} names no checksum block ({crc_paddr:#x}): not set up by the firmware"
+            lanes = VmsaCrc.shared().lanes(page)
+            self.checks += 1
+            h = _Held(asid, spa, page, lanes, VmsaCrc.checksum(lanes), crc_paddr, state)
+            self._held[key] = h
+        if h.snp:
+            return h.state
+        stored = int.from_bytes(self.dram.read(h.crc_paddr, 8), "little")
+        if stored != h.crc:  # the block as this unit last stored it (a changed page is its own)
+            self._held.pop(key, None)
+            return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
+        return h.state
+
+    def store(self, asid: int, spa: int) -> None:
+        """#VMEXIT: the state :meth:`load` returned goes back into the page, the TMR gets the new
+        checksum.  The changed lines stay modified in this private level until the cache snoops
+        them (a write-back level: they reach the shared cache, and DRAM encrypted, as soon as anyone
+        else looks or flushes)."""
+        h = self._held.get(tag_key(asid, True, spa))
+        if h is None:  # pragma: no cover - store without load is an engine bug
+            return
+        page = h.page
+        old = [page[lo : lo + LINE] for lo in _STORED_LINES]
+        h.state.store(page)
+        changed = False
+        update = VmsaCrc.shared().update
+        for lo, before in zip(_STORED_LINES, old, strict=True):
+            after = page[lo : lo + LINE]
+            if after != before:
+                h.dirty.add(lo)
+                if lo < VMSA_CRC_SIZE and not h.snp:
+                    update(h.lanes, lo, before, after)
+                changed = True
+        if changed and not h.snp:
+            h.crc_stale = True
+
+    def _write_back(self, h: _Held) -> None:
+        """The modified lines of ``h`` into the shared cache, in the guest's domain, and its
+        checksum into the TMR."""
+        for lo in sorted(h.dirty):
+            self.cache.write(h.asid, True, h.spa + lo, h.page[lo : lo + LINE], origin=self)
+        h.dirty.clear()
+        if h.crc_stale:
+            h.crc = VmsaCrc.checksum(h.lanes)
+            self.dram.write(h.crc_paddr, h.crc.to_bytes(8, "little"))
+            h.crc_stale = False
+
+    def forget(self) -> None:
+        """Write back and drop every held page (the next VMRUN reads and checks again)."""
+        for h in self._held.values():
+            if h.dirty or h.crc_stale:
+                self._write_back(h)
+        self._held.clear()
+
+    # ---- CacheAgent -----------------------------------------------------------------------------
+    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+        """Someone else reads lines of a held page (its modified lines are written back first) or
+        writes, flushes or drops them (written back, then the page must be read and checked again
+        at the next VMRUN)."""
+        if not self._held:
+            return
+        for key, h in list(self._held.items()):
+            if key < hi and key + PAGE > lo:
+                if h.dirty or h.crc_stale:
+                    self._write_back(h)
+                if invalidate:  # the next VMRUN reads and checks the page again
+                    del self._held[key]
+
+    def snoop_fill(self, key: int) -> None:
+        """Coherent profiles: a fill of the same SPA in another domain drops the held copy."""
+        spa = key & SPA_MASK & ~(PAGE - 1)
+        page_key = key & ~(PAGE - 1)
+        for held_key, h in list(self._held.items()):
+            if h.spa == spa and held_key != page_key:
+                if h.dirty or h.crc_stale:
+                    self._write_back(h)
+                del self._held[held_key]

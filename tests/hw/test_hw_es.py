@@ -1,0 +1,242 @@
+"""SEV-ES on the CPU: the VMSA checksum (crypto/vmsacrc) held to AMD's crc64_vmsa, VMRUN loading the
+registers from the checked VMSA and #VMEXIT storing them back encrypted (hw/vmsa), and exception
+delivery through a guest IDT (hw/x86/exc) -- long mode, 32-bit protected mode, IST, #DF, shutdown."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hwkit import VMSA_SPA, PageTables, es_vmsa
+
+from sevemu.abi.paging import ExitCode
+from sevemu.abi.vmsa import SevEsSaveArea
+from sevemu.crypto.vmsacrc import VMSA_CRC_SIZE, VmsaCrc, crc64_vmsa, seal_vmsa
+from sevemu.hw.pyengine import PyEngine, Workload, op
+from sevemu.hw.soc import Soc
+from sevemu.hw.vmsa import VmsaState
+from sevemu.hw.x86.arch import Vector
+from sevemu.hw.x86.exc import CpuView, Delivered, deliver, escalate
+
+ES_ASID = 5
+
+
+# ---- the checksum ------------------------------------------------------------------------------------
+def test_table_checksum_equals_crc64_vmsa_and_updates_incrementally() -> None:
+    crc = VmsaCrc.shared()
+    rng = os.urandom
+    for trial in range(8):
+        page = bytearray(rng(4096))
+        lanes = crc.lanes(page)
+        assert VmsaCrc.checksum(lanes) == crc64_vmsa(page)
+        lo = (trial * 0x1C0) % VMSA_CRC_SIZE & ~63
+        before = bytes(page[lo : lo + 64])
+        page[lo + trial] ^= 0x5A
+        page[lo + 40 : lo + 48] = rng(8)
+        crc.update(lanes, lo, before, bytes(page[lo : lo + 64]))
+        assert VmsaCrc.checksum(lanes) == crc64_vmsa(page)
+    # bytes past the checksummed range change nothing
+    lanes = crc.lanes(page)
+    crc.update(lanes, VMSA_CRC_SIZE, bytes(64), b"\xff" * 64)
+    assert VmsaCrc.checksum(lanes) == crc64_vmsa(page)
+
+
+def test_known_checksum_of_the_zero_page() -> None:
+    # a fixed value, so that a change of the construction cannot go unnoticed
+    assert crc64_vmsa(bytes(4096)) == VmsaCrc.checksum(VmsaCrc.shared().lanes(bytes(4096)))
+    assert crc64_vmsa(bytes(4096)) != crc64_vmsa(b"\x01" + bytes(4095))
+
+
+# ---- VMRUN / #VMEXIT with the VMSA ------------------------------------------------------------------
+def _es(soc: Soc) -> tuple[PageTables, object]:
+    soc.psp.take_ports().keys.load(ES_ASID, bytes(range(16)))
+    pt = PageTables(soc, ES_ASID, True)
+    pt.identity()
+    vmcb = pt.vmcb(paging=False)
+    vmcb.sev_es_enable = True
+    vmcb.regs["rbx"] = 0x1122_3344_5566_7788
+    es_vmsa(soc, vmcb)
+    return pt, vmcb
+
+
+def test_vmrun_loads_the_vmsa_and_vmexit_stores_it_encrypted(soc: Soc) -> None:
+    _pt, vmcb = _es(soc)
+    vmcb.regs["rbx"] = 0  # the VMCB's save area is the hypervisor's: not what the guest gets
+    got: list[int] = []
+
+    def first() -> Workload:
+        got.append((yield op.vmmcall()))  # never completes: #VC, which the workload does not catch
+        yield op.hlt()
+
+    def quiet() -> Workload:
+        yield op.hlt()
+
+    assert soc.boot_cpu.vmrun(vmcb, PyEngine(first())).code == ExitCode.SHUTDOWN  # an unhandled #VC
+    ex = soc.boot_cpu.vmrun(vmcb, PyEngine(quiet()))
+    assert ex.code == ExitCode.HLT and ex.info1 == ex.info2 == 0 and vmcb.next_rip == 0
+    # the page in DRAM after a WBINVD: the guest's key decrypts it to the stored state (RIP + 1)
+    soc.boot_cpu.wbinvd()
+    plain = soc.mc.read(VMSA_SPA, 4096, ES_ASID, True)
+    def q(off: int) -> int:
+        return int.from_bytes(plain[off : off + 8], "little")
+
+    assert q(SevEsSaveArea.offset_of("rbx")) == 0x1122_3344_5566_7788 and q(SevEsSaveArea.offset_of("rip")) == 1
+    assert vmcb.regs["rbx"] == 0 and vmcb.rip == 0  # the VMCB never saw the guest's registers
+    assert soc.dram.read(VMSA_SPA, 4096) != plain  # ciphertext in DRAM
+    assert soc.dram.read(0x1E000, 8) == crc64_vmsa(plain).to_bytes(8, "little")  # the TMR block follows
+
+
+def test_a_changed_vmsa_or_checksum_fails_vmrun(soc: Soc) -> None:
+    _pt, vmcb = _es(soc)
+    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.HLT
+    soc.boot_cpu.wbinvd()
+    cipher = bytearray(soc.dram.read(VMSA_SPA + 0x300, 16))
+    cipher[3] ^= 1
+    soc.dram.write(VMSA_SPA + 0x300, bytes(cipher))  # the host's write, straight to DRAM
+    soc.boot_cpu.wbinvd()  # drops every cached copy (the unit's included)
+    ran: list[int] = []
+
+    def work() -> Workload:
+        ran.append(1)
+        yield op.hlt()
+
+    assert soc.boot_cpu.vmrun(vmcb, PyEngine(work())).code == ExitCode.INVALID
+    assert ran == [] and "checksum" in soc.boot_cpu.vmsa_failure
+
+
+def test_a_changed_tmr_block_fails_vmrun_and_a_missing_vmsa_pointer_too(soc: Soc) -> None:
+    _pt, vmcb = _es(soc)
+    soc.dram.write(0x1E000, bytes(8))
+    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    vmcb.vmsa_pa = 0
+    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    vmcb.vmsa_pa = VMSA_SPA + 0x10
+    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+
+
+def test_an_unsealed_page_names_no_checksum_block(soc: Soc) -> None:
+    _pt, vmcb = _es(soc)
+    soc.cache.write(ES_ASID, True, VMSA_SPA, bytes(4096))  # a page the firmware never set up
+    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    assert "not set up" in soc.boot_cpu.vmsa_failure
+
+
+def test_vmsa_state_decodes_what_seal_encodes() -> None:
+    area = SevEsSaveArea(rip=0x1234, rsp=0x8000, rax=1, r15=15, rcx=2, cr0=0x11, efer=0x1000, sev_features=4,
+                         cs_selector=8, cs_attrib=0xC9B, cs_limit=0xFFFFFFFF, lstar=0xABC)
+    page, _ = seal_vmsa(area.encode(), 0x1E000)
+    st = VmsaState(page)
+    assert (st.rip, st.regs["rsp"], st.regs["rax"], st.regs["r15"], st.regs["rcx"]) == (0x1234, 0x8000, 1, 15, 2)
+    assert (st.cr0, st.efer, st.sev_features) == (0x11, 0x1000, 4)
+    assert st.segments["cs"].attrib == 0xC9B and st.msrs[0xC000_0082] == 0xABC
+    assert list(st.regs) == ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+                             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
+    out = bytearray(page)
+    st.regs["r12"] = 0x77
+    st.rip = 0x99
+    st.store(out)
+    assert out[SevEsSaveArea.offset_of("r12")] == 0x77 and out[SevEsSaveArea.offset_of("rip")] == 0x99
+
+
+# ---- exception delivery ------------------------------------------------------------------------------
+class FakeMemory:
+    """Guest-virtual memory for delivery: a dict of bytes; addresses in ``faulting`` fault."""
+
+    def __init__(self) -> None:
+        self.mem: dict[int, int] = {}
+        self.faulting: set[int] = set()
+
+    def read_virt(self, gva: int, n: int) -> bytes | None:
+        if any(a >> 12 in self.faulting for a in range(gva, gva + n)):
+            return None
+        return bytes(self.mem.get(a, 0) for a in range(gva, gva + n))
+
+    def write_virt(self, gva: int, data: bytes) -> bool:
+        if any(a >> 12 in self.faulting for a in range(gva, gva + len(data))):
+            return False
+        for i, b in enumerate(data):
+            self.mem[gva + i] = b
+        return True
+
+    def put(self, gva: int, data: bytes) -> None:
+        self.write_virt(gva, data)
+
+
+def _gate64(handler: int, selector: int = 8, attr: int = 0x8E, ist: int = 0) -> bytes:
+    return (handler & 0xFFFF).to_bytes(2, "little") + selector.to_bytes(2, "little") + bytes([ist, attr]) + \
+        ((handler >> 16) & 0xFFFF).to_bytes(2, "little") + (handler >> 32).to_bytes(4, "little") + bytes(4)
+
+
+def _gate32(handler: int, selector: int = 8, attr: int = 0x8E) -> bytes:
+    return (handler & 0xFFFF).to_bytes(2, "little") + selector.to_bytes(2, "little") + bytes([0, attr]) + \
+        (handler >> 16).to_bytes(2, "little")
+
+
+IDT = 0x10000
+
+
+def test_long_mode_vc_frame_with_error_code() -> None:
+    m = FakeMemory()
+    m.put(IDT + 29 * 16, _gate64(0xFFFF_8000_0000_1234))
+    cpu = CpuView(long_mode=True, idtr_base=IDT, idtr_limit=32 * 16 - 1, cs=8, ss=0x10, rip=0x401000,
+                  rsp=0x7FF8, rflags=0x246 | 1 << 8)
+    d = deliver(m, cpu, Vector.VC, 0x7B)
+    assert d == Delivered(0xFFFF_8000_0000_1234, 0x7FF0 - 48, 0x046)  # aligned to 16; IF and TF cleared
+    frame = m.read_virt(d.rsp, 48)
+    assert frame is not None
+    words = [int.from_bytes(frame[i : i + 8], "little") for i in range(0, 48, 8)]
+    assert words == [0x7B, 0x401000, 8, 0x346, 0x7FF8, 0x10]  # error, RIP, CS, RFLAGS, RSP, SS
+
+
+def test_trap_gate_keeps_if_and_ist_switches_the_stack() -> None:
+    m = FakeMemory()
+    m.put(IDT + 3 * 16, _gate64(0x5000, attr=0x8F, ist=2))
+    tss = 0x20000
+    m.put(tss + 0x24 + 8, (0x9000).to_bytes(8, "little"))  # IST2
+    cpu = CpuView(long_mode=True, idtr_base=IDT, idtr_limit=0xFFF, cs=8, ss=0, rip=0x100, rsp=0x7000,
+                  rflags=0x202, tr_base=tss)
+    d = deliver(m, cpu, Vector.BP, None)
+    assert d == Delivered(0x5000, 0x9000 - 40, 0x202)
+
+
+def test_protected_mode_frame() -> None:
+    m = FakeMemory()
+    m.put(IDT + 13 * 8, _gate32(0x00102030))
+    cpu = CpuView(long_mode=False, idtr_base=IDT, idtr_limit=0x7FF, cs=8, ss=0x10, rip=0x1000, rsp=0x6000,
+                  rflags=0x202)
+    d = deliver(m, cpu, Vector.GP, 0)
+    assert d == Delivered(0x00102030, 0x6000 - 16, 0x002)
+    frame = m.read_virt(d.rsp, 16)
+    assert frame is not None
+    assert [int.from_bytes(frame[i : i + 4], "little") for i in range(0, 16, 4)] == [0, 0x1000, 8, 0x202]
+
+
+@pytest.mark.parametrize("setup,expect", [
+    ("limit", "beyond the IDT limit"),
+    ("absent", "not present"),
+    ("task", "gate type 0x5"),
+    ("segment", "code segment 0x18"),
+    ("stack", "not writable"),
+    ("idt", "not readable"),
+])
+def test_failed_delivery_escalates_to_df_then_shutdown(setup: str, expect: str) -> None:
+    m = FakeMemory()
+    limit = 32 * 16 - 1
+    gate = {"absent": _gate64(0x5000, attr=0x0E), "task": _gate64(0x5000, attr=0x85),
+            "segment": _gate64(0x5000, selector=0x18)}.get(setup, _gate64(0x5000))
+    m.put(IDT + 29 * 16, gate)
+    if setup == "limit":
+        limit = 29 * 16
+    if setup == "stack":
+        m.faulting.add(0x7000 >> 12)
+    if setup == "idt":
+        m.faulting.add(IDT >> 12)
+    cpu = CpuView(long_mode=True, idtr_base=IDT, idtr_limit=limit, cs=8, ss=0, rip=0x100, rsp=0x7800,
+                  rflags=2)
+    out = escalate(m, cpu, Vector.VC, 0x72)
+    assert isinstance(out, str) and expect in out and "then #DF" in out  # no #DF handler: shutdown
+    # with a #DF handler (and a usable stack) the double fault is delivered instead
+    m.put(IDT + 8 * 16, _gate64(0xDF00))
+    if setup in ("absent", "task", "segment"):
+        d = escalate(m, cpu, Vector.VC, 0x72)
+        assert isinstance(d, Delivered) and d.rip == 0xDF00
