@@ -16,7 +16,8 @@ composition root).  The firmware reaches the rest of the SoC only through :class
   is why KVM flushes guest pages before LAUNCH_UPDATE_DATA and WBINVDs before DF_FLUSH;
 * ``flush_epoch``: a count of completed WBINVDs (the hardware signal the firmware uses for the
   WBINVD_REQUIRED rule);
-* ``trng``: the PSP's random-number generator.
+* ``trng``: the PSP's random-number generator;
+* ``rmp``: on an SEV-SNP part, the Reverse Map Table's firmware port (:class:`~sevemu.hw.rmp.RmpFirmwarePort`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sevemu.errors import AddressError
 from sevemu.hw.cache import Cache, tag_key
 from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import CpuProfile
+from sevemu.hw.rmp import RmpFirmwarePort
 
 __all__ = ["MailboxHandler", "Psp", "PspDma", "PspPorts"]
 
@@ -129,6 +131,8 @@ class PspPorts:
     dma: PspDma
     flush_epoch: Callable[[], int]
     trng: Callable[[int], bytes] = os.urandom
+    rmp: RmpFirmwarePort | None = None
+    """The firmware's port into the Reverse Map Table (SEV-SNP parts only)."""
 
 
 class Psp:
