@@ -14,7 +14,8 @@ from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.core import Firmware
 from sevemu.firmware.gctx import GuestContext
 
-__all__ = ["check_policy", "check_range", "granule_region", "host_region", "need_active", "read_host"]
+__all__ = ["check_policy", "check_range", "flush_dirty_asids", "granule_region", "host_region", "need_active",
+           "read_host"]
 
 
 def check_policy(fw: Firmware, policy: int) -> None:
@@ -68,3 +69,13 @@ def granule_region(fw: Firmware, paddr: int, length: int) -> int:
         raise FirmwareError(Status.INVALID_ADDRESS, f"address {spa:#x} is not {gran}-byte aligned")
     check_range(fw, spa, length)
     return spa
+
+
+def flush_dirty_asids(fw: Firmware) -> None:
+    """DF_FLUSH / SNP_DF_FLUSH (AF ``mcmd_df_flush_common``): every dirty ASID clean again, or
+    WBINVD_REQUIRED when one became dirty after the last WBINVD (then nothing changes)."""
+    epoch = fw.ports.flush_epoch()
+    stale = [asid for asid, at in fw.asid_dirty.items() if at >= epoch]
+    if stale:
+        raise FirmwareError(Status.WBINVD_REQUIRED, f"no WBINVD since ASID {stale[0]} became dirty")
+    fw.asid_dirty.clear()

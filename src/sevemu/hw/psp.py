@@ -105,6 +105,15 @@ class PspDma:
         self._cache.flush_range(0, False, spa, len(data))
         self._mc.dram.write(spa, data)
 
+    def read_invalidate(self, spa: int, length: int) -> bytes:
+        """Unencrypted read that also writes back and invalidates the host's lines of the range (the
+        read-sized write-back-invalidate AMD's firmware sets around SNP_LAUNCH_UPDATE, AMD-ASPFW
+        ``set_misc_read_sized_wrbkinvd``): no stale host line is left to be written back over what the
+        firmware writes encrypted next."""
+        self._mc.dram.check_range(spa, length)
+        self._cache.flush_range(0, False, spa, length)
+        return self._mc.dram.read(spa, length)
+
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:
         """Read with the key of ``asid`` straight from DRAM (not coherent with the caches)."""
         return self._mc.read(spa, length, asid, True)

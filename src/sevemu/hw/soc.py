@@ -110,14 +110,7 @@ class Soc:
 
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
         """The host's CPUID for the leaves the SEV model defines (others read as zeros)."""
-        p = self.profile
-        if leaf == 0x8000001F:
-            return p.cpuid_fn8000_001f
-        if leaf == 0x00000001:
-            return p.cpuid_fn0000_0001_eax, 0, 0, 0
-        if leaf == 0x80000008:
-            return p.phys_addr_bits | (48 << 8), 0, 0, 0
-        return 0, 0, 0, 0
+        return self.profile.cpuid(leaf, subleaf)
 
     def rdmsr(self, msr: int) -> int:
         if self.rmp is not None and msr == Msr.RMP_BASE:
