@@ -23,7 +23,7 @@ the row run.  A row (:class:`Command`) says, for one sub-command of one interfac
 
 The engine maps the error convention (:mod:`sevemu.hypervisor.errors`) to Linux's return:
 ``-errno``, with ``error`` = the firmware status.  SEV-ES and SNP sub-commands are more rows of
-the same table (their flows in ``sev/es.py`` and a future ``sev/snp.py``).
+the same table (their flows in ``sev/es.py`` and ``sev/snp.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sevemu.abi.commands import CommandId
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
 from sevemu.hypervisor.errors import Errno, SevError, SevInputError, SevStateError
-from sevemu.hypervisor.sev import es
+from sevemu.hypervisor.sev import es, snp
 from sevemu.hypervisor.sev.common import Reply
 from sevemu.hypervisor.sev.legacy import LegacySev
 from sevemu.hypervisor.uapi import (
@@ -60,6 +60,9 @@ from sevemu.hypervisor.uapi import (
     KvmSevSendStart,
     KvmSevSendUpdateData,
     KvmSevSendUpdateVmsa,
+    KvmSevSnpLaunchFinish,
+    KvmSevSnpLaunchStart,
+    KvmSevSnpLaunchUpdate,
     NoData,
     SevUserCmd,
     SevUserDataGetId,
@@ -71,6 +74,7 @@ from sevemu.hypervisor.uapi import (
     copy_from_user,
     copy_to_user,
 )
+from sevemu.hypervisor.vcpu import KvmVmType
 from sevemu.hypervisor.vm import Vm
 
 if TYPE_CHECKING:
@@ -399,7 +403,22 @@ def _kvm_es_init(c: Caller, p: NoData, a: Args) -> None:
 
 
 def _kvm_init2(c: Caller, p: KvmSevInit, a: Args) -> None:
-    es.guest_init2(c.sev, c.guest, p)
+    if c.guest.vm_type is KvmVmType.SNP_VM:
+        snp.guest_init2(c.sev, c.guest, p)
+    else:
+        es.guest_init2(c.sev, c.guest, p)
+
+
+def _snp_launch_start(c: Caller, p: KvmSevSnpLaunchStart, a: Args) -> None:
+    snp.launch_start(c.sev, c.guest, p)
+
+
+def _snp_launch_update(c: Caller, p: KvmSevSnpLaunchUpdate, a: Args) -> None:
+    snp.launch_update(c.sev, c.guest, p)
+
+
+def _snp_launch_finish(c: Caller, p: KvmSevSnpLaunchFinish, a: Args) -> None:
+    snp.launch_finish(c.sev, c.guest, p)
 
 
 def _launch_start(c: Caller, p: KvmSevLaunchStart, a: Args) -> Reply:
@@ -610,6 +629,12 @@ COMMANDS: Final[tuple[Runnable, ...]] = (
     Command(_K, KvmSevCmdId.RECEIVE_UPDATE_VMSA, KvmSevReceiveUpdateVmsa, _receive_update_vmsa,
             (_F.RECEIVE_UPDATE_VMSA,), _SEV, ins=_HDR_TRANS),
     Command(_K, KvmSevCmdId.RECEIVE_FINISH, NoData, _receive_finish, (_F.RECEIVE_FINISH,), _SEV),
+    Command(_K, KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart, _snp_launch_start,
+            (_F.SNP_GCTX_CREATE, _F.SNP_LAUNCH_START, _F.SNP_ACTIVATE), Needs.SEV_FD),
+    Command(_K, KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate, _snp_launch_update, (_F.SNP_LAUNCH_UPDATE,),
+            Needs.SEV_FD),
+    Command(_K, KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish, _snp_launch_finish,
+            (_F.SNP_LAUNCH_UPDATE, _F.SNP_LAUNCH_FINISH)),
     # ---- /dev/sev SEV_ISSUE_CMD (drivers/crypto/ccp/sev-dev.c) ----
     Command(_D, SevUserCmd.FACTORY_RESET, NoData, _factory_reset,
             (_F.PLATFORM_STATUS, _F.SHUTDOWN, _F.PLATFORM_RESET), Needs.WRITABLE),
