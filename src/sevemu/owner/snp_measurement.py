@@ -169,7 +169,7 @@ def ovmf_launch_digest(image: bytes, vcpus: int, cpu_signature: int, *, guest_fe
         raise InputError("a kernel is given, but the OVMF metadata has no SNP_KERNEL_HASHES section")
     for sec in sections:
         if sec.type == SectionType.SNP_SEC_MEM:
-            (ld.unmeasured if vmm is VmmType.GCE else ld.zero)(sec.gpa, sec.size)
+            ld.zero(sec.gpa, sec.size)
         elif sec.type == SectionType.SNP_SECRETS:
             ld.secrets(sec.gpa)
         elif sec.type == SectionType.CPUID:
