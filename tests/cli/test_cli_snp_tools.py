@@ -53,7 +53,7 @@ def test_measure_from_an_ovmf_hash_and_explain(capsys: pytest.CaptureFixture[str
     argv = ("--mode", "snp", "--vcpus", "2", "--vcpu-type", "EPYC-Rome", "--ovmf", str(OVMF))
     rc, out, _ = run(capsys, "measure", *argv, "--snp-ovmf-hash", seed.strip())
     assert out.strip() == _tool(*argv)
-    rc, out, _ = run(capsys, "measure", *argv, "--explain")
+    _rc, out, _ = run(capsys, "measure", *argv, "--explain")
     lines = out.strip().splitlines()
     assert lines[-1] == _tool(*argv)
     assert lines[-2].split()[-1] == lines[-1]  # the last PAGE_INFO's digest is the launch digest
@@ -92,7 +92,7 @@ def test_idblock_equals_snp_create_id_block(capsys: pytest.CaptureFixture[str], 
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     theirs = r.stdout.strip().splitlines()
-    rc, out, _ = run(capsys, "idblock", "--measurement", ld, "--idkey", str(tmp_path / "id.pem"),
+    _rc, out, _ = run(capsys, "idblock", "--measurement", ld, "--idkey", str(tmp_path / "id.pem"),
                      "--authorkey", str(tmp_path / "author.pem"))
     ours = out.strip().splitlines()
     assert ours[0].split(",")[0] == theirs[0].split(",")[0]  # the ID block itself

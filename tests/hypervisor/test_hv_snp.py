@@ -92,9 +92,9 @@ def test_launch_errnos(m: Machine) -> None:
         kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=POLICY), sev_fd=dev)
         assert _errno(kvm.op, KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=POLICY),
                       sev_fd=dev) == (-Errno.EINVAL, 0)
-        for bad in (dict(len=0), dict(len=PAGE + 1), dict(type=2), dict(type=7), dict(flags=1),
-                    dict(gfn_start=(64 * MiB) >> 12)):
-            args = dict(gfn_start=0, uaddr=bytes(2 * PAGE), len=PAGE, type=1) | bad
+        for bad in ({"len": 0}, {"len": PAGE + 1}, {"type": 2}, {"type": 7}, {"flags": 1},
+                    {"gfn_start": (64 * MiB) >> 12}):
+            args = {"gfn_start": 0, "uaddr": bytes(2 * PAGE), "len": PAGE, "type": 1} | bad
             assert _errno(kvm.op, KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(**args), sev_fd=dev) \
                 == (-Errno.EINVAL, 0), bad
         assert _errno(kvm.op, KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(uaddr=b"short", len=PAGE, type=1),
