@@ -52,7 +52,7 @@ def test_measure_from_an_ovmf_hash_and_explain(capsys: pytest.CaptureFixture[str
     rc, seed, _ = run(capsys, "measure", "--mode", "snp:ovmf-hash", "--ovmf", str(OVMF))
     argv = ("--mode", "snp", "--vcpus", "2", "--vcpu-type", "EPYC-Rome", "--ovmf", str(OVMF))
     rc, out, _ = run(capsys, "measure", *argv, "--snp-ovmf-hash", seed.strip())
-    assert out.strip() == _tool(*argv)
+    assert rc == 0 and out.strip() == _tool(*argv)
     _rc, out, _ = run(capsys, "measure", *argv, "--explain")
     lines = out.strip().splitlines()
     assert lines[-1] == _tool(*argv)
