@@ -51,6 +51,9 @@ def register(sub: Any) -> None:
     m.set_defaults(func=run_memory)
     register_launch(bsub)
     register_migrate(bsub)
+    from sevemu.cli.bench_snp import register_snp
+
+    register_snp(bsub)
     try:
         from sevemu.cli.bench_cpu import register_cpu
     except ImportError:  # the Unicorn engine is optional until its dependency is installed

@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from sevemu._util.units import PAGE, PAGE_2M, PAGE_SHIFT, MiB
+from sevemu._util.units import LINE, PAGE, PAGE_2M, PAGE_SHIFT, MiB
 from sevemu.abi.paging import NpfExitInfo1
 from sevemu.abi.rmp import (
     RMP_BOOKKEEPING_SIZE,
@@ -179,6 +179,8 @@ class Rmp:
         """SYSCFG.SNP_EN: the cores check the RMP (set once; cleared only by a reset)."""
         self.initialized = False
         """SNP_INIT initialised the table (its pages are Firmware pages from then on)."""
+        self._asid_pages: dict[int, int] = {}
+        """ASID -> assigned entries (the bookkeeping area's per-ASID counters)."""
         self._in_use: dict[int, int] = {}
         """SPA -> count of VMRUNs using the page as a VMCB / VMSA (RMPUPDATE answers FAIL_INUSE)."""
 
@@ -208,11 +210,50 @@ class Rmp:
 
     # ---- raw access (the hardware's own, coherent, unencrypted) --------------------------------
     def _raw(self, pfn: int) -> tuple[int, int]:
-        data = self._cache.read(0, False, self._entry_spa(pfn), RMP_ENTRY_SIZE)
-        return int.from_bytes(data[:8], "little"), int.from_bytes(data[8:], "little")
+        spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
+        if (spa & ~(LINE - 1)) in self._cache.dirty:  # software's unwritten line (before SNP_INIT)
+            data = self._cache.read(0, False, spa, RMP_ENTRY_SIZE)
+            return int.from_bytes(data[:8], "little"), int.from_bytes(data[8:], "little")
+        page = self._pages.get(spa >> PAGE_SHIFT)
+        if page is None:
+            return 0, 0
+        off = spa & (PAGE - 1)
+        return int.from_bytes(page[off : off + 8], "little"), int.from_bytes(page[off + 8 : off + 16], "little")
 
-    def _put(self, pfn: int, lo: int, hi: int) -> None:
-        self._cache.write(0, False, self._entry_spa(pfn), lo.to_bytes(8, "little") + hi.to_bytes(8, "little"))
+    def _put(self, pfn: int, lo: int, hi: int, old_lo: int | None = None) -> None:
+        """Write one entry; ``old_lo``: its previous low quadword when the caller read it (the
+        per-ASID page counts are kept from the difference)."""
+        if old_lo is None:
+            old_lo = self._raw(pfn)[0]
+        self._count(old_lo, -1)
+        self._count(lo, 1)
+        spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
+        self._cache.clflush(0, False, spa)  # software's copy of the line goes first (coherence)
+        page = self._pages.get(spa >> PAGE_SHIFT)
+        if page is None:
+            page = self._pages[spa >> PAGE_SHIFT] = bytearray(PAGE)
+        off = spa & (PAGE - 1)
+        page[off : off + RMP_ENTRY_SIZE] = lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+
+    def _count(self, lo: int, delta: int) -> None:
+        if lo & _ASSIGNED:
+            asid = (lo >> _ASID_SHIFT) & _ASID_MASK
+            if asid:
+                n = self._asid_pages.get(asid, 0) + delta
+                if n:
+                    self._asid_pages[asid] = n
+                else:
+                    self._asid_pages.pop(asid, None)
+
+    def _put_run(self, pfn: int, entries: bytes, count: bool = True) -> None:
+        """Write consecutive raw entries from ``pfn`` (the host's cached lines of them go first);
+        ``count`` False: no ASID-assigned entry is replaced or written (the counters stay)."""
+        for i in range(0, len(entries), RMP_ENTRY_SIZE) if count else ():
+            self._count(self._raw(pfn + i // RMP_ENTRY_SIZE)[0], -1)
+            self._count(int.from_bytes(entries[i : i + 8], "little"), 1)
+        spa = self._entry_spa(pfn)
+        self._cache.flush_range(0, False, spa, len(entries))
+        self._dram.write(spa, entries)
 
     def _table_pages(self) -> list[int]:
         """SPAs of the pages of the entry area that hold anything: in DRAM or as a dirty line."""
@@ -222,11 +263,10 @@ class Rmp:
         pfns.update(k >> PAGE_SHIFT for k in self._cache.dirty if first <= k >> PAGE_SHIFT <= last)
         return sorted(p << PAGE_SHIFT for p in pfns)
 
-    def _put_run(self, pfn: int, entries: bytes) -> None:
-        """Write consecutive raw entries from ``pfn`` (the host's cached lines of them go first)."""
-        spa = self._entry_spa(pfn)
-        self._cache.flush_range(0, False, spa, len(entries))
-        self._dram.write(spa, entries)
+    def asid_pages(self, asid: int) -> int:
+        """RMP entries assigned to ``asid`` (the processor's per-ASID counters in the bookkeeping
+        area, AMD-ASPFW ``check_rmp_for_asid``; a 2 MiB entry counts once)."""
+        return self._asid_pages.get(asid, 0)
 
     def _covers(self, spa: int) -> bool:
         return 0 <= spa < self.covered
@@ -319,7 +359,7 @@ class Rmp:
             return RmpResult.FAIL_PERMISSION
         if self._busy(spa, size):
             return RmpResult.FAIL_INUSE
-        if not huge and own != pfn:
+        if not huge and (own != pfn or lo & _ASSIGNED and lo & _PAGESIZE):
             return RmpResult.FAIL_OVERLAP  # inside an assigned 2 MiB page: PSMASH it first
         if huge:
             for sub in range(pfn + 1, pfn + _SUBPAGES):
@@ -329,11 +369,11 @@ class Rmp:
                 if new.assigned and sub_lo & _ASSIGNED:
                     return RmpResult.FAIL_OVERLAP
         if new.assigned:
-            lo = (_ASSIGNED | (_PAGESIZE if huge else 0) | (_IMMUTABLE if new.immutable else 0)
-                  | (new.gpa & _GPA_MASK) | (new.asid << _ASID_SHIFT))
-            self._put(pfn, lo, _VMPL0_ALL)
+            new_lo = (_ASSIGNED | (_PAGESIZE if huge else 0) | (_IMMUTABLE if new.immutable else 0)
+                      | (new.gpa & _GPA_MASK) | (new.asid << _ASID_SHIFT))
+            self._put(pfn, new_lo, _VMPL0_ALL, lo)
         else:
-            self._put(pfn, _PAGESIZE if huge else 0, 0)
+            self._put(pfn, _PAGESIZE if huge else 0, 0, lo)
             if huge:  # a shared 2 MiB page: its 4 KiB entries are the hypervisor's too
                 for sub in range(pfn + 1, pfn + _SUBPAGES):
                     if self._raw(sub)[0]:
@@ -384,7 +424,7 @@ class Rmp:
         own, lo, hi = found
         if bool(lo & _VALIDATED) == validate:
             return int(RmpResult.SUCCESS), True
-        self._put(own, lo | _VALIDATED if validate else lo & ~_VALIDATED, hi)
+        self._put(own, lo | _VALIDATED if validate else lo & ~_VALIDATED, hi, lo)
         return int(RmpResult.SUCCESS), False
 
     def rmpadjust(self, asid: int, gpa: int, spa: int, huge: bool, target_vmpl: int, perms: int,
@@ -403,8 +443,7 @@ class Rmp:
             return int(RmpResult.FAIL_INUSE)
         shift = 8 * target_vmpl
         hi = (hi & ~(0xFF << shift)) | (perms << shift)
-        lo = lo | _VMSA if vmsa else lo & ~_VMSA
-        self._put(own, lo, hi)
+        self._put(own, lo | _VMSA if vmsa else lo & ~_VMSA, hi, lo)
         return int(RmpResult.SUCCESS)
 
     # ---- guest accesses (for the vCPU engines' nested walk) -----------------------------------------
@@ -475,10 +514,11 @@ class RmpFirmwarePort:
         for spa in r._table_pages():
             r._cache.flush_range(0, False, spa, PAGE)
             r._dram.write(spa, zero)
+        r._asid_pages.clear()
         own = range(r.base, min(r.end + 1, r.covered), PAGE)
         if own:
             fw = (_ASSIGNED | _IMMUTABLE | _LOCK).to_bytes(8, "little") + bytes(8)
-            r._put_run(r.base >> PAGE_SHIFT, fw * len(own))
+            r._put_run(r.base >> PAGE_SHIFT, fw * len(own), count=False)
         r.initialized = True
 
     def shutdown(self) -> None:
@@ -486,7 +526,7 @@ class RmpFirmwarePort:
         r = self._rmp
         own = range(r.base, min(r.end + 1, r.covered), PAGE)
         if own:
-            r._put_run(r.base >> PAGE_SHIFT, bytes(RMP_ENTRY_SIZE * len(own)))
+            r._put_run(r.base >> PAGE_SHIFT, bytes(RMP_ENTRY_SIZE * len(own)), count=False)
         r.initialized = False
 
     def entry(self, spa: int) -> RmpEntry:
@@ -525,12 +565,5 @@ class RmpFirmwarePort:
         self.set(spa, **fields)  # type: ignore[arg-type]
 
     def asid_pages(self, asid: int) -> int:
-        """How many covered pages are assigned to ``asid`` (SNP_DF_FLUSH / ACTIVATE sanity)."""
-        r = self._rmp
-        n = 0
-        for spa in r._table_pages():
-            data = r._cache.read(0, False, spa, PAGE)
-            for off in range(0, PAGE, RMP_ENTRY_SIZE):
-                lo = int.from_bytes(data[off : off + 8], "little")
-                n += bool(lo & _ASSIGNED) and (lo >> _ASID_SHIFT) & _ASID_MASK == asid
-        return n
+        """RMP entries assigned to ``asid`` (SNP_ACTIVATE refuses an ASID that still has some)."""
+        return self._rmp.asid_pages(asid)

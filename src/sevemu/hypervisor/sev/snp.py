@@ -217,8 +217,7 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
             if spa in vm.private_spas or host.soc.rmp_entry(spa).assigned:
                 raise SevInputError(Errno.EINVAL, f"GPA {gpa:#x} is already private")
             data = bytes(PAGE) if src is None else src[i * PAGE : (i + 1) * PAGE]
-            host.core.host_write(spa, data)  # kvm_gmem_populate: the kernel fills the page ...
-            host.core.clflush_range(spa, PAGE)
+            host.core.host_write_stream(spa, data)  # kvm_gmem_populate: the kernel fills the page ...
             rmp_make_private(host, spa, gpa, vm.asid, True)  # ... then it is the guest's
             try:
                 host.issue(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
@@ -253,8 +252,7 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
         spa = vm.vmsa_page(vcpu.index)
         if host.soc.rmp_entry(spa).assigned:
             continue  # measured by an earlier, failed FINISH
-        host.core.host_write(spa, page)
-        host.core.clflush_range(spa, VMSA_PAGE_SIZE)
+        host.core.host_write_stream(spa, page)  # as written, then CLFLUSHed (the firmware reads DRAM)
         rmp_make_private(host, spa, VMSA_GPA, vm.asid, True)
         try:
             host.issue(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
