@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from hwkit import GUEST_SPA, PageTables, make_soc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.paging import ExitCode, NpfExitInfo1
@@ -306,3 +308,60 @@ def test_pvalidate_and_rmpadjust_through_the_python_engine() -> None:
     assert got == [(0, False), (0, True), (1, False), (0, False)]
     assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP and ex.info2 == 0x6000
     assert rmp.entry(GUEST_SPA + 0x5000).perms[1] == 1 and rmp.entry(GUEST_SPA + 0x5000).validated
+
+
+# ---- invariants over random instruction sequences ---------------------------------------------------
+
+_REGION = 0x400000  # two 2 MiB regions from here
+_OPS = st.lists(st.tuples(st.sampled_from(("update4k", "update2m", "shared4k", "shared2m", "psmash", "pvalidate",
+                                           "pvalidate2m", "host_write")),
+                          st.integers(0, 1023), st.integers(1, 3), st.booleans()), max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=_OPS)
+def test_random_rmp_sequences_keep_the_tables_invariants(ops: list[tuple[str, int, int, bool]]) -> None:
+    """Whatever the order: the per-ASID counters equal a recount of the table, a host write succeeds
+    exactly on pages whose governing entry is unassigned (and then changes only that memory), every
+    return code is one of the architecture's, and a failed instruction changes no entry."""
+    soc, host, rmp, _ = _snp()
+    core = host.boot_cpu
+    codes = {int(c) for c in RmpResult}
+    for op, page, asid, flag in ops:
+        spa = _REGION + page * PAGE
+        spa2m = spa & ~(0x200000 - 1)
+        before = [rmp.raw_entry(_REGION + i * PAGE) for i in range(0, 1024, 37)]
+        if op == "host_write":
+            assigned = rmp.entry(spa).assigned
+            try:
+                core.host_write(spa, b"x")
+                assert not assigned
+            except HostRmpFault:
+                assert assigned
+            continue
+        if op == "update4k":
+            rc = int(_private(host, spa, page * PAGE, asid, immutable=flag))
+        elif op == "update2m":
+            rc = int(_private(host, spa2m, spa2m - _REGION, asid, huge=True))
+        elif op == "shared4k":
+            rc = int(_shared(host, spa))
+        elif op == "shared2m":
+            rc = int(_shared(host, spa2m, huge=True))
+        elif op == "psmash":
+            rc = core.psmash(spa2m)
+        else:
+            huge = op == "pvalidate2m"
+            target = spa2m if huge else spa
+            try:
+                rc, _cf = rmp.pvalidate(asid, target - _REGION, target, huge, flag)
+            except NestedPageFault:
+                rc = -1
+        assert rc in codes | {-1}
+        if rc != RmpResult.SUCCESS:
+            assert [rmp.raw_entry(_REGION + i * PAGE) for i in range(0, 1024, 37)] == before, op
+    recount: dict[int, int] = {}
+    for i in range(1024):
+        e = rmp.raw_entry(_REGION + i * PAGE)
+        if e.assigned and e.asid:
+            recount[e.asid] = recount.get(e.asid, 0) + 1
+    assert {a: rmp.asid_pages(a) for a in (1, 2, 3)} == {a: recount.get(a, 0) for a in (1, 2, 3)}
