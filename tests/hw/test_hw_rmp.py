@@ -324,7 +324,7 @@ def test_random_rmp_sequences_keep_the_tables_invariants(ops: list[tuple[str, in
     """Whatever the order: the per-ASID counters equal a recount of the table, a host write succeeds
     exactly on pages whose governing entry is unassigned (and then changes only that memory), every
     return code is one of the architecture's, and a failed instruction changes no entry."""
-    soc, host, rmp, _ = _snp()
+    _soc, host, rmp, _ = _snp()
     core = host.boot_cpu
     codes = {int(c) for c in RmpResult}
     for op, page, asid, flag in ops:
