@@ -327,11 +327,11 @@ def test_random_rmp_sequences_keep_the_tables_invariants(ops: list[tuple[str, in
     _soc, host, rmp, _ = _snp()
     core = host.boot_cpu
     codes = {int(c) for c in RmpResult}
-    for op, page, asid, flag in ops:
+    for name, page, asid, flag in ops:
         spa = _REGION + page * PAGE
         spa2m = spa & ~(0x200000 - 1)
         before = [rmp.raw_entry(_REGION + i * PAGE) for i in range(0, 1024, 37)]
-        if op == "host_write":
+        if name == "host_write":
             assigned = rmp.entry(spa).assigned
             try:
                 core.host_write(spa, b"x")
@@ -339,18 +339,18 @@ def test_random_rmp_sequences_keep_the_tables_invariants(ops: list[tuple[str, in
             except HostRmpFault:
                 assert assigned
             continue
-        if op == "update4k":
+        if name == "update4k":
             rc = int(_private(host, spa, page * PAGE, asid, immutable=flag))
-        elif op == "update2m":
+        elif name == "update2m":
             rc = int(_private(host, spa2m, spa2m - _REGION, asid, huge=True))
-        elif op == "shared4k":
+        elif name == "shared4k":
             rc = int(_shared(host, spa))
-        elif op == "shared2m":
+        elif name == "shared2m":
             rc = int(_shared(host, spa2m, huge=True))
-        elif op == "psmash":
+        elif name == "psmash":
             rc = core.psmash(spa2m)
         else:
-            huge = op == "pvalidate2m"
+            huge = name == "pvalidate2m"
             target = spa2m if huge else spa
             try:
                 rc, _cf = rmp.pvalidate(asid, target - _REGION, target, huge, flag)
@@ -358,7 +358,7 @@ def test_random_rmp_sequences_keep_the_tables_invariants(ops: list[tuple[str, in
                 rc = -1
         assert rc in codes | {-1}
         if rc != RmpResult.SUCCESS:
-            assert [rmp.raw_entry(_REGION + i * PAGE) for i in range(0, 1024, 37)] == before, op
+            assert [rmp.raw_entry(_REGION + i * PAGE) for i in range(0, 1024, 37)] == before, name
     recount: dict[int, int] = {}
     for i in range(1024):
         e = rmp.raw_entry(_REGION + i * PAGE)

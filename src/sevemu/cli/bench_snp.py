@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sevemu._util.units import GiB, MiB, PAGE, PAGE_2M
+from sevemu._util.units import PAGE, PAGE_2M, GiB, MiB
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.rmp import RmpResult, RmpUpdateState
 from sevemu.abi.snp import SnpCpuidFunction
@@ -155,11 +155,10 @@ def run_snp(args: argparse.Namespace) -> int:
     result = {"ovmf": str(path), "image_bytes": len(image), "vcpus": args.vcpus, "launch_s": t_launch,
               "digest_only_s": t_tool, "baseline": which, "launch_over_digest": t_launch / t_tool,
               "digest": ours.hex(), "pvalidate_bytes": args.pvalidate_size * MiB, **rates}
-    emit(args, result, [
-        f"SNP launch of {path} ({len(image) // 1024} KiB, {args.vcpus} vCPUs): {t_launch:.2f} s emulated "
-        f"(RMPUPDATE, LAUNCH_UPDATE, encryption, VMSAs) vs {t_tool:.2f} s {which} (digest only): "
-        f"x{t_launch / t_tool:.1f}; digests equal",
-        f"PVALIDATE over {args.pvalidate_size} MiB: {rates['pvalidate_2m_per_s']:,.0f} 2 MiB pages/s, "
-        f"{rates['pvalidate_4k_per_s']:,.0f} 4 KiB pages/s",
-    ])
+    launch_line = (f"SNP launch of {path} ({len(image) // 1024} KiB, {args.vcpus} vCPUs): {t_launch:.2f} s emulated "
+                   f"(RMPUPDATE, LAUNCH_UPDATE, encryption, VMSAs) vs {t_tool:.2f} s {which} (digest only): "
+                   f"x{t_launch / t_tool:.1f}; digests equal")
+    rate_line = (f"PVALIDATE over {args.pvalidate_size} MiB: {rates['pvalidate_2m_per_s']:,.0f} 2 MiB pages/s, "
+                 f"{rates['pvalidate_4k_per_s']:,.0f} 4 KiB pages/s")
+    emit(args, result, [launch_line, rate_line])
     return 0

@@ -57,7 +57,7 @@ from sevemu.abi.snp import (
     SnpPageType,
 )
 from sevemu.abi.status import Status
-from sevemu.abi.vmsa import VMSA_PAGE_SIZE, SevFeatures
+from sevemu.abi.vmsa import SevFeatures
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
 from sevemu.hypervisor.sev.common import SevHost
 from sevemu.hypervisor.sev.es import sync_vmsa
