@@ -99,7 +99,6 @@ def tool(path: Path, image: bytes, vcpus: int, vcpu_type: str) -> tuple[bytes, f
     t0 = time.perf_counter()
     try:
         from sevsnpmeasure.guest import snp_calc_launch_digest  # type: ignore[import-untyped]
-        from sevsnpmeasure.vcpu_types import CPU_SIGS  # type: ignore[import-untyped]
         from sevsnpmeasure.vmm_types import VMMType  # type: ignore[import-untyped]
     except ImportError:
         ld = ovmf_launch_digest(image, vcpus, owner_vmsa.vcpu_signature(vcpu_type)).digest
@@ -107,7 +106,6 @@ def tool(path: Path, image: bytes, vcpus: int, vcpu_type: str) -> tuple[bytes, f
     t0 = time.perf_counter()
     sig = owner_vmsa.vcpu_signature(vcpu_type)
     ld = bytes(snp_calc_launch_digest(vcpus, sig, str(path), None, None, None, 0x1, None, vmm_type=VMMType.QEMU))
-    _ = CPU_SIGS
     return ld, time.perf_counter() - t0, "sev-snp-measure"
 
 
