@@ -478,3 +478,27 @@ def test_dbg_decrypt_needs_the_debug_policy() -> None:
         reclaim(m, out)
         got = m.hv.core.host_read(out, 256)
         assert (got == bytes(range(256))) == (expect == Status.SUCCESS)
+
+
+# ---- the firmware is no confused deputy ------------------------------------------------------------
+def test_the_host_cannot_make_the_firmware_write_a_guest_page() -> None:
+    """The host names an SNP guest's private page as a legacy command's output, or puts a command
+    buffer there: the firmware refuses (INVALID_PAGE_STATE) and the page is unchanged."""
+    from sevemu.abi.sev import PdhCertExportCmd
+    m = snp_machine()
+    ok(m, CommandId.INIT, InitCmd())
+    m.soc.wbinvd_all()
+    ok(m, CommandId.DF_FLUSH)
+    _launch(m)
+    victim = GUEST_BASE  # the guest's code page, Guest-Valid
+    before = m.soc.mc.read(victim, PAGE, ASID, True)
+    status, _ = call(m, CommandId.PDH_CERT_EXPORT, PdhCertExportCmd(pdh_cert_paddr=victim, pdh_cert_len=0x824,
+                                                                     certs_paddr=SCRATCH, certs_len=0x2000))
+    assert status == Status.INVALID_PAGE_STATE
+    from sevemu.abi.mailbox import MailboxReg, decode_status, encode_cmdresp
+    mbox = m.hv.soc.mailbox
+    mbox.mmio_write(MailboxReg.CMDBUFF_ADDR_LO, victim & 0xFFFFFFFF)
+    mbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, victim >> 32)
+    mbox.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(CommandId.PLATFORM_STATUS)))
+    assert decode_status(mbox.mmio_read(MailboxReg.CMDRESP)) == Status.INVALID_PAGE_STATE
+    assert m.soc.mc.read(victim, PAGE, ASID, True) == before and m.firmware.internal_errors == []

@@ -352,6 +352,8 @@ class Firmware:
             spa, _ = dma.strip(buffer_paddr)
             if self.tmr is not None and self.tmr.overlaps(spa, entry.buffer.SIZE):
                 return Status.INVALID_ADDRESS  # no x86 range inside the TMR (sevemu.firmware.tmr)
+            if dma.guest_owned(spa, entry.buffer.SIZE):
+                return Status.INVALID_PAGE_STATE  # an SNP guest's page is never a command buffer
             try:
                 raw = dma.read(spa, entry.buffer.SIZE)
             except AddressError:

@@ -91,7 +91,7 @@ class Soc:
         self.psp = Psp(PspPorts(
             profile=profile,
             keys=self.mc.secure_port(),
-            dma=PspDma(self.cache, self.mc, profile.cbit),
+            dma=PspDma(self.cache, self.mc, profile.cbit, self.rmp),
             flush_epoch=lambda: self.cache.flush_epoch,
             trng=rng,
             rmp=None if self.rmp is None else RmpFirmwarePort(self.rmp),

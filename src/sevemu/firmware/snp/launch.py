@@ -128,7 +128,7 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         elif ptype == SnpPageType.CPUID:
             fixed = sanitize_cpuid_page(fw.profile, data)
             if fixed is not None:
-                dma.write(spa, fixed)  # the corrected page, unencrypted, for the VMM to read
+                dma.write(spa, fixed, guest_ok=True)  # the corrected page, unencrypted, for the VMM
                 raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
         ld = page_info_digest(ld, contents, int(ptype), gpa + off, perms, cmd.flags.imi_page)
         out.append(data)
