@@ -23,15 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from sevemu.abi.snp import SnpCpuidFunction
+from sevemu.cli import bench_snp
 from sevemu.firmware.snp import snp_state
-from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit, KvmVmType
+from sevemu.hypervisor.kvm_ops import KvmSev
 from sevemu.hypervisor.sev import snp
-from sevemu.hypervisor.sevdev import SevDevice
-from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
-from sevemu.hypervisor.vcpu import BSP_RESET_EIP
 from sevemu.owner import vmsa as owner_vmsa
-from sevemu.owner.ovmf import SectionType, sev_es_reset_eip, sev_metadata
 from sevemu.owner.snp_measurement import ovmf_launch_digest
 from sevemu.scenario import Machine, build_machine
 
@@ -73,38 +69,13 @@ def tool_digest(path: Path, vcpus: int, vcpu_type: str) -> bytes:
                                         vmm_type=VMMType.QEMU))
 
 
-def cpuid_page(m: Machine) -> bytes:
-    """The CPUID table QEMU hands the firmware: the host's answers for the leaves it has."""
-    fns = [SnpCpuidFunction(eax_in=leaf, eax=a, ebx=b, ecx=c, edx=d)
-           for leaf in (0x1, 0x8000_0008, 0x8000_001F) for a, b, c, d in [m.hv.soc.cpuid(leaf)]]
-    table = len(fns).to_bytes(4, "little") + bytes(12) + b"".join(f.encode() for f in fns)
-    return table.ljust(0x1000, b"\0")
-
-
 def qemu_snp_launch(m: Machine, path: Path, vcpus: int, vcpu_type: str) -> tuple[KvmSev, bytes]:
-    """QEMU's SNP launch of ``path`` through the ioctls; (the VM's KVM handle, the firmware's digest)."""
-    hv = m.hv
-    img = path.read_bytes()
-    vm = hv.create_vm("ovmf-snp", FOUR_GIB, vm_type=KvmVmType.SNP_VM, vcpu_type=vcpu_type)
-    kvm, dev = KvmSev(hv, vm), SevDevice(hv)
-    kvm.op(KvmSevCmdId.INIT2, KvmSevInit())
-    ap_eip = sev_es_reset_eip(img)
-    for i in range(vcpus):
-        vm.add_vcpu(reset_eip=BSP_RESET_EIP if i == 0 else ap_eip)
-    kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=POLICY), sev_fd=dev)
-    upd = kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(
-        gfn_start=(FOUR_GIB - len(img)) >> 12, uaddr=img, len=len(img), type=1), sev_fd=dev)
-    assert upd.len == 0 and upd.gfn_start == FOUR_GIB >> 12  # everything processed
-    kinds = {SectionType.SNP_SECRETS: 5, SectionType.CPUID: 6}
-    for sec in sev_metadata(img):
-        kind = kinds.get(sec.type, 3)  # SEC_MEM, KERNEL_HASHES (no kernel), SVSM_CAA: ZERO
-        data = cpuid_page(m) if kind == 6 else bytes(sec.size)
-        kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(
-            gfn_start=sec.gpa >> 12, uaddr=bytearray(data), len=sec.size, type=kind), sev_fd=dev)
-    kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish(host_data=b"qemu" + bytes(28)))
+    """QEMU's SNP launch of ``path`` (``sevemu.cli.bench_snp.qemu_snp_launch``, the module docstring's
+    steps); (the VM's KVM handle, the firmware's digest)."""
+    vm = bench_snp.qemu_snp_launch(m, path.read_bytes(), vcpus, vcpu_type, host_data=b"qemu" + bytes(28))
     g = snp_state(m.firmware).guests[vm.snp_context]
     assert g.host_data == b"qemu" + bytes(28) and g.policy == POLICY
-    return kvm, g.ld
+    return KvmSev(m.hv, vm), g.ld
 
 
 def check(m: Machine, path: Path, vcpus: int, vcpu_type: str) -> None:

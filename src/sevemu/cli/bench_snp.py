@@ -36,12 +36,13 @@ from sevemu.hypervisor.sev import snp
 from sevemu.hypervisor.sevdev import SevDevice
 from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
 from sevemu.hypervisor.vcpu import BSP_RESET_EIP
+from sevemu.hypervisor.vm import Vm
 from sevemu.owner import vmsa as owner_vmsa
 from sevemu.owner.ovmf import SectionType, sev_es_reset_eip, sev_metadata
 from sevemu.owner.snp_measurement import FOUR_GIB, ovmf_launch_digest
-from sevemu.scenario import build_machine
+from sevemu.scenario import Machine, build_machine
 
-__all__ = ["register_snp", "run_snp"]
+__all__ = ["cpuid_page", "launch", "qemu_snp_launch", "register_snp", "run_snp"]
 
 DEFAULT_OVMF = ("/usr/share/ovmf/OVMF.fd", "/usr/share/OVMF/OVMF_CODE_4M.fd")
 
@@ -59,38 +60,48 @@ def register_snp(bsub: Any) -> None:
     p.set_defaults(func=run_snp)
 
 
-def _cpuid_page(host_cpuid: Any) -> bytes:
+def cpuid_page(host_cpuid: Any) -> bytes:
+    """The CPUID table QEMU hands the firmware: the host's answers for the leaves it has."""
     fns = [SnpCpuidFunction(eax_in=leaf, eax=a, ebx=b, ecx=c, edx=d)
            for leaf in (0x1, 0x8000_0008, 0x8000_001F) for a, b, c, d in [host_cpuid(leaf)]]
     return (len(fns).to_bytes(4, "little") + bytes(12) + b"".join(f.encode() for f in fns)).ljust(PAGE, b"\0")
 
 
-def launch(image: bytes, vcpus: int, vcpu_type: str) -> tuple[bytes, float]:
-    """(the firmware's launch digest, seconds) of a QEMU-style SNP launch of ``image``."""
-    m = build_machine("milan", seed="bench-snp", init=False)
-    snp.platform_init(m.hv.sev)
-    m.hv.platform_init()
+def qemu_snp_launch(m: Machine, image: bytes, vcpus: int, vcpu_type: str, *, policy: int = 0x30000,
+                    host_data: bytes = bytes(32)) -> Vm:
+    """QEMU's SNP launch of OVMF ``image`` on ``m`` through the KVM model (module docstring); the VM."""
     hv = m.hv
-    t0 = time.perf_counter()
     vm = hv.create_vm("ovmf-snp", FOUR_GIB, vm_type=KvmVmType.SNP_VM, vcpu_type=vcpu_type)
     kvm, dev = KvmSev(hv, vm), SevDevice(hv)
     kvm.op(KvmSevCmdId.INIT2, KvmSevInit())
     ap = sev_es_reset_eip(image)
     for i in range(vcpus):
         vm.add_vcpu(reset_eip=BSP_RESET_EIP if i == 0 else ap)
-    kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=0x30000), sev_fd=dev)
-    kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(gfn_start=(FOUR_GIB - len(image)) >> 12,
-                                                                uaddr=image, len=len(image), type=1), sev_fd=dev)
-    kinds = {SectionType.SNP_SECRETS: 5, SectionType.CPUID: 6}
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=policy), sev_fd=dev)
+    upd = kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(
+        gfn_start=(FOUR_GIB - len(image)) >> 12, uaddr=image, len=len(image), type=1), sev_fd=dev)
+    if upd.len:
+        raise InputError(f"KVM left {upd.len:#x} bytes of the image unprocessed")
+    kinds = {SectionType.SNP_SECRETS: 5, SectionType.CPUID: 6}  # SEC_MEM, KERNEL_HASHES, SVSM_CAA: ZERO
     for sec in sev_metadata(image):
         kind = kinds.get(sec.type, 3)
-        data = _cpuid_page(hv.soc.cpuid) if kind == 6 else bytes(sec.size)
+        data = cpuid_page(hv.soc.cpuid) if kind == 6 else bytes(sec.size)
         kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(gfn_start=sec.gpa >> 12, uaddr=bytearray(data),
                                                                     len=sec.size, type=kind), sev_fd=dev)
-    kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish())
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish(host_data=host_data))
+    return vm
+
+
+def launch(image: bytes, vcpus: int, vcpu_type: str) -> tuple[bytes, float]:
+    """(the firmware's launch digest, seconds) of a QEMU-style SNP launch of ``image`` on a fresh host."""
+    m = build_machine("milan", seed="bench-snp", init=False)
+    snp.platform_init(m.hv.sev)
+    m.hv.platform_init()
+    t0 = time.perf_counter()
+    vm = qemu_snp_launch(m, image, vcpus, vcpu_type)
     seconds = time.perf_counter() - t0
     ld = snp_state(m.firmware).guests[vm.snp_context].ld
-    hv.destroy(vm)
+    m.hv.destroy(vm)
     return ld, seconds
 
 

@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass, field
 
 from sevemu._util.units import PAGE
+from sevemu.abi.snp import SnpPageType
 from sevemu.errors import InputError, LayoutError
 from sevemu.owner import vmsa as owner_vmsa
 from sevemu.owner.measurement import kernel_hashes_table
@@ -52,15 +53,8 @@ FOUR_GIB = 1 << 32
 _ZEROS = bytes(LD_SIZE)
 
 
-class PageType(enum.IntEnum):
-    """SNP_LAUNCH_UPDATE page types."""
-
-    NORMAL = 1
-    VMSA = 2
-    ZERO = 3
-    UNMEASURED = 4
-    SECRETS = 5
-    CPUID = 6
+PageType = SnpPageType
+"""SNP_LAUNCH_UPDATE page types (the ABI's)."""
 
 
 class VmmType(enum.Enum):
