@@ -171,3 +171,29 @@ def test_contrast_the_same_write_corrupts_an_sev_guest(m: Machine) -> None:
         assert m.hv.core.host_read(spa, 4) == b"evil" and before[:4] != b"evil"
     finally:
         m.hv.destroy(vm)
+
+
+def test_dev_sev_snp_commands(m: Machine) -> None:
+    """/dev/sev SNP_PLATFORM_STATUS (through a firmware page KVM reclaims), SNP_SET_CONFIG,
+    SNP_COMMIT; write access needed for the latter two; -ENXIO / -EINVAL before SNP_INIT."""
+    from sevemu.hypervisor.uapi import SevUserCmd, SevUserDataSnpConfig, SevUserDataSnpStatus
+    dev = SevDevice(m.hv)
+    st = dev.issue(SevUserCmd.SNP_PLATFORM_STATUS, SevUserDataSnpStatus()).data
+    assert isinstance(st, SevUserDataSnpStatus)
+    assert (st.api_major, st.state, st.is_rmp_initialized, st.feature_info) == (1, 1, True, True)
+    assert st.current_tcb_version == st.reported_tcb_version != 0
+    lower = st.current_tcb_version - 1
+    dev.issue(SevUserCmd.SNP_SET_CONFIG, SevUserDataSnpConfig(reported_tcb=lower, mask_chip_id=1))
+    st2 = dev.issue(SevUserCmd.SNP_PLATFORM_STATUS, SevUserDataSnpStatus()).data
+    assert isinstance(st2, SevUserDataSnpStatus) and st2.reported_tcb_version == lower and st2.mask_chip_id
+    dev.issue(SevUserCmd.SNP_SET_CONFIG, SevUserDataSnpConfig())  # back to the current TCB, unmasked
+    ro = SevDevice(m.hv, writable=False)
+    assert _errno(ro.issue, SevUserCmd.SNP_COMMIT)[0] == -Errno.EPERM
+    dev.issue(SevUserCmd.SNP_COMMIT)
+    assert snp_state(m.firmware).committed_tcb == snp_state(m.firmware).current_tcb
+    plain = build_machine("milan", seed="hv-no-snp2", dram_size=512 * MiB, cache_size=256 << 10)
+    pdev = SevDevice(plain.hv)
+    assert _errno(pdev.issue, SevUserCmd.SNP_COMMIT)[0] == -Errno.ENXIO
+    assert _errno(pdev.issue, SevUserCmd.SNP_SET_CONFIG, SevUserDataSnpConfig())[0] == -Errno.EINVAL
+    st3 = pdev.issue(SevUserCmd.SNP_PLATFORM_STATUS, SevUserDataSnpStatus()).data
+    assert isinstance(st3, SevUserDataSnpStatus) and st3.state == 0 and not st3.is_rmp_initialized

@@ -65,6 +65,8 @@ __all__ = [
     "SevUserDataPdhCertExport",
     "SevUserDataPekCertImport",
     "SevUserDataPekCsr",
+    "SevUserDataSnpConfig",
+    "SevUserDataSnpStatus",
     "SevUserDataStatus",
     "UserBuffer",
     "UserFields",
@@ -403,6 +405,38 @@ class SevUserDataStatus:
 
 
 @dataclass
+class SevUserDataSnpStatus:
+    """``struct sev_user_data_snp_status`` (SNP_PLATFORM_STATUS, out): the firmware's status buffer
+    by Linux's field names (the bit fields as booleans)."""
+
+    api_major: int = 0
+    api_minor: int = 0
+    state: int = 0
+    is_rmp_initialized: bool = False
+    build_id: int = 0
+    mask_chip_id: bool = False
+    mask_chip_key: bool = False
+    vlek_en: bool = False
+    feature_info: bool = False
+    rapl_dis: bool = False
+    ciphertext_hiding_cap: bool = False
+    ciphertext_hiding_en: bool = False
+    guest_count: int = 0
+    current_tcb_version: int = 0
+    reported_tcb_version: int = 0
+
+
+@dataclass
+class SevUserDataSnpConfig:
+    """``struct sev_user_data_snp_config`` (SNP_SET_CONFIG, in): ``reported_tcb`` (0: the current one),
+    ``mask_chip_id``, ``mask_chip_key``."""
+
+    reported_tcb: int = 0
+    mask_chip_id: int = 0
+    mask_chip_key: int = 0
+
+
+@dataclass
 class SevUserDataPekCsr:
     """``struct sev_user_data_pek_csr``: ``address`` out (0x824-byte CSR), ``length`` in/out."""
 
@@ -447,5 +481,5 @@ class SevUserDataGetId2:
 
 
 SevUserData = (SevUserDataStatus | SevUserDataPekCsr | SevUserDataPekCertImport | SevUserDataPdhCertExport
-               | SevUserDataGetId | SevUserDataGetId2 | NoData)
+               | SevUserDataGetId | SevUserDataGetId2 | SevUserDataSnpStatus | SevUserDataSnpConfig | NoData)
 """Any ``struct sev_user_data_*`` (the ``data`` of ``struct sev_issue_cmd``)."""

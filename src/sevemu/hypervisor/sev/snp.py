@@ -48,6 +48,9 @@ from sevemu.abi.snp import (
     VMSA_GPA,
     SnpActivateCmd,
     SnpAddrCmd,
+    SnpCommitCmd,
+    SnpConfigCmd,
+    SnpConfigFlags,
     SnpLaunchFinishCmd,
     SnpLaunchFinishFlags,
     SnpLaunchStartCmd,
@@ -55,6 +58,7 @@ from sevemu.abi.snp import (
     SnpLaunchUpdateFlags,
     SnpPageCmd,
     SnpPageType,
+    SnpPlatformStatus,
 )
 from sevemu.abi.status import Status
 from sevemu.abi.vmsa import SevFeatures
@@ -79,14 +83,17 @@ from sevemu.hypervisor.vm import Vm
 
 __all__ = [
     "SNP_POLICY_MASK_VALID",
+    "commit",
     "decommission",
     "guest_init2",
     "launch_finish",
     "launch_start",
     "launch_update",
     "platform_init",
+    "platform_status",
     "rmp_make_private",
     "rmp_make_shared",
+    "set_config",
 ]
 
 _SMT, _MBO, _DEBUG, _SINGLE_SOCKET = 1 << 16, 1 << 17, 1 << 19, 1 << 20
@@ -104,6 +111,40 @@ def platform_init(host: SevHost) -> None:
     soc.wbinvd_all()
     host.issue_nobuf(CommandId.SNP_DF_FLUSH)
     host.snp = True
+
+
+# ---- /dev/sev (sev-dev.c sev_ioctl_do_snp_platform_status / _snp_commit / _snp_set_config) ------
+def platform_status(host: SevHost) -> SnpPlatformStatus:
+    """SNP_PLATFORM_STATUS into a page the firmware may write (a Firmware page once SNP is
+    initialised, reclaimed after: ``rmp_mark_pages_firmware`` / ``snp_reclaim_pages``)."""
+    page = host.tables.alloc()
+    try:
+        if host.snp:
+            rmp_make_private(host, page, 0, 0, True)
+        try:
+            host.issue(CommandId.SNP_PLATFORM_STATUS, SnpAddrCmd(address=page))
+        finally:
+            if host.snp:
+                _reclaim(host, page)
+        return SnpPlatformStatus.decode(host.core.host_read(page, SnpPlatformStatus.SIZE))
+    finally:
+        host.tables.free(page)
+
+
+def commit(host: SevHost) -> None:
+    """SNP_COMMIT: ``-ENXIO`` before SNP_INIT."""
+    if not host.snp:
+        raise SevStateError(Errno.ENXIO, "SNP is not initialised")
+    host.issue(CommandId.SNP_COMMIT, SnpCommitCmd())
+
+
+def set_config(host: SevHost, reported_tcb: int, mask_chip_id: bool, mask_chip_key: bool) -> None:
+    """SNP_CONFIG (SNP_SET_CONFIG): ``-EINVAL`` before SNP_INIT."""
+    if not host.snp:
+        raise SevStateError(Errno.EINVAL, "SNP is not initialised")
+    cfg = SnpConfigCmd(reported_tcb=reported_tcb, flags=SnpConfigFlags(mask_chip_id=mask_chip_id,
+                                                                       mask_chip_key=mask_chip_key))
+    host.issue(CommandId.SNP_CONFIG, cfg)
 
 
 # ---- the RMP, as arch/x86/virt/svm/sev.c drives it ------------------------------------------------
