@@ -604,4 +604,8 @@ def test_every_table_row_is_exercised_here() -> None:
                  (Api.KVM, KvmSevCmdId.SEND_UPDATE_VMSA), (Api.KVM, KvmSevCmdId.RECEIVE_UPDATE_VMSA),
                  (Api.SEV_DEV, SevUserCmd.PLATFORM_STATUS), (Api.SEV_DEV, SevUserCmd.PEK_GEN),
                  (Api.SEV_DEV, SevUserCmd.GET_ID)}
+    # the SNP rows: test_hv_snp and the SNP interop launches
+    elsewhere |= {(Api.KVM, KvmSevCmdId.SNP_LAUNCH_START), (Api.KVM, KvmSevCmdId.SNP_LAUNCH_UPDATE),
+                  (Api.KVM, KvmSevCmdId.SNP_LAUNCH_FINISH), (Api.SEV_DEV, SevUserCmd.SNP_PLATFORM_STATUS),
+                  (Api.SEV_DEV, SevUserCmd.SNP_COMMIT), (Api.SEV_DEV, SevUserCmd.SNP_SET_CONFIG)}
     assert {(row.api, row.sub) for row in COMMANDS} == driven | elsewhere

@@ -103,7 +103,7 @@ def test_vm_type_names() -> None:
     assert (int(KvmVmType.DEFAULT_VM), int(KvmVmType.SEV_ES_VM)) == (0, 3)  # Linux KVM_X86_*_VM
     assert KvmFpuReset is KvmVmType
     assert KvmVmType.KVM_2022 is KvmVmType.DEFAULT_VM and KvmVmType.ARCHITECTURAL is KvmVmType.SEV_ES_VM
-    assert [t.init_command for t in KvmVmType] == ["KVM_SEV_ES_INIT", "KVM_SEV_INIT2"]
+    assert [t.init_command for t in KvmVmType] == ["KVM_SEV_ES_INIT", "KVM_SEV_INIT2", "KVM_SEV_INIT2"]  # + SNP_VM
     assert not KvmVmType.DEFAULT_VM.syncs_fpu and KvmVmType.SEV_ES_VM.syncs_fpu
 
 

@@ -26,6 +26,7 @@ from sevemu.certs.roots import GENERATIONS
 from sevemu.cli.bench_attest import register_attest
 from sevemu.cli.bench_launch import register_launch
 from sevemu.cli.bench_migrate import register_migrate
+from sevemu.cli.bench_snp import register_snp
 from sevemu.cli.common import host_memory, positive_int
 from sevemu.cli.progress import Progress, progress_enabled
 from sevemu.errors import InputError
@@ -53,6 +54,7 @@ def register(sub: Any) -> None:
     register_launch(bsub)
     register_migrate(bsub)
     register_attest(bsub)
+    register_snp(bsub)
     try:
         from sevemu.cli.bench_cpu import register_cpu
     except ImportError:  # the Unicorn engine is optional until its dependency is installed

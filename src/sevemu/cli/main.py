@@ -71,7 +71,20 @@ class CliParser(argparse.ArgumentParser):
 
 
 def build_parser() -> CliParser:
-    from sevemu.cli import attest, bench, demo, display, launch, ok, owner, platform, run, vmm, vmsa
+    from sevemu.cli import (
+        attest,
+        bench,
+        demo,
+        display,
+        launch,
+        ok,
+        owner,
+        platform,
+        run,
+        snp_tools,
+        vmm,
+        vmsa,
+    )
 
     parser = CliParser(
         prog="sevemu",
@@ -93,6 +106,7 @@ def build_parser() -> CliParser:
     platform.register(sub)
     owner.register(sub)
     vmsa.register(sub)
+    snp_tools.register(sub)
     display.register(sub)
     run.register(sub)
     bench.register(sub)

@@ -14,7 +14,8 @@ from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.core import Firmware
 from sevemu.firmware.gctx import GuestContext
 
-__all__ = ["check_policy", "check_range", "granule_region", "host_region", "need_active", "read_host"]
+__all__ = ["check_policy", "check_range", "flush_dirty_asids", "granule_region", "host_region", "need_active",
+           "read_host"]
 
 
 def check_policy(fw: Firmware, policy: int) -> None:
@@ -35,13 +36,17 @@ def need_active(g: GuestContext) -> None:
 
 def check_range(fw: Firmware, spa: int, length: int) -> None:
     """INVALID_ADDRESS unless ``[spa, spa+length)`` lies in DRAM and outside the SEV-ES TMR (AF
-    ``validate_address_range``: no x86 range may touch a TMR; :mod:`sevemu.firmware.tmr`)."""
+    ``validate_address_range``: no x86 range may touch a TMR; :mod:`sevemu.firmware.tmr`);
+    INVALID_PAGE_STATE when SNP is on and a page of it is a guest's in the RMP (AF
+    ``check_page_range_firmware_writable``: the firmware is no confused deputy for the host)."""
     try:
         fw.ports.dma.check(spa, length)
     except AddressError as exc:
         raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
     if fw.tmr is not None and fw.tmr.overlaps(spa, length):
         raise FirmwareError(Status.INVALID_ADDRESS, f"range {spa:#x}+{length:#x} overlaps the SEV-ES TMR")
+    if fw.ports.dma.guest_owned(spa, length):
+        raise FirmwareError(Status.INVALID_PAGE_STATE, f"range {spa:#x}+{length:#x} holds an SNP guest's page")
 
 
 def host_region(fw: Firmware, paddr: int, length: int) -> int:
@@ -68,3 +73,13 @@ def granule_region(fw: Firmware, paddr: int, length: int) -> int:
         raise FirmwareError(Status.INVALID_ADDRESS, f"address {spa:#x} is not {gran}-byte aligned")
     check_range(fw, spa, length)
     return spa
+
+
+def flush_dirty_asids(fw: Firmware) -> None:
+    """DF_FLUSH / SNP_DF_FLUSH (AF ``mcmd_df_flush_common``): every dirty ASID clean again, or
+    WBINVD_REQUIRED when one became dirty after the last WBINVD (then nothing changes)."""
+    epoch = fw.ports.flush_epoch()
+    stale = [asid for asid, at in fw.asid_dirty.items() if at >= epoch]
+    if stale:
+        raise FirmwareError(Status.WBINVD_REQUIRED, f"no WBINVD since ASID {stale[0]} became dirty")
+    fw.asid_dirty.clear()

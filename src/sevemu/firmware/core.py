@@ -1,13 +1,13 @@
 """The firmware core every command API shares: the handler registry, the dispatcher and the state.
 
 One firmware, several APIs: the legacy SEV API (``sevemu.firmware.sev``, SEV-ES included) and the
-coming SEV-SNP API each fill a :class:`CommandTable` with their handlers; :class:`Firmware` runs any
+SEV-SNP API (``sevemu.firmware.snp``) each fill a :class:`CommandTable` with their handlers; :class:`Firmware` runs any
 set of tables over one dispatcher, one NV store and one platform identity.  This module knows no
 command: the API packages import it, never the other way round (an import-linter contract says so),
 and the composition root chooses the tables (:mod:`sevemu.firmware.apis`).
 
 Registration is data.  Each entry names the command id, the buffer layout the handler reads (checked
-at registration against :data:`sevemu.abi.sev.COMMAND_BUFFERS`, and by mypy against the handler's
+at registration against :data:`sevemu.abi.sev.COMMAND_BUFFERS` or :data:`sevemu.abi.snp.SNP_COMMAND_BUFFERS`, and by mypy against the handler's
 signature), the platform states in which the command is allowed (SEV API 55766 ch. 5, "Platform
 State Machine"), and, for a command on one guest, the guest states in which it is allowed (SEV API
 55766 ch. 6, GSTATE).  The dispatcher:
@@ -44,6 +44,7 @@ from typing import Final, Protocol, TypeVar, overload, runtime_checkable
 
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import COMMAND_BUFFERS
+from sevemu.abi.snp import SNP_COMMAND_BUFFERS
 from sevemu.abi.states import GuestState, PlatformState
 from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct
@@ -140,8 +141,8 @@ class CommandTable:
              malformed: Status = Status.INVALID_PARAM) -> None:
         if cid in self._entries:
             raise ValueError(f"{self.api}: {cid.name} is registered twice")
-        if COMMAND_BUFFERS.get(cid) is not buffer:
-            want = COMMAND_BUFFERS.get(cid)
+        want = COMMAND_BUFFERS.get(cid, SNP_COMMAND_BUFFERS.get(cid))
+        if want is not buffer:
             raise TypeError(f"{self.api}: the {cid.name} handler reads {getattr(buffer, '__name__', None)}, "
                             f"the command's buffer is {getattr(want, '__name__', None)}")
         if not states <= ANY_STATE or not states:
@@ -351,6 +352,8 @@ class Firmware:
             spa, _ = dma.strip(buffer_paddr)
             if self.tmr is not None and self.tmr.overlaps(spa, entry.buffer.SIZE):
                 return Status.INVALID_ADDRESS  # no x86 range inside the TMR (sevemu.firmware.tmr)
+            if dma.guest_owned(spa, entry.buffer.SIZE):
+                return Status.INVALID_PAGE_STATE  # an SNP guest's page is never a command buffer
             try:
                 raw = dma.read(spa, entry.buffer.SIZE)
             except AddressError:

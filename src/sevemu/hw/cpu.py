@@ -31,7 +31,7 @@ from sevemu.hw.svm import SaveState, TlbControl, Vmcb, VmExit
 from sevemu.hw.vmsa import VmsaUnit
 
 if TYPE_CHECKING:
-    from sevemu.hw.x86.insn import GuestRmp
+    from sevemu.hw.rmp import Rmp
 
 __all__ = ["Core", "Engine", "GuestCpu", "Tlb"]
 
@@ -236,7 +236,7 @@ class Core:
         self.mmu = mmu
         self.mc = mc
         self.tlb = Tlb(tlb_entries)
-        self.rmp: GuestRmp | None = None
+        self.rmp: Rmp | None = None
         """The Reverse Map Table once SEV-SNP is enabled (SYSCFG.SNP_EN); None before."""
         self.wbinvd_count = 0
         self.vmruns = 0
@@ -254,6 +254,8 @@ class Core:
     def host_write(self, spa: int, data: bytes | bytearray, c: bool = False) -> None:
         """Write physical memory as the host (no integrity on SEV: guest pages are silently corrupted)."""
         self.mc.dram.check_range(spa, len(data))
+        if self.rmp is not None:
+            self.rmp.check_host_write(spa, len(data))  # SNP: #PF(RMP) unless Hypervisor-owned
         self.cache.write(0, c, spa, data)
 
     def host_read_stream(self, spa: int, length: int) -> bytes:
@@ -289,6 +291,8 @@ class Core:
         """
         dram = self.mc.dram
         dram.check_range(spa, len(data))
+        if self.rmp is not None:
+            self.rmp.check_host_write(spa, len(data))
         self.cache.flush_range(0, False, spa, len(data))
         dram.write(spa, data)
 

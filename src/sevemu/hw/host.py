@@ -1,7 +1,10 @@
 """What x86 host software can do with the SoC: the hypervisor's only handle on the hardware.
 
 The host (the hypervisor and everything it links) runs on the cores at ASID 0.  It may read and
-write physical memory through its own cache domain, flush lines (CLFLUSH, WBINVD, VMPAGE_FLUSH),
+write physical memory through its own cache domain (with SEV-SNP enabled, writes only to pages the
+RMP gives the hypervisor: #PF with the RMP bit otherwise, :class:`~sevemu.hw.rmp.HostRmpFault`),
+program a device to DMA into memory (checked by the IOMMU against the RMP), execute RMPUPDATE,
+PSMASH and WRMSR SYSCFG / RMP_BASE / RMP_END, read the RMP, flush lines (CLFLUSH, WBINVD, VMPAGE_FLUSH),
 run guests with VMRUN on VMCBs it builds, execute CPUID and RDMSR, and talk to the Secure Processor
 through the mailbox registers.  It may not reach the memory controller's key-slot port, the PSP's
 DMA view, any other key domain's plaintext, or the PSP's firmware (see ``docs/threat-model.md``).
@@ -16,10 +19,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sevemu.abi.rmp import RmpResult, RmpUpdateState
+from sevemu.errors import HardwareError
+
 if TYPE_CHECKING:
     from sevemu.hw.cpu import Core, Engine
     from sevemu.hw.profiles import CpuProfile
     from sevemu.hw.psp import Psp
+    from sevemu.hw.rmp import RmpEntry
     from sevemu.hw.soc import Soc
     from sevemu.hw.svm import Vmcb, VmExit
 
@@ -74,6 +81,27 @@ class HostCore:
         """VMRUN the guest described by ``vmcb`` until #VMEXIT."""
         return self._core.vmrun(vmcb, engine)
 
+    def rmpupdate(self, rax: int, rcx: int) -> int:
+        """RMPUPDATE (F2 0F 01 FE): RAX = the page's SPA, RCX = address of the 16-byte new state
+        (:class:`~sevemu.abi.rmp.RmpUpdateState`) in host memory (the host's addresses are physical
+        in this model); the EAX result (:class:`~sevemu.abi.rmp.RmpResult`).  #UD without SNP_EN."""
+        state = RmpUpdateState.decode(self._core.host_read(rcx, RmpUpdateState.SIZE))
+        return int(self.rmpupdate_state(rax, state))
+
+    def rmpupdate_state(self, spa: int, state: RmpUpdateState) -> RmpResult:
+        """RMPUPDATE with the new state given directly (what :meth:`rmpupdate` reads from [RCX])."""
+        rmp = self._core.rmp
+        if rmp is None:
+            raise HardwareError("#UD: RMPUPDATE with SYSCFG.SNP_EN clear")
+        return rmp.rmpupdate(spa, state)
+
+    def psmash(self, rax: int) -> int:
+        """PSMASH (F3 0F 01 FF): RAX = a 2 MiB-aligned SPA; the EAX result.  #UD without SNP_EN."""
+        rmp = self._core.rmp
+        if rmp is None:
+            raise HardwareError("#UD: PSMASH with SYSCFG.SNP_EN clear")
+        return int(rmp.psmash(rax))
+
 
 class PspMailbox:
     """The PSP's mailbox registers, the only part of the Secure Processor x86 software sees."""
@@ -119,6 +147,29 @@ class HostSoc:
 
     def rdmsr(self, msr: int) -> int:
         return self._soc.rdmsr(msr)
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        """WRMSR on every core (SYSCFG.SNP_EN, RMP_BASE, RMP_END; :meth:`sevemu.hw.soc.Soc.wrmsr`)."""
+        self._soc.wrmsr(msr, value)
+
+    def rmp_entry(self, spa: int) -> RmpEntry:
+        """The RMP entry governing the page at ``spa``, as software reads it from the table (the
+        region stays readable; RMPREAD on Zen 5).  HardwareError without SNP_EN."""
+        rmp = self._soc.rmp
+        if rmp is None or not rmp.enabled:
+            raise HardwareError("no RMP: SYSCFG.SNP_EN is clear")
+        return rmp.entry(spa)
+
+    def device_dma_write(self, spa: int, data: bytes | bytearray) -> None:
+        """A device the host programmed writes ``data`` at ``spa`` by DMA (unencrypted, coherent):
+        with SNP enabled the IOMMU refuses pages that are not the hypervisor's
+        (:class:`~sevemu.hw.rmp.DmaFault`, nothing written)."""
+        soc = self._soc
+        soc.dram.check_range(spa, len(data))
+        if soc.rmp is not None:
+            soc.rmp.check_dma_write(spa, len(data))
+        soc.cache.flush_range(0, False, spa, len(data))
+        soc.dram.write(spa, data)
 
     def wbinvd_all(self) -> int:
         """WBINVD on every core."""

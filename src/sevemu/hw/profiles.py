@@ -110,6 +110,16 @@ class CpuProfile:
             | ((ext_family & 0xFF) << 20)
         )
 
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        """CPUID as the part answers it for the leaves the model defines (others read as zeros)."""
+        if leaf == 0x8000001F:
+            return self.cpuid_fn8000_001f
+        if leaf == 0x00000001:
+            return self.cpuid_fn0000_0001_eax, 0, 0, 0
+        if leaf == 0x80000008:
+            return self.phys_addr_bits | (48 << 8), 0, 0, 0
+        return 0, 0, 0, 0
+
     def sev_asids(self) -> range:
         """ASIDs an SEV (non-ES) guest may use: [EDX, ECX]."""
         return range(self.min_sev_asid, self.max_asid + 1)

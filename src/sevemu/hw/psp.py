@@ -16,7 +16,8 @@ composition root).  The firmware reaches the rest of the SoC only through :class
   is why KVM flushes guest pages before LAUNCH_UPDATE_DATA and WBINVDs before DF_FLUSH;
 * ``flush_epoch``: a count of completed WBINVDs (the hardware signal the firmware uses for the
   WBINVD_REQUIRED rule);
-* ``trng``: the PSP's random-number generator.
+* ``trng``: the PSP's random-number generator;
+* ``rmp``: on an SEV-SNP part, the Reverse Map Table's firmware port (:class:`~sevemu.hw.rmp.RmpFirmwarePort`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sevemu.errors import AddressError
 from sevemu.hw.cache import Cache, tag_key
 from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import CpuProfile
+from sevemu.hw.rmp import Rmp, RmpFirmwarePort
 
 __all__ = ["MailboxHandler", "Psp", "PspDma", "PspPorts"]
 
@@ -52,10 +54,21 @@ class MailboxHandler(Protocol):
 class PspDma:
     """The Secure Processor's access to system memory (see the module docstring)."""
 
-    def __init__(self, cache: Cache, mc: MemoryController, cbit: int) -> None:
+    def __init__(self, cache: Cache, mc: MemoryController, cbit: int, rmp: Rmp | None = None) -> None:
         self._cache = cache
         self._mc = mc
+        self._rmp = rmp
         self.cbit_mask = 1 << cbit
+
+    def guest_owned(self, spa: int, length: int) -> bool:
+        """Whether SNP is enabled and a page of ``[spa, spa+length)`` belongs to a guest in the RMP
+        (Assigned with a non-zero ASID): the firmware never writes such a page for the host
+        (AMD-ASPFW ``check_page_range_firmware_writable``)."""
+        rmp = self._rmp
+        if rmp is None or not rmp.enabled or length <= 0:
+            return False
+        first, last = spa & ~0xFFF, min(spa + length - 1, rmp.covered - 1)
+        return any(rmp.entry(page).asid and rmp.entry(page).assigned for page in range(first, last + 1, 0x1000))
 
     def strip(self, paddr: int) -> tuple[int, bool]:
         """(SPA, C-bit) of a physical address as software passes it (the C-bit may be set)."""
@@ -96,12 +109,24 @@ class PspDma:
             out[lo - spa : hi - spa] = line[lo - key : hi - key]
         return bytes(out)
 
-    def write(self, spa: int, data: bytes) -> None:
+    def write(self, spa: int, data: bytes, *, guest_ok: bool = False) -> None:
         """Unencrypted write; host copies of those lines (this cache and private levels above it)
-        are written back and invalidated first."""
+        are written back and invalidated first.  AddressError for a guest-owned SNP page unless
+        ``guest_ok`` (the firmware's own write-back of a Pre-Guest CPUID page)."""
         self._mc.dram.check_range(spa, len(data))
+        if not guest_ok and self.guest_owned(spa, len(data)):
+            raise AddressError(f"SPA {spa:#x}+{len(data):#x} is an SNP guest's page: the PSP does not write it")
         self._cache.flush_range(0, False, spa, len(data))
         self._mc.dram.write(spa, data)
+
+    def read_invalidate(self, spa: int, length: int) -> bytes:
+        """Unencrypted read that also writes back and invalidates the host's lines of the range (the
+        read-sized write-back-invalidate AMD's firmware sets around SNP_LAUNCH_UPDATE, AMD-ASPFW
+        ``set_misc_read_sized_wrbkinvd``): no stale host line is left to be written back over what the
+        firmware writes encrypted next."""
+        self._mc.dram.check_range(spa, length)
+        self._cache.flush_range(0, False, spa, length)
+        return self._mc.dram.read(spa, length)
 
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:
         """Read with the key of ``asid`` straight from DRAM (not coherent with the caches)."""
@@ -129,6 +154,8 @@ class PspPorts:
     dma: PspDma
     flush_epoch: Callable[[], int]
     trng: Callable[[int], bytes] = os.urandom
+    rmp: RmpFirmwarePort | None = None
+    """The firmware's port into the Reverse Map Table (SEV-SNP parts only)."""
 
 
 class Psp:

@@ -8,8 +8,11 @@ Wiring order (each part only sees what it is handed):
 3. the shared cache in front of the memory controller (coherent across encryption domains only if
    the profile says so), and the MMU that walks tables through that cache;
 4. the cores (TLB each);
-5. the PSP device, holding the memory controller's key-slot port (issued exactly once), its DMA view
-   of memory, the WBINVD epoch signal and the TRNG.  The firmware is installed later by the
+5. on an SEV-SNP part, the Reverse Map Table (:mod:`sevemu.hw.rmp`): the BIOS reserves its region at
+   the top of DRAM, covering all of it, and names it in RMP_BASE / RMP_END; the cores consult it
+   once host software sets SYSCFG.SNP_EN (:meth:`Soc.wrmsr`);
+6. the PSP device, holding the memory controller's key-slot port (issued exactly once), its DMA view
+   of memory, the WBINVD epoch signal, the TRNG and, with SNP, the RMP's firmware port.  The firmware is installed later by the
    composition root (:mod:`sevemu.scenario`), which takes the PSP's ports for it.
 
 The host side (the hypervisor) gets :meth:`Soc.host_view` (:mod:`sevemu.hw.host`): host operations on
@@ -23,17 +26,19 @@ import os
 import random
 from collections.abc import Callable
 
-from sevemu.abi.cpuid import Msr
+from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.crypto.memenc import TweakConstants
 from sevemu.errors import InputError
 from sevemu.hw.cache import Cache
 from sevemu.hw.cpu import Core
 from sevemu.hw.dram import Dram
+from sevemu.hw.faults import GeneralProtection
 from sevemu.hw.host import HostSoc
 from sevemu.hw.memctl import MemoryController
 from sevemu.hw.mmu import Mmu
 from sevemu.hw.profiles import CpuProfile
 from sevemu.hw.psp import Psp, PspDma, PspPorts
+from sevemu.hw.rmp import Rmp, RmpFirmwarePort, rmp_region_size
 
 __all__ = ["Soc"]
 
@@ -78,14 +83,22 @@ class Soc:
         self.cache = Cache(self.mc, cache_size, cache_ways, coherent=profile.coherent)
         self.mmu = Mmu(self.cache, profile)
         self.cores = [Core(i, profile, self.cache, self.mmu, self.mc, tlb_entries) for i in range(cores)]
+        self.rmp: Rmp | None = None
+        if profile.sev_snp:
+            size = rmp_region_size(dram_size)
+            base = dram_size - size
+            self.rmp = Rmp(self.cache, self.dram, base, base + size - 1, profile.max_asid)
         self.psp = Psp(PspPorts(
             profile=profile,
             keys=self.mc.secure_port(),
-            dma=PspDma(self.cache, self.mc, profile.cbit),
+            dma=PspDma(self.cache, self.mc, profile.cbit, self.rmp),
             flush_epoch=lambda: self.cache.flush_epoch,
             trng=rng,
+            rmp=None if self.rmp is None else RmpFirmwarePort(self.rmp),
         ))
         self._msrs: dict[int, int] = {int(Msr.SYSCFG): _SYSCFG_MEM_ENCRYPTION_MOD_EN}
+        if self.rmp is not None:
+            self._msrs[int(Msr.SYSCFG)] |= int(SysCfg.VMPL_EN | SysCfg.MFDM)
 
     def host_view(self) -> HostSoc:
         """What host software may use (:mod:`sevemu.hw.host`): the hypervisor's handle."""
@@ -97,17 +110,46 @@ class Soc:
 
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
         """The host's CPUID for the leaves the SEV model defines (others read as zeros)."""
-        p = self.profile
-        if leaf == 0x8000001F:
-            return p.cpuid_fn8000_001f
-        if leaf == 0x00000001:
-            return p.cpuid_fn0000_0001_eax, 0, 0, 0
-        if leaf == 0x80000008:
-            return p.phys_addr_bits | (48 << 8), 0, 0, 0
-        return 0, 0, 0, 0
+        return self.profile.cpuid(leaf, subleaf)
 
     def rdmsr(self, msr: int) -> int:
+        if self.rmp is not None and msr == Msr.RMP_BASE:
+            return self.rmp.base
+        if self.rmp is not None and msr == Msr.RMP_END:
+            return self.rmp.end
         return self._msrs.get(msr, 0)
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        """WRMSR on every core (the SoC-wide MSRs are kept equal on all cores, as Linux does).
+
+        SYSCFG: only SNP_EN may be set by software, once; with SNP_EN set every SYSCFG write is
+        ignored (APM2 15.36.4).  RMP_BASE / RMP_END: writable before SNP_EN (8 KiB aligned), #GP after.
+        Setting SNP_EN needs an SNP part and a valid RMP region (#GP otherwise).
+        """
+        rmp = self.rmp
+        if msr == Msr.SYSCFG:
+            cur = self._msrs[int(Msr.SYSCFG)]
+            if cur & SysCfg.SNP_EN:
+                return
+            if value & ~int(SysCfg.SNP_EN) != cur & ~int(SysCfg.SNP_EN):
+                raise GeneralProtection(f"WRMSR SYSCFG {value:#x}: only SNP_EN may change")
+            if value & SysCfg.SNP_EN:
+                if rmp is None or not rmp.bounds_valid():
+                    raise GeneralProtection("WRMSR SYSCFG.SNP_EN without a valid RMP region")
+                rmp.enabled = True
+                for core in self.cores:
+                    core.rmp = rmp
+                self._msrs[int(Msr.SYSCFG)] = cur | int(SysCfg.SNP_EN)
+            return
+        if msr in (Msr.RMP_BASE, Msr.RMP_END) and rmp is not None:
+            if rmp.enabled or value % 0x2000 != (0 if msr == Msr.RMP_BASE else 0x1FFF):
+                raise GeneralProtection(f"WRMSR {Msr(msr).name} {value:#x}")
+            if msr == Msr.RMP_BASE:
+                rmp.set_bounds(value, rmp.end)
+            else:
+                rmp.set_bounds(rmp.base, value)
+            return
+        raise GeneralProtection(f"WRMSR {msr:#x}: not an MSR the model lets host software write")
 
     def wbinvd_all(self) -> int:
         """WBINVD on every core (the caches are shared, so the first one does the work)."""

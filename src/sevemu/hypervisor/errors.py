@@ -39,6 +39,7 @@ class Errno(enum.IntEnum):
 
     EPERM = 1
     EIO = 5
+    ENXIO = 6
     EBADF = 9
     ENOMEM = 12
     EFAULT = 14

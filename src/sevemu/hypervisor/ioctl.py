@@ -23,7 +23,7 @@ the row run.  A row (:class:`Command`) says, for one sub-command of one interfac
 
 The engine maps the error convention (:mod:`sevemu.hypervisor.errors`) to Linux's return:
 ``-errno``, with ``error`` = the firmware status.  SEV-ES and SNP sub-commands are more rows of
-the same table (their flows in ``sev/es.py`` and a future ``sev/snp.py``).
+the same table (their flows in ``sev/es.py`` and ``sev/snp.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sevemu.abi.commands import CommandId
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
 from sevemu.hypervisor.errors import Errno, SevError, SevInputError, SevStateError
-from sevemu.hypervisor.sev import es
+from sevemu.hypervisor.sev import es, snp
 from sevemu.hypervisor.sev.common import Reply
 from sevemu.hypervisor.sev.legacy import LegacySev
 from sevemu.hypervisor.uapi import (
@@ -60,6 +60,9 @@ from sevemu.hypervisor.uapi import (
     KvmSevSendStart,
     KvmSevSendUpdateData,
     KvmSevSendUpdateVmsa,
+    KvmSevSnpLaunchFinish,
+    KvmSevSnpLaunchStart,
+    KvmSevSnpLaunchUpdate,
     NoData,
     SevUserCmd,
     SevUserDataGetId,
@@ -67,10 +70,13 @@ from sevemu.hypervisor.uapi import (
     SevUserDataPdhCertExport,
     SevUserDataPekCertImport,
     SevUserDataPekCsr,
+    SevUserDataSnpConfig,
+    SevUserDataSnpStatus,
     SevUserDataStatus,
     copy_from_user,
     copy_to_user,
 )
+from sevemu.hypervisor.vcpu import KvmVmType
 from sevemu.hypervisor.vm import Vm
 
 if TYPE_CHECKING:
@@ -266,6 +272,9 @@ class Command(Generic[S]):
     not_sev: Errno = Errno.ENOTTY
     default_struct: bool = False
     """A NULL ``data`` stands for a zeroed structure (an output-only one)."""
+    null_data: Errno = Errno.EFAULT
+    """The errno for a NULL ``data`` otherwise (``copy_from_user`` of NULL: -EFAULT; sev-dev.c's SNP
+    commands check ``argp->data`` first: -EINVAL)."""
 
     def execute(self, caller: Caller, data: object) -> Outcome:
         """Run the command for ``caller`` on the user structure ``data``."""
@@ -315,6 +324,8 @@ class Command(Generic[S]):
         struct = self.struct
         if struct is NoData or (data is None and self.default_struct):
             return struct()
+        if data is None:
+            raise SevInputError(self.null_data, f"data is NULL, {struct.__name__} expected")
         if not isinstance(data, struct):  # copy_from_user of a bad pointer
             raise SevInputError(Errno.EFAULT, f"data is not a {struct.__name__}")
         return data
@@ -399,7 +410,22 @@ def _kvm_es_init(c: Caller, p: NoData, a: Args) -> None:
 
 
 def _kvm_init2(c: Caller, p: KvmSevInit, a: Args) -> None:
-    es.guest_init2(c.sev, c.guest, p)
+    if c.guest.vm_type is KvmVmType.SNP_VM:
+        snp.guest_init2(c.sev, c.guest, p)
+    else:
+        es.guest_init2(c.sev, c.guest, p)
+
+
+def _snp_launch_start(c: Caller, p: KvmSevSnpLaunchStart, a: Args) -> None:
+    snp.launch_start(c.sev, c.guest, p)
+
+
+def _snp_launch_update(c: Caller, p: KvmSevSnpLaunchUpdate, a: Args) -> None:
+    snp.launch_update(c.sev, c.guest, p)
+
+
+def _snp_launch_finish(c: Caller, p: KvmSevSnpLaunchFinish, a: Args) -> None:
+    snp.launch_finish(c.sev, c.guest, p)
 
 
 def _launch_start(c: Caller, p: KvmSevLaunchStart, a: Args) -> Reply:
@@ -525,6 +551,26 @@ def _platform_status(c: Caller, p: SevUserDataStatus, a: Args) -> Reply:
                          "flags": st.owner | st.config << 8, "build": st.build, "guest_count": st.guest_count})
 
 
+def _snp_platform_status(c: Caller, p: SevUserDataSnpStatus, a: Args) -> Reply:
+    st = snp.platform_status(c.sev)
+    f = st.flags
+    return Reply(fields={"api_major": st.api_major, "api_minor": st.api_minor, "state": st.state,
+                         "is_rmp_initialized": st.init.is_rmp_initialized, "build_id": st.build_id,
+                         "mask_chip_id": f.mask_chip_id, "mask_chip_key": f.mask_chip_key, "vlek_en": f.vlek_en,
+                         "feature_info": f.feature_info, "rapl_dis": f.rapl_dis,
+                         "ciphertext_hiding_cap": f.ciphertext_hiding_cap, "ciphertext_hiding_en": f.ciphertext_hiding_en,
+                         "guest_count": st.guest_count, "current_tcb_version": st.current_tcb,
+                         "reported_tcb_version": st.reported_tcb})
+
+
+def _snp_commit(c: Caller, p: NoData, a: Args) -> None:
+    snp.commit(c.sev)
+
+
+def _snp_set_config(c: Caller, p: SevUserDataSnpConfig, a: Args) -> None:
+    snp.set_config(c.sev, p.reported_tcb, bool(p.mask_chip_id), bool(p.mask_chip_key))
+
+
 def _pek_gen(c: Caller, p: NoData, a: Args) -> None:
     c.sev.pek_gen()
 
@@ -610,6 +656,12 @@ COMMANDS: Final[tuple[Runnable, ...]] = (
     Command(_K, KvmSevCmdId.RECEIVE_UPDATE_VMSA, KvmSevReceiveUpdateVmsa, _receive_update_vmsa,
             (_F.RECEIVE_UPDATE_VMSA,), _SEV, ins=_HDR_TRANS),
     Command(_K, KvmSevCmdId.RECEIVE_FINISH, NoData, _receive_finish, (_F.RECEIVE_FINISH,), _SEV),
+    Command(_K, KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart, _snp_launch_start,
+            (_F.SNP_GCTX_CREATE, _F.SNP_LAUNCH_START, _F.SNP_ACTIVATE), Needs.SEV_FD),
+    Command(_K, KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate, _snp_launch_update, (_F.SNP_LAUNCH_UPDATE,),
+            Needs.SEV_FD),
+    Command(_K, KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish, _snp_launch_finish,
+            (_F.SNP_LAUNCH_UPDATE, _F.SNP_LAUNCH_FINISH)),
     # ---- /dev/sev SEV_ISSUE_CMD (drivers/crypto/ccp/sev-dev.c) ----
     Command(_D, SevUserCmd.FACTORY_RESET, NoData, _factory_reset,
             (_F.PLATFORM_STATUS, _F.SHUTDOWN, _F.PLATFORM_RESET), Needs.WRITABLE),
@@ -624,6 +676,11 @@ COMMANDS: Final[tuple[Runnable, ...]] = (
     _pdh_export(_D, SevUserDataPdhCertExport, UserBlob("pdh_cert_address", "pdh_cert_len"),
                 UserBlob("cert_chain_address", "cert_chain_len"), Errno.EFAULT, Needs.INIT | Needs.WRITE_TO_INIT),
     Command(_D, SevUserCmd.GET_ID, SevUserDataGetId, _get_id, (_F.GET_ID,), Needs.API_0_16),
+    Command(_D, SevUserCmd.SNP_PLATFORM_STATUS, SevUserDataSnpStatus, _snp_platform_status,
+            (_F.SNP_PLATFORM_STATUS,), null_data=Errno.EINVAL),
+    Command(_D, SevUserCmd.SNP_COMMIT, NoData, _snp_commit, (_F.SNP_COMMIT,), Needs.WRITABLE),
+    Command(_D, SevUserCmd.SNP_SET_CONFIG, SevUserDataSnpConfig, _snp_set_config, (_F.SNP_CONFIG,), Needs.WRITABLE,
+            null_data=Errno.EINVAL),
     Command(_D, SevUserCmd.GET_ID2, SevUserDataGetId2, _get_id2, (_F.GET_ID,), Needs.API_0_16,
             out=OutRule((UserBlob("address", "length"),), Query.NULL_OR_ZERO, Back.ALWAYS, limit=GET_ID2_MAX,
                         too_big=Errno.ENOMEM)),

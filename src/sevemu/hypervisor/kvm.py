@@ -148,6 +148,8 @@ class Hypervisor:
             raise InputError(f"VM memory {memory:#x} exceeds the host's {self.soc.dram_size:#x} bytes of DRAM")
         vm_type = KvmVmType(vm_type)
         supported = {KvmVmType.DEFAULT_VM, KvmVmType.SEV_VM} | ({KvmVmType.SEV_ES_VM} if self.sev.caps.es else set())
+        if self.sev.snp:  # SNP_INIT done (sevemu.hypervisor.sev.snp.platform_init)
+            supported.add(KvmVmType.SNP_VM)
         if vm_type not in supported:
             raise SevInputError(Errno.EINVAL, f"VM type {vm_type.name} is not supported by this host "
                                               f"(supported: {', '.join(t.name for t in sorted(supported))})")

@@ -30,6 +30,10 @@ __all__ = [
     "GHCB_VERSION_MAX",
     "GHCB_VERSION_MIN",
     "KVM_MEMORY_ENCRYPT_OP",
+    "KVM_SEV_SNP_FINISH_DATA_SIZE",
+    "KVM_SEV_SNP_ID_AUTH_SIZE",
+    "KVM_SEV_SNP_ID_BLOCK_SIZE",
+    "KVM_SEV_SNP_PAGE_TYPES",
     "SEV_FW_BLOB_MAX_SIZE",
     "SEV_ISSUE_CMD",
     "KvmSevAttestationReport",
@@ -49,6 +53,9 @@ __all__ = [
     "KvmSevSendStart",
     "KvmSevSendUpdateData",
     "KvmSevSendUpdateVmsa",
+    "KvmSevSnpLaunchFinish",
+    "KvmSevSnpLaunchStart",
+    "KvmSevSnpLaunchUpdate",
     "KvmVmType",
     "NoData",
     "SevUserCmd",
@@ -58,6 +65,8 @@ __all__ = [
     "SevUserDataPdhCertExport",
     "SevUserDataPekCertImport",
     "SevUserDataPekCsr",
+    "SevUserDataSnpConfig",
+    "SevUserDataSnpStatus",
     "SevUserDataStatus",
     "UserBuffer",
     "UserFields",
@@ -157,6 +166,60 @@ class KvmSevInit:
     ghcb_version: int = 0
     pad1: int = 0
     pad2: tuple[int, ...] = (0,) * 8
+
+
+@dataclass
+class KvmSevSnpLaunchStart:
+    """``struct kvm_sev_snp_launch_start`` (KVM_SEV_SNP_LAUNCH_START): the 64-bit SNP ``policy``,
+    ``gosvw`` (16 bytes), ``flags`` (none defined: non-zero is ``-EINVAL``), padding."""
+
+    policy: int = 0
+    gosvw: bytes = bytes(16)
+    flags: int = 0
+    pad0: bytes = bytes(6)
+    pad1: tuple[int, ...] = (0,) * 4
+
+
+KVM_SEV_SNP_PAGE_TYPES: Final = {1: "NORMAL", 3: "ZERO", 4: "UNMEASURED", 5: "SECRETS", 6: "CPUID"}
+"""``KVM_SEV_SNP_PAGE_TYPE_*`` KVM_SEV_SNP_LAUNCH_UPDATE accepts (the firmware's page types; VMSA pages
+are KVM's own, at SNP_LAUNCH_FINISH)."""
+
+
+@dataclass
+class KvmSevSnpLaunchUpdate:
+    """``struct kvm_sev_snp_launch_update``: ``gfn_start``, ``uaddr`` (the data, 4 KiB aligned in Linux;
+    ignored for ZERO pages), ``len`` (a non-zero multiple of 4 KiB), ``type``, ``flags`` (none);
+    on return ``gfn_start``/``uaddr``/``len`` describe what was not processed."""
+
+    gfn_start: int = 0
+    uaddr: UserBuffer = None
+    len: int = 0
+    type: int = 0
+    pad0: int = 0
+    flags: int = 0
+    pad1: int = 0
+    pad2: tuple[int, ...] = (0,) * 4
+
+
+KVM_SEV_SNP_ID_BLOCK_SIZE: Final = 96
+KVM_SEV_SNP_ID_AUTH_SIZE: Final = 4096
+KVM_SEV_SNP_FINISH_DATA_SIZE: Final = 32
+
+
+@dataclass
+class KvmSevSnpLaunchFinish:
+    """``struct kvm_sev_snp_launch_finish``: the ID block (96 bytes) and ID auth page (4096) when
+    ``id_block_en``, ``auth_key_en``, ``vcek_disabled``, ``host_data`` (32 bytes), ``flags`` (none)."""
+
+    id_block_uaddr: UserBuffer = None
+    id_auth_uaddr: UserBuffer = None
+    id_block_en: int = 0
+    auth_key_en: int = 0
+    vcek_disabled: int = 0
+    host_data: bytes = bytes(32)
+    pad0: bytes = bytes(3)
+    flags: int = 0
+    pad1: tuple[int, ...] = (0,) * 4
 
 
 @dataclass
@@ -305,7 +368,8 @@ class KvmSevCertExport:
 KvmSevData = (KvmSevInit | KvmSevLaunchStart | KvmSevLaunchUpdateData | KvmSevLaunchSecret | KvmSevLaunchMeasure
               | KvmSevGuestStatus | KvmSevDbg | KvmSevAttestationReport | KvmSevSendStart
               | KvmSevSendUpdateData | KvmSevSendUpdateVmsa | KvmSevReceiveStart | KvmSevReceiveUpdateData
-              | KvmSevReceiveUpdateVmsa | KvmSevCertExport | NoData)
+              | KvmSevReceiveUpdateVmsa | KvmSevCertExport | KvmSevSnpLaunchStart | KvmSevSnpLaunchUpdate
+              | KvmSevSnpLaunchFinish | NoData)
 """Any ``struct kvm_sev_*`` (the ``data`` of :class:`KvmSevCmd`)."""
 
 
@@ -338,6 +402,38 @@ class SevUserDataStatus:
     flags: int = 0
     build: int = 0
     guest_count: int = 0
+
+
+@dataclass
+class SevUserDataSnpStatus:
+    """``struct sev_user_data_snp_status`` (SNP_PLATFORM_STATUS, out): the firmware's status buffer
+    by Linux's field names (the bit fields as booleans)."""
+
+    api_major: int = 0
+    api_minor: int = 0
+    state: int = 0
+    is_rmp_initialized: bool = False
+    build_id: int = 0
+    mask_chip_id: bool = False
+    mask_chip_key: bool = False
+    vlek_en: bool = False
+    feature_info: bool = False
+    rapl_dis: bool = False
+    ciphertext_hiding_cap: bool = False
+    ciphertext_hiding_en: bool = False
+    guest_count: int = 0
+    current_tcb_version: int = 0
+    reported_tcb_version: int = 0
+
+
+@dataclass
+class SevUserDataSnpConfig:
+    """``struct sev_user_data_snp_config`` (SNP_SET_CONFIG, in): ``reported_tcb`` (0: the current one),
+    ``mask_chip_id``, ``mask_chip_key``."""
+
+    reported_tcb: int = 0
+    mask_chip_id: int = 0
+    mask_chip_key: int = 0
 
 
 @dataclass
@@ -385,5 +481,5 @@ class SevUserDataGetId2:
 
 
 SevUserData = (SevUserDataStatus | SevUserDataPekCsr | SevUserDataPekCertImport | SevUserDataPdhCertExport
-               | SevUserDataGetId | SevUserDataGetId2 | NoData)
+               | SevUserDataGetId | SevUserDataGetId2 | SevUserDataSnpStatus | SevUserDataSnpConfig | NoData)
 """Any ``struct sev_user_data_*`` (the ``data`` of ``struct sev_issue_cmd``)."""

@@ -115,6 +115,12 @@ class Vm:
         self.vcpus: list[Vcpu] = []
         self.console = bytearray()
         self.shared_gpas: set[int] = set()  # pages the guest declared shared (KVM_HC_MAP_GPA_RANGE)
+        self.snp = False
+        """An SEV-SNP guest (KVM ``sev_snp_guest``): its memory is private (guest_memfd) unless shared."""
+        self.snp_context = 0
+        """SPA of the SNP guest-context page (KVM ``snp_context``; 0: none)."""
+        self.private_spas: set[int] = set()
+        """SNP: backing pages the RMP gives the guest (:mod:`sevemu.hypervisor.sev.snp`)."""
         self.crash_reason: str | None = None
         self.termination: tuple[int, int] | None = None
         """SEV-ES: the (reason set, reason code) of the guest's termination request."""
@@ -163,15 +169,26 @@ class Vm:
         return spa
 
     # ---- the host's view ----------------------------------------------------------------------
+    def _mapped(self, page: int) -> None:
+        """An SNP guest's private memory is guest_memfd: the VMM has no mapping of it."""
+        if self.snp and page not in self.shared_gpas:
+            raise UnmappedError(f"GPA {page:#x} of {self.name} is private (guest_memfd): the host has no mapping")
+
     def host_read(self, gpa: int, length: int) -> bytes:
-        """Read guest memory as the host: plaintext for shared pages, ciphertext for private ones."""
+        """Read guest memory as the host: plaintext for shared pages, ciphertext for private ones
+        (an SNP guest's private pages are not mapped at all)."""
+        for page, _, _ in _pieces(gpa, length):
+            self._mapped(page)
         out = bytearray()
         for page, off, n in _pieces(gpa, length):
             out += self._core.host_read(self.spa_of(page) + off, n)
         return bytes(out)
 
     def host_write(self, gpa: int, data: bytes) -> None:
-        """Write guest memory as the host (corrupts private pages: no integrity before SNP)."""
+        """Write guest memory as the host (corrupts private pages: no integrity before SNP; an SNP
+        guest's private pages are not mapped)."""
+        for page, _, _ in _pieces(gpa, len(data)):
+            self._mapped(page)
         spas = [self.spa_of(page) for page, _, _ in _pieces(gpa, len(data))]
         pos = 0
         for spa, (_, off, n) in zip(spas, _pieces(gpa, len(data)), strict=True):

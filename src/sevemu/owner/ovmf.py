@@ -23,17 +23,24 @@ uses ``base`` when no ``gpa`` is given.
 
 from __future__ import annotations
 
+import enum
 import uuid
+from dataclasses import dataclass
 
 from sevemu.errors import LayoutError
 
 __all__ = [
+    "OVMF_SEV_METADATA_GUID",
     "OVMF_TABLE_FOOTER_GUID",
     "SEV_ES_RESET_BLOCK_GUID",
     "SEV_HASH_TABLE_RV_GUID",
     "SEV_SECRET_BLOCK_GUID",
+    "MetadataSection",
+    "SectionType",
     "footer_table",
     "sev_es_reset_eip",
+    "sev_hashes_table_gpa",
+    "sev_metadata",
     "sev_secret_area",
 ]
 
@@ -43,6 +50,9 @@ SEV_HASH_TABLE_RV_GUID = uuid.UUID("7255371f-3a3b-4b04-927b-1da6efa8d454")
 """Entry giving the guest-physical address (u32) and size of the kernel-hashes page."""
 SEV_SECRET_BLOCK_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
 """Entry giving the guest-physical base (u32) and size (u32) of the LAUNCH_SECRET area."""
+
+OVMF_SEV_METADATA_GUID = uuid.UUID("dc886566-984a-4798-a75e-5585a7bf67cc")
+"""Entry giving the offset from the image's end (u32) of the SEV metadata ("ASEV") header."""
 
 _RESET_AREA = 32
 _ENTRY_TRAILER = 16 + 2  # GUID + u16 length
@@ -105,3 +115,67 @@ def sev_secret_area(image: bytes) -> tuple[int, int] | None:
     if len(data) < 8:
         raise LayoutError(f"OVMF SEV secret block of {len(data)} bytes, expected base and size (8)")
     return int.from_bytes(data[:4], "little"), int.from_bytes(data[4:8], "little")
+
+
+class SectionType(enum.IntEnum):
+    """OVMF SEV metadata section types (OVMF ``OvmfPkg/ResetVector``; QEMU ``target/i386/sev.c``)."""
+
+    SNP_SEC_MEM = 1
+    SNP_SECRETS = 2
+    CPUID = 3
+    SVSM_CAA = 4
+    SNP_KERNEL_HASHES = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataSection:
+    """One section of OVMF's SEV metadata: a guest-physical range the VMM prepares at SNP launch."""
+
+    gpa: int
+    size: int
+    type: SectionType
+
+
+_METADATA_HEADER = 16  # "ASEV", u32 size, u32 version (1), u32 number of sections
+_METADATA_ITEM = 12  # u32 gpa, u32 size, u32 type
+
+
+def sev_metadata(image: bytes) -> list[MetadataSection]:
+    """The image's SEV metadata sections in table order (empty when the image has none).
+
+    Raises :class:`~sevemu.errors.LayoutError` for a header that is not "ASEV" version 1, a table
+    outside the image, or an unknown section type.
+    """
+    try:
+        entry = footer_table(image).get(OVMF_SEV_METADATA_GUID)
+    except LayoutError:
+        return []
+    if entry is None:
+        return []
+    if len(entry) < 4:
+        raise LayoutError("OVMF SEV metadata entry shorter than its offset")
+    start = len(image) - int.from_bytes(entry[:4], "little")
+    head = bytes(image[start : start + _METADATA_HEADER]) if 0 <= start else b""
+    if len(head) != _METADATA_HEADER or head[:4] != b"ASEV":
+        raise LayoutError("OVMF SEV metadata: no 'ASEV' header where the footer table points")
+    size, version, count = (int.from_bytes(head[i : i + 4], "little") for i in (4, 8, 12))
+    if version != 1 or size != _METADATA_HEADER + count * _METADATA_ITEM or start + size > len(image):
+        raise LayoutError(f"OVMF SEV metadata: version {version}, size {size}, {count} sections do not fit")
+    out = []
+    for i in range(count):
+        off = start + _METADATA_HEADER + i * _METADATA_ITEM
+        gpa, length, kind = (int.from_bytes(image[off + j : off + j + 4], "little") for j in (0, 4, 8))
+        try:
+            out.append(MetadataSection(gpa, length, SectionType(kind)))
+        except ValueError:
+            raise LayoutError(f"OVMF SEV metadata section {i}: unknown type {kind:#x}") from None
+    return out
+
+
+def sev_hashes_table_gpa(image: bytes) -> int | None:
+    """GPA of the kernel-hashes table (the SEV_HASH_TABLE_RV entry), or None when the image has none."""
+    try:
+        data = footer_table(image).get(SEV_HASH_TABLE_RV_GUID)
+    except LayoutError:
+        return None
+    return None if data is None or len(data) < 4 else int.from_bytes(data[:4], "little")

@@ -105,6 +105,9 @@ class KvmVmType(enum.IntEnum):
     """``KVM_X86_DEFAULT_VM`` + ``KVM_SEV_ES_INIT`` (legacy): no FPU state, no vmsa_features."""
     SEV_ES_VM = 3
     """``KVM_X86_SEV_ES_VM`` + ``KVM_SEV_INIT2``: FPU state synced, vmsa_features from kvm_sev_init."""
+    SNP_VM = 4
+    """``KVM_X86_SNP_VM`` + ``KVM_SEV_INIT2``: as SEV_ES_VM, and KVM adds SNP_ACTIVE to vmsa_features
+    (the guest owner names the resulting ``sev_features``, sev-snp-measure's ``--guest-features``)."""
 
     # Old names (this module's KvmFpuReset), kept as aliases.
     KVM_2022 = 0
@@ -122,7 +125,10 @@ class KvmVmType(enum.IntEnum):
 
     @property
     def vmsa_features(self) -> SevFeatures:
-        """The ``vmsa_features`` KVM can accept for an SEV-ES VM of this type."""
+        """The ``vmsa_features`` KVM can accept for an SEV-ES VM of this type (an SNP VM: any the
+        owner names -- which the host supports is the host's to refuse)."""
+        if self is KvmVmType.SNP_VM:
+            return SevFeatures((1 << 64) - 1)
         return KVM_SEV_ES_VMSA_FEATURES if self.syncs_fpu else SevFeatures(0)
 
 

@@ -93,7 +93,7 @@ def activate(fw: Firmware, cmd: ActivateCmd, g: GuestContext) -> None:
     if g.asid:
         raise FirmwareError(Status.ACTIVE, f"guest {g.handle} is already active on ASID {g.asid}")
     owner = fw.asid_owner.get(cmd.asid)
-    if owner is not None and fw.guests[owner].vek != g.vek:
+    if owner is not None and (owner not in fw.guests or fw.guests[owner].vek != g.vek):  # or an SNP guest's
         raise FirmwareError(Status.ASID_OWNED, f"ASID {cmd.asid} belongs to guest {owner}")
     if owner is None and cmd.asid in fw.asid_dirty:
         if fw.asid_dirty[cmd.asid] >= fw.ports.flush_epoch():

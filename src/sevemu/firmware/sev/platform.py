@@ -67,6 +67,7 @@ from sevemu.abi.sev import (
 from sevemu.abi.states import PlatformOwner, PlatformState
 from sevemu.abi.status import Status
 from sevemu.errors import AddressError, FirmwareError
+from sevemu.firmware.checks import flush_dirty_asids
 from sevemu.firmware.core import ANY_STATE, READY, Firmware
 from sevemu.firmware.identity import PlatformIdentity
 from sevemu.firmware.nvstore import NvStoreError, NvTamperedError, seal_host_nv, unseal_host_nv
@@ -236,10 +237,6 @@ def platform_status(fw: Firmware) -> PlatformStatus:
 
 @SEV_API.bare(CommandId.DF_FLUSH, READY)
 def df_flush(fw: Firmware) -> None:
-    epoch = fw.ports.flush_epoch()
-    stale = [asid for asid, at in fw.asid_dirty.items() if at >= epoch]
-    if stale:
-        raise FirmwareError(Status.WBINVD_REQUIRED, f"no WBINVD since ASID {stale[0]} became dirty")
-    fw.asid_dirty.clear()
+    flush_dirty_asids(fw)
     if fw.tmr is not None:  # AF mcmd_df_flush_common: "it is now safe to initialize the TMR"
         fw.tmr.ready = True

@@ -142,6 +142,8 @@ class SevHost:
         self.tables = tables
         self.tmr_spa = tmr_spa
         self.caps = SevCaps.of(soc)
+        self.snp = False
+        """SNP_INIT done (:func:`sevemu.hypervisor.sev.snp.platform_init`): ASID flushes use SNP_DF_FLUSH."""
 
     # ---- firmware commands ------------------------------------------------------------------
     @staticmethod
@@ -301,7 +303,8 @@ class SevHost:
             self.soc.wbinvd_all()
 
     def flush_asids(self) -> None:
-        """Make reclaimed ASIDs reusable: WBINVD on every CPU, then DF_FLUSH (``sev_flush_asids``)."""
+        """Make reclaimed ASIDs reusable: WBINVD on every CPU, then DF_FLUSH -- SNP_DF_FLUSH once SNP is
+        initialised (``sev_flush_asids``)."""
         self.soc.wbinvd_all()
-        self.issue_nobuf(CommandId.DF_FLUSH)
+        self.issue_nobuf(CommandId.SNP_DF_FLUSH if self.snp else CommandId.DF_FLUSH)
         self.asids.reclaimed()

@@ -473,6 +473,11 @@ class LegacySev(SevHost):
         if vm.kind is not VmKind.SEV:
             self.asids.free(vm.asid, activated=False)
             return
+        if vm.snp:
+            from sevemu.hypervisor.sev import snp
+
+            snp.decommission(self, vm)
+            return
         self.soc.wbinvd_all()
         if not vm.handle:
             self.asids.free(vm.asid, activated=False)

@@ -1,0 +1,173 @@
+"""``sevemu bench snp``: a full emulated SEV-SNP launch of OVMF beside sev-snp-measure computing only the
+digest of the same image in the same run, and PVALIDATE of a guest's memory (4 KiB and 2 MiB pages)
+per second.
+
+The launch is the KVM model's, as QEMU drives it (``tests/interop/test_interop_snp_platform.py``):
+KVM_SEV_INIT2 for a ``KVM_X86_SNP_VM``, KVM_SEV_SNP_LAUNCH_START, KVM_SEV_SNP_LAUNCH_UPDATE of the image
+and of OVMF's SEV metadata sections, KVM_SEV_SNP_LAUNCH_FINISH (one VMSA per vCPU) -- every page
+RMPUPDATEd, measured, encrypted by the firmware through the mailbox.  The timed part excludes building
+the host and SNP_INIT.  The baseline is sev-snp-measure's ``snp_calc_launch_digest`` (only the digest),
+or the owner's calculator when the tool is not installed.  The two digests must agree.
+
+PVALIDATE: the RMP of a fresh SNP SoC, the guest's memory assigned to one ASID in 2 MiB pages
+(RMPUPDATE) then smashed (PSMASH) for the 4 KiB run; the timed loop is the instruction's RMP work
+(``Rmp.pvalidate``), validate then rescind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from sevemu._util.units import PAGE, PAGE_2M, GiB, MiB
+from sevemu.abi.cpuid import Msr, SysCfg
+from sevemu.abi.rmp import RmpResult, RmpUpdateState
+from sevemu.abi.snp import SnpCpuidFunction
+from sevemu.cli.common import emit, positive_int
+from sevemu.errors import InputError
+from sevemu.firmware.snp import snp_state
+from sevemu.hw.profiles import profile
+from sevemu.hw.rmp import RmpFirmwarePort
+from sevemu.hw.soc import Soc
+from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit, KvmVmType
+from sevemu.hypervisor.sev import snp
+from sevemu.hypervisor.sevdev import SevDevice
+from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
+from sevemu.hypervisor.vcpu import BSP_RESET_EIP
+from sevemu.hypervisor.vm import Vm
+from sevemu.owner import vmsa as owner_vmsa
+from sevemu.owner.ovmf import SectionType, sev_es_reset_eip, sev_metadata
+from sevemu.owner.snp_measurement import FOUR_GIB, ovmf_launch_digest
+from sevemu.scenario import Machine, build_machine
+
+__all__ = ["cpuid_page", "launch", "qemu_snp_launch", "register_snp", "run_snp"]
+
+DEFAULT_OVMF = ("/usr/share/ovmf/OVMF.fd", "/usr/share/OVMF/OVMF_CODE_4M.fd")
+
+
+def register_snp(bsub: Any) -> None:
+    """Add ``snp`` to the ``sevemu bench`` sub-commands."""
+    p = bsub.add_parser("snp", help="emulated SNP launch of OVMF vs sev-snp-measure; PVALIDATE per second",
+                        epilog="examples:\n  sevemu bench snp\n  sevemu bench snp --pvalidate-size 256 --json")
+    p.add_argument("--ovmf", type=Path, metavar="PATH", help="the OVMF image (default: Debian's OVMF.fd)")
+    p.add_argument("--vcpus", type=positive_int, default=4, help="vCPUs of the launched guest (default 4)")
+    p.add_argument("--vcpu-type", default="EPYC-Milan", help="QEMU -cpu model (default EPYC-Milan)")
+    p.add_argument("--pvalidate-size", type=positive_int, default=1024, metavar="MiB",
+                   help="guest memory PVALIDATEd, in MiB (default 1024)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_snp)
+
+
+def cpuid_page(host_cpuid: Any) -> bytes:
+    """The CPUID table QEMU hands the firmware: the host's answers for the leaves it has."""
+    fns = [SnpCpuidFunction(eax_in=leaf, eax=a, ebx=b, ecx=c, edx=d)
+           for leaf in (0x1, 0x8000_0008, 0x8000_001F) for a, b, c, d in [host_cpuid(leaf)]]
+    return (len(fns).to_bytes(4, "little") + bytes(12) + b"".join(f.encode() for f in fns)).ljust(PAGE, b"\0")
+
+
+def qemu_snp_launch(m: Machine, image: bytes, vcpus: int, vcpu_type: str, *, policy: int = 0x30000,
+                    host_data: bytes = bytes(32)) -> Vm:
+    """QEMU's SNP launch of OVMF ``image`` on ``m`` through the KVM model (module docstring); the VM."""
+    hv = m.hv
+    vm = hv.create_vm("ovmf-snp", FOUR_GIB, vm_type=KvmVmType.SNP_VM, vcpu_type=vcpu_type)
+    kvm, dev = KvmSev(hv, vm), SevDevice(hv)
+    kvm.op(KvmSevCmdId.INIT2, KvmSevInit())
+    ap = sev_es_reset_eip(image)
+    for i in range(vcpus):
+        vm.add_vcpu(reset_eip=BSP_RESET_EIP if i == 0 else ap)
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=policy), sev_fd=dev)
+    upd = kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(
+        gfn_start=(FOUR_GIB - len(image)) >> 12, uaddr=image, len=len(image), type=1), sev_fd=dev)
+    if upd.len:
+        raise InputError(f"KVM left {upd.len:#x} bytes of the image unprocessed")
+    kinds = {SectionType.SNP_SECRETS: 5, SectionType.CPUID: 6}  # SEC_MEM, KERNEL_HASHES, SVSM_CAA: ZERO
+    for sec in sev_metadata(image):
+        kind = kinds.get(sec.type, 3)
+        data = cpuid_page(hv.soc.cpuid) if kind == 6 else bytes(sec.size)
+        kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(gfn_start=sec.gpa >> 12, uaddr=bytearray(data),
+                                                                    len=sec.size, type=kind), sev_fd=dev)
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish(host_data=host_data))
+    return vm
+
+
+def launch(image: bytes, vcpus: int, vcpu_type: str) -> tuple[bytes, float]:
+    """(the firmware's launch digest, seconds) of a QEMU-style SNP launch of ``image`` on a fresh host."""
+    m = build_machine("milan", seed="bench-snp", init=False)
+    snp.platform_init(m.hv.sev)
+    m.hv.platform_init()
+    t0 = time.perf_counter()
+    vm = qemu_snp_launch(m, image, vcpus, vcpu_type)
+    seconds = time.perf_counter() - t0
+    ld = snp_state(m.firmware).guests[vm.snp_context].ld
+    m.hv.destroy(vm)
+    return ld, seconds
+
+
+def tool(path: Path, image: bytes, vcpus: int, vcpu_type: str) -> tuple[bytes, float, str]:
+    """(digest, seconds, which) of the reference calculator."""
+    t0 = time.perf_counter()
+    try:
+        from sevsnpmeasure.guest import snp_calc_launch_digest  # type: ignore[import-untyped]
+        from sevsnpmeasure.vmm_types import VMMType  # type: ignore[import-untyped]
+    except ImportError:
+        ld = ovmf_launch_digest(image, vcpus, owner_vmsa.vcpu_signature(vcpu_type)).digest
+        return ld, time.perf_counter() - t0, "owner calculator (sev-snp-measure not installed)"
+    t0 = time.perf_counter()
+    sig = owner_vmsa.vcpu_signature(vcpu_type)
+    ld = bytes(snp_calc_launch_digest(vcpus, sig, str(path), None, None, None, 0x1, None, vmm_type=VMMType.QEMU))
+    return ld, time.perf_counter() - t0, "sev-snp-measure"
+
+
+def pvalidate(size: int) -> dict[str, float]:
+    """PVALIDATE rates (pages per second) over ``size`` bytes of guest memory, 2 MiB and 4 KiB."""
+    soc = Soc(profile("milan"), dram_size=size + 2 * GiB, rng=lambda n: bytes(n))
+    host = soc.host_view()
+    host.wrmsr(Msr.SYSCFG, host.rdmsr(Msr.SYSCFG) | int(SysCfg.SNP_EN))
+    assert soc.rmp is not None
+    rmp = soc.rmp
+    RmpFirmwarePort(rmp).initialize()
+    base, asid = GiB, 1
+    huge = range(0, size, PAGE_2M)
+    for gpa in huge:
+        rc = rmp.rmpupdate(base + gpa, RmpUpdateState(gpa=gpa, assigned=1, asid=asid, pagesize=1))
+        if rc != RmpResult.SUCCESS:
+            raise InputError(f"RMPUPDATE failed: {RmpResult(rc).name}")
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for gpa in huge:
+        rmp.pvalidate(asid, gpa, base + gpa, True, True)
+    for gpa in huge:
+        rmp.pvalidate(asid, gpa, base + gpa, True, False)
+    out["pvalidate_2m_per_s"] = 2 * len(huge) / (time.perf_counter() - t0)
+    for gpa in huge:
+        rmp.psmash(base + gpa)
+    small = range(0, size, PAGE)
+    t0 = time.perf_counter()
+    for gpa in small:
+        rmp.pvalidate(asid, gpa, base + gpa, False, True)
+    out["pvalidate_4k_per_s"] = len(small) / (time.perf_counter() - t0)
+    return out
+
+
+def run_snp(args: argparse.Namespace) -> int:
+    path = args.ovmf or next((Path(p) for p in DEFAULT_OVMF if Path(p).is_file()), None)
+    if path is None or not path.is_file():
+        raise InputError("no OVMF image: give --ovmf (Debian: apt-get install ovmf)")
+    image = path.read_bytes()
+    ours, t_launch = launch(image, args.vcpus, args.vcpu_type)
+    theirs, t_tool, which = tool(path, image, args.vcpus, args.vcpu_type)
+    if ours != theirs:
+        raise InputError(f"the emulated launch's digest {ours.hex()} differs from {which}'s {theirs.hex()}")
+    rates = pvalidate(args.pvalidate_size * MiB)
+    result = {"ovmf": str(path), "image_bytes": len(image), "vcpus": args.vcpus, "launch_s": t_launch,
+              "digest_only_s": t_tool, "baseline": which, "launch_over_digest": t_launch / t_tool,
+              "digest": ours.hex(), "pvalidate_bytes": args.pvalidate_size * MiB, **rates}
+    launch_line = (f"SNP launch of {path} ({len(image) // 1024} KiB, {args.vcpus} vCPUs): {t_launch:.2f} s emulated "
+                   f"(RMPUPDATE, LAUNCH_UPDATE, encryption, VMSAs) vs {t_tool:.2f} s {which} (digest only): "
+                   f"x{t_launch / t_tool:.1f}; digests equal")
+    rate_line = (f"PVALIDATE over {args.pvalidate_size} MiB: {rates['pvalidate_2m_per_s']:,.0f} 2 MiB pages/s, "
+                 f"{rates['pvalidate_4k_per_s']:,.0f} 4 KiB pages/s")
+    emit(args, result, [launch_line, rate_line])
+    return 0

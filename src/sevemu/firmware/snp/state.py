@@ -1,0 +1,146 @@
+"""What the SNP firmware keeps: the SNP platform state beside the legacy one, and one guest context per
+guest-context page (SNP ABI 56860, platform and guest state machines; AMD-ASPFW ``sev_mcmd.c``
+``guest_context_page_t``).
+
+One firmware, two APIs: the SNP API's state hangs off the same :class:`~sevemu.firmware.core.Firmware`
+object as the legacy API's (:func:`snp_state`), and shares its ASID bookkeeping (``asid_owner``,
+``asid_dirty``: an ASID reused needs WBINVD then DF_FLUSH / SNP_DF_FLUSH, whichever API freed it), its
+TRNG, identity and NV store.
+
+An SNP guest is named by the system-physical address of its guest-context page (a page the host
+donated in Firmware state; SNP_GCTX_CREATE turns it into a Context page).  AMD's firmware keeps the
+context *in* that page, encrypted with a key only it knows; the model keeps it here, keyed by the
+page's SPA (the page itself is unreadable to the host either way: the RMP makes it a Context page, so
+the host cannot write it, and what it reads is of no use).  The page's RMP state stays authoritative:
+a command whose GCTX page is not in Context state answers INVALID_GUEST.
+
+What other parts read (the SNP_GUEST_REQUEST handler, attestation): :class:`SnpGuest` ``ld``
+(MEASUREMENT), ``host_data``, ``id_block`` / ``id_key_digest`` / ``author_key_digest`` (ID block and
+keys of LAUNCH_FINISH), ``policy``, ``vmpck`` (the four VMPCKs the secrets page carries),
+``report_id``, ``launch_tcb``, ``msg_count``, ``author_key_en``, ``vcek_disabled``; and
+:class:`SnpPlatform` ``current_tcb`` / ``reported_tcb`` / ``committed_tcb``, ``mask_chip_id`` /
+``mask_chip_key``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Final
+
+from sevemu.abi.rmp import RmpPageState
+from sevemu.abi.snp import IdBlock, SnpGuestState, SnpPlatformState, SnpPolicy, TcbVersion, TcbVersionTurin
+from sevemu.abi.status import Status
+from sevemu.errors import AddressError, FirmwareError
+from sevemu.firmware.core import Firmware
+from sevemu.hw.rmp import RmpFirmwarePort
+
+__all__ = ["SNP_API_VERSION", "SnpGuest", "SnpPlatform", "snp_state"]
+
+NO_LD: Final = bytes(48)
+
+SNP_API_VERSION: Final = {"milan": (1, 55), "genoa": (1, 55), "turin": (1, 55)}
+"""SNP ABI version (major, minor) the model's firmware reports per generation (SNP ABI 56860 rev. 1.55)."""
+
+_TCB: Final = {
+    "milan": TcbVersion(boot_loader=3, tee=0, snp=8, microcode=0x73).encode(),
+    "genoa": TcbVersion(boot_loader=7, tee=0, snp=14, microcode=0x48).encode(),
+    "turin": TcbVersionTurin(fmc=1, boot_loader=1, tee=1, snp=1, microcode=0x10).encode(),
+}
+"""The running TCB_VERSION per generation (model choice: typical released values)."""
+
+
+@dataclass(eq=False)
+class SnpGuest:
+    """One SNP guest's context (AMD-ASPFW ``guest_context_page_t``; SNP ABI "Guest Context")."""
+
+    gctx: int
+    """SPA of the guest-context page: the guest's name in every command."""
+    vek: bytes
+    launch_tcb: int
+    state: SnpGuestState = SnpGuestState.INIT
+    policy: int = 0
+    asid: int = 0
+    ld: bytes = NO_LD
+    """GCTX.LD: the launch digest (SHA-384 PAGE_INFO chain) so far; MEASUREMENT after LAUNCH_FINISH."""
+    vmpck: tuple[bytes, bytes, bytes, bytes] = (b"", b"", b"", b"")
+    vmrk: bytes = b""
+    report_id: bytes = bytes(32)
+    report_id_ma: bytes = b"\xff" * 32
+    gosvw: bytes = bytes(16)
+    desired_tsc_khz: int = 0
+    imi_en: bool = False
+    host_data: bytes = bytes(32)
+    id_block_en: bool = False
+    id_block: IdBlock | None = None
+    id_key_digest: bytes = NO_LD
+    author_key_en: bool = False
+    author_key_digest: bytes = NO_LD
+    vcek_disabled: bool = False
+    msg_count: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    """Successful guest messages per VMPCK (SNP_GUEST_REQUEST's replay protection)."""
+
+    @property
+    def snp_policy(self) -> SnpPolicy:
+        return SnpPolicy.decode(self.policy.to_bytes(8, "little"))
+
+
+@dataclass(eq=False)
+class SnpPlatform:
+    """The SNP side of the platform (AMD-ASPFW ``gpDram->perm``: snp_state, TCBs, masks, guest count)."""
+
+    rmp: RmpFirmwarePort | None
+    current_tcb: int
+    reported_tcb: int
+    committed_tcb: int
+    api: tuple[int, int]
+    state: SnpPlatformState = SnpPlatformState.UNINIT
+    guests: dict[int, SnpGuest] = field(default_factory=dict)
+    mask_chip_id: bool = False
+    mask_chip_key: bool = False
+    rapl_dis: bool = False
+    ciphertext_hiding: bool = False
+    max_snp_asid: int = 0
+    guest_count: int = 0
+    """SNP_LAUNCH_STARTs since SNP_INIT that were not decommissioned (PLATFORM_STATUS guest_count)."""
+
+    # ---- checks every command makes, in AMD-ASPFW's order ------------------------------------
+    def need_init(self) -> None:
+        if self.state != SnpPlatformState.INIT:
+            raise FirmwareError(Status.INVALID_PLATFORM_STATE, f"the SNP platform is {self.state.name}")
+
+    def port(self) -> RmpFirmwarePort:
+        if self.rmp is None:
+            raise FirmwareError(Status.UNSUPPORTED, "this part has no RMP (no SEV-SNP)")
+        return self.rmp
+
+    def page_state(self, spa: int) -> RmpPageState:
+        """RMP state of the page at ``spa``; INVALID_ADDRESS outside the memory the RMP covers."""
+        port = self.port()
+        try:
+            return port.entry(spa).state
+        except AddressError as exc:
+            raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
+
+    def guest(self, gctx_paddr: int) -> SnpGuest:
+        """The guest whose context page is at ``gctx_paddr``: INVALID_PARAM for a misaligned address,
+        INVALID_GUEST unless the page is a Context page of a known guest."""
+        if gctx_paddr % 0x1000:
+            raise FirmwareError(Status.INVALID_PARAM, f"GCTX address {gctx_paddr:#x} is not page aligned")
+        if self.page_state(gctx_paddr) != RmpPageState.CONTEXT or gctx_paddr not in self.guests:
+            raise FirmwareError(Status.INVALID_GUEST, f"no guest context at {gctx_paddr:#x}")
+        return self.guests[gctx_paddr]
+
+
+_STATES: weakref.WeakKeyDictionary[Firmware, SnpPlatform] = weakref.WeakKeyDictionary()
+
+
+def snp_state(fw: Firmware) -> SnpPlatform:
+    """The SNP platform state of ``fw`` (created at first use, from the part's profile and RMP)."""
+    st = _STATES.get(fw)
+    if st is None:
+        tcb = int.from_bytes(_TCB.get(fw.profile.name, _TCB["milan"]), "little")
+        api = SNP_API_VERSION.get(fw.profile.name, (1, 55))
+        st = _STATES[fw] = SnpPlatform(rmp=fw.ports.rmp, current_tcb=tcb, reported_tcb=tcb, committed_tcb=tcb,
+                                       api=api)
+    return st

@@ -1,0 +1,569 @@
+"""The Reverse Map Table: SEV-SNP's page-ownership table in DRAM, its instructions and its checks
+(APM2 15.36.3-15.36.10, Tables 15-34 to 15-39; APM3 RMPUPDATE, PSMASH, PVALIDATE, RMPADJUST; Linux
+``arch/x86/virt/svm/sev.c`` for how the host uses them; AMD-ASPFW ``sev_rmp.c`` for how the firmware
+initialises and writes the table).
+
+Where it lives.  The BIOS names the region with the RMP_BASE / RMP_END MSRs (0xC001_0132/3, the same
+on every core): :data:`~sevemu.abi.rmp.RMP_BOOKKEEPING_SIZE` bytes of processor bookkeeping, then one
+16-byte entry per 4 KiB of system-physical memory from address 0 (:func:`~sevemu.abi.rmp.rmp_entry_offset`).
+Software zeroes it and sets SYSCFG.SNP_EN on every core; from then on the cores consult it.  SNP_INIT
+(the firmware, through :class:`RmpFirmwarePort`) initialises it and makes the table's own pages
+Firmware pages, so no software write reaches it again (:meth:`Rmp.check_host_write`).
+
+Entries are read and written by the hardware in the host's unencrypted domain (0, C=0) through the
+SoC's cache, coherent with whatever software wrote there before SNP_INIT, and stored in the raw format
+of :class:`~sevemu.abi.rmp.RmpEntryRaw` (low quadword as Linux's ``rmpentry_raw``; the high quadword
+one permission byte per VMPL0..3, as AMD-ASPFW ``rmp_quadword2``; bit 63 of the low quadword is
+AMD-ASPFW's ``lock``, set on the table's own Firmware entries).
+
+Model choices where AMD publishes no algorithm (``docs/snp.md``):
+
+* A 2 MiB RMP entry lives at the 2 MiB-aligned SPA; it is authoritative for the whole 2 MiB region
+  (Linux ``__snp_lookup_rmpentry``); the other 511 entries of the region stay as they were.
+* RMPUPDATE return codes: FAIL_INPUT for a misaligned or uncovered SPA or a malformed new state
+  (reserved bytes, an ASID above the profile's, Assigned=0 with a non-zero ASID or GPA);
+  FAIL_PERMISSION when the current entry (or for a 2 MiB update any 4 KiB entry of the region) is
+  Immutable; FAIL_INUSE while VMRUN uses the page; FAIL_OVERLAP for a 4 KiB update inside an assigned
+  2 MiB entry (PSMASH first) or a 2 MiB assignment over assigned 4 KiB entries.  RMPUPDATE clears
+  Validated and VMSA and gives VMPL0 every permission and VMPL1-3 none (APM2 15.36.7).
+* PSMASH: FAIL_INPUT unless the SPA is 2 MiB aligned and its entry is an assigned 2 MiB page.
+* PVALIDATE / RMPADJUST are executed at VMPL0 (the :class:`~sevemu.hw.x86.insn.GuestRmp` protocol
+  carries no VMPL yet).  A page that is not the caller's (Assigned, ASID, GPA) or is Immutable is a
+  #VMEXIT(NPF) with the RMP bit; a 4 KiB request on a 2 MiB entry a #VMEXIT(NPF) with SIZEM; a 2 MiB
+  request on a 4 KiB entry FAIL_SIZEMISMATCH.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from sevemu._util.units import LINE, PAGE, PAGE_2M, PAGE_SHIFT, MiB
+from sevemu.abi.paging import NpfExitInfo1
+from sevemu.abi.rmp import (
+    RMP_BOOKKEEPING_SIZE,
+    RMP_ENTRY_SIZE,
+    VMPL_COUNT,
+    VMPL_PERM_MASK,
+    RmpPageState,
+    RmpResult,
+    RmpUpdateState,
+    rmp_covered_bytes,
+)
+from sevemu.errors import AddressError, ArchitecturalFault, InputError
+from sevemu.hw.cache import Cache
+from sevemu.hw.dram import Dram
+from sevemu.hw.faults import NestedPageFault
+
+__all__ = [
+    "PF_RMP",
+    "RMP_REGION_ALIGN",
+    "DmaFault",
+    "HostRmpFault",
+    "Rmp",
+    "RmpEntry",
+    "RmpFirmwarePort",
+    "rmp_region_size",
+]
+
+RMP_REGION_ALIGN: Final = MiB
+"""RMP_BASE and RMP_END + 1 alignment the firmware requires at SNP_INIT (AMD-ASPFW ``get_rmp_bounds``)."""
+
+PF_RMP: Final = 1 << 31
+"""Host #PF error-code bit: the fault is an RMP violation (APM2 8.4.2; Linux ``X86_PF_RMP``)."""
+_PF_P: Final = 1 << 0
+_PF_W: Final = 1 << 1
+
+_ASSIGNED: Final = 1 << 0
+_PAGESIZE: Final = 1 << 1
+_IMMUTABLE: Final = 1 << 2
+_GPA_MASK: Final = ((1 << 39) - 1) << 12
+_ASID_SHIFT: Final = 51
+_ASID_MASK: Final = 0x3FF
+_VMSA: Final = 1 << 61
+_VALIDATED: Final = 1 << 62
+_LOCK: Final = 1 << 63
+_VMPL0_ALL: Final = VMPL_PERM_MASK  # high quadword after an assigning RMPUPDATE: VMPL0 all, others none
+_SUBPAGES: Final = PAGE_2M // PAGE
+_NPF_RMP: Final = int(NpfExitInfo1.P | NpfExitInfo1.W | NpfExitInfo1.RMP | NpfExitInfo1.ENC
+                      | NpfExitInfo1.GUEST_FINAL)
+
+
+class HostRmpFault(ArchitecturalFault):
+    """Raised when a host (ASID 0) write hits a page the RMP does not give the hypervisor (#PF with
+    the RMP bit in the error code)."""
+
+    def __init__(self, spa: int, state: RmpPageState) -> None:
+        self.address = spa
+        self.error_code = PF_RMP | _PF_W | _PF_P
+        self.state = state
+        super().__init__(f"#PF (RMP) on a host write to SPA {spa:#x}: the page is {state.name}, "
+                         f"not Hypervisor-owned (error code {self.error_code:#x})")
+
+
+class DmaFault(ArchitecturalFault):
+    """Raised when a device's DMA write (through the IOMMU) hits a page the hypervisor does not own."""
+
+    def __init__(self, spa: int, state: RmpPageState) -> None:
+        self.address = spa
+        self.state = state
+        super().__init__(f"IOMMU RMP fault: DMA write to SPA {spa:#x}, a {state.name} page")
+
+
+def rmp_region_size(dram_size: int) -> int:
+    """Bytes of an RMP covering ``dram_size`` bytes of DRAM, rounded up to :data:`RMP_REGION_ALIGN`."""
+    need = RMP_BOOKKEEPING_SIZE + -(-dram_size // PAGE) * RMP_ENTRY_SIZE
+    return -(-need // RMP_REGION_ALIGN) * RMP_REGION_ALIGN
+
+
+@dataclass(frozen=True, slots=True)
+class RmpEntry:
+    """The architectural fields of one RMP entry (APM2 Table 15-34), decoded from its raw bytes."""
+
+    assigned: bool
+    page_size: int
+    immutable: bool
+    gpa: int
+    asid: int
+    vmsa: bool
+    validated: bool
+    perms: tuple[int, int, int, int]
+    """VMPL0..3 permission masks."""
+
+    @classmethod
+    def from_raw(cls, lo: int, hi: int) -> RmpEntry:
+        return cls(bool(lo & _ASSIGNED), (lo >> 1) & 1, bool(lo & _IMMUTABLE), lo & _GPA_MASK,
+                   (lo >> _ASID_SHIFT) & _ASID_MASK, bool(lo & _VMSA), bool(lo & _VALIDATED),
+                   (hi & 0xFF, (hi >> 8) & 0xFF, (hi >> 16) & 0xFF, (hi >> 24) & 0xFF))
+
+    @property
+    def state(self) -> RmpPageState:
+        """The firmware page state (sev-tool ``src/rmp.h``; AMD-ASPFW ``rmp_entry_get_state``)."""
+        return _state(self.assigned, self.validated, self.asid, self.immutable, self.gpa, self.vmsa)
+
+
+def _state(assigned: bool, validated: bool, asid: int, immutable: bool, gpa: int, vmsa: bool) -> RmpPageState:
+    if not assigned:
+        return RmpPageState.HYPERVISOR if not (validated or asid or immutable) else RmpPageState.INVALID
+    if asid == 0:
+        if validated:
+            return RmpPageState.INVALID
+        if not immutable:
+            return RmpPageState.RECLAIM
+        if gpa:
+            return RmpPageState.METADATA
+        return RmpPageState.CONTEXT if vmsa else RmpPageState.FIRMWARE
+    if immutable:
+        return RmpPageState.PRE_SWAP if validated else RmpPageState.PRE_GUEST
+    return RmpPageState.GUEST_VALID if validated else RmpPageState.GUEST_INVALID
+
+
+def _state_of(lo: int) -> RmpPageState:
+    return _state(bool(lo & _ASSIGNED), bool(lo & _VALIDATED), (lo >> _ASID_SHIFT) & _ASID_MASK,
+                  bool(lo & _IMMUTABLE), lo & _GPA_MASK, bool(lo & _VMSA))
+
+
+class Rmp:
+    """The SoC's Reverse Map Table: the region RMP_BASE..RMP_END and what the cores do with it."""
+
+    def __init__(self, cache: Cache, dram: Dram, base: int, end: int, max_asid: int) -> None:
+        self._cache = cache
+        self._dram = dram
+        self._pages = dram.pages_dict()
+        self._dram_size = dram.size
+        self.max_asid = max_asid
+        self.base = base
+        self.end = end
+        self.enabled = False
+        """SYSCFG.SNP_EN: the cores check the RMP (set once; cleared only by a reset)."""
+        self.initialized = False
+        """SNP_INIT initialised the table (its pages are Firmware pages from then on)."""
+        self._asid_pages: dict[int, int] = {}
+        """ASID -> assigned entries (the bookkeeping area's per-ASID counters)."""
+        self._in_use: dict[int, int] = {}
+        """SPA -> count of VMRUNs using the page as a VMCB / VMSA (RMPUPDATE answers FAIL_INUSE)."""
+
+    # ---- geometry ----------------------------------------------------------------------------
+    @property
+    def covered(self) -> int:
+        """Bytes of system-physical memory from 0 the table covers (beyond: always hypervisor's)."""
+        return min(rmp_covered_bytes(self.base, self.end), self._dram_size)
+
+    def set_bounds(self, base: int, end: int) -> None:
+        """WRMSR RMP_BASE / RMP_END before SNP_EN (the BIOS does it); InputError when SNP_EN is set."""
+        if self.enabled:
+            raise InputError("RMP_BASE / RMP_END are locked once SYSCFG.SNP_EN is set")
+        self.base, self.end = base, end
+
+    def bounds_valid(self) -> bool:
+        """The region is 1 MiB aligned, inside DRAM and large enough for one entry."""
+        size = self.end + 1 - self.base
+        return (self.base % RMP_REGION_ALIGN == 0 and size % RMP_REGION_ALIGN == 0 and size > RMP_BOOKKEEPING_SIZE
+                and 0 < self.end < self._dram_size)
+
+    def in_region(self, spa: int, length: int = 1) -> bool:
+        return spa <= self.end and spa + length > self.base
+
+    def _entry_spa(self, pfn: int) -> int:
+        return self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
+
+    # ---- raw access (the hardware's own, coherent, unencrypted) --------------------------------
+    def _raw(self, pfn: int) -> tuple[int, int]:
+        spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
+        if (spa & ~(LINE - 1)) in self._cache.dirty:  # software's unwritten line (before SNP_INIT)
+            data = self._cache.read(0, False, spa, RMP_ENTRY_SIZE)
+            return int.from_bytes(data[:8], "little"), int.from_bytes(data[8:], "little")
+        page = self._pages.get(spa >> PAGE_SHIFT)
+        if page is None:
+            return 0, 0
+        off = spa & (PAGE - 1)
+        return int.from_bytes(page[off : off + 8], "little"), int.from_bytes(page[off + 8 : off + 16], "little")
+
+    def _put(self, pfn: int, lo: int, hi: int, old_lo: int | None = None) -> None:
+        """Write one entry; ``old_lo``: its previous low quadword when the caller read it (the
+        per-ASID page counts are kept from the difference)."""
+        if old_lo is None:
+            old_lo = self._raw(pfn)[0]
+        self._count(old_lo, -1)
+        self._count(lo, 1)
+        spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
+        self._cache.clflush(0, False, spa)  # software's copy of the line goes first (coherence)
+        page = self._pages.get(spa >> PAGE_SHIFT)
+        if page is None:
+            page = self._pages[spa >> PAGE_SHIFT] = bytearray(PAGE)
+        off = spa & (PAGE - 1)
+        page[off : off + RMP_ENTRY_SIZE] = lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+
+    def _count(self, lo: int, delta: int) -> None:
+        if lo & _ASSIGNED:
+            asid = (lo >> _ASID_SHIFT) & _ASID_MASK
+            if asid:
+                n = self._asid_pages.get(asid, 0) + delta
+                if n:
+                    self._asid_pages[asid] = n
+                else:
+                    self._asid_pages.pop(asid, None)
+
+    def _put_run(self, pfn: int, entries: bytes, count: bool = True) -> None:
+        """Write consecutive raw entries from ``pfn`` (the host's cached lines of them go first);
+        ``count`` False: no ASID-assigned entry is replaced or written (the counters stay)."""
+        for i in range(0, len(entries), RMP_ENTRY_SIZE) if count else ():
+            self._count(self._raw(pfn + i // RMP_ENTRY_SIZE)[0], -1)
+            self._count(int.from_bytes(entries[i : i + 8], "little"), 1)
+        spa = self._entry_spa(pfn)
+        self._cache.flush_range(0, False, spa, len(entries))
+        self._dram.write(spa, entries)
+
+    def _table_pages(self) -> list[int]:
+        """SPAs of the pages of the entry area that hold anything: in DRAM or as a dirty line."""
+        first = (self.base + RMP_BOOKKEEPING_SIZE) >> PAGE_SHIFT
+        last = self.end >> PAGE_SHIFT
+        pfns = {p for p in self._pages if first <= p <= last}
+        pfns.update(k >> PAGE_SHIFT for k in self._cache.dirty if first <= k >> PAGE_SHIFT <= last)
+        return sorted(p << PAGE_SHIFT for p in pfns)
+
+    def asid_pages(self, asid: int) -> int:
+        """RMP entries assigned to ``asid`` (the processor's per-ASID counters in the bookkeeping
+        area, AMD-ASPFW ``check_rmp_for_asid``; a 2 MiB entry counts once)."""
+        return self._asid_pages.get(asid, 0)
+
+    def _covers(self, spa: int) -> bool:
+        return 0 <= spa < self.covered
+
+    def _authoritative(self, pfn: int) -> tuple[int, int, int]:
+        """(pfn of the entry that governs ``pfn``, lo, hi): the 2 MiB entry of the region if it is an
+        assigned 2 MiB page, else the page's own entry (Linux ``__snp_lookup_rmpentry``)."""
+        large = pfn & ~(_SUBPAGES - 1)
+        if large != pfn:
+            lo, hi = self._raw(large)
+            if lo & _ASSIGNED and lo & _PAGESIZE:
+                return large, lo, hi
+        lo, hi = self._raw(pfn)
+        return pfn, lo, hi
+
+    def entry(self, spa: int) -> RmpEntry:
+        """The entry that governs the page at ``spa`` (AddressError outside the covered memory)."""
+        if not self._covers(spa):
+            raise AddressError(f"SPA {spa:#x} is not covered by the RMP ({self.covered:#x} bytes)")
+        _, lo, hi = self._authoritative(spa >> PAGE_SHIFT)
+        return RmpEntry.from_raw(lo, hi)
+
+    def raw_entry(self, spa: int) -> RmpEntry:
+        """The entry stored for the 4 KiB page at ``spa`` itself (not the governing 2 MiB one)."""
+        if not self._covers(spa):
+            raise AddressError(f"SPA {spa:#x} is not covered by the RMP ({self.covered:#x} bytes)")
+        return RmpEntry.from_raw(*self._raw(spa >> PAGE_SHIFT))
+
+    def state(self, spa: int) -> RmpPageState:
+        """Firmware page state of the page at ``spa`` (HYPERVISOR outside the covered memory)."""
+        if not self.enabled or not self._covers(spa):
+            return RmpPageState.HYPERVISOR
+        return _state_of(self._authoritative(spa >> PAGE_SHIFT)[1])
+
+    # ---- checks on host and device writes --------------------------------------------------------
+    def _hv_owned_or_fault(self, spa: int, length: int, fault: type[HostRmpFault | DmaFault]) -> None:
+        if length <= 0:
+            return
+        first = spa >> PAGE_SHIFT
+        last = min(spa + length - 1, self.covered - 1) >> PAGE_SHIFT
+        for pfn in range(first, last + 1):
+            _, lo, _ = self._authoritative(pfn)
+            if lo & _ASSIGNED:
+                raise fault(max(spa, pfn << PAGE_SHIFT), _state_of(lo))
+
+    def check_host_write(self, spa: int, length: int) -> None:
+        """RMP check of a host data write (APM2 Table 15-39, first row: Hypervisor-Owned, else #PF
+        with the RMP bit); nothing is written when it raises."""
+        if self.enabled and spa < self.covered:
+            self._hv_owned_or_fault(spa, length, HostRmpFault)
+
+    def check_dma_write(self, spa: int, length: int) -> None:
+        """The IOMMU's RMP check of a device DMA write: only Hypervisor-owned pages (DmaFault)."""
+        if self.enabled and spa < self.covered:
+            self._hv_owned_or_fault(spa, length, DmaFault)
+
+    # ---- VMRUN in-use tracking (for the vCPU path) ------------------------------------------------
+    def mark_in_use(self, spas: Iterable[int]) -> None:
+        """VMRUN took these pages (VMCB, VMSA) in use until #VMEXIT (APM2 15.36.17)."""
+        for spa in spas:
+            page = spa & ~(PAGE - 1)
+            self._in_use[page] = self._in_use.get(page, 0) + 1
+
+    def release(self, spas: Iterable[int]) -> None:
+        """#VMEXIT: the pages :meth:`mark_in_use` took are free again."""
+        for spa in spas:
+            page = spa & ~(PAGE - 1)
+            n = self._in_use.get(page, 0) - 1
+            if n > 0:
+                self._in_use[page] = n
+            else:
+                self._in_use.pop(page, None)
+
+    def _busy(self, spa: int, size: int) -> bool:
+        return any(spa <= p < spa + size for p in self._in_use)
+
+    # ---- host instructions ---------------------------------------------------------------------
+    def rmpupdate(self, spa: int, new: RmpUpdateState) -> RmpResult:
+        """RMPUPDATE: RAX = ``spa``, [RCX] = ``new``; the EAX result (module docstring for the codes)."""
+        huge = new.pagesize == 1
+        size = PAGE_2M if huge else PAGE
+        if (not self.enabled or spa % size or not 0 <= spa or spa + size > self.covered
+                or new.pagesize > 1 or new.assigned > 1 or new.immutable > 1 or new.asid > self.max_asid
+                or new.gpa % size or new.gpa >> 51
+                or (not new.assigned and (new.asid or new.gpa or new.immutable))):
+            return RmpResult.FAIL_INPUT
+        pfn = spa >> PAGE_SHIFT
+        own, lo, _ = self._authoritative(pfn)
+        if lo & _IMMUTABLE:
+            return RmpResult.FAIL_PERMISSION
+        if self._busy(spa, size):
+            return RmpResult.FAIL_INUSE
+        if not huge and (own != pfn or lo & _ASSIGNED and lo & _PAGESIZE):
+            return RmpResult.FAIL_OVERLAP  # inside an assigned 2 MiB page: PSMASH it first
+        if huge:
+            for sub in range(pfn + 1, pfn + _SUBPAGES):
+                sub_lo = self._raw(sub)[0]
+                if sub_lo & _IMMUTABLE:
+                    return RmpResult.FAIL_PERMISSION
+                if new.assigned and sub_lo & _ASSIGNED:
+                    return RmpResult.FAIL_OVERLAP
+        if new.assigned:
+            new_lo = (_ASSIGNED | (_PAGESIZE if huge else 0) | (_IMMUTABLE if new.immutable else 0)
+                      | (new.gpa & _GPA_MASK) | (new.asid << _ASID_SHIFT))
+            self._put(pfn, new_lo, _VMPL0_ALL, lo)
+        else:
+            self._put(pfn, _PAGESIZE if huge else 0, 0, lo)
+            if huge:  # a shared 2 MiB page: its 4 KiB entries are the hypervisor's too
+                for sub in range(pfn + 1, pfn + _SUBPAGES):
+                    if self._raw(sub)[0]:
+                        self._put(sub, 0, 0)
+        return RmpResult.SUCCESS
+
+    def psmash(self, spa: int) -> RmpResult:
+        """PSMASH: RAX = 2 MiB-aligned ``spa``; one 2 MiB entry -> 512 4 KiB entries, contiguous GPAs,
+        every other field copied (Validated too)."""
+        if not self.enabled or spa % PAGE_2M or not 0 <= spa or spa + PAGE_2M > self.covered:
+            return RmpResult.FAIL_INPUT
+        pfn = spa >> PAGE_SHIFT
+        lo, hi = self._raw(pfn)
+        if not (lo & _ASSIGNED and lo & _PAGESIZE):
+            return RmpResult.FAIL_INPUT
+        if self._busy(spa, PAGE_2M):
+            return RmpResult.FAIL_INUSE
+        base = lo & ~_PAGESIZE & ~_GPA_MASK
+        gpa = lo & _GPA_MASK
+        high = hi.to_bytes(8, "little")
+        self._put_run(pfn, b"".join((base | (gpa + (i << PAGE_SHIFT))).to_bytes(8, "little") + high
+                                    for i in range(_SUBPAGES)))
+        return RmpResult.SUCCESS
+
+    # ---- guest instructions (hw.x86.insn.GuestRmp) ------------------------------------------------
+    def _guest_entry(self, asid: int, gpa: int, spa: int, huge: bool) -> tuple[int, int, int] | RmpResult:
+        """Checks PVALIDATE and RMPADJUST share: NPF(RMP) unless the page is the caller's and mutable;
+        NPF(SIZEM) for a 4 KiB request on a 2 MiB page; FAIL_SIZEMISMATCH for 2 MiB on 4 KiB."""
+        if not self._covers(spa):
+            raise NestedPageFault(_NPF_RMP, gpa)
+        own, lo, hi = self._authoritative(spa >> PAGE_SHIFT)
+        if (not lo & _ASSIGNED or (lo >> _ASID_SHIFT) & _ASID_MASK != asid or lo & _IMMUTABLE):
+            raise NestedPageFault(_NPF_RMP, gpa)
+        entry_huge = bool(lo & _PAGESIZE)
+        if entry_huge and not huge:
+            raise NestedPageFault(_NPF_RMP | int(NpfExitInfo1.SIZEM), gpa)
+        if huge and not entry_huge:
+            return RmpResult.FAIL_SIZEMISMATCH
+        if lo & _GPA_MASK != gpa & ~((PAGE_2M if huge else PAGE) - 1):
+            raise NestedPageFault(_NPF_RMP, gpa)
+        return own, lo, hi
+
+    def pvalidate(self, asid: int, gpa: int, spa: int, huge: bool, validate: bool) -> tuple[int, bool]:
+        """PVALIDATE (APM3): set or clear Validated; (EAX, rFLAGS.CF = already in that state)."""
+        found = self._guest_entry(asid, gpa, spa, huge)
+        if isinstance(found, RmpResult):
+            return int(found), False
+        own, lo, hi = found
+        if bool(lo & _VALIDATED) == validate:
+            return int(RmpResult.SUCCESS), True
+        self._put(own, lo | _VALIDATED if validate else lo & ~_VALIDATED, hi, lo)
+        return int(RmpResult.SUCCESS), False
+
+    def rmpadjust(self, asid: int, gpa: int, spa: int, huge: bool, target_vmpl: int, perms: int,
+                  vmsa: bool) -> int:
+        """RMPADJUST (APM3) at VMPL0: set VMPL ``target_vmpl``'s permission mask (and the VMSA bit)."""
+        caller = 0
+        if not caller < target_vmpl < VMPL_COUNT or perms & ~VMPL_PERM_MASK:
+            return int(RmpResult.FAIL_INPUT)
+        found = self._guest_entry(asid, gpa, spa, huge)
+        if isinstance(found, RmpResult):
+            return int(found)
+        own, lo, hi = found
+        if perms & ~(hi >> (8 * caller)) & 0xFF:
+            return int(RmpResult.FAIL_PERMISSION)  # never more than the caller's own
+        if vmsa and self._busy(own << PAGE_SHIFT, PAGE_2M if huge else PAGE):
+            return int(RmpResult.FAIL_INUSE)
+        shift = 8 * target_vmpl
+        hi = (hi & ~(0xFF << shift)) | (perms << shift)
+        self._put(own, lo | _VMSA if vmsa else lo & ~_VMSA, hi, lo)
+        return int(RmpResult.SUCCESS)
+
+    # ---- guest accesses (for the vCPU engines' nested walk) -----------------------------------------
+    def check_guest_access(self, asid: int, gpa: int, spa: int, *, write: bool, fetch: bool, c: bool,
+                           huge: bool = False, vmpl: int = 0, user: bool = False) -> bool:
+        """The RMP checks of an SNP-active guest's access (APM2 Table 15-39), in priority order.
+
+        Returns True when the access may proceed, False when it must take #VC PAGE_NOT_VALIDATED
+        (0x404); raises :class:`NestedPageFault` (RMP, with ENC / SIZEM / VMPL bits) otherwise.
+        A shared (C=0) read is not checked; a shared write needs a Hypervisor-owned page.
+        """
+        if not self.enabled:
+            return True
+        info = int(NpfExitInfo1.P | NpfExitInfo1.RMP | NpfExitInfo1.GUEST_FINAL)
+        info |= int(NpfExitInfo1.W) if write else 0
+        info |= int(NpfExitInfo1.FETCH) if fetch else 0
+        if not (c or fetch):
+            if write and spa < self.covered and self._authoritative(spa >> PAGE_SHIFT)[1] & _ASSIGNED:
+                raise NestedPageFault(info, gpa)
+            return True
+        info |= int(NpfExitInfo1.ENC)
+        if not self._covers(spa):
+            raise NestedPageFault(info, gpa)
+        _, lo, hi = self._authoritative(spa >> PAGE_SHIFT)
+        entry_huge = bool(lo & _PAGESIZE)
+        if (not lo & _ASSIGNED or (lo >> _ASID_SHIFT) & _ASID_MASK != asid
+                or lo & _GPA_MASK != gpa & ~((PAGE_2M if entry_huge else PAGE) - 1) or lo & _IMMUTABLE):
+            raise NestedPageFault(info, gpa)
+        if huge != entry_huge and huge:
+            raise NestedPageFault(info | int(NpfExitInfo1.SIZEM), gpa)
+        if not lo & _VALIDATED:
+            return False
+        mask = (hi >> (8 * vmpl)) & 0xFF
+        need = 2 if write else 1
+        if fetch:
+            need = 4 if user else 8
+        if not mask & need or (write and not mask & 1):
+            raise NestedPageFault(info | int(NpfExitInfo1.VMPL), gpa)
+        return True
+
+
+class RmpFirmwarePort:
+    """What the Secure Processor does to the RMP directly (not through x86 instructions): initialise
+    it at SNP_INIT and move pages between the firmware page states (AMD-ASPFW ``sev_rmp.c``)."""
+
+    __slots__ = ("_rmp",)
+
+    def __init__(self, rmp: Rmp) -> None:
+        self._rmp = rmp
+
+    @property
+    def rmp(self) -> Rmp:
+        return self._rmp
+
+    def zeroed(self) -> bool:
+        """Whether every entry of the table reads as zero (software cleared it before SNP_EN)."""
+        r = self._rmp
+        for spa in r._table_pages():
+            if any(r._cache.read(0, False, spa, PAGE)):
+                return False
+        return True
+
+    def initialize(self) -> None:
+        """SNP_INIT with INIT_RMP: every entry Hypervisor (zero), the table's own pages Firmware pages
+        (assigned, immutable, lock: AMD-ASPFW ``RMP_ENTRY_VAL_FIRMWARE``), so software writes fault."""
+        r = self._rmp
+        zero = bytes(PAGE)
+        for spa in r._table_pages():
+            r._cache.flush_range(0, False, spa, PAGE)
+            r._dram.write(spa, zero)
+        r._asid_pages.clear()
+        own = range(r.base, min(r.end + 1, r.covered), PAGE)
+        if own:
+            fw = (_ASSIGNED | _IMMUTABLE | _LOCK).to_bytes(8, "little") + bytes(8)
+            r._put_run(r.base >> PAGE_SHIFT, fw * len(own), count=False)
+        r.initialized = True
+
+    def shutdown(self) -> None:
+        """SNP_SHUTDOWN_EX with X86_SNP_SHUTDOWN: the table is no longer the firmware's."""
+        r = self._rmp
+        own = range(r.base, min(r.end + 1, r.covered), PAGE)
+        if own:
+            r._put_run(r.base >> PAGE_SHIFT, bytes(RMP_ENTRY_SIZE * len(own)), count=False)
+        r.initialized = False
+
+    def entry(self, spa: int) -> RmpEntry:
+        return self._rmp.entry(spa)
+
+    def state(self, spa: int) -> RmpPageState:
+        return self._rmp.state(spa)
+
+    def in_use(self, spa: int, size: int = PAGE) -> bool:
+        return self._rmp._busy(spa, size)
+
+    def set(self, spa: int, *, assigned: bool, immutable: bool, asid: int = 0, gpa: int = 0,
+            validated: bool = False, vmsa: bool = False, huge: bool = False,
+            perms: tuple[int, int, int, int] | None = None) -> None:
+        """Write the entry of the page at ``spa`` (its own entry, or the 2 MiB one when ``huge``)."""
+        lo = ((_ASSIGNED if assigned else 0) | (_PAGESIZE if huge else 0) | (_IMMUTABLE if immutable else 0)
+              | (gpa & _GPA_MASK) | (asid << _ASID_SHIFT) | (_VMSA if vmsa else 0)
+              | (_VALIDATED if validated else 0))
+        if perms is None:
+            hi = _VMPL0_ALL if assigned else 0
+        else:
+            hi = perms[0] | perms[1] << 8 | perms[2] << 16 | perms[3] << 24
+        self._rmp._put(spa >> PAGE_SHIFT, lo, hi)
+
+    def update(self, spa: int, entry: RmpEntry, **changes: object) -> None:
+        """Write ``entry`` with ``changes`` (field names of :class:`RmpEntry`) back for ``spa``."""
+        fields = {
+            "assigned": entry.assigned, "immutable": entry.immutable, "asid": entry.asid, "gpa": entry.gpa,
+            "validated": entry.validated, "vmsa": entry.vmsa, "huge": bool(entry.page_size),
+            "perms": entry.perms,
+        }
+        for k, v in changes.items():
+            if k not in fields:
+                raise InputError(f"RMP entries have no field {k!r}")
+            fields[k] = v
+        self.set(spa, **fields)  # type: ignore[arg-type]
+
+    def asid_pages(self, asid: int) -> int:
+        """RMP entries assigned to ``asid`` (SNP_ACTIVATE refuses an ASID that still has some)."""
+        return self._rmp.asid_pages(asid)

@@ -1,0 +1,367 @@
+"""The Reverse Map Table in the SoC (hw/rmp.py): where it lives, SYSCFG.SNP_EN, RMPUPDATE and PSMASH
+with their register conventions and return codes, PVALIDATE / RMPADJUST through the GuestRmp
+protocol and the real PyEngine, the guest-access checks the vCPU path calls, and the host's attacks
+(writes and DMA into guest and firmware pages, writes into the table itself)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hwkit import GUEST_SPA, PageTables, make_soc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sevemu.abi.cpuid import Msr, SysCfg
+from sevemu.abi.paging import ExitCode, NpfExitInfo1
+from sevemu.abi.rmp import RmpPageState, RmpResult, RmpUpdateState, rmp_covered_bytes
+from sevemu.errors import HardwareError
+from sevemu.hw.faults import GeneralProtection, NestedPageFault
+from sevemu.hw.host import HostSoc
+from sevemu.hw.profiles import MILAN, ROME
+from sevemu.hw.pyengine import PyEngine, Workload, op
+from sevemu.hw.rmp import PF_RMP, DmaFault, HostRmpFault, Rmp, RmpFirmwarePort
+from sevemu.hw.soc import Soc
+
+MiB = 1 << 20
+ASID = 5
+PAGE = 0x1000
+SNP_EN = int(SysCfg.SNP_EN)
+
+
+def _snp(soc: Soc | None = None) -> tuple[Soc, HostSoc, Rmp, RmpFirmwarePort]:
+    soc = soc or make_soc()
+    host = soc.host_view()
+    host.wrmsr(Msr.SYSCFG, host.rdmsr(Msr.SYSCFG) | SNP_EN)
+    assert soc.rmp is not None
+    port = RmpFirmwarePort(soc.rmp)
+    port.initialize()
+    return soc, host, soc.rmp, port
+
+
+def _private(host: HostSoc, spa: int, gpa: int, asid: int = ASID, *, immutable: bool = False,
+             huge: bool = False) -> int:
+    return host.boot_cpu.rmpupdate_state(spa, RmpUpdateState(gpa=gpa, assigned=1, pagesize=int(huge),
+                                                             immutable=int(immutable), asid=asid))
+
+
+def _shared(host: HostSoc, spa: int, huge: bool = False) -> int:
+    return host.boot_cpu.rmpupdate_state(spa, RmpUpdateState(pagesize=int(huge)))
+
+
+# ---- where the table lives, SNP_EN ---------------------------------------------------------------
+def test_the_bios_names_a_region_at_the_top_of_dram_that_covers_all_of_it() -> None:
+    soc = make_soc()
+    host = soc.host_view()
+    base, end = host.rdmsr(Msr.RMP_BASE), host.rdmsr(Msr.RMP_END)
+    assert base % MiB == 0 and (end + 1) % MiB == 0 and end == soc.dram.size - 1
+    assert rmp_covered_bytes(base, end) >= soc.dram.size
+    assert host.rdmsr(Msr.SYSCFG) & SNP_EN == 0
+    assert make_soc(ROME).rmp is None  # no SNP on Zen 2
+
+
+def test_snp_en_is_set_once_and_locks_the_region() -> None:
+    soc = make_soc()
+    host = soc.host_view()
+    syscfg = host.rdmsr(Msr.SYSCFG)
+    with pytest.raises(GeneralProtection):
+        host.wrmsr(Msr.SYSCFG, syscfg & ~int(SysCfg.MEM_ENCRYPTION_MOD_EN))  # only SNP_EN may change
+    with pytest.raises(GeneralProtection):
+        host.wrmsr(Msr.RMP_BASE, soc.rmp.base + 0x1000 if soc.rmp else 0)  # not 8 KiB aligned
+    host.wrmsr(Msr.SYSCFG, syscfg | SNP_EN)
+    assert host.rdmsr(Msr.SYSCFG) & SNP_EN and all(c.rmp is soc.rmp for c in soc.cores)
+    host.wrmsr(Msr.SYSCFG, syscfg)  # ignored once SNP_EN is set
+    assert host.rdmsr(Msr.SYSCFG) & SNP_EN
+    with pytest.raises(GeneralProtection):
+        host.wrmsr(Msr.RMP_BASE, 0)
+    rome = make_soc(ROME).host_view()
+    with pytest.raises(GeneralProtection):
+        rome.wrmsr(Msr.SYSCFG, rome.rdmsr(Msr.SYSCFG) | SNP_EN)
+
+
+def test_snp_en_needs_a_valid_region() -> None:
+    soc = make_soc()
+    host = soc.host_view()
+    host.wrmsr(Msr.RMP_END, soc.rmp.base + 0x1FFF if soc.rmp else 0)  # 8 KiB: too small, not 1 MiB
+    with pytest.raises(GeneralProtection):
+        host.wrmsr(Msr.SYSCFG, host.rdmsr(Msr.SYSCFG) | SNP_EN)
+
+
+def test_without_snp_en_the_rmp_instructions_are_undefined_and_writes_unchecked() -> None:
+    soc = make_soc()
+    host = soc.host_view()
+    with pytest.raises(HardwareError):
+        _private(host, 0x200000, 0)
+    with pytest.raises(HardwareError):
+        host.boot_cpu.psmash(0x200000)
+    host.boot_cpu.host_write(soc.rmp.base if soc.rmp else 0, b"\x01" * 16)  # software may write the table
+
+
+def test_the_firmware_sees_whether_software_zeroed_the_table() -> None:
+    soc = make_soc()
+    assert soc.rmp is not None
+    port = RmpFirmwarePort(soc.rmp)
+    assert port.zeroed()
+    soc.host_view().boot_cpu.host_write(soc.rmp.base + 0x4000 + 0x10 * 3, b"\x01")
+    assert not port.zeroed()
+
+
+# ---- the table protects itself after SNP_INIT ------------------------------------------------------
+def test_after_init_the_table_is_firmware_memory_the_host_cannot_write() -> None:
+    _soc, host, rmp, _ = _snp()
+    assert rmp.state(rmp.base) == RmpPageState.FIRMWARE
+    assert rmp.state(rmp.end & ~0xFFF) == RmpPageState.FIRMWARE
+    entry_spa = rmp.base + 0x4000 + (0x300000 >> 12) * 16
+    before = host.boot_cpu.host_read(entry_spa, 16)
+    with pytest.raises(HostRmpFault) as exc:
+        host.boot_cpu.host_write(entry_spa, bytes(16))  # the attack: forge an entry
+    assert exc.value.error_code & PF_RMP and exc.value.state == RmpPageState.FIRMWARE
+    with pytest.raises(HostRmpFault):
+        host.boot_cpu.host_write_stream(entry_spa & ~0xFFF, bytes(PAGE))
+    with pytest.raises(DmaFault):
+        host.device_dma_write(entry_spa, bytes(16))
+    assert host.boot_cpu.host_read(entry_spa, 16) == before  # readable, unchanged
+    assert _shared(host, rmp.base) == RmpResult.FAIL_PERMISSION  # immutable to RMPUPDATE too
+
+
+def test_initialisation_clears_what_software_left_in_the_table() -> None:
+    soc = make_soc()
+    assert soc.rmp is not None
+    host = soc.host_view()
+    forged = (1 | 5 << 51).to_bytes(8, "little") + bytes(8)  # "page 0x300000 belongs to ASID 5"
+    host.boot_cpu.host_write(soc.rmp.base + 0x4000 + (0x300000 >> 12) * 16, forged)
+    _snp(soc)
+    assert soc.rmp.state(0x300000) == RmpPageState.HYPERVISOR
+
+
+# ---- RMPUPDATE ---------------------------------------------------------------------------------------
+def test_rmpupdate_register_convention_reads_the_state_from_host_memory() -> None:
+    _soc, host, _rmp, _ = _snp()
+    state_va = 0x10000
+    host.boot_cpu.host_write(state_va, RmpUpdateState(gpa=0x7000, assigned=1, asid=ASID).encode())
+    assert host.boot_cpu.rmpupdate(0x300000, state_va) == RmpResult.SUCCESS
+    e = host.rmp_entry(0x300000)
+    assert (e.assigned, e.asid, e.gpa, e.page_size, e.immutable, e.validated) == (True, ASID, 0x7000, 0, False, False)
+    assert e.perms == (0x1F, 0, 0, 0)  # VMPL0 everything, the others nothing
+    assert e.state == RmpPageState.GUEST_INVALID
+
+
+@pytest.mark.parametrize("spa,state", [
+    (0x300010, RmpUpdateState(assigned=1, asid=ASID)),  # not page aligned
+    (0x301000, RmpUpdateState(assigned=1, asid=ASID, pagesize=1)),  # 2 MiB, not 2 MiB aligned
+    (0x300000, RmpUpdateState(assigned=1, asid=MILAN.max_asid + 1)),  # no such ASID
+    (0x300000, RmpUpdateState(assigned=0, asid=ASID)),  # shared with an ASID
+    (0x300000, RmpUpdateState(assigned=1, asid=ASID, gpa=0x123)),  # GPA not aligned
+    (0x300000, RmpUpdateState(assigned=2, asid=ASID)),
+    (64 * MiB, RmpUpdateState(assigned=1, asid=ASID)),  # beyond the memory the RMP covers
+])
+def test_rmpupdate_fail_input_changes_nothing(spa: int, state: RmpUpdateState) -> None:
+    _, host, rmp, _ = _snp()
+    before = rmp.raw_entry(0x300000)
+    assert host.boot_cpu.rmpupdate_state(spa, state) == RmpResult.FAIL_INPUT
+    assert rmp.raw_entry(0x300000) == before
+
+
+def test_rmpupdate_immutable_and_in_use_pages() -> None:
+    _, host, rmp, port = _snp()
+    assert _private(host, 0x300000, 0x1000, immutable=True) == RmpResult.SUCCESS
+    assert rmp.state(0x300000) == RmpPageState.PRE_GUEST
+    assert _shared(host, 0x300000) == RmpResult.FAIL_PERMISSION  # only the firmware can reclaim it
+    port.update(0x300000, port.entry(0x300000), immutable=False, asid=0, gpa=0)  # SNP_PAGE_RECLAIM
+    assert rmp.state(0x300000) == RmpPageState.RECLAIM
+    assert _shared(host, 0x300000) == RmpResult.SUCCESS
+    rmp.mark_in_use([0x301000])  # VMRUN uses it as a VMSA
+    assert _private(host, 0x301000, 0x2000) == RmpResult.FAIL_INUSE
+    assert host.boot_cpu.psmash(0x200000) == RmpResult.FAIL_INPUT  # not a 2 MiB entry
+    rmp.release([0x301000])
+    assert _private(host, 0x301000, 0x2000) == RmpResult.SUCCESS
+
+
+def test_2m_pages_overlap_psmash_and_page_sizes() -> None:
+    _, host, rmp, _ = _snp()
+    assert _private(host, 0x400000, 0x200000, huge=True) == RmpResult.SUCCESS
+    assert rmp.entry(0x4FF000).page_size == 1 and rmp.state(0x4FF000) == RmpPageState.GUEST_INVALID
+    assert _private(host, 0x401000, 0x201000) == RmpResult.FAIL_OVERLAP  # 4 KiB inside: PSMASH first
+    assert _shared(host, 0x402000) == RmpResult.FAIL_OVERLAP
+    rmp.pvalidate(ASID, 0x200000, 0x400000, True, True)
+    assert host.boot_cpu.psmash(0x401000) == RmpResult.FAIL_INPUT
+    rmp.mark_in_use([0x410000])
+    assert host.boot_cpu.psmash(0x400000) == RmpResult.FAIL_INUSE
+    rmp.release([0x410000])
+    assert host.boot_cpu.psmash(0x400000) == RmpResult.SUCCESS
+    for i in (0, 1, 511):
+        e = rmp.raw_entry(0x400000 + i * PAGE)
+        assert (e.page_size, e.gpa, e.asid, e.validated, e.assigned) == (0, 0x200000 + i * PAGE, ASID, True, True)
+    assert _shared(host, 0x401000) == RmpResult.SUCCESS  # now 4 KiB pages
+    assert _private(host, 0x601000, 0x401000) == RmpResult.SUCCESS
+    assert _private(host, 0x600000, 0x400000, huge=True) == RmpResult.FAIL_OVERLAP  # over an assigned 4 KiB
+    assert _shared(host, 0x800000, huge=True) == RmpResult.SUCCESS  # a shared 2 MiB page
+
+
+# ---- the host's attacks ------------------------------------------------------------------------------
+def test_host_write_to_a_guest_page_faults_and_changes_nothing() -> None:
+    _soc, host, _rmp, _ = _snp()
+    host.boot_cpu.host_write(0x300000, b"before")
+    assert _private(host, 0x300000, 0x1000) == RmpResult.SUCCESS
+    for attack in (lambda: host.boot_cpu.host_write(0x300800, b"evil"),
+                   lambda: host.boot_cpu.host_write(0x2FFFF0, bytes(0x20)),  # straddles into it
+                   lambda: host.boot_cpu.host_write_stream(0x300000, bytes(PAGE))):
+        with pytest.raises(HostRmpFault) as exc:
+            attack()
+        assert exc.value.error_code == PF_RMP | 3 and exc.value.state == RmpPageState.GUEST_INVALID
+    with pytest.raises(DmaFault):
+        host.device_dma_write(0x300000, b"evil")
+    assert host.boot_cpu.host_read(0x300000, 6) == b"before"  # reads are not checked
+    assert host.boot_cpu.host_read(0x2FFFF0, 0x10) == bytes(0x10)  # the straddling write wrote nothing
+    assert _shared(host, 0x300000) == RmpResult.SUCCESS
+    host.boot_cpu.host_write(0x300800, b"mine")
+    host.device_dma_write(0x300000, b"dma")
+    assert host.boot_cpu.host_read(0x300000, 3) == b"dma"
+
+
+def test_host_write_into_a_2m_guest_page_faults_anywhere_in_it() -> None:
+    _, host, _, _ = _snp()
+    assert _private(host, 0x400000, 0, huge=True) == RmpResult.SUCCESS
+    with pytest.raises(HostRmpFault):
+        host.boot_cpu.host_write(0x5FF000, b"x")
+
+
+# ---- PVALIDATE / RMPADJUST ---------------------------------------------------------------------------
+def test_pvalidate_codes_cf_and_faults() -> None:
+    _, host, rmp, _ = _snp()
+    assert _private(host, 0x300000, 0x5000) == RmpResult.SUCCESS
+    assert rmp.pvalidate(ASID, 0x5000, 0x300000, False, True) == (0, False)
+    assert rmp.state(0x300000) == RmpPageState.GUEST_VALID
+    assert rmp.pvalidate(ASID, 0x5000, 0x300000, False, True) == (0, True)  # CF: already validated
+    assert rmp.pvalidate(ASID, 0x5000, 0x300000, True, True) == (RmpResult.FAIL_SIZEMISMATCH, False)
+    for asid, gpa in ((ASID + 1, 0x5000), (ASID, 0x6000)):  # another guest's page; a remapped GPA
+        with pytest.raises(NestedPageFault) as exc:
+            rmp.pvalidate(asid, gpa, 0x300000, False, False)
+        assert exc.value.exit_info1 & NpfExitInfo1.RMP and exc.value.gpa == gpa
+    with pytest.raises(NestedPageFault):
+        rmp.pvalidate(ASID, 0x7000, 0x301000, False, True)  # a hypervisor page
+    assert _private(host, 0x302000, 0x8000, immutable=True) == RmpResult.SUCCESS
+    with pytest.raises(NestedPageFault):
+        rmp.pvalidate(ASID, 0x8000, 0x302000, False, True)  # Pre-Guest: the firmware's until launch
+    assert _private(host, 0x400000, 0x200000, huge=True) == RmpResult.SUCCESS
+    with pytest.raises(NestedPageFault) as exc:
+        rmp.pvalidate(ASID, 0x201000, 0x401000, False, True)  # 4 KiB on a 2 MiB entry
+    assert exc.value.exit_info1 & NpfExitInfo1.SIZEM
+    assert rmp.pvalidate(ASID, 0x200000, 0x400000, True, True) == (0, False)
+    assert rmp.pvalidate(ASID, 0x5000, 0x300000, False, False) == (0, False)
+    assert rmp.state(0x300000) == RmpPageState.GUEST_INVALID
+
+
+def test_rmpadjust_sets_lower_vmpl_permissions_and_the_vmsa_bit() -> None:
+    _, host, rmp, _ = _snp()
+    assert _private(host, 0x300000, 0x5000) == RmpResult.SUCCESS
+    assert rmp.rmpadjust(ASID, 0x5000, 0x300000, False, 0, 0x1F, False) == RmpResult.FAIL_INPUT  # own VMPL
+    assert rmp.rmpadjust(ASID, 0x5000, 0x300000, False, 4, 0x1F, False) == RmpResult.FAIL_INPUT
+    assert rmp.rmpadjust(ASID, 0x5000, 0x300000, False, 1, 0x20, False) == RmpResult.FAIL_INPUT  # bits 7:5
+    assert rmp.rmpadjust(ASID, 0x5000, 0x300000, False, 1, 0x03, False) == RmpResult.SUCCESS
+    assert rmp.rmpadjust(ASID, 0x5000, 0x300000, False, 3, 0x01, True) == RmpResult.SUCCESS
+    e = rmp.entry(0x300000)
+    assert e.perms == (0x1F, 0x03, 0, 0x01) and e.vmsa
+    assert rmp.rmpadjust(ASID, 0x5000, 0x300000, True, 1, 0, False) == RmpResult.FAIL_SIZEMISMATCH
+    with pytest.raises(NestedPageFault):
+        rmp.rmpadjust(ASID + 1, 0x5000, 0x300000, False, 1, 0, False)
+
+
+def test_guest_access_checks_for_the_vcpu_path() -> None:
+    _, host, rmp, _ = _snp()
+    assert _private(host, 0x300000, 0x5000) == RmpResult.SUCCESS
+    kw: dict[str, Any] = {"write": False, "fetch": False, "c": True}
+    assert rmp.check_guest_access(ASID, 0x5000, 0x300000, **kw) is False  # #VC 0x404
+    rmp.pvalidate(ASID, 0x5000, 0x300000, False, True)
+    assert rmp.check_guest_access(ASID, 0x5000, 0x300000, **kw) is True
+    with pytest.raises(NestedPageFault) as exc:
+        rmp.check_guest_access(ASID, 0x5000, 0x300000, write=True, fetch=False, c=True, vmpl=1)
+    assert exc.value.exit_info1 & NpfExitInfo1.VMPL
+    with pytest.raises(NestedPageFault) as exc:
+        rmp.check_guest_access(ASID, 0x6000, 0x300000, **kw)  # remapped: reverse-map check
+    assert exc.value.exit_info1 & NpfExitInfo1.ENC and not exc.value.exit_info1 & NpfExitInfo1.VMPL
+    with pytest.raises(NestedPageFault):
+        rmp.check_guest_access(ASID, 0x5000, 0x300000, write=True, fetch=False, c=False)  # shared write
+    assert rmp.check_guest_access(ASID, 0x5000, 0x300000, write=False, fetch=False, c=False)  # shared read
+    assert rmp.check_guest_access(ASID, 0x9000, 0x309000, write=True, fetch=False, c=False)
+
+
+def test_pvalidate_and_rmpadjust_through_the_python_engine() -> None:
+    soc, host, rmp, _ = _snp()
+    soc.psp.take_ports().keys.load(ASID, bytes(16))
+    pt = PageTables(soc, ASID, True)
+    pt.identity()
+    vmcb = pt.vmcb(paging=False)
+    vmcb.sev_es_enable = True
+    vmcb.sev_features = 1  # SNP active
+    assert _private(host, GUEST_SPA + 0x5000, 0x5000) == RmpResult.SUCCESS
+    got: list[Any] = []
+
+    def work() -> Workload:
+        got.append((yield op.pvalidate(0x5000, 0, True)))
+        got.append((yield op.pvalidate(0x5000, 0, True)))
+        got.append((yield op.pvalidate(0x5000, 1, True)))  # 2 MiB request: not 2 MiB aligned
+        got.append((yield op.rmpadjust(0x5000, 0, 1 | 0x01 << 8)))
+        yield op.pvalidate(0x6000, 0, True)  # not the guest's page: #VMEXIT(NPF)
+
+    ex = soc.boot_cpu.vmrun(vmcb, PyEngine(work()))
+    assert got == [(0, False), (0, True), (1, False), (0, False)]
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP and ex.info2 == 0x6000
+    assert rmp.entry(GUEST_SPA + 0x5000).perms[1] == 1 and rmp.entry(GUEST_SPA + 0x5000).validated
+
+
+# ---- invariants over random instruction sequences ---------------------------------------------------
+
+_REGION = 0x400000  # two 2 MiB regions from here
+_OPS = st.lists(st.tuples(st.sampled_from(("update4k", "update2m", "shared4k", "shared2m", "psmash", "pvalidate",
+                                           "pvalidate2m", "host_write")),
+                          st.integers(0, 1023), st.integers(1, 3), st.booleans()), max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=_OPS)
+def test_random_rmp_sequences_keep_the_tables_invariants(ops: list[tuple[str, int, int, bool]]) -> None:
+    """Whatever the order: the per-ASID counters equal a recount of the table, a host write succeeds
+    exactly on pages whose governing entry is unassigned (and then changes only that memory), every
+    return code is one of the architecture's, and a failed instruction changes no entry."""
+    _soc, host, rmp, _ = _snp()
+    core = host.boot_cpu
+    codes = {int(c) for c in RmpResult}
+    for name, page, asid, flag in ops:
+        spa = _REGION + page * PAGE
+        spa2m = spa & ~(0x200000 - 1)
+        before = [rmp.raw_entry(_REGION + i * PAGE) for i in range(0, 1024, 37)]
+        if name == "host_write":
+            assigned = rmp.entry(spa).assigned
+            try:
+                core.host_write(spa, b"x")
+                assert not assigned
+            except HostRmpFault:
+                assert assigned
+            continue
+        if name == "update4k":
+            rc = int(_private(host, spa, page * PAGE, asid, immutable=flag))
+        elif name == "update2m":
+            rc = int(_private(host, spa2m, spa2m - _REGION, asid, huge=True))
+        elif name == "shared4k":
+            rc = int(_shared(host, spa))
+        elif name == "shared2m":
+            rc = int(_shared(host, spa2m, huge=True))
+        elif name == "psmash":
+            rc = core.psmash(spa2m)
+        else:
+            huge = name == "pvalidate2m"
+            target = spa2m if huge else spa
+            try:
+                rc, _cf = rmp.pvalidate(asid, target - _REGION, target, huge, flag)
+            except NestedPageFault:
+                rc = -1
+        assert rc in codes | {-1}
+        if rc != RmpResult.SUCCESS:
+            assert [rmp.raw_entry(_REGION + i * PAGE) for i in range(0, 1024, 37)] == before, name
+    recount: dict[int, int] = {}
+    for i in range(1024):
+        e = rmp.raw_entry(_REGION + i * PAGE)
+        if e.assigned and e.asid:
+            recount[e.asid] = recount.get(e.asid, 0) + 1
+    assert {a: rmp.asid_pages(a) for a in (1, 2, 3)} == {a: recount.get(a, 0) for a in (1, 2, 3)}
