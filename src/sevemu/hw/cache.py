@@ -280,15 +280,24 @@ class Cache:
             sets, mask = self.sets, self.set_mask
             present = [key for key in range(klo, khi, LINE) if key in sets[(key >> 6) & mask]]
             gone = {key: sets[(key >> 6) & mask].pop(key) for key in present}
-        else:
+        else:  # visit the resident lines, a whole set at once where all of it is in the range
             for s in self.sets:
-                for key in [key for key in s if klo <= key < khi]:
-                    gone[key] = s.pop(key)
+                if not s:
+                    continue
+                first, last = min(s), max(s)
+                if klo <= first and last < khi:
+                    gone.update(s)
+                    s.clear()
+                elif first < khi and last >= klo:
+                    for key in [key for key in s if klo <= key < khi]:
+                        gone[key] = s.pop(key)
         dirty = self.dirty.intersection(gone)
         if dirty:
             self.dirty.difference_update(dirty)
             self.writebacks += len(dirty)
-            self._write_runs(sorted(dirty), gone)
+            order = np.fromiter(dirty, dtype=np.uint64, count=len(dirty))
+            order.sort()
+            self._write_runs(order.tolist(), gone)
 
     def vmpage_flush(self, asid: int, spa: int) -> int:
         """VMPAGE_FLUSH MSR: write back and invalidate the encrypted lines of one 4 KiB page of ``asid``."""
