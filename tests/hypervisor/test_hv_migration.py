@@ -252,8 +252,8 @@ def test_destination_discards_the_vm_on_garbage() -> None:
 class Proxy:
     """Forwards one connection to ``port`` on 127.0.0.1 and records every byte in both directions.
 
-    ``tamper_page``: flip one byte in the TRANS of that PAGE frame (counted from 0);
-    ``cut_after_pages``: close both connections once that many PAGE frames went through.
+    ``tamper_page``: flip one byte in the TRANS of that page (counted from 0, in PAGE or PAGES frames);
+    ``cut_after_pages``: close both connections once the frame that carries that many pages went through.
     """
 
     def __init__(self, port: int, *, tamper_page: int | None = None, cut_after_pages: int | None = None) -> None:
@@ -289,10 +289,16 @@ class Proxy:
                     if self.pages == self.tamper_page:
                         body[8 + 0x34 + 100] ^= 0x01
                     self.pages += 1
+                elif kind == MsgType.PAGES:  # count, GPAs, 64-byte header slots, 4 KiB TRANS each
+                    count = struct.unpack_from(">I", body)[0]
+                    if self.tamper_page is not None and self.pages <= self.tamper_page < self.pages + count:
+                        body[4 + 72 * count + (self.tamper_page - self.pages) * PAGE + 100] ^= 0x01
+                    self.pages += count
                 frame = head + bytes(body)
                 self.forward += frame
                 b.sendall(frame)
-                if kind == MsgType.PAGE and self.pages == self.cut_after_pages:
+                if kind in (MsgType.PAGE, MsgType.PAGES) and self.cut_after_pages is not None \
+                        and self.pages >= self.cut_after_pages:
                     self.close()
                     return
         except OSError:

@@ -13,12 +13,23 @@ Importing the package imports every command module, which registers its handlers
 ``attest``      ATTESTATION
 ``debug``       DBG_DECRYPT, DBG_ENCRYPT
 ``migrate``     SEND_*, RECEIVE_*
+``ring_buffer`` RING_BUFFER (ring-buffer mode of the mailbox: :mod:`sevemu.firmware.ring`)
 ==============  ===========================================================================
 """
 
 from __future__ import annotations
 
-from sevemu.firmware.sev import attest, debug, es, guest, launch, migrate, pki, platform  # noqa: F401 - registers
+from sevemu.firmware.sev import (  # noqa: F401 - registers
+    attest,
+    debug,
+    es,
+    guest,
+    launch,
+    migrate,
+    pki,
+    platform,
+    ring_buffer,
+)
 from sevemu.firmware.sev.api import SEV_API
 
 __all__ = ["SEV_API"]
