@@ -372,14 +372,22 @@ class Firmware:
             return 0
         dma = self.ports.dma
         size = entry.buffer.SIZE
+        spas = [dma.strip(paddr)[0] for paddr in buffer_paddrs]
+        lo, hi = min(spas), max(spas) + size
+        span = b""
+        if hi - lo <= 2 * size * len(spas):  # buffers packed together: one read for all of them
+            try:
+                span = dma.read(lo, hi - lo)
+            except AddressError:
+                span = b""
         bufs: list[tuple[int, Struct]] = []
-        for paddr in buffer_paddrs:
-            spa, _ = dma.strip(paddr)
+        for spa in spas:
             if (self.tmr is not None and self.tmr.overlaps(spa, size)) or \
                     (self.ring is not None and self.ring.overlaps(spa, size)):
                 break
             try:
-                bufs.append((spa, entry.buffer.decode(dma.read(spa, size))))
+                raw = span[spa - lo : spa - lo + size] if span else dma.read(spa, size)
+                bufs.append((spa, entry.buffer.decode(raw)))
             except (AddressError, LayoutError):
                 break
         if not bufs:
