@@ -115,6 +115,12 @@ class PspDma:
         self._cache.flush_range(0, False, spa, len(data))
         self._mc.dram.write(spa, data)
 
+    def evict(self, spa: int, length: int) -> None:
+        """Write back and drop the host's (unencrypted) cached lines of a range, DRAM otherwise
+        unchanged: what :meth:`write` of the range's own bytes does, without the copies."""
+        self._mc.dram.check_range(spa, length)
+        self._cache.flush_range(0, False, spa, length)
+
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:
         """Read with the key of ``asid`` straight from DRAM (not coherent with the caches)."""
         return self._mc.read(spa, length, asid, True)

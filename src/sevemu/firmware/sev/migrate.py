@@ -447,6 +447,27 @@ def _batchable(plan: _Spans, reads: list[tuple[int, int]], writes: list[tuple[in
     return True
 
 
+def _batch_guest(fw: Firmware, cmd: TransportCmd, states: frozenset[GuestState],
+                 g: GuestContext | None) -> GuestContext | None:
+    """The command's guest if it exists, is in ``states`` and is the batch's guest so far."""
+    ctx = fw.guests.get(cmd.handle)
+    if ctx is None or ctx.state not in states or (g is not None and ctx is not g):
+        return None
+    return ctx
+
+
+def _regions(fw: Firmware, cmd: TransportCmd, g: GuestContext, n: int) -> tuple[int, int, int] | None:
+    """(guest SPA, header SPA, TRANS SPA) of a SEND/RECEIVE_UPDATE_DATA whose activation and region
+    checks all pass (the checks of :func:`_send_update` / :func:`_receive_update`); None otherwise."""
+    try:
+        need_active(g)
+        spa = _transport_region(fw, cmd, n)
+        check_range(fw, spa, n)
+        return spa, host_region(fw, cmd.hdr_paddr, HdrBuf.SIZE), host_region(fw, cmd.trans_paddr, n)
+    except FirmwareError:
+        return None
+
+
 def _read_all(fw: Firmware, ranges: list[tuple[int, int]]) -> list[bytes]:
     """The bytes of each (SPA, length) through the PSP's coherent unencrypted path, in one read
     where they lie packed together (reads change nothing: the same bytes as one by one)."""
@@ -518,20 +539,12 @@ def send_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
     for cspa, cmd in items:
         if not isinstance(cmd, TransportCmd) or cmd.hdr_len != HdrBuf.SIZE:
             break  # a length query or a header length to write back: one by one
-        ctx = fw.guests.get(cmd.handle)
-        if ctx is None or ctx.state not in _SUPDATE or (g is not None and ctx is not g):
-            break
         n = cmd.guest_len
-        try:
-            need_active(ctx)
-            if cmd.trans_len == 0 or cmd.trans_len < n:
-                break
-            spa = _transport_region(fw, cmd, n)
-            check_range(fw, spa, n)
-            hdr_spa = host_region(fw, cmd.hdr_paddr, HdrBuf.SIZE)
-            trans_spa = host_region(fw, cmd.trans_paddr, n)
-        except FirmwareError:
+        ctx = _batch_guest(fw, cmd, _SUPDATE, g)
+        regions = None if ctx is None or cmd.trans_len == 0 or cmd.trans_len < n else _regions(fw, cmd, ctx, n)
+        if ctx is None or regions is None:
             break
+        spa, hdr_spa, trans_spa = regions
         if not _batchable(plan, [(cspa, cspa + TransportCmd.SIZE), (spa, spa + n)],
                           [(trans_spa, trans_spa + n), (hdr_spa, hdr_spa + HdrBuf.SIZE)]):
             break
@@ -634,20 +647,13 @@ def receive_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> i
     for cspa, cmd in items:
         if not isinstance(cmd, TransportCmd):
             break
-        ctx = fw.guests.get(cmd.handle)
-        if ctx is None or ctx.state not in _RUPDATE or (g is not None and ctx is not g):
-            break
         n = cmd.trans_len
-        try:
-            need_active(ctx)
-            if n == 0 or n > MAX_PACKET or cmd.guest_len != n or cmd.hdr_len < HdrBuf.SIZE:
-                break
-            spa = _transport_region(fw, cmd, n)
-            check_range(fw, spa, n)
-            hdr_spa = host_region(fw, cmd.hdr_paddr, HdrBuf.SIZE)
-            trans_spa = host_region(fw, cmd.trans_paddr, n)
-        except FirmwareError:
+        ctx = _batch_guest(fw, cmd, _RUPDATE, g)
+        sane = 0 < n <= MAX_PACKET and cmd.guest_len == n and cmd.hdr_len >= HdrBuf.SIZE
+        regions = _regions(fw, cmd, ctx, n) if ctx is not None and sane else None
+        if ctx is None or regions is None:
             break
+        spa, hdr_spa, trans_spa = regions
         if not _batchable(plan, [(cspa, cspa + TransportCmd.SIZE), (hdr_spa, hdr_spa + HdrBuf.SIZE),
                                  (trans_spa, trans_spa + n)], [(spa, spa + n)]):
             break
@@ -680,7 +686,7 @@ def receive_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> i
         else:
             runs.append((spa, bytearray(plain)))
     for spa, data in runs:
-        evict_host_lines(fw, spa, len(data))
+        fw.ports.dma.evict(spa, len(data))  # (evict_host_lines without reading and rewriting the bytes)
         write_guest(fw, g, spa, bytes(data))
     return len(todo)
 
