@@ -208,3 +208,12 @@ def test_the_driver_session_queues_batches_and_leaves_the_mode(m: Machine) -> No
         assert session.run() == [0] and session.doorbells == 2
     assert m.firmware.ring is None
     ok(m, CommandId.PLATFORM_STATUS, PlatformStatus())
+
+
+def test_a_driver_session_survives_a_queued_shutdown(m: Machine) -> None:
+    init(m)
+    with m.hv.psp.ring() as session:
+        session.submit(CommandId.SHUTDOWN, b"")
+        assert session.run() == [Status.SUCCESS]
+    assert m.firmware.state is PlatformState.UNINIT and m.firmware.ring is None
+    init(m)

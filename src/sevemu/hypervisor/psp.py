@@ -320,8 +320,10 @@ class RingSession:
         mailbox = self._driver.mailbox
         mailbox.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(CommandId.NOP)))
         reg = mailbox.mmio_read(MailboxReg.CMDRESP)
-        if not is_response(reg) or decode_status(reg) != Status.RING_BUFFER_EXIT:
-            raise HardwareError(f"the PSP did not leave ring-buffer mode (CMDRESP {reg:#x})")
+        # RING_BUFFER_EXIT; or, when a queued SHUTDOWN had ended the mode, NOP's own answer: either
+        # way the mailbox is in mailbox mode now
+        if not is_response(reg):
+            raise HardwareError(f"the PSP did not answer the write that leaves ring-buffer mode ({reg:#x})")
 
     def __enter__(self) -> Self:
         return self
