@@ -27,6 +27,12 @@ State Machine"), and, for a command on one guest, the guest states in which it i
    answers INVALID_LENGTH with the required length written into the buffer; Linux
    ``arch/x86/kvm/svm/sev.c``, ``sev_launch_measure``).
 
+In ring-buffer mode (RING_BUFFER; :mod:`sevemu.firmware.ring`) the PSP device calls
+:meth:`Firmware.doorbell` for each CMDRESP write, and queued commands run through the same
+:meth:`Firmware.handle`; a run of one queued command goes to :meth:`Firmware.handle_batch` when the
+command registered a batch runner (:meth:`CommandTable.batch`): the same dispatcher checks per
+buffer, then the runner takes the longest prefix that succeeds, with the effects of one by one.
+
 Nothing raises out of :meth:`Firmware.handle`: an unexpected exception inside a handler is a
 firmware bug, answered with HWERROR_PLATFORM and recorded in :attr:`Firmware.internal_errors`
 (tests assert it stays empty).  :attr:`Firmware.log` keeps the last :data:`LOG_SIZE` commands and
