@@ -53,6 +53,13 @@ def _evil(out: list[bytes]) -> Generator[Op, Any, None]:
     yield op.hlt()
 
 
+def _lurker(out: list[bytes]) -> Generator[Op, Any, None]:
+    """The host's program that waits: halts at once, and on its next run reads the secret."""
+    yield op.hlt()
+    out.append((yield op.read(SECRET_GPA, len(SECRET))))
+    yield op.hlt()
+
+
 def _victim(m: Machine, programs: tuple[Any, ...] = (_victim_code,)) -> Vm:
     vm = m.hv.create_vm("victim", MEM)
     m.hv.launch(vm, [(IMAGE_GPA, IMAGE)], int(GuestPolicy.NODBG), programs=programs)
@@ -122,11 +129,15 @@ def test_code_bound_to_the_hosts_own_guest_does_not_run_in_the_victim() -> None:
     m = small_machine()
     vm = _victim(m)
     mine = m.hv.create_vm("attacker", MEM)
-    m.hv.launch(mine, [], programs=[_evil])
+    m.hv.launch(mine, [], programs=[_evil, _lurker])
     out: list[bytes] = []
-    engine = PyEngine(_evil(out))
+    engine = PyEngine(_lurker(out))
+    mine.add_vcpu()
+    assert m.hv.run(mine, 0, engine=engine).reason == "hlt"  # fetched and accepted under mine's key
     vmcb = Vmcb(asid=vm.asid, np_enable=True, sev_enable=True, ncr3=vm.vcpus[0].vmcb.ncr3)
-    assert m.soc.host_view().boot_cpu.vmrun(vmcb, engine).code == ExitCode.SHUTDOWN
+    assert m.soc.host_view().boot_cpu.vmrun(vmcb, engine).code == ExitCode.SHUTDOWN  # fetched again
+    assert PyEngine(_evil(out)).identity != engine.identity
+    assert m.soc.host_view().boot_cpu.vmrun(vmcb, PyEngine(_evil(out))).code == ExitCode.SHUTDOWN
     # ... nor with the attacker's nested tables (its table page decrypts under the victim's key)
     vmcb2 = Vmcb(asid=vm.asid, np_enable=True, sev_enable=True, ncr3=mine.npt.root)
     assert m.soc.host_view().boot_cpu.vmrun(vmcb2, PyEngine(_evil(out))).code == ExitCode.SHUTDOWN
@@ -194,3 +205,28 @@ def test_plain_guests_run_any_workload() -> None:
     m.hv.launch(vm, [(IMAGE_GPA, IMAGE)])
     out: list[bytes] = []
     assert m.hv.run(vm, engine=PyEngine(_evil(out)), vcpu=vm.add_vcpu()).reason == "hlt" and out
+
+
+def test_an_engine_accepted_before_is_fetched_again_after_asid_reuse() -> None:
+    """The host's engine ran in its own guest on ASID a; that guest is destroyed and the victim gets
+    ASID a (a new launch, a new key): the same engine object on the victim's VMCB fetches the
+    victim's table and dies."""
+    import dataclasses
+
+    from sevemu.hw.profiles import MILAN
+
+    m = small_machine(dataclasses.replace(MILAN, max_asid=100))  # type: ignore[arg-type]  # one SEV ASID
+    mine = m.hv.create_vm("attacker", MEM)
+    m.hv.launch(mine, [], programs=[_lurker])
+    out: list[bytes] = []
+    engine = PyEngine(_lurker(out))
+    mine.add_vcpu()
+    assert m.hv.run(mine, 0, engine=engine).reason == "hlt"
+    asid = mine.asid
+    mine.vcpus[0].engine = None  # the host keeps its engine object; the VM lets go of it
+    m.hv.destroy(mine)
+    vm = _victim(m)
+    assert vm.asid == asid
+    vmcb = Vmcb(asid=vm.asid, np_enable=True, sev_enable=True, ncr3=vm.vcpus[0].vmcb.ncr3)
+    assert m.soc.host_view().boot_cpu.vmrun(vmcb, engine).code == ExitCode.SHUTDOWN
+    assert not out and not _leaked(m, vm, out)

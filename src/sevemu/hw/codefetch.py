@@ -3,8 +3,9 @@
 On hardware an SEV guest's instructions are fetched from its memory with its key (APM2 15.34.5):
 whatever the host writes there decrypts to garbage, so the host cannot choose the code that runs
 in the guest's encryption domain.  A Python workload is not bytes in guest memory; its identity is
-(:mod:`sevemu.abi.pycode`).  Before a Python workload executes in an SEV guest -- on every VMRUN,
-as instruction fetches happen on every entry -- the CPU fetches the guest's program table from
+(:mod:`sevemu.abi.pycode`).  Before a Python workload executes in an SEV guest -- at its first VMRUN
+under a guest key, and again whenever it is run under another ASID or the ASID's key changed (a
+new launch) -- the CPU fetches the guest's program table from
 guest-physical :data:`~sevemu.abi.pycode.CODE_GPA` (or where the engine is told the table is:
 the host choosing the place gains nothing, only the guest's launch put a table under its key) with instruction-fetch semantics (always the
 guest's key, whatever the C-bit) and runs the workload only if the table lists its identity.
@@ -27,7 +28,7 @@ from sevemu.hw.cache import tag_key
 if TYPE_CHECKING:
     from sevemu.hw.cpu import Core
 
-__all__ = ["cpu_engine", "is_cpu_engine", "program_refused"]
+__all__ = ["CodeCheck", "cpu_engine", "is_cpu_engine", "program_refused"]
 
 _T = TypeVar("_T", bound=type)
 _CPU_ENGINES: set[type] = set()
@@ -43,6 +44,33 @@ def cpu_engine(cls: _T) -> _T:
 def is_cpu_engine(engine: object) -> bool:
     """True when ``engine`` is an instance of a CPU engine class itself (not of a subclass)."""
     return type(engine) in _CPU_ENGINES
+
+
+class CodeCheck:
+    """An engine's code fetch for one workload: :func:`program_refused`, remembered per key.
+
+    Once the table under a key listed the workload, the workload is that guest's code for as long
+    as the key lives (only that guest's launch wrote under it); a VMRUN with another ASID, or after
+    the key slot was reloaded (another launch on the ASID), fetches again.  The memory controller
+    makes a new line reader at every key load: that object is the key's generation.
+    """
+
+    __slots__ = ("_ok", "gpa", "identity")
+
+    def __init__(self, identity: bytes, gpa: int = CODE_GPA) -> None:
+        self.identity = identity
+        self.gpa = gpa
+        self._ok: tuple[int, object] | None = None
+
+    def refused(self, core: Core, asid: int, ncr3: int) -> str | None:
+        """None when the workload may run in the SEV guest of ``asid``, else why not."""
+        generation = core.mc.readers.get((asid << 1) | 1)
+        ok = self._ok
+        if ok is not None and ok[0] == asid and ok[1] is generation:
+            return None
+        reason = program_refused(core, asid, ncr3, self.identity, self.gpa)
+        self._ok = (asid, generation) if reason is None else None
+        return reason
 
 
 def program_refused(core: Core, asid: int, ncr3: int, identity: bytes, gpa: int = CODE_GPA) -> str | None:

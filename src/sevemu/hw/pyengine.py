@@ -30,7 +30,7 @@ from typing import Any
 
 from sevemu.abi.paging import ExitCode
 from sevemu.abi.pycode import CODE_GPA, program_identity
-from sevemu.hw.codefetch import cpu_engine, program_refused
+from sevemu.hw.codefetch import CodeCheck, cpu_engine
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import GuestFault, PageFault
 from sevemu.hw.svm import VmExit
@@ -143,7 +143,7 @@ class PyEngine:
         # its identity: what the guest's program table must list (an iterator that is no generator
         # has none, and runs only in a plain guest)
         self.identity = program_identity(workload) if isinstance(workload, GeneratorType) else b""
-        self.code_gpa = code_gpa
+        self._code = CodeCheck(self.identity, code_gpa)
         self._gen = workload
         self._pending: Op | None = None  # fetched but not completed (restart after #NPF)
         self._exited: Op | None = None  # intercepted; completes when the guest is resumed
@@ -159,7 +159,7 @@ class PyEngine:
         if self.finished:
             return VmExit(ExitCode.HLT)
         if cpu.sev:  # the code fetch: only the guest's own measured programs run in its domain
-            refused = program_refused(cpu.core, cpu.asid, cpu.vmcb.ncr3, self.identity, self.code_gpa)
+            refused = self._code.refused(cpu.core, cpu.asid, cpu.vmcb.ncr3)
             if refused is not None:
                 self.crash = refused
                 return VmExit(ExitCode.SHUTDOWN)
