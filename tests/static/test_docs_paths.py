@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _SKIP_DIRS = {".git", ".hypothesis", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".import_linter_cache",
               "__pycache__", "build", "dist", ".venv"}
 _PATH = re.compile(r"[A-Za-z0-9_.*/-]+\.(?:py|pyi|md|toml)\b")
-_SPAN = re.compile(r"```.*?```|`[^`\n]+`", re.S)
+_SPAN = re.compile(r"```.*?```|`[^`\n]+`", re.DOTALL)
 
 
 def _repo_files() -> set[tuple[str, ...]]:
