@@ -138,6 +138,41 @@ def _replace_with_operand(n: ast.UnaryOp) -> bool:
     return True
 
 
+def _preload() -> None:
+    """Import what every test run needs but the mutant cannot change (pytest, the third-party
+    libraries): each mutant then runs in a fork of this process, importing only sevemu afresh."""
+    import cryptography.hazmat.primitives.ciphers  # noqa: F401
+    import hypothesis  # noqa: F401
+    import numpy  # noqa: F401
+    import pytest  # noqa: F401
+
+
+def _run_forked(args: list[str], limit: float) -> bool:
+    """Run pytest with ``args`` in a forked child; True when the tests failed or timed out."""
+    pid = os.fork()
+    if pid == 0:  # the child: quiet, run, report through the exit status
+        import pytest
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        try:
+            code = int(pytest.main(args))
+        except BaseException:  # noqa: BLE001 - anything escaping is a failure
+            code = 3
+        os._exit(code)
+    deadline = time.monotonic() + limit
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) != 0
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return True
+        time.sleep(0.05)
+
+
 def run(module: Path, tests: list[str], timeout: float, only: set[int] | None) -> int:
     rel = module.resolve().relative_to(ROOT / "src")
     source = module.read_text()
@@ -156,15 +191,14 @@ def run(module: Path, tests: list[str], timeout: float, only: set[int] | None) -
     all_mutants = list(mutants(source))
     killed = 0
     survivors: list[tuple[int, str]] = []
+    _preload()
+    sys.path.insert(0, str(work / "src"))
+    os.chdir(ROOT)
     for n, (line, desc, text) in enumerate(all_mutants):
         if only is not None and n not in only:
             continue
         target.write_text(text)
-        try:
-            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit, check=False)
-            dead = r.returncode != 0
-        except subprocess.TimeoutExpired:
-            dead = True
+        dead = _run_forked(cmd[3:], limit)
         if dead:
             killed += 1
         else:
