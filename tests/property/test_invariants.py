@@ -357,9 +357,19 @@ def action_lists(draw: st.DrawFn) -> list[Action]:
 
 
 @pytest.mark.parametrize("generation", ["milan", "genoa", "naples"])
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(actions=action_lists())
 def test_guest_memory_invariants(generation: str, actions: list[Action]) -> None:
+    world = run_actions(generation, actions)
+    assert world.lookups > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generation", ["milan", "genoa", "naples"])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions=action_lists())
+def test_guest_memory_invariants_deep(generation: str, actions: list[Action]) -> None:
+    """The same property, searched ten times deeper (the default run keeps 30 examples each)."""
     world = run_actions(generation, actions)
     assert world.lookups > 0
 
