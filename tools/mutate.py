@@ -173,7 +173,7 @@ def _run_forked(args: list[str], limit: float) -> bool:
         time.sleep(0.05)
 
 
-def run(module: Path, tests: list[str], timeout: float, only: set[int] | None) -> int:
+def run(module: Path, tests: list[str], timeout: float, only: set[int] | None, progress: bool = False) -> int:
     rel = module.resolve().relative_to(ROOT / "src")
     source = module.read_text()
     work = Path(tempfile.mkdtemp(prefix="sevemu-mutate-"))
@@ -199,6 +199,8 @@ def run(module: Path, tests: list[str], timeout: float, only: set[int] | None) -
             continue
         target.write_text(text)
         dead = _run_forked(cmd[3:], limit)
+        if progress:
+            print(f"#{n} {'killed' if dead else 'SURVIVED'}", file=sys.stderr, flush=True)
         if dead:
             killed += 1
         else:
@@ -219,12 +221,13 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     p.add_argument("--only", type=int, nargs="*", help="run only these mutant numbers")
+    p.add_argument("--progress", action="store_true", help="one line per mutant on stderr")
     args = p.parse_args()
     if args.list:
         for n, (line, desc, _) in enumerate(mutants(args.module.read_text())):
             print(f"#{n} line {line}: {desc}")
         return 0
-    return run(args.module, args.tests, args.timeout, set(args.only) if args.only else None)
+    return run(args.module, args.tests, args.timeout, set(args.only) if args.only else None, args.progress)
 
 
 if __name__ == "__main__":

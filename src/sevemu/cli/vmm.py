@@ -8,7 +8,8 @@ A long-running process, like QEMU:
    the image, the placement, the output paths, the timeout) -- nothing runs before;
 2. boots the platform from its directory, then ``KVM_SEV_INIT``, ``KVM_SEV_LAUNCH_START`` with the
    owner's GODH and session, ``KVM_SEV_LAUNCH_UPDATE_DATA`` of the image (padded to whole pages:
-   :func:`sevemu.owner.measurement.padded_image`), ``KVM_SEV_LAUNCH_MEASURE``;
+   :func:`sevemu.owner.measurement.padded_image`), then of the guest's program table
+   (:data:`GUEST_PROGRAM_TABLE`, one page at the top of guest memory), ``KVM_SEV_LAUNCH_MEASURE``;
 3. publishes the measurement -- ``--launch-measure-blob FILE`` gets it in base64 (what QEMU's
    ``query-sev-launch-measure`` returns and sevctl reads), and QMP answers
    ``query-sev-launch-measure`` -- then waits, at most ``--timeout`` seconds, for the owner's secret:
