@@ -133,6 +133,8 @@ def step(w: World, act: tuple[Any, ...]) -> None:
         w.zombies.append((vm.vcpus[0].vmcb, gpa, w.fresh()))
     elif kind == "write" and w.live:
         vm = w.live[act[1] % len(w.live)]
+        if vm.state is not VmState.RUNNING:
+            return  # crashed (its ASID was taken away behind the hypervisor's back): run refused
         value = w.fresh()
         gpa = SECRET_GPAS[act[2] % len(SECRET_GPAS)]
         w.private |= _blocks(value)
@@ -155,8 +157,9 @@ def step(w: World, act: tuple[Any, ...]) -> None:
     elif kind in ("deactivate", "decommission") and w.live:
         vm = w.live[act[1] % len(w.live)]
         ok = _refusal_changes_nothing(w, lambda: hv.psp.call(CommandId.DEACTIVATE, HandleCmd(handle=vm.handle)))
-        if ok and kind == "decommission":
-            _refusal_changes_nothing(w, lambda: hv.psp.call(CommandId.DECOMMISSION, HandleCmd(handle=vm.handle)))
+        if ok and kind == "decommission" and _refusal_changes_nothing(
+                w, lambda: hv.psp.call(CommandId.DECOMMISSION, HandleCmd(handle=vm.handle))):
+            vm.handle = 0  # the firmware forgot the guest: the host's teardown skips DEACTIVATE
     elif kind == "shutdown_init":
         _refusal_changes_nothing(w, lambda: hv.psp.call_nobuf(CommandId.SHUTDOWN))
         if act[1] % 2:
