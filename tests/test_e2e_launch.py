@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevemu._util.units import MiB
 from sevemu.abi.policy import GuestPolicy
+from sevemu.abi.pycode import code_table
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
 from sevemu.certs.chain import PlatformChain
@@ -82,7 +83,21 @@ class Owner:
     def check(self, m: Machine, sess: LaunchSession, blob: bytes, image: bytes = IMAGE) -> MeasuredLaunch:
         st = m.hv.platform_status()  # the version the MAC binds; a lie would fail the check
         return sess.verify_measurement(blob, api_major=st.api_major, api_minor=st.api_minor, build=st.build,
-                                       expected_ld=expected_launch_digest([image]))
+                                       expected_ld=expected_launch_digest([image, CODE]))
+
+
+def _debug_guest() -> Workload:
+    yield from boot(MEM)
+    yield op.write(SECRET_GPA + 0x100, b"guest wrote this, still in the cache")
+    yield op.hlt()
+    data = yield op.read(SECRET_GPA + 0x200, 16)
+    yield from print_(data.hex() + "\n")
+    yield op.hlt()
+
+
+# The guest's Python code, measured after the image: the owner's digest covers it.
+PROGRAMS = (read_back, _debug_guest)
+CODE = code_table(PROGRAMS)
 
 
 def measured_vm(m: Machine, owner: Owner, name: str = "guest", image: bytes = IMAGE,
@@ -90,7 +105,7 @@ def measured_vm(m: Machine, owner: Owner, name: str = "guest", image: bytes = IM
     sess = sess or owner.session()
     vm = m.hv.create_vm(name, MEM)
     blob = m.hv.launch_measure(vm, [(IMAGE_GPA, image)], owner.policy, godh_cert=sess.godh_cert_blob,
-                               session=sess.session_blob)
+                               session=sess.session_blob, programs=PROGRAMS)
     return vm, sess, blob
 
 
@@ -113,7 +128,7 @@ def test_owner_launch_secret_attestation_end_to_end(m: Machine) -> None:
     mnonce = bytes.fromhex("00112233445566778899aabbccddeeff")
     report = m.hv.attestation_report(vm, mnonce)
     verify_attestation_report(report, _public(owner.pek), mnonce=mnonce,
-                              launch_digest=expected_launch_digest([IMAGE]), policy=owner.policy)
+                              launch_digest=expected_launch_digest([IMAGE, CODE]), policy=owner.policy)
 
     # the guest reads its secret table in plaintext
     table_len = packet.guest_len
@@ -142,15 +157,7 @@ def test_debuggable_guest_is_readable_by_the_host(m: Machine) -> None:
     m.hv.launch_finish(vm)
     assert m.hv.dbg_decrypt(vm, SECRET_GPA, len(DISK_KEY)) == DISK_KEY
 
-    def workload() -> Workload:
-        yield from boot(MEM)
-        yield op.write(SECRET_GPA + 0x100, b"guest wrote this, still in the cache")
-        yield op.hlt()
-        data = yield op.read(SECRET_GPA + 0x200, 16)
-        yield from print_(data.hex() + "\n")
-        yield op.hlt()
-
-    vm.add_vcpu(PyEngine(workload()))
+    vm.add_vcpu(PyEngine(_debug_guest()))
     assert m.hv.run(vm).reason == "hlt"
     # the store is a dirty guest line; dbg_decrypt flushes it to DRAM before asking the firmware
     assert m.hv.dbg_decrypt(vm, SECRET_GPA + 0x100, 36) == b"guest wrote this, still in the cache"

@@ -17,6 +17,7 @@ import pytest
 from clikit import env, fails, run, sevemu_cmd
 
 from sevemu.cli import common, demo
+from sevemu.cli.vmm import GUEST_PROGRAM_TABLE
 from sevemu.errors import SevemuError
 
 GUID = "736869e5-84f0-4973-92ec-06879ce3da0b"
@@ -145,7 +146,8 @@ def test_launch_and_owner_agree_on_an_odd_sized_image(capsys: pytest.CaptureFixt
     verify = ["measurement", "verify", "--launch-measure-blob", result["measurement_b64"], "--tik", "vm_tik.bin",
               "--api-major", str(v["api_major"]), "--api-minor", str(v["api_minor"]), "--build-id", str(v["build"]),
               "--policy", "1"]
-    assert run(capsys, *verify, "--firmware", "odd.bin")[0] == 0
+    (home / "code.bin").write_bytes(GUEST_PROGRAM_TABLE)  # the VMM's guest code, measured after the image
+    assert run(capsys, *verify, "--firmware", "odd.bin", "--firmware", "code.bin")[0] == 0
     (home / "unpadded.bin").write_bytes(image)
     from sevemu.owner.measurement import expected_launch_digest
 

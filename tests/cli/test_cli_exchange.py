@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from clikit import call, spawn
 
+from sevemu.cli.vmm import GUEST_PROGRAM_TABLE
+
 pytestmark = pytest.mark.slow
 
 GUID = "736869e5-84f0-4973-92ec-06879ce3da0b"
@@ -97,6 +99,7 @@ def test_exchange_with_files(parties: tuple[Path, Path, Path]) -> None:
     image = os.urandom(3 * 4096 + 100)  # not whole pages: host and owner pad it the same way
     (host / "fw.bin").write_bytes(image)
     (owner / "fw.bin").write_bytes(image)
+    (owner / "code.bin").write_bytes(GUEST_PROGRAM_TABLE)  # the VMM's guest code, measured after the image
     version = firmware_version(home, host)
 
     with running(spawn(home, host, "vmm", "--dh-cert-file", "vm_godh.b64", "--session-file", "vm_session.b64",
@@ -106,11 +109,11 @@ def test_exchange_with_files(parties: tuple[Path, Path, Path]) -> None:
         wait_for(host / "measure.b64", vmm)
         hand_over(host / "measure.b64", owner / "measure.b64")
         out = ok(call(home, owner, "measurement", "verify", "--launch-measure-blob", "measure.b64",
-                      "--tik", "vm_tik.bin", "--firmware", "fw.bin", *version))
+                      "--tik", "vm_tik.bin", "--firmware", "fw.bin", "--firmware", "code.bin", *version))
         assert "measurement OK" in out
         # sevctl's measurement build gives the very blob the firmware returned
         built = ok(call(home, owner, "measurement", "build", "--launch-measure-blob", "measure.b64",
-                        "--tik", "vm_tik.bin", "--firmware", "fw.bin", *version)).strip()
+                        "--tik", "vm_tik.bin", "--firmware", "fw.bin", "--firmware", "code.bin", *version)).strip()
         assert base64.b64decode(built) == base64.b64decode((owner / "measure.b64").read_text())
         ok(call(home, owner, "secret", "build", "--tek", "vm_tek.bin", "--tik", "vm_tik.bin",
                 "--launch-measure-blob", "measure.b64", "--secret", f"{GUID}:passphrase.txt",
@@ -127,6 +130,7 @@ def test_exchange_with_qmp(parties: tuple[Path, Path, Path]) -> None:
     owner_session(home, host, owner)
     (host / "fw.bin").write_bytes(b"firmware volume".ljust(8192, b"\xff"))
     (owner / "fw.bin").write_bytes((host / "fw.bin").read_bytes())
+    (owner / "code.bin").write_bytes(GUEST_PROGRAM_TABLE)
     version = firmware_version(home, host)
     with running(spawn(home, host, "vmm", "--dh-cert-file", "vm_godh.b64", "--session-file", "vm_session.b64",
                        "--firmware", "fw.bin", "--qmp", "vmm.sock", "--timeout", "120")) as vmm:
@@ -136,7 +140,7 @@ def test_exchange_with_qmp(parties: tuple[Path, Path, Path]) -> None:
         blob = json.loads(ok(call(home, host, "qmp", "vmm.sock", "query-sev-launch-measure")))["data"]
         # sevctl takes the blob inline in base64 as well as from a file
         assert "measurement OK" in ok(call(home, owner, "measurement", "verify", "--launch-measure-blob", blob,
-                                           "--tik", "vm_tik.bin", "--firmware", "fw.bin", *version))
+                                           "--tik", "vm_tik.bin", "--firmware", "fw.bin", "--firmware", "code.bin", *version))
         # the legacy attestation report, checked against the chain's PEK
         mnonce = base64.b64encode(os.urandom(16)).decode()
         report = json.loads(ok(call(home, host, "qmp", "vmm.sock", "query-sev-attestation-report",

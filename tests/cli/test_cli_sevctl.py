@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sevemu.abi.pycode import CODE_GPA, code_table
 from sevemu.cli.main import main
 from sevemu.guest.workloads import read_back
 from sevemu.hw.pyengine import PyEngine
@@ -144,6 +145,9 @@ def test_owner_files_against_a_host(capsys: pytest.CaptureFixture[str], home: Pa
                                                        session_uaddr=session, session_len=len(session)),
            sev_fd=dev)
     assert load_image(kvm, image, 0x100000) == 0
+    table = code_table([read_back]).ljust(4096, b"\0")  # the guest's Python code, a page after the image
+    assert load_image(kvm, table, CODE_GPA) == 0
+    (home / "code.bin").write_bytes(table)
     blob = bytearray(0x30)
     kvm.op(KvmSevCmdId.LAUNCH_MEASURE, KvmSevLaunchMeasure(blob, 0x30))
     (home / "measure.txt").write_text(blob.hex())
@@ -151,21 +155,21 @@ def test_owner_files_against_a_host(capsys: pytest.CaptureFixture[str], home: Pa
     common = ["--api-major", str(p.api_major), "--api-minor", str(p.api_minor), "--build", str(p.build),
               "--policy", "1"]
     rc, out, _ = run(capsys, "measurement", "verify", "--measurement", "measure.txt", "--tik", "o/vm_tik.bin",
-                     "--image", "fw.bin", *common)
+                     "--image", "fw.bin", "--image", "code.bin", *common)
     assert rc == 0 and "measurement OK" in out
     rc, out, _ = run(capsys, "measurement", "verify", "--measurement", "measure.txt", "--tik", "o/vm_tik.bin",
                      "--digest", "00" * 32, *common, "--json")
     assert rc == 1 and json.loads(out)["ok"] is False
-    rc, out, _ = run(capsys, "measurement", "build", "--image", "fw.bin", *common, "--tik", "o/vm_tik.bin",
+    rc, out, _ = run(capsys, "measurement", "build", "--image", "fw.bin", "--image", "code.bin", *common, "--tik", "o/vm_tik.bin",
                      "--mnonce", blob[32:].hex(), "--json")
     assert json.loads(out)["blob"] == blob.hex()
     (home / "short.bin").write_bytes(b"x" * 17)
     assert "short.bin: expected 48 bytes of LAUNCH_MEASURE blob (raw, hex or base64), got 17 bytes" in fails(
         capsys, "measurement", "verify", "--measurement", "short.bin", "--tik", "o/vm_tik.bin", "--image",
-        "fw.bin", *common)
+        "fw.bin", "--image", "code.bin", *common)
     assert "o/vm_godh.b64: expected 16 bytes of a TIK (raw, hex or base64), got 2780 bytes" in fails(
         capsys, "measurement", "verify", "--measurement", "measure.txt", "--tik", "o/vm_godh.b64", "--image",
-        "fw.bin", *common)
+        "fw.bin", "--image", "code.bin", *common)
 
     (home / "disk.key").write_bytes(b"luks passphrase")
     guid = "736869e5-84f0-4973-92ec-06879ce3da0b"

@@ -68,7 +68,7 @@ def _writer(gpa: int, data: bytes) -> Generator[Op, Any, None]:
 def _victim(m: Machine, secret: bytes, policy: int = GuestPolicy.NODBG) -> Vm:
     """A NODBG guest that booted and wrote ``secret`` (still dirty in the caches)."""
     vm = m.hv.create_vm("victim", MEM)
-    m.hv.launch(vm, [(IMAGE_GPA, b"\xf4" * PAGE)], policy=policy)
+    m.hv.launch(vm, [(IMAGE_GPA, b"\xf4" * PAGE)], policy=policy, programs=[_writer])
     vm.add_vcpu(PyEngine(_writer(SECRET_GPA, secret)))
     assert m.hv.run(vm).reason == "hlt"
     return vm

@@ -446,6 +446,18 @@ def test_launch_secret_refusals(m: Machine) -> None:
     ok(m, CommandId.LAUNCH_SECRET, secret_cmd(m, g, hdr, trans))
 
 
+def test_launch_secret_of_the_largest_length_is_accepted(m: Machine) -> None:
+    """LAUNCH_SECRET takes up to 20 KiB (kills the mutant that refuses exactly the limit)."""
+    from sevemu.firmware.sev.launch import LAUNCH_SECRET_MAX_LEN
+
+    g = launch(m, 0)
+    assert g.measured is not None
+    big = bytes(range(256)) * (LAUNCH_SECRET_MAX_LEN // 256)
+    pkt = g.measured.launch_secret_raw(big)
+    assert len(pkt.trans) == LAUNCH_SECRET_MAX_LEN
+    ok(m, CommandId.LAUNCH_SECRET, secret_cmd(m, g, pkt.header_bytes, pkt.trans, offset=0))
+
+
 def test_launch_secret_bound_to_the_measured_launch(m: Machine) -> None:
     """Replaying the owner's session blobs for a second launch gives the same TEK/TIK but another
     MNONCE, so another MEASURE: a secret released for the first launch is refused by the second."""

@@ -96,12 +96,13 @@ def machine() -> Machine:
 def test_boot_writes_its_tables_privately(machine: Machine) -> None:
     hv = machine.hv
     vm = hv.create_vm("boot", 4 * MiB)
-    hv.launch(vm, [])
 
     def work() -> Workload:
         info = yield from boot(4 * MiB)
         yield op.store(0x200000, 8, info.cr3)
         yield op.hlt()
+
+    hv.launch(vm, [], programs=[work])
 
     vm.add_vcpu(PyEngine(work()))
     assert hv.run(vm).reason == "hlt"
@@ -121,7 +122,6 @@ def test_addresses_outside_the_identity_map_fault_cleanly(machine: Machine) -> N
     whatever fresh encrypted memory decrypts to."""
     hv = machine.hv
     vm = hv.create_vm("unmapped", 4 * MiB)
-    hv.launch(vm, [])
     faults: list[int] = []
 
     def work() -> Workload:
@@ -133,6 +133,7 @@ def test_addresses_outside_the_identity_map_fault_cleanly(machine: Machine) -> N
                 faults.append(pf.error_code)
         yield op.hlt()
 
+    hv.launch(vm, [], programs=[work])
     vm.add_vcpu(PyEngine(work()))
     r = hv.run(vm)
     assert r.reason == "hlt", r.reason
@@ -142,14 +143,14 @@ def test_addresses_outside_the_identity_map_fault_cleanly(machine: Machine) -> N
 def test_keep_secret_and_read_back(machine: Machine) -> None:
     hv = machine.hv
     vm = hv.create_vm("secret", 4 * MiB)
-    hv.launch(vm, [(0x100000, b"image")])
+    hv.launch(vm, [(0x100000, b"image")], programs=[keep_secret])
     vm.add_vcpu(PyEngine(keep_secret(4 * MiB, 0x200000, b"s3cr3t" * 3)))
     hv.run(vm)
     assert vm.console.startswith(b"secret of 18 bytes stored at GPA 0x200000: read back ok\n")
     hv.run(vm)
     assert vm.console.endswith((b"s3cr3t" * 3).hex().encode() + b"\n")
     rb = hv.create_vm("read_back", 4 * MiB)
-    hv.launch(rb, [(0x100000, b"launched image bytes")])
+    hv.launch(rb, [(0x100000, b"launched image bytes")], programs=[read_back])
     rb.add_vcpu(PyEngine(read_back(4 * MiB, 0x100000, 20)))
     hv.run(rb)
     assert rb.console == b"launched image bytes".hex().encode() + b"\n"
@@ -159,7 +160,7 @@ def test_keep_secret_and_read_back(machine: Machine) -> None:
 def test_shared_exchange(machine: Machine, kind: VmKind) -> None:
     hv = machine.hv
     vm = hv.create_vm(f"exchange-{kind.value}", 4 * MiB, kind)
-    hv.launch(vm, [])
+    hv.launch(vm, [], programs=[shared_exchange])
     vm.add_vcpu(PyEngine(shared_exchange(4 * MiB, 0x300000, b"ping")))
     hv.run(vm)
     assert vm.host_read(0x300000, 4) == b"ping"
@@ -173,7 +174,7 @@ def test_shared_exchange(machine: Machine, kind: VmKind) -> None:
 def test_demo_guest(machine: Machine) -> None:
     hv = machine.hv
     vm = hv.create_vm("demo", 8 * MiB)
-    hv.launch(vm, [])
+    hv.launch(vm, [], programs=[demo_guest])
     vm.add_vcpu(PyEngine(demo_guest(8 * MiB, 0x200000, b"top secret", 0x300000, b"hi host", 0x400000)))
     hv.run(vm)
     assert vm.host_read(0x300000, 7) == b"hi host"

@@ -12,9 +12,12 @@ from collections.abc import Callable
 import pytest
 
 from sevemu.abi.paging import Pte
+from sevemu.abi.pycode import CODE_GPA, identity_table
+from sevemu.hw.codefetch import cpu_engine
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.mmu import Translation
 from sevemu.hw.profiles import MILAN, CpuProfile
+from sevemu.hw.pyengine import PyEngine, Workload
 from sevemu.hw.soc import Soc
 from sevemu.hw.svm import Vmcb, VmExit
 from sevemu.scenario import SeededRng
@@ -129,6 +132,20 @@ class PageTables:
                 self.gwrite(table + index * 8, (nxt | tc | P | RW).to_bytes(8, "little"))
             table = nxt
 
+    def bind(self, *identities: bytes) -> None:
+        """Put a program table listing ``identities`` at its GPA (backing that page if needed), as
+        the guest's launch would."""
+        if CODE_GPA >> 12 not in self.npt_map_4k:
+            self.npt_map(CODE_GPA, GUEST_SPA + CODE_GPA)
+        self.gwrite(CODE_GPA, identity_table(identities))
+
+    def engine(self, workload: Workload) -> PyEngine:
+        """A Python engine for ``workload``, bound to this guest (an SEV guest runs only its own code)."""
+        eng = PyEngine(workload)
+        if self.sev:
+            self.bind(eng.identity)
+        return eng
+
     def guest_entry_gpa(self, gva: int, level_shift: int) -> int:
         """GPA of the guest entry mapping ``gva`` at the level of ``level_shift`` (39/30/21/12)."""
         table = self.cr3
@@ -149,6 +166,7 @@ class PageTables:
         return v
 
 
+@cpu_engine  # test scaffolding: stands for guest code the test writes (not a host's engine)
 class FnEngine:
     """An engine running a plain function on the GuestCpu (then HLT)."""
 

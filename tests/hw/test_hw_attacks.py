@@ -50,7 +50,7 @@ def _writer(secret: bytes) -> Workload:
 def _victim() -> tuple[Machine, Vm, HostSoc]:
     m = build_machine("milan", seed="hw-attacks", dram_size=1 << 30, cache_size=256 << 10)
     vm = m.hv.create_vm("victim", 16 * MiB)
-    m.hv.launch(vm, [(IMAGE_GPA, bytes(4096))])
+    m.hv.launch(vm, [(IMAGE_GPA, bytes(4096))], programs=[_writer])
     vm.add_vcpu(PyEngine(_writer(SECRET)))
     assert m.hv.run(vm).reason == "hlt"
     return m, vm, m.soc.host_view()

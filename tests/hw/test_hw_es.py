@@ -12,7 +12,7 @@ from hwkit import VMSA_SPA, PageTables, es_vmsa
 from sevemu.abi.paging import ExitCode
 from sevemu.abi.vmsa import SevEsSaveArea
 from sevemu.crypto.vmsacrc import VMSA_CRC_SIZE, VmsaCrc, crc64_vmsa, seal_vmsa
-from sevemu.hw.pyengine import PyEngine, Workload, op
+from sevemu.hw.pyengine import Workload, op
 from sevemu.hw.soc import Soc
 from sevemu.hw.vmsa import VmsaState
 from sevemu.hw.x86.arch import Vector
@@ -48,6 +48,10 @@ def test_known_checksum_of_the_zero_page() -> None:
 
 
 # ---- VMRUN / #VMEXIT with the VMSA ------------------------------------------------------------------
+def _halt() -> Workload:
+    yield op.hlt()
+
+
 def _es(soc: Soc) -> tuple[PageTables, object]:
     soc.psp.take_ports().keys.load(ES_ASID, bytes(range(16)))
     pt = PageTables(soc, ES_ASID, True)
@@ -60,7 +64,7 @@ def _es(soc: Soc) -> tuple[PageTables, object]:
 
 
 def test_vmrun_loads_the_vmsa_and_vmexit_stores_it_encrypted(soc: Soc) -> None:
-    _pt, vmcb = _es(soc)
+    pt, vmcb = _es(soc)
     vmcb.regs["rbx"] = 0  # the VMCB's save area is the hypervisor's: not what the guest gets
     got: list[int] = []
 
@@ -71,8 +75,8 @@ def test_vmrun_loads_the_vmsa_and_vmexit_stores_it_encrypted(soc: Soc) -> None:
     def quiet() -> Workload:
         yield op.hlt()
 
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(first())).code == ExitCode.SHUTDOWN  # an unhandled #VC
-    ex = soc.boot_cpu.vmrun(vmcb, PyEngine(quiet()))
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(first())).code == ExitCode.SHUTDOWN  # an unhandled #VC
+    ex = soc.boot_cpu.vmrun(vmcb, pt.engine(quiet()))
     assert ex.code == ExitCode.HLT and ex.info1 == ex.info2 == 0 and vmcb.next_rip == 0
     # the page in DRAM after a WBINVD: the guest's key decrypts it to the stored state (RIP + 1)
     soc.boot_cpu.wbinvd()
@@ -87,8 +91,8 @@ def test_vmrun_loads_the_vmsa_and_vmexit_stores_it_encrypted(soc: Soc) -> None:
 
 
 def test_a_changed_vmsa_or_checksum_fails_vmrun(soc: Soc) -> None:
-    _pt, vmcb = _es(soc)
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.HLT
+    pt, vmcb = _es(soc)
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
     soc.boot_cpu.wbinvd()
     cipher = bytearray(soc.dram.read(VMSA_SPA + 0x300, 16))
     cipher[3] ^= 1
@@ -100,24 +104,24 @@ def test_a_changed_vmsa_or_checksum_fails_vmrun(soc: Soc) -> None:
         ran.append(1)
         yield op.hlt()
 
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(work())).code == ExitCode.INVALID
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(work())).code == ExitCode.INVALID
     assert ran == [] and "checksum" in soc.boot_cpu.vmsa_failure
 
 
 def test_a_changed_tmr_block_fails_vmrun_and_a_missing_vmsa_pointer_too(soc: Soc) -> None:
-    _pt, vmcb = _es(soc)
+    pt, vmcb = _es(soc)
     soc.dram.write(0x1E000, bytes(8))
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
     vmcb.vmsa_pa = 0
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
     vmcb.vmsa_pa = VMSA_SPA + 0x10
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
 
 
 def test_an_unsealed_page_names_no_checksum_block(soc: Soc) -> None:
-    _pt, vmcb = _es(soc)
+    pt, vmcb = _es(soc)
     soc.cache.write(ES_ASID, True, VMSA_SPA, bytes(4096))  # a page the firmware never set up
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
     assert "not set up" in soc.boot_cpu.vmsa_failure
 
 

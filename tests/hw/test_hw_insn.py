@@ -11,7 +11,7 @@ from hwkit import GUEST_SPA, PageTables, es_vmsa
 
 from sevemu.abi.paging import ExitCode
 from sevemu.hw.faults import GeneralProtection, InvalidOpcode, VmmCommunication
-from sevemu.hw.pyengine import PyEngine, Workload, op
+from sevemu.hw.pyengine import Workload, op
 from sevemu.hw.soc import Soc
 from sevemu.hw.svm import Vmcb, VmExit
 from sevemu.hw.x86 import insn
@@ -60,7 +60,7 @@ def test_automatic_and_non_automatic_exits(code: int, info1: int, automatic: boo
 
 
 def test_es_guest_takes_vc_for_non_automatic_exits(soc: Soc) -> None:
-    _pt, vmcb = _es_tables(soc)
+    pt, vmcb = _es_tables(soc)
     seen: list[tuple[int, int | None]] = []
 
     def work() -> Workload:
@@ -71,13 +71,13 @@ def test_es_guest_takes_vc_for_non_automatic_exits(soc: Soc) -> None:
                 seen.append((vc.vector, vc.error_code))
         yield op.hlt()
 
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(work())).code == ExitCode.HLT
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(work())).code == ExitCode.HLT
     assert seen == [(29, 0x72), (29, 0x7B), (29, 0x7C), (29, 0x81)]  # #VC, error code = the exit code
     assert vmcb.regs["rax"] == 0  # nothing was staged for the hypervisor
 
 
 def test_es_guest_ghcb_msr_vmgexit_and_sev_status(soc: Soc) -> None:
-    _pt, vmcb = _es_tables(soc, sev_features=1 << 1)  # vTOM
+    pt, vmcb = _es_tables(soc, sev_features=1 << 1)  # vTOM
     got: dict[str, Any] = {}
 
     def work() -> Workload:
@@ -87,7 +87,7 @@ def test_es_guest_ghcb_msr_vmgexit_and_sev_status(soc: Soc) -> None:
         yield op.vmgexit()
         yield op.hlt()
 
-    ex = soc.boot_cpu.vmrun(vmcb, PyEngine(work()))
+    ex = soc.boot_cpu.vmrun(vmcb, pt.engine(work()))
     assert ex == VmExit(ExitCode.VMGEXIT)  # automatic: the hypervisor reads the GHCB MSR from the VMCB
     assert vmcb.ghcb_gpa == 0x0080_9012 and got["ghcb"] == 0x0080_9012
     assert got["status"] == 0b11 | (1 << 1) << 2  # SEV, SEV-ES, then SEV_FEATURES from bit 2
@@ -101,7 +101,7 @@ def test_plain_sev_guest_vmgexit_is_vmmcall_and_ghcb_msr_is_intercepted(sev_tabl
         yield op.wrmsr(0xC0010130, 1)
         yield op.hlt()
 
-    eng = PyEngine(work())
+    eng = sev_tables.engine(work())
     cpu = sev_tables.soc.boot_cpu
     assert cpu.vmrun(vmcb, eng).code == ExitCode.VMMCALL
     _resume(vmcb)
@@ -126,7 +126,7 @@ def test_cpu_handled_msrs(sev_tables: PageTables) -> None:
                 seen.append(str(gp))
         yield op.hlt()
 
-    assert sev_tables.soc.boot_cpu.vmrun(vmcb, PyEngine(work())).code == ExitCode.HLT
+    assert sev_tables.soc.boot_cpu.vmrun(vmcb, sev_tables.engine(work())).code == ExitCode.HLT
     assert got == {"efer": 0x800, "kgs": 0x1234_5678_9ABC}
     assert vmcb.efer == 0x800 and vmcb.msrs[0xC0000102] == 0x1234_5678_9ABC
     assert len(seen) == 2 and "reserved" in seen[0] and "SEV_STATUS" in seen[1]
@@ -163,26 +163,30 @@ def test_pvalidate_and_rmpadjust_outside_snp_are_ud(sev_tables: PageTables) -> N
         yield op.hlt()
 
     sev_tables.soc.boot_cpu.rmp = FakeRmp()  # even with an RMP: the guest is not SNP-active
-    assert sev_tables.soc.boot_cpu.vmrun(sev_tables.vmcb(paging=False), PyEngine(work())).code == ExitCode.HLT
+    assert sev_tables.soc.boot_cpu.vmrun(sev_tables.vmcb(paging=False), sev_tables.engine(work())).code == ExitCode.HLT
     assert seen == ["#UD: invalid opcode: PVALIDATE outside an SEV-SNP guest",
                     "#UD: invalid opcode: RMPADJUST outside an SEV-SNP guest"]
 
 
 def test_snp_guest_needs_an_rmp_to_run(soc: Soc) -> None:
-    _pt, vmcb = _es_tables(soc, sev_features=1)
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    pt, vmcb = _es_tables(soc, sev_features=1)
+
+    def halt() -> Workload:
+        yield op.hlt()
+
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(halt())).code == ExitCode.INVALID
     soc.boot_cpu.rmp = FakeRmp()
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.HLT
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(halt())).code == ExitCode.HLT
     # the SNP work's RMP check of the VMSA page replaces the TMR checksum
     calls: list[tuple[int, int]] = []
     soc.boot_cpu.vmsa.snp_check = lambda asid, spa: calls.append((asid, spa)) or "not a VMSA page in the RMP"
     soc.boot_cpu.vmsa.forget()
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(iter([op.hlt()]))).code == ExitCode.INVALID
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(halt())).code == ExitCode.INVALID
     assert calls == [(ES_ASID, vmcb.vmsa_pa)] and soc.boot_cpu.vmsa_failure == "not a VMSA page in the RMP"
 
 
 def test_pvalidate_and_rmpadjust_register_conventions_in_an_snp_guest(soc: Soc) -> None:
-    _pt, vmcb = _es_tables(soc, sev_features=1)
+    pt, vmcb = _es_tables(soc, sev_features=1)
     rmp = soc.boot_cpu.rmp = FakeRmp()
     got: list[Any] = []
 
@@ -197,7 +201,7 @@ def test_pvalidate_and_rmpadjust_register_conventions_in_an_snp_guest(soc: Soc) 
         got.append((yield op.rmpadjust(0x6000, 0, 0)))
         yield op.hlt()
 
-    assert soc.boot_cpu.vmrun(vmcb, PyEngine(work())).code == ExitCode.HLT
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(work())).code == ExitCode.HLT
     assert got == [(0, False), (0, True), (1, False), (1, False), (1, False), (0, True), (0, False), (2, False)]
     assert rmp.calls == [
         ("pvalidate", ES_ASID, 0x5000, GUEST_SPA + 0x5000, False, True),
@@ -209,7 +213,7 @@ def test_pvalidate_and_rmpadjust_register_conventions_in_an_snp_guest(soc: Soc) 
 
 
 def test_impossible_io_is_gp_whatever_the_guest(soc: Soc) -> None:
-    _pt, vmcb = _es_tables(soc)
+    pt, vmcb = _es_tables(soc)
     seen: list[type] = []
 
     def work() -> Workload:
@@ -219,5 +223,5 @@ def test_impossible_io_is_gp_whatever_the_guest(soc: Soc) -> None:
             seen.append(type(e))
         yield op.hlt()
 
-    soc.boot_cpu.vmrun(vmcb, PyEngine(work()))
+    soc.boot_cpu.vmrun(vmcb, pt.engine(work()))
     assert seen == [GeneralProtection]  # #GP comes before the #VC decision

@@ -19,6 +19,8 @@ def _resume(v: Vmcb) -> None:
 
 
 def _run(pt: PageTables, eng: PyEngine, vmcb: Vmcb) -> VmExit:
+    if pt.sev:
+        pt.bind(eng.identity)  # the workload is the guest's measured code
     return pt.soc.boot_cpu.vmrun(vmcb, eng)
 
 

@@ -19,7 +19,7 @@ from sevemu.errors import HardwareError
 from sevemu.hw.faults import GeneralProtection, NestedPageFault
 from sevemu.hw.host import HostSoc
 from sevemu.hw.profiles import MILAN, ROME
-from sevemu.hw.pyengine import PyEngine, Workload, op
+from sevemu.hw.pyengine import Workload, op
 from sevemu.hw.rmp import PF_RMP, DmaFault, HostRmpFault, Rmp, RmpFirmwarePort
 from sevemu.hw.soc import Soc
 
@@ -305,7 +305,7 @@ def test_pvalidate_and_rmpadjust_through_the_python_engine() -> None:
         got.append((yield op.rmpadjust(0x5000, 0, 1 | 0x01 << 8)))
         yield op.pvalidate(0x6000, 0, True)  # not the guest's page: #VMEXIT(NPF)
 
-    ex = soc.boot_cpu.vmrun(vmcb, PyEngine(work()))
+    ex = soc.boot_cpu.vmrun(vmcb, pt.engine(work()))
     assert got == [(0, False), (0, True), (1, False), (0, False)]
     assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP and ex.info2 == 0x6000
     assert rmp.entry(GUEST_SPA + 0x5000).perms[1] == 1 and rmp.entry(GUEST_SPA + 0x5000).validated

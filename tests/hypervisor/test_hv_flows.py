@@ -23,6 +23,7 @@ from sevemu._util.units import PAGE, MiB
 from sevemu.abi.certs import KeyUsage, SigAlgo
 from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy
+from sevemu.abi.pycode import CODE_GPA, code_table
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
 from sevemu.certs.chain import SevCertChain
@@ -86,17 +87,29 @@ def refusal(fn: Callable[[], object]) -> tuple[Errno, int]:
     return ei.value.errno, ei.value.status
 
 
+def _reads(ranges: list[tuple[int, int]]) -> Generator[Op, Any, None]:
+    yield from boot(MEM)
+    for gpa, n in ranges:
+        data = yield op.read(gpa, n)
+        yield from print_(data.hex() + "\n")
+    yield op.hlt()
+
+
+def _scratch_writer(mark: bytes) -> Generator[Op, Any, None]:
+    yield from boot(MEM)
+    yield op.write(SCRATCH_GPA + PAGE - 8, mark)  # across a page boundary
+    yield op.hlt()
+
+
+# The guests' Python code: its program table is measured after the image (both interfaces; the
+# SEV-ES launches of these tests run no Python code and measure the image alone).
+CODE = code_table([_reads, _scratch_writer])
+
+
 def guest_reads(m: Machine, vm: Vm, ranges: list[tuple[int, int]]) -> list[bytes]:
     """What the guest itself sees at ``ranges`` (a fresh vCPU boots, reads, prints, halts)."""
-    def work() -> Generator[Op, Any, None]:
-        yield from boot(MEM)
-        for gpa, n in ranges:
-            data = yield op.read(gpa, n)
-            yield from print_(data.hex() + "\n")
-        yield op.hlt()
-
     before = len(vm.console)
-    assert m.hv.run(vm, vm.add_vcpu(PyEngine(work()))).reason == "hlt", vm.crash_reason
+    assert m.hv.run(vm, vm.add_vcpu(PyEngine(_reads(ranges)))).reason == "hlt", vm.crash_reason
     return [bytes.fromhex(line) for line in vm.console[before:].decode().split()]
 
 
@@ -152,7 +165,8 @@ class PythonApi:
             return b""
         return self.hv.launch_measure(vm, [(IMAGE_GPA, IMAGE)], policy,
                                       godh_cert=session.godh_cert_blob if session else None,
-                                      session=session.session_blob if session else None)
+                                      session=session.session_blob if session else None,
+                                      programs=[_reads, _scratch_writer])
 
     def update_vmsa(self, vm: Vm) -> None:
         es.launch_update_vmsa(self.sev, vm)
@@ -290,6 +304,9 @@ class Ioctls:
         self.kvm(vm, KvmSevCmdId.LAUNCH_UPDATE_DATA, KvmSevLaunchUpdateData(self.hva(vm, IMAGE_GPA), len(IMAGE)))
         if vm.es:
             return b""
+        vm.back_range(CODE_GPA, len(CODE))
+        vm.host_write(CODE_GPA, CODE)
+        self.kvm(vm, KvmSevCmdId.LAUNCH_UPDATE_DATA, KvmSevLaunchUpdateData(self.hva(vm, CODE_GPA), len(CODE)))
         blob = bytearray(0x30)
         self.kvm(vm, KvmSevCmdId.LAUNCH_MEASURE, KvmSevLaunchMeasure(blob, len(blob)))
         return bytes(blob)
@@ -406,12 +423,13 @@ def test_owner_launch_secret_and_finish(iface_kind: str) -> None:
     blob = api.launch(vm, policy, sess)
     p = m.profile
     measured = sess.verify_measurement(blob, api_major=p.api_major, api_minor=p.api_minor, build=p.build,
-                                       expected_ld=expected_launch_digest([IMAGE]))
+                                       expected_ld=expected_launch_digest([IMAGE, CODE]))
     packet = measured.launch_secret([(GUID, b"the disk key")], iv=bytes(16))
     api.secret(vm, packet.header_bytes, packet.trans, SECRET_GPA, packet.guest_len)
     api.finish(vm)
     assert api.status(vm) == (vm.handle, policy, GuestState.RUNNING) and vm.state is VmState.RUNNING
-    assert trace(m, since) == _ok(["LAUNCH_START", "ACTIVATE", "LAUNCH_UPDATE_DATA", "LAUNCH_MEASURE",
+    assert trace(m, since) == _ok(["LAUNCH_START", "ACTIVATE", "LAUNCH_UPDATE_DATA", "LAUNCH_UPDATE_DATA",
+                                   "LAUNCH_MEASURE",
                                    "LAUNCH_SECRET", "LAUNCH_FINISH", "GUEST_STATUS"])
     assert vm.measurement == blob
     table, image = guest_reads(m, vm, [(SECRET_GPA, packet.guest_len), (IMAGE_GPA, len(IMAGE))])
@@ -470,7 +488,7 @@ def test_refused_secrets(iface_kind: str) -> None:
     blob = api.launch(vm, 0, sess)
     p = m.profile
     packet = sess.verify_measurement(blob, api_major=p.api_major, api_minor=p.api_minor, build=p.build,
-                                     expected_ld=expected_launch_digest([IMAGE])).launch_secret_raw(bytes(512))
+                                     expected_ld=expected_launch_digest([IMAGE, CODE])).launch_secret_raw(bytes(512))
     vm.back(SCRATCH_GPA + PAGE)  # the second page first: the two are not physically contiguous
     vm.back(SCRATCH_GPA)
     since = len(m.firmware.log)
@@ -495,7 +513,7 @@ def test_attestation_report(iface_kind: str) -> None:
     assert trace(m, since) == [("ATTESTATION", Status.INVALID_LENGTH), ("ATTESTATION", 0)]
     pek = m.firmware.identity.pek_cert.public_key()
     assert isinstance(pek, ec.EllipticCurvePublicKey)
-    verify_attestation_report(report, pek, mnonce=mnonce, launch_digest=expected_launch_digest([IMAGE]), policy=0)
+    verify_attestation_report(report, pek, mnonce=mnonce, launch_digest=expected_launch_digest([IMAGE, CODE]), policy=0)
 
 
 def test_debug_window(iface_kind: str) -> None:
@@ -507,13 +525,7 @@ def test_debug_window(iface_kind: str) -> None:
     api.launch(vm, 0)
     api.finish(vm)
     mark = b"written by the guest, still in the cache"
-
-    def writer() -> Generator[Op, Any, None]:
-        yield from boot(MEM)
-        yield op.write(SCRATCH_GPA + PAGE - 8, mark)  # across a page boundary
-        yield op.hlt()
-
-    assert m.hv.run(vm, vm.add_vcpu(PyEngine(writer()))).reason == "hlt"
+    assert m.hv.run(vm, vm.add_vcpu(PyEngine(_scratch_writer(mark)))).reason == "hlt"
     since = len(m.firmware.log)
     assert api.dbg_decrypt(vm, SCRATCH_GPA + PAGE - 8, len(mark)) == mark
     assert api.dbg_decrypt(vm, IMAGE_GPA + 4090, 100) == IMAGE[4090:4190]

@@ -43,9 +43,12 @@ def _blocks(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def _sev_vm(m: Machine, name: str = "vm", regions: list[tuple[int, bytes]] | None = None) -> Vm:
+def _sev_vm(m: Machine, name: str = "vm", regions: list[tuple[int, bytes]] | None = None,
+            programs: tuple[Any, ...] = ()) -> Vm:
+    """An SEV guest launched with ``regions`` whose code is the shared programs of these tests and
+    ``programs``."""
     vm = m.hv.create_vm(name, MEM)
-    m.hv.launch(vm, regions or [])
+    m.hv.launch(vm, regions or [], programs=(_reader, keep_secret, touch_pages, *programs))
     return vm
 
 
@@ -98,7 +101,7 @@ def test_sev_launch_encrypts_the_image_in_place(generation: str) -> None:
     image = _blocks(2, 3 * 4096 + 64)
     vm = hv.create_vm("sev", MEM)
     assert vm.asid in m.profile.sev_asids()
-    measure = hv.launch(vm, [(IMAGE, image)])
+    measure = hv.launch(vm, [(IMAGE, image)], programs=[_reader])
     assert len(measure) == 0x30 and vm.measurement == measure
     cmds = [name for name, _ in m.firmware.log]
     launch = cmds[cmds.index("LAUNCH_START"):]
@@ -126,7 +129,7 @@ def test_guest_learns_its_c_bit_and_sev_status(machine: Machine) -> None:
 
     for kind in (VmKind.SEV, VmKind.PLAIN):
         vm = hv.create_vm(kind.value, MEM, kind)
-        hv.launch(vm, [])
+        hv.launch(vm, [], programs=[work])
         vm.add_vcpu(PyEngine(work()))
         assert hv.run(vm).reason == "hlt"
     sev, plain = infos
@@ -151,12 +154,12 @@ def test_demand_paging_backs_pages_on_npf(machine: Machine) -> None:
 
 
 def test_console_output(machine: Machine) -> None:
-    vm = _sev_vm(machine)
-
     def work() -> Workload:
         yield from boot(MEM)
         yield from print_("hello from an SEV guest\n")
         yield op.hlt()
+
+    vm = _sev_vm(machine, programs=(work,))
 
     vm.add_vcpu(PyEngine(work()))
     machine.hv.run(vm)
@@ -165,7 +168,6 @@ def test_console_output(machine: Machine) -> None:
 
 
 def test_map_gpa_range_hypercall(machine: Machine) -> None:
-    vm = _sev_vm(machine)
     results: list[int] = []
 
     def work() -> Workload:
@@ -175,6 +177,7 @@ def test_map_gpa_range_hypercall(machine: Machine) -> None:
         results.append((yield op.vmmcall(rax=999)))
         yield op.hlt()
 
+    vm = _sev_vm(machine, programs=(work,))
     vm.add_vcpu(PyEngine(work()))
     machine.hv.run(vm)
     assert vm.shared_gpas == {SHARED, SHARED + 0x1000}
@@ -189,7 +192,6 @@ def test_map_gpa_range_hypercall(machine: Machine) -> None:
 @pytest.mark.parametrize("generation", ["milan", "genoa"])
 def test_host_reads_ciphertext_of_private_pages_and_plaintext_of_shared_ones(generation: str) -> None:
     m = small_machine(generation)
-    vm = _sev_vm(m)
     secret = _blocks(3, 64)
     message = _blocks(4, 64)
 
@@ -199,6 +201,7 @@ def test_host_reads_ciphertext_of_private_pages_and_plaintext_of_shared_ones(gen
         yield op.write(SHARED, message)
         yield op.hlt()
 
+    vm = _sev_vm(m, programs=(work,))
     vm.add_vcpu(PyEngine(work()))
     m.hv.run(vm)
     assert vm.host_read(SHARED, 64) == message  # C=0 lines are shared: no flush needed
@@ -236,7 +239,6 @@ def test_host_writes_corrupt_private_pages_and_reach_shared_ones(machine: Machin
 def test_replaying_ciphertext_restores_old_plaintext(machine: Machine) -> None:
     """No integrity or freshness before SNP: the host can put old ciphertext back."""
     m = machine
-    vm = _sev_vm(m)
     old, new = _blocks(7, 64), _blocks(8, 64)
 
     def work() -> Workload:
@@ -250,6 +252,7 @@ def test_replaying_ciphertext_restores_old_plaintext(machine: Machine) -> None:
             yield from print_(data.hex() + "\n")
             yield op.hlt()
 
+    vm = _sev_vm(m, programs=(work,))
     vm.add_vcpu(PyEngine(work()))
     m.hv.run(vm)
     m.soc.wbinvd_all()
@@ -349,12 +352,12 @@ def test_asid_reuse_does_not_inherit_stale_translations() -> None:
     old VM's freed pages)."""
     m = _two_asid_machine()
     hv = m.hv
-    a = _sev_vm(m, "a")
-
     def old_guest() -> Workload:
         yield from boot(MEM, tables_at=0x300000)
         yield op.write(0x10000, b"A" * 16)  # a TLB entry for GVA 0x10000 -> a's page
         yield op.hlt()
+
+    a = _sev_vm(m, "a", programs=(old_guest,))
 
     a.add_vcpu(PyEngine(old_guest()))
     hv.run(a)
@@ -371,7 +374,6 @@ def test_asid_reuse_does_not_inherit_stale_translations() -> None:
 def test_vcpus_of_one_asid_do_not_share_translations(machine: Machine) -> None:
     """Two vCPUs, one ASID, different page tables: switching VMCBs flushes the ASID's TLB."""
     m = machine
-    vm = _sev_vm(m)
     page = SHARED
 
     def vcpu0() -> Workload:
@@ -388,6 +390,7 @@ def test_vcpus_of_one_asid_do_not_share_translations(machine: Machine) -> None:
         yield op.write(page, b"C=1 view")
         yield op.hlt()
 
+    vm = _sev_vm(m, programs=(vcpu0, vcpu1))
     vm.add_vcpu(PyEngine(vcpu0()))
     vm.add_vcpu(PyEngine(vcpu1()))
     m.hv.run(vm, 0)
@@ -422,7 +425,6 @@ def test_recycled_pages_hold_no_dirty_host_lines() -> None:
     a.add_vcpu(PyEngine(touch_pages(MEM, SECRET, 16 * 4096)))
     hv.run(a)
     hv.destroy(a)
-    b = _sev_vm(m, "b")
     data = _blocks(11, 64)
 
     def work() -> Workload:
@@ -437,6 +439,7 @@ def test_recycled_pages_hold_no_dirty_host_lines() -> None:
         yield from print_(f"{ok}\n")
         yield op.hlt()
 
+    b = _sev_vm(m, "b", programs=(work,))
     b.add_vcpu(PyEngine(work()))
     hv.run(b)
     m.soc.wbinvd_all()
@@ -505,24 +508,25 @@ def test_run_refusals_and_crashes(machine: Machine) -> None:
     vm = hv.create_vm("vm", MEM)
     with pytest.raises(VmError):
         hv.run(vm)  # not launched
-    hv.launch(vm, [])
-    vm.add_vcpu()
-    with pytest.raises(VmError):
-        hv.run(vm)  # nothing to run
 
     def wild() -> Workload:
         yield op.load(MEM + 0x1000, 8)  # paging off: GPA beyond the VM's memory
+
+    hv.launch(vm, [], programs=[wild])
+    vm.add_vcpu()
+    with pytest.raises(VmError):
+        hv.run(vm)  # nothing to run
 
     r = hv.run(vm, engine=PyEngine(wild()))
     assert r.exit.code == ExitCode.NPF and "unresolvable #NPF" in r.reason
     assert vm.state is VmState.CRASHED and vm.crash_reason == r.reason
     with pytest.raises(VmError):
         hv.run(vm)
-    vm2 = _sev_vm(machine, "vm2")
-
     def dies() -> Workload:
         yield op.store(0x1000, 8, 1)
         raise ValueError("kernel panic")
+
+    vm2 = _sev_vm(machine, "vm2", programs=(dies,))
 
     vm2.add_vcpu()
     r = hv.run(vm2, engine=PyEngine(dies()))

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevemu._util.units import MiB
 from sevemu.abi.policy import GuestPolicy
+from sevemu.abi.pycode import CODE_GPA, code_table
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
 from sevemu.certs.sev import SevCert
@@ -68,7 +69,8 @@ def pdh_of(m: Machine) -> tuple[SevCert, ec.EllipticCurvePublicKey]:
 class Launch:
     """A guest launched through the ioctl, with an owner session."""
 
-    def __init__(self, m: Machine, policy: int = 0, image: bytes = IMAGE, page_by_page: bool = True) -> None:
+    def __init__(self, m: Machine, policy: int = 0, image: bytes = IMAGE, page_by_page: bool = True,
+                 programs: tuple[object, ...] = ()) -> None:
         self.m = m
         self.dev = SevDevice(m.hv)
         self.vm = m.hv.create_vm("guest", MEM)
@@ -82,6 +84,8 @@ class Launch:
             sev_fd=self.dev)
         assert start.handle == self.vm.handle != 0
         assert load_image(self.kvm, image, IMAGE_GPA, page_by_page=page_by_page) == 0
+        if programs:  # the guest's Python code: its program table, measured last (as Hypervisor.launch does)
+            assert load_image(self.kvm, code_table(programs), CODE_GPA) == 0
         self.image = image
 
     def measure(self) -> bytes:
@@ -99,11 +103,11 @@ def test_ioctl_number() -> None:
 
 def test_whole_launch_with_secret_through_the_ioctl() -> None:
     m = machine()
-    launch = Launch(m, policy=int(GuestPolicy.NODBG))
+    launch = Launch(m, policy=int(GuestPolicy.NODBG), programs=(read_back,))
     blob = launch.measure()
     p = m.profile
     measured = launch.sess.verify_measurement(blob, api_major=p.api_major, api_minor=p.api_minor, build=p.build,
-                                              expected_ld=expected_launch_digest([IMAGE]))
+                                              expected_ld=expected_launch_digest([IMAGE, code_table([read_back])]))
     guid = uuid.uuid4()
     packet = measured.launch_secret([(guid, b"the disk key")])
     kvm = launch.kvm
@@ -237,7 +241,7 @@ def test_attestation_report_through_the_ioctl() -> None:
 def test_migration_through_the_ioctl() -> None:
     """SEND_* on one host, RECEIVE_* on another, page by page; the target guest reads the image."""
     src, dst = machine(seed="mig-src"), machine(seed="mig-dst")
-    launch = Launch(src)
+    launch = Launch(src, programs=(read_back,))
     launch.measure()
     launch.kvm.op(KvmSevCmdId.LAUNCH_FINISH)
     skvm = launch.kvm
@@ -262,15 +266,15 @@ def test_migration_through_the_ioctl() -> None:
                                                           session_uaddr=bytes(session), session_len=0x80),
             sev_fd=ddev)
     src.soc.wbinvd_all()  # the firmware reads DRAM: the guest's lines go first
-    for off in range(0, len(IMAGE) + 4095 & ~4095, 4096):
+    for gpa in [CODE_GPA, *range(IMAGE_GPA, IMAGE_GPA + (len(IMAGE) + 4095 & ~4095), 4096)]:
         lq = KvmSevSendUpdateData()
         assert skvm.memory_encrypt_op(KvmSevCmdId.SEND_UPDATE_DATA, lq) == EIO and lq.hdr_len == 0x34
         hdr, trans = bytearray(0x34), bytearray(4096)
         skvm.op(KvmSevCmdId.SEND_UPDATE_DATA, KvmSevSendUpdateData(
-            hdr_uaddr=hdr, hdr_len=0x34, guest_uaddr=skvm.hva(IMAGE_GPA + off), guest_len=4096,
+            hdr_uaddr=hdr, hdr_len=0x34, guest_uaddr=skvm.hva(gpa), guest_len=4096,
             trans_uaddr=trans, trans_len=4096))
         dkvm.op(KvmSevCmdId.RECEIVE_UPDATE_DATA, KvmSevReceiveUpdateData(
-            hdr_uaddr=bytes(hdr), hdr_len=0x34, guest_uaddr=dkvm.hva(IMAGE_GPA + off), guest_len=4096,
+            hdr_uaddr=bytes(hdr), hdr_len=0x34, guest_uaddr=dkvm.hva(gpa), guest_len=4096,
             trans_uaddr=bytes(trans), trans_len=4096))
     skvm.op(KvmSevCmdId.SEND_FINISH)
     dkvm.op(KvmSevCmdId.RECEIVE_FINISH)

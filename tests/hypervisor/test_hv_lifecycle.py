@@ -78,12 +78,13 @@ def test_reinit_does_not_hand_a_victims_dirty_lines_to_the_next_guest() -> None:
     hv = m.hv
     secret = b"victim's secret, still a dirty line in the cache..".ljust(64, b"!")
     victim = hv.create_vm("victim", MEM)
-    hv.launch(victim, [(0x100000, bytes(4096))], int(GuestPolicy.NODBG))
 
     def write_secret() -> Generator[Op, Any, None]:
         yield from boot(MEM)
         yield op.write(0x200000, secret)
         yield op.hlt()
+
+    hv.launch(victim, [(0x100000, bytes(4096))], int(GuestPolicy.NODBG), programs=[write_secret])
 
     victim.add_vcpu(PyEngine(write_secret()))
     assert hv.run(victim).reason == "hlt"
@@ -154,7 +155,7 @@ def _cycle(m: Machine, alive: deque[Vm], keep: int, kind: VmKind = VmKind.SEV, *
     """create -> launch -> run -> destroy, keeping ``keep`` guests alive."""
     hv = m.hv
     vm = hv.create_vm("churn", 1 * MiB if tiny else MEM, kind)
-    hv.launch(vm, [(0x1000 if tiny else 0x100000, b"\xf4" * 64)])
+    hv.launch(vm, [(0x1000 if tiny else 0x100000, b"\xf4" * 64)], programs=[_tiny if tiny else _guest])
     vm.add_vcpu(PyEngine(_tiny() if tiny else _guest()))
     assert hv.run(vm).reason == "hlt"
     alive.append(vm)

@@ -25,6 +25,7 @@ from sevemu.abi.states import GuestState, PlatformState
 from sevemu.abi.status import Status
 from sevemu.amd.roots import AmdRoot
 from sevemu.cli.bench_migrate import Destination, DestinationPlan
+from sevemu.cli.bench_migrate import _check_workload as destination_check  # the destination's check program
 from sevemu.guest.kernel import boot
 from sevemu.hw.pyengine import Op, PyEngine, op
 from sevemu.hypervisor.kvm import Hypervisor
@@ -145,7 +146,7 @@ def _read_back(ranges: list[tuple[int, int]], out: list[bytes]) -> Generator[Op,
 def running_guest(m: Machine, secrets: dict[int, bytes], policy: int = 0, vcpus: int = 1) -> Vm:
     """An SEV guest that booted, wrote ``secrets`` into private pages and a mark into a shared one."""
     vm = m.hv.create_vm("guest", MEM)
-    m.hv.launch(vm, [(0x10_0000, b"\xf4" * PAGE)], policy=policy)
+    m.hv.launch(vm, [(0x10_0000, b"\xf4" * PAGE)], policy=policy, programs=[_guest, _read_back, destination_check])
     vm.add_vcpu(PyEngine(_guest(secrets)))
     for _ in range(vcpus - 1):
         vm.add_vcpu()

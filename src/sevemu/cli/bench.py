@@ -31,6 +31,7 @@ from sevemu.cli.common import host_memory, positive_int
 from sevemu.cli.progress import Progress, progress_enabled
 from sevemu.errors import InputError
 from sevemu.guest.workloads import touch_pages
+from sevemu.hw.codefetch import cpu_engine
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.pyengine import Op, PyEngine, Workload, op
 from sevemu.hw.svm import VmExit
@@ -62,6 +63,7 @@ def register(sub: Any) -> None:
     register_cpu(bsub)
 
 
+@cpu_engine  # the benchmark's stand-in for a compiled engine of the CPU model, not host code in a guest
 class _PortLoop:
     """An engine that issues loads straight on the memory port (what a compiled engine would do)."""
 
@@ -93,7 +95,7 @@ def _guest_loads(generation: str, loads: int) -> dict[str, Any]:
     m = build_machine(generation, seed="bench")
     hv = m.hv
     vm = hv.create_vm("bench", 256 * MiB)
-    hv.launch(vm, [(0x100000, bytes(PAGE))])
+    hv.launch(vm, [(0x100000, bytes(PAGE))], programs=[touch_pages, _load_workload])
     region = 0x1000000
     miss_bytes = m.soc.cache.size * 3 // 2  # 1.5x the cache: a sequential sweep always misses
     vm.add_vcpu(PyEngine(touch_pages(256 * MiB, region, miss_bytes, 64)))
@@ -138,7 +140,7 @@ def _sparse_guest(generation: str) -> dict[str, Any]:
     before = _rss()
     hv = m.hv
     vm = hv.create_vm("sparse", 64 * GiB)
-    hv.launch(vm, [(0x100000, bytes(PAGE))])
+    hv.launch(vm, [(0x100000, bytes(PAGE))], programs=[touch_pages])
     touched = 64 * MiB
     vm.add_vcpu(PyEngine(touch_pages(64 * GiB, 1 * GiB, touched)))
     hv.run(vm)

@@ -54,7 +54,7 @@ import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -63,6 +63,7 @@ from typing import Any, Final, Self
 
 from sevemu._util.units import PAGE, MiB
 from sevemu.abi.commands import CommandId
+from sevemu.abi.pycode import CODE_GPA, code_table
 from sevemu.abi.sev import ActivateCmd, HandleCmd, LaunchStartCmd, LaunchUpdateDataCmd, MeasureBuf
 from sevemu.certs.roots import GENERATIONS
 from sevemu.cli.common import host_memory, positive_int, seconds
@@ -300,13 +301,17 @@ def _sigint_ignored() -> Iterator[None]:
 # ---- the source guest ---------------------------------------------------------------------------
 
 
-def launch_zeroed(hv: Hypervisor, vm: Vm, policy: int = 0) -> None:
+def launch_zeroed(hv: Hypervisor, vm: Vm, policy: int = 0, programs: Iterable[object] = ()) -> None:
     """Back all of ``vm`` and launch it with LAUNCH_UPDATE_DATA over its whole memory (zeros).
 
-    Pages fresh from the host allocator hold zeros in DRAM, so the image is written by nobody; the
+    Pages fresh from the host allocator hold zeros in DRAM, so the image is written by nobody but
+    the program table of ``programs`` (the guest's Python code, :mod:`sevemu.abi.pycode`); the
     firmware encrypts it in place, run by run, as for any image (the launch digest covers it).
     """
     vm.back_range(0, vm.memory)
+    if programs:
+        vm.host_write(CODE_GPA, code_table(programs))
+        hv.core.clflush_range(vm.spa_of(CODE_GPA), PAGE)  # the firmware reads DRAM
     vm.state = VmState.LAUNCHING
     psp = hv.psp
     vm.policy = policy
@@ -432,7 +437,7 @@ def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.
             src = build_machine(generation, amd_root=root)
             hv = src.hv
             vm = hv.create_vm("bench", size)
-            launch_zeroed(hv, vm)
+            launch_zeroed(hv, vm, programs=(_marking_workload, _check_workload))
             vm.add_vcpu(PyEngine(_marking_workload(size, marks)))
             booted = hv.run(vm)
             if booted.reason != "hlt":

@@ -72,7 +72,7 @@ def scenario(generation: str = "milan", dump: Path | None = None, seed: str | No
     for name, secret in secrets.items():
         vm = hv.create_vm(name, GUEST_MEMORY)
         image = f"sevemu demo boot image for {name}\n".encode().ljust(PAGE, b"\0")
-        measure = hv.launch(vm, [(IMAGE_GPA, image)])
+        measure = hv.launch(vm, [(IMAGE_GPA, image)], programs=[demo_guest])
         peek = PEEK_GPA if name == "vm-b" else None
         vm.add_vcpu(PyEngine(demo_guest(GUEST_MEMORY, SECRET_GPA, secret, SHARED_GPA,
                                         messages[name], peek)))

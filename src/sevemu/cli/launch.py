@@ -40,7 +40,7 @@ from sevemu.cli.common import add_platform_args, emit, open_platform, parse_int,
 from sevemu.cli.owner import parse_secrets
 from sevemu.cli.platform import export_pdh, platform_status
 from sevemu.cli.progress import Progress, progress_enabled
-from sevemu.cli.vmm import IMAGE_GPA, Reporter, SevVmm, load_guest_image, plan_layout
+from sevemu.cli.vmm import GUEST_PROGRAM_TABLE, IMAGE_GPA, Reporter, SevVmm, load_guest_image, plan_layout
 from sevemu.crypto.transport import MeasureMacError
 from sevemu.errors import InputError
 from sevemu.owner.measurement import expected_launch_digest, padded_image
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             vmm.load(image)
             blob = vmm.measure()
             major, minor, build = vmm.api
-            digest = expected_launch_digest([image])
+            digest = expected_launch_digest([image, GUEST_PROGRAM_TABLE])
             try:
                 measured = sess.verify_measurement(blob, api_major=major, api_minor=minor, build=build,
                                                    expected_ld=digest)

@@ -8,7 +8,8 @@ A long-running process, like QEMU:
    the image, the placement, the output paths, the timeout) -- nothing runs before;
 2. boots the platform from its directory, then ``KVM_SEV_INIT``, ``KVM_SEV_LAUNCH_START`` with the
    owner's GODH and session, ``KVM_SEV_LAUNCH_UPDATE_DATA`` of the image (padded to whole pages:
-   :func:`sevemu.owner.measurement.padded_image`), ``KVM_SEV_LAUNCH_MEASURE``;
+   :func:`sevemu.owner.measurement.padded_image`), then of the guest's program table
+   (:data:`GUEST_PROGRAM_TABLE`, one page at the top of guest memory), ``KVM_SEV_LAUNCH_MEASURE``;
 3. publishes the measurement -- ``--launch-measure-blob FILE`` gets it in base64 (what QEMU's
    ``query-sev-launch-measure`` returns and sevctl reads), and QMP answers
    ``query-sev-launch-measure`` -- then waits, at most ``--timeout`` seconds, for the owner's secret:
@@ -60,6 +61,7 @@ from typing import Any
 
 from sevemu._util.units import PAGE, PAGE_2M, GiB, KiB, MiB, align_up
 from sevemu.abi.certs import SEV_CERT_SIZE
+from sevemu.abi.pycode import code_table
 from sevemu.abi.sev import MeasureBuf, SessionBuf
 from sevemu.abi.states import GuestState
 from sevemu.cli.common import (
@@ -110,6 +112,13 @@ gives 32-bit addresses)."""
 HEADER_SIZE = 0x34
 
 
+# The guest model's code, measured after the image: a Python workload runs in an SEV guest only when
+# the guest's measured program table lists it (sevemu.abi.pycode).  An owner measuring a launch of
+# this VMM appends this table, a whole page as every region, to the image (``--firmware IMAGE
+# --firmware TABLE``).
+GUEST_PROGRAMS = (read_back,)
+GUEST_PROGRAM_TABLE = padded_image(code_table(GUEST_PROGRAMS))
+
 # ---- guest layout ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GuestLayout:
@@ -122,6 +131,11 @@ class GuestLayout:
     secret_gpa: int
     secret_size: int
     secret_from_image: bool
+
+    @property
+    def code_gpa(self) -> int:
+        """The guest's program table (:mod:`sevemu.abi.pycode`): the last page, clear of the rest."""
+        return self.memory - PAGE
 
     @property
     def host_dram(self) -> int:
@@ -257,6 +271,12 @@ class SevVmm:
         pages = len(image) // PAGE
         self.report.step("hypervisor", f"KVM_SEV_LAUNCH_UPDATE_DATA: {len(image)} bytes at GPA {gpa:#x}, {pages} "
                                        "page(s), measured and encrypted in place", image_bytes=len(image))
+        # the guest model's code (the program that reads the secret area) is measured after the image
+        rc = load_image(self.kvm, GUEST_PROGRAM_TABLE, self.layout.code_gpa)
+        if rc:
+            raise IoctlError("KVM_SEV_LAUNCH_UPDATE_DATA", rc, self.kvm.last_error)
+        self.report.step("hypervisor", f"KVM_SEV_LAUNCH_UPDATE_DATA: the guest's program table "
+                                       f"({len(GUEST_PROGRAM_TABLE)} bytes) at GPA {self.layout.code_gpa:#x}")
 
     def measure(self) -> bytes:
         self.progress.step("LAUNCH_MEASURE")
@@ -324,7 +344,7 @@ class SevVmm:
         length = self.secret_len or min(self.layout.secret_size, PAGE)
         self.progress.step("running the guest")
         hv = self.plat.machine.hv
-        self.vm.add_vcpu(PyEngine(read_back(self.layout.memory, gpa, length)))
+        self.vm.add_vcpu(PyEngine(read_back(self.layout.memory, gpa, length), code_gpa=self.layout.code_gpa))
         result = hv.run(self.vm)
         lines = self.vm.console.decode(errors="replace").strip().splitlines()
         if result.reason != "hlt" or not lines:

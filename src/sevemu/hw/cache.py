@@ -42,6 +42,10 @@ ASID_SHIFT = 53
 SPA_MASK = (1 << C_SHIFT) - 1
 _LINE_MASK = ~(LINE - 1)
 _BULK_MIN_LINES = 16  # shorter runs of dirty lines are written back one by one (the bulk call costs more)
+# Equivalent mutants (mutation testing of this module, tools/mutate.py): another _BULK_MIN_LINES,
+# removing the ``if not self.agents`` shortcut of _snoop or the ``if not clashes`` one of
+# _drop_overwritten, and ``<`` for ``<=`` in flush_range's choice of path change only how fast the
+# same lines reach DRAM, never which bytes.
 
 
 def tag_key(asid: int, c: bool, spa: int) -> int:

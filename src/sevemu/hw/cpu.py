@@ -21,8 +21,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from sevemu.abi.paging import ExitCode
-from sevemu.errors import AddressError
+from sevemu.errors import AddressError, HardwareError
 from sevemu.hw.cache import Cache, tag_key
+from sevemu.hw.codefetch import is_cpu_engine
 from sevemu.hw.faults import GeneralProtection, NestedPageFault
 from sevemu.hw.memctl import MemoryController
 from sevemu.hw.mmu import Mmu, Translation
@@ -33,7 +34,7 @@ from sevemu.hw.vmsa import VmsaUnit
 if TYPE_CHECKING:
     from sevemu.hw.rmp import Rmp
 
-__all__ = ["Core", "Engine", "GuestCpu", "Tlb"]
+__all__ = ["Core", "Engine", "ForeignEngineError", "GuestCpu", "Tlb"]
 
 _SNP_ACTIVE = 1  # SEV_FEATURES bit 0
 _ES_COMPLETED = frozenset({int(ExitCode.VMGEXIT), int(ExitCode.HLT)})
@@ -74,6 +75,11 @@ class Tlb:
 
     def asids(self) -> list[int]:
         return [a for a, d in self.by_asid.items() if d]
+
+
+class ForeignEngineError(HardwareError):
+    """Raised when VMRUN of an SEV guest is handed an engine that is not one of the CPU's own
+    (:func:`sevemu.hw.codefetch.cpu_engine`): host code must not run with the guest's key."""
 
 
 class Engine(Protocol):
@@ -318,6 +324,9 @@ class Core:
     # ---- VMRUN --------------------------------------------------------------------------------
     def vmrun(self, vmcb: Vmcb, engine: Engine) -> VmExit:
         """Run the guest described by ``vmcb`` until #VMEXIT; the exit is also written into ``vmcb``."""
+        if vmcb.sev_enable and not is_cpu_engine(engine):
+            raise ForeignEngineError(f"VMRUN of an SEV guest (ASID {vmcb.asid}) with a {type(engine).__name__}: "
+                                     "an SEV guest runs only its own code on the CPU's engines")
         self.vmruns += 1
         invalid = self._consistency(vmcb)
         if invalid:

@@ -25,9 +25,12 @@ An exception escaping the workload (an unhandled #PF, a bug) is a triple fault: 
 from __future__ import annotations
 
 from collections.abc import Generator
+from types import GeneratorType
 from typing import Any
 
 from sevemu.abi.paging import ExitCode
+from sevemu.abi.pycode import CODE_GPA, program_identity
+from sevemu.hw.codefetch import CodeCheck, cpu_engine
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import GuestFault, NestedPageFault, PageFault
 from sevemu.hw.svm import VmExit
@@ -128,10 +131,19 @@ class op:
         return (RMPADJUST, gva, size, rdx)
 
 
+@cpu_engine
 class PyEngine:
-    """Runs one workload generator as a vCPU's instruction stream."""
+    """Runs one workload generator as a vCPU's instruction stream.
 
-    def __init__(self, workload: Workload) -> None:
+    In an SEV guest the workload runs only if the guest's measured program table lists its
+    identity (:mod:`sevemu.hw.codefetch`); otherwise the guest dies (SHUTDOWN).
+    """
+
+    def __init__(self, workload: Workload, code_gpa: int = CODE_GPA) -> None:
+        # its identity: what the guest's program table must list (an iterator that is no generator
+        # has none, and runs only in a plain guest)
+        self.identity = program_identity(workload) if isinstance(workload, GeneratorType) else b""
+        self._code = CodeCheck(self.identity, code_gpa)
         self._gen = workload
         self._pending: Op | None = None  # fetched but not completed (restart after #NPF)
         self._exited: Op | None = None  # intercepted; completes when the guest is resumed
@@ -146,6 +158,11 @@ class PyEngine:
             return VmExit(ExitCode.SHUTDOWN)
         if self.finished:
             return VmExit(ExitCode.HLT)
+        if cpu.sev:  # the code fetch: only the guest's own measured programs run in its domain
+            refused = self._code.refused(cpu.core, cpu.asid, cpu.vmcb.ncr3)
+            if refused is not None:
+                self.crash = refused
+                return VmExit(ExitCode.SHUTDOWN)
         regs = cpu.state.regs
         if self._exited is not None:
             self._value = self._result_of_exit(self._exited, regs)

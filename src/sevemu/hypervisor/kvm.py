@@ -43,10 +43,12 @@ Errors: what the firmware refuses is a :class:`~sevemu.hypervisor.errors.SevFirm
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sevemu._util.units import PAGE, MiB, align_down, align_up
 from sevemu.abi.paging import ExitCode
+from sevemu.abi.pycode import CODE_GPA, code_table
 from sevemu.abi.sev import GuestStatusCmd, MeasureBuf, PlatformStatus
 from sevemu.errors import InputError, VmError
 from sevemu.hw.cpu import Engine
@@ -168,21 +170,25 @@ class Hypervisor:
         init2(self.sev, vm, data if data is not None else KvmSevInit())
 
     def launch(self, vm: Vm, regions: list[tuple[int, bytes]], policy: int = 0, *,
-               godh_cert: bytes | None = None, session: bytes | None = None) -> bytes:
+               godh_cert: bytes | None = None, session: bytes | None = None,
+               programs: Iterable[object] = (), code_gpa: int = CODE_GPA) -> bytes:
         """Load ``regions`` (GPA, bytes) into ``vm`` and, for SEV, run the whole measured launch.
 
         ``godh_cert`` and ``session`` are the guest owner's GODH certificate and session buffer
-        (both or neither).  Returns the LAUNCH_MEASURE blob (MEASURE || MNONCE) for SEV guests, b""
+        (both or neither).  ``programs``: the Python workloads (generator functions) that are this
+        guest's code; see :meth:`launch_measure`.  Returns the LAUNCH_MEASURE blob (MEASURE || MNONCE) for SEV guests, b""
         for plain ones.  To inject secrets, use :meth:`launch_measure`, :meth:`launch_secret` and
         :meth:`launch_finish` instead.
         """
-        measure = self.launch_measure(vm, regions, policy, godh_cert=godh_cert, session=session)
+        measure = self.launch_measure(vm, regions, policy, godh_cert=godh_cert, session=session,
+                                      programs=programs, code_gpa=code_gpa)
         if vm.sev:
             self.launch_finish(vm)
         return measure
 
     def launch_measure(self, vm: Vm, regions: list[tuple[int, bytes]], policy: int = 0, *,
-                       godh_cert: bytes | None = None, session: bytes | None = None) -> bytes:
+                       godh_cert: bytes | None = None, session: bytes | None = None,
+                       programs: Iterable[object] = (), code_gpa: int = CODE_GPA) -> bytes:
         """LAUNCH_START .. LAUNCH_MEASURE for ``vm``; returns the 0x30-byte measurement blob.
 
         The VM stays LAUNCHING (firmware state LSECRET) until :meth:`launch_finish`; a plain VM is
@@ -190,9 +196,25 @@ class Hypervisor:
         :class:`~sevemu.errors.MailboxError` and leaves the VM CREATED.  Each region is measured
         rounded out to the SEV API's 16-byte granularity, so an owner measuring the regions as
         given gets the same digest when they are 16-byte aligned and sized.
+
+        ``programs`` binds Python workloads to the guest: their program table
+        (:func:`sevemu.abi.pycode.code_table`) becomes the last region, at ``code_gpa`` (default
+        :data:`~sevemu.abi.pycode.CODE_GPA`; a :class:`~sevemu.hw.pyengine.PyEngine` is told where
+        when not there), measured like the rest; an SEV guest runs no other Python workload
+        (:mod:`sevemu.hw.codefetch`).  An owner measures ``regions`` followed by the table.
         """
         if vm.state is not VmState.CREATED:
             raise VmError(f"{vm.name} was already launched")
+        programs = list(programs)
+        if programs:
+            table = code_table(programs)
+            if code_gpa % PAGE or not 0 <= code_gpa <= vm.memory - PAGE:
+                raise InputError(f"the program table's GPA {code_gpa:#x} is no page of {vm.name}'s memory")
+            for gpa, data in regions:
+                if gpa < code_gpa + PAGE and gpa + len(data) > code_gpa:
+                    raise InputError(f"image region {gpa:#x}+{len(data):#x} overlaps the program table's page "
+                                     f"at GPA {code_gpa:#x}")
+            regions = [*regions, (code_gpa, table)]
         if (godh_cert is None) != (session is None):
             raise InputError("an owner session needs both the GODH certificate and the session buffer")
         for gpa, data in regions:

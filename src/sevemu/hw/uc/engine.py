@@ -39,6 +39,7 @@ from sevemu._util.units import PAGE
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import HardwareError, InputError
 from sevemu.hw.cache import tag_key
+from sevemu.hw.codefetch import cpu_engine
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault
 from sevemu.hw.svm import GPRS, SaveState, VmExit
@@ -129,6 +130,7 @@ def check_vmcb_state(vmcb: SaveState) -> str | None:
     return None
 
 
+@cpu_engine  # fetches the guest's code from guest memory with the guest's key
 class UcEngine:
     """Runs real x86 guest code on a vCPU (see the module docstring).
 
