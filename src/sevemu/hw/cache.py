@@ -117,8 +117,9 @@ class Cache:
                origin: object | None) -> None:
         if not self.agents:
             return
-        lo = tag_key(asid, c, spa)
-        hi = tag_key(asid, c, spa + max(length, 1) - 1) + LINE
+        domain = (asid << ASID_SHIFT | 1 << C_SHIFT) if c else 0  # (tag_key, inlined: every access)
+        lo = domain | (spa & _LINE_MASK)
+        hi = (domain | ((spa + max(length, 1) - 1) & _LINE_MASK)) + LINE
         for agent in list(self.agents):
             if agent is not origin:
                 agent.snoop(lo, hi, invalidate)

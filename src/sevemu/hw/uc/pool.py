@@ -274,9 +274,9 @@ class PagePool:
 
     def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
         """Cache lines with keys in ``[lo, hi)`` are about to be read / changed by someone else."""
-        if not self.slot_of:
-            return
         synced = self.synced
+        if not self.slot_of or (synced and not invalidate):  # a read of what the cache already holds
+            return
         for s in self._slots_in(lo, hi):
             if s in self.writable and not synced:
                 self.sync_slot(s)
