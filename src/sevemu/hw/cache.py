@@ -121,8 +121,9 @@ class Cache:
                origin: object | None) -> None:
         if not self.agents:
             return
-        lo = tag_key(asid, c, spa)
-        hi = tag_key(asid, c, spa + max(length, 1) - 1) + LINE
+        domain = (asid << ASID_SHIFT | 1 << C_SHIFT) if c else 0  # (tag_key, inlined: every access)
+        lo = domain | (spa & _LINE_MASK)
+        hi = (domain | ((spa + max(length, 1) - 1) & _LINE_MASK)) + LINE
         for agent in list(self.agents):
             if agent is not origin:
                 agent.snoop(lo, hi, invalidate)
@@ -252,6 +253,44 @@ class Cache:
             self.line(key)[off : off + n] = view[pos : pos + n]
             self.dirty.add(key)
             pos += n
+
+    # ---- whole lines in one call (private levels, the host's mapped pages) ----------------------
+    def read_lines(self, asid: int, c: bool, spa: int, length: int, origin: object | None = None) -> bytes:
+        """:meth:`read` of a run of whole lines (``spa`` and ``length`` multiples of :data:`LINE`):
+        the same bytes, hits, misses and LRU order, with one snoop and one key per line."""
+        if (spa | length) & (LINE - 1):
+            raise AlignmentError(f"read_lines takes whole lines, got {length} bytes at {spa:#x}")
+        self._snoop(asid, c, spa, length, False, origin)
+        key = tag_key(asid, c, spa)
+        sets, mask = self.sets, self.set_mask
+        parts = []
+        for k in range(key, key + length, LINE):
+            s = sets[(k >> 6) & mask]
+            line = s.pop(k, None)
+            if line is None:
+                line = self.fill(k, s)
+            else:
+                s[k] = line  # most recently used (Cache.line, inlined)
+                self.hits += 1
+            parts.append(line)
+        return b"".join(parts)
+
+    def write_lines(self, asid: int, c: bool, spa: int, data: bytes | bytearray | memoryview,
+                    origin: object | None = None) -> None:
+        """:meth:`write` of a run of whole lines (``spa`` and ``len(data)`` multiples of
+        :data:`LINE`): the same lines, bytes and dirty set, with one snoop and one key per line."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        if (spa | length) & (LINE - 1):
+            raise AlignmentError(f"write_lines takes whole lines, got {length} bytes at {spa:#x}")
+        self._snoop(asid, c, spa, length, True, origin)
+        key = tag_key(asid, c, spa)
+        line_of = self.line
+        dirty = self.dirty
+        for pos in range(0, length, LINE):
+            k = key + pos
+            line_of(k)[:] = view[pos : pos + LINE]
+            dirty.add(k)
 
     # ---- maintenance --------------------------------------------------------------------------
     def clflush(self, asid: int, c: bool, spa: int) -> bool:

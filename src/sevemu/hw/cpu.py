@@ -255,14 +255,19 @@ class Core:
     def host_read(self, spa: int, length: int, c: bool = False) -> bytes:
         """Read physical memory as the host: domain (0, c) -- ciphertext for guest-private pages."""
         self.mc.dram.check_range(spa, length)
-        return self.cache.read(0, c, spa, length)
+        if (spa | length) & 63:
+            return self.cache.read(0, c, spa, length)
+        return self.cache.read_lines(0, c, spa, length)  # whole lines: the same bytes in one call
 
     def host_write(self, spa: int, data: bytes | bytearray, c: bool = False) -> None:
         """Write physical memory as the host (no integrity on SEV: guest pages are silently corrupted)."""
         self.mc.dram.check_range(spa, len(data))
         if self.rmp is not None:
             self.rmp.check_host_write(spa, len(data))  # SNP: #PF(RMP) unless Hypervisor-owned
-        self.cache.write(0, c, spa, data)
+        if (spa | len(data)) & 63:
+            self.cache.write(0, c, spa, data)
+        else:
+            self.cache.write_lines(0, c, spa, data)  # whole lines: the same bytes in one call
 
     def host_read_stream(self, spa: int, length: int) -> bytes:
         """Streaming (non-temporal) read of unencrypted memory as the host, C=0 (``MOVNTDQA``).

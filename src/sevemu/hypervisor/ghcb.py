@@ -57,7 +57,7 @@ from sevemu.abi.ghcb import (
 )
 from sevemu.errors import UnmappedError
 from sevemu.hypervisor.uapi import GHCB_VERSION_MIN
-from sevemu.hypervisor.vm import Vcpu, Vm, VmState
+from sevemu.hypervisor.vm import HostPage, Vcpu, Vm, VmState
 
 __all__ = ["GhcbHandler", "NaeExit", "NaeHost", "StopRun", "ghcb_msr_term", "term_reason"]
 
@@ -66,12 +66,15 @@ _M64: Final = (1 << 64) - 1
 _SAVE_LO: Final = 0x0C8  # the GHCB save-area bytes read at each exit: cpl (0xCB) .. the valid bitmap
 _SAVE_HI: Final = 0x400
 _TAIL: Final = 0xFF8  # protocol_version (0xFFA), ghcb_usage (0xFFC)
+_TAIL_LINE: Final = 0xFC0  # the line of ghcb_usage
 _HEAD: Final = 0x380  # the line of SW_EXITCODE .. SW_SCRATCH, then XCR0 and the valid bitmap
 _GPRS: Final = 0x1C0  # from the line of RSP and RAX on, the GHCB is read in one piece
 _SHARED_BUF: Final = 0x800
 _SHARED_END: Final = 0xFF0
 _OFF: Final = {name: bit * 8 for name, bit in GHCB_VALID_BITS.items()}
 _FIELD_OF_BIT: Final = {bit: name for name, bit in GHCB_VALID_BITS.items()}
+_LOW_FIELDS: Final = sum(1 << bit for name, bit in GHCB_VALID_BITS.items() if _OFF[name] < _GPRS)
+"""Valid-bitmap bits of fields below the GPRs' line (CPL, XSS, DR7, RIP, RFLAGS ...): read only if marked."""
 _Q: Final = struct.Struct("<Q")
 _BITMAP: Final = 0x3F0
 _AP_RESET_HOLD_RELEASED: Final = 1 << 12
@@ -274,7 +277,8 @@ class GhcbHandler:
         if not 0 < gpa <= vm.memory - PAGE:
             return self._terminate(vm, f"GHCB GPA {gpa:#x} is outside the guest")
         try:
-            save, bitmap, usage = self._read(vm, gpa)
+            page = vm.host_page(gpa)
+            save, bitmap, usage = self._read(page)
         except UnmappedError:
             return self._terminate(vm, f"the GHCB at GPA {gpa:#x} is not backed")
         fields: dict[str, int] = {}
@@ -305,66 +309,69 @@ class GhcbHandler:
             if vm.state is VmState.CRASHED:
                 raise
             stop = s.reason
-        self._write_back(vm, gpa, save, ex.out)
+        self._write_back(page, save, ex.out)
         return stop
 
     @staticmethod
-    def _read(vm: Vm, gpa: int) -> tuple[bytes, int, int]:
+    def _read(page: HostPage) -> tuple[bytes, int, int]:
         """The GHCB's save area as far as the valid bitmap marks fields (other bytes zero), the
         bitmap and ``ghcb_usage``: 0x1C0..0x400 in one piece (the GPRs, SW_EXITCODE .. the bitmap),
-        then the lines of other marked fields (CPL, RIP ...), then the usage word -- a hypervisor
-        reads what it needs, not the page."""
+        then the lines of other marked fields (CPL, RIP ...), then the usage word's line -- a
+        hypervisor reads what it needs, not the page; whole lines, through the host's mapping of
+        the page (:meth:`Vm.host_page <sevemu.hypervisor.vm.Vm.host_page>`)."""
         save = bytearray(_SAVE_HI - _SAVE_LO)
-        head = vm.host_read(gpa + _GPRS, _SAVE_HI - _GPRS)  # RSP, RAX, RCX..R15, SW_EXITCODE .. bitmap
+        head = page.read(_GPRS, _SAVE_HI - _GPRS)  # RSP, RAX, RCX..R15, SW_EXITCODE .. bitmap
         save[_GPRS - _SAVE_LO :] = head
         bitmap = int.from_bytes(head[_BITMAP - _GPRS :], "little")
-        lines = sorted({_OFF[name] & ~63 for bit, name in _FIELD_OF_BIT.items()
-                        if bitmap >> bit & 1 and _OFF[name] < _GPRS})
-        i = 0
-        while i < len(lines):
-            j = i + 1
-            while j < len(lines) and lines[j] == lines[j - 1] + 64:
-                j += 1
-            lo, hi = max(lines[i], _SAVE_LO), lines[j - 1] + 64
-            save[lo - _SAVE_LO : hi - _SAVE_LO] = vm.host_read(gpa + lo, hi - lo)
-            i = j
-        usage = int.from_bytes(vm.host_read(gpa + _TAIL + 4, 4), "little")
+        if bitmap & _LOW_FIELDS:
+            lines = sorted({_OFF[name] & ~63 for bit, name in _FIELD_OF_BIT.items()
+                            if bitmap >> bit & 1 and _OFF[name] < _GPRS})
+            i = 0
+            while i < len(lines):
+                j = i + 1
+                while j < len(lines) and lines[j] == lines[j - 1] + 64:
+                    j += 1
+                lo, hi = lines[i], lines[j - 1] + 64
+                data = page.read(lo, hi - lo)
+                skip = max(_SAVE_LO - lo, 0)  # the line of CPL starts before the save area read
+                save[lo + skip - _SAVE_LO : hi - _SAVE_LO] = data[skip:]
+                i = j
+        usage = int.from_bytes(page.read(_TAIL_LINE, 64)[_TAIL + 4 - _TAIL_LINE :], "little")
         return bytes(save), bitmap, usage
 
     @staticmethod
-    def _write_back(vm: Vm, gpa: int, save: bytes, out: dict[str, int]) -> None:
+    def _write_back(page: HostPage, save: bytes, out: dict[str, int]) -> None:
         """The outputs (and SW_EXITINFO1/2, 0 unless set) into the GHCB, the valid bitmap marking
-        exactly them; written as runs of changed quadwords."""
+        exactly them; written as runs of changed quadwords (in the head, read whole, as the lines around
+        them: the bytes between are written back as read)."""
         out.setdefault("sw_exit_info_1", 0)
         out.setdefault("sw_exit_info_2", 0)
         quads: dict[int, bytes] = {}
         bitmap = 0
         for name, value in out.items():
-            off = _OFF[name]
             bitmap |= 1 << GHCB_VALID_BITS[name]
-            if name == "cpl":
-                q = bytearray(save[off - _SAVE_LO : off - _SAVE_LO + 8])
-                q[3] = value & 0xFF
-                quads[off] = bytes(q)
+            if name == "cpl":  # one byte of its quadword, whose other bytes may not have been read
+                page.write(_OFF[name] + 3, bytes([value & 0xFF]))
             else:
-                quads[off] = (value & _M64).to_bytes(8, "little")
+                quads[_OFF[name]] = (value & _M64).to_bytes(8, "little")
         quads[_BITMAP] = (bitmap & _M64).to_bytes(8, "little")
         quads[_BITMAP + 8] = (bitmap >> 64).to_bytes(8, "little")
-        offs = [o for o in sorted(quads) if quads[o] != save[o - _SAVE_LO : o - _SAVE_LO + 8]]
+        # below the head's lines only marked fields were read: outputs there are always written
+        offs = [o for o in sorted(quads) if o < _GPRS or quads[o] != save[o - _SAVE_LO : o - _SAVE_LO + 8]]
         head = [o for o in offs if o >= _HEAD]
-        if head:  # the head was read whole: one write from its first to its last change
-            lo, hi = head[0], head[-1] + 8
+        if head:  # the head was read whole: one write of the lines from its first to its last change
+            lo, hi = head[0] & ~63, (head[-1] + 8 + 63) & ~63
             block = bytearray(save[lo - _SAVE_LO : hi - _SAVE_LO])
             for o in head:
                 block[o - lo : o - lo + 8] = quads[o]
-            vm.host_write(gpa + lo, bytes(block))
+            page.write(lo, bytes(block))
         rest = [o for o in offs if o < _HEAD]
         i = 0
         while i < len(rest):
             j = i + 1
             while j < len(rest) and rest[j] == rest[j - 1] + 8:
                 j += 1
-            vm.host_write(gpa + rest[i], b"".join(quads[o] for o in rest[i:j]))
+            page.write(rest[i], b"".join(quads[o] for o in rest[i:j]))
             i = j
 
     # ---- NAE events -------------------------------------------------------------------------------------

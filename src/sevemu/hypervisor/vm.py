@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sevemu._util.units import PAGE, PAGE_MASK, align_down
-from sevemu.errors import AddressError, UnmappedError
+from sevemu.errors import AddressError, InputError, UnmappedError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostCore
 from sevemu.hw.svm import Vmcb, VmExit
@@ -29,7 +29,7 @@ from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.npt import NestedPageTable
 from sevemu.hypervisor.vcpu import BSP_RESET_EIP, CpuModel, KvmVmType, X86State, reset_vcpu
 
-__all__ = ["Vcpu", "Vm", "VmKind", "VmState"]
+__all__ = ["HostPage", "Vcpu", "Vm", "VmKind", "VmState"]
 
 
 class VmKind(enum.Enum):
@@ -197,6 +197,13 @@ class Vm:
             self._core.host_write(spa + off, data[pos : pos + n])
             pos += n
 
+    def host_page(self, gpa: int) -> HostPage:
+        """The host's mapping of the guest page holding ``gpa`` (``kvm_vcpu_map``): reads and writes
+        at offsets in it go straight to :meth:`host_read` / :meth:`host_write`'s core interface,
+        the page resolved once; :class:`UnmappedError` if it is not backed."""
+        page = gpa & ~PAGE_MASK
+        return HostPage(page, self.spa_of(page), self._core)
+
     def vmsa_page(self, vcpu: int) -> int:
         """SPA of ``vcpu``'s VMSA page (allocated from the host's table pages on first use)."""
         spa = self.vmsa_pages.get(vcpu)
@@ -214,6 +221,30 @@ class Vm:
         for spa in self.vmsa_pages.values():
             self._table_alloc.free(spa)
         self.vmsa_pages.clear()
+
+
+class HostPage:
+    """The host's mapping of one guest page (:meth:`Vm.host_page`): what :meth:`Vm.host_read` and
+    :meth:`Vm.host_write` do for a range inside it, without resolving the page again."""
+
+    __slots__ = ("_core", "gpa", "spa")
+
+    def __init__(self, gpa: int, spa: int, core: HostCore) -> None:
+        self.gpa = gpa
+        self.spa = spa
+        self._core = core
+
+    def read(self, off: int, length: int) -> bytes:
+        """``length`` bytes at offset ``off`` of the page, as the host reads them."""
+        if not 0 <= off <= off + length <= PAGE:
+            raise InputError(f"{length} bytes at offset {off:#x} do not fit in a page")
+        return self._core.host_read(self.spa + off, length)
+
+    def write(self, off: int, data: bytes | bytearray) -> None:
+        """Write ``data`` at offset ``off`` of the page, as the host writes."""
+        if not 0 <= off <= off + len(data) <= PAGE:
+            raise InputError(f"{len(data)} bytes at offset {off:#x} do not fit in a page")
+        self._core.host_write(self.spa + off, data)
 
 
 def _pieces(gpa: int, length: int) -> list[tuple[int, int, int]]:

@@ -79,6 +79,7 @@ from sevemu.hw.x86.arch import (
     MSR_EFER,
     RFLAGS_FIXED,
 )
+from sevemu.hw.x86.decode import GuestInsn, decode_guest_insn
 from sevemu.hw.x86.exc import CpuView, Delivered
 from sevemu.hw.x86.state import InitialState
 
@@ -87,6 +88,8 @@ __all__ = ["EngineClosedError", "UcEngine", "check_vmcb_state"]
 _VM_HSAVE_PA_MSR: Final = 0xC001_0117
 _CLEAN_SYNCS_BEFORE_DEMOTE: Final = 256
 _SPURIOUS_LIMIT: Final = 1000
+_VMGEXIT: Final = VmExit(ExitCode.VMGEXIT)
+"""The exit of a VMGEXIT the code hook stopped at (the instruction decoded by :func:`decode_guest_insn`)."""
 _I_RSP: Final = GPRS.index("rsp")
 
 
@@ -649,7 +652,15 @@ class UcEngine:
         vals = self.vals
         long_mode = bool(vals[I_CR0] & CR0_PG)
         assert self._ports is not None
-        out = self._ports.port_io(cpu, rip, self.read_code(rip, 16), long_mode, vals[3] & 0xFFFF)
+        code = self.read_code(rip, 16)
+        guest = decode_guest_insn(code, long_mode)
+        if guest is not None:  # a hooked 0F 01 D9: VMGEXIT of an SEV-ES guest exits here (insn.vmgexit)
+            if guest[0] is GuestInsn.VMGEXIT and cpu.vmcb.sev_es_enable:
+                cpu.vmcb.next_rip = rip + guest[1]
+                return _VMGEXIT
+            self._ports.unhook_address(rip)  # VMMCALL, other guests: Unicorn's intercept path
+            return None
+        out = self._ports.port_io(cpu, rip, code, long_mode, vals[3] & 0xFFFF)
         if out is None:
             self.stats.spurious_stops += 1
             return None

@@ -136,7 +136,7 @@ class PagePool:
             self._request_stop()  # evict at the next block boundary
         asid, c, spa = key_domain(key)
         assert self.cache is not None and self.mm is not None
-        data = self.cache.read(asid, c, spa, PAGE, origin=self)
+        data = self.cache.read_lines(asid, c, spa, PAGE, origin=self)
         off = s * PAGE
         self.mm[off : off + PAGE] = data
         self._snap[s] = data
@@ -156,7 +156,7 @@ class PagePool:
         if cur == snap:
             return
         asid, c, spa = key_domain(self.slot_key[s])
-        write = self.cache.write
+        write = self.cache.write_lines
         o = 0
         while o < PAGE:
             if not o % _BLOCK and cur[o : o + _BLOCK] == snap[o : o + _BLOCK]:
@@ -191,7 +191,7 @@ class PagePool:
         stale, self.stale = self.stale, {}
         mm = self.mm
         assert mm is not None and self.cache is not None
-        read = self.cache.read
+        read = self.cache.read_lines
         changed = []
         for s, lines in stale.items():
             key = self.slot_key.get(s)
@@ -208,12 +208,12 @@ class PagePool:
             else:
                 snap = bytearray(self._snap[s])
                 differs = False
-                for off in sorted(lines):
-                    line = read(asid, c, spa + off, LINE, origin=self)
-                    if line != mm[base + off : base + off + LINE]:
-                        mm[base + off : base + off + LINE] = line
+                for lo, hi in _runs(lines):  # each run of consecutive lines in one read
+                    data = read(asid, c, spa + lo, hi - lo, origin=self)
+                    if data != mm[base + lo : base + hi]:
+                        mm[base + lo : base + hi] = data
                         differs = True
-                    snap[off : off + LINE] = line
+                    snap[lo:hi] = data
                 self._snap[s] = bytes(snap)
                 if differs:
                     changed.append(s)
@@ -274,9 +274,9 @@ class PagePool:
 
     def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
         """Cache lines with keys in ``[lo, hi)`` are about to be read / changed by someone else."""
-        if not self.slot_of:
-            return
         synced = self.synced
+        if not self.slot_of or (synced and not invalidate):  # a read of what the cache already holds
+            return
         for s in self._slots_in(lo, hi):
             if s in self.writable and not synced:
                 self.sync_slot(s)
@@ -317,3 +317,14 @@ class PagePool:
 
 def _nothing() -> None:
     return None
+
+
+def _runs(offsets: set[int]) -> list[tuple[int, int]]:
+    """``[lo, hi)`` byte ranges of the runs of consecutive lines whose offsets are ``offsets``."""
+    out: list[tuple[int, int]] = []
+    for off in sorted(offsets):
+        if out and out[-1][1] == off:
+            out[-1] = (out[-1][0], off + LINE)
+        else:
+            out.append((off, off + LINE))
+    return out

@@ -16,6 +16,7 @@ remembered per RIP, so a loop's OUT costs one comparison of its bytes.
 from __future__ import annotations
 
 import ctypes
+import re
 from collections.abc import Callable
 from typing import Final
 
@@ -26,10 +27,11 @@ from sevemu.hw.uc.binding import UC_HOOK_CODE, check
 from sevemu.hw.x86 import insn
 from sevemu.hw.x86.decode import IO_OPCODE, LEGACY_PREFIXES, REX, PortIo, decode_io
 
-__all__ = ["IoHooks", "scan_io_candidates"]
+__all__ = ["IoHooks", "scan_io_candidates", "scan_vmgexit_candidates"]
 
 _SCAN_PREFIXES: Final = LEGACY_PREFIXES | REX
 _MEMO_LIMIT: Final = 4096
+_VMMCALL: Final = re.compile(rb"\x0f\x01\xd9")
 
 
 def scan_io_candidates(page: bytes) -> tuple[tuple[int, int], ...]:
@@ -41,6 +43,19 @@ def scan_io_candidates(page: bytes) -> tuple[tuple[int, int], ...]:
     """
     out = []
     for m in IO_OPCODE.finditer(page):
+        i = m.start()
+        j = i
+        while j > 0 and i - j < 14 and page[j - 1] in _SCAN_PREFIXES:
+            j -= 1
+        out.append((j, i))
+    return tuple(out)
+
+
+def scan_vmgexit_candidates(page: bytes) -> tuple[tuple[int, int], ...]:
+    """Offset ranges ``(first, last)`` of a code page where a VMGEXIT (``F3 0F 01 D9``; any
+    ``0F 01 D9``, VMMCALL included) could start: its ``0F`` and the run of prefix bytes before it."""
+    out = []
+    for m in _VMMCALL.finditer(page):
         i = m.start()
         j = i
         while j > 0 and i - j < 14 and page[j - 1] in _SCAN_PREFIXES:
@@ -78,7 +93,8 @@ class IoHooks:
         self._xslots.add(slot)
         ranges = self._scans.get(slot)
         if ranges is None:
-            ranges = self._scans[slot] = scan_io_candidates(self._page_of_slot(slot))
+            code = self._page_of_slot(slot)
+            ranges = self._scans[slot] = tuple(sorted(scan_io_candidates(code) + scan_vmgexit_candidates(code)))
         if self._ranges.get(page) != ranges:
             self._hook_page(page, ranges)
 

@@ -1,0 +1,95 @@
+"""The host's mapping of a guest page (``Vm.host_page``) and the GHCB reads and writes made through
+it, against the host's ordinary interface (``Vm.host_read`` / ``Vm.host_write``): the same bytes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sevemu._util.units import PAGE, GiB, MiB
+from sevemu.abi.ghcb import GHCB_VALID_BITS
+from sevemu.errors import InputError, UnmappedError
+from sevemu.hypervisor.ghcb import GhcbHandler
+from sevemu.hypervisor.vcpu import KvmVmType
+from sevemu.hypervisor.vm import Vm, VmKind
+from sevemu.scenario import Machine, build_machine
+
+GPA = 0x5000
+
+
+@pytest.fixture(scope="module")
+def mv() -> tuple[Machine, Vm]:
+    m = build_machine("milan", seed="hv-ghcb-map", dram_size=1 * GiB, cache_size=256 << 10)
+    vm = m.hv.create_vm("ghcb-map", 16 * MiB, VmKind.SEV, vm_type=KvmVmType.SEV_ES_VM)
+    m.hv.sev_init(vm)
+    vm.back(GPA)
+    return m, vm
+
+
+@settings(max_examples=60, deadline=None)
+@given(off=st.integers(0, PAGE - 1), n=st.integers(0, PAGE), seed=st.integers(0, 1 << 16), aligned=st.booleans())
+def test_a_mapped_page_reads_and_writes_what_the_host_interface_does(
+        mv: tuple[Machine, Vm], off: int, n: int, seed: int, aligned: bool) -> None:
+    _, vm = mv
+    if aligned:
+        off &= ~63
+        n &= ~63
+    n = min(n, PAGE - off)
+    vm.host_write(GPA, random.Random(seed).randbytes(PAGE))
+    page = vm.host_page(GPA + 0x123)
+    assert page.gpa == GPA and page.spa == vm.spa_of(GPA)
+    assert page.read(off, n) == vm.host_read(GPA + off, n)
+    data = random.Random(seed + 1).randbytes(n)
+    page.write(off, data)
+    assert vm.host_read(GPA + off, n) == data
+
+
+def test_a_mapping_refuses_ranges_outside_its_page_and_unbacked_pages(mv: tuple[Machine, Vm]) -> None:
+    _, vm = mv
+    page = vm.host_page(GPA)
+    before = vm.host_read(GPA, PAGE)
+    for off, n in ((PAGE - 8, 16), (-8, 8), (PAGE, 1)):
+        with pytest.raises(InputError, match="do not fit in a page"):
+            page.read(off, n)
+        with pytest.raises(InputError, match="do not fit in a page"):
+            page.write(off, bytes(n))
+    assert vm.host_read(GPA, PAGE) == before
+    with pytest.raises(UnmappedError):
+        vm.host_page(0xF0_0000)
+
+
+_FIELDS = sorted(GHCB_VALID_BITS)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 1 << 16), marked=st.sets(st.sampled_from(_FIELDS)),
+       out=st.dictionaries(st.sampled_from(_FIELDS), st.integers(0, (1 << 64) - 1), max_size=6))
+def test_the_ghcb_read_and_write_back_through_the_mapping_equal_the_field_by_field_view(
+        mv: tuple[Machine, Vm], seed: int, marked: set[str], out: dict[str, int]) -> None:
+    """What the handler decodes is the page's bytes of every marked field (and ``ghcb_usage``); what
+    it writes back changes exactly the output fields and the valid bitmap."""
+    _, vm = mv
+    raw = bytearray(random.Random(seed).randbytes(PAGE))
+    bitmap = sum(1 << GHCB_VALID_BITS[n] for n in marked)
+    raw[0x3F0:0x400] = bitmap.to_bytes(16, "little")
+    vm.host_write(GPA, bytes(raw))
+    save, got_bitmap, usage = GhcbHandler._read(vm.host_page(GPA))
+    assert got_bitmap == bitmap and usage == int.from_bytes(raw[0xFFC:0x1000], "little")
+    for name in marked:
+        off = GHCB_VALID_BITS[name] * 8
+        assert save[off - 0xC8 : off - 0xC8 + 8] == raw[off : off + 8], name
+    assert save[0x1C0 - 0xC8 :] == raw[0x1C0:0x400]  # the head is read whole
+    expect = bytearray(raw)
+    outs = {"sw_exit_info_1": 0, "sw_exit_info_2": 0, **out}
+    for name, value in outs.items():
+        off = GHCB_VALID_BITS[name] * 8
+        if name == "cpl":
+            expect[off + 3] = value & 0xFF
+        else:
+            expect[off : off + 8] = value.to_bytes(8, "little")
+    expect[0x3F0:0x400] = sum(1 << GHCB_VALID_BITS[n] for n in outs).to_bytes(16, "little")
+    GhcbHandler._write_back(vm.host_page(GPA), save, dict(out))
+    assert vm.host_read(GPA, PAGE) == bytes(expect)
