@@ -76,6 +76,7 @@ def build_parser() -> CliParser:
         bench,
         demo,
         display,
+        guest_attest,
         launch,
         ok,
         owner,
@@ -111,6 +112,7 @@ def build_parser() -> CliParser:
     run.register(sub)
     bench.register(sub)
     attest.register(sub)
+    guest_attest.register(sub)
     _add_quiet(parser)
     return parser
 
