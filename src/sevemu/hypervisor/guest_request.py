@@ -137,8 +137,7 @@ class GuestRequests:
             return Reply(_err(SNP_GUEST_VMM_ERR_GENERIC))
         host = self.hv.sev
         req, resp = self._buffers()
-        host.core.host_write(req, message)
-        host.core.clflush_range(req, PAGE)
+        host.core.host_write_stream(req, message)  # a copy the PSP reads next: straight to DRAM
         try:
             host.issue(CommandId.SNP_GUEST_REQUEST, SnpGuestRequestCmd(gctx_paddr=vm.snp_context, req_paddr=req,
                                                                        res_paddr=resp))
@@ -146,8 +145,7 @@ class GuestRequests:
             return Reply(_err(0, exc.status))
         finally:
             self.served += 1
-        host.core.clflush_range(resp, PAGE)
-        vm.host_write(resp_gpa, host.core.host_read(resp, PAGE))
+        vm.host_write(resp_gpa, host.core.host_read_stream(resp, PAGE))
         return Reply(0)
 
     def ext_request(self, vm: Vm, req_gpa: int, resp_gpa: int, data_gpa: int, npages: int) -> Reply:

@@ -67,6 +67,7 @@ Secure TSC.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Final
@@ -192,6 +193,11 @@ def _fms(fw: Firmware) -> tuple[int, int, int]:
     return family, model, eax & 0xF
 
 
+@functools.lru_cache(maxsize=16)
+def _chip_id(secret: bytes, generation: str) -> bytes:
+    return vcek.snp_chip_id(secret, generation)
+
+
 def _chip_secret(fw: Firmware) -> bytes:
     secret = fw.identity.chip_secret
     if not secret:
@@ -222,7 +228,7 @@ def report_for(fw: Firmware, st: SnpPlatform, g: SnpGuest, report_data: bytes, v
         report_id_ma=g.report_id_ma, reported_tcb=st.reported_tcb,
         cpuid_fam_id=family if version >= 3 else None, cpuid_mod_id=model if version >= 3 else None,
         cpuid_step=step if version >= 3 else None,
-        chip_id=bytes(64) if st.mask_chip_id else vcek.snp_chip_id(secret, gen),
+        chip_id=bytes(64) if st.mask_chip_id else _chip_id(secret, gen),
         committed_tcb=st.committed_tcb, current_build=fw.profile.build, current_minor=minor,
         current_major=major, committed_build=fw.profile.build, committed_minor=minor, committed_major=major,
         launch_tcb=g.launch_tcb, launch_mit_vector=mit, current_mit_vector=mit,
