@@ -48,6 +48,8 @@ def _send(m: Machine, gctx: int, msg: bytes) -> tuple[int, bytes]:
     core = m.hv.core
     core.host_write(REQ, msg.ljust(0x1000, b"\0"))
     core.clflush_range(REQ, 0x1000)
+    core.host_write(RSP, bytes(0x1000))  # so that "nothing written" shows
+    core.clflush_range(RSP, 0x1000)
     firmware_page(m, RSP)
     status, _ = call(m, CommandId.SNP_GUEST_REQUEST, SnpGuestRequestCmd(gctx_paddr=gctx, req_paddr=REQ, res_paddr=RSP))
     reclaim(m, RSP)
@@ -218,3 +220,26 @@ def test_masked_chip_id_and_key(milan: tuple[Machine, SnpLaunch]) -> None:
         assert rep.signer_info.mask_chip_key and rep.signature.encode() == bytes(0x200)
     finally:
         call(m, CommandId.SNP_CONFIG, SnpConfigCmd())
+
+
+def test_fuzzed_messages_answer_a_status_and_change_nothing(milan: tuple[Machine, SnpLaunch]) -> None:
+    import random
+
+    m, lg = milan
+    g = snp_state(m.firmware).guests[lg.gctx]
+    rnd = random.Random(12)
+    good = _seal(g.vmpck[0], g.msg_count[0] + 1, MsgType.REPORT_REQ, _report_req())
+    known = {int(s) for s in Status}
+    for i in range(150):
+        msg = bytearray(good)
+        for _ in range(rnd.randint(1, 4)):
+            pos = rnd.randrange(0x60 + 0x60) if i % 3 else rnd.randrange(0x60)
+            msg[pos] = rnd.randrange(256)
+        if bytes(msg) == good:
+            continue
+        before = list(g.msg_count)
+        status, page = _send(m, lg.gctx, bytes(msg))
+        assert status in known and status != Status.SUCCESS
+        assert g.msg_count == before and page == bytes(0x1000)
+    # header fields that decrypt but break a rule: a header with AAD changed still fails the tag
+    assert _send(m, lg.gctx, good)[0] == Status.SUCCESS
