@@ -83,6 +83,7 @@ def build_parser() -> CliParser:
         platform,
         run,
         snp_tools,
+        tsm,
         vmm,
         vmsa,
     )
@@ -113,6 +114,7 @@ def build_parser() -> CliParser:
     bench.register(sub)
     attest.register(sub)
     guest_attest.register(sub)
+    tsm.register(sub)
     _add_quiet(parser)
     return parser
 
