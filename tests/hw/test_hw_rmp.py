@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hwkit import GUEST_SPA, PageTables, make_soc
+from hwkit import GUEST_SPA, PageTables, es_vmsa, make_soc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -294,6 +294,7 @@ def test_pvalidate_and_rmpadjust_through_the_python_engine() -> None:
     vmcb = pt.vmcb(paging=False)
     vmcb.sev_es_enable = True
     vmcb.sev_features = 1  # SNP active
+    es_vmsa(soc, vmcb)  # VMRUN of an ES/SNP guest loads its registers from the VMSA
     assert _private(host, GUEST_SPA + 0x5000, 0x5000) == RmpResult.SUCCESS
     got: list[Any] = []
 
