@@ -151,9 +151,11 @@ def test_kds_serve_refuses_non_loopback(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_bench_attest_small(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = run(capsys, "bench", "attest", "--reports", "5", "--requests", "8", "--clients", "2", "--json")
+    rc, out, err = run(capsys, "bench", "attest", "--reports", "5", "--requests", "8", "--clients", "2",
+                         "--guest-reports", "3", "--json")
     assert rc == 0, err
     result = json.loads(out)
+    assert result["guest_reports"] == 3 and result["guest_path_reports_per_s"] > 0
     assert result["reports"] == 5 and result["verified_per_s"] > 0 and result["kds_requests"] == 8
     assert result["kds_requests_per_s"] > 0
     if result.get("omne_attest") is not None or "ratio" in result:

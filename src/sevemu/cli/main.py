@@ -76,12 +76,14 @@ def build_parser() -> CliParser:
         bench,
         demo,
         display,
+        guest_attest,
         launch,
         ok,
         owner,
         platform,
         run,
         snp_tools,
+        tsm,
         vmm,
         vmsa,
     )
@@ -111,6 +113,8 @@ def build_parser() -> CliParser:
     run.register(sub)
     bench.register(sub)
     attest.register(sub)
+    guest_attest.register(sub)
+    tsm.register(sub)
     _add_quiet(parser)
     return parser
 

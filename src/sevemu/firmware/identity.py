@@ -163,6 +163,8 @@ class PlatformIdentity:
     api_major: int
     api_minor: int
     """API version written into new OCA, PEK and PDH certificates."""
+    chip_secret: bytes = field(default=b"", repr=False)
+    """The fused chip secret (SNP: VCEK and guest-key derivation, CHIP_ID); empty when unknown."""
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -330,6 +332,7 @@ class _Chip:
     cek_cert: SevCert
     amd_chain: AmdCertChain
     trusted_arks: tuple[PinnedArk, ...]
+    chip_secret: bytes = field(default=b"", repr=False)
 
     @classmethod
     def from_factory(cls, factory: FactoryData) -> _Chip:
@@ -371,7 +374,7 @@ class _Chip:
         if missing:
             raise FactoryDataError(f"{where('manifest.json')}: no trusted_ark file for the fused root(s) "
                                    f"{', '.join(missing)}...; the factory data was altered")
-        return cls(chip_id, cek_key, cek_cert, amd_chain, tuple(pins))
+        return cls(chip_id, cek_key, cek_cert, amd_chain, tuple(pins), factory.chip_secret)
 
     def spi_seal_key(self) -> bytes:
         """See :meth:`PlatformIdentity.spi_seal_key`."""
@@ -419,7 +422,7 @@ class _Chip:
             chip_id=self.chip_id, cek_key=self.cek_key, cek_cert=self.cek_cert, oca_key=oca_key,
             oca_cert=oca_cert, pek_key=pek_key, pek_cert=pek_cert, pdh_key=pdh_key, pdh_cert=pdh_cert,
             owner_external=external, amd_chain=self.amd_chain, trusted_arks=self.trusted_arks,
-            api_major=api[0], api_minor=api[1],
+            api_major=api[0], api_minor=api[1], chip_secret=self.chip_secret,
         )
 
 

@@ -10,6 +10,7 @@ table to the firmware beside the legacy one (:mod:`sevemu.firmware.apis`).
 ``guest``       SNP_GCTX_CREATE, SNP_LAUNCH_START, SNP_ACTIVATE(_EX), SNP_DECOMMISSION,
                 SNP_GUEST_STATUS, SNP_PAGE_RECLAIM, SNP_PAGE_UNSMASH, SNP_DBG_DECRYPT/ENCRYPT
 ``launch``      SNP_LAUNCH_UPDATE (every page type), SNP_LAUNCH_FINISH (ID block, ID auth)
+``guest_request``  SNP_GUEST_REQUEST: MSG_REPORT_REQ, MSG_KEY_REQ, MSG_TSC_INFO_REQ
 ``cpuid``       the CPUID page check
 ``state``       the SNP platform and guest contexts (what SNP_GUEST_REQUEST reads)
 ==============  ===========================================================================
@@ -17,7 +18,7 @@ table to the firmware beside the legacy one (:mod:`sevemu.firmware.apis`).
 
 from __future__ import annotations
 
-from sevemu.firmware.snp import guest, launch, platform  # noqa: F401 - registers
+from sevemu.firmware.snp import guest, guest_request, launch, platform  # noqa: F401 - registers
 from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.state import SnpGuest, SnpPlatform, snp_state
 

@@ -1,0 +1,179 @@
+"""``sevemu report`` / ``key`` / ``certificates``: snpguest's guest-side verbs, run inside an emulated
+SNP guest (:mod:`sevemu.cli.snp_guest`) on the platform of ``--platform-dir`` / ``--generation``
+(the same chip every time, so a report and the certificates of two invocations belong together).
+
+* ``report REPORT REQUEST_FILE [--random] [--vmpl N] [--extended CERTS_DIR]``: REQUEST_FILE holds the
+  64 bytes of REPORT_DATA (raw); with ``--random`` they are made and written there.  The report is
+  written raw (0x4A0 bytes), as snpguest writes it.
+* ``certificates pem|der DIR``: an extended report's certificate table written as ``vcek``, ``ask``,
+  ``ark`` files (snpguest's names), for ``sevemu verify attestation DIR REPORT``.
+* ``key KEY_PATH vcek|vmrk [--vmpl N] [--guest-field-select BITS] [--guest-svn N] [--tcb-version TCB]``:
+  a 32-byte derived key.
+
+The guest is launched afresh for each command (policy 0x30000, one measured code page, the secrets
+page, one vCPU); its MEASUREMENT is printed so a verifier can pin it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from sevemu.abi.report import (
+    CERT_GUID_ARK,
+    CERT_GUID_ASK,
+    CERT_GUID_VCEK,
+    CERT_GUID_VLEK,
+    KeyRsp,
+    ReportRsp,
+    decode_cert_table,
+)
+from sevemu.cli.common import add_platform_args, emit, parse_int, read_file, resolve_platform, write_file
+from sevemu.errors import InputError
+from sevemu.guest.sev_guest import SevGuestError, SnpDerivedKeyReq, SnpExtReportReq, SnpReportReq
+
+__all__ = ["register"]
+
+SNP_GENERATIONS = ("milan", "genoa", "turin")
+_NAMES = {CERT_GUID_VCEK: "vcek", CERT_GUID_VLEK: "vlek", CERT_GUID_ASK: "ask", CERT_GUID_ARK: "ark"}
+
+
+def _guest(args: argparse.Namespace) -> Any:
+    from sevemu.cli.snp_guest import launch
+
+    generation, directory = resolve_platform(args)
+    if generation not in SNP_GENERATIONS:
+        raise InputError(f"a {generation} platform has no SEV-SNP (use --generation milan, genoa or turin)")
+    return launch(generation, platform_dir=directory, vmpck=args.vmpck)
+
+
+def _check(status: int, what: str) -> None:
+    if status:
+        raise InputError(f"the firmware refused the {what}: status {status:#x}")
+
+
+def _ioctl_error(exc: SevGuestError) -> InputError:
+    return InputError(f"/dev/sev-guest: {exc} (fw_error {exc.fw_error:#x}, vmm_error {exc.vmm_error:#x})")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    path: Path = args.request_file
+    if args.random:
+        data = os.urandom(64)
+    else:
+        data = read_file(path, what="request data")
+        if len(data) != 64:
+            raise InputError(f"{path}: REPORT_DATA is 64 bytes, the file has {len(data)} (or use --random)")
+    g = _guest(args)
+    try:
+        if args.extended is not None:
+            req = SnpExtReportReq(data=SnpReportReq(user_data=data, vmpl=args.vmpl).encode(), certs_address=1,
+                                  certs_len=0x4000)
+            raw, certs, _ = g.device.get_ext_report(req)
+        else:
+            raw, certs = g.device.get_report(SnpReportReq(user_data=data, vmpl=args.vmpl)), b""
+    except SevGuestError as exc:
+        raise _ioctl_error(exc) from None
+    rsp = ReportRsp.decode(raw[: ReportRsp.SIZE])
+    _check(rsp.status, "report request")
+    report = rsp.report.encode()
+    if args.random:
+        write_file(path, data)
+    write_file(args.report, report)
+    written = _write_certs(certs, args.extended, "pem") if args.extended is not None else []
+    result = {"report": str(args.report), "request_file": str(path), "measurement": g.measurement.hex(),
+              "report_data": data.hex(), "vmpl": args.vmpl, "certificates": written}
+    lines = [f"report written to {args.report} (report data from {path})", f"measurement {g.measurement.hex()}"]
+    lines += [f"certificate written to {p}" for p in written]
+    emit(args, result, lines)
+    return 0
+
+
+def _write_certs(certs: bytes, directory: Path, encoding: str) -> list[str]:
+    out = []
+    for guid, der in decode_cert_table(certs):
+        name = _NAMES.get(guid, guid.hex())
+        cert = x509.load_der_x509_certificate(der)
+        data = cert.public_bytes(serialization.Encoding.PEM if encoding == "pem" else serialization.Encoding.DER)
+        path = directory / f"{name}.{encoding}"
+        write_file(path, data)
+        out.append(str(path))
+    if not out:
+        raise InputError("the host supplied no certificates with the extended report")
+    return out
+
+
+def run_certificates(args: argparse.Namespace) -> int:
+    g = _guest(args)
+    try:
+        raw, certs, _ = g.device.get_ext_report(SnpExtReportReq(data=SnpReportReq().encode(), certs_address=1,
+                                                                certs_len=0x4000))
+    except SevGuestError as exc:
+        raise _ioctl_error(exc) from None
+    _check(ReportRsp.decode(raw[: ReportRsp.SIZE]).status, "extended report request")
+    written = _write_certs(certs, args.dir, args.encoding)
+    emit(args, {"certificates": written}, [f"certificate written to {p}" for p in written])
+    return 0
+
+
+def run_key(args: argparse.Namespace) -> int:
+    g = _guest(args)
+    req = SnpDerivedKeyReq(root_key_select=1 if args.root_key_select == "vmrk" else 0,
+                           guest_field_select=args.guest_field_select, vmpl=args.vmpl, guest_svn=args.guest_svn,
+                           tcb_version=args.tcb_version)
+    try:
+        rsp = KeyRsp.decode(g.device.get_derived_key(req))
+    except SevGuestError as exc:
+        raise _ioctl_error(exc) from None
+    _check(rsp.status, "key request")
+    write_file(args.key_path, rsp.derived_key, secret=True)
+    emit(args, {"key": str(args.key_path), "measurement": g.measurement.hex()},
+         [f"derived key written to {args.key_path}"])
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_platform_args(p)
+    p.add_argument("--vmpck", type=lambda t: parse_int(t, "--vmpck", 2), default=0,
+                   help="the VMPCK the driver uses (0..3; Linux's vmpck_id, default 0)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def register(sub: Any) -> None:
+    r = sub.add_parser("report", help="an attestation report from an emulated SNP guest (snpguest report)",
+                       epilog="examples:\n  sevemu report report.bin request-data.bin --random\n"
+                              "  sevemu report report.bin request-data.bin --random --extended certs/\n"
+                              "  sevemu verify attestation certs/ report.bin --trust-ark certs/ark.pem")
+    r.add_argument("report", type=Path, help="where to write the report (raw, 0x4A0 bytes)")
+    r.add_argument("request_file", type=Path, help="64 bytes of REPORT_DATA (written with --random)")
+    r.add_argument("--random", action="store_true", help="make random REPORT_DATA and write it to REQUEST_FILE")
+    r.add_argument("--vmpl", type=lambda t: parse_int(t, "--vmpl", 2), default=0, help="VMPL to report (default 0)")
+    r.add_argument("--extended", type=Path, metavar="CERTS_DIR",
+                   help="an extended report: also write the host's certificates (PEM) into CERTS_DIR")
+    _common(r)
+    r.set_defaults(func=run_report)
+
+    c = sub.add_parser("certificates", help="the host's certificates from an extended report (snpguest certificates)",
+                       epilog="example:\n  sevemu certificates pem certs/")
+    c.add_argument("encoding", choices=("pem", "der"), help="file format")
+    c.add_argument("dir", type=Path, help="directory for vcek/ask/ark files")
+    _common(c)
+    c.set_defaults(func=run_certificates)
+
+    k = sub.add_parser("key", help="a key derived by the firmware for an emulated SNP guest (snpguest key)",
+                       epilog="examples:\n  sevemu key sealing.key vcek --guest-field-select 0x8\n"
+                              "  sevemu key vm.key vmrk")
+    k.add_argument("key_path", type=Path, help="where to write the 32-byte key (mode 0600)")
+    k.add_argument("root_key_select", choices=("vcek", "vmrk"), help="root key")
+    k.add_argument("--vmpl", type=lambda t: parse_int(t, "--vmpl", 2), default=0)
+    k.add_argument("--guest-field-select", type=lambda t: parse_int(t, "--guest-field-select", 64), default=0,
+                   metavar="BITS", help="bit 0 policy, 1 image id, 2 family id, 3 measurement, 4 guest svn, 5 tcb")
+    k.add_argument("--guest-svn", type=lambda t: parse_int(t, "--guest-svn"), default=0)
+    k.add_argument("--tcb-version", type=lambda t: parse_int(t, "--tcb-version", 64), default=0, metavar="TCB")
+    _common(k)
+    k.set_defaults(func=run_key)
