@@ -19,6 +19,7 @@ from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sevemu._util.units import PAGE
 from sevemu.guest.paging import PageTableBuilder
 from sevemu.hw.pyengine import Op, op
 
@@ -28,7 +29,6 @@ COM1 = 0x3F8
 KVM_HC_MAP_GPA_RANGE = 12
 SEV_STATUS_MSR = 0xC0010131
 CR0_PG = 1 << 31
-PAGE = 4096
 
 Gen = Generator[Op, Any, Any]
 

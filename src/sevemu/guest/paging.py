@@ -1,4 +1,5 @@
-"""The guest kernel's page tables: an identity map with the C-bit (reference 4.2).
+"""The guest kernel's page tables: an identity map with the C-bit (APM2 15.34:
+the C-bit in a guest page-table entry selects private or shared).
 
 An SEV guest decides page by page what is private: its page-table entries carry the C-bit (position
 from CPUID Fn8000_001F EBX[5:0]).  :class:`PageTableBuilder` computes the entries of an identity map
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sevemu._util.units import PAGE, PAGE_2M, GiB
 from sevemu.abi.paging import Pte
 from sevemu.errors import AddressError, AlignmentError
 
 __all__ = ["PageTableBuilder"]
 
-PAGE = 4096
-LARGE = 2 << 20
-GIB = 1 << 30
+LARGE = PAGE_2M
+GIB = GiB
 _TABLE = int(Pte.P | Pte.RW)
 _LEAF_2M = int(Pte.P | Pte.RW | Pte.PS)
 _LEAF_4K = int(Pte.P | Pte.RW)
