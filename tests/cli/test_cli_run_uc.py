@@ -125,3 +125,16 @@ def test_run_sev_es_and_its_attacks(gcc: None, capsys: pytest.CaptureFixture[str
     assert "--tamper-vmsa needs --mode sev-es" in capsys.readouterr().err
     assert main(["run", "hello", "--mode", "sev-es", "--generation", "naples"]) == 2
     assert "has no SEV-ES" in capsys.readouterr().err
+
+
+def test_run_snp_guests(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
+    for guest in ("hello", "secret"):
+        assert main(["run", guest, "--mode", "snp", "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["mode"] == "snp" and r["status"] == "finished", r
+    assert main(["run", "sevinfo", "--mode", "snp"]) == 0
+    out = capsys.readouterr()
+    assert "SEV_STATUS MSR: 7 " in out.out and "SEV-SNP: memory integrity" in out.out
+    assert "SEV-SNP guest on Milan" in out.err
+    assert main(["run", "hello", "--mode", "snp", "--generation", "rome"]) == 2
+    assert "has no SEV-SNP" in capsys.readouterr().err

@@ -74,6 +74,9 @@ int cbit_position(void);       /* -1 when memory encryption is off */
 #define GHCB_SHARED_BUF 0x800
 #define GHCB_SHARED_BUF_SIZE 2032
 int sev_es_active(void);
+int sev_snp_active(void);                    /* SEV_STATUS bit 2: SEV-SNP */
+void snp_make_private(u64 gpa);              /* PSC to private, then PVALIDATE (identity-mapped page) */
+void snp_make_shared(u64 gpa);               /* PVALIDATE rescind, then PSC to shared */
 u32 rt_cpu(void);                            /* this vCPU's index (from its stack) */
 u8 *ghcb_page(void);                         /* this vCPU's GHCB */
 void ghcb_clear(u8 *g);                      /* clear the valid bitmap (before filling it) */
