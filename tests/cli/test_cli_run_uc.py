@@ -138,3 +138,10 @@ def test_run_snp_guests(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert "SEV-SNP guest on Milan" in out.err
     assert main(["run", "hello", "--mode", "snp", "--generation", "rome"]) == 2
     assert "has no SEV-SNP" in capsys.readouterr().err
+    # memory outside the launch: PSC + PVALIDATE, then #VC 0x404 on demand, then a page given back
+    assert main(["run", "snpmem", "--mode", "snp"]) == 0
+    out = capsys.readouterr().out
+    assert "validated 1 page by PSC + PVALIDATE and 256 on demand (#VC 0x404), sum 32896" in out
+    assert "gave one page back" in out
+    assert main(["run", "snpmem", "--mode", "sev-es"]) == 0
+    assert "not an SEV-SNP guest" in capsys.readouterr().out

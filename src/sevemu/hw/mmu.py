@@ -20,11 +20,12 @@ A/D bits are not maintained (the model's hypervisor does not use them).  Failure
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
+from sevemu.abi.ghcb import VC_PAGE_NOT_VALIDATED
 from sevemu.abi.paging import NpfExitInfo1, PfErrorCode, Pte
 from sevemu.hw.cache import Cache
-from sevemu.hw.faults import NestedPageFault, PageFault, VmmCommunication
+from sevemu.hw.faults import NestedPageFault, PageFault, PageNotValidated
 from sevemu.hw.memctl import domain_for
 from sevemu.hw.profiles import CpuProfile
 
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["PTE_A", "PTE_D", "PTE_NX", "PTE_P", "PTE_PS", "PTE_RW", "PTE_US", "VC_PAGE_NOT_VALIDATED", "Mmu",
            "Translation"]
 
-VC_PAGE_NOT_VALIDATED: Final = 0x404
-"""#VC error code of an SNP guest's private access to a page it has not validated (APM2 15.36.10)."""
 
 # Plain ints: IntFlag arithmetic is too slow for the walker.
 PTE_P = int(Pte.P)
@@ -142,7 +141,7 @@ class Mmu:
 
         ``rmp``: the guest is SNP-active; the walk's table reads and the final access go through the
         RMP checks (:meth:`~sevemu.hw.rmp.Rmp.check_guest_access`): #VC PAGE_NOT_VALIDATED
-        (:class:`~sevemu.hw.faults.VmmCommunication`) or #NPF with the RMP bit."""
+        (:class:`~sevemu.hw.faults.PageNotValidated`) or #NPF with the RMP bit."""
         g_huge = False
         if not paging:
             # Paging off: GVA = GPA, and every access of an SEV guest is private (APM2 15.34.5).
@@ -157,7 +156,7 @@ class Mmu:
         # the TLB entry's size: the smaller of the guest's and the NPT's mapping (APM2 15.36.10)
         if rmp is not None and not rmp.check_guest_access(asid, gpa, spa, write=write, fetch=fetch, c=guest_c,
                                                           huge=g_huge and n_huge):
-            raise VmmCommunication(VC_PAGE_NOT_VALIDATED, f"GPA {gpa:#x} is not validated")
+            raise PageNotValidated(gva, f"GPA {gpa:#x} is not validated")
         data_asid, data_c = domain_for(asid, guest_c, npt_c) if sev else (0, npt_c)
         fetch_asid, fetch_c = (asid, True) if sev else (0, npt_c)
         return Translation(gpa, spa & ~0xFFF, data_asid, data_c, fetch_asid, fetch_c,
@@ -180,7 +179,7 @@ class Mmu:
             spa, npt_c, _, _, _ = self.nested(ncr3, pte_gpa, False, False, False, sev)
             if rmp is not None and not rmp.check_guest_access(asid, pte_gpa, spa, write=False, fetch=False,
                                                               c=True):
-                raise VmmCommunication(VC_PAGE_NOT_VALIDATED, f"page table at GPA {pte_gpa:#x} is not validated")
+                raise PageNotValidated(gva, f"page table at GPA {pte_gpa:#x} is not validated")
             t_asid, t_c = (asid, True) if sev else (0, npt_c)
             pte = int.from_bytes(cache.read(t_asid, t_c, spa, 8), "little")
             if not pte & PTE_P:

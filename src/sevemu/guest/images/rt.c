@@ -9,6 +9,8 @@ __attribute__((section(".shared"), aligned(4096))) static struct bounce shared_b
 __attribute__((section(".shared.ghcb"), aligned(4096))) static u8 ghcbs[MAX_VCPUS][PAGE_SIZE];
 static u32 rt_es;
 static u32 rt_snp;
+static u32 pvalidate(u64 va, u32 validate);
+u64 snp_validated_on_demand;
 static volatile u8 ghcb_msr_is_gpa[MAX_VCPUS];  /* the GHCB MSR holds this vCPU's GHCB GPA */
 extern char boot_stacks[];
 extern void vc_entry(void);
@@ -227,6 +229,13 @@ void vc_handler(struct vc_frame *f) {
     case 0x400: /* NPF on a reserved-bit entry: MMIO */
         vc_mmio(f, g, ip);
         break;
+    case 0x404: { /* SNP: a private page this guest never validated (the model gives its address in CR2) */
+        u64 cr2;
+        __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+        if (!rt_snp || pvalidate(cr2 & ~0xFFFul, 1)) sev_es_terminate(1, 2);
+        snp_validated_on_demand++;
+        break;                  /* the access runs again */
+    }
     default:   /* an exit this runtime cannot handle: ask to be terminated, as Linux does */
         sev_es_terminate(0, 0);
     }

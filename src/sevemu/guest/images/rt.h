@@ -77,6 +77,7 @@ int sev_es_active(void);
 int sev_snp_active(void);                    /* SEV_STATUS bit 2: SEV-SNP */
 void snp_make_private(u64 gpa);              /* PSC to private, then PVALIDATE (identity-mapped page) */
 void snp_make_shared(u64 gpa);               /* PVALIDATE rescind, then PSC to shared */
+extern u64 snp_validated_on_demand;          /* pages the #VC 0x404 handler validated */
 u32 rt_cpu(void);                            /* this vCPU's index (from its stack) */
 u8 *ghcb_page(void);                         /* this vCPU's GHCB */
 void ghcb_clear(u8 *g);                      /* clear the valid bitmap (before filling it) */

@@ -30,7 +30,7 @@ from sevemu._util.units import PAGE
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import InputError
 from sevemu.hw.cpu import GuestCpu
-from sevemu.hw.faults import NestedPageFault, PageFault, VmmCommunication
+from sevemu.hw.faults import NestedPageFault, PageFault, PageNotValidated, VmmCommunication
 from sevemu.hw.svm import SEGMENT_NAMES, SaveState, Segment, VmExit
 from sevemu.hw.uc.binding import (
     I_CR0,
@@ -303,6 +303,8 @@ def error(e: EnginePort, cpu: GuestCpu, err: int, pending: PageFault | NestedPag
                 return None
             raise pending
         if isinstance(pending, VmmCommunication):  # an SNP guest's access to a page it did not validate
+            if isinstance(pending, PageNotValidated):
+                e.write_cr2(pending.address)
             deliver(e, insn.Fault(Vector.VC, pending.error_code, pending.reason), rip)
             return None
         if isinstance(pending, PageFault):
