@@ -135,6 +135,8 @@ def test_run_snp_guests(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "sevinfo", "--mode", "snp"]) == 0
     out = capsys.readouterr()
     assert "SEV_STATUS MSR: 7 " in out.out and "SEV-SNP: memory integrity" in out.out
+    assert "secrets page: version 2, FMS a00f11, VMPCK0 present" in out.out  # Milan's CPUID(1).EAX
+    assert "CPUID page: 4 functions" in out.out and "CPUID page 0x8000001F: EAX 3f EBX 4173" in out.out
     assert "SEV-SNP guest on Milan" in out.err
     assert main(["run", "hello", "--mode", "snp", "--generation", "rome"]) == 2
     assert "has no SEV-SNP" in capsys.readouterr().err

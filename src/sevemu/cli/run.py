@@ -25,7 +25,7 @@ from typing import Any
 from sevemu._util.units import PAGE, MiB
 from sevemu.abi.ghcb import HvFeature
 from sevemu.abi.policy import GuestPolicy
-from sevemu.abi.snp import SnpPageType
+from sevemu.abi.snp import CPUID_COUNT_MAX, SnpCpuidFunction, SnpCpuidTable, SnpPageType
 from sevemu.certs.roots import GENERATIONS
 from sevemu.cli.common import positive_int, seconds
 from sevemu.errors import GuestBuildError, InputError, SevemuError, UnmappedError
@@ -46,6 +46,12 @@ DEFAULT_MEMORY = 16 * MiB
 MODES = ("plain", "sev", "sev-es", "snp")
 SNP_POLICY = 0x30000
 """The SNP guest policy ``sevemu run --mode snp`` launches with: SMT allowed, bit 17 (reserved, one)."""
+SNP_SECRETS_GPA = 0xFE000
+"""Where ``--mode snp`` puts the secrets page (the runtime's ``SNP_SECRETS_GPA``, rt.h)."""
+SNP_CPUID_GPA = 0xFF000
+"""Where ``--mode snp`` puts the CPUID page (the runtime's ``SNP_CPUID_GPA``, rt.h)."""
+SNP_CPUID_LEAVES = (0x0, 0x1, 0x8000_0000, 0x8000_001F)
+"""The CPUID functions the VMM puts in the CPUID page (the host's answers; the firmware checks them)."""
 BOUNCE_MAGIC = 0x42425653
 _BOUNCE_REQUEST, _BOUNCE_REPLY = 1, 2
 _OP_ECHO_UPPER, _OP_CHECKSUM = 1, 2
@@ -256,6 +262,17 @@ def _snp_launch(m: Machine, vm: Vm, image: GuestImage) -> bytes:
     kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(gfn_start=image.base // PAGE, uaddr=data,
                                                                 len=len(data), type=int(SnpPageType.NORMAL)),
            sev_fd=dev)
+    # the secrets page and the CPUID page, at the GPAs the runtime reads them from (rt.h)
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(
+        gfn_start=SNP_SECRETS_GPA // PAGE, uaddr=bytes(PAGE), len=PAGE, type=int(SnpPageType.SECRETS)), sev_fd=dev)
+    functions = [SnpCpuidFunction(eax_in=leaf, ecx_in=0, xcr0_in=0, xss_in=0,
+                                  **dict(zip(("eax", "ebx", "ecx", "edx"), m.hv.cpuid(leaf, 0), strict=True)))
+                 for leaf in SNP_CPUID_LEAVES]
+    table = SnpCpuidTable(count=len(functions), fn=tuple(functions) + (SnpCpuidFunction(),) * (
+        CPUID_COUNT_MAX - len(functions))).encode()
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(
+        gfn_start=SNP_CPUID_GPA // PAGE, uaddr=table.ljust(PAGE, b"\0"), len=PAGE, type=int(SnpPageType.CPUID)),
+        sev_fd=dev)
     kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish())
     return b""
 
