@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hvkit import launch_snp, snp_machine
 
 from sevemu._util.units import MiB
 from sevemu.abi.rmp import RmpUpdateState
@@ -19,11 +20,9 @@ from sevemu.hw.mmu import VC_PAGE_NOT_VALIDATED
 from sevemu.hw.pyengine import PyEngine, Workload, op
 from sevemu.hw.rmp import HostRmpFault
 from sevemu.hw.svm import TlbControl
-from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit, KvmVmType
-from sevemu.hypervisor.sevdev import SevDevice
-from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart
+from sevemu.hypervisor.kvm_ops import KvmVmType
 from sevemu.hypervisor.vm import Vm
-from sevemu.scenario import Machine, build_machine
+from sevemu.scenario import Machine
 
 PAGE = 0x1000
 A = 0x40000
@@ -34,21 +33,12 @@ V2 = 0x2222_2222
 
 @pytest.fixture(scope="module")
 def m() -> Machine:
-    mach = build_machine("milan", seed="hv-snp-attacks", dram_size=1024 * MiB, cache_size=256 << 10, init=False)
-    mach.hv.snp_platform_init()
-    mach.hv.platform_init()
-    return mach
+    return snp_machine("hv-snp-attacks")
 
 
 def _guest(m: Machine, snp: bool, work: Callable[[bool], Workload]) -> Vm:
     if snp:
-        vm = m.hv.create_vm("snp", 16 * MiB, vm_type=KvmVmType.SNP_VM)
-        kvm = KvmSev(m.hv, vm)
-        kvm.op(KvmSevCmdId.INIT2, KvmSevInit())
-        vm.add_vcpu(PyEngine(work(True)))
-        dev = SevDevice(m.hv)
-        kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=0x30000), sev_fd=dev)
-        kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish())
+        vm = launch_snp(m, PyEngine(work(True)))
     else:
         vm = m.hv.create_vm("es", 16 * MiB, vm_type=KvmVmType.SEV_ES_VM)
         m.hv.sev_init(vm)

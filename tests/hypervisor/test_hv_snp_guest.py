@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hvkit import launch_snp, snp_machine
 
 from sevemu._util.units import MiB
 from sevemu.abi.cpuid import Msr
@@ -18,11 +19,9 @@ from sevemu.hw.faults import VmmCommunication
 from sevemu.hw.mmu import VC_PAGE_NOT_VALIDATED
 from sevemu.hw.pyengine import PyEngine, Workload, op
 from sevemu.hypervisor import psc
-from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit, KvmVmType
-from sevemu.hypervisor.sevdev import SevDevice
-from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
+from sevemu.hypervisor.kvm_ops import KvmVmType
 from sevemu.hypervisor.vm import Vm
-from sevemu.scenario import Machine, build_machine
+from sevemu.scenario import Machine
 
 PAGE = 0x1000
 POLICY = 0x30000
@@ -34,23 +33,11 @@ KVM_HC_MAP_GPA_RANGE = 12
 
 @pytest.fixture(scope="module")
 def m() -> Machine:
-    mach = build_machine("milan", seed="hv-snp-guest", dram_size=1024 * MiB, cache_size=256 << 10, init=False)
-    mach.hv.snp_platform_init()
-    mach.hv.platform_init()
-    return mach
+    return snp_machine("hv-snp-guest")
 
 
 def _guest(m: Machine, work: Workload) -> Vm:
-    vm = m.hv.create_vm("snp-guest", 16 * MiB, vm_type=KvmVmType.SNP_VM)
-    kvm = KvmSev(m.hv, vm)
-    kvm.op(KvmSevCmdId.INIT2, KvmSevInit())
-    vm.add_vcpu(PyEngine(work))
-    dev = SevDevice(m.hv)
-    kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=POLICY), sev_fd=dev)
-    kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(gfn_start=LAUNCHED // PAGE, uaddr=b"launched" * 512,
-                                                                len=PAGE, type=1), sev_fd=dev)
-    kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish())
-    return vm
+    return launch_snp(m, PyEngine(work), [(LAUNCHED, b"launched" * 512)], name="snp-guest")
 
 
 def _run(m: Machine, vm: Vm) -> Any:
