@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 
 import pytest
 from hypothesis import given
@@ -303,6 +304,7 @@ COMMAND_SIZES = {
     CommandId.RECEIVE_START: 0x24,
     CommandId.DBG_DECRYPT: 0x1C,
     CommandId.DBG_ENCRYPT: 0x1C,
+    CommandId.RING_BUFFER: 0x28,  # AF sev_mcmd_ring_buffer_t (COMMON_COMPILE_TIME_ASSERT 0x28)
 }
 
 
@@ -318,7 +320,7 @@ def test_command_buffers_table() -> None:
     }
     assert sev.COMMANDS_WITHOUT_BUFFER == without
     assert not without & set(sev.COMMAND_BUFFERS)
-    unmodelled = {CommandId.RING_BUFFER, CommandId.SWAP_OUT, CommandId.SWAP_IN}
+    unmodelled = {CommandId.SWAP_OUT, CommandId.SWAP_IN}
     assert set(sev.COMMAND_BUFFERS) | without | unmodelled == LEGACY_COMMANDS
 
 
@@ -366,3 +368,23 @@ def test_report_round_trip(mnonce: bytes, digest: bytes) -> None:
         sig1=bytes(range(144)),
     )  # fmt: skip
     assert sev.LegacyAttestationReport.decode(report.encode()) == report
+
+
+def test_ring_buffer_layouts_match_amd_firmware_and_the_packed_forms() -> None:
+    """AF sev_mcmd.h / sev_ring_buffer.h: the RING_BUFFER buffer, the 16-byte queue and status
+    entries (4 KiB / 16 = 256 per page); the one-call packers the ring's users use equal them."""
+    cmd = sev.RingBufferCmd(low_priority_cmd_ptr=0x1000, low_priority_status_ptr=0x2000,
+                            high_priority_cmd_ptr=0x3000, high_priority_status_ptr=0x4000,
+                            low_priority_queue_size=1, high_priority_queue_size=1, low_q_threshold=0x10,
+                            high_q_threshold=0x20, int_on_empty=1)
+    raw = cmd.encode()
+    assert len(raw) == 0x28 and raw[0x20:0x22] == b"\x01\x01" and raw[0x22:0x28] == bytes.fromhex("100020000100")
+    entry = sev.RingCmdEntry(cmd_id=0x41, cmd_flags=int(sev.RingCmdFlags.CONT_ON_ERROR), software_data=7,
+                             cmd_buffer_ptr=0x1234_5000)
+    assert entry.encode() == struct.pack("<HHIQ", 0x41, 2, 7, 0x1234_5000)
+    assert sev.RingStatusEntry(status=0x11, error_stack=5).encode() == struct.pack("<H6xQ", 0x11, 5)
+    with pytest.raises(LayoutError):
+        sev.RingStatusEntry.decode(struct.pack("<HHIQ", 0, 1, 0, 0))  # reserved bytes must be zero
+    t = sev.TransportCmd(handle=3, hdr_paddr=0x1000, hdr_len=0x34, guest_paddr=0x8000_0000_2000, guest_len=4096,
+                         trans_paddr=0x3000, trans_len=4096)
+    assert sev.TRANSPORT_PACK.pack(3, 0x1000, 0x34, 0x8000_0000_2000, 4096, 0x3000, 4096) == t.encode()

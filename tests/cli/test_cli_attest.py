@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from clikit import fails, run
-from snpkit import CHIP, make_report
+from reportkit import CHIP, make_report
 
 import sevemu
 from sevemu.amd.kds import KeyDistributionService, create_app, loopback_server

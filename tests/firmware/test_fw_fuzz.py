@@ -68,8 +68,10 @@ from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct, field_span
 from sevemu.abi.vmsa import VMSA_PAGE_SIZE
 from sevemu.certs.sev import SevCert
+from sevemu.crypto.transport import PacketCrypto
 from sevemu.firmware.core import Firmware
 from sevemu.firmware.nvstore import NvStore, SealedNv
+from sevemu.firmware.ring import RingBuffer
 from sevemu.firmware.sev.migrate import seal_data_packet
 from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.owner.measurement import expected_launch_digest
@@ -127,6 +129,10 @@ def norm(x: Any) -> Any:
         return cached[1]
     if hasattr(x, "digest") and hasattr(x, "copy"):  # a running hashlib object
         return ("hash", x.copy().digest())
+    if isinstance(x, PacketCrypto):  # keyed contexts derived from TEK/TIK: rendered by their keys
+        return ("packets", x.tek, x.tik)
+    if isinstance(x, RingBuffer):
+        return ("ring", norm(x.queues), x.int_on_empty, x.head)
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return (type(x).__name__, tuple((f.name, norm(getattr(x, f.name))) for f in dataclasses.fields(x)))
     if isinstance(x, Path):
@@ -701,6 +707,7 @@ ALLOWED: dict[CommandId, tuple[frozenset[PlatformState], frozenset[GuestState] |
     CommandId.RECEIVE_FINISH: (_READY, frozenset({_G.RUPDATE})),
     CommandId.DBG_DECRYPT: (_READY, _EVERY_GUEST),
     CommandId.DBG_ENCRYPT: (_READY, _EVERY_GUEST),
+    CommandId.RING_BUFFER: (_READY, None),  # AF sev_mcmd_ring_buffer: SEV INIT or WORKING
 }
 """What the spec and AMD's firmware allow, written here independently of the firmware's tables."""
 

@@ -167,6 +167,32 @@ def test_large_launch_updates_are_hashed_and_encrypted_like_small_ones(m: Machin
         assert m.hv.psp.get_data(64) == big[off : off + 64]
 
 
+def test_a_streamed_launch_update_equals_one_pass_at_unaligned_ends_and_chunk_seams(m: Machine) -> None:
+    """A run of several streaming chunks that starts and ends inside cache lines: the digest is
+    SHA-256 of the bytes as the host last wrote them (dirty host lines included: the PSP's reads
+    are coherent), every byte decrypts back, the seams between chunks included, and the bytes
+    around the run are left as they were."""
+    init(m, InitCmd())
+    handle = start_guest(m, asid=100)
+    spa = 0x4000_0000 + 0x30  # 16-byte aligned, not line aligned
+    data = hashlib.shake_256(b"stream").digest(5 * MiB + 0x50)
+    m.hv.core.host_write(spa - 0x30, bytes(range(0x30)))
+    m.hv.core.host_write(spa, data)
+    m.hv.core.host_write(spa + len(data), b"\xee" * 0x30)
+    m.hv.core.clflush_range(spa - 0x30, len(data) + 0x60)
+    m.hv.core.host_write(spa + 3 * MiB, b"dirty host line, not flushed")  # the PSP snoops it
+    data = data[: 3 * MiB] + b"dirty host line, not flushed" + data[3 * MiB + 28 :]
+    ok(m, CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd(handle=handle, paddr=spa, len=len(data)))
+    assert m.firmware.guests[handle].launch_digest == hashlib.sha256(data).digest()
+    dst = m.hv.psp.put_data(bytes(0x100))
+    for off in (0, 2 * MiB - 0x70, 4 * MiB - 0x70, 3 * MiB, len(data) - 0x40):
+        ok(m, CommandId.DBG_DECRYPT, DbgCmd(handle=handle, src_paddr=(spa + off) | m.profile.cbit_mask,
+                                            dst_paddr=dst, len=0x40))
+        assert m.hv.psp.get_data(0x40) == data[off : off + 0x40], hex(off)
+    assert m.soc.dram.read(spa - 0x30, 0x30) == bytes(range(0x30))
+    assert m.soc.dram.read(spa + len(data), 0x30) == b"\xee" * 0x30
+
+
 def test_a_large_launch_update_waits_for_its_hash(m: Machine) -> None:
     """The command returns only once the SHA engine has taken the run in: a slow hash (standing for
     a hash that outlasts the encryption) is still in the digest the moment the command answers."""

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import hmac
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from fwkit import call, init, ok, put
 
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage, SigAlgo
 from sevemu.abi.commands import CommandId
+from sevemu.abi.mailbox import MailboxReg, RbCtl, decode_status, encode_cmdresp, rb_head_index, rb_tail
 from sevemu.abi.policy import GuestPolicy, compose_policy
 from sevemu.abi.sev import (
     ActivateCmd,
@@ -35,6 +37,8 @@ from sevemu.abi.sev import (
     PekCertImportCmd,
     PekCsrCmd,
     ReceiveStartCmd,
+    RingBufferCmd,
+    RingCmdFlags,
     SendStartCmd,
     SessionBuf,
     TransportCmd,
@@ -44,6 +48,7 @@ from sevemu.abi.status import Status
 from sevemu.amd.roots import AmdRoot
 from sevemu.certs.sev import SevCert
 from sevemu.crypto import ecc
+from sevemu.crypto.transport import PacketCrypto
 from sevemu.firmware.gctx import CLOSED_KEY
 from sevemu.firmware.sev.migrate import AMD_CERTS_LENGTHS, DATA_CONTEXT
 from sevemu.hw.profiles import CpuProfile, profile
@@ -646,3 +651,88 @@ def test_received_guest_decommission_returns_platform_to_init(src: Machine, dst:
     ok(dst, CommandId.DEACTIVATE, HandleCmd(handle=ch.dh))
     ok(dst, CommandId.DECOMMISSION, HandleCmd(handle=ch.dh))
     assert dst.firmware.state == PlatformState.INIT and not dst.firmware.guests
+
+
+# ---- ring-buffer batches (RING_BUFFER; the batch runners of SEND/RECEIVE_UPDATE_DATA) -------------
+RING_Q, RING_STATUS, RING_SLOTS = 0x3100_0000, 0x3100_1000, 0x3100_2000
+BATCH_HDRS, BATCH_TRANS = 0x3200_0000, 0x3210_0000
+
+
+def ring_run(m: Machine, cmds: list[tuple[CommandId, TransportCmd]], per_doorbell: bool) -> list[int]:
+    """Queue ``cmds`` (buffers in 64-byte slots, every entry CONT_ON_ERROR) and run them with one
+    doorbell each or one for all -- as a host does it, through host memory and the mailbox."""
+    ok(m, CommandId.RING_BUFFER, RingBufferCmd(low_priority_cmd_ptr=RING_Q, low_priority_status_ptr=RING_STATUS,
+                                               low_priority_queue_size=1))
+    core, mbox = m.hv.core, m.hv.psp.mailbox
+    for i, (cid, buf) in enumerate(cmds):
+        core.host_write_stream(RING_SLOTS + 64 * i, buf.encode())
+        core.host_write_stream(RING_Q + 16 * i, struct.pack("<HHIQ", cid, RingCmdFlags.CONT_ON_ERROR, 0,
+                                                             RING_SLOTS + 64 * i))
+    ctl = RbCtl.X86_CONTROL | RbCtl.RB_MODE_ACTIVE
+    for tail in range(1, len(cmds) + 1) if per_doorbell else [len(cmds)]:
+        mbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(tail))
+        mbox.mmio_write(MailboxReg.CMDRESP, int(ctl))
+    assert rb_head_index(mbox.mmio_read(MailboxReg.CMDBUFF_ADDR_LO)) == len(cmds)
+    mbox.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(CommandId.NOP)))  # leave the mode
+    assert decode_status(mbox.mmio_read(MailboxReg.CMDRESP)) == Status.RING_BUFFER_EXIT
+    statuses = core.host_read_stream(RING_STATUS, 16 * len(cmds))
+    return [struct.unpack_from("<H", statuses, 16 * i)[0] for i in range(len(cmds))]
+
+
+def _batch_cmd(m: Machine, cid: CommandId, handle: int, base: int, i: int, page: int,
+               **over: int) -> tuple[CommandId, TransportCmd]:
+    fields = {"handle": handle, "hdr_paddr": BATCH_HDRS + 64 * i, "hdr_len": HdrBuf.SIZE,
+              "guest_paddr": (base + page * PAGE) | m.profile.cbit_mask, "guest_len": PAGE,
+              "trans_paddr": BATCH_TRANS + PAGE * i, "trans_len": PAGE, **over}
+    return cid, TransportCmd(**fields)
+
+
+def test_ring_batches_have_the_effects_of_one_command_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same queue run with a doorbell per command and with one doorbell for all (the batch
+    runners) on two identical pairs of platforms: the same statuses, the same bytes everywhere --
+    including a refused command in the middle, a header length written back, a TRANS written over
+    the next commands' buffers, a tampered MAC and a TRANS read from a page received before it."""
+    worlds = []
+    batches: list[int] = []
+    many = PacketCrypto.ctr_many
+
+    def counting(self: PacketCrypto, ivs: list[bytes], datas: list[bytes]) -> list[bytes]:
+        batches.append(len(ivs))
+        return many(self, ivs, datas)
+
+    monkeypatch.setattr(PacketCrypto, "ctr_many", counting)
+    for batched in (False, True):
+        src, dst = machine("ring-src"), machine("ring-dst")
+        ch = open_channel(src, dst)
+        sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, page, **over)
+                 for i, (page, over) in enumerate([(0, {}), (1, {}), (2, {"guest_len": 0}), (2, {"hdr_len": 0x40}),
+                                                   (3, {}), (2, {"trans_paddr": RING_SLOTS + 64 * 6}), (1, {}),
+                                                   (0, {})])]
+        s_status = ring_run(src, sends, per_doorbell=not batched)
+        out = src.soc.dram.read(BATCH_HDRS, 64 * 8) + src.soc.dram.read(BATCH_TRANS, PAGE * 8)
+        hdrs = [get(src, BATCH_HDRS + 64 * i, HdrBuf.SIZE) for i in range(8)]
+        transes = [get(src, BATCH_TRANS + PAGE * i, PAGE) for i in range(8)]
+        tampered = bytearray(transes[1])
+        tampered[9] ^= 1
+        # (guest page, header, TRANS, overrides) of packet i in slot i: a bad MAC, then a TRANS read
+        # from a page an earlier command of the queue received (its ciphertext: BAD_MEASUREMENT)
+        packets = [(0, hdrs[0], transes[0], {}), (1, hdrs[1], bytes(tampered), {}), (1, hdrs[1], transes[1], {}),
+                   (2, hdrs[3], transes[3], {}), (3, hdrs[4], transes[4], {}),
+                   (4, hdrs[4], transes[4], {"trans_paddr": TARGET_BASE + 3 * PAGE})]
+        recvs = []
+        for i, (page, h, t, over) in enumerate(packets):
+            put(dst, BATCH_HDRS + 64 * i, h)
+            put(dst, BATCH_TRANS + PAGE * i, t)
+            recvs.append(_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, page, **over))
+        d_status = ring_run(dst, recvs, per_doorbell=not batched)
+        g = dst.firmware.guests[ch.dh]
+        worlds.append((s_status, out, d_status, dst.soc.mc.read(TARGET_BASE, 5 * PAGE, g.asid, True),
+                       src.firmware.log[-8:], dst.firmware.log[-6:]))
+        assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+    one, batch = worlds
+    assert one == batch
+    assert batches == [2, 2, 1, 3]  # batched: sends 0-1 and 4-5, receives 0 and 2-4 (the rest one by one)
+    s_status, _, d_status, memory, _, _ = one
+    assert s_status == [0, 0, Status.INVALID_LENGTH, 0, 0, 0, Status.INVALID_PARAM, Status.INVALID_PARAM]
+    assert d_status == [0, Status.BAD_MEASUREMENT, 0, 0, 0, Status.BAD_MEASUREMENT]
+    assert memory[:2 * PAGE] == IMAGE[:2 * PAGE] and memory[2 * PAGE : 4 * PAGE] == IMAGE[2 * PAGE :]

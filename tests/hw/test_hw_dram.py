@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sevemu.errors import AddressError, AlignmentError, FileFormatError
+from sevemu._util.units import MiB
+from sevemu.errors import AddressError, AlignmentError, FileFormatError, InputError
 from sevemu.hw.dram import LINE, PAGE, ColdBootImage, Dram
-
-MiB = 1 << 20
 
 
 def test_unwritten_memory_reads_as_zeros_and_costs_nothing() -> None:
@@ -127,3 +126,39 @@ def test_cold_boot_image_rejects_bad_files(tmp_path: Path) -> None:
     bad.write_bytes(b"x" * 100)
     with pytest.raises(FileFormatError):
         ColdBootImage(bad)
+
+
+def test_cold_boot_find_many_scans_data_runs_once_and_sees_into_holes(tmp_path: Path) -> None:
+    d = Dram(8 * MiB)
+    d.write(0x1000, b"alpha..alpha")
+    d.write(0x2000 - 3, b"beta")  # ends in the next page, which is populated too
+    d.write(6 * MiB + 0xFF0, b"gamma")  # "gamma" + the zeros after it straddle into a hole
+    path = tmp_path / "dram.img"
+    d.dump(path)
+    img = ColdBootImage(path)
+    runs = img.extents()
+    assert sum(n for _, n in runs) < 8 * MiB  # only the populated part is data
+    assert all(start <= 0x1000 < start + n for start, n in runs[:1])
+    tail = b"gamma" + bytes(20)  # its end lies in the hole after the populated page
+    found = img.find_many([b"alpha", b"beta", tail, b"absent"])
+    assert found[b"alpha"] == [0x1000, 0x1007]
+    assert found[b"beta"] == [0x2000 - 3]
+    assert found[tail] == [6 * MiB + 0xFF0]
+    assert found[b"absent"] == []
+    for needle in (b"alpha", b"beta", tail):
+        assert img.find(needle) == found[needle]
+        assert img.find(needle, chunk=4099) == found[needle]
+    assert list(img.nonzero_pages()) == [0x1000, 0x2000, 6 * MiB]
+    with pytest.raises(InputError):
+        img.find_many([b"x"], chunk=0)
+
+
+def test_cold_boot_find_many_searches_holes_for_a_needle_of_zeros(tmp_path: Path) -> None:
+    d = Dram(16 * PAGE)
+    d.write(PAGE, b"\xff" * PAGE)
+    path = tmp_path / "dram.img"
+    d.dump(path)
+    zeros = bytes(PAGE)
+    hits = ColdBootImage(path).find_many([zeros, b"\xff\x00"])
+    assert hits[zeros] == [0, *range(2 * PAGE, 15 * PAGE + 1)]
+    assert hits[b"\xff\x00"] == [2 * PAGE - 1]

@@ -302,8 +302,8 @@ def test_pvalidate_and_rmpadjust_through_the_python_engine() -> None:
     vmcb = pt.vmcb(paging=False)
     vmcb.sev_es_enable = True
     vmcb.sev_features = 1  # SNP active
-    es_vmsa(soc, vmcb)
-    _vmsa_page(soc, vmcb)
+    es_vmsa(soc, vmcb)  # VMRUN of an ES/SNP guest loads its registers from the VMSA
+    _vmsa_page(soc, vmcb)  # ... which must be a VMSA page of the guest in the RMP
     assert _private(host, GUEST_SPA + 0x5000, 0x5000) == RmpResult.SUCCESS
     got: list[Any] = []
 

@@ -22,6 +22,7 @@ from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import GuestStatusCmd
 from sevemu.abi.states import GuestState, PlatformState
+from sevemu.abi.status import Status
 from sevemu.amd.roots import AmdRoot
 from sevemu.cli.bench_migrate import Destination, DestinationPlan
 from sevemu.guest.kernel import boot
@@ -38,6 +39,7 @@ from sevemu.hypervisor.migration import (
     MigrationError,
     MsgType,
     Page,
+    Pages,
     ProtocolError,
     SharedPage,
     Start,
@@ -62,6 +64,7 @@ MESSAGES: list[Message] = [
     Hello(b"p" * 0x824, b"c" * 0x186C, b"a" * 0xC80),
     Start(0x30005, 64 * MiB, 2, b"d" * 0x824, b"s" * 0x80),
     Page(0x1234000, b"h" * 0x34, os.urandom(PAGE)),
+    Pages((0x1000, 0x7000, 0x2000), (b"h" * 0x34 + bytes(12)) * 3, os.urandom(3 * PAGE)),
     SharedPage(0x5000, os.urandom(PAGE)),
     VcpuState(1, 0x80000011, 0x10000, 0, 0x1000, 0xFFF0, 0x202, tuple(range(16))),
     Finish(12, 3),
@@ -88,6 +91,11 @@ def test_frames_round_trip(msg: Message) -> None:
     (MsgType.VCPU, b"\x00" * 7),
     (MsgType.FINISH, b""),
     (MsgType.DONE, b"\x00"),
+    (MsgType.PAGES, b"\x00\x00"),  # truncated count
+    (MsgType.PAGES, struct.pack(">I", 0)),  # no pages
+    (MsgType.PAGES, struct.pack(">I", 256) + bytes(256 * (8 + 64 + PAGE))),  # more than a doorbell
+    (MsgType.PAGES, struct.pack(">IQ", 1, 0x1000) + bytes(64 + PAGE - 1)),  # short
+    (MsgType.PAGES, struct.pack(">IQ", 1, 0x1000) + bytes(0x34) + b"\x01" + bytes(11 + PAGE)),  # padding
 ])
 def test_malformed_frames(kind: int, payload: bytes) -> None:
     with pytest.raises(ProtocolError):
@@ -252,8 +260,8 @@ def test_destination_discards_the_vm_on_garbage() -> None:
 class Proxy:
     """Forwards one connection to ``port`` on 127.0.0.1 and records every byte in both directions.
 
-    ``tamper_page``: flip one byte in the TRANS of that PAGE frame (counted from 0);
-    ``cut_after_pages``: close both connections once that many PAGE frames went through.
+    ``tamper_page``: flip one byte in the TRANS of that page (counted from 0, in PAGE or PAGES frames);
+    ``cut_after_pages``: close both connections once the frame that carries that many pages went through.
     """
 
     def __init__(self, port: int, *, tamper_page: int | None = None, cut_after_pages: int | None = None) -> None:
@@ -289,10 +297,16 @@ class Proxy:
                     if self.pages == self.tamper_page:
                         body[8 + 0x34 + 100] ^= 0x01
                     self.pages += 1
+                elif kind == MsgType.PAGES:  # count, GPAs, 64-byte header slots, 4 KiB TRANS each
+                    count = struct.unpack_from(">I", body)[0]
+                    if self.tamper_page is not None and self.pages <= self.tamper_page < self.pages + count:
+                        body[4 + 72 * count + (self.tamper_page - self.pages) * PAGE + 100] ^= 0x01
+                    self.pages += count
                 frame = head + bytes(body)
                 self.forward += frame
                 b.sendall(frame)
-                if kind == MsgType.PAGE and self.pages == self.cut_after_pages:
+                if kind in (MsgType.PAGE, MsgType.PAGES) and self.cut_after_pages is not None \
+                        and self.pages >= self.cut_after_pages:
                     self.close()
                     return
         except OSError:
@@ -391,3 +405,38 @@ def test_two_process_failure_cancels_the_source_and_discards_the_destination(
     assert guest_state(src.hv, vm) == GuestState.RUNNING and vm.state is VmState.RUNNING
     assert guest_reads(src.hv, vm, [(g, PAGE) for g in secrets]) == list(secrets.values())
     assert not src.firmware.internal_errors
+
+
+def test_pages_frames_that_do_not_add_up_are_not_sent() -> None:
+    with pytest.raises(ProtocolError):
+        encode_frame(Pages((0x1000,), bytes(64), bytes(PAGE - 1)))
+    with pytest.raises(ProtocolError):
+        encode_frame(Pages((0x1000, 0x2000), bytes(64), bytes(2 * PAGE)))
+
+
+def test_migration_queues_a_command_per_page_through_the_ring_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVM's contract holds: every page is its own SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA (its own
+    IV and MAC), submitted through the PSP's ring buffer; the mailbox is back in mailbox mode after."""
+    sent: list[Pages] = []
+    send = Channel.send
+
+    def recording(self: Channel, msg: Message) -> None:
+        if isinstance(msg, Pages):
+            sent.append(msg)
+        send(self, msg)
+
+    monkeypatch.setattr(Channel, "send", recording)
+    src, dst = host("hv-mig-ring-src"), host("hv-mig-ring-dst")
+    vm = running_guest(src, secret_pages())
+    private = len(vm.npt.mappings) - len(vm.shared_gpas)
+    moved, error = migrate_in_process(src, dst, vm, keep_source=True)
+    assert error is None and moved is not None
+    for m in (src, dst):
+        cmd = "SEND_UPDATE_DATA" if m is src else "RECEIVE_UPDATE_DATA"
+        names = [name for name, status in m.firmware.log if status == Status.SUCCESS]
+        assert names.count(cmd) == private and "RING_BUFFER" in names
+        assert m.firmware.ring is None
+    assert sum(len(f.gpas) for f in sent) == private and all(len(f.gpas) <= 128 for f in sent)
+    ivs = {f.hdrs[i * 64 + 4 : i * 64 + 20] for f in sent for i in range(len(f.gpas))}  # HdrBuf.iv at 04
+    macs = {f.hdrs[i * 64 + 0x14 : i * 64 + 0x34] for f in sent for i in range(len(f.gpas))}
+    assert len(ivs) == len(macs) == private  # a fresh IV and a MAC of its own per page

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from snpkit import CHIP, make_report
+from reportkit import CHIP, make_report
 
 from sevemu.abi.report import SignerInfo
 from sevemu.abi.snp import SnpPolicy as GuestPolicy

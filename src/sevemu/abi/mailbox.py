@@ -19,6 +19,13 @@ The first-generation PSP (PCI 0x1456, ``sevv1``) has them at 0x10580 / 0x105E0 /
 
 What the PSP leaves in bits 30:16 of a response is not specified; Linux reads only bit 31 and bits
 15:0.  Model choice: a response is ``RESP | status``.
+
+Ring-buffer mode (after the RING_BUFFER command; AMD-ASPFW ``sev_ring_buffer.h``, ``main.c``): the
+same three registers change meaning.  CMDRESP is RBCtl, written by x86 (:class:`RbCtl`: both
+``X86_CONTROL`` and ``RB_MODE_ACTIVE`` set, or the PSP leaves ring-buffer mode); CMDBUFF_ADDR_HI is
+RBTail, x86's tail index of each queue (:func:`rb_tail`); CMDBUFF_ADDR_LO is RBHead, written by the
+PSP only (:class:`RbHead`: head indexes, queue-running bits, interrupt-status bits).  Every write of
+CMDRESP rings the doorbell: the PSP runs queued commands until both queues are empty or paused.
 """
 
 from __future__ import annotations
@@ -35,13 +42,18 @@ __all__ = [
     "CMDRESP_RESP",
     "CMDRESP_STS_MASK",
     "INTSTS_CMD_COMPLETE",
+    "RB_QUEUE_ENTRIES",
     "MailboxReg",
     "PspCapability",
+    "RbCtl",
+    "RbHead",
     "decode_command",
     "decode_status",
     "encode_cmdresp",
     "encode_response",
     "is_response",
+    "rb_head_index",
+    "rb_tail",
 ]
 
 
@@ -98,3 +110,45 @@ def decode_status(reg: int) -> int:
 def is_response(reg: int) -> bool:
     """Whether the PSP has answered (CMDRESP bit 31)."""
     return bool(reg & CMDRESP_RESP)
+
+
+# ---- ring-buffer mode (AMD-ASPFW sev_ring_buffer.h) ------------------------------------------------
+
+RB_QUEUE_ENTRIES: Final = 256
+"""Entries of a one-page queue (``SEV_RB_CMD_BUFFER_MAX_SIZE``: 4 KiB / 16); indexes wrap at it."""
+
+
+class RbCtl(IntFlag):
+    """RBCtl, CMDRESP as x86 writes it in ring-buffer mode (AF ``sev_rb_control_register_bits``)."""
+
+    LO_QUEUE_EMPTY_INT = 1 << 0
+    HI_QUEUE_EMPTY_INT = 1 << 1
+    RESUME_LO_QUEUE = 1 << 8
+    RESUME_HI_QUEUE = 1 << 9
+    CLEAR_INT_BITS = 1 << 29
+    RB_MODE_ACTIVE = 1 << 30
+    X86_CONTROL = 1 << 31
+
+
+class RbHead(IntFlag):
+    """Status bits of RBHead, CMDBUFF_ADDR_LO as the PSP writes it (AF ``sev_rb_head_bits``); the
+    low queue's head index is bits 7:0, the high queue's bits 23:16 (:func:`rb_head_index`)."""
+
+    LO_QUEUE_RUNNING = 1 << 11
+    HI_QUEUE_RUNNING = 1 << 27
+    ALL_QUEUE_EMPTY_INT_STAT = 1 << 28
+    CMD_DONE_INT_STAT = 1 << 29
+    Q_PAUSED_INT_STAT = 1 << 30
+    Q_FREE_INT_STAT = 1 << 31
+
+
+def rb_tail(lo: int, hi: int = 0) -> int:
+    """RBTail for the queues' tail indexes (AF ``sev_rb_tail_bits``: low in 7:0, high in 23:16)."""
+    if not (0 <= lo < RB_QUEUE_ENTRIES and 0 <= hi < RB_QUEUE_ENTRIES):
+        raise LayoutError(f"ring-buffer tail indexes {lo}, {hi} outside 0..{RB_QUEUE_ENTRIES - 1}")
+    return hi << 16 | lo
+
+
+def rb_head_index(head: int, high: bool = False) -> int:
+    """A queue's head index in an RBHead value."""
+    return (head >> 16 if high else head) & 0xFF

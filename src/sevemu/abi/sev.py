@@ -19,14 +19,19 @@ Decisions:
   ``sev_data_send_update_vmsa`` omits it, which sev-tool, AF and every other *_UPDATE buffer
   contradict.
 * COPY and ACTIVATE_EX (sev-tool/AF only, not in the SEV API tables) are declared from AF.
-  RING_BUFFER, SWAP_OUT and SWAP_IN have no layout here; :data:`COMMAND_BUFFERS` leaves them out and
+  SWAP_OUT and SWAP_IN have no layout here; :data:`COMMAND_BUFFERS` leaves them out and
   :data:`COMMANDS_WITHOUT_BUFFER` lists the commands that take no buffer at all.
+* RING_BUFFER (0x0F) and its queue entries are declared from AF (``sev_mcmd.h``
+  ``sev_mcmd_ring_buffer_t``, ``sev_ring_buffer.h``): :class:`RingBufferCmd`,
+  :class:`RingCmdEntry`, :class:`RingStatusEntry`; the mailbox registers in ring-buffer mode are in
+  :mod:`sevemu.abi.mailbox`.
 * GET_ID writes one 64-byte ID per socket (:class:`GetIdEntry`); Linux's ``sev_user_data_get_id``
   is two of them (socket1, socket2).
 """
 
 from __future__ import annotations
 
+import struct
 from enum import IntFlag
 from typing import Final
 
@@ -46,6 +51,7 @@ __all__ = [
     "LINUX_STATUS_FLAGS_OWNER",
     "SEV_TMR_LEN",
     "SNP_TMR_LEN",
+    "TRANSPORT_PACK",
     "ActivateCmd",
     "ActivateExCmd",
     "AttestationCmd",
@@ -81,6 +87,10 @@ __all__ = [
     "ReceiveStartCmd",
     "ReceiveUpdateDataCmd",
     "ReceiveUpdateVmsaCmd",
+    "RingBufferCmd",
+    "RingCmdEntry",
+    "RingCmdFlags",
+    "RingStatusEntry",
     "SendCancelCmd",
     "SendFinishCmd",
     "SendStartCmd",
@@ -304,6 +314,57 @@ class TransportCmd(Struct):
     trans_len: int = u32(0x30)
 
 
+@layout(size=0x28)
+class RingBufferCmd(Struct):
+    """RING_BUFFER (0x0F): the queues the mailbox works from in ring-buffer mode (AF
+    ``sev_mcmd_ring_buffer_t``).  Each queue is ``*_queue_size`` 4 KiB pages of
+    :class:`RingCmdEntry` (256 per page) with as many pages of :class:`RingStatusEntry`."""
+
+    low_priority_cmd_ptr: int = u64(0x00)
+    low_priority_status_ptr: int = u64(0x08)
+    high_priority_cmd_ptr: int = u64(0x10)
+    high_priority_status_ptr: int = u64(0x18)
+    low_priority_queue_size: int = u8(0x20)
+    high_priority_queue_size: int = u8(0x21)
+    low_q_threshold: int = u16(0x22)
+    high_q_threshold: int = u16(0x24)
+    int_on_empty: int = u16(0x26)
+
+
+class RingCmdFlags(IntFlag):
+    """``cmd_flags`` of a ring-buffer queue entry (AF ``SEV_RB_CMD_FLAG_*``)."""
+
+    INT_COMPLETE = 1 << 0
+    """Raise the interrupt when this command completes."""
+    CONT_ON_ERROR = 1 << 1
+    """Keep the queue running when this command fails (else the queue pauses)."""
+
+
+@layout(size=0x10)
+class RingCmdEntry(Struct):
+    """One command in a ring-buffer queue (AF ``sev_rb_cmd_ptr_entry_t``); ``software_data`` is
+    x86's own (the firmware ignores it)."""
+
+    cmd_id: int = u16(0x00)
+    cmd_flags: int = u16(0x02)
+    software_data: int = u32(0x04)
+    cmd_buffer_ptr: int = u64(0x08)
+
+
+@layout(size=0x10)
+class RingStatusEntry(Struct):
+    """The firmware's answer to the queue entry of the same index (AF ``sev_rb_cmd_status_entry_t``)."""
+
+    status: int = u16(0x00)
+    error_stack: int = u64(0x08)
+
+
+TRANSPORT_PACK: Final = struct.Struct("<I4xQI4xQI4xQI")
+""":class:`TransportCmd` as one :class:`struct.Struct` (handle, hdr_paddr, hdr_len, guest_paddr,
+guest_len, trans_paddr, trans_len): the same bytes as its ``encode()``, for hosts that queue a
+command per page (a test holds the two equal)."""
+
+
 LaunchSecretCmd = TransportCmd
 SendUpdateDataCmd = TransportCmd
 SendUpdateVmsaCmd = TransportCmd
@@ -456,6 +517,7 @@ COMMAND_BUFFERS: Final[dict[CommandId, type[Struct]]] = {
     CommandId.RECEIVE_FINISH: HandleCmd,
     CommandId.DBG_DECRYPT: DbgCmd,
     CommandId.DBG_ENCRYPT: DbgCmd,
+    CommandId.RING_BUFFER: RingBufferCmd,
 }
 
 # Legacy commands that take no buffer (Linux passes a NULL address; AF ignores the registers).

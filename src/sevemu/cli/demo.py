@@ -117,15 +117,16 @@ def scenario(generation: str = "milan", dump: Path | None = None, seed: str | No
         path = dump or Path(tmp) / "dram.img"
         # the guest pool starts at the hypervisor's reserved boundary; dump the first 1 GiB
         written = m.soc.dram.dump(path, 0, GiB)
-        img = ColdBootImage(path)
+        # one pass over the populated part of the image for every needle (the image is sparse)
+        ciphertexts = {n: bytes.fromhex(out["vms"][n]["hypervisor_view"]) for n in secrets}
+        found = ColdBootImage(path).find_many([*secrets.values(), *ciphertexts.values(), messages["vm-a"]])
         out["cold_boot"] = {
             "path": str(path) if dump else None,
             "bytes_dumped": GiB,
             "populated_bytes": written,
-            "secrets_found": {n: [hex(a) for a in img.find(s)] for n, s in secrets.items()},
-            "ciphertext_found": {n: [hex(a) for a in img.find(bytes.fromhex(out["vms"][n]["hypervisor_view"]))]
-                                 for n in secrets},
-            "shared_message_found": [hex(a) for a in img.find(messages["vm-a"])],
+            "secrets_found": {n: [hex(a) for a in found[s]] for n, s in secrets.items()},
+            "ciphertext_found": {n: [hex(a) for a in found[c]] for n, c in ciphertexts.items()},
+            "shared_message_found": [hex(a) for a in found[messages["vm-a"]]],
         }
     out["firmware_log"] = [f"{name}:{status}" for name, status in m.firmware.log]
     return out

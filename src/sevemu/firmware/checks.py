@@ -35,16 +35,19 @@ def need_active(g: GuestContext) -> None:
 
 
 def check_range(fw: Firmware, spa: int, length: int) -> None:
-    """INVALID_ADDRESS unless ``[spa, spa+length)`` lies in DRAM and outside the SEV-ES TMR (AF
-    ``validate_address_range``: no x86 range may touch a TMR; :mod:`sevemu.firmware.tmr`);
-    INVALID_PAGE_STATE when SNP is on and a page of it is a guest's in the RMP (AF
-    ``check_page_range_firmware_writable``: the firmware is no confused deputy for the host)."""
+    """INVALID_ADDRESS unless ``[spa, spa+length)`` lies in DRAM, outside the SEV-ES TMR and outside
+    the ring buffer's pages (AF ``validate_address_range``: no x86 range may touch a TMR or the ring
+    buffer; :mod:`sevemu.firmware.tmr`, :mod:`sevemu.firmware.ring`); INVALID_PAGE_STATE when SNP is on
+    and a page of it is a guest's in the RMP (AF ``check_page_range_firmware_writable``: the firmware
+    is no confused deputy for the host)."""
     try:
         fw.ports.dma.check(spa, length)
     except AddressError as exc:
         raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
     if fw.tmr is not None and fw.tmr.overlaps(spa, length):
         raise FirmwareError(Status.INVALID_ADDRESS, f"range {spa:#x}+{length:#x} overlaps the SEV-ES TMR")
+    if fw.ring is not None and fw.ring.overlaps(spa, length):
+        raise FirmwareError(Status.INVALID_ADDRESS, f"range {spa:#x}+{length:#x} overlaps the ring buffer")
     if fw.ports.dma.guest_owned(spa, length):
         raise FirmwareError(Status.INVALID_PAGE_STATE, f"range {spa:#x}+{length:#x} holds an SNP guest's page")
 

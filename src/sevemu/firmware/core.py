@@ -27,6 +27,12 @@ State Machine"), and, for a command on one guest, the guest states in which it i
    answers INVALID_LENGTH with the required length written into the buffer; Linux
    ``arch/x86/kvm/svm/sev.c``, ``sev_launch_measure``).
 
+In ring-buffer mode (RING_BUFFER; :mod:`sevemu.firmware.ring`) the PSP device calls
+:meth:`Firmware.doorbell` for each CMDRESP write, and queued commands run through the same
+:meth:`Firmware.handle`; a run of one queued command goes to :meth:`Firmware.handle_batch` when the
+command registered a batch runner (:meth:`CommandTable.batch`): the same dispatcher checks per
+buffer, then the runner takes the longest prefix that succeeds, with the effects of one by one.
+
 Nothing raises out of :meth:`Firmware.handle`: an unexpected exception inside a handler is a
 firmware bug, answered with HWERROR_PLATFORM and recorded in :attr:`Firmware.internal_errors`
 (tests assert it stays empty).  :attr:`Firmware.log` keeps the last :data:`LOG_SIZE` commands and
@@ -39,7 +45,7 @@ import os
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Final, Protocol, TypeVar, overload, runtime_checkable
 
 from sevemu.abi.commands import CommandId
@@ -52,14 +58,16 @@ from sevemu.errors import AddressError, FirmwareError, LayoutError
 from sevemu.firmware.gctx import GuestContext
 from sevemu.firmware.identity import PlatformIdentity, boot_identity
 from sevemu.firmware.nvstore import SealedNv
+from sevemu.firmware.ring import RingBuffer
 from sevemu.firmware.tmr import Tmr
-from sevemu.hw.psp import PspPorts
+from sevemu.hw.psp import MailboxPort, PspPorts
 
 __all__ = [
     "ANY_GUEST",
     "ANY_STATE",
     "LOG_SIZE",
     "READY",
+    "BatchRun",
     "CommandLog",
     "CommandTable",
     "Entry",
@@ -89,6 +97,11 @@ class GuestCommandBuffer(Protocol):
 
 Run = Callable[["Firmware", "Struct | None"], "Struct | None"]
 """An entry's handler with the buffer type erased: the dispatcher's side of the seam."""
+BatchRun = Callable[["Firmware", "Sequence[tuple[int, Struct]]"], int]
+"""A command's batch runner (ring-buffer mode, :meth:`Firmware.handle_batch`): given (SPA, decoded
+buffer) of queued commands, runs the longest prefix whose commands all succeed, with the same
+effects as running them one by one, and returns its length (0 lets the dispatcher run the first
+command on its own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +122,8 @@ class Entry:
     malformed: Status = Status.INVALID_PARAM
     """The answer to a buffer that does not decode (non-zero reserved bytes): INVALID_PARAM (model
     choice) unless AMD's firmware says otherwise for the command (INIT: INVALID_CONFIG)."""
+    batch: BatchRun | None = None
+    """Runs a queued run of this command at once (:data:`BatchRun`); None: one by one."""
 
 
 class Reply(FirmwareError):
@@ -148,6 +163,18 @@ class CommandTable:
         if not states <= ANY_STATE or not states:
             raise ValueError(f"{self.api}: {cid.name} needs a non-empty set of platform states")
         self._entries[cid] = Entry(cid, self.api, buffer, states, guest_states, decode, run, malformed)
+
+    def batch(self, cid: CommandId) -> Callable[[BatchRun], BatchRun]:
+        """Give the registered command ``cid`` a batch runner (:data:`BatchRun`)."""
+
+        def wrap(fn: BatchRun) -> BatchRun:
+            entry = self._entries.get(cid)
+            if entry is None:
+                raise ValueError(f"{self.api}: {cid.name} must be registered before its batch runner")
+            self._entries[cid] = replace(entry, batch=fn)
+            return fn
+
+        return wrap
 
     def bare(self, cid: CommandId, states: frozenset[PlatformState]
              ) -> Callable[[Callable[[Firmware], None]], Callable[[Firmware], None]]:
@@ -217,9 +244,10 @@ class CommandTable:
                 cmd = _expect(buffer, buf)
                 for check in pre:
                     check(fw, cmd)
-                if not isinstance(cmd, GuestCommandBuffer):
+                handle = getattr(cmd, "handle", None)  # (an isinstance check of the Protocol costs ~20 us)
+                if not isinstance(handle, int):
                     raise TypeError(f"{type(cmd).__name__} has no handle")
-                g = fw.guest(cmd.handle)
+                g = fw.guest(handle)
                 for later in mid:
                     later(fw, cmd, g)
                 if g.state not in guest_states:
@@ -305,6 +333,8 @@ class Firmware:
         self.asid_dirty: dict[int, int] = {}
         """ASID -> WBINVD epoch when it became dirty (DEACTIVATE, or every ASID at INIT): its reuse
         needs a WBINVD after that epoch and then a DF_FLUSH (:mod:`sevemu.firmware.sev.guest`)."""
+        self.ring: RingBuffer | None = None
+        """Ring-buffer mode (RING_BUFFER, :mod:`sevemu.firmware.ring`); None: mailbox mode."""
         self.internal_errors: list[str] = []
         self.log = CommandLog()
         self.notices: list[str] = []
@@ -339,6 +369,59 @@ class Firmware:
         self.log.append((name, int(status)))
         return int(status)
 
+    def handle_batch(self, command_id: int, buffer_paddrs: Sequence[int]) -> int:
+        """Ring-buffer mode: run as many of these queued commands (one id, their buffers' addresses)
+        as the command's batch runner takes at once; returns how many ran, all successfully (0: the
+        caller runs the first one through :meth:`handle`).  The dispatcher's checks come first for
+        each buffer (state, address, decoding); the batch ends before the first that fails them."""
+        entry = self._table.get(command_id)
+        if entry is None or entry.batch is None or entry.buffer is None or self.state not in entry.platform_states:
+            return 0
+        dma = self.ports.dma
+        size = entry.buffer.SIZE
+        spas = [dma.strip(paddr)[0] for paddr in buffer_paddrs]
+        lo, hi = min(spas), max(spas) + size
+        span = b""
+        if hi - lo <= 2 * size * len(spas):  # buffers packed together: one read for all of them
+            try:
+                span = dma.read(lo, hi - lo)
+            except AddressError:
+                span = b""
+        bufs: list[tuple[int, Struct]] = []
+        for spa in spas:
+            if (self.tmr is not None and self.tmr.overlaps(spa, size)) or \
+                    (self.ring is not None and self.ring.overlaps(spa, size)):
+                break
+            try:
+                raw = span[spa - lo : spa - lo + size] if span else dma.read(spa, size)
+                bufs.append((spa, entry.buffer.decode(raw)))
+            except (AddressError, LayoutError):
+                break
+        if not bufs:
+            return 0
+        try:
+            done = entry.batch(self, bufs)
+        except Exception:  # noqa: BLE001 - a firmware bug: never raise out of the mailbox
+            self.internal_errors.append(traceback.format_exc())
+            return 0
+        name = entry.command.name
+        for _ in range(done):
+            self.log.append((name, int(Status.SUCCESS)))
+        return done
+
+    def doorbell(self) -> None:
+        """A CMDRESP write in ring-buffer mode (the PSP device calls it only while the mode is on)."""
+        if self.ring is not None:
+            self.ring.doorbell(self)
+
+    @property
+    def mailbox(self) -> MailboxPort:
+        """The PSP's side of the mailbox registers (ring-buffer mode)."""
+        port = self.ports.mailbox
+        if port is None:
+            raise FirmwareError(Status.HWERROR_PLATFORM, "this PSP gave the firmware no mailbox port")
+        return port
+
     def _dispatch(self, command_id: int, buffer_paddr: int) -> Status:
         entry = self._table.get(command_id)
         if entry is None:
@@ -352,6 +435,8 @@ class Firmware:
             spa, _ = dma.strip(buffer_paddr)
             if self.tmr is not None and self.tmr.overlaps(spa, entry.buffer.SIZE):
                 return Status.INVALID_ADDRESS  # no x86 range inside the TMR (sevemu.firmware.tmr)
+            if self.ring is not None and self.ring.overlaps(spa, entry.buffer.SIZE):
+                return Status.INVALID_ADDRESS  # nor inside the ring buffer's pages (sevemu.firmware.ring)
             if dma.guest_owned(spa, entry.buffer.SIZE):
                 return Status.INVALID_PAGE_STATE  # an SNP guest's page is never a command buffer
             try:

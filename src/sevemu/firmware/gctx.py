@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.states import GuestState
+from sevemu.crypto.transport import PacketCrypto
 
 __all__ = ["CLOSED_KEY", "NO_DIGEST", "GuestContext"]
 
@@ -54,6 +55,9 @@ class GuestContext:
     measure: bytes = b""  # LAUNCH_MEASURE output, bound into LAUNCH_SECRET MACs (API >= 0.17)
     measured_ld: bytes = NO_DIGEST  # GCTX.LD as LAUNCH_MEASURE finalised it (ATTESTATION reports it)
     session: bool = False  # LAUNCH_START carried an owner session (GODH certificate + session blob)
+    packets: PacketCrypto | None = None
+    """The channel's keyed AES/HMAC contexts while SEND/RECEIVE_UPDATE_* run (made on first use from
+    TEK/TIK, dropped with them: :mod:`sevemu.firmware.sev.migrate`)."""
     vmsas: list[tuple[int, int]] = field(default_factory=list)
     """SEV-ES: (SPA, TMR checksum block) of each VMSA page set up for this guest, in order
     (LAUNCH_UPDATE_VMSA, RECEIVE_UPDATE_VMSA; :mod:`sevemu.firmware.tmr`)."""
@@ -100,4 +104,5 @@ class GuestContext:
         """Forget the transport keys and the MEASURE (LAUNCH_FINISH; AMD ``sev_channel_close``)."""
         self.tek = CLOSED_KEY
         self.tik = CLOSED_KEY
+        self.packets = None
         self.measure = b""

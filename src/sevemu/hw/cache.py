@@ -178,8 +178,10 @@ class Cache:
             self.writebacks += 1
             self.mc.write_line(key & SPA_MASK, key >> ASID_SHIFT, bool((key >> C_SHIFT) & 1), line)
 
-    def _write_runs(self, keys: list[int], lines: Mapping[int, bytearray]) -> None:
-        """Write the dirty lines ``keys`` (sorted; one per SPA) back from ``lines``, each run of
+    def _write_runs(self, keys: list[int], lines: Mapping[int, bytearray],
+                    array: np.ndarray[tuple[int], np.dtype[np.uint64]] | None = None) -> None:
+        """Write the dirty lines ``keys`` (sorted; one per SPA; ``array``: the same as a NumPy array,
+        if the caller has one) back from ``lines``, each run of
         consecutive lines of one domain in one call of the memory controller's bulk path (the
         bytes :meth:`_writeback` would write line by line).  Sorting cache keys sorts by domain,
         then SPA, so a run never crosses domains."""
@@ -187,7 +189,9 @@ class Cache:
             return
         mc = self.mc
         n = len(keys)
-        breaks = np.flatnonzero(np.diff(np.array(keys, dtype=np.uint64)) != LINE) + 1
+        if array is None:
+            array = np.array(keys, dtype=np.uint64)
+        breaks = np.flatnonzero(np.diff(array) != LINE) + 1
         bounds = [0, *breaks.tolist(), n]
         get = lines.__getitem__
         for i, j in pairwise(bounds):
@@ -280,15 +284,27 @@ class Cache:
             sets, mask = self.sets, self.set_mask
             present = [key for key in range(klo, khi, LINE) if key in sets[(key >> 6) & mask]]
             gone = {key: sets[(key >> 6) & mask].pop(key) for key in present}
-        else:
+        else:  # visit the resident lines, a whole set at once where all of it is in the range
             for s in self.sets:
-                for key in [key for key in s if klo <= key < khi]:
-                    gone[key] = s.pop(key)
+                if not s:
+                    continue
+                first, last = min(s), max(s)
+                if klo <= first and last < khi:
+                    gone.update(s)
+                    s.clear()
+                elif first < khi and last >= klo:
+                    for key in [key for key in s if klo <= key < khi]:
+                        gone[key] = s.pop(key)
         dirty = self.dirty.intersection(gone)
         if dirty:
-            self.dirty.difference_update(dirty)
+            if len(dirty) == len(self.dirty):
+                self.dirty.clear()  # (every dirty line was in the range: no second pass)
+            else:
+                self.dirty.difference_update(dirty)
             self.writebacks += len(dirty)
-            self._write_runs(sorted(dirty), gone)
+            order = np.fromiter(dirty, dtype=np.uint64, count=len(dirty))
+            order.sort()
+            self._write_runs(order.tolist(), gone, order)
 
     def vmpage_flush(self, asid: int, spa: int) -> int:
         """VMPAGE_FLUSH MSR: write back and invalidate the encrypted lines of one 4 KiB page of ``asid``."""

@@ -12,12 +12,13 @@ A "cold boot" image (:meth:`Dram.dump`) is a raw file whose byte at offset ``o``
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from sevemu._util.units import LINE, PAGE
-from sevemu.errors import AddressError, AlignmentError, FileFormatError
+from sevemu.errors import AddressError, AlignmentError, FileFormatError, InputError
 
 __all__ = ["LINE", "PAGE", "ColdBootImage", "Dram"]  # LINE and PAGE re-exported for callers of old
 _ZERO_LINE = bytes(LINE)
@@ -191,29 +192,78 @@ class ColdBootImage:
             f.seek(spa - self.base)
             return f.read(length)
 
+    def extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of the runs of the file that hold data, in order: what the file system
+        stored (``SEEK_DATA`` / ``SEEK_HOLE``); everything else reads as zeros.  Where the file
+        system cannot tell, the whole file is one run."""
+        runs: list[tuple[int, int]] = []
+        seek_data = getattr(os, "SEEK_DATA", None)
+        seek_hole = getattr(os, "SEEK_HOLE", None)
+        if seek_data is None or seek_hole is None:
+            return [(0, self.size)] if self.size else []
+        with open(self.path, "rb") as f:
+            fd = f.fileno()
+            pos = 0
+            try:
+                while pos < self.size:
+                    try:
+                        start = os.lseek(fd, pos, seek_data)
+                    except OSError as exc:
+                        if exc.errno == errno.ENXIO:  # no data after pos
+                            break
+                        raise
+                    end = min(os.lseek(fd, start, seek_hole), self.size)
+                    runs.append((start, end - start))
+                    pos = end
+            except OSError:
+                return [(0, self.size)] if self.size else []
+        return runs
+
     def find(self, needle: bytes, chunk: int = 1 << 24) -> list[int]:
         """Every SPA at which ``needle`` occurs in the image."""
-        hits: list[int] = []
-        overlap = max(len(needle) - 1, 0)
+        return self.find_many([needle], chunk)[bytes(needle)]
+
+    def find_many(self, needles: Iterable[bytes], chunk: int = 1 << 24) -> dict[bytes, list[int]]:
+        """Every SPA of each needle (sorted, overlapping occurrences included), in one pass over the
+        image's data runs (:meth:`extents`); holes are zeros, so only a needle of zeros alone needs
+        them read as well."""
+        wanted = list(dict.fromkeys(bytes(n) for n in needles))
+        hits: dict[bytes, set[int]] = {n: set() for n in wanted}
+        if not wanted:
+            return {}
+        if chunk <= 0:
+            raise InputError(f"chunk must be positive, got {chunk}")
+        longest = max(len(n) for n in wanted)
+        runs = [(0, self.size)] if any(not n.strip(b"\0") for n in wanted) else self.extents()
         with open(self.path, "rb") as f:
-            pos = 0
-            tail = b""
-            while True:
-                block = f.read(chunk)
-                if not block:
-                    break
-                data = tail + block
-                start = data.find(needle)
-                while start >= 0:
-                    hits.append(self.base + pos - len(tail) + start)
-                    start = data.find(needle, start + 1)
-                tail = data[-overlap:] if overlap else b""
-                pos += len(block)
-        return sorted(set(hits))
+            for start, length in runs:
+                # a needle may straddle a run's ends into the zeros around it: read a margin
+                lo = max(start - longest + 1, 0)
+                end = min(start + length + longest - 1, self.size)
+                pos = lo
+                tail = b""
+                f.seek(lo)
+                while pos < end:
+                    block = f.read(min(chunk, end - pos))
+                    if not block:
+                        break
+                    data = tail + block
+                    base = self.base + pos - len(tail)
+                    for n in wanted:
+                        at = data.find(n)
+                        while at >= 0:
+                            hits[n].add(base + at)
+                            at = data.find(n, at + 1)
+                    pos += len(block)
+                    tail = data[-(longest - 1):] if longest > 1 else b""
+        return {n: sorted(found) for n, found in hits.items()}
 
     def nonzero_pages(self) -> Iterator[int]:
         """SPAs of the pages of the image that hold anything other than zeros."""
         with open(self.path, "rb") as f:
-            for i in range(self.size // PAGE):
-                if f.read(PAGE) != _ZERO_PAGE:
-                    yield self.base + i * PAGE
+            for start, length in self.extents():
+                first = start - start % PAGE
+                f.seek(first)
+                for off in range(first, start + length, PAGE):
+                    if f.read(PAGE) != _ZERO_PAGE:
+                        yield self.base + off

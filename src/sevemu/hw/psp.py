@@ -18,18 +18,23 @@ composition root).  The firmware reaches the rest of the SoC only through :class
   WBINVD_REQUIRED rule);
 * ``trng``: the PSP's random-number generator;
 * ``rmp``: on an SEV-SNP part, the Reverse Map Table's firmware port (:class:`~sevemu.hw.rmp.RmpFirmwarePort`).
+* ``mailbox``: the PSP's side of its own mailbox registers (:class:`MailboxPort`): what ring-buffer
+  mode needs (RING_BUFFER, :mod:`sevemu.firmware.ring`) -- the PSP reads x86's RBCtl/RBTail, writes
+  RBHead, raises the interrupt and tells the device that from now on every CMDRESP write is a
+  doorbell rather than a command.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 from sevemu._util.units import LINE
 from sevemu.abi.mailbox import (
     CMDRESP_RESP,
+    INTSTS_CMD_COMPLETE,
     MailboxReg,
     PspCapability,
     decode_command,
@@ -42,13 +47,20 @@ from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import CpuProfile
 from sevemu.hw.rmp import Rmp, RmpFirmwarePort
 
-__all__ = ["MailboxHandler", "Psp", "PspDma", "PspPorts"]
+__all__ = ["MailboxHandler", "MailboxPort", "Psp", "PspDma", "PspPorts", "RingHandler"]
 
 
 class MailboxHandler(Protocol):
     """What runs behind the mailbox: takes a command id and buffer address, returns a status."""
 
     def handle(self, command: int, buffer_paddr: int) -> int: ...
+
+
+@runtime_checkable
+class RingHandler(Protocol):
+    """A handler that can put the mailbox in ring-buffer mode: answers each doorbell."""
+
+    def doorbell(self) -> None: ...
 
 
 class PspDma:
@@ -119,13 +131,18 @@ class PspDma:
         self._cache.flush_range(0, False, spa, len(data))
         self._mc.dram.write(spa, data)
 
+    def evict(self, spa: int, length: int) -> None:
+        """Write back and drop the host's (unencrypted) cached lines of a range, DRAM otherwise
+        unchanged: what :meth:`write` of the range's own bytes does, without the copies."""
+        self._mc.dram.check_range(spa, length)
+        self._cache.flush_range(0, False, spa, length)
+
     def read_invalidate(self, spa: int, length: int) -> bytes:
         """Unencrypted read that also writes back and invalidates the host's lines of the range (the
         read-sized write-back-invalidate AMD's firmware sets around SNP_LAUNCH_UPDATE, AMD-ASPFW
         ``set_misc_read_sized_wrbkinvd``): no stale host line is left to be written back over what the
         firmware writes encrypted next."""
-        self._mc.dram.check_range(spa, length)
-        self._cache.flush_range(0, False, spa, length)
+        self.evict(spa, length)
         return self._mc.dram.read(spa, length)
 
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:
@@ -145,6 +162,29 @@ class PspDma:
         return n
 
 
+class MailboxPort:
+    """The PSP's side of its mailbox registers (module docstring)."""
+
+    __slots__ = ("_psp",)
+
+    def __init__(self, psp: Psp) -> None:
+        self._psp = psp
+
+    def read(self, reg: MailboxReg) -> int:
+        return self._psp._regs[reg]
+
+    def write(self, reg: MailboxReg, value: int) -> None:
+        self._psp._regs[reg] = value & 0xFFFFFFFF
+
+    def interrupt(self) -> None:
+        """Raise the completion interrupt (INTSTS bit 1)."""
+        self._psp._regs[MailboxReg.INTSTS] |= INTSTS_CMD_COMPLETE
+
+    def ring_mode(self, on: bool) -> None:
+        """From now on, CMDRESP writes are doorbells (on) or commands (off)."""
+        self._psp.ring = on
+
+
 @dataclass(frozen=True)
 class PspPorts:
     """Everything the firmware may touch besides its own state (see the module docstring)."""
@@ -156,17 +196,21 @@ class PspPorts:
     trng: Callable[[int], bytes] = os.urandom
     rmp: RmpFirmwarePort | None = None
     """The firmware's port into the Reverse Map Table (SEV-SNP parts only)."""
+    mailbox: MailboxPort | None = None
+    """Given by the PSP device itself (:meth:`Psp.take_ports`)."""
 
 
 class Psp:
     """The PSP mailbox device."""
 
     def __init__(self, ports: PspPorts) -> None:
-        self._ports: PspPorts | None = ports
+        self._ports: PspPorts | None = replace(ports, mailbox=MailboxPort(self))
         self._handler: MailboxHandler | None = None
         self._regs: dict[int, int] = {r.value: 0 for r in MailboxReg}
         self._regs[MailboxReg.FEATURE] = int(PspCapability.SEV)
         self.commands = 0
+        self.ring = False
+        """Ring-buffer mode: a CMDRESP write is RBCtl, a doorbell (set by the firmware)."""
 
     def take_ports(self) -> PspPorts:
         """Hand the PSP's private ports to the firmware (once; the composition root does it)."""
@@ -192,6 +236,11 @@ class Psp:
         if offset != MailboxReg.CMDRESP:
             self._regs[offset] = value
             return
+        handler = self._handler
+        if self.ring and isinstance(handler, RingHandler):
+            self._regs[offset] = value  # RBCtl
+            handler.doorbell()
+            return
         if value & CMDRESP_RESP:
             self._regs[offset] = value  # software clearing/acknowledging; not a command
             return
@@ -200,4 +249,4 @@ class Psp:
         paddr = self._regs[MailboxReg.CMDBUFF_ADDR_HI] << 32 | self._regs[MailboxReg.CMDBUFF_ADDR_LO]
         status = Status.INVALID_COMMAND if self._handler is None else self._handler.handle(cmd, paddr)
         self._regs[MailboxReg.CMDRESP] = encode_response(int(status))
-        self._regs[MailboxReg.INTSTS] |= 1 << 1
+        self._regs[MailboxReg.INTSTS] |= INTSTS_CMD_COMPLETE

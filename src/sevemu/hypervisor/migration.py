@@ -19,11 +19,12 @@ Flow (non-live, "stop and copy": the guest does not run while it is sent)::
                                               <-  START(policy, memory size, vCPUs, own PDH, session)
     RECEIVE_START -> handle (new VEK)
     ACTIVATE(handle, new ASID)
-                                                  per backed private page:
-                                                      SEND_UPDATE_DATA(GPA's SPA | C-bit) -> hdr, trans
-                                              <-      PAGE(gpa, hdr, trans)
-    back the page, CLFLUSH its host lines,
-    RECEIVE_UPDATE_DATA(SPA | C-bit)
+                                                  per batch of up to 128 backed private pages:
+                                                      SEND_UPDATE_DATA(GPA's SPA | C-bit) per page
+                                                      -> hdr, trans (one doorbell, ring buffer)
+                                              <-      PAGES(gpas, hdrs, transport buffers)
+    back the pages, RECEIVE_UPDATE_DATA(SPA | C-bit)
+    per page (one doorbell, ring buffer)
                                               <-  SHARED(gpa, bytes) per shared (C=0) page: the guest
                                                   made it visible, it travels as plain RAM
                                               <-  VCPU(save area) per vCPU (a plain SEV guest's
@@ -51,7 +52,13 @@ accidents.
 
 Wire format: every message is a frame ``u32 big-endian length || u8 type || payload`` (the length
 counts the type byte), at most :data:`MAX_FRAME` bytes; integers in payloads are big-endian.  Both
-sides bound every wait with a socket timeout.
+sides bound every wait with a socket timeout.  A PAGES frame carries one doorbell's packets: ``u32
+count || count x u64 GPA || count x 64-byte header slot (the 0x34-byte header, zero-padded) ||
+count x 4 KiB transport buffer``, at most :data:`~sevemu.hypervisor.psp.RING_BATCH` pages, laid out
+as the bounce area holds them on both sides (one copy in, one copy out).  Every page is still its
+own SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA with its own IV and MAC (KVM's contract): the batching
+is of submissions (the PSP's ring buffer) and of frames, not of packets.  A PAGE frame (one packet)
+is still accepted.
 
 SEV-ES guests (whose registers live in the encrypted VMSA and move with SEND_UPDATE_VMSA) and
 plain VMs are refused: only legacy SEV guests are modelled.
@@ -67,7 +74,7 @@ import time
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sevemu._util.units import PAGE, KiB
+from sevemu._util.units import PAGE, KiB, MiB
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import HdrBuf, SessionBuf
@@ -75,7 +82,9 @@ from sevemu.errors import SevemuError, VmError
 from sevemu.hw.svm import GPRS
 from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.kvm import Hypervisor
+from sevemu.hypervisor.psp import RING_BATCH
 from sevemu.hypervisor.sev.common import Packet
+from sevemu.hypervisor.sev.legacy import HDR_SLOT, PageBatch
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
 __all__ = [
@@ -89,6 +98,7 @@ __all__ = [
     "MigrationError",
     "MsgType",
     "Page",
+    "Pages",
     "ProtocolError",
     "SendResult",
     "SharedPage",
@@ -103,8 +113,9 @@ __all__ = [
 
 CERT_SIZE: Final = SEV_CERT_SIZE
 CHAIN_SIZE: Final = SEV_CERT_CHAIN_SIZE
-MAX_FRAME: Final = 64 * KiB
-"""Largest frame either side accepts (a page packet is about 4.2 KiB, HELLO about 11.5 KiB)."""
+MAX_FRAME: Final = MiB
+"""Largest frame either side accepts (a PAGES frame of 128 pages is about 520 KiB, HELLO about
+11.5 KiB)."""
 DEFAULT_TIMEOUT: Final = 30.0
 _SEND_BUFFER: Final = 256 * KiB
 _MAX_AMD_CERTS: Final = 8 * KiB
@@ -133,6 +144,7 @@ class MsgType(enum.IntEnum):
     FINISH = 6
     DONE = 7
     ABORT = 8
+    PAGES = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +174,17 @@ class Page:
     gpa: int
     hdr: bytes
     trans: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pages:
+    """The SEND_UPDATE_DATA packets of one doorbell: whole private pages (module docstring)."""
+
+    gpas: tuple[int, ...]
+    hdrs: bytes
+    """A :data:`~sevemu.hypervisor.sev.legacy.HDR_SLOT`-byte slot per page."""
+    transport: bytes
+    """A 4 KiB transport buffer per page."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,9 +229,10 @@ class Abort:
     reason: str
 
 
-Message = Hello | Start | Page | SharedPage | VcpuState | Finish | Done | Abort
+Message = Hello | Start | Page | Pages | SharedPage | VcpuState | Finish | Done | Abort
 
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
 _START = struct.Struct(">IQI")
 _VCPU = struct.Struct(">I6Q16Q")
 _FINISH = struct.Struct(">QQ")
@@ -223,7 +247,14 @@ def _blob(*parts: bytes) -> bytes:
 def encode_frame(msg: Message) -> bytes:
     """The frame of ``msg`` (module docstring)."""
     kind: MsgType
-    if isinstance(msg, Page):
+    if isinstance(msg, Pages):
+        n = len(msg.gpas)
+        if len(msg.hdrs) != n * HDR_SLOT or len(msg.transport) != n * PAGE:
+            raise ProtocolError(f"PAGES of {n} pages with {len(msg.hdrs)} header and {len(msg.transport)} "
+                                "transport bytes")
+        kind = MsgType.PAGES
+        payload = _blob(_U32.pack(n), struct.pack(f">{n}Q", *msg.gpas), msg.hdrs, msg.transport)
+    elif isinstance(msg, Page):
         kind, payload = MsgType.PAGE, _blob(_U64.pack(msg.gpa), msg.hdr, msg.trans)
     elif isinstance(msg, Hello):
         kind = MsgType.HELLO
@@ -260,6 +291,17 @@ def decode_frame(kind_byte: int, payload: bytes) -> Message:
     except ValueError:
         raise ProtocolError(f"unknown frame type {kind_byte}") from None
     n = len(payload)
+    if kind is MsgType.PAGES:
+        _need(n >= 4, kind, "truncated")
+        count = _U32.unpack_from(payload)[0]
+        _need(0 < count <= RING_BATCH, kind, f"{count} pages")
+        _need(n == 4 + count * (8 + HDR_SLOT + PAGE), kind, f"{n} bytes for {count} pages")
+        hdr_at = 4 + 8 * count
+        trans_at = hdr_at + count * HDR_SLOT
+        hdrs = payload[hdr_at:trans_at]
+        _need(all(not any(hdrs[i * HDR_SLOT + HdrBuf.SIZE : (i + 1) * HDR_SLOT]) for i in range(count)),
+              kind, "header padding is not zero")
+        return Pages(struct.unpack_from(f">{count}Q", payload, 4), hdrs, payload[trans_at:])
     if kind is MsgType.PAGE:
         _need(n > 8 + HdrBuf.SIZE, kind, f"{n} bytes")
         return Page(_U64.unpack_from(payload)[0], payload[8 : 8 + HdrBuf.SIZE], payload[8 + HdrBuf.SIZE :])
@@ -317,8 +359,12 @@ class Channel:
 
     def send(self, msg: Message) -> None:
         frame = encode_frame(msg)
-        self._out += frame
         self.bytes_sent += len(frame)
+        if len(frame) >= _SEND_BUFFER:  # a large frame goes out as it is, after what is pending
+            self.flush()
+            self.sock.sendall(frame)
+            return
+        self._out += frame
         if len(self._out) >= _SEND_BUFFER:
             self.flush()
 
@@ -463,10 +509,12 @@ def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel) -> tuple[int, int]:
         else:
             private.append(gpa)
     pages = 0
-    with contextlib.closing(hv.sev.send_pages(vm, private)) as packets:
-        for gpa, hdr, trans in packets:
-            chan.send(Page(gpa, hdr, trans))
-            pages += 1
+    with contextlib.closing(hv.sev.send_page_batches(vm, private)) as batches:
+        for batch in batches:
+            if batch.hdr_len != HdrBuf.SIZE:
+                raise ProtocolError(f"SEND_UPDATE_DATA headers of {batch.hdr_len:#x} bytes do not fit PAGES")
+            chan.send(Pages(batch.gpas, batch.hdrs, batch.transport))
+            pages += len(batch.gpas)
     return pages, shared
 
 
@@ -506,6 +554,13 @@ def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "
     return vm
 
 
+def _new_page(vm: Vm, gpa: int, seen: set[int]) -> None:
+    """ProtocolError unless ``gpa`` is a page of the VM not received before; records it."""
+    if gpa % PAGE or not 0 <= gpa < vm.memory or gpa in seen:
+        raise ProtocolError(f"page at GPA {gpa:#x}: unaligned, outside the VM or repeated")
+    seen.add(gpa)
+
+
 def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
     sev = hv.sev
     pages = shared = 0
@@ -514,11 +569,15 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
         packet = Packet(st, HdrBuf.SIZE, PAGE)
         while True:
             msg = _next(chan)
-            if isinstance(msg, (Page, SharedPage)):
+            if isinstance(msg, Pages):
+                for gpa in msg.gpas:
+                    _new_page(vm, gpa, seen)
+                # each GPA backs a fresh page: zeroed and flushed by the allocator
+                sev.receive_page_batch(vm, PageBatch(msg.gpas, msg.hdrs, msg.transport, HdrBuf.SIZE))
+                pages += len(msg.gpas)
+            elif isinstance(msg, (Page, SharedPage)):
                 gpa = msg.gpa
-                if gpa % PAGE or not 0 <= gpa < vm.memory or gpa in seen:
-                    raise ProtocolError(f"page at GPA {gpa:#x}: unaligned, outside the VM or repeated")
-                seen.add(gpa)
+                _new_page(vm, gpa, seen)
                 if isinstance(msg, SharedPage):
                     vm.back(gpa)
                     vm.host_write(gpa, msg.data)

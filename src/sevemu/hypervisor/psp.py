@@ -14,23 +14,49 @@ zeroed buffers or copies of user blobs from it, and everything is released when 
 (stack order, so flows nest).  Copies in and out are streaming (non-temporal) host accesses: DMA
 buffers are not data the host works on.  A request larger than what is left is ``-ENOMEM``, as a
 failed ``kzalloc``.
+
+Ring-buffer mode (:class:`RingSession`, the RING_BUFFER command; AMD-ASPFW ``sev_ring_buffer.h``):
+for runs of many commands -- migration's one page per SEND/RECEIVE_UPDATE_DATA -- the driver puts
+the mailbox in ring-buffer mode and queues up to 255 commands per doorbell: the command buffers of a
+batch go into one run of slots and the queue entries into the queue page with one streaming write
+each, RBTail moves, one RBCtl write rings the doorbell, and the statuses come back with one
+streaming read.  Closing the session leaves the mode (a mailbox-mode CMDRESP write, answered
+RING_BUFFER_EXIT), so the driver's other commands work as before.
 """
 
 from __future__ import annotations
 
+import struct
 from types import TracebackType
 from typing import Self, TypeVar
 
 from sevemu._util.units import LINE, PAGE, align_up
 from sevemu.abi.commands import CommandId
-from sevemu.abi.mailbox import MailboxReg, decode_status, encode_cmdresp, is_response
+from sevemu.abi.mailbox import (
+    RB_QUEUE_ENTRIES,
+    MailboxReg,
+    RbCtl,
+    RbHead,
+    decode_status,
+    encode_cmdresp,
+    is_response,
+    rb_head_index,
+    rb_tail,
+)
+from sevemu.abi.sev import RingBufferCmd
 from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct
 from sevemu.errors import HardwareError
 from sevemu.hw.host import HostCore, PspMailbox
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
 
-__all__ = ["BounceArea", "PspDriver", "Stage"]
+__all__ = ["RING_BATCH", "BounceArea", "PspDriver", "RingSession", "Stage"]
+
+RING_BATCH = RB_QUEUE_ENTRIES - 1
+"""Most commands one doorbell can carry (a full queue would look empty: head == tail)."""
+_SLOT = 64  # a command buffer slot (the largest queued buffer, TransportCmd, is 0x34 bytes)
+_ENTRY = struct.Struct("<HHIQ")  # abi.sev.RingCmdEntry, packed in one call (a test holds them equal)
+_STATUS = struct.Struct("<H6xQ")  # abi.sev.RingStatusEntry
 
 S = TypeVar("S", bound=Struct)
 
@@ -128,6 +154,25 @@ class PspDriver:
         """The bounce area for data the commands point to (module docstring)."""
         self.last_status = Status.SUCCESS
 
+    @property
+    def core(self) -> HostCore:
+        return self._core
+
+    @property
+    def mailbox(self) -> PspMailbox:
+        return self._psp
+
+    def ring(self) -> RingSession:
+        """Put the mailbox in ring-buffer mode until the returned session closes (module
+        docstring); its pages and slots come from the bounce area."""
+        session = RingSession(self, self.bounce.stage())
+        try:
+            session.open()
+        except BaseException:
+            session._stage.close()
+            raise
+        return session
+
     def raw(self, cmd: CommandId, buf: bytes | None) -> tuple[int, bytes]:
         """Issue ``cmd`` with the bytes ``buf``; returns (status, buffer as the firmware left it)."""
         spa = 0
@@ -175,3 +220,118 @@ class PspDriver:
     def get_data(self, length: int, offset: int = 0) -> bytes:
         """``length`` bytes of the bounce area at ``offset``."""
         return self._core.host_read(self.data_spa + offset, length)
+
+
+class RingSession:
+    """The mailbox in ring-buffer mode for a run of commands (module docstring).
+
+    Open it with :meth:`PspDriver.ring` as a context manager.  :meth:`submit` queues a command
+    buffer (bytes of its layout) and returns its position in the batch; :meth:`run` rings the
+    doorbell and returns the statuses of the batch in order.  The queue pauses at the first
+    failure: the commands after it do not run and :meth:`run` reports them as ``None``; the next
+    :meth:`run` resumes the queue (RBCtl ``RESUME_LO_QUEUE``).
+    """
+
+    def __init__(self, driver: PspDriver, stage: Stage) -> None:
+        self._driver = driver
+        self._stage = stage
+        self.cmd_spa = stage.alloc(PAGE, PAGE)
+        self.status_spa = stage.alloc(PAGE, PAGE)
+        self.slots_spa = stage.alloc(RING_BATCH * _SLOT, PAGE)
+        self._tail = 0
+        self._entries = bytearray()
+        self._slots = bytearray()
+        self._first = 0
+        self._paused = False
+        self.doorbells = 0
+        self.active = False
+
+    def open(self) -> None:
+        """RING_BUFFER in mailbox mode: one low-priority queue, no high-priority one."""
+        core = self._driver.core
+        core.host_write_stream(self.cmd_spa, bytes(PAGE))
+        core.host_write_stream(self.status_spa, bytes(PAGE))
+        self._driver.call(CommandId.RING_BUFFER, RingBufferCmd(
+            low_priority_cmd_ptr=self.cmd_spa, low_priority_status_ptr=self.status_spa,
+            low_priority_queue_size=1))
+        self.active = True
+
+    @property
+    def pending(self) -> int:
+        return len(self._slots) // _SLOT
+
+    def submit(self, cmd: CommandId, buf: bytes, flags: int = 0) -> int:
+        """Queue ``cmd`` with the command buffer ``buf``; its index in the current batch."""
+        n = self.pending
+        if n >= RING_BATCH:
+            raise SevInputError(Errno.EBUSY, f"a ring-buffer batch holds at most {RING_BATCH} commands")
+        if len(buf) > _SLOT:
+            raise SevInputError(Errno.EINVAL, f"{cmd.name} buffer of {len(buf)} bytes exceeds a ring slot")
+        self._slots += buf.ljust(_SLOT, b"\0")
+        self._entries += _ENTRY.pack(int(cmd), flags, 0, self.slots_spa + n * _SLOT)
+        return n
+
+    def run(self) -> list[int | None]:
+        """Ring the doorbell for the queued batch; each command's status, None for those a
+        failure left unrun (the queue paused)."""
+        n = self.pending
+        if not n:
+            return []
+        core = self._driver.core
+        mailbox = self._driver.mailbox
+        first = self._tail
+        core.host_write_stream(self.slots_spa, self._slots)
+        # the entries wrap around the 256-entry page
+        room = RB_QUEUE_ENTRIES - first
+        head_part = bytes(self._entries[: room * _ENTRY.size])
+        core.host_write_stream(self.cmd_spa + first * _ENTRY.size, head_part)
+        if n > room:
+            core.host_write_stream(self.cmd_spa, bytes(self._entries[room * _ENTRY.size :]))
+        self._tail = (first + n) % RB_QUEUE_ENTRIES
+        mailbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(self._tail))
+        ctl = RbCtl.X86_CONTROL | RbCtl.RB_MODE_ACTIVE | RbCtl.CLEAR_INT_BITS
+        if self._paused:
+            mailbox.mmio_write(MailboxReg.CMDRESP, int(ctl | RbCtl.RESUME_LO_QUEUE))  # the queue runs again
+            self._paused = False
+        mailbox.mmio_write(MailboxReg.CMDRESP, int(ctl))
+        self.doorbells += 1
+        head = mailbox.mmio_read(MailboxReg.CMDBUFF_ADDR_LO)
+        done = (rb_head_index(head) - first) % RB_QUEUE_ENTRIES
+        self._slots.clear()
+        self._entries.clear()
+        if done < n:  # paused at a failure: the rest never ran; drop them from the queue
+            self._paused = not head & RbHead.LO_QUEUE_RUNNING
+            self._tail = rb_head_index(head)
+            mailbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(self._tail))
+        raw = core.host_read_stream(self.status_spa, RB_QUEUE_ENTRIES * _STATUS.size)
+        out: list[int | None] = []
+        for i in range(n):
+            if i >= done:
+                out.append(None)
+                continue
+            out.append(_STATUS.unpack_from(raw, ((first + i) % RB_QUEUE_ENTRIES) * _STATUS.size)[0])
+        return out
+
+    def close(self) -> None:
+        """Leave ring-buffer mode (a mailbox-mode CMDRESP write, answered RING_BUFFER_EXIT)."""
+        if not self.active:
+            return
+        self.active = False
+        mailbox = self._driver.mailbox
+        mailbox.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(CommandId.NOP)))
+        reg = mailbox.mmio_read(MailboxReg.CMDRESP)
+        # RING_BUFFER_EXIT; or, when a queued SHUTDOWN had ended the mode, NOP's own answer: either
+        # way the mailbox is in mailbox mode now
+        if not is_response(reg):
+            raise HardwareError(f"the PSP did not answer the write that leaves ring-buffer mode ({reg:#x})")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.close()
+        finally:
+            self._stage.close()
+

@@ -52,10 +52,10 @@ LAUNCH_FINISH (LSECRET -> RUNNING)
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
-from sevemu._util.units import KiB, MiB, is_aligned
+from sevemu._util.units import KiB, MiB, align_down, is_aligned
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import HandleCmd, HdrBuf, LaunchStartCmd, LaunchUpdateDataCmd, MeasureBuf, TransportCmd
 from sevemu.abi.states import GuestState
@@ -90,10 +90,12 @@ def launch_start(fw: Firmware, cmd: LaunchStartCmd) -> LaunchStartCmd:
                           session_len=cmd.session_len)
 
 
-_PARALLEL_DIGEST_MIN: Final = MiB  # below this, hashing inline is cheaper than a hand-off
+_STREAM_MIN: Final = MiB  # below this, one read, hash and write; above, streamed in chunks
+_STREAM_CHUNK: Final = 2 * MiB
 _SHA_ENGINE: list[ThreadPoolExecutor] = []
-# Equivalent mutants (mutation testing of this module): flipping ``cmd.len < _PARALLEL_DIGEST_MIN``
-# and ``max_workers=2`` change only which thread hashes, never the digest or the memory.
+# Equivalent mutants (mutation testing of this module): flipping ``cmd.len < _STREAM_MIN``, the chunk
+# size and ``max_workers=2`` change only how the same bytes are cut and which thread hashes them,
+# never the digest or the memory.
 
 
 def _sha_engine() -> ThreadPoolExecutor:
@@ -103,22 +105,43 @@ def _sha_engine() -> ThreadPoolExecutor:
     return _SHA_ENGINE[0]
 
 
+def _stream_update(fw: Firmware, g: GuestContext, spa: int, length: int) -> None:
+    """LAUNCH_UPDATE_DATA of a large region, chunk by chunk: each chunk is read through the PSP's
+    coherent view, handed to the SHA engine (a worker thread; hashlib drops the GIL while it
+    hashes, and one worker keeps the chunks in order) and written back encrypted while the engine
+    hashes it -- the PSP's separate SHA and AES engines.  Chunks end on absolute chunk boundaries,
+    so only the first and the last may hold a partial line.  The same digest and the same memory
+    as one read, one hash and one write: the command is synchronous, nothing else touches the
+    range meanwhile, and the encrypted writes go straight to DRAM, never into the caches the
+    coherent reads look at."""
+    dma = fw.ports.dma
+    engine = _sha_engine()
+    pending: Future[None] | None = None
+    pos, end = spa, spa + length
+    try:
+        while pos < end:
+            stop = min(align_down(pos, _STREAM_CHUNK) + _STREAM_CHUNK, end)
+            chunk = dma.read(pos, stop - pos)
+            if pending is not None:
+                pending.result()  # at most one chunk in the engine: bounded memory
+            pending = engine.submit(g.ld.update, chunk)
+            write_guest(fw, g, pos, chunk)
+            pos = stop
+    finally:
+        if pending is not None:
+            pending.result()
+
+
 @SEV_API.guest(CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd, READY, _LUPDATE)
 def launch_update_data(fw: Firmware, cmd: LaunchUpdateDataCmd, g: GuestContext) -> None:
     need_active(g)
     spa = granule_region(fw, cmd.paddr, cmd.len)
-    plaintext = fw.ports.dma.read(spa, cmd.len)
-    if cmd.len < _PARALLEL_DIGEST_MIN:
-        g.ld.update(plaintext)
-        write_guest(fw, g, spa, plaintext)
+    if cmd.len >= _STREAM_MIN:
+        _stream_update(fw, g, spa, cmd.len)
         return
-    # The PSP hashes and encrypts on separate crypto engines; so does the model for large runs
-    # (hashlib drops the GIL while it hashes): same digest, same memory, faster when a core is free.
-    digest = _sha_engine().submit(g.ld.update, plaintext)
-    try:
-        write_guest(fw, g, spa, plaintext)
-    finally:
-        digest.result()
+    plaintext = fw.ports.dma.read(spa, cmd.len)
+    g.ld.update(plaintext)
+    write_guest(fw, g, spa, plaintext)
 
 
 @SEV_API.guest(CommandId.LAUNCH_MEASURE, LaunchUpdateDataCmd, READY, _LUPDATE)

@@ -109,13 +109,15 @@ RECEIVE_START with HWERROR_PLATFORM (:attr:`Firmware.identity`).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import struct
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Final
 
-from sevemu._util.units import PAGE
+from sevemu._util.units import LINE, PAGE
 from sevemu.abi.certs import AMD_CERT_HEADER_SIZE, SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage
 from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy, api_major, api_minor
@@ -130,6 +132,7 @@ from sevemu.abi.sev import (
 )
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
+from sevemu.abi.struct import Struct
 from sevemu.certs.amd import MODULUS_SIZES
 from sevemu.certs.chain import PlatformChain, SevCertChain
 from sevemu.certs.errors import CertSignatureError, ChainError, UntrustedRootError
@@ -139,11 +142,11 @@ from sevemu.crypto.transport import (
     IV_SIZE,
     KEY_SIZE,
     NONCE_SIZE,
+    PacketCrypto,
     TransportKeys,
-    aes128_ctr,
     seal_session,
 )
-from sevemu.errors import FirmwareError, InputError
+from sevemu.errors import FirmwareError, InputError, LayoutError
 from sevemu.firmware.checks import check_range, host_region, need_active, read_host
 from sevemu.firmware.core import READY, Firmware, Reply
 from sevemu.firmware.gctx import CLOSED_KEY, GuestContext
@@ -183,29 +186,48 @@ Naples form), each RSA-2048 or RSA-4096 (SEV API 55766 appendix, AMD root/signin
 # ---- the data packet (AF send_receive_update_aad + aesctr_hmac256_*) ----------------------------
 
 
+def _aad(flags: int, iv: bytes, guest_len: int, trans_len: int) -> bytes:
+    return _AAD.pack(DATA_CONTEXT, flags, bytes(iv), guest_len, trans_len)
+
+
 def data_packet_mac(tik: bytes, *, flags: int, iv: bytes, guest_len: int, trans: bytes) -> bytes:
     """HMAC-SHA256(TIK, 0x02 || le32(flags) || iv || le32(guest_len) || le32(len(trans)) || trans)."""
     if len(iv) != IV_SIZE or len(tik) != KEY_SIZE:
         raise InputError(f"packet IV and TIK must be {IV_SIZE} bytes, got {len(iv)} and {len(tik)}")
-    aad = _AAD.pack(DATA_CONTEXT, flags, bytes(iv), guest_len, len(trans))
-    mac = hmac.new(bytes(tik), aad, hashlib.sha256)
+    mac = hmac.new(bytes(tik), _aad(flags, iv, guest_len, len(trans)), hashlib.sha256)
     mac.update(trans)
     return mac.digest()
 
 
-def seal_data_packet(keys: TransportKeys, plaintext: bytes, iv: bytes, flags: int = 0) -> tuple[HdrBuf, bytes]:
+def _crypto(keys: TransportKeys | PacketCrypto) -> PacketCrypto:
+    return keys if isinstance(keys, PacketCrypto) else PacketCrypto(keys.tek, keys.tik)
+
+
+def seal_data_packet(keys: TransportKeys | PacketCrypto, plaintext: bytes, iv: bytes,
+                     flags: int = 0) -> tuple[HdrBuf, bytes]:
     """(header, TRANS) of one SEND_UPDATE_DATA packet."""
-    trans = aes128_ctr(keys.tek, iv, plaintext)
-    mac = data_packet_mac(keys.tik, flags=flags, iv=iv, guest_len=len(plaintext), trans=trans)
+    pc = _crypto(keys)
+    trans = pc.ctr(iv, plaintext)
+    mac = pc.mac(_aad(flags, iv, len(plaintext), len(trans)), trans)
     return HdrBuf(flags=flags, iv=bytes(iv), mac=mac), trans
 
 
-def open_data_packet(keys: TransportKeys, hdr: HdrBuf, trans: bytes, guest_len: int) -> bytes:
+def open_data_packet(keys: TransportKeys | PacketCrypto, hdr: HdrBuf, trans: bytes, guest_len: int) -> bytes:
     """Verify the MAC of a RECEIVE_UPDATE_DATA packet (BAD_MEASUREMENT) and decrypt TRANS."""
-    expected = data_packet_mac(keys.tik, flags=hdr.flags, iv=hdr.iv, guest_len=guest_len, trans=trans)
+    pc = _crypto(keys)
+    expected = pc.mac(_aad(hdr.flags, hdr.iv, guest_len, len(trans)), trans)
     if not hmac.compare_digest(expected, hdr.mac):
         raise FirmwareError(Status.BAD_MEASUREMENT, "packet MAC does not verify")
-    return aes128_ctr(keys.tek, hdr.iv, trans)
+    return pc.ctr(hdr.iv, trans)
+
+
+def _channel(g: GuestContext) -> PacketCrypto:
+    """The guest's channel contexts (keyed by SEND_START / RECEIVE_START; made here only for a
+    context that has none)."""
+    pc = g.packets
+    if pc is None or not pc.keyed(g.tek, g.tik):
+        pc = g.packets = PacketCrypto(g.tek, g.tik)
+    return pc
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -357,6 +379,7 @@ def send_start(fw: Firmware, cmd: SendStartCmd, g: GuestContext) -> SendStartCmd
     session = seal_session(z, nonce, trng(IV_SIZE), keys, g.policy)
     fw.ports.dma.write(session_spa, session.encode())
     g.tek, g.tik = keys.tek, keys.tik
+    g.packets = PacketCrypto(keys.tek, keys.tik)
     g.state = GuestState.SUPDATE
     return replace(cmd, policy=g.policy)
 
@@ -382,7 +405,7 @@ def _send_update(fw: Firmware, cmd: TransportCmd, g: GuestContext, vmsa: bool) -
     plaintext = read_guest(fw, g, spa, n)
     if vmsa:
         check_vmsa(fw, g, plaintext)
-    hdr, trans = seal_data_packet(TransportKeys(g.tek, g.tik), plaintext, fw.ports.trng(IV_SIZE))
+    hdr, trans = seal_data_packet(_channel(g), plaintext, fw.ports.trng(IV_SIZE))
     dma.write(trans_spa, trans)
     dma.write(hdr_spa, hdr.encode())
     # AF writes hdr_len back; a buffer that already says 0x34 needs no write
@@ -394,6 +417,156 @@ def send_update_data(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> Transp
     return _send_update(fw, cmd, g, vmsa=False)
 
 
+class _Spans:
+    """Disjoint byte ranges, kept sorted: what a batch has written (or will write) so far."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def hits(self, lo: int, hi: int) -> bool:
+        i = bisect.bisect_right(self._starts, lo)
+        return (i > 0 and self._ends[i - 1] > lo) or (i < len(self._starts) and self._starts[i] < hi)
+
+    def add(self, lo: int, hi: int) -> None:
+        i = bisect.bisect_right(self._starts, lo)
+        self._starts.insert(i, lo)
+        self._ends.insert(i, hi)
+
+
+def _batchable(plan: _Spans, reads: list[tuple[int, int]], writes: list[tuple[int, int]]) -> bool:
+    """Whether a command with these input and output ranges joins a batch whose earlier commands
+    write ``plan``: run one by one, it would read nothing they write, and its writes would not land
+    on theirs -- so reading everything first and writing everything after gives the same memory."""
+    if any(plan.hits(lo, hi) for lo, hi in reads) or any(plan.hits(lo, hi) for lo, hi in writes):
+        return False
+    if len(writes) == 2 and writes[0][0] < writes[1][1] and writes[1][0] < writes[0][1]:
+        return False  # its own header and TRANS overlap: one by one keeps their order
+    for lo, hi in writes:
+        plan.add(lo, hi)
+    return True
+
+
+def _batch_guest(fw: Firmware, cmd: TransportCmd, states: frozenset[GuestState],
+                 g: GuestContext | None) -> GuestContext | None:
+    """The command's guest if it exists, is in ``states`` and is the batch's guest so far."""
+    ctx = fw.guests.get(cmd.handle)
+    if ctx is None or ctx.state not in states or (g is not None and ctx is not g):
+        return None
+    return ctx
+
+
+def _regions(fw: Firmware, cmd: TransportCmd, g: GuestContext, n: int) -> tuple[int, int, int] | None:
+    """(guest SPA, header SPA, TRANS SPA) of a SEND/RECEIVE_UPDATE_DATA whose activation and region
+    checks all pass (the checks of :func:`_send_update` / :func:`_receive_update`); None otherwise."""
+    try:
+        need_active(g)
+        spa = _transport_region(fw, cmd, n)
+        check_range(fw, spa, n)
+        return spa, host_region(fw, cmd.hdr_paddr, HdrBuf.SIZE), host_region(fw, cmd.trans_paddr, n)
+    except FirmwareError:
+        return None
+
+
+def _read_all(fw: Firmware, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each (SPA, length) through the PSP's coherent unencrypted path, in one read
+    where they lie packed together (reads change nothing: the same bytes as one by one)."""
+    if not ranges:
+        return []
+    dma = fw.ports.dma
+    lo = min(spa for spa, _ in ranges)
+    hi = max(spa + n for spa, n in ranges)
+    if hi - lo > 2 * sum(n for _, n in ranges):
+        return [dma.read(spa, n) for spa, n in ranges]
+    span = dma.read(lo, hi - lo)
+    return [span[spa - lo : spa - lo + n] for spa, n in ranges]
+
+
+def _read_guest_all(fw: Firmware, g: GuestContext, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Guest memory of each (SPA, length), physically consecutive line-aligned ranges decrypted in
+    one bulk call (the same bytes as :func:`read_guest` one by one)."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(ranges):
+        j = i + 1
+        spa, n = ranges[i]
+        end = spa + n
+        while j < len(ranges) and ranges[j][0] == end and not end % LINE and not ranges[j][1] % LINE \
+                and not spa % LINE:
+            end += ranges[j][1]
+            j += 1
+        data = read_guest(fw, g, spa, end - spa)
+        pos = 0
+        for _, m in ranges[i:j]:
+            out.append(data[pos : pos + m])
+            pos += m
+        i = j
+    return out
+
+
+def _write_runs(fw: Firmware, pieces: list[tuple[int, bytes]]) -> None:
+    """Write each (SPA, bytes) through the PSP's unencrypted path, neighbours closer than a line
+    in one write (the bytes between them read back first: the same memory as writing one by one)."""
+    dma = fw.ports.dma
+    pieces.sort()
+    i = 0
+    while i < len(pieces):
+        j = i + 1
+        end = pieces[i][0] + len(pieces[i][1])
+        while j < len(pieces) and pieces[j][0] - end < LINE:
+            end = max(end, pieces[j][0] + len(pieces[j][1]))
+            j += 1
+        lo = pieces[i][0]
+        if j == i + 1:
+            dma.write(lo, pieces[i][1])
+        else:
+            run = bytearray(dma.read(lo, end - lo))
+            for spa, data in pieces[i:j]:
+                run[spa - lo : spa - lo + len(data)] = data
+            dma.write(lo, bytes(run))
+        i = j
+
+
+@SEV_API.batch(CommandId.SEND_UPDATE_DATA)
+def send_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
+    """SEND_UPDATE_DATA of queued commands at once (ring-buffer mode): the prefix of commands on
+    one guest that pass every check of :func:`_send_update` and whose buffers keep clear of the
+    others' outputs (:func:`_batchable`); the plaintexts read, the IVs drawn in command order, the
+    keystreams made in one AES call, a MAC per packet, the outputs written in runs."""
+    g: GuestContext | None = None
+    plan = _Spans()
+    todo: list[tuple[int, int, int, int]] = []  # (guest SPA, length, hdr SPA, TRANS SPA)
+    for cspa, cmd in items:
+        if not isinstance(cmd, TransportCmd) or cmd.hdr_len != HdrBuf.SIZE:
+            break  # a length query or a header length to write back: one by one
+        n = cmd.guest_len
+        ctx = _batch_guest(fw, cmd, _SUPDATE, g)
+        regions = None if ctx is None or cmd.trans_len == 0 or cmd.trans_len < n else _regions(fw, cmd, ctx, n)
+        if ctx is None or regions is None:
+            break
+        spa, hdr_spa, trans_spa = regions
+        if not _batchable(plan, [(cspa, cspa + TransportCmd.SIZE), (spa, spa + n)],
+                          [(trans_spa, trans_spa + n), (hdr_spa, hdr_spa + HdrBuf.SIZE)]):
+            break
+        g = ctx
+        todo.append((spa, n, hdr_spa, trans_spa))
+    if g is None or not todo:
+        return 0
+    pc = _channel(g)
+    plaintexts = _read_guest_all(fw, g, [(spa, n) for spa, n, _, _ in todo])
+    ivs = [fw.ports.trng(IV_SIZE) for _ in todo]
+    transes = pc.ctr_many(ivs, plaintexts)
+    pieces: list[tuple[int, bytes]] = []
+    headers: list[tuple[int, bytes]] = []
+    for (_, n, hdr_spa, trans_spa), iv, trans in zip(todo, ivs, transes, strict=True):
+        mac = pc.mac(_aad(0, iv, n, len(trans)), trans)
+        pieces.append((trans_spa, trans))
+        headers.append((hdr_spa, HdrBuf(flags=0, iv=iv, mac=mac).encode()))
+    _write_runs(fw, pieces)
+    _write_runs(fw, headers)
+    return len(todo)
+
+
 @SEV_API.guest(CommandId.SEND_UPDATE_VMSA, TransportCmd, READY, _SUPDATE, before_guest=(_hdr_length_query,))
 def send_update_vmsa(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> TransportCmd | None:
     return _send_update(fw, cmd, g, vmsa=True)
@@ -401,6 +574,7 @@ def send_update_vmsa(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> Transp
 
 def _close(g: GuestContext, state: GuestState) -> None:
     g.tek = g.tik = CLOSED_KEY
+    g.packets = None
     g.state = state
 
 
@@ -427,6 +601,7 @@ def _open_receive_session(fw: Firmware, cmd: ReceiveStartCmd) -> TransportKeys:
 def receive_start(fw: Firmware, cmd: ReceiveStartCmd) -> ReceiveStartCmd:
     keys = _open_receive_session(fw, cmd)
     handle = create_guest(fw, cmd.handle, cmd.policy, keys, GuestState.RUPDATE)
+    fw.guests[handle].packets = PacketCrypto(keys.tek, keys.tik)
     return replace(cmd, handle=handle)
 
 
@@ -444,7 +619,7 @@ def _receive_update(fw: Firmware, cmd: TransportCmd, g: GuestContext, vmsa: bool
     trans = read_host(fw, cmd.trans_paddr, n)
     if hdr.flags & HdrFlags.COMPRESSED:
         raise FirmwareError(Status.UNSUPPORTED, "compressed packets are not supported")
-    plaintext = open_data_packet(TransportKeys(g.tek, g.tik), hdr, trans, n)
+    plaintext = open_data_packet(_channel(g), hdr, trans, n)
     if vmsa:
         vmsa_room(fw, plaintext)
     evict_host_lines(fw, spa, n)
@@ -457,6 +632,63 @@ def _receive_update(fw: Firmware, cmd: TransportCmd, g: GuestContext, vmsa: bool
 @SEV_API.guest(CommandId.RECEIVE_UPDATE_DATA, TransportCmd, READY, _RUPDATE)
 def receive_update_data(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> None:
     _receive_update(fw, cmd, g, vmsa=False)
+
+
+@SEV_API.batch(CommandId.RECEIVE_UPDATE_DATA)
+def receive_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
+    """RECEIVE_UPDATE_DATA of queued commands at once (ring-buffer mode): the prefix of commands on
+    one guest that pass every check of :func:`_receive_update` -- the MAC included -- and whose
+    inputs keep clear of the others' guest regions (:func:`_batchable`); the keystreams made in one
+    AES call, the host's lines of the guest regions written back and dropped, the plaintexts
+    written encrypted, physically consecutive pages in one write."""
+    g: GuestContext | None = None
+    plan = _Spans()
+    checked: list[tuple[int, int, int, int]] = []  # (guest SPA, length, hdr SPA, TRANS SPA)
+    for cspa, cmd in items:
+        if not isinstance(cmd, TransportCmd):
+            break
+        n = cmd.trans_len
+        ctx = _batch_guest(fw, cmd, _RUPDATE, g)
+        sane = 0 < n <= MAX_PACKET and cmd.guest_len == n and cmd.hdr_len >= HdrBuf.SIZE
+        regions = _regions(fw, cmd, ctx, n) if ctx is not None and sane else None
+        if ctx is None or regions is None:
+            break
+        spa, hdr_spa, trans_spa = regions
+        if not _batchable(plan, [(cspa, cspa + TransportCmd.SIZE), (hdr_spa, hdr_spa + HdrBuf.SIZE),
+                                 (trans_spa, trans_spa + n)], [(spa, spa + n)]):
+            break
+        g = ctx
+        checked.append((spa, n, hdr_spa, trans_spa))
+    if g is None or not checked:
+        return 0
+    hdrs = _read_all(fw, [(hdr_spa, HdrBuf.SIZE) for _, _, hdr_spa, _ in checked])
+    transes = _read_all(fw, [(trans_spa, n) for _, n, _, trans_spa in checked])
+    pc = _channel(g)
+    todo: list[tuple[int, int, HdrBuf, bytes]] = []  # (guest SPA, length, header, TRANS)
+    for (spa, n, _, _), raw, trans in zip(checked, hdrs, transes, strict=True):
+        try:
+            hdr = HdrBuf.decode(raw)
+        except LayoutError:
+            break
+        if hdr.flags & HdrFlags.COMPRESSED:
+            break
+        if not hmac.compare_digest(pc.mac(_aad(hdr.flags, hdr.iv, n, n), trans), hdr.mac):
+            break  # BAD_MEASUREMENT, answered one by one
+        todo.append((spa, n, hdr, trans))
+    if g is None or not todo:
+        return 0
+    plaintexts = _channel(g).ctr_many([hdr.iv for _, _, hdr, _ in todo], [trans for _, _, _, trans in todo])
+    runs: list[tuple[int, bytearray]] = []
+    for (spa, n, _, _), plain in zip(todo, plaintexts, strict=True):
+        last = runs[-1] if runs else None
+        if last is not None and last[0] + len(last[1]) == spa and not spa % LINE and not n % LINE:
+            last[1].extend(plain)
+        else:
+            runs.append((spa, bytearray(plain)))
+    for spa, data in runs:
+        fw.ports.dma.evict(spa, len(data))  # (evict_host_lines without reading and rewriting the bytes)
+        write_guest(fw, g, spa, bytes(data))
+    return len(todo)
 
 
 @SEV_API.guest(CommandId.RECEIVE_UPDATE_VMSA, TransportCmd, READY, _RUPDATE)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
+
 from sevemu._util.units import PAGE, PAGE_MASK, align_down, align_up
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import TransportCmd
@@ -95,15 +97,10 @@ class Reply:
 
 def contiguous_runs(spas: list[int]) -> list[tuple[int, int]]:
     """(first index, page count) of physically contiguous runs of pages (Linux ``get_num_contig_pages``)."""
-    runs: list[tuple[int, int]] = []
-    i = 0
-    while i < len(spas):
-        n = 1
-        while i + n < len(spas) and spas[i + n - 1] + PAGE == spas[i + n]:
-            n += 1
-        runs.append((i, n))
-        i += n
-    return runs
+    if not spas:
+        return []
+    breaks = (np.flatnonzero(np.diff(np.asarray(spas, dtype=np.uint64)) != PAGE) + 1).tolist()
+    return [(first, end - first) for first, end in zip([0, *breaks], [*breaks, len(spas)], strict=True)]
 
 
 class Packet:
@@ -286,7 +283,7 @@ class SevHost:
         where the PSP's encrypted write invalidates the C=0 lines.  The model's PSP writes
         encrypted data straight to DRAM without snooping (:mod:`sevemu.hw.psp`), so the host
         flushes on every generation (model choice)."""
-        pages = [align_down(spa, PAGE) for spa in spas]
+        pages = spas if all(not spa & PAGE_MASK for spa in spas) else [align_down(spa, PAGE) for spa in spas]
         for first, count in contiguous_runs(pages):
             self.core.clflush_range(pages[first], count * PAGE)
 

@@ -30,7 +30,9 @@ strips the bit either way.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Generator, Iterable
+from dataclasses import dataclass
 
 from sevemu._util.units import PAGE, PAGE_MASK, align_down, align_up
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
@@ -38,6 +40,7 @@ from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import (
     SEV_TMR_LEN,
+    TRANSPORT_PACK,
     ActivateCmd,
     AttestationCmd,
     DbgCmd,
@@ -59,17 +62,47 @@ from sevemu.abi.sev import (
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
+from sevemu.hypervisor.psp import RING_BATCH
 from sevemu.hypervisor.sev.common import PACKET, OutBlob, Packet, Reply, SevHost, contiguous_runs
 from sevemu.hypervisor.uapi import GHCB_VERSION_MAX, GHCB_VERSION_MIN
 from sevemu.hypervisor.vcpu import KvmVmType
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
-__all__ = ["GRANULE", "LegacySev"]
+__all__ = ["GRANULE", "HDR_SLOT", "PAGE_BATCH", "LegacySev", "PageBatch"]
 
 GRANULE = 16
 """The SEV API's 16-byte granularity: LAUNCH_UPDATE_DATA lengths, DBG_DECRYPT / DBG_ENCRYPT addresses
 and lengths (SEV API 55766, LAUNCH_UPDATE_DATA, DBG_DECRYPT)."""
 _MAX_LEN = 1 << 32  # a u32 length field
+HDR_SLOT = 64
+"""Bytes a transport header occupies in a :class:`PageBatch` (the 0x34-byte header, zero-padded)."""
+PAGE_BATCH = 128
+"""Pages per ring-buffer doorbell in migration (at most ``RING_BATCH``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PageBatch:
+    """SEND_UPDATE_DATA packets of whole pages, as one doorbell produced them: ``hdrs`` holds a
+    :data:`HDR_SLOT`-byte slot per page (its first ``hdr_len`` bytes the header), ``transport`` the
+    pages' transport buffers back to back."""
+
+    gpas: tuple[int, ...]
+    hdrs: bytes
+    transport: bytes
+    hdr_len: int
+
+    def hdr(self, i: int) -> bytes:
+        return self.hdrs[i * HDR_SLOT : i * HDR_SLOT + self.hdr_len]
+
+    def trans(self, i: int) -> bytes:
+        return self.transport[i * PAGE : (i + 1) * PAGE]
+
+
+def _check_batch(cmd: CommandId, statuses: list[int | None]) -> None:
+    """SevFirmwareError with the status of the first command of a batch that did not succeed."""
+    for status in statuses:
+        if status != Status.SUCCESS:
+            raise SevFirmwareError(cmd.name, Status.HWERROR_PLATFORM if status is None else status)
 
 _MEASURE = (OutBlob("paddr", "len"),)
 _PEK_CSR = (OutBlob("csr_paddr", "csr_len"),)
@@ -418,17 +451,41 @@ class LegacySev(SevHost):
         return self.send_packet(CommandId.SEND_UPDATE_DATA, vm, guest, guest_len, hdr_len, trans_len)
 
     def send_pages(self, vm: Vm, gpas: Iterable[int]) -> Generator[tuple[int, bytes, bytes], None, None]:
-        """SEND_UPDATE_DATA of whole private pages, one command each (KVM's contract), through one
-        packet buffer staged for the whole run: yields (GPA, header, transport buffer)."""
+        """SEND_UPDATE_DATA of whole private pages, one command each (KVM's contract): yields
+        (GPA, header, transport buffer), from :meth:`send_page_batches`."""
+        for batch in self.send_page_batches(vm, gpas):
+            for i, gpa in enumerate(batch.gpas):
+                yield gpa, batch.hdr(i), batch.trans(i)
+
+    def send_page_batches(self, vm: Vm, gpas: Iterable[int],
+                          batch: int = PAGE_BATCH) -> Generator[PageBatch, None, None]:
+        """SEND_UPDATE_DATA of whole private pages, still one command per page with its own IV and
+        MAC (KVM's contract), submitted ``batch`` at a time through the mailbox's ring buffer
+        (:meth:`~sevemu.hypervisor.psp.PspDriver.ring`): the headers land in 64-byte slots and the
+        transport buffers in consecutive pages of one bounce run, read back with one streaming read
+        each.  Yields a :class:`PageBatch` per doorbell; a refused command raises
+        :class:`SevFirmwareError` (the pages before it were sent)."""
+        if not 0 < batch <= RING_BATCH:
+            raise SevInputError(Errno.EINVAL, f"batch of {batch} pages: 1..{RING_BATCH}")
         hdr_len, _ = self.packet_lengths(vm)
         me_mask = self.caps.me_mask
-        with self.psp.bounce.stage() as st:
-            packet = Packet(st, hdr_len, PAGE)
-            for gpa in gpas:
-                self.transport(CommandId.SEND_UPDATE_DATA, vm, packet.hdr_spa, hdr_len, vm.spa_of(gpa) | me_mask,
-                               PAGE, packet.trans_spa, PAGE)
-                hdr, trans = packet.read(hdr_len, PAGE)
-                yield gpa, hdr, trans
+        core = self.core
+        handle = vm.handle
+        spa_of = vm.spa_of
+        pack = TRANSPORT_PACK.pack
+        todo = iter(gpas)
+        with self.psp.ring() as ring, self.psp.bounce.stage() as st:
+            hdr_base = st.alloc(batch * HDR_SLOT, PAGE)
+            trans_base = st.alloc(batch * PAGE, PAGE)
+            while chunk := list(itertools.islice(todo, batch)):
+                for i, gpa in enumerate(chunk):
+                    ring.submit(CommandId.SEND_UPDATE_DATA,
+                                pack(handle, hdr_base + i * HDR_SLOT, hdr_len, spa_of(gpa) | me_mask, PAGE,
+                                     trans_base + i * PAGE, PAGE))
+                _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
+                n = len(chunk)
+                yield PageBatch(tuple(chunk), core.host_read_stream(hdr_base, n * HDR_SLOT),
+                                core.host_read_stream(trans_base, n * PAGE), hdr_len)
 
     def send_finish(self, vm: Vm) -> None:
         self.need_context(vm)
@@ -458,6 +515,32 @@ class LegacySev(SevHost):
         self.need_context(vm, Errno.EINVAL)
         guest = self.guest_page(vm, gpa, guest_len)
         self.receive_packet(CommandId.RECEIVE_UPDATE_DATA, vm, guest, guest_len, hdr, trans, packet)
+
+    def receive_page_batch(self, vm: Vm, batch: PageBatch) -> None:
+        """RECEIVE_UPDATE_DATA of whole pages, one command per page (KVM's contract), the batch
+        submitted with one doorbell through the ring buffer: each GPA is backed (a fresh page,
+        zeroed and flushed by the allocator), the headers and transport buffers copied into the
+        bounce area with one streaming write each.  A refused command raises
+        :class:`SevFirmwareError` (the pages before it were received)."""
+        self.need_context(vm, Errno.EINVAL)
+        n = len(batch.gpas)
+        if not 0 < n <= RING_BATCH:
+            raise SevInputError(Errno.EINVAL, f"batch of {n} pages: 1..{RING_BATCH}")
+        if len(batch.hdrs) != n * HDR_SLOT or len(batch.transport) != n * PAGE or batch.hdr_len > HDR_SLOT:
+            raise SevInputError(Errno.EINVAL, "page batch buffers do not match its page count")
+        me_mask = self.caps.me_mask
+        pack = TRANSPORT_PACK.pack
+        spas = [self.guest_page(vm, gpa, PAGE) for gpa in batch.gpas]
+        with self.psp.ring() as ring, self.psp.bounce.stage() as st:
+            hdr_base = st.alloc(n * HDR_SLOT, PAGE)
+            trans_base = st.alloc(n * PAGE, PAGE)
+            self.core.host_write_stream(hdr_base, batch.hdrs)
+            self.core.host_write_stream(trans_base, batch.transport)
+            for i, spa in enumerate(spas):
+                ring.submit(CommandId.RECEIVE_UPDATE_DATA,
+                            pack(vm.handle, hdr_base + i * HDR_SLOT, batch.hdr_len, spa | me_mask, PAGE,
+                                 trans_base + i * PAGE, PAGE))
+            _check_batch(CommandId.RECEIVE_UPDATE_DATA, ring.run())
 
     def receive_finish(self, vm: Vm) -> None:
         """RECEIVE_FINISH: the guest is RUNNING here."""

@@ -1,0 +1,206 @@
+"""Ring-buffer mode of the mailbox: many commands per doorbell (AMD's firmware source AMD-ASPFW
+``sev_ring_buffer.c``, ``sev_ring_buffer.h``, ``main.c``; the RING_BUFFER command that enables it is
+:mod:`sevemu.firmware.sev.ring_buffer`).
+
+After RING_BUFFER, x86 no longer writes one command id to CMDRESP per command.  It fills queue
+entries (:class:`~sevemu.abi.sev.RingCmdEntry`: command id, flags, the command buffer's address) in
+a low-priority queue page -- and an optional high-priority one -- moves its tail index in RBTail
+and writes RBCtl to CMDRESP, the doorbell (register meanings: :mod:`sevemu.abi.mailbox`).  For each
+doorbell the PSP:
+
+1. reads RBCtl; without both ``X86_CONTROL`` and ``RB_MODE_ACTIVE`` x86 has written an ordinary
+   command: the PSP leaves ring-buffer mode and answers CMDRESP with ``RESP | RING_BUFFER_EXIT``
+   (0x1F) *without* running that command (AF ``main.c``: "return an error and exit without
+   processing"); x86 issues it again in mailbox mode;
+2. ``CLEAR_INT_BITS`` clears RBHead's interrupt-status bits; a paused queue whose ``RESUME_*`` bit
+   is set runs again (AF ``sev_rb_pre_cmd_error_handling``);
+3. takes entries, the high-priority queue first, while a running queue's head differs from its
+   tail: each command runs through the dispatcher exactly as a mailbox command would (same state
+   tables, same checks, same statuses, the same command log), its status goes into the status
+   entry of the same index (``error_stack`` 0), the head advances (wrapping at 256).  A run of
+   entries queuing one command with the same flags goes to the command's batch runner where it
+   has one (SEND_UPDATE_DATA, RECEIVE_UPDATE_DATA: :mod:`sevemu.firmware.sev.migrate`), which runs
+   the longest prefix that succeeds with the effects of running it one by one -- the PSP keeping
+   its AES and SHA engines busy across commands -- and the first command it does not take runs on
+   its own;
+4. a command that fails without ``CONT_ON_ERROR`` pauses its queue (``Q_PAUSED_INT_STAT``); one with
+   ``INT_COMPLETE`` sets ``CMD_DONE_INT_STAT``; a queue whose depth fell below its threshold sets
+   ``Q_FREE_INT_STAT`` (if RBCtl enables that queue's near-empty interrupt); both queues empty sets
+   ``ALL_QUEUE_EMPTY_INT_STAT`` when RING_BUFFER asked for it; RBHead is written after every
+   command and the interrupt (INTSTS bit 1) raised when any status bit was newly earned;
+5. a command that took the platform to UNINIT (SHUTDOWN) ends ring-buffer mode (AF
+   ``sev_plat.c``: "Ring Buffer - Disable when both are UNINIT").
+
+While the mode is on, no command may point into the queue or status pages (AF ``x86_copy.c``
+``validate_address_range``): INVALID_ADDRESS, as for the SEV-ES TMR
+(:func:`sevemu.firmware.checks.check_range`, the dispatcher's command-buffer read).
+
+Model choices where AF says nothing or does what the model cannot: the model runs the queues
+synchronously inside the doorbell write (AF yields between commands); an entry with reserved
+``cmd_flags`` bits set is answered INVALID_PARAM without running (AF ignores them); ``error_stack``
+is always 0 (the model keeps no firmware call stack).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from sevemu._util.units import PAGE
+from sevemu.abi.mailbox import RB_QUEUE_ENTRIES, MailboxReg, RbCtl, RbHead, encode_response
+from sevemu.abi.sev import RingCmdFlags
+from sevemu.abi.states import PlatformState
+from sevemu.abi.status import Status
+
+if TYPE_CHECKING:
+    from sevemu.firmware.core import Firmware
+
+__all__ = ["RingBuffer", "RingQueue"]
+
+_ENTRY: Final = struct.Struct("<HHIQ")  # RingCmdEntry, unpacked in one call (a test holds them equal)
+_STATUS: Final = struct.Struct("<H6xQ")  # RingStatusEntry
+_KNOWN_FLAGS: Final = int(RingCmdFlags.INT_COMPLETE | RingCmdFlags.CONT_ON_ERROR)
+_CONT_ON_ERROR: Final = int(RingCmdFlags.CONT_ON_ERROR)
+_INT_COMPLETE: Final = int(RingCmdFlags.INT_COMPLETE)
+_CMD_DONE: Final = int(RbHead.CMD_DONE_INT_STAT)
+_PAUSED: Final = int(RbHead.Q_PAUSED_INT_STAT)
+_INT_STATUS: Final = int(RbHead.ALL_QUEUE_EMPTY_INT_STAT | RbHead.CMD_DONE_INT_STAT | RbHead.Q_PAUSED_INT_STAT
+                         | RbHead.Q_FREE_INT_STAT)
+
+
+@dataclass(frozen=True, slots=True)
+class RingQueue:
+    """One queue: its command and status pages (SPAs, one page each) and its depth threshold."""
+
+    cmd_spa: int
+    status_spa: int
+    threshold: int
+    high: bool
+
+    @property
+    def shift(self) -> int:
+        return 16 if self.high else 0
+
+    @property
+    def running_bit(self) -> int:
+        return int(RbHead.HI_QUEUE_RUNNING if self.high else RbHead.LO_QUEUE_RUNNING)
+
+    @property
+    def resume_bit(self) -> int:
+        return int(RbCtl.RESUME_HI_QUEUE if self.high else RbCtl.RESUME_LO_QUEUE)
+
+    @property
+    def empty_int_bit(self) -> int:
+        return int(RbCtl.HI_QUEUE_EMPTY_INT if self.high else RbCtl.LO_QUEUE_EMPTY_INT)
+
+
+class RingBuffer:
+    """The firmware's ring-buffer state (AF ``sev_rb_config_t``) and its doorbell (module docstring)."""
+
+    def __init__(self, low: RingQueue, high: RingQueue | None, int_on_empty: bool) -> None:
+        self.queues = (low,) if high is None else (high, low)  # the high-priority queue first
+        self.int_on_empty = int_on_empty
+        self.head = low.running_bit | (high.running_bit if high is not None else 0)
+        self._pages = tuple(page for q in self.queues for page in (q.cmd_spa, q.status_spa))
+        self._lo = min(self._pages)
+        self._hi = max(self._pages) + PAGE
+
+    def overlaps(self, spa: int, length: int) -> bool:
+        """Whether ``[spa, spa+length)`` touches a queue or status page."""
+        end = spa + max(length, 1)
+        if end <= self._lo or spa >= self._hi:  # (every command's buffers: the common answer)
+            return False
+        return any(spa < page + PAGE and page < end for page in self._pages)
+
+    # ---- the doorbell -------------------------------------------------------------------------
+    def doorbell(self, fw: Firmware) -> None:
+        """Answer one CMDRESP write in ring-buffer mode (module docstring, steps 1-5)."""
+        port = fw.mailbox
+        ctl = port.read(MailboxReg.CMDRESP)
+        if not (ctl & RbCtl.X86_CONTROL and ctl & RbCtl.RB_MODE_ACTIVE):
+            self.leave(fw)
+            port.write(MailboxReg.CMDRESP, encode_response(Status.RING_BUFFER_EXIT))
+            port.interrupt()
+            return
+        raised = False
+        if ctl & RbCtl.CLEAR_INT_BITS:
+            self.head &= ~_INT_STATUS
+        for q in self.queues:
+            if not self.head & q.running_bit and ctl & q.resume_bit:
+                self.head |= q.running_bit  # recovery: x86 clears RESUME before the queue runs again
+        port.write(MailboxReg.CMDBUFF_ADDR_LO, self.head)
+        while True:
+            ctl = port.read(MailboxReg.CMDRESP)
+            tail = port.read(MailboxReg.CMDBUFF_ADDR_HI)
+            picked = self._next_queue(ctl, tail)
+            if picked is None:
+                if self.int_on_empty:
+                    self.head |= int(RbHead.ALL_QUEUE_EMPTY_INT_STAT)
+                    raised = True
+                port.write(MailboxReg.CMDBUFF_ADDR_LO, self.head)
+                break
+            q, index, near_empty = picked
+            raised |= near_empty
+            raised |= self._run_some(fw, q, index, (tail >> q.shift) & 0xFF)
+            port.write(MailboxReg.CMDBUFF_ADDR_LO, self.head)
+            if fw.state is PlatformState.UNINIT:  # SHUTDOWN ran: the mode ends with it
+                self.leave(fw)
+                break
+        if raised:
+            port.interrupt()
+
+    def _next_queue(self, ctl: int, tail: int) -> tuple[RingQueue, int, bool] | None:
+        """The queue to take a command from, its head index, and whether it is near empty."""
+        for q in self.queues:
+            if not self.head & q.running_bit or ctl & q.resume_bit:
+                continue  # paused, or resumed but RESUME not yet cleared by x86 (AF)
+            head = (self.head >> q.shift) & 0xFF
+            end = (tail >> q.shift) & 0xFF
+            near = bool(q.threshold) and (end - head) % RB_QUEUE_ENTRIES < q.threshold \
+                and bool(ctl & q.empty_int_bit)
+            if near:
+                self.head |= int(RbHead.Q_FREE_INT_STAT)
+            if head != end:
+                return q, head, near
+        return None
+
+    def _run_some(self, fw: Firmware, q: RingQueue, index: int, end: int) -> bool:
+        """Run the entry at ``index`` of ``q`` -- with the entries after it up to ``end`` that queue
+        the same command with the same flags, when the command has a batch runner
+        (:meth:`~sevemu.firmware.core.Firmware.handle_batch`: the same effects and statuses as one
+        by one) -- post the statuses, advance the head; whether an interrupt was earned."""
+        dma = fw.ports.dma
+        count = (end - index) % RB_QUEUE_ENTRIES
+        stop = min(index + count, RB_QUEUE_ENTRIES)  # up to the page's end; a wrapped rest comes next
+        raw = dma.read(q.cmd_spa + index * _ENTRY.size, (stop - index) * _ENTRY.size)
+        entries = list(_ENTRY.iter_unpack(raw))
+        cmd_id, flags, _, buffer_ptr = entries[0]
+        if flags & ~_KNOWN_FLAGS:
+            return self._post(fw, q, index, [int(Status.INVALID_PARAM)], flags)
+        same = 1
+        while same < len(entries) and entries[same][0] == cmd_id and entries[same][1] == flags:
+            same += 1
+        done = fw.handle_batch(cmd_id, [e[3] for e in entries[:same]]) if same > 1 else 0
+        if done:
+            return self._post(fw, q, index, [int(Status.SUCCESS)] * done, flags)
+        return self._post(fw, q, index, [fw.handle(cmd_id, buffer_ptr)], flags)
+
+    def _post(self, fw: Firmware, q: RingQueue, index: int, statuses: list[int], flags: int) -> bool:
+        """Write the status entries of the commands from ``index`` on (they do not wrap: a batch
+        ends at the page's end), advance the head; whether an interrupt was earned."""
+        fw.ports.dma.write(q.status_spa + index * _STATUS.size, b"".join(_STATUS.pack(st, 0) for st in statuses))
+        self.head = (self.head & ~(0xFF << q.shift)) | (((index + len(statuses)) % RB_QUEUE_ENTRIES) << q.shift)
+        raised = False
+        if statuses[-1] and not flags & _CONT_ON_ERROR:  # (SUCCESS is 0; only the last may fail)
+            self.head = (self.head & ~q.running_bit) | _PAUSED
+            raised = True
+        if flags & _INT_COMPLETE:
+            self.head |= _CMD_DONE
+            raised = True
+        return raised
+
+    def leave(self, fw: Firmware) -> None:
+        """End ring-buffer mode: CMDRESP writes are commands again."""
+        fw.ring = None
+        fw.mailbox.ring_mode(False)
