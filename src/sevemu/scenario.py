@@ -224,12 +224,13 @@ def _seed_bytes(seed: bytes | str, purpose: str) -> bytes:
 
 def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 256 * GiB,
                   cores: int = 2, cache_size: int = 4 * MiB, seed: bytes | str | None = None,
-                  init: bool = True, es: bool | None = None,
+                  init: bool = True, es: bool | None = None, snp: bool = False,
                   platform_dir: str | os.PathLike[str] | None = None,
                   amd_root: AmdRoot | None = None) -> Machine:
     """Build a host of ``generation`` with its firmware loaded and (by default) INIT done as Linux
     does it: with SEV-ES and a TMR where the CPU has SEV-ES (``es`` None; True/False force it), then
-    WBINVD and DF_FLUSH.
+    WBINVD and DF_FLUSH.  ``snp``: SEV-SNP first (SNP_EN, SNP_INIT, SNP_DF_FLUSH), then that INIT, as
+    Linux's sev-dev does on an SNP host (an SNP part: Milan and later).
 
     ``platform_dir``: the chip's directory (fuses, factory data, NV store); by default a temporary
     one, removed when the firmware is garbage-collected (or at exit).  A directory without a chip
@@ -268,6 +269,11 @@ def build_machine(generation: str | CpuProfile = "milan", *, dram_size: int = 25
         weakref.finalize(firmware, shutil.rmtree, path, True)
     soc.psp.install(firmware)
     hv = Hypervisor(soc.host_view())
+    if snp:
+        if soc.rmp is None:
+            raise InputError(f"{prof.name} has no SEV-SNP (Milan and later have it)")
+        if init:
+            hv.snp_platform_init()
     if init:
         # As Linux's sev-dev (__sev_platform_init_locked): INIT, with SEV-ES and a 1 MiB TMR wherever
         # the CPU has SEV-ES (``es`` None), then WBINVD on every CPU and DF_FLUSH -- INIT leaves every

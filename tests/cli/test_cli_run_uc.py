@@ -125,3 +125,25 @@ def test_run_sev_es_and_its_attacks(gcc: None, capsys: pytest.CaptureFixture[str
     assert "--tamper-vmsa needs --mode sev-es" in capsys.readouterr().err
     assert main(["run", "hello", "--mode", "sev-es", "--generation", "naples"]) == 2
     assert "has no SEV-ES" in capsys.readouterr().err
+
+
+def test_run_snp_guests(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
+    for guest in ("hello", "secret"):
+        assert main(["run", guest, "--mode", "snp", "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["mode"] == "snp" and r["status"] == "finished", r
+    assert main(["run", "sevinfo", "--mode", "snp"]) == 0
+    out = capsys.readouterr()
+    assert "SEV_STATUS MSR: 7 " in out.out and "SEV-SNP: memory integrity" in out.out
+    assert "secrets page: version 2, FMS a00f11, VMPCK0 present" in out.out  # Milan's CPUID(1).EAX
+    assert "CPUID page: 4 functions" in out.out and "CPUID page 0x8000001F: EAX 3f EBX 4173" in out.out
+    assert "SEV-SNP guest on Milan" in out.err
+    assert main(["run", "hello", "--mode", "snp", "--generation", "rome"]) == 2
+    assert "has no SEV-SNP" in capsys.readouterr().err
+    # memory outside the launch: PSC + PVALIDATE, then #VC 0x404 on demand, then a page given back
+    assert main(["run", "snpmem", "--mode", "snp"]) == 0
+    out = capsys.readouterr().out
+    assert "validated 1 page by PSC + PVALIDATE and 256 on demand (#VC 0x404), sum 32896" in out
+    assert "gave one page back" in out
+    assert main(["run", "snpmem", "--mode", "sev-es"]) == 0
+    assert "not an SEV-SNP guest" in capsys.readouterr().out

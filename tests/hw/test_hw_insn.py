@@ -138,6 +138,19 @@ class FakeRmp:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.validated: set[int] = set()
+        self.epoch = 0
+
+    def vmsa_check(self, asid: int, spa: int) -> None:
+        return None
+
+    def mark_in_use(self, spas: Any) -> None:
+        pass
+
+    def release(self, spas: Any) -> None:
+        pass
+
+    def check_guest_access(self, *args: Any, **kw: Any) -> bool:
+        return True
 
     def pvalidate(self, asid: int, gpa: int, spa: int, huge: bool, validate: bool) -> tuple[int, bool]:
         self.calls.append(("pvalidate", asid, gpa, spa, huge, validate))

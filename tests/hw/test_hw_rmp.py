@@ -22,6 +22,7 @@ from sevemu.hw.profiles import MILAN, ROME
 from sevemu.hw.pyengine import Workload, op
 from sevemu.hw.rmp import PF_RMP, DmaFault, HostRmpFault, Rmp, RmpFirmwarePort
 from sevemu.hw.soc import Soc
+from sevemu.hw.svm import Vmcb
 
 MiB = 1 << 20
 ASID = 5
@@ -43,6 +44,13 @@ def _private(host: HostSoc, spa: int, gpa: int, asid: int = ASID, *, immutable: 
              huge: bool = False) -> int:
     return host.boot_cpu.rmpupdate_state(spa, RmpUpdateState(gpa=gpa, assigned=1, pagesize=int(huge),
                                                              immutable=int(immutable), asid=asid))
+
+
+def _vmsa_page(soc: Soc, vmcb: Vmcb, asid: int = ASID) -> None:
+    """Make ``vmcb``'s VMSA page what SNP_LAUNCH_UPDATE leaves: assigned, validated, VMSA."""
+    assert soc.rmp is not None
+    RmpFirmwarePort(soc.rmp).set(vmcb.vmsa_pa, assigned=True, immutable=False, asid=asid,
+                                 gpa=0xFFFF_F000, validated=True, vmsa=True)
 
 
 def _shared(host: HostSoc, spa: int, huge: bool = False) -> int:
@@ -295,6 +303,7 @@ def test_pvalidate_and_rmpadjust_through_the_python_engine() -> None:
     vmcb.sev_es_enable = True
     vmcb.sev_features = 1  # SNP active
     es_vmsa(soc, vmcb)  # VMRUN of an ES/SNP guest loads its registers from the VMSA
+    _vmsa_page(soc, vmcb)  # ... which must be a VMSA page of the guest in the RMP
     assert _private(host, GUEST_SPA + 0x5000, 0x5000) == RmpResult.SUCCESS
     got: list[Any] = []
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from sevemu._util.units import MiB
+from sevemu.hw.cpu import Engine
+from sevemu.hypervisor.vm import Vm
 from sevemu.scenario import Machine, build_machine
 
 
@@ -16,3 +20,28 @@ def small_machine(generation: str = "milan", seed: str = "hv-tests", cache_size:
 @pytest.fixture
 def machine() -> Machine:
     return small_machine()
+
+
+def snp_machine(seed: str) -> Machine:
+    """A Milan host brought up with SEV-SNP before INIT (as sev-dev does)."""
+    return build_machine("milan", seed=seed, dram_size=1024 * MiB, cache_size=256 << 10, snp=True)
+
+
+def launch_snp(m: Machine, engine: Engine, pages: Sequence[tuple[int, bytes]] = (), *,
+               name: str = "snp", memory: int = 16 * MiB) -> Vm:
+    """An SNP VM with one vCPU running ``engine``, launched (START, NORMAL ``pages``, FINISH) by KVM."""
+    from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit, KvmVmType
+    from sevemu.hypervisor.sevdev import SevDevice
+    from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
+
+    vm = m.hv.create_vm(name, memory, vm_type=KvmVmType.SNP_VM)
+    kvm = KvmSev(m.hv, vm)
+    kvm.op(KvmSevCmdId.INIT2, KvmSevInit())
+    vm.add_vcpu(engine)
+    dev = SevDevice(m.hv)
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=0x30000), sev_fd=dev)
+    for gpa, data in pages:
+        kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(gfn_start=gpa >> 12, uaddr=data, len=len(data),
+                                                                    type=1), sev_fd=dev)
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish())
+    return vm

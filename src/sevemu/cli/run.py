@@ -23,13 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from sevemu._util.units import PAGE, MiB
+from sevemu.abi.ghcb import HvFeature
 from sevemu.abi.policy import GuestPolicy
+from sevemu.abi.snp import CPUID_COUNT_MAX, SnpCpuidFunction, SnpCpuidTable, SnpPageType
 from sevemu.certs.roots import GENERATIONS
 from sevemu.cli.common import positive_int, seconds
 from sevemu.errors import GuestBuildError, InputError, SevemuError, UnmappedError
 from sevemu.guest.build import GuestImage, build_guest, build_source, list_guests
+from sevemu.hw.profiles import profile
 from sevemu.hw.ucengine import InitialState, UcEngine
 from sevemu.hypervisor.kvm import RunResult
+from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit
+from sevemu.hypervisor.sevdev import SevDevice
+from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
 from sevemu.hypervisor.vcpu import KvmVmType, Segment
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine, build_machine
@@ -37,7 +43,15 @@ from sevemu.scenario import Machine, build_machine
 __all__ = ["BOUNCE_MAGIC", "GuestRun", "Outcome", "launch_guest", "load_image", "register", "run_guest"]
 
 DEFAULT_MEMORY = 16 * MiB
-MODES = ("plain", "sev", "sev-es")
+MODES = ("plain", "sev", "sev-es", "snp")
+SNP_POLICY = 0x30000
+"""The SNP guest policy ``sevemu run --mode snp`` launches with: SMT allowed, bit 17 (reserved, one)."""
+SNP_SECRETS_GPA = 0xFE000
+"""Where ``--mode snp`` puts the secrets page (the runtime's ``SNP_SECRETS_GPA``, rt.h)."""
+SNP_CPUID_GPA = 0xFF000
+"""Where ``--mode snp`` puts the CPUID page (the runtime's ``SNP_CPUID_GPA``, rt.h)."""
+SNP_CPUID_LEAVES = (0x0, 0x1, 0x8000_0000, 0x8000_001F)
+"""The CPUID functions the VMM puts in the CPUID page (the host's answers; the firmware checks them)."""
 BOUNCE_MAGIC = 0x42425653
 _BOUNCE_REQUEST, _BOUNCE_REPLY = 1, 2
 _OP_ECHO_UPPER, _OP_CHECKSUM = 1, 2
@@ -202,14 +216,22 @@ def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory
             f"guest {image.name!r} needs {needed:#x} bytes of guest-physical memory (image of "
             f"{len(image.data)} bytes at GPA {image.base:#x}), more than the VM's {memory:#x}"
         )
-    m = machine or build_machine(generation, seed=seed)
+    snp = mode == "snp"
+    if snp and machine is None and not profile(generation).sev_snp:
+        raise InputError(f"--mode snp: {generation} has no SEV-SNP (Milan and later have it)")
+    m = machine or build_machine(generation, seed=seed, snp=snp)
     kind = VmKind.PLAIN if mode == "plain" else VmKind.SEV
-    es = mode == "sev-es"
+    es = mode in ("sev-es", "snp")
     if es and not m.hv.sev.caps.es:
-        raise InputError(f"--mode sev-es: the {m.profile.product} platform has no SEV-ES")
-    vm = m.hv.create_vm(name or image.name, memory, kind,
-                        vm_type=KvmVmType.SEV_ES_VM if es else KvmVmType.DEFAULT_VM)
-    if es:
+        raise InputError(f"--mode {mode}: the {m.profile.product} platform has no SEV-ES")
+    if snp and not m.hv.ghcb.hv_features & HvFeature.SNP:
+        raise InputError("--mode snp: the machine's platform was not brought up with SEV-SNP "
+                         "(build_machine(..., snp=True))")
+    vm_type = KvmVmType.SNP_VM if snp else KvmVmType.SEV_ES_VM if es else KvmVmType.DEFAULT_VM
+    vm = m.hv.create_vm(name or image.name, memory, kind, vm_type=vm_type)
+    if snp:
+        KvmSev(m.hv, vm).op(KvmSevCmdId.INIT2, KvmSevInit())  # SNP_ACTIVE in the VMSA features, GHCB v2
+    elif es:
         m.hv.sev_init(vm)  # KVM_SEV_INIT2 before the vCPUs, as QEMU does
     slice_s = slice_s if slice_s is not None else (0.2 if vcpus == 1 else 0.02)
     engines = []
@@ -220,11 +242,39 @@ def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory
         state.apply(v.vmcb)
         v.arch.segments = {n: Segment(s.selector, s.attrib, s.limit, s.base) for n, s in state.segments().items()}
         engines.append(eng)
-    measurement = m.hv.launch(vm, [(image.base, image.data)], policy=int(GuestPolicy.ES) if es else 0)
+    if snp:
+        measurement = _snp_launch(m, vm, image)
+    else:
+        measurement = m.hv.launch(vm, [(image.base, image.data)], policy=int(GuestPolicy.ES) if es else 0)
     mmio = image.symbols.get("mmio_page")
     if mmio is not None:  # the guest's device page: emulated MMIO (a reserved-bit NPT entry)
         m.hv.add_mmio(vm, mmio)
     return GuestRun(m, vm, image, engines, measurement)
+
+
+def _snp_launch(m: Machine, vm: Vm, image: GuestImage) -> bytes:
+    """QEMU's SNP launch through KVM: SNP_LAUNCH_START, the image as NORMAL pages, SNP_LAUNCH_FINISH
+    (the VMSAs).  Returns b"": an SNP launch digest reaches the owner in the attestation report."""
+    kvm = KvmSev(m.hv, vm)
+    dev = SevDevice(m.hv)
+    data = image.data.ljust(-(-len(image.data) // PAGE) * PAGE, b"\0")
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=SNP_POLICY), sev_fd=dev)
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(gfn_start=image.base // PAGE, uaddr=data,
+                                                                len=len(data), type=int(SnpPageType.NORMAL)),
+           sev_fd=dev)
+    # the secrets page and the CPUID page, at the GPAs the runtime reads them from (rt.h)
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(
+        gfn_start=SNP_SECRETS_GPA // PAGE, uaddr=bytes(PAGE), len=PAGE, type=int(SnpPageType.SECRETS)), sev_fd=dev)
+    functions = [SnpCpuidFunction(eax_in=leaf, ecx_in=0, xcr0_in=0, xss_in=0,
+                                  **dict(zip(("eax", "ebx", "ecx", "edx"), m.hv.cpuid(leaf, 0), strict=True)))
+                 for leaf in SNP_CPUID_LEAVES]
+    table = SnpCpuidTable(count=len(functions), fn=tuple(functions) + (SnpCpuidFunction(),) * (
+        CPUID_COUNT_MAX - len(functions))).encode()
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(
+        gfn_start=SNP_CPUID_GPA // PAGE, uaddr=table.ljust(PAGE, b"\0"), len=PAGE, type=int(SnpPageType.CPUID)),
+        sev_fd=dev)
+    kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish())
+    return b""
 
 
 def run_guest(guest: str | GuestImage, mode: str = "sev", **kw: Any) -> Outcome:
@@ -403,11 +453,15 @@ def vmsa_tamper(quiet: bool = False) -> Callable[[GuestRun, int], bool]:
 
 def _launch_info(run: GuestRun) -> dict[str, Any]:
     vm, image = run.vm, run.image
-    mode = "sev-es" if vm.es else "sev" if vm.sev else "plain"
+    mode = "snp" if vm.snp else "sev-es" if vm.es else "sev" if vm.sev else "plain"
     info: dict[str, Any] = {"guest": image.name, "mode": mode, "asid": vm.asid,
                             "vcpus": len(vm.vcpus), "image_bytes": len(image.data), "image_sha256": image.digest,
                             "platform": run.machine.profile.product}
-    if vm.sev:
+    if vm.snp:  # the launch digest reaches the owner in the attestation report, not through the host
+        info["summary"] = (f"{image.name}: SEV-SNP guest on {info['platform']} (ASID {vm.asid}), image "
+                           f"{len(image.data)} bytes sha256 {image.digest[:16]}..., policy {SNP_POLICY:#x}; "
+                           "launch digest: in the guest's attestation report")
+    elif vm.sev:
         info["measurement"] = run.measurement[:32].hex()
         info["measurement_verified"] = _verify(run)
         info["summary"] = (f"{image.name}: {'SEV-ES' if vm.es else 'SEV'} guest on {info['platform']} (ASID {vm.asid}), image "

@@ -53,6 +53,7 @@ GUESTS: dict[str, str] = {
     "regs": "keeps a key in a register across an exit (what SEV-ES changes: --attack-registers)",
     "ghcbbad": "SEV-ES only: sends malformed GHCBs, then asks to be terminated",
     "mmio": "SEV-ES only: a device register the host emulates (reserved-bit NPT entry, #VC 0x400)",
+    "snpmem": "SEV-SNP: validates memory the launch left out (PSC + PVALIDATE, #VC 0x404 on demand)",
 }
 
 CFLAGS = ("-m64", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-mno-red-zone", "-O2",

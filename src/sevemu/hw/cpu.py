@@ -55,6 +55,8 @@ class Tlb:
         self.capacity = entries
         self.by_asid: dict[int, dict[int, tuple[int, int, int]]] = {}
         self.misses = 0
+        self.rmp_epoch: dict[int, int] = {}
+        """ASID -> the RMP epoch (:attr:`~sevemu.hw.rmp.Rmp.epoch`) of its cached SNP translations."""
 
     def for_asid(self, asid: int) -> dict[int, tuple[int, int, int]]:
         d = self.by_asid.get(asid)
@@ -97,7 +99,7 @@ class GuestCpu:
     """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
 
     __slots__ = ("_cache", "_dirty", "_fill", "_line", "_mmu", "_set_mask", "_sets", "_tlb", "_tlb_insert", "asid",
-                 "core", "sev", "state", "vmcb")
+                 "core", "rmp", "sev", "state", "vmcb")
 
     def __init__(self, core: Core, vmcb: Vmcb, state: SaveState | None = None) -> None:
         self.core = core
@@ -105,6 +107,15 @@ class GuestCpu:
         self.state: SaveState = vmcb if state is None else state
         self.asid = vmcb.asid
         self.sev = vmcb.sev_enable
+        rmp = core.rmp
+        self.rmp: Rmp | None = rmp if (rmp is not None and vmcb.sev_es_enable
+                                        and self.state.sev_features & _SNP_ACTIVE) else None
+        """The RMP when this guest is SNP-active (its accesses are checked on every TLB fill), else None."""
+        if self.rmp is not None:
+            epochs = core.tlb.rmp_epoch
+            if epochs.get(vmcb.asid, -1) != self.rmp.epoch:
+                core.tlb.flush_asid(vmcb.asid)  # the RMP changed since these verdicts were cached
+                epochs[vmcb.asid] = self.rmp.epoch
         self._tlb = core.tlb.for_asid(vmcb.asid)
         self._tlb_insert = core.tlb.insert
         self._line = core.cache.line
@@ -119,9 +130,10 @@ class GuestCpu:
     def _walk(self, gva: int, write: bool, fetch: bool) -> tuple[int, int, int]:
         st = self.state
         self.core.tlb.misses += 1
+        rmp = self.rmp
         t: Translation = self._mmu.translate(asid=self.asid, sev=self.sev, ncr3=self.vmcb.ncr3,
                                              paging=bool(st.cr0 & _CR0_PG), cr3=st.cr3, gva=gva, write=write,
-                                             fetch=fetch)
+                                             fetch=fetch, rmp=rmp)
         flags = (_W_OK if (write and t.writable) else 0) | (_X_OK if t.executable else 0)
         entry = (tag_key(t.data_asid, t.data_c, t.spa), flags, tag_key(t.fetch_asid, t.fetch_c, t.spa))
         self._tlb_insert(self._tlb, gva >> 12, entry)
@@ -216,6 +228,18 @@ class GuestCpu:
             out += self._line(e[2] | (pos & 0xFC0))[off : off + n]
             pos += n
         return bytes(out)
+
+    def rmp_changed(self) -> bool:
+        """After the guest's own PVALIDATE / RMPADJUST: drop this ASID's cached translations when the
+        RMP changed in a way that may take an access away; True when they were dropped (an engine
+        with its own TLB flushes it too)."""
+        rmp = self.rmp
+        tlb = self.core.tlb
+        if rmp is None or tlb.rmp_epoch.get(self.asid) == rmp.epoch:
+            return False
+        self._tlb.clear()
+        tlb.rmp_epoch[self.asid] = rmp.epoch
+        return True
 
     # ---- guest control operations -----------------------------------------------------------
     def write_cr3(self, value: int) -> None:
@@ -355,16 +379,27 @@ class Core:
         back into it at #VMEXIT (:mod:`sevemu.hw.vmsa`).  The hypervisor sees the exit code, the
         exit information of an NPF and the GHCB MSR; a VMGEXIT or HLT completes in the guest (RIP
         past it, as the hardware saves it), so ``next_rip`` is not shown."""
+        rmp = self.rmp
+        snp = rmp is not None and bool(vmcb.sev_features & _SNP_ACTIVE)
+        if snp:  # every VMRUN: the host may have changed the page's RMP entry since the last one
+            assert rmp is not None
+            reason = rmp.vmsa_check(vmcb.asid, vmcb.vmsa_pa)
+            if reason is not None:
+                return self._vmrun_failed(vmcb, reason)
         state = self.vmsa.load(vmcb.asid, vmcb.vmsa_pa)
         if isinstance(state, str):
-            self.vmsa_failure = state
-            vmcb.next_rip = 0
-            return self._exit(vmcb, VmExit(ExitCode.INVALID))
+            return self._vmrun_failed(vmcb, state)
         cpu = GuestCpu(self, vmcb, state)
+        in_use = (vmcb.vmsa_pa,)
+        if rmp is not None:
+            rmp.mark_in_use(in_use)  # RMPUPDATE / PSMASH of the page: FAIL_INUSE until #VMEXIT
         try:
             ex = engine.run(cpu)
         except NestedPageFault as f:
             ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+        finally:
+            if rmp is not None:
+                rmp.release(in_use)
         if ex.code in _ES_COMPLETED:
             state.rip = vmcb.next_rip
         vmcb.next_rip = 0
@@ -372,6 +407,11 @@ class Core:
         if ex.code not in _ES_WITH_INFO:
             ex = VmExit(ex.code)
         return self._exit(vmcb, ex)
+
+    def _vmrun_failed(self, vmcb: Vmcb, reason: str) -> VmExit:
+        self.vmsa_failure = reason
+        vmcb.next_rip = 0
+        return self._exit(vmcb, VmExit(ExitCode.INVALID))
 
     def _consistency(self, vmcb: Vmcb) -> bool:
         """True when VMRUN must fail with VMEXIT_INVALID (APM2 15.34.3, 15.36.17)."""

@@ -15,6 +15,7 @@ The vCPU turns them into guest exceptions or VMEXITs; they never escape ``Core.v
 
 from __future__ import annotations
 
+from sevemu.abi.ghcb import VC_PAGE_NOT_VALIDATED
 from sevemu.errors import ArchitecturalFault
 
 __all__ = ["GeneralProtection", "GuestFault", "InvalidOpcode", "NestedPageFault", "PageFault",
@@ -68,3 +69,13 @@ class VmmCommunication(GuestFault):
 
     def __init__(self, exit_code: int, reason: str) -> None:
         super().__init__(29, exit_code, reason, "#VC")
+
+
+class PageNotValidated(VmmCommunication):
+    """Raised when an SNP guest's private access reaches a page it has not validated (#VC 0x404,
+    APM2 15.36.10).  Model choice: the faulting linear address is written to CR2 when the #VC is
+    delivered, so the guest's handler knows which page to validate."""
+
+    def __init__(self, address: int, reason: str) -> None:
+        super().__init__(VC_PAGE_NOT_VALIDATED, reason)
+        self.address = address

@@ -20,14 +20,21 @@ A/D bits are not maintained (the model's hypervisor does not use them).  Failure
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from sevemu.abi.ghcb import VC_PAGE_NOT_VALIDATED
 from sevemu.abi.paging import NpfExitInfo1, PfErrorCode, Pte
 from sevemu.hw.cache import Cache
-from sevemu.hw.faults import NestedPageFault, PageFault
+from sevemu.hw.faults import NestedPageFault, PageFault, PageNotValidated
 from sevemu.hw.memctl import domain_for
 from sevemu.hw.profiles import CpuProfile
 
-__all__ = ["PTE_A", "PTE_D", "PTE_NX", "PTE_P", "PTE_PS", "PTE_RW", "PTE_US", "Mmu", "Translation"]
+if TYPE_CHECKING:
+    from sevemu.hw.rmp import Rmp
+
+__all__ = ["PTE_A", "PTE_D", "PTE_NX", "PTE_P", "PTE_PS", "PTE_RW", "PTE_US", "VC_PAGE_NOT_VALIDATED", "Mmu",
+           "Translation"]
+
 
 # Plain ints: IntFlag arithmetic is too slow for the walker.
 PTE_P = int(Pte.P)
@@ -86,8 +93,9 @@ class Mmu:
 
     # ---- nested walk ------------------------------------------------------------------------
     def nested(self, ncr3: int, gpa: int, write: bool, fetch: bool, final: bool,
-               enc: bool) -> tuple[int, bool, bool, bool]:
-        """Translate ``gpa`` through the NPT rooted at ``ncr3``: (spa, npt_c, writable, executable)."""
+               enc: bool) -> tuple[int, bool, bool, bool, bool]:
+        """Translate ``gpa`` through the NPT rooted at ``ncr3``: (spa, npt_c, writable, executable,
+        2 MiB leaf)."""
         kind = NPF.U | (NPF.GUEST_FINAL if final else NPF.GUEST_PAGE) | (NPF.ENC if enc else 0)
         if write:
             kind |= NPF.W
@@ -101,6 +109,7 @@ class Mmu:
         executable = True
         read = self.cache.read
         pte = 0
+        huge = False
         for shift in (39, 30, 21, 12):
             raw = read(0, table_c, table + ((gpa >> shift) & 0x1FF) * 8, 8)
             pte = int.from_bytes(raw, "little")
@@ -112,6 +121,7 @@ class Mmu:
             executable = executable and not pte & PTE_NX
             if shift == 21 and pte & PTE_PS:
                 spa = (pte & addr_mask & ~0x1FFFFF) | (gpa & 0x1FFFFF)
+                huge = True
                 break
             if shift == 12:
                 spa = (pte & addr_mask) | (gpa & 0xFFF)
@@ -122,27 +132,38 @@ class Mmu:
             raise NestedPageFault(kind | NPF.P, gpa)
         if fetch and not executable:
             raise NestedPageFault(kind | NPF.P, gpa)
-        return spa, bool(pte & cbit), writable, executable
+        return spa, bool(pte & cbit), writable, executable, huge
 
     # ---- guest walk + combined translation --------------------------------------------------
     def translate(self, *, asid: int, sev: bool, ncr3: int, paging: bool, cr3: int, gva: int,
-                  write: bool, fetch: bool) -> Translation:
-        """Full GVA -> SPA translation with the guest's and the hypervisor's permissions."""
+                  write: bool, fetch: bool, rmp: Rmp | None = None) -> Translation:
+        """Full GVA -> SPA translation with the guest's and the hypervisor's permissions.
+
+        ``rmp``: the guest is SNP-active; the walk's table reads and the final access go through the
+        RMP checks (:meth:`~sevemu.hw.rmp.Rmp.check_guest_access`): #VC PAGE_NOT_VALIDATED
+        (:class:`~sevemu.hw.faults.PageNotValidated`) or #NPF with the RMP bit."""
+        g_huge = False
         if not paging:
             # Paging off: GVA = GPA, and every access of an SEV guest is private (APM2 15.34.5).
             gpa = gva
             guest_c = sev
             g_writable = g_exec = True
         else:
-            gpa, guest_c, g_writable, g_exec = self._guest_walk(asid, sev, ncr3, cr3, gva, write, fetch)
-        spa, npt_c, n_writable, n_exec = self.nested(ncr3, gpa, write, fetch, True, sev and (guest_c or fetch))
+            gpa, guest_c, g_writable, g_exec, g_huge = self._guest_walk(asid, sev, ncr3, cr3, gva, write, fetch,
+                                                                         rmp)
+        spa, npt_c, n_writable, n_exec, n_huge = self.nested(ncr3, gpa, write, fetch, True,
+                                                             sev and (guest_c or fetch))
+        # the TLB entry's size: the smaller of the guest's and the NPT's mapping (APM2 15.36.10)
+        if rmp is not None and not rmp.check_guest_access(asid, gpa, spa, write=write, fetch=fetch, c=guest_c,
+                                                          huge=g_huge and n_huge):
+            raise PageNotValidated(gva, f"GPA {gpa:#x} is not validated")
         data_asid, data_c = domain_for(asid, guest_c, npt_c) if sev else (0, npt_c)
         fetch_asid, fetch_c = (asid, True) if sev else (0, npt_c)
         return Translation(gpa, spa & ~0xFFF, data_asid, data_c, fetch_asid, fetch_c,
                            g_writable and n_writable, g_exec and n_exec)
 
     def _guest_walk(self, asid: int, sev: bool, ncr3: int, cr3: int, gva: int, write: bool,
-                    fetch: bool) -> tuple[int, bool, bool, bool]:
+                    fetch: bool, rmp: Rmp | None = None) -> tuple[int, bool, bool, bool, bool]:
         err = (PF.W if write else 0) | (PF.FETCH if fetch else 0)
         addr_mask = self.addr_mask
         rsvd = self.rsvd_sev if sev else self.rsvd_plain
@@ -155,7 +176,10 @@ class Mmu:
         size_mask = 0xFFF
         for shift in (39, 30, 21, 12):
             pte_gpa = table + ((gva >> shift) & 0x1FF) * 8
-            spa, npt_c, _, _ = self.nested(ncr3, pte_gpa, False, False, False, sev)
+            spa, npt_c, _, _, _ = self.nested(ncr3, pte_gpa, False, False, False, sev)
+            if rmp is not None and not rmp.check_guest_access(asid, pte_gpa, spa, write=False, fetch=False,
+                                                              c=True):
+                raise PageNotValidated(gva, f"page table at GPA {pte_gpa:#x} is not validated")
             t_asid, t_c = (asid, True) if sev else (0, npt_c)
             pte = int.from_bytes(cache.read(t_asid, t_c, spa, 8), "little")
             if not pte & PTE_P:
@@ -184,4 +208,4 @@ class Mmu:
                 cache.write(t_asid, t_c, spa, new.to_bytes(8, "little"))
         gpa = (pte & addr_mask & ~size_mask) | (gva & size_mask)
         guest_c = sev and bool(pte & self.cbit)
-        return gpa, guest_c, writable, executable
+        return gpa, guest_c, writable, executable, size_mask != 0xFFF

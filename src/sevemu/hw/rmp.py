@@ -183,6 +183,10 @@ class Rmp:
         """ASID -> assigned entries (the bookkeeping area's per-ASID counters)."""
         self._in_use: dict[int, int] = {}
         """SPA -> count of VMRUNs using the page as a VMCB / VMSA (RMPUPDATE answers FAIL_INUSE)."""
+        self.epoch = 0
+        """Bumped by every entry change that may take an access away (anything but setting Validated):
+        a core's cached translations of SNP guests (the TLB keeps the RMP verdict with each page) are
+        dropped when they were made under another epoch (:class:`~sevemu.hw.cpu.GuestCpu`)."""
 
     # ---- geometry ----------------------------------------------------------------------------
     @property
@@ -225,6 +229,8 @@ class Rmp:
         per-ASID page counts are kept from the difference)."""
         if old_lo is None:
             old_lo = self._raw(pfn)[0]
+        if lo != old_lo | _VALIDATED:  # validating a page takes no access away: cached verdicts stay
+            self.epoch += 1
         self._count(old_lo, -1)
         self._count(lo, 1)
         spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
@@ -251,6 +257,7 @@ class Rmp:
         for i in range(0, len(entries), RMP_ENTRY_SIZE) if count else ():
             self._count(self._raw(pfn + i // RMP_ENTRY_SIZE)[0], -1)
             self._count(int.from_bytes(entries[i : i + 8], "little"), 1)
+        self.epoch += 1
         spa = self._entry_spa(pfn)
         self._cache.flush_range(0, False, spa, len(entries))
         self._dram.write(spa, entries)
@@ -339,6 +346,23 @@ class Rmp:
                 self._in_use[page] = n
             else:
                 self._in_use.pop(page, None)
+
+    def vmsa_check(self, asid: int, spa: int) -> str | None:
+        """VMRUN of an SNP-active guest (APM2 15.36.12): why the page at ``spa`` may not be ``asid``'s
+        VMSA, or None.  It must be a 4 KiB page assigned to the guest, validated, mutable, with the
+        VMSA bit (SNP_LAUNCH_UPDATE's VMSA page, or a page the guest gave RMPADJUST's VMSA bit)."""
+        if not self._covers(spa):
+            return f"the VMSA page {spa:#x} is not covered by the RMP"
+        _, lo, _ = self._authoritative(spa >> PAGE_SHIFT)
+        entry = RmpEntry.from_raw(lo, 0)
+        if not entry.assigned or entry.asid != asid:
+            return (f"the VMSA page {spa:#x} is not assigned to ASID {asid} in the RMP "
+                    f"({entry.state.name}, ASID {entry.asid})")
+        if entry.page_size or entry.immutable or not entry.validated or not entry.vmsa:
+            return (f"the VMSA page {spa:#x} is not a validated 4 KiB VMSA page in the RMP "
+                    f"(VMSA={int(entry.vmsa)}, validated={int(entry.validated)}, 2M={entry.page_size}, "
+                    f"immutable={int(entry.immutable)})")
+        return None
 
     def _busy(self, spa: int, size: int) -> bool:
         return any(spa <= p < spa + size for p in self._in_use)

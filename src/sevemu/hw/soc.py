@@ -139,6 +139,7 @@ class Soc:
                 rmp.enabled = True
                 for core in self.cores:
                     core.rmp = rmp
+                    core.vmsa.snp_check = rmp.vmsa_check  # an SNP VMSA: the RMP, not a checksum
                 self._msrs[int(Msr.SYSCFG)] = cur | int(SysCfg.SNP_EN)
             return
         if msr in (Msr.RMP_BASE, Msr.RMP_END) and rmp is not None:

@@ -54,6 +54,7 @@ from sevemu.errors import InputError, VmError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
+from sevemu.hypervisor import psc
 from sevemu.hypervisor.asid import AsidPool
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
 from sevemu.hypervisor.ghcb import GhcbHandler
@@ -72,7 +73,9 @@ COM1 = 0x3F8
 KVM_HC_MAP_GPA_RANGE = 12
 _MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 _KVM_ENOSYS = (1 << 64) - 1000  # -KVM_ENOSYS as a 64-bit register value
+_KVM_EINVAL = (1 << 64) - 22  # -EINVAL
 _NPF_RSVD = 1 << 3
+_NPF_RMP = 1 << 31
 
 # The host's reserved memory, from the bottom: [1 MiB, +4 KiB) command buffer, [2 MiB, 3 MiB) the
 # SEV-ES TMR (1 MiB aligned), [4 MiB, 12 MiB) the PSP bounce area (big enough for the largest
@@ -110,6 +113,7 @@ class Hypervisor:
         """CPUID results the VMM sets for its guests, by (leaf, subleaf)."""
         self.ghcb = GhcbHandler(self)
         """VMGEXIT of SEV-ES guests: the GHCB MSR protocol and the NAE events (:mod:`sevemu.hypervisor.ghcb`)."""
+        psc.install(self.ghcb, self.sev)  # SNP page-state changes (sevemu.hypervisor.psc)
         self._last_vmcb: dict[int, Vmcb] = {}  # ASID -> the VMCB that last ran with it on the core
 
     @property
@@ -118,6 +122,14 @@ class Hypervisor:
         return self.asids.flushes
 
     # ---- platform ------------------------------------------------------------------------------
+    def snp_platform_init(self) -> None:
+        """Bring SEV-SNP up before the legacy INIT, as Linux's sev-dev does (SNP_EN, SNP_INIT,
+        :func:`sevemu.hypervisor.sev.snp.platform_init`); the GHCB then reports SNP to guests."""
+        from sevemu.hypervisor.sev import snp
+
+        snp.platform_init(self.sev)
+        psc.report_snp(self.ghcb)
+
     def platform_init(self, es: bool | None = None) -> None:
         """INIT the SEV firmware, with SEV-ES and its TMR when ``es`` -- by default wherever the CPU
         has SEV-ES, as Linux's sev-dev does -- then WBINVD + DF_FLUSH."""
@@ -373,6 +385,9 @@ class Hypervisor:
         code = ex.code
         if code == ExitCode.NPF:
             gpa = ex.info2
+            if ex.info1 & _NPF_RMP and vm.snp:
+                why = psc.rmp_fault(self.sev, vm, gpa, ex.info1)
+                return None if why is None else self._crash(vm, why)
             if ex.info1 & _NPF_RSVD and gpa & ~0xFFF in vm.mmio and not v.guest_state_protected:
                 return self._crash(vm, f"MMIO at GPA {gpa:#x} by a guest whose registers the host cannot "
                                        "emulate here (instruction emulation is not modelled)")
@@ -481,6 +496,13 @@ class Hypervisor:
     def _hypercall(self, vm: Vm, regs: dict[str, int]) -> int:
         if regs["rax"] == KVM_HC_MAP_GPA_RANGE:
             gpa, npages, attrs = regs["rbx"], regs["rcx"], regs["rdx"]
+            if vm.snp:  # the RMP follows (sevemu.hypervisor.psc)
+                try:
+                    for i in range(npages):
+                        psc.set_page_state(self.sev, vm, gpa + i * PAGE, bool(attrs & _MAP_GPA_RANGE_ENCRYPTED))
+                except psc.PscError:
+                    return _KVM_EINVAL
+                return 0
             for i in range(npages):
                 page = gpa + i * PAGE
                 if attrs & _MAP_GPA_RANGE_ENCRYPTED:

@@ -8,6 +8,9 @@ static spinlock_t console_lock;
 __attribute__((section(".shared"), aligned(4096))) static struct bounce shared_bounce;
 __attribute__((section(".shared.ghcb"), aligned(4096))) static u8 ghcbs[MAX_VCPUS][PAGE_SIZE];
 static u32 rt_es;
+static u32 rt_snp;
+static u32 pvalidate(u64 va, u32 validate);
+u64 snp_validated_on_demand;
 static volatile u8 ghcb_msr_is_gpa[MAX_VCPUS];  /* the GHCB MSR holds this vCPU's GHCB GPA */
 extern char boot_stacks[];
 extern void vc_entry(void);
@@ -226,6 +229,13 @@ void vc_handler(struct vc_frame *f) {
     case 0x400: /* NPF on a reserved-bit entry: MMIO */
         vc_mmio(f, g, ip);
         break;
+    case 0x404: { /* SNP: a private page this guest never validated (the model gives its address in CR2) */
+        u64 cr2;
+        __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+        if (!rt_snp || pvalidate(cr2 & ~0xFFFul, 1)) sev_es_terminate(1, 2);
+        snp_validated_on_demand++;
+        break;                  /* the access runs again */
+    }
     default:   /* an exit this runtime cannot handle: ask to be terminated, as Linux does */
         sev_es_terminate(0, 0);
     }
@@ -246,9 +256,42 @@ static u64 ap_jump_table(u32 op, u64 address) {
     return op ? ghcb_get(g, GHCB_SW_EXIT_INFO_2) : 0;
 }
 
+/* ---- SEV-SNP: page states ---------------------------------------------------------------------- */
+int sev_snp_active(void) { return rt_snp; }
+
+/* GHCB MSR protocol page-state change of one 4 KiB page (GHCB 56421 2.3.1): op 1 private, 2 shared */
+static void snp_psc_msr(u64 gpa, u64 op) {
+    u64 resp = ghcb_msr_call(0x014 | (gpa & ~0xFFFul) | op << 52);
+    if ((resp & 0xFFF) != 0x015 || (resp >> 32)) sev_es_terminate(1, 1);   /* Linux: GHCB_TERM_PSC */
+}
+
+/* PVALIDATE (F2 0F 01 FF): RAX = address, ECX = size (0: 4 KiB), EDX = validate; EAX the result */
+static u32 pvalidate(u64 va, u32 validate) {
+    u32 rc;
+    __asm__ volatile(".byte 0xf2, 0x0f, 0x01, 0xff" : "=a"(rc) : "a"(va), "c"(0), "d"(validate) : "memory", "cc");
+    return rc;
+}
+
+void snp_make_private(u64 gpa) {            /* page-state change to private, then validate */
+    snp_psc_msr(gpa, 1);
+    if (pvalidate(gpa, 1)) sev_es_terminate(1, 2);                              /* GHCB_TERM_PVALIDATE */
+}
+
+void snp_make_shared(u64 gpa) {             /* rescind the validation, then the page-state change */
+    if (pvalidate(gpa, 0)) sev_es_terminate(1, 2);
+    snp_psc_msr(gpa, 2);
+}
+
 static void rt_cpu_init(void) {
     idt_init();
-    rt_es = (rdmsr(SEV_STATUS_MSR) & 2) != 0;
+    u64 status = rdmsr(SEV_STATUS_MSR);
+    rt_es = (status & 2) != 0;
+    rt_snp = (status & 4) != 0;                 /* SEV_FEATURES bit 0: SNP active */
+    if (rt_snp && rt_cpu() == 0) {
+        /* the VMM left the shared pages (GHCBs, bounce buffer) out of the launch: they are the
+         * hypervisor's in the RMP and never validated; the guest asks for them shared before use */
+        for (u64 gpa = (u64)__shared_start; gpa < (u64)__shared_end; gpa += PAGE_SIZE) snp_psc_msr(gpa, 2);
+    }
     if (rt_es) ghcb_register(rt_cpu());
 }
 

@@ -74,6 +74,13 @@ int cbit_position(void);       /* -1 when memory encryption is off */
 #define GHCB_SHARED_BUF 0x800
 #define GHCB_SHARED_BUF_SIZE 2032
 int sev_es_active(void);
+int sev_snp_active(void);                    /* SEV_STATUS bit 2: SEV-SNP */
+/* where `sevemu run --mode snp` launches the secrets and CPUID pages (SNP ABI 56860 page types 5, 6) */
+#define SNP_SECRETS_GPA 0xFE000ul
+#define SNP_CPUID_GPA   0xFF000ul
+void snp_make_private(u64 gpa);              /* PSC to private, then PVALIDATE (identity-mapped page) */
+void snp_make_shared(u64 gpa);               /* PVALIDATE rescind, then PSC to shared */
+extern u64 snp_validated_on_demand;          /* pages the #VC 0x404 handler validated */
 u32 rt_cpu(void);                            /* this vCPU's index (from its stack) */
 u8 *ghcb_page(void);                         /* this vCPU's GHCB */
 void ghcb_clear(u8 *g);                      /* clear the valid bitmap (before filling it) */

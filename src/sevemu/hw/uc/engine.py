@@ -41,7 +41,7 @@ from sevemu.errors import HardwareError, InputError
 from sevemu.hw.cache import tag_key
 from sevemu.hw.codefetch import cpu_engine
 from sevemu.hw.cpu import GuestCpu
-from sevemu.hw.faults import NestedPageFault, PageFault
+from sevemu.hw.faults import NestedPageFault, PageFault, VmmCommunication
 from sevemu.hw.svm import GPRS, SaveState, VmExit
 from sevemu.hw.uc import binding as uc
 from sevemu.hw.uc import exits
@@ -184,7 +184,7 @@ class UcEngine:
         self._efer = 0  # the guest's EFER (LMA follows CR0.PG); Unicorn's copy has SVME too
         # stop reasons
         self._event: int | None = None
-        self._pending: PageFault | NestedPageFault | None = None
+        self._pending: PageFault | NestedPageFault | VmmCommunication | None = None
         self._internal: str | None = None
         self._imprecise_io: str | None = None
         self._timer_fired = False
@@ -455,6 +455,9 @@ class UcEngine:
         self.stats.tlb_flushes += 1
         self._forget_grants()
 
+    def flush_tlb(self) -> None:
+        self._flush_tlb_all()
+
     def _forget_grants(self) -> None:
         self.pool.writable.clear()
         self._w_gvas.clear()
@@ -695,7 +698,7 @@ class UcEngine:
     def _on_fill(self, h: Any, vaddr: int, access: int, entry: int, user: Any) -> bool:
         try:
             return self._fill(vaddr, access, entry)
-        except (PageFault, NestedPageFault) as f:
+        except (PageFault, NestedPageFault, VmmCommunication) as f:
             self._pending = f
             return False
         except Exception as exc:  # noqa: BLE001 - an engine or model bug: the guest dies, the host lives
@@ -734,7 +737,7 @@ class UcEngine:
             self._forget_grants()
             self._fill_cr0, self._fill_cr3 = cr0, cr3
         t = cpu.core.mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
-                                   gva=vaddr, write=write, fetch=fetch)
+                                   gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp)
         if pool.stale:
             self.refresh()  # the walk set A/D bits in a page the guest has mapped
         same = t.data_asid == t.fetch_asid and t.data_c == t.fetch_c

@@ -30,7 +30,7 @@ from sevemu._util.units import PAGE
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import InputError
 from sevemu.hw.cpu import GuestCpu
-from sevemu.hw.faults import NestedPageFault, PageFault
+from sevemu.hw.faults import NestedPageFault, PageFault, PageNotValidated, VmmCommunication
 from sevemu.hw.svm import SEGMENT_NAMES, SaveState, Segment, VmExit
 from sevemu.hw.uc.binding import (
     I_CR0,
@@ -191,6 +191,10 @@ class EnginePort(Protocol):
 
     def write_cr2(self, address: int) -> None: ...
 
+    def flush_tlb(self) -> None:
+        """Drop every translation the engine holds (the RMP changed under an SNP guest)."""
+        ...
+
 
 # ---- intercepts -------------------------------------------------------------------------------------
 def intercept(e: EnginePort, cpu: GuestCpu, code: int, rip: int) -> VmExit | None:
@@ -285,7 +289,7 @@ def exception(e: EnginePort, cpu: GuestCpu, vector: int, rip: int) -> VmExit | N
     return None
 
 
-def error(e: EnginePort, cpu: GuestCpu, err: int, pending: PageFault | NestedPageFault | None,
+def error(e: EnginePort, cpu: GuestCpu, err: int, pending: PageFault | NestedPageFault | VmmCommunication | None,
           rip: int) -> VmExit | None:
     """``uc_emu_start`` failed with ``err``: a nested page fault (raised for the hypervisor),
     a guest fault, or an instruction QEMU does not know (PVALIDATE, RMPADJUST...), which goes
@@ -298,6 +302,11 @@ def error(e: EnginePort, cpu: GuestCpu, err: int, pending: PageFault | NestedPag
                 deliver(e, out, rip)
                 return None
             raise pending
+        if isinstance(pending, VmmCommunication):  # an SNP guest's access to a page it did not validate
+            if isinstance(pending, PageNotValidated):
+                e.write_cr2(pending.address)
+            deliver(e, insn.Fault(Vector.VC, pending.error_code, pending.reason), rip)
+            return None
         if isinstance(pending, PageFault):
             e.write_cr2(pending.address)
             deliver(e, insn.Fault(Vector.PF, pending.error_code, f"address {pending.address:#x}"), rip)
@@ -320,6 +329,8 @@ def _unknown_to_qemu(e: EnginePort, cpu: GuestCpu, rip: int) -> VmExit | None:
     kind, length = guest
     state = cpu.state  # the operands' translation uses the paging state as of now
     state.cr0, state.cr3 = vals[I_CR0], vals[I_CR3]
+    tlb = cpu.core.tlb
+    epoch = tlb.rmp_epoch.get(cpu.asid)
     if kind is GuestInsn.PVALIDATE:
         out = insn.pvalidate(cpu, vals[0], vals[2] & 0xFFFFFFFF, bool(vals[3] & 1))
     elif kind is GuestInsn.RMPADJUST:
@@ -327,4 +338,6 @@ def _unknown_to_qemu(e: EnginePort, cpu: GuestCpu, rip: int) -> VmExit | None:
     else:  # VMMCALL / VMGEXIT arrive as intercepts, never as #UD
         deliver(e, insn.Fault(Vector.UD, None, kind.value), rip)
         return None
+    if tlb.rmp_epoch.get(cpu.asid) != epoch:  # the RMP took an access away: Unicorn's TLB too
+        e.flush_tlb()
     return apply(e, cpu, out, rip, length)

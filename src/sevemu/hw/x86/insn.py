@@ -328,6 +328,7 @@ def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool) -> Outcome:
         return target
     rmp, gpa, spa = target
     rc, unchanged = rmp.pvalidate(cpu.asid, gpa, spa, bool(size), validate)
+    cpu.rmp_changed()  # a rescinded page: the translations that allowed it go
     return Retire(regs=(("rax", rc),), cf=unchanged)
 
 
@@ -339,4 +340,5 @@ def rmpadjust(cpu: GuestCpu, gva: int, size: int, rdx: int) -> Outcome:
         return target
     rmp, gpa, spa = target
     rc = rmp.rmpadjust(cpu.asid, gpa, spa, bool(size), rdx & 0xFF, (rdx >> 8) & 0xFF, bool(rdx >> 16 & 1))
+    cpu.rmp_changed()
     return Retire(regs=(("rax", rc),), cf=False)

@@ -79,7 +79,7 @@ from sevemu.hypervisor.uapi import (
     copy_from_user,
 )
 from sevemu.hypervisor.vcpu import KvmVmType
-from sevemu.hypervisor.vm import Vm
+from sevemu.hypervisor.vm import Vm, VmState
 
 __all__ = [
     "SNP_POLICY_MASK_VALID",
@@ -304,6 +304,8 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
             raise
         vcpu.guest_state_protected = True
         vcpu.vmcb.sev_es_enable = True
+        vcpu.vmcb.vmsa_pa = spa  # sev_es_init_vmcb: the VMCB's VMSA pointer
+        vcpu.vmcb.sev_features = vm.vmsa_features  # SNP_ACTIVE: VMRUN checks the page in the RMP
     flags = SnpLaunchFinishFlags(id_block_en=bool(p.id_block_en), auth_key_en=bool(p.id_block_en and p.auth_key_en),
                                  vcek_disabled=bool(p.vcek_disabled))
     id_block = id_auth = 0
@@ -316,6 +318,7 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
     host.issue(CommandId.SNP_LAUNCH_FINISH, SnpLaunchFinishCmd(
         gctx_paddr=vm.snp_context, id_block_paddr=id_block, id_auth_paddr=id_auth, flags=flags,
         host_data=bytes(p.host_data)))
+    vm.state = VmState.RUNNING
 
 
 def decommission(host: SevHost, vm: Vm) -> None:

@@ -1,0 +1,202 @@
+"""SEV-SNP page-state changes the guest asks for, and the RMP faults KVM resolves (GHCB 56421 sections
+2.3.1 "SNP Page State Change" (MSR protocol 0x014 / 0x015) and 4.1.6 "Page State Change" (NAE
+0x8000_0010 with PSC descriptors); Linux arch/x86/kvm/svm/sev.c ``snp_begin_psc_msr``,
+``snp_begin_psc``, ``sev_handle_rmp_fault``, ``sev_gmem_prepare`` / ``sev_gmem_invalidate``;
+arch/x86/coco/sev for the guest's side).
+
+An SNP guest's memory is guest_memfd: private unless the guest asked for it shared.  The guest changes
+a page's state in two steps -- PVALIDATE(rescind) then a PSC request to make it shared; a PSC request
+to make it private then PVALIDATE -- and the hypervisor applies the request with RMPUPDATE:
+
+* **private**: the GPA leaves the VM's shared set and its backing page becomes assigned to the guest's
+  ASID at that GPA, not validated (the guest validates it next);
+* **shared**: the backing page becomes Hypervisor-owned (RMPUPDATE clears Validated) after the
+  guest's lines of it are flushed (``VMPAGE_FLUSH``), and the GPA joins the shared set.
+
+KVM 6.11 forwards PSC to userspace as ``KVM_HC_MAP_GPA_RANGE`` exits and converts guest_memfd pages on
+the next fault; the model applies the same transitions directly in the run loop (one round trip
+less, the same RMP states).  ``KVM_HC_MAP_GPA_RANGE`` from an SNP guest (VMMCALL / the GHCB VMMCALL
+event) is applied the same way.
+
+RMP faults (#VMEXIT(NPF) with the RMP bit) of an SNP guest are resolved as KVM resolves them: a
+private access to a page the RMP still gives the hypervisor (guest_memfd's page not yet prepared)
+assigns it (``sev_gmem_prepare``: not validated -- the guest sees #VC 0x404 or validates it first); a
+shared access to a private page converts it to shared (the implicit conversion QEMU does after
+``KVM_EXIT_MEMORY_FAULT``); a size mismatch on a 2 MiB RMP entry is PSMASHed.  Anything else (the page
+is assigned to another guest or at another GPA -- what a host attack leaves) stops the VM with the
+reason: KVM cannot make such an access succeed.
+
+PSC errors (SW_EXITINFO2, Linux ``PSC_INVALID_HDR`` / ``PSC_INVALID_ENTRY`` / ``PSC_ERROR_GENERIC``,
+the MSR protocol's error field): a bad header or entry, a GPA outside the guest, an RMPUPDATE that
+failed.  Entries are applied in order; ``cur_entry`` (and ``cur_page``) say how far it got.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from sevemu._util.units import PAGE, PAGE_2M
+from sevemu.abi.ghcb import (
+    PSC_MAX_ENTRY,
+    GhcbMsrInfo,
+    HvFeature,
+    MsrPscReq,
+    MsrPscResp,
+    PscEntry,
+    PscHeader,
+    PscOp,
+    SwExitCode,
+)
+from sevemu.abi.paging import NpfExitInfo1
+from sevemu.abi.rmp import RmpResult, RmpUpdateState
+
+if TYPE_CHECKING:
+    from sevemu.hypervisor.ghcb import GhcbHandler, NaeExit
+    from sevemu.hypervisor.sev.common import SevHost
+    from sevemu.hypervisor.vm import Vcpu, Vm
+
+__all__ = ["PSC_ERROR_GENERIC", "PSC_INVALID_ENTRY", "PSC_INVALID_HDR", "PscError", "install", "report_snp",
+           "rmp_fault", "set_page_state"]
+
+PSC_ERROR_GENERIC: Final = 1 << 32
+PSC_INVALID_HDR: Final = (1 << 32) | 1
+PSC_INVALID_ENTRY: Final = (1 << 32) | 2
+_HDR: Final = 8
+_ENTRY: Final = 8
+_NPF_RMP: Final = int(NpfExitInfo1.RMP)
+_NPF_ENC: Final = int(NpfExitInfo1.ENC)
+_NPF_SIZEM: Final = int(NpfExitInfo1.SIZEM)
+
+
+class PscError(Exception):
+    """Raised when a page-state change cannot be applied (``code``: the SW_EXITINFO2 value)."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def set_page_state(host: SevHost, vm: Vm, gpa: int, private: bool) -> None:
+    """Make the 4 KiB page at ``gpa`` of SNP guest ``vm`` private or shared (module docstring)."""
+    if gpa % PAGE or not 0 <= gpa < vm.memory:
+        raise PscError(PSC_INVALID_ENTRY, f"GPA {gpa:#x} is not a page of {vm.name}")
+    spa = vm.back(gpa)
+    core = host.core
+    if private:
+        vm.shared_gpas.discard(gpa)
+        if spa in vm.private_spas:
+            return
+        core.clflush_range(spa, PAGE)  # the host's lines of the page go before the guest owns it
+        rc = core.rmpupdate_state(spa, RmpUpdateState(gpa=gpa, assigned=1, asid=vm.asid))
+        if rc != RmpResult.SUCCESS:
+            raise PscError(PSC_ERROR_GENERIC, f"RMPUPDATE of GPA {gpa:#x} to private: {RmpResult(rc).name}")
+        vm.private_spas.add(spa)
+        return
+    if spa in vm.private_spas or host.soc.rmp_entry(spa).assigned:
+        core.vmpage_flush(spa, vm.asid)  # the guest's lines, written back encrypted, before the page is ours
+        rc = core.rmpupdate_state(spa, RmpUpdateState())
+        if rc != RmpResult.SUCCESS:
+            raise PscError(PSC_ERROR_GENERIC, f"RMPUPDATE of GPA {gpa:#x} to shared: {RmpResult(rc).name}")
+        vm.private_spas.discard(spa)
+    vm.shared_gpas.add(gpa)
+
+
+def _apply_range(host: SevHost, vm: Vm, gpa: int, pages: int, op: int) -> int:
+    """Apply ``op`` to ``pages`` pages from ``gpa``; returns the pages done (PscError on failure)."""
+    if op not in (PscOp.PRIVATE, PscOp.SHARED):
+        raise PscError(PSC_INVALID_ENTRY, f"page state operation {op} (only PRIVATE and SHARED are supported)")
+    for i in range(pages):
+        set_page_state(host, vm, gpa + i * PAGE, op == PscOp.PRIVATE)
+    return pages
+
+
+# ---- the GHCB requests ------------------------------------------------------------------------------
+def _msr_psc(host: SevHost, vm: Vm, vcpu: Vcpu, msr: int) -> None:
+    """MSR protocol PSC_REQ: one 4 KiB page; PSC_RESP with the error in bits 63:32."""
+    req = MsrPscReq.from_int(msr)
+    error = 0
+    try:
+        if not vm.snp:
+            raise PscError(PSC_ERROR_GENERIC, f"{vm.name} is not an SNP guest")
+        _apply_range(host, vm, req.gfn * PAGE, 1, req.op)
+    except PscError as e:
+        error = e.code & 0xFFFFFFFF or 1
+        vcpu.ghcb_errors.append(f"PSC: {e.detail}")
+    vcpu.vmcb.ghcb_gpa = MsrPscResp(error=error).to_int()
+
+
+def _nae_psc(host: SevHost, ex: NaeExit) -> None:
+    """NAE PSC: the descriptor in the scratch area, entries cur_entry..end_entry applied in order."""
+    vm = ex.vm
+    if not vm.snp:
+        ex.out["sw_exit_info_2"] = PSC_ERROR_GENERIC
+        return
+    gpa = ex.scratch(_HDR + _ENTRY)
+    hdr = PscHeader.decode(vm.host_read(gpa, _HDR))
+    cur, end = hdr.cur_entry, hdr.end_entry
+    if end >= PSC_MAX_ENTRY or cur > end:
+        ex.out["sw_exit_info_2"] = PSC_INVALID_HDR
+        return
+    length = _HDR + (end + 1) * _ENTRY
+    gpa = ex.scratch(length)
+    raw = bytearray(vm.host_read(gpa, length))
+    result = 0
+    while cur <= end:
+        off = _HDR + cur * _ENTRY
+        entry = PscEntry.from_int(int.from_bytes(raw[off : off + _ENTRY], "little"))
+        size = PAGE_2M if entry.pagesize else PAGE
+        pages = size // PAGE
+        base = entry.gfn * PAGE
+        if base % size or entry.cur_page > pages:
+            result = PSC_INVALID_ENTRY
+            break
+        try:
+            done = entry.cur_page + _apply_range(host, vm, base + entry.cur_page * PAGE, pages - entry.cur_page,
+                                                 entry.operation)
+        except PscError as e:
+            result = e.code
+            ex.vcpu.ghcb_errors.append(f"PSC entry {cur}: {e.detail}")
+            break
+        raw[off : off + _ENTRY] = PscEntry(cur_page=done, gfn=entry.gfn, operation=entry.operation,
+                                           pagesize=entry.pagesize).to_int().to_bytes(_ENTRY, "little")
+        cur += 1
+    raw[0:_HDR] = PscHeader(cur_entry=cur, end_entry=end).encode()
+    vm.host_write(gpa, bytes(raw))
+    ex.out["sw_exit_info_2"] = result
+
+
+def rmp_fault(host: SevHost, vm: Vm, gpa: int, info1: int) -> str | None:
+    """#VMEXIT(NPF) with the RMP bit of SNP guest ``vm``: resolve it (None: re-enter) or why not."""
+    page = gpa & ~(PAGE - 1)
+    if not 0 <= page < vm.memory:
+        return f"RMP #NPF at GPA {gpa:#x}, outside the guest"
+    spa = vm.back(page)
+    entry = host.soc.rmp_entry(spa)
+    if info1 & _NPF_SIZEM and entry.page_size:
+        rc = host.core.psmash(spa & ~(PAGE_2M - 1))
+        return None if rc == RmpResult.SUCCESS else f"PSMASH for GPA {gpa:#x}: {RmpResult(rc).name}"
+    try:
+        if not info1 & _NPF_ENC:  # a shared access to a private page: the implicit conversion
+            if entry.assigned and entry.asid == vm.asid and entry.gpa == page:
+                set_page_state(host, vm, page, False)
+                return None
+        elif not entry.assigned:  # guest_memfd's page, not prepared yet
+            set_page_state(host, vm, page, True)
+            return None
+    except PscError as e:
+        return e.detail
+    return (f"RMP #NPF at GPA {gpa:#x} (EXITINFO1 {info1:#x}) that KVM cannot resolve: the page is "
+            f"{entry.state.name}, ASID {entry.asid}, GPA {entry.gpa:#x}")
+
+
+def install(ghcb: GhcbHandler, host: SevHost) -> None:
+    """Register the SNP page-state-change requests with ``ghcb`` (an SEV-ES guest that sends one is
+    answered with an error: it is not an SNP guest)."""
+    ghcb.msr_table[GhcbMsrInfo.PSC_REQ] = lambda vm, vcpu, msr: _msr_psc(host, vm, vcpu, msr)
+    ghcb.nae_table[SwExitCode.PSC] = lambda ex: _nae_psc(host, ex)
+
+
+def report_snp(ghcb: GhcbHandler) -> None:
+    """SNP is up on the host: HV_FT_RESP / HV_FEATURES report it (KVM's ``GHCB_HV_FT_SNP``)."""
+    ghcb.hv_features |= int(HvFeature.SNP)

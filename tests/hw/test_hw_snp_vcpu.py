@@ -1,0 +1,257 @@
+"""An SEV-SNP guest on the vCPU (hw/cpu.py, hw/mmu.py with hw/rmp.py): VMRUN's RMP checks of the VMSA
+page and its in-use marking (APM2 15.36.12), and the RMP checks of the guest's own accesses on the TLB
+fill path -- #VC PAGE_NOT_VALIDATED for a private access to a page it has not validated, #VMEXIT(NPF)
+with the RMP bit for a page that is not the guest's at that GPA or is mapped larger than its entry
+(APM2 15.36.10, Table 15-39) -- with cached verdicts dropped when the RMP changes.  The host's attacks
+use host interfaces only (RMPUPDATE, the VMCB's VMSA pointer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hwkit import GPT_POOL, GUEST_SPA, PageTables, es_vmsa, make_soc
+
+from sevemu.abi.cpuid import Msr, SysCfg
+from sevemu.abi.paging import ExitCode, NpfExitInfo1
+from sevemu.abi.rmp import RmpResult, RmpUpdateState
+from sevemu.hw.faults import VmmCommunication
+from sevemu.hw.host import HostSoc
+from sevemu.hw.mmu import VC_PAGE_NOT_VALIDATED
+from sevemu.hw.pyengine import PyEngine, Workload, op
+from sevemu.hw.rmp import Rmp, RmpFirmwarePort
+from sevemu.hw.soc import Soc
+from sevemu.hw.svm import Vmcb
+
+ASID = 5
+OTHER = 6
+PAGE = 0x1000
+MiB = 1 << 20
+DATA = 0x5000  # a private page the tests assign (identity-backed: SPA GUEST_SPA + DATA)
+HUGE_GPA = 0x400000  # beyond the identity map: a 2 MiB page the tests map
+
+
+class Guest:
+    """A Milan SoC with SNP enabled and one SNP-active SEV-ES guest (ASID 5, 4 MiB identity-backed)."""
+
+    def __init__(self, paging: bool = False, validate_all: bool = False) -> None:
+        self.soc: Soc = make_soc()
+        self.host: HostSoc = self.soc.host_view()
+        self.host.wrmsr(Msr.SYSCFG, self.host.rdmsr(Msr.SYSCFG) | int(SysCfg.SNP_EN))
+        assert self.soc.rmp is not None
+        self.rmp: Rmp = self.soc.rmp
+        self.port = RmpFirmwarePort(self.rmp)
+        self.port.initialize()
+        keys = self.soc.psp.take_ports().keys
+        keys.load(ASID, bytes(16))
+        keys.load(OTHER, bytes(range(16)))
+        self.pt = PageTables(self.soc, ASID, True)
+        self.pt.identity()
+        if paging:
+            self.pt.guest_map(0x10_0000, DATA)
+            for gpa in range(GPT_POOL, GPT_POOL + 8 * PAGE, PAGE):  # the guest's own tables: private, validated
+                self.own(gpa, validated=True)
+        if validate_all:
+            self.own(DATA, validated=True)
+        self.vmcb: Vmcb = self.pt.vmcb(paging=paging)
+        if paging:
+            self.vmcb.cr4 |= 1 << 5
+            self.vmcb.efer |= 1 << 8 | 1 << 10
+        self.vmcb.sev_es_enable = True
+        self.vmcb.sev_features = 1  # SNP active
+        es_vmsa(self.soc, self.vmcb)
+        self.port.set(self.vmcb.vmsa_pa, assigned=True, immutable=False, asid=ASID, gpa=0xFFFF_F000,
+                      validated=True, vmsa=True)
+
+    def own(self, gpa: int, *, validated: bool = False, asid: int = ASID, at: int | None = None) -> int:
+        """Assign the page backing ``gpa`` to ``asid`` at GPA ``at`` (default ``gpa``)."""
+        spa = GUEST_SPA + gpa
+        self.port.set(spa, assigned=True, immutable=False, asid=asid, gpa=gpa if at is None else at,
+                      validated=validated)
+        return spa
+
+    def run(self, work: Any) -> Any:
+        return self.soc.boot_cpu.vmrun(self.vmcb, PyEngine(work))
+
+
+def _ops(ops: list[Any]) -> Workload:
+    for o in ops:  # noqa: UP028 - the engine sends results, a list iterator cannot take them
+        yield o
+
+
+# ---- VMRUN -----------------------------------------------------------------------------------------
+def test_vmrun_needs_a_validated_vmsa_page_of_the_guest_in_the_rmp() -> None:
+    g = Guest()
+    assert g.run(iter([op.hlt()])).code == ExitCode.HLT
+    real = g.vmcb.vmsa_pa
+    # the host's attack: point the VMCB at a page that is the guest's, validated, but not a VMSA
+    g.vmcb.vmsa_pa = g.own(DATA, validated=True)
+    assert g.run(iter([op.hlt()])).code == ExitCode.INVALID
+    assert "VMSA=0" in g.soc.boot_cpu.vmsa_failure
+    # ... at a hypervisor page, at another guest's VMSA page
+    g.vmcb.vmsa_pa = GUEST_SPA + 0x9000
+    assert g.run(iter([op.hlt()])).code == ExitCode.INVALID
+    assert "not assigned to ASID 5" in g.soc.boot_cpu.vmsa_failure
+    g.port.set(GUEST_SPA + 0x9000, assigned=True, immutable=False, asid=OTHER, gpa=0x9000, validated=True,
+               vmsa=True)
+    assert g.run(iter([op.hlt()])).code == ExitCode.INVALID
+    # a VMSA page the guest has not validated
+    g.vmcb.vmsa_pa = real
+    g.port.update(real, g.rmp.entry(real), validated=False)
+    assert g.run(iter([op.hlt()])).code == ExitCode.INVALID
+    g.port.update(real, g.rmp.entry(real), validated=True)
+    assert g.run(iter([op.hlt()])).code == ExitCode.HLT
+
+
+def test_every_vmrun_checks_even_a_vmsa_the_core_still_holds() -> None:
+    g = Guest()
+    assert g.run(iter([op.hlt()])).code == ExitCode.HLT
+    # between runs the host makes the VMSA page shared (RMPUPDATE clears the VMSA bit)
+    assert g.host.boot_cpu.rmpupdate_state(g.vmcb.vmsa_pa, RmpUpdateState()) == RmpResult.SUCCESS
+    assert g.run(iter([op.hlt()])).code == ExitCode.INVALID
+    assert "not assigned" in g.soc.boot_cpu.vmsa_failure
+
+
+def test_the_vmsa_page_is_in_use_while_the_guest_runs() -> None:
+    g = Guest()
+    vmsa = g.vmcb.vmsa_pa
+    seen: list[int] = []
+
+    def work() -> Workload:
+        # another core's RMPUPDATE while this one runs the guest
+        seen.append(g.host.boot_cpu.rmpupdate_state(vmsa, RmpUpdateState()))
+        yield op.hlt()
+
+    assert g.run(work()).code == ExitCode.HLT
+    assert seen == [RmpResult.FAIL_INUSE]
+    assert g.rmp.entry(vmsa).vmsa  # nothing changed
+    assert g.host.boot_cpu.rmpupdate_state(vmsa, RmpUpdateState()) == RmpResult.SUCCESS  # released at #VMEXIT
+
+
+# ---- the guest's accesses --------------------------------------------------------------------------
+def test_a_private_access_to_an_unvalidated_page_is_vc_404_until_pvalidate() -> None:
+    g = Guest()
+    g.own(DATA)
+    got: list[Any] = []
+
+    def work() -> Workload:
+        try:
+            yield op.load(DATA, 8)
+        except VmmCommunication as vc:
+            got.append(vc.error_code)
+        got.append((yield op.pvalidate(DATA, 0, True)))
+        yield op.store(DATA, 8, 0x1122)
+        got.append((yield op.load(DATA, 8)))
+        got.append((yield op.pvalidate(DATA, 0, False)))  # rescind: the cached translation must go
+        try:
+            yield op.load(DATA, 8)
+        except VmmCommunication as vc:
+            got.append(vc.error_code)
+        yield op.hlt()
+
+    assert g.run(work()).code == ExitCode.HLT
+    assert got == [VC_PAGE_NOT_VALIDATED, (0, False), 0x1122, (0, False), VC_PAGE_NOT_VALIDATED]
+
+
+@pytest.mark.parametrize("attack", ["hypervisor page", "other asid", "other gpa"])
+def test_pages_that_are_not_the_guests_at_that_gpa_are_npf_with_the_rmp_bit(attack: str) -> None:
+    g = Guest()
+    if attack == "other asid":
+        g.own(DATA, validated=True, asid=OTHER)
+    elif attack == "other gpa":  # the host remapped a page the guest validated at another GPA
+        g.own(DATA, validated=True, at=0x7000)
+    ex = g.run(_ops([op.load(DATA, 8), op.hlt()]))
+    assert ex.code == ExitCode.NPF and ex.info2 == DATA
+    assert ex.info1 & NpfExitInfo1.RMP and ex.info1 & NpfExitInfo1.ENC and not ex.info1 & NpfExitInfo1.SIZEM
+
+
+def test_a_2m_mapping_of_a_4k_rmp_page_is_npf_sizem() -> None:
+    g = Guest(paging=True)
+    g.pt.npt_map(HUGE_GPA, GUEST_SPA + HUGE_GPA, large=True)
+    g.pt.guest_map(0x4000_0000, HUGE_GPA, large=True)
+    g.own(HUGE_GPA, validated=True)  # a 4 KiB entry
+    ex = g.run(_ops([op.load(0x4000_0000, 8), op.hlt()]))
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.SIZEM and ex.info1 & NpfExitInfo1.RMP
+
+
+def test_the_guests_page_tables_are_checked_too() -> None:
+    g = Guest(paging=True, validate_all=True)
+    assert g.run(_ops([op.load(0x10_0000, 8), op.hlt()])).code == ExitCode.HLT
+    # the host takes a page of the guest's tables back (RMPUPDATE to shared): the walk faults
+    assert g.host.boot_cpu.rmpupdate_state(GUEST_SPA + GPT_POOL, RmpUpdateState()) == RmpResult.SUCCESS
+    g.soc.boot_cpu.tlb.flush_all()
+    ex = g.run(_ops([op.load(0x10_0000, 8), op.hlt()]))
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP and ex.info2 == GPT_POOL
+
+
+def test_a_verdict_cached_in_the_tlb_goes_when_the_host_changes_the_rmp() -> None:
+    g = Guest(validate_all=True)
+    assert g.run(_ops([op.load(DATA, 8), op.hlt()])).code == ExitCode.HLT  # the translation is cached
+    assert g.host.boot_cpu.rmpupdate_state(GUEST_SPA + DATA, RmpUpdateState(
+        gpa=DATA, assigned=1, asid=OTHER)) == RmpResult.SUCCESS
+    ex = g.run(_ops([op.load(DATA, 8), op.hlt()]))  # no TLB_CONTROL flush asked by the host
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP
+
+
+def test_contrast_an_sev_es_guest_on_the_same_host_is_not_checked() -> None:
+    g = Guest()
+    g.vmcb.sev_features = 0
+    es_vmsa(g.soc, g.vmcb, spa=0x1D000)
+    g.own(DATA, asid=OTHER)  # another guest's page, unvalidated: no RMP check without SNP
+    assert g.run(_ops([op.load(DATA, 8), op.hlt()])).code == ExitCode.HLT
+
+
+# ---- the Unicorn engine: the same checks on its TLB fill path ------------------------------------------
+_CODE = 0x1000
+_PVALIDATE = bytes.fromhex("f20f01ff")
+
+
+def _uc_guest(pvalidate: bool) -> tuple[Guest, Any]:
+    from sevemu.abi.vmsa import SevEsSaveArea
+    from sevemu.hw.ucengine import UcEngine
+    from sevemu.hw.x86.state import InitialState
+
+    g = Guest()
+    code = (bytes.fromhex("b800500000" "31c9" "ba01000000") + (_PVALIDATE if pvalidate else b"\x90" * 4)
+            + bytes.fromhex("8b1d00500000" "f4"))
+    g.own(_CODE, validated=True)
+    g.pt.gwrite(_CODE, code.ljust(PAGE, b"\xf4"))
+    state = InitialState(rip=_CODE)
+    eng = UcEngine(pool_pages=64, initial=state)
+    state.apply(g.vmcb)
+    values: dict[str, Any] = {}
+    for name, seg in g.vmcb.segments.items():
+        values.update({f"{name}_selector": seg.selector, f"{name}_attrib": seg.attrib,
+                       f"{name}_limit": seg.limit, f"{name}_base": seg.base})
+    values.update(efer=g.vmcb.efer, cr0=g.vmcb.cr0, cr3=0, cr4=0, rflags=g.vmcb.rflags, rip=_CODE, sev_features=1)
+    g.soc.cache.write(ASID, True, g.vmcb.vmsa_pa, SevEsSaveArea(**values).encode())
+    g.soc.cache.flush_range(ASID, True, g.vmcb.vmsa_pa, PAGE)
+    return g, eng
+
+
+def test_unicorn_pvalidate_then_load_runs_and_an_unvalidated_load_is_vc() -> None:
+    g, eng = _uc_guest(pvalidate=True)
+    g.own(DATA)
+    try:
+        assert g.soc.boot_cpu.vmrun(g.vmcb, eng).code == ExitCode.HLT
+        assert g.rmp.entry(GUEST_SPA + DATA).validated
+    finally:
+        eng.close()
+    g, eng = _uc_guest(pvalidate=False)
+    g.own(DATA)
+    try:  # no IDT: the #VC the load takes becomes a triple fault
+        assert g.soc.boot_cpu.vmrun(g.vmcb, eng).code == ExitCode.SHUTDOWN
+        assert eng.crash is not None and "#VC" in eng.crash and "error code 0x404" in eng.crash
+        assert "RIP 0x1010" in eng.crash  # the load, after the four NOPs
+    finally:
+        eng.close()
+
+
+def test_unicorn_a_page_of_another_guest_is_npf_with_the_rmp_bit() -> None:
+    g, eng = _uc_guest(pvalidate=False)
+    g.own(DATA, validated=True, asid=OTHER)
+    try:
+        ex = g.soc.boot_cpu.vmrun(g.vmcb, eng)
+        assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP and ex.info2 == DATA
+    finally:
+        eng.close()
