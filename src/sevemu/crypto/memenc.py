@@ -903,6 +903,7 @@ class MemoryCipher:
         ctx = self._enc if encrypt else self._dec
         pre = encrypt or self._code == _XEX
         post = not encrypt or self._code == _XEX
+        alias = src.obj is dst.obj
         n = src.nbytes
         pos = 0
         while pos < n:
@@ -913,6 +914,10 @@ class MemoryCipher:
             if pre:
                 buf = sc.buf_bytes[:m]
                 xor_tweak(buf, src[pos:end], spa + pos, consts)
+                ctx.update_into(buf, target)
+            elif alias:  # in place: cryptography refuses overlapping input and output
+                buf = sc.buf_bytes[:m]
+                buf[:] = src[pos:end]
                 ctx.update_into(buf, target)
             else:
                 ctx.update_into(src[pos:end], target)
@@ -960,6 +965,7 @@ class MemoryCipher:
         ctx = self._enc if encrypt else self._dec
         pre = encrypt or self._code == _XEX  # XOR before AES (XE decryption: only after)
         post = not encrypt or self._code == _XEX
+        alias = src.obj is dst.obj
         src_w = np.frombuffer(src, dtype=_U64)
         dst_w = np.frombuffer(dst, dtype=_U64)
         n = src.nbytes
@@ -992,6 +998,9 @@ class MemoryCipher:
                 else:
                     xor(src_w[pos >> 3 : end >> 3], seg_tw, out=buf[: w1 - w0])
                     ctx.update_into(buf_bytes[:m], target)
+            elif alias:  # in place: cryptography refuses overlapping input and output
+                buf_bytes[:m] = src[pos:end]
+                ctx.update_into(buf_bytes[:m], target)
             else:
                 ctx.update_into(src[pos:end], target)
             if post:
