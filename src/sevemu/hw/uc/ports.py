@@ -41,27 +41,13 @@ def scan_io_candidates(page: bytes) -> tuple[tuple[int, int], ...]:
     An instruction that starts anywhere in such a range *is* that I/O instruction; bytes that are
     not instruction starts are harmless, since a code hook fires only on instructions executed.
     """
-    out = []
-    for m in IO_OPCODE.finditer(page):
-        i = m.start()
-        j = i
-        while j > 0 and i - j < 14 and page[j - 1] in _SCAN_PREFIXES:
-            j -= 1
-        out.append((j, i))
-    return tuple(out)
+    return _with_prefixes(IO_OPCODE, page)
 
 
 def scan_vmgexit_candidates(page: bytes) -> tuple[tuple[int, int], ...]:
     """Offset ranges ``(first, last)`` of a code page where a VMGEXIT (``F3 0F 01 D9``; any
     ``0F 01 D9``, VMMCALL included) could start: its ``0F`` and the run of prefix bytes before it."""
-    out = []
-    for m in _VMMCALL.finditer(page):
-        i = m.start()
-        j = i
-        while j > 0 and i - j < 14 and page[j - 1] in _SCAN_PREFIXES:
-            j -= 1
-        out.append((j, i))
-    return tuple(out)
+    return _with_prefixes(_VMMCALL, page)
 
 
 class IoHooks:
@@ -172,3 +158,16 @@ class IoHooks:
         self._hooks.clear()
         self.offsets.clear()
         self.exits.clear()
+
+
+def _with_prefixes(pattern: re.Pattern[bytes], page: bytes) -> tuple[tuple[int, int], ...]:
+    """``(first, last)`` per match of ``pattern`` in ``page``: the match's offset and the start of
+    the run of prefix bytes right before it (an instruction is at most 15 bytes long)."""
+    out = []
+    for m in pattern.finditer(page):
+        i = m.start()
+        j = i
+        while j > 0 and i - j < 14 and page[j - 1] in _SCAN_PREFIXES:
+            j -= 1
+        out.append((j, i))
+    return tuple(out)
