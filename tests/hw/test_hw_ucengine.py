@@ -368,7 +368,7 @@ def test_engines_created_and_dropped_do_not_accumulate(close: bool) -> None:
         v.engine = None
         if close:
             eng.close()
-            assert len(WATCHDOG) == base
+            assert len(WATCHDOG) <= base  # gone (an earlier test's engine may be collected meanwhile)
 
     for _ in range(5):
         cycle()
@@ -388,7 +388,7 @@ def test_engines_created_and_dropped_do_not_accumulate(close: bool) -> None:
     gc.collect()
     time.sleep(0.02)  # a watchdog tick
     assert all(r() is None for r in refs)
-    assert len(WATCHDOG) == base
+    assert len(WATCHDOG) <= base
     assert _rss() - before < 16 * MiB, f"{(_rss() - before) / MiB:.1f} MiB more after 40 engines"
 
 
