@@ -7,6 +7,7 @@ use host interfaces only (RMPUPDATE, the VMCB's VMSA pointer)."""
 
 from __future__ import annotations
 
+from types import GeneratorType
 from typing import Any
 
 import pytest
@@ -14,11 +15,12 @@ from hwkit import GPT_POOL, GUEST_SPA, PageTables, es_vmsa, make_soc
 
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.paging import ExitCode, NpfExitInfo1
+from sevemu.abi.pycode import CODE_GPA
 from sevemu.abi.rmp import RmpResult, RmpUpdateState
 from sevemu.hw.faults import VmmCommunication
 from sevemu.hw.host import HostSoc
 from sevemu.hw.mmu import VC_PAGE_NOT_VALIDATED
-from sevemu.hw.pyengine import PyEngine, Workload, op
+from sevemu.hw.pyengine import Workload, op
 from sevemu.hw.rmp import Rmp, RmpFirmwarePort
 from sevemu.hw.soc import Soc
 from sevemu.hw.svm import Vmcb
@@ -47,6 +49,7 @@ class Guest:
         keys.load(OTHER, bytes(range(16)))
         self.pt = PageTables(self.soc, ASID, True)
         self.pt.identity()
+        self.own(CODE_GPA, validated=True)  # the page of the guest's program table (launched)
         if paging:
             self.pt.guest_map(0x10_0000, DATA)
             for gpa in range(GPT_POOL, GPT_POOL + 8 * PAGE, PAGE):  # the guest's own tables: private, validated
@@ -71,7 +74,11 @@ class Guest:
         return spa
 
     def run(self, work: Any) -> Any:
-        return self.soc.boot_cpu.vmrun(self.vmcb, PyEngine(work))
+        """VMRUN with ``work`` (a workload, or a list of ops) bound to the guest as its launch would
+        (the program table at its GPA, a private validated page)."""
+        if not isinstance(work, GeneratorType):
+            work = _ops(list(work))
+        return self.soc.boot_cpu.vmrun(self.vmcb, self.pt.engine(work))
 
 
 def _ops(ops: list[Any]) -> Workload:

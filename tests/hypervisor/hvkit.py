@@ -30,10 +30,15 @@ def snp_machine(seed: str) -> Machine:
 def launch_snp(m: Machine, engine: Engine, pages: Sequence[tuple[int, bytes]] = (), *,
                name: str = "snp", memory: int = 16 * MiB) -> Vm:
     """An SNP VM with one vCPU running ``engine``, launched (START, NORMAL ``pages``, FINISH) by KVM."""
+    from sevemu._util.units import PAGE
+    from sevemu.abi.pycode import CODE_GPA, identity_table
+    from sevemu.hw.pyengine import PyEngine
     from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit, KvmVmType
     from sevemu.hypervisor.sevdev import SevDevice
     from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
 
+    if isinstance(engine, PyEngine) and engine.identity:  # its program table, launched as QEMU would any page
+        pages = [(CODE_GPA, identity_table([engine.identity]).ljust(PAGE, b"\0")), *pages]
     vm = m.hv.create_vm(name, memory, vm_type=KvmVmType.SNP_VM)
     kvm = KvmSev(m.hv, vm)
     kvm.op(KvmSevCmdId.INIT2, KvmSevInit())

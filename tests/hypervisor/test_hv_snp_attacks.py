@@ -42,8 +42,9 @@ def _guest(m: Machine, snp: bool, work: Callable[[bool], Workload]) -> Vm:
     else:
         vm = m.hv.create_vm("es", 16 * MiB, vm_type=KvmVmType.SEV_ES_VM)
         m.hv.sev_init(vm)
-        vm.add_vcpu(PyEngine(work(False)))
-        m.hv.launch(vm, [(0, bytes(PAGE))], policy=0x4)
+        gen = work(False)
+        vm.add_vcpu(PyEngine(gen))
+        m.hv.launch(vm, [], policy=0x4, programs=[gen])  # the program table is the launched page
     return vm
 
 

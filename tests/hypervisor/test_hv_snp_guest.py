@@ -180,9 +180,10 @@ def test_an_sev_es_guest_asking_for_a_page_state_change_is_refused(m: Machine) -
 
     vm = m.hv.create_vm("es", 16 * MiB, vm_type=KvmVmType.SEV_ES_VM)
     m.hv.sev_init(vm)
-    vm.add_vcpu(PyEngine(work()))
+    gen = work()
+    vm.add_vcpu(PyEngine(gen))
     try:
-        m.hv.launch(vm, [(0, bytes(PAGE))], policy=0x4)
+        m.hv.launch(vm, [], policy=0x4, programs=[gen])  # the program table is the launched page
         assert _run(m, vm).reason == "hlt", vm.crash_reason
         assert got and got[0] != 0
     finally:
