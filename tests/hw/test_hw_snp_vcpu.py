@@ -11,6 +11,8 @@ from types import GeneratorType
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from hwkit import GPT_POOL, GUEST_SPA, PageTables, es_vmsa, make_soc
 
 from sevemu.abi.cpuid import Msr, SysCfg
@@ -198,6 +200,89 @@ def test_a_verdict_cached_in_the_tlb_goes_when_the_host_changes_the_rmp() -> Non
         gpa=DATA, assigned=1, asid=OTHER)) == RmpResult.SUCCESS
     ex = g.run(_ops([op.load(DATA, 8), op.hlt()]))  # no TLB_CONTROL flush asked by the host
     assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP
+
+
+def test_a_change_to_a_page_no_core_cached_keeps_the_cached_translations() -> None:
+    g = Guest(validate_all=True)
+    tlb = g.soc.boot_cpu.tlb
+    assert g.run(_ops([op.load(DATA, 8), op.hlt()])).code == ExitCode.HLT
+    cached = dict(tlb.for_asid(ASID))
+    epoch = g.rmp.epoch
+    # on-demand memory: the host assigns a page the guest never reached (KVM on an RMP fault)
+    assert g.host.boot_cpu.rmpupdate_state(GUEST_SPA + 0x9000, RmpUpdateState(
+        gpa=0x9000, assigned=1, asid=ASID)) == RmpResult.SUCCESS
+    assert g.rmp.epoch == epoch
+    misses = tlb.misses
+    assert g.run(_ops([op.load(DATA, 8), op.hlt()])).code == ExitCode.HLT
+    assert tlb.misses == misses and tlb.for_asid(ASID) == cached  # the verdicts stayed
+    # ... but a change to the page the guest reached drops them
+    assert g.host.boot_cpu.rmpupdate_state(GUEST_SPA + DATA, RmpUpdateState()) == RmpResult.SUCCESS
+    assert g.rmp.epoch == epoch + 1
+    ex = g.run(_ops([op.load(DATA, 8), op.hlt()]))
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP
+
+
+def test_a_2m_assignment_takes_away_a_cached_shared_write_inside_its_region() -> None:
+    g = Guest(paging=True, validate_all=True)
+    g.pt.npt_map(HUGE_GPA, GUEST_SPA + HUGE_GPA, large=True)
+    g.pt.guest_map(0x4000_0000, HUGE_GPA + 0x3000, c=False)  # a shared page: the guest PTE without C
+    base = GUEST_SPA + HUGE_GPA
+    assert g.run(_ops([op.store(0x4000_0000, 8, 1), op.hlt()])).code == ExitCode.HLT
+    # the host assigns the whole 2 MiB region (whose entry is at its first frame, not the one cached)
+    assert g.host.boot_cpu.rmpupdate_state(base, RmpUpdateState(
+        gpa=HUGE_GPA, assigned=1, asid=OTHER, pagesize=1)) == RmpResult.SUCCESS
+    ex = g.run(_ops([op.store(0x4000_0000, 8, 2), op.hlt()]))
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP and not ex.info1 & NpfExitInfo1.ENC
+
+
+_PAGES = (0x5000, 0x6000, 0x7000)
+_host_change = st.tuples(st.sampled_from(_PAGES), st.sampled_from(["shared", "mine", "other-asid", "other-gpa"]),
+                         st.booleans())
+_access = st.tuples(st.sampled_from(_PAGES), st.booleans())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.lists(_host_change, max_size=3), st.lists(_access, min_size=1, max_size=3)),
+                min_size=1, max_size=6))
+@example([([], [(0x5000, False)]), ([(0x5000, "shared", False)], [(0x5000, False)])])
+@example([([], [(0x6000, True)]), ([(0x6000, "mine", False)], [(0x6000, False)])])
+def test_cached_verdicts_always_equal_a_fresh_walk(steps: list[Any]) -> None:
+    """Whatever the host does to the RMP between runs, an access through the TLB's cached verdicts has
+    the outcome of the same access after a full flush (the hardware answer)."""
+    g = Guest()
+    for gpa in _PAGES:
+        g.own(gpa, validated=True)
+
+    def outcome(accesses: list[tuple[int, bool]]) -> list[Any]:
+        got: list[Any] = []
+
+        def work() -> Workload:
+            for gpa, write in accesses:
+                try:
+                    if write:
+                        yield op.store(gpa, 8, gpa)
+                        got.append("stored")
+                    else:
+                        yield op.load(gpa, 8)
+                        got.append("loaded")  # (the value: the first run's stores may change it)
+                except VmmCommunication as vc:
+                    got.append(vc.error_code)
+            yield op.hlt()
+
+        ex = g.run(work())
+        return got + ([] if ex.code == ExitCode.HLT else [(int(ex.code), ex.info1, ex.info2)])
+
+    for changes, accesses in steps:
+        for gpa, how, validated in changes:
+            spa = GUEST_SPA + gpa
+            if how == "shared":
+                assert g.host.boot_cpu.rmpupdate_state(spa, RmpUpdateState()) == RmpResult.SUCCESS
+            else:
+                g.own(gpa, validated=validated, asid=OTHER if how == "other-asid" else ASID,
+                      at=gpa + 0x10000 if how == "other-gpa" else gpa)
+        cached = outcome(accesses)
+        g.soc.boot_cpu.tlb.flush_all()
+        assert outcome(accesses) == cached
 
 
 def test_contrast_an_sev_es_guest_on_the_same_host_is_not_checked() -> None:

@@ -746,7 +746,7 @@ class UcEngine:
             perms = uc.UC_PROT_EXEC | (uc.UC_PROT_READ if same else 0)
         else:
             key = tag_key(t.data_asid, t.data_c, t.spa)
-            perms = uc.UC_PROT_READ | (uc.UC_PROT_EXEC if same and t.executable else 0)
+            perms = uc.UC_PROT_READ  # executable once fetched: only code pages are scanned and hooked
         if (same or not fetch) and t.writable and (write or self._w_gvas.get(page) == cr3):
             perms |= uc.UC_PROT_WRITE
         slot = pool.slot_of.get(key)
