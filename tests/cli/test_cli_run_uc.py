@@ -161,3 +161,23 @@ def test_snp_on_demand_validation_keeps_the_engines_translations(gcc: None) -> N
         assert run.engines[0].stats.tlb_flushes < 16
     finally:
         run.close()
+
+
+def test_smp_snp_guest_starts_its_aps_with_ap_creation(gcc: None) -> None:
+    """`sevemu run smp --mode snp`: the BSP writes each AP's VMSA, RMPADJUSTs it, asks for the AP
+    (NAE 0x8000_0013); every AP runs from the guest's page, none from its launched VMSA."""
+    from sevemu.cli.run import launch_guest, load_image
+
+    run = launch_guest(load_image("smp"), mode="snp", vcpus=3)
+    try:
+        out = run.run(timeout=120)
+        assert out.status == "finished", (out.reason, run.console)
+        assert "smp: 3 vCPU(s), total" in run.console and "vCPU 2: partial sum" in run.console
+        line = next(s for s in run.console.splitlines() if s.startswith("smp:"))
+        total, expected = line.split("total ")[1].split(" (expected ")
+        assert total == expected.rstrip(")")
+        for v in run.vm.vcpus[1:]:
+            assert v.snp_vmsas == 1 and v.vmcb.vmsa_pa != run.vm.vmsa_pages[v.index]
+            assert run.machine.hv.soc.rmp_entry(v.vmcb.vmsa_pa).vmsa  # the guest's RMPADJUST
+    finally:
+        run.close()

@@ -11,9 +11,9 @@ from types import GeneratorType
 from typing import Any
 
 import pytest
+from hwkit import GPT_POOL, GUEST_SPA, PageTables, es_vmsa, make_soc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from hwkit import GPT_POOL, GUEST_SPA, PageTables, es_vmsa, make_soc
 
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.paging import ExitCode, NpfExitInfo1

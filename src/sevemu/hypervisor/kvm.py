@@ -54,7 +54,7 @@ from sevemu.errors import InputError, VmError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
-from sevemu.hypervisor import psc
+from sevemu.hypervisor import ap_creation, psc
 from sevemu.hypervisor.asid import AsidPool
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
 from sevemu.hypervisor.ghcb import GhcbHandler
@@ -114,6 +114,7 @@ class Hypervisor:
         self.ghcb = GhcbHandler(self)
         """VMGEXIT of SEV-ES guests: the GHCB MSR protocol and the NAE events (:mod:`sevemu.hypervisor.ghcb`)."""
         psc.install(self.ghcb, self.sev)  # SNP page-state changes (sevemu.hypervisor.psc)
+        ap_creation.install(self.ghcb)  # SNP AP creation (sevemu.hypervisor.ap_creation)
         self._last_vmcb: dict[int, Vmcb] = {}  # ASID -> the VMCB that last ran with it on the core
 
     @property

@@ -198,5 +198,6 @@ def install(ghcb: GhcbHandler, host: SevHost) -> None:
 
 
 def report_snp(ghcb: GhcbHandler) -> None:
-    """SNP is up on the host: HV_FT_RESP / HV_FEATURES report it (KVM's ``GHCB_HV_FT_SNP``)."""
-    ghcb.hv_features |= int(HvFeature.SNP)
+    """SNP is up on the host: HV_FT_RESP / HV_FEATURES report it and AP creation (KVM's
+    ``GHCB_HV_FT_SNP | GHCB_HV_FT_SNP_AP_CREATION``)."""
+    ghcb.hv_features |= int(HvFeature.SNP | HvFeature.SNP_AP_CREATION)
