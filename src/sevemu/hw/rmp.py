@@ -27,10 +27,13 @@ Model choices where AMD publishes no algorithm (``docs/snp.md``):
   2 MiB entry (PSMASH first) or a 2 MiB assignment over assigned 4 KiB entries.  RMPUPDATE clears
   Validated and VMSA and gives VMPL0 every permission and VMPL1-3 none (APM2 15.36.7).
 * PSMASH: FAIL_INPUT unless the SPA is 2 MiB aligned and its entry is an assigned 2 MiB page.
-* PVALIDATE / RMPADJUST are executed at VMPL0 (the :class:`~sevemu.hw.x86.insn.GuestRmp` protocol
-  carries no VMPL yet).  A page that is not the caller's (Assigned, ASID, GPA) or is Immutable is a
-  #VMEXIT(NPF) with the RMP bit; a 4 KiB request on a 2 MiB entry a #VMEXIT(NPF) with SIZEM; a 2 MiB
-  request on a 4 KiB entry FAIL_SIZEMISMATCH.
+* PVALIDATE runs at VMPL0 only (the instruction layer raises #GP(0) at another VMPL: Linux "x86/sev:
+  Perform PVALIDATE using the SVSM when not at VMPL0").  RMPADJUST runs at the caller's VMPL (the
+  running VMSA's): FAIL_INPUT for a target VMPL not less privileged than the caller's (or above 3) or
+  reserved permission bits, FAIL_PERMISSION for permissions the caller's own mask lacks.  A page that
+  is not the caller's (Assigned, ASID, GPA) or is Immutable is a #VMEXIT(NPF) with the RMP bit; a 4 KiB
+  request on a 2 MiB entry a #VMEXIT(NPF) with SIZEM; a 2 MiB request on a 4 KiB entry
+  FAIL_SIZEMISMATCH.
 """
 
 from __future__ import annotations
@@ -473,9 +476,10 @@ class Rmp:
         return int(RmpResult.SUCCESS), False
 
     def rmpadjust(self, asid: int, gpa: int, spa: int, huge: bool, target_vmpl: int, perms: int,
-                  vmsa: bool) -> int:
-        """RMPADJUST (APM3) at VMPL0: set VMPL ``target_vmpl``'s permission mask (and the VMSA bit)."""
-        caller = 0
+                  vmsa: bool, caller_vmpl: int = 0) -> int:
+        """RMPADJUST (APM3) at ``caller_vmpl``: set the permission mask of a less privileged VMPL
+        ``target_vmpl`` (and the VMSA bit), never to more than the caller's own mask."""
+        caller = caller_vmpl
         if not caller < target_vmpl < VMPL_COUNT or perms & ~VMPL_PERM_MASK:
             return int(RmpResult.FAIL_INPUT)
         found = self._guest_entry(asid, gpa, spa, huge)

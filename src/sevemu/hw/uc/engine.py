@@ -737,7 +737,7 @@ class UcEngine:
             self._forget_grants()
             self._fill_cr0, self._fill_cr3 = cr0, cr3
         t = cpu.core.mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
-                                   gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp)
+                                   gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp, vmpl=cpu.vmpl)
         if pool.stale:
             self.refresh()  # the walk set A/D bits in a page the guest has mapped
         same = t.data_asid == t.fetch_asid and t.data_c == t.fetch_c
