@@ -15,9 +15,9 @@ from hvkit import launch_snp, snp_machine
 
 from sevemu._util.units import MiB
 from sevemu.abi.commands import CommandId
+from sevemu.abi.rmp import RmpUpdateState
 from sevemu.abi.snp import SnpAddrCmd
 from sevemu.abi.status import Status
-from sevemu.abi.rmp import RmpUpdateState
 from sevemu.hw.faults import VmmCommunication
 from sevemu.hw.mmu import VC_PAGE_NOT_VALIDATED
 from sevemu.hw.pyengine import PyEngine, Workload, op
