@@ -178,6 +178,7 @@ class Rmp:
         self.max_asid = max_asid
         self.base = base
         self.end = end
+        self._covered = min(rmp_covered_bytes(base, end), self._dram_size)
         self.enabled = False
         """SYSCFG.SNP_EN: the cores check the RMP (set once; cleared only by a reset)."""
         self.initialized = False
@@ -200,13 +201,14 @@ class Rmp:
     @property
     def covered(self) -> int:
         """Bytes of system-physical memory from 0 the table covers (beyond: always hypervisor's)."""
-        return min(rmp_covered_bytes(self.base, self.end), self._dram_size)
+        return self._covered
 
     def set_bounds(self, base: int, end: int) -> None:
         """WRMSR RMP_BASE / RMP_END before SNP_EN (the BIOS does it); InputError when SNP_EN is set."""
         if self.enabled:
             raise InputError("RMP_BASE / RMP_END are locked once SYSCFG.SNP_EN is set")
         self.base, self.end = base, end
+        self._covered = min(rmp_covered_bytes(base, end), self._dram_size)
 
     def bounds_valid(self) -> bool:
         """The region is 1 MiB aligned, inside DRAM and large enough for one entry."""
