@@ -395,6 +395,9 @@ class Hypervisor:
             if ex.info1 & 1 or not 0 <= gpa < vm.memory:
                 return self._crash(vm, f"unresolvable #NPF at GPA {gpa:#x} (EXITINFO1 {ex.info1:#x})")
             vm.back(gpa)
+            if vm.snp:
+                why = psc.gmem_fault(self.sev, vm, gpa, ex.info1)
+                return None if why is None else self._crash(vm, why)
             return None
         if code == ExitCode.VMGEXIT:
             return self.ghcb.vmgexit(vm, v)
