@@ -159,7 +159,7 @@ class FakeRmp:
         return 0, unchanged
 
     def rmpadjust(self, asid: int, gpa: int, spa: int, huge: bool, target_vmpl: int, perms: int,
-                  vmsa: bool) -> int:
+                  vmsa: bool, caller_vmpl: int = 0) -> int:
         self.calls.append(("rmpadjust", asid, gpa, spa, huge, target_vmpl, perms, vmsa))
         return 2 if target_vmpl == 0 else 0
 

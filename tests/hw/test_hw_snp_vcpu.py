@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from hwkit import GPT_POOL, GUEST_SPA, PageTables, es_vmsa, make_soc
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.paging import ExitCode, NpfExitInfo1
@@ -198,6 +200,209 @@ def test_a_verdict_cached_in_the_tlb_goes_when_the_host_changes_the_rmp() -> Non
         gpa=DATA, assigned=1, asid=OTHER)) == RmpResult.SUCCESS
     ex = g.run(_ops([op.load(DATA, 8), op.hlt()]))  # no TLB_CONTROL flush asked by the host
     assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP
+
+
+def test_a_change_to_a_page_no_core_cached_keeps_the_cached_translations() -> None:
+    g = Guest(validate_all=True)
+    tlb = g.soc.boot_cpu.tlb
+    assert g.run(_ops([op.load(DATA, 8), op.hlt()])).code == ExitCode.HLT
+    cached = dict(tlb.for_asid(ASID))
+    epoch = g.rmp.epoch
+    # on-demand memory: the host assigns a page the guest never reached (KVM on an RMP fault)
+    assert g.host.boot_cpu.rmpupdate_state(GUEST_SPA + 0x9000, RmpUpdateState(
+        gpa=0x9000, assigned=1, asid=ASID)) == RmpResult.SUCCESS
+    assert g.rmp.epoch == epoch
+    misses = tlb.misses
+    assert g.run(_ops([op.load(DATA, 8), op.hlt()])).code == ExitCode.HLT
+    assert tlb.misses == misses and tlb.for_asid(ASID) == cached  # the verdicts stayed
+    # ... but a change to the page the guest reached drops them
+    assert g.host.boot_cpu.rmpupdate_state(GUEST_SPA + DATA, RmpUpdateState()) == RmpResult.SUCCESS
+    assert g.rmp.epoch == epoch + 1
+    ex = g.run(_ops([op.load(DATA, 8), op.hlt()]))
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP
+
+
+def test_a_2m_assignment_takes_away_a_cached_shared_write_inside_its_region() -> None:
+    g = Guest(paging=True, validate_all=True)
+    g.pt.npt_map(HUGE_GPA, GUEST_SPA + HUGE_GPA, large=True)
+    g.pt.guest_map(0x4000_0000, HUGE_GPA + 0x3000, c=False)  # a shared page: the guest PTE without C
+    base = GUEST_SPA + HUGE_GPA
+    assert g.run(_ops([op.store(0x4000_0000, 8, 1), op.hlt()])).code == ExitCode.HLT
+    # the host assigns the whole 2 MiB region (whose entry is at its first frame, not the one cached)
+    assert g.host.boot_cpu.rmpupdate_state(base, RmpUpdateState(
+        gpa=HUGE_GPA, assigned=1, asid=OTHER, pagesize=1)) == RmpResult.SUCCESS
+    ex = g.run(_ops([op.store(0x4000_0000, 8, 2), op.hlt()]))
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP and not ex.info1 & NpfExitInfo1.ENC
+
+
+_PAGES = (0x5000, 0x6000, 0x7000)
+_host_change = st.tuples(st.sampled_from(_PAGES), st.sampled_from(["shared", "mine", "other-asid", "other-gpa"]),
+                         st.booleans())
+_access = st.tuples(st.sampled_from(_PAGES), st.booleans())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.lists(_host_change, max_size=3), st.lists(_access, min_size=1, max_size=3)),
+                min_size=1, max_size=6))
+@example([([], [(0x5000, False)]), ([(0x5000, "shared", False)], [(0x5000, False)])])
+@example([([], [(0x6000, True)]), ([(0x6000, "mine", False)], [(0x6000, False)])])
+def test_cached_verdicts_always_equal_a_fresh_walk(steps: list[Any]) -> None:
+    """Whatever the host does to the RMP between runs, an access through the TLB's cached verdicts has
+    the outcome of the same access after a full flush (the hardware answer)."""
+    g = Guest()
+    for gpa in _PAGES:
+        g.own(gpa, validated=True)
+
+    def outcome(accesses: list[tuple[int, bool]]) -> list[Any]:
+        got: list[Any] = []
+
+        def work() -> Workload:
+            for gpa, write in accesses:
+                try:
+                    if write:
+                        yield op.store(gpa, 8, gpa)
+                        got.append("stored")
+                    else:
+                        yield op.load(gpa, 8)
+                        got.append("loaded")  # (the value: the first run's stores may change it)
+                except VmmCommunication as vc:
+                    got.append(vc.error_code)
+            yield op.hlt()
+
+        ex = g.run(work())
+        return got + ([] if ex.code == ExitCode.HLT else [(int(ex.code), ex.info1, ex.info2)])
+
+    for changes, accesses in steps:
+        for gpa, how, validated in changes:
+            spa = GUEST_SPA + gpa
+            if how == "shared":
+                assert g.host.boot_cpu.rmpupdate_state(spa, RmpUpdateState()) == RmpResult.SUCCESS
+            else:
+                g.own(gpa, validated=validated, asid=OTHER if how == "other-asid" else ASID,
+                      at=gpa + 0x10000 if how == "other-gpa" else gpa)
+        cached = outcome(accesses)
+        g.soc.boot_cpu.tlb.flush_all()
+        assert outcome(accesses) == cached
+
+
+# ---- VMPLs: a second VMSA of the guest at VMPL1 (an SVSM-style split) ------------------------------------
+VMSA1_SPA = GUEST_SPA + 0x3F_E000  # a page of the guest's memory holding its VMPL1 VMSA
+R, W, UX, SX = 1, 2, 4, 8  # the VMPL permission bits (APM2 Table 15-36)
+
+
+def _vmpl1_vmsa(g: Guest) -> int:
+    """The guest's VMSA at VMPL1: the same registers, ``vmpl`` 1, a validated VMSA page of the guest
+    (what the VMPL0 software's RMPADJUST with the VMSA bit leaves)."""
+    from sevemu.abi.vmsa import SevEsSaveArea
+
+    area = SevEsSaveArea(efer=g.vmcb.efer, cr0=g.vmcb.cr0, cr3=g.vmcb.cr3, cr4=g.vmcb.cr4, rflags=g.vmcb.rflags,
+                         rip=g.vmcb.rip, sev_features=1, vmpl=1, **g.vmcb.regs)
+    g.soc.cache.write(ASID, True, VMSA1_SPA, area.encode())
+    g.soc.cache.flush_range(ASID, True, VMSA1_SPA, PAGE)
+    g.port.set(VMSA1_SPA, assigned=True, immutable=False, asid=ASID, gpa=0x3F_E000, validated=True, vmsa=True)
+    return VMSA1_SPA
+
+
+def _at(g: Guest, vmsa: int, work: Any, core: int = 0) -> Any:
+    g.vmcb.vmsa_pa = vmsa
+    if not isinstance(work, GeneratorType):
+        work = _ops(list(work))
+    return g.soc.cores[core].vmrun(g.vmcb, g.pt.engine(work))
+
+
+def test_vmpl1_accesses_need_the_permissions_vmpl0_granted() -> None:
+    g = Guest(validate_all=True)
+    vmpl0, vmpl1 = g.vmcb.vmsa_pa, _vmpl1_vmsa(g)
+    got: list[Any] = []
+    # VMPL1 has nothing yet: its read of DATA is an NPF with the VMPL bit
+    ex = _at(g, vmpl1, [op.load(DATA, 8), op.hlt()])
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.VMPL and ex.info2 == DATA
+
+    def grant() -> Workload:  # VMPL0: VMPL1 may read and run its code, and read DATA
+        got.append((yield op.rmpadjust(CODE_GPA, 0, 1 | (R | SX) << 8)))
+        got.append((yield op.rmpadjust(DATA, 0, 1 | R << 8)))
+        yield op.store(DATA, 8, 0x77)
+        yield op.hlt()
+
+    assert _at(g, vmpl0, grant()).code == ExitCode.HLT
+    assert got == [(0, False), (0, False)]
+    assert g.rmp.entry(GUEST_SPA + DATA).perms[1] == R
+    got.clear()
+
+    def vmpl1_reads() -> Workload:
+        got.append((yield op.load(DATA, 8)))
+        yield op.store(DATA, 8, 0x66)  # a VMPL1 write to a page VMPL0 did not grant: #NPF (VMPL)
+        yield op.hlt()
+
+    ex = _at(g, vmpl1, vmpl1_reads())
+    assert got == [0x77]
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.VMPL and ex.info1 & NpfExitInfo1.RMP
+    assert ex.info1 & NpfExitInfo1.W and ex.info2 == DATA
+    assert _at(g, vmpl0, [op.load(DATA, 8), op.hlt()]).code == ExitCode.HLT  # nothing was written
+
+
+def test_vmpl1_may_not_validate_and_adjusts_only_less_privileged_vmpls_within_its_own() -> None:
+    g = Guest(validate_all=True)
+    vmpl0, vmpl1 = g.vmcb.vmsa_pa, _vmpl1_vmsa(g)
+    assert _at(g, vmpl0, [op.rmpadjust(CODE_GPA, 0, 1 | (R | SX) << 8), op.rmpadjust(DATA, 0, 1 | R << 8),
+                          op.hlt()]).code == ExitCode.HLT
+    got: list[Any] = []
+
+    def at_vmpl1() -> Workload:
+        try:
+            yield op.pvalidate(DATA, 0, False)
+        except Exception as exc:  # noqa: BLE001 - the #GP the workload is thrown
+            got.append(type(exc).__name__)
+        got.append((yield op.rmpadjust(DATA, 0, 1 | R << 8)))  # its own level: not less privileged
+        got.append((yield op.rmpadjust(DATA, 0, 0)))  # VMPL0's
+        got.append((yield op.rmpadjust(DATA, 0, 2 | (R | W) << 8)))  # more than its own (R)
+        got.append((yield op.rmpadjust(DATA, 0, 2 | R << 8)))  # within its own
+        yield op.hlt()
+
+    assert _at(g, vmpl1, at_vmpl1()).code == ExitCode.HLT
+    assert got == ["GeneralProtection", (RmpResult.FAIL_INPUT, False), (RmpResult.FAIL_INPUT, False),
+                   (RmpResult.FAIL_PERMISSION, False), (0, False)]
+    e = g.rmp.entry(GUEST_SPA + DATA)
+    assert e.validated and e.perms[1:] == (R, R, 0)
+
+
+def test_a_vmpl0_revocation_on_another_core_drops_vmpl1s_cached_verdict() -> None:
+    g = Guest(validate_all=True)
+    vmpl0, vmpl1 = g.vmcb.vmsa_pa, _vmpl1_vmsa(g)
+    assert _at(g, vmpl0, [op.rmpadjust(CODE_GPA, 0, 1 | (R | SX) << 8), op.rmpadjust(DATA, 0, 1 | (R | W) << 8),
+                          op.hlt()]).code == ExitCode.HLT
+    assert _at(g, vmpl1, [op.store(DATA, 8, 1), op.hlt()], core=0).code == ExitCode.HLT  # cached on core 0
+    epoch = g.rmp.epoch
+    assert _at(g, vmpl0, [op.rmpadjust(DATA, 0, 1 | R << 8), op.hlt()], core=1).code == ExitCode.HLT
+    assert g.rmp.epoch == epoch + 1  # write taken away from a frame core 0 holds a verdict of
+    ex = _at(g, vmpl1, [op.store(DATA, 8, 2), op.hlt()], core=0)
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.VMPL
+
+
+def test_the_host_cannot_give_vmpl1_a_page_rmpupdate_leaves_it_nothing() -> None:
+    """The host's attack: re-assign the page VMPL0 kept from VMPL1 (same ASID and GPA) hoping for fresh
+    permissions.  RMPUPDATE gives VMPL0 everything, VMPL1-3 nothing, and clears Validated: VMPL1 still
+    cannot touch it (the guest sees #VC 0x404 until VMPL0 validates it again)."""
+    g = Guest(validate_all=True)
+    vmpl0, vmpl1 = g.vmcb.vmsa_pa, _vmpl1_vmsa(g)
+    assert _at(g, vmpl0, [op.rmpadjust(CODE_GPA, 0, 1 | (R | SX) << 8), op.hlt()]).code == ExitCode.HLT
+    assert g.host.boot_cpu.rmpupdate_state(GUEST_SPA + DATA, RmpUpdateState(
+        gpa=DATA, assigned=1, asid=ASID)) == RmpResult.SUCCESS
+    e = g.rmp.entry(GUEST_SPA + DATA)
+    assert e.perms[1:] == (0, 0, 0) and not e.validated
+    got: list[Any] = []
+
+    def at_vmpl1() -> Workload:
+        try:
+            yield op.store(DATA, 8, 0x66)
+        except VmmCommunication as vc:
+            got.append(vc.error_code)
+        yield op.hlt()
+
+    assert _at(g, vmpl1, at_vmpl1()).code == ExitCode.HLT and got == [VC_PAGE_NOT_VALIDATED]
+    assert _at(g, vmpl0, [op.pvalidate(DATA, 0, True), op.hlt()]).code == ExitCode.HLT
+    ex = _at(g, vmpl1, [op.store(DATA, 8, 0x66), op.hlt()])
+    assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.VMPL
 
 
 def test_contrast_an_sev_es_guest_on_the_same_host_is_not_checked() -> None:

@@ -28,8 +28,9 @@ def snp_machine(seed: str) -> Machine:
 
 
 def launch_snp(m: Machine, engine: Engine, pages: Sequence[tuple[int, bytes]] = (), *,
-               name: str = "snp", memory: int = 16 * MiB) -> Vm:
-    """An SNP VM with one vCPU running ``engine``, launched (START, NORMAL ``pages``, FINISH) by KVM."""
+               name: str = "snp", memory: int = 16 * MiB, aps: Sequence[Engine] = (), asid: int | None = None) -> Vm:
+    """An SNP VM with one vCPU running ``engine`` (and one more per engine of ``aps``), launched
+    (START, NORMAL ``pages``, FINISH) by KVM; ``asid``: the one the host gives it instead of the pool's."""
     from sevemu._util.units import PAGE
     from sevemu.abi.pycode import CODE_GPA, identity_table
     from sevemu.hw.pyengine import PyEngine
@@ -37,12 +38,17 @@ def launch_snp(m: Machine, engine: Engine, pages: Sequence[tuple[int, bytes]] = 
     from sevemu.hypervisor.sevdev import SevDevice
     from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
 
-    if isinstance(engine, PyEngine) and engine.identity:  # its program table, launched as QEMU would any page
-        pages = [(CODE_GPA, identity_table([engine.identity]).ljust(PAGE, b"\0")), *pages]
+    ids = [e.identity for e in (engine, *aps) if isinstance(e, PyEngine) and e.identity]
+    if ids:  # their program table, launched as QEMU would any page
+        pages = [(CODE_GPA, identity_table(ids).ljust(PAGE, b"\0")), *pages]
     vm = m.hv.create_vm(name, memory, vm_type=KvmVmType.SNP_VM)
+    if asid is not None:  # a host that picks the ASID itself (KVM chooses them)
+        vm.asid = asid
     kvm = KvmSev(m.hv, vm)
     kvm.op(KvmSevCmdId.INIT2, KvmSevInit())
     vm.add_vcpu(engine)
+    for ap in aps:
+        vm.add_vcpu(ap)
     dev = SevDevice(m.hv)
     kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=0x30000), sev_fd=dev)
     for gpa, data in pages:

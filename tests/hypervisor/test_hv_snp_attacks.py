@@ -14,12 +14,16 @@ import pytest
 from hvkit import launch_snp, snp_machine
 
 from sevemu._util.units import MiB
+from sevemu.abi.commands import CommandId
 from sevemu.abi.rmp import RmpUpdateState
+from sevemu.abi.snp import SnpAddrCmd
+from sevemu.abi.status import Status
 from sevemu.hw.faults import VmmCommunication
 from sevemu.hw.mmu import VC_PAGE_NOT_VALIDATED
 from sevemu.hw.pyengine import PyEngine, Workload, op
 from sevemu.hw.rmp import HostRmpFault
 from sevemu.hw.svm import TlbControl
+from sevemu.hypervisor.errors import IoctlError
 from sevemu.hypervisor.kvm_ops import KvmVmType
 from sevemu.hypervisor.vm import Vm
 from sevemu.scenario import Machine
@@ -168,3 +172,63 @@ def test_pointing_the_vmcb_at_a_guest_page_that_is_not_its_vmsa(m: Machine) -> N
         assert got == []
     finally:
         m.hv.destroy(vm)
+
+
+def _reader(got: list[Any]) -> Callable[[bool], Workload]:
+    """A new guest that reads GPA A, which it never wrote."""
+    def work(snp: bool) -> Workload:
+        try:
+            got.append((yield op.load(A, 8)))
+        except VmmCommunication as vc:
+            got.append(f"#VC {vc.error_code:#x}")
+        yield op.hlt()
+    return work
+
+
+def test_reusing_an_asid_whose_pages_the_host_did_not_reclaim() -> None:
+    """The host tears a guest down without reclaiming its pages (they stay assigned to its ASID,
+    validated), then starts a new guest on the same ASID, hoping to hand it the old, validated pages.
+    The firmware refuses SNP_ACTIVATE (INVALID_CONFIG: the RMP still has pages of the ASID); once the
+    pages are reclaimed, the old page mapped into the new guest is not validated: #VC 0x404."""
+    m = snp_machine("hv-snp-asid-reuse")  # a machine of its own: the ASID bookkeeping is the attacker's
+    hv, core = m.hv, m.hv.core
+    got: list[Any] = []
+    a = _guest(m, True, _writer_then_reader(got))
+    assert _stage(m, a) == "hlt", a.crash_reason
+    asid, spa = a.asid, a.spa_of(A)
+    # the teardown without the reclaim: DECOMMISSION through the mailbox, then WBINVD + SNP_DF_FLUSH
+    core.wbinvd()
+    hv.sev.issue(CommandId.SNP_DECOMMISSION, SnpAddrCmd(address=a.snp_context))
+    hv.sev.flush_asids()
+    assert hv.soc.rmp_entry(spa).asid == asid and hv.soc.rmp_entry(spa).validated
+    with pytest.raises(IoctlError) as refused:
+        launch_snp(m, PyEngine(_reader(got)(True)), name="b", asid=asid)
+    assert refused.value.error == Status.INVALID_CONFIG  # SNP_ACTIVATE: the ASID still owns pages
+    assert hv.soc.rmp_entry(spa).validated  # nothing changed
+    # the host reclaims every page of the old guest (RMPUPDATE to shared), and tries again
+    for page in sorted(a.private_spas | set(a.vmsa_pages.values())):
+        assert core.rmpupdate_state(page, RmpUpdateState()) == 0
+    b = launch_snp(m, PyEngine(_reader(got)(True)), name="b", asid=asid)
+    _remap(m, b, A, spa)  # the old guest's page, at the same GPA, on the same ASID
+    assert _stage(m, b) == "hlt", b.crash_reason
+    assert got == [f"#VC {VC_PAGE_NOT_VALIDATED:#x}"]  # the new guest never validated it: it knows
+
+
+def test_contrast_reusing_an_asid_on_sev_es_hands_the_new_guest_an_old_page() -> None:
+    m = snp_machine("hv-es-asid-reuse")
+    hv = m.hv
+    got: list[Any] = []
+    a = _guest(m, False, _writer_then_reader(got))
+    assert _stage(m, a) == "hlt", a.crash_reason
+    asid, spa = a.asid, a.spa_of(A)
+    hv.sev.decommission(a)  # DEACTIVATE, DECOMMISSION; the pages stay where they are
+    hv.sev.flush_asids()
+    b = hv.create_vm("b", 16 * MiB, vm_type=KvmVmType.SEV_ES_VM)
+    b.asid = asid  # the host picks the ASID
+    hv.sev_init(b)
+    gen = _reader(got)(False)
+    b.add_vcpu(PyEngine(gen))
+    hv.launch(b, [], policy=0x4, programs=[gen])
+    _remap(m, b, A, spa)
+    assert _stage(m, b) == "hlt", b.crash_reason
+    assert len(got) == 1 and isinstance(got[0], int)  # read without a fault: nothing tells the guest

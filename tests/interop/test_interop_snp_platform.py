@@ -118,3 +118,45 @@ def test_a_wrong_vcpu_count_gives_another_digest(machine: Machine, ovmf: Path) -
 @pytest.mark.parametrize("vcpus", range(1, 9))
 def test_snp_platform_digest_matrix(machine: Machine, ovmf: Path, vcpus: int, vcpu_type: str) -> None:
     check(machine, ovmf, vcpus, vcpu_type)
+
+
+CLOUD = [("ec2", "snp", 1), ("ec2", "snp", 3), ("gce", "snp", 2), ("ec2", "seves", 2), ("gce", "seves", 1)]
+
+
+@pytest.mark.parametrize(("vmm", "mode", "vcpus"), CLOUD, ids=[f"{v}-{m}-{n}" for v, m, n in CLOUD])
+def test_cloud_vmm_types_equal_sev_snp_measure(ovmf: Path, vmm: str, mode: str, vcpus: int,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``sevemu measure --vmm-type ec2|gce`` (the owner's calculator: EC2's and GCE's reset states, EC2's
+    CPUID page last, GCE's unmeasured SEC_MEM) equals sev-snp-measure's digest for the same options."""
+    from sevsnpmeasure.guest import seves_calc_launch_digest, snp_calc_launch_digest
+    from sevsnpmeasure.vmm_types import VMMType
+
+    from sevemu.cli.main import main
+
+    kind = VMMType[vmm]
+    if mode == "snp":
+        theirs = bytes(snp_calc_launch_digest(vcpus, 0, str(ovmf), None, None, None, 0x1, None, vmm_type=kind))
+    else:
+        if not ovmf.name.startswith("OVMF.fd"):
+            pytest.skip("SEV-ES measures the whole flash image (OVMF.fd)")
+        theirs = bytes(seves_calc_launch_digest(vcpus, 0, str(ovmf), None, None, None, vmm_type=kind))
+    assert main(["measure", "--mode", mode, "--vcpus", str(vcpus), "--ovmf", str(ovmf), "--vmm-type", vmm]) == 0
+    ours = bytes.fromhex(capsys.readouterr().out.strip())
+    assert ours == theirs
+    qemu = ovmf_launch_digest(ovmf.read_bytes(), vcpus, 0).digest if mode == "snp" else None
+    assert ours != qemu  # the VMM type is in the digest
+
+
+@pytest.mark.parametrize("vmm", ["ec2", "gce"])
+def test_cloud_vmm_vmsa_pages_equal_sev_snp_measure(ovmf: Path, vmm: str) -> None:
+    from sevsnpmeasure.sev_mode import SevMode
+    from sevsnpmeasure.vmm_types import VMMType
+    from sevsnpmeasure.vmsa import VMSA
+
+    from sevemu.owner.ovmf import sev_es_reset_eip
+
+    image = ovmf.read_bytes()
+    theirs = list(VMSA(SevMode.SEV_SNP, sev_es_reset_eip(image), 0, 0x1, VMMType[vmm]).pages(2))
+    ours = owner_vmsa.ovmf_vmsa_pages(image, 2, cpu_signature=0, sev_features=0x1,
+                                      vm_type=owner_vmsa.KvmVmType.SNP_VM, vmm=owner_vmsa.VmmType(vmm))
+    assert ours == theirs

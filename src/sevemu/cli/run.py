@@ -274,6 +274,8 @@ def _snp_launch(m: Machine, vm: Vm, image: GuestImage) -> bytes:
         gfn_start=SNP_CPUID_GPA // PAGE, uaddr=table.ljust(PAGE, b"\0"), len=PAGE, type=int(SnpPageType.CPUID)),
         sev_fd=dev)
     kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish())
+    for v in vm.vcpus[1:]:  # no INIT-SIPI reaches them: the guest starts its APs with AP creation
+        v.reset_hold = True
     return b""
 
 

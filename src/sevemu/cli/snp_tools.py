@@ -56,7 +56,8 @@ def register(sub: Any) -> None:
     m.add_argument("--vcpu-family", dest="family", metavar="FAMILY", help="vCPU family (with model and stepping)")
     m.add_argument("--vcpu-model", dest="model", metavar="MODEL", help="vCPU model")
     m.add_argument("--vcpu-stepping", dest="stepping", metavar="STEPPING", help="vCPU stepping")
-    m.add_argument("--vmm-type", default="QEMU", metavar="VMMTYPE", help="QEMU (ec2 and gce are not modelled)")
+    m.add_argument("--vmm-type", default="QEMU", metavar="VMMTYPE",
+                   help="QEMU, ec2 or gce: the VMM's reset state and launch order, as sev-snp-measure models them")
     m.add_argument("--ovmf", required=True, type=Path, metavar="PATH", help="the OVMF image")
     m.add_argument("--kernel", type=Path, metavar="PATH", help="kernel (measured through the kernel-hashes table)")
     m.add_argument("--initrd", type=Path, metavar="PATH", help="initrd (with --kernel)")
@@ -93,8 +94,10 @@ def _read(path: Path | None, what: str) -> bytes | None:
         raise FileFormatError(f"{what} {path}: {exc.strerror or exc}") from None
 
 
-def _signature(args: argparse.Namespace) -> int:
+def _signature(args: argparse.Namespace, vmm: VmmType = VmmType.QEMU) -> int:
     sig = cpu_signature_of(args)
+    if sig is None and vmm is not VmmType.QEMU:
+        return 0  # EC2 and GCE start every vCPU with RDX 0x600, whatever the model (sev-snp-measure)
     if sig is None:
         raise InputError("name the vCPU: --vcpu-type, --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping")
     return sig
@@ -121,6 +124,10 @@ def _explain(steps: list[Step]) -> list[str]:
 
 
 def run_measure(args: argparse.Namespace) -> int:
+    try:
+        vmm = VmmType(args.vmm_type)
+    except ValueError:
+        raise InputError(f"--vmm-type {args.vmm_type}: QEMU, ec2 or gce") from None
     image = _read(args.ovmf, "OVMF image")
     assert image is not None
     kernel = _read(args.kernel, "kernel")
@@ -132,22 +139,18 @@ def run_measure(args: argparse.Namespace) -> int:
         ld.normal(FOUR_GIB - len(image), image)
         digest, steps = ld.digest, ld.steps
     elif args.mode == "snp":
-        try:
-            vmm = VmmType(args.vmm_type)
-        except ValueError:
-            raise InputError(f"--vmm-type {args.vmm_type}: QEMU, ec2 or gce") from None
         if args.vcpus is None:
             raise InputError("--mode snp needs --vcpus")
         seed = bytes.fromhex(args.snp_ovmf_hash) if args.snp_ovmf_hash else None
-        ld = ovmf_launch_digest(image, args.vcpus, _signature(args),
+        ld = ovmf_launch_digest(image, args.vcpus, _signature(args, vmm),
                                 guest_features=parse_int(args.guest_features, "--guest-features", 64),
                                 kernel=kernel, initrd=initrd, cmdline=args.append, vmm=vmm, ovmf_hash=seed)
         digest, steps = ld.digest, ld.steps
         if args.dump_vmsa:
             for n, page in enumerate(owner_vmsa.ovmf_vmsa_pages(
-                    image, args.vcpus, cpu_signature=_signature(args),
+                    image, args.vcpus, cpu_signature=_signature(args, vmm),
                     sev_features=parse_int(args.guest_features, "--guest-features", 64),
-                    vm_type=owner_vmsa.KvmVmType.SNP_VM)):
+                    vm_type=owner_vmsa.KvmVmType.SNP_VM, vmm=vmm)):
                 Path(f"vmsa{n}.bin").write_bytes(page)
     else:
         if args.explain:
@@ -159,7 +162,7 @@ def run_measure(args: argparse.Namespace) -> int:
         if args.mode == "seves":
             if args.vcpus is None:
                 raise InputError("--mode seves needs --vcpus")
-            pages = owner_vmsa.ovmf_vmsa_pages(image, args.vcpus, cpu_signature=_signature(args))
+            pages = owner_vmsa.ovmf_vmsa_pages(image, args.vcpus, cpu_signature=_signature(args, vmm), vmm=vmm)
         digest, steps = expected_launch_digest(regions, pages), []
     text = _format(digest, args.output_format)
     lines = _explain(steps) + [text] if args.explain else [text]

@@ -55,8 +55,8 @@ class Tlb:
         self.capacity = entries
         self.by_asid: dict[int, dict[int, tuple[int, int, int]]] = {}
         self.misses = 0
-        self.rmp_epoch: dict[int, int] = {}
-        """ASID -> the RMP epoch (:attr:`~sevemu.hw.rmp.Rmp.epoch`) of its cached SNP translations."""
+        self.rmp_epoch: dict[int, tuple[int, int]] = {}
+        """ASID -> (RMP epoch (:attr:`~sevemu.hw.rmp.Rmp.epoch`), VMPL) of its cached SNP translations."""
 
     def for_asid(self, asid: int) -> dict[int, tuple[int, int, int]]:
         d = self.by_asid.get(asid)
@@ -99,7 +99,7 @@ class GuestCpu:
     """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
 
     __slots__ = ("_cache", "_dirty", "_fill", "_line", "_mmu", "_set_mask", "_sets", "_tlb", "_tlb_insert", "asid",
-                 "core", "rmp", "sev", "state", "vmcb")
+                 "core", "rmp", "sev", "state", "vmcb", "vmpl")
 
     def __init__(self, core: Core, vmcb: Vmcb, state: SaveState | None = None) -> None:
         self.core = core
@@ -111,11 +111,14 @@ class GuestCpu:
         self.rmp: Rmp | None = rmp if (rmp is not None and vmcb.sev_es_enable
                                         and self.state.sev_features & _SNP_ACTIVE) else None
         """The RMP when this guest is SNP-active (its accesses are checked on every TLB fill), else None."""
+        self.vmpl: int = getattr(self.state, "vmpl", 0) if self.rmp is not None else 0
+        """The VMPL of the running VMSA (SNP): the RMP permission masks its accesses are checked against."""
         if self.rmp is not None:
             epochs = core.tlb.rmp_epoch
-            if epochs.get(vmcb.asid, -1) != self.rmp.epoch:
-                core.tlb.flush_asid(vmcb.asid)  # the RMP changed since these verdicts were cached
-                epochs[vmcb.asid] = self.rmp.epoch
+            mark = (self.rmp.epoch, self.vmpl)
+            if epochs.get(vmcb.asid) != mark:  # the RMP changed since these verdicts were cached, or
+                core.tlb.flush_asid(vmcb.asid)  # they were another VMPL's (the TLB is tagged by ASID)
+                epochs[vmcb.asid] = mark
         self._tlb = core.tlb.for_asid(vmcb.asid)
         self._tlb_insert = core.tlb.insert
         self._line = core.cache.line
@@ -133,7 +136,7 @@ class GuestCpu:
         rmp = self.rmp
         t: Translation = self._mmu.translate(asid=self.asid, sev=self.sev, ncr3=self.vmcb.ncr3,
                                              paging=bool(st.cr0 & _CR0_PG), cr3=st.cr3, gva=gva, write=write,
-                                             fetch=fetch, rmp=rmp)
+                                             fetch=fetch, rmp=rmp, vmpl=self.vmpl)
         flags = (_W_OK if (write and t.writable) else 0) | (_X_OK if t.executable else 0)
         entry = (tag_key(t.data_asid, t.data_c, t.spa), flags, tag_key(t.fetch_asid, t.fetch_c, t.spa))
         self._tlb_insert(self._tlb, gva >> 12, entry)
@@ -235,10 +238,10 @@ class GuestCpu:
         with its own TLB flushes it too)."""
         rmp = self.rmp
         tlb = self.core.tlb
-        if rmp is None or tlb.rmp_epoch.get(self.asid) == rmp.epoch:
+        if rmp is None or tlb.rmp_epoch.get(self.asid) == (rmp.epoch, self.vmpl):
             return False
         self._tlb.clear()
-        tlb.rmp_epoch[self.asid] = rmp.epoch
+        tlb.rmp_epoch[self.asid] = (rmp.epoch, self.vmpl)
         return True
 
     # ---- guest control operations -----------------------------------------------------------

@@ -136,12 +136,13 @@ class Mmu:
 
     # ---- guest walk + combined translation --------------------------------------------------
     def translate(self, *, asid: int, sev: bool, ncr3: int, paging: bool, cr3: int, gva: int,
-                  write: bool, fetch: bool, rmp: Rmp | None = None) -> Translation:
+                  write: bool, fetch: bool, rmp: Rmp | None = None, vmpl: int = 0) -> Translation:
         """Full GVA -> SPA translation with the guest's and the hypervisor's permissions.
 
         ``rmp``: the guest is SNP-active; the walk's table reads and the final access go through the
         RMP checks (:meth:`~sevemu.hw.rmp.Rmp.check_guest_access`): #VC PAGE_NOT_VALIDATED
-        (:class:`~sevemu.hw.faults.PageNotValidated`) or #NPF with the RMP bit."""
+        (:class:`~sevemu.hw.faults.PageNotValidated`) or #NPF with the RMP bit; ``vmpl``: the running
+        VMSA's level, whose RMP permission masks the accesses (table reads included) need."""
         g_huge = False
         if not paging:
             # Paging off: GVA = GPA, and every access of an SEV guest is private (APM2 15.34.5).
@@ -150,12 +151,12 @@ class Mmu:
             g_writable = g_exec = True
         else:
             gpa, guest_c, g_writable, g_exec, g_huge = self._guest_walk(asid, sev, ncr3, cr3, gva, write, fetch,
-                                                                         rmp)
+                                                                         rmp, vmpl)
         spa, npt_c, n_writable, n_exec, n_huge = self.nested(ncr3, gpa, write, fetch, True,
                                                              sev and (guest_c or fetch))
         # the TLB entry's size: the smaller of the guest's and the NPT's mapping (APM2 15.36.10)
         if rmp is not None and not rmp.check_guest_access(asid, gpa, spa, write=write, fetch=fetch, c=guest_c,
-                                                          huge=g_huge and n_huge):
+                                                          huge=g_huge and n_huge, vmpl=vmpl):
             raise PageNotValidated(gva, f"GPA {gpa:#x} is not validated")
         data_asid, data_c = domain_for(asid, guest_c, npt_c) if sev else (0, npt_c)
         fetch_asid, fetch_c = (asid, True) if sev else (0, npt_c)
@@ -163,7 +164,7 @@ class Mmu:
                            g_writable and n_writable, g_exec and n_exec)
 
     def _guest_walk(self, asid: int, sev: bool, ncr3: int, cr3: int, gva: int, write: bool,
-                    fetch: bool, rmp: Rmp | None = None) -> tuple[int, bool, bool, bool, bool]:
+                    fetch: bool, rmp: Rmp | None = None, vmpl: int = 0) -> tuple[int, bool, bool, bool, bool]:
         err = (PF.W if write else 0) | (PF.FETCH if fetch else 0)
         addr_mask = self.addr_mask
         rsvd = self.rsvd_sev if sev else self.rsvd_plain
@@ -178,7 +179,7 @@ class Mmu:
             pte_gpa = table + ((gva >> shift) & 0x1FF) * 8
             spa, npt_c, _, _, _ = self.nested(ncr3, pte_gpa, False, False, False, sev)
             if rmp is not None and not rmp.check_guest_access(asid, pte_gpa, spa, write=False, fetch=False,
-                                                              c=True):
+                                                              c=True, vmpl=vmpl):
                 raise PageNotValidated(gva, f"page table at GPA {pte_gpa:#x} is not validated")
             t_asid, t_c = (asid, True) if sev else (0, npt_c)
             pte = int.from_bytes(cache.read(t_asid, t_c, spa, 8), "little")

@@ -27,10 +27,13 @@ Model choices where AMD publishes no algorithm (``docs/snp.md``):
   2 MiB entry (PSMASH first) or a 2 MiB assignment over assigned 4 KiB entries.  RMPUPDATE clears
   Validated and VMSA and gives VMPL0 every permission and VMPL1-3 none (APM2 15.36.7).
 * PSMASH: FAIL_INPUT unless the SPA is 2 MiB aligned and its entry is an assigned 2 MiB page.
-* PVALIDATE / RMPADJUST are executed at VMPL0 (the :class:`~sevemu.hw.x86.insn.GuestRmp` protocol
-  carries no VMPL yet).  A page that is not the caller's (Assigned, ASID, GPA) or is Immutable is a
-  #VMEXIT(NPF) with the RMP bit; a 4 KiB request on a 2 MiB entry a #VMEXIT(NPF) with SIZEM; a 2 MiB
-  request on a 4 KiB entry FAIL_SIZEMISMATCH.
+* PVALIDATE runs at VMPL0 only (the instruction layer raises #GP(0) at another VMPL: Linux "x86/sev:
+  Perform PVALIDATE using the SVSM when not at VMPL0").  RMPADJUST runs at the caller's VMPL (the
+  running VMSA's): FAIL_INPUT for a target VMPL not less privileged than the caller's (or above 3) or
+  reserved permission bits, FAIL_PERMISSION for permissions the caller's own mask lacks.  A page that
+  is not the caller's (Assigned, ASID, GPA) or is Immutable is a #VMEXIT(NPF) with the RMP bit; a 4 KiB
+  request on a 2 MiB entry a #VMEXIT(NPF) with SIZEM; a 2 MiB request on a 4 KiB entry
+  FAIL_SIZEMISMATCH.
 """
 
 from __future__ import annotations
@@ -175,6 +178,7 @@ class Rmp:
         self.max_asid = max_asid
         self.base = base
         self.end = end
+        self._covered = min(rmp_covered_bytes(base, end), self._dram_size)
         self.enabled = False
         """SYSCFG.SNP_EN: the cores check the RMP (set once; cleared only by a reset)."""
         self.initialized = False
@@ -184,21 +188,27 @@ class Rmp:
         self._in_use: dict[int, int] = {}
         """SPA -> count of VMRUNs using the page as a VMCB / VMSA (RMPUPDATE answers FAIL_INUSE)."""
         self.epoch = 0
-        """Bumped by every entry change that may take an access away (anything but setting Validated):
-        a core's cached translations of SNP guests (the TLB keeps the RMP verdict with each page) are
-        dropped when they were made under another epoch (:class:`~sevemu.hw.cpu.GuestCpu`)."""
+        """Bumped by an entry change that may take away an access some core has cached: a core's
+        cached translations of SNP guests (the TLB keeps the RMP verdict with each page) are dropped
+        when they were made under another epoch (:class:`~sevemu.hw.cpu.GuestCpu`)."""
+        self._cached: set[int] = set()
+        """Frames (of the governing entries) whose verdict a core cached since the last epoch: only a
+        change to one of them bumps :attr:`epoch` (and empties the set, every cached verdict being
+        dropped before its next use).  A change to any other entry cannot touch a cached verdict --
+        the page the on-demand validation just faulted on, typically."""
 
     # ---- geometry ----------------------------------------------------------------------------
     @property
     def covered(self) -> int:
         """Bytes of system-physical memory from 0 the table covers (beyond: always hypervisor's)."""
-        return min(rmp_covered_bytes(self.base, self.end), self._dram_size)
+        return self._covered
 
     def set_bounds(self, base: int, end: int) -> None:
         """WRMSR RMP_BASE / RMP_END before SNP_EN (the BIOS does it); InputError when SNP_EN is set."""
         if self.enabled:
             raise InputError("RMP_BASE / RMP_END are locked once SYSCFG.SNP_EN is set")
         self.base, self.end = base, end
+        self._covered = min(rmp_covered_bytes(base, end), self._dram_size)
 
     def bounds_valid(self) -> bool:
         """The region is 1 MiB aligned, inside DRAM and large enough for one entry."""
@@ -224,13 +234,14 @@ class Rmp:
         off = spa & (PAGE - 1)
         return int.from_bytes(page[off : off + 8], "little"), int.from_bytes(page[off + 8 : off + 16], "little")
 
-    def _put(self, pfn: int, lo: int, hi: int, old_lo: int | None = None) -> None:
-        """Write one entry; ``old_lo``: its previous low quadword when the caller read it (the
-        per-ASID page counts are kept from the difference)."""
-        if old_lo is None:
-            old_lo = self._raw(pfn)[0]
-        if lo != old_lo | _VALIDATED:  # validating a page takes no access away: cached verdicts stay
-            self.epoch += 1
+    def _put(self, pfn: int, lo: int, hi: int, old_lo: int | None = None, old_hi: int | None = None) -> None:
+        """Write one entry; ``old_lo`` / ``old_hi``: its previous quadwords when the caller read them
+        (the per-ASID page counts are kept from the difference)."""
+        if old_lo is None or old_hi is None:
+            old_lo, old_hi = self._raw(pfn)
+        # Validating a page or granting a VMPL more takes no access away: cached verdicts stay.
+        if (lo != old_lo | _VALIDATED or old_hi & ~hi) and self._verdict_cached(pfn, lo | old_lo):
+            self._new_epoch()
         self._count(old_lo, -1)
         self._count(lo, 1)
         spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
@@ -240,6 +251,21 @@ class Rmp:
             page = self._pages[spa >> PAGE_SHIFT] = bytearray(PAGE)
         off = spa & (PAGE - 1)
         page[off : off + RMP_ENTRY_SIZE] = lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+
+    def _verdict_cached(self, pfn: int, lo: int) -> bool:
+        """Whether a change of entry ``pfn`` (``lo``: its old and new low quadwords or'ed) may touch a
+        verdict some core cached: the frame's own, or any of its 2 MiB region when the entry is (or
+        becomes) a 2 MiB one, which governs the whole region."""
+        cached = self._cached
+        if not cached:
+            return False
+        if lo & _PAGESIZE and not pfn & (_SUBPAGES - 1):
+            return not cached.isdisjoint(range(pfn, pfn + _SUBPAGES))
+        return pfn in cached
+
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        self._cached.clear()
 
     def _count(self, lo: int, delta: int) -> None:
         if lo & _ASSIGNED:
@@ -257,7 +283,7 @@ class Rmp:
         for i in range(0, len(entries), RMP_ENTRY_SIZE) if count else ():
             self._count(self._raw(pfn + i // RMP_ENTRY_SIZE)[0], -1)
             self._count(int.from_bytes(entries[i : i + 8], "little"), 1)
-        self.epoch += 1
+        self._new_epoch()
         spa = self._entry_spa(pfn)
         self._cache.flush_range(0, False, spa, len(entries))
         self._dram.write(spa, entries)
@@ -378,7 +404,7 @@ class Rmp:
                 or (not new.assigned and (new.asid or new.gpa or new.immutable))):
             return RmpResult.FAIL_INPUT
         pfn = spa >> PAGE_SHIFT
-        own, lo, _ = self._authoritative(pfn)
+        own, lo, old_hi = self._authoritative(pfn)
         if lo & _IMMUTABLE:
             return RmpResult.FAIL_PERMISSION
         if self._busy(spa, size):
@@ -395,9 +421,9 @@ class Rmp:
         if new.assigned:
             new_lo = (_ASSIGNED | (_PAGESIZE if huge else 0) | (_IMMUTABLE if new.immutable else 0)
                       | (new.gpa & _GPA_MASK) | (new.asid << _ASID_SHIFT))
-            self._put(pfn, new_lo, _VMPL0_ALL, lo)
+            self._put(pfn, new_lo, _VMPL0_ALL, lo, old_hi)
         else:
-            self._put(pfn, _PAGESIZE if huge else 0, 0, lo)
+            self._put(pfn, _PAGESIZE if huge else 0, 0, lo, old_hi)
             if huge:  # a shared 2 MiB page: its 4 KiB entries are the hypervisor's too
                 for sub in range(pfn + 1, pfn + _SUBPAGES):
                     if self._raw(sub)[0]:
@@ -448,13 +474,14 @@ class Rmp:
         own, lo, hi = found
         if bool(lo & _VALIDATED) == validate:
             return int(RmpResult.SUCCESS), True
-        self._put(own, lo | _VALIDATED if validate else lo & ~_VALIDATED, hi, lo)
+        self._put(own, lo | _VALIDATED if validate else lo & ~_VALIDATED, hi, lo, hi)
         return int(RmpResult.SUCCESS), False
 
     def rmpadjust(self, asid: int, gpa: int, spa: int, huge: bool, target_vmpl: int, perms: int,
-                  vmsa: bool) -> int:
-        """RMPADJUST (APM3) at VMPL0: set VMPL ``target_vmpl``'s permission mask (and the VMSA bit)."""
-        caller = 0
+                  vmsa: bool, caller_vmpl: int = 0) -> int:
+        """RMPADJUST (APM3) at ``caller_vmpl``: set the permission mask of a less privileged VMPL
+        ``target_vmpl`` (and the VMSA bit), never to more than the caller's own mask."""
+        caller = caller_vmpl
         if not caller < target_vmpl < VMPL_COUNT or perms & ~VMPL_PERM_MASK:
             return int(RmpResult.FAIL_INPUT)
         found = self._guest_entry(asid, gpa, spa, huge)
@@ -466,8 +493,7 @@ class Rmp:
         if vmsa and self._busy(own << PAGE_SHIFT, PAGE_2M if huge else PAGE):
             return int(RmpResult.FAIL_INUSE)
         shift = 8 * target_vmpl
-        hi = (hi & ~(0xFF << shift)) | (perms << shift)
-        self._put(own, lo | _VMSA if vmsa else lo & ~_VMSA, hi, lo)
+        self._put(own, lo | _VMSA if vmsa else lo & ~_VMSA, (hi & ~(0xFF << shift)) | (perms << shift), lo, hi)
         return int(RmpResult.SUCCESS)
 
     # ---- guest accesses (for the vCPU engines' nested walk) -----------------------------------------
@@ -485,13 +511,16 @@ class Rmp:
         info |= int(NpfExitInfo1.W) if write else 0
         info |= int(NpfExitInfo1.FETCH) if fetch else 0
         if not (c or fetch):
-            if write and spa < self.covered and self._authoritative(spa >> PAGE_SHIFT)[1] & _ASSIGNED:
-                raise NestedPageFault(info, gpa)
+            if write and spa < self.covered:  # (a shared read is never taken away: not recorded)
+                own, lo, _ = self._authoritative(spa >> PAGE_SHIFT)
+                if lo & _ASSIGNED:
+                    raise NestedPageFault(info, gpa)
+                self._cached.add(own)
             return True
         info |= int(NpfExitInfo1.ENC)
         if not self._covers(spa):
             raise NestedPageFault(info, gpa)
-        _, lo, hi = self._authoritative(spa >> PAGE_SHIFT)
+        own, lo, hi = self._authoritative(spa >> PAGE_SHIFT)
         entry_huge = bool(lo & _PAGESIZE)
         if (not lo & _ASSIGNED or (lo >> _ASID_SHIFT) & _ASID_MASK != asid
                 or lo & _GPA_MASK != gpa & ~((PAGE_2M if entry_huge else PAGE) - 1) or lo & _IMMUTABLE):
@@ -506,6 +535,7 @@ class Rmp:
             need = 4 if user else 8
         if not mask & need or (write and not mask & 1):
             raise NestedPageFault(info | int(NpfExitInfo1.VMPL), gpa)
+        self._cached.add(own)  # the caller caches this verdict (a TLB entry)
         return True
 
 

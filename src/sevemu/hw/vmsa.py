@@ -65,6 +65,7 @@ _OFF_EFER: Final = _O("efer")
 _OFF_RSP: Final = _O("rsp")
 _OFF_RAX: Final = _O("rax")
 _OFF_FEATURES: Final = _O("sev_features")
+_OFF_VMPL: Final = _O("vmpl")
 _SNP_ACTIVE: Final = 1  # SEV_FEATURES bit 0
 _MSR_FIELDS: Final = {0x174: "sysenter_cs", 0x175: "sysenter_esp", 0x176: "sysenter_eip", 0x277: "g_pat",
                       0xC000_0081: "star", 0xC000_0082: "lstar", 0xC000_0083: "cstar", 0xC000_0084: "sfmask",
@@ -78,7 +79,7 @@ class VmsaState:
     """An SEV-ES guest's registers as VMRUN decrypted them from its VMSA (a
     :class:`~sevemu.hw.svm.SaveState`)."""
 
-    __slots__ = ("cr0", "cr3", "cr4", "efer", "msrs", "regs", "rflags", "rip", "segments", "sev_features")
+    __slots__ = ("cr0", "cr3", "cr4", "efer", "msrs", "regs", "rflags", "rip", "segments", "sev_features", "vmpl")
 
     def __init__(self, page: bytes | bytearray) -> None:
         self.efer = _Q.unpack_from(page, _OFF_EFER)[0]
@@ -88,6 +89,8 @@ class VmsaState:
         high["rsp"] = _Q.unpack_from(page, _OFF_RSP)[0]
         self.regs: dict[str, int] = {name: high[name] for name in GPRS}
         self.sev_features = _Q.unpack_from(page, _OFF_FEATURES)[0]
+        self.vmpl = page[_OFF_VMPL]
+        """The VMPL the vCPU runs at (SEV-SNP: APM2 15.36.7; its RMP checks use this level's masks)."""
         self.segments: dict[str, Segment] = {}
         for i, name in enumerate(SEGMENT_REGISTERS):
             self.segments[name] = Segment(*_SEG.unpack_from(page, 16 * i))

@@ -54,7 +54,7 @@ from sevemu.errors import InputError, VmError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
-from sevemu.hypervisor import psc
+from sevemu.hypervisor import ap_creation, psc
 from sevemu.hypervisor.asid import AsidPool
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
 from sevemu.hypervisor.ghcb import GhcbHandler
@@ -114,6 +114,7 @@ class Hypervisor:
         self.ghcb = GhcbHandler(self)
         """VMGEXIT of SEV-ES guests: the GHCB MSR protocol and the NAE events (:mod:`sevemu.hypervisor.ghcb`)."""
         psc.install(self.ghcb, self.sev)  # SNP page-state changes (sevemu.hypervisor.psc)
+        ap_creation.install(self.ghcb)  # SNP AP creation (sevemu.hypervisor.ap_creation)
         self._last_vmcb: dict[int, Vmcb] = {}  # ASID -> the VMCB that last ran with it on the core
 
     @property
@@ -394,6 +395,9 @@ class Hypervisor:
             if ex.info1 & 1 or not 0 <= gpa < vm.memory:
                 return self._crash(vm, f"unresolvable #NPF at GPA {gpa:#x} (EXITINFO1 {ex.info1:#x})")
             vm.back(gpa)
+            if vm.snp:
+                why = psc.gmem_fault(self.sev, vm, gpa, ex.info1)
+                return None if why is None else self._crash(vm, why)
             return None
         if code == ExitCode.VMGEXIT:
             return self.ghcb.vmgexit(vm, v)

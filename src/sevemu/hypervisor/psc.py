@@ -55,8 +55,8 @@ if TYPE_CHECKING:
     from sevemu.hypervisor.sev.common import SevHost
     from sevemu.hypervisor.vm import Vcpu, Vm
 
-__all__ = ["PSC_ERROR_GENERIC", "PSC_INVALID_ENTRY", "PSC_INVALID_HDR", "PscError", "install", "report_snp",
-           "rmp_fault", "set_page_state"]
+__all__ = ["PSC_ERROR_GENERIC", "PSC_INVALID_ENTRY", "PSC_INVALID_HDR", "PscError", "gmem_fault", "install",
+           "report_snp", "rmp_fault", "set_page_state"]
 
 PSC_ERROR_GENERIC: Final = 1 << 32
 PSC_INVALID_HDR: Final = (1 << 32) | 1
@@ -166,6 +166,23 @@ def _nae_psc(host: SevHost, ex: NaeExit) -> None:
     ex.out["sw_exit_info_2"] = result
 
 
+def gmem_fault(host: SevHost, vm: Vm, gpa: int, info1: int) -> str | None:
+    """A not-present #NPF of SNP guest ``vm`` that KVM just backed: a private access (ENC) to a page
+    the guest did not make shared gets its guest_memfd page prepared as it is mapped -- assigned to
+    the guest, not validated (``kvm_gmem_get_pfn`` -> ``sev_gmem_prepare``) -- so the guest's retry
+    is its #VC 0x404 (or its PVALIDATE goes on) without a second, RMP, fault.  None, or why not."""
+    page = gpa & ~(PAGE - 1)
+    if not info1 & _NPF_ENC or page in vm.shared_gpas or vm.back(page) in vm.private_spas:
+        return None
+    if host.soc.rmp_entry(vm.back(page)).assigned:
+        return None  # the RMP fault that follows says what it is
+    try:
+        set_page_state(host, vm, page, True)
+    except PscError as e:
+        return e.detail
+    return None
+
+
 def rmp_fault(host: SevHost, vm: Vm, gpa: int, info1: int) -> str | None:
     """#VMEXIT(NPF) with the RMP bit of SNP guest ``vm``: resolve it (None: re-enter) or why not."""
     page = gpa & ~(PAGE - 1)
@@ -198,5 +215,6 @@ def install(ghcb: GhcbHandler, host: SevHost) -> None:
 
 
 def report_snp(ghcb: GhcbHandler) -> None:
-    """SNP is up on the host: HV_FT_RESP / HV_FEATURES report it (KVM's ``GHCB_HV_FT_SNP``)."""
-    ghcb.hv_features |= int(HvFeature.SNP)
+    """SNP is up on the host: HV_FT_RESP / HV_FEATURES report it and AP creation (KVM's
+    ``GHCB_HV_FT_SNP | GHCB_HV_FT_SNP_AP_CREATION``)."""
+    ghcb.hv_features |= int(HvFeature.SNP | HvFeature.SNP_AP_CREATION)

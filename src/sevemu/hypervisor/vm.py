@@ -70,6 +70,13 @@ class Vcpu:
     """How many times the vCPU entered AP reset hold."""
     released: bool = False
     """Released from AP reset hold by the AP jump table (the model's INIT-SIPI, :mod:`sevemu.hypervisor.ghcb`)."""
+    snp_vmsa_gpa: int | None = None
+    """SNP AP creation: the VMSA GPA the guest named for this vCPU, until it takes effect
+    (:mod:`sevemu.hypervisor.ap_creation`)."""
+    snp_ap_waiting_for_reset: bool = False
+    """SNP AP creation: a request for this vCPU is pending (CREATE_ON_INIT: until INIT)."""
+    snp_vmsas: int = 0
+    """How many guest-made VMSAs this vCPU was started from (SNP AP creation)."""
     ghcb_registered: int | None = None
     """The GHCB GPA the guest registered (GHCB MSR protocol REG_GPA_REQ), if it did."""
     ghcb_errors: list[str] = field(default_factory=list)

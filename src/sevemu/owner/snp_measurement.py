@@ -14,9 +14,10 @@ and VMSA pages, 48 zero bytes for ZERO, UNMEASURED, SECRETS and CPUID pages.  A 
 The QEMU order for OVMF (:func:`ovmf_launch_digest`): the flash image (NORMAL, ending at 4 GiB); the
 SEV metadata sections in table order -- SEC_MEM as ZERO, SECRETS, CPUID, KERNEL_HASHES as the NORMAL page holding the hashes table (ZERO without a
 kernel), SVSM_CAA as ZERO; then one VMSA per vCPU, BSP first (:mod:`sevemu.owner.vmsa`, with
-``sev_features`` = the guest features, SNP_ACTIVE included).  Only QEMU's reset state is modelled:
-sev-snp-measure's ``ec2`` and ``gce`` VMM types (SEC_MEM unmeasured, CPUID last, other VMSA fields)
-are refused.
+``sev_features`` = the guest features, SNP_ACTIVE included).  sev-snp-measure's other VMM types
+(``guest.py`` ``snp_update_section`` / ``snp_update_metadata_pages``): **ec2** measures the CPUID
+sections after every other section; **gce** launches SEC_MEM as UNMEASURED pages; both start their
+vCPUs in their own reset states (:func:`sevemu.owner.vmsa.vmm_reset_state`).
 
 :attr:`SnpLaunchDigest.steps` records each PAGE_INFO (type, GPA, CONTENTS, digest after) so a user can
 find where two digests part (``sevemu measure --explain``).
@@ -24,7 +25,6 @@ find where two digests part (``sevemu measure --explain``).
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -57,12 +57,8 @@ PageType = SnpPageType
 """SNP_LAUNCH_UPDATE page types (the ABI's)."""
 
 
-class VmmType(enum.Enum):
-    """The VMMs whose OVMF launch order sev-snp-measure knows (``--vmm-type``)."""
-
-    QEMU = "QEMU"
-    EC2 = "ec2"
-    GCE = "gce"
+VmmType = owner_vmsa.VmmType
+"""The VMMs whose OVMF launch order sev-snp-measure knows (``--vmm-type``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +142,6 @@ def ovmf_launch_digest(image: bytes, vcpus: int, cpu_signature: int, *, guest_fe
     """
     if vcpus < 1:
         raise InputError(f"a guest needs at least one vCPU, got {vcpus}")
-    if vmm is not VmmType.QEMU:
-        raise InputError(f"VMM type {vmm.value}: only QEMU's VMSAs are modelled (sev-snp-measure's ec2/gce "
-                         "reset states are not)")
     if len(image) % PAGE:
         raise InputError(f"an OVMF image is whole 4 KiB pages, got {len(image):#x} bytes")
     ld = SnpLaunchDigest()
@@ -163,11 +156,15 @@ def ovmf_launch_digest(image: bytes, vcpus: int, cpu_signature: int, *, guest_fe
         raise InputError("a kernel is given, but the OVMF metadata has no SNP_KERNEL_HASHES section")
     for sec in sections:
         if sec.type == SectionType.SNP_SEC_MEM:
-            ld.zero(sec.gpa, sec.size)
+            if vmm is VmmType.GCE:
+                ld.unmeasured(sec.gpa, sec.size)
+            else:
+                ld.zero(sec.gpa, sec.size)
         elif sec.type == SectionType.SNP_SECRETS:
             ld.secrets(sec.gpa)
         elif sec.type == SectionType.CPUID:
-            ld.cpuid(sec.gpa)
+            if vmm is not VmmType.EC2:  # EC2: after every other section (below)
+                ld.cpuid(sec.gpa)
         elif sec.type == SectionType.SNP_KERNEL_HASHES:
             if kernel is None:
                 ld.zero(sec.gpa, sec.size)
@@ -175,9 +172,13 @@ def ovmf_launch_digest(image: bytes, vcpus: int, cpu_signature: int, *, guest_fe
                 ld.normal(sec.gpa, _hashes_page(image, kernel, initrd, cmdline))
         else:  # SVSM_CAA
             ld.zero(sec.gpa, sec.size)
+    if vmm is VmmType.EC2:
+        for sec in sections:
+            if sec.type == SectionType.CPUID:
+                ld.cpuid(sec.gpa)
     try:
         pages = owner_vmsa.ovmf_vmsa_pages(image, vcpus, cpu_signature=cpu_signature, sev_features=guest_features,
-                                           vm_type=owner_vmsa.KvmVmType.SNP_VM)
+                                           vm_type=owner_vmsa.KvmVmType.SNP_VM, vmm=vmm)
     except LayoutError as exc:
         raise InputError(f"OVMF image: {exc}") from None
     for page in pages:

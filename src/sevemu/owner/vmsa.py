@@ -52,6 +52,13 @@ vCPU types
     ``builtin_x86_defs``; a model's versions ``-v1``, ``-v2``, ... and aliases change features,
     never family, model or stepping) and :func:`vcpu_signature` gives the CPUID(1).EAX signature.
 
+VMM types
+    sev-snp-measure (``vmsa.py`` ``build_save_area``, ``vmm_types.py``) models two other VMMs'
+    reset states beside QEMU's (:class:`VmmType`, :func:`vmm_reset_state`): **EC2** -- RDX 0x600
+    whatever the vCPU model, FCW and MXCSR 0, SS attributes 0x92, TR 0x83, and CS 0x9a for the BSP
+    (0x9b for the APs); **GCE** -- RDX 0x600, FCW and MXCSR 0, G_PAT 0x0007_0106 (the GCE hypervisor
+    replaces the reset PAT).  Everything else is QEMU's.
+
 Which EIP
     The bootstrap processor starts at :data:`BSP_RESET_EIP`; application processors start at the
     EIP of the OVMF SEV-ES reset block (:func:`sevemu.owner.ovmf.sev_es_reset_eip`;
@@ -81,16 +88,30 @@ __all__ = [
     "KvmFpuReset",
     "KvmVmType",
     "VcpuState",
+    "VmmType",
     "build_vmsa",
     "cpuid_signature",
     "ovmf_vmsa_pages",
     "reset_state",
     "sev_es_sync_vmsa",
     "vcpu_signature",
+    "vmm_reset_state",
     "vmsa_pages",
 ]
 
 BSP_RESET_EIP: Final = 0xFFFFFFF0
+
+
+class VmmType(enum.Enum):
+    """The VMMs whose initial vCPU state sev-snp-measure knows (``--vmm-type``; module docstring)."""
+
+    QEMU = "QEMU"
+    EC2 = "ec2"
+    GCE = "gce"
+
+
+_CLOUD_RDX: Final = 0x600  # EC2's and GCE's RDX at reset, whatever the vCPU model
+_GCE_G_PAT: Final = 0x0007_0106
 """Architectural reset EIP of the bootstrap processor (CS base 0xffff0000, RIP 0xfff0)."""
 
 
@@ -288,6 +309,26 @@ def reset_state(eip: int, *, cpu_signature: int = 0) -> VcpuState:
                      regs=MappingProxyType(regs), rip=rip)
 
 
+def vmm_reset_state(eip: int, vmm: VmmType = VmmType.QEMU, *, cpu_signature: int = 0) -> VcpuState:
+    """The reset state ``vmm`` gives a vCPU starting at ``eip``: QEMU's (:func:`reset_state`) with
+    EC2's or GCE's differences (module docstring, "VMM types")."""
+    state = reset_state(eip, cpu_signature=cpu_signature)
+    if vmm is VmmType.QEMU:
+        return state
+    segments, vmcb, regs = dict(state.segments), dict(state.vmcb), dict(state.regs)
+    regs["rdx"] = _CLOUD_RDX
+    if vmm is VmmType.EC2:
+        cs = segments["cs"]
+        segments["cs"] = VmcbSeg(selector=cs.selector, attrib=0x9A if eip == BSP_RESET_EIP else _CODE_ATTRIB,
+                                 limit=cs.limit, base=cs.base)
+        segments["ss"] = VmcbSeg(selector=0, attrib=0x92, limit=_SEG_LIMIT, base=0)
+        segments["tr"] = VmcbSeg(selector=0, attrib=0x83, limit=_SEG_LIMIT, base=0)
+    else:
+        vmcb["g_pat"] = _GCE_G_PAT
+    return VcpuState(segments=MappingProxyType(segments), vmcb=MappingProxyType(vmcb), regs=MappingProxyType(regs),
+                     rip=state.rip, fpu=FpuState(fcw=0, mxcsr=0))
+
+
 # ---- step 2: sev_es_sync_vmsa --------------------------------------------------------------------
 def _check_features(vm_type: KvmVmType, vmsa_features: int) -> None:
     if not 0 <= vmsa_features < 1 << 64:
@@ -341,10 +382,11 @@ def build_vmsa(
     cpu_signature: int = 0,
     sev_features: int = 0,
     vm_type: KvmVmType = KvmVmType.SEV_ES_VM,
+    vmm: VmmType = VmmType.QEMU,
 ) -> SevEsSaveArea:
-    """The VMSA of one QEMU vCPU that starts at ``eip`` in a KVM VM of ``vm_type`` whose
-    ``vmsa_features`` are ``sev_features``."""
-    return sev_es_sync_vmsa(reset_state(eip, cpu_signature=cpu_signature), vm_type=vm_type,
+    """The VMSA of one vCPU of ``vmm`` (QEMU by default) that starts at ``eip`` in a KVM VM of
+    ``vm_type`` whose ``vmsa_features`` are ``sev_features``."""
+    return sev_es_sync_vmsa(vmm_reset_state(eip, vmm, cpu_signature=cpu_signature), vm_type=vm_type,
                             vmsa_features=sev_features)
 
 
@@ -355,13 +397,14 @@ def vmsa_pages(
     cpu_signature: int = 0,
     sev_features: int = 0,
     vm_type: KvmVmType = KvmVmType.SEV_ES_VM,
+    vmm: VmmType = VmmType.QEMU,
 ) -> list[bytes]:
     """The VMSA pages of vCPUs 0..num_cpus-1 in LAUNCH_UPDATE_VMSA order (BSP first, then the APs at
     ``ap_eip``)."""
     if num_cpus < 1:
         raise InputError(f"a guest needs at least one vCPU, got {num_cpus}")
     pages = [
-        build_vmsa(eip, cpu_signature=cpu_signature, sev_features=sev_features, vm_type=vm_type).encode()
+        build_vmsa(eip, cpu_signature=cpu_signature, sev_features=sev_features, vm_type=vm_type, vmm=vmm).encode()
         for eip in (BSP_RESET_EIP, ap_eip)
     ]
     return [pages[0]] + [pages[1]] * (num_cpus - 1)
@@ -374,8 +417,9 @@ def ovmf_vmsa_pages(
     cpu_signature: int,
     sev_features: int = 0,
     vm_type: KvmVmType = KvmVmType.SEV_ES_VM,
+    vmm: VmmType = VmmType.QEMU,
 ) -> list[bytes]:
     """:func:`vmsa_pages` for an OVMF ``image`` (the APs' EIP from its SEV-ES reset block; a
     :class:`~sevemu.errors.LayoutError` if it has none)."""
     return vmsa_pages(num_cpus, sev_es_reset_eip(image), cpu_signature=cpu_signature,
-                      sev_features=sev_features, vm_type=vm_type)
+                      sev_features=sev_features, vm_type=vm_type, vmm=vmm)

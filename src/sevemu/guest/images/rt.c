@@ -11,6 +11,7 @@ static u32 rt_es;
 static u32 rt_snp;
 static u32 pvalidate(u64 va, u32 validate);
 u64 snp_validated_on_demand;
+u32 snp_aps_created;
 static volatile u8 ghcb_msr_is_gpa[MAX_VCPUS];  /* the GHCB MSR holds this vCPU's GHCB GPA */
 extern char boot_stacks[];
 extern void vc_entry(void);
@@ -297,6 +298,70 @@ static void rt_cpu_init(void) {
 
 static void ap_entry(u32 cpu) { ap_main(cpu); }
 
+/* ---- SEV-SNP: AP creation (GHCB 56421 4.1.9; Linux arch/x86/coco/sev wakeup_cpu_via_vmgexit) -------
+ * The host cannot set an SNP vCPU's registers, so the BSP writes each AP's VMSA into a private page of
+ * its own -- 64-bit mode, this vCPU's page tables, the AP's stack with rt_done as the return address,
+ * RIP = rt_start(cpu, ncpus, cmask) -- gives the page the VMSA bit with RMPADJUST (target VMPL1, no
+ * permissions) and asks for the AP with the GHCB's AP Creation event (RAX: the SEV_FEATURES, which
+ * the hypervisor checks against the VM's).  One spare page: the hypervisor refuses a 2 MiB-aligned
+ * VMSA. */
+static u8 snp_vmsa_pages[MAX_VCPUS + 1][PAGE_SIZE] __attribute__((aligned(4096)));
+extern char rt_done[];
+void rt_start(u32 cpu, u32 ncpus, u64 cmask);
+
+/* RMPADJUST (F3 0F 01 FE): RAX = address, ECX = size, EDX = target VMPL | perms << 8 | VMSA << 16 */
+static u32 rmpadjust(u64 va, u64 attrs) {
+    u32 rc;
+    __asm__ volatile(".byte 0xf3, 0x0f, 0x01, 0xfe" : "=a"(rc) : "a"(va), "c"(0), "d"(attrs) : "memory", "cc");
+    return rc;
+}
+
+#define VMSA_SEG(v, off, sel, attr, lim, base) do { \
+    *(u16 *)((v) + (off)) = (sel); *(u16 *)((v) + (off) + 2) = (attr); \
+    *(u32 *)((v) + (off) + 4) = (lim); *(u64 *)((v) + (off) + 8) = (base); } while (0)
+#define VMSA_Q(v, off) (*(u64 *)((v) + (off)))
+
+static void snp_create_ap(u32 cpu, u32 ncpus) {
+    u8 *vmsa = snp_vmsa_pages[cpu];
+    if (!((u64)vmsa & 0x1FFFFF)) vmsa = snp_vmsa_pages[MAX_VCPUS];       /* never 2 MiB aligned */
+    for (u32 i = 0; i < PAGE_SIZE; i += 8) VMSA_Q(vmsa, i) = 0;
+    u64 cr0, cr3, cr4;
+    u16 cs;
+    struct { u16 limit; u64 base; } __attribute__((packed)) gdtr;
+    __asm__ volatile("mov %%cr0, %0; mov %%cr3, %1; mov %%cr4, %2; mov %%cs, %3; sgdt %4"
+                     : "=r"(cr0), "=r"(cr3), "=r"(cr4), "=r"(cs), "=m"(gdtr));
+    for (u32 off = 0x00; off <= 0x50; off += 0x10)                       /* ES CS SS DS FS GS (APM2 B-4) */
+        VMSA_SEG(vmsa, off, 0x10, 0xC93, 0xFFFFFFFF, 0);
+    VMSA_SEG(vmsa, 0x10, cs, 0xA9B, 0xFFFFFFFF, 0);                       /* CS: 64-bit code */
+    VMSA_SEG(vmsa, 0x60, 0, 0, gdtr.limit, gdtr.base);                   /* GDTR */
+    VMSA_SEG(vmsa, 0x70, 0, 0x82, 0xFFFF, 0);                             /* LDTR */
+    VMSA_SEG(vmsa, 0x90, 0, 0x8B, 0xFFFF, 0);                             /* TR */
+    u64 *stack = (u64 *)(boot_stacks + (cpu + 1) * STACK_SIZE) - 1;
+    *stack = (u64)rt_done;                                                /* rt_start returns there */
+    VMSA_Q(vmsa, 0xD0) = 0x1500;                                          /* EFER: SVME LMA LME */
+    VMSA_Q(vmsa, 0x148) = cr4;
+    VMSA_Q(vmsa, 0x150) = cr3;
+    VMSA_Q(vmsa, 0x158) = cr0;
+    VMSA_Q(vmsa, 0x160) = 0x400;                                          /* DR7 */
+    VMSA_Q(vmsa, 0x168) = 0xFFFF0FF0;                                     /* DR6 */
+    VMSA_Q(vmsa, 0x170) = 2;                                              /* RFLAGS */
+    VMSA_Q(vmsa, 0x178) = (u64)rt_start;                                  /* RIP */
+    VMSA_Q(vmsa, 0x1D8) = (u64)stack;                                     /* RSP */
+    VMSA_Q(vmsa, 0x268) = 0x0007040600070406ul;                           /* G_PAT */
+    VMSA_Q(vmsa, 0x338) = cpu;                                            /* RDI */
+    VMSA_Q(vmsa, 0x330) = ncpus;                                          /* RSI */
+    VMSA_Q(vmsa, 0x310) = rt_cmask;                                       /* RDX */
+    u64 features = rdmsr(SEV_STATUS_MSR) >> 2;                            /* SEV_STATUS[n+2] = SEV_FEATURES[n] */
+    VMSA_Q(vmsa, 0x3B0) = features;
+    VMSA_Q(vmsa, 0x3E8) = 1;                                              /* XCR0: x87 */
+    if (rmpadjust((u64)vmsa, 1 | 1ul << 16)) sev_es_terminate(1, 2);      /* VMPL1, VMSA bit */
+    u8 *g = ghcb_page();
+    ghcb_clear(g);
+    ghcb_set(g, GHCB_RAX, features);
+    ghcb_call(g, 0x80000013ul, (u64)cpu << 32 | 1, (u64)vmsa);            /* AP CREATE, APIC ID = cpu */
+    snp_aps_created++;
+}
+
 int sev_active(void) { return rt_cmask != 0; }
 
 int cbit_position(void) {
@@ -319,9 +384,11 @@ void rt_start(u32 cpu, u32 ncpus, u64 cmask) {
             u64 pages = (u64)(__shared_end - __shared_start) / PAGE_SIZE;
             vmmcall(KVM_HC_MAP_GPA_RANGE, (u64)__shared_start, pages, 0);
         }
-        if (rt_es && rt_ncpus > 1) ap_jump_table(0, (u64)ap_entry);   /* releases the parked APs */
+        if (rt_snp)                                                    /* SNP: the BSP makes its APs */
+            for (u32 c = 1; c < rt_ncpus; c++) snp_create_ap(c, rt_ncpus);
+        else if (rt_es && rt_ncpus > 1) ap_jump_table(0, (u64)ap_entry);  /* releases the parked APs */
         main();
-    } else if (rt_es) {
+    } else if (rt_es && !rt_snp) {
         ap_reset_hold();
         ((void (*)(u32))ap_jump_table(1, 0))(cpu);
     } else {

@@ -81,6 +81,7 @@ int sev_snp_active(void);                    /* SEV_STATUS bit 2: SEV-SNP */
 void snp_make_private(u64 gpa);              /* PSC to private, then PVALIDATE (identity-mapped page) */
 void snp_make_shared(u64 gpa);               /* PVALIDATE rescind, then PSC to shared */
 extern u64 snp_validated_on_demand;          /* pages the #VC 0x404 handler validated */
+extern u32 snp_aps_created;                  /* APs the BSP started with SNP AP creation */
 u32 rt_cpu(void);                            /* this vCPU's index (from its stack) */
 u8 *ghcb_page(void);                         /* this vCPU's GHCB */
 void ghcb_clear(u8 *g);                      /* clear the valid bitmap (before filling it) */

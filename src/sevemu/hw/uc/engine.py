@@ -737,7 +737,7 @@ class UcEngine:
             self._forget_grants()
             self._fill_cr0, self._fill_cr3 = cr0, cr3
         t = cpu.core.mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
-                                   gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp)
+                                   gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp, vmpl=cpu.vmpl)
         if pool.stale:
             self.refresh()  # the walk set A/D bits in a page the guest has mapped
         same = t.data_asid == t.fetch_asid and t.data_c == t.fetch_c
@@ -746,7 +746,7 @@ class UcEngine:
             perms = uc.UC_PROT_EXEC | (uc.UC_PROT_READ if same else 0)
         else:
             key = tag_key(t.data_asid, t.data_c, t.spa)
-            perms = uc.UC_PROT_READ | (uc.UC_PROT_EXEC if same and t.executable else 0)
+            perms = uc.UC_PROT_READ  # executable once fetched: only code pages are scanned and hooked
         if (same or not fetch) and t.writable and (write or self._w_gvas.get(page) == cr3):
             perms |= uc.UC_PROT_WRITE
         slot = pool.slot_of.get(key)

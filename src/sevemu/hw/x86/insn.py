@@ -300,8 +300,9 @@ class GuestRmp(Protocol):
         ...
 
     def rmpadjust(self, asid: int, gpa: int, spa: int, huge: bool, target_vmpl: int, perms: int,
-                  vmsa: bool) -> int:
-        """Set the permission mask of a lower VMPL (and the VMSA bit); returns the EAX code."""
+                  vmsa: bool, caller_vmpl: int = 0) -> int:
+        """Set the permission mask of a VMPL less privileged than ``caller_vmpl`` (and the VMSA bit);
+        returns the EAX code."""
         ...
 
 
@@ -326,6 +327,8 @@ def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool) -> Outcome:
     target = _rmp_target(cpu, "PVALIDATE", gva, size)
     if not isinstance(target, tuple):
         return target
+    if cpu.vmpl:  # only VMPL0 validates (Linux: "PVALIDATE can only be performed at VMPL0"; an SVSM does it)
+        return Fault(Vector.GP, 0, f"PVALIDATE at VMPL{cpu.vmpl}")
     rmp, gpa, spa = target
     rc, unchanged = rmp.pvalidate(cpu.asid, gpa, spa, bool(size), validate)
     cpu.rmp_changed()  # a rescinded page: the translations that allowed it go
@@ -339,6 +342,7 @@ def rmpadjust(cpu: GuestCpu, gva: int, size: int, rdx: int) -> Outcome:
     if not isinstance(target, tuple):
         return target
     rmp, gpa, spa = target
-    rc = rmp.rmpadjust(cpu.asid, gpa, spa, bool(size), rdx & 0xFF, (rdx >> 8) & 0xFF, bool(rdx >> 16 & 1))
+    rc = rmp.rmpadjust(cpu.asid, gpa, spa, bool(size), rdx & 0xFF, (rdx >> 8) & 0xFF, bool(rdx >> 16 & 1),
+                       caller_vmpl=cpu.vmpl)
     cpu.rmp_changed()
     return Retire(regs=(("rax", rc),), cf=False)
