@@ -14,6 +14,10 @@ snpguest ``src/fetch.rs`` and the IETF RATS wiki's KDS analysis use it), relativ
 ``GET /vlek/v1/{product}/crl``                             the ARK's CRL for the ASVK, DER
 ``GET /vlek/v1/{product}/cert?cspID=&blSPL=...``           a VLEK, DER (an sevemu extension: AMD hands
                                                           VLEKs to CSPs through a private channel)
+``GET /vlek/v1/{product}/hashstick?cspID=&hwid=&blSPL=...`` the CSP's wrapped VLEK hashstick for the
+                                                          chip ``hwid`` (0x1B0 bytes,
+                                                          ``application/octet-stream``; sevemu's
+                                                          extension, as above)
 =========================================================  =========================================
 
 Errors (a one-line ``text/plain`` reason): 400 for a malformed hwid, an SPL that is not a decimal
@@ -42,7 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from flask import Flask, Response, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from sevemu.amd.snp import AmdSnpRoot, KeyKind
+from sevemu.amd.snp import AmdSnpRoot, KeyKind, wrap_vlek
 from sevemu.amd.vault import AmdRegistry
 from sevemu.certs.snp import generation_of_product
 from sevemu.crypto.vcek import HWID_SIZE, PRODUCTS
@@ -140,6 +144,28 @@ class KeyDistributionService:
             raise KdsError(404, f"no CSP account {ids[0]!r}")
         return root.issue_vlek(csp, tcb).public_bytes(serialization.Encoding.DER)
 
+    def hashstick(self, product: str, query: Mapping[str, list[str]]) -> bytes:
+        """The wrapped VLEK hashstick of ``cspID`` at the SPLs for the chip ``hwid``."""
+        root = self.root(product)
+        gen = root.generation
+        ids, hwids = query.get("cspID", []), query.get("hwid", [])
+        if len(ids) != 1 or len(hwids) != 1:
+            raise KdsError(400, "a hashstick request names one cspID and one hwid")
+        size = HWID_SIZE[gen]
+        if not _HEX.match(hwids[0]) or len(hwids[0]) != 2 * size:
+            raise KdsError(400, f"a {product} hwid is {2 * size} hex digits, got {hwids[0][:140]!r}")
+        tcb = self.tcb_from_query(gen, query, extra=("cspID", "hwid"))
+        try:
+            csp = self.registry.csp(ids[0])
+        except InputError as exc:
+            raise KdsError(400, str(exc)) from None
+        if csp is None:
+            raise KdsError(404, f"no CSP account {ids[0]!r}")
+        chip = self.registry.chip(gen, bytes.fromhex(hwids[0]))
+        if chip is None:
+            raise KdsError(404, f"no {product} chip with hwid {hwids[0].lower()[:16]}...")
+        return wrap_vlek(csp, chip, tcb)
+
 
 class RateLimiter:
     """A token bucket per client: ``rate`` requests per second, bursts of ``burst``."""
@@ -187,7 +213,7 @@ def create_app(kds: KeyDistributionService, *, rate_limit: RateLimiter | None = 
         except KdsError as exc:
             return text(exc.status, str(exc))
         mimetype = {"cert": "application/pkix-cert", "pem": "application/x-pem-file",
-                    "crl": "application/pkix-crl"}[kind]
+                    "crl": "application/pkix-crl", "blob": "application/octet-stream"}[kind]
         return Response(body, status=200, mimetype=mimetype)
 
     def query() -> dict[str, list[str]]:
@@ -206,6 +232,10 @@ def create_app(kds: KeyDistributionService, *, rate_limit: RateLimiter | None = 
     @app.get("/vlek/v1/<product>/cert")
     def vlek(product: str) -> Response:
         return answer("cert", lambda: kds.vlek(product, query()))
+
+    @app.get("/vlek/v1/<product>/hashstick")
+    def hashstick(product: str) -> Response:
+        return answer("blob", lambda: kds.hashstick(product, query()))
 
     @app.get("/vcek/v1/<product>/<hwid>")
     def vcek(product: str, hwid: str) -> Response:

@@ -67,6 +67,7 @@ __all__ = [
     "SevUserDataPekCsr",
     "SevUserDataSnpConfig",
     "SevUserDataSnpStatus",
+    "SevUserDataSnpVlekLoad",
     "SevUserDataStatus",
     "UserBuffer",
     "UserFields",
@@ -434,6 +435,17 @@ class SevUserDataSnpConfig:
     reported_tcb: int = 0
     mask_chip_id: int = 0
     mask_chip_key: int = 0
+
+
+@dataclass
+class SevUserDataSnpVlekLoad:
+    """``struct sev_user_data_snp_vlek_load`` (SNP_VLEK_LOAD, in): ``len`` = 16 (its size),
+    ``vlek_wrapped_version`` 0, ``vlek_wrapped_address`` the 432-byte wrapped hashstick
+    (``struct sev_user_data_snp_wrapped_vlek_hashstick``)."""
+
+    len: int = 16
+    vlek_wrapped_version: int = 0
+    vlek_wrapped_address: UserBuffer = None
 
 
 @dataclass
