@@ -54,18 +54,17 @@ def register_attest(bsub: Any) -> None:
 
 def _guest_path(n: int) -> tuple[float, float]:
     """(reports/s, ms per report) through the guest request path (module docstring)."""
-    from sevemu.abi.report import ReportRsp
+    from sevemu.abi.report import ReportReq, ReportRsp
     from sevemu.cli.snp_guest import launch
-    from sevemu.guest.sev_guest import SnpReportReq
 
     g = launch("milan", seed="sevemu bench attest guest", certificates=False)
     chain = Chain(g.vcek, g.root.ask, g.root.ark, g.root.crl())
     dev = g.device
-    dev.get_report(SnpReportReq())  # warm: VCEK derivation, buffers
+    dev.get_report(ReportReq())  # warm: VCEK derivation, buffers
     reports = []
     t = time.perf_counter()
     for i in range(n):
-        reports.append(dev.get_report(SnpReportReq(user_data=i.to_bytes(64, "little"))))
+        reports.append(dev.get_report(ReportReq(report_data=i.to_bytes(64, "little"))))
     elapsed = time.perf_counter() - t
     for raw in (reports[0], reports[-1]):
         rsp = ReportRsp.decode(raw[: ReportRsp.SIZE])

@@ -493,5 +493,6 @@ class SevUserDataGetId2:
 
 
 SevUserData = (SevUserDataStatus | SevUserDataPekCsr | SevUserDataPekCertImport | SevUserDataPdhCertExport
-               | SevUserDataGetId | SevUserDataGetId2 | SevUserDataSnpStatus | SevUserDataSnpConfig | NoData)
+               | SevUserDataGetId | SevUserDataGetId2 | SevUserDataSnpStatus | SevUserDataSnpConfig
+               | SevUserDataSnpVlekLoad | NoData)
 """Any ``struct sev_user_data_*`` (the ``data`` of ``struct sev_issue_cmd``)."""
