@@ -222,12 +222,8 @@ def run_fetch(args: argparse.Namespace) -> int:
         ("fmcSPL" if n == "fmc" else {"boot_loader": "blSPL", "tee": "teeSPL", "snp": "snpSPL",
                                       "microcode": "ucodeSPL"}[n], v) for n, v in tcb_components(gen, rep.reported_tcb)))
     if args.what == "vlek":  # the CSP's VLEK at the report's TCB (sevemu's KDS path)
-        path = outputs.add(directory / f"vlek.{ext}", "the VLEK")
-        url = f"{base}/vlek/v1/{PRODUCTS[gen]}/cert?cspID={args.csp}&{spls}"
-        cert = load_certificate(_get(url, "fetch vlek", args.timeout), what=url)
-        outputs.write(path, _encode(cert, ext))
-        emit(args, {"ok": True, "files": [str(path)], "url": url}, [f"wrote {path}", f"from {url}"])
-        return 0
+        return _fetch_cert(args, outputs.add(directory / f"vlek.{ext}", "the VLEK"), outputs,
+                           f"{base}/vlek/v1/{PRODUCTS[gen]}/cert?cspID={args.csp}&{spls}")
     try:
         hw = hwid(gen, rep.chip_id)
     except InputError as exc:
@@ -244,10 +240,13 @@ def run_fetch(args: argparse.Namespace) -> int:
         outputs.write(path, blob)
         emit(args, {"ok": True, "files": [str(path)], "url": url}, [f"wrote {path}", f"from {url}"])
         return 0
-    path = outputs.add(directory / f"vcek.{ext}", "the VCEK")
-    url = f"{base}/vcek/v1/{PRODUCTS[gen]}/{hw.hex()}?{spls}"
-    cert = load_certificate(_get(url, "fetch vcek", args.timeout), what=url)
-    outputs.write(path, _encode(cert, ext))
+    return _fetch_cert(args, outputs.add(directory / f"vcek.{ext}", "the VCEK"), outputs,
+                       f"{base}/vcek/v1/{PRODUCTS[gen]}/{hw.hex()}?{spls}")
+
+
+def _fetch_cert(args: argparse.Namespace, path: Path, outputs: Outputs, url: str) -> int:
+    cert = load_certificate(_get(url, f"fetch {args.what}", args.timeout), what=url)
+    outputs.write(path, _encode(cert, args.encoding))
     emit(args, {"ok": True, "files": [str(path)], "url": url}, [f"wrote {path}", f"from {url}"])
     return 0
 
