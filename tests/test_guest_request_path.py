@@ -11,7 +11,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from sevemu.abi.ghcb import SwExitCode
-from sevemu.abi.report import CERT_GUID_VCEK, KeyRsp, ReportRsp, decode_cert_table
+from sevemu.abi.report import (
+    CERT_GUID_VCEK,
+    GuestFieldSelect,
+    KeyReq,
+    KeyRsp,
+    ReportReq,
+    ReportRsp,
+    decode_cert_table,
+)
 from sevemu.abi.status import Status
 from sevemu.cli.snp_guest import CHANNEL_GPA, SnpGuestVm, launch
 from sevemu.firmware.snp import snp_state
@@ -19,9 +27,7 @@ from sevemu.guest.sev_guest import (
     GuestSecrets,
     SevGuestDevice,
     SevGuestError,
-    SnpDerivedKeyReq,
     SnpExtReportReq,
-    SnpReportReq,
 )
 from sevemu.hypervisor.ghcb import NaeExit
 from sevemu.hypervisor.guest_request import SNP_GUEST_VMM_ERR_GENERIC, VmGuestChannel
@@ -41,7 +47,7 @@ def _fresh_device(g: SnpGuestVm, channel: VmGuestChannel | None = None) -> SevGu
 
 
 def _report(dev: SevGuestDevice, data: bytes = b"\x01" * 64) -> ReportRsp:
-    return ReportRsp.decode(dev.get_report(SnpReportReq(user_data=data))[:ReportRsp.SIZE])
+    return ReportRsp.decode(dev.get_report(ReportReq(report_data=data))[:ReportRsp.SIZE])
 
 
 def test_report_from_the_driver_verifies(gvm: SnpGuestVm) -> None:
@@ -57,10 +63,10 @@ def test_extended_report_carries_the_hosts_certificates(gvm: SnpGuestVm) -> None
     dev = gvm.device
     before = dev.secrets.seqno(0)
     with pytest.raises(SevGuestError) as exc:
-        dev.get_ext_report(SnpExtReportReq(data=SnpReportReq().encode(), certs_address=1, certs_len=PAGE))
+        dev.get_ext_report(SnpExtReportReq(data=ReportReq(), certs_address=1, certs_len=PAGE))
     assert exc.value.errno == -errno.EIO and exc.value.vmm_error == 1 and exc.value.certs_len == 2 * PAGE
     assert not dev.disabled and dev.secrets.seqno(0) == before + 2  # the plain retry used the number
-    rsp, certs, _ = dev.get_ext_report(SnpExtReportReq(data=SnpReportReq().encode(), certs_address=1,
+    rsp, certs, _ = dev.get_ext_report(SnpExtReportReq(data=ReportReq(), certs_address=1,
                                                        certs_len=4 * PAGE))
     table = dict(decode_cert_table(certs))
     assert table[CERT_GUID_VCEK] == gvm.vcek.public_bytes(serialization.Encoding.DER)
@@ -71,9 +77,9 @@ def test_extended_report_carries_the_hosts_certificates(gvm: SnpGuestVm) -> None
 
 
 def test_derived_key_is_stable_and_selective(gvm: SnpGuestVm) -> None:
-    a = KeyRsp.decode(gvm.device.get_derived_key(SnpDerivedKeyReq()))
-    b = KeyRsp.decode(gvm.device.get_derived_key(SnpDerivedKeyReq()))
-    c = KeyRsp.decode(gvm.device.get_derived_key(SnpDerivedKeyReq(guest_field_select=1 << 3)))
+    a = KeyRsp.decode(gvm.device.get_derived_key(KeyReq()))
+    b = KeyRsp.decode(gvm.device.get_derived_key(KeyReq()))
+    c = KeyRsp.decode(gvm.device.get_derived_key(KeyReq(guest_field_select=GuestFieldSelect(measurement=True))))
     assert a.status == b.status == c.status == 0
     assert a.derived_key == b.derived_key != c.derived_key
 

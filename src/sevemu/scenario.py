@@ -74,6 +74,7 @@ __all__ = [
     "PlatformExistsError",
     "PlatformReadOnlyError",
     "SeededRng",
+    "amd_registry",
     "amd_vault_dir",
     "build_machine",
     "default_amd_root",
@@ -179,11 +180,25 @@ def default_amd_root(generation: str) -> AmdRoot:
     return root
 
 
+_PROCESS_REGISTRY = AmdRegistry()
+"""The chips AMD made in this process (all of them, whether or not a vault keeps them too)."""
+
+
+def amd_registry() -> AmdRegistry:
+    """The emulated AMD's records of the chips it made: the vault's, or (``SEVEMU_AMD_VAULT=""``)
+    this process's."""
+    vault = amd_vault_dir()
+    return _PROCESS_REGISTRY if vault is None else AmdRegistry(vault)
+
+
 def _record_snp_chip(chip: FusedChip) -> None:
     """AMD records an SNP chip's secret in its vault, so its KDS can certify the chip's VCEKs
-    (:class:`~sevemu.amd.vault.AmdRegistry`); without a writable vault the chip is not recorded."""
+    (:class:`~sevemu.amd.vault.AmdRegistry`); without a writable vault only this process remembers it."""
+    if chip.generation not in SNP_GENERATIONS:
+        return
+    _PROCESS_REGISTRY.record(chip)
     vault = amd_vault_dir()
-    if vault is None or chip.generation not in SNP_GENERATIONS:
+    if vault is None:
         return
     try:
         AmdRegistry(vault).record(chip)

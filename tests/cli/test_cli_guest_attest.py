@@ -60,3 +60,48 @@ def test_bad_input(tmp_path: Path, plat: list[str], capsys: pytest.CaptureFixtur
     assert "status 0x16" in fails(capsys, "report", str(tmp_path / "r.bin"), str(tmp_path / "q"), "--random",
                                   "--vmpl", "1", "--vmpck", "2", *plat)
     assert not (tmp_path / "r.bin").exists() and not (tmp_path / "k").exists()
+
+
+def test_vlek_flow(tmp_path: Path, plat: list[str], capsys: pytest.CaptureFixture[str], snp_root) -> None:  # type: ignore[no-untyped-def]
+    """fetch hashstick -> vlek-load / report --vlek -> fetch ca/vlek -> verify attestation --signing-key vlek."""
+    import threading
+
+    from sevemu.amd.kds import KeyDistributionService, create_app, loopback_server
+    from sevemu.scenario import amd_registry
+
+    registry = amd_registry()
+    registry.csp("acme-cli", create=True)
+    server = loopback_server(create_app(KeyDistributionService({"milan": snp_root("milan")}, registry)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    certs, req = tmp_path / "certs", tmp_path / "req.bin"
+    try:
+        rc, out, err = run(capsys, "report", str(tmp_path / "r0.bin"), str(req), "--random", *plat)
+        assert rc == 0 and "signed by the VCEK" in out, err
+        rc, _, err = run(capsys, "fetch", "hashstick", str(certs), str(tmp_path / "r0.bin"), "--csp", "acme-cli",
+                         "--url", url)
+        assert rc == 0, err
+        stick = certs / "vlek_hashstick.bin"
+        assert len(stick.read_bytes()) == 432
+        rc, out, err = run(capsys, "vlek-load", str(stick), *plat)
+        assert rc == 0 and "VLEK loaded" in out, err
+        rc, out, err = run(capsys, "report", str(tmp_path / "r.bin"), str(req), "--vlek", str(stick), *plat)
+        assert rc == 0 and "signed by the VLEK" in out, err
+        for args in (("ca", str(certs), "--product", "Milan", "--endorser", "vlek"),
+                     ("vlek", str(certs), str(tmp_path / "r.bin"), "--csp", "acme-cli"),
+                     ("crl", str(certs), "--product", "Milan", "--endorser", "vlek")):
+            rc, _, err = run(capsys, "fetch", *args, "--url", url)
+            assert rc == 0, err
+        rc, out, err = run(capsys, "verify", "attestation", str(certs), str(tmp_path / "r.bin"), "--trust-ark",
+                           str(certs / "ark.pem"), "--signing-key", "vlek", "--report-data", req.read_bytes().hex())
+        assert rc == 0, out + err
+        # a hashstick altered by the host: the firmware's BAD_MEASUREMENT, one line
+        bad = bytearray(stick.read_bytes())
+        bad[0x20] ^= 1
+        (tmp_path / "bad.bin").write_bytes(bytes(bad))
+        assert "BAD_MEASUREMENT" in fails(capsys, "vlek-load", str(tmp_path / "bad.bin"), *plat)
+        assert "432 bytes" in fails(capsys, "vlek-load", str(req), *plat)
+    finally:
+        server.shutdown()
+        thread.join(5)

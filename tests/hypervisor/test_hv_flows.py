@@ -620,4 +620,5 @@ def test_every_table_row_is_exercised_here() -> None:
     elsewhere |= {(Api.KVM, KvmSevCmdId.SNP_LAUNCH_START), (Api.KVM, KvmSevCmdId.SNP_LAUNCH_UPDATE),
                   (Api.KVM, KvmSevCmdId.SNP_LAUNCH_FINISH), (Api.SEV_DEV, SevUserCmd.SNP_PLATFORM_STATUS),
                   (Api.SEV_DEV, SevUserCmd.SNP_COMMIT), (Api.SEV_DEV, SevUserCmd.SNP_SET_CONFIG)}
+    elsewhere |= {(Api.SEV_DEV, SevUserCmd.SNP_VLEK_LOAD)}  # tests/test_vlek_load.py
     assert {(row.api, row.sub) for row in COMMANDS} == driven | elsewhere

@@ -103,6 +103,7 @@ __all__ = [
     "SnpVlekLoadCmd",
     "TcbVersion",
     "TcbVersionTurin",
+    "WrappedVlekHashstick",
     "tcb_layout",
 ]
 
@@ -347,6 +348,24 @@ class SnpVlekLoadCmd(Struct):
     len: int = u32(0x00, 0x10)
     vlek_wrapped_version: int = u8(0x04)
     vlek_wrapped_address: int = u64(0x08)
+
+
+@layout(size=SNP_VLEK_HASHSTICK_SIZE, ignored=((0x0C, 4), (0x198, 8)))
+class WrappedVlekHashstick(Struct):
+    """The wrapped VLEK hashstick SNP_VLEK_LOAD reads (AMD-ASPFW ``sev_rmp.h`` ``vlek_wrapped_t``;
+    Linux ``sev_user_data_snp_wrapped_vlek_hashstick``, 432 bytes opaque to the host).
+
+    ``vlek_wrapped`` holds eight 48-byte hashsticks (AMD-ASPFW ``vlek[8][PSP_HASHSTICK_LENGTH]``),
+    AES-256-GCM encrypted under a chip-unique key with IV ``iv``; the additional data is the 16 bytes
+    at 0x190 (``tcb_version`` and the reserved 8 bytes after it), the tag at 0x1A0.  The reserved
+    bytes are not checked on decode: those at 0x198 are authenticated, those at 0x0C are not read
+    (as AMD's firmware).
+    """
+
+    iv: bytes = raw(0x00, 12)
+    vlek_wrapped: bytes = raw(0x10, 0x180)
+    tcb_version: int = u64(0x190)
+    auth_tag: bytes = raw(0x1A0, 16)
 
 
 @layout(size=0x10)

@@ -14,6 +14,10 @@ snpguest ``src/fetch.rs`` and the IETF RATS wiki's KDS analysis use it), relativ
 ``GET /vlek/v1/{product}/crl``                             the ARK's CRL for the ASVK, DER
 ``GET /vlek/v1/{product}/cert?cspID=&blSPL=...``           a VLEK, DER (an sevemu extension: AMD hands
                                                           VLEKs to CSPs through a private channel)
+``GET /vlek/v1/{product}/hashstick?cspID=&hwid=&blSPL=...`` the CSP's wrapped VLEK hashstick for the
+                                                          chip ``hwid`` (0x1B0 bytes,
+                                                          ``application/octet-stream``; sevemu's
+                                                          extension, as above)
 =========================================================  =========================================
 
 Errors (a one-line ``text/plain`` reason): 400 for a malformed hwid, an SPL that is not a decimal
@@ -42,7 +46,8 @@ from cryptography.hazmat.primitives import serialization
 from flask import Flask, Response, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from sevemu.amd.snp import AmdSnpRoot, KeyKind
+from sevemu.amd.chip import FusedChip
+from sevemu.amd.snp import AmdSnpRoot, CspAccount, KeyKind, wrap_vlek
 from sevemu.amd.vault import AmdRegistry
 from sevemu.certs.snp import generation_of_product
 from sevemu.crypto.vcek import HWID_SIZE, PRODUCTS
@@ -114,17 +119,34 @@ class KeyDistributionService:
             tcb |= int(values[0]) << (8 * _SPL_BYTE[generation][name])
         return tcb
 
+    def _chip(self, product: str, gen: str, hwid_hex: str) -> FusedChip:
+        """The chip of ``hwid_hex``: 400 for a malformed hwid, 404 for one AMD never made."""
+        size = HWID_SIZE[gen]
+        if not _HEX.match(hwid_hex) or len(hwid_hex) != 2 * size:
+            raise KdsError(400, f"a {product} hwid is {2 * size} hex digits, got {hwid_hex[:140]!r}")
+        chip = self.registry.chip(gen, bytes.fromhex(hwid_hex))
+        if chip is None:
+            raise KdsError(404, f"no {product} chip with hwid {hwid_hex.lower()[:16]}...")
+        return chip
+
+    def _csp(self, name: str) -> CspAccount:
+        """The CSP account ``name``: 400 for a malformed name, 404 for one AMD does not know."""
+        try:
+            csp = self.registry.csp(name)
+        except InputError as exc:
+            raise KdsError(400, str(exc)) from None
+        if csp is None:
+            raise KdsError(404, f"no CSP account {name!r}")
+        return csp
+
     def vcek(self, product: str, hwid_hex: str, query: Mapping[str, list[str]]) -> bytes:
         root = self.root(product)
         gen = root.generation
         size = HWID_SIZE[gen]
-        if not _HEX.match(hwid_hex) or len(hwid_hex) != 2 * size:
+        if not _HEX.match(hwid_hex) or len(hwid_hex) != 2 * size:  # before the SPLs, as before
             raise KdsError(400, f"a {product} hwid is {2 * size} hex digits, got {hwid_hex[:140]!r}")
         tcb = self.tcb_from_query(gen, query)
-        chip = self.registry.chip(gen, bytes.fromhex(hwid_hex))
-        if chip is None:
-            raise KdsError(404, f"no {product} chip with hwid {hwid_hex.lower()[:16]}...")
-        return root.issue_vcek(chip, tcb).public_bytes(serialization.Encoding.DER)
+        return root.issue_vcek(self._chip(product, gen, hwid_hex), tcb).public_bytes(serialization.Encoding.DER)
 
     def vlek(self, product: str, query: Mapping[str, list[str]]) -> bytes:
         root = self.root(product)
@@ -132,13 +154,18 @@ class KeyDistributionService:
         if len(ids) != 1:
             raise KdsError(400, "a VLEK request names one cspID")
         tcb = self.tcb_from_query(root.generation, query, extra=("cspID",))
-        try:
-            csp = self.registry.csp(ids[0])
-        except InputError as exc:
-            raise KdsError(400, str(exc)) from None
-        if csp is None:
-            raise KdsError(404, f"no CSP account {ids[0]!r}")
-        return root.issue_vlek(csp, tcb).public_bytes(serialization.Encoding.DER)
+        return root.issue_vlek(self._csp(ids[0]), tcb).public_bytes(serialization.Encoding.DER)
+
+    def hashstick(self, product: str, query: Mapping[str, list[str]]) -> bytes:
+        """The wrapped VLEK hashstick of ``cspID`` at the SPLs for the chip ``hwid``."""
+        root = self.root(product)
+        gen = root.generation
+        ids, hwids = query.get("cspID", []), query.get("hwid", [])
+        if len(ids) != 1 or len(hwids) != 1:
+            raise KdsError(400, "a hashstick request names one cspID and one hwid")
+        tcb = self.tcb_from_query(gen, query, extra=("cspID", "hwid"))
+        csp = self._csp(ids[0])
+        return wrap_vlek(csp, self._chip(product, gen, hwids[0]), tcb)
 
 
 class RateLimiter:
@@ -187,7 +214,7 @@ def create_app(kds: KeyDistributionService, *, rate_limit: RateLimiter | None = 
         except KdsError as exc:
             return text(exc.status, str(exc))
         mimetype = {"cert": "application/pkix-cert", "pem": "application/x-pem-file",
-                    "crl": "application/pkix-crl"}[kind]
+                    "crl": "application/pkix-crl", "blob": "application/octet-stream"}[kind]
         return Response(body, status=200, mimetype=mimetype)
 
     def query() -> dict[str, list[str]]:
@@ -206,6 +233,10 @@ def create_app(kds: KeyDistributionService, *, rate_limit: RateLimiter | None = 
     @app.get("/vlek/v1/<product>/cert")
     def vlek(product: str) -> Response:
         return answer("cert", lambda: kds.vlek(product, query()))
+
+    @app.get("/vlek/v1/<product>/hashstick")
+    def hashstick(product: str) -> Response:
+        return answer("blob", lambda: kds.hashstick(product, query()))
 
     @app.get("/vcek/v1/<product>/<hwid>")
     def vcek(product: str, hwid: str) -> Response:

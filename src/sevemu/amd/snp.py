@@ -12,6 +12,11 @@ one TCB (the same derivation the chip's firmware runs), indexed by the chip's hw
 certificate certifies :func:`sevemu.crypto.vcek.derive_vlek` of a CSP's secret.  Certificates are
 issued once per (chip, TCB) and kept, so asking twice returns the same bytes, as AMD's KDS does.
 
+:func:`wrap_vlek` is what AMD gives a CSP for one of its chips so that the chip can sign with the
+CSP's VLEK: the CSP's VLEK hashsticks at a TCB, wrapped for that chip (the 0x1B0-byte format of
+AMD-ASPFW ``vlek_wrapped_t``; the wrapping key and hashstick contents are the model's choices,
+:mod:`sevemu.crypto.vcek`).  The chip's firmware unwraps it in SNP_VLEK_LOAD; no other chip can.
+
 Emulated, never AMD's: the keys are fresh; every root's SubjectKeyIdentifier starts with ASCII
 ``EMULATED`` (the SKI is free-form; AMD's are SHA-1 key hashes) and verifiers trust the ARK only by
 the fingerprint the user names (:meth:`AmdSnpRoot.ark_fingerprint`), never by AMD's pins.
@@ -59,6 +64,8 @@ from sevemu.crypto.vcek import (
     hwid,
     snp_chip_id,
     tcb_components,
+    vlek_hashsticks,
+    wrap_vlek_hashstick,
 )
 from sevemu.errors import FileFormatError, InputError
 
@@ -69,6 +76,7 @@ __all__ = [
     "AmdSnpRoot",
     "CspAccount",
     "KeyKind",
+    "wrap_vlek",
 ]
 
 KeyKind = Literal["vcek", "vlek"]
@@ -327,6 +335,18 @@ class AmdSnpRoot:
             except OSError:
                 pass
         return root
+
+
+def wrap_vlek(csp: CspAccount, chip: FusedChip, tcb: int) -> bytes:
+    """The wrapped VLEK hashstick (0x1B0 bytes) of ``csp`` at ``tcb`` for ``chip`` (module docstring).
+
+    Raises :class:`~sevemu.errors.InputError` for a chip without SEV-SNP and
+    :class:`~sevemu.errors.LayoutError` for a TCB that sets a reserved byte of the chip's layout.
+    """
+    if chip.generation not in SNP_GENERATIONS:
+        raise InputError(f"{chip.generation} chips have no SEV-SNP (no VLEK)")
+    sticks = vlek_hashsticks(csp.secret, chip.generation, tcb)
+    return wrap_vlek_hashstick(chip.secret, chip.generation, tcb, sticks)
 
 
 def _crl_dp(kind: KeyKind, product: str) -> x509.Extension[x509.ExtensionType]:

@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from sevemu.abi.report import REPORT_SIZE, AttestationReport, PlatformInfo
+from sevemu.abi.snp import SNP_VLEK_HASHSTICK_SIZE
 from sevemu.certs.snp import KDS_URL, generation_of_product, load_certificate, load_certificates
 from sevemu.cli.common import Outputs, emit, parse_int, read_file
 from sevemu.cli.display import Artefact, register_artefact
@@ -144,6 +145,12 @@ def _get(url: str, what: str, timeout: float) -> bytes:
     return bytes(r.content)
 
 
+def _csp_arg(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "_.=-" for c in text) or len(text) > 100:
+        raise argparse.ArgumentTypeError(f"CSP name {text!r}: use 1-100 letters, digits, '_', '.', '=' or '-'")
+    return text
+
+
 def _product_arg(text: str) -> str:
     try:
         return generation_of_product(text)
@@ -204,25 +211,42 @@ def run_fetch(args: argparse.Namespace) -> int:
         outputs.write(path, data)
         emit(args, {"ok": True, "files": [str(path)]}, [f"wrote {path}"])
         return 0
-    if kind == "vlek":
-        raise InputError("fetch vcek: a VLEK is not fetched by hwid (AMD hands VLEKs to the cloud provider)")
+    if args.what == "vcek" and kind == "vlek":
+        raise InputError("fetch vcek: a VLEK is not fetched by hwid (AMD hands VLEKs to the cloud provider: "
+                         "fetch vlek DIR REPORT --csp NAME)")
     rep = _read_report(args.report)
     gen = args.product or _product_of(rep)
     if gen is None:
         raise InputError(f"{args.report}: a version {rep.version} report does not name its product: give --product")
-    path = outputs.add(directory / f"vcek.{ext}", "the VCEK")
+    spls = "&".join(f"{k}={v}" for k, v in (
+        ("fmcSPL" if n == "fmc" else {"boot_loader": "blSPL", "tee": "teeSPL", "snp": "snpSPL",
+                                      "microcode": "ucodeSPL"}[n], v) for n, v in tcb_components(gen, rep.reported_tcb)))
+    if args.what == "vlek":  # the CSP's VLEK at the report's TCB (sevemu's KDS path)
+        return _fetch_cert(args, outputs.add(directory / f"vlek.{ext}", "the VLEK"), outputs,
+                           f"{base}/vlek/v1/{PRODUCTS[gen]}/cert?cspID={args.csp}&{spls}")
     try:
         hw = hwid(gen, rep.chip_id)
     except InputError as exc:
         raise InputError(f"{args.report}: {exc}") from None
     if not any(hw):
-        raise InputError(f"{args.report}: CHIP_ID is masked; a VCEK cannot be fetched for it")
-    spls = [("fmcSPL" if n == "fmc" else {"boot_loader": "blSPL", "tee": "teeSPL", "snp": "snpSPL",
-                                           "microcode": "ucodeSPL"}[n], v)
-            for n, v in tcb_components(gen, rep.reported_tcb)]
-    url = f"{base}/vcek/v1/{PRODUCTS[gen]}/{hw.hex()}?" + "&".join(f"{k}={v}" for k, v in spls)
-    cert = load_certificate(_get(url, "fetch vcek", args.timeout), what=url)
-    outputs.write(path, _encode(cert, ext))
+        raise InputError(f"{args.report}: CHIP_ID is masked; the chip cannot be named to the KDS")
+    if args.what == "hashstick":  # the CSP's wrapped VLEK hashstick for the report's chip and TCB
+        path = outputs.add(directory / "vlek_hashstick.bin", "the wrapped VLEK hashstick")
+        url = f"{base}/vlek/v1/{PRODUCTS[gen]}/hashstick?cspID={args.csp}&hwid={hw.hex()}&{spls}"
+        blob = _get(url, "fetch hashstick", args.timeout)
+        if len(blob) != SNP_VLEK_HASHSTICK_SIZE:
+            raise FileFormatError(f"{url}: a wrapped VLEK hashstick is {SNP_VLEK_HASHSTICK_SIZE} bytes, "
+                                  f"got {len(blob)}")
+        outputs.write(path, blob)
+        emit(args, {"ok": True, "files": [str(path)], "url": url}, [f"wrote {path}", f"from {url}"])
+        return 0
+    return _fetch_cert(args, outputs.add(directory / f"vcek.{ext}", "the VCEK"), outputs,
+                       f"{base}/vcek/v1/{PRODUCTS[gen]}/{hw.hex()}?{spls}")
+
+
+def _fetch_cert(args: argparse.Namespace, path: Path, outputs: Outputs, url: str) -> int:
+    cert = load_certificate(_get(url, f"fetch {args.what}", args.timeout), what=url)
+    outputs.write(path, _encode(cert, args.encoding))
     emit(args, {"ok": True, "files": [str(path)], "url": url}, [f"wrote {path}", f"from {url}"])
     return 0
 
@@ -428,17 +452,22 @@ def register(sub: Any) -> None:
     f = sub.add_parser("fetch", help="certificates from a KDS into snpguest's directory layout (ark.pem ...)")
     fsub = f.add_subparsers(dest="what", required=True, metavar="WHAT")
     for what, helptext in (("ca", "the ASK (or ASVK) and ARK"), ("vcek", "the VCEK for a report"),
-                           ("crl", "the ARK's CRL")):
+                           ("crl", "the ARK's CRL"), ("vlek", "a CSP's VLEK at a report's TCB (sevemu's KDS)"),
+                           ("hashstick", "a CSP's wrapped VLEK hashstick for a report's chip and TCB (sevemu's KDS)")):
         p = fsub.add_parser(what, help=helptext, epilog="examples:\n"
                             "  sevemu fetch ca certs/ --product Milan --url http://127.0.0.1:8080\n"
                             "  sevemu fetch vcek certs/ report.bin --url http://127.0.0.1:8080\n"
-                            "  sevemu fetch crl certs/ --product Milan --url http://127.0.0.1:8080")
+                            "  sevemu fetch crl certs/ --product Milan --url http://127.0.0.1:8080\n"
+                            "  sevemu fetch hashstick certs/ report.bin --csp acme --url http://127.0.0.1:8080\n"
+                            "  sevemu fetch vlek certs/ report.bin --csp acme --url http://127.0.0.1:8080")
         p.add_argument("dir", type=Path, help="the certificate directory (created if needed)")
-        if what == "vcek":
+        if what in ("vcek", "vlek", "hashstick"):
             p.add_argument("report", type=Path, help="the attestation report (raw 0x4A0 bytes or hex)")
             p.add_argument("--product", type=_product_arg,
                            help="Milan, Genoa or Turin (default: from the report's CPUID fields)")
-        else:
+        if what in ("vlek", "hashstick"):
+            p.add_argument("--csp", required=True, type=_csp_arg, help="the CSP account (sevemu kds serve --csp)")
+        if what in ("ca", "crl"):
             p.add_argument("--product", type=_product_arg, required=True, help="Milan, Genoa or Turin")
         p.add_argument("--url", default=KDS_URL, help=f"the KDS (default {KDS_URL}; ours: sevemu kds serve)")
         if what != "crl":

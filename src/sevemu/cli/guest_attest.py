@@ -9,6 +9,8 @@ SNP guest (:mod:`sevemu.cli.snp_guest`) on the platform of ``--platform-dir`` / 
   ``ark`` files (snpguest's names), for ``sevemu verify attestation DIR REPORT``.
 * ``key KEY_PATH vcek|vmrk [--vmpl N] [--guest-field-select BITS] [--guest-svn N] [--tcb-version TCB]``:
   a 32-byte derived key.
+* ``vlek-load FILE``: the host's SNP_VLEK_LOAD of a wrapped VLEK hashstick (``/dev/sev``, as snphost
+  ``vlek-load``); ``report ... --vlek FILE`` loads it before the report, which the VLEK then signs.
 
 The guest is launched afresh for each command (policy 0x30000, one measured code page, the secrets
 page, one vCPU); its MEASUREMENT is printed so a verifier can pin it.
@@ -29,13 +31,18 @@ from sevemu.abi.report import (
     CERT_GUID_ASK,
     CERT_GUID_VCEK,
     CERT_GUID_VLEK,
+    GuestFieldSelect,
+    KeyReq,
     KeyRsp,
+    ReportReq,
     ReportRsp,
+    RootKeySelect,
     decode_cert_table,
 )
+from sevemu.abi.snp import SNP_VLEK_HASHSTICK_SIZE
 from sevemu.cli.common import add_platform_args, emit, parse_int, read_file, resolve_platform, write_file
 from sevemu.errors import InputError
-from sevemu.guest.sev_guest import SevGuestError, SnpDerivedKeyReq, SnpExtReportReq, SnpReportReq
+from sevemu.guest.sev_guest import SevGuestError, SnpExtReportReq
 
 __all__ = ["register"]
 
@@ -49,7 +56,14 @@ def _guest(args: argparse.Namespace) -> Any:
     generation, directory = resolve_platform(args)
     if generation not in SNP_GENERATIONS:
         raise InputError(f"a {generation} platform has no SEV-SNP (use --generation milan, genoa or turin)")
-    return launch(generation, platform_dir=directory, vmpck=args.vmpck)
+    vlek_file: Path | None = getattr(args, "vlek", None)
+    vlek = None
+    if vlek_file is not None:
+        vlek = read_file(vlek_file, what="wrapped VLEK hashstick")
+        if len(vlek) != SNP_VLEK_HASHSTICK_SIZE:
+            raise InputError(f"{vlek_file}: a wrapped VLEK hashstick is {SNP_VLEK_HASHSTICK_SIZE} bytes, "
+                             f"the file has {len(vlek)}")
+    return launch(generation, platform_dir=directory, vmpck=args.vmpck, vlek=vlek)
 
 
 def _check(status: int, what: str) -> None:
@@ -72,11 +86,11 @@ def run_report(args: argparse.Namespace) -> int:
     g = _guest(args)
     try:
         if args.extended is not None:
-            req = SnpExtReportReq(data=SnpReportReq(user_data=data, vmpl=args.vmpl).encode(), certs_address=1,
+            req = SnpExtReportReq(data=ReportReq(report_data=data, vmpl=args.vmpl), certs_address=1,
                                   certs_len=0x4000)
             raw, certs, _ = g.device.get_ext_report(req)
         else:
-            raw, certs = g.device.get_report(SnpReportReq(user_data=data, vmpl=args.vmpl)), b""
+            raw, certs = g.device.get_report(ReportReq(report_data=data, vmpl=args.vmpl)), b""
     except SevGuestError as exc:
         raise _ioctl_error(exc) from None
     rsp = ReportRsp.decode(raw[: ReportRsp.SIZE])
@@ -88,7 +102,10 @@ def run_report(args: argparse.Namespace) -> int:
     written = _write_certs(certs, args.extended, "pem") if args.extended is not None else []
     result = {"report": str(args.report), "request_file": str(path), "measurement": g.measurement.hex(),
               "report_data": data.hex(), "vmpl": args.vmpl, "certificates": written}
-    lines = [f"report written to {args.report} (report data from {path})", f"measurement {g.measurement.hex()}"]
+    signer = {0: "VCEK", 1: "VLEK", 7: "none"}.get(rsp.report.signer_info.signing_key, "?")
+    result["signing_key"] = signer
+    lines = [f"report written to {args.report} (report data from {path})", f"measurement {g.measurement.hex()}",
+             f"signed by the {signer}"]
     lines += [f"certificate written to {p}" for p in written]
     emit(args, result, lines)
     return 0
@@ -111,7 +128,7 @@ def _write_certs(certs: bytes, directory: Path, encoding: str) -> list[str]:
 def run_certificates(args: argparse.Namespace) -> int:
     g = _guest(args)
     try:
-        raw, certs, _ = g.device.get_ext_report(SnpExtReportReq(data=SnpReportReq().encode(), certs_address=1,
+        raw, certs, _ = g.device.get_ext_report(SnpExtReportReq(data=ReportReq(), certs_address=1,
                                                                 certs_len=0x4000))
     except SevGuestError as exc:
         raise _ioctl_error(exc) from None
@@ -123,9 +140,12 @@ def run_certificates(args: argparse.Namespace) -> int:
 
 def run_key(args: argparse.Namespace) -> int:
     g = _guest(args)
-    req = SnpDerivedKeyReq(root_key_select=1 if args.root_key_select == "vmrk" else 0,
-                           guest_field_select=args.guest_field_select, vmpl=args.vmpl, guest_svn=args.guest_svn,
-                           tcb_version=args.tcb_version)
+    try:
+        fields = GuestFieldSelect.decode(args.guest_field_select.to_bytes(8, "little"))
+    except (InputError, OverflowError):
+        raise InputError(f"--guest-field-select {args.guest_field_select:#x}: bits above 6 are reserved") from None
+    req = KeyReq(root_key_select=RootKeySelect(vmrk=args.root_key_select == "vmrk"), guest_field_select=fields,
+                 vmpl=args.vmpl, guest_svn=args.guest_svn, tcb_version=args.tcb_version)
     try:
         rsp = KeyRsp.decode(g.device.get_derived_key(req))
     except SevGuestError as exc:
@@ -134,6 +154,13 @@ def run_key(args: argparse.Namespace) -> int:
     write_file(args.key_path, rsp.derived_key, secret=True)
     emit(args, {"key": str(args.key_path), "measurement": g.measurement.hex()},
          [f"derived key written to {args.key_path}"])
+    return 0
+
+
+def run_vlek_load(args: argparse.Namespace) -> int:
+    _guest(args)  # the launch loads it first, and refuses with the firmware's status
+    emit(args, {"ok": True, "vlek_en": True, "file": str(args.vlek)},
+         [f"VLEK loaded from {args.vlek} (SNP_PLATFORM_STATUS VLEK_EN); it lasts until SNP_SHUTDOWN"])
     return 0
 
 
@@ -155,6 +182,8 @@ def register(sub: Any) -> None:
     r.add_argument("--vmpl", type=lambda t: parse_int(t, "--vmpl", 2), default=0, help="VMPL to report (default 0)")
     r.add_argument("--extended", type=Path, metavar="CERTS_DIR",
                    help="an extended report: also write the host's certificates (PEM) into CERTS_DIR")
+    r.add_argument("--vlek", type=Path, metavar="FILE",
+                   help="the host loads this wrapped VLEK hashstick first (SNP_VLEK_LOAD): the VLEK signs")
     _common(r)
     r.set_defaults(func=run_report)
 
@@ -177,3 +206,11 @@ def register(sub: Any) -> None:
     k.add_argument("--tcb-version", type=lambda t: parse_int(t, "--tcb-version", 64), default=0, metavar="TCB")
     _common(k)
     k.set_defaults(func=run_key)
+
+    v = sub.add_parser("vlek-load", help="SNP_VLEK_LOAD of a wrapped VLEK hashstick on the platform (snphost vlek-load)",
+                       epilog="examples:\n  sevemu fetch hashstick certs/ report.bin --csp acme --url http://127.0.0.1:8080\n"
+                              "  sevemu vlek-load certs/vlek_hashstick.bin\n"
+                              "  sevemu report r.bin q.bin --random --vlek certs/vlek_hashstick.bin")
+    v.add_argument("vlek", type=Path, metavar="FILE", help="the 432-byte wrapped VLEK hashstick")
+    _common(v)
+    v.set_defaults(func=run_vlek_load)

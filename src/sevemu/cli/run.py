@@ -32,6 +32,7 @@ from sevemu.errors import GuestBuildError, InputError, SevemuError, UnmappedErro
 from sevemu.guest.build import GuestImage, build_guest, build_source, list_guests
 from sevemu.hw.profiles import profile
 from sevemu.hw.ucengine import InitialState, UcEngine
+from sevemu.hypervisor.guest_request import guest_requests
 from sevemu.hypervisor.kvm import RunResult
 from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit
 from sevemu.hypervisor.sevdev import SevDevice
@@ -243,6 +244,7 @@ def launch_guest(image: GuestImage, *, mode: str = "sev", vcpus: int = 1, memory
         v.arch.segments = {n: Segment(s.selector, s.attrib, s.limit, s.base) for n, s in state.segments().items()}
         engines.append(eng)
     if snp:
+        guest_requests(m.hv)  # KVM's SNP guest-request NAE events (the attest guest's path to its firmware)
         measurement = _snp_launch(m, vm, image)
     else:
         measurement = m.hv.launch(vm, [(image.base, image.data)], policy=int(GuestPolicy.ES) if es else 0)
@@ -356,6 +358,11 @@ def run_command(args: argparse.Namespace) -> int:
         out = run.run(timeout=args.timeout, echo=None if args.json else echo, on_halt=on_halt)
     finally:
         run.close()
+    verdict = _guest_report_verdict(run, out.console) if out.status == "finished" else None
+    if verdict is not None:
+        info["report_verified"], line = verdict
+        if not args.json:
+            print(f"sevemu: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps({**info, "status": out.status, "console": out.console, "reason": out.reason,
                           "rip": out.rip, "exits": out.exits, "seconds": round(out.seconds, 3)}, indent=2))
@@ -364,7 +371,23 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         where = f" at RIP {out.rip:#x}" if out.rip is not None else ""
         print(f"sevemu: {image.name} {out.status}{where}: {out.reason}", file=sys.stderr)
-    return 0 if out.status == "finished" else 1
+    return 0 if out.status == "finished" and (verdict is None or verdict[0]) else 1
+
+
+def _guest_report_verdict(run: GuestRun, console: str) -> tuple[bool, str] | None:
+    """The host's verification of an attestation report the guest printed (the attest guest), or None."""
+    from sevemu.cli.guest_report import guest_report, verify_guest_report
+    from sevemu.owner.snpverify import SnpCheckError
+
+    report = guest_report(console)
+    if report is None:
+        return None
+    try:
+        got = verify_guest_report(run.machine, report)
+    except (SnpCheckError, InputError) as exc:
+        return False, f"the guest's attestation report does NOT verify: {exc}"
+    return True, (f"the guest's attestation report verifies (VCEK of the emulated AMD's {got.generation} chain, "
+                  f"REPORT_DATA the guest's, MEASUREMENT {got.report.measurement.hex()[:16]}...)")
 
 
 # x86-64, position independent: lea msg(%rip),%rsi; mov $0x3f8,%dx; 1: lodsb; test %al,%al; jz 2f;

@@ -23,17 +23,26 @@ from cryptography.hazmat.primitives import serialization
 
 from sevemu._util.units import PAGE, MiB
 from sevemu.abi.report import CERT_GUID_ARK, CERT_GUID_ASK, CERT_GUID_VCEK, encode_cert_table
-from sevemu.amd.chip import FusedChip
+from sevemu.abi.status import status_name
 from sevemu.amd.snp import AmdSnpRoot
+from sevemu.crypto.vcek import HWID_SIZE
+from sevemu.errors import InputError
 from sevemu.firmware.snp import snp_state
 from sevemu.guest.sev_guest import GuestSecrets, SevGuestDevice
 from sevemu.hypervisor.guest_request import GuestRequests, VmGuestChannel, guest_requests
 from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit, KvmVmType
 from sevemu.hypervisor.sev import snp
 from sevemu.hypervisor.sevdev import SevDevice
-from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
+from sevemu.hypervisor.uapi import (
+    KvmSevSnpLaunchFinish,
+    KvmSevSnpLaunchStart,
+    KvmSevSnpLaunchUpdate,
+    SevUserCmd,
+    SevUserDataGetId,
+    SevUserDataSnpVlekLoad,
+)
 from sevemu.hypervisor.vm import Vm
-from sevemu.scenario import Machine, amd_vault_dir, build_machine, default_amd_root
+from sevemu.scenario import Machine, amd_registry, amd_vault_dir, build_machine, default_amd_root
 
 __all__ = ["SECRETS_GPA", "SnpGuestVm", "launch"]
 
@@ -67,14 +76,20 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 def launch(generation: str = "milan", *, seed: str | None = None, image: bytes = b"sevemu snp guest",
            host_data: bytes = bytes(32), platform_dir: str | Path | None = None, vmpck: int = 0,
-           certificates: bool = True) -> SnpGuestVm:
-    """Launch an SNP guest of ``generation`` and open its ``/dev/sev-guest`` (module docstring)."""
+           certificates: bool = True, vlek: bytes | None = None) -> SnpGuestVm:
+    """Launch an SNP guest of ``generation`` and open its ``/dev/sev-guest`` (module docstring);
+    ``vlek``: a wrapped VLEK hashstick the host loads first (``/dev/sev`` SNP_VLEK_LOAD)."""
     m = build_machine(generation, dram_size=1024 * MiB, cache_size=1 * MiB, init=False, seed=seed,
                       platform_dir=platform_dir)
     snp.platform_init(m.hv.sev)
     m.hv.platform_init()
     vm = m.hv.create_vm("snp-guest", 16 * MiB, vm_type=KvmVmType.SNP_VM)
     kvm, dev = KvmSev(m.hv, vm), SevDevice(m.hv)
+    if vlek is not None:
+        load = dev.ioctl_raw(SevUserCmd.SNP_VLEK_LOAD, SevUserDataSnpVlekLoad(vlek_wrapped_address=vlek))
+        if load.ret:
+            raise InputError(f"SNP_VLEK_LOAD: errno {-load.ret}, firmware status {status_name(load.error)} "
+                             f"({load.error:#x})")
     kvm.op(KvmSevCmdId.INIT2, KvmSevInit())
     vm.add_vcpu()
     kvm.op(KvmSevCmdId.SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy=POLICY), sev_fd=dev)
@@ -95,8 +110,16 @@ def launch(generation: str = "milan", *, seed: str | None = None, image: bytes =
     vault = amd_vault_dir()
     root = AmdSnpRoot.for_root(m.amd_root or default_amd_root(m.soc.profile.name),
                                None if vault is None else vault / m.soc.profile.name / "snp")
-    vcek = root.issue_vcek(FusedChip(m.soc.profile.name, m.firmware.identity.chip_secret),
-                           snp_state(m.firmware).reported_tcb)
+    # as the KDS: the chip AMD recorded under the hwid the host reads with GET_ID (no composition
+    # reads the chip's fuses)
+    gen = m.soc.profile.name
+    ident = dev.issue(SevUserCmd.GET_ID, SevUserDataGetId()).data
+    assert isinstance(ident, SevUserDataGetId)
+    chip = amd_registry().chip(gen, bytes(ident.socket1[:HWID_SIZE[gen]]))
+    if chip is None:
+        raise InputError(f"the emulated AMD has no record of this {gen} chip (made by another vault?): "
+                         "its VCEK cannot be issued")
+    vcek = root.issue_vcek(chip, snp_state(m.firmware).reported_tcb)
     if certificates:
         service.set_certificates(encode_cert_table([
             (CERT_GUID_VCEK, vcek.public_bytes(serialization.Encoding.DER)),

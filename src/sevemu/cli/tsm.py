@@ -153,7 +153,9 @@ def run_mount(args: argparse.Namespace) -> int:
     g = _guest(args)
     print(f"configfs-tsm of an emulated SNP guest (measurement {g.measurement.hex()}) at {mountpoint}; "
           "unmount with fusermount -u")
-    fuse.FUSE(TsmFs(TsmReports(g.device)), str(mountpoint), foreground=True, nothreads=True)
+    # direct_io: reads reach the file system whatever st_size says (configfs attributes are not
+    # page-cache files either: a binary attribute shows size 0 and reads whole)
+    fuse.FUSE(TsmFs(TsmReports(g.device)), str(mountpoint), foreground=True, nothreads=True, direct_io=True)
     return 0
 
 

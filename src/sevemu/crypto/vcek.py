@@ -34,6 +34,23 @@ The VCEK's secret is the chip's fused secret (the one CEK and chip ID derive fro
 :data:`VCEK_LABEL`; the VLEK's is a CSP's secret AMD keeps, label :data:`VLEK_LABEL`.  Reserved TCB
 bytes must be zero (an ill-formed TCB names no key).
 
+**The wrapped VLEK hashstick** (SNP_VLEK_LOAD).  AMD's firmware (AMD-ASPFW ``sev_mcmd.c``
+``snp_mcmd_vlek_load``, ``sev_rmp.h`` ``vlek_wrapped_t``) takes 0x1B0 bytes: IV (12), reserved (4),
+eight 48-byte hashsticks encrypted with AES-256-GCM (0x180), TCB_VERSION (8), reserved (8), tag (16);
+the additional data is TCB_VERSION and the reserved 8 bytes; the key is its SP 800-108 KDF
+(HMAC-SHA-256, little-endian counter and length: :func:`sevemu.crypto.kdf.kdf`) of the chip's VCEK
+hash with label ``vlek-wrapping-key`` and no context.  The model follows that format and KDF; what
+AMD does not publish is chosen (``docs/attestation.md``):
+
+* the VCEK hash is the 48-byte big-endian private scalar of the VCEK of the hashstick's TCB (the
+  value :func:`derive_vcek` gives; the firmware refuses a TCB other than REPORTED_TCB, so that is
+  the VCEK it signs with) -- :func:`vlek_wrapping_key`;
+* the eight hashsticks are indexed by TCB_VERSION byte: slot *i* holds the chain value (step 2
+  above, label :data:`VLEK_LABEL`) of the component at byte *i* of the layout, reserved bytes' slots
+  are zero (:func:`vlek_hashsticks`); the VLEK is step 3 over the components' slots in layout
+  order (:func:`vlek_from_hashsticks`), so a loaded hashstick gives exactly the key
+  :func:`derive_vlek` certifies.
+
 SNP chip ID (:func:`snp_chip_id`): Milan and Genoa report the 64-byte chip ID that GET_ID returns
 (:func:`sevemu.crypto.ecc.derive_chip_id`); Turin reports an 8-byte ID in CHIP_ID[0:8] with the other
 56 bytes zero (as every real Turin report does).  The model takes Turin's 8 bytes as the first 8 of
@@ -43,17 +60,21 @@ the same 64-byte ID.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Final
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sevemu.abi.report import REPORT_SIGNED_SIZE, REPORT_SIZE
-from sevemu.abi.snp import TcbVersion, TcbVersionTurin
-from sevemu.crypto import ecc
+from sevemu.abi.snp import SNP_VLEK_HASHSTICK_SIZE, TcbVersion, TcbVersionTurin, WrappedVlekHashstick
+from sevemu.abi.struct import layout_fields
+from sevemu.crypto import ecc, kdf
 from sevemu.errors import InputError, KeySizeError, LayoutError, VerificationError
 
 __all__ = [
@@ -63,7 +84,9 @@ __all__ = [
     "SIG_OFFSET",
     "SNP_GENERATIONS",
     "VCEK_LABEL",
+    "VLEK_HASHSTICKS_SIZE",
     "VLEK_LABEL",
+    "VLEK_WRAP_LABEL",
     "derive_vcek",
     "derive_vlek",
     "hwid",
@@ -71,7 +94,12 @@ __all__ = [
     "sign_report",
     "snp_chip_id",
     "tcb_components",
+    "unwrap_vlek_hashstick",
     "verify_report_signature",
+    "vlek_from_hashsticks",
+    "vlek_hashsticks",
+    "vlek_wrapping_key",
+    "wrap_vlek_hashstick",
 ]
 
 SNP_GENERATIONS: Final = ("milan", "genoa", "turin")
@@ -83,6 +111,12 @@ HWID_SIZE: Final = {"milan": 64, "genoa": 64, "turin": 8}
 
 VCEK_LABEL: Final = b"sevemu versioned chip endorsement key"
 VLEK_LABEL: Final = b"sevemu versioned loaded endorsement key"
+VLEK_WRAP_LABEL: Final = b"vlek-wrapping-key"
+"""The KDF label of the hashstick wrapping key (AMD-ASPFW ``VLEK_WK_KDF_LABEL``)."""
+VLEK_HASHSTICKS_SIZE: Final = 0x180
+"""Eight 48-byte hashsticks, one per TCB_VERSION byte (AMD-ASPFW ``vlek_wrapped_t.vlek_wrapped``)."""
+_STICK: Final = 48
+_WRAP_AAD: Final = slice(0x190, 0x1A0)
 SIGNATURE_ALGO_ECDSA_P384_SHA384: Final = 1
 SIG_OFFSET: Final = 0x2A0
 """Where SIGNATURE.R starts (the end of the signed bytes); SIGNATURE.S follows at 0x2E8."""
@@ -154,6 +188,76 @@ def derive_vcek(chip_secret: bytes, generation: str, tcb: int) -> ec.EllipticCur
 def derive_vlek(csp_secret: bytes, generation: str, tcb: int) -> ec.EllipticCurvePrivateKey:
     """The VLEK (P-384) AMD issues to the CSP whose secret is ``csp_secret``, at ``tcb``."""
     return _derive(bytes(csp_secret), VLEK_LABEL, generation, tcb)
+
+
+def _component_offsets(gen: str) -> tuple[int, ...]:
+    """TCB_VERSION byte of each component of ``gen``'s layout, in :data:`_COMPONENTS` order."""
+    layout_cls: type[TcbVersion | TcbVersionTurin] = TcbVersionTurin if gen == "turin" else TcbVersion
+    where = {f.name: f.offset for f in layout_fields(layout_cls)}
+    return tuple(where[name] for name in _COMPONENTS[gen])
+
+
+def vlek_hashsticks(csp_secret: bytes, generation: str, tcb: int) -> bytes:
+    """The 0x180 bytes of VLEK hashsticks of the CSP whose secret is ``csp_secret`` at ``tcb``
+    (module docstring: slot *i* = the chain value of the component at TCB byte *i*)."""
+    gen = _check_generation(generation)
+    if not isinstance(csp_secret, bytes) or len(csp_secret) < ecc.MIN_SECRET_SIZE:
+        raise KeySizeError(f"a signing-key secret must be at least {ecc.MIN_SECRET_SIZE} bytes")
+    values = _chain_values(bytes(csp_secret), VLEK_LABEL, gen, tcb_components(gen, tcb))
+    out = bytearray(VLEK_HASHSTICKS_SIZE)
+    for i, offset in enumerate(_component_offsets(gen)):
+        out[offset * _STICK:(offset + 1) * _STICK] = values[i * _STICK:(i + 1) * _STICK]
+    return bytes(out)
+
+
+def vlek_from_hashsticks(sticks: bytes, generation: str) -> ec.EllipticCurvePrivateKey:
+    """The VLEK the hashsticks ``sticks`` (0x180 bytes) stand for: equal to :func:`derive_vlek` of
+    the secret and TCB :func:`vlek_hashsticks` made them from."""
+    gen = _check_generation(generation)
+    if len(sticks) != VLEK_HASHSTICKS_SIZE:
+        raise InputError(f"VLEK hashsticks are {VLEK_HASHSTICKS_SIZE:#x} bytes, got {len(sticks):#x}")
+    ikm = b"".join(sticks[o * _STICK:(o + 1) * _STICK] for o in _component_offsets(gen))
+    return ecc.derive_private_key(ikm, VLEK_LABEL, ecc.P384, PRODUCTS[gen].encode())
+
+
+def vlek_wrapping_key(chip_secret: bytes, generation: str, tcb: int) -> bytes:
+    """The AES-256-GCM key that wraps VLEK hashsticks for the chip at ``tcb`` (module docstring)."""
+    scalar = derive_vcek(chip_secret, generation, tcb).private_numbers().private_value.to_bytes(48, "big")
+    return kdf.kdf(scalar, VLEK_WRAP_LABEL, b"", 32)
+
+
+def wrap_vlek_hashstick(chip_secret: bytes, generation: str, tcb: int, sticks: bytes, *,
+                        iv: bytes | None = None) -> bytes:
+    """The 0x1B0-byte wrapped hashstick of ``sticks`` for the chip whose secret is ``chip_secret``,
+    bound to ``tcb`` (what AMD hands a CSP for one chip; module docstring)."""
+    if len(sticks) != VLEK_HASHSTICKS_SIZE:
+        raise InputError(f"VLEK hashsticks are {VLEK_HASHSTICKS_SIZE:#x} bytes, got {len(sticks):#x}")
+    nonce = os.urandom(12) if iv is None else bytes(iv)
+    if len(nonce) != 12:
+        raise InputError(f"the hashstick IV is 12 bytes, got {len(nonce)}")
+    aad = tcb.to_bytes(8, "little") + bytes(8)
+    sealed = AESGCM(vlek_wrapping_key(chip_secret, generation, tcb)).encrypt(nonce, bytes(sticks), aad)
+    out = WrappedVlekHashstick(iv=nonce, vlek_wrapped=sealed[:-16], tcb_version=tcb, auth_tag=sealed[-16:]).encode()
+    assert len(out) == SNP_VLEK_HASHSTICK_SIZE
+    return out
+
+
+def unwrap_vlek_hashstick(chip_secret: bytes, generation: str, wrapped: bytes) -> bytes:
+    """The 0x180 bytes of hashsticks in ``wrapped`` (0x1B0 bytes) for this chip.
+
+    Raises :class:`~sevemu.errors.LayoutError` for a blob of the wrong size and
+    :class:`~sevemu.errors.VerificationError` when it does not authenticate under this chip's key for
+    its TCB_VERSION (another chip's, or tampered with).
+    """
+    if len(wrapped) != SNP_VLEK_HASHSTICK_SIZE:
+        raise LayoutError(f"a wrapped VLEK hashstick is {SNP_VLEK_HASHSTICK_SIZE} bytes, got {len(wrapped)}")
+    blob = WrappedVlekHashstick.decode(bytes(wrapped))
+    key = vlek_wrapping_key(chip_secret, generation, blob.tcb_version)
+    try:
+        return AESGCM(key).decrypt(blob.iv, blob.vlek_wrapped + blob.auth_tag, bytes(wrapped[_WRAP_AAD]))
+    except InvalidTag:
+        raise VerificationError("the VLEK hashstick does not authenticate under this chip's wrapping key "
+                                "(another chip's, or altered)") from None
 
 
 def snp_chip_id(chip_secret: bytes, generation: str) -> bytes:

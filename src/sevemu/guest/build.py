@@ -54,6 +54,7 @@ GUESTS: dict[str, str] = {
     "ghcbbad": "SEV-ES only: sends malformed GHCBs, then asks to be terminated",
     "mmio": "SEV-ES only: a device register the host emulates (reserved-bit NPT entry, #VC 0x400)",
     "snpmem": "SEV-SNP: validates memory the launch left out (PSC + PVALIDATE, #VC 0x404 on demand)",
+    "attest": "SEV-SNP: its own attestation report (VMPCK0, AES-256-GCM, NAE guest request); the host verifies it",
 }
 
 CFLAGS = ("-m64", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-mno-red-zone", "-O2",
@@ -61,7 +62,7 @@ CFLAGS = ("-m64", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-mno-r
           "-fno-tree-loop-distribute-patterns", "-fcf-protection=none", "-Wall", "-Werror")
 ASFLAGS = ("-m64", "-fno-pic", "-fno-pie")
 LDFLAGS = ("-nostdlib", "-static", "-z", "max-page-size=4096", "--build-id=none", "-no-pie")
-_RUNTIME = ("boot.S", "rt.c", "rt.h", "link.ld")
+_RUNTIME = ("boot.S", "rt.c", "rt.h", "link.ld", "aesgcm.h")
 
 
 def images_dir() -> Path:

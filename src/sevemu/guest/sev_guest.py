@@ -21,8 +21,10 @@ answers:
 * a disabled key (zeroed in the secrets page, ``snp_disable_vmpck``) answers every later ioctl with
   ``-ENOTTY`` -- a host that tampers once loses the guest its attestation until reboot, never an IV.
 
-Ioctl structs (:class:`SnpReportReq`, :class:`SnpDerivedKeyReq`, :class:`SnpExtReportReq`,
-:class:`SnpGuestRequestIoctl`) are the uapi layouts; :class:`SevGuestError` carries the negative errno
+The ioctls take the uapi layouts: ``struct snp_report_req`` and ``struct snp_derived_key_req`` are the
+firmware's MSG_REPORT_REQ and MSG_KEY_REQ (:class:`sevemu.abi.report.ReportReq` -- REPORT_DATA, VMPL,
+KEY_SEL -- and :class:`sevemu.abi.report.KeyReq`), :class:`SnpExtReportReq` wraps a ``ReportReq``,
+:class:`SnpGuestRequestIoctl`; :class:`SevGuestError` carries the negative errno
 and the ioctl's ``fw_error`` / ``vmm_error``.
 """
 
@@ -43,10 +45,12 @@ from sevemu.abi.report import (
     MSG_HDR_SIZE,
     MSG_HDR_VERSION,
     AeadAlgo,
+    KeyReq,
     MsgType,
+    ReportReq,
     SnpGuestMsgHdr,
 )
-from sevemu.abi.struct import Struct, layout, raw, u8, u32, u64
+from sevemu.abi.struct import Struct, layout, nested, u8, u32, u64
 from sevemu.errors import SevemuError
 
 __all__ = [
@@ -56,10 +60,8 @@ __all__ = [
     "GuestSecrets",
     "SevGuestDevice",
     "SevGuestError",
-    "SnpDerivedKeyReq",
     "SnpExtReportReq",
     "SnpGuestRequestIoctl",
-    "SnpReportReq",
 ]
 
 SEV_FW_BLOB_MAX_SIZE: Final = 0x4000
@@ -73,32 +75,13 @@ _SECRETS_SEQNO: Final = 0xA0
 _UINT_MAX: Final = 0xFFFF_FFFF
 
 
-@layout(size=0x60)
-class SnpReportReq(Struct):
-    """``struct snp_report_req``."""
-
-    user_data: bytes = raw(0x00, 64)
-    vmpl: int = u32(0x40)
-
-
 @layout(size=0x70)
 class SnpExtReportReq(Struct):
     """``struct snp_ext_report_req``: the report request, then the certificate buffer."""
 
-    data: bytes = raw(0x00, 0x60)
+    data: ReportReq = nested(0x00, ReportReq)
     certs_address: int = u64(0x60)
     certs_len: int = u32(0x68)
-
-
-@layout(size=0x20)
-class SnpDerivedKeyReq(Struct):
-    """``struct snp_derived_key_req``."""
-
-    root_key_select: int = u32(0x00)
-    guest_field_select: int = u64(0x08)
-    vmpl: int = u32(0x10)
-    guest_svn: int = u32(0x14)
-    tcb_version: int = u64(0x18)
 
 
 @layout(size=0x20)
@@ -185,12 +168,12 @@ class SevGuestDevice:
         return not any(self.secrets.vmpck(self.vmpck_id))
 
     # ---- ioctls --------------------------------------------------------------------------------
-    def get_report(self, req: SnpReportReq, msg_version: int = 1) -> bytes:
+    def get_report(self, req: ReportReq, msg_version: int = 1) -> bytes:
         """SNP_GET_REPORT: the 4000-byte response (MSG_REPORT_RSP: status, size, report, zero pad)."""
         plain = self._send(_Request(MsgType.REPORT_REQ, msg_version, req.encode()))
         return plain.ljust(SNP_REPORT_RESP_LEN, b"\0")[:SNP_REPORT_RESP_LEN]
 
-    def get_derived_key(self, req: SnpDerivedKeyReq, msg_version: int = 1) -> bytes:
+    def get_derived_key(self, req: KeyReq, msg_version: int = 1) -> bytes:
         """SNP_GET_DERIVED_KEY: the 64-byte response (MSG_KEY_RSP)."""
         plain = self._send(_Request(MsgType.KEY_REQ, msg_version, req.encode()))
         return plain.ljust(SNP_DERIVED_KEY_RESP_LEN, b"\0")[:SNP_DERIVED_KEY_RESP_LEN]
@@ -204,8 +187,8 @@ class SevGuestDevice:
         if req.certs_len > SEV_FW_BLOB_MAX_SIZE or req.certs_len % PAGE:
             raise SevGuestError(errno.EINVAL, f"certs_len {req.certs_len:#x} is not page aligned or above 16 KiB")
         if not req.certs_address and not req.certs_len:
-            return self.get_report(SnpReportReq.decode(req.data), msg_version), b"", 0
-        r = _Request(MsgType.REPORT_REQ, msg_version, req.data, ext_pages=req.certs_len // PAGE)
+            return self.get_report(req.data, msg_version), b"", 0
+        r = _Request(MsgType.REPORT_REQ, msg_version, req.data.encode(), ext_pages=req.certs_len // PAGE)
         plain = self._send(r)
         certs = r.certs
         return plain.ljust(SNP_REPORT_RESP_LEN, b"\0")[:SNP_REPORT_RESP_LEN], certs, req.certs_len

@@ -31,9 +31,9 @@ import errno
 from dataclasses import dataclass, field
 from typing import Final
 
-from sevemu.abi.report import REPORT_SIZE, CertTableEntry, ReportRsp
+from sevemu.abi.report import REPORT_SIZE, CertTableEntry, ReportReq, ReportRsp
 from sevemu.errors import SevemuError
-from sevemu.guest.sev_guest import SevGuestDevice, SevGuestError, SnpExtReportReq, SnpReportReq
+from sevemu.guest.sev_guest import SevGuestDevice, SevGuestError, SnpExtReportReq
 
 __all__ = ["READABLE", "TSM_INBLOB_MAX", "WRITABLE", "TsmError", "TsmReport", "TsmReports"]
 
@@ -142,7 +142,7 @@ class TsmReport:
             return
         if len(self.inblob) != 64:
             raise TsmError(errno.EINVAL, f"the SEV-SNP provider takes 64 bytes of inblob, not {len(self.inblob)}")
-        req = SnpExtReportReq(data=SnpReportReq(user_data=self.inblob, vmpl=self.privlevel).encode(),
+        req = SnpExtReportReq(data=ReportReq(report_data=self.inblob, vmpl=self.privlevel),
                               certs_address=1, certs_len=_CERTS_LEN)
         try:
             raw, certs, _ = self.device.get_ext_report(req)

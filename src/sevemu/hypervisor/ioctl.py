@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar
 
 from sevemu._util.units import MiB
 from sevemu.abi.commands import CommandId
+from sevemu.abi.snp import SNP_VLEK_HASHSTICK_SIZE
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
 from sevemu.hypervisor.errors import Errno, SevError, SevInputError, SevStateError
@@ -72,6 +73,7 @@ from sevemu.hypervisor.uapi import (
     SevUserDataPekCsr,
     SevUserDataSnpConfig,
     SevUserDataSnpStatus,
+    SevUserDataSnpVlekLoad,
     SevUserDataStatus,
     copy_from_user,
     copy_to_user,
@@ -105,6 +107,7 @@ GET_ID2_MAX: Final = 4 * MiB
 """Largest GET_ID2 buffer: what Linux's page allocator hands ``kzalloc`` (1 << (PAGE_SHIFT +
 MAX_PAGE_ORDER)); above it the allocation fails and sev-dev.c returns ``-ENOMEM``."""
 _GET_ID_LEN: Final = 128  # sizeof(struct sev_user_data_get_id): socket1[64], socket2[64]
+_VLEK_LOAD_LEN: Final = 16  # sizeof(struct sev_user_data_snp_vlek_load)
 
 
 class Api(enum.Enum):
@@ -571,6 +574,15 @@ def _snp_set_config(c: Caller, p: SevUserDataSnpConfig, a: Args) -> None:
     snp.set_config(c.sev, p.reported_tcb, bool(p.mask_chip_id), bool(p.mask_chip_key))
 
 
+def _snp_vlek_load(c: Caller, p: SevUserDataSnpVlekLoad, a: Args) -> None:
+    if not c.sev.snp:  # sev-dev.c checks this with argp->data, before it reads the structure
+        raise SevStateError(Errno.EINVAL, "SNP is not initialised")
+    if p.len != _VLEK_LOAD_LEN or p.vlek_wrapped_version != 0:
+        raise SevInputError(Errno.EINVAL, f"len {p.len} (expected {_VLEK_LOAD_LEN}) or version "
+                                          f"{p.vlek_wrapped_version} (expected 0)")
+    snp.vlek_load(c.sev, copy_from_user(p.vlek_wrapped_address, SNP_VLEK_HASHSTICK_SIZE))
+
+
 def _pek_gen(c: Caller, p: NoData, a: Args) -> None:
     c.sev.pek_gen()
 
@@ -681,6 +693,8 @@ COMMANDS: Final[tuple[Runnable, ...]] = (
     Command(_D, SevUserCmd.SNP_COMMIT, NoData, _snp_commit, (_F.SNP_COMMIT,), Needs.WRITABLE),
     Command(_D, SevUserCmd.SNP_SET_CONFIG, SevUserDataSnpConfig, _snp_set_config, (_F.SNP_CONFIG,), Needs.WRITABLE,
             null_data=Errno.EINVAL),
+    Command(_D, SevUserCmd.SNP_VLEK_LOAD, SevUserDataSnpVlekLoad, _snp_vlek_load, (_F.SNP_VLEK_LOAD,),
+            Needs.WRITABLE, null_data=Errno.EINVAL),
     Command(_D, SevUserCmd.GET_ID2, SevUserDataGetId2, _get_id2, (_F.GET_ID,), Needs.API_0_16,
             out=OutRule((UserBlob("address", "length"),), Query.NULL_OR_ZERO, Back.ALWAYS, limit=GET_ID2_MAX,
                         too_big=Errno.ENOMEM)),

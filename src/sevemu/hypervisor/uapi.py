@@ -67,6 +67,7 @@ __all__ = [
     "SevUserDataPekCsr",
     "SevUserDataSnpConfig",
     "SevUserDataSnpStatus",
+    "SevUserDataSnpVlekLoad",
     "SevUserDataStatus",
     "UserBuffer",
     "UserFields",
@@ -437,6 +438,17 @@ class SevUserDataSnpConfig:
 
 
 @dataclass
+class SevUserDataSnpVlekLoad:
+    """``struct sev_user_data_snp_vlek_load`` (SNP_VLEK_LOAD, in): ``len`` = 16 (its size),
+    ``vlek_wrapped_version`` 0, ``vlek_wrapped_address`` the 432-byte wrapped hashstick
+    (``struct sev_user_data_snp_wrapped_vlek_hashstick``)."""
+
+    len: int = 16
+    vlek_wrapped_version: int = 0
+    vlek_wrapped_address: UserBuffer = None
+
+
+@dataclass
 class SevUserDataPekCsr:
     """``struct sev_user_data_pek_csr``: ``address`` out (0x824-byte CSR), ``length`` in/out."""
 
@@ -481,5 +493,6 @@ class SevUserDataGetId2:
 
 
 SevUserData = (SevUserDataStatus | SevUserDataPekCsr | SevUserDataPekCertImport | SevUserDataPdhCertExport
-               | SevUserDataGetId | SevUserDataGetId2 | SevUserDataSnpStatus | SevUserDataSnpConfig | NoData)
+               | SevUserDataGetId | SevUserDataGetId2 | SevUserDataSnpStatus | SevUserDataSnpConfig
+               | SevUserDataSnpVlekLoad | NoData)
 """Any ``struct sev_user_data_*`` (the ``data`` of ``struct sev_issue_cmd``)."""

@@ -36,7 +36,11 @@ names it and whose message is one line ``<check>: <reason>``:
 Trust is only by fingerprint: a chain whose ARK is not pinned never verifies, whatever its names.
 The signature checks of a chain (and of a CRL) are remembered by the SHA-256 fingerprints of the
 certificates, so verifying many reports against one chain checks its RSA signatures once; the checks
-that depend on the time or on the report run every time.
+that depend on the time or on the report run every time.  Per :class:`Chain` *object* the verifier
+also keeps what every report would recompute -- the ARK fingerprint, the chain's verdict, the signer's
+public key and TCB, the CRL's signature and revocation verdicts -- so a relying party that verifies a
+stream of reports against one chain pays little more than the report's ECDSA verification (the pins,
+validity dates, CRL freshness, binding, signature and policy still run per report).
 """
 
 from __future__ import annotations
@@ -203,6 +207,12 @@ def _check_validity(certs: Iterable[tuple[str, x509.Certificate]], now: dt.datet
 
 def _check_crl(crl: x509.CertificateRevocationList, ark: x509.Certificate, inter: x509.Certificate,
                inter_name: str, now: dt.datetime) -> None:
+    _check_crl_signature(crl, ark)
+    _check_crl_time(crl, now)
+    _check_crl_revoked(crl, inter, inter_name)
+
+
+def _check_crl_signature(crl: x509.CertificateRevocationList, ark: x509.Certificate) -> None:
     key = ark.public_key()
     if crl.issuer != ark.subject:
         raise _fail("crl", f"CRL issuer {crl.issuer.rfc4514_string()} is not the ARK")
@@ -215,8 +225,14 @@ def _check_crl(crl: x509.CertificateRevocationList, ark: x509.Certificate, inter
         except InvalidSignature:
             raise _fail("crl", "CRL signature does not verify with the ARK") from None
         _remember(_crl_cache, cache_key, True)
+
+
+def _check_crl_time(crl: x509.CertificateRevocationList, now: dt.datetime) -> None:
     if crl.next_update_utc is not None and now > crl.next_update_utc:
         raise _fail("crl", f"CRL expired {crl.next_update_utc:%Y-%m-%d %H:%M:%S}Z")
+
+
+def _check_crl_revoked(crl: x509.CertificateRevocationList, inter: x509.Certificate, inter_name: str) -> None:
     if crl.get_revoked_certificate_by_serial_number(inter.serial_number) is not None:
         raise _fail("crl", f"the {inter_name} (serial {inter.serial_number:#x}) is revoked")
 
@@ -310,6 +326,53 @@ def _chain_facts(chain: Chain, kind: str, inter_name: str, ark_fp: bytes) -> tup
     return gen, ext
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """What one :class:`Chain` object gives every report verified against it (the certificates and
+    the CRL are immutable): fingerprints, the chain's verdict, the signer's key and TCB, validity
+    bounds, the CRL's static verdict.  Built only when all of these passed; the checks that depend on
+    the report, the pins or the time still run per report."""
+
+    ark_fp: bytes
+    gen: str
+    ext: AmdExtensions
+    key: object
+    cert_tcb: int | None
+    validity: tuple[tuple[str, x509.Certificate], ...]
+    crl_signed: bool = False
+    """The CRL's issuer and signature passed (then its revocation check, once passed, too)."""
+    crl_not_revoked: bool = False
+
+
+_prepared_cache: dict[tuple[int, str], tuple[Chain, _Prepared]] = {}
+"""Per Chain *object* (kept alive here, so its id is not reused), the facts of :class:`_Prepared`."""
+
+
+def _prepare(chain: Chain, kind: str, inter_name: str, pins: set[bytes]) -> _Prepared:
+    """The per-chain checks in the order of :func:`verify_report` (ark, chain, product, signer; the
+    CRL's signature and the intermediate's revocation), remembered per Chain object."""
+    hit = _prepared_cache.get((id(chain), kind))
+    if hit is not None and hit[0] is chain:
+        if hit[1].ark_fp not in pins:
+            raise _fail("ark", f"the ARK ({_cn(chain.ark)}, SHA-256 {hit[1].ark_fp.hex()[:16]}...) is not a "
+                        "trusted root")
+        return hit[1]
+    ark_fp = fingerprint(chain.ark)
+    if ark_fp not in pins:
+        raise _fail("ark", f"the ARK ({_cn(chain.ark)}, SHA-256 {ark_fp.hex()[:16]}...) is not a trusted root")
+    gen, ext = _chain_facts(chain, kind, inter_name, ark_fp)
+    validity = ((kind.upper(), chain.signer), (inter_name, chain.intermediate), ("ARK", chain.ark))
+    try:
+        cert_tcb: int | None = ext.tcb(gen)
+    except InputError:
+        cert_tcb = None  # the binding check names it, per report
+    prepared = _Prepared(ark_fp, gen, ext, chain.signer.public_key(), cert_tcb, validity)
+    if len(_prepared_cache) >= _CACHE_MAX:
+        _prepared_cache.clear()
+    _prepared_cache[(id(chain), kind)] = (chain, prepared)
+    return prepared
+
+
 def verify_report(
     report: bytes,
     chain: Chain,
@@ -331,17 +394,21 @@ def verify_report(
     kind: Literal["vcek", "vlek"] = "vcek" if rep.signer_info.signing_key == SigningKey.VCEK else "vlek"
     inter_name = "ASK" if kind == "vcek" else "ASVK"
     pins = set(AMD_SNP_ARK_FINGERPRINTS) if trusted is None else {bytes(t) for t in trusted}
-    ark_fp = fingerprint(chain.ark)
-    if ark_fp not in pins:
-        raise _fail("ark", f"the ARK ({_cn(chain.ark)}, SHA-256 {ark_fp.hex()[:16]}...) is not a trusted root")
-    gen, ext = _chain_facts(chain, kind, inter_name, ark_fp)
+    prep = _prepare(chain, kind, inter_name, pins)
+    gen, ext, ark_fp = prep.gen, prep.ext, prep.ark_fp
     product = PRODUCTS[gen]
     if rep.cpuid_fam_id and rep.cpuid_fam_id != _CPUID_FAMILY[gen]:
         raise _fail("product", f"report CPUID family {rep.cpuid_fam_id:#x} is not {product}'s "
                     f"{_CPUID_FAMILY[gen]:#x}")
-    _check_validity(((kind.upper(), chain.signer), (inter_name, chain.intermediate), ("ARK", chain.ark)), at)
+    _check_validity(prep.validity, at)
     if chain.crl is not None:
-        _check_crl(chain.crl, chain.ark, chain.intermediate, inter_name, at)
+        if not prep.crl_signed:
+            _check_crl_signature(chain.crl, chain.ark)
+            prep.crl_signed = True
+        _check_crl_time(chain.crl, at)
+        if not prep.crl_not_revoked:
+            _check_crl_revoked(chain.crl, chain.intermediate, inter_name)
+            prep.crl_not_revoked = True
     elif pol.require_crl:
         raise _fail("crl", "no CRL given and the policy requires one")
     if kind == "vcek":
@@ -353,14 +420,14 @@ def verify_report(
         assert ext.hwid is not None
         if not hmac.compare_digest(ext.hwid, rep.chip_id[:size]):
             raise _fail("binding", f"VCEK hwID {ext.hwid.hex()[:16]}... is not CHIP_ID {rep.chip_id.hex()[:16]}...")
-    cert_tcb = ext.tcb(gen)
-    try:
-        reported = _tcb_text(gen, rep.reported_tcb)
-    except LayoutError as exc:
-        raise _fail("binding", f"REPORTED_TCB {rep.reported_tcb:#x}: {exc}") from None
+    cert_tcb = ext.tcb(gen) if prep.cert_tcb is None else prep.cert_tcb
     if cert_tcb != rep.reported_tcb:
+        try:
+            reported = _tcb_text(gen, rep.reported_tcb)
+        except LayoutError as exc:
+            raise _fail("binding", f"REPORTED_TCB {rep.reported_tcb:#x}: {exc}") from None
         raise _fail("binding", f"{kind.upper()} TCB ({_tcb_text(gen, cert_tcb)}) is not REPORTED_TCB ({reported})")
-    key = chain.signer.public_key()
+    key = prep.key
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise _fail("signature", f"the {kind.upper()} key is not an EC key")
     try:

@@ -11,6 +11,7 @@ table to the firmware beside the legacy one (:mod:`sevemu.firmware.apis`).
                 SNP_GUEST_STATUS, SNP_PAGE_RECLAIM, SNP_PAGE_UNSMASH, SNP_DBG_DECRYPT/ENCRYPT
 ``launch``      SNP_LAUNCH_UPDATE (every page type), SNP_LAUNCH_FINISH (ID block, ID auth)
 ``guest_request``  SNP_GUEST_REQUEST: MSG_REPORT_REQ, MSG_KEY_REQ, MSG_TSC_INFO_REQ
+``vlek``        SNP_VLEK_LOAD: a CSP's wrapped VLEK hashstick unwrapped and loaded
 ``cpuid``       the CPUID page check
 ``state``       the SNP platform and guest contexts (what SNP_GUEST_REQUEST reads)
 ==============  ===========================================================================
@@ -18,7 +19,7 @@ table to the firmware beside the legacy one (:mod:`sevemu.firmware.apis`).
 
 from __future__ import annotations
 
-from sevemu.firmware.snp import guest, guest_request, launch, platform  # noqa: F401 - registers
+from sevemu.firmware.snp import guest, guest_request, launch, platform, vlek  # noqa: F401 - registers
 from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.state import SnpGuest, SnpPlatform, snp_state
 

@@ -42,17 +42,22 @@ MEASUREMENT, HOST_DATA, the ID and author key digests (the author's only with AU
 REPORT_ID(_MA), CPUID family/model/stepping of the part, CHIP_ID (zero under MASK_CHIP_ID; Turin 8
 bytes), firmware versions (ABI major.minor and the part's build; committed = current: the model has
 no firmware update).  Signed (``sevemu.crypto.vcek``) by the VCEK of REPORTED_TCB; under MASK_CHIP_KEY
-not signed (SIGNING_KEY 7, signature zero).  KEY_SEL 0 (default) and 1 pick the VCEK, 2 (VLEK) is
-INVALID_PARAM: SNP_VLEK_LOAD is not implemented (AMD publishes no wrapped-key format).  A guest whose
-ID block disabled the VCEK gets INVALID_PARAM for a VCEK-signed report.
+not signed (SIGNING_KEY 7, signature zero).  KEY_SEL (AMD-ASPFW ``snp_mcmd_guest_request`` and its
+``KEY_SEL_*``): 0 the VLEK when one is loaded (SNP_VLEK_LOAD, :mod:`sevemu.firmware.snp.vlek`;
+SIGNING_KEY 1), else the VCEK; 1 the VCEK; 2 the VLEK.  MASK_CHIP_KEY masks the VCEK only: a VLEK
+still signs.  Answered INVALID_KEY: KEY_SEL 3, KEY_SEL 2 without a VLEK, KEY_SEL 1 for a guest whose
+ID block disabled the VCEK, KEY_SEL 0 for such a guest without a VLEK.
 
 **MSG_KEY_REQ** -> a 32-byte key (model KDF; AMD publishes none; ``docs/attestation.md``):
 
-* root: ROOT_KEY_SELECT bit 0 = 1: the guest's VMRK; 0: the chip -- with TCB_VERSION selected, the
-  48-byte private scalar of the VCEK of the requested TCB (so a key for an older TCB is derivable by
-  newer firmware and never the reverse, as the VCEK); without, HKDF-SHA-384(chip secret, salt
-  ``sevemu snp guest key root v1``, info ``chip``);
-* mix: a fixed 0x98-byte string -- ROOT_KEY_SELECT u32, GUEST_FIELD_SELECT u64, VMPL u32, then
+* root: ROOT_KEY_SELECT bit 0 = 1: the guest's VMRK; 0: the VLEK or the chip by KEY_SEL (bits 2:1,
+  as for reports; AMD-ASPFW ``snp_msg_key_req_t``) -- the VLEK: its 48-byte private scalar; the
+  chip: with TCB_VERSION selected, the 48-byte private scalar of the VCEK of the requested TCB (so a
+  key for an older TCB is derivable by newer firmware and never the reverse, as the VCEK); without,
+  HKDF-SHA-384(chip secret, salt ``sevemu snp guest key root v1``, info ``chip``).  A chip root
+  under MASK_CHIP_KEY and the KEY_SEL refusals of reports answer INVALID_KEY (AMD-ASPFW);
+* mix: a fixed 0x98-byte string -- ROOT_KEY_SELECT u32 (bit 0 only: KEY_SEL picks the root, it is not
+  mixed), GUEST_FIELD_SELECT u64, VMPL u32, then
   GUEST_SVN u32, TCB_VERSION u64, POLICY u64, IMAGE_ID 16, FAMILY_ID 16, MEASUREMENT 48,
   LAUNCH_MIT_VECTOR u64, each the value when its select bit is set and zeros when not;
 * key = HKDF-SHA-256(root, salt ``sevemu gmsg-keyreq v1``, info mix), 32 bytes.
@@ -110,7 +115,7 @@ from sevemu.firmware.core import ANY_STATE, Firmware
 from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.state import SnpGuest, SnpPlatform, snp_state
 
-__all__ = ["REPORT_VERSION", "derive_guest_key", "message_iv", "report_for", "seal_message"]
+__all__ = ["REPORT_VERSION", "chip_secret", "derive_guest_key", "message_iv", "report_for", "seal_message"]
 
 REPORT_VERSION: Final = {"milan": 3, "genoa": 3, "turin": 5}
 """ATTESTATION_REPORT version per generation (module docstring)."""
@@ -128,6 +133,10 @@ def message_iv(seqno: int) -> bytes:
 
 class _Answer(Exception):
     """Raised when a decrypted request is answered with a non-zero STATUS in its payload."""
+
+    def __init__(self, detail: str, status: Status = Status.INVALID_PARAM) -> None:
+        super().__init__(detail)
+        self.status = status
 
 
 def _refuse(status: Status, detail: str) -> FirmwareError:
@@ -198,21 +207,42 @@ def _chip_id(secret: bytes, generation: str) -> bytes:
     return vcek.snp_chip_id(secret, generation)
 
 
-def _chip_secret(fw: Firmware) -> bytes:
+def chip_secret(fw: Firmware) -> bytes:
+    """The part's fused chip secret (HWERROR_PLATFORM when the fuses hold none)."""
     secret = fw.identity.chip_secret
     if not secret:
         raise _refuse(Status.HWERROR_PLATFORM, "the part's fuses hold no chip secret")
     return secret
 
 
-def report_for(fw: Firmware, st: SnpPlatform, g: SnpGuest, report_data: bytes, vmpl: int) -> bytes:
-    """The signed ATTESTATION_REPORT of guest ``g`` (module docstring)."""
+def _signer(st: SnpPlatform, g: SnpGuest, key_sel: int) -> SigningKey:
+    """Which key signs a report asked for with ``key_sel`` (module docstring; AMD-ASPFW)."""
+    if key_sel > KeySel.VLEK:
+        raise _Answer(f"KEY_SEL {key_sel} is reserved", Status.INVALID_KEY)
+    vlek = st.vlek is not None
+    if key_sel == KeySel.VLEK and not vlek:
+        raise _Answer("KEY_SEL VLEK but no VLEK is loaded", Status.INVALID_KEY)
+    if g.vcek_disabled and (key_sel == KeySel.VCEK or (key_sel == KeySel.DEFAULT and not vlek)):
+        raise _Answer("the guest's ID block disables the VCEK and no VLEK is loaded", Status.INVALID_KEY)
+    if key_sel == KeySel.VLEK or (key_sel == KeySel.DEFAULT and vlek):
+        return SigningKey.VLEK
+    return SigningKey.NONE if st.mask_chip_key else SigningKey.VCEK
+
+
+def report_for(fw: Firmware, st: SnpPlatform, g: SnpGuest, report_data: bytes, vmpl: int,
+               signer: SigningKey = SigningKey.VCEK) -> bytes:
+    """The ATTESTATION_REPORT of guest ``g`` signed by ``signer`` (VCEK: none under MASK_CHIP_KEY;
+    VLEK: the loaded one) (module docstring)."""
     gen = fw.profile.name
     version = REPORT_VERSION.get(gen, 3)
     family, model, step = _fms(fw)
-    secret = _chip_secret(fw)
+    secret = chip_secret(fw)
     idb = g.id_block
-    masked_key = st.mask_chip_key
+    if signer == SigningKey.VCEK and st.mask_chip_key:
+        signer = SigningKey.NONE
+    vlek = st.vlek
+    if signer == SigningKey.VLEK and vlek is None:
+        raise _refuse(Status.INVALID_KEY, "no VLEK is loaded")
     info = _PLATFORM_INFO_BASE | (1 << 3 if st.rapl_dis else 0) | (1 << 4 if st.ciphertext_hiding else 0)
     major, minor = st.api
     mit = 0 if version >= 5 else None
@@ -221,8 +251,8 @@ def report_for(fw: Firmware, st: SnpPlatform, g: SnpGuest, report_data: bytes, v
         policy=SnpPolicy.decode(g.policy.to_bytes(8, "little")),
         family_id=idb.family_id if idb else bytes(16), image_id=idb.image_id if idb else bytes(16),
         vmpl=vmpl, signature_algo=1, current_tcb=st.current_tcb, platform_info=info,
-        signer_info=SignerInfo(author_key_en=g.author_key_en, mask_chip_key=masked_key,
-                               signing_key=int(SigningKey.NONE if masked_key else SigningKey.VCEK)),
+        signer_info=SignerInfo(author_key_en=g.author_key_en, mask_chip_key=st.mask_chip_key,
+                               signing_key=int(signer)),
         report_data=report_data, measurement=g.ld, host_data=g.host_data, id_key_digest=g.id_key_digest,
         author_key_digest=g.author_key_digest if g.author_key_en else bytes(48), report_id=g.report_id,
         report_id_ma=g.report_id_ma, reported_tcb=st.reported_tcb,
@@ -233,8 +263,10 @@ def report_for(fw: Firmware, st: SnpPlatform, g: SnpGuest, report_data: bytes, v
         current_major=major, committed_build=fw.profile.build, committed_minor=minor, committed_major=major,
         launch_tcb=g.launch_tcb, launch_mit_vector=mit, current_mit_vector=mit,
     ).encode()
-    if masked_key:
+    if signer == SigningKey.NONE:
         return body
+    if signer == SigningKey.VLEK and vlek is not None:
+        return vcek.sign_report(vlek, body)
     return vcek.sign_report(vcek.derive_vcek(secret, gen, st.reported_tcb), body)
 
 
@@ -244,11 +276,9 @@ def _report(fw: Firmware, st: SnpPlatform, g: SnpGuest, caller: int, plain: byte
     req = ReportReq.decode(plain)
     if not caller <= req.vmpl <= 3:
         raise _Answer(f"VMPL {req.vmpl} is not {caller}..3")
-    if req.key_sel not in (KeySel.DEFAULT, KeySel.VCEK):
-        raise _Answer("no VLEK is loaded" if req.key_sel == KeySel.VLEK else f"KEY_SEL {req.key_sel}")
-    if g.vcek_disabled:
-        raise _Answer("the guest's ID block disables VCEK-signed reports and no VLEK is loaded")
-    signed = report_for(fw, st, g, req.report_data, req.vmpl)
+    if req.key_sel >> 2:
+        raise _Answer(f"KEY_SEL word {req.key_sel:#x}: reserved bits set")
+    signed = report_for(fw, st, g, req.report_data, req.vmpl, _signer(st, g, req.key_sel))
     return ReportRsp(status=0, report_size=REPORT_SIZE, report=AttestationReport.decode(signed))
 
 
@@ -266,16 +296,19 @@ def derive_guest_key(fw: Firmware, g: SnpGuest, req: KeyReqMit) -> bytes:
     """The MSG_KEY_REQ key of ``req`` for guest ``g`` (the KDF of the module docstring)."""
     sel = req.guest_field_select
     rks = req.root_key_select
+    vlek = snp_state(fw).vlek
     if rks.vmrk:
         root = g.vmrk
+    elif vlek is not None and rks.key_sel in (KeySel.DEFAULT, KeySel.VLEK):
+        root = vlek.private_numbers().private_value.to_bytes(48, "big")
     elif sel.tcb_version:
-        scalar = vcek.derive_vcek(_chip_secret(fw), fw.profile.name, req.tcb_version).private_numbers()
+        scalar = vcek.derive_vcek(chip_secret(fw), fw.profile.name, req.tcb_version).private_numbers()
         root = scalar.private_value.to_bytes(48, "big")
     else:
-        root = HKDF(hashes.SHA384(), 48, _ROOT_SALT, b"chip").derive(_chip_secret(fw))
+        root = HKDF(hashes.SHA384(), 48, _ROOT_SALT, b"chip").derive(chip_secret(fw))
     idb = g.id_block
     mix = b"".join((
-        rks.encode(), sel.encode(), struct.pack("<I", req.vmpl),
+        struct.pack("<I", int(rks.vmrk)), sel.encode(), struct.pack("<I", req.vmpl),
         struct.pack("<I", req.guest_svn if sel.guest_svn else 0),
         struct.pack("<Q", req.tcb_version if sel.tcb_version else 0),
         struct.pack("<Q", g.policy if sel.policy else 0),
@@ -288,8 +321,8 @@ def derive_guest_key(fw: Firmware, g: SnpGuest, req: KeyReqMit) -> bytes:
 
 
 def _key(fw: Firmware, st: SnpPlatform, g: SnpGuest, caller: int, plain: bytes) -> Struct:
-    if any(plain[4:8]) or int.from_bytes(plain[0:4], "little") & ~0x1:
-        raise _Answer("ROOT_KEY_SELECT reserved or key-select bits set")
+    if any(plain[4:8]) or int.from_bytes(plain[0:4], "little") & ~0x7:
+        raise _Answer("ROOT_KEY_SELECT reserved bits set")
     if int.from_bytes(plain[8:16], "little") >> 7:
         raise _Answer("GUEST_FIELD_SELECT reserved bits set")
     if len(plain) == KeyReq.SIZE:
@@ -307,6 +340,10 @@ def _key(fw: Firmware, st: SnpPlatform, g: SnpGuest, caller: int, plain: bytes) 
         raise _Answer(f"GUEST_SVN {req.guest_svn} is above the guest's {svn}")
     if _tcb_above(fw.profile.name, req.tcb_version, st.committed_tcb):
         raise _Answer(f"TCB_VERSION {req.tcb_version:#x} is above the committed TCB {st.committed_tcb:#x}")
+    if not req.root_key_select.vmrk:
+        if st.mask_chip_key:  # AMD-ASPFW: the chip key is masked (the check precedes KEY_SEL's)
+            raise _Answer("MASK_CHIP_KEY: no key derives from the chip", Status.INVALID_KEY)
+        _signer(st, g, req.root_key_select.key_sel)
     return KeyRsp(status=0, derived_key=derive_guest_key(fw, g, req))
 
 
@@ -317,10 +354,10 @@ def _tsc(fw: Firmware, st: SnpPlatform, g: SnpGuest, caller: int, plain: bytes) 
 
 
 _Handler = Callable[[Firmware, SnpPlatform, SnpGuest, int, bytes], Struct]
-_HANDLERS: Final[dict[int, tuple[tuple[int, ...], _Handler, Struct]]] = {
-    MsgType.REPORT_REQ: ((ReportReq.SIZE,), _report, ReportRsp(status=int(Status.INVALID_PARAM), report_size=0)),
-    MsgType.KEY_REQ: ((KeyReq.SIZE, KeyReqMit.SIZE), _key, KeyRsp(status=int(Status.INVALID_PARAM))),
-    MsgType.TSC_INFO_REQ: ((0x80,), _tsc, TscInfoRsp(status=int(Status.INVALID_PARAM))),
+_HANDLERS: Final[dict[int, tuple[tuple[int, ...], _Handler, Callable[[int], Struct]]]] = {
+    MsgType.REPORT_REQ: ((ReportReq.SIZE,), _report, lambda status: ReportRsp(status=status, report_size=0)),
+    MsgType.KEY_REQ: ((KeyReq.SIZE, KeyReqMit.SIZE), _key, lambda status: KeyRsp(status=status)),
+    MsgType.TSC_INFO_REQ: ((0x80,), _tsc, lambda status: TscInfoRsp(status=status)),
 }
 
 
@@ -356,8 +393,8 @@ def snp_guest_request(fw: Firmware, cmd: SnpGuestRequestCmd) -> None:
                       f"(expected {' or '.join(hex(s) for s in sizes)})")
     try:
         answer = handler(fw, st, g, hdr.msg_vmpck, plain)
-    except _Answer:
-        answer = refusal
+    except _Answer as refused:
+        answer = refusal(int(refused.status))
     seq = hdr.msg_seqno + 1
     rsp_hdr = SnpGuestMsgHdr(msg_seqno=seq, msg_type=hdr.msg_type + 1, msg_version=hdr.msg_version,
                              msg_size=answer.SIZE, msg_vmpck=hdr.msg_vmpck)

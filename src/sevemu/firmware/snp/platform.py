@@ -165,6 +165,7 @@ def _shutdown(fw: Firmware, ex: SnpShutdownExCmd | None) -> None:
     if ex is not None and ex.flags.x86_snp_shutdown:
         st.port().shutdown()
     st.state = SnpPlatformState.UNINIT
+    st.vlek, st.vlek_sticks = None, b""  # AMD-ASPFW snp_mcmd_shutdown_common: "Wipe the VLEK"
 
 
 @SNP_API.bare(CommandId.SNP_SHUTDOWN, ANY_STATE)
@@ -186,7 +187,8 @@ def snp_platform_status(fw: Firmware, cmd: SnpAddrCmd) -> None:
         api_major=st.api[0], api_minor=st.api[1], state=int(st.state),
         init=SnpPlatformInit(is_rmp_initialized=bool(rmp and rmp.initialized)),
         build_id=p.build,
-        flags=SnpPlatformFlags(mask_chip_id=st.mask_chip_id, mask_chip_key=st.mask_chip_key, feature_info=True,
+        flags=SnpPlatformFlags(mask_chip_id=st.mask_chip_id, mask_chip_key=st.mask_chip_key,
+                               vlek_en=st.vlek is not None, feature_info=True,
                                rapl_dis=st.rapl_dis, ciphertext_hiding_cap=p.zen >= 5,
                                ciphertext_hiding_en=st.ciphertext_hiding),
         guest_count=st.guest_count, current_tcb=st.current_tcb, reported_tcb=st.reported_tcb,

@@ -19,7 +19,7 @@ What other parts read (the SNP_GUEST_REQUEST handler, attestation): :class:`SnpG
 keys of LAUNCH_FINISH), ``policy``, ``vmpck`` (the four VMPCKs the secrets page carries),
 ``report_id``, ``launch_tcb``, ``msg_count``, ``author_key_en``, ``vcek_disabled``; and
 :class:`SnpPlatform` ``current_tcb`` / ``reported_tcb`` / ``committed_tcb``, ``mask_chip_id`` /
-``mask_chip_key``.
+``mask_chip_key``, ``vlek`` (SNP_VLEK_LOAD's key, or None).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevemu.abi.rmp import RmpPageState
 from sevemu.abi.snp import IdBlock, SnpGuestState, SnpPlatformState, SnpPolicy, TcbVersion, TcbVersionTurin
@@ -103,6 +105,10 @@ class SnpPlatform:
     max_snp_asid: int = 0
     guest_count: int = 0
     """SNP_LAUNCH_STARTs since SNP_INIT that were not decommissioned (PLATFORM_STATUS guest_count)."""
+    vlek_sticks: bytes = b""
+    """The hashsticks SNP_VLEK_LOAD unwrapped (AMD-ASPFW ``perm.vlek``); empty: no VLEK loaded."""
+    vlek: ec.EllipticCurvePrivateKey | None = None
+    """The VLEK they give (AMD-ASPFW ``perm.vlek_key``); wiped by SNP_SHUTDOWN."""
 
     # ---- checks every command makes, in AMD-ASPFW's order ------------------------------------
     def need_init(self) -> None:

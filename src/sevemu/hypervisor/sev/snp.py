@@ -59,6 +59,7 @@ from sevemu.abi.snp import (
     SnpPageCmd,
     SnpPageType,
     SnpPlatformStatus,
+    SnpVlekLoadCmd,
 )
 from sevemu.abi.status import Status
 from sevemu.abi.vmsa import SevFeatures
@@ -145,6 +146,21 @@ def set_config(host: SevHost, reported_tcb: int, mask_chip_id: bool, mask_chip_k
     cfg = SnpConfigCmd(reported_tcb=reported_tcb, flags=SnpConfigFlags(mask_chip_id=mask_chip_id,
                                                                        mask_chip_key=mask_chip_key))
     host.issue(CommandId.SNP_CONFIG, cfg)
+
+
+def vlek_load(host: SevHost, wrapped: bytes) -> None:
+    """SNP_VLEK_LOAD of the wrapped hashstick ``wrapped`` (sev-dev.c ``sev_ioctl_do_snp_vlek_load``:
+    the blob in a kernel buffer -- a Hypervisor page the firmware reads): ``-EINVAL`` before SNP_INIT
+    (as SNP_SET_CONFIG here)."""
+    if not host.snp:
+        raise SevStateError(Errno.EINVAL, "SNP is not initialised")
+    page = host.tables.alloc()
+    try:
+        host.core.host_write(page, bytes(wrapped))
+        host.core.clflush_range(page, PAGE)
+        host.issue(CommandId.SNP_VLEK_LOAD, SnpVlekLoadCmd(vlek_wrapped_address=page))
+    finally:
+        host.tables.free(page)
 
 
 # ---- the RMP, as arch/x86/virt/svm/sev.c drives it ------------------------------------------------
