@@ -5,7 +5,8 @@ What QEMU's memory core does for a KVM guest's I/O exits (softmmu/memory.c
 decodes its first address (the one of highest priority where regions overlap, as ICH9's reset
 control register at 0xCF9 overlays the PCI configuration address register at 0xCF8,
 hw/isa/lpc_ich9.c); a device that implements fewer access sizes than the guest used gets the access
-split into bytes, each decoded on its own (``access_with_adjusted_size``); an access nothing decodes
+split into bytes, each decoded on its own, and one narrower than the device implements becomes the
+smallest implemented access around it (``access_with_adjusted_size``); an access nothing decodes
 reads all ones and writes are dropped (``unassigned_io_ops``).
 
 Both exit paths of the hypervisor end here: the plain IOIO and NPF exits
@@ -39,6 +40,17 @@ _SIZES = (1, 2, 4)
 def ones(size: int) -> int:
     """All ones in ``size`` bytes: what an undecoded read returns."""
     return (1 << (8 * size)) - 1
+
+
+def _widen(sizes: frozenset[int], off: int, size: int, limit: int | None = None) -> tuple[int, int] | None:
+    """(offset, size) of the smallest implemented access, aligned to its size, that covers
+    [off, off+size) inside the range (QEMU ``access_with_adjusted_size`` for a too-narrow access)."""
+    for w in sorted(sizes):
+        if w > size:
+            start = off & ~(w - 1)
+            if start + w >= off + size and (limit is None or start + w <= limit):
+                return start, w
+    return None
 
 
 class Device:
@@ -214,6 +226,11 @@ class DeviceBus:
             return ones(size)
         dev, off = hit
         if size not in dev.io_sizes:
+            wide = _widen(dev.io_sizes, off, size)
+            if wide is not None:  # a narrower access than the device implements: read around it
+                return (self.io_read(port - (off - wide[0]), wide[1]) >> (8 * (off - wide[0]))) & ones(size)
+            if size == 1:
+                return ones(1)
             return sum(self.io_read((port + i) & 0xFFFF, 1) << (8 * i) for i in range(size))
         dev.reads += 1
         self.clock.quiet_access() if dev.quiet else self.clock.access()
@@ -231,8 +248,12 @@ class DeviceBus:
             return
         dev, off = hit
         if size not in dev.io_sizes:
-            for i in range(size):
-                self.io_write((port + i) & 0xFFFF, 1, value >> (8 * i))
+            wide = _widen(dev.io_sizes, off, size)
+            if wide is not None:  # QEMU writes the wider access with the value shifted into place
+                self.io_write(port - (off - wide[0]), wide[1], value << (8 * (off - wide[0])))
+            elif size > 1:
+                for i in range(size):
+                    self.io_write((port + i) & 0xFFFF, 1, value >> (8 * i))
             return
         dev.writes += 1
         self.clock.quiet_access() if dev.quiet else self.clock.access()
@@ -267,6 +288,11 @@ class DeviceBus:
             return ones(size)
         dev = r.device
         if size not in dev.mmio_sizes or gpa + size > r.base + r.size:
+            wide = _widen(dev.mmio_sizes, gpa - r.base, size, r.size)
+            if wide is not None:
+                return (self.mmio_read(r.base + wide[0], wide[1]) >> (8 * (gpa - r.base - wide[0]))) & ones(size)
+            if size == 1:
+                return ones(1)
             return sum(self.mmio_read(gpa + i, 1) << (8 * i) for i in range(size))
         dev.reads += 1
         self.clock.quiet_access() if dev.quiet else self.clock.access()
@@ -284,8 +310,12 @@ class DeviceBus:
             return
         dev = r.device
         if size not in dev.mmio_sizes or gpa + size > r.base + r.size:
-            for i in range(size):
-                self.mmio_write(gpa + i, 1, value >> (8 * i))
+            wide = _widen(dev.mmio_sizes, gpa - r.base, size, r.size)
+            if wide is not None:
+                self.mmio_write(r.base + wide[0], wide[1], value << (8 * (gpa - r.base - wide[0])))
+            elif size > 1:
+                for i in range(size):
+                    self.mmio_write(gpa + i, 1, value >> (8 * i))
             return
         dev.writes += 1
         self.clock.quiet_access() if dev.quiet else self.clock.access()
