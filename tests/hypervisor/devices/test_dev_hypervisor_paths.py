@@ -125,7 +125,7 @@ def test_ghcb_mmio_reaches_the_lapic(m: Machine) -> None:
     pc = install_pc(vm.devices, ram=64 * MiB)
     _ghcb_call(m, vm, v, SwExitCode.MMIO_WRITE, LAPIC_BASE + 0xF0, 4, scratch=struct.pack("<I", 0x1FF))  # SVR
     _ghcb_call(m, vm, v, SwExitCode.MMIO_READ, LAPIC_BASE + 0x30, 4)  # version
-    assert struct.unpack("<I", vm.host_read(SCRATCH, 4))[0] == 0x0006_0014
+    assert struct.unpack("<I", vm.host_read(SCRATCH, 4))[0] == 0x0005_0014
     _ghcb_call(m, vm, v, SwExitCode.MMIO_READ, LAPIC_BASE + 0xF0, 4)
     assert struct.unpack("<I", vm.host_read(SCRATCH, 4))[0] == 0x1FF
     assert pc.lapic.reads == 2 and pc.lapic.writes == 1

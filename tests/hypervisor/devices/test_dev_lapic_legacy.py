@@ -23,7 +23,7 @@ def lapic_w(b: DeviceBus, reg: int, v: int) -> None:
 
 def test_reset_values() -> None:
     b = pc()
-    assert lapic_r(b, 0x20) == 0 and lapic_r(b, 0x30) == 0x0006_0014
+    assert lapic_r(b, 0x20) == 0 and lapic_r(b, 0x30) == 0x0005_0014
     assert lapic_r(b, 0xF0) == 0xFF and lapic_r(b, 0xE0) == 0xFFFF_FFFF
     assert all(lapic_r(b, r) == 0x10000 for r in (0x320, 0x350, 0x360, 0x370))
     assert lapic_r(b, 0x390) == 0

@@ -2,9 +2,10 @@
 
 Register offsets per the AMD64 Architecture Programmer's Manual vol. 2 (24593), section 16.3
 "Local APIC", table 16-2, and QEMU hw/intc/apic.c: ID 0x20 (APIC ID in bits 31:24), version 0x30
-(QEMU: 0x14 with 6 in bits 23:16, the LVT count minus one), TPR 0x80, PPR 0xA0, EOI 0xB0, LDR 0xD0,
+(0x14 with 5 in bits 23:16, the LVT count minus one: QEMU's ``APIC_LVT_NB`` and KVM's in-kernel APIC
+without CMCI both have 6 entries), TPR 0x80, PPR 0xA0, EOI 0xB0, LDR 0xD0,
 DFR 0xE0 (reset 0xFFFFFFFF), SVR 0xF0 (reset 0xFF), ISR/TMR/IRR 0x100..0x270 (always 0: nothing is
-ever delivered), ESR 0x280, ICR 0x300/0x310, the LVT entries 0x2F0 and 0x320..0x370 (reset: masked,
+ever delivered), ESR 0x280, ICR 0x300/0x310, the LVT entries 0x320..0x370 (reset: masked,
 0x10000), the timer's initial count 0x380, current count 0x390 and divide configuration 0x3E0.
 
 * The timer (APM2 16.4.1) counts down from the initial count at the APIC bus rate divided by the
@@ -35,10 +36,10 @@ LAPIC_SIZE: Final = 0x1000
 _BUS_HZ_NS: Final = 1  # KVM: one APIC bus cycle per nanosecond
 _MASKED: Final = 1 << 16
 _PERIODIC: Final = 1 << 17
-_LVTS: Final = (0x2F0, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370)
+_LVTS: Final = (0x320, 0x330, 0x340, 0x350, 0x360, 0x370)
 _WRITABLE: Final = {0x80: 0xFF, 0xD0: 0xFF000000, 0xE0: 0xF0000000, 0xF0: 0x13FF, 0x310: 0xFF000000,
                     0x3E0: 0x0B, 0x280: 0}
-_LVT_WMASK: Final = {0x2F0: 0x117FF, 0x320: 0x310FF, 0x330: 0x117FF, 0x340: 0x117FF, 0x350: 0x1B7FF,
+_LVT_WMASK: Final = {0x320: 0x310FF, 0x330: 0x117FF, 0x340: 0x117FF, 0x350: 0x1B7FF,
                      0x360: 0x1B7FF, 0x370: 0x110FF}
 
 
@@ -69,7 +70,7 @@ class Lapic(Device):
         self.reset()
 
     def reset(self) -> None:
-        self.regs = {0x20: self.apic_id << 24, 0x30: 0x0006_0014, 0xE0: 0xFFFF_FFFF, 0xF0: 0xFF,
+        self.regs = {0x20: self.apic_id << 24, 0x30: 0x0005_0014, 0xE0: 0xFFFF_FFFF, 0xF0: 0xFF,
                      0x380: 0, 0x3E0: 0, **{lvt: _MASKED for lvt in _LVTS}}
         self._load_ns = 0
         self._counted = 0
