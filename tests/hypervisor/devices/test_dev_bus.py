@@ -90,7 +90,7 @@ def test_map_checks() -> None:
     bus.add(d)
     with pytest.raises(InputError, match="already on the bus"):
         bus.add(Recorder("off-bus"))
-    with pytest.raises(InputError, match="outside the 64 KiB"):
+    with pytest.raises(InputError, match="outside the 0x10000-byte space"):
         bus.map_ports(d, 0xFFFF, 2)
     for bad in ((0x10, 3), (0x10000, 1), (-1, 1)):
         with pytest.raises(InputError):

@@ -125,3 +125,15 @@ def test_touched_lists_what_the_guest_used() -> None:
     lapic_w(b, 0xF0, 0x1FF)
     b.io_read(0x60, 1)
     assert b.touched() == {"cmos": 2, "lapic": 1, "unassigned": 1}
+
+
+def test_summary_for_the_timeline() -> None:
+    b = pc()
+    b.io_write(0x80, 1, 1)
+    b.io_read(0x60, 1)
+    b.io_read(0x60, 1)
+    b.io_write(0x92, 1, 1)
+    out = b.summary()
+    assert out["devices"] == {"post": {"reads": 0, "writes": 1}, "port92": {"reads": 0, "writes": 1}}
+    assert out["unassigned"] == {"0x60": 2} and out["requests"] == ["reset: port 0x92 <- 0x01"]
+    assert out["virtual_ns"] == 4 * b.clock.access_ns

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from sevemu.errors import InputError
 from sevemu.hypervisor.devices.clock import VirtualClock
 
-__all__ = ["Device", "DeviceBus", "MmioRegion", "ones"]
+__all__ = ["Device", "DeviceBus", "MmioRegion", "Region", "ones"]
 
 _PORTS = 0x10000
+_PHYS = 1 << 52
 _SIZES = (1, 2, 4)
 
 
@@ -97,8 +98,8 @@ class Device:
 
 
 @dataclass(frozen=True, slots=True)
-class MmioRegion:
-    """An MMIO range a device decodes."""
+class Region:
+    """A port or MMIO range a device decodes."""
 
     base: int
     size: int
@@ -106,12 +107,7 @@ class MmioRegion:
     priority: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _PortRange:
-    base: int
-    size: int
-    device: Device
-    priority: int
+MmioRegion = Region
 
 
 class DeviceBus:
@@ -120,9 +116,9 @@ class DeviceBus:
     def __init__(self, clock: VirtualClock | None = None) -> None:
         self.clock = clock if clock is not None else VirtualClock()
         self.devices: dict[str, Device] = {}
-        self._ranges: list[_PortRange] = []
+        self._ranges: list[Region] = []
         self._ports: dict[int, tuple[Device, int]] = {}  # port -> (device, offset in its range)
-        self._mmio: list[MmioRegion] = []
+        self._mmio: list[Region] = []
         self._mmio_bases: list[int] = []
         self.unassigned: Counter[int] = Counter()
         """Accesses no device decoded, by port (I/O) or by 4 KiB page (MMIO)."""
@@ -146,16 +142,22 @@ class DeviceBus:
     def map_ports(self, device: Device, base: int, size: int, priority: int = 0) -> None:
         """``device`` decodes ports [base, base+size) (offsets from 0); ranges of equal priority
         must not overlap."""
+        self._ranges.append(self._new_region("ports", self._ranges, _PORTS, device, base, size, priority))
+        self._rebuild_ports()
+
+    def _new_region(self, what: str, regions: list[Region], limit: int, device: Device, base: int, size: int,
+                    priority: int) -> Region:
+        """A region for ``device``, checked: the device is on this bus, the range inside ``limit`` and
+        overlapping no region of the same priority."""
         if self.devices.get(device.name) is not device:
             raise InputError(f"device {device.name!r} is not on this bus")
-        if size <= 0 or base < 0 or base + size > _PORTS:
-            raise InputError(f"port range {base:#x}+{size:#x} is outside the 64 KiB I/O space")
-        for r in self._ranges:
+        if size <= 0 or base < 0 or base + size > limit:
+            raise InputError(f"{what} {base:#x}+{size:#x} of {device.name} is outside the {limit:#x}-byte space")
+        for r in regions:
             if r.priority == priority and r.base < base + size and base < r.base + r.size:
-                raise InputError(f"ports {base:#x}+{size:#x} of {device.name} overlap {r.device.name}'s "
+                raise InputError(f"{what} {base:#x}+{size:#x} of {device.name} overlap {r.device.name}'s "
                                  f"{r.base:#x}+{r.size:#x}")
-        self._ranges.append(_PortRange(base, size, device, priority))
-        self._rebuild_ports()
+        return Region(base, size, device, priority)
 
     def unmap_ports(self, device: Device, base: int | None = None) -> None:
         """Stop decoding ``device``'s port ranges (only the one at ``base`` when given)."""
@@ -177,15 +179,7 @@ class DeviceBus:
 
     def map_mmio(self, device: Device, base: int, size: int, priority: int = 0) -> None:
         """``device`` decodes [base, base+size) of the guest-physical address space."""
-        if self.devices.get(device.name) is not device:
-            raise InputError(f"device {device.name!r} is not on this bus")
-        if size <= 0 or base < 0 or base + size > 1 << 52:
-            raise InputError(f"MMIO range {base:#x}+{size:#x} is outside the physical address space")
-        for r in self._mmio:
-            if r.priority == priority and r.base < base + size and base < r.base + r.size:
-                raise InputError(f"MMIO {base:#x}+{size:#x} of {device.name} overlaps {r.device.name}'s "
-                                 f"{r.base:#x}+{r.size:#x}")
-        self._mmio.append(MmioRegion(base, size, device, priority))
+        self._mmio.append(self._new_region("MMIO", self._mmio, _PHYS, device, base, size, priority))
         self._mmio_changed()
 
     def unmap_mmio(self, device: Device, base: int | None = None) -> None:
@@ -329,6 +323,17 @@ class DeviceBus:
         if self.unassigned:
             out["unassigned"] = sum(self.unassigned.values())
         return out
+
+    def summary(self, top: int = 8) -> dict[str, object]:
+        """What a run's ``--json`` reports: reads and writes per device that saw any, the ``top`` most
+        used undecoded ports/pages, platform requests and the virtual time."""
+        return {
+            "devices": {n: {"reads": d.reads, "writes": d.writes} for n, d in self.devices.items()
+                        if d.reads + d.writes},
+            "unassigned": {f"{k:#x}": v for k, v in self.unassigned.most_common(top)},
+            "requests": list(self.requests),
+            "virtual_ns": self.clock.ns,
+        }
 
     def reset(self) -> None:
         """Every device back to its power-on state (a platform reset); the map follows the devices."""
