@@ -458,11 +458,14 @@ class Hypervisor:
         vm.devices.io_write(port, size, value)
 
     def msr_read(self, vm: Vm, msr: int) -> int:
-        """An intercepted RDMSR: 0."""
-        return 0
+        """An intercepted RDMSR: a device's MSR (the LAPIC's IA32_APIC_BASE, :mod:`sevemu.hypervisor.
+        devices`), else 0."""
+        value = vm.devices.msr_read(msr)
+        return 0 if value is None else value
 
     def msr_write(self, vm: Vm, msr: int, value: int) -> None:
-        """An intercepted WRMSR: ignored."""
+        """An intercepted WRMSR: to a device's MSR, else ignored."""
+        vm.devices.msr_write(msr, value)
 
     def mmio_read(self, vm: Vm, gpa: int, size: int) -> bytes:
         """MMIO read from the VM's devices or one of its emulated pages (all ones elsewhere)."""

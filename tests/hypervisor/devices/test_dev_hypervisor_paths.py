@@ -129,3 +129,24 @@ def test_ghcb_mmio_reaches_the_lapic(m: Machine) -> None:
     _ghcb_call(m, vm, v, SwExitCode.MMIO_READ, LAPIC_BASE + 0xF0, 4)
     assert struct.unpack("<I", vm.host_read(SCRATCH, 4))[0] == 0x1FF
     assert pc.lapic.reads == 2 and pc.lapic.writes == 1
+
+
+def test_apic_base_msr_through_both_paths(m: Machine) -> None:
+    """RDMSR 0x1B: an MSR exit of a plain guest and a GHCB MSR event of an SEV-ES guest both reach the
+    LAPIC; with no PC installed the hypervisor answers 0 as before."""
+    got: list[int] = []
+
+    def work() -> Workload:
+        got.append((yield op.rdmsr(0x1B)))
+        yield op.hlt()
+
+    vm = m.hv.create_vm("plain-msr", 16 * MiB, VmKind.PLAIN)
+    install_pc(vm.devices, ram=64 * MiB)
+    m.hv.launch(vm, [])
+    vm.add_vcpu(PyEngine(work()))
+    assert m.hv.run(vm).reason == "hlt" and got == [0xFEE0_0900]
+    es, v = _es_vm(m, "es-msr")
+    assert m.hv.msr_read(es, 0x1B) == 0  # no LAPIC on the bus yet
+    install_pc(es.devices, ram=64 * MiB)
+    out = _ghcb_call(m, es, v, SwExitCode.MSR, 0, 0, rcx=0x1B)
+    assert (out["rdx"] << 32 | out["rax"]) == 0xFEE0_0900

@@ -3,7 +3,10 @@ write -- SVR, LVT timer, initial count, INIT-SIPI-SIPI, PIC masks -- and what th
 
 from __future__ import annotations
 
+import pytest
+
 from sevemu._util.units import MiB
+from sevemu.errors import InputError
 from sevemu.hypervisor.devices import LAPIC_BASE, DeviceBus, Ipi, install_pc
 
 
@@ -137,3 +140,16 @@ def test_summary_for_the_timeline() -> None:
     assert out["devices"] == {"post": {"reads": 0, "writes": 1}, "port92": {"reads": 0, "writes": 1}}
     assert out["unassigned"] == {"0x60": 2} and out["requests"] == ["reset: port 0x92 <- 0x01"]
     assert out["virtual_ns"] == 4 * b.clock.access_ns
+
+
+def test_apic_base_msr_says_bsp_and_moves_the_page() -> None:
+    b = pc()
+    assert b.msr_read(0x1B) == 0xFEE0_0900  # base, enable (bit 11), BSP (bit 8): what PeiMpLib checks
+    assert b.msr_read(0x1C) is None and not b.msr_write(0x1C, 1)  # MSRs no device owns: the hypervisor's
+    assert b.msr_write(0x1B, 0xFEF0_0800)  # move the page (the BSP bit is read-only)
+    assert b.msr_read(0x1B) == 0xFEF0_0900
+    assert not b.decodes(LAPIC_BASE) and b.mmio_read(0xFEF0_0030, 4) == 0x0005_0014
+    b.msr_write(0x1B, 0xFEF0_0000)  # disabled: no page at all
+    assert not b.decodes(0xFEF0_0000)
+    with pytest.raises(InputError):
+        b.map_msr(b.devices["lapic"], 0x1B)

@@ -86,6 +86,12 @@ class Device:
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         return None
 
+    def msr_read(self, msr: int) -> int:
+        return 0
+
+    def msr_write(self, msr: int, value: int) -> None:
+        return None
+
     def reset(self) -> None:
         """Back to the power-on state (the counters stay)."""
 
@@ -119,6 +125,7 @@ class DeviceBus:
         self._ranges: list[Region] = []
         self._ports: dict[int, tuple[Device, int]] = {}  # port -> (device, offset in its range)
         self._mmio: list[Region] = []
+        self._msrs: dict[int, Device] = {}
         self._mmio_bases: list[int] = []
         self.unassigned: Counter[int] = Counter()
         """Accesses no device decoded, by port (I/O) or by 4 KiB page (MMIO)."""
@@ -207,6 +214,32 @@ class DeviceBus:
             if r.base <= gpa < r.base + r.size and (best is None or r.priority > best.priority):
                 best = r
         return best
+
+    def map_msr(self, device: Device, msr: int) -> None:
+        """``device`` owns MSR ``msr`` (the LAPIC's IA32_APIC_BASE): the hypervisor's intercepted
+        RDMSR/WRMSR of it come here, as KVM handles it in its in-kernel LAPIC."""
+        if self.devices.get(device.name) is not device:
+            raise InputError(f"device {device.name!r} is not on this bus")
+        if not 0 <= msr <= 0xFFFFFFFF or msr in self._msrs:
+            raise InputError(f"MSR {msr:#x} is invalid or already owned")
+        self._msrs[msr] = device
+
+    def msr_read(self, msr: int) -> int | None:
+        """RDMSR of a device's MSR; None when no device owns ``msr`` (the hypervisor answers)."""
+        dev = self._msrs.get(msr)
+        if dev is None:
+            return None
+        dev.reads += 1
+        return dev.msr_read(msr) & (1 << 64) - 1
+
+    def msr_write(self, msr: int, value: int) -> bool:
+        """WRMSR of a device's MSR; False when no device owns ``msr``."""
+        dev = self._msrs.get(msr)
+        if dev is None:
+            return False
+        dev.writes += 1
+        dev.msr_write(msr, value & (1 << 64) - 1)
+        return True
 
     # ---- port I/O ---------------------------------------------------------------------------------
     def io_read(self, port: int, size: int) -> int:

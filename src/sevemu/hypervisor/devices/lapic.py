@@ -18,6 +18,12 @@ ever delivered), ESR 0x280, ICR 0x300/0x310, the LVT entries 0x320..0x370 (reset
   (:attr:`Lapic.ipis`: destination, vector, delivery mode -- INIT 5 and STARTUP 6 are how CpuMpPei
   wakes the APs, INIT-SIPI-SIPI); the delivery status always reads idle.  Starting APs is the VMM's
   business (it reads the record).
+* IA32_APIC_BASE (MSR 0x1B; APM2 16.3.1): base 0xFEE00000, bit 11 APIC enable, bit 8 BSP, as KVM
+  sets it at reset (``kvm_lapic_reset``).  OVMF needs the BSP bit: its PEI MpInitLib
+  (``GetCpuMpData``) takes a vCPU without it for an AP and reads its data pointer from below the IDT
+  -- a #GP on the temporary-RAM fill pattern 0x5AA55AA5... in a run without it.  A write moves or
+  disables the MMIO page; the x2APIC enable bit (10) is kept but x2APIC is not modelled.  The model
+  has one LAPIC, the BSP's: every vCPU sees it (per-vCPU APICs are not modelled).
 * Only 32-bit accesses to 16-byte-aligned registers are meaningful; other accesses read 0 and are
   dropped, as the APM says they are undefined.  x2APIC (MSR access) is not modelled here.
 """
@@ -29,10 +35,14 @@ from typing import Final
 
 from sevemu.hypervisor.devices.bus import Device
 
-__all__ = ["LAPIC_BASE", "Ipi", "Lapic"]
+__all__ = ["IA32_APIC_BASE", "LAPIC_BASE", "Ipi", "Lapic"]
 
 LAPIC_BASE: Final = 0xFEE0_0000
 LAPIC_SIZE: Final = 0x1000
+IA32_APIC_BASE: Final = 0x1B
+_APIC_BASE_BSP: Final = 1 << 8
+_APIC_BASE_EXTD: Final = 1 << 10
+_APIC_BASE_ENABLE: Final = 1 << 11
 _BUS_HZ_NS: Final = 1  # KVM: one APIC bus cycle per nanosecond
 _MASKED: Final = 1 << 16
 _PERIODIC: Final = 1 << 17
@@ -62,6 +72,8 @@ class Lapic(Device):
     def __init__(self, apic_id: int = 0, name: str = "lapic") -> None:
         super().__init__(name)
         self.apic_id = apic_id
+        self.apic_base = LAPIC_BASE | _APIC_BASE_ENABLE | (_APIC_BASE_BSP if apic_id == 0 else 0)
+        """IA32_APIC_BASE (module docstring)."""
         self.regs: dict[int, int] = {}
         self.ipis: list[Ipi] = []
         self.timer_expiries = 0
@@ -74,6 +86,19 @@ class Lapic(Device):
                      0x380: 0, 0x3E0: 0, **{lvt: _MASKED for lvt in _LVTS}}
         self._load_ns = 0
         self._counted = 0
+
+    def msr_read(self, msr: int) -> int:
+        return self.apic_base
+
+    def msr_write(self, msr: int, value: int) -> None:
+        new = (value & 0xF_FFFF_F000) | (value & (_APIC_BASE_ENABLE | _APIC_BASE_EXTD)) | (self.apic_base & _APIC_BASE_BSP)
+        if new == self.apic_base:
+            return
+        self.apic_base = new
+        if self.bus is not None:  # the page follows the base (and goes away while disabled)
+            self.bus.unmap_mmio(self)
+            if new & _APIC_BASE_ENABLE:
+                self.bus.map_mmio(self, new & ~0xFFF, LAPIC_SIZE)
 
     @property
     def divisor(self) -> int:
