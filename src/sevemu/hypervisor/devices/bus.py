@@ -35,7 +35,7 @@ __all__ = ["Device", "DeviceBus", "MmioRegion", "Region", "ones"]
 
 _PORTS = 0x10000
 _PHYS = 1 << 52
-_SIZES = (1, 2, 4)
+_IO_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF}
 
 
 def ones(size: int) -> int:
@@ -244,13 +244,15 @@ class DeviceBus:
     # ---- port I/O ---------------------------------------------------------------------------------
     def io_read(self, port: int, size: int) -> int:
         """IN of ``size`` bytes (1, 2, 4) at ``port``."""
-        if size not in _SIZES or not 0 <= port < _PORTS:
+        mask = _IO_MASK.get(size)
+        if mask is None or not 0 <= port < _PORTS:
             raise InputError(f"port read of {size} bytes at {port:#x}")
         hit = self._ports.get(port)
+        clock = self.clock
         if hit is None:
-            self.clock.access()
+            clock.access()
             self.unassigned[port] += 1
-            return ones(size)
+            return mask
         dev, off = hit
         if size not in dev.io_sizes:
             wide = _widen(dev.io_sizes, off, size)
@@ -260,17 +262,19 @@ class DeviceBus:
                 return ones(1)
             return sum(self.io_read((port + i) & 0xFFFF, 1) << (8 * i) for i in range(size))
         dev.reads += 1
-        self.clock.quiet_access() if dev.quiet else self.clock.access()
-        return dev.io_read(off, size) & ones(size)
+        clock.quiet_access() if dev.quiet else clock.access()
+        return dev.io_read(off, size) & mask
 
     def io_write(self, port: int, size: int, value: int) -> None:
         """OUT of the low ``size`` bytes (1, 2, 4) of ``value`` to ``port``."""
-        if size not in _SIZES or not 0 <= port < _PORTS:
+        mask = _IO_MASK.get(size)
+        if mask is None or not 0 <= port < _PORTS:
             raise InputError(f"port write of {size} bytes at {port:#x}")
-        value &= ones(size)
+        value &= mask
         hit = self._ports.get(port)
+        clock = self.clock
         if hit is None:
-            self.clock.access()
+            clock.access()
             self.unassigned[port] += 1
             return
         dev, off = hit
@@ -283,7 +287,7 @@ class DeviceBus:
                     self.io_write((port + i) & 0xFFFF, 1, value >> (8 * i))
             return
         dev.writes += 1
-        self.clock.quiet_access() if dev.quiet else self.clock.access()
+        clock.quiet_access() if dev.quiet else clock.access()
         dev.io_write(off, size, value)
 
     def ins(self, port: int, size: int, count: int) -> bytes:
