@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +48,7 @@ from sevemu.abi.status import Status
 from sevemu.amd.roots import AmdRoot
 from sevemu.certs.sev import SevCert
 from sevemu.crypto import ecc
-from sevemu.crypto.transport import PacketCrypto
+from sevemu.firmware.core import Firmware
 from sevemu.firmware.gctx import CLOSED_KEY
 from sevemu.firmware.sev.migrate import AMD_CERTS_LENGTHS, DATA_CONTEXT
 from sevemu.hw.profiles import CpuProfile, profile
@@ -693,14 +693,7 @@ def test_ring_batches_have_the_effects_of_one_command_at_a_time(monkeypatch: pyt
     including a refused command in the middle, a header length written back, a TRANS written over
     the next commands' buffers, a tampered MAC and a TRANS read from a page received before it."""
     worlds = []
-    batches: list[int] = []
-    many = PacketCrypto.ctr_many
-
-    def counting(self: PacketCrypto, ivs: list[bytes], datas: list[bytes]) -> list[bytes]:
-        batches.append(len(ivs))
-        return many(self, ivs, datas)
-
-    monkeypatch.setattr(PacketCrypto, "ctr_many", counting)
+    batches = _counting_batches(monkeypatch)
     for batched in (False, True):
         src, dst = machine("ring-src"), machine("ring-dst")
         ch = open_channel(src, dst)
@@ -736,3 +729,57 @@ def test_ring_batches_have_the_effects_of_one_command_at_a_time(monkeypatch: pyt
     assert s_status == [0, 0, Status.INVALID_LENGTH, 0, 0, 0, Status.INVALID_PARAM, Status.INVALID_PARAM]
     assert d_status == [0, Status.BAD_MEASUREMENT, 0, 0, 0, Status.BAD_MEASUREMENT]
     assert memory[:2 * PAGE] == IMAGE[:2 * PAGE] and memory[2 * PAGE : 4 * PAGE] == IMAGE[2 * PAGE :]
+
+
+def _counting_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many commands each call of the batch runners ran (the calls that ran any)."""
+    batches: list[int] = []
+    many = Firmware.handle_batch
+
+    def counting(self: Firmware, command_id: int, buffer_paddrs: Sequence[int]) -> int:
+        done = many(self, command_id, buffer_paddrs)
+        if done:
+            batches.append(done)
+        return done
+
+    monkeypatch.setattr(Firmware, "handle_batch", counting)
+    return batches
+
+
+@pytest.mark.parametrize("tamper", ["trans", "mac", "iv", "flags"])
+def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypatch: pytest.MonkeyPatch,
+                                                                     tamper: str) -> None:
+    """A doorbell of whole-page SEND_UPDATE_DATA commands runs all at once (the checks of every
+    command made together), and so do RECEIVE_UPDATE_DATA commands up to a packet the host altered:
+    that one is refused as one by one (BAD_MEASUREMENT, or UNSUPPORTED for the COMPRESSED flag), the
+    rest run -- the same statuses and bytes as a doorbell per command."""
+    batches = _counting_batches(monkeypatch)
+    worlds = []
+    for batched in (False, True):
+        src, dst = machine("whole-src"), machine("whole-dst")
+        ch = open_channel(src, dst)
+        sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)]
+        s_status = ring_run(src, sends, per_doorbell=not batched)
+        hdrs = bytearray(get(src, BATCH_HDRS, 64 * 8))
+        trans = bytearray(get(src, BATCH_TRANS, PAGE * 8))
+        at = {"trans": 5 * PAGE + 77, "mac": 64 * 5 + 0x14 + 3, "iv": 64 * 5 + 4,
+              "flags": 64 * 5}[tamper]
+        (trans if tamper == "trans" else hdrs)[at] ^= 1
+        put(dst, BATCH_HDRS, bytes(hdrs))
+        put(dst, BATCH_TRANS, bytes(trans))
+        recvs = [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i) for i in range(8)]
+        d_status = ring_run(dst, recvs, per_doorbell=not batched)
+        g = dst.firmware.guests[ch.dh]
+        worlds.append((s_status, get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8), d_status,
+                       dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True), src.firmware.log[-8:],
+                       dst.firmware.log[-8:]))
+        assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+    one, batch = worlds
+    assert one == batch
+    assert batches == [8, 5, 2]  # the sends; the receives before and after the altered one
+    s_status, _, d_status, memory, _, _ = one
+    refused = Status.UNSUPPORTED if tamper == "flags" else Status.BAD_MEASUREMENT
+    assert s_status == [0] * 8 and d_status == [0] * 5 + [refused, 0, 0]
+    for i in range(8):
+        page = memory[i * PAGE : (i + 1) * PAGE]
+        assert (page == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (i != 5)

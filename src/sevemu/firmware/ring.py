@@ -106,6 +106,11 @@ class RingBuffer:
         self._lo = min(self._pages)
         self._hi = max(self._pages) + PAGE
 
+    @property
+    def pages(self) -> tuple[int, ...]:
+        """SPAs of the queue and status pages (one page each)."""
+        return self._pages
+
     def overlaps(self, spa: int, length: int) -> bool:
         """Whether ``[spa, spa+length)`` touches a queue or status page."""
         end = spa + max(length, 1)
