@@ -388,9 +388,11 @@ class Firmware:
             except AddressError:
                 span = b""
         bufs: list[tuple[int, Struct]] = []
+        fenced = (self.tmr is not None and self.tmr.overlaps(lo, hi - lo)) or \
+            (self.ring is not None and self.ring.overlaps(lo, hi - lo))  # else no buffer touches them
         for spa in spas:
-            if (self.tmr is not None and self.tmr.overlaps(spa, size)) or \
-                    (self.ring is not None and self.ring.overlaps(spa, size)):
+            if fenced and ((self.tmr is not None and self.tmr.overlaps(spa, size)) or
+                           (self.ring is not None and self.ring.overlaps(spa, size))):
                 break
             try:
                 raw = span[spa - lo : spa - lo + size] if span else dma.read(spa, size)

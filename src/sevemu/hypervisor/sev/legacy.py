@@ -31,6 +31,7 @@ strips the bit either way.
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
@@ -62,7 +63,7 @@ from sevemu.abi.sev import (
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
-from sevemu.hypervisor.psp import RING_BATCH
+from sevemu.hypervisor.psp import RING_BATCH, RING_SLOT
 from sevemu.hypervisor.sev.common import PACKET, OutBlob, Packet, Reply, SevHost, contiguous_runs
 from sevemu.hypervisor.uapi import GHCB_VERSION_MAX, GHCB_VERSION_MIN
 from sevemu.hypervisor.vcpu import KvmVmType
@@ -78,6 +79,8 @@ HDR_SLOT = 64
 """Bytes a transport header occupies in a :class:`PageBatch` (the 0x34-byte header, zero-padded)."""
 PAGE_BATCH = 128
 """Pages per ring-buffer doorbell in migration (at most ``RING_BATCH``)."""
+_TRANSPORT_SLOT = struct.Struct(TRANSPORT_PACK.format + f"{RING_SLOT - TRANSPORT_PACK.size}x")
+"""A TransportCmd zero-padded to its ring-buffer slot."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,16 +475,19 @@ class LegacySev(SevHost):
         core = self.core
         handle = vm.handle
         spa_of = vm.spa_of
-        pack = TRANSPORT_PACK.pack
+        mapped = vm.npt.mappings.get
+        pack = _TRANSPORT_SLOT.pack
         todo = iter(gpas)
         with self.psp.ring() as ring, self.psp.bounce.stage() as st:
             hdr_base = st.alloc(batch * HDR_SLOT, PAGE)
             trans_base = st.alloc(batch * PAGE, PAGE)
             while chunk := list(itertools.islice(todo, batch)):
-                for i, gpa in enumerate(chunk):
-                    ring.submit(CommandId.SEND_UPDATE_DATA,
-                                pack(handle, hdr_base + i * HDR_SLOT, hdr_len, spa_of(gpa) | me_mask, PAGE,
-                                     trans_base + i * PAGE, PAGE))
+                spas = [mapped(gpa >> 12) if not gpa & PAGE_MASK else None for gpa in chunk]
+                slots = b"".join([pack(handle, hdr_base + i * HDR_SLOT, hdr_len,
+                                       (spa if spa is not None else spa_of(gpa)) | me_mask, PAGE,
+                                       trans_base + i * PAGE, PAGE)
+                                  for i, (gpa, spa) in enumerate(zip(chunk, spas, strict=True))])
+                ring.submit_many(CommandId.SEND_UPDATE_DATA, slots)
                 _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
                 n = len(chunk)
                 yield PageBatch(tuple(chunk), core.host_read_stream(hdr_base, n * HDR_SLOT),
@@ -529,17 +535,20 @@ class LegacySev(SevHost):
         if len(batch.hdrs) != n * HDR_SLOT or len(batch.transport) != n * PAGE or batch.hdr_len > HDR_SLOT:
             raise SevInputError(Errno.EINVAL, "page batch buffers do not match its page count")
         me_mask = self.caps.me_mask
-        pack = TRANSPORT_PACK.pack
-        spas = [self.guest_page(vm, gpa, PAGE) for gpa in batch.gpas]
+        pack = _TRANSPORT_SLOT.pack
+        gpas = list(batch.gpas)
+        if all(not gpa & PAGE_MASK and 0 <= gpa < vm.memory for gpa in gpas):
+            spas = vm.back_pages(gpas)  # (the same pages as guest_page() of each, mapped in runs)
+        else:
+            spas = [self.guest_page(vm, gpa, PAGE) for gpa in gpas]  # raises what KVM answers
         with self.psp.ring() as ring, self.psp.bounce.stage() as st:
             hdr_base = st.alloc(n * HDR_SLOT, PAGE)
             trans_base = st.alloc(n * PAGE, PAGE)
             self.core.host_write_stream(hdr_base, batch.hdrs)
             self.core.host_write_stream(trans_base, batch.transport)
-            for i, spa in enumerate(spas):
-                ring.submit(CommandId.RECEIVE_UPDATE_DATA,
-                            pack(vm.handle, hdr_base + i * HDR_SLOT, batch.hdr_len, spa | me_mask, PAGE,
-                                 trans_base + i * PAGE, PAGE))
+            ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, b"".join([
+                pack(vm.handle, hdr_base + i * HDR_SLOT, batch.hdr_len, spa | me_mask, PAGE, trans_base + i * PAGE, PAGE)
+                for i, spa in enumerate(spas)]))
             _check_batch(CommandId.RECEIVE_UPDATE_DATA, ring.run())
 
     def receive_finish(self, vm: Vm) -> None:
