@@ -45,9 +45,11 @@ from sevemu.abi.sev import (
 )
 from sevemu.abi.states import GuestState, PlatformState
 from sevemu.abi.status import Status
+from sevemu.abi.struct import field_span
 from sevemu.amd.roots import AmdRoot
 from sevemu.certs.sev import SevCert
 from sevemu.crypto import ecc
+from sevemu.errors import LayoutError
 from sevemu.firmware.core import Firmware
 from sevemu.firmware.gctx import CLOSED_KEY
 from sevemu.firmware.sev.migrate import AMD_CERTS_LENGTHS, DATA_CONTEXT
@@ -783,3 +785,33 @@ def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypat
     for i in range(8):
         page = memory[i * PAGE : (i + 1) * PAGE]
         assert (page == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (i != 5)
+
+
+def test_whole_page_batches_read_the_command_layout_as_decode_does() -> None:
+    """The batch runners read TransportCmd fields from the queued buffers' bytes (a numpy record):
+    the same values as TransportCmd.decode, and a buffer with a reserved byte set -- which does not
+    decode -- is seen as one (that batch then goes command by command)."""
+    import numpy as np
+
+    from sevemu.firmware.sev import migrate
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        cmd = TransportCmd(handle=int(rng.integers(1 << 32)), hdr_paddr=int(rng.integers(1 << 63)),
+                           hdr_len=int(rng.integers(1 << 32)), guest_paddr=int(rng.integers(1 << 63)),
+                           guest_len=int(rng.integers(1 << 32)), trans_paddr=int(rng.integers(1 << 63)),
+                           trans_len=int(rng.integers(1 << 32)))
+        rec = np.frombuffer(cmd.encode(), dtype=migrate._CMD_DTYPE)[0]
+        assert {name: int(rec[name]) for name in migrate._COLUMNS} == {
+            name: getattr(cmd, name) for name in migrate._COLUMNS}
+        assert all(not any(rec[gap].tobytes()) for gap in migrate._CMD_RESERVED)
+    reserved = [i for i in range(TransportCmd.SIZE)
+                if not any(lo <= i < lo + size for lo, size in (field_span(TransportCmd, f) for f in migrate._COLUMNS))]
+    assert reserved  # the layout has reserved bytes: each one set makes decode refuse the buffer
+    for i in reserved:
+        raw = bytearray(TransportCmd.SIZE)
+        raw[i] = 1
+        with pytest.raises(LayoutError):
+            TransportCmd.decode(bytes(raw))
+        rec = np.frombuffer(bytes(raw), dtype=migrate._CMD_DTYPE)
+        assert any(rec[gap].tobytes().count(0) != rec[gap].nbytes for gap in migrate._CMD_RESERVED)

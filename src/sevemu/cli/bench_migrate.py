@@ -71,12 +71,14 @@ from sevemu.cli.progress import Progress, progress_enabled
 from sevemu.crypto.memenc import MemoryCipher, TweakConstants
 from sevemu.crypto.transport import PacketCrypto
 from sevemu.errors import InputError
+from sevemu.firmware.sev.migrate import DATA_CONTEXT, DATA_PACKET_AAD
 from sevemu.guest.kernel import boot, print_
 from sevemu.hw.profiles import profile
 from sevemu.hw.pyengine import Op, PyEngine, op
 from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.hypervisor.migration import Channel, MigrationError, receive_vm, send_vm
 from sevemu.hypervisor.psp import RingSession
+from sevemu.hypervisor.sev.legacy import PAGE_BATCH
 from sevemu.hypervisor.vm import Vm, VmState
 from sevemu.scenario import build_machine, default_amd_root, manufacture
 
@@ -94,7 +96,7 @@ __all__ = [
 _RUN: Final = 64 * MiB
 _MARKS: Final = 256
 _RAW_CHUNK: Final = MiB
-_FLOOR_PAGES: Final = 2048
+_FLOOR_PAGES: Final = 4096
 _LOCALHOST: Final = "127.0.0.1"
 MIN_SIZE_MIB: Final = 8
 MEMORY_FACTOR: Final = 3
@@ -372,23 +374,30 @@ def _raw_tcp(port: int, nbytes: int, timeout: float) -> float:
 
 
 def crypto_floor(generation: str, pages: int = _FLOOR_PAGES) -> float:
-    """Seconds per page of the per-page cryptography a SEND_UPDATE_DATA needs, one core, page by
-    page (module docstring): memory decryption of the page, AES-128-CTR with its own IV, HMAC."""
+    """Seconds per page of the per-page cryptography a SEND_UPDATE_DATA needs, on one core (module
+    docstring): each page decrypted from memory with a memory key, given a fresh IV from the OS's
+    random source, encrypted with AES-128-CTR under TEK and MACed with HMAC-SHA256 under TIK over
+    its header terms and TRANS.  Done with the primitives and reused contexts the firmware uses
+    (:meth:`MemoryCipher.decrypt_bulk_into` over a doorbell's run of pages,
+    :meth:`PacketCrypto.seal_many`: OpenSSL, one IV and one MAC per page), 128 pages per run, and
+    nothing else: no memory model, no commands, no copies between buffers."""
     prof = profile(generation)
     cipher = MemoryCipher(prof.mem_mode, os.urandom(prof.mem_mode.key_size), TweakConstants.random_zen2())
     channel = PacketCrypto(os.urandom(16), os.urandom(16))
-    page = os.urandom(PAGE)
-    plain = bytearray(PAGE)
+    run = PAGE_BATCH
+    memory = os.urandom(run * PAGE)
+    plain = bytearray(run * PAGE)
+    aad = DATA_PACKET_AAD
+    runs = max(-(-pages // run), 1)
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        for i in range(pages):
-            spa = 0x1_0000_0000 + i * PAGE
-            cipher.decrypt_bulk_into(spa, page, plain)
-            iv = os.urandom(16)
-            trans = channel.ctr(iv, bytes(plain))
-            channel.mac(b"\x02\0\0\0\0" + iv + b"\0\x10\0\0\0\x10\0\0", trans)
-        best = min(best, (time.perf_counter() - t0) / pages)
+        for i in range(0, runs * run, run):
+            cipher.decrypt_bulk_into(0x1_0000_0000 + i * PAGE, memory, plain)
+            ivs = [os.urandom(16) for _ in range(run)]
+            channel.seal_many(b"".join(ivs), b"".join([aad.pack(DATA_CONTEXT, 0, iv, PAGE, PAGE) for iv in ivs]),
+                              plain, PAGE)
+        best = min(best, (time.perf_counter() - t0) / (runs * run))
     return best
 
 

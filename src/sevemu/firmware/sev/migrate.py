@@ -113,10 +113,8 @@ import bisect
 import hashlib
 import hmac
 import struct
-from collections.abc import Sequence
 from dataclasses import replace
 from itertools import pairwise
-from operator import attrgetter
 from typing import Final
 
 import numpy as np
@@ -137,7 +135,7 @@ from sevemu.abi.sev import (
 )
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
-from sevemu.abi.struct import Struct
+from sevemu.abi.struct import field_span
 from sevemu.certs.amd import MODULUS_SIZES
 from sevemu.certs.chain import PlatformChain, SevCertChain
 from sevemu.certs.errors import CertSignatureError, ChainError, UntrustedRootError
@@ -153,7 +151,7 @@ from sevemu.crypto.transport import (
 )
 from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError
 from sevemu.firmware.checks import check_range, host_region, need_active, read_host
-from sevemu.firmware.core import READY, Firmware, Reply
+from sevemu.firmware.core import READY, Firmware, QueuedBuffers, Reply
 from sevemu.firmware.gctx import CLOSED_KEY, GuestContext
 from sevemu.firmware.guestmem import evict_host_lines, read_guest, write_guest
 from sevemu.firmware.sev.api import SEV_API
@@ -164,6 +162,7 @@ from sevemu.firmware.sev.session import godh_public_key, open_channel
 __all__ = [
     "AMD_CERTS_LENGTHS",
     "DATA_CONTEXT",
+    "DATA_PACKET_AAD",
     "MAX_PACKET",
     "data_packet_mac",
     "open_data_packet",
@@ -174,7 +173,10 @@ MAX_PACKET: Final = PAGE
 """Largest ``guest_len`` of one SEND/RECEIVE_UPDATE_DATA (one page, KVM's contract)."""
 DATA_CONTEXT: Final = 0x02
 """Channel context byte of SEND/RECEIVE_UPDATE_DATA MACs (AF ``SEV_CHANNEL_CTX_DATA``)."""
-_AAD: Final = struct.Struct("<BI16sII")  # AF send_receive_update_aad without its 3 pad bytes
+DATA_PACKET_AAD: Final = struct.Struct("<BI16sII")
+"""The terms a data packet's MAC covers before TRANS: context byte, flags, IV, GUEST_LEN, TRANS_LEN (AF
+``send_receive_update_aad`` without its 3 pad bytes)."""
+_AAD: Final = DATA_PACKET_AAD
 
 
 def _amd_certs_lengths() -> frozenset[int]:
@@ -533,7 +535,7 @@ def _write_runs(fw: Firmware, pieces: list[tuple[int, bytes]]) -> None:
 
 
 @SEV_API.batch(CommandId.SEND_UPDATE_DATA)
-def send_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
+def send_update_batch(fw: Firmware, items: QueuedBuffers) -> int:
     """SEND_UPDATE_DATA of queued commands at once (ring-buffer mode): the prefix of commands on
     one guest that pass every check of :func:`_send_update` and whose buffers keep clear of the
     others' outputs (:func:`_batchable`) -- all of them at once when they are whole pages
@@ -547,7 +549,7 @@ def send_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
     g: GuestContext | None = None
     plan = _Spans()
     todo: list[tuple[int, int, int, int]] = []  # (guest SPA, length, hdr SPA, TRANS SPA)
-    for cspa, cmd in items:
+    for cspa, cmd in items.decoded():
         if not isinstance(cmd, TransportCmd) or cmd.hdr_len != HdrBuf.SIZE:
             break  # a length query or a header length to write back: one by one
         n = cmd.guest_len
@@ -578,12 +580,42 @@ def send_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
 
 
 # ---- whole-page batches: the checks of a ring-buffer batch on all its commands at once ----------
-# (columns of the commands' fields: handle, hdr_paddr, hdr_len, guest_paddr, guest_len, trans_paddr,
-# trans_len, then the SPAs of the command buffer, header, guest page and TRANS)
-_FIELDS: Final = attrgetter("handle", "hdr_paddr", "hdr_len", "guest_paddr", "guest_len", "trans_paddr",
-                            "trans_len")
+# Columns of the commands' fields (read from the buffers' bytes), then the SPAs of the command
+# buffer, header, guest page and TRANS.
 _HANDLE, _HDR_LEN, _GUEST_LEN, _TRANS_LEN, _CMD, _HDR, _GUEST, _TRANS = 0, 2, 4, 6, 7, 8, 9, 10
+_COLUMNS: Final = ("handle", "hdr_paddr", "hdr_len", "guest_paddr", "guest_len", "trans_paddr", "trans_len")
 _U64 = npt.NDArray[np.uint64]
+
+
+def _cmd_dtype() -> tuple[np.dtype[np.void], list[str]]:
+    """TransportCmd's fields as a numpy record (little-endian), and the names given to the bytes
+    between them -- reserved, which a decodable buffer has zero (:meth:`Struct.decode`)."""
+    names: list[str] = []
+    formats: list[str] = []
+    offsets: list[int] = []
+    pos = 0
+    gaps: list[str] = []
+    for name in sorted(_COLUMNS, key=lambda f: field_span(TransportCmd, f)[0]):
+        offset, size = field_span(TransportCmd, name)
+        if offset > pos:
+            gaps.append(f"reserved_{pos:x}")
+            names.append(gaps[-1])
+            formats.append(f"V{offset - pos}")
+            offsets.append(pos)
+        names.append(name)
+        formats.append({4: "<u4", 8: "<u8"}[size])
+        offsets.append(offset)
+        pos = offset + size
+    if pos < TransportCmd.SIZE:
+        gaps.append(f"reserved_{pos:x}")
+        names.append(gaps[-1])
+        formats.append(f"V{TransportCmd.SIZE - pos}")
+        offsets.append(pos)
+    dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": TransportCmd.SIZE})
+    return dtype, gaps
+
+
+_CMD_DTYPE, _CMD_RESERVED = _cmd_dtype()
 _AAD_DTYPE: Final = np.dtype([("context", "u1"), ("flags", "<u4"), ("iv", "V16"), ("guest_len", "<u4"),
                               ("trans_len", "<u4")])
 _HDR_DTYPE: Final = np.dtype([("flags", "<u4"), ("iv", "V16"), ("mac", "V32")])
@@ -594,33 +626,35 @@ def _snp_on(fw: Firmware) -> bool:
     return rmp is not None and rmp.rmp.enabled
 
 
-def _whole_pages(fw: Firmware, items: Sequence[tuple[int, Struct]], send: bool) -> tuple[GuestContext, list[_U64]] | None:
+def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestContext, list[_U64]] | None:
     """The guest and the field columns of a batch of SEND (``send``) or RECEIVE_UPDATE_DATA commands
-    that may all run at once: each names the same activated guest in the command's state, moves one
-    whole 4 KiB page at a page-aligned guest address (SEND: ``hdr_len`` exactly 0x34, ``trans_len``
-    at least a page; RECEIVE: ``trans_len`` a page, ``hdr_len`` at least 0x34) with every region
-    in DRAM, outside the TMR and the ring buffer's pages (SNP off), and no command's output overlaps
-    any command's output or input (the commands' buffers included) -- so each passes every check
-    of :func:`_send_update` / :func:`_receive_update` and running them together has the effects of
-    running them one by one (the MACs of a RECEIVE batch are checked after: :func:`_open_pages`).
-    None when any of that does not hold: the batch then goes command by command."""
+    that may all run at once: every buffer decodes, each names the same activated guest in the
+    command's state, moves one whole 4 KiB page at a page-aligned guest address (SEND: ``hdr_len``
+    exactly 0x34, ``trans_len`` at least a page; RECEIVE: ``trans_len`` a page, ``hdr_len`` at least
+    0x34) with every region in DRAM, outside the TMR and the ring buffer's pages (SNP off), and no
+    command's output overlaps any command's output or input (the commands' buffers included) -- so
+    each passes every check of :func:`_send_update` / :func:`_receive_update` and running them
+    together has the effects of running them one by one (the MACs of a RECEIVE batch are checked
+    after: :func:`_open_pages`).  None when any of that does not hold: the batch then goes command
+    by command."""
     n = len(items)
-    if n < 2 or _snp_on(fw) or not all(type(cmd) is TransportCmd for _, cmd in items):
+    if n < 2 or items.layout is not TransportCmd or _snp_on(fw):
         return None
-    first = items[0][1]
-    assert isinstance(first, TransportCmd)
-    g = fw.guests.get(first.handle)
+    rec = np.frombuffer(items.raw, dtype=_CMD_DTYPE)
+    if any(rec[gap].tobytes().count(0) != rec[gap].nbytes for gap in _CMD_RESERVED):
+        return None  # a buffer that does not decode (reserved bytes set)
+    g = fw.guests.get(int(rec["handle"][0]))
     if g is None or g.state not in (_SUPDATE if send else _RUPDATE) or not g.asid:
         return None
-    rows = np.array([(*_FIELDS(cmd), cspa) for cspa, cmd in items], dtype=np.uint64)
-    cols = [rows[:, i] for i in range(8)]
+    cols: list[_U64] = [rec[name].astype(np.uint64) for name in _COLUMNS]
+    cols.append(np.array(items.spas, dtype=np.uint64))
     strip = np.uint64(~fw.ports.dma.cbit_mask & 0xFFFF_FFFF_FFFF_FFFF)
     cols += [cols[1] & strip, cols[3] & strip, cols[5] & strip]
     hdr_len, guest_len, trans_len = cols[_HDR_LEN], cols[_GUEST_LEN], cols[_TRANS_LEN]
     page = np.uint64(PAGE)
     lengths_ok = (hdr_len == HdrBuf.SIZE).all() and (guest_len == page).all() and (trans_len >= page).all() \
         if send else (hdr_len >= HdrBuf.SIZE).all() and (guest_len == page).all() and (trans_len == page).all()
-    if not lengths_ok or (cols[_HANDLE] != first.handle).any() or (cols[_GUEST] % page).any():
+    if not lengths_ok or (cols[_HANDLE] != np.uint64(g.handle)).any() or (cols[_GUEST] % page).any():
         return None
     size = np.uint64(TransportCmd.SIZE)
     hdr = np.uint64(HdrBuf.SIZE)
@@ -804,7 +838,7 @@ def receive_update_data(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> Non
 
 
 @SEV_API.batch(CommandId.RECEIVE_UPDATE_DATA)
-def receive_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
+def receive_update_batch(fw: Firmware, items: QueuedBuffers) -> int:
     """RECEIVE_UPDATE_DATA of queued commands at once (ring-buffer mode): the prefix of commands on
     one guest that pass every check of :func:`_receive_update` -- the MAC included -- and whose
     inputs keep clear of the others' guest regions (:func:`_batchable`; for whole pages all
@@ -819,7 +853,7 @@ def receive_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> i
     g: GuestContext | None = None
     plan = _Spans()
     checked: list[tuple[int, int, int, int]] = []  # (guest SPA, length, hdr SPA, TRANS SPA)
-    for cspa, cmd in items:
+    for cspa, cmd in items.decoded():
         if not isinstance(cmd, TransportCmd):
             break
         n = cmd.trans_len
