@@ -815,3 +815,36 @@ def test_whole_page_batches_read_the_command_layout_as_decode_does() -> None:
             TransportCmd.decode(bytes(raw))
         rec = np.frombuffer(bytes(raw), dtype=migrate._CMD_DTYPE)
         assert any(rec[gap].tobytes().count(0) != rec[gap].nbytes for gap in migrate._CMD_RESERVED)
+
+
+def test_whole_page_batches_find_every_overlap() -> None:
+    """The batch runners' overlap test (outputs against outputs and inputs) against a plain pairwise
+    check, on random layouts: the usual ordered one, shuffled ones, ones with collisions."""
+    import numpy as np
+
+    from sevemu.firmware.sev import migrate
+
+    rng = np.random.default_rng(11)
+
+    def plain(outs: list[tuple[list[int], int]], ins: list[tuple[list[int], int]]) -> bool:
+        o = [(a, a + n) for starts, n in outs for a in starts]
+        i = [(a, a + n) for starts, n in ins for a in starts]
+        pairs = [(x, y) for k, x in enumerate(o) for y in o[k + 1 :]] + [(x, y) for x in o for y in i]
+        return all(x[1] <= y[0] or y[1] <= x[0] for x, y in pairs)
+
+    for trial in range(300):
+        n = int(rng.integers(2, 12))
+        fams = []
+        for length in (0x34, PAGE, PAGE, 0x40):
+            base = int(rng.integers(0, 64)) * 0x1000
+            step = length if trial % 3 else int(rng.integers(1, 3)) * 0x800
+            starts = [base + k * step for k in range(n)]
+            if trial % 4 == 1:
+                rng.shuffle(starts)
+            if trial % 5 == 2:
+                starts[int(rng.integers(n))] = starts[int(rng.integers(n))]
+            fams.append(([int(x) for x in starts], length))
+        outs, ins = fams[:2], fams[2:]
+        as_np = [(np.array(s, dtype=np.uint64), np.uint64(length)) for s, length in outs]
+        ins_np = [(np.array(s, dtype=np.uint64), np.uint64(length)) for s, length in ins]
+        assert migrate._disjoint(as_np, ins_np) is plain(outs, ins), (outs, ins)

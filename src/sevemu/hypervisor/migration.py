@@ -86,7 +86,7 @@ from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.hypervisor.psp import RING_BATCH
 from sevemu.hypervisor.sev.common import Packet
-from sevemu.hypervisor.sev.legacy import HDR_SLOT, PageBatch
+from sevemu.hypervisor.sev.legacy import HDR_SLOT, PageBatch, PageReceiver
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
 __all__ = [
@@ -571,17 +571,24 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
     sev = hv.sev
     pages = shared = 0
     seen: set[int] = set()
-    with hv.psp.bounce.stage() as st:
+    with hv.psp.bounce.stage() as st, contextlib.ExitStack() as session:
         packet = Packet(st, HdrBuf.SIZE, PAGE)
+        receiver: PageReceiver | None = None  # one ring-buffer session for a run of PAGES frames
         while True:
             msg = _next(chan)
             if isinstance(msg, Pages):
                 for gpa in msg.gpas:
                     _new_page(vm, gpa, seen)
+                if receiver is None:
+                    receiver = session.enter_context(sev.page_receiver(vm))
                 # each GPA backs a fresh page: zeroed and flushed by the allocator
-                sev.receive_page_batch(vm, PageBatch(msg.gpas, msg.hdrs, msg.transport, HdrBuf.SIZE))
+                receiver.receive(PageBatch(msg.gpas, msg.hdrs, msg.transport, HdrBuf.SIZE))
                 pages += len(msg.gpas)
-            elif isinstance(msg, (Page, SharedPage)):
+                continue
+            if receiver is not None:  # other commands go through the mailbox again
+                session.close()
+                receiver = None
+            if isinstance(msg, (Page, SharedPage)):
                 gpa = msg.gpa
                 _new_page(vm, gpa, seen)
                 if isinstance(msg, SharedPage):

@@ -320,13 +320,9 @@ class RingSession:
             self._tail = rb_head_index(head)
             mailbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(self._tail))
         raw = core.host_read_stream(self.status_spa, RB_QUEUE_ENTRIES * _STATUS.size)
-        out: list[int | None] = []
-        for i in range(n):
-            if i >= done:
-                out.append(None)
-                continue
-            out.append(_STATUS.unpack_from(raw, ((first + i) % RB_QUEUE_ENTRIES) * _STATUS.size)[0])
-        return out
+        statuses = [st for st, _ in _STATUS.iter_unpack(raw)]
+        out: list[int | None] = [statuses[(first + i) % RB_QUEUE_ENTRIES] for i in range(done)]
+        return out + [None] * (n - done)
 
     def close(self) -> None:
         """Leave ring-buffer mode (a mailbox-mode CMDRESP write, answered RING_BUFFER_EXIT)."""

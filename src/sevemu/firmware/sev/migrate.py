@@ -659,17 +659,17 @@ def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestC
     size = np.uint64(TransportCmd.SIZE)
     hdr = np.uint64(HdrBuf.SIZE)
     regions = [(cols[_CMD], size), (cols[_HDR], hdr), (cols[_GUEST], page), (cols[_TRANS], page)]
-    top = max(int(starts.max()) + int(length) for starts, length in regions)  # (Python ints: no wrap)
+    hulls = [(int(starts.min()), int(starts.max()) + int(length)) for starts, length in regions]  # (no wrap)
     try:
-        fw.ports.dma.check(0, top)
+        fw.ports.dma.check(0, max(end for _, end in hulls))
     except AddressError:
         return None
     fences = [] if fw.tmr is None else [(fw.tmr.base, fw.tmr.end)]
     if fw.ring is not None:
         fences += [(spa, spa + PAGE) for spa in fw.ring.pages]  # (the dispatcher checked the buffers)
     for lo, hi in fences:
-        for starts, length in regions:
-            if ((starts < np.uint64(hi)) & (np.uint64(lo) < starts + length)).any():
+        for (starts, length), (first, end) in zip(regions, hulls, strict=True):
+            if first < hi and lo < end and ((starts < np.uint64(hi)) & (np.uint64(lo) < starts + length)).any():
                 return None
     outs = regions[1::2] if send else regions[2:3]
     ins = regions[0:1] + (regions[2:3] if send else [regions[1], regions[3]])
@@ -680,6 +680,11 @@ def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestC
 
 def _disjoint(outs: list[tuple[_U64, np.uint64]], ins: list[tuple[_U64, np.uint64]]) -> bool:
     """Whether the output ranges (starts, length) overlap neither each other nor any input range."""
+    hulls = [(int(s.min()), int(s.max()) + int(length)) for s, length in outs]
+    spread = [(int(s.min()), int(s.max()) + int(length)) for s, length in ins]
+    if all((s[1:] >= s[:-1] + length).all() for s, length in outs) and \
+            all(b <= c or d <= a for i, (a, b) in enumerate(hulls) for c, d in hulls[i + 1 :] + spread):
+        return True  # (the usual layout: each output family in order, apart from the rest)
     starts = np.concatenate([s for s, _ in outs])
     ends = np.concatenate([s + length for s, length in outs])
     order = np.argsort(starts, kind="stable")
