@@ -440,7 +440,7 @@ class Firmware:
         except Exception:  # noqa: BLE001 - a firmware bug: never raise out of the mailbox
             self.internal_errors.append(traceback.format_exc())
             return 0
-        self.log.extend((entry.command.name, int(Status.SUCCESS)) for _ in range(done))
+        self.log.extend([(entry.command.name, int(Status.SUCCESS))] * done)
         return done
 
     def doorbell(self) -> None:

@@ -567,6 +567,17 @@ def _new_page(vm: Vm, gpa: int, seen: set[int]) -> None:
     seen.add(gpa)
 
 
+def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: set[int]) -> None:
+    """:func:`_new_page` of each GPA (all checked before any is recorded)."""
+    fresh = set(gpas)
+    if len(fresh) != len(gpas) or not seen.isdisjoint(fresh) or \
+            any(gpa % PAGE or not 0 <= gpa < vm.memory for gpa in gpas):
+        bad = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
+                   or gpa in seen or gpa in gpas[:i])
+        raise ProtocolError(f"page at GPA {bad:#x}: unaligned, outside the VM or repeated")
+    seen |= fresh
+
+
 def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
     sev = hv.sev
     pages = shared = 0
@@ -577,8 +588,7 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
         while True:
             msg = _next(chan)
             if isinstance(msg, Pages):
-                for gpa in msg.gpas:
-                    _new_page(vm, gpa, seen)
+                _new_pages(vm, msg.gpas, seen)
                 if receiver is None:
                     receiver = session.enter_context(sev.page_receiver(vm))
                 # each GPA backs a fresh page: zeroed and flushed by the allocator

@@ -12,6 +12,8 @@ its tables back, and changing a mapping costs one entry write plus a TLB flush o
 
 from __future__ import annotations
 
+import struct
+
 from sevemu._util.units import PAGE, PAGE_MASK, PAGE_SHIFT, is_aligned
 from sevemu.abi.paging import Pte
 from sevemu.errors import AddressError, AlignmentError, HardwareError
@@ -67,7 +69,7 @@ class NestedPageTable:
         """:meth:`map` of each (GPA, SPA) in order (writable), the entries of neighbouring GPAs in one
         page table written with one store (the same tables and entries)."""
         for gpa, spa in pairs:
-            if not (is_aligned(gpa, PAGE) and is_aligned(spa, PAGE)):
+            if (gpa | spa) & PAGE_MASK:
                 raise AlignmentError(f"NPT mappings are 4 KiB pages: GPA {gpa:#x}, SPA {spa:#x}")
             if not 0 <= gpa < self.gpa_limit:
                 raise AddressError(f"GPA {gpa:#x} is beyond the VM's {self.gpa_limit:#x} bytes")
@@ -80,10 +82,11 @@ class NestedPageTable:
                 j += 1  # the next GPA, in the same page table
             first = pairs[i][0]
             pt = self._table(1, first)
-            entries = b"".join([(spa | _LEAF | _RW).to_bytes(8, "little") for _, spa in pairs[i:j]])
-            self._core.host_write(pt + ((first >> PAGE_SHIFT) & 0x1FF) * 8, entries)
-            for gpa, spa in pairs[i:j]:
-                self.mappings[gpa >> PAGE_SHIFT] = spa
+            run = pairs[i:j]
+            flags = _LEAF | _RW
+            self._core.host_write(pt + ((first >> PAGE_SHIFT) & 0x1FF) * 8,
+                                  struct.pack(f"<{len(run)}Q", *[spa | flags for _, spa in run]))
+            self.mappings.update([(gpa >> PAGE_SHIFT, spa) for gpa, spa in run])
             i = j
 
     def unmap(self, gpa: int) -> int | None:

@@ -166,9 +166,10 @@ class Vm:
     def back_pages(self, gpas: list[int]) -> list[int]:
         """:meth:`back` of each page-aligned GPA, in order; their SPAs.  The new pages are mapped
         with :meth:`Npt.map_many` (the same pages and entries as one :meth:`back` after another)."""
-        for gpa in gpas:
-            if gpa % PAGE or not 0 <= gpa < self.memory:
-                raise AddressError(f"GPA {gpa:#x} is not a page of {self.name}'s {self.memory:#x} bytes")
+        memory = self.memory
+        if any(gpa & PAGE_MASK or not 0 <= gpa < memory for gpa in gpas):
+            bad = next(gpa for gpa in gpas if gpa & PAGE_MASK or not 0 <= gpa < memory)
+            raise AddressError(f"GPA {bad:#x} is not a page of {self.name}'s {memory:#x} bytes")
         mapped = self.npt.mappings
         fresh = [gpa for gpa in dict.fromkeys(gpas) if gpa >> 12 not in mapped]
         spas = [self._alloc.alloc() for _ in fresh]

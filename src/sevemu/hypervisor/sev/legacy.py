@@ -63,6 +63,7 @@ from sevemu.abi.sev import (
 )
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
+from sevemu.errors import AddressError
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
 from sevemu.hypervisor.psp import RING_BATCH, RING_SLOT, RingSession
 from sevemu.hypervisor.sev.common import PACKET, OutBlob, Packet, Reply, SevHost, contiguous_runs
@@ -124,9 +125,9 @@ class PageReceiver:
         me_mask = sev.caps.me_mask
         pack = _TRANSPORT_SLOT.pack
         gpas = list(batch.gpas)
-        if all(not gpa & PAGE_MASK and 0 <= gpa < vm.memory for gpa in gpas):
+        try:
             spas = vm.back_pages(gpas)  # (the same pages as guest_page() of each, mapped in runs)
-        else:
+        except AddressError:  # (it checks every GPA before it backs any)
             spas = [sev.guest_page(vm, gpa, PAGE) for gpa in gpas]  # raises what KVM answers
         hdr_base, trans_base = self._hdr_base, self._trans_base
         sev.core.host_write_stream(hdr_base, batch.hdrs)
