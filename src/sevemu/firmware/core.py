@@ -31,7 +31,8 @@ In ring-buffer mode (RING_BUFFER; :mod:`sevemu.firmware.ring`) the PSP device ca
 :meth:`Firmware.doorbell` for each CMDRESP write, and queued commands run through the same
 :meth:`Firmware.handle`; a run of one queued command goes to :meth:`Firmware.handle_batch` when the
 command registered a batch runner (:meth:`CommandTable.batch`): the same dispatcher checks per
-buffer, then the runner takes the longest prefix that succeeds, with the effects of one by one.
+buffer (its address; its decoding, by the runner: :class:`QueuedBuffers`), then the runner takes the
+longest prefix that succeeds, with the effects of one by one.
 
 Nothing raises out of :meth:`Firmware.handle`: an unexpected exception inside a handler is a
 firmware bug, answered with HWERROR_PLATFORM and recorded in :attr:`Firmware.internal_errors`
