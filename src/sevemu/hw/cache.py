@@ -46,7 +46,8 @@ _VISIT_MIN_LINES = 256  # from this many lines on, a range may visit its sets' l
 # Equivalent mutants (mutation testing of this module, tools/mutate.py): another _BULK_MIN_LINES,
 # removing the ``if not self.agents`` shortcut of _snoop or the ``if not clashes`` one of
 # _drop_overwritten, and ``<`` for ``<=`` in flush_range's choice of path change only how fast the
-# same lines reach DRAM, never which bytes.
+# same lines reach DRAM, never which bytes; so do another _VISIT_MIN_LINES and ``<=`` for ``<`` in
+# _resident_keys' choice between its two ways of finding the same keys.
 
 
 def tag_key(asid: int, c: bool, spa: int) -> int:
