@@ -848,3 +848,29 @@ def test_whole_page_batches_find_every_overlap() -> None:
         as_np = [(np.array(s, dtype=np.uint64), np.uint64(length)) for s, length in outs]
         ins_np = [(np.array(s, dtype=np.uint64), np.uint64(length)) for s, length in ins]
         assert migrate._disjoint(as_np, ins_np) is plain(outs, ins), (outs, ins)
+
+
+def test_whole_page_batches_seal_and_open_the_same_bytes_without_the_c_helper(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The firmware's packets through OpenSSL in the C helper and through the Python path (a build
+    without the helper): the same headers, TRANS and received memory, byte for byte."""
+    from sevemu.crypto import transport
+
+    worlds = []
+    for accel in (transport.ACCELERATED, False):
+        monkeypatch.setattr(transport, "ACCELERATED", accel)
+        src, dst = machine("whole-src"), machine("whole-dst")
+        ch = open_channel(src, dst)
+        assert src.firmware.guests[ch.sh].packets.accelerated is accel  # type: ignore[union-attr]
+        ring_run(src, [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)],
+                 per_doorbell=False)
+        out = get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8)
+        put(dst, BATCH_HDRS, out[: 64 * 8])
+        put(dst, BATCH_TRANS, out[64 * 8 :])
+        status = ring_run(dst, [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i)
+                                for i in range(8)], per_doorbell=False)
+        g = dst.firmware.guests[ch.dh]
+        worlds.append((out, status, dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True)))
+    assert worlds[0] == worlds[1]
+    assert worlds[0][1] == [0] * 8
+    assert worlds[0][2] == IMAGE * 2
