@@ -761,9 +761,8 @@ def _read_slots(fw: Firmware, spas: _U64, size: int) -> bytes:
 def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _U64) -> None:
     """The effects of SEND_UPDATE_DATA on each whole page (checked by :func:`_whole_pages`)."""
     n = len(guest)
-    plain = bytearray()
-    for _, spa, length in _page_runs(guest):
-        plain += read_guest(fw, g, spa, length)
+    runs = _page_runs(guest)
+    plain = b"".join([read_guest(fw, g, spa, length) for _, spa, length in runs])  # (one run: no copy)
     trng = fw.ports.trng
     ivs = b"".join([trng(IV_SIZE) for _ in range(n)])  # in command order
     sealed, macs = _channel(g).seal_many(ivs, _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE), plain, PAGE)
@@ -771,7 +770,7 @@ def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
     head["iv"] = np.frombuffer(ivs, dtype="V16")
     head["mac"] = np.frombuffer(macs, dtype="V32")
     for first, spa, length in _page_runs(trans):
-        fw.ports.dma.write(spa, bytes(sealed[first * PAGE : first * PAGE + length]))
+        fw.ports.dma.write(spa, sealed if length == len(sealed) else bytes(sealed[first * PAGE : first * PAGE + length]))
     _write_slots(fw, hdrs, head.tobytes(), HdrBuf.SIZE)
 
 
@@ -925,7 +924,7 @@ def _open_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
     view = memoryview(plain)
     for first, spa, length in _page_runs(guest[:good]):
         fw.ports.dma.evict(spa, length)
-        write_guest(fw, g, spa, bytes(view[first * PAGE : first * PAGE + length]))
+        write_guest(fw, g, spa, plain if length == len(plain) else bytes(view[first * PAGE : first * PAGE + length]))
     return good
 
 
