@@ -732,11 +732,11 @@ def _even(spas: _U64, size: int) -> int:
 
 def _write_slots(fw: Firmware, spas: _U64, data: bytes, size: int) -> None:
     """Write ``size`` bytes of ``data`` per command at each SPA: one write when the SPAs are evenly
-    spaced (the bytes between them read back first: the same memory as writing one by one), else
-    in runs (:func:`_write_runs`)."""
+    spaced less than a line apart (the bytes between them read back first: the same memory, and
+    the same host lines written back, as writing one by one), else in runs (:func:`_write_runs`)."""
     n = len(spas)
     stride = _even(spas, size)
-    if not stride:
+    if not stride or stride - size >= LINE:
         _write_runs(fw, [(int(spa), data[i * size : (i + 1) * size]) for i, spa in enumerate(spas)])
         return
     lo, span = int(spas[0]), stride * (n - 1) + size
