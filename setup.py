@@ -1,8 +1,10 @@
-"""Build hook for the optional C accelerator of the memory-encryption engine.
+"""Build hook for the optional C accelerators: the memory-encryption engine's and the transport
+packets' (the latter links OpenSSL's libcrypto).
 
-Everything else lives in pyproject.toml.  The extension is optional: without a C compiler (or
-Python headers) the build prints a warning, the install still succeeds, and
-``sevemu.crypto.memenc`` falls back to its numpy implementation (same bytes, slower).
+Everything else lives in pyproject.toml.  Both extensions are optional: without a C compiler (or
+Python headers, or OpenSSL's headers for the second) the build prints a warning, the install still
+succeeds, and ``sevemu.crypto.memenc`` / ``sevemu.crypto.transport`` fall back to their Python
+implementations (same bytes, slower).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +15,12 @@ setup(
             "sevemu.crypto._memenc_accel",
             sources=["csrc/memenc_accel.c"],
             optional=True,
-        )
+        ),
+        Extension(
+            "sevemu.crypto._transport_accel",
+            sources=["csrc/transport_accel.c"],
+            libraries=["crypto"],
+            optional=True,
+        ),
     ]
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 
 import pytest
 from hypothesis import given
@@ -261,3 +262,68 @@ def test_packet_tampering(what: str) -> None:
 def test_open_packet_rejects_malformed_header() -> None:
     with pytest.raises(LayoutError):
         tp.open_packet(KEYS, bytes(0x33), b"", guest_len=0, measure=MEASURE, **API_NEW)
+
+
+# -- runs of packets (PacketCrypto.seal_many / open_many: the C helper and the Python path) ----------
+RUN_PATHS = [
+    pytest.param(True, id="accel", marks=pytest.mark.skipif(not tp.ACCELERATED, reason="C helper not built")),
+    pytest.param(False, id="python"),
+]
+
+
+def _run(n: int, size: int, aad: int = 29) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    rng = random.Random(n * 7919 + size)
+    tek, tik = rng.randbytes(16), rng.randbytes(16)
+    return tek, tik, rng.randbytes(16 * n), rng.randbytes(aad * n), rng.randbytes(n * size)
+
+
+@pytest.mark.parametrize("accel", RUN_PATHS)
+@pytest.mark.parametrize("n,size", [(1, 16), (3, 4096), (5, 4000), (130, 4096)])
+def test_seal_many_is_each_packet_on_its_own(accel: bool, n: int, size: int) -> None:
+    """Packet i of a run: AES-128-CTR under TEK with its own IV, HMAC-SHA256 under TIK over its AAD
+    and TRANS -- the bytes of aes128_ctr and hmac_sha256 packet by packet."""
+    tek, tik, ivs, aads, data = _run(n, size)
+    pc = tp.PacketCrypto(tek, tik, accel=accel)
+    assert pc.accelerated is accel
+    trans, macs = pc.seal_many(ivs, aads, data, size)
+    for i in range(n):
+        t = tp.aes128_ctr(tek, ivs[16 * i : 16 * i + 16], data[i * size : (i + 1) * size])
+        assert trans[i * size : (i + 1) * size] == t
+        assert macs[32 * i : 32 * i + 32] == tp.hmac_sha256(tik, aads[29 * i : 29 * i + 29] + t)
+    good, plain = pc.open_many(ivs, aads, bytes(macs), trans, size)
+    assert good == n and plain == data
+
+
+@pytest.mark.parametrize("accel", RUN_PATHS)
+@pytest.mark.parametrize("what", ["trans", "mac", "aad"])
+def test_open_many_stops_at_the_first_packet_that_does_not_verify(accel: bool, what: str) -> None:
+    n, size, bad = 8, 4096, 5
+    tek, tik, ivs, aads, data = _run(n, size)
+    pc = tp.PacketCrypto(tek, tik, accel=accel)
+    trans, macs = pc.seal_many(ivs, aads, data, size)
+    bufs = {"trans": bytearray(trans), "mac": bytearray(macs), "aad": bytearray(aads)}
+    at = {"trans": bad * size + 100, "mac": bad * 32, "aad": bad * 29 + 3}[what]
+    bufs[what][at] ^= 1
+    good, plain = pc.open_many(ivs, bytes(bufs["aad"]), bytes(bufs["mac"]), bufs["trans"], size)
+    assert good == bad
+    assert plain[: bad * size] == data[: bad * size] and not any(plain[bad * size :])
+
+
+@pytest.mark.skipif(not tp.ACCELERATED, reason="C helper not built")
+def test_the_c_helper_and_the_python_path_make_the_same_bytes() -> None:
+    tek, tik, ivs, aads, data = _run(64, 4096, aad=40)
+    one = tp.PacketCrypto(tek, tik, accel=True).seal_many(ivs, aads, data, 4096)
+    two = tp.PacketCrypto(tek, tik, accel=False).seal_many(ivs, aads, data, 4096)
+    assert one == two
+
+
+def test_runs_of_packets_check_their_lengths() -> None:
+    pc = tp.PacketCrypto(bytes(16), bytes(16))
+    with pytest.raises(InputError):
+        pc.seal_many(bytes(32), bytes(58), bytes(4096 * 3), 4096)  # 2 IVs, 3 packets of data
+    with pytest.raises(InputError):
+        pc.seal_many(bytes(32), bytes(57), bytes(8192), 4096)  # AADs do not split in two
+    with pytest.raises(InputError):
+        pc.open_many(bytes(16), bytes(29), bytes(31), bytes(4096), 4096)  # a short MAC
+    with pytest.raises(InputError):
+        pc.seal_many(b"", b"", b"", 4096)

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +45,12 @@ from sevemu.abi.sev import (
 )
 from sevemu.abi.states import GuestState, PlatformState
 from sevemu.abi.status import Status
+from sevemu.abi.struct import field_span
 from sevemu.amd.roots import AmdRoot
 from sevemu.certs.sev import SevCert
 from sevemu.crypto import ecc
-from sevemu.crypto.transport import PacketCrypto
+from sevemu.errors import LayoutError
+from sevemu.firmware.core import Firmware
 from sevemu.firmware.gctx import CLOSED_KEY
 from sevemu.firmware.sev.migrate import AMD_CERTS_LENGTHS, DATA_CONTEXT
 from sevemu.hw.profiles import CpuProfile, profile
@@ -693,14 +695,7 @@ def test_ring_batches_have_the_effects_of_one_command_at_a_time(monkeypatch: pyt
     including a refused command in the middle, a header length written back, a TRANS written over
     the next commands' buffers, a tampered MAC and a TRANS read from a page received before it."""
     worlds = []
-    batches: list[int] = []
-    many = PacketCrypto.ctr_many
-
-    def counting(self: PacketCrypto, ivs: list[bytes], datas: list[bytes]) -> list[bytes]:
-        batches.append(len(ivs))
-        return many(self, ivs, datas)
-
-    monkeypatch.setattr(PacketCrypto, "ctr_many", counting)
+    batches = _counting_batches(monkeypatch)
     for batched in (False, True):
         src, dst = machine("ring-src"), machine("ring-dst")
         ch = open_channel(src, dst)
@@ -736,3 +731,146 @@ def test_ring_batches_have_the_effects_of_one_command_at_a_time(monkeypatch: pyt
     assert s_status == [0, 0, Status.INVALID_LENGTH, 0, 0, 0, Status.INVALID_PARAM, Status.INVALID_PARAM]
     assert d_status == [0, Status.BAD_MEASUREMENT, 0, 0, 0, Status.BAD_MEASUREMENT]
     assert memory[:2 * PAGE] == IMAGE[:2 * PAGE] and memory[2 * PAGE : 4 * PAGE] == IMAGE[2 * PAGE :]
+
+
+def _counting_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many commands each call of the batch runners ran (the calls that ran any)."""
+    batches: list[int] = []
+    many = Firmware.handle_batch
+
+    def counting(self: Firmware, command_id: int, buffer_paddrs: Sequence[int]) -> int:
+        done = many(self, command_id, buffer_paddrs)
+        if done:
+            batches.append(done)
+        return done
+
+    monkeypatch.setattr(Firmware, "handle_batch", counting)
+    return batches
+
+
+@pytest.mark.parametrize("tamper", ["trans", "mac", "iv", "flags"])
+def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypatch: pytest.MonkeyPatch,
+                                                                     tamper: str) -> None:
+    """A doorbell of whole-page SEND_UPDATE_DATA commands runs all at once (the checks of every
+    command made together), and so do RECEIVE_UPDATE_DATA commands up to a packet the host altered:
+    that one is refused as one by one (BAD_MEASUREMENT, or UNSUPPORTED for the COMPRESSED flag), the
+    rest run -- the same statuses and bytes as a doorbell per command."""
+    batches = _counting_batches(monkeypatch)
+    worlds = []
+    for batched in (False, True):
+        src, dst = machine("whole-src"), machine("whole-dst")
+        ch = open_channel(src, dst)
+        sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)]
+        s_status = ring_run(src, sends, per_doorbell=not batched)
+        hdrs = bytearray(get(src, BATCH_HDRS, 64 * 8))
+        trans = bytearray(get(src, BATCH_TRANS, PAGE * 8))
+        at = {"trans": 5 * PAGE + 77, "mac": 64 * 5 + 0x14 + 3, "iv": 64 * 5 + 4,
+              "flags": 64 * 5}[tamper]
+        (trans if tamper == "trans" else hdrs)[at] ^= 1
+        put(dst, BATCH_HDRS, bytes(hdrs))
+        put(dst, BATCH_TRANS, bytes(trans))
+        recvs = [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i) for i in range(8)]
+        d_status = ring_run(dst, recvs, per_doorbell=not batched)
+        g = dst.firmware.guests[ch.dh]
+        worlds.append((s_status, get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8), d_status,
+                       dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True), src.firmware.log[-8:],
+                       dst.firmware.log[-8:]))
+        assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+    one, batch = worlds
+    assert one == batch
+    assert batches == [8, 5, 2]  # the sends; the receives before and after the altered one
+    s_status, _, d_status, memory, _, _ = one
+    refused = Status.UNSUPPORTED if tamper == "flags" else Status.BAD_MEASUREMENT
+    assert s_status == [0] * 8 and d_status == [0] * 5 + [refused, 0, 0]
+    for i in range(8):
+        page = memory[i * PAGE : (i + 1) * PAGE]
+        assert (page == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (i != 5)
+
+
+def test_whole_page_batches_read_the_command_layout_as_decode_does() -> None:
+    """The batch runners read TransportCmd fields from the queued buffers' bytes (a numpy record):
+    the same values as TransportCmd.decode, and a buffer with a reserved byte set -- which does not
+    decode -- is seen as one (that batch then goes command by command)."""
+    import numpy as np
+
+    from sevemu.firmware.sev import migrate
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        cmd = TransportCmd(handle=int(rng.integers(1 << 32)), hdr_paddr=int(rng.integers(1 << 63)),
+                           hdr_len=int(rng.integers(1 << 32)), guest_paddr=int(rng.integers(1 << 63)),
+                           guest_len=int(rng.integers(1 << 32)), trans_paddr=int(rng.integers(1 << 63)),
+                           trans_len=int(rng.integers(1 << 32)))
+        rec = np.frombuffer(cmd.encode(), dtype=migrate._CMD_DTYPE)[0]
+        assert {name: int(rec[name]) for name in migrate._COLUMNS} == {
+            name: getattr(cmd, name) for name in migrate._COLUMNS}
+        assert all(not any(rec[gap].tobytes()) for gap in migrate._CMD_RESERVED)
+    reserved = [i for i in range(TransportCmd.SIZE)
+                if not any(lo <= i < lo + size for lo, size in (field_span(TransportCmd, f) for f in migrate._COLUMNS))]
+    assert reserved  # the layout has reserved bytes: each one set makes decode refuse the buffer
+    for i in reserved:
+        raw = bytearray(TransportCmd.SIZE)
+        raw[i] = 1
+        with pytest.raises(LayoutError):
+            TransportCmd.decode(bytes(raw))
+        rec = np.frombuffer(bytes(raw), dtype=migrate._CMD_DTYPE)
+        assert any(rec[gap].tobytes().count(0) != rec[gap].nbytes for gap in migrate._CMD_RESERVED)
+
+
+def test_whole_page_batches_find_every_overlap() -> None:
+    """The batch runners' overlap test (outputs against outputs and inputs) against a plain pairwise
+    check, on random layouts: the usual ordered one, shuffled ones, ones with collisions."""
+    import numpy as np
+
+    from sevemu.firmware.sev import migrate
+
+    rng = np.random.default_rng(11)
+
+    def plain(outs: list[tuple[list[int], int]], ins: list[tuple[list[int], int]]) -> bool:
+        o = [(a, a + n) for starts, n in outs for a in starts]
+        i = [(a, a + n) for starts, n in ins for a in starts]
+        pairs = [(x, y) for k, x in enumerate(o) for y in o[k + 1 :]] + [(x, y) for x in o for y in i]
+        return all(x[1] <= y[0] or y[1] <= x[0] for x, y in pairs)
+
+    for trial in range(300):
+        n = int(rng.integers(2, 12))
+        fams = []
+        for length in (0x34, PAGE, PAGE, 0x40):
+            base = int(rng.integers(0, 64)) * 0x1000
+            step = length if trial % 3 else int(rng.integers(1, 3)) * 0x800
+            starts = [base + k * step for k in range(n)]
+            if trial % 4 == 1:
+                rng.shuffle(starts)
+            if trial % 5 == 2:
+                starts[int(rng.integers(n))] = starts[int(rng.integers(n))]
+            fams.append(([int(x) for x in starts], length))
+        outs, ins = fams[:2], fams[2:]
+        as_np = [(np.array(s, dtype=np.uint64), np.uint64(length)) for s, length in outs]
+        ins_np = [(np.array(s, dtype=np.uint64), np.uint64(length)) for s, length in ins]
+        assert migrate._disjoint(as_np, ins_np) is plain(outs, ins), (outs, ins)
+
+
+def test_whole_page_batches_seal_and_open_the_same_bytes_without_the_c_helper(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The firmware's packets through OpenSSL in the C helper and through the Python path (a build
+    without the helper): the same headers, TRANS and received memory, byte for byte."""
+    from sevemu.crypto import transport
+
+    worlds = []
+    for accel in (transport.ACCELERATED, False):
+        monkeypatch.setattr(transport, "ACCELERATED", accel)
+        src, dst = machine("whole-src"), machine("whole-dst")
+        ch = open_channel(src, dst)
+        assert src.firmware.guests[ch.sh].packets.accelerated is accel  # type: ignore[union-attr]
+        ring_run(src, [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)],
+                 per_doorbell=False)
+        out = get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8)
+        put(dst, BATCH_HDRS, out[: 64 * 8])
+        put(dst, BATCH_TRANS, out[64 * 8 :])
+        status = ring_run(dst, [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i)
+                                for i in range(8)], per_doorbell=False)
+        g = dst.firmware.guests[ch.dh]
+        worlds.append((out, status, dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True)))
+    assert worlds[0] == worlds[1]
+    assert worlds[0][1] == [0] * 8
+    assert worlds[0][2] == IMAGE * 2

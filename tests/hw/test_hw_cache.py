@@ -525,3 +525,25 @@ def test_bulk_flush_range_small_and_large_against_one_clflush_per_line(mode: Enc
         _line_by_line_flush_range(ref, asid, c, start, lines * LINE)
         assert _state(bulk) == _state(ref)
     assert bulk.writebacks >= 40 and not any(k for k in bulk.dirty if k >> C_SHIFT == (asid << 1 | c))
+
+
+@pytest.mark.parametrize("fill", [0, 40, 3000])
+def test_resident_keys_are_the_lines_a_lookup_per_address_finds(fill: int) -> None:
+    """Cache.resident_keys (flush_range's choice of lines: one lookup per address, or a visit of
+    the lines in the range's sets when they hold fewer): the same keys as looking up every line,
+    in address order, whatever the occupancy, domain and range (wrapping the sets included)."""
+    cache, keys = _cache(size=256 << 10)
+    keys.load(5, bytes(16))
+    rng = random.Random(fill)
+    for _ in range(fill):
+        asid, c = rng.choice([(0, False), (5, True)])
+        cache.write(asid, c, rng.randrange(0, 2 << 20, LINE), _data(rng.randrange(256)))
+    for _ in range(60):
+        asid, c = rng.choice([(0, False), (5, True)])
+        spa = rng.randrange(0, 2 << 20)
+        length = rng.choice([1, 64, 4096, 256 * LINE, 64 << 10, 256 << 10]) - rng.randrange(2)
+        lo = spa & ~(LINE - 1)
+        k0 = tag_key(asid, c, lo)
+        want = [k0 + off for off in range(0, spa + length - lo, LINE)
+                if cache.sets[((k0 + off) >> 6) & cache.set_mask].get(k0 + off) is not None]
+        assert cache.resident_keys(asid, c, spa, length) == want

@@ -541,3 +541,26 @@ def test_vmrun_invalid_crashes_the_vm(machine: Machine) -> None:
     v.vmcb.np_enable = False  # SEV without nested paging
     r = hv.run(vm)
     assert r.exit.code == ExitCode.INVALID and vm.state is VmState.CRASHED
+
+
+def test_back_pages_backs_and_maps_as_back_does_page_by_page() -> None:
+    """Vm.back_pages (received migration batches): the same backing pages, the same nested
+    page-table entries in the same table pages, as Vm.back of each GPA in turn -- GPAs in runs,
+    across a 2 MiB page-table boundary, out of order, repeated and already backed; a GPA that is
+    not a page of the VM backs nothing."""
+    gpas = [0x1F_E000, 0x1F_F000, 0x20_0000, 0x20_1000, 0x5000, 0x3000, 0x5000, 0x30_0000]
+    worlds = []
+    for bulk in (False, True):
+        m = small_machine()
+        vm = m.hv.create_vm("b", 4 * MiB, VmKind.SEV)
+        vm.back(0x3000)
+        spas = vm.back_pages(gpas) if bulk else [vm.back(gpa) for gpa in gpas]
+        tables = sorted(vm.npt._tables.items())
+        worlds.append((spas, dict(vm.npt.mappings), tables,
+                       [m.hv.core.host_read(spa, 4096) for _, spa in tables], m.hv.pages.allocated))
+        before = dict(vm.npt.mappings)
+        for bad in ([0x1000, 0x2001], [0x1000, 4 * MiB]):
+            with pytest.raises(AddressError):
+                vm.back_pages(bad)
+            assert vm.npt.mappings == before
+    assert worlds[0] == worlds[1]

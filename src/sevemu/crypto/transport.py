@@ -37,7 +37,16 @@ one page at a time): one AES-ECB context under TEK, from which each packet's CTR
 (its counter blocks encrypted in one call: CTR mode by definition, NIST SP 800-38A 6.5), and one
 HMAC-SHA256 state under TIK, copied per packet -- the same bytes as :func:`aes128_ctr` and
 :func:`hmac_sha256`, without keying a cipher and an HMAC for every page.  Every MAC
-comparison is constant-time (:func:`hmac.compare_digest`).  The firmware's failure status codes
+comparison is constant-time (:func:`hmac.compare_digest`; ``CRYPTO_memcmp`` in C).
+
+Runs of equal-sized packets (:meth:`PacketCrypto.seal_many`, :meth:`PacketCrypto.open_many`: a
+ring-buffer batch of SEND/RECEIVE_UPDATE_DATA, each packet still with its own IV and MAC) go through
+the optional C helper ``sevemu.crypto._transport_accel`` (``csrc/transport_accel.c``) when it was
+built: OpenSSL's libcrypto does AES-128-CTR (one keyed context, a new IV per packet) and
+HMAC-SHA256 (one keyed context, re-initialised per packet) for the whole run in one call with the
+GIL released, because per packet the Python calls around the primitives cost as much as the
+primitives themselves (measured: ``docs/firmware.md``, migration performance).  Without it -- or
+with ``PacketCrypto(..., accel=False)`` -- the Python path makes the same bytes (tested equal).  The firmware's failure status codes
 for these checks are not published (a model choice); callers map the exceptions below.
 """
 
@@ -55,7 +64,16 @@ from sevemu.abi.sev import HdrBuf, SessionBuf
 from sevemu.crypto.kdf import kdf
 from sevemu.errors import InputError, KeySizeError, LayoutError, VerificationError
 
+try:
+    from sevemu.crypto import _transport_accel
+except ImportError:  # not built (no C compiler or no OpenSSL headers): the Python path
+    _transport_accel = None  # type: ignore[assignment]
+
+#: Whether the optional C helper for runs of packets (``csrc/transport_accel.c``) is loaded.
+ACCELERATED: bool = _transport_accel is not None
+
 __all__ = [
+    "ACCELERATED",
     "DIGEST_SIZE",
     "IV_SIZE",
     "KEK_LABEL",
@@ -206,14 +224,24 @@ class PacketCrypto:
     """AES-128-CTR under a TEK and HMAC-SHA256 under a TIK, keyed once for many packets (module
     docstring).  Holds key material: keep it where the keys live, and drop it with them."""
 
-    __slots__ = ("_ecb", "_mac", "tek", "tik")
+    __slots__ = ("_accel", "_ecb", "_mac", "tek", "tik")
 
-    def __init__(self, tek: bytes, tik: bytes) -> None:
+    def __init__(self, tek: bytes, tik: bytes, accel: bool | None = None) -> None:
+        """``accel``: runs of packets through the C helper (None: when it was built; True: require
+        it; False: the Python path)."""
         _key("TEK", tek)
         _key("TIK", tik)
+        if accel and not ACCELERATED:
+            raise InputError("the C helper sevemu.crypto._transport_accel was not built")
         self.tek, self.tik = bytes(tek), bytes(tik)
+        self._accel = ACCELERATED if accel is None else accel
         self._ecb = Cipher(algorithms.AES(self.tek), modes.ECB()).encryptor()
         self._mac = hmac.new(self.tik, digestmod=hashlib.sha256)
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether :meth:`seal_many` and :meth:`open_many` run in the C helper."""
+        return self._accel
 
     def keyed(self, tek: bytes, tik: bytes) -> bool:
         """Whether these are the contexts of ``tek`` and ``tik``."""
@@ -266,12 +294,71 @@ class PacketCrypto:
             pos += c << 4
         return out
 
-    def mac(self, *parts: bytes) -> bytes:
+    def mac(self, *parts: bytes | bytearray | memoryview) -> bytes:
         """HMAC-SHA256(TIK, the concatenation of ``parts``)."""
         h = self._mac.copy()
         for part in parts:
             h.update(part)
         return h.digest()
+
+    @staticmethod
+    def _run(ivs: bytes, aads: bytes, size: int, *buffers: tuple[str, bytes | bytearray | memoryview, int]) -> int:
+        """The packet count of a run (``ivs``: 16 bytes each); InputError unless ``aads`` splits
+        evenly and each named buffer holds its per-packet length."""
+        if size <= 0 or len(ivs) % IV_SIZE or not ivs:
+            raise InputError(f"a run of packets of {size} bytes with {len(ivs)} bytes of IVs")
+        n = len(ivs) // IV_SIZE
+        if len(aads) % n:
+            raise InputError(f"{len(aads)} bytes of AADs for {n} packets")
+        for name, buf, each in buffers:
+            if memoryview(buf).nbytes != n * each:
+                raise InputError(f"{name} holds {memoryview(buf).nbytes} bytes, {n} packets need {n * each}")
+        return n
+
+    def seal_many(self, ivs: bytes, aads: bytes, data: bytes | bytearray | memoryview,
+                  size: int) -> tuple[bytearray, bytearray]:
+        """(TRANS, MACs) of a run of packets of ``size`` bytes each: packet i is
+        ``TRANS_i = AES-128-CTR(TEK, iv_i)(data_i)`` and ``MAC_i = HMAC-SHA256(TIK, aad_i || TRANS_i)``
+        (``ivs`` 16 bytes and ``aads`` an equal share per packet; TRANS back to back, 32-byte MACs
+        back to back)."""
+        n = self._run(ivs, aads, size, ("data", data, size))
+        trans = bytearray(n * size)
+        macs = bytearray(n * MAC_SIZE)
+        if self._accel:
+            _transport_accel.seal(self.tek, self.tik, ivs, aads, data, trans, macs, size)
+            return trans, macs
+        view = memoryview(data).cast("B")
+        a = len(aads) // n
+        parts = self.ctr_many([ivs[i * IV_SIZE : (i + 1) * IV_SIZE] for i in range(n)],
+                              [bytes(view[i * size : (i + 1) * size]) for i in range(n)])
+        for i, part in enumerate(parts):
+            trans[i * size : (i + 1) * size] = part
+            macs[i * MAC_SIZE : (i + 1) * MAC_SIZE] = self.mac(aads[i * a : (i + 1) * a], part)
+        return trans, macs
+
+    def open_many(self, ivs: bytes, aads: bytes, macs: bytes, trans: bytes | bytearray | memoryview,
+                  size: int) -> tuple[int, bytearray]:
+        """Verify a run of packets in order (``MAC_i`` against HMAC-SHA256(TIK, aad_i || TRANS_i),
+        constant-time) and decrypt each that verifies: (how many verified before the first that did
+        not, their plaintexts back to back -- the rest of the buffer zero)."""
+        n = self._run(ivs, aads, size, ("MACs", macs, MAC_SIZE), ("TRANS", trans, size))
+        plain = bytearray(n * size)
+        if self._accel:
+            return _transport_accel.open(self.tek, self.tik, ivs, aads, macs, trans, plain, size), plain
+        view = memoryview(trans).cast("B")
+        a = len(aads) // n
+        good = 0
+        while good < n:
+            i = good
+            if not hmac.compare_digest(self.mac(aads[i * a : (i + 1) * a], view[i * size : (i + 1) * size]),
+                                       bytes(macs[i * MAC_SIZE : (i + 1) * MAC_SIZE])):
+                break
+            good += 1
+        if good:
+            parts = self.ctr_many([ivs[i * IV_SIZE : (i + 1) * IV_SIZE] for i in range(good)],
+                                  [bytes(view[i * size : (i + 1) * size]) for i in range(good)])
+            plain[: good * size] = b"".join(parts)
+        return good, plain
 
 
 def hmac_sha256(key: bytes, data: bytes) -> bytes:

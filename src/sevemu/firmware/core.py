@@ -31,7 +31,8 @@ In ring-buffer mode (RING_BUFFER; :mod:`sevemu.firmware.ring`) the PSP device ca
 :meth:`Firmware.doorbell` for each CMDRESP write, and queued commands run through the same
 :meth:`Firmware.handle`; a run of one queued command goes to :meth:`Firmware.handle_batch` when the
 command registered a batch runner (:meth:`CommandTable.batch`): the same dispatcher checks per
-buffer, then the runner takes the longest prefix that succeeds, with the effects of one by one.
+buffer (its address; its decoding, by the runner: :class:`QueuedBuffers`), then the runner takes the
+longest prefix that succeeds, with the effects of one by one.
 
 Nothing raises out of :meth:`Firmware.handle`: an unexpected exception inside a handler is a
 firmware bug, answered with HWERROR_PLATFORM and recorded in :attr:`Firmware.internal_errors`
@@ -73,6 +74,7 @@ __all__ = [
     "Entry",
     "Firmware",
     "GuestCommandBuffer",
+    "QueuedBuffers",
     "Reply",
 ]
 
@@ -97,11 +99,41 @@ class GuestCommandBuffer(Protocol):
 
 Run = Callable[["Firmware", "Struct | None"], "Struct | None"]
 """An entry's handler with the buffer type erased: the dispatcher's side of the seam."""
-BatchRun = Callable[["Firmware", "Sequence[tuple[int, Struct]]"], int]
-"""A command's batch runner (ring-buffer mode, :meth:`Firmware.handle_batch`): given (SPA, decoded
-buffer) of queued commands, runs the longest prefix whose commands all succeed, with the same
-effects as running them one by one, and returns its length (0 lets the dispatcher run the first
-command on its own)."""
+class QueuedBuffers:
+    """The command buffers of a queued run of one command, as its batch runner gets them: their SPAs
+    (each buffer in DRAM and clear of the TMR and the ring buffer's pages), their bytes back to back
+    (:attr:`raw`, ``layout.SIZE`` each), and the prefix that decodes (:meth:`decoded`, on first use)."""
+
+    __slots__ = ("_decoded", "layout", "raw", "spas")
+
+    def __init__(self, layout: type[Struct], spas: list[int], raw: bytes) -> None:
+        self.layout = layout
+        self.spas = spas
+        self.raw = raw
+        self._decoded: list[tuple[int, Struct]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.spas)
+
+    def decoded(self) -> list[tuple[int, Struct]]:
+        """(SPA, decoded buffer) of each command up to the first whose buffer does not decode."""
+        if self._decoded is None:
+            size = self.layout.SIZE
+            out: list[tuple[int, Struct]] = []
+            for i, spa in enumerate(self.spas):
+                try:
+                    out.append((spa, self.layout.decode(self.raw[i * size : (i + 1) * size])))
+                except LayoutError:
+                    break
+            self._decoded = out
+        return self._decoded
+
+
+BatchRun = Callable[["Firmware", QueuedBuffers], int]
+"""A command's batch runner (ring-buffer mode, :meth:`Firmware.handle_batch`): given the buffers of
+queued commands, runs the longest prefix whose commands all succeed -- none past the first buffer
+that does not decode --, with the same effects as running them one by one, and returns its length
+(0 lets the dispatcher run the first command on its own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +310,9 @@ class CommandLog(Sequence[tuple[str, int]]):
     def append(self, entry: tuple[str, int]) -> None:
         self._ring.append(entry)
 
+    def extend(self, entries: Iterable[tuple[str, int]]) -> None:
+        self._ring.extend(entries)
+
     @overload
     def __getitem__(self, index: int) -> tuple[str, int]: ...
 
@@ -379,34 +414,34 @@ class Firmware:
             return 0
         dma = self.ports.dma
         size = entry.buffer.SIZE
-        spas = [dma.strip(paddr)[0] for paddr in buffer_paddrs]
+        keep = ~dma.cbit_mask
+        spas = [paddr & keep for paddr in buffer_paddrs]  # (dma.strip of each)
         lo, hi = min(spas), max(spas) + size
         span = b""
-        if hi - lo <= 2 * size * len(spas):  # buffers packed together: one read for all of them
+        if hi - lo <= 4 * size * len(spas):  # buffers packed together: one read for all of them
             try:
                 span = dma.read(lo, hi - lo)
             except AddressError:
                 span = b""
-        bufs: list[tuple[int, Struct]] = []
+        fenced = (self.tmr is not None and self.tmr.overlaps(lo, hi - lo)) or \
+            (self.ring is not None and self.ring.overlaps(lo, hi - lo))  # else no buffer touches them
+        raws: list[bytes] = []
         for spa in spas:
-            if (self.tmr is not None and self.tmr.overlaps(spa, size)) or \
-                    (self.ring is not None and self.ring.overlaps(spa, size)):
+            if fenced and ((self.tmr is not None and self.tmr.overlaps(spa, size)) or
+                           (self.ring is not None and self.ring.overlaps(spa, size))):
                 break
             try:
-                raw = span[spa - lo : spa - lo + size] if span else dma.read(spa, size)
-                bufs.append((spa, entry.buffer.decode(raw)))
-            except (AddressError, LayoutError):
+                raws.append(span[spa - lo : spa - lo + size] if span else dma.read(spa, size))
+            except AddressError:
                 break
-        if not bufs:
+        if not raws:
             return 0
         try:
-            done = entry.batch(self, bufs)
+            done = entry.batch(self, QueuedBuffers(entry.buffer, spas[: len(raws)], b"".join(raws)))
         except Exception:  # noqa: BLE001 - a firmware bug: never raise out of the mailbox
             self.internal_errors.append(traceback.format_exc())
             return 0
-        name = entry.command.name
-        for _ in range(done):
-            self.log.append((name, int(Status.SUCCESS)))
+        self.log.extend([(entry.command.name, int(Status.SUCCESS))] * done)
         return done
 
     def doorbell(self) -> None:

@@ -106,6 +106,11 @@ class RingBuffer:
         self._lo = min(self._pages)
         self._hi = max(self._pages) + PAGE
 
+    @property
+    def pages(self) -> tuple[int, ...]:
+        """SPAs of the queue and status pages (one page each)."""
+        return self._pages
+
     def overlaps(self, spa: int, length: int) -> bool:
         """Whether ``[spa, spa+length)`` touches a queue or status page."""
         end = spa + max(length, 1)
@@ -189,7 +194,9 @@ class RingBuffer:
     def _post(self, fw: Firmware, q: RingQueue, index: int, statuses: list[int], flags: int) -> bool:
         """Write the status entries of the commands from ``index`` on (they do not wrap: a batch
         ends at the page's end), advance the head; whether an interrupt was earned."""
-        fw.ports.dma.write(q.status_spa + index * _STATUS.size, b"".join(_STATUS.pack(st, 0) for st in statuses))
+        entries = bytes(_STATUS.size * len(statuses)) if not any(statuses) else \
+            b"".join([_STATUS.pack(st, 0) for st in statuses])  # (all SUCCESS: zero entries)
+        fw.ports.dma.write(q.status_spa + index * _STATUS.size, entries)
         self.head = (self.head & ~(0xFF << q.shift)) | (((index + len(statuses)) % RB_QUEUE_ENTRIES) << q.shift)
         raised = False
         if statuses[-1] and not flags & _CONT_ON_ERROR:  # (SUCCESS is 0; only the last may fail)

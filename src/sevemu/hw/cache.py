@@ -42,10 +42,12 @@ ASID_SHIFT = 53
 SPA_MASK = (1 << C_SHIFT) - 1
 _LINE_MASK = ~(LINE - 1)
 _BULK_MIN_LINES = 16  # shorter runs of dirty lines are written back one by one (the bulk call costs more)
+_VISIT_MIN_LINES = 256  # from this many lines on, a range may visit its sets' lines instead of every address
 # Equivalent mutants (mutation testing of this module, tools/mutate.py): another _BULK_MIN_LINES,
 # removing the ``if not self.agents`` shortcut of _snoop or the ``if not clashes`` one of
 # _drop_overwritten, and ``<`` for ``<=`` in flush_range's choice of path change only how fast the
-# same lines reach DRAM, never which bytes.
+# same lines reach DRAM, never which bytes; so do another _VISIT_MIN_LINES and ``<=`` for ``<`` in
+# _resident_keys' choice between its two ways of finding the same keys.
 
 
 def tag_key(asid: int, c: bool, spa: int) -> int:
@@ -323,10 +325,9 @@ class Cache:
         klo = tag_key(asid, c, lo)
         khi = klo + (hi - lo)
         gone: dict[int, bytearray] = {}
-        if hi - lo <= self.size:  # no more lines than the cache holds: visit every address
+        if hi - lo <= self.size:  # no more lines than the cache holds: look up the range's lines
             sets, mask = self.sets, self.set_mask
-            present = [key for key in range(klo, khi, LINE) if key in sets[(key >> 6) & mask]]
-            gone = {key: sets[(key >> 6) & mask].pop(key) for key in present}
+            gone = {key: sets[(key >> 6) & mask].pop(key) for key in self._resident_keys(klo, khi)}
         else:  # visit the resident lines, a whole set at once where all of it is in the range
             for s in self.sets:
                 if not s:
@@ -348,6 +349,33 @@ class Cache:
             order = np.fromiter(dirty, dtype=np.uint64, count=len(dirty))
             order.sort()
             self._write_runs(order.tolist(), gone, order)
+
+    def resident_keys(self, asid: int, c: bool, spa: int, length: int) -> list[int]:
+        """Keys of the lines of ``[spa, spa+length)`` resident in domain (asid, c), in address order
+        (the range at most :attr:`size` bytes)."""
+        lo = spa & _LINE_MASK
+        klo = tag_key(asid, c, lo)
+        return self._resident_keys(klo, klo + max(spa + length - lo, 0))
+
+    def _resident_keys(self, klo: int, khi: int) -> list[int]:
+        """:meth:`resident_keys` of the key range ``[klo, khi)``: one lookup per address, or -- for a
+        long range whose sets hold fewer lines than it has addresses (a DMA buffer, a page run in a
+        mostly empty cache) -- a visit of the lines those sets hold.  The same keys either way."""
+        sets, mask = self.sets, self.set_mask
+        lines = (khi - klo) >> 6
+        if lines >= _VISIT_MIN_LINES:
+            first = (klo >> 6) & mask
+            nsets = len(sets)
+            if lines >= nsets:
+                mapped = sets
+            elif first + lines <= nsets:
+                mapped = sets[first : first + lines]
+            else:
+                mapped = sets[first:] + sets[: first + lines - nsets]
+            busy = list(filter(None, mapped))
+            if sum(map(len, busy)) < lines:
+                return sorted([key for s in busy for key in s if klo <= key < khi])
+        return [key for key in range(klo, khi, LINE) if key in sets[(key >> 6) & mask]]
 
     def vmpage_flush(self, asid: int, spa: int) -> int:
         """VMPAGE_FLUSH MSR: write back and invalidate the encrypted lines of one 4 KiB page of ``asid``."""

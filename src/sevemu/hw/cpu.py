@@ -308,7 +308,10 @@ class Core:
         data = dram.read(spa, length)
         dirty = cache.dirty
         first, end = spa & ~63, spa + length
-        keys = [k for k in range(first, end, 64) if k in dirty]  # domain (0, C=0): the key is the SPA
+        if (end - first) >> 6 <= len(dirty):
+            keys = [k for k in range(first, end, 64) if k in dirty]  # domain (0, C=0): the key is the SPA
+        else:  # fewer dirty lines than addresses: visit them
+            keys = sorted(k for k in dirty if first <= k < end)
         if not keys:
             return data
         out = bytearray(data)

@@ -121,7 +121,7 @@ class PspDma:
             out[lo - spa : hi - spa] = line[lo - key : hi - key]
         return bytes(out)
 
-    def write(self, spa: int, data: bytes, *, guest_ok: bool = False) -> None:
+    def write(self, spa: int, data: bytes | bytearray, *, guest_ok: bool = False) -> None:
         """Unencrypted write; host copies of those lines (this cache and private levels above it)
         are written back and invalidated first.  AddressError for a guest-owned SNP page unless
         ``guest_ok`` (the firmware's own write-back of a Pre-Guest CPUID page)."""
@@ -149,7 +149,7 @@ class PspDma:
         """Read with the key of ``asid`` straight from DRAM (not coherent with the caches)."""
         return self._mc.read(spa, length, asid, True)
 
-    def write_encrypted(self, spa: int, data: bytes, asid: int) -> None:
+    def write_encrypted(self, spa: int, data: bytes | bytearray, asid: int) -> None:
         """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""
         self._mc.write(spa, data, asid, True)
 

@@ -74,6 +74,8 @@ import time
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
+import numpy as np
+
 from sevemu._util.units import PAGE, KiB, MiB
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
 from sevemu.abi.policy import GuestPolicy
@@ -84,7 +86,7 @@ from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.hypervisor.psp import RING_BATCH
 from sevemu.hypervisor.sev.common import Packet
-from sevemu.hypervisor.sev.legacy import HDR_SLOT, PageBatch
+from sevemu.hypervisor.sev.legacy import HDR_SLOT, PageBatch, PageReceiver
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
 __all__ = [
@@ -252,8 +254,12 @@ def encode_frame(msg: Message) -> bytes:
         if len(msg.hdrs) != n * HDR_SLOT or len(msg.transport) != n * PAGE:
             raise ProtocolError(f"PAGES of {n} pages with {len(msg.hdrs)} header and {len(msg.transport)} "
                                 "transport bytes")
-        kind = MsgType.PAGES
-        payload = _blob(_U32.pack(n), struct.pack(f">{n}Q", *msg.gpas), msg.hdrs, msg.transport)
+        length = 1 + 4 + n * (8 + HDR_SLOT + PAGE)
+        if length > MAX_FRAME:
+            raise ProtocolError(f"PAGES frame of {length} bytes exceeds {MAX_FRAME}")
+        # (the frame in one join: the 4 KiB pages are copied once)
+        return b"".join([_HEADER.pack(length, MsgType.PAGES), _U32.pack(n), struct.pack(f">{n}Q", *msg.gpas),
+                         msg.hdrs, msg.transport])
     elif isinstance(msg, Page):
         kind, payload = MsgType.PAGE, _blob(_U64.pack(msg.gpa), msg.hdr, msg.trans)
     elif isinstance(msg, Hello):
@@ -299,7 +305,7 @@ def decode_frame(kind_byte: int, payload: bytes) -> Message:
         hdr_at = 4 + 8 * count
         trans_at = hdr_at + count * HDR_SLOT
         hdrs = payload[hdr_at:trans_at]
-        _need(all(not any(hdrs[i * HDR_SLOT + HdrBuf.SIZE : (i + 1) * HDR_SLOT]) for i in range(count)),
+        _need(not np.frombuffer(hdrs, dtype=np.uint8).reshape(count, HDR_SLOT)[:, HdrBuf.SIZE :].any(),
               kind, "header padding is not zero")
         return Pages(struct.unpack_from(f">{count}Q", payload, 4), hdrs, payload[trans_at:])
     if kind is MsgType.PAGE:
@@ -561,21 +567,38 @@ def _new_page(vm: Vm, gpa: int, seen: set[int]) -> None:
     seen.add(gpa)
 
 
+def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: set[int]) -> None:
+    """:func:`_new_page` of each GPA (all checked before any is recorded)."""
+    fresh = set(gpas)
+    if len(fresh) != len(gpas) or not seen.isdisjoint(fresh) or \
+            any(gpa % PAGE or not 0 <= gpa < vm.memory for gpa in gpas):
+        bad = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
+                   or gpa in seen or gpa in gpas[:i])
+        raise ProtocolError(f"page at GPA {bad:#x}: unaligned, outside the VM or repeated")
+    seen |= fresh
+
+
 def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
     sev = hv.sev
     pages = shared = 0
     seen: set[int] = set()
-    with hv.psp.bounce.stage() as st:
+    with hv.psp.bounce.stage() as st, contextlib.ExitStack() as session:
         packet = Packet(st, HdrBuf.SIZE, PAGE)
+        receiver: PageReceiver | None = None  # one ring-buffer session for a run of PAGES frames
         while True:
             msg = _next(chan)
             if isinstance(msg, Pages):
-                for gpa in msg.gpas:
-                    _new_page(vm, gpa, seen)
+                _new_pages(vm, msg.gpas, seen)
+                if receiver is None:
+                    receiver = session.enter_context(sev.page_receiver(vm))
                 # each GPA backs a fresh page: zeroed and flushed by the allocator
-                sev.receive_page_batch(vm, PageBatch(msg.gpas, msg.hdrs, msg.transport, HdrBuf.SIZE))
+                receiver.receive(PageBatch(msg.gpas, msg.hdrs, msg.transport, HdrBuf.SIZE))
                 pages += len(msg.gpas)
-            elif isinstance(msg, (Page, SharedPage)):
+                continue
+            if receiver is not None:  # other commands go through the mailbox again
+                session.close()
+                receiver = None
+            if isinstance(msg, (Page, SharedPage)):
                 gpa = msg.gpa
                 _new_page(vm, gpa, seen)
                 if isinstance(msg, SharedPage):

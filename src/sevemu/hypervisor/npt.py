@@ -12,6 +12,8 @@ its tables back, and changing a mapping costs one entry write plus a TLB flush o
 
 from __future__ import annotations
 
+import struct
+
 from sevemu._util.units import PAGE, PAGE_MASK, PAGE_SHIFT, is_aligned
 from sevemu.abi.paging import Pte
 from sevemu.errors import AddressError, AlignmentError, HardwareError
@@ -62,6 +64,30 @@ class NestedPageTable:
         entry = spa | _LEAF | (_RW if writable else 0)
         self._core.host_write(pt + ((gpa >> PAGE_SHIFT) & 0x1FF) * 8, entry.to_bytes(8, "little"))
         self.mappings[gpa >> PAGE_SHIFT] = spa
+
+    def map_many(self, pairs: list[tuple[int, int]]) -> None:
+        """:meth:`map` of each (GPA, SPA) in order (writable), the entries of neighbouring GPAs in one
+        page table written with one store (the same tables and entries)."""
+        for gpa, spa in pairs:
+            if (gpa | spa) & PAGE_MASK:
+                raise AlignmentError(f"NPT mappings are 4 KiB pages: GPA {gpa:#x}, SPA {spa:#x}")
+            if not 0 <= gpa < self.gpa_limit:
+                raise AddressError(f"GPA {gpa:#x} is beyond the VM's {self.gpa_limit:#x} bytes")
+        if not self._tables:
+            raise HardwareError("the nested page table was released (its VM was destroyed)")
+        i = 0
+        while i < len(pairs):
+            j = i + 1
+            while j < len(pairs) and pairs[j][0] == pairs[j - 1][0] + PAGE and pairs[j][0] & 0x1F_FFFF:
+                j += 1  # the next GPA, in the same page table
+            first = pairs[i][0]
+            pt = self._table(1, first)
+            run = pairs[i:j]
+            flags = _LEAF | _RW
+            self._core.host_write(pt + ((first >> PAGE_SHIFT) & 0x1FF) * 8,
+                                  struct.pack(f"<{len(run)}Q", *[spa | flags for _, spa in run]))
+            self.mappings.update([(gpa >> PAGE_SHIFT, spa) for gpa, spa in run])
+            i = j
 
     def unmap(self, gpa: int) -> int | None:
         """Remove the mapping of ``gpa``; returns the SPA it pointed to."""

@@ -50,11 +50,13 @@ from sevemu.errors import HardwareError
 from sevemu.hw.host import HostCore, PspMailbox
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
 
-__all__ = ["RING_BATCH", "BounceArea", "PspDriver", "RingSession", "Stage"]
+__all__ = ["RING_BATCH", "RING_SLOT", "BounceArea", "PspDriver", "RingSession", "Stage"]
 
 RING_BATCH = RB_QUEUE_ENTRIES - 1
 """Most commands one doorbell can carry (a full queue would look empty: head == tail)."""
 _SLOT = 64  # a command buffer slot (the largest queued buffer, TransportCmd, is 0x34 bytes)
+RING_SLOT = _SLOT
+"""Bytes of a queued command buffer's slot (:meth:`RingSession.submit_many`)."""
 _ENTRY = struct.Struct("<HHIQ")  # abi.sev.RingCmdEntry, packed in one call (a test holds them equal)
 _STATUS = struct.Struct("<H6xQ")  # abi.sev.RingStatusEntry
 
@@ -271,6 +273,20 @@ class RingSession:
         self._entries += _ENTRY.pack(int(cmd), flags, 0, self.slots_spa + n * _SLOT)
         return n
 
+    def submit_many(self, cmd: CommandId, slots: bytes, flags: int = 0) -> None:
+        """Queue ``cmd`` once per 64-byte command buffer slot of ``slots`` (each buffer zero-padded
+        to its slot), in order: :meth:`submit` of each."""
+        n = self.pending
+        count, extra = divmod(len(slots), _SLOT)
+        if extra or not count:
+            raise SevInputError(Errno.EINVAL, f"{len(slots)} bytes are not whole {_SLOT}-byte command slots")
+        if n + count > RING_BATCH:
+            raise SevInputError(Errno.EBUSY, f"a ring-buffer batch holds at most {RING_BATCH} commands")
+        self._slots += slots
+        base = self.slots_spa + n * _SLOT
+        pack = _ENTRY.pack
+        self._entries += b"".join([pack(int(cmd), flags, 0, base + i * _SLOT) for i in range(count)])
+
     def run(self) -> list[int | None]:
         """Ring the doorbell for the queued batch; each command's status, None for those a
         failure left unrun (the queue paused)."""
@@ -304,13 +320,9 @@ class RingSession:
             self._tail = rb_head_index(head)
             mailbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(self._tail))
         raw = core.host_read_stream(self.status_spa, RB_QUEUE_ENTRIES * _STATUS.size)
-        out: list[int | None] = []
-        for i in range(n):
-            if i >= done:
-                out.append(None)
-                continue
-            out.append(_STATUS.unpack_from(raw, ((first + i) % RB_QUEUE_ENTRIES) * _STATUS.size)[0])
-        return out
+        statuses = [st for st, _ in _STATUS.iter_unpack(raw)]
+        out: list[int | None] = [statuses[(first + i) % RB_QUEUE_ENTRIES] for i in range(done)]
+        return out + [None] * (n - done)
 
     def close(self) -> None:
         """Leave ring-buffer mode (a mailbox-mode CMDRESP write, answered RING_BUFFER_EXIT)."""

@@ -175,6 +175,20 @@ class Vm:
         mapped = self.npt.mappings.get  # gfn -> SPA: the pages already backed, without a walk each
         return [mapped(p >> 12) or self.back(p) for p in range(first, gpa + length, PAGE)]
 
+    def back_pages(self, gpas: list[int]) -> list[int]:
+        """:meth:`back` of each page-aligned GPA, in order; their SPAs.  The new pages are mapped
+        with :meth:`Npt.map_many` (the same pages and entries as one :meth:`back` after another)."""
+        memory = self.memory
+        if any(gpa & PAGE_MASK or not 0 <= gpa < memory for gpa in gpas):
+            bad = next(gpa for gpa in gpas if gpa & PAGE_MASK or not 0 <= gpa < memory)
+            raise AddressError(f"GPA {bad:#x} is not a page of {self.name}'s {memory:#x} bytes")
+        mapped = self.npt.mappings
+        fresh = [gpa for gpa in dict.fromkeys(gpas) if gpa >> 12 not in mapped]
+        spas = [self._alloc.alloc() for _ in fresh]
+        self.npt.map_many(list(zip(fresh, spas, strict=True)))
+        self._owned.update(spas)
+        return [mapped[gpa >> 12] for gpa in gpas]
+
     def spa_of(self, gpa: int) -> int:
         """SPA backing ``gpa``; :class:`UnmappedError` if the page is not backed."""
         spa = self.npt.lookup(gpa)

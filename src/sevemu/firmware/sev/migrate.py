@@ -113,9 +113,12 @@ import bisect
 import hashlib
 import hmac
 import struct
-from collections.abc import Sequence
 from dataclasses import replace
+from itertools import pairwise
 from typing import Final
+
+import numpy as np
+import numpy.typing as npt
 
 from sevemu._util.units import LINE, PAGE
 from sevemu.abi.certs import AMD_CERT_HEADER_SIZE, SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage
@@ -132,7 +135,7 @@ from sevemu.abi.sev import (
 )
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
-from sevemu.abi.struct import Struct
+from sevemu.abi.struct import field_span
 from sevemu.certs.amd import MODULUS_SIZES
 from sevemu.certs.chain import PlatformChain, SevCertChain
 from sevemu.certs.errors import CertSignatureError, ChainError, UntrustedRootError
@@ -146,9 +149,9 @@ from sevemu.crypto.transport import (
     TransportKeys,
     seal_session,
 )
-from sevemu.errors import FirmwareError, InputError, LayoutError
+from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError
 from sevemu.firmware.checks import check_range, host_region, need_active, read_host
-from sevemu.firmware.core import READY, Firmware, Reply
+from sevemu.firmware.core import READY, Firmware, QueuedBuffers, Reply
 from sevemu.firmware.gctx import CLOSED_KEY, GuestContext
 from sevemu.firmware.guestmem import evict_host_lines, read_guest, write_guest
 from sevemu.firmware.sev.api import SEV_API
@@ -159,6 +162,7 @@ from sevemu.firmware.sev.session import godh_public_key, open_channel
 __all__ = [
     "AMD_CERTS_LENGTHS",
     "DATA_CONTEXT",
+    "DATA_PACKET_AAD",
     "MAX_PACKET",
     "data_packet_mac",
     "open_data_packet",
@@ -169,7 +173,10 @@ MAX_PACKET: Final = PAGE
 """Largest ``guest_len`` of one SEND/RECEIVE_UPDATE_DATA (one page, KVM's contract)."""
 DATA_CONTEXT: Final = 0x02
 """Channel context byte of SEND/RECEIVE_UPDATE_DATA MACs (AF ``SEV_CHANNEL_CTX_DATA``)."""
-_AAD: Final = struct.Struct("<BI16sII")  # AF send_receive_update_aad without its 3 pad bytes
+DATA_PACKET_AAD: Final = struct.Struct("<BI16sII")
+"""The terms a data packet's MAC covers before TRANS: context byte, flags, IV, GUEST_LEN, TRANS_LEN (AF
+``send_receive_update_aad`` without its 3 pad bytes)."""
+_AAD: Final = DATA_PACKET_AAD
 
 
 def _amd_certs_lengths() -> frozenset[int]:
@@ -528,15 +535,21 @@ def _write_runs(fw: Firmware, pieces: list[tuple[int, bytes]]) -> None:
 
 
 @SEV_API.batch(CommandId.SEND_UPDATE_DATA)
-def send_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
+def send_update_batch(fw: Firmware, items: QueuedBuffers) -> int:
     """SEND_UPDATE_DATA of queued commands at once (ring-buffer mode): the prefix of commands on
     one guest that pass every check of :func:`_send_update` and whose buffers keep clear of the
-    others' outputs (:func:`_batchable`); the plaintexts read, the IVs drawn in command order, the
-    keystreams made in one AES call, a MAC per packet, the outputs written in runs."""
+    others' outputs (:func:`_batchable`) -- all of them at once when they are whole pages
+    (:func:`_whole_pages`) --; the plaintexts read, the IVs drawn in command order, each packet
+    sealed with its own IV and MAC (:meth:`PacketCrypto.seal_many`), the outputs written in runs."""
+    fast = _whole_pages(fw, items, send=True)
+    if fast is not None:
+        whole, cols = fast
+        _seal_pages(fw, whole, cols[_GUEST], cols[_HDR], cols[_TRANS])
+        return len(items)
     g: GuestContext | None = None
     plan = _Spans()
     todo: list[tuple[int, int, int, int]] = []  # (guest SPA, length, hdr SPA, TRANS SPA)
-    for cspa, cmd in items:
+    for cspa, cmd in items.decoded():
         if not isinstance(cmd, TransportCmd) or cmd.hdr_len != HdrBuf.SIZE:
             break  # a length query or a header length to write back: one by one
         n = cmd.guest_len
@@ -555,16 +568,210 @@ def send_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
     pc = _channel(g)
     plaintexts = _read_guest_all(fw, g, [(spa, n) for spa, n, _, _ in todo])
     ivs = [fw.ports.trng(IV_SIZE) for _ in todo]
-    transes = pc.ctr_many(ivs, plaintexts)
     pieces: list[tuple[int, bytes]] = []
     headers: list[tuple[int, bytes]] = []
-    for (_, n, hdr_spa, trans_spa), iv, trans in zip(todo, ivs, transes, strict=True):
-        mac = pc.mac(_aad(0, iv, n, len(trans)), trans)
-        pieces.append((trans_spa, trans))
-        headers.append((hdr_spa, HdrBuf(flags=0, iv=iv, mac=mac).encode()))
+    for (_, n, hdr_spa, trans_spa), iv, plain in zip(todo, ivs, plaintexts, strict=True):
+        trans, mac = pc.seal_many(iv, _aad(0, iv, n, n), plain, n)
+        pieces.append((trans_spa, bytes(trans)))
+        headers.append((hdr_spa, HdrBuf(flags=0, iv=iv, mac=bytes(mac)).encode()))
     _write_runs(fw, pieces)
     _write_runs(fw, headers)
     return len(todo)
+
+
+# ---- whole-page batches: the checks of a ring-buffer batch on all its commands at once ----------
+# Columns of the commands' fields (read from the buffers' bytes), then the SPAs of the command
+# buffer, header, guest page and TRANS.
+_HANDLE, _HDR_LEN, _GUEST_LEN, _TRANS_LEN, _CMD, _HDR, _GUEST, _TRANS = 0, 2, 4, 6, 7, 8, 9, 10
+_COLUMNS: Final = ("handle", "hdr_paddr", "hdr_len", "guest_paddr", "guest_len", "trans_paddr", "trans_len")
+_U64 = npt.NDArray[np.uint64]
+
+
+def _cmd_dtype() -> tuple[np.dtype[np.void], list[str]]:
+    """TransportCmd's fields as a numpy record (little-endian), and the names given to the bytes
+    between them -- reserved, which a decodable buffer has zero (:meth:`Struct.decode`)."""
+    names: list[str] = []
+    formats: list[str] = []
+    offsets: list[int] = []
+    pos = 0
+    gaps: list[str] = []
+    for name in sorted(_COLUMNS, key=lambda f: field_span(TransportCmd, f)[0]):
+        offset, size = field_span(TransportCmd, name)
+        if offset > pos:
+            gaps.append(f"reserved_{pos:x}")
+            names.append(gaps[-1])
+            formats.append(f"V{offset - pos}")
+            offsets.append(pos)
+        names.append(name)
+        formats.append({4: "<u4", 8: "<u8"}[size])
+        offsets.append(offset)
+        pos = offset + size
+    if pos < TransportCmd.SIZE:
+        gaps.append(f"reserved_{pos:x}")
+        names.append(gaps[-1])
+        formats.append(f"V{TransportCmd.SIZE - pos}")
+        offsets.append(pos)
+    dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": TransportCmd.SIZE})
+    return dtype, gaps
+
+
+_CMD_DTYPE, _CMD_RESERVED = _cmd_dtype()
+_AAD_DTYPE: Final = np.dtype([("context", "u1"), ("flags", "<u4"), ("iv", "V16"), ("guest_len", "<u4"),
+                              ("trans_len", "<u4")])
+_HDR_DTYPE: Final = np.dtype([("flags", "<u4"), ("iv", "V16"), ("mac", "V32")])
+
+
+def _snp_on(fw: Firmware) -> bool:
+    rmp = fw.ports.rmp
+    return rmp is not None and rmp.rmp.enabled
+
+
+def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestContext, list[_U64]] | None:
+    """The guest and the field columns of a batch of SEND (``send``) or RECEIVE_UPDATE_DATA commands
+    that may all run at once: every buffer decodes, each names the same activated guest in the
+    command's state, moves one whole 4 KiB page at a page-aligned guest address (SEND: ``hdr_len``
+    exactly 0x34, ``trans_len`` at least a page; RECEIVE: ``trans_len`` a page, ``hdr_len`` at least
+    0x34) with every region in DRAM, outside the TMR and the ring buffer's pages (SNP off), and no
+    command's output overlaps any command's output or input (the commands' buffers included) -- so
+    each passes every check of :func:`_send_update` / :func:`_receive_update` and running them
+    together has the effects of running them one by one (the MACs of a RECEIVE batch are checked
+    after: :func:`_open_pages`).  None when any of that does not hold: the batch then goes command
+    by command."""
+    n = len(items)
+    if n < 2 or items.layout is not TransportCmd or _snp_on(fw):
+        return None
+    rec = np.frombuffer(items.raw, dtype=_CMD_DTYPE)
+    if any(rec[gap].tobytes().count(0) != rec[gap].nbytes for gap in _CMD_RESERVED):
+        return None  # a buffer that does not decode (reserved bytes set)
+    g = fw.guests.get(int(rec["handle"][0]))
+    if g is None or g.state not in (_SUPDATE if send else _RUPDATE) or not g.asid:
+        return None
+    cols: list[_U64] = [rec[name].astype(np.uint64) for name in _COLUMNS]
+    cols.append(np.array(items.spas, dtype=np.uint64))
+    strip = np.uint64(~fw.ports.dma.cbit_mask & 0xFFFF_FFFF_FFFF_FFFF)
+    cols += [cols[1] & strip, cols[3] & strip, cols[5] & strip]
+    hdr_len, guest_len, trans_len = cols[_HDR_LEN], cols[_GUEST_LEN], cols[_TRANS_LEN]
+    page = np.uint64(PAGE)
+    lengths_ok = (hdr_len == HdrBuf.SIZE).all() and (guest_len == page).all() and (trans_len >= page).all() \
+        if send else (hdr_len >= HdrBuf.SIZE).all() and (guest_len == page).all() and (trans_len == page).all()
+    if not lengths_ok or (cols[_HANDLE] != np.uint64(g.handle)).any() or (cols[_GUEST] % page).any():
+        return None
+    size = np.uint64(TransportCmd.SIZE)
+    hdr = np.uint64(HdrBuf.SIZE)
+    regions = [(cols[_CMD], size), (cols[_HDR], hdr), (cols[_GUEST], page), (cols[_TRANS], page)]
+    hulls = [(int(starts.min()), int(starts.max()) + int(length)) for starts, length in regions]  # (no wrap)
+    try:
+        fw.ports.dma.check(0, max(end for _, end in hulls))
+    except AddressError:
+        return None
+    fences = [] if fw.tmr is None else [(fw.tmr.base, fw.tmr.end)]
+    if fw.ring is not None:
+        fences += [(spa, spa + PAGE) for spa in fw.ring.pages]  # (the dispatcher checked the buffers)
+    for lo, hi in fences:
+        for (starts, length), (first, end) in zip(regions, hulls, strict=True):
+            if first < hi and lo < end and ((starts < np.uint64(hi)) & (np.uint64(lo) < starts + length)).any():
+                return None
+    outs = regions[1::2] if send else regions[2:3]
+    ins = regions[0:1] + (regions[2:3] if send else [regions[1], regions[3]])
+    if not _disjoint(outs, ins):
+        return None
+    return g, cols
+
+
+def _disjoint(outs: list[tuple[_U64, np.uint64]], ins: list[tuple[_U64, np.uint64]]) -> bool:
+    """Whether the output ranges (starts, length) overlap neither each other nor any input range."""
+    hulls = [(int(s.min()), int(s.max()) + int(length)) for s, length in outs]
+    spread = [(int(s.min()), int(s.max()) + int(length)) for s, length in ins]
+    if all((s[1:] >= s[:-1] + length).all() for s, length in outs) and \
+            all(b <= c or d <= a for i, (a, b) in enumerate(hulls) for c, d in hulls[i + 1 :] + spread):
+        return True  # (the usual layout: each output family in order, apart from the rest)
+    starts = np.concatenate([s for s, _ in outs])
+    ends = np.concatenate([s + length for s, length in outs])
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    if (starts[1:] < ends[:-1]).any():
+        return False
+    for lo, length in ins:
+        hi = lo + length
+        i = np.searchsorted(starts, lo, side="right")  # the outputs starting at or before lo: i-1
+        before = i > 0
+        if (ends[np.maximum(i - 1, 0)][before] > lo[before]).any():
+            return False
+        after = i < len(starts)
+        if (starts[np.minimum(i, len(starts) - 1)][after] < hi[after]).any():
+            return False
+    return True
+
+
+def _aads(flags: npt.NDArray[np.uint32], ivs: bytes, size: int) -> bytes:
+    """The AAD (:func:`_aad`) of each packet of a run of ``size``-byte packets."""
+    a = np.zeros(len(flags), dtype=_AAD_DTYPE)
+    a["context"] = DATA_CONTEXT
+    a["flags"] = flags
+    a["iv"] = np.frombuffer(ivs, dtype="V16")
+    a["guest_len"] = size
+    a["trans_len"] = size
+    return a.tobytes()
+
+
+def _page_runs(spas: _U64) -> list[tuple[int, int, int]]:
+    """(first index, SPA, length) of each run of physically consecutive pages, in command order."""
+    n = len(spas)
+    if not n:
+        return []
+    breaks = np.flatnonzero(spas[1:] != spas[:-1] + np.uint64(PAGE)) + 1
+    bounds = [0, *breaks.tolist(), n]
+    return [(a, int(spas[a]), (b - a) * PAGE) for a, b in pairwise(bounds)]
+
+
+def _even(spas: _U64, size: int) -> int:
+    """The spacing of ``spas`` when they go evenly upward at least ``size`` apart, else 0."""
+    stride = int(spas[1]) - int(spas[0]) if len(spas) > 1 else size
+    return stride if stride >= size and bool((np.diff(spas) == np.uint64(stride)).all()) else 0
+
+
+def _write_slots(fw: Firmware, spas: _U64, data: bytes, size: int) -> None:
+    """Write ``size`` bytes of ``data`` per command at each SPA: one write when the SPAs are evenly
+    spaced less than a line apart (the bytes between them read back first: the same memory, and
+    the same host lines written back, as writing one by one), else in runs (:func:`_write_runs`)."""
+    n = len(spas)
+    stride = _even(spas, size)
+    if not stride or stride - size >= LINE:
+        _write_runs(fw, [(int(spa), data[i * size : (i + 1) * size]) for i, spa in enumerate(spas)])
+        return
+    lo, span = int(spas[0]), stride * (n - 1) + size
+    if stride == size:
+        fw.ports.dma.write(lo, data)
+        return
+    rows = np.frombuffer(fw.ports.dma.read(lo, span) + bytes(stride - size), dtype=np.uint8).reshape(n, stride).copy()
+    rows[:, :size] = np.frombuffer(data, dtype=np.uint8).reshape(n, size)
+    fw.ports.dma.write(lo, rows.tobytes()[:span])
+
+
+def _read_slots(fw: Firmware, spas: _U64, size: int) -> bytes:
+    """``size`` bytes at each SPA, back to back (one read where they are evenly spaced)."""
+    n = len(spas)
+    stride = _even(spas, size)
+    if not stride:
+        return b"".join(_read_all(fw, [(int(spa), size) for spa in spas]))
+    span = fw.ports.dma.read(int(spas[0]), stride * (n - 1) + size) + bytes(stride - size)
+    return np.frombuffer(span, dtype=np.uint8).reshape(n, stride)[:, :size].tobytes()
+
+
+def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _U64) -> None:
+    """The effects of SEND_UPDATE_DATA on each whole page (checked by :func:`_whole_pages`)."""
+    n = len(guest)
+    runs = _page_runs(guest)
+    plain = b"".join([read_guest(fw, g, spa, length) for _, spa, length in runs])  # (one run: no copy)
+    trng = fw.ports.trng
+    ivs = b"".join([trng(IV_SIZE) for _ in range(n)])  # in command order
+    sealed, macs = _channel(g).seal_many(ivs, _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE), plain, PAGE)
+    head = np.zeros(n, dtype=_HDR_DTYPE)  # flags 0
+    head["iv"] = np.frombuffer(ivs, dtype="V16")
+    head["mac"] = np.frombuffer(macs, dtype="V32")
+    for first, spa, length in _page_runs(trans):
+        fw.ports.dma.write(spa, sealed if length == len(sealed) else bytes(sealed[first * PAGE : first * PAGE + length]))
+    _write_slots(fw, hdrs, head.tobytes(), HdrBuf.SIZE)
 
 
 @SEV_API.guest(CommandId.SEND_UPDATE_VMSA, TransportCmd, READY, _SUPDATE, before_guest=(_hdr_length_query,))
@@ -635,16 +842,22 @@ def receive_update_data(fw: Firmware, cmd: TransportCmd, g: GuestContext) -> Non
 
 
 @SEV_API.batch(CommandId.RECEIVE_UPDATE_DATA)
-def receive_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> int:
+def receive_update_batch(fw: Firmware, items: QueuedBuffers) -> int:
     """RECEIVE_UPDATE_DATA of queued commands at once (ring-buffer mode): the prefix of commands on
     one guest that pass every check of :func:`_receive_update` -- the MAC included -- and whose
-    inputs keep clear of the others' guest regions (:func:`_batchable`); the keystreams made in one
-    AES call, the host's lines of the guest regions written back and dropped, the plaintexts
-    written encrypted, physically consecutive pages in one write."""
+    inputs keep clear of the others' guest regions (:func:`_batchable`; for whole pages all
+    commands are checked at once, :func:`_whole_pages`); each packet verified and decrypted with
+    its own IV and MAC (:meth:`PacketCrypto.open_many`), the host's lines of the guest regions
+    written back and dropped, the plaintexts written encrypted, physically consecutive pages in
+    one write."""
+    fast = _whole_pages(fw, items, send=False)
+    if fast is not None:
+        whole, cols = fast
+        return _open_pages(fw, whole, cols[_GUEST], cols[_HDR], cols[_TRANS])
     g: GuestContext | None = None
     plan = _Spans()
     checked: list[tuple[int, int, int, int]] = []  # (guest SPA, length, hdr SPA, TRANS SPA)
-    for cspa, cmd in items:
+    for cspa, cmd in items.decoded():
         if not isinstance(cmd, TransportCmd):
             break
         n = cmd.trans_len
@@ -664,7 +877,7 @@ def receive_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> i
     hdrs = _read_all(fw, [(hdr_spa, HdrBuf.SIZE) for _, _, hdr_spa, _ in checked])
     transes = _read_all(fw, [(trans_spa, n) for _, n, _, trans_spa in checked])
     pc = _channel(g)
-    todo: list[tuple[int, int, HdrBuf, bytes]] = []  # (guest SPA, length, header, TRANS)
+    todo: list[tuple[int, bytes]] = []  # (guest SPA, plaintext)
     for (spa, n, _, _), raw, trans in zip(checked, hdrs, transes, strict=True):
         try:
             hdr = HdrBuf.decode(raw)
@@ -672,23 +885,47 @@ def receive_update_batch(fw: Firmware, items: Sequence[tuple[int, Struct]]) -> i
             break
         if hdr.flags & HdrFlags.COMPRESSED:
             break
-        if not hmac.compare_digest(pc.mac(_aad(hdr.flags, hdr.iv, n, n), trans), hdr.mac):
+        good, plain = pc.open_many(hdr.iv, _aad(hdr.flags, hdr.iv, n, n), hdr.mac, trans, n)
+        if not good:
             break  # BAD_MEASUREMENT, answered one by one
-        todo.append((spa, n, hdr, trans))
-    if g is None or not todo:
-        return 0
-    plaintexts = _channel(g).ctr_many([hdr.iv for _, _, hdr, _ in todo], [trans for _, _, _, trans in todo])
+        todo.append((spa, bytes(plain)))
+    _write_received(fw, g, todo)
+    return len(todo)
+
+
+def _write_received(fw: Firmware, g: GuestContext, todo: list[tuple[int, bytes]]) -> None:
+    """Write each (guest SPA, plaintext) encrypted with the guest's key, the host's lines of the
+    region written back and dropped first; line-aligned neighbours in one write."""
     runs: list[tuple[int, bytearray]] = []
-    for (spa, n, _, _), plain in zip(todo, plaintexts, strict=True):
+    for spa, plain in todo:
         last = runs[-1] if runs else None
-        if last is not None and last[0] + len(last[1]) == spa and not spa % LINE and not n % LINE:
+        if last is not None and last[0] + len(last[1]) == spa and not spa % LINE and not len(plain) % LINE:
             last[1].extend(plain)
         else:
             runs.append((spa, bytearray(plain)))
     for spa, data in runs:
         fw.ports.dma.evict(spa, len(data))  # (evict_host_lines without reading and rewriting the bytes)
         write_guest(fw, g, spa, bytes(data))
-    return len(todo)
+
+
+def _open_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _U64) -> int:
+    """The effects of RECEIVE_UPDATE_DATA on each whole page (checked by :func:`_whole_pages`) up to
+    the first whose header says COMPRESSED or whose MAC does not verify (that one is answered one
+    by one: UNSUPPORTED, BAD_MEASUREMENT); how many were received."""
+    head = np.frombuffer(_read_slots(fw, hdrs, HdrBuf.SIZE), dtype=_HDR_DTYPE)
+    compressed = np.flatnonzero(head["flags"] & np.uint32(HdrFlags.COMPRESSED))
+    n = int(compressed[0]) if len(compressed) else len(head)
+    if not n:
+        return 0
+    head = head[:n]
+    data = b"".join([fw.ports.dma.read(spa, length) for _, spa, length in _page_runs(trans[:n])])
+    ivs = head["iv"].tobytes()
+    good, plain = _channel(g).open_many(ivs, _aads(head["flags"], ivs, PAGE), head["mac"].tobytes(), data, PAGE)
+    view = memoryview(plain)
+    for first, spa, length in _page_runs(guest[:good]):
+        fw.ports.dma.evict(spa, length)
+        write_guest(fw, g, spa, plain if length == len(plain) else bytes(view[first * PAGE : first * PAGE + length]))
+    return good
 
 
 @SEV_API.guest(CommandId.RECEIVE_UPDATE_VMSA, TransportCmd, READY, _RUPDATE)

@@ -30,7 +30,9 @@ strips the bit either way.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import struct
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
@@ -61,14 +63,15 @@ from sevemu.abi.sev import (
 )
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
+from sevemu.errors import AddressError
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
-from sevemu.hypervisor.psp import RING_BATCH
+from sevemu.hypervisor.psp import RING_BATCH, RING_SLOT, RingSession
 from sevemu.hypervisor.sev.common import PACKET, OutBlob, Packet, Reply, SevHost, contiguous_runs
 from sevemu.hypervisor.uapi import GHCB_VERSION_MAX, GHCB_VERSION_MIN
 from sevemu.hypervisor.vcpu import KvmVmType
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
-__all__ = ["GRANULE", "HDR_SLOT", "PAGE_BATCH", "LegacySev", "PageBatch"]
+__all__ = ["GRANULE", "HDR_SLOT", "PAGE_BATCH", "LegacySev", "PageBatch", "PageReceiver"]
 
 GRANULE = 16
 """The SEV API's 16-byte granularity: LAUNCH_UPDATE_DATA lengths, DBG_DECRYPT / DBG_ENCRYPT addresses
@@ -78,6 +81,8 @@ HDR_SLOT = 64
 """Bytes a transport header occupies in a :class:`PageBatch` (the 0x34-byte header, zero-padded)."""
 PAGE_BATCH = 128
 """Pages per ring-buffer doorbell in migration (at most ``RING_BATCH``)."""
+_TRANSPORT_SLOT = struct.Struct(TRANSPORT_PACK.format + f"{RING_SLOT - TRANSPORT_PACK.size}x")
+"""A TransportCmd zero-padded to its ring-buffer slot."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,41 @@ class PageBatch:
 
     def trans(self, i: int) -> bytes:
         return self.transport[i * PAGE : (i + 1) * PAGE]
+
+
+class PageReceiver:
+    """RECEIVE_UPDATE_DATA of page batches through one open ring-buffer session
+    (:meth:`LegacySev.page_receiver`)."""
+
+    def __init__(self, sev: LegacySev, vm: Vm, ring: RingSession, hdr_base: int, trans_base: int) -> None:
+        self._sev = sev
+        self._vm = vm
+        self._ring = ring
+        self._hdr_base = hdr_base
+        self._trans_base = trans_base
+
+    def receive(self, batch: PageBatch) -> None:
+        """:meth:`LegacySev.receive_page_batch` of ``batch`` in this session."""
+        sev, vm = self._sev, self._vm
+        n = len(batch.gpas)
+        if not 0 < n <= RING_BATCH:
+            raise SevInputError(Errno.EINVAL, f"batch of {n} pages: 1..{RING_BATCH}")
+        if len(batch.hdrs) != n * HDR_SLOT or len(batch.transport) != n * PAGE or batch.hdr_len > HDR_SLOT:
+            raise SevInputError(Errno.EINVAL, "page batch buffers do not match its page count")
+        me_mask = sev.caps.me_mask
+        pack = _TRANSPORT_SLOT.pack
+        gpas = list(batch.gpas)
+        try:
+            spas = vm.back_pages(gpas)  # (the same pages as guest_page() of each, mapped in runs)
+        except AddressError:  # (it checks every GPA before it backs any)
+            spas = [sev.guest_page(vm, gpa, PAGE) for gpa in gpas]  # raises what KVM answers
+        hdr_base, trans_base = self._hdr_base, self._trans_base
+        sev.core.host_write_stream(hdr_base, batch.hdrs)
+        sev.core.host_write_stream(trans_base, batch.transport)
+        self._ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, b"".join([
+            pack(vm.handle, hdr_base + i * HDR_SLOT, batch.hdr_len, spa | me_mask, PAGE, trans_base + i * PAGE, PAGE)
+            for i, spa in enumerate(spas)]))
+        _check_batch(CommandId.RECEIVE_UPDATE_DATA, self._ring.run())
 
 
 def _check_batch(cmd: CommandId, statuses: list[int | None]) -> None:
@@ -472,16 +512,19 @@ class LegacySev(SevHost):
         core = self.core
         handle = vm.handle
         spa_of = vm.spa_of
-        pack = TRANSPORT_PACK.pack
+        mapped = vm.npt.mappings.get
+        pack = _TRANSPORT_SLOT.pack
         todo = iter(gpas)
         with self.psp.ring() as ring, self.psp.bounce.stage() as st:
             hdr_base = st.alloc(batch * HDR_SLOT, PAGE)
             trans_base = st.alloc(batch * PAGE, PAGE)
             while chunk := list(itertools.islice(todo, batch)):
-                for i, gpa in enumerate(chunk):
-                    ring.submit(CommandId.SEND_UPDATE_DATA,
-                                pack(handle, hdr_base + i * HDR_SLOT, hdr_len, spa_of(gpa) | me_mask, PAGE,
-                                     trans_base + i * PAGE, PAGE))
+                spas = [mapped(gpa >> 12) if not gpa & PAGE_MASK else None for gpa in chunk]
+                slots = b"".join([pack(handle, hdr_base + i * HDR_SLOT, hdr_len,
+                                       (spa if spa is not None else spa_of(gpa)) | me_mask, PAGE,
+                                       trans_base + i * PAGE, PAGE)
+                                  for i, (gpa, spa) in enumerate(zip(chunk, spas, strict=True))])
+                ring.submit_many(CommandId.SEND_UPDATE_DATA, slots)
                 _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
                 n = len(chunk)
                 yield PageBatch(tuple(chunk), core.host_read_stream(hdr_base, n * HDR_SLOT),
@@ -521,26 +564,18 @@ class LegacySev(SevHost):
         submitted with one doorbell through the ring buffer: each GPA is backed (a fresh page,
         zeroed and flushed by the allocator), the headers and transport buffers copied into the
         bounce area with one streaming write each.  A refused command raises
-        :class:`SevFirmwareError` (the pages before it were received)."""
+        :class:`SevFirmwareError` (the pages before it were received).  For a run of batches,
+        :meth:`page_receiver` keeps one ring-buffer session open across them."""
+        with self.page_receiver(vm) as receiver:
+            receiver.receive(batch)
+
+    @contextlib.contextmanager
+    def page_receiver(self, vm: Vm) -> Generator[PageReceiver, None, None]:
+        """A ring-buffer session and bounce buffers for :meth:`PageReceiver.receive` of batch after
+        batch (no other firmware command may be issued while it is open)."""
         self.need_context(vm, Errno.EINVAL)
-        n = len(batch.gpas)
-        if not 0 < n <= RING_BATCH:
-            raise SevInputError(Errno.EINVAL, f"batch of {n} pages: 1..{RING_BATCH}")
-        if len(batch.hdrs) != n * HDR_SLOT or len(batch.transport) != n * PAGE or batch.hdr_len > HDR_SLOT:
-            raise SevInputError(Errno.EINVAL, "page batch buffers do not match its page count")
-        me_mask = self.caps.me_mask
-        pack = TRANSPORT_PACK.pack
-        spas = [self.guest_page(vm, gpa, PAGE) for gpa in batch.gpas]
         with self.psp.ring() as ring, self.psp.bounce.stage() as st:
-            hdr_base = st.alloc(n * HDR_SLOT, PAGE)
-            trans_base = st.alloc(n * PAGE, PAGE)
-            self.core.host_write_stream(hdr_base, batch.hdrs)
-            self.core.host_write_stream(trans_base, batch.transport)
-            for i, spa in enumerate(spas):
-                ring.submit(CommandId.RECEIVE_UPDATE_DATA,
-                            pack(vm.handle, hdr_base + i * HDR_SLOT, batch.hdr_len, spa | me_mask, PAGE,
-                                 trans_base + i * PAGE, PAGE))
-            _check_batch(CommandId.RECEIVE_UPDATE_DATA, ring.run())
+            yield PageReceiver(self, vm, ring, st.alloc(RING_BATCH * HDR_SLOT, PAGE), st.alloc(RING_BATCH * PAGE, PAGE))
 
     def receive_finish(self, vm: Vm) -> None:
         """RECEIVE_FINISH: the guest is RUNNING here."""
