@@ -17,6 +17,8 @@ from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import GENOA, MILAN
 from sevemu.hw.soc import Soc
 
+from hwkit import MEM_ACCEL_MODES, mem_accel
+
 MiB = 1 << 20
 X = 0x40000  # an SPA used by several tests
 
@@ -361,13 +363,20 @@ _op = st.tuples(st.sampled_from(["write", "read", "clflush"]), st.integers(0, le
                 st.integers(0, 48), st.integers(1, 40))
 
 
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
 @settings(max_examples=60, deadline=None)
 @given(mode=st.sampled_from(list(EncryptionMode)), coherent=st.booleans(), ops=st.lists(_op, max_size=25),
        clear=st.booleans(), flush=st.tuples(st.sampled_from(["wbinvd", "range"]), st.integers(0, len(_DOMAINS) - 1),
                                             st.integers(0, 48), st.integers(0, 120)))
 def test_bulk_write_back_puts_the_same_bytes_in_dram_as_one_write_back_per_line(
-        mode: EncryptionMode, coherent: bool, ops: list[tuple[str, int, int, int]], clear: bool,
+        accel: bool, mode: EncryptionMode, coherent: bool, ops: list[tuple[str, int, int, int]], clear: bool,
         flush: tuple[str, int, int, int]) -> None:
+    with mem_accel(accel):
+        _bulk_against_line_by_line(mode, coherent, ops, clear, flush)
+
+
+def _bulk_against_line_by_line(mode: EncryptionMode, coherent: bool, ops: list[tuple[str, int, int, int]],
+                               clear: bool, flush: tuple[str, int, int, int]) -> None:
     bulk, bport = _twin(mode, coherent)
     ref, rport = _twin(mode, coherent)
     for cache in (bulk, ref):
@@ -430,9 +439,15 @@ class RecordingAgent:
         return any(lo <= key < hi and inv == invalidate for lo, hi, inv in self.snoops)
 
 
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
 @pytest.mark.parametrize("asid,c", [(0, False), (1, True)])
-def test_flush_range_larger_than_the_cache_flushes_every_line_of_the_range(asid: int, c: bool) -> None:
+def test_flush_range_larger_than_the_cache_flushes_every_line_of_the_range(asid: int, c: bool, accel: bool) -> None:
     """The path KVM's flush of a large image takes on non-coherent CPUs (more lines than the cache)."""
+    with mem_accel(accel):
+        _flush_larger_than_the_cache(asid, c)
+
+
+def _flush_larger_than_the_cache(asid: int, c: bool) -> None:
     cache, _ = _cache()  # 64 KiB: 1024 lines
     agent = RecordingAgent()
     cache.attach(agent)
@@ -509,9 +524,16 @@ def test_coherent_fills_ask_private_levels_for_other_domain_copies() -> None:
     assert agent.fills == [tag_key(1, True, X)]
 
 
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
 @pytest.mark.parametrize("mode", list(EncryptionMode))
 @pytest.mark.parametrize("d", range(len(_DOMAINS)))
-def test_bulk_flush_range_small_and_large_against_one_clflush_per_line(mode: EncryptionMode, d: int) -> None:
+def test_bulk_flush_range_small_and_large_against_one_clflush_per_line(mode: EncryptionMode, d: int,
+                                                                        accel: bool) -> None:
+    with mem_accel(accel):
+        _small_and_large_flushes(mode, d)
+
+
+def _small_and_large_flushes(mode: EncryptionMode, d: int) -> None:
     bulk, _ = _twin(mode, False)
     ref, _ = _twin(mode, False)
     asid, c = _DOMAINS[d]
