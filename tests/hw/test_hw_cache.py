@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from hwkit import MEM_ACCEL_MODES, mem_accel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,8 +17,6 @@ from sevemu.hw.faults import GeneralProtection
 from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import GENOA, MILAN
 from sevemu.hw.soc import Soc
-
-from hwkit import MEM_ACCEL_MODES, mem_accel
 
 MiB = 1 << 20
 X = 0x40000  # an SPA used by several tests
