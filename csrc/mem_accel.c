@@ -19,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -210,6 +211,17 @@ fail:
 #endif
 #define AHEAD 8
 
+/* An int key as uint64 (OverflowError if negative or too large): PyLong_AsUnsignedLong has a
+ * short path for small multi-digit ints where unsigned long is 64 bits. */
+static unsigned long long as_u64(PyObject *k)
+{
+#if ULONG_MAX == 0xFFFFFFFFFFFFFFFFUL
+    return PyLong_AsUnsignedLong(k);
+#else
+    return PyLong_AsUnsignedLongLong(k);
+#endif
+}
+
 typedef struct {
     PyObject *key_obj;
     PyObject *line;
@@ -326,7 +338,7 @@ static PyObject *cache_take(PyObject *self, PyObject *const *args, Py_ssize_t na
             PyErr_SetString(PyExc_TypeError, "a cache line must be an int key and a bytearray of 64 bytes");
             goto fail_unchanged;
         }
-        key = (uint64_t)PyLong_AsUnsignedLongLong(k);
+        key = (uint64_t)as_u64(k);
         if (key == (uint64_t)-1 && PyErr_Occurred()) {
             goto fail_unchanged;
         }
