@@ -12,10 +12,9 @@ from contextlib import contextmanager
 
 import pytest
 
-import sevemu.hw.cache as cache_module
-import sevemu.hw.dram as dram_module
 from sevemu.abi.paging import Pte
 from sevemu.abi.pycode import CODE_GPA, identity_table
+from sevemu.hw import memaccel
 from sevemu.hw.codefetch import cpu_engine
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.mmu import Translation
@@ -223,7 +222,7 @@ def es_vmsa(soc: Soc, vmcb: Vmcb, spa: int = VMSA_SPA, crc_paddr: int = VMSA_CRC
 
 # ---- the memory model's C helpers (csrc/mem_accel.c) on and off -------------------------------------
 MEM_ACCEL_MODES = [pytest.param(True, id="c-helpers",
-                                marks=pytest.mark.skipif(not dram_module._ACCEL, reason="csrc/mem_accel.c not built")),
+                                marks=pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")),
                    pytest.param(False, id="python")]
 """Parametrize a test over the bulk paths of DRAM and the cache: the C helpers, then the Python loops."""
 
@@ -231,9 +230,9 @@ MEM_ACCEL_MODES = [pytest.param(True, id="c-helpers",
 @contextmanager
 def mem_accel(on: bool) -> Iterator[None]:
     """Run the block with the memory model's C helpers used (if built) or not."""
-    saved = dram_module._ACCEL, cache_module._ACCEL
-    dram_module._ACCEL = cache_module._ACCEL = on and saved[0]
+    saved = memaccel.ENABLED
+    memaccel.ENABLED = on and saved
     try:
         yield
     finally:
-        dram_module._ACCEL, cache_module._ACCEL = saved
+        memaccel.ENABLED = saved

@@ -33,16 +33,8 @@ import numpy as np
 
 from sevemu._util.units import LINE
 from sevemu.errors import AlignmentError, InputError, KeySlotError
+from sevemu.hw import memaccel
 from sevemu.hw.memctl import MemoryController
-
-_ACCEL: bool
-"""Whether the optional C helpers (``csrc/mem_accel.c``) are used; tests turn them off."""
-try:
-    from sevemu.hw import _mem_accel
-except ImportError:  # installed without a C compiler: the Python passes
-    _ACCEL = False
-else:
-    _ACCEL = True
 
 __all__ = ["ASID_SHIFT", "C_SHIFT", "SPA_MASK", "Cache", "CacheAgent", "key_domain", "tag_key"]
 
@@ -331,9 +323,9 @@ class Cache:
         klo = tag_key(asid, c, lo)
         khi = klo + (hi - lo)
         sets, mask = self.sets, self.set_mask
-        if hi - lo > self.size and _ACCEL:  # visit the resident lines, in C
+        if hi - lo > self.size and memaccel.ENABLED:  # visit the resident lines, in C
             before = len(self.dirty)
-            keys, data, packed = _mem_accel.cache_take(sets, klo, khi, self.dirty)
+            keys, data, packed = memaccel.helpers.cache_take(sets, klo, khi, self.dirty)
             if len(self.dirty) < before // 4:
                 self._compact_dirty()
             self.writebacks += len(keys)

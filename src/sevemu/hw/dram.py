@@ -23,15 +23,7 @@ from pathlib import Path
 
 from sevemu._util.units import LINE, PAGE
 from sevemu.errors import AddressError, AlignmentError, FileFormatError, InputError
-
-_ACCEL: bool
-"""Whether the optional C helpers (``csrc/mem_accel.c``) are used; tests turn them off."""
-try:
-    from sevemu.hw import _mem_accel
-except ImportError:  # installed without a C compiler: the Python loops
-    _ACCEL = False
-else:
-    _ACCEL = True
+from sevemu.hw import memaccel
 
 __all__ = ["LINE", "PAGE", "ColdBootImage", "Dram"]  # LINE and PAGE re-exported for callers of old
 _ZERO_LINE = bytes(LINE)
@@ -73,8 +65,8 @@ class Dram:
     def write_lines(self, spa: int, data: bytes | bytearray | memoryview) -> None:
         """Consecutive lines from the line-aligned ``spa`` (the caller checked the range): the same
         result as :meth:`write_line` for each line, pages allocated as they are written."""
-        if _ACCEL:
-            _mem_accel.dram_scatter(self._pages, spa, data, False)
+        if memaccel.ENABLED:
+            memaccel.helpers.dram_scatter(self._pages, spa, data, False)
             return
         view = memoryview(data).cast("B")
         pages = self._pages
@@ -107,8 +99,8 @@ class Dram:
         if view.readonly:
             raise InputError("read_into needs a writable buffer")
         self.check_range(spa, len(view))
-        if _ACCEL:
-            _mem_accel.dram_gather(view, self._pages, spa)
+        if memaccel.ENABLED:
+            memaccel.helpers.dram_gather(view, self._pages, spa)
         else:
             self._gather(spa, view)
 
@@ -132,8 +124,8 @@ class Dram:
         view = memoryview(data).cast("B")
         length = len(view)
         self.check_range(spa, length)
-        if _ACCEL:
-            _mem_accel.dram_scatter(self._pages, spa, view, True)
+        if memaccel.ENABLED:
+            memaccel.helpers.dram_scatter(self._pages, spa, view, True)
             return
         pos = 0
         pages = self._pages
