@@ -325,12 +325,16 @@ class Cache:
         sets, mask = self.sets, self.set_mask
         if hi - lo > self.size and memaccel.ENABLED:  # visit the resident lines, in C
             before = len(self.dirty)
-            keys, data, packed = memaccel.helpers.cache_take(sets, klo, khi, self.dirty)
-            if len(self.dirty) < before // 4:
-                self._compact_dirty()
-            self.writebacks += len(keys)
-            self._write_runs(keys, data, np.frombuffer(packed, dtype="<u8").astype(np.uint64))
-            return
+            try:
+                keys, data, packed = memaccel.helpers.cache_take(sets, klo, khi, self.dirty)
+            except TypeError:  # a line that is not a 64-byte bytearray: nothing was taken
+                pass
+            else:
+                if len(self.dirty) < before // 4:
+                    self._compact_dirty()
+                self.writebacks += len(keys)
+                self._write_runs(keys, data, np.frombuffer(packed, dtype="<u8").astype(np.uint64))
+                return
         if hi - lo <= self.size:  # no more lines than the cache holds: visit every address
             keys = [key for key in range(klo, khi, LINE) if key in sets[(key >> 6) & mask]]
             lines = [sets[(key >> 6) & mask].pop(key) for key in keys]
