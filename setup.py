@@ -22,5 +22,10 @@ setup(
             libraries=["crypto"],
             optional=True,
         ),
+        Extension(
+            "sevemu.hw._mem_accel",
+            sources=["csrc/mem_accel.c"],
+            optional=True,
+        ),
     ]
 )

@@ -216,6 +216,34 @@ def test_a_large_launch_update_waits_for_its_hash(m: Machine) -> None:
     assert g.launch_digest == hashlib.sha256(big).digest()
 
 
+def test_a_streamed_update_reuses_a_chunk_buffer_only_after_its_hash(m: Machine) -> None:
+    """The stream reads each chunk into one of two reused buffers while the SHA engine hashes the
+    previous one: with a hash slower than everything else, every chunk must still be hashed as it
+    was read (a buffer overwritten before its hash ran would change the digest)."""
+    init(m, InitCmd())
+    handle = start_guest(m, asid=100)
+    g = m.firmware.guests[handle]
+    real = g.ld
+    seen: list[bytes] = []
+
+    class SlowHash:
+        def update(self, data: bytes) -> None:
+            time.sleep(0.05)
+            seen.append(bytes(data[:16]))
+            real.update(data)
+
+        def digest(self) -> bytes:
+            return real.digest()
+
+    g.ld = SlowHash()  # type: ignore[assignment]
+    data = hashlib.shake_256(b"chunks").digest(7 * MiB)
+    m.hv.core.host_write(0x4000_0000, data)
+    m.hv.core.clflush_range(0x4000_0000, len(data))
+    ok(m, CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd(handle=handle, paddr=0x4000_0000, len=len(data)))
+    assert len(seen) == 4 and seen == [data[off : off + 16] for off in range(0, len(data), 2 * MiB)]
+    assert g.launch_digest == hashlib.sha256(data).digest()
+
+
 def test_policy_checks(m: Machine) -> None:
     init(m, InitCmd())
     cases = [

@@ -7,12 +7,14 @@ C=0 stores into host memory, the guest's tables with the guest's own stores (pri
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from sevemu.abi.paging import Pte
 from sevemu.abi.pycode import CODE_GPA, identity_table
+from sevemu.hw import memaccel
 from sevemu.hw.codefetch import cpu_engine
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.mmu import Translation
@@ -216,3 +218,21 @@ def es_vmsa(soc: Soc, vmcb: Vmcb, spa: int = VMSA_SPA, crc_paddr: int = VMSA_CRC
     soc.dram.write(crc_paddr, crc.to_bytes(8, "little"))
     vmcb.vmsa_pa = spa
     return page
+
+
+# ---- the memory model's C helpers (csrc/mem_accel.c) on and off -------------------------------------
+MEM_ACCEL_MODES = [pytest.param(True, id="c-helpers",
+                                marks=pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")),
+                   pytest.param(False, id="python")]
+"""Parametrize a test over the bulk paths of DRAM and the cache: the C helpers, then the Python loops."""
+
+
+@contextmanager
+def mem_accel(on: bool) -> Iterator[None]:
+    """Run the block with the memory model's C helpers used (if built) or not."""
+    saved = memaccel.ENABLED
+    memaccel.ENABLED = on and saved
+    try:
+        yield
+    finally:
+        memaccel.ENABLED = saved

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from hwkit import MEM_ACCEL_MODES, mem_accel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -361,13 +362,20 @@ _op = st.tuples(st.sampled_from(["write", "read", "clflush"]), st.integers(0, le
                 st.integers(0, 48), st.integers(1, 40))
 
 
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
 @settings(max_examples=60, deadline=None)
 @given(mode=st.sampled_from(list(EncryptionMode)), coherent=st.booleans(), ops=st.lists(_op, max_size=25),
        clear=st.booleans(), flush=st.tuples(st.sampled_from(["wbinvd", "range"]), st.integers(0, len(_DOMAINS) - 1),
                                             st.integers(0, 48), st.integers(0, 120)))
 def test_bulk_write_back_puts_the_same_bytes_in_dram_as_one_write_back_per_line(
-        mode: EncryptionMode, coherent: bool, ops: list[tuple[str, int, int, int]], clear: bool,
+        accel: bool, mode: EncryptionMode, coherent: bool, ops: list[tuple[str, int, int, int]], clear: bool,
         flush: tuple[str, int, int, int]) -> None:
+    with mem_accel(accel):
+        _bulk_against_line_by_line(mode, coherent, ops, clear, flush)
+
+
+def _bulk_against_line_by_line(mode: EncryptionMode, coherent: bool, ops: list[tuple[str, int, int, int]],
+                               clear: bool, flush: tuple[str, int, int, int]) -> None:
     bulk, bport = _twin(mode, coherent)
     ref, rport = _twin(mode, coherent)
     for cache in (bulk, ref):
@@ -430,9 +438,15 @@ class RecordingAgent:
         return any(lo <= key < hi and inv == invalidate for lo, hi, inv in self.snoops)
 
 
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
 @pytest.mark.parametrize("asid,c", [(0, False), (1, True)])
-def test_flush_range_larger_than_the_cache_flushes_every_line_of_the_range(asid: int, c: bool) -> None:
+def test_flush_range_larger_than_the_cache_flushes_every_line_of_the_range(asid: int, c: bool, accel: bool) -> None:
     """The path KVM's flush of a large image takes on non-coherent CPUs (more lines than the cache)."""
+    with mem_accel(accel):
+        _flush_larger_than_the_cache(asid, c)
+
+
+def _flush_larger_than_the_cache(asid: int, c: bool) -> None:
     cache, _ = _cache()  # 64 KiB: 1024 lines
     agent = RecordingAgent()
     cache.attach(agent)
@@ -509,9 +523,16 @@ def test_coherent_fills_ask_private_levels_for_other_domain_copies() -> None:
     assert agent.fills == [tag_key(1, True, X)]
 
 
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
 @pytest.mark.parametrize("mode", list(EncryptionMode))
 @pytest.mark.parametrize("d", range(len(_DOMAINS)))
-def test_bulk_flush_range_small_and_large_against_one_clflush_per_line(mode: EncryptionMode, d: int) -> None:
+def test_bulk_flush_range_small_and_large_against_one_clflush_per_line(mode: EncryptionMode, d: int,
+                                                                        accel: bool) -> None:
+    with mem_accel(accel):
+        _small_and_large_flushes(mode, d)
+
+
+def _small_and_large_flushes(mode: EncryptionMode, d: int) -> None:
     bulk, _ = _twin(mode, False)
     ref, _ = _twin(mode, False)
     asid, c = _DOMAINS[d]
@@ -547,3 +568,18 @@ def test_resident_keys_are_the_lines_a_lookup_per_address_finds(fill: int) -> No
         want = [k0 + off for off in range(0, spa + length - lo, LINE)
                 if cache.sets[((k0 + off) >> 6) & cache.set_mask].get(k0 + off) is not None]
         assert cache.resident_keys(asid, c, spa, length) == want
+
+
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
+def test_a_large_flush_takes_lines_of_any_buffer_type(accel: bool) -> None:
+    """A resident line held as ``bytes`` (as a test or a private level might leave one) is flushed like
+    any other: the C helper refuses it before it changes anything, and the Python pass takes over."""
+    with mem_accel(accel):
+        cache, _ = _cache()  # 64 KiB
+        cache.write(0, False, X, _data(70, 4 * LINE))
+        key = tag_key(0, False, X + LINE)
+        s = cache.sets[(key >> 6) & cache.set_mask]
+        s[key] = bytes(s[key])  # type: ignore[assignment]
+        cache.flush_range(0, False, X, 1 << 20)  # more lines than the cache holds
+        assert not cache.dirty and cache.peek(0, False, X + LINE) is None
+        assert cache.mc.dram.read(X, 4 * LINE) == _data(70, 4 * LINE)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
+from hwkit import MEM_ACCEL_MODES, mem_accel
 
 from sevemu._util.units import MiB
 from sevemu.errors import AddressError, AlignmentError, FileFormatError, InputError
@@ -162,3 +164,40 @@ def test_cold_boot_find_many_searches_holes_for_a_needle_of_zeros(tmp_path: Path
     hits = ColdBootImage(path).find_many([zeros, b"\xff\x00"])
     assert hits[zeros] == [0, *range(2 * PAGE, 15 * PAGE + 1)]
     assert hits[b"\xff\x00"] == [2 * PAGE - 1]
+
+
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
+def test_bulk_transfers_match_a_byte_model_with_and_without_the_c_helpers(accel: bool) -> None:
+    """read_into, write and write_lines against a flat bytearray: any alignment, spans of pages,
+    absent pages read as zeros; write leaves a page absent when its part is all zeros, write_lines
+    (the cache's write-back) creates it whatever it holds."""
+    r = random.Random(7)
+    size = 64 * PAGE
+    flat = bytearray(size)
+    with mem_accel(accel):
+        d = Dram(size)
+        for step in range(300):
+            spa = r.randrange(size)
+            n = r.randrange(0, min(3 * PAGE, size - spa) + 1)
+            data = r.randbytes(n) if step % 3 else bytes(n)
+            if step % 5 == 0 and not (spa % LINE or n % LINE):
+                before = {pfn for pfn in range(spa >> 12, (spa + n + PAGE - 1) >> 12)}
+                d.write_lines(spa, data)
+                assert before <= {s >> 12 for s, _ in d.pages()}
+            else:
+                absent = {pfn for pfn in range(spa >> 12, (spa + n + PAGE - 1) >> 12)} - {s >> 12 for s, _ in d.pages()}
+                d.write(spa, memoryview(data))
+                for pfn in absent:
+                    part = data[max(pfn * PAGE - spa, 0) : (pfn + 1) * PAGE - spa]
+                    assert ((pfn << 12) in dict(d.pages())) == any(part)
+            flat[spa : spa + n] = data
+            out = bytearray(n + 3)
+            d.read_into(spa, memoryview(out)[1 : n + 1])
+            assert out[1 : n + 1] == flat[spa : spa + n] and out[0] == out[n + 1] == 0
+            assert d.read(spa, n) == flat[spa : spa + n]
+        for s, page in d.pages():
+            assert page == flat[s : s + PAGE]
+        with pytest.raises(AddressError):
+            d.read_into(size - 8, bytearray(16))
+        with pytest.raises(InputError):
+            d.read_into(0, b"read-only")

@@ -34,7 +34,7 @@ def read_guest(fw: Firmware, g: GuestContext, spa: int, length: int) -> bytes:
     return data[spa - lo : spa - lo + length]
 
 
-def write_guest(fw: Firmware, g: GuestContext, spa: int, data: bytes | bytearray) -> None:
+def write_guest(fw: Firmware, g: GuestContext, spa: int, data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` into guest memory encrypted with ``g``'s key, straight to DRAM (partial lines
     are read-modify-written)."""
     dma = fw.ports.dma

@@ -25,7 +25,7 @@ writes, flushes or invalidates them, it writes back and drops (or refreshes) its
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from itertools import pairwise
 from typing import Protocol
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from sevemu._util.units import LINE
 from sevemu.errors import AlignmentError, InputError, KeySlotError
+from sevemu.hw import memaccel
 from sevemu.hw.memctl import MemoryController
 
 __all__ = ["ASID_SHIFT", "C_SHIFT", "SPA_MASK", "Cache", "CacheAgent", "key_domain", "tag_key"]
@@ -185,10 +186,10 @@ class Cache:
             self.writebacks += 1
             self.mc.write_line(key & SPA_MASK, key >> ASID_SHIFT, bool((key >> C_SHIFT) & 1), line)
 
-    def _write_runs(self, keys: list[int], lines: Mapping[int, bytearray],
+    def _write_runs(self, keys: list[int], data: bytes | bytearray,
                     array: np.ndarray[tuple[int], np.dtype[np.uint64]] | None = None) -> None:
         """Write the dirty lines ``keys`` (sorted; one per SPA; ``array``: the same as a NumPy array,
-        if the caller has one) back from ``lines``, each run of
+        if the caller has one) back from ``data``, their 64-byte lines one after the other, each run of
         consecutive lines of one domain in one call of the memory controller's bulk path (the
         bytes :meth:`_writeback` would write line by line).  Sorting cache keys sorts by domain,
         then SPA, so a run never crosses domains."""
@@ -200,15 +201,14 @@ class Cache:
             array = np.array(keys, dtype=np.uint64)
         breaks = np.flatnonzero(np.diff(array) != LINE) + 1
         bounds = [0, *breaks.tolist(), n]
-        get = lines.__getitem__
         for i, j in pairwise(bounds):
             first = keys[i]
             asid, c = first >> ASID_SHIFT, bool((first >> C_SHIFT) & 1)
             if j - i < _BULK_MIN_LINES:
-                for key in keys[i:j]:
-                    mc.write_line(key & SPA_MASK, asid, c, get(key))
+                for k in range(i, j):
+                    mc.write_line(keys[k] & SPA_MASK, asid, c, data[k * LINE : (k + 1) * LINE])
             else:
-                mc.write_run(first & SPA_MASK, asid, c, b"".join(map(get, keys[i:j])))
+                mc.write_run(first & SPA_MASK, asid, c, memoryview(data)[i * LINE : j * LINE])
 
     def _drop_overwritten(self, keys: list[int]) -> list[int]:
         """The sorted dirty ``keys`` without the lines another domain's line of the same SPA
@@ -324,31 +324,86 @@ class Cache:
         self._snoop(asid, c, lo, hi - lo, True, None)
         klo = tag_key(asid, c, lo)
         khi = klo + (hi - lo)
-        gone: dict[int, bytearray] = {}
-        if hi - lo <= self.size:  # no more lines than the cache holds: look up the range's lines
-            sets, mask = self.sets, self.set_mask
-            gone = {key: sets[(key >> 6) & mask].pop(key) for key in self._resident_keys(klo, khi)}
-        else:  # visit the resident lines, a whole set at once where all of it is in the range
-            for s in self.sets:
-                if not s:
-                    continue
-                first, last = min(s), max(s)
-                if klo <= first and last < khi:
-                    gone.update(s)
-                    s.clear()
-                elif first < khi and last >= klo:
-                    for key in [key for key in s if klo <= key < khi]:
-                        gone[key] = s.pop(key)
-        dirty = self.dirty.intersection(gone)
-        if dirty:
-            if len(dirty) == len(self.dirty):
-                self.dirty.clear()  # (every dirty line was in the range: no second pass)
+        sets, mask = self.sets, self.set_mask
+        if hi - lo > self.size and memaccel.ENABLED:  # visit the resident lines, in C
+            before = len(self.dirty)
+            try:
+                keys, data, packed = memaccel.helpers.cache_take(sets, klo, khi, self.dirty)
+            except TypeError:  # a line that is not a 64-byte bytearray: nothing was taken
+                pass
             else:
-                self.dirty.difference_update(dirty)
-            self.writebacks += len(dirty)
-            order = np.fromiter(dirty, dtype=np.uint64, count=len(dirty))
-            order.sort()
-            self._write_runs(order.tolist(), gone, order)
+                if len(self.dirty) < before // 4:
+                    self._compact_dirty()
+                self.writebacks += len(keys)
+                self._write_runs(keys, data, np.frombuffer(packed, dtype="<u8").astype(np.uint64))
+                return
+        if hi - lo <= self.size:  # no more lines than the cache holds: look up the range's lines
+            keys = self._resident_keys(klo, khi)
+            lines = [sets[(key >> 6) & mask].pop(key) for key in keys]
+        else:
+            keys, lines = self._take_resident(klo, khi)
+        if not keys:
+            return
+        dirty = self.dirty
+        written = np.fromiter(map(dirty.__contains__, keys), dtype=bool, count=len(keys))
+        count = int(np.count_nonzero(written))
+        if not count:
+            return
+        array = np.array(keys, dtype=np.uint64)[written]
+        order = np.argsort(array)
+        array = array[order]
+        picked = np.flatnonzero(written)[order].tolist()
+        keys = [keys[i] for i in picked]
+        if count == len(dirty):
+            dirty.clear()  # (every dirty line was in the range: no second pass)
+        else:
+            dirty.difference_update(keys)
+            if len(dirty) < count // 4:
+                self._compact_dirty()
+        self.writebacks += count
+        self._write_runs(keys, b"".join([lines[i] for i in picked]), array)
+
+    def _compact_dirty(self) -> None:
+        """Give :attr:`dirty` a table sized for what is left after a bulk removal: a set keeps the
+        table of its largest size, and iterating it (the PSP's coherent reads do) walks every slot."""
+        rest = list(self.dirty)
+        self.dirty.clear()
+        self.dirty.update(rest)
+
+    def _take_resident(self, klo: int, khi: int) -> tuple[list[int], list[bytearray]]:
+        """Remove and return (keys, lines) of every resident line with a key in ``[klo, khi)`` by
+        visiting the resident lines (a range with more lines than the cache holds): the keys of all
+        sets are gathered in one pass and compared at once; sets entirely inside go in one call."""
+        sets = self.sets
+        keys: list[int] = []
+        lines: list[bytearray] = []
+        sizes: list[int] = []
+        for s in sets:
+            keys.extend(s)
+            lines.extend(s.values())
+            sizes.append(len(s))
+        if not keys:
+            return [], []
+        array = np.array(keys, dtype=np.uint64)
+        inside = (array >= klo) & (array < khi)
+        picked = np.flatnonzero(inside)
+        if len(picked) == len(keys):  # every resident line is in the range
+            for s in sets:
+                s.clear()
+            return keys, lines
+        counts = np.asarray(sizes)
+        per_set = np.bincount(np.repeat(np.arange(len(sets)), counts)[picked], minlength=len(sets))
+        full = np.flatnonzero((per_set == counts) & (counts > 0)).tolist()
+        for i in full:
+            sets[i].clear()
+        mask = self.set_mask
+        full_set = set(full)
+        out_keys = [keys[i] for i in picked.tolist()]
+        for key in out_keys:
+            index = (key >> 6) & mask
+            if index not in full_set:
+                del sets[index][key]
+        return out_keys, [lines[i] for i in picked.tolist()]
 
     def resident_keys(self, asid: int, c: bool, spa: int, length: int) -> list[int]:
         """Keys of the lines of ``[spa, spa+length)`` resident in domain (asid, c), in address order
@@ -396,14 +451,14 @@ class Cache:
         self._snoop_all()
         dirty = self.dirty
         sets, mask = self.sets, self.set_mask
-        lines = {key: sets[(key >> 6) & mask][key] for key in dirty}
         keys = self._drop_overwritten(sorted(dirty))
+        data = b"".join([sets[(key >> 6) & mask][key] for key in keys])
         for s in sets:
             s.clear()
         written = len(dirty)
         dirty.clear()
         self.writebacks += written
-        self._write_runs(keys, lines)
+        self._write_runs(keys, data)
         self.flush_epoch += 1
         return written
 

@@ -5,6 +5,10 @@ for an encrypted page DRAM holds ciphertext and nothing else.  Pages are allocat
 a page never written reads as zeros.  A 64 GiB guest that touches 64 MiB costs 64 MiB plus a
 dictionary entry per page.
 
+The bulk paths (:meth:`Dram.read_into`, :meth:`Dram.write`, :meth:`Dram.write_lines`) move whole
+ranges through the optional C helpers of ``csrc/mem_accel.c`` where they were built, or through the
+Python loops beside them otherwise: the same pages, the same bytes.
+
 A "cold boot" image (:meth:`Dram.dump`) is a raw file whose byte at offset ``o`` is the DRAM byte at
 ``base + o``; pages never written are left as holes, so the file is sparse on disk.
 :class:`ColdBootImage` reads one back for inspection.
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from sevemu._util.units import LINE, PAGE
 from sevemu.errors import AddressError, AlignmentError, FileFormatError, InputError
+from sevemu.hw import memaccel
 
 __all__ = ["LINE", "PAGE", "ColdBootImage", "Dram"]  # LINE and PAGE re-exported for callers of old
 _ZERO_LINE = bytes(LINE)
@@ -60,6 +65,9 @@ class Dram:
     def write_lines(self, spa: int, data: bytes | bytearray | memoryview) -> None:
         """Consecutive lines from the line-aligned ``spa`` (the caller checked the range): the same
         result as :meth:`write_line` for each line, pages allocated as they are written."""
+        if memaccel.ENABLED:
+            memaccel.helpers.dram_scatter(self._pages, spa, data, False)
+            return
         view = memoryview(data).cast("B")
         pages = self._pages
         pos = 0
@@ -71,7 +79,7 @@ class Dram:
             page = pages.get(addr >> 12)
             if page is None:
                 page = pages[addr >> 12] = bytearray(PAGE)
-            page[off : off + n] = view[pos : pos + n]
+            memoryview(page)[off : off + n] = view[pos : pos + n]
             pos += n
 
     def read(self, spa: int, length: int) -> bytes:
@@ -81,36 +89,46 @@ class Dram:
             get = self._pages.get
             return b"".join([get(pfn, _ZERO_PAGE) for pfn in range(spa >> 12, (spa + length) >> 12)])
         out = bytearray(length)
+        self._gather(spa, memoryview(out))
+        return bytes(out)
+
+    def read_into(self, spa: int, out: bytearray | memoryview) -> None:
+        """:meth:`read` of ``len(out)`` bytes from ``spa`` into the caller's buffer (a bulk transfer
+        that reuses its buffers instead of allocating a new one each time)."""
+        view = memoryview(out).cast("B")
+        if view.readonly:
+            raise InputError("read_into needs a writable buffer")
+        self.check_range(spa, len(view))
+        if memaccel.ENABLED:
+            memaccel.helpers.dram_gather(view, self._pages, spa)
+        else:
+            self._gather(spa, view)
+
+    def _gather(self, spa: int, view: memoryview) -> None:
+        length = len(view)
         pos = 0
         while pos < length:
             addr = spa + pos
             off = addr & 0xFFF
             n = min(PAGE - off, length - pos)
             page = self._pages.get(addr >> 12)
-            if page is not None:
-                out[pos : pos + n] = page[off : off + n]
+            if page is None:
+                view[pos : pos + n] = _ZERO_PAGE[:n]
+            else:
+                view[pos : pos + n] = memoryview(page)[off : off + n]
             pos += n
-        return bytes(out)
 
     def write(self, spa: int, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` at ``spa`` (any alignment, may span pages)."""
-        length = len(data)
-        self.check_range(spa, length)
+        """Store ``data`` at ``spa`` (any alignment, may span pages); a page never written stays
+        absent when written with zeros."""
         view = memoryview(data).cast("B")
+        length = len(view)
+        self.check_range(spa, length)
+        if memaccel.ENABLED:
+            memaccel.helpers.dram_scatter(self._pages, spa, view, True)
+            return
         pos = 0
         pages = self._pages
-        if not spa & 0xFFF:  # whole pages first: one copy each, no zero-filled page in between
-            whole = length & ~0xFFF
-            pfn = spa >> 12
-            while pos < whole:
-                chunk = view[pos : pos + PAGE]
-                page = pages.get(pfn)
-                if page is not None:
-                    page[:] = chunk
-                elif chunk != _ZERO_PAGE:  # an absent page stays absent when written with zeros
-                    pages[pfn] = bytearray(chunk)
-                pos += PAGE
-                pfn += 1
         while pos < length:
             addr = spa + pos
             off = addr & 0xFFF
@@ -122,7 +140,7 @@ class Dram:
                     pos += n
                     continue
                 page = pages[pfn] = bytearray(PAGE)
-            page[off : off + n] = view[pos : pos + n]
+            memoryview(page)[off : off + n] = view[pos : pos + n]
             pos += n
 
     def check_range(self, spa: int, length: int) -> None:

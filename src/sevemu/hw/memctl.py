@@ -27,6 +27,7 @@ used by the MMU.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 from sevemu._util.units import LINE, MiB
@@ -36,6 +37,14 @@ from sevemu.hw.dram import Dram
 
 _ZERO_LINE = bytes(LINE)
 _CHUNK = MiB  # bulk encryption granule of large transfers (a whole number of pages)
+_SCRATCH = threading.local()  # per thread: one _CHUNK buffer the bulk writes encrypt into, reused
+
+
+def _scratch() -> memoryview:
+    buf: memoryview | None = getattr(_SCRATCH, "buf", None)
+    if buf is None:
+        buf = _SCRATCH.buf = memoryview(bytearray(_CHUNK))
+    return buf
 
 __all__ = ["KeySlotPort", "MemoryController", "domain_for"]
 
@@ -166,7 +175,7 @@ class MemoryController:
             data = enc(spa, data)
         self.dram.write_line(spa, data)
 
-    def write_run(self, spa: int, asid: int, c: bool, data: bytes | bytearray) -> None:
+    def write_run(self, spa: int, asid: int, c: bool, data: bytes | bytearray | memoryview) -> None:
         """Write consecutive 64-byte lines back from the line-aligned ``spa`` in domain (asid, c):
         the same DRAM bytes as :meth:`write_line` for each, encrypted by the cipher's bulk path
         (the write-back of a large flush)."""
@@ -192,16 +201,17 @@ class MemoryController:
     def write(self, spa: int, data: bytes | bytearray | memoryview, asid: int, c: bool) -> None:
         """Store ``data`` at line-aligned ``spa`` through domain (asid, c), bypassing the caches.
 
-        Encrypted in chunks through one reused buffer (no ciphertext copy of the whole range); the
-        whole range is checked first, so a refused transfer changes nothing."""
-        self._check_bulk(spa, len(data))
-        if not c:
-            self.dram.write(spa, data)
-            return
-        cipher = self._cipher(asid)
+        Encrypted in chunks through one buffer reused by every call of the thread (no ciphertext
+        copy of the whole range, no fresh allocation); the whole range is checked first, so a
+        refused transfer changes nothing."""
         view = memoryview(data).cast("B")
         n = len(view)
-        buf = memoryview(bytearray(min(n, _CHUNK)))
+        self._check_bulk(spa, n)
+        if not c:
+            self.dram.write(spa, view)
+            return
+        cipher = self._cipher(asid)
+        buf = _scratch()
         for pos in range(0, n, _CHUNK):
             part = view[pos : pos + _CHUNK]
             out = buf[: len(part)]

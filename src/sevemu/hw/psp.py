@@ -100,18 +100,36 @@ class PspDma:
         back at every #VMEXIT.)
         """
         self._mc.dram.check_range(spa, length)
-        cache = self._cache
         data = self._mc.dram.read(spa, length)
-        dirty = cache.dirty
-        first = spa & ~(LINE - 1)
-        end = spa + length
-        if (end - first) // LINE <= len(dirty):
-            keys = [k for k in range(first, end, LINE) if k in dirty]  # host C=0 key == SPA
-        else:
-            keys = sorted(k for k in dirty if first <= k < end)  # domain (0, C=0) keys are SPAs
+        keys = self._dirty_host_lines(spa, length)
         if not keys:
             return data
         out = bytearray(data)
+        self._merge(spa, keys, memoryview(out))
+        return bytes(out)
+
+    def read_into(self, spa: int, out: bytearray | memoryview) -> None:
+        """:meth:`read` of ``len(out)`` bytes into the caller's buffer (a bulk transfer that reuses
+        its buffers)."""
+        view = memoryview(out).cast("B")
+        self._mc.dram.read_into(spa, view)
+        keys = self._dirty_host_lines(spa, len(view))
+        if keys:
+            self._merge(spa, keys, view)
+
+    def _dirty_host_lines(self, spa: int, length: int) -> list[int]:
+        """Keys of the host's dirty unencrypted lines of a range, ascending (domain (0, C=0) keys
+        are SPAs)."""
+        dirty = self._cache.dirty
+        first = spa & ~(LINE - 1)
+        end = spa + length
+        if (end - first) // LINE <= len(dirty):
+            return [k for k in range(first, end, LINE) if k in dirty]
+        return sorted(k for k in dirty if first <= k < end)
+
+    def _merge(self, spa: int, keys: list[int], out: memoryview) -> None:
+        cache = self._cache
+        end = spa + len(out)
         for key in keys:
             line = cache.sets[(key >> 6) & cache.set_mask].get(key)
             if line is None:
@@ -119,7 +137,6 @@ class PspDma:
             lo = max(key, spa)
             hi = min(key + LINE, end)
             out[lo - spa : hi - spa] = line[lo - key : hi - key]
-        return bytes(out)
 
     def write(self, spa: int, data: bytes | bytearray, *, guest_ok: bool = False) -> None:
         """Unencrypted write; host copies of those lines (this cache and private levels above it)
@@ -149,7 +166,7 @@ class PspDma:
         """Read with the key of ``asid`` straight from DRAM (not coherent with the caches)."""
         return self._mc.read(spa, length, asid, True)
 
-    def write_encrypted(self, spa: int, data: bytes | bytearray, asid: int) -> None:
+    def write_encrypted(self, spa: int, data: bytes | bytearray | memoryview, asid: int) -> None:
         """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""
         self._mc.write(spa, data, asid, True)
 

@@ -52,6 +52,7 @@ LAUNCH_FINISH (LSECRET -> RUNNING)
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
@@ -93,6 +94,7 @@ def launch_start(fw: Firmware, cmd: LaunchStartCmd) -> LaunchStartCmd:
 _STREAM_MIN: Final = MiB  # below this, one read, hash and write; above, streamed in chunks
 _STREAM_CHUNK: Final = 2 * MiB
 _SHA_ENGINE: list[ThreadPoolExecutor] = []
+_BUFFERS = threading.local()
 # Equivalent mutants (mutation testing of this module): flipping ``cmd.len < _STREAM_MIN``, the chunk
 # size and ``max_workers=2`` change only how the same bytes are cut and which thread hashes them,
 # never the digest or the memory.
@@ -105,28 +107,42 @@ def _sha_engine() -> ThreadPoolExecutor:
     return _SHA_ENGINE[0]
 
 
+def _chunk_buffers() -> tuple[memoryview, memoryview]:
+    """Two chunk buffers of the calling thread, reused by every streamed update (made on first use):
+    one is read into while the SHA engine hashes the other."""
+    bufs: tuple[memoryview, memoryview] | None = getattr(_BUFFERS, "pair", None)
+    if bufs is None:
+        bufs = _BUFFERS.pair = (memoryview(bytearray(_STREAM_CHUNK)), memoryview(bytearray(_STREAM_CHUNK)))
+    return bufs
+
+
 def _stream_update(fw: Firmware, g: GuestContext, spa: int, length: int) -> None:
     """LAUNCH_UPDATE_DATA of a large region, chunk by chunk: each chunk is read through the PSP's
-    coherent view, handed to the SHA engine (a worker thread; hashlib drops the GIL while it
-    hashes, and one worker keeps the chunks in order) and written back encrypted while the engine
-    hashes it -- the PSP's separate SHA and AES engines.  Chunks end on absolute chunk boundaries,
-    so only the first and the last may hold a partial line.  The same digest and the same memory
-    as one read, one hash and one write: the command is synchronous, nothing else touches the
-    range meanwhile, and the encrypted writes go straight to DRAM, never into the caches the
-    coherent reads look at."""
+    coherent view into one of two reused buffers, handed to the SHA engine (a worker thread;
+    hashlib drops the GIL while it hashes, and one worker keeps the chunks in order) and written
+    back encrypted while the engine hashes it -- the PSP's separate SHA and AES engines.  The next
+    chunk is read into the other buffer; a buffer is reused only once its hash is done.  Chunks end
+    on absolute chunk boundaries, so only the first and the last may hold a partial line.  The same
+    digest and the same memory as one read, one hash and one write: the command is synchronous,
+    nothing else touches the range meanwhile, and the encrypted writes go straight to DRAM, never
+    into the caches the coherent reads look at."""
     dma = fw.ports.dma
     engine = _sha_engine()
+    bufs = _chunk_buffers()
     pending: Future[None] | None = None
     pos, end = spa, spa + length
+    turn = 0
     try:
         while pos < end:
             stop = min(align_down(pos, _STREAM_CHUNK) + _STREAM_CHUNK, end)
-            chunk = dma.read(pos, stop - pos)
+            chunk = bufs[turn][: stop - pos]
+            dma.read_into(pos, chunk)  # (the buffer's previous hash finished before ``pending``'s began)
             if pending is not None:
                 pending.result()  # at most one chunk in the engine: bounded memory
             pending = engine.submit(g.ld.update, chunk)
             write_guest(fw, g, pos, chunk)
             pos = stop
+            turn ^= 1
     finally:
         if pending is not None:
             pending.result()

@@ -1,0 +1,469 @@
+/*
+ * sevemu.hw._mem_accel: optional C helpers for the bulk paths of the memory model (src/sevemu/hw/dram.py,
+ * src/sevemu/hw/cache.py).  They move bytes between the model's own Python structures -- DRAM's page
+ * store (a dict PFN -> bytearray of 4096 bytes) and the cache's sets (dicts key -> bytearray of 64
+ * bytes) -- without one interpreted step per page or per line.  Nothing here encrypts or decides
+ * anything: each function does exactly what the pure-Python path beside its caller does.
+ *
+ *   dram_gather(dst, pages, spa)              dst = the len(dst) bytes from spa (absent pages: zeros)
+ *   dram_scatter(pages, spa, src, skip_zero)  store src at spa; an absent page is created, unless
+ *                                             skip_zero and its part of src is all zeros
+ *   cache_take(sets, lo, hi, dirty)           remove every line with a key in [lo, hi) from the sets;
+ *                                             of those, the dirty ones leave `dirty` too and are
+ *                                             returned sorted by key: (keys, lines joined, keys as
+ *                                             little-endian uint64)
+ *
+ * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
+ * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PAGE 4096
+#define LINE 64
+
+/* ---- DRAM pages ---------------------------------------------------------------------------- */
+
+static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+        return -1;
+    }
+    return 0;
+}
+
+static int get_u64(PyObject *obj, const char *what, uint64_t *out)
+{
+    unsigned long long v;
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int", what);
+        return -1;
+    }
+    v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* The page of `pfn` (borrowed), NULL when absent (no error set) or on error (error set). */
+static PyObject *page_of(PyObject *pages, uint64_t pfn)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(pfn);
+    PyObject *page;
+    if (key == NULL) {
+        return NULL;
+    }
+    page = PyDict_GetItemWithError(pages, key);
+    Py_DECREF(key);
+    if (page != NULL && (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != PAGE)) {
+        PyErr_Format(PyExc_TypeError, "DRAM page %llu is not a bytearray of %d bytes", (unsigned long long)pfn,
+                     PAGE);
+        return NULL;
+    }
+    return page;
+}
+
+PyDoc_STRVAR(dram_gather_doc,
+             "dram_gather(dst, pages, spa, /)\n--\n\n"
+             "Copy the len(dst) bytes at physical address spa out of the page store `pages` (dict\n"
+             "PFN -> bytearray of 4096 bytes) into dst; pages absent from the store read as zeros.");
+
+static PyObject *dram_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer dst;
+    PyObject *pages;
+    uint64_t spa;
+    Py_ssize_t pos = 0;
+    (void)self;
+
+    if (check_nargs("dram_gather", nargs, 3) < 0 || get_u64(args[2], "spa", &spa) < 0) {
+        return NULL;
+    }
+    pages = args[1];
+    if (!PyDict_CheckExact(pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    while (pos < dst.len) {
+        uint64_t addr = spa + (uint64_t)pos;
+        Py_ssize_t off = (Py_ssize_t)(addr & (PAGE - 1));
+        Py_ssize_t n = PAGE - off;
+        PyObject *page;
+        if (n > dst.len - pos) {
+            n = dst.len - pos;
+        }
+        page = page_of(pages, addr >> 12);
+        if (page == NULL && PyErr_Occurred()) {
+            PyBuffer_Release(&dst);
+            return NULL;
+        }
+        if (page == NULL) {
+            memset((char *)dst.buf + pos, 0, (size_t)n);
+        } else {
+            memcpy((char *)dst.buf + pos, PyByteArray_AS_STRING(page) + off, (size_t)n);
+        }
+        pos += n;
+    }
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
+static int all_zero(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        if (p[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(dram_scatter_doc,
+             "dram_scatter(pages, spa, src, skip_zero, /)\n--\n\n"
+             "Store src at physical address spa in the page store `pages`.  A page absent from the\n"
+             "store is created (a zeroed bytearray of 4096 bytes, then written), except when\n"
+             "skip_zero is true and src's part of that page is all zeros: then it stays absent.");
+
+static PyObject *dram_scatter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer src;
+    PyObject *pages;
+    uint64_t spa;
+    int skip_zero;
+    Py_ssize_t pos = 0;
+    (void)self;
+
+    if (check_nargs("dram_scatter", nargs, 4) < 0 || get_u64(args[1], "spa", &spa) < 0) {
+        return NULL;
+    }
+    pages = args[0];
+    if (!PyDict_CheckExact(pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
+        return NULL;
+    }
+    skip_zero = PyObject_IsTrue(args[3]);
+    if (skip_zero < 0 || PyObject_GetBuffer(args[2], &src, PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    while (pos < src.len) {
+        uint64_t addr = spa + (uint64_t)pos;
+        Py_ssize_t off = (Py_ssize_t)(addr & (PAGE - 1));
+        Py_ssize_t n = PAGE - off;
+        const unsigned char *from = (const unsigned char *)src.buf + pos;
+        PyObject *page;
+        if (n > src.len - pos) {
+            n = src.len - pos;
+        }
+        page = page_of(pages, addr >> 12);
+        if (page == NULL && PyErr_Occurred()) {
+            goto fail;
+        }
+        if (page == NULL) {
+            PyObject *key;
+            int rc;
+            if (skip_zero && all_zero(from, n)) {
+                pos += n;
+                continue;
+            }
+            page = PyByteArray_FromStringAndSize(NULL, PAGE);
+            if (page == NULL) {
+                goto fail;
+            }
+            memset(PyByteArray_AS_STRING(page), 0, PAGE);
+            key = PyLong_FromUnsignedLongLong(addr >> 12);
+            rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
+            Py_XDECREF(key);
+            Py_DECREF(page); /* the dict holds it now (or it is gone on failure) */
+            if (rc < 0) {
+                goto fail;
+            }
+        }
+        memcpy(PyByteArray_AS_STRING(page) + off, from, (size_t)n);
+        pos += n;
+    }
+    PyBuffer_Release(&src);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&src);
+    return NULL;
+}
+
+/* ---- cache lines ----------------------------------------------------------------------------- */
+
+/* A prefetch hint (GCC, Clang): the cache's keys and lines are separate small objects spread over the
+ * heap, so each pass below asks for the objects a few entries ahead of the one it reads. */
+#if defined(__GNUC__)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PREFETCH(p) ((void)0)
+#endif
+#define AHEAD 8
+
+/* An int key as uint64 (OverflowError if negative or too large): PyLong_AsUnsignedLong has a
+ * short path for small multi-digit ints where unsigned long is 64 bits. */
+static unsigned long long as_u64(PyObject *k)
+{
+#if ULONG_MAX == 0xFFFFFFFFFFFFFFFFUL
+    return PyLong_AsUnsignedLong(k);
+#else
+    return PyLong_AsUnsignedLongLong(k);
+#endif
+}
+
+typedef struct {
+    PyObject *key_obj;
+    PyObject *line;
+    uint64_t key;
+    Py_ssize_t set;
+} Entry;
+
+static void drop_entries(Entry *e, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        Py_DECREF(e[i].key_obj);
+        Py_DECREF(e[i].line);
+    }
+}
+
+/* Sort e[0:n) by key, all keys in [lo, lo + 64 * 2^bits): LSD radix sort of the line index
+ * (key - lo) / 64, 11 bits a pass, through tmp (n entries). */
+static void sort_by_key(Entry *e, Entry *tmp, Py_ssize_t n, uint64_t lo, int bits)
+{
+    enum { DIGIT = 11, RADIX = 1 << DIGIT };
+    Py_ssize_t count[RADIX];
+    int shift;
+    for (shift = 0; shift < bits; shift += DIGIT) {
+        Py_ssize_t i, sum = 0;
+        Entry *swap;
+        memset(count, 0, sizeof(count));
+        for (i = 0; i < n; i++) {
+            count[(((e[i].key - lo) >> 6) >> shift) & (RADIX - 1)]++;
+        }
+        for (i = 0; i < RADIX; i++) {
+            Py_ssize_t c = count[i];
+            count[i] = sum;
+            sum += c;
+        }
+        for (i = 0; i < n; i++) {
+            tmp[count[(((e[i].key - lo) >> 6) >> shift) & (RADIX - 1)]++] = e[i];
+        }
+        swap = e;
+        e = tmp;
+        tmp = swap;
+        memcpy(tmp, e, (size_t)n * sizeof(Entry)); /* the result back where the caller expects it */
+    }
+}
+
+PyDoc_STRVAR(cache_take_doc,
+             "cache_take(sets, lo, hi, dirty, /)\n--\n\n"
+             "Remove from every dict of the list `sets` (cache key -> bytearray of 64 bytes) the lines\n"
+             "whose key k has lo <= k < hi (lo a multiple of 64).  Those of them in the set `dirty`\n"
+             "are removed from it too and returned sorted by key as (keys: list[int], lines:\n"
+             "bytearray, the 64-byte lines one after the other, keys: bytes, the keys as little-endian\n"
+             "uint64).  Nothing changes when a key is not an int or a line not a 64-byte bytearray.");
+
+static PyObject *cache_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *sets, *dirty, *keys = NULL, *data = NULL, *packed = NULL, *result = NULL;
+    uint64_t lo, hi, span;
+    Py_ssize_t nsets, s, i, total = 0, n = 0, kept = 0;
+    Entry *all = NULL, *tmp = NULL;
+    int bits = 0;
+    (void)self;
+
+    if (check_nargs("cache_take", nargs, 4) < 0 || get_u64(args[1], "lo", &lo) < 0 ||
+        get_u64(args[2], "hi", &hi) < 0) {
+        return NULL;
+    }
+    sets = args[0];
+    dirty = args[3];
+    if (!PyList_CheckExact(sets) || !PySet_Check(dirty)) {
+        PyErr_SetString(PyExc_TypeError, "sets must be a list of dicts and dirty a set");
+        return NULL;
+    }
+    if (lo % LINE || hi < lo) {
+        PyErr_SetString(PyExc_ValueError, "lo must be a multiple of 64 and hi at least lo");
+        return NULL;
+    }
+    span = (hi - lo + LINE - 1) / LINE;
+    while (bits < 64 && (span - 1) >> bits) {
+        bits++;
+    }
+    nsets = PyList_GET_SIZE(sets);
+    for (s = 0; s < nsets; s++) {
+        PyObject *d = PyList_GET_ITEM(sets, s);
+        if (!PyDict_CheckExact(d)) {
+            PyErr_SetString(PyExc_TypeError, "sets must be a list of dicts");
+            return NULL;
+        }
+        total += PyDict_GET_SIZE(d);
+    }
+    all = (Entry *)PyMem_Malloc((size_t)(total ? total : 1) * sizeof(Entry));
+    if (all == NULL) {
+        return PyErr_NoMemory();
+    }
+    /* 1: every resident line's (key, line) pointers, set by set (only the dicts' own tables) */
+    for (s = 0; s < nsets; s++) {
+        PyObject *d = PyList_GET_ITEM(sets, s), *k, *v;
+        Py_ssize_t p = 0;
+        while (PyDict_Next(d, &p, &k, &v) && n < total) {
+            all[n].key_obj = k;
+            all[n].line = v;
+            all[n].set = s;
+            n++;
+        }
+    }
+    /* 2: types and keys; the lines of the range move to the front (nothing changed yet) */
+    for (i = 0; i < n; i++) {
+        PyObject *k = all[i].key_obj, *v = all[i].line;
+        uint64_t key;
+        if (i + AHEAD < n) {
+            PREFETCH(all[i + AHEAD].key_obj);
+            PREFETCH(all[i + AHEAD].line);
+        }
+        if (!PyLong_CheckExact(k) || !PyByteArray_CheckExact(v) || PyByteArray_GET_SIZE(v) != LINE) {
+            PyErr_SetString(PyExc_TypeError, "a cache line must be an int key and a bytearray of 64 bytes");
+            goto fail_unchanged;
+        }
+        key = (uint64_t)as_u64(k);
+        if (key == (uint64_t)-1 && PyErr_Occurred()) {
+            goto fail_unchanged;
+        }
+        if (key >= lo && key < hi) {
+            all[kept] = all[i];
+            all[kept].key = key;
+            kept++;
+        }
+    }
+    n = kept;
+    /* 3: out of the sets (a set wholly in the range is cleared in one call) */
+    for (i = 0; i < n; i++) {
+        Py_INCREF(all[i].key_obj);
+        Py_INCREF(all[i].line);
+    }
+    for (i = 0; i < n;) {
+        Py_ssize_t j = i, set = all[i].set;
+        PyObject *d = PyList_GET_ITEM(sets, set);
+        while (j < n && all[j].set == set) {
+            j++;
+        }
+        if (j - i == PyDict_GET_SIZE(d)) {
+            PyDict_Clear(d);
+        } else {
+            Py_ssize_t m;
+            for (m = i; m < j; m++) {
+                if (PyDict_DelItem(d, all[m].key_obj) < 0) {
+                    goto fail;
+                }
+            }
+        }
+        i = j;
+    }
+    /* 4: the dirty ones stay (and leave `dirty`); the others are dropped */
+    kept = 0;
+    for (i = 0; i < n; i++) {
+        int was = PySet_Discard(dirty, all[i].key_obj);
+        if (was < 0) {
+            drop_entries(all, kept);
+            drop_entries(all + i, n - i);
+            n = 0;
+            goto fail;
+        }
+        if (was) {
+            all[kept++] = all[i];
+        } else {
+            Py_DECREF(all[i].key_obj);
+            Py_DECREF(all[i].line);
+        }
+    }
+    n = kept;
+    /* 5: sorted by key, copied out */
+    tmp = (Entry *)PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Entry));
+    if (tmp == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    sort_by_key(all, tmp, n, lo, bits);
+    PyMem_Free(tmp);
+    keys = PyList_New(n);
+    data = PyByteArray_FromStringAndSize(NULL, n * LINE);
+    packed = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (keys == NULL || data == NULL || packed == NULL) {
+        goto fail;
+    }
+    for (i = 0; i < n; i++) {
+        unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(packed) + 8 * i;
+        uint64_t key = all[i].key;
+        int b;
+        if (i + AHEAD < n) {
+            PREFETCH(PyByteArray_AS_STRING(all[i + AHEAD].line));
+        }
+        memcpy(PyByteArray_AS_STRING(data) + LINE * i, PyByteArray_AS_STRING(all[i].line), LINE);
+        for (b = 0; b < 8; b++) {
+            dst[b] = (unsigned char)(key >> (8 * b));
+        }
+        PyList_SET_ITEM(keys, i, all[i].key_obj); /* steals the reference */
+        Py_DECREF(all[i].line);
+    }
+    PyMem_Free(all);
+    result = PyTuple_Pack(3, keys, data, packed);
+    Py_DECREF(keys);
+    Py_DECREF(data);
+    Py_DECREF(packed);
+    return result;
+fail:
+    drop_entries(all, n);
+    Py_XDECREF(keys);
+    Py_XDECREF(data);
+    Py_XDECREF(packed);
+fail_unchanged:
+    PyMem_Free(all);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"dram_gather", (PyCFunction)(void (*)(void))dram_gather, METH_FASTCALL, dram_gather_doc},
+    {"dram_scatter", (PyCFunction)(void (*)(void))dram_scatter, METH_FASTCALL, dram_scatter_doc},
+    {"cache_take", (PyCFunction)(void (*)(void))cache_take, METH_FASTCALL, cache_take_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyModuleDef_Slot slots[] = {
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+#ifdef Py_GIL_DISABLED
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "sevemu.hw._mem_accel",
+    "Optional C helpers for the bulk paths of the memory model (csrc/mem_accel.c).",
+    0,
+    methods,
+    slots,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__mem_accel(void)
+{
+    return PyModuleDef_Init(&module);
+}

@@ -1,0 +1,21 @@
+"""The optional C helpers of the memory model's bulk paths (``csrc/mem_accel.c``, built by ``setup.py``
+as ``sevemu.hw._mem_accel``): DRAM gathers and scatters, and the large-range cache flush.
+
+They decide nothing: each does what the Python loop beside its caller (:mod:`sevemu.hw.dram`,
+:mod:`sevemu.hw.cache`) does, without one interpreted step per page or per line.  Without a C
+compiler the install still succeeds and :data:`ENABLED` is false; tests turn it off to run the
+Python paths.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ENABLED", "helpers"]  # helpers: only where ENABLED
+
+ENABLED: bool
+"""Whether the callers use the C helpers (``helpers``); false when they were not built."""
+try:
+    from sevemu.hw import _mem_accel as helpers
+except ImportError:  # installed without a C compiler: the Python loops
+    ENABLED = False
+else:
+    ENABLED = True
