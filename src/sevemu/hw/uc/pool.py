@@ -62,7 +62,7 @@ class PagePool:
         self.slot_key: dict[int, int] = {}
         """Slot -> cache key of the page it holds."""
         self._by_spa: dict[int, set[int]] = {}  # page SPA -> slots (every domain)
-        self._snap: dict[int, bytes] = {}  # slot -> contents as last written back / filled
+        self._snap: dict[int, bytes | bytearray] = {}  # slot -> contents as last written back / filled
         self._free: list[int] = []
         self._order: deque[int] = deque()  # fill order (eviction is FIFO)
         self.writable: set[int] = set()
@@ -147,11 +147,13 @@ class PagePool:
         self.stats.slot_fills += 1
         return s
 
-    def sync_slot(self, s: int) -> None:
-        """Write the lines of slot ``s`` the guest modified back into the shared cache."""
+    def sync_slot(self, s: int, cur: bytes | None = None) -> None:
+        """Write the lines of slot ``s`` the guest modified back into the shared cache (``cur``: the
+        slot's current contents, if the caller has them)."""
         mm = self.mm
         assert mm is not None and self.cache is not None
-        cur = mm[s * PAGE : (s + 1) * PAGE]
+        if cur is None:
+            cur = mm[s * PAGE : (s + 1) * PAGE]
         snap = self._snap[s]
         if cur == snap:
             return
@@ -166,6 +168,7 @@ class PagePool:
                 o += LINE
                 continue
             start = o
+            o += LINE
             while o < PAGE and cur[o : o + LINE] != snap[o : o + LINE]:
                 o += LINE
             write(asid, c, spa + start, cur[start:o], origin=self)
@@ -180,8 +183,9 @@ class PagePool:
         snap = self._snap
         dirty = 0
         for s in self.writable:
-            if mm[s * PAGE : (s + 1) * PAGE] != snap.get(s, b"") and s in self.slot_key:
-                self.sync_slot(s)
+            cur = mm[s * PAGE : (s + 1) * PAGE]
+            if cur != snap.get(s, b"") and s in self.slot_key:
+                self.sync_slot(s, cur)
                 dirty += 1
         return dirty
 
@@ -206,7 +210,9 @@ class PagePool:
                     changed.append(s)
                 self._snap[s] = new
             else:
-                snap = bytearray(self._snap[s])
+                snap = self._snap[s]
+                if not isinstance(snap, bytearray):
+                    snap = self._snap[s] = bytearray(snap)  # (updated in place from now on)
                 differs = False
                 for lo, hi in _runs(lines):  # each run of consecutive lines in one read
                     data = read(asid, c, spa + lo, hi - lo, origin=self)
@@ -214,7 +220,6 @@ class PagePool:
                         mm[base + lo : base + hi] = data
                         differs = True
                     snap[lo:hi] = data
-                self._snap[s] = bytes(snap)
                 if differs:
                     changed.append(s)
             self.stats.slot_refreshes += 1
@@ -321,6 +326,9 @@ def _nothing() -> None:
 
 def _runs(offsets: set[int]) -> list[tuple[int, int]]:
     """``[lo, hi)`` byte ranges of the runs of consecutive lines whose offsets are ``offsets``."""
+    if len(offsets) == 1:
+        for off in offsets:
+            return [(off, off + LINE)]
     out: list[tuple[int, int]] = []
     for off in sorted(offsets):
         if out and out[-1][1] == off:
