@@ -14,9 +14,9 @@ a core that does the exchange:
   ciphertext, or the TMR block) fails VMRUN with VMEXIT_INVALID: SEV-ES has no integrity for guest
   memory, but a tampered VMSA never runs.  The registers become a :class:`VmsaState`, the save state
   the engines read and write (:class:`~sevemu.hw.svm.SaveState`).
-* **#VMEXIT** encodes the registers back into the page and updates its checksum; the changed lines
-  are modified lines of this private level, written into the cache in the guest's domain -- and the
-  checksum into the TMR -- as soon as anyone else reads, writes or flushes them (WBINVD included):
+* **#VMEXIT** encodes the registers back into the page; the changed lines are modified lines of
+  this private level, written into the cache in the guest's domain -- and the page's checksum into
+  the TMR -- as soon as anyone else reads, writes or flushes them (WBINVD included):
   ciphertext in DRAM once they leave the cache.  (The firmware reads a VMSA and its TMR block from
   DRAM, so a host flushes before SEND_UPDATE_VMSA anyway, as it must for any encrypted page.)
   The hypervisor sees the exit code (and, for an NPF, the GPA) only.
@@ -25,7 +25,10 @@ The unit keeps the decrypted page between exits as a private level above the cac
 :class:`~sevemu.hw.cache.CacheAgent`): the next VMRUN uses it while nobody else wrote, flushed or
 invalidated those lines; the shared cache's snoop drops it otherwise and VMRUN reads and checks the
 page again.  Its checksum is kept by :class:`~sevemu.crypto.vmsacrc.VmsaCrc` and updated from the
-changed bytes only -- the value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives.
+changed bytes only -- the value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives -- when the lines
+leave the unit: #VMEXIT only notes which lines changed (and what they held when last written back),
+so a run of exits costs one update per line that left, not one per exit.  VMRUN compares the TMR
+with the value the unit last stored there, so when the arithmetic happens is not observable.
 
 Model choices: #VMEXIT stores what the engines exchange at every exit (GPRs, RIP, RFLAGS, CR0,
 CR3, CR4, EFER); the other fields of the page (segments, descriptor tables, MSRs, FPU) are loaded at
