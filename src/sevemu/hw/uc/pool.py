@@ -42,7 +42,8 @@ __all__ = ["PagePool"]
 
 _LOW_WATER = 16  # free slots left when the pool asks for an eviction at the next block boundary
 _BLOCK = 512  # sync_slot compares blocks of 8 lines before single lines
-_PARTIAL_LINES = 16  # a snoop naming more lines of a page makes the whole slot stale
+_PARTIAL_LINES = 16  # a snoop naming more lines of a page (or more runs) makes the whole slot stale
+_ABSENT: list[tuple[int, int]] = []  # (stale.get's default: a slot not stale yet)
 
 
 class PagePool:
@@ -67,9 +68,10 @@ class PagePool:
         self._order: deque[int] = deque()  # fill order (eviction is FIFO)
         self.writable: set[int] = set()
         """Slots Unicorn may have written (write permission granted since the last TLB flush)."""
-        self.stale: dict[int, set[int] | None] = {}
-        """Slots someone else changed: re-read before the guest runs again -- the offsets of the
-        64-byte lines that changed, or None for the whole page."""
+        self.stale: dict[int, list[tuple[int, int]] | None] = {}
+        """Slots someone else changed: re-read before the guest runs again -- the ``[lo, hi)``
+        offsets of the runs of 64-byte lines that changed (as the snoops named them), or None for
+        the whole page."""
         self.evict_requested = False
         self.synced = False
         """Every writable slot was written back and the guest has not run since (set by the engine
@@ -214,7 +216,7 @@ class PagePool:
                 if not isinstance(snap, bytearray):
                     snap = self._snap[s] = bytearray(snap)  # (updated in place from now on)
                 differs = False
-                for lo, hi in _runs(lines):  # each run of consecutive lines in one read
+                for lo, hi in lines:  # each run a snoop named, in one read
                     data = read(asid, c, spa + lo, hi - lo, origin=self)
                     if data != mm[base + lo : base + hi]:
                         mm[base + lo : base + hi] = data
@@ -290,17 +292,20 @@ class PagePool:
 
     def _mark_stale(self, s: int, lo: int, hi: int) -> None:
         """Slot ``s`` must re-read the lines of its page inside ``[lo, hi)`` (cache keys)."""
-        if s in self.stale and self.stale[s] is None:
-            return
+        stale = self.stale
+        runs = stale.get(s, _ABSENT)
+        if runs is None:
+            return  # the whole page already
         page = self.slot_key[s]
         first, last = max(lo, page), min(hi, page + PAGE)
-        if last - first > _PARTIAL_LINES * LINE:
-            self.stale[s] = None
+        if last - first > _PARTIAL_LINES * LINE or (runs is not _ABSENT and len(runs) >= _PARTIAL_LINES):
+            stale[s] = None
             return
-        lines = self.stale.get(s)
-        if lines is None:
-            lines = self.stale[s] = set()
-        lines.update(range((first - page) & ~(LINE - 1), last - page, LINE))
+        run = ((first - page) & ~(LINE - 1), (last - page + LINE - 1) & ~(LINE - 1))
+        if runs is _ABSENT:
+            stale[s] = [run]
+        else:
+            runs.append(run)
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profile: a line of ``key``'s SPA is filled in ``key``'s domain."""
@@ -322,17 +327,3 @@ class PagePool:
 
 def _nothing() -> None:
     return None
-
-
-def _runs(offsets: set[int]) -> list[tuple[int, int]]:
-    """``[lo, hi)`` byte ranges of the runs of consecutive lines whose offsets are ``offsets``."""
-    if len(offsets) == 1:
-        for off in offsets:
-            return [(off, off + LINE)]
-    out: list[tuple[int, int]] = []
-    for off in sorted(offsets):
-        if out and out[-1][1] == off:
-            out[-1] = (out[-1][0], off + LINE)
-        else:
-            out.append((off, off + LINE))
-    return out
