@@ -244,3 +244,33 @@ def test_failed_delivery_escalates_to_df_then_shutdown(setup: str, expect: str) 
     if setup in ("absent", "task", "segment"):
         d = escalate(m, cpu, Vector.VC, 0x72)
         assert isinstance(d, Delivered) and d.rip == 0xDF00
+
+
+def test_the_tmr_checksum_follows_every_store_whenever_the_lines_leave_the_unit(soc: Soc) -> None:
+    """#VMEXIT only notes the lines it changes; the checksum is brought up to date when they leave
+    the unit (a read snoop, WBINVD): after any mix of stores -- a register changed and changed back
+    included -- the TMR holds crc64_vmsa of the page the guest's key decrypts, and VMRUN accepts it."""
+    _es(soc)
+    unit, cache = soc.boot_cpu.vmsa, soc.boot_cpu.cache
+    state = unit.load(ES_ASID, VMSA_SPA)
+    assert not isinstance(state, str)
+    for i in range(1, 40):
+        state.regs["rcx"] = i * 0x0101_0101
+        state.regs["r15"] = (1 << 63) | i if i % 3 else state.regs["r15"]
+        state.rip = 0x1000 + (i & 1)  # RIP (and its line) changes back and forth
+        state.efer = 0x1000 if i % 5 else 0  # EFER changed, then back to the value written back
+        unit.store(ES_ASID, VMSA_SPA)
+        if i % 7 == 0:
+            cache.read(ES_ASID, True, VMSA_SPA + 0x140, 64)  # someone else reads a line: written back
+            again = unit.load(ES_ASID, VMSA_SPA)
+            assert again is state  # a read snoop leaves the page held
+    state.regs["rdx"] ^= 0xFF
+    unit.store(ES_ASID, VMSA_SPA)
+    state.regs["rdx"] ^= 0xFF  # and back: the line differs from its last store, not from its write-back
+    unit.store(ES_ASID, VMSA_SPA)
+    soc.boot_cpu.wbinvd()
+    plain = soc.mc.read(VMSA_SPA, 4096, ES_ASID, True)
+    assert soc.dram.read(0x1E000, 8) == crc64_vmsa(plain).to_bytes(8, "little")
+    assert int.from_bytes(plain[SevEsSaveArea.offset_of("rcx") :][:8], "little") == 39 * 0x0101_0101
+    reloaded = unit.load(ES_ASID, VMSA_SPA)  # read from DRAM and checked again
+    assert not isinstance(reloaded, str) and reloaded.regs["rcx"] == 39 * 0x0101_0101

@@ -86,17 +86,20 @@ from sevemu.hypervisor.kvm_ops import (
     KvmSevAttestationReport,
     KvmSevCmdId,
     KvmSevGuestStatus,
+    KvmSevInit,
     KvmSevLaunchMeasure,
     KvmSevLaunchSecret,
     KvmSevLaunchStart,
+    KvmVmType,
     load_image,
 )
 from sevemu.hypervisor.sevdev import SEV_FW_BLOB_MAX_SIZE, IoctlError
+from sevemu.hypervisor.vcpu import BSP_RESET_EIP, CPU_MODELS, HOST_CPU
 from sevemu.owner.measurement import padded_image
-from sevemu.owner.ovmf import sev_secret_area
+from sevemu.owner.ovmf import sev_es_reset_eip, sev_secret_area
 from sevemu.owner.secret import parse_secret_table
 
-__all__ = ["GuestLayout", "Reporter", "SevVmm", "plan_layout", "register"]
+__all__ = ["MAX_VCPUS", "GuestLayout", "Reporter", "SevVmm", "VcpuConfig", "plan_layout", "register"]
 
 IMAGE_GPA = 0x10_0000
 GUEST_TABLES_GPA = 0x1_0000
@@ -110,6 +113,27 @@ FIRMWARE_LIMIT = 4 * GiB
 """Guest firmware and its secret area lie below 4 GiB (QEMU maps the flash there; OVMF's GUIDed table
 gives 32-bit addresses)."""
 HEADER_SIZE = 0x34
+MAX_VCPUS = 64
+"""``-smp`` takes 1..MAX_VCPUS (a model choice: each vCPU of an SEV-ES guest is one more VMSA)."""
+
+
+@dataclass(frozen=True)
+class VcpuConfig:
+    """The vCPUs and the KVM VM type of the guest (QEMU ``-cpu``, ``-smp``, ``sev-guest``'s
+    ``legacy-vm-type``).  An SEV-ES guest (policy ES bit) is a ``KVM_X86_SEV_ES_VM`` made a guest
+    with ``KVM_SEV_INIT2``, or with ``legacy_vm_type`` a default VM and ``KVM_SEV_ES_INIT`` (the VMSA
+    then lacks the FPU reset state, so the digest differs: ``docs/cli.md``)."""
+
+    count: int = 1
+    model: str = HOST_CPU
+    es: bool = False
+    legacy_vm_type: bool = False
+    ap_eip: int = 0
+    """The APs' reset EIP (an SEV-ES guest: from the image's SEV-ES reset block)."""
+
+    @property
+    def vm_type(self) -> KvmVmType:
+        return KvmVmType.SEV_ES_VM if self.es and not self.legacy_vm_type else KvmVmType.DEFAULT_VM
 
 
 # The guest model's code, measured after the image: a Python workload runs in an SEV guest only when
@@ -227,14 +251,15 @@ class SevVmm:
     the way QEMU drives it; the steps are reported to ``report``."""
 
     def __init__(self, plat: Platform, layout: GuestLayout, policy: int, report: Reporter,
-                 progress: Progress) -> None:
+                 progress: Progress, vcpus: VcpuConfig | None = None) -> None:
         self.plat = plat
         self.layout = layout
         self.policy = policy
         self.report = report
         self.progress = progress
+        self.vcpus = vcpus if vcpus is not None else VcpuConfig()
         hv = plat.machine.hv
-        self.vm = hv.create_vm("guest", layout.memory)
+        self.vm = hv.create_vm("guest", layout.memory, vm_type=self.vcpus.vm_type, vcpu_type=self.vcpus.model)
         self.vm.back_range(layout.secret_gpa, layout.secret_size)  # physically contiguous for LAUNCH_SECRET
         self.kvm = KvmSev(hv, self.vm)
         self.state = "uninit"
@@ -247,7 +272,18 @@ class SevVmm:
     # -- launch ----------------------------------------------------------------------------
     def start(self, godh: bytes | None, session: bytes | None) -> None:
         dev = self.plat.dev
-        self.kvm.op(KvmSevCmdId.INIT, sev_fd=dev)
+        cfg = self.vcpus
+        if cfg.vm_type is KvmVmType.SEV_ES_VM:
+            self.kvm.op(KvmSevCmdId.INIT2, KvmSevInit(), sev_fd=dev)
+            init = "KVM_SEV_INIT2 (VM type KVM_X86_SEV_ES_VM)"
+        elif cfg.es:
+            self.kvm.op(KvmSevCmdId.ES_INIT, sev_fd=dev)
+            init = "KVM_SEV_ES_INIT"
+        else:
+            self.kvm.op(KvmSevCmdId.INIT, sev_fd=dev)
+            init = "KVM_SEV_INIT"
+        for i in range(cfg.count):  # KVM_CREATE_VCPU, in the x86 reset state of the -cpu model
+            self.vm.add_vcpu(reset_eip=BSP_RESET_EIP if i == 0 else cfg.ap_eip)
         self.api = dev.api_version()
         start = self.kvm.op(KvmSevCmdId.LAUNCH_START, KvmSevLaunchStart(
             policy=self.policy, dh_uaddr=godh, dh_len=len(godh) if godh else 0,
@@ -255,9 +291,11 @@ class SevVmm:
         self.handle = start.handle
         self.state = "launch-update"
         who = "the owner's GODH and session" if godh else "no owner session"
-        self.report.step("hypervisor", f"KVM_SEV_INIT; KVM_SEV_LAUNCH_START with {who}, policy {self.policy:#x}: "
+        self.report.step("hypervisor", f"{init}; {cfg.count} vCPU(s) of model {self.vm.cpu.name}; "
+                                       f"KVM_SEV_LAUNCH_START with {who}, policy {self.policy:#x}: "
                                        f"guest handle {start.handle}, ASID {self.vm.asid}",
-                         handle=start.handle, asid=self.vm.asid)
+                         handle=start.handle, asid=self.vm.asid, vcpus=cfg.count, cpu=self.vm.cpu.name,
+                         es=cfg.es)
 
     def load(self, image: bytes) -> None:
         gpa = self.layout.image_gpa
@@ -271,6 +309,8 @@ class SevVmm:
         pages = len(image) // PAGE
         self.report.step("hypervisor", f"KVM_SEV_LAUNCH_UPDATE_DATA: {len(image)} bytes at GPA {gpa:#x}, {pages} "
                                        "page(s), measured and encrypted in place", image_bytes=len(image))
+        if self.vcpus.es:
+            return  # the guest's code is the image alone (no Python guest model: see finish_and_run)
         # the guest model's code (the program that reads the secret area) is measured after the image
         rc = load_image(self.kvm, GUEST_PROGRAM_TABLE, self.layout.code_gpa)
         if rc:
@@ -279,6 +319,11 @@ class SevVmm:
                                        f"({len(GUEST_PROGRAM_TABLE)} bytes) at GPA {self.layout.code_gpa:#x}")
 
     def measure(self) -> bytes:
+        if self.vcpus.es:  # QEMU: every vCPU's VMSA, encrypted and measured, right before the measurement
+            self.progress.step("LAUNCH_UPDATE_VMSA")
+            self.kvm.op(KvmSevCmdId.LAUNCH_UPDATE_VMSA)
+            self.report.step("hypervisor", f"KVM_SEV_LAUNCH_UPDATE_VMSA: {self.vcpus.count} VMSA(s), measured and "
+                                           "encrypted with the guest's key")
         self.progress.step("LAUNCH_MEASURE")
         query = KvmSevLaunchMeasure()
         self.kvm.memory_encrypt_op(KvmSevCmdId.LAUNCH_MEASURE, query)
@@ -340,12 +385,17 @@ class SevVmm:
         status = self.kvm.op(KvmSevCmdId.GUEST_STATUS, KvmSevGuestStatus())
         self.state = "running"
         self.report.step("hypervisor", f"KVM_SEV_LAUNCH_FINISH: guest {GuestState(status.state).name}")
+        if self.vcpus.es:
+            self.report.step("hypervisor", "the SEV-ES guest's code is the image itself, its registers are in its "
+                                           "VMSAs: this VMM runs no guest model in it (real guest code runs on "
+                                           "the x86 engine: sevemu run GUEST --mode sev-es)")
+            return {}
         gpa = self.secret_gpa
         length = self.secret_len or min(self.layout.secret_size, PAGE)
         self.progress.step("running the guest")
         hv = self.plat.machine.hv
-        self.vm.add_vcpu(PyEngine(read_back(self.layout.memory, gpa, length), code_gpa=self.layout.code_gpa))
-        result = hv.run(self.vm)
+        engine = PyEngine(read_back(self.layout.memory, gpa, length), code_gpa=self.layout.code_gpa)
+        result = hv.run(self.vm, 0, engine=engine)  # the BSP runs the guest model; the APs stay in reset
         lines = self.vm.console.decode(errors="replace").strip().splitlines()
         if result.reason != "hlt" or not lines:
             self.report.step("guest", f"did not finish: {result.reason}", ok=False)
@@ -400,7 +450,15 @@ def register(sub: Any) -> None:
     add_platform_args(p)
     p.add_argument("--dh-cert-file", type=Path, metavar="FILE", help="the owner's GODH certificate (base64)")
     p.add_argument("--session-file", type=Path, metavar="FILE", help="the owner's session buffer (base64)")
-    p.add_argument("--policy", default="0x1", help="guest policy (default 0x1: NODBG)")
+    p.add_argument("--policy", default="0x1", help="guest policy (default 0x1: NODBG; with the ES bit 0x4 an "
+                                                    "SEV-ES guest, as QEMU's sev-guest object)")
+    p.add_argument("-cpu", "--cpu", dest="cpu", default=HOST_CPU, metavar="MODEL",
+                   help=f"the vCPU model (QEMU -cpu): {', '.join(CPU_MODELS)} or {HOST_CPU} (default)")
+    p.add_argument("-smp", "--smp", dest="smp", default="1", metavar="N",
+                   help=f"number of vCPUs, 1..{MAX_VCPUS} (QEMU -smp; an SEV-ES guest measures one VMSA each)")
+    p.add_argument("--legacy-vm-type", action="store_true",
+                   help="SEV-ES: KVM_SEV_ES_INIT on the default VM type instead of KVM_X86_SEV_ES_VM with "
+                        "KVM_SEV_INIT2 (QEMU sev-guest legacy-vm-type=on)")
     p.add_argument("--firmware", type=Path, required=True, metavar="FILE",
                    help="the guest image to load and measure (e.g. an OVMF build)")
     p.add_argument("--firmware-gpa", default=hex(IMAGE_GPA), metavar="ADDR",
@@ -451,6 +509,33 @@ class _Inputs:
     image: bytes
     layout: GuestLayout
     policy: int
+    vcpus: VcpuConfig
+
+
+def _vcpu_config(args: argparse.Namespace, policy: int, image: bytes) -> VcpuConfig:
+    """-cpu, -smp and the VM type, checked (one-line errors)."""
+    from sevemu.abi.policy import GuestPolicy
+
+    model = str(args.cpu)
+    if model != HOST_CPU and model not in CPU_MODELS:
+        raise InputError(f"-cpu {model!r}: unknown vCPU model; known: {', '.join(CPU_MODELS)}, {HOST_CPU}")
+    try:
+        count = int(str(args.smp), 0)
+    except ValueError:
+        raise InputError(f"-smp {args.smp!r}: not a number of vCPUs") from None
+    if not 1 <= count <= MAX_VCPUS:
+        raise InputError(f"-smp {count}: the number of vCPUs must be 1..{MAX_VCPUS}")
+    es = bool(policy & GuestPolicy.ES)
+    if args.legacy_vm_type and not es:
+        raise InputError("--legacy-vm-type chooses how an SEV-ES guest is made: the policy has no ES bit (0x4)")
+    ap_eip = 0
+    if es and count > 1:
+        try:
+            ap_eip = sev_es_reset_eip(image)
+        except LayoutError:
+            raise InputError(f"-smp {count} with an SEV-ES policy: the image has no SEV-ES reset block (OVMF's "
+                             "footer table), so the APs have no reset address") from None
+    return VcpuConfig(count, model, es, bool(args.legacy_vm_type), ap_eip)
 
 
 def _check_inputs(args: argparse.Namespace, outputs: Outputs) -> _Inputs:
@@ -475,6 +560,7 @@ def _check_inputs(args: argparse.Namespace, outputs: Outputs) -> _Inputs:
     gpa = parse_int(args.firmware_gpa, "--firmware-gpa", 40)
     secret_gpa = parse_int(args.secret_gpa, "--secret-gpa", 40) if args.secret_gpa is not None else None
     layout = plan_layout(image, gpa, secret_gpa=secret_gpa)
+    vcpus = _vcpu_config(args, policy, image)
     if args.launch_measure_blob is not None:
         outputs.add(args.launch_measure_blob, "the launch-measure blob")
     if args.qmp is not None:
@@ -482,7 +568,7 @@ def _check_inputs(args: argparse.Namespace, outputs: Outputs) -> _Inputs:
             raise FileFormatError(f"{args.qmp}: exists and is not a socket")
         if len(os.fsencode(args.qmp)) > 100:
             raise InputError(f"--qmp {args.qmp}: a UNIX socket path must be shorter (use a relative path)")
-    return _Inputs(godh, session, image, layout, policy)
+    return _Inputs(godh, session, image, layout, policy, vcpus)
 
 
 def load_guest_image(path: Path) -> bytes:
@@ -512,7 +598,7 @@ def run_vmm(args: argparse.Namespace) -> int:
         progress = stack.enter_context(Progress(progress_enabled(quiet=quiet or bool(getattr(args, "quiet", False))),
                                                 "vmm"))
         plat = stack.enter_context(open_platform(args, dram_size=inp.layout.host_dram))
-        vmm = SevVmm(plat, inp.layout, inp.policy, report, progress)
+        vmm = SevVmm(plat, inp.layout, inp.policy, report, progress, inp.vcpus)
         stack.callback(vmm.destroy)
         major, minor, build = plat.dev.api_version()
         report.step("hypervisor", f"{plat.generation} platform at {plat.directory}; guest of {inp.layout.memory >> 20} "

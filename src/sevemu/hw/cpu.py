@@ -276,6 +276,7 @@ class Core:
         self.vmsa = VmsaUnit(cache, mc.dram)
         """The SEV-ES save-state exchange (:mod:`sevemu.hw.vmsa`)."""
         self.vmsa_failure = ""
+        self._last_cpu: GuestCpu | None = None  # the guest view of the last VMRUN (reused while it still fits)
         """Why the last SEV-ES VMRUN failed its VMSA check (empty when it did not)."""
 
     # ---- host (ASID 0) memory accesses ------------------------------------------------------
@@ -373,7 +374,7 @@ class Core:
         vmcb.tlb_control = TlbControl.DO_NOTHING
         if vmcb.sev_es_enable:
             return self._vmrun_es(vmcb, engine)
-        cpu = GuestCpu(self, vmcb)
+        cpu = self._guest_cpu(vmcb, vmcb)
         try:
             ex = engine.run(cpu)
         except NestedPageFault as f:
@@ -395,7 +396,7 @@ class Core:
         state = self.vmsa.load(vmcb.asid, vmcb.vmsa_pa)
         if isinstance(state, str):
             return self._vmrun_failed(vmcb, state)
-        cpu = GuestCpu(self, vmcb, state)
+        cpu = self._guest_cpu(vmcb, state)
         in_use = (vmcb.vmsa_pa,)
         if rmp is not None:
             rmp.mark_in_use(in_use)  # RMPUPDATE / PSMASH of the page: FAIL_INUSE until #VMEXIT
@@ -410,9 +411,21 @@ class Core:
             state.rip = vmcb.next_rip
         vmcb.next_rip = 0
         self.vmsa.store(vmcb.asid, vmcb.vmsa_pa)
-        if ex.code not in _ES_WITH_INFO:
-            ex = VmExit(ex.code)
+        if ex.code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
+            ex = VmExit(ex.code)  # the exit code only
         return self._exit(vmcb, ex)
+
+    def _guest_cpu(self, vmcb: Vmcb, state: SaveState) -> GuestCpu:
+        """The guest's view of this core for a VMRUN of ``vmcb`` with ``state``: the last one again
+        while nothing it was made from changed (same VMCB, save state, ASID, cache and TLB table; no
+        RMP, whose epoch is checked when a view is made), else a new one."""
+        c = self._last_cpu
+        if (c is not None and c.vmcb is vmcb and c.state is state and self.rmp is None and c.asid == vmcb.asid
+                and c.sev == vmcb.sev_enable and c._cache is self.cache
+                and c._tlb is self.tlb.by_asid.get(vmcb.asid)):
+            return c
+        c = self._last_cpu = GuestCpu(self, vmcb, None if state is vmcb else state)
+        return c
 
     def _vmrun_failed(self, vmcb: Vmcb, reason: str) -> VmExit:
         self.vmsa_failure = reason

@@ -14,9 +14,9 @@ a core that does the exchange:
   ciphertext, or the TMR block) fails VMRUN with VMEXIT_INVALID: SEV-ES has no integrity for guest
   memory, but a tampered VMSA never runs.  The registers become a :class:`VmsaState`, the save state
   the engines read and write (:class:`~sevemu.hw.svm.SaveState`).
-* **#VMEXIT** encodes the registers back into the page and updates its checksum; the changed lines
-  are modified lines of this private level, written into the cache in the guest's domain -- and the
-  checksum into the TMR -- as soon as anyone else reads, writes or flushes them (WBINVD included):
+* **#VMEXIT** encodes the registers back into the page; the changed lines are modified lines of
+  this private level, written into the cache in the guest's domain -- and the page's checksum into
+  the TMR -- as soon as anyone else reads, writes or flushes them (WBINVD included):
   ciphertext in DRAM once they leave the cache.  (The firmware reads a VMSA and its TMR block from
   DRAM, so a host flushes before SEND_UPDATE_VMSA anyway, as it must for any encrypted page.)
   The hypervisor sees the exit code (and, for an NPF, the GPA) only.
@@ -25,7 +25,10 @@ The unit keeps the decrypted page between exits as a private level above the cac
 :class:`~sevemu.hw.cache.CacheAgent`): the next VMRUN uses it while nobody else wrote, flushed or
 invalidated those lines; the shared cache's snoop drops it otherwise and VMRUN reads and checks the
 page again.  Its checksum is kept by :class:`~sevemu.crypto.vmsacrc.VmsaCrc` and updated from the
-changed bytes only -- the value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives.
+changed bytes only -- the value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives -- when the lines
+leave the unit: #VMEXIT only notes which lines changed (and what they held when last written back),
+so a run of exits costs one update per line that left, not one per exit.  VMRUN compares the TMR
+with the value the unit last stored there, so when the arithmetic happens is not observable.
 
 Model choices: #VMEXIT stores what the engines exchange at every exit (GPRs, RIP, RFLAGS, CR0,
 CR3, CR4, EFER); the other fields of the page (segments, descriptor tables, MSRs, FPU) are loaded at
@@ -38,6 +41,7 @@ changed since.
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,8 +61,10 @@ _Q: Final = struct.Struct("<Q")
 _CTL: Final = struct.Struct("<QQQ16xQQ")  # cr4, cr3, cr0, (dr7, dr6), rflags, rip at 0x148
 _HIGH: Final = struct.Struct("<QQQ8xQQQQQQQQQQQ")  # rcx, rdx, rbx, (0x320), rbp ... r15 at 0x308
 _SEG: Final = struct.Struct("<HHIQ")
+
 _HIGH_GPRS: Final = ("rcx", "rdx", "rbx", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
                      "r15")
+_high_gprs: Final = operator.itemgetter(*_HIGH_GPRS)
 _OFF_CTL: Final = _O("cr4")
 _OFF_HIGH: Final = _O("rcx")
 _OFF_EFER: Final = _O("efer")
@@ -70,9 +76,6 @@ _SNP_ACTIVE: Final = 1  # SEV_FEATURES bit 0
 _MSR_FIELDS: Final = {0x174: "sysenter_cs", 0x175: "sysenter_esp", 0x176: "sysenter_eip", 0x277: "g_pat",
                       0xC000_0081: "star", 0xC000_0082: "lstar", 0xC000_0083: "cstar", 0xC000_0084: "sfmask",
                       0xC000_0102: "kernel_gs_base"}
-_STORED_LINES: Final = tuple(sorted({off & ~(LINE - 1) for off in (
-    _OFF_EFER, _OFF_CTL, _OFF_CTL + 0x37, _OFF_RSP, _OFF_RAX, _OFF_HIGH, _OFF_HIGH + 0x77)}))
-"""The 64-byte lines of the page #VMEXIT rewrites."""
 
 
 class VmsaState:
@@ -96,14 +99,29 @@ class VmsaState:
             self.segments[name] = Segment(*_SEG.unpack_from(page, 16 * i))
         self.msrs: dict[int, int] = {msr: _Q.unpack_from(page, _O(f))[0] for msr, f in _MSR_FIELDS.items()}
 
-    def store(self, page: bytearray) -> None:
-        """Write the registers #VMEXIT saves into ``page``."""
+    def store(self, page: bytearray, changed: dict[int, bytes] | None = None) -> None:
+        """Write the registers #VMEXIT saves into ``page``; every 64-byte line this changes gets
+        its contents from before into ``changed`` (offset -> line) unless it is there already."""
+        if changed is None:
+            changed = {}
         r = self.regs
-        _Q.pack_into(page, _OFF_EFER, self.efer)
-        _CTL.pack_into(page, _OFF_CTL, self.cr4, self.cr3, self.cr0, self.rflags, self.rip)
-        _Q.pack_into(page, _OFF_RSP, r["rsp"])
-        _Q.pack_into(page, _OFF_RAX, r["rax"])
-        _HIGH.pack_into(page, _OFF_HIGH, *[r[n] for n in _HIGH_GPRS])
+        ctl = _CTL.pack(self.cr4, self.cr3, self.cr0, self.rflags, self.rip)
+        if page[_OFF_CTL : _OFF_CTL + _CTL.size] != ctl:
+            _put(page, _OFF_CTL, ctl, changed)
+        high = _HIGH.pack(*_high_gprs(r))
+        if page[_OFF_HIGH : _OFF_HIGH + _HIGH.size] != high:
+            _put(page, _OFF_HIGH, high, changed)
+        for off, value in ((_OFF_RAX, r["rax"]), (_OFF_RSP, r["rsp"]), (_OFF_EFER, self.efer)):
+            if _Q.unpack_from(page, off)[0] != value:
+                _put(page, off, _Q.pack(value), changed)
+
+
+def _put(page: bytearray, off: int, data: bytes, changed: dict[int, bytes]) -> None:
+    """Store ``data`` at ``off``, noting the lines' contents from before in ``changed``."""
+    for lo in range(off & ~(LINE - 1), off + len(data), LINE):
+        if lo not in changed:
+            changed[lo] = bytes(page[lo : lo + LINE])
+    page[off : off + len(data)] = data
 
 
 @dataclass(eq=False, slots=True)
@@ -117,10 +135,9 @@ class _Held:
     crc: int
     crc_paddr: int
     state: VmsaState
-    dirty: set[int] = field(default_factory=set)
-    """Offsets of lines modified since they were written back."""
-    crc_stale: bool = False
-    """The page changed since :attr:`crc` was computed and stored in the TMR."""
+    dirty: dict[int, bytes] = field(default_factory=dict)
+    """Lines modified since they were written back: offset -> the line as it was written back (the
+    checksum is brought up to date from these differences when the lines leave the unit)."""
     snp: bool = False
     """An SEV-SNP guest's VMSA (no checksum: the RMP protects it)."""
 
@@ -180,43 +197,38 @@ class VmsaUnit:
         return h.state
 
     def store(self, asid: int, spa: int) -> None:
-        """#VMEXIT: the state :meth:`load` returned goes back into the page, the TMR gets the new
-        checksum.  The changed lines stay modified in this private level until the cache snoops
-        them (a write-back level: they reach the shared cache, and DRAM encrypted, as soon as anyone
-        else looks or flushes)."""
+        """#VMEXIT: the state :meth:`load` returned goes back into the page.  The changed lines stay
+        modified in this private level until the cache snoops them (a write-back level: they reach
+        the shared cache, and DRAM encrypted, as soon as anyone else looks or flushes); the TMR
+        gets the checksum of the page as it is then."""
         h = self._held.get(tag_key(asid, True, spa))
         if h is None:  # pragma: no cover - store without load is an engine bug
             return
-        page = h.page
-        old = [page[lo : lo + LINE] for lo in _STORED_LINES]
-        h.state.store(page)
-        changed = False
-        update = VmsaCrc.shared().update
-        for lo, before in zip(_STORED_LINES, old, strict=True):
-            after = page[lo : lo + LINE]
-            if after != before:
-                h.dirty.add(lo)
-                if lo < VMSA_CRC_SIZE and not h.snp:
-                    update(h.lanes, lo, before, after)
-                changed = True
-        if changed and not h.snp:
-            h.crc_stale = True
+        h.state.store(h.page, h.dirty)
 
     def _write_back(self, h: _Held) -> None:
         """The modified lines of ``h`` into the shared cache, in the guest's domain, and its
-        checksum into the TMR."""
-        for lo in sorted(h.dirty):
-            self.cache.write(h.asid, True, h.spa + lo, h.page[lo : lo + LINE], origin=self)
+        checksum into the TMR (updated from the lines' changes since it was last stored: the same
+        value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives for the page)."""
+        update = VmsaCrc.shared().update
+        page = h.page
+        changed = False
+        for lo, before in sorted(h.dirty.items()):
+            after = page[lo : lo + LINE]
+            self.cache.write(h.asid, True, h.spa + lo, after, origin=self)
+            if before != after and not h.snp:
+                if lo < VMSA_CRC_SIZE:
+                    update(h.lanes, lo, before, after)
+                changed = True
         h.dirty.clear()
-        if h.crc_stale:
+        if changed:
             h.crc = VmsaCrc.checksum(h.lanes)
             self.dram.write(h.crc_paddr, h.crc.to_bytes(8, "little"))
-            h.crc_stale = False
 
     def forget(self) -> None:
         """Write back and drop every held page (the next VMRUN reads and checks again)."""
         for h in self._held.values():
-            if h.dirty or h.crc_stale:
+            if h.dirty:
                 self._write_back(h)
         self._held.clear()
 
@@ -225,14 +237,19 @@ class VmsaUnit:
         """Someone else reads lines of a held page (its modified lines are written back first) or
         writes, flushes or drops them (written back, then the page must be read and checked again
         at the next VMRUN)."""
-        if not self._held:
+        held = self._held
+        if not held:
             return
-        for key, h in list(self._held.items()):
+        if hi - lo <= PAGE:  # (the usual snoop: a few lines, at most two pages to look up)
+            first, last = lo & ~(PAGE - 1), (hi - 1) & ~(PAGE - 1)
+            if first not in held and last not in held:
+                return
+        for key, h in list(held.items()):
             if key < hi and key + PAGE > lo:
-                if h.dirty or h.crc_stale:
+                if h.dirty:
                     self._write_back(h)
                 if invalidate:  # the next VMRUN reads and checks the page again
-                    del self._held[key]
+                    del held[key]
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profiles: a fill of the same SPA in another domain drops the held copy."""
@@ -240,6 +257,6 @@ class VmsaUnit:
         page_key = key & ~(PAGE - 1)
         for held_key, h in list(self._held.items()):
             if h.spa == spa and held_key != page_key:
-                if h.dirty or h.crc_stale:
+                if h.dirty:
                     self._write_back(h)
                 del self._held[held_key]

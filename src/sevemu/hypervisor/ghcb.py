@@ -82,6 +82,9 @@ _IOIO_IN: Final = 1 << 0
 _IOIO_STR: Final = 1 << 2
 _IOIO_REP: Final = 1 << 3
 _IOIO_SIZES: Final = {1 << 4: 1, 1 << 5: 2, 1 << 6: 4}
+_IOIO_SIZE_OF: Final = {bits: next((n for bit, n in _IOIO_SIZES.items() if bits & bit), 0) for bits in range(0, 0x80, 0x10)}
+"""SZ8/SZ16/SZ32 bits of IOIO's exit information -> the operand size (the lowest set bit wins)."""
+_LOW_ZEROS: Final = bytes(_GPRS - _SAVE_LO)
 
 
 class NaeHost(Protocol):
@@ -200,6 +203,11 @@ class GhcbHandler:
         """NAE events by SW_EXITCODE: ``fn(exit)``."""
         self.hv_features = 0
         """What HV_FT_RESP / HV_FEATURES report (SNP sets its bits)."""
+        self._last_save = b""  # the GHCB bytes last decoded, and what they decoded to
+        self._last_fields: dict[str, int] = {}
+        self._last_out: dict[str, int] = {}  # the last answer, the GHCB it answered, and its writes
+        self._last_wb_save = b""
+        self._last_writes: list[tuple[int, bytes]] = []
 
     # ---- entry -----------------------------------------------------------------------------------
     def vmgexit(self, vm: Vm, vcpu: Vcpu) -> str | None:
@@ -281,22 +289,19 @@ class GhcbHandler:
             save, bitmap, usage = self._read(page)
         except UnmappedError:
             return self._terminate(vm, f"the GHCB at GPA {gpa:#x} is not backed")
-        fields: dict[str, int] = {}
-        rest = bitmap
-        while rest:
-            low = rest & -rest
-            rest ^= low
-            name = _FIELD_OF_BIT.get(low.bit_length() - 1)
-            if name is not None:  # bits of no field are ignored, as KVM ignores them
-                off = _OFF[name] - _SAVE_LO
-                fields[name] = save[off + 3] if name == "cpl" else _Q.unpack_from(save, off)[0]
+        if save == self._last_save:  # the same marked fields as the last GHCB: the same decode
+            fields = dict(self._last_fields)
+        else:
+            fields = _decode(save, bitmap)
+            self._last_save, self._last_fields = save, dict(fields)
         ex = NaeExit(vm, vcpu, gpa, fields.get("sw_exit_code", 0), fields.get("sw_exit_info_1", 0),
                      fields.get("sw_exit_info_2", 0), fields)
         stop: str | None = None
         try:
             if usage != GHCB_DEFAULT_USAGE:
                 ex.refuse(GhcbError.INVALID_USAGE, f"ghcb_usage {usage:#x}")
-            ex.need("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
+            if "sw_exit_info_2" not in fields or "sw_exit_info_1" not in fields or "sw_exit_code" not in fields:
+                ex.need("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
             fn = self.nae_table.get(ex.code)
             if fn is None:
                 ex.refuse(GhcbError.INVALID_EVENT, f"exit code {ex.code:#x}")
@@ -309,7 +314,16 @@ class GhcbHandler:
             if vm.state is VmState.CRASHED:
                 raise
             stop = s.reason
-        self._write_back(page, save, ex.out)
+        out = ex.out
+        out.setdefault("sw_exit_info_1", 0)
+        out.setdefault("sw_exit_info_2", 0)
+        if out == self._last_out and save == self._last_wb_save:  # the same answer to the same GHCB
+            writes = self._last_writes
+        else:
+            writes = _write_plan(save, out)
+            self._last_out, self._last_wb_save, self._last_writes = dict(out), save, writes
+        for off, data in writes:
+            page.write(off, data)
         return stop
 
     @staticmethod
@@ -319,24 +333,24 @@ class GhcbHandler:
         then the lines of other marked fields (CPL, RIP ...), then the usage word's line -- a
         hypervisor reads what it needs, not the page; whole lines, through the host's mapping of
         the page (:meth:`Vm.host_page <sevemu.hypervisor.vm.Vm.host_page>`)."""
-        save = bytearray(_SAVE_HI - _SAVE_LO)
         head = page.read(_GPRS, _SAVE_HI - _GPRS)  # RSP, RAX, RCX..R15, SW_EXITCODE .. bitmap
-        save[_GPRS - _SAVE_LO :] = head
         bitmap = int.from_bytes(head[_BITMAP - _GPRS :], "little")
-        if bitmap & _LOW_FIELDS:
-            lines = sorted({_OFF[name] & ~63 for bit, name in _FIELD_OF_BIT.items()
-                            if bitmap >> bit & 1 and _OFF[name] < _GPRS})
-            i = 0
-            while i < len(lines):
-                j = i + 1
-                while j < len(lines) and lines[j] == lines[j - 1] + 64:
-                    j += 1
-                lo, hi = lines[i], lines[j - 1] + 64
-                data = page.read(lo, hi - lo)
-                skip = max(_SAVE_LO - lo, 0)  # the line of CPL starts before the save area read
-                save[lo + skip - _SAVE_LO : hi - _SAVE_LO] = data[skip:]
-                i = j
         usage = int.from_bytes(page.read(_TAIL_LINE, 64)[_TAIL + 4 - _TAIL_LINE :], "little")
+        if not bitmap & _LOW_FIELDS:
+            return _LOW_ZEROS + head, bitmap, usage
+        save = bytearray(_LOW_ZEROS + head)
+        lines = sorted({_OFF[name] & ~63 for bit, name in _FIELD_OF_BIT.items()
+                        if bitmap >> bit & 1 and _OFF[name] < _GPRS})
+        i = 0
+        while i < len(lines):
+            j = i + 1
+            while j < len(lines) and lines[j] == lines[j - 1] + 64:
+                j += 1
+            lo, hi = lines[i], lines[j - 1] + 64
+            data = page.read(lo, hi - lo)
+            skip = max(_SAVE_LO - lo, 0)  # the line of CPL starts before the save area read
+            save[lo + skip - _SAVE_LO : hi - _SAVE_LO] = data[skip:]
+            i = j
         return bytes(save), bitmap, usage
 
     @staticmethod
@@ -344,35 +358,8 @@ class GhcbHandler:
         """The outputs (and SW_EXITINFO1/2, 0 unless set) into the GHCB, the valid bitmap marking
         exactly them; written as runs of changed quadwords (in the head, read whole, as the lines around
         them: the bytes between are written back as read)."""
-        out.setdefault("sw_exit_info_1", 0)
-        out.setdefault("sw_exit_info_2", 0)
-        quads: dict[int, bytes] = {}
-        bitmap = 0
-        for name, value in out.items():
-            bitmap |= 1 << GHCB_VALID_BITS[name]
-            if name == "cpl":  # one byte of its quadword, whose other bytes may not have been read
-                page.write(_OFF[name] + 3, bytes([value & 0xFF]))
-            else:
-                quads[_OFF[name]] = (value & _M64).to_bytes(8, "little")
-        quads[_BITMAP] = (bitmap & _M64).to_bytes(8, "little")
-        quads[_BITMAP + 8] = (bitmap >> 64).to_bytes(8, "little")
-        # below the head's lines only marked fields were read: outputs there are always written
-        offs = [o for o in sorted(quads) if o < _GPRS or quads[o] != save[o - _SAVE_LO : o - _SAVE_LO + 8]]
-        head = [o for o in offs if o >= _HEAD]
-        if head:  # the head was read whole: one write of the lines from its first to its last change
-            lo, hi = head[0] & ~63, (head[-1] + 8 + 63) & ~63
-            block = bytearray(save[lo - _SAVE_LO : hi - _SAVE_LO])
-            for o in head:
-                block[o - lo : o - lo + 8] = quads[o]
-            page.write(lo, bytes(block))
-        rest = [o for o in offs if o < _HEAD]
-        i = 0
-        while i < len(rest):
-            j = i + 1
-            while j < len(rest) and rest[j] == rest[j - 1] + 8:
-                j += 1
-            page.write(rest[i], b"".join(quads[o] for o in rest[i:j]))
-            i = j
+        for off, data in _write_plan(save, out):
+            page.write(off, data)
 
     # ---- NAE events -------------------------------------------------------------------------------------
     def _cpuid(self, ex: NaeExit) -> None:
@@ -386,7 +373,7 @@ class GhcbHandler:
     def _ioio(self, ex: NaeExit) -> None:
         info = ex.info1
         port = (info >> 16) & 0xFFFF
-        size = next((n for bit, n in _IOIO_SIZES.items() if info & bit), 0)
+        size = _IOIO_SIZE_OF[info & 0x70]
         if not size:
             ex.refuse(GhcbError.INVALID_INPUT, f"IOIO exit information {info:#x} has no operand size")
         host, vm = self.host, ex.vm
@@ -405,7 +392,9 @@ class GhcbHandler:
         if info & _IOIO_IN:
             ex.out["rax"] = host.port_in(vm, port, size)
         else:
-            (rax,) = ex.need("rax")
+            rax = ex.fields.get("rax")
+            if rax is None:
+                (rax,) = ex.need("rax")
             host.port_out(vm, port, size, rax & ((1 << (8 * size)) - 1))
         return
 
@@ -476,3 +465,54 @@ class GhcbHandler:
 
 def _nothing(ex: NaeExit) -> None:
     return None
+
+
+def _decode(save: bytes, bitmap: int) -> dict[str, int]:
+    """The fields the valid bitmap marks, from the save area :meth:`GhcbHandler._read` returned
+    (bits of no field are ignored, as KVM ignores them)."""
+    fields: dict[str, int] = {}
+    rest = bitmap
+    while rest:
+        low = rest & -rest
+        rest ^= low
+        name = _FIELD_OF_BIT.get(low.bit_length() - 1)
+        if name is not None:
+            off = _OFF[name] - _SAVE_LO
+            fields[name] = save[off + 3] if name == "cpl" else _Q.unpack_from(save, off)[0]
+    return fields
+
+
+def _write_plan(save: bytes, out: dict[str, int]) -> list[tuple[int, bytes]]:
+    """The writes of :meth:`GhcbHandler._write_back`: (offset, bytes) in order (``out`` gets the
+    SW_EXITINFO1/2 defaults)."""
+    out.setdefault("sw_exit_info_1", 0)
+    out.setdefault("sw_exit_info_2", 0)
+    writes: list[tuple[int, bytes]] = []
+    quads: dict[int, bytes] = {}
+    bitmap = 0
+    for name, value in out.items():
+        bitmap |= 1 << GHCB_VALID_BITS[name]
+        if name == "cpl":  # one byte of its quadword, whose other bytes may not have been read
+            writes.append((_OFF[name] + 3, bytes([value & 0xFF])))
+        else:
+            quads[_OFF[name]] = (value & _M64).to_bytes(8, "little")
+    quads[_BITMAP] = (bitmap & _M64).to_bytes(8, "little")
+    quads[_BITMAP + 8] = (bitmap >> 64).to_bytes(8, "little")
+    # below the head's lines only marked fields were read: outputs there are always written
+    offs = [o for o in sorted(quads) if o < _GPRS or quads[o] != save[o - _SAVE_LO : o - _SAVE_LO + 8]]
+    head = [o for o in offs if o >= _HEAD]
+    if head:  # the head was read whole: one write of the lines from its first to its last change
+        lo, hi = head[0] & ~63, (head[-1] + 8 + 63) & ~63
+        block = bytearray(save[lo - _SAVE_LO : hi - _SAVE_LO])
+        for o in head:
+            block[o - lo : o - lo + 8] = quads[o]
+        writes.append((lo, bytes(block)))
+    rest = [o for o in offs if o < _HEAD]
+    i = 0
+    while i < len(rest):
+        j = i + 1
+        while j < len(rest) and rest[j] == rest[j - 1] + 8:
+            j += 1
+        writes.append((rest[i], b"".join(quads[o] for o in rest[i:j])))
+        i = j
+    return writes

@@ -77,6 +77,7 @@ _KVM_ENOSYS = (1 << 64) - 1000  # -KVM_ENOSYS as a 64-bit register value
 _KVM_EINVAL = (1 << 64) - 22  # -EINVAL
 _NPF_RSVD = 1 << 3
 _NPF_RMP = 1 << 31
+_IOIO_SIZE = {1: 1, 2: 2, 4: 4}  # IOIO EXITINFO1 bits 6:4 (SZ32, SZ16, SZ8) -> bytes
 
 # The host's reserved memory, from the bottom: [1 MiB, +4 KiB) command buffer, [2 MiB, 3 MiB) the
 # SEV-ES TMR (1 MiB aligned), [4 MiB, 12 MiB) the PSP bounce area (big enough for the largest
@@ -371,11 +372,12 @@ class Hypervisor:
             # ASID on the core last: its translations must not be used (KVM pre_sev_run).
             self._last_vmcb[v.vmcb.asid] = v.vmcb
             v.vmcb.tlb_control = TlbControl.FLUSH_ASID
+        vmrun, handle, exits = self.core.vmrun, self._handle_exit, v.exits
         for n in range(1, max_exits + 1):
-            ex = self.core.vmrun(v.vmcb, v.engine)
-            v.exits[ex.name] += 1
+            ex = vmrun(v.vmcb, v.engine)
+            exits[ex.name] += 1
             v.last_exit = ex
-            reason = self._handle_exit(vm, v, ex)
+            reason = handle(vm, v, ex)
             if reason is not None:
                 return RunResult(ex, reason, n)
         return RunResult(v.last_exit or VmExit(0), "exit budget exhausted", max_exits)
@@ -404,7 +406,7 @@ class Hypervisor:
             return self.ghcb.vmgexit(vm, v)
         if code == ExitCode.IOIO:
             port = ex.info1 >> 16
-            nbytes = {1: 1, 2: 2, 4: 4}.get((ex.info1 >> 4) & 0x7, 1)
+            nbytes = _IOIO_SIZE.get((ex.info1 >> 4) & 0x7, 1)
             if ex.info1 & 1:  # IN: AL/AX merge into RAX, EAX zero-extends (KVM complete_fast_pio_in)
                 keep = regs["rax"] & ~((1 << (8 * nbytes)) - 1) if nbytes < 4 else 0
                 regs["rax"] = keep | self.port_in(vm, port, nbytes)

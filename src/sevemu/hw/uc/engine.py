@@ -194,6 +194,9 @@ class UcEngine:
         self._fill_cr0 = -1
         self._fill_cr3 = -1
         self._clean_syncs = 0
+        self._vmgexits: dict[int, tuple[bytes, bool, int]] = {}
+        """RIP -> (instruction bytes, long mode, length) of VMGEXITs the code hooks stopped at:
+        the next stop there with the same bytes is known without decoding."""
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -220,6 +223,7 @@ class UcEngine:
         self._shadow_gprs = []
         self._shadow_ctl = ()
         self._pending = None
+        self._vmgexits.clear()
         for i in range(len(self.vals)):
             self.vals[i] = 0
 
@@ -620,6 +624,11 @@ class UcEngine:
                         self.stats.io_exits += 1
                         cpu.vmcb.next_rip = known.info2
                         return known
+                    gx = self._vmgexits.get(rip)
+                    if gx is not None and cpu.vmcb.sev_es_enable and gx[1] == bool(vals[I_CR0] & CR0_PG) \
+                            and gx[0] == self.read_code(rip, 16):
+                        cpu.vmcb.next_rip = rip + gx[2]  # the same VMGEXIT as last time (its length)
+                        return _VMGEXIT
                     io_exit = self._port_io(cpu, rip)
                     if io_exit is not None:
                         return io_exit
@@ -660,6 +669,7 @@ class UcEngine:
         if guest is not None:  # a hooked 0F 01 D9: VMGEXIT of an SEV-ES guest exits here (insn.vmgexit)
             if guest[0] is GuestInsn.VMGEXIT and cpu.vmcb.sev_es_enable:
                 cpu.vmcb.next_rip = rip + guest[1]
+                self._vmgexits[rip] = (code, long_mode, guest[1])
                 return _VMGEXIT
             self._ports.unhook_address(rip)  # VMMCALL, other guests: Unicorn's intercept path
             return None

@@ -42,7 +42,8 @@ __all__ = ["PagePool"]
 
 _LOW_WATER = 16  # free slots left when the pool asks for an eviction at the next block boundary
 _BLOCK = 512  # sync_slot compares blocks of 8 lines before single lines
-_PARTIAL_LINES = 16  # a snoop naming more lines of a page makes the whole slot stale
+_PARTIAL_LINES = 16  # a snoop naming more lines of a page (or more runs) makes the whole slot stale
+_ABSENT: list[tuple[int, int]] = []  # (stale.get's default: a slot not stale yet)
 
 
 class PagePool:
@@ -62,14 +63,15 @@ class PagePool:
         self.slot_key: dict[int, int] = {}
         """Slot -> cache key of the page it holds."""
         self._by_spa: dict[int, set[int]] = {}  # page SPA -> slots (every domain)
-        self._snap: dict[int, bytes] = {}  # slot -> contents as last written back / filled
+        self._snap: dict[int, bytes | bytearray] = {}  # slot -> contents as last written back / filled
         self._free: list[int] = []
         self._order: deque[int] = deque()  # fill order (eviction is FIFO)
         self.writable: set[int] = set()
         """Slots Unicorn may have written (write permission granted since the last TLB flush)."""
-        self.stale: dict[int, set[int] | None] = {}
-        """Slots someone else changed: re-read before the guest runs again -- the offsets of the
-        64-byte lines that changed, or None for the whole page."""
+        self.stale: dict[int, list[tuple[int, int]] | None] = {}
+        """Slots someone else changed: re-read before the guest runs again -- the ``[lo, hi)``
+        offsets of the runs of 64-byte lines that changed (as the snoops named them), or None for
+        the whole page."""
         self.evict_requested = False
         self.synced = False
         """Every writable slot was written back and the guest has not run since (set by the engine
@@ -147,11 +149,13 @@ class PagePool:
         self.stats.slot_fills += 1
         return s
 
-    def sync_slot(self, s: int) -> None:
-        """Write the lines of slot ``s`` the guest modified back into the shared cache."""
+    def sync_slot(self, s: int, cur: bytes | None = None) -> None:
+        """Write the lines of slot ``s`` the guest modified back into the shared cache (``cur``: the
+        slot's current contents, if the caller has them)."""
         mm = self.mm
         assert mm is not None and self.cache is not None
-        cur = mm[s * PAGE : (s + 1) * PAGE]
+        if cur is None:
+            cur = mm[s * PAGE : (s + 1) * PAGE]
         snap = self._snap[s]
         if cur == snap:
             return
@@ -166,6 +170,7 @@ class PagePool:
                 o += LINE
                 continue
             start = o
+            o += LINE
             while o < PAGE and cur[o : o + LINE] != snap[o : o + LINE]:
                 o += LINE
             write(asid, c, spa + start, cur[start:o], origin=self)
@@ -180,8 +185,9 @@ class PagePool:
         snap = self._snap
         dirty = 0
         for s in self.writable:
-            if mm[s * PAGE : (s + 1) * PAGE] != snap.get(s, b"") and s in self.slot_key:
-                self.sync_slot(s)
+            cur = mm[s * PAGE : (s + 1) * PAGE]
+            if cur != snap.get(s, b"") and s in self.slot_key:
+                self.sync_slot(s, cur)
                 dirty += 1
         return dirty
 
@@ -206,15 +212,16 @@ class PagePool:
                     changed.append(s)
                 self._snap[s] = new
             else:
-                snap = bytearray(self._snap[s])
+                snap = self._snap[s]
+                if not isinstance(snap, bytearray):
+                    snap = self._snap[s] = bytearray(snap)  # (updated in place from now on)
                 differs = False
-                for lo, hi in _runs(lines):  # each run of consecutive lines in one read
+                for lo, hi in lines:  # each run a snoop named, in one read
                     data = read(asid, c, spa + lo, hi - lo, origin=self)
                     if data != mm[base + lo : base + hi]:
                         mm[base + lo : base + hi] = data
                         differs = True
                     snap[lo:hi] = data
-                self._snap[s] = bytes(snap)
                 if differs:
                     changed.append(s)
             self.stats.slot_refreshes += 1
@@ -285,17 +292,20 @@ class PagePool:
 
     def _mark_stale(self, s: int, lo: int, hi: int) -> None:
         """Slot ``s`` must re-read the lines of its page inside ``[lo, hi)`` (cache keys)."""
-        if s in self.stale and self.stale[s] is None:
-            return
+        stale = self.stale
+        runs = stale.get(s, _ABSENT)
+        if runs is None:
+            return  # the whole page already
         page = self.slot_key[s]
         first, last = max(lo, page), min(hi, page + PAGE)
-        if last - first > _PARTIAL_LINES * LINE:
-            self.stale[s] = None
+        if last - first > _PARTIAL_LINES * LINE or (runs is not _ABSENT and len(runs) >= _PARTIAL_LINES):
+            stale[s] = None
             return
-        lines = self.stale.get(s)
-        if lines is None:
-            lines = self.stale[s] = set()
-        lines.update(range((first - page) & ~(LINE - 1), last - page, LINE))
+        run = ((first - page) & ~(LINE - 1), (last - page + LINE - 1) & ~(LINE - 1))
+        if runs is _ABSENT:
+            stale[s] = [run]
+        else:
+            runs.append(run)
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profile: a line of ``key``'s SPA is filled in ``key``'s domain."""
@@ -317,14 +327,3 @@ class PagePool:
 
 def _nothing() -> None:
     return None
-
-
-def _runs(offsets: set[int]) -> list[tuple[int, int]]:
-    """``[lo, hi)`` byte ranges of the runs of consecutive lines whose offsets are ``offsets``."""
-    out: list[tuple[int, int]] = []
-    for off in sorted(offsets):
-        if out and out[-1][1] == off:
-            out[-1] = (out[-1][0], off + LINE)
-        else:
-            out.append((off, off + LINE))
-    return out
