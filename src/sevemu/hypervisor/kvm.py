@@ -54,7 +54,7 @@ from sevemu.errors import InputError, VmError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
-from sevemu.hypervisor import psc
+from sevemu.hypervisor import emulate, psc
 from sevemu.hypervisor.asid import AsidPool
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
 from sevemu.hypervisor.ghcb import GhcbHandler
@@ -75,6 +75,7 @@ _MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 _KVM_ENOSYS = (1 << 64) - 1000  # -KVM_ENOSYS as a 64-bit register value
 _KVM_EINVAL = (1 << 64) - 22  # -EINVAL
 _NPF_RSVD = 1 << 3
+_IOIO_STR = 1 << 2
 _NPF_RMP = 1 << 31
 
 # The host's reserved memory, from the bottom: [1 MiB, +4 KiB) command buffer, [2 MiB, 3 MiB) the
@@ -398,6 +399,9 @@ class Hypervisor:
         if code == ExitCode.VMGEXIT:
             return self.ghcb.vmgexit(vm, v)
         if code == ExitCode.IOIO:
+            if ex.info1 & _IOIO_STR:  # INS/OUTS: the instruction emulator (sevemu.hypervisor.emulate)
+                why = emulate.string_io(vm, v, ex, self.port_in, self.port_out)
+                return None if why is None else self._crash(vm, why)
             port = ex.info1 >> 16
             nbytes = {1: 1, 2: 2, 4: 4}.get((ex.info1 >> 4) & 0x7, 1)
             if ex.info1 & 1:  # IN

@@ -44,7 +44,7 @@ from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault, VmmCommunication
 from sevemu.hw.svm import GPRS, SaveState, VmExit
 from sevemu.hw.uc import binding as uc
-from sevemu.hw.uc import exits
+from sevemu.hw.uc import exits, reset
 from sevemu.hw.uc.binding import I_CR0, I_CR3, I_RIP, REG, SYNC_IDS, check, ctl
 from sevemu.hw.uc.exits import (
     EXIT_HLT,
@@ -65,6 +65,7 @@ from sevemu.hw.uc.exits import (
 from sevemu.hw.uc.pool import PagePool
 from sevemu.hw.uc.ports import IoHooks
 from sevemu.hw.uc.stats import UcStats
+from sevemu.hw.uc.walk import NestedCachingMmu
 from sevemu.hw.uc.watchdog import WATCHDOG
 from sevemu.hw.x86 import insn
 from sevemu.hw.x86.arch import (
@@ -114,8 +115,8 @@ def check_vmcb_state(vmcb: SaveState) -> str | None:
     """Why a save state (the VMCB's save area, or an SEV-ES guest's VMSA) cannot be run by this
     engine (None when it can)."""
     cr0, cr4, efer = vmcb.cr0, vmcb.cr4, vmcb.efer
-    if not cr0 & CR0_PE:
-        return f"CR0 {cr0:#x}: real mode is not supported, the guest must start in protected mode"
+    if not cr0 & CR0_PE:  # the x86 reset state (hw/uc/reset.py)
+        return reset.real_mode_reason(vmcb)
     if cr0 & CR0_PG:
         if not efer & EFER_LME or not cr4 & CR4_PAE:
             return f"CR0.PG needs long mode here (EFER.LME and CR4.PAE): CR0 {cr0:#x} CR4 {cr4:#x} EFER {efer:#x}"
@@ -145,7 +146,7 @@ class UcEngine:
     """
 
     def __init__(self, *, pool_pages: int = 4096, slice_s: float = 0.2, initial: InitialState | None = None,
-                 name: str = "") -> None:
+                 name: str = "", nested_cache: bool = False) -> None:
         if pool_pages < 32:
             raise InputError(f"the page pool needs at least 32 slots, got {pool_pages}")
         if slice_s <= 0:
@@ -159,6 +160,11 @@ class UcEngine:
         self.crash: str | None = None
         self.crash_rip: int | None = None
         self.stats = UcStats()
+        self.nested_cache = nested_cache
+        """Cache nested translations until a TLB flush (:mod:`~sevemu.hw.uc.walk`; firmware that misses often)."""
+        self._walker: NestedCachingMmu | None = None
+        self.fetch_observer: Callable[[int, int, int], None] | None = None
+        """Called with (linear address, CR0, EFER) at each instruction-fetch TLB fill (a boot timeline)."""
         self._lib = uc.library()
         self._h = ctypes.c_void_p(0)
         self._booted = False
@@ -333,8 +339,9 @@ class UcEngine:
         self.write_reg(REG["rax"], VMCB_PA)
         # Run the stub: VMRUN, then stop at the guest's first instruction (an exit address there).
         check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_UC_USE_EXITS)), ctypes.c_int(1)), "exits")
-        stub_va = 0x1000 if (state.rip & ~0xFFF) != 0x1000 else 0x2000
-        self._set_exits([state.rip])
+        entry = reset.entry_linear(state)  # Unicorn's exit addresses are linear (CS base + RIP)
+        stub_va = 0x1000 if (entry & ~0xFFF) != 0x1000 else 0x2000
+        self._set_exits([entry])
         self._booting = True
         self._event = None
         try:
@@ -453,6 +460,8 @@ class UcEngine:
         self.pool.sync_all()
         check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
         self.stats.tlb_flushes += 1
+        if self._walker is not None:
+            self._walker.flush()
         self._forget_grants()
 
     def flush_tlb(self) -> None:
@@ -672,9 +681,6 @@ class UcEngine:
             return None
         if not isinstance(out, insn.Exit):  # pragma: no cover - port I/O always exits
             raise Crash(f"engine error: port I/O at RIP {rip:#x} did not exit")
-        if out.exit.info1 & 4:  # STR
-            kind = "INS" if out.exit.info1 & 1 else "OUTS"
-            raise Crash(f"string port I/O ({kind}) at RIP {rip:#x} is not supported by this engine")
         self.stats.io_exits += 1
         cpu.vmcb.next_rip = out.exit.info2
         return out.exit
@@ -736,7 +742,14 @@ class UcEngine:
             pool.sync_all()
             self._forget_grants()
             self._fill_cr0, self._fill_cr3 = cr0, cr3
-        t = cpu.core.mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
+        mmu = cpu.core.mmu
+        if self.nested_cache:
+            if self._walker is None or self._walker.cache is not mmu.cache:
+                self._walker = NestedCachingMmu(mmu.cache, cpu.core.profile)
+            mmu = self._walker
+        if fetch and self.fetch_observer is not None:
+            self.fetch_observer(vaddr, cr0, self._efer)
+        t = mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
                                    gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp)
         if pool.stale:
             self.refresh()  # the walk set A/D bits in a page the guest has mapped
@@ -747,14 +760,18 @@ class UcEngine:
         else:
             key = tag_key(t.data_asid, t.data_c, t.spa)
             perms = uc.UC_PROT_READ | (uc.UC_PROT_EXEC if same and t.executable else 0)
-        if (same or not fetch) and t.writable and (write or self._w_gvas.get(page) == cr3):
-            perms |= uc.UC_PROT_WRITE
+        if not fetch and t.writable and (write or self._w_gvas.get(page) == cr3):
+            # W^X in Unicorn's TLB: a writable page is not executable until its next fetch fill,
+            # which rescans it for port I/O (code the guest writes, e.g. firmware it decompresses)
+            perms = (perms | uc.UC_PROT_WRITE) & ~uc.UC_PROT_EXEC
         slot = pool.slot_of.get(key)
         if slot is None:
             slot = pool.load(key)
         if perms & uc.UC_PROT_WRITE:
             pool.writable.add(slot)
             self._w_gvas[page] = cr3
+            assert self._ports is not None
+            self._ports.slot_writable(slot)
         if perms & uc.UC_PROT_EXEC:
             assert self._ports is not None
             self._ports.exec_page(page, slot)

@@ -110,6 +110,14 @@ class IoHooks:
         self._hook_page(page, keep)
         self._flush_tb()
 
+    def slot_writable(self, slot: int) -> None:
+        """The guest may write ``slot`` from now on (the engine then maps it without execute): its
+        scan is redone when it is fetched again."""
+        if slot in self._xslots:
+            self._scans.pop(slot, None)
+            for page in [p for p, s in self.xgva.items() if s == slot]:
+                del self.xgva[page]
+
     def forget_slot(self, slot: int) -> None:
         """The pool forgot ``slot``: its scan is void."""
         self._scans.pop(slot, None)
