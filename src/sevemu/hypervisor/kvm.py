@@ -56,6 +56,7 @@ from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
 from sevemu.hypervisor import emulate, psc
 from sevemu.hypervisor.asid import AsidPool
+from sevemu.hypervisor.devices import COM1
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
 from sevemu.hypervisor.ghcb import GhcbHandler
 from sevemu.hypervisor.memory import PageAllocator
@@ -69,7 +70,6 @@ from sevemu.hypervisor.vm import Vcpu, Vm, VmKind, VmState
 
 __all__ = ["COM1", "KVM_HC_MAP_GPA_RANGE", "Hypervisor", "RunResult"]
 
-COM1 = 0x3F8
 KVM_HC_MAP_GPA_RANGE = 12
 _MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 _KVM_ENOSYS = (1 << 64) - 1000  # -KVM_ENOSYS as a 64-bit register value
@@ -404,8 +404,9 @@ class Hypervisor:
                 return None if why is None else self._crash(vm, why)
             port = ex.info1 >> 16
             nbytes = {1: 1, 2: 2, 4: 4}.get((ex.info1 >> 4) & 0x7, 1)
-            if ex.info1 & 1:  # IN
-                regs["rax"] = self.port_in(vm, port, nbytes)
+            if ex.info1 & 1:  # IN: AL/AX merge into RAX, EAX zero-extends (KVM complete_fast_pio_in)
+                keep = regs["rax"] & ~((1 << (8 * nbytes)) - 1) if nbytes < 4 else 0
+                regs["rax"] = keep | self.port_in(vm, port, nbytes)
             else:
                 self.port_out(vm, port, nbytes, regs["rax"])
             vmcb.rip = vmcb.next_rip
@@ -452,13 +453,13 @@ class Hypervisor:
         return int(self.sev.caps.me_mask).bit_length() - 1
 
     def port_in(self, vm: Vm, port: int, size: int) -> int:
-        """IN from the VM's devices: COM1's line status says "ready"; nothing else is there."""
-        return 0x20 if port == COM1 + 5 else (1 << (8 * size)) - 1
+        """IN from the VM's devices (:attr:`Vm.devices <sevemu.hypervisor.vm.Vm.devices>`: COM1 is the
+        serial console; ports no device decodes read all ones)."""
+        return vm.devices.io_read(port, size)
 
     def port_out(self, vm: Vm, port: int, size: int, value: int) -> None:
-        """OUT to the VM's devices: COM1 is the serial console."""
-        if port == COM1:
-            vm.console.append(value & 0xFF)
+        """OUT to the VM's devices (COM1 is the serial console)."""
+        vm.devices.io_write(port, size, value)
 
     def msr_read(self, vm: Vm, msr: int) -> int:
         """An intercepted RDMSR: 0."""
@@ -468,7 +469,9 @@ class Hypervisor:
         """An intercepted WRMSR: ignored."""
 
     def mmio_read(self, vm: Vm, gpa: int, size: int) -> bytes:
-        """MMIO read from one of the VM's emulated pages (all ones elsewhere)."""
+        """MMIO read from the VM's devices or one of its emulated pages (all ones elsewhere)."""
+        if vm.devices.decodes(gpa):
+            return vm.devices.mmio_read(gpa, size).to_bytes(size, "little")
         page = vm.mmio.get(gpa & ~0xFFF)
         off = gpa & 0xFFF
         if page is None or off + size > PAGE:
@@ -476,7 +479,10 @@ class Hypervisor:
         return bytes(page[off : off + size])
 
     def mmio_write(self, vm: Vm, gpa: int, data: bytes) -> None:
-        """MMIO write to one of the VM's emulated pages (ignored elsewhere)."""
+        """MMIO write to the VM's devices or one of its emulated pages (ignored elsewhere)."""
+        if vm.devices.decodes(gpa):
+            vm.devices.mmio_write(gpa, len(data), int.from_bytes(data, "little"))
+            return
         page = vm.mmio.get(gpa & ~0xFFF)
         off = gpa & 0xFFF
         if page is not None and off + len(data) <= PAGE:

@@ -25,6 +25,7 @@ from sevemu.errors import AddressError, InputError, UnmappedError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostCore
 from sevemu.hw.svm import Vmcb, VmExit
+from sevemu.hypervisor.devices import DeviceBus, console_bus
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.npt import NestedPageTable
 from sevemu.hypervisor.vcpu import BSP_RESET_EIP, CpuModel, KvmVmType, X86State, reset_vcpu
@@ -114,6 +115,10 @@ class Vm:
         self.npt = NestedPageTable(core, table_alloc, memory)
         self.vcpus: list[Vcpu] = []
         self.console = bytearray()
+        self.devices: DeviceBus = console_bus(self.console)
+        """The VM's device models (:mod:`sevemu.hypervisor.devices`): every port I/O and MMIO access of
+        the guest, by exit or through the GHCB, goes to this bus; it starts with the COM1 console
+        writing to :attr:`console`, a VMM adds a PC's devices (``install_pc``)."""
         self.shared_gpas: set[int] = set()  # pages the guest declared shared (KVM_HC_MAP_GPA_RANGE)
         self.snp = False
         """An SEV-SNP guest (KVM ``sev_snp_guest``): its memory is private (guest_memfd) unless shared."""
