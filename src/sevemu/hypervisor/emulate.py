@@ -42,6 +42,7 @@ def translate_gva(vm: Vm, cr0: int, cr3: int, cr4: int, efer: int, gva: int) -> 
         return gva & 0xFFFF_FFFF
     try:
         if efer & _EFER_LMA or cr4 & _CR4_PAE:
+            levels: tuple[int, ...]
             if efer & _EFER_LMA:
                 levels, table = (39, 30, 21, 12), cr3 & _ADDR
             else:

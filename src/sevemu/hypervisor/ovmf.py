@@ -32,21 +32,26 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sevemu._util.units import GiB, PAGE
+from sevemu._util.units import PAGE, GiB, MiB
+from sevemu.abi.ghcb import GhcbMsrInfo
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.snp import CPUID_COUNT_MAX, SnpCpuidFunction, SnpCpuidTable, SnpPageType
 from sevemu.errors import InputError, LayoutError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.svm import Segment as HwSegment
+from sevemu.hypervisor.devices import LAPIC_BASE, Pc, install_pc
+from sevemu.hypervisor.devices.pc import Chipset
 from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.hypervisor.kvm_ops import KvmSev, KvmSevCmdId, KvmSevInit
 from sevemu.hypervisor.sevdev import SevDevice
 from sevemu.hypervisor.uapi import KvmSevSnpLaunchFinish, KvmSevSnpLaunchStart, KvmSevSnpLaunchUpdate
 from sevemu.hypervisor.vcpu import BSP_RESET_EIP, KvmVmType
-from sevemu.hypervisor.vm import Vm, VmKind
+from sevemu.hypervisor.vm import Vcpu, Vm, VmKind
 
 __all__ = [
+    "DEFAULT_RAM",
     "FOUR_GIB",
+    "MAX_RAM",
     "MODES",
     "SNP_POLICY",
     "OvmfImage",
@@ -59,6 +64,8 @@ __all__ = [
 ]
 
 FOUR_GIB = 4 * GiB
+DEFAULT_RAM = 256 * MiB
+MAX_RAM = 2 * GiB
 MODES = ("plain", "sev", "sev-es", "snp")
 SNP_POLICY = 0x30000
 """The SNP guest policy of the launch: SMT allowed, bit 17 (reserved, one) -- QEMU's default."""
@@ -192,22 +199,37 @@ class OvmfLaunch:
     vm: Vm
     image: OvmfImage
     mode: str
+    pc: Pc
     measurement: bytes = b""
     """SEV / SEV-ES: the LAUNCH_MEASURE blob (MEASURE || MNONCE)."""
     policy: int = 0
 
 
 def launch_ovmf(hv: Hypervisor, image: OvmfImage, mode: str, engines: Sequence[Engine], *,
-                vcpu_type: str = "EPYC-Milan", name: str = "ovmf", snp_policy: int = SNP_POLICY) -> OvmfLaunch:
-    """Create and launch an OVMF guest of ``mode`` with one vCPU per engine (module docstring).  Every
-    input is checked before anything is created."""
+                ram: int = DEFAULT_RAM, chipset: Chipset = "q35", vcpu_type: str = "EPYC-Milan",
+                name: str = "ovmf", snp_policy: int = SNP_POLICY) -> OvmfLaunch:
+    """Create and launch an OVMF guest of ``mode`` with one vCPU per engine and ``ram`` bytes of RAM
+    on a QEMU ``chipset`` PC's devices (module docstring).  Every input is checked before anything
+    is created."""
     image.check_mode(mode)
     if not 1 <= len(engines) <= 8:
         raise InputError(f"an OVMF guest here has 1 to 8 vCPUs, got {len(engines)}")
+    if ram % MiB or not 32 * MiB <= ram <= MAX_RAM:
+        raise InputError(f"guest RAM must be a multiple of 1 MiB from 32 MiB to {MAX_RAM // MiB} MiB, got {ram:#x}")
     snp, es = mode == "snp", mode in ("sev-es", "snp")
     vm_type = KvmVmType.SNP_VM if snp else KvmVmType.SEV_ES_VM if es else KvmVmType.DEFAULT_VM
     kind = VmKind.PLAIN if mode == "plain" else VmKind.SEV
     vm = hv.create_vm(name, FOUR_GIB, kind, vm_type=vm_type, vcpu_type=vcpu_type)
+    pc = install_pc(vm.devices, ram=ram, chipset=chipset, cpus=len(engines), dma=vm)
+    if not snp:
+        # KVM_SET_CPUID2 as QEMU does it: CPUID(1).ECX[31] says "running on a hypervisor" (OVMF's
+        # IoLib unrolls string I/O only then, for an SEV guest, whose memory the host cannot emulate
+        # it in).  An SNP guest's CPUID comes from its CPUID page, which the firmware checks against
+        # the part's own CPUID (docs/snp.md): the bit is left out there.
+        a, b, c, d = hv.cpuid(1, 0)
+        hv.cpuid_overrides[(1, 0)] = (a, b, c | 1 << 31, d)
+    # RAM backed up front (QEMU -mem-prealloc); what the guest touches above it is backed on demand
+    vm.back_range(0, ram)
     if snp:
         KvmSev(hv, vm).op(KvmSevCmdId.INIT2, KvmSevInit())
     elif es:
@@ -218,7 +240,9 @@ def launch_ovmf(hv: Hypervisor, image: OvmfImage, mode: str, engines: Sequence[E
         # KVM's svm_set_segment: the reset segments go into the VMCB save area (the engine's VMRUN
         # loads their hidden parts: hw/uc/reset.py)
         v.vmcb.segments = {n: HwSegment(s.selector, s.attrib, s.limit, s.base) for n, s in v.arch.segments.items()}
-    out = OvmfLaunch(vm, image, mode)
+    if es:  # an SEV-ES guest's LAPIC accesses are #VC MMIO (a reserved-bit NPT entry), answered by the bus
+        hv.add_mmio(vm, LAPIC_BASE)
+    out = OvmfLaunch(vm, image, mode, pc)
     if snp:
         _snp_launch(hv, vm, image, snp_policy)
         out.policy = snp_policy
@@ -228,6 +252,24 @@ def launch_ovmf(hv: Hypervisor, image: OvmfImage, mode: str, engines: Sequence[E
         if vm.sev:
             hv.launch_finish(vm)
     return out
+
+
+def _convert_ghcb_on_register(hv: Hypervisor, vm: Vm) -> None:
+    """QEMU's implicit conversion for the GHCB page of an SNP guest: OVMF never validates that page
+    and uses it with C=0 from the start; under KVM the first such access is a memory fault that QEMU
+    answers by converting the page to shared (``kvm_convert_memory``).  This model has no
+    memory-attribute fault, so the VMM converts the page when the guest registers it as its GHCB
+    (GHCB MSR protocol REG_GPA), before any GHCB call can name it."""
+    table = hv.ghcb.msr_table
+    register = table[GhcbMsrInfo.REG_GPA_REQ]
+
+    def reg_gpa(guest: Vm, vcpu: Vcpu, msr: int) -> str | None:
+        out = register(guest, vcpu, msr)
+        if guest is vm and vcpu.ghcb_registered is not None:
+            guest.shared_gpas.add(vcpu.ghcb_registered)
+        return out
+
+    table[GhcbMsrInfo.REG_GPA_REQ] = reg_gpa
 
 
 def _snp_launch(hv: Hypervisor, vm: Vm, image: OvmfImage, policy: int) -> None:
@@ -244,3 +286,4 @@ def _snp_launch(hv: Hypervisor, vm: Vm, image: OvmfImage, policy: int) -> None:
         kvm.op(KvmSevCmdId.SNP_LAUNCH_UPDATE, KvmSevSnpLaunchUpdate(
             gfn_start=sec.gpa // PAGE, uaddr=bytearray(data), len=sec.size, type=int(kind)), sev_fd=dev)
     kvm.op(KvmSevCmdId.SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish())
+    _convert_ghcb_on_register(hv, vm)

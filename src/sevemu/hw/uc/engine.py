@@ -89,6 +89,7 @@ __all__ = ["EngineClosedError", "UcEngine", "check_vmcb_state"]
 _VM_HSAVE_PA_MSR: Final = 0xC001_0117
 _CLEAN_SYNCS_BEFORE_DEMOTE: Final = 256
 _SPURIOUS_LIMIT: Final = 1000
+_HOOK_LIMIT: Final = 16384
 _VMGEXIT: Final = VmExit(ExitCode.VMGEXIT)
 """The exit of a VMGEXIT the code hook stopped at (the instruction decoded by :func:`decode_guest_insn`)."""
 _I_RSP: Final = GPRS.index("rsp")
@@ -637,6 +638,8 @@ class UcEngine:
                 if self._imprecise_io is not None:
                     raise Crash(self._imprecise_io)
                 if self._timer_fired:
+                    if ports.hook_count > _HOOK_LIMIT:
+                        self._drop_hooks()
                     return VmExit(ExitCode.INTR)
                 if self.pool.evict_requested:
                     self._evict()
@@ -658,6 +661,17 @@ class UcEngine:
                     return ex
                 self.stats.internal_exits += 1
                 rip = vals[I_RIP]
+
+    def _drop_hooks(self) -> None:
+        """Unicorn checks every code hook for every instruction it translates, so a guest that has
+        executed thousands of pages (firmware) makes translation slow: at a time-slice end with more
+        than :data:`_HOOK_LIMIT` hooks, all are removed with Unicorn's TLB and translated code, and
+        pages are hooked again as they are fetched."""
+        assert self._ports is not None
+        self._ports.drop_all()
+        self._flush_tlb_all()
+        self._flush_tb()
+        self.stats.hook_resets += 1
 
     def _port_io(self, cpu: GuestCpu, rip: int) -> VmExit | None:
         """A code hook stopped the guest before an IN/OUT: the IOIO exit (None if it was not one)."""
@@ -759,7 +773,9 @@ class UcEngine:
             perms = uc.UC_PROT_EXEC | (uc.UC_PROT_READ if same else 0)
         else:
             key = tag_key(t.data_asid, t.data_c, t.spa)
-            perms = uc.UC_PROT_READ | (uc.UC_PROT_EXEC if same and t.executable else 0)
+            # no execute from a data fill: only pages actually fetched are scanned and hooked for
+            # port I/O (firmware reads megabytes it never executes)
+            perms = uc.UC_PROT_READ
         if not fetch and t.writable and (write or self._w_gvas.get(page) == cr3):
             # W^X in Unicorn's TLB: a writable page is not executable until its next fetch fill,
             # which rescans it for port I/O (code the guest writes, e.g. firmware it decompresses)
