@@ -76,6 +76,8 @@ _KVM_ENOSYS = (1 << 64) - 1000  # -KVM_ENOSYS as a 64-bit register value
 _KVM_EINVAL = (1 << 64) - 22  # -EINVAL
 _NPF_RSVD = 1 << 3
 _IOIO_STR = 1 << 2
+_INDEXED_LEAVES = frozenset({0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x20, 0x23, 0x24,
+                             0x8000_001D, 0x8000_0020, 0x8000_0026})
 _NPF_RMP = 1 << 31
 
 # The host's reserved memory, from the bottom: [1 MiB, +4 KiB) command buffer, [2 MiB, 3 MiB) the
@@ -444,6 +446,8 @@ class Hypervisor:
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
         """CPUID as the host answers a guest: the host's values (Fn8000_001F included), or what the
         VMM put in :attr:`cpuid_overrides` (KVM_SET_CPUID2: the host decides what guests see)."""
+        if leaf not in _INDEXED_LEAVES:  # ECX is not an input of this leaf (KVM: no SIGNIFCANT_INDEX)
+            subleaf = 0
         forced = self.cpuid_overrides.get((leaf, subleaf))
         return forced if forced is not None else self.soc.cpuid(leaf, subleaf)
 

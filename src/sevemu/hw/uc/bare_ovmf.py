@@ -135,6 +135,29 @@ class BareFirmware:
             lib.uc_hook_del(h, hh)
             check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TB_FLUSH))), "TB flush")
 
+    def count_until_range(self, first: int, end: int, chunk: int = 1_000_000, limit: int = 4_000_000_000) -> int | None:
+        """Instructions executed until the first one in ``[first, end)``, counted by Unicorn in chunks
+        of ``chunk`` (exact to within one chunk; Unicorn's counter costs speed, so this is a separate
+        pass from the timed runs); None when ``limit`` instructions do not get there."""
+        lib, h = self._lib, self._h
+        hh = ctypes.c_size_t()
+        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_CODE, uc.fn_address(lib.uc_emu_stop), None,
+                              first, end - 1), "range hook")
+        done = 0
+        try:
+            while done < limit:
+                err = lib.uc_emu_start(h, self._begin(), 0, 0, chunk)
+                self.pc = self._linear_pc()
+                if err != uc.UC_ERR_OK:
+                    raise RuntimeError(f"bare Unicorn stopped: error {err} at {self.pc:#x}")
+                if first <= self.pc < end:
+                    return done + chunk // 2
+                done += chunk
+            return None
+        finally:
+            lib.uc_hook_del(h, hh)
+            check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TB_FLUSH))), "TB flush")
+
     def run_until_stack(self, done: Callable[[int], bool], timeout: float, slice_us: int = 20_000) -> float | None:
         """Run in slices until ``done(esp)``; the seconds it took (None: not within ``timeout``)."""
         lib, h = self._lib, self._h
