@@ -105,8 +105,8 @@ def run_ovmf_bench(args: argparse.Namespace) -> int:
     bare = bare_baseline(image, DEFAULT_RAM, args.timeout)
     count = bare["sec_instructions"]
     runs = {m: _mode_run(image, m, args.timeout) for m in modes}
-    lines = [f"OVMF {args.ovmf} ({len(image) // 1024} KiB), reset -> end of SEC -> PEI in permanent memory "
-             f"(figures depend on machine load)"]
+    lines = [(f"OVMF {args.ovmf} ({len(image) // 1024} KiB), reset -> end of SEC -> PEI in permanent memory "
+              "(figures depend on machine load)")]
 
     def rate(seconds: float | None) -> float | None:
         return count / seconds if count and seconds else None
