@@ -27,7 +27,6 @@ two together by checking the launch digest.
 
 from __future__ import annotations
 
-import enum
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from sevemu._util.units import PAGE, GiB, MiB
 from sevemu.abi.ghcb import GhcbMsrInfo
 from sevemu.abi.policy import GuestPolicy
-from sevemu.abi.snp import CPUID_COUNT_MAX, SnpCpuidFunction, SnpCpuidTable, SnpPageType
+from sevemu.abi.snp import CPUID_COUNT_MAX, OvmfSectionType, SnpCpuidFunction, SnpCpuidTable, SnpPageType
 from sevemu.errors import InputError, LayoutError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.svm import Segment as HwSegment
@@ -73,16 +72,6 @@ SNP_POLICY = 0x30000
 _FOOTER = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d").bytes_le
 _RESET_BLOCK = uuid.UUID("00f771de-1a7e-4fcb-890e-68c77e2fb44e")
 _METADATA = uuid.UUID("dc886566-984a-4798-a75e-5585a7bf67cc")
-
-
-class OvmfSectionType(enum.IntEnum):
-    """Types of OVMF's SEV metadata sections (OvmfPkg ``ResetVector``; QEMU ``OVMF_SECTION_TYPE_*``)."""
-
-    SNP_SEC_MEM = 1
-    SNP_SECRETS = 2
-    CPUID = 3
-    SVSM_CAA = 4
-    SNP_KERNEL_HASHES = 0x10
 
 
 @dataclass(frozen=True, slots=True)
