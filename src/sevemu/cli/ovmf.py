@@ -14,7 +14,8 @@ none of the registers):
 * mode switches -- the first instruction fetch (a TLB fill of the vCPU) in 32-bit protected mode
   (CR0.PE) and in long mode (EFER.LMA), with the time since reset and the exits so far;
 * end of SEC -- the first instruction fetched from the PEI firmware volume (``PEI_FV``: OvmfPkgX64's
-  ``PcdOvmfPeiMemFvBase`` 0x820000, up to the DXE volume at 0x900000);
+  ``PcdOvmfPeiMemFvBase`` 0x820000, up to the DXE volume at 0x900000), or, should no fetch fill show
+  it, the first exit with RIP there;
 * PEI's switch to permanent memory -- the first exit at which the stack pointer is in system RAM
   (below the RAM size, outside OVMF's SEC/PEI memory ``TEMP_RAM``) after it was in the temporary RAM;
 * counters: exits by code, #VC by error code, GHCB calls (MSR protocol and NAE events), PVALIDATEs,
@@ -197,7 +198,9 @@ class OvmfBoot:
 
     def _on_exit(self) -> None:
         vals = self.engines[0].vals
-        rsp = vals[_RSP]
+        rsp, rip = vals[_RSP], vals[_RIP]
+        if PEI_FV[0] <= rip < PEI_FV[1]:  # (the fetch fill is seen first; this catches a fill it missed)
+            self._event("end of SEC", f"at an exit in the PEI firmware volume at {rip:#x}")
         if TEMP_RAM[0] <= rsp <= TEMP_RAM[1]:
             self._in_temp = True
         elif self._in_temp and 1 * MiB <= rsp < self.ram:
