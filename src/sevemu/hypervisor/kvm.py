@@ -28,7 +28,8 @@ the checks this API adds.  Flows follow Linux KVM (arch/x86/kvm/svm/sev.c):
   guest's cached lines of each page are written back first (VMPAGE_FLUSH when CPUID
   Fn8000_001F EAX[2] has it, else WBINVD): a host CLFLUSH cannot evict guest-tagged lines.
 * ``run``: VMRUN until an exit the run loop cannot handle itself.  #NPF inside guest memory backs
-  the page (demand paging); port I/O to COM1 is the serial console; CPUID returns the host's values
+  the page (demand paging); port I/O, MMIO and device MSRs go to the VM's devices (``vm.devices``,
+  :mod:`sevemu.hypervisor.devices`: COM1 is the serial console); CPUID returns the host's values
   (including Fn8000_001F, so a guest learns its C-bit); VMMCALL implements KVM_HC_MAP_GPA_RANGE, by
   which an SEV guest announces pages it made shared.  HLT returns to the caller, and so does INTR
   (the host timer ended the guest's time slice: the caller re-enters); SHUTDOWN, an unresolvable
@@ -466,11 +467,14 @@ class Hypervisor:
         vm.devices.io_write(port, size, value)
 
     def msr_read(self, vm: Vm, msr: int) -> int:
-        """An intercepted RDMSR: 0."""
-        return 0
+        """An intercepted RDMSR: a device's MSR (the LAPIC's IA32_APIC_BASE, :mod:`sevemu.hypervisor.
+        devices`), else 0."""
+        value = vm.devices.msr_read(msr)
+        return 0 if value is None else value
 
     def msr_write(self, vm: Vm, msr: int, value: int) -> None:
-        """An intercepted WRMSR: ignored."""
+        """An intercepted WRMSR: to a device's MSR, else ignored."""
+        vm.devices.msr_write(msr, value)
 
     def mmio_read(self, vm: Vm, gpa: int, size: int) -> bytes:
         """MMIO read from the VM's devices or one of its emulated pages (all ones elsewhere)."""

@@ -5,7 +5,8 @@ What QEMU's memory core does for a KVM guest's I/O exits (softmmu/memory.c
 decodes its first address (the one of highest priority where regions overlap, as ICH9's reset
 control register at 0xCF9 overlays the PCI configuration address register at 0xCF8,
 hw/isa/lpc_ich9.c); a device that implements fewer access sizes than the guest used gets the access
-split into bytes, each decoded on its own (``access_with_adjusted_size``); an access nothing decodes
+split into bytes, each decoded on its own, and one narrower than the device implements becomes the
+smallest implemented access around it (``access_with_adjusted_size``); an access nothing decodes
 reads all ones and writes are dropped (``unassigned_io_ops``).
 
 Both exit paths of the hypervisor end here: the plain IOIO and NPF exits
@@ -30,15 +31,27 @@ from dataclasses import dataclass
 from sevemu.errors import InputError
 from sevemu.hypervisor.devices.clock import VirtualClock
 
-__all__ = ["Device", "DeviceBus", "MmioRegion", "ones"]
+__all__ = ["Device", "DeviceBus", "MmioRegion", "Region", "ones"]
 
 _PORTS = 0x10000
-_SIZES = (1, 2, 4)
+_PHYS = 1 << 52
+_IO_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF}
 
 
 def ones(size: int) -> int:
     """All ones in ``size`` bytes: what an undecoded read returns."""
     return (1 << (8 * size)) - 1
+
+
+def _widen(sizes: frozenset[int], off: int, size: int, limit: int | None = None) -> tuple[int, int] | None:
+    """(offset, size) of the smallest implemented access, aligned to its size, that covers
+    [off, off+size) inside the range (QEMU ``access_with_adjusted_size`` for a too-narrow access)."""
+    for w in sorted(sizes):
+        if w > size:
+            start = off & ~(w - 1)
+            if start + w >= off + size and (limit is None or start + w <= limit):
+                return start, w
+    return None
 
 
 class Device:
@@ -73,6 +86,12 @@ class Device:
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         return None
 
+    def msr_read(self, msr: int) -> int:
+        return 0
+
+    def msr_write(self, msr: int, value: int) -> None:
+        return None
+
     def reset(self) -> None:
         """Back to the power-on state (the counters stay)."""
 
@@ -85,8 +104,8 @@ class Device:
 
 
 @dataclass(frozen=True, slots=True)
-class MmioRegion:
-    """An MMIO range a device decodes."""
+class Region:
+    """A port or MMIO range a device decodes."""
 
     base: int
     size: int
@@ -94,12 +113,7 @@ class MmioRegion:
     priority: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _PortRange:
-    base: int
-    size: int
-    device: Device
-    priority: int
+MmioRegion = Region
 
 
 class DeviceBus:
@@ -108,9 +122,10 @@ class DeviceBus:
     def __init__(self, clock: VirtualClock | None = None) -> None:
         self.clock = clock if clock is not None else VirtualClock()
         self.devices: dict[str, Device] = {}
-        self._ranges: list[_PortRange] = []
+        self._ranges: list[Region] = []
         self._ports: dict[int, tuple[Device, int]] = {}  # port -> (device, offset in its range)
-        self._mmio: list[MmioRegion] = []
+        self._mmio: list[Region] = []
+        self._msrs: dict[int, Device] = {}
         self._mmio_bases: list[int] = []
         self.unassigned: Counter[int] = Counter()
         """Accesses no device decoded, by port (I/O) or by 4 KiB page (MMIO)."""
@@ -134,16 +149,22 @@ class DeviceBus:
     def map_ports(self, device: Device, base: int, size: int, priority: int = 0) -> None:
         """``device`` decodes ports [base, base+size) (offsets from 0); ranges of equal priority
         must not overlap."""
+        self._ranges.append(self._new_region("ports", self._ranges, _PORTS, device, base, size, priority))
+        self._rebuild_ports()
+
+    def _new_region(self, what: str, regions: list[Region], limit: int, device: Device, base: int, size: int,
+                    priority: int) -> Region:
+        """A region for ``device``, checked: the device is on this bus, the range inside ``limit`` and
+        overlapping no region of the same priority."""
         if self.devices.get(device.name) is not device:
             raise InputError(f"device {device.name!r} is not on this bus")
-        if size <= 0 or base < 0 or base + size > _PORTS:
-            raise InputError(f"port range {base:#x}+{size:#x} is outside the 64 KiB I/O space")
-        for r in self._ranges:
+        if size <= 0 or base < 0 or base + size > limit:
+            raise InputError(f"{what} {base:#x}+{size:#x} of {device.name} is outside the {limit:#x}-byte space")
+        for r in regions:
             if r.priority == priority and r.base < base + size and base < r.base + r.size:
-                raise InputError(f"ports {base:#x}+{size:#x} of {device.name} overlap {r.device.name}'s "
+                raise InputError(f"{what} {base:#x}+{size:#x} of {device.name} overlap {r.device.name}'s "
                                  f"{r.base:#x}+{r.size:#x}")
-        self._ranges.append(_PortRange(base, size, device, priority))
-        self._rebuild_ports()
+        return Region(base, size, device, priority)
 
     def unmap_ports(self, device: Device, base: int | None = None) -> None:
         """Stop decoding ``device``'s port ranges (only the one at ``base`` when given)."""
@@ -165,15 +186,7 @@ class DeviceBus:
 
     def map_mmio(self, device: Device, base: int, size: int, priority: int = 0) -> None:
         """``device`` decodes [base, base+size) of the guest-physical address space."""
-        if self.devices.get(device.name) is not device:
-            raise InputError(f"device {device.name!r} is not on this bus")
-        if size <= 0 or base < 0 or base + size > 1 << 52:
-            raise InputError(f"MMIO range {base:#x}+{size:#x} is outside the physical address space")
-        for r in self._mmio:
-            if r.priority == priority and r.base < base + size and base < r.base + r.size:
-                raise InputError(f"MMIO {base:#x}+{size:#x} of {device.name} overlaps {r.device.name}'s "
-                                 f"{r.base:#x}+{r.size:#x}")
-        self._mmio.append(MmioRegion(base, size, device, priority))
+        self._mmio.append(self._new_region("MMIO", self._mmio, _PHYS, device, base, size, priority))
         self._mmio_changed()
 
     def unmap_mmio(self, device: Device, base: int | None = None) -> None:
@@ -202,40 +215,79 @@ class DeviceBus:
                 best = r
         return best
 
+    def map_msr(self, device: Device, msr: int) -> None:
+        """``device`` owns MSR ``msr`` (the LAPIC's IA32_APIC_BASE): the hypervisor's intercepted
+        RDMSR/WRMSR of it come here, as KVM handles it in its in-kernel LAPIC."""
+        if self.devices.get(device.name) is not device:
+            raise InputError(f"device {device.name!r} is not on this bus")
+        if not 0 <= msr <= 0xFFFFFFFF or msr in self._msrs:
+            raise InputError(f"MSR {msr:#x} is invalid or already owned")
+        self._msrs[msr] = device
+
+    def msr_read(self, msr: int) -> int | None:
+        """RDMSR of a device's MSR; None when no device owns ``msr`` (the hypervisor answers)."""
+        dev = self._msrs.get(msr)
+        if dev is None:
+            return None
+        dev.reads += 1
+        return dev.msr_read(msr) & (1 << 64) - 1
+
+    def msr_write(self, msr: int, value: int) -> bool:
+        """WRMSR of a device's MSR; False when no device owns ``msr``."""
+        dev = self._msrs.get(msr)
+        if dev is None:
+            return False
+        dev.writes += 1
+        dev.msr_write(msr, value & (1 << 64) - 1)
+        return True
+
     # ---- port I/O ---------------------------------------------------------------------------------
     def io_read(self, port: int, size: int) -> int:
         """IN of ``size`` bytes (1, 2, 4) at ``port``."""
-        if size not in _SIZES or not 0 <= port < _PORTS:
+        mask = _IO_MASK.get(size)
+        if mask is None or not 0 <= port < _PORTS:
             raise InputError(f"port read of {size} bytes at {port:#x}")
         hit = self._ports.get(port)
+        clock = self.clock
         if hit is None:
-            self.clock.access()
+            clock.access()
             self.unassigned[port] += 1
-            return ones(size)
+            return mask
         dev, off = hit
         if size not in dev.io_sizes:
+            wide = _widen(dev.io_sizes, off, size)
+            if wide is not None:  # a narrower access than the device implements: read around it
+                return (self.io_read(port - (off - wide[0]), wide[1]) >> (8 * (off - wide[0]))) & ones(size)
+            if size == 1:
+                return ones(1)
             return sum(self.io_read((port + i) & 0xFFFF, 1) << (8 * i) for i in range(size))
         dev.reads += 1
-        self.clock.quiet_access() if dev.quiet else self.clock.access()
-        return dev.io_read(off, size) & ones(size)
+        clock.quiet_access() if dev.quiet else clock.access()
+        return dev.io_read(off, size) & mask
 
     def io_write(self, port: int, size: int, value: int) -> None:
         """OUT of the low ``size`` bytes (1, 2, 4) of ``value`` to ``port``."""
-        if size not in _SIZES or not 0 <= port < _PORTS:
+        mask = _IO_MASK.get(size)
+        if mask is None or not 0 <= port < _PORTS:
             raise InputError(f"port write of {size} bytes at {port:#x}")
-        value &= ones(size)
+        value &= mask
         hit = self._ports.get(port)
+        clock = self.clock
         if hit is None:
-            self.clock.access()
+            clock.access()
             self.unassigned[port] += 1
             return
         dev, off = hit
         if size not in dev.io_sizes:
-            for i in range(size):
-                self.io_write((port + i) & 0xFFFF, 1, value >> (8 * i))
+            wide = _widen(dev.io_sizes, off, size)
+            if wide is not None:  # QEMU writes the wider access with the value shifted into place
+                self.io_write(port - (off - wide[0]), wide[1], value << (8 * (off - wide[0])))
+            elif size > 1:
+                for i in range(size):
+                    self.io_write((port + i) & 0xFFFF, 1, value >> (8 * i))
             return
         dev.writes += 1
-        self.clock.quiet_access() if dev.quiet else self.clock.access()
+        clock.quiet_access() if dev.quiet else clock.access()
         dev.io_write(off, size, value)
 
     def ins(self, port: int, size: int, count: int) -> bytes:
@@ -267,6 +319,11 @@ class DeviceBus:
             return ones(size)
         dev = r.device
         if size not in dev.mmio_sizes or gpa + size > r.base + r.size:
+            wide = _widen(dev.mmio_sizes, gpa - r.base, size, r.size)
+            if wide is not None:
+                return (self.mmio_read(r.base + wide[0], wide[1]) >> (8 * (gpa - r.base - wide[0]))) & ones(size)
+            if size == 1:
+                return ones(1)
             return sum(self.mmio_read(gpa + i, 1) << (8 * i) for i in range(size))
         dev.reads += 1
         self.clock.quiet_access() if dev.quiet else self.clock.access()
@@ -284,8 +341,12 @@ class DeviceBus:
             return
         dev = r.device
         if size not in dev.mmio_sizes or gpa + size > r.base + r.size:
-            for i in range(size):
-                self.mmio_write(gpa + i, 1, value >> (8 * i))
+            wide = _widen(dev.mmio_sizes, gpa - r.base, size, r.size)
+            if wide is not None:
+                self.mmio_write(r.base + wide[0], wide[1], value << (8 * (gpa - r.base - wide[0])))
+            elif size > 1:
+                for i in range(size):
+                    self.mmio_write(gpa + i, 1, value >> (8 * i))
             return
         dev.writes += 1
         self.clock.quiet_access() if dev.quiet else self.clock.access()
@@ -299,6 +360,17 @@ class DeviceBus:
         if self.unassigned:
             out["unassigned"] = sum(self.unassigned.values())
         return out
+
+    def summary(self, top: int = 8) -> dict[str, object]:
+        """What a run's ``--json`` reports: reads and writes per device that saw any, the ``top`` most
+        used undecoded ports/pages, platform requests and the virtual time."""
+        return {
+            "devices": {n: {"reads": d.reads, "writes": d.writes} for n, d in self.devices.items()
+                        if d.reads + d.writes},
+            "unassigned": {f"{k:#x}": v for k, v in self.unassigned.most_common(top)},
+            "requests": list(self.requests),
+            "virtual_ns": self.clock.ns,
+        }
 
     def reset(self) -> None:
         """Every device back to its power-on state (a platform reset); the map follows the devices."""

@@ -37,15 +37,15 @@ class VirtualClock:
 
     __slots__ = ("_activity", "_ns", "_poll_seen", "_poll_streak", "access_ns", "ips", "max_poll_ns")
 
-    def __init__(self, *, access_ns: int = 1_000, max_poll_ns: int = 1_000_000, ips: int = 1_000_000_000) -> None:
+    def __init__(self, *, access_ns: int = 1_000, max_poll_ns: int = 50_000_000, ips: int = 1_000_000_000) -> None:
         if access_ns <= 0 or max_poll_ns < access_ns or ips <= 0:
             raise InputError("clock steps must be positive (access_ns <= max_poll_ns, ips > 0)")
         self._ns = 0
         self.access_ns = access_ns
         """Virtual time one device access takes."""
         self.max_poll_ns = max_poll_ns
-        """The largest step a polled timer read adds (kept far below a 24-bit PM timer's half period,
-        2^23 ticks = 2.34 s, so a delay loop never misreads a wrap)."""
+        """The largest step a polled timer read adds (default 50 ms: far below a 24-bit PM timer's half
+        period, 2^23 ticks = 2.34 s, so a delay loop never misreads a wrap)."""
         self.ips = ips
         """Instructions per virtual second for :meth:`retire`."""
         self._activity = 0  # bumped by everything that is not a timer poll

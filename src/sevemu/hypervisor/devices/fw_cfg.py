@@ -122,12 +122,12 @@ class _Item:
 
 
 def e820_table(below_4g: int, above_4g: int = 0, *, kvm: bool = True) -> bytes:
-    """``etc/e820`` for RAM split at 4 GiB as QEMU's ``pc_memory_init`` adds it."""
-    entries = [(0, below_4g, E820Type.RAM)]
+    """``etc/e820`` for RAM split at 4 GiB as QEMU's ``pc_memory_init`` adds it, after the entry
+    ``kvm_arch_init`` added first (the accelerator is set up before the board)."""
+    entries = [(*_KVM_IDENTITY_MAP, E820Type.RESERVED)] if kvm else []
+    entries.append((0, below_4g, E820Type.RAM))
     if above_4g:
         entries.append((1 << 32, above_4g, E820Type.RAM))
-    if kvm:
-        entries.append((*_KVM_IDENTITY_MAP, E820Type.RESERVED))
     return b"".join(struct.pack("<QQI", base, length, int(kind)) for base, length, kind in entries)
 
 

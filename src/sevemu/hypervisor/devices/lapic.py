@@ -2,9 +2,10 @@
 
 Register offsets per the AMD64 Architecture Programmer's Manual vol. 2 (24593), section 16.3
 "Local APIC", table 16-2, and QEMU hw/intc/apic.c: ID 0x20 (APIC ID in bits 31:24), version 0x30
-(QEMU: 0x14 with 6 in bits 23:16, the LVT count minus one), TPR 0x80, PPR 0xA0, EOI 0xB0, LDR 0xD0,
+(0x14 with 5 in bits 23:16, the LVT count minus one: QEMU's ``APIC_LVT_NB`` and KVM's in-kernel APIC
+without CMCI both have 6 entries), TPR 0x80, PPR 0xA0, EOI 0xB0, LDR 0xD0,
 DFR 0xE0 (reset 0xFFFFFFFF), SVR 0xF0 (reset 0xFF), ISR/TMR/IRR 0x100..0x270 (always 0: nothing is
-ever delivered), ESR 0x280, ICR 0x300/0x310, the LVT entries 0x2F0 and 0x320..0x370 (reset: masked,
+ever delivered), ESR 0x280, ICR 0x300/0x310, the LVT entries 0x320..0x370 (reset: masked,
 0x10000), the timer's initial count 0x380, current count 0x390 and divide configuration 0x3E0.
 
 * The timer (APM2 16.4.1) counts down from the initial count at the APIC bus rate divided by the
@@ -17,6 +18,12 @@ ever delivered), ESR 0x280, ICR 0x300/0x310, the LVT entries 0x2F0 and 0x320..0x
   (:attr:`Lapic.ipis`: destination, vector, delivery mode -- INIT 5 and STARTUP 6 are how CpuMpPei
   wakes the APs, INIT-SIPI-SIPI); the delivery status always reads idle.  Starting APs is the VMM's
   business (it reads the record).
+* IA32_APIC_BASE (MSR 0x1B; APM2 16.3.1): base 0xFEE00000, bit 11 APIC enable, bit 8 BSP, as KVM
+  sets it at reset (``kvm_lapic_reset``).  OVMF needs the BSP bit: its PEI MpInitLib
+  (``GetCpuMpData``) takes a vCPU without it for an AP and reads its data pointer from below the IDT
+  -- a #GP on the temporary-RAM fill pattern 0x5AA55AA5... in a run without it.  A write moves or
+  disables the MMIO page; the x2APIC enable bit (10) is kept but x2APIC is not modelled.  The model
+  has one LAPIC, the BSP's: every vCPU sees it (per-vCPU APICs are not modelled).
 * Only 32-bit accesses to 16-byte-aligned registers are meaningful; other accesses read 0 and are
   dropped, as the APM says they are undefined.  x2APIC (MSR access) is not modelled here.
 """
@@ -28,17 +35,21 @@ from typing import Final
 
 from sevemu.hypervisor.devices.bus import Device
 
-__all__ = ["LAPIC_BASE", "Ipi", "Lapic"]
+__all__ = ["IA32_APIC_BASE", "LAPIC_BASE", "Ipi", "Lapic"]
 
 LAPIC_BASE: Final = 0xFEE0_0000
 LAPIC_SIZE: Final = 0x1000
+IA32_APIC_BASE: Final = 0x1B
+_APIC_BASE_BSP: Final = 1 << 8
+_APIC_BASE_EXTD: Final = 1 << 10
+_APIC_BASE_ENABLE: Final = 1 << 11
 _BUS_HZ_NS: Final = 1  # KVM: one APIC bus cycle per nanosecond
 _MASKED: Final = 1 << 16
 _PERIODIC: Final = 1 << 17
-_LVTS: Final = (0x2F0, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370)
+_LVTS: Final = (0x320, 0x330, 0x340, 0x350, 0x360, 0x370)
 _WRITABLE: Final = {0x80: 0xFF, 0xD0: 0xFF000000, 0xE0: 0xF0000000, 0xF0: 0x13FF, 0x310: 0xFF000000,
                     0x3E0: 0x0B, 0x280: 0}
-_LVT_WMASK: Final = {0x2F0: 0x117FF, 0x320: 0x310FF, 0x330: 0x117FF, 0x340: 0x117FF, 0x350: 0x1B7FF,
+_LVT_WMASK: Final = {0x320: 0x310FF, 0x330: 0x117FF, 0x340: 0x117FF, 0x350: 0x1B7FF,
                      0x360: 0x1B7FF, 0x370: 0x110FF}
 
 
@@ -61,6 +72,8 @@ class Lapic(Device):
     def __init__(self, apic_id: int = 0, name: str = "lapic") -> None:
         super().__init__(name)
         self.apic_id = apic_id
+        self.apic_base = LAPIC_BASE | _APIC_BASE_ENABLE | (_APIC_BASE_BSP if apic_id == 0 else 0)
+        """IA32_APIC_BASE (module docstring)."""
         self.regs: dict[int, int] = {}
         self.ipis: list[Ipi] = []
         self.timer_expiries = 0
@@ -69,10 +82,23 @@ class Lapic(Device):
         self.reset()
 
     def reset(self) -> None:
-        self.regs = {0x20: self.apic_id << 24, 0x30: 0x0006_0014, 0xE0: 0xFFFF_FFFF, 0xF0: 0xFF,
+        self.regs = {0x20: self.apic_id << 24, 0x30: 0x0005_0014, 0xE0: 0xFFFF_FFFF, 0xF0: 0xFF,
                      0x380: 0, 0x3E0: 0, **{lvt: _MASKED for lvt in _LVTS}}
         self._load_ns = 0
         self._counted = 0
+
+    def msr_read(self, msr: int) -> int:
+        return self.apic_base
+
+    def msr_write(self, msr: int, value: int) -> None:
+        new = (value & 0xF_FFFF_F000) | (value & (_APIC_BASE_ENABLE | _APIC_BASE_EXTD)) | (self.apic_base & _APIC_BASE_BSP)
+        if new == self.apic_base:
+            return
+        self.apic_base = new
+        if self.bus is not None:  # the page follows the base (and goes away while disabled)
+            self.bus.unmap_mmio(self)
+            if new & _APIC_BASE_ENABLE:
+                self.bus.map_mmio(self, new & ~0xFFF, LAPIC_SIZE)
 
     @property
     def divisor(self) -> int:

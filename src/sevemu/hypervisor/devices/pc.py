@@ -18,7 +18,8 @@ fw_cfg                    0x510/0x511, DMA 0x514  :mod:`~sevemu.hypervisor.devic
                           0x4D0/0x4D1
 POST / debug console      0x80 / 0x402            recorded bytes
 System Control Port A     0x92                    A20, reset
-local APIC                0xFEE00000 (4 KiB)      :mod:`~sevemu.hypervisor.devices.lapic` (the BSP's)
+local APIC                0xFEE00000 (4 KiB),     :mod:`~sevemu.hypervisor.devices.lapic` (the BSP's)
+                          MSR 0x1B
 ========================  ======================  ==================================================
 
 RAM is split at 4 GiB as QEMU splits it: Q35 keeps at most 2 GiB below 4 GiB when the RAM is 2.75
@@ -48,7 +49,7 @@ from sevemu.hypervisor.devices.chipset import (
 )
 from sevemu.hypervisor.devices.cmos import DEFAULT_RTC_BASE, Cmos, cmos_memory_bytes
 from sevemu.hypervisor.devices.fw_cfg import FW_CFG_PORT, DmaMemory, FwCfg, qemu_files
-from sevemu.hypervisor.devices.lapic import LAPIC_BASE, LAPIC_SIZE, Lapic
+from sevemu.hypervisor.devices.lapic import IA32_APIC_BASE, LAPIC_BASE, LAPIC_SIZE, Lapic
 from sevemu.hypervisor.devices.legacy import (
     DEBUGCON_PORT,
     POST_PORT,
@@ -165,6 +166,7 @@ def install_pc(bus: DeviceBus, *, ram: int, chipset: Chipset = "q35", cpus: int 
     lapic = Lapic(0)
     bus.add(lapic)
     bus.map_mmio(lapic, LAPIC_BASE, LAPIC_SIZE)
+    bus.map_msr(lapic, IA32_APIC_BASE)
     master, slave = Pic8259("pic-master"), Pic8259("pic-slave")
     for pic, port in ((master, 0x20), (slave, 0xA0)):
         bus.add(pic)
