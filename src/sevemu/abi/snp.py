@@ -62,6 +62,7 @@ __all__ = [
     "IdAuthInfo",
     "IdBlock",
     "KeyAlgo",
+    "OvmfSectionType",
     "PageInfo",
     "SecretsOsArea",
     "SecretsPage",
@@ -124,6 +125,17 @@ class SnpGuestState(IntEnum):
     INIT = 0
     LAUNCH = 1
     RUNNING = 2
+
+
+class OvmfSectionType(IntEnum):
+    """Types of OVMF's SEV metadata sections, the ranges a VMM prepares at an SNP launch (OvmfPkg
+    ``ResetVector``; QEMU ``target/i386/sev.c`` ``OVMF_SECTION_TYPE_*``)."""
+
+    SNP_SEC_MEM = 1
+    SNP_SECRETS = 2
+    CPUID = 3
+    SVSM_CAA = 4
+    SNP_KERNEL_HASHES = 0x10
 
 
 class SnpPageType(IntEnum):

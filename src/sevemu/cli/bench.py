@@ -26,6 +26,7 @@ from sevemu.certs.roots import GENERATIONS
 from sevemu.cli.bench_attest import register_attest
 from sevemu.cli.bench_launch import register_launch
 from sevemu.cli.bench_migrate import register_migrate
+from sevemu.cli.bench_ovmf import register_ovmf
 from sevemu.cli.bench_snp import register_snp
 from sevemu.cli.common import host_memory, positive_int
 from sevemu.cli.progress import Progress, progress_enabled
@@ -56,6 +57,7 @@ def register(sub: Any) -> None:
     register_migrate(bsub)
     register_attest(bsub)
     register_snp(bsub)
+    register_ovmf(bsub)
     try:
         from sevemu.cli.bench_cpu import register_cpu
     except ImportError:  # the Unicorn engine is optional until its dependency is installed

@@ -301,14 +301,21 @@ def register(sub: Any) -> None:
                               "  sevemu run victim --inject-shellcode\n  sevemu run my_guest.c --vcpus 4 --json\n"
                               "guest builds are cached in $SEVEMU_BUILD_DIR (default ~/.cache/sevemu/guests)")
     p.add_argument("guest", nargs="?", help="a bundled guest name (see --list) or a path to a guest .c file")
+    p.add_argument("--firmware", type=Path, metavar="PATH",
+                   help="boot a firmware flash image (OVMF.fd) from the x86 reset vector instead of a guest "
+                        "(docs/ovmf.md): the run prints a boot timeline")
+    p.add_argument("--vcpu-type", default="EPYC-Milan", help="--firmware: QEMU -cpu model (default EPYC-Milan)")
+    p.add_argument("--until", default="PEI in permanent memory", metavar="MILESTONE",
+                   help="--firmware: stop at this milestone: 'protected mode', 'long mode', 'end of SEC', "
+                        "'PEI in permanent memory' (the default)")
     p.add_argument("--list", action="store_true", help="list the bundled guests")
     p.add_argument("--mode", choices=MODES, default="sev",
                    help="plain VM, SEV guest, or SEV-ES guest (registers in the encrypted VMSA, exits "
                         "through the GHCB; default sev)")
     p.add_argument("--vcpus", type=positive_int, default=1, help="number of vCPUs, 1 to 8 (default 1)")
     p.add_argument("--generation", choices=GENERATIONS, default="milan", help="CPU generation (default milan)")
-    p.add_argument("--memory", type=positive_int, default=DEFAULT_MEMORY // MiB, metavar="MiB",
-                   help="guest memory in MiB (default 16)")
+    p.add_argument("--memory", type=positive_int, default=None, metavar="MiB",
+                   help="guest memory in MiB (default 16; --firmware: RAM, default 256)")
     p.add_argument("--timeout", type=seconds, default=60.0, metavar="S",
                    help="give up after this many seconds (default 60)")
     p.add_argument("--seed", help="make the run reproducible (seeds the TRNG and boot randomness)")
@@ -327,6 +334,12 @@ def register(sub: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.firmware is not None:
+        from sevemu.cli.ovmf import run_firmware
+
+        return run_firmware(args)
+    if args.memory is None:
+        args.memory = DEFAULT_MEMORY // MiB
     if args.list:
         width = max(len(n) for n, _ in list_guests())
         for name, desc in list_guests():

@@ -114,6 +114,8 @@ class CpuProfile:
         """CPUID as the part answers it for the leaves the model defines (others read as zeros)."""
         if leaf == 0x8000001F:
             return self.cpuid_fn8000_001f
+        if leaf in (0x00000000, 0x80000000):  # highest leaf of the range, vendor "AuthenticAMD"
+            return (0x10 if leaf == 0 else 0x8000001F), *_AMD_VENDOR
         if leaf == 0x00000001:
             return self.cpuid_fn0000_0001_eax, 0, 0, 0
         if leaf == 0x80000008:
@@ -131,6 +133,8 @@ class CpuProfile:
     def all_asids(self) -> range:
         return range(1, self.max_asid + 1)
 
+
+_AMD_VENDOR = (0x6874_7541, 0x444D_4163, 0x6974_6E65)  # EBX, ECX, EDX: "Auth" "cAMD" "enti"
 
 NAPLES = CpuProfile(
     name="naples",

@@ -8,6 +8,7 @@ The instruction semantics it shares with the Python engine are in :mod:`sevemu.h
 from __future__ import annotations
 
 from sevemu.hw.uc.bare import BareRunner
+from sevemu.hw.uc.bare_ovmf import BareFirmware
 from sevemu.hw.uc.binding import unicorn_version
 from sevemu.hw.uc.engine import EngineClosedError, UcEngine, check_vmcb_state
 from sevemu.hw.uc.ports import scan_io_candidates
@@ -15,5 +16,5 @@ from sevemu.hw.uc.stats import UcStats
 from sevemu.hw.x86.arch import MSR_SEV_STATUS as SEV_STATUS_MSR
 from sevemu.hw.x86.state import InitialState
 
-__all__ = ["SEV_STATUS_MSR", "BareRunner", "EngineClosedError", "InitialState", "UcEngine", "UcStats",
+__all__ = ["SEV_STATUS_MSR", "BareFirmware", "BareRunner", "EngineClosedError", "InitialState", "UcEngine", "UcStats",
            "check_vmcb_state", "scan_io_candidates", "unicorn_version"]

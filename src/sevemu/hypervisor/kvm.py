@@ -55,7 +55,7 @@ from sevemu.errors import InputError, VmError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostSoc
 from sevemu.hw.svm import TlbControl, Vmcb, VmExit
-from sevemu.hypervisor import ap_creation, psc
+from sevemu.hypervisor import ap_creation, emulate, psc
 from sevemu.hypervisor.asid import AsidPool
 from sevemu.hypervisor.devices import COM1
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
@@ -76,6 +76,9 @@ _MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 _KVM_ENOSYS = (1 << 64) - 1000  # -KVM_ENOSYS as a 64-bit register value
 _KVM_EINVAL = (1 << 64) - 22  # -EINVAL
 _NPF_RSVD = 1 << 3
+_IOIO_STR = 1 << 2
+_INDEXED_LEAVES = frozenset({0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x20, 0x23, 0x24,
+                             0x8000_001D, 0x8000_0020, 0x8000_0026})
 _NPF_RMP = 1 << 31
 _IOIO_SIZE = {1: 1, 2: 2, 4: 4}  # IOIO EXITINFO1 bits 6:4 (SZ32, SZ16, SZ8) -> bytes
 
@@ -405,6 +408,9 @@ class Hypervisor:
         if code == ExitCode.VMGEXIT:
             return self.ghcb.vmgexit(vm, v)
         if code == ExitCode.IOIO:
+            if ex.info1 & _IOIO_STR:  # INS/OUTS: the instruction emulator (sevemu.hypervisor.emulate)
+                why = emulate.string_io(vm, v, ex, self.port_in, self.port_out)
+                return None if why is None else self._crash(vm, why)
             port = ex.info1 >> 16
             nbytes = _IOIO_SIZE.get((ex.info1 >> 4) & 0x7, 1)
             if ex.info1 & 1:  # IN: AL/AX merge into RAX, EAX zero-extends (KVM complete_fast_pio_in)
@@ -447,6 +453,8 @@ class Hypervisor:
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
         """CPUID as the host answers a guest: the host's values (Fn8000_001F included), or what the
         VMM put in :attr:`cpuid_overrides` (KVM_SET_CPUID2: the host decides what guests see)."""
+        if leaf not in _INDEXED_LEAVES:  # ECX is not an input of this leaf (KVM: no SIGNIFCANT_INDEX)
+            subleaf = 0
         forced = self.cpuid_overrides.get((leaf, subleaf))
         return forced if forced is not None else self.soc.cpuid(leaf, subleaf)
 

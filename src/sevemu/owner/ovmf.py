@@ -23,10 +23,10 @@ uses ``base`` when no ``gpa`` is given.
 
 from __future__ import annotations
 
-import enum
 import uuid
 from dataclasses import dataclass
 
+from sevemu.abi.snp import OvmfSectionType
 from sevemu.errors import LayoutError
 
 __all__ = [
@@ -117,14 +117,8 @@ def sev_secret_area(image: bytes) -> tuple[int, int] | None:
     return int.from_bytes(data[:4], "little"), int.from_bytes(data[4:8], "little")
 
 
-class SectionType(enum.IntEnum):
-    """OVMF SEV metadata section types (OVMF ``OvmfPkg/ResetVector``; QEMU ``target/i386/sev.c``)."""
-
-    SNP_SEC_MEM = 1
-    SNP_SECRETS = 2
-    CPUID = 3
-    SVSM_CAA = 4
-    SNP_KERNEL_HASHES = 0x10
+SectionType = OvmfSectionType
+"""OVMF SEV metadata section types (:class:`sevemu.abi.snp.OvmfSectionType`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,7 @@ from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault, VmmCommunication
 from sevemu.hw.svm import GPRS, SaveState, VmExit
 from sevemu.hw.uc import binding as uc
-from sevemu.hw.uc import exits
+from sevemu.hw.uc import exits, reset
 from sevemu.hw.uc.binding import I_CR0, I_CR3, I_RIP, REG, SYNC_IDS, check, ctl
 from sevemu.hw.uc.exits import (
     EXIT_HLT,
@@ -65,6 +65,7 @@ from sevemu.hw.uc.exits import (
 from sevemu.hw.uc.pool import PagePool
 from sevemu.hw.uc.ports import IoHooks
 from sevemu.hw.uc.stats import UcStats
+from sevemu.hw.uc.walk import NestedCachingMmu
 from sevemu.hw.uc.watchdog import WATCHDOG
 from sevemu.hw.x86 import insn
 from sevemu.hw.x86.arch import (
@@ -88,6 +89,7 @@ __all__ = ["EngineClosedError", "UcEngine", "check_vmcb_state"]
 _VM_HSAVE_PA_MSR: Final = 0xC001_0117
 _CLEAN_SYNCS_BEFORE_DEMOTE: Final = 256
 _SPURIOUS_LIMIT: Final = 1000
+_HOOK_LIMIT: Final = 16384
 _VMGEXIT: Final = VmExit(ExitCode.VMGEXIT)
 """The exit of a VMGEXIT the code hook stopped at (the instruction decoded by :func:`decode_guest_insn`)."""
 _I_RSP: Final = GPRS.index("rsp")
@@ -114,8 +116,8 @@ def check_vmcb_state(vmcb: SaveState) -> str | None:
     """Why a save state (the VMCB's save area, or an SEV-ES guest's VMSA) cannot be run by this
     engine (None when it can)."""
     cr0, cr4, efer = vmcb.cr0, vmcb.cr4, vmcb.efer
-    if not cr0 & CR0_PE:
-        return f"CR0 {cr0:#x}: real mode is not supported, the guest must start in protected mode"
+    if not cr0 & CR0_PE:  # the x86 reset state (hw/uc/reset.py)
+        return reset.real_mode_reason(vmcb)
     if cr0 & CR0_PG:
         if not efer & EFER_LME or not cr4 & CR4_PAE:
             return f"CR0.PG needs long mode here (EFER.LME and CR4.PAE): CR0 {cr0:#x} CR4 {cr4:#x} EFER {efer:#x}"
@@ -145,7 +147,7 @@ class UcEngine:
     """
 
     def __init__(self, *, pool_pages: int = 4096, slice_s: float = 0.2, initial: InitialState | None = None,
-                 name: str = "") -> None:
+                 name: str = "", nested_cache: bool = False) -> None:
         if pool_pages < 32:
             raise InputError(f"the page pool needs at least 32 slots, got {pool_pages}")
         if slice_s <= 0:
@@ -159,6 +161,11 @@ class UcEngine:
         self.crash: str | None = None
         self.crash_rip: int | None = None
         self.stats = UcStats()
+        self.nested_cache = nested_cache
+        """Cache nested translations until a TLB flush (:mod:`~sevemu.hw.uc.walk`; firmware that misses often)."""
+        self._walker: NestedCachingMmu | None = None
+        self.fetch_observer: Callable[[int, int, int], None] | None = None
+        """Called with (linear address, CR0, EFER) at each instruction-fetch TLB fill (a boot timeline)."""
         self._lib = uc.library()
         self._h = ctypes.c_void_p(0)
         self._booted = False
@@ -337,8 +344,9 @@ class UcEngine:
         self.write_reg(REG["rax"], VMCB_PA)
         # Run the stub: VMRUN, then stop at the guest's first instruction (an exit address there).
         check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_UC_USE_EXITS)), ctypes.c_int(1)), "exits")
-        stub_va = 0x1000 if (state.rip & ~0xFFF) != 0x1000 else 0x2000
-        self._set_exits([state.rip])
+        entry = reset.entry_linear(state)  # Unicorn's exit addresses are linear (CS base + RIP)
+        stub_va = 0x1000 if (entry & ~0xFFF) != 0x1000 else 0x2000
+        self._set_exits([entry])
         self._booting = True
         self._event = None
         try:
@@ -457,6 +465,8 @@ class UcEngine:
         self.pool.sync_all()
         check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
         self.stats.tlb_flushes += 1
+        if self._walker is not None:
+            self._walker.flush()
         self._forget_grants()
 
     def flush_tlb(self) -> None:
@@ -637,6 +647,8 @@ class UcEngine:
                 if self._imprecise_io is not None:
                     raise Crash(self._imprecise_io)
                 if self._timer_fired:
+                    if ports.hook_count > _HOOK_LIMIT:
+                        self._drop_hooks()
                     return VmExit(ExitCode.INTR)
                 if self.pool.evict_requested:
                     self._evict()
@@ -658,6 +670,17 @@ class UcEngine:
                     return ex
                 self.stats.internal_exits += 1
                 rip = vals[I_RIP]
+
+    def _drop_hooks(self) -> None:
+        """Unicorn checks every code hook for every instruction it translates, so a guest that has
+        executed thousands of pages (firmware) makes translation slow: at a time-slice end with more
+        than :data:`_HOOK_LIMIT` hooks, all are removed with Unicorn's TLB and translated code, and
+        pages are hooked again as they are fetched."""
+        assert self._ports is not None
+        self._ports.drop_all()
+        self._flush_tlb_all()
+        self._flush_tb()
+        self.stats.hook_resets += 1
 
     def _port_io(self, cpu: GuestCpu, rip: int) -> VmExit | None:
         """A code hook stopped the guest before an IN/OUT: the IOIO exit (None if it was not one)."""
@@ -682,9 +705,6 @@ class UcEngine:
             return None
         if not isinstance(out, insn.Exit):  # pragma: no cover - port I/O always exits
             raise Crash(f"engine error: port I/O at RIP {rip:#x} did not exit")
-        if out.exit.info1 & 4:  # STR
-            kind = "INS" if out.exit.info1 & 1 else "OUTS"
-            raise Crash(f"string port I/O ({kind}) at RIP {rip:#x} is not supported by this engine")
         self.stats.io_exits += 1
         cpu.vmcb.next_rip = out.exit.info2
         return out.exit
@@ -746,8 +766,15 @@ class UcEngine:
             pool.sync_all()
             self._forget_grants()
             self._fill_cr0, self._fill_cr3 = cr0, cr3
-        t = cpu.core.mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
-                                   gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp, vmpl=cpu.vmpl)
+        mmu = cpu.core.mmu
+        if self.nested_cache:
+            if self._walker is None or self._walker.cache is not mmu.cache:
+                self._walker = NestedCachingMmu(mmu.cache, cpu.core.profile)
+            mmu = self._walker
+        if fetch and self.fetch_observer is not None:
+            self.fetch_observer(vaddr, cr0, self._efer)
+        t = mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
+                           gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp, vmpl=cpu.vmpl)
         if pool.stale:
             self.refresh()  # the walk set A/D bits in a page the guest has mapped
         same = t.data_asid == t.fetch_asid and t.data_c == t.fetch_c
@@ -756,15 +783,21 @@ class UcEngine:
             perms = uc.UC_PROT_EXEC | (uc.UC_PROT_READ if same else 0)
         else:
             key = tag_key(t.data_asid, t.data_c, t.spa)
-            perms = uc.UC_PROT_READ  # executable once fetched: only code pages are scanned and hooked
-        if (same or not fetch) and t.writable and (write or self._w_gvas.get(page) == cr3):
-            perms |= uc.UC_PROT_WRITE
+            # no execute from a data fill: only pages actually fetched are scanned and hooked for
+            # port I/O (firmware reads megabytes it never executes)
+            perms = uc.UC_PROT_READ
+        if not fetch and t.writable and (write or self._w_gvas.get(page) == cr3):
+            # W^X in Unicorn's TLB: a writable page is not executable until its next fetch fill,
+            # which rescans it for port I/O (code the guest writes, e.g. firmware it decompresses)
+            perms = (perms | uc.UC_PROT_WRITE) & ~uc.UC_PROT_EXEC
         slot = pool.slot_of.get(key)
         if slot is None:
             slot = pool.load(key)
         if perms & uc.UC_PROT_WRITE:
             pool.writable.add(slot)
             self._w_gvas[page] = cr3
+            assert self._ports is not None
+            self._ports.slot_writable(slot)
         if perms & uc.UC_PROT_EXEC:
             assert self._ports is not None
             self._ports.exec_page(page, slot)

@@ -43,6 +43,7 @@ from sevemu.hw.uc.binding import (
     UC_ERR_INSN_INVALID,
     library,
 )
+from sevemu.hw.uc.stats import UcStats
 from sevemu.hw.x86 import insn
 from sevemu.hw.x86.arch import (
     ATTR_CODE32,
@@ -195,6 +196,9 @@ class EnginePort(Protocol):
         """Drop every translation the engine holds (the RMP changed under an SNP guest)."""
         ...
 
+    @property
+    def stats(self) -> UcStats: ...
+
 
 # ---- intercepts -------------------------------------------------------------------------------------
 def intercept(e: EnginePort, cpu: GuestCpu, code: int, rip: int) -> VmExit | None:
@@ -272,6 +276,9 @@ def deliver(e: EnginePort, fault: insn.Fault, rip: int, return_rip: int | None =
         detail = f": {fault.reason}" if fault.reason else ""
         code = f", error code {fault.error_code:#x}" if fault.error_code else ""
         raise Crash(f"{exception_name(vector)} at RIP {rip:#x}{detail}{code}, not delivered ({out}): triple fault")
+    if vector == Vector.VC:
+        by = e.stats.vc_by_code
+        by[error_code or 0] = by.get(error_code or 0, 0) + 1
     e.enter_handler(out)
 
 
@@ -332,6 +339,7 @@ def _unknown_to_qemu(e: EnginePort, cpu: GuestCpu, rip: int) -> VmExit | None:
     tlb = cpu.core.tlb
     epoch = tlb.rmp_epoch.get(cpu.asid)
     if kind is GuestInsn.PVALIDATE:
+        e.stats.pvalidates += 1
         out = insn.pvalidate(cpu, vals[0], vals[2] & 0xFFFFFFFF, bool(vals[3] & 1))
     elif kind is GuestInsn.RMPADJUST:
         out = insn.rmpadjust(cpu, vals[0], vals[2], vals[3])

@@ -70,6 +70,7 @@ class IoHooks:
         """GVA page -> the offsets its hooks cover (a stop there without another reason is I/O)."""
         self.exits: dict[int, tuple[bytes, bool, int, VmExit]] = {}
         """RIP -> (instruction bytes, long mode, DX or -1 for an immediate port, the exit)."""
+        self._count = 0
 
     def exec_page(self, page: int, slot: int) -> None:
         """``page`` (GVA) executes from ``slot``: hook every place an IN/OUT could start in it."""
@@ -86,8 +87,10 @@ class IoHooks:
 
     def _hook_page(self, page: int, ranges: tuple[tuple[int, int], ...]) -> None:
         lib = self._lib
-        for hh in self._hooks.pop(page, []):
+        old = self._hooks.pop(page, [])
+        for hh in old:
             lib.uc_hook_del(self._h, hh)
+        self._count -= len(old)
         handles = []
         handle = ctypes.c_size_t()
         for first, last in ranges:
@@ -95,12 +98,32 @@ class IoHooks:
                                   page + first, page + last), "port I/O code hook")
             handles.append(handle.value)
         self._hooks[page] = handles
+        self._count += len(handles)
         self._ranges[page] = ranges
         offsets = {o for first, last in ranges for o in range(first, last + 1)}
         if offsets:
             self.offsets[page] = offsets
         else:
             self.offsets.pop(page, None)
+
+    @property
+    def hook_count(self) -> int:
+        """Code hooks installed (Unicorn walks all of them for every instruction it translates)."""
+        return self._count
+
+    def drop_all(self) -> None:
+        """Remove every code hook (the caller flushes Unicorn's TLB and translated code, so that pages
+        are hooked again as they are fetched)."""
+        lib = self._lib
+        for handles in self._hooks.values():
+            for hh in handles:
+                lib.uc_hook_del(self._h, hh)
+        self._hooks.clear()
+        self._ranges.clear()
+        self.offsets.clear()
+        self.xgva.clear()
+        self.exits.clear()
+        self._count = 0
 
     def unhook_address(self, rip: int) -> None:
         """A range hook fired on an instruction that is not I/O: drop that range and retranslate."""
@@ -109,6 +132,14 @@ class IoHooks:
         keep = tuple(r for r in ranges if not r[0] <= rip - page <= r[1])
         self._hook_page(page, keep)
         self._flush_tb()
+
+    def slot_writable(self, slot: int) -> None:
+        """The guest may write ``slot`` from now on (the engine then maps it without execute): its
+        scan is redone when it is fetched again."""
+        if slot in self._xslots:
+            self._scans.pop(slot, None)
+            for page in [p for p, s in self.xgva.items() if s == slot]:
+                del self.xgva[page]
 
     def forget_slot(self, slot: int) -> None:
         """The pool forgot ``slot``: its scan is void."""

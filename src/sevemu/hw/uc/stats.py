@@ -27,6 +27,12 @@ class UcStats:
     exceptions_delivered: int = 0
     """Exceptions delivered through the guest's IDT (#VC of an SEV-ES guest, #GP, #PF ...)."""
     by_code: dict[int, int] = field(default_factory=dict)
+    vc_by_code: dict[int, int] = field(default_factory=dict)
+    """#VC exceptions delivered, by error code (the exit code of the non-automatic exit)."""
+    pvalidates: int = 0
+    hook_resets: int = 0
+    """Times every port-I/O code hook was dropped to keep translation fast (``UcEngine._drop_hooks``)."""
+    """PVALIDATE instructions executed (an SNP guest's)."""
 
     @property
     def by_reason(self) -> dict[str, int]:

@@ -1,0 +1,133 @@
+"""``sevemu bench ovmf``: OVMF from the reset vector to PEI on the vCPU in each mode, beside the same
+image on a bare Unicorn with the same device models, in the same run.
+
+For each mode (plain, SEV, SEV-ES, SNP by default) a fresh host launches Debian's ``OVMF.fd``
+(:class:`sevemu.cli.ovmf.OvmfBoot`) and the BSP runs until the end of SEC (the first fetch from the PEI
+firmware volume) and then until PEI's switch to permanent memory.  The baseline is
+:class:`sevemu.hw.ucengine.BareFirmware`: flat memory, Unicorn's own page walk, the same Q35 device
+models on its IN/OUT hooks.  SEC is where nearly all instructions are (LZMA decompression of the
+firmware volumes); their number is counted once on the bare Unicorn (Unicorn's counter, in chunks of
+one million, a separate untimed pass), and instructions per second are that count over each run's
+time to the end of SEC.  A mode that stops before a milestone reports how far it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from sevemu._util.units import MiB
+from sevemu.cli.common import emit
+from sevemu.cli.ovmf import PEI_FV, TEMP_RAM, OvmfBoot
+from sevemu.errors import InputError
+from sevemu.hw.ucengine import BareFirmware
+from sevemu.hypervisor.devices import DeviceBus, install_pc
+from sevemu.hypervisor.ovmf import DEFAULT_RAM, MODES
+
+__all__ = ["bare_baseline", "register_ovmf", "run_ovmf_bench"]
+
+DEFAULT_OVMF = Path("/usr/share/ovmf/OVMF.fd")
+
+
+def register_ovmf(bsub: Any) -> None:
+    """Add ``ovmf`` to the ``sevemu bench`` sub-commands."""
+    p = bsub.add_parser("ovmf", help="OVMF reset vector to PEI in each mode vs the same image on bare Unicorn",
+                        epilog="examples:\n  sevemu bench ovmf\n  sevemu bench ovmf --modes plain,snp --json")
+    p.add_argument("--ovmf", type=Path, default=DEFAULT_OVMF, metavar="PATH",
+                   help="the OVMF image (default: Debian's /usr/share/ovmf/OVMF.fd)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all four)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per run (default 300)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_ovmf_bench)
+
+
+def _in_permanent(ram: int) -> Any:
+    seen = {"temp": False}
+
+    def done(esp: int) -> bool:
+        if TEMP_RAM[0] <= esp <= TEMP_RAM[1]:
+            seen["temp"] = True
+            return False
+        return seen["temp"] and MiB <= esp < ram
+
+    return done
+
+
+def bare_baseline(image: bytes, ram: int, timeout: float) -> dict[str, Any]:
+    """Seconds from reset to the end of SEC and to PEI's stack switch on a bare Unicorn, and SEC's
+    instruction count (a second, counting pass)."""
+    bus = DeviceBus()
+    install_pc(bus, ram=ram)
+    bare = BareFirmware(image, ram, bus.io_read, bus.io_write)
+    try:
+        t_sec = bare.run_until_range(*PEI_FV, timeout)
+        t_pei = bare.run_until_stack(_in_permanent(ram), timeout) if t_sec is not None else None
+    finally:
+        bare.close()
+    bus2 = DeviceBus()
+    install_pc(bus2, ram=ram)
+    counter = BareFirmware(image, ram, bus2.io_read, bus2.io_write)
+    try:
+        count = counter.count_until_range(*PEI_FV)
+    finally:
+        counter.close()
+    return {"sec_s": t_sec, "pei_s": None if t_pei is None or t_sec is None else t_sec + t_pei,
+            "sec_instructions": count}
+
+
+def _mode_run(image: bytes, mode: str, timeout: float) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    boot = OvmfBoot(image, mode)
+    launch_s = time.perf_counter() - t0
+    try:
+        r = boot.run(until="end of SEC", timeout=timeout)
+        if r.status == "reached":
+            r = boot.run(until="PEI in permanent memory", timeout=timeout)
+    finally:
+        boot.close()
+    sec, pei = r.milestone("end of SEC"), r.milestone("PEI in permanent memory")
+    return {"launch_s": launch_s, "verified": boot.launch_info.get("verified"), "status": r.status,
+            "reason": r.reason, "sec_s": sec.seconds if sec else None, "pei_s": pei.seconds if pei else None,
+            "reached": [e.what for e in r.events], "exits": sum(r.exits.values()), "vc": sum(r.vc.values()),
+            "pvalidates": r.pvalidates}
+
+
+def run_ovmf_bench(args: argparse.Namespace) -> int:
+    if not args.ovmf.is_file():
+        raise InputError(f"no OVMF image at {args.ovmf} (Debian: apt-get install ovmf)")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise InputError(f"unknown mode {m!r}: {', '.join(MODES)}")
+    image = args.ovmf.read_bytes()
+    bare = bare_baseline(image, DEFAULT_RAM, args.timeout)
+    count = bare["sec_instructions"]
+    runs = {m: _mode_run(image, m, args.timeout) for m in modes}
+    lines = [(f"OVMF {args.ovmf} ({len(image) // 1024} KiB), reset -> end of SEC -> PEI in permanent memory "
+              "(figures depend on machine load)")]
+
+    def rate(seconds: float | None) -> float | None:
+        return count / seconds if count and seconds else None
+
+    bare_rate = rate(bare["sec_s"])
+    lines.append(f"  bare Unicorn: end of SEC {_s(bare['sec_s'])}, PEI in permanent memory {_s(bare['pei_s'])}, "
+                 f"SEC = {count or 0:,} instructions, {_mips(bare_rate)}")
+    for m, r in runs.items():
+        r["sec_instructions_per_s"] = rate(r["sec_s"])
+        r["vs_bare"] = (r["sec_instructions_per_s"] / bare_rate) if r["sec_instructions_per_s"] and bare_rate else None
+        ratio = f", x{r['vs_bare']:.2f} of bare" if r["vs_bare"] else ""
+        lines.append(f"  {m:<7} end of SEC {_s(r['sec_s'])}, PEI in permanent memory {_s(r['pei_s'])} "
+                     f"({_mips(r['sec_instructions_per_s'])}{ratio}; {r['exits']:,} exits, {r['vc']:,} #VC, "
+                     f"{r['pvalidates']:,} PVALIDATEs){'' if r['status'] == 'reached' else ': ' + r['reason']}")
+    emit(args, {"ovmf": str(args.ovmf), "bare": {**bare, "sec_instructions_per_s": bare_rate}, "modes": runs}, lines)
+    return 0
+
+
+def _s(v: float | None) -> str:
+    return "not reached" if v is None else f"{v:.1f} s"
+
+
+def _mips(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1e6:.1f} M instructions/s"
