@@ -45,6 +45,7 @@ from sevemu.certs.roots import GENERATIONS
 from sevemu.certs.sev import ECDH_ALGOS, SevCert
 from sevemu.errors import FileFormatError, InputError, SevemuError
 from sevemu.firmware.nvstore import is_manufactured, read_factory
+from sevemu.hypervisor.sev.snp import snp_enable
 from sevemu.hypervisor.sevdev import SevDevice
 from sevemu.scenario import Machine, build_machine
 
@@ -161,6 +162,8 @@ def open_platform(args: argparse.Namespace, *, writable: bool = True,
         raise FileFormatError(f"{where}: cannot use the platform directory: {exc.strerror or exc}") from None
     except sqlite3.Error as exc:
         raise FileFormatError(f"{directory}: the platform's NV store cannot be used: {exc}") from None
+    if machine.soc.rmp is not None:  # an SNP part: the host kernel enabled SNP at boot (snp_enable)
+        snp_enable(machine.hv.soc)
     try:
         yield Platform(generation, directory, machine, SevDevice(machine.hv, writable=writable))
     finally:

@@ -28,8 +28,8 @@ generation than the one asked for is SKIPped:
 
 Without an argument the generation to check is the CPU's, as sevctl decides it from family and
 model: family 0x17 models 0x01-0x30 SEV, 0x31-0x3F SEV-ES, families 0x19 and 0x1A SEV-SNP.  The
-model has no SEV-SNP firmware yet, so SYSCFG.SNPEn is clear and the SNP checks of Milan and later
-FAIL, as on a host whose BIOS leaves SNP off: ``sevemu ok es`` checks what the model provides.
+emulated host of Milan and later boots as a Linux 6.11+ host whose BIOS reserved the RMP: the kernel
+set SYSCFG.SNPEn (VMPLEn comes from reset), so the SNP checks PASS.
 
 Exit status 0 when every check that ran passed, 1 otherwise.
 """

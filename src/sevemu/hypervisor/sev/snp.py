@@ -63,6 +63,7 @@ from sevemu.abi.snp import (
 )
 from sevemu.abi.status import Status
 from sevemu.abi.vmsa import SevFeatures
+from sevemu.hw.host import HostSoc
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
 from sevemu.hypervisor.sev.common import SevHost
 from sevemu.hypervisor.sev.es import sync_vmsa
@@ -102,12 +103,19 @@ SNP_POLICY_MASK_VALID = 0xFFFF | _SMT | _MBO | _DEBUG | _SINGLE_SOCKET
 """Linux's ``SNP_POLICY_MASK_VALID``: the policy bits KVM passes on."""
 
 
-def platform_init(host: SevHost) -> None:
-    """SNP_EN on every core, SNP_INIT, WBINVD, SNP_DF_FLUSH (``__sev_snp_init_locked``)."""
-    soc = host.soc
+def snp_enable(soc: HostSoc) -> None:
+    """SYSCFG.SNP_EN on every core, as Linux does at boot when the BIOS reserved the RMP
+    (arch/x86/virt/svm/sev.c ``snp_rmptable_init`` -> ``__snp_enable``; VMPL_EN is set from reset
+    in the model).  The firmware stays as it was: SNP_INIT is the driver's business."""
     syscfg = soc.rdmsr(Msr.SYSCFG)
     if not syscfg & SysCfg.SNP_EN:
         soc.wrmsr(Msr.SYSCFG, syscfg | int(SysCfg.SNP_EN))
+
+
+def platform_init(host: SevHost) -> None:
+    """SNP_EN on every core, SNP_INIT, WBINVD, SNP_DF_FLUSH (``__sev_snp_init_locked``)."""
+    soc = host.soc
+    snp_enable(soc)
     host.issue_nobuf(CommandId.SNP_INIT)
     soc.wbinvd_all()
     host.issue_nobuf(CommandId.SNP_DF_FLUSH)
