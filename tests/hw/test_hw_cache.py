@@ -428,7 +428,7 @@ class RecordingAgent:
         self.snoops: list[tuple[int, int, bool]] = []
         self.fills: list[int] = []
 
-    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+    def snoop(self, lo: int, hi: int, invalidate: bool, data: memoryview | None = None) -> None:
         self.snoops.append((lo, hi, invalidate))
 
     def snoop_fill(self, key: int) -> None:
