@@ -35,10 +35,11 @@ from collections import deque
 from collections.abc import Callable
 
 from sevemu._util.units import LINE, PAGE
+from sevemu.hw import memaccel
 from sevemu.hw.cache import SPA_MASK, Cache, key_domain
 from sevemu.hw.uc.stats import UcStats
 
-__all__ = ["PagePool"]
+__all__ = ["PagePool", "line_runs"]
 
 _LOW_WATER = 16  # free slots left when the pool asks for an eviction at the next block boundary
 _BLOCK = 512  # sync_slot compares blocks of 8 lines before single lines
@@ -165,20 +166,10 @@ class PagePool:
             return
         asid, c, spa = key_domain(self.slot_key[s])
         write = self.cache.write_lines
-        o = 0
-        while o < PAGE:
-            if not o % _BLOCK and cur[o : o + _BLOCK] == snap[o : o + _BLOCK]:
-                o += _BLOCK  # (a block of lines compared at once: most of a page is unchanged)
-                continue
-            if cur[o : o + LINE] == snap[o : o + LINE]:
-                o += LINE
-                continue
-            start = o
-            o += LINE
-            while o < PAGE and cur[o : o + LINE] != snap[o : o + LINE]:
-                o += LINE
-            write(asid, c, spa + start, cur[start:o], origin=self)
-            self.stats.lines_written_back += (o - start) // LINE
+        runs = memaccel.helpers.line_runs(cur, snap) if memaccel.ENABLED else line_runs(cur, snap)
+        for lo, hi in runs:
+            write(asid, c, spa + lo, cur[lo:hi], origin=self)
+            self.stats.lines_written_back += (hi - lo) // LINE
         self._snap[s] = cur
 
     def sync_all(self) -> int:
@@ -358,6 +349,26 @@ class PagePool:
     def resident_pages(self) -> list[tuple[int, bool, int]]:
         """(asid, c, spa) of every page held (plaintext inside the SoC)."""
         return [key_domain(k) for k in self.slot_of]
+
+
+def line_runs(cur: bytes | bytearray, snap: bytes | bytearray) -> list[tuple[int, int]]:
+    """The runs of 64-byte lines where the pages ``cur`` and ``snap`` differ, ``[(lo, hi), ...]``
+    byte offsets (the Python path of the C helper ``line_runs``, :mod:`sevemu.hw.memaccel`)."""
+    out = []
+    o = 0
+    while o < PAGE:
+        if not o % _BLOCK and cur[o : o + _BLOCK] == snap[o : o + _BLOCK]:
+            o += _BLOCK  # (a block of lines compared at once: most of a page is unchanged)
+            continue
+        if cur[o : o + LINE] == snap[o : o + LINE]:
+            o += LINE
+            continue
+        start = o
+        o += LINE
+        while o < PAGE and cur[o : o + LINE] != snap[o : o + LINE]:
+            o += LINE
+        out.append((start, o))
+    return out
 
 
 def _nothing() -> None:
