@@ -486,7 +486,7 @@ def test_every_access_snoops_the_private_levels_but_their_own() -> None:
     cache.attach(agent)
     cache.attach(other)
     cache.attach(agent)  # once only
-    assert cache.agents == [agent, other]
+    assert cache.agents == (agent, other)
     key = tag_key(1, True, X)
     cache.read(1, True, X, 8)
     assert agent.covers(key, False)

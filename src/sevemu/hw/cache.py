@@ -109,18 +109,18 @@ class Cache:
         self.writebacks = 0
         self.flush_epoch = 0
         """Number of completed WBINVDs; the Secure Processor reads it to enforce ASID-reuse rules."""
-        self.agents: list[CacheAgent] = []
+        self.agents: tuple[CacheAgent, ...] = ()
         """Private page-holding levels above this cache (see :class:`CacheAgent`); usually none."""
 
     # ---- snooping -------------------------------------------------------------------------------
     def attach(self, agent: CacheAgent) -> None:
         """Keep ``agent`` coherent with this cache from now on."""
         if agent not in self.agents:
-            self.agents.append(agent)
+            self.agents = (*self.agents, agent)  # (a tuple: snoops iterate it without a copy)
 
     def detach(self, agent: CacheAgent) -> None:
         if agent in self.agents:
-            self.agents.remove(agent)
+            self.agents = tuple(a for a in self.agents if a is not agent)
 
     def _snoop(self, asid: int, c: bool, spa: int, length: int, invalidate: bool,
                origin: object | None, data: memoryview | None = None) -> None:
@@ -129,12 +129,12 @@ class Cache:
         domain = (asid << ASID_SHIFT | 1 << C_SHIFT) if c else 0  # (tag_key, inlined: every access)
         lo = domain | (spa & _LINE_MASK)
         hi = (domain | ((spa + max(length, 1) - 1) & _LINE_MASK)) + LINE
-        for agent in list(self.agents):
+        for agent in self.agents:
             if agent is not origin:
                 agent.snoop(lo, hi, invalidate, data)
 
     def _snoop_all(self) -> None:
-        for agent in list(self.agents):
+        for agent in self.agents:
             agent.snoop(0, 1 << 64, True)
 
     # ---- the lookup every access goes through -------------------------------------------------
@@ -289,11 +289,18 @@ class Cache:
             raise AlignmentError(f"write_lines takes whole lines, got {length} bytes at {spa:#x}")
         self._snoop(asid, c, spa, length, True, origin, view)  # (whole lines: agents may take the bytes)
         key = tag_key(asid, c, spa)
-        line_of = self.line
+        sets, mask = self.sets, self.set_mask
         dirty = self.dirty
         for pos in range(0, length, LINE):
             k = key + pos
-            line_of(k)[:] = view[pos : pos + LINE]
+            s = sets[(k >> 6) & mask]
+            line = s.pop(k, None)
+            if line is None:
+                line = self.fill(k, s)
+            else:
+                s[k] = line  # most recently used (Cache.line, inlined)
+                self.hits += 1
+            line[:] = view[pos : pos + LINE]
             dirty.add(k)
 
     # ---- maintenance --------------------------------------------------------------------------
