@@ -289,18 +289,11 @@ class Cache:
             raise AlignmentError(f"write_lines takes whole lines, got {length} bytes at {spa:#x}")
         self._snoop(asid, c, spa, length, True, origin, view)  # (whole lines: agents may take the bytes)
         key = tag_key(asid, c, spa)
-        sets, mask = self.sets, self.set_mask
+        line_of = self.line
         dirty = self.dirty
         for pos in range(0, length, LINE):
             k = key + pos
-            s = sets[(k >> 6) & mask]
-            line = s.pop(k, None)
-            if line is None:
-                line = self.fill(k, s)
-            else:
-                s[k] = line  # most recently used (Cache.line, inlined)
-                self.hits += 1
-            line[:] = view[pos : pos + LINE]
+            line_of(k)[:] = view[pos : pos + LINE]
             dirty.add(k)
 
     # ---- maintenance --------------------------------------------------------------------------
