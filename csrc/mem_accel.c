@@ -12,6 +12,9 @@
  *                                             of those, the dirty ones leave `dirty` too and are
  *                                             returned sorted by key: (keys, lines joined, keys as
  *                                             little-endian uint64)
+ *   line_runs(cur, snap)                      the runs of 64-byte lines where two equal-sized
+ *                                             buffers differ: [(lo, hi), ...] byte offsets
+ *                                             (the page pool's write-back, src/sevemu/hw/uc/pool.py)
  *
  * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
  * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.
@@ -434,10 +437,81 @@ fail_unchanged:
     return NULL;
 }
 
+/* ---- the page pool's compare ---------------------------------------------------------------- */
+
+PyDoc_STRVAR(line_runs_doc,
+             "line_runs(cur, snap, /)\n--\n\n"
+             "The runs of 64-byte lines in which the buffers `cur` and `snap` (the same length, a\n"
+             "multiple of 64) differ, in order, as a list of (lo, hi) byte offsets; [] when equal.");
+
+static int append_run(PyObject *out, Py_ssize_t lo, Py_ssize_t hi)
+{
+    PyObject *run = Py_BuildValue("(nn)", lo, hi);
+    int rc;
+    if (run == NULL) {
+        return -1;
+    }
+    rc = PyList_Append(out, run);
+    Py_DECREF(run);
+    return rc;
+}
+
+static PyObject *line_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer a, b;
+    PyObject *out = NULL;
+    Py_ssize_t n, o, start = -1;
+    const char *pa, *pb;
+    (void)self;
+    if (check_nargs("line_runs", nargs, 2) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &a, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    n = a.len;
+    if (b.len != n || n % LINE) {
+        PyErr_Format(PyExc_ValueError, "line_runs needs two buffers of one length, a multiple of %d (got %zd and %zd)",
+                     LINE, a.len, b.len);
+        goto done;
+    }
+    out = PyList_New(0);
+    if (out == NULL) {
+        goto done;
+    }
+    pa = (const char *)a.buf;
+    pb = (const char *)b.buf;
+    for (o = 0; o < n; o += LINE) {
+        if (memcmp(pa + o, pb + o, LINE) != 0) {
+            if (start < 0) {
+                start = o;
+            }
+        } else if (start >= 0) {
+            if (append_run(out, start, o) < 0) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            start = -1;
+        }
+    }
+    if (start >= 0 && append_run(out, start, n) < 0) {
+        Py_CLEAR(out);
+    }
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"dram_gather", (PyCFunction)(void (*)(void))dram_gather, METH_FASTCALL, dram_gather_doc},
     {"dram_scatter", (PyCFunction)(void (*)(void))dram_scatter, METH_FASTCALL, dram_scatter_doc},
     {"cache_take", (PyCFunction)(void (*)(void))cache_take, METH_FASTCALL, cache_take_doc},
+    {"line_runs", (PyCFunction)(void (*)(void))line_runs, METH_FASTCALL, line_runs_doc},
     {NULL, NULL, 0, NULL},
 };
 

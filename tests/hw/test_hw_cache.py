@@ -428,7 +428,7 @@ class RecordingAgent:
         self.snoops: list[tuple[int, int, bool]] = []
         self.fills: list[int] = []
 
-    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+    def snoop(self, lo: int, hi: int, invalidate: bool, data: memoryview | None = None) -> None:
         self.snoops.append((lo, hi, invalidate))
 
     def snoop_fill(self, key: int) -> None:
@@ -486,7 +486,7 @@ def test_every_access_snoops_the_private_levels_but_their_own() -> None:
     cache.attach(agent)
     cache.attach(other)
     cache.attach(agent)  # once only
-    assert cache.agents == [agent, other]
+    assert cache.agents == (agent, other)
     key = tag_key(1, True, X)
     cache.read(1, True, X, 8)
     assert agent.covers(key, False)

@@ -26,7 +26,7 @@ class _Agent:
     def __init__(self) -> None:
         self.snoops: list[tuple[int, int, bool]] = []
 
-    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+    def snoop(self, lo: int, hi: int, invalidate: bool, data: memoryview | None = None) -> None:
         self.snoops.append((lo, hi, invalidate))
 
     def snoop_fill(self, key: int) -> None:

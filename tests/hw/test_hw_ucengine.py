@@ -430,3 +430,39 @@ def test_streaming_host_write_reaches_a_page_the_engine_holds() -> None:
     host.host_write_stream(spa, b"STREAMED")
     assert run(m, vm).reason == "hlt"
     assert vm.vcpus[0].vmcb.regs["rax"] & 0xFFFFFFFF == int.from_bytes(b"STRE", "little")
+
+
+def test_host_write_of_whole_lines_updates_the_engines_copy_in_place() -> None:
+    """Write-update: a host write of whole lines to a page the engine holds (the guest stopped,
+    its modifications written back) goes into the engine's copy as it goes into the cache -- the
+    guest sees the new bytes, without the copy being dropped and re-read."""
+    m = machine()
+    vm, eng = launch(m, MARKER, VmKind.PLAIN)
+    assert run(m, vm).reason == "hlt"  # the guest wrote the marker: its page is in the pool
+    host = m.soc.host_view().boot_cpu
+    spa = vm.spa_of(0x300000)
+    updates, refreshes = eng.stats.slot_updates, eng.stats.slot_refreshes
+    host.host_write(spa, b"ATTACKER" * 8)  # one whole line
+    assert eng.stats.slot_updates == updates + 1
+    assert run(m, vm).reason == "hlt"
+    assert vm.vcpus[0].vmcb.regs["rax"] & 0xFFFFFFFF == int.from_bytes(b"ATTA", "little")
+    assert eng.stats.slot_refreshes == refreshes
+    assert m.soc.cache.read(0, False, spa, 64) == b"ATTACKER" * 8  # the cache holds what the guest sees
+
+
+def test_host_write_of_whole_lines_never_reaches_an_sev_guests_private_copy() -> None:
+    """The host's whole-line write to the SPA of an SEV guest's private page names the host's
+    domain: the engine's plaintext copy (the guest's domain) takes nothing, and the guest keeps
+    reading its own plaintext, not the host's bytes."""
+    m = machine()
+    vm, eng = launch(m, MARKER, VmKind.SEV)
+    assert run(m, vm).reason == "hlt"
+    host = m.soc.host_view().boot_cpu
+    spa = vm.spa_of(0x300000)
+    updates = eng.stats.slot_updates
+    host.host_write(spa, b"ATTACKER" * 8)
+    assert eng.stats.slot_updates == updates
+    assert run(m, vm).reason == "hlt"
+    got = vm.vcpus[0].vmcb.regs["rax"] & 0xFFFFFFFF
+    assert got == int.from_bytes(MARKER_TEXT[:4], "little")
+    assert got != int.from_bytes(b"ATTA", "little")

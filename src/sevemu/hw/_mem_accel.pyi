@@ -14,3 +14,6 @@ def dram_scatter(pages: dict[int, bytearray], spa: int, src: ReadableBuffer, ski
 def cache_take(sets: list[dict[int, bytearray]], lo: int, hi: int, dirty: set[int], /) -> tuple[list[int], bytearray, bytes]:
     """Remove the lines with keys in ``[lo, hi)``; the dirty ones leave ``dirty`` and come back
     sorted: (keys, their lines joined, the keys as little-endian uint64)."""
+
+def line_runs(cur: ReadableBuffer, snap: ReadableBuffer, /) -> list[tuple[int, int]]:
+    """The runs of 64-byte lines where ``cur`` and ``snap`` differ: ``[(lo, hi), ...]`` byte offsets."""

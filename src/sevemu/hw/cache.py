@@ -71,10 +71,12 @@ class CacheAgent(Protocol):
     the agent doing the access, which is not snooped about its own accesses.
     """
 
-    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+    def snoop(self, lo: int, hi: int, invalidate: bool, data: memoryview | None = None) -> None:
         """Lines with keys in ``[lo, hi)`` are about to be read by someone else (write modified
         copies back first) or, with ``invalidate``, written, flushed or dropped (write back, then
-        drop or refresh the copies)."""
+        drop or refresh the copies).  ``data``: the lines are being overwritten whole with these
+        bytes (:meth:`Cache.write_lines`); an agent may take them into its copies (write-update)
+        instead of dropping the copies and reading the lines again."""
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profiles only: the line ``key`` is being filled, so copies of the same SPA in
@@ -107,32 +109,32 @@ class Cache:
         self.writebacks = 0
         self.flush_epoch = 0
         """Number of completed WBINVDs; the Secure Processor reads it to enforce ASID-reuse rules."""
-        self.agents: list[CacheAgent] = []
+        self.agents: tuple[CacheAgent, ...] = ()
         """Private page-holding levels above this cache (see :class:`CacheAgent`); usually none."""
 
     # ---- snooping -------------------------------------------------------------------------------
     def attach(self, agent: CacheAgent) -> None:
         """Keep ``agent`` coherent with this cache from now on."""
         if agent not in self.agents:
-            self.agents.append(agent)
+            self.agents = (*self.agents, agent)  # (a tuple: snoops iterate it without a copy)
 
     def detach(self, agent: CacheAgent) -> None:
         if agent in self.agents:
-            self.agents.remove(agent)
+            self.agents = tuple(a for a in self.agents if a is not agent)
 
     def _snoop(self, asid: int, c: bool, spa: int, length: int, invalidate: bool,
-               origin: object | None) -> None:
+               origin: object | None, data: memoryview | None = None) -> None:
         if not self.agents:
             return
         domain = (asid << ASID_SHIFT | 1 << C_SHIFT) if c else 0  # (tag_key, inlined: every access)
         lo = domain | (spa & _LINE_MASK)
         hi = (domain | ((spa + max(length, 1) - 1) & _LINE_MASK)) + LINE
-        for agent in list(self.agents):
+        for agent in self.agents:
             if agent is not origin:
-                agent.snoop(lo, hi, invalidate)
+                agent.snoop(lo, hi, invalidate, data)
 
     def _snoop_all(self) -> None:
-        for agent in list(self.agents):
+        for agent in self.agents:
             agent.snoop(0, 1 << 64, True)
 
     # ---- the lookup every access goes through -------------------------------------------------
@@ -285,7 +287,7 @@ class Cache:
         length = len(view)
         if (spa | length) & (LINE - 1):
             raise AlignmentError(f"write_lines takes whole lines, got {length} bytes at {spa:#x}")
-        self._snoop(asid, c, spa, length, True, origin)
+        self._snoop(asid, c, spa, length, True, origin, view)  # (whole lines: agents may take the bytes)
         key = tag_key(asid, c, spa)
         line_of = self.line
         dirty = self.dirty

@@ -1,8 +1,9 @@
 """The optional C helpers of the memory model's bulk paths (``csrc/mem_accel.c``, built by ``setup.py``
-as ``sevemu.hw._mem_accel``): DRAM gathers and scatters, and the large-range cache flush.
+as ``sevemu.hw._mem_accel``): DRAM gathers and scatters, the large-range cache flush, and the
+page pool's compare of a page with its snapshot (``line_runs``, :mod:`sevemu.hw.uc.pool`).
 
 They decide nothing: each does what the Python loop beside its caller (:mod:`sevemu.hw.dram`,
-:mod:`sevemu.hw.cache`) does, without one interpreted step per page or per line.  Without a C
+:mod:`sevemu.hw.cache`, :mod:`sevemu.hw.uc.pool`) does, without one interpreted step per page or per line.  Without a C
 compiler the install still succeeds and :data:`ENABLED` is false; tests turn it off to run the
 Python paths.
 """

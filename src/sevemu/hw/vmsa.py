@@ -233,10 +233,10 @@ class VmsaUnit:
         self._held.clear()
 
     # ---- CacheAgent -----------------------------------------------------------------------------
-    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
+    def snoop(self, lo: int, hi: int, invalidate: bool, data: memoryview | None = None) -> None:
         """Someone else reads lines of a held page (its modified lines are written back first) or
         writes, flushes or drops them (written back, then the page must be read and checked again
-        at the next VMRUN)."""
+        at the next VMRUN; the bytes of a write, ``data``, are not taken)."""
         held = self._held
         if not held:
             return

@@ -450,10 +450,12 @@ class UcEngine:
         self.write_reg(uc.REG_CR2, address)
 
     def refresh(self) -> None:
-        if self.pool.stale:
-            changed = self.pool.refresh_stale()
-            if changed and self._ports is not None:
-                self._ports.code_changed(changed)
+        pool = self.pool
+        changed = pool.refresh_stale() if pool.stale else []
+        if pool.updated:
+            changed += pool.take_updated()
+        if changed and self._ports is not None:
+            self._ports.code_changed(changed)
 
     def _set_exits(self, addrs: list[int]) -> None:
         arr = (ctypes.c_uint64 * max(len(addrs), 1))(*addrs)
@@ -504,7 +506,7 @@ class UcEngine:
         pool = self.pool
         pool.synced = False
         if (core.cache is not pool.cache or core.tlb.by_asid.get(cpu.asid) is not self._tlb_token
-                or pool.stale or pool.evict_requested):
+                or pool.stale or pool.updated or pool.evict_requested):
             self._enter_maintenance(cpu)
         # registers the hypervisor changed since the last exit
         state = cpu.state

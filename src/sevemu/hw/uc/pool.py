@@ -35,10 +35,11 @@ from collections import deque
 from collections.abc import Callable
 
 from sevemu._util.units import LINE, PAGE
+from sevemu.hw import memaccel
 from sevemu.hw.cache import SPA_MASK, Cache, key_domain
 from sevemu.hw.uc.stats import UcStats
 
-__all__ = ["PagePool"]
+__all__ = ["PagePool", "line_runs"]
 
 _LOW_WATER = 16  # free slots left when the pool asks for an eviction at the next block boundary
 _BLOCK = 512  # sync_slot compares blocks of 8 lines before single lines
@@ -72,6 +73,9 @@ class PagePool:
         """Slots someone else changed: re-read before the guest runs again -- the ``[lo, hi)``
         offsets of the runs of 64-byte lines that changed (as the snoops named them), or None for
         the whole page."""
+        self.updated: list[int] = []
+        """Slots whose contents a write of someone else changed in place (:meth:`snoop`'s
+        write-update), not yet reported to the engine (:meth:`take_updated`)."""
         self.evict_requested = False
         self.synced = False
         """Every writable slot was written back and the guest has not run since (set by the engine
@@ -120,6 +124,7 @@ class PagePool:
         self._free.clear()
         self.writable.clear()
         self.stale.clear()
+        self.updated.clear()
         self.on_forget = None
         self._request_stop = _nothing
         self._anchor = None  # the buffer export ends with the anchor ...
@@ -161,20 +166,10 @@ class PagePool:
             return
         asid, c, spa = key_domain(self.slot_key[s])
         write = self.cache.write_lines
-        o = 0
-        while o < PAGE:
-            if not o % _BLOCK and cur[o : o + _BLOCK] == snap[o : o + _BLOCK]:
-                o += _BLOCK  # (a block of lines compared at once: most of a page is unchanged)
-                continue
-            if cur[o : o + LINE] == snap[o : o + LINE]:
-                o += LINE
-                continue
-            start = o
-            o += LINE
-            while o < PAGE and cur[o : o + LINE] != snap[o : o + LINE]:
-                o += LINE
-            write(asid, c, spa + start, cur[start:o], origin=self)
-            self.stats.lines_written_back += (o - start) // LINE
+        runs = memaccel.helpers.line_runs(cur, snap) if memaccel.ENABLED else line_runs(cur, snap)
+        for lo, hi in runs:
+            write(asid, c, spa + lo, cur[lo:hi], origin=self)
+            self.stats.lines_written_back += (hi - lo) // LINE
         self._snap[s] = cur
 
     def sync_all(self) -> int:
@@ -227,6 +222,11 @@ class PagePool:
             self.stats.slot_refreshes += 1
         return changed
 
+    def take_updated(self) -> list[int]:
+        """The slots changed in place since the last call (the engine rescans code among them)."""
+        out, self.updated = self.updated, []
+        return out
+
     def evict(self) -> None:
         """Free the oldest quarter of the pool (written back first); the engine flushes its TLB."""
         self.evict_requested = False
@@ -253,6 +253,8 @@ class PagePool:
         self._snap.pop(s, None)
         self.writable.discard(s)
         self.stale.pop(s, None)
+        if s in self.updated:
+            self.updated = [u for u in self.updated if u != s]
         if self.on_forget is not None:
             self.on_forget(s)
         self._free.append(s)
@@ -279,8 +281,9 @@ class PagePool:
             return out
         return [s for key, s in self.slot_of.items() if key < hi and key + PAGE > lo]
 
-    def snoop(self, lo: int, hi: int, invalidate: bool) -> None:
-        """Cache lines with keys in ``[lo, hi)`` are about to be read / changed by someone else."""
+    def snoop(self, lo: int, hi: int, invalidate: bool, data: memoryview | None = None) -> None:
+        """Cache lines with keys in ``[lo, hi)`` are about to be read / changed by someone else
+        (``data``: overwritten whole with these bytes)."""
         synced = self.synced
         if not self.slot_of or (synced and not invalidate):  # a read of what the cache already holds
             return
@@ -288,7 +291,30 @@ class PagePool:
             if s in self.writable and not synced:
                 self.sync_slot(s)
             if invalidate:
-                self._mark_stale(s, lo, hi)
+                if data is not None and synced:
+                    self._take(s, lo, hi, data)
+                else:
+                    self._mark_stale(s, lo, hi)
+
+    def _take(self, s: int, lo: int, hi: int, data: memoryview) -> None:
+        """Write-update: lines ``[lo, hi)`` (cache keys) are overwritten whole with ``data`` while
+        the guest is stopped and the slot written back: slot ``s`` takes the bytes of its page
+        into its copy and its snapshot, as re-reading them after the write would give."""
+        page = self.slot_key[s]
+        first, last = max(lo, page), min(hi, page + PAGE)
+        chunk = data[first - lo : last - lo]
+        o1, o2 = first - page, last - page
+        mm = self.mm
+        assert mm is not None
+        base = s * PAGE
+        if mm[base + o1 : base + o2] != chunk:
+            mm[base + o1 : base + o2] = chunk
+            self.updated.append(s)
+        snap = self._snap[s]
+        if not isinstance(snap, bytearray):
+            snap = self._snap[s] = bytearray(snap)
+        snap[o1:o2] = chunk
+        self.stats.slot_updates += 1
 
     def _mark_stale(self, s: int, lo: int, hi: int) -> None:
         """Slot ``s`` must re-read the lines of its page inside ``[lo, hi)`` (cache keys)."""
@@ -323,6 +349,26 @@ class PagePool:
     def resident_pages(self) -> list[tuple[int, bool, int]]:
         """(asid, c, spa) of every page held (plaintext inside the SoC)."""
         return [key_domain(k) for k in self.slot_of]
+
+
+def line_runs(cur: bytes | bytearray, snap: bytes | bytearray) -> list[tuple[int, int]]:
+    """The runs of 64-byte lines where the pages ``cur`` and ``snap`` differ, ``[(lo, hi), ...]``
+    byte offsets (the Python path of the C helper ``line_runs``, :mod:`sevemu.hw.memaccel`)."""
+    out = []
+    o = 0
+    while o < PAGE:
+        if not o % _BLOCK and cur[o : o + _BLOCK] == snap[o : o + _BLOCK]:
+            o += _BLOCK  # (a block of lines compared at once: most of a page is unchanged)
+            continue
+        if cur[o : o + LINE] == snap[o : o + LINE]:
+            o += LINE
+            continue
+        start = o
+        o += LINE
+        while o < PAGE and cur[o : o + LINE] != snap[o : o + LINE]:
+            o += LINE
+        out.append((start, o))
+    return out
 
 
 def _nothing() -> None:

@@ -19,6 +19,7 @@ class UcStats:
     tlb_fills: int = 0
     slot_fills: int = 0
     slot_refreshes: int = 0
+    slot_updates: int = 0
     evictions: int = 0
     lines_written_back: int = 0
     tlb_flushes: int = 0

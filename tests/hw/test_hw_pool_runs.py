@@ -1,0 +1,50 @@
+"""The page pool's compare of a page with its snapshot: the C helper ``line_runs`` and the Python
+loop beside it give the same runs of changed lines for any changes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sevemu._util.units import LINE, PAGE
+from sevemu.hw import memaccel
+from sevemu.hw.uc.pool import line_runs
+
+needs_c = pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+
+
+def _reference(cur: bytes, snap: bytes) -> list[tuple[int, int]]:
+    changed = [o for o in range(0, PAGE, LINE) if cur[o : o + LINE] != snap[o : o + LINE]]
+    runs: list[tuple[int, int]] = []
+    for o in changed:
+        if runs and runs[-1][1] == o:
+            runs[-1] = (runs[-1][0], o + LINE)
+        else:
+            runs.append((o, o + LINE))
+    return runs
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, PAGE - 1), max_size=40), st.integers(0, 2**32))
+def test_line_runs_name_exactly_the_changed_lines(offsets: list[int], seed: int) -> None:
+    snap = random.Random(seed).randbytes(PAGE)
+    cur = bytearray(snap)
+    for o in offsets:
+        cur[o] ^= 0x5A
+    want = _reference(bytes(cur), snap)
+    assert line_runs(cur, snap) == want
+    if memaccel.ENABLED:
+        assert memaccel.helpers.line_runs(cur, snap) == want
+
+
+@needs_c
+def test_line_runs_refuses_buffers_of_other_lengths() -> None:
+    with pytest.raises(ValueError, match="one length"):
+        memaccel.helpers.line_runs(bytes(PAGE), bytes(PAGE - LINE))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        memaccel.helpers.line_runs(bytes(100), bytes(100))
+    assert memaccel.helpers.line_runs(bytes(PAGE), bytes(PAGE)) == []
+    assert memaccel.helpers.line_runs(b"\1" * PAGE, bytes(PAGE)) == [(0, PAGE)]
