@@ -14,9 +14,10 @@ __all__ = ["ENABLED", "helpers"]  # helpers: only where ENABLED
 
 ENABLED: bool
 """Whether the callers use the C helpers (``helpers``); false when they were not built."""
+_NEEDED = ("dram_gather", "dram_scatter", "cache_take", "line_runs")
 try:
     from sevemu.hw import _mem_accel as helpers
 except ImportError:  # installed without a C compiler: the Python loops
     ENABLED = False
-else:
-    ENABLED = True
+else:  # a build older than this source (an in-place build not redone) is not used at all
+    ENABLED = all(hasattr(helpers, name) for name in _NEEDED)
