@@ -29,6 +29,10 @@ changed bytes only -- the value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives 
 leave the unit: #VMEXIT only notes which lines changed (and what they held when last written back),
 so a run of exits costs one update per line that left, not one per exit.  VMRUN compares the TMR
 with the value the unit last stored there, so when the arithmetic happens is not observable.
+Between VMRUN and #VMEXIT the registers are in the CPU, not in the cache: a snoop that drops the
+held page then (the guest's own WBINVD -- OVMF's SEC and PEI execute it) only means the page is read
+and checked again at the next VMRUN; #VMEXIT still stores the whole state it loaded, every line of
+the page, as the CPU writes its save state back.
 
 Model choices: #VMEXIT stores what the engines exchange at every exit (GPRs, RIP, RFLAGS, CR0,
 CR3, CR4, EFER); the other fields of the page (segments, descriptor tables, MSRs, FPU) are loaded at
