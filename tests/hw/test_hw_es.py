@@ -274,3 +274,25 @@ def test_the_tmr_checksum_follows_every_store_whenever_the_lines_leave_the_unit(
     assert int.from_bytes(plain[SevEsSaveArea.offset_of("rcx") :][:8], "little") == 39 * 0x0101_0101
     reloaded = unit.load(ES_ASID, VMSA_SPA)  # read from DRAM and checked again
     assert not isinstance(reloaded, str) and reloaded.regs["rcx"] == 39 * 0x0101_0101
+
+
+def test_a_wbinvd_inside_the_run_does_not_lose_the_registers_of_its_vmexit(soc: Soc) -> None:
+    """The guest's own WBINVD snoops the VMSA unit while the guest runs (the page it holds is
+    flushed and dropped); the registers are in the CPU then, and #VMEXIT still stores them.  OVMF's
+    SEC does this under SNP: before the fix the exit's registers were dropped and the next VMRUN
+    resumed with those of the exit before (its GHCB pointer in R15 came back as a stale value)."""
+    pt, vmcb = _es(soc)
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT  # RIP 1 stored
+
+    def flushes() -> Workload:
+        yield op.wbinvd()
+        yield op.wbinvd()
+        yield op.hlt()
+
+    assert soc.boot_cpu.vmrun(vmcb, pt.engine(flushes())).code == ExitCode.HLT
+    soc.boot_cpu.wbinvd()
+    plain = soc.mc.read(VMSA_SPA, 4096, ES_ASID, True)
+    assert int.from_bytes(plain[SevEsSaveArea.offset_of("rip") :][:8], "little") == 4
+    assert soc.dram.read(0x1E000, 8) == crc64_vmsa(plain).to_bytes(8, "little")
+    state = soc.boot_cpu.vmsa.load(ES_ASID, VMSA_SPA)  # read and checked again: RIP as stored
+    assert not isinstance(state, str) and state.rip == 4

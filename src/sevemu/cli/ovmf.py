@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from sevemu._util.units import MiB
-from sevemu.abi.ghcb import GhcbMsrInfo, SwExitCode
+from sevemu._util.units import PAGE, PAGE_2M, MiB
+from sevemu.abi.ghcb import PSC_MAX_ENTRY, GhcbMsrInfo, PscEntry, SwExitCode
 from sevemu.errors import InputError, SevemuError
 from sevemu.hw.ucengine import UcEngine
 from sevemu.hypervisor.ovmf import DEFAULT_RAM, MODES, OvmfLaunch, launch_ovmf, parse_ovmf
@@ -230,10 +230,7 @@ class OvmfBoot:
             if code == int(SwExitCode.PSC):
                 self.psc["NAE requests"] += 1
                 try:
-                    page = self.launch.vm.host_page(ex.gpa)
-                    head = page.read(0x800, 8)
-                    cur, end = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
-                    self.psc["pages"] += max(0, end - cur + 1)
+                    self.psc["pages"] += _psc_pages(self.launch.vm.host_page(ex.gpa).read(0x800, 8 + 8 * PSC_MAX_ENTRY))
                 except SevemuError:
                     pass
             return fn(ex)
@@ -282,11 +279,26 @@ class OvmfBoot:
         self.machine.hv.destroy(self.launch.vm)
 
 
+def _psc_pages(desc: bytes) -> int:
+    """4 KiB pages a GHCB page-state-change descriptor (the shared buffer: header, entries) asks
+    for, from its current entry to its end entry: 512 for a 2 MiB entry."""
+    cur, end = int.from_bytes(desc[0:2], "little"), int.from_bytes(desc[2:4], "little")
+    pages = 0
+    for i in range(cur, min(end, PSC_MAX_ENTRY - 1) + 1):
+        entry = PscEntry.from_int(int.from_bytes(desc[8 + 8 * i : 16 + 8 * i], "little"))
+        pages += PAGE_2M // PAGE if entry.pagesize else 1
+    return pages
+
+
+_VC_NAMES: Final = {0x404: "PAGE_NOT_VALIDATED"}
+"""#VC error codes that are no SW_EXITCODE (APM2 15.36.10: an SNP guest's access to a page it did not validate)."""
+
+
 def _name(enum_type: Any, code: int) -> str:
     try:
         return str(enum_type(code).name)
     except ValueError:
-        return f"{code:#x}"
+        return _VC_NAMES.get(code, f"{code:#x}") if enum_type is SwExitCode else f"{code:#x}"
 
 
 def run_firmware(args: Any) -> int:

@@ -29,6 +29,10 @@ changed bytes only -- the value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives 
 leave the unit: #VMEXIT only notes which lines changed (and what they held when last written back),
 so a run of exits costs one update per line that left, not one per exit.  VMRUN compares the TMR
 with the value the unit last stored there, so when the arithmetic happens is not observable.
+Between VMRUN and #VMEXIT the registers are in the CPU, not in the cache: a snoop that drops the
+held page then (the guest's own WBINVD -- OVMF's SEC and PEI execute it) only means the page is read
+and checked again at the next VMRUN; #VMEXIT still stores the whole state it loaded, every line of
+the page, as the CPU writes its save state back.
 
 Model choices: #VMEXIT stores what the engines exchange at every exit (GPRs, RIP, RFLAGS, CR0,
 CR3, CR4, EFER); the other fields of the page (segments, descriptor tables, MSRs, FPU) are loaded at
@@ -149,6 +153,9 @@ class VmsaUnit:
         self.cache = cache
         self.dram = dram
         self._held: dict[int, _Held] = {}
+        self._running: _Held | None = None
+        """The page of the guest between VMRUN and #VMEXIT: its registers are in the CPU then, so a
+        snoop that drops the page (the guest's own WBINVD) does not lose what #VMEXIT stores."""
         self._attached = False
         self.checks = 0
         """Full checksum computations (a page read from the cache: first VMRUN, after a snoop)."""
@@ -179,6 +186,7 @@ class VmsaUnit:
                     return reason
                 h = _Held(asid, spa, page, [], 0, 0, state, snp=True)
                 self._held[key] = h
+                self._running = h
                 return state
             crc_paddr = vmsa_crc_paddr(page)
             if crc_paddr & 7 or not 0 < crc_paddr <= self.dram.size - 8:
@@ -188,12 +196,12 @@ class VmsaUnit:
             self.checks += 1
             h = _Held(asid, spa, page, lanes, VmsaCrc.checksum(lanes), crc_paddr, state)
             self._held[key] = h
-        if h.snp:
-            return h.state
-        stored = int.from_bytes(self.dram.read(h.crc_paddr, 8), "little")
-        if stored != h.crc:  # the block as this unit last stored it (a changed page is its own)
-            self._held.pop(key, None)
-            return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
+        if not h.snp:
+            stored = int.from_bytes(self.dram.read(h.crc_paddr, 8), "little")
+            if stored != h.crc:  # the block as this unit last stored it (a changed page is its own)
+                self._held.pop(key, None)
+                return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
+        self._running = h
         return h.state
 
     def store(self, asid: int, spa: int) -> None:
@@ -201,9 +209,19 @@ class VmsaUnit:
         modified in this private level until the cache snoops them (a write-back level: they reach
         the shared cache, and DRAM encrypted, as soon as anyone else looks or flushes); the TMR
         gets the checksum of the page as it is then."""
-        h = self._held.get(tag_key(asid, True, spa))
-        if h is None:  # pragma: no cover - store without load is an engine bug
-            return
+        key = tag_key(asid, True, spa)
+        h = self._held.get(key)
+        running, self._running = self._running, None
+        if h is None:
+            if running is None or running.asid != asid or running.spa != spa:  # pragma: no cover - engine bug
+                return
+            # A snoop dropped the page while the guest ran (its own WBINVD, say): the CPU still has
+            # the state VMRUN loaded and stores all of it -- every line of the page goes back, so
+            # the cache holds the page the unit holds again (whatever was written there meanwhile).
+            h = running
+            self._held[key] = h
+            for lo in range(0, PAGE, LINE):
+                h.dirty.setdefault(lo, bytes(h.page[lo : lo + LINE]))
         h.state.store(h.page, h.dirty)
 
     def _write_back(self, h: _Held) -> None:
