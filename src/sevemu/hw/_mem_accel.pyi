@@ -14,3 +14,7 @@ def dram_scatter(pages: dict[int, bytearray], spa: int, src: ReadableBuffer, ski
 def cache_take(sets: list[dict[int, bytearray]], lo: int, hi: int, dirty: set[int], /) -> tuple[list[int], bytearray, bytes]:
     """Remove the lines with keys in ``[lo, hi)``; the dirty ones leave ``dirty`` and come back
     sorted: (keys, their lines joined, the keys as little-endian uint64)."""
+
+def resident_keys(sets: list[dict[int, bytearray]] | list[set[int]], mask: int, lo: int, hi: int, /) -> list[int]:
+    """The keys ``lo, lo+64, ...`` below ``hi`` held by ``sets[(key >> 6) & mask]``, ascending (a lookup
+    per address or a visit of the mapped sets, whichever is shorter)."""

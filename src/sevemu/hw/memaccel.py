@@ -1,5 +1,6 @@
 """The optional C helpers of the memory model's bulk paths (``csrc/mem_accel.c``, built by ``setup.py``
-as ``sevemu.hw._mem_accel``): DRAM gathers and scatters, and the large-range cache flush.
+as ``sevemu.hw._mem_accel``): DRAM gathers and scatters, the large-range cache flush, and the
+search for the resident (or dirty) lines of a range.
 
 They decide nothing: each does what the Python loop beside its caller (:mod:`sevemu.hw.dram`,
 :mod:`sevemu.hw.cache`) does, without one interpreted step per page or per line.  Without a C
@@ -10,6 +11,7 @@ Python paths.
 from __future__ import annotations
 
 __all__ = ["ENABLED", "helpers"]  # helpers: only where ENABLED
+
 
 ENABLED: bool
 """Whether the callers use the C helpers (``helpers``); false when they were not built."""
