@@ -15,7 +15,8 @@
  *   resident_keys(sets, mask, lo, hi)         the keys k = lo, lo+64, ... below hi held by
  *                                             sets[(k >> 6) & mask] (dicts or sets), ascending: a
  *                                             lookup per address or a visit of the sets' entries,
- *                                             whichever is shorter
+ *                                             whichever is shorter (None unless each
+ *                                             container is exactly a dict or a set)
  *
  * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
  * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.
@@ -522,7 +523,8 @@ PyDoc_STRVAR(resident_keys_doc,
              "the lines of a cache range (mask: the set mask) or of one set of keys (sets == [keys],\n"
              "mask 0).  Looks each address up, or visits the entries of the sets the range maps to\n"
              "when they hold fewer than 4 times the range's lines (comparing the ints' hashes\n"
-             "first); the same keys either way.");
+             "first); the same keys either way.  None when a container is not exactly a dict or a\n"
+             "set (a subclass may answer lookups its own way: the caller then runs its Python path).");
 
 static PyObject *resident_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -552,8 +554,7 @@ static PyObject *resident_keys(PyObject *self, PyObject *const *args, Py_ssize_t
     for (i = 0; i < nsets; i++) {
         PyObject *c = PyList_GET_ITEM(sets, i);
         if (!PyDict_CheckExact(c) && !PySet_CheckExact(c)) {
-            PyErr_SetString(PyExc_TypeError, "sets must be a list of dicts or sets");
-            return NULL;
+            Py_RETURN_NONE; /* a subclass may answer lookups its own way: the caller's Python path */
         }
     }
     out = PyList_New(0);

@@ -583,7 +583,8 @@ def _resident_keys_match_lookups(fill: int) -> None:
 def test_the_c_search_of_resident_keys_matches_a_lookup_per_address_and_checks_its_arguments() -> None:
     """``resident_keys`` (csrc/mem_accel.c): dicts and sets, keys near and above 2^61 (where an
     int's hash is no longer the int), ranges that visit and ranges that look up; bad arguments are
-    refused with a TypeError or ValueError."""
+    refused with a TypeError or ValueError, and containers other than exact dicts and sets left to the
+    caller's Python path (None)."""
     helper = memaccel.helpers.resident_keys
     rng = random.Random(61)
     for trial in range(400):
@@ -606,8 +607,14 @@ def test_the_c_search_of_resident_keys_matches_a_lookup_per_address_and_checks_i
         helper([set()], 0, 1, 64)
     with pytest.raises(ValueError, match="mask"):
         helper([set(), set()], 3, 0, 64)
-    with pytest.raises(TypeError, match="dicts or sets"):
-        helper([[]], 0, 0, 64)
+    with pytest.raises(TypeError, match="list of dicts or sets"):
+        helper(({},), 0, 0, 64)
+
+    class Counted(dict[int, bytearray]):
+        pass
+
+    assert helper([[]], 0, 0, 64) is None  # not a dict or set: the caller's Python path
+    assert helper([Counted({0: bytearray(LINE)})], 0, 0, 64) is None  # a subclass answers its own way
 
 
 @pytest.mark.parametrize("accel", MEM_ACCEL_MODES)

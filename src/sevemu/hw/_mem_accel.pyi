@@ -15,6 +15,8 @@ def cache_take(sets: list[dict[int, bytearray]], lo: int, hi: int, dirty: set[in
     """Remove the lines with keys in ``[lo, hi)``; the dirty ones leave ``dirty`` and come back
     sorted: (keys, their lines joined, the keys as little-endian uint64)."""
 
-def resident_keys(sets: list[dict[int, bytearray]] | list[set[int]], mask: int, lo: int, hi: int, /) -> list[int]:
+def resident_keys(sets: list[dict[int, bytearray]] | list[set[int]], mask: int, lo: int, hi: int,
+                  /) -> list[int] | None:
     """The keys ``lo, lo+64, ...`` below ``hi`` held by ``sets[(key >> 6) & mask]``, ascending (a lookup
-    per address or a visit of the mapped sets, whichever is shorter)."""
+    per address or a visit of the mapped sets, whichever is shorter); None unless every container is
+    exactly a dict or a set (then the caller's Python path runs)."""

@@ -125,7 +125,9 @@ class PspDma:
         first = spa & ~(LINE - 1)
         end = spa + length
         if memaccel.ENABLED:  # the same keys, in C
-            return memaccel.helpers.resident_keys([dirty], 0, first, end)
+            found = memaccel.helpers.resident_keys([dirty], 0, first, end)
+            if found is not None:  # (None: the dirty set is a set subclass, answered in Python below)
+                return found
         if (end - first) // LINE <= len(dirty):
             return [k for k in range(first, end, LINE) if k in dirty]
         return sorted(k for k in dirty if first <= k < end)
