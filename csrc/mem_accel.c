@@ -551,25 +551,26 @@ static PyObject *resident_keys(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_ValueError, "sets must have mask + 1 entries, a power of two");
         return NULL;
     }
-    for (i = 0; i < nsets; i++) {
-        PyObject *c = PyList_GET_ITEM(sets, i);
-        if (!PyDict_CheckExact(c) && !PySet_CheckExact(c)) {
+    if (hi <= lo) {
+        return PyList_New(0);
+    }
+    lines = (hi - lo + LINE - 1) / LINE;
+    first = (Py_ssize_t)((lo >> 6) & mask);
+    nmapped = lines >= (uint64_t)nsets ? nsets : (Py_ssize_t)lines;
+    /* the sets the range maps to (and only those: a short range costs no pass over every set) */
+    for (i = 0; i < nmapped; i++) {
+        PyObject *c = PyList_GET_ITEM(sets, (first + i) & (Py_ssize_t)mask);
+        if (PyDict_CheckExact(c)) {
+            held += PyDict_GET_SIZE(c);
+        } else if (PySet_CheckExact(c)) {
+            held += PySet_GET_SIZE(c);
+        } else {
             Py_RETURN_NONE; /* a subclass may answer lookups its own way: the caller's Python path */
         }
     }
     out = PyList_New(0);
     if (out == NULL) {
         return NULL;
-    }
-    if (hi <= lo) {
-        return out;
-    }
-    lines = (hi - lo + LINE - 1) / LINE;
-    first = (Py_ssize_t)((lo >> 6) & mask);
-    nmapped = lines >= (uint64_t)nsets ? nsets : (Py_ssize_t)lines;
-    for (i = 0; i < nmapped; i++) {
-        PyObject *c = PyList_GET_ITEM(sets, (first + i) & (Py_ssize_t)mask);
-        held += PyDict_CheckExact(c) ? PyDict_GET_SIZE(c) : PySet_GET_SIZE(c);
     }
     if ((uint64_t)held < VISITS_PER_LOOKUP * lines) {
         for (i = 0; i < nmapped; i++) {
