@@ -13,11 +13,14 @@ from __future__ import annotations
 __all__ = ["ENABLED", "helpers"]  # helpers: only where ENABLED
 
 
+_FUNCTIONS = ("dram_gather", "dram_scatter", "cache_take", "resident_keys")
+
 ENABLED: bool
-"""Whether the callers use the C helpers (``helpers``); false when they were not built."""
+"""Whether the callers use the C helpers (``helpers``); false when they were not built, or were built
+from an older ``csrc/mem_accel.c`` that lacks one of them (then rebuild: ``setup.py build_ext``)."""
 try:
     from sevemu.hw import _mem_accel as helpers
 except ImportError:  # installed without a C compiler: the Python loops
     ENABLED = False
 else:
-    ENABLED = True
+    ENABLED = all(hasattr(helpers, name) for name in _FUNCTIONS)
