@@ -787,6 +787,31 @@ def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypat
         assert (page == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (i != 5)
 
 
+def test_a_doorbell_of_sends_gives_every_page_its_own_iv_and_mac(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One doorbell of eight SEND_UPDATE_DATA commands draws its IVs in one TRNG read: each page still
+    gets its own 16 bytes of it -- eight distinct IVs, as many MACs, each packet valid on its own
+    (CTR under TEK from its IV, HMAC under TIK over its header terms and TRANS)."""
+    batches = _counting_batches(monkeypatch)
+    src, dst = machine("iv-src"), machine("iv-dst")
+    ch = open_channel(src, dst)
+    draws: list[int] = []
+    trng = src.firmware.ports.trng
+    monkeypatch.setattr(src.firmware, "ports",
+                        dataclasses.replace(src.firmware.ports, trng=lambda n: draws.append(n) or trng(n)))
+    sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, 0) for i in range(8)]
+    assert ring_run(src, sends, per_doorbell=False) == [0] * 8
+    assert batches == [8] and draws == [16 * 8]
+    hdrs = [HdrBuf.decode(get(src, BATCH_HDRS + 64 * i, HdrBuf.SIZE)) for i in range(8)]
+    assert len({h.iv for h in hdrs}) == 8 and len({h.mac for h in hdrs}) == 8
+    g = src.firmware.guests[ch.sh]
+    for i, h in enumerate(hdrs):
+        trans = get(src, BATCH_TRANS + PAGE * i, PAGE)
+        dec = Cipher(algorithms.AES(g.tek), modes.CTR(h.iv)).decryptor()
+        assert dec.update(trans) + dec.finalize() == IMAGE[:PAGE]
+        aad = bytes([DATA_CONTEXT]) + struct.pack("<I", h.flags) + h.iv + struct.pack("<II", PAGE, PAGE)
+        assert hmac.compare_digest(hmac.new(g.tik, aad + trans, "sha256").digest(), h.mac)
+
+
 def test_whole_page_batches_read_the_command_layout_as_decode_does() -> None:
     """The batch runners read TransportCmd fields from the queued buffers' bytes (a numpy record):
     the same values as TransportCmd.decode, and a buffer with a reserved byte set -- which does not

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from hwkit import MEM_ACCEL_MODES, mem_accel
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.errors import AlignmentError, InputError, KeySlotError
+from sevemu.hw import memaccel
 from sevemu.hw.cache import C_SHIFT, Cache, key_domain, tag_key
 from sevemu.hw.dram import LINE, Dram
 from sevemu.hw.faults import GeneralProtection
@@ -548,11 +550,18 @@ def _small_and_large_flushes(mode: EncryptionMode, d: int) -> None:
     assert bulk.writebacks >= 40 and not any(k for k in bulk.dirty if k >> C_SHIFT == (asid << 1 | c))
 
 
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
 @pytest.mark.parametrize("fill", [0, 40, 3000])
-def test_resident_keys_are_the_lines_a_lookup_per_address_finds(fill: int) -> None:
+def test_resident_keys_are_the_lines_a_lookup_per_address_finds(fill: int, accel: bool) -> None:
     """Cache.resident_keys (flush_range's choice of lines: one lookup per address, or a visit of
-    the lines in the range's sets when they hold fewer): the same keys as looking up every line,
-    in address order, whatever the occupancy, domain and range (wrapping the sets included)."""
+    the lines in the range's sets when they hold fewer -- in Python or in the C helper): the same
+    keys as looking up every line, in address order, whatever the occupancy, domain and range
+    (wrapping the sets included)."""
+    with mem_accel(accel):
+        _resident_keys_match_lookups(fill)
+
+
+def _resident_keys_match_lookups(fill: int) -> None:
     cache, keys = _cache(size=256 << 10)
     keys.load(5, bytes(16))
     rng = random.Random(fill)
@@ -568,6 +577,44 @@ def test_resident_keys_are_the_lines_a_lookup_per_address_finds(fill: int) -> No
         want = [k0 + off for off in range(0, spa + length - lo, LINE)
                 if cache.sets[((k0 + off) >> 6) & cache.set_mask].get(k0 + off) is not None]
         assert cache.resident_keys(asid, c, spa, length) == want
+
+
+@pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+def test_the_c_search_of_resident_keys_matches_a_lookup_per_address_and_checks_its_arguments() -> None:
+    """``resident_keys`` (csrc/mem_accel.c): dicts and sets, keys near and above 2^61 (where an
+    int's hash is no longer the int), ranges that visit and ranges that look up; bad arguments are
+    refused with a TypeError or ValueError, and containers other than exact dicts and sets left to the
+    caller's Python path (None)."""
+    helper = memaccel.helpers.resident_keys
+    rng = random.Random(61)
+    for trial in range(400):
+        n = 1 << rng.choice([0, 1, 4, 6])
+        kind = rng.choice([dict, set])
+        sets: list[Any] = [kind() for _ in range(n)]
+        base = rng.choice([0, 1 << 40, (1 << 61) - (64 << 10), 1 << 63])
+        for _ in range(rng.randrange(0, 300)):
+            k = base + rng.randrange(1 << 12) * LINE
+            c = sets[(k >> 6) & (n - 1)]
+            if kind is dict:
+                c[k] = bytearray(LINE)
+            else:
+                c.add(k)
+        lo = base + rng.randrange(1 << 12) * LINE
+        hi = lo + rng.choice([0, 1, 64, 4096, 1 << 16, 1 << 18]) - rng.randrange(2)
+        want = [k for k in range(lo, hi, LINE) if k in sets[(k >> 6) & (n - 1)]]
+        assert helper(sets, n - 1, lo, hi) == want, trial
+    with pytest.raises(ValueError, match="multiple of 64"):
+        helper([set()], 0, 1, 64)
+    with pytest.raises(ValueError, match="mask"):
+        helper([set(), set()], 3, 0, 64)
+    with pytest.raises(TypeError, match="list of dicts or sets"):
+        helper(({},), 0, 0, 64)
+
+    class Counted(dict[int, bytearray]):
+        pass
+
+    assert helper([[]], 0, 0, 64) is None  # not a dict or set: the caller's Python path
+    assert helper([Counted({0: bytearray(LINE)})], 0, 0, 64) is None  # a subclass answers its own way
 
 
 @pytest.mark.parametrize("accel", MEM_ACCEL_MODES)

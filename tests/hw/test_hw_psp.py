@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
-from hwkit import make_soc
+from hwkit import MEM_ACCEL_MODES, make_soc, mem_accel
 
 from sevemu.abi.mailbox import (
     CMDRESP_RESP,
@@ -105,3 +107,27 @@ def test_dma_view_is_coherent_with_host_c0_lines_only() -> None:
         dma.read(soc.dram.size - 8, 16)
     with pytest.raises(AddressError):
         dma.check(soc.dram.size, 1)
+
+
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
+@pytest.mark.parametrize("dirty_lines", [3, 2000])
+def test_dma_reads_merge_every_dirty_host_line_of_the_range(dirty_lines: int, accel: bool) -> None:
+    """The PSP's coherent read sees each of the host's dirty lines of its range (found by looking up
+    each address or by visiting the dirty lines, in Python or in C) and nothing outside it."""
+    soc = make_soc()
+    dma = soc.psp.take_ports().dma
+    rng = random.Random(dirty_lines)
+    model = bytearray(1 << 20)
+    with mem_accel(accel):
+        for _ in range(dirty_lines):
+            spa = rng.randrange(0, len(model) - 64, 8)
+            data = rng.randbytes(8)
+            soc.boot_cpu.host_write(spa, data)
+            model[spa : spa + 8] = data
+        for _ in range(40):
+            spa = rng.randrange(0, len(model) - 1)
+            length = min(rng.choice([1, 100, 4096, 300_000]), len(model) - spa)
+            assert dma.read(spa, length) == bytes(model[spa : spa + length])
+            out = bytearray(length)
+            dma.read_into(spa, out)
+            assert out == model[spa : spa + length]

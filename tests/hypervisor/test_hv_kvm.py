@@ -564,3 +564,25 @@ def test_back_pages_backs_and_maps_as_back_does_page_by_page() -> None:
                 vm.back_pages(bad)
             assert vm.npt.mappings == before
     assert worlds[0] == worlds[1]
+
+
+def test_map_many_checks_every_pair_before_mapping_any() -> None:
+    """NestedPageTable.map_many refuses a batch with one bad pair -- a misaligned GPA or SPA, a GPA
+    outside the VM, a negative or 64-bit SPA -- naming it, with nothing mapped; then maps a good one
+    with the entries map() writes."""
+    m = small_machine()
+    vm = m.hv.create_vm("m", 4 * MiB, VmKind.SEV)
+    good = [(0x1000, 0x80_0000), (0x2000, 0x80_1000)]
+    for bad, error, text in [((0x3000, 0x80_2008), AlignmentError, "0x802008"),
+                             ((4 * MiB, 0x80_2000), AddressError, "0x400000"),
+                             ((-0x1000, 0x80_2000), AddressError, "-0x1000"),
+                             ((0x3000, -0x1000), AddressError, "outside"),
+                             ((0x3000, 1 << 64), AddressError, "outside")]:
+        with pytest.raises(error, match=text):
+            vm.npt.map_many([*good, bad])
+        assert vm.npt.mappings == {}
+    vm.npt.map_many(good)
+    assert vm.npt.mappings == {1: 0x80_0000, 2: 0x80_1000}
+    pt = vm.npt._tables[(1, 0)]
+    entries = m.hv.core.host_read(pt + 8, 16)
+    assert [int.from_bytes(entries[i : i + 8], "little") & ~0xFFF for i in (0, 8)] == [0x80_0000, 0x80_1000]

@@ -20,7 +20,7 @@ import pytest
 from sevemu._util.units import PAGE, GiB, MiB
 from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy
-from sevemu.abi.sev import GuestStatusCmd
+from sevemu.abi.sev import TRANSPORT_PACK, GuestStatusCmd
 from sevemu.abi.states import GuestState, PlatformState
 from sevemu.abi.status import Status
 from sevemu.amd.roots import AmdRoot
@@ -50,6 +50,7 @@ from sevemu.hypervisor.migration import (
     receive_vm,
     send_vm,
 )
+from sevemu.hypervisor.sev.legacy import transport_slots
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine, build_machine, default_amd_root, manufacture
 
@@ -441,3 +442,14 @@ def test_migration_queues_a_command_per_page_through_the_ring_buffer(monkeypatch
     ivs = {f.hdrs[i * 64 + 4 : i * 64 + 20] for f in sent for i in range(len(f.gpas))}  # HdrBuf.iv at 04
     macs = {f.hdrs[i * 64 + 0x14 : i * 64 + 0x34] for f in sent for i in range(len(f.gpas))}
     assert len(ivs) == len(macs) == private  # a fresh IV and a MAC of its own per page
+
+
+def test_transport_slots_are_the_transport_commands_one_by_one() -> None:
+    """The ring slots a page batch queues, built as columns, are TRANSPORT_PACK of each command
+    zero-padded to its 64-byte slot (the byte layout KVM's one command per page gives)."""
+    spas = [0x8000_0000_0000 | 0x1234_5000, 0x7000, 0x8000_0000_0000 | 0xFFFF_F000, 0x2000]
+    slots = transport_slots(0x1_0203, 0x40_0000, 0x34, spas, 0x80_0000)
+    assert slots == b"".join(
+        TRANSPORT_PACK.pack(0x1_0203, 0x40_0000 + 64 * i, 0x34, spa, PAGE, 0x80_0000 + PAGE * i, PAGE).ljust(64, b"\0")
+        for i, spa in enumerate(spas))
+    assert transport_slots(1, 0, 0x34, [], 0) == b""

@@ -17,3 +17,9 @@ def cache_take(sets: list[dict[int, bytearray]], lo: int, hi: int, dirty: set[in
 
 def line_runs(cur: ReadableBuffer, snap: ReadableBuffer, /) -> list[tuple[int, int]]:
     """The runs of 64-byte lines where ``cur`` and ``snap`` differ: ``[(lo, hi), ...]`` byte offsets."""
+
+def resident_keys(sets: list[dict[int, bytearray]] | list[set[int]], mask: int, lo: int, hi: int,
+                  /) -> list[int] | None:
+    """The keys ``lo, lo+64, ...`` below ``hi`` held by ``sets[(key >> 6) & mask]``, ascending (a lookup
+    per address or a visit of the mapped sets, whichever is shorter); None unless every container is
+    exactly a dict or a set (then the caller's Python path runs)."""

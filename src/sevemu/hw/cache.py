@@ -419,6 +419,10 @@ class Cache:
         long range whose sets hold fewer lines than it has addresses (a DMA buffer, a page run in a
         mostly empty cache) -- a visit of the lines those sets hold.  The same keys either way."""
         sets, mask = self.sets, self.set_mask
+        if memaccel.ENABLED:  # the same keys, in C (which of the two ways is its choice)
+            found = memaccel.helpers.resident_keys(sets, mask, klo, khi)
+            if found is not None:  # (None: a set is a dict subclass, answered in Python below)
+                return found
         lines = (khi - klo) >> 6
         if lines >= _VISIT_MIN_LINES:
             first = (klo >> 6) & mask

@@ -1,6 +1,7 @@
 """The optional C helpers of the memory model's bulk paths (``csrc/mem_accel.c``, built by ``setup.py``
-as ``sevemu.hw._mem_accel``): DRAM gathers and scatters, the large-range cache flush, and the
-page pool's compare of a page with its snapshot (``line_runs``, :mod:`sevemu.hw.uc.pool`).
+as ``sevemu.hw._mem_accel``): DRAM gathers and scatters, the large-range cache flush, the
+search for the resident (or dirty) lines of a range, and the page pool's compare of a page with its
+snapshot (``line_runs``, :mod:`sevemu.hw.uc.pool`).
 
 They decide nothing: each does what the Python loop beside its caller (:mod:`sevemu.hw.dram`,
 :mod:`sevemu.hw.cache`, :mod:`sevemu.hw.uc.pool`) does, without one interpreted step per page or per line.  Without a C
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 __all__ = ["ENABLED", "helpers"]  # helpers: only where ENABLED
 
+
+_FUNCTIONS = ("dram_gather", "dram_scatter", "cache_take", "resident_keys", "line_runs")
+
 ENABLED: bool
-"""Whether the callers use the C helpers (``helpers``); false when they were not built."""
-_NEEDED = ("dram_gather", "dram_scatter", "cache_take", "line_runs")
+"""Whether the callers use the C helpers (``helpers``); false when they were not built, or were built
+from an older ``csrc/mem_accel.c`` that lacks one of them (then rebuild: ``setup.py build_ext``)."""
 try:
     from sevemu.hw import _mem_accel as helpers
 except ImportError:  # installed without a C compiler: the Python loops
     ENABLED = False
-else:  # a build older than this source (an in-place build not redone) is not used at all
-    ENABLED = all(hasattr(helpers, name) for name in _NEEDED)
+else:
+    ENABLED = all(hasattr(helpers, name) for name in _FUNCTIONS)

@@ -42,6 +42,7 @@ from sevemu.abi.mailbox import (
 )
 from sevemu.abi.status import Status
 from sevemu.errors import AddressError
+from sevemu.hw import memaccel
 from sevemu.hw.cache import Cache, tag_key
 from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import CpuProfile
@@ -123,6 +124,10 @@ class PspDma:
         dirty = self._cache.dirty
         first = spa & ~(LINE - 1)
         end = spa + length
+        if memaccel.ENABLED:  # the same keys, in C
+            found = memaccel.helpers.resident_keys([dirty], 0, first, end)
+            if found is not None:  # (None: the dirty set is a set subclass, answered in Python below)
+                return found
         if (end - first) // LINE <= len(dirty):
             return [k for k in range(first, end, LINE) if k in dirty]
         return sorted(k for k in dirty if first <= k < end)

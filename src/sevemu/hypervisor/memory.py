@@ -47,6 +47,22 @@ class PageAllocator:
         self.allocated += 1
         return spa
 
+    def alloc_many(self, n: int) -> list[int]:
+        """``n`` pages: the SPAs :meth:`alloc` would give called ``n`` times, in order (recycled
+        pages zeroed first), the fresh ones counted out of the bump range in one step.  Raises
+        before handing any out when fewer than ``n`` are left."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} pages")
+        recycled = min(n, len(self._free))
+        if n - recycled > (self._end - self._next) // PAGE:
+            raise HardwareError("host is out of physical memory")
+        spas = [self.alloc() for _ in range(recycled)]
+        fresh = n - recycled
+        spas += range(self._next, self._next + fresh * PAGE, PAGE)
+        self._next += fresh * PAGE
+        self.allocated += fresh
+        return spas
+
     def free(self, spa: int) -> None:
         """Give the page at ``spa`` back (it is zeroed when handed out again)."""
         self.allocated -= 1

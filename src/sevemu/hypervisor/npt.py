@@ -12,7 +12,9 @@ its tables back, and changing a mapping costs one entry write plus a TLB flush o
 
 from __future__ import annotations
 
-import struct
+import itertools
+
+import numpy as np
 
 from sevemu._util.units import PAGE, PAGE_MASK, PAGE_SHIFT, is_aligned
 from sevemu.abi.paging import Pte
@@ -67,27 +69,36 @@ class NestedPageTable:
 
     def map_many(self, pairs: list[tuple[int, int]]) -> None:
         """:meth:`map` of each (GPA, SPA) in order (writable), the entries of neighbouring GPAs in one
-        page table written with one store (the same tables and entries)."""
-        for gpa, spa in pairs:
-            if (gpa | spa) & PAGE_MASK:
-                raise AlignmentError(f"NPT mappings are 4 KiB pages: GPA {gpa:#x}, SPA {spa:#x}")
-            if not 0 <= gpa < self.gpa_limit:
-                raise AddressError(f"GPA {gpa:#x} is beyond the VM's {self.gpa_limit:#x} bytes")
+        page table written with one store (the same tables and entries).  Every pair is checked
+        before any is mapped."""
+        if not pairs:
+            return
+        try:
+            cols = np.array(pairs, dtype=np.int64).reshape(len(pairs), 2)
+        except (OverflowError, ValueError):  # beyond 63 bits (or not pairs): the checks below name it
+            cols = None
+        if cols is None or ((cols[:, 0] | cols[:, 1]) & PAGE_MASK).any() or (cols < 0).any() \
+                or (cols[:, 0] >= self.gpa_limit).any():
+            for gpa, spa in pairs:
+                if (gpa | spa) & PAGE_MASK:
+                    raise AlignmentError(f"NPT mappings are 4 KiB pages: GPA {gpa:#x}, SPA {spa:#x}")
+                if not 0 <= gpa < self.gpa_limit:
+                    raise AddressError(f"GPA {gpa:#x} is beyond the VM's {self.gpa_limit:#x} bytes")
+            raise AddressError(f"SPA of an NPT mapping outside 0..2^63: {pairs!r:.200}")
         if not self._tables:
             raise HardwareError("the nested page table was released (its VM was destroyed)")
-        i = 0
-        while i < len(pairs):
-            j = i + 1
-            while j < len(pairs) and pairs[j][0] == pairs[j - 1][0] + PAGE and pairs[j][0] & 0x1F_FFFF:
-                j += 1  # the next GPA, in the same page table
+        gpas = cols[:, 0]
+        # a run ends where the next GPA is not the next page or starts another page table
+        cuts = np.flatnonzero((np.diff(gpas) != PAGE) | ((gpas[1:] & 0x1F_FFFF) == 0)) + 1
+        entries = (cols[:, 1] | (_LEAF | _RW)).astype("<u8")
+        gfns = (gpas >> PAGE_SHIFT).tolist()
+        spas = cols[:, 1].tolist()
+        bounds = [0, *cuts.tolist(), len(pairs)]
+        for i, j in itertools.pairwise(bounds):
             first = pairs[i][0]
             pt = self._table(1, first)
-            run = pairs[i:j]
-            flags = _LEAF | _RW
-            self._core.host_write(pt + ((first >> PAGE_SHIFT) & 0x1FF) * 8,
-                                  struct.pack(f"<{len(run)}Q", *[spa | flags for _, spa in run]))
-            self.mappings.update([(gpa >> PAGE_SHIFT, spa) for gpa, spa in run])
-            i = j
+            self._core.host_write(pt + ((first >> PAGE_SHIFT) & 0x1FF) * 8, entries[i:j].tobytes())
+            self.mappings.update(zip(gfns[i:j], spas[i:j]))
 
     def unmap(self, gpa: int) -> int | None:
         """Remove the mapping of ``gpa``; returns the SPA it pointed to."""

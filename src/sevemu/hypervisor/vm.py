@@ -184,7 +184,7 @@ class Vm:
             raise AddressError(f"GPA {bad:#x} is not a page of {self.name}'s {memory:#x} bytes")
         mapped = self.npt.mappings
         fresh = [gpa for gpa in dict.fromkeys(gpas) if gpa >> 12 not in mapped]
-        spas = [self._alloc.alloc() for _ in fresh]
+        spas = self._alloc.alloc_many(len(fresh))
         self.npt.map_many(list(zip(fresh, spas, strict=True)))
         self._owned.update(spas)
         return [mapped[gpa >> 12] for gpa in gpas]

@@ -57,7 +57,8 @@ SEND_UPDATE_DATA (SUPDATE)
     The plaintext is read from DRAM through the PSP's encrypted path with the guest's key -- *not*
     coherent with the caches: the guest's dirty lines must have been written back first (the
     hypervisor does WBINVD before sending, and does not run the guest while it sends).
-    ``TRANS = AES-128-CTR(TEK, IV)(plaintext)`` with a fresh 16-byte IV from the TRNG, and::
+    ``TRANS = AES-128-CTR(TEK, IV)(plaintext)`` with a fresh 16-byte IV from the TRNG (the commands of
+    one ring-buffer doorbell draw their IVs in one TRNG read, 16 bytes of it for each), and::
 
         MAC = HMAC-SHA256(TIK, 0x02 || le32(FLAGS) || IV || le32(GUEST_LEN) || le32(TRANS_LEN) || TRANS)
 
@@ -567,7 +568,8 @@ def send_update_batch(fw: Firmware, items: QueuedBuffers) -> int:
         return 0
     pc = _channel(g)
     plaintexts = _read_guest_all(fw, g, [(spa, n) for spa, n, _, _ in todo])
-    ivs = [fw.ports.trng(IV_SIZE) for _ in todo]
+    drawn = fw.ports.trng(IV_SIZE * len(todo))  # one draw for the batch, a distinct IV per packet
+    ivs = [drawn[i : i + IV_SIZE] for i in range(0, len(drawn), IV_SIZE)]
     pieces: list[tuple[int, bytes]] = []
     headers: list[tuple[int, bytes]] = []
     for (_, n, hdr_spa, trans_spa), iv, plain in zip(todo, ivs, plaintexts, strict=True):
@@ -763,8 +765,7 @@ def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
     n = len(guest)
     runs = _page_runs(guest)
     plain = b"".join([read_guest(fw, g, spa, length) for _, spa, length in runs])  # (one run: no copy)
-    trng = fw.ports.trng
-    ivs = b"".join([trng(IV_SIZE) for _ in range(n)])  # in command order
+    ivs = fw.ports.trng(IV_SIZE * n)  # one draw for the doorbell: a fresh IV per page, in command order
     sealed, macs = _channel(g).seal_many(ivs, _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE), plain, PAGE)
     head = np.zeros(n, dtype=_HDR_DTYPE)  # flags 0
     head["iv"] = np.frombuffer(ivs, dtype="V16")

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import struct
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
+
+import numpy as np
 
 from sevemu._util.units import PAGE, PAGE_MASK, align_down, align_up
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
@@ -42,7 +43,6 @@ from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import (
     SEV_TMR_LEN,
-    TRANSPORT_PACK,
     ActivateCmd,
     AttestationCmd,
     DbgCmd,
@@ -71,7 +71,7 @@ from sevemu.hypervisor.uapi import GHCB_VERSION_MAX, GHCB_VERSION_MIN
 from sevemu.hypervisor.vcpu import KvmVmType
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
-__all__ = ["GRANULE", "HDR_SLOT", "PAGE_BATCH", "LegacySev", "PageBatch", "PageReceiver"]
+__all__ = ["GRANULE", "HDR_SLOT", "PAGE_BATCH", "LegacySev", "PageBatch", "PageReceiver", "transport_slots"]
 
 GRANULE = 16
 """The SEV API's 16-byte granularity: LAUNCH_UPDATE_DATA lengths, DBG_DECRYPT / DBG_ENCRYPT addresses
@@ -81,8 +81,23 @@ HDR_SLOT = 64
 """Bytes a transport header occupies in a :class:`PageBatch` (the 0x34-byte header, zero-padded)."""
 PAGE_BATCH = 128
 """Pages per ring-buffer doorbell in migration (at most ``RING_BATCH``)."""
-_TRANSPORT_SLOT = struct.Struct(TRANSPORT_PACK.format + f"{RING_SLOT - TRANSPORT_PACK.size}x")
-"""A TransportCmd zero-padded to its ring-buffer slot."""
+def transport_slots(handle: int, hdr_base: int, hdr_len: int, guest_paddrs: list[int], trans_base: int) -> bytes:
+    """The ring slots of one whole-page TransportCmd per guest page: command i with its header in the
+    64-byte slot ``hdr_base + 64 * i`` (``hdr_len`` bytes) and its TRANS in the page ``trans_base +
+    4096 * i`` -- :data:`~sevemu.abi.sev.TRANSPORT_PACK` of each, zero-padded to its slot, built as
+    columns (every field of the layout is a little-endian u32 or u64 at a multiple of 8: one u64
+    word each)."""
+    n = len(guest_paddrs)
+    at = np.arange(n, dtype=np.uint64)
+    words = np.zeros((n, RING_SLOT // 8), dtype="<u8")
+    words[:, 0] = handle
+    words[:, 1] = at * np.uint64(HDR_SLOT) + np.uint64(hdr_base)
+    words[:, 2] = hdr_len
+    words[:, 3] = np.fromiter(guest_paddrs, dtype=np.uint64, count=n)
+    words[:, 4] = PAGE
+    words[:, 5] = at * np.uint64(PAGE) + np.uint64(trans_base)
+    words[:, 6] = PAGE
+    return words.tobytes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +138,6 @@ class PageReceiver:
         if len(batch.hdrs) != n * HDR_SLOT or len(batch.transport) != n * PAGE or batch.hdr_len > HDR_SLOT:
             raise SevInputError(Errno.EINVAL, "page batch buffers do not match its page count")
         me_mask = sev.caps.me_mask
-        pack = _TRANSPORT_SLOT.pack
         gpas = list(batch.gpas)
         try:
             spas = vm.back_pages(gpas)  # (the same pages as guest_page() of each, mapped in runs)
@@ -132,9 +146,8 @@ class PageReceiver:
         hdr_base, trans_base = self._hdr_base, self._trans_base
         sev.core.host_write_stream(hdr_base, batch.hdrs)
         sev.core.host_write_stream(trans_base, batch.transport)
-        self._ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, b"".join([
-            pack(vm.handle, hdr_base + i * HDR_SLOT, batch.hdr_len, spa | me_mask, PAGE, trans_base + i * PAGE, PAGE)
-            for i, spa in enumerate(spas)]))
+        self._ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, transport_slots(
+            vm.handle, hdr_base, batch.hdr_len, [spa | me_mask for spa in spas], trans_base))
         _check_batch(CommandId.RECEIVE_UPDATE_DATA, self._ring.run())
 
 
@@ -513,17 +526,15 @@ class LegacySev(SevHost):
         handle = vm.handle
         spa_of = vm.spa_of
         mapped = vm.npt.mappings.get
-        pack = _TRANSPORT_SLOT.pack
         todo = iter(gpas)
         with self.psp.ring() as ring, self.psp.bounce.stage() as st:
             hdr_base = st.alloc(batch * HDR_SLOT, PAGE)
             trans_base = st.alloc(batch * PAGE, PAGE)
             while chunk := list(itertools.islice(todo, batch)):
                 spas = [mapped(gpa >> 12) if not gpa & PAGE_MASK else None for gpa in chunk]
-                slots = b"".join([pack(handle, hdr_base + i * HDR_SLOT, hdr_len,
-                                       (spa if spa is not None else spa_of(gpa)) | me_mask, PAGE,
-                                       trans_base + i * PAGE, PAGE)
-                                  for i, (gpa, spa) in enumerate(zip(chunk, spas, strict=True))])
+                slots = transport_slots(handle, hdr_base, hdr_len, [
+                    (spa if spa is not None else spa_of(gpa)) | me_mask for gpa, spa in zip(chunk, spas, strict=True)],
+                    trans_base)
                 ring.submit_many(CommandId.SEND_UPDATE_DATA, slots)
                 _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
                 n = len(chunk)
