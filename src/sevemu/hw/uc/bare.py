@@ -9,7 +9,7 @@ from typing import Any
 from sevemu._util.units import PAGE, align_up
 from sevemu.hw.svm import GPRS
 from sevemu.hw.uc import binding as uc
-from sevemu.hw.uc.binding import REG, check, ctl
+from sevemu.hw.uc.binding import REG, check
 
 __all__ = ["BareRunner"]
 
@@ -23,9 +23,7 @@ class BareRunner:
         self._lib = uc.library()
         self._h = ctypes.c_void_p(0)
         lib = self._lib
-        check(lib.uc_open(uc.UC_ARCH_X86, uc.UC_MODE_64, ctypes.byref(self._h)), "uc_open")
-        check(lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_CPU_MODEL)),
-                         ctypes.c_int(uc.UC_CPU_X86_EPYC_ROME)), "CPU model")
+        uc.open_x86(self._h)
         size = align_up(len(image) + extra, PAGE)
         check(lib.uc_mem_map(self._h, base, size, uc.UC_PROT_ALL), "map")
         buf = ctypes.create_string_buffer(image, len(image))

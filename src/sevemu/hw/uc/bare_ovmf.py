@@ -51,12 +51,8 @@ class BareFirmware:
         self._lib = uc.library()
         lib = self._lib
         self._h = ctypes.c_void_p(0)
-        check(lib.uc_open(uc.UC_ARCH_X86, uc.UC_MODE_64, ctypes.byref(self._h)), "uc_open")
+        uc.open_x86(self._h, tcg_buffer=64 << 20)
         h = self._h
-        check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_CPU_MODEL)), ctypes.c_int(uc.UC_CPU_X86_EPYC_ROME)),
-              "CPU model")
-        check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_TCG_BUFFER_SIZE)), ctypes.c_uint32(64 << 20)),
-              "TCG buffer size")
         self._flash = ctypes.create_string_buffer(bytes(flash), len(flash))
         base = (1 << 32) - len(flash)
         check(lib.uc_mem_map_ptr(h, base, len(flash), uc.UC_PROT_ALL, self._flash), "mapping the flash")
@@ -85,11 +81,9 @@ class BareFirmware:
         copied into this one (Unicorn's context save/restore copies the raw state)."""
         lib = self._lib
         h16 = ctypes.c_void_p(0)
-        check(lib.uc_open(uc.UC_ARCH_X86, _UC_MODE_16, ctypes.byref(h16)), "uc_open (16-bit)")
         ctx = ctypes.c_void_p(0)
         try:
-            check(lib.uc_ctl(h16, ctypes.c_int(ctl(1, 1, uc.UC_CTL_CPU_MODEL)),
-                             ctypes.c_int(uc.UC_CPU_X86_EPYC_ROME)), "CPU model")
+            uc.open_x86(h16, _UC_MODE_16, what="uc_open (16-bit)")
             check(lib.uc_reg_write(h16, uc.REG_CS, ctypes.byref(self._scratch)), "CS")
             check(lib.uc_context_alloc(h16, ctypes.byref(ctx)), "context")
             check(lib.uc_context_save(h16, ctx), "context save")

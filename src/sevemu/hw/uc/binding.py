@@ -185,6 +185,19 @@ def check(err: int, what: str) -> None:
         raise HardwareError(f"Unicorn {what} failed: {msg.decode() if msg else err}")
 
 
+def open_x86(h: ctypes.c_void_p, mode: int = UC_MODE_64, *, what: str = "uc_open",
+             tcg_buffer: int | None = None) -> None:
+    """uc_open an x86 instance of ``mode`` into ``h`` with the EPYC-Rome CPU model (the model every
+    engine of sevemu uses) and, if given, a TCG translation buffer of ``tcg_buffer`` bytes."""
+    lib = library()
+    check(lib.uc_open(UC_ARCH_X86, mode, ctypes.byref(h)), what)
+    check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, UC_CTL_CPU_MODEL)), ctypes.c_int(UC_CPU_X86_EPYC_ROME)),
+          "CPU model")
+    if tcg_buffer is not None:
+        check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, UC_CTL_TCG_BUFFER_SIZE)), ctypes.c_uint32(tcg_buffer)),
+              "TCG buffer size")
+
+
 def hook_insn(h: ctypes.c_void_p, handle: ctypes.c_size_t, cb: Any, insn: int) -> None:
     """uc_hook_add for UC_HOOK_INSN, whose instruction id is a variadic argument."""
     fn = library()["uc_hook_add"]  # a fresh function object: no fixed prototype

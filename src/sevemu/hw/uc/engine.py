@@ -302,12 +302,8 @@ class UcEngine:
     def _boot(self, cpu: GuestCpu) -> None:
         lib = self._lib
         state = cpu.state
-        check(lib.uc_open(uc.UC_ARCH_X86, uc.UC_MODE_64, ctypes.byref(self._h)), "uc_open")
+        uc.open_x86(self._h, tcg_buffer=64 << 20)
         h = self._h
-        check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_CPU_MODEL)), ctypes.c_int(uc.UC_CPU_X86_EPYC_ROME)),
-              "CPU model")
-        check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_TCG_BUFFER_SIZE)), ctypes.c_uint32(64 << 20)),
-              "TCG buffer size")
         check(lib.uc_ctl(h, ctypes.c_int(ctl(1, 1, uc.UC_CTL_TLB_TYPE)), ctypes.c_int(uc.UC_TLB_VIRTUAL)),
               "virtual TLB")
         check(lib.uc_mem_map(h, STUB_PA, SVM_AREA_END - STUB_PA, uc.UC_PROT_ALL), "mapping the SVM area")
