@@ -96,6 +96,25 @@ def test_vlek_flow(tmp_path: Path, plat: list[str], capsys: pytest.CaptureFixtur
         rc, out, err = run(capsys, "verify", "attestation", str(certs), str(tmp_path / "r.bin"), "--trust-ark",
                            str(certs / "ark.pem"), "--signing-key", "vlek", "--report-data", req.read_bytes().hex())
         assert rc == 0, out + err
+        # an extended report of a VLEK-signing host: the table a CSP installs (VLEK, ASVK, ARK), which
+        # verifies the report; without the VLEK's certificate, or with another key's, one line
+        ext = tmp_path / "ext"
+        rc, out, err = run(capsys, "report", str(tmp_path / "r3.bin"), str(req), "--vlek", str(stick), "--extended",
+                           str(ext), "--vlek-cert", str(certs / "vlek.pem"), *plat)
+        assert rc == 0 and "signed by the VLEK" in out, err
+        assert sorted(p.name for p in ext.iterdir()) == ["ark.pem", "asvk.pem", "vlek.pem"]
+        assert (ext / "vlek.pem").read_bytes() == (certs / "vlek.pem").read_bytes()
+        rc, out, err = run(capsys, "verify", "attestation", str(ext), str(tmp_path / "r3.bin"), "--trust-ark",
+                           str(certs / "ark.pem"), "--signing-key", "vlek", "--report-data", req.read_bytes().hex())
+        assert rc == 0, out + err
+        assert "--vlek-cert" in fails(capsys, "report", str(tmp_path / "r4.bin"), str(req), "--vlek", str(stick),
+                                      "--extended", str(tmp_path / "ext4"), *plat)
+        assert "not the loaded VLEK's" in fails(capsys, "report", str(tmp_path / "r5.bin"), str(req), "--vlek",
+                                                str(stick), "--extended", str(tmp_path / "ext5"), "--vlek-cert",
+                                                str(certs / "asvk.pem"), *plat)
+        assert "--vlek FILE too" in fails(capsys, "report", str(tmp_path / "r6.bin"), str(req), "--vlek-cert",
+                                          str(certs / "vlek.pem"), *plat)
+        assert not any((tmp_path / n).exists() for n in ("r4.bin", "r5.bin", "r6.bin", "ext4", "ext5"))
         # a hashstick altered by the host: the firmware's BAD_MEASUREMENT, one line
         bad = bytearray(stick.read_bytes())
         bad[0x20] ^= 1

@@ -99,6 +99,15 @@ def test_attest_guest_report_verifies_on_the_host(generation: str) -> None:
         got = verify_guest_report(run.machine, report)
         g = snp_state(run.machine.firmware).guests[run.vm.snp_context]
         assert got.report.measurement == g.ld != bytes(48)  # the launch digest the firmware computed
+        # the owner's calculator, written apart from the firmware, gives the same digest, and the host's
+        # check pins it: a report of any other launch would fail
+        from sevemu.cli.run import _expected_snp_digest
+
+        assert _expected_snp_digest(run) == g.ld
+        verify_guest_report(run.machine, report, measurement=g.ld)
+        with pytest.raises(SnpCheckError) as exc:
+            verify_guest_report(run.machine, report, measurement=bytes(47) + b"\1")
+        assert exc.value.check == "policy.measurement"
         assert got.report.report_data == ATTEST_REPORT_DATA
         assert got.report.signer_info.signing_key == SigningKey.VCEK and g.msg_count[0] == 2
         # the verifier is not a rubber stamp: other REPORT_DATA, a changed byte
@@ -160,3 +169,4 @@ def test_sevemu_run_attest_verifies(tmp_path: Path, capsys: pytest.CaptureFixtur
     rc = main(["run", "attest", "--mode", "snp", "--seed", "attest-cli"])
     err = capsys.readouterr().err
     assert rc == 0 and "the guest's attestation report verifies" in err, err
+    assert "the launch digest the owner computes for this image" in err, err

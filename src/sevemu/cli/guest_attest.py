@@ -11,6 +11,11 @@ SNP guest (:mod:`sevemu.cli.snp_guest`) on the platform of ``--platform-dir`` / 
   a 32-byte derived key.
 * ``vlek-load FILE``: the host's SNP_VLEK_LOAD of a wrapped VLEK hashstick (``/dev/sev``, as snphost
   ``vlek-load``); ``report ... --vlek FILE`` loads it before the report, which the VLEK then signs.
+  With ``--vlek-cert CERT`` the host's certificate table is the one a cloud provider installs beside
+  a VLEK (snphost ``import``): the VLEK certificate, the ASVK (under the ASK's GUID: the GHCB
+  specification has no ASVK GUID) and the ARK, written as ``vlek``, ``asvk``, ``ark``; an extended
+  report of a VLEK-signing host without that certificate is refused up front (the host has no table
+  to give, and the VCEK's would not verify the report).
 
 The guest is launched afresh for each command (policy 0x30000, one measured code page, the secrets
 page, one vCPU); its MEASUREMENT is printed so a verifier can pin it.
@@ -25,6 +30,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevemu.abi.report import (
     CERT_GUID_ARK,
@@ -40,8 +46,10 @@ from sevemu.abi.report import (
     decode_cert_table,
 )
 from sevemu.abi.snp import SNP_VLEK_HASHSTICK_SIZE
+from sevemu.certs.snp import load_certificate
 from sevemu.cli.common import add_platform_args, emit, parse_int, read_file, resolve_platform, write_file
-from sevemu.errors import InputError
+from sevemu.crypto.vcek import verify_report_signature
+from sevemu.errors import InputError, VerificationError
 from sevemu.guest.sev_guest import SevGuestError, SnpExtReportReq
 
 __all__ = ["register"]
@@ -63,7 +71,13 @@ def _guest(args: argparse.Namespace) -> Any:
         if len(vlek) != SNP_VLEK_HASHSTICK_SIZE:
             raise InputError(f"{vlek_file}: a wrapped VLEK hashstick is {SNP_VLEK_HASHSTICK_SIZE} bytes, "
                              f"the file has {len(vlek)}")
-    return launch(generation, platform_dir=directory, vmpck=args.vmpck, vlek=vlek)
+    vlek_cert = None
+    cert_file: Path | None = getattr(args, "vlek_cert", None)
+    if cert_file is not None:
+        if vlek is None:
+            raise InputError("--vlek-cert: the certificate of a VLEK the host loads; give --vlek FILE too")
+        vlek_cert = load_certificate(read_file(cert_file, what="VLEK certificate"), what=str(cert_file))
+    return launch(generation, platform_dir=directory, vmpck=args.vmpck, vlek=vlek, vlek_cert=vlek_cert)
 
 
 def _check(status: int, what: str) -> None:
@@ -83,6 +97,9 @@ def run_report(args: argparse.Namespace) -> int:
         data = read_file(path, what="request data")
         if len(data) != 64:
             raise InputError(f"{path}: REPORT_DATA is 64 bytes, the file has {len(data)} (or use --random)")
+    if args.extended is not None and args.vlek is not None and args.vlek_cert is None:
+        raise InputError("--extended with --vlek: the host's certificate table then holds the VLEK's certificate; "
+                         "give it with --vlek-cert FILE (sevemu fetch vlek)")
     g = _guest(args)
     try:
         if args.extended is not None:
@@ -96,6 +113,8 @@ def run_report(args: argparse.Namespace) -> int:
     rsp = ReportRsp.decode(raw[: ReportRsp.SIZE])
     _check(rsp.status, "report request")
     report = rsp.report.encode()
+    if g.vlek_cert is not None:
+        _check_vlek_cert(g.vlek_cert, report, args.vlek_cert)
     if args.random:
         write_file(path, data)
     write_file(args.report, report)
@@ -111,10 +130,24 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_vlek_cert(cert: x509.Certificate, report: bytes, path: Path) -> None:
+    """The report a loaded VLEK signed must verify with ``cert``'s key, or the certificate is another VLEK's."""
+    key = cert.public_key()
+    try:
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise VerificationError("not an EC key")
+        verify_report_signature(key, report)
+    except VerificationError:
+        raise InputError(f"{path}: this certificate is not the loaded VLEK's (the report it signed does not "
+                         "verify with the certificate's key)") from None
+
+
 def _write_certs(certs: bytes, directory: Path, encoding: str) -> list[str]:
     out = []
-    for guid, der in decode_cert_table(certs):
-        name = _NAMES.get(guid, guid.hex())
+    table = decode_cert_table(certs)
+    vlek = any(guid == CERT_GUID_VLEK for guid, _ in table)
+    for guid, der in table:
+        name = "asvk" if vlek and guid == CERT_GUID_ASK else _NAMES.get(guid, guid.hex())
         cert = x509.load_der_x509_certificate(der)
         data = cert.public_bytes(serialization.Encoding.PEM if encoding == "pem" else serialization.Encoding.DER)
         path = directory / f"{name}.{encoding}"
@@ -184,6 +217,9 @@ def register(sub: Any) -> None:
                    help="an extended report: also write the host's certificates (PEM) into CERTS_DIR")
     r.add_argument("--vlek", type=Path, metavar="FILE",
                    help="the host loads this wrapped VLEK hashstick first (SNP_VLEK_LOAD): the VLEK signs")
+    r.add_argument("--vlek-cert", type=Path, metavar="FILE",
+                   help="with --vlek: the VLEK's certificate (PEM or DER, sevemu fetch vlek), which the host serves "
+                        "with ASVK and ARK in an extended report's certificate table")
     _common(r)
     r.set_defaults(func=run_report)
 

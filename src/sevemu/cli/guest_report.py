@@ -32,8 +32,10 @@ def guest_report(console: str) -> bytes | None:
     return bytes.fromhex(found.group(1))
 
 
-def verify_guest_report(machine: Machine, report: bytes, report_data: bytes = ATTEST_REPORT_DATA) -> Verified:
-    """Verify ``report`` as the relying party would (module docstring); raises
+def verify_guest_report(machine: Machine, report: bytes, report_data: bytes = ATTEST_REPORT_DATA,
+                        measurement: bytes | None = None) -> Verified:
+    """Verify ``report`` as the relying party would (module docstring), with MEASUREMENT pinned to
+    ``measurement`` (the owner's launch digest) when given; raises
     :class:`~sevemu.owner.snpverify.SnpCheckError` naming the failed check, or
     :class:`~sevemu.errors.InputError` when the emulated AMD never made the chip."""
     gen = machine.soc.profile.name
@@ -45,4 +47,5 @@ def verify_guest_report(machine: Machine, report: bytes, report_data: bytes = AT
     root = AmdSnpRoot.for_root(machine.amd_root or default_amd_root(gen), None if vault is None else vault / gen / "snp")
     chain = Chain(root.issue_vcek(chip, rep.reported_tcb), root.ask, root.ark, root.crl())
     return verify_report(report, chain, trusted=[root.ark_fingerprint()],
-                         policy=SnpPolicy(report_data=report_data, signing_key="vcek"))
+                         policy=SnpPolicy(report_data=report_data, measurement=measurement,
+                                                                 signing_key="vcek"))

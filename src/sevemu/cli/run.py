@@ -396,11 +396,12 @@ def _guest_report_verdict(run: GuestRun, console: str) -> tuple[bool, str] | Non
     if report is None:
         return None
     try:
-        got = verify_guest_report(run.machine, report)
+        got = verify_guest_report(run.machine, report, measurement=_expected_snp_digest(run))
     except (SnpCheckError, InputError) as exc:
         return False, f"the guest's attestation report does NOT verify: {exc}"
     return True, (f"the guest's attestation report verifies (VCEK of the emulated AMD's {got.generation} chain, "
-                  f"REPORT_DATA the guest's, MEASUREMENT {got.report.measurement.hex()[:16]}...)")
+                  f"REPORT_DATA the guest's, MEASUREMENT {got.report.measurement.hex()[:16]}... the launch "
+                  "digest the owner computes for this image)")
 
 
 # x86-64, position independent: lea msg(%rip),%rsi; mov $0x3f8,%dx; 1: lodsb; test %al,%al; jz 2f;
@@ -511,9 +512,10 @@ def _launch_info(run: GuestRun) -> dict[str, Any]:
 
 
 def _expected_vmsas(run: GuestRun) -> list[bytes]:
-    """The owner's side of an SEV-ES launch: the VMSA of every vCPU in the documented initial
-    state, made with the owner's own ``sev_es_sync_vmsa`` (KVM_SEV_INIT2 VM, no VMSA features)."""
-    from sevemu.abi.vmsa import VmcbSeg
+    """The owner's side of an SEV-ES or SNP launch: the VMSA of every vCPU in the documented initial
+    state, made with the owner's own ``sev_es_sync_vmsa`` (KVM_SEV_INIT2 VM; no VMSA features for
+    SEV-ES, SNP_ACTIVE for SNP as KVM sets it for an SNP VM)."""
+    from sevemu.abi.vmsa import SevFeatures, VmcbSeg
     from sevemu.owner.vmsa import DR7_FIXED_1, VcpuState, sev_es_sync_vmsa
     from sevemu.owner.vmsa import KvmVmType as OwnerVmType
 
@@ -529,8 +531,27 @@ def _expected_vmsas(run: GuestRun) -> list[bytes]:
         vcpu = VcpuState(segments=segments, vmcb={"efer": 0, "cr4": 0, "cr3": 0, "cr0": 0x11, "dr7": DR7_FIXED_1,
                                                   "rflags": 0x2, "g_pat": 0x0007040600070406},
                          regs=regs, rip=state.rip)
-        pages.append(sev_es_sync_vmsa(vcpu, vm_type=OwnerVmType.SEV_ES_VM).encode())
+        if run.vm.snp:
+            page = sev_es_sync_vmsa(vcpu, vm_type=OwnerVmType.SNP_VM, vmsa_features=int(SevFeatures.SNP_ACTIVE))
+        else:
+            page = sev_es_sync_vmsa(vcpu, vm_type=OwnerVmType.SEV_ES_VM)
+        pages.append(page.encode())
     return pages
+
+
+def _expected_snp_digest(run: GuestRun) -> bytes:
+    """The owner's SNP launch digest of ``run``'s launch (:func:`_snp_launch`): the image as NORMAL
+    pages, the secrets and CPUID pages, then one VMSA per vCPU -- computed with the owner's
+    calculator, never read from the firmware."""
+    from sevemu.owner.snp_measurement import SnpLaunchDigest
+
+    ld = SnpLaunchDigest(record=False)
+    ld.normal(run.image.base, run.image.data.ljust(-(-len(run.image.data) // PAGE) * PAGE, b"\0"))
+    ld.secrets(SNP_SECRETS_GPA)
+    ld.cpuid(SNP_CPUID_GPA)
+    for page in _expected_vmsas(run):
+        ld.vmsa(page)
+    return ld.digest
 
 
 def _verify(run: GuestRun) -> bool:

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from sevemu._util.units import PAGE, MiB
-from sevemu.abi.report import CERT_GUID_ARK, CERT_GUID_ASK, CERT_GUID_VCEK, encode_cert_table
+from sevemu.abi.report import CERT_GUID_ARK, CERT_GUID_ASK, CERT_GUID_VCEK, CERT_GUID_VLEK, encode_cert_table
 from sevemu.abi.status import status_name
 from sevemu.amd.snp import AmdSnpRoot
 from sevemu.crypto.vcek import HWID_SIZE
@@ -63,6 +63,8 @@ class SnpGuestVm:
     service: GuestRequests
     root: AmdSnpRoot
     vcek: x509.Certificate
+    vlek_cert: x509.Certificate | None = None
+    """The VLEK certificate the host serves (a VLEK was loaded with its certificate), else None."""
 
     @property
     def measurement(self) -> bytes:
@@ -76,9 +78,13 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 def launch(generation: str = "milan", *, seed: str | None = None, image: bytes = b"sevemu snp guest",
            host_data: bytes = bytes(32), platform_dir: str | Path | None = None, vmpck: int = 0,
-           certificates: bool = True, vlek: bytes | None = None) -> SnpGuestVm:
+           certificates: bool = True, vlek: bytes | None = None,
+           vlek_cert: x509.Certificate | None = None) -> SnpGuestVm:
     """Launch an SNP guest of ``generation`` and open its ``/dev/sev-guest`` (module docstring);
-    ``vlek``: a wrapped VLEK hashstick the host loads first (``/dev/sev`` SNP_VLEK_LOAD)."""
+    ``vlek``: a wrapped VLEK hashstick the host loads first (``/dev/sev`` SNP_VLEK_LOAD), and
+    ``vlek_cert`` its certificate: the host's certificate table is then VLEK, ASVK (under the ASK's
+    GUID, as the GHCB specification has no ASVK GUID) and ARK; with a VLEK but no certificate the
+    host installs no table (the VCEK's would not verify what the VLEK signs)."""
     m = build_machine(generation, dram_size=1024 * MiB, cache_size=1 * MiB, init=False, seed=seed,
                       platform_dir=platform_dir)
     snp.platform_init(m.hv.sev)
@@ -120,10 +126,14 @@ def launch(generation: str = "milan", *, seed: str | None = None, image: bytes =
         raise InputError(f"the emulated AMD has no record of this {gen} chip (made by another vault?): "
                          "its VCEK cannot be issued")
     vcek = root.issue_vcek(chip, snp_state(m.firmware).reported_tcb)
-    if certificates:
-        service.set_certificates(encode_cert_table([
-            (CERT_GUID_VCEK, vcek.public_bytes(serialization.Encoding.DER)),
-            (CERT_GUID_ASK, root.ask.public_bytes(serialization.Encoding.DER)),
-            (CERT_GUID_ARK, root.ark.public_bytes(serialization.Encoding.DER))]))
+    der = serialization.Encoding.DER
+    if certificates and vlek is None:
+        service.set_certificates(encode_cert_table([(CERT_GUID_VCEK, vcek.public_bytes(der)),
+                                                    (CERT_GUID_ASK, root.ask.public_bytes(der)),
+                                                    (CERT_GUID_ARK, root.ark.public_bytes(der))]))
+    elif certificates and vlek_cert is not None:
+        service.set_certificates(encode_cert_table([(CERT_GUID_VLEK, vlek_cert.public_bytes(der)),
+                                                    (CERT_GUID_ASK, root.asvk.public_bytes(der)),
+                                                    (CERT_GUID_ARK, root.ark.public_bytes(der))]))
     device = SevGuestDevice(channel, GuestSecrets(secrets), vmpck)
-    return SnpGuestVm(m, vm, device, service, root, vcek)
+    return SnpGuestVm(m, vm, device, service, root, vcek, vlek_cert if vlek is not None else None)
