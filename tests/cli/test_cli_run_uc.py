@@ -104,6 +104,7 @@ def test_bench_cpu_small(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_cpu.run_cpu(args) == 0
     out = capsys.readouterr().out
     assert "VMEXIT round trips" in out and "VMGEXIT round trips (SEV-ES guest" in out
+    assert f"both computed {_reference_compute(20000):016x}" in out
 
 
 def _reference_compute(n: int) -> int:
