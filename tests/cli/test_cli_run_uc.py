@@ -12,7 +12,7 @@ import pytest
 
 from sevemu.cli import bench_cpu
 from sevemu.cli.main import main
-from sevemu.errors import GuestBuildError
+from sevemu.errors import GuestBuildError, InputError
 from sevemu.guest.build import GUESTS, toolchain
 
 pytest.importorskip("unicorn")
@@ -104,6 +104,83 @@ def test_bench_cpu_small(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_cpu.run_cpu(args) == 0
     out = capsys.readouterr().out
     assert "VMEXIT round trips" in out and "VMGEXIT round trips (SEV-ES guest" in out
+    assert f"both computed {_reference_compute(20000):016x}" in out
+
+
+def _reference_compute(n: int) -> int:
+    """bench_compute's loop in Python (xorshift64, the sum of every state): an independent count."""
+    x, acc, mask = 0x9E3779B97F4A7C15, 0, (1 << 64) - 1
+    for _ in range(n):
+        x ^= (x << 13) & mask
+        x ^= x >> 7
+        x ^= (x << 17) & mask
+        acc = (acc + x) & mask
+    return acc
+
+
+def test_bench_compute_counts_the_instructions_it_runs(gcc: None) -> None:
+    # INSNS_PER_ITERATION against the built image: instructions executed (a code hook counts them)
+    # for two loop lengths; a compiler or source change that alters the loop fails here, not silently
+    # in the instructions/s.
+    unicorn = pytest.importorskip("unicorn")
+    from unicorn import x86_const
+
+    image = bench_cpu.load_image("bench")
+    mu = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    size = (len(image.data) + 0x10000 + 0xFFF) & ~0xFFF
+    mu.mem_map(image.base, size)
+    mu.mem_write(image.base, image.data)
+    stack, ret = image.base + size - 64, image.base + size - 16
+    mu.mem_write(stack, ret.to_bytes(8, "little"))
+    count = [0]
+    mu.hook_add(unicorn.UC_HOOK_CODE, lambda *a: count.__setitem__(0, count[0] + 1))
+    executed = {}
+    for n in (10, 30):
+        count[0] = 0
+        mu.reg_write(x86_const.UC_X86_REG_RDI, n)
+        mu.reg_write(x86_const.UC_X86_REG_RSI, image.symbol("bench_buffer"))
+        mu.reg_write(x86_const.UC_X86_REG_RSP, stack)
+        mu.emu_start(image.symbol("bench_compute"), ret)
+        executed[n] = count[0]
+        assert mu.reg_read(x86_const.UC_X86_REG_RAX) == _reference_compute(n)
+    assert executed[30] - executed[10] == 20 * bench_cpu.INSNS_PER_ITERATION
+
+
+def test_bench_compute_runs_the_whole_loop_on_both_sides(gcc: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the bare runner's result is the loop's (computed independently), the guest's is the same
+    image = bench_cpu.load_image("bench")
+    seconds, result = bench_cpu._bare_compute(image, 1000)
+    assert seconds > 0 and result == _reference_compute(1000)
+    r = bench_cpu.measure(iterations=1000, exits=200, repeat=1)
+    assert r["compute"]["result"] == f"{_reference_compute(1000):016x}"
+    # a side that ran another loop (a miscount, a loop cut short) is refused, not compared
+    real = bench_cpu._bare_compute
+    monkeypatch.setattr(bench_cpu, "_bare_compute", lambda im, n: real(im, n - 1))
+    with pytest.raises(InputError, match="did not run the same loop"):
+        bench_cpu.measure(iterations=1000, exits=200, repeat=1)
+
+
+def test_bare_runner_is_w_xor_x_and_runs_self_modifying_code() -> None:
+    from sevemu.hw.uc import binding as uc
+    from sevemu.hw.uc.bare import BareRunner, _w_xor_x
+
+    assert _w_xor_x(uc.UC_MEM_FETCH) == uc.UC_PROT_READ | uc.UC_PROT_EXEC
+    assert _w_xor_x(uc.UC_MEM_WRITE) == uc.UC_PROT_READ | uc.UC_PROT_WRITE
+    assert _w_xor_x(16) == uc.UC_PROT_READ  # UC_MEM_READ
+    # code that stores `inc rax` over the NOPs it then executes, in its own page
+    base = 0x100000
+    target = base + 0x20
+    code = (b"\x48\x31\xc0"                                                      # xor rax, rax
+            + b"\xc7\x04\x25" + target.to_bytes(4, "little") + b"\x48\xff\xc0\x90"  # mov dword [target], inc rax; nop
+            + b"\xeb" + bytes([0x20 - 16]))                                       # jmp target
+    image = code.ljust(0x20, b"\x90") + b"\x90" * 4 + b"\xf4"
+    for wx in (True, False):
+        runner = BareRunner(image, base, extra=0x1000, w_xor_x=wx)
+        try:
+            assert runner.call(base, target + 4)["rax"] == 1
+            assert (runner.tlb_fills > 0) == wx
+        finally:
+            runner.close()
 
 
 def test_run_inject_shellcode(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:

@@ -53,7 +53,7 @@ def _halt() -> Workload:
 
 
 def _es(soc: Soc) -> tuple[PageTables, object]:
-    soc.psp.take_ports().keys.load(ES_ASID, bytes(range(16)))
+    soc.psp.take_ports().keys.load(ES_ASID, bytes(range(soc.mc.mode.key_size)))  # 16 bytes on Milan
     pt = PageTables(soc, ES_ASID, True)
     pt.identity()
     vmcb = pt.vmcb(paging=False)
@@ -296,3 +296,57 @@ def test_a_wbinvd_inside_the_run_does_not_lose_the_registers_of_its_vmexit(soc: 
     assert soc.dram.read(0x1E000, 8) == crc64_vmsa(plain).to_bytes(8, "little")
     state = soc.boot_cpu.vmsa.load(ES_ASID, VMSA_SPA)  # read and checked again: RIP as stored
     assert not isinstance(state, str) and state.rip == 4
+
+
+@pytest.mark.parametrize("generation", ["milan", "genoa"])
+def test_the_vmsa_stored_at_vmexit_is_what_every_host_interface_sees(generation: str) -> None:
+    """#VMEXIT defers encoding the registers into the page until its lines leave the unit.  After
+    each store, every interface that can reach the page must see the current register state: the
+    firmware's read in the guest's domain (DBG_DECRYPT's path), DRAM and the host's read after a
+    WBINVD -- ciphertext the guest's key decrypts to the current state --, and on a profile with
+    cross-domain coherency (Genoa) the host's read without any flush.  Flipping the ciphertext the
+    host sees makes the next VMRUN fail."""
+    from hwkit import make_soc
+
+    from sevemu.hw.profiles import GENOA, MILAN
+
+    soc = make_soc(GENOA if generation == "genoa" else MILAN)
+    pt, vmcb = _es(soc)
+    core = soc.boot_cpu
+    unit = core.vmsa
+    off_rcx, off_rip = SevEsSaveArea.offset_of("rcx"), SevEsSaveArea.offset_of("rip")
+
+    def q(page: bytes, off: int) -> int:
+        return int.from_bytes(page[off : off + 8], "little")
+
+    for i in range(1, 5):
+        state = unit.load(ES_ASID, VMSA_SPA)
+        assert not isinstance(state, str)
+        state.regs["rcx"] = 0xC0DE_0000 + i
+        state.rip = 0x2000 + i
+        unit.store(ES_ASID, VMSA_SPA)  # #VMEXIT
+        if i == 1:  # the firmware's view (guest domain, through the cache): the current state
+            line = soc.cache.read(ES_ASID, True, VMSA_SPA + (off_rcx & ~63), 64)
+            assert q(line, off_rcx & 63) == 0xC0DE_0000 + i
+        elif i == 2 and soc.profile.coherent:  # the host's read, no flush: the current ciphertext
+            seen = core.host_read(VMSA_SPA, 4096)
+            assert seen == soc.dram.read(VMSA_SPA, 4096)
+            plain = soc.mc.read(VMSA_SPA, 4096, ES_ASID, True)
+            assert q(plain, off_rcx) == 0xC0DE_0000 + i and q(plain, off_rip) == 0x2000 + i
+            assert seen != plain
+        else:  # WBINVD, then DRAM and the host's read: ciphertext of the current state
+            core.wbinvd()
+            cipher = soc.dram.read(VMSA_SPA, 4096)
+            assert core.host_read(VMSA_SPA, 4096) == cipher
+            plain = soc.mc.read(VMSA_SPA, 4096, ES_ASID, True)
+            assert cipher != plain
+            assert q(plain, off_rcx) == 0xC0DE_0000 + i and q(plain, off_rip) == 0x2000 + i
+            assert soc.dram.read(0x1E000, 8) == crc64_vmsa(plain).to_bytes(8, "little")
+    # the host flips one bit of the ciphertext it sees: the next VMRUN fails
+    core.wbinvd()
+    cipher = bytearray(soc.dram.read(VMSA_SPA + (off_rcx & ~63), 64))
+    cipher[off_rcx & 63] ^= 1
+    core.host_write(VMSA_SPA + (off_rcx & ~63), bytes(cipher))
+    core.wbinvd()
+    assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
+    assert "checksum" in core.vmsa_failure

@@ -14,8 +14,9 @@ a core that does the exchange:
   ciphertext, or the TMR block) fails VMRUN with VMEXIT_INVALID: SEV-ES has no integrity for guest
   memory, but a tampered VMSA never runs.  The registers become a :class:`VmsaState`, the save state
   the engines read and write (:class:`~sevemu.hw.svm.SaveState`).
-* **#VMEXIT** encodes the registers back into the page; the changed lines are modified lines of
-  this private level, written into the cache in the guest's domain -- and the page's checksum into
+* **#VMEXIT** stores the registers back into the page -- encoded when its lines leave the unit,
+  the only moment anyone else can see them (``tests/hw/test_hw_es.py`` reads the page through every
+  host interface after each store); the changed lines are modified lines of this private level, written into the cache in the guest's domain -- and the page's checksum into
   the TMR -- as soon as anyone else reads, writes or flushes them (WBINVD included):
   ciphertext in DRAM once they leave the cache.  (The firmware reads a VMSA and its TMR block from
   DRAM, so a host flushes before SEND_UPDATE_VMSA anyway, as it must for any encrypted page.)
@@ -144,6 +145,9 @@ class _Held:
     checksum is brought up to date from these differences when the lines leave the unit)."""
     snp: bool = False
     """An SEV-SNP guest's VMSA (no checksum: the RMP protects it)."""
+    pending: bool = False
+    """#VMEXIT stored :attr:`state` but it is not encoded into :attr:`page` yet: that happens when
+    the lines leave the unit (:meth:`VmsaUnit._write_back`), the only way anyone else sees them."""
 
 
 class VmsaUnit:
@@ -157,6 +161,7 @@ class VmsaUnit:
         """The page of the guest between VMRUN and #VMEXIT: its registers are in the CPU then, so a
         snoop that drops the page (the guest's own WBINVD) does not lose what #VMEXIT stores."""
         self._attached = False
+        self._tmr = bytearray(8)
         self.checks = 0
         """Full checksum computations (a page read from the cache: first VMRUN, after a snoop)."""
         self.snp_check: Callable[[int, int], str | None] | None = None
@@ -197,8 +202,9 @@ class VmsaUnit:
             h = _Held(asid, spa, page, lanes, VmsaCrc.checksum(lanes), crc_paddr, state)
             self._held[key] = h
         if not h.snp:
-            stored = int.from_bytes(self.dram.read(h.crc_paddr, 8), "little")
-            if stored != h.crc:  # the block as this unit last stored it (a changed page is its own)
+            tmr = self._tmr
+            self.dram.read_into(h.crc_paddr, tmr)  # (the block in DRAM, into a buffer kept for it)
+            if int.from_bytes(tmr, "little") != h.crc:  # the block as this unit last stored it (a changed page is its own)
                 self._held.pop(key, None)
                 return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
         self._running = h
@@ -222,12 +228,17 @@ class VmsaUnit:
             self._held[key] = h
             for lo in range(0, PAGE, LINE):
                 h.dirty.setdefault(lo, bytes(h.page[lo : lo + LINE]))
-        h.state.store(h.page, h.dirty)
+        # Encoded when the lines leave the unit (a snoop, WBINVD, forget): the page is private to
+        # the unit until then, so nobody can tell when the encoding happened (a test tries).
+        h.pending = True
 
     def _write_back(self, h: _Held) -> None:
         """The modified lines of ``h`` into the shared cache, in the guest's domain, and its
         checksum into the TMR (updated from the lines' changes since it was last stored: the same
         value :func:`~sevemu.crypto.vmsacrc.crc64_vmsa` gives for the page)."""
+        if h.pending:  # the state the last #VMEXIT stored goes into the page now
+            h.state.store(h.page, h.dirty)
+            h.pending = False
         update = VmsaCrc.shared().update
         page = h.page
         changed = False
@@ -246,7 +257,7 @@ class VmsaUnit:
     def forget(self) -> None:
         """Write back and drop every held page (the next VMRUN reads and checks again)."""
         for h in self._held.values():
-            if h.dirty:
+            if h.dirty or h.pending:
                 self._write_back(h)
         self._held.clear()
 
@@ -264,7 +275,7 @@ class VmsaUnit:
                 return
         for key, h in list(held.items()):
             if key < hi and key + PAGE > lo:
-                if h.dirty:
+                if h.dirty or h.pending:
                     self._write_back(h)
                 if invalidate:  # the next VMRUN reads and checks the page again
                     del held[key]
@@ -275,6 +286,6 @@ class VmsaUnit:
         page_key = key & ~(PAGE - 1)
         for held_key, h in list(self._held.items()):
             if h.spa == spa and held_key != page_key:
-                if h.dirty:
+                if h.dirty or h.pending:
                     self._write_back(h)
                 del self._held[held_key]

@@ -502,8 +502,11 @@ class UcEngine:
         pool = self.pool
         pool.synced = False
         if (core.cache is not pool.cache or core.tlb.by_asid.get(cpu.asid) is not self._tlb_token
-                or pool.stale or pool.updated or pool.evict_requested):
+                or pool.stale or pool.evict_requested):
             self._enter_maintenance(cpu)
+        elif pool.updated:  # only slots the host wrote whole lines of (an SEV-ES guest's GHCB answer)
+            assert self._ports is not None
+            self._ports.code_changed(pool.take_updated())
         # registers the hypervisor changed since the last exit
         state = cpu.state
         regs = state.regs
