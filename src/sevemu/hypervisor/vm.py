@@ -20,7 +20,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sevemu._util.units import PAGE, PAGE_MASK, align_down
+from sevemu._util.units import PAGE, PAGE_2M, PAGE_MASK, align_down
 from sevemu.errors import AddressError, InputError, UnmappedError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostCore
@@ -131,6 +131,8 @@ class Vm:
         """An SEV-SNP guest (KVM ``sev_snp_guest``): its memory is private (guest_memfd) unless shared."""
         self.snp_context = 0
         """SPA of the SNP guest-context page (KVM ``snp_context``; 0: none)."""
+        self.huge_pages = True
+        """Back 2 MiB-aligned regions KVM populates whole with host huge pages (SNP launch updates)."""
         self.private_spas: set[int] = set()
         """SNP: backing pages the RMP gives the guest (:mod:`sevemu.hypervisor.sev.snp`)."""
         self.crash_reason: str | None = None
@@ -167,6 +169,23 @@ class Vm:
             spa = self._alloc.alloc()
             self.npt.map(page, spa)
             self._owned.add(spa)
+        return spa
+
+    def back_huge(self, gpa: int) -> int | None:
+        """Back the 2 MiB-aligned guest region at ``gpa`` with one host huge page (contiguous, 2 MiB
+        aligned: what a guest_memfd huge folio gives) when none of its pages is backed yet; its SPA, or
+        None (region partly backed, not 2 MiB aligned or outside the guest, or no huge page left)."""
+        if gpa % PAGE_2M or not 0 <= gpa or gpa + PAGE_2M > self.memory:
+            return None
+        mapped = self.npt.mappings
+        first = gpa >> 12
+        if any(gfn in mapped for gfn in range(first, first + PAGE_2M // PAGE)):
+            return None
+        spa = self._alloc.alloc_huge()
+        if spa is None:
+            return None
+        self.npt.map_huge(gpa, spa)
+        self._owned.update(range(spa, spa + PAGE_2M, PAGE))
         return spa
 
     def back_range(self, gpa: int, length: int) -> list[int]:
