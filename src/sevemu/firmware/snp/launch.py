@@ -100,10 +100,10 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INVALID_PARAM, "SNP_LAUNCH_UPDATE addresses must be page aligned")
     st.need_init()
     g = st.guest(cmd.gctx_paddr)
-    if st.page_state(spa) != RmpPageState.PRE_GUEST:
-        raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {st.page_state(spa).name}, not Pre-Guest")
     port = st.port()
-    entry = port.entry(spa)
+    entry = st.entry(spa)
+    if entry.state != RmpPageState.PRE_GUEST:
+        raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {entry.state.name}, not Pre-Guest")
     if entry.page_size != cmd.flags.page_size:
         raise FirmwareError(Status.INVALID_PAGE_SIZE, f"page {spa:#x}: the RMP page size differs from the command's")
     if entry.page_size and spa % PAGE_2M:
