@@ -235,7 +235,7 @@ class Rmp:
         page = self._pages.get(spa >> PAGE_SHIFT)
         if page is None:
             return 0, 0
-        return _unpack_entry(page, spa & (PAGE - 1))  # type: ignore[no-any-return]
+        return _unpack_entry(page, spa & (PAGE - 1))
 
     def _lows(self, pfn: int, n: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
         """The low quadwords of the ``n`` entries from ``pfn`` in one read (what :meth:`_raw` gives
