@@ -24,6 +24,7 @@ __all__ = [
     "MiscCtl2",
     "SvmExit",
     "VmcbControl",
+    "VmcbSave",
     "is_automatic_exit",
 ]
 
@@ -84,6 +85,44 @@ class VmcbControl(IntEnum):
     """The guest's SEV_FEATURES, written on #VMEXIT."""
     RESERVED_SW = 0x3E0
     """32 bytes for the hypervisor's own use."""
+
+
+class VmcbSave(IntEnum):
+    """Byte offsets in the VMCB save area, from :data:`VMCB_SAVE_AREA_OFFSET` (Linux ``vmcb_save_area``;
+    APM2 Table B-2).  Segments are ``vmcb_seg``: selector u16, attrib u16, limit u32, base u64."""
+
+    ES = 0x000
+    CS = 0x010
+    SS = 0x020
+    DS = 0x030
+    FS = 0x040
+    GS = 0x050
+    GDTR = 0x060
+    LDTR = 0x070
+    IDTR = 0x080
+    TR = 0x090
+    VMPL = 0x0CA
+    CPL = 0x0CB
+    EFER = 0x0D0
+    CR4 = 0x148
+    CR3 = 0x150
+    CR0 = 0x158
+    DR7 = 0x160
+    DR6 = 0x168
+    RFLAGS = 0x170
+    RIP = 0x178
+    RSP = 0x1D8
+    RAX = 0x1F8
+    STAR = 0x200
+    LSTAR = 0x208
+    CSTAR = 0x210
+    SFMASK = 0x218
+    KERNEL_GS_BASE = 0x220
+    SYSENTER_CS = 0x228
+    SYSENTER_ESP = 0x230
+    SYSENTER_EIP = 0x238
+    CR2 = 0x240
+    G_PAT = 0x268
 
 
 class MiscCtl(IntFlag):

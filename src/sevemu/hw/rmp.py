@@ -403,6 +403,22 @@ class Rmp:
             else:
                 self._in_use.pop(page, None)
 
+    def hv_page_check(self, spa: int, what: str) -> str | None:
+        """Why the page at ``spa`` is not a Hypervisor-owned page (``what`` names it), or None."""
+        if not self.enabled or spa >= self.covered:
+            return None
+        _, lo, _ = self._authoritative(spa >> PAGE_SHIFT)
+        if lo & _ASSIGNED:
+            return f"{what} at {spa:#x} is a {_state_of(lo).name} page in the RMP, not the hypervisor's"
+        return None
+
+    def vmcb_check(self, spa: int) -> str | None:
+        """VMRUN with SNP_EN (APM2 Table 15-41): why the page at ``spa`` may not be a VMCB -- it must be
+        a page of memory and Hypervisor-owned -- or None."""
+        if spa % PAGE or spa <= 0 or spa >= self._dram_size:
+            return f"the VMCB address {spa:#x} is not a page of DRAM"
+        return self.hv_page_check(spa, "the VMCB page")
+
     def vmsa_check(self, asid: int, spa: int) -> str | None:
         """VMRUN of an SNP-active guest (APM2 15.36.12): why the page at ``spa`` may not be ``asid``'s
         VMSA, or None.  It must be a 4 KiB page assigned to the guest, validated, mutable, with the
@@ -418,6 +434,8 @@ class Rmp:
             return (f"the VMSA page {spa:#x} is not a validated 4 KiB VMSA page in the RMP "
                     f"(VMSA={int(entry.vmsa)}, validated={int(entry.validated)}, 2M={entry.page_size}, "
                     f"immutable={int(entry.immutable)})")
+        if self._in_use.get(spa & ~(PAGE - 1)):
+            return f"the VMSA page {spa:#x} is in use by another VMRUN"
         return None
 
     def _busy(self, spa: int, size: int) -> bool:

@@ -152,9 +152,11 @@ class Vm:
     def add_vcpu(self, engine: Engine | None = None, *, reset_eip: int = BSP_RESET_EIP) -> Vcpu:
         """A new vCPU in the x86 reset state at ``reset_eip`` (KVM_CREATE_VCPU, then QEMU's reset;
         an SEV-ES guest's APs start at OVMF's SEV-ES reset EIP)."""
-        vmcb = Vmcb(asid=self.asid, np_enable=True, sev_enable=self.sev, ncr3=self.npt.root)
+        vmcb = Vmcb(asid=self.asid, np_enable=True, sev_enable=self.sev, ncr3=self.npt.root,
+                    pa=self._table_alloc.alloc())  # the VMCB page (KVM: one page per vCPU)
         vcpu = Vcpu(len(self.vcpus), vmcb, engine)
         reset_vcpu(vmcb, vcpu.arch, self.cpu.signature, reset_eip)
+        self._core.vmcb_init(vmcb)
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -266,6 +268,11 @@ class Vm:
         for spa in self.vmsa_pages.values():
             self._table_alloc.free(spa)
         self.vmsa_pages.clear()
+        for vcpu in self.vcpus:
+            if vcpu.vmcb.pa:
+                self._core.vmcb_free(vcpu.vmcb)
+                self._table_alloc.free(vcpu.vmcb.pa)
+                vcpu.vmcb.pa = 0
 
 
 class HostPage:
