@@ -383,11 +383,11 @@ class Core:
         VMCB page in memory holds (no read while nobody wrote it); then why VMRUN must fail with
         VMEXIT_INVALID, or None.  No allocation on the usual path."""
         rmp = self.rmp
+        if rmp is not None:  # (SNP_EN) before the page is read: a VMCB must be the hypervisor's page
+            why = rmp.vmcb_check(vmcb.pa)
+            if why is not None:
+                raise GeneralProtection(f"VMRUN: {why}")
         if vmcb.pa:
-            if rmp is not None:
-                why = rmp.vmcb_check(vmcb.pa)
-                if why is not None:
-                    raise GeneralProtection(f"VMRUN: {why}")
             self.vmcbs.load(vmcb)
         return vmrun_checks(vmcb, self.profile, rmp, self.mc.asid_valid(vmcb.asid) if vmcb.sev_enable else True,
                             self.mc.dram.size)
