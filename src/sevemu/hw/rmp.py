@@ -375,6 +375,18 @@ class Rmp:
             _, lo, _ = self._authoritative(pfn)
             raise fault(max(spa, pfn << PAGE_SHIFT), _state_of(lo))
 
+    def guest_page_in(self, spa: int, length: int) -> bool:
+        """Whether a page of ``[spa, spa+length)`` (within the covered memory) belongs to a guest: its
+        governing entry Assigned with a non-zero ASID."""
+        if not self.enabled or length <= 0:
+            return False
+        last = min(spa + length - 1, self.covered - 1)
+        for pfn in range(spa >> PAGE_SHIFT, (last >> PAGE_SHIFT) + 1):
+            _, lo, _ = self._authoritative(pfn)
+            if lo & _ASSIGNED and (lo >> _ASID_SHIFT) & _ASID_MASK:
+                return True
+        return False
+
     def check_host_write(self, spa: int, length: int) -> None:
         """RMP check of a host data write (APM2 Table 15-39, first row: Hypervisor-Owned, else #PF
         with the RMP bit); nothing is written when it raises."""
