@@ -2,8 +2,8 @@
 automatic exits (APM2 15.35 and 15.36, Appendix B Table B-1 and Appendix C; Linux
 ``arch/x86/include/asm/svm.h`` ``struct vmcb_control_area`` and ``arch/x86/include/uapi/asm/svm.h``).
 
-Constants only: the VMCB model in :mod:`sevemu.hw` keeps its own representation and names these
-offsets where it stores or checks a field.  :class:`sevemu.abi.paging.ExitCode` is the subset of
+Constants only: :mod:`sevemu.hw.svm` lays the VMCB page out with these offsets (``encode_vmcb`` /
+``decode_vmcb``; :class:`VmcbSave` for the save area from 0x400).  :class:`sevemu.abi.paging.ExitCode` is the subset of
 exit codes the basic VMEXIT model produces; :class:`SvmExit` here is the full list.
 """
 
