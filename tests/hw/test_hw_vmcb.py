@@ -91,7 +91,7 @@ def test_vmrun_runs_the_bytes_in_memory_and_vmexit_leaves_them_there() -> None:
     assert soc.vmcbs.decodes == 0  # nobody wrote the page: the view was current
     page = host.host_read(vmcb.pa, PAGE)  # #VMEXIT's state, in memory
     assert _q(page, 0x70) == ExitCode.HLT and _q(page, 0x578) == vmcb.rip
-    # the host stores a new RAX and TLB_CONTROL into the page itself; VMRUN runs them
+    # the host stores a new RAX into the page itself; VMRUN runs it
     host.host_write(vmcb.pa + 0x400 + 0x1F8, (0x5A5A).to_bytes(8, "little"))
     assert soc.boot_cpu.vmrun(vmcb, pt.engine(_hlt())).code == ExitCode.HLT
     assert soc.vmcbs.decodes == 1 and vmcb.regs["rax"] == 0x5A5A
