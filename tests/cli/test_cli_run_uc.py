@@ -261,3 +261,27 @@ def test_smp_snp_guest_starts_its_aps_with_ap_creation(gcc: None) -> None:
             assert run.machine.hv.soc.rmp_entry(v.vmcb.vmsa_pa).vmsa  # the guest's RMPADJUST
     finally:
         run.close()
+
+
+def test_unicorn_vmrun_refuses_a_vmcb_the_host_gave_the_snp_guest(gcc: None) -> None:
+    """The Unicorn engine's VMRUN goes through the same checks: a VMCB page the host assigned to the
+    guest in the RMP is refused (#GP), before the guest runs; given back, the guest finishes."""
+    from sevemu.abi.rmp import RmpResult, RmpUpdateState
+    from sevemu.cli.run import launch_guest, load_image
+    from sevemu.hw.faults import GeneralProtection
+
+    run = launch_guest(load_image("hello"), mode="snp")
+    try:
+        hv, vm = run.machine.hv, run.vm
+        vmcb = vm.vcpus[0].vmcb
+        core = hv.soc.boot_cpu
+        assert core.rmpupdate_state(vmcb.pa, RmpUpdateState(gpa=0x7000, assigned=1, asid=vm.asid)) \
+            == RmpResult.SUCCESS
+        rip = vmcb.rip
+        with pytest.raises(GeneralProtection, match="VMCB page"):
+            hv.run(vm, 0, max_exits=1)
+        assert vmcb.rip == rip and not vm.console
+        assert core.rmpupdate_state(vmcb.pa, RmpUpdateState()) == RmpResult.SUCCESS
+        assert run.run(timeout=120).status == "finished" and "Hello" in run.console
+    finally:
+        run.close()

@@ -30,6 +30,7 @@ P, RW, US, PS, NX, A, D = (int(f) for f in (Pte.P, Pte.RW, Pte.US, Pte.PS, Pte.N
 GUEST_SPA = 0x1000000  # GPA g is backed by SPA GUEST_SPA + g unless a test says otherwise
 NPT_POOL = 0x100000  # host pages for NPT tables
 GPT_POOL = 0x80000  # guest-physical pages for the guest's own tables
+VMCB_SPA = 0x10000  # host pages for the tests' VMCBs (8), below the VMSA page
 
 
 def make_soc(profile: CpuProfile = MILAN, **kw: int) -> Soc:
@@ -161,10 +162,13 @@ class PageTables:
         return self.soc.mmu.translate(asid=self.asid, sev=self.sev, ncr3=self.ncr3, paging=paging,
                                       cr3=self.cr3, gva=gva, write=write, fetch=fetch)
 
-    def vmcb(self, paging: bool = True) -> Vmcb:
-        v = Vmcb(asid=self.asid, np_enable=True, sev_enable=self.sev, ncr3=self.ncr3, cr3=self.cr3)
+    def vmcb(self, paging: bool = True, pa: int = 0) -> Vmcb:
+        """A VMCB for this guest in the host page ``pa`` (default :data:`VMCB_SPA` + 4 KiB x ASID)."""
+        v = Vmcb(asid=self.asid, np_enable=True, sev_enable=self.sev, ncr3=self.ncr3, cr3=self.cr3,
+                 pa=pa or VMCB_SPA + (self.asid % 8) * 0x1000)
         if paging:
             v.cr0 |= 1 << 31 | 1
+        self.soc.host_view().boot_cpu.vmcb_init(v)
         return v
 
 

@@ -143,6 +143,12 @@ class FakeRmp:
     def vmsa_check(self, asid: int, spa: int) -> None:
         return None
 
+    def vmcb_check(self, spa: int) -> None:
+        return None
+
+    def check_host_write(self, spa: int, length: int) -> None:
+        pass
+
     def mark_in_use(self, spas: Any) -> None:
         pass
 

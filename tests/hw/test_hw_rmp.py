@@ -375,3 +375,75 @@ def test_random_rmp_sequences_keep_the_tables_invariants(ops: list[tuple[str, in
         if e.assigned and e.asid:
             recount[e.asid] = recount.get(e.asid, 0) + 1
     assert {a: rmp.asid_pages(a) for a in (1, 2, 3)} == {a: recount.get(a, 0) for a in (1, 2, 3)}
+
+
+# ---- the range checks give the per-page answers -------------------------------------------------------
+_BASE = 0x0200_0000  # 2 MiB aligned: three 2 MiB regions from here
+
+
+def _per_page_host_write(rmp: Rmp, spa: int, length: int) -> tuple[int, RmpPageState] | None:
+    """The architectural rule page by page: the first page (in address order) whose governing entry
+    is assigned faults, at the write's first byte in it."""
+    for page in range(spa & ~(PAGE - 1), spa + length, PAGE):
+        entry = rmp.entry(page)
+        if entry.assigned:
+            return max(spa, page), entry.state
+    return None
+
+
+@settings(max_examples=80, deadline=None)
+@given(pages=st.lists(st.tuples(st.integers(0, 3 * 512 - 1), st.sampled_from(["guest", "fw", "huge"])),
+                      max_size=6),
+       start=st.integers(0, 3 * 512 * PAGE - 1), length=st.integers(1, 3 * 512 * PAGE))
+def test_a_host_write_over_a_range_faults_where_the_per_page_rule_says(
+        pages: list[tuple[int, str]], start: int, length: int) -> None:
+    soc, host, rmp, port = _SOC
+    port.initialize()
+    for i, kind in pages:
+        spa = _BASE + i * PAGE
+        if kind == "huge":
+            spa &= ~(0x20_0000 - 1)
+            if rmp.entry(spa).assigned or any(rmp.raw_entry(spa + k * PAGE).assigned for k in range(512)):
+                continue
+            port.set(spa, assigned=True, immutable=False, asid=ASID, gpa=0, huge=True)
+        elif not rmp.entry(spa).assigned:
+            port.set(spa, assigned=True, immutable=kind == "fw", asid=ASID if kind == "guest" else 0, gpa=0)
+    length = min(length, 3 * 512 * PAGE - start)
+    expected = _per_page_host_write(rmp, _BASE + start, length)
+    try:
+        host.boot_cpu.host_write(_BASE + start, bytes(length))
+        got = None
+    except HostRmpFault as f:
+        got = (f.address, f.state)
+    assert got == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(subs=st.lists(st.tuples(st.integers(0, 511), st.sampled_from(["assigned", "immutable", "shared-imm"])),
+                     max_size=4), assign=st.booleans())
+def test_a_2m_rmpupdate_answers_as_the_first_offending_4k_entry(subs: list[tuple[int, str]], assign: bool) -> None:
+    soc, host, rmp, port = _SOC
+    port.initialize()
+    for i, kind in subs:
+        spa = _BASE + i * PAGE
+        if kind == "shared-imm":
+            port.set(spa, assigned=False, immutable=True)
+        else:
+            port.set(spa, assigned=True, immutable=kind == "immutable", asid=ASID, gpa=i * PAGE)
+    first = next((rmp.raw_entry(_BASE + i * PAGE) for i in range(1, 512)
+                  if rmp.raw_entry(_BASE + i * PAGE).immutable
+                  or (assign and rmp.raw_entry(_BASE + i * PAGE).assigned)), None)
+    head = rmp.raw_entry(_BASE)
+    if head.immutable:
+        expected = RmpResult.FAIL_PERMISSION
+    elif first is None:
+        expected = RmpResult.SUCCESS
+    else:
+        expected = RmpResult.FAIL_PERMISSION if first.immutable else RmpResult.FAIL_OVERLAP
+    new = RmpUpdateState(gpa=0, assigned=1, asid=ASID, pagesize=1) if assign else RmpUpdateState(pagesize=1)
+    assert rmp.rmpupdate(_BASE, new) == expected
+    if expected == RmpResult.SUCCESS and not assign:
+        assert not any(rmp.raw_entry(_BASE + i * PAGE).assigned for i in range(512))
+
+
+_SOC = _snp()

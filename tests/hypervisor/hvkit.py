@@ -28,7 +28,8 @@ def snp_machine(seed: str) -> Machine:
 
 
 def launch_snp(m: Machine, engine: Engine, pages: Sequence[tuple[int, bytes]] = (), *,
-               name: str = "snp", memory: int = 16 * MiB, aps: Sequence[Engine] = (), asid: int | None = None) -> Vm:
+               name: str = "snp", memory: int = 16 * MiB, aps: Sequence[Engine] = (), asid: int | None = None,
+               huge_pages: bool = True) -> Vm:
     """An SNP VM with one vCPU running ``engine`` (and one more per engine of ``aps``), launched
     (START, NORMAL ``pages``, FINISH) by KVM; ``asid``: the one the host gives it instead of the pool's."""
     from sevemu._util.units import PAGE
@@ -42,6 +43,7 @@ def launch_snp(m: Machine, engine: Engine, pages: Sequence[tuple[int, bytes]] = 
     if ids:  # their program table, launched as QEMU would any page
         pages = [(CODE_GPA, identity_table(ids).ljust(PAGE, b"\0")), *pages]
     vm = m.hv.create_vm(name, memory, vm_type=KvmVmType.SNP_VM)
+    vm.huge_pages = huge_pages  # 2 MiB folios for whole 2 MiB-aligned stretches of an update
     if asid is not None:  # a host that picks the ASID itself (KVM chooses them)
         vm.asid = asid
     kvm = KvmSev(m.hv, vm)

@@ -2,8 +2,8 @@
 automatic exits (APM2 15.35 and 15.36, Appendix B Table B-1 and Appendix C; Linux
 ``arch/x86/include/asm/svm.h`` ``struct vmcb_control_area`` and ``arch/x86/include/uapi/asm/svm.h``).
 
-Constants only: the VMCB model in :mod:`sevemu.hw` keeps its own representation and names these
-offsets where it stores or checks a field.  :class:`sevemu.abi.paging.ExitCode` is the subset of
+Constants only: :mod:`sevemu.hw.svm` lays the VMCB page out with these offsets (``encode_vmcb`` /
+``decode_vmcb``; :class:`VmcbSave` for the save area from 0x400).  :class:`sevemu.abi.paging.ExitCode` is the subset of
 exit codes the basic VMEXIT model produces; :class:`SvmExit` here is the full list.
 """
 
@@ -24,6 +24,7 @@ __all__ = [
     "MiscCtl2",
     "SvmExit",
     "VmcbControl",
+    "VmcbSave",
     "is_automatic_exit",
 ]
 
@@ -84,6 +85,44 @@ class VmcbControl(IntEnum):
     """The guest's SEV_FEATURES, written on #VMEXIT."""
     RESERVED_SW = 0x3E0
     """32 bytes for the hypervisor's own use."""
+
+
+class VmcbSave(IntEnum):
+    """Byte offsets in the VMCB save area, from :data:`VMCB_SAVE_AREA_OFFSET` (Linux ``vmcb_save_area``;
+    APM2 Table B-2).  Segments are ``vmcb_seg``: selector u16, attrib u16, limit u32, base u64."""
+
+    ES = 0x000
+    CS = 0x010
+    SS = 0x020
+    DS = 0x030
+    FS = 0x040
+    GS = 0x050
+    GDTR = 0x060
+    LDTR = 0x070
+    IDTR = 0x080
+    TR = 0x090
+    VMPL = 0x0CA
+    CPL = 0x0CB
+    EFER = 0x0D0
+    CR4 = 0x148
+    CR3 = 0x150
+    CR0 = 0x158
+    DR7 = 0x160
+    DR6 = 0x168
+    RFLAGS = 0x170
+    RIP = 0x178
+    RSP = 0x1D8
+    RAX = 0x1F8
+    STAR = 0x200
+    LSTAR = 0x208
+    CSTAR = 0x210
+    SFMASK = 0x218
+    KERNEL_GS_BASE = 0x220
+    SYSENTER_CS = 0x228
+    SYSENTER_ESP = 0x230
+    SYSENTER_EIP = 0x238
+    CR2 = 0x240
+    G_PAT = 0x268
 
 
 class MiscCtl(IntFlag):

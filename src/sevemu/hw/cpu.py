@@ -28,7 +28,7 @@ from sevemu.hw.faults import GeneralProtection, NestedPageFault
 from sevemu.hw.memctl import MemoryController
 from sevemu.hw.mmu import Mmu, Translation
 from sevemu.hw.profiles import CpuProfile
-from sevemu.hw.svm import SaveState, TlbControl, Vmcb, VmExit
+from sevemu.hw.svm import SaveState, TlbControl, Vmcb, VmcbCache, VmExit, vmrun_checks
 from sevemu.hw.vmsa import VmsaUnit
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ class Core:
     """One x86 core of the SoC: host accesses, cache maintenance, VMRUN."""
 
     def __init__(self, index: int, profile: CpuProfile, cache: Cache, mmu: Mmu, mc: MemoryController,
-                 tlb_entries: int = 2048) -> None:
+                 tlb_entries: int = 2048, vmcbs: VmcbCache | None = None) -> None:
         self.index = index
         self.profile = profile
         self.cache = cache
@@ -276,6 +276,10 @@ class Core:
         self.vmsa = VmsaUnit(cache, mc.dram)
         """The SEV-ES save-state exchange (:mod:`sevemu.hw.vmsa`)."""
         self.vmsa_failure = ""
+        self.vmrun_failure = ""
+        """Why the last VMRUN that failed with VMEXIT_INVALID failed (:meth:`vmrun_checks`)."""
+        self.vmcbs = VmcbCache(cache) if vmcbs is None else vmcbs
+        """The SoC's copies of VMCB pages (:class:`~sevemu.hw.svm.VmcbCache`)."""
         self._last_cpu: GuestCpu | None = None  # the guest view of the last VMRUN (reused while it still fits)
         """Why the last SEV-ES VMRUN failed its VMSA check (empty when it did not)."""
 
@@ -283,6 +287,9 @@ class Core:
     def host_read(self, spa: int, length: int, c: bool = False) -> bytes:
         """Read physical memory as the host: domain (0, c) -- ciphertext for guest-private pages."""
         self.mc.dram.check_range(spa, length)
+        v = self.vmcbs
+        if spa < v.hi and spa + length > v.lo:
+            v.touch(spa, length, False)  # a VMCB view of the range goes to memory first
         if (spa | length) & 63:
             return self.cache.read(0, c, spa, length)
         return self.cache.read_lines(0, c, spa, length)  # whole lines: the same bytes in one call
@@ -292,6 +299,9 @@ class Core:
         self.mc.dram.check_range(spa, len(data))
         if self.rmp is not None:
             self.rmp.check_host_write(spa, len(data))  # SNP: #PF(RMP) unless Hypervisor-owned
+        v = self.vmcbs
+        if spa < v.hi and spa + len(data) > v.lo:
+            v.touch(spa, len(data), True)  # a VMCB view of the range: written back, then dropped
         if (spa | len(data)) & 63:
             self.cache.write(0, c, spa, data)
         else:
@@ -306,6 +316,9 @@ class Core:
         """
         dram = self.mc.dram
         cache = self.cache
+        v = self.vmcbs
+        if spa < v.hi and spa + length > v.lo:
+            v.touch(spa, length, False)
         data = dram.read(spa, length)
         dirty = cache.dirty
         first, end = spa & ~63, spa + length
@@ -335,6 +348,9 @@ class Core:
         dram.check_range(spa, len(data))
         if self.rmp is not None:
             self.rmp.check_host_write(spa, len(data))
+        v = self.vmcbs
+        if spa < v.hi and spa + len(data) > v.lo:
+            v.touch(spa, len(data), True)
         self.cache.flush_range(0, False, spa, len(data))
         dram.write(spa, data)
 
@@ -344,6 +360,9 @@ class Core:
 
     def clflush_range(self, spa: int, length: int, c: bool = False) -> None:
         """CLFLUSH every line of ``[spa, spa+length)`` as the host (Linux ``clflush_cache_range``)."""
+        v = self.vmcbs
+        if spa < v.hi and spa + length > v.lo:
+            v.touch(spa, length, True)
         self.cache.flush_range(0, c, spa, length)
 
     def wbinvd(self) -> int:
@@ -358,15 +377,30 @@ class Core:
         return self.cache.vmpage_flush(asid, spa & ~0xFFF)
 
     # ---- VMRUN --------------------------------------------------------------------------------
+    def vmrun_checks(self, vmcb: Vmcb) -> str | None:
+        """VMRUN's checks, the one entry point both engines' VMRUN goes through (:func:`sevemu.hw.svm.vmrun_checks`):
+        with SEV-SNP the VMCB page must be Hypervisor-owned (#GP, raised); the view is made what the
+        VMCB page in memory holds (no read while nobody wrote it); then why VMRUN must fail with
+        VMEXIT_INVALID, or None.  No allocation on the usual path."""
+        rmp = self.rmp
+        if rmp is not None:  # (SNP_EN) before the page is read: a VMCB must be the hypervisor's page
+            why = rmp.vmcb_check(vmcb.pa)
+            if why is not None:
+                raise GeneralProtection(f"VMRUN: {why}")
+        if vmcb.pa:
+            self.vmcbs.load(vmcb)
+        return vmrun_checks(vmcb, self.profile, rmp, self.mc.asid_valid(vmcb.asid) if vmcb.sev_enable else True,
+                            self.mc.dram.size)
+
     def vmrun(self, vmcb: Vmcb, engine: Engine) -> VmExit:
         """Run the guest described by ``vmcb`` until #VMEXIT; the exit is also written into ``vmcb``."""
         if vmcb.sev_enable and not is_cpu_engine(engine):
             raise ForeignEngineError(f"VMRUN of an SEV guest (ASID {vmcb.asid}) with a {type(engine).__name__}: "
                                      "an SEV guest runs only its own code on the CPU's engines")
         self.vmruns += 1
-        invalid = self._consistency(vmcb)
-        if invalid:
-            return self._exit(vmcb, VmExit(ExitCode.INVALID))
+        invalid = self.vmrun_checks(vmcb)
+        if invalid is not None:
+            return self._vmrun_failed(vmcb, invalid)
         if vmcb.tlb_control == TlbControl.FLUSH_ALL:
             self.tlb.flush_all()
         elif vmcb.tlb_control == TlbControl.FLUSH_ASID:
@@ -375,10 +409,17 @@ class Core:
         if vmcb.sev_es_enable:
             return self._vmrun_es(vmcb, engine)
         cpu = self._guest_cpu(vmcb, vmcb)
+        rmp = self.rmp
+        in_use = (vmcb.pa,) if rmp is not None and vmcb.pa else ()
+        if in_use:
+            rmp.mark_in_use(in_use)  # type: ignore[union-attr]  # RMPUPDATE of the VMCB: FAIL_INUSE
         try:
             ex = engine.run(cpu)
         except NestedPageFault as f:
             ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+        finally:
+            if in_use:
+                rmp.release(in_use)  # type: ignore[union-attr]
         return self._exit(vmcb, ex)
 
     def _vmrun_es(self, vmcb: Vmcb, engine: Engine) -> VmExit:
@@ -386,18 +427,12 @@ class Core:
         back into it at #VMEXIT (:mod:`sevemu.hw.vmsa`).  The hypervisor sees the exit code, the
         exit information of an NPF and the GHCB MSR; a VMGEXIT or HLT completes in the guest (RIP
         past it, as the hardware saves it), so ``next_rip`` is not shown."""
-        rmp = self.rmp
-        snp = rmp is not None and bool(vmcb.sev_features & _SNP_ACTIVE)
-        if snp:  # every VMRUN: the host may have changed the page's RMP entry since the last one
-            assert rmp is not None
-            reason = rmp.vmsa_check(vmcb.asid, vmcb.vmsa_pa)
-            if reason is not None:
-                return self._vmrun_failed(vmcb, reason)
+        rmp = self.rmp  # (an SNP VMSA's RMP entry was checked by vmrun_checks, at every VMRUN)
         state = self.vmsa.load(vmcb.asid, vmcb.vmsa_pa)
         if isinstance(state, str):
             return self._vmrun_failed(vmcb, state)
         cpu = self._guest_cpu(vmcb, state)
-        in_use = (vmcb.vmsa_pa,)
+        in_use = (vmcb.pa, vmcb.vmsa_pa) if vmcb.pa else (vmcb.vmsa_pa,)
         if rmp is not None:
             rmp.mark_in_use(in_use)  # RMPUPDATE / PSMASH of the page: FAIL_INUSE until #VMEXIT
         try:
@@ -428,26 +463,11 @@ class Core:
         return c
 
     def _vmrun_failed(self, vmcb: Vmcb, reason: str) -> VmExit:
-        self.vmsa_failure = reason
+        self.vmrun_failure = reason
+        if "VMSA" in reason:
+            self.vmsa_failure = reason
         vmcb.next_rip = 0
         return self._exit(vmcb, VmExit(ExitCode.INVALID))
-
-    def _consistency(self, vmcb: Vmcb) -> bool:
-        """True when VMRUN must fail with VMEXIT_INVALID (APM2 15.34.3, 15.36.17)."""
-        if vmcb.asid == 0 or vmcb.asid > (1 << 15):
-            return True
-        if vmcb.sev_enable:
-            if not vmcb.np_enable or vmcb.asid > self.profile.max_asid:
-                return True
-            if vmcb.sev_es_enable != (vmcb.asid < self.profile.min_sev_asid):
-                return True
-            if not self.mc.asid_valid(vmcb.asid):
-                return True  # no key, or the PSP marked the ASID invalid (DEACTIVATE, SHUTDOWN)
-            if vmcb.sev_es_enable and (vmcb.vmsa_pa & 0xFFF or not 0 < vmcb.vmsa_pa < self.mc.dram.size):
-                return True  # the VMSA pointer must name a page (APM2 15.35.8)
-            if vmcb.sev_features & _SNP_ACTIVE and (not vmcb.sev_es_enable or self.rmp is None):
-                return True  # an SNP guest needs SEV-ES and SYSCFG.SNP_EN (an RMP)
-        return False
 
     @staticmethod
     def _exit(vmcb: Vmcb, ex: VmExit) -> VmExit:

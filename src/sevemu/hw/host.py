@@ -53,6 +53,19 @@ class HostCore:
         """A store by the host (C=1 selects the host's SME key)."""
         self._core.host_write(spa, data, c)
 
+    def vmcb_init(self, vmcb: Vmcb) -> None:
+        """The hypervisor initialised the VMCB ``vmcb`` in the page at ``vmcb.pa`` (a page it allocated):
+        its bytes are stored there (host stores: #PF with the RMP bit unless the page is the
+        hypervisor's) and ``vmcb`` stays the hypervisor's mapping of the page -- the view VMRUN uses
+        while nobody writes the page (:class:`~sevemu.hw.svm.VmcbCache`)."""
+        from sevemu.hw.svm import encode_vmcb
+        self._core.host_write(vmcb.pa, encode_vmcb(vmcb))
+        self._core.vmcbs.hold(vmcb)
+
+    def vmcb_free(self, vmcb: Vmcb) -> None:
+        """The hypervisor is about to free the VMCB page of ``vmcb``: the view is written back and dropped."""
+        self._core.vmcbs.drop(vmcb)
+
     def host_read_stream(self, spa: int, length: int) -> bytes:
         """Non-temporal loads of a large range (C=0)."""
         return self._core.host_read_stream(spa, length)
@@ -168,6 +181,7 @@ class HostSoc:
         soc.dram.check_range(spa, len(data))
         if soc.rmp is not None:
             soc.rmp.check_dma_write(spa, len(data))
+        soc.vmcbs.touch(spa, len(data), True)  # a VMCB view of the range is dropped (the device wrote it)
         soc.cache.flush_range(0, False, spa, len(data))
         soc.dram.write(spa, data)
 

@@ -80,8 +80,7 @@ class PspDma:
         rmp = self._rmp
         if rmp is None or not rmp.enabled or length <= 0:
             return False
-        first, last = spa & ~0xFFF, min(spa + length - 1, rmp.covered - 1)
-        return any(rmp.entry(page).asid and rmp.entry(page).assigned for page in range(first, last + 1, 0x1000))
+        return rmp.guest_page_in(spa, length)
 
     def strip(self, paddr: int) -> tuple[int, bool]:
         """(SPA, C-bit) of a physical address as software passes it (the C-bit may be set)."""

@@ -38,9 +38,12 @@ Model choices where AMD publishes no algorithm (``docs/snp.md``):
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
+
+import numpy as np
 
 from sevemu._util.units import LINE, PAGE, PAGE_2M, PAGE_SHIFT, MiB
 from sevemu.abi.paging import NpfExitInfo1
@@ -89,6 +92,7 @@ _VALIDATED: Final = 1 << 62
 _LOCK: Final = 1 << 63
 _VMPL0_ALL: Final = VMPL_PERM_MASK  # high quadword after an assigning RMPUPDATE: VMPL0 all, others none
 _SUBPAGES: Final = PAGE_2M // PAGE
+_unpack_entry: Final = struct.Struct("<QQ").unpack_from
 _NPF_RMP: Final = int(NpfExitInfo1.P | NpfExitInfo1.W | NpfExitInfo1.RMP | NpfExitInfo1.ENC
                       | NpfExitInfo1.GUEST_FINAL)
 
@@ -231,8 +235,20 @@ class Rmp:
         page = self._pages.get(spa >> PAGE_SHIFT)
         if page is None:
             return 0, 0
-        off = spa & (PAGE - 1)
-        return int.from_bytes(page[off : off + 8], "little"), int.from_bytes(page[off + 8 : off + 16], "little")
+        return _unpack_entry(page, spa & (PAGE - 1))
+
+    def _lows(self, pfn: int, n: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
+        """The low quadwords of the ``n`` entries from ``pfn`` in one read (what :meth:`_raw` gives
+        each: software's unwritten lines of the range merged in)."""
+        spa = self._entry_spa(pfn)
+        length = n * RMP_ENTRY_SIZE
+        dirty = self._cache.dirty
+        first = spa & ~(LINE - 1)
+        if any(k in dirty for k in range(first, spa + length, LINE)) if dirty else False:
+            raw = self._cache.read(0, False, spa, length)
+        else:
+            raw = self._dram.read(spa, length)
+        return np.frombuffer(raw, dtype="<u8")[0::2]
 
     def _put(self, pfn: int, lo: int, hi: int, old_lo: int | None = None, old_hi: int | None = None) -> None:
         """Write one entry; ``old_lo`` / ``old_hi``: its previous quadwords when the caller read them
@@ -340,10 +356,36 @@ class Rmp:
             return
         first = spa >> PAGE_SHIFT
         last = min(spa + length - 1, self.covered - 1) >> PAGE_SHIFT
-        for pfn in range(first, last + 1):
+        if last - first < 8:  # a few pages: entry by entry
+            for pfn in range(first, last + 1):
+                _, lo, _ = self._authoritative(pfn)
+                if lo & _ASSIGNED:
+                    raise fault(max(spa, pfn << PAGE_SHIFT), _state_of(lo))
+            return
+        # The same verdicts for a range, in one read of its entries (and of the 2 MiB entries of the
+        # regions it touches): a page faults when its own entry or its region's 2 MiB entry is assigned.
+        head = first & ~(_SUBPAGES - 1)
+        lows = self._lows(head, last + 1 - head)
+        heads = lows[0::_SUBPAGES]
+        huge = (heads & np.uint64(_ASSIGNED | _PAGESIZE)) == np.uint64(_ASSIGNED | _PAGESIZE)
+        bad = (lows[first - head :] & np.uint64(_ASSIGNED)).astype(bool)
+        bad |= np.repeat(huge, _SUBPAGES)[first - head : last + 1 - head]
+        if bad.any():
+            pfn = first + int(np.argmax(bad))
             _, lo, _ = self._authoritative(pfn)
-            if lo & _ASSIGNED:
-                raise fault(max(spa, pfn << PAGE_SHIFT), _state_of(lo))
+            raise fault(max(spa, pfn << PAGE_SHIFT), _state_of(lo))
+
+    def guest_page_in(self, spa: int, length: int) -> bool:
+        """Whether a page of ``[spa, spa+length)`` (within the covered memory) belongs to a guest: its
+        governing entry Assigned with a non-zero ASID."""
+        if not self.enabled or length <= 0:
+            return False
+        last = min(spa + length - 1, self.covered - 1)
+        for pfn in range(spa >> PAGE_SHIFT, (last >> PAGE_SHIFT) + 1):
+            _, lo, _ = self._authoritative(pfn)
+            if lo & _ASSIGNED and (lo >> _ASID_SHIFT) & _ASID_MASK:
+                return True
+        return False
 
     def check_host_write(self, spa: int, length: int) -> None:
         """RMP check of a host data write (APM2 Table 15-39, first row: Hypervisor-Owned, else #PF
@@ -373,6 +415,22 @@ class Rmp:
             else:
                 self._in_use.pop(page, None)
 
+    def hv_page_check(self, spa: int, what: str) -> str | None:
+        """Why the page at ``spa`` is not a Hypervisor-owned page (``what`` names it), or None."""
+        if not self.enabled or spa >= self.covered:
+            return None
+        _, lo, _ = self._authoritative(spa >> PAGE_SHIFT)
+        if lo & _ASSIGNED:
+            return f"{what} at {spa:#x} is a {_state_of(lo).name} page in the RMP, not the hypervisor's"
+        return None
+
+    def vmcb_check(self, spa: int) -> str | None:
+        """VMRUN with SNP_EN (APM2 Table 15-41): why the page at ``spa`` may not be a VMCB -- it must be
+        a page of memory and Hypervisor-owned -- or None."""
+        if spa % PAGE or spa <= 0 or spa >= self._dram_size:
+            return f"the VMCB address {spa:#x} is not a page of DRAM"
+        return self.hv_page_check(spa, "the VMCB page")
+
     def vmsa_check(self, asid: int, spa: int) -> str | None:
         """VMRUN of an SNP-active guest (APM2 15.36.12): why the page at ``spa`` may not be ``asid``'s
         VMSA, or None.  It must be a 4 KiB page assigned to the guest, validated, mutable, with the
@@ -388,6 +446,8 @@ class Rmp:
             return (f"the VMSA page {spa:#x} is not a validated 4 KiB VMSA page in the RMP "
                     f"(VMSA={int(entry.vmsa)}, validated={int(entry.validated)}, 2M={entry.page_size}, "
                     f"immutable={int(entry.immutable)})")
+        if self._in_use.get(spa & ~(PAGE - 1)):
+            return f"the VMSA page {spa:#x} is in use by another VMRUN"
         return None
 
     def _busy(self, spa: int, size: int) -> bool:
@@ -411,13 +471,12 @@ class Rmp:
             return RmpResult.FAIL_INUSE
         if not huge and (own != pfn or lo & _ASSIGNED and lo & _PAGESIZE):
             return RmpResult.FAIL_OVERLAP  # inside an assigned 2 MiB page: PSMASH it first
-        if huge:
-            for sub in range(pfn + 1, pfn + _SUBPAGES):
-                sub_lo = self._raw(sub)[0]
-                if sub_lo & _IMMUTABLE:
-                    return RmpResult.FAIL_PERMISSION
-                if new.assigned and sub_lo & _ASSIGNED:
-                    return RmpResult.FAIL_OVERLAP
+        if huge:  # the 511 other entries, in order: the first offending one decides
+            subs = self._lows(pfn + 1, _SUBPAGES - 1)
+            mask = np.uint64(_IMMUTABLE | (_ASSIGNED if new.assigned else 0))
+            hit = np.flatnonzero(subs & mask)
+            if hit.size:
+                return RmpResult.FAIL_PERMISSION if int(subs[hit[0]]) & _IMMUTABLE else RmpResult.FAIL_OVERLAP
         if new.assigned:
             new_lo = (_ASSIGNED | (_PAGESIZE if huge else 0) | (_IMMUTABLE if new.immutable else 0)
                       | (new.gpa & _GPA_MASK) | (new.asid << _ASID_SHIFT))
@@ -425,9 +484,8 @@ class Rmp:
         else:
             self._put(pfn, _PAGESIZE if huge else 0, 0, lo, old_hi)
             if huge:  # a shared 2 MiB page: its 4 KiB entries are the hypervisor's too
-                for sub in range(pfn + 1, pfn + _SUBPAGES):
-                    if self._raw(sub)[0]:
-                        self._put(sub, 0, 0)
+                for i in np.flatnonzero(self._lows(pfn + 1, _SUBPAGES - 1)).tolist():
+                    self._put(pfn + 1 + i, 0, 0)
         return RmpResult.SUCCESS
 
     def psmash(self, spa: int) -> RmpResult:

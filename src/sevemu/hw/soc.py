@@ -39,6 +39,7 @@ from sevemu.hw.mmu import Mmu
 from sevemu.hw.profiles import CpuProfile
 from sevemu.hw.psp import Psp, PspDma, PspPorts
 from sevemu.hw.rmp import Rmp, RmpFirmwarePort, rmp_region_size
+from sevemu.hw.svm import VmcbCache
 
 __all__ = ["Soc"]
 
@@ -82,7 +83,9 @@ class Soc:
         self.mc = MemoryController(self.dram, profile.mem_mode, tweaks, profile.max_asid, rng)
         self.cache = Cache(self.mc, cache_size, cache_ways, coherent=profile.coherent)
         self.mmu = Mmu(self.cache, profile)
-        self.cores = [Core(i, profile, self.cache, self.mmu, self.mc, tlb_entries) for i in range(cores)]
+        self.vmcbs = VmcbCache(self.cache)
+        """The cores' copies of VMCB pages (:class:`~sevemu.hw.svm.VmcbCache`), shared: a VMCB may run on any core."""
+        self.cores = [Core(i, profile, self.cache, self.mmu, self.mc, tlb_entries, self.vmcbs) for i in range(cores)]
         self.rmp: Rmp | None = None
         if profile.sev_snp:
             size = rmp_region_size(dram_size)

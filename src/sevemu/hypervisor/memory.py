@@ -10,7 +10,7 @@ reached DRAM anyway.
 
 from __future__ import annotations
 
-from sevemu._util.units import PAGE
+from sevemu._util.units import PAGE, PAGE_2M, align_up
 from sevemu.errors import HardwareError
 from sevemu.hw.host import HostCore
 
@@ -62,6 +62,18 @@ class PageAllocator:
         self._next += fresh * PAGE
         self.allocated += fresh
         return spas
+
+    def alloc_huge(self) -> int | None:
+        """A 2 MiB-aligned run of 512 fresh pages (a transparent huge page), its first SPA, or None when
+        the bump range has no such run left.  The pages skipped to reach the alignment go to the free
+        list (zeroed when handed out)."""
+        start = align_up(self._next, PAGE_2M)
+        if start + PAGE_2M > self._end:
+            return None
+        self._free.extend(range(self._next, start, PAGE))
+        self._next = start + PAGE_2M
+        self.allocated += PAGE_2M // PAGE
+        return start
 
     def free(self, spa: int) -> None:
         """Give the page at ``spa`` back (it is zeroed when handed out again)."""

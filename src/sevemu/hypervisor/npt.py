@@ -7,6 +7,12 @@ the model's host does not run with SME.
 
 The hypervisor also keeps its own index (GFN -> PFN), as KVM keeps memslots: it never needs to read
 its tables back, and changing a mapping costs one entry write plus a TLB flush of the ASID.
+
+2 MiB leaves (:meth:`NestedPageTable.map_huge`): a PDE with PS mapping a 2 MiB-aligned guest region to a
+2 MiB-aligned contiguous host run (a huge page).  Any later change of one 4 KiB page of such a region
+(:meth:`~NestedPageTable.map`, :meth:`~NestedPageTable.unmap`, or :meth:`~NestedPageTable.split` itself, which
+KVM does when the RMP has 4 KiB entries under a 2 MiB mapping -- an #NPF with SIZEM) first splits the leaf:
+a page table of 512 entries mapping the same pages replaces it (KVM's huge-page split).
 :meth:`NestedPageTable.release` gives every table page back to the host allocator when the VM goes.
 """
 
@@ -16,7 +22,7 @@ import itertools
 
 import numpy as np
 
-from sevemu._util.units import PAGE, PAGE_MASK, PAGE_SHIFT, is_aligned
+from sevemu._util.units import PAGE, PAGE_2M, PAGE_MASK, PAGE_SHIFT, is_aligned
 from sevemu.abi.paging import Pte
 from sevemu.errors import AddressError, AlignmentError, HardwareError
 from sevemu.hw.host import HostCore
@@ -27,6 +33,8 @@ __all__ = ["NestedPageTable"]
 _TABLE = int(Pte.P | Pte.RW | Pte.US)
 _LEAF = int(Pte.P | Pte.US)
 _RW = int(Pte.RW)
+_PS = int(Pte.PS)
+_SUBPAGES = PAGE_2M // PAGE
 
 
 class NestedPageTable:
@@ -40,11 +48,17 @@ class NestedPageTable:
         self._tables: dict[tuple[int, int], int] = {(4, 0): self.root}  # (level, gpa prefix) -> SPA
         self.mappings: dict[int, int] = {}  # GFN -> SPA of the backing page
         self.table_pages = 1
+        self.huge: set[int] = set()
+        """2 MiB regions (GPA >> 21) mapped by one PDE with PS (:meth:`map_huge`)."""
 
     def _table(self, level: int, gpa: int) -> int:
-        """SPA of the level-``level`` table covering ``gpa`` (level 4 = PML4 ... 1 = PT)."""
+        """SPA of the level-``level`` table covering ``gpa`` (level 4 = PML4 ... 1 = PT); a page table
+        under a 2 MiB leaf is made by splitting the leaf."""
         key = (level, gpa >> (PAGE_SHIFT + 9 * level))
         spa = self._tables.get(key)
+        if spa is None and level == 1 and gpa >> 21 in self.huge:
+            self.split(gpa)
+            spa = self._tables[key]
         if spa is None:
             parent = self._table(level + 1, gpa)
             spa = self._alloc.alloc()
@@ -66,6 +80,45 @@ class NestedPageTable:
         entry = spa | _LEAF | (_RW if writable else 0)
         self._core.host_write(pt + ((gpa >> PAGE_SHIFT) & 0x1FF) * 8, entry.to_bytes(8, "little"))
         self.mappings[gpa >> PAGE_SHIFT] = spa
+
+    def map_huge(self, gpa: int, spa: int, writable: bool = True) -> None:
+        """Map the 2 MiB guest region at ``gpa`` to the 2 MiB host run at ``spa`` with one PDE (PS).
+        The region must not be mapped already (not a page of it)."""
+        if not (is_aligned(gpa, PAGE_2M) and is_aligned(spa, PAGE_2M)):
+            raise AlignmentError(f"a 2 MiB NPT leaf maps 2 MiB-aligned regions: GPA {gpa:#x}, SPA {spa:#x}")
+        if not 0 <= gpa or gpa + PAGE_2M > self.gpa_limit:
+            raise AddressError(f"GPA {gpa:#x}+2 MiB is beyond the VM's {self.gpa_limit:#x} bytes")
+        if not self._tables:
+            raise HardwareError("the nested page table was released (its VM was destroyed)")
+        first = gpa >> PAGE_SHIFT
+        if (1, gpa >> 21) in self._tables or any(g in self.mappings for g in range(first, first + _SUBPAGES)):
+            raise AddressError(f"GPA {gpa:#x}: the 2 MiB region is already (partly) mapped")
+        pd = self._table(2, gpa)
+        entry = spa | _LEAF | _PS | (_RW if writable else 0)
+        self._core.host_write(pd + ((gpa >> 21) & 0x1FF) * 8, entry.to_bytes(8, "little"))
+        self.huge.add(gpa >> 21)
+        self.mappings.update(zip(range(first, first + _SUBPAGES), range(spa, spa + PAGE_2M, PAGE)))
+
+    def split(self, gpa: int) -> bool:
+        """Split the 2 MiB leaf mapping ``gpa`` (if any) into a page table of 512 4 KiB leaves mapping
+        the same pages, with the same permissions; whether there was one.  The ASID's TLB must be
+        flushed after, as for any change of a mapping."""
+        region = gpa >> 21
+        if region not in self.huge:
+            return False
+        pd = self._tables[(2, gpa >> 30)]
+        slot = pd + (region & 0x1FF) * 8
+        pde = int.from_bytes(self._core.host_read(slot, 8), "little")
+        pt = self._alloc.alloc()
+        self.table_pages += 1
+        spa0 = pde & ~(PAGE_2M - 1) & ((1 << 52) - 1)
+        flags = _LEAF | (pde & _RW)
+        entries = np.arange(spa0, spa0 + PAGE_2M, PAGE, dtype=np.uint64) | np.uint64(flags)
+        self._core.host_write(pt, entries.astype("<u8").tobytes())
+        self._tables[(1, region)] = pt
+        self.huge.discard(region)
+        self._core.host_write(slot, (pt | _TABLE).to_bytes(8, "little"))
+        return True
 
     def map_many(self, pairs: list[tuple[int, int]]) -> None:
         """:meth:`map` of each (GPA, SPA) in order (writable), the entries of neighbouring GPAs in one
@@ -104,6 +157,7 @@ class NestedPageTable:
         """Remove the mapping of ``gpa``; returns the SPA it pointed to."""
         spa = self.mappings.pop(gpa >> PAGE_SHIFT, None)
         if spa is not None:
+            self.split(gpa)
             pt = self._tables[(1, gpa >> 21)]
             self._core.host_write(pt + ((gpa >> PAGE_SHIFT) & 0x1FF) * 8, bytes(8))
         return spa
@@ -114,6 +168,7 @@ class NestedPageTable:
             self._alloc.free(spa)
         self._tables.clear()
         self.mappings.clear()
+        self.huge.clear()
         self.table_pages = 0
 
     def lookup(self, gpa: int) -> int | None:

@@ -49,6 +49,7 @@ from sevemu.abi.ghcb import (
 )
 from sevemu.abi.paging import NpfExitInfo1
 from sevemu.abi.rmp import RmpResult, RmpUpdateState
+from sevemu.hw.svm import TlbControl
 
 if TYPE_CHECKING:
     from sevemu.hypervisor.ghcb import GhcbHandler, NaeExit
@@ -93,6 +94,7 @@ def set_page_state(host: SevHost, vm: Vm, gpa: int, private: bool) -> None:
             raise PscError(PSC_ERROR_GENERIC, f"RMPUPDATE of GPA {gpa:#x} to private: {RmpResult(rc).name}")
         vm.private_spas.add(spa)
         return
+    _smash(host, vm, gpa, spa)
     if spa in vm.private_spas or host.soc.rmp_entry(spa).assigned:
         core.vmpage_flush(spa, vm.asid)  # the guest's lines, written back encrypted, before the page is ours
         rc = core.rmpupdate_state(spa, RmpUpdateState())
@@ -100,6 +102,29 @@ def set_page_state(host: SevHost, vm: Vm, gpa: int, private: bool) -> None:
             raise PscError(PSC_ERROR_GENERIC, f"RMPUPDATE of GPA {gpa:#x} to shared: {RmpResult(rc).name}")
         vm.private_spas.discard(spa)
     vm.shared_gpas.add(gpa)
+
+
+def _smash(host: SevHost, vm: Vm, gpa: int, spa: int) -> None:
+    """Before a 4 KiB change inside a 2 MiB private page: PSMASH it (Linux ``sev_gmem_invalidate`` /
+    ``snp_handle_page_state_change``: a partial conversion of a huge folio smashes its RMP entry) and
+    split the NPT's 2 MiB leaf over it, so the guest's 2 MiB mapping cannot outlive the 4 KiB entries."""
+    if spa not in vm.private_spas:
+        return
+    entry = host.soc.rmp_entry(spa)
+    if not entry.page_size:
+        return
+    rc = host.core.psmash(spa & ~(PAGE_2M - 1))
+    if rc != RmpResult.SUCCESS:
+        raise PscError(PSC_ERROR_GENERIC, f"PSMASH for GPA {gpa:#x}: {RmpResult(rc).name}")
+    _split(vm, gpa)
+
+
+def _split(vm: Vm, gpa: int) -> None:
+    """Split the NPT's 2 MiB leaf over ``gpa`` (if any) and have every vCPU flush the ASID (KVM
+    ``kvm_zap_gfn_range`` then refaulting at 4 KiB)."""
+    if vm.npt.split(gpa):
+        for vcpu in vm.vcpus:
+            vcpu.vmcb.tlb_control = TlbControl.FLUSH_ASID
 
 
 def _apply_range(host: SevHost, vm: Vm, gpa: int, pages: int, op: int) -> int:
@@ -190,9 +215,13 @@ def rmp_fault(host: SevHost, vm: Vm, gpa: int, info1: int) -> str | None:
         return f"RMP #NPF at GPA {gpa:#x}, outside the guest"
     spa = vm.back(page)
     entry = host.soc.rmp_entry(spa)
-    if info1 & _NPF_SIZEM and entry.page_size:
-        rc = host.core.psmash(spa & ~(PAGE_2M - 1))
-        return None if rc == RmpResult.SUCCESS else f"PSMASH for GPA {gpa:#x}: {RmpResult(rc).name}"
+    if info1 & _NPF_SIZEM:  # Linux sev_handle_rmp_fault: the mapping sizes must agree
+        if entry.page_size:  # a 4 KiB request (PVALIDATE) on a 2 MiB RMP page: PSMASH it
+            rc = host.core.psmash(spa & ~(PAGE_2M - 1))
+            return None if rc == RmpResult.SUCCESS else f"PSMASH for GPA {gpa:#x}: {RmpResult(rc).name}"
+        if page >> 21 in vm.npt.huge:  # a 2 MiB NPT leaf over 4 KiB RMP entries: map 4 KiB pages
+            _split(vm, page)
+            return None
     try:
         if not info1 & _NPF_ENC:  # a shared access to a private page: the implicit conversion
             if entry.assigned and entry.asid == vm.asid and entry.gpa == page:

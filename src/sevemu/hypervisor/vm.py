@@ -20,7 +20,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sevemu._util.units import PAGE, PAGE_MASK, align_down
+from sevemu._util.units import PAGE, PAGE_2M, PAGE_MASK, align_down
 from sevemu.errors import AddressError, InputError, UnmappedError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostCore
@@ -131,6 +131,8 @@ class Vm:
         """An SEV-SNP guest (KVM ``sev_snp_guest``): its memory is private (guest_memfd) unless shared."""
         self.snp_context = 0
         """SPA of the SNP guest-context page (KVM ``snp_context``; 0: none)."""
+        self.huge_pages = True
+        """Back 2 MiB-aligned regions KVM populates whole with host huge pages (SNP launch updates)."""
         self.private_spas: set[int] = set()
         """SNP: backing pages the RMP gives the guest (:mod:`sevemu.hypervisor.sev.snp`)."""
         self.crash_reason: str | None = None
@@ -150,9 +152,11 @@ class Vm:
     def add_vcpu(self, engine: Engine | None = None, *, reset_eip: int = BSP_RESET_EIP) -> Vcpu:
         """A new vCPU in the x86 reset state at ``reset_eip`` (KVM_CREATE_VCPU, then QEMU's reset;
         an SEV-ES guest's APs start at OVMF's SEV-ES reset EIP)."""
-        vmcb = Vmcb(asid=self.asid, np_enable=True, sev_enable=self.sev, ncr3=self.npt.root)
+        vmcb = Vmcb(asid=self.asid, np_enable=True, sev_enable=self.sev, ncr3=self.npt.root,
+                    pa=self._table_alloc.alloc())  # the VMCB page (KVM: one page per vCPU)
         vcpu = Vcpu(len(self.vcpus), vmcb, engine)
         reset_vcpu(vmcb, vcpu.arch, self.cpu.signature, reset_eip)
+        self._core.vmcb_init(vmcb)
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -167,6 +171,23 @@ class Vm:
             spa = self._alloc.alloc()
             self.npt.map(page, spa)
             self._owned.add(spa)
+        return spa
+
+    def back_huge(self, gpa: int) -> int | None:
+        """Back the 2 MiB-aligned guest region at ``gpa`` with one host huge page (contiguous, 2 MiB
+        aligned: what a guest_memfd huge folio gives) when none of its pages is backed yet; its SPA, or
+        None (region partly backed, not 2 MiB aligned or outside the guest, or no huge page left)."""
+        if gpa % PAGE_2M or not 0 <= gpa or gpa + PAGE_2M > self.memory:
+            return None
+        mapped = self.npt.mappings
+        first = gpa >> 12
+        if any(gfn in mapped for gfn in range(first, first + PAGE_2M // PAGE)):
+            return None
+        spa = self._alloc.alloc_huge()
+        if spa is None:
+            return None
+        self.npt.map_huge(gpa, spa)
+        self._owned.update(range(spa, spa + PAGE_2M, PAGE))
         return spa
 
     def back_range(self, gpa: int, length: int) -> list[int]:
@@ -247,6 +268,11 @@ class Vm:
         for spa in self.vmsa_pages.values():
             self._table_alloc.free(spa)
         self.vmsa_pages.clear()
+        for vcpu in self.vcpus:
+            if vcpu.vmcb.pa:
+                self._core.vmcb_free(vcpu.vmcb)
+                self._table_alloc.free(vcpu.vmcb.pa)
+                vcpu.vmcb.pa = 0
 
 
 class HostPage:

@@ -53,7 +53,7 @@ from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.cpuid import sanitize_cpuid_page
 from sevemu.firmware.snp.state import SnpGuest, snp_state
 
-__all__ = ["page_info_digest"]
+__all__ = ["measure_pages", "page_info_digest"]
 
 _ZERO_CONTENTS: Final = bytes(48)
 _VMSA_TSC: Final = slice(0x2F0, 0x300)  # GUEST_TSC_SCALE, GUEST_TSC_OFFSET (sev_es_save_area)
@@ -66,6 +66,23 @@ def page_info_digest(ld: bytes, contents: bytes, page_type: int, gpa: int, vmpl_
     info = PageInfo(digest_cur=ld, contents=contents, page_type=page_type, imi_page=int(imi_page),
                     vmpl1_perms=vmpl_perms[0], vmpl2_perms=vmpl_perms[1], vmpl3_perms=vmpl_perms[2], gpa=gpa)
     return hashlib.sha384(info.encode()).digest()
+
+
+def measure_pages(ld: bytes, data: bytes, page_type: int, gpa: int, vmpl_perms: tuple[int, int, int] = (0, 0, 0),
+                  imi_page: bool = False) -> bytes:
+    """The launch digest after ``ld`` is chained with every 4 KiB page of ``data`` (GPAs from ``gpa``)
+    as measured pages: CONTENTS = SHA-384 of the page.  The same digest as :func:`page_info_digest` page
+    by page, with one PAGE_INFO buffer filled in place (its fixed fields written once)."""
+    info = bytearray(PageInfo(page_type=page_type, imi_page=int(imi_page), vmpl1_perms=vmpl_perms[0],
+                              vmpl2_perms=vmpl_perms[1], vmpl3_perms=vmpl_perms[2]).encode())
+    sha384 = hashlib.sha384
+    view = memoryview(data)
+    for off in range(0, len(data), PAGE):
+        info[0:48] = ld
+        info[0x30:0x60] = sha384(view[off : off + PAGE]).digest()
+        info[0x68:0x70] = (gpa + off).to_bytes(8, "little")
+        ld = sha384(info).digest()
+    return ld
 
 
 def _secrets(fw: Firmware, g: SnpGuest) -> bytes:
@@ -83,10 +100,10 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INVALID_PARAM, "SNP_LAUNCH_UPDATE addresses must be page aligned")
     st.need_init()
     g = st.guest(cmd.gctx_paddr)
-    if st.page_state(spa) != RmpPageState.PRE_GUEST:
-        raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {st.page_state(spa).name}, not Pre-Guest")
     port = st.port()
-    entry = port.entry(spa)
+    entry = st.entry(spa)
+    if entry.state != RmpPageState.PRE_GUEST:
+        raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {entry.state.name}, not Pre-Guest")
     if entry.page_size != cmd.flags.page_size:
         raise FirmwareError(Status.INVALID_PAGE_SIZE, f"page {spa:#x}: the RMP page size differs from the command's")
     if entry.page_size and spa % PAGE_2M:
@@ -110,29 +127,32 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INVALID_PARAM, "VMPL permission masks set bits 7:5")
     size = PAGE_2M if entry.page_size else PAGE
     gpa = entry.gpa
-    ld = g.ld
-    out: list[bytes] = []
-    for off in range(0, size, PAGE):
-        data = dma.read_invalidate(spa + off, PAGE)
-        contents = _ZERO_CONTENTS
-        if ptype == SnpPageType.NORMAL:
-            contents = hashlib.sha384(data).digest()
-        elif ptype == SnpPageType.VMSA:
-            measured = bytearray(data)
-            measured[_VMSA_TSC] = bytes(16)
-            contents = hashlib.sha384(measured).digest()
-        elif ptype == SnpPageType.ZERO:
-            data = bytes(PAGE)
-        elif ptype == SnpPageType.SECRETS:
-            data = _secrets(fw, g)
-        elif ptype == SnpPageType.CPUID:
-            fixed = sanitize_cpuid_page(fw.profile, data)
-            if fixed is not None:
-                dma.write(spa, fixed, guest_ok=True)  # the corrected page, unencrypted, for the VMM
-                raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
-        ld = page_info_digest(ld, contents, int(ptype), gpa + off, perms, cmd.flags.imi_page)
-        out.append(data)
-    dma.write_encrypted(spa, b"".join(out), g.asid)
+    data = dma.read_invalidate(spa, size)  # the whole page (512 x 4 KiB for a 2 MiB one) at once
+    if ptype == SnpPageType.NORMAL:
+        ld = measure_pages(g.ld, data, int(ptype), gpa, perms, cmd.flags.imi_page)
+    else:  # the 4 KiB-only types, ZERO and UNMEASURED: one page each unless ZERO / UNMEASURED 2 MiB
+        ld = g.ld
+        out: list[bytes] = []
+        for off in range(0, size, PAGE):
+            page = data[off : off + PAGE]
+            contents = _ZERO_CONTENTS
+            if ptype == SnpPageType.VMSA:
+                measured = bytearray(page)
+                measured[_VMSA_TSC] = bytes(16)
+                contents = hashlib.sha384(measured).digest()
+            elif ptype == SnpPageType.ZERO:
+                page = bytes(PAGE)
+            elif ptype == SnpPageType.SECRETS:
+                page = _secrets(fw, g)
+            elif ptype == SnpPageType.CPUID:
+                fixed = sanitize_cpuid_page(fw.profile, page)
+                if fixed is not None:
+                    dma.write(spa, fixed, guest_ok=True)  # the corrected page, unencrypted, for the VMM
+                    raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
+            ld = page_info_digest(ld, contents, int(ptype), gpa + off, perms, cmd.flags.imi_page)
+            out.append(page)
+        data = b"".join(out)
+    dma.write_encrypted(spa, data, g.asid)
     g.ld = ld
     port.update(spa, entry, validated=True, immutable=False, vmsa=ptype == SnpPageType.VMSA,
                 perms=(entry.perms[0], *perms))

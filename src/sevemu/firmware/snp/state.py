@@ -35,7 +35,7 @@ from sevemu.abi.snp import IdBlock, SnpGuestState, SnpPlatformState, SnpPolicy, 
 from sevemu.abi.status import Status
 from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.core import Firmware
-from sevemu.hw.rmp import RmpFirmwarePort
+from sevemu.hw.rmp import RmpEntry, RmpFirmwarePort
 
 __all__ = ["SNP_API_VERSION", "SnpGuest", "SnpPlatform", "snp_state"]
 
@@ -120,13 +120,17 @@ class SnpPlatform:
             raise FirmwareError(Status.UNSUPPORTED, "this part has no RMP (no SEV-SNP)")
         return self.rmp
 
-    def page_state(self, spa: int) -> RmpPageState:
-        """RMP state of the page at ``spa``; INVALID_ADDRESS outside the memory the RMP covers."""
+    def entry(self, spa: int) -> RmpEntry:
+        """The RMP entry governing the page at ``spa``; INVALID_ADDRESS outside the memory the RMP covers."""
         port = self.port()
         try:
-            return port.entry(spa).state
+            return port.entry(spa)
         except AddressError as exc:
             raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
+
+    def page_state(self, spa: int) -> RmpPageState:
+        """RMP state of the page at ``spa``; INVALID_ADDRESS outside the memory the RMP covers."""
+        return self.entry(spa).state
 
     def guest(self, gctx_paddr: int) -> SnpGuest:
         """The guest whose context page is at ``gctx_paddr``: INVALID_PARAM for a misaligned address,

@@ -26,7 +26,13 @@ outside guest RAM or a page already private; then per page: copy the user's data
 the page, RMPUPDATE to Pre-Guest (GPA, ASID, immutable), SNP_LAUNCH_UPDATE.  On a refusal the page is
 reclaimed (SNP_PAGE_RECLAIM, RMPUPDATE shared); for a CPUID page the firmware's corrected table is
 copied back to the user buffer; ``-EIO`` with the status.  ``gfn_start``, ``uaddr`` and ``len`` are
-advanced past the pages done.
+advanced past the pages done.  Huge folios (model choice, ``Vm.huge_pages``, on by default; Linux 6.11's
+``sev_gmem_post_populate`` works in 4 KiB pages, guest_memfd huge-page support hands 2 MiB folios): a
+2 MiB-aligned stretch of 512 NORMAL / ZERO / UNMEASURED pages of the update whose region is not backed yet
+is backed by one host huge page (mapped by a 2 MiB NPT leaf), RMPUPDATEd as one 2 MiB Pre-Guest page and
+given to the firmware in one 2 MiB SNP_LAUNCH_UPDATE -- which measures it as the same 512 PAGE_INFOs, so
+the launch digest is the one of 4 KiB pages.  A later 4 KiB page-state change or RMP size fault in the
+region PSMASHes it (:mod:`sevemu.hypervisor.psc`).
 
 KVM_SEV_SNP_LAUNCH_FINISH (:func:`launch_finish`): every vCPU's VMSA (``sev_es_sync_vmsa``) made a
 Pre-Guest page at GPA 0xFFFFFFFFF000 and measured (SNP_LAUNCH_UPDATE type VMSA), BSP first; then the ID
@@ -39,7 +45,9 @@ shared) before the pages go back to the host allocator; the ASID awaits WBINVD +
 
 from __future__ import annotations
 
-from sevemu._util.units import PAGE
+from typing import Final
+
+from sevemu._util.units import PAGE, PAGE_2M
 from sevemu.abi.commands import CommandId
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.rmp import RmpResult, RmpUpdateState
@@ -82,6 +90,10 @@ from sevemu.hypervisor.uapi import (
 )
 from sevemu.hypervisor.vcpu import KvmVmType
 from sevemu.hypervisor.vm import Vm, VmState
+
+_SUBPAGES: Final = PAGE_2M // PAGE
+_HUGE_TYPES: Final = frozenset({SnpPageType.NORMAL, SnpPageType.ZERO, SnpPageType.UNMEASURED})
+"""Page types a 2 MiB SNP_LAUNCH_UPDATE may carry (VMSA, SECRETS and CPUID pages are 4 KiB only)."""
 
 __all__ = [
     "SNP_POLICY_MASK_VALID",
@@ -189,10 +201,12 @@ def rmp_make_shared(host: SevHost, spa: int) -> None:
 def _reclaim(host: SevHost, spa: int) -> None:
     """``snp_page_reclaim`` + ``rmp_make_shared``: SNP_PAGE_RECLAIM where the page is immutable."""
     entry = host.soc.rmp_entry(spa)
+    if entry.page_size:  # a 2 MiB page: reclaimed and returned whole (any of its pages names it)
+        spa &= ~(PAGE_2M - 1)
     if entry.immutable:
         host.issue(CommandId.SNP_PAGE_RECLAIM, SnpPageCmd(paddr=spa | (PADDR_PAGE_SIZE_2M if entry.page_size else 0)))
     if entry.assigned or entry.immutable:
-        rmp_make_shared(host, spa)
+        _rmpupdate(host, spa, RmpUpdateState(pagesize=entry.page_size))
 
 
 # ---- KVM ------------------------------------------------------------------------------------------
@@ -275,27 +289,36 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
     if gpa0 < 0 or gpa0 + p.len > vm.memory:
         raise SevInputError(Errno.EINVAL, f"GFNs {p.gfn_start:#x}+{p.len // PAGE} are not in a private memslot")
     done = 0
+    pages = p.len // PAGE
     try:
-        for i in range(p.len // PAGE):
-            gpa = gpa0 + i * PAGE
-            spa = vm.back(gpa)
-            if spa in vm.private_spas or host.soc.rmp_entry(spa).assigned:
-                raise SevInputError(Errno.EINVAL, f"GPA {gpa:#x} is already private")
-            data = bytes(PAGE) if src is None else src[i * PAGE : (i + 1) * PAGE]
+        while done < pages:
+            gpa = gpa0 + done * PAGE
+            data = bytes(PAGE) if src is None else src[done * PAGE : (done + 1) * PAGE]
+            huge = (not gpa % PAGE_2M and pages - done >= _SUBPAGES and ptype in _HUGE_TYPES
+                    and vm.huge_pages and vm.back_huge(gpa))
+            if huge:  # a 2 MiB folio: one RMPUPDATE and one SNP_LAUNCH_UPDATE for its 512 pages
+                spa = huge
+                data = bytes(PAGE_2M) if src is None else src[done * PAGE : done * PAGE + PAGE_2M]
+            else:
+                spa = vm.back(gpa)
+                if spa in vm.private_spas or host.soc.rmp_entry(spa).assigned:
+                    raise SevInputError(Errno.EINVAL, f"GPA {gpa:#x} is already private")
             host.core.host_write_stream(spa, data)  # kvm_gmem_populate: the kernel fills the page ...
-            rmp_make_private(host, spa, gpa, vm.asid, True)  # ... then it is the guest's
+            _rmpupdate(host, spa, RmpUpdateState(gpa=gpa, assigned=1, asid=vm.asid, immutable=1,
+                                                 pagesize=int(bool(huge))))  # ... then it is the guest's
             try:
                 host.issue(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
-                    gctx_paddr=vm.snp_context, flags=SnpLaunchUpdateFlags(page_type=int(ptype)),
+                    gctx_paddr=vm.snp_context, flags=SnpLaunchUpdateFlags(page_type=int(ptype), page_size=bool(huge)),
                     address=spa | host.caps.me_mask))
             except SevFirmwareError as e:
                 fixed = host.core.host_read(spa, PAGE)  # a CPUID page: the firmware's corrections
                 _reclaim(host, spa)
                 if ptype == SnpPageType.CPUID and e.status == Status.INVALID_PARAM and isinstance(p.uaddr, bytearray):
-                    p.uaddr[i * PAGE : (i + 1) * PAGE] = fixed
+                    p.uaddr[done * PAGE : (done + 1) * PAGE] = fixed
                 raise SevStateError(Errno.EIO, f"SNP_LAUNCH_UPDATE of GPA {gpa:#x}: {e}", e.status) from None
-            vm.private_spas.add(spa)
-            done += 1
+            n = _SUBPAGES if huge else 1
+            vm.private_spas.update(range(spa, spa + n * PAGE, PAGE))
+            done += n
     finally:
         p.gfn_start += done
         p.len -= done * PAGE
