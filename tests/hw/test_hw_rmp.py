@@ -397,7 +397,7 @@ def _per_page_host_write(rmp: Rmp, spa: int, length: int) -> tuple[int, RmpPageS
        start=st.integers(0, 3 * 512 * PAGE - 1), length=st.integers(1, 3 * 512 * PAGE))
 def test_a_host_write_over_a_range_faults_where_the_per_page_rule_says(
         pages: list[tuple[int, str]], start: int, length: int) -> None:
-    soc, host, rmp, port = _SOC
+    _soc, host, rmp, port = _SOC
     port.initialize()
     for i, kind in pages:
         spa = _BASE + i * PAGE
@@ -422,7 +422,7 @@ def test_a_host_write_over_a_range_faults_where_the_per_page_rule_says(
 @given(subs=st.lists(st.tuples(st.integers(0, 511), st.sampled_from(["assigned", "immutable", "shared-imm"])),
                      max_size=4), assign=st.booleans())
 def test_a_2m_rmpupdate_answers_as_the_first_offending_4k_entry(subs: list[tuple[int, str]], assign: bool) -> None:
-    soc, host, rmp, port = _SOC
+    _soc, _host, rmp, port = _SOC
     port.initialize()
     for i, kind in subs:
         spa = _BASE + i * PAGE
