@@ -663,6 +663,495 @@ fail:
     return NULL;
 }
 
+/* ---- the guest's memory port: one load or store through the TLB and the cache --------------- */
+
+/* Port(tlb, sets, mask, counters, dirty, readers, ways, coherent, walk, slow_load, slow_store, fill,
+ * write_line): the hot path of GuestCpu.load/store (src/sevemu/hw/cpu.py) and of Cache.line/fill
+ * (src/sevemu/hw/cache.py), for one guest view of a core.  A hit, and a miss of a non-coherent cache
+ * whose domain has a reader, run here; everything else -- an access crossing a line, a size other
+ * than 1..8, a set that is not exactly a dict, a coherent cache, a domain without a key -- is handed
+ * to the Python callables before anything changed, so the bytes, counters and LRU order are those
+ * of the Python path.  The decryption of a fill and the encryption of a write-back stay in the
+ * memory controller's callables (readers[key >> 52], write_line). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *tlb;        /* dict vpn -> (data key, flags, fetch key) */
+    PyObject *sets;       /* list of dicts key -> bytearray(64), LRU order */
+    PyObject *counters;   /* the cache's instance dict: hits, misses, writebacks */
+    PyObject *dirty;      /* set of dirty keys */
+    PyObject *readers;    /* dict (key >> 52) -> fill function */
+    PyObject *walk;       /* walk(gva, write, fetch) -> TLB entry */
+    PyObject *slow_load;  /* slow_load(gva, size) -> int */
+    PyObject *slow_store; /* slow_store(gva, size, value) */
+    PyObject *fill;       /* Cache.fill(key, set) -> line */
+    PyObject *write_line; /* MemoryController.write_line(spa, asid, c, line) */
+    uint64_t mask;
+    Py_ssize_t ways;
+    int coherent;
+} PortObject;
+
+static PyObject *s_hits, *s_misses, *s_writebacks;
+
+#define C_SHIFT 52
+#define ASID_SHIFT 53
+#define SPA_MASK ((UINT64_C(1) << C_SHIFT) - 1)
+#define W_OK_FLAG 1
+
+static int port_traverse(PortObject *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->tlb);
+    Py_VISIT(p->sets);
+    Py_VISIT(p->counters);
+    Py_VISIT(p->dirty);
+    Py_VISIT(p->readers);
+    Py_VISIT(p->walk);
+    Py_VISIT(p->slow_load);
+    Py_VISIT(p->slow_store);
+    Py_VISIT(p->fill);
+    Py_VISIT(p->write_line);
+    return 0;
+}
+
+static int port_clear(PortObject *p)
+{
+    Py_CLEAR(p->tlb);
+    Py_CLEAR(p->sets);
+    Py_CLEAR(p->counters);
+    Py_CLEAR(p->dirty);
+    Py_CLEAR(p->readers);
+    Py_CLEAR(p->walk);
+    Py_CLEAR(p->slow_load);
+    Py_CLEAR(p->slow_store);
+    Py_CLEAR(p->fill);
+    Py_CLEAR(p->write_line);
+    return 0;
+}
+
+static void port_dealloc(PortObject *p)
+{
+    PyObject_GC_UnTrack(p);
+    port_clear(p);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *tlb, *sets, *mask, *counters, *dirty, *readers, *ways, *coherent, *walk, *slow_load,
+        *slow_store, *fill, *write_line;
+    PortObject *p;
+    uint64_t m, w;
+    int coh;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Port() takes positional arguments only");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Port", 13, 13, &tlb, &sets, &mask, &counters, &dirty, &readers, &ways,
+                           &coherent, &walk, &slow_load, &slow_store, &fill, &write_line)) {
+        return NULL;
+    }
+    if (!PyDict_CheckExact(tlb) || !PyList_CheckExact(sets) || !PyDict_CheckExact(counters) ||
+        !PySet_Check(dirty) || !PyDict_CheckExact(readers)) {
+        PyErr_SetString(PyExc_TypeError, "Port: tlb, counters and readers must be dicts, sets a list, dirty a set");
+        return NULL;
+    }
+    if (get_u64(mask, "mask", &m) < 0 || get_u64(ways, "ways", &w) < 0) {
+        return NULL;
+    }
+    if ((uint64_t)PyList_GET_SIZE(sets) != m + 1 || (m & (m + 1)) || w < 1 || w > PY_SSIZE_T_MAX) {
+        PyErr_SetString(PyExc_ValueError, "Port: sets must have mask + 1 entries (a power of two), ways >= 1");
+        return NULL;
+    }
+    coh = PyObject_IsTrue(coherent);
+    if (coh < 0) {
+        return NULL;
+    }
+    if (!PyCallable_Check(walk) || !PyCallable_Check(slow_load) || !PyCallable_Check(slow_store) ||
+        !PyCallable_Check(fill) || !PyCallable_Check(write_line)) {
+        PyErr_SetString(PyExc_TypeError, "Port: walk, slow_load, slow_store, fill and write_line must be callable");
+        return NULL;
+    }
+    p = (PortObject *)type->tp_alloc(type, 0);
+    if (p == NULL) {
+        return NULL;
+    }
+    p->tlb = Py_NewRef(tlb);
+    p->sets = Py_NewRef(sets);
+    p->counters = Py_NewRef(counters);
+    p->dirty = Py_NewRef(dirty);
+    p->readers = Py_NewRef(readers);
+    p->walk = Py_NewRef(walk);
+    p->slow_load = Py_NewRef(slow_load);
+    p->slow_store = Py_NewRef(slow_store);
+    p->fill = Py_NewRef(fill);
+    p->write_line = Py_NewRef(write_line);
+    p->mask = m;
+    p->ways = (Py_ssize_t)w;
+    p->coherent = coh;
+    return (PyObject *)p;
+}
+
+/* counters[name] += 1 (the cache's hits / misses / writebacks, plain int attributes) */
+static int bump(PyObject *counters, PyObject *name)
+{
+    PyObject *v = PyDict_GetItemWithError(counters, name), *nv;
+    int rc;
+    if (v == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_AttributeError, name);
+        }
+        return -1;
+    }
+    if (PyLong_CheckExact(v)) {
+        long long x = PyLong_AsLongLong(v);
+        if (x == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        nv = x < LLONG_MAX ? PyLong_FromLongLong(x + 1) : NULL;
+        if (nv == NULL && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_OverflowError, "counter overflow");
+        }
+    } else {
+        PyObject *one = PyLong_FromLong(1);
+        nv = one == NULL ? NULL : PyNumber_Add(v, one);
+        Py_XDECREF(one);
+    }
+    if (nv == NULL) {
+        return -1;
+    }
+    rc = PyDict_SetItem(counters, name, nv);
+    Py_DECREF(nv);
+    return rc;
+}
+
+/* The TLB entry of gva (a new reference): the TLB's, or the walk's when absent or (for a write)
+ * without W_OK. */
+static PyObject *port_entry(PortObject *p, uint64_t gva, PyObject *gva_obj, int write)
+{
+    PyObject *vpn = PyLong_FromUnsignedLongLong(gva >> 12), *e;
+    if (vpn == NULL) {
+        return NULL;
+    }
+    e = PyDict_GetItemWithError(p->tlb, vpn);
+    Py_DECREF(vpn);
+    if (e == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (e != NULL && write) {
+        PyObject *flags;
+        long f;
+        if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) < 2) {
+            PyErr_SetString(PyExc_TypeError, "a TLB entry must be a tuple (key, flags, fetch key)");
+            return NULL;
+        }
+        flags = PyTuple_GET_ITEM(e, 1);
+        f = PyLong_AsLong(flags);
+        if (f == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (!(f & W_OK_FLAG)) {
+            e = NULL;
+        }
+    }
+    if (e != NULL) {
+        return Py_NewRef(e);
+    }
+    return PyObject_CallFunctionObjArgs(p->walk, gva_obj, write ? Py_True : Py_False, Py_False, NULL);
+}
+
+/* The line of `key` in set `s` (a borrowed reference, owned by the set), filled on a miss. */
+static PyObject *port_line(PortObject *p, PyObject *s, uint64_t key)
+{
+    PyObject *k = PyLong_FromUnsignedLongLong(key), *line, *reader, *rk, *got;
+    if (k == NULL) {
+        return NULL;
+    }
+    line = PyDict_GetItemWithError(s, k);
+    if (line != NULL) { /* a hit: most recently used, back to the end of the set's order */
+        Py_INCREF(line);
+        if (PyDict_DelItem(s, k) < 0 || PyDict_SetItem(s, k, line) < 0) {
+            goto fail_line;
+        }
+        Py_DECREF(line); /* the set holds it */
+        Py_DECREF(k);
+        return bump(p->counters, s_hits) < 0 ? NULL : line;
+    }
+    if (PyErr_Occurred()) {
+        goto fail;
+    }
+    /* a miss */
+    rk = PyLong_FromUnsignedLongLong(key >> C_SHIFT);
+    if (rk == NULL) {
+        goto fail;
+    }
+    reader = PyDict_GetItemWithError(p->readers, rk);
+    Py_DECREF(rk);
+    if (reader == NULL && PyErr_Occurred()) {
+        goto fail;
+    }
+    if (reader == NULL || p->coherent) { /* Cache.fill: the coherent path, or its KeySlotError */
+        got = PyObject_CallFunctionObjArgs(p->fill, k, s, NULL);
+        Py_DECREF(k);
+        if (got == NULL) {
+            return NULL;
+        }
+        Py_DECREF(got); /* the set holds it */
+        return got;
+    }
+    Py_INCREF(reader);
+    if (bump(p->counters, s_misses) < 0) {
+        goto fail_reader;
+    }
+    if (PyDict_GET_SIZE(s) >= p->ways) { /* the least recently used line goes, written back if dirty */
+        PyObject *vk, *vl;
+        Py_ssize_t pos = 0;
+        int was;
+        if (!PyDict_Next(s, &pos, &vk, &vl)) {
+            PyErr_SetString(PyExc_RuntimeError, "cache set changed during a fill");
+            goto fail_reader;
+        }
+        Py_INCREF(vk);
+        Py_INCREF(vl);
+        if (PyDict_DelItem(s, vk) < 0) {
+            Py_DECREF(vk);
+            Py_DECREF(vl);
+            goto fail_reader;
+        }
+        was = PySet_Discard(p->dirty, vk);
+        if (was > 0) {
+            uint64_t victim = (uint64_t)as_u64(vk);
+            PyObject *res = NULL;
+            if (!(victim == (uint64_t)-1 && PyErr_Occurred()) && bump(p->counters, s_writebacks) == 0) {
+                PyObject *spa = PyLong_FromUnsignedLongLong(victim & SPA_MASK);
+                PyObject *asid = PyLong_FromUnsignedLongLong(victim >> ASID_SHIFT);
+                if (spa != NULL && asid != NULL) {
+                    res = PyObject_CallFunctionObjArgs(p->write_line, spa, asid,
+                                                       (victim >> C_SHIFT) & 1 ? Py_True : Py_False, vl, NULL);
+                }
+                Py_XDECREF(spa);
+                Py_XDECREF(asid);
+            }
+            if (res == NULL) {
+                was = -1;
+            }
+            Py_XDECREF(res);
+        }
+        Py_DECREF(vk);
+        Py_DECREF(vl);
+        if (was < 0) {
+            goto fail_reader;
+        }
+    }
+    {
+        PyObject *spa = PyLong_FromUnsignedLongLong(key & SPA_MASK);
+        if (spa == NULL) {
+            goto fail_reader;
+        }
+        line = PyObject_CallOneArg(reader, spa);
+        Py_DECREF(spa);
+    }
+    Py_DECREF(reader);
+    if (line == NULL) {
+        goto fail;
+    }
+    if (PyDict_SetItem(s, k, line) < 0) {
+        goto fail_line;
+    }
+    Py_DECREF(line);
+    Py_DECREF(k);
+    return line;
+fail_reader:
+    Py_DECREF(reader);
+    goto fail;
+fail_line:
+    Py_DECREF(line);
+fail:
+    Py_DECREF(k);
+    return NULL;
+}
+
+/* The set of `key` when this port may serve it (a borrowed reference), NULL (no error) when the
+ * Python path must. */
+static PyObject *port_set(PortObject *p, uint64_t key)
+{
+    PyObject *s;
+    if ((uint64_t)PyList_GET_SIZE(p->sets) != p->mask + 1) {
+        return NULL;
+    }
+    s = PyList_GET_ITEM(p->sets, (Py_ssize_t)((key >> 6) & p->mask));
+    return PyDict_CheckExact(s) ? s : NULL;
+}
+
+/* gva as uint64 when it is an int in range; 0 (no error) otherwise: the Python path decides. */
+static int port_gva(PyObject *obj, uint64_t *gva)
+{
+    unsigned long long v;
+    if (!PyLong_CheckExact(obj)) {
+        return 0;
+    }
+    v = as_u64(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    *gva = (uint64_t)v;
+    return 1;
+}
+
+static int entry_key(PyObject *e, int index, uint64_t *out)
+{
+    PyObject *k;
+    unsigned long long v;
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) <= index || !PyLong_CheckExact(k = PyTuple_GET_ITEM(e, index))) {
+        PyErr_SetString(PyExc_TypeError, "a TLB entry must be a tuple of ints (key, flags, fetch key)");
+        return -1;
+    }
+    v = as_u64(k);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+PyDoc_STRVAR(port_load_doc, "load(gva, size, /)\n--\n\nGuestCpu.load: a little-endian int of size bytes at gva.");
+
+static PyObject *port_load(PortObject *p, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t gva, base, key, v = 0;
+    long size;
+    PyObject *e, *s, *line;
+    const unsigned char *b;
+    int i;
+    if (check_nargs("load", nargs, 2) < 0) {
+        return NULL;
+    }
+    size = PyLong_CheckExact(args[1]) ? PyLong_AsLong(args[1]) : 0;
+    if (size == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        size = 0;
+    }
+    if (!port_gva(args[0], &gva) || size < 1 || size > 8 || (gva & 63) + (uint64_t)size > 64) {
+        return PyObject_Vectorcall(p->slow_load, args, 2, NULL);
+    }
+    e = port_entry(p, gva, args[0], 0);
+    if (e == NULL) {
+        return NULL;
+    }
+    if (entry_key(e, 0, &base) < 0) {
+        Py_DECREF(e);
+        return NULL;
+    }
+    Py_DECREF(e);
+    key = base | (gva & 0xFC0);
+    s = port_set(p, key);
+    if (s == NULL) {
+        return PyObject_Vectorcall(p->slow_load, args, 2, NULL);
+    }
+    line = port_line(p, s, key);
+    if (line == NULL) {
+        return NULL;
+    }
+    if (!PyByteArray_CheckExact(line) || PyByteArray_GET_SIZE(line) != LINE) {
+        PyErr_SetString(PyExc_TypeError, "a cache line must be a bytearray of 64 bytes");
+        return NULL;
+    }
+    b = (const unsigned char *)PyByteArray_AS_STRING(line) + (gva & 63);
+    for (i = (int)size - 1; i >= 0; i--) {
+        v = (v << 8) | b[i];
+    }
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+PyDoc_STRVAR(port_store_doc,
+             "store(gva, size, value, /)\n--\n\nGuestCpu.store: the low size bytes of value at gva, little-endian.");
+
+static PyObject *port_store(PortObject *p, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t gva, base, key, v;
+    long size;
+    PyObject *e, *s, *line, *k;
+    unsigned char *b;
+    int i, rc;
+    if (check_nargs("store", nargs, 3) < 0) {
+        return NULL;
+    }
+    size = PyLong_CheckExact(args[1]) ? PyLong_AsLong(args[1]) : 0;
+    if (size == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        size = 0;
+    }
+    if (!port_gva(args[0], &gva) || size < 1 || size > 8 || (gva & 63) + (uint64_t)size > 64 ||
+        !PyLong_CheckExact(args[2])) {
+        return PyObject_Vectorcall(p->slow_store, args, 3, NULL);
+    }
+    v = (uint64_t)PyLong_AsUnsignedLongLongMask(args[2]); /* value mod 2^64: its low bytes */
+    if (v == (uint64_t)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    e = port_entry(p, gva, args[0], 1);
+    if (e == NULL) {
+        return NULL;
+    }
+    if (entry_key(e, 0, &base) < 0) {
+        Py_DECREF(e);
+        return NULL;
+    }
+    Py_DECREF(e);
+    key = base | (gva & 0xFC0);
+    s = port_set(p, key);
+    if (s == NULL) {
+        return PyObject_Vectorcall(p->slow_store, args, 3, NULL);
+    }
+    line = port_line(p, s, key);
+    if (line == NULL) {
+        return NULL;
+    }
+    if (!PyByteArray_CheckExact(line) || PyByteArray_GET_SIZE(line) != LINE) {
+        PyErr_SetString(PyExc_TypeError, "a cache line must be a bytearray of 64 bytes");
+        return NULL;
+    }
+    b = (unsigned char *)PyByteArray_AS_STRING(line) + (gva & 63);
+    for (i = 0; i < (int)size; i++) {
+        b[i] = (unsigned char)(v >> (8 * i));
+    }
+    k = PyLong_FromUnsignedLongLong(key);
+    if (k == NULL) {
+        return NULL;
+    }
+    rc = PySet_Add(p->dirty, k);
+    Py_DECREF(k);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef port_methods[] = {
+    {"load", (PyCFunction)(void (*)(void))port_load, METH_FASTCALL, port_load_doc},
+    {"store", (PyCFunction)(void (*)(void))port_store, METH_FASTCALL, port_store_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(port_doc,
+             "Port(tlb, sets, mask, counters, dirty, readers, ways, coherent, walk, slow_load, slow_store, fill, write_line)\n"
+             "--\n\n"
+             "A guest view of a core's memory port (GuestCpu.load / GuestCpu.store) over the TLB dict\n"
+             "`tlb` and the cache's `sets`; see src/sevemu/hw/cache.py (Cache.port).");
+
+static PyTypeObject PortType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sevemu.hw._mem_accel.Port",
+    .tp_basicsize = sizeof(PortObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = port_doc,
+    .tp_new = port_new,
+    .tp_dealloc = (destructor)port_dealloc,
+    .tp_traverse = (traverseproc)port_traverse,
+    .tp_clear = (inquiry)port_clear,
+    .tp_methods = port_methods,
+};
+
 static PyMethodDef methods[] = {
     {"dram_gather", (PyCFunction)(void (*)(void))dram_gather, METH_FASTCALL, dram_gather_doc},
     {"dram_scatter", (PyCFunction)(void (*)(void))dram_scatter, METH_FASTCALL, dram_scatter_doc},
@@ -672,9 +1161,28 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static int module_exec(PyObject *m)
+{
+    if ((s_hits = PyUnicode_InternFromString("hits")) == NULL ||
+        (s_misses = PyUnicode_InternFromString("misses")) == NULL ||
+        (s_writebacks = PyUnicode_InternFromString("writebacks")) == NULL) {
+        return -1;
+    }
+    if (PyType_Ready(&PortType) < 0) {
+        return -1;
+    }
+    Py_INCREF(&PortType);
+    if (PyModule_AddObject(m, "Port", (PyObject *)&PortType) < 0) {
+        Py_DECREF(&PortType);
+        return -1;
+    }
+    return 0;
+}
+
 static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
 #ifdef Py_mod_multiple_interpreters
-    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED}, /* a static type (Port) */
 #endif
 #ifdef Py_GIL_DISABLED
     {Py_mod_gil, Py_MOD_GIL_USED},

@@ -25,7 +25,7 @@ writes, flushes or invalidates them, it writes back and drops (or refreshes) its
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 from typing import Protocol
 
@@ -136,6 +136,24 @@ class Cache:
     def _snoop_all(self) -> None:
         for agent in self.agents:
             agent.snoop(0, 1 << 64, True)
+
+    # ---- the guest's memory port ----------------------------------------------------------------
+    def port(self, tlb: dict[int, tuple[int, int, int]], walk: Callable[[int, bool, bool], tuple[int, int, int]],
+             slow_load: Callable[[int, int], int],
+             slow_store: Callable[[int, int, int], None]) -> tuple[Callable[[int, int], int],
+                                                                   Callable[[int, int, int], None]] | None:
+        """(load, store) of a guest view of a core in C (``csrc/mem_accel.c``, ``Port``), or None
+        where the C helpers are off: the same lookups, fills, evictions, write-backs, counters and
+        LRU order as ``slow_load`` / ``slow_store`` (:class:`~sevemu.hw.cpu.GuestCpu`'s Python path,
+        to which the C port hands every access it does not serve itself: one crossing a line, a set
+        that is not exactly a dict, a coherent profile's fill, a domain without a key).  The fill's
+        decryption and the write-back's encryption stay the memory controller's
+        (:attr:`MemoryController.readers`, :meth:`MemoryController.write_line`)."""
+        if not memaccel.ENABLED:
+            return None
+        p = memaccel.helpers.Port(tlb, self.sets, self.set_mask, vars(self), self.dirty, self._readers, self.ways,
+                                  self.coherent, walk, slow_load, slow_store, self.fill, self.mc.write_line)
+        return p.load, p.store
 
     # ---- the lookup every access goes through -------------------------------------------------
     def line(self, key: int) -> bytearray:
