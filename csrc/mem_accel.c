@@ -29,6 +29,8 @@
 
 #include <limits.h>
 #include <stdint.h>
+
+#include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -1152,6 +1154,312 @@ static PyTypeObject PortType = {
     .tp_methods = port_methods,
 };
 
+/* ---- the memory controller's line cipher: one 64-byte line, AES through OpenSSL -------------- */
+
+/* LineCipher(code, key, pages, memo, fallback, lines): the memory controller's single-line path for
+ * one key slot, in C (src/sevemu/hw/memctl.py, _install; the bytes of MemoryCipher.line_functions and
+ * line_reader in src/sevemu/crypto/memenc.py).  The line's 64-byte tweak T comes from the cipher's
+ * own memo (memo[spa >> 12] for XE/XEX, memo[spa >> 6] for XTS), or fallback(spa) when absent (which
+ * memoises it); XE/XEX add the in-page tweak lines[(spa >> 6) & 63].  Then, with AES-ECB under the
+ * data key (AES-128 for XE/XEX, AES-256 = K1 for XTS):
+ *     XE:       enc = E(d ^ T)        dec = D(d) ^ T
+ *     XEX, XTS: enc = E(d ^ T) ^ T    dec = D(d ^ T) ^ T
+ * read(spa) decrypts the line of the page store `pages` (an absent page reads as zeros) into a new
+ * bytearray: the cache's fill. */
+
+enum { CODE_XE = 0, CODE_XEX = 1, CODE_XTS = 2 };
+
+typedef struct {
+    PyObject_HEAD
+    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+    PyObject *pages;
+    PyObject *memo;
+    PyObject *fallback;
+    PyObject *lines; /* tuple of 64 bytes objects (XE/XEX), or NULL */
+    int code;
+} LineCipherObject;
+
+static int lc_traverse(LineCipherObject *c, visitproc visit, void *arg)
+{
+    Py_VISIT(c->pages);
+    Py_VISIT(c->memo);
+    Py_VISIT(c->fallback);
+    Py_VISIT(c->lines);
+    return 0;
+}
+
+static int lc_clear(LineCipherObject *c)
+{
+    Py_CLEAR(c->pages);
+    Py_CLEAR(c->memo);
+    Py_CLEAR(c->fallback);
+    Py_CLEAR(c->lines);
+    return 0;
+}
+
+static void lc_dealloc(LineCipherObject *c)
+{
+    PyObject_GC_UnTrack(c);
+    lc_clear(c);
+    EVP_CIPHER_CTX_free(c->enc); /* (frees the key schedule: OPENSSL_cleanse'd by OpenSSL) */
+    EVP_CIPHER_CTX_free(c->dec);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *lc_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *code_obj, *key_obj, *pages, *memo, *fallback, *lines, *tuple = NULL;
+    LineCipherObject *c;
+    Py_buffer key;
+    long code;
+    const EVP_CIPHER *aes;
+    Py_ssize_t i;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "LineCipher() takes positional arguments only");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "LineCipher", 6, 6, &code_obj, &key_obj, &pages, &memo, &fallback, &lines)) {
+        return NULL;
+    }
+    code = PyLong_AsLong(code_obj);
+    if (code == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (code < CODE_XE || code > CODE_XTS || !PyDict_CheckExact(pages) || !PyDict_CheckExact(memo) ||
+        !PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "LineCipher(code 0..2, key, pages: dict, memo: dict, fallback: callable, lines)");
+        return NULL;
+    }
+    if (code != CODE_XTS) {
+        if (!PySequence_Check(lines) || (tuple = PySequence_Tuple(lines)) == NULL) {
+            return NULL;
+        }
+        if (PyTuple_GET_SIZE(tuple) != PAGE / LINE) {
+            PyErr_SetString(PyExc_ValueError, "LineCipher: lines must hold the 64 in-page tweaks");
+            Py_DECREF(tuple);
+            return NULL;
+        }
+        for (i = 0; i < PAGE / LINE; i++) {
+            PyObject *t = PyTuple_GET_ITEM(tuple, i);
+            if (!PyBytes_CheckExact(t) || PyBytes_GET_SIZE(t) != LINE) {
+                PyErr_SetString(PyExc_TypeError, "LineCipher: each in-page tweak must be 64 bytes");
+                Py_DECREF(tuple);
+                return NULL;
+            }
+        }
+    }
+    if (PyObject_GetBuffer(key_obj, &key, PyBUF_SIMPLE) < 0) {
+        Py_XDECREF(tuple);
+        return NULL;
+    }
+    aes = key.len == 16 && code != CODE_XTS ? EVP_aes_128_ecb() : key.len == 32 && code == CODE_XTS ? EVP_aes_256_ecb() : NULL;
+    if (aes == NULL) {
+        PyErr_SetString(PyExc_ValueError, "LineCipher: a 16-byte key for XE/XEX, the 32-byte data key for XTS");
+        goto fail_key;
+    }
+    c = (LineCipherObject *)type->tp_alloc(type, 0);
+    if (c == NULL) {
+        goto fail_key;
+    }
+    c->enc = EVP_CIPHER_CTX_new();
+    c->dec = EVP_CIPHER_CTX_new();
+    if (c->enc == NULL || c->dec == NULL || EVP_EncryptInit_ex(c->enc, aes, NULL, key.buf, NULL) != 1 ||
+        EVP_DecryptInit_ex(c->dec, aes, NULL, key.buf, NULL) != 1 || EVP_CIPHER_CTX_set_padding(c->enc, 0) != 1 ||
+        EVP_CIPHER_CTX_set_padding(c->dec, 0) != 1) {
+        PyErr_SetString(PyExc_RuntimeError, "LineCipher: OpenSSL could not set up AES-ECB");
+        PyBuffer_Release(&key);
+        Py_XDECREF(tuple);
+        Py_DECREF(c);
+        return NULL;
+    }
+    PyBuffer_Release(&key);
+    c->code = (int)code;
+    c->pages = Py_NewRef(pages);
+    c->memo = Py_NewRef(memo);
+    c->fallback = Py_NewRef(fallback);
+    c->lines = tuple;
+    return (PyObject *)c;
+fail_key:
+    PyBuffer_Release(&key);
+    Py_XDECREF(tuple);
+    return NULL;
+}
+
+/* t = the 64-byte tweak of the line at spa. */
+static int lc_tweak(LineCipherObject *c, uint64_t spa, unsigned char *t)
+{
+    PyObject *k = PyLong_FromUnsignedLongLong(c->code == CODE_XTS ? spa >> 6 : spa >> 12), *tw;
+    Py_buffer view;
+    int i;
+    if (k == NULL) {
+        return -1;
+    }
+    tw = PyDict_GetItemWithError(c->memo, k);
+    Py_DECREF(k);
+    if (tw != NULL) {
+        Py_INCREF(tw);
+    } else {
+        PyObject *a;
+        if (PyErr_Occurred() || (a = PyLong_FromUnsignedLongLong(spa)) == NULL) {
+            return -1;
+        }
+        tw = PyObject_CallOneArg(c->fallback, a);
+        Py_DECREF(a);
+        if (tw == NULL) {
+            return -1;
+        }
+    }
+    if (PyBytes_CheckExact(tw) && PyBytes_GET_SIZE(tw) == LINE) {
+        memcpy(t, PyBytes_AS_STRING(tw), LINE);
+    } else if (PyByteArray_CheckExact(tw) && PyByteArray_GET_SIZE(tw) == LINE) {
+        memcpy(t, PyByteArray_AS_STRING(tw), LINE);
+    } else {
+        if (PyObject_GetBuffer(tw, &view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(tw);
+            return -1;
+        }
+        if (view.len != LINE) {
+            PyBuffer_Release(&view);
+            Py_DECREF(tw);
+            PyErr_SetString(PyExc_ValueError, "a line tweak must be 64 bytes");
+            return -1;
+        }
+        memcpy(t, view.buf, LINE);
+        PyBuffer_Release(&view);
+    }
+    Py_DECREF(tw);
+    if (c->code != CODE_XTS) {
+        const unsigned char *l = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(c->lines, (spa >> 6) & 63));
+        for (i = 0; i < LINE; i++) {
+            t[i] ^= l[i];
+        }
+    }
+    return 0;
+}
+
+static void xor64(unsigned char *d, const unsigned char *t)
+{
+    int i;
+    for (i = 0; i < LINE; i++) {
+        d[i] ^= t[i];
+    }
+}
+
+/* out = the line `in` (64 bytes) at spa, encrypted or decrypted. */
+static int lc_crypt(LineCipherObject *c, uint64_t spa, const unsigned char *in, unsigned char *out, int encrypt)
+{
+    unsigned char t[LINE], x[LINE];
+    int n = 0;
+    if (spa % LINE) {
+        PyErr_Format(PyExc_ValueError, "a line address must be 64-byte aligned, got %#llx", (unsigned long long)spa);
+        return -1;
+    }
+    if (lc_tweak(c, spa, t) < 0) {
+        return -1;
+    }
+    memcpy(x, in, LINE);
+    if (encrypt || c->code != CODE_XE) {
+        xor64(x, t);
+    }
+    if ((encrypt ? EVP_EncryptUpdate(c->enc, out, &n, x, LINE) : EVP_DecryptUpdate(c->dec, out, &n, x, LINE)) != 1 ||
+        n != LINE) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-ECB failed on a line");
+        return -1;
+    }
+    if (!encrypt || c->code != CODE_XE) {
+        xor64(out, t);
+    }
+    return 0;
+}
+
+static PyObject *lc_apply(LineCipherObject *c, PyObject *const *args, Py_ssize_t nargs, int encrypt)
+{
+    uint64_t spa;
+    Py_buffer data;
+    PyObject *out;
+    if (check_nargs(encrypt ? "encrypt" : "decrypt", nargs, 2) < 0 || get_u64(args[0], "spa", &spa) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (data.len != LINE) {
+        PyBuffer_Release(&data);
+        PyErr_Format(PyExc_ValueError, "a line is 64 bytes, got %zd", data.len);
+        return NULL;
+    }
+    out = PyBytes_FromStringAndSize(NULL, LINE);
+    if (out != NULL && lc_crypt(c, spa, (const unsigned char *)data.buf, (unsigned char *)PyBytes_AS_STRING(out), encrypt) < 0) {
+        Py_CLEAR(out);
+    }
+    PyBuffer_Release(&data);
+    return out;
+}
+
+PyDoc_STRVAR(lc_encrypt_doc, "encrypt(spa, line, /)\n--\n\nThe 64-byte line at spa, encrypted (bytes).");
+PyDoc_STRVAR(lc_decrypt_doc, "decrypt(spa, line, /)\n--\n\nThe 64-byte line at spa, decrypted (bytes).");
+PyDoc_STRVAR(lc_read_doc,
+             "read(spa, /)\n--\n\nThe line at spa of the page store, decrypted, as a new bytearray (a cache fill).");
+
+static PyObject *lc_encrypt(LineCipherObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return lc_apply(c, args, nargs, 1);
+}
+
+static PyObject *lc_decrypt(LineCipherObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return lc_apply(c, args, nargs, 0);
+}
+
+static PyObject *lc_read(LineCipherObject *c, PyObject *arg)
+{
+    static const unsigned char zero[LINE];
+    uint64_t spa;
+    PyObject *page, *out;
+    const unsigned char *src = zero;
+    if (get_u64(arg, "spa", &spa) < 0) {
+        return NULL;
+    }
+    page = page_of(c->pages, spa >> 12);
+    if (page == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (page != NULL) {
+        src = (const unsigned char *)PyByteArray_AS_STRING(page) + (spa & (PAGE - 1) & ~(uint64_t)(LINE - 1));
+    }
+    out = PyByteArray_FromStringAndSize(NULL, LINE);
+    if (out != NULL && lc_crypt(c, spa, src, (unsigned char *)PyByteArray_AS_STRING(out), 0) < 0) {
+        Py_CLEAR(out);
+    }
+    return out;
+}
+
+static PyMethodDef lc_methods[] = {
+    {"encrypt", (PyCFunction)(void (*)(void))lc_encrypt, METH_FASTCALL, lc_encrypt_doc},
+    {"decrypt", (PyCFunction)(void (*)(void))lc_decrypt, METH_FASTCALL, lc_decrypt_doc},
+    {"read", (PyCFunction)lc_read, METH_O, lc_read_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(lc_doc,
+             "LineCipher(code, key, pages, memo, fallback, lines)\n--\n\n"
+             "One key slot's single-line path (XE 0, XEX 1, XTS 2) with AES-ECB through OpenSSL; the\n"
+             "tweaks come from the MemoryCipher's memo or fallback(spa).  See src/sevemu/hw/memctl.py.");
+
+static PyTypeObject LineCipherType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sevemu.hw._mem_accel.LineCipher",
+    .tp_basicsize = sizeof(LineCipherObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = lc_doc,
+    .tp_new = lc_new,
+    .tp_dealloc = (destructor)lc_dealloc,
+    .tp_traverse = (traverseproc)lc_traverse,
+    .tp_clear = (inquiry)lc_clear,
+    .tp_methods = lc_methods,
+};
+
 static PyMethodDef methods[] = {
     {"dram_gather", (PyCFunction)(void (*)(void))dram_gather, METH_FASTCALL, dram_gather_doc},
     {"dram_scatter", (PyCFunction)(void (*)(void))dram_scatter, METH_FASTCALL, dram_scatter_doc},
@@ -1174,6 +1482,14 @@ static int module_exec(PyObject *m)
     Py_INCREF(&PortType);
     if (PyModule_AddObject(m, "Port", (PyObject *)&PortType) < 0) {
         Py_DECREF(&PortType);
+        return -1;
+    }
+    if (PyType_Ready(&LineCipherType) < 0) {
+        return -1;
+    }
+    Py_INCREF(&LineCipherType);
+    if (PyModule_AddObject(m, "LineCipher", (PyObject *)&LineCipherType) < 0) {
+        Py_DECREF(&LineCipherType);
         return -1;
     }
     return 0;

@@ -14,6 +14,7 @@ import pytest
 from hwkit import GUEST_SPA, MEM_ACCEL_MODES, FnEngine, PageTables, make_soc, mem_accel
 
 from sevemu.abi.paging import ExitCode
+from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.hw import memaccel
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.profiles import GENOA, MILAN, CpuProfile
@@ -170,3 +171,46 @@ def test_port_is_collected_with_its_guest_view() -> None:
         pt.soc.boot_cpu._last_cpu = None  # (the core keeps its last guest view for reuse)
     gc.collect()
     assert sys.getrefcount(sets) == base
+
+
+@pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+@pytest.mark.parametrize("mode", list(EncryptionMode), ids=lambda m: m.value)
+def test_line_cipher_same_bytes_as_memory_cipher(mode: EncryptionMode) -> None:
+    """The memory controller's C line cipher gives the bytes of MemoryCipher's line path: encrypt,
+    decrypt and the fill from a page store, on memoised and fresh tweaks, pages present or not."""
+    rnd = random.Random(mode.value)
+    key = rnd.randbytes(mode.key_size)
+    tweaks = TweakConstants.random_zen2()
+    ref = MemoryCipher(mode, key, tweaks)
+    mine = MemoryCipher(mode, key, tweaks)
+    source = mine.line_tweak_source()
+    assert source is not None
+    code, memo, fallback, lines = source
+    pages: dict[int, bytearray] = {}
+    c = memaccel.helpers.LineCipher(code, key[:32] if mode is EncryptionMode.XTS256 else key, pages, memo,
+                                    fallback, lines)
+    enc, dec = ref.line_functions()
+    for _ in range(400):
+        spa = rnd.choice((rnd.randrange(1 << 20), rnd.randrange(1 << 40))) & ~63
+        data = rnd.randbytes(64)
+        assert c.encrypt(spa, data) == enc(spa, data) == ref.encrypt_line(spa, data)
+        assert c.decrypt(spa, data) == dec(spa, data) == ref.decrypt_line(spa, data)
+        pfn = spa >> 12
+        if rnd.random() < 0.7:
+            pages.setdefault(pfn, bytearray(rnd.randbytes(4096)))
+        raw = bytes(pages[pfn][spa & 0xFFF:][:64]) if pfn in pages else bytes(64)
+        line = c.read(spa)
+        assert type(line) is bytearray and line == ref.decrypt_line(spa, raw)
+    with pytest.raises(ValueError):
+        c.encrypt(64 + 1, bytes(64))
+    with pytest.raises(ValueError):
+        c.decrypt(64, bytes(63))
+
+
+@pytest.mark.parametrize("on", MEM_ACCEL_MODES)
+def test_key_slots_use_the_c_line_cipher_when_built(on: bool) -> None:
+    with mem_accel(on):
+        soc = make_soc(MILAN)
+        soc.psp.take_ports().keys.load(200, bytes(16))
+        reader = soc.mc.readers[(200 << 1) | 1]
+        assert (type(reader).__name__ == "builtin_function_or_method") is on
