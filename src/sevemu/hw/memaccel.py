@@ -14,9 +14,7 @@ Python paths.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-__all__ = ["ENABLED", "LineCipher", "helpers"]  # helpers: only where ENABLED
+__all__ = ["ENABLED", "helpers"]  # helpers: only where ENABLED
 
 
 _FUNCTIONS = ("dram_gather", "dram_scatter", "cache_take", "resident_keys", "line_runs", "Port", "LineCipher")
@@ -24,8 +22,6 @@ _FUNCTIONS = ("dram_gather", "dram_scatter", "cache_take", "resident_keys", "lin
 ENABLED: bool
 """Whether the callers use the C helpers (``helpers``); false when they were not built, or were built
 from an older ``csrc/mem_accel.c`` that lacks one of them (then rebuild: ``setup.py build_ext``)."""
-if TYPE_CHECKING:
-    from sevemu.hw._mem_accel import LineCipher
 try:
     from sevemu.hw import _mem_accel as helpers
 except ImportError:  # installed without a C compiler: the Python loops

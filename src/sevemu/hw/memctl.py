@@ -29,12 +29,16 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sevemu._util.units import LINE, MiB
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.errors import AlignmentError, AsidError, KeySlotError
 from sevemu.hw import memaccel
 from sevemu.hw.dram import Dram
+
+if TYPE_CHECKING:
+    from sevemu.hw._mem_accel import LineCipher
 
 _ZERO_LINE = bytes(LINE)
 _CHUNK = MiB  # bulk encryption granule of large transfers (a whole number of pages)
@@ -113,7 +117,7 @@ class MemoryController:
             self._line_enc[asid], self._line_dec[asid] = line.encrypt, line.decrypt
             self.readers[(asid << 1) | 1] = line.read
 
-    def _line_cipher(self, cipher: MemoryCipher, key: bytes) -> memaccel.LineCipher | None:
+    def _line_cipher(self, cipher: MemoryCipher, key: bytes) -> LineCipher | None:
         """The slot's single-line path in C (``csrc/mem_accel.c``, ``LineCipher``: AES-ECB through
         OpenSSL around the cipher's own tweaks), or None where the C helpers are off: then the
         cipher's Python line functions, which give the same bytes."""
