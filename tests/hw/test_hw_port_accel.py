@@ -17,7 +17,9 @@ from sevemu.abi.paging import ExitCode
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.hw import memaccel
 from sevemu.hw.cpu import GuestCpu
+from sevemu.hw.faults import PageFault
 from sevemu.hw.profiles import GENOA, MILAN, CpuProfile
+from sevemu.hw.pyengine import op
 from sevemu.hw.soc import Soc
 
 GVA = 0x40_0000_0000
@@ -214,3 +216,66 @@ def test_key_slots_use_the_c_line_cipher_when_built(on: bool) -> None:
         soc.psp.take_ports().keys.load(200, bytes(16))
         reader = soc.mc.readers[(200 << 1) | 1]
         assert (type(reader).__name__ == "builtin_function_or_method") is on
+
+
+@pytest.mark.parametrize("on", MEM_ACCEL_MODES)
+def test_engine_memory_runs_count_and_restart(on: bool) -> None:
+    """The Python engine runs consecutive loads and stores without its per-operation steps: the
+    operation count and RIP stay exact across an NPF in the middle of a run (the faulting operation
+    restarts, the ones before it are not repeated), a #PF thrown into the workload mid-run, a
+    non-memory operation ending a run, and a workload that dies or ends inside a run."""
+    with mem_accel(on):
+        soc = make_soc(MILAN)
+        soc.psp.take_ports().keys.load(200, bytes(16))
+        pt = PageTables(soc, 200, True)
+        pt.identity(1 << 20)
+        got: list[Any] = []
+
+        def work() -> Any:
+            yield op.store(0x1008, 8, 0xAB)
+            got.append((yield op.load(0x1008, 8)))
+            yield op.store(0x200008, 8, 0xCD)  # NPF: GPA 2 MiB is not mapped yet
+            got.append((yield op.load(0x200008, 8)))
+            got.append((yield op.cpuid(0)))  # ends the run (an exit)
+            got.append((yield op.load(0x1008, 2)))
+            yield op.hlt()
+
+        eng = pt.engine(work())
+        vmcb = pt.vmcb(paging=False)
+        ex = soc.boot_cpu.vmrun(vmcb, eng)
+        assert (ex.code, ex.info2) == (ExitCode.NPF, 0x200008)
+        assert (eng.ops, vmcb.rip, got) == (2, 2, [0xAB])
+        pt.npt_map(0x200000, GUEST_SPA + 0x200000)
+        ex = soc.boot_cpu.vmrun(vmcb, eng)
+        assert ex.code == ExitCode.CPUID
+        assert (eng.ops, vmcb.rip, got) == (4, 4, [0xAB, 0xCD])
+        vmcb.rip = vmcb.next_rip
+        assert soc.boot_cpu.vmrun(vmcb, eng).code == ExitCode.HLT
+        assert eng.ops == 5 and got[-1] == 0xAB  # (intercepted operations are not counted)
+
+        pt.guest_map(0x10000, 0x5000, flags=1)  # read-only for the #PF below
+        pt.guest_map(0x11000, 0x6000)
+        seen: list[Any] = []
+
+        def faulting() -> Any:
+            yield op.store(0x11000, 8, 1)
+            try:
+                yield op.store(0x10010, 4, 1)
+            except PageFault as pf:
+                seen.append(pf.address)
+            seen.append((yield op.load(0x11000, 8)))
+            raise RuntimeError("dies inside a run")
+
+        eng = pt.engine(faulting())
+        vmcb = pt.vmcb()
+        assert soc.boot_cpu.vmrun(vmcb, eng).code == ExitCode.SHUTDOWN
+        assert seen == [0x10010, 1] and eng.ops == 2 and vmcb.rip == 2
+        assert eng.crash == "RuntimeError: dies inside a run"
+
+        def short() -> Any:
+            yield op.store(0x11000, 8, 2)
+            yield op.load(0x11000, 8)
+
+        eng = pt.engine(short())
+        assert soc.boot_cpu.vmrun(pt.vmcb(), eng).code == ExitCode.HLT
+        assert eng.finished and eng.ops == 2
