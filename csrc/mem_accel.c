@@ -667,12 +667,11 @@ fail:
 
 /* ---- the guest's memory port: one load or store through the TLB and the cache --------------- */
 
-/* Port(tlb, sets, mask, counters, dirty, readers, ways, coherent, walk, slow_load, slow_store, fill,
- * write_line): the hot path of GuestCpu.load/store (src/sevemu/hw/cpu.py) and of Cache.line/fill
+/* Port(view, tlb, sets, mask, counters, dirty, readers, ways, coherent, fill, write_line): the hot path of GuestCpu.load/store (src/sevemu/hw/cpu.py) and of Cache.line/fill
  * (src/sevemu/hw/cache.py), for one guest view of a core.  A hit, and a miss of a non-coherent cache
  * whose domain has a reader, run here; everything else -- an access crossing a line, a size other
  * than 1..8, a set that is not exactly a dict, a coherent cache, a domain without a key -- is handed
- * to the Python callables before anything changed, so the bytes, counters and LRU order are those
+ * to the Python path (the view's _load / _store, Cache.fill) before anything changed, so the bytes, counters and LRU order are those
  * of the Python path.  The decryption of a fill and the encryption of a write-back stay in the
  * memory controller's callables (readers[key >> 52], write_line). */
 
@@ -683,9 +682,7 @@ typedef struct {
     PyObject *counters;   /* the cache's instance dict: hits, misses, writebacks */
     PyObject *dirty;      /* set of dirty keys */
     PyObject *readers;    /* dict (key >> 52) -> fill function */
-    PyObject *walk;       /* walk(gva, write, fetch) -> TLB entry */
-    PyObject *slow_load;  /* slow_load(gva, size) -> int */
-    PyObject *slow_store; /* slow_store(gva, size, value) */
+    PyObject *view;       /* a weak reference to the guest view: its _walk, _load, _store */
     PyObject *fill;       /* Cache.fill(key, set) -> line */
     PyObject *write_line; /* MemoryController.write_line(spa, asid, c, line) */
     uint64_t mask;
@@ -693,7 +690,7 @@ typedef struct {
     int coherent;
 } PortObject;
 
-static PyObject *s_hits, *s_misses, *s_writebacks;
+static PyObject *s_hits, *s_misses, *s_writebacks, *s_walk, *s_load, *s_store;
 
 #define C_SHIFT 52
 #define ASID_SHIFT 53
@@ -707,9 +704,7 @@ static int port_traverse(PortObject *p, visitproc visit, void *arg)
     Py_VISIT(p->counters);
     Py_VISIT(p->dirty);
     Py_VISIT(p->readers);
-    Py_VISIT(p->walk);
-    Py_VISIT(p->slow_load);
-    Py_VISIT(p->slow_store);
+    Py_VISIT(p->view);
     Py_VISIT(p->fill);
     Py_VISIT(p->write_line);
     return 0;
@@ -722,9 +717,7 @@ static int port_clear(PortObject *p)
     Py_CLEAR(p->counters);
     Py_CLEAR(p->dirty);
     Py_CLEAR(p->readers);
-    Py_CLEAR(p->walk);
-    Py_CLEAR(p->slow_load);
-    Py_CLEAR(p->slow_store);
+    Py_CLEAR(p->view);
     Py_CLEAR(p->fill);
     Py_CLEAR(p->write_line);
     return 0;
@@ -739,8 +732,7 @@ static void port_dealloc(PortObject *p)
 
 static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *tlb, *sets, *mask, *counters, *dirty, *readers, *ways, *coherent, *walk, *slow_load,
-        *slow_store, *fill, *write_line;
+    PyObject *view, *tlb, *sets, *mask, *counters, *dirty, *readers, *ways, *coherent, *fill, *write_line;
     PortObject *p;
     uint64_t m, w;
     int coh;
@@ -748,8 +740,8 @@ static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "Port() takes positional arguments only");
         return NULL;
     }
-    if (!PyArg_UnpackTuple(args, "Port", 13, 13, &tlb, &sets, &mask, &counters, &dirty, &readers, &ways,
-                           &coherent, &walk, &slow_load, &slow_store, &fill, &write_line)) {
+    if (!PyArg_UnpackTuple(args, "Port", 11, 11, &view, &tlb, &sets, &mask, &counters, &dirty, &readers, &ways,
+                           &coherent, &fill, &write_line)) {
         return NULL;
     }
     if (!PyDict_CheckExact(tlb) || !PyList_CheckExact(sets) || !PyDict_CheckExact(counters) ||
@@ -768,9 +760,8 @@ static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (coh < 0) {
         return NULL;
     }
-    if (!PyCallable_Check(walk) || !PyCallable_Check(slow_load) || !PyCallable_Check(slow_store) ||
-        !PyCallable_Check(fill) || !PyCallable_Check(write_line)) {
-        PyErr_SetString(PyExc_TypeError, "Port: walk, slow_load, slow_store, fill and write_line must be callable");
+    if (!PyWeakref_CheckRef(view) || !PyCallable_Check(fill) || !PyCallable_Check(write_line)) {
+        PyErr_SetString(PyExc_TypeError, "Port: view must be a weak reference, fill and write_line callable");
         return NULL;
     }
     p = (PortObject *)type->tp_alloc(type, 0);
@@ -782,15 +773,38 @@ static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     p->counters = Py_NewRef(counters);
     p->dirty = Py_NewRef(dirty);
     p->readers = Py_NewRef(readers);
-    p->walk = Py_NewRef(walk);
-    p->slow_load = Py_NewRef(slow_load);
-    p->slow_store = Py_NewRef(slow_store);
+    p->view = Py_NewRef(view);
     p->fill = Py_NewRef(fill);
     p->write_line = Py_NewRef(write_line);
     p->mask = m;
     p->ways = (Py_ssize_t)w;
     p->coherent = coh;
     return (PyObject *)p;
+}
+
+/* view.<name>(*args) (the guest view's Python methods; ReferenceError once the view is gone) */
+static PyObject *view_call(PortObject *p, PyObject *name, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *stack[4];
+    PyObject *v = PyWeakref_GetObject(p->view); /* borrowed */
+    Py_ssize_t i;
+    if (v == NULL) {
+        return NULL;
+    }
+    if (v == Py_None) {
+        PyErr_SetString(PyExc_ReferenceError, "the guest view of this memory port is gone");
+        return NULL;
+    }
+    stack[0] = v;
+    for (i = 0; i < nargs && i < 3; i++) {
+        stack[i + 1] = args[i];
+    }
+    Py_INCREF(v);
+    {
+        PyObject *r = PyObject_VectorcallMethod(name, stack, (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(v);
+        return r;
+    }
 }
 
 /* counters[name] += 1 (the cache's hits / misses / writebacks, plain int attributes) */
@@ -858,7 +872,10 @@ static PyObject *port_entry(PortObject *p, uint64_t gva, PyObject *gva_obj, int 
     if (e != NULL) {
         return Py_NewRef(e);
     }
-    return PyObject_CallFunctionObjArgs(p->walk, gva_obj, write ? Py_True : Py_False, Py_False, NULL);
+    {
+        PyObject *wargs[3] = {gva_obj, write ? Py_True : Py_False, Py_False};
+        return view_call(p, s_walk, wargs, 3);
+    }
 }
 
 /* The line of `key` in set `s` (a borrowed reference, owned by the set), filled on a miss. */
@@ -1034,7 +1051,7 @@ static PyObject *port_load(PortObject *p, PyObject *const *args, Py_ssize_t narg
         size = 0;
     }
     if (!port_gva(args[0], &gva) || size < 1 || size > 8 || (gva & 63) + (uint64_t)size > 64) {
-        return PyObject_Vectorcall(p->slow_load, args, 2, NULL);
+        return view_call(p, s_load, args, 2);
     }
     e = port_entry(p, gva, args[0], 0);
     if (e == NULL) {
@@ -1048,7 +1065,7 @@ static PyObject *port_load(PortObject *p, PyObject *const *args, Py_ssize_t narg
     key = base | (gva & 0xFC0);
     s = port_set(p, key);
     if (s == NULL) {
-        return PyObject_Vectorcall(p->slow_load, args, 2, NULL);
+        return view_call(p, s_load, args, 2);
     }
     line = port_line(p, s, key);
     if (line == NULL) {
@@ -1085,7 +1102,7 @@ static PyObject *port_store(PortObject *p, PyObject *const *args, Py_ssize_t nar
     }
     if (!port_gva(args[0], &gva) || size < 1 || size > 8 || (gva & 63) + (uint64_t)size > 64 ||
         !PyLong_CheckExact(args[2])) {
-        return PyObject_Vectorcall(p->slow_store, args, 3, NULL);
+        return view_call(p, s_store, args, 3);
     }
     v = (uint64_t)PyLong_AsUnsignedLongLongMask(args[2]); /* value mod 2^64: its low bytes */
     if (v == (uint64_t)-1 && PyErr_Occurred()) {
@@ -1103,7 +1120,7 @@ static PyObject *port_store(PortObject *p, PyObject *const *args, Py_ssize_t nar
     key = base | (gva & 0xFC0);
     s = port_set(p, key);
     if (s == NULL) {
-        return PyObject_Vectorcall(p->slow_store, args, 3, NULL);
+        return view_call(p, s_store, args, 3);
     }
     line = port_line(p, s, key);
     if (line == NULL) {
@@ -1136,10 +1153,12 @@ static PyMethodDef port_methods[] = {
 };
 
 PyDoc_STRVAR(port_doc,
-             "Port(tlb, sets, mask, counters, dirty, readers, ways, coherent, walk, slow_load, slow_store, fill, write_line)\n"
+             "Port(view, tlb, sets, mask, counters, dirty, readers, ways, coherent, fill, write_line)\n"
              "--\n\n"
              "A guest view of a core's memory port (GuestCpu.load / GuestCpu.store) over the TLB dict\n"
-             "`tlb` and the cache's `sets`; see src/sevemu/hw/cache.py (Cache.port).");
+             "`tlb` and the cache's `sets`; `view` is a weak reference to the GuestCpu, whose _walk, _load\n"
+             "and _store it calls for what it does not serve itself (no reference cycle: the view holds\n"
+             "the port); see src/sevemu/hw/cache.py (Cache.port).");
 
 static PyTypeObject PortType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -1473,7 +1492,9 @@ static int module_exec(PyObject *m)
 {
     if ((s_hits = PyUnicode_InternFromString("hits")) == NULL ||
         (s_misses = PyUnicode_InternFromString("misses")) == NULL ||
-        (s_writebacks = PyUnicode_InternFromString("writebacks")) == NULL) {
+        (s_writebacks = PyUnicode_InternFromString("writebacks")) == NULL ||
+        (s_walk = PyUnicode_InternFromString("_walk")) == NULL || (s_load = PyUnicode_InternFromString("_load")) == NULL ||
+        (s_store = PyUnicode_InternFromString("_store")) == NULL) {
         return -1;
     }
     if (PyType_Ready(&PortType) < 0) {

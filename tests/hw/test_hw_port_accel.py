@@ -161,19 +161,39 @@ def test_port_lines_tagged_by_asid(on: bool) -> None:
 
 
 @pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
-def test_port_is_collected_with_its_guest_view() -> None:
-    """The C port holds the guest view's Python methods (a reference cycle): the garbage collector
-    must see through it, or every VMRUN would leak the cache's structures."""
+def test_port_is_freed_with_its_guest_view() -> None:
+    """The C port holds only a weak reference to its guest view (which holds the port): views and
+    ports go as soon as the core drops the view, without waiting for the garbage collector --
+    otherwise every VMRUN would leave the cache's structures referenced until a collection."""
     pt = _guest(MILAN)
     sets = pt.soc.cache.sets
     gc.collect()
     base = sys.getrefcount(sets)
-    for _ in range(50):
-        _run(pt, [("ld", GVA, 8)])
-        pt.soc.boot_cpu._last_cpu = None  # (the core keeps its last guest view for reuse)
-    gc.collect()
-    assert sys.getrefcount(sets) == base
+    gc.disable()
+    try:
+        for _ in range(50):
+            _run(pt, [("ld", GVA, 8), ("st", GVA + 0x1000, 8, 1)])
+            pt.soc.boot_cpu._last_cpu = None  # (the core keeps its last guest view for reuse)
+        assert sys.getrefcount(sets) == base
+    finally:
+        gc.enable()
 
+
+@pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+def test_a_port_outliving_its_view_refuses() -> None:
+    pt = _guest(MILAN)
+    eng = FnEngine(lambda cpu: (cpu.load(GVA, 8), cpu.load, cpu.store))
+    pt.soc.boot_cpu.vmrun(pt.vmcb(), eng)
+    assert isinstance(eng.result, tuple)
+    _, load, store = eng.result
+    eng.cpu = None
+    pt.soc.boot_cpu._last_cpu = None
+    gc.collect()
+    assert load(GVA, 8) == load(GVA, 8)  # a TLB hit needs no view
+    with pytest.raises(ReferenceError):
+        load(GVA + 0x5000, 8)  # a TLB miss: the view's walk
+    with pytest.raises(ReferenceError):
+        store(GVA + 0x3F, 8, 1)  # crossing a line: the view's Python path
 
 @pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
 @pytest.mark.parametrize("mode", list(EncryptionMode), ids=lambda m: m.value)

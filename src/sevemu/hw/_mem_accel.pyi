@@ -3,6 +3,7 @@
 Each does what the Python path beside its caller does (:mod:`sevemu.hw.dram`, :mod:`sevemu.hw.cache`).
 """
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,13 +31,11 @@ def resident_keys(sets: list[dict[int, bytearray]] | list[set[int]], mask: int, 
 class Port:
     """A guest view of a core's memory port in C: ``load`` / ``store`` of 1..8 bytes within a line
     through the TLB dict and the cache's sets, with :class:`~sevemu.hw.cache.Cache`'s fill and
-    eviction; everything else goes to ``slow_load`` / ``slow_store`` / ``fill``."""
+    eviction; everything else goes to the view's ``_load`` / ``_store`` / ``_walk`` or ``fill``."""
 
-    def __init__(self, tlb: dict[int, tuple[int, int, int]], sets: list[dict[int, bytearray]], mask: int,
-                 counters: dict[str, Any], dirty: set[int], readers: dict[int, Callable[[int], bytearray]],
-                 ways: int, coherent: bool, walk: Callable[[int, bool, bool], tuple[int, int, int]],
-                 slow_load: Callable[[int, int], int], slow_store: Callable[[int, int, int], None],
-                 fill: Callable[[int, dict[int, bytearray]], bytearray],
+    def __init__(self, view: weakref.ref[Any], tlb: dict[int, tuple[int, int, int]], sets: list[dict[int, bytearray]],
+                 mask: int, counters: dict[str, Any], dirty: set[int], readers: dict[int, Callable[[int], bytearray]],
+                 ways: int, coherent: bool, fill: Callable[[int, dict[int, bytearray]], bytearray],
                  write_line: Callable[[int, int, bool, bytearray], None], /) -> None: ...
     def load(self, gva: int, size: int, /) -> int: ...
     def store(self, gva: int, size: int, value: int, /) -> None: ...

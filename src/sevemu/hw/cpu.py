@@ -18,6 +18,7 @@ half-happens: a faulting access changes no memory, so the instruction can be res
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -99,8 +100,8 @@ class Engine(Protocol):
 class GuestCpu:
     """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
 
-    __slots__ = ("_cache", "_dirty", "_fill", "_line", "_mmu", "_set_mask", "_sets", "_tlb", "_tlb_insert", "asid",
-                 "core", "load", "rmp", "sev", "state", "store", "vmcb", "vmpl")
+    __slots__ = ("__weakref__", "_cache", "_dirty", "_fill", "_line", "_mmu", "_set_mask", "_sets", "_tlb",
+                 "_tlb_insert", "asid", "core", "load", "rmp", "sev", "state", "store", "vmcb", "vmpl")
 
     load: Callable[[int, int], int]
     """load(gva, size): a little-endian integer of ``size`` (1, 2, 4, 8) bytes (:meth:`_load`, or the
@@ -136,8 +137,11 @@ class GuestCpu:
         self._fill = core.cache.fill
         self._dirty = core.cache.dirty.add
         self._mmu = core.mmu
-        port = core.cache.port(self._tlb, self._walk, self._load, self._store)
-        self.load, self.store = (self._load, self._store) if port is None else port
+        port = core.cache.port(weakref.ref(self), self._tlb)
+        if port is None:  # (the Python path: bound methods, a cycle the garbage collector breaks)
+            self.load, self.store = self._load, self._store
+        else:
+            self.load, self.store = port
 
     # ---- translation ------------------------------------------------------------------------
     def _walk(self, gva: int, write: bool, fetch: bool) -> tuple[int, int, int]:
