@@ -675,16 +675,39 @@ fail:
  * of the Python path.  The decryption of a fill and the encryption of a write-back stay in the
  * memory controller's callables (readers[key >> 52], write_line). */
 
+/* The object references of the two types below, in one array each: traversed and cleared alike. */
+static int refs_traverse(PyObject **refs, int n, visitproc visit, void *arg)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        Py_VISIT(refs[i]);
+    }
+    return 0;
+}
+
+static void refs_clear(PyObject **refs, int n)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        Py_CLEAR(refs[i]);
+    }
+}
+
+enum {
+    P_TLB,        /* dict vpn -> (data key, flags, fetch key) */
+    P_SETS,       /* list of dicts key -> bytearray(64), LRU order */
+    P_COUNTERS,   /* the cache's instance dict: hits, misses, writebacks */
+    P_DIRTY,      /* set of dirty keys */
+    P_READERS,    /* dict (key >> 52) -> fill function */
+    P_VIEW,       /* a weak reference to the guest view: its _walk, _load, _store */
+    P_FILL,       /* Cache.fill(key, set) -> line */
+    P_WRITE_LINE, /* MemoryController.write_line(spa, asid, c, line) */
+    P_REFS
+};
+
 typedef struct {
     PyObject_HEAD
-    PyObject *tlb;        /* dict vpn -> (data key, flags, fetch key) */
-    PyObject *sets;       /* list of dicts key -> bytearray(64), LRU order */
-    PyObject *counters;   /* the cache's instance dict: hits, misses, writebacks */
-    PyObject *dirty;      /* set of dirty keys */
-    PyObject *readers;    /* dict (key >> 52) -> fill function */
-    PyObject *view;       /* a weak reference to the guest view: its _walk, _load, _store */
-    PyObject *fill;       /* Cache.fill(key, set) -> line */
-    PyObject *write_line; /* MemoryController.write_line(spa, asid, c, line) */
+    PyObject *ref[P_REFS];
     uint64_t mask;
     Py_ssize_t ways;
     int coherent;
@@ -699,27 +722,12 @@ static PyObject *s_hits, *s_misses, *s_writebacks, *s_walk, *s_load, *s_store;
 
 static int port_traverse(PortObject *p, visitproc visit, void *arg)
 {
-    Py_VISIT(p->tlb);
-    Py_VISIT(p->sets);
-    Py_VISIT(p->counters);
-    Py_VISIT(p->dirty);
-    Py_VISIT(p->readers);
-    Py_VISIT(p->view);
-    Py_VISIT(p->fill);
-    Py_VISIT(p->write_line);
-    return 0;
+    return refs_traverse(p->ref, P_REFS, visit, arg);
 }
 
 static int port_clear(PortObject *p)
 {
-    Py_CLEAR(p->tlb);
-    Py_CLEAR(p->sets);
-    Py_CLEAR(p->counters);
-    Py_CLEAR(p->dirty);
-    Py_CLEAR(p->readers);
-    Py_CLEAR(p->view);
-    Py_CLEAR(p->fill);
-    Py_CLEAR(p->write_line);
+    refs_clear(p->ref, P_REFS);
     return 0;
 }
 
@@ -768,14 +776,14 @@ static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (p == NULL) {
         return NULL;
     }
-    p->tlb = Py_NewRef(tlb);
-    p->sets = Py_NewRef(sets);
-    p->counters = Py_NewRef(counters);
-    p->dirty = Py_NewRef(dirty);
-    p->readers = Py_NewRef(readers);
-    p->view = Py_NewRef(view);
-    p->fill = Py_NewRef(fill);
-    p->write_line = Py_NewRef(write_line);
+    p->ref[P_TLB] = Py_NewRef(tlb);
+    p->ref[P_SETS] = Py_NewRef(sets);
+    p->ref[P_COUNTERS] = Py_NewRef(counters);
+    p->ref[P_DIRTY] = Py_NewRef(dirty);
+    p->ref[P_READERS] = Py_NewRef(readers);
+    p->ref[P_VIEW] = Py_NewRef(view);
+    p->ref[P_FILL] = Py_NewRef(fill);
+    p->ref[P_WRITE_LINE] = Py_NewRef(write_line);
     p->mask = m;
     p->ways = (Py_ssize_t)w;
     p->coherent = coh;
@@ -786,7 +794,7 @@ static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static PyObject *view_call(PortObject *p, PyObject *name, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *stack[4];
-    PyObject *v = PyWeakref_GetObject(p->view); /* borrowed */
+    PyObject *v = PyWeakref_GetObject(p->ref[P_VIEW]); /* borrowed */
     Py_ssize_t i;
     if (v == NULL) {
         return NULL;
@@ -848,7 +856,7 @@ static PyObject *port_entry(PortObject *p, uint64_t gva, PyObject *gva_obj, int 
     if (vpn == NULL) {
         return NULL;
     }
-    e = PyDict_GetItemWithError(p->tlb, vpn);
+    e = PyDict_GetItemWithError(p->ref[P_TLB], vpn);
     Py_DECREF(vpn);
     if (e == NULL && PyErr_Occurred()) {
         return NULL;
@@ -893,7 +901,7 @@ static PyObject *port_line(PortObject *p, PyObject *s, uint64_t key)
         }
         Py_DECREF(line); /* the set holds it */
         Py_DECREF(k);
-        return bump(p->counters, s_hits) < 0 ? NULL : line;
+        return bump(p->ref[P_COUNTERS], s_hits) < 0 ? NULL : line;
     }
     if (PyErr_Occurred()) {
         goto fail;
@@ -903,13 +911,13 @@ static PyObject *port_line(PortObject *p, PyObject *s, uint64_t key)
     if (rk == NULL) {
         goto fail;
     }
-    reader = PyDict_GetItemWithError(p->readers, rk);
+    reader = PyDict_GetItemWithError(p->ref[P_READERS], rk);
     Py_DECREF(rk);
     if (reader == NULL && PyErr_Occurred()) {
         goto fail;
     }
     if (reader == NULL || p->coherent) { /* Cache.fill: the coherent path, or its KeySlotError */
-        got = PyObject_CallFunctionObjArgs(p->fill, k, s, NULL);
+        got = PyObject_CallFunctionObjArgs(p->ref[P_FILL], k, s, NULL);
         Py_DECREF(k);
         if (got == NULL) {
             return NULL;
@@ -918,7 +926,7 @@ static PyObject *port_line(PortObject *p, PyObject *s, uint64_t key)
         return got;
     }
     Py_INCREF(reader);
-    if (bump(p->counters, s_misses) < 0) {
+    if (bump(p->ref[P_COUNTERS], s_misses) < 0) {
         goto fail_reader;
     }
     if (PyDict_GET_SIZE(s) >= p->ways) { /* the least recently used line goes, written back if dirty */
@@ -936,15 +944,15 @@ static PyObject *port_line(PortObject *p, PyObject *s, uint64_t key)
             Py_DECREF(vl);
             goto fail_reader;
         }
-        was = PySet_Discard(p->dirty, vk);
+        was = PySet_Discard(p->ref[P_DIRTY], vk);
         if (was > 0) {
             uint64_t victim = (uint64_t)as_u64(vk);
             PyObject *res = NULL;
-            if (!(victim == (uint64_t)-1 && PyErr_Occurred()) && bump(p->counters, s_writebacks) == 0) {
+            if (!(victim == (uint64_t)-1 && PyErr_Occurred()) && bump(p->ref[P_COUNTERS], s_writebacks) == 0) {
                 PyObject *spa = PyLong_FromUnsignedLongLong(victim & SPA_MASK);
                 PyObject *asid = PyLong_FromUnsignedLongLong(victim >> ASID_SHIFT);
                 if (spa != NULL && asid != NULL) {
-                    res = PyObject_CallFunctionObjArgs(p->write_line, spa, asid,
+                    res = PyObject_CallFunctionObjArgs(p->ref[P_WRITE_LINE], spa, asid,
                                                        (victim >> C_SHIFT) & 1 ? Py_True : Py_False, vl, NULL);
                 }
                 Py_XDECREF(spa);
@@ -994,10 +1002,10 @@ fail:
 static PyObject *port_set(PortObject *p, uint64_t key)
 {
     PyObject *s;
-    if ((uint64_t)PyList_GET_SIZE(p->sets) != p->mask + 1) {
+    if ((uint64_t)PyList_GET_SIZE(p->ref[P_SETS]) != p->mask + 1) {
         return NULL;
     }
-    s = PyList_GET_ITEM(p->sets, (Py_ssize_t)((key >> 6) & p->mask));
+    s = PyList_GET_ITEM(p->ref[P_SETS], (Py_ssize_t)((key >> 6) & p->mask));
     return PyDict_CheckExact(s) ? s : NULL;
 }
 
@@ -1033,27 +1041,25 @@ static int entry_key(PyObject *e, int index, uint64_t *out)
     return 0;
 }
 
-PyDoc_STRVAR(port_load_doc, "load(gva, size, /)\n--\n\nGuestCpu.load: a little-endian int of size bytes at gva.");
-
-static PyObject *port_load(PortObject *p, PyObject *const *args, Py_ssize_t nargs)
+/* The line of the access (gva = args[0], size = args[1]) of a load or (write) a store, a borrowed
+ * reference, with its gva, size and key; NULL with *python set when the Python path must serve it
+ * (nothing changed), NULL with an error set on failure. */
+static PyObject *port_access(PortObject *p, PyObject *const *args, int write, int *python, uint64_t *gva,
+                             long *size, uint64_t *key)
 {
-    uint64_t gva, base, key, v = 0;
-    long size;
+    uint64_t base;
     PyObject *e, *s, *line;
-    const unsigned char *b;
-    int i;
-    if (check_nargs("load", nargs, 2) < 0) {
+    *python = 0;
+    *size = PyLong_CheckExact(args[1]) ? PyLong_AsLong(args[1]) : 0;
+    if (*size == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        *size = 0;
+    }
+    if (!port_gva(args[0], gva) || *size < 1 || *size > 8 || (*gva & 63) + (uint64_t)*size > 64) {
+        *python = 1;
         return NULL;
     }
-    size = PyLong_CheckExact(args[1]) ? PyLong_AsLong(args[1]) : 0;
-    if (size == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        size = 0;
-    }
-    if (!port_gva(args[0], &gva) || size < 1 || size > 8 || (gva & 63) + (uint64_t)size > 64) {
-        return view_call(p, s_load, args, 2);
-    }
-    e = port_entry(p, gva, args[0], 0);
+    e = port_entry(p, *gva, args[0], write);
     if (e == NULL) {
         return NULL;
     }
@@ -1062,21 +1068,38 @@ static PyObject *port_load(PortObject *p, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     Py_DECREF(e);
-    key = base | (gva & 0xFC0);
-    s = port_set(p, key);
+    *key = base | (*gva & 0xFC0);
+    s = port_set(p, *key);
     if (s == NULL) {
-        return view_call(p, s_load, args, 2);
-    }
-    line = port_line(p, s, key);
-    if (line == NULL) {
+        *python = 1;
         return NULL;
     }
-    if (!PyByteArray_CheckExact(line) || PyByteArray_GET_SIZE(line) != LINE) {
+    line = port_line(p, s, *key);
+    if (line != NULL && (!PyByteArray_CheckExact(line) || PyByteArray_GET_SIZE(line) != LINE)) {
         PyErr_SetString(PyExc_TypeError, "a cache line must be a bytearray of 64 bytes");
         return NULL;
     }
+    return line;
+}
+
+PyDoc_STRVAR(port_load_doc, "load(gva, size, /)\n--\n\nGuestCpu.load: a little-endian int of size bytes at gva.");
+
+static PyObject *port_load(PortObject *p, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t gva, key, v = 0;
+    long size, i;
+    int python;
+    PyObject *line;
+    const unsigned char *b;
+    if (check_nargs("load", nargs, 2) < 0) {
+        return NULL;
+    }
+    line = port_access(p, args, 0, &python, &gva, &size, &key);
+    if (line == NULL) {
+        return python ? view_call(p, s_load, args, 2) : NULL;
+    }
     b = (const unsigned char *)PyByteArray_AS_STRING(line) + (gva & 63);
-    for (i = (int)size - 1; i >= 0; i--) {
+    for (i = size - 1; i >= 0; i--) {
         v = (v << 8) | b[i];
     }
     return PyLong_FromUnsignedLongLong(v);
@@ -1087,58 +1110,34 @@ PyDoc_STRVAR(port_store_doc,
 
 static PyObject *port_store(PortObject *p, PyObject *const *args, Py_ssize_t nargs)
 {
-    uint64_t gva, base, key, v;
-    long size;
-    PyObject *e, *s, *line, *k;
+    uint64_t gva, key, v;
+    long size, i;
+    int python, rc;
+    PyObject *line, *k;
     unsigned char *b;
-    int i, rc;
     if (check_nargs("store", nargs, 3) < 0) {
         return NULL;
     }
-    size = PyLong_CheckExact(args[1]) ? PyLong_AsLong(args[1]) : 0;
-    if (size == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        size = 0;
-    }
-    if (!port_gva(args[0], &gva) || size < 1 || size > 8 || (gva & 63) + (uint64_t)size > 64 ||
-        !PyLong_CheckExact(args[2])) {
+    if (!PyLong_CheckExact(args[2])) {
         return view_call(p, s_store, args, 3);
     }
     v = (uint64_t)PyLong_AsUnsignedLongLongMask(args[2]); /* value mod 2^64: its low bytes */
     if (v == (uint64_t)-1 && PyErr_Occurred()) {
         return NULL;
     }
-    e = port_entry(p, gva, args[0], 1);
-    if (e == NULL) {
-        return NULL;
-    }
-    if (entry_key(e, 0, &base) < 0) {
-        Py_DECREF(e);
-        return NULL;
-    }
-    Py_DECREF(e);
-    key = base | (gva & 0xFC0);
-    s = port_set(p, key);
-    if (s == NULL) {
-        return view_call(p, s_store, args, 3);
-    }
-    line = port_line(p, s, key);
+    line = port_access(p, args, 1, &python, &gva, &size, &key);
     if (line == NULL) {
-        return NULL;
-    }
-    if (!PyByteArray_CheckExact(line) || PyByteArray_GET_SIZE(line) != LINE) {
-        PyErr_SetString(PyExc_TypeError, "a cache line must be a bytearray of 64 bytes");
-        return NULL;
+        return python ? view_call(p, s_store, args, 3) : NULL;
     }
     b = (unsigned char *)PyByteArray_AS_STRING(line) + (gva & 63);
-    for (i = 0; i < (int)size; i++) {
+    for (i = 0; i < size; i++) {
         b[i] = (unsigned char)(v >> (8 * i));
     }
     k = PyLong_FromUnsignedLongLong(key);
     if (k == NULL) {
         return NULL;
     }
-    rc = PySet_Add(p->dirty, k);
+    rc = PySet_Add(p->ref[P_DIRTY], k);
     Py_DECREF(k);
     if (rc < 0) {
         return NULL;
@@ -1187,33 +1186,30 @@ static PyTypeObject PortType = {
  * bytearray: the cache's fill. */
 
 enum { CODE_XE = 0, CODE_XEX = 1, CODE_XTS = 2 };
+enum {
+    L_PAGES,    /* DRAM's page store */
+    L_MEMO,     /* the cipher's memo of line tweaks */
+    L_FALLBACK, /* fallback(spa) -> the line's tweak */
+    L_LINES,    /* tuple of the 64 in-page tweaks (XE/XEX), or NULL */
+    L_REFS
+};
 
 typedef struct {
     PyObject_HEAD
     EVP_CIPHER_CTX *enc;
     EVP_CIPHER_CTX *dec;
-    PyObject *pages;
-    PyObject *memo;
-    PyObject *fallback;
-    PyObject *lines; /* tuple of 64 bytes objects (XE/XEX), or NULL */
+    PyObject *ref[L_REFS];
     int code;
 } LineCipherObject;
 
 static int lc_traverse(LineCipherObject *c, visitproc visit, void *arg)
 {
-    Py_VISIT(c->pages);
-    Py_VISIT(c->memo);
-    Py_VISIT(c->fallback);
-    Py_VISIT(c->lines);
-    return 0;
+    return refs_traverse(c->ref, L_REFS, visit, arg);
 }
 
 static int lc_clear(LineCipherObject *c)
 {
-    Py_CLEAR(c->pages);
-    Py_CLEAR(c->memo);
-    Py_CLEAR(c->fallback);
-    Py_CLEAR(c->lines);
+    refs_clear(c->ref, L_REFS);
     return 0;
 }
 
@@ -1294,10 +1290,10 @@ static PyObject *lc_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     PyBuffer_Release(&key);
     c->code = (int)code;
-    c->pages = Py_NewRef(pages);
-    c->memo = Py_NewRef(memo);
-    c->fallback = Py_NewRef(fallback);
-    c->lines = tuple;
+    c->ref[L_PAGES] = Py_NewRef(pages);
+    c->ref[L_MEMO] = Py_NewRef(memo);
+    c->ref[L_FALLBACK] = Py_NewRef(fallback);
+    c->ref[L_LINES] = tuple;
     return (PyObject *)c;
 fail_key:
     PyBuffer_Release(&key);
@@ -1314,7 +1310,7 @@ static int lc_tweak(LineCipherObject *c, uint64_t spa, unsigned char *t)
     if (k == NULL) {
         return -1;
     }
-    tw = PyDict_GetItemWithError(c->memo, k);
+    tw = PyDict_GetItemWithError(c->ref[L_MEMO], k);
     Py_DECREF(k);
     if (tw != NULL) {
         Py_INCREF(tw);
@@ -1323,7 +1319,7 @@ static int lc_tweak(LineCipherObject *c, uint64_t spa, unsigned char *t)
         if (PyErr_Occurred() || (a = PyLong_FromUnsignedLongLong(spa)) == NULL) {
             return -1;
         }
-        tw = PyObject_CallOneArg(c->fallback, a);
+        tw = PyObject_CallOneArg(c->ref[L_FALLBACK], a);
         Py_DECREF(a);
         if (tw == NULL) {
             return -1;
@@ -1349,7 +1345,7 @@ static int lc_tweak(LineCipherObject *c, uint64_t spa, unsigned char *t)
     }
     Py_DECREF(tw);
     if (c->code != CODE_XTS) {
-        const unsigned char *l = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(c->lines, (spa >> 6) & 63));
+        const unsigned char *l = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(c->ref[L_LINES], (spa >> 6) & 63));
         for (i = 0; i < LINE; i++) {
             t[i] ^= l[i];
         }
@@ -1440,7 +1436,7 @@ static PyObject *lc_read(LineCipherObject *c, PyObject *arg)
     if (get_u64(arg, "spa", &spa) < 0) {
         return NULL;
     }
-    page = page_of(c->pages, spa >> 12);
+    page = page_of(c->ref[L_PAGES], spa >> 12);
     if (page == NULL && PyErr_Occurred()) {
         return NULL;
     }
