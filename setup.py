@@ -25,6 +25,7 @@ setup(
         Extension(
             "sevemu.hw._mem_accel",
             sources=["csrc/mem_accel.c"],
+            libraries=["crypto"],  # the line cipher's AES (OpenSSL's libcrypto)
             optional=True,
         ),
     ]

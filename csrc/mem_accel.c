@@ -29,6 +29,8 @@
 
 #include <limits.h>
 #include <stdint.h>
+
+#include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -663,6 +665,816 @@ fail:
     return NULL;
 }
 
+/* ---- the guest's memory port: one load or store through the TLB and the cache --------------- */
+
+/* Port(view, tlb, sets, mask, counters, dirty, readers, ways, coherent, fill, write_line): the hot path of GuestCpu.load/store (src/sevemu/hw/cpu.py) and of Cache.line/fill
+ * (src/sevemu/hw/cache.py), for one guest view of a core.  A hit, and a miss of a non-coherent cache
+ * whose domain has a reader, run here; everything else -- an access crossing a line, a size other
+ * than 1..8, a set that is not exactly a dict, a coherent cache, a domain without a key -- is handed
+ * to the Python path (the view's _load / _store, Cache.fill) before anything changed, so the bytes, counters and LRU order are those
+ * of the Python path.  The decryption of a fill and the encryption of a write-back stay in the
+ * memory controller's callables (readers[key >> 52], write_line). */
+
+/* The object references of the two types below, in one array each: traversed and cleared alike. */
+static int refs_traverse(PyObject **refs, int n, visitproc visit, void *arg)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        Py_VISIT(refs[i]);
+    }
+    return 0;
+}
+
+static void refs_clear(PyObject **refs, int n)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        Py_CLEAR(refs[i]);
+    }
+}
+
+enum {
+    P_TLB,        /* dict vpn -> (data key, flags, fetch key) */
+    P_SETS,       /* list of dicts key -> bytearray(64), LRU order */
+    P_COUNTERS,   /* the cache's instance dict: hits, misses, writebacks */
+    P_DIRTY,      /* set of dirty keys */
+    P_READERS,    /* dict (key >> 52) -> fill function */
+    P_VIEW,       /* a weak reference to the guest view: its _walk, _load, _store */
+    P_FILL,       /* Cache.fill(key, set) -> line */
+    P_WRITE_LINE, /* MemoryController.write_line(spa, asid, c, line) */
+    P_REFS
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ref[P_REFS];
+    uint64_t mask;
+    Py_ssize_t ways;
+    int coherent;
+} PortObject;
+
+static PyObject *s_hits, *s_misses, *s_writebacks, *s_walk, *s_load, *s_store;
+
+#define C_SHIFT 52
+#define ASID_SHIFT 53
+#define SPA_MASK ((UINT64_C(1) << C_SHIFT) - 1)
+#define W_OK_FLAG 1
+
+static int port_traverse(PortObject *p, visitproc visit, void *arg)
+{
+    return refs_traverse(p->ref, P_REFS, visit, arg);
+}
+
+static int port_clear(PortObject *p)
+{
+    refs_clear(p->ref, P_REFS);
+    return 0;
+}
+
+static void port_dealloc(PortObject *p)
+{
+    PyObject_GC_UnTrack(p);
+    port_clear(p);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *view, *tlb, *sets, *mask, *counters, *dirty, *readers, *ways, *coherent, *fill, *write_line;
+    PortObject *p;
+    uint64_t m, w;
+    int coh;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Port() takes positional arguments only");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Port", 11, 11, &view, &tlb, &sets, &mask, &counters, &dirty, &readers, &ways,
+                           &coherent, &fill, &write_line)) {
+        return NULL;
+    }
+    if (!PyDict_CheckExact(tlb) || !PyList_CheckExact(sets) || !PyDict_CheckExact(counters) ||
+        !PySet_Check(dirty) || !PyDict_CheckExact(readers)) {
+        PyErr_SetString(PyExc_TypeError, "Port: tlb, counters and readers must be dicts, sets a list, dirty a set");
+        return NULL;
+    }
+    if (get_u64(mask, "mask", &m) < 0 || get_u64(ways, "ways", &w) < 0) {
+        return NULL;
+    }
+    if ((uint64_t)PyList_GET_SIZE(sets) != m + 1 || (m & (m + 1)) || w < 1 || w > PY_SSIZE_T_MAX) {
+        PyErr_SetString(PyExc_ValueError, "Port: sets must have mask + 1 entries (a power of two), ways >= 1");
+        return NULL;
+    }
+    coh = PyObject_IsTrue(coherent);
+    if (coh < 0) {
+        return NULL;
+    }
+    if (!PyWeakref_CheckRef(view) || !PyCallable_Check(fill) || !PyCallable_Check(write_line)) {
+        PyErr_SetString(PyExc_TypeError, "Port: view must be a weak reference, fill and write_line callable");
+        return NULL;
+    }
+    p = (PortObject *)type->tp_alloc(type, 0);
+    if (p == NULL) {
+        return NULL;
+    }
+    p->ref[P_TLB] = Py_NewRef(tlb);
+    p->ref[P_SETS] = Py_NewRef(sets);
+    p->ref[P_COUNTERS] = Py_NewRef(counters);
+    p->ref[P_DIRTY] = Py_NewRef(dirty);
+    p->ref[P_READERS] = Py_NewRef(readers);
+    p->ref[P_VIEW] = Py_NewRef(view);
+    p->ref[P_FILL] = Py_NewRef(fill);
+    p->ref[P_WRITE_LINE] = Py_NewRef(write_line);
+    p->mask = m;
+    p->ways = (Py_ssize_t)w;
+    p->coherent = coh;
+    return (PyObject *)p;
+}
+
+/* view.<name>(*args) (the guest view's Python methods; ReferenceError once the view is gone) */
+static PyObject *view_call(PortObject *p, PyObject *name, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *stack[4];
+    PyObject *v = PyWeakref_GetObject(p->ref[P_VIEW]); /* borrowed */
+    Py_ssize_t i;
+    if (v == NULL) {
+        return NULL;
+    }
+    if (v == Py_None) {
+        PyErr_SetString(PyExc_ReferenceError, "the guest view of this memory port is gone");
+        return NULL;
+    }
+    stack[0] = v;
+    for (i = 0; i < nargs && i < 3; i++) {
+        stack[i + 1] = args[i];
+    }
+    Py_INCREF(v);
+    {
+        PyObject *r = PyObject_VectorcallMethod(name, stack, (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(v);
+        return r;
+    }
+}
+
+/* counters[name] += 1 (the cache's hits / misses / writebacks, plain int attributes) */
+static int bump(PyObject *counters, PyObject *name)
+{
+    PyObject *v = PyDict_GetItemWithError(counters, name), *nv;
+    int rc;
+    if (v == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_AttributeError, name);
+        }
+        return -1;
+    }
+    if (PyLong_CheckExact(v)) {
+        long long x = PyLong_AsLongLong(v);
+        if (x == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        nv = x < LLONG_MAX ? PyLong_FromLongLong(x + 1) : NULL;
+        if (nv == NULL && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_OverflowError, "counter overflow");
+        }
+    } else {
+        PyObject *one = PyLong_FromLong(1);
+        nv = one == NULL ? NULL : PyNumber_Add(v, one);
+        Py_XDECREF(one);
+    }
+    if (nv == NULL) {
+        return -1;
+    }
+    rc = PyDict_SetItem(counters, name, nv);
+    Py_DECREF(nv);
+    return rc;
+}
+
+/* The TLB entry of gva (a new reference): the TLB's, or the walk's when absent or (for a write)
+ * without W_OK. */
+static PyObject *port_entry(PortObject *p, uint64_t gva, PyObject *gva_obj, int write)
+{
+    PyObject *vpn = PyLong_FromUnsignedLongLong(gva >> 12), *e;
+    if (vpn == NULL) {
+        return NULL;
+    }
+    e = PyDict_GetItemWithError(p->ref[P_TLB], vpn);
+    Py_DECREF(vpn);
+    if (e == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (e != NULL && write) {
+        PyObject *flags;
+        long f;
+        if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) < 2) {
+            PyErr_SetString(PyExc_TypeError, "a TLB entry must be a tuple (key, flags, fetch key)");
+            return NULL;
+        }
+        flags = PyTuple_GET_ITEM(e, 1);
+        f = PyLong_AsLong(flags);
+        if (f == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (!(f & W_OK_FLAG)) {
+            e = NULL;
+        }
+    }
+    if (e != NULL) {
+        return Py_NewRef(e);
+    }
+    {
+        PyObject *wargs[3] = {gva_obj, write ? Py_True : Py_False, Py_False};
+        return view_call(p, s_walk, wargs, 3);
+    }
+}
+
+/* The line of `key` in set `s` (a borrowed reference, owned by the set), filled on a miss. */
+static PyObject *port_line(PortObject *p, PyObject *s, uint64_t key)
+{
+    PyObject *k = PyLong_FromUnsignedLongLong(key), *line, *reader, *rk, *got;
+    if (k == NULL) {
+        return NULL;
+    }
+    line = PyDict_GetItemWithError(s, k);
+    if (line != NULL) { /* a hit: most recently used, back to the end of the set's order */
+        Py_INCREF(line);
+        if (PyDict_DelItem(s, k) < 0 || PyDict_SetItem(s, k, line) < 0) {
+            goto fail_line;
+        }
+        Py_DECREF(line); /* the set holds it */
+        Py_DECREF(k);
+        return bump(p->ref[P_COUNTERS], s_hits) < 0 ? NULL : line;
+    }
+    if (PyErr_Occurred()) {
+        goto fail;
+    }
+    /* a miss */
+    rk = PyLong_FromUnsignedLongLong(key >> C_SHIFT);
+    if (rk == NULL) {
+        goto fail;
+    }
+    reader = PyDict_GetItemWithError(p->ref[P_READERS], rk);
+    Py_DECREF(rk);
+    if (reader == NULL && PyErr_Occurred()) {
+        goto fail;
+    }
+    if (reader == NULL || p->coherent) { /* Cache.fill: the coherent path, or its KeySlotError */
+        got = PyObject_CallFunctionObjArgs(p->ref[P_FILL], k, s, NULL);
+        Py_DECREF(k);
+        if (got == NULL) {
+            return NULL;
+        }
+        Py_DECREF(got); /* the set holds it */
+        return got;
+    }
+    Py_INCREF(reader);
+    if (bump(p->ref[P_COUNTERS], s_misses) < 0) {
+        goto fail_reader;
+    }
+    if (PyDict_GET_SIZE(s) >= p->ways) { /* the least recently used line goes, written back if dirty */
+        PyObject *vk, *vl;
+        Py_ssize_t pos = 0;
+        int was;
+        if (!PyDict_Next(s, &pos, &vk, &vl)) {
+            PyErr_SetString(PyExc_RuntimeError, "cache set changed during a fill");
+            goto fail_reader;
+        }
+        Py_INCREF(vk);
+        Py_INCREF(vl);
+        if (PyDict_DelItem(s, vk) < 0) {
+            Py_DECREF(vk);
+            Py_DECREF(vl);
+            goto fail_reader;
+        }
+        was = PySet_Discard(p->ref[P_DIRTY], vk);
+        if (was > 0) {
+            uint64_t victim = (uint64_t)as_u64(vk);
+            PyObject *res = NULL;
+            if (!(victim == (uint64_t)-1 && PyErr_Occurred()) && bump(p->ref[P_COUNTERS], s_writebacks) == 0) {
+                PyObject *spa = PyLong_FromUnsignedLongLong(victim & SPA_MASK);
+                PyObject *asid = PyLong_FromUnsignedLongLong(victim >> ASID_SHIFT);
+                if (spa != NULL && asid != NULL) {
+                    res = PyObject_CallFunctionObjArgs(p->ref[P_WRITE_LINE], spa, asid,
+                                                       (victim >> C_SHIFT) & 1 ? Py_True : Py_False, vl, NULL);
+                }
+                Py_XDECREF(spa);
+                Py_XDECREF(asid);
+            }
+            if (res == NULL) {
+                was = -1;
+            }
+            Py_XDECREF(res);
+        }
+        Py_DECREF(vk);
+        Py_DECREF(vl);
+        if (was < 0) {
+            goto fail_reader;
+        }
+    }
+    {
+        PyObject *spa = PyLong_FromUnsignedLongLong(key & SPA_MASK);
+        if (spa == NULL) {
+            goto fail_reader;
+        }
+        line = PyObject_CallOneArg(reader, spa);
+        Py_DECREF(spa);
+    }
+    Py_DECREF(reader);
+    if (line == NULL) {
+        goto fail;
+    }
+    if (PyDict_SetItem(s, k, line) < 0) {
+        goto fail_line;
+    }
+    Py_DECREF(line);
+    Py_DECREF(k);
+    return line;
+fail_reader:
+    Py_DECREF(reader);
+    goto fail;
+fail_line:
+    Py_DECREF(line);
+fail:
+    Py_DECREF(k);
+    return NULL;
+}
+
+/* The set of `key` when this port may serve it (a borrowed reference), NULL (no error) when the
+ * Python path must. */
+static PyObject *port_set(PortObject *p, uint64_t key)
+{
+    PyObject *s;
+    if ((uint64_t)PyList_GET_SIZE(p->ref[P_SETS]) != p->mask + 1) {
+        return NULL;
+    }
+    s = PyList_GET_ITEM(p->ref[P_SETS], (Py_ssize_t)((key >> 6) & p->mask));
+    return PyDict_CheckExact(s) ? s : NULL;
+}
+
+/* gva as uint64 when it is an int in range; 0 (no error) otherwise: the Python path decides. */
+static int port_gva(PyObject *obj, uint64_t *gva)
+{
+    unsigned long long v;
+    if (!PyLong_CheckExact(obj)) {
+        return 0;
+    }
+    v = as_u64(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    *gva = (uint64_t)v;
+    return 1;
+}
+
+static int entry_key(PyObject *e, int index, uint64_t *out)
+{
+    PyObject *k;
+    unsigned long long v;
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) <= index || !PyLong_CheckExact(k = PyTuple_GET_ITEM(e, index))) {
+        PyErr_SetString(PyExc_TypeError, "a TLB entry must be a tuple of ints (key, flags, fetch key)");
+        return -1;
+    }
+    v = as_u64(k);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* The line of the access (gva = args[0], size = args[1]) of a load or (write) a store, a borrowed
+ * reference, with its gva, size and key; NULL with *python set when the Python path must serve it
+ * (nothing changed), NULL with an error set on failure. */
+static PyObject *port_access(PortObject *p, PyObject *const *args, int write, int *python, uint64_t *gva,
+                             long *size, uint64_t *key)
+{
+    uint64_t base;
+    PyObject *e, *s, *line;
+    *python = 0;
+    *size = PyLong_CheckExact(args[1]) ? PyLong_AsLong(args[1]) : 0;
+    if (*size == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        *size = 0;
+    }
+    if (!port_gva(args[0], gva) || *size < 1 || *size > 8 || (*gva & 63) + (uint64_t)*size > 64) {
+        *python = 1;
+        return NULL;
+    }
+    e = port_entry(p, *gva, args[0], write);
+    if (e == NULL) {
+        return NULL;
+    }
+    if (entry_key(e, 0, &base) < 0) {
+        Py_DECREF(e);
+        return NULL;
+    }
+    Py_DECREF(e);
+    *key = base | (*gva & 0xFC0);
+    s = port_set(p, *key);
+    if (s == NULL) {
+        *python = 1;
+        return NULL;
+    }
+    line = port_line(p, s, *key);
+    if (line != NULL && (!PyByteArray_CheckExact(line) || PyByteArray_GET_SIZE(line) != LINE)) {
+        PyErr_SetString(PyExc_TypeError, "a cache line must be a bytearray of 64 bytes");
+        return NULL;
+    }
+    return line;
+}
+
+PyDoc_STRVAR(port_load_doc, "load(gva, size, /)\n--\n\nGuestCpu.load: a little-endian int of size bytes at gva.");
+
+static PyObject *port_load(PortObject *p, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t gva, key, v = 0;
+    long size, i;
+    int python;
+    PyObject *line;
+    const unsigned char *b;
+    if (check_nargs("load", nargs, 2) < 0) {
+        return NULL;
+    }
+    line = port_access(p, args, 0, &python, &gva, &size, &key);
+    if (line == NULL) {
+        return python ? view_call(p, s_load, args, 2) : NULL;
+    }
+    b = (const unsigned char *)PyByteArray_AS_STRING(line) + (gva & 63);
+    for (i = size - 1; i >= 0; i--) {
+        v = (v << 8) | b[i];
+    }
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+PyDoc_STRVAR(port_store_doc,
+             "store(gva, size, value, /)\n--\n\nGuestCpu.store: the low size bytes of value at gva, little-endian.");
+
+static PyObject *port_store(PortObject *p, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t gva, key, v;
+    long size, i;
+    int python, rc;
+    PyObject *line, *k;
+    unsigned char *b;
+    if (check_nargs("store", nargs, 3) < 0) {
+        return NULL;
+    }
+    if (!PyLong_CheckExact(args[2])) {
+        return view_call(p, s_store, args, 3);
+    }
+    v = (uint64_t)PyLong_AsUnsignedLongLongMask(args[2]); /* value mod 2^64: its low bytes */
+    if (v == (uint64_t)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    line = port_access(p, args, 1, &python, &gva, &size, &key);
+    if (line == NULL) {
+        return python ? view_call(p, s_store, args, 3) : NULL;
+    }
+    b = (unsigned char *)PyByteArray_AS_STRING(line) + (gva & 63);
+    for (i = 0; i < size; i++) {
+        b[i] = (unsigned char)(v >> (8 * i));
+    }
+    k = PyLong_FromUnsignedLongLong(key);
+    if (k == NULL) {
+        return NULL;
+    }
+    rc = PySet_Add(p->ref[P_DIRTY], k);
+    Py_DECREF(k);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef port_methods[] = {
+    {"load", (PyCFunction)(void (*)(void))port_load, METH_FASTCALL, port_load_doc},
+    {"store", (PyCFunction)(void (*)(void))port_store, METH_FASTCALL, port_store_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(port_doc,
+             "Port(view, tlb, sets, mask, counters, dirty, readers, ways, coherent, fill, write_line)\n"
+             "--\n\n"
+             "A guest view of a core's memory port (GuestCpu.load / GuestCpu.store) over the TLB dict\n"
+             "`tlb` and the cache's `sets`; `view` is a weak reference to the GuestCpu, whose _walk, _load\n"
+             "and _store it calls for what it does not serve itself (no reference cycle: the view holds\n"
+             "the port); see src/sevemu/hw/cache.py (Cache.port).");
+
+static PyTypeObject PortType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sevemu.hw._mem_accel.Port",
+    .tp_basicsize = sizeof(PortObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = port_doc,
+    .tp_new = port_new,
+    .tp_dealloc = (destructor)port_dealloc,
+    .tp_traverse = (traverseproc)port_traverse,
+    .tp_clear = (inquiry)port_clear,
+    .tp_methods = port_methods,
+};
+
+/* ---- the memory controller's line cipher: one 64-byte line, AES through OpenSSL -------------- */
+
+/* LineCipher(code, key, pages, memo, fallback, lines): the memory controller's single-line path for
+ * one key slot, in C (src/sevemu/hw/memctl.py, _install; the bytes of MemoryCipher.line_functions and
+ * line_reader in src/sevemu/crypto/memenc.py).  The line's 64-byte tweak T comes from the cipher's
+ * own memo (memo[spa >> 12] for XE/XEX, memo[spa >> 6] for XTS), or fallback(spa) when absent (which
+ * memoises it); XE/XEX add the in-page tweak lines[(spa >> 6) & 63].  Then, with AES-ECB under the
+ * data key (AES-128 for XE/XEX, AES-256 = K1 for XTS):
+ *     XE:       enc = E(d ^ T)        dec = D(d) ^ T
+ *     XEX, XTS: enc = E(d ^ T) ^ T    dec = D(d ^ T) ^ T
+ * read(spa) decrypts the line of the page store `pages` (an absent page reads as zeros) into a new
+ * bytearray: the cache's fill. */
+
+enum { CODE_XE = 0, CODE_XEX = 1, CODE_XTS = 2 };
+enum {
+    L_PAGES,    /* DRAM's page store */
+    L_MEMO,     /* the cipher's memo of line tweaks */
+    L_FALLBACK, /* fallback(spa) -> the line's tweak */
+    L_LINES,    /* tuple of the 64 in-page tweaks (XE/XEX), or NULL */
+    L_REFS
+};
+
+typedef struct {
+    PyObject_HEAD
+    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+    PyObject *ref[L_REFS];
+    int code;
+} LineCipherObject;
+
+static int lc_traverse(LineCipherObject *c, visitproc visit, void *arg)
+{
+    return refs_traverse(c->ref, L_REFS, visit, arg);
+}
+
+static int lc_clear(LineCipherObject *c)
+{
+    refs_clear(c->ref, L_REFS);
+    return 0;
+}
+
+static void lc_dealloc(LineCipherObject *c)
+{
+    PyObject_GC_UnTrack(c);
+    lc_clear(c);
+    EVP_CIPHER_CTX_free(c->enc); /* (frees the key schedule: OPENSSL_cleanse'd by OpenSSL) */
+    EVP_CIPHER_CTX_free(c->dec);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *lc_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *code_obj, *key_obj, *pages, *memo, *fallback, *lines, *tuple = NULL;
+    LineCipherObject *c;
+    Py_buffer key;
+    long code;
+    const EVP_CIPHER *aes;
+    Py_ssize_t i;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "LineCipher() takes positional arguments only");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "LineCipher", 6, 6, &code_obj, &key_obj, &pages, &memo, &fallback, &lines)) {
+        return NULL;
+    }
+    code = PyLong_AsLong(code_obj);
+    if (code == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (code < CODE_XE || code > CODE_XTS || !PyDict_CheckExact(pages) || !PyDict_CheckExact(memo) ||
+        !PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "LineCipher(code 0..2, key, pages: dict, memo: dict, fallback: callable, lines)");
+        return NULL;
+    }
+    if (code != CODE_XTS) {
+        if (!PySequence_Check(lines) || (tuple = PySequence_Tuple(lines)) == NULL) {
+            return NULL;
+        }
+        if (PyTuple_GET_SIZE(tuple) != PAGE / LINE) {
+            PyErr_SetString(PyExc_ValueError, "LineCipher: lines must hold the 64 in-page tweaks");
+            Py_DECREF(tuple);
+            return NULL;
+        }
+        for (i = 0; i < PAGE / LINE; i++) {
+            PyObject *t = PyTuple_GET_ITEM(tuple, i);
+            if (!PyBytes_CheckExact(t) || PyBytes_GET_SIZE(t) != LINE) {
+                PyErr_SetString(PyExc_TypeError, "LineCipher: each in-page tweak must be 64 bytes");
+                Py_DECREF(tuple);
+                return NULL;
+            }
+        }
+    }
+    if (PyObject_GetBuffer(key_obj, &key, PyBUF_SIMPLE) < 0) {
+        Py_XDECREF(tuple);
+        return NULL;
+    }
+    aes = key.len == 16 && code != CODE_XTS ? EVP_aes_128_ecb() : key.len == 32 && code == CODE_XTS ? EVP_aes_256_ecb() : NULL;
+    if (aes == NULL) {
+        PyErr_SetString(PyExc_ValueError, "LineCipher: a 16-byte key for XE/XEX, the 32-byte data key for XTS");
+        goto fail_key;
+    }
+    c = (LineCipherObject *)type->tp_alloc(type, 0);
+    if (c == NULL) {
+        goto fail_key;
+    }
+    c->enc = EVP_CIPHER_CTX_new();
+    c->dec = EVP_CIPHER_CTX_new();
+    if (c->enc == NULL || c->dec == NULL || EVP_EncryptInit_ex(c->enc, aes, NULL, key.buf, NULL) != 1 ||
+        EVP_DecryptInit_ex(c->dec, aes, NULL, key.buf, NULL) != 1 || EVP_CIPHER_CTX_set_padding(c->enc, 0) != 1 ||
+        EVP_CIPHER_CTX_set_padding(c->dec, 0) != 1) {
+        PyErr_SetString(PyExc_RuntimeError, "LineCipher: OpenSSL could not set up AES-ECB");
+        PyBuffer_Release(&key);
+        Py_XDECREF(tuple);
+        Py_DECREF(c);
+        return NULL;
+    }
+    PyBuffer_Release(&key);
+    c->code = (int)code;
+    c->ref[L_PAGES] = Py_NewRef(pages);
+    c->ref[L_MEMO] = Py_NewRef(memo);
+    c->ref[L_FALLBACK] = Py_NewRef(fallback);
+    c->ref[L_LINES] = tuple;
+    return (PyObject *)c;
+fail_key:
+    PyBuffer_Release(&key);
+    Py_XDECREF(tuple);
+    return NULL;
+}
+
+/* t = the 64-byte tweak of the line at spa. */
+static int lc_tweak(LineCipherObject *c, uint64_t spa, unsigned char *t)
+{
+    PyObject *k = PyLong_FromUnsignedLongLong(c->code == CODE_XTS ? spa >> 6 : spa >> 12), *tw;
+    Py_buffer view;
+    int i;
+    if (k == NULL) {
+        return -1;
+    }
+    tw = PyDict_GetItemWithError(c->ref[L_MEMO], k);
+    Py_DECREF(k);
+    if (tw != NULL) {
+        Py_INCREF(tw);
+    } else {
+        PyObject *a;
+        if (PyErr_Occurred() || (a = PyLong_FromUnsignedLongLong(spa)) == NULL) {
+            return -1;
+        }
+        tw = PyObject_CallOneArg(c->ref[L_FALLBACK], a);
+        Py_DECREF(a);
+        if (tw == NULL) {
+            return -1;
+        }
+    }
+    if (PyBytes_CheckExact(tw) && PyBytes_GET_SIZE(tw) == LINE) {
+        memcpy(t, PyBytes_AS_STRING(tw), LINE);
+    } else if (PyByteArray_CheckExact(tw) && PyByteArray_GET_SIZE(tw) == LINE) {
+        memcpy(t, PyByteArray_AS_STRING(tw), LINE);
+    } else {
+        if (PyObject_GetBuffer(tw, &view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(tw);
+            return -1;
+        }
+        if (view.len != LINE) {
+            PyBuffer_Release(&view);
+            Py_DECREF(tw);
+            PyErr_SetString(PyExc_ValueError, "a line tweak must be 64 bytes");
+            return -1;
+        }
+        memcpy(t, view.buf, LINE);
+        PyBuffer_Release(&view);
+    }
+    Py_DECREF(tw);
+    if (c->code != CODE_XTS) {
+        const unsigned char *l = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(c->ref[L_LINES], (spa >> 6) & 63));
+        for (i = 0; i < LINE; i++) {
+            t[i] ^= l[i];
+        }
+    }
+    return 0;
+}
+
+static void xor64(unsigned char *d, const unsigned char *t)
+{
+    int i;
+    for (i = 0; i < LINE; i++) {
+        d[i] ^= t[i];
+    }
+}
+
+/* out = the line `in` (64 bytes) at spa, encrypted or decrypted. */
+static int lc_crypt(LineCipherObject *c, uint64_t spa, const unsigned char *in, unsigned char *out, int encrypt)
+{
+    unsigned char t[LINE], x[LINE];
+    int n = 0;
+    if (spa % LINE) {
+        PyErr_Format(PyExc_ValueError, "a line address must be 64-byte aligned, got %#llx", (unsigned long long)spa);
+        return -1;
+    }
+    if (lc_tweak(c, spa, t) < 0) {
+        return -1;
+    }
+    memcpy(x, in, LINE);
+    if (encrypt || c->code != CODE_XE) {
+        xor64(x, t);
+    }
+    if ((encrypt ? EVP_EncryptUpdate(c->enc, out, &n, x, LINE) : EVP_DecryptUpdate(c->dec, out, &n, x, LINE)) != 1 ||
+        n != LINE) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-ECB failed on a line");
+        return -1;
+    }
+    if (!encrypt || c->code != CODE_XE) {
+        xor64(out, t);
+    }
+    return 0;
+}
+
+static PyObject *lc_apply(LineCipherObject *c, PyObject *const *args, Py_ssize_t nargs, int encrypt)
+{
+    uint64_t spa;
+    Py_buffer data;
+    PyObject *out;
+    if (check_nargs(encrypt ? "encrypt" : "decrypt", nargs, 2) < 0 || get_u64(args[0], "spa", &spa) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (data.len != LINE) {
+        PyBuffer_Release(&data);
+        PyErr_Format(PyExc_ValueError, "a line is 64 bytes, got %zd", data.len);
+        return NULL;
+    }
+    out = PyBytes_FromStringAndSize(NULL, LINE);
+    if (out != NULL && lc_crypt(c, spa, (const unsigned char *)data.buf, (unsigned char *)PyBytes_AS_STRING(out), encrypt) < 0) {
+        Py_CLEAR(out);
+    }
+    PyBuffer_Release(&data);
+    return out;
+}
+
+PyDoc_STRVAR(lc_encrypt_doc, "encrypt(spa, line, /)\n--\n\nThe 64-byte line at spa, encrypted (bytes).");
+PyDoc_STRVAR(lc_decrypt_doc, "decrypt(spa, line, /)\n--\n\nThe 64-byte line at spa, decrypted (bytes).");
+PyDoc_STRVAR(lc_read_doc,
+             "read(spa, /)\n--\n\nThe line at spa of the page store, decrypted, as a new bytearray (a cache fill).");
+
+static PyObject *lc_encrypt(LineCipherObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return lc_apply(c, args, nargs, 1);
+}
+
+static PyObject *lc_decrypt(LineCipherObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return lc_apply(c, args, nargs, 0);
+}
+
+static PyObject *lc_read(LineCipherObject *c, PyObject *arg)
+{
+    static const unsigned char zero[LINE];
+    uint64_t spa;
+    PyObject *page, *out;
+    const unsigned char *src = zero;
+    if (get_u64(arg, "spa", &spa) < 0) {
+        return NULL;
+    }
+    page = page_of(c->ref[L_PAGES], spa >> 12);
+    if (page == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (page != NULL) {
+        src = (const unsigned char *)PyByteArray_AS_STRING(page) + (spa & (PAGE - 1) & ~(uint64_t)(LINE - 1));
+    }
+    out = PyByteArray_FromStringAndSize(NULL, LINE);
+    if (out != NULL && lc_crypt(c, spa, src, (unsigned char *)PyByteArray_AS_STRING(out), 0) < 0) {
+        Py_CLEAR(out);
+    }
+    return out;
+}
+
+static PyMethodDef lc_methods[] = {
+    {"encrypt", (PyCFunction)(void (*)(void))lc_encrypt, METH_FASTCALL, lc_encrypt_doc},
+    {"decrypt", (PyCFunction)(void (*)(void))lc_decrypt, METH_FASTCALL, lc_decrypt_doc},
+    {"read", (PyCFunction)lc_read, METH_O, lc_read_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(lc_doc,
+             "LineCipher(code, key, pages, memo, fallback, lines)\n--\n\n"
+             "One key slot's single-line path (XE 0, XEX 1, XTS 2) with AES-ECB through OpenSSL; the\n"
+             "tweaks come from the MemoryCipher's memo or fallback(spa).  See src/sevemu/hw/memctl.py.");
+
+static PyTypeObject LineCipherType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sevemu.hw._mem_accel.LineCipher",
+    .tp_basicsize = sizeof(LineCipherObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = lc_doc,
+    .tp_new = lc_new,
+    .tp_dealloc = (destructor)lc_dealloc,
+    .tp_traverse = (traverseproc)lc_traverse,
+    .tp_clear = (inquiry)lc_clear,
+    .tp_methods = lc_methods,
+};
+
 static PyMethodDef methods[] = {
     {"dram_gather", (PyCFunction)(void (*)(void))dram_gather, METH_FASTCALL, dram_gather_doc},
     {"dram_scatter", (PyCFunction)(void (*)(void))dram_scatter, METH_FASTCALL, dram_scatter_doc},
@@ -672,9 +1484,38 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static int module_exec(PyObject *m)
+{
+    if ((s_hits = PyUnicode_InternFromString("hits")) == NULL ||
+        (s_misses = PyUnicode_InternFromString("misses")) == NULL ||
+        (s_writebacks = PyUnicode_InternFromString("writebacks")) == NULL ||
+        (s_walk = PyUnicode_InternFromString("_walk")) == NULL || (s_load = PyUnicode_InternFromString("_load")) == NULL ||
+        (s_store = PyUnicode_InternFromString("_store")) == NULL) {
+        return -1;
+    }
+    if (PyType_Ready(&PortType) < 0) {
+        return -1;
+    }
+    Py_INCREF(&PortType);
+    if (PyModule_AddObject(m, "Port", (PyObject *)&PortType) < 0) {
+        Py_DECREF(&PortType);
+        return -1;
+    }
+    if (PyType_Ready(&LineCipherType) < 0) {
+        return -1;
+    }
+    Py_INCREF(&LineCipherType);
+    if (PyModule_AddObject(m, "LineCipher", (PyObject *)&LineCipherType) < 0) {
+        Py_DECREF(&LineCipherType);
+        return -1;
+    }
+    return 0;
+}
+
 static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
 #ifdef Py_mod_multiple_interpreters
-    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED}, /* a static type (Port) */
 #endif
 #ifdef Py_GIL_DISABLED
     {Py_mod_gil, Py_MOD_GIL_USED},

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from sevemu.abi.paging import ExitCode
 from sevemu.guest.kernel import boot
+from sevemu.hw import memaccel
 from sevemu.hw.cache import key_domain
 from sevemu.hw.codefetch import cpu_engine
 from sevemu.hw.cpu import GuestCpu
@@ -79,15 +80,16 @@ class World:
     mapped: set[tuple[int, int]] = field(default_factory=set)  # (ASID, SPA page) ever mapped by remaps
     counter: int = 0
     lookups: int = 0
+    port: bool = False  # guests store through GuestCpu.store and the sets stay plain (the C port runs)
 
     def fresh(self, kind: bytes) -> bytes:
         self.counter += 1
         return hashlib.sha256(kind + self.counter.to_bytes(8, "little")).digest()[:16]
 
 
-def _build(generation: str) -> World:
+def _build(generation: str, port: bool = False) -> World:
     m = build_machine(generation, seed=f"inv-{generation}", dram_size=512 * MiB, cache_size=CACHE)
-    world = World(m, [], [])
+    world = World(m, [], [], port=port)
     _instrument(world)
     shared = [SHARED + i * 0x1000 for i in range(N_SHARED)]
     for i in range(N_VMS):
@@ -126,6 +128,10 @@ def _instrument(world: World) -> None:
 
     # GuestCpu.load inlines the hit path (it looks the key up in the set directly): check those
     # lookups too, by swapping every set for a dictionary that checks the domain of each lookup.
+    # (Not in the port variant: the C memory port serves only plain dicts; its tags are held by
+    # tests/hw/test_hw_port_accel.py, and properties (a) and (b) are checked here all the same.)
+    if world.port:
+        return
     class CheckedSet(dict[int, bytearray]):
         def get(self, key: int, default: Any = None) -> Any:  # type: ignore[override]
             asid, c, _ = key_domain(key)
@@ -221,8 +227,8 @@ def _dram_matches(world: World, ideal: IdealMemory) -> None:
             assert line[spa & 63 : (spa & 63) + 16] == want, f"DRAM at {spa:#x} lost a write"
 
 
-def run_actions(generation: str, actions: list[Action]) -> World:
-    world = _build(generation)
+def run_actions(generation: str, actions: list[Action], port: bool = False) -> World:
+    world = _build(generation, port)
     m = world.m
     core = m.soc.boot_cpu
     ideal = IdealMemory()
@@ -257,7 +263,11 @@ def run_actions(generation: str, actions: list[Action]) -> World:
         gpa = line_gpa + blk * 16
         if kind == "guest_write":
             value = world.fresh(b"guest")
-            _guest(world, i, lambda cpu, gpa=gpa, value=value: cpu.write(gpa, value))
+            if world.port:  # two 8-byte stores of the block, through the memory port
+                lo, hi = int.from_bytes(value[:8], "little"), int.from_bytes(value[8:], "little")
+                _guest(world, i, lambda cpu, gpa=gpa, lo=lo, hi=hi: (cpu.store(gpa, 8, lo), cpu.store(gpa + 8, 8, hi)))
+            else:
+                _guest(world, i, lambda cpu, gpa=gpa, value=value: cpu.write(gpa, value))
             if private:
                 world.private_blocks.add(value)
             ideal.write(d, vm.spa_of(gpa), value)
@@ -362,6 +372,18 @@ def action_lists(draw: st.DrawFn) -> list[Action]:
 def test_guest_memory_invariants(generation: str, actions: list[Action]) -> None:
     world = run_actions(generation, actions)
     assert world.lookups > 0
+
+
+@pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+@pytest.mark.parametrize("generation", ["milan", "genoa"])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions=action_lists())
+def test_guest_memory_invariants_through_the_c_port(generation: str, actions: list[Action]) -> None:
+    """Properties (a) and (b) with the guests' loads and stores served by the C memory port (the
+    sets left plain dicts, guest writes made of two 8-byte stores)."""
+    world = run_actions(generation, actions, port=True)
+    view = world.m.soc.boot_cpu._last_cpu
+    assert view is not None and not hasattr(view.load, "__func__")  # the C port, not GuestCpu._load
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ import random
 import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -746,6 +746,20 @@ class MemoryCipher:
             return xor_out(dec(xor(data, tp, tl)), tp, tl)
 
         return xex_read
+
+    def line_tweak_source(self) -> tuple[int, dict[int, Any], Callable[[int], Buffer], list[bytes] | None] | None:
+        """Where a single-line path outside this module (the memory controller's C line cipher,
+        :mod:`sevemu.hw.memctl`) takes its 64-byte line tweaks from, to produce the bytes of
+        :meth:`line_functions`: ``(code, memo, fallback, lines)`` -- ``code`` 0 XE, 1 XEX, 2 XTS;
+        the tweak of the line at ``spa`` is ``memo[spa >> 12]`` (XE/XEX; XTS: ``memo[spa >> 6]``),
+        or ``fallback(spa)`` when absent (which memoises it), XOR (XE/XEX) ``lines[(spa >> 6) & 63]``.
+        None without the C accelerator (the memos hold these forms only there)."""
+        if self._xor is None:
+            return None
+        if self._code == _XTS:
+            return _XTS, self._xts_memo_bytes, self._xts_line_tweak_bytes, None
+        rep = self._tables.page_rep_bytes
+        return self._code, self._page_memo_bytes, lambda spa: rep(spa >> 12), self._line_in_page_bytes
 
     def line_functions(self) -> tuple[Callable[[int, Buffer], bytes], Callable[[int, Buffer], bytes]]:
         """(encrypt, decrypt) of one 64-byte line, specialised for this cipher, without checks.

@@ -3,6 +3,10 @@
 Each does what the Python path beside its caller does (:mod:`sevemu.hw.dram`, :mod:`sevemu.hw.cache`).
 """
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 from _typeshed import ReadableBuffer, WriteableBuffer
 
 def dram_gather(dst: WriteableBuffer, pages: dict[int, bytearray], spa: int, /) -> None:
@@ -23,3 +27,25 @@ def resident_keys(sets: list[dict[int, bytearray]] | list[set[int]], mask: int, 
     """The keys ``lo, lo+64, ...`` below ``hi`` held by ``sets[(key >> 6) & mask]``, ascending (a lookup
     per address or a visit of the mapped sets, whichever is shorter); None unless every container is
     exactly a dict or a set (then the caller's Python path runs)."""
+
+class Port:
+    """A guest view of a core's memory port in C: ``load`` / ``store`` of 1..8 bytes within a line
+    through the TLB dict and the cache's sets, with :class:`~sevemu.hw.cache.Cache`'s fill and
+    eviction; everything else goes to the view's ``_load`` / ``_store`` / ``_walk`` or ``fill``."""
+
+    def __init__(self, view: weakref.ref[Any], tlb: dict[int, tuple[int, int, int]], sets: list[dict[int, bytearray]],
+                 mask: int, counters: dict[str, Any], dirty: set[int], readers: dict[int, Callable[[int], bytearray]],
+                 ways: int, coherent: bool, fill: Callable[[int, dict[int, bytearray]], bytearray],
+                 write_line: Callable[[int, int, bool, bytearray], None], /) -> None: ...
+    def load(self, gva: int, size: int, /) -> int: ...
+    def store(self, gva: int, size: int, value: int, /) -> None: ...
+
+class LineCipher:
+    """One key slot's single-line path: AES-ECB (OpenSSL) under the data key around the 64-byte line
+    tweaks of a :class:`~sevemu.crypto.memenc.MemoryCipher` (``code`` 0 XE, 1 XEX, 2 XTS)."""
+
+    def __init__(self, code: int, key: bytes, pages: dict[int, bytearray], memo: dict[int, Any],
+                 fallback: Callable[[int], ReadableBuffer], lines: list[bytes] | None, /) -> None: ...
+    def encrypt(self, spa: int, line: ReadableBuffer, /) -> bytes: ...
+    def decrypt(self, spa: int, line: ReadableBuffer, /) -> bytes: ...
+    def read(self, spa: int, /) -> bytearray: ...

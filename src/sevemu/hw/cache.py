@@ -24,10 +24,11 @@ writes, flushes or invalidates them, it writes back and drops (or refreshes) its
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import pairwise
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -136,6 +137,23 @@ class Cache:
     def _snoop_all(self) -> None:
         for agent in self.agents:
             agent.snoop(0, 1 << 64, True)
+
+    # ---- the guest's memory port ----------------------------------------------------------------
+    def port(self, view: weakref.ref[Any], tlb: dict[int, tuple[int, int, int]]) -> tuple[
+            Callable[[int, int], int], Callable[[int, int, int], None]] | None:
+        """(load, store) of a guest view of a core in C (``csrc/mem_accel.c``, ``Port``), or None
+        where the C helpers are off: the same lookups, fills, evictions, write-backs, counters and
+        LRU order as the view's Python ``_load`` / ``_store`` (:class:`~sevemu.hw.cpu.GuestCpu`), to
+        which the C port hands every access it does not serve itself (one crossing a line, a set that
+        is not exactly a dict, a coherent profile's fill, a domain without a key), as it calls the
+        view's ``_walk`` on a TLB miss.  ``view`` is a weak reference to the view (which holds the
+        port: no reference cycle).  The fill's decryption and the write-back's encryption stay the
+        memory controller's (:attr:`MemoryController.readers`, :meth:`MemoryController.write_line`)."""
+        if not memaccel.ENABLED:
+            return None
+        p = memaccel.helpers.Port(view, tlb, self.sets, self.set_mask, vars(self), self.dirty, self._readers,
+                                  self.ways, self.coherent, self.fill, self.mc.write_line)
+        return p.load, p.store
 
     # ---- the lookup every access goes through -------------------------------------------------
     def line(self, key: int) -> bytearray:

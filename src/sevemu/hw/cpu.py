@@ -18,6 +18,8 @@ half-happens: a faulting access changes no memory, so the instruction can be res
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from sevemu.abi.paging import ExitCode
@@ -98,8 +100,15 @@ class Engine(Protocol):
 class GuestCpu:
     """The guest's view of a core during VMRUN: memory port + register state (the VMCB save area)."""
 
-    __slots__ = ("_cache", "_dirty", "_fill", "_line", "_mmu", "_set_mask", "_sets", "_tlb", "_tlb_insert", "asid",
-                 "core", "rmp", "sev", "state", "vmcb", "vmpl")
+    __slots__ = ("__weakref__", "_cache", "_dirty", "_fill", "_line", "_mmu", "_set_mask", "_sets", "_tlb",
+                 "_tlb_insert", "asid", "core", "load", "rmp", "sev", "state", "store", "vmcb", "vmpl")
+
+    load: Callable[[int, int], int]
+    """load(gva, size): a little-endian integer of ``size`` (1, 2, 4, 8) bytes (:meth:`_load`, or the
+    same in C: :meth:`~sevemu.hw.cache.Cache.port`)."""
+    store: Callable[[int, int, int], None]
+    """store(gva, size, value): the low ``size`` bytes of ``value``, little-endian (:meth:`_store`, or
+    the same in C)."""
 
     def __init__(self, core: Core, vmcb: Vmcb, state: SaveState | None = None) -> None:
         self.core = core
@@ -128,6 +137,11 @@ class GuestCpu:
         self._fill = core.cache.fill
         self._dirty = core.cache.dirty.add
         self._mmu = core.mmu
+        port = core.cache.port(weakref.ref(self), self._tlb)
+        if port is None:  # (the Python path: bound methods, a cycle the garbage collector breaks)
+            self.load, self.store = self._load, self._store
+        else:
+            self.load, self.store = port
 
     # ---- translation ------------------------------------------------------------------------
     def _walk(self, gva: int, write: bool, fetch: bool) -> tuple[int, int, int]:
@@ -149,7 +163,7 @@ class GuestCpu:
                                    cr3=st.cr3, gva=gva, write=write, fetch=False)
 
     # ---- the hot paths ----------------------------------------------------------------------
-    def load(self, gva: int, size: int) -> int:
+    def _load(self, gva: int, size: int) -> int:
         """Load a little-endian integer of ``size`` (1, 2, 4, 8) bytes."""
         e = self._tlb.get(gva >> 12)
         if e is None:
@@ -169,7 +183,7 @@ class GuestCpu:
             return int.from_bytes(line[off : off + size], "little")
         return int.from_bytes(self.read(gva, size), "little")
 
-    def store(self, gva: int, size: int, value: int) -> None:
+    def _store(self, gva: int, size: int, value: int) -> None:
         """Store the low ``size`` bytes of ``value``, little-endian."""
         e = self._tlb.get(gva >> 12)
         if e is None or not e[1] & _W_OK:

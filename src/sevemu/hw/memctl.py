@@ -29,11 +29,16 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sevemu._util.units import LINE, MiB
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.errors import AlignmentError, AsidError, KeySlotError
+from sevemu.hw import memaccel
 from sevemu.hw.dram import Dram
+
+if TYPE_CHECKING:
+    from sevemu.hw._mem_accel import LineCipher
 
 _ZERO_LINE = bytes(LINE)
 _CHUNK = MiB  # bulk encryption granule of large transfers (a whole number of pages)
@@ -89,7 +94,8 @@ class MemoryController:
         plaintext.  Only (0, C=0) and loaded key slots have one."""
         self._scraps: dict[int, MemoryCipher] = {}
         """ASID -> the unknown random key a cleared slot holds (see the module docstring)."""
-        self._install(0, MemoryCipher(mode, rng(mode.key_size), tweaks))
+        key0 = rng(mode.key_size)
+        self._install(0, MemoryCipher(mode, key0, tweaks), key0)
         self._port_issued = False
         self.lines_encrypted = 0
 
@@ -101,10 +107,28 @@ class MemoryController:
         self._port_issued = True
         return KeySlotPort(self)
 
-    def _install(self, asid: int, cipher: MemoryCipher) -> None:
+    def _install(self, asid: int, cipher: MemoryCipher, key: bytes) -> None:
         self._slots[asid] = cipher
-        self._line_enc[asid], self._line_dec[asid] = cipher.line_functions()
-        self.readers[(asid << 1) | 1] = cipher.line_reader(self._pages)
+        line = self._line_cipher(cipher, key)
+        if line is None:
+            self._line_enc[asid], self._line_dec[asid] = cipher.line_functions()
+            self.readers[(asid << 1) | 1] = cipher.line_reader(self._pages)
+        else:
+            self._line_enc[asid], self._line_dec[asid] = line.encrypt, line.decrypt
+            self.readers[(asid << 1) | 1] = line.read
+
+    def _line_cipher(self, cipher: MemoryCipher, key: bytes) -> LineCipher | None:
+        """The slot's single-line path in C (``csrc/mem_accel.c``, ``LineCipher``: AES-ECB through
+        OpenSSL around the cipher's own tweaks), or None where the C helpers are off: then the
+        cipher's Python line functions, which give the same bytes."""
+        if not memaccel.ENABLED:
+            return None
+        source = cipher.line_tweak_source()
+        if source is None:
+            return None
+        code, memo, fallback, lines = source
+        data_key = key[:32] if self.mode is EncryptionMode.XTS256 else key  # (XTS: K1 encrypts the data)
+        return memaccel.helpers.LineCipher(code, data_key, self._pages, memo, fallback, lines)
 
     def _remove(self, asid: int) -> None:
         self._valid.discard(asid)
@@ -237,7 +261,8 @@ class KeySlotPort:
         mc = self._mc
         if not 1 <= asid <= mc.max_asid:
             raise AsidError(f"ASID {asid} is outside 1..{mc.max_asid}")
-        mc._install(asid, MemoryCipher(mc.mode, bytes(key), mc.tweaks))  # KeySizeError for a wrong size
+        key = bytes(key)
+        mc._install(asid, MemoryCipher(mc.mode, key, mc.tweaks), key)  # KeySizeError for a wrong size
         mc._valid.add(asid)
 
     def invalidate(self, asid: int) -> None:

@@ -182,6 +182,11 @@ class PyEngine:
                 self._pending = o
             try:
                 try:
+                    if o[0] <= ST:  # LD or ST: a run of loads and stores (the hot path), see _memory_run
+                        done = self._memory_run(o, cpu)
+                        if done is not None:
+                            return done
+                        continue
                     self._value = self._execute(o, cpu, regs)
                 except NestedPageFault as npf:
                     # an SEV-ES guest takes the NPF of a reserved-bit (MMIO) entry as #VC 0x400
@@ -208,6 +213,39 @@ class PyEngine:
             self._pending = None
             self.ops += 1
             cpu.state.rip += 1
+
+    def _memory_run(self, o: Op, cpu: GuestCpu) -> VmExit | None:
+        """Execute the pending load or store ``o`` and the loads and stores the workload yields
+        after it, without the general loop's steps per operation: the operation count and RIP are
+        added once when the run ends.  Returns None when the workload yields another kind of
+        operation (left pending for the general loop), the exit when the workload ends or dies.  A
+        fault leaves the faulting operation pending, the ones before it counted, and propagates."""
+        load, store, send = cpu.load, cpu.store, self._gen.send
+        n = 0
+        pending: Op | None = o
+        try:
+            while True:
+                kind = o[0]
+                if kind == LD:
+                    value = load(o[1], o[2])
+                elif kind == ST:
+                    store(o[1], o[2], o[3])
+                    value = None
+                else:
+                    return None
+                n += 1
+                pending = None
+                try:
+                    o = pending = send(value)
+                except StopIteration:
+                    self.finished = True
+                    return VmExit(ExitCode.HLT)
+                except Exception as exc:  # noqa: BLE001 - the guest died: triple fault
+                    return self._triple_fault(exc)
+        finally:
+            self._pending = pending
+            self.ops += n
+            cpu.state.rip += n
 
     def _triple_fault(self, exc: BaseException) -> VmExit:
         self.crash = f"{type(exc).__name__}: {exc}"
