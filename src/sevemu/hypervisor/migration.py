@@ -115,8 +115,8 @@ __all__ = [
 
 CERT_SIZE: Final = SEV_CERT_SIZE
 CHAIN_SIZE: Final = SEV_CERT_CHAIN_SIZE
-MAX_FRAME: Final = MiB
-"""Largest frame either side accepts (a PAGES frame of 128 pages is about 520 KiB, HELLO about
+MAX_FRAME: Final = 2 * MiB
+"""Largest frame either side accepts (a PAGES frame of 255 pages is about 1.04 MiB, HELLO about
 11.5 KiB)."""
 DEFAULT_TIMEOUT: Final = 30.0
 _SEND_BUFFER: Final = 256 * KiB

@@ -79,8 +79,8 @@ and lengths (SEV API 55766, LAUNCH_UPDATE_DATA, DBG_DECRYPT)."""
 _MAX_LEN = 1 << 32  # a u32 length field
 HDR_SLOT = 64
 """Bytes a transport header occupies in a :class:`PageBatch` (the 0x34-byte header, zero-padded)."""
-PAGE_BATCH = 128
-"""Pages per ring-buffer doorbell in migration (at most ``RING_BATCH``)."""
+PAGE_BATCH = RING_BATCH
+"""Pages per ring-buffer doorbell in migration: as many as one doorbell carries (``RING_BATCH``, 255)."""
 def transport_slots(handle: int, hdr_base: int, hdr_len: int, guest_paddrs: list[int], trans_base: int) -> bytes:
     """The ring slots of one whole-page TransportCmd per guest page: command i with its header in the
     64-byte slot ``hdr_base + 64 * i`` (``hdr_len`` bytes) and its TRANS in the page ``trans_base +
