@@ -186,9 +186,9 @@ class Pages:
     """The SEND_UPDATE_DATA packets of one doorbell: whole private pages (module docstring)."""
 
     gpas: tuple[int, ...]
-    hdrs: bytes
+    hdrs: bytes | memoryview
     """A :data:`~sevemu.hypervisor.sev.legacy.HDR_SLOT`-byte slot per page."""
-    transport: bytes
+    transport: bytes | memoryview
     """A 4 KiB transport buffer per page."""
 
 
@@ -249,20 +249,25 @@ def _blob(*parts: bytes) -> bytes:
     return b"".join(parts)
 
 
+def _pages_parts(msg: Pages) -> list[bytes | memoryview]:
+    """The PAGES frame of ``msg`` as its parts, in order: framing and GPAs, the header slots, the
+    transport buffers (sent as they are, without joining them)."""
+    n = len(msg.gpas)
+    if len(msg.hdrs) != n * HDR_SLOT or len(msg.transport) != n * PAGE:
+        raise ProtocolError(f"PAGES of {n} pages with {len(msg.hdrs)} header and {len(msg.transport)} "
+                            "transport bytes")
+    length = 1 + 4 + n * (8 + HDR_SLOT + PAGE)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"PAGES frame of {length} bytes exceeds {MAX_FRAME}")
+    return [_HEADER.pack(length, MsgType.PAGES) + _U32.pack(n) + struct.pack(f">{n}Q", *msg.gpas),
+            msg.hdrs, msg.transport]
+
+
 def encode_frame(msg: Message) -> bytes:
     """The frame of ``msg`` (module docstring)."""
     kind: MsgType
     if isinstance(msg, Pages):
-        n = len(msg.gpas)
-        if len(msg.hdrs) != n * HDR_SLOT or len(msg.transport) != n * PAGE:
-            raise ProtocolError(f"PAGES of {n} pages with {len(msg.hdrs)} header and {len(msg.transport)} "
-                                "transport bytes")
-        length = 1 + 4 + n * (8 + HDR_SLOT + PAGE)
-        if length > MAX_FRAME:
-            raise ProtocolError(f"PAGES frame of {length} bytes exceeds {MAX_FRAME}")
-        # (the frame in one join: the 4 KiB pages are copied once)
-        return b"".join([_HEADER.pack(length, MsgType.PAGES), _U32.pack(n), struct.pack(f">{n}Q", *msg.gpas),
-                         msg.hdrs, msg.transport])
+        return b"".join(_pages_parts(msg))
     elif isinstance(msg, Page):
         kind, payload = MsgType.PAGE, _blob(_U64.pack(msg.gpa), msg.hdr, msg.trans)
     elif isinstance(msg, Hello):
@@ -307,10 +312,11 @@ def decode_frame(kind_byte: int, payload: bytes) -> Message:
         _need(n == 4 + count * (8 + HDR_SLOT + PAGE), kind, f"{n} bytes for {count} pages")
         hdr_at = 4 + 8 * count
         trans_at = hdr_at + count * HDR_SLOT
-        hdrs = payload[hdr_at:trans_at]
+        view = memoryview(payload)  # (the header slots and pages are views of the frame: no copies)
+        hdrs = view[hdr_at:trans_at]
         _need(not np.frombuffer(hdrs, dtype=np.uint8).reshape(count, HDR_SLOT)[:, HdrBuf.SIZE :].any(),
               kind, "header padding is not zero")
-        return Pages(struct.unpack_from(f">{count}Q", payload, 4), hdrs, payload[trans_at:])
+        return Pages(struct.unpack_from(f">{count}Q", payload, 4), hdrs, view[trans_at:])
     if kind is MsgType.PAGE:
         _need(n > 8 + HdrBuf.SIZE, kind, f"{n} bytes")
         return Page(_U64.unpack_from(payload)[0], payload[8 : 8 + HdrBuf.SIZE], payload[8 + HdrBuf.SIZE :])
@@ -372,6 +378,12 @@ class Channel:
         return cls(sock, timeout)
 
     def send(self, msg: Message) -> None:
+        if isinstance(msg, Pages):  # (about a MiB: its parts go out as they are, after what is pending)
+            parts = _pages_parts(msg)
+            self.flush()
+            self._send_parts(parts)
+            self.bytes_sent += sum(len(part) for part in parts)
+            return
         frame = encode_frame(msg)
         self.bytes_sent += len(frame)
         if len(frame) >= _SEND_BUFFER:  # a large frame goes out as it is, after what is pending
@@ -381,6 +393,16 @@ class Channel:
         self._out += frame
         if len(self._out) >= _SEND_BUFFER:
             self.flush()
+
+    def _send_parts(self, parts: list[bytes | memoryview]) -> None:
+        """``sendall`` of the parts one after the other, gathered by the kernel (``sendmsg``)."""
+        views = [memoryview(part).cast("B") for part in parts if len(part)]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if sent:
+                views[0] = views[0][sent:]
 
     def flush(self) -> None:
         if self._out:

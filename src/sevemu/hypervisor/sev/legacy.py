@@ -107,15 +107,15 @@ class PageBatch:
     pages' transport buffers back to back."""
 
     gpas: tuple[int, ...]
-    hdrs: bytes
-    transport: bytes
+    hdrs: bytes | memoryview
+    transport: bytes | memoryview
     hdr_len: int
 
     def hdr(self, i: int) -> bytes:
-        return self.hdrs[i * HDR_SLOT : i * HDR_SLOT + self.hdr_len]
+        return bytes(self.hdrs[i * HDR_SLOT : i * HDR_SLOT + self.hdr_len])
 
     def trans(self, i: int) -> bytes:
-        return self.transport[i * PAGE : (i + 1) * PAGE]
+        return bytes(self.transport[i * PAGE : (i + 1) * PAGE])
 
 
 class PageReceiver:
