@@ -600,8 +600,12 @@ def _new_page(vm: Vm, gpa: int, seen: set[int]) -> None:
 def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: set[int]) -> None:
     """:func:`_new_page` of each GPA (all checked before any is recorded)."""
     fresh = set(gpas)
-    if len(fresh) != len(gpas) or not seen.isdisjoint(fresh) or \
-            any(gpa % PAGE or not 0 <= gpa < vm.memory for gpa in gpas):
+    try:
+        at = np.array(gpas, dtype=np.uint64)
+        outside = bool((at & np.uint64(PAGE - 1)).any() or (at >= np.uint64(vm.memory)).any())
+    except (OverflowError, ValueError):  # not a u64 (a frame's GPAs are): named below
+        outside = True
+    if len(fresh) != len(gpas) or not seen.isdisjoint(fresh) or outside:
         bad = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
                    or gpa in seen or gpa in gpas[:i])
         raise ProtocolError(f"page at GPA {bad:#x}: unaligned, outside the VM or repeated")

@@ -153,6 +153,8 @@ class PageReceiver:
 
 def _check_batch(cmd: CommandId, statuses: list[int | None]) -> None:
     """SevFirmwareError with the status of the first command of a batch that did not succeed."""
+    if statuses.count(Status.SUCCESS) == len(statuses):
+        return
     for status in statuses:
         if status != Status.SUCCESS:
             raise SevFirmwareError(cmd.name, Status.HWERROR_PLATFORM if status is None else status)
