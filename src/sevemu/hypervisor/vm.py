@@ -250,8 +250,7 @@ class Vm:
         """Return every page the VM holds to the host allocators: backing pages, the NPT's table
         pages and the VMSA pages."""
         self.npt.release()
-        for spa in self._owned:
-            self._alloc.free(spa)
+        self._alloc.free_many(self._owned)
         self._owned.clear()
         for spa in self.vmsa_pages.values():
             self._table_alloc.free(spa)
