@@ -154,6 +154,26 @@ def test_pages_frames_go_out_in_parts_whatever_the_kernel_takes() -> None:
         assert out.bytes_sent == len(encode_frame(Done())) + len(want) == into.bytes_received
 
 
+def test_transient_receipt_reads_the_same_messages() -> None:
+    """``recv(transient=True)`` (the destination's loop): a PAGES frame read into the channel's
+    reused buffer decodes to the message ``recv`` gives, other frames as usual, the same byte
+    count; malformed PAGES frames are refused all the same."""
+    frames = [Pages((0x1000, 0x3000), (bytes(range(1, 0x35)) + bytes(12)) * 2, os.urandom(2 * PAGE)), Done(),
+              Pages((0x5000,), bytes(range(2, 0x36)) + bytes(12), os.urandom(PAGE))]
+    a, b = socket.socketpair()
+    with a, b:
+        into = Channel(b, timeout=2)
+        for msg in frames:
+            a.sendall(encode_frame(msg))
+            assert into.recv(transient=True) == msg
+        assert into.bytes_received == sum(len(encode_frame(m)) for m in frames)
+        bad = bytearray(encode_frame(frames[2]))
+        bad[5 + 4 + 8 + 0x40 - 1] = 1  # header padding
+        a.sendall(bytes(bad))
+        with pytest.raises(ProtocolError):
+            into.recv(transient=True)
+
+
 # ---- hosts and guests ---------------------------------------------------------------------------
 def host(seed: str, root: AmdRoot | None = None, platform_dir: Path | None = None) -> Machine:
     return build_machine("milan", seed=seed, dram_size=4 * GiB, cache_size=1 << 20,

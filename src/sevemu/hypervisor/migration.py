@@ -298,6 +298,22 @@ def _need(cond: bool, kind: MsgType, what: str) -> None:
         raise ProtocolError(f"malformed {kind.name} frame: {what}")
 
 
+def _decode_pages(payload: bytes | memoryview) -> Pages:
+    """The PAGES message of a frame's payload; its header slots and pages are views of it."""
+    kind, n = MsgType.PAGES, len(payload)
+    _need(n >= 4, kind, "truncated")
+    count = _U32.unpack_from(payload)[0]
+    _need(0 < count <= RING_BATCH, kind, f"{count} pages")
+    _need(n == 4 + count * (8 + HDR_SLOT + PAGE), kind, f"{n} bytes for {count} pages")
+    hdr_at = 4 + 8 * count
+    trans_at = hdr_at + count * HDR_SLOT
+    view = memoryview(payload)  # (the header slots and pages are views of the frame: no copies)
+    hdrs = view[hdr_at:trans_at]
+    _need(not np.frombuffer(hdrs, dtype=np.uint8).reshape(count, HDR_SLOT)[:, HdrBuf.SIZE :].any(),
+          kind, "header padding is not zero")
+    return Pages(struct.unpack_from(f">{count}Q", payload, 4), hdrs, view[trans_at:])
+
+
 def decode_frame(kind_byte: int, payload: bytes) -> Message:
     """The message of one frame's type byte and payload; :class:`ProtocolError` if malformed."""
     try:
@@ -306,17 +322,7 @@ def decode_frame(kind_byte: int, payload: bytes) -> Message:
         raise ProtocolError(f"unknown frame type {kind_byte}") from None
     n = len(payload)
     if kind is MsgType.PAGES:
-        _need(n >= 4, kind, "truncated")
-        count = _U32.unpack_from(payload)[0]
-        _need(0 < count <= RING_BATCH, kind, f"{count} pages")
-        _need(n == 4 + count * (8 + HDR_SLOT + PAGE), kind, f"{n} bytes for {count} pages")
-        hdr_at = 4 + 8 * count
-        trans_at = hdr_at + count * HDR_SLOT
-        view = memoryview(payload)  # (the header slots and pages are views of the frame: no copies)
-        hdrs = view[hdr_at:trans_at]
-        _need(not np.frombuffer(hdrs, dtype=np.uint8).reshape(count, HDR_SLOT)[:, HdrBuf.SIZE :].any(),
-              kind, "header padding is not zero")
-        return Pages(struct.unpack_from(f">{count}Q", payload, 4), hdrs, view[trans_at:])
+        return _decode_pages(payload)
     if kind is MsgType.PAGE:
         _need(n > 8 + HdrBuf.SIZE, kind, f"{n} bytes")
         return Page(_U64.unpack_from(payload)[0], payload[8 : 8 + HdrBuf.SIZE], payload[8 + HdrBuf.SIZE :])
@@ -364,6 +370,7 @@ class Channel:
         self.sock = sock
         self._rfile = sock.makefile("rb")
         self._out = bytearray()
+        self._reused = bytearray()
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -416,13 +423,28 @@ class Channel:
         self.bytes_received += n
         return data
 
-    def recv(self) -> Message:
-        """The next message (flushes pending output first)."""
+    def recv(self, transient: bool = False) -> Message:
+        """The next message (flushes pending output first).  ``transient``: a PAGES frame is read
+        into a buffer the channel reuses and its header slots and pages are views of it, valid
+        until the next call (the destination copies them into the bounce area first)."""
         self.flush()
         length, kind = _HEADER.unpack(self._read(_HEADER.size))
         if not 1 <= length <= MAX_FRAME:
             raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
+        if transient and kind == MsgType.PAGES:
+            return _decode_pages(self._read_reused(length - 1))
         return decode_frame(kind, self._read(length - 1))
+
+    def _read_reused(self, n: int) -> memoryview:
+        """``n`` bytes read into the channel's reused buffer (a new one when it is too small: views
+        of the old one stay valid)."""
+        if len(self._reused) < n:
+            self._reused = bytearray(n)
+        view = memoryview(self._reused)[:n]
+        if self._rfile.readinto(view) != n:
+            raise ConnectionError("the peer closed the connection")
+        self.bytes_received += n
+        return view
 
     def abort(self, reason: str) -> None:
         """Best effort: tell the peer the migration is off (errors ignored: it may be gone)."""
@@ -443,8 +465,8 @@ class Channel:
 M = TypeVar("M", Hello, Start, Done)
 
 
-def _next(chan: Channel) -> Message:
-    msg = chan.recv()
+def _next(chan: Channel, transient: bool = False) -> Message:
+    msg = chan.recv(transient)
     if isinstance(msg, Abort):
         raise MigrationError(f"the peer aborted: {msg.reason}")
     return msg
@@ -620,7 +642,7 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
         packet = Packet(st, HdrBuf.SIZE, PAGE)
         receiver: PageReceiver | None = None  # one ring-buffer session for a run of PAGES frames
         while True:
-            msg = _next(chan)
+            msg = _next(chan, transient=True)  # (a PAGES frame is staged before the next read)
             if isinstance(msg, Pages):
                 _new_pages(vm, msg.gpas, seen)
                 if receiver is None:
