@@ -19,7 +19,7 @@ Flow (non-live, "stop and copy": the guest does not run while it is sent)::
                                               <-  START(policy, memory size, vCPUs, own PDH, session)
     RECEIVE_START -> handle (new VEK)
     ACTIVATE(handle, new ASID)
-                                                  per batch of up to 128 backed private pages:
+                                                  per batch of up to 255 backed private pages:
                                                       SEND_UPDATE_DATA(GPA's SPA | C-bit) per page
                                                       -> hdr, trans (one doorbell, ring buffer)
                                               <-      PAGES(gpas, hdrs, transport buffers)
@@ -55,7 +55,9 @@ counts the type byte), at most :data:`MAX_FRAME` bytes; integers in payloads are
 sides bound every wait with a socket timeout.  A PAGES frame carries one doorbell's packets: ``u32
 count || count x u64 GPA || count x 64-byte header slot (the 0x34-byte header, zero-padded) ||
 count x 4 KiB transport buffer``, at most :data:`~sevemu.hypervisor.psp.RING_BATCH` pages, laid out
-as the bounce area holds them on both sides (one copy in, one copy out).  Every page is still its
+as the bounce area holds them on both sides (one copy in, one copy out: the source sends the parts
+as they are with ``sendmsg``, the destination reads the frame into a buffer it reuses and stages
+the views).  Every page is still its
 own SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA with its own IV and MAC (KVM's contract): the batching
 is of submissions (the PSP's ring buffer) and of frames, not of packets.  A PAGE frame (one packet)
 is still accepted.
@@ -121,7 +123,7 @@ MAX_FRAME: Final = 2 * MiB
 DEFAULT_TIMEOUT: Final = 30.0
 _SEND_BUFFER: Final = 256 * KiB
 _SOCKET_BUFFER: Final = 4 * MiB
-"""SO_SNDBUF / SO_RCVBUF of a channel's socket: about seven PAGES frames of 128 pages (Linux caps it
+"""SO_SNDBUF / SO_RCVBUF of a channel's socket: about four PAGES frames of 255 pages (Linux caps it
 at net.core.wmem_max / rmem_max)."""
 _MAX_AMD_CERTS: Final = 8 * KiB
 
