@@ -757,6 +757,29 @@ def _counting_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return batches
 
 
+def _whole_page_world(seed: str, batched: bool, alter: Callable[[bytearray, bytearray], None],
+                      start: int = 0) -> tuple[object, ...]:
+    """Eight whole-page SEND_UPDATE_DATA from a fresh pair of platforms (one doorbell, or one per
+    command; the queue from entry ``start``), the packets altered by ``alter(headers, TRANS)``, then
+    eight RECEIVE_UPDATE_DATA of them: (send statuses, the sent bytes, receive statuses, the
+    received memory, both firmware logs)."""
+    src, dst = machine(f"{seed}-src"), machine(f"{seed}-dst")
+    ch = open_channel(src, dst)
+    sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)]
+    s_status = ring_run(src, sends, per_doorbell=not batched, start=start)
+    hdrs = bytearray(get(src, BATCH_HDRS, 64 * 8))
+    trans = bytearray(get(src, BATCH_TRANS, PAGE * 8))
+    alter(hdrs, trans)
+    put(dst, BATCH_HDRS, bytes(hdrs))
+    put(dst, BATCH_TRANS, bytes(trans))
+    recvs = [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i) for i in range(8)]
+    d_status = ring_run(dst, recvs, per_doorbell=not batched, start=start)
+    g = dst.firmware.guests[ch.dh]
+    assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+    return (s_status, get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8), d_status,
+            dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True), src.firmware.log[-8:], dst.firmware.log[-8:])
+
+
 @pytest.mark.parametrize("tamper", ["trans", "mac", "iv", "flags"])
 def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypatch: pytest.MonkeyPatch,
                                                                      tamper: str) -> None:
@@ -765,26 +788,12 @@ def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypat
     that one is refused as one by one (BAD_MEASUREMENT, or UNSUPPORTED for the COMPRESSED flag), the
     rest run -- the same statuses and bytes as a doorbell per command."""
     batches = _counting_batches(monkeypatch)
-    worlds = []
-    for batched in (False, True):
-        src, dst = machine("whole-src"), machine("whole-dst")
-        ch = open_channel(src, dst)
-        sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)]
-        s_status = ring_run(src, sends, per_doorbell=not batched)
-        hdrs = bytearray(get(src, BATCH_HDRS, 64 * 8))
-        trans = bytearray(get(src, BATCH_TRANS, PAGE * 8))
-        at = {"trans": 5 * PAGE + 77, "mac": 64 * 5 + 0x14 + 3, "iv": 64 * 5 + 4,
-              "flags": 64 * 5}[tamper]
+    at = {"trans": 5 * PAGE + 77, "mac": 64 * 5 + 0x14 + 3, "iv": 64 * 5 + 4, "flags": 64 * 5}[tamper]
+
+    def alter(hdrs: bytearray, trans: bytearray) -> None:
         (trans if tamper == "trans" else hdrs)[at] ^= 1
-        put(dst, BATCH_HDRS, bytes(hdrs))
-        put(dst, BATCH_TRANS, bytes(trans))
-        recvs = [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i) for i in range(8)]
-        d_status = ring_run(dst, recvs, per_doorbell=not batched)
-        g = dst.firmware.guests[ch.dh]
-        worlds.append((s_status, get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8), d_status,
-                       dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True), src.firmware.log[-8:],
-                       dst.firmware.log[-8:]))
-        assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+
+    worlds = [_whole_page_world("whole", batched, alter) for batched in (False, True)]
     one, batch = worlds
     assert one == batch
     assert batches == [8, 5, 2]  # the sends; the receives before and after the altered one
@@ -803,23 +812,11 @@ def test_a_batch_across_the_queue_wrap_runs_at_once_with_the_effects_of_one_by_o
     host altered after the wrap is refused as one by one -- the same statuses and bytes as a doorbell
     per command."""
     batches = _counting_batches(monkeypatch)
-    worlds = []
-    for batched in (False, True):
-        src, dst = machine("wrap-src"), machine("wrap-dst")
-        ch = open_channel(src, dst)
-        sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)]
-        s_status = ring_run(src, sends, per_doorbell=not batched, start=251)  # entries 251..255, 0..2
-        hdrs = bytearray(get(src, BATCH_HDRS, 64 * 8))
+
+    def alter(hdrs: bytearray, trans: bytearray) -> None:
         hdrs[64 * 6 + 0x14] ^= 1  # packet 6 (queue entry 1): its MAC
-        put(dst, BATCH_HDRS, bytes(hdrs))
-        put(dst, BATCH_TRANS, get(src, BATCH_TRANS, PAGE * 8))
-        recvs = [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i) for i in range(8)]
-        d_status = ring_run(dst, recvs, per_doorbell=not batched, start=251)
-        g = dst.firmware.guests[ch.dh]
-        worlds.append((s_status, get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8), d_status,
-                       dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True), src.firmware.log[-8:],
-                       dst.firmware.log[-8:]))
-        assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+
+    worlds = [_whole_page_world("wrap", batched, alter, start=251) for batched in (False, True)]  # entries 251..2
     one, batch = worlds
     assert one == batch
     assert batches == [8, 6]  # the sends across the wrap at once; the receives before the altered one
