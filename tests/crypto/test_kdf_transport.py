@@ -309,6 +309,32 @@ def test_open_many_stops_at_the_first_packet_that_does_not_verify(accel: bool, w
     assert plain[: bad * size] == data[: bad * size] and not any(plain[bad * size :])
 
 
+@pytest.mark.parametrize("accel", RUN_PATHS)
+def test_runs_into_reused_buffers_give_the_same_bytes(accel: bool) -> None:
+    """``out=``: TRANS and the plaintexts land in the caller's buffer, the same bytes as new ones;
+    past a packet that does not verify, the buffer keeps what it held (nothing of that packet or
+    the ones after it is written)."""
+    n, size, bad = 6, 4096, 4
+    tek, tik, ivs, aads, data = _run(n, size)
+    pc = tp.PacketCrypto(tek, tik, accel=accel)
+    fresh, macs = pc.seal_many(ivs, aads, data, size)
+    out = bytearray(b"\xee" * (n * size))
+    view = memoryview(out)
+    trans, macs2 = pc.seal_many(ivs, aads, data, size, view)
+    assert out == fresh and macs2 == macs and bytes(trans) == bytes(fresh)
+    tampered = bytearray(macs)
+    tampered[bad * 32] ^= 1
+    plain = bytearray(b"\xaa" * (n * size))
+    good, got = pc.open_many(ivs, aads, bytes(tampered), out, size, plain)
+    assert good == bad and bytes(got) == bytes(plain)
+    assert plain[: bad * size] == data[: bad * size] and plain[bad * size :] == b"\xaa" * ((n - bad) * size)
+    for wrong in (bytearray(n * size - 1), bytes(n * size)):  # short; read-only
+        with pytest.raises(InputError):
+            pc.seal_many(ivs, aads, data, size, wrong)  # type: ignore[arg-type]
+        with pytest.raises(InputError):
+            pc.open_many(ivs, aads, bytes(macs), fresh, size, wrong)  # type: ignore[arg-type]
+
+
 @pytest.mark.skipif(not tp.ACCELERATED, reason="C helper not built")
 def test_the_c_helper_and_the_python_path_make_the_same_bytes() -> None:
     tek, tik, ivs, aads, data = _run(64, 4096, aad=40)

@@ -660,25 +660,34 @@ RING_Q, RING_STATUS, RING_SLOTS = 0x3100_0000, 0x3100_1000, 0x3100_2000
 BATCH_HDRS, BATCH_TRANS = 0x3200_0000, 0x3210_0000
 
 
-def ring_run(m: Machine, cmds: list[tuple[CommandId, TransportCmd]], per_doorbell: bool) -> list[int]:
+def ring_run(m: Machine, cmds: list[tuple[CommandId, TransportCmd]], per_doorbell: bool, start: int = 0) -> list[int]:
     """Queue ``cmds`` (buffers in 64-byte slots, every entry CONT_ON_ERROR) and run them with one
-    doorbell each or one for all -- as a host does it, through host memory and the mailbox."""
+    doorbell each or one for all -- as a host does it, through host memory and the mailbox.
+    ``start``: the queue index of the first (``start`` PLATFORM_STATUS commands run before, with a
+    doorbell of their own), so that the queue wraps at its 256th entry among ``cmds``."""
     ok(m, CommandId.RING_BUFFER, RingBufferCmd(low_priority_cmd_ptr=RING_Q, low_priority_status_ptr=RING_STATUS,
                                                low_priority_queue_size=1))
     core, mbox = m.hv.core, m.hv.psp.mailbox
+    ctl = RbCtl.X86_CONTROL | RbCtl.RB_MODE_ACTIVE
+    if start:
+        out = RING_SLOTS + 64 * 255  # PLATFORM_STATUS's output, away from the slots of ``cmds``
+        core.host_write_stream(RING_Q, b"".join(struct.pack("<HHIQ", CommandId.PLATFORM_STATUS, 0, 0, out)
+                                                for _ in range(start)))
+        mbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(start))
+        mbox.mmio_write(MailboxReg.CMDRESP, int(ctl))
+        assert rb_head_index(mbox.mmio_read(MailboxReg.CMDBUFF_ADDR_LO)) == start
     for i, (cid, buf) in enumerate(cmds):
         core.host_write_stream(RING_SLOTS + 64 * i, buf.encode())
-        core.host_write_stream(RING_Q + 16 * i, struct.pack("<HHIQ", cid, RingCmdFlags.CONT_ON_ERROR, 0,
-                                                             RING_SLOTS + 64 * i))
-    ctl = RbCtl.X86_CONTROL | RbCtl.RB_MODE_ACTIVE
+        core.host_write_stream(RING_Q + 16 * ((start + i) % 256),
+                               struct.pack("<HHIQ", cid, RingCmdFlags.CONT_ON_ERROR, 0, RING_SLOTS + 64 * i))
     for tail in range(1, len(cmds) + 1) if per_doorbell else [len(cmds)]:
-        mbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(tail))
+        mbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail((start + tail) % 256))
         mbox.mmio_write(MailboxReg.CMDRESP, int(ctl))
-    assert rb_head_index(mbox.mmio_read(MailboxReg.CMDBUFF_ADDR_LO)) == len(cmds)
+    assert rb_head_index(mbox.mmio_read(MailboxReg.CMDBUFF_ADDR_LO)) == (start + len(cmds)) % 256
     mbox.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(CommandId.NOP)))  # leave the mode
     assert decode_status(mbox.mmio_read(MailboxReg.CMDRESP)) == Status.RING_BUFFER_EXIT
-    statuses = core.host_read_stream(RING_STATUS, 16 * len(cmds))
-    return [struct.unpack_from("<H", statuses, 16 * i)[0] for i in range(len(cmds))]
+    statuses = core.host_read_stream(RING_STATUS, 16 * 256)
+    return [struct.unpack_from("<H", statuses, 16 * ((start + i) % 256))[0] for i in range(len(cmds))]
 
 
 def _batch_cmd(m: Machine, cid: CommandId, handle: int, base: int, i: int, page: int,
@@ -748,6 +757,29 @@ def _counting_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return batches
 
 
+def _whole_page_world(seed: str, batched: bool, alter: Callable[[bytearray, bytearray], None],
+                      start: int = 0) -> tuple[object, ...]:
+    """Eight whole-page SEND_UPDATE_DATA from a fresh pair of platforms (one doorbell, or one per
+    command; the queue from entry ``start``), the packets altered by ``alter(headers, TRANS)``, then
+    eight RECEIVE_UPDATE_DATA of them: (send statuses, the sent bytes, receive statuses, the
+    received memory, both firmware logs)."""
+    src, dst = machine(f"{seed}-src"), machine(f"{seed}-dst")
+    ch = open_channel(src, dst)
+    sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)]
+    s_status = ring_run(src, sends, per_doorbell=not batched, start=start)
+    hdrs = bytearray(get(src, BATCH_HDRS, 64 * 8))
+    trans = bytearray(get(src, BATCH_TRANS, PAGE * 8))
+    alter(hdrs, trans)
+    put(dst, BATCH_HDRS, bytes(hdrs))
+    put(dst, BATCH_TRANS, bytes(trans))
+    recvs = [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i) for i in range(8)]
+    d_status = ring_run(dst, recvs, per_doorbell=not batched, start=start)
+    g = dst.firmware.guests[ch.dh]
+    assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+    return (s_status, get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8), d_status,
+            dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True), src.firmware.log[-8:], dst.firmware.log[-8:])
+
+
 @pytest.mark.parametrize("tamper", ["trans", "mac", "iv", "flags"])
 def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypatch: pytest.MonkeyPatch,
                                                                      tamper: str) -> None:
@@ -756,26 +788,12 @@ def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypat
     that one is refused as one by one (BAD_MEASUREMENT, or UNSUPPORTED for the COMPRESSED flag), the
     rest run -- the same statuses and bytes as a doorbell per command."""
     batches = _counting_batches(monkeypatch)
-    worlds = []
-    for batched in (False, True):
-        src, dst = machine("whole-src"), machine("whole-dst")
-        ch = open_channel(src, dst)
-        sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)]
-        s_status = ring_run(src, sends, per_doorbell=not batched)
-        hdrs = bytearray(get(src, BATCH_HDRS, 64 * 8))
-        trans = bytearray(get(src, BATCH_TRANS, PAGE * 8))
-        at = {"trans": 5 * PAGE + 77, "mac": 64 * 5 + 0x14 + 3, "iv": 64 * 5 + 4,
-              "flags": 64 * 5}[tamper]
+    at = {"trans": 5 * PAGE + 77, "mac": 64 * 5 + 0x14 + 3, "iv": 64 * 5 + 4, "flags": 64 * 5}[tamper]
+
+    def alter(hdrs: bytearray, trans: bytearray) -> None:
         (trans if tamper == "trans" else hdrs)[at] ^= 1
-        put(dst, BATCH_HDRS, bytes(hdrs))
-        put(dst, BATCH_TRANS, bytes(trans))
-        recvs = [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i) for i in range(8)]
-        d_status = ring_run(dst, recvs, per_doorbell=not batched)
-        g = dst.firmware.guests[ch.dh]
-        worlds.append((s_status, get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8), d_status,
-                       dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True), src.firmware.log[-8:],
-                       dst.firmware.log[-8:]))
-        assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+
+    worlds = [_whole_page_world("whole", batched, alter) for batched in (False, True)]
     one, batch = worlds
     assert one == batch
     assert batches == [8, 5, 2]  # the sends; the receives before and after the altered one
@@ -785,6 +803,28 @@ def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypat
     for i in range(8):
         page = memory[i * PAGE : (i + 1) * PAGE]
         assert (page == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (i != 5)
+
+
+def test_a_batch_across_the_queue_wrap_runs_at_once_with_the_effects_of_one_by_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands whose queue entries wrap from index 255 to 0 run as one batch (a doorbell of 255
+    pages wraps every time but the first), their statuses posted at the wrapped indexes; a packet the
+    host altered after the wrap is refused as one by one -- the same statuses and bytes as a doorbell
+    per command."""
+    batches = _counting_batches(monkeypatch)
+
+    def alter(hdrs: bytearray, trans: bytearray) -> None:
+        hdrs[64 * 6 + 0x14] ^= 1  # packet 6 (queue entry 1): its MAC
+
+    worlds = [_whole_page_world("wrap", batched, alter, start=251) for batched in (False, True)]  # entries 251..2
+    one, batch = worlds
+    assert one == batch
+    assert batches == [8, 6]  # the sends across the wrap at once; the receives before the altered one
+    s_status, _, d_status, memory, _, _ = one
+    assert s_status == [0] * 8 and d_status == [0] * 6 + [Status.BAD_MEASUREMENT, 0]
+    for i in range(8):
+        page = memory[i * PAGE : (i + 1) * PAGE]
+        assert (page == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (i != 6)
 
 
 def test_a_doorbell_of_sends_gives_every_page_its_own_iv_and_mac(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from sevemu.abi.mailbox import (
     is_response,
 )
 from sevemu.abi.status import Status
-from sevemu.errors import AddressError, KeySlotError
+from sevemu.errors import AddressError, AlignmentError, KeySlotError
 from sevemu.hw.soc import Soc
 
 
@@ -79,6 +79,27 @@ def test_ports_are_handed_out_once_and_the_key_port_only_to_the_psp(soc: Soc) ->
     soc.wbinvd_all()
     assert ports.flush_epoch() == len(soc.cores)
     assert len(ports.trng(32)) == 32
+
+
+def test_encrypted_reads_into_a_buffer_are_encrypted_reads() -> None:
+    """``read_encrypted_into``: the bytes of ``read_encrypted`` (DRAM decrypted with the ASID's key,
+    the caches not looked at) in the caller's buffer; no key, unaligned or outside DRAM: refused."""
+    soc = make_soc()
+    ports = soc.psp.take_ports()
+    dma = ports.dma
+    ports.keys.load(200, bytes(range(16)))
+    image = bytes((i * 7 + 3) & 0xFF for i in range(3 * 4096))
+    dma.write_encrypted(0x5000, image, 200)
+    soc.cache.write(200, True, 0x6000, b"a newer line the PSP must not see" + bytes(31))
+    out = bytearray(3 * 4096)
+    dma.read_encrypted_into(0x5000, memoryview(out), 200)
+    assert out == dma.read_encrypted(0x5000, 3 * 4096, 200) == image
+    with pytest.raises(KeySlotError):
+        dma.read_encrypted_into(0x5000, bytearray(64), 201)
+    with pytest.raises(AlignmentError):
+        dma.read_encrypted_into(0x5010, bytearray(64), 200)
+    with pytest.raises(AddressError):
+        dma.read_encrypted_into(soc.dram.size - 64, bytearray(128), 200)
 
 
 def test_dma_view_is_coherent_with_host_c0_lines_only() -> None:

@@ -36,3 +36,19 @@ def test_alloc_many_refuses_before_handing_out_any_when_short() -> None:
         a.alloc_many(65)
     assert a.allocated == 0
     assert len(a.alloc_many(64)) == 64
+
+
+
+def test_free_many_gives_back_what_free_one_at_a_time_does() -> None:
+    """The same pages back in the same order (the next allocations hand them out alike) and the
+    same count in use."""
+    one, many = _pair()
+    for a in (one, many):
+        spas = [a.alloc() for _ in range(10)]
+        a.free(spas[0])
+    back = [spas[i] for i in (7, 3, 5)]  # (both allocators handed out the same SPAs)
+    for spa in back:
+        one.free(spa)
+    many.free_many(iter(back))
+    assert one.allocated == many.allocated == 6
+    assert [one.alloc() for _ in range(6)] == many.alloc_many(6)

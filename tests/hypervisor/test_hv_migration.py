@@ -50,6 +50,7 @@ from sevemu.hypervisor.migration import (
     receive_vm,
     send_vm,
 )
+from sevemu.hypervisor.psp import RING_BATCH
 from sevemu.hypervisor.sev.legacy import transport_slots
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine, build_machine, default_amd_root, manufacture
@@ -116,6 +117,61 @@ def test_channel_bounds_frames() -> None:
         chan = Channel(b, timeout=0.2)
         with pytest.raises(TimeoutError):  # nothing comes: the wait is bounded
             chan.recv()
+
+
+class _Trickle:
+    """A socket whose ``sendmsg`` takes at most ``most`` bytes a call (what a kernel may do)."""
+
+    def __init__(self, sock: socket.socket, most: int) -> None:
+        self._sock, self._most, self.calls = sock, most, 0
+
+    def sendmsg(self, buffers: list[memoryview]) -> int:
+        self.calls += 1
+        return self._sock.send(b"".join(bytes(b) for b in buffers)[: self._most])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_pages_frames_go_out_in_parts_whatever_the_kernel_takes() -> None:
+    """A PAGES frame is sent from its parts (framing, header slots, transport buffers) without
+    joining them; partial sends resume where the kernel stopped: the peer reads the frame
+    ``encode_frame`` makes, and ``bytes_sent`` counts it once."""
+    msg = Pages((0x1000, 0x7000, 0x3000), (bytes(range(1, 0x35)) + bytes(12)) * 3, os.urandom(3 * PAGE))
+    want = encode_frame(msg)
+    a, b = socket.socketpair()
+    with a, b:
+        out, into = Channel(a, timeout=2), Channel(b, timeout=2)
+        out.send(Done())  # pending output goes first
+        trickle = _Trickle(a, 1000)
+        out.sock = trickle  # type: ignore[assignment]
+        got: list[Message] = []
+        reader = threading.Thread(target=lambda: got.extend([into.recv(), into.recv()]))
+        reader.start()
+        out.send(msg)
+        reader.join(5)
+        assert got == [Done(), msg] and trickle.calls > len(want) // 1000
+        assert out.bytes_sent == len(encode_frame(Done())) + len(want) == into.bytes_received
+
+
+def test_transient_receipt_reads_the_same_messages() -> None:
+    """``recv(transient=True)`` (the destination's loop): a PAGES frame read into the channel's
+    reused buffer decodes to the message ``recv`` gives, other frames as usual, the same byte
+    count; malformed PAGES frames are refused all the same."""
+    frames = [Pages((0x1000, 0x3000), (bytes(range(1, 0x35)) + bytes(12)) * 2, os.urandom(2 * PAGE)), Done(),
+              Pages((0x5000,), bytes(range(2, 0x36)) + bytes(12), os.urandom(PAGE))]
+    a, b = socket.socketpair()
+    with a, b:
+        into = Channel(b, timeout=2)
+        for msg in frames:
+            a.sendall(encode_frame(msg))
+            assert into.recv(transient=True) == msg
+        assert into.bytes_received == sum(len(encode_frame(m)) for m in frames)
+        bad = bytearray(encode_frame(frames[2]))
+        bad[5 + 4 + 8 + 0x40 - 1] = 1  # header padding
+        a.sendall(bytes(bad))
+        with pytest.raises(ProtocolError):
+            into.recv(transient=True)
 
 
 # ---- hosts and guests ---------------------------------------------------------------------------
@@ -438,7 +494,7 @@ def test_migration_queues_a_command_per_page_through_the_ring_buffer(monkeypatch
         names = [name for name, status in m.firmware.log if status == Status.SUCCESS]
         assert names.count(cmd) == private and "RING_BUFFER" in names
         assert m.firmware.ring is None
-    assert sum(len(f.gpas) for f in sent) == private and all(len(f.gpas) <= 128 for f in sent)
+    assert sum(len(f.gpas) for f in sent) == private and all(len(f.gpas) <= RING_BATCH for f in sent)
     ivs = {f.hdrs[i * 64 + 4 : i * 64 + 20] for f in sent for i in range(len(f.gpas))}  # HdrBuf.iv at 04
     macs = {f.hdrs[i * 64 + 0x14 : i * 64 + 0x34] for f in sent for i in range(len(f.gpas))}
     assert len(ivs) == len(macs) == private  # a fresh IV and a MAC of its own per page

@@ -12,8 +12,9 @@ over its memory.
 
 Timed: :func:`sevemu.hypervisor.migration.send_vm` against :func:`~sevemu.hypervisor.migration.receive_vm`
 -- every page through its own SEND_UPDATE_DATA (own IV, own MAC), the wire and its own
-RECEIVE_UPDATE_DATA, the commands queued 128 per doorbell through the PSP's ring buffer and 128
-pages per PAGES frame, the two hosts working in parallel.  Figures:
+RECEIVE_UPDATE_DATA, the commands queued 255 per doorbell (as many as the ring's queue page
+carries: ``PAGE_BATCH``) through the PSP's ring buffer and 255 pages per PAGES frame, the two hosts
+working in parallel.  Figures:
 
 * ``migrate_mbps``: guest memory moved per second (pages x 4 KiB over the source's wall time from
   HELLO to DONE), in MB/s (10^6 bytes);
@@ -23,8 +24,8 @@ pages per PAGES frame, the two hosts working in parallel.  Figures:
   the transport alone could carry; ``ratio``: ``wire_mbps / raw_tcp_mbps``;
 * ``floor_mbps``: the per-page cryptography the protocol requires, done in this process on one
   core with the primitives and reused contexts the firmware uses (:func:`crypto_floor`): each page
-  decrypted from memory with a memory key (the generation's cipher, over a doorbell's run of 128
-  pages), a fresh 16-byte IV from the OS, AES-128-CTR under TEK and HMAC-SHA256 under TIK over the
+  decrypted from memory with a memory key (the generation's cipher, over a doorbell's run of
+  ``PAGE_BATCH`` pages), a fresh 16-byte IV from the OS, AES-128-CTR under TEK and HMAC-SHA256 under TIK over the
   header terms and TRANS (:meth:`~sevemu.crypto.transport.PacketCrypto.seal_many`: OpenSSL, one IV
   and one MAC per page) -- and nothing else; measured before and after the migration, the better of
   the two kept (``floor_runs_us_per_page`` has both); ``floor_ratio``: ``migrate_mbps /
@@ -381,7 +382,7 @@ def crypto_floor(generation: str, pages: int = _FLOOR_PAGES) -> float:
     random source, encrypted with AES-128-CTR under TEK and MACed with HMAC-SHA256 under TIK over
     its header terms and TRANS.  Done with the primitives and reused contexts the firmware uses
     (:meth:`MemoryCipher.decrypt_bulk_into` over a doorbell's run of pages,
-    :meth:`PacketCrypto.seal_many`: OpenSSL, one IV and one MAC per page), 128 pages per run, and
+    :meth:`PacketCrypto.seal_many`: OpenSSL, one IV and one MAC per page), ``PAGE_BATCH`` pages per run, and
     nothing else: no memory model, no commands, no copies between buffers."""
     prof = profile(generation)
     cipher = MemoryCipher(prof.mem_mode, os.urandom(prof.mem_mode.key_size), TweakConstants.random_zen2())

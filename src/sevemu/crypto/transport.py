@@ -220,6 +220,15 @@ def aes128_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
 _COUNTERS = np.arange(1 << 12, dtype=np.uint64)  # block offsets of up to 64 KiB of keystream
 
 
+def _out_buffer(out: bytearray | memoryview, length: int) -> memoryview:
+    """``out`` as a writable byte view of exactly ``length`` bytes (InputError otherwise)."""
+    view = memoryview(out).cast("B")
+    if view.readonly or view.nbytes != length:
+        raise InputError(f"an output buffer of {length} writable bytes is needed, got {view.nbytes}"
+                         f"{' read-only' if view.readonly else ''}")
+    return view
+
+
 class PacketCrypto:
     """AES-128-CTR under a TEK and HMAC-SHA256 under a TIK, keyed once for many packets (module
     docstring).  Holds key material: keep it where the keys live, and drop it with them."""
@@ -316,13 +325,14 @@ class PacketCrypto:
         return n
 
     def seal_many(self, ivs: bytes, aads: bytes, data: bytes | bytearray | memoryview,
-                  size: int) -> tuple[bytearray, bytearray]:
+                  size: int, out: bytearray | memoryview | None = None) -> tuple[bytearray | memoryview, bytearray]:
         """(TRANS, MACs) of a run of packets of ``size`` bytes each: packet i is
         ``TRANS_i = AES-128-CTR(TEK, iv_i)(data_i)`` and ``MAC_i = HMAC-SHA256(TIK, aad_i || TRANS_i)``
         (``ivs`` 16 bytes and ``aads`` an equal share per packet; TRANS back to back, 32-byte MACs
-        back to back)."""
+        back to back).  ``out``: a writable buffer of the data's length that receives TRANS (a run
+        that reuses its buffer; it must not overlap ``data``)."""
         n = self._run(ivs, aads, size, ("data", data, size))
-        trans = bytearray(n * size)
+        trans = bytearray(n * size) if out is None else _out_buffer(out, n * size)
         macs = bytearray(n * MAC_SIZE)
         if self._accel:
             _transport_accel.seal(self.tek, self.tik, ivs, aads, data, trans, macs, size)
@@ -337,12 +347,14 @@ class PacketCrypto:
         return trans, macs
 
     def open_many(self, ivs: bytes, aads: bytes, macs: bytes, trans: bytes | bytearray | memoryview,
-                  size: int) -> tuple[int, bytearray]:
+                  size: int, out: bytearray | memoryview | None = None) -> tuple[int, bytearray | memoryview]:
         """Verify a run of packets in order (``MAC_i`` against HMAC-SHA256(TIK, aad_i || TRANS_i),
         constant-time) and decrypt each that verifies: (how many verified before the first that did
-        not, their plaintexts back to back -- the rest of the buffer zero)."""
+        not, their plaintexts back to back -- the rest of a new buffer zero).  ``out``: a writable
+        buffer of TRANS's length that receives the plaintexts (a run that reuses its buffer; it must
+        not overlap ``trans``; past the verified packets its bytes are left as they were)."""
         n = self._run(ivs, aads, size, ("MACs", macs, MAC_SIZE), ("TRANS", trans, size))
-        plain = bytearray(n * size)
+        plain = bytearray(n * size) if out is None else _out_buffer(out, n * size)
         if self._accel:
             return _transport_accel.open(self.tek, self.tik, ivs, aads, macs, trans, plain, size), plain
         view = memoryview(trans).cast("B")

@@ -47,6 +47,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+import numpy as np
+
 from sevemu._util.units import PAGE
 from sevemu.abi.mailbox import RB_QUEUE_ENTRIES, MailboxReg, RbCtl, RbHead, encode_response
 from sevemu.abi.sev import RingCmdFlags
@@ -177,26 +179,32 @@ class RingBuffer:
         by one) -- post the statuses, advance the head; whether an interrupt was earned."""
         dma = fw.ports.dma
         count = (end - index) % RB_QUEUE_ENTRIES
-        stop = min(index + count, RB_QUEUE_ENTRIES)  # up to the page's end; a wrapped rest comes next
+        stop = min(index + count, RB_QUEUE_ENTRIES)  # up to the page's end, then the wrapped rest
         raw = dma.read(q.cmd_spa + index * _ENTRY.size, (stop - index) * _ENTRY.size)
-        entries = list(_ENTRY.iter_unpack(raw))
-        cmd_id, flags, _, buffer_ptr = entries[0]
+        if index + count > RB_QUEUE_ENTRIES:  # the entries wrap: one run in queue order
+            raw += dma.read(q.cmd_spa, (index + count - RB_QUEUE_ENTRIES) * _ENTRY.size)
+        cmd_id, flags, _, buffer_ptr = _ENTRY.unpack_from(raw)
         if flags & ~_KNOWN_FLAGS:
             return self._post(fw, q, index, [int(Status.INVALID_PARAM)], flags)
-        same = 1
-        while same < len(entries) and entries[same][0] == cmd_id and entries[same][1] == flags:
-            same += 1
-        done = fw.handle_batch(cmd_id, [e[3] for e in entries[:same]]) if same > 1 else 0
+        done = 0
+        if len(raw) > _ENTRY.size:  # the entries after it that queue the same command, same flags
+            words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+            differ = np.flatnonzero((words[:, 0] & np.uint64(0xFFFF_FFFF)) != words[0, 0] & np.uint64(0xFFFF_FFFF))
+            same = int(differ[0]) if len(differ) else len(words)
+            done = fw.handle_batch(cmd_id, words[:same, 1].tolist()) if same > 1 else 0
         if done:
             return self._post(fw, q, index, [int(Status.SUCCESS)] * done, flags)
         return self._post(fw, q, index, [fw.handle(cmd_id, buffer_ptr)], flags)
 
     def _post(self, fw: Firmware, q: RingQueue, index: int, statuses: list[int], flags: int) -> bool:
-        """Write the status entries of the commands from ``index`` on (they do not wrap: a batch
-        ends at the page's end), advance the head; whether an interrupt was earned."""
+        """Write the status entries of the commands from ``index`` on (wrapping at the page's end
+        as the queue does), advance the head; whether an interrupt was earned."""
         entries = bytes(_STATUS.size * len(statuses)) if not any(statuses) else \
             b"".join([_STATUS.pack(st, 0) for st in statuses])  # (all SUCCESS: zero entries)
-        fw.ports.dma.write(q.status_spa + index * _STATUS.size, entries)
+        room = (RB_QUEUE_ENTRIES - index) * _STATUS.size
+        fw.ports.dma.write(q.status_spa + index * _STATUS.size, entries[:room])
+        if len(entries) > room:
+            fw.ports.dma.write(q.status_spa, entries[room:])
         self.head = (self.head & ~(0xFF << q.shift)) | (((index + len(statuses)) % RB_QUEUE_ENTRIES) << q.shift)
         raised = False
         if statuses[-1] and not flags & _CONT_ON_ERROR:  # (SUCCESS is 0; only the last may fail)

@@ -350,7 +350,7 @@ class Core:
                 out[lo - spa : hi - spa] = line[lo - key : hi - key]
         return bytes(out)
 
-    def host_write_stream(self, spa: int, data: bytes | bytearray) -> None:
+    def host_write_stream(self, spa: int, data: bytes | bytearray | memoryview) -> None:
         """Streaming (non-temporal) write of unencrypted memory as the host, C=0 (``MOVNTDQ``).
 
         The host's cached lines of the range -- in this cache and in private levels above it -- are

@@ -70,7 +70,7 @@ class HostCore:
         """Non-temporal loads of a large range (C=0)."""
         return self._core.host_read_stream(spa, length)
 
-    def host_write_stream(self, spa: int, data: bytes | bytearray) -> None:
+    def host_write_stream(self, spa: int, data: bytes | bytearray | memoryview) -> None:
         """Non-temporal stores of a large range (C=0)."""
         self._core.host_write_stream(spa, data)
 

@@ -222,6 +222,16 @@ class MemoryController:
             return raw
         return bytes(self._cipher(asid).decrypt_bulk(spa, raw))
 
+    def read_into(self, spa: int, out: bytearray | memoryview, asid: int, c: bool) -> None:
+        """:meth:`read` of ``len(out)`` bytes into the caller's buffer (decrypted in place there: a
+        bulk transfer that reuses its buffer)."""
+        view = memoryview(out).cast("B")
+        self._check_bulk(spa, len(view))
+        cipher = self._cipher(asid) if c else None  # (no key: nothing is read)
+        self.dram.read_into(spa, view)
+        if cipher is not None:
+            cipher.decrypt_bulk_into(spa, view, view)
+
     def write(self, spa: int, data: bytes | bytearray | memoryview, asid: int, c: bool) -> None:
         """Store ``data`` at line-aligned ``spa`` through domain (asid, c), bypassing the caches.
 

@@ -142,7 +142,7 @@ class PspDma:
             hi = min(key + LINE, end)
             out[lo - spa : hi - spa] = line[lo - key : hi - key]
 
-    def write(self, spa: int, data: bytes | bytearray, *, guest_ok: bool = False) -> None:
+    def write(self, spa: int, data: bytes | bytearray | memoryview, *, guest_ok: bool = False) -> None:
         """Unencrypted write; host copies of those lines (this cache and private levels above it)
         are written back and invalidated first.  AddressError for a guest-owned SNP page unless
         ``guest_ok`` (the firmware's own write-back of a Pre-Guest CPUID page)."""
@@ -169,6 +169,11 @@ class PspDma:
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:
         """Read with the key of ``asid`` straight from DRAM (not coherent with the caches)."""
         return self._mc.read(spa, length, asid, True)
+
+    def read_encrypted_into(self, spa: int, out: bytearray | memoryview, asid: int) -> None:
+        """:meth:`read_encrypted` of ``len(out)`` bytes into the caller's buffer (the PSP's own
+        memory: a bulk transfer that reuses its buffer)."""
+        self._mc.read_into(spa, out, asid, True)
 
     def write_encrypted(self, spa: int, data: bytes | bytearray | memoryview, asid: int) -> None:
         """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""

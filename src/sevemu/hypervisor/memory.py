@@ -10,6 +10,8 @@ reached DRAM anyway.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sevemu._util.units import PAGE, PAGE_2M, align_up
 from sevemu.errors import HardwareError
 from sevemu.hw.host import HostCore
@@ -79,3 +81,9 @@ class PageAllocator:
         """Give the page at ``spa`` back (it is zeroed when handed out again)."""
         self.allocated -= 1
         self._free.append(spa)
+
+    def free_many(self, spas: Iterable[int]) -> None:
+        """:meth:`free` of each page, in order."""
+        before = len(self._free)
+        self._free.extend(spas)
+        self.allocated -= len(self._free) - before

@@ -19,7 +19,7 @@ Flow (non-live, "stop and copy": the guest does not run while it is sent)::
                                               <-  START(policy, memory size, vCPUs, own PDH, session)
     RECEIVE_START -> handle (new VEK)
     ACTIVATE(handle, new ASID)
-                                                  per batch of up to 128 backed private pages:
+                                                  per batch of up to 255 backed private pages:
                                                       SEND_UPDATE_DATA(GPA's SPA | C-bit) per page
                                                       -> hdr, trans (one doorbell, ring buffer)
                                               <-      PAGES(gpas, hdrs, transport buffers)
@@ -55,7 +55,9 @@ counts the type byte), at most :data:`MAX_FRAME` bytes; integers in payloads are
 sides bound every wait with a socket timeout.  A PAGES frame carries one doorbell's packets: ``u32
 count || count x u64 GPA || count x 64-byte header slot (the 0x34-byte header, zero-padded) ||
 count x 4 KiB transport buffer``, at most :data:`~sevemu.hypervisor.psp.RING_BATCH` pages, laid out
-as the bounce area holds them on both sides (one copy in, one copy out).  Every page is still its
+as the bounce area holds them on both sides (one copy in, one copy out: the source sends the parts
+as they are with ``sendmsg``, the destination reads the frame into a buffer it reuses and stages
+the views).  Every page is still its
 own SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA with its own IV and MAC (KVM's contract): the batching
 is of submissions (the PSP's ring buffer) and of frames, not of packets.  A PAGE frame (one packet)
 is still accepted.
@@ -115,13 +117,13 @@ __all__ = [
 
 CERT_SIZE: Final = SEV_CERT_SIZE
 CHAIN_SIZE: Final = SEV_CERT_CHAIN_SIZE
-MAX_FRAME: Final = MiB
-"""Largest frame either side accepts (a PAGES frame of 128 pages is about 520 KiB, HELLO about
+MAX_FRAME: Final = 2 * MiB
+"""Largest frame either side accepts (a PAGES frame of 255 pages is about 1.04 MiB, HELLO about
 11.5 KiB)."""
 DEFAULT_TIMEOUT: Final = 30.0
 _SEND_BUFFER: Final = 256 * KiB
 _SOCKET_BUFFER: Final = 4 * MiB
-"""SO_SNDBUF / SO_RCVBUF of a channel's socket: about seven PAGES frames of 128 pages (Linux caps it
+"""SO_SNDBUF / SO_RCVBUF of a channel's socket: about four PAGES frames of 255 pages (Linux caps it
 at net.core.wmem_max / rmem_max)."""
 _MAX_AMD_CERTS: Final = 8 * KiB
 
@@ -186,9 +188,9 @@ class Pages:
     """The SEND_UPDATE_DATA packets of one doorbell: whole private pages (module docstring)."""
 
     gpas: tuple[int, ...]
-    hdrs: bytes
+    hdrs: bytes | memoryview
     """A :data:`~sevemu.hypervisor.sev.legacy.HDR_SLOT`-byte slot per page."""
-    transport: bytes
+    transport: bytes | memoryview
     """A 4 KiB transport buffer per page."""
 
 
@@ -249,20 +251,25 @@ def _blob(*parts: bytes) -> bytes:
     return b"".join(parts)
 
 
+def _pages_parts(msg: Pages) -> list[bytes | memoryview]:
+    """The PAGES frame of ``msg`` as its parts, in order: framing and GPAs, the header slots, the
+    transport buffers (sent as they are, without joining them)."""
+    n = len(msg.gpas)
+    if len(msg.hdrs) != n * HDR_SLOT or len(msg.transport) != n * PAGE:
+        raise ProtocolError(f"PAGES of {n} pages with {len(msg.hdrs)} header and {len(msg.transport)} "
+                            "transport bytes")
+    length = 1 + 4 + n * (8 + HDR_SLOT + PAGE)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"PAGES frame of {length} bytes exceeds {MAX_FRAME}")
+    return [_HEADER.pack(length, MsgType.PAGES) + _U32.pack(n) + struct.pack(f">{n}Q", *msg.gpas),
+            msg.hdrs, msg.transport]
+
+
 def encode_frame(msg: Message) -> bytes:
     """The frame of ``msg`` (module docstring)."""
     kind: MsgType
     if isinstance(msg, Pages):
-        n = len(msg.gpas)
-        if len(msg.hdrs) != n * HDR_SLOT or len(msg.transport) != n * PAGE:
-            raise ProtocolError(f"PAGES of {n} pages with {len(msg.hdrs)} header and {len(msg.transport)} "
-                                "transport bytes")
-        length = 1 + 4 + n * (8 + HDR_SLOT + PAGE)
-        if length > MAX_FRAME:
-            raise ProtocolError(f"PAGES frame of {length} bytes exceeds {MAX_FRAME}")
-        # (the frame in one join: the 4 KiB pages are copied once)
-        return b"".join([_HEADER.pack(length, MsgType.PAGES), _U32.pack(n), struct.pack(f">{n}Q", *msg.gpas),
-                         msg.hdrs, msg.transport])
+        return b"".join(_pages_parts(msg))
     elif isinstance(msg, Page):
         kind, payload = MsgType.PAGE, _blob(_U64.pack(msg.gpa), msg.hdr, msg.trans)
     elif isinstance(msg, Hello):
@@ -293,6 +300,22 @@ def _need(cond: bool, kind: MsgType, what: str) -> None:
         raise ProtocolError(f"malformed {kind.name} frame: {what}")
 
 
+def _decode_pages(payload: bytes | memoryview) -> Pages:
+    """The PAGES message of a frame's payload; its header slots and pages are views of it."""
+    kind, n = MsgType.PAGES, len(payload)
+    _need(n >= 4, kind, "truncated")
+    count = _U32.unpack_from(payload)[0]
+    _need(0 < count <= RING_BATCH, kind, f"{count} pages")
+    _need(n == 4 + count * (8 + HDR_SLOT + PAGE), kind, f"{n} bytes for {count} pages")
+    hdr_at = 4 + 8 * count
+    trans_at = hdr_at + count * HDR_SLOT
+    view = memoryview(payload)  # (the header slots and pages are views of the frame: no copies)
+    hdrs = view[hdr_at:trans_at]
+    _need(not np.frombuffer(hdrs, dtype=np.uint8).reshape(count, HDR_SLOT)[:, HdrBuf.SIZE :].any(),
+          kind, "header padding is not zero")
+    return Pages(struct.unpack_from(f">{count}Q", payload, 4), hdrs, view[trans_at:])
+
+
 def decode_frame(kind_byte: int, payload: bytes) -> Message:
     """The message of one frame's type byte and payload; :class:`ProtocolError` if malformed."""
     try:
@@ -301,16 +324,7 @@ def decode_frame(kind_byte: int, payload: bytes) -> Message:
         raise ProtocolError(f"unknown frame type {kind_byte}") from None
     n = len(payload)
     if kind is MsgType.PAGES:
-        _need(n >= 4, kind, "truncated")
-        count = _U32.unpack_from(payload)[0]
-        _need(0 < count <= RING_BATCH, kind, f"{count} pages")
-        _need(n == 4 + count * (8 + HDR_SLOT + PAGE), kind, f"{n} bytes for {count} pages")
-        hdr_at = 4 + 8 * count
-        trans_at = hdr_at + count * HDR_SLOT
-        hdrs = payload[hdr_at:trans_at]
-        _need(not np.frombuffer(hdrs, dtype=np.uint8).reshape(count, HDR_SLOT)[:, HdrBuf.SIZE :].any(),
-              kind, "header padding is not zero")
-        return Pages(struct.unpack_from(f">{count}Q", payload, 4), hdrs, payload[trans_at:])
+        return _decode_pages(payload)
     if kind is MsgType.PAGE:
         _need(n > 8 + HdrBuf.SIZE, kind, f"{n} bytes")
         return Page(_U64.unpack_from(payload)[0], payload[8 : 8 + HdrBuf.SIZE], payload[8 + HdrBuf.SIZE :])
@@ -358,6 +372,7 @@ class Channel:
         self.sock = sock
         self._rfile = sock.makefile("rb")
         self._out = bytearray()
+        self._reused = bytearray()
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -372,6 +387,12 @@ class Channel:
         return cls(sock, timeout)
 
     def send(self, msg: Message) -> None:
+        if isinstance(msg, Pages):  # (about a MiB: its parts go out as they are, after what is pending)
+            parts = _pages_parts(msg)
+            self.flush()
+            self._send_parts(parts)
+            self.bytes_sent += sum(len(part) for part in parts)
+            return
         frame = encode_frame(msg)
         self.bytes_sent += len(frame)
         if len(frame) >= _SEND_BUFFER:  # a large frame goes out as it is, after what is pending
@@ -381,6 +402,16 @@ class Channel:
         self._out += frame
         if len(self._out) >= _SEND_BUFFER:
             self.flush()
+
+    def _send_parts(self, parts: list[bytes | memoryview]) -> None:
+        """``sendall`` of the parts one after the other, gathered by the kernel (``sendmsg``)."""
+        views = [memoryview(part).cast("B") for part in parts if len(part)]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if sent:
+                views[0] = views[0][sent:]
 
     def flush(self) -> None:
         if self._out:
@@ -394,13 +425,28 @@ class Channel:
         self.bytes_received += n
         return data
 
-    def recv(self) -> Message:
-        """The next message (flushes pending output first)."""
+    def recv(self, transient: bool = False) -> Message:
+        """The next message (flushes pending output first).  ``transient``: a PAGES frame is read
+        into a buffer the channel reuses and its header slots and pages are views of it, valid
+        until the next call (the destination copies them into the bounce area first)."""
         self.flush()
         length, kind = _HEADER.unpack(self._read(_HEADER.size))
         if not 1 <= length <= MAX_FRAME:
             raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
+        if transient and kind == MsgType.PAGES:
+            return _decode_pages(self._read_reused(length - 1))
         return decode_frame(kind, self._read(length - 1))
+
+    def _read_reused(self, n: int) -> memoryview:
+        """``n`` bytes read into the channel's reused buffer (a new one when it is too small: views
+        of the old one stay valid)."""
+        if len(self._reused) < n:
+            self._reused = bytearray(n)
+        view = memoryview(self._reused)[:n]
+        if self._rfile.readinto(view) != n:
+            raise ConnectionError("the peer closed the connection")
+        self.bytes_received += n
+        return view
 
     def abort(self, reason: str) -> None:
         """Best effort: tell the peer the migration is off (errors ignored: it may be gone)."""
@@ -421,8 +467,8 @@ class Channel:
 M = TypeVar("M", Hello, Start, Done)
 
 
-def _next(chan: Channel) -> Message:
-    msg = chan.recv()
+def _next(chan: Channel, transient: bool = False) -> Message:
+    msg = chan.recv(transient)
     if isinstance(msg, Abort):
         raise MigrationError(f"the peer aborted: {msg.reason}")
     return msg
@@ -578,8 +624,12 @@ def _new_page(vm: Vm, gpa: int, seen: set[int]) -> None:
 def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: set[int]) -> None:
     """:func:`_new_page` of each GPA (all checked before any is recorded)."""
     fresh = set(gpas)
-    if len(fresh) != len(gpas) or not seen.isdisjoint(fresh) or \
-            any(gpa % PAGE or not 0 <= gpa < vm.memory for gpa in gpas):
+    try:
+        at = np.array(gpas, dtype=np.uint64)
+        outside = bool((at & np.uint64(PAGE - 1)).any() or (at >= np.uint64(vm.memory)).any())
+    except (OverflowError, ValueError):  # not a u64 (a frame's GPAs are): named below
+        outside = True
+    if len(fresh) != len(gpas) or not seen.isdisjoint(fresh) or outside:
         bad = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
                    or gpa in seen or gpa in gpas[:i])
         raise ProtocolError(f"page at GPA {bad:#x}: unaligned, outside the VM or repeated")
@@ -594,7 +644,7 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
         packet = Packet(st, HdrBuf.SIZE, PAGE)
         receiver: PageReceiver | None = None  # one ring-buffer session for a run of PAGES frames
         while True:
-            msg = _next(chan)
+            msg = _next(chan, transient=True)  # (a PAGES frame is staged before the next read)
             if isinstance(msg, Pages):
                 _new_pages(vm, msg.gpas, seen)
                 if receiver is None:

@@ -20,6 +20,8 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sevemu._util.units import PAGE, PAGE_2M, PAGE_MASK, align_down
 from sevemu.errors import AddressError, InputError, UnmappedError
 from sevemu.hw.cpu import Engine
@@ -200,7 +202,12 @@ class Vm:
         """:meth:`back` of each page-aligned GPA, in order; their SPAs.  The new pages are mapped
         with :meth:`Npt.map_many` (the same pages and entries as one :meth:`back` after another)."""
         memory = self.memory
-        if any(gpa & PAGE_MASK or not 0 <= gpa < memory for gpa in gpas):
+        try:
+            at = np.array(gpas, dtype=np.int64)
+            outside = bool((at & PAGE_MASK).any() or (at < 0).any() or (at >= memory).any())
+        except (OverflowError, ValueError):  # beyond 63 bits: named below
+            outside = True
+        if outside:
             bad = next(gpa for gpa in gpas if gpa & PAGE_MASK or not 0 <= gpa < memory)
             raise AddressError(f"GPA {bad:#x} is not a page of {self.name}'s {memory:#x} bytes")
         mapped = self.npt.mappings
@@ -208,6 +215,8 @@ class Vm:
         spas = self._alloc.alloc_many(len(fresh))
         self.npt.map_many(list(zip(fresh, spas, strict=True)))
         self._owned.update(spas)
+        if len(fresh) == len(gpas):  # every page new: the SPAs just allocated, in order
+            return spas
         return [mapped[gpa >> 12] for gpa in gpas]
 
     def spa_of(self, gpa: int) -> int:
@@ -262,8 +271,7 @@ class Vm:
         """Return every page the VM holds to the host allocators: backing pages, the NPT's table
         pages and the VMSA pages."""
         self.npt.release()
-        for spa in self._owned:
-            self._alloc.free(spa)
+        self._alloc.free_many(self._owned)
         self._owned.clear()
         for spa in self.vmsa_pages.values():
             self._table_alloc.free(spa)

@@ -114,6 +114,7 @@ import bisect
 import hashlib
 import hmac
 import struct
+import threading
 from dataclasses import replace
 from itertools import pairwise
 from typing import Final
@@ -178,6 +179,7 @@ DATA_PACKET_AAD: Final = struct.Struct("<BI16sII")
 """The terms a data packet's MAC covers before TRANS: context byte, flags, IV, GUEST_LEN, TRANS_LEN (AF
 ``send_receive_update_aad`` without its 3 pad bytes)."""
 _AAD: Final = DATA_PACKET_AAD
+_SCRATCH: Final = threading.local()  # the PSP's working buffers of a batch, per thread (_scratch)
 
 
 def _amd_certs_lengths() -> frozenset[int]:
@@ -760,18 +762,33 @@ def _read_slots(fw: Firmware, spas: _U64, size: int) -> bytes:
     return np.frombuffer(span, dtype=np.uint8).reshape(n, stride)[:, :size].tobytes()
 
 
+def _scratch(name: str, length: int) -> memoryview:
+    """``length`` bytes of the PSP's own working memory for a batch (per thread, reused from batch
+    to batch; never host-visible): what :func:`_seal_pages` and :func:`_open_pages` decrypt into."""
+    buf: bytearray | None = getattr(_SCRATCH, name, None)
+    if buf is None or len(buf) < length:
+        buf = bytearray(length)
+        setattr(_SCRATCH, name, buf)
+    return memoryview(buf)[:length]
+
+
 def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _U64) -> None:
-    """The effects of SEND_UPDATE_DATA on each whole page (checked by :func:`_whole_pages`)."""
+    """The effects of SEND_UPDATE_DATA on each whole page (checked by :func:`_whole_pages`): the
+    pages read and decrypted from DRAM (:func:`read_guest` of each run) into the PSP's memory,
+    sealed from there into a second buffer, written out run by run."""
     n = len(guest)
-    runs = _page_runs(guest)
-    plain = b"".join([read_guest(fw, g, spa, length) for _, spa, length in runs])  # (one run: no copy)
+    dma = fw.ports.dma
+    plain = _scratch("plain", n * PAGE)
+    for first, spa, length in _page_runs(guest):
+        dma.read_encrypted_into(spa, plain[first * PAGE : first * PAGE + length], g.asid)
     ivs = fw.ports.trng(IV_SIZE * n)  # one draw for the doorbell: a fresh IV per page, in command order
-    sealed, macs = _channel(g).seal_many(ivs, _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE), plain, PAGE)
+    sealed = _scratch("sealed", n * PAGE)
+    _, macs = _channel(g).seal_many(ivs, _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE), plain, PAGE, sealed)
     head = np.zeros(n, dtype=_HDR_DTYPE)  # flags 0
     head["iv"] = np.frombuffer(ivs, dtype="V16")
     head["mac"] = np.frombuffer(macs, dtype="V32")
     for first, spa, length in _page_runs(trans):
-        fw.ports.dma.write(spa, sealed if length == len(sealed) else bytes(sealed[first * PAGE : first * PAGE + length]))
+        dma.write(spa, sealed[first * PAGE : first * PAGE + length])
     _write_slots(fw, hdrs, head.tobytes(), HdrBuf.SIZE)
 
 
@@ -919,13 +936,16 @@ def _open_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
     if not n:
         return 0
     head = head[:n]
-    data = b"".join([fw.ports.dma.read(spa, length) for _, spa, length in _page_runs(trans[:n])])
+    dma = fw.ports.dma
+    data = _scratch("trans", n * PAGE)
+    for first, spa, length in _page_runs(trans[:n]):
+        dma.read_into(spa, data[first * PAGE : first * PAGE + length])
     ivs = head["iv"].tobytes()
-    good, plain = _channel(g).open_many(ivs, _aads(head["flags"], ivs, PAGE), head["mac"].tobytes(), data, PAGE)
-    view = memoryview(plain)
+    plain = _scratch("plain", n * PAGE)
+    good, _ = _channel(g).open_many(ivs, _aads(head["flags"], ivs, PAGE), head["mac"].tobytes(), data, PAGE, plain)
     for first, spa, length in _page_runs(guest[:good]):
-        fw.ports.dma.evict(spa, length)
-        write_guest(fw, g, spa, plain if length == len(plain) else bytes(view[first * PAGE : first * PAGE + length]))
+        dma.evict(spa, length)
+        write_guest(fw, g, spa, plain[first * PAGE : first * PAGE + length])
     return good
 
 

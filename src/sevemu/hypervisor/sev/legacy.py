@@ -79,8 +79,8 @@ and lengths (SEV API 55766, LAUNCH_UPDATE_DATA, DBG_DECRYPT)."""
 _MAX_LEN = 1 << 32  # a u32 length field
 HDR_SLOT = 64
 """Bytes a transport header occupies in a :class:`PageBatch` (the 0x34-byte header, zero-padded)."""
-PAGE_BATCH = 128
-"""Pages per ring-buffer doorbell in migration (at most ``RING_BATCH``)."""
+PAGE_BATCH = RING_BATCH
+"""Pages per ring-buffer doorbell in migration: as many as one doorbell carries (``RING_BATCH``, 255)."""
 def transport_slots(handle: int, hdr_base: int, hdr_len: int, guest_paddrs: list[int], trans_base: int) -> bytes:
     """The ring slots of one whole-page TransportCmd per guest page: command i with its header in the
     64-byte slot ``hdr_base + 64 * i`` (``hdr_len`` bytes) and its TRANS in the page ``trans_base +
@@ -107,15 +107,15 @@ class PageBatch:
     pages' transport buffers back to back."""
 
     gpas: tuple[int, ...]
-    hdrs: bytes
-    transport: bytes
+    hdrs: bytes | memoryview
+    transport: bytes | memoryview
     hdr_len: int
 
     def hdr(self, i: int) -> bytes:
-        return self.hdrs[i * HDR_SLOT : i * HDR_SLOT + self.hdr_len]
+        return bytes(self.hdrs[i * HDR_SLOT : i * HDR_SLOT + self.hdr_len])
 
     def trans(self, i: int) -> bytes:
-        return self.transport[i * PAGE : (i + 1) * PAGE]
+        return bytes(self.transport[i * PAGE : (i + 1) * PAGE])
 
 
 class PageReceiver:
@@ -153,6 +153,8 @@ class PageReceiver:
 
 def _check_batch(cmd: CommandId, statuses: list[int | None]) -> None:
     """SevFirmwareError with the status of the first command of a batch that did not succeed."""
+    if statuses.count(Status.SUCCESS) == len(statuses):
+        return
     for status in statuses:
         if status != Status.SUCCESS:
             raise SevFirmwareError(cmd.name, Status.HWERROR_PLATFORM if status is None else status)
