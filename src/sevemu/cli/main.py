@@ -79,6 +79,7 @@ def build_parser() -> CliParser:
         guest_attest,
         launch,
         ok,
+        ovmf_fetch,
         owner,
         platform,
         run,
@@ -111,6 +112,7 @@ def build_parser() -> CliParser:
     snp_tools.register(sub)
     display.register(sub)
     run.register(sub)
+    ovmf_fetch.register(sub)
     bench.register(sub)
     attest.register(sub)
     guest_attest.register(sub)

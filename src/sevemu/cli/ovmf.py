@@ -306,10 +306,14 @@ def run_firmware(args: Any) -> int:
     import json
     import sys
 
+    from sevemu.cli.ovmf_fetch import resolve_firmware
+
     if args.guest:
         raise InputError("give either a guest or --firmware, not both")
+    args.firmware = resolve_firmware(args.firmware)
     if not args.firmware.is_file():
-        raise InputError(f"no firmware image at {args.firmware} (Debian: apt-get install ovmf)")
+        raise InputError(f"no firmware image at {args.firmware} (Debian: apt-get install ovmf; or `sevemu ovmf "
+                         "fetch` and --firmware trixie)")
     ram = (args.memory or DEFAULT_RAM // MiB) * MiB
     boot = OvmfBoot(args.firmware, args.mode, vcpus=args.vcpus, vcpu_type=args.vcpu_type, ram=ram,
                     generation=args.generation, seed=args.seed or "ovmf")
