@@ -61,3 +61,29 @@ def test_snp_ovmf_2025_reaches_peis_switch_to_permanent_memory() -> None:
     assert r.vc.get("PAGE_NOT_VALIDATED", 0) == 0  # PlatformPei validated RAM before using it (edk2 PR 6285)
     assert r.pvalidates > (boot.ram - 0x100_0000) // 0x1000  # it validated the system RAM
     assert r.devices.get("fw_cfg", 0) > 0 and r.devices.get("cmos", 0) > 0
+
+
+@pytest.mark.slow
+def test_the_host_finds_none_of_the_snp_guests_decompressed_firmware_in_dram() -> None:
+    """The acceptance check of issue 13 with the image that boots as an SNP guest: 32-byte pieces of the
+    PEI volume SEC decompressed (absent from the compressed flash) are in a plain run's DRAM and in
+    none of an SNP run's, at PEI's switch to permanent memory (after WBINVD: all the caches hold)."""
+    image = IMAGE.read_bytes()
+    plain = OvmfBoot(image, "plain")
+    try:
+        assert plain.run(until="end of SEC", timeout=900).status == "reached"
+        fv = plain.launch.vm.host_read(0x82_0000, 0x20000)
+        needles = [fv[o : o + 32] for o in range(0x1000, len(fv) - 32, 0x1000)
+                   if len(set(fv[o : o + 32])) > 12 and fv[o : o + 32] not in image][:8]
+        assert len(needles) == 8
+        plain.machine.soc.wbinvd_all()
+        assert all(plain.machine.soc.dram.find(x) for x in needles)
+    finally:
+        plain.close()
+    snp = OvmfBoot(image, "snp")
+    try:
+        assert snp.run(timeout=900).status == "reached"
+        snp.machine.soc.wbinvd_all()
+        assert not any(snp.machine.soc.dram.find(x) for x in needles)
+    finally:
+        snp.close()
