@@ -55,6 +55,10 @@ TEMP_RAM: Final = (0x80_0000, 0x90_0000)
 """OVMF's SEC/PEI memory (MEMFD: page tables, GHCB, secrets/CPUID pages, the temporary RAM, the PEI FV)."""
 MILESTONES: Final = ("protected mode", "long mode", "end of SEC", "PEI in permanent memory", "DXE IPL",
                       "DXE core entry", "DXE drivers")
+_MAX_CHECKS: Final = 3
+"""Times a page is read for module entries: its first fetches (a page the loader reuses for another
+image is seen again), never every refill of a hot page (each read is a data fill of the vCPU's TLB,
+which costs that page its execute permission until the next fetch fill)."""
 _MODULE_MILESTONES: Final = {"PEIM:DxeIpl": "DXE IPL", "DXE core": "DXE core entry", "DXE driver": "DXE drivers"}
 _RSP: Final = 7  # index of RSP in the engine's register batch (GPRS order)
 _RIP: Final = 16
@@ -204,6 +208,7 @@ class OvmfBoot:
         self.modules: list[tuple[str, str, float]] = []
         self._entered: set[str] = set()
         self._after_sec = False
+        self._checks: dict[int, int] = {}
         bsp = self.engines[0]
         bsp.fetch_observer = self._on_fetch
         self._count_ghcb()
@@ -224,14 +229,21 @@ class OvmfBoot:
         if PEI_FV[0] <= vaddr < PEI_FV[1]:
             self._event("end of SEC", f"first fetch from the PEI firmware volume at {vaddr:#x}")
             self._after_sec = True
-        elif self._after_sec and MiB <= vaddr < self.ram and self._modules.modules:  # matched at the next exit
+        elif self._after_sec and MiB <= vaddr < self.ram and self._modules.modules and \
+                self._checks.get(vaddr & ~(PAGE - 1), 0) < _MAX_CHECKS:  # matched at the next exit
             self._fetched.append((vaddr, self._now(), self.engines[0].stats.exits))
 
     def _match_fetched(self) -> None:
         eng, todo = self.engines[0], self._fetched
         self._fetched = []
+        done: set[int] = set()
         for vaddr, seconds, exits in todo:
-            page = eng.read_virt(vaddr & ~(PAGE - 1), PAGE)
+            base = vaddr & ~(PAGE - 1)
+            if base in done:
+                continue
+            done.add(base)
+            self._checks[base] = self._checks.get(base, 0) + 1
+            page = eng.read_virt(base, PAGE)
             for m in self._modules.entered(page) if page else ():
                 key = f"{m.kind}:{m.name}"
                 if key in self._entered:
