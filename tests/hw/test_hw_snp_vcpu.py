@@ -467,3 +467,23 @@ def test_unicorn_a_page_of_another_guest_is_npf_with_the_rmp_bit() -> None:
         assert ex.code == ExitCode.NPF and ex.info1 & NpfExitInfo1.RMP and ex.info2 == DATA
     finally:
         eng.close()
+
+
+def test_rmp_instructions_ignore_the_page_offset_and_refuse_only_a_misaligned_2m_request() -> None:
+    """edk2's SevSnpIsVmpl0 runs RMPADJUST on a byte array at an address that is not page aligned and
+    takes any nonzero EAX for "not at VMPL0" (OVMF 2025.02 then terminates in SEC); RAX names the
+    page, its bits 11:0 are ignored.  A 2 MiB request with bits 20:12 set is FAIL_INPUT."""
+    g = Guest(validate_all=True)
+    got = []
+
+    def work() -> Workload:
+        got.append((yield op.rmpadjust(DATA + 0x14, 0, 1 | R << 8)))
+        got.append((yield op.pvalidate(DATA + 0x7FF, 0, False)))  # rescinds DATA's page
+        got.append((yield op.pvalidate(HUGE_GPA + 0x1000, 1, True)))
+        got.append((yield op.rmpadjust(HUGE_GPA + 0x1000, 1, 1)))
+        yield op.hlt()
+
+    assert g.run(work()).code == ExitCode.HLT
+    assert got == [(0, False), (0, False), (RmpResult.FAIL_INPUT, False), (RmpResult.FAIL_INPUT, False)]
+    e = g.rmp.entry(GUEST_SPA + DATA)
+    assert not e.validated and e.perms[1] == R

@@ -194,3 +194,36 @@ def test_the_hypervisor_reports_snp_in_its_ghcb_features(m: Machine) -> None:
     from sevemu.abi.ghcb import HvFeature
 
     assert m.hv.ghcb.hv_features & HvFeature.SNP
+
+
+def test_a_psc_header_with_a_nonzero_reserved_dword_is_processed_as_kvm_does(m: Machine) -> None:
+    """KVM reads only cur_entry/end_entry; edk2 2025.02's SEC leaves stale bytes in the reserved dword
+    (seen: b"syst").  The request is applied and the reserved bytes are left as the guest wrote them."""
+    vm: Vm
+    got: list[Any] = []
+
+    def work() -> Workload:
+        from sevemu.abi.ghcb import Ghcb, valid_bitmap
+
+        yield op.wrmsr(Msr.GHCB, MsrPscReq(gfn=GHCB_GPA // PAGE, op=int(PscOp.SHARED)).to_int())
+        yield op.vmgexit()
+        desc = bytearray(_psc_desc([(0x50000, PscOp.PRIVATE, False)]))
+        desc[4:8] = b"syst"
+        vm.host_write(GHCB_GPA, Ghcb(sw_exit_code=int(SwExitCode.PSC), sw_scratch=GHCB_GPA + 0x800,
+                                     protocol_version=2, valid_bitmap=valid_bitmap(
+                                         "sw_exit_code", "sw_exit_info_1", "sw_exit_info_2", "sw_scratch"),
+                                     shared_buffer=bytes(desc).ljust(2032, b"\0")).encode())
+        yield op.wrmsr(Msr.GHCB, GHCB_GPA)
+        yield op.vmgexit()
+        back = Ghcb.decode(vm.host_read(GHCB_GPA, PAGE))
+        got.append((back.sw_exit_info_2, back.shared_buffer[0:8]))
+        got.append((yield op.pvalidate(0x50000, 0, True)))
+        yield op.hlt()
+
+    vm = _guest(m, work())
+    try:
+        assert _run(m, vm).reason == "hlt", vm.crash_reason
+        assert got == [(0, b"\x01\x00\x00\x00syst"), (0, False)]
+        assert m.hv.soc.rmp_entry(vm.spa_of(0x50000)).state == RmpPageState.GUEST_VALID
+    finally:
+        m.hv.destroy(vm)

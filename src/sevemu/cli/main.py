@@ -40,6 +40,7 @@ state the project keeps (docs/cli.md, "Where sevemu keeps state"):
   platform directories   $SEVEMU_HOME/<generation>, else $XDG_DATA_HOME/sevemu/<generation>
                          (~/.local/share/sevemu/<generation>); --platform-dir DIR overrides
   guest builds           $SEVEMU_BUILD_DIR, else $XDG_CACHE_HOME/sevemu/guests (sevemu run)
+  fetched OVMF images    $SEVEMU_OVMF_DIR, else $XDG_CACHE_HOME/sevemu/ovmf (sevemu ovmf fetch)
   emulated AMD's vault   $SEVEMU_AMD_VAULT, else $XDG_DATA_HOME/sevemu-amd-vault
                          (~/.local/share/sevemu-amd-vault): the emulated manufacturer's private
                          keys, apart from platforms and host (SEVEMU_AMD_VAULT="" keeps them in the
@@ -79,6 +80,7 @@ def build_parser() -> CliParser:
         guest_attest,
         launch,
         ok,
+        ovmf_fetch,
         owner,
         platform,
         run,
@@ -111,6 +113,7 @@ def build_parser() -> CliParser:
     snp_tools.register(sub)
     display.register(sub)
     run.register(sub)
+    ovmf_fetch.register(sub)
     bench.register(sub)
     attest.register(sub)
     guest_attest.register(sub)

@@ -18,6 +18,14 @@ none of the registers):
   it, the first exit with RIP there;
 * PEI's switch to permanent memory -- the first exit at which the stack pointer is in system RAM
   (below the RAM size, outside OVMF's SEC/PEI memory ``TEMP_RAM``) after it was in the temporary RAM;
+* modules entered -- after the end of SEC, each page the vCPU starts fetching from in RAM is matched
+  against the entry code of the image's PEI/DXE modules (:mod:`sevemu.cli.ovmf_fv`: loaded images
+  sit at page-aligned addresses, so an entry keeps its in-page offset); the first entry of each module
+  is kept, and three are milestones: ``DXE IPL`` (the DxeIpl PEIM, loaded to permanent memory),
+  ``DXE core entry`` (the DXE core, which DxeIpl loaded and jumped to) and ``DXE drivers`` (the first
+  DXE driver the DXE dispatcher starts).  Pages are matched at the next exit (a time slice at most),
+  never inside the engine's TLB fill; modules executed in place from a volume (SEC, the PEI core
+  before the switch) are not seen;
 * counters: exits by code, #VC by error code, GHCB calls (MSR protocol and NAE events), PVALIDATEs,
   page-state changes (PSC requests and pages), devices touched (the device bus's counters).
 """
@@ -32,6 +40,7 @@ from typing import Any, Final
 
 from sevemu._util.units import PAGE, PAGE_2M, MiB
 from sevemu.abi.ghcb import PSC_MAX_ENTRY, GhcbMsrInfo, PscEntry, SwExitCode
+from sevemu.cli.ovmf_fv import ModuleMap, ovmf_modules
 from sevemu.errors import InputError, SevemuError
 from sevemu.hw.ucengine import UcEngine
 from sevemu.hypervisor.ovmf import DEFAULT_RAM, MODES, OvmfLaunch, launch_ovmf, parse_ovmf
@@ -44,7 +53,13 @@ PEI_FV: Final = (0x82_0000, 0x90_0000)
 """OvmfPkgX64's PEI firmware volume once SEC decompressed it (PcdOvmfPeiMemFvBase, up to the DXE FV)."""
 TEMP_RAM: Final = (0x80_0000, 0x90_0000)
 """OVMF's SEC/PEI memory (MEMFD: page tables, GHCB, secrets/CPUID pages, the temporary RAM, the PEI FV)."""
-MILESTONES: Final = ("protected mode", "long mode", "end of SEC", "PEI in permanent memory")
+MILESTONES: Final = ("protected mode", "long mode", "end of SEC", "PEI in permanent memory", "DXE IPL",
+                      "DXE core entry", "DXE drivers")
+_MAX_CHECKS: Final = 3
+"""Times a page is read for module entries: its first fetches (a page the loader reuses for another
+image is seen again), never every refill of a hot page (each read is a data fill of the vCPU's TLB,
+which costs that page its execute permission until the next fetch fill)."""
+_MODULE_MILESTONES: Final = {"PEIM:DxeIpl": "DXE IPL", "DXE core": "DXE core entry", "DXE driver": "DXE drivers"}
 _RSP: Final = 7  # index of RSP in the engine's register batch (GPRS order)
 _RIP: Final = 16
 
@@ -83,6 +98,13 @@ class BootResult:
     launch: dict[str, Any] = field(default_factory=dict)
     rip: int | None = None
     rsp: int | None = None
+    modules: list[tuple[str, str, float]] = field(default_factory=list)
+    """(name, kind, seconds) of each module entered, in order (first entry only)."""
+
+    @property
+    def last_milestone(self) -> str:
+        got = {e.what for e in self.events}
+        return next((m for m in reversed(MILESTONES) if m in got), "reset vector")
 
     def reached(self, what: str) -> bool:
         return any(e.what == what for e in self.events)
@@ -95,11 +117,13 @@ class BootResult:
                 "launch": self.launch, "timeline": [e.as_dict() for e in self.events], "exits": self.exits,
                 "vc_by_exit_code": self.vc, "ghcb_calls": self.ghcb, "pvalidates": self.pvalidates,
                 "page_state_changes": self.psc, "devices_touched": self.devices,
-                "rip": None if self.rip is None else hex(self.rip), "rsp": None if self.rsp is None else hex(self.rsp)}
+                "rip": None if self.rip is None else hex(self.rip), "rsp": None if self.rsp is None else hex(self.rsp),
+                "last_milestone": self.last_milestone,
+                "modules_entered": [{"module": n, "kind": k, "seconds": round(t, 3)} for n, k, t in self.modules]}
 
     def lines(self) -> list[str]:
         out = [f"OVMF as a {self.mode} guest: {self.status}" + (f" ({self.reason})" if self.reason else "")
-               + f" after {self.seconds:.1f} s"]
+               + f" after {self.seconds:.1f} s; last milestone: {self.last_milestone}"]
         if self.launch:
             out.append(f"  launch: {self.launch.get('summary', '')}")
         for e in self.events:
@@ -110,6 +134,9 @@ class BootResult:
                 out.append(f"  {title}: " + ", ".join(f"{k} {v:,}" for k, v in table.items()))
         if self.pvalidates:
             out.append(f"  PVALIDATEs: {self.pvalidates:,}")
+        if self.modules:
+            names = [n for n, _, _ in self.modules]
+            out.append(f"  modules entered ({len(names)}): " + ", ".join(names[-12:]) + (" (the last 12)" if len(names) > 12 else ""))
         return out
 
 
@@ -176,6 +203,12 @@ class OvmfBoot:
         self.psc: Counter[str] = Counter()
         self._t0: float | None = None
         self._in_temp = False
+        self._modules = ModuleMap(ovmf_modules(data))
+        self._fetched: list[tuple[int, float, int]] = []
+        self.modules: list[tuple[str, str, float]] = []
+        self._entered: set[str] = set()
+        self._after_sec = False
+        self._checks: dict[int, int] = {}
         bsp = self.engines[0]
         bsp.fetch_observer = self._on_fetch
         self._count_ghcb()
@@ -195,8 +228,35 @@ class OvmfBoot:
             self._event("long mode", f"first fetch at {vaddr:#x} with EFER.LMA")
         if PEI_FV[0] <= vaddr < PEI_FV[1]:
             self._event("end of SEC", f"first fetch from the PEI firmware volume at {vaddr:#x}")
+            self._after_sec = True
+        elif self._after_sec and MiB <= vaddr < self.ram and self._modules.modules and \
+                self._checks.get(vaddr & ~(PAGE - 1), 0) < _MAX_CHECKS:  # matched at the next exit
+            self._fetched.append((vaddr, self._now(), self.engines[0].stats.exits))
+
+    def _match_fetched(self) -> None:
+        eng, todo = self.engines[0], self._fetched
+        self._fetched = []
+        done: set[int] = set()
+        for vaddr, seconds, exits in todo:
+            base = vaddr & ~(PAGE - 1)
+            if base in done:
+                continue
+            done.add(base)
+            self._checks[base] = self._checks.get(base, 0) + 1
+            page = eng.read_virt(base, PAGE)
+            for m in self._modules.entered(page) if page else ():
+                key = f"{m.kind}:{m.name}"
+                if key in self._entered:
+                    continue
+                self._entered.add(key)
+                self.modules.append((m.name, m.kind, seconds))
+                what = _MODULE_MILESTONES.get(key) or _MODULE_MILESTONES.get(m.kind)
+                if what and not any(e.what == what for e in self.events):
+                    self.events.append(Event(what, seconds, exits, f"{m.name} entered (page {vaddr:#x})"))
 
     def _on_exit(self) -> None:
+        if self._fetched:
+            self._match_fetched()
         vals = self.engines[0].vals
         rsp, rip = vals[_RSP], vals[_RIP]
         if PEI_FV[0] <= rip < PEI_FV[1]:  # (the fetch fill is seen first; this catches a fill it missed)
@@ -265,15 +325,19 @@ class OvmfBoot:
 
     def result(self, status: str, reason: str) -> BootResult:
         eng = self.engines[0]
+        if self._fetched and not eng.closed:
+            self._match_fetched()
         stats = eng.stats
         bus = self.launch.vm.devices
         return BootResult(
-            mode=self.mode, status=status, reason=reason, seconds=self._now(), events=list(self.events),
+            mode=self.mode, status=status, reason=reason, seconds=self._now(),
+            events=sorted(self.events, key=lambda e: e.seconds),
             exits=dict(sorted(stats.by_reason.items())),
             vc={_name(SwExitCode, c): n for c, n in sorted(stats.vc_by_code.items())},
             ghcb=dict(sorted(self.ghcb.items())), pvalidates=stats.pvalidates, psc=dict(self.psc),
             devices=dict(sorted(bus.touched().items())), launch=self.launch_info,
-            rip=None if eng.closed else eng.vals[_RIP], rsp=None if eng.closed else eng.vals[_RSP])
+            rip=None if eng.closed else eng.vals[_RIP], rsp=None if eng.closed else eng.vals[_RSP],
+            modules=list(self.modules))
 
     def close(self) -> None:
         self.machine.hv.destroy(self.launch.vm)
@@ -306,10 +370,14 @@ def run_firmware(args: Any) -> int:
     import json
     import sys
 
+    from sevemu.cli.ovmf_fetch import resolve_firmware
+
     if args.guest:
         raise InputError("give either a guest or --firmware, not both")
+    args.firmware = resolve_firmware(args.firmware)
     if not args.firmware.is_file():
-        raise InputError(f"no firmware image at {args.firmware} (Debian: apt-get install ovmf)")
+        raise InputError(f"no firmware image at {args.firmware} (Debian: apt-get install ovmf; or `sevemu ovmf "
+                         "fetch` and --firmware trixie)")
     ram = (args.memory or DEFAULT_RAM // MiB) * MiB
     boot = OvmfBoot(args.firmware, args.mode, vcpus=args.vcpus, vcpu_type=args.vcpu_type, ram=ram,
                     generation=args.generation, seed=args.seed or "ovmf")

@@ -307,7 +307,7 @@ def register(sub: Any) -> None:
     p.add_argument("--vcpu-type", default="EPYC-Milan", help="--firmware: QEMU -cpu model (default EPYC-Milan)")
     p.add_argument("--until", default="PEI in permanent memory", metavar="MILESTONE",
                    help="--firmware: stop at this milestone: 'protected mode', 'long mode', 'end of SEC', "
-                        "'PEI in permanent memory' (the default)")
+                        "'PEI in permanent memory' (the default), 'DXE IPL', 'DXE core entry', 'DXE drivers'")
     p.add_argument("--list", action="store_true", help="list the bundled guests")
     p.add_argument("--mode", choices=MODES, default="sev",
                    help="plain VM, SEV guest, or SEV-ES guest (registers in the encrypted VMSA, exits "

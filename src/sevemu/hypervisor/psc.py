@@ -158,8 +158,10 @@ def _nae_psc(host: SevHost, ex: NaeExit) -> None:
         ex.out["sw_exit_info_2"] = PSC_ERROR_GENERIC
         return
     gpa = ex.scratch(_HDR + _ENTRY)
-    hdr = PscHeader.decode(vm.host_read(gpa, _HDR))
-    cur, end = hdr.cur_entry, hdr.end_entry
+    # KVM reads only cur_entry and end_entry: the header's reserved dword is the guest's (edk2 2025.02's
+    # SEC leaves whatever the shared buffer held there), never checked and written back as it was
+    head = vm.host_read(gpa, _HDR)
+    cur, end = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
     if end >= PSC_MAX_ENTRY or cur > end:
         ex.out["sw_exit_info_2"] = PSC_INVALID_HDR
         return
@@ -186,7 +188,7 @@ def _nae_psc(host: SevHost, ex: NaeExit) -> None:
         raw[off : off + _ENTRY] = PscEntry(cur_page=done, gfn=entry.gfn, operation=entry.operation,
                                            pagesize=entry.pagesize).to_int().to_bytes(_ENTRY, "little")
         cur += 1
-    raw[0:_HDR] = PscHeader(cur_entry=cur, end_entry=end).encode()
+    raw[0:4] = PscHeader(cur_entry=cur, end_entry=end).encode()[0:4]
     vm.host_write(gpa, bytes(raw))
     ex.out["sw_exit_info_2"] = result
 

@@ -310,12 +310,17 @@ _SIZE_ALIGN: Final = {0: 1 << 12, 1: 1 << 21}
 
 
 def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int) -> tuple[GuestRmp, int, int] | Fault | Retire:
-    """Common front of PVALIDATE/RMPADJUST: #UD outside SNP, FAIL_INPUT, else (rmp, gpa, spa)."""
+    """Common front of PVALIDATE/RMPADJUST: #UD outside SNP, FAIL_INPUT, else (rmp, gpa, spa).
+
+    RAX names the page: its offset bits 11:0 are ignored, and only a 2 MiB request whose address is
+    not 2 MiB aligned (bits 20:12 set) fails with FAIL_INPUT.  edk2 relies on it: OVMF's
+    ``SevSnpIsVmpl0`` (OvmfPkg ``SnpPageStateChangeInternal.c``/SEC) runs RMPADJUST on a byte array
+    at whatever address the linker gave it and treats any nonzero EAX as "not at VMPL0"."""
     rmp = cpu.core.rmp
     if not snp_active(cpu) or rmp is None:
         return Fault(Vector.UD, None, f"invalid opcode: {name} outside an SEV-SNP guest")
     align = _SIZE_ALIGN.get(size)
-    if align is None or gva % align:
+    if align is None or gva % align & ~0xFFF:
         return Retire(regs=(("rax", int(PvalidateRc.FAIL_INPUT)),), cf=False)
     t = cpu.translate(gva)  # #PF / #NPF propagate, as for any access
     return rmp, t.gpa & ~(align - 1), t.spa & ~(align - 1)
