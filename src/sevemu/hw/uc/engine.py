@@ -470,6 +470,17 @@ class UcEngine:
     def flush_tlb(self) -> None:
         self._flush_tlb_all()
 
+    def _regrow_tlb(self) -> None:
+        """At a time-slice end, with the translation cache on: drop Unicorn's TLB but not the
+        engine's cached translations (``hw/uc/walk.py``).  QEMU sizes its TLB at each flush from how
+        full it was, so this lets it grow to the guest's working set: firmware streaming through
+        megabytes (OVMF's SEC) missed about ten times per page in the 256 entries it starts with,
+        and every miss is a call of the fill hook.  Written slots are synced first, their write
+        grants forgotten (as at any flush); refills are answered from the cached translations."""
+        self.pool.sync_all()
+        check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
+        self._forget_grants()
+
     def _forget_grants(self) -> None:
         self.pool.writable.clear()
         self._w_gvas.clear()
@@ -647,6 +658,8 @@ class UcEngine:
                 if self._timer_fired:
                     if ports.hook_count > _HOOK_LIMIT:
                         self._drop_hooks()
+                    elif self._walker is not None:
+                        self._regrow_tlb()
                     return VmExit(ExitCode.INTR)
                 if self.pool.evict_requested:
                     self._evict()
@@ -768,6 +781,7 @@ class UcEngine:
         if self.nested_cache:
             if self._walker is None or self._walker.cache is not mmu.cache:
                 self._walker = NestedCachingMmu(mmu.cache, cpu.core.profile)
+                self._walker.table_writable = pool.spa_writable
             mmu = self._walker
         if fetch and self.fetch_observer is not None:
             self.fetch_observer(vaddr, cr0, self._efer)
@@ -792,6 +806,8 @@ class UcEngine:
         if slot is None:
             slot = pool.load(key)
         if perms & uc.UC_PROT_WRITE:
+            if self._walker is not None:
+                self._walker.table_written(t.spa)  # (a page table the cached translations used)
             pool.writable.add(slot)
             self._w_gvas[page] = cr3
             assert self._ports is not None
