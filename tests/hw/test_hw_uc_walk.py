@@ -127,3 +127,27 @@ def test_guest_page_table_changes_are_seen_after_invlpg(kind: VmKind, nested_cac
     assert (regs["r8"], regs["r9"]) == (a, b)  # the remap after a fresh write grant of the table page
     assert (regs["r10"], regs["r11"]) == (b, c)  # the remap through a table page already writable
     assert eng.stats.by_code.get(ExitCode.HLT) == 2
+
+
+# movq $0x1111,0x120000; CR0.CD = 1 (mov %cr0,%rax; bts $30,%rax; mov %rax,%cr0);
+# mov 0x121000,%rbx (a TLB fill); movq $0x2222,0x120000; hlt
+CD_TOGGLE = bytes.fromhex("48c7042500001200111100000f20c0480fbae81e0f22c0488b1c250010120048c704250000120022220000f4")
+
+
+@pytest.mark.parametrize("nested_cache", [False, True])
+def test_a_write_after_a_cr0_cd_toggle_is_written_back(nested_cache: bool) -> None:
+    """CR0.CD does not flush QEMU's TLB: the page written before it keeps its write permission in
+    Unicorn, so the engine must keep comparing it at exits (its second write reaches the host)."""
+    m = build_machine("milan", seed="uc-walk", dram_size=1 << 30, cache_size=256 << 10)
+    image = bytearray(_remap_image(None))
+    image[0 : len(CD_TOGGLE)] = CD_TOGGLE
+    vm = m.hv.create_vm("t", 16 << 20, VmKind.PLAIN)
+    m.hv.launch(vm, [(BASE, bytes(image))])
+    state = InitialState(rip=BASE, mode="long64", cr3=0x110000, rsp=0x12F000)
+    eng = UcEngine(pool_pages=256, initial=state, nested_cache=nested_cache)
+    state.apply(vm.add_vcpu(eng).vmcb)
+    while (r := m.hv.run(vm)).reason == "intr":
+        pass
+    assert r.reason == "hlt", vm.crash_reason
+    assert vm.vcpus[0].vmcb.cr0 & (1 << 30)
+    assert vm.host_read(0x120000, 8) == (0x2222).to_bytes(8, "little")

@@ -93,6 +93,8 @@ _HOOK_LIMIT: Final = 16384
 _VMGEXIT: Final = VmExit(ExitCode.VMGEXIT)
 """The exit of a VMGEXIT the code hook stopped at (the instruction decoded by :func:`decode_guest_insn`)."""
 _I_RSP: Final = GPRS.index("rsp")
+_CR0_TLB_BITS: Final = CR0_PG | CR0_PE | 1 << 16
+"""CR0 bits whose change flushes QEMU's TLB (PG, PE, WP: ``cpu_x86_update_cr0``)."""
 
 
 def _weakly(method: Callable[[], None]) -> Callable[[], None]:
@@ -774,8 +776,12 @@ class UcEngine:
         if cr0 != self._fill_cr0 or cr3 != self._fill_cr3:
             # The guest switched page tables or paging since the last fill, so Unicorn dropped its
             # translations (and with them every write permission): write back, forget the grants.
-            pool.sync_all()
-            self._forget_grants()
+            # Only what flushes QEMU's TLB counts: a CR3 write, or CR0.PG/WP/PE changing -- not
+            # CR0.CD (firmware toggles it around its MTRR programming), after which Unicorn still
+            # holds the write permissions, and their pages must still be written back at exits.
+            if self._fill_cr0 < 0 or cr3 != self._fill_cr3 or (cr0 ^ self._fill_cr0) & _CR0_TLB_BITS:
+                pool.sync_all()
+                self._forget_grants()
             self._fill_cr0, self._fill_cr3 = cr0, cr3
         mmu = cpu.core.mmu
         if self.nested_cache:
