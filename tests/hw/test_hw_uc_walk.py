@@ -4,7 +4,7 @@ translation after the guest changes its page tables, faults never cached."""
 from __future__ import annotations
 
 import pytest
-from hwkit import GUEST_SPA, RW, P, PageTables
+from hwkit import GUEST_SPA, RW, P, PageTables, identity_tables
 
 from sevemu.abi.paging import ExitCode
 from sevemu.hw.faults import PageFault
@@ -89,18 +89,7 @@ BASE = 0x100000
 def _remap_image(cbit: int | None) -> bytes:
     img = bytearray(0x30000)
     img[0 : len(REMAP)] = REMAP
-    c = 0 if cbit is None else 1 << cbit
-    flags = 0x63  # P RW A D
-    pml4, pdpt, pd, pt = 0x110000, 0x111000, 0x112000, 0x113000
-
-    def put(gpa: int, value: int) -> None:
-        img[gpa - BASE : gpa - BASE + 8] = value.to_bytes(8, "little")
-
-    put(pml4, pdpt | c | flags)
-    put(pdpt, pd | c | flags)
-    put(pd, pt | c | flags)
-    for i in range(512):
-        put(pt + 8 * i, (i << 12) | flags | c)
+    identity_tables(img, BASE, cbit)
     for n, page in enumerate((0x120000, 0x121000, 0x122000)):
         img[page - BASE : page - BASE + 8] = bytes([0x41 + n]) * 8  # AAAAAAAA, BBBBBBBB, CCCCCCCC
     return bytes(img)
