@@ -240,3 +240,22 @@ def mem_accel(on: bool) -> Iterator[None]:
         yield
     finally:
         memaccel.ENABLED = saved
+
+
+def identity_tables(img: bytearray, base: int, cbit: int | None, shared: tuple[int, ...] = ()) -> None:
+    """Identity page tables for the first 2 MiB (4 KiB pages, P RW A D) into the flat image ``img``
+    loaded at GPA ``base``: PML4 at 0x110000, then PDPT, PD, PT; the C-bit (``cbit``: its position, None
+    for a plain guest) in every entry except the leaves of the pages in ``shared``."""
+    c = 0 if cbit is None else 1 << cbit
+    flags = 0x63
+    pml4, pdpt, pd, pt = 0x110000, 0x111000, 0x112000, 0x113000
+
+    def put(gpa: int, value: int) -> None:
+        img[gpa - base : gpa - base + 8] = value.to_bytes(8, "little")
+
+    put(pml4, pdpt | c | flags)
+    put(pdpt, pd | c | flags)
+    put(pd, pt | c | flags)
+    for i in range(512):
+        page = i << 12
+        put(pt + 8 * i, page | flags | (0 if page in shared else c))

@@ -14,6 +14,7 @@ import types
 import weakref
 
 import pytest
+from hwkit import identity_tables
 
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import InputError
@@ -176,19 +177,7 @@ def _long_mode_image(sev_cbit: int | None) -> bytes:
     img = bytearray(0x31000)
     img[0 : len(LONG)] = LONG
     img[0x22000 : 0x22000 + len(CODE2)] = CODE2
-    c = 0 if sev_cbit is None else 1 << sev_cbit
-    flags = 0x63  # P RW A D
-    pml4, pdpt, pd, pt = 0x110000, 0x111000, 0x112000, 0x113000
-
-    def put(gpa: int, value: int) -> None:
-        img[gpa - BASE : gpa - BASE + 8] = value.to_bytes(8, "little")
-
-    put(pml4, pdpt | c | flags)
-    put(pdpt, pd | c | flags)
-    put(pd, pt | c | flags)
-    for i in range(512):
-        page = i << 12
-        put(pt + 8 * i, page | flags | (0 if page in (0x120000, 0x122000) else c))
+    identity_tables(img, BASE, sev_cbit, shared=(0x120000, 0x122000))
     return bytes(img)
 
 

@@ -93,6 +93,8 @@ _HOOK_LIMIT: Final = 16384
 _VMGEXIT: Final = VmExit(ExitCode.VMGEXIT)
 """The exit of a VMGEXIT the code hook stopped at (the instruction decoded by :func:`decode_guest_insn`)."""
 _I_RSP: Final = GPRS.index("rsp")
+_CR0_TLB_BITS: Final = CR0_PG | CR0_PE | 1 << 16
+"""CR0 bits whose change flushes QEMU's TLB (PG, PE, WP: ``cpu_x86_update_cr0``)."""
 
 
 def _weakly(method: Callable[[], None]) -> Callable[[], None]:
@@ -470,6 +472,17 @@ class UcEngine:
     def flush_tlb(self) -> None:
         self._flush_tlb_all()
 
+    def _regrow_tlb(self) -> None:
+        """At a time-slice end, with the translation cache on: drop Unicorn's TLB but not the
+        engine's cached translations (``hw/uc/walk.py``).  QEMU sizes its TLB at each flush from how
+        full it was, so this lets it grow to the guest's working set: firmware streaming through
+        megabytes (OVMF's SEC) missed about ten times per page in the 256 entries it starts with,
+        and every miss is a call of the fill hook.  Written slots are synced first, their write
+        grants forgotten (as at any flush); refills are answered from the cached translations."""
+        self.pool.sync_all()
+        check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
+        self._forget_grants()
+
     def _forget_grants(self) -> None:
         self.pool.writable.clear()
         self._w_gvas.clear()
@@ -650,6 +663,8 @@ class UcEngine:
                 if self._timer_fired:
                     if ports.hook_count > _HOOK_LIMIT:
                         self._drop_hooks()
+                    elif self._walker is not None:
+                        self._regrow_tlb()
                     return VmExit(ExitCode.INTR)
                 if self.pool.evict_requested:
                     self._evict()
@@ -764,13 +779,18 @@ class UcEngine:
         if cr0 != self._fill_cr0 or cr3 != self._fill_cr3:
             # The guest switched page tables or paging since the last fill, so Unicorn dropped its
             # translations (and with them every write permission): write back, forget the grants.
-            pool.sync_all()
-            self._forget_grants()
+            # Only what flushes QEMU's TLB counts: a CR3 write, or CR0.PG/WP/PE changing -- not
+            # CR0.CD (firmware toggles it around its MTRR programming), after which Unicorn still
+            # holds the write permissions, and their pages must still be written back at exits.
+            if self._fill_cr0 < 0 or cr3 != self._fill_cr3 or (cr0 ^ self._fill_cr0) & _CR0_TLB_BITS:
+                pool.sync_all()
+                self._forget_grants()
             self._fill_cr0, self._fill_cr3 = cr0, cr3
         mmu = cpu.core.mmu
         if self.nested_cache:
             if self._walker is None or self._walker.cache is not mmu.cache:
                 self._walker = NestedCachingMmu(mmu.cache, cpu.core.profile)
+                self._walker.table_writable = pool.spa_writable
             mmu = self._walker
         if fetch and self.fetch_observer is not None:
             self.fetch_observer(vaddr, cr0, self._efer)
@@ -795,6 +815,8 @@ class UcEngine:
         if slot is None:
             slot = pool.load(key)
         if perms & uc.UC_PROT_WRITE:
+            if self._walker is not None:
+                self._walker.table_written(t.spa)  # (a page table the cached translations used)
             pool.writable.add(slot)
             self._w_gvas[page] = cr3
             assert self._ports is not None

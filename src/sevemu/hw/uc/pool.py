@@ -269,6 +269,11 @@ class PagePool:
         self._order.clear()
         return True
 
+    def spa_writable(self, spa: int) -> bool:
+        """Whether a slot of the page at ``spa`` (any domain) holds write permission in Unicorn's TLB."""
+        slots = self._by_spa.get(spa)
+        return slots is not None and not self.writable.isdisjoint(slots)
+
     # ---- CacheAgent: the shared cache snoops the pool ----------------------------------------------
     def _slots_in(self, lo: int, hi: int) -> list[int]:
         if hi - lo <= 64 * PAGE:

@@ -1,0 +1,142 @@
+"""The Unicorn engine's translation caches (hw/uc/walk.py): the same answers as a walk, no stale
+translation after the guest changes its page tables, faults never cached."""
+
+from __future__ import annotations
+
+import pytest
+from hwkit import GUEST_SPA, RW, P, PageTables, identity_tables
+
+from sevemu.abi.paging import ExitCode
+from sevemu.hw.faults import PageFault
+from sevemu.hw.uc.walk import NestedCachingMmu
+from sevemu.hw.ucengine import InitialState, UcEngine
+from sevemu.hypervisor.vm import VmKind
+from sevemu.scenario import build_machine
+
+GVA = 0x7F12_3456_7000
+
+
+def _walker(pt: PageTables) -> NestedCachingMmu:
+    return NestedCachingMmu(pt.soc.cache, pt.soc.profile)
+
+
+def _translate(mmu: NestedCachingMmu, pt: PageTables, gva: int, **kw: bool) -> object:
+    return mmu.translate(asid=pt.asid, sev=pt.sev, ncr3=pt.ncr3, paging=True, cr3=pt.cr3, gva=gva,
+                         write=kw.get("write", False), fetch=kw.get("fetch", False))
+
+
+def test_cached_translation_equals_the_walk(sev_tables: PageTables) -> None:
+    pt = sev_tables
+    pt.guest_map(GVA, 0x5000)
+    pt.guest_map(GVA + 0x1000, 0x6000, c=False)
+    mmu = _walker(pt)
+    for gva in (GVA + 0x123, GVA + 0x1FF8, GVA + 0x1008):
+        for kind in ({}, {"write": True}, {"fetch": True}):
+            first = _translate(mmu, pt, gva, **kind)
+            hits = mmu.tlb_hits
+            assert _translate(mmu, pt, gva, **kind) == first == pt.translate(gva, **kind)
+            assert mmu.tlb_hits == hits + 1
+    # another offset in a cached page: the same page, its own offset
+    t = _translate(mmu, pt, GVA + 0x456)
+    assert t == pt.translate(GVA + 0x456) and t.gpa == 0x5456  # type: ignore[attr-defined]
+
+
+def test_a_fault_is_never_cached(sev_tables: PageTables) -> None:
+    pt = sev_tables
+    pt.guest_map(GVA, 0x5000, flags=P)  # read-only
+    mmu = _walker(pt)
+    with pytest.raises(PageFault):
+        _translate(mmu, pt, GVA, write=True)
+    pt.guest_map(GVA, 0x5000, flags=P | RW)
+    assert _translate(mmu, pt, GVA, write=True) == pt.translate(GVA, write=True)
+
+
+def test_written_table_pages_drop_or_bypass_the_cache(sev_tables: PageTables) -> None:
+    pt = sev_tables
+    pt.guest_map(GVA, 0x5000)
+    mmu = _walker(pt)
+    _translate(mmu, pt, GVA)
+    leaf_table = pt.spa(pt.guest_entry_gpa(GVA, 12)) & ~0xFFF
+    assert leaf_table in mmu.table_pages
+    mmu.table_written(GUEST_SPA + 0x9000)  # not a table page: the cache stays
+    hits = mmu.tlb_hits
+    _translate(mmu, pt, GVA)
+    assert mmu.tlb_hits == hits + 1
+    mmu.table_written(leaf_table)  # the guest may now change the entry: every translation goes
+    assert not mmu.table_pages
+    pt.guest_map(GVA, 0x6000)
+    assert _translate(mmu, pt, GVA).gpa == 0x6000  # type: ignore[attr-defined]
+    # while a table page is writable, its walks are not cached at all
+    mmu.table_writable = lambda spa: spa == leaf_table
+    mmu.flush()
+    _translate(mmu, pt, GVA)
+    hits = mmu.tlb_hits
+    pt.guest_map(GVA, 0x7000)
+    assert _translate(mmu, pt, GVA).gpa == 0x7000 and mmu.tlb_hits == hits  # type: ignore[attr-defined]
+
+
+# ---- on real code: a guest remaps a page, INVLPGs, and reads it again ------------------------------
+# B: read 0x120000 (r8); PTE of 0x120000 += 0x1000 (a first write to the table page); invlpg; read (r9); hlt
+# A: the table page is writable already: read 0x121000 (r10); its PTE += 0x1000 (no TLB fill for the
+#    write); invlpg; read again (r11); hlt
+REMAP = bytes.fromhex(
+    "488b0425000012004989c0488b0c25003911004881c10010000048890c25003911000f013c2500001200488b042500"
+    "0012004989c1f4488b0c250839110048890c2508391100488b0425001012004989c24881c10010000048890c250839"
+    "11000f013c2500101200488b0425001012004989c3f4")
+BASE = 0x100000
+
+
+def _remap_image(cbit: int | None) -> bytes:
+    img = bytearray(0x30000)
+    img[0 : len(REMAP)] = REMAP
+    identity_tables(img, BASE, cbit)
+    for n, page in enumerate((0x120000, 0x121000, 0x122000)):
+        img[page - BASE : page - BASE + 8] = bytes([0x41 + n]) * 8  # AAAAAAAA, BBBBBBBB, CCCCCCCC
+    return bytes(img)
+
+
+@pytest.mark.parametrize("nested_cache", [False, True])
+@pytest.mark.parametrize("kind", [VmKind.PLAIN, VmKind.SEV])
+def test_guest_page_table_changes_are_seen_after_invlpg(kind: VmKind, nested_cache: bool) -> None:
+    m = build_machine("milan", seed="uc-walk", dram_size=1 << 30, cache_size=256 << 10)
+    image = _remap_image(m.profile.cbit if kind is VmKind.SEV else None)
+    vm = m.hv.create_vm("t", 16 << 20, kind)
+    m.hv.launch(vm, [(BASE, image)])
+    state = InitialState(rip=BASE, mode="long64", cr3=0x110000, rsp=0x12F000)
+    eng = UcEngine(pool_pages=256, initial=state, nested_cache=nested_cache)
+    state.apply(vm.add_vcpu(eng).vmcb)
+    seen = []
+    for _ in range(2):
+        while (r := m.hv.run(vm)).reason == "intr":
+            pass
+        assert r.reason == "hlt", vm.crash_reason
+        seen.append(vm.vcpus[0].vmcb.regs)
+    regs = seen[-1]
+    a, b, c = (int.from_bytes(bytes([x]) * 8, "little") for x in b"ABC")
+    assert (regs["r8"], regs["r9"]) == (a, b)  # the remap after a fresh write grant of the table page
+    assert (regs["r10"], regs["r11"]) == (b, c)  # the remap through a table page already writable
+    assert eng.stats.by_code.get(ExitCode.HLT) == 2
+
+
+# movq $0x1111,0x120000; CR0.CD = 1 (mov %cr0,%rax; bts $30,%rax; mov %rax,%cr0);
+# mov 0x121000,%rbx (a TLB fill); movq $0x2222,0x120000; hlt
+CD_TOGGLE = bytes.fromhex("48c7042500001200111100000f20c0480fbae81e0f22c0488b1c250010120048c704250000120022220000f4")
+
+
+@pytest.mark.parametrize("nested_cache", [False, True])
+def test_a_write_after_a_cr0_cd_toggle_is_written_back(nested_cache: bool) -> None:
+    """CR0.CD does not flush QEMU's TLB: the page written before it keeps its write permission in
+    Unicorn, so the engine must keep comparing it at exits (its second write reaches the host)."""
+    m = build_machine("milan", seed="uc-walk", dram_size=1 << 30, cache_size=256 << 10)
+    image = bytearray(_remap_image(None))
+    image[0 : len(CD_TOGGLE)] = CD_TOGGLE
+    vm = m.hv.create_vm("t", 16 << 20, VmKind.PLAIN)
+    m.hv.launch(vm, [(BASE, bytes(image))])
+    state = InitialState(rip=BASE, mode="long64", cr3=0x110000, rsp=0x12F000)
+    eng = UcEngine(pool_pages=256, initial=state, nested_cache=nested_cache)
+    state.apply(vm.add_vcpu(eng).vmcb)
+    while (r := m.hv.run(vm)).reason == "intr":
+        pass
+    assert r.reason == "hlt", vm.crash_reason
+    assert vm.vcpus[0].vmcb.cr0 & (1 << 30)
+    assert vm.host_read(0x120000, 8) == (0x2222).to_bytes(8, "little")
