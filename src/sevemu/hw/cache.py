@@ -282,8 +282,10 @@ class Cache:
         the same bytes, hits, misses and LRU order, with one snoop and one key per line."""
         if (spa | length) & (LINE - 1):
             raise AlignmentError(f"read_lines takes whole lines, got {length} bytes at {spa:#x}")
-        self._snoop(asid, c, spa, length, False, origin)
-        key = tag_key(asid, c, spa)
+        key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a line, inlined)
+        for agent in self.agents:  # (Cache._snoop, inlined)
+            if agent is not origin:
+                agent.snoop(key, key + (length or LINE), False, None)
         if memaccel.ENABLED and length:  # every line resident: the same hits and LRU order, in C
             got = memaccel.helpers.cache_hit_read(self.sets, self.set_mask, key, length >> 6, self.__dict__)
             if got is not None:
@@ -308,8 +310,10 @@ class Cache:
             lo, hi = min(lo, off), max(hi, off + length)
         if not runs:
             return b""
-        self._snoop(asid, c, spa + lo, hi - lo, False, origin)
-        key = tag_key(asid, c, spa)
+        key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a page, inlined)
+        for agent in self.agents:  # (Cache._snoop, inlined)
+            if agent is not origin:
+                agent.snoop(key + lo, key + hi, False, None)
         parts = []
         for off, length in runs:
             got = None
@@ -339,12 +343,16 @@ class Cache:
                     origin: object | None = None) -> None:
         """:meth:`write` of a run of whole lines (``spa`` and ``len(data)`` multiples of
         :data:`LINE`): the same lines, bytes and dirty set, with one snoop and one key per line."""
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
         length = len(view)
         if (spa | length) & (LINE - 1):
             raise AlignmentError(f"write_lines takes whole lines, got {length} bytes at {spa:#x}")
-        self._snoop(asid, c, spa, length, True, origin, view)  # (whole lines: agents may take the bytes)
-        key = tag_key(asid, c, spa)
+        key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a line, inlined)
+        for agent in self.agents:  # (Cache._snoop, inlined; whole lines: agents may take the bytes)
+            if agent is not origin:
+                agent.snoop(key, key + (length or LINE), True, view)
         dirty = self.dirty
         if memaccel.ENABLED and length and memaccel.helpers.cache_hit_write(
                 self.sets, self.set_mask, key, view, dirty, self.__dict__):
