@@ -755,8 +755,29 @@ static int hit_lines(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t n, 
     return rc;
 }
 
-/* Each line becomes the most recently used of its set (re-inserted at the end), in order; the
- * references are released. */
+/* Whether the int `key` is the last key of the dict `s` in its order (the most recently used line
+ * of a set: re-inserting it would change nothing).  A set holds at most `ways` lines: a short walk. */
+static int is_last(PyObject *s, uint64_t key)
+{
+    Py_ssize_t pos = 0;
+    PyObject *k, *v, *last = NULL;
+    unsigned long long x;
+    while (PyDict_Next(s, &pos, &k, &v)) {
+        last = k;
+    }
+    if (last == NULL || !PyLong_CheckExact(last)) {
+        return 0;
+    }
+    x = as_u64(last);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* not a key this fast path made: re-insert as usual */
+        return 0;
+    }
+    return (uint64_t)x == key;
+}
+
+/* Each line becomes the most recently used of its set (re-inserted at the end unless it is there
+ * already), in order; the references are released. */
 static int touch_lines(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t n, PyObject **keys, PyObject **lines,
                        PyObject *dirty)
 {
@@ -765,7 +786,8 @@ static int touch_lines(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t n
     for (i = 0; i < n; i++) {
         uint64_t k = key + (uint64_t)i * LINE;
         PyObject *s = PyList_GET_ITEM(sets, (Py_ssize_t)((k >> 6) & mask));
-        if (rc == 0 && (PyDict_DelItem(s, keys[i]) < 0 || PyDict_SetItem(s, keys[i], lines[i]) < 0 ||
+        if (rc == 0 && ((!is_last(s, k) && (PyDict_DelItem(s, keys[i]) < 0 ||
+                                                   PyDict_SetItem(s, keys[i], lines[i]) < 0)) ||
                         (dirty != NULL && PySet_Add(dirty, keys[i]) < 0))) {
             rc = -1;
         }
