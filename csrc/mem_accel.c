@@ -20,6 +20,10 @@
  *                                             lookup per address or a visit of the sets' entries,
  *                                             whichever is shorter (None unless each
  *                                             container is exactly a dict or a set)
+ *   cache_hit_read(sets, mask, key, n, counters)  the n lines from key joined, when all are resident
+ *                                             (each made most recently used, hits += n); else None
+ *   cache_hit_write(sets, mask, key, data, dirty, counters)  the same lines overwritten with data
+ *                                             and marked dirty, when all are resident; else False
  *
  * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
  * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.
@@ -665,6 +669,244 @@ fail:
     return NULL;
 }
 
+static PyObject *s_hits;
+
+/* ---- whole lines that are all resident: Cache.read_lines / write_lines without a miss ---------- */
+
+PyDoc_STRVAR(cache_hit_read_doc,
+             "cache_hit_read(sets, mask, key, n, counters, /)\n--\n\n"
+             "The n lines of keys key, key + 64, ... joined (bytes), when every one is resident in\n"
+             "sets[(k >> 6) & mask] (exact dicts of 64-byte bytearrays): each becomes the most recently\n"
+             "used of its set in order and counters['hits'] grows by n, as n hits of Cache.line.\n"
+             "None, with nothing changed, when a line is absent or a container is not exactly that\n"
+             "(the caller's Python path then does the whole run).");
+
+PyDoc_STRVAR(cache_hit_write_doc,
+             "cache_hit_write(sets, mask, key, data, dirty, counters, /)\n--\n\n"
+             "Overwrite the len(data) / 64 lines of keys key, key + 64, ... with data, when every one\n"
+             "is resident (as cache_hit_read): each becomes the most recently used of its set in order,\n"
+             "joins the set `dirty`, and counters['hits'] grows by their number, as Cache.write_lines\n"
+             "does with hits.  False, with nothing changed, when a line is absent or a container is not\n"
+             "exactly that.");
+
+/* counters[name] += n */
+static int bump_by(PyObject *counters, PyObject *name, Py_ssize_t n)
+{
+    PyObject *v = PyDict_GetItemWithError(counters, name), *nv, *add;
+    int rc;
+    if (v == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_AttributeError, name);
+        }
+        return -1;
+    }
+    add = PyLong_FromSsize_t(n);
+    if (add == NULL) {
+        return -1;
+    }
+    nv = PyNumber_Add(v, add);
+    Py_DECREF(add);
+    if (nv == NULL) {
+        return -1;
+    }
+    rc = PyDict_SetItem(counters, name, nv);
+    Py_DECREF(nv);
+    return rc;
+}
+
+/* The resident lines of the n keys from key: keys[i] and lines[i] new references; 1 when all are
+ * there, 0 (nothing held) when one is absent or a container is not what the fast path takes, -1 on
+ * error. */
+static int hit_lines(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t n, PyObject **keys, PyObject **lines)
+{
+    Py_ssize_t i, got = 0;
+    int rc = 1;
+    if (!PyList_CheckExact(sets) || (uint64_t)PyList_GET_SIZE(sets) != mask + 1) {
+        return 0;
+    }
+    for (i = 0; i < n && rc == 1; i++) {
+        uint64_t k = key + (uint64_t)i * LINE;
+        PyObject *s = PyList_GET_ITEM(sets, (Py_ssize_t)((k >> 6) & mask)), *ko, *line;
+        if (!PyDict_CheckExact(s)) {
+            rc = 0;
+            break;
+        }
+        ko = PyLong_FromUnsignedLongLong(k);
+        if (ko == NULL) {
+            rc = -1;
+            break;
+        }
+        line = PyDict_GetItemWithError(s, ko);
+        if (line == NULL || !PyByteArray_CheckExact(line) || PyByteArray_GET_SIZE(line) != LINE) {
+            rc = (line == NULL && PyErr_Occurred()) ? -1 : 0;
+            Py_DECREF(ko);
+            break;
+        }
+        keys[i] = ko;
+        lines[i] = Py_NewRef(line);
+        got = i + 1;
+    }
+    if (rc != 1) {
+        for (i = 0; i < got; i++) {
+            Py_DECREF(keys[i]);
+            Py_DECREF(lines[i]);
+        }
+    }
+    return rc;
+}
+
+/* Whether the int `key` is the last key of the dict `s` in its order (the most recently used line
+ * of a set: re-inserting it would change nothing).  A set holds at most `ways` lines: a short walk. */
+static int is_last(PyObject *s, uint64_t key)
+{
+    Py_ssize_t pos = 0;
+    PyObject *k, *v, *last = NULL;
+    unsigned long long x;
+    while (PyDict_Next(s, &pos, &k, &v)) {
+        last = k;
+    }
+    if (last == NULL || !PyLong_CheckExact(last)) {
+        return 0;
+    }
+    x = as_u64(last);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* not a key this fast path made: re-insert as usual */
+        return 0;
+    }
+    return (uint64_t)x == key;
+}
+
+/* Each line becomes the most recently used of its set (re-inserted at the end unless it is there
+ * already), in order; the references are released. */
+static int touch_lines(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t n, PyObject **keys, PyObject **lines,
+                       PyObject *dirty)
+{
+    Py_ssize_t i;
+    int rc = 0;
+    for (i = 0; i < n; i++) {
+        uint64_t k = key + (uint64_t)i * LINE;
+        PyObject *s = PyList_GET_ITEM(sets, (Py_ssize_t)((k >> 6) & mask));
+        if (rc == 0 && ((!is_last(s, k) && (PyDict_DelItem(s, keys[i]) < 0 ||
+                                                   PyDict_SetItem(s, keys[i], lines[i]) < 0)) ||
+                        (dirty != NULL && PySet_Add(dirty, keys[i]) < 0))) {
+            rc = -1;
+        }
+        Py_DECREF(keys[i]);
+        Py_DECREF(lines[i]);
+    }
+    return rc;
+}
+
+static int hit_args(const char *name, PyObject *const *args, uint64_t *mask, uint64_t *key, PyObject *counters)
+{
+    if (get_u64(args[1], "mask", mask) < 0 || get_u64(args[2], "key", key) < 0) {
+        return -1;
+    }
+    if (*key % LINE) {
+        PyErr_Format(PyExc_ValueError, "%s: key must be a multiple of 64", name);
+        return -1;
+    }
+    if (!PyDict_CheckExact(counters)) {
+        PyErr_Format(PyExc_TypeError, "%s: counters must be a dict", name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *cache_hit_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t mask, key;
+    Py_ssize_t n, i;
+    PyObject **refs, *out;
+    int rc;
+    (void)self;
+    if (check_nargs("cache_hit_read", nargs, 5) < 0 || hit_args("cache_hit_read", args, &mask, &key, args[4]) < 0) {
+        return NULL;
+    }
+    n = PyLong_AsSsize_t(args[3]);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (n <= 0 || n > PY_SSIZE_T_MAX / (2 * LINE)) {
+        PyErr_SetString(PyExc_ValueError, "cache_hit_read: n must be positive");
+        return NULL;
+    }
+    refs = PyMem_New(PyObject *, 2 * n);
+    if (refs == NULL) {
+        return PyErr_NoMemory();
+    }
+    rc = hit_lines(args[0], mask, key, n, refs, refs + n);
+    if (rc <= 0) {
+        PyMem_Free(refs);
+        if (rc < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    out = PyBytes_FromStringAndSize(NULL, n * LINE);
+    if (out != NULL) {
+        char *p = PyBytes_AS_STRING(out);
+        for (i = 0; i < n; i++) {
+            memcpy(p + i * LINE, PyByteArray_AS_STRING(refs[n + i]), LINE);
+        }
+    }
+    if (touch_lines(args[0], mask, key, n, refs, refs + n, NULL) < 0 || out == NULL ||
+        bump_by(args[4], s_hits, n) < 0) {
+        Py_XDECREF(out);
+        out = NULL;
+    }
+    PyMem_Free(refs);
+    return out;
+}
+
+static PyObject *cache_hit_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t mask, key;
+    Py_ssize_t n, i;
+    PyObject **refs = NULL, *out = NULL;
+    Py_buffer b;
+    int rc;
+    (void)self;
+    if (check_nargs("cache_hit_write", nargs, 6) < 0 || hit_args("cache_hit_write", args, &mask, &key, args[5]) < 0) {
+        return NULL;
+    }
+    if (!PySet_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "cache_hit_write: dirty must be a set");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[3], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (b.len <= 0 || b.len % LINE) {
+        PyErr_Format(PyExc_ValueError, "cache_hit_write takes whole lines, got %zd bytes", b.len);
+        goto done;
+    }
+    n = b.len / LINE;
+    refs = PyMem_New(PyObject *, 2 * n);
+    if (refs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    rc = hit_lines(args[0], mask, key, n, refs, refs + n);
+    if (rc < 0) {
+        goto done;
+    }
+    if (rc == 0) {
+        out = Py_NewRef(Py_False);
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        memcpy(PyByteArray_AS_STRING(refs[n + i]), (const char *)b.buf + i * LINE, LINE);
+    }
+    if (touch_lines(args[0], mask, key, n, refs, refs + n, args[4]) == 0 && bump_by(args[5], s_hits, n) == 0) {
+        out = Py_NewRef(Py_True);
+    }
+done:
+    PyMem_Free(refs);
+    PyBuffer_Release(&b);
+    return out;
+}
+
 /* ---- the guest's memory port: one load or store through the TLB and the cache --------------- */
 
 /* Port(view, tlb, sets, mask, counters, dirty, readers, ways, coherent, fill, write_line): the hot path of GuestCpu.load/store (src/sevemu/hw/cpu.py) and of Cache.line/fill
@@ -713,7 +955,7 @@ typedef struct {
     int coherent;
 } PortObject;
 
-static PyObject *s_hits, *s_misses, *s_writebacks, *s_walk, *s_load, *s_store;
+static PyObject *s_misses, *s_writebacks, *s_walk, *s_load, *s_store;
 
 #define C_SHIFT 52
 #define ASID_SHIFT 53
@@ -1481,6 +1723,8 @@ static PyMethodDef methods[] = {
     {"cache_take", (PyCFunction)(void (*)(void))cache_take, METH_FASTCALL, cache_take_doc},
     {"line_runs", (PyCFunction)(void (*)(void))line_runs, METH_FASTCALL, line_runs_doc},
     {"resident_keys", (PyCFunction)(void (*)(void))resident_keys, METH_FASTCALL, resident_keys_doc},
+    {"cache_hit_read", (PyCFunction)(void (*)(void))cache_hit_read, METH_FASTCALL, cache_hit_read_doc},
+    {"cache_hit_write", (PyCFunction)(void (*)(void))cache_hit_write, METH_FASTCALL, cache_hit_write_doc},
     {NULL, NULL, 0, NULL},
 };
 

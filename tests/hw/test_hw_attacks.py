@@ -93,3 +93,15 @@ def test_shutdown_with_dirty_guest_lines_then_wbinvd() -> None:
     assert host.wbinvd_all() == 0  # and the next one works too
     dump = host.boot_cpu.host_read(spa, len(SECRET))
     assert dump != SECRET and SECRET not in b"".join(p for _, p in m.soc.dram.pages())
+
+
+def test_the_batched_host_read_sees_no_private_plaintext() -> None:
+    """The host's read of several runs of lines in one access (the GHCB path) is a host read like any
+    other: a guest's private line, dirty in the cache with its plaintext, is not what it returns."""
+    m, vm, host = _victim()
+    spa = vm.spa_of(SECRET_GPA)
+    assert any(d for _, _, s, d in _lines_of(m, vm.asid) if s == spa)  # the plaintext is in the cache
+    page, off = spa & ~0xFFF, spa & 0xFFF & ~63
+    got = host.boot_cpu.host_read_runs(page, ((off, 64), (0, 128)))
+    assert SECRET not in got
+    assert got == host.boot_cpu.host_read(page + off, 64) + host.boot_cpu.host_read(page, 128)

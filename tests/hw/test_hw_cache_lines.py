@@ -1,5 +1,6 @@
-"""The cache's whole-line calls (``read_lines`` / ``write_lines``) against ``read`` / ``write``: the
-same bytes, lines, LRU order, counters, DRAM contents and snoops, for any sequence of accesses."""
+"""The cache's whole-line calls (``read_lines`` / ``write_lines`` / ``read_runs``) against ``read`` /
+``write``: the same bytes, lines, LRU order, counters, DRAM contents and snoops, for any sequence of
+accesses, with and without the C path for runs of resident lines."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 from sevemu.crypto.memenc import EncryptionMode, TweakConstants
 from sevemu.errors import AlignmentError
-from sevemu.hw.cache import Cache
+from sevemu.hw import memaccel
+from sevemu.hw.cache import Cache, tag_key
 from sevemu.hw.dram import LINE, Dram
 from sevemu.hw.memctl import MemoryController
 
@@ -92,3 +94,89 @@ def test_whole_line_calls_refuse_parts_of_lines(spa: int, length: int) -> None:
     with pytest.raises(AlignmentError, match="whole lines"):
         cache.write_lines(1, True, spa, bytes(length))
     assert _state(cache) == _state(_twin(False)[0]) and agent.snoops == []
+
+
+_run = st.tuples(st.integers(0, 63), st.integers(1, 8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(coherent=st.booleans(), d=st.integers(0, len(_DOMAINS) - 1), page=st.integers(0, 1),
+       runs=st.lists(_run, min_size=1, max_size=4), seed=st.integers(0, 255))
+def test_read_runs_equal_one_read_lines_per_run(coherent: bool, d: int, page: int,
+                                                runs: list[tuple[int, int]], seed: int) -> None:
+    fast, fagent = _twin(coherent)
+    ref, ragent = _twin(coherent)
+    asid, c = _DOMAINS[d]
+    base = _BASE + page * 4096
+    for cache in (fast, ref):  # some lines resident (dirty), others not
+        cache.write_lines(asid, c, base + (seed % 32) * LINE, random.Random(seed).randbytes(8 * LINE))
+    spans = tuple((line * LINE, min(n, 64 - line) * LINE) for line, n in runs)
+    fagent.snoops.clear()
+    ragent.snoops.clear()
+    got = fast.read_runs(asid, c, base, spans)
+    assert got == b"".join(ref.read_lines(asid, c, base + off, length) for off, length in spans)
+    assert _state(fast) == _state(ref)
+    lo, hi = min(o for o, _ in spans), max(o + n for o, n in spans)
+    assert [s for s in fagent.snoops if s[0] != s[1]] == [(tag_key(asid, c, base + lo), tag_key(asid, c, base + hi),
+                                                           False)]  # one snoop of the span
+    assert [s for s in fagent.snoops if s[0] == s[1]] == [s for s in ragent.snoops if s[0] == s[1]]  # the fills
+
+
+def test_read_runs_refuses_runs_outside_the_page_or_parts_of_lines() -> None:
+    cache, agent = _twin(False)
+    before = _state(cache)
+    for spa, runs in [(_BASE + LINE, ((0, LINE),)), (_BASE, ((8, LINE),)), (_BASE, ((0, LINE), (4032, 2 * LINE))),
+                      (_BASE, ((0, 0),))]:
+        with pytest.raises(AlignmentError):
+            cache.read_runs(1, True, spa, runs)
+    assert _state(cache) == before and agent.snoops == []
+    assert cache.read_runs(1, True, _BASE, ()) == b""
+
+
+@pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+@settings(max_examples=60, deadline=None)
+@given(coherent=st.booleans(), ops=st.lists(_op, max_size=30))
+def test_the_resident_lines_path_in_c_equals_the_python_path(coherent: bool,
+                                                            ops: list[tuple[str, int, int, int, int]]) -> None:
+    fast, fagent = _twin(coherent)
+    ref, ragent = _twin(coherent)
+    for kind, d, line, n, seed in ops:
+        asid, c = _DOMAINS[d]
+        spa = _BASE + line * LINE
+        data = random.Random(seed).randbytes(n * LINE)
+        for cache, accel in ((fast, True), (ref, False)):
+            memaccel.ENABLED = accel
+            try:
+                if kind == "write":
+                    cache.write_lines(asid, c, spa, data)
+                else:
+                    data = cache.read_lines(asid, c, spa, n * LINE)
+            finally:
+                memaccel.ENABLED = True
+        assert _state(fast) == _state(ref)
+    assert fagent.snoops == ragent.snoops
+
+
+@pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+def test_the_c_helpers_serve_only_runs_of_resident_lines() -> None:
+    cache, _ = _twin(False)
+    cache.write_lines(1, True, _BASE, bytes(range(64)) * 2)
+    key = tag_key(1, True, _BASE)
+    before = _state(cache)
+    read, write = memaccel.helpers.cache_hit_read, memaccel.helpers.cache_hit_write
+    assert read(cache.sets, cache.set_mask, key, 3, cache.__dict__) is None  # the third line is absent
+    assert write(cache.sets, cache.set_mask, key, bytes(3 * LINE), cache.dirty, cache.__dict__) is False
+    assert _state(cache) == before
+    assert read(cache.sets, cache.set_mask, key, 2, cache.__dict__) == bytes(range(64)) * 2
+    assert cache.hits == before[3] + 2
+    cache.dirty.clear()
+    assert write(cache.sets, cache.set_mask, key + LINE, b"\1" * LINE, cache.dirty, cache.__dict__) is True
+    assert cache.peek(1, True, _BASE + LINE) == b"\1" * LINE and cache.dirty == {key + LINE}
+    s = cache.sets[(key >> 6) & cache.set_mask]
+    assert list(s)[-1] == key  # read: the most recently used of its set
+    cache.sets[(key >> 6) & cache.set_mask] = type("Set", (dict,), {})(s)  # not exactly a dict: the Python path
+    assert read(cache.sets, cache.set_mask, key, 1, cache.__dict__) is None
+    with pytest.raises(ValueError, match="whole lines"):
+        write(cache.sets, cache.set_mask, key, bytes(10), cache.dirty, cache.__dict__)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        read(cache.sets, cache.set_mask, key + 8, 1, cache.__dict__)

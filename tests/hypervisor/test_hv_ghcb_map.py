@@ -47,6 +47,19 @@ def test_a_mapped_page_reads_and_writes_what_the_host_interface_does(
     assert vm.host_read(GPA + off, n) == data
 
 
+@settings(max_examples=40, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(0, 63), st.integers(1, 16)), min_size=1, max_size=4),
+       seed=st.integers(0, 1 << 16))
+def test_a_mapped_page_reads_runs_of_lines_as_the_host_interface_does(
+        mv: tuple[Machine, Vm], runs: list[tuple[int, int]], seed: int) -> None:
+    """The batched read (the GHCB's head and usage line in one access) gives the bytes of one host
+    read per run."""
+    _, vm = mv
+    vm.host_write(GPA, random.Random(seed).randbytes(PAGE))
+    spans = tuple((line * 64, min(n, 64 - line) * 64) for line, n in runs)
+    assert vm.host_page(GPA).read_runs(spans) == b"".join(vm.host_read(GPA + off, n) for off, n in spans)
+
+
 def test_a_mapping_refuses_ranges_outside_its_page_and_unbacked_pages(mv: tuple[Machine, Vm]) -> None:
     _, vm = mv
     page = vm.host_page(GPA)

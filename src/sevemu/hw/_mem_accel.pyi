@@ -22,6 +22,16 @@ def cache_take(sets: list[dict[int, bytearray]], lo: int, hi: int, dirty: set[in
 def line_runs(cur: ReadableBuffer, snap: ReadableBuffer, /) -> list[tuple[int, int]]:
     """The runs of 64-byte lines where ``cur`` and ``snap`` differ: ``[(lo, hi), ...]`` byte offsets."""
 
+def cache_hit_read(sets: list[dict[int, bytearray]], mask: int, key: int, n: int, counters: dict[str, Any],
+                   /) -> bytes | None:
+    """The ``n`` lines of keys ``key, key + 64, ...`` joined, when all are resident (each made the most
+    recently used of its set, ``counters['hits'] += n``); None, nothing changed, otherwise."""
+
+def cache_hit_write(sets: list[dict[int, bytearray]], mask: int, key: int, data: ReadableBuffer,
+                    dirty: set[int], counters: dict[str, Any], /) -> bool:
+    """Overwrite the ``len(data) // 64`` lines from ``key`` with ``data`` when all are resident (most
+    recently used, dirty, ``counters['hits']`` grows); False, nothing changed, otherwise."""
+
 def resident_keys(sets: list[dict[int, bytearray]] | list[set[int]], mask: int, lo: int, hi: int,
                   /) -> list[int] | None:
     """The keys ``lo, lo+64, ...`` below ``hi`` held by ``sets[(key >> 6) & mask]``, ascending (a lookup

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sevemu._util.units import LINE
+from sevemu._util.units import LINE, PAGE
 from sevemu.errors import AlignmentError, InputError, KeySlotError
 from sevemu.hw import memaccel
 from sevemu.hw.memctl import MemoryController
@@ -282,8 +282,50 @@ class Cache:
         the same bytes, hits, misses and LRU order, with one snoop and one key per line."""
         if (spa | length) & (LINE - 1):
             raise AlignmentError(f"read_lines takes whole lines, got {length} bytes at {spa:#x}")
-        self._snoop(asid, c, spa, length, False, origin)
-        key = tag_key(asid, c, spa)
+        key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a line, inlined)
+        for agent in self.agents:  # (Cache._snoop, inlined)
+            if agent is not origin:
+                agent.snoop(key, key + (length or LINE), False, None)
+        if memaccel.ENABLED and length:  # every line resident: the same hits and LRU order, in C
+            got = memaccel.helpers.cache_hit_read(self.sets, self.set_mask, key, length >> 6, self.__dict__)
+            if got is not None:
+                return got
+        return self._read_run(key, length)
+
+    def read_runs(self, asid: int, c: bool, spa: int, runs: tuple[tuple[int, int], ...],
+                  origin: object | None = None) -> bytes:
+        """:meth:`read_lines` of several runs of whole lines inside the page at ``spa`` (``runs``:
+        ``(offset, length)`` pairs, multiples of :data:`LINE`, in any order), joined in the order
+        given: the same bytes, hits, misses and LRU order as one :meth:`read_lines` per run, with
+        one snoop of the range from the first line to the last.  (A read snoop asks the agents to
+        write back their modified lines of a page -- each agent holds and writes back whole pages
+        -- so one snoop of the page's range is the snoop of every run.)"""
+        if spa & (PAGE - 1):
+            raise AlignmentError(f"read_runs takes a page address, got {spa:#x}")
+        lo, hi = PAGE, 0
+        for off, length in runs:
+            if (off | length) & (LINE - 1) or not 0 <= off < off + length <= PAGE:
+                raise AlignmentError(f"read_runs takes runs of whole lines inside the page, got {length} bytes at "
+                                     f"offset {off:#x}")
+            lo, hi = min(lo, off), max(hi, off + length)
+        if not runs:
+            return b""
+        key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a page, inlined)
+        for agent in self.agents:  # (Cache._snoop, inlined)
+            if agent is not origin:
+                agent.snoop(key + lo, key + hi, False, None)
+        parts = []
+        for off, length in runs:
+            got = None
+            if memaccel.ENABLED:  # every line resident: the same hits and LRU order, in C
+                got = memaccel.helpers.cache_hit_read(self.sets, self.set_mask, key + off, length >> 6, self.__dict__)
+            if got is None:
+                got = self._read_run(key + off, length)
+            parts.append(got)
+        return b"".join(parts)
+
+    def _read_run(self, key: int, length: int) -> bytes:
+        """The lines of keys ``[key, key + length)``, each a hit or a fill, in order."""
         sets, mask = self.sets, self.set_mask
         parts = []
         for k in range(key, key + length, LINE):
@@ -301,14 +343,21 @@ class Cache:
                     origin: object | None = None) -> None:
         """:meth:`write` of a run of whole lines (``spa`` and ``len(data)`` multiples of
         :data:`LINE`): the same lines, bytes and dirty set, with one snoop and one key per line."""
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
         length = len(view)
         if (spa | length) & (LINE - 1):
             raise AlignmentError(f"write_lines takes whole lines, got {length} bytes at {spa:#x}")
-        self._snoop(asid, c, spa, length, True, origin, view)  # (whole lines: agents may take the bytes)
-        key = tag_key(asid, c, spa)
-        line_of = self.line
+        key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a line, inlined)
+        for agent in self.agents:  # (Cache._snoop, inlined; whole lines: agents may take the bytes)
+            if agent is not origin:
+                agent.snoop(key, key + (length or LINE), True, view)
         dirty = self.dirty
+        if memaccel.ENABLED and length and memaccel.helpers.cache_hit_write(
+                self.sets, self.set_mask, key, view, dirty, self.__dict__):
+            return  # every line resident: the same bytes, dirty set, hits and LRU order, in C
+        line_of = self.line
         for pos in range(0, length, LINE):
             k = key + pos
             line_of(k)[:] = view[pos : pos + LINE]

@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from sevemu._util.units import PAGE
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import AddressError, HardwareError
 from sevemu.hw.cache import Cache, tag_key
@@ -307,6 +308,17 @@ class Core:
         if (spa | length) & 63:
             return self.cache.read(0, c, spa, length)
         return self.cache.read_lines(0, c, spa, length)  # whole lines: the same bytes in one call
+
+    def host_read_runs(self, spa: int, runs: tuple[tuple[int, int], ...], c: bool = False) -> bytes:
+        """:meth:`host_read` of several runs of whole lines in the page at ``spa`` (``(offset,
+        length)`` pairs), joined in the order given: the same bytes as one read per run, in one
+        call (:meth:`Cache.read_runs <sevemu.hw.cache.Cache.read_runs>`)."""
+        self.mc.dram.check_range(spa, PAGE)
+        v = self.vmcbs
+        if spa < v.hi and spa + PAGE > v.lo:
+            for off, length in runs:
+                v.touch(spa + off, length, False)  # a VMCB view of a run goes to memory first
+        return self.cache.read_runs(0, c, spa, runs)
 
     def host_write(self, spa: int, data: bytes | bytearray, c: bool = False) -> None:
         """Write physical memory as the host (no integrity on SEV: guest pages are silently corrupted)."""

@@ -49,6 +49,12 @@ class HostCore:
         """A load by the host (C=1 selects the host's SME key)."""
         return self._core.host_read(spa, length, c)
 
+    def host_read_runs(self, spa: int, runs: tuple[tuple[int, int], ...], c: bool = False) -> bytes:
+        """Loads by the host of runs of whole lines in the page at ``spa``: ``(offset, length)``
+        pairs (multiples of 64), their bytes joined in the order given -- what one
+        :meth:`host_read` per run returns, in one call."""
+        return self._core.host_read_runs(spa, runs, c)
+
     def host_write(self, spa: int, data: bytes | bytearray, c: bool = False) -> None:
         """A store by the host (C=1 selects the host's SME key)."""
         self._core.host_write(spa, data, c)

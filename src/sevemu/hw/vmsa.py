@@ -55,7 +55,7 @@ from typing import Final
 from sevemu._util.units import LINE, PAGE
 from sevemu.abi.vmsa import SEGMENT_REGISTERS, SevEsSaveArea
 from sevemu.crypto.vmsacrc import VMSA_CRC_SIZE, VmsaCrc, vmsa_crc_paddr
-from sevemu.hw.cache import SPA_MASK, Cache, tag_key
+from sevemu.hw.cache import ASID_SHIFT, C_SHIFT, SPA_MASK, Cache
 from sevemu.hw.dram import Dram
 from sevemu.hw.svm import GPRS, Segment
 
@@ -178,7 +178,7 @@ class VmsaUnit:
         if not self._attached:
             self.cache.attach(self)
             self._attached = True
-        key = tag_key(asid, True, spa)
+        key = asid << ASID_SHIFT | 1 << C_SHIFT | (spa & ~(LINE - 1))  # (tag_key(asid, True, spa), inlined)
         h = self._held.get(key)
         if h is None:
             page = bytearray(self.cache.read(asid, True, spa, PAGE, origin=self))
@@ -215,7 +215,7 @@ class VmsaUnit:
         modified in this private level until the cache snoops them (a write-back level: they reach
         the shared cache, and DRAM encrypted, as soon as anyone else looks or flushes); the TMR
         gets the checksum of the page as it is then."""
-        key = tag_key(asid, True, spa)
+        key = asid << ASID_SHIFT | 1 << C_SHIFT | (spa & ~(LINE - 1))  # (tag_key(asid, True, spa), inlined)
         h = self._held.get(key)
         running, self._running = self._running, None
         if h is None:

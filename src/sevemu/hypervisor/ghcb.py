@@ -69,6 +69,8 @@ _TAIL: Final = 0xFF8  # protocol_version (0xFFA), ghcb_usage (0xFFC)
 _TAIL_LINE: Final = 0xFC0  # the line of ghcb_usage
 _HEAD: Final = 0x380  # the line of SW_EXITCODE .. SW_SCRATCH, then XCR0 and the valid bitmap
 _GPRS: Final = 0x1C0  # from the line of RSP and RAX on, the GHCB is read in one piece
+_HEAD_RUNS: Final = ((_GPRS, _SAVE_HI - _GPRS), (_TAIL_LINE, 64))
+"""What every GHCB exit reads, in one host access: 0x1C0..0x400 and the line of ``ghcb_usage``."""
 _SHARED_BUF: Final = 0x800
 _SHARED_END: Final = 0xFF0
 _OFF: Final = {name: bit * 8 for name, bit in GHCB_VALID_BITS.items()}
@@ -329,13 +331,14 @@ class GhcbHandler:
     @staticmethod
     def _read(page: HostPage) -> tuple[bytes, int, int]:
         """The GHCB's save area as far as the valid bitmap marks fields (other bytes zero), the
-        bitmap and ``ghcb_usage``: 0x1C0..0x400 in one piece (the GPRs, SW_EXITCODE .. the bitmap),
-        then the lines of other marked fields (CPL, RIP ...), then the usage word's line -- a
+        bitmap and ``ghcb_usage``: 0x1C0..0x400 (the GPRs, SW_EXITCODE .. the bitmap) and the usage
+        word's line in one access, then the lines of other marked fields (CPL, RIP ...) -- a
         hypervisor reads what it needs, not the page; whole lines, through the host's mapping of
         the page (:meth:`Vm.host_page <sevemu.hypervisor.vm.Vm.host_page>`)."""
-        head = page.read(_GPRS, _SAVE_HI - _GPRS)  # RSP, RAX, RCX..R15, SW_EXITCODE .. bitmap
+        got = page.read_runs(_HEAD_RUNS)  # RSP, RAX, RCX..R15, SW_EXITCODE .. bitmap; the usage line
+        head = got[: _SAVE_HI - _GPRS]
         bitmap = int.from_bytes(head[_BITMAP - _GPRS :], "little")
-        usage = int.from_bytes(page.read(_TAIL_LINE, 64)[_TAIL + 4 - _TAIL_LINE :], "little")
+        usage = int.from_bytes(got[_SAVE_HI - _GPRS + _TAIL + 4 - _TAIL_LINE :], "little")
         if not bitmap & _LOW_FIELDS:
             return _LOW_ZEROS + head, bitmap, usage
         save = bytearray(_LOW_ZEROS + head)

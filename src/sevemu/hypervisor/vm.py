@@ -300,6 +300,11 @@ class HostPage:
             raise InputError(f"{length} bytes at offset {off:#x} do not fit in a page")
         return self._core.host_read(self.spa + off, length)
 
+    def read_runs(self, runs: tuple[tuple[int, int], ...]) -> bytes:
+        """The runs ``(offset, length)`` of whole 64-byte lines of the page, joined in the order
+        given, as the host reads them (what :meth:`read` of each returns, in one call)."""
+        return self._core.host_read_runs(self.spa, runs)
+
     def write(self, off: int, data: bytes | bytearray) -> None:
         """Write ``data`` at offset ``off`` of the page, as the host writes."""
         if not 0 <= off <= off + len(data) <= PAGE:
