@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sevemu.crypto.memenc import EncryptionMode, TweakConstants
-from sevemu.errors import AlignmentError
+from sevemu.errors import AlignmentError, KeySlotError
 from sevemu.hw import memaccel
 from sevemu.hw.cache import Cache, tag_key
 from sevemu.hw.dram import LINE, Dram
@@ -180,3 +180,68 @@ def test_the_c_helpers_serve_only_runs_of_resident_lines() -> None:
         write(cache.sets, cache.set_mask, key, bytes(10), cache.dirty, cache.__dict__)
     with pytest.raises(ValueError, match="multiple of 64"):
         read(cache.sets, cache.set_mask, key + 8, 1, cache.__dict__)
+
+
+def _counting_readers(cache: Cache) -> list[int]:
+    """Make every line fill of ``cache`` (the memory controller's per-line readers) record its SPA."""
+    calls: list[int] = []
+    readers = cache.mc.readers
+    for domain, reader in list(readers.items()):
+        readers[domain] = lambda spa, reader=reader: (calls.append(spa), reader(spa))[1]
+    return calls
+
+
+@pytest.mark.parametrize("coherent", [False, True])
+@pytest.mark.parametrize(("asid", "c"), _DOMAINS)
+def test_a_whole_line_write_does_not_read_the_line_from_dram(coherent: bool, asid: int, c: bool) -> None:
+    fast, fagent = _twin(coherent)
+    ref, ragent = _twin(coherent)
+    rnd = random.Random(7)
+    for cache in (fast, ref):  # dirty lines of every domain: the writes below evict some of them
+        for a, cc in _DOMAINS:
+            cache.write(a, cc, _BASE, random.Random(a * 2 + cc).randbytes(20 * LINE))
+    calls = _counting_readers(fast)
+    for _ in range(6):
+        spa, data = _BASE + rnd.randrange(40) * LINE, rnd.randbytes(rnd.randrange(1, 24) * LINE)
+        fast.write_lines(asid, c, spa, data)
+        ref.write(asid, c, spa, data)  # the fill-then-write path
+        assert _state(fast) == _state(ref)
+    assert calls == [] and fast.misses > 40  # misses, each without a fill from DRAM
+    assert fagent.snoops == ragent.snoops
+    assert fast.wbinvd() == ref.wbinvd() and _state(fast) == _state(ref)
+
+
+def test_a_whole_line_write_without_a_key_is_refused_like_a_fill() -> None:
+    fast, _ = _twin(False)
+    ref, _ = _twin(False)
+    for cache, call in ((fast, fast.write_lines), (ref, ref.write)):
+        with pytest.raises(KeySlotError, match="ASID 3"):
+            call(3, True, _BASE, bytes(2 * LINE))
+    assert _state(fast) == _state(ref)
+
+
+@pytest.mark.parametrize("coherent", [False, True])
+@pytest.mark.parametrize(("asid", "c"), _DOMAINS)
+def test_a_page_read_fills_its_missing_lines_in_one_bulk_decryption(coherent: bool, asid: int, c: bool) -> None:
+    """A page's lines in 64 sets: one memory-controller call for the missing lines (none on the
+    coherent profile, whose fills evict other domains one by one), the bytes and state of ``read``."""
+    twins = []
+    for _ in range(2):
+        cache, _agent = _twin(coherent)
+        cache = Cache(cache.mc, 64 * 4 * LINE, 4, coherent)  # 64 sets of 4 ways
+        for a, cc in _DOMAINS:  # dirty lines of every domain (victims), some of the page resident
+            cache.write(a, cc, _BASE + 0x1000 * (a + cc), random.Random(a).randbytes(200 * LINE))
+        twins.append(cache)
+    fast, ref = twins
+    calls = _counting_readers(fast)
+    runs: list[tuple[int, int]] = []
+    read_run = fast.mc.read_run
+    fast.mc.read_run = lambda spa, n, a, cc: (runs.append((spa, n)), read_run(spa, n, a, cc))[1]  # type: ignore[method-assign]
+    for spa in (_BASE + 0x3000, _BASE + 0x8000, _BASE + 0x3000):
+        assert fast.read_lines(asid, c, spa, 0x1000) == ref.read(asid, c, spa, 0x1000)
+        assert _state(fast) == _state(ref)
+    if coherent:
+        assert runs == [] and len(calls) >= 64
+    else:
+        assert calls == [] and 1 <= len(runs) <= 3 and sum(n for _, n in runs) >= 0x1000
+    assert fast.wbinvd() == ref.wbinvd() and _state(fast) == _state(ref)
