@@ -218,30 +218,3 @@ def test_a_whole_line_write_without_a_key_is_refused_like_a_fill() -> None:
         with pytest.raises(KeySlotError, match="ASID 3"):
             call(3, True, _BASE, bytes(2 * LINE))
     assert _state(fast) == _state(ref)
-
-
-@pytest.mark.parametrize("coherent", [False, True])
-@pytest.mark.parametrize(("asid", "c"), _DOMAINS)
-def test_a_page_read_fills_its_missing_lines_in_one_bulk_decryption(coherent: bool, asid: int, c: bool) -> None:
-    """A page's lines in 64 sets: one memory-controller call for the missing lines (none on the
-    coherent profile, whose fills evict other domains one by one), the bytes and state of ``read``."""
-    twins = []
-    for _ in range(2):
-        cache, _agent = _twin(coherent)
-        cache = Cache(cache.mc, 64 * 4 * LINE, 4, coherent)  # 64 sets of 4 ways
-        for a, cc in _DOMAINS:  # dirty lines of every domain (victims), some of the page resident
-            cache.write(a, cc, _BASE + 0x1000 * (a + cc), random.Random(a).randbytes(200 * LINE))
-        twins.append(cache)
-    fast, ref = twins
-    calls = _counting_readers(fast)
-    runs: list[tuple[int, int]] = []
-    read_run = fast.mc.read_run
-    fast.mc.read_run = lambda spa, n, a, cc: (runs.append((spa, n)), read_run(spa, n, a, cc))[1]  # type: ignore[method-assign]
-    for spa in (_BASE + 0x3000, _BASE + 0x8000, _BASE + 0x3000):
-        assert fast.read_lines(asid, c, spa, 0x1000) == ref.read(asid, c, spa, 0x1000)
-        assert _state(fast) == _state(ref)
-    if coherent:
-        assert runs == [] and len(calls) >= 64
-    else:
-        assert calls == [] and 1 <= len(runs) <= 3 and sum(n for _, n in runs) >= 0x1000
-    assert fast.wbinvd() == ref.wbinvd() and _state(fast) == _state(ref)

@@ -170,9 +170,11 @@ class Cache:
             return line
         return self.fill(key, s)
 
-    def fill(self, key: int, s: dict[int, bytearray]) -> bytearray:
+    def fill(self, key: int, s: dict[int, bytearray], line: bytearray | None = None) -> bytearray:
         """The miss path of :meth:`line`, for a ``key`` known to be absent from its set ``s``:
-        make room (the LRU victim, written back if dirty), then fill through the memory controller."""
+        make room (the LRU victim, written back if dirty), then fill through the memory controller
+        -- or, given the ``line`` of a write of all its bytes, take that without reading and
+        decrypting the old contents from DRAM (the same miss, victims, key check and LRU order)."""
         self.misses += 1
         if self.coherent:
             self._evict_other_domains(key, s)
@@ -188,7 +190,9 @@ class Cache:
             reader = self._readers[key >> C_SHIFT]
         except KeyError:
             raise KeySlotError(f"no key is loaded for ASID {key >> ASID_SHIFT}") from None
-        line = s[key] = reader(key & SPA_MASK)  # a new bytearray, the cache's own
+        if line is None:
+            line = reader(key & SPA_MASK)  # a new bytearray, the cache's own
+        s[key] = line
         return line
 
     def _evict_other_domains(self, key: int, s: dict[int, bytearray]) -> None:
@@ -327,9 +331,6 @@ class Cache:
     def _read_run(self, key: int, length: int) -> bytes:
         """The lines of keys ``[key, key + length)``, each a hit or a fill, in order."""
         sets, mask = self.sets, self.set_mask
-        if (length > LINE and (key & (PAGE - 1)) + length <= PAGE and length >> 6 <= mask + 1
-                and not self.coherent and key >> C_SHIFT in self._readers):
-            return self._read_page_run(key, length)
         parts = []
         for k in range(key, key + length, LINE):
             s = sets[(k >> 6) & mask]
@@ -341,44 +342,6 @@ class Cache:
                 self.hits += 1
             parts.append(line)
         return b"".join(parts)
-
-    def _read_page_run(self, key: int, length: int) -> bytes:
-        """:meth:`_read_run` of lines inside one page, each in its own set (so no line's fill
-        touches another's set or SPA): the hits and each miss's victim in line order, then the
-        missing lines' plaintext from DRAM in one bulk decryption (:meth:`MemoryController.read_run`,
-        after every victim is written back, as each fill reads after its own), each filled as its
-        own line.  The same bytes, lines, LRU order, counters and DRAM contents."""
-        sets, mask, ways = self.sets, self.set_mask, self.ways
-        lines: list[bytearray | None] = []
-        first = last = -1
-        for i, k in enumerate(range(key, key + length, LINE)):
-            s = sets[(k >> 6) & mask]
-            line = s.pop(k, None)
-            if line is not None:
-                s[k] = line  # most recently used (Cache.line, inlined)
-                self.hits += 1
-            else:
-                self.misses += 1
-                if len(s) >= ways:
-                    for victim in s:  # the least recently used comes first
-                        break
-                    self._writeback(victim, s.pop(victim))
-                if first < 0:
-                    first = i
-                last = i
-            lines.append(line)
-        if first < 0:
-            return b"".join(lines)  # type: ignore[arg-type]
-        lo = key + first * LINE
-        plain = memoryview(self.mc.read_run(lo & SPA_MASK, (last + 1 - first) * LINE, key >> ASID_SHIFT,
-                                            bool((key >> C_SHIFT) & 1)))
-        for i in range(first, last + 1):
-            if lines[i] is None:
-                k = key + i * LINE
-                pos = (i - first) * LINE
-                line = lines[i] = bytearray(plain[pos : pos + LINE])
-                sets[(k >> 6) & mask][k] = line
-        return b"".join(lines)  # type: ignore[arg-type]
 
     def write_lines(self, asid: int, c: bool, spa: int, data: bytes | bytearray | memoryview,
                     origin: object | None = None) -> None:
@@ -404,27 +367,12 @@ class Cache:
             s = sets[(k >> 6) & mask]
             line = s.pop(k, None)
             if line is None:  # every byte is overwritten: allocated without a fill from DRAM
-                self._allocate(k, s, bytearray(view[pos : pos + LINE]))
+                self.fill(k, s, bytearray(view[pos : pos + LINE]))
             else:
                 s[k] = line  # most recently used (Cache.line, inlined)
                 self.hits += 1
                 line[:] = view[pos : pos + LINE]
             dirty.add(k)
-
-    def _allocate(self, key: int, s: dict[int, bytearray], line: bytearray) -> None:
-        """:meth:`fill` of a line whose every byte the caller overwrites with ``line`` (a whole-line
-        write): the same miss, victim write-back, coherent eviction, key check and LRU order, without
-        reading and decrypting the line's old contents from DRAM."""
-        self.misses += 1
-        if self.coherent:
-            self._evict_other_domains(key, s)
-        if len(s) >= self.ways:
-            for victim in s:  # the least recently used comes first
-                break
-            self._writeback(victim, s.pop(victim))
-        if key >> C_SHIFT not in self._readers:
-            raise KeySlotError(f"no key is loaded for ASID {key >> ASID_SHIFT}")
-        s[key] = line
 
     # ---- maintenance --------------------------------------------------------------------------
     def clflush(self, asid: int, c: bool, spa: int) -> bool:
