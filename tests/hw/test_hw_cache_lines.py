@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sevemu.crypto.memenc import EncryptionMode, TweakConstants
-from sevemu.errors import AlignmentError
+from sevemu.errors import AlignmentError, KeySlotError
 from sevemu.hw import memaccel
 from sevemu.hw.cache import Cache, tag_key
 from sevemu.hw.dram import LINE, Dram
@@ -180,3 +180,41 @@ def test_the_c_helpers_serve_only_runs_of_resident_lines() -> None:
         write(cache.sets, cache.set_mask, key, bytes(10), cache.dirty, cache.__dict__)
     with pytest.raises(ValueError, match="multiple of 64"):
         read(cache.sets, cache.set_mask, key + 8, 1, cache.__dict__)
+
+
+def _counting_readers(cache: Cache) -> list[int]:
+    """Make every line fill of ``cache`` (the memory controller's per-line readers) record its SPA."""
+    calls: list[int] = []
+    readers = cache.mc.readers
+    for domain, reader in list(readers.items()):
+        readers[domain] = lambda spa, reader=reader: (calls.append(spa), reader(spa))[1]
+    return calls
+
+
+@pytest.mark.parametrize("coherent", [False, True])
+@pytest.mark.parametrize(("asid", "c"), _DOMAINS)
+def test_a_whole_line_write_does_not_read_the_line_from_dram(coherent: bool, asid: int, c: bool) -> None:
+    fast, fagent = _twin(coherent)
+    ref, ragent = _twin(coherent)
+    rnd = random.Random(7)
+    for cache in (fast, ref):  # dirty lines of every domain: the writes below evict some of them
+        for a, cc in _DOMAINS:
+            cache.write(a, cc, _BASE, random.Random(a * 2 + cc).randbytes(20 * LINE))
+    calls = _counting_readers(fast)
+    for _ in range(6):
+        spa, data = _BASE + rnd.randrange(40) * LINE, rnd.randbytes(rnd.randrange(1, 24) * LINE)
+        fast.write_lines(asid, c, spa, data)
+        ref.write(asid, c, spa, data)  # the fill-then-write path
+        assert _state(fast) == _state(ref)
+    assert calls == [] and fast.misses > 40  # misses, each without a fill from DRAM
+    assert fagent.snoops == ragent.snoops
+    assert fast.wbinvd() == ref.wbinvd() and _state(fast) == _state(ref)
+
+
+def test_a_whole_line_write_without_a_key_is_refused_like_a_fill() -> None:
+    fast, _ = _twin(False)
+    ref, _ = _twin(False)
+    for cache, call in ((fast, fast.write_lines), (ref, ref.write)):
+        with pytest.raises(KeySlotError, match="ASID 3"):
+            call(3, True, _BASE, bytes(2 * LINE))
+    assert _state(fast) == _state(ref)

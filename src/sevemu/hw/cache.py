@@ -170,9 +170,11 @@ class Cache:
             return line
         return self.fill(key, s)
 
-    def fill(self, key: int, s: dict[int, bytearray]) -> bytearray:
+    def fill(self, key: int, s: dict[int, bytearray], line: bytearray | None = None) -> bytearray:
         """The miss path of :meth:`line`, for a ``key`` known to be absent from its set ``s``:
-        make room (the LRU victim, written back if dirty), then fill through the memory controller."""
+        make room (the LRU victim, written back if dirty), then fill through the memory controller
+        -- or, given the ``line`` of a write of all its bytes, take that without reading and
+        decrypting the old contents from DRAM (the same miss, victims, key check and LRU order)."""
         self.misses += 1
         if self.coherent:
             self._evict_other_domains(key, s)
@@ -188,7 +190,9 @@ class Cache:
             reader = self._readers[key >> C_SHIFT]
         except KeyError:
             raise KeySlotError(f"no key is loaded for ASID {key >> ASID_SHIFT}") from None
-        line = s[key] = reader(key & SPA_MASK)  # a new bytearray, the cache's own
+        if line is None:
+            line = reader(key & SPA_MASK)  # a new bytearray, the cache's own
+        s[key] = line
         return line
 
     def _evict_other_domains(self, key: int, s: dict[int, bytearray]) -> None:
@@ -357,10 +361,17 @@ class Cache:
         if memaccel.ENABLED and length and memaccel.helpers.cache_hit_write(
                 self.sets, self.set_mask, key, view, dirty, self.__dict__):
             return  # every line resident: the same bytes, dirty set, hits and LRU order, in C
-        line_of = self.line
+        sets, mask = self.sets, self.set_mask
         for pos in range(0, length, LINE):
             k = key + pos
-            line_of(k)[:] = view[pos : pos + LINE]
+            s = sets[(k >> 6) & mask]
+            line = s.pop(k, None)
+            if line is None:  # every byte is overwritten: allocated without a fill from DRAM
+                self.fill(k, s, bytearray(view[pos : pos + LINE]))
+            else:
+                s[k] = line  # most recently used (Cache.line, inlined)
+                self.hits += 1
+                line[:] = view[pos : pos + LINE]
             dirty.add(k)
 
     # ---- maintenance --------------------------------------------------------------------------
