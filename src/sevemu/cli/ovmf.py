@@ -16,8 +16,10 @@ none of the registers):
 * end of SEC -- the first instruction fetched from the PEI firmware volume (``PEI_FV``: OvmfPkgX64's
   ``PcdOvmfPeiMemFvBase`` 0x820000, up to the DXE volume at 0x900000), or, should no fetch fill show
   it, the first exit with RIP there;
-* PEI's switch to permanent memory -- the first exit at which the stack pointer is in system RAM
-  (below the RAM size, outside OVMF's SEC/PEI memory ``TEMP_RAM``) after it was in the temporary RAM;
+* PEI's switch to permanent memory -- the first exit or instruction-fetch TLB fill (after SEC) at which
+  the stack pointer is in system RAM (below the RAM size, outside OVMF's SEC/PEI memory ``TEMP_RAM``)
+  after it was in the temporary RAM (fills too: a module entered between two exits is never listed
+  before the switch that preceded it);
 * modules entered -- after the end of SEC, each page the vCPU starts fetching from in RAM is matched
   against the entry code of the image's PEI/DXE modules (:mod:`sevemu.cli.ovmf_fv`: loaded images
   sit at page-aligned addresses, so an entry keeps its in-page offset); the first entry of each module
@@ -221,15 +223,20 @@ class OvmfBoot:
         if not any(e.what == what for e in self.events):
             self.events.append(Event(what, self._now(), self.engines[0].stats.exits, detail))
 
-    def _on_fetch(self, vaddr: int, cr0: int, efer: int) -> None:
+    def _on_fetch(self, vaddr: int, cr0: int, efer: int, rsp: int) -> None:
         if cr0 & 1:
             self._event("protected mode", f"first fetch at {vaddr:#x} with CR0.PE")
         if cr0 >> 31 and efer & 0x100:
             self._event("long mode", f"first fetch at {vaddr:#x} with EFER.LMA")
-        if PEI_FV[0] <= vaddr < PEI_FV[1]:
+        in_pei_fv = PEI_FV[0] <= vaddr < PEI_FV[1]
+        if in_pei_fv:
             self._event("end of SEC", f"first fetch from the PEI firmware volume at {vaddr:#x}")
             self._after_sec = True
-        elif self._after_sec and MiB <= vaddr < self.ram and self._modules.modules and \
+        if not self._after_sec:
+            return
+        self._watch_stack(rsp, f"seen at a fetch fill at {vaddr:#x}")  # at fetch fills too: exits can be far apart (a module entered
+        # between two exits must not be seen before the stack switch that preceded it)
+        if not in_pei_fv and MiB <= vaddr < self.ram and self._modules.modules and \
                 self._checks.get(vaddr & ~(PAGE - 1), 0) < _MAX_CHECKS:  # matched at the next exit
             self._fetched.append((vaddr, self._now(), self.engines[0].stats.exits))
 
@@ -261,11 +268,14 @@ class OvmfBoot:
         rsp, rip = vals[_RSP], vals[_RIP]
         if PEI_FV[0] <= rip < PEI_FV[1]:  # (the fetch fill is seen first; this catches a fill it missed)
             self._event("end of SEC", f"at an exit in the PEI firmware volume at {rip:#x}")
+        self._watch_stack(rsp, f"seen at an exit, RIP {rip:#x}")
+
+    def _watch_stack(self, rsp: int, where: str) -> None:
         if TEMP_RAM[0] <= rsp <= TEMP_RAM[1]:
             self._in_temp = True
         elif self._in_temp and 1 * MiB <= rsp < self.ram:
             self._event("PEI in permanent memory", f"stack moved from the temporary RAM to {rsp:#x} "
-                                                    f"(RIP {vals[_RIP]:#x})")
+                                                    f"({where})")
 
     def _count_ghcb(self) -> None:
         """Count the GHCB calls the hypervisor answers (its handler tables, wrapped for this VM's host)."""

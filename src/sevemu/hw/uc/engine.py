@@ -166,8 +166,8 @@ class UcEngine:
         self.nested_cache = nested_cache
         """Cache nested translations until a TLB flush (:mod:`~sevemu.hw.uc.walk`; firmware that misses often)."""
         self._walker: NestedCachingMmu | None = None
-        self.fetch_observer: Callable[[int, int, int], None] | None = None
-        """Called with (linear address, CR0, EFER) at each instruction-fetch TLB fill (a boot timeline)."""
+        self.fetch_observer: Callable[[int, int, int, int], None] | None = None
+        """Called with (linear address, CR0, EFER, RSP) at each instruction-fetch TLB fill (a boot timeline)."""
         self._lib = uc.library()
         self._h = ctypes.c_void_p(0)
         self._booted = False
@@ -793,7 +793,7 @@ class UcEngine:
                 self._walker.table_writable = pool.spa_writable
             mmu = self._walker
         if fetch and self.fetch_observer is not None:
-            self.fetch_observer(vaddr, cr0, self._efer)
+            self.fetch_observer(vaddr, cr0, self._efer, self._reg_read(uc.REG["rsp"]))
         t = mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
                            gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp, vmpl=cpu.vmpl)
         if pool.stale:
