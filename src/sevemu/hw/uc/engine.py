@@ -492,6 +492,9 @@ class UcEngine:
 
     def _flush_tb(self) -> None:
         check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TB_FLUSH))), "TB flush")
+        self.stats.tb_flushes += 1
+        if self._ports is not None:
+            self._ports.tb_flushed()
 
     def read_code(self, rip: int, n: int = 16) -> bytes:
         """Up to ``n`` instruction bytes at ``rip``, from the slot the page was fetched from."""
