@@ -93,7 +93,8 @@ _HOOK_LIMIT: Final = 16384
 _VMGEXIT: Final = VmExit(ExitCode.VMGEXIT)
 """The exit of a VMGEXIT the code hook stopped at (the instruction decoded by :func:`decode_guest_insn`)."""
 _I_RSP: Final = GPRS.index("rsp")
-_CR0_TLB_BITS: Final = CR0_PG | CR0_PE | 1 << 16
+_CR0_WP: Final = 1 << 16
+_CR0_TLB_BITS: Final = CR0_PG | CR0_PE | _CR0_WP
 """CR0 bits whose change flushes QEMU's TLB (PG, PE, WP: ``cpu_x86_update_cr0``)."""
 
 
@@ -798,7 +799,7 @@ class UcEngine:
         if fetch and self.fetch_observer is not None:
             self.fetch_observer(vaddr, cr0, self._efer)
         t = mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
-                           gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp, vmpl=cpu.vmpl)
+                           gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp, vmpl=cpu.vmpl, wp=bool(cr0 & _CR0_WP))
         if pool.stale:
             self.refresh()  # the walk set A/D bits in a page the guest has mapped
         same = t.data_asid == t.fetch_asid and t.data_c == t.fetch_c
