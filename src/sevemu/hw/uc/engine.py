@@ -198,6 +198,7 @@ class UcEngine:
         self._internal: str | None = None
         self._imprecise_io: str | None = None
         self._timer_fired = False
+        self._tb_flush_pending = False
         self._run_started = 0.0
         # translations granted to Unicorn
         self._w_gvas: dict[int, int] = {}  # GVA page -> CR3 it was written under (D bit set)
@@ -315,7 +316,8 @@ class UcEngine:
               "mapping the page pool")
         # The port-I/O code hooks call uc_emu_stop itself (its one argument is the hook's first):
         # no Python on the way; a stop without another reason at a hooked address is the I/O exit.
-        self._ports = IoHooks(lib, h, uc.fn_address(lib.uc_emu_stop), self.pool.page, _weakly(self._flush_tb))
+        self._ports = IoHooks(lib, h, uc.fn_address(lib.uc_emu_stop), self.pool.page, _weakly(self._flush_tb),
+                              _weakly(self._request_tb_flush))
         self.pool.on_forget = self._ports.forget_slot
         # hooks
         fill = uc.TLB_FILL_CB(self._on_fill)
@@ -491,7 +493,13 @@ class UcEngine:
             self._ports.tlb_flushed()
         self._fill_cr0 = self._fill_cr3 = -1
 
+    def _request_tb_flush(self) -> None:
+        """Flush translated code before the guest runs on: stop at the next block boundary."""
+        self._tb_flush_pending = True
+        self._stop()
+
     def _flush_tb(self) -> None:
+        self._tb_flush_pending = False
         check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TB_FLUSH))), "TB flush")
         self.stats.tb_flushes += 1
         if self._ports is not None:
@@ -623,6 +631,8 @@ class UcEngine:
         rip = cpu.state.rip
         spurious = 0
         while True:
+            if self._tb_flush_pending:
+                self._flush_tb()
             self._event = None
             self._pending = None
             self._timer_fired = False
@@ -643,6 +653,8 @@ class UcEngine:
                 self.stats.internal_exits += 1
                 rip = vals[I_RIP]
             elif ev is None:
+                if self._tb_flush_pending:
+                    continue  # (stopped for the TB flush, done at the top of the loop)
                 offs = io_offsets.get(rip & ~0xFFF)
                 if offs is not None and (rip & 0xFFF) in offs:  # a port-I/O code hook stopped here
                     hit = io_exits.get(rip)

@@ -54,12 +54,15 @@ class IoHooks:
     """The code hooks of every executable guest page, and the IOIO exits they lead to."""
 
     def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, stop_cb: int | None,
-                 page_of_slot: Callable[[int], bytes], flush_tb: Callable[[], None]) -> None:
+                 page_of_slot: Callable[[int], bytes], flush_tb: Callable[[], None],
+                 request_flush: Callable[[], None] | None = None) -> None:
         self._lib = lib
         self._h = handle
         self._stop_cb = stop_cb
         self._page_of_slot = page_of_slot
         self._flush_tb = flush_tb
+        self._request_flush = request_flush or flush_tb
+        """Asks for a TB flush before the guest runs on (the engine stops at the next block boundary)."""
         self.xgva: dict[int, int] = {}
         """Executable GVA page -> the slot Unicorn fetches it from (until the next TLB flush)."""
         self._xslots: set[int] = set()  # slots ever mapped executable (and still holding that page)
@@ -146,13 +149,15 @@ class IoHooks:
         invalidates only the blocks overlapping the bytes it wrote.  A page that held executed code
         and is rewritten through such an entry -- a driver loaded into the pages another one left,
         code and data sharing a page -- would keep the old blocks and run them.  So translated code
-        goes (a TB flush) when a slot Unicorn may have translated is granted write access."""
+        goes (a TB flush) when a slot Unicorn may have translated is granted write access -- at the
+        next stop, not inside the fill hook: a TB flush in the middle of a block lets Unicorn chain
+        the block it leaves into code the next translation overwrites (the host then dies of SIGILL)."""
         if slot in self._xslots:
             self._scans.pop(slot, None)
             for page in [p for p, s in self.xgva.items() if s == slot]:
                 del self.xgva[page]
         if slot in self._translated:
-            self._flush_tb()
+            self._request_flush()
 
     def tb_flushed(self) -> None:
         """Unicorn dropped its translated code: only pages still mapped executable get new code
@@ -165,7 +170,7 @@ class IoHooks:
         self._scans.pop(slot, None)
         self._xslots.discard(slot)
         if slot in self._translated:
-            self._flush_tb()
+            self._request_flush()
 
     def tlb_flushed(self) -> None:
         """Unicorn dropped every translation: pages are re-hooked as they are fetched again."""
