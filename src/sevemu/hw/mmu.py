@@ -140,7 +140,7 @@ class Mmu:
         """Full GVA -> SPA translation with the guest's and the hypervisor's permissions.
 
         ``wp``: the guest's CR0.WP.  Every access is a supervisor one here, and with WP clear a
-        supervisor write ignores the guest's read-only entries (APM2 5.6.4; firmware clears WP to
+        supervisor write ignores the guest's read-only entries (APM2 5.6, "Write Protect"; firmware clears WP to
         edit page tables it mapped read-only, as edk2's CpuDxe does); the NPT's permissions stay.
 
         ``rmp``: the guest is SNP-active; the walk's table reads and the final access go through the
