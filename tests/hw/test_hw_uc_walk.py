@@ -140,3 +140,35 @@ def test_a_write_after_a_cr0_cd_toggle_is_written_back(nested_cache: bool) -> No
     assert r.reason == "hlt", vm.crash_reason
     assert vm.vcpus[0].vmcb.cr0 & (1 << 30)
     assert vm.host_read(0x120000, 8) == (0x2222).to_bytes(8, "little")
+
+
+# movq $0x3333,0x120000 (a read-only page, CR0.WP clear); CR0.WP = 1 (mov %cr0,%rax; bts $16,%rax;
+# mov %rax,%cr0); hlt; movq $0x4444,0x120000; hlt
+WP_WRITES = bytes.fromhex("48c704250000120033330000" "0f20c0480fbae8100f22c0" "f4" "48c704250000120044440000" "f4")
+
+
+@pytest.mark.parametrize("nested_cache", [False, True])
+def test_cr0_wp_clear_lets_the_guest_write_its_read_only_pages(nested_cache: bool) -> None:
+    """With CR0.WP clear a supervisor write ignores a read-only guest PTE (firmware editing page
+    tables it mapped read-only: edk2's CpuDxe); once WP is set the same write is a #PF."""
+    m = build_machine("milan", seed="uc-walk", dram_size=1 << 30, cache_size=256 << 10)
+    image = bytearray(_remap_image(None))
+    image[0 : len(WP_WRITES)] = WP_WRITES
+    leaf = 0x113000 + 8 * (0x120000 >> 12) - BASE  # the PTE of 0x120000 in identity_tables' PT
+    image[leaf : leaf + 8] = (0x120000 | 0x61).to_bytes(8, "little")  # P A D, not RW
+    vm = m.hv.create_vm("t", 16 << 20, VmKind.PLAIN)
+    m.hv.launch(vm, [(BASE, bytes(image))])
+    state = InitialState(rip=BASE, mode="long64", cr3=0x110000, rsp=0x12F000)
+    eng = UcEngine(pool_pages=256, initial=state, nested_cache=nested_cache)
+    state.apply(vm.add_vcpu(eng).vmcb)
+    assert not vm.vcpus[0].vmcb.cr0 & (1 << 16)
+    while (r := m.hv.run(vm)).reason == "intr":
+        pass
+    assert r.reason == "hlt", vm.crash_reason
+    assert vm.host_read(0x120000, 8) == (0x3333).to_bytes(8, "little")
+    assert vm.vcpus[0].vmcb.cr0 & (1 << 16)
+    while (r := m.hv.run(vm)).reason == "intr":
+        pass
+    assert r.exit is not None and r.exit.code == ExitCode.SHUTDOWN
+    assert "#PF" in (vm.crash_reason or "")
+    assert vm.host_read(0x120000, 8) == (0x3333).to_bytes(8, "little")

@@ -219,6 +219,31 @@ def test_code_written_by_the_host_runs_only_without_sev() -> None:
     assert console != b"!" and b"!" not in console
 
 
+# mov $0x180000,%esp; image A into page 0x200000 (code at +0x40: mov $0xaaaa,%eax; nop; nop; ret) and call it (ebp = its
+# eax); then image B over it: a "header" store at +0 (the first store through the new write grant),
+# its code at +0x40 (mov 0x200080,%eax; ret) and its data at +0x80 (0xbbbbbbbb), and call it; hlt.
+REWRITE = bytes.fromhex("bc00001800be48001000bf40002000b908000000fcf3a4bb40002000ffd389c5c7050000200042420000"
+                        "be50001000"
+                        "bf40002000b906000000f3a4c70580002000bbbbbbbbffd3f4b8aaaa00009090c3a180002000c3")
+
+
+@pytest.mark.parametrize("kind", [VmKind.PLAIN, VmKind.SEV])
+def test_a_page_rewritten_with_new_code_runs_the_new_code(kind: VmKind) -> None:
+    """A page that held executed code is rewritten with another image (OVMF's DXE core loads a driver
+    into the pages the one before left): the new code runs, and reads its new data.  Unicorn checks
+    stores for translated code only until the first store through a write grant, and that one drops
+    only the blocks overlapping what it wrote; the engine drops translated code when it grants write
+    access to a page it was translated from (the call ran image A's stale block before)."""
+    m = machine()
+    vm, eng = launch(m, REWRITE, kind)
+    r = run(m, vm)
+    assert r.reason == "hlt"
+    regs = vm.vcpus[0].vmcb.regs
+    assert regs["rbp"] == 0xAAAA  # image A ran
+    assert regs["rax"] == 0xBBBBBBBB  # image B ran, not A's translated block (0xaaaa)
+    assert eng.stats.tb_flushes >= 1
+
+
 def test_invalid_initial_state_is_an_error_before_anything_runs() -> None:
     with pytest.raises(InputError):
         InitialState(rip=BASE, mode="real16").validate()

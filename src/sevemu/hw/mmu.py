@@ -136,8 +136,12 @@ class Mmu:
 
     # ---- guest walk + combined translation --------------------------------------------------
     def translate(self, *, asid: int, sev: bool, ncr3: int, paging: bool, cr3: int, gva: int,
-                  write: bool, fetch: bool, rmp: Rmp | None = None, vmpl: int = 0) -> Translation:
+                  write: bool, fetch: bool, rmp: Rmp | None = None, vmpl: int = 0, wp: bool = True) -> Translation:
         """Full GVA -> SPA translation with the guest's and the hypervisor's permissions.
+
+        ``wp``: the guest's CR0.WP.  Every access is a supervisor one here, and with WP clear a
+        supervisor write ignores the guest's read-only entries (APM2 5.6, "Write Protect"; firmware clears WP to
+        edit page tables it mapped read-only, as edk2's CpuDxe does); the NPT's permissions stay.
 
         ``rmp``: the guest is SNP-active; the walk's table reads and the final access go through the
         RMP checks (:meth:`~sevemu.hw.rmp.Rmp.check_guest_access`): #VC PAGE_NOT_VALIDATED
@@ -151,7 +155,7 @@ class Mmu:
             g_writable = g_exec = True
         else:
             gpa, guest_c, g_writable, g_exec, g_huge = self._guest_walk(asid, sev, ncr3, cr3, gva, write, fetch,
-                                                                         rmp, vmpl)
+                                                                         rmp, vmpl, wp)
         spa, npt_c, n_writable, n_exec, n_huge = self.nested(ncr3, gpa, write, fetch, True,
                                                              sev and (guest_c or fetch))
         # the TLB entry's size: the smaller of the guest's and the NPT's mapping (APM2 15.36.10)
@@ -164,7 +168,8 @@ class Mmu:
                            g_writable and n_writable, g_exec and n_exec)
 
     def _guest_walk(self, asid: int, sev: bool, ncr3: int, cr3: int, gva: int, write: bool,
-                    fetch: bool, rmp: Rmp | None = None, vmpl: int = 0) -> tuple[int, bool, bool, bool, bool]:
+                    fetch: bool, rmp: Rmp | None = None, vmpl: int = 0,
+                    wp: bool = True) -> tuple[int, bool, bool, bool, bool]:
         err = (PF.W if write else 0) | (PF.FETCH if fetch else 0)
         addr_mask = self.addr_mask
         rsvd = self.rsvd_sev if sev else self.rsvd_plain
@@ -196,6 +201,8 @@ class Mmu:
             if shift == 12:
                 break
             table = pte & addr_mask
+        if not wp:
+            writable = True  # a supervisor write with CR0.WP clear
         if write and not writable:
             raise PageFault(err | PF.P, gva)
         if fetch and not executable:

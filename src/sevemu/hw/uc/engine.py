@@ -93,7 +93,8 @@ _HOOK_LIMIT: Final = 16384
 _VMGEXIT: Final = VmExit(ExitCode.VMGEXIT)
 """The exit of a VMGEXIT the code hook stopped at (the instruction decoded by :func:`decode_guest_insn`)."""
 _I_RSP: Final = GPRS.index("rsp")
-_CR0_TLB_BITS: Final = CR0_PG | CR0_PE | 1 << 16
+_CR0_WP: Final = 1 << 16
+_CR0_TLB_BITS: Final = CR0_PG | CR0_PE | _CR0_WP
 """CR0 bits whose change flushes QEMU's TLB (PG, PE, WP: ``cpu_x86_update_cr0``)."""
 
 
@@ -197,6 +198,7 @@ class UcEngine:
         self._internal: str | None = None
         self._imprecise_io: str | None = None
         self._timer_fired = False
+        self._tb_flush_pending = False
         self._run_started = 0.0
         # translations granted to Unicorn
         self._w_gvas: dict[int, int] = {}  # GVA page -> CR3 it was written under (D bit set)
@@ -314,7 +316,8 @@ class UcEngine:
               "mapping the page pool")
         # The port-I/O code hooks call uc_emu_stop itself (its one argument is the hook's first):
         # no Python on the way; a stop without another reason at a hooked address is the I/O exit.
-        self._ports = IoHooks(lib, h, uc.fn_address(lib.uc_emu_stop), self.pool.page, _weakly(self._flush_tb))
+        self._ports = IoHooks(lib, h, uc.fn_address(lib.uc_emu_stop), self.pool.page, _weakly(self._flush_tb),
+                              _weakly(self._request_tb_flush))
         self.pool.on_forget = self._ports.forget_slot
         # hooks
         fill = uc.TLB_FILL_CB(self._on_fill)
@@ -490,8 +493,17 @@ class UcEngine:
             self._ports.tlb_flushed()
         self._fill_cr0 = self._fill_cr3 = -1
 
+    def _request_tb_flush(self) -> None:
+        """Flush translated code before the guest runs on: stop at the next block boundary."""
+        self._tb_flush_pending = True
+        self._stop()
+
     def _flush_tb(self) -> None:
+        self._tb_flush_pending = False
         check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TB_FLUSH))), "TB flush")
+        self.stats.tb_flushes += 1
+        if self._ports is not None:
+            self._ports.tb_flushed()
 
     def read_code(self, rip: int, n: int = 16) -> bytes:
         """Up to ``n`` instruction bytes at ``rip``, from the slot the page was fetched from."""
@@ -619,6 +631,8 @@ class UcEngine:
         rip = cpu.state.rip
         spurious = 0
         while True:
+            if self._tb_flush_pending:
+                self._flush_tb()
             self._event = None
             self._pending = None
             self._timer_fired = False
@@ -639,6 +653,8 @@ class UcEngine:
                 self.stats.internal_exits += 1
                 rip = vals[I_RIP]
             elif ev is None:
+                if self._tb_flush_pending:
+                    continue  # (stopped for the TB flush, done at the top of the loop)
                 offs = io_offsets.get(rip & ~0xFFF)
                 if offs is not None and (rip & 0xFFF) in offs:  # a port-I/O code hook stopped here
                     hit = io_exits.get(rip)
@@ -795,7 +811,7 @@ class UcEngine:
         if fetch and self.fetch_observer is not None:
             self.fetch_observer(vaddr, cr0, self._efer, self._reg_read(uc.REG["rsp"]))
         t = mmu.translate(asid=cpu.asid, sev=cpu.sev, ncr3=cpu.vmcb.ncr3, paging=paging, cr3=cr3,
-                           gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp, vmpl=cpu.vmpl)
+                           gva=vaddr, write=write, fetch=fetch, rmp=cpu.rmp, vmpl=cpu.vmpl, wp=bool(cr0 & _CR0_WP))
         if pool.stale:
             self.refresh()  # the walk set A/D bits in a page the guest has mapped
         same = t.data_asid == t.fetch_asid and t.data_c == t.fetch_c

@@ -54,15 +54,20 @@ class IoHooks:
     """The code hooks of every executable guest page, and the IOIO exits they lead to."""
 
     def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, stop_cb: int | None,
-                 page_of_slot: Callable[[int], bytes], flush_tb: Callable[[], None]) -> None:
+                 page_of_slot: Callable[[int], bytes], flush_tb: Callable[[], None],
+                 request_flush: Callable[[], None] | None = None) -> None:
         self._lib = lib
         self._h = handle
         self._stop_cb = stop_cb
         self._page_of_slot = page_of_slot
         self._flush_tb = flush_tb
+        self._request_flush = request_flush or flush_tb
+        """Asks for a TB flush before the guest runs on (the engine stops at the next block boundary)."""
         self.xgva: dict[int, int] = {}
         """Executable GVA page -> the slot Unicorn fetches it from (until the next TLB flush)."""
         self._xslots: set[int] = set()  # slots ever mapped executable (and still holding that page)
+        self._translated: set[int] = set()
+        """Slots Unicorn may hold translated code of (mapped executable since the last TB flush)."""
         self._scans: dict[int, tuple[tuple[int, int], ...]] = {}  # slot -> candidate ranges
         self._ranges: dict[int, tuple[tuple[int, int], ...]] = {}  # GVA page -> ranges hooked
         self._hooks: dict[int, list[int]] = {}  # GVA page -> code-hook handles
@@ -78,6 +83,7 @@ class IoHooks:
             return
         self.xgva[page] = slot
         self._xslots.add(slot)
+        self._translated.add(slot)
         ranges = self._scans.get(slot)
         if ranges is None:
             code = self._page_of_slot(slot)
@@ -135,16 +141,36 @@ class IoHooks:
 
     def slot_writable(self, slot: int) -> None:
         """The guest may write ``slot`` from now on (the engine then maps it without execute): its
-        scan is redone when it is fetched again."""
+        scan is redone when it is fetched again, and code translated from it is dropped.
+
+        Unicorn checks a store for translated code only until the first store through a TLB entry
+        that is not executable (``notdirty_write`` then marks the entry dirty, and only
+        translating code at the entry's own virtual page marks it again), and that first store
+        invalidates only the blocks overlapping the bytes it wrote.  A page that held executed code
+        and is rewritten through such an entry -- a driver loaded into the pages another one left,
+        code and data sharing a page -- would keep the old blocks and run them.  So translated code
+        goes (a TB flush) when a slot Unicorn may have translated is granted write access -- at the
+        next stop, not inside the fill hook: a TB flush in the middle of a block lets Unicorn chain
+        the block it leaves into code the next translation overwrites (the host then dies of SIGILL)."""
         if slot in self._xslots:
             self._scans.pop(slot, None)
             for page in [p for p, s in self.xgva.items() if s == slot]:
                 del self.xgva[page]
+        if slot in self._translated:
+            self._request_flush()
+
+    def tb_flushed(self) -> None:
+        """Unicorn dropped its translated code: only pages still mapped executable get new code
+        without a TLB fill."""
+        self._translated = set(self.xgva.values())
 
     def forget_slot(self, slot: int) -> None:
-        """The pool forgot ``slot``: its scan is void."""
+        """The pool forgot ``slot``: its scan is void, and so is code translated from it (its next
+        page is loaded by a host write Unicorn does not see)."""
         self._scans.pop(slot, None)
         self._xslots.discard(slot)
+        if slot in self._translated:
+            self._request_flush()
 
     def tlb_flushed(self) -> None:
         """Unicorn dropped every translation: pages are re-hooked as they are fetched again."""
@@ -184,6 +210,7 @@ class IoHooks:
         """Forget everything (the Unicorn instance is gone; its hooks with it)."""
         self.xgva.clear()
         self._xslots.clear()
+        self._translated.clear()
         self._scans.clear()
         self._ranges.clear()
         self._hooks.clear()

@@ -23,6 +23,7 @@ class UcStats:
     evictions: int = 0
     lines_written_back: int = 0
     tlb_flushes: int = 0
+    tb_flushes: int = 0
     io_exits: int = 0
     spurious_stops: int = 0
     exceptions_delivered: int = 0

@@ -13,7 +13,7 @@ page-walk caches; so does :class:`NestedCachingMmu`:
   the hypervisor asks for whenever it changes or removes an NPT mapping (as KVM does, and as on
   hardware: a nested translation may be cached until the hypervisor flushes the ASID).
 * **Whole translations** (a second-level TLB): the :class:`~sevemu.hw.mmu.Translation` of a
-  successful walk, per (guest page, access kind, CR3, paging, ASID, nCR3, SEV, RMP, VMPL) -- every
+  successful walk, per (guest page, access kind, CR3, paging, CR0.WP, ASID, nCR3, SEV, RMP, VMPL) -- every
   input of the walk -- so a TLB miss of Unicorn on a page walked before gives the same answer
   without a walk.  Like a hardware TLB entry it holds the walk's outcome: the guest's A/D bits were
   set by that walk (a write entry exists only after a write walk set D), and an SNP guest's RMP checks
@@ -89,8 +89,8 @@ class NestedCachingMmu(Mmu):
             self.flush_translations()
 
     def translate(self, *, asid: int, sev: bool, ncr3: int, paging: bool, cr3: int, gva: int,
-                  write: bool, fetch: bool, rmp: Rmp | None = None, vmpl: int = 0) -> Translation:
-        key = (gva >> 12, write | fetch << 1 | paging << 2 | sev << 3, cr3 if paging else 0, asid, ncr3, vmpl,
+                  write: bool, fetch: bool, rmp: Rmp | None = None, vmpl: int = 0, wp: bool = True) -> Translation:
+        key = (gva >> 12, write | fetch << 1 | paging << 2 | sev << 3 | wp << 4, cr3 if paging else 0, asid, ncr3, vmpl,
                id(rmp) if rmp is not None else 0)
         t = self._tlb.get(key)
         if t is not None:
@@ -100,7 +100,7 @@ class NestedCachingMmu(Mmu):
         self._walk_tables = tables
         try:
             t = super().translate(asid=asid, sev=sev, ncr3=ncr3, paging=paging, cr3=cr3, gva=gva, write=write,
-                                  fetch=fetch, rmp=rmp, vmpl=vmpl)
+                                  fetch=fetch, rmp=rmp, vmpl=vmpl, wp=wp)
         finally:
             self._walk_tables = None
         writable = self.table_writable
