@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import lzma
-import os
 import tarfile
 import urllib.error
 import urllib.request
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
+from sevemu._util.paths import user_cache_dir
 from sevemu.errors import SevemuError, VerificationError
 
 __all__ = ["DEFAULT_MIRROR", "DEFAULT_SUITE", "FIRMWARE_FILES", "FetchError", "FetchResult", "HashMismatchError",
@@ -85,11 +85,7 @@ class FetchResult:
 
 def ovmf_cache_dir() -> Path:
     """Where fetched images live: ``$SEVEMU_OVMF_DIR``, else ``$XDG_CACHE_HOME/sevemu/ovmf``."""
-    env = os.environ.get("SEVEMU_OVMF_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sevemu" / "ovmf"
+    return user_cache_dir("ovmf", "SEVEMU_OVMF_DIR")
 
 
 def resolve_firmware(name: Path | str) -> Path:

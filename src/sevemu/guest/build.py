@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sevemu._util.paths import user_cache_dir
 from sevemu.errors import GuestBuildError
 
 __all__ = [
@@ -77,11 +78,7 @@ def list_guests() -> list[tuple[str, str]]:
 
 def build_dir() -> Path:
     """Where builds are cached (``$SEVEMU_BUILD_DIR``, else the user's cache directory)."""
-    env = os.environ.get("SEVEMU_BUILD_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sevemu" / "guests"
+    return user_cache_dir("guests", "SEVEMU_BUILD_DIR")
 
 
 @dataclass(frozen=True)
