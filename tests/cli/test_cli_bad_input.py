@@ -216,7 +216,9 @@ def test_ctrl_c_in_bench_migrate(home: Path) -> None:
     from the destination process, exit status 130."""
     import subprocess
 
-    proc = subprocess.Popen(sevemu_cmd("bench", "migrate", "--size", "256"), env=env(home / "h"),
+    # 1 GiB: the whole bench takes well over the 6 s below even on a quiet machine (256 MiB could
+    # finish before the signal since the migration got faster)
+    proc = subprocess.Popen(sevemu_cmd("bench", "migrate", "--size", "1024"), env=env(home / "h"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         time.sleep(6)  # the destination process is up and the guest is being launched or migrated
