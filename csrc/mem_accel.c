@@ -31,6 +31,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "pyargs.h"
+
 #include <limits.h>
 #include <stdint.h>
 
@@ -49,21 +51,6 @@ static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
         PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
         return -1;
     }
-    return 0;
-}
-
-static int get_u64(PyObject *obj, const char *what, uint64_t *out)
-{
-    unsigned long long v;
-    if (!PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int", what);
-        return -1;
-    }
-    v = PyLong_AsUnsignedLongLong(obj);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *out = (uint64_t)v;
     return 0;
 }
 

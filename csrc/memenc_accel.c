@@ -17,6 +17,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "pyargs.h"
+
 #include <stdint.h>
 #include <string.h>
 
@@ -116,25 +118,6 @@ static void release_buffers(Py_buffer *views, int n)
     for (i = 0; i < n; i++) {
         PyBuffer_Release(&views[i]);
     }
-}
-
-static int get_u64(PyObject *obj, const char *what, uint64_t *out)
-{
-    unsigned long long v;
-    if (!PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int", what);
-        return -1;
-    }
-    v = PyLong_AsUnsignedLongLong(obj);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_ValueError, "%s must be in 0..2**64-1", what);
-        }
-        return -1;
-    }
-    *out = (uint64_t)v;
-    return 0;
 }
 
 /* ---- XE/XEX: the address tweak ------------------------------------------------------------ */
