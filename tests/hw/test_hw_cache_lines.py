@@ -77,6 +77,41 @@ def test_whole_line_calls_equal_read_and_write(coherent: bool, ops: list[tuple[s
     assert _state(fast) == _state(ref)
 
 
+@settings(max_examples=60, deadline=None)
+@given(coherent=st.booleans(), attached=st.booleans(), ops=st.lists(_op, max_size=20),
+       d=st.integers(0, len(_DOMAINS) - 1), line=st.integers(0, 80), n=st.integers(64, 300),
+       seed=st.integers(0, 255))
+def test_a_write_larger_than_the_cache_equals_line_by_line_writes(
+        coherent: bool, attached: bool, ops: list[tuple[str, int, int, int, int]], d: int, line: int, n: int,
+        seed: int) -> None:
+    """write_lines of more than the cache holds streams the part that cannot stay resident
+    (``Cache._stream_rest``): the same DRAM bytes, sets in the same LRU order, dirty lines and
+    counters as one write per line, whatever was resident (lines of the range, other domains'
+    lines of its SPAs, dirty or clean) -- then after a WBINVD too."""
+    fast, fagent = _twin(coherent)
+    ref, _ = _twin(coherent)
+    if not attached:
+        fast.detach(fagent)
+    for kind, od, oline, on, oseed in ops:  # something resident first
+        asid, c = _DOMAINS[od]
+        data = random.Random(oseed).randbytes(on * LINE)
+        for cache in (fast, ref):
+            if kind == "write":
+                cache.write(asid, c, _BASE + oline * LINE, data)
+            else:
+                cache.read(asid, c, _BASE + oline * LINE, on * LINE)
+    asid, c = _DOMAINS[d]
+    spa = _BASE + line * LINE
+    data = random.Random(seed).randbytes(n * LINE)
+    fast.write_lines(asid, c, spa, data)
+    for pos in range(0, len(data), LINE):
+        ref.write(asid, c, spa + pos, data[pos : pos + LINE])
+    assert _state(fast) == _state(ref)
+    assert fast.read_lines(asid, c, spa, n * LINE) == ref.read(asid, c, spa, n * LINE) == data
+    assert fast.wbinvd() == ref.wbinvd()
+    assert _state(fast) == _state(ref)
+
+
 def test_whole_line_calls_do_not_snoop_their_origin() -> None:
     cache, agent = _twin(False)
     cache.write_lines(0, False, _BASE, bytes(2 * LINE), origin=agent)

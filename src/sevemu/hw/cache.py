@@ -362,7 +362,8 @@ class Cache:
                 self.sets, self.set_mask, key, view, dirty, self.__dict__):
             return  # every line resident: the same bytes, dirty set, hits and LRU order, in C
         sets, mask = self.sets, self.set_mask
-        for pos in range(0, length, LINE):
+        stream = length > self.size and not (self.coherent and self.agents)
+        for pos in range(0, self.size if stream else length, LINE):
             k = key + pos
             s = sets[(k >> 6) & mask]
             line = s.pop(k, None)
@@ -373,6 +374,37 @@ class Cache:
                 self.hits += 1
                 line[:] = view[pos : pos + LINE]
             dirty.add(k)
+        if stream:
+            self._stream_rest(key, view)
+
+    def _stream_rest(self, key: int, view: memoryview) -> None:
+        """The rest of a :meth:`write_lines` of more than the cache's size whose first
+        :attr:`size` bytes went through the loop above, in bulk, with the same end state.
+
+        The first ``size`` bytes of a contiguous run give every set exactly :attr:`ways` accesses, so
+        after them each set holds only lines of this write, all dirty, and everything that was
+        resident before is written back or overwritten.  From there on each line is a miss that
+        evicts the least recently used line of its set -- always a line of this write -- so the
+        lines before the last ``size`` bytes all reach DRAM with the bytes written, and the cache
+        ends holding the last ``size`` bytes, each set's lines in address order (least recent
+        first), all dirty: one bulk write-back and a refill of the sets instead of a fill and an
+        eviction per line.  (Not for a coherent profile with private levels attached: each fill
+        there also snoops them about other domains' copies of its line.)"""
+        size, length = self.size, len(view)
+        head = length - size  # the lines evicted: the first size bytes and the misses after them
+        self.mc.write_run(key & SPA_MASK, key >> ASID_SHIFT, bool((key >> C_SHIFT) & 1), view[:head])
+        fills = (length - size) // LINE
+        self.misses += fills
+        self.writebacks += fills
+        sets, mask = self.sets, self.set_mask
+        for s in sets:  # (every line in them is one of this write's first size bytes)
+            s.clear()
+        dirty = self.dirty
+        dirty.difference_update(range(key, key + min(head, size), LINE))
+        for pos in range(head, length, LINE):
+            k = key + pos
+            sets[(k >> 6) & mask][k] = bytearray(view[pos : pos + LINE])
+        dirty.update(range(key + head, key + length, LINE))
 
     # ---- maintenance --------------------------------------------------------------------------
     def clflush(self, asid: int, c: bool, spa: int) -> bool:

@@ -320,7 +320,7 @@ class Core:
                 v.touch(spa + off, length, False)  # a VMCB view of a run goes to memory first
         return self.cache.read_runs(0, c, spa, runs)
 
-    def host_write(self, spa: int, data: bytes | bytearray, c: bool = False) -> None:
+    def host_write(self, spa: int, data: bytes | bytearray | memoryview, c: bool = False) -> None:
         """Write physical memory as the host (no integrity on SEV: guest pages are silently corrupted)."""
         self.mc.dram.check_range(spa, len(data))
         if self.rmp is not None:

@@ -55,7 +55,7 @@ class HostCore:
         :meth:`host_read` per run returns, in one call."""
         return self._core.host_read_runs(spa, runs, c)
 
-    def host_write(self, spa: int, data: bytes | bytearray, c: bool = False) -> None:
+    def host_write(self, spa: int, data: bytes | bytearray | memoryview, c: bool = False) -> None:
         """A store by the host (C=1 selects the host's SME key)."""
         self._core.host_write(spa, data, c)
 

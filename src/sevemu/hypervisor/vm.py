@@ -247,11 +247,23 @@ class Vm:
         guest's private pages are not mapped)."""
         for page, _, _ in _pieces(gpa, len(data)):
             self._mapped(page)
-        spas = [self.spa_of(page) for page, _, _ in _pieces(gpa, len(data))]
+        view = memoryview(data)
         pos = 0
-        for spa, (_, off, n) in zip(spas, _pieces(gpa, len(data)), strict=True):
-            self._core.host_write(spa + off, data[pos : pos + n])
+        for spa, n in self._spa_runs(gpa, len(data)):  # one host write per physically contiguous run
+            self._core.host_write(spa, view[pos : pos + n])
             pos += n
+
+    def _spa_runs(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        """(SPA, length) of the physically contiguous runs of ``[gpa, gpa+length)``, in GPA order
+        (the pages must be mapped)."""
+        runs: list[tuple[int, int]] = []
+        for page, off, n in _pieces(gpa, length):
+            spa = self.spa_of(page) + off
+            if runs and runs[-1][0] + runs[-1][1] == spa:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((spa, n))
+        return runs
 
     def host_page(self, gpa: int) -> HostPage:
         """The host's mapping of the guest page holding ``gpa`` (``kvm_vcpu_map``): reads and writes
