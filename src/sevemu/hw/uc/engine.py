@@ -30,7 +30,6 @@ from __future__ import annotations
 import array
 import contextlib
 import ctypes
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Final
@@ -43,8 +42,8 @@ from sevemu.hw.codefetch import cpu_engine
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault, VmmCommunication
 from sevemu.hw.svm import GPRS, SaveState, VmExit
+from sevemu.hw.uc import accel, exits, reset
 from sevemu.hw.uc import binding as uc
-from sevemu.hw.uc import exits, reset
 from sevemu.hw.uc.binding import I_CR0, I_CR3, I_RIP, REG, SYNC_IDS, check, ctl
 from sevemu.hw.uc.exits import (
     EXIT_HLT,
@@ -189,6 +188,9 @@ class UcEngine:
         self._regs_obj: dict[str, int] | None = None  # the save state's register dict, order checked
         self._shadow_gprs: list[int] = []  # the GPRs as last exchanged with the save state
         self._shadow_ctl: tuple[int, ...] = ()  # RFLAGS, CR0, CR3, CR4, EFER likewise
+        self._runner: accel.Runner | None = None  # one time slice: uc_emu_start + the batch (hw/uc/accel.py)
+        self.use_c_runner: bool | None = None
+        """The runner's implementation (None: the C helper where it was built); set before the first run."""
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
         self._efer = 0  # the guest's EFER (LMA follows CR0.PG); Unicorn's copy has SVME too
@@ -199,7 +201,6 @@ class UcEngine:
         self._imprecise_io: str | None = None
         self._timer_fired = False
         self._tb_flush_pending = False
-        self._run_started = 0.0
         # translations granted to Unicorn
         self._w_gvas: dict[int, int] = {}  # GVA page -> CR3 it was written under (D bit set)
         self._fill_cr0 = -1
@@ -221,6 +222,7 @@ class UcEngine:
             return
         self._closed = True
         WATCHDOG.unwatch(self)  # from here on the watchdog never touches the handle
+        self._runner = None  # (it holds the handle and the register array's buffer)
         h, self._h = self._h, ctypes.c_void_p(0)
         if h.value:
             self._lib.uc_close(h)
@@ -250,7 +252,8 @@ class UcEngine:
 
     # ---- watchdog interface -------------------------------------------------------------------
     def timer_expired(self, now: float) -> bool:
-        start = self._run_started
+        runner = self._runner
+        start = runner.started if runner is not None else 0.0
         if start and now - start > self.slice_s:
             self._timer_fired = True
             return True
@@ -359,6 +362,7 @@ class UcEngine:
         self._set_exits([])  # exits stay enabled, with none: Unicorn then never stops on an address
         self._flush_tlb_all()
         self.pool.attach(cpu.core.cache)
+        self._runner = accel.runner(lib, h, self._ids, self.vals, self._ptrs, use_c=self.use_c_runner)
         self._booted = True
         WATCHDOG.watch(self)
 
@@ -619,15 +623,13 @@ class UcEngine:
 
     # ---- the run loop ----------------------------------------------------------------------------
     def _execute(self, cpu: GuestCpu) -> VmExit:
-        lib = self._lib
-        h = self._h
         vals = self.vals
-        ids, ptrs = self._ids, self._ptrs
         ports = self._ports
-        assert ports is not None
+        runner = self._runner
+        assert ports is not None and runner is not None
+        run = runner.run
         io_offsets = ports.offsets
         io_exits = ports.exits
-        monotonic = time.monotonic
         rip = cpu.state.rip
         spurious = 0
         while True:
@@ -636,10 +638,8 @@ class UcEngine:
             self._event = None
             self._pending = None
             self._timer_fired = False
-            self._run_started = monotonic()
-            err = lib.uc_emu_start(h, rip, 0, 0, 0)
-            self._run_started = 0.0
-            if lib.uc_reg_read_batch(h, ids, ptrs, 21):
+            err = run(rip)
+            if err < 0:
                 raise Crash("the engine could not read the guest's registers")
             rip = vals[I_RIP]
             if self._internal is not None:
