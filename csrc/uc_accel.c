@@ -15,6 +15,17 @@
  *       watchdog thread and the hooks' Python callbacks need it), `started` = 0, then the register
  *       batch into vals.  Returns uc_emu_start's error, or -1 when the batch read failed.
  *   Runner.started  the monotonic time the current run began (0.0 when none runs)
+ *   Runner.enter(regs) -> writes
+ *       VMRUN's register load: each GPR of the dict regs (keys: the names given, in the order of
+ *       the first len(names) ids) whose value (mod 2**64) differs from what Unicorn was last given
+ *       or last stopped with is written into Unicorn (uc_reg_write); all of them after forget().
+ *       Returns how many were written; raises KeyError / TypeError for a missing or non-int
+ *       register, RuntimeError when Unicorn refuses a write.
+ *   Runner.leave(state)
+ *       #VMEXIT's register store from the last batch: state.regs[name] = the GPR for each name
+ *       whose entry is not already that int, and state.rip, .rflags, .cr0, .cr3, .cr4 = the
+ *       batch's values at the positions after the GPRs (RIP, RFLAGS, CR0, CR3, CR4).
+ *   Runner.forget()  the next enter() writes every GPR
  *
  * It decides nothing: it does what the ctypes path beside it (accel.PyRunner) does, in one call
  * instead of two foreign calls and their argument conversions.  libunicorn is not linked: the
@@ -33,12 +44,21 @@
 
 typedef int (*emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
 typedef int (*reg_read_batch_fn)(void *uc, int *regs, void **vals, int count);
+typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
+
+static PyObject *s_regs, *s_rip, *s_rflags, *s_cr0, *s_cr3, *s_cr4;
+#define N_CTL 5 /* RIP, RFLAGS, CR0, CR3, CR4 after the GPRs */
 
 typedef struct {
     PyObject_HEAD
     void *uc;
     emu_start_fn start;
     reg_read_batch_fn batch;
+    reg_write_fn write;
+    PyObject *names; /* tuple of str: the GPRs, in the order of ids */
+    Py_ssize_t ngpr;
+    uint64_t shadow[MAX_REGS];
+    int shadow_valid;
     int n;
     int ids[MAX_REGS];
     void *ptrs[MAX_REGS];
@@ -56,27 +76,35 @@ static double monotonic_now(void)
 
 static int runner_init(Runner *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *handle, *start, *batch, *ids, *vals, *seq = NULL;
-    uint64_t h, fs, fb;
-    static char *kwlist[] = {"handle", "emu_start", "reg_read_batch", "ids", "vals", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO:Runner", kwlist, &handle, &start, &batch, &ids, &vals)) {
+    PyObject *handle, *start, *batch, *write, *ids, *vals, *names, *seq = NULL;
+    uint64_t h, fs, fb, fw;
+    static char *kwlist[] = {"handle", "emu_start", "reg_read_batch", "reg_write", "ids", "vals", "names", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO!:Runner", kwlist, &handle, &start, &batch, &write, &ids,
+                                     &vals, &PyTuple_Type, &names)) {
         return -1;
     }
     if (get_u64(handle, "handle", &h) < 0 || get_u64(start, "emu_start", &fs) < 0 ||
-        get_u64(batch, "reg_read_batch", &fb) < 0) {
+        get_u64(batch, "reg_read_batch", &fb) < 0 || get_u64(write, "reg_write", &fw) < 0) {
         return -1;
     }
-    if (!h || !fs || !fb) {
-        PyErr_SetString(PyExc_ValueError, "Runner needs a Unicorn handle and both function addresses");
+    if (!h || !fs || !fb || !fw) {
+        PyErr_SetString(PyExc_ValueError, "Runner needs a Unicorn handle and the three function addresses");
         return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, i))) {
+            PyErr_SetString(PyExc_TypeError, "names must be a tuple of str");
+            return -1;
+        }
     }
     seq = PySequence_Fast(ids, "ids must be a sequence of register ids");
     if (seq == NULL) {
         return -1;
     }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n <= 0 || n > MAX_REGS) {
-        PyErr_Format(PyExc_ValueError, "ids must name 1..%d registers, got %zd", MAX_REGS, n);
+    if (n > MAX_REGS || n != PyTuple_GET_SIZE(names) + N_CTL) {
+        PyErr_Format(PyExc_ValueError, "ids must name the %zd GPRs of names, then RIP, RFLAGS, CR0, CR3, CR4 "
+                     "(at most %d), got %zd", PyTuple_GET_SIZE(names), MAX_REGS, n);
         Py_DECREF(seq);
         return -1;
     }
@@ -108,6 +136,11 @@ static int runner_init(Runner *self, PyObject *args, PyObject *kwds)
     self->uc = (void *)(uintptr_t)h;
     self->start = (emu_start_fn)(uintptr_t)fs;
     self->batch = (reg_read_batch_fn)(uintptr_t)fb;
+    self->write = (reg_write_fn)(uintptr_t)fw;
+    Py_INCREF(names);
+    Py_XSETREF(self->names, names);
+    self->ngpr = PyTuple_GET_SIZE(names);
+    self->shadow_valid = 0;
     self->n = (int)n;
     for (Py_ssize_t i = 0; i < n; i++) {
         self->ids[i] = tmp[i];
@@ -119,6 +152,7 @@ static int runner_init(Runner *self, PyObject *args, PyObject *kwds)
 
 static void runner_dealloc(Runner *self)
 {
+    Py_CLEAR(self->names);
     if (self->have_view) {
         PyBuffer_Release(&self->view);
         self->have_view = 0;
@@ -153,6 +187,126 @@ static PyObject *runner_run(Runner *self, PyObject *arg)
     return PyLong_FromLong(err);
 }
 
+PyDoc_STRVAR(runner_enter_doc, "enter(regs) -> writes: the GPRs of regs that differ from Unicorn's last known values "
+                               "written into Unicorn (all after forget()).");
+
+static PyObject *runner_enter(Runner *self, PyObject *regs)
+{
+    uint64_t now[MAX_REGS];
+    Py_ssize_t i, ngpr = self->ngpr;
+    long writes = 0;
+    if (!self->have_view) {
+        PyErr_SetString(PyExc_RuntimeError, "Runner was not initialised");
+        return NULL;
+    }
+    if (!PyDict_Check(regs)) {
+        PyErr_SetString(PyExc_TypeError, "regs must be a dict");
+        return NULL;
+    }
+    for (i = 0; i < ngpr; i++) { /* every value first: nothing is written when one is bad */
+        PyObject *name = PyTuple_GET_ITEM(self->names, i);
+        PyObject *v = PyDict_GetItemWithError(regs, name);
+        if (v == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, name);
+            }
+            return NULL;
+        }
+        if (!PyLong_Check(v)) {
+            PyErr_Format(PyExc_TypeError, "register %U must be an int", name);
+            return NULL;
+        }
+        now[i] = (uint64_t)PyLong_AsUnsignedLongLongMask(v);
+        if (now[i] == (uint64_t)-1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    for (i = 0; i < ngpr; i++) {
+        if (self->shadow_valid && now[i] == self->shadow[i]) {
+            continue;
+        }
+        if (self->write(self->uc, self->ids[i], &now[i]) != 0) {
+            self->shadow_valid = 0;
+            PyErr_Format(PyExc_RuntimeError, "Unicorn register write failed (register %U)",
+                         PyTuple_GET_ITEM(self->names, i));
+            return NULL;
+        }
+        self->shadow[i] = now[i];
+        writes++;
+    }
+    self->shadow_valid = 1;
+    return PyLong_FromLong(writes);
+}
+
+PyDoc_STRVAR(runner_leave_doc, "leave(state): state.regs and state.rip/rflags/cr0/cr3/cr4 from the last register batch.");
+
+static PyObject *runner_leave(Runner *self, PyObject *state)
+{
+    Py_ssize_t i, ngpr = self->ngpr;
+    const uint64_t *vals;
+    PyObject *regs, *attrs[N_CTL] = {s_rip, s_rflags, s_cr0, s_cr3, s_cr4};
+    if (!self->have_view) {
+        PyErr_SetString(PyExc_RuntimeError, "Runner was not initialised");
+        return NULL;
+    }
+    vals = (const uint64_t *)self->view.buf;
+    regs = PyObject_GetAttr(state, s_regs);
+    if (regs == NULL) {
+        return NULL;
+    }
+    if (!PyDict_Check(regs)) {
+        Py_DECREF(regs);
+        PyErr_SetString(PyExc_TypeError, "state.regs must be a dict");
+        return NULL;
+    }
+    for (i = 0; i < ngpr; i++) {
+        PyObject *name = PyTuple_GET_ITEM(self->names, i);
+        PyObject *old = PyDict_GetItemWithError(regs, name);
+        self->shadow[i] = vals[i];
+        if (old != NULL && PyLong_CheckExact(old)) {
+            int overflow = 0;
+            unsigned long long have = PyLong_AsUnsignedLongLong(old);
+            if (have == (unsigned long long)-1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                overflow = 1;
+            }
+            if (!overflow && have == vals[i]) {
+                continue; /* already that int */
+            }
+        } else if (old == NULL && PyErr_Occurred()) {
+            Py_DECREF(regs);
+            self->shadow_valid = 0;
+            return NULL;
+        }
+        PyObject *v = PyLong_FromUnsignedLongLong(vals[i]);
+        if (v == NULL || PyDict_SetItem(regs, name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(regs);
+            self->shadow_valid = 0;
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    Py_DECREF(regs);
+    self->shadow_valid = 1;
+    for (i = 0; i < N_CTL; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(vals[ngpr + i]);
+        if (v == NULL || PyObject_SetAttr(state, attrs[i], v) < 0) {
+            Py_XDECREF(v);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *runner_forget(Runner *self, PyObject *unused)
+{
+    (void)unused;
+    self->shadow_valid = 0;
+    Py_RETURN_NONE;
+}
+
 static PyObject *runner_get_started(Runner *self, void *closure)
 {
     (void)closure;
@@ -161,6 +315,9 @@ static PyObject *runner_get_started(Runner *self, void *closure)
 
 static PyMethodDef runner_methods[] = {
     {"run", (PyCFunction)runner_run, METH_O, runner_run_doc},
+    {"enter", (PyCFunction)runner_enter, METH_O, runner_enter_doc},
+    {"leave", (PyCFunction)runner_leave, METH_O, runner_leave_doc},
+    {"forget", (PyCFunction)runner_forget, METH_NOARGS, "forget(): the next enter() writes every GPR."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -169,8 +326,9 @@ static PyGetSetDef runner_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-PyDoc_STRVAR(runner_doc, "Runner(handle, emu_start, reg_read_batch, ids, vals): one call per time slice of the "
-                         "Unicorn engine (uc_emu_start, then the register batch).");
+PyDoc_STRVAR(runner_doc, "Runner(handle, emu_start, reg_read_batch, reg_write, ids, vals, names): one call per time "
+                         "slice of the Unicorn engine (uc_emu_start, then the register batch), and the GPR exchange "
+                         "with the save state at VMRUN and #VMEXIT.");
 
 static PyTypeObject RunnerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -187,6 +345,12 @@ static PyTypeObject RunnerType = {
 
 static int module_exec(PyObject *m)
 {
+    if ((s_regs = PyUnicode_InternFromString("regs")) == NULL || (s_rip = PyUnicode_InternFromString("rip")) == NULL ||
+        (s_rflags = PyUnicode_InternFromString("rflags")) == NULL ||
+        (s_cr0 = PyUnicode_InternFromString("cr0")) == NULL || (s_cr3 = PyUnicode_InternFromString("cr3")) == NULL ||
+        (s_cr4 = PyUnicode_InternFromString("cr4")) == NULL) {
+        return -1;
+    }
     if (PyType_Ready(&RunnerType) < 0) {
         return -1;
     }

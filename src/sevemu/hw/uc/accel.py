@@ -13,14 +13,16 @@ current run began, 0.0 between runs: the watchdog compares it with the engine's 
 
 from __future__ import annotations
 
+import array
 import ctypes
 import time
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 from sevemu.hw.uc import binding as uc
 
 __all__ = ["ENABLED", "PyRunner", "Runner", "runner"]
+
+_M64 = (1 << 64) - 1
 
 ENABLED: bool
 """Whether :func:`runner` gives the C helper; false when it was not built (then ``setup.py build_ext``)."""
@@ -34,7 +36,7 @@ else:
 
 
 class Runner(Protocol):
-    """What the engine runs a time slice with."""
+    """What the engine runs a time slice with, and exchanges the GPRs with the save state through."""
 
     @property
     def started(self) -> float:
@@ -46,17 +48,39 @@ class Runner(Protocol):
         array: Unicorn's error, or -1 when the batch read failed."""
         ...
 
+    def enter(self, regs: dict[str, int]) -> int:
+        """VMRUN: write the GPRs of ``regs`` that differ from Unicorn's last known values (every one
+        after :meth:`forget`) into Unicorn; how many were written."""
+        ...
+
+    def leave(self, state: Any) -> None:
+        """#VMEXIT: ``state.regs`` (the GPRs) and ``state.rip``, ``rflags``, ``cr0``, ``cr3``, ``cr4``
+        from the last register batch."""
+        ...
+
+    def forget(self) -> None:
+        """The next :meth:`enter` writes every GPR."""
+        ...
+
 
 class PyRunner:
     """:class:`Runner` through ctypes (the path without the C helper)."""
 
-    def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, ids: Any, ptrs: Any) -> None:
+    def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, ids: Any, vals: array.array[int], ptrs: Any,
+                 names: tuple[str, ...]) -> None:
+        self._lib = lib
         self._start = lib.uc_emu_start
         self._batch = lib.uc_reg_read_batch
         self._h = handle
         self._ids = ids
+        self._vals = vals
         self._ptrs = ptrs
         self._n = len(ids)
+        self._names = names
+        self._ngpr = len(names)
+        self._shadow: list[int] = []  # the GPRs as last exchanged with Unicorn
+        self._scratch = ctypes.c_uint64()
+        self._scratch_ref = ctypes.byref(self._scratch)
         self.started = 0.0
 
     def run(self, rip: int) -> int:
@@ -67,17 +91,49 @@ class PyRunner:
             return -1
         return err
 
+    def enter(self, regs: dict[str, int]) -> int:
+        now = [regs[n] for n in self._names]
+        for name, value in zip(self._names, now):
+            if not isinstance(value, int):
+                raise TypeError(f"register {name} must be an int")
+        now = [v & _M64 for v in now]
+        shadow = self._shadow
+        if now == shadow:
+            return 0
+        writes = 0
+        for i, value in enumerate(now):
+            if not shadow or value != shadow[i]:
+                self._scratch.value = value
+                if self._lib.uc_reg_write(self._h, self._ids[i], self._scratch_ref):
+                    self._shadow = []
+                    raise RuntimeError(f"Unicorn register write failed (register {self._names[i]})")
+                writes += 1
+        self._shadow = now
+        return writes
 
-def runner(lib: ctypes.CDLL, handle: ctypes.c_void_p, ids: Sequence[int], vals: Any, ptrs: Any,
-           *, use_c: bool | None = None) -> Runner:
+    def leave(self, state: Any) -> None:
+        vals = self._vals.tolist()
+        n = self._ngpr
+        gprs = vals[:n]
+        state.regs.update(zip(self._names, gprs))
+        self._shadow = gprs
+        state.rip, state.rflags, state.cr0, state.cr3, state.cr4 = vals[n : n + 5]
+
+    def forget(self) -> None:
+        self._shadow = []
+
+
+def runner(lib: ctypes.CDLL, handle: ctypes.c_void_p, ids: Any, vals: array.array[int], ptrs: Any,
+           names: tuple[str, ...], *, use_c: bool | None = None) -> Runner:
     """A :class:`Runner` for the open Unicorn instance ``handle``: the batch reads registers ``ids``
-    into the uint64 array ``vals`` (``ptrs``: the addresses of its elements, for ctypes).  ``use_c``
-    picks the implementation (default: the C helper where it was built)."""
+    (a ctypes int array: the GPRs ``names``, then RIP, RFLAGS, CR0, CR3, CR4) into the uint64 array
+    ``vals`` (``ptrs``: the addresses of its elements, for ctypes).  ``use_c`` picks the
+    implementation (default: the C helper where it was built)."""
     if use_c is None:
         use_c = ENABLED
     if use_c and _c is not None:
         c_runner: Runner = _c.Runner(int(handle.value or 0), uc.fn_address(lib.uc_emu_start),
-                                     uc.fn_address(lib.uc_reg_read_batch), list(ids), vals)
+                                     uc.fn_address(lib.uc_reg_read_batch), uc.fn_address(lib.uc_reg_write),
+                                     list(ids), vals, names)
         return c_runner
-    c_ids = ids if isinstance(ids, ctypes.Array) else (ctypes.c_int * len(ids))(*ids)
-    return PyRunner(lib, handle, c_ids, ptrs)
+    return PyRunner(lib, handle, ids, vals, ptrs, names)

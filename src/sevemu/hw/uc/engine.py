@@ -185,8 +185,6 @@ class UcEngine:
         base = self.vals.buffer_info()[0]
         self._ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
         self._ids = (ctypes.c_int * n)(*SYNC_IDS)
-        self._regs_obj: dict[str, int] | None = None  # the save state's register dict, order checked
-        self._shadow_gprs: list[int] = []  # the GPRs as last exchanged with the save state
         self._shadow_ctl: tuple[int, ...] = ()  # RFLAGS, CR0, CR3, CR4, EFER likewise
         self._runner: accel.Runner | None = None  # one time slice: uc_emu_start + the batch (hw/uc/accel.py)
         self.use_c_runner: bool | None = None
@@ -232,8 +230,6 @@ class UcEngine:
             self._ports = None
         self._keep.clear()
         self._cpu = None
-        self._regs_obj = None
-        self._shadow_gprs = []
         self._shadow_ctl = ()
         self._pending = None
         self._vmgexits.clear()
@@ -362,7 +358,7 @@ class UcEngine:
         self._set_exits([])  # exits stay enabled, with none: Unicorn then never stops on an address
         self._flush_tlb_all()
         self.pool.attach(cpu.core.cache)
-        self._runner = accel.runner(lib, h, self._ids, self.vals, self._ptrs, use_c=self.use_c_runner)
+        self._runner = accel.runner(lib, h, self._ids, self.vals, self._ptrs, GPRS, use_c=self.use_c_runner)
         self._booted = True
         WATCHDOG.watch(self)
 
@@ -538,17 +534,10 @@ class UcEngine:
             self._ports.code_changed(pool.take_updated())
         # registers the hypervisor changed since the last exit
         state = cpu.state
-        regs = state.regs
-        if regs is self._regs_obj and len(regs) == 16:
-            now = list(regs.values())  # in GPRS order (checked when the dict was first seen)
-        else:
-            now = [regs[n] for n in GPRS]
-            self._regs_obj = regs if tuple(regs) == GPRS else None
-        if now != self._shadow_gprs:
-            shadow = self._shadow_gprs
-            for i in range(16):
-                if not shadow or now[i] != shadow[i]:
-                    self.write_reg(SYNC_IDS[i], now[i])
+        try:
+            self._runner.enter(state.regs)  # type: ignore[union-attr]  # (booted: a runner exists)
+        except RuntimeError as exc:
+            raise HardwareError(str(exc)) from exc
         ctl_regs = (state.rflags, state.cr0, state.cr3, state.cr4, state.efer)
         if ctl_regs != self._shadow_ctl:
             self._sync_control(ctl_regs)
@@ -582,7 +571,7 @@ class UcEngine:
 
     def _leave(self, state: SaveState) -> None:
         """#VMEXIT: write modified slots back into the SoC and the registers into the save state."""
-        vals = self.vals.tolist()
+        vals = self.vals
         writable = self.pool.writable
         if writable:
             # Slots that stay clean lose their write permission after a while (a TLB flush), so that
@@ -595,16 +584,12 @@ class UcEngine:
                 if self._clean_syncs >= _CLEAN_SYNCS_BEFORE_DEMOTE:
                     self._demote_writes(vals[I_CR0], vals[I_CR3])
         self.pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
-        gprs = vals[:16]
-        state.regs.update(zip(GPRS, gprs))
-        self._shadow_gprs = gprs
-        state.rip = vals[I_RIP]
-        state.rflags = rflags = vals[uc.I_RFLAGS]
-        state.cr0 = cr0 = vals[I_CR0]
-        state.cr3 = cr3 = vals[I_CR3]
-        state.cr4 = cr4 = vals[uc.I_CR4]
+        runner = self._runner
+        assert runner is not None
+        runner.leave(state)  # the GPRs, RIP, RFLAGS, CR0, CR3, CR4 of the last stop
+        cr0 = vals[I_CR0]
         state.efer = efer = self._efer | (EFER_LMA if (self._efer & EFER_LME and cr0 & CR0_PG) else 0)
-        self._shadow_ctl = (rflags, cr0, cr3, cr4, efer)
+        self._shadow_ctl = (vals[uc.I_RFLAGS], cr0, vals[I_CR3], vals[uc.I_CR4], efer)
 
     def _demote_writes(self, cr0: int, cr3: int) -> None:
         """Take write permission back from Unicorn (a TLB flush), so that only pages the guest
@@ -630,6 +615,8 @@ class UcEngine:
         run = runner.run
         io_offsets = ports.offsets
         io_exits = ports.exits
+        xgva = ports.xgva
+        mm = self.pool.mm
         rip = cpu.state.rip
         spurious = 0
         while True:
@@ -655,15 +642,22 @@ class UcEngine:
             elif ev is None:
                 if self._tb_flush_pending:
                     continue  # (stopped for the TB flush, done at the top of the loop)
-                offs = io_offsets.get(rip & ~0xFFF)
-                if offs is not None and (rip & 0xFFF) in offs:  # a port-I/O code hook stopped here
+                page = rip & ~0xFFF
+                off = rip & 0xFFF
+                offs = io_offsets.get(page)
+                if offs is not None and off in offs:  # a port-I/O code hook stopped here
                     hit = io_exits.get(rip)
-                    if hit is not None and hit[2] in (-1, vals[3] & 0xFFFF) and hit[1] == bool(vals[I_CR0] & CR0_PG) \
-                            and hit[0] == self.read_code(rip, 16):
-                        known: VmExit = hit[3]  # the same instruction as last time: its decoded exit
-                        self.stats.io_exits += 1
-                        cpu.vmcb.next_rip = known.info2
-                        return known
+                    if hit is not None and hit[2] in (-1, vals[3] & 0xFFFF) and hit[1] == bool(vals[I_CR0] & CR0_PG):
+                        slot = xgva.get(page)  # (read_code, inlined: the exit path)
+                        if slot is not None and off <= PAGE - 16 and mm is not None:
+                            code = mm[slot * PAGE + off : slot * PAGE + off + 16]
+                        else:
+                            code = self.read_code(rip, 16)
+                        if hit[0] == code:
+                            known: VmExit = hit[3]  # the same instruction as last time: its decoded exit
+                            self.stats.io_exits += 1
+                            cpu.vmcb.next_rip = known.info2
+                            return known
                     gx = self._vmgexits.get(rip)
                     if gx is not None and cpu.vmcb.sev_es_enable and gx[1] == bool(vals[I_CR0] & CR0_PG) \
                             and gx[0] == self.read_code(rip, 16):
