@@ -26,6 +26,17 @@
  *       whose entry is not already that int, and state.rip, .rflags, .cr0, .cr3, .cr4 = the
  *       batch's values at the positions after the GPRs (RIP, RFLAGS, CR0, CR3, CR4).
  *   Runner.forget()  the next enter() writes every GPR
+ *   Runner.bind_io(offsets, exits, xgva, pool_address, pool_size)
+ *       the engine's port-I/O tables (src/sevemu/hw/uc/ports.py IoHooks.offsets / .exits / .xgva:
+ *       dicts the engine mutates but never rebinds) and its page pool's memory
+ *   Runner.run_known(engine, rip) -> err or exit
+ *       run(rip), then -- when Unicorn stopped without an error and the engine's hooks saw nothing
+ *       (engine._event and engine._internal None, engine._tb_flush_pending false) -- the engine's
+ *       known-port-I/O test: RIP on a hooked offset of its page, a decoded exit remembered for
+ *       that RIP with the same long mode and DX (or an immediate port), and the same 16 instruction
+ *       bytes in the slot the page executes from.  Returns that exit (the object remembered), else
+ *       the int run() returned (the engine then decides as without this helper: nothing was
+ *       changed).
  *
  * It decides nothing: it does what the ctypes path beside it (accel.PyRunner) does, in one call
  * instead of two foreign calls and their argument conversions.  libunicorn is not linked: the
@@ -38,6 +49,7 @@
 #include "pyargs.h"
 
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
 #define MAX_REGS 64
@@ -46,7 +58,7 @@ typedef int (*emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t t
 typedef int (*reg_read_batch_fn)(void *uc, int *regs, void **vals, int count);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 
-static PyObject *s_regs, *s_rip, *s_rflags, *s_cr0, *s_cr3, *s_cr4;
+static PyObject *s_regs, *s_rip, *s_rflags, *s_cr0, *s_cr3, *s_cr4, *s_event, *s_internal, *s_tb_flush_pending;
 #define N_CTL 5 /* RIP, RFLAGS, CR0, CR3, CR4 after the GPRs */
 
 typedef struct {
@@ -57,6 +69,10 @@ typedef struct {
     reg_write_fn write;
     PyObject *names; /* tuple of str: the GPRs, in the order of ids */
     Py_ssize_t ngpr;
+    Py_ssize_t i_rdx;
+    PyObject *io_offsets, *io_exits, *xgva; /* bind_io(): dicts */
+    const unsigned char *pool;
+    uint64_t pool_size;
     uint64_t shadow[MAX_REGS];
     int shadow_valid;
     int n;
@@ -140,6 +156,12 @@ static int runner_init(Runner *self, PyObject *args, PyObject *kwds)
     Py_INCREF(names);
     Py_XSETREF(self->names, names);
     self->ngpr = PyTuple_GET_SIZE(names);
+    self->i_rdx = -1;
+    for (Py_ssize_t i = 0; i < self->ngpr; i++) {
+        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(names, i), "rdx") == 0) {
+            self->i_rdx = i;
+        }
+    }
     self->shadow_valid = 0;
     self->n = (int)n;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -153,6 +175,9 @@ static int runner_init(Runner *self, PyObject *args, PyObject *kwds)
 static void runner_dealloc(Runner *self)
 {
     Py_CLEAR(self->names);
+    Py_CLEAR(self->io_offsets);
+    Py_CLEAR(self->io_exits);
+    Py_CLEAR(self->xgva);
     if (self->have_view) {
         PyBuffer_Release(&self->view);
         self->have_view = 0;
@@ -307,6 +332,172 @@ static PyObject *runner_forget(Runner *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(runner_bind_io_doc, "bind_io(offsets, exits, xgva, pool_address, pool_size): the engine's port-I/O "
+                                 "tables and page pool, for run_known().");
+
+static PyObject *runner_bind_io(Runner *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t address, size;
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "bind_io() takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyDict_CheckExact(args[0]) || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "bind_io(): offsets, exits and xgva must be dicts");
+        return NULL;
+    }
+    if (get_u64(args[3], "pool_address", &address) < 0 || get_u64(args[4], "pool_size", &size) < 0) {
+        return NULL;
+    }
+    if (!address || size % 4096) {
+        PyErr_SetString(PyExc_ValueError, "bind_io(): the pool must be a mapped whole number of pages");
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_XSETREF(self->io_offsets, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(self->io_exits, args[1]);
+    Py_INCREF(args[2]);
+    Py_XSETREF(self->xgva, args[2]);
+    self->pool = (const unsigned char *)(uintptr_t)address;
+    self->pool_size = size;
+    Py_RETURN_NONE;
+}
+
+/* dict[int(key)] (borrowed; NULL when absent or on error -- the error is then cleared: the caller
+ * only falls back to the engine's own test). */
+static PyObject *get_by_u64(PyObject *dict, uint64_t key)
+{
+    PyObject *k = PyLong_FromUnsignedLongLong(key);
+    if (k == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *v = PyDict_GetItemWithError(dict, k);
+    Py_DECREF(k);
+    if (v == NULL) {
+        PyErr_Clear();
+    }
+    return v;
+}
+
+/* 1 when engine.<name> is None, 0 when not (or on error, cleared). */
+static int attr_is_none(PyObject *engine, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(engine, name);
+    if (v == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int none = v == Py_None;
+    Py_DECREF(v);
+    return none;
+}
+
+/* The remembered exit of a known port-I/O stop at the batch's RIP (new reference), or NULL (no
+ * error set): see run_known. */
+static PyObject *known_io(Runner *self, PyObject *engine)
+{
+    const uint64_t *vals = (const uint64_t *)self->view.buf;
+    uint64_t rip = vals[self->ngpr], page = rip & ~(uint64_t)0xFFF, off = rip & 0xFFF;
+    if (self->io_offsets == NULL || self->i_rdx < 0) {
+        return NULL;
+    }
+    if (!attr_is_none(engine, s_event) || !attr_is_none(engine, s_internal)) {
+        return NULL;
+    }
+    PyObject *pending = PyObject_GetAttr(engine, s_tb_flush_pending);
+    if (pending == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    int flush = PyObject_IsTrue(pending);
+    Py_DECREF(pending);
+    if (flush != 0) {
+        if (flush < 0) {
+            PyErr_Clear();
+        }
+        return NULL;
+    }
+    PyObject *offs = get_by_u64(self->io_offsets, page);
+    if (offs == NULL || !PyAnySet_Check(offs)) {
+        return NULL;
+    }
+    PyObject *o = PyLong_FromUnsignedLongLong(off);
+    if (o == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    int hooked = PySet_Contains(offs, o);
+    Py_DECREF(o);
+    if (hooked != 1) {
+        if (hooked < 0) {
+            PyErr_Clear();
+        }
+        return NULL;
+    }
+    PyObject *hit = get_by_u64(self->io_exits, rip);
+    if (hit == NULL || !PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 4) {
+        return NULL;
+    }
+    PyObject *code = PyTuple_GET_ITEM(hit, 0), *lm = PyTuple_GET_ITEM(hit, 1), *dx = PyTuple_GET_ITEM(hit, 2);
+    if (!PyBytes_CheckExact(code) || PyBytes_GET_SIZE(code) != 16 || !PyBool_Check(lm) || !PyLong_CheckExact(dx)) {
+        return NULL;
+    }
+    int long_mode = (vals[self->ngpr + 2] >> 31) & 1; /* CR0.PG */
+    if ((lm == Py_True) != long_mode) {
+        return NULL;
+    }
+    int overflow = 0;
+    long long want = PyLong_AsLongLongAndOverflow(dx, &overflow);
+    if (overflow || (want == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (want != -1 && (uint64_t)want != (vals[self->i_rdx] & 0xFFFF)) {
+        return NULL;
+    }
+    PyObject *slot_obj = get_by_u64(self->xgva, page);
+    if (slot_obj == NULL || !PyLong_CheckExact(slot_obj) || off > 4096 - 16) {
+        return NULL;
+    }
+    unsigned long long slot = PyLong_AsUnsignedLongLong(slot_obj);
+    if (slot == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (slot >= self->pool_size / 4096) {
+        return NULL;
+    }
+    if (memcmp(self->pool + slot * 4096 + off, PyBytes_AS_STRING(code), 16) != 0) {
+        return NULL;
+    }
+    PyObject *ex = PyTuple_GET_ITEM(hit, 3);
+    Py_INCREF(ex);
+    return ex;
+}
+
+PyDoc_STRVAR(runner_run_known_doc, "run_known(engine, rip) -> err or exit: run(rip), then the known port-I/O exit "
+                                   "at the stop, if it is one (see the module comment).");
+
+static PyObject *runner_run_known(Runner *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "run_known() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *r = runner_run(self, args[1]);
+    if (r == NULL || PyLong_AsLong(r) != 0) {
+        return r;
+    }
+    PyObject *ex = known_io(self, args[0]);
+    if (ex == NULL) {
+        return r;
+    }
+    Py_DECREF(r);
+    return ex;
+}
+
 static PyObject *runner_get_started(Runner *self, void *closure)
 {
     (void)closure;
@@ -318,6 +509,8 @@ static PyMethodDef runner_methods[] = {
     {"enter", (PyCFunction)runner_enter, METH_O, runner_enter_doc},
     {"leave", (PyCFunction)runner_leave, METH_O, runner_leave_doc},
     {"forget", (PyCFunction)runner_forget, METH_NOARGS, "forget(): the next enter() writes every GPR."},
+    {"bind_io", (PyCFunction)(void (*)(void))runner_bind_io, METH_FASTCALL, runner_bind_io_doc},
+    {"run_known", (PyCFunction)(void (*)(void))runner_run_known, METH_FASTCALL, runner_run_known_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -348,7 +541,10 @@ static int module_exec(PyObject *m)
     if ((s_regs = PyUnicode_InternFromString("regs")) == NULL || (s_rip = PyUnicode_InternFromString("rip")) == NULL ||
         (s_rflags = PyUnicode_InternFromString("rflags")) == NULL ||
         (s_cr0 = PyUnicode_InternFromString("cr0")) == NULL || (s_cr3 = PyUnicode_InternFromString("cr3")) == NULL ||
-        (s_cr4 = PyUnicode_InternFromString("cr4")) == NULL) {
+        (s_cr4 = PyUnicode_InternFromString("cr4")) == NULL ||
+        (s_event = PyUnicode_InternFromString("_event")) == NULL ||
+        (s_internal = PyUnicode_InternFromString("_internal")) == NULL ||
+        (s_tb_flush_pending = PyUnicode_InternFromString("_tb_flush_pending")) == NULL) {
         return -1;
     }
     if (PyType_Ready(&RunnerType) < 0) {

@@ -18,11 +18,13 @@ import ctypes
 import time
 from typing import Any, Protocol
 
+from sevemu._util.units import PAGE
 from sevemu.hw.uc import binding as uc
 
 __all__ = ["ENABLED", "PyRunner", "Runner", "runner"]
 
 _M64 = (1 << 64) - 1
+_CR0_PG = 1 << 31
 
 ENABLED: bool
 """Whether :func:`runner` gives the C helper; false when it was not built (then ``setup.py build_ext``)."""
@@ -62,6 +64,20 @@ class Runner(Protocol):
         """The next :meth:`enter` writes every GPR."""
         ...
 
+    def bind_io(self, offsets: dict[int, set[int]], exits: dict[int, Any], xgva: dict[int, int],
+                pool_address: int, pool_size: int) -> None:
+        """The engine's port-I/O tables (:class:`~sevemu.hw.uc.ports.IoHooks` ``offsets``, ``exits``,
+        ``xgva``: mutated, never rebound) and its page pool's memory, for :meth:`run_known`."""
+        ...
+
+    def run_known(self, engine: Any, rip: int) -> Any:
+        """:meth:`run`, then the engine's known-port-I/O test at the stop: when Unicorn stopped
+        without an error, the hooks saw nothing (``engine._event`` and ``_internal`` None, no TB
+        flush pending), RIP is a hooked offset of its page, an exit is remembered for that RIP with
+        the same long mode and DX (or an immediate port) and the slot the page executes from holds
+        the same 16 instruction bytes: that exit.  Otherwise :meth:`run`'s int, nothing changed."""
+        ...
+
 
 class PyRunner:
     """:class:`Runner` through ctypes (the path without the C helper)."""
@@ -81,6 +97,8 @@ class PyRunner:
         self._shadow: list[int] = []  # the GPRs as last exchanged with Unicorn
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
+        self._io: tuple[dict[int, set[int]], dict[int, Any], dict[int, int]] | None = None
+        self._pool: Any = None
         self.started = 0.0
 
     def run(self, rip: int) -> int:
@@ -121,6 +139,33 @@ class PyRunner:
 
     def forget(self) -> None:
         self._shadow = []
+
+    def bind_io(self, offsets: dict[int, set[int]], exits: dict[int, Any], xgva: dict[int, int],
+                pool_address: int, pool_size: int) -> None:
+        self._io = (offsets, exits, xgva)
+        self._pool = (ctypes.c_char * pool_size).from_address(pool_address)
+
+    def run_known(self, engine: Any, rip: int) -> Any:
+        err = self.run(rip)
+        if err or self._io is None or engine._event is not None or engine._internal is not None \
+                or engine._tb_flush_pending:
+            return err
+        offsets, exits, xgva = self._io
+        vals = self._vals
+        rip = vals[self._ngpr]
+        page, off = rip & ~0xFFF, rip & 0xFFF
+        offs = offsets.get(page)
+        if offs is None or off not in offs:
+            return err
+        hit = exits.get(rip)
+        if hit is None or hit[1] != bool(vals[self._ngpr + 2] & _CR0_PG) or hit[2] not in (-1, vals[3] & 0xFFFF):
+            return err
+        slot = xgva.get(page)
+        if slot is None or off > PAGE - 16 or slot >= len(self._pool) // PAGE:
+            return err
+        if self._pool[slot * PAGE + off : slot * PAGE + off + 16] != hit[0]:
+            return err
+        return hit[3]
 
 
 def runner(lib: ctypes.CDLL, handle: ctypes.c_void_p, ids: Any, vals: array.array[int], ptrs: Any,

@@ -359,6 +359,7 @@ class UcEngine:
         self._flush_tlb_all()
         self.pool.attach(cpu.core.cache)
         self._runner = accel.runner(lib, h, self._ids, self.vals, self._ptrs, GPRS, use_c=self.use_c_runner)
+        self._runner.bind_io(self._ports.offsets, self._ports.exits, self._ports.xgva, address, self.pool_pages * PAGE)
         self._booted = True
         WATCHDOG.watch(self)
 
@@ -612,7 +613,7 @@ class UcEngine:
         ports = self._ports
         runner = self._runner
         assert ports is not None and runner is not None
-        run = runner.run
+        run = runner.run_known
         io_offsets = ports.offsets
         io_exits = ports.exits
         xgva = ports.xgva
@@ -625,7 +626,11 @@ class UcEngine:
             self._event = None
             self._pending = None
             self._timer_fired = False
-            err = run(rip)
+            err = run(self, rip)
+            if err.__class__ is not int:  # a known port-I/O exit (the test below, made by the runner)
+                self.stats.io_exits += 1
+                cpu.vmcb.next_rip = err.info2
+                return err  # type: ignore[no-any-return]
             if err < 0:
                 raise Crash("the engine could not read the guest's registers")
             rip = vals[I_RIP]
