@@ -81,7 +81,7 @@ _INDEXED_LEAVES = frozenset({0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x
                              0x8000_001D, 0x8000_0020, 0x8000_0026})
 _NPF_RMP = 1 << 31
 _IOIO, _NPF, _VMGEXIT = int(ExitCode.IOIO), int(ExitCode.NPF), int(ExitCode.VMGEXIT)
-_EXIT_NAMES = {int(c): c.name for c in ExitCode}  # (VmExit.name without the property call)
+_EXIT_NAMES = {int(c): c.name for c in ExitCode}  # (VmExit.name, for the counts of a run)
 _IOIO_SIZE = {1: 1, 2: 2, 4: 4}  # IOIO EXITINFO1 bits 6:4 (SZ32, SZ16, SZ8) -> bytes
 
 # The host's reserved memory, from the bottom: [1 MiB, +4 KiB) command buffer, [2 MiB, 3 MiB) the
@@ -377,16 +377,23 @@ class Hypervisor:
             # ASID on the core last: its translations must not be used (KVM pre_sev_run).
             self._last_vmcb[v.vmcb.asid] = v.vmcb
             v.vmcb.tlb_control = TlbControl.FLUSH_ASID
-        vmrun, handle, exits = self.core.vmrun, self._handle_exit, v.exits
+        vmrun, handle = self.core.vmrun, self._handle_exit
         names = _EXIT_NAMES
-        for n in range(1, max_exits + 1):
-            ex = vmrun(v.vmcb, v.engine)
-            name = names.get(ex.code)
-            exits[ex.name if name is None else name] += 1
-            v.last_exit = ex
-            reason = handle(vm, v, ex)
-            if reason is not None:
-                return RunResult(ex, reason, n)
+        counts: dict[int, int] = {}  # exits by code, added to v.exits when the loop ends (a Counter's += costs more)
+        try:
+            for n in range(1, max_exits + 1):
+                ex = vmrun(v.vmcb, v.engine)
+                code = ex.code
+                counts[code] = counts.get(code, 0) + 1
+                v.last_exit = ex
+                reason = handle(vm, v, ex)
+                if reason is not None:
+                    return RunResult(ex, reason, n)
+        finally:
+            exits = v.exits
+            for code, k in counts.items():
+                name = names.get(code)
+                exits[f"0x{code:x}" if name is None else name] += k
         return RunResult(v.last_exit or VmExit(0), "exit budget exhausted", max_exits)
 
     def _handle_exit(self, vm: Vm, v: Vcpu, ex: VmExit) -> str | None:
