@@ -15,17 +15,23 @@
  *       watchdog thread and the hooks' Python callbacks need it), `started` = 0, then the register
  *       batch into vals.  Returns uc_emu_start's error, or -1 when the batch read failed.
  *   Runner.started  the monotonic time the current run began (0.0 when none runs)
- *   Runner.enter(regs) -> writes
- *       VMRUN's register load: each GPR of the dict regs (keys: the names given, in the order of
- *       the first len(names) ids) whose value (mod 2**64) differs from what Unicorn was last given
- *       or last stopped with is written into Unicorn (uc_reg_write); all of them after forget().
- *       Returns how many were written; raises KeyError / TypeError for a missing or non-int
- *       register, RuntimeError when Unicorn refuses a write.
- *   Runner.leave(state)
+ *   Runner.enter(state) -> writes, or -1
+ *       VMRUN's register load: each GPR of the dict state.regs (keys: the names given, in the order
+ *       of the first len(names) ids) whose value (mod 2**64) differs from what Unicorn was last
+ *       given or last stopped with is written into Unicorn (uc_reg_write); all of them after
+ *       forget().  Returns how many were written, or -1 when state.rflags, .cr0, .cr3, .cr4, .efer
+ *       are not the control registers last exchanged (ctl()): the engine then loads those itself
+ *       (RFLAGS' fixed bit, EFER through its MSR) and tells set_ctl().  Raises KeyError / TypeError
+ *       for a missing or non-int GPR (nothing written), RuntimeError when Unicorn refuses a write.
+ *   Runner.leave(state, efer)
  *       #VMEXIT's register store from the last batch: state.regs[name] = the GPR for each name
- *       whose entry is not already that int, and state.rip, .rflags, .cr0, .cr3, .cr4 = the
- *       batch's values at the positions after the GPRs (RIP, RFLAGS, CR0, CR3, CR4).
- *   Runner.forget()  the next enter() writes every GPR
+ *       whose entry is not already that int; state.rip, .rflags, .cr0, .cr3, .cr4 = the batch's
+ *       values after the GPRs (RIP, RFLAGS, CR0, CR3, CR4); state.efer = efer | LMA when
+ *       efer.LME and CR0.PG (efer: the engine's copy of the guest's EFER, LMA clear).
+ *   Runner.ctl() -> (rflags, cr0, cr3, cr4, efer) last exchanged, or () after forget()
+ *   Runner.set_ctl(values)  the engine loaded these control registers (values that are not
+ *       5 ints in 0..2**64-1 make the next enter() answer -1 again)
+ *   Runner.forget()  the next enter() writes every GPR and answers -1
  *   Runner.bind_io(offsets, exits, xgva, pool_address, pool_size)
  *       the engine's port-I/O tables (src/sevemu/hw/uc/ports.py IoHooks.offsets / .exits / .xgva:
  *       dicts the engine mutates but never rebinds) and its page pool's memory
@@ -58,7 +64,10 @@ typedef int (*emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t t
 typedef int (*reg_read_batch_fn)(void *uc, int *regs, void **vals, int count);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 
-static PyObject *s_regs, *s_rip, *s_rflags, *s_cr0, *s_cr3, *s_cr4, *s_event, *s_internal, *s_tb_flush_pending;
+static PyObject *s_regs, *s_rip, *s_rflags, *s_cr0, *s_cr3, *s_cr4, *s_efer, *s_event, *s_internal, *s_tb_flush_pending;
+#define EFER_LME (1ULL << 8)
+#define EFER_LMA (1ULL << 10)
+#define CR0_PG (1ULL << 31)
 #define N_CTL 5 /* RIP, RFLAGS, CR0, CR3, CR4 after the GPRs */
 
 typedef struct {
@@ -75,6 +84,8 @@ typedef struct {
     uint64_t pool_size;
     uint64_t shadow[MAX_REGS];
     int shadow_valid;
+    uint64_t ctl[N_CTL]; /* RFLAGS, CR0, CR3, CR4, EFER as last exchanged */
+    int ctl_valid;
     int n;
     int ids[MAX_REGS];
     void *ptrs[MAX_REGS];
@@ -163,6 +174,7 @@ static int runner_init(Runner *self, PyObject *args, PyObject *kwds)
         }
     }
     self->shadow_valid = 0;
+    self->ctl_valid = 0;
     self->n = (int)n;
     for (Py_ssize_t i = 0; i < n; i++) {
         self->ids[i] = tmp[i];
@@ -212,21 +224,57 @@ static PyObject *runner_run(Runner *self, PyObject *arg)
     return PyLong_FromLong(err);
 }
 
-PyDoc_STRVAR(runner_enter_doc, "enter(regs) -> writes: the GPRs of regs that differ from Unicorn's last known values "
-                               "written into Unicorn (all after forget()).");
+PyDoc_STRVAR(runner_enter_doc, "enter(state) -> writes or -1: the GPRs of state.regs that differ from Unicorn's last "
+                               "known values written into Unicorn (all after forget()); -1 when the control registers "
+                               "are not the ones last exchanged.");
 
-static PyObject *runner_enter(Runner *self, PyObject *regs)
+/* The uint64 value of an exact int in 0..2**64-1 into *out: 0, or -1 (no error set) for anything else. */
+static int exact_u64(PyObject *v, uint64_t *out)
+{
+    if (v == NULL || !PyLong_CheckExact(v)) {
+        return -1;
+    }
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    *out = (uint64_t)x;
+    return 0;
+}
+
+static PyObject *ctl_names[N_CTL]; /* rflags, cr0, cr3, cr4, efer (module_exec) */
+
+/* Whether state's RFLAGS, CR0, CR3, CR4, EFER are the ones last exchanged: 1, 0, or -1 on error. */
+static int ctl_same(Runner *self, PyObject *state)
+{
+    if (!self->ctl_valid) {
+        return 0;
+    }
+    for (int i = 0; i < N_CTL; i++) {
+        uint64_t x;
+        PyObject *v = PyObject_GetAttr(state, ctl_names[i]);
+        if (v == NULL) {
+            return -1;
+        }
+        int ok = exact_u64(v, &x) == 0 && x == self->ctl[i];
+        Py_DECREF(v);
+        if (!ok) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The GPR load of enter(): writes, or -1 with an error set. */
+static long enter_gprs(Runner *self, PyObject *regs)
 {
     uint64_t now[MAX_REGS];
     Py_ssize_t i, ngpr = self->ngpr;
     long writes = 0;
-    if (!self->have_view) {
-        PyErr_SetString(PyExc_RuntimeError, "Runner was not initialised");
-        return NULL;
-    }
     if (!PyDict_Check(regs)) {
-        PyErr_SetString(PyExc_TypeError, "regs must be a dict");
-        return NULL;
+        PyErr_SetString(PyExc_TypeError, "state.regs must be a dict");
+        return -1;
     }
     for (i = 0; i < ngpr; i++) { /* every value first: nothing is written when one is bad */
         PyObject *name = PyTuple_GET_ITEM(self->names, i);
@@ -235,15 +283,15 @@ static PyObject *runner_enter(Runner *self, PyObject *regs)
             if (!PyErr_Occurred()) {
                 PyErr_SetObject(PyExc_KeyError, name);
             }
-            return NULL;
+            return -1;
         }
         if (!PyLong_Check(v)) {
             PyErr_Format(PyExc_TypeError, "register %U must be an int", name);
-            return NULL;
+            return -1;
         }
         now[i] = (uint64_t)PyLong_AsUnsignedLongLongMask(v);
         if (now[i] == (uint64_t)-1 && PyErr_Occurred()) {
-            return NULL;
+            return -1;
         }
     }
     for (i = 0; i < ngpr; i++) {
@@ -254,26 +302,91 @@ static PyObject *runner_enter(Runner *self, PyObject *regs)
             self->shadow_valid = 0;
             PyErr_Format(PyExc_RuntimeError, "Unicorn register write failed (register %U)",
                          PyTuple_GET_ITEM(self->names, i));
-            return NULL;
+            return -1;
         }
         self->shadow[i] = now[i];
         writes++;
     }
     self->shadow_valid = 1;
-    return PyLong_FromLong(writes);
+    return writes;
 }
 
-PyDoc_STRVAR(runner_leave_doc, "leave(state): state.regs and state.rip/rflags/cr0/cr3/cr4 from the last register batch.");
-
-static PyObject *runner_leave(Runner *self, PyObject *state)
+static PyObject *runner_enter(Runner *self, PyObject *state)
 {
-    Py_ssize_t i, ngpr = self->ngpr;
-    const uint64_t *vals;
-    PyObject *regs, *attrs[N_CTL] = {s_rip, s_rflags, s_cr0, s_cr3, s_cr4};
     if (!self->have_view) {
         PyErr_SetString(PyExc_RuntimeError, "Runner was not initialised");
         return NULL;
     }
+    PyObject *regs = PyObject_GetAttr(state, s_regs);
+    if (regs == NULL) {
+        return NULL;
+    }
+    long writes = enter_gprs(self, regs);
+    Py_DECREF(regs);
+    if (writes < 0) {
+        return NULL;
+    }
+    int same = ctl_same(self, state);
+    if (same < 0) {
+        return NULL;
+    }
+    return PyLong_FromLong(same ? writes : -1);
+}
+
+static PyObject *runner_ctl(Runner *self, PyObject *unused)
+{
+    (void)unused;
+    if (!self->ctl_valid) {
+        return PyTuple_New(0);
+    }
+    return Py_BuildValue("(KKKKK)", (unsigned long long)self->ctl[0], (unsigned long long)self->ctl[1],
+                         (unsigned long long)self->ctl[2], (unsigned long long)self->ctl[3],
+                         (unsigned long long)self->ctl[4]);
+}
+
+static PyObject *runner_set_ctl(Runner *self, PyObject *values)
+{
+    uint64_t v[N_CTL];
+    self->ctl_valid = 0;
+    if (!PyTuple_Check(values)) {
+        PyErr_SetString(PyExc_TypeError, "set_ctl() takes a tuple");
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(values) != N_CTL) {
+        Py_RETURN_NONE;
+    }
+    for (int i = 0; i < N_CTL; i++) {
+        if (exact_u64(PyTuple_GET_ITEM(values, i), &v[i]) < 0) {
+            Py_RETURN_NONE; /* not representable: the next enter() asks the engine again */
+        }
+    }
+    memcpy(self->ctl, v, sizeof v);
+    self->ctl_valid = 1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(runner_leave_doc, "leave(state, efer): state.regs, state.rip/rflags/cr0/cr3/cr4 from the last register "
+                               "batch, state.efer from efer (LMA when LME and CR0.PG).");
+
+static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t i, ngpr = self->ngpr;
+    const uint64_t *vals;
+    uint64_t efer;
+    PyObject *state, *regs, *attrs[N_CTL] = {s_rip, s_rflags, s_cr0, s_cr3, s_cr4};
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "leave() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    state = args[0];
+    if (get_u64(args[1], "efer", &efer) < 0) {
+        return NULL;
+    }
+    if (!self->have_view) {
+        PyErr_SetString(PyExc_RuntimeError, "Runner was not initialised");
+        return NULL;
+    }
+    self->ctl_valid = 0;
     vals = (const uint64_t *)self->view.buf;
     regs = PyObject_GetAttr(state, s_regs);
     if (regs == NULL) {
@@ -322,6 +435,22 @@ static PyObject *runner_leave(Runner *self, PyObject *state)
         }
         Py_DECREF(v);
     }
+    uint64_t cr0 = vals[ngpr + 2];
+    if ((efer & EFER_LME) && (cr0 & CR0_PG)) {
+        efer |= EFER_LMA;
+    }
+    PyObject *e = PyLong_FromUnsignedLongLong(efer);
+    if (e == NULL || PyObject_SetAttr(state, s_efer, e) < 0) {
+        Py_XDECREF(e);
+        return NULL;
+    }
+    Py_DECREF(e);
+    self->ctl[0] = vals[ngpr + 1]; /* RFLAGS, CR0, CR3, CR4 as stored, and EFER */
+    self->ctl[1] = cr0;
+    self->ctl[2] = vals[ngpr + 3];
+    self->ctl[3] = vals[ngpr + 4];
+    self->ctl[4] = efer;
+    self->ctl_valid = 1;
     Py_RETURN_NONE;
 }
 
@@ -329,6 +458,7 @@ static PyObject *runner_forget(Runner *self, PyObject *unused)
 {
     (void)unused;
     self->shadow_valid = 0;
+    self->ctl_valid = 0;
     Py_RETURN_NONE;
 }
 
@@ -507,8 +637,10 @@ static PyObject *runner_get_started(Runner *self, void *closure)
 static PyMethodDef runner_methods[] = {
     {"run", (PyCFunction)runner_run, METH_O, runner_run_doc},
     {"enter", (PyCFunction)runner_enter, METH_O, runner_enter_doc},
-    {"leave", (PyCFunction)runner_leave, METH_O, runner_leave_doc},
-    {"forget", (PyCFunction)runner_forget, METH_NOARGS, "forget(): the next enter() writes every GPR."},
+    {"leave", (PyCFunction)(void (*)(void))runner_leave, METH_FASTCALL, runner_leave_doc},
+    {"ctl", (PyCFunction)runner_ctl, METH_NOARGS, "ctl() -> the control registers last exchanged, or ()."},
+    {"set_ctl", (PyCFunction)runner_set_ctl, METH_O, "set_ctl(values): the engine loaded these control registers."},
+    {"forget", (PyCFunction)runner_forget, METH_NOARGS, "forget(): the next enter() writes every register."},
     {"bind_io", (PyCFunction)(void (*)(void))runner_bind_io, METH_FASTCALL, runner_bind_io_doc},
     {"run_known", (PyCFunction)(void (*)(void))runner_run_known, METH_FASTCALL, runner_run_known_doc},
     {NULL, NULL, 0, NULL},
@@ -541,12 +673,17 @@ static int module_exec(PyObject *m)
     if ((s_regs = PyUnicode_InternFromString("regs")) == NULL || (s_rip = PyUnicode_InternFromString("rip")) == NULL ||
         (s_rflags = PyUnicode_InternFromString("rflags")) == NULL ||
         (s_cr0 = PyUnicode_InternFromString("cr0")) == NULL || (s_cr3 = PyUnicode_InternFromString("cr3")) == NULL ||
-        (s_cr4 = PyUnicode_InternFromString("cr4")) == NULL ||
+        (s_cr4 = PyUnicode_InternFromString("cr4")) == NULL || (s_efer = PyUnicode_InternFromString("efer")) == NULL ||
         (s_event = PyUnicode_InternFromString("_event")) == NULL ||
         (s_internal = PyUnicode_InternFromString("_internal")) == NULL ||
         (s_tb_flush_pending = PyUnicode_InternFromString("_tb_flush_pending")) == NULL) {
         return -1;
     }
+    ctl_names[0] = s_rflags;
+    ctl_names[1] = s_cr0;
+    ctl_names[2] = s_cr3;
+    ctl_names[3] = s_cr4;
+    ctl_names[4] = s_efer;
     if (PyType_Ready(&RunnerType) < 0) {
         return -1;
     }

@@ -45,6 +45,8 @@ def _trace(use_c: bool, kind: VmKind, exits: int = 240) -> tuple[list[Any], Any]
             v.vmcb.regs["rsi"] = i << 20  # the hypervisor changes a register: the next VMRUN loads it
         if i % 11 == 5:
             v.vmcb.regs["rbx"] = -i  # (a negative value: Unicorn gets it mod 2**64)
+        if i % 13 == 6:
+            v.vmcb.rflags |= 1 << 11  # OF: a control register the hypervisor changed (the guest's ADD rewrites it)
         r = m.hv.run(vm, 0, max_exits=1)
         c = v.vmcb
         seen.append((r.reason, r.exit, c.exit_code, c.exit_info1, c.exit_info2, c.next_rip, c.rip, c.rflags, c.cr0,
@@ -105,32 +107,51 @@ def _engine(**kw: Any) -> Any:
     return types.SimpleNamespace(**({"_event": None, "_internal": None, "_tb_flush_pending": False} | kw))
 
 
+def _state(regs: dict[str, Any], **ctl: int) -> Any:
+    return types.SimpleNamespace(regs=regs, **({"rip": 0, "rflags": 2, "cr0": 0x11, "cr3": 0, "cr4": 0, "efer": 0} | ctl))
+
+
 @pytest.mark.parametrize("use_c", IMPLS)
 def test_enter_writes_changed_registers_and_leave_stores_the_batch(use_c: bool) -> None:
     b = _Bare()
     try:
         r = b.runner(use_c)
         regs = {n: 0x1000 + i for i, n in enumerate(GPRS)}
-        assert r.enter(regs) == 16  # the first load writes every GPR
+        assert r.ctl() == ()
+        assert r.enter(_state(regs)) == -1  # every GPR written; the control registers are the engine's to load
         assert [b.reg(n) for n in GPRS] == [0x1000 + i for i in range(16)]
-        assert r.enter(regs) == 0
+        r.set_ctl((2, 0x11, 0, 0, 0))
+        assert r.ctl() == (2, 0x11, 0, 0, 0)
+        assert r.enter(_state(regs)) == 0
+        assert r.enter(_state(regs, cr3=0x5000)) == -1  # a control register the hypervisor changed
         regs["r9"] = -1
         regs["rcx"] = 1 << 64 | 7  # mod 2**64
-        assert r.enter(regs) == 2
+        assert r.enter(_state(regs)) == 2
         assert b.reg("r9") == (1 << 64) - 1 and b.reg("rcx") == 7
         for bad, exc in (({**regs, "rbx": 99, "rax": "x"}, TypeError), ({n: 99 for n in GPRS[1:]}, KeyError)):
             with pytest.raises(exc):
-                r.enter(bad)  # type: ignore[arg-type]
+                r.enter(_state(bad))
         assert b.reg("rbx") == 0x1001  # nothing was written by a refused load
+        r.set_ctl((2, 0x11, 0, 0, -1))  # not a register value: the engine is asked again
+        assert r.enter(_state(regs, efer=-1)) == -1
         r.forget()
-        assert r.enter(regs) == 16
+        assert r.ctl() == () and r.enter(_state(regs)) == -1
         assert r.run(BASE + CODE_OFF + 2) == 0  # jmp back to the OUT: the hook stops there
         assert b.vals[uc.I_RIP] == BASE + CODE_OFF
-        state = types.SimpleNamespace(regs={"rax": regs["rax"], "rbx": 5}, rip=0, rflags=0, cr0=0, cr3=0, cr4=0)
-        r.leave(state)
-        assert state.regs == {n: b.reg(n) for n in GPRS}
-        assert (state.rip, state.rflags, state.cr0, state.cr3, state.cr4) == tuple(b.vals[16:21])
-        assert r.enter(state.regs) == 0  # what leave stored is what Unicorn holds
+        for efer, cr0_pg in ((0x500, False), (0x100, False)):
+            state = _state({"rax": regs["rax"], "rbx": 5})
+            r.leave(state, efer)
+            assert state.regs == {n: b.reg(n) for n in GPRS}
+            assert (state.rip, state.rflags, state.cr0, state.cr3, state.cr4) == tuple(b.vals[16:21])
+            assert state.efer == efer | (0x400 if efer & 0x100 and cr0_pg else 0)
+            assert r.ctl() == (state.rflags, state.cr0, state.cr3, state.cr4, state.efer)
+            assert r.enter(state) == 0  # what leave stored is what Unicorn holds
+        b.vals[uc.I_CR0] |= 1 << 31  # (a batch with CR0.PG: EFER.LMA follows LME)
+        state = _state({})
+        r.leave(state, 0x100)
+        assert state.efer == 0x500
+        r.leave(state, 0x1)
+        assert state.efer == 0x1
     finally:
         b.close()
 
@@ -170,7 +191,7 @@ def test_run_known_answers_alike_and_declines_what_it_must() -> None:
             r = b.runner(use_c)
             out = []
             for name, case, want in _known_cases(b):
-                r.enter({n: 0 for n in GPRS} | {"rdx": 0x1234})
+                r.enter(_state({n: 0 for n in GPRS} | {"rdx": 0x1234}))
                 exits = {k: (v[0], v[1], {"dx": 0x1234, "dx+1": 0x1235}.get(v[2], v[2]), v[3])
                          for k, v in case["exits"].items()}
                 r.bind_io(case["offsets"], exits, case["xgva"], ctypes.addressof(b.pool), 4 * 4096)

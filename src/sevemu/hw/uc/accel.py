@@ -25,16 +25,19 @@ __all__ = ["ENABLED", "PyRunner", "Runner", "runner"]
 
 _M64 = (1 << 64) - 1
 _CR0_PG = 1 << 31
+_EFER_LME = 1 << 8
+_EFER_LMA = 1 << 10
 
 ENABLED: bool
 """Whether :func:`runner` gives the C helper; false when it was not built (then ``setup.py build_ext``)."""
+_METHODS = ("run", "enter", "leave", "ctl", "set_ctl", "forget", "bind_io", "run_known")
 try:
-    from sevemu.hw.uc import _uc_accel as _c  # type: ignore[attr-defined]
+    from sevemu.hw.uc import _uc_accel as _c
 except ImportError:  # installed without a C compiler: ctypes
-    _c = None
+    _c = None  # type: ignore[assignment]
     ENABLED = False
-else:
-    ENABLED = hasattr(_c, "Runner")
+else:  # (a build older than csrc/uc_accel.c lacks some: the ctypes path then; rebuild with setup.py build_ext)
+    ENABLED = all(hasattr(_c.Runner, name) for name in _METHODS)
 
 
 class Runner(Protocol):
@@ -50,18 +53,29 @@ class Runner(Protocol):
         array: Unicorn's error, or -1 when the batch read failed."""
         ...
 
-    def enter(self, regs: dict[str, int]) -> int:
-        """VMRUN: write the GPRs of ``regs`` that differ from Unicorn's last known values (every one
-        after :meth:`forget`) into Unicorn; how many were written."""
+    def enter(self, state: Any) -> int:
+        """VMRUN: write the GPRs of ``state.regs`` that differ from Unicorn's last known values (every
+        one after :meth:`forget`) into Unicorn; how many were written -- or -1 when ``state``'s
+        RFLAGS, CR0, CR3, CR4, EFER are not :meth:`ctl` (the engine loads those, then calls
+        :meth:`set_ctl`)."""
         ...
 
-    def leave(self, state: Any) -> None:
+    def leave(self, state: Any, efer: int) -> None:
         """#VMEXIT: ``state.regs`` (the GPRs) and ``state.rip``, ``rflags``, ``cr0``, ``cr3``, ``cr4``
-        from the last register batch."""
+        from the last register batch; ``state.efer`` = ``efer`` (the engine's copy, LMA clear) with
+        LMA when LME and CR0.PG.  These become :meth:`ctl`."""
+        ...
+
+    def ctl(self) -> tuple[int, ...]:
+        """(RFLAGS, CR0, CR3, CR4, EFER) as last exchanged; () after :meth:`forget`."""
+        ...
+
+    def set_ctl(self, values: tuple[int, ...]) -> None:
+        """The engine loaded these control registers into Unicorn."""
         ...
 
     def forget(self) -> None:
-        """The next :meth:`enter` writes every GPR."""
+        """The next :meth:`enter` writes every GPR and answers -1."""
         ...
 
     def bind_io(self, offsets: dict[int, set[int]], exits: dict[int, Any], xgva: dict[int, int],
@@ -95,6 +109,7 @@ class PyRunner:
         self._names = names
         self._ngpr = len(names)
         self._shadow: list[int] = []  # the GPRs as last exchanged with Unicorn
+        self._ctl: tuple[int, ...] = ()  # RFLAGS, CR0, CR3, CR4, EFER likewise
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
         self._io: tuple[dict[int, set[int]], dict[int, Any], dict[int, int]] | None = None
@@ -109,15 +124,16 @@ class PyRunner:
             return -1
         return err
 
-    def enter(self, regs: dict[str, int]) -> int:
+    def enter(self, state: Any) -> int:
+        regs = state.regs
+        if not isinstance(regs, dict):
+            raise TypeError("state.regs must be a dict")
         now = [regs[n] for n in self._names]
         for name, value in zip(self._names, now):
             if not isinstance(value, int):
                 raise TypeError(f"register {name} must be an int")
         now = [v & _M64 for v in now]
         shadow = self._shadow
-        if now == shadow:
-            return 0
         writes = 0
         for i, value in enumerate(now):
             if not shadow or value != shadow[i]:
@@ -127,18 +143,34 @@ class PyRunner:
                     raise RuntimeError(f"Unicorn register write failed (register {self._names[i]})")
                 writes += 1
         self._shadow = now
+        ctl = self._ctl
+        if not ctl or (state.rflags, state.cr0, state.cr3, state.cr4, state.efer) != ctl:
+            return -1
         return writes
 
-    def leave(self, state: Any) -> None:
+    def leave(self, state: Any, efer: int) -> None:
         vals = self._vals.tolist()
         n = self._ngpr
         gprs = vals[:n]
         state.regs.update(zip(self._names, gprs))
         self._shadow = gprs
-        state.rip, state.rflags, state.cr0, state.cr3, state.cr4 = vals[n : n + 5]
+        state.rip, rflags, cr0, cr3, cr4 = vals[n : n + 5]
+        state.rflags, state.cr0, state.cr3, state.cr4 = rflags, cr0, cr3, cr4
+        if efer & _EFER_LME and cr0 & _CR0_PG:
+            efer |= _EFER_LMA
+        state.efer = efer
+        self._ctl = (rflags, cr0, cr3, cr4, efer)
+
+    def ctl(self) -> tuple[int, ...]:
+        return self._ctl
+
+    def set_ctl(self, values: tuple[int, ...]) -> None:
+        ok = len(values) == 5 and all(type(v) is int and 0 <= v <= _M64 for v in values)
+        self._ctl = values if ok else ()
 
     def forget(self) -> None:
         self._shadow = []
+        self._ctl = ()
 
     def bind_io(self, offsets: dict[int, set[int]], exits: dict[int, Any], xgva: dict[int, int],
                 pool_address: int, pool_size: int) -> None:
@@ -177,8 +209,6 @@ def runner(lib: ctypes.CDLL, handle: ctypes.c_void_p, ids: Any, vals: array.arra
     if use_c is None:
         use_c = ENABLED
     if use_c and _c is not None:
-        c_runner: Runner = _c.Runner(int(handle.value or 0), uc.fn_address(lib.uc_emu_start),
-                                     uc.fn_address(lib.uc_reg_read_batch), uc.fn_address(lib.uc_reg_write),
-                                     list(ids), vals, names)
-        return c_runner
+        return _c.Runner(int(handle.value or 0), uc.fn_address(lib.uc_emu_start),
+                         uc.fn_address(lib.uc_reg_read_batch), uc.fn_address(lib.uc_reg_write), list(ids), vals, names)
     return PyRunner(lib, handle, ids, vals, ptrs, names)

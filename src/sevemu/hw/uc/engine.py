@@ -185,7 +185,6 @@ class UcEngine:
         base = self.vals.buffer_info()[0]
         self._ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
         self._ids = (ctypes.c_int * n)(*SYNC_IDS)
-        self._shadow_ctl: tuple[int, ...] = ()  # RFLAGS, CR0, CR3, CR4, EFER likewise
         self._runner: accel.Runner | None = None  # one time slice: uc_emu_start + the batch (hw/uc/accel.py)
         self.use_c_runner: bool | None = None
         """The runner's implementation (None: the C helper where it was built); set before the first run."""
@@ -230,7 +229,6 @@ class UcEngine:
             self._ports = None
         self._keep.clear()
         self._cpu = None
-        self._shadow_ctl = ()
         self._pending = None
         self._vmgexits.clear()
         for i in range(len(self.vals)):
@@ -536,12 +534,10 @@ class UcEngine:
         # registers the hypervisor changed since the last exit
         state = cpu.state
         try:
-            self._runner.enter(state.regs)  # type: ignore[union-attr]  # (booted: a runner exists)
+            if self._runner.enter(state) < 0:  # type: ignore[union-attr]  # (booted: a runner exists)
+                self._sync_control((state.rflags, state.cr0, state.cr3, state.cr4, state.efer))
         except RuntimeError as exc:
             raise HardwareError(str(exc)) from exc
-        ctl_regs = (state.rflags, state.cr0, state.cr3, state.cr4, state.efer)
-        if ctl_regs != self._shadow_ctl:
-            self._sync_control(ctl_regs)
 
     def _enter_maintenance(self, cpu: GuestCpu) -> None:
         if self.pool.attach(cpu.core.cache):
@@ -556,7 +552,9 @@ class UcEngine:
             self._evict()
 
     def _sync_control(self, ctl_regs: tuple[int, int, int, int, int]) -> None:
-        old = self._shadow_ctl
+        runner = self._runner
+        assert runner is not None
+        old = runner.ctl()  # what Unicorn was last given or stopped with; () after forget()
         rflags, cr0, cr3, cr4, efer = ctl_regs
         if not old or rflags != old[0]:
             self.write_reg(uc.REG_RFLAGS, rflags | RFLAGS_FIXED)
@@ -568,7 +566,7 @@ class UcEngine:
             self.write_reg(uc.REG_CR0, cr0)
         if efer != self.guest_efer(cr0):
             self.set_efer(efer, cr0)
-        self._shadow_ctl = ctl_regs
+        runner.set_ctl(ctl_regs)
 
     def _leave(self, state: SaveState) -> None:
         """#VMEXIT: write modified slots back into the SoC and the registers into the save state."""
@@ -587,10 +585,7 @@ class UcEngine:
         self.pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
         runner = self._runner
         assert runner is not None
-        runner.leave(state)  # the GPRs, RIP, RFLAGS, CR0, CR3, CR4 of the last stop
-        cr0 = vals[I_CR0]
-        state.efer = efer = self._efer | (EFER_LMA if (self._efer & EFER_LME and cr0 & CR0_PG) else 0)
-        self._shadow_ctl = (vals[uc.I_RFLAGS], cr0, vals[I_CR3], vals[uc.I_CR4], efer)
+        runner.leave(state, self._efer)  # the GPRs, RIP, RFLAGS, CR0, CR3, CR4 of the last stop, and EFER
 
     def _demote_writes(self, cr0: int, cr3: int) -> None:
         """Take write permission back from Unicorn (a TLB flush), so that only pages the guest
