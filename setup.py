@@ -1,5 +1,5 @@
-"""Build hook for the optional C accelerators: the memory-encryption engine's and the transport
-packets' (the latter links OpenSSL's libcrypto).
+"""Build hook for the optional C accelerators: the memory-encryption engine's, the transport
+packets' (the latter links OpenSSL's libcrypto), the memory model's and the Unicorn engine's exit path.
 
 Everything else lives in pyproject.toml.  Both extensions are optional: without a C compiler (or
 Python headers, or OpenSSL's headers for the second) the build prints a warning, the install still
@@ -26,6 +26,11 @@ setup(
             "sevemu.hw._mem_accel",
             sources=["csrc/mem_accel.c"],
             libraries=["crypto"],  # the line cipher's AES (OpenSSL's libcrypto)
+            optional=True,
+        ),
+        Extension(
+            "sevemu.hw.uc._uc_accel",
+            sources=["csrc/uc_accel.c"],  # libunicorn's functions come from the engine's ctypes handle
             optional=True,
         ),
     ]

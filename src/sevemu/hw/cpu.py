@@ -413,7 +413,8 @@ class Core:
             why = rmp.vmcb_check(vmcb.pa)
             if why is not None:
                 raise GeneralProtection(f"VMRUN: {why}")
-        if vmcb.pa:
+        pa = vmcb.pa
+        if pa and self.vmcbs.view(pa) is not vmcb:
             self.vmcbs.load(vmcb)
         return vmrun_checks(vmcb, self.profile, rmp, self.mc.asid_valid(vmcb.asid) if vmcb.sev_enable else True,
                             self.mc.dram.size)
@@ -427,15 +428,22 @@ class Core:
         invalid = self.vmrun_checks(vmcb)
         if invalid is not None:
             return self._vmrun_failed(vmcb, invalid)
-        if vmcb.tlb_control == TlbControl.FLUSH_ALL:
-            self.tlb.flush_all()
-        elif vmcb.tlb_control == TlbControl.FLUSH_ASID:
-            self.tlb.flush_asid(vmcb.asid)
-        vmcb.tlb_control = TlbControl.DO_NOTHING
+        tlb_control = vmcb.tlb_control
+        if tlb_control:
+            if tlb_control == TlbControl.FLUSH_ALL:
+                self.tlb.flush_all()
+            elif tlb_control == TlbControl.FLUSH_ASID:
+                self.tlb.flush_asid(vmcb.asid)
+            vmcb.tlb_control = TlbControl.DO_NOTHING
         if vmcb.sev_es_enable:
             return self._vmrun_es(vmcb, engine)
-        cpu = self._guest_cpu(vmcb, vmcb)
         rmp = self.rmp
+        c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
+        if (c is not None and c.vmcb is vmcb and c.state is vmcb and rmp is None and c.asid == vmcb.asid
+                and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(vmcb.asid)):
+            cpu = c
+        else:
+            cpu = self._guest_cpu(vmcb, vmcb)
         in_use = (vmcb.pa,) if rmp is not None and vmcb.pa else ()
         if in_use:
             rmp.mark_in_use(in_use)  # type: ignore[union-attr]  # RMPUPDATE of the VMCB: FAIL_INUSE
@@ -446,7 +454,10 @@ class Core:
         finally:
             if in_use:
                 rmp.release(in_use)  # type: ignore[union-attr]
-        return self._exit(vmcb, ex)
+        vmcb.exit_code = ex.code  # (_exit, inlined)
+        vmcb.exit_info1 = ex.info1
+        vmcb.exit_info2 = ex.info2
+        return ex
 
     def _vmrun_es(self, vmcb: Vmcb, engine: Engine) -> VmExit:
         """VMRUN of an SEV-ES guest: registers from the VMSA (checked against its TMR checksum),

@@ -231,11 +231,13 @@ class VmcbCache:
     are not snooped (a VMCB page is never mapped into a guest by a correct hypervisor; on hardware the
     VMCB is the hypervisor's, cached by the CPU) -- so keeping VMCBs costs the guests' memory path nothing."""
 
-    __slots__ = ("_cache", "_held", "decodes", "hi", "lo")
+    __slots__ = ("_cache", "_held", "decodes", "hi", "lo", "view")
 
     def __init__(self, cache: Cache) -> None:
         self._cache = cache
         self._held: dict[int, Vmcb] = {}
+        self.view = self._held.get
+        """view(pa): the view held for the page at ``pa`` (None: VMRUN decodes the page, :meth:`load`)."""
         self.lo = 1 << 64
         """Lowest SPA of a held page (accesses below :attr:`hi` and ending above it may touch one)."""
         self.hi = 0

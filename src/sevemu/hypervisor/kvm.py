@@ -80,6 +80,8 @@ _IOIO_STR = 1 << 2
 _INDEXED_LEAVES = frozenset({0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x20, 0x23, 0x24,
                              0x8000_001D, 0x8000_0020, 0x8000_0026})
 _NPF_RMP = 1 << 31
+_IOIO, _NPF, _VMGEXIT = int(ExitCode.IOIO), int(ExitCode.NPF), int(ExitCode.VMGEXIT)
+_EXIT_NAMES = {int(c): c.name for c in ExitCode}  # (VmExit.name, for the counts of a run)
 _IOIO_SIZE = {1: 1, 2: 2, 4: 4}  # IOIO EXITINFO1 bits 6:4 (SZ32, SZ16, SZ8) -> bytes
 
 # The host's reserved memory, from the bottom: [1 MiB, +4 KiB) command buffer, [2 MiB, 3 MiB) the
@@ -375,14 +377,23 @@ class Hypervisor:
             # ASID on the core last: its translations must not be used (KVM pre_sev_run).
             self._last_vmcb[v.vmcb.asid] = v.vmcb
             v.vmcb.tlb_control = TlbControl.FLUSH_ASID
-        vmrun, handle, exits = self.core.vmrun, self._handle_exit, v.exits
-        for n in range(1, max_exits + 1):
-            ex = vmrun(v.vmcb, v.engine)
-            exits[ex.name] += 1
-            v.last_exit = ex
-            reason = handle(vm, v, ex)
-            if reason is not None:
-                return RunResult(ex, reason, n)
+        vmrun, handle = self.core.vmrun, self._handle_exit
+        names = _EXIT_NAMES
+        counts: dict[int, int] = {}  # exits by code, added to v.exits when the loop ends (a Counter's += costs more)
+        try:
+            for n in range(1, max_exits + 1):
+                ex = vmrun(v.vmcb, v.engine)
+                code = ex.code
+                counts[code] = counts.get(code, 0) + 1
+                v.last_exit = ex
+                reason = handle(vm, v, ex)
+                if reason is not None:
+                    return RunResult(ex, reason, n)
+        finally:
+            exits = v.exits
+            for code, k in counts.items():
+                name = names.get(code)
+                exits[f"0x{code:x}" if name is None else name] += k
         return RunResult(v.last_exit or VmExit(0), "exit budget exhausted", max_exits)
 
     def _handle_exit(self, vm: Vm, v: Vcpu, ex: VmExit) -> str | None:
@@ -390,7 +401,20 @@ class Hypervisor:
         vmcb = v.vmcb
         regs = vmcb.regs
         code = ex.code
-        if code == ExitCode.NPF:
+        if code == _IOIO:  # (the exit codes are compared as plain ints: an IntEnum member lookup costs more)
+            if ex.info1 & _IOIO_STR:  # INS/OUTS: the instruction emulator (sevemu.hypervisor.emulate)
+                why = emulate.string_io(vm, v, ex, self.port_in, self.port_out)
+                return None if why is None else self._crash(vm, why)
+            port = ex.info1 >> 16
+            nbytes = _IOIO_SIZE.get((ex.info1 >> 4) & 0x7, 1)
+            if ex.info1 & 1:  # IN: AL/AX merge into RAX, EAX zero-extends (KVM complete_fast_pio_in)
+                keep = regs["rax"] & ~((1 << (8 * nbytes)) - 1) if nbytes < 4 else 0
+                regs["rax"] = keep | self.port_in(vm, port, nbytes)
+            else:
+                self.port_out(vm, port, nbytes, regs["rax"])
+            vmcb.rip = vmcb.next_rip
+            return None
+        if code == _NPF:
             gpa = ex.info2
             if ex.info1 & _NPF_RMP and vm.snp:
                 why = psc.rmp_fault(self.sev, vm, gpa, ex.info1)
@@ -405,21 +429,8 @@ class Hypervisor:
                 why = psc.gmem_fault(self.sev, vm, gpa, ex.info1)
                 return None if why is None else self._crash(vm, why)
             return None
-        if code == ExitCode.VMGEXIT:
+        if code == _VMGEXIT:
             return self.ghcb.vmgexit(vm, v)
-        if code == ExitCode.IOIO:
-            if ex.info1 & _IOIO_STR:  # INS/OUTS: the instruction emulator (sevemu.hypervisor.emulate)
-                why = emulate.string_io(vm, v, ex, self.port_in, self.port_out)
-                return None if why is None else self._crash(vm, why)
-            port = ex.info1 >> 16
-            nbytes = _IOIO_SIZE.get((ex.info1 >> 4) & 0x7, 1)
-            if ex.info1 & 1:  # IN: AL/AX merge into RAX, EAX zero-extends (KVM complete_fast_pio_in)
-                keep = regs["rax"] & ~((1 << (8 * nbytes)) - 1) if nbytes < 4 else 0
-                regs["rax"] = keep | self.port_in(vm, port, nbytes)
-            else:
-                self.port_out(vm, port, nbytes, regs["rax"])
-            vmcb.rip = vmcb.next_rip
-            return None
         if code == ExitCode.CPUID:
             a, b, c, d = self.cpuid(regs["rax"] & 0xFFFFFFFF, regs["rcx"] & 0xFFFFFFFF)
             regs.update(rax=a, rbx=b, rcx=c, rdx=d)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import array
 import contextlib
 import ctypes
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Final
@@ -43,8 +42,8 @@ from sevemu.hw.codefetch import cpu_engine
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault, VmmCommunication
 from sevemu.hw.svm import GPRS, SaveState, VmExit
+from sevemu.hw.uc import accel, exits, reset
 from sevemu.hw.uc import binding as uc
-from sevemu.hw.uc import exits, reset
 from sevemu.hw.uc.binding import I_CR0, I_CR3, I_RIP, REG, SYNC_IDS, check, ctl
 from sevemu.hw.uc.exits import (
     EXIT_HLT,
@@ -186,9 +185,9 @@ class UcEngine:
         base = self.vals.buffer_info()[0]
         self._ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
         self._ids = (ctypes.c_int * n)(*SYNC_IDS)
-        self._regs_obj: dict[str, int] | None = None  # the save state's register dict, order checked
-        self._shadow_gprs: list[int] = []  # the GPRs as last exchanged with the save state
-        self._shadow_ctl: tuple[int, ...] = ()  # RFLAGS, CR0, CR3, CR4, EFER likewise
+        self._runner: accel.Runner | None = None  # one time slice: uc_emu_start + the batch (hw/uc/accel.py)
+        self.use_c_runner: bool | None = None
+        """The runner's implementation (None: the C helper where it was built); set before the first run."""
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
         self._efer = 0  # the guest's EFER (LMA follows CR0.PG); Unicorn's copy has SVME too
@@ -199,7 +198,6 @@ class UcEngine:
         self._imprecise_io: str | None = None
         self._timer_fired = False
         self._tb_flush_pending = False
-        self._run_started = 0.0
         # translations granted to Unicorn
         self._w_gvas: dict[int, int] = {}  # GVA page -> CR3 it was written under (D bit set)
         self._fill_cr0 = -1
@@ -221,6 +219,7 @@ class UcEngine:
             return
         self._closed = True
         WATCHDOG.unwatch(self)  # from here on the watchdog never touches the handle
+        self._runner = None  # (it holds the handle and the register array's buffer)
         h, self._h = self._h, ctypes.c_void_p(0)
         if h.value:
             self._lib.uc_close(h)
@@ -230,9 +229,6 @@ class UcEngine:
             self._ports = None
         self._keep.clear()
         self._cpu = None
-        self._regs_obj = None
-        self._shadow_gprs = []
-        self._shadow_ctl = ()
         self._pending = None
         self._vmgexits.clear()
         for i in range(len(self.vals)):
@@ -250,7 +246,8 @@ class UcEngine:
 
     # ---- watchdog interface -------------------------------------------------------------------
     def timer_expired(self, now: float) -> bool:
-        start = self._run_started
+        runner = self._runner
+        start = runner.started if runner is not None else 0.0
         if start and now - start > self.slice_s:
             self._timer_fired = True
             return True
@@ -359,6 +356,8 @@ class UcEngine:
         self._set_exits([])  # exits stay enabled, with none: Unicorn then never stops on an address
         self._flush_tlb_all()
         self.pool.attach(cpu.core.cache)
+        self._runner = accel.runner(lib, h, self._ids, self.vals, self._ptrs, GPRS, use_c=self.use_c_runner)
+        self._runner.bind_io(self._ports.offsets, self._ports.exits, self._ports.xgva, address, self.pool_pages * PAGE)
         self._booted = True
         WATCHDOG.watch(self)
 
@@ -534,20 +533,11 @@ class UcEngine:
             self._ports.code_changed(pool.take_updated())
         # registers the hypervisor changed since the last exit
         state = cpu.state
-        regs = state.regs
-        if regs is self._regs_obj and len(regs) == 16:
-            now = list(regs.values())  # in GPRS order (checked when the dict was first seen)
-        else:
-            now = [regs[n] for n in GPRS]
-            self._regs_obj = regs if tuple(regs) == GPRS else None
-        if now != self._shadow_gprs:
-            shadow = self._shadow_gprs
-            for i in range(16):
-                if not shadow or now[i] != shadow[i]:
-                    self.write_reg(SYNC_IDS[i], now[i])
-        ctl_regs = (state.rflags, state.cr0, state.cr3, state.cr4, state.efer)
-        if ctl_regs != self._shadow_ctl:
-            self._sync_control(ctl_regs)
+        try:
+            if self._runner.enter(state) < 0:  # type: ignore[union-attr]  # (booted: a runner exists)
+                self._sync_control((state.rflags, state.cr0, state.cr3, state.cr4, state.efer))
+        except RuntimeError as exc:
+            raise HardwareError(str(exc)) from exc
 
     def _enter_maintenance(self, cpu: GuestCpu) -> None:
         if self.pool.attach(cpu.core.cache):
@@ -562,7 +552,9 @@ class UcEngine:
             self._evict()
 
     def _sync_control(self, ctl_regs: tuple[int, int, int, int, int]) -> None:
-        old = self._shadow_ctl
+        runner = self._runner
+        assert runner is not None
+        old = runner.ctl()  # what Unicorn was last given or stopped with; () after forget()
         rflags, cr0, cr3, cr4, efer = ctl_regs
         if not old or rflags != old[0]:
             self.write_reg(uc.REG_RFLAGS, rflags | RFLAGS_FIXED)
@@ -574,11 +566,11 @@ class UcEngine:
             self.write_reg(uc.REG_CR0, cr0)
         if efer != self.guest_efer(cr0):
             self.set_efer(efer, cr0)
-        self._shadow_ctl = ctl_regs
+        runner.set_ctl(ctl_regs)
 
     def _leave(self, state: SaveState) -> None:
         """#VMEXIT: write modified slots back into the SoC and the registers into the save state."""
-        vals = self.vals.tolist()
+        vals = self.vals
         writable = self.pool.writable
         if writable:
             # Slots that stay clean lose their write permission after a while (a TLB flush), so that
@@ -591,16 +583,9 @@ class UcEngine:
                 if self._clean_syncs >= _CLEAN_SYNCS_BEFORE_DEMOTE:
                     self._demote_writes(vals[I_CR0], vals[I_CR3])
         self.pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
-        gprs = vals[:16]
-        state.regs.update(zip(GPRS, gprs))
-        self._shadow_gprs = gprs
-        state.rip = vals[I_RIP]
-        state.rflags = rflags = vals[uc.I_RFLAGS]
-        state.cr0 = cr0 = vals[I_CR0]
-        state.cr3 = cr3 = vals[I_CR3]
-        state.cr4 = cr4 = vals[uc.I_CR4]
-        state.efer = efer = self._efer | (EFER_LMA if (self._efer & EFER_LME and cr0 & CR0_PG) else 0)
-        self._shadow_ctl = (rflags, cr0, cr3, cr4, efer)
+        runner = self._runner
+        assert runner is not None
+        runner.leave(state, self._efer)  # the GPRs, RIP, RFLAGS, CR0, CR3, CR4 of the last stop, and EFER
 
     def _demote_writes(self, cr0: int, cr3: int) -> None:
         """Take write permission back from Unicorn (a TLB flush), so that only pages the guest
@@ -619,15 +604,15 @@ class UcEngine:
 
     # ---- the run loop ----------------------------------------------------------------------------
     def _execute(self, cpu: GuestCpu) -> VmExit:
-        lib = self._lib
-        h = self._h
         vals = self.vals
-        ids, ptrs = self._ids, self._ptrs
         ports = self._ports
-        assert ports is not None
+        runner = self._runner
+        assert ports is not None and runner is not None
+        run = runner.run_known
         io_offsets = ports.offsets
         io_exits = ports.exits
-        monotonic = time.monotonic
+        xgva = ports.xgva
+        mm = self.pool.mm
         rip = cpu.state.rip
         spurious = 0
         while True:
@@ -636,10 +621,12 @@ class UcEngine:
             self._event = None
             self._pending = None
             self._timer_fired = False
-            self._run_started = monotonic()
-            err = lib.uc_emu_start(h, rip, 0, 0, 0)
-            self._run_started = 0.0
-            if lib.uc_reg_read_batch(h, ids, ptrs, 21):
+            err = run(self, rip)
+            if err.__class__ is not int:  # a known port-I/O exit (the test below, made by the runner)
+                self.stats.io_exits += 1
+                cpu.vmcb.next_rip = err.info2
+                return err  # type: ignore[no-any-return]
+            if err < 0:
                 raise Crash("the engine could not read the guest's registers")
             rip = vals[I_RIP]
             if self._internal is not None:
@@ -655,15 +642,22 @@ class UcEngine:
             elif ev is None:
                 if self._tb_flush_pending:
                     continue  # (stopped for the TB flush, done at the top of the loop)
-                offs = io_offsets.get(rip & ~0xFFF)
-                if offs is not None and (rip & 0xFFF) in offs:  # a port-I/O code hook stopped here
+                page = rip & ~0xFFF
+                off = rip & 0xFFF
+                offs = io_offsets.get(page)
+                if offs is not None and off in offs:  # a port-I/O code hook stopped here
                     hit = io_exits.get(rip)
-                    if hit is not None and hit[2] in (-1, vals[3] & 0xFFFF) and hit[1] == bool(vals[I_CR0] & CR0_PG) \
-                            and hit[0] == self.read_code(rip, 16):
-                        known: VmExit = hit[3]  # the same instruction as last time: its decoded exit
-                        self.stats.io_exits += 1
-                        cpu.vmcb.next_rip = known.info2
-                        return known
+                    if hit is not None and hit[2] in (-1, vals[3] & 0xFFFF) and hit[1] == bool(vals[I_CR0] & CR0_PG):
+                        slot = xgva.get(page)  # (read_code, inlined: the exit path)
+                        if slot is not None and off <= PAGE - 16 and mm is not None:
+                            code = mm[slot * PAGE + off : slot * PAGE + off + 16]
+                        else:
+                            code = self.read_code(rip, 16)
+                        if hit[0] == code:
+                            known: VmExit = hit[3]  # the same instruction as last time: its decoded exit
+                            self.stats.io_exits += 1
+                            cpu.vmcb.next_rip = known.info2
+                            return known
                     gx = self._vmgexits.get(rip)
                     if gx is not None and cpu.vmcb.sev_es_enable and gx[1] == bool(vals[I_CR0] & CR0_PG) \
                             and gx[0] == self.read_code(rip, 16):
