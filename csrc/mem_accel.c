@@ -24,6 +24,13 @@
  *                                             (each made most recently used, hits += n); else None
  *   cache_hit_write(sets, mask, key, data, dirty, counters)  the same lines overwritten with data
  *                                             and marked dirty, when all are resident; else False
+ *   cache_hit_runs(sets, mask, key, runs, counters)  cache_hit_read of several runs ((offset,
+ *                                             length) pairs from key) joined, when all are resident
+ *   slot_sync(buf, off, snap)                 line_runs(buf[off:off + len(snap)], snap), the
+ *                                             differing lines copied into snap (the pool's
+ *                                             write-back compare, without a copy of the page)
+ *   copy_changed(dst, off, src)               dst[off:off + len(src)] = src unless equal already;
+ *                                             whether it changed (the pool's write-update)
  *
  * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
  * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.
@@ -894,6 +901,210 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(cache_hit_runs_doc,
+             "cache_hit_runs(sets, mask, key, runs, counters, /)\n--\n\n"
+             "cache_hit_read of each (offset, length) pair of the tuple `runs` (offsets and lengths\n"
+             "multiples of 64, lengths positive) from key + offset, in the order given, joined into one\n"
+             "bytes: the same bytes, LRU order and hits.  None, with nothing changed, when a line is\n"
+             "absent or a container is not exactly what cache_hit_read takes.");
+
+/* The (offset, length) pair `run`: 0 with both set, -1 with ValueError/TypeError. */
+static int get_run(PyObject *run, Py_ssize_t *off, Py_ssize_t *len)
+{
+    if (!PyTuple_CheckExact(run) || PyTuple_GET_SIZE(run) != 2) {
+        PyErr_SetString(PyExc_TypeError, "cache_hit_runs: each run must be an (offset, length) tuple");
+        return -1;
+    }
+    *off = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 0));
+    if (*off == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *len = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
+    if (*len == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (*off < 0 || *len <= 0 || *off % LINE || *len % LINE || *len > PY_SSIZE_T_MAX / 4 - *off) {
+        PyErr_Format(PyExc_ValueError, "cache_hit_runs: run of %zd bytes at offset %zd is not of whole lines", *len,
+                     *off);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *cache_hit_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t mask, key;
+    Py_ssize_t nruns, r, total = 0, got = 0, i, off, len;
+    PyObject **refs = NULL, *out = NULL, *runs;
+    int rc = 1;
+    (void)self;
+    if (check_nargs("cache_hit_runs", nargs, 5) < 0 || hit_args("cache_hit_runs", args, &mask, &key, args[4]) < 0) {
+        return NULL;
+    }
+    runs = args[3];
+    if (!PyTuple_CheckExact(runs)) {
+        PyErr_SetString(PyExc_TypeError, "cache_hit_runs: runs must be a tuple");
+        return NULL;
+    }
+    nruns = PyTuple_GET_SIZE(runs);
+    for (r = 0; r < nruns; r++) {
+        if (get_run(PyTuple_GET_ITEM(runs, r), &off, &len) < 0) {
+            return NULL;
+        }
+        if (total > PY_SSIZE_T_MAX / (4 * LINE) - len / LINE) {
+            PyErr_SetString(PyExc_ValueError, "cache_hit_runs: too many lines");
+            return NULL;
+        }
+        total += len / LINE;
+    }
+    if (total == 0) {
+        return PyBytes_FromStringAndSize(NULL, 0);
+    }
+    refs = PyMem_New(PyObject *, 2 * total);
+    if (refs == NULL) {
+        return PyErr_NoMemory();
+    }
+    for (r = 0; r < nruns && rc == 1; r++) {
+        (void)get_run(PyTuple_GET_ITEM(runs, r), &off, &len); /* (checked above) */
+        rc = hit_lines(args[0], mask, key + (uint64_t)off, len / LINE, refs + got, refs + total + got);
+        if (rc == 1) {
+            got += len / LINE;
+        }
+    }
+    if (rc != 1) {
+        for (i = 0; i < got; i++) {
+            Py_DECREF(refs[i]);
+            Py_DECREF(refs[total + i]);
+        }
+        PyMem_Free(refs);
+        if (rc < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    out = PyBytes_FromStringAndSize(NULL, total * LINE);
+    if (out != NULL) {
+        char *p = PyBytes_AS_STRING(out);
+        for (i = 0; i < total; i++) {
+            memcpy(p + i * LINE, PyByteArray_AS_STRING(refs[total + i]), LINE);
+        }
+    }
+    got = 0;
+    for (r = 0; r < nruns; r++) { /* each run's lines become the most recent, run after run */
+        (void)get_run(PyTuple_GET_ITEM(runs, r), &off, &len);
+        if (touch_lines(args[0], mask, key + (uint64_t)off, len / LINE, refs + got, refs + total + got, NULL) < 0) {
+            rc = -1;
+        }
+        got += len / LINE;
+    }
+    if (rc < 0 || out == NULL || bump_by(args[4], s_hits, total) < 0) {
+        Py_CLEAR(out);
+    }
+    PyMem_Free(refs);
+    return out;
+}
+
+/* ---- the page pool's write-back compare and write-update ------------------------------------- */
+
+PyDoc_STRVAR(slot_sync_doc,
+             "slot_sync(buf, off, snap, /)\n--\n\n"
+             "The runs of 64-byte lines in which buf[off:off + len(snap)] and the bytearray `snap` (a\n"
+             "multiple of 64 bytes) differ, as line_runs gives them, after copying those lines into\n"
+             "snap: [(lo, hi), ...] byte offsets; [] when equal.");
+
+static PyObject *slot_sync(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer a, b;
+    Py_ssize_t off, n, o, start = -1;
+    PyObject *out = NULL;
+    const char *pa;
+    char *pb;
+    (void)self;
+    if (check_nargs("slot_sync", nargs, 3) < 0) {
+        return NULL;
+    }
+    off = PyLong_AsSsize_t(args[1]);
+    if (off == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &a, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &b, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    n = b.len;
+    if (n % LINE || off < 0 || off > a.len || n > a.len - off) {
+        PyErr_Format(PyExc_ValueError, "slot_sync: %zd bytes at offset %zd of a %zd-byte buffer (whole lines)", n, off,
+                     a.len);
+        goto done;
+    }
+    out = PyList_New(0);
+    if (out == NULL) {
+        goto done;
+    }
+    pa = (const char *)a.buf + off;
+    pb = (char *)b.buf;
+    for (o = 0; o <= n; o += LINE) {
+        int differs = o < n && memcmp(pa + o, pb + o, LINE) != 0;
+        if (differs) {
+            memcpy(pb + o, pa + o, LINE);
+            if (start < 0) {
+                start = o;
+            }
+        } else if (start >= 0) {
+            if (append_run(out, start, o) < 0) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            start = -1;
+        }
+    }
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return out;
+}
+
+PyDoc_STRVAR(copy_changed_doc,
+             "copy_changed(dst, off, src, /)\n--\n\n"
+             "dst[off:off + len(src)] = src (dst a writable buffer) unless those bytes are equal to\n"
+             "src already; True when they changed.");
+
+static PyObject *copy_changed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer d, s;
+    Py_ssize_t off;
+    PyObject *out = NULL;
+    (void)self;
+    if (check_nargs("copy_changed", nargs, 3) < 0) {
+        return NULL;
+    }
+    off = PyLong_AsSsize_t(args[1]);
+    if (off == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &d, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &s, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&d);
+        return NULL;
+    }
+    if (off < 0 || off > d.len || s.len > d.len - off) {
+        PyErr_Format(PyExc_ValueError, "copy_changed: %zd bytes at offset %zd of a %zd-byte buffer", s.len, off, d.len);
+    } else if (memcmp((char *)d.buf + off, s.buf, (size_t)s.len) != 0) {
+        memcpy((char *)d.buf + off, s.buf, (size_t)s.len);
+        out = Py_NewRef(Py_True);
+    } else {
+        out = Py_NewRef(Py_False);
+    }
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&s);
+    return out;
+}
+
 /* ---- the guest's memory port: one load or store through the TLB and the cache --------------- */
 
 /* Port(view, tlb, sets, mask, counters, dirty, readers, ways, coherent, fill, write_line): the hot path of GuestCpu.load/store (src/sevemu/hw/cpu.py) and of Cache.line/fill
@@ -1712,6 +1923,9 @@ static PyMethodDef methods[] = {
     {"resident_keys", (PyCFunction)(void (*)(void))resident_keys, METH_FASTCALL, resident_keys_doc},
     {"cache_hit_read", (PyCFunction)(void (*)(void))cache_hit_read, METH_FASTCALL, cache_hit_read_doc},
     {"cache_hit_write", (PyCFunction)(void (*)(void))cache_hit_write, METH_FASTCALL, cache_hit_write_doc},
+    {"cache_hit_runs", (PyCFunction)(void (*)(void))cache_hit_runs, METH_FASTCALL, cache_hit_runs_doc},
+    {"slot_sync", (PyCFunction)(void (*)(void))slot_sync, METH_FASTCALL, slot_sync_doc},
+    {"copy_changed", (PyCFunction)(void (*)(void))copy_changed, METH_FASTCALL, copy_changed_doc},
     {NULL, NULL, 0, NULL},
 };
 
