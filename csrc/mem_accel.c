@@ -26,6 +26,10 @@
  *                                             and marked dirty, when all are resident; else False
  *   cache_hit_runs(sets, mask, key, runs, counters)  cache_hit_read of several runs ((offset,
  *                                             length) pairs from key) joined, when all are resident
+ *   cache_hit_write_runs(sets, mask, key, buf, base, runs, dirty, counters)  cache_hit_write of
+ *                                             each (lo, hi) run of `runs` (line_runs' form) with
+ *                                             buf[base + lo:base + hi] at key + lo, when every line
+ *                                             of every run is resident; else False
  *   slot_sync(buf, off, snap)                 line_runs(buf[off:off + len(snap)], snap), the
  *                                             differing lines copied into snap (the pool's
  *                                             write-back compare, without a copy of the page)
@@ -1004,6 +1008,123 @@ static PyObject *cache_hit_runs(PyObject *self, PyObject *const *args, Py_ssize_
     return out;
 }
 
+PyDoc_STRVAR(cache_hit_write_runs_doc,
+             "cache_hit_write_runs(sets, mask, key, buf, base, runs, dirty, counters, /)\n--\n\n"
+             "cache_hit_write(sets, mask, key + lo, buf[base + lo:base + hi], dirty, counters) of each\n"
+             "(lo, hi) pair of the list `runs` (byte offsets of whole lines, as line_runs gives them),\n"
+             "in order, when every line of every run is resident: True; False, with nothing changed,\n"
+             "otherwise.");
+
+/* The (lo, hi) pair `run` of whole lines with base + hi inside a buffer of `size` bytes. */
+static int get_span(PyObject *run, Py_ssize_t base, Py_ssize_t size, Py_ssize_t *lo, Py_ssize_t *hi)
+{
+    if (!PyTuple_CheckExact(run) || PyTuple_GET_SIZE(run) != 2) {
+        PyErr_SetString(PyExc_TypeError, "cache_hit_write_runs: each run must be a (lo, hi) tuple");
+        return -1;
+    }
+    *lo = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 0));
+    if (*lo == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *hi = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
+    if (*hi == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (*lo < 0 || *hi <= *lo || *lo % LINE || *hi % LINE || base > size || *hi > size - base) {
+        PyErr_Format(PyExc_ValueError, "cache_hit_write_runs: run %zd..%zd (base %zd) is not of whole lines inside "
+                     "the %zd-byte buffer", *lo, *hi, base, size);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *cache_hit_write_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t mask, key;
+    Py_ssize_t base, nruns, r, total = 0, got = 0, i, lo, hi;
+    PyObject **refs = NULL, *out = NULL, *runs;
+    Py_buffer b;
+    int rc = 1;
+    (void)self;
+    if (check_nargs("cache_hit_write_runs", nargs, 8) < 0 ||
+        hit_args("cache_hit_write_runs", args, &mask, &key, args[7]) < 0) {
+        return NULL;
+    }
+    if (!PySet_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "cache_hit_write_runs: dirty must be a set");
+        return NULL;
+    }
+    runs = args[5];
+    if (!PyList_CheckExact(runs)) {
+        PyErr_SetString(PyExc_TypeError, "cache_hit_write_runs: runs must be a list");
+        return NULL;
+    }
+    base = PyLong_AsSsize_t(args[4]);
+    if (base == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (base < 0) {
+        PyErr_SetString(PyExc_ValueError, "cache_hit_write_runs: base must not be negative");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[3], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    nruns = PyList_GET_SIZE(runs);
+    for (r = 0; r < nruns; r++) {
+        if (get_span(PyList_GET_ITEM(runs, r), base, b.len, &lo, &hi) < 0) {
+            goto done;
+        }
+        total += (hi - lo) / LINE;
+    }
+    if (total == 0) {
+        out = Py_NewRef(Py_True);
+        goto done;
+    }
+    refs = PyMem_New(PyObject *, 2 * total);
+    if (refs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (r = 0; r < nruns && rc == 1; r++) {
+        (void)get_span(PyList_GET_ITEM(runs, r), base, b.len, &lo, &hi); /* (checked above) */
+        rc = hit_lines(args[0], mask, key + (uint64_t)lo, (hi - lo) / LINE, refs + got, refs + total + got);
+        if (rc == 1) {
+            got += (hi - lo) / LINE;
+        }
+    }
+    if (rc != 1) {
+        for (i = 0; i < got; i++) {
+            Py_DECREF(refs[i]);
+            Py_DECREF(refs[total + i]);
+        }
+        if (rc == 0) {
+            out = Py_NewRef(Py_False);
+        }
+        goto done;
+    }
+    got = 0;
+    for (r = 0; r < nruns; r++) { /* run after run: the bytes, then the lines made the most recent */
+        Py_ssize_t n;
+        (void)get_span(PyList_GET_ITEM(runs, r), base, b.len, &lo, &hi);
+        n = (hi - lo) / LINE;
+        for (i = 0; i < n; i++) {
+            memcpy(PyByteArray_AS_STRING(refs[total + got + i]), (const char *)b.buf + base + lo + i * LINE, LINE);
+        }
+        if (touch_lines(args[0], mask, key + (uint64_t)lo, n, refs + got, refs + total + got, args[6]) < 0) {
+            rc = -1;
+        }
+        got += n;
+    }
+    if (rc == 1 && bump_by(args[7], s_hits, total) == 0) {
+        out = Py_NewRef(Py_True);
+    }
+done:
+    PyMem_Free(refs);
+    PyBuffer_Release(&b);
+    return out;
+}
+
 /* ---- the page pool's write-back compare and write-update ------------------------------------- */
 
 PyDoc_STRVAR(slot_sync_doc,
@@ -1924,6 +2045,8 @@ static PyMethodDef methods[] = {
     {"cache_hit_read", (PyCFunction)(void (*)(void))cache_hit_read, METH_FASTCALL, cache_hit_read_doc},
     {"cache_hit_write", (PyCFunction)(void (*)(void))cache_hit_write, METH_FASTCALL, cache_hit_write_doc},
     {"cache_hit_runs", (PyCFunction)(void (*)(void))cache_hit_runs, METH_FASTCALL, cache_hit_runs_doc},
+    {"cache_hit_write_runs", (PyCFunction)(void (*)(void))cache_hit_write_runs, METH_FASTCALL,
+     cache_hit_write_runs_doc},
     {"slot_sync", (PyCFunction)(void (*)(void))slot_sync, METH_FASTCALL, slot_sync_doc},
     {"copy_changed", (PyCFunction)(void (*)(void))copy_changed, METH_FASTCALL, copy_changed_doc},
     {NULL, NULL, 0, NULL},

@@ -24,6 +24,7 @@ writes, flushes or invalidates them, it writes back and drops (or refreshes) its
 
 from __future__ import annotations
 
+import mmap
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -412,6 +413,27 @@ class Cache:
                 self.hits += 1
                 line[:] = view[pos : pos + LINE]
             dirty.add(k)
+
+    def write_runs(self, asid: int, c: bool, spa: int, buf: bytes | bytearray | mmap.mmap, base: int,
+                   runs: list[tuple[int, int]], origin: object | None = None) -> None:
+        """:meth:`write_lines` of each run ``(lo, hi)`` of ``runs`` (byte offsets of whole lines in
+        the page at ``spa``, ascending, as :func:`~sevemu.hw.uc.pool.line_runs` gives them) with the
+        bytes ``buf[base + lo : base + hi]``, in order: the same lines, bytes, dirty set, LRU order
+        and snoops -- in one call when no agent but ``origin`` is snooped and every line is
+        resident (a private level writing back the lines it modified in a page)."""
+        if spa & (PAGE - 1):
+            raise AlignmentError(f"write_runs takes a page address, got {spa:#x}")
+        if memaccel.ENABLED and type(runs) is list:
+            for agent in self.agents if c else self.plain_agents:
+                if agent is not origin:
+                    break
+            else:  # nobody to snoop: every line resident, in C
+                key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a page, inlined)
+                if memaccel.helpers.cache_hit_write_runs(self.sets, self.set_mask, key, buf, base, runs, self.dirty,
+                                                         self.__dict__):
+                    return
+        for lo, hi in runs:
+            self.write_lines(asid, c, spa + lo, buf[base + lo : base + hi], origin)
 
     # ---- maintenance --------------------------------------------------------------------------
     def clflush(self, asid: int, c: bool, spa: int) -> bool:

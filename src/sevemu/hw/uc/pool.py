@@ -187,16 +187,14 @@ class PagePool:
         assert mm is not None and self.cache is not None
         base = s * PAGE
         key = self.slot_key[s]  # (key_domain, inlined)
-        asid, c, spa = key >> ASID_SHIFT, bool(key >> C_SHIFT & 1), key & SPA_MASK
-        write = self.cache.write_lines
-        for i, (lo, hi) in enumerate(runs):
-            try:
-                write(asid, c, spa + lo, mm[base + lo : base + hi], origin=self)
-            except BaseException:
-                for lo2, hi2 in runs[i:]:  # not written back: the snapshot must differ from the slot again
-                    snap[lo2:hi2] = bytes(b ^ 0xFF for b in mm[base + lo2 : base + hi2])
-                raise
-            self.stats.lines_written_back += (hi - lo) // LINE
+        try:
+            self.cache.write_runs(key >> ASID_SHIFT, bool(key >> C_SHIFT & 1), key & SPA_MASK, mm, base, runs,
+                                  origin=self)
+        except BaseException:
+            for lo, hi in runs:  # maybe not written back: the snapshot must differ from the slot again
+                snap[lo:hi] = bytes(b ^ 0xFF for b in mm[base + lo : base + hi])
+            raise
+        self.stats.lines_written_back += sum(hi - lo for lo, hi in runs) // LINE
 
     def sync_all(self) -> int:
         """Write back every modified slot; returns how many were modified."""
