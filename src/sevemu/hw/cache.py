@@ -388,7 +388,7 @@ class Cache:
         """:meth:`write` of a run of whole lines (``spa`` and ``len(data)`` multiples of
         :data:`LINE`): the same lines, bytes and dirty set, with one snoop and one key per line."""
         view = memoryview(data)
-        if view.ndim != 1 or view.format != "B":
+        if type(data) is not bytes and (view.ndim != 1 or view.format != "B"):  # (bytes: always flat bytes)
             view = view.cast("B")
         length = len(view)
         if (spa | length) & (LINE - 1):

@@ -194,7 +194,10 @@ class PagePool:
             for lo, hi in runs:  # maybe not written back: the snapshot must differ from the slot again
                 snap[lo:hi] = bytes(b ^ 0xFF for b in mm[base + lo : base + hi])
             raise
-        self.stats.lines_written_back += sum(hi - lo for lo, hi in runs) // LINE
+        n = 0
+        for lo, hi in runs:
+            n += hi - lo
+        self.stats.lines_written_back += n // LINE
 
     def sync_all(self) -> int:
         """Write back every modified slot; returns how many were modified."""
