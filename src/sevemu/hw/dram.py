@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from sevemu.hw import memaccel
 __all__ = ["LINE", "PAGE", "ColdBootImage", "Dram"]  # LINE and PAGE re-exported for callers of old
 _ZERO_LINE = bytes(LINE)
 _ZERO_PAGE = bytes(PAGE)
+_Q = struct.Struct("<Q")
 
 
 class Dram:
@@ -111,8 +113,7 @@ class Dram:
         page = self._pages.get(spa >> 12)
         if page is None:
             return 0
-        off = spa & 0xFFF
-        return int.from_bytes(page[off : off + 8], "little")
+        return int(_Q.unpack_from(page, spa & 0xFFF)[0])
 
     def _gather(self, spa: int, view: memoryview) -> None:
         length = len(view)

@@ -204,12 +204,11 @@ class VmsaUnit:
             self.checks += 1
             h = _Held(asid, spa, page, lanes, VmsaCrc.checksum(lanes), crc_paddr, state)
             self._held[key] = h
-        if not h.snp:
-            # the block in DRAM (its address was checked when the page was read) as this unit last
-            # stored it (a changed page is its own)
-            if self.dram.read_u64(h.crc_paddr) != h.crc:
-                self._held.pop(key, None)
-                return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
+        # the block in DRAM (its address was checked when the page was read) as this unit last
+        # stored it (a changed page is its own)
+        if not h.snp and self.dram.read_u64(h.crc_paddr) != h.crc:
+            self._held.pop(key, None)
+            return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
         self._running = h
         return h.state
 
