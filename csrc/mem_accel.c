@@ -912,35 +912,94 @@ PyDoc_STRVAR(cache_hit_runs_doc,
              "bytes: the same bytes, LRU order and hits.  None, with nothing changed, when a line is\n"
              "absent or a container is not exactly what cache_hit_read takes.");
 
-/* The (offset, length) pair `run`: 0 with both set, -1 with ValueError/TypeError. */
-static int get_run(PyObject *run, Py_ssize_t *off, Py_ssize_t *len)
+PyDoc_STRVAR(cache_hit_write_runs_doc,
+             "cache_hit_write_runs(sets, mask, key, buf, base, runs, dirty, counters, /)\n--\n\n"
+             "cache_hit_write(sets, mask, key + lo, buf[base + lo:base + hi], dirty, counters) of each\n"
+             "(lo, hi) pair of the list `runs` (byte offsets of whole lines, as line_runs gives them),\n"
+             "in order, when every line of every run is resident: True; False, with nothing changed,\n"
+             "otherwise.");
+
+/* Runs of lines parsed by the callers below: spans[2 * r] is the byte offset of run r from the key,
+ * spans[2 * r + 1] its number of lines; `total` lines in all. */
+
+/* The two ints of the pair `run` (a 2-tuple); -1 with TypeError/OverflowError. */
+static int pair_of(PyObject *run, const char *name, Py_ssize_t *a, Py_ssize_t *b)
 {
     if (!PyTuple_CheckExact(run) || PyTuple_GET_SIZE(run) != 2) {
-        PyErr_SetString(PyExc_TypeError, "cache_hit_runs: each run must be an (offset, length) tuple");
+        PyErr_Format(PyExc_TypeError, "%s: each run must be a tuple of two ints", name);
         return -1;
     }
-    *off = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 0));
-    if (*off == -1 && PyErr_Occurred()) {
+    *a = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 0));
+    if (*a == -1 && PyErr_Occurred()) {
         return -1;
     }
-    *len = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
-    if (*len == -1 && PyErr_Occurred()) {
-        return -1;
+    *b = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
+    return (*b == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The resident lines of every run, run after run, as hit_lines finds them: a new block of 2 * total
+ * references (the keys, then the lines) with *rc = 1; NULL with *rc = 0 when a line is absent or a
+ * container is not what hit_lines takes (nothing held), NULL with *rc = -1 on error. */
+static PyObject **hit_runs(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t nruns, const Py_ssize_t *spans,
+                           Py_ssize_t total, int *rc)
+{
+    Py_ssize_t r, i, got = 0;
+    PyObject **refs = PyMem_New(PyObject *, 2 * total);
+    if (refs == NULL) {
+        PyErr_NoMemory();
+        *rc = -1;
+        return NULL;
     }
-    if (*off < 0 || *len <= 0 || *off % LINE || *len % LINE || *len > PY_SSIZE_T_MAX / 4 - *off) {
-        PyErr_Format(PyExc_ValueError, "cache_hit_runs: run of %zd bytes at offset %zd is not of whole lines", *len,
-                     *off);
-        return -1;
+    *rc = 1;
+    for (r = 0; r < nruns && *rc == 1; r++) {
+        *rc = hit_lines(sets, mask, key + (uint64_t)spans[2 * r], spans[2 * r + 1], refs + got, refs + total + got);
+        if (*rc == 1) {
+            got += spans[2 * r + 1];
+        }
     }
-    return 0;
+    if (*rc != 1) {
+        for (i = 0; i < got; i++) {
+            Py_DECREF(refs[i]);
+            Py_DECREF(refs[total + i]);
+        }
+        PyMem_Free(refs);
+        return NULL;
+    }
+    return refs;
+}
+
+/* touch_lines of every run, in order (all references released). */
+static int touch_runs(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t nruns, const Py_ssize_t *spans,
+                      Py_ssize_t total, PyObject **refs, PyObject *dirty)
+{
+    Py_ssize_t r, got = 0;
+    int rc = 0;
+    for (r = 0; r < nruns; r++) {
+        if (touch_lines(sets, mask, key + (uint64_t)spans[2 * r], spans[2 * r + 1], refs + got, refs + total + got,
+                        dirty) < 0) {
+            rc = -1;
+        }
+        got += spans[2 * r + 1];
+    }
+    return rc;
+}
+
+/* Room for the spans of `nruns` runs, or NULL with MemoryError. */
+static Py_ssize_t *new_spans(Py_ssize_t nruns)
+{
+    Py_ssize_t *spans = PyMem_New(Py_ssize_t, 2 * nruns + 1);
+    if (spans == NULL) {
+        PyErr_NoMemory();
+    }
+    return spans;
 }
 
 static PyObject *cache_hit_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t mask, key;
-    Py_ssize_t nruns, r, total = 0, got = 0, i, off, len;
+    Py_ssize_t nruns, r, total = 0, i, off, len, *spans = NULL;
     PyObject **refs = NULL, *out = NULL, *runs;
-    int rc = 1;
+    int rc;
     (void)self;
     if (check_nargs("cache_hit_runs", nargs, 5) < 0 || hit_args("cache_hit_runs", args, &mask, &key, args[4]) < 0) {
         return NULL;
@@ -951,40 +1010,30 @@ static PyObject *cache_hit_runs(PyObject *self, PyObject *const *args, Py_ssize_
         return NULL;
     }
     nruns = PyTuple_GET_SIZE(runs);
+    if ((spans = new_spans(nruns)) == NULL) {
+        return NULL;
+    }
     for (r = 0; r < nruns; r++) {
-        if (get_run(PyTuple_GET_ITEM(runs, r), &off, &len) < 0) {
-            return NULL;
+        if (pair_of(PyTuple_GET_ITEM(runs, r), "cache_hit_runs", &off, &len) < 0) {
+            goto done;
         }
-        if (total > PY_SSIZE_T_MAX / (4 * LINE) - len / LINE) {
-            PyErr_SetString(PyExc_ValueError, "cache_hit_runs: too many lines");
-            return NULL;
+        if (off < 0 || len <= 0 || off % LINE || len % LINE || len > PY_SSIZE_T_MAX / 4 - off ||
+            total > PY_SSIZE_T_MAX / (4 * LINE) - len / LINE) {
+            PyErr_Format(PyExc_ValueError, "cache_hit_runs: run of %zd bytes at offset %zd is not of whole lines",
+                         len, off);
+            goto done;
         }
+        spans[2 * r] = off;
+        spans[2 * r + 1] = len / LINE;
         total += len / LINE;
     }
     if (total == 0) {
-        return PyBytes_FromStringAndSize(NULL, 0);
+        out = PyBytes_FromStringAndSize(NULL, 0);
+        goto done;
     }
-    refs = PyMem_New(PyObject *, 2 * total);
-    if (refs == NULL) {
-        return PyErr_NoMemory();
-    }
-    for (r = 0; r < nruns && rc == 1; r++) {
-        (void)get_run(PyTuple_GET_ITEM(runs, r), &off, &len); /* (checked above) */
-        rc = hit_lines(args[0], mask, key + (uint64_t)off, len / LINE, refs + got, refs + total + got);
-        if (rc == 1) {
-            got += len / LINE;
-        }
-    }
-    if (rc != 1) {
-        for (i = 0; i < got; i++) {
-            Py_DECREF(refs[i]);
-            Py_DECREF(refs[total + i]);
-        }
-        PyMem_Free(refs);
-        if (rc < 0) {
-            return NULL;
-        }
-        Py_RETURN_NONE;
+    if ((refs = hit_runs(args[0], mask, key, nruns, spans, total, &rc)) == NULL) {
+        out = rc < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
     }
     out = PyBytes_FromStringAndSize(NULL, total * LINE);
     if (out != NULL) {
@@ -993,58 +1042,24 @@ static PyObject *cache_hit_runs(PyObject *self, PyObject *const *args, Py_ssize_
             memcpy(p + i * LINE, PyByteArray_AS_STRING(refs[total + i]), LINE);
         }
     }
-    got = 0;
-    for (r = 0; r < nruns; r++) { /* each run's lines become the most recent, run after run */
-        (void)get_run(PyTuple_GET_ITEM(runs, r), &off, &len);
-        if (touch_lines(args[0], mask, key + (uint64_t)off, len / LINE, refs + got, refs + total + got, NULL) < 0) {
-            rc = -1;
-        }
-        got += len / LINE;
-    }
-    if (rc < 0 || out == NULL || bump_by(args[4], s_hits, total) < 0) {
+    /* each run's lines become the most recent, run after run */
+    if (touch_runs(args[0], mask, key, nruns, spans, total, refs, NULL) < 0 || out == NULL ||
+        bump_by(args[4], s_hits, total) < 0) {
         Py_CLEAR(out);
     }
+done:
     PyMem_Free(refs);
+    PyMem_Free(spans);
     return out;
-}
-
-PyDoc_STRVAR(cache_hit_write_runs_doc,
-             "cache_hit_write_runs(sets, mask, key, buf, base, runs, dirty, counters, /)\n--\n\n"
-             "cache_hit_write(sets, mask, key + lo, buf[base + lo:base + hi], dirty, counters) of each\n"
-             "(lo, hi) pair of the list `runs` (byte offsets of whole lines, as line_runs gives them),\n"
-             "in order, when every line of every run is resident: True; False, with nothing changed,\n"
-             "otherwise.");
-
-/* The (lo, hi) pair `run` of whole lines with base + hi inside a buffer of `size` bytes. */
-static int get_span(PyObject *run, Py_ssize_t base, Py_ssize_t size, Py_ssize_t *lo, Py_ssize_t *hi)
-{
-    if (!PyTuple_CheckExact(run) || PyTuple_GET_SIZE(run) != 2) {
-        PyErr_SetString(PyExc_TypeError, "cache_hit_write_runs: each run must be a (lo, hi) tuple");
-        return -1;
-    }
-    *lo = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 0));
-    if (*lo == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *hi = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
-    if (*hi == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    if (*lo < 0 || *hi <= *lo || *lo % LINE || *hi % LINE || base > size || *hi > size - base) {
-        PyErr_Format(PyExc_ValueError, "cache_hit_write_runs: run %zd..%zd (base %zd) is not of whole lines inside "
-                     "the %zd-byte buffer", *lo, *hi, base, size);
-        return -1;
-    }
-    return 0;
 }
 
 static PyObject *cache_hit_write_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t mask, key;
-    Py_ssize_t base, nruns, r, total = 0, got = 0, i, lo, hi;
+    Py_ssize_t base, nruns, r, total = 0, got = 0, i, lo, hi, *spans = NULL;
     PyObject **refs = NULL, *out = NULL, *runs;
     Py_buffer b;
-    int rc = 1;
+    int rc;
     (void)self;
     if (check_nargs("cache_hit_write_runs", nargs, 8) < 0 ||
         hit_args("cache_hit_write_runs", args, &mask, &key, args[7]) < 0) {
@@ -1071,56 +1086,43 @@ static PyObject *cache_hit_write_runs(PyObject *self, PyObject *const *args, Py_
         return NULL;
     }
     nruns = PyList_GET_SIZE(runs);
+    if ((spans = new_spans(nruns)) == NULL) {
+        goto done;
+    }
     for (r = 0; r < nruns; r++) {
-        if (get_span(PyList_GET_ITEM(runs, r), base, b.len, &lo, &hi) < 0) {
+        if (pair_of(PyList_GET_ITEM(runs, r), "cache_hit_write_runs", &lo, &hi) < 0) {
             goto done;
         }
+        if (lo < 0 || hi <= lo || lo % LINE || hi % LINE || base > b.len || hi > b.len - base) {
+            PyErr_Format(PyExc_ValueError, "cache_hit_write_runs: run %zd..%zd (base %zd) is not of whole lines "
+                         "inside the %zd-byte buffer", lo, hi, base, b.len);
+            goto done;
+        }
+        spans[2 * r] = lo;
+        spans[2 * r + 1] = (hi - lo) / LINE;
         total += (hi - lo) / LINE;
     }
     if (total == 0) {
         out = Py_NewRef(Py_True);
         goto done;
     }
-    refs = PyMem_New(PyObject *, 2 * total);
-    if (refs == NULL) {
-        PyErr_NoMemory();
+    if ((refs = hit_runs(args[0], mask, key, nruns, spans, total, &rc)) == NULL) {
+        out = rc < 0 ? NULL : Py_NewRef(Py_False);
         goto done;
     }
-    for (r = 0; r < nruns && rc == 1; r++) {
-        (void)get_span(PyList_GET_ITEM(runs, r), base, b.len, &lo, &hi); /* (checked above) */
-        rc = hit_lines(args[0], mask, key + (uint64_t)lo, (hi - lo) / LINE, refs + got, refs + total + got);
-        if (rc == 1) {
-            got += (hi - lo) / LINE;
+    for (r = 0; r < nruns; r++) { /* the bytes, run after run; then the lines made the most recent */
+        for (i = 0; i < spans[2 * r + 1]; i++, got++) {
+            memcpy(PyByteArray_AS_STRING(refs[total + got]), (const char *)b.buf + base + spans[2 * r] + i * LINE,
+                   LINE);
         }
     }
-    if (rc != 1) {
-        for (i = 0; i < got; i++) {
-            Py_DECREF(refs[i]);
-            Py_DECREF(refs[total + i]);
-        }
-        if (rc == 0) {
-            out = Py_NewRef(Py_False);
-        }
-        goto done;
-    }
-    got = 0;
-    for (r = 0; r < nruns; r++) { /* run after run: the bytes, then the lines made the most recent */
-        Py_ssize_t n;
-        (void)get_span(PyList_GET_ITEM(runs, r), base, b.len, &lo, &hi);
-        n = (hi - lo) / LINE;
-        for (i = 0; i < n; i++) {
-            memcpy(PyByteArray_AS_STRING(refs[total + got + i]), (const char *)b.buf + base + lo + i * LINE, LINE);
-        }
-        if (touch_lines(args[0], mask, key + (uint64_t)lo, n, refs + got, refs + total + got, args[6]) < 0) {
-            rc = -1;
-        }
-        got += n;
-    }
-    if (rc == 1 && bump_by(args[7], s_hits, total) == 0) {
+    if (touch_runs(args[0], mask, key, nruns, spans, total, refs, args[6]) == 0 &&
+        bump_by(args[7], s_hits, total) == 0) {
         out = Py_NewRef(Py_True);
     }
 done:
     PyMem_Free(refs);
+    PyMem_Free(spans);
     PyBuffer_Release(&b);
     return out;
 }
@@ -1133,6 +1135,28 @@ PyDoc_STRVAR(slot_sync_doc,
              "multiple of 64 bytes) differ, as line_runs gives them, after copying those lines into\n"
              "snap: [(lo, hi), ...] byte offsets; [] when equal.");
 
+/* The arguments (buffer, offset, buffer) of slot_sync and copy_changed: both buffers (the one
+ * `writable` names, 0 or 2, held writable) and the offset; 0, or -1 with an error and nothing held. */
+static int buffers_at(const char *name, PyObject *const *args, Py_ssize_t nargs, int writable, Py_buffer *x,
+                      Py_ssize_t *off, Py_buffer *y)
+{
+    if (check_nargs(name, nargs, 3) < 0) {
+        return -1;
+    }
+    *off = PyLong_AsSsize_t(args[1]);
+    if (*off == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[0], x, writable == 0 ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[2], y, writable == 2 ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(x);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *slot_sync(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer a, b;
@@ -1141,18 +1165,7 @@ static PyObject *slot_sync(PyObject *self, PyObject *const *args, Py_ssize_t nar
     const char *pa;
     char *pb;
     (void)self;
-    if (check_nargs("slot_sync", nargs, 3) < 0) {
-        return NULL;
-    }
-    off = PyLong_AsSsize_t(args[1]);
-    if (off == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &a, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[2], &b, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&a);
+    if (buffers_at("slot_sync", args, nargs, 2, &a, &off, &b) < 0) {
         return NULL;
     }
     n = b.len;
@@ -1202,18 +1215,7 @@ static PyObject *copy_changed(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_ssize_t off;
     PyObject *out = NULL;
     (void)self;
-    if (check_nargs("copy_changed", nargs, 3) < 0) {
-        return NULL;
-    }
-    off = PyLong_AsSsize_t(args[1]);
-    if (off == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &d, PyBUF_WRITABLE) < 0) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[2], &s, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&d);
+    if (buffers_at("copy_changed", args, nargs, 0, &d, &off, &s) < 0) {
         return NULL;
     }
     if (off < 0 || off > d.len || s.len > d.len - off) {
