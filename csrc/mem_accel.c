@@ -24,6 +24,17 @@
  *                                             (each made most recently used, hits += n); else None
  *   cache_hit_write(sets, mask, key, data, dirty, counters)  the same lines overwritten with data
  *                                             and marked dirty, when all are resident; else False
+ *   cache_hit_runs(sets, mask, key, runs, counters)  cache_hit_read of several runs ((offset,
+ *                                             length) pairs from key) joined, when all are resident
+ *   cache_hit_write_runs(sets, mask, key, buf, base, runs, dirty, counters)  cache_hit_write of
+ *                                             each (lo, hi) run of `runs` (line_runs' form) with
+ *                                             buf[base + lo:base + hi] at key + lo, when every line
+ *                                             of every run is resident; else False
+ *   slot_sync(buf, off, snap)                 line_runs(buf[off:off + len(snap)], snap), the
+ *                                             differing lines copied into snap (the pool's
+ *                                             write-back compare, without a copy of the page)
+ *   copy_changed(dst, off, src)               dst[off:off + len(src)] = src unless equal already;
+ *                                             whether it changed (the pool's write-update)
  *
  * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
  * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.
@@ -894,6 +905,332 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(cache_hit_runs_doc,
+             "cache_hit_runs(sets, mask, key, runs, counters, /)\n--\n\n"
+             "cache_hit_read of each (offset, length) pair of the tuple `runs` (offsets and lengths\n"
+             "multiples of 64, lengths positive) from key + offset, in the order given, joined into one\n"
+             "bytes: the same bytes, LRU order and hits.  None, with nothing changed, when a line is\n"
+             "absent or a container is not exactly what cache_hit_read takes.");
+
+PyDoc_STRVAR(cache_hit_write_runs_doc,
+             "cache_hit_write_runs(sets, mask, key, buf, base, runs, dirty, counters, /)\n--\n\n"
+             "cache_hit_write(sets, mask, key + lo, buf[base + lo:base + hi], dirty, counters) of each\n"
+             "(lo, hi) pair of the list `runs` (byte offsets of whole lines, as line_runs gives them),\n"
+             "in order, when every line of every run is resident: True; False, with nothing changed,\n"
+             "otherwise.");
+
+/* Runs of lines parsed by the callers below: spans[2 * r] is the byte offset of run r from the key,
+ * spans[2 * r + 1] its number of lines; `total` lines in all. */
+
+/* The two ints of the pair `run` (a 2-tuple); -1 with TypeError/OverflowError. */
+static int pair_of(PyObject *run, const char *name, Py_ssize_t *a, Py_ssize_t *b)
+{
+    if (!PyTuple_CheckExact(run) || PyTuple_GET_SIZE(run) != 2) {
+        PyErr_Format(PyExc_TypeError, "%s: each run must be a tuple of two ints", name);
+        return -1;
+    }
+    *a = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 0));
+    if (*a == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *b = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
+    return (*b == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The resident lines of every run, run after run, as hit_lines finds them: a new block of 2 * total
+ * references (the keys, then the lines) with *rc = 1; NULL with *rc = 0 when a line is absent or a
+ * container is not what hit_lines takes (nothing held), NULL with *rc = -1 on error. */
+static PyObject **hit_runs(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t nruns, const Py_ssize_t *spans,
+                           Py_ssize_t total, int *rc)
+{
+    Py_ssize_t r, i, got = 0;
+    PyObject **refs = PyMem_New(PyObject *, 2 * total);
+    if (refs == NULL) {
+        PyErr_NoMemory();
+        *rc = -1;
+        return NULL;
+    }
+    *rc = 1;
+    for (r = 0; r < nruns && *rc == 1; r++) {
+        *rc = hit_lines(sets, mask, key + (uint64_t)spans[2 * r], spans[2 * r + 1], refs + got, refs + total + got);
+        if (*rc == 1) {
+            got += spans[2 * r + 1];
+        }
+    }
+    if (*rc != 1) {
+        for (i = 0; i < got; i++) {
+            Py_DECREF(refs[i]);
+            Py_DECREF(refs[total + i]);
+        }
+        PyMem_Free(refs);
+        return NULL;
+    }
+    return refs;
+}
+
+/* touch_lines of every run, in order (all references released). */
+static int touch_runs(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t nruns, const Py_ssize_t *spans,
+                      Py_ssize_t total, PyObject **refs, PyObject *dirty)
+{
+    Py_ssize_t r, got = 0;
+    int rc = 0;
+    for (r = 0; r < nruns; r++) {
+        if (touch_lines(sets, mask, key + (uint64_t)spans[2 * r], spans[2 * r + 1], refs + got, refs + total + got,
+                        dirty) < 0) {
+            rc = -1;
+        }
+        got += spans[2 * r + 1];
+    }
+    return rc;
+}
+
+/* Room for the spans of `nruns` runs, or NULL with MemoryError. */
+static Py_ssize_t *new_spans(Py_ssize_t nruns)
+{
+    Py_ssize_t *spans = PyMem_New(Py_ssize_t, 2 * nruns + 1);
+    if (spans == NULL) {
+        PyErr_NoMemory();
+    }
+    return spans;
+}
+
+static PyObject *cache_hit_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t mask, key;
+    Py_ssize_t nruns, r, total = 0, i, off, len, *spans = NULL;
+    PyObject **refs = NULL, *out = NULL, *runs;
+    int rc;
+    (void)self;
+    if (check_nargs("cache_hit_runs", nargs, 5) < 0 || hit_args("cache_hit_runs", args, &mask, &key, args[4]) < 0) {
+        return NULL;
+    }
+    runs = args[3];
+    if (!PyTuple_CheckExact(runs)) {
+        PyErr_SetString(PyExc_TypeError, "cache_hit_runs: runs must be a tuple");
+        return NULL;
+    }
+    nruns = PyTuple_GET_SIZE(runs);
+    if ((spans = new_spans(nruns)) == NULL) {
+        return NULL;
+    }
+    for (r = 0; r < nruns; r++) {
+        if (pair_of(PyTuple_GET_ITEM(runs, r), "cache_hit_runs", &off, &len) < 0) {
+            goto done;
+        }
+        if (off < 0 || len <= 0 || off % LINE || len % LINE || len > PY_SSIZE_T_MAX / 4 - off ||
+            total > PY_SSIZE_T_MAX / (4 * LINE) - len / LINE) {
+            PyErr_Format(PyExc_ValueError, "cache_hit_runs: run of %zd bytes at offset %zd is not of whole lines",
+                         len, off);
+            goto done;
+        }
+        spans[2 * r] = off;
+        spans[2 * r + 1] = len / LINE;
+        total += len / LINE;
+    }
+    if (total == 0) {
+        out = PyBytes_FromStringAndSize(NULL, 0);
+        goto done;
+    }
+    if ((refs = hit_runs(args[0], mask, key, nruns, spans, total, &rc)) == NULL) {
+        out = rc < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, total * LINE);
+    if (out != NULL) {
+        char *p = PyBytes_AS_STRING(out);
+        for (i = 0; i < total; i++) {
+            memcpy(p + i * LINE, PyByteArray_AS_STRING(refs[total + i]), LINE);
+        }
+    }
+    /* each run's lines become the most recent, run after run */
+    if (touch_runs(args[0], mask, key, nruns, spans, total, refs, NULL) < 0 || out == NULL ||
+        bump_by(args[4], s_hits, total) < 0) {
+        Py_CLEAR(out);
+    }
+done:
+    PyMem_Free(refs);
+    PyMem_Free(spans);
+    return out;
+}
+
+static PyObject *cache_hit_write_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t mask, key;
+    Py_ssize_t base, nruns, r, total = 0, got = 0, i, lo, hi, *spans = NULL;
+    PyObject **refs = NULL, *out = NULL, *runs;
+    Py_buffer b;
+    int rc;
+    (void)self;
+    if (check_nargs("cache_hit_write_runs", nargs, 8) < 0 ||
+        hit_args("cache_hit_write_runs", args, &mask, &key, args[7]) < 0) {
+        return NULL;
+    }
+    if (!PySet_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "cache_hit_write_runs: dirty must be a set");
+        return NULL;
+    }
+    runs = args[5];
+    if (!PyList_CheckExact(runs)) {
+        PyErr_SetString(PyExc_TypeError, "cache_hit_write_runs: runs must be a list");
+        return NULL;
+    }
+    base = PyLong_AsSsize_t(args[4]);
+    if (base == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (base < 0) {
+        PyErr_SetString(PyExc_ValueError, "cache_hit_write_runs: base must not be negative");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[3], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    nruns = PyList_GET_SIZE(runs);
+    if ((spans = new_spans(nruns)) == NULL) {
+        goto done;
+    }
+    for (r = 0; r < nruns; r++) {
+        if (pair_of(PyList_GET_ITEM(runs, r), "cache_hit_write_runs", &lo, &hi) < 0) {
+            goto done;
+        }
+        if (lo < 0 || hi <= lo || lo % LINE || hi % LINE || base > b.len || hi > b.len - base) {
+            PyErr_Format(PyExc_ValueError, "cache_hit_write_runs: run %zd..%zd (base %zd) is not of whole lines "
+                         "inside the %zd-byte buffer", lo, hi, base, b.len);
+            goto done;
+        }
+        spans[2 * r] = lo;
+        spans[2 * r + 1] = (hi - lo) / LINE;
+        total += (hi - lo) / LINE;
+    }
+    if (total == 0) {
+        out = Py_NewRef(Py_True);
+        goto done;
+    }
+    if ((refs = hit_runs(args[0], mask, key, nruns, spans, total, &rc)) == NULL) {
+        out = rc < 0 ? NULL : Py_NewRef(Py_False);
+        goto done;
+    }
+    for (r = 0; r < nruns; r++) { /* the bytes, run after run; then the lines made the most recent */
+        for (i = 0; i < spans[2 * r + 1]; i++, got++) {
+            memcpy(PyByteArray_AS_STRING(refs[total + got]), (const char *)b.buf + base + spans[2 * r] + i * LINE,
+                   LINE);
+        }
+    }
+    if (touch_runs(args[0], mask, key, nruns, spans, total, refs, args[6]) == 0 &&
+        bump_by(args[7], s_hits, total) == 0) {
+        out = Py_NewRef(Py_True);
+    }
+done:
+    PyMem_Free(refs);
+    PyMem_Free(spans);
+    PyBuffer_Release(&b);
+    return out;
+}
+
+/* ---- the page pool's write-back compare and write-update ------------------------------------- */
+
+PyDoc_STRVAR(slot_sync_doc,
+             "slot_sync(buf, off, snap, /)\n--\n\n"
+             "The runs of 64-byte lines in which buf[off:off + len(snap)] and the bytearray `snap` (a\n"
+             "multiple of 64 bytes) differ, as line_runs gives them, after copying those lines into\n"
+             "snap: [(lo, hi), ...] byte offsets; [] when equal.");
+
+/* The arguments (buffer, offset, buffer) of slot_sync and copy_changed: both buffers (the one
+ * `writable` names, 0 or 2, held writable) and the offset; 0, or -1 with an error and nothing held. */
+static int buffers_at(const char *name, PyObject *const *args, Py_ssize_t nargs, int writable, Py_buffer *x,
+                      Py_ssize_t *off, Py_buffer *y)
+{
+    if (check_nargs(name, nargs, 3) < 0) {
+        return -1;
+    }
+    *off = PyLong_AsSsize_t(args[1]);
+    if (*off == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[0], x, writable == 0 ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[2], y, writable == 2 ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(x);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *slot_sync(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer a, b;
+    Py_ssize_t off, n, o, start = -1;
+    PyObject *out = NULL;
+    const char *pa;
+    char *pb;
+    (void)self;
+    if (buffers_at("slot_sync", args, nargs, 2, &a, &off, &b) < 0) {
+        return NULL;
+    }
+    n = b.len;
+    if (n % LINE || off < 0 || off > a.len || n > a.len - off) {
+        PyErr_Format(PyExc_ValueError, "slot_sync: %zd bytes at offset %zd of a %zd-byte buffer (whole lines)", n, off,
+                     a.len);
+        goto done;
+    }
+    out = PyList_New(0);
+    if (out == NULL) {
+        goto done;
+    }
+    pa = (const char *)a.buf + off;
+    pb = (char *)b.buf;
+    if (memcmp(pa, pb, (size_t)n) == 0) { /* (the usual slot at an exit: unchanged) */
+        goto done;
+    }
+    for (o = 0; o <= n; o += LINE) {
+        int differs = o < n && memcmp(pa + o, pb + o, LINE) != 0;
+        if (differs) {
+            memcpy(pb + o, pa + o, LINE);
+            if (start < 0) {
+                start = o;
+            }
+        } else if (start >= 0) {
+            if (append_run(out, start, o) < 0) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            start = -1;
+        }
+    }
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return out;
+}
+
+PyDoc_STRVAR(copy_changed_doc,
+             "copy_changed(dst, off, src, /)\n--\n\n"
+             "dst[off:off + len(src)] = src (dst a writable buffer) unless those bytes are equal to\n"
+             "src already; True when they changed.");
+
+static PyObject *copy_changed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer d, s;
+    Py_ssize_t off;
+    PyObject *out = NULL;
+    (void)self;
+    if (buffers_at("copy_changed", args, nargs, 0, &d, &off, &s) < 0) {
+        return NULL;
+    }
+    if (off < 0 || off > d.len || s.len > d.len - off) {
+        PyErr_Format(PyExc_ValueError, "copy_changed: %zd bytes at offset %zd of a %zd-byte buffer", s.len, off, d.len);
+    } else if (memcmp((char *)d.buf + off, s.buf, (size_t)s.len) != 0) {
+        memcpy((char *)d.buf + off, s.buf, (size_t)s.len);
+        out = Py_NewRef(Py_True);
+    } else {
+        out = Py_NewRef(Py_False);
+    }
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&s);
+    return out;
+}
+
 /* ---- the guest's memory port: one load or store through the TLB and the cache --------------- */
 
 /* Port(view, tlb, sets, mask, counters, dirty, readers, ways, coherent, fill, write_line): the hot path of GuestCpu.load/store (src/sevemu/hw/cpu.py) and of Cache.line/fill
@@ -1712,6 +2049,11 @@ static PyMethodDef methods[] = {
     {"resident_keys", (PyCFunction)(void (*)(void))resident_keys, METH_FASTCALL, resident_keys_doc},
     {"cache_hit_read", (PyCFunction)(void (*)(void))cache_hit_read, METH_FASTCALL, cache_hit_read_doc},
     {"cache_hit_write", (PyCFunction)(void (*)(void))cache_hit_write, METH_FASTCALL, cache_hit_write_doc},
+    {"cache_hit_runs", (PyCFunction)(void (*)(void))cache_hit_runs, METH_FASTCALL, cache_hit_runs_doc},
+    {"cache_hit_write_runs", (PyCFunction)(void (*)(void))cache_hit_write_runs, METH_FASTCALL,
+     cache_hit_write_runs_doc},
+    {"slot_sync", (PyCFunction)(void (*)(void))slot_sync, METH_FASTCALL, slot_sync_doc},
+    {"copy_changed", (PyCFunction)(void (*)(void))copy_changed, METH_FASTCALL, copy_changed_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -253,3 +253,95 @@ def test_a_whole_line_write_without_a_key_is_refused_like_a_fill() -> None:
         with pytest.raises(KeySlotError, match="ASID 3"):
             call(3, True, _BASE, bytes(2 * LINE))
     assert _state(fast) == _state(ref)
+
+
+@settings(max_examples=60, deadline=None)
+@given(coherent=st.booleans(), d=st.integers(0, len(_DOMAINS) - 1), resident=st.booleans(),
+       lines=st.sets(st.integers(0, 63), min_size=1, max_size=12), seed=st.integers(0, 255), agents=st.booleans())
+def test_write_runs_equal_one_write_lines_per_run(coherent: bool, d: int, resident: bool, lines: set[int], seed: int,
+                                                  agents: bool) -> None:
+    """``Cache.write_runs`` (a private level writing back the runs of lines it changed in a page,
+    taken from its buffer) against one ``write_lines`` per run: the same lines, bytes, dirty set,
+    LRU order, counters and snoops -- in C when every line is resident and no agent but the origin
+    is snooped, else run by run."""
+    fast, fagent = _twin(coherent)
+    ref, ragent = _twin(coherent)
+    asid, c = _DOMAINS[d]
+    order = sorted(lines)
+    runs: list[tuple[int, int]] = []
+    for line in order:  # ascending runs of whole lines, as line_runs gives them
+        if runs and runs[-1][1] == line * LINE:
+            runs[-1] = (runs[-1][0], (line + 1) * LINE)
+        else:
+            runs.append((line * LINE, (line + 1) * LINE))
+    buf = random.Random(seed).randbytes(3 * 4096)
+    for cache in (fast, ref):
+        if resident:  # every line of the page resident (the pool's GHCB page)
+            cache.write_lines(asid, c, _BASE, bytes(4096))
+    for cache, agent, call in ((fast, fagent, True), (ref, ragent, False)):
+        agent.snoops.clear()
+        origin = None if agents else agent
+        if call:
+            cache.write_runs(asid, c, _BASE, buf, 4096, runs, origin=origin)
+        else:
+            for lo, hi in runs:
+                cache.write_lines(asid, c, _BASE + lo, buf[4096 + lo : 4096 + hi], origin=origin)
+    assert _state(fast) == _state(ref)
+    assert fagent.snoops == ragent.snoops
+    for lo, hi in runs:
+        assert fast.peek(asid, c, _BASE + lo) == buf[4096 + lo : 4096 + lo + LINE]
+
+
+@pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+def test_the_run_helpers_serve_only_resident_lines_and_change_nothing_otherwise() -> None:
+    cache, _ = _twin(False)
+    cache.write_lines(1, True, _BASE, bytes(range(64)) * 2)
+    cache.write_lines(1, True, _BASE + 4 * LINE, b"\7" * LINE)
+    key = tag_key(1, True, _BASE)
+    h = memaccel.helpers
+    before = _state(cache)
+    assert h.cache_hit_runs(cache.sets, cache.set_mask, key, ((0, LINE), (2 * LINE, LINE)), cache.__dict__) is None
+    assert h.cache_hit_write_runs(cache.sets, cache.set_mask, key, bytes(4096), 0, [(0, LINE), (2 * LINE, 3 * LINE)],
+                                  cache.dirty, cache.__dict__) is False
+    assert _state(cache) == before  # the third line is absent: nothing changed
+    got = h.cache_hit_runs(cache.sets, cache.set_mask, key, ((4 * LINE, LINE), (0, 2 * LINE)), cache.__dict__)
+    assert got == b"\7" * LINE + bytes(range(64)) * 2 and cache.hits == before[3] + 3
+    s = cache.sets[(key >> 6) & cache.set_mask]
+    assert list(s)[-1] == key  # the runs' lines in the order given: the last run's first line is the newest
+    cache.dirty.clear()
+    buf = b"\1" * LINE + b"\2" * LINE + bytes(3 * LINE) + b"\3" * LINE
+    assert h.cache_hit_write_runs(cache.sets, cache.set_mask, key, buf, LINE, [(0, LINE), (4 * LINE, 5 * LINE)],
+                                  cache.dirty, cache.__dict__) is True
+    assert cache.peek(1, True, _BASE) == b"\2" * LINE and cache.peek(1, True, _BASE + 4 * LINE) == b"\3" * LINE
+    assert cache.dirty == {key, key + 4 * LINE}
+    for bad in [((8, LINE),), ((0, 0),), [(0, LINE)]]:
+        with pytest.raises((ValueError, TypeError)):
+            h.cache_hit_runs(cache.sets, cache.set_mask, key, bad, cache.__dict__)
+    for runs, base in [([(0, 8)], 0), ([(LINE, LINE)], 0), ([(0, LINE)], 4096), (((0, LINE),), 0)]:
+        with pytest.raises((ValueError, TypeError)):
+            h.cache_hit_write_runs(cache.sets, cache.set_mask, key, bytes(4096), base, runs, cache.dirty,
+                                   cache.__dict__)
+
+
+def test_an_encrypted_only_agent_is_not_snooped_about_unencrypted_ranges() -> None:
+    """An agent holding encrypted lines only (the VMSA unit) is left out of the snoops of C=0
+    ranges -- none of its keys can be in one -- and still gets those of encrypted ranges, WBINVD and
+    coherent fills."""
+    cache, plain = _twin(True)
+    enc = _Agent()
+    enc.encrypted_only = True  # type: ignore[attr-defined]
+    cache.attach(enc)
+    assert cache.plain_agents == (plain,) and cache.agents == (plain, enc)
+    cache.write_lines(0, False, _BASE, bytes(LINE))
+    cache.read_lines(0, False, _BASE, LINE)
+    cache.read_runs(0, False, _BASE, ((0, LINE),))
+    cache.write(0, False, _BASE + 8, b"x")
+    assert [s for s in enc.snoops if s[0] != s[1]] == []
+    assert len([s for s in plain.snoops if s[0] != s[1]]) == 4
+    cache.read_lines(1, True, _BASE, LINE)  # an encrypted range; on this coherent profile, a fill too
+    assert (tag_key(1, True, _BASE), tag_key(1, True, _BASE) + LINE, False) in enc.snoops
+    assert (tag_key(1, True, _BASE), tag_key(1, True, _BASE), False) in enc.snoops  # snoop_fill
+    cache.wbinvd()
+    assert enc.snoops[-1] == (0, 1 << 64, True)
+    cache.detach(enc)
+    assert cache.agents == cache.plain_agents == (plain,)

@@ -350,3 +350,28 @@ def test_the_vmsa_stored_at_vmexit_is_what_every_host_interface_sees(generation:
     core.wbinvd()
     assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
     assert "checksum" in core.vmsa_failure
+
+
+def test_genoa_host_tamper_without_wbinvd_reaches_the_unit_through_the_coherent_fill() -> None:
+    """The cache does not snoop the VMSA unit about the host's unencrypted (C=0) ranges -- it holds
+    encrypted lines only -- but on a profile with cross-domain coherency the host's fill of the
+    page's SPA still makes the unit write its modified lines back and drop its decrypted copy: the
+    host reads the current ciphertext, flips a bit, writes it back and flushes its line, with no
+    WBINVD, and the next VMRUN reads the page again and fails its checksum."""
+    from hwkit import make_soc
+
+    from sevemu.hw.profiles import GENOA
+
+    soc = make_soc(GENOA)
+    pt, vmcb = _es(soc)
+    core = soc.boot_cpu
+    assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT  # the unit holds the page
+    assert core.vmsa not in soc.cache.plain_agents and core.vmsa in soc.cache.agents
+    off = SevEsSaveArea.offset_of("rip") & ~63
+    line = bytearray(core.host_read(VMSA_SPA + off, 64))
+    assert bytes(line) == soc.dram.read(VMSA_SPA + off, 64)  # the current ciphertext, written back
+    line[5] ^= 1
+    core.host_write(VMSA_SPA + off, bytes(line))
+    core.clflush(VMSA_SPA + off)
+    assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
+    assert "checksum" in core.vmsa_failure

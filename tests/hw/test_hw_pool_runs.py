@@ -48,3 +48,35 @@ def test_line_runs_refuses_buffers_of_other_lengths() -> None:
         memaccel.helpers.line_runs(bytes(100), bytes(100))
     assert memaccel.helpers.line_runs(bytes(PAGE), bytes(PAGE)) == []
     assert memaccel.helpers.line_runs(b"\1" * PAGE, bytes(PAGE)) == [(0, PAGE)]
+
+
+@needs_c
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, PAGE - 1), max_size=40), st.integers(0, 2**32), st.integers(0, 3))
+def test_slot_sync_gives_line_runs_and_brings_the_snapshot_up_to_date(offsets: list[int], seed: int,
+                                                                       slot: int) -> None:
+    snap = random.Random(seed).randbytes(PAGE)
+    buf = bytearray(random.Random(seed + 1).randbytes(4 * PAGE))
+    cur = bytearray(snap)
+    for o in offsets:
+        cur[o] ^= 0x5A
+    buf[slot * PAGE : (slot + 1) * PAGE] = cur
+    mine = bytearray(snap)
+    assert memaccel.helpers.slot_sync(buf, slot * PAGE, mine) == _reference(bytes(cur), snap)
+    assert mine == cur
+    assert memaccel.helpers.slot_sync(buf, slot * PAGE, mine) == []
+
+
+@needs_c
+def test_slot_sync_and_copy_changed_refuse_ranges_outside_their_buffers() -> None:
+    with pytest.raises(ValueError, match="whole lines"):
+        memaccel.helpers.slot_sync(bytes(PAGE), LINE, bytearray(PAGE))
+    with pytest.raises(BufferError):
+        memaccel.helpers.slot_sync(bytes(PAGE), 0, bytes(PAGE))  # the snapshot must be writable
+    dst = bytearray(PAGE)
+    assert memaccel.helpers.copy_changed(dst, 8, b"ab") is True and dst[8:10] == b"ab"
+    assert memaccel.helpers.copy_changed(dst, 8, b"ab") is False
+    with pytest.raises(ValueError):
+        memaccel.helpers.copy_changed(dst, PAGE - 1, b"ab")
+    with pytest.raises(BufferError):
+        memaccel.helpers.copy_changed(bytes(PAGE), 0, b"ab")

@@ -464,6 +464,24 @@ def test_host_write_of_whole_lines_updates_the_engines_copy_in_place() -> None:
     assert m.soc.cache.read(0, False, spa, 64) == b"ATTACKER" * 8  # the cache holds what the guest sees
 
 
+def test_only_write_updates_of_pages_the_guest_executes_are_reported_for_a_rescan() -> None:
+    """The engine rescans code among the slots a host write updated in place; the pool reports
+    only slots the engine fetched code from (its port scanner's set), so a data page's update --
+    an SEV-ES guest's GHCB answer at every VMGEXIT -- costs no rescan."""
+    m = machine()
+    vm, eng = launch(m, MARKER, VmKind.PLAIN)
+    assert run(m, vm).reason == "hlt"
+    pool, host = eng.pool, m.soc.host_view().boot_cpu
+    assert pool.code_slots is not None and pool.code_slots  # the engine's executable slots, kept current
+    host.host_write(vm.spa_of(0x300000), b"ATTACKER" * 8)  # a data page: updated in place, not reported
+    assert pool.updated == [] and eng.stats.slot_updates > 0
+    code = next(iter(pool.code_slots))
+    spa = pool.slot_key[code]  # (a plain VM's page: the host's domain, the key is the SPA)
+    old = host.host_read(spa, 64)
+    host.host_write(spa, bytes(b ^ 0xFF for b in old))
+    assert pool.updated == [code]
+
+
 def test_host_write_of_whole_lines_never_reaches_an_sev_guests_private_copy() -> None:
     """The host's whole-line write to the SPA of an SEV guest's private page names the host's
     domain: the engine's plaintext copy (the guest's domain) takes nothing, and the guest keeps

@@ -32,6 +32,23 @@ def cache_hit_write(sets: list[dict[int, bytearray]], mask: int, key: int, data:
     """Overwrite the ``len(data) // 64`` lines from ``key`` with ``data`` when all are resident (most
     recently used, dirty, ``counters['hits']`` grows); False, nothing changed, otherwise."""
 
+def cache_hit_runs(sets: list[dict[int, bytearray]], mask: int, key: int, runs: tuple[tuple[int, int], ...],
+                   counters: dict[str, Any], /) -> bytes | None:
+    """``cache_hit_read`` of each ``(offset, length)`` run from ``key + offset``, in the order given,
+    joined, when every line is resident; None, nothing changed, otherwise."""
+
+def cache_hit_write_runs(sets: list[dict[int, bytearray]], mask: int, key: int, buf: ReadableBuffer, base: int,
+                         runs: list[tuple[int, int]], dirty: set[int], counters: dict[str, Any], /) -> bool:
+    """``cache_hit_write`` of ``buf[base + lo : base + hi]`` at ``key + lo`` for each ``(lo, hi)`` run
+    (line_runs' form), in order, when every line of every run is resident; False, nothing changed,
+    otherwise."""
+
+def slot_sync(buf: ReadableBuffer, off: int, snap: bytearray, /) -> list[tuple[int, int]]:
+    """``line_runs(buf[off : off + len(snap)], snap)``, those lines copied into ``snap``."""
+
+def copy_changed(dst: WriteableBuffer, off: int, src: ReadableBuffer, /) -> bool:
+    """``dst[off : off + len(src)] = src`` unless equal already; whether it changed."""
+
 def resident_keys(sets: list[dict[int, bytearray]] | list[set[int]], mask: int, lo: int, hi: int,
                   /) -> list[int] | None:
     """The keys ``lo, lo+64, ...`` below ``hi`` held by ``sets[(key >> 6) & mask]``, ascending (a lookup

@@ -24,6 +24,7 @@ writes, flushes or invalidates them, it writes back and drops (or refreshes) its
 
 from __future__ import annotations
 
+import mmap
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ from sevemu.errors import AlignmentError, InputError, KeySlotError
 from sevemu.hw import memaccel
 from sevemu.hw.memctl import MemoryController
 
-__all__ = ["ASID_SHIFT", "C_SHIFT", "SPA_MASK", "Cache", "CacheAgent", "key_domain", "tag_key"]
+__all__ = ["ASID_SHIFT", "C_SHIFT", "ENCRYPTED_ONLY", "SPA_MASK", "Cache", "CacheAgent", "key_domain", "tag_key"]
 
 C_SHIFT = 52
 ASID_SHIFT = 53
@@ -84,6 +85,33 @@ class CacheAgent(Protocol):
         other encryption domains must go (written back first)."""
 
 
+ENCRYPTED_ONLY = "encrypted_only"
+"""An agent with a true ``encrypted_only`` attribute holds lines of encrypted domains (C=1) only
+(the VMSA unit): :meth:`Cache` does not snoop it about an unencrypted (C=0) range -- no key of such
+a range can be one of its lines -- but still about WBINVD/INVD and coherent fills."""
+
+
+_RUN_SPANS: dict[tuple[tuple[int, int], ...], tuple[int, int]] = {}
+"""Runs :meth:`Cache.read_runs` was given (checked) -> their span (first offset, end): callers pass
+a few constant tuples."""
+
+
+def _run_span(runs: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """Check ``runs`` (whole lines inside a page) and return their span; remembered (a few callers
+    pass a few constant tuples)."""
+    lo, hi = PAGE, 0
+    for off, length in runs:
+        if (off | length) & (LINE - 1) or not 0 <= off < off + length <= PAGE:
+            raise AlignmentError(f"read_runs takes runs of whole lines inside the page, got {length} bytes at "
+                                 f"offset {off:#x}")
+        lo, hi = min(lo, off), max(hi, off + length)
+    if not runs:
+        lo = hi = 0
+    if len(_RUN_SPANS) < 256:
+        _RUN_SPANS[runs] = (lo, hi)
+    return lo, hi
+
+
 class Cache:
     """Set-associative write-back cache with LRU replacement, in front of the memory controller."""
 
@@ -112,16 +140,23 @@ class Cache:
         """Number of completed WBINVDs; the Secure Processor reads it to enforce ASID-reuse rules."""
         self.agents: tuple[CacheAgent, ...] = ()
         """Private page-holding levels above this cache (see :class:`CacheAgent`); usually none."""
+        self.plain_agents: tuple[CacheAgent, ...] = ()
+        """The agents snooped about an unencrypted (C=0) range: those not :data:`ENCRYPTED_ONLY`."""
 
     # ---- snooping -------------------------------------------------------------------------------
     def attach(self, agent: CacheAgent) -> None:
         """Keep ``agent`` coherent with this cache from now on."""
         if agent not in self.agents:
             self.agents = (*self.agents, agent)  # (a tuple: snoops iterate it without a copy)
+            self._plain()
 
     def detach(self, agent: CacheAgent) -> None:
         if agent in self.agents:
             self.agents = tuple(a for a in self.agents if a is not agent)
+            self._plain()
+
+    def _plain(self) -> None:
+        self.plain_agents = tuple(a for a in self.agents if not getattr(a, ENCRYPTED_ONLY, False))
 
     def _snoop(self, asid: int, c: bool, spa: int, length: int, invalidate: bool,
                origin: object | None, data: memoryview | None = None) -> None:
@@ -130,7 +165,7 @@ class Cache:
         domain = (asid << ASID_SHIFT | 1 << C_SHIFT) if c else 0  # (tag_key, inlined: every access)
         lo = domain | (spa & _LINE_MASK)
         hi = (domain | ((spa + max(length, 1) - 1) & _LINE_MASK)) + LINE
-        for agent in self.agents:
+        for agent in self.agents if c else self.plain_agents:
             if agent is not origin:
                 agent.snoop(lo, hi, invalidate, data)
 
@@ -287,7 +322,7 @@ class Cache:
         if (spa | length) & (LINE - 1):
             raise AlignmentError(f"read_lines takes whole lines, got {length} bytes at {spa:#x}")
         key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a line, inlined)
-        for agent in self.agents:  # (Cache._snoop, inlined)
+        for agent in self.agents if c else self.plain_agents:  # (Cache._snoop, inlined)
             if agent is not origin:
                 agent.snoop(key, key + (length or LINE), False, None)
         if memaccel.ENABLED and length:  # every line resident: the same hits and LRU order, in C
@@ -306,22 +341,27 @@ class Cache:
         -- so one snoop of the page's range is the snoop of every run.)"""
         if spa & (PAGE - 1):
             raise AlignmentError(f"read_runs takes a page address, got {spa:#x}")
-        lo, hi = PAGE, 0
-        for off, length in runs:
-            if (off | length) & (LINE - 1) or not 0 <= off < off + length <= PAGE:
-                raise AlignmentError(f"read_runs takes runs of whole lines inside the page, got {length} bytes at "
-                                     f"offset {off:#x}")
-            lo, hi = min(lo, off), max(hi, off + length)
+        try:
+            span = _RUN_SPANS.get(runs)
+        except TypeError:  # (lists: the same runs as tuples)
+            runs = tuple((off, length) for off, length in runs)
+            span = None
+        if span is None:
+            span = _run_span(runs)
         if not runs:
             return b""
         key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a page, inlined)
-        for agent in self.agents:  # (Cache._snoop, inlined)
+        for agent in self.agents if c else self.plain_agents:  # (Cache._snoop, inlined)
             if agent is not origin:
-                agent.snoop(key + lo, key + hi, False, None)
+                agent.snoop(key + span[0], key + span[1], False, None)
+        if memaccel.ENABLED:  # every line resident: the same bytes, hits and LRU order, in C
+            got = memaccel.helpers.cache_hit_runs(self.sets, self.set_mask, key, runs, self.__dict__)
+            if got is not None:
+                return got
         parts = []
         for off, length in runs:
             got = None
-            if memaccel.ENABLED:  # every line resident: the same hits and LRU order, in C
+            if memaccel.ENABLED:  # every line of the run resident, in C
                 got = memaccel.helpers.cache_hit_read(self.sets, self.set_mask, key + off, length >> 6, self.__dict__)
             if got is None:
                 got = self._read_run(key + off, length)
@@ -348,13 +388,13 @@ class Cache:
         """:meth:`write` of a run of whole lines (``spa`` and ``len(data)`` multiples of
         :data:`LINE`): the same lines, bytes and dirty set, with one snoop and one key per line."""
         view = memoryview(data)
-        if view.ndim != 1 or view.format != "B":
+        if type(data) is not bytes and (view.ndim != 1 or view.format != "B"):  # (bytes: always flat bytes)
             view = view.cast("B")
         length = len(view)
         if (spa | length) & (LINE - 1):
             raise AlignmentError(f"write_lines takes whole lines, got {length} bytes at {spa:#x}")
         key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a line, inlined)
-        for agent in self.agents:  # (Cache._snoop, inlined; whole lines: agents may take the bytes)
+        for agent in self.agents if c else self.plain_agents:  # (Cache._snoop, inlined; whole lines: agents may take the bytes)
             if agent is not origin:
                 agent.snoop(key, key + (length or LINE), True, view)
         dirty = self.dirty
@@ -405,6 +445,27 @@ class Cache:
             k = key + pos
             sets[(k >> 6) & mask][k] = bytearray(view[pos : pos + LINE])
         dirty.update(range(key + head, key + length, LINE))
+
+    def write_runs(self, asid: int, c: bool, spa: int, buf: bytes | bytearray | mmap.mmap, base: int,
+                   runs: list[tuple[int, int]], origin: object | None = None) -> None:
+        """:meth:`write_lines` of each run ``(lo, hi)`` of ``runs`` (byte offsets of whole lines in
+        the page at ``spa``, ascending, as :func:`~sevemu.hw.uc.pool.line_runs` gives them) with the
+        bytes ``buf[base + lo : base + hi]``, in order: the same lines, bytes, dirty set, LRU order
+        and snoops -- in one call when no agent but ``origin`` is snooped and every line is
+        resident (a private level writing back the lines it modified in a page)."""
+        if spa & (PAGE - 1):
+            raise AlignmentError(f"write_runs takes a page address, got {spa:#x}")
+        if memaccel.ENABLED and type(runs) is list:
+            for agent in self.agents if c else self.plain_agents:
+                if agent is not origin:
+                    break
+            else:  # nobody to snoop: every line resident, in C
+                key = (asid << ASID_SHIFT | 1 << C_SHIFT | spa) if c else spa  # (tag_key of a page, inlined)
+                if memaccel.helpers.cache_hit_write_runs(self.sets, self.set_mask, key, buf, base, runs, self.dirty,
+                                                         self.__dict__):
+                    return
+        for lo, hi in runs:
+            self.write_lines(asid, c, spa + lo, buf[base + lo : base + hi], origin)
 
     # ---- maintenance --------------------------------------------------------------------------
     def clflush(self, asid: int, c: bool, spa: int) -> bool:

@@ -313,7 +313,8 @@ class Core:
         """:meth:`host_read` of several runs of whole lines in the page at ``spa`` (``(offset,
         length)`` pairs), joined in the order given: the same bytes as one read per run, in one
         call (:meth:`Cache.read_runs <sevemu.hw.cache.Cache.read_runs>`)."""
-        self.mc.dram.check_range(spa, PAGE)
+        if spa < 0 or spa + PAGE > self.mc.dram.size:
+            self.mc.dram.check_range(spa, PAGE)  # (raises)
         v = self.vmcbs
         if spa < v.hi and spa + PAGE > v.lo:
             for off, length in runs:
@@ -322,13 +323,15 @@ class Core:
 
     def host_write(self, spa: int, data: bytes | bytearray | memoryview, c: bool = False) -> None:
         """Write physical memory as the host (no integrity on SEV: guest pages are silently corrupted)."""
-        self.mc.dram.check_range(spa, len(data))
+        n = len(data)
+        if spa < 0 or spa + n > self.mc.dram.size:
+            self.mc.dram.check_range(spa, n)  # (raises)
         if self.rmp is not None:
-            self.rmp.check_host_write(spa, len(data))  # SNP: #PF(RMP) unless Hypervisor-owned
+            self.rmp.check_host_write(spa, n)  # SNP: #PF(RMP) unless Hypervisor-owned
         v = self.vmcbs
-        if spa < v.hi and spa + len(data) > v.lo:
-            v.touch(spa, len(data), True)  # a VMCB view of the range: written back, then dropped
-        if (spa | len(data)) & 63:
+        if spa < v.hi and spa + n > v.lo:
+            v.touch(spa, n, True)  # a VMCB view of the range: written back, then dropped
+        if (spa | n) & 63:
             self.cache.write(0, c, spa, data)
         else:
             self.cache.write_lines(0, c, spa, data)  # whole lines: the same bytes in one call
@@ -465,26 +468,32 @@ class Core:
         exit information of an NPF and the GHCB MSR; a VMGEXIT or HLT completes in the guest (RIP
         past it, as the hardware saves it), so ``next_rip`` is not shown."""
         rmp = self.rmp  # (an SNP VMSA's RMP entry was checked by vmrun_checks, at every VMRUN)
-        state = self.vmsa.load(vmcb.asid, vmcb.vmsa_pa)
+        vmsa, asid, vmsa_pa = self.vmsa, vmcb.asid, vmcb.vmsa_pa
+        state = vmsa.load(asid, vmsa_pa)
         if isinstance(state, str):
             return self._vmrun_failed(vmcb, state)
         cpu = self._guest_cpu(vmcb, state)
-        in_use = (vmcb.pa, vmcb.vmsa_pa) if vmcb.pa else (vmcb.vmsa_pa,)
-        if rmp is not None:
+        if rmp is None:
+            try:
+                ex = engine.run(cpu)
+            except NestedPageFault as f:
+                ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+        else:
+            in_use = (vmcb.pa, vmsa_pa) if vmcb.pa else (vmsa_pa,)
             rmp.mark_in_use(in_use)  # RMPUPDATE / PSMASH of the page: FAIL_INUSE until #VMEXIT
-        try:
-            ex = engine.run(cpu)
-        except NestedPageFault as f:
-            ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
-        finally:
-            if rmp is not None:
+            try:
+                ex = engine.run(cpu)
+            except NestedPageFault as f:
+                ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+            finally:
                 rmp.release(in_use)
-        if ex.code in _ES_COMPLETED:
+        code = ex.code
+        if code in _ES_COMPLETED:
             state.rip = vmcb.next_rip
         vmcb.next_rip = 0
-        self.vmsa.store(vmcb.asid, vmcb.vmsa_pa)
-        if ex.code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
-            ex = VmExit(ex.code)  # the exit code only
+        vmsa.store(asid, vmsa_pa)
+        if code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
+            ex = VmExit(code)  # the exit code only
         return self._exit(vmcb, ex)
 
     def _guest_cpu(self, vmcb: Vmcb, state: SaveState) -> GuestCpu:

@@ -20,7 +20,8 @@ __all__ = ["ENABLED", "helpers"]  # helpers: only where ENABLED
 
 
 _FUNCTIONS = ("dram_gather", "dram_scatter", "cache_take", "resident_keys", "line_runs", "Port", "LineCipher",
-              "cache_hit_read", "cache_hit_write")
+              "cache_hit_read", "cache_hit_write", "cache_hit_runs", "cache_hit_write_runs", "slot_sync",
+              "copy_changed")
 
 ENABLED: bool
 """Whether the callers use the C helpers (``helpers``); false when they were not built, or were built

@@ -153,6 +153,10 @@ class _Held:
 class VmsaUnit:
     """The VMSA exchange of one core (module docstring)."""
 
+    encrypted_only = True
+    """It holds pages of the guest's encrypted domain only: the cache does not snoop it about a
+    C=0 range (:data:`~sevemu.hw.cache.ENCRYPTED_ONLY`), such as the host's accesses to a GHCB."""
+
     def __init__(self, cache: Cache, dram: Dram) -> None:
         self.cache = cache
         self.dram = dram
@@ -161,7 +165,6 @@ class VmsaUnit:
         """The page of the guest between VMRUN and #VMEXIT: its registers are in the CPU then, so a
         snoop that drops the page (the guest's own WBINVD) does not lose what #VMEXIT stores."""
         self._attached = False
-        self._tmr = bytearray(8)
         self.checks = 0
         """Full checksum computations (a page read from the cache: first VMRUN, after a snoop)."""
         self.snp_check: Callable[[int, int], str | None] | None = None
@@ -201,12 +204,11 @@ class VmsaUnit:
             self.checks += 1
             h = _Held(asid, spa, page, lanes, VmsaCrc.checksum(lanes), crc_paddr, state)
             self._held[key] = h
-        if not h.snp:
-            tmr = self._tmr
-            self.dram.read_into(h.crc_paddr, tmr)  # (the block in DRAM, into a buffer kept for it)
-            if int.from_bytes(tmr, "little") != h.crc:  # the block as this unit last stored it (a changed page is its own)
-                self._held.pop(key, None)
-                return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
+        # the block in DRAM (its address was checked when the page was read) as this unit last
+        # stored it (a changed page is its own)
+        if not h.snp and self.dram.read_u64(h.crc_paddr) != h.crc:
+            self._held.pop(key, None)
+            return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
         self._running = h
         return h.state
 

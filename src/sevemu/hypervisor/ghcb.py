@@ -205,6 +205,9 @@ class GhcbHandler:
         """NAE events by SW_EXITCODE: ``fn(exit)``."""
         self.hv_features = 0
         """What HV_FT_RESP / HV_FEATURES report (SNP sets its bits)."""
+        self._memo: tuple[bytes, bytes, int, int, dict[str, int]] = (b"", b"", 0, 0, {})
+        """The head of the last GHCB read (``_HEAD_RUNS``) that marked no field below it, and its
+        save area, bitmap, usage and decode."""
         self._last_save = b""  # the GHCB bytes last decoded, and what they decoded to
         self._last_fields: dict[str, int] = {}
         self._last_out: dict[str, int] = {}  # the last answer, the GHCB it answered, and its writes
@@ -282,20 +285,30 @@ class GhcbHandler:
 
     # ---- the GHCB page -------------------------------------------------------------------------------
     def _page(self, vm: Vm, vcpu: Vcpu, gpa: int) -> str | None:
-        if vcpu.ghcb_registered is not None and gpa != vcpu.ghcb_registered:
-            return self._terminate(vm, f"GHCB at GPA {gpa:#x}, not the registered {vcpu.ghcb_registered:#x}")
+        registered = vcpu.ghcb_registered
+        if registered is not None and gpa != registered:
+            return self._terminate(vm, f"GHCB at GPA {gpa:#x}, not the registered {registered:#x}")
         if not 0 < gpa <= vm.memory - PAGE:
             return self._terminate(vm, f"GHCB GPA {gpa:#x} is outside the guest")
         try:
-            page = vm.host_page(gpa)
-            save, bitmap, usage = self._read(page)
+            page = vcpu.ghcb_map
+            if page is None or page.gpa != gpa or vm.npt.lookup(gpa) != page.spa:
+                page = vcpu.ghcb_map = vm.host_page(gpa)  # (mapped again: another GHCB, or the NPT changed)
+            got = page.read_runs(_HEAD_RUNS)
+            memo = self._memo
+            if got == memo[0]:  # the same head as the last GHCB (which marked no field below it)
+                save, bitmap, usage, fields = memo[1], memo[2], memo[3], dict(memo[4])
+            else:
+                save, bitmap, usage = self._read_rest(page, got)
+                if save == self._last_save:  # the same marked fields as the last GHCB: the same decode
+                    fields = dict(self._last_fields)
+                else:
+                    fields = _decode(save, bitmap)
+                    self._last_save, self._last_fields = save, dict(fields)
+                if not bitmap & _LOW_FIELDS:  # the head is all that was read: it decides the decode
+                    self._memo = (got, save, bitmap, usage, self._last_fields)
         except UnmappedError:
             return self._terminate(vm, f"the GHCB at GPA {gpa:#x} is not backed")
-        if save == self._last_save:  # the same marked fields as the last GHCB: the same decode
-            fields = dict(self._last_fields)
-        else:
-            fields = _decode(save, bitmap)
-            self._last_save, self._last_fields = save, dict(fields)
         ex = NaeExit(vm, vcpu, gpa, fields.get("sw_exit_code", 0), fields.get("sw_exit_info_1", 0),
                      fields.get("sw_exit_info_2", 0), fields)
         stop: str | None = None
@@ -335,7 +348,12 @@ class GhcbHandler:
         word's line in one access, then the lines of other marked fields (CPL, RIP ...) -- a
         hypervisor reads what it needs, not the page; whole lines, through the host's mapping of
         the page (:meth:`Vm.host_page <sevemu.hypervisor.vm.Vm.host_page>`)."""
-        got = page.read_runs(_HEAD_RUNS)  # RSP, RAX, RCX..R15, SW_EXITCODE .. bitmap; the usage line
+        return GhcbHandler._read_rest(page, page.read_runs(_HEAD_RUNS))
+
+    @staticmethod
+    def _read_rest(page: HostPage, got: bytes) -> tuple[bytes, int, int]:
+        """:meth:`_read`, given what its first access returned (``got``: RSP, RAX, RCX..R15,
+        SW_EXITCODE .. the bitmap; the usage line)."""
         head = got[: _SAVE_HI - _GPRS]
         bitmap = int.from_bytes(head[_BITMAP - _GPRS :], "little")
         usage = int.from_bytes(got[_SAVE_HI - _GPRS + _TAIL + 4 - _TAIL_LINE :], "little")

@@ -84,6 +84,9 @@ class Vcpu:
     """The GHCB GPA the guest registered (GHCB MSR protocol REG_GPA_REQ), if it did."""
     ghcb_errors: list[str] = field(default_factory=list)
     """GHCB errors the hypervisor answered this vCPU's VMGEXITs with (:mod:`sevemu.hypervisor.ghcb`)."""
+    ghcb_map: HostPage | None = None
+    """The host's mapping of the GHCB page of this vCPU's last VMGEXIT (``kvm_vcpu_map``), reused
+    while the NPT still maps its GPA to the same SPA (:mod:`sevemu.hypervisor.ghcb`)."""
 
 
 class Vm:

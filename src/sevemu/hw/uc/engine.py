@@ -316,6 +316,7 @@ class UcEngine:
         self._ports = IoHooks(lib, h, uc.fn_address(lib.uc_emu_stop), self.pool.page, _weakly(self._flush_tb),
                               _weakly(self._request_tb_flush))
         self.pool.on_forget = self._ports.forget_slot
+        self.pool.code_slots = self._ports.exec_slots  # (a write-update of another slot changes no code)
         # hooks
         fill = uc.TLB_FILL_CB(self._on_fill)
         intr = uc.INTR_CB(self._on_intr)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from sevemu._util.units import LINE, PAGE
 from sevemu.hw import memaccel
-from sevemu.hw.cache import SPA_MASK, Cache, key_domain
+from sevemu.hw.cache import ASID_SHIFT, C_SHIFT, SPA_MASK, Cache, key_domain
 from sevemu.hw.uc.stats import UcStats
 
 __all__ = ["PagePool", "line_runs"]
@@ -76,6 +76,10 @@ class PagePool:
         self.updated: list[int] = []
         """Slots whose contents a write of someone else changed in place (:meth:`snoop`'s
         write-update), not yet reported to the engine (:meth:`take_updated`)."""
+        self.code_slots: set[int] | None = None
+        """The slots the engine translated code from (set by the engine: its port scanner's set), or
+        None for every slot: only their write-updates go into :attr:`updated` -- the engine rescans
+        code among those and nothing else (a GHCB answer changes no code)."""
         self.evict_requested = False
         self.synced = False
         """Every writable slot was written back and the guest has not run since (set by the engine
@@ -126,6 +130,7 @@ class PagePool:
         self.stale.clear()
         self.updated.clear()
         self.on_forget = None
+        self.code_slots = None
         self._request_stop = _nothing
         self._anchor = None  # the buffer export ends with the anchor ...
         self.mm = None
@@ -154,36 +159,69 @@ class PagePool:
         self.stats.slot_fills += 1
         return s
 
-    def sync_slot(self, s: int, cur: bytes | None = None) -> None:
-        """Write the lines of slot ``s`` the guest modified back into the shared cache (``cur``: the
-        slot's current contents, if the caller has them)."""
+    def sync_slot(self, s: int) -> bool:
+        """Write the lines of slot ``s`` the guest modified back into the shared cache; whether
+        there were any.  The snapshot takes the written lines as they go (compared and copied in
+        one pass, without a copy of the page, where the C helpers are built)."""
+        mm = self.mm
+        assert mm is not None
+        snap = self._snap[s]
+        if type(snap) is not bytearray:
+            snap = self._snap[s] = bytearray(snap)  # (updated in place from now on)
+        base = s * PAGE
+        if memaccel.ENABLED:
+            runs = memaccel.helpers.slot_sync(mm, base, snap)
+        else:
+            cur = mm[base : base + PAGE]
+            runs = line_runs(cur, snap)
+            for lo, hi in runs:
+                snap[lo:hi] = cur[lo:hi]
+        if not runs:
+            return False
+        self._write_back(s, snap, runs)
+        return True
+
+    def _write_back(self, s: int, snap: bytearray, runs: list[tuple[int, int]]) -> None:
+        """The runs of lines of slot ``s`` that its snapshot ``snap`` just took into the shared cache."""
         mm = self.mm
         assert mm is not None and self.cache is not None
-        if cur is None:
-            cur = mm[s * PAGE : (s + 1) * PAGE]
-        snap = self._snap[s]
-        if cur == snap:
-            return
-        asid, c, spa = key_domain(self.slot_key[s])
-        write = self.cache.write_lines
-        runs = memaccel.helpers.line_runs(cur, snap) if memaccel.ENABLED else line_runs(cur, snap)
+        base = s * PAGE
+        key = self.slot_key[s]  # (key_domain, inlined)
+        try:
+            self.cache.write_runs(key >> ASID_SHIFT, bool(key >> C_SHIFT & 1), key & SPA_MASK, mm, base, runs,
+                                  origin=self)
+        except BaseException:
+            for lo, hi in runs:  # maybe not written back: the snapshot must differ from the slot again
+                snap[lo:hi] = bytes(b ^ 0xFF for b in mm[base + lo : base + hi])
+            raise
+        n = 0
         for lo, hi in runs:
-            write(asid, c, spa + lo, cur[lo:hi], origin=self)
-            self.stats.lines_written_back += (hi - lo) // LINE
-        self._snap[s] = cur
+            n += hi - lo
+        self.stats.lines_written_back += n // LINE
 
     def sync_all(self) -> int:
         """Write back every modified slot; returns how many were modified."""
         mm = self.mm
         if mm is None:
             return 0
-        snap = self._snap
+        keys = self.slot_key
         dirty = 0
-        for s in self.writable:
-            cur = mm[s * PAGE : (s + 1) * PAGE]
-            if cur != snap.get(s, b"") and s in self.slot_key:
-                self.sync_slot(s, cur)
-                dirty += 1
+        if not memaccel.ENABLED:
+            for s in self.writable:
+                if s in keys and self.sync_slot(s):
+                    dirty += 1
+            return dirty
+        snaps = self._snap
+        slot_sync = memaccel.helpers.slot_sync
+        for s in self.writable:  # (sync_slot, inlined: every #VMEXIT compares these)
+            if s in keys:
+                snap = snaps[s]
+                if type(snap) is not bytearray:
+                    snap = snaps[s] = bytearray(snap)
+                runs = slot_sync(mm, s * PAGE, snap)
+                if runs:
+                    self._write_back(s, snap, runs)
+                    dirty += 1
         return dirty
 
     def refresh_stale(self) -> list[int]:
@@ -290,10 +328,21 @@ class PagePool:
         """Cache lines with keys in ``[lo, hi)`` are about to be read / changed by someone else
         (``data``: overwritten whole with these bytes)."""
         synced = self.synced
-        if not self.slot_of or (synced and not invalidate):  # a read of what the cache already holds
+        if synced and not invalidate:  # a read of what the cache already holds
             return
-        for s in self._slots_in(lo, hi):
-            if s in self.writable and not synced:
+        slot_of = self.slot_of
+        if not slot_of:
+            return
+        page = lo & ~(PAGE - 1)
+        if hi - page <= PAGE:  # (the usual snoop: lines of one page)
+            one = slot_of.get(page)
+            if one is None:
+                return
+            slots: list[int] | tuple[int] = (one,)
+        else:
+            slots = self._slots_in(lo, hi)
+        for s in slots:
+            if not synced and s in self.writable:
                 self.sync_slot(s)
             if invalidate:
                 if data is not None and synced:
@@ -306,17 +355,27 @@ class PagePool:
         the guest is stopped and the slot written back: slot ``s`` takes the bytes of its page
         into its copy and its snapshot, as re-reading them after the write would give."""
         page = self.slot_key[s]
-        first, last = max(lo, page), min(hi, page + PAGE)
-        chunk = data[first - lo : last - lo]
-        o1, o2 = first - page, last - page
+        if page <= lo and hi <= page + PAGE:  # (the usual write: inside the page)
+            o1, o2, chunk = lo - page, hi - page, data
+        else:
+            first, last = max(lo, page), min(hi, page + PAGE)
+            chunk = data[first - lo : last - lo]
+            o1, o2 = first - page, last - page
         mm = self.mm
         assert mm is not None
         base = s * PAGE
-        if mm[base + o1 : base + o2] != chunk:
-            mm[base + o1 : base + o2] = chunk
-            self.updated.append(s)
+        if memaccel.ENABLED:
+            changed = memaccel.helpers.copy_changed(mm, base + o1, chunk)
+        else:
+            changed = mm[base + o1 : base + o2] != chunk
+            if changed:
+                mm[base + o1 : base + o2] = chunk
+        if changed:
+            code = self.code_slots
+            if code is None or s in code:
+                self.updated.append(s)
         snap = self._snap[s]
-        if not isinstance(snap, bytearray):
+        if type(snap) is not bytearray:
             snap = self._snap[s] = bytearray(snap)
         snap[o1:o2] = chunk
         self.stats.slot_updates += 1

@@ -77,6 +77,12 @@ class IoHooks:
         """RIP -> (instruction bytes, long mode, DX or -1 for an immediate port, the exit)."""
         self._count = 0
 
+    @property
+    def exec_slots(self) -> set[int]:
+        """The slots code was fetched from (the set itself, kept current): the only slots
+        :meth:`code_changed` rescans."""
+        return self._xslots
+
     def exec_page(self, page: int, slot: int) -> None:
         """``page`` (GVA) executes from ``slot``: hook every place an IN/OUT could start in it."""
         if self.xgva.get(page) == slot:
