@@ -15,6 +15,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from sevemu._util.units import PAGE, PAGE_2M, GiB, MiB
@@ -324,6 +325,32 @@ def test_bad_huge_frames_are_protocol_errors(regions: tuple[int, ...], started: 
     migration._huge_regions(vm, Huge((MEM - PAGE_2M,)), named, pending, False)
     with pytest.raises(ProtocolError):  # named in an earlier frame
         migration._huge_regions(vm, Huge((MEM - PAGE_2M,)), named, pending, False)
+
+
+@pytest.mark.parametrize("gpas", [
+    (0x3000, 0x1000, 0x3000),  # repeated, out of order
+    (0x1000, 0x1000),  # repeated, in order
+    (0x1000, 0x2000, 0x5000),  # 0x5000 received in an earlier frame
+    (0x1000, 0x2800),  # unaligned
+    (0x1000, MEM),  # outside the VM
+    (0x1000, 1 << 64),  # not a u64
+])
+def test_pages_of_a_frame_are_new_pages_of_the_vm(gpas: tuple[int, ...]) -> None:
+    """The destination takes each GPA of a PAGES frame once, inside the VM and page aligned; a frame
+    with one bad GPA is refused, naming it, and records none of its pages."""
+    vm = Vm.__new__(Vm)
+    vm.memory = MEM
+    seen = migration._Seen(MEM)
+    migration._new_pages(vm, (0x5000, 0x4000), seen)
+    before = seen.flags.copy()
+    with pytest.raises(ProtocolError, match="unaligned, outside the VM or repeated"):
+        migration._new_pages(vm, gpas, seen)
+    assert (seen.flags == before).all()
+    with pytest.raises(ProtocolError):
+        migration._new_page(vm, 0x4000, seen)
+    migration._new_pages(vm, (0x1000, 0x3000, 0x2000), seen)
+    migration._new_page(vm, MEM - PAGE, seen)
+    assert np.flatnonzero(seen.flags).tolist() == [1, 2, 3, 4, 5, MEM // PAGE - 1]
 
 
 def test_source_vm_is_destroyed_after_success() -> None:

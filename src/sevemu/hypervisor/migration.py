@@ -648,26 +648,46 @@ def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "
     return vm
 
 
-def _new_page(vm: Vm, gpa: int, seen: set[int]) -> None:
+class _Seen:
+    """The GPAs received so far: a flag per page of the VM (a frame's pages checked and recorded as
+    columns, whatever the number received before)."""
+
+    def __init__(self, memory: int) -> None:
+        self.flags = np.zeros(memory // PAGE, dtype=bool)
+        self.any = False
+
+    def region_whole(self, gpa: int) -> bool:
+        """Whether every page of the 2 MiB region at ``gpa`` (inside the VM) was received."""
+        return bool(self.flags[gpa // PAGE : (gpa + PAGE_2M) // PAGE].all())
+
+
+def _new_page(vm: Vm, gpa: int, seen: _Seen) -> None:
     """ProtocolError unless ``gpa`` is a page of the VM not received before; records it."""
-    if gpa % PAGE or not 0 <= gpa < vm.memory or gpa in seen:
+    if gpa % PAGE or not 0 <= gpa < vm.memory or seen.flags[gpa // PAGE]:
         raise ProtocolError(f"page at GPA {gpa:#x}: unaligned, outside the VM or repeated")
-    seen.add(gpa)
+    seen.flags[gpa // PAGE] = True
+    seen.any = True
 
 
-def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: set[int]) -> None:
+def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: _Seen) -> None:
     """:func:`_new_page` of each GPA (all checked before any is recorded)."""
-    fresh = set(gpas)
     try:
         at = np.array(gpas, dtype=np.uint64)
-        outside = bool((at & np.uint64(PAGE - 1)).any() or (at >= np.uint64(vm.memory)).any())
+        bad = bool((at & np.uint64(PAGE - 1)).any() or (at >= np.uint64(vm.memory)).any())
     except (OverflowError, ValueError):  # not a u64 (a frame's GPAs are): named below
-        outside = True
-    if len(fresh) != len(gpas) or not seen.isdisjoint(fresh) or outside:
-        bad = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
-                   or gpa in seen or gpa in gpas[:i])
-        raise ProtocolError(f"page at GPA {bad:#x}: unaligned, outside the VM or repeated")
-    seen |= fresh
+        bad = True
+    if not bad:
+        gfns = (at >> np.uint64(12)).astype(np.intp)
+        steps = np.diff(gfns)
+        repeated = not (steps > 0).all() and len(np.unique(gfns)) != len(gfns)  # (ascending: none repeated)
+        bad = repeated or bool(seen.flags[gfns].any())
+    if bad:
+        flags = seen.flags
+        bad_gpa = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
+                       or flags[gpa // PAGE] or gpa in gpas[:i])
+        raise ProtocolError(f"page at GPA {bad_gpa:#x}: unaligned, outside the VM or repeated")
+    seen.flags[gfns] = True
+    seen.any = True
 
 
 def _whole_regions(vm: Vm) -> list[int]:
@@ -706,7 +726,7 @@ def _back_huge(vm: Vm, gpas: tuple[int, ...] | list[int], pending: set[int]) -> 
 def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
     sev = hv.sev
     pages = shared = 0
-    seen: set[int] = set()
+    seen = _Seen(vm.memory)
     named: set[int] = set()  # regions HUGE named
     pending: set[int] = set()  # of those, the ones to back with a huge page at their first page
     with hv.psp.bounce.stage() as st, contextlib.ExitStack() as session:
@@ -744,7 +764,7 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
                 sev.receive_update_data(vm, gpa, len(msg.trans), msg.hdr, msg.trans, packet)
                 pages += 1
             elif isinstance(msg, Huge):
-                _huge_regions(vm, msg, named, pending, bool(seen))
+                _huge_regions(vm, msg, named, pending, seen.any)
             elif isinstance(msg, VcpuState):
                 if msg.index != len(vm.vcpus) or msg.index >= vcpus:
                     raise ProtocolError(f"vCPU {msg.index} out of order")
@@ -755,7 +775,7 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
                 if (msg.pages, msg.shared) != (pages, shared) or len(vm.vcpus) != vcpus:
                     raise ProtocolError(f"FINISH counts {msg.pages}+{msg.shared} pages, {vcpus} vCPUs; "
                                         f"received {pages}+{shared}, {len(vm.vcpus)}")
-                short = next((r for r in sorted(named) if not seen.issuperset(range(r, r + PAGE_2M, PAGE))), None)
+                short = next((r for r in sorted(named) if not seen.region_whole(r)), None)
                 if short is not None:
                     raise ProtocolError(f"HUGE named the region at GPA {short:#x}, and not all of its pages came")
                 sev.receive_finish(vm)
