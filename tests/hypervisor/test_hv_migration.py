@@ -29,8 +29,8 @@ from sevemu.cli.bench_migrate import Destination, DestinationPlan
 from sevemu.cli.bench_migrate import _check_workload as destination_check  # the destination's check program
 from sevemu.guest.kernel import boot
 from sevemu.hw.pyengine import Op, PyEngine, op
-from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.hypervisor import migration
+from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.hypervisor.migration import (
     MAX_FRAME,
     Abort,

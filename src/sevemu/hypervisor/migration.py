@@ -693,7 +693,7 @@ def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: _Seen) -> None:
 def _whole_regions(vm: Vm) -> list[int]:
     """2 MiB-aligned GPAs of the regions of ``vm`` whose 512 pages are all backed, ascending."""
     counts = np.bincount(np.fromiter(vm.npt.mappings, dtype=np.int64, count=len(vm.npt.mappings)) >> 9)
-    return (np.flatnonzero(counts == PAGE_2M // PAGE) << 21).tolist()
+    return [int(region) << 21 for region in np.flatnonzero(counts == PAGE_2M // PAGE)]
 
 
 def _huge_regions(vm: Vm, msg: Huge, named: set[int], pending: set[int], started: bool) -> None:

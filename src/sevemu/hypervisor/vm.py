@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -134,7 +135,8 @@ class Vm:
         self.snp_context = 0
         """SPA of the SNP guest-context page (KVM ``snp_context``; 0: none)."""
         self.huge_pages = True
-        """Back 2 MiB-aligned regions KVM populates whole with host huge pages (SNP launch updates)."""
+        """Back 2 MiB-aligned regions KVM populates whole with host huge pages (SNP launch updates,
+        the regions an incoming migration names whole: :mod:`sevemu.hypervisor.migration`)."""
         self.private_spas: set[int] = set()
         """SNP: backing pages the RMP gives the guest (:mod:`sevemu.hypervisor.sev.snp`)."""
         self.crash_reason: str | None = None
@@ -183,7 +185,7 @@ class Vm:
             return None
         mapped = self.npt.mappings
         first = gpa >> 12
-        if any(gfn in mapped for gfn in range(first, first + PAGE_2M // PAGE)):
+        if not mapped.keys().isdisjoint(range(first, first + PAGE_2M // PAGE)):  # (one pass in C)
             return None
         spa = self._alloc.alloc_huge()
         if spa is None:
@@ -211,6 +213,9 @@ class Vm:
             bad = next(gpa for gpa in gpas if gpa & PAGE_MASK or not 0 <= gpa < memory)
             raise AddressError(f"GPA {bad:#x} is not a page of {self.name}'s {memory:#x} bytes")
         mapped = self.npt.mappings
+        got = list(map(mapped.get, [gpa >> 12 for gpa in gpas]))
+        if None not in got:  # every page backed already (a huge page's): nothing to map
+            return cast("list[int]", got)
         fresh = [gpa for gpa in dict.fromkeys(gpas) if gpa >> 12 not in mapped]
         spas = self._alloc.alloc_many(len(fresh))
         self.npt.map_many(list(zip(fresh, spas, strict=True)))
