@@ -148,6 +148,7 @@ class Vm:
         """Emulated MMIO pages (GPA -> register bytes): the NPT maps them with a reserved bit, so an
         access is an NPF with RSVD (SEV-ES: #VC 0x400 in the guest, which asks with MMIO_READ/WRITE)."""
         self._owned: set[int] = set()  # SPAs allocated for this VM (freed on release)
+        self._owned_huge: list[int] = []  # first SPAs of the huge pages allocated for it (freed on release)
 
     @property
     def sev(self) -> bool:
@@ -191,7 +192,7 @@ class Vm:
         if spa is None:
             return None
         self.npt.map_huge(gpa, spa)
-        self._owned.update(range(spa, spa + PAGE_2M, PAGE))
+        self._owned_huge.append(spa)
         return spa
 
     def back_range(self, gpa: int, length: int) -> list[int]:
@@ -276,6 +277,9 @@ class Vm:
         """Return every page the VM holds to the host allocators: backing pages, the NPT's table
         pages and the VMSA pages."""
         self.npt.release()
+        for spa in self._owned_huge:  # (into the set: the pages go back in the order they always did)
+            self._owned.update(range(spa, spa + PAGE_2M, PAGE))
+        self._owned_huge.clear()
         self._alloc.free_many(self._owned)
         self._owned.clear()
         for spa in self.vmsa_pages.values():
