@@ -15,9 +15,10 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from sevemu._util.units import PAGE, GiB, MiB
+from sevemu._util.units import PAGE, PAGE_2M, GiB, MiB
 from sevemu.abi.commands import CommandId
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import TRANSPORT_PACK, GuestStatusCmd
@@ -28,6 +29,7 @@ from sevemu.cli.bench_migrate import Destination, DestinationPlan
 from sevemu.cli.bench_migrate import _check_workload as destination_check  # the destination's check program
 from sevemu.guest.kernel import boot
 from sevemu.hw.pyengine import Op, PyEngine, op
+from sevemu.hypervisor import migration
 from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.hypervisor.migration import (
     MAX_FRAME,
@@ -36,6 +38,7 @@ from sevemu.hypervisor.migration import (
     Done,
     Finish,
     Hello,
+    Huge,
     Message,
     MigrationError,
     MsgType,
@@ -66,6 +69,7 @@ TIMEOUT = 20.0
 MESSAGES: list[Message] = [
     Hello(b"p" * 0x824, b"c" * 0x186C, b"a" * 0xC80),
     Start(0x30005, 64 * MiB, 2, b"d" * 0x824, b"s" * 0x80),
+    Huge((0, 0x20_0000, 0x1_0000_0000)),
     Page(0x1234000, b"h" * 0x34, os.urandom(PAGE)),
     Pages((0x1000, 0x7000, 0x2000), (b"h" * 0x34 + bytes(12)) * 3, os.urandom(3 * PAGE)),
     SharedPage(0x5000, os.urandom(PAGE)),
@@ -93,6 +97,8 @@ def test_frames_round_trip(msg: Message) -> None:
     (MsgType.SHARED, b"\x00" * 100),
     (MsgType.VCPU, b"\x00" * 7),
     (MsgType.FINISH, b""),
+    (MsgType.HUGE, b"\x00"),  # truncated count
+    (MsgType.HUGE, struct.pack(">IQ", 2, 0)),  # fewer regions than counted
     (MsgType.DONE, b"\x00"),
     (MsgType.PAGES, b"\x00\x00"),  # truncated count
     (MsgType.PAGES, struct.pack(">I", 0)),  # no pages
@@ -267,6 +273,84 @@ def test_in_process_migration_keeps_memory_registers_and_shared_pages() -> None:
     ranges = [(gpa, PAGE) for gpa in secrets] + [(SHARED_GPA, len(SHARED_MARK))]
     assert guest_reads(dst.hv, moved, ranges) == [*secrets.values(), SHARED_MARK]
     assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+
+
+def test_whole_regions_arrive_in_huge_pages_with_the_same_gpas() -> None:
+    """A 2 MiB region the source backs whole is named in HUGE: the destination backs it with one huge
+    page at its first page (one 2 MiB leaf); the other regions get 4 KiB pages; the GPAs backed and
+    the guest's memory are the same."""
+    src, dst = host("hv-mig-src-huge"), host("hv-mig-dst-huge")
+    secrets = secret_pages()
+    vm = running_guest(src, secrets)
+    region = SECRET_GPAS[0]  # 2 MiB aligned; backed whole here, the rest of the guest is not
+    vm.back_range(region, PAGE_2M)
+    regions = [r for r in range(0, MEM, PAGE_2M) if all((r >> 12) + i in vm.npt.mappings for i in range(512))]
+    assert regions == [region]
+    moved, error = migrate_in_process(src, dst, vm, keep_source=True)
+    assert error is None and moved is not None
+    assert moved.npt.huge == {region >> 21}
+    assert set(moved.npt.mappings) == set(vm.npt.mappings)
+    ranges = [(gpa, PAGE) for gpa in secrets] + [(SHARED_GPA, len(SHARED_MARK))]
+    assert guest_reads(dst.hv, moved, ranges) == [*secrets.values(), SHARED_MARK]
+
+
+def test_a_region_named_whole_and_not_sent_whole_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lying source names a region it does not send whole: the destination refuses at FINISH
+    (it would back GPAs the source never had), discards the VM, and the source cancels."""
+    src, dst = host("hv-mig-src-lie"), host("hv-mig-dst-lie")
+    secrets = secret_pages()
+    vm = running_guest(src, secrets)
+    monkeypatch.setattr(migration, "_whole_regions", lambda _vm: [SECRET_GPAS[0]])
+    moved, error = migrate_in_process(src, dst, vm)
+    assert isinstance(error, MigrationError) and "HUGE" in str(error)
+    assert moved is None and not dst.hv.vms and dst.hv.platform_status().guest_count == 0
+    assert guest_state(src.hv, vm) == GuestState.RUNNING
+    assert guest_reads(src.hv, vm, [(g, PAGE) for g in secrets]) == list(secrets.values())
+
+
+@pytest.mark.parametrize("regions,started", [
+    ((0x1000,), False),  # unaligned
+    ((MEM,), False),  # outside the VM
+    ((MEM - PAGE_2M, MEM - PAGE_2M), False),  # twice
+    ((0,), True),  # after the first page
+])
+def test_bad_huge_frames_are_protocol_errors(regions: tuple[int, ...], started: bool) -> None:
+    dst = host("hv-mig-dst-huge-bad")
+    vm = dst.hv.create_vm("v", MEM)
+    named: set[int] = set()
+    pending: set[int] = set()
+    with pytest.raises(ProtocolError):
+        migration._huge_regions(vm, Huge(regions), named, pending, started)
+    assert not named and not pending and not vm.npt.mappings
+    migration._huge_regions(vm, Huge((MEM - PAGE_2M,)), named, pending, False)
+    with pytest.raises(ProtocolError):  # named in an earlier frame
+        migration._huge_regions(vm, Huge((MEM - PAGE_2M,)), named, pending, False)
+
+
+@pytest.mark.parametrize("gpas", [
+    (0x3000, 0x1000, 0x3000),  # repeated, out of order
+    (0x1000, 0x1000),  # repeated, in order
+    (0x1000, 0x2000, 0x5000),  # 0x5000 received in an earlier frame
+    (0x1000, 0x2800),  # unaligned
+    (0x1000, MEM),  # outside the VM
+    (0x1000, 1 << 64),  # not a u64
+])
+def test_pages_of_a_frame_are_new_pages_of_the_vm(gpas: tuple[int, ...]) -> None:
+    """The destination takes each GPA of a PAGES frame once, inside the VM and page aligned; a frame
+    with one bad GPA is refused, naming it, and records none of its pages."""
+    vm = Vm.__new__(Vm)
+    vm.memory = MEM
+    seen = migration._Seen(MEM)
+    migration._new_pages(vm, (0x5000, 0x4000), seen)
+    before = seen.flags.copy()
+    with pytest.raises(ProtocolError, match="unaligned, outside the VM or repeated"):
+        migration._new_pages(vm, gpas, seen)
+    assert (seen.flags == before).all()
+    with pytest.raises(ProtocolError):
+        migration._new_page(vm, 0x4000, seen)
+    migration._new_pages(vm, (0x1000, 0x3000, 0x2000), seen)
+    migration._new_page(vm, MEM - PAGE, seen)
+    assert np.flatnonzero(seen.flags).tolist() == [1, 2, 3, 4, 5, MEM // PAGE - 1]
 
 
 def test_source_vm_is_destroyed_after_success() -> None:

@@ -19,12 +19,14 @@ Flow (non-live, "stop and copy": the guest does not run while it is sent)::
                                               <-  START(policy, memory size, vCPUs, own PDH, session)
     RECEIVE_START -> handle (new VEK)
     ACTIVATE(handle, new ASID)
+                                              <-  HUGE(2 MiB regions the source backs whole)
                                                   per batch of up to 255 backed private pages:
                                                       SEND_UPDATE_DATA(GPA's SPA | C-bit) per page
                                                       -> hdr, trans (one doorbell, ring buffer)
                                               <-      PAGES(gpas, hdrs, transport buffers)
-    back the pages, RECEIVE_UPDATE_DATA(SPA | C-bit)
-    per page (one doorbell, ring buffer)
+    back the pages (huge pages: below),
+    RECEIVE_UPDATE_DATA(SPA | C-bit) per page
+    (one doorbell, ring buffer)
                                               <-  SHARED(gpa, bytes) per shared (C=0) page: the guest
                                                   made it visible, it travels as plain RAM
                                               <-  VCPU(save area) per vCPU (a plain SEV guest's
@@ -62,6 +64,16 @@ own SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA with its own IV and MAC (KVM's contra
 is of submissions (the PSP's ring buffer) and of frames, not of packets.  A PAGE frame (one packet)
 is still accepted.
 
+Backing on the destination: the source names, in HUGE frames after START, the 2 MiB-aligned regions
+whose 512 pages it has all backed (so all of them travel); the first page received of such a region
+backs the whole region with one host huge page (:meth:`Vm.back_huge`: one 2 MiB nested-table leaf,
+no page-table entry per page), as QEMU's guest RAM -- anonymous memory advised for transparent huge
+pages -- gets a huge page at the first touch of a 2 MiB region when KVM pins the page
+RECEIVE_UPDATE_DATA writes.  Other pages (regions not named, ``Vm.huge_pages`` off on the
+destination, no huge page left) get 4 KiB pages.  The destination backs the same GPAs as the source:
+a named region of which FINISH finds a page missing is a protocol error, as is a region named after
+the first page, twice, unaligned or not inside the VM.
+
 SEV-ES guests (whose registers live in the encrypted VMSA and move with SEND_UPDATE_VMSA) and
 plain VMs are refused: only legacy SEV guests are modelled.
 """
@@ -78,7 +90,7 @@ from typing import Final, TypeVar
 
 import numpy as np
 
-from sevemu._util.units import PAGE, KiB, MiB
+from sevemu._util.units import PAGE, PAGE_2M, KiB, MiB
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import HdrBuf, SessionBuf
@@ -98,6 +110,7 @@ __all__ = [
     "Done",
     "Finish",
     "Hello",
+    "Huge",
     "Message",
     "MigrationError",
     "MsgType",
@@ -126,6 +139,8 @@ _SOCKET_BUFFER: Final = 4 * MiB
 """SO_SNDBUF / SO_RCVBUF of a channel's socket: about four PAGES frames of 255 pages (Linux caps it
 at net.core.wmem_max / rmem_max)."""
 _MAX_AMD_CERTS: Final = 8 * KiB
+_HUGE_FRAME: Final = 64 * KiB
+"""Regions per HUGE frame (512 KiB of GPAs)."""
 
 
 class MigrationError(VmError):
@@ -152,6 +167,7 @@ class MsgType(enum.IntEnum):
     DONE = 7
     ABORT = 8
     PAGES = 9
+    HUGE = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +188,14 @@ class Start:
     vcpus: int
     pdh: bytes  # the source platform's PDH certificate
     session: bytes  # the 0x80-byte session buffer
+
+
+@dataclass(frozen=True, slots=True)
+class Huge:
+    """Source -> destination, after START and before any page: 2 MiB-aligned GPAs of regions whose
+    512 pages are all backed on the source and will all be sent (module docstring: backing)."""
+
+    regions: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +260,7 @@ class Abort:
     reason: str
 
 
-Message = Hello | Start | Page | Pages | SharedPage | VcpuState | Finish | Done | Abort
+Message = Hello | Start | Huge | Page | Pages | SharedPage | VcpuState | Finish | Done | Abort
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -279,6 +303,8 @@ def encode_frame(msg: Message) -> bytes:
     elif isinstance(msg, Start):
         kind = MsgType.START
         payload = _blob(_START.pack(msg.policy, msg.memory, msg.vcpus), msg.pdh, msg.session)
+    elif isinstance(msg, Huge):
+        kind, payload = MsgType.HUGE, _U32.pack(len(msg.regions)) + struct.pack(f">{len(msg.regions)}Q", *msg.regions)
     elif isinstance(msg, SharedPage):
         kind, payload = MsgType.SHARED, _blob(_U64.pack(msg.gpa), msg.data)
     elif isinstance(msg, VcpuState):
@@ -339,6 +365,11 @@ def decode_frame(kind_byte: int, payload: bytes) -> Message:
         policy, memory, vcpus = _START.unpack_from(payload)
         p = _START.size
         return Start(policy, memory, vcpus, payload[p : p + CERT_SIZE], payload[p + CERT_SIZE :])
+    if kind is MsgType.HUGE:
+        _need(n >= 4, kind, "truncated")
+        count = _U32.unpack_from(payload)[0]
+        _need(n == 4 + 8 * count, kind, f"{n} bytes for {count} regions")
+        return Huge(struct.unpack_from(f">{count}Q", payload, 4))
     if kind is MsgType.SHARED:
         _need(n == 8 + PAGE, kind, f"{n} bytes")
         return SharedPage(_U64.unpack_from(payload)[0], payload[8:])
@@ -559,6 +590,9 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False)
 
 
 def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel) -> tuple[int, int]:
+    regions = _whole_regions(vm)  # (named before any page: module docstring, backing)
+    for i in range(0, len(regions), _HUGE_FRAME):
+        chan.send(Huge(tuple(regions[i : i + _HUGE_FRAME])))
     private = []
     shared = 0
     for gfn in sorted(vm.npt.mappings):
@@ -614,32 +648,87 @@ def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "
     return vm
 
 
-def _new_page(vm: Vm, gpa: int, seen: set[int]) -> None:
+class _Seen:
+    """The GPAs received so far: a flag per page of the VM (a frame's pages checked and recorded as
+    columns, whatever the number received before)."""
+
+    def __init__(self, memory: int) -> None:
+        self.flags = np.zeros(memory // PAGE, dtype=bool)
+        self.any = False
+
+    def region_whole(self, gpa: int) -> bool:
+        """Whether every page of the 2 MiB region at ``gpa`` (inside the VM) was received."""
+        return bool(self.flags[gpa // PAGE : (gpa + PAGE_2M) // PAGE].all())
+
+
+def _new_page(vm: Vm, gpa: int, seen: _Seen) -> None:
     """ProtocolError unless ``gpa`` is a page of the VM not received before; records it."""
-    if gpa % PAGE or not 0 <= gpa < vm.memory or gpa in seen:
+    if gpa % PAGE or not 0 <= gpa < vm.memory or seen.flags[gpa // PAGE]:
         raise ProtocolError(f"page at GPA {gpa:#x}: unaligned, outside the VM or repeated")
-    seen.add(gpa)
+    seen.flags[gpa // PAGE] = True
+    seen.any = True
 
 
-def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: set[int]) -> None:
+def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: _Seen) -> None:
     """:func:`_new_page` of each GPA (all checked before any is recorded)."""
-    fresh = set(gpas)
     try:
         at = np.array(gpas, dtype=np.uint64)
-        outside = bool((at & np.uint64(PAGE - 1)).any() or (at >= np.uint64(vm.memory)).any())
+        bad = bool((at & np.uint64(PAGE - 1)).any() or (at >= np.uint64(vm.memory)).any())
     except (OverflowError, ValueError):  # not a u64 (a frame's GPAs are): named below
-        outside = True
-    if len(fresh) != len(gpas) or not seen.isdisjoint(fresh) or outside:
-        bad = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
-                   or gpa in seen or gpa in gpas[:i])
-        raise ProtocolError(f"page at GPA {bad:#x}: unaligned, outside the VM or repeated")
-    seen |= fresh
+        bad = True
+    if not bad:
+        gfns = (at >> np.uint64(12)).astype(np.intp)
+        steps = np.diff(gfns)
+        repeated = not (steps > 0).all() and len(np.unique(gfns)) != len(gfns)  # (ascending: none repeated)
+        bad = repeated or bool(seen.flags[gfns].any())
+    if bad:
+        flags = seen.flags
+        bad_gpa = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
+                       or flags[gpa // PAGE] or gpa in gpas[:i])
+        raise ProtocolError(f"page at GPA {bad_gpa:#x}: unaligned, outside the VM or repeated")
+    seen.flags[gfns] = True
+    seen.any = True
+
+
+def _whole_regions(vm: Vm) -> list[int]:
+    """2 MiB-aligned GPAs of the regions of ``vm`` whose 512 pages are all backed, ascending."""
+    counts = np.bincount(np.fromiter(vm.npt.mappings, dtype=np.int64, count=len(vm.npt.mappings)) >> 9)
+    return [int(region) << 21 for region in np.flatnonzero(counts == PAGE_2M // PAGE)]
+
+
+def _huge_regions(vm: Vm, msg: Huge, named: set[int], pending: set[int], started: bool) -> None:
+    """Record the regions of a HUGE frame (module docstring: backing); ProtocolError if one is
+    unaligned, outside the VM, named before or arrives after the first page."""
+    fresh = set(msg.regions)
+    bad = started or len(fresh) != len(msg.regions) or not named.isdisjoint(fresh) or any(
+        r % PAGE_2M or not 0 <= r <= vm.memory - PAGE_2M for r in fresh)
+    if bad:
+        raise ProtocolError("HUGE names a region twice, unaligned or outside the VM, or comes after a page")
+    named |= fresh
+    if vm.huge_pages:
+        pending |= fresh
+
+
+def _back_huge(vm: Vm, gpas: tuple[int, ...] | list[int], pending: set[int]) -> None:
+    """Back with one huge page each the regions of ``gpas`` named by HUGE and not backed yet."""
+    if not pending:
+        return
+    region = -1
+    for gpa in gpas:
+        if gpa >> 21 == region:
+            continue
+        region = gpa >> 21
+        if region << 21 in pending:
+            pending.discard(region << 21)
+            vm.back_huge(region << 21)  # (None: no huge page left, the pages get 4 KiB ones)
 
 
 def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
     sev = hv.sev
     pages = shared = 0
-    seen: set[int] = set()
+    seen = _Seen(vm.memory)
+    named: set[int] = set()  # regions HUGE named
+    pending: set[int] = set()  # of those, the ones to back with a huge page at their first page
     with hv.psp.bounce.stage() as st, contextlib.ExitStack() as session:
         packet = Packet(st, HdrBuf.SIZE, PAGE)
         receiver: PageReceiver | None = None  # one ring-buffer session for a run of PAGES frames
@@ -647,6 +736,7 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
             msg = _next(chan, transient=True)  # (a PAGES frame is staged before the next read)
             if isinstance(msg, Pages):
                 _new_pages(vm, msg.gpas, seen)
+                _back_huge(vm, msg.gpas, pending)
                 if receiver is None:
                     receiver = session.enter_context(sev.page_receiver(vm))
                 # each GPA backs a fresh page: zeroed and flushed by the allocator
@@ -659,6 +749,7 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
             if isinstance(msg, (Page, SharedPage)):
                 gpa = msg.gpa
                 _new_page(vm, gpa, seen)
+                _back_huge(vm, [gpa], pending)
                 if isinstance(msg, SharedPage):
                     vm.back(gpa)
                     vm.host_write(gpa, msg.data)
@@ -672,6 +763,8 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
                 # backs a fresh page: zeroed and flushed by the allocator, no host line to write back
                 sev.receive_update_data(vm, gpa, len(msg.trans), msg.hdr, msg.trans, packet)
                 pages += 1
+            elif isinstance(msg, Huge):
+                _huge_regions(vm, msg, named, pending, seen.any)
             elif isinstance(msg, VcpuState):
                 if msg.index != len(vm.vcpus) or msg.index >= vcpus:
                     raise ProtocolError(f"vCPU {msg.index} out of order")
@@ -682,6 +775,9 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
                 if (msg.pages, msg.shared) != (pages, shared) or len(vm.vcpus) != vcpus:
                     raise ProtocolError(f"FINISH counts {msg.pages}+{msg.shared} pages, {vcpus} vCPUs; "
                                         f"received {pages}+{shared}, {len(vm.vcpus)}")
+                short = next((r for r in sorted(named) if not seen.region_whole(r)), None)
+                if short is not None:
+                    raise ProtocolError(f"HUGE named the region at GPA {short:#x}, and not all of its pages came")
                 sev.receive_finish(vm)
                 return
             else:

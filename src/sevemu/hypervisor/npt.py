@@ -91,7 +91,7 @@ class NestedPageTable:
         if not self._tables:
             raise HardwareError("the nested page table was released (its VM was destroyed)")
         first = gpa >> PAGE_SHIFT
-        if (1, gpa >> 21) in self._tables or any(g in self.mappings for g in range(first, first + _SUBPAGES)):
+        if (1, gpa >> 21) in self._tables or not self.mappings.keys().isdisjoint(range(first, first + _SUBPAGES)):
             raise AddressError(f"GPA {gpa:#x}: the 2 MiB region is already (partly) mapped")
         pd = self._table(2, gpa)
         entry = spa | _LEAF | _PS | (_RW if writable else 0)

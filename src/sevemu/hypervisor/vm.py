@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -137,7 +138,8 @@ class Vm:
         self.snp_context = 0
         """SPA of the SNP guest-context page (KVM ``snp_context``; 0: none)."""
         self.huge_pages = True
-        """Back 2 MiB-aligned regions KVM populates whole with host huge pages (SNP launch updates)."""
+        """Back 2 MiB-aligned regions KVM populates whole with host huge pages (SNP launch updates,
+        the regions an incoming migration names whole: :mod:`sevemu.hypervisor.migration`)."""
         self.private_spas: set[int] = set()
         """SNP: backing pages the RMP gives the guest (:mod:`sevemu.hypervisor.sev.snp`)."""
         self.crash_reason: str | None = None
@@ -149,6 +151,7 @@ class Vm:
         """Emulated MMIO pages (GPA -> register bytes): the NPT maps them with a reserved bit, so an
         access is an NPF with RSVD (SEV-ES: #VC 0x400 in the guest, which asks with MMIO_READ/WRITE)."""
         self._owned: set[int] = set()  # SPAs allocated for this VM (freed on release)
+        self._owned_huge: list[int] = []  # first SPAs of the huge pages allocated for it (freed on release)
 
     @property
     def sev(self) -> bool:
@@ -186,13 +189,13 @@ class Vm:
             return None
         mapped = self.npt.mappings
         first = gpa >> 12
-        if any(gfn in mapped for gfn in range(first, first + PAGE_2M // PAGE)):
+        if not mapped.keys().isdisjoint(range(first, first + PAGE_2M // PAGE)):  # (one pass in C)
             return None
         spa = self._alloc.alloc_huge()
         if spa is None:
             return None
         self.npt.map_huge(gpa, spa)
-        self._owned.update(range(spa, spa + PAGE_2M, PAGE))
+        self._owned_huge.append(spa)
         return spa
 
     def back_range(self, gpa: int, length: int) -> list[int]:
@@ -214,6 +217,9 @@ class Vm:
             bad = next(gpa for gpa in gpas if gpa & PAGE_MASK or not 0 <= gpa < memory)
             raise AddressError(f"GPA {bad:#x} is not a page of {self.name}'s {memory:#x} bytes")
         mapped = self.npt.mappings
+        got = list(map(mapped.get, [gpa >> 12 for gpa in gpas]))
+        if None not in got:  # every page backed already (a huge page's): nothing to map
+            return cast("list[int]", got)
         fresh = [gpa for gpa in dict.fromkeys(gpas) if gpa >> 12 not in mapped]
         spas = self._alloc.alloc_many(len(fresh))
         self.npt.map_many(list(zip(fresh, spas, strict=True)))
@@ -286,6 +292,9 @@ class Vm:
         """Return every page the VM holds to the host allocators: backing pages, the NPT's table
         pages and the VMSA pages."""
         self.npt.release()
+        for spa in self._owned_huge:  # (into the set: the pages go back in the order they always did)
+            self._owned.update(range(spa, spa + PAGE_2M, PAGE))
+        self._owned_huge.clear()
         self._alloc.free_many(self._owned)
         self._owned.clear()
         for spa in self.vmsa_pages.values():
