@@ -30,18 +30,35 @@
 #define INFO_GPA 0x68
 #define CHAIN_STRIDE 4096
 
-static int sha384_into(EVP_MD_CTX *ctx, const unsigned char *msg, size_t len, unsigned char *out)
+/* SHA-384 fetched once (OpenSSL 3 would otherwise look the algorithm up at every EVP_DigestInit_ex of
+ * EVP_sha384(); the fetched method is process-wide and never freed). */
+static const EVP_MD *sha384_md(void)
+{
+    static const EVP_MD *md = NULL;
+    if (md == NULL) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+        md = EVP_MD_fetch(NULL, "SHA384", NULL);
+#endif
+        if (md == NULL) {
+            md = EVP_sha384();
+        }
+    }
+    return md;
+}
+
+static int sha384_into(EVP_MD_CTX *ctx, const EVP_MD *md, const unsigned char *msg, size_t len, unsigned char *out)
 {
     unsigned int n = 0;
-    return EVP_DigestInit_ex(ctx, EVP_sha384(), NULL) == 1 && EVP_DigestUpdate(ctx, msg, len) == 1 &&
+    return EVP_DigestInit_ex(ctx, md, NULL) == 1 && EVP_DigestUpdate(ctx, msg, len) == 1 &&
            EVP_DigestFinal_ex(ctx, out, &n) == 1 && n == DIGEST;
 }
 
-static int hash_pages(EVP_MD_CTX *ctx, const unsigned char *data, size_t count, size_t size, unsigned char *out)
+static int hash_pages(EVP_MD_CTX *ctx, const EVP_MD *md, const unsigned char *data, size_t count, size_t size,
+                      unsigned char *out)
 {
     size_t i;
     for (i = 0; i < count; i++) {
-        if (!sha384_into(ctx, data + i * size, size, out + i * DIGEST)) {
+        if (!sha384_into(ctx, md, data + i * size, size, out + i * DIGEST)) {
             return 0;
         }
     }
@@ -80,10 +97,11 @@ static PyObject *sha384_pages(PyObject *self, PyObject *const *args, Py_ssize_t 
     if (out != NULL) {
         unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
         EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-        int ok = ctx != NULL;
+        const EVP_MD *md = sha384_md();
+        int ok = ctx != NULL && md != NULL;
         if (ok) {
             Py_BEGIN_ALLOW_THREADS
-            ok = hash_pages(ctx, (const unsigned char *)data.buf, count, (size_t)size, dst);
+            ok = hash_pages(ctx, md, (const unsigned char *)data.buf, count, (size_t)size, dst);
             Py_END_ALLOW_THREADS
         }
         EVP_MD_CTX_free(ctx);
@@ -107,6 +125,7 @@ static PyObject *page_info_chain(PyObject *self, PyObject *const *args, Py_ssize
     uint64_t gpa, count, i;
     int have_contents, ok;
     EVP_MD_CTX *ctx;
+    const EVP_MD *md;
     unsigned char info[INFO_SIZE], ld[DIGEST];
     (void)self;
     if (nargs < 4 || nargs > 5) {
@@ -143,7 +162,8 @@ static PyObject *page_info_chain(PyObject *self, PyObject *const *args, Py_ssize
     memcpy(ld, views[0].buf, DIGEST);
     memcpy(info, views[1].buf, INFO_SIZE);
     ctx = EVP_MD_CTX_new();
-    ok = ctx != NULL;
+    md = sha384_md();
+    ok = ctx != NULL && md != NULL;
     Py_BEGIN_ALLOW_THREADS
     for (i = 0; ok && i < count; i++) {
         uint64_t addr = gpa + i * CHAIN_STRIDE;
@@ -155,7 +175,7 @@ static PyObject *page_info_chain(PyObject *self, PyObject *const *args, Py_ssize
         for (k = 0; k < 8; k++) {
             info[INFO_GPA + k] = (unsigned char)(addr >> (8 * k));
         }
-        ok = sha384_into(ctx, info, INFO_SIZE, ld);
+        ok = sha384_into(ctx, md, info, INFO_SIZE, ld);
     }
     Py_END_ALLOW_THREADS
     EVP_MD_CTX_free(ctx);

@@ -81,8 +81,10 @@ def page_info_digest(ld: bytes, contents: bytes, page_type: int, gpa: int, vmpl_
                      imi_page: bool = False) -> bytes:
     """SHA-384 of the PAGE_INFO that chains ``ld`` with one 4 KiB page (``vmpl_perms``: VMPL1, 2, 3)."""
     info = bytearray(_template(page_type, vmpl_perms, imi_page))
+    info[0x00:0x30] = ld
     info[0x30:0x60] = contents
-    return page_info_chain(ld, info, gpa, 1)
+    info[0x68:0x70] = gpa.to_bytes(8, "little")
+    return hashlib.sha384(info).digest()
 
 
 def measure_pages(ld: bytes, data: bytes, page_type: int, gpa: int, vmpl_perms: tuple[int, int, int] = (0, 0, 0),
@@ -141,7 +143,8 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     if ptype == SnpPageType.NORMAL:
         ld = measure_pages(g.ld, data, int(ptype), gpa, perms, imi)
     elif ptype in (SnpPageType.ZERO, SnpPageType.UNMEASURED):  # CONTENTS zero; 512 of them for 2 MiB
-        ld = page_info_chain(g.ld, _template(int(ptype), perms, imi), gpa, size // PAGE)
+        ld = (page_info_chain(g.ld, _template(int(ptype), perms, imi), gpa, size // PAGE) if entry.page_size
+              else page_info_digest(g.ld, _ZERO_CONTENTS, int(ptype), gpa, perms, imi))
         if ptype == SnpPageType.ZERO:
             data = bytes(size)
     else:  # the 4 KiB-only types
@@ -160,8 +163,8 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         ld = page_info_digest(g.ld, contents, int(ptype), gpa, perms, imi)
     dma.write_encrypted(spa, data, g.asid)
     g.ld = ld
-    port.update(spa, entry, validated=True, immutable=False, vmsa=ptype == SnpPageType.VMSA,
-                perms=(entry.perms[0], *perms))
+    port.set(spa, assigned=True, immutable=False, asid=entry.asid, gpa=gpa, validated=True,
+             vmsa=ptype == SnpPageType.VMSA, huge=bool(entry.page_size), perms=(entry.perms[0], *perms))
 
 
 def _read(fw: Firmware, paddr: int, layout: type[Struct]) -> bytes:
