@@ -23,6 +23,12 @@ setup(
             optional=True,
         ),
         Extension(
+            "sevemu.crypto._sha384_accel",
+            sources=["csrc/sha384_accel.c"],
+            libraries=["crypto"],  # OpenSSL's SHA-384
+            optional=True,
+        ),
+        Extension(
             "sevemu.hw._mem_accel",
             sources=["csrc/mem_accel.c"],
             libraries=["crypto"],  # the line cipher's AES (OpenSSL's libcrypto)

@@ -447,3 +447,55 @@ def test_a_2m_rmpupdate_answers_as_the_first_offending_4k_entry(subs: list[tuple
 
 
 _SOC = _snp()
+
+
+# ---- the fast lookups answer as the general ones ---------------------------------------------------
+def test_the_one_quadword_lookup_reads_what_the_entry_lookup_reads() -> None:
+    """``_governing_lo`` (the host-write and guest-page checks) gives the low quadword ``_authoritative``
+    gives: a page's own entry, a 2 MiB entry governing its region, a smashed region, and an entry
+    software left in its cache (a dirty line) before SNP_INIT."""
+    from sevemu.abi.rmp import RMP_BOOKKEEPING_SIZE
+
+    soc = make_soc()
+    host = soc.host_view()
+    host.wrmsr(Msr.SYSCFG, host.rdmsr(Msr.SYSCFG) | SNP_EN)
+    rmp = soc.rmp
+    assert rmp is not None
+    dirty_pfn = (_BASE >> 12) + 3
+    host.boot_cpu.host_write(rmp.base + RMP_BOOKKEEPING_SIZE + 16 * dirty_pfn, (1 | 5 << 51).to_bytes(8, "little"))
+    assert rmp._governing_lo(dirty_pfn) == rmp._authoritative(dirty_pfn)[1] == 1 | 5 << 51
+    RmpFirmwarePort(rmp).initialize()
+    assert _private(host, _BASE + 0x200000, 0x200000, huge=True) == RmpResult.SUCCESS
+    assert _private(host, _BASE + 5 * PAGE, 5 * PAGE) == RmpResult.SUCCESS
+    assert _private(host, _BASE + 0x400000, 0x400000, huge=True) == RmpResult.SUCCESS
+    assert host.boot_cpu.psmash(_BASE + 0x400000) == RmpResult.SUCCESS
+    first = _BASE >> 12
+    pfns = [first + i for i in (0, 3, 4, 5, 6, 511, 512, 513, 700, 1023, 1024, 1025, 1535, 1536)]
+    for pfn in pfns:
+        assert rmp._governing_lo(pfn) == rmp._authoritative(pfn)[1], hex(pfn)
+    assert rmp._governing_lo(first + 700) & 3 == 3  # inside the 2 MiB page: its entry governs
+
+
+def test_decoded_entries_are_shared_values_equal_to_a_fresh_decoding() -> None:
+    from sevemu.hw.rmp import RmpEntry
+
+    lo, hi = 1 | 1 << 2 | 0x1234 << 12 | 7 << 51 | 1 << 62, 0x1F | 3 << 8
+    a, b = RmpEntry.from_raw(lo, hi), RmpEntry.from_raw(lo, hi)
+    assert a is b
+    assert a == RmpEntry(True, 0, True, 0x1234 << 12, 7, False, True, (0x1F, 3, 0, 0))
+    assert RmpEntry.from_raw(lo | 2, hi).page_size == 1 and a.page_size == 0
+    with pytest.raises(AttributeError):
+        a.asid = 1  # type: ignore[misc]
+
+
+def test_in_use_pages_answer_for_aligned_and_unaligned_queries() -> None:
+    _soc, _host, rmp, port = _snp()
+    page = _BASE + 7 * PAGE
+    rmp.mark_in_use([page + 0x10])
+    assert port.in_use(page)
+    assert not port.in_use(page + 0x800, PAGE)  # [page + 0x800, page + 0x1800) holds no in-use page start
+    assert port.in_use(page - 0x800, PAGE)  # [page - 0x800, page + 0x800) holds the page's start
+    assert not port.in_use(page + PAGE) and not port.in_use(page - PAGE)
+    assert port.in_use(_BASE, 0x200000)
+    rmp.release([page])
+    assert not port.in_use(page) and not port.in_use(_BASE, 0x200000)

@@ -93,6 +93,7 @@ _LOCK: Final = 1 << 63
 _VMPL0_ALL: Final = VMPL_PERM_MASK  # high quadword after an assigning RMPUPDATE: VMPL0 all, others none
 _SUBPAGES: Final = PAGE_2M // PAGE
 _unpack_entry: Final = struct.Struct("<QQ").unpack_from
+_unpack_lo: Final = struct.Struct("<Q").unpack_from
 _NPF_RMP: Final = int(NpfExitInfo1.P | NpfExitInfo1.W | NpfExitInfo1.RMP | NpfExitInfo1.ENC
                       | NpfExitInfo1.GUEST_FINAL)
 
@@ -140,14 +141,27 @@ class RmpEntry:
 
     @classmethod
     def from_raw(cls, lo: int, hi: int) -> RmpEntry:
-        return cls(bool(lo & _ASSIGNED), (lo >> 1) & 1, bool(lo & _IMMUTABLE), lo & _GPA_MASK,
-                   (lo >> _ASID_SHIFT) & _ASID_MASK, bool(lo & _VMSA), bool(lo & _VALIDATED),
-                   (hi & 0xFF, (hi >> 8) & 0xFF, (hi >> 16) & 0xFF, (hi >> 24) & 0xFF))
+        """The entry of the raw quadwords ``lo``, ``hi`` (decoded once per distinct pair: entries are
+        immutable values, and most reads are of the few that recur -- Hypervisor pages, a context)."""
+        key = (lo, hi)
+        entry = _DECODED.get(key)
+        if entry is None or type(entry) is not cls:
+            entry = cls(bool(lo & _ASSIGNED), (lo >> 1) & 1, bool(lo & _IMMUTABLE), lo & _GPA_MASK,
+                        (lo >> _ASID_SHIFT) & _ASID_MASK, bool(lo & _VMSA), bool(lo & _VALIDATED),
+                        (hi & 0xFF, (hi >> 8) & 0xFF, (hi >> 16) & 0xFF, (hi >> 24) & 0xFF))
+            if len(_DECODED) >= _DECODED_MAX:
+                _DECODED.clear()
+            _DECODED[key] = entry
+        return entry
 
     @property
     def state(self) -> RmpPageState:
         """The firmware page state (sev-tool ``src/rmp.h``; AMD-ASPFW ``rmp_entry_get_state``)."""
         return _state(self.assigned, self.validated, self.asid, self.immutable, self.gpa, self.vmsa)
+
+
+_DECODED: dict[tuple[int, int], RmpEntry] = {}
+_DECODED_MAX: Final = 4096
 
 
 def _state(assigned: bool, validated: bool, asid: int, immutable: bool, gpa: int, vmsa: bool) -> RmpPageState:
@@ -331,6 +345,28 @@ class Rmp:
         lo, hi = self._raw(pfn)
         return pfn, lo, hi
 
+    def _governing_lo(self, pfn: int) -> int:
+        """The low quadword of the entry that governs ``pfn`` (:meth:`_authoritative`'s ``lo``, read
+        as :meth:`_raw` reads it), for the checks that need only that."""
+        first = self.base + RMP_BOOKKEEPING_SIZE
+        dirty = self._cache.dirty
+        pages = self._pages
+        large = pfn & ~(_SUBPAGES - 1)
+        if large != pfn:
+            spa = first + large * RMP_ENTRY_SIZE
+            if spa & ~(LINE - 1) in dirty:
+                lo = self._raw(large)[0]
+            else:
+                page = pages.get(spa >> PAGE_SHIFT)
+                lo = _unpack_lo(page, spa & (PAGE - 1))[0] if page is not None else 0
+            if lo & _ASSIGNED and lo & _PAGESIZE:
+                return lo
+        spa = first + pfn * RMP_ENTRY_SIZE
+        if spa & ~(LINE - 1) in dirty:
+            return self._raw(pfn)[0]
+        page = pages.get(spa >> PAGE_SHIFT)
+        return _unpack_lo(page, spa & (PAGE - 1))[0] if page is not None else 0
+
     def entry(self, spa: int) -> RmpEntry:
         """The entry that governs the page at ``spa`` (AddressError outside the covered memory)."""
         if not self._covers(spa):
@@ -358,7 +394,7 @@ class Rmp:
         last = min(spa + length - 1, self.covered - 1) >> PAGE_SHIFT
         if last - first < 8:  # a few pages: entry by entry
             for pfn in range(first, last + 1):
-                _, lo, _ = self._authoritative(pfn)
+                lo = self._governing_lo(pfn)
                 if lo & _ASSIGNED:
                     raise fault(max(spa, pfn << PAGE_SHIFT), _state_of(lo))
             return
@@ -382,7 +418,7 @@ class Rmp:
             return False
         last = min(spa + length - 1, self.covered - 1)
         for pfn in range(spa >> PAGE_SHIFT, (last >> PAGE_SHIFT) + 1):
-            _, lo, _ = self._authoritative(pfn)
+            lo = self._governing_lo(pfn)
             if lo & _ASSIGNED and (lo >> _ASID_SHIFT) & _ASID_MASK:
                 return True
         return False
@@ -451,7 +487,12 @@ class Rmp:
         return None
 
     def _busy(self, spa: int, size: int) -> bool:
-        return any(spa <= p < spa + size for p in self._in_use)
+        in_use = self._in_use
+        if not in_use:
+            return False
+        if size == PAGE and not spa % PAGE:
+            return spa in in_use
+        return any(spa <= p < spa + size for p in in_use)
 
     # ---- host instructions ---------------------------------------------------------------------
     def rmpupdate(self, spa: int, new: RmpUpdateState) -> RmpResult:

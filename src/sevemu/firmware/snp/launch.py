@@ -47,6 +47,7 @@ from sevemu.abi.snp import (
 from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct
 from sevemu.crypto import ecc
+from sevemu.crypto.pagehash import page_info_chain, sha384_pages
 from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError, VerificationError
 from sevemu.firmware.core import ANY_STATE, Firmware
 from sevemu.firmware.snp.api import SNP_API
@@ -60,29 +61,39 @@ _VMSA_TSC: Final = slice(0x2F0, 0x300)  # GUEST_TSC_SCALE, GUEST_TSC_OFFSET (sev
 _FOUR_K_ONLY: Final = {SnpPageType.VMSA, SnpPageType.SECRETS, SnpPageType.CPUID}
 
 
+_TEMPLATES: dict[tuple[int, int, int, int, int], bytes] = {}
+
+
+def _template(page_type: int, vmpl_perms: tuple[int, int, int], imi_page: bool) -> bytes:
+    """The PAGE_INFO of a command with its fixed fields (type, IMI, VMPL1-3 permissions) filled,
+    digest, contents and GPA zero (built once per kind of command)."""
+    key = (page_type, int(imi_page), *vmpl_perms)
+    info = _TEMPLATES.get(key)
+    if info is None:
+        if len(_TEMPLATES) >= 64:
+            _TEMPLATES.clear()
+        info = _TEMPLATES[key] = PageInfo(page_type=page_type, imi_page=int(imi_page), vmpl1_perms=vmpl_perms[0],
+                                          vmpl2_perms=vmpl_perms[1], vmpl3_perms=vmpl_perms[2]).encode()
+    return info
+
+
 def page_info_digest(ld: bytes, contents: bytes, page_type: int, gpa: int, vmpl_perms: tuple[int, int, int] = (0, 0, 0),
                      imi_page: bool = False) -> bytes:
     """SHA-384 of the PAGE_INFO that chains ``ld`` with one 4 KiB page (``vmpl_perms``: VMPL1, 2, 3)."""
-    info = PageInfo(digest_cur=ld, contents=contents, page_type=page_type, imi_page=int(imi_page),
-                    vmpl1_perms=vmpl_perms[0], vmpl2_perms=vmpl_perms[1], vmpl3_perms=vmpl_perms[2], gpa=gpa)
-    return hashlib.sha384(info.encode()).digest()
+    info = bytearray(_template(page_type, vmpl_perms, imi_page))
+    info[0x00:0x30] = ld
+    info[0x30:0x60] = contents
+    info[0x68:0x70] = gpa.to_bytes(8, "little")
+    return hashlib.sha384(info).digest()
 
 
 def measure_pages(ld: bytes, data: bytes, page_type: int, gpa: int, vmpl_perms: tuple[int, int, int] = (0, 0, 0),
                   imi_page: bool = False) -> bytes:
     """The launch digest after ``ld`` is chained with every 4 KiB page of ``data`` (GPAs from ``gpa``)
     as measured pages: CONTENTS = SHA-384 of the page.  The same digest as :func:`page_info_digest` page
-    by page, with one PAGE_INFO buffer filled in place (its fixed fields written once)."""
-    info = bytearray(PageInfo(page_type=page_type, imi_page=int(imi_page), vmpl1_perms=vmpl_perms[0],
-                              vmpl2_perms=vmpl_perms[1], vmpl3_perms=vmpl_perms[2]).encode())
-    sha384 = hashlib.sha384
-    view = memoryview(data)
-    for off in range(0, len(data), PAGE):
-        info[0:48] = ld
-        info[0x30:0x60] = sha384(view[off : off + PAGE]).digest()
-        info[0x68:0x70] = (gpa + off).to_bytes(8, "little")
-        ld = sha384(info).digest()
-    return ld
+    by page: the pages' hashes in one call, then the chain in one call (:mod:`sevemu.crypto.pagehash`)."""
+    return page_info_chain(ld, _template(page_type, vmpl_perms, imi_page), gpa, len(data) // PAGE,
+                           sha384_pages(data, PAGE))
 
 
 def _secrets(fw: Firmware, g: SnpGuest) -> bytes:
@@ -128,34 +139,32 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     size = PAGE_2M if entry.page_size else PAGE
     gpa = entry.gpa
     data = dma.read_invalidate(spa, size)  # the whole page (512 x 4 KiB for a 2 MiB one) at once
+    imi = bool(cmd.flags.imi_page)
     if ptype == SnpPageType.NORMAL:
-        ld = measure_pages(g.ld, data, int(ptype), gpa, perms, cmd.flags.imi_page)
-    else:  # the 4 KiB-only types, ZERO and UNMEASURED: one page each unless ZERO / UNMEASURED 2 MiB
-        ld = g.ld
-        out: list[bytes] = []
-        for off in range(0, size, PAGE):
-            page = data[off : off + PAGE]
-            contents = _ZERO_CONTENTS
-            if ptype == SnpPageType.VMSA:
-                measured = bytearray(page)
-                measured[_VMSA_TSC] = bytes(16)
-                contents = hashlib.sha384(measured).digest()
-            elif ptype == SnpPageType.ZERO:
-                page = bytes(PAGE)
-            elif ptype == SnpPageType.SECRETS:
-                page = _secrets(fw, g)
-            elif ptype == SnpPageType.CPUID:
-                fixed = sanitize_cpuid_page(fw.profile, page)
-                if fixed is not None:
-                    dma.write(spa, fixed, guest_ok=True)  # the corrected page, unencrypted, for the VMM
-                    raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
-            ld = page_info_digest(ld, contents, int(ptype), gpa + off, perms, cmd.flags.imi_page)
-            out.append(page)
-        data = b"".join(out)
+        ld = measure_pages(g.ld, data, int(ptype), gpa, perms, imi)
+    elif ptype in (SnpPageType.ZERO, SnpPageType.UNMEASURED):  # CONTENTS zero; 512 of them for 2 MiB
+        ld = (page_info_chain(g.ld, _template(int(ptype), perms, imi), gpa, size // PAGE) if entry.page_size
+              else page_info_digest(g.ld, _ZERO_CONTENTS, int(ptype), gpa, perms, imi))
+        if ptype == SnpPageType.ZERO:
+            data = bytes(size)
+    else:  # the 4 KiB-only types
+        contents = _ZERO_CONTENTS
+        if ptype == SnpPageType.VMSA:
+            measured = bytearray(data)
+            measured[_VMSA_TSC] = bytes(16)
+            contents = hashlib.sha384(measured).digest()
+        elif ptype == SnpPageType.SECRETS:
+            data = _secrets(fw, g)
+        elif ptype == SnpPageType.CPUID:
+            fixed = sanitize_cpuid_page(fw.profile, data)
+            if fixed is not None:
+                dma.write(spa, fixed, guest_ok=True)  # the corrected page, unencrypted, for the VMM
+                raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
+        ld = page_info_digest(g.ld, contents, int(ptype), gpa, perms, imi)
     dma.write_encrypted(spa, data, g.asid)
     g.ld = ld
-    port.update(spa, entry, validated=True, immutable=False, vmsa=ptype == SnpPageType.VMSA,
-                perms=(entry.perms[0], *perms))
+    port.set(spa, assigned=True, immutable=False, asid=entry.asid, gpa=gpa, validated=True,
+             vmsa=ptype == SnpPageType.VMSA, huge=bool(entry.page_size), perms=(entry.perms[0], *perms))
 
 
 def _read(fw: Firmware, paddr: int, layout: type[Struct]) -> bytes:

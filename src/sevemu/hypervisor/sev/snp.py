@@ -95,6 +95,8 @@ _SUBPAGES: Final = PAGE_2M // PAGE
 _HUGE_TYPES: Final = frozenset({SnpPageType.NORMAL, SnpPageType.ZERO, SnpPageType.UNMEASURED})
 """Page types a 2 MiB SNP_LAUNCH_UPDATE may carry (VMSA, SECRETS and CPUID pages are 4 KiB only)."""
 
+_CMD_ADDRESS: Final = SnpLaunchUpdateCmd.offset_of("address")
+
 __all__ = [
     "SNP_POLICY_MASK_VALID",
     "commit",
@@ -290,6 +292,13 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
         raise SevInputError(Errno.EINVAL, f"GFNs {p.gfn_start:#x}+{p.len // PAGE} are not in a private memslot")
     done = 0
     pages = p.len // PAGE
+    # The command buffer of each page differs only in its address (a 4 KiB and a 2 MiB variant): encoded
+    # once, the address patched in per page (the bytes SevHost.issue would write; the reply is unused).
+    cmds = [bytearray(SnpLaunchUpdateCmd(gctx_paddr=vm.snp_context, flags=SnpLaunchUpdateFlags(
+        page_type=int(ptype), page_size=huge)).encode()) for huge in (False, True)]
+    at = slice(_CMD_ADDRESS, _CMD_ADDRESS + 8)
+    me_mask = host.caps.me_mask
+    rmp_entry = host.soc.rmp_entry
     try:
         while done < pages:
             gpa = gpa0 + done * PAGE
@@ -301,16 +310,16 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
                 data = bytes(PAGE_2M) if src is None else src[done * PAGE : done * PAGE + PAGE_2M]
             else:
                 spa = vm.back(gpa)
-                if spa in vm.private_spas or host.soc.rmp_entry(spa).assigned:
+                if spa in vm.private_spas or rmp_entry(spa).assigned:
                     raise SevInputError(Errno.EINVAL, f"GPA {gpa:#x} is already private")
             host.core.host_write_stream(spa, data)  # kvm_gmem_populate: the kernel fills the page ...
             _rmpupdate(host, spa, RmpUpdateState(gpa=gpa, assigned=1, asid=vm.asid, immutable=1,
                                                  pagesize=int(bool(huge))))  # ... then it is the guest's
-            try:
-                host.issue(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
-                    gctx_paddr=vm.snp_context, flags=SnpLaunchUpdateFlags(page_type=int(ptype), page_size=bool(huge)),
-                    address=spa | host.caps.me_mask))
-            except SevFirmwareError as e:
+            cmd = cmds[bool(huge)]
+            cmd[at] = (spa | me_mask).to_bytes(8, "little")
+            status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, bytes(cmd))
+            if status != Status.SUCCESS:
+                e = SevFirmwareError(CommandId.SNP_LAUNCH_UPDATE.name, status)
                 fixed = host.core.host_read(spa, PAGE)  # a CPUID page: the firmware's corrections
                 _reclaim(host, spa)
                 if ptype == SnpPageType.CPUID and e.status == Status.INVALID_PARAM and isinstance(p.uaddr, bytearray):
