@@ -89,6 +89,7 @@ _VM_HSAVE_PA_MSR: Final = 0xC001_0117
 _CLEAN_SYNCS_BEFORE_DEMOTE: Final = 256
 _SPURIOUS_LIMIT: Final = 1000
 _HOOK_LIMIT: Final = 16384
+_VMGEXIT_CODE: Final = int(ExitCode.VMGEXIT)
 _I_RSP: Final = GPRS.index("rsp")
 _CR0_WP: Final = 1 << 16
 _CR0_TLB_BITS: Final = CR0_PG | CR0_PE | _CR0_WP
@@ -618,9 +619,12 @@ class UcEngine:
             self._timer_fired = False
             err = run(self, rip)
             if err.__class__ is not int:  # a known port-I/O exit (the test below, made by the runner)
-                self.stats.io_exits += 1
-                cpu.vmcb.next_rip = err.info2
-                return err  # type: ignore[no-any-return]
+                if err.code != _VMGEXIT_CODE or cpu.vmcb.sev_es_enable:
+                    self.stats.io_exits += 1
+                    cpu.vmcb.next_rip = err.info2
+                    return err  # type: ignore[no-any-return]
+                io_exits.clear()  # a VMGEXIT remembered in an SEV-ES run; this run is not one: decided afresh
+                err = 0
             if err < 0:
                 raise Crash("the engine could not read the guest's registers")
             rip = vals[I_RIP]
@@ -642,6 +646,9 @@ class UcEngine:
                 offs = io_offsets.get(page)
                 if offs is not None and off in offs:  # a port-I/O code hook stopped here
                     hit = io_exits.get(rip)
+                    if hit is not None and hit[3].code == _VMGEXIT_CODE and not cpu.vmcb.sev_es_enable:
+                        io_exits.clear()  # (as above)
+                        hit = None
                     if hit is not None and hit[2] in (-1, vals[3] & 0xFFFF) and hit[1] == bool(vals[I_CR0] & CR0_PG):
                         slot = xgva.get(page)  # (read_code, inlined: the exit path)
                         if slot is not None and off <= PAGE - 16 and mm is not None:
