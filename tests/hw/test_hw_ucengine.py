@@ -18,7 +18,7 @@ from hwkit import identity_tables
 
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import InputError
-from sevemu.hw.svm import VmExit, Vmcb
+from sevemu.hw.svm import Vmcb, VmExit
 from sevemu.hw.uc.watchdog import WATCHDOG
 from sevemu.hw.ucengine import EngineClosedError, InitialState, UcEngine, check_vmcb_state, scan_io_candidates
 from sevemu.hypervisor.kvm import COM1, RunResult
