@@ -18,7 +18,7 @@ from hwkit import identity_tables
 
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import InputError
-from sevemu.hw.svm import Vmcb
+from sevemu.hw.svm import Vmcb, VmExit
 from sevemu.hw.uc.watchdog import WATCHDOG
 from sevemu.hw.ucengine import EngineClosedError, InitialState, UcEngine, check_vmcb_state, scan_io_candidates
 from sevemu.hypervisor.kvm import COM1, RunResult
@@ -306,6 +306,23 @@ def test_shared_instruction_semantics_on_real_code(kind: VmKind) -> None:
     assert r.exit.code == ExitCode.SHUTDOWN
     assert "#UD" in (vm.crash_reason or "") and "PVALIDATE outside an SEV-SNP guest" in (vm.crash_reason or "")
     assert eng.crash_rip == BASE + len(SHARED) - 4
+
+
+def test_a_vmgexit_remembered_in_an_sev_es_run_is_vmmcall_in_a_run_without_sev_es() -> None:
+    """The engine remembers a VMGEXIT it stopped at (RIP, mode, instruction bytes) with its known
+    port-I/O exits, for an SEV-ES guest; a VMRUN without SEV-ES at the same RIP with the same bytes
+    -- the memo made in an SEV-ES run, here planted -- still executes VMMCALL."""
+    m = machine()
+    vm, eng = launch(m, SHARED, VmKind.SEV)
+    assert run(m, vm).reason == "hlt"
+    rip = BASE + 21  # (after the first HLT: xor %eax,%eax; then the VMGEXIT)
+    assert eng.read_code(rip, 3) == bytes.fromhex("f30f01")
+    long_mode = bool(vm.vcpus[0].vmcb.cr0 & 1 << 31)
+    assert eng._ports is not None
+    eng._ports.remember(rip, eng.read_code(rip, 16), long_mode, VmExit(ExitCode.VMGEXIT, 0, rip + 4))
+    assert run(m, vm).reason == "hlt"
+    assert eng.stats.by_reason["VMMCALL"] == 1 and "VMGEXIT" not in eng.stats.by_reason
+    assert rip not in eng._ports.exits
 
 
 def _reachable_bytes(root: object) -> list[bytes]:

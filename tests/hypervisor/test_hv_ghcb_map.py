@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sevemu._util.units import PAGE, GiB, MiB
-from sevemu.abi.ghcb import GHCB_VALID_BITS
+from sevemu.abi.ghcb import GHCB_VALID_BITS, GhcbError
 from sevemu.errors import InputError, UnmappedError
 from sevemu.hypervisor.ghcb import GhcbHandler
 from sevemu.hypervisor.vcpu import KvmVmType
@@ -106,3 +106,76 @@ def test_the_ghcb_read_and_write_back_through_the_mapping_equal_the_field_by_fie
     expect[0x3F0:0x400] = sum(1 << GHCB_VALID_BITS[n] for n in outs).to_bytes(16, "little")
     GhcbHandler._write_back(vm.host_page(GPA), save, dict(out))
     assert vm.host_read(GPA, PAGE) == bytes(expect)
+
+
+class _Ports:
+    """A NaeHost that records port I/O (the rest is never asked for here)."""
+
+    cbit = 47
+
+    def __init__(self) -> None:
+        self.outs: list[tuple[int, int, int]] = []
+
+    def port_out(self, vm: Vm, port: int, size: int, value: int) -> None:
+        self.outs.append((port, size, value))
+
+    def port_in(self, vm: Vm, port: int, size: int) -> int:
+        return 0x5A
+
+
+def _out_request(rax: int, port: int = 0x80, usage: int = 0, seed: int = 0) -> bytes:
+    """A GHCB asking for an 8-bit OUT of ``rax`` to ``port`` (random bytes elsewhere, as a guest
+    leaves them)."""
+    raw = bytearray(random.Random(seed).randbytes(PAGE))
+    fields = {"rax": rax, "sw_exit_code": 0x7B, "sw_exit_info_1": port << 16 | 0x10 | 0x200, "sw_exit_info_2": 0}
+    for name, value in fields.items():
+        raw[GHCB_VALID_BITS[name] * 8 : GHCB_VALID_BITS[name] * 8 + 8] = value.to_bytes(8, "little")
+    raw[0x3F0:0x400] = sum(1 << GHCB_VALID_BITS[n] for n in fields).to_bytes(16, "little")
+    raw[0xFFC:0x1000] = usage.to_bytes(4, "little")
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("second", ["same", "other_rax", "other_port", "bad_usage", "other_handler"])
+def test_a_repeated_ghcb_out_is_answered_as_the_first_one(second: str) -> None:
+    """The guest's loop of one OUT through the GHCB: the second identical GHCB (answered from the
+    handler's memo of the first) makes the same OUT and leaves the page exactly as a handler that
+    never saw the first one leaves it; any difference in the head -- the value, the port, the usage
+    word -- or another IOIO handler in the table is decided afresh."""
+    m = build_machine("milan", seed="hv-ghcb-known", dram_size=1 * GiB, cache_size=256 << 10)
+    vm = m.hv.create_vm("ghcb-known", 16 * MiB, VmKind.SEV, vm_type=KvmVmType.SEV_ES_VM)
+    m.hv.sev_init(vm)
+    vm.back(GPA)
+    vcpu = vm.add_vcpu()
+    vcpu.vmcb.ghcb_gpa = GPA
+    host = _Ports()
+    handler = GhcbHandler(host)  # type: ignore[arg-type]
+    first = _out_request(0x11)
+    vm.host_write(GPA, first)
+    assert handler.vmgexit(vm, vcpu) is None
+    answered = vm.host_read(GPA, PAGE)
+    again = {"same": first, "other_rax": _out_request(0x22), "other_port": _out_request(0x11, port=0x81),
+             "bad_usage": _out_request(0x11, usage=1), "other_handler": first}[second]
+    other_fn_calls: list[int] = []
+    if second == "other_handler":
+        handler.nae_table[0x7B] = lambda ex: other_fn_calls.append(ex.info1)  # type: ignore[func-returns-value]
+    vm.host_write(GPA, again)
+    assert handler.vmgexit(vm, vcpu) is None
+    # a handler that never saw the first GHCB, on the same request
+    fresh_host = _Ports()
+    fresh = GhcbHandler(fresh_host)  # type: ignore[arg-type]
+    if second == "other_handler":
+        fresh.nae_table[0x7B] = lambda ex: other_fn_calls.append(ex.info1)  # type: ignore[func-returns-value]
+    got = vm.host_read(GPA, PAGE)
+    vm.host_write(GPA, again)
+    assert fresh.vmgexit(vm, vcpu) is None
+    assert got == vm.host_read(GPA, PAGE)
+    assert host.outs[1:] == fresh_host.outs
+    expect = {"same": [(0x80, 1, 0x11)], "other_rax": [(0x80, 1, 0x22)], "other_port": [(0x81, 1, 0x11)],
+              "bad_usage": [], "other_handler": []}[second]
+    assert host.outs == [(0x80, 1, 0x11), *expect]
+    if second == "same":
+        assert got == answered
+    if second == "other_handler":
+        assert len(other_fn_calls) == 2
+    if second == "bad_usage":
+        assert int.from_bytes(got[GHCB_VALID_BITS["sw_exit_info_2"] * 8 :][:8], "little") == GhcbError.INVALID_USAGE

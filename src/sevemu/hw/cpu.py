@@ -44,6 +44,8 @@ _ES_COMPLETED = frozenset({int(ExitCode.VMGEXIT), int(ExitCode.HLT)})
 """Automatic exits of an SEV-ES guest after which it resumes past the instruction."""
 _ES_WITH_INFO = frozenset({int(ExitCode.NPF)})
 """Automatic exits whose EXITINFO1/2 the hypervisor sees (the faulting GPA of an NPF)."""
+_ES_BARE: dict[int, VmExit] = {int(ExitCode.VMGEXIT): VmExit(ExitCode.VMGEXIT)}
+"""The exit-code-only exits VMRUN of an SEV-ES guest most often returns (one object each)."""
 _CR0_PG = 1 << 31
 
 # TLB entry flags
@@ -493,7 +495,8 @@ class Core:
         vmcb.next_rip = 0
         vmsa.store(asid, vmsa_pa)
         if code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
-            ex = VmExit(code)  # the exit code only
+            bare = _ES_BARE.get(code)
+            ex = bare if bare is not None else VmExit(code)  # the exit code only
         return self._exit(vmcb, ex)
 
     def _guest_cpu(self, vmcb: Vmcb, state: SaveState) -> GuestCpu:

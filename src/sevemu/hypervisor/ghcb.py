@@ -80,6 +80,7 @@ _LOW_FIELDS: Final = sum(1 << bit for name, bit in GHCB_VALID_BITS.items() if _O
 _Q: Final = struct.Struct("<Q")
 _BITMAP: Final = 0x3F0
 _AP_RESET_HOLD_RELEASED: Final = 1 << 12
+_IOIO_CODE: Final = int(SwExitCode.IOIO)
 _IOIO_IN: Final = 1 << 0
 _IOIO_STR: Final = 1 << 2
 _IOIO_REP: Final = 1 << 3
@@ -213,6 +214,12 @@ class GhcbHandler:
         self._last_out: dict[str, int] = {}  # the last answer, the GHCB it answered, and its writes
         self._last_wb_save = b""
         self._last_writes: list[tuple[int, bytes]] = []
+        self._known: tuple[bytes, NaeFn | None, int, int, int, list[tuple[int, bytes]]] = (b"", None, 0, 0, 0, [])
+        """The last GHCB that asked for an OUT (IOIO, not string) and got the plain answer: its head
+        (``_HEAD_RUNS``, which decides everything about it), the IOIO handler that answered it, the
+        port, size and value, and the answer's writes -- the same head again is the same event with the
+        same answer (the guest's loop of OUTs): the OUT is made and the answer written without the
+        decode and the event table (``_page``)."""
 
     # ---- entry -----------------------------------------------------------------------------------
     def vmgexit(self, vm: Vm, vcpu: Vcpu) -> str | None:
@@ -295,6 +302,9 @@ class GhcbHandler:
             if page is None or page.gpa != gpa or vm.npt.lookup(gpa) != page.spa:
                 page = vcpu.ghcb_map = vm.host_page(gpa)  # (mapped again: another GHCB, or the NPT changed)
             got = page.read_runs(_HEAD_RUNS)
+            known = self._known
+            if got == known[0] and self.nae_table.get(_IOIO_CODE) is known[1]:
+                return self._known_out(vm, page, known)
             memo = self._memo
             if got == memo[0]:  # the same head as the last GHCB (which marked no field below it)
                 save, bitmap, usage, fields = memo[1], memo[2], memo[3], dict(memo[4])
@@ -338,6 +348,27 @@ class GhcbHandler:
             writes = _write_plan(save, out)
             self._last_out, self._last_wb_save, self._last_writes = dict(out), save, writes
         for off, data in writes:
+            page.write(off, data)
+        if (stop is None and ex.code == SwExitCode.IOIO and not ex.info1 & (_IOIO_STR | _IOIO_IN)
+                and not bitmap & _LOW_FIELDS and usage == GHCB_DEFAULT_USAGE and len(out) == 2
+                and not out["sw_exit_info_1"] and not out["sw_exit_info_2"] and "rax" in fields):
+            size = _IOIO_SIZE_OF[ex.info1 & 0x70]
+            self._known = (got, self.nae_table.get(_IOIO_CODE), (ex.info1 >> 16) & 0xFFFF, size,
+                           fields["rax"] & ((1 << (8 * size)) - 1), writes)
+        return stop
+
+    def _known_out(self, vm: Vm, page: HostPage,
+                   known: tuple[bytes, NaeFn | None, int, int, int, list[tuple[int, bytes]]]) -> str | None:
+        """The GHCB of :attr:`_known` again: its OUT, then its answer (what the event table's IOIO
+        handler and the write plan gave it)."""
+        stop: str | None = None
+        try:
+            self.host.port_out(vm, known[2], known[3], known[4])
+        except StopRun as s:
+            if vm.state is VmState.CRASHED:
+                raise
+            stop = s.reason
+        for off, data in known[5]:
             page.write(off, data)
         return stop
 

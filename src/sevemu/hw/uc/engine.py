@@ -89,8 +89,7 @@ _VM_HSAVE_PA_MSR: Final = 0xC001_0117
 _CLEAN_SYNCS_BEFORE_DEMOTE: Final = 256
 _SPURIOUS_LIMIT: Final = 1000
 _HOOK_LIMIT: Final = 16384
-_VMGEXIT: Final = VmExit(ExitCode.VMGEXIT)
-"""The exit of a VMGEXIT the code hook stopped at (the instruction decoded by :func:`decode_guest_insn`)."""
+_VMGEXIT_CODE: Final = int(ExitCode.VMGEXIT)
 _I_RSP: Final = GPRS.index("rsp")
 _CR0_WP: Final = 1 << 16
 _CR0_TLB_BITS: Final = CR0_PG | CR0_PE | _CR0_WP
@@ -203,9 +202,6 @@ class UcEngine:
         self._fill_cr0 = -1
         self._fill_cr3 = -1
         self._clean_syncs = 0
-        self._vmgexits: dict[int, tuple[bytes, bool, int]] = {}
-        """RIP -> (instruction bytes, long mode, length) of VMGEXITs the code hooks stopped at:
-        the next stop there with the same bytes is known without decoding."""
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -230,7 +226,6 @@ class UcEngine:
         self._keep.clear()
         self._cpu = None
         self._pending = None
-        self._vmgexits.clear()
         for i in range(len(self.vals)):
             self.vals[i] = 0
 
@@ -624,9 +619,12 @@ class UcEngine:
             self._timer_fired = False
             err = run(self, rip)
             if err.__class__ is not int:  # a known port-I/O exit (the test below, made by the runner)
-                self.stats.io_exits += 1
-                cpu.vmcb.next_rip = err.info2
-                return err  # type: ignore[no-any-return]
+                if err.code != _VMGEXIT_CODE or cpu.vmcb.sev_es_enable:
+                    self.stats.io_exits += 1
+                    cpu.vmcb.next_rip = err.info2
+                    return err  # type: ignore[no-any-return]
+                io_exits.clear()  # a VMGEXIT remembered in an SEV-ES run; this run is not one: decided afresh
+                err = 0
             if err < 0:
                 raise Crash("the engine could not read the guest's registers")
             rip = vals[I_RIP]
@@ -648,6 +646,9 @@ class UcEngine:
                 offs = io_offsets.get(page)
                 if offs is not None and off in offs:  # a port-I/O code hook stopped here
                     hit = io_exits.get(rip)
+                    if hit is not None and hit[3].code == _VMGEXIT_CODE and not cpu.vmcb.sev_es_enable:
+                        io_exits.clear()  # (as above)
+                        hit = None
                     if hit is not None and hit[2] in (-1, vals[3] & 0xFFFF) and hit[1] == bool(vals[I_CR0] & CR0_PG):
                         slot = xgva.get(page)  # (read_code, inlined: the exit path)
                         if slot is not None and off <= PAGE - 16 and mm is not None:
@@ -659,11 +660,6 @@ class UcEngine:
                             self.stats.io_exits += 1
                             cpu.vmcb.next_rip = known.info2
                             return known
-                    gx = self._vmgexits.get(rip)
-                    if gx is not None and cpu.vmcb.sev_es_enable and gx[1] == bool(vals[I_CR0] & CR0_PG) \
-                            and gx[0] == self.read_code(rip, 16):
-                        cpu.vmcb.next_rip = rip + gx[2]  # the same VMGEXIT as last time (its length)
-                        return _VMGEXIT
                     io_exit = self._port_io(cpu, rip)
                     if io_exit is not None:
                         return io_exit
@@ -718,9 +714,13 @@ class UcEngine:
         guest = decode_guest_insn(code, long_mode)
         if guest is not None:  # a hooked 0F 01 D9: VMGEXIT of an SEV-ES guest exits here (insn.vmgexit)
             if guest[0] is GuestInsn.VMGEXIT and cpu.vmcb.sev_es_enable:
-                cpu.vmcb.next_rip = rip + guest[1]
-                self._vmgexits[rip] = (code, long_mode, guest[1])
-                return _VMGEXIT
+                # Remembered with the known port-I/O exits (the same test: RIP, mode, the instruction's
+                # bytes; made by the runner in C): EXITINFO2 carries the next RIP, as theirs does --
+                # VMRUN of an SEV-ES guest shows the hypervisor the exit code only (Core._vmrun_es).
+                ex = VmExit(ExitCode.VMGEXIT, 0, rip + guest[1])
+                self._ports.remember(rip, code, long_mode, ex)
+                cpu.vmcb.next_rip = ex.info2
+                return ex
             self._ports.unhook_address(rip)  # VMMCALL, other guests: Unicorn's intercept path
             return None
         out = self._ports.port_io(cpu, rip, code, long_mode, vals[3] & 0xFFFF)

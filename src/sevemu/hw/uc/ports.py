@@ -207,10 +207,16 @@ class IoHooks:
         out = insn.ioio(cpu, io.port, io.size, io.is_in, rip + io.length, string=io.string, rep=io.rep,
                         addr_bits=64 if long_mode else 32)
         if isinstance(out, insn.Exit) and not io.string:
-            if len(self.exits) > _MEMO_LIMIT:
-                self.exits.clear()
-            self.exits[rip] = (code, long_mode, -1 if io.imm_port else dx, out.exit)
+            self.remember(rip, code, long_mode, out.exit, -1 if io.imm_port else dx)
         return out
+
+    def remember(self, rip: int, code: bytes, long_mode: bool, exit: VmExit, dx: int = -1) -> None:
+        """The stop at ``rip`` before ``code`` (16 bytes), in ``long_mode`` (with DX = ``dx``; -1:
+        any) is ``exit`` from now on (EXITINFO2 the next RIP), until the memo is cleared -- a port
+        I/O exit, or an SEV-ES guest's VMGEXIT."""
+        if len(self.exits) > _MEMO_LIMIT:
+            self.exits.clear()
+        self.exits[rip] = (code, long_mode, dx, exit)
 
     def close(self) -> None:
         """Forget everything (the Unicorn instance is gone; its hooks with it)."""

@@ -25,6 +25,7 @@ class UcStats:
     tlb_flushes: int = 0
     tb_flushes: int = 0
     io_exits: int = 0
+    """Exits answered from the known-exit memo (a port-I/O exit, an SEV-ES guest's VMGEXIT) without decoding."""
     spurious_stops: int = 0
     exceptions_delivered: int = 0
     """Exceptions delivered through the guest's IDT (#VC of an SEV-ES guest, #GP, #PF ...)."""
