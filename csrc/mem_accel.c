@@ -193,7 +193,9 @@ static PyObject *dram_scatter(PyObject *self, PyObject *const *args, Py_ssize_t 
             if (page == NULL) {
                 goto fail;
             }
-            memset(PyByteArray_AS_STRING(page), 0, PAGE);
+            if (n != PAGE) { /* (a whole page is overwritten below: no zeros first) */
+                memset(PyByteArray_AS_STRING(page), 0, PAGE);
+            }
             key = PyLong_FromUnsignedLongLong(addr >> 12);
             rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
             Py_XDECREF(key);

@@ -91,7 +91,10 @@ class Dram:
             get = self._pages.get
             return b"".join([get(pfn, _ZERO_PAGE) for pfn in range(spa >> 12, (spa + length) >> 12)])
         out = bytearray(length)
-        self._gather(spa, memoryview(out))
+        if memaccel.ENABLED:  # (the C gather: the same bytes as the loop of _gather)
+            memaccel.helpers.dram_gather(out, self._pages, spa)
+        else:
+            self._gather(spa, memoryview(out))
         return bytes(out)
 
     def read_into(self, spa: int, out: bytearray | memoryview) -> None:

@@ -232,6 +232,7 @@ class Psp:
     def __init__(self, ports: PspPorts) -> None:
         self._ports: PspPorts | None = replace(ports, mailbox=MailboxPort(self))
         self._handler: MailboxHandler | None = None
+        self._ring_handler: RingHandler | None = None  # the handler when it answers doorbells
         self._regs: dict[int, int] = {r.value: 0 for r in MailboxReg}
         self._regs[MailboxReg.FEATURE] = int(PspCapability.SEV)
         self.commands = 0
@@ -248,6 +249,8 @@ class Psp:
     def install(self, handler: MailboxHandler) -> None:
         """Load the firmware that answers mailbox commands."""
         self._handler = handler
+        # (checked once here: a runtime Protocol check costs a few microseconds per doorbell)
+        self._ring_handler = handler if isinstance(handler, RingHandler) else None
 
     # ---- MMIO ----------------------------------------------------------------------------
     def mmio_read(self, offset: int) -> int:
@@ -262,10 +265,10 @@ class Psp:
         if offset != MailboxReg.CMDRESP:
             self._regs[offset] = value
             return
-        handler = self._handler
-        if self.ring and isinstance(handler, RingHandler):
+        ring_handler = self._ring_handler
+        if self.ring and ring_handler is not None:
             self._regs[offset] = value  # RBCtl
-            handler.doorbell()
+            ring_handler.doorbell()
             return
         if value & CMDRESP_RESP:
             self._regs[offset] = value  # software clearing/acknowledging; not a command

@@ -591,35 +591,37 @@ _COLUMNS: Final = ("handle", "hdr_paddr", "hdr_len", "guest_paddr", "guest_len",
 _U64 = npt.NDArray[np.uint64]
 
 
-def _cmd_dtype() -> tuple[np.dtype[np.void], list[str]]:
-    """TransportCmd's fields as a numpy record (little-endian), and the names given to the bytes
-    between them -- reserved, which a decodable buffer has zero (:meth:`Struct.decode`)."""
-    names: list[str] = []
-    formats: list[str] = []
-    offsets: list[int] = []
-    pos = 0
-    gaps: list[str] = []
-    for name in sorted(_COLUMNS, key=lambda f: field_span(TransportCmd, f)[0]):
+def _cmd_words() -> tuple[int, tuple[int, ...], npt.NDArray[np.uint64]]:
+    """TransportCmd read as little-endian u64 words (each buffer zero-padded to whole words): how
+    many words, the word of each of ``_COLUMNS``, and per word the mask of its reserved bytes.  Each
+    column starts a word of its own and the rest of that word is reserved (or padding), so once
+    the reserved bytes are found zero each column *is* its word (:func:`_whole_pages`)."""
+    count = -(-TransportCmd.SIZE // 8)
+    covered: set[int] = set()
+    words: list[int] = []
+    for name in _COLUMNS:
         offset, size = field_span(TransportCmd, name)
-        if offset > pos:
-            gaps.append(f"reserved_{pos:x}")
-            names.append(gaps[-1])
-            formats.append(f"V{offset - pos}")
-            offsets.append(pos)
-        names.append(name)
-        formats.append({4: "<u4", 8: "<u8"}[size])
-        offsets.append(offset)
-        pos = offset + size
-    if pos < TransportCmd.SIZE:
-        gaps.append(f"reserved_{pos:x}")
-        names.append(gaps[-1])
-        formats.append(f"V{TransportCmd.SIZE - pos}")
-        offsets.append(pos)
-    dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": TransportCmd.SIZE})
-    return dtype, gaps
+        if offset % 8 or size not in (4, 8) or offset // 8 in words:
+            raise LayoutError(f"TransportCmd.{name} at {offset:#x} does not start a word of its own")
+        words.append(offset // 8)
+        covered.update(range(offset, offset + size))
+    mask = bytes(0 if i in covered else 0xFF for i in range(TransportCmd.SIZE)) + bytes(8 * count - TransportCmd.SIZE)
+    return count, tuple(words), np.frombuffer(mask, dtype="<u8").astype(np.uint64)
 
 
-_CMD_DTYPE, _CMD_RESERVED = _cmd_dtype()
+_CMD_WORDS, _COLUMN_WORDS, _RESERVED_MASK = _cmd_words()
+
+
+def _cmd_columns(raw: bytes, n: int) -> list[_U64] | None:
+    """The ``_COLUMNS`` fields of ``n`` TransportCmd buffers back to back in ``raw``, as columns (the
+    values :meth:`TransportCmd.decode` gives); None when a buffer has a reserved byte set (it does
+    not decode)."""
+    rows = np.zeros((n, 8 * _CMD_WORDS), dtype=np.uint8)  # (each buffer zero-padded to whole words)
+    rows[:, : TransportCmd.SIZE] = np.frombuffer(raw, dtype=np.uint8).reshape(n, TransportCmd.SIZE)
+    words: _U64 = rows.view("<u8").astype(np.uint64, copy=False)  # (no copy on little-endian hosts)
+    if (words & _RESERVED_MASK).any():
+        return None
+    return [words[:, w] for w in _COLUMN_WORDS]  # (the reserved bytes zero: each word is its field)
 _AAD_DTYPE: Final = np.dtype([("context", "u1"), ("flags", "<u4"), ("iv", "V16"), ("guest_len", "<u4"),
                               ("trans_len", "<u4")])
 _HDR_DTYPE: Final = np.dtype([("flags", "<u4"), ("iv", "V16"), ("mac", "V32")])
@@ -644,13 +646,12 @@ def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestC
     n = len(items)
     if n < 2 or items.layout is not TransportCmd or _snp_on(fw):
         return None
-    rec = np.frombuffer(items.raw, dtype=_CMD_DTYPE)
-    if any(rec[gap].tobytes().count(0) != rec[gap].nbytes for gap in _CMD_RESERVED):
+    cols = _cmd_columns(items.raw, n)
+    if cols is None:
         return None  # a buffer that does not decode (reserved bytes set)
-    g = fw.guests.get(int(rec["handle"][0]))
+    g = fw.guests.get(int(cols[_HANDLE][0]))
     if g is None or g.state not in (_SUPDATE if send else _RUPDATE) or not g.asid:
         return None
-    cols: list[_U64] = [rec[name].astype(np.uint64) for name in _COLUMNS]
     cols.append(np.array(items.spas, dtype=np.uint64))
     strip = np.uint64(~fw.ports.dma.cbit_mask & 0xFFFF_FFFF_FFFF_FFFF)
     cols += [cols[1] & strip, cols[3] & strip, cols[5] & strip]
@@ -663,7 +664,9 @@ def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestC
     size = np.uint64(TransportCmd.SIZE)
     hdr = np.uint64(HdrBuf.SIZE)
     regions = [(cols[_CMD], size), (cols[_HDR], hdr), (cols[_GUEST], page), (cols[_TRANS], page)]
-    hulls = [(int(starts.min()), int(starts.max()) + int(length)) for starts, length in regions]  # (no wrap)
+    stacked = np.stack([cols[_CMD], cols[_HDR], cols[_GUEST], cols[_TRANS]])
+    hulls = [(lo, hi + int(length)) for lo, hi, (_, length)  # (no wrap)
+             in zip(stacked.min(axis=1).tolist(), stacked.max(axis=1).tolist(), regions, strict=True)]
     try:
         fw.ports.dma.check(0, max(end for _, end in hulls))
     except AddressError:
@@ -675,17 +678,22 @@ def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestC
         for (starts, length), (first, end) in zip(regions, hulls, strict=True):
             if first < hi and lo < end and ((starts < np.uint64(hi)) & (np.uint64(lo) < starts + length)).any():
                 return None
-    outs = regions[1::2] if send else regions[2:3]
-    ins = regions[0:1] + (regions[2:3] if send else [regions[1], regions[3]])
-    if not _disjoint(outs, ins):
+    picks = ([1, 3], [0, 2]) if send else ([2], [0, 1, 3])  # (outputs, inputs) among the regions
+    if not _disjoint([regions[i] for i in picks[0]], [regions[i] for i in picks[1]],
+                     ([hulls[i] for i in picks[0]], [hulls[i] for i in picks[1]])):
         return None
     return g, cols
 
 
-def _disjoint(outs: list[tuple[_U64, np.uint64]], ins: list[tuple[_U64, np.uint64]]) -> bool:
-    """Whether the output ranges (starts, length) overlap neither each other nor any input range."""
-    hulls = [(int(s.min()), int(s.max()) + int(length)) for s, length in outs]
-    spread = [(int(s.min()), int(s.max()) + int(length)) for s, length in ins]
+def _disjoint(outs: list[tuple[_U64, np.uint64]], ins: list[tuple[_U64, np.uint64]],
+              known: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None) -> bool:
+    """Whether the output ranges (starts, length) overlap neither each other nor any input range;
+    ``known``: the (lowest start, highest end) of each of ``outs`` and of ``ins`` when the caller
+    has them."""
+    if known is None:
+        known = ([(int(s.min()), int(s.max()) + int(length)) for s, length in outs],
+                 [(int(s.min()), int(s.max()) + int(length)) for s, length in ins])
+    hulls, spread = known
     if all((s[1:] >= s[:-1] + length).all() for s, length in outs) and \
             all(b <= c or d <= a for i, (a, b) in enumerate(hulls) for c, d in hulls[i + 1 :] + spread):
         return True  # (the usual layout: each output family in order, apart from the rest)
