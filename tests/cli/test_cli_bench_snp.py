@@ -58,3 +58,21 @@ def test_bench_snp_refuses_to_compare_different_digests(capsys: pytest.CaptureFi
 
     monkeypatch.setattr(bench_snp, "launch", wrong)
     fails(capsys, "bench", "snp", "--vcpus", "1", "--repeat", "1", "--pvalidate-size", "8")
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_bench_snp_sha_engine_modes_agree_and_are_reported(capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    if not any(Path(p).is_file() for p in ("/usr/share/ovmf/OVMF.fd", "/usr/share/OVMF/OVMF_CODE_4M.fd")):
+        pytest.skip("Debian's OVMF is not installed (apt-get install ovmf)")
+    from sevemu.firmware import sha_engine
+
+    before = sha_engine.mode
+    rc, out, _ = run(capsys, "bench", "snp", "--vcpus", "1", "--repeat", "1", "--pvalidate-size", "8",
+                     "--sha-engine", mode, "--json")
+    assert rc == 0  # (the command refuses to report when a launch's digest differs from the calculator's)
+    r = json.loads(out)
+    assert r["sha_engine"] == mode and r["sha_engine_thread"] is (mode == "on")
+    assert sha_engine.mode == before  # the bench leaves the process's mode as it found it
+    rc, out, _ = run(capsys, "bench", "snp", "--vcpus", "1", "--repeat", "1", "--pvalidate-size", "8",
+                     "--sha-engine", mode)
+    assert "SHA engine runs beside its AES engine" in out and "CPU time counts every thread" in out

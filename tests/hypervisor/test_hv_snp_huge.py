@@ -14,6 +14,7 @@ from hvkit import launch_snp, snp_machine
 from sevemu._util.units import MiB
 from sevemu.abi.paging import NpfExitInfo1
 from sevemu.abi.rmp import RmpResult
+from sevemu.firmware import sha_engine
 from sevemu.firmware.snp import snp_state
 from sevemu.hw.pyengine import PyEngine, Workload, op
 from sevemu.hypervisor import psc
@@ -71,7 +72,9 @@ def test_npt_2m_leaf_is_walked_and_split_keeps_every_page(m: Machine) -> None:
         m.hv.destroy(vm)
 
 
-def test_a_2m_folio_launch_measures_as_512_pages(m: Machine) -> None:
+@pytest.mark.parametrize("engine", ["on", "off"])
+def test_a_2m_folio_launch_measures_as_512_pages(m: Machine, engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sha_engine, "mode", engine)  # the SHA engine's thread hashing or not: same digest
     image = _image()
     digests = []
     for huge in (True, False):

@@ -276,6 +276,10 @@ def _attr_getter(names: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
     return operator.attrgetter(*names)
 
 
+_MEMO_MAX: Final = 4096
+"""Decoded instances a bit layout keeps (:meth:`_Plan.from_value`); the memo starts over when full."""
+
+
 class _Plan:
     """How one layout decodes and encodes; see the module docstring for the rules."""
 
@@ -290,6 +294,7 @@ class _Plan:
         "fields",
         "ignored_mask",
         "mbz_mask",
+        "memo",
         "name",
         "raw_checks",
         "reserved",
@@ -321,6 +326,7 @@ class _Plan:
         self.mbz_mask = 0
         self.ignored_mask = 0
         self.bit_fields: tuple[tuple[str, int, int, bool], ...] = ()  # bit layouts: (name, lo, mask, bool)
+        self.memo: dict[int, Any] = {}  # bit layouts: value -> the (frozen, so shareable) instance
 
     # ---- errors --------------------------------------------------------------------------------
 
@@ -351,11 +357,19 @@ class _Plan:
 
     def from_value(self, cls: type[Struct], value: int) -> Any:
         """A bit layout's instance from its integer value."""
+        memo = self.memo
+        hit = memo.get(value)
+        if hit is not None and type(hit) is cls:  # (instances are frozen: one per value is enough)
+            return hit
         if value & self.mbz_mask:
             raise self.bits_error(value)
         args = [bool(value >> lo & mask) if is_bool else value >> lo & mask
                 for _, lo, mask, is_bool in self.bit_fields]
-        return cls(*self.args(args))
+        obj = cls(*self.args(args))
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()
+        memo[value] = obj
+        return obj
 
     def to_value(self, obj: Struct) -> int:
         """A bit layout instance's integer value (LayoutError for a field that does not fit)."""
@@ -386,7 +400,10 @@ class _Plan:
                 args[pos] = None
             elif f.kind == NESTED:
                 assert f.layout is not None
-                args[pos] = _decode_inner(f.layout, v, f.where(self.name))
+                try:
+                    args[pos] = f.layout.decode(v)
+                except LayoutError as exc:  # (the field's name built only for the error)
+                    raise LayoutError(f"{f.where(self.name)}: {exc}") from None
             elif f.kind == INTS:
                 assert f.elem is not None
                 args[pos] = f.elem.unpack(v)
@@ -403,8 +420,13 @@ class _Plan:
             elif f.kind == STRUCTS:
                 assert f.layout is not None
                 n = f.elem_size
-                args[pos] = tuple(_decode_inner(f.layout, v[k * n : (k + 1) * n], f"{f.where(self.name)} [{k}]")
-                                  for k in range(f.count))
+                decode = f.layout.decode
+                try:
+                    args[pos] = tuple(decode(v[k * n : (k + 1) * n]) for k in range(f.count))
+                except LayoutError:  # the first element that does not decode, named
+                    for k in range(f.count):
+                        _decode_inner(f.layout, v[k * n : (k + 1) * n], f"{f.where(self.name)} [{k}]")
+                    raise  # pragma: no cover - an element failed above
         return args
 
     # ---- encode --------------------------------------------------------------------------------

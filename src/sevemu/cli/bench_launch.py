@@ -118,10 +118,10 @@ class _MailboxTimer:
         self._raw = psp.raw
         psp.raw = self._timed  # type: ignore[method-assign]
 
-    def _timed(self, cmd: Any, buf: bytes | None) -> tuple[int, bytes]:
+    def _timed(self, cmd: Any, buf: bytes | None, *, reply: bool = True) -> tuple[int, bytes]:
         t0 = time.perf_counter()
         try:
-            return self._raw(cmd, buf)
+            return self._raw(cmd, buf, reply=reply)
         finally:
             self.seconds += time.perf_counter() - t0
             self.commands += 1

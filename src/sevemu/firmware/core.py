@@ -90,6 +90,9 @@ LOG_SIZE: Final = 4096
 
 B = TypeVar("B", bound=Struct)
 
+_NAMES: Final = {int(c): c.name for c in CommandId}
+"""The log's name of each command id (one lookup per command, not an enum construction)."""
+
 
 @runtime_checkable
 class GuestCommandBuffer(Protocol):
@@ -398,13 +401,12 @@ class Firmware:
 
     # ---- mailbox entry point -------------------------------------------------------------------
     def handle(self, command_id: int, buffer_paddr: int) -> int:
-        status = self._dispatch(command_id, buffer_paddr)
-        try:
-            name = CommandId(command_id).name
-        except ValueError:
+        status = int(self._dispatch(command_id, buffer_paddr))
+        name = _NAMES.get(command_id)
+        if name is None:
             name = f"0x{command_id:x}"
-        self.log.append((name, int(status)))
-        return int(status)
+        self.log.append((name, status))
+        return status
 
     def handle_batch(self, command_id: int, buffer_paddrs: Sequence[int]) -> int:
         """Ring-buffer mode: run as many of these queued commands (one id, their buffers' addresses)

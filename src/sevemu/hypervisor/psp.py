@@ -177,8 +177,9 @@ class PspDriver:
             raise
         return session
 
-    def raw(self, cmd: CommandId, buf: bytes | None) -> tuple[int, bytes]:
-        """Issue ``cmd`` with the bytes ``buf``; returns (status, buffer as the firmware left it)."""
+    def raw(self, cmd: CommandId, buf: bytes | None, *, reply: bool = True) -> tuple[int, bytes]:
+        """Issue ``cmd`` with the bytes ``buf``; returns (status, buffer as the firmware left it);
+        ``reply=False``: the buffer is not read back (b"": the caller does not use it)."""
         spa = 0
         if buf is not None:
             if len(buf) > PAGE:
@@ -193,7 +194,7 @@ class PspDriver:
             raise HardwareError(f"PSP did not answer {cmd.name}")
         status = decode_status(reg)
         self.last_status = Status(status) if status in Status._value2member_map_ else Status.SUCCESS
-        out = self._core.host_read(spa, len(buf)) if buf is not None else b""
+        out = self._core.host_read(spa, len(buf)) if buf is not None and reply else b""
         return status, out
 
     def call(self, cmd: CommandId, buf: S) -> S:

@@ -70,6 +70,7 @@ from sevemu.firmware.guestmem import evict_host_lines, write_guest
 from sevemu.firmware.sev import session
 from sevemu.firmware.sev.api import SEV_API
 from sevemu.firmware.sev.guest import create_guest
+from sevemu.firmware.sha_engine import sha_engine
 
 __all__ = ["LAUNCH_SECRET_MAX_LEN", "SECRET_GRANULE"]
 
@@ -93,18 +94,16 @@ def launch_start(fw: Firmware, cmd: LaunchStartCmd) -> LaunchStartCmd:
 
 _STREAM_MIN: Final = MiB  # below this, one read, hash and write; above, streamed in chunks
 _STREAM_CHUNK: Final = 2 * MiB
-_SHA_ENGINE: list[ThreadPoolExecutor] = []
 _BUFFERS = threading.local()
 # Equivalent mutants (mutation testing of this module): flipping ``cmd.len < _STREAM_MIN``, the chunk
-# size and ``max_workers=2`` change only how the same bytes are cut and which thread hashes them,
+# size and the engine's queue count change only how the same bytes are cut and which thread hashes them,
 # never the digest or the memory.
 
 
 def _sha_engine() -> ThreadPoolExecutor:
-    """One worker thread standing for the PSP's SHA engine (made on first use)."""
-    if not _SHA_ENGINE:
-        _SHA_ENGINE.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="psp-sha"))
-    return _SHA_ENGINE[0]
+    """The PSP's SHA engine (:mod:`sevemu.firmware.sha_engine`); one chunk in it at a time keeps the
+    chunks in order."""
+    return sha_engine()
 
 
 def _chunk_buffers() -> tuple[memoryview, memoryview]:
@@ -119,7 +118,7 @@ def _chunk_buffers() -> tuple[memoryview, memoryview]:
 def _stream_update(fw: Firmware, g: GuestContext, spa: int, length: int) -> None:
     """LAUNCH_UPDATE_DATA of a large region, chunk by chunk: each chunk is read through the PSP's
     coherent view into one of two reused buffers, handed to the SHA engine (a worker thread;
-    hashlib drops the GIL while it hashes, and one worker keeps the chunks in order) and written
+    hashlib drops the GIL while it hashes, and one chunk in it at a time keeps them in order) and written
     back encrypted while the engine hashes it -- the PSP's separate SHA and AES engines.  The next
     chunk is read into the other buffer; a buffer is reused only once its hash is done.  Chunks end
     on absolute chunk boundaries, so only the first and the last may hold a partial line.  The same

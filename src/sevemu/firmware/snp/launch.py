@@ -50,9 +50,11 @@ from sevemu.crypto import ecc
 from sevemu.crypto.pagehash import page_info_chain, sha384_pages
 from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError, VerificationError
 from sevemu.firmware.core import ANY_STATE, Firmware
+from sevemu.firmware.sha_engine import hash_pages_beside
 from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.cpuid import sanitize_cpuid_page
 from sevemu.firmware.snp.state import SnpGuest, snp_state
+from sevemu.hw.rmp import RmpEntry, RmpFirmwarePort
 
 __all__ = ["measure_pages", "page_info_digest"]
 
@@ -140,6 +142,11 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     gpa = entry.gpa
     data = dma.read_invalidate(spa, size)  # the whole page (512 x 4 KiB for a 2 MiB one) at once
     imi = bool(cmd.flags.imi_page)
+    if ptype == SnpPageType.NORMAL and entry.page_size:  # the SHA engine hashes while the AES engine writes
+        hashes = hash_pages_beside(data, lambda: dma.write_encrypted(spa, data, g.asid))
+        ld = page_info_chain(g.ld, _template(int(ptype), perms, imi), gpa, size // PAGE, hashes)
+        _finish_update(port, spa, entry, g, ld, ptype, perms)
+        return
     if ptype == SnpPageType.NORMAL:
         ld = measure_pages(g.ld, data, int(ptype), gpa, perms, imi)
     elif ptype in (SnpPageType.ZERO, SnpPageType.UNMEASURED):  # CONTENTS zero; 512 of them for 2 MiB
@@ -162,8 +169,14 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
                 raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
         ld = page_info_digest(g.ld, contents, int(ptype), gpa, perms, imi)
     dma.write_encrypted(spa, data, g.asid)
+    _finish_update(port, spa, entry, g, ld, ptype, perms)
+
+
+def _finish_update(port: RmpFirmwarePort, spa: int, entry: RmpEntry, g: SnpGuest, ld: bytes, ptype: SnpPageType,
+                   perms: tuple[int, int, int]) -> None:
+    """The digest taken and the page made Guest-Valid (module docstring), once it is encrypted."""
     g.ld = ld
-    port.set(spa, assigned=True, immutable=False, asid=entry.asid, gpa=gpa, validated=True,
+    port.set(spa, assigned=True, immutable=False, asid=entry.asid, gpa=entry.gpa, validated=True,
              vmsa=ptype == SnpPageType.VMSA, huge=bool(entry.page_size), perms=(entry.perms[0], *perms))
 
 

@@ -317,7 +317,7 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
                                                  pagesize=int(bool(huge))))  # ... then it is the guest's
             cmd = cmds[bool(huge)]
             cmd[at] = (spa | me_mask).to_bytes(8, "little")
-            status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, bytes(cmd))
+            status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, bytes(cmd), reply=False)
             if status != Status.SUCCESS:
                 e = SevFirmwareError(CommandId.SNP_LAUNCH_UPDATE.name, status)
                 fixed = host.core.host_read(spa, PAGE)  # a CPUID page: the firmware's corrections

@@ -1,0 +1,111 @@
+"""The PSP's SHA engine beside its AES engine: hashing that runs while the firmware encrypts.
+
+The Secure Processor hashes and encrypts with separate engines (its cryptographic co-processor has
+several queues), so a large update's SHA-384 and its encryption proceed together.  The model's engine is
+a pool of :data:`QUEUES` worker threads (made on first use, shared by every firmware of the process):
+OpenSSL's SHA-384 (``hashlib`` and ``csrc/sha384_accel.c``) drops the GIL while it hashes, so a queue
+hashes while the calling thread encrypts and writes back.  Used by SEV's LAUNCH_UPDATE_DATA
+(:mod:`sevemu.firmware.sev.launch`, one chunk at a time, in order) and SNP_LAUNCH_UPDATE of a 2 MiB page
+(:mod:`sevemu.firmware.snp.launch`: :func:`hash_pages_beside`, which shares its chunks with the caller
+and follows :data:`mode`).
+
+The results are the bytes a single thread computes (the pieces are independent; the tests compare);
+only the wall-clock time changes.  CPU time is unchanged: every queue's work is the process's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final
+
+from sevemu._util.units import PAGE
+from sevemu.crypto.pagehash import sha384_pages
+
+__all__ = ["CHUNKS", "MODES", "QUEUES", "engaged", "hash_pages_beside", "mode", "sha_engine"]
+
+QUEUES: Final = 1
+"""Worker threads of the engine (model choice: the machines sevemu runs on have few cores)."""
+
+CHUNKS: Final = 8
+"""Pieces of work a large hash is cut in (:func:`hash_pages_beside`)."""
+
+_ENGINE: list[ThreadPoolExecutor] = []
+
+MODES: Final = ("auto", "on", "off")
+mode = "auto"
+"""Whether :func:`hash_pages_beside` hands work to the engine's thread: ``on``, ``off`` (the calling
+thread hashes everything), or ``auto`` (default): only while the host has a core to spare -- its
+one-minute load average at least one below its CPU count.  A thread that waits for a core only adds
+scheduling delays (measured: a 2 MiB page took longer with the engine on a saturated 2-core host)."""
+
+
+def engaged() -> bool:
+    """Whether the engine's thread is used now (:data:`mode`)."""
+    if mode == "auto":
+        cpus = os.cpu_count() or 1
+        try:
+            return os.getloadavg()[0] + 1 <= cpus
+        except OSError:  # pragma: no cover - no load average on this platform
+            return cpus > 1
+    return mode == "on"
+
+
+def sha_engine() -> ThreadPoolExecutor:
+    """The engine's worker threads (made on first use)."""
+    if not _ENGINE:
+        _ENGINE.append(ThreadPoolExecutor(max_workers=QUEUES, thread_name_prefix="psp-sha"))
+    return _ENGINE[0]
+
+
+class _Shared:
+    """One hash of ``chunks`` pieces of work shared between the engine's queue and the caller: whoever is
+    free claims the next chunk (``next`` of an :func:`itertools.count` is atomic under the GIL)."""
+
+    __slots__ = ("chunk", "claims", "count", "done", "out", "size", "view")
+
+    def __init__(self, view: memoryview, size: int, chunk: int) -> None:
+        self.view, self.size, self.chunk = view, size, chunk
+        self.count = -(-len(view) // chunk)
+        self.claims = itertools.count()
+        self.out: list[bytes | None] = [None] * self.count
+        self.done = [threading.Event() for _ in range(self.count)]
+
+    def drain(self) -> None:
+        """Hash chunks until none is left to claim."""
+        while (i := next(self.claims)) < self.count:
+            try:
+                off = i * self.chunk
+                self.out[i] = sha384_pages(self.view[off : off + self.chunk], self.size)
+            finally:
+                self.done[i].set()
+
+
+def hash_pages_beside(data: bytes | bytearray | memoryview, work: Callable[[], None], size: int = PAGE) -> bytes:
+    """SHA-384 of each ``size``-byte piece of ``data`` (as :func:`~sevemu.crypto.pagehash.sha384_pages`),
+    hashed by the engine while the calling thread runs ``work`` (which must not change ``data``).
+
+    The pieces are cut in :data:`CHUNKS` chunks; the engine's queue claims them one by one, and the
+    caller, its ``work`` done, claims the ones left: on a machine with no free core the caller hashes
+    (nearly) all of them itself and never sleeps waiting for a thread to be scheduled.  The engine's
+    chunks are always waited for, also when ``work`` raises (then its exception propagates)."""
+    view = memoryview(data).cast("B")
+    pieces = len(view) // size
+    if pieces < 2 * CHUNKS or not engaged():  # too small to share out, or no core to run the engine on
+        work()
+        return sha384_pages(view, size)
+    job = _Shared(view, size, -(-pieces // CHUNKS) * size)
+    sha_engine().submit(job.drain)
+    try:
+        work()
+    finally:
+        job.drain()
+        for i, ev in enumerate(job.done):
+            ev.wait()
+            if job.out[i] is None:  # (the engine failed on it: hashed here)
+                off = i * job.chunk
+                job.out[i] = sha384_pages(view[off : off + job.chunk], size)
+    return b"".join(d for d in job.out if d is not None)

@@ -1,0 +1,76 @@
+"""The PSP's SHA engine beside its AES engine (firmware/sha_engine.py): the same digests as one thread,
+whichever thread hashes which chunk, the caller's work run exactly once, its failure propagated only
+after the engine is done, and the ``auto`` mode's load gate."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from sevemu.crypto.pagehash import sha384_pages
+from sevemu.firmware import sha_engine
+
+PAGE = 0x1000
+
+
+def _data(pages: int) -> bytes:
+    return b"".join(hashlib.sha512(i.to_bytes(4, "little")).digest() * (PAGE // 64) for i in range(pages))
+
+
+def _want(data: bytes) -> bytes:
+    return b"".join(hashlib.sha384(data[i : i + PAGE]).digest() for i in range(0, len(data), PAGE))
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+@pytest.mark.parametrize("pages", [1, 15, 16, 17, 512])
+def test_digests_equal_one_thread(monkeypatch: pytest.MonkeyPatch, mode: str, pages: int) -> None:
+    monkeypatch.setattr(sha_engine, "mode", mode)
+    data = _data(pages)
+    ran: list[int] = []
+    assert sha_engine.hash_pages_beside(data, lambda: ran.append(1)) == _want(data) == sha384_pages(data)
+    assert ran == [1]
+
+
+def test_the_engine_hashes_while_the_caller_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sha_engine, "mode", "on")
+    data = _data(512)
+    seen: list[str] = []
+    real = sha384_pages
+
+    def spy(view: memoryview, size: int) -> bytes:
+        import threading
+        seen.append(threading.current_thread().name)
+        return real(view, size)
+
+    monkeypatch.setattr(sha_engine, "sha384_pages", spy)
+    got = sha_engine.hash_pages_beside(data, lambda: None)
+    assert got == _want(data)
+    assert len(seen) == sha_engine.CHUNKS  # every chunk hashed once, by whichever thread claimed it
+
+
+def test_work_failure_propagates_after_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sha_engine, "mode", "on")
+    data = bytearray(_data(64))
+
+    def boom() -> None:
+        raise RuntimeError("AES engine fault")
+
+    with pytest.raises(RuntimeError, match="AES engine fault"):
+        sha_engine.hash_pages_beside(data, boom)
+    # the engine is idle again and answers the next request correctly
+    assert sha_engine.hash_pages_beside(data, lambda: None) == _want(bytes(data))
+
+
+def test_auto_engages_only_with_a_spare_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sha_engine, "mode", "auto")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert sha_engine.engaged()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 0.5, 0.5))
+    assert not sha_engine.engaged()
+    monkeypatch.setattr(sha_engine, "mode", "on")
+    assert sha_engine.engaged()
+    monkeypatch.setattr(sha_engine, "mode", "off")
+    assert not sha_engine.engaged()
