@@ -487,3 +487,87 @@ def test_rmp_instructions_ignore_the_page_offset_and_refuse_only_a_misaligned_2m
     assert got == [(0, False), (0, False), (RmpResult.FAIL_INPUT, False), (RmpResult.FAIL_INPUT, False)]
     e = g.rmp.entry(GUEST_SPA + DATA)
     assert not e.validated and e.perms[1] == R
+
+
+# ---- PVALIDATE retired inside Unicorn (hw/uc/exits.py pvalidate_in_place) -----------------------------
+def _pv(rax: int, ecx: int, edx: int) -> bytes:
+    """mov eax, RAX; mov ecx, ECX; mov edx, EDX; pvalidate (32-bit code)."""
+    return (b"\xb8" + rax.to_bytes(4, "little") + b"\xb9" + ecx.to_bytes(4, "little") + b"\xba"
+            + edx.to_bytes(4, "little") + _PVALIDATE)
+
+
+def _uc_pvalidates(calls: list[tuple[int, int, int]], setup: Any, in_place: bool,
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    """Run up to two PVALIDATEs (their EAX to ESI / EDI, their CF to EBP / EBX as 0 or -1) and HLT on
+    the Unicorn engine, with the in-place path on or off; what the guest and the RMP saw."""
+    from sevemu.hw.svm import GPRS
+    from sevemu.hw.uc import exits
+
+    if not in_place:
+        monkeypatch.setattr(exits, "pvalidate_in_place", lambda e, cpu, mmu: False)
+    g, eng = _uc_guest(pvalidate=False)
+    code = b""
+    for (rax, ecx, edx), keep in zip(calls, (b"\x89\xc6\x19\xed", b"\x89\xc7\x19\xdb"), strict=False):
+        code += _pv(rax, ecx, edx) + keep  # mov esi/edi, eax; sbb ebp/ebx, ebp/ebx
+    g.pt.gwrite(_CODE, (code + b"\xf4").ljust(PAGE, b"\xf4"))
+    setup(g)
+    try:
+        ex = g.soc.boot_cpu.vmrun(g.vmcb, eng)
+        regs = {n: eng.vals[GPRS.index(n)] & 0xFFFFFFFF for n in ("rsi", "rbp", "rdi", "rbx")}
+        pages = {gpa: g.rmp.entry(GUEST_SPA + gpa) for gpa in (DATA, 0x200000)}
+        return (ex.code, ex.info1 if ex.code == ExitCode.NPF else None, regs, pages, eng.crash,
+                eng.stats.pvalidates, eng.stats.pvalidates_in_place)
+    finally:
+        eng.close()
+
+
+_SCENARIOS = {
+    # validate, then again: EAX 0 with CF 0, then EAX 0 with CF 1 -- both retired inside Unicorn
+    "validate twice": ([(DATA, 0, 1), (DATA + 0x7FF, 0, 1)], lambda g: g.own(DATA), 2),
+    # 2 MiB request on a 4 KiB entry: FAIL_SIZEMISMATCH; not 2 MiB aligned: FAIL_INPUT (CF 0 both)
+    "2M on a 4K entry, misaligned 2M": ([(0x200000, 1, 1), (0x201000, 1, 1)], lambda g: g.own(0x200000), 2),
+    # a rescind may take an access away (TLB flushes): the stop-and-exit path
+    "validate then rescind": ([(DATA, 0, 1), (DATA, 0, 0)], lambda g: g.own(DATA), 1),
+    # another guest's page: #VMEXIT(NPF) with the RMP bit, from the precise path, nothing changed
+    "another guest's page": ([(DATA, 0, 1)], lambda g: g.own(DATA, asid=OTHER), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCENARIOS))
+def test_unicorn_pvalidate_in_place_answers_as_the_stop_and_exit_path(name: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the guest sees (EAX, rFLAGS.CF, the exit) and the RMP are the same whether the PVALIDATE is
+    retired inside Unicorn's invalid-instruction hook or by stopping and taking the exit path; the
+    unusual cases (a rescind, a faulting RMP entry) are left to the latter."""
+    calls, setup, in_place_count = _SCENARIOS[name]
+    fast = _uc_pvalidates(calls, setup, True, monkeypatch)
+    monkeypatch.undo()
+    slow = _uc_pvalidates(calls, setup, False, monkeypatch)
+    assert fast[:5] == slow[:5]
+    assert fast[5] == slow[5] and fast[6] == in_place_count and slow[6] == 0
+    if name == "validate twice":
+        assert fast[0] == ExitCode.HLT and fast[2] == {"rsi": 0, "rbp": 0, "rdi": 0, "rbx": 0xFFFFFFFF}
+        assert fast[3][DATA].validated
+    elif name.startswith("2M"):
+        assert fast[2] == {"rsi": RmpResult.FAIL_SIZEMISMATCH, "rbp": 0, "rdi": RmpResult.FAIL_INPUT, "rbx": 0}
+        assert not fast[3][0x200000].validated
+    elif name == "validate then rescind":
+        assert fast[0] == ExitCode.HLT and not fast[3][DATA].validated and fast[5] == 2
+    else:
+        assert fast[0] == ExitCode.NPF and fast[1] & NpfExitInfo1.RMP and not fast[3][DATA].validated
+
+
+def test_unicorn_pvalidate_in_place_then_the_page_is_usable_and_a_rescinded_one_is_not() -> None:
+    """After an in-place PVALIDATE the guest's load of the page runs (no stop); after the precise
+    path's rescind the next load is #VC 0x404 again (the engine's TLB dropped the page)."""
+    g, eng = _uc_guest(pvalidate=False)
+    code = (_pv(DATA, 0, 1) + bytes.fromhex("8b1d00500000")  # load: validated
+            + _pv(DATA, 0, 0) + bytes.fromhex("8b1d00500000") + b"\xf4")  # rescind; load: #VC
+    g.pt.gwrite(_CODE, code.ljust(PAGE, b"\xf4"))
+    g.own(DATA)
+    try:
+        assert g.soc.boot_cpu.vmrun(g.vmcb, eng).code == ExitCode.SHUTDOWN  # no IDT: the #VC is a triple fault
+        assert eng.crash is not None and "error code 0x404" in eng.crash
+        assert eng.stats.pvalidates == 2 and eng.stats.pvalidates_in_place == 1
+    finally:
+        eng.close()
