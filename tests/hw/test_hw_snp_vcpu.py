@@ -418,7 +418,7 @@ _CODE = 0x1000
 _PVALIDATE = bytes.fromhex("f20f01ff")
 
 
-def _uc_guest(pvalidate: bool) -> tuple[Guest, Any]:
+def _uc_guest(pvalidate: bool, nested_cache: bool = False) -> tuple[Guest, Any]:
     from sevemu.abi.vmsa import SevEsSaveArea
     from sevemu.hw.ucengine import UcEngine
     from sevemu.hw.x86.state import InitialState
@@ -429,7 +429,7 @@ def _uc_guest(pvalidate: bool) -> tuple[Guest, Any]:
     g.own(_CODE, validated=True)
     g.pt.gwrite(_CODE, code.ljust(PAGE, b"\xf4"))
     state = InitialState(rip=_CODE)
-    eng = UcEngine(pool_pages=64, initial=state)
+    eng = UcEngine(pool_pages=64, initial=state, nested_cache=nested_cache)
     state.apply(g.vmcb)
     values: dict[str, Any] = {}
     for name, seg in g.vmcb.segments.items():
@@ -489,23 +489,20 @@ def test_rmp_instructions_ignore_the_page_offset_and_refuse_only_a_misaligned_2m
     assert not e.validated and e.perms[1] == R
 
 
-# ---- PVALIDATE retired inside Unicorn (hw/uc/exits.py pvalidate_in_place) -----------------------------
+# ---- PVALIDATE's operand walked by the engine's caching walker (hw/uc/walk.py operand) -------------------
 def _pv(rax: int, ecx: int, edx: int) -> bytes:
     """mov eax, RAX; mov ecx, ECX; mov edx, EDX; pvalidate (32-bit code)."""
     return (b"\xb8" + rax.to_bytes(4, "little") + b"\xb9" + ecx.to_bytes(4, "little") + b"\xba"
             + edx.to_bytes(4, "little") + _PVALIDATE)
 
 
-def _uc_pvalidates(calls: list[tuple[int, int, int]], setup: Any, in_place: bool,
-                   monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
-    """Run up to two PVALIDATEs (their EAX to ESI / EDI, their CF to EBP / EBX as 0 or -1) and HLT on
-    the Unicorn engine, with the in-place path on or off; what the guest and the RMP saw."""
+def _uc_pvalidates(calls: list[tuple[int, int, int]], setup: Any, nested_cache: bool) -> tuple[Any, ...]:
+    """Run up to two PVALIDATEs (their EAX to ESI / EDI, their CF to EBP / EBX as 0 or -1), a load of
+    DATA and HLT on the Unicorn engine, with or without its caching walker; what the guest and the
+    RMP saw."""
     from sevemu.hw.svm import GPRS
-    from sevemu.hw.uc import exits
 
-    if not in_place:
-        monkeypatch.setattr(exits, "pvalidate_in_place", lambda e, cpu, mmu: False)
-    g, eng = _uc_guest(pvalidate=False)
+    g, eng = _uc_guest(pvalidate=False, nested_cache=nested_cache)
     code = b""
     for (rax, ecx, edx), keep in zip(calls, (b"\x89\xc6\x19\xed", b"\x89\xc7\x19\xdb"), strict=False):
         code += _pv(rax, ecx, edx) + keep  # mov esi/edi, eax; sbb ebp/ebx, ebp/ebx
@@ -515,59 +512,43 @@ def _uc_pvalidates(calls: list[tuple[int, int, int]], setup: Any, in_place: bool
         ex = g.soc.boot_cpu.vmrun(g.vmcb, eng)
         regs = {n: eng.vals[GPRS.index(n)] & 0xFFFFFFFF for n in ("rsi", "rbp", "rdi", "rbx")}
         pages = {gpa: g.rmp.entry(GUEST_SPA + gpa) for gpa in (DATA, 0x200000)}
-        return (ex.code, ex.info1 if ex.code == ExitCode.NPF else None, regs, pages, eng.crash,
-                eng.stats.pvalidates, eng.stats.pvalidates_in_place)
+        return (ex.code, ex.info1 if ex.code == ExitCode.NPF else None, regs, pages, eng.crash, eng.stats.pvalidates,
+                eng.walker is not None)
     finally:
         eng.close()
 
 
 _SCENARIOS = {
-    # validate, then again: EAX 0 with CF 0, then EAX 0 with CF 1 -- both retired inside Unicorn
-    "validate twice": ([(DATA, 0, 1), (DATA + 0x7FF, 0, 1)], lambda g: g.own(DATA), 2),
+    # validate, then again: EAX 0 with CF 0, then EAX 0 with CF 1
+    "validate twice": ([(DATA, 0, 1), (DATA + 0x7FF, 0, 1)], lambda g: g.own(DATA)),
     # 2 MiB request on a 4 KiB entry: FAIL_SIZEMISMATCH; not 2 MiB aligned: FAIL_INPUT (CF 0 both)
-    "2M on a 4K entry, misaligned 2M": ([(0x200000, 1, 1), (0x201000, 1, 1)], lambda g: g.own(0x200000), 2),
-    # a rescind may take an access away (TLB flushes): the stop-and-exit path
-    "validate then rescind": ([(DATA, 0, 1), (DATA, 0, 0)], lambda g: g.own(DATA), 1),
-    # another guest's page: #VMEXIT(NPF) with the RMP bit, from the precise path, nothing changed
-    "another guest's page": ([(DATA, 0, 1)], lambda g: g.own(DATA, asid=OTHER), 0),
+    "2M on a 4K entry, misaligned 2M": ([(0x200000, 1, 1), (0x201000, 1, 1)], lambda g: g.own(0x200000)),
+    "validate then rescind": ([(DATA, 0, 1), (DATA, 0, 0)], lambda g: g.own(DATA)),
+    # another guest's page: #VMEXIT(NPF) with the RMP bit, nothing changed
+    "another guest's page": ([(DATA, 0, 1)], lambda g: g.own(DATA, asid=OTHER)),
+    # beyond the NPT: #VMEXIT(NPF) of the operand's walk
+    "unmapped operand": ([(0x3F_0000_0000 & 0xFFFFFFFF | 0x8000_0000, 0, 1)], lambda g: g.own(DATA)),
 }
 
 
 @pytest.mark.parametrize("name", list(_SCENARIOS))
-def test_unicorn_pvalidate_in_place_answers_as_the_stop_and_exit_path(name: str,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the guest sees (EAX, rFLAGS.CF, the exit) and the RMP are the same whether the PVALIDATE is
-    retired inside Unicorn's invalid-instruction hook or by stopping and taking the exit path; the
-    unusual cases (a rescind, a faulting RMP entry) are left to the latter."""
-    calls, setup, in_place_count = _SCENARIOS[name]
-    fast = _uc_pvalidates(calls, setup, True, monkeypatch)
-    monkeypatch.undo()
-    slow = _uc_pvalidates(calls, setup, False, monkeypatch)
-    assert fast[:5] == slow[:5]
-    assert fast[5] == slow[5] and fast[6] == in_place_count and slow[6] == 0
+def test_unicorn_pvalidate_answers_alike_with_the_caching_walker(name: str) -> None:
+    """What the guest sees (EAX, rFLAGS.CF, the exit) and the RMP are the same whether PVALIDATE's
+    operand is walked by the engine's caching walker (its walk caches, ``NestedCachingMmu.operand``)
+    or by the vCPU's plain walk."""
+    calls, setup = _SCENARIOS[name]
+    cached = _uc_pvalidates(calls, setup, True)
+    plain = _uc_pvalidates(calls, setup, False)
+    assert cached[:6] == plain[:6] and cached[6] and not plain[6]
     if name == "validate twice":
-        assert fast[0] == ExitCode.HLT and fast[2] == {"rsi": 0, "rbp": 0, "rdi": 0, "rbx": 0xFFFFFFFF}
-        assert fast[3][DATA].validated
+        assert cached[0] == ExitCode.HLT and cached[2] == {"rsi": 0, "rbp": 0, "rdi": 0, "rbx": 0xFFFFFFFF}
+        assert cached[3][DATA].validated
     elif name.startswith("2M"):
-        assert fast[2] == {"rsi": RmpResult.FAIL_SIZEMISMATCH, "rbp": 0, "rdi": RmpResult.FAIL_INPUT, "rbx": 0}
-        assert not fast[3][0x200000].validated
+        assert cached[2] == {"rsi": RmpResult.FAIL_SIZEMISMATCH, "rbp": 0, "rdi": RmpResult.FAIL_INPUT, "rbx": 0}
+        assert not cached[3][0x200000].validated
     elif name == "validate then rescind":
-        assert fast[0] == ExitCode.HLT and not fast[3][DATA].validated and fast[5] == 2
+        assert cached[0] == ExitCode.HLT and not cached[3][DATA].validated and cached[5] == 2
     else:
-        assert fast[0] == ExitCode.NPF and fast[1] & NpfExitInfo1.RMP and not fast[3][DATA].validated
-
-
-def test_unicorn_pvalidate_in_place_then_the_page_is_usable_and_a_rescinded_one_is_not() -> None:
-    """After an in-place PVALIDATE the guest's load of the page runs (no stop); after the precise
-    path's rescind the next load is #VC 0x404 again (the engine's TLB dropped the page)."""
-    g, eng = _uc_guest(pvalidate=False)
-    code = (_pv(DATA, 0, 1) + bytes.fromhex("8b1d00500000")  # load: validated
-            + _pv(DATA, 0, 0) + bytes.fromhex("8b1d00500000") + b"\xf4")  # rescind; load: #VC
-    g.pt.gwrite(_CODE, code.ljust(PAGE, b"\xf4"))
-    g.own(DATA)
-    try:
-        assert g.soc.boot_cpu.vmrun(g.vmcb, eng).code == ExitCode.SHUTDOWN  # no IDT: the #VC is a triple fault
-        assert eng.crash is not None and "error code 0x404" in eng.crash
-        assert eng.stats.pvalidates == 2 and eng.stats.pvalidates_in_place == 1
-    finally:
-        eng.close()
+        assert cached[0] == ExitCode.NPF and not cached[3][DATA].validated
+        if name == "another guest's page":
+            assert cached[1] & NpfExitInfo1.RMP

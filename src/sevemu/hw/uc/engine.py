@@ -189,11 +189,6 @@ class UcEngine:
         self._regs_obj: dict[str, int] | None = None  # the save state's register dict, order checked
         self._shadow_gprs: list[int] = []  # the GPRs as last exchanged with the save state
         self._shadow_ctl: tuple[int, ...] = ()  # RFLAGS, CR0, CR3, CR4, EFER likewise
-        self._retire_vals = array.array("Q", bytes(24))
-        """RAX, RFLAGS, RIP of an instruction retired inside a hook (:meth:`retire`)."""
-        rbase = self._retire_vals.buffer_info()[0]
-        self._retire_ptrs = (ctypes.c_void_p * 3)(rbase, rbase + 8, rbase + 16)
-        self._retire_ids = (ctypes.c_int * 3)(REG["rax"], uc.REG_RFLAGS, uc.REG_RIP)
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
         self._efer = 0  # the guest's EFER (LMA follows CR0.PG); Unicorn's copy has SVME too
@@ -329,15 +324,12 @@ class UcEngine:
         intr = uc.INTR_CB(self._on_intr)
         hin = uc.IN_CB(self._on_in)
         hout = uc.OUT_CB(self._on_out)
-        inval = uc.INSN_INVALID_CB(self._on_invalid)
-        self._keep += [fill, intr, hin, hout, inval]
+        self._keep += [fill, intr, hin, hout]
         hh = ctypes.c_size_t()
         check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_TLB_FILL, uc.fn_address(fill), None, 1, 0),
               "TLB-fill hook")
         check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INTR, uc.fn_address(intr), None, 1, 0),
               "interrupt hook")
-        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INSN_INVALID, uc.fn_address(inval), None, 1, 0),
-              "invalid-instruction hook")
         for cb, which in ((hin, uc.UC_X86_INS_IN), (hout, uc.UC_X86_INS_OUT)):
             uc.hook_insn(h, hh, cb, which)
         # the private VMCB, permission maps, VMRUN stub
@@ -379,12 +371,10 @@ class UcEngine:
         self._scratch.value = value & 0xFFFFFFFFFFFFFFFF
         check(self._lib.uc_reg_write(self._h, reg, self._scratch_ref), "register write")
 
-    def retire(self, rax: int, rflags: int, rip: int) -> None:
-        """Write RAX, RFLAGS and RIP in one call: an instruction retired inside a hook (Unicorn
-        resumes at ``rip``)."""
-        v = self._retire_vals
-        v[0], v[1], v[2] = rax & 0xFFFFFFFFFFFFFFFF, rflags, rip
-        check(self._lib.uc_reg_write_batch(self._h, self._retire_ids, self._retire_ptrs, 3), "register write")
+    @property
+    def walker(self) -> NestedCachingMmu | None:
+        """The caching walker of the fills (``nested_cache``; None before the first fill)."""
+        return self._walker
 
     def _reg_read(self, reg: int) -> int:
         check(self._lib.uc_reg_read(self._h, reg, self._scratch_ref), "register read")
@@ -760,22 +750,6 @@ class UcEngine:
     def _on_intr(self, h: Any, intno: int, user: Any) -> None:
         self._event = intno
         self._lib.uc_emu_stop(self._h)
-
-    def _on_invalid(self, h: Any, user: Any) -> bool:
-        """An instruction QEMU does not know (#UD in its translator): an SNP guest's PVALIDATE is
-        retired here without leaving Unicorn where it can be (:func:`exits.pvalidate_in_place`);
-        False: Unicorn stops with UC_ERR_INSN_INVALID, and the exit path handles it precisely."""
-        cpu = self._cpu
-        if cpu is None or cpu.rmp is None or self._booting:
-            return False
-        try:
-            if self._lib.uc_reg_read_batch(self._h, self._ids, self._ptrs, len(SYNC_IDS)):
-                return False
-            return exits.pvalidate_in_place(self, cpu, self._walker or cpu.core.mmu)
-        except Exception as exc:  # noqa: BLE001 - an engine or model bug: the guest dies, the host lives
-            self._internal = f"{type(exc).__name__}: {exc}"
-            self._lib.uc_emu_stop(self._h)
-            return False
 
     def _on_in(self, h: Any, port: int, size: int, user: Any) -> int:
         self._imprecise_io = (f"IN from port {port:#x} was not intercepted precisely (code written at run "

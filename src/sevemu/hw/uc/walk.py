@@ -26,21 +26,21 @@ page-walk caches; so does :class:`NestedCachingMmu`:
   someone else (the host) to a guest page table is not seen -- as on hardware, where TLBs are not
   coherent with memory and the entry stays until a flush.
 
-Two page-walk caches (as hardware's PDE caches) make a walk of a page not walked before cheap -- an
-SNP guest's PVALIDATE loop (OVMF validates its 256 MiB page by page: 65,535 operands, each a page
-never translated before):
+Two page-walk caches (as hardware's page-walk caches) make the walk of a page not walked before cheap
+(OVMF's SEC streams through megabytes: most fills are of pages never walked, in 2 MiB regions walked
+before):
 
 * **Guest 2 MiB leaves**: the outcome of a guest walk that ended in a 2 MiB PDE (GPA base, C-bit,
   permissions), per (2 MiB region, access kind and every other input of the walk), so another page of
   the region needs no guest table read.  Kept and dropped exactly as whole translations (it is one
   for a whole region): made only where the translation is cached, its table pages recorded with
   theirs; the walk that made it set the A (and for a write, D) bits it implies.
-* **NPT page tables**: for a 4 KiB NPT leaf, the entries of the NPT page table of its 2 MiB region
-  (read once, as a TLB may cache any translation the tables allow) with the permissions of the levels
-  above, per (nCR3, 2 MiB region), so a nested walk of another page of the region reads no memory;
-  dropped with the nested translations (TLB_CONTROL, which the hypervisor asks for whenever it changes
-  or removes a mapping).  Anything but a present, permitted, reserved-bit-free entry is walked again
-  by :meth:`Mmu.nested` (a mapping added since is seen; a fault is raised as always).
+* **NPT page tables** (the upper levels of a nested walk): for a 4 KiB NPT leaf, the NPT page table
+  of its 2 MiB region with the permissions of the levels above, per (nCR3, 2 MiB region), so a nested
+  walk of another page of the region reads one entry (from memory, as always); dropped with the nested
+  translations (TLB_CONTROL, which the hypervisor asks for whenever it changes or removes a mapping).
+  Anything but a present, permitted, reserved-bit-free entry is walked again by :meth:`Mmu.nested`
+  (which raises the fault as always).
 
 A fault is never cached (a page the hypervisor backs after an #NPF, or the guest validates after
 #VC 0x404, is walked again), and an access kind not walked before (a write after reads: the D bit) is
@@ -53,7 +53,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from sevemu._util.units import PAGE
 from sevemu.hw.cache import Cache
 from sevemu.hw.mmu import PTE_NX, PTE_P, PTE_PS, PTE_RW, Mmu, Translation
 from sevemu.hw.profiles import CpuProfile
@@ -81,8 +80,8 @@ class NestedCachingMmu(Mmu):
         self._regions: dict[tuple[int, ...], tuple[int, bool, bool, bool]] = {}
         """Guest walks that ended in a 2 MiB leaf: (GPA base, C, writable, executable) per region and inputs."""
         self._new_region: tuple[tuple[int, ...], tuple[int, bool, bool, bool]] | None = None
-        self._npt_tables: dict[tuple[int, int], tuple[bytes, bool, bool]] = {}
-        """(nCR3, GPA >> 21) -> (the NPT page table's entries, writable, executable above it) of 4 KiB NPT leaves."""
+        self._npt_tables: dict[tuple[int, int], tuple[int, bool, bool, bool]] = {}
+        """(nCR3, GPA >> 21) -> (NPT page table, its C-bit, writable, executable above it) of 4 KiB NPT leaves."""
         self._walk_tables: list[int] | None = None
         self.table_pages: set[int] = set()
         """SPA pages of the guest page tables the cached translations were walked through."""
@@ -178,14 +177,14 @@ class NestedCachingMmu(Mmu):
 
     def _nested_leaf(self, ncr3: int, gpa: int, write: bool,
                      fetch: bool) -> tuple[int, bool, bool, bool, bool] | None:
-        """A nested walk through a cached NPT page table: None unless its 4 KiB entry is present,
-        free of reserved bits and allows the access (everything else: the full walk, which faults)."""
+        """A nested walk through a cached NPT page table: its 4 KiB entry read (the upper levels
+        cached); None unless the entry is present, free of reserved bits and allows the access
+        (everything else: the full walk, which faults)."""
         up = self._npt_tables.get((ncr3, gpa >> 21))
         if up is None:
             return None
-        entries, w, x = up
-        off = (gpa >> 9) & 0xFF8
-        pte = int.from_bytes(entries[off : off + 8], "little")
+        table, table_c, w, x = up
+        pte = int.from_bytes(self.cache.read(0, table_c, table + ((gpa >> 9) & 0xFF8), 8), "little")
         w = w and bool(pte & PTE_RW)
         x = x and not pte & PTE_NX
         if not pte & PTE_P or pte & self.rsvd_sev or (write and not w) or (fetch and not x):
@@ -193,10 +192,9 @@ class NestedCachingMmu(Mmu):
         return (pte & self.addr_mask) | (gpa & 0xFFF), bool(pte & self.cbit), w, x, False
 
     def _remember_npt_table(self, ncr3: int, gpa: int) -> None:
-        """After a full nested walk to a 4 KiB leaf: the entries of its NPT page table (one read of
-        the page) and the permissions above it (the three upper levels read again, as the walk just
-        read them).  Its present entries are translations the walk may cache until the hypervisor
-        flushes (as a TLB may cache any translation the tables allow); absent ones are walked again."""
+        """After a full nested walk to a 4 KiB leaf: the NPT page table of its region and the
+        permissions above it (the three upper levels read again, as the walk just read them), kept
+        until the hypervisor flushes, as a page-walk cache keeps upper-level entries."""
         table, table_c = ncr3 & self.addr_mask, bool(ncr3 & self.cbit)
         w = x = True
         for shift in (39, 30, 21):
@@ -208,4 +206,4 @@ class NestedCachingMmu(Mmu):
             table, table_c = pte & self.addr_mask, bool(pte & self.cbit)
         if len(self._npt_tables) >= _LIMIT:
             self._npt_tables.clear()
-        self._npt_tables[(ncr3, gpa >> 21)] = (self.cache.read(0, table_c, table, PAGE), w, x)
+        self._npt_tables[(ncr3, gpa >> 21)] = (table, table_c, w, x)
