@@ -418,7 +418,7 @@ _CODE = 0x1000
 _PVALIDATE = bytes.fromhex("f20f01ff")
 
 
-def _uc_guest(pvalidate: bool) -> tuple[Guest, Any]:
+def _uc_guest(pvalidate: bool, nested_cache: bool = False) -> tuple[Guest, Any]:
     from sevemu.abi.vmsa import SevEsSaveArea
     from sevemu.hw.ucengine import UcEngine
     from sevemu.hw.x86.state import InitialState
@@ -429,7 +429,7 @@ def _uc_guest(pvalidate: bool) -> tuple[Guest, Any]:
     g.own(_CODE, validated=True)
     g.pt.gwrite(_CODE, code.ljust(PAGE, b"\xf4"))
     state = InitialState(rip=_CODE)
-    eng = UcEngine(pool_pages=64, initial=state)
+    eng = UcEngine(pool_pages=64, initial=state, nested_cache=nested_cache)
     state.apply(g.vmcb)
     values: dict[str, Any] = {}
     for name, seg in g.vmcb.segments.items():
@@ -487,3 +487,68 @@ def test_rmp_instructions_ignore_the_page_offset_and_refuse_only_a_misaligned_2m
     assert got == [(0, False), (0, False), (RmpResult.FAIL_INPUT, False), (RmpResult.FAIL_INPUT, False)]
     e = g.rmp.entry(GUEST_SPA + DATA)
     assert not e.validated and e.perms[1] == R
+
+
+# ---- PVALIDATE's operand walked by the engine's caching walker (hw/uc/walk.py operand) -------------------
+def _pv(rax: int, ecx: int, edx: int) -> bytes:
+    """mov eax, RAX; mov ecx, ECX; mov edx, EDX; pvalidate (32-bit code)."""
+    return (b"\xb8" + rax.to_bytes(4, "little") + b"\xb9" + ecx.to_bytes(4, "little") + b"\xba"
+            + edx.to_bytes(4, "little") + _PVALIDATE)
+
+
+def _uc_pvalidates(calls: list[tuple[int, int, int]], setup: Any, nested_cache: bool) -> tuple[Any, ...]:
+    """Run up to two PVALIDATEs (their EAX to ESI / EDI, their CF to EBP / EBX as 0 or -1), a load of
+    DATA and HLT on the Unicorn engine, with or without its caching walker; what the guest and the
+    RMP saw."""
+    from sevemu.hw.svm import GPRS
+
+    g, eng = _uc_guest(pvalidate=False, nested_cache=nested_cache)
+    code = b""
+    for (rax, ecx, edx), keep in zip(calls, (b"\x89\xc6\x19\xed", b"\x89\xc7\x19\xdb"), strict=False):
+        code += _pv(rax, ecx, edx) + keep  # mov esi/edi, eax; sbb ebp/ebx, ebp/ebx
+    g.pt.gwrite(_CODE, (code + b"\xf4").ljust(PAGE, b"\xf4"))
+    setup(g)
+    try:
+        ex = g.soc.boot_cpu.vmrun(g.vmcb, eng)
+        regs = {n: eng.vals[GPRS.index(n)] & 0xFFFFFFFF for n in ("rsi", "rbp", "rdi", "rbx")}
+        pages = {gpa: g.rmp.entry(GUEST_SPA + gpa) for gpa in (DATA, 0x200000)}
+        return (ex.code, ex.info1 if ex.code == ExitCode.NPF else None, regs, pages, eng.crash, eng.stats.pvalidates,
+                eng.walker is not None)
+    finally:
+        eng.close()
+
+
+_SCENARIOS = {
+    # validate, then again: EAX 0 with CF 0, then EAX 0 with CF 1
+    "validate twice": ([(DATA, 0, 1), (DATA + 0x7FF, 0, 1)], lambda g: g.own(DATA)),
+    # 2 MiB request on a 4 KiB entry: FAIL_SIZEMISMATCH; not 2 MiB aligned: FAIL_INPUT (CF 0 both)
+    "2M on a 4K entry, misaligned 2M": ([(0x200000, 1, 1), (0x201000, 1, 1)], lambda g: g.own(0x200000)),
+    "validate then rescind": ([(DATA, 0, 1), (DATA, 0, 0)], lambda g: g.own(DATA)),
+    # another guest's page: #VMEXIT(NPF) with the RMP bit, nothing changed
+    "another guest's page": ([(DATA, 0, 1)], lambda g: g.own(DATA, asid=OTHER)),
+    # beyond the NPT: #VMEXIT(NPF) of the operand's walk
+    "unmapped operand": ([(0x3F_0000_0000 & 0xFFFFFFFF | 0x8000_0000, 0, 1)], lambda g: g.own(DATA)),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCENARIOS))
+def test_unicorn_pvalidate_answers_alike_with_the_caching_walker(name: str) -> None:
+    """What the guest sees (EAX, rFLAGS.CF, the exit) and the RMP are the same whether PVALIDATE's
+    operand is walked by the engine's caching walker (its walk caches, ``NestedCachingMmu.operand``)
+    or by the vCPU's plain walk."""
+    calls, setup = _SCENARIOS[name]
+    cached = _uc_pvalidates(calls, setup, True)
+    plain = _uc_pvalidates(calls, setup, False)
+    assert cached[:6] == plain[:6] and cached[6] and not plain[6]
+    if name == "validate twice":
+        assert cached[0] == ExitCode.HLT and cached[2] == {"rsi": 0, "rbp": 0, "rdi": 0, "rbx": 0xFFFFFFFF}
+        assert cached[3][DATA].validated
+    elif name.startswith("2M"):
+        assert cached[2] == {"rsi": RmpResult.FAIL_SIZEMISMATCH, "rbp": 0, "rdi": RmpResult.FAIL_INPUT, "rbx": 0}
+        assert not cached[3][0x200000].validated
+    elif name == "validate then rescind":
+        assert cached[0] == ExitCode.HLT and not cached[3][DATA].validated and cached[5] == 2
+    else:
+        assert cached[0] == ExitCode.NPF and not cached[3][DATA].validated
+        if name == "another guest's page":
+            assert cached[1] & NpfExitInfo1.RMP

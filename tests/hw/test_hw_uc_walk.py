@@ -75,6 +75,72 @@ def test_written_table_pages_drop_or_bypass_the_cache(sev_tables: PageTables) ->
     assert _translate(mmu, pt, GVA).gpa == 0x7000 and mmu.tlb_hits == hits  # type: ignore[attr-defined]
 
 
+def test_a_2m_guest_leaf_answers_every_page_of_its_region_as_the_walk(sev_tables: PageTables) -> None:
+    """The guest 2 MiB-leaf cache: another page of a region walked before needs no guest table read,
+    gives the walk's answer (C-bit and permissions of the leaf, the NPT's page), and goes with the
+    translations when a table page it was walked through becomes writable."""
+    pt = sev_tables
+    region = 0x7F12_3440_0000
+    pt.guest_map(region, 0x200000, large=True)
+    mmu = _walker(pt)
+    for kind in ({}, {"fetch": True}):  # (each access kind walks once)
+        assert _translate(mmu, pt, region + 0x3123, **kind) == pt.translate(region + 0x3123, **kind)
+    reads = 0
+    read = pt.soc.cache.read
+
+    def counting(*args: object, **kw: object) -> bytes:
+        nonlocal reads
+        reads += 1
+        return read(*args, **kw)  # type: ignore[arg-type]
+
+    pt.soc.cache.read = counting  # type: ignore[method-assign]
+    try:
+        for off in (0x5008, 0x1FF000, 0x42000):
+            for kind in ({}, {"fetch": True}):
+                reads = 0
+                got = _translate(mmu, pt, region + off, **kind)
+                assert reads <= 1  # the final NPT entry at most: no guest table read
+                assert got == pt.translate(region + off, **kind)
+    finally:
+        del pt.soc.cache.read
+    pde_table = pt.spa(pt.guest_entry_gpa(region, 21)) & ~0xFFF
+    mmu.table_written(pde_table)  # the guest may now rewrite the 2 MiB entry
+    pt.guest_map(region, 0, large=True, c=False)
+    assert _translate(mmu, pt, region + 0x5008) == pt.translate(region + 0x5008)
+    t = _translate(mmu, pt, region + 0x5008)
+    assert t.gpa == 0x5008 and not t.data_c  # type: ignore[attr-defined]
+
+
+def test_the_npt_page_table_cache_reads_the_entry_and_never_caches_a_fault(sev_tables: PageTables) -> None:
+    """The NPT page-table cache keeps the upper levels of a region's nested walk: a page of the region
+    mapped after the table was cached is seen, an absent one still faults, and a changed entry is seen
+    once the hypervisor flushes (as with any cached nested translation)."""
+    pt = sev_tables
+    pt.guest_map(GVA, 0x5000)
+    pt.guest_map(GVA + 0x1000, 0x3FF000)  # (the identity map covers 4 MiB: 0x3FF000 is backed)
+    mmu = _walker(pt)
+    assert _translate(mmu, pt, GVA) == pt.translate(GVA)
+    # a page of the same NPT region the hypervisor maps only now: walked through the cached table
+    gpa = 0x1F0000
+    assert (pt.ncr3, gpa >> 21) in mmu._npt_tables
+    pt.npt_map(gpa, GUEST_SPA + 0x7000)
+    pt.guest_map(GVA + 0x2000, gpa)
+    assert _translate(mmu, pt, GVA + 0x2000) == pt.translate(GVA + 0x2000)
+    assert _translate(mmu, pt, GVA + 0x2000).spa == GUEST_SPA + 0x7000  # type: ignore[attr-defined]
+    # an absent NPT entry: the full walk's #NPF, every time
+    pt._npt_write(pt.npt_leaf_spa(0x1E0000), 0)
+    pt.guest_map(GVA + 0x3000, 0x1E0000)
+    from sevemu.hw.faults import NestedPageFault
+
+    for _ in range(2):
+        with pytest.raises(NestedPageFault):
+            _translate(mmu, pt, GVA + 0x3000)
+    # a remapped entry: seen after the flush the hypervisor asks for (TLB_CONTROL)
+    pt.npt_map(0x5000, GUEST_SPA + 0x8000)
+    mmu.flush()
+    assert _translate(mmu, pt, GVA).spa == GUEST_SPA + 0x8000  # type: ignore[attr-defined]
+
+
 # ---- on real code: a guest remaps a page, INVLPGs, and reads it again ------------------------------
 # B: read 0x120000 (r8); PTE of 0x120000 += 0x1000 (a first write to the table page); invlpg; read (r9); hlt
 # A: the table page is writable already: read 0x121000 (r10); its PTE += 0x1000 (no TLB fill for the

@@ -78,8 +78,9 @@ class PscError(Exception):
         self.detail = detail
 
 
-def set_page_state(host: SevHost, vm: Vm, gpa: int, private: bool) -> None:
-    """Make the 4 KiB page at ``gpa`` of SNP guest ``vm`` private or shared (module docstring)."""
+def set_page_state(host: SevHost, vm: Vm, gpa: int, private: bool, flushed: bool = False) -> None:
+    """Make the 4 KiB page at ``gpa`` of SNP guest ``vm`` private or shared (module docstring);
+    ``flushed``: the caller has already flushed the host's lines of the page (:func:`_flush_for_private`)."""
     if gpa % PAGE or not 0 <= gpa < vm.memory:
         raise PscError(PSC_INVALID_ENTRY, f"GPA {gpa:#x} is not a page of {vm.name}")
     spa = vm.back(gpa)
@@ -88,7 +89,8 @@ def set_page_state(host: SevHost, vm: Vm, gpa: int, private: bool) -> None:
         vm.shared_gpas.discard(gpa)
         if spa in vm.private_spas:
             return
-        core.clflush_range(spa, PAGE)  # the host's lines of the page go before the guest owns it
+        if not flushed:
+            core.clflush_range(spa, PAGE)  # the host's lines of the page go before the guest owns it
         rc = core.rmpupdate_state(spa, RmpUpdateState(gpa=gpa, assigned=1, asid=vm.asid))
         if rc != RmpResult.SUCCESS:
             raise PscError(PSC_ERROR_GENERIC, f"RMPUPDATE of GPA {gpa:#x} to private: {RmpResult(rc).name}")
@@ -131,9 +133,33 @@ def _apply_range(host: SevHost, vm: Vm, gpa: int, pages: int, op: int) -> int:
     """Apply ``op`` to ``pages`` pages from ``gpa``; returns the pages done (PscError on failure)."""
     if op not in (PscOp.PRIVATE, PscOp.SHARED):
         raise PscError(PSC_INVALID_ENTRY, f"page state operation {op} (only PRIVATE and SHARED are supported)")
+    private = op == PscOp.PRIVATE
+    if private:
+        _flush_for_private(host, vm, gpa, pages)
     for i in range(pages):
-        set_page_state(host, vm, gpa + i * PAGE, op == PscOp.PRIVATE)
+        set_page_state(host, vm, gpa + i * PAGE, private, flushed=private)
     return pages
+
+
+def _flush_for_private(host: SevHost, vm: Vm, gpa: int, pages: int) -> None:
+    """The host's lines of the pages a private conversion will take, flushed before the first
+    RMPUPDATE: one CLFLUSH range per run of contiguous backing -- the lines :func:`set_page_state`
+    flushes page by page (of the pages not private yet, up to the first GPA it refuses)."""
+    start = end = -1
+    for i in range(pages):
+        page = gpa + i * PAGE
+        if page % PAGE or not 0 <= page < vm.memory:
+            break
+        spa = vm.back(page)
+        if spa in vm.private_spas:
+            continue
+        if spa != end:
+            if end > start:
+                host.core.clflush_range(start, end - start)
+            start = spa
+        end = spa + PAGE
+    if end > start:
+        host.core.clflush_range(start, end - start)
 
 
 # ---- the GHCB requests ------------------------------------------------------------------------------

@@ -366,6 +366,11 @@ class UcEngine:
         self._scratch.value = value & 0xFFFFFFFFFFFFFFFF
         check(self._lib.uc_reg_write(self._h, reg, self._scratch_ref), "register write")
 
+    @property
+    def walker(self) -> NestedCachingMmu | None:
+        """The caching walker of the fills (``nested_cache``; None before the first fill)."""
+        return self._walker
+
     def _reg_read(self, reg: int) -> int:
         check(self._lib.uc_reg_read(self._h, reg, self._scratch_ref), "register read")
         return int(self._scratch.value)

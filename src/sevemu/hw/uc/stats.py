@@ -33,9 +33,9 @@ class UcStats:
     vc_by_code: dict[int, int] = field(default_factory=dict)
     """#VC exceptions delivered, by error code (the exit code of the non-automatic exit)."""
     pvalidates: int = 0
+    """PVALIDATE instructions executed (an SNP guest's)."""
     hook_resets: int = 0
     """Times every port-I/O code hook was dropped to keep translation fast (``UcEngine._drop_hooks``)."""
-    """PVALIDATE instructions executed (an SNP guest's)."""
 
     @property
     def by_reason(self) -> dict[str, int]:

@@ -26,6 +26,22 @@ page-walk caches; so does :class:`NestedCachingMmu`:
   someone else (the host) to a guest page table is not seen -- as on hardware, where TLBs are not
   coherent with memory and the entry stays until a flush.
 
+Two page-walk caches (as hardware's page-walk caches) make the walk of a page not walked before cheap
+(OVMF's SEC streams through megabytes: most fills are of pages never walked, in 2 MiB regions walked
+before):
+
+* **Guest 2 MiB leaves**: the outcome of a guest walk that ended in a 2 MiB PDE (GPA base, C-bit,
+  permissions), per (2 MiB region, access kind and every other input of the walk), so another page of
+  the region needs no guest table read.  Kept and dropped exactly as whole translations (it is one
+  for a whole region): made only where the translation is cached, its table pages recorded with
+  theirs; the walk that made it set the A (and for a write, D) bits it implies.
+* **NPT page tables** (the upper levels of a nested walk): for a 4 KiB NPT leaf, the NPT page table
+  of its 2 MiB region with the permissions of the levels above, per (nCR3, 2 MiB region), so a nested
+  walk of another page of the region reads one entry (from memory, as always); dropped with the nested
+  translations (TLB_CONTROL, which the hypervisor asks for whenever it changes or removes a mapping).
+  Anything but a present, permitted, reserved-bit-free entry is walked again by :meth:`Mmu.nested`
+  (which raises the fault as always).
+
 A fault is never cached (a page the hypervisor backs after an #NPF, or the guest validates after
 #VC 0x404, is walked again), and an access kind not walked before (a write after reads: the D bit) is
 always walked.
@@ -38,7 +54,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from sevemu.hw.cache import Cache
-from sevemu.hw.mmu import Mmu, Translation
+from sevemu.hw.mmu import PTE_NX, PTE_P, PTE_PS, PTE_RW, Mmu, Translation
 from sevemu.hw.profiles import CpuProfile
 
 if TYPE_CHECKING:
@@ -61,6 +77,11 @@ class NestedCachingMmu(Mmu):
         super().__init__(cache, profile)
         self._nested: dict[tuple[int, int, int], tuple[int, bool, bool, bool, bool]] = {}
         self._tlb: dict[tuple[int, ...], Translation] = {}
+        self._regions: dict[tuple[int, ...], tuple[int, bool, bool, bool]] = {}
+        """Guest walks that ended in a 2 MiB leaf: (GPA base, C, writable, executable) per region and inputs."""
+        self._new_region: tuple[tuple[int, ...], tuple[int, bool, bool, bool]] | None = None
+        self._npt_tables: dict[tuple[int, int], tuple[int, bool, bool, bool]] = {}
+        """(nCR3, GPA >> 21) -> (NPT page table, its C-bit, writable, executable above it) of 4 KiB NPT leaves."""
         self._walk_tables: list[int] | None = None
         self.table_pages: set[int] = set()
         """SPA pages of the guest page tables the cached translations were walked through."""
@@ -75,11 +96,13 @@ class NestedCachingMmu(Mmu):
     def flush(self) -> None:
         """Forget every cached nested translation and translation (a TLB flush)."""
         self._nested.clear()
+        self._npt_tables.clear()
         self.flush_translations()
 
     def flush_translations(self) -> None:
         """Forget every cached whole translation (the guest's page tables may have changed)."""
         self._tlb.clear()
+        self._regions.clear()
         self.table_pages.clear()
 
     def table_written(self, spa_page: int) -> None:
@@ -98,6 +121,7 @@ class NestedCachingMmu(Mmu):
             return t if not (t.gpa ^ gva) & 0xFFF else replace(t, gpa=(t.gpa & ~0xFFF) | (gva & 0xFFF))
         tables: list[int] = []
         self._walk_tables = tables
+        self._new_region = None
         try:
             t = super().translate(asid=asid, sev=sev, ncr3=ncr3, paging=paging, cr3=cr3, gva=gva, write=write,
                                   fetch=fetch, rmp=rmp, vmpl=vmpl, wp=wp)
@@ -110,8 +134,23 @@ class NestedCachingMmu(Mmu):
         if len(self._tlb) >= _LIMIT:
             self.flush_translations()
         self._tlb[key] = t
+        region = self._new_region
+        if region is not None:
+            self._regions[region[0]] = region[1]
         self.table_pages.update(tables)
         return t
+
+    def _guest_walk(self, asid: int, sev: bool, ncr3: int, cr3: int, gva: int, write: bool, fetch: bool,
+                    rmp: Rmp | None = None, vmpl: int = 0, wp: bool = True) -> tuple[int, bool, bool, bool, bool]:
+        key = (gva >> 21, write | fetch << 1 | sev << 2 | wp << 3, cr3, asid, ncr3, vmpl, id(rmp) if rmp is not None else 0)
+        hit = self._regions.get(key)
+        if hit is not None:
+            base, c, w, x = hit
+            return base | (gva & 0x1FFFFF), c, w, x, True
+        out = super()._guest_walk(asid, sev, ncr3, cr3, gva, write, fetch, rmp, vmpl, wp)
+        if out[4] and self._walk_tables is not None:  # a 2 MiB leaf: kept if translate keeps the translation
+            self._new_region = key, (out[0] & ~0x1FFFFF, out[1], out[2], out[3])
+        return out
 
     def nested(self, ncr3: int, gpa: int, write: bool, fetch: bool, final: bool,
                enc: bool) -> tuple[int, bool, bool, bool, bool]:
@@ -122,10 +161,49 @@ class NestedCachingMmu(Mmu):
             spa, c, w, x, huge = hit
             out = spa | (gpa & 0xFFF), c, w, x, huge
         else:
-            out = super().nested(ncr3, gpa, write, fetch, final, enc)
+            leaf = self._nested_leaf(ncr3, gpa, write, fetch)
+            if leaf is not None:
+                out = leaf
+            else:
+                out = super().nested(ncr3, gpa, write, fetch, final, enc)
+                if not out[4]:
+                    self._remember_npt_table(ncr3, gpa)
             if len(self._nested) >= _LIMIT:
                 self._nested.clear()
             self._nested[key] = (out[0] & ~0xFFF, out[1], out[2], out[3], out[4])
         if not final and self._walk_tables is not None:  # a guest page-table read of the walk
             self._walk_tables.append(out[0] & ~0xFFF)
         return out
+
+    def _nested_leaf(self, ncr3: int, gpa: int, write: bool,
+                     fetch: bool) -> tuple[int, bool, bool, bool, bool] | None:
+        """A nested walk through a cached NPT page table: its 4 KiB entry read (the upper levels
+        cached); None unless the entry is present, free of reserved bits and allows the access
+        (everything else: the full walk, which faults)."""
+        up = self._npt_tables.get((ncr3, gpa >> 21))
+        if up is None:
+            return None
+        table, table_c, w, x = up
+        pte = int.from_bytes(self.cache.read(0, table_c, table + ((gpa >> 9) & 0xFF8), 8), "little")
+        w = w and bool(pte & PTE_RW)
+        x = x and not pte & PTE_NX
+        if not pte & PTE_P or pte & self.rsvd_sev or (write and not w) or (fetch and not x):
+            return None
+        return (pte & self.addr_mask) | (gpa & 0xFFF), bool(pte & self.cbit), w, x, False
+
+    def _remember_npt_table(self, ncr3: int, gpa: int) -> None:
+        """After a full nested walk to a 4 KiB leaf: the NPT page table of its region and the
+        permissions above it (the three upper levels read again, as the walk just read them), kept
+        until the hypervisor flushes, as a page-walk cache keeps upper-level entries."""
+        table, table_c = ncr3 & self.addr_mask, bool(ncr3 & self.cbit)
+        w = x = True
+        for shift in (39, 30, 21):
+            pte = int.from_bytes(self.cache.read(0, table_c, table + ((gpa >> shift) & 0x1FF) * 8, 8), "little")
+            if not pte & PTE_P or pte & self.rsvd_sev or (shift == 21 and pte & PTE_PS):
+                return
+            w = w and bool(pte & PTE_RW)
+            x = x and not pte & PTE_NX
+            table, table_c = pte & self.addr_mask, bool(pte & self.cbit)
+        if len(self._npt_tables) >= _LIMIT:
+            self._npt_tables.clear()
+        self._npt_tables[(ncr3, gpa >> 21)] = (table, table_c, w, x)
