@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 unicorn = pytest.importorskip("unicorn")
-from unicorn import x86_const  # noqa: E402
+from unicorn import x86_const
 
 N = 1000
 # 1: addq $1,0x2000; incq %rbx; cmpq $N,%rbx; jb 1b; hlt
