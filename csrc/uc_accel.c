@@ -695,6 +695,45 @@ static int module_exec(PyObject *m)
     return 0;
 }
 
+/* ---- stops at a block boundary ---------------------------------------------------------------
+ * Unicorn 2.1.4 tests for a pending uc_emu_stop after every guest load and store and leaves with RIP
+ * back at the start of the instruction, whose store has already been written: a read-modify-write
+ * on memory then runs twice when emulation resumes (tests/hw/test_hw_unicorn_stop.py).  Stops that
+ * are not made by a code hook (the watchdog's time slice, a fill hook's TB-flush or eviction request)
+ * therefore only set a request word, and this block hook stops at the start of the next translated
+ * block, before any of it executes.  user_data points at a StopWord the engine owns. */
+typedef int (*emu_stop_fn)(void *uc);
+typedef struct {
+    volatile int request;
+    int reserved;
+    emu_stop_fn stop;
+} StopWord;
+
+static void stop_at_block(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    StopWord *w = (StopWord *)user_data;
+    (void)address;
+    (void)size;
+    if (w->request) {
+        w->request = 0;
+        w->stop(uc);
+    }
+}
+
+static PyObject *block_stop_address(PyObject *self, PyObject *noargs)
+{
+    (void)self;
+    (void)noargs;
+    return PyLong_FromVoidPtr((void *)stop_at_block);
+}
+
+static PyMethodDef module_methods[] = {
+    {"block_stop_address", block_stop_address, METH_NOARGS,
+     "block_stop_address() -> the address of the UC_HOOK_BLOCK callback that stops when the StopWord\n"
+     "{int request; int reserved; uc_emu_stop's address} given as its user data has request set."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyModuleDef_Slot slots[] = {
     {Py_mod_exec, module_exec},
 #ifdef Py_mod_multiple_interpreters
@@ -711,7 +750,7 @@ static struct PyModuleDef module = {
     "sevemu.hw.uc._uc_accel",
     "Optional C helper of the Unicorn engine's exit path (csrc/uc_accel.c).",
     0,
-    NULL,
+    module_methods,
     slots,
     NULL,
     NULL,

@@ -515,3 +515,48 @@ def test_host_write_of_whole_lines_never_reaches_an_sev_guests_private_copy() ->
     got = vm.vcpus[0].vmcb.regs["rax"] & 0xFFFFFFFF
     assert got == int.from_bytes(MARKER_TEXT[:4], "little")
     assert got != int.from_bytes(b"ATTA", "little")
+
+
+# addl $1,0x100040 (a counter in the code page itself); mov 0x100040,%eax; hlt
+RMW_ON_CODE_PAGE = bytes.fromhex("83054000100001a140001000f4").ljust(0x40, b"\x90") + bytes(4)
+
+
+def test_a_read_modify_write_that_makes_its_own_code_page_writable_runs_once() -> None:
+    """The add's store makes its code page writable, which asks for a TB flush and so a stop from
+    inside the store's fill.  Unicorn 2.1.4 honours a pending stop after the store and resumes at the
+    start of the add, whose store is done (``tests/hw/test_hw_unicorn_stop.py``): the add ran again,
+    its fetch took the write grant back, its store asked for it again, and the guest never halted.
+    The engine's stops now wait for the next block boundary.  Run in a child process with a time
+    limit: the failure mode is a hang."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from test_hw_ucengine import RMW_ON_CODE_PAGE, launch, machine, run\n"
+              "from sevemu.hypervisor.vm import VmKind\n"
+              "for kind in (VmKind.PLAIN, VmKind.SEV):\n"
+              "    m = machine()\n"
+              "    vm, _ = launch(m, RMW_ON_CODE_PAGE, kind)\n"
+              "    r = run(m, vm)\n"
+              "    print(kind.name, r.reason, vm.vcpus[0].vmcb.regs['rax'])\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the guest's read-modify-write on its own code page never finished (it ran again and again)")
+    assert out.stdout.split() == ["PLAIN", "hlt", "1", "SEV", "hlt", "1"]
+
+
+def test_time_slices_end_between_instructions() -> None:
+    """A loop of read-modify-writes cut into many time slices by the watchdog counts exactly: a
+    slice ends at a block boundary, never inside the add between its store and its retirement."""
+    n = 3_000_000
+    # movl $0,0x200000; mov $n,%ecx; 1: addl $1,0x200000; loop 1b; mov 0x200000,%eax; hlt
+    code = (bytes.fromhex("c7050000200000000000b9") + n.to_bytes(4, "little")
+            + bytes.fromhex("83050000200001e2f7a100002000f4"))
+    for kind in (VmKind.PLAIN, VmKind.SEV):
+        m = machine()
+        vm, eng = launch(m, code, kind, slice_s=0.001)
+        assert run(m, vm).reason == "hlt"
+        assert vm.vcpus[0].vmcb.regs["rax"] == n
+        assert eng.stats.by_reason["INTR"] >= 1  # (the slices did end: 10-20 on this machine)

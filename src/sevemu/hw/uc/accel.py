@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from sevemu._util.units import PAGE
 from sevemu.hw.uc import binding as uc
 
-__all__ = ["ENABLED", "PyRunner", "Runner", "runner"]
+__all__ = ["ENABLED", "PyRunner", "Runner", "StopWord", "block_stop_hook", "runner"]
 
 _M64 = (1 << 64) - 1
 _CR0_PG = 1 << 31
@@ -38,6 +38,39 @@ except ImportError:  # installed without a C compiler: ctypes
     ENABLED = False
 else:  # (a build older than csrc/uc_accel.c lacks some: the ctypes path then; rebuild with setup.py build_ext)
     ENABLED = all(hasattr(_c.Runner, name) for name in _METHODS)
+
+
+class StopWord(ctypes.Structure):
+    """The request word of :func:`block_stop_hook`'s callback (``StopWord`` in ``csrc/uc_accel.c``):
+    a stop requested by setting ``request`` happens at the start of the next translated block."""
+
+    _fields_ = [("request", ctypes.c_int), ("reserved", ctypes.c_int), ("stop", ctypes.c_void_p)]
+
+
+_BLOCK_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+
+
+def block_stop_hook(lib: Any) -> tuple[int, Any]:
+    """(address of a UC_HOOK_BLOCK callback that stops when its :class:`StopWord` (the hook's user
+    data) has ``request`` set, an object to keep alive while the hook exists).
+
+    Unicorn 2.1.4 honours a pending ``uc_emu_stop`` after any guest load or store and resumes at the
+    start of that instruction although its store is done, so a read-modify-write on memory runs
+    twice (``tests/hw/test_hw_unicorn_stop.py``); a stop at a block start executes nothing twice.
+    The C callback (``csrc/uc_accel.c``) or, without the extension, a ctypes one (correct, slower:
+    Python at every block)."""
+    if _c is not None and hasattr(_c, "block_stop_address"):
+        return _c.block_stop_address(), None
+    stop = lib.uc_emu_stop
+
+    def cb(h: Any, address: int, size: int, user: Any) -> None:
+        word = ctypes.cast(user, ctypes.POINTER(StopWord)).contents
+        if word.request:
+            word.request = 0
+            stop(h)
+
+    keep = _BLOCK_CB(cb)
+    return uc.fn_address(keep), keep
 
 
 class Runner(Protocol):

@@ -57,6 +57,7 @@ UC_ERR_EXCEPTION: Final = 21
 UC_HOOK_INTR: Final = 1
 UC_HOOK_INSN: Final = 2
 UC_HOOK_CODE: Final = 4
+UC_HOOK_BLOCK: Final = 8
 UC_HOOK_TLB_FILL: Final = 1 << 17
 UC_MEM_WRITE: Final = 17
 UC_MEM_FETCH: Final = 18

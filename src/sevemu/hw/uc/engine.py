@@ -175,6 +175,7 @@ class UcEngine:
         self._keep: list[Any] = []  # ctypes callbacks Unicorn holds pointers to
         self._cpu: GuestCpu | None = None
         self._tlb_token: object = None
+        self._stop_word = accel.StopWord()
         self.pool = PagePool(pool_pages, self.stats, _weakly(self._stop))
         self._ports: IoHooks | None = None
         # registers
@@ -252,8 +253,13 @@ class UcEngine:
         return self._h.value
 
     def _stop(self) -> None:
-        if self._h.value:
-            self._lib.uc_emu_stop(self._h)
+        """Stop at the next block boundary (:func:`~sevemu.hw.uc.accel.block_stop_hook`): never from
+        the middle of an instruction, which Unicorn would run again although its store was done."""
+        self._stop_word.request = 1
+
+    def request_stop(self) -> None:
+        """The watchdog's stop at the end of a time slice (at the next block boundary)."""
+        self._stop_word.request = 1
 
     # ---- Engine protocol ------------------------------------------------------------------------
     def run(self, cpu: GuestCpu) -> VmExit:
@@ -319,6 +325,11 @@ class UcEngine:
         hout = uc.OUT_CB(self._on_out)
         self._keep += [fill, intr, hin, hout]
         hh = ctypes.c_size_t()
+        block_stop, keep = accel.block_stop_hook(lib)
+        self._stop_word.stop = uc.fn_address(lib.uc_emu_stop)
+        self._keep += [keep, self._stop_word]
+        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_BLOCK, block_stop,
+                              ctypes.cast(ctypes.pointer(self._stop_word), ctypes.c_void_p), 1, 0), "block hook")
         check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_TLB_FILL, uc.fn_address(fill), None, 1, 0),
               "TLB-fill hook")
         check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INTR, uc.fn_address(intr), None, 1, 0),
@@ -614,6 +625,7 @@ class UcEngine:
         io_exits = ports.exits
         xgva = ports.xgva
         mm = self.pool.mm
+        stop_word = self._stop_word
         rip = cpu.state.rip
         spurious = 0
         while True:
@@ -622,6 +634,7 @@ class UcEngine:
             self._event = None
             self._pending = None
             self._timer_fired = False
+            stop_word.request = 0  # (a request made while the guest was not running is void, as uc_emu_stop's)
             err = run(self, rip)
             if err.__class__ is not int:  # a known port-I/O exit (the test below, made by the runner)
                 if err.code != _VMGEXIT_CODE or cpu.vmcb.sev_es_enable:

@@ -1,4 +1,8 @@
-"""The watchdog: one daemon thread per process ending over-long time slices with ``uc_emu_stop``.
+"""The watchdog: one daemon thread per process ending over-long time slices.
+
+A slice ends at the next block boundary (the engine's ``request_stop``), never by an asynchronous
+``uc_emu_stop`` in the middle of an instruction, which Unicorn 2.1.4 would run again on resume
+although its store was done (``tests/hw/test_hw_unicorn_stop.py``).
 
 It holds engines by weak reference only, and only while they can run: an engine registers when it
 boots and deregisters when it is closed (or collected), so the list it walks every tick is the
@@ -14,8 +18,6 @@ import time
 import weakref
 from typing import Protocol
 
-from sevemu.hw.uc.binding import loaded_library
-
 __all__ = ["TICK_S", "WATCHDOG", "Watchdog", "Watched"]
 
 TICK_S = 0.005
@@ -30,8 +32,8 @@ class Watched(Protocol):
         """Whether the current time slice (if one runs) ended before ``now``; marks it fired."""
         ...
 
-    def handle(self) -> int | None:
-        """The Unicorn instance to stop (None once closed)."""
+    def request_stop(self) -> None:
+        """End the running slice at the next block boundary."""
         ...
 
 
@@ -80,10 +82,7 @@ class Watchdog:
                 for ref in list(self._engines.values()):
                     e = ref()
                     if e is not None and e.timer_expired(now):
-                        h = e.handle()
-                        lib = loaded_library()
-                        if lib is not None and h:
-                            lib.uc_emu_stop(h)
+                        e.request_stop()
                     e = None  # no engine stays referenced from here while the thread sleeps
 
 
