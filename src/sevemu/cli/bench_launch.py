@@ -77,10 +77,6 @@ def register_launch(bsub: Any) -> None:
     p.set_defaults(func=run_launch)
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    return _best_cpu(fn, repeats)[0]
-
-
 def _best_cpu(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(best wall-clock seconds, best CPU seconds of this process) over ``repeats`` calls of ``fn``."""
     best, best_cpu = float("inf"), float("inf")

@@ -249,9 +249,6 @@ class UcEngine:
             return True
         return False
 
-    def handle(self) -> int | None:
-        return self._h.value
-
     def _stop(self) -> None:
         """Stop at the next block boundary (:func:`~sevemu.hw.uc.accel.block_stop_hook`): never from
         the middle of an instruction, which Unicorn would run again although its store was done."""
