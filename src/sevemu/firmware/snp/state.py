@@ -33,8 +33,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sevemu.abi.rmp import RmpPageState
 from sevemu.abi.snp import IdBlock, SnpGuestState, SnpPlatformState, SnpPolicy, TcbVersion, TcbVersionTurin
 from sevemu.abi.status import Status
+from sevemu.crypto.pagehash import page_info_chain
 from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.core import Firmware
+from sevemu.firmware.sha_engine import PendingHashes
 from sevemu.hw.rmp import RmpEntry, RmpFirmwarePort
 
 __all__ = ["SNP_API_VERSION", "SnpGuest", "SnpPlatform", "snp_state"]
@@ -63,8 +65,9 @@ class SnpGuest:
     state: SnpGuestState = SnpGuestState.INIT
     policy: int = 0
     asid: int = 0
-    ld: bytes = NO_LD
-    """GCTX.LD: the launch digest (SHA-384 PAGE_INFO chain) so far; MEASUREMENT after LAUNCH_FINISH."""
+    measured: bytes = NO_LD
+    """GCTX.LD as far as it is computed: :attr:`ld` without the updates still queued behind a page
+    the SHA engine is hashing (:meth:`chain`)."""
     vmpck: tuple[bytes, bytes, bytes, bytes] = (b"", b"", b"", b"")
     vmrk: bytes = b""
     report_id: bytes = bytes(32)
@@ -81,6 +84,40 @@ class SnpGuest:
     vcek_disabled: bool = False
     msg_count: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     """Successful guest messages per VMPCK (SNP_GUEST_REQUEST's replay protection)."""
+
+    _queued: list[tuple[bytes, int, int, bytes | PendingHashes | None]] = field(default_factory=list, repr=False)
+    """Updates chained behind one whose page hashes the SHA engine still computes (:meth:`chain`)."""
+
+    @property
+    def ld(self) -> bytes:
+        """GCTX.LD: the launch digest (SHA-384 PAGE_INFO chain) so far; MEASUREMENT after LAUNCH_FINISH.
+        Reading it completes the queued updates first (:meth:`chain`)."""
+        if self._queued:
+            ld = self.measured
+            for info, gpa, count, contents in self._queued:
+                hashes = contents.result() if isinstance(contents, PendingHashes) else contents
+                ld = page_info_chain(ld, info, gpa, count, hashes)
+            self._queued.clear()
+            self.measured = ld
+        return self.measured
+
+    @ld.setter
+    def ld(self, value: bytes) -> None:
+        self._queued.clear()
+        self.measured = value
+
+    def chain(self, info: bytes, gpa: int, count: int, contents: bytes | PendingHashes | None) -> None:
+        """Chain ``count`` 4 KiB pages into the launch digest: PAGE_INFOs from template ``info`` at GPAs
+        from ``gpa``, CONTENTS 48 bytes each from ``contents`` (None: the template's)
+        (:func:`~sevemu.crypto.pagehash.page_info_chain`).  When ``contents`` are hashes the SHA engine is
+        still computing (:func:`~sevemu.firmware.sha_engine.hash_pages_later`), this and every later
+        update wait in a queue and the command completes without them (model choice, ``docs/snp.md``:
+        the PSP's SHA engine finishes a 2 MiB page's measurement while the firmware answers the next
+        commands); :attr:`ld` completes the queue when something reads the digest."""
+        if self._queued or isinstance(contents, PendingHashes):
+            self._queued.append((info, gpa, count, contents))
+        else:
+            self.measured = page_info_chain(self.measured, info, gpa, count, contents)
 
     @property
     def snp_policy(self) -> SnpPolicy:

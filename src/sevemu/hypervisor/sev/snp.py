@@ -299,25 +299,40 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
     at = slice(_CMD_ADDRESS, _CMD_ADDRESS + 8)
     me_mask = host.caps.me_mask
     rmp_entry = host.soc.rmp_entry
+    rmpupdate = host.core.rmpupdate_state
+    write_page = host.core.host_write_stream
+    issue = host.psp.raw
+    private = vm.private_spas
+    asid = vm.asid
+    may_huge = ptype in _HUGE_TYPES and vm.huge_pages
+    backed: list[int] = []  # SPAs of the 4 KiB pages from ``done`` on, backed a stretch at a time
+    first_backed = 0
     try:
         while done < pages:
             gpa = gpa0 + done * PAGE
-            data = bytes(PAGE) if src is None else src[done * PAGE : (done + 1) * PAGE]
-            huge = (not gpa % PAGE_2M and pages - done >= _SUBPAGES and ptype in _HUGE_TYPES
-                    and vm.huge_pages and vm.back_huge(gpa))
+            huge = (may_huge and not gpa % PAGE_2M and pages - done >= _SUBPAGES
+                    and vm.back_huge(gpa))
             if huge:  # a 2 MiB folio: one RMPUPDATE and one SNP_LAUNCH_UPDATE for its 512 pages
                 spa = huge
-                data = bytes(PAGE_2M) if src is None else src[done * PAGE : done * PAGE + PAGE_2M]
+                if src is not None:
+                    write_page(spa, src[done * PAGE : done * PAGE + PAGE_2M])  # kvm_gmem_populate: the kernel fills it
             else:
-                spa = vm.back(gpa)
-                if spa in vm.private_spas or rmp_entry(spa).assigned:
+                if done - first_backed >= len(backed):  # back up to the next 2 MiB boundary in one step
+                    end = min(pages, done + (_SUBPAGES - (gpa // PAGE) % _SUBPAGES))
+                    backed = vm.back_pages(list(range(gpa, gpa0 + end * PAGE, PAGE)))
+                    first_backed = done
+                spa = backed[done - first_backed]
+                if spa in private or rmp_entry(spa).assigned:
                     raise SevInputError(Errno.EINVAL, f"GPA {gpa:#x} is already private")
-            host.core.host_write_stream(spa, data)  # kvm_gmem_populate: the kernel fills the page ...
-            _rmpupdate(host, spa, RmpUpdateState(gpa=gpa, assigned=1, asid=vm.asid, immutable=1,
-                                                 pagesize=int(bool(huge))))  # ... then it is the guest's
-            cmd = cmds[bool(huge)]
+                if src is not None:  # (ZERO: no source; the firmware writes the zeros)
+                    write_page(spa, src[done * PAGE : (done + 1) * PAGE])
+            rc = rmpupdate(spa, RmpUpdateState(gpa=gpa, assigned=1, asid=asid, immutable=1,
+                                               pagesize=1 if huge else 0))  # ... then it is the guest's
+            if rc != RmpResult.SUCCESS:
+                raise SevStateError(Errno.EIO, f"RMPUPDATE of {spa:#x} failed: {RmpResult(rc).name}")
+            cmd = cmds[1 if huge else 0]
             cmd[at] = (spa | me_mask).to_bytes(8, "little")
-            status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, bytes(cmd), reply=False)
+            status, _ = issue(CommandId.SNP_LAUNCH_UPDATE, cmd, reply=False)
             if status != Status.SUCCESS:
                 e = SevFirmwareError(CommandId.SNP_LAUNCH_UPDATE.name, status)
                 fixed = host.core.host_read(spa, PAGE)  # a CPUID page: the firmware's corrections
@@ -325,9 +340,12 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
                 if ptype == SnpPageType.CPUID and e.status == Status.INVALID_PARAM and isinstance(p.uaddr, bytearray):
                     p.uaddr[done * PAGE : (done + 1) * PAGE] = fixed
                 raise SevStateError(Errno.EIO, f"SNP_LAUNCH_UPDATE of GPA {gpa:#x}: {e}", e.status) from None
-            n = _SUBPAGES if huge else 1
-            vm.private_spas.update(range(spa, spa + n * PAGE, PAGE))
-            done += n
+            if huge:
+                private.update(range(spa, spa + PAGE_2M, PAGE))
+                done += _SUBPAGES
+            else:
+                private.add(spa)
+                done += 1
     finally:
         p.gfn_start += done
         p.len -= done * PAGE
