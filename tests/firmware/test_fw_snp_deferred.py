@@ -18,6 +18,7 @@ from sevemu.crypto.pagehash import page_info_chain, sha384_pages
 from sevemu.firmware import sha_engine
 from sevemu.firmware.sha_engine import PendingHashes, hash_pages_later
 from sevemu.firmware.snp import snp_state
+from sevemu.firmware.snp.state import _Queued
 from sevemu.firmware.snp.launch import _template, page_info_digest
 from sevemu.owner.snp_measurement import SnpLaunchDigest
 from tests.firmware.fwkit import call
@@ -68,6 +69,11 @@ def test_updates_behind_a_pending_page_chain_in_order(monkeypatch: pytest.Monkey
     launch.update(HUGE + PAGE, SnpPageType.NORMAL, image[:PAGE])
     launch.update(HUGE + 2 * PAGE, SnpPageType.SECRETS)
     assert len(g._queued) == (4 if mode == "on" else 0)
+    if mode == "on":  # the engine chains the 2 MiB page itself, from the digest before it
+        first = g._queued[0]
+        assert first.done is not None and first.count == 512
+        assert first.done.result() == page_info_chain(bytes(48), _template(1, (0, 0, 0), False), 0, 512,
+                                                      sha384_pages(image))
     assert g.ld == _want(image)  # reading it completes the queue
     assert not g._queued and g.measured == g.ld
     assert launch.finish() == Status.SUCCESS
@@ -98,7 +104,7 @@ def test_setting_the_digest_drops_the_queue() -> None:
     launch = SnpLaunch(m)
     assert launch.start() == Status.SUCCESS
     g = snp_state(m.firmware).guests[GCTX]
-    g._queued.append((_template(3, (0, 0, 0), False), 0, 1, None))
+    g._queued.append(_Queued(_template(3, (0, 0, 0), False), 0, 1, None, None))
     g.ld = b"\x11" * 48
     assert g.ld == b"\x11" * 48 and not g._queued
     g.chain(_template(3, (0, 0, 0), False), 0x5000, 1, None)
