@@ -18,8 +18,8 @@ from sevemu.crypto.pagehash import page_info_chain, sha384_pages
 from sevemu.firmware import sha_engine
 from sevemu.firmware.sha_engine import PendingHashes, hash_pages_later
 from sevemu.firmware.snp import snp_state
-from sevemu.firmware.snp.state import _Queued
 from sevemu.firmware.snp.launch import _template, page_info_digest
+from sevemu.firmware.snp.state import _Queued
 from sevemu.owner.snp_measurement import SnpLaunchDigest
 from tests.firmware.fwkit import call
 from tests.firmware.snpkit import GCTX, SnpLaunch, snp_machine
