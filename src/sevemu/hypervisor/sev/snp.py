@@ -96,6 +96,7 @@ _HUGE_TYPES: Final = frozenset({SnpPageType.NORMAL, SnpPageType.ZERO, SnpPageTyp
 """Page types a 2 MiB SNP_LAUNCH_UPDATE may carry (VMSA, SECRETS and CPUID pages are 4 KiB only)."""
 
 _CMD_ADDRESS: Final = SnpLaunchUpdateCmd.offset_of("address")
+_VMSA_FLAGS: Final = SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA))
 
 __all__ = [
     "SNP_POLICY_MASK_VALID",
@@ -274,6 +275,23 @@ def _free_context(host: SevHost, vm: Vm) -> None:
     vm.snp_context = 0
 
 
+_FEW: Final = 32
+_CMDS: dict[tuple[int, int, bool], bytes] = {}
+
+
+def _update_cmd(gctx: int, ptype: SnpPageType, huge: bool) -> bytearray:
+    """The SNP_LAUNCH_UPDATE buffer of a page of ``ptype`` (4 KiB or 2 MiB) for the context ``gctx``, its
+    address zero (the bytes SevHost.issue would write; encoded once per kind, the address patched in)."""
+    key = (gctx, int(ptype), huge)
+    raw = _CMDS.get(key)
+    if raw is None:
+        if len(_CMDS) >= 64:
+            _CMDS.clear()
+        raw = _CMDS[key] = SnpLaunchUpdateCmd(gctx_paddr=gctx, flags=SnpLaunchUpdateFlags(
+            page_type=int(ptype), page_size=huge)).encode()
+    return bytearray(raw)
+
+
 def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
     """KVM_SEV_SNP_LAUNCH_UPDATE (module docstring)."""
     if not vm.snp or not vm.snp_context:
@@ -294,8 +312,7 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
     pages = p.len // PAGE
     # The command buffer of each page differs only in its address (a 4 KiB and a 2 MiB variant): encoded
     # once, the address patched in per page (the bytes SevHost.issue would write; the reply is unused).
-    cmds = [bytearray(SnpLaunchUpdateCmd(gctx_paddr=vm.snp_context, flags=SnpLaunchUpdateFlags(
-        page_type=int(ptype), page_size=huge)).encode()) for huge in (False, True)]
+    cmds = [_update_cmd(vm.snp_context, ptype, False), bytearray()]
     at = slice(_CMD_ADDRESS, _CMD_ADDRESS + 8)
     me_mask = host.caps.me_mask
     rmp_entry = host.soc.rmp_entry
@@ -319,17 +336,21 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
             else:
                 if done - first_backed >= len(backed):  # back up to the next 2 MiB boundary in one step
                     end = min(pages, done + (_SUBPAGES - (gpa // PAGE) % _SUBPAGES))
-                    backed = vm.back_pages(list(range(gpa, gpa0 + end * PAGE, PAGE)))
+                    gpas = range(gpa, gpa0 + end * PAGE, PAGE)
+                    # (a few pages one by one: the batched mapping's array work costs more than it saves)
+                    backed = vm.back_pages(list(gpas)) if len(gpas) > _FEW else [vm.back(g) for g in gpas]
                     first_backed = done
                 spa = backed[done - first_backed]
                 if spa in private or rmp_entry(spa).assigned:
                     raise SevInputError(Errno.EINVAL, f"GPA {gpa:#x} is already private")
                 if src is not None:  # (ZERO: no source; the firmware writes the zeros)
                     write_page(spa, src[done * PAGE : (done + 1) * PAGE])
-            rc = rmpupdate(spa, RmpUpdateState(gpa=gpa, assigned=1, asid=asid, immutable=1,
-                                               pagesize=1 if huge else 0))  # ... then it is the guest's
+            # ... then it is the guest's (RmpUpdateState: gpa, assigned, pagesize, immutable, asid)
+            rc = rmpupdate(spa, RmpUpdateState(gpa, 1, 1 if huge else 0, 1, asid))
             if rc != RmpResult.SUCCESS:
                 raise SevStateError(Errno.EIO, f"RMPUPDATE of {spa:#x} failed: {RmpResult(rc).name}")
+            if huge and not cmds[1]:
+                cmds[1] = _update_cmd(vm.snp_context, ptype, True)
             cmd = cmds[1 if huge else 0]
             cmd[at] = (spa | me_mask).to_bytes(8, "little")
             status, _ = issue(CommandId.SNP_LAUNCH_UPDATE, cmd, reply=False)
@@ -369,13 +390,11 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
             continue  # measured by an earlier, failed FINISH
         host.core.host_write_stream(spa, page)  # as written, then CLFLUSHed (the firmware reads DRAM)
         rmp_make_private(host, spa, VMSA_GPA, vm.asid, True)
-        try:
-            host.issue(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
-                gctx_paddr=vm.snp_context, flags=SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA)),
-                address=spa | host.caps.me_mask))
-        except SevFirmwareError:
+        status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(  # (the reply is unused)
+            gctx_paddr=vm.snp_context, flags=_VMSA_FLAGS, address=spa | host.caps.me_mask).encode(), reply=False)
+        if status != Status.SUCCESS:
             _reclaim(host, spa)
-            raise
+            raise SevFirmwareError(CommandId.SNP_LAUNCH_UPDATE.name, status)
         vcpu.guest_state_protected = True
         vcpu.vmcb.sev_es_enable = True
         vcpu.vmcb.vmsa_pa = spa  # sev_es_init_vmcb: the VMCB's VMSA pointer
