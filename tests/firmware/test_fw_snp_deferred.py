@@ -19,7 +19,7 @@ from sevemu.firmware import sha_engine
 from sevemu.firmware.sha_engine import PendingHashes, hash_pages_later
 from sevemu.firmware.snp import snp_state
 from sevemu.firmware.snp.launch import _template, page_info_digest
-from sevemu.firmware.snp.state import _Queued
+from sevemu.firmware.snp.state import SnpGuest, _Queued
 from sevemu.owner.snp_measurement import SnpLaunchDigest
 from tests.firmware.fwkit import call
 from tests.firmware.snpkit import GCTX, SnpLaunch, snp_machine
@@ -55,15 +55,20 @@ def _want(image: bytes) -> bytes:
     return d.digest
 
 
-@pytest.mark.parametrize("mode", ["on", "off"])
-def test_updates_behind_a_pending_page_chain_in_order(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    monkeypatch.setattr(sha_engine, "mode", mode)
+def _launched_image() -> tuple[SnpLaunch, SnpGuest, bytes]:
+    """A started guest whose first update is a 2 MiB NORMAL page: (launch, its context, the image)."""
     m = snp_machine()
     launch = SnpLaunch(m)
     assert launch.start() == Status.SUCCESS
     image = _image(512)
     launch.update(0, SnpPageType.NORMAL, image, huge=True)
-    g = snp_state(m.firmware).guests[GCTX]
+    return launch, snp_state(m.firmware).guests[GCTX], image
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_updates_behind_a_pending_page_chain_in_order(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    monkeypatch.setattr(sha_engine, "mode", mode)
+    launch, g, image = _launched_image()
     assert bool(g._queued) == (mode == "on")  # on the engine: the command completed before its digest
     launch.update(HUGE, SnpPageType.ZERO)
     launch.update(HUGE + PAGE, SnpPageType.NORMAL, image[:PAGE])
@@ -78,20 +83,15 @@ def test_updates_behind_a_pending_page_chain_in_order(monkeypatch: pytest.Monkey
     assert not g._queued and g.measured == g.ld
     assert launch.finish() == Status.SUCCESS
     assert g.state == SnpGuestState.RUNNING and g.ld == _want(image)
-    assert m.firmware.internal_errors == []
+    assert launch.m.firmware.internal_errors == []
 
 
 def test_a_refused_update_leaves_the_pending_digest(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sha_engine, "mode", "on")
-    m = snp_machine()
-    launch = SnpLaunch(m)
-    assert launch.start() == Status.SUCCESS
-    image = _image(512)
-    launch.update(0, SnpPageType.NORMAL, image, huge=True)
-    g = snp_state(m.firmware).guests[GCTX]
+    launch, g, image = _launched_image()
     queued = list(g._queued)
     # a Hypervisor page (never RMPUPDATEd): INVALID_PAGE_STATE, nothing queued or computed
-    status, _ = call(m, CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
+    status, _ = call(launch.m, CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
         gctx_paddr=GCTX, flags=SnpLaunchUpdateFlags(page_type=int(SnpPageType.NORMAL)), address=launch.spa(HUGE)))
     assert status == Status.INVALID_PAGE_STATE
     assert g._queued == queued

@@ -347,22 +347,16 @@ class Rmp:
         dirty = self._cache.dirty
         pages = self._pages
         large = pfn & ~(_SUBPAGES - 1)
-        if large != pfn:
-            spa = first + large * RMP_ENTRY_SIZE
+        for at in (large, pfn) if large != pfn else (pfn,):
+            spa = first + at * RMP_ENTRY_SIZE
             if spa & ~(LINE - 1) in dirty:
-                lo, hi = self._raw(large)
+                lo, hi = self._raw(at)
             else:
                 page = pages.get(spa >> PAGE_SHIFT)
                 lo, hi = _unpack_entry(page, spa & (PAGE - 1)) if page is not None else (0, 0)
             if lo & _ASSIGNED and lo & _PAGESIZE:
-                return large, lo, hi
-        spa = first + pfn * RMP_ENTRY_SIZE
-        if spa & ~(LINE - 1) in dirty:
-            lo, hi = self._raw(pfn)
-        else:
-            page = pages.get(spa >> PAGE_SHIFT)
-            lo, hi = _unpack_entry(page, spa & (PAGE - 1)) if page is not None else (0, 0)
-        return pfn, lo, hi
+                break  # (an assigned 2 MiB entry governs its region; else the page's own, read last)
+        return at, lo, hi
 
     def _governing_lo(self, pfn: int) -> int:
         """The low quadword of the entry that governs ``pfn`` (:meth:`_authoritative`'s ``lo``, read

@@ -177,7 +177,7 @@ class PspDriver:
             raise
         return session
 
-    def raw(self, cmd: CommandId, buf: bytes | bytearray | None, *, reply: bool = True) -> tuple[int, bytes]:
+    def raw(self, cmd: CommandId, buf: bytes | None, *, reply: bool = True) -> tuple[int, bytes]:
         """Issue ``cmd`` with the bytes ``buf``; returns (status, buffer as the firmware left it);
         ``reply=False``: the buffer is not read back (b"": the caller does not use it)."""
         spa = 0

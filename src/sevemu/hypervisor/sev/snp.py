@@ -353,7 +353,7 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
                 cmds[1] = _update_cmd(vm.snp_context, ptype, True)
             cmd = cmds[1 if huge else 0]
             cmd[at] = (spa | me_mask).to_bytes(8, "little")
-            status, _ = issue(CommandId.SNP_LAUNCH_UPDATE, cmd, reply=False)
+            status, _ = issue(CommandId.SNP_LAUNCH_UPDATE, bytes(cmd), reply=False)
             if status != Status.SUCCESS:
                 e = SevFirmwareError(CommandId.SNP_LAUNCH_UPDATE.name, status)
                 fixed = host.core.host_read(spa, PAGE)  # a CPUID page: the firmware's corrections
