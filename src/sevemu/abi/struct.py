@@ -400,6 +400,12 @@ class _Plan:
                 args[pos] = None
             elif f.kind == NESTED:
                 assert f.layout is not None
+                nested = f.layout._PLAN
+                if nested.bit_layout:  # a flags word: its memoised instance when there is one
+                    hit = nested.memo.get(int.from_bytes(v, "little"))
+                    if hit is not None and type(hit) is f.layout:
+                        args[pos] = hit
+                        continue
                 try:
                     args[pos] = f.layout.decode(v)
                 except LayoutError as exc:  # (the field's name built only for the error)

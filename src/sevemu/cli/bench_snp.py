@@ -21,9 +21,10 @@ timed parts run with the garbage collector paused (as ``timeit``).  Every launch
 the calculator's, else the bench refuses to compare.
 
 The PSP's SHA engine runs beside its AES engine (:mod:`sevemu.firmware.sha_engine`): the 2 MiB page's
-SHA-384 on a worker thread while the firmware encrypts it (``--sha-engine``; ``auto`` engages it only
-while the host has a spare core).  The wall-clock figure gains from it; the CPU figure counts every
-thread of the process, so it does not.
+SHA-384 and PAGE_INFO chain on a worker thread while the firmware encrypts it and answers the next
+commands, the digest completed when LAUNCH_FINISH reads it (``docs/snp.md``; ``--sha-engine``; ``auto``
+engages it only while the host has a spare core).  The wall-clock figure gains from it; the CPU figure
+counts every thread of the process, so it does not.
 
 PVALIDATE: the RMP of a fresh SNP SoC, the guest's memory assigned to one ASID in 2 MiB pages
 (RMPUPDATE) then smashed (PSMASH) for the 4 KiB run; the timed loop is the instruction's RMP work
@@ -286,7 +287,7 @@ def _run_snp(args: argparse.Namespace) -> int:
                    f"RMPUPDATE, LAUNCH_UPDATE, encryption, VMSAs) vs {t_tool.wall * 1e3:.1f} ms (CPU "
                    f"{t_tool.cpu * 1e3:.1f} ms) {which} (digest only): x{t_launch.wall / t_tool.wall:.2f}; digests equal")
     engine_line = (f"  the PSP's SHA engine runs beside its AES engine: a 2 MiB page's SHA-384 "
-                   f"{'on its own thread while the firmware encrypts' if engine else 'on the firmware thread (no spare core)'}"
+                   f"{'on its own thread while the firmware encrypts and answers the next commands' if engine else 'on the firmware thread (no spare core)'}"
                    f" (--sha-engine {args.sha_engine}); CPU time counts every thread")
     launch_4k_line = (f"  the same launch in 4 KiB pages only (KVM as Linux 6.11's sev_gmem_post_populate): "
                       f"{t_launch_4k.wall * 1e3:.1f} ms (CPU {t_launch_4k.cpu * 1e3:.1f} ms), "

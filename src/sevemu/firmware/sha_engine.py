@@ -25,7 +25,8 @@ from typing import Final
 from sevemu._util.units import PAGE
 from sevemu.crypto.pagehash import sha384_pages
 
-__all__ = ["CHUNKS", "MODES", "QUEUES", "engaged", "hash_pages_beside", "mode", "sha_engine"]
+__all__ = ["CHUNKS", "MODES", "QUEUES", "PendingHashes", "engaged", "hash_pages_beside", "hash_pages_later", "mode",
+           "sha_engine"]
 
 QUEUES: Final = 1
 """Worker threads of the engine (model choice: the machines sevemu runs on have few cores)."""
@@ -109,3 +110,42 @@ def hash_pages_beside(data: bytes | bytearray | memoryview, work: Callable[[], N
                 off = i * job.chunk
                 job.out[i] = sha384_pages(view[off : off + job.chunk], size)
     return b"".join(d for d in job.out if d is not None)
+
+
+class PendingHashes:
+    """Page hashes the engine is computing (:func:`hash_pages_later`); :meth:`result` gives them."""
+
+    __slots__ = ("_job", "_out")
+
+    def __init__(self, job: _Shared) -> None:
+        self._job = job
+        self._out: bytes | None = None
+
+    def result(self) -> bytes:
+        """The hashes, as :func:`~sevemu.crypto.pagehash.sha384_pages` gives them: the caller hashes the
+        chunks the engine has not claimed yet, then waits for the engine's (never for a thread that has
+        not started: an unclaimed chunk is the caller's)."""
+        if self._out is None:
+            job = self._job
+            job.drain()
+            for i, ev in enumerate(job.done):
+                ev.wait()
+                if job.out[i] is None:  # (the engine failed on it: hashed here)
+                    off = i * job.chunk
+                    job.out[i] = sha384_pages(job.view[off : off + job.chunk], job.size)
+            self._out = b"".join(d for d in job.out if d is not None)
+        return self._out
+
+
+def hash_pages_later(data: bytes, size: int = PAGE) -> bytes | PendingHashes:
+    """SHA-384 of each ``size``-byte piece of ``data`` (immutable bytes: the engine reads them after the
+    call returns), handed to the engine to run beside whatever the caller does next: a
+    :class:`PendingHashes` -- or the hashes themselves when :func:`hash_pages_beside` would hash on the
+    calling thread (too little to share out, or no core for the engine)."""
+    view = memoryview(data).cast("B")
+    pieces = len(view) // size
+    if pieces < 2 * CHUNKS or not engaged():
+        return sha384_pages(view, size)
+    job = _Shared(view, size, -(-pieces // CHUNKS) * size)
+    sha_engine().submit(job.drain)
+    return PendingHashes(job)

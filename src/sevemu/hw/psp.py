@@ -48,6 +48,11 @@ from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import CpuProfile
 from sevemu.hw.rmp import Rmp, RmpFirmwarePort
 
+_CMDRESP = int(MailboxReg.CMDRESP)
+_ADDR_LO = int(MailboxReg.CMDBUFF_ADDR_LO)
+_ADDR_HI = int(MailboxReg.CMDBUFF_ADDR_HI)
+_INTSTS = int(MailboxReg.INTSTS)
+
 __all__ = ["MailboxHandler", "MailboxPort", "Psp", "PspDma", "PspPorts", "RingHandler"]
 
 
@@ -99,8 +104,17 @@ class PspDma:
         Unicorn engine's page pool -- holds no unwritten modification while the PSP runs: it writes
         back at every #VMEXIT.)
         """
-        self._mc.dram.check_range(spa, length)
-        data = self._mc.dram.read(spa, length)
+        dram = self._mc.dram
+        dram.check_range(spa, length)
+        key = spa & ~(LINE - 1)
+        if 0 < length and spa + length <= key + LINE:  # within one line (a command buffer): snoop that line
+            off = spa - key
+            if key in self._cache.dirty:
+                line = self._cache.sets[(key >> 6) & self._cache.set_mask].get(key)
+                if line is not None:
+                    return bytes(line[off : off + length])
+            return dram.read_line(key)[off : off + length]
+        data = dram.read(spa, length)
         keys = self._dirty_host_lines(spa, length)
         if not keys:
             return data
@@ -259,23 +273,24 @@ class Psp:
         return self._regs[offset]
 
     def mmio_write(self, offset: int, value: int) -> None:
-        if offset not in self._regs:
+        regs = self._regs
+        if offset not in regs:
             raise AddressError(f"no PSP mailbox register at offset {offset:#x}")
         value &= 0xFFFFFFFF
-        if offset != MailboxReg.CMDRESP:
-            self._regs[offset] = value
+        if offset != _CMDRESP:
+            regs[offset] = value
             return
         ring_handler = self._ring_handler
         if self.ring and ring_handler is not None:
-            self._regs[offset] = value  # RBCtl
+            regs[offset] = value  # RBCtl
             ring_handler.doorbell()
             return
         if value & CMDRESP_RESP:
-            self._regs[offset] = value  # software clearing/acknowledging; not a command
+            regs[offset] = value  # software clearing/acknowledging; not a command
             return
         self.commands += 1
         cmd = decode_command(value)
-        paddr = self._regs[MailboxReg.CMDBUFF_ADDR_HI] << 32 | self._regs[MailboxReg.CMDBUFF_ADDR_LO]
+        paddr = regs[_ADDR_HI] << 32 | regs[_ADDR_LO]
         status = Status.INVALID_COMMAND if self._handler is None else self._handler.handle(cmd, paddr)
-        self._regs[MailboxReg.CMDRESP] = encode_response(int(status))
-        self._regs[MailboxReg.INTSTS] |= INTSTS_CMD_COMPLETE
+        regs[_CMDRESP] = encode_response(int(status))
+        regs[_INTSTS] |= INTSTS_CMD_COMPLETE

@@ -93,6 +93,7 @@ _LOCK: Final = 1 << 63
 _VMPL0_ALL: Final = VMPL_PERM_MASK  # high quadword after an assigning RMPUPDATE: VMPL0 all, others none
 _SUBPAGES: Final = PAGE_2M // PAGE
 _unpack_entry: Final = struct.Struct("<QQ").unpack_from
+_pack_entry: Final = struct.Struct("<QQ").pack
 _unpack_lo: Final = struct.Struct("<Q").unpack_from
 _NPF_RMP: Final = int(NpfExitInfo1.P | NpfExitInfo1.W | NpfExitInfo1.RMP | NpfExitInfo1.ENC
                       | NpfExitInfo1.GUEST_FINAL)
@@ -270,17 +271,21 @@ class Rmp:
         if old_lo is None or old_hi is None:
             old_lo, old_hi = self._raw(pfn)
         # Validating a page or granting a VMPL more takes no access away: cached verdicts stay.
-        if (lo != old_lo | _VALIDATED or old_hi & ~hi) and self._verdict_cached(pfn, lo | old_lo):
+        if self._cached and (lo != old_lo | _VALIDATED or old_hi & ~hi) and self._verdict_cached(pfn, lo | old_lo):
             self._new_epoch()
-        self._count(old_lo, -1)
-        self._count(lo, 1)
+        if (old_lo | lo) & _ASSIGNED:  # (_count of each, skipped when neither is assigned)
+            self._count(old_lo, -1)
+            self._count(lo, 1)
         spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
-        self._cache.clflush(0, False, spa)  # software's copy of the line goes first (coherence)
+        cache = self._cache
+        key = spa & ~(LINE - 1)  # software's copy of the line goes first (coherence): CLFLUSH, when
+        if cache.agents or cache.sets[(key >> 6) & cache.set_mask].get(key) is not None:  # there is one
+            cache.clflush(0, False, spa)
         page = self._pages.get(spa >> PAGE_SHIFT)
         if page is None:
             page = self._pages[spa >> PAGE_SHIFT] = bytearray(PAGE)
         off = spa & (PAGE - 1)
-        page[off : off + RMP_ENTRY_SIZE] = lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+        page[off : off + RMP_ENTRY_SIZE] = _pack_entry(lo, hi)
 
     def _verdict_cached(self, pfn: int, lo: int) -> bool:
         """Whether a change of entry ``pfn`` (``lo``: its old and new low quadwords or'ed) may touch a
@@ -336,14 +341,22 @@ class Rmp:
 
     def _authoritative(self, pfn: int) -> tuple[int, int, int]:
         """(pfn of the entry that governs ``pfn``, lo, hi): the 2 MiB entry of the region if it is an
-        assigned 2 MiB page, else the page's own entry (Linux ``__snp_lookup_rmpentry``)."""
+        assigned 2 MiB page, else the page's own entry (Linux ``__snp_lookup_rmpentry``).  (:meth:`_raw`
+        of each entry, inlined: every RMP check goes through here.)"""
+        first = self.base + RMP_BOOKKEEPING_SIZE
+        dirty = self._cache.dirty
+        pages = self._pages
         large = pfn & ~(_SUBPAGES - 1)
-        if large != pfn:
-            lo, hi = self._raw(large)
+        for at in (large, pfn) if large != pfn else (pfn,):
+            spa = first + at * RMP_ENTRY_SIZE
+            if spa & ~(LINE - 1) in dirty:
+                lo, hi = self._raw(at)
+            else:
+                page = pages.get(spa >> PAGE_SHIFT)
+                lo, hi = _unpack_entry(page, spa & (PAGE - 1)) if page is not None else (0, 0)
             if lo & _ASSIGNED and lo & _PAGESIZE:
-                return large, lo, hi
-        lo, hi = self._raw(pfn)
-        return pfn, lo, hi
+                break  # (an assigned 2 MiB entry governs its region; else the page's own, read last)
+        return at, lo, hi
 
     def _governing_lo(self, pfn: int) -> int:
         """The low quadword of the entry that governs ``pfn`` (:meth:`_authoritative`'s ``lo``, read
@@ -369,10 +382,11 @@ class Rmp:
 
     def entry(self, spa: int) -> RmpEntry:
         """The entry that governs the page at ``spa`` (AddressError outside the covered memory)."""
-        if not self._covers(spa):
+        if not 0 <= spa < self._covered:
             raise AddressError(f"SPA {spa:#x} is not covered by the RMP ({self.covered:#x} bytes)")
         _, lo, hi = self._authoritative(spa >> PAGE_SHIFT)
-        return RmpEntry.from_raw(lo, hi)
+        entry = _DECODED.get((lo, hi))  # (RmpEntry.from_raw's memo, looked up here: one call less)
+        return entry if entry is not None and type(entry) is RmpEntry else RmpEntry.from_raw(lo, hi)
 
     def raw_entry(self, spa: int) -> RmpEntry:
         """The entry stored for the 4 KiB page at ``spa`` itself (not the governing 2 MiB one)."""
@@ -416,6 +430,11 @@ class Rmp:
         governing entry Assigned with a non-zero ASID."""
         if not self.enabled or length <= 0:
             return False
+        if (spa & (PAGE - 1)) + length <= PAGE:  # one page (a command buffer): its governing entry
+            if not 0 <= spa < self._covered:
+                return False
+            lo = self._governing_lo(spa >> PAGE_SHIFT)
+            return bool(lo & _ASSIGNED and (lo >> _ASID_SHIFT) & _ASID_MASK)
         last = min(spa + length - 1, self.covered - 1)
         for pfn in range(spa >> PAGE_SHIFT, (last >> PAGE_SHIFT) + 1):
             lo = self._governing_lo(pfn)
@@ -426,7 +445,12 @@ class Rmp:
     def check_host_write(self, spa: int, length: int) -> None:
         """RMP check of a host data write (APM2 Table 15-39, first row: Hypervisor-Owned, else #PF
         with the RMP bit); nothing is written when it raises."""
-        if self.enabled and spa < self.covered:
+        if self.enabled and spa < self._covered:
+            if 0 <= spa and 0 < length and (spa & (PAGE - 1)) + length <= PAGE:  # one page: its governing entry
+                lo = self._governing_lo(spa >> PAGE_SHIFT)
+                if lo & _ASSIGNED:
+                    raise HostRmpFault(spa, _state_of(lo))
+                return
             self._hv_owned_or_fault(spa, length, HostRmpFault)
 
     def check_dma_write(self, spa: int, length: int) -> None:

@@ -182,19 +182,23 @@ class PspDriver:
         ``reply=False``: the buffer is not read back (b"": the caller does not use it)."""
         spa = 0
         if buf is not None:
-            if len(buf) > PAGE:
-                raise HardwareError(f"{cmd.name} buffer of {len(buf)} bytes exceeds a page")
+            n = len(buf)
+            if n > PAGE:
+                raise HardwareError(f"{cmd.name} buffer of {n} bytes exceeds a page")
             spa = self.buffer_spa
+            if n & (LINE - 1):  # stored as whole lines of the driver's command page (zeros after the buffer)
+                buf = bytes(buf) + bytes(LINE - (n & (LINE - 1)))
             self._core.host_write(spa, buf)
-        self._psp.mmio_write(MailboxReg.CMDBUFF_ADDR_LO, spa & 0xFFFFFFFF)
-        self._psp.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, spa >> 32)
-        self._psp.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(cmd)))
-        reg = self._psp.mmio_read(MailboxReg.CMDRESP)
+        psp = self._psp
+        psp.mmio_write(MailboxReg.CMDBUFF_ADDR_LO, spa & 0xFFFFFFFF)
+        psp.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, spa >> 32)
+        psp.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(cmd)))
+        reg = psp.mmio_read(MailboxReg.CMDRESP)
         if not is_response(reg):
             raise HardwareError(f"PSP did not answer {cmd.name}")
         status = decode_status(reg)
         self.last_status = Status(status) if status in Status._value2member_map_ else Status.SUCCESS
-        out = self._core.host_read(spa, len(buf)) if buf is not None and reply else b""
+        out = self._core.host_read(spa, n) if buf is not None and reply else b""
         return status, out
 
     def call(self, cmd: CommandId, buf: S) -> S:

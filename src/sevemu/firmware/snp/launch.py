@@ -50,7 +50,7 @@ from sevemu.crypto import ecc
 from sevemu.crypto.pagehash import page_info_chain, sha384_pages
 from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError, VerificationError
 from sevemu.firmware.core import ANY_STATE, Firmware
-from sevemu.firmware.sha_engine import hash_pages_beside
+from sevemu.firmware.sha_engine import hash_pages_later
 from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.cpuid import sanitize_cpuid_page
 from sevemu.firmware.snp.state import SnpGuest, snp_state
@@ -104,6 +104,9 @@ def _secrets(fw: Firmware, g: SnpGuest) -> bytes:
                        gosvw=g.gosvw, vmpck0=k0, vmpck1=k1, vmpck2=k2, vmpck3=k3).encode()
 
 
+_PAGE_TYPES: Final = {int(t): t for t in SnpPageType}
+
+
 @SNP_API.platform(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd, ANY_STATE)
 def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     st = snp_state(fw)
@@ -117,15 +120,16 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     entry = st.entry(spa)
     if entry.state != RmpPageState.PRE_GUEST:
         raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {entry.state.name}, not Pre-Guest")
-    if entry.page_size != cmd.flags.page_size:
+    flags = cmd.flags
+    huge = entry.page_size
+    if huge != flags.page_size:
         raise FirmwareError(Status.INVALID_PAGE_SIZE, f"page {spa:#x}: the RMP page size differs from the command's")
-    if entry.page_size and spa % PAGE_2M:
+    if huge and spa % PAGE_2M:
         raise FirmwareError(Status.INVALID_ADDRESS, f"2 MiB page {spa:#x} is not 2 MiB aligned")
-    try:
-        ptype = SnpPageType(cmd.flags.page_type)
-    except ValueError:
-        raise FirmwareError(Status.INVALID_PARAM, f"page type {cmd.flags.page_type} does not exist") from None
-    if ptype in _FOUR_K_ONLY and entry.page_size:
+    ptype = _PAGE_TYPES.get(flags.page_type)
+    if ptype is None:
+        raise FirmwareError(Status.INVALID_PARAM, f"page type {flags.page_type} does not exist")
+    if huge and ptype in _FOUR_K_ONLY:
         raise FirmwareError(Status.INVALID_PAGE_SIZE, f"a {ptype.name} page must be 4 KiB")
     if g.state != SnpGuestState.LAUNCH:
         raise FirmwareError(Status.INVALID_GUEST_STATE, f"guest at {g.gctx:#x} is {g.state.name}, not LAUNCH")
@@ -133,49 +137,49 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INACTIVE, "the guest must be activated before SNP_LAUNCH_UPDATE")
     if entry.asid != g.asid:
         raise FirmwareError(Status.INVALID_PAGE_OWNER, f"page {spa:#x} belongs to ASID {entry.asid}, not {g.asid}")
-    if g.imi_en and not cmd.flags.imi_page:
+    imi = bool(flags.imi_page)
+    if g.imi_en and not imi:
         raise FirmwareError(Status.INVALID_PARAM, "an IMI guest's pages must be IMI pages")
     perms = (cmd.vmpl1_perms, cmd.vmpl2_perms, cmd.vmpl3_perms)
-    if any(p & ~VMPL_PERM_MASK for p in perms):
+    if (perms[0] | perms[1] | perms[2]) & ~VMPL_PERM_MASK:
         raise FirmwareError(Status.INVALID_PARAM, "VMPL permission masks set bits 7:5")
-    size = PAGE_2M if entry.page_size else PAGE
+    size = PAGE_2M if huge else PAGE
+    count = size // PAGE
     gpa = entry.gpa
-    data = dma.read_invalidate(spa, size)  # the whole page (512 x 4 KiB for a 2 MiB one) at once
-    imi = bool(cmd.flags.imi_page)
-    if ptype == SnpPageType.NORMAL and entry.page_size:  # the SHA engine hashes while the AES engine writes
-        hashes = hash_pages_beside(data, lambda: dma.write_encrypted(spa, data, g.asid))
-        ld = page_info_chain(g.ld, _template(int(ptype), perms, imi), gpa, size // PAGE, hashes)
-        _finish_update(port, spa, entry, g, ld, ptype, perms)
+    info = _template(int(ptype), perms, imi)
+    if ptype == SnpPageType.ZERO:  # the range's host lines written back and dropped; nothing to read
+        dma.evict(spa, size)
+        dma.write_encrypted(spa, bytes(size), g.asid)
+        g.chain(info, gpa, count, None)
+        _finish_update(port, spa, entry, ptype, perms)
         return
-    if ptype == SnpPageType.NORMAL:
-        ld = measure_pages(g.ld, data, int(ptype), gpa, perms, imi)
-    elif ptype in (SnpPageType.ZERO, SnpPageType.UNMEASURED):  # CONTENTS zero; 512 of them for 2 MiB
-        ld = (page_info_chain(g.ld, _template(int(ptype), perms, imi), gpa, size // PAGE) if entry.page_size
-              else page_info_digest(g.ld, _ZERO_CONTENTS, int(ptype), gpa, perms, imi))
-        if ptype == SnpPageType.ZERO:
-            data = bytes(size)
-    else:  # the 4 KiB-only types
-        contents = _ZERO_CONTENTS
-        if ptype == SnpPageType.VMSA:
-            measured = bytearray(data)
-            measured[_VMSA_TSC] = bytes(16)
-            contents = hashlib.sha384(measured).digest()
-        elif ptype == SnpPageType.SECRETS:
-            data = _secrets(fw, g)
-        elif ptype == SnpPageType.CPUID:
-            fixed = sanitize_cpuid_page(fw.profile, data)
-            if fixed is not None:
-                dma.write(spa, fixed, guest_ok=True)  # the corrected page, unencrypted, for the VMM
-                raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
-        ld = page_info_digest(g.ld, contents, int(ptype), gpa, perms, imi)
+    data = dma.read_invalidate(spa, size)  # the whole page (512 x 4 KiB for a 2 MiB one) at once
+    if ptype == SnpPageType.NORMAL:  # CONTENTS: the pages' hashes (a 2 MiB page's: on the SHA engine)
+        hashes = hash_pages_later(data) if huge else sha384_pages(data, PAGE)
+        dma.write_encrypted(spa, data, g.asid)
+        g.chain(info, gpa, count, hashes)
+        _finish_update(port, spa, entry, ptype, perms)
+        return
+    contents: bytes | None = None  # CONTENTS zero (the template's)
+    if ptype == SnpPageType.VMSA:
+        measured = bytearray(data)
+        measured[_VMSA_TSC] = bytes(16)
+        contents = hashlib.sha384(measured).digest()
+    elif ptype == SnpPageType.SECRETS:
+        data = _secrets(fw, g)
+    elif ptype == SnpPageType.CPUID:
+        fixed = sanitize_cpuid_page(fw.profile, data)
+        if fixed is not None:
+            dma.write(spa, fixed, guest_ok=True)  # the corrected page, unencrypted, for the VMM
+            raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
     dma.write_encrypted(spa, data, g.asid)
-    _finish_update(port, spa, entry, g, ld, ptype, perms)
+    g.chain(info, gpa, count, contents)
+    _finish_update(port, spa, entry, ptype, perms)
 
 
-def _finish_update(port: RmpFirmwarePort, spa: int, entry: RmpEntry, g: SnpGuest, ld: bytes, ptype: SnpPageType,
+def _finish_update(port: RmpFirmwarePort, spa: int, entry: RmpEntry, ptype: SnpPageType,
                    perms: tuple[int, int, int]) -> None:
-    """The digest taken and the page made Guest-Valid (module docstring), once it is encrypted."""
-    g.ld = ld
+    """The page made Guest-Valid (module docstring), once it is encrypted and measured."""
     port.set(spa, assigned=True, immutable=False, asid=entry.asid, gpa=entry.gpa, validated=True,
              vmsa=ptype == SnpPageType.VMSA, huge=bool(entry.page_size), perms=(entry.perms[0], *perms))
 

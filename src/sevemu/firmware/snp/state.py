@@ -25,6 +25,7 @@ keys of LAUNCH_FINISH), ``policy``, ``vmpck`` (the four VMPCKs the secrets page 
 from __future__ import annotations
 
 import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -33,8 +34,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sevemu.abi.rmp import RmpPageState
 from sevemu.abi.snp import IdBlock, SnpGuestState, SnpPlatformState, SnpPolicy, TcbVersion, TcbVersionTurin
 from sevemu.abi.status import Status
+from sevemu.crypto.pagehash import page_info_chain
 from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.core import Firmware
+from sevemu.firmware.sha_engine import PendingHashes, sha_engine
 from sevemu.hw.rmp import RmpEntry, RmpFirmwarePort
 
 __all__ = ["SNP_API_VERSION", "SnpGuest", "SnpPlatform", "snp_state"]
@@ -52,6 +55,18 @@ _TCB: Final = {
 """The running TCB_VERSION per generation (model choice: typical released values)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """One update waiting behind a page the SHA engine hashes (:meth:`SnpGuest.chain`)."""
+
+    info: bytes
+    gpa: int
+    count: int
+    contents: bytes | PendingHashes | None
+    done: Future[bytes] | None
+    """The engine's chain of this update from the digest before it (the first queued update only)."""
+
+
 @dataclass(eq=False)
 class SnpGuest:
     """One SNP guest's context (AMD-ASPFW ``guest_context_page_t``; SNP ABI "Guest Context")."""
@@ -63,8 +78,9 @@ class SnpGuest:
     state: SnpGuestState = SnpGuestState.INIT
     policy: int = 0
     asid: int = 0
-    ld: bytes = NO_LD
-    """GCTX.LD: the launch digest (SHA-384 PAGE_INFO chain) so far; MEASUREMENT after LAUNCH_FINISH."""
+    measured: bytes = NO_LD
+    """GCTX.LD as far as it is computed: :attr:`ld` without the updates still queued behind a page
+    the SHA engine is hashing (:meth:`chain`)."""
     vmpck: tuple[bytes, bytes, bytes, bytes] = (b"", b"", b"", b"")
     vmrk: bytes = b""
     report_id: bytes = bytes(32)
@@ -81,6 +97,52 @@ class SnpGuest:
     vcek_disabled: bool = False
     msg_count: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     """Successful guest messages per VMPCK (SNP_GUEST_REQUEST's replay protection)."""
+
+    _queued: list[_Queued] = field(default_factory=list, repr=False)
+    """Updates chained behind one whose page hashes the SHA engine still computes (:meth:`chain`)."""
+
+    @property
+    def ld(self) -> bytes:
+        """GCTX.LD: the launch digest (SHA-384 PAGE_INFO chain) so far; MEASUREMENT after LAUNCH_FINISH.
+        Reading it completes the queued updates first (:meth:`chain`)."""
+        if self._queued:
+            ld = self.measured
+            for q in self._queued:
+                if q.done is not None and not q.done.cancel():  # the engine chained it (or is chaining it)
+                    ld = q.done.result()
+                    continue
+                hashes = q.contents.result() if isinstance(q.contents, PendingHashes) else q.contents
+                ld = page_info_chain(ld, q.info, q.gpa, q.count, hashes)
+            self._queued.clear()
+            self.measured = ld
+        return self.measured
+
+    @ld.setter
+    def ld(self, value: bytes) -> None:
+        for q in self._queued:
+            if q.done is not None:
+                q.done.cancel()
+        self._queued.clear()
+        self.measured = value
+
+    def chain(self, info: bytes, gpa: int, count: int, contents: bytes | PendingHashes | None) -> None:
+        """Chain ``count`` 4 KiB pages into the launch digest: PAGE_INFOs from template ``info`` at GPAs
+        from ``gpa``, CONTENTS 48 bytes each from ``contents`` (None: the template's)
+        (:func:`~sevemu.crypto.pagehash.page_info_chain`).  When ``contents`` are hashes the SHA engine is
+        still computing (:func:`~sevemu.firmware.sha_engine.hash_pages_later`), this and every later
+        update wait in a queue and the command completes without them (model choice, ``docs/snp.md``:
+        the PSP's SHA engine finishes a 2 MiB page's measurement -- its hashes, then its PAGE_INFO chain
+        when nothing is queued before it -- while the firmware answers the next commands); :attr:`ld`
+        completes the queue when something reads the digest (a chain the engine has not started is
+        done by the reader)."""
+        if not self._queued and not isinstance(contents, PendingHashes):
+            self.measured = page_info_chain(self.measured, info, gpa, count, contents)
+            return
+        done: Future[bytes] | None = None
+        if not self._queued and isinstance(contents, PendingHashes):
+            ld, hashes = self.measured, contents
+            done = sha_engine().submit(lambda: page_info_chain(ld, info, gpa, count, hashes.result()))
+        self._queued.append(_Queued(info, gpa, count, contents, done))
 
     @property
     def snp_policy(self) -> SnpPolicy:
@@ -130,16 +192,20 @@ class SnpPlatform:
 
     def page_state(self, spa: int) -> RmpPageState:
         """RMP state of the page at ``spa``; INVALID_ADDRESS outside the memory the RMP covers."""
-        return self.entry(spa).state
+        port = self.port()
+        if not 0 <= spa < port.rmp.covered:
+            return self.entry(spa).state  # (raises INVALID_ADDRESS)
+        return port.state(spa)
 
     def guest(self, gctx_paddr: int) -> SnpGuest:
         """The guest whose context page is at ``gctx_paddr``: INVALID_PARAM for a misaligned address,
         INVALID_GUEST unless the page is a Context page of a known guest."""
         if gctx_paddr % 0x1000:
             raise FirmwareError(Status.INVALID_PARAM, f"GCTX address {gctx_paddr:#x} is not page aligned")
-        if self.page_state(gctx_paddr) != RmpPageState.CONTEXT or gctx_paddr not in self.guests:
+        g = self.guests.get(gctx_paddr)  # (a known context first: the same status either way)
+        if g is None or self.page_state(gctx_paddr) != RmpPageState.CONTEXT:
             raise FirmwareError(Status.INVALID_GUEST, f"no guest context at {gctx_paddr:#x}")
-        return self.guests[gctx_paddr]
+        return g
 
 
 _STATES: weakref.WeakKeyDictionary[Firmware, SnpPlatform] = weakref.WeakKeyDictionary()

@@ -96,6 +96,7 @@ _HUGE_TYPES: Final = frozenset({SnpPageType.NORMAL, SnpPageType.ZERO, SnpPageTyp
 """Page types a 2 MiB SNP_LAUNCH_UPDATE may carry (VMSA, SECRETS and CPUID pages are 4 KiB only)."""
 
 _CMD_ADDRESS: Final = SnpLaunchUpdateCmd.offset_of("address")
+_VMSA_FLAGS: Final = SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA))
 
 __all__ = [
     "SNP_POLICY_MASK_VALID",
@@ -274,6 +275,23 @@ def _free_context(host: SevHost, vm: Vm) -> None:
     vm.snp_context = 0
 
 
+_FEW: Final = 32
+_CMDS: dict[tuple[int, int, bool], bytes] = {}
+
+
+def _update_cmd(gctx: int, ptype: SnpPageType, huge: bool) -> bytearray:
+    """The SNP_LAUNCH_UPDATE buffer of a page of ``ptype`` (4 KiB or 2 MiB) for the context ``gctx``, its
+    address zero (the bytes SevHost.issue would write; encoded once per kind, the address patched in)."""
+    key = (gctx, int(ptype), huge)
+    raw = _CMDS.get(key)
+    if raw is None:
+        if len(_CMDS) >= 64:
+            _CMDS.clear()
+        raw = _CMDS[key] = SnpLaunchUpdateCmd(gctx_paddr=gctx, flags=SnpLaunchUpdateFlags(
+            page_type=int(ptype), page_size=huge)).encode()
+    return bytearray(raw)
+
+
 def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
     """KVM_SEV_SNP_LAUNCH_UPDATE (module docstring)."""
     if not vm.snp or not vm.snp_context:
@@ -294,30 +312,48 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
     pages = p.len // PAGE
     # The command buffer of each page differs only in its address (a 4 KiB and a 2 MiB variant): encoded
     # once, the address patched in per page (the bytes SevHost.issue would write; the reply is unused).
-    cmds = [bytearray(SnpLaunchUpdateCmd(gctx_paddr=vm.snp_context, flags=SnpLaunchUpdateFlags(
-        page_type=int(ptype), page_size=huge)).encode()) for huge in (False, True)]
+    cmds = [_update_cmd(vm.snp_context, ptype, False), bytearray()]
     at = slice(_CMD_ADDRESS, _CMD_ADDRESS + 8)
     me_mask = host.caps.me_mask
     rmp_entry = host.soc.rmp_entry
+    rmpupdate = host.core.rmpupdate_state
+    write_page = host.core.host_write_stream
+    issue = host.psp.raw
+    private = vm.private_spas
+    asid = vm.asid
+    may_huge = ptype in _HUGE_TYPES and vm.huge_pages
+    backed: list[int] = []  # SPAs of the 4 KiB pages from ``done`` on, backed a stretch at a time
+    first_backed = 0
     try:
         while done < pages:
             gpa = gpa0 + done * PAGE
-            data = bytes(PAGE) if src is None else src[done * PAGE : (done + 1) * PAGE]
-            huge = (not gpa % PAGE_2M and pages - done >= _SUBPAGES and ptype in _HUGE_TYPES
-                    and vm.huge_pages and vm.back_huge(gpa))
+            huge = (may_huge and not gpa % PAGE_2M and pages - done >= _SUBPAGES
+                    and vm.back_huge(gpa))
             if huge:  # a 2 MiB folio: one RMPUPDATE and one SNP_LAUNCH_UPDATE for its 512 pages
                 spa = huge
-                data = bytes(PAGE_2M) if src is None else src[done * PAGE : done * PAGE + PAGE_2M]
+                if src is not None:
+                    write_page(spa, src[done * PAGE : done * PAGE + PAGE_2M])  # kvm_gmem_populate: the kernel fills it
             else:
-                spa = vm.back(gpa)
-                if spa in vm.private_spas or rmp_entry(spa).assigned:
+                if done - first_backed >= len(backed):  # back up to the next 2 MiB boundary in one step
+                    end = min(pages, done + (_SUBPAGES - (gpa // PAGE) % _SUBPAGES))
+                    gpas = range(gpa, gpa0 + end * PAGE, PAGE)
+                    # (a few pages one by one: the batched mapping's array work costs more than it saves)
+                    backed = vm.back_pages(list(gpas)) if len(gpas) > _FEW else [vm.back(g) for g in gpas]
+                    first_backed = done
+                spa = backed[done - first_backed]
+                if spa in private or rmp_entry(spa).assigned:
                     raise SevInputError(Errno.EINVAL, f"GPA {gpa:#x} is already private")
-            host.core.host_write_stream(spa, data)  # kvm_gmem_populate: the kernel fills the page ...
-            _rmpupdate(host, spa, RmpUpdateState(gpa=gpa, assigned=1, asid=vm.asid, immutable=1,
-                                                 pagesize=int(bool(huge))))  # ... then it is the guest's
-            cmd = cmds[bool(huge)]
+                if src is not None:  # (ZERO: no source; the firmware writes the zeros)
+                    write_page(spa, src[done * PAGE : (done + 1) * PAGE])
+            # ... then it is the guest's (RmpUpdateState: gpa, assigned, pagesize, immutable, asid)
+            rc = rmpupdate(spa, RmpUpdateState(gpa, 1, 1 if huge else 0, 1, asid))
+            if rc != RmpResult.SUCCESS:
+                raise SevStateError(Errno.EIO, f"RMPUPDATE of {spa:#x} failed: {RmpResult(rc).name}")
+            if huge and not cmds[1]:
+                cmds[1] = _update_cmd(vm.snp_context, ptype, True)
+            cmd = cmds[1 if huge else 0]
             cmd[at] = (spa | me_mask).to_bytes(8, "little")
-            status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, bytes(cmd), reply=False)
+            status, _ = issue(CommandId.SNP_LAUNCH_UPDATE, bytes(cmd), reply=False)
             if status != Status.SUCCESS:
                 e = SevFirmwareError(CommandId.SNP_LAUNCH_UPDATE.name, status)
                 fixed = host.core.host_read(spa, PAGE)  # a CPUID page: the firmware's corrections
@@ -325,9 +361,12 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
                 if ptype == SnpPageType.CPUID and e.status == Status.INVALID_PARAM and isinstance(p.uaddr, bytearray):
                     p.uaddr[done * PAGE : (done + 1) * PAGE] = fixed
                 raise SevStateError(Errno.EIO, f"SNP_LAUNCH_UPDATE of GPA {gpa:#x}: {e}", e.status) from None
-            n = _SUBPAGES if huge else 1
-            vm.private_spas.update(range(spa, spa + n * PAGE, PAGE))
-            done += n
+            if huge:
+                private.update(range(spa, spa + PAGE_2M, PAGE))
+                done += _SUBPAGES
+            else:
+                private.add(spa)
+                done += 1
     finally:
         p.gfn_start += done
         p.len -= done * PAGE
@@ -351,13 +390,11 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
             continue  # measured by an earlier, failed FINISH
         host.core.host_write_stream(spa, page)  # as written, then CLFLUSHed (the firmware reads DRAM)
         rmp_make_private(host, spa, VMSA_GPA, vm.asid, True)
-        try:
-            host.issue(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
-                gctx_paddr=vm.snp_context, flags=SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA)),
-                address=spa | host.caps.me_mask))
-        except SevFirmwareError:
+        status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(  # (the reply is unused)
+            gctx_paddr=vm.snp_context, flags=_VMSA_FLAGS, address=spa | host.caps.me_mask).encode(), reply=False)
+        if status != Status.SUCCESS:
             _reclaim(host, spa)
-            raise
+            raise SevFirmwareError(CommandId.SNP_LAUNCH_UPDATE.name, status)
         vcpu.guest_state_protected = True
         vcpu.vmcb.sev_es_enable = True
         vcpu.vmcb.vmsa_pa = spa  # sev_es_init_vmcb: the VMCB's VMSA pointer
