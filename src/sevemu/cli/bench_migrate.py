@@ -12,8 +12,8 @@ over its memory.
 
 Timed: :func:`sevemu.hypervisor.migration.send_vm` against :func:`~sevemu.hypervisor.migration.receive_vm`
 -- every page through its own SEND_UPDATE_DATA (own IV, own MAC), the wire and its own
-RECEIVE_UPDATE_DATA, the commands queued 255 per doorbell (as many as the ring's queue page
-carries: ``PAGE_BATCH``) through the PSP's ring buffer and 255 pages per PAGES frame, the two hosts
+RECEIVE_UPDATE_DATA, the commands queued 510 per doorbell (as many as the ring's two queue pages
+carry: ``PAGE_BATCH``) through the PSP's ring buffer and 510 pages per PAGES frame, the two hosts
 working in parallel.  Figures:
 
 * ``migrate_mbps``: guest memory moved per second (pages x 4 KiB over the source's wall time from
@@ -414,8 +414,8 @@ def _count_doorbells(hv: Hypervisor) -> Callable[[], int]:
     opened: list[RingSession] = []
     ring = psp.ring
 
-    def counting() -> RingSession:
-        session = ring()
+    def counting(high: bool = False) -> RingSession:
+        session = ring(high)
         opened.append(session)
         return session
 
