@@ -709,11 +709,10 @@ def _back_huge(vm: Vm, gpas: tuple[int, ...] | list[int], pending: set[int]) -> 
     """Back with one huge page each the regions of ``gpas`` named by HUGE and not backed yet."""
     if not pending:
         return
-    region = -1
-    for gpa in gpas:
-        if gpa >> 21 == region:
-            continue
-        region = gpa >> 21
+    firsts = np.asarray(gpas, dtype=np.uint64) >> np.uint64(21)
+    # the regions in order of their first page (the order one by one would back them in)
+    regions, at = np.unique(firsts, return_index=True)
+    for region in regions[np.argsort(at, kind="stable")].tolist():
         if region << 21 in pending:
             pending.discard(region << 21)
             vm.back_huge(region << 21)  # (None: no huge page left, the pages get 4 KiB ones)

@@ -151,7 +151,7 @@ class PageReceiver:
         sev.core.host_write_stream(hdr_base, batch.hdrs)
         sev.core.host_write_stream(trans_base, batch.transport)
         self._ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, transport_slots(
-            vm.handle, hdr_base, batch.hdr_len, [spa | me_mask for spa in spas], trans_base))
+            vm.handle, hdr_base, batch.hdr_len, np.array(spas, dtype=np.uint64) | np.uint64(me_mask), trans_base))
         _check_batch(CommandId.RECEIVE_UPDATE_DATA, self._ring.run())
 
 
