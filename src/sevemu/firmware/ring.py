@@ -22,7 +22,9 @@ doorbell the PSP:
    has one (SEND_UPDATE_DATA, RECEIVE_UPDATE_DATA: :mod:`sevemu.firmware.sev.migrate`), which runs
    the longest prefix that succeeds with the effects of running it one by one -- the PSP keeping
    its AES and SHA engines busy across commands -- and the first command it does not take runs on
-   its own;
+   its own; with both queues configured, the whole high-priority queue and the run that starts the
+   low-priority one go to the runner as one batch when they all queue one command with the same
+   flags (:meth:`RingBuffer._run_both`: that is the order they run in one by one);
 4. a command that fails without ``CONT_ON_ERROR`` pauses its queue (``Q_PAUSED_INT_STAT``); one with
    ``INT_COMPLETE`` sets ``CMD_DONE_INT_STAT``; a queue whose depth fell below its threshold sets
    ``Q_FREE_INT_STAT`` (if RBCtl enables that queue's near-empty interrupt); both queues empty sets

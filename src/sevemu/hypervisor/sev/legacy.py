@@ -522,8 +522,10 @@ class LegacySev(SevHost):
         MAC (KVM's contract), submitted ``batch`` at a time through the mailbox's ring buffer
         (:meth:`~sevemu.hypervisor.psp.PspDriver.ring`): the headers land in 64-byte slots and the
         transport buffers in consecutive pages of one bounce run, read back with one streaming read
-        each.  Yields a :class:`PageBatch` per doorbell; a refused command raises
-        :class:`SevFirmwareError` (the pages before it were sent)."""
+        each.  Both ring-buffer queues are configured, so a doorbell carries up to
+        :data:`PAGE_BATCH` (510) commands.  ``gpas`` may be a numpy column (the SPAs of each batch
+        are then looked up in one pass).  Yields a :class:`PageBatch` per doorbell; a refused
+        command raises :class:`SevFirmwareError` (the pages before it were sent)."""
         if not 0 < batch <= PAGE_BATCH:
             raise SevInputError(Errno.EINVAL, f"batch of {batch} pages: 1..{PAGE_BATCH}")
         hdr_len, _ = self.packet_lengths(vm)
