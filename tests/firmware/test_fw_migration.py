@@ -657,16 +657,23 @@ def test_received_guest_decommission_returns_platform_to_init(src: Machine, dst:
 
 # ---- ring-buffer batches (RING_BUFFER; the batch runners of SEND/RECEIVE_UPDATE_DATA) -------------
 RING_Q, RING_STATUS, RING_SLOTS = 0x3100_0000, 0x3100_1000, 0x3100_2000
+RING_HQ, RING_HSTATUS = 0x3100_8000, 0x3100_9000  # the high-priority queue, when configured
 BATCH_HDRS, BATCH_TRANS = 0x3200_0000, 0x3210_0000
 
 
-def ring_run(m: Machine, cmds: list[tuple[CommandId, TransportCmd]], per_doorbell: bool, start: int = 0) -> list[int]:
+def ring_run(m: Machine, cmds: list[tuple[CommandId, TransportCmd]], per_doorbell: bool, start: int = 0,
+             high: int = 0) -> list[int]:
     """Queue ``cmds`` (buffers in 64-byte slots, every entry CONT_ON_ERROR) and run them with one
     doorbell each or one for all -- as a host does it, through host memory and the mailbox.
     ``start``: the queue index of the first (``start`` PLATFORM_STATUS commands run before, with a
-    doorbell of their own), so that the queue wraps at its 256th entry among ``cmds``."""
+    doorbell of their own), so that the queue wraps at its 256th entry among ``cmds``.  ``high``:
+    both queues configured, the first ``high`` commands in the high-priority queue (which the PSP
+    runs first), the rest in the low one, one doorbell for all."""
+    both = {"high_priority_cmd_ptr": RING_HQ, "high_priority_status_ptr": RING_HSTATUS,
+            "high_priority_queue_size": 1} if high else {}
+    assert not high or not (per_doorbell or start)
     ok(m, CommandId.RING_BUFFER, RingBufferCmd(low_priority_cmd_ptr=RING_Q, low_priority_status_ptr=RING_STATUS,
-                                               low_priority_queue_size=1))
+                                               low_priority_queue_size=1, **both))
     core, mbox = m.hv.core, m.hv.psp.mailbox
     ctl = RbCtl.X86_CONTROL | RbCtl.RB_MODE_ACTIVE
     if start:
@@ -678,16 +685,18 @@ def ring_run(m: Machine, cmds: list[tuple[CommandId, TransportCmd]], per_doorbel
         assert rb_head_index(mbox.mmio_read(MailboxReg.CMDBUFF_ADDR_LO)) == start
     for i, (cid, buf) in enumerate(cmds):
         core.host_write_stream(RING_SLOTS + 64 * i, buf.encode())
-        core.host_write_stream(RING_Q + 16 * ((start + i) % 256),
-                               struct.pack("<HHIQ", cid, RingCmdFlags.CONT_ON_ERROR, 0, RING_SLOTS + 64 * i))
+        entry = RING_HQ + 16 * i if i < high else RING_Q + 16 * ((start + i - high) % 256)
+        core.host_write_stream(entry, struct.pack("<HHIQ", cid, RingCmdFlags.CONT_ON_ERROR, 0, RING_SLOTS + 64 * i))
     for tail in range(1, len(cmds) + 1) if per_doorbell else [len(cmds)]:
-        mbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail((start + tail) % 256))
+        mbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail((start + tail - high) % 256, high))
         mbox.mmio_write(MailboxReg.CMDRESP, int(ctl))
-    assert rb_head_index(mbox.mmio_read(MailboxReg.CMDBUFF_ADDR_LO)) == (start + len(cmds)) % 256
+    head = mbox.mmio_read(MailboxReg.CMDBUFF_ADDR_LO)
+    assert rb_head_index(head) == (start + len(cmds) - high) % 256 and rb_head_index(head, True) == high
     mbox.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(CommandId.NOP)))  # leave the mode
     assert decode_status(mbox.mmio_read(MailboxReg.CMDRESP)) == Status.RING_BUFFER_EXIT
-    statuses = core.host_read_stream(RING_STATUS, 16 * 256)
-    return [struct.unpack_from("<H", statuses, 16 * ((start + i) % 256))[0] for i in range(len(cmds))]
+    statuses, hi_statuses = core.host_read_stream(RING_STATUS, 16 * 256), core.host_read_stream(RING_HSTATUS, 16 * 256)
+    return [struct.unpack_from("<H", hi_statuses, 16 * i)[0] if i < high else
+            struct.unpack_from("<H", statuses, 16 * ((start + i - high) % 256))[0] for i in range(len(cmds))]
 
 
 def _batch_cmd(m: Machine, cid: CommandId, handle: int, base: int, i: int, page: int,
@@ -758,7 +767,7 @@ def _counting_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _whole_page_world(seed: str, batched: bool, alter: Callable[[bytearray, bytearray], None],
-                      start: int = 0) -> tuple[object, ...]:
+                      start: int = 0, high: int = 0) -> tuple[object, ...]:
     """Eight whole-page SEND_UPDATE_DATA from a fresh pair of platforms (one doorbell, or one per
     command; the queue from entry ``start``), the packets altered by ``alter(headers, TRANS)``, then
     eight RECEIVE_UPDATE_DATA of them: (send statuses, the sent bytes, receive statuses, the
@@ -766,14 +775,14 @@ def _whole_page_world(seed: str, batched: bool, alter: Callable[[bytearray, byte
     src, dst = machine(f"{seed}-src"), machine(f"{seed}-dst")
     ch = open_channel(src, dst)
     sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, i, i % 4) for i in range(8)]
-    s_status = ring_run(src, sends, per_doorbell=not batched, start=start)
+    s_status = ring_run(src, sends, per_doorbell=not batched, start=start, high=high)
     hdrs = bytearray(get(src, BATCH_HDRS, 64 * 8))
     trans = bytearray(get(src, BATCH_TRANS, PAGE * 8))
     alter(hdrs, trans)
     put(dst, BATCH_HDRS, bytes(hdrs))
     put(dst, BATCH_TRANS, bytes(trans))
     recvs = [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i) for i in range(8)]
-    d_status = ring_run(dst, recvs, per_doorbell=not batched, start=start)
+    d_status = ring_run(dst, recvs, per_doorbell=not batched, start=start, high=high)
     g = dst.firmware.guests[ch.dh]
     assert not src.firmware.internal_errors and not dst.firmware.internal_errors
     return (s_status, get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8), d_status,
@@ -825,6 +834,27 @@ def test_a_batch_across_the_queue_wrap_runs_at_once_with_the_effects_of_one_by_o
     for i in range(8):
         page = memory[i * PAGE : (i + 1) * PAGE]
         assert (page == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (i != 6)
+
+
+@pytest.mark.parametrize("altered", [2, 6])
+def test_both_queues_of_a_doorbell_run_as_one_batch_with_the_effects_of_one_by_one(
+        monkeypatch: pytest.MonkeyPatch, altered: int) -> None:
+    """A doorbell with whole-page commands in both queues -- five in the high-priority queue, three
+    in the low one, which the PSP runs after it -- is one batch across the two queues; a packet the
+    host altered (in the high queue, or in the low one) is refused as one by one and the rest of
+    both queues run: the same statuses and bytes as a doorbell per command in one queue."""
+    batches = _counting_batches(monkeypatch)
+
+    def alter(hdrs: bytearray, trans: bytearray) -> None:
+        trans[altered * PAGE + 5] ^= 1
+
+    one = _whole_page_world("both", False, alter)
+    both = _whole_page_world("both", True, alter, high=5)
+    assert one == both
+    # the sends at once across the queues; the receives before the altered packet, then after it
+    assert batches == ([8, 2, 5] if altered == 2 else [8, 6])  # (a last single command runs on its own)
+    s_status, _, d_status, _, _, _ = both
+    assert s_status == [0] * 8 and d_status == [0] * altered + [Status.BAD_MEASUREMENT] + [0] * (7 - altered)
 
 
 def test_a_doorbell_of_sends_gives_every_page_its_own_iv_and_mac(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,8 +53,7 @@ from sevemu.hypervisor.migration import (
     receive_vm,
     send_vm,
 )
-from sevemu.hypervisor.psp import RING_BATCH
-from sevemu.hypervisor.sev.legacy import transport_slots
+from sevemu.hypervisor.sev.legacy import PAGE_BATCH, transport_slots
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine, build_machine, default_amd_root, manufacture
 
@@ -102,7 +101,7 @@ def test_frames_round_trip(msg: Message) -> None:
     (MsgType.DONE, b"\x00"),
     (MsgType.PAGES, b"\x00\x00"),  # truncated count
     (MsgType.PAGES, struct.pack(">I", 0)),  # no pages
-    (MsgType.PAGES, struct.pack(">I", 256) + bytes(256 * (8 + 64 + PAGE))),  # more than a doorbell
+    (MsgType.PAGES, struct.pack(">I", PAGE_BATCH + 1) + bytes((PAGE_BATCH + 1) * (8 + 64 + PAGE))),  # more than a doorbell
     (MsgType.PAGES, struct.pack(">IQ", 1, 0x1000) + bytes(64 + PAGE - 1)),  # short
     (MsgType.PAGES, struct.pack(">IQ", 1, 0x1000) + bytes(0x34) + b"\x01" + bytes(11 + PAGE)),  # padding
 ])
@@ -578,7 +577,7 @@ def test_migration_queues_a_command_per_page_through_the_ring_buffer(monkeypatch
         names = [name for name, status in m.firmware.log if status == Status.SUCCESS]
         assert names.count(cmd) == private and "RING_BUFFER" in names
         assert m.firmware.ring is None
-    assert sum(len(f.gpas) for f in sent) == private and all(len(f.gpas) <= RING_BATCH for f in sent)
+    assert sum(len(f.gpas) for f in sent) == private and all(len(f.gpas) <= PAGE_BATCH for f in sent)
     ivs = {f.hdrs[i * 64 + 4 : i * 64 + 20] for f in sent for i in range(len(f.gpas))}  # HdrBuf.iv at 04
     macs = {f.hdrs[i * 64 + 0x14 : i * 64 + 0x34] for f in sent for i in range(len(f.gpas))}
     assert len(ivs) == len(macs) == private  # a fresh IV and a MAC of its own per page

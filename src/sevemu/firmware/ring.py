@@ -22,7 +22,9 @@ doorbell the PSP:
    has one (SEND_UPDATE_DATA, RECEIVE_UPDATE_DATA: :mod:`sevemu.firmware.sev.migrate`), which runs
    the longest prefix that succeeds with the effects of running it one by one -- the PSP keeping
    its AES and SHA engines busy across commands -- and the first command it does not take runs on
-   its own;
+   its own; with both queues configured, the whole high-priority queue and the run that starts the
+   low-priority one go to the runner as one batch when they all queue one command with the same
+   flags (:meth:`RingBuffer._run_both`: that is the order they run in one by one);
 4. a command that fails without ``CONT_ON_ERROR`` pauses its queue (``Q_PAUSED_INT_STAT``); one with
    ``INT_COMPLETE`` sets ``CMD_DONE_INT_STAT``; a queue whose depth fell below its threshold sets
    ``Q_FREE_INT_STAT`` (if RBCtl enables that queue's near-empty interrupt); both queues empty sets
@@ -149,7 +151,8 @@ class RingBuffer:
                 break
             q, index, near_empty = picked
             raised |= near_empty
-            raised |= self._run_some(fw, q, index, (tail >> q.shift) & 0xFF)
+            merged = self._run_both(fw, ctl, tail) if q.high else None
+            raised |= self._run_some(fw, q, index, (tail >> q.shift) & 0xFF) if merged is None else merged
             port.write(MailboxReg.CMDBUFF_ADDR_LO, self.head)
             if fw.state is PlatformState.UNINIT:  # SHUTDOWN ran: the mode ends with it
                 self.leave(fw)
@@ -177,12 +180,7 @@ class RingBuffer:
         the same command with the same flags, when the command has a batch runner
         (:meth:`~sevemu.firmware.core.Firmware.handle_batch`: the same effects and statuses as one
         by one) -- post the statuses, advance the head; whether an interrupt was earned."""
-        dma = fw.ports.dma
-        count = (end - index) % RB_QUEUE_ENTRIES
-        stop = min(index + count, RB_QUEUE_ENTRIES)  # up to the page's end, then the wrapped rest
-        raw = dma.read(q.cmd_spa + index * _ENTRY.size, (stop - index) * _ENTRY.size)
-        if index + count > RB_QUEUE_ENTRIES:  # the entries wrap: one run in queue order
-            raw += dma.read(q.cmd_spa, (index + count - RB_QUEUE_ENTRIES) * _ENTRY.size)
+        raw = self._entries(fw, q, index, (end - index) % RB_QUEUE_ENTRIES)
         cmd_id, flags, _, buffer_ptr = _ENTRY.unpack_from(raw)
         if flags & ~_KNOWN_FLAGS:
             return self._post(fw, q, index, [int(Status.INVALID_PARAM)], flags)
@@ -195,6 +193,51 @@ class RingBuffer:
         if done:
             return self._post(fw, q, index, [int(Status.SUCCESS)] * done, flags)
         return self._post(fw, q, index, [fw.handle(cmd_id, buffer_ptr)], flags)
+
+    @staticmethod
+    def _entries(fw: Firmware, q: RingQueue, index: int, count: int) -> bytes:
+        """The ``count`` queue entries of ``q`` from ``index`` on, in queue order (wrapping)."""
+        dma = fw.ports.dma
+        stop = min(index + count, RB_QUEUE_ENTRIES)  # up to the page's end, then the wrapped rest
+        raw = dma.read(q.cmd_spa + index * _ENTRY.size, (stop - index) * _ENTRY.size)
+        if index + count > RB_QUEUE_ENTRIES:  # the entries wrap: one run in queue order
+            raw += dma.read(q.cmd_spa, (index + count - RB_QUEUE_ENTRIES) * _ENTRY.size)
+        return raw
+
+    def _run_both(self, fw: Firmware, ctl: int, tail: int) -> bool | None:
+        """Every entry of the high-priority queue and the run that starts the low-priority one,
+        when all of them queue one command with the same flags that has a batch runner, as one
+        batch: the order the PSP runs them in (the high queue until empty, then the low one), so
+        the same effects and statuses as :meth:`_run_some` of one queue after the other.  Posts the
+        statuses of both queues' commands that ran; None (nothing ran) when it does not apply:
+        a single queue, the low queue empty, paused or waiting for RESUME to clear, a near-empty
+        threshold set (its interrupt is judged between the queues), the commands differ, or the
+        batch runner took none."""
+        if len(self.queues) != 2:
+            return None
+        hi, lo = self.queues
+        if hi.threshold or lo.threshold or not self.head & lo.running_bit or ctl & lo.resume_bit:
+            return None
+        hi_index, lo_index = (self.head >> hi.shift) & 0xFF, (self.head >> lo.shift) & 0xFF
+        n_hi = (((tail >> hi.shift) & 0xFF) - hi_index) % RB_QUEUE_ENTRIES
+        n_lo = (((tail >> lo.shift) & 0xFF) - lo_index) % RB_QUEUE_ENTRIES
+        if not n_hi or not n_lo:
+            return None
+        raw = self._entries(fw, hi, hi_index, n_hi) + self._entries(fw, lo, lo_index, n_lo)
+        words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+        key = words[:, 0] & np.uint64(0xFFFF_FFFF)  # command id and flags
+        differ = np.flatnonzero(key != key[0])
+        same = int(differ[0]) if len(differ) else len(words)
+        flags = int(key[0]) >> 16
+        if same <= n_hi or flags & ~_KNOWN_FLAGS:
+            return None
+        done = fw.handle_batch(int(key[0]) & 0xFFFF, words[:same, 1].tolist())
+        if not done:
+            return None
+        raised = self._post(fw, hi, hi_index, [int(Status.SUCCESS)] * min(done, n_hi), flags)
+        if done > n_hi:
+            raised |= self._post(fw, lo, lo_index, [int(Status.SUCCESS)] * (done - n_hi), flags)
+        return raised
 
     def _post(self, fw: Firmware, q: RingQueue, index: int, statuses: list[int], flags: int) -> bool:
         """Write the status entries of the commands from ``index`` on (wrapping at the page's end

@@ -20,7 +20,7 @@ Flow (non-live, "stop and copy": the guest does not run while it is sent)::
     RECEIVE_START -> handle (new VEK)
     ACTIVATE(handle, new ASID)
                                               <-  HUGE(2 MiB regions the source backs whole)
-                                                  per batch of up to 255 backed private pages:
+                                                  per batch of up to 510 backed private pages:
                                                       SEND_UPDATE_DATA(GPA's SPA | C-bit) per page
                                                       -> hdr, trans (one doorbell, ring buffer)
                                               <-      PAGES(gpas, hdrs, transport buffers)
@@ -56,7 +56,7 @@ Wire format: every message is a frame ``u32 big-endian length || u8 type || payl
 counts the type byte), at most :data:`MAX_FRAME` bytes; integers in payloads are big-endian.  Both
 sides bound every wait with a socket timeout.  A PAGES frame carries one doorbell's packets: ``u32
 count || count x u64 GPA || count x 64-byte header slot (the 0x34-byte header, zero-padded) ||
-count x 4 KiB transport buffer``, at most :data:`~sevemu.hypervisor.psp.RING_BATCH` pages, laid out
+count x 4 KiB transport buffer``, at most :data:`~sevemu.hypervisor.sev.legacy.PAGE_BATCH` pages (one doorbell's), laid out
 as the bounce area holds them on both sides (one copy in, one copy out: the source sends the parts
 as they are with ``sendmsg``, the destination reads the frame into a buffer it reuses and stages
 the views).  Every page is still its
@@ -98,9 +98,8 @@ from sevemu.errors import SevemuError, VmError
 from sevemu.hw.svm import GPRS
 from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.kvm import Hypervisor
-from sevemu.hypervisor.psp import RING_BATCH
 from sevemu.hypervisor.sev.common import Packet
-from sevemu.hypervisor.sev.legacy import HDR_SLOT, PageBatch, PageReceiver
+from sevemu.hypervisor.sev.legacy import HDR_SLOT, PAGE_BATCH, PageBatch, PageReceiver
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
 __all__ = [
@@ -130,13 +129,13 @@ __all__ = [
 
 CERT_SIZE: Final = SEV_CERT_SIZE
 CHAIN_SIZE: Final = SEV_CERT_CHAIN_SIZE
-MAX_FRAME: Final = 2 * MiB
-"""Largest frame either side accepts (a PAGES frame of 255 pages is about 1.04 MiB, HELLO about
+MAX_FRAME: Final = 4 * MiB
+"""Largest frame either side accepts (a PAGES frame of 510 pages is about 2.03 MiB, HELLO about
 11.5 KiB)."""
 DEFAULT_TIMEOUT: Final = 30.0
 _SEND_BUFFER: Final = 256 * KiB
-_SOCKET_BUFFER: Final = 4 * MiB
-"""SO_SNDBUF / SO_RCVBUF of a channel's socket: about four PAGES frames of 255 pages (Linux caps it
+_SOCKET_BUFFER: Final = 8 * MiB
+"""SO_SNDBUF / SO_RCVBUF of a channel's socket: about four PAGES frames of 510 pages (Linux caps it
 at net.core.wmem_max / rmem_max)."""
 _MAX_AMD_CERTS: Final = 8 * KiB
 _HUGE_FRAME: Final = 64 * KiB
@@ -331,7 +330,7 @@ def _decode_pages(payload: bytes | memoryview) -> Pages:
     kind, n = MsgType.PAGES, len(payload)
     _need(n >= 4, kind, "truncated")
     count = _U32.unpack_from(payload)[0]
-    _need(0 < count <= RING_BATCH, kind, f"{count} pages")
+    _need(0 < count <= PAGE_BATCH, kind, f"{count} pages")
     _need(n == 4 + count * (8 + HDR_SLOT + PAGE), kind, f"{n} bytes for {count} pages")
     hdr_at = 4 + 8 * count
     trans_at = hdr_at + count * HDR_SLOT
@@ -593,15 +592,12 @@ def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel) -> tuple[int, int]:
     regions = _whole_regions(vm)  # (named before any page: module docstring, backing)
     for i in range(0, len(regions), _HUGE_FRAME):
         chan.send(Huge(tuple(regions[i : i + _HUGE_FRAME])))
-    private = []
-    shared = 0
-    for gfn in sorted(vm.npt.mappings):
-        gpa = gfn << 12
-        if gpa in vm.shared_gpas:
-            chan.send(SharedPage(gpa, vm.host_read(gpa, PAGE)))
-            shared += 1
-        else:
-            private.append(gpa)
+    gfns = np.sort(np.fromiter(vm.npt.mappings, dtype=np.uint64, count=len(vm.npt.mappings)))
+    is_shared = np.isin(gfns, np.fromiter((gpa >> 12 for gpa in vm.shared_gpas), dtype=np.uint64))
+    for gfn in gfns[is_shared].tolist():  # (ascending, before the private pages)
+        chan.send(SharedPage(gfn << 12, vm.host_read(gfn << 12, PAGE)))
+    shared = int(np.count_nonzero(is_shared))
+    private = gfns[~is_shared] << np.uint64(12)
     pages = 0
     with contextlib.closing(hv.sev.send_page_batches(vm, private)) as batches:
         for batch in batches:
@@ -713,11 +709,10 @@ def _back_huge(vm: Vm, gpas: tuple[int, ...] | list[int], pending: set[int]) -> 
     """Back with one huge page each the regions of ``gpas`` named by HUGE and not backed yet."""
     if not pending:
         return
-    region = -1
-    for gpa in gpas:
-        if gpa >> 21 == region:
-            continue
-        region = gpa >> 21
+    firsts = np.asarray(gpas, dtype=np.uint64) >> np.uint64(21)
+    # the regions in order of their first page (the order one by one would back them in)
+    regions, at = np.unique(firsts, return_index=True)
+    for region in regions[np.argsort(at, kind="stable")].tolist():
         if region << 21 in pending:
             pending.discard(region << 21)
             vm.back_huge(region << 21)  # (None: no huge page left, the pages get 4 KiB ones)

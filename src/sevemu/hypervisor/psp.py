@@ -20,7 +20,14 @@ for runs of many commands -- migration's one page per SEND/RECEIVE_UPDATE_DATA -
 the mailbox in ring-buffer mode and queues up to 255 commands per doorbell: the command buffers of a
 batch go into one run of slots and the queue entries into the queue page with one streaming write
 each, RBTail moves, one RBCtl write rings the doorbell, and the statuses come back with one
-streaming read.  Closing the session leaves the mode (a mailbox-mode CMDRESP write, answered
+streaming read.  A session opened with ``high=True`` (:meth:`PspDriver.ring`) configures the
+high-priority queue too and carries up to twice as many commands per doorbell
+(:data:`DUAL_RING_BATCH`): the first :data:`RING_BATCH` of a batch go into the high-priority queue,
+the rest into the low-priority one, which the PSP runs after it -- the batch's order.  (AMD's
+firmware takes one page per queue, 255 commands between head and tail: AMD-ASPFW ``sev_mcmd.c``
+refuses a ``queue_size`` other than 1 and ``sev_ring_buffer.h`` keeps 8-bit indexes; Hygon's CSV
+driver, Linux ``drivers/crypto/ccp/hygon/csv-dev.c``, configures both queues and queues its
+command batches in the high-priority one.)  Closing the session leaves the mode (a mailbox-mode CMDRESP write, answered
 RING_BUFFER_EXIT), so the driver's other commands work as before.
 """
 
@@ -52,10 +59,12 @@ from sevemu.errors import HardwareError
 from sevemu.hw.host import HostCore, PspMailbox
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError
 
-__all__ = ["RING_BATCH", "RING_SLOT", "BounceArea", "PspDriver", "RingSession", "Stage"]
+__all__ = ["DUAL_RING_BATCH", "RING_BATCH", "RING_SLOT", "BounceArea", "PspDriver", "RingSession", "Stage"]
 
 RING_BATCH = RB_QUEUE_ENTRIES - 1
-"""Most commands one doorbell can carry (a full queue would look empty: head == tail)."""
+"""Most commands one queue carries per doorbell (a full queue would look empty: head == tail)."""
+DUAL_RING_BATCH = 2 * RING_BATCH
+"""Most commands one doorbell carries with both queues configured (``PspDriver.ring(high=True)``)."""
 _SLOT = 64  # a command buffer slot (the largest queued buffer, TransportCmd, is 0x34 bytes)
 RING_SLOT = _SLOT
 """Bytes of a queued command buffer's slot (:meth:`RingSession.submit_many`)."""
@@ -166,10 +175,11 @@ class PspDriver:
     def mailbox(self) -> PspMailbox:
         return self._psp
 
-    def ring(self) -> RingSession:
+    def ring(self, high: bool = False) -> RingSession:
         """Put the mailbox in ring-buffer mode until the returned session closes (module
-        docstring); its pages and slots come from the bounce area."""
-        session = RingSession(self, self.bounce.stage())
+        docstring); its pages and slots come from the bounce area.  ``high``: configure the
+        high-priority queue too (:data:`DUAL_RING_BATCH` commands per doorbell)."""
+        session = RingSession(self, self.bounce.stage(), high)
         try:
             session.open()
         except BaseException:
@@ -236,33 +246,43 @@ class RingSession:
 
     Open it with :meth:`PspDriver.ring` as a context manager.  :meth:`submit` queues a command
     buffer (bytes of its layout) and returns its position in the batch; :meth:`run` rings the
-    doorbell and returns the statuses of the batch in order.  The queue pauses at the first
-    failure: the commands after it do not run and :meth:`run` reports them as ``None``; the next
-    :meth:`run` resumes the queue (RBCtl ``RESUME_LO_QUEUE``).
+    doorbell and returns the statuses of the batch in order.  A queue pauses at its first
+    failure: the commands after it in that queue do not run and :meth:`run` reports them as
+    ``None`` (with both queues, the low-priority one still runs after a high-priority failure: the
+    PSP goes on to the next running queue); the next :meth:`run` resumes a paused queue (RBCtl
+    ``RESUME_LO_QUEUE`` / ``RESUME_HI_QUEUE``).
     """
 
-    def __init__(self, driver: PspDriver, stage: Stage) -> None:
+    def __init__(self, driver: PspDriver, stage: Stage, high: bool = False) -> None:
         self._driver = driver
         self._stage = stage
         self.cmd_spa = stage.alloc(PAGE, PAGE)
         self.status_spa = stage.alloc(PAGE, PAGE)
-        self.slots_spa = stage.alloc(RING_BATCH * _SLOT, PAGE)
+        self.high = high
+        self.capacity = DUAL_RING_BATCH if high else RING_BATCH
+        """Most commands per doorbell."""
+        self.hi_cmd_spa = stage.alloc(PAGE, PAGE) if high else 0
+        self.hi_status_spa = stage.alloc(PAGE, PAGE) if high else 0
+        self.slots_spa = stage.alloc(self.capacity * _SLOT, PAGE)
         self._tail = 0
+        self._hi_tail = 0
         self._entries = bytearray()
         self._slots = bytearray()
-        self._first = 0
         self._paused = False
+        self._hi_paused = False
         self.doorbells = 0
         self.active = False
 
     def open(self) -> None:
         """RING_BUFFER in mailbox mode: one low-priority queue, no high-priority one."""
         core = self._driver.core
-        core.host_write_stream(self.cmd_spa, bytes(PAGE))
-        core.host_write_stream(self.status_spa, bytes(PAGE))
+        pages = (self.cmd_spa, self.status_spa) + ((self.hi_cmd_spa, self.hi_status_spa) if self.high else ())
+        for spa in pages:
+            core.host_write_stream(spa, bytes(PAGE))
         self._driver.call(CommandId.RING_BUFFER, RingBufferCmd(
             low_priority_cmd_ptr=self.cmd_spa, low_priority_status_ptr=self.status_spa,
-            low_priority_queue_size=1))
+            low_priority_queue_size=1, high_priority_cmd_ptr=self.hi_cmd_spa,
+            high_priority_status_ptr=self.hi_status_spa, high_priority_queue_size=int(self.high)))
         self.active = True
 
     @property
@@ -272,8 +292,8 @@ class RingSession:
     def submit(self, cmd: CommandId, buf: bytes, flags: int = 0) -> int:
         """Queue ``cmd`` with the command buffer ``buf``; its index in the current batch."""
         n = self.pending
-        if n >= RING_BATCH:
-            raise SevInputError(Errno.EBUSY, f"a ring-buffer batch holds at most {RING_BATCH} commands")
+        if n >= self.capacity:
+            raise SevInputError(Errno.EBUSY, f"a ring-buffer batch holds at most {self.capacity} commands")
         if len(buf) > _SLOT:
             raise SevInputError(Errno.EINVAL, f"{cmd.name} buffer of {len(buf)} bytes exceeds a ring slot")
         self._slots += buf.ljust(_SLOT, b"\0")
@@ -287,8 +307,8 @@ class RingSession:
         count, extra = divmod(len(slots), _SLOT)
         if extra or not count:
             raise SevInputError(Errno.EINVAL, f"{len(slots)} bytes are not whole {_SLOT}-byte command slots")
-        if n + count > RING_BATCH:
-            raise SevInputError(Errno.EBUSY, f"a ring-buffer batch holds at most {RING_BATCH} commands")
+        if n + count > self.capacity:
+            raise SevInputError(Errno.EBUSY, f"a ring-buffer batch holds at most {self.capacity} commands")
         self._slots += slots
         base = self.slots_spa + n * _SLOT
         words = np.empty((count, 2), dtype="<u8")  # _ENTRY of each: (cmd | flags << 16, 0), then the slot's address
@@ -298,40 +318,61 @@ class RingSession:
 
     def run(self) -> list[int | None]:
         """Ring the doorbell for the queued batch; each command's status, None for those a
-        failure left unrun (the queue paused)."""
+        failure left unrun (their queue paused)."""
         n = self.pending
         if not n:
             return []
         core = self._driver.core
         mailbox = self._driver.mailbox
-        first = self._tail
         core.host_write_stream(self.slots_spa, self._slots)
-        # the entries wrap around the 256-entry page
-        room = RB_QUEUE_ENTRIES - first
-        head_part = bytes(self._entries[: room * _ENTRY.size])
-        core.host_write_stream(self.cmd_spa + first * _ENTRY.size, head_part)
-        if n > room:
-            core.host_write_stream(self.cmd_spa, bytes(self._entries[room * _ENTRY.size :]))
-        self._tail = (first + n) % RB_QUEUE_ENTRIES
-        mailbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(self._tail))
+        hi_n = min(n, RING_BATCH) if self.high else 0  # (the high-priority queue runs first)
+        hi_first, lo_first = self._hi_tail, self._tail
+        if hi_n:
+            self._hi_tail = self._enqueue(self.hi_cmd_spa, hi_first, self._entries[: hi_n * _ENTRY.size])
+        if n > hi_n:
+            self._tail = self._enqueue(self.cmd_spa, lo_first, self._entries[hi_n * _ENTRY.size :])
+        mailbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(self._tail, self._hi_tail))
         ctl = RbCtl.X86_CONTROL | RbCtl.RB_MODE_ACTIVE | RbCtl.CLEAR_INT_BITS
-        if self._paused:
-            mailbox.mmio_write(MailboxReg.CMDRESP, int(ctl | RbCtl.RESUME_LO_QUEUE))  # the queue runs again
-            self._paused = False
+        resume = (RbCtl.RESUME_LO_QUEUE if self._paused else 0) | (RbCtl.RESUME_HI_QUEUE if self._hi_paused else 0)
+        if resume:
+            mailbox.mmio_write(MailboxReg.CMDRESP, int(ctl | resume))  # the queues run again
+            self._paused = self._hi_paused = False
         mailbox.mmio_write(MailboxReg.CMDRESP, int(ctl))
         self.doorbells += 1
         head = mailbox.mmio_read(MailboxReg.CMDBUFF_ADDR_LO)
-        done = (rb_head_index(head) - first) % RB_QUEUE_ENTRIES
         self._slots.clear()
         self._entries.clear()
-        if done < n:  # paused at a failure: the rest never ran; drop them from the queue
-            self._paused = not head & RbHead.LO_QUEUE_RUNNING
-            self._tail = rb_head_index(head)
-            mailbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(self._tail))
-        raw = core.host_read_stream(self.status_spa, RB_QUEUE_ENTRIES * _STATUS.size)
-        statuses = np.frombuffer(raw, dtype="<u2")[:: _STATUS.size // 2]  # _STATUS: the u16 first
-        out: list[int | None] = statuses[(first + np.arange(done)) % RB_QUEUE_ENTRIES].tolist()
-        return out + [None] * (n - done)
+        out: list[int | None] = []
+        dropped = False
+        for high, first, count in ((True, hi_first, hi_n), (False, lo_first, n - hi_n)):
+            if not count:
+                continue
+            at = rb_head_index(head, high)
+            done = (at - first) % RB_QUEUE_ENTRIES
+            if done < count:  # paused at a failure: the rest never ran; drop them from the queue
+                dropped = True
+                paused = not head & (RbHead.HI_QUEUE_RUNNING if high else RbHead.LO_QUEUE_RUNNING)
+                if high:
+                    self._hi_paused, self._hi_tail = paused, at
+                else:
+                    self._paused, self._tail = paused, at
+            raw = core.host_read_stream(self.hi_status_spa if high else self.status_spa,
+                                        RB_QUEUE_ENTRIES * _STATUS.size)
+            statuses = np.frombuffer(raw, dtype="<u2")[:: _STATUS.size // 2]  # _STATUS: the u16 first
+            out += statuses[(first + np.arange(done)) % RB_QUEUE_ENTRIES].tolist() + [None] * (count - done)
+        if dropped:
+            mailbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(self._tail, self._hi_tail))
+        return out
+
+    def _enqueue(self, cmd_spa: int, first: int, entries: bytes | bytearray) -> int:
+        """Write queue entries into a queue page from index ``first`` on (wrapping at the page's
+        end); the queue's new tail index."""
+        core = self._driver.core
+        room = (RB_QUEUE_ENTRIES - first) * _ENTRY.size
+        core.host_write_stream(cmd_spa + first * _ENTRY.size, bytes(entries[:room]))
+        if len(entries) > room:
+            core.host_write_stream(cmd_spa, bytes(entries[room:]))
+        return (first + len(entries) // _ENTRY.size) % RB_QUEUE_ENTRIES
 
     def close(self) -> None:
         """Leave ring-buffer mode (a mailbox-mode CMDRESP write, answered RING_BUFFER_EXIT)."""

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 
 from sevemu._util.units import PAGE, PAGE_MASK, align_down, align_up
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
@@ -65,7 +67,7 @@ from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
 from sevemu.errors import AddressError
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
-from sevemu.hypervisor.psp import RING_BATCH, RING_SLOT, RingSession
+from sevemu.hypervisor.psp import DUAL_RING_BATCH, RING_SLOT, RingSession
 from sevemu.hypervisor.sev.common import PACKET, OutBlob, Packet, Reply, SevHost, contiguous_runs
 from sevemu.hypervisor.uapi import GHCB_VERSION_MAX, GHCB_VERSION_MIN
 from sevemu.hypervisor.vcpu import KvmVmType
@@ -79,9 +81,11 @@ and lengths (SEV API 55766, LAUNCH_UPDATE_DATA, DBG_DECRYPT)."""
 _MAX_LEN = 1 << 32  # a u32 length field
 HDR_SLOT = 64
 """Bytes a transport header occupies in a :class:`PageBatch` (the 0x34-byte header, zero-padded)."""
-PAGE_BATCH = RING_BATCH
-"""Pages per ring-buffer doorbell in migration: as many as one doorbell carries (``RING_BATCH``, 255)."""
-def transport_slots(handle: int, hdr_base: int, hdr_len: int, guest_paddrs: list[int], trans_base: int) -> bytes:
+PAGE_BATCH = DUAL_RING_BATCH
+"""Pages per ring-buffer doorbell in migration: as many as one doorbell carries with both queues
+configured (``DUAL_RING_BATCH``, 510: 255 in the high-priority queue, then 255 in the low one)."""
+def transport_slots(handle: int, hdr_base: int, hdr_len: int, guest_paddrs: list[int] | npt.NDArray[np.uint64],
+                    trans_base: int) -> bytes:
     """The ring slots of one whole-page TransportCmd per guest page: command i with its header in the
     64-byte slot ``hdr_base + 64 * i`` (``hdr_len`` bytes) and its TRANS in the page ``trans_base +
     4096 * i`` -- :data:`~sevemu.abi.sev.TRANSPORT_PACK` of each, zero-padded to its slot, built as
@@ -93,7 +97,7 @@ def transport_slots(handle: int, hdr_base: int, hdr_len: int, guest_paddrs: list
     words[:, 0] = handle
     words[:, 1] = at * np.uint64(HDR_SLOT) + np.uint64(hdr_base)
     words[:, 2] = hdr_len
-    words[:, 3] = np.fromiter(guest_paddrs, dtype=np.uint64, count=n)
+    words[:, 3] = guest_paddrs if isinstance(guest_paddrs, np.ndarray) else np.fromiter(guest_paddrs, dtype=np.uint64, count=n)
     words[:, 4] = PAGE
     words[:, 5] = at * np.uint64(PAGE) + np.uint64(trans_base)
     words[:, 6] = PAGE
@@ -133,8 +137,8 @@ class PageReceiver:
         """:meth:`LegacySev.receive_page_batch` of ``batch`` in this session."""
         sev, vm = self._sev, self._vm
         n = len(batch.gpas)
-        if not 0 < n <= RING_BATCH:
-            raise SevInputError(Errno.EINVAL, f"batch of {n} pages: 1..{RING_BATCH}")
+        if not 0 < n <= PAGE_BATCH:
+            raise SevInputError(Errno.EINVAL, f"batch of {n} pages: 1..{PAGE_BATCH}")
         if len(batch.hdrs) != n * HDR_SLOT or len(batch.transport) != n * PAGE or batch.hdr_len > HDR_SLOT:
             raise SevInputError(Errno.EINVAL, "page batch buffers do not match its page count")
         me_mask = sev.caps.me_mask
@@ -147,7 +151,7 @@ class PageReceiver:
         sev.core.host_write_stream(hdr_base, batch.hdrs)
         sev.core.host_write_stream(trans_base, batch.transport)
         self._ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, transport_slots(
-            vm.handle, hdr_base, batch.hdr_len, [spa | me_mask for spa in spas], trans_base))
+            vm.handle, hdr_base, batch.hdr_len, np.array(spas, dtype=np.uint64) | np.uint64(me_mask), trans_base))
         _check_batch(CommandId.RECEIVE_UPDATE_DATA, self._ring.run())
 
 
@@ -512,31 +516,44 @@ class LegacySev(SevHost):
             for i, gpa in enumerate(batch.gpas):
                 yield gpa, batch.hdr(i), batch.trans(i)
 
-    def send_page_batches(self, vm: Vm, gpas: Iterable[int],
+    def send_page_batches(self, vm: Vm, gpas: Iterable[int] | npt.NDArray[np.uint64],
                           batch: int = PAGE_BATCH) -> Generator[PageBatch, None, None]:
         """SEND_UPDATE_DATA of whole private pages, still one command per page with its own IV and
         MAC (KVM's contract), submitted ``batch`` at a time through the mailbox's ring buffer
         (:meth:`~sevemu.hypervisor.psp.PspDriver.ring`): the headers land in 64-byte slots and the
         transport buffers in consecutive pages of one bounce run, read back with one streaming read
-        each.  Yields a :class:`PageBatch` per doorbell; a refused command raises
-        :class:`SevFirmwareError` (the pages before it were sent)."""
-        if not 0 < batch <= RING_BATCH:
-            raise SevInputError(Errno.EINVAL, f"batch of {batch} pages: 1..{RING_BATCH}")
+        each.  Both ring-buffer queues are configured, so a doorbell carries up to
+        :data:`PAGE_BATCH` (510) commands.  ``gpas`` may be a numpy column (the SPAs of each batch
+        are then looked up in one pass).  Yields a :class:`PageBatch` per doorbell; a refused
+        command raises :class:`SevFirmwareError` (the pages before it were sent)."""
+        if not 0 < batch <= PAGE_BATCH:
+            raise SevInputError(Errno.EINVAL, f"batch of {batch} pages: 1..{PAGE_BATCH}")
         hdr_len, _ = self.packet_lengths(vm)
-        me_mask = self.caps.me_mask
+        me_mask = np.uint64(self.caps.me_mask)
         core = self.core
         handle = vm.handle
         spa_of = vm.spa_of
         mapped = vm.npt.mappings.get
-        todo = iter(gpas)
-        with self.psp.ring() as ring, self.psp.bounce.stage() as st:
+        order = gpas.astype(np.uint64) if isinstance(gpas, np.ndarray) else None
+        todo = iter(gpas) if order is None else None
+        with self.psp.ring(high=True) as ring, self.psp.bounce.stage() as st:
             hdr_base = st.alloc(batch * HDR_SLOT, PAGE)
             trans_base = st.alloc(batch * PAGE, PAGE)
-            while chunk := list(itertools.islice(todo, batch)):
-                spas = [mapped(gpa >> 12) if not gpa & PAGE_MASK else None for gpa in chunk]
-                slots = transport_slots(handle, hdr_base, hdr_len, [
-                    (spa if spa is not None else spa_of(gpa)) | me_mask for gpa, spa in zip(chunk, spas, strict=True)],
-                    trans_base)
+            start = 0
+            while True:
+                if order is not None:  # (GPAs as a column: the chunk's SPAs looked up in one pass)
+                    chunk = order[start : start + batch].tolist()
+                    start += batch
+                else:
+                    chunk = list(itertools.islice(cast("Iterator[int]", todo), batch))
+                if not chunk:
+                    break
+                spas = np.fromiter(map(mapped, [gpa >> 12 for gpa in chunk], itertools.repeat(-1)),
+                                   dtype=np.int64, count=len(chunk))
+                if (spas < 0).any() or any(gpa & PAGE_MASK for gpa in chunk):  # the error KVM answers
+                    spas = np.array([spa_of(gpa) if gpa & PAGE_MASK or s < 0 else s
+                                     for gpa, s in zip(chunk, spas.tolist(), strict=True)], dtype=np.int64)
+                slots = transport_slots(handle, hdr_base, hdr_len, spas.astype(np.uint64) | me_mask, trans_base)
                 ring.submit_many(CommandId.SEND_UPDATE_DATA, slots)
                 _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
                 n = len(chunk)
@@ -587,8 +604,8 @@ class LegacySev(SevHost):
         """A ring-buffer session and bounce buffers for :meth:`PageReceiver.receive` of batch after
         batch (no other firmware command may be issued while it is open)."""
         self.need_context(vm, Errno.EINVAL)
-        with self.psp.ring() as ring, self.psp.bounce.stage() as st:
-            yield PageReceiver(self, vm, ring, st.alloc(RING_BATCH * HDR_SLOT, PAGE), st.alloc(RING_BATCH * PAGE, PAGE))
+        with self.psp.ring(high=True) as ring, self.psp.bounce.stage() as st:
+            yield PageReceiver(self, vm, ring, st.alloc(PAGE_BATCH * HDR_SLOT, PAGE), st.alloc(PAGE_BATCH * PAGE, PAGE))
 
     def receive_finish(self, vm: Vm) -> None:
         """RECEIVE_FINISH: the guest is RUNNING here."""
