@@ -389,12 +389,7 @@ static PyObject *cache_take(PyObject *self, PyObject *const *args, Py_ssize_t na
     /* 4: the dirty ones stay (and leave `dirty`); the others are dropped */
     kept = 0;
     for (i = 0; i < n; i++) {
-        int was;
-        if (i + AHEAD < n) { /* (the key is hashed, a clean line freed: objects far apart in memory) */
-            PREFETCH(all[i + AHEAD].key_obj);
-            PREFETCH(all[i + AHEAD].line);
-        }
-        was = PySet_Discard(dirty, all[i].key_obj);
+        int was = PySet_Discard(dirty, all[i].key_obj);
         if (was < 0) {
             drop_entries(all, kept);
             drop_entries(all + i, n - i);
@@ -427,9 +422,6 @@ static PyObject *cache_take(PyObject *self, PyObject *const *args, Py_ssize_t na
         unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(packed) + 8 * i;
         uint64_t key = all[i].key;
         int b;
-        if (i + 2 * AHEAD < n) { /* the line object first, its bytes once the object is in */
-            PREFETCH(all[i + 2 * AHEAD].line);
-        }
         if (i + AHEAD < n) {
             PREFETCH(PyByteArray_AS_STRING(all[i + AHEAD].line));
         }
