@@ -8,13 +8,13 @@
  *   xts_sequence(out, first)                  XTS: the 128-bit little-endian numbers first, first+1, ...
  *   xor_bytes(a, b[, c]) -> bytes             the single-line path: a ^ b (^ c)
  *   xor_bytearray(a, b[, c]) -> bytearray     the same, as a new bytearray (cache fills)
- *   xex_pages(pages, spa, src, consts, key, code, encrypt) -> bool
- *                                             XE/XEX of src at spa stored into a page store
- *                                             (dict PFN -> 4 KiB bytearray): tweak, AES-128
+ *   crypt_pages(pages, spa, src, consts, key, code, encrypt) -> bool
+ *                                             XE/XEX/XTS of src at spa stored into a page store
+ *                                             (dict PFN -> 4 KiB bytearray): tweak, AES
  *                                             (OpenSSL's libcrypto) and tweak fused per page in
  *                                             a 4 KiB buffer, written straight into the pages
  *
- * Apart from xex_pages (the bulk write of a large transfer: one pass over the data instead of
+ * Apart from crypt_pages (the bulk write of a large transfer: one pass over the data instead of
  * three, see its comment), the AES stays in `cryptography`.  Portable C99: no intrinsics, unaligned accesses through memcpy, little-endian decoding spelled
  * out for the GF(2^128) arithmetic.  Buffers come through the buffer protocol (C-contiguous); every
  * length is checked here (ValueError), although memenc validates its arguments first.  dst may be
@@ -433,11 +433,11 @@ static PyObject *xor_bytearray(PyObject *self, PyObject *const *args, Py_ssize_t
 }
 
 
-/* ---- XE/XEX straight into a page store ---------------------------------------------------- */
+/* ---- XE/XEX/XTS straight into a page store ------------------------------------------------- */
 
 /* The bulk write of a large transfer (the memory controller's write to DRAM's page store, e.g.
  * LAUNCH_UPDATE_DATA's in-place encryption) in one pass: for each page's part of src, the tweak
- * XOR into a 4 KiB buffer that stays in L1, AES-128-ECB in place there (OpenSSL), and the second
+ * XOR into a 4 KiB buffer that stays in L1, AES-ECB in place there (OpenSSL), and the second
  * tweak XOR on the way into the page itself -- instead of an XOR pass, an AES pass and an XOR pass
  * over the whole chunk and a scatter into the pages after them.  The same bytes as
  * xor_addr_tweak + AES + xor_addr_tweak followed by dram_scatter(pages, spa, out, True) (tested).
@@ -577,6 +577,44 @@ static int xex_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, 
     return 0;
 }
 
+/* AES-256-XTS with 64-byte data units (the sequence number of a unit is its SPA >> 6), per page as
+ * xex_pages_run: the page's unit tweaks E_K2(n) in one AES call, src ^ T into tmp, AES (K1) in
+ * place, tmp ^ T into the page; spa and len are multiples of 64.  0, or -1 when OpenSSL failed. */
+static int xts_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, Py_ssize_t len,
+                         EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx, int encrypt)
+{
+    unsigned char seq[XP_PAGE / 4];
+    uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
+    unsigned char *tmp = (unsigned char *)(tmp_words + 3 * 8);
+    Py_ssize_t p = 0;
+    while (len > 0) {
+        Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
+        Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
+        Py_ssize_t units = n / 64, u;
+        unsigned char *page = (unsigned char *)refs[p].view.buf + off;
+        int out_len = 0;
+        for (u = 0; u < units; u++) {
+            store_le64(seq + BLOCK * u, (spa >> 6) + (uint64_t)u);
+            store_le64(seq + BLOCK * u + 8, 0);
+        }
+        if (EVP_EncryptUpdate(tweak_ctx, seq, &out_len, seq, (int)(BLOCK * units)) != 1 ||
+            out_len != (int)(BLOCK * units)) {
+            return -1;
+        }
+        xts_xor_units(tmp, src, seq, units, 4);
+        if ((encrypt ? EVP_EncryptUpdate(ctx, tmp, &out_len, tmp, (int)n)
+                     : EVP_DecryptUpdate(ctx, tmp, &out_len, tmp, (int)n)) != 1 || out_len != (int)n) {
+            return -1;
+        }
+        xts_xor_units(page, tmp, seq, units, 4);
+        src += n;
+        spa += (uint64_t)n;
+        len -= n;
+        p++;
+    }
+    return 0;
+}
+
 static int all_zero(const unsigned char *p, Py_ssize_t n)
 {
     Py_ssize_t i;
@@ -588,28 +626,29 @@ static int all_zero(const unsigned char *p, Py_ssize_t n)
     return 1;
 }
 
-PyDoc_STRVAR(xex_pages_doc,
-             "xex_pages(pages, spa, src, consts, key, code, encrypt, /)\n--\n\n"
-             "XE (code 0) or XEX (code 1) with the AES-128 key `key` of src (a whole number of\n"
-             "16-byte blocks) at the 16-aligned spa, encrypted (or decrypted) into the page store\n"
-             "`pages` (a dict PFN -> 4096-byte bytearray; absent pages are created unless their part\n"
-             "of the result is all zeros).  consts as for xor_addr_tweak.  True when done; False,\n"
+PyDoc_STRVAR(crypt_pages_doc,
+             "crypt_pages(pages, spa, src, consts, key, code, encrypt, /)\n--\n\n"
+             "XE (code 0) or XEX (code 1) with the AES-128 key `key`, or AES-256-XTS (code 2, 64-byte\n"
+             "data units, key K1 || K2 of 64 bytes), of src (16-byte blocks; XTS: 64-byte units) at\n"
+             "spa (aligned alike), encrypted (or decrypted) into the page store `pages` (a dict PFN ->\n"
+             "4096-byte bytearray; absent pages are created unless their part of the result is all\n"
+             "zeros).  consts as for xor_addr_tweak (checked, unused by XTS).  True when done; False,\n"
              "with nothing changed, when src overlaps one of the pages.  The same pages as the\n"
-             "XOR/AES/XOR passes and a scatter.");
+             "bulk path's passes and a scatter.");
 
-static PyObject *xex_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *pages, *result = NULL;
     Py_buffer srcv, constv, keyv;
     uint64_t spa, first_pfn;
     Py_ssize_t nbits, npages = 0, owned = 0, held = 0, i;
     long code;
-    int encrypt, pre, post, failed = 0;
+    int encrypt, pre, post, granule, failed = 0;
     PageRef *refs = NULL;
-    EVP_CIPHER_CTX *ctx = NULL;
+    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
     (void)self;
 
-    if (check_nargs("xex_pages", nargs, 7, 7) < 0 || get_u64(args[1], "spa", &spa) < 0) {
+    if (check_nargs("crypt_pages", nargs, 7, 7) < 0 || get_u64(args[1], "spa", &spa) < 0) {
         return NULL;
     }
     pages = args[0];
@@ -625,10 +664,11 @@ static PyObject *xex_pages(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if (encrypt < 0) {
         return NULL;
     }
-    if (code != 0 && code != 1) {
-        PyErr_SetString(PyExc_ValueError, "code must be 0 (XE) or 1 (XEX)");
+    if (code < 0 || code > 2) {
+        PyErr_SetString(PyExc_ValueError, "code must be 0 (XE), 1 (XEX) or 2 (XTS)");
         return NULL;
     }
+    granule = code == 2 ? 64 : BLOCK;
     if (PyObject_GetBuffer(args[2], &srcv, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
@@ -642,8 +682,8 @@ static PyObject *xex_pages(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     nbits = constv.len / BLOCK;
-    if (srcv.len % BLOCK || spa % BLOCK) {
-        PyErr_SetString(PyExc_ValueError, "spa and len(src) must be multiples of 16");
+    if (srcv.len % granule || spa % (uint64_t)granule) {
+        PyErr_Format(PyExc_ValueError, "spa and len(src) must be multiples of %d", granule);
         goto done;
     }
     if (constv.len % BLOCK || nbits < PAGE_SHIFT || nbits > MAX_BITS) {
@@ -655,8 +695,9 @@ static PyObject *xex_pages(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_Format(PyExc_ValueError, "the span is outside the %zd-bit address space", nbits);
         goto done;
     }
-    if (keyv.len != 16) {
-        PyErr_SetString(PyExc_ValueError, "key must be 16 bytes (AES-128)");
+    if (keyv.len != (code == 2 ? 64 : 16)) {
+        PyErr_SetString(PyExc_ValueError, code == 2 ? "key must be 64 bytes (AES-256-XTS: K1 || K2)"
+                                                    : "key must be 16 bytes (AES-128)");
         goto done;
     }
     if (srcv.len == 0) {
@@ -722,13 +763,19 @@ static PyObject *xex_pages(PyObject *self, PyObject *const *args, Py_ssize_t nar
             }
         }
     }
-    ctx = EVP_CIPHER_CTX_new();
-    if (ctx == NULL ||
-        (encrypt ? EVP_EncryptInit_ex(ctx, EVP_aes_128_ecb(), NULL, keyv.buf, NULL)
-                 : EVP_DecryptInit_ex(ctx, EVP_aes_128_ecb(), NULL, keyv.buf, NULL)) != 1 ||
-        EVP_CIPHER_CTX_set_padding(ctx, 0) != 1) {
-        PyErr_SetString(PyExc_RuntimeError, "xex_pages: OpenSSL could not set up AES-128-ECB");
-        goto done;
+    {
+        const EVP_CIPHER *aes = code == 2 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
+        const unsigned char *k = (const unsigned char *)keyv.buf;
+        ctx = EVP_CIPHER_CTX_new();
+        if (ctx == NULL ||
+            (encrypt ? EVP_EncryptInit_ex(ctx, aes, NULL, k, NULL) : EVP_DecryptInit_ex(ctx, aes, NULL, k, NULL)) != 1 ||
+            EVP_CIPHER_CTX_set_padding(ctx, 0) != 1 ||
+            (code == 2 && ((tweak_ctx = EVP_CIPHER_CTX_new()) == NULL ||
+                           EVP_EncryptInit_ex(tweak_ctx, aes, NULL, k + 32, NULL) != 1 ||
+                           EVP_CIPHER_CTX_set_padding(tweak_ctx, 0) != 1))) {
+            PyErr_SetString(PyExc_RuntimeError, "crypt_pages: OpenSSL could not set up AES-ECB");
+            goto done;
+        }
     }
     pre = encrypt || code == 1;
     post = !encrypt || code == 1;
@@ -737,11 +784,12 @@ static PyObject *xex_pages(PyObject *self, PyObject *const *args, Py_ssize_t nar
         const unsigned char *consts = (const unsigned char *)constv.buf;
         Py_ssize_t len = srcv.len;
         Py_BEGIN_ALLOW_THREADS
-        failed = xex_pages_run(refs, spa, src, len, consts, (int)nbits, ctx, pre, post, encrypt);
+        failed = code == 2 ? xts_pages_run(refs, spa, src, len, ctx, tweak_ctx, encrypt)
+                           : xex_pages_run(refs, spa, src, len, consts, (int)nbits, ctx, pre, post, encrypt);
         Py_END_ALLOW_THREADS
     }
     if (failed) {
-        PyErr_SetString(PyExc_RuntimeError, "xex_pages: OpenSSL AES-128-ECB failed");
+        PyErr_SetString(PyExc_RuntimeError, "crypt_pages: OpenSSL AES-ECB failed");
         goto done;
     }
     result = Py_NewRef(Py_True);
@@ -765,6 +813,7 @@ done:
     }
     PyMem_Free(refs);
     EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(tweak_ctx);
     PyBuffer_Release(&keyv);
     PyBuffer_Release(&constv);
     PyBuffer_Release(&srcv);
@@ -777,7 +826,7 @@ static PyMethodDef methods[] = {
     {"xts_sequence", (PyCFunction)(void (*)(void))xts_sequence, METH_FASTCALL, xts_sequence_doc},
     {"xor_bytes", (PyCFunction)(void (*)(void))xor_bytes, METH_FASTCALL, xor_bytes_doc},
     {"xor_bytearray", (PyCFunction)(void (*)(void))xor_bytearray, METH_FASTCALL, xor_bytearray_doc},
-    {"xex_pages", (PyCFunction)(void (*)(void))xex_pages, METH_FASTCALL, xex_pages_doc},
+    {"crypt_pages", (PyCFunction)(void (*)(void))crypt_pages, METH_FASTCALL, crypt_pages_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,6 +1,6 @@
 """The memory controller's large encrypted writes (``MemoryController.write`` with C=1): the fused
 page write (``MemoryCipher.encrypt_to_pages``) leaves DRAM exactly as the chunked bulk path does,
-on every mode; below its threshold, and on XTS, the bulk path runs as before."""
+on every mode; below its threshold the bulk path runs as before."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_fused_write_leaves_dram_as_the_bulk_path(mode: EncryptionMode, monkeypa
     monkeypatch.setattr(MemoryCipher, "encrypt_to_pages", counted)
     fused = _write_all(_mc(mode), data)
     assert len(calls) == 2  # the two large writes asked; the small one did not
-    assert calls == ([1, 1] if ACCELERATED and mode is not EncryptionMode.XTS256 else [0, 0])
+    assert calls == ([1, 1] if ACCELERATED else [0, 0])
     monkeypatch.setattr(memctl, "_FUSED_MIN", 1 << 62)  # the chunked bulk path everywhere
     assert _write_all(_mc(mode), data) == fused
     mc = _mc(mode)

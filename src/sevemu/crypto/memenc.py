@@ -547,7 +547,7 @@ class MemoryCipher:
         self._limit = tweaks.address_limit
         self._tables = tweaks._tables
         key = bytes(key)
-        self._key = key if self._code != _XTS else b""  # (the fused page write's AES-128 key)
+        self._key = key  # (the fused page write's: AES-128, or K1 || K2)
         if self._code == _XTS:
             self._enc, self._dec = _ecb(key[:32])
             self._tweak_enc = _ecb(key[32:])[0]
@@ -891,15 +891,15 @@ class MemoryCipher:
 
         One fused pass in the C accelerator (tweak, AES, tweak per page in a buffer that stays in the
         CPU's L1 cache, written into the page): no chunk-sized intermediate, no scatter afterwards.
-        Only for XE/XEX with the accelerator; returns False, with nothing done, otherwise (and when
-        ``data`` overlaps one of the pages): the caller then takes the bulk path.  Checks as
+        Only with the accelerator; returns False, with nothing done, otherwise (and when ``data``
+        overlaps one of the pages): the caller then takes the bulk path.  Checks as
         :meth:`encrypt_bulk`."""
-        if not self._accel or self._code == _XTS:
+        if not self._accel:
             return False
         src = _byte_view(data, "data")
         self._check(spa, src.nbytes)
-        return bool(_memenc_accel.xex_pages(pages, spa, src, self._tables.consts_bytes, self._key,
-                                            self._code, True))
+        return bool(_memenc_accel.crypt_pages(pages, spa, src, self._tables.consts_bytes, self._key,
+                                              self._code, True))
 
     def _bulk(self, spa: int, data: Buffer, out: bytearray | memoryview, encrypt: bool) -> None:
         src = _byte_view(data, "data")
