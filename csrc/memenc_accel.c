@@ -129,17 +129,24 @@ static void release_buffers(Py_buffer *views, int n)
 
 /* ---- XE/XEX: the address tweak ------------------------------------------------------------ */
 
-/* T(spa + 16k) = in_page[block in page] ^ T(page base), both XORs of the constants t_i (16 bytes
- * each, t_i for address bit i) over the set bits of the address. */
-static void addr_tweak_xor(unsigned char *dst, const unsigned char *src, Py_ssize_t len, uint64_t spa,
-                           const unsigned char *consts, int nbits)
+/* T(page base): the XOR of the constants over the address bits >= 12. */
+static void page_tweak(uint64_t page_spa, const unsigned char *consts, int nbits, uint64_t t[2])
 {
-    uint64_t in_page[PAGE_BLOCKS][2];
-    int b, i, j;
-    int prefetch = dst != src;
+    int i;
+    t[0] = t[1] = 0;
+    for (i = PAGE_SHIFT; i < nbits; i++) {
+        if ((page_spa >> i) & 1) {
+            t[0] ^= load64(consts + BLOCK * i);
+            t[1] ^= load64(consts + BLOCK * i + 8);
+        }
+    }
+}
 
-    /* in_page[b] = XOR of t_(4+j) over the set bits j of b (bits 4..11 of the address): the
-     * entries [2^j, 2^(j+1)) are those below 2^j with t_(4+j) added. */
+/* in_page[b] = XOR of t_(4+j) over the set bits j of b (bits 4..11 of the address): the entries
+ * [2^j, 2^(j+1)) are those below 2^j with t_(4+j) added. */
+static void in_page_table(const unsigned char *consts, uint64_t in_page[PAGE_BLOCKS][2])
+{
+    int b, j;
     in_page[0][0] = in_page[0][1] = 0;
     for (j = 0; (1 << j) < PAGE_BLOCKS; j++) {
         uint64_t t_lo = load64(consts + BLOCK * (4 + j));
@@ -149,21 +156,28 @@ static void addr_tweak_xor(unsigned char *dst, const unsigned char *src, Py_ssiz
             in_page[(1 << j) + b][1] = in_page[b][1] ^ t_hi;
         }
     }
+}
 
+/* T(spa + 16k) = in_page[block in page] ^ T(page base), both XORs of the constants t_i (16 bytes
+ * each, t_i for address bit i) over the set bits of the address. */
+static void addr_tweak_xor(unsigned char *dst, const unsigned char *src, Py_ssize_t len, uint64_t spa,
+                           const unsigned char *consts, int nbits)
+{
+    uint64_t in_page[PAGE_BLOCKS][2];
+    int prefetch = dst != src;
+
+    in_page_table(consts, in_page);
     while (len > 0) {
-        uint64_t page_lo = 0, page_hi = 0;
+        uint64_t t[2], page_lo, page_hi;
         Py_ssize_t first = (Py_ssize_t)((spa >> 4) & (PAGE_BLOCKS - 1));
         Py_ssize_t count = PAGE_BLOCKS - first;
         Py_ssize_t k;
         if (count > len / BLOCK) {
             count = len / BLOCK;
         }
-        for (i = PAGE_SHIFT; i < nbits; i++) {
-            if ((spa >> i) & 1) {
-                page_lo ^= load64(consts + BLOCK * i);
-                page_hi ^= load64(consts + BLOCK * i + 8);
-            }
-        }
+        page_tweak(spa, consts, nbits, t);
+        page_lo = t[0];
+        page_hi = t[1];
         for (k = 0; k < count; k++) {
             const unsigned char *s = src + BLOCK * k;
             unsigned char *d = dst + BLOCK * k;
@@ -455,33 +469,6 @@ typedef struct {
     int created;
 } PageRef;
 
-/* T(page base) for the address bits >= 12; in_page[b] for bits 4..11 (as addr_tweak_xor). */
-static void page_tweak(uint64_t page_spa, const unsigned char *consts, int nbits, uint64_t t[2])
-{
-    int i;
-    t[0] = t[1] = 0;
-    for (i = PAGE_SHIFT; i < nbits; i++) {
-        if ((page_spa >> i) & 1) {
-            t[0] ^= load64(consts + BLOCK * i);
-            t[1] ^= load64(consts + BLOCK * i + 8);
-        }
-    }
-}
-
-static void in_page_table(const unsigned char *consts, uint64_t in_page[PAGE_BLOCKS][2])
-{
-    int b, j;
-    in_page[0][0] = in_page[0][1] = 0;
-    for (j = 0; (1 << j) < PAGE_BLOCKS; j++) {
-        uint64_t t_lo = load64(consts + BLOCK * (4 + j));
-        uint64_t t_hi = load64(consts + BLOCK * (4 + j) + 8);
-        for (b = 0; b < (1 << j); b++) {
-            in_page[(1 << j) + b][0] = in_page[b][0] ^ t_lo;
-            in_page[(1 << j) + b][1] = in_page[b][1] ^ t_hi;
-        }
-    }
-}
-
 /* dst = src ^ T for `blocks` 16-byte blocks, T = inp[k] ^ t for block k (inp: the in-page tweaks
  * from the first block, two words each).  Separate buffers (restrict): the compiler makes one
  * 16-byte vector operation of each block. */
@@ -615,16 +602,7 @@ static int xts_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, 
     return 0;
 }
 
-static int all_zero(const unsigned char *p, Py_ssize_t n)
-{
-    Py_ssize_t i;
-    for (i = 0; i < n; i++) {
-        if (p[i]) {
-            return 0;
-        }
-    }
-    return 1;
-}
+static const unsigned char zero_page[XP_PAGE];
 
 PyDoc_STRVAR(crypt_pages_doc,
              "crypt_pages(pages, spa, src, consts, key, code, encrypt, /)\n--\n\n"
@@ -799,7 +777,7 @@ done:
         PyBuffer_Release(&refs[i].view);
     }
     for (i = 0; i < owned; i++) {
-        if (refs[i].created && all_zero((const unsigned char *)PyByteArray_AS_STRING(refs[i].obj), XP_PAGE)) {
+        if (refs[i].created && !memcmp(PyByteArray_AS_STRING(refs[i].obj), zero_page, XP_PAGE)) {
             PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb); /* (an error of the call stays the one raised) */
