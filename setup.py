@@ -1,8 +1,8 @@
 """Build hook for the optional C accelerators: the memory-encryption engine's, the transport
 packets' (the latter links OpenSSL's libcrypto), the memory model's and the Unicorn engine's exit path.
 
-Everything else lives in pyproject.toml.  Both extensions are optional: without a C compiler (or
-Python headers, or OpenSSL's headers for the second) the build prints a warning, the install still
+Everything else lives in pyproject.toml.  Every extension is optional: without a C compiler (or
+Python headers, or OpenSSL's headers for those linking libcrypto) the build prints a warning, the install still
 succeeds, and ``sevemu.crypto.memenc`` / ``sevemu.crypto.transport`` fall back to their Python
 implementations (same bytes, slower).
 """
@@ -14,6 +14,7 @@ setup(
         Extension(
             "sevemu.crypto._memenc_accel",
             sources=["csrc/memenc_accel.c"],
+            libraries=["crypto"],  # xex_pages' AES-128 (OpenSSL's libcrypto)
             optional=True,
         ),
         Extension(

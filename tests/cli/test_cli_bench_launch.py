@@ -25,3 +25,25 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "launch", "--size", "2", "--repeat", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert {"ratio", "cpu_ratio", "load_average", "max_seconds"} <= set(r)
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_sha_engine_mode_is_used_reported_and_restored(capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    from sevemu.firmware import sha_engine
+
+    before = sha_engine.mode
+    r = bench_launch("milan", 2 << 20, repeat=1, engine=mode)
+    assert r["sha_engine"] == mode and r["sha_engine_thread"] is (mode == "on")
+    assert sha_engine.mode == before
+    assert main(["bench", "launch", "--size", "2", "--repeat", "1", "--sha-engine", mode]) == 0
+    out = capsys.readouterr().out
+    assert ("beside the encryption" if mode == "on" else "no spare core") in out
+    assert "floor: AES + SHA-256 serial" in out and "max(AES, SHA-256)" in out
+    assert sha_engine.mode == before
+
+
+def test_bad_sha_engine_mode_is_refused() -> None:
+    from sevemu.errors import InputError
+
+    with pytest.raises(InputError, match="SHA engine mode"):
+        bench_launch("milan", 2 << 20, repeat=1, engine="fast")

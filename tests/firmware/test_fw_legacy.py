@@ -25,6 +25,7 @@ from sevemu.abi.sev import (
 )
 from sevemu.abi.states import GuestState, PlatformState
 from sevemu.abi.status import Status
+from sevemu.firmware import sha_engine
 from sevemu.scenario import Machine, build_machine
 
 MiB = 1 << 20
@@ -145,9 +146,11 @@ def test_launch_flow_and_states(m: Machine) -> None:
     assert (st.state, st.asid, st.policy) == (GuestState.RUNNING, 100, 0)
 
 
-def test_large_launch_updates_are_hashed_and_encrypted_like_small_ones(m: Machine) -> None:
+@pytest.mark.parametrize("engine", ["on", "off"])  # the SHA engine's thread hashing, or the caller
+def test_large_launch_updates_are_hashed_and_encrypted_like_small_ones(m: Machine, engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs of 1 MiB and more hash on the PSP's separate SHA engine (a worker thread) beside the
     encryption: the digest and the memory must be those of the inline path."""
+    monkeypatch.setattr(sha_engine, "mode", engine)
     init(m, InitCmd())
     handle = start_guest(m, asid=100)
     spa = 0x4000_0000
@@ -167,11 +170,13 @@ def test_large_launch_updates_are_hashed_and_encrypted_like_small_ones(m: Machin
         assert m.hv.psp.get_data(64) == big[off : off + 64]
 
 
-def test_a_streamed_launch_update_equals_one_pass_at_unaligned_ends_and_chunk_seams(m: Machine) -> None:
+@pytest.mark.parametrize("engine", ["on", "off"])  # the SHA engine's thread hashing, or the caller
+def test_a_streamed_launch_update_equals_one_pass_at_unaligned_ends_and_chunk_seams(m: Machine, engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run of several streaming chunks that starts and ends inside cache lines: the digest is
     SHA-256 of the bytes as the host last wrote them (dirty host lines included: the PSP's reads
     are coherent), every byte decrypts back, the seams between chunks included, and the bytes
     around the run are left as they were."""
+    monkeypatch.setattr(sha_engine, "mode", engine)
     init(m, InitCmd())
     handle = start_guest(m, asid=100)
     spa = 0x4000_0000 + 0x30  # 16-byte aligned, not line aligned
@@ -193,9 +198,11 @@ def test_a_streamed_launch_update_equals_one_pass_at_unaligned_ends_and_chunk_se
     assert m.soc.dram.read(spa + len(data), 0x30) == b"\xee" * 0x30
 
 
-def test_a_large_launch_update_waits_for_its_hash(m: Machine) -> None:
+@pytest.mark.parametrize("engine", ["on", "off"])  # the SHA engine's thread hashing, or the caller
+def test_a_large_launch_update_waits_for_its_hash(m: Machine, engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The command returns only once the SHA engine has taken the run in: a slow hash (standing for
     a hash that outlasts the encryption) is still in the digest the moment the command answers."""
+    monkeypatch.setattr(sha_engine, "mode", engine)
     init(m, InitCmd())
     handle = start_guest(m, asid=100)
     g = m.firmware.guests[handle]
@@ -216,10 +223,12 @@ def test_a_large_launch_update_waits_for_its_hash(m: Machine) -> None:
     assert g.launch_digest == hashlib.sha256(big).digest()
 
 
-def test_a_streamed_update_reuses_a_chunk_buffer_only_after_its_hash(m: Machine) -> None:
+@pytest.mark.parametrize("engine", ["on", "off"])  # the SHA engine's thread hashing, or the caller
+def test_a_streamed_update_reuses_a_chunk_buffer_only_after_its_hash(m: Machine, engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The stream reads each chunk into one of two reused buffers while the SHA engine hashes the
     previous one: with a hash slower than everything else, every chunk must still be hashed as it
     was read (a buffer overwritten before its hash ran would change the digest)."""
+    monkeypatch.setattr(sha_engine, "mode", engine)
     init(m, InitCmd())
     handle = start_guest(m, asid=100)
     g = m.firmware.guests[handle]

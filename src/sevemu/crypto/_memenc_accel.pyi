@@ -19,3 +19,8 @@ def xor_bytearray(a: ReadableBuffer, b: ReadableBuffer, c: ReadableBuffer | None
 
 def xor_bytes(a: ReadableBuffer, b: ReadableBuffer, c: ReadableBuffer | None = None, /) -> bytes:
     """a ^ b (^ c)."""
+
+def crypt_pages(pages: dict[int, bytearray], spa: int, src: ReadableBuffer, consts: ReadableBuffer,
+                key: ReadableBuffer, code: int, encrypt: bool, /) -> bool:
+    """XE (code 0) / XEX (code 1, AES-128 key) / XTS (code 2, K1 || K2) of src at spa, straight into the
+    page store; False, with nothing changed, when src overlaps one of the pages."""

@@ -506,6 +506,7 @@ class MemoryCipher:
         "_code",
         "_dec",
         "_enc",
+        "_key",
         "_limit",
         "_line_in_page",
         "_line_in_page_bytes",
@@ -546,6 +547,7 @@ class MemoryCipher:
         self._limit = tweaks.address_limit
         self._tables = tweaks._tables
         key = bytes(key)
+        self._key = key  # (the fused page write's: AES-128, or K1 || K2)
         if self._code == _XTS:
             self._enc, self._dec = _ecb(key[:32])
             self._tweak_enc = _ecb(key[32:])[0]
@@ -881,6 +883,23 @@ class MemoryCipher:
     def decrypt_bulk_into(self, spa: int, data: Buffer, out: bytearray | memoryview) -> None:
         """:meth:`decrypt_bulk` writing into ``out`` (same rules as :meth:`encrypt_bulk_into`)."""
         self._bulk(spa, data, out, False)
+
+    def encrypt_to_pages(self, spa: int, data: Buffer, pages: dict[int, bytearray]) -> bool:
+        """Encrypt ``data`` at SPA ``spa`` straight into a page store (PFN -> 4 KiB bytearray, as
+        :class:`sevemu.hw.dram.Dram` keeps): the bytes :meth:`encrypt_bulk` gives, stored as
+        ``Dram.write`` stores them (an absent page is created unless its part is all zeros).
+
+        One fused pass in the C accelerator (tweak, AES, tweak per page in a buffer that stays in the
+        CPU's L1 cache, written into the page): no chunk-sized intermediate, no scatter afterwards.
+        Only with the accelerator; returns False, with nothing done, otherwise (and when ``data``
+        overlaps one of the pages): the caller then takes the bulk path.  Checks as
+        :meth:`encrypt_bulk`."""
+        if not self._accel:
+            return False
+        src = _byte_view(data, "data")
+        self._check(spa, src.nbytes)
+        return bool(_memenc_accel.crypt_pages(pages, spa, src, self._tables.consts_bytes, self._key,
+                                              self._code, True))
 
     def _bulk(self, spa: int, data: Buffer, out: bytearray | memoryview, encrypt: bool) -> None:
         src = _byte_view(data, "data")

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sevemu._util.units import LINE, MiB
+from sevemu._util.units import LINE, KiB, MiB
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.errors import AlignmentError, AsidError, KeySlotError
 from sevemu.hw import memaccel
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 _ZERO_LINE = bytes(LINE)
 _CHUNK = MiB  # bulk encryption granule of large transfers (a whole number of pages)
+_FUSED_MIN = 64 * KiB  # bulk writes from this size go through MemoryCipher.encrypt_to_pages where it can
 _SCRATCH = threading.local()  # per thread: one _CHUNK buffer the bulk writes encrypt into, reused
 
 
@@ -245,6 +246,8 @@ class MemoryController:
             self.dram.write(spa, view)
             return
         cipher = self._cipher(asid)
+        if n >= _FUSED_MIN and cipher.encrypt_to_pages(spa, view, self.dram.pages_dict()):
+            return  # (large XE/XEX writes: one fused pass straight into the pages, the same bytes)
         buf = _scratch()
         for pos in range(0, n, _CHUNK):
             part = view[pos : pos + _CHUNK]

@@ -70,7 +70,7 @@ from sevemu.firmware.guestmem import evict_host_lines, write_guest
 from sevemu.firmware.sev import session
 from sevemu.firmware.sev.api import SEV_API
 from sevemu.firmware.sev.guest import create_guest
-from sevemu.firmware.sha_engine import sha_engine
+from sevemu.firmware.sha_engine import engaged, sha_engine
 
 __all__ = ["LAUNCH_SECRET_MAX_LEN", "SECRET_GRANULE"]
 
@@ -117,16 +117,22 @@ def _chunk_buffers() -> tuple[memoryview, memoryview]:
 
 def _stream_update(fw: Firmware, g: GuestContext, spa: int, length: int) -> None:
     """LAUNCH_UPDATE_DATA of a large region, chunk by chunk: each chunk is read through the PSP's
-    coherent view into one of two reused buffers, handed to the SHA engine (a worker thread;
-    hashlib drops the GIL while it hashes, and one chunk in it at a time keeps them in order) and written
-    back encrypted while the engine hashes it -- the PSP's separate SHA and AES engines.  The next
-    chunk is read into the other buffer; a buffer is reused only once its hash is done.  Chunks end
-    on absolute chunk boundaries, so only the first and the last may hold a partial line.  The same
-    digest and the same memory as one read, one hash and one write: the command is synchronous,
-    nothing else touches the range meanwhile, and the encrypted writes go straight to DRAM, never
-    into the caches the coherent reads look at."""
+    coherent view into a reused buffer, hashed into the launch digest and written back encrypted.
+
+    With a core to spare (:func:`~sevemu.firmware.sha_engine.engaged`), the chunk is handed to the
+    SHA engine (a worker thread; hashlib drops the GIL while it hashes, and one chunk in it at a
+    time keeps them in order) and written back while the engine hashes it -- the PSP's separate SHA
+    and AES engines -- and the next chunk is read into the other of two buffers; a buffer is reused
+    only once its hash is done.  Without one, this thread hashes each chunk right after reading it,
+    while it is still in the CPU's caches: a worker waiting for a core would only add hand-offs
+    and cache misses to the same work.
+
+    Chunks end on absolute chunk boundaries, so only the first and the last may hold a partial
+    line.  The same digest and the same memory as one read, one hash and one write: the command is
+    synchronous, nothing else touches the range meanwhile, and the encrypted writes go straight to
+    DRAM, never into the caches the coherent reads look at."""
     dma = fw.ports.dma
-    engine = _sha_engine()
+    engine = _sha_engine() if engaged() else None
     bufs = _chunk_buffers()
     pending: Future[None] | None = None
     pos, end = spa, spa + length
@@ -136,12 +142,15 @@ def _stream_update(fw: Firmware, g: GuestContext, spa: int, length: int) -> None
             stop = min(align_down(pos, _STREAM_CHUNK) + _STREAM_CHUNK, end)
             chunk = bufs[turn][: stop - pos]
             dma.read_into(pos, chunk)  # (the buffer's previous hash finished before ``pending``'s began)
-            if pending is not None:
-                pending.result()  # at most one chunk in the engine: bounded memory
-            pending = engine.submit(g.ld.update, chunk)
+            if engine is None:
+                g.ld.update(chunk)
+            else:
+                if pending is not None:
+                    pending.result()  # at most one chunk in the engine: bounded memory
+                pending = engine.submit(g.ld.update, chunk)
+                turn ^= 1
             write_guest(fw, g, pos, chunk)
             pos = stop
-            turn ^= 1
     finally:
         if pending is not None:
             pending.result()

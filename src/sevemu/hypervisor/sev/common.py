@@ -284,7 +284,12 @@ class SevHost:
         encrypted data straight to DRAM without snooping (:mod:`sevemu.hw.psp`), so the host
         flushes on every generation (model choice)."""
         pages = spas if all(not spa & PAGE_MASK for spa in spas) else [align_down(spa, PAGE) for spa in spas]
-        for first, count in contiguous_runs(pages):
+        self.clflush_runs(pages, contiguous_runs(pages))
+
+    def clflush_runs(self, pages: list[int], runs: list[tuple[int, int]]) -> None:
+        """:meth:`clflush_pages` of page-aligned SPAs whose :func:`contiguous_runs` the caller has
+        already (a large pinned range: one pass over its pages, not three)."""
+        for first, count in runs:
             self.core.clflush_range(pages[first], count * PAGE)
 
     def flush_guest_page(self, vm: Vm, spa: int) -> None:

@@ -365,11 +365,12 @@ class LegacySev(SevHost):
         self.need_context(vm)
         if not 0 < length < _MAX_LEN:
             raise SevInputError(Errno.EINVAL, f"LAUNCH_UPDATE_DATA length {length:#x}")
-        spas = self.pin(vm, gpa, length)
-        self.clflush_pages(spas)
+        spas = self.pin(vm, gpa, length)  # (page-aligned SPAs)
+        runs = contiguous_runs(spas)
+        self.clflush_runs(spas, runs)
         offset = gpa & PAGE_MASK
         size = length
-        for first, count in contiguous_runs(spas):
+        for first, count in runs:
             n = min(count * PAGE - offset, size)
             self.issue(CommandId.LAUNCH_UPDATE_DATA,
                        LaunchUpdateDataCmd(handle=vm.handle, paddr=spas[first] + offset, len=n))

@@ -1,0 +1,155 @@
+"""The fused write straight into a page store (``MemoryCipher.encrypt_to_pages``, the C
+``crypt_pages``): the same DRAM pages as the bulk path (numpy, no accelerator) followed by
+``Dram.write``, on every mode and every alignment the bulk path takes; its refusals change nothing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sevemu.crypto import memenc
+from sevemu.crypto.memenc import ACCELERATED, EncryptionMode, MemoryCipher, TweakConstants
+from sevemu.errors import AddressError, AlignmentError
+from sevemu.hw.dram import Dram
+
+pytestmark = pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
+
+XE, XEX, XTS = EncryptionMode.XE, EncryptionMode.XEX, EncryptionMode.XTS256
+ZEN1 = TweakConstants.published_zen1(48, random.Random(1))
+ZEN2 = TweakConstants.random_zen2(48, random.Random(2))
+DRAM = 1 << 26
+
+
+def _key(mode: EncryptionMode, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(mode.key_size)
+
+
+def _dram_with(pages: dict[int, bytes]) -> Dram:
+    d = Dram(DRAM)
+    for pfn, data in pages.items():
+        d.pages_dict()[pfn] = bytearray(data)
+    return d
+
+
+def own_page(d: Dram) -> memoryview:
+    return memoryview(d.pages_dict()[0x10])
+
+
+def _reference(mode: EncryptionMode, key: bytes, tc: TweakConstants, before: dict[int, bytes], spa: int,
+               data: bytes) -> dict[int, bytearray]:
+    """The bulk path without the accelerator, then DRAM's own write."""
+    d = _dram_with(before)
+    d.write(spa, MemoryCipher(mode, key, tc, accel=False).encrypt_bulk(spa, data))
+    return d.pages_dict()
+
+
+CODE = {XE: 0, XEX: 1, XTS: 2}
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_same_pages_as_bulk_path_and_dram_write(mode: EncryptionMode, data: st.DataObject) -> None:
+    tc = ZEN1 if mode is XE else ZEN2
+    g = mode.granule
+    spa = data.draw(st.integers(0, (DRAM - (1 << 16)) // g)) * g
+    n = data.draw(st.integers(0, 3 * 4096 // g)) * g
+    seed = data.draw(st.integers(0, 1 << 30))
+    rng = random.Random(seed)
+    first, last = spa >> 12, (spa + max(n, 1) - 1) >> 12
+    before = {pfn: rng.randbytes(4096) for pfn in range(first - 1, last + 2) if rng.random() < 0.5}
+    plain = rng.randbytes(n)
+    key = _key(mode, seed)
+    d = _dram_with(before)
+    assert MemoryCipher(mode, key, tc).encrypt_to_pages(spa, plain, d.pages_dict()) is True
+    assert d.pages_dict() == _reference(mode, key, tc, before, spa, plain)
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+def test_large_write_over_many_pages(mode: EncryptionMode) -> None:
+    tc = ZEN1 if mode is XE else ZEN2
+    rng = random.Random(5)
+    spa, plain = 0x12_3440, rng.randbytes(3 << 20)
+    before = {pfn: rng.randbytes(4096) for pfn in range(spa >> 12, (spa >> 12) + 800, 3)}
+    d = _dram_with(before)
+    key = _key(mode, 5)
+    assert MemoryCipher(mode, key, tc).encrypt_to_pages(spa, memoryview(plain), d.pages_dict())
+    assert d.pages_dict() == _reference(mode, key, tc, before, spa, plain)
+    assert MemoryCipher(mode, key, tc).decrypt_bulk(spa, d.read(spa, len(plain))) == plain
+
+
+def test_pages_that_end_all_zero_stay_absent_like_dram_write() -> None:
+    """Dram.write creates no page for an all-zero part; the C path decrypting to zeros (the only way to
+    get a zero result) drops the pages it made, and zeroes the parts of existing ones."""
+    ax = memenc._memenc_accel
+    key = _key(XEX)
+    consts = ZEN2._tables.consts_bytes
+    spa = 0x40_0800
+    cipher = MemoryCipher(XEX, key, ZEN2).encrypt_bulk(spa, bytes(3 * 4096))
+    pages: dict[int, bytearray] = {0x401: bytearray(b"\xff" * 4096)}
+    assert ax.crypt_pages(pages, spa, cipher, consts, key, 1, False) is True
+    ref = _dram_with({0x401: b"\xff" * 4096})
+    ref.write(spa, bytes(3 * 4096))
+    assert pages == ref.pages_dict()
+    assert sorted(pages) == [0x401]  # 0x400, 0x402 and 0x403 were never made
+    assert pages[0x401] == bytes(4096)  # (an existing page is written, zeros and all)
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+def test_decrypt_direction_inverts(mode: EncryptionMode) -> None:
+    ax = memenc._memenc_accel
+    tc = ZEN1 if mode is XE else ZEN2
+    key = _key(mode, 9)
+    plain = random.Random(9).randbytes(5 * 4096 + 64)
+    spa = 0x7_0040
+    pages: dict[int, bytearray] = {}
+    ax.crypt_pages(pages, spa, plain, tc._tables.consts_bytes, key, CODE[mode], True)
+    d = Dram(DRAM)
+    d.pages_dict().update(pages)
+    ct = d.read(spa, len(plain))
+    assert ct == MemoryCipher(mode, key, tc, accel=False).encrypt_bulk(spa, plain)
+    back: dict[int, bytearray] = {}
+    ax.crypt_pages(back, spa, ct, tc._tables.consts_bytes, key, CODE[mode], False)
+    out = Dram(DRAM)
+    out.pages_dict().update(back)
+    assert out.read(spa, len(plain)) == plain
+
+
+def test_not_taken_without_accelerator_or_on_overlap() -> None:
+    """False, with the page store untouched: the caller's bulk path then runs."""
+    d = _dram_with({0x10: bytes(range(256)) * 16})
+    snapshot = {k: bytes(v) for k, v in d.pages_dict().items()}
+    assert not MemoryCipher(XEX, _key(XEX), ZEN2, accel=False).encrypt_to_pages(0x10000, bytes(4096), d.pages_dict())
+    assert not MemoryCipher(XTS, _key(XTS), ZEN2).encrypt_to_pages(0x10800, own_page(d)[:2048], d.pages_dict())
+    own = memoryview(d.pages_dict()[0x10])  # the source is the destination page itself
+    assert not MemoryCipher(XEX, _key(XEX), ZEN2).encrypt_to_pages(0x10000, own[:4096], d.pages_dict())
+    assert not MemoryCipher(XEX, _key(XEX), ZEN2).encrypt_to_pages(0xF800, own[:4096], d.pages_dict())
+    assert {k: bytes(v) for k, v in d.pages_dict().items()} == snapshot  # (no page was made either)
+
+
+def test_bad_input_is_refused_before_anything_is_written() -> None:
+    mc = MemoryCipher(XEX, _key(XEX), ZEN2)
+    pages: dict[int, bytearray] = {}
+    with pytest.raises(AlignmentError):
+        mc.encrypt_to_pages(0x1008, bytes(4096), pages)
+    with pytest.raises(AlignmentError):
+        mc.encrypt_to_pages(0x1000, bytes(4090), pages)
+    with pytest.raises(AddressError):
+        mc.encrypt_to_pages((1 << 48) - 4096, bytes(8192), pages)
+    assert pages == {}
+    bad: dict[int, object] = {0x2: bytearray(4096), 0x3: bytearray(100)}
+    with pytest.raises(TypeError, match="4096"):
+        memenc._memenc_accel.crypt_pages(bad, 0x1000, bytes(4 * 4096), ZEN2._tables.consts_bytes, _key(XEX), 1, True)
+    assert sorted(bad) == [0x2, 0x3] and bad[0x2] == bytes(4096)  # nothing made, nothing written
+    with pytest.raises(ValueError, match="16 bytes"):
+        memenc._memenc_accel.crypt_pages({}, 0x1000, bytes(16), ZEN2._tables.consts_bytes, bytes(32), 1, True)
+    with pytest.raises(ValueError, match="64 bytes"):
+        memenc._memenc_accel.crypt_pages({}, 0x1000, bytes(64), ZEN2._tables.consts_bytes, bytes(16), 2, True)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        memenc._memenc_accel.crypt_pages({}, 0x1010, bytes(64), ZEN2._tables.consts_bytes, bytes(64), 2, True)
+    with pytest.raises(AlignmentError):
+        MemoryCipher(XTS, _key(XTS), ZEN2).encrypt_to_pages(0x1010, bytes(64), pages)
+    assert pages == {}

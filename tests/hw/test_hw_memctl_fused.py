@@ -1,0 +1,52 @@
+"""The memory controller's large encrypted writes (``MemoryController.write`` with C=1): the fused
+page write (``MemoryCipher.encrypt_to_pages``) leaves DRAM exactly as the chunked bulk path does,
+on every mode; below its threshold the bulk path runs as before."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sevemu._util.units import KiB, MiB
+from sevemu.crypto.memenc import ACCELERATED, EncryptionMode, MemoryCipher, TweakConstants
+from sevemu.hw import memctl
+from sevemu.hw.dram import Dram
+from sevemu.hw.memctl import MemoryController
+
+
+def _mc(mode: EncryptionMode) -> MemoryController:
+    r = random.Random(3)
+    tweaks = TweakConstants.random_zen2(48, r)
+    mc = MemoryController(Dram(8 * MiB), mode, tweaks, 15, rng=r.randbytes)
+    mc.secure_port().load(5, r.randbytes(mode.key_size))
+    return mc
+
+
+def _write_all(mc: MemoryController, data: bytes) -> dict[int, bytes]:
+    mc.write(0x1000, data[: 3 * MiB], 5, True)
+    mc.write(0x40_0040, data[3 * MiB : 3 * MiB + 96 * KiB], 5, True)  # (not page-aligned, partial pages)
+    mc.write(0x60_0000, data[: 64 * KiB - 64], 5, True)  # below the threshold
+    return {k: bytes(v) for k, v in mc.dram.pages_dict().items()}
+
+
+@pytest.mark.parametrize("mode", list(EncryptionMode))
+def test_fused_write_leaves_dram_as_the_bulk_path(mode: EncryptionMode, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = random.Random(4).randbytes(4 * MiB)
+    calls: list[int] = []
+    real = MemoryCipher.encrypt_to_pages
+
+    def counted(self: MemoryCipher, spa: int, src: object, pages: dict[int, bytearray]) -> bool:
+        taken = real(self, spa, src, pages)  # type: ignore[arg-type]
+        calls.append(int(taken))
+        return taken
+
+    monkeypatch.setattr(MemoryCipher, "encrypt_to_pages", counted)
+    fused = _write_all(_mc(mode), data)
+    assert len(calls) == 2  # the two large writes asked; the small one did not
+    assert calls == ([1, 1] if ACCELERATED else [0, 0])
+    monkeypatch.setattr(memctl, "_FUSED_MIN", 1 << 62)  # the chunked bulk path everywhere
+    assert _write_all(_mc(mode), data) == fused
+    mc = _mc(mode)
+    _write_all(mc, data)
+    assert mc.read(0x1000, 3 * MiB, 5, True) == data[: 3 * MiB]
