@@ -164,8 +164,33 @@ def test_read_runs_refuses_runs_outside_the_page_or_parts_of_lines() -> None:
                       (_BASE, ((0, 0),))]:
         with pytest.raises(AlignmentError):
             cache.read_runs(1, True, spa, runs)
+    assert cache.read_runs(1, True, _BASE, ()) == b""  # nothing read, nobody snooped
     assert _state(cache) == before and agent.snoops == []
-    assert cache.read_runs(1, True, _BASE, ()) == b""
+
+
+def test_write_runs_refuses_an_address_inside_a_page() -> None:
+    cache, agent = _twin(False)
+    before = _state(cache)
+    with pytest.raises(AlignmentError, match="page address"):
+        cache.write_runs(1, True, _BASE + LINE, bytes(4096), 0, [(0, LINE)])
+    assert _state(cache) == before and agent.snoops == []
+
+
+@pytest.mark.parametrize("asid", [1, 2])
+def test_write_runs_write_their_own_domain_beside_another_domains_resident_lines(asid: int) -> None:
+    """The host's SME domain (ASID 0, C=1) and the guest's hold lines of the same page, all resident:
+    the runs land in the guest's lines only, as one write_lines per run puts them."""
+    fast, fagent = _twin(False)
+    ref, ragent = _twin(False)
+    buf = random.Random(asid).randbytes(4096)
+    for cache in (fast, ref):
+        cache.write_lines(0, True, _BASE, b"\1" * (4 * LINE))
+        cache.write_lines(asid, True, _BASE, b"\2" * (4 * LINE))
+    fast.write_runs(asid, True, _BASE, buf, 0, [(0, 2 * LINE), (3 * LINE, 4 * LINE)], origin=fagent)  # (C path)
+    for lo, hi in [(0, 2 * LINE), (3 * LINE, 4 * LINE)]:
+        ref.write_lines(asid, True, _BASE + lo, buf[lo:hi], origin=ragent)
+    assert _state(fast) == _state(ref)
+    assert fast.peek(0, True, _BASE) == b"\1" * LINE and fast.peek(asid, True, _BASE) == buf[:LINE]
 
 
 @pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")

@@ -50,7 +50,11 @@ _VISIT_MIN_LINES = 256  # from this many lines on, a range may visit its sets' l
 # removing the ``if not self.agents`` shortcut of _snoop or the ``if not clashes`` one of
 # _drop_overwritten, and ``<`` for ``<=`` in flush_range's choice of path change only how fast the
 # same lines reach DRAM, never which bytes; so do another _VISIT_MIN_LINES and ``<=`` for ``<`` in
-# _resident_keys' choice between its two ways of finding the same keys.
+# _resident_keys' choice between its two ways of finding the same keys.  The C paths of read_lines,
+# read_runs and write_runs serve only lines resident under the key they are given and decline
+# otherwise, so removing or negating their guards (``memaccel.ENABLED ...``), and ``1 >> C_SHIFT`` in
+# write_runs' key (a key of no domain: nothing resident, the C path declines), run the Python path to
+# the same bytes.
 
 
 def tag_key(asid: int, c: bool, spa: int) -> int:
