@@ -323,6 +323,21 @@ class Core:
                 v.touch(spa + off, length, False)  # a VMCB view of a run goes to memory first
         return self.cache.read_runs(0, c, spa, runs)
 
+    def host_exchange(self, spa: int, runs: tuple[tuple[int, int], ...], expect: bytes,
+                      writes: list[tuple[int, bytes]]) -> bytes | None:
+        """:meth:`host_read_runs` of the page at ``spa`` (C=0); when it returns ``expect``, each
+        ``(offset, data)`` of ``writes`` is written into the page (:meth:`host_write`) and None is
+        returned, else what was read (nothing written): a hypervisor's look at a request in a shared
+        page followed by the answer it gave the same request before, in one call."""
+        got = self.host_read_runs(spa, runs)
+        if got != expect:
+            return got
+        for off, data in writes:
+            if not 0 <= off < PAGE or len(data) > PAGE - off:
+                raise ValueError(f"exchange(): a write at offset {off} does not fit in the page")
+            self.host_write(spa + off, data)
+        return None
+
     def host_write(self, spa: int, data: bytes | bytearray | memoryview, c: bool = False) -> None:
         """Write physical memory as the host (no integrity on SEV: guest pages are silently corrupted)."""
         n = len(data)

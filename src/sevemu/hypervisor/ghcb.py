@@ -301,10 +301,14 @@ class GhcbHandler:
             page = vcpu.ghcb_map
             if page is None or page.gpa != gpa or vm.npt.lookup(gpa) != page.spa:
                 page = vcpu.ghcb_map = vm.host_page(gpa)  # (mapped again: another GHCB, or the NPT changed)
-            got = page.read_runs(_HEAD_RUNS)
             known = self._known
-            if got == known[0] and self.nae_table.get(_IOIO_CODE) is known[1]:
-                return self._known_out(vm, page, known)
+            if known[1] is not None and self.nae_table.get(_IOIO_CODE) is known[1]:
+                # the head read and, when it is the known OUT's, its answer written: one host access
+                got = page.exchange(_HEAD_RUNS, known[0], known[5])
+                if got is None:
+                    return self._known_out(vm, known)
+            else:
+                got = page.read_runs(_HEAD_RUNS)
             memo = self._memo
             if got == memo[0]:  # the same head as the last GHCB (which marked no field below it)
                 save, bitmap, usage, fields = memo[1], memo[2], memo[3], dict(memo[4])
@@ -357,20 +361,20 @@ class GhcbHandler:
                            fields["rax"] & ((1 << (8 * size)) - 1), writes)
         return stop
 
-    def _known_out(self, vm: Vm, page: HostPage,
+    def _known_out(self, vm: Vm,
                    known: tuple[bytes, NaeFn | None, int, int, int, list[tuple[int, bytes]]]) -> str | None:
-        """The GHCB of :attr:`_known` again: its OUT, then its answer (what the event table's IOIO
-        handler and the write plan gave it)."""
-        stop: str | None = None
+        """The GHCB of :attr:`_known` again, its answer already written (what the event table's IOIO
+        handler and the write plan gave it: :meth:`HostPage.exchange
+        <sevemu.hypervisor.vm.HostPage.exchange>`): its OUT.  (Model choice: the answer is in the
+        GHCB before the OUT reaches the device; nothing sees the GHCB in between -- the guest is
+        stopped and no device reads guest memory on an OUT.)"""
         try:
             self.host.port_out(vm, known[2], known[3], known[4])
         except StopRun as s:
             if vm.state is VmState.CRASHED:
                 raise
-            stop = s.reason
-        for off, data in known[5]:
-            page.write(off, data)
-        return stop
+            return s.reason
+        return None
 
     @staticmethod
     def _read(page: HostPage) -> tuple[bytes, int, int]:

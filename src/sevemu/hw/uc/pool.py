@@ -84,6 +84,8 @@ class PagePool:
         self.synced = False
         """Every writable slot was written back and the guest has not run since (set by the engine
         at #VMEXIT, cleared at VMRUN): a snoop has nothing to write back."""
+        if memaccel.HOST_PORT:  # the usual snoops (an exit's host accesses) in one C call; the rest come here
+            vars(self)["snoop"] = memaccel.helpers.PoolSnoop(vars(self), PagePool.snoop.__get__(self, PagePool))
 
     # ---- the buffer -----------------------------------------------------------------------------
     def open(self) -> int:
@@ -204,6 +206,8 @@ class PagePool:
         mm = self.mm
         if mm is None:
             return 0
+        if memaccel.POOL_SYNC and self.cache is not None:  # the loop below, in one C call
+            return memaccel.helpers.pool_sync_all(self, vars(self), vars(self.cache), self._write_back)
         keys = self.slot_key
         dirty = 0
         if not memaccel.ENABLED:
