@@ -489,7 +489,12 @@ class Core:
         state = vmsa.load(asid, vmsa_pa)
         if isinstance(state, str):
             return self._vmrun_failed(vmcb, state)
-        cpu = self._guest_cpu(vmcb, state)
+        c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
+        if (c is not None and c.vmcb is vmcb and c.state is state and rmp is None and c.asid == asid
+                and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(asid)):
+            cpu = c
+        else:
+            cpu = self._guest_cpu(vmcb, state)
         if rmp is None:
             try:
                 ex = engine.run(cpu)
@@ -512,7 +517,10 @@ class Core:
         if code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
             bare = _ES_BARE.get(code)
             ex = bare if bare is not None else VmExit(code)  # the exit code only
-        return self._exit(vmcb, ex)
+        vmcb.exit_code = code  # (_exit, inlined)
+        vmcb.exit_info1 = ex.info1
+        vmcb.exit_info2 = ex.info2
+        return ex
 
     def _guest_cpu(self, vmcb: Vmcb, state: SaveState) -> GuestCpu:
         """The guest's view of this core for a VMRUN of ``vmcb`` with ``state``: the last one again

@@ -30,6 +30,7 @@ keeps no plaintext.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 from collections import deque
 from collections.abc import Callable
@@ -110,6 +111,9 @@ class PagePool:
             self.cache.detach(self)
         cache.attach(self)
         self.cache = cache
+        if memaccel.POOL_SYNC:  # sync_all's loop in one C call, its arguments bound once (every #VMEXIT calls it)
+            vars(self)["sync_all"] = functools.partial(memaccel.helpers.pool_sync_all, self, vars(self), vars(cache),
+                                                       self._write_back)
         return dropped
 
     def close(self, write_back: bool = True) -> None:
@@ -119,6 +123,7 @@ class PagePool:
                 self.sync_all()
             self.cache.detach(self)
             self.cache = None
+            vars(self).pop("sync_all", None)
         mm = self.mm
         if mm is not None and self._anchor is not None:
             ctypes.memset(ctypes.addressof(self._anchor), 0, len(mm))
@@ -202,12 +207,12 @@ class PagePool:
         self.stats.lines_written_back += n // LINE
 
     def sync_all(self) -> int:
-        """Write back every modified slot; returns how many were modified."""
+        """Write back every modified slot; returns how many were modified.  (While attached, where the
+        C helpers are built, the pool's ``sync_all`` is this loop in one call: ``pool_sync_all``,
+        :mod:`sevemu.hw.memaccel`.)"""
         mm = self.mm
         if mm is None:
             return 0
-        if memaccel.POOL_SYNC and self.cache is not None:  # the loop below, in one C call
-            return memaccel.helpers.pool_sync_all(self, vars(self), vars(self.cache), self._write_back)
         keys = self.slot_key
         dirty = 0
         if not memaccel.ENABLED:
