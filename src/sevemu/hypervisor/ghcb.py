@@ -237,6 +237,17 @@ class GhcbHandler:
                 if fn is None:
                     return self._terminate(vm, f"unsupported GHCB MSR protocol request {msr:#x}")
                 return fn(vm, vcpu, msr)
+            known, page, registered = self._known, vcpu.ghcb_map, vcpu.ghcb_registered
+            # The known OUT (_known) again?  The GHCB mapped as at the last exit (the registered GPA,
+            # the same NPT entry: _page's checks), the same IOIO handler, and the lines that decide it
+            # read and -- when they are its -- its answer written in one host access; then the OUT
+            # (model choice: after its answer is in the GHCB; nothing sees the GHCB in between).
+            if (known[1] is not None and page is not None and page.gpa == msr
+                    and (registered is None or msr == registered) and vm.npt.lookup(msr) == page.spa
+                    and self.nae_table.get(_IOIO_CODE) is known[1]
+                    and page.exchange(_KNOWN_RUNS, known[0], known[5]) is None):
+                self.host.port_out(vm, known[2], known[3], known[4])
+                return None
             return self._page(vm, vcpu, msr)
         except StopRun as stop:
             return stop.reason
@@ -306,19 +317,7 @@ class GhcbHandler:
             page = vcpu.ghcb_map
             if page is None or page.gpa != gpa or vm.npt.lookup(gpa) != page.spa:
                 page = vcpu.ghcb_map = vm.host_page(gpa)  # (mapped again: another GHCB, or the NPT changed)
-            known = self._known
-            # The lines that decide the known OUT read and, when they are its, its answer written: one
-            # host access (else the whole head is read, as for any other request).
-            if (known[1] is not None and self.nae_table.get(_IOIO_CODE) is known[1]
-                    and page.exchange(_KNOWN_RUNS, known[0], known[5]) is None):
-                try:  # the OUT (model choice: after its answer; nothing sees the GHCB in between)
-                    self.host.port_out(vm, known[2], known[3], known[4])
-                except StopRun as s:
-                    if vm.state is VmState.CRASHED:
-                        raise
-                    return s.reason
-                return None
-            got = page.read_runs(_HEAD_RUNS)
+            got = page.read_runs(_HEAD_RUNS)  # (a request other than the known OUT: vmgexit)
             memo = self._memo
             if got == memo[0]:  # the same head as the last GHCB (which marked no field below it)
                 save, bitmap, usage, fields = memo[1], memo[2], memo[3], dict(memo[4])
