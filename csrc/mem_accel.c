@@ -35,6 +35,11 @@
  *                                             write-back compare, without a copy of the page)
  *   copy_changed(dst, off, src)               dst[off:off + len(src)] = src unless equal already;
  *                                             whether it changed (the pool's write-update)
+ *   PoolSnoop(pool, fallback)                 the page pool's snoop: its usual cases in one call
+ *   HostPort(core, cache_dict, ...)           a core's host accesses of whole unencrypted lines
+ *                                             (write, read_runs, exchange) in one call each
+ *   pool_sync_all(pool, cache_dict, write_back)  the pool's write-back at #VMEXIT
+ *                                             (these three: see their comments below)
  *
  * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
  * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.
@@ -2045,15 +2050,16 @@ static PyTypeObject LineCipherType = {
 
 /* ---- the page pool's snoop and the host's whole-line accesses, one call each ------------------
  *
- * PoolSnoop(pool_dict, fallback): a callable the page pool (src/sevemu/hw/uc/pool.py) installs as its
+ * PoolSnoop(pool, fallback): a callable the page pool (src/sevemu/hw/uc/pool.py) installs as its
  * `snoop`: snoop(lo, hi, invalidate, data=None) does here what PagePool.snoop does in the cases an
  * exit's host accesses make -- a read while the pool is synced (nothing), a range of one page the
  * pool holds no slot of (nothing), the write-update of whole lines of one slot while synced
  * (PagePool._take: the bytes into the slot and its snapshot, the slot noted as updated when it
  * holds code, stats.slot_updates + 1) -- and hands every other call, unchanged, to `fallback`
- * (PagePool.snoop itself).  It reads the pool's attributes from its __dict__ at every call.
+ * (PagePool.snoop itself).  It reads the pool's attributes at every call (never through its
+ * __dict__: an object whose __dict__ was asked for loses CPython's faster attribute access).
  *
- * HostPort(core_dict, cache_dict, dram_size, write, read_runs, write_rest, runs_rest): the host's
+ * HostPort(core, cache_dict, dram_size, write, read_runs, write_rest, runs_rest): the host's
  * whole-line accesses of src/sevemu/hw/cpu.py (Core.host_write of whole lines, Core.host_read_runs,
  * C=0) with Cache.write_lines / read_runs behind them, in one call: the same checks (DRAM range; no
  * RMP, no VMCB view in the range -- else `write` / `read_runs`, the Core's methods, do the whole
@@ -2069,9 +2075,19 @@ static PyObject *s_synced, *s_slot_of, *s_mm, *s_snap, *s_code_slots, *s_updated
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    PyObject *pool;     /* the pool's __dict__ */
+    PyObject *pool;     /* the pool */
     PyObject *fallback; /* PagePool.snoop of the pool */
 } PoolSnoopObject;
+
+/* obj.<name> (a new reference); NULL with no error set when absent, NULL with an error on error. */
+static PyObject *attr_of(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return v;
+}
 
 /* dict[key] for an int key (borrowed); NULL with no error when absent, NULL with an error on error. */
 static PyObject *dict_at(PyObject *dict, uint64_t key)
@@ -2085,20 +2101,10 @@ static PyObject *dict_at(PyObject *dict, uint64_t key)
     return v;
 }
 
-/* An exact int in 0..2**64-1 into *out: 1; 0 (no error) when it is something else. */
+/* An exact int in 0..2**64-1 into *out: 1; 0 (no error) when it is something else (port_gva's test). */
 static int exact_u64_of(PyObject *o, uint64_t *out)
 {
-    unsigned long long v;
-    if (!PyLong_CheckExact(o)) {
-        return 0;
-    }
-    v = PyLong_AsUnsignedLongLong(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return 0;
-    }
-    *out = (uint64_t)v;
-    return 1;
+    return port_gva(o, out);
 }
 
 /* stats.<name> += 1 */
@@ -2121,39 +2127,46 @@ static int bump_attr(PyObject *obj, PyObject *name)
 
 /* PagePool._take of slot `slot` (the page at `page`), bytes [o1, o2) of it from `data`: 1 done,
  * 0 when something is not what this path takes (nothing changed), -1 on error. */
-static int pool_take(PyObject *d, PyObject *slot_obj, uint64_t o1, uint64_t o2, PyObject *data)
+static int pool_take(PyObject *pool, PyObject *slot_obj, uint64_t o1, uint64_t o2, PyObject *data)
 {
+    PyObject *a[5] = {NULL, NULL, NULL, NULL, NULL}, *names[5] = {s_mm, s_snap, s_code_slots, s_updated, s_stats};
     PyObject *mm, *snaps, *snap, *code, *updated, *stats;
     Py_buffer mb, db;
     Py_ssize_t slot;
-    int changed, rc = 0;
+    int changed, rc = 0, i;
     if (!PyLong_CheckExact(slot_obj) || (slot = PyLong_AsSsize_t(slot_obj)) < 0) {
         PyErr_Clear();
         return 0;
     }
-    if ((mm = PyDict_GetItemWithError(d, s_mm)) == NULL || (snaps = PyDict_GetItemWithError(d, s_snap)) == NULL ||
-        (code = PyDict_GetItemWithError(d, s_code_slots)) == NULL ||
-        (updated = PyDict_GetItemWithError(d, s_updated)) == NULL ||
-        (stats = PyDict_GetItemWithError(d, s_stats)) == NULL) {
-        return PyErr_Occurred() ? -1 : 0;
+    for (i = 0; i < 5; i++) {
+        if ((a[i] = attr_of(pool, names[i])) == NULL) {
+            rc = PyErr_Occurred() ? -1 : 0;
+            goto out;
+        }
     }
+    mm = a[0];
+    snaps = a[1];
+    code = a[2];
+    updated = a[3];
+    stats = a[4];
     if (!PyDict_CheckExact(snaps) || !PyList_CheckExact(updated) || (code != Py_None && !PyAnySet_CheckExact(code))) {
-        return 0;
+        goto out;
     }
     if ((snap = PyDict_GetItemWithError(snaps, slot_obj)) == NULL) {
-        return PyErr_Occurred() ? -1 : 0;
+        rc = PyErr_Occurred() ? -1 : 0;
+        goto out;
     }
     if ((!PyByteArray_CheckExact(snap) && !PyBytes_CheckExact(snap)) || Py_SIZE(snap) != PAGE) {
-        return 0;
+        goto out;
     }
     if (PyObject_GetBuffer(mm, &mb, PyBUF_WRITABLE) < 0) {
         PyErr_Clear();
-        return 0;
+        goto out;
     }
     if (PyObject_GetBuffer(data, &db, PyBUF_SIMPLE) < 0) {
         PyErr_Clear();
         PyBuffer_Release(&mb);
-        return 0;
+        goto out;
     }
     if ((uint64_t)db.len != o2 - o1 || slot > (mb.len - PAGE) / PAGE || mb.len < PAGE) {
         goto done;
@@ -2183,15 +2196,19 @@ static int pool_take(PyObject *d, PyObject *slot_obj, uint64_t o1, uint64_t o2, 
 done:
     PyBuffer_Release(&db);
     PyBuffer_Release(&mb);
+out:
+    for (i = 0; i < 5; i++) {
+        Py_XDECREF(a[i]);
+    }
     return rc;
 }
 
 static PyObject *pool_snoop_call(PoolSnoopObject *p, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *d = p->pool, *synced_o, *slot_of, *slot, *data = NULL;
+    PyObject *pool = p->pool, *synced_o, *slot_of, *slot, *data = NULL;
     uint64_t lo, hi, page;
-    int synced, invalidate;
+    int synced, invalidate, rc;
     if (kwnames != NULL || nargs < 3 || nargs > 4 || !exact_u64_of(args[0], &lo) || !exact_u64_of(args[1], &hi)) {
         goto fallback;
     }
@@ -2201,45 +2218,45 @@ static PyObject *pool_snoop_call(PoolSnoopObject *p, PyObject *const *args, size
     if (nargs == 4 && args[3] != Py_None) {
         data = args[3];
     }
-    if ((synced_o = PyDict_GetItemWithError(d, s_synced)) == NULL) {
+    if ((synced_o = attr_of(pool, s_synced)) == NULL) {
         if (PyErr_Occurred()) {
             return NULL;
         }
         goto fallback;
     }
-    if ((synced = PyObject_IsTrue(synced_o)) < 0) {
+    synced = PyObject_IsTrue(synced_o);
+    Py_DECREF(synced_o);
+    if (synced < 0) {
         return NULL;
     }
     if (synced && !invalidate) {
         Py_RETURN_NONE; /* a read of what the cache holds already */
     }
-    if ((slot_of = PyDict_GetItemWithError(d, s_slot_of)) == NULL || !PyDict_CheckExact(slot_of)) {
+    if ((slot_of = attr_of(pool, s_slot_of)) == NULL) {
         if (PyErr_Occurred()) {
             return NULL;
         }
         goto fallback;
     }
-    if (PyDict_GET_SIZE(slot_of) == 0) {
-        Py_RETURN_NONE;
-    }
+    rc = 0; /* 0: to the fallback, 1: done, -1: error */
     page = lo & ~(uint64_t)(PAGE - 1);
-    if (hi <= lo || hi - page > PAGE) {
-        goto fallback;
+    if (!PyDict_CheckExact(slot_of) || (PyDict_GET_SIZE(slot_of) != 0 && (hi <= lo || hi - page > PAGE))) {
+        rc = 0;
+    } else if (PyDict_GET_SIZE(slot_of) == 0) {
+        rc = 1;
+    } else if ((slot = dict_at(slot_of, page)) == NULL) {
+        rc = PyErr_Occurred() ? -1 : 1; /* no slot of the page */
+    } else if (synced && invalidate && data != NULL) {
+        Py_INCREF(slot);
+        rc = pool_take(pool, slot, lo - page, hi - page, data);
+        Py_DECREF(slot);
     }
-    if ((slot = dict_at(slot_of, page)) == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        Py_RETURN_NONE; /* no slot of the page */
+    Py_DECREF(slot_of);
+    if (rc < 0) {
+        return NULL;
     }
-    if (synced && invalidate && data != NULL) {
-        int rc = pool_take(d, slot, lo - page, hi - page, data);
-        if (rc < 0) {
-            return NULL;
-        }
-        if (rc > 0) {
-            Py_RETURN_NONE;
-        }
+    if (rc > 0) {
+        Py_RETURN_NONE;
     }
 fallback:
     return PyObject_Vectorcall(p->fallback, args, nargsf, kwnames);
@@ -2274,7 +2291,7 @@ static PyObject *pool_snoop_new(PyTypeObject *type, PyObject *args, PyObject *kw
         PyErr_SetString(PyExc_TypeError, "PoolSnoop() takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O:PoolSnoop", &PyDict_Type, &pool, &fallback)) {
+    if (!PyArg_ParseTuple(args, "OO:PoolSnoop", &pool, &fallback)) {
         return NULL;
     }
     if (!PyCallable_Check(fallback)) {
@@ -2291,7 +2308,7 @@ static PyObject *pool_snoop_new(PyTypeObject *type, PyObject *args, PyObject *kw
     return (PyObject *)p;
 }
 
-PyDoc_STRVAR(pool_snoop_doc, "PoolSnoop(pool_dict, fallback): PagePool.snoop's usual cases in one call "
+PyDoc_STRVAR(pool_snoop_doc, "PoolSnoop(pool, fallback): PagePool.snoop's usual cases in one call "
                              "(csrc/mem_accel.c); every other call goes to fallback.");
 
 static PyTypeObject PoolSnoopType = {
@@ -2310,7 +2327,7 @@ static PyTypeObject PoolSnoopType = {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *core;       /* the Core's __dict__ */
+    PyObject *core;       /* the Core (its attributes read at each call; its __dict__ is left alone) */
     PyObject *cache;      /* its Cache's __dict__ */
     uint64_t dram_size;
     PyObject *write;      /* Core.host_write */
@@ -2329,17 +2346,21 @@ static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
     if (n == 0 || spa > h->dram_size || n > h->dram_size - spa) {
         return 0;
     }
-    if ((rmp = PyDict_GetItemWithError(h->core, s_rmp)) == NULL || rmp != Py_None) {
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    if ((vmcbs = PyDict_GetItemWithError(h->core, s_vmcbs)) == NULL) {
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    if ((lo_o = PyObject_GetAttr(vmcbs, s_lo)) == NULL) {
+    if ((rmp = PyObject_GetAttr(h->core, s_rmp)) == NULL) {
         return -1;
     }
-    if ((hi_o = PyObject_GetAttr(vmcbs, s_hi)) == NULL) {
-        Py_DECREF(lo_o);
+    Py_DECREF(rmp);
+    if (rmp != Py_None) {
+        return 0;
+    }
+    if ((vmcbs = PyObject_GetAttr(h->core, s_vmcbs)) == NULL) {
+        return -1;
+    }
+    lo_o = PyObject_GetAttr(vmcbs, s_lo);
+    hi_o = lo_o == NULL ? NULL : PyObject_GetAttr(vmcbs, s_hi);
+    Py_DECREF(vmcbs);
+    if (hi_o == NULL) {
+        Py_XDECREF(lo_o);
         return -1;
     }
     ok = exact_u64_of(hi_o, &hi);
@@ -2417,7 +2438,7 @@ static int cache_parts(HostPortObject *h, PyObject **sets, uint64_t *mask, PyObj
     return cache_parts_of(h->cache, sets, mask, dirty);
 }
 
-/* pool_sync_all(pool, pool_dict, cache_dict, write_back) -> int: PagePool.sync_all with the C helpers
+/* pool_sync_all(pool, cache_dict, write_back) -> int: PagePool.sync_all with the C helpers
  * (src/sevemu/hw/uc/pool.py): for each slot of pool.writable that pool.slot_key holds, slot_sync of
  * the slot against its snapshot (made a bytearray first); a slot with changed lines has them written
  * into the cache -- as cache_hit_write_runs when no agent of the slot's domain but the pool is
@@ -2428,50 +2449,50 @@ static PyObject *s_slot_key, *s_writable, *s_agents, *s_lines_written_back;
 
 static PyObject *pool_sync_all(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *pool, *d, *cd, *write_back, *mm, *keys, *snaps, *stats, *slots = NULL, *out = NULL;
-    PyObject *sets, *cdirty, *runs = NULL;
+    PyObject *pool, *cd, *write_back, *mm, *keys, *snaps, *stats, *slots = NULL, *out = NULL;
+    PyObject *sets, *cdirty, *runs = NULL, *a[5] = {NULL, NULL, NULL, NULL, NULL};
+    PyObject *names[5] = {s_mm, s_slot_key, s_snap, s_stats, s_writable};
     uint64_t mask;
     Py_buffer mb;
     Py_ssize_t i, count = 0, nslots;
     (void)self;
-    if (check_nargs("pool_sync_all", nargs, 4) < 0) {
+    if (check_nargs("pool_sync_all", nargs, 3) < 0) {
         return NULL;
     }
     pool = args[0];
-    d = args[1];
-    cd = args[2];
-    write_back = args[3];
-    if (!PyDict_CheckExact(d) || !PyDict_CheckExact(cd)) {
-        PyErr_SetString(PyExc_TypeError, "pool_sync_all: the pool's and the cache's __dict__ must be dicts");
+    cd = args[1];
+    write_back = args[2];
+    if (!PyDict_CheckExact(cd)) {
+        PyErr_SetString(PyExc_TypeError, "pool_sync_all: the cache's __dict__ must be a dict");
         return NULL;
     }
-    if ((mm = PyDict_GetItemWithError(d, s_mm)) == NULL || (keys = PyDict_GetItemWithError(d, s_slot_key)) == NULL ||
-        (snaps = PyDict_GetItemWithError(d, s_snap)) == NULL || (stats = PyDict_GetItemWithError(d, s_stats)) == NULL ||
-        (slots = PyDict_GetItemWithError(d, s_writable)) == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_AttributeError, "pool_sync_all: the pool lacks an attribute");
+    for (i = 0; i < 5; i++) { /* (attributes, not the pool's __dict__: see PoolSnoop) */
+        if ((a[i] = PyObject_GetAttr(pool, names[i])) == NULL) {
+            goto release;
         }
-        return NULL;
     }
-    if (mm == Py_None) {
-        return PyLong_FromLong(0);
+    mm = a[0];
+    keys = a[1];
+    snaps = a[2];
+    stats = a[3];
+    slots = a[4];
+    if (mm == Py_None || (PyAnySet_Check(slots) && PySet_GET_SIZE(slots) == 0)) {
+        out = PyLong_FromLong(0);
+        goto release;
     }
     if (!PyDict_CheckExact(keys) || !PyDict_CheckExact(snaps) || !PyAnySet_Check(slots)) {
         PyErr_SetString(PyExc_TypeError, "pool_sync_all: slot_key, _snap must be dicts, writable a set");
-        return NULL;
-    }
-    if (PySet_GET_SIZE(slots) == 0) {
-        return PyLong_FromLong(0);
+        goto release;
     }
     if (cache_parts_of(cd, &sets, &mask, &cdirty) < 0) {
-        return NULL;
+        goto release;
     }
     if ((slots = PySequence_List(slots)) == NULL) { /* (the set, as iterated: nothing here changes it) */
-        return NULL;
+        goto release;
     }
     if (PyObject_GetBuffer(mm, &mb, PyBUF_SIMPLE) < 0) {
         Py_DECREF(slots);
-        return NULL;
+        goto release;
     }
     nslots = PyList_GET_SIZE(slots);
     for (i = 0; i < nslots; i++) {
@@ -2609,6 +2630,10 @@ done:
     Py_XDECREF(runs);
     PyBuffer_Release(&mb);
     Py_DECREF(slots);
+release:
+    for (i = 0; i < 5; i++) {
+        Py_XDECREF(a[i]);
+    }
     return out;
 }
 
@@ -2883,7 +2908,7 @@ static PyObject *host_port_new(PyTypeObject *type, PyObject *args, PyObject *kwd
         PyErr_SetString(PyExc_TypeError, "HostPort() takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O!OOOOO:HostPort", &PyDict_Type, &core, &PyDict_Type, &cache, &size, &fns[0],
+    if (!PyArg_ParseTuple(args, "OO!OOOOO:HostPort", &core, &PyDict_Type, &cache, &size, &fns[0],
                           &fns[1], &fns[2], &fns[3])) {
         return NULL;
     }
@@ -2918,7 +2943,7 @@ static PyMethodDef host_port_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-PyDoc_STRVAR(host_port_doc, "HostPort(core_dict, cache_dict, dram_size, write, read_runs, write_rest, runs_rest): "
+PyDoc_STRVAR(host_port_doc, "HostPort(core, cache_dict, dram_size, write, read_runs, write_rest, runs_rest): "
                             "the host's whole-line accesses of a core in one call (csrc/mem_accel.c).");
 
 static PyTypeObject HostPortType = {
@@ -2994,7 +3019,7 @@ static PyMethodDef methods[] = {
     {"slot_sync", (PyCFunction)(void (*)(void))slot_sync, METH_FASTCALL, slot_sync_doc},
     {"copy_changed", (PyCFunction)(void (*)(void))copy_changed, METH_FASTCALL, copy_changed_doc},
     {"pool_sync_all", (PyCFunction)(void (*)(void))pool_sync_all, METH_FASTCALL,
-     "pool_sync_all(pool, pool_dict, cache_dict, write_back) -> int: PagePool.sync_all (csrc/mem_accel.c)."},
+     "pool_sync_all(pool, cache_dict, write_back) -> int: PagePool.sync_all (csrc/mem_accel.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -77,7 +77,7 @@ def test_vmgexit_round_trips_give_the_same_state_with_and_without_the_c_paths(ac
             hv, vm = run.machine.hv, run.vm
             fast = type(hv.core.host_write).__name__ == "builtin_function_or_method"
             assert fast is on  # the C paths where asked for, the Python ones otherwise
-            assert (type(vars(run.engines[0].pool).get("snoop")).__name__ == "PoolSnoop") is on
+            assert (type(run.engines[0].pool.snoop).__name__ == "PoolSnoop") is on
             _until_hlt(run)
             r = hv.run(vm, 0, max_exits=300)
             assert r.exits == 300 and not vm.crash_reason

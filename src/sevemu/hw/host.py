@@ -74,7 +74,7 @@ class HostCore:
         self._core = core
         if memaccel.HOST_PORT:
             cache = core.cache
-            port = memaccel.helpers.HostPort(vars(core), vars(cache), core.mc.dram.size, core.host_write,
+            port = memaccel.helpers.HostPort(core, vars(cache), core.mc.dram.size, core.host_write,
                                              core.host_read_runs, cache._write_lines_rest, cache._read_runs_rest)
             self.host_write, self.host_read_runs, self.host_exchange = port.write, port.read_runs, port.exchange
         else:

@@ -6,7 +6,10 @@ lines (``cache_hit_read`` / ``cache_hit_write``: :meth:`~sevemu.hw.cache.Cache.r
 :meth:`~sevemu.hw.cache.Cache.write_lines` when no line misses), and the guest's memory port (``Port``: one load
 or store through the TLB and the cache, :meth:`sevemu.hw.cache.Cache.port`), and the memory
 controller's single-line cipher (``LineCipher``: AES through OpenSSL's libcrypto, which this
-extension links, around the tweaks of :class:`~sevemu.crypto.memenc.MemoryCipher`).
+extension links, around the tweaks of :class:`~sevemu.crypto.memenc.MemoryCipher`); and an SEV-ES
+exit's host accesses in one call each (:data:`HOST_PORT`: ``HostPort``, the host's whole-line
+writes, run reads and the GHCB exchange of :class:`~sevemu.hw.host.HostCore`, with ``PoolSnoop``, the
+page pool's snoop; :data:`POOL_SYNC`: ``pool_sync_all``, the pool's write-back at #VMEXIT).
 
 They decide nothing: each does what the Python loop beside its caller (:mod:`sevemu.hw.dram`,
 :mod:`sevemu.hw.cache`, :mod:`sevemu.hw.uc.pool`) does, without one interpreted step per page or per line.  Without a C

@@ -85,8 +85,12 @@ class PagePool:
         self.synced = False
         """Every writable slot was written back and the guest has not run since (set by the engine
         at #VMEXIT, cleared at VMRUN): a snoop has nothing to write back."""
+        self.sync: Callable[[], int] = self.sync_all
+        """:meth:`sync_all` -- while attached, where the C helpers are built, its loop in one call with
+        its arguments bound (``pool_sync_all``: what the engine calls at every #VMEXIT)."""
         if memaccel.HOST_PORT:  # the usual snoops (an exit's host accesses) in one C call; the rest come here
-            vars(self)["snoop"] = memaccel.helpers.PoolSnoop(vars(self), PagePool.snoop.__get__(self, PagePool))
+            # (an attribute set as any other: asking for the pool's __dict__ would slow every attribute access)
+            setattr(self, "snoop", memaccel.helpers.PoolSnoop(self, PagePool.snoop.__get__(self, PagePool)))  # noqa: B010
 
     # ---- the buffer -----------------------------------------------------------------------------
     def open(self) -> int:
@@ -112,8 +116,7 @@ class PagePool:
         cache.attach(self)
         self.cache = cache
         if memaccel.POOL_SYNC:  # sync_all's loop in one C call, its arguments bound once (every #VMEXIT calls it)
-            vars(self)["sync_all"] = functools.partial(memaccel.helpers.pool_sync_all, self, vars(self), vars(cache),
-                                                       self._write_back)
+            self.sync = functools.partial(memaccel.helpers.pool_sync_all, self, vars(cache), self._write_back)
         return dropped
 
     def close(self, write_back: bool = True) -> None:
@@ -123,7 +126,7 @@ class PagePool:
                 self.sync_all()
             self.cache.detach(self)
             self.cache = None
-            vars(self).pop("sync_all", None)
+            self.sync = self.sync_all
         mm = self.mm
         if mm is not None and self._anchor is not None:
             ctypes.memset(ctypes.addressof(self._anchor), 0, len(mm))
@@ -207,12 +210,14 @@ class PagePool:
         self.stats.lines_written_back += n // LINE
 
     def sync_all(self) -> int:
-        """Write back every modified slot; returns how many were modified.  (While attached, where the
-        C helpers are built, the pool's ``sync_all`` is this loop in one call: ``pool_sync_all``,
-        :mod:`sevemu.hw.memaccel`.)"""
+        """Write back every modified slot; returns how many were modified (where the C helpers are
+        built, the loop in one call: ``pool_sync_all``, :mod:`sevemu.hw.memaccel`; :attr:`sync` has
+        its arguments bound)."""
         mm = self.mm
         if mm is None:
             return 0
+        if memaccel.POOL_SYNC and self.cache is not None:  # the loop below, in one C call
+            return memaccel.helpers.pool_sync_all(self, vars(self.cache), self._write_back)
         keys = self.slot_key
         dirty = 0
         if not memaccel.ENABLED:
