@@ -258,8 +258,8 @@ def run_cpu(args: argparse.Namespace) -> int:
     print(f"VMGEXIT round trips (SEV-ES guest, GHCB IOIO to port {_MARK:#x}): {g['round_trips']:,} in "
           f"{g['seconds']:.2f} s = {g['round_trips_per_s']:,.0f}/s, {g['ratio_to_exits']:.2f}x the plain exits "
           f"(target >= {TARGETS['vmgexit_round_trips_per_s']:,} and >= {TARGETS['vmgexit_to_exit_ratio']}x); "
-          f"{g['cpu_round_trips_per_s']:,.0f}/s of CPU time ({g['cpu_ratio_to_exits']:.2f}x the plain exits')"
-          f" CPU-time rate)")
+          f"{g['cpu_round_trips_per_s']:,.0f}/s of CPU time ({g['cpu_ratio_to_exits']:.2f}x the plain exits' "
+          "CPU-time rate)")
     print(f"  #VC round trips (SEV-ES guest's OUT: #VC, its handler's VMGEXIT, IRET): "
           f"{g['vc_round_trips_per_s']:,.0f}/s; {g['vc_cpu_round_trips_per_s']:,.0f}/s of CPU time")
     print(f"  (load average {os.getloadavg()[0]:.1f}; CPU time excludes what other processes took)")
