@@ -35,6 +35,11 @@
  *                                             write-back compare, without a copy of the page)
  *   copy_changed(dst, off, src)               dst[off:off + len(src)] = src unless equal already;
  *                                             whether it changed (the pool's write-update)
+ *   PoolSnoop(pool, fallback)                 the page pool's snoop: its usual cases in one call
+ *   HostPort(core, cache_dict, ...)           a core's host accesses of whole unencrypted lines
+ *                                             (write, read_runs, exchange) in one call each
+ *   pool_sync_all(pool, cache_dict, write_back)  the pool's write-back at #VMEXIT
+ *                                             (these three: see their comments below)
  *
  * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
  * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.
@@ -2043,6 +2048,963 @@ static PyTypeObject LineCipherType = {
     .tp_methods = lc_methods,
 };
 
+/* ---- the page pool's snoop and the host's whole-line accesses, one call each ------------------
+ *
+ * PoolSnoop(pool, fallback): a callable the page pool (src/sevemu/hw/uc/pool.py) installs as its
+ * `snoop`: snoop(lo, hi, invalidate, data=None) does here what PagePool.snoop does in the cases an
+ * exit's host accesses make -- a read while the pool is synced (nothing), a range of one page the
+ * pool holds no slot of (nothing), the write-update of whole lines of one slot while synced
+ * (PagePool._take: the bytes into the slot and its snapshot, the slot noted as updated when it
+ * holds code, stats.slot_updates + 1) -- and hands every other call, unchanged, to `fallback`
+ * (PagePool.snoop itself).  It reads the pool's attributes at every call (never through its
+ * __dict__: an object whose __dict__ was asked for loses CPython's faster attribute access).
+ *
+ * HostPort(core, cache_dict, dram_size, write, read_runs, write_rest, runs_rest): the host's
+ * whole-line accesses of src/sevemu/hw/cpu.py (Core.host_write of whole lines, Core.host_read_runs,
+ * C=0) with Cache.write_lines / read_runs behind them, in one call: the same checks (DRAM range; no
+ * RMP, no VMCB view in the range -- else `write` / `read_runs`, the Core's methods, do the whole
+ * access), the same snoops of the cache's unencrypted agents (their `snoop`, called as the cache
+ * calls it), then the resident lines as cache_hit_write / cache_hit_runs -- or, when a line is
+ * absent, the cache's Python rest of the access after its snoop (`write_rest(key, view)`,
+ * `runs_rest(key, runs)`).  Anything else (C=1, a length that is not whole lines, another type of
+ * data, keywords) goes to `write` / `read_runs` before anything happened. */
+
+static PyObject *s_synced, *s_slot_of, *s_mm, *s_snap, *s_code_slots, *s_updated, *s_stats, *s_slot_updates,
+    *s_snoop, *s_rmp, *s_vmcbs, *s_lo, *s_hi, *s_plain_agents, *s_sets, *s_set_mask, *s_dirty, *s_one;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *pool;     /* the pool */
+    PyObject *fallback; /* PagePool.snoop of the pool */
+} PoolSnoopObject;
+
+/* obj.<name> (a new reference); NULL with no error set when absent, NULL with an error on error. */
+static PyObject *attr_of(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return v;
+}
+
+/* dict[key] for an int key (borrowed); NULL with no error when absent, NULL with an error on error. */
+static PyObject *dict_at(PyObject *dict, uint64_t key)
+{
+    PyObject *k = PyLong_FromUnsignedLongLong(key), *v;
+    if (k == NULL) {
+        return NULL;
+    }
+    v = PyDict_GetItemWithError(dict, k);
+    Py_DECREF(k);
+    return v;
+}
+
+/* An exact int in 0..2**64-1 into *out: 1; 0 (no error) when it is something else (port_gva's test). */
+static int exact_u64_of(PyObject *o, uint64_t *out)
+{
+    return port_gva(o, out);
+}
+
+/* stats.<name> += 1 */
+static int bump_attr(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name), *nv;
+    int rc;
+    if (v == NULL) {
+        return -1;
+    }
+    nv = PyNumber_Add(v, s_one);
+    Py_DECREF(v);
+    if (nv == NULL) {
+        return -1;
+    }
+    rc = PyObject_SetAttr(obj, name, nv);
+    Py_DECREF(nv);
+    return rc;
+}
+
+/* PagePool._take of slot `slot` (the page at `page`), bytes [o1, o2) of it from `data`: 1 done,
+ * 0 when something is not what this path takes (nothing changed), -1 on error. */
+static int pool_take(PyObject *pool, PyObject *slot_obj, uint64_t o1, uint64_t o2, PyObject *data)
+{
+    PyObject *a[5] = {NULL, NULL, NULL, NULL, NULL}, *names[5] = {s_mm, s_snap, s_code_slots, s_updated, s_stats};
+    PyObject *mm, *snaps, *snap, *code, *updated, *stats;
+    Py_buffer mb, db;
+    Py_ssize_t slot;
+    int changed, rc = 0, i;
+    if (!PyLong_CheckExact(slot_obj) || (slot = PyLong_AsSsize_t(slot_obj)) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    for (i = 0; i < 5; i++) {
+        if ((a[i] = attr_of(pool, names[i])) == NULL) {
+            rc = PyErr_Occurred() ? -1 : 0;
+            goto out;
+        }
+    }
+    mm = a[0];
+    snaps = a[1];
+    code = a[2];
+    updated = a[3];
+    stats = a[4];
+    if (!PyDict_CheckExact(snaps) || !PyList_CheckExact(updated) || (code != Py_None && !PyAnySet_CheckExact(code))) {
+        goto out;
+    }
+    if ((snap = PyDict_GetItemWithError(snaps, slot_obj)) == NULL) {
+        rc = PyErr_Occurred() ? -1 : 0;
+        goto out;
+    }
+    if ((!PyByteArray_CheckExact(snap) && !PyBytes_CheckExact(snap)) || Py_SIZE(snap) != PAGE) {
+        goto out;
+    }
+    if (PyObject_GetBuffer(mm, &mb, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        goto out;
+    }
+    if (PyObject_GetBuffer(data, &db, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        PyBuffer_Release(&mb);
+        goto out;
+    }
+    if ((uint64_t)db.len != o2 - o1 || slot > (mb.len - PAGE) / PAGE || mb.len < PAGE) {
+        goto done;
+    }
+    char *dst = (char *)mb.buf + slot * PAGE + o1;
+    changed = memcmp(dst, db.buf, (size_t)db.len) != 0;
+    if (changed) {
+        memcpy(dst, db.buf, (size_t)db.len);
+        int code_slot = code == Py_None ? 1 : PySet_Contains(code, slot_obj);
+        if (code_slot < 0 || (code_slot && PyList_Append(updated, slot_obj) < 0)) {
+            rc = -1;
+            goto done;
+        }
+    }
+    if (!PyByteArray_CheckExact(snap)) { /* (updated in place from now on, as PagePool._take does) */
+        PyObject *copy = PyByteArray_FromObject(snap);
+        if (copy == NULL || PyDict_SetItem(snaps, slot_obj, copy) < 0) {
+            Py_XDECREF(copy);
+            rc = -1;
+            goto done;
+        }
+        snap = copy;
+        Py_DECREF(copy); /* (the dict holds it) */
+    }
+    memcpy(PyByteArray_AS_STRING(snap) + o1, db.buf, (size_t)db.len);
+    rc = bump_attr(stats, s_slot_updates) < 0 ? -1 : 1;
+done:
+    PyBuffer_Release(&db);
+    PyBuffer_Release(&mb);
+out:
+    for (i = 0; i < 5; i++) {
+        Py_XDECREF(a[i]);
+    }
+    return rc;
+}
+
+static PyObject *pool_snoop_call(PoolSnoopObject *p, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *pool = p->pool, *synced_o, *slot_of, *slot, *data = NULL;
+    uint64_t lo, hi, page;
+    int synced, invalidate, rc;
+    if (kwnames != NULL || nargs < 3 || nargs > 4 || !exact_u64_of(args[0], &lo) || !exact_u64_of(args[1], &hi)) {
+        goto fallback;
+    }
+    if ((invalidate = PyObject_IsTrue(args[2])) < 0) {
+        return NULL;
+    }
+    if (nargs == 4 && args[3] != Py_None) {
+        data = args[3];
+    }
+    if ((synced_o = attr_of(pool, s_synced)) == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        goto fallback;
+    }
+    synced = PyObject_IsTrue(synced_o);
+    Py_DECREF(synced_o);
+    if (synced < 0) {
+        return NULL;
+    }
+    if (synced && !invalidate) {
+        Py_RETURN_NONE; /* a read of what the cache holds already */
+    }
+    if ((slot_of = attr_of(pool, s_slot_of)) == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        goto fallback;
+    }
+    rc = 0; /* 0: to the fallback, 1: done, -1: error */
+    page = lo & ~(uint64_t)(PAGE - 1);
+    if (!PyDict_CheckExact(slot_of) || (PyDict_GET_SIZE(slot_of) != 0 && (hi <= lo || hi - page > PAGE))) {
+        rc = 0;
+    } else if (PyDict_GET_SIZE(slot_of) == 0) {
+        rc = 1;
+    } else if ((slot = dict_at(slot_of, page)) == NULL) {
+        rc = PyErr_Occurred() ? -1 : 1; /* no slot of the page */
+    } else if (synced && invalidate && data != NULL) {
+        Py_INCREF(slot);
+        rc = pool_take(pool, slot, lo - page, hi - page, data);
+        Py_DECREF(slot);
+    }
+    Py_DECREF(slot_of);
+    if (rc < 0) {
+        return NULL;
+    }
+    if (rc > 0) {
+        Py_RETURN_NONE;
+    }
+fallback:
+    return PyObject_Vectorcall(p->fallback, args, nargsf, kwnames);
+}
+
+static int pool_snoop_traverse(PoolSnoopObject *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->pool);
+    Py_VISIT(p->fallback);
+    return 0;
+}
+
+static int pool_snoop_clear(PoolSnoopObject *p)
+{
+    Py_CLEAR(p->pool);
+    Py_CLEAR(p->fallback);
+    return 0;
+}
+
+static void pool_snoop_dealloc(PoolSnoopObject *p)
+{
+    PyObject_GC_UnTrack(p);
+    pool_snoop_clear(p);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *pool_snoop_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *pool, *fallback;
+    PoolSnoopObject *p;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "PoolSnoop() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OO:PoolSnoop", &pool, &fallback)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "PoolSnoop(): the fallback must be callable");
+        return NULL;
+    }
+    p = (PoolSnoopObject *)type->tp_alloc(type, 0);
+    if (p == NULL) {
+        return NULL;
+    }
+    p->vectorcall = (vectorcallfunc)pool_snoop_call;
+    p->pool = Py_NewRef(pool);
+    p->fallback = Py_NewRef(fallback);
+    return (PyObject *)p;
+}
+
+PyDoc_STRVAR(pool_snoop_doc, "PoolSnoop(pool, fallback): PagePool.snoop's usual cases in one call "
+                             "(csrc/mem_accel.c); every other call goes to fallback.");
+
+static PyTypeObject PoolSnoopType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sevemu.hw._mem_accel.PoolSnoop",
+    .tp_basicsize = sizeof(PoolSnoopObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(PoolSnoopObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_doc = pool_snoop_doc,
+    .tp_new = pool_snoop_new,
+    .tp_dealloc = (destructor)pool_snoop_dealloc,
+    .tp_traverse = (traverseproc)pool_snoop_traverse,
+    .tp_clear = (inquiry)pool_snoop_clear,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *core;       /* the Core (its attributes read at each call; its __dict__ is left alone) */
+    PyObject *cache;      /* its Cache's __dict__ */
+    uint64_t dram_size;
+    PyObject *write;      /* Core.host_write */
+    PyObject *read_runs;  /* Core.host_read_runs */
+    PyObject *write_rest; /* Cache._write_lines_rest */
+    PyObject *runs_rest;  /* Cache._read_runs_rest */
+} HostPortObject;
+
+/* 1 when the host's access [spa, spa + n) may go on here: no RMP, no VMCB view overlapping it; 0 when
+ * the Core's Python method must do it; -1 on error. */
+static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
+{
+    PyObject *rmp, *vmcbs, *lo_o, *hi_o;
+    uint64_t lo = UINT64_MAX, hi = 0;
+    int ok;
+    if (n == 0 || spa > h->dram_size || n > h->dram_size - spa) {
+        return 0;
+    }
+    if ((rmp = PyObject_GetAttr(h->core, s_rmp)) == NULL) {
+        return -1;
+    }
+    Py_DECREF(rmp);
+    if (rmp != Py_None) {
+        return 0;
+    }
+    if ((vmcbs = PyObject_GetAttr(h->core, s_vmcbs)) == NULL) {
+        return -1;
+    }
+    lo_o = PyObject_GetAttr(vmcbs, s_lo);
+    hi_o = lo_o == NULL ? NULL : PyObject_GetAttr(vmcbs, s_hi);
+    Py_DECREF(vmcbs);
+    if (hi_o == NULL) {
+        Py_XDECREF(lo_o);
+        return -1;
+    }
+    ok = exact_u64_of(hi_o, &hi);
+    if (ok && !exact_u64_of(lo_o, &lo)) { /* (no view held: lo is 2**64) */
+        ok = PyLong_CheckExact(lo_o) && _PyLong_Sign(lo_o) > 0;
+        lo = UINT64_MAX;
+    }
+    Py_DECREF(lo_o);
+    Py_DECREF(hi_o);
+    return ok && !(spa < hi && spa + n > lo);
+}
+
+/* agent.snoop(lo, hi, invalidate, data) for every unencrypted agent of the cache (Cache._snoop's
+ * loop, no origin): 0, or -1 on error. */
+static int snoop_plain(HostPortObject *h, uint64_t lo, uint64_t hi, int invalidate, PyObject *data)
+{
+    PyObject *agents = PyDict_GetItemWithError(h->cache, s_plain_agents), *a[5];
+    Py_ssize_t i;
+    if (agents == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_AttributeError, "the cache has no plain_agents");
+        }
+        return -1;
+    }
+    if (!PyTuple_CheckExact(agents)) {
+        PyErr_SetString(PyExc_TypeError, "cache.plain_agents must be a tuple");
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(agents) == 0) {
+        return 0;
+    }
+    if ((a[1] = PyLong_FromUnsignedLongLong(lo)) == NULL) {
+        return -1;
+    }
+    if ((a[2] = PyLong_FromUnsignedLongLong(hi)) == NULL) {
+        Py_DECREF(a[1]);
+        return -1;
+    }
+    a[3] = invalidate ? Py_True : Py_False;
+    a[4] = data;
+    for (i = 0; i < PyTuple_GET_SIZE(agents); i++) {
+        PyObject *agent = PyTuple_GET_ITEM(agents, i), *r;
+        a[0] = agent;
+        Py_INCREF(agent); /* (a snoop may detach it) */
+        r = PyObject_VectorcallMethod(s_snoop, a, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(agent);
+        if (r == NULL) {
+            Py_DECREF(a[1]);
+            Py_DECREF(a[2]);
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(a[1]);
+    Py_DECREF(a[2]);
+    return 0;
+}
+
+/* The sets, set mask and dirty set of the cache whose __dict__ is `cd` (borrowed); -1 on error. */
+static int cache_parts_of(PyObject *cd, PyObject **sets, uint64_t *mask, PyObject **dirty)
+{
+    PyObject *m;
+    if ((*sets = PyDict_GetItemWithError(cd, s_sets)) == NULL || (m = PyDict_GetItemWithError(cd, s_set_mask)) == NULL ||
+        (*dirty = PyDict_GetItemWithError(cd, s_dirty)) == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_AttributeError, "the cache lacks sets, set_mask or dirty");
+        }
+        return -1;
+    }
+    return get_u64(m, "set_mask", mask);
+}
+
+static int cache_parts(HostPortObject *h, PyObject **sets, uint64_t *mask, PyObject **dirty)
+{
+    return cache_parts_of(h->cache, sets, mask, dirty);
+}
+
+/* pool_sync_all(pool, cache_dict, write_back) -> int: PagePool.sync_all with the C helpers
+ * (src/sevemu/hw/uc/pool.py): for each slot of pool.writable that pool.slot_key holds, slot_sync of
+ * the slot against its snapshot (made a bytearray first); a slot with changed lines has them written
+ * into the cache -- as cache_hit_write_runs when no agent of the slot's domain but the pool is
+ * snooped and every line is resident (stats.lines_written_back grows by their number), else by
+ * write_back(slot, snap, runs) (PagePool._write_back, which does both).  Returns how many slots had
+ * changed lines. */
+static PyObject *s_slot_key, *s_writable, *s_agents, *s_lines_written_back;
+
+static PyObject *pool_sync_all(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *pool, *cd, *write_back, *mm, *keys, *snaps, *stats, *slots = NULL, *out = NULL;
+    PyObject *sets, *cdirty, *runs = NULL, *a[5] = {NULL, NULL, NULL, NULL, NULL};
+    PyObject *names[5] = {s_mm, s_slot_key, s_snap, s_stats, s_writable};
+    uint64_t mask;
+    Py_buffer mb;
+    Py_ssize_t i, count = 0, nslots;
+    (void)self;
+    if (check_nargs("pool_sync_all", nargs, 3) < 0) {
+        return NULL;
+    }
+    pool = args[0];
+    cd = args[1];
+    write_back = args[2];
+    if (!PyDict_CheckExact(cd)) {
+        PyErr_SetString(PyExc_TypeError, "pool_sync_all: the cache's __dict__ must be a dict");
+        return NULL;
+    }
+    for (i = 0; i < 5; i++) { /* (attributes, not the pool's __dict__: see PoolSnoop) */
+        if ((a[i] = PyObject_GetAttr(pool, names[i])) == NULL) {
+            goto release;
+        }
+    }
+    mm = a[0];
+    keys = a[1];
+    snaps = a[2];
+    stats = a[3];
+    slots = a[4];
+    if (mm == Py_None || (PyAnySet_Check(slots) && PySet_GET_SIZE(slots) == 0)) {
+        out = PyLong_FromLong(0);
+        goto release;
+    }
+    if (!PyDict_CheckExact(keys) || !PyDict_CheckExact(snaps) || !PyAnySet_Check(slots)) {
+        PyErr_SetString(PyExc_TypeError, "pool_sync_all: slot_key, _snap must be dicts, writable a set");
+        goto release;
+    }
+    if (cache_parts_of(cd, &sets, &mask, &cdirty) < 0) {
+        goto release;
+    }
+    if ((slots = PySequence_List(slots)) == NULL) { /* (the set, as iterated: nothing here changes it) */
+        goto release;
+    }
+    if (PyObject_GetBuffer(mm, &mb, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(slots);
+        goto release;
+    }
+    nslots = PyList_GET_SIZE(slots);
+    for (i = 0; i < nslots; i++) {
+        PyObject *s = PyList_GET_ITEM(slots, i), *key_o, *snap, *agents;
+        Py_ssize_t slot, o, start = -1, total = 0, nruns = 0;
+        Py_ssize_t spans[2 * (PAGE / LINE / 2 + 1)];
+        uint64_t key;
+        int foreign = 0;
+        if ((key_o = PyDict_GetItemWithError(keys, s)) == NULL) {
+            if (PyErr_Occurred()) {
+                goto done;
+            }
+            continue;
+        }
+        slot = PyLong_AsSsize_t(s);
+        if (slot == -1 && PyErr_Occurred()) {
+            goto done;
+        }
+        if (slot < 0 || mb.len < PAGE || slot > (mb.len - PAGE) / PAGE) {
+            PyErr_Format(PyExc_ValueError, "pool_sync_all: slot %zd is outside the pool", slot);
+            goto done;
+        }
+        if (get_u64(key_o, "slot key", &key) < 0) {
+            goto done;
+        }
+        if ((snap = PyDict_GetItemWithError(snaps, s)) == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, s);
+            }
+            goto done;
+        }
+        if (!PyByteArray_CheckExact(snap)) { /* (updated in place from now on) */
+            PyObject *copy = PyByteArray_FromObject(snap);
+            if (copy == NULL || PyDict_SetItem(snaps, s, copy) < 0) {
+                Py_XDECREF(copy);
+                goto done;
+            }
+            snap = copy;
+            Py_DECREF(copy);
+        }
+        if (PyByteArray_GET_SIZE(snap) != PAGE) {
+            PyErr_SetString(PyExc_ValueError, "pool_sync_all: a snapshot is not a page");
+            goto done;
+        }
+        const char *pa = (const char *)mb.buf + slot * PAGE;
+        char *pb = PyByteArray_AS_STRING(snap);
+        if (memcmp(pa, pb, PAGE) == 0) {
+            continue;
+        }
+        for (o = 0; o <= PAGE; o += LINE) { /* slot_sync: the runs of changed lines, taken into the snapshot */
+            int differs = o < PAGE && memcmp(pa + o, pb + o, LINE) != 0;
+            if (differs) {
+                memcpy(pb + o, pa + o, LINE);
+                if (start < 0) {
+                    start = o;
+                }
+            } else if (start >= 0) {
+                spans[2 * nruns] = start;
+                spans[2 * nruns + 1] = (o - start) / LINE;
+                total += (o - start) / LINE;
+                nruns++;
+                start = -1;
+            }
+        }
+        count++;
+        agents = PyDict_GetItemWithError(cd, (key >> 52) & 1 ? s_agents : s_plain_agents);
+        if (agents == NULL || !PyTuple_CheckExact(agents)) {
+            if (PyErr_Occurred()) {
+                goto done;
+            }
+            foreign = 1;
+        } else {
+            for (Py_ssize_t a = 0; a < PyTuple_GET_SIZE(agents); a++) {
+                foreign |= PyTuple_GET_ITEM(agents, a) != pool;
+            }
+        }
+        if (!foreign) {
+            int rc;
+            PyObject **refs = hit_runs(sets, mask, key, nruns, spans, total, &rc);
+            if (refs == NULL && rc < 0) {
+                goto done;
+            }
+            if (refs != NULL) {
+                Py_ssize_t got = 0, r, j;
+                for (r = 0; r < nruns; r++) {
+                    for (j = 0; j < spans[2 * r + 1]; j++, got++) {
+                        memcpy(PyByteArray_AS_STRING(refs[total + got]), pa + spans[2 * r] + j * LINE, LINE);
+                    }
+                }
+                rc = touch_runs(sets, mask, key, nruns, spans, total, refs, cdirty);
+                PyMem_Free(refs);
+                if (rc < 0 || bump_by(cd, s_hits, total) < 0) {
+                    goto done;
+                }
+                PyObject *v = PyObject_GetAttr(stats, s_lines_written_back), *nv;
+                if (v == NULL) {
+                    goto done;
+                }
+                PyObject *add = PyLong_FromSsize_t(total);
+                nv = add == NULL ? NULL : PyNumber_Add(v, add);
+                Py_DECREF(v);
+                Py_XDECREF(add);
+                if (nv == NULL || PyObject_SetAttr(stats, s_lines_written_back, nv) < 0) {
+                    Py_XDECREF(nv);
+                    goto done;
+                }
+                Py_DECREF(nv);
+                continue;
+            }
+        }
+        /* another agent to snoop, or a line absent: PagePool._write_back with the runs */
+        runs = PyList_New(nruns);
+        if (runs == NULL) {
+            goto done;
+        }
+        for (Py_ssize_t r = 0; r < nruns; r++) {
+            PyObject *run = Py_BuildValue("(nn)", spans[2 * r], spans[2 * r] + spans[2 * r + 1] * LINE);
+            if (run == NULL) {
+                goto done;
+            }
+            PyList_SET_ITEM(runs, r, run);
+        }
+        PyObject *a[3] = {s, snap, runs};
+        Py_INCREF(snap);
+        PyObject *r = PyObject_Vectorcall(write_back, a, 3, NULL);
+        Py_DECREF(snap);
+        Py_CLEAR(runs);
+        if (r == NULL) {
+            goto done;
+        }
+        Py_DECREF(r);
+    }
+    out = PyLong_FromSsize_t(count);
+done:
+    Py_XDECREF(runs);
+    PyBuffer_Release(&mb);
+    Py_DECREF(slots);
+release:
+    for (i = 0; i < 5; i++) {
+        Py_XDECREF(a[i]);
+    }
+    return out;
+}
+
+
+PyDoc_STRVAR(host_port_write_doc, "write(spa, data, c=False): Core.host_write (see the comment in csrc/mem_accel.c).");
+
+static PyObject *host_port_write(HostPortObject *h, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), n, i;
+    PyObject *data, *view = NULL, *sets, *dirty, *out = NULL, **refs = NULL;
+    uint64_t spa, mask;
+    int rc, c = 0;
+    if (kwnames != NULL || nargs < 2 || nargs > 3 || !exact_u64_of(args[0], &spa)) {
+        goto python;
+    }
+    if (nargs == 3 && (c = PyObject_IsTrue(args[2])) != 0) {
+        if (c < 0) {
+            return NULL;
+        }
+        goto python;
+    }
+    data = args[1];
+    if (!PyBytes_CheckExact(data) && !PyByteArray_CheckExact(data)) {
+        goto python;
+    }
+    n = Py_SIZE(data);
+    if (n == 0 || ((spa | (uint64_t)n) & (LINE - 1))) {
+        goto python;
+    }
+    if ((rc = host_plain(h, spa, (uint64_t)n)) <= 0) {
+        if (rc < 0) {
+            return NULL;
+        }
+        goto python;
+    }
+    if ((view = PyMemoryView_FromObject(data)) == NULL) {
+        return NULL;
+    }
+    if (snoop_plain(h, spa, spa + (uint64_t)n, 1, view) < 0 || cache_parts(h, &sets, &mask, &dirty) < 0) {
+        goto done;
+    }
+    if (!PySet_Check(dirty)) {
+        PyErr_SetString(PyExc_TypeError, "cache.dirty must be a set");
+        goto done;
+    }
+    n /= LINE;
+    refs = PyMem_New(PyObject *, 2 * n);
+    if (refs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* The view's bytes: a bytearray's buffer is read through the view, which pins it. */
+    const char *src = PyBytes_CheckExact(data) ? PyBytes_AS_STRING(data) : PyByteArray_AS_STRING(data);
+    rc = hit_lines(sets, mask, spa, n, refs, refs + n);
+    if (rc < 0) {
+        goto done;
+    }
+    if (rc == 0) { /* a line is absent: the cache's Python rest of write_lines */
+        PyObject *a[2] = {PyLong_FromUnsignedLongLong(spa), view};
+        if (a[0] != NULL) {
+            out = PyObject_Vectorcall(h->write_rest, a, 2, NULL);
+            Py_DECREF(a[0]);
+        }
+        if (out != NULL) {
+            Py_DECREF(out);
+            out = Py_NewRef(Py_None);
+        }
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        memcpy(PyByteArray_AS_STRING(refs[n + i]), src + i * LINE, LINE);
+    }
+    if (touch_lines(sets, mask, spa, n, refs, refs + n, dirty) == 0 && bump_by(h->cache, s_hits, n) == 0) {
+        out = Py_NewRef(Py_None);
+    }
+done:
+    PyMem_Free(refs);
+    Py_XDECREF(view);
+    return out;
+python:
+    return PyObject_Vectorcall(h->write, args, nargsf, kwnames);
+}
+
+PyDoc_STRVAR(host_port_read_runs_doc,
+             "read_runs(spa, runs, c=False): Core.host_read_runs (see the comment in csrc/mem_accel.c).");
+
+static PyObject *host_port_read_runs(HostPortObject *h, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nruns, r, total = 0, i, off, len, *spans = NULL;
+    PyObject *runs, *sets, *dirty, *out = NULL, **refs = NULL;
+    uint64_t spa, mask, first = PAGE, end = 0;
+    int rc, c = 0;
+    if (kwnames != NULL || nargs < 2 || nargs > 3 || !exact_u64_of(args[0], &spa) || (spa & (PAGE - 1))) {
+        goto python;
+    }
+    if (nargs == 3 && (c = PyObject_IsTrue(args[2])) != 0) {
+        if (c < 0) {
+            return NULL;
+        }
+        goto python;
+    }
+    runs = args[1];
+    if (!PyTuple_CheckExact(runs) || (nruns = PyTuple_GET_SIZE(runs)) == 0) {
+        goto python;
+    }
+    for (r = 0; r < nruns; r++) { /* whole lines inside the page, or Cache.read_runs says what is wrong */
+        PyObject *run = PyTuple_GET_ITEM(runs, r);
+        if (!PyTuple_CheckExact(run) || PyTuple_GET_SIZE(run) != 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(run, 0)) ||
+            !PyLong_CheckExact(PyTuple_GET_ITEM(run, 1))) {
+            goto python;
+        }
+        off = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 0));
+        len = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            goto python;
+        }
+        if (((off | len) & (LINE - 1)) || off < 0 || len <= 0 || off >= PAGE || len > PAGE - off) {
+            goto python;
+        }
+        first = (uint64_t)off < first ? (uint64_t)off : first;
+        end = (uint64_t)(off + len) > end ? (uint64_t)(off + len) : end;
+    }
+    if ((rc = host_plain(h, spa, PAGE)) <= 0) {
+        if (rc < 0) {
+            return NULL;
+        }
+        goto python;
+    }
+    if (snoop_plain(h, spa + first, spa + end, 0, Py_None) < 0 || cache_parts(h, &sets, &mask, &dirty) < 0) {
+        return NULL;
+    }
+    if ((spans = new_spans(nruns)) == NULL) {
+        return NULL;
+    }
+    for (r = 0; r < nruns; r++) {
+        PyObject *run = PyTuple_GET_ITEM(runs, r);
+        spans[2 * r] = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 0));
+        spans[2 * r + 1] = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1)) / LINE;
+        total += spans[2 * r + 1];
+    }
+    if ((refs = hit_runs(sets, mask, spa, nruns, spans, total, &rc)) == NULL) {
+        if (rc == 0) { /* a line is absent: the cache's Python rest of read_runs */
+            PyObject *a[2] = {PyLong_FromUnsignedLongLong(spa), runs};
+            if (a[0] != NULL) {
+                out = PyObject_Vectorcall(h->runs_rest, a, 2, NULL);
+                Py_DECREF(a[0]);
+            }
+        }
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, total * LINE);
+    if (out != NULL) {
+        char *p = PyBytes_AS_STRING(out);
+        for (i = 0; i < total; i++) {
+            memcpy(p + i * LINE, PyByteArray_AS_STRING(refs[total + i]), LINE);
+        }
+    }
+    if (touch_runs(sets, mask, spa, nruns, spans, total, refs, NULL) < 0 || out == NULL ||
+        bump_by(h->cache, s_hits, total) < 0) {
+        Py_CLEAR(out);
+    }
+done:
+    PyMem_Free(refs);
+    PyMem_Free(spans);
+    return out;
+python:
+    return PyObject_Vectorcall(h->read_runs, args, nargsf, kwnames);
+}
+
+PyDoc_STRVAR(host_port_exchange_doc,
+             "exchange(spa, runs, expect, writes) -> None or bytes: read_runs(spa, runs); when that equals\n"
+             "expect, write(spa + off, data) of each (off, data) pair of the list `writes` and None, else\n"
+             "what was read (nothing written).  (See the comment in csrc/mem_accel.c.)");
+
+static PyObject *host_port_exchange(HostPortObject *h, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *got, *writes, *a[2];
+    Py_ssize_t i, n;
+    uint64_t spa;
+    if (check_nargs("exchange", nargs, 4) < 0) {
+        return NULL;
+    }
+    writes = args[3];
+    if (!PyBytes_CheckExact(args[2]) || !PyList_CheckExact(writes) || get_u64(args[0], "spa", &spa) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "exchange(): expect must be bytes, writes a list");
+        }
+        return NULL;
+    }
+    got = host_port_read_runs(h, args, 2, NULL);
+    if (got == NULL) {
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(got) || PyBytes_GET_SIZE(got) != PyBytes_GET_SIZE(args[2]) ||
+        memcmp(PyBytes_AS_STRING(got), PyBytes_AS_STRING(args[2]), (size_t)PyBytes_GET_SIZE(got)) != 0) {
+        return got; /* another head: the caller decides */
+    }
+    Py_DECREF(got);
+    n = PyList_GET_SIZE(writes);
+    for (i = 0; i < n && i < PyList_GET_SIZE(writes); i++) {
+        PyObject *w = PyList_GET_ITEM(writes, i), *r;
+        Py_ssize_t off;
+        if (!PyTuple_CheckExact(w) || PyTuple_GET_SIZE(w) != 2) {
+            PyErr_SetString(PyExc_TypeError, "exchange(): each write must be an (offset, data) tuple");
+            return NULL;
+        }
+        off = PyLong_AsSsize_t(PyTuple_GET_ITEM(w, 0));
+        if (off == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_INCREF(w);
+        a[1] = PyTuple_GET_ITEM(w, 1);
+        if (off < 0 || off >= PAGE || PyObject_Length(a[1]) < 0 || PyObject_Length(a[1]) > PAGE - off) {
+            Py_DECREF(w);
+            if (!PyErr_Occurred()) {
+                PyErr_Format(PyExc_ValueError, "exchange(): a write at offset %zd does not fit in the page", off);
+            }
+            return NULL;
+        }
+        a[0] = PyLong_FromUnsignedLongLong(spa + (uint64_t)off);
+        if (a[0] == NULL) {
+            Py_DECREF(w);
+            return NULL;
+        }
+        r = host_port_write(h, a, 2, NULL);
+        Py_DECREF(a[0]);
+        Py_DECREF(w);
+        if (r == NULL) {
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static int host_port_traverse(HostPortObject *h, visitproc visit, void *arg)
+{
+    Py_VISIT(h->core);
+    Py_VISIT(h->cache);
+    Py_VISIT(h->write);
+    Py_VISIT(h->read_runs);
+    Py_VISIT(h->write_rest);
+    Py_VISIT(h->runs_rest);
+    return 0;
+}
+
+static int host_port_clear(HostPortObject *h)
+{
+    Py_CLEAR(h->core);
+    Py_CLEAR(h->cache);
+    Py_CLEAR(h->write);
+    Py_CLEAR(h->read_runs);
+    Py_CLEAR(h->write_rest);
+    Py_CLEAR(h->runs_rest);
+    return 0;
+}
+
+static void host_port_dealloc(HostPortObject *h)
+{
+    PyObject_GC_UnTrack(h);
+    host_port_clear(h);
+    Py_TYPE(h)->tp_free((PyObject *)h);
+}
+
+static PyObject *host_port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *core, *cache, *size, *fns[4];
+    HostPortObject *h;
+    uint64_t dram_size;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "HostPort() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OO!OOOOO:HostPort", &core, &PyDict_Type, &cache, &size, &fns[0],
+                          &fns[1], &fns[2], &fns[3])) {
+        return NULL;
+    }
+    if (get_u64(size, "dram_size", &dram_size) < 0) {
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        if (!PyCallable_Check(fns[i])) {
+            PyErr_SetString(PyExc_TypeError, "HostPort(): write, read_runs, write_rest and runs_rest must be callable");
+            return NULL;
+        }
+    }
+    h = (HostPortObject *)type->tp_alloc(type, 0);
+    if (h == NULL) {
+        return NULL;
+    }
+    h->core = Py_NewRef(core);
+    h->cache = Py_NewRef(cache);
+    h->dram_size = dram_size;
+    h->write = Py_NewRef(fns[0]);
+    h->read_runs = Py_NewRef(fns[1]);
+    h->write_rest = Py_NewRef(fns[2]);
+    h->runs_rest = Py_NewRef(fns[3]);
+    return (PyObject *)h;
+}
+
+static PyMethodDef host_port_methods[] = {
+    {"write", (PyCFunction)(void (*)(void))host_port_write, METH_FASTCALL | METH_KEYWORDS, host_port_write_doc},
+    {"read_runs", (PyCFunction)(void (*)(void))host_port_read_runs, METH_FASTCALL | METH_KEYWORDS,
+     host_port_read_runs_doc},
+    {"exchange", (PyCFunction)(void (*)(void))host_port_exchange, METH_FASTCALL, host_port_exchange_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(host_port_doc, "HostPort(core, cache_dict, dram_size, write, read_runs, write_rest, runs_rest): "
+                            "the host's whole-line accesses of a core in one call (csrc/mem_accel.c).");
+
+static PyTypeObject HostPortType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sevemu.hw._mem_accel.HostPort",
+    .tp_basicsize = sizeof(HostPortObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = host_port_doc,
+    .tp_new = host_port_new,
+    .tp_dealloc = (destructor)host_port_dealloc,
+    .tp_traverse = (traverseproc)host_port_traverse,
+    .tp_clear = (inquiry)host_port_clear,
+    .tp_methods = host_port_methods,
+};
+
+static int host_port_init_module(PyObject *m)
+{
+#define INTERN(var, text)                                                                                              \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) {                                                           \
+        return -1;                                                                                                     \
+    }
+    INTERN(s_synced, "synced")
+    INTERN(s_slot_of, "slot_of")
+    INTERN(s_mm, "mm")
+    INTERN(s_snap, "_snap")
+    INTERN(s_code_slots, "code_slots")
+    INTERN(s_updated, "updated")
+    INTERN(s_stats, "stats")
+    INTERN(s_slot_updates, "slot_updates")
+    INTERN(s_snoop, "snoop")
+    INTERN(s_rmp, "rmp")
+    INTERN(s_vmcbs, "vmcbs")
+    INTERN(s_lo, "lo")
+    INTERN(s_hi, "hi")
+    INTERN(s_plain_agents, "plain_agents")
+    INTERN(s_sets, "sets")
+    INTERN(s_set_mask, "set_mask")
+    INTERN(s_dirty, "dirty")
+    INTERN(s_slot_key, "slot_key")
+    INTERN(s_writable, "writable")
+    INTERN(s_agents, "agents")
+    INTERN(s_lines_written_back, "lines_written_back")
+#undef INTERN
+    if ((s_one = PyLong_FromLong(1)) == NULL) {
+        return -1;
+    }
+    PyTypeObject *types[2] = {&PoolSnoopType, &HostPortType};
+    const char *names[2] = {"PoolSnoop", "HostPort"};
+    for (int i = 0; i < 2; i++) {
+        if (PyType_Ready(types[i]) < 0) {
+            return -1;
+        }
+        Py_INCREF(types[i]);
+        if (PyModule_AddObject(m, names[i], (PyObject *)types[i]) < 0) {
+            Py_DECREF(types[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static PyMethodDef methods[] = {
     {"dram_gather", (PyCFunction)(void (*)(void))dram_gather, METH_FASTCALL, dram_gather_doc},
     {"dram_scatter", (PyCFunction)(void (*)(void))dram_scatter, METH_FASTCALL, dram_scatter_doc},
@@ -2056,6 +3018,8 @@ static PyMethodDef methods[] = {
      cache_hit_write_runs_doc},
     {"slot_sync", (PyCFunction)(void (*)(void))slot_sync, METH_FASTCALL, slot_sync_doc},
     {"copy_changed", (PyCFunction)(void (*)(void))copy_changed, METH_FASTCALL, copy_changed_doc},
+    {"pool_sync_all", (PyCFunction)(void (*)(void))pool_sync_all, METH_FASTCALL,
+     "pool_sync_all(pool, cache_dict, write_back) -> int: PagePool.sync_all (csrc/mem_accel.c)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2074,6 +3038,9 @@ static int module_exec(PyObject *m)
     Py_INCREF(&PortType);
     if (PyModule_AddObject(m, "Port", (PyObject *)&PortType) < 0) {
         Py_DECREF(&PortType);
+        return -1;
+    }
+    if (host_port_init_module(m) < 0) {
         return -1;
     }
     if (PyType_Ready(&LineCipherType) < 0) {

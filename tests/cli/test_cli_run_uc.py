@@ -100,6 +100,7 @@ def test_bench_cpu_small(gcc: None, capsys: pytest.CaptureFixture[str]) -> None:
     # the same loops in this process's CPU time (what a shared machine's other load does not slow)
     assert r["exits"]["cpu_round_trips_per_s"] > 0 and g["cpu_round_trips_per_s"] > 0
     assert g["vc_cpu_round_trips_per_s"] > 0
+    assert g["cpu_ratio_to_exits"] == pytest.approx(g["cpu_round_trips_per_s"] / r["exits"]["cpu_round_trips_per_s"])
     args = p.parse_args(["cpu", "--iterations", "20000", "--exits", "1000", "--repeat", "1"])
     assert bench_cpu.run_cpu(args) == 0
     out = capsys.readouterr().out

@@ -135,7 +135,17 @@ def _out_request(rax: int, port: int = 0x80, usage: int = 0, seed: int = 0) -> b
     return bytes(raw)
 
 
-@pytest.mark.parametrize("second", ["same", "other_rax", "other_port", "bad_usage", "other_handler"])
+def _elsewhere(request: bytes) -> bytes:
+    """``request`` with RBX and R15 changed (fields an OUT does not read, outside the lines that
+    decide it)."""
+    raw = bytearray(request)
+    for name in ("rbx", "r15"):
+        off = GHCB_VALID_BITS[name] * 8
+        raw[off] ^= 0xA5
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("second", ["same", "other_rax", "other_port", "bad_usage", "other_handler", "other_rbx"])
 def test_a_repeated_ghcb_out_is_answered_as_the_first_one(second: str) -> None:
     """The guest's loop of one OUT through the GHCB: the second identical GHCB (answered from the
     handler's memo of the first) makes the same OUT and leaves the page exactly as a handler that
@@ -154,7 +164,7 @@ def test_a_repeated_ghcb_out_is_answered_as_the_first_one(second: str) -> None:
     assert handler.vmgexit(vm, vcpu) is None
     answered = vm.host_read(GPA, PAGE)
     again = {"same": first, "other_rax": _out_request(0x22), "other_port": _out_request(0x11, port=0x81),
-             "bad_usage": _out_request(0x11, usage=1), "other_handler": first}[second]
+             "bad_usage": _out_request(0x11, usage=1), "other_handler": first, "other_rbx": _elsewhere(first)}[second]
     other_fn_calls: list[int] = []
     if second == "other_handler":
         handler.nae_table[0x7B] = lambda ex: other_fn_calls.append(ex.info1)  # type: ignore[func-returns-value]
@@ -171,10 +181,12 @@ def test_a_repeated_ghcb_out_is_answered_as_the_first_one(second: str) -> None:
     assert got == vm.host_read(GPA, PAGE)
     assert host.outs[1:] == fresh_host.outs
     expect = {"same": [(0x80, 1, 0x11)], "other_rax": [(0x80, 1, 0x22)], "other_port": [(0x81, 1, 0x11)],
-              "bad_usage": [], "other_handler": []}[second]
+              "bad_usage": [], "other_handler": [], "other_rbx": [(0x80, 1, 0x11)]}[second]
     assert host.outs == [(0x80, 1, 0x11), *expect]
     if second == "same":
         assert got == answered
+    if second == "other_rbx":  # answered from the memo: the other fields stay as the guest left them
+        assert got == _elsewhere(answered)
     if second == "other_handler":
         assert len(other_fn_calls) == 2
     if second == "bad_usage":

@@ -76,3 +76,32 @@ class LineCipher:
     def encrypt(self, spa: int, line: ReadableBuffer, /) -> bytes: ...
     def decrypt(self, spa: int, line: ReadableBuffer, /) -> bytes: ...
     def read(self, spa: int, /) -> bytearray: ...
+
+class PoolSnoop:
+    """:meth:`PagePool.snoop <sevemu.hw.uc.pool.PagePool.snoop>`'s usual cases in one call (a read while
+    synced, a page without a slot, the write-update of whole lines of one slot while synced), reading the
+    pool's attributes at each call; every other call goes to ``fallback`` unchanged."""
+
+    def __init__(self, pool: object, fallback: Callable[..., None], /) -> None: ...
+    def __call__(self, lo: int, hi: int, invalidate: bool, data: memoryview | None = None, /) -> None: ...
+
+class HostPort:
+    """A core's host accesses of whole unencrypted lines in one call each (``Core.host_write``,
+    ``Core.host_read_runs`` with the cache's ``write_lines`` / ``read_runs`` behind them): the same
+    checks, snoops, bytes, counters and LRU order; anything else goes to ``write`` / ``read_runs``, a
+    miss to the cache's ``write_rest`` / ``runs_rest``."""
+
+    def __init__(self, core: object, cache_dict: dict[str, Any], dram_size: int,
+                 write: Callable[..., None], read_runs: Callable[..., bytes],
+                 write_rest: Callable[[int, memoryview], None],
+                 runs_rest: Callable[[int, tuple[tuple[int, int], ...]], bytes], /) -> None: ...
+    def write(self, spa: int, data: bytes | bytearray | memoryview, c: bool = False) -> None: ...
+    def read_runs(self, spa: int, runs: tuple[tuple[int, int], ...], c: bool = False) -> bytes: ...
+    def exchange(self, spa: int, runs: tuple[tuple[int, int], ...], expect: bytes,
+                 writes: list[tuple[int, bytes]], /) -> bytes | None: ...
+
+def pool_sync_all(pool: object, cache_dict: dict[str, Any],
+                  write_back: Callable[[int, bytearray, list[tuple[int, int]]], None], /) -> int:
+    """:meth:`PagePool.sync_all <sevemu.hw.uc.pool.PagePool.sync_all>`'s loop: the changed lines of
+    each writable slot into the cache (``write_back`` where another agent is snooped or a line
+    misses); how many slots had changed lines."""

@@ -358,6 +358,10 @@ class Cache:
         for agent in self.agents if c else self.plain_agents:  # (Cache._snoop, inlined)
             if agent is not origin:
                 agent.snoop(key + span[0], key + span[1], False, None)
+        return self._read_runs_rest(key, runs)
+
+    def _read_runs_rest(self, key: int, runs: tuple[tuple[int, int], ...]) -> bytes:
+        """:meth:`read_runs` after its snoop, from the key of the page (``runs`` checked)."""
         if memaccel.ENABLED:  # every line resident: the same bytes, hits and LRU order, in C
             got = memaccel.helpers.cache_hit_runs(self.sets, self.set_mask, key, runs, self.__dict__)
             if got is not None:
@@ -401,6 +405,12 @@ class Cache:
         for agent in self.agents if c else self.plain_agents:  # (Cache._snoop, inlined; whole lines: agents may take the bytes)
             if agent is not origin:
                 agent.snoop(key, key + (length or LINE), True, view)
+        self._write_lines_rest(key, view)
+
+    def _write_lines_rest(self, key: int, view: memoryview) -> None:
+        """:meth:`write_lines` after its snoop, from the key of the first line (``view``: flat bytes,
+        whole lines)."""
+        length = len(view)
         dirty = self.dirty
         if memaccel.ENABLED and length and memaccel.helpers.cache_hit_write(
                 self.sets, self.set_mask, key, view, dirty, self.__dict__):

@@ -323,6 +323,21 @@ class Core:
                 v.touch(spa + off, length, False)  # a VMCB view of a run goes to memory first
         return self.cache.read_runs(0, c, spa, runs)
 
+    def host_exchange(self, spa: int, runs: tuple[tuple[int, int], ...], expect: bytes,
+                      writes: list[tuple[int, bytes]]) -> bytes | None:
+        """:meth:`host_read_runs` of the page at ``spa`` (C=0); when it returns ``expect``, each
+        ``(offset, data)`` of ``writes`` is written into the page (:meth:`host_write`) and None is
+        returned, else what was read (nothing written): a hypervisor's look at a request in a shared
+        page followed by the answer it gave the same request before, in one call."""
+        got = self.host_read_runs(spa, runs)
+        if got != expect:
+            return got
+        for off, data in writes:
+            if not 0 <= off < PAGE or len(data) > PAGE - off:
+                raise ValueError(f"exchange(): a write at offset {off} does not fit in the page")
+            self.host_write(spa + off, data)
+        return None
+
     def host_write(self, spa: int, data: bytes | bytearray | memoryview, c: bool = False) -> None:
         """Write physical memory as the host (no integrity on SEV: guest pages are silently corrupted)."""
         n = len(data)
@@ -474,7 +489,12 @@ class Core:
         state = vmsa.load(asid, vmsa_pa)
         if isinstance(state, str):
             return self._vmrun_failed(vmcb, state)
-        cpu = self._guest_cpu(vmcb, state)
+        c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
+        if (c is not None and c.vmcb is vmcb and c.state is state and rmp is None and c.asid == asid
+                and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(asid)):
+            cpu = c
+        else:
+            cpu = self._guest_cpu(vmcb, state)
         if rmp is None:
             try:
                 ex = engine.run(cpu)
@@ -497,7 +517,10 @@ class Core:
         if code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
             bare = _ES_BARE.get(code)
             ex = bare if bare is not None else VmExit(code)  # the exit code only
-        return self._exit(vmcb, ex)
+        vmcb.exit_code = code  # (_exit, inlined)
+        vmcb.exit_info1 = ex.info1
+        vmcb.exit_info2 = ex.info2
+        return ex
 
     def _guest_cpu(self, vmcb: Vmcb, state: SaveState) -> GuestCpu:
         """The guest's view of this core for a VMRUN of ``vmcb`` with ``state``: the last one again

@@ -17,10 +17,12 @@ the model's code honest, and the attack tests are written against them.)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from sevemu.abi.rmp import RmpResult, RmpUpdateState
 from sevemu.errors import HardwareError
+from sevemu.hw import memaccel
 
 if TYPE_CHECKING:
     from sevemu.hw.cpu import Core, Engine
@@ -33,13 +35,52 @@ if TYPE_CHECKING:
 __all__ = ["HostCore", "HostSoc", "PspMailbox"]
 
 
-class HostCore:
-    """One core as host software drives it (ASID 0)."""
+class _HostWrite(Protocol):
+    def __call__(self, spa: int, data: bytes | bytearray | memoryview, c: bool = False) -> None: ...
 
-    __slots__ = ("_core",)
+
+class _HostReadRuns(Protocol):
+    def __call__(self, spa: int, runs: tuple[tuple[int, int], ...], c: bool = False) -> bytes: ...
+
+
+
+
+class HostCore:
+    """One core as host software drives it (ASID 0).
+
+    ``host_write(spa, data, c=False)``: a store by the host (C=1 selects the host's SME key).
+    ``host_read_runs(spa, runs, c=False)``: loads by the host of runs of whole lines in the page at
+    ``spa`` -- ``(offset, length)`` pairs (multiples of 64), their bytes joined in the order given:
+    what one :meth:`host_read` per run returns, in one call.  ``host_exchange(spa, runs, expect,
+    writes)``: ``host_read_runs(spa, runs)``, and when that gives ``expect`` the ``(offset, data)``
+    ``writes`` into the page (None returned), else what was read (a request in a shared page and
+    the answer given to the same request before).  ``vmrun(vmcb, engine)``: VMRUN the guest
+    described by ``vmcb`` until #VMEXIT.  They are the core's (:meth:`Core.host_write
+    <sevemu.hw.cpu.Core.host_write>`, :meth:`~sevemu.hw.cpu.Core.host_read_runs`,
+    :meth:`~sevemu.hw.cpu.Core.host_exchange`, :meth:`~sevemu.hw.cpu.Core.vmrun`), or where the C
+    helpers are built the same accesses of whole unencrypted lines in one call (``HostPort``,
+    :mod:`sevemu.hw.memaccel`: the same checks, snoops, bytes, counters and LRU order; anything else
+    goes to the core's methods).
+    """
+
+    __slots__ = ("_core", "host_exchange", "host_read_runs", "host_write", "vmrun")
+
+    host_write: _HostWrite
+    host_read_runs: _HostReadRuns
+    host_exchange: Callable[[int, tuple[tuple[int, int], ...], bytes, list[tuple[int, bytes]]], bytes | None]
+    vmrun: Callable[[Vmcb, Engine], VmExit]
 
     def __init__(self, core: Core) -> None:
         self._core = core
+        if memaccel.HOST_PORT:
+            cache = core.cache
+            port = memaccel.helpers.HostPort(core, vars(cache), core.mc.dram.size, core.host_write,
+                                             core.host_read_runs, cache._write_lines_rest, cache._read_runs_rest)
+            self.host_write, self.host_read_runs, self.host_exchange = port.write, port.read_runs, port.exchange
+        else:
+            self.host_write, self.host_read_runs = core.host_write, core.host_read_runs
+            self.host_exchange = core.host_exchange
+        self.vmrun = core.vmrun
 
     @property
     def index(self) -> int:
@@ -48,16 +89,6 @@ class HostCore:
     def host_read(self, spa: int, length: int, c: bool = False) -> bytes:
         """A load by the host (C=1 selects the host's SME key)."""
         return self._core.host_read(spa, length, c)
-
-    def host_read_runs(self, spa: int, runs: tuple[tuple[int, int], ...], c: bool = False) -> bytes:
-        """Loads by the host of runs of whole lines in the page at ``spa``: ``(offset, length)``
-        pairs (multiples of 64), their bytes joined in the order given -- what one
-        :meth:`host_read` per run returns, in one call."""
-        return self._core.host_read_runs(spa, runs, c)
-
-    def host_write(self, spa: int, data: bytes | bytearray | memoryview, c: bool = False) -> None:
-        """A store by the host (C=1 selects the host's SME key)."""
-        self._core.host_write(spa, data, c)
 
     def vmcb_init(self, vmcb: Vmcb) -> None:
         """The hypervisor initialised the VMCB ``vmcb`` in the page at ``vmcb.pa`` (a page it allocated):
@@ -95,10 +126,6 @@ class HostCore:
     def vmpage_flush(self, spa: int, asid: int) -> int:
         """WRMSR VMPAGE_FLUSH: write back and invalidate one page's lines of ``asid``."""
         return self._core.vmpage_flush(spa, asid)
-
-    def vmrun(self, vmcb: Vmcb, engine: Engine) -> VmExit:
-        """VMRUN the guest described by ``vmcb`` until #VMEXIT."""
-        return self._core.vmrun(vmcb, engine)
 
     def rmpupdate(self, rax: int, rcx: int) -> int:
         """RMPUPDATE (F2 0F 01 FE): RAX = the page's SPA, RCX = address of the 16-byte new state

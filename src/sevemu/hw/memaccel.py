@@ -6,7 +6,10 @@ lines (``cache_hit_read`` / ``cache_hit_write``: :meth:`~sevemu.hw.cache.Cache.r
 :meth:`~sevemu.hw.cache.Cache.write_lines` when no line misses), and the guest's memory port (``Port``: one load
 or store through the TLB and the cache, :meth:`sevemu.hw.cache.Cache.port`), and the memory
 controller's single-line cipher (``LineCipher``: AES through OpenSSL's libcrypto, which this
-extension links, around the tweaks of :class:`~sevemu.crypto.memenc.MemoryCipher`).
+extension links, around the tweaks of :class:`~sevemu.crypto.memenc.MemoryCipher`); and an SEV-ES
+exit's host accesses in one call each (:data:`HOST_PORT`: ``HostPort``, the host's whole-line
+writes, run reads and the GHCB exchange of :class:`~sevemu.hw.host.HostCore`, with ``PoolSnoop``, the
+page pool's snoop; :data:`POOL_SYNC`: ``pool_sync_all``, the pool's write-back at #VMEXIT).
 
 They decide nothing: each does what the Python loop beside its caller (:mod:`sevemu.hw.dram`,
 :mod:`sevemu.hw.cache`, :mod:`sevemu.hw.uc.pool`) does, without one interpreted step per page or per line.  Without a C
@@ -32,3 +35,15 @@ except ImportError:  # installed without a C compiler: the Python loops
     ENABLED = False
 else:
     ENABLED = all(hasattr(helpers, name) for name in _FUNCTIONS)
+
+HOST_PORT: bool = ENABLED and hasattr(helpers, "HostPort") and hasattr(helpers, "PoolSnoop")
+"""Whether the host's whole-line accesses (``HostPort``: :class:`~sevemu.hw.host.HostCore`'s
+``host_write`` / ``host_read_runs``) and the page pool's snoop (``PoolSnoop``:
+:meth:`~sevemu.hw.uc.pool.PagePool.snoop`) take their one-call C paths; read when a core's host
+interface or a pool is made (tests turn it off first for the Python paths, which give the same results)."""
+
+POOL_SYNC: bool = ENABLED and hasattr(helpers, "pool_sync_all")
+"""Whether :meth:`PagePool.sync_all <sevemu.hw.uc.pool.PagePool.sync_all>` runs its loop in one C call
+(``pool_sync_all``: the same compares, write-backs, counters; a slot whose lines another agent must be
+snooped about, or that misses in the cache, goes to the pool's Python write-back).  Tests turn it off
+for the Python loop."""

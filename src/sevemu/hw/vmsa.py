@@ -78,6 +78,7 @@ _OFF_RAX: Final = _O("rax")
 _OFF_FEATURES: Final = _O("sev_features")
 _OFF_VMPL: Final = _O("vmpl")
 _SNP_ACTIVE: Final = 1  # SEV_FEATURES bit 0
+_C_KEY: Final = 1 << C_SHIFT
 _MSR_FIELDS: Final = {0x174: "sysenter_cs", 0x175: "sysenter_esp", 0x176: "sysenter_eip", 0x277: "g_pat",
                       0xC000_0081: "star", 0xC000_0082: "lstar", 0xC000_0083: "cstar", 0xC000_0084: "sfmask",
                       0xC000_0102: "kernel_gs_base"}
@@ -160,6 +161,8 @@ class VmsaUnit:
     def __init__(self, cache: Cache, dram: Dram) -> None:
         self.cache = cache
         self.dram = dram
+        self._size = dram.size
+        self._dram_pages = dram.pages_dict()  # (the page store: never rebound)
         self._held: dict[int, _Held] = {}
         self._running: _Held | None = None
         """The page of the guest between VMRUN and #VMEXIT: its registers are in the CPU then, so a
@@ -176,8 +179,21 @@ class VmsaUnit:
     # ---- VMRUN / #VMEXIT ----------------------------------------------------------------------
     def load(self, asid: int, spa: int) -> VmsaState | str:
         """VMRUN: the guest's registers from the VMSA at ``spa``, or why VMRUN must fail."""
-        if spa & (PAGE - 1) or spa <= 0 or spa + PAGE > self.dram.size:
+        if spa & (PAGE - 1) or spa <= 0 or spa + PAGE > self._size:
             return f"VMSA pointer {spa:#x} is not a page of DRAM"
+        h = self._held.get(asid << ASID_SHIFT | _C_KEY | spa)  # (tag_key(asid, True, spa) of a page)
+        if h is not None:  # held since the last #VMEXIT: the TMR block must still be what was stored
+            if h.snp:
+                self._running = h
+                return h.state
+            block = self._dram_pages.get(h.crc_paddr >> 12)  # (Dram.read_u64, inlined: every VMRUN)
+            if (_Q.unpack_from(block, h.crc_paddr & (PAGE - 1))[0] if block is not None else 0) == h.crc:
+                self._running = h
+                return h.state
+        return self._load(asid, spa)
+
+    def _load(self, asid: int, spa: int) -> VmsaState | str:
+        """:meth:`load` of a page not held (read and checked), or held but whose TMR block changed."""
         if not self._attached:
             self.cache.attach(self)
             self._attached = True

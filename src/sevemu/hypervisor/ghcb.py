@@ -71,6 +71,9 @@ _HEAD: Final = 0x380  # the line of SW_EXITCODE .. SW_SCRATCH, then XCR0 and the
 _GPRS: Final = 0x1C0  # from the line of RSP and RAX on, the GHCB is read in one piece
 _HEAD_RUNS: Final = ((_GPRS, _SAVE_HI - _GPRS), (_TAIL_LINE, 64))
 """What every GHCB exit reads, in one host access: 0x1C0..0x400 and the line of ``ghcb_usage``."""
+_KNOWN_RUNS: Final = ((_GPRS, 64), (_HEAD, _SAVE_HI - _HEAD), (_TAIL_LINE, 64))
+"""What decides the answer to an OUT (``GhcbHandler._known``): the line of RAX, SW_EXITCODE .. the
+valid bitmap (the lines the answer is written into), the line of ``ghcb_usage``."""
 _SHARED_BUF: Final = 0x800
 _SHARED_END: Final = 0xFF0
 _OFF: Final = {name: bit * 8 for name, bit in GHCB_VALID_BITS.items()}
@@ -215,11 +218,13 @@ class GhcbHandler:
         self._last_wb_save = b""
         self._last_writes: list[tuple[int, bytes]] = []
         self._known: tuple[bytes, NaeFn | None, int, int, int, list[tuple[int, bytes]]] = (b"", None, 0, 0, 0, [])
-        """The last GHCB that asked for an OUT (IOIO, not string) and got the plain answer: its head
-        (``_HEAD_RUNS``, which decides everything about it), the IOIO handler that answered it, the
-        port, size and value, and the answer's writes -- the same head again is the same event with the
-        same answer (the guest's loop of OUTs): the OUT is made and the answer written without the
-        decode and the event table (``_page``)."""
+        """The last GHCB that asked for an OUT (IOIO, not string; no field below the GPRs marked) and
+        got the plain answer: the lines that decide it (``_KNOWN_RUNS``: ``ghcb_usage``, SW_EXITCODE,
+        SW_EXITINFO1/2, the valid bitmap, RAX -- and the bytes of the lines the answer rewrites), the
+        IOIO handler that answered it, the port, size and value, and the answer's writes -- the same
+        lines again are the same event with the same answer (the guest's loop of OUTs): the answer is
+        written and the OUT made without the decode and the event table (``_page``).  (The other
+        fields the bitmap may mark -- RBX, RCX ... -- are no input of an OUT.)"""
 
     # ---- entry -----------------------------------------------------------------------------------
     def vmgexit(self, vm: Vm, vcpu: Vcpu) -> str | None:
@@ -232,6 +237,17 @@ class GhcbHandler:
                 if fn is None:
                     return self._terminate(vm, f"unsupported GHCB MSR protocol request {msr:#x}")
                 return fn(vm, vcpu, msr)
+            known, page, registered = self._known, vcpu.ghcb_map, vcpu.ghcb_registered
+            # The known OUT (_known) again?  The GHCB mapped as at the last exit (the registered GPA,
+            # the same NPT entry: _page's checks), the same IOIO handler, and the lines that decide it
+            # read and -- when they are its -- its answer written in one host access; then the OUT
+            # (model choice: after its answer is in the GHCB; nothing sees the GHCB in between).
+            if (known[1] is not None and page is not None and page.gpa == msr
+                    and (registered is None or msr == registered) and vm.npt.lookup(msr) == page.spa
+                    and self.nae_table.get(_IOIO_CODE) is known[1]
+                    and page.exchange(_KNOWN_RUNS, known[0], known[5]) is None):
+                self.host.port_out(vm, known[2], known[3], known[4])
+                return None
             return self._page(vm, vcpu, msr)
         except StopRun as stop:
             return stop.reason
@@ -301,10 +317,7 @@ class GhcbHandler:
             page = vcpu.ghcb_map
             if page is None or page.gpa != gpa or vm.npt.lookup(gpa) != page.spa:
                 page = vcpu.ghcb_map = vm.host_page(gpa)  # (mapped again: another GHCB, or the NPT changed)
-            got = page.read_runs(_HEAD_RUNS)
-            known = self._known
-            if got == known[0] and self.nae_table.get(_IOIO_CODE) is known[1]:
-                return self._known_out(vm, page, known)
+            got = page.read_runs(_HEAD_RUNS)  # (a request other than the known OUT: vmgexit)
             memo = self._memo
             if got == memo[0]:  # the same head as the last GHCB (which marked no field below it)
                 save, bitmap, usage, fields = memo[1], memo[2], memo[3], dict(memo[4])
@@ -353,23 +366,9 @@ class GhcbHandler:
                 and not bitmap & _LOW_FIELDS and usage == GHCB_DEFAULT_USAGE and len(out) == 2
                 and not out["sw_exit_info_1"] and not out["sw_exit_info_2"] and "rax" in fields):
             size = _IOIO_SIZE_OF[ex.info1 & 0x70]
-            self._known = (got, self.nae_table.get(_IOIO_CODE), (ex.info1 >> 16) & 0xFFFF, size,
+            key = got[:64] + got[_HEAD - _GPRS :]  # (the lines of _KNOWN_RUNS, from the head read)
+            self._known = (key, self.nae_table.get(_IOIO_CODE), (ex.info1 >> 16) & 0xFFFF, size,
                            fields["rax"] & ((1 << (8 * size)) - 1), writes)
-        return stop
-
-    def _known_out(self, vm: Vm, page: HostPage,
-                   known: tuple[bytes, NaeFn | None, int, int, int, list[tuple[int, bytes]]]) -> str | None:
-        """The GHCB of :attr:`_known` again: its OUT, then its answer (what the event table's IOIO
-        handler and the write plan gave it)."""
-        stop: str | None = None
-        try:
-            self.host.port_out(vm, known[2], known[3], known[4])
-        except StopRun as s:
-            if vm.state is VmState.CRASHED:
-                raise
-            stop = s.reason
-        for off, data in known[5]:
-            page.write(off, data)
         return stop
 
     @staticmethod

@@ -377,7 +377,7 @@ class Hypervisor:
             # ASID on the core last: its translations must not be used (KVM pre_sev_run).
             self._last_vmcb[v.vmcb.asid] = v.vmcb
             v.vmcb.tlb_control = TlbControl.FLUSH_ASID
-        vmrun, handle = self.core.vmrun, self._handle_exit
+        vmrun, handle, vmgexit = self.core.vmrun, self._handle_exit, self.ghcb.vmgexit
         names = _EXIT_NAMES
         counts: dict[int, int] = {}  # exits by code, added to v.exits when the loop ends (a Counter's += costs more)
         try:
@@ -386,7 +386,8 @@ class Hypervisor:
                 code = ex.code
                 counts[code] = counts.get(code, 0) + 1
                 v.last_exit = ex
-                reason = handle(vm, v, ex)
+                # (VMGEXIT straight to the GHCB handler, as _handle_exit would send it)
+                reason = vmgexit(vm, v) if code == _VMGEXIT else handle(vm, v, ex)
                 if reason is not None:
                     return RunResult(ex, reason, n)
         finally:

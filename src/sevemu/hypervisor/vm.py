@@ -329,6 +329,13 @@ class HostPage:
         given, as the host reads them (what :meth:`read` of each returns, in one call)."""
         return self._core.host_read_runs(self.spa, runs)
 
+    def exchange(self, runs: tuple[tuple[int, int], ...], expect: bytes,
+                 writes: list[tuple[int, bytes]]) -> bytes | None:
+        """:meth:`read_runs` of ``runs``; when that gives ``expect``, each ``(offset, data)`` of
+        ``writes`` written into the page (as :meth:`write`) and None, else what was read (nothing
+        written) -- in one call (:meth:`HostCore.host_exchange <sevemu.hw.host.HostCore>`)."""
+        return self._core.host_exchange(self.spa, runs, expect, writes)
+
     def write(self, off: int, data: bytes | bytearray) -> None:
         """Write ``data`` at offset ``off`` of the page, as the host writes."""
         if not 0 <= off <= off + len(data) <= PAGE:

@@ -585,7 +585,7 @@ class UcEngine:
             # Slots that stay clean lose their write permission after a while (a TLB flush), so that
             # only pages the guest keeps writing are compared at each exit -- also while others (an
             # SEV-ES guest's GHCB) are written at every exit.
-            if self.pool.sync_all() >= len(writable):
+            if self.pool.sync() >= len(writable):
                 self._clean_syncs = 0
             else:
                 self._clean_syncs += 1

@@ -30,6 +30,7 @@ keeps no plaintext.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 from collections import deque
 from collections.abc import Callable
@@ -84,6 +85,12 @@ class PagePool:
         self.synced = False
         """Every writable slot was written back and the guest has not run since (set by the engine
         at #VMEXIT, cleared at VMRUN): a snoop has nothing to write back."""
+        self.sync: Callable[[], int] = self.sync_all
+        """:meth:`sync_all` -- while attached, where the C helpers are built, its loop in one call with
+        its arguments bound (``pool_sync_all``: what the engine calls at every #VMEXIT)."""
+        if memaccel.HOST_PORT:  # the usual snoops (an exit's host accesses) in one C call; the rest come here
+            # (an attribute set as any other: asking for the pool's __dict__ would slow every attribute access)
+            setattr(self, "snoop", memaccel.helpers.PoolSnoop(self, PagePool.snoop.__get__(self, PagePool)))  # noqa: B010
 
     # ---- the buffer -----------------------------------------------------------------------------
     def open(self) -> int:
@@ -108,6 +115,8 @@ class PagePool:
             self.cache.detach(self)
         cache.attach(self)
         self.cache = cache
+        if memaccel.POOL_SYNC:  # sync_all's loop in one C call, its arguments bound once (every #VMEXIT calls it)
+            self.sync = functools.partial(memaccel.helpers.pool_sync_all, self, vars(cache), self._write_back)
         return dropped
 
     def close(self, write_back: bool = True) -> None:
@@ -117,6 +126,7 @@ class PagePool:
                 self.sync_all()
             self.cache.detach(self)
             self.cache = None
+            self.sync = self.sync_all
         mm = self.mm
         if mm is not None and self._anchor is not None:
             ctypes.memset(ctypes.addressof(self._anchor), 0, len(mm))
@@ -200,10 +210,14 @@ class PagePool:
         self.stats.lines_written_back += n // LINE
 
     def sync_all(self) -> int:
-        """Write back every modified slot; returns how many were modified."""
+        """Write back every modified slot; returns how many were modified (where the C helpers are
+        built, the loop in one call: ``pool_sync_all``, :mod:`sevemu.hw.memaccel`; :attr:`sync` has
+        its arguments bound)."""
         mm = self.mm
         if mm is None:
             return 0
+        if memaccel.POOL_SYNC and self.cache is not None:  # the loop below, in one C call
+            return memaccel.helpers.pool_sync_all(self, vars(self.cache), self._write_back)
         keys = self.slot_key
         dirty = 0
         if not memaccel.ENABLED:

@@ -1,0 +1,148 @@
+"""The one-call C paths of an SEV-ES round trip's host accesses against their Python paths
+(``csrc/mem_accel.c``: ``HostPort`` -- the host's whole-line writes, run reads and the GHCB exchange
+--, ``PoolSnoop`` -- the page pool's snoop --, ``pool_sync_all`` -- the pool's write-back at #VMEXIT):
+the same guest gives the same console, the same bytes in the cache (in LRU order) and in DRAM, the
+same dirty lines, counters and exits either way; and the fallbacks the C paths hand to are taken."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sevemu._util.units import PAGE
+from sevemu.cli.run import GuestRun, launch_guest, load_image
+from sevemu.hw import memaccel
+from sevemu.hypervisor import ghcb as ghcb_mod
+
+needs_c = pytest.mark.skipif(not memaccel.HOST_PORT or not memaccel.POOL_SYNC, reason="csrc/mem_accel.c not built")
+
+
+def _flags(on: bool) -> tuple[bool, bool, bool]:
+    return memaccel.ENABLED and on, memaccel.HOST_PORT and on, memaccel.POOL_SYNC and on
+
+
+@pytest.fixture
+def accel_flags() -> Iterator[None]:
+    saved = memaccel.ENABLED, memaccel.HOST_PORT, memaccel.POOL_SYNC
+    yield
+    memaccel.ENABLED, memaccel.HOST_PORT, memaccel.POOL_SYNC = saved
+
+
+def _launch(on: bool, exits: int = 400) -> GuestRun:
+    memaccel.HOST_PORT, memaccel.POOL_SYNC = _flags(on)[1:]
+    image = load_image("bench").patched("bench_iterations", 1).patched("bench_exits", exits)
+    return launch_guest(image, mode="sev-es", generation="milan", seed="es-fastpath")
+
+
+def _until_hlt(run: GuestRun) -> None:
+    hv, vm = run.machine.hv, run.vm
+    for _ in range(100_000):
+        if hv.run(vm, 0, max_exits=1).reason == "hlt":
+            return
+    raise AssertionError("the guest never halted")
+
+
+def _state(run: GuestRun) -> dict[str, Any]:
+    soc = run.machine.soc
+    cache = soc.cache
+    dram = hashlib.sha256()
+    for pfn, page in sorted(soc.dram.pages_dict().items()):
+        dram.update(pfn.to_bytes(8, "little") + bytes(page))
+    engine = run.engines[0]
+    stats = dataclasses.asdict(engine.stats)
+    return {
+        "console": run.vm.console,
+        "lines": [[(k, bytes(v)) for k, v in s.items()] for s in cache.sets],  # (set order: LRU)
+        "dirty": sorted(cache.dirty),
+        "counters": (cache.hits, cache.misses, cache.writebacks),
+        "dram": dram.hexdigest(),
+        "stats": stats,
+        "exits": dict(run.vm.vcpus[0].exits),
+        "pool": sorted(engine.pool.slot_of.items()),
+        "snaps": {s: bytes(v) for s, v in engine.pool._snap.items()},
+        "slots": bytes(engine.pool.mm or b""),
+    }
+
+
+@needs_c
+def test_vmgexit_round_trips_give_the_same_state_with_and_without_the_c_paths(accel_flags: None) -> None:
+    states = []
+    for on in (True, False):
+        run = _launch(on)
+        try:
+            hv, vm = run.machine.hv, run.vm
+            fast = type(hv.core.host_write).__name__ == "builtin_function_or_method"
+            assert fast is on  # the C paths where asked for, the Python ones otherwise
+            assert (type(run.engines[0].pool.snoop).__name__ == "PoolSnoop") is on
+            _until_hlt(run)
+            r = hv.run(vm, 0, max_exits=300)
+            assert r.exits == 300 and not vm.crash_reason
+            assert hv.ghcb._known[1] is not None  # the known answer was used (the exchange path)
+            states.append(_state(run))
+        finally:
+            run.close()
+    fast_state, slow_state = states
+    assert fast_state["stats"]["slot_updates"] > 250 and fast_state["stats"]["lines_written_back"] > 250
+    for key in fast_state:
+        assert fast_state[key] == slow_state[key], key
+
+
+@needs_c
+def test_the_exchange_writes_only_when_the_page_holds_what_was_expected(accel_flags: None) -> None:
+    for on in (True, False):
+        run = _launch(on)
+        try:
+            _until_hlt(run)
+            hv, vm = run.machine.hv, run.vm
+            hv.run(vm, 0, max_exits=5)
+            page = vm.vcpus[0].ghcb_map
+            assert page is not None
+            head = page.read_runs(ghcb_mod._HEAD_RUNS)
+            before = page.read(0, PAGE)
+            answer = [(0x380, b"\x5a" * 64)]
+            wrong = bytes([head[0] ^ 1]) + head[1:]
+            assert page.exchange(ghcb_mod._HEAD_RUNS, wrong, answer) == head  # not the expected head
+            assert page.read(0, PAGE) == before  # nothing written
+            assert page.exchange(ghcb_mod._HEAD_RUNS, head, answer) is None
+            assert page.read(0x380, 64) == b"\x5a" * 64
+            assert page.read(0, 0x380) == before[:0x380] and page.read(0x3C0, PAGE - 0x3C0) == before[0x3C0:]
+            with pytest.raises(ValueError, match="does not fit"):
+                page.exchange(ghcb_mod._HEAD_RUNS, page.read_runs(ghcb_mod._HEAD_RUNS), [(PAGE - 32, bytes(64))])
+        finally:
+            run.close()
+
+
+@needs_c
+def test_host_accesses_the_c_port_hands_on_give_what_the_core_gives(accel_flags: None) -> None:
+    """C=1, unaligned and partial-line accesses, lines absent from the cache (after WBINVD) and a
+    range with a VMCB view: the port hands them to the core's methods or the cache's Python rest,
+    with the same results as the core's own methods."""
+    memaccel.HOST_PORT = True
+    run = _launch(True)
+    try:
+        soc, hv = run.machine.soc, run.machine.hv
+        host, core = hv.core, soc.cores[0]
+        spa = run.vm.back(0x200000)
+        data = bytes(range(256)) * 2
+        host.host_write(spa, data)  # whole lines
+        assert core.host_read(spa, len(data)) == data
+        host.host_write(spa + 3, b"abc")  # not whole lines: Core.host_write
+        assert core.host_read(spa, 8) == data[:3] + b"abc" + data[6:8]
+        host.host_write(spa + 1024, data[:64], True)  # C=1 (the host's SME key): Core.host_write
+        assert core.host_read(spa + 1024, 64, True) == data[:64]
+        soc.cores[0].wbinvd()  # every line absent: the cache's Python rests
+        runs = ((0, 128), (256, 64))
+        want = data[:3] + b"abc" + data[6:128] + data[256:320]
+        assert host.host_read_runs(spa, runs) == want == core.host_read_runs(spa, runs)
+        host.host_write(spa + 64, data[:64])
+        assert core.host_read(spa, 128) == want[:64] + data[:64]
+        vmcb = run.vm.vcpus[0].vmcb
+        host.host_write(vmcb.pa + 0x400, bytes(64))  # a VMCB page: the view is written back, then dropped
+        assert core.host_read(vmcb.pa + 0x400, 64) == bytes(64)
+        assert not core.vmcbs.held(vmcb.pa)
+    finally:
+        run.close()
