@@ -41,6 +41,7 @@ gives it to the cores)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Final, Protocol
@@ -63,6 +64,7 @@ from sevemu.hw.x86.decode import ioio_info1
 
 if TYPE_CHECKING:
     from sevemu.hw.cpu import GuestCpu
+    from sevemu.hw.mmu import Translation
 
 __all__ = [
     "AUTOMATIC_EXITS", "SAVE_AREA_MSRS", "Exit", "Fault", "GuestRmp", "MsrKind", "Outcome", "PvalidateRc",
@@ -309,8 +311,11 @@ class GuestRmp(Protocol):
 _SIZE_ALIGN: Final = {0: 1 << 12, 1: 1 << 21}
 
 
-def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int) -> tuple[GuestRmp, int, int] | Fault | Retire:
+def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int,
+                translate: Callable[[int], Translation] | None) -> tuple[GuestRmp, int, int] | Fault | Retire:
     """Common front of PVALIDATE/RMPADJUST: #UD outside SNP, FAIL_INPUT, else (rmp, gpa, spa).
+    ``translate``: the walk of the operand (default :meth:`GuestCpu.translate`; an engine passes its
+    cached walker, which answers as the walk does).
 
     RAX names the page: its offset bits 11:0 are ignored, and only a 2 MiB request whose address is
     not 2 MiB aligned (bits 20:12 set) fails with FAIL_INPUT.  edk2 relies on it: OVMF's
@@ -322,14 +327,15 @@ def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int) -> tuple[GuestRmp
     align = _SIZE_ALIGN.get(size)
     if align is None or gva % align & ~0xFFF:
         return Retire(regs=(("rax", int(PvalidateRc.FAIL_INPUT)),), cf=False)
-    t = cpu.translate(gva)  # #PF / #NPF propagate, as for any access
+    t = (translate or cpu.translate)(gva)  # #PF / #NPF propagate, as for any access
     return rmp, t.gpa & ~(align - 1), t.spa & ~(align - 1)
 
 
-def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool) -> Outcome:
+def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool,
+              translate: Callable[[int], Translation] | None = None) -> Outcome:
     """PVALIDATE: RAX = guest VA, ECX = size (0 4 KiB, 1 2 MiB), EDX = validate (1) / rescind (0);
     result in EAX, rFLAGS.CF = 1 when the page was already in the requested state."""
-    target = _rmp_target(cpu, "PVALIDATE", gva, size)
+    target = _rmp_target(cpu, "PVALIDATE", gva, size, translate)
     if not isinstance(target, tuple):
         return target
     if cpu.vmpl:  # only VMPL0 validates (Linux: "PVALIDATE can only be performed at VMPL0"; an SVSM does it)
@@ -343,7 +349,7 @@ def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool) -> Outcome:
 def rmpadjust(cpu: GuestCpu, gva: int, size: int, rdx: int) -> Outcome:
     """RMPADJUST: RAX = guest VA, RCX = size, RDX[7:0] target VMPL, [15:8] permission mask,
     [16] VMSA; result in EAX."""
-    target = _rmp_target(cpu, "RMPADJUST", gva, size)
+    target = _rmp_target(cpu, "RMPADJUST", gva, size, None)
     if not isinstance(target, tuple):
         return target
     rmp, gpa, spa = target
