@@ -31,7 +31,7 @@ from sevemu.abi.paging import ExitCode
 from sevemu.errors import InputError
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault, PageNotValidated, VmmCommunication
-from sevemu.hw.mmu import Mmu, Translation
+from sevemu.hw.mmu import Mmu
 from sevemu.hw.svm import SEGMENT_NAMES, SaveState, Segment, VmExit
 from sevemu.hw.uc.binding import (
     I_CR0,
@@ -45,6 +45,7 @@ from sevemu.hw.uc.binding import (
     library,
 )
 from sevemu.hw.uc.stats import UcStats
+from sevemu.hw.uc.walk import NestedCachingMmu
 from sevemu.hw.x86 import insn
 from sevemu.hw.x86.arch import (
     ATTR_CODE32,
@@ -382,8 +383,11 @@ def pvalidate_in_place(e: EnginePort, cpu: GuestCpu, mmu: Mmu) -> bool:
         return False
     asid, sev, ncr3, cr3 = cpu.asid, cpu.sev, cpu.vmcb.ncr3, vals[I_CR3]
 
-    def walk(gva: int) -> Translation:
-        return mmu.translate(asid=asid, sev=sev, ncr3=ncr3, paging=paging, cr3=cr3, gva=gva, write=False, fetch=False)
+    def walk(gva: int) -> tuple[int, int]:
+        if isinstance(mmu, NestedCachingMmu):
+            return mmu.operand(asid, sev, ncr3, paging, cr3, gva)
+        t = mmu.translate(asid=asid, sev=sev, ncr3=ncr3, paging=paging, cr3=cr3, gva=gva, write=False, fetch=False)
+        return t.gpa, t.spa
 
     try:
         out = insn.pvalidate(cpu, vals[0], vals[2] & 0xFFFFFFFF, True, translate=walk)

@@ -140,6 +140,32 @@ class NestedCachingMmu(Mmu):
         self.table_pages.update(tables)
         return t
 
+    def operand(self, asid: int, sev: bool, ncr3: int, paging: bool, cr3: int, gva: int) -> tuple[int, int]:
+        """(GPA, SPA) of an instruction's memory operand read at ``gva`` (PVALIDATE's, whose every
+        operand is a page not translated before): what :meth:`translate` answers for a read without
+        an RMP check (:meth:`GuestCpu.translate`'s walk), but no whole or nested translation is kept
+        for the page, so that a loop validating 256 MiB neither fills nor keeps flushing the caches
+        the TLB fills use.  Answered from the guest 2 MiB-leaf cache and the NPT page-table cache
+        where they hold the operand's regions; anything else is :meth:`translate` (faults raised)."""
+        if paging:
+            region = self._regions.get((gva >> 21, sev << 2 | 8, cr3, asid, ncr3, 0, 0))
+            if region is None:
+                t = self.translate(asid=asid, sev=sev, ncr3=ncr3, paging=True, cr3=cr3, gva=gva, write=False,
+                                   fetch=False)
+                return t.gpa, t.spa
+            gpa = region[0] | (gva & 0x1FFFFF)
+            enc = sev and region[1]
+        else:
+            gpa, enc = gva, sev
+        hit = self._nested.get((ncr3, gpa >> 12, 4 | enc << 3))
+        if hit is not None:
+            return gpa, hit[0]
+        leaf = self._nested_leaf(ncr3, gpa, False, False)
+        if leaf is not None:
+            return gpa, leaf[0] & ~0xFFF
+        t = self.translate(asid=asid, sev=sev, ncr3=ncr3, paging=paging, cr3=cr3, gva=gva, write=False, fetch=False)
+        return t.gpa, t.spa
+
     def _guest_walk(self, asid: int, sev: bool, ncr3: int, cr3: int, gva: int, write: bool, fetch: bool,
                     rmp: Rmp | None = None, vmpl: int = 0, wp: bool = True) -> tuple[int, bool, bool, bool, bool]:
         key = (gva >> 21, write | fetch << 1 | sev << 2 | wp << 3, cr3, asid, ncr3, vmpl, id(rmp) if rmp is not None else 0)

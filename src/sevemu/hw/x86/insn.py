@@ -64,7 +64,6 @@ from sevemu.hw.x86.decode import ioio_info1
 
 if TYPE_CHECKING:
     from sevemu.hw.cpu import GuestCpu
-    from sevemu.hw.mmu import Translation
 
 __all__ = [
     "AUTOMATIC_EXITS", "SAVE_AREA_MSRS", "Exit", "Fault", "GuestRmp", "MsrKind", "Outcome", "PvalidateRc",
@@ -312,10 +311,10 @@ _SIZE_ALIGN: Final = {0: 1 << 12, 1: 1 << 21}
 
 
 def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int,
-                translate: Callable[[int], Translation] | None) -> tuple[GuestRmp, int, int] | Fault | Retire:
+                translate: Callable[[int], tuple[int, int]] | None) -> tuple[GuestRmp, int, int] | Fault | Retire:
     """Common front of PVALIDATE/RMPADJUST: #UD outside SNP, FAIL_INPUT, else (rmp, gpa, spa).
-    ``translate``: the walk of the operand (default :meth:`GuestCpu.translate`; an engine passes its
-    cached walker, which answers as the walk does).
+    ``translate``: the walk of the operand, (GPA, SPA) (default :meth:`GuestCpu.translate`'s; an
+    engine passes its cached walker, which answers as the walk does).
 
     RAX names the page: its offset bits 11:0 are ignored, and only a 2 MiB request whose address is
     not 2 MiB aligned (bits 20:12 set) fails with FAIL_INPUT.  edk2 relies on it: OVMF's
@@ -327,12 +326,16 @@ def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int,
     align = _SIZE_ALIGN.get(size)
     if align is None or gva % align & ~0xFFF:
         return Retire(regs=(("rax", int(PvalidateRc.FAIL_INPUT)),), cf=False)
-    t = (translate or cpu.translate)(gva)  # #PF / #NPF propagate, as for any access
-    return rmp, t.gpa & ~(align - 1), t.spa & ~(align - 1)
+    if translate is None:
+        t = cpu.translate(gva)  # #PF / #NPF propagate, as for any access
+        gpa, spa = t.gpa, t.spa
+    else:
+        gpa, spa = translate(gva)
+    return rmp, gpa & ~(align - 1), spa & ~(align - 1)
 
 
 def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool,
-              translate: Callable[[int], Translation] | None = None) -> Outcome:
+              translate: Callable[[int], tuple[int, int]] | None = None) -> Outcome:
     """PVALIDATE: RAX = guest VA, ECX = size (0 4 KiB, 1 2 MiB), EDX = validate (1) / rescind (0);
     result in EAX, rFLAGS.CF = 1 when the page was already in the requested state."""
     target = _rmp_target(cpu, "PVALIDATE", gva, size, translate)
