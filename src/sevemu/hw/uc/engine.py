@@ -621,6 +621,15 @@ class UcEngine:
             check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
         self._forget_grants()
 
+    def invalidate_pool(self) -> None:
+        """The guest's WBINVD (``exits.intercept``): every slot written back and forgotten, as a cache
+        level is invalidated; Unicorn's TLB is flushed (the page walker's translations stay: memory
+        did not change) and translated code of the slots goes at the top of the run loop."""
+        if self.pool.drop_all():
+            check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
+            self.stats.tlb_flushes += 1
+            self._forget_grants()
+
     def _evict(self) -> None:
         """Free the oldest quarter of the pool (written back first); Unicorn's TLB is flushed."""
         self.pool.evict()

@@ -203,6 +203,11 @@ class EnginePort(Protocol):
         """Drop every translation the engine holds (the RMP changed under an SNP guest)."""
         ...
 
+    def invalidate_pool(self) -> None:
+        """The guest's WBINVD: write back and forget every page-pool slot (Unicorn's TLB flushed,
+        translated code of the slots dropped before the guest goes on)."""
+        ...
+
     @property
     def stats(self) -> UcStats: ...
 
@@ -240,8 +245,13 @@ def intercept(e: EnginePort, cpu: GuestCpu, code: int, rip: int) -> VmExit | Non
             raise Crash(f"engine error: MSR exit direction at RIP {rip:#x}")
         return apply(e, cpu, out, rip, plen + 2)
     if code == EXIT_WBINVD:
+        # The vCPU's private cache level (the page pool) is written back and emptied first, so the
+        # guest continues from DRAM's view, reloading pages as it touches them (firmware WBINVDs
+        # with thousands of pages resident that it never touches again: re-reading every slot at
+        # once cost SNP's PEI ~1 s per WBINVD).
+        e.invalidate_pool()
         out = insn.wbinvd(cpu)
-        e.refresh()  # the snoop made every slot stale: the guest continues from DRAM's view
+        e.refresh()  # (nothing should be stale; as after any snoop)
         return apply(e, cpu, out, rip, plen + 2)
     name = _UD_INTERCEPTS.get(code)
     if name is not None:
