@@ -169,11 +169,19 @@ def test_an_instructions_operand_walk_answers_as_the_walk_and_keeps_no_translati
     assert (len(mmu._tlb), len(mmu._nested)) == (tlb, nested)
     # paging off: GVA = GPA, private
     assert operand(0x5123, paging=False) == (0x5123, GUEST_SPA + 0x5000)
-    # an absent NPT entry under a cached NPT table: the walk's #NPF, every time
+    # the region's NPT entries are kept until the hypervisor flushes (TLB_CONTROL), as a TLB keeps them:
+    # a removed entry then gives the walk's #NPF, every time; a remapped one its new page
     pt._npt_write(pt.npt_leaf_spa(0x201000), 0)
+    pt.npt_map(0x202000, GUEST_SPA + 0x7000)
+    mmu.flush()
     for _ in range(2):
         with pytest.raises(NestedPageFault):
             operand(region + 0x1000)
+    assert operand(region + 0x2010) == walk(region + 0x2010) == (0x202010, GUEST_SPA + 0x7000)
+    # an entry the hypervisor adds (no flush needed: an entry absent from the kept table is walked again)
+    assert operand(region + 0x3000) == walk(region + 0x3000) and (pt.ncr3, 0x200000 >> 21) in mmu._operand_tables
+    pt.npt_map(0x201000, GUEST_SPA + 0x8000)
+    assert operand(region + 0x1000) == walk(region + 0x1000) == (0x201000, GUEST_SPA + 0x8000)
     # an unmapped guest address: the walk's #PF
     with pytest.raises(PageFault):
         operand(GVA + 0x200000)

@@ -308,6 +308,8 @@ class GuestRmp(Protocol):
 
 
 _SIZE_ALIGN: Final = {0: 1 << 12, 1: 1 << 21}
+_RMP_RETIRED: dict[tuple[int, bool], Retire] = {}
+"""PVALIDATE's outcomes by (EAX, CF) (frozen: shared; a loop over 256 MiB makes the same two)."""
 
 
 def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int,
@@ -346,7 +348,10 @@ def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool,
     rmp, gpa, spa = target
     rc, unchanged = rmp.pvalidate(cpu.asid, gpa, spa, bool(size), validate)
     cpu.rmp_changed()  # a rescinded page: the translations that allowed it go
-    return Retire(regs=(("rax", rc),), cf=unchanged)
+    out = _RMP_RETIRED.get((rc, unchanged))
+    if out is None:
+        out = _RMP_RETIRED[(rc, unchanged)] = Retire(regs=(("rax", rc),), cf=unchanged)
+    return out
 
 
 def rmpadjust(cpu: GuestCpu, gva: int, size: int, rdx: int) -> Outcome:
