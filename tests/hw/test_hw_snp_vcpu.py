@@ -489,19 +489,26 @@ def test_rmp_instructions_ignore_the_page_offset_and_refuse_only_a_misaligned_2m
     assert not e.validated and e.perms[1] == R
 
 
-# ---- PVALIDATE's operand walked by the engine's caching walker (hw/uc/walk.py operand) -------------------
+# ---- PVALIDATE on the Unicorn engine: the caching walker, and retired inside Unicorn ----------------------
+# (hw/uc/exits.py pvalidate_in_place: validate at VMPL0 in the current RMP epoch retires inside the
+# invalid-instruction hook; everything else stops and takes the precise path)
 def _pv(rax: int, ecx: int, edx: int) -> bytes:
     """mov eax, RAX; mov ecx, ECX; mov edx, EDX; pvalidate (32-bit code)."""
     return (b"\xb8" + rax.to_bytes(4, "little") + b"\xb9" + ecx.to_bytes(4, "little") + b"\xba"
             + edx.to_bytes(4, "little") + _PVALIDATE)
 
 
-def _uc_pvalidates(calls: list[tuple[int, int, int]], setup: Any, nested_cache: bool) -> tuple[Any, ...]:
-    """Run up to two PVALIDATEs (their EAX to ESI / EDI, their CF to EBP / EBX as 0 or -1), a load of
-    DATA and HLT on the Unicorn engine, with or without its caching walker; what the guest and the
-    RMP saw."""
+def _uc_pvalidates(calls: list[tuple[int, int, int]], setup: Any, nested_cache: bool, in_place: bool,
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    """Run up to two PVALIDATEs (their EAX to ESI / EDI, their CF to EBP / EBX as 0 or -1) and HLT on
+    the Unicorn engine, with or without its caching walker, with the in-place path on or off; what the
+    guest and the RMP saw."""
     from sevemu.hw.svm import GPRS
+    from sevemu.hw.uc import exits
 
+    monkeypatch.undo()
+    if not in_place:
+        monkeypatch.setattr(exits, "pvalidate_in_place", lambda e, cpu, mmu: False)
     g, eng = _uc_guest(pvalidate=False, nested_cache=nested_cache)
     code = b""
     for (rax, ecx, edx), keep in zip(calls, (b"\x89\xc6\x19\xed", b"\x89\xc7\x19\xdb"), strict=False):
@@ -513,42 +520,79 @@ def _uc_pvalidates(calls: list[tuple[int, int, int]], setup: Any, nested_cache: 
         regs = {n: eng.vals[GPRS.index(n)] & 0xFFFFFFFF for n in ("rsi", "rbp", "rdi", "rbx")}
         pages = {gpa: g.rmp.entry(GUEST_SPA + gpa) for gpa in (DATA, 0x200000)}
         return (ex.code, ex.info1 if ex.code == ExitCode.NPF else None, regs, pages, eng.crash, eng.stats.pvalidates,
-                eng.walker is not None)
+                eng.walker is not None, eng.stats.pvalidates_in_place)
     finally:
         eng.close()
+        monkeypatch.undo()
 
 
 _SCENARIOS = {
-    # validate, then again: EAX 0 with CF 0, then EAX 0 with CF 1
-    "validate twice": ([(DATA, 0, 1), (DATA + 0x7FF, 0, 1)], lambda g: g.own(DATA)),
+    # validate, then again: EAX 0 with CF 0, then EAX 0 with CF 1 -- both retired inside Unicorn
+    "validate twice": ([(DATA, 0, 1), (DATA + 0x7FF, 0, 1)], lambda g: g.own(DATA), 2),
     # 2 MiB request on a 4 KiB entry: FAIL_SIZEMISMATCH; not 2 MiB aligned: FAIL_INPUT (CF 0 both)
-    "2M on a 4K entry, misaligned 2M": ([(0x200000, 1, 1), (0x201000, 1, 1)], lambda g: g.own(0x200000)),
-    "validate then rescind": ([(DATA, 0, 1), (DATA, 0, 0)], lambda g: g.own(DATA)),
-    # another guest's page: #VMEXIT(NPF) with the RMP bit, nothing changed
-    "another guest's page": ([(DATA, 0, 1)], lambda g: g.own(DATA, asid=OTHER)),
-    # beyond the NPT: #VMEXIT(NPF) of the operand's walk
-    "unmapped operand": ([(0x3F_0000_0000 & 0xFFFFFFFF | 0x8000_0000, 0, 1)], lambda g: g.own(DATA)),
+    "2M on a 4K entry, misaligned 2M": ([(0x200000, 1, 1), (0x201000, 1, 1)], lambda g: g.own(0x200000), 2),
+    # a rescind may take an access away (TLB flushes): the stop-and-exit path
+    "validate then rescind": ([(DATA, 0, 1), (DATA, 0, 0)], lambda g: g.own(DATA), 1),
+    # another guest's page: #VMEXIT(NPF) with the RMP bit, from the precise path, nothing changed
+    "another guest's page": ([(DATA, 0, 1)], lambda g: g.own(DATA, asid=OTHER), 0),
+    # beyond the NPT: #VMEXIT(NPF) of the operand's walk, from the precise path
+    "unmapped operand": ([(0x3F_0000_0000 & 0xFFFFFFFF | 0x8000_0000, 0, 1)], lambda g: g.own(DATA), 0),
 }
 
 
-@pytest.mark.parametrize("name", list(_SCENARIOS))
-def test_unicorn_pvalidate_answers_alike_with_the_caching_walker(name: str) -> None:
-    """What the guest sees (EAX, rFLAGS.CF, the exit) and the RMP are the same whether PVALIDATE's
-    operand is walked by the engine's caching walker (its walk caches, ``NestedCachingMmu.operand``)
-    or by the vCPU's plain walk."""
-    calls, setup = _SCENARIOS[name]
-    cached = _uc_pvalidates(calls, setup, True)
-    plain = _uc_pvalidates(calls, setup, False)
-    assert cached[:6] == plain[:6] and cached[6] and not plain[6]
+def _check_scenario(name: str, out: tuple[Any, ...]) -> None:
     if name == "validate twice":
-        assert cached[0] == ExitCode.HLT and cached[2] == {"rsi": 0, "rbp": 0, "rdi": 0, "rbx": 0xFFFFFFFF}
-        assert cached[3][DATA].validated
+        assert out[0] == ExitCode.HLT and out[2] == {"rsi": 0, "rbp": 0, "rdi": 0, "rbx": 0xFFFFFFFF}
+        assert out[3][DATA].validated
     elif name.startswith("2M"):
-        assert cached[2] == {"rsi": RmpResult.FAIL_SIZEMISMATCH, "rbp": 0, "rdi": RmpResult.FAIL_INPUT, "rbx": 0}
-        assert not cached[3][0x200000].validated
+        assert out[2] == {"rsi": RmpResult.FAIL_SIZEMISMATCH, "rbp": 0, "rdi": RmpResult.FAIL_INPUT, "rbx": 0}
+        assert not out[3][0x200000].validated
     elif name == "validate then rescind":
-        assert cached[0] == ExitCode.HLT and not cached[3][DATA].validated and cached[5] == 2
+        assert out[0] == ExitCode.HLT and not out[3][DATA].validated and out[5] == 2
     else:
-        assert cached[0] == ExitCode.NPF and not cached[3][DATA].validated
+        assert out[0] == ExitCode.NPF and not out[3][DATA].validated
         if name == "another guest's page":
-            assert cached[1] & NpfExitInfo1.RMP
+            assert out[1] & NpfExitInfo1.RMP
+
+
+@pytest.mark.parametrize("name", list(_SCENARIOS))
+def test_unicorn_pvalidate_answers_alike_with_the_caching_walker(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the guest sees (EAX, rFLAGS.CF, the exit) and the RMP are the same whether PVALIDATE's
+    operand is walked by the engine's caching walker or by the vCPU's plain walk (both on the
+    precise stop-and-exit path)."""
+    calls, setup, _ = _SCENARIOS[name]
+    cached = _uc_pvalidates(calls, setup, True, False, monkeypatch)
+    plain = _uc_pvalidates(calls, setup, False, False, monkeypatch)
+    assert cached[:6] == plain[:6] and cached[6] and not plain[6]
+    _check_scenario(name, cached)
+
+
+@pytest.mark.parametrize("nested_cache", [True, False])
+@pytest.mark.parametrize("name", list(_SCENARIOS))
+def test_unicorn_pvalidate_in_place_answers_as_the_stop_and_exit_path(name: str, nested_cache: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the guest sees (EAX, rFLAGS.CF, the exit) and the RMP are the same whether the PVALIDATE is
+    retired inside Unicorn's invalid-instruction hook or by stopping and taking the exit path; the
+    unusual cases (a rescind, a faulting RMP entry, a faulting walk) are left to the latter."""
+    calls, setup, in_place_count = _SCENARIOS[name]
+    fast = _uc_pvalidates(calls, setup, nested_cache, True, monkeypatch)
+    slow = _uc_pvalidates(calls, setup, nested_cache, False, monkeypatch)
+    assert fast[:5] == slow[:5]
+    assert fast[5] == slow[5] and fast[7] == in_place_count and slow[7] == 0
+    _check_scenario(name, fast)
+
+
+def test_unicorn_pvalidate_in_place_then_the_page_is_usable_and_a_rescinded_one_is_not() -> None:
+    """After an in-place PVALIDATE the guest's load of the page runs (no stop); after the precise
+    path's rescind the next load is #VC 0x404 again (the engine's TLB dropped the page)."""
+    g, eng = _uc_guest(pvalidate=False)
+    code = (_pv(DATA, 0, 1) + bytes.fromhex("8b1d00500000")  # load: validated
+            + _pv(DATA, 0, 0) + bytes.fromhex("8b1d00500000") + b"\xf4")  # rescind; load: #VC
+    g.pt.gwrite(_CODE, code.ljust(PAGE, b"\xf4"))
+    g.own(DATA)
+    try:
+        assert g.soc.boot_cpu.vmrun(g.vmcb, eng).code == ExitCode.SHUTDOWN  # no IDT: the #VC is a triple fault
+        assert eng.crash is not None and "error code 0x404" in eng.crash
+        assert eng.stats.pvalidates == 2 and eng.stats.pvalidates_in_place == 1
+    finally:
+        eng.close()

@@ -141,6 +141,52 @@ def test_the_npt_page_table_cache_reads_the_entry_and_never_caches_a_fault(sev_t
     assert _translate(mmu, pt, GVA).spa == GUEST_SPA + 0x8000  # type: ignore[attr-defined]
 
 
+def test_an_instructions_operand_walk_answers_as_the_walk_and_keeps_no_translation(sev_tables: PageTables) -> None:
+    """``operand`` (PVALIDATE's operand): the GPA and SPA of a read as :meth:`translate` gives them, from
+    the 2 MiB-leaf and NPT page-table caches where they hold the region, else walked (faults raised, as
+    the walk's); it keeps no whole or nested translation of the page."""
+    from sevemu.hw.faults import NestedPageFault
+
+    pt = sev_tables
+    region = 0x7E00_0020_0000
+    pt.guest_map(region, 0x200000, large=True)  # a 2 MiB guest leaf over 4 KiB NPT leaves
+    pt.guest_map(GVA, 0x5000)
+    pt.guest_map(GVA + 0x1000, 0x6000, c=False)
+    mmu = _walker(pt)
+
+    def operand(gva: int, paging: bool = True) -> tuple[int, int]:
+        return mmu.operand(pt.asid, pt.sev, pt.ncr3, paging, pt.cr3, gva)
+
+    def walk(gva: int) -> tuple[int, int]:
+        t = pt.translate(gva)
+        return t.gpa, t.spa
+
+    for gva in (region + 0x3123, region + 0x1FF008, GVA + 0x10, GVA + 0x1FF8):  # first: walked
+        assert operand(gva) == walk(gva)
+    tlb, nested = len(mmu._tlb), len(mmu._nested)
+    for off in range(0x4000, 0x1F0000, 0x21000):  # the rest of the region: from the caches, nothing kept
+        assert operand(region + off) == walk(region + off)
+    assert (len(mmu._tlb), len(mmu._nested)) == (tlb, nested)
+    # paging off: GVA = GPA, private
+    assert operand(0x5123, paging=False) == (0x5123, GUEST_SPA + 0x5000)
+    # the region's NPT entries are kept until the hypervisor flushes (TLB_CONTROL), as a TLB keeps them:
+    # a removed entry then gives the walk's #NPF, every time; a remapped one its new page
+    pt._npt_write(pt.npt_leaf_spa(0x201000), 0)
+    pt.npt_map(0x202000, GUEST_SPA + 0x7000)
+    mmu.flush()
+    for _ in range(2):
+        with pytest.raises(NestedPageFault):
+            operand(region + 0x1000)
+    assert operand(region + 0x2010) == walk(region + 0x2010) == (0x202010, GUEST_SPA + 0x7000)
+    # an entry the hypervisor adds (no flush needed: an entry absent from the kept table is walked again)
+    assert operand(region + 0x3000) == walk(region + 0x3000) and (pt.ncr3, 0x200000 >> 21) in mmu._operand_tables
+    pt.npt_map(0x201000, GUEST_SPA + 0x8000)
+    assert operand(region + 0x1000) == walk(region + 0x1000) == (0x201000, GUEST_SPA + 0x8000)
+    # an unmapped guest address: the walk's #PF
+    with pytest.raises(PageFault):
+        operand(GVA + 0x200000)
+
+
 # ---- on real code: a guest remaps a page, INVLPGs, and reads it again ------------------------------
 # B: read 0x120000 (r8); PTE of 0x120000 += 0x1000 (a first write to the table page); invlpg; read (r9); hlt
 # A: the table page is writable already: read 0x121000 (r10); its PTE += 0x1000 (no TLB fill for the

@@ -448,6 +448,37 @@ def test_host_flushes_make_the_engine_drop_its_page_copies(kind: VmKind, flush: 
     assert eng.stats.slot_refreshes > refreshes
 
 
+# mov $0x300000,%edi; mov $msg,%esi; mov $64,%ecx; cld; rep movsb; hlt; wbinvd; mov 0x300000,%eax; hlt; msg
+MARKER_WBINVD = bytes.fromhex("bf00003000be1b001000b940000000fcf3a4f40f09a100003000f4") + MARKER_TEXT
+
+
+def test_the_guests_wbinvd_empties_the_engines_pool_and_the_guest_reads_dram_again() -> None:
+    """The guest's own WBINVD writes back and forgets every page the engine holds (its private cache
+    level), without re-reading them: the page the guest reads next comes from DRAM -- here what a
+    physical attacker wrote behind the caches while the engine held a clean copy."""
+    m = machine()
+    vm, eng = launch(m, MARKER_WBINVD, VmKind.PLAIN)
+    assert run(m, vm).reason == "hlt"  # the marker written: in the engine's pool
+    spa = vm.spa_of(0x300000)
+    host = m.soc.host_view().boot_cpu
+    host.host_read(0x4000000, 2 * m.soc.cache.size)  # the guest's lines leave the shared cache (to DRAM)
+    assert m.soc.cache.peek(0, False, spa) is None
+    m.soc.dram.write(spa, b"ATTACKER")  # behind every cache: the engine's copy still says the marker
+    assert any(p[2] == spa & ~0xFFF for p in eng.resident_pages())
+    reread: list[int] = []
+    refresh = eng.pool.refresh_stale
+
+    def counting() -> list[int]:
+        reread.extend(eng.pool.stale)
+        return refresh()
+
+    eng.pool.refresh_stale = counting  # type: ignore[method-assign]
+    assert run(m, vm).reason == "hlt"
+    assert vm.vcpus[0].vmcb.regs["rax"] & 0xFFFFFFFF == int.from_bytes(b"ATTA", "little")
+    assert reread == []  # forgotten, not re-read
+    assert eng.stats.by_reason.get("WBINVD") is None  # handled inside the CPU
+
+
 def test_streaming_host_write_reaches_a_page_the_engine_holds() -> None:
     """A non-temporal store (or a DMA write) to memory whose lines are no longer in the shared cache
     still snoops the engine's copy: the guest sees the new bytes."""

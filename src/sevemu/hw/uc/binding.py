@@ -16,6 +16,7 @@ from sevemu.errors import HardwareError
 from sevemu.hw.svm import GPRS
 
 __all__ = [
+    "INSN_INVALID_CB",
     "INTR_CB",
     "IN_CB",
     "I_CR0",
@@ -58,6 +59,7 @@ UC_HOOK_INTR: Final = 1
 UC_HOOK_INSN: Final = 2
 UC_HOOK_CODE: Final = 4
 UC_HOOK_BLOCK: Final = 8
+UC_HOOK_INSN_INVALID: Final = 1 << 14
 UC_HOOK_TLB_FILL: Final = 1 << 17
 UC_MEM_WRITE: Final = 17
 UC_MEM_FETCH: Final = 18
@@ -143,6 +145,7 @@ def library() -> ctypes.CDLL:
             ("uc_reg_read", ctypes.c_int, [eng, ctypes.c_int, ctypes.c_void_p]),
             ("uc_reg_write", ctypes.c_int, [eng, ctypes.c_int, ctypes.c_void_p]),
             ("uc_reg_read_batch", ctypes.c_int, [eng, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]),
+            ("uc_reg_write_batch", ctypes.c_int, [eng, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]),
             ("uc_hook_add", ctypes.c_int, [eng, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                            ctypes.c_void_p, _u64, _u64]),
             ("uc_hook_del", ctypes.c_int, [eng, ctypes.c_size_t]),
@@ -212,6 +215,8 @@ def hook_insn(h: ctypes.c_void_p, handle: ctypes.c_size_t, cb: Any, insn: int) -
 TLB_FILL_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                ctypes.c_void_p, ctypes.c_void_p)
 INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
+INSN_INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+"""``uc_cb_hookinsn_invalid_t``: True = handled, emulation goes on (at RIP, if the hook wrote it)."""
 IN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p)
 OUT_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32,
                           ctypes.c_void_p)

@@ -188,6 +188,11 @@ class UcEngine:
         self._runner: accel.Runner | None = None  # one time slice: uc_emu_start + the batch (hw/uc/accel.py)
         self.use_c_runner: bool | None = None
         """The runner's implementation (None: the C helper where it was built); set before the first run."""
+        self._retire_vals = array.array("Q", bytes(24))
+        """RAX, RFLAGS, RIP of an instruction retired inside a hook (:meth:`retire`)."""
+        rbase = self._retire_vals.buffer_info()[0]
+        self._retire_ptrs = (ctypes.c_void_p * 3)(rbase, rbase + 8, rbase + 16)
+        self._retire_ids = (ctypes.c_int * 3)(REG["rax"], uc.REG_RFLAGS, uc.REG_RIP)
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
         self._efer = 0  # the guest's EFER (LMA follows CR0.PG); Unicorn's copy has SVME too
@@ -320,7 +325,8 @@ class UcEngine:
         intr = uc.INTR_CB(self._on_intr)
         hin = uc.IN_CB(self._on_in)
         hout = uc.OUT_CB(self._on_out)
-        self._keep += [fill, intr, hin, hout]
+        inval = uc.INSN_INVALID_CB(self._on_invalid)
+        self._keep += [fill, intr, hin, hout, inval]
         hh = ctypes.c_size_t()
         block_stop, keep = accel.block_stop_hook(lib)
         self._stop_word.stop = uc.fn_address(lib.uc_emu_stop)
@@ -331,6 +337,8 @@ class UcEngine:
               "TLB-fill hook")
         check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INTR, uc.fn_address(intr), None, 1, 0),
               "interrupt hook")
+        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INSN_INVALID, uc.fn_address(inval), None, 1, 0),
+              "invalid-instruction hook")
         for cb, which in ((hin, uc.UC_X86_INS_IN), (hout, uc.UC_X86_INS_OUT)):
             uc.hook_insn(h, hh, cb, which)
         # the private VMCB, permission maps, VMRUN stub
@@ -378,6 +386,13 @@ class UcEngine:
     def walker(self) -> NestedCachingMmu | None:
         """The caching walker of the fills (``nested_cache``; None before the first fill)."""
         return self._walker
+
+    def retire(self, rax: int, rflags: int, rip: int) -> None:
+        """Write RAX, RFLAGS and RIP in one call: an instruction retired inside a hook (Unicorn
+        resumes at ``rip``)."""
+        v = self._retire_vals
+        v[0], v[1], v[2] = rax & 0xFFFFFFFFFFFFFFFF, rflags, rip
+        check(self._lib.uc_reg_write_batch(self._h, self._retire_ids, self._retire_ptrs, 3), "register write")
 
     def _reg_read(self, reg: int) -> int:
         check(self._lib.uc_reg_read(self._h, reg, self._scratch_ref), "register read")
@@ -606,6 +621,15 @@ class UcEngine:
             check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
         self._forget_grants()
 
+    def invalidate_pool(self) -> None:
+        """The guest's WBINVD (``exits.intercept``): every slot written back and forgotten, as a cache
+        level is invalidated; Unicorn's TLB is flushed (the page walker's translations stay: memory
+        did not change) and translated code of the slots goes at the top of the run loop."""
+        if self.pool.drop_all():
+            check(self._lib.uc_ctl(self._h, ctypes.c_int(ctl(1, 0, uc.UC_CTL_TLB_FLUSH))), "TLB flush")
+            self.stats.tlb_flushes += 1
+            self._forget_grants()
+
     def _evict(self) -> None:
         """Free the oldest quarter of the pool (written back first); Unicorn's TLB is flushed."""
         self.pool.evict()
@@ -755,6 +779,26 @@ class UcEngine:
     def _on_intr(self, h: Any, intno: int, user: Any) -> None:
         self._event = intno
         self._lib.uc_emu_stop(self._h)
+
+    def _on_invalid(self, h: Any, user: Any) -> bool:
+        """An instruction QEMU does not know (#UD in its translator): an SNP guest's PVALIDATE is
+        retired here without leaving Unicorn where it can be (:func:`exits.pvalidate_in_place`);
+        False: Unicorn stops with UC_ERR_INSN_INVALID, and the exit path handles it precisely.
+
+        Nothing here stops Unicorn mid-instruction: the hook runs between translated blocks (QEMU's
+        exception path, the instruction not started), and the RIP written by :meth:`retire` makes
+        Unicorn leave its execution loop at the next block start and go on at that RIP (``uc_reg_write``'s
+        quit request: no stop, no restart of ``uc_emu_start``)."""
+        cpu = self._cpu
+        if cpu is None or cpu.rmp is None or self._booting:
+            return False
+        try:
+            if self._lib.uc_reg_read_batch(self._h, self._ids, self._ptrs, len(SYNC_IDS)):
+                return False
+            return exits.pvalidate_in_place(self, cpu, self._walker or cpu.core.mmu)
+        except Exception as exc:  # noqa: BLE001 - an engine or model bug: the guest dies, the host lives
+            self._internal = f"{type(exc).__name__}: {exc}"
+            return False  # (Unicorn stops with UC_ERR_INSN_INVALID, before the instruction: no uc_emu_stop)
 
     def _on_in(self, h: Any, port: int, size: int, user: Any) -> int:
         self._imprecise_io = (f"IN from port {port:#x} was not intercepted precisely (code written at run "

@@ -31,6 +31,7 @@ from sevemu.abi.paging import ExitCode
 from sevemu.errors import InputError
 from sevemu.hw.cpu import GuestCpu
 from sevemu.hw.faults import NestedPageFault, PageFault, PageNotValidated, VmmCommunication
+from sevemu.hw.mmu import Mmu
 from sevemu.hw.svm import SEGMENT_NAMES, SaveState, Segment, VmExit
 from sevemu.hw.uc.binding import (
     I_CR0,
@@ -44,6 +45,7 @@ from sevemu.hw.uc.binding import (
     library,
 )
 from sevemu.hw.uc.stats import UcStats
+from sevemu.hw.uc.walk import NestedCachingMmu
 from sevemu.hw.x86 import insn
 from sevemu.hw.x86.arch import (
     ATTR_CODE32,
@@ -63,6 +65,7 @@ __all__ = [
     "EXIT_CPUID", "EXIT_HLT", "EXIT_MSR", "EXIT_VMMCALL", "EXIT_VMRUN", "EXIT_WBINVD", "HSAVE_PA", "IOPM_PA", "MSRPM_PA",
     "POOL_PA", "STUB_PA", "SVM_AREA_END", "VMCB_PA", "VMEXIT_BASE", "VMRUN_STUB", "Crash", "EnginePort",
     "apply", "deliver", "error", "exception", "intercept", "msr_permission_map", "msrpm_bit", "private_vmcb",
+    "pvalidate_in_place",
 ]
 
 # ---- Unicorn's physical memory: the SVM area, then the page pool -----------------------------------
@@ -170,6 +173,10 @@ class EnginePort(Protocol):
 
     def write_reg(self, reg: int, value: int) -> None: ...
 
+    def retire(self, rax: int, rflags: int, rip: int) -> None:
+        """RAX, RFLAGS, RIP in one write: an instruction retired inside a hook (Unicorn resumes at RIP)."""
+        ...
+
     def guest_efer(self, cr0: int) -> int: ...
 
     def set_efer(self, guest_efer: int, cr0: int) -> None: ...
@@ -194,6 +201,11 @@ class EnginePort(Protocol):
 
     def flush_tlb(self) -> None:
         """Drop every translation the engine holds (the RMP changed under an SNP guest)."""
+        ...
+
+    def invalidate_pool(self) -> None:
+        """The guest's WBINVD: write back and forget every page-pool slot (Unicorn's TLB flushed,
+        translated code of the slots dropped before the guest goes on)."""
         ...
 
     @property
@@ -233,8 +245,13 @@ def intercept(e: EnginePort, cpu: GuestCpu, code: int, rip: int) -> VmExit | Non
             raise Crash(f"engine error: MSR exit direction at RIP {rip:#x}")
         return apply(e, cpu, out, rip, plen + 2)
     if code == EXIT_WBINVD:
+        # The vCPU's private cache level (the page pool) is written back and emptied first, so the
+        # guest continues from DRAM's view, reloading pages as it touches them (firmware WBINVDs
+        # with thousands of pages resident that it never touches again: re-reading every slot at
+        # once cost SNP's PEI ~1 s per WBINVD).
+        e.invalidate_pool()
         out = insn.wbinvd(cpu)
-        e.refresh()  # the snoop made every slot stale: the guest continues from DRAM's view
+        e.refresh()  # (nothing should be stale; as after any snoop)
         return apply(e, cpu, out, rip, plen + 2)
     name = _UD_INTERCEPTS.get(code)
     if name is not None:
@@ -349,3 +366,53 @@ def _unknown_to_qemu(e: EnginePort, cpu: GuestCpu, rip: int) -> VmExit | None:
     if tlb.rmp_epoch.get(cpu.asid) != epoch:  # the RMP took an access away: Unicorn's TLB too
         e.flush_tlb()
     return apply(e, cpu, out, rip, length)
+
+
+def pvalidate_in_place(e: EnginePort, cpu: GuestCpu, mmu: Mmu) -> bool:
+    """Retire a PVALIDATE inside Unicorn's invalid-instruction hook, without stopping emulation
+    (``e.vals`` holds the registers as of the instruction).  The semantics are
+    :func:`insn.pvalidate`'s; only the operand's walk is ``mmu``'s (the engine's caching walker,
+    which answers as :meth:`GuestCpu.translate` does).  True when the instruction retired (EAX,
+    rFLAGS.CF and RIP written into Unicorn); False -- nothing changed -- for everything else, which
+    then stops and takes the precise path (:func:`error`): another instruction, a rescind (it may
+    take an access away: TLB flushes), VMPL above 0, an RMP epoch the vCPU has not caught up with,
+    #UD, #GP, a #PF or #NPF of the operand's walk, an RMP entry that faults."""
+    vals = e.vals
+    rmp = cpu.rmp
+    if rmp is None or cpu.vmpl or not vals[3] & 1:
+        return False
+    tlb = cpu.core.tlb
+    epoch = tlb.rmp_epoch.get(cpu.asid)
+    if epoch != (rmp.epoch, 0):
+        return False
+    rip = vals[I_RIP]
+    cr0 = vals[I_CR0]
+    paging = bool(cr0 & CR0_PG)
+    guest = decode_guest_insn(e.read_code(rip, 15), paging)
+    if guest is None or guest[0] is not GuestInsn.PVALIDATE:
+        return False
+    asid, sev, ncr3, cr3 = cpu.asid, cpu.sev, cpu.vmcb.ncr3, vals[I_CR3]
+
+    def walk(gva: int) -> tuple[int, int]:
+        if isinstance(mmu, NestedCachingMmu):
+            return mmu.operand(asid, sev, ncr3, paging, cr3, gva)
+        t = mmu.translate(asid=asid, sev=sev, ncr3=ncr3, paging=paging, cr3=cr3, gva=gva, write=False, fetch=False)
+        return t.gpa, t.spa
+
+    try:
+        out = insn.pvalidate(cpu, vals[0], vals[2] & 0xFFFFFFFF, True, translate=walk)
+    except (PageFault, NestedPageFault):
+        return False
+    finally:
+        e.refresh()  # (the walk may have set A bits in a page the guest has mapped)
+    if not isinstance(out, insn.Retire):
+        return False
+    stats = e.stats
+    stats.pvalidates += 1
+    stats.pvalidates_in_place += 1
+    if tlb.rmp_epoch.get(cpu.asid) != epoch:  # (validating takes no access away; as in _unknown_to_qemu)
+        e.flush_tlb()
+    ((_, rax),) = out.regs  # (PVALIDATE writes EAX alone)
+    rflags = vals[I_RFLAGS]
+    e.retire(rax, (rflags | RFLAGS_CF) if out.cf else (rflags & ~RFLAGS_CF), rip + guest[1])
+    return True

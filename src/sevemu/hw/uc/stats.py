@@ -34,6 +34,8 @@ class UcStats:
     """#VC exceptions delivered, by error code (the exit code of the non-automatic exit)."""
     pvalidates: int = 0
     """PVALIDATE instructions executed (an SNP guest's)."""
+    pvalidates_in_place: int = 0
+    """Of those, retired inside Unicorn's invalid-instruction hook (no stop; ``exits.pvalidate_in_place``)."""
     hook_resets: int = 0
     """Times every port-I/O code hook was dropped to keep translation fast (``UcEngine._drop_hooks``)."""
 

@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from sevemu._util.units import PAGE
 from sevemu.hw.cache import Cache
 from sevemu.hw.mmu import PTE_NX, PTE_P, PTE_PS, PTE_RW, Mmu, Translation
 from sevemu.hw.profiles import CpuProfile
@@ -82,6 +83,8 @@ class NestedCachingMmu(Mmu):
         self._new_region: tuple[tuple[int, ...], tuple[int, bool, bool, bool]] | None = None
         self._npt_tables: dict[tuple[int, int], tuple[int, bool, bool, bool]] = {}
         """(nCR3, GPA >> 21) -> (NPT page table, its C-bit, writable, executable above it) of 4 KiB NPT leaves."""
+        self._operand_tables: dict[tuple[int, int], bytes] = {}
+        """(nCR3, GPA >> 21) -> the entries of an NPT page table of ``_npt_tables`` (:meth:`operand`)."""
         self._walk_tables: list[int] | None = None
         self.table_pages: set[int] = set()
         """SPA pages of the guest page tables the cached translations were walked through."""
@@ -97,6 +100,7 @@ class NestedCachingMmu(Mmu):
         """Forget every cached nested translation and translation (a TLB flush)."""
         self._nested.clear()
         self._npt_tables.clear()
+        self._operand_tables.clear()
         self.flush_translations()
 
     def flush_translations(self) -> None:
@@ -139,6 +143,43 @@ class NestedCachingMmu(Mmu):
             self._regions[region[0]] = region[1]
         self.table_pages.update(tables)
         return t
+
+    def operand(self, asid: int, sev: bool, ncr3: int, paging: bool, cr3: int, gva: int) -> tuple[int, int]:
+        """(GPA, SPA) of an instruction's memory operand read at ``gva`` (PVALIDATE's, whose every
+        operand is a page not translated before): what :meth:`translate` answers for a read without
+        an RMP check (:meth:`GuestCpu.translate`'s walk), but no whole or nested translation is kept
+        for the page, so that a loop validating 256 MiB neither fills nor keeps flushing the caches
+        the TLB fills use.  Answered from the guest 2 MiB-leaf cache and the NPT page-table cache
+        where they hold the operand's regions -- the NPT page table's entries read once per region
+        and kept until the hypervisor flushes (as a TLB may keep any translation the tables allow);
+        a present, reserved-bit-free entry answers, anything else is :meth:`translate` (which
+        walks again and raises the fault)."""
+        if paging:
+            region = self._regions.get((gva >> 21, sev << 2 | 8, cr3, asid, ncr3, 0, 0))
+            if region is None:
+                t = self.translate(asid=asid, sev=sev, ncr3=ncr3, paging=True, cr3=cr3, gva=gva, write=False,
+                                   fetch=False)
+                return t.gpa, t.spa
+            gpa = region[0] | (gva & 0x1FFFFF)
+            enc = sev and region[1]
+        else:
+            gpa, enc = gva, sev
+        hit = self._nested.get((ncr3, gpa >> 12, 4 | enc << 3))
+        if hit is not None:
+            return gpa, hit[0]
+        region_key = (ncr3, gpa >> 21)
+        entries = self._operand_tables.get(region_key)
+        if entries is None:
+            up = self._npt_tables.get(region_key)
+            if up is not None:  # the region's NPT page table, read once (its entries, as a TLB may hold them)
+                entries = self._operand_tables[region_key] = self.cache.read(0, up[1], up[0], PAGE)
+        if entries is not None:
+            off = (gpa >> 9) & 0xFF8
+            pte = int.from_bytes(entries[off : off + 8], "little")
+            if pte & PTE_P and not pte & self.rsvd_sev:  # (a read: the W/X permissions do not matter)
+                return gpa, pte & self.addr_mask
+        t = self.translate(asid=asid, sev=sev, ncr3=ncr3, paging=paging, cr3=cr3, gva=gva, write=False, fetch=False)
+        return t.gpa, t.spa
 
     def _guest_walk(self, asid: int, sev: bool, ncr3: int, cr3: int, gva: int, write: bool, fetch: bool,
                     rmp: Rmp | None = None, vmpl: int = 0, wp: bool = True) -> tuple[int, bool, bool, bool, bool]:
@@ -206,4 +247,5 @@ class NestedCachingMmu(Mmu):
             table, table_c = pte & self.addr_mask, bool(pte & self.cbit)
         if len(self._npt_tables) >= _LIMIT:
             self._npt_tables.clear()
+            self._operand_tables.clear()
         self._npt_tables[(ncr3, gpa >> 21)] = (table, table_c, w, x)

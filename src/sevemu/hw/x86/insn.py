@@ -41,6 +41,7 @@ gives it to the cores)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Final, Protocol
@@ -307,10 +308,15 @@ class GuestRmp(Protocol):
 
 
 _SIZE_ALIGN: Final = {0: 1 << 12, 1: 1 << 21}
+_RMP_RETIRED: dict[tuple[int, bool], Retire] = {}
+"""PVALIDATE's outcomes by (EAX, CF) (frozen: shared; a loop over 256 MiB makes the same two)."""
 
 
-def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int) -> tuple[GuestRmp, int, int] | Fault | Retire:
+def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int,
+                translate: Callable[[int], tuple[int, int]] | None) -> tuple[GuestRmp, int, int] | Fault | Retire:
     """Common front of PVALIDATE/RMPADJUST: #UD outside SNP, FAIL_INPUT, else (rmp, gpa, spa).
+    ``translate``: the walk of the operand, (GPA, SPA) (default :meth:`GuestCpu.translate`'s; an
+    engine passes its cached walker, which answers as the walk does).
 
     RAX names the page: its offset bits 11:0 are ignored, and only a 2 MiB request whose address is
     not 2 MiB aligned (bits 20:12 set) fails with FAIL_INPUT.  edk2 relies on it: OVMF's
@@ -322,14 +328,19 @@ def _rmp_target(cpu: GuestCpu, name: str, gva: int, size: int) -> tuple[GuestRmp
     align = _SIZE_ALIGN.get(size)
     if align is None or gva % align & ~0xFFF:
         return Retire(regs=(("rax", int(PvalidateRc.FAIL_INPUT)),), cf=False)
-    t = cpu.translate(gva)  # #PF / #NPF propagate, as for any access
-    return rmp, t.gpa & ~(align - 1), t.spa & ~(align - 1)
+    if translate is None:
+        t = cpu.translate(gva)  # #PF / #NPF propagate, as for any access
+        gpa, spa = t.gpa, t.spa
+    else:
+        gpa, spa = translate(gva)
+    return rmp, gpa & ~(align - 1), spa & ~(align - 1)
 
 
-def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool) -> Outcome:
+def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool,
+              translate: Callable[[int], tuple[int, int]] | None = None) -> Outcome:
     """PVALIDATE: RAX = guest VA, ECX = size (0 4 KiB, 1 2 MiB), EDX = validate (1) / rescind (0);
     result in EAX, rFLAGS.CF = 1 when the page was already in the requested state."""
-    target = _rmp_target(cpu, "PVALIDATE", gva, size)
+    target = _rmp_target(cpu, "PVALIDATE", gva, size, translate)
     if not isinstance(target, tuple):
         return target
     if cpu.vmpl:  # only VMPL0 validates (Linux: "PVALIDATE can only be performed at VMPL0"; an SVSM does it)
@@ -337,13 +348,16 @@ def pvalidate(cpu: GuestCpu, gva: int, size: int, validate: bool) -> Outcome:
     rmp, gpa, spa = target
     rc, unchanged = rmp.pvalidate(cpu.asid, gpa, spa, bool(size), validate)
     cpu.rmp_changed()  # a rescinded page: the translations that allowed it go
-    return Retire(regs=(("rax", rc),), cf=unchanged)
+    out = _RMP_RETIRED.get((rc, unchanged))
+    if out is None:
+        out = _RMP_RETIRED[(rc, unchanged)] = Retire(regs=(("rax", rc),), cf=unchanged)
+    return out
 
 
 def rmpadjust(cpu: GuestCpu, gva: int, size: int, rdx: int) -> Outcome:
     """RMPADJUST: RAX = guest VA, RCX = size, RDX[7:0] target VMPL, [15:8] permission mask,
     [16] VMSA; result in EAX."""
-    target = _rmp_target(cpu, "RMPADJUST", gva, size)
+    target = _rmp_target(cpu, "RMPADJUST", gva, size, None)
     if not isinstance(target, tuple):
         return target
     rmp, gpa, spa = target
