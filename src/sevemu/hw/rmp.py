@@ -91,6 +91,9 @@ _VMSA: Final = 1 << 61
 _VALIDATED: Final = 1 << 62
 _LOCK: Final = 1 << 63
 _VMPL0_ALL: Final = VMPL_PERM_MASK  # high quadword after an assigning RMPUPDATE: VMPL0 all, others none
+# A Context page (_state): assigned, immutable, RMP.VMSA, not validated, ASID 0, GPA 0 (any page size)
+_CONTEXT_MASK: Final = _ASSIGNED | _IMMUTABLE | _VMSA | _VALIDATED | _GPA_MASK | _ASID_MASK << _ASID_SHIFT
+_CONTEXT_BITS: Final = _ASSIGNED | _IMMUTABLE | _VMSA
 _SUBPAGES: Final = PAGE_2M // PAGE
 _unpack_entry: Final = struct.Struct("<QQ").unpack_from
 _pack_entry: Final = struct.Struct("<QQ").pack
@@ -744,3 +747,31 @@ class RmpFirmwarePort:
     def asid_pages(self, asid: int) -> int:
         """RMP entries assigned to ``asid`` (SNP_ACTIVATE refuses an ASID that still has some)."""
         return self._rmp.asid_pages(asid)
+
+    # ---- one read, one write: the per-page path of SNP_LAUNCH_UPDATE ---------------------------
+    def governing(self, spa: int) -> tuple[int, int, int, RmpEntry]:
+        """(pfn of the entry that governs the page at ``spa``, its raw low and high quadwords, the
+        decoded entry): what :meth:`entry` reads, with the raw values :meth:`make_guest_valid` takes
+        back (AddressError outside the covered memory)."""
+        r = self._rmp
+        if not 0 <= spa < r._covered:
+            raise AddressError(f"SPA {spa:#x} is not covered by the RMP ({r.covered:#x} bytes)")
+        own, lo, hi = r._authoritative(spa >> PAGE_SHIFT)
+        entry = _DECODED.get((lo, hi))
+        return own, lo, hi, entry if entry is not None and type(entry) is RmpEntry else RmpEntry.from_raw(lo, hi)
+
+    def make_guest_valid(self, own: int, lo: int, hi: int, vmsa: bool, perms: tuple[int, int, int]) -> None:
+        """Entry ``own`` (read as ``lo``, ``hi`` by :meth:`governing` in the same command) made
+        Guest-Valid: Assigned, its page size, GPA and ASID kept, Validated, Immutable cleared, RMP.VMSA
+        as ``vmsa``, VMPL0's permissions kept and VMPL1-3's ``perms``: what :meth:`set` writes for
+        those fields, without decoding and reading the entry again."""
+        new_lo = ((lo & (_PAGESIZE | _GPA_MASK | _ASID_MASK << _ASID_SHIFT)) | _ASSIGNED | _VALIDATED
+                  | (_VMSA if vmsa else 0))
+        new_hi = (hi & 0xFF) | perms[0] << 8 | perms[1] << 16 | perms[2] << 24
+        self._rmp._put(own, new_lo, new_hi, lo, hi)
+
+    def is_context(self, spa: int) -> bool:
+        """Whether the page at ``spa`` (inside the covered memory) is a Context page: what
+        ``state(spa) == RmpPageState.CONTEXT`` answers, from the governing low quadword alone."""
+        lo = self._rmp._governing_lo(spa >> PAGE_SHIFT)
+        return lo & _CONTEXT_MASK == _CONTEXT_BITS
