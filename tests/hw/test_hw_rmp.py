@@ -509,7 +509,7 @@ def test_make_guest_valid_writes_what_set_writes(huge: bool, vmsa: bool) -> None
     count exactly as set() with the fields the handler gave it did."""
     results = []
     for lean in (False, True):
-        soc, host, rmp, port = _snp()
+        _, host, rmp, port = _snp()
         spa = 0x400000
         assert _private(host, spa, 0x20_0000 if huge else 0x3000, immutable=True, huge=huge) == RmpResult.SUCCESS
         own, lo, hi, entry = port.governing(spa)
@@ -531,15 +531,15 @@ def test_governing_refuses_an_uncovered_address() -> None:
 
 
 def test_is_context_answers_what_the_state_says() -> None:
-    soc, host, rmp, port = _snp()
+    _, _, _, port = _snp()
     spa = 0x400000
-    kinds = [dict(assigned=False, immutable=False), dict(assigned=True, immutable=True),  # Hypervisor, Firmware
-             dict(assigned=True, immutable=True, vmsa=True),  # Context
-             dict(assigned=True, immutable=True, vmsa=True, huge=True),  # Context (2 MiB entry)
-             dict(assigned=True, immutable=True, vmsa=True, gpa=0x1000),  # Metadata
-             dict(assigned=True, immutable=True, vmsa=True, asid=ASID),  # Pre-Guest
-             dict(assigned=True, immutable=False, vmsa=True),  # Reclaim
-             dict(assigned=True, immutable=True, vmsa=True, validated=True)]  # Invalid
+    kinds = [{"assigned": False, "immutable": False}, {"assigned": True, "immutable": True},  # Hypervisor, Firmware
+             {"assigned": True, "immutable": True, "vmsa": True},  # Context
+             {"assigned": True, "immutable": True, "vmsa": True, "huge": True},  # Context (2 MiB entry)
+             {"assigned": True, "immutable": True, "vmsa": True, "gpa": 0x1000},  # Metadata
+             {"assigned": True, "immutable": True, "vmsa": True, "asid": ASID},  # Pre-Guest
+             {"assigned": True, "immutable": False, "vmsa": True},  # Reclaim
+             {"assigned": True, "immutable": True, "vmsa": True, "validated": True}]  # Invalid
     seen = set()
     for kw in kinds:
         port.set(spa, **kw)  # type: ignore[arg-type]

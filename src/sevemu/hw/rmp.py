@@ -276,9 +276,16 @@ class Rmp:
         # Validating a page or granting a VMPL more takes no access away: cached verdicts stay.
         if self._cached and (lo != old_lo | _VALIDATED or old_hi & ~hi) and self._verdict_cached(pfn, lo | old_lo):
             self._new_epoch()
-        if (old_lo | lo) & _ASSIGNED:  # (_count of each, skipped when neither is assigned)
-            self._count(old_lo, -1)
-            self._count(lo, 1)
+        if (old_lo | lo) & _ASSIGNED:  # (_count of each, inline; skipped when neither is assigned)
+            counts = self._asid_pages
+            for v, delta in ((old_lo, -1), (lo, 1)):
+                asid = (v >> _ASID_SHIFT) & _ASID_MASK if v & _ASSIGNED else 0
+                if asid:
+                    n = counts.get(asid, 0) + delta
+                    if n:
+                        counts[asid] = n
+                    else:
+                        del counts[asid]
         spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
         cache = self._cache
         key = spa & ~(LINE - 1)  # software's copy of the line goes first (coherence): CLFLUSH, when
