@@ -512,8 +512,10 @@ def test_make_guest_valid_writes_what_set_writes(huge: bool, vmsa: bool) -> None
         _, host, rmp, port = _snp()
         spa = 0x400000
         assert _private(host, spa, 0x20_0000 if huge else 0x3000, immutable=True, huge=huge) == RmpResult.SUCCESS
-        own, lo, hi, entry = port.governing(spa)
-        assert entry == port.entry(spa) and entry.state == RmpPageState.PRE_GUEST and own == spa >> 12
+        own, lo, hi, state, size, asid, gpa = port.governing(spa)
+        entry = port.entry(spa)
+        assert (state, size, asid, gpa) == (entry.state, entry.page_size, entry.asid, entry.gpa)
+        assert state == RmpPageState.PRE_GUEST and own == spa >> 12 and (lo, hi) == rmp._raw(own)
         if lean:
             port.make_guest_valid(own, lo, hi, vmsa, (1, 2, 0x1F))
         else:
@@ -539,11 +541,16 @@ def test_is_context_answers_what_the_state_says() -> None:
              {"assigned": True, "immutable": True, "vmsa": True, "gpa": 0x1000},  # Metadata
              {"assigned": True, "immutable": True, "vmsa": True, "asid": ASID},  # Pre-Guest
              {"assigned": True, "immutable": False, "vmsa": True},  # Reclaim
-             {"assigned": True, "immutable": True, "vmsa": True, "validated": True}]  # Invalid
+             {"assigned": True, "immutable": True, "vmsa": True, "validated": True},  # Invalid
+             {"assigned": True, "immutable": True, "asid": ASID, "validated": True},  # Pre-Swap
+             {"assigned": True, "immutable": False, "asid": ASID, "huge": True},  # Guest-Invalid (2 MiB)
+             {"assigned": False, "immutable": False, "asid": ASID}]  # Invalid (an ASID, not assigned)
     seen = set()
     for kw in kinds:
         port.set(spa, **kw)  # type: ignore[arg-type]
         state = port.state(spa)
         seen.add(state)
         assert port.is_context(spa) == (state == RmpPageState.CONTEXT), kw
-    assert RmpPageState.CONTEXT in seen and len(seen) >= 6
+        e = port.entry(spa)
+        assert port.governing(spa)[3:] == (state, e.page_size, e.asid, e.gpa), kw
+    assert {RmpPageState.CONTEXT, RmpPageState.PRE_GUEST, RmpPageState.PRE_SWAP} <= seen and len(seen) >= 8

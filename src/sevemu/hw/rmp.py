@@ -94,6 +94,9 @@ _VMPL0_ALL: Final = VMPL_PERM_MASK  # high quadword after an assigning RMPUPDATE
 # A Context page (_state): assigned, immutable, RMP.VMSA, not validated, ASID 0, GPA 0 (any page size)
 _CONTEXT_MASK: Final = _ASSIGNED | _IMMUTABLE | _VMSA | _VALIDATED | _GPA_MASK | _ASID_MASK << _ASID_SHIFT
 _CONTEXT_BITS: Final = _ASSIGNED | _IMMUTABLE | _VMSA
+# A Pre-Guest page (_state), its ASID non-zero besides: assigned, immutable, not validated
+_PRE_GUEST_MASK: Final = _ASSIGNED | _IMMUTABLE | _VALIDATED
+_PRE_GUEST_BITS: Final = _ASSIGNED | _IMMUTABLE
 _SUBPAGES: Final = PAGE_2M // PAGE
 _unpack_entry: Final = struct.Struct("<QQ").unpack_from
 _pack_entry: Final = struct.Struct("<QQ").pack
@@ -756,16 +759,19 @@ class RmpFirmwarePort:
         return self._rmp.asid_pages(asid)
 
     # ---- one read, one write: the per-page path of SNP_LAUNCH_UPDATE ---------------------------
-    def governing(self, spa: int) -> tuple[int, int, int, RmpEntry]:
-        """(pfn of the entry that governs the page at ``spa``, its raw low and high quadwords, the
-        decoded entry): what :meth:`entry` reads, with the raw values :meth:`make_guest_valid` takes
-        back (AddressError outside the covered memory)."""
+    def governing(self, spa: int) -> tuple[int, int, int, RmpPageState, int, int, int]:
+        """(pfn of the entry that governs the page at ``spa``, its raw low and high quadwords, and the
+        entry's state, page size, ASID and GPA): what :meth:`entry` reads, without building the entry,
+        with the raw values :meth:`make_guest_valid` takes back (AddressError outside the covered
+        memory)."""
         r = self._rmp
         if not 0 <= spa < r._covered:
             raise AddressError(f"SPA {spa:#x} is not covered by the RMP ({r.covered:#x} bytes)")
         own, lo, hi = r._authoritative(spa >> PAGE_SHIFT)
-        entry = _DECODED.get((lo, hi))
-        return own, lo, hi, entry if entry is not None and type(entry) is RmpEntry else RmpEntry.from_raw(lo, hi)
+        asid = (lo >> _ASID_SHIFT) & _ASID_MASK
+        state = (RmpPageState.PRE_GUEST if asid and lo & _PRE_GUEST_MASK == _PRE_GUEST_BITS  # (the common case)
+                 else _state_of(lo))
+        return own, lo, hi, state, (lo >> 1) & 1, asid, lo & _GPA_MASK
 
     def make_guest_valid(self, own: int, lo: int, hi: int, vmsa: bool, perms: tuple[int, int, int]) -> None:
         """Entry ``own`` (read as ``lo``, ``hi`` by :meth:`governing` in the same command) made

@@ -116,11 +116,10 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     st.need_init()
     g = st.guest(cmd.gctx_paddr)
     port = st.port()
-    own, lo, hi, entry = st.governing(spa)
-    if entry.state != RmpPageState.PRE_GUEST:
-        raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {entry.state.name}, not Pre-Guest")
+    own, lo, hi, state, huge, asid, gpa = st.governing(spa)
+    if state != RmpPageState.PRE_GUEST:
+        raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {state.name}, not Pre-Guest")
     flags = cmd.flags
-    huge = entry.page_size
     if huge != flags.page_size:
         raise FirmwareError(Status.INVALID_PAGE_SIZE, f"page {spa:#x}: the RMP page size differs from the command's")
     if huge and spa % PAGE_2M:
@@ -134,8 +133,8 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INVALID_GUEST_STATE, f"guest at {g.gctx:#x} is {g.state.name}, not LAUNCH")
     if not g.asid:
         raise FirmwareError(Status.INACTIVE, "the guest must be activated before SNP_LAUNCH_UPDATE")
-    if entry.asid != g.asid:
-        raise FirmwareError(Status.INVALID_PAGE_OWNER, f"page {spa:#x} belongs to ASID {entry.asid}, not {g.asid}")
+    if asid != g.asid:
+        raise FirmwareError(Status.INVALID_PAGE_OWNER, f"page {spa:#x} belongs to ASID {asid}, not {g.asid}")
     imi = bool(flags.imi_page)
     if g.imi_en and not imi:
         raise FirmwareError(Status.INVALID_PARAM, "an IMI guest's pages must be IMI pages")
@@ -144,7 +143,6 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INVALID_PARAM, "VMPL permission masks set bits 7:5")
     size = PAGE_2M if huge else PAGE
     count = size // PAGE
-    gpa = entry.gpa
     info = _template(int(ptype), perms, imi)
     if ptype == SnpPageType.ZERO:  # the range's host lines written back and dropped; nothing to read
         dma.evict(spa, size)

@@ -190,10 +190,10 @@ class SnpPlatform:
         except AddressError as exc:
             raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
 
-    def governing(self, spa: int) -> tuple[int, int, int, RmpEntry]:
-        """:meth:`entry` with the raw entry (:meth:`~sevemu.hw.rmp.RmpFirmwarePort.governing`): (pfn of
-        the governing entry, low and high quadwords, the entry); INVALID_ADDRESS outside the memory the
-        RMP covers."""
+    def governing(self, spa: int) -> tuple[int, int, int, RmpPageState, int, int, int]:
+        """:meth:`entry`'s fields with the raw entry (:meth:`~sevemu.hw.rmp.RmpFirmwarePort.governing`):
+        (pfn of the governing entry, low and high quadwords, state, page size, ASID, GPA);
+        INVALID_ADDRESS outside the memory the RMP covers."""
         port = self.port()
         try:
             return port.governing(spa)
