@@ -178,6 +178,31 @@ def test_large_bulk_writes_go_in_chunks_with_the_line_paths_bytes(mode: Encrypti
     assert mc.dram.read(base, 64) == data[:64]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_write_small_stores_what_write_stores(mode: EncryptionMode) -> None:
+    """The page-sized short path (the firmware's SNP_LAUNCH_UPDATE write) leaves DRAM as write() does;
+    a refused one changes nothing."""
+    mc, port = _mc(mode)
+    port.load(1, random.Random(10).randbytes(mode.key_size))
+    rng = random.Random(11)
+    for n in (64, 4096, 0):
+        data = rng.randbytes(n)
+        mc.write(0x9000, data, 1, True)
+        ct = mc.dram.read(0x9000, 4096)
+        mc.dram.write(0x9000, rng.randbytes(4096))
+        mc.write_small(0x9000, data, 1)
+        assert mc.dram.read(0x9000, 4096)[:n] == ct[:n]
+        assert mc.read(0x9000, n, 1, True) == data
+    before = mc.dram.populated_pages
+    with pytest.raises(AlignmentError):
+        mc.write_small(0x10, bytes(64), 1)
+    with pytest.raises(AddressError):
+        mc.write_small(4 * MiB - 64, bytes(128), 1)
+    with pytest.raises(KeySlotError):
+        mc.write_small(0x30000, bytes(64), 2)
+    assert mc.dram.populated_pages == before
+
+
 def test_refused_bulk_transfers_change_nothing() -> None:
     mc, port = _mc()
     port.load(1, bytes(16))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.paging import ExitCode, NpfExitInfo1
 from sevemu.abi.rmp import RmpPageState, RmpResult, RmpUpdateState, rmp_covered_bytes
-from sevemu.errors import HardwareError
+from sevemu.errors import AddressError, HardwareError
 from sevemu.hw.faults import GeneralProtection, NestedPageFault
 from sevemu.hw.host import HostSoc
 from sevemu.hw.profiles import MILAN, ROME
@@ -499,3 +499,58 @@ def test_in_use_pages_answer_for_aligned_and_unaligned_queries() -> None:
     assert port.in_use(_BASE, 0x200000)
     rmp.release([page])
     assert not port.in_use(page) and not port.in_use(_BASE, 0x200000)
+
+
+# ---- the firmware's one-read, one-write SNP_LAUNCH_UPDATE path (RmpFirmwarePort) ---------------------
+@pytest.mark.parametrize("huge", [False, True])
+@pytest.mark.parametrize("vmsa", [False, True])
+def test_make_guest_valid_writes_what_set_writes(huge: bool, vmsa: bool) -> None:
+    """The lean path (governing + make_guest_valid) leaves the entry, its raw quadwords and the ASID
+    count exactly as set() with the fields the handler gave it did."""
+    results = []
+    for lean in (False, True):
+        _, host, rmp, port = _snp()
+        spa = 0x400000
+        assert _private(host, spa, 0x20_0000 if huge else 0x3000, immutable=True, huge=huge) == RmpResult.SUCCESS
+        own, lo, hi, state, size, asid, gpa = port.governing(spa)
+        entry = port.entry(spa)
+        assert (state, size, asid, gpa) == (entry.state, entry.page_size, entry.asid, entry.gpa)
+        assert state == RmpPageState.PRE_GUEST and own == spa >> 12 and (lo, hi) == rmp._raw(own)
+        if lean:
+            port.make_guest_valid(own, lo, hi, vmsa, (1, 2, 0x1F))
+        else:
+            port.set(spa, assigned=True, immutable=False, asid=entry.asid, gpa=entry.gpa, validated=True,
+                     vmsa=vmsa, huge=bool(entry.page_size), perms=(entry.perms[0], 1, 2, 0x1F))
+        results.append((rmp._raw(spa >> 12), port.entry(spa), rmp.asid_pages(ASID)))
+    assert results[0] == results[1]
+    assert results[1][1].state == RmpPageState.GUEST_VALID and results[1][1].vmsa == vmsa
+
+
+def test_governing_refuses_an_uncovered_address() -> None:
+    _, _, rmp, port = _snp()
+    with pytest.raises(AddressError, match="not covered"):
+        port.governing(rmp.covered)
+
+
+def test_is_context_answers_what_the_state_says() -> None:
+    _, _, _, port = _snp()
+    spa = 0x400000
+    kinds = [{"assigned": False, "immutable": False}, {"assigned": True, "immutable": True},  # Hypervisor, Firmware
+             {"assigned": True, "immutable": True, "vmsa": True},  # Context
+             {"assigned": True, "immutable": True, "vmsa": True, "huge": True},  # Context (2 MiB entry)
+             {"assigned": True, "immutable": True, "vmsa": True, "gpa": 0x1000},  # Metadata
+             {"assigned": True, "immutable": True, "vmsa": True, "asid": ASID},  # Pre-Guest
+             {"assigned": True, "immutable": False, "vmsa": True},  # Reclaim
+             {"assigned": True, "immutable": True, "vmsa": True, "validated": True},  # Invalid
+             {"assigned": True, "immutable": True, "asid": ASID, "validated": True},  # Pre-Swap
+             {"assigned": True, "immutable": False, "asid": ASID, "huge": True},  # Guest-Invalid (2 MiB)
+             {"assigned": False, "immutable": False, "asid": ASID}]  # Invalid (an ASID, not assigned)
+    seen = set()
+    for kw in kinds:
+        port.set(spa, **kw)  # type: ignore[arg-type]
+        state = port.state(spa)
+        seen.add(state)
+        assert port.is_context(spa) == (state == RmpPageState.CONTEXT), kw
+        e = port.entry(spa)
+        assert port.governing(spa)[3:] == (state, e.page_size, e.asid, e.gpa), kw
+    assert {RmpPageState.CONTEXT, RmpPageState.PRE_GUEST, RmpPageState.PRE_SWAP} <= seen and len(seen) >= 8

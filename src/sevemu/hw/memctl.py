@@ -255,6 +255,12 @@ class MemoryController:
             cipher.encrypt_bulk_into(spa + pos, part, out)
             self.dram.write(spa + pos, out)
 
+    def write_small(self, spa: int, data: bytes | bytearray, asid: int) -> None:
+        """:meth:`write` of at most a page through domain (asid, C=1), in fewer steps: the same checks
+        first (nothing changes when one fails), the ciphertext from :meth:`MemoryCipher.encrypt_small`."""
+        self._check_bulk(spa, len(data))
+        self.dram.write(spa, self._cipher(asid).encrypt_small(spa, data))
+
     def _check_bulk(self, spa: int, length: int) -> None:
         if spa % LINE or length % LINE:
             raise AlignmentError(f"memory-controller transfers are whole 64-byte lines: {spa:#x}+{length:#x}")

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
-from sevemu._util.units import LINE
+from sevemu._util.units import LINE, PAGE
 from sevemu.abi.mailbox import (
     CMDRESP_RESP,
     INTSTS_CMD_COMPLETE,
@@ -191,6 +191,9 @@ class PspDma:
 
     def write_encrypted(self, spa: int, data: bytes | bytearray | memoryview, asid: int) -> None:
         """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""
+        if len(data) <= PAGE and not isinstance(data, memoryview):  # (a page: the controller's short path)
+            self._mc.write_small(spa, data, asid)
+            return
         self._mc.write(spa, data, asid, True)
 
     def cached_lines(self, asid: int, c: bool, spa: int, length: int) -> int:

@@ -91,6 +91,12 @@ _VMSA: Final = 1 << 61
 _VALIDATED: Final = 1 << 62
 _LOCK: Final = 1 << 63
 _VMPL0_ALL: Final = VMPL_PERM_MASK  # high quadword after an assigning RMPUPDATE: VMPL0 all, others none
+# A Context page (_state): assigned, immutable, RMP.VMSA, not validated, ASID 0, GPA 0 (any page size)
+_CONTEXT_MASK: Final = _ASSIGNED | _IMMUTABLE | _VMSA | _VALIDATED | _GPA_MASK | _ASID_MASK << _ASID_SHIFT
+_CONTEXT_BITS: Final = _ASSIGNED | _IMMUTABLE | _VMSA
+# A Pre-Guest page (_state), its ASID non-zero besides: assigned, immutable, not validated
+_PRE_GUEST_MASK: Final = _ASSIGNED | _IMMUTABLE | _VALIDATED
+_PRE_GUEST_BITS: Final = _ASSIGNED | _IMMUTABLE
 _SUBPAGES: Final = PAGE_2M // PAGE
 _unpack_entry: Final = struct.Struct("<QQ").unpack_from
 _pack_entry: Final = struct.Struct("<QQ").pack
@@ -273,9 +279,16 @@ class Rmp:
         # Validating a page or granting a VMPL more takes no access away: cached verdicts stay.
         if self._cached and (lo != old_lo | _VALIDATED or old_hi & ~hi) and self._verdict_cached(pfn, lo | old_lo):
             self._new_epoch()
-        if (old_lo | lo) & _ASSIGNED:  # (_count of each, skipped when neither is assigned)
-            self._count(old_lo, -1)
-            self._count(lo, 1)
+        if (old_lo | lo) & _ASSIGNED:  # (_count of each, inline; skipped when neither is assigned)
+            counts = self._asid_pages
+            for v, delta in ((old_lo, -1), (lo, 1)):
+                asid = (v >> _ASID_SHIFT) & _ASID_MASK if v & _ASSIGNED else 0
+                if asid:
+                    n = counts.get(asid, 0) + delta
+                    if n:
+                        counts[asid] = n
+                    else:
+                        del counts[asid]
         spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
         cache = self._cache
         key = spa & ~(LINE - 1)  # software's copy of the line goes first (coherence): CLFLUSH, when
@@ -744,3 +757,34 @@ class RmpFirmwarePort:
     def asid_pages(self, asid: int) -> int:
         """RMP entries assigned to ``asid`` (SNP_ACTIVATE refuses an ASID that still has some)."""
         return self._rmp.asid_pages(asid)
+
+    # ---- one read, one write: the per-page path of SNP_LAUNCH_UPDATE ---------------------------
+    def governing(self, spa: int) -> tuple[int, int, int, RmpPageState, int, int, int]:
+        """(pfn of the entry that governs the page at ``spa``, its raw low and high quadwords, and the
+        entry's state, page size, ASID and GPA): what :meth:`entry` reads, without building the entry,
+        with the raw values :meth:`make_guest_valid` takes back (AddressError outside the covered
+        memory)."""
+        r = self._rmp
+        if not 0 <= spa < r._covered:
+            raise AddressError(f"SPA {spa:#x} is not covered by the RMP ({r.covered:#x} bytes)")
+        own, lo, hi = r._authoritative(spa >> PAGE_SHIFT)
+        asid = (lo >> _ASID_SHIFT) & _ASID_MASK
+        state = (RmpPageState.PRE_GUEST if asid and lo & _PRE_GUEST_MASK == _PRE_GUEST_BITS  # (the common case)
+                 else _state_of(lo))
+        return own, lo, hi, state, (lo >> 1) & 1, asid, lo & _GPA_MASK
+
+    def make_guest_valid(self, own: int, lo: int, hi: int, vmsa: bool, perms: tuple[int, int, int]) -> None:
+        """Entry ``own`` (read as ``lo``, ``hi`` by :meth:`governing` in the same command) made
+        Guest-Valid: Assigned, its page size, GPA and ASID kept, Validated, Immutable cleared, RMP.VMSA
+        as ``vmsa``, VMPL0's permissions kept and VMPL1-3's ``perms``: what :meth:`set` writes for
+        those fields, without decoding and reading the entry again."""
+        new_lo = ((lo & (_PAGESIZE | _GPA_MASK | _ASID_MASK << _ASID_SHIFT)) | _ASSIGNED | _VALIDATED
+                  | (_VMSA if vmsa else 0))
+        new_hi = (hi & 0xFF) | perms[0] << 8 | perms[1] << 16 | perms[2] << 24
+        self._rmp._put(own, new_lo, new_hi, lo, hi)
+
+    def is_context(self, spa: int) -> bool:
+        """Whether the page at ``spa`` (inside the covered memory) is a Context page: what
+        ``state(spa) == RmpPageState.CONTEXT`` answers, from the governing low quadword alone."""
+        lo = self._rmp._governing_lo(spa >> PAGE_SHIFT)
+        return lo & _CONTEXT_MASK == _CONTEXT_BITS

@@ -54,7 +54,6 @@ from sevemu.firmware.sha_engine import hash_pages_later
 from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.cpuid import sanitize_cpuid_page
 from sevemu.firmware.snp.state import SnpGuest, snp_state
-from sevemu.hw.rmp import RmpEntry, RmpFirmwarePort
 
 __all__ = ["measure_pages", "page_info_digest"]
 
@@ -117,11 +116,10 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     st.need_init()
     g = st.guest(cmd.gctx_paddr)
     port = st.port()
-    entry = st.entry(spa)
-    if entry.state != RmpPageState.PRE_GUEST:
-        raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {entry.state.name}, not Pre-Guest")
+    own, lo, hi, state, huge, asid, gpa = st.governing(spa)
+    if state != RmpPageState.PRE_GUEST:
+        raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {state.name}, not Pre-Guest")
     flags = cmd.flags
-    huge = entry.page_size
     if huge != flags.page_size:
         raise FirmwareError(Status.INVALID_PAGE_SIZE, f"page {spa:#x}: the RMP page size differs from the command's")
     if huge and spa % PAGE_2M:
@@ -135,8 +133,8 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INVALID_GUEST_STATE, f"guest at {g.gctx:#x} is {g.state.name}, not LAUNCH")
     if not g.asid:
         raise FirmwareError(Status.INACTIVE, "the guest must be activated before SNP_LAUNCH_UPDATE")
-    if entry.asid != g.asid:
-        raise FirmwareError(Status.INVALID_PAGE_OWNER, f"page {spa:#x} belongs to ASID {entry.asid}, not {g.asid}")
+    if asid != g.asid:
+        raise FirmwareError(Status.INVALID_PAGE_OWNER, f"page {spa:#x} belongs to ASID {asid}, not {g.asid}")
     imi = bool(flags.imi_page)
     if g.imi_en and not imi:
         raise FirmwareError(Status.INVALID_PARAM, "an IMI guest's pages must be IMI pages")
@@ -145,20 +143,19 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INVALID_PARAM, "VMPL permission masks set bits 7:5")
     size = PAGE_2M if huge else PAGE
     count = size // PAGE
-    gpa = entry.gpa
     info = _template(int(ptype), perms, imi)
     if ptype == SnpPageType.ZERO:  # the range's host lines written back and dropped; nothing to read
         dma.evict(spa, size)
         dma.write_encrypted(spa, bytes(size), g.asid)
         g.chain(info, gpa, count, None)
-        _finish_update(port, spa, entry, ptype, perms)
+        port.make_guest_valid(own, lo, hi, False, perms)
         return
     data = dma.read_invalidate(spa, size)  # the whole page (512 x 4 KiB for a 2 MiB one) at once
     if ptype == SnpPageType.NORMAL:  # CONTENTS: the pages' hashes (a 2 MiB page's: on the SHA engine)
         hashes = hash_pages_later(data) if huge else sha384_pages(data, PAGE)
         dma.write_encrypted(spa, data, g.asid)
         g.chain(info, gpa, count, hashes)
-        _finish_update(port, spa, entry, ptype, perms)
+        port.make_guest_valid(own, lo, hi, False, perms)
         return
     contents: bytes | None = None  # CONTENTS zero (the template's)
     if ptype == SnpPageType.VMSA:
@@ -174,14 +171,7 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
             raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
     dma.write_encrypted(spa, data, g.asid)
     g.chain(info, gpa, count, contents)
-    _finish_update(port, spa, entry, ptype, perms)
-
-
-def _finish_update(port: RmpFirmwarePort, spa: int, entry: RmpEntry, ptype: SnpPageType,
-                   perms: tuple[int, int, int]) -> None:
-    """The page made Guest-Valid (module docstring), once it is encrypted and measured."""
-    port.set(spa, assigned=True, immutable=False, asid=entry.asid, gpa=entry.gpa, validated=True,
-             vmsa=ptype == SnpPageType.VMSA, huge=bool(entry.page_size), perms=(entry.perms[0], *perms))
+    port.make_guest_valid(own, lo, hi, ptype == SnpPageType.VMSA, perms)
 
 
 def _read(fw: Firmware, paddr: int, layout: type[Struct]) -> bytes:

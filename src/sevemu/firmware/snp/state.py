@@ -190,6 +190,16 @@ class SnpPlatform:
         except AddressError as exc:
             raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
 
+    def governing(self, spa: int) -> tuple[int, int, int, RmpPageState, int, int, int]:
+        """:meth:`entry`'s fields with the raw entry (:meth:`~sevemu.hw.rmp.RmpFirmwarePort.governing`):
+        (pfn of the governing entry, low and high quadwords, state, page size, ASID, GPA);
+        INVALID_ADDRESS outside the memory the RMP covers."""
+        port = self.port()
+        try:
+            return port.governing(spa)
+        except AddressError as exc:
+            raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
+
     def page_state(self, spa: int) -> RmpPageState:
         """RMP state of the page at ``spa``; INVALID_ADDRESS outside the memory the RMP covers."""
         port = self.port()
@@ -203,9 +213,15 @@ class SnpPlatform:
         if gctx_paddr % 0x1000:
             raise FirmwareError(Status.INVALID_PARAM, f"GCTX address {gctx_paddr:#x} is not page aligned")
         g = self.guests.get(gctx_paddr)  # (a known context first: the same status either way)
-        if g is None or self.page_state(gctx_paddr) != RmpPageState.CONTEXT:
+        if g is None:
             raise FirmwareError(Status.INVALID_GUEST, f"no guest context at {gctx_paddr:#x}")
-        return g
+        port = self.port()
+        if 0 <= gctx_paddr < port.rmp.covered:  # (the state's test, from one quadword)
+            if port.is_context(gctx_paddr):
+                return g
+        elif self.page_state(gctx_paddr) == RmpPageState.CONTEXT:  # (raises INVALID_ADDRESS)
+            return g
+        raise FirmwareError(Status.INVALID_GUEST, f"no guest context at {gctx_paddr:#x}")
 
 
 _STATES: weakref.WeakKeyDictionary[Firmware, SnpPlatform] = weakref.WeakKeyDictionary()

@@ -70,6 +70,7 @@ from sevemu.abi.snp import (
     SnpVlekLoadCmd,
 )
 from sevemu.abi.status import Status
+from sevemu.abi.struct import Struct
 from sevemu.abi.vmsa import SevFeatures
 from sevemu.hw.host import HostSoc
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
@@ -186,6 +187,14 @@ def vlek_load(host: SevHost, wrapped: bytes) -> None:
         host.tables.free(page)
 
 
+def _issue(host: SevHost, cmd: CommandId, buf: Struct) -> None:
+    """``sev_issue_cmd`` of a command whose buffer KVM does not read back: :meth:`SevHost.issue`'s
+    status check (SevFirmwareError), without reading and decoding the buffer the firmware left."""
+    status, _ = host.psp.raw(cmd, buf.encode(), reply=False)
+    if status != Status.SUCCESS:
+        raise SevFirmwareError(cmd.name, status)
+
+
 # ---- the RMP, as arch/x86/virt/svm/sev.c drives it ------------------------------------------------
 def _rmpupdate(host: SevHost, spa: int, state: RmpUpdateState) -> None:
     rc = host.core.rmpupdate_state(spa, state)
@@ -248,15 +257,15 @@ def launch_start(host: SevHost, vm: Vm, p: KvmSevSnpLaunchStart) -> None:
     gctx = host.tables.alloc()
     rmp_make_private(host, gctx, 0, 0, True)  # rmp_mark_pages_firmware
     try:
-        host.issue(CommandId.SNP_GCTX_CREATE, SnpAddrCmd(address=gctx))
+        _issue(host, CommandId.SNP_GCTX_CREATE, SnpAddrCmd(address=gctx))
     except SevFirmwareError:
         rmp_make_shared(host, gctx)  # still a Firmware page: snp_free_firmware_page reclaims it
         host.tables.free(gctx)
         raise
     vm.snp_context = gctx
     try:
-        host.issue(CommandId.SNP_LAUNCH_START, SnpLaunchStartCmd(gctx_paddr=gctx, policy=p.policy, gosvw=bytes(p.gosvw)))
-        host.issue(CommandId.SNP_ACTIVATE, SnpActivateCmd(gctx_paddr=gctx, asid=vm.asid))
+        _issue(host, CommandId.SNP_LAUNCH_START, SnpLaunchStartCmd(gctx_paddr=gctx, policy=p.policy, gosvw=bytes(p.gosvw)))
+        _issue(host, CommandId.SNP_ACTIVATE, SnpActivateCmd(gctx_paddr=gctx, asid=vm.asid))
     except SevFirmwareError:
         _free_context(host, vm)
         raise
@@ -408,7 +417,7 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
         id_block, id_auth = host.psp.data_spa, host.psp.data_spa + PAGE
         host.core.host_write(id_block, block)
         host.core.host_write(id_auth, auth)
-    host.issue(CommandId.SNP_LAUNCH_FINISH, SnpLaunchFinishCmd(
+    _issue(host, CommandId.SNP_LAUNCH_FINISH, SnpLaunchFinishCmd(
         gctx_paddr=vm.snp_context, id_block_paddr=id_block, id_auth_paddr=id_auth, flags=flags,
         host_data=bytes(p.host_data)))
     vm.state = VmState.RUNNING
