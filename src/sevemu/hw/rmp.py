@@ -566,6 +566,127 @@ class Rmp:
                     self._put(pfn + 1 + i, 0, 0)
         return RmpResult.SUCCESS
 
+    def rmpupdate_run(self, spa: int, pages: int, new: RmpUpdateState) -> tuple[int, RmpResult]:
+        """RMPUPDATE of ``pages`` consecutive 4 KiB pages from ``spa`` in one operation: page ``i`` gets
+        ``new`` with its GPA advanced by ``i`` pages when ``new`` assigns (else ``new`` as given).  The
+        same checks, results and final state as one :meth:`rmpupdate` per page in order, stopping at the
+        first that fails; returns (pages done, that page's result or SUCCESS).  A 2 MiB ``new`` is
+        applied page by page (it is not a 4 KiB run)."""
+        if pages <= 0:
+            return 0, RmpResult.SUCCESS
+        if new.pagesize or not self.enabled or spa % PAGE or spa < 0 or pages == 1:
+            for i in range(pages):
+                step = RmpUpdateState(gpa=new.gpa + i * PAGE, assigned=new.assigned, pagesize=new.pagesize,
+                                      immutable=new.immutable, asid=new.asid) if new.assigned and i else new
+                rc = self.rmpupdate(spa + i * PAGE, step)
+                if rc != RmpResult.SUCCESS:
+                    return i, rc
+            return pages, RmpResult.SUCCESS
+        # the checks that do not depend on the page: every page fails them alike
+        if (new.assigned > 1 or new.immutable > 1 or new.asid > self.max_asid or new.gpa % PAGE
+                or (not new.assigned and (new.asid or new.gpa or new.immutable))):
+            return 0, RmpResult.FAIL_INPUT
+        # FAIL_INPUT from page ``limit`` on: beyond the covered memory or a GPA above bit 50
+        limit = min(pages, max(0, (self.covered - spa) // PAGE))
+        if new.assigned:
+            limit = min(limit, max(0, ((1 << 51) - new.gpa + PAGE - 1) // PAGE))
+        first = stop = limit
+        result = RmpResult.FAIL_INPUT
+        pfn = spa >> PAGE_SHIFT
+        if limit:
+            los, his = self._entries(pfn, limit)
+            # the governing entry of each page: its region's 2 MiB entry when that one is assigned 2 MiB
+            regions = range(pfn >> 9, ((pfn + limit - 1) >> 9) + 1)
+            big = [self._raw(r << 9) for r in regions]
+            big_lo = np.array([lo for lo, _ in big], dtype=np.uint64)
+            idx = (np.arange(pfn, pfn + limit, dtype=np.int64) >> 9) - (pfn >> 9)
+            region_lo = big_lo[idx]
+            huge = (region_lo & np.uint64(_ASSIGNED | _PAGESIZE)) == np.uint64(_ASSIGNED | _PAGESIZE)
+            gov_lo = np.where(huge, region_lo, los)
+            # per page, in rmpupdate's order: Immutable, in use, inside an assigned 2 MiB page
+            perm = (gov_lo & np.uint64(_IMMUTABLE)) != 0
+            overlap = huge | ((los & np.uint64(_ASSIGNED | _PAGESIZE)) == np.uint64(_ASSIGNED | _PAGESIZE))
+            bad = perm | overlap
+            busy_at = limit
+            if self._in_use:
+                end = spa + limit * PAGE
+                hits = [(p - spa) >> PAGE_SHIFT for p in self._in_use if spa <= p < end and not p % PAGE]
+                busy_at = min(hits, default=limit)
+            hit = np.flatnonzero(bad)
+            first = int(hit[0]) if hit.size else limit
+            if busy_at < first or (busy_at == first and first < limit and not perm[first]):
+                first, result = busy_at, RmpResult.FAIL_INUSE
+            elif first < limit:
+                result = RmpResult.FAIL_PERMISSION if perm[first] else RmpResult.FAIL_OVERLAP
+            stop = first
+            if stop:
+                self._put_4k_run(pfn, stop, new, los[:stop], his[:stop])
+        if stop == pages:
+            return pages, RmpResult.SUCCESS
+        return stop, result
+
+    def _entries(self, pfn: int, n: int) -> tuple[np.ndarray[Any, np.dtype[np.uint64]],
+                                                  np.ndarray[Any, np.dtype[np.uint64]]]:
+        """Both quadwords of the ``n`` entries from ``pfn`` (what :meth:`_raw` gives each)."""
+        spa = self._entry_spa(pfn)
+        length = n * RMP_ENTRY_SIZE
+        dirty = self._cache.dirty
+        first = spa & ~(LINE - 1)
+        if dirty and any(k in dirty for k in range(first, spa + length, LINE)):
+            raw = self._cache.read(0, False, spa, length)
+        else:
+            raw = self._dram.read(spa, length)
+        words = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        return words[0::2], words[1::2]
+
+    def _put_4k_run(self, pfn: int, n: int, new: RmpUpdateState, old_lo: np.ndarray[Any, np.dtype[np.uint64]],
+                    old_hi: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
+        """The writes of :meth:`rmpupdate_run`'s ``n`` successful pages: what :meth:`_put` does for each."""
+        if new.assigned:
+            base = (_ASSIGNED | (_IMMUTABLE if new.immutable else 0) | (new.asid << _ASID_SHIFT))
+            lo = (np.uint64(base) | (np.uint64(new.gpa & _GPA_MASK)
+                                     + (np.arange(n, dtype=np.uint64) << np.uint64(PAGE_SHIFT))))
+            hi = np.full(n, _VMPL0_ALL, dtype=np.uint64)
+        else:
+            lo = np.zeros(n, dtype=np.uint64)
+            hi = np.zeros(n, dtype=np.uint64)
+        if self._cached:  # (_put's epoch rule per page: one bump clears the set, so any page decides)
+            changed = np.flatnonzero((lo != (old_lo | np.uint64(_VALIDATED))) | ((old_hi & ~hi) != 0))
+            either = lo | old_lo
+            for i in changed.tolist():
+                if self._verdict_cached(pfn + i, int(either[i])):
+                    self._new_epoch()
+                    break
+        counts = self._asid_pages
+        for v, delta in ((old_lo, -1), (lo, 1)):
+            asids = (v >> np.uint64(_ASID_SHIFT)) & np.uint64(_ASID_MASK)
+            asids = asids[((v & np.uint64(_ASSIGNED)) != 0) & (asids != 0)]
+            if asids.size:
+                values, freq = np.unique(asids, return_counts=True)
+                for asid, k in zip(values.tolist(), freq.tolist(), strict=True):
+                    m = counts.get(asid, 0) + delta * k
+                    if m:
+                        counts[asid] = m
+                    else:
+                        counts.pop(asid, None)
+        spa = self._entry_spa(pfn)
+        length = n * RMP_ENTRY_SIZE
+        self._cache.flush_range(0, False, spa, length)  # software's lines of the entries go first
+        data = np.empty(2 * n, dtype="<u8")
+        data[0::2] = lo
+        data[1::2] = hi
+        raw = data.tobytes()
+        pos = 0
+        while pos < length:
+            addr = spa + pos
+            off = addr & (PAGE - 1)
+            k = min(PAGE - off, length - pos)
+            page = self._pages.get(addr >> PAGE_SHIFT)
+            if page is None:
+                page = self._pages[addr >> PAGE_SHIFT] = bytearray(PAGE)
+            page[off : off + k] = raw[pos : pos + k]
+            pos += k
+
     def psmash(self, spa: int) -> RmpResult:
         """PSMASH: RAX = 2 MiB-aligned ``spa``; one 2 MiB entry -> 512 4 KiB entries, contiguous GPAs,
         every other field copied (Validated too)."""
