@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.rmp import RmpResult, RmpUpdateState
 from sevemu.errors import HardwareError
+from sevemu.hw.faults import NestedPageFault
 from sevemu.hw.rmp import Rmp, RmpFirmwarePort
 from sevemu.hw.soc import Soc
 
@@ -43,6 +44,7 @@ def _setup(rmp: Rmp, port: RmpFirmwarePort, marks: list[tuple[int, str]], base: 
     port.initialize()
     rmp._in_use.clear()
     rmp._cached.clear()
+    rmp.epoch = 0  # (the two tables' histories differ: their epochs are compared from here)
     for i, kind in marks:
         spa = base + i * PAGE
         if kind in ("huge", "shared-huge"):
@@ -128,3 +130,45 @@ def test_the_host_port_runs_it_and_is_undefined_without_snp_en() -> None:
     bare = make_soc().host_view()
     with pytest.raises(HardwareError):
         bare.boot_cpu.rmpupdate_run(_BASE, 4, RmpUpdateState())
+
+
+def _outcome(rmp: Rmp, args: tuple[int, int, int, bool, bool]) -> object:
+    try:
+        return rmp.pvalidate(*args)
+    except NestedPageFault as f:
+        return ("npf", f.exit_info1, f.gpa)
+
+
+@settings(max_examples=200, deadline=None)
+@given(marks=st.lists(st.tuples(st.integers(0, _SPAN - 1), _KINDS), max_size=6), page=st.integers(0, _SPAN - 1),
+       gpa_off=st.sampled_from([0, 0, PAGE, 0x800]), huge=st.booleans(), validate=st.booleans(),
+       asid=st.sampled_from([ASID, ASID, 7]))
+def test_the_4k_validate_path_answers_and_writes_as_the_general_one(marks: list[tuple[int, str]], page: int,
+                                                                    gpa_off: int, huge: bool, validate: bool,
+                                                                    asid: int) -> None:
+    """``Rmp.pvalidate``'s shortcut for setting Validated on a 4 KiB page gives the general path's EAX,
+    CF, #NPF and table (the reference: the same call with the shortcut turned off)."""
+    (_, a, pa), (_, b, pb) = _A, _B
+    _setup(a, pa, marks, _BASE)
+    _setup(b, pb, marks, _BASE)
+    spa = _BASE + page * PAGE
+    gpa = page * PAGE + gpa_off
+    if huge:
+        spa, gpa = spa & ~0x1F_FFFF, gpa & ~0x1F_FFFF
+    args = (asid, gpa, spa, huge, validate)
+    b._validate_4k = lambda *_: None  # type: ignore[method-assign]
+    try:
+        expected = _outcome(b, args)
+    finally:
+        del b._validate_4k
+    assert _outcome(a, args) == expected
+    assert _state(a, _BASE) == _state(b, _BASE)
+
+
+def test_the_4k_validate_path_is_taken_and_sets_validated() -> None:
+    _, rmp, port = _A
+    _setup(rmp, port, [(3, "assigned")], _BASE)
+    assert rmp._validate_4k(ASID, 3 * PAGE, _BASE + 3 * PAGE) == (0, False)
+    assert rmp.entry(_BASE + 3 * PAGE).validated
+    assert rmp._validate_4k(ASID, 3 * PAGE, _BASE + 3 * PAGE) == (0, True)
+    assert rmp._validate_4k(ASID, 4 * PAGE, _BASE + 3 * PAGE) is None  # another GPA: the general path faults
