@@ -294,8 +294,10 @@ class Rmp:
                         del counts[asid]
         spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
         cache = self._cache
-        key = spa & ~(LINE - 1)  # software's copy of the line goes first (coherence): CLFLUSH, when
-        if cache.agents or cache.sets[(key >> 6) & cache.set_mask].get(key) is not None:  # there is one
+        key = spa & ~(LINE - 1)  # software's copy of the line goes first (coherence): CLFLUSH, when there
+        # is one or an agent to snoop (a host C=0 CLFLUSH snoops the plain agents only: without one and
+        # without the line it does nothing)
+        if cache.plain_agents or cache.sets[(key >> 6) & cache.set_mask].get(key) is not None:
             cache.clflush(0, False, spa)
         page = self._pages.get(spa >> PAGE_SHIFT)
         if page is None:
@@ -776,7 +778,7 @@ class Rmp:
         if lo & _VALIDATED:
             return _PV_SAME
         cache = self._cache
-        if cache.agents or cache.sets[(key >> 6) & cache.set_mask].get(key) is not None:
+        if cache.plain_agents or cache.sets[(key >> 6) & cache.set_mask].get(key) is not None:
             cache.clflush(0, False, at)
         page[off : off + 8] = _pack_lo(lo | _VALIDATED)
         return _PV_DONE
