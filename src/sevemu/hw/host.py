@@ -141,6 +141,15 @@ class HostCore:
             raise HardwareError("#UD: RMPUPDATE with SYSCFG.SNP_EN clear")
         return rmp.rmpupdate(spa, state)
 
+    def rmpupdate_run(self, spa: int, pages: int, state: RmpUpdateState) -> tuple[int, RmpResult]:
+        """RMPUPDATE of ``pages`` consecutive 4 KiB pages from ``spa``, page ``i`` with ``state``'s GPA
+        advanced by ``i`` pages when it assigns: what one :meth:`rmpupdate_state` per page in order
+        does, stopping at the first failure; (pages done, that page's result or SUCCESS)."""
+        rmp = self._core.rmp
+        if rmp is None:
+            raise HardwareError("#UD: RMPUPDATE with SYSCFG.SNP_EN clear")
+        return rmp.rmpupdate_run(spa, pages, state)
+
     def psmash(self, rax: int) -> int:
         """PSMASH (F3 0F 01 FF): RAX = a 2 MiB-aligned SPA; the EAX result.  #UD without SNP_EN."""
         rmp = self._core.rmp

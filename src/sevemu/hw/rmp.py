@@ -101,6 +101,9 @@ _SUBPAGES: Final = PAGE_2M // PAGE
 _unpack_entry: Final = struct.Struct("<QQ").unpack_from
 _pack_entry: Final = struct.Struct("<QQ").pack
 _unpack_lo: Final = struct.Struct("<Q").unpack_from
+_pack_lo: Final = struct.Struct("<Q").pack
+_PV_SAME: Final = (int(RmpResult.SUCCESS), True)
+_PV_DONE: Final = (int(RmpResult.SUCCESS), False)
 _NPF_RMP: Final = int(NpfExitInfo1.P | NpfExitInfo1.W | NpfExitInfo1.RMP | NpfExitInfo1.ENC
                       | NpfExitInfo1.GUEST_FINAL)
 
@@ -291,8 +294,10 @@ class Rmp:
                         del counts[asid]
         spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
         cache = self._cache
-        key = spa & ~(LINE - 1)  # software's copy of the line goes first (coherence): CLFLUSH, when
-        if cache.agents or cache.sets[(key >> 6) & cache.set_mask].get(key) is not None:  # there is one
+        key = spa & ~(LINE - 1)  # software's copy of the line goes first (coherence): CLFLUSH, when there
+        # is one or an agent to snoop (a host C=0 CLFLUSH snoops the plain agents only: without one and
+        # without the line it does nothing)
+        if cache.plain_agents or cache.sets[(key >> 6) & cache.set_mask].get(key) is not None:
             cache.clflush(0, False, spa)
         page = self._pages.get(spa >> PAGE_SHIFT)
         if page is None:
@@ -566,6 +571,127 @@ class Rmp:
                     self._put(pfn + 1 + i, 0, 0)
         return RmpResult.SUCCESS
 
+    def rmpupdate_run(self, spa: int, pages: int, new: RmpUpdateState) -> tuple[int, RmpResult]:
+        """RMPUPDATE of ``pages`` consecutive 4 KiB pages from ``spa`` in one operation: page ``i`` gets
+        ``new`` with its GPA advanced by ``i`` pages when ``new`` assigns (else ``new`` as given).  The
+        same checks, results and final state as one :meth:`rmpupdate` per page in order, stopping at the
+        first that fails; returns (pages done, that page's result or SUCCESS).  A 2 MiB ``new`` is
+        applied page by page (it is not a 4 KiB run)."""
+        if pages <= 0:
+            return 0, RmpResult.SUCCESS
+        if new.pagesize or not self.enabled or spa % PAGE or spa < 0 or pages == 1:
+            for i in range(pages):
+                step = RmpUpdateState(gpa=new.gpa + i * PAGE, assigned=new.assigned, pagesize=new.pagesize,
+                                      immutable=new.immutable, asid=new.asid) if new.assigned and i else new
+                rc = self.rmpupdate(spa + i * PAGE, step)
+                if rc != RmpResult.SUCCESS:
+                    return i, rc
+            return pages, RmpResult.SUCCESS
+        # the checks that do not depend on the page: every page fails them alike
+        if (new.assigned > 1 or new.immutable > 1 or new.asid > self.max_asid or new.gpa % PAGE
+                or (not new.assigned and (new.asid or new.gpa or new.immutable))):
+            return 0, RmpResult.FAIL_INPUT
+        # FAIL_INPUT from page ``limit`` on: beyond the covered memory or a GPA above bit 50
+        limit = min(pages, max(0, (self.covered - spa) // PAGE))
+        if new.assigned:
+            limit = min(limit, max(0, ((1 << 51) - new.gpa + PAGE - 1) // PAGE))
+        first = stop = limit
+        result = RmpResult.FAIL_INPUT
+        pfn = spa >> PAGE_SHIFT
+        if limit:
+            los, his = self._entries(pfn, limit)
+            # the governing entry of each page: its region's 2 MiB entry when that one is assigned 2 MiB
+            regions = range(pfn >> 9, ((pfn + limit - 1) >> 9) + 1)
+            big = [self._raw(r << 9) for r in regions]
+            big_lo = np.array([lo for lo, _ in big], dtype=np.uint64)
+            idx = (np.arange(pfn, pfn + limit, dtype=np.int64) >> 9) - (pfn >> 9)
+            region_lo = big_lo[idx]
+            huge = (region_lo & np.uint64(_ASSIGNED | _PAGESIZE)) == np.uint64(_ASSIGNED | _PAGESIZE)
+            gov_lo = np.where(huge, region_lo, los)
+            # per page, in rmpupdate's order: Immutable, in use, inside an assigned 2 MiB page
+            perm = (gov_lo & np.uint64(_IMMUTABLE)) != 0
+            overlap = huge | ((los & np.uint64(_ASSIGNED | _PAGESIZE)) == np.uint64(_ASSIGNED | _PAGESIZE))
+            bad = perm | overlap
+            busy_at = limit
+            if self._in_use:
+                end = spa + limit * PAGE
+                hits = [(p - spa) >> PAGE_SHIFT for p in self._in_use if spa <= p < end and not p % PAGE]
+                busy_at = min(hits, default=limit)
+            hit = np.flatnonzero(bad)
+            first = int(hit[0]) if hit.size else limit
+            if busy_at < first or (busy_at == first and first < limit and not perm[first]):
+                first, result = busy_at, RmpResult.FAIL_INUSE
+            elif first < limit:
+                result = RmpResult.FAIL_PERMISSION if perm[first] else RmpResult.FAIL_OVERLAP
+            stop = first
+            if stop:
+                self._put_4k_run(pfn, stop, new, los[:stop], his[:stop])
+        if stop == pages:
+            return pages, RmpResult.SUCCESS
+        return stop, result
+
+    def _entries(self, pfn: int, n: int) -> tuple[np.ndarray[Any, np.dtype[np.uint64]],
+                                                  np.ndarray[Any, np.dtype[np.uint64]]]:
+        """Both quadwords of the ``n`` entries from ``pfn`` (what :meth:`_raw` gives each)."""
+        spa = self._entry_spa(pfn)
+        length = n * RMP_ENTRY_SIZE
+        dirty = self._cache.dirty
+        first = spa & ~(LINE - 1)
+        if dirty and any(k in dirty for k in range(first, spa + length, LINE)):
+            raw = self._cache.read(0, False, spa, length)
+        else:
+            raw = self._dram.read(spa, length)
+        words = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        return words[0::2], words[1::2]
+
+    def _put_4k_run(self, pfn: int, n: int, new: RmpUpdateState, old_lo: np.ndarray[Any, np.dtype[np.uint64]],
+                    old_hi: np.ndarray[Any, np.dtype[np.uint64]]) -> None:
+        """The writes of :meth:`rmpupdate_run`'s ``n`` successful pages: what :meth:`_put` does for each."""
+        if new.assigned:
+            base = (_ASSIGNED | (_IMMUTABLE if new.immutable else 0) | (new.asid << _ASID_SHIFT))
+            lo = (np.uint64(base) | (np.uint64(new.gpa & _GPA_MASK)
+                                     + (np.arange(n, dtype=np.uint64) << np.uint64(PAGE_SHIFT))))
+            hi = np.full(n, _VMPL0_ALL, dtype=np.uint64)
+        else:
+            lo = np.zeros(n, dtype=np.uint64)
+            hi = np.zeros(n, dtype=np.uint64)
+        if self._cached:  # (_put's epoch rule per page: one bump clears the set, so any page decides)
+            changed = np.flatnonzero((lo != (old_lo | np.uint64(_VALIDATED))) | ((old_hi & ~hi) != 0))
+            either = lo | old_lo
+            for i in changed.tolist():
+                if self._verdict_cached(pfn + i, int(either[i])):
+                    self._new_epoch()
+                    break
+        counts = self._asid_pages
+        for v, delta in ((old_lo, -1), (lo, 1)):
+            asids = (v >> np.uint64(_ASID_SHIFT)) & np.uint64(_ASID_MASK)
+            asids = asids[((v & np.uint64(_ASSIGNED)) != 0) & (asids != 0)]
+            if asids.size:
+                values, freq = np.unique(asids, return_counts=True)
+                for asid, k in zip(values.tolist(), freq.tolist(), strict=True):
+                    m = counts.get(asid, 0) + delta * k
+                    if m:
+                        counts[asid] = m
+                    else:
+                        counts.pop(asid, None)
+        spa = self._entry_spa(pfn)
+        length = n * RMP_ENTRY_SIZE
+        self._cache.flush_range(0, False, spa, length)  # software's lines of the entries go first
+        data = np.empty(2 * n, dtype="<u8")
+        data[0::2] = lo
+        data[1::2] = hi
+        raw = data.tobytes()
+        pos = 0
+        while pos < length:
+            addr = spa + pos
+            off = addr & (PAGE - 1)
+            k = min(PAGE - off, length - pos)
+            page = self._pages.get(addr >> PAGE_SHIFT)
+            if page is None:
+                page = self._pages[addr >> PAGE_SHIFT] = bytearray(PAGE)
+            page[off : off + k] = raw[pos : pos + k]
+            pos += k
+
     def psmash(self, spa: int) -> RmpResult:
         """PSMASH: RAX = 2 MiB-aligned ``spa``; one 2 MiB entry -> 512 4 KiB entries, contiguous GPAs,
         every other field copied (Validated too)."""
@@ -604,6 +730,10 @@ class Rmp:
 
     def pvalidate(self, asid: int, gpa: int, spa: int, huge: bool, validate: bool) -> tuple[int, bool]:
         """PVALIDATE (APM3): set or clear Validated; (EAX, rFLAGS.CF = already in that state)."""
+        if validate and not huge and 0 <= spa < self._covered:
+            done = self._validate_4k(asid, gpa, spa)
+            if done is not None:
+                return done
         found = self._guest_entry(asid, gpa, spa, huge)
         if isinstance(found, RmpResult):
             return int(found), False
@@ -612,6 +742,46 @@ class Rmp:
             return int(RmpResult.SUCCESS), True
         self._put(own, lo | _VALIDATED if validate else lo & ~_VALIDATED, hi, lo, hi)
         return int(RmpResult.SUCCESS), False
+
+    def _validate_4k(self, asid: int, gpa: int, spa: int) -> tuple[int, bool] | None:
+        """:meth:`pvalidate` of a 4 KiB page to validated when the page's own entry governs it, is the
+        caller's, mutable, 4 KiB, at ``gpa`` and stored in DRAM (no software line over it, no 2 MiB entry
+        assigned over its region): the same result and the same write as the general path, which
+        answers every other case (None).  Setting Validated takes no access away (no epoch) and keeps
+        the entry's ASID (the per-ASID counts stay): :meth:`_put` reduced to its line's CLFLUSH and the
+        low quadword's store."""
+        pfn = spa >> PAGE_SHIFT
+        first = self.base + RMP_BOOKKEEPING_SIZE
+        dirty = self._cache.dirty
+        pages = self._pages
+        large = pfn & ~(_SUBPAGES - 1)
+        if large != pfn:
+            at = first + large * RMP_ENTRY_SIZE
+            if dirty and at & ~(LINE - 1) in dirty:
+                return None
+            page = pages.get(at >> PAGE_SHIFT)
+            if page is not None and _unpack_lo(page, at & (PAGE - 1))[0] & (_ASSIGNED | _PAGESIZE) == (
+                    _ASSIGNED | _PAGESIZE):
+                return None
+        at = first + pfn * RMP_ENTRY_SIZE
+        key = at & ~(LINE - 1)
+        if dirty and key in dirty:
+            return None
+        page = pages.get(at >> PAGE_SHIFT)
+        if page is None:
+            return None
+        off = at & (PAGE - 1)
+        lo = _unpack_lo(page, off)[0]
+        if (lo & (_ASSIGNED | _PAGESIZE | _IMMUTABLE) != _ASSIGNED or (lo >> _ASID_SHIFT) & _ASID_MASK != asid
+                or lo & _GPA_MASK != gpa & ~(PAGE - 1)):
+            return None
+        if lo & _VALIDATED:
+            return _PV_SAME
+        cache = self._cache
+        if cache.plain_agents or cache.sets[(key >> 6) & cache.set_mask].get(key) is not None:
+            cache.clflush(0, False, at)
+        page[off : off + 8] = _pack_lo(lo | _VALIDATED)
+        return _PV_DONE
 
     def rmpadjust(self, asid: int, gpa: int, spa: int, huge: bool, target_vmpl: int, perms: int,
                   vmsa: bool, caller_vmpl: int = 0) -> int:

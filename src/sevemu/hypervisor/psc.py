@@ -80,7 +80,7 @@ class PscError(Exception):
 
 def set_page_state(host: SevHost, vm: Vm, gpa: int, private: bool, flushed: bool = False) -> None:
     """Make the 4 KiB page at ``gpa`` of SNP guest ``vm`` private or shared (module docstring);
-    ``flushed``: the caller has already flushed the host's lines of the page (:func:`_flush_for_private`)."""
+    ``flushed``: the caller has already flushed the host's lines of the page (:func:`_private_range`)."""
     if gpa % PAGE or not 0 <= gpa < vm.memory:
         raise PscError(PSC_INVALID_ENTRY, f"GPA {gpa:#x} is not a page of {vm.name}")
     spa = vm.back(gpa)
@@ -133,25 +133,32 @@ def _apply_range(host: SevHost, vm: Vm, gpa: int, pages: int, op: int) -> int:
     """Apply ``op`` to ``pages`` pages from ``gpa``; returns the pages done (PscError on failure)."""
     if op not in (PscOp.PRIVATE, PscOp.SHARED):
         raise PscError(PSC_INVALID_ENTRY, f"page state operation {op} (only PRIVATE and SHARED are supported)")
-    private = op == PscOp.PRIVATE
-    if private:
-        _flush_for_private(host, vm, gpa, pages)
+    if op == PscOp.PRIVATE:
+        _private_range(host, vm, gpa, pages)
+        return pages
     for i in range(pages):
-        set_page_state(host, vm, gpa + i * PAGE, private, flushed=private)
+        set_page_state(host, vm, gpa + i * PAGE, False)
     return pages
 
 
-def _flush_for_private(host: SevHost, vm: Vm, gpa: int, pages: int) -> None:
-    """The host's lines of the pages a private conversion will take, flushed before the first
-    RMPUPDATE: one CLFLUSH range per run of contiguous backing -- the lines :func:`set_page_state`
-    flushes page by page (of the pages not private yet, up to the first GPA it refuses)."""
-    start = end = -1
+def _private_range(host: SevHost, vm: Vm, gpa: int, pages: int) -> None:
+    """:func:`set_page_state` (private) of each page from ``gpa`` in order, the RMPUPDATEs of each run of
+    contiguous backing in one :meth:`~sevemu.hw.host.HostCore.rmpupdate_run`: the same RMP, shared set,
+    private set and error (the first page refused) as page by page.  The pages are backed and the host's
+    lines of those not private yet flushed first (one CLFLUSH range per run), as before."""
+    spas: list[int] = []
+    bad: int | None = None
     for i in range(pages):
         page = gpa + i * PAGE
         if page % PAGE or not 0 <= page < vm.memory:
+            bad = page
             break
-        spa = vm.back(page)
-        if spa in vm.private_spas:
+        spas.append(vm.back(page))
+    private = vm.private_spas
+    shared = vm.shared_gpas
+    start = end = -1
+    for spa in spas:  # one CLFLUSH range per run of contiguous backing not private yet
+        if spa in private:
             continue
         if spa != end:
             if end > start:
@@ -160,6 +167,28 @@ def _flush_for_private(host: SevHost, vm: Vm, gpa: int, pages: int) -> None:
         end = spa + PAGE
     if end > start:
         host.core.clflush_range(start, end - start)
+    n = len(spas)
+    i = 0
+    while i < n:
+        spa = spas[i]
+        if spa in private:
+            shared.discard(gpa + i * PAGE)
+            i += 1
+            continue
+        j = i + 1
+        while j < n and spas[j] == spas[j - 1] + PAGE and spas[j] not in private:
+            j += 1
+        done, rc = host.core.rmpupdate_run(spa, j - i, RmpUpdateState(gpa=gpa + i * PAGE, assigned=1, asid=vm.asid))
+        last = min(i + done + 1, j)  # the pages tried: the one refused had left the shared set too
+        if shared:
+            shared.difference_update(range(gpa + i * PAGE, gpa + last * PAGE, PAGE))
+        private.update(spas[i : i + done])
+        if rc != RmpResult.SUCCESS:
+            raise PscError(PSC_ERROR_GENERIC,
+                           f"RMPUPDATE of GPA {gpa + (i + done) * PAGE:#x} to private: {RmpResult(rc).name}")
+        i = j
+    if bad is not None:
+        raise PscError(PSC_INVALID_ENTRY, f"GPA {bad:#x} is not a page of {vm.name}")
 
 
 # ---- the GHCB requests ------------------------------------------------------------------------------

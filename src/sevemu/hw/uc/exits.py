@@ -368,6 +368,13 @@ def _unknown_to_qemu(e: EnginePort, cpu: GuestCpu, rip: int) -> VmExit | None:
     return apply(e, cpu, out, rip, length)
 
 
+_UNDECODED: Final = ("undecoded", 0)
+_IN_PLACE_DECODED: dict[tuple[bytes, bool], tuple[GuestInsn, int] | tuple[str, int] | None] = {}
+""":func:`decode_guest_insn` of the instruction bytes :func:`pvalidate_in_place` read, by (bytes, paging):
+a loop over a range validates with the same few bytes at the same RIP every time."""
+_IN_PLACE_DECODED_MAX: Final = 1024
+
+
 def pvalidate_in_place(e: EnginePort, cpu: GuestCpu, mmu: Mmu) -> bool:
     """Retire a PVALIDATE inside Unicorn's invalid-instruction hook, without stopping emulation
     (``e.vals`` holds the registers as of the instruction).  The semantics are
@@ -388,7 +395,13 @@ def pvalidate_in_place(e: EnginePort, cpu: GuestCpu, mmu: Mmu) -> bool:
     rip = vals[I_RIP]
     cr0 = vals[I_CR0]
     paging = bool(cr0 & CR0_PG)
-    guest = decode_guest_insn(e.read_code(rip, 15), paging)
+    code = e.read_code(rip, 15)
+    key = (code, paging)
+    guest = _IN_PLACE_DECODED.get(key, _UNDECODED)
+    if guest is _UNDECODED:  # (decode_guest_insn is a function of the bytes and the mode: kept)
+        if len(_IN_PLACE_DECODED) >= _IN_PLACE_DECODED_MAX:
+            _IN_PLACE_DECODED.clear()
+        guest = _IN_PLACE_DECODED[key] = decode_guest_insn(code, paging)
     if guest is None or guest[0] is not GuestInsn.PVALIDATE:
         return False
     asid, sev, ncr3, cr3 = cpu.asid, cpu.sev, cpu.vmcb.ncr3, vals[I_CR3]
