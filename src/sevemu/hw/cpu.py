@@ -18,6 +18,7 @@ half-happens: a faulting access changes no memory, so the instruction can be res
 
 from __future__ import annotations
 
+import struct
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from sevemu._util.units import PAGE
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import AddressError, HardwareError
-from sevemu.hw.cache import Cache, tag_key
+from sevemu.hw.cache import ASID_SHIFT, C_SHIFT, Cache, tag_key
 from sevemu.hw.codefetch import is_cpu_engine
 from sevemu.hw.faults import GeneralProtection, NestedPageFault
 from sevemu.hw.memctl import MemoryController
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["Core", "Engine", "ForeignEngineError", "GuestCpu", "Tlb"]
 
 _SNP_ACTIVE = 1  # SEV_FEATURES bit 0
+_C_KEY = 1 << C_SHIFT
+_Q = struct.Struct("<Q")
 _ES_COMPLETED = frozenset({int(ExitCode.VMGEXIT), int(ExitCode.HLT)})
 """Automatic exits of an SEV-ES guest after which it resumes past the instruction."""
 _ES_WITH_INFO = frozenset({int(ExitCode.NPF)})
@@ -486,9 +489,23 @@ class Core:
         past it, as the hardware saves it), so ``next_rip`` is not shown."""
         rmp = self.rmp  # (an SNP VMSA's RMP entry was checked by vmrun_checks, at every VMRUN)
         vmsa, asid, vmsa_pa = self.vmsa, vmcb.asid, vmcb.vmsa_pa
-        state = vmsa.load(asid, vmsa_pa)
-        if isinstance(state, str):
-            return self._vmrun_failed(vmcb, state)
+        # VmsaUnit.load of a page the unit holds, inlined (the exit path): a page of DRAM, held
+        # since the last #VMEXIT, and its TMR block still what the unit stored there
+        held = vmsa._held
+        key = asid << ASID_SHIFT | _C_KEY | vmsa_pa
+        h = held.get(key) if not vmsa_pa & (PAGE - 1) and 0 < vmsa_pa <= vmsa._size - PAGE else None
+        if h is not None and not h.snp:
+            block = vmsa._dram_pages.get(h.crc_paddr >> 12)  # (Dram.read_u64, inlined)
+            if (_Q.unpack_from(block, h.crc_paddr & (PAGE - 1))[0] if block is not None else 0) != h.crc:
+                h = None
+        if h is not None:
+            vmsa._running = h
+            state = h.state
+        else:
+            loaded = vmsa.load(asid, vmsa_pa)
+            if isinstance(loaded, str):
+                return self._vmrun_failed(vmcb, loaded)
+            state = loaded
         c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
         if (c is not None and c.vmcb is vmcb and c.state is state and rmp is None and c.asid == asid
                 and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(asid)):
@@ -513,7 +530,11 @@ class Core:
         if code in _ES_COMPLETED:
             state.rip = vmcb.next_rip
         vmcb.next_rip = 0
-        vmsa.store(asid, vmsa_pa)
+        if h is not None and vmsa._running is h and held.get(key) is h:  # (VmsaUnit.store of it, inlined)
+            vmsa._running = None
+            h.pending = True
+        else:
+            vmsa.store(asid, vmsa_pa)
         if code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
             bare = _ES_BARE.get(code)
             ex = bare if bare is not None else VmExit(code)  # the exit code only
