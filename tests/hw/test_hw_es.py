@@ -118,6 +118,33 @@ def test_a_changed_tmr_block_fails_vmrun_and_a_missing_vmsa_pointer_too(soc: Soc
     assert soc.boot_cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
 
 
+def test_a_held_vmsa_is_checked_against_its_tmr_block_at_every_vmrun(soc: Soc) -> None:
+    """The unit holds the decrypted page between exits; VMRUN still compares the TMR block in DRAM
+    with the checksum it stored (the inlined load of a held page, Core.vmrun), and a pointer that
+    only differs in bits above DRAM (where the unit's key has the C-bit and ASID) is no such page."""
+    pt, vmcb = _es(soc)
+    cpu = soc.boot_cpu
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    assert cpu.vmsa._held  # held since the #VMEXIT
+    checks = cpu.vmsa.checks
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    assert cpu.vmsa.checks == checks  # no new read and check of the page: the held copy ran
+    cpu.vmsa.forget()  # its checksum into the TMR now
+    cpu.vmsa.load(ES_ASID, VMSA_SPA)  # held again, nothing pending
+    cpu.vmsa.store(ES_ASID, VMSA_SPA)
+    block = soc.dram.read(0x1E000, 8)
+    soc.dram.write(0x1E000, bytes(8))  # the TMR block changed behind the held page
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
+    assert "checksum" in cpu.vmsa_failure
+    soc.dram.write(0x1E000, block)
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    for bad in (VMSA_SPA | 1 << 52, VMSA_SPA | 5 << 53 | 1 << 52, VMSA_SPA + 0x10):
+        vmcb.vmsa_pa = bad
+        assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
+    vmcb.vmsa_pa = VMSA_SPA
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+
+
 def test_an_unsealed_page_names_no_checksum_block(soc: Soc) -> None:
     pt, vmcb = _es(soc)
     soc.cache.write(ES_ASID, True, VMSA_SPA, bytes(4096))  # a page the firmware never set up

@@ -458,8 +458,66 @@ class Core:
             elif tlb_control == TlbControl.FLUSH_ASID:
                 self.tlb.flush_asid(vmcb.asid)
             vmcb.tlb_control = TlbControl.DO_NOTHING
-        if vmcb.sev_es_enable:
-            return self._vmrun_es(vmcb, engine)
+        if vmcb.sev_es_enable:  # (the SEV-ES VMRUN, inline here: the exit path)
+            # VMRUN of an SEV-ES guest: registers from the VMSA (checked against its TMR checksum),
+            # back into it at #VMEXIT (:mod:`sevemu.hw.vmsa`).  The hypervisor sees the exit code, the
+            # exit information of an NPF and the GHCB MSR; a VMGEXIT or HLT completes in the guest (RIP
+            # past it, as the hardware saves it), so ``next_rip`` is not shown.
+            rmp = self.rmp  # (an SNP VMSA's RMP entry was checked by vmrun_checks, at every VMRUN)
+            vmsa, asid, vmsa_pa = self.vmsa, vmcb.asid, vmcb.vmsa_pa
+            # VmsaUnit.load of a page the unit holds, inlined (the exit path): a page of DRAM, held
+            # since the last #VMEXIT, and its TMR block still what the unit stored there
+            held = vmsa._held
+            key = asid << ASID_SHIFT | _C_KEY | vmsa_pa
+            h = held.get(key) if not vmsa_pa & (PAGE - 1) and 0 < vmsa_pa <= vmsa._size - PAGE else None
+            if h is not None and not h.snp:
+                block = vmsa._dram_pages.get(h.crc_paddr >> 12)  # (Dram.read_u64, inlined)
+                if (_Q.unpack_from(block, h.crc_paddr & (PAGE - 1))[0] if block is not None else 0) != h.crc:
+                    h = None
+            if h is not None:
+                vmsa._running = h
+                state = h.state
+            else:
+                loaded = vmsa.load(asid, vmsa_pa)
+                if isinstance(loaded, str):
+                    return self._vmrun_failed(vmcb, loaded)
+                state = loaded
+            c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
+            if (c is not None and c.vmcb is vmcb and c.state is state and rmp is None and c.asid == asid
+                    and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(asid)):
+                cpu = c
+            else:
+                cpu = self._guest_cpu(vmcb, state)
+            if rmp is None:
+                try:
+                    ex = engine.run(cpu)
+                except NestedPageFault as f:
+                    ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+            else:
+                pages = (vmcb.pa, vmsa_pa) if vmcb.pa else (vmsa_pa,)
+                rmp.mark_in_use(pages)  # RMPUPDATE / PSMASH of the page: FAIL_INUSE until #VMEXIT
+                try:
+                    ex = engine.run(cpu)
+                except NestedPageFault as f:
+                    ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+                finally:
+                    rmp.release(pages)
+            code = ex.code
+            if code in _ES_COMPLETED:
+                state.rip = vmcb.next_rip
+            vmcb.next_rip = 0
+            if h is not None and vmsa._running is h and held.get(key) is h:  # (VmsaUnit.store of it, inlined)
+                vmsa._running = None
+                h.pending = True
+            else:
+                vmsa.store(asid, vmsa_pa)
+            if code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
+                bare = _ES_BARE.get(code)
+                ex = bare if bare is not None else VmExit(code)  # the exit code only
+            vmcb.exit_code = code  # (_exit, inlined)
+            vmcb.exit_info1 = ex.info1
+            vmcb.exit_info2 = ex.info2
+            return ex
         rmp = self.rmp
         c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
         if (c is not None and c.vmcb is vmcb and c.state is vmcb and rmp is None and c.asid == vmcb.asid
@@ -478,67 +536,6 @@ class Core:
             if in_use:
                 rmp.release(in_use)  # type: ignore[union-attr]
         vmcb.exit_code = ex.code  # (_exit, inlined)
-        vmcb.exit_info1 = ex.info1
-        vmcb.exit_info2 = ex.info2
-        return ex
-
-    def _vmrun_es(self, vmcb: Vmcb, engine: Engine) -> VmExit:
-        """VMRUN of an SEV-ES guest: registers from the VMSA (checked against its TMR checksum),
-        back into it at #VMEXIT (:mod:`sevemu.hw.vmsa`).  The hypervisor sees the exit code, the
-        exit information of an NPF and the GHCB MSR; a VMGEXIT or HLT completes in the guest (RIP
-        past it, as the hardware saves it), so ``next_rip`` is not shown."""
-        rmp = self.rmp  # (an SNP VMSA's RMP entry was checked by vmrun_checks, at every VMRUN)
-        vmsa, asid, vmsa_pa = self.vmsa, vmcb.asid, vmcb.vmsa_pa
-        # VmsaUnit.load of a page the unit holds, inlined (the exit path): a page of DRAM, held
-        # since the last #VMEXIT, and its TMR block still what the unit stored there
-        held = vmsa._held
-        key = asid << ASID_SHIFT | _C_KEY | vmsa_pa
-        h = held.get(key) if not vmsa_pa & (PAGE - 1) and 0 < vmsa_pa <= vmsa._size - PAGE else None
-        if h is not None and not h.snp:
-            block = vmsa._dram_pages.get(h.crc_paddr >> 12)  # (Dram.read_u64, inlined)
-            if (_Q.unpack_from(block, h.crc_paddr & (PAGE - 1))[0] if block is not None else 0) != h.crc:
-                h = None
-        if h is not None:
-            vmsa._running = h
-            state = h.state
-        else:
-            loaded = vmsa.load(asid, vmsa_pa)
-            if isinstance(loaded, str):
-                return self._vmrun_failed(vmcb, loaded)
-            state = loaded
-        c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
-        if (c is not None and c.vmcb is vmcb and c.state is state and rmp is None and c.asid == asid
-                and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(asid)):
-            cpu = c
-        else:
-            cpu = self._guest_cpu(vmcb, state)
-        if rmp is None:
-            try:
-                ex = engine.run(cpu)
-            except NestedPageFault as f:
-                ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
-        else:
-            in_use = (vmcb.pa, vmsa_pa) if vmcb.pa else (vmsa_pa,)
-            rmp.mark_in_use(in_use)  # RMPUPDATE / PSMASH of the page: FAIL_INUSE until #VMEXIT
-            try:
-                ex = engine.run(cpu)
-            except NestedPageFault as f:
-                ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
-            finally:
-                rmp.release(in_use)
-        code = ex.code
-        if code in _ES_COMPLETED:
-            state.rip = vmcb.next_rip
-        vmcb.next_rip = 0
-        if h is not None and vmsa._running is h and held.get(key) is h:  # (VmsaUnit.store of it, inlined)
-            vmsa._running = None
-            h.pending = True
-        else:
-            vmsa.store(asid, vmsa_pa)
-        if code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
-            bare = _ES_BARE.get(code)
-            ex = bare if bare is not None else VmExit(code)  # the exit code only
-        vmcb.exit_code = code  # (_exit, inlined)
         vmcb.exit_info1 = ex.info1
         vmcb.exit_info2 = ex.info2
         return ex
