@@ -402,3 +402,56 @@ def test_genoa_host_tamper_without_wbinvd_reaches_the_unit_through_the_coherent_
     core.clflush(VMSA_SPA + off)
     assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
     assert "checksum" in core.vmsa_failure
+
+
+def _drop_by(how: str, soc: Soc) -> None:
+    core = soc.boot_cpu
+    if how == "wbinvd":
+        core.wbinvd()
+    elif how == "vmpage_flush":
+        core.vmpage_flush(VMSA_SPA, ES_ASID)
+    elif how == "forget":
+        core.vmsa.forget()
+    elif how == "coherent_fill":  # (GENOA: the host's C=0 fill of the page's SPA)
+        core.host_read(VMSA_SPA, 64)
+    else:  # pragma: no cover
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["wbinvd", "vmpage_flush", "forget", "coherent_fill", "tmr_block"])
+def test_a_vmsa_page_the_unit_dropped_is_read_and_checked_again_at_the_next_vmrun(how: str) -> None:
+    """Core.vmrun keeps the page of the last SEV-ES VMRUN and takes it again while the unit holds
+    it (``_Held.live``): every way the page leaves the unit makes the next VMRUN read the page and
+    check it again (a page dropped and kept by the core would run the guest from stale registers)."""
+    from hwkit import make_soc
+
+    from sevemu.hw.profiles import GENOA, MILAN
+
+    soc = make_soc(GENOA if how == "coherent_fill" else MILAN)
+    pt, vmcb = _es(soc)
+    core = soc.boot_cpu
+    assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    first = core._es_held
+    assert first is not None and first.live and list(core.vmsa._held.values()) == [first]
+    checks = core.vmsa.checks
+    assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    assert core.vmsa.checks == checks and core._es_held is first  # taken again, no look-up
+    if how == "tmr_block":
+        core.vmsa.forget()  # (its checksum into the TMR)
+        assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+        held = core._es_held
+        assert held is not None and held.live
+        block = soc.dram.read(0x1E000, 8)
+        soc.dram.write(0x1E000, bytes(8))
+        assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
+        assert not held.live and held not in core.vmsa._held.values()
+        soc.dram.write(0x1E000, block)
+    else:
+        _drop_by(how, soc)
+        assert not first.live and first not in core.vmsa._held.values()
+    checks = core.vmsa.checks
+    assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    assert core.vmsa.checks == checks + 1  # read from the cache and checked again
+    again = core._es_held
+    assert again is not None and again is not first and again.live
+    assert all(h.live for h in core.vmsa._held.values())

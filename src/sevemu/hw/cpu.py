@@ -33,7 +33,7 @@ from sevemu.hw.memctl import MemoryController
 from sevemu.hw.mmu import Mmu, Translation
 from sevemu.hw.profiles import CpuProfile
 from sevemu.hw.svm import SaveState, TlbControl, Vmcb, VmcbCache, VmExit, vmrun_checks
-from sevemu.hw.vmsa import VmsaUnit
+from sevemu.hw.vmsa import VmsaUnit, _Held
 
 if TYPE_CHECKING:
     from sevemu.hw.rmp import Rmp
@@ -301,6 +301,9 @@ class Core:
         self.vmcbs = VmcbCache(cache) if vmcbs is None else vmcbs
         """The SoC's copies of VMCB pages (:class:`~sevemu.hw.svm.VmcbCache`)."""
         self._last_cpu: GuestCpu | None = None  # the guest view of the last VMRUN (reused while it still fits)
+        self._es_held: _Held | None = None
+        """The VMSA page the VMSA unit held at the last SEV-ES VMRUN (while :attr:`_Held.live
+        <sevemu.hw.vmsa._Held.live>`, the next VMRUN of the same VMSA takes it without a look-up)."""
         """Why the last SEV-ES VMRUN failed its VMSA check (empty when it did not)."""
 
     # ---- host (ASID 0) memory accesses ------------------------------------------------------
@@ -467,9 +470,11 @@ class Core:
             vmsa, asid, vmsa_pa = self.vmsa, vmcb.asid, vmcb.vmsa_pa
             # VmsaUnit.load of a page the unit holds, inlined (the exit path): a page of DRAM, held
             # since the last #VMEXIT, and its TMR block still what the unit stored there
-            held = vmsa._held
-            key = asid << ASID_SHIFT | _C_KEY | vmsa_pa
-            h = held.get(key) if not vmsa_pa & (PAGE - 1) and 0 < vmsa_pa <= vmsa._size - PAGE else None
+            h = self._es_held  # (the page of the last SEV-ES VMRUN: still held, the same VMSA?)
+            if h is None or not h.live or h.spa != vmsa_pa or h.asid != asid:
+                key = asid << ASID_SHIFT | _C_KEY | vmsa_pa
+                h = vmsa._held.get(key) if not vmsa_pa & (PAGE - 1) and 0 < vmsa_pa <= vmsa._size - PAGE else None
+                self._es_held = h
             if h is not None and not h.snp:
                 block = vmsa._dram_pages.get(h.crc_paddr >> 12)  # (Dram.read_u64, inlined)
                 if (_Q.unpack_from(block, h.crc_paddr & (PAGE - 1))[0] if block is not None else 0) != h.crc:
@@ -482,6 +487,7 @@ class Core:
                 if isinstance(loaded, str):
                     return self._vmrun_failed(vmcb, loaded)
                 state = loaded
+                self._es_held = vmsa._running
             c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
             if (c is not None and c.vmcb is vmcb and c.state is state and rmp is None and c.asid == asid
                     and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(asid)):
@@ -506,7 +512,7 @@ class Core:
             if code in _ES_COMPLETED:
                 state.rip = vmcb.next_rip
             vmcb.next_rip = 0
-            if h is not None and vmsa._running is h and held.get(key) is h:  # (VmsaUnit.store of it, inlined)
+            if h is not None and vmsa._running is h and h.live:  # (VmsaUnit.store of it, inlined)
                 vmsa._running = None
                 h.pending = True
             else:
