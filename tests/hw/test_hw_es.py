@@ -118,6 +118,33 @@ def test_a_changed_tmr_block_fails_vmrun_and_a_missing_vmsa_pointer_too(soc: Soc
     assert soc.boot_cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
 
 
+def test_a_held_vmsa_is_checked_against_its_tmr_block_at_every_vmrun(soc: Soc) -> None:
+    """The unit holds the decrypted page between exits; VMRUN still compares the TMR block in DRAM
+    with the checksum it stored (the inlined load of a held page, Core.vmrun), and a pointer that
+    only differs in bits above DRAM (where the unit's key has the C-bit and ASID) is no such page."""
+    pt, vmcb = _es(soc)
+    cpu = soc.boot_cpu
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    assert cpu.vmsa._held  # held since the #VMEXIT
+    checks = cpu.vmsa.checks
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    assert cpu.vmsa.checks == checks  # no new read and check of the page: the held copy ran
+    cpu.vmsa.forget()  # its checksum into the TMR now
+    cpu.vmsa.load(ES_ASID, VMSA_SPA)  # held again, nothing pending
+    cpu.vmsa.store(ES_ASID, VMSA_SPA)
+    block = soc.dram.read(0x1E000, 8)
+    soc.dram.write(0x1E000, bytes(8))  # the TMR block changed behind the held page
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
+    assert "checksum" in cpu.vmsa_failure
+    soc.dram.write(0x1E000, block)
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    for bad in (VMSA_SPA | 1 << 52, VMSA_SPA | 5 << 53 | 1 << 52, VMSA_SPA + 0x10):
+        vmcb.vmsa_pa = bad
+        assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
+    vmcb.vmsa_pa = VMSA_SPA
+    assert cpu.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+
+
 def test_an_unsealed_page_names_no_checksum_block(soc: Soc) -> None:
     pt, vmcb = _es(soc)
     soc.cache.write(ES_ASID, True, VMSA_SPA, bytes(4096))  # a page the firmware never set up
@@ -375,3 +402,56 @@ def test_genoa_host_tamper_without_wbinvd_reaches_the_unit_through_the_coherent_
     core.clflush(VMSA_SPA + off)
     assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
     assert "checksum" in core.vmsa_failure
+
+
+def _drop_by(how: str, soc: Soc) -> None:
+    core = soc.boot_cpu
+    if how == "wbinvd":
+        core.wbinvd()
+    elif how == "vmpage_flush":
+        core.vmpage_flush(VMSA_SPA, ES_ASID)
+    elif how == "forget":
+        core.vmsa.forget()
+    elif how == "coherent_fill":  # (GENOA: the host's C=0 fill of the page's SPA)
+        core.host_read(VMSA_SPA, 64)
+    else:  # pragma: no cover
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["wbinvd", "vmpage_flush", "forget", "coherent_fill", "tmr_block"])
+def test_a_vmsa_page_the_unit_dropped_is_read_and_checked_again_at_the_next_vmrun(how: str) -> None:
+    """Core.vmrun keeps the page of the last SEV-ES VMRUN and takes it again while the unit holds
+    it (``_Held.live``): every way the page leaves the unit makes the next VMRUN read the page and
+    check it again (a page dropped and kept by the core would run the guest from stale registers)."""
+    from hwkit import make_soc
+
+    from sevemu.hw.profiles import GENOA, MILAN
+
+    soc = make_soc(GENOA if how == "coherent_fill" else MILAN)
+    pt, vmcb = _es(soc)
+    core = soc.boot_cpu
+    assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    first = core._es_held
+    assert first is not None and first.live and list(core.vmsa._held.values()) == [first]
+    checks = core.vmsa.checks
+    assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    assert core.vmsa.checks == checks and core._es_held is first  # taken again, no look-up
+    if how == "tmr_block":
+        core.vmsa.forget()  # (its checksum into the TMR)
+        assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+        held = core._es_held
+        assert held is not None and held.live
+        block = soc.dram.read(0x1E000, 8)
+        soc.dram.write(0x1E000, bytes(8))
+        assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.INVALID
+        assert not held.live and held not in core.vmsa._held.values()
+        soc.dram.write(0x1E000, block)
+    else:
+        _drop_by(how, soc)
+        assert not first.live and first not in core.vmsa._held.values()
+    checks = core.vmsa.checks
+    assert core.vmrun(vmcb, pt.engine(_halt())).code == ExitCode.HLT
+    assert core.vmsa.checks == checks + 1  # read from the cache and checked again
+    again = core._es_held
+    assert again is not None and again is not first and again.live
+    assert all(h.live for h in core.vmsa._held.values())

@@ -18,6 +18,7 @@ half-happens: a faulting access changes no memory, so the instruction can be res
 
 from __future__ import annotations
 
+import struct
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -25,14 +26,14 @@ from typing import TYPE_CHECKING, Protocol
 from sevemu._util.units import PAGE
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import AddressError, HardwareError
-from sevemu.hw.cache import Cache, tag_key
+from sevemu.hw.cache import ASID_SHIFT, C_SHIFT, Cache, tag_key
 from sevemu.hw.codefetch import is_cpu_engine
 from sevemu.hw.faults import GeneralProtection, NestedPageFault
 from sevemu.hw.memctl import MemoryController
 from sevemu.hw.mmu import Mmu, Translation
 from sevemu.hw.profiles import CpuProfile
 from sevemu.hw.svm import SaveState, TlbControl, Vmcb, VmcbCache, VmExit, vmrun_checks
-from sevemu.hw.vmsa import VmsaUnit
+from sevemu.hw.vmsa import VmsaUnit, _Held
 
 if TYPE_CHECKING:
     from sevemu.hw.rmp import Rmp
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["Core", "Engine", "ForeignEngineError", "GuestCpu", "Tlb"]
 
 _SNP_ACTIVE = 1  # SEV_FEATURES bit 0
+_C_KEY = 1 << C_SHIFT
+_Q = struct.Struct("<Q")
 _ES_COMPLETED = frozenset({int(ExitCode.VMGEXIT), int(ExitCode.HLT)})
 """Automatic exits of an SEV-ES guest after which it resumes past the instruction."""
 _ES_WITH_INFO = frozenset({int(ExitCode.NPF)})
@@ -298,6 +301,9 @@ class Core:
         self.vmcbs = VmcbCache(cache) if vmcbs is None else vmcbs
         """The SoC's copies of VMCB pages (:class:`~sevemu.hw.svm.VmcbCache`)."""
         self._last_cpu: GuestCpu | None = None  # the guest view of the last VMRUN (reused while it still fits)
+        self._es_held: _Held | None = None
+        """The VMSA page the VMSA unit held at the last SEV-ES VMRUN (while :attr:`_Held.live
+        <sevemu.hw.vmsa._Held.live>`, the next VMRUN of the same VMSA takes it without a look-up)."""
         """Why the last SEV-ES VMRUN failed its VMSA check (empty when it did not)."""
 
     # ---- host (ASID 0) memory accesses ------------------------------------------------------
@@ -455,8 +461,69 @@ class Core:
             elif tlb_control == TlbControl.FLUSH_ASID:
                 self.tlb.flush_asid(vmcb.asid)
             vmcb.tlb_control = TlbControl.DO_NOTHING
-        if vmcb.sev_es_enable:
-            return self._vmrun_es(vmcb, engine)
+        if vmcb.sev_es_enable:  # (the SEV-ES VMRUN, inline here: the exit path)
+            # VMRUN of an SEV-ES guest: registers from the VMSA (checked against its TMR checksum),
+            # back into it at #VMEXIT (:mod:`sevemu.hw.vmsa`).  The hypervisor sees the exit code, the
+            # exit information of an NPF and the GHCB MSR; a VMGEXIT or HLT completes in the guest (RIP
+            # past it, as the hardware saves it), so ``next_rip`` is not shown.
+            rmp = self.rmp  # (an SNP VMSA's RMP entry was checked by vmrun_checks, at every VMRUN)
+            vmsa, asid, vmsa_pa = self.vmsa, vmcb.asid, vmcb.vmsa_pa
+            # VmsaUnit.load of a page the unit holds, inlined (the exit path): a page of DRAM, held
+            # since the last #VMEXIT, and its TMR block still what the unit stored there
+            h = self._es_held  # (the page of the last SEV-ES VMRUN: still held, the same VMSA?)
+            if h is None or not h.live or h.spa != vmsa_pa or h.asid != asid:
+                key = asid << ASID_SHIFT | _C_KEY | vmsa_pa
+                h = vmsa._held.get(key) if not vmsa_pa & (PAGE - 1) and 0 < vmsa_pa <= vmsa._size - PAGE else None
+                self._es_held = h
+            if h is not None and not h.snp:
+                block = vmsa._dram_pages.get(h.crc_paddr >> 12)  # (Dram.read_u64, inlined)
+                if (_Q.unpack_from(block, h.crc_paddr & (PAGE - 1))[0] if block is not None else 0) != h.crc:
+                    h = None
+            if h is not None:
+                vmsa._running = h
+                state = h.state
+            else:
+                loaded = vmsa.load(asid, vmsa_pa)
+                if isinstance(loaded, str):
+                    return self._vmrun_failed(vmcb, loaded)
+                state = loaded
+                self._es_held = vmsa._running
+            c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
+            if (c is not None and c.vmcb is vmcb and c.state is state and rmp is None and c.asid == asid
+                    and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(asid)):
+                cpu = c
+            else:
+                cpu = self._guest_cpu(vmcb, state)
+            if rmp is None:
+                try:
+                    ex = engine.run(cpu)
+                except NestedPageFault as f:
+                    ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+            else:
+                pages = (vmcb.pa, vmsa_pa) if vmcb.pa else (vmsa_pa,)
+                rmp.mark_in_use(pages)  # RMPUPDATE / PSMASH of the page: FAIL_INUSE until #VMEXIT
+                try:
+                    ex = engine.run(cpu)
+                except NestedPageFault as f:
+                    ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
+                finally:
+                    rmp.release(pages)
+            code = ex.code
+            if code in _ES_COMPLETED:
+                state.rip = vmcb.next_rip
+            vmcb.next_rip = 0
+            if h is not None and vmsa._running is h and h.live:  # (VmsaUnit.store of it, inlined)
+                vmsa._running = None
+                h.pending = True
+            else:
+                vmsa.store(asid, vmsa_pa)
+            if code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
+                bare = _ES_BARE.get(code)
+                ex = bare if bare is not None else VmExit(code)  # the exit code only
+            vmcb.exit_code = code  # (_exit, inlined)
+            vmcb.exit_info1 = ex.info1
+            vmcb.exit_info2 = ex.info2
+            return ex
         rmp = self.rmp
         c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
         if (c is not None and c.vmcb is vmcb and c.state is vmcb and rmp is None and c.asid == vmcb.asid
@@ -475,49 +542,6 @@ class Core:
             if in_use:
                 rmp.release(in_use)  # type: ignore[union-attr]
         vmcb.exit_code = ex.code  # (_exit, inlined)
-        vmcb.exit_info1 = ex.info1
-        vmcb.exit_info2 = ex.info2
-        return ex
-
-    def _vmrun_es(self, vmcb: Vmcb, engine: Engine) -> VmExit:
-        """VMRUN of an SEV-ES guest: registers from the VMSA (checked against its TMR checksum),
-        back into it at #VMEXIT (:mod:`sevemu.hw.vmsa`).  The hypervisor sees the exit code, the
-        exit information of an NPF and the GHCB MSR; a VMGEXIT or HLT completes in the guest (RIP
-        past it, as the hardware saves it), so ``next_rip`` is not shown."""
-        rmp = self.rmp  # (an SNP VMSA's RMP entry was checked by vmrun_checks, at every VMRUN)
-        vmsa, asid, vmsa_pa = self.vmsa, vmcb.asid, vmcb.vmsa_pa
-        state = vmsa.load(asid, vmsa_pa)
-        if isinstance(state, str):
-            return self._vmrun_failed(vmcb, state)
-        c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
-        if (c is not None and c.vmcb is vmcb and c.state is state and rmp is None and c.asid == asid
-                and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(asid)):
-            cpu = c
-        else:
-            cpu = self._guest_cpu(vmcb, state)
-        if rmp is None:
-            try:
-                ex = engine.run(cpu)
-            except NestedPageFault as f:
-                ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
-        else:
-            in_use = (vmcb.pa, vmsa_pa) if vmcb.pa else (vmsa_pa,)
-            rmp.mark_in_use(in_use)  # RMPUPDATE / PSMASH of the page: FAIL_INUSE until #VMEXIT
-            try:
-                ex = engine.run(cpu)
-            except NestedPageFault as f:
-                ex = VmExit(ExitCode.NPF, f.exit_info1, f.gpa)
-            finally:
-                rmp.release(in_use)
-        code = ex.code
-        if code in _ES_COMPLETED:
-            state.rip = vmcb.next_rip
-        vmcb.next_rip = 0
-        vmsa.store(asid, vmsa_pa)
-        if code not in _ES_WITH_INFO and (ex.info1 or ex.info2):
-            bare = _ES_BARE.get(code)
-            ex = bare if bare is not None else VmExit(code)  # the exit code only
-        vmcb.exit_code = code  # (_exit, inlined)
         vmcb.exit_info1 = ex.info1
         vmcb.exit_info2 = ex.info2
         return ex

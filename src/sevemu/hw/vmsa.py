@@ -149,6 +149,10 @@ class _Held:
     pending: bool = False
     """#VMEXIT stored :attr:`state` but it is not encoded into :attr:`page` yet: that happens when
     the lines leave the unit (:meth:`VmsaUnit._write_back`), the only way anyone else sees them."""
+    live: bool = True
+    """In the unit's table (:attr:`VmsaUnit._held`) under its key: cleared whenever it leaves it
+    (VMRUN's inlined load in :meth:`Core.vmrun <sevemu.hw.cpu.Core.vmrun>` tests this instead of
+    looking the page up again)."""
 
 
 class VmsaUnit:
@@ -223,7 +227,8 @@ class VmsaUnit:
         # the block in DRAM (its address was checked when the page was read) as this unit last
         # stored it (a changed page is its own)
         if not h.snp and self.dram.read_u64(h.crc_paddr) != h.crc:
-            self._held.pop(key, None)
+            self._held.pop(key)
+            h.live = False
             return f"the VMSA at {spa:#x} does not match its checksum in the TMR"
         self._running = h
         return h.state
@@ -243,6 +248,7 @@ class VmsaUnit:
             # the state VMRUN loaded and stores all of it -- every line of the page goes back, so
             # the cache holds the page the unit holds again (whatever was written there meanwhile).
             h = running
+            h.live = True
             self._held[key] = h
             for lo in range(0, PAGE, LINE):
                 h.dirty.setdefault(lo, bytes(h.page[lo : lo + LINE]))
@@ -277,6 +283,7 @@ class VmsaUnit:
         for h in self._held.values():
             if h.dirty or h.pending:
                 self._write_back(h)
+            h.live = False
         self._held.clear()
 
     # ---- CacheAgent -----------------------------------------------------------------------------
@@ -297,6 +304,7 @@ class VmsaUnit:
                     self._write_back(h)
                 if invalidate:  # the next VMRUN reads and checks the page again
                     del held[key]
+                    h.live = False
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profiles: a fill of the same SPA in another domain drops the held copy."""
@@ -307,3 +315,4 @@ class VmsaUnit:
                 if h.dirty or h.pending:
                     self._write_back(h)
                 del self._held[held_key]
+                h.live = False

@@ -242,10 +242,12 @@ class GhcbHandler:
             # the same NPT entry: _page's checks), the same IOIO handler, and the lines that decide it
             # read and -- when they are its -- its answer written in one host access; then the OUT
             # (model choice: after its answer is in the GHCB; nothing sees the GHCB in between).
+            # (NestedPageTable.lookup and HostPage.exchange, inlined: the GHCB's GPA is page-aligned
+            # here -- no MSR-protocol bits -- and so is the mapped page's SPA)
             if (known[1] is not None and page is not None and page.gpa == msr
-                    and (registered is None or msr == registered) and vm.npt.lookup(msr) == page.spa
+                    and (registered is None or msr == registered) and vm.npt.mappings.get(msr >> 12) == page.spa
                     and self.nae_table.get(_IOIO_CODE) is known[1]
-                    and page.exchange(_KNOWN_RUNS, known[0], known[5]) is None):
+                    and page._core.host_exchange(page.spa, _KNOWN_RUNS, known[0], known[5]) is None):
                 self.host.port_out(vm, known[2], known[3], known[4])
                 return None
             return self._page(vm, vcpu, msr)

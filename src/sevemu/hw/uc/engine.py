@@ -755,7 +755,7 @@ class UcEngine:
             if guest[0] is GuestInsn.VMGEXIT and cpu.vmcb.sev_es_enable:
                 # Remembered with the known port-I/O exits (the same test: RIP, mode, the instruction's
                 # bytes; made by the runner in C): EXITINFO2 carries the next RIP, as theirs does --
-                # VMRUN of an SEV-ES guest shows the hypervisor the exit code only (Core._vmrun_es).
+                # VMRUN of an SEV-ES guest shows the hypervisor the exit code only (Core.vmrun).
                 ex = VmExit(ExitCode.VMGEXIT, 0, rip + guest[1])
                 self._ports.remember(rip, code, long_mode, ex)
                 cpu.vmcb.next_rip = ex.info2
