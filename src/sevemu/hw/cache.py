@@ -45,6 +45,7 @@ ASID_SHIFT = 53
 SPA_MASK = (1 << C_SHIFT) - 1
 _LINE_MASK = ~(LINE - 1)
 _BULK_MIN_LINES = 16  # shorter runs of dirty lines are written back one by one (the bulk call costs more)
+_PAGE_FILL_MIN = 2 * LINE  # from this length on, a run inside a page fills its missing lines by one bulk read
 _VISIT_MIN_LINES = 256  # from this many lines on, a range may visit its sets' lines instead of every address
 # Equivalent mutants (mutation testing of this module, tools/mutate.py): another _BULK_MIN_LINES,
 # removing the ``if not self.agents`` shortcut of _snoop or the ``if not clashes`` one of
@@ -379,6 +380,10 @@ class Cache:
     def _read_run(self, key: int, length: int) -> bytes:
         """The lines of keys ``[key, key + length)``, each a hit or a fill, in order."""
         sets, mask = self.sets, self.set_mask
+        if length >= _PAGE_FILL_MIN and (key & (PAGE - 1)) + length <= PAGE and length >> 6 <= mask + 1:
+            got = self._read_page_run(key, length)
+            if got is not None:
+                return got
         parts = []
         for k in range(key, key + length, LINE):
             s = sets[(k >> 6) & mask]
@@ -390,6 +395,65 @@ class Cache:
                 self.hits += 1
             parts.append(line)
         return b"".join(parts)
+
+    def _read_page_run(self, key: int, length: int) -> bytes | None:
+        """:meth:`_read_run` of lines inside one page, each in its own set, with the missing lines'
+        plaintext read from DRAM by one bulk decryption (:meth:`MemoryController.read_run`), or None
+        (nothing done) where that could differ from line-by-line fills: no key for the domain, or on a
+        coherent profile an agent that would act on a fill of this page (:meth:`CacheAgent.snoop_fill`
+        of another domain's copy; an agent without ``fill_is_idle`` always counts as acting).
+
+        In line order, as :meth:`fill` does each: a hit moves to the most recent place; a miss counts,
+        (coherent) writes back and drops the other domains' lines of its SPA from its set, then writes
+        back its set's LRU victim.  Then the missing lines are read.  The same bytes, lines, LRU order,
+        counters and DRAM: no line's fill touches another's set or SPA (the lines of a page are in
+        distinct sets), so every write-back a later line causes leaves the earlier lines' DRAM bytes
+        alone, and an idle agent's ``snoop_fill`` changes nothing."""
+        if key >> C_SHIFT not in self._readers:
+            return None  # (the line-by-line path raises the fill's KeySlotError)
+        coherent = self.coherent
+        if coherent:
+            for agent in self.agents:
+                idle = getattr(agent, "fill_is_idle", None)
+                if idle is None or not idle(key):
+                    return None
+        sets, mask, ways, dirty = self.sets, self.set_mask, self.ways, self.dirty
+        lines: list[bytearray | None] = []
+        first = last = -1
+        for i, k in enumerate(range(key, key + length, LINE)):
+            s = sets[(k >> 6) & mask]
+            line = s.pop(k, None)
+            if line is not None:
+                s[k] = line  # most recently used (Cache.line, inlined)
+                self.hits += 1
+            else:
+                self.misses += 1
+                if coherent and len(s):
+                    spa = k & SPA_MASK
+                    for other in [o for o in s if o & SPA_MASK == spa]:
+                        self._writeback(other, s.pop(other))
+                if len(s) >= ways:
+                    for victim in s:  # the least recently used comes first
+                        break
+                    old = s.pop(victim)
+                    if victim in dirty:
+                        self._writeback(victim, old)
+                if first < 0:
+                    first = i
+                last = i
+            lines.append(line)
+        if first < 0:
+            return b"".join(lines)  # type: ignore[arg-type]
+        lo = key + first * LINE
+        plain = memoryview(self.mc.read_run(lo & SPA_MASK, (last + 1 - first) * LINE, key >> ASID_SHIFT,
+                                            bool((key >> C_SHIFT) & 1)))
+        for i in range(first, last + 1):
+            if lines[i] is None:
+                k = key + i * LINE
+                pos = (i - first) * LINE
+                line = lines[i] = bytearray(plain[pos : pos + LINE])
+                sets[(k >> 6) & mask][k] = line
+        return b"".join(lines)  # type: ignore[arg-type]
 
     def write_lines(self, asid: int, c: bool, spa: int, data: bytes | bytearray | memoryview,
                     origin: object | None = None) -> None:
