@@ -418,42 +418,68 @@ class Cache:
                 if idle is None or not idle(key):
                     return None
         sets, mask, ways, dirty = self.sets, self.set_mask, self.ways, self.dirty
+        # (coherent: the other domains a line of the SPA can be in -- a line is only ever allocated in
+        # a domain with a reader, and the memory controller never drops one -- looked up directly)
+        others = [d << C_SHIFT for d in self._readers if d != key >> C_SHIFT] if coherent else []
         lines: list[bytearray | None] = []
+        victims: list[int] = []  # dirty LRU victims: written back after the loop, in bulk runs
+        olds: list[bytearray] = []
         first = last = -1
-        for i, k in enumerate(range(key, key + length, LINE)):
+        hits = 0
+        for k in range(key, key + length, LINE):
             s = sets[(k >> 6) & mask]
             line = s.pop(k, None)
             if line is not None:
                 s[k] = line  # most recently used (Cache.line, inlined)
-                self.hits += 1
+                hits += 1
             else:
-                self.misses += 1
-                if coherent and len(s):
+                if others:
                     spa = k & SPA_MASK
-                    for other in [o for o in s if o & SPA_MASK == spa]:
-                        self._writeback(other, s.pop(other))
+                    for o in others:
+                        if o | spa in s:
+                            self._evict_clashes(spa, s)
+                            break
                 if len(s) >= ways:
                     for victim in s:  # the least recently used comes first
                         break
                     old = s.pop(victim)
                     if victim in dirty:
-                        self._writeback(victim, old)
+                        victims.append(victim)
+                        olds.append(old)
                 if first < 0:
-                    first = i
-                last = i
+                    first = k
+                last = k
             lines.append(line)
+        self.hits += hits
         if first < 0:
             return b"".join(lines)  # type: ignore[arg-type]
-        lo = key + first * LINE
-        plain = memoryview(self.mc.read_run(lo & SPA_MASK, (last + 1 - first) * LINE, key >> ASID_SHIFT,
+        self.misses += (length >> 6) - hits
+        if victims:  # (each in its own set: distinct SPAs, none of this run's, so any order)
+            dirty.difference_update(victims)
+            self.writebacks += len(victims)
+            if len(victims) < _BULK_MIN_LINES:
+                write_line = self.mc.write_line
+                for victim, old in zip(victims, olds):
+                    write_line(victim & SPA_MASK, victim >> ASID_SHIFT, bool((victim >> C_SHIFT) & 1), old)
+            else:
+                order = sorted(range(len(victims)), key=victims.__getitem__)
+                self._write_runs([victims[j] for j in order], b"".join([olds[j] for j in order]))
+        plain = memoryview(self.mc.read_run(first & SPA_MASK, last + LINE - first, key >> ASID_SHIFT,
                                             bool((key >> C_SHIFT) & 1)))
-        for i in range(first, last + 1):
+        i = (first - key) >> 6
+        for k in range(first, last + LINE, LINE):
             if lines[i] is None:
-                k = key + i * LINE
-                pos = (i - first) * LINE
+                pos = k - first
                 line = lines[i] = bytearray(plain[pos : pos + LINE])
                 sets[(k >> 6) & mask][k] = line
+            i += 1
         return b"".join(lines)  # type: ignore[arg-type]
+
+    def _evict_clashes(self, spa: int, s: dict[int, bytearray]) -> None:
+        """:meth:`_evict_other_domains` without the agents' snoops: every line of ``spa`` in ``s``
+        (of other domains: the caller's own line is not in it) written back and dropped, in set order."""
+        for other in [o for o in s if o & SPA_MASK == spa]:
+            self._writeback(other, s.pop(other))
 
     def write_lines(self, asid: int, c: bool, spa: int, data: bytes | bytearray | memoryview,
                     origin: object | None = None) -> None:
