@@ -401,13 +401,23 @@ def _page_twins(coherent: bool, idle: bool) -> tuple[Cache, Cache, _IdleAgent, _
     return caches[0], caches[1], agents[0], agents[1]
 
 
-@settings(max_examples=80, deadline=None)
-@given(coherent=st.booleans(), idle=st.booleans(), ops=st.lists(_op, max_size=25),
+@settings(max_examples=120, deadline=None)
+@given(coherent=st.booleans(), idle=st.booleans(), accel=st.booleans(), ops=st.lists(_op, max_size=25),
        reads=st.lists(st.tuples(st.integers(0, len(_DOMAINS) - 1), st.integers(0, 3), st.integers(0, 62),
                                 st.integers(2, 64)), min_size=1, max_size=6))
 def test_a_page_run_fill_equals_line_by_line_fills(
-        coherent: bool, idle: bool, ops: list[tuple[str, int, int, int, int]],
+        coherent: bool, idle: bool, accel: bool, ops: list[tuple[str, int, int, int, int]],
         reads: list[tuple[int, int, int, int]]) -> None:
+    enabled = memaccel.ENABLED
+    memaccel.ENABLED = enabled and accel  # the C steps (cache_page_plan / _install) and the Python loop
+    try:
+        _page_run_case(coherent, idle, ops, reads)
+    finally:
+        memaccel.ENABLED = enabled
+
+
+def _page_run_case(coherent: bool, idle: bool, ops: list[tuple[str, int, int, int, int]],
+                   reads: list[tuple[int, int, int, int]]) -> None:
     """A run of lines inside a page read through ``read_lines`` (its missing lines read from DRAM by
     one bulk decryption, ``Cache._read_page_run``) against ``read`` (line by line): the same bytes,
     sets in the same LRU order, dirty lines, counters and DRAM, whatever was resident first (lines of
@@ -450,3 +460,26 @@ def test_a_page_run_fill_without_a_key_is_refused_like_a_fill() -> None:
         with pytest.raises(KeySlotError, match="ASID 3"):
             call(3, True, _BASE, 4 * LINE)
     assert _state(fast) == _state(ref)
+
+
+@pytest.mark.parametrize("accel", [False, True])
+@pytest.mark.parametrize("coherent", [False, True])
+def test_a_page_run_fill_writes_back_many_dirty_victims_and_other_domains_lines(coherent: bool, accel: bool) -> None:
+    """Every set full of dirty lines (victims: more than the bulk threshold, consecutive), and dirty
+    lines of the page's own SPAs in two other domains (written back before the page is read, in set
+    order): the same bytes and state as line-by-line fills."""
+    enabled = memaccel.ENABLED
+    memaccel.ENABLED = enabled and accel
+    try:
+        fast, ref, _, _ = _page_twins(coherent, True)
+        page = _BASE + 0x4000
+        for cache in (fast, ref):
+            cache.write(2, True, page, random.Random(1).randbytes(0x1000))  # other domains' lines of the SPAs
+            cache.write(0, False, page + 0x400, random.Random(2).randbytes(0x800))
+            cache.write(1, True, _BASE + 0x20000, random.Random(3).randbytes(0x1000))  # dirty LRU victims
+        writebacks = fast.writebacks
+        assert fast.read_lines(1, True, page, 0x1000) == ref.read(1, True, page, 0x1000)
+        assert _state(fast) == _state(ref) and fast.writebacks - writebacks >= 64
+        assert fast.wbinvd() == ref.wbinvd() and _state(fast) == _state(ref)
+    finally:
+        memaccel.ENABLED = enabled

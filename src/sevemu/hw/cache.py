@@ -421,6 +421,21 @@ class Cache:
         # (coherent: the other domains a line of the SPA can be in -- a line is only ever allocated in
         # a domain with a reader, and the memory controller never drops one -- looked up directly)
         others = [d << C_SHIFT for d in self._readers if d != key >> C_SHIFT] if coherent else []
+        plan = getattr(memaccel.helpers, "cache_page_plan", None) if memaccel.ENABLED else None
+        if plan is not None:  # the same steps in C
+            got = plan(sets, mask, key, length >> 6, ways, dirty, tuple(others))
+            if got is not None:
+                lines_c, wb, wb_lines, hits_c, first_i, last_i, clash = got
+                self.hits += hits_c
+                if first_i < 0:
+                    return b"".join(lines_c)
+                self.misses += (length >> 6) - hits_c
+                self._write_victims(wb, wb_lines, not clash)
+                first = key + first_i * LINE
+                plain = self.mc.read_run(first & SPA_MASK, (last_i + 1 - first_i) * LINE, key >> ASID_SHIFT,
+                                         bool((key >> C_SHIFT) & 1))
+                got_bytes: bytes = memaccel.helpers.cache_page_install(sets, mask, key, lines_c, plain, first_i)
+                return got_bytes
         lines: list[bytearray | None] = []
         victims: list[int] = []  # dirty LRU victims: written back after the loop, in bulk runs
         olds: list[bytearray] = []
@@ -454,16 +469,7 @@ class Cache:
         if first < 0:
             return b"".join(lines)  # type: ignore[arg-type]
         self.misses += (length >> 6) - hits
-        if victims:  # (each in its own set: distinct SPAs, none of this run's, so any order)
-            dirty.difference_update(victims)
-            self.writebacks += len(victims)
-            if len(victims) < _BULK_MIN_LINES:
-                write_line = self.mc.write_line
-                for victim, old in zip(victims, olds):
-                    write_line(victim & SPA_MASK, victim >> ASID_SHIFT, bool((victim >> C_SHIFT) & 1), old)
-            else:
-                order = sorted(range(len(victims)), key=victims.__getitem__)
-                self._write_runs([victims[j] for j in order], b"".join([olds[j] for j in order]))
+        self._write_victims(victims, olds, True)
         plain = memoryview(self.mc.read_run(first & SPA_MASK, last + LINE - first, key >> ASID_SHIFT,
                                             bool((key >> C_SHIFT) & 1)))
         i = (first - key) >> 6
@@ -474,6 +480,22 @@ class Cache:
                 sets[(k >> 6) & mask][k] = line
             i += 1
         return b"".join(lines)  # type: ignore[arg-type]
+
+    def _write_victims(self, victims: list[int], olds: list[bytearray], distinct: bool) -> None:
+        """Write back the dirty lines ``victims`` (keys; ``olds`` their bytes) a page run dropped, in
+        that order -- or, when their SPAs are ``distinct`` (each from its own set), in bulk runs of
+        consecutive lines (the same DRAM bytes: no two write one SPA)."""
+        if not victims:
+            return
+        self.dirty.difference_update(victims)
+        self.writebacks += len(victims)
+        if not distinct or len(victims) < _BULK_MIN_LINES:
+            write_line = self.mc.write_line
+            for victim, old in zip(victims, olds):
+                write_line(victim & SPA_MASK, victim >> ASID_SHIFT, bool((victim >> C_SHIFT) & 1), old)
+        else:
+            order = sorted(range(len(victims)), key=victims.__getitem__)
+            self._write_runs([victims[j] for j in order], b"".join([olds[j] for j in order]))
 
     def _evict_clashes(self, spa: int, s: dict[int, bytearray]) -> None:
         """:meth:`_evict_other_domains` without the agents' snoops: every line of ``spa`` in ``s``
