@@ -404,11 +404,13 @@ class Cache:
         of another domain's copy; an agent without ``fill_is_idle`` always counts as acting).
 
         In line order, as :meth:`fill` does each: a hit moves to the most recent place; a miss counts,
-        (coherent) writes back and drops the other domains' lines of its SPA from its set, then writes
-        back its set's LRU victim.  Then the missing lines are read.  The same bytes, lines, LRU order,
-        counters and DRAM: no line's fill touches another's set or SPA (the lines of a page are in
-        distinct sets), so every write-back a later line causes leaves the earlier lines' DRAM bytes
-        alone, and an idle agent's ``snoop_fill`` changes nothing."""
+        (coherent) drops the other domains' lines of its SPA from its set, then its set's LRU victim.
+        Then the dropped dirty lines are written back (in bulk runs: each from its own set, so no two
+        share an SPA -- a coherent cache holds one domain's line per SPA), then the missing lines are
+        read.  The same bytes, lines, LRU order, counters and DRAM: no line's fill touches another's
+        set or SPA (the lines of a page are in distinct sets), every write-back of a line's SPA still
+        comes before its read, and an idle agent's ``snoop_fill`` changes nothing.  The steps around
+        the bulk read run in C where built (``cache_page_plan`` / ``cache_page_install``)."""
         if key >> C_SHIFT not in self._readers:
             return None  # (the line-by-line path raises the fill's KeySlotError)
         coherent = self.coherent
@@ -421,14 +423,13 @@ class Cache:
         # (coherent: the other domains a line of the SPA can be in -- a line is only ever allocated in
         # a domain with a reader, and the memory controller never drops one -- looked up directly)
         others = [d << C_SHIFT for d in self._readers if d != key >> C_SHIFT] if coherent else []
-        plan = getattr(memaccel.helpers, "cache_page_plan", None) if memaccel.ENABLED else None
-        if plan is not None:  # the same steps in C
-            got = plan(sets, mask, key, length >> 6, ways, dirty, tuple(others))
+        if memaccel.ENABLED and memaccel.PAGE_FILL:  # the same steps in C
+            got = memaccel.helpers.cache_page_plan(sets, mask, key, length >> 6, ways, dirty, tuple(others))
             if got is not None:
                 lines_c, wb, wb_lines, hits_c, first_i, last_i, clash = got
                 self.hits += hits_c
                 if first_i < 0:
-                    return b"".join(lines_c)
+                    return b"".join(lines_c)  # type: ignore[arg-type]
                 self.misses += (length >> 6) - hits_c
                 self._write_victims(wb, wb_lines, not clash)
                 first = key + first_i * LINE
@@ -470,13 +471,13 @@ class Cache:
             return b"".join(lines)  # type: ignore[arg-type]
         self.misses += (length >> 6) - hits
         self._write_victims(victims, olds, True)
-        plain = memoryview(self.mc.read_run(first & SPA_MASK, last + LINE - first, key >> ASID_SHIFT,
-                                            bool((key >> C_SHIFT) & 1)))
+        plain_view = memoryview(self.mc.read_run(first & SPA_MASK, last + LINE - first, key >> ASID_SHIFT,
+                                                 bool((key >> C_SHIFT) & 1)))
         i = (first - key) >> 6
         for k in range(first, last + LINE, LINE):
             if lines[i] is None:
                 pos = k - first
-                line = lines[i] = bytearray(plain[pos : pos + LINE])
+                line = lines[i] = bytearray(plain_view[pos : pos + LINE])
                 sets[(k >> 6) & mask][k] = line
             i += 1
         return b"".join(lines)  # type: ignore[arg-type]
