@@ -87,7 +87,9 @@ class CacheAgent(Protocol):
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profiles only: the line ``key`` is being filled, so copies of the same SPA in
-        other encryption domains must go (written back first)."""
+        other encryption domains must go (written back first).  (An agent may also have
+        ``fill_is_idle(key) -> bool``: True when this would do nothing for any line of ``key``'s page;
+        a page's fill then skips the calls and reads the page's lines in bulk, ``Cache._read_page_run``.)"""
 
 
 ENCRYPTED_ONLY = "encrypted_only"
