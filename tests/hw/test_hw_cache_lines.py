@@ -483,3 +483,26 @@ def test_a_page_run_fill_writes_back_many_dirty_victims_and_other_domains_lines(
         assert fast.wbinvd() == ref.wbinvd() and _state(fast) == _state(ref)
     finally:
         memaccel.ENABLED = enabled
+
+
+def test_the_agents_say_a_pages_fill_is_idle_only_without_another_domains_copy() -> None:
+    """``fill_is_idle`` of the page pool and the VMSA unit (read on stand-ins holding the attributes it
+    reads): True exactly when their ``snoop_fill`` would find no copy of the page in another domain."""
+    from types import SimpleNamespace
+
+    from sevemu.hw.uc.pool import PagePool
+    from sevemu.hw.vmsa import VmsaUnit
+
+    page = 0x40000
+    mine, other = tag_key(1, True, page), tag_key(2, True, page)
+    pool = SimpleNamespace(_by_spa={page: {1}}, slot_key={1: mine})
+    assert PagePool.fill_is_idle(pool, mine + 0x140)  # type: ignore[arg-type]
+    assert not PagePool.fill_is_idle(pool, other + 0x140)  # type: ignore[arg-type]
+    assert PagePool.fill_is_idle(pool, tag_key(2, True, page + 0x1000))  # type: ignore[arg-type]
+    pool.slot_key[2] = other
+    pool._by_spa[page].add(2)
+    assert not PagePool.fill_is_idle(pool, mine)  # type: ignore[arg-type]
+    unit = SimpleNamespace(_held={mine: SimpleNamespace(spa=page)})
+    assert VmsaUnit.fill_is_idle(unit, mine + 0x40)  # type: ignore[arg-type]
+    assert not VmsaUnit.fill_is_idle(unit, tag_key(0, False, page))  # type: ignore[arg-type]
+    assert VmsaUnit.fill_is_idle(unit, tag_key(0, False, page + 0x1000))  # type: ignore[arg-type]
