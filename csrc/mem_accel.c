@@ -20,6 +20,7 @@
  *                                             lookup per address or a visit of the sets' entries,
  *                                             whichever is shorter (None unless each
  *                                             container is exactly a dict or a set)
+ *   cache_page_plan / cache_page_install  the two steps of Cache._read_page_run around its bulk read
  *   cache_hit_read(sets, mask, key, n, counters)  the n lines from key joined, when all are resident
  *                                             (each made most recently used, hits += n); else None
  *   cache_hit_write(sets, mask, key, data, dirty, counters)  the same lines overwritten with data
@@ -863,6 +864,241 @@ static PyObject *cache_hit_read(PyObject *self, PyObject *const *args, Py_ssize_
     PyMem_Free(refs);
     return out;
 }
+
+PyDoc_STRVAR(cache_page_plan_doc,
+             "cache_page_plan(sets, mask, key, n, ways, dirty, others, /)\n--\n\n"
+             "The first step of Cache._read_page_run for the n lines from key (inside one page, each in its\n"
+             "own set), in line order: a resident line becomes the most recent of its set; a missing one\n"
+             "first drops the lines of its SPA in the domains `others` (a tuple of domain bits, key >> 52\n"
+             "<< 52) from its set, in set order, then the set's least recently used line when the set holds\n"
+             "`ways` lines.  Returns (lines, wb_keys, wb_lines, hits, first, last, clash): lines[i] the\n"
+             "resident line or None, the dropped lines that are in `dirty` in the order dropped (not\n"
+             "removed from `dirty`), the hit count, the first and last missing index (-1 when none),\n"
+             "and whether another domain's line of a missing line's SPA was dropped.  None (nothing\n"
+             "changed) when a set is not exactly a dict.");
+
+static PyObject *cache_page_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t mask, key;
+    Py_ssize_t n, ways, i, j, no, hits = 0, first = -1, last = -1;
+    PyObject *sets, *dirty, *others, *lines = NULL, *wbk = NULL, *wbl = NULL, *out = NULL;
+    int clash = 0;
+    (void)self;
+    if (check_nargs("cache_page_plan", nargs, 7) < 0 || get_u64(args[1], "mask", &mask) < 0 ||
+        get_u64(args[2], "key", &key) < 0) {
+        return NULL;
+    }
+    sets = args[0];
+    dirty = args[5];
+    others = args[6];
+    n = PyLong_AsSsize_t(args[3]);
+    ways = PyLong_AsSsize_t(args[4]);
+    if ((n == -1 || ways == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyList_CheckExact(sets) || !PySet_Check(dirty) || !PyTuple_CheckExact(others)) {
+        PyErr_SetString(PyExc_TypeError, "cache_page_plan: sets must be a list, dirty a set, others a tuple");
+        return NULL;
+    }
+    if (key % LINE || n <= 0 || ways < 1 || (uint64_t)n > mask + 1 || (uint64_t)PyList_GET_SIZE(sets) != mask + 1 ||
+        (key & (PAGE - 1)) + (uint64_t)n * LINE > PAGE) {
+        PyErr_SetString(PyExc_ValueError, "cache_page_plan: the lines must be inside one page, each in its own set");
+        return NULL;
+    }
+    no = PyTuple_GET_SIZE(others);
+    for (i = 0; i < n; i++) { /* (checked before anything changes) */
+        if (!PyDict_CheckExact(PyList_GET_ITEM(sets, (Py_ssize_t)(((key >> 6) + (uint64_t)i) & mask)))) {
+            Py_RETURN_NONE;
+        }
+    }
+    lines = PyList_New(n);
+    wbk = PyList_New(0);
+    wbl = PyList_New(0);
+    if (lines == NULL || wbk == NULL || wbl == NULL) {
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        uint64_t k = key + (uint64_t)i * LINE, spa = k & (((uint64_t)1 << 52) - 1);
+        PyObject *s = PyList_GET_ITEM(sets, (Py_ssize_t)((k >> 6) & mask));
+        PyObject *ko = PyLong_FromUnsignedLongLong(k), *line;
+        if (ko == NULL) {
+            goto done;
+        }
+        line = PyDict_GetItemWithError(s, ko);
+        if (line != NULL) {
+            Py_INCREF(line);
+            if (PyDict_DelItem(s, ko) < 0 || PyDict_SetItem(s, ko, line) < 0) {
+                Py_DECREF(line);
+                Py_DECREF(ko);
+                goto done;
+            }
+            PyList_SET_ITEM(lines, i, line); /* (steals the reference) */
+            hits++;
+            Py_DECREF(ko);
+            continue;
+        }
+        Py_DECREF(ko);
+        if (PyErr_Occurred()) {
+            goto done;
+        }
+        Py_INCREF(Py_None);
+        PyList_SET_ITEM(lines, i, Py_None);
+        if (first < 0) {
+            first = i;
+        }
+        last = i;
+        for (j = 0; j < no; j++) { /* another domain's line of this SPA: drop every such line in set order */
+            uint64_t d;
+            PyObject *oko;
+            int has;
+            if (get_u64(PyTuple_GET_ITEM(others, j), "others", &d) < 0) {
+                goto done;
+            }
+            oko = PyLong_FromUnsignedLongLong(d | spa);
+            if (oko == NULL) {
+                goto done;
+            }
+            has = PyDict_Contains(s, oko);
+            Py_DECREF(oko);
+            if (has < 0) {
+                goto done;
+            }
+            if (has) {
+                break;
+            }
+        }
+        if (j < no) {
+            PyObject *order = PyDict_Keys(s);
+            Py_ssize_t m;
+            if (order == NULL) {
+                goto done;
+            }
+            clash = 1;
+            for (m = 0; m < PyList_GET_SIZE(order); m++) {
+                PyObject *ok = PyList_GET_ITEM(order, m), *old;
+                uint64_t okv;
+                int isd;
+                if (get_u64(ok, "key", &okv) < 0) {
+                    Py_DECREF(order);
+                    goto done;
+                }
+                if ((okv & (((uint64_t)1 << 52) - 1)) != spa) {
+                    continue;
+                }
+                old = PyDict_GetItemWithError(s, ok);
+                Py_XINCREF(old);
+                isd = PySet_Contains(dirty, ok);
+                if (old == NULL || isd < 0 || PyDict_DelItem(s, ok) < 0 ||
+                    (isd && (PyList_Append(wbk, ok) < 0 || PyList_Append(wbl, old) < 0))) {
+                    Py_XDECREF(old);
+                    Py_DECREF(order);
+                    if (!PyErr_Occurred()) {
+                        PyErr_SetString(PyExc_RuntimeError, "cache_page_plan: a set changed");
+                    }
+                    goto done;
+                }
+                Py_DECREF(old);
+            }
+            Py_DECREF(order);
+        }
+        if (PyDict_GET_SIZE(s) >= ways) { /* the least recently used line: the first in the set's order */
+            Py_ssize_t pos = 0;
+            PyObject *vk, *vl;
+            int isd;
+            if (!PyDict_Next(s, &pos, &vk, &vl)) {
+                PyErr_SetString(PyExc_RuntimeError, "cache_page_plan: an empty set");
+                goto done;
+            }
+            Py_INCREF(vk);
+            Py_INCREF(vl);
+            isd = PySet_Contains(dirty, vk);
+            if (isd < 0 || PyDict_DelItem(s, vk) < 0 ||
+                (isd && (PyList_Append(wbk, vk) < 0 || PyList_Append(wbl, vl) < 0))) {
+                Py_DECREF(vk);
+                Py_DECREF(vl);
+                goto done;
+            }
+            Py_DECREF(vk);
+            Py_DECREF(vl);
+        }
+    }
+    out = Py_BuildValue("(OOOnnnO)", lines, wbk, wbl, hits, first, last, clash ? Py_True : Py_False);
+done:
+    Py_XDECREF(lines);
+    Py_XDECREF(wbk);
+    Py_XDECREF(wbl);
+    return out;
+}
+
+PyDoc_STRVAR(cache_page_install_doc,
+             "cache_page_install(sets, mask, key, lines, plain, first, /)\n--\n\n"
+             "The last step of Cache._read_page_run: each None of `lines` (index i, the line of key + 64 i)\n"
+             "becomes a new bytearray of the 64 bytes of `plain` at (i - first) * 64, stored in the list and\n"
+             "in its set (the most recent).  Returns the lines joined.");
+
+static PyObject *cache_page_install(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t mask, key;
+    Py_ssize_t n, i, first;
+    PyObject *sets, *lines, *out = NULL;
+    Py_buffer b;
+    char *p;
+    (void)self;
+    if (check_nargs("cache_page_install", nargs, 6) < 0 || get_u64(args[1], "mask", &mask) < 0 ||
+        get_u64(args[2], "key", &key) < 0) {
+        return NULL;
+    }
+    sets = args[0];
+    lines = args[3];
+    first = PyLong_AsSsize_t(args[5]);
+    if (first == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyList_CheckExact(sets) || (uint64_t)PyList_GET_SIZE(sets) != mask + 1 || !PyList_CheckExact(lines)) {
+        PyErr_SetString(PyExc_TypeError, "cache_page_install: sets and lines must be lists");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[4], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    n = PyList_GET_SIZE(lines);
+    for (i = 0; i < n; i++) { /* (checked before anything changes) */
+        PyObject *line = PyList_GET_ITEM(lines, i);
+        if (line == Py_None ? (i < first || (i - first + 1) * LINE > b.len ||
+                               !PyDict_CheckExact(PyList_GET_ITEM(sets, (Py_ssize_t)(((key >> 6) + (uint64_t)i) & mask))))
+                            : (!PyByteArray_CheckExact(line) || PyByteArray_GET_SIZE(line) != LINE)) {
+            PyErr_SetString(PyExc_ValueError, "cache_page_install: a line or the plaintext does not fit");
+            goto done;
+        }
+    }
+    for (i = 0; i < n; i++) {
+        uint64_t k = key + (uint64_t)i * LINE;
+        PyObject *ko, *line;
+        if (PyList_GET_ITEM(lines, i) != Py_None) {
+            continue;
+        }
+        line = PyByteArray_FromStringAndSize((const char *)b.buf + (i - first) * LINE, LINE);
+        ko = line == NULL ? NULL : PyLong_FromUnsignedLongLong(k);
+        if (ko == NULL || PyDict_SetItem(PyList_GET_ITEM(sets, (Py_ssize_t)((k >> 6) & mask)), ko, line) < 0) {
+            Py_XDECREF(ko);
+            Py_XDECREF(line);
+            goto done;
+        }
+        Py_DECREF(ko);
+        PyList_SetItem(lines, i, line); /* (steals; releases the None) */
+    }
+    out = PyBytes_FromStringAndSize(NULL, n * LINE);
+    if (out != NULL) {
+        p = PyBytes_AS_STRING(out);
+        for (i = 0; i < n; i++) {
+            memcpy(p + i * LINE, PyByteArray_AS_STRING(PyList_GET_ITEM(lines, i)), LINE);
+        }
+    }
+done:
+    PyBuffer_Release(&b);
+    return out;
+}
+
 
 static PyObject *cache_hit_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -3007,6 +3243,8 @@ static int host_port_init_module(PyObject *m)
 
 static PyMethodDef methods[] = {
     {"dram_gather", (PyCFunction)(void (*)(void))dram_gather, METH_FASTCALL, dram_gather_doc},
+    {"cache_page_plan", (PyCFunction)(void (*)(void))cache_page_plan, METH_FASTCALL, cache_page_plan_doc},
+    {"cache_page_install", (PyCFunction)(void (*)(void))cache_page_install, METH_FASTCALL, cache_page_install_doc},
     {"dram_scatter", (PyCFunction)(void (*)(void))dram_scatter, METH_FASTCALL, dram_scatter_doc},
     {"cache_take", (PyCFunction)(void (*)(void))cache_take, METH_FASTCALL, cache_take_doc},
     {"line_runs", (PyCFunction)(void (*)(void))line_runs, METH_FASTCALL, line_runs_doc},

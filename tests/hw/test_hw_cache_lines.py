@@ -370,3 +370,139 @@ def test_an_encrypted_only_agent_is_not_snooped_about_unencrypted_ranges() -> No
     assert enc.snoops[-1] == (0, 1 << 64, True)
     cache.detach(enc)
     assert cache.agents == cache.plain_agents == (plain,)
+
+
+class _IdleAgent(_Agent):
+    """An agent that declares every fill idle (holds no other domain's copy), as the page pool does
+    for a page it holds in no other domain."""
+
+    def __init__(self, idle: bool) -> None:
+        super().__init__()
+        self.idle = idle
+
+    def fill_is_idle(self, key: int) -> bool:
+        return self.idle
+
+    def snoop_fill(self, key: int) -> None:  # (the idle agent's snoop_fill does nothing)
+        pass
+
+
+def _page_twins(coherent: bool, idle: bool) -> tuple[Cache, Cache, _IdleAgent, _IdleAgent]:
+    caches = []
+    agents = []
+    for _ in range(2):
+        small, agent = _twin(coherent)
+        small.detach(agent)
+        cache = Cache(small.mc, 64 * 2 * LINE, 2, coherent)  # 64 sets of 2 ways: a page's lines each in its set
+        agent = _IdleAgent(idle)
+        cache.attach(agent)
+        caches.append(cache)
+        agents.append(agent)
+    return caches[0], caches[1], agents[0], agents[1]
+
+
+@settings(max_examples=120, deadline=None)
+@given(coherent=st.booleans(), idle=st.booleans(), accel=st.booleans(), ops=st.lists(_op, max_size=25),
+       reads=st.lists(st.tuples(st.integers(0, len(_DOMAINS) - 1), st.integers(0, 3), st.integers(0, 62),
+                                st.integers(2, 64)), min_size=1, max_size=6))
+def test_a_page_run_fill_equals_line_by_line_fills(
+        coherent: bool, idle: bool, accel: bool, ops: list[tuple[str, int, int, int, int]],
+        reads: list[tuple[int, int, int, int]]) -> None:
+    enabled = memaccel.ENABLED
+    memaccel.ENABLED = enabled and accel  # the C steps (cache_page_plan / _install) and the Python loop
+    try:
+        _page_run_case(coherent, idle, ops, reads)
+    finally:
+        memaccel.ENABLED = enabled
+
+
+def _page_run_case(coherent: bool, idle: bool, ops: list[tuple[str, int, int, int, int]],
+                   reads: list[tuple[int, int, int, int]]) -> None:
+    """A run of lines inside a page read through ``read_lines`` (its missing lines read from DRAM by
+    one bulk decryption, ``Cache._read_page_run``) against ``read`` (line by line): the same bytes,
+    sets in the same LRU order, dirty lines, counters and DRAM, whatever was resident first (lines of
+    the page in its domain and in others, dirty or clean, victims to write back), on coherent
+    profiles too -- where an agent that is not idle makes the page go line by line."""
+    fast, ref, fagent, ragent = _page_twins(coherent, idle)
+    for kind, od, oline, on, oseed in ops:  # partly resident pages, other domains' lines, dirty lines
+        asid, c = _DOMAINS[od]
+        data = random.Random(oseed).randbytes(on * LINE)
+        for cache in (fast, ref):
+            if kind == "write":
+                cache.write(asid, c, _BASE + oline * LINE * 3, data)
+            else:
+                cache.read(asid, c, _BASE + oline * LINE * 3, on * LINE)
+    assert _state(fast) == _state(ref)
+    runs: list[tuple[int, int]] = []
+    read_run = fast.mc.read_run
+    fast.mc.read_run = lambda spa, n, a, cc: (runs.append((spa, n)), read_run(spa, n, a, cc))[1]  # type: ignore[method-assign]
+    misses = 0
+    for d, page, line, n in reads:
+        asid, c = _DOMAINS[d]
+        spa = _BASE + page * 0x1000 + line * LINE
+        n = min(n, 64 - line)
+        before = fast.misses
+        assert fast.read_lines(asid, c, spa, n * LINE) == ref.read(asid, c, spa, n * LINE)
+        misses += n >= 2 and fast.misses > before
+        assert _state(fast) == _state(ref)
+    assert fagent.snoops == ragent.snoops
+    if coherent and not idle:
+        assert runs == []
+    else:
+        assert len(runs) == misses
+    assert fast.wbinvd() == ref.wbinvd()
+    assert _state(fast) == _state(ref)
+
+
+def test_a_page_run_fill_without_a_key_is_refused_like_a_fill() -> None:
+    fast, ref, _, _ = _page_twins(True, True)
+    for cache, call in ((fast, fast.read_lines), (ref, ref.read)):
+        with pytest.raises(KeySlotError, match="ASID 3"):
+            call(3, True, _BASE, 4 * LINE)
+    assert _state(fast) == _state(ref)
+
+
+@pytest.mark.parametrize("accel", [False, True])
+@pytest.mark.parametrize("coherent", [False, True])
+def test_a_page_run_fill_writes_back_many_dirty_victims_and_other_domains_lines(coherent: bool, accel: bool) -> None:
+    """Every set full of dirty lines (victims: more than the bulk threshold, consecutive), and dirty
+    lines of the page's own SPAs in two other domains (written back before the page is read, in set
+    order): the same bytes and state as line-by-line fills."""
+    enabled = memaccel.ENABLED
+    memaccel.ENABLED = enabled and accel
+    try:
+        fast, ref, _, _ = _page_twins(coherent, True)
+        page = _BASE + 0x4000
+        for cache in (fast, ref):
+            cache.write(2, True, page, random.Random(1).randbytes(0x1000))  # other domains' lines of the SPAs
+            cache.write(0, False, page + 0x400, random.Random(2).randbytes(0x800))
+            cache.write(1, True, _BASE + 0x20000, random.Random(3).randbytes(0x1000))  # dirty LRU victims
+        writebacks = fast.writebacks
+        assert fast.read_lines(1, True, page, 0x1000) == ref.read(1, True, page, 0x1000)
+        assert _state(fast) == _state(ref) and fast.writebacks - writebacks >= 64
+        assert fast.wbinvd() == ref.wbinvd() and _state(fast) == _state(ref)
+    finally:
+        memaccel.ENABLED = enabled
+
+
+def test_the_agents_say_a_pages_fill_is_idle_only_without_another_domains_copy() -> None:
+    """``fill_is_idle`` of the page pool and the VMSA unit (read on stand-ins holding the attributes it
+    reads): True exactly when their ``snoop_fill`` would find no copy of the page in another domain."""
+    from types import SimpleNamespace
+
+    from sevemu.hw.uc.pool import PagePool
+    from sevemu.hw.vmsa import VmsaUnit
+
+    page = 0x40000
+    mine, other = tag_key(1, True, page), tag_key(2, True, page)
+    pool = SimpleNamespace(_by_spa={page: {1}}, slot_key={1: mine})
+    assert PagePool.fill_is_idle(pool, mine + 0x140)  # type: ignore[arg-type]
+    assert not PagePool.fill_is_idle(pool, other + 0x140)  # type: ignore[arg-type]
+    assert PagePool.fill_is_idle(pool, tag_key(2, True, page + 0x1000))  # type: ignore[arg-type]
+    pool.slot_key[2] = other
+    pool._by_spa[page].add(2)
+    assert not PagePool.fill_is_idle(pool, mine)  # type: ignore[arg-type]
+    unit = SimpleNamespace(_held={mine: SimpleNamespace(spa=page)})
+    assert VmsaUnit.fill_is_idle(unit, mine + 0x40)  # type: ignore[arg-type]
+    assert not VmsaUnit.fill_is_idle(unit, tag_key(0, False, page))  # type: ignore[arg-type]
+    assert VmsaUnit.fill_is_idle(unit, tag_key(0, False, page + 0x1000))  # type: ignore[arg-type]

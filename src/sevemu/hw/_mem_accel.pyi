@@ -22,6 +22,17 @@ def cache_take(sets: list[dict[int, bytearray]], lo: int, hi: int, dirty: set[in
 def line_runs(cur: ReadableBuffer, snap: ReadableBuffer, /) -> list[tuple[int, int]]:
     """The runs of 64-byte lines where ``cur`` and ``snap`` differ: ``[(lo, hi), ...]`` byte offsets."""
 
+def cache_page_plan(sets: list[dict[int, bytearray]], mask: int, key: int, n: int, ways: int, dirty: set[int],
+                    others: tuple[int, ...], /) -> tuple[list[bytearray | None], list[int], list[bytearray], int,
+                                                         int, int, bool] | None:
+    """The lookups and evictions of a page run's fill in line order (lines, dropped dirty keys and their
+    lines in order, hits, first and last missing index, whether another domain's line was dropped);
+    None, nothing changed, where a set is not exactly a dict."""
+
+def cache_page_install(sets: list[dict[int, bytearray]], mask: int, key: int, lines: list[bytearray | None],
+                       plain: ReadableBuffer, first: int, /) -> bytes:
+    """Each missing line (None) made from ``plain`` at ``(i - first) * 64``, put in its set; the lines joined."""
+
 def cache_hit_read(sets: list[dict[int, bytearray]], mask: int, key: int, n: int, counters: dict[str, Any],
                    /) -> bytes | None:
     """The ``n`` lines of keys ``key, key + 64, ...`` joined, when all are resident (each made the most

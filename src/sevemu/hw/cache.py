@@ -45,6 +45,7 @@ ASID_SHIFT = 53
 SPA_MASK = (1 << C_SHIFT) - 1
 _LINE_MASK = ~(LINE - 1)
 _BULK_MIN_LINES = 16  # shorter runs of dirty lines are written back one by one (the bulk call costs more)
+_PAGE_FILL_MIN = 2 * LINE  # from this length on, a run inside a page fills its missing lines by one bulk read
 _VISIT_MIN_LINES = 256  # from this many lines on, a range may visit its sets' lines instead of every address
 # Equivalent mutants (mutation testing of this module, tools/mutate.py): another _BULK_MIN_LINES,
 # removing the ``if not self.agents`` shortcut of _snoop or the ``if not clashes`` one of
@@ -86,7 +87,9 @@ class CacheAgent(Protocol):
 
     def snoop_fill(self, key: int) -> None:
         """Coherent profiles only: the line ``key`` is being filled, so copies of the same SPA in
-        other encryption domains must go (written back first)."""
+        other encryption domains must go (written back first).  (An agent may also have
+        ``fill_is_idle(key) -> bool``: True when this would do nothing for any line of ``key``'s page;
+        a page's fill then skips the calls and reads the page's lines in bulk, ``Cache._read_page_run``.)"""
 
 
 ENCRYPTED_ONLY = "encrypted_only"
@@ -379,6 +382,10 @@ class Cache:
     def _read_run(self, key: int, length: int) -> bytes:
         """The lines of keys ``[key, key + length)``, each a hit or a fill, in order."""
         sets, mask = self.sets, self.set_mask
+        if length >= _PAGE_FILL_MIN and (key & (PAGE - 1)) + length <= PAGE and length >> 6 <= mask + 1:
+            got = self._read_page_run(key, length)
+            if got is not None:
+                return got
         parts = []
         for k in range(key, key + length, LINE):
             s = sets[(k >> 6) & mask]
@@ -390,6 +397,114 @@ class Cache:
                 self.hits += 1
             parts.append(line)
         return b"".join(parts)
+
+    def _read_page_run(self, key: int, length: int) -> bytes | None:
+        """:meth:`_read_run` of lines inside one page, each in its own set, with the missing lines'
+        plaintext read from DRAM by one bulk decryption (:meth:`MemoryController.read_run`), or None
+        (nothing done) where that could differ from line-by-line fills: no key for the domain, or on a
+        coherent profile an agent that would act on a fill of this page (:meth:`CacheAgent.snoop_fill`
+        of another domain's copy; an agent without ``fill_is_idle`` always counts as acting).
+
+        In line order, as :meth:`fill` does each: a hit moves to the most recent place; a miss counts,
+        (coherent) drops the other domains' lines of its SPA from its set, then its set's LRU victim.
+        Then the dropped dirty lines are written back (in bulk runs: each from its own set, so no two
+        share an SPA -- a coherent cache holds one domain's line per SPA), then the missing lines are
+        read.  The same bytes, lines, LRU order, counters and DRAM: no line's fill touches another's
+        set or SPA (the lines of a page are in distinct sets), every write-back of a line's SPA still
+        comes before its read, and an idle agent's ``snoop_fill`` changes nothing.  The steps around
+        the bulk read run in C where built (``cache_page_plan`` / ``cache_page_install``)."""
+        if key >> C_SHIFT not in self._readers:
+            return None  # (the line-by-line path raises the fill's KeySlotError)
+        coherent = self.coherent
+        if coherent:
+            for agent in self.agents:
+                idle = getattr(agent, "fill_is_idle", None)
+                if idle is None or not idle(key):
+                    return None
+        sets, mask, ways, dirty = self.sets, self.set_mask, self.ways, self.dirty
+        # (coherent: the other domains a line of the SPA can be in -- a line is only ever allocated in
+        # a domain with a reader, and the memory controller never drops one -- looked up directly)
+        others = [d << C_SHIFT for d in self._readers if d != key >> C_SHIFT] if coherent else []
+        if memaccel.ENABLED and memaccel.PAGE_FILL:  # the same steps in C
+            got = memaccel.helpers.cache_page_plan(sets, mask, key, length >> 6, ways, dirty, tuple(others))
+            if got is not None:
+                lines_c, wb, wb_lines, hits_c, first_i, last_i, clash = got
+                self.hits += hits_c
+                if first_i < 0:
+                    return b"".join(lines_c)  # type: ignore[arg-type]
+                self.misses += (length >> 6) - hits_c
+                self._write_victims(wb, wb_lines, not clash)
+                first = key + first_i * LINE
+                plain = self.mc.read_run(first & SPA_MASK, (last_i + 1 - first_i) * LINE, key >> ASID_SHIFT,
+                                         bool((key >> C_SHIFT) & 1))
+                got_bytes: bytes = memaccel.helpers.cache_page_install(sets, mask, key, lines_c, plain, first_i)
+                return got_bytes
+        lines: list[bytearray | None] = []
+        victims: list[int] = []  # dirty LRU victims: written back after the loop, in bulk runs
+        olds: list[bytearray] = []
+        first = last = -1
+        hits = 0
+        for k in range(key, key + length, LINE):
+            s = sets[(k >> 6) & mask]
+            line = s.pop(k, None)
+            if line is not None:
+                s[k] = line  # most recently used (Cache.line, inlined)
+                hits += 1
+            else:
+                if others:
+                    spa = k & SPA_MASK
+                    for o in others:
+                        if o | spa in s:
+                            self._evict_clashes(spa, s)
+                            break
+                if len(s) >= ways:
+                    for victim in s:  # the least recently used comes first
+                        break
+                    old = s.pop(victim)
+                    if victim in dirty:
+                        victims.append(victim)
+                        olds.append(old)
+                if first < 0:
+                    first = k
+                last = k
+            lines.append(line)
+        self.hits += hits
+        if first < 0:
+            return b"".join(lines)  # type: ignore[arg-type]
+        self.misses += (length >> 6) - hits
+        self._write_victims(victims, olds, True)
+        plain_view = memoryview(self.mc.read_run(first & SPA_MASK, last + LINE - first, key >> ASID_SHIFT,
+                                                 bool((key >> C_SHIFT) & 1)))
+        i = (first - key) >> 6
+        for k in range(first, last + LINE, LINE):
+            if lines[i] is None:
+                pos = k - first
+                line = lines[i] = bytearray(plain_view[pos : pos + LINE])
+                sets[(k >> 6) & mask][k] = line
+            i += 1
+        return b"".join(lines)  # type: ignore[arg-type]
+
+    def _write_victims(self, victims: list[int], olds: list[bytearray], distinct: bool) -> None:
+        """Write back the dirty lines ``victims`` (keys; ``olds`` their bytes) a page run dropped, in
+        that order -- or, when their SPAs are ``distinct`` (each from its own set), in bulk runs of
+        consecutive lines (the same DRAM bytes: no two write one SPA)."""
+        if not victims:
+            return
+        self.dirty.difference_update(victims)
+        self.writebacks += len(victims)
+        if not distinct or len(victims) < _BULK_MIN_LINES:
+            write_line = self.mc.write_line
+            for victim, old in zip(victims, olds):
+                write_line(victim & SPA_MASK, victim >> ASID_SHIFT, bool((victim >> C_SHIFT) & 1), old)
+        else:
+            order = sorted(range(len(victims)), key=victims.__getitem__)
+            self._write_runs([victims[j] for j in order], b"".join([olds[j] for j in order]))
+
+    def _evict_clashes(self, spa: int, s: dict[int, bytearray]) -> None:
+        """:meth:`_evict_other_domains` without the agents' snoops: every line of ``spa`` in ``s``
+        (of other domains: the caller's own line is not in it) written back and dropped, in set order."""
+        for other in [o for o in s if o & SPA_MASK == spa]:
+            self._writeback(other, s.pop(other))
 
     def write_lines(self, asid: int, c: bool, spa: int, data: bytes | bytearray | memoryview,
                     origin: object | None = None) -> None:

@@ -47,3 +47,9 @@ POOL_SYNC: bool = ENABLED and hasattr(helpers, "pool_sync_all")
 (``pool_sync_all``: the same compares, write-backs, counters; a slot whose lines another agent must be
 snooped about, or that misses in the cache, goes to the pool's Python write-back).  Tests turn it off
 for the Python loop."""
+
+PAGE_FILL: bool = ENABLED and hasattr(helpers, "cache_page_plan") and hasattr(helpers, "cache_page_install")
+"""Whether a page run's fill (:meth:`Cache._read_page_run <sevemu.hw.cache.Cache._read_page_run>`, the
+page pool's page loads) takes its lookups, evictions and installs in C (``cache_page_plan`` /
+``cache_page_install``: the same steps as the Python loop, which stays where they were not built or
+:data:`ENABLED` is off)."""

@@ -306,6 +306,13 @@ class VmsaUnit:
                     del held[key]
                     h.live = False
 
+    def fill_is_idle(self, key: int) -> bool:
+        """Whether :meth:`snoop_fill` of every line of ``key``'s page would do nothing (no copy of
+        the page held in another domain)."""
+        spa = key & SPA_MASK & ~(PAGE - 1)
+        page_key = key & ~(PAGE - 1)
+        return not any(h.spa == spa and held_key != page_key for held_key, h in self._held.items())
+
     def snoop_fill(self, key: int) -> None:
         """Coherent profiles: a fill of the same SPA in another domain drops the held copy."""
         spa = key & SPA_MASK & ~(PAGE - 1)

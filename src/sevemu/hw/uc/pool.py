@@ -423,6 +423,15 @@ class PagePool:
                     self.sync_slot(s)
                 self.stale[s] = None
 
+    def fill_is_idle(self, key: int) -> bool:
+        """Whether :meth:`snoop_fill` of every line of ``key``'s page would do nothing (no slot holds
+        the page in another domain): the cache may then fill the page's lines without calling it."""
+        peers = self._by_spa.get(key & SPA_MASK & ~(PAGE - 1))
+        if not peers:
+            return True
+        page_key = key & ~(PAGE - 1)
+        return all(self.slot_key.get(s) == page_key for s in peers)
+
     # ---- inspection --------------------------------------------------------------------------------
     def resident_pages(self) -> list[tuple[int, bool, int]]:
         """(asid, c, spa) of every page held (plaintext inside the SoC)."""
