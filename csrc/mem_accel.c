@@ -765,7 +765,9 @@ static int hit_lines(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t n, 
  * of a set: re-inserting it would change nothing).  A set holds at most `ways` lines: a short walk. */
 static int is_last(PyObject *s, uint64_t key)
 {
-    Py_ssize_t pos = 0;
+    /* (PyDict_Next's position is an index of the dict's entries in insertion order, deleted ones
+     * included: the last live entry is at index size - 1 or later) */
+    Py_ssize_t pos = PyDict_GET_SIZE(s) > 0 ? PyDict_GET_SIZE(s) - 1 : 0;
     PyObject *k, *v, *last = NULL;
     unsigned long long x;
     while (PyDict_Next(s, &pos, &k, &v)) {
@@ -3049,17 +3051,29 @@ PyDoc_STRVAR(host_port_exchange_doc,
              "expect, write(spa + off, data) of each (off, data) pair of the list `writes` and None, else\n"
              "what was read (nothing written).  (See the comment in csrc/mem_accel.c.)");
 
+/* cache.hits += *pending (hits counted but not yet added: before anything may look), *pending = 0 */
+static int flush_hits(HostPortObject *h, Py_ssize_t *pending)
+{
+    Py_ssize_t n = *pending;
+    *pending = 0;
+    return n == 0 ? 0 : bump_by(h->cache, s_hits, n);
+}
+
 /* The snoops of snoop_plain, an agent whose `snoop` is a PoolSnoop served here without Python
  * objects for the arguments (PoolSnoop's own work; its fallback called as snoop_plain would call it):
  * 0, or -1 on error.  *python becomes 1 when Python code may have run (another agent's snoop, a
  * fallback).  `data` is the bytes written (NULL for a read); other agents get a memoryview of it. */
-static int snoop_plain_fast(HostPortObject *h, uint64_t lo, uint64_t hi, int invalidate, PyObject *data, int *python)
+static int snoop_plain_fast(HostPortObject *h, uint64_t lo, uint64_t hi, int invalidate, PyObject *data, int *python,
+                            Py_ssize_t *pending)
 {
     PyObject *agents = PyDict_GetItemWithError(h->cache, s_plain_agents), *view = NULL;
     Py_ssize_t i;
     int rc = 0;
     if (agents == NULL || !PyTuple_CheckExact(agents)) {
         *python = 1;
+        if (flush_hits(h, pending) < 0) {
+            return -1;
+        }
         return snoop_plain(h, lo, hi, invalidate, data == NULL ? Py_None : data); /* (says what is wrong) */
     }
     for (i = 0; i < PyTuple_GET_SIZE(agents) && rc == 0; i++) {
@@ -3079,6 +3093,10 @@ static int snoop_plain_fast(HostPortObject *h, uint64_t lo, uint64_t hi, int inv
             }
         }
         *python = 1; /* another agent, or PoolSnoop's fallback: called as snoop_plain calls it */
+        if (flush_hits(h, pending) < 0) {
+            Py_DECREF(fn);
+            return -1;
+        }
         if (data != NULL && view == NULL && (view = PyMemoryView_FromObject(data)) == NULL) {
             Py_DECREF(fn);
             return -1;
@@ -3114,6 +3132,7 @@ static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObje
     Py_ssize_t nruns, nw, r, i, total = 0, spans[2 * EXCHANGE_RUNS], woff[EXCHANGE_RUNS];
     PyObject *sets, *dirty, **refs, *keys[PAGE / LINE], *lines[PAGE / LINE];
     uint64_t mask, first = PAGE, end = 0;
+    Py_ssize_t pending = 0; /* hits not yet added to cache.hits (flush_hits before any Python code) */
     int rc, python = 0, same = 1;
     if ((spa & (PAGE - 1)) || !PyTuple_CheckExact(runs) || (nruns = PyTuple_GET_SIZE(runs)) == 0 ||
         nruns > EXCHANGE_RUNS || (nw = PyList_GET_SIZE(writes)) > EXCHANGE_RUNS) {
@@ -3170,7 +3189,7 @@ static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObje
         return 0;
     }
     /* the read: Core.host_read_runs of the runs */
-    if (snoop_plain_fast(h, spa + first, spa + end, 0, NULL, &python) < 0 ||
+    if (snoop_plain_fast(h, spa + first, spa + end, 0, NULL, &python, &pending) < 0 ||
         (python && cache_parts(h, &sets, &mask, &dirty) < 0)) {
         return -1;
     }
@@ -3211,7 +3230,8 @@ static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObje
         }
         rc = touch_runs(sets, mask, spa, nruns, spans, total, refs, NULL);
         PyMem_Free(refs);
-        if (rc < 0 || (!same && *out == NULL) || bump_by(h->cache, s_hits, total) < 0) {
+        pending = total;
+        if (rc < 0 || (!same && *out == NULL) || (!same && flush_hits(h, &pending) < 0)) {
             Py_CLEAR(*out);
             return -1;
         }
@@ -3227,7 +3247,7 @@ static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObje
         Py_INCREF(d);
         if (python) { /* Python ran since the page was checked: the whole write as host_port_write does it */
             PyObject *a[2] = {PyLong_FromUnsignedLongLong(wspa), d}, *res;
-            res = a[0] == NULL ? NULL : host_port_write(h, a, 2, NULL);
+            res = a[0] == NULL || flush_hits(h, &pending) < 0 ? NULL : host_port_write(h, a, 2, NULL);
             Py_XDECREF(a[0]);
             Py_DECREF(d);
             if (res == NULL) {
@@ -3236,7 +3256,7 @@ static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObje
             Py_DECREF(res);
             continue;
         }
-        if (snoop_plain_fast(h, wspa, wspa + (uint64_t)n * LINE, 1, d, &python) < 0) {
+        if (snoop_plain_fast(h, wspa, wspa + (uint64_t)n * LINE, 1, d, &python, &pending) < 0) {
             Py_DECREF(d);
             return -1;
         }
@@ -3256,7 +3276,7 @@ static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObje
         }
         if (rc == 0) { /* a line is absent: the cache's Python rest of write_lines */
             PyObject *a[2] = {PyLong_FromUnsignedLongLong(wspa), NULL}, *res = NULL;
-            if (a[0] != NULL && (a[1] = PyMemoryView_FromObject(d)) != NULL) {
+            if (a[0] != NULL && flush_hits(h, &pending) == 0 && (a[1] = PyMemoryView_FromObject(d)) != NULL) {
                 res = PyObject_Vectorcall(h->write_rest, a, 2, NULL);
             }
             Py_XDECREF(a[0]);
@@ -3273,9 +3293,13 @@ static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObje
             memcpy(PyByteArray_AS_STRING(lines[r]), PyBytes_AS_STRING(d) + r * LINE, LINE);
         }
         Py_DECREF(d);
-        if (touch_lines(sets, mask, wspa, n, keys, lines, dirty) < 0 || bump_by(h->cache, s_hits, n) < 0) {
+        if (touch_lines(sets, mask, wspa, n, keys, lines, dirty) < 0) {
             return -1;
         }
+        pending += n;
+    }
+    if (flush_hits(h, &pending) < 0) {
+        return -1;
     }
     *out = Py_NewRef(Py_None);
     return 1;
