@@ -2305,7 +2305,18 @@ static PyTypeObject LineCipherType = {
  * calls it), then the resident lines as cache_hit_write / cache_hit_runs -- or, when a line is
  * absent, the cache's Python rest of the access after its snoop (`write_rest(key, view)`,
  * `runs_rest(key, runs)`).  Anything else (C=1, a length that is not whole lines, another type of
- * data, keywords) goes to `write` / `read_runs` before anything happened. */
+ * data, keywords) goes to `write` / `read_runs` before anything happened.
+ *
+ * HostPort.exchange(spa, runs, expect, writes) -- Core.host_exchange: the read of the runs, and when it
+ * gives `expect` the writes -- is one pass when every run and write is whole lines of the page
+ * (exchange_fast): the page is checked once (no RMP, no VMCB view in it) for the read and the writes
+ * unless Python code ran in between (an agent's snoop in Python, a PoolSnoop's fallback, a cache's
+ * Python rest: then each write is host_port_write with its own checks); a PoolSnoop agent is served
+ * in C without argument objects (its fallback, and any other agent, called as snoop_plain calls
+ * them, with a memoryview of the bytes written); the lines read are compared where they lie (the
+ * bytes are built only for another request); the hits are added to the counter once, before any
+ * Python code could look.  The same checks, snoops (in the same order), bytes, LRU order, dirty set
+ * and counters as the Python sequence (tests/hypervisor/test_hv_es_fastpath.py). */
 
 static PyObject *s_synced, *s_slot_of, *s_mm, *s_snap, *s_code_slots, *s_updated, *s_stats, *s_slot_updates,
     *s_snoop, *s_rmp, *s_vmcbs, *s_lo, *s_hi, *s_plain_agents, *s_sets, *s_set_mask, *s_dirty, *s_one;
