@@ -765,7 +765,9 @@ static int hit_lines(PyObject *sets, uint64_t mask, uint64_t key, Py_ssize_t n, 
  * of a set: re-inserting it would change nothing).  A set holds at most `ways` lines: a short walk. */
 static int is_last(PyObject *s, uint64_t key)
 {
-    Py_ssize_t pos = 0;
+    /* (PyDict_Next's position is an index of the dict's entries in insertion order, deleted ones
+     * included: the last live entry is at index size - 1 or later) */
+    Py_ssize_t pos = PyDict_GET_SIZE(s) > 0 ? PyDict_GET_SIZE(s) - 1 : 0;
     PyObject *k, *v, *last = NULL;
     unsigned long long x;
     while (PyDict_Next(s, &pos, &k, &v)) {
@@ -2303,7 +2305,18 @@ static PyTypeObject LineCipherType = {
  * calls it), then the resident lines as cache_hit_write / cache_hit_runs -- or, when a line is
  * absent, the cache's Python rest of the access after its snoop (`write_rest(key, view)`,
  * `runs_rest(key, runs)`).  Anything else (C=1, a length that is not whole lines, another type of
- * data, keywords) goes to `write` / `read_runs` before anything happened. */
+ * data, keywords) goes to `write` / `read_runs` before anything happened.
+ *
+ * HostPort.exchange(spa, runs, expect, writes) -- Core.host_exchange: the read of the runs, and when it
+ * gives `expect` the writes -- is one pass when every run and write is whole lines of the page
+ * (exchange_fast): the page is checked once (no RMP, no VMCB view in it) for the read and the writes
+ * unless Python code ran in between (an agent's snoop in Python, a PoolSnoop's fallback, a cache's
+ * Python rest: then each write is host_port_write with its own checks); a PoolSnoop agent is served
+ * in C without argument objects (its fallback, and any other agent, called as snoop_plain calls
+ * them, with a memoryview of the bytes written); the lines read are compared where they lie (the
+ * bytes are built only for another request); the hits are added to the counter once, before any
+ * Python code could look.  The same checks, snoops (in the same order), bytes, LRU order, dirty set
+ * and counters as the Python sequence (tests/hypervisor/test_hv_es_fastpath.py). */
 
 static PyObject *s_synced, *s_slot_of, *s_mm, *s_snap, *s_code_slots, *s_updated, *s_stats, *s_slot_updates,
     *s_snoop, *s_rmp, *s_vmcbs, *s_lo, *s_hi, *s_plain_agents, *s_sets, *s_set_mask, *s_dirty, *s_one;
@@ -2439,40 +2452,26 @@ out:
     return rc;
 }
 
-static PyObject *pool_snoop_call(PoolSnoopObject *p, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* PoolSnoop's work for snoop(lo, hi, invalidate, data) (data NULL for None): 1 done, 0 when the call
+ * must go to the fallback (nothing changed), -1 on error.  Runs no Python code. */
+static int pool_snoop_do(PoolSnoopObject *p, uint64_t lo, uint64_t hi, int invalidate, PyObject *data)
 {
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *pool = p->pool, *synced_o, *slot_of, *slot, *data = NULL;
-    uint64_t lo, hi, page;
-    int synced, invalidate, rc;
-    if (kwnames != NULL || nargs < 3 || nargs > 4 || !exact_u64_of(args[0], &lo) || !exact_u64_of(args[1], &hi)) {
-        goto fallback;
-    }
-    if ((invalidate = PyObject_IsTrue(args[2])) < 0) {
-        return NULL;
-    }
-    if (nargs == 4 && args[3] != Py_None) {
-        data = args[3];
-    }
+    PyObject *pool = p->pool, *synced_o, *slot_of, *slot;
+    uint64_t page;
+    int synced, rc;
     if ((synced_o = attr_of(pool, s_synced)) == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        goto fallback;
+        return PyErr_Occurred() ? -1 : 0;
     }
-    synced = PyObject_IsTrue(synced_o);
+    synced = synced_o == Py_True ? 1 : synced_o == Py_False ? 0 : -2;
     Py_DECREF(synced_o);
     if (synced < 0) {
-        return NULL;
+        return 0; /* (not a bool: PagePool.snoop decides) */
     }
     if (synced && !invalidate) {
-        Py_RETURN_NONE; /* a read of what the cache holds already */
+        return 1; /* a read of what the cache holds already */
     }
     if ((slot_of = attr_of(pool, s_slot_of)) == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        goto fallback;
+        return PyErr_Occurred() ? -1 : 0;
     }
     rc = 0; /* 0: to the fallback, 1: done, -1: error */
     page = lo & ~(uint64_t)(PAGE - 1);
@@ -2488,7 +2487,25 @@ static PyObject *pool_snoop_call(PoolSnoopObject *p, PyObject *const *args, size
         Py_DECREF(slot);
     }
     Py_DECREF(slot_of);
-    if (rc < 0) {
+    return rc;
+}
+
+static PyObject *pool_snoop_call(PoolSnoopObject *p, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *data = NULL;
+    uint64_t lo, hi;
+    int invalidate, rc;
+    if (kwnames != NULL || nargs < 3 || nargs > 4 || !exact_u64_of(args[0], &lo) || !exact_u64_of(args[1], &hi)) {
+        goto fallback;
+    }
+    if ((invalidate = PyObject_IsTrue(args[2])) < 0) {
+        return NULL;
+    }
+    if (nargs == 4 && args[3] != Py_None) {
+        data = args[3];
+    }
+    if ((rc = pool_snoop_do(p, lo, hi, invalidate, data)) < 0) {
         return NULL;
     }
     if (rc > 0) {
@@ -3045,11 +3062,266 @@ PyDoc_STRVAR(host_port_exchange_doc,
              "expect, write(spa + off, data) of each (off, data) pair of the list `writes` and None, else\n"
              "what was read (nothing written).  (See the comment in csrc/mem_accel.c.)");
 
+/* cache.hits += *pending (hits counted but not yet added: before anything may look), *pending = 0 */
+static int flush_hits(HostPortObject *h, Py_ssize_t *pending)
+{
+    Py_ssize_t n = *pending;
+    *pending = 0;
+    return n == 0 ? 0 : bump_by(h->cache, s_hits, n);
+}
+
+/* The snoops of snoop_plain, an agent whose `snoop` is a PoolSnoop served here without Python
+ * objects for the arguments (PoolSnoop's own work; its fallback called as snoop_plain would call it):
+ * 0, or -1 on error.  *python becomes 1 when Python code may have run (another agent's snoop, a
+ * fallback).  `data` is the bytes written (NULL for a read); other agents get a memoryview of it. */
+static int snoop_plain_fast(HostPortObject *h, uint64_t lo, uint64_t hi, int invalidate, PyObject *data, int *python,
+                            Py_ssize_t *pending)
+{
+    PyObject *agents = PyDict_GetItemWithError(h->cache, s_plain_agents), *view = NULL;
+    Py_ssize_t i;
+    int rc = 0;
+    if (agents == NULL || !PyTuple_CheckExact(agents)) {
+        *python = 1;
+        if (flush_hits(h, pending) < 0) {
+            return -1;
+        }
+        return snoop_plain(h, lo, hi, invalidate, data == NULL ? Py_None : data); /* (says what is wrong) */
+    }
+    for (i = 0; i < PyTuple_GET_SIZE(agents) && rc == 0; i++) {
+        PyObject *agent = PyTuple_GET_ITEM(agents, i), *fn, *r, *a[4];
+        Py_INCREF(agent); /* (a snoop may detach it) */
+        fn = PyObject_GetAttr(agent, s_snoop);
+        Py_DECREF(agent);
+        if (fn == NULL) {
+            return -1;
+        }
+        if (Py_IS_TYPE(fn, &PoolSnoopType)) {
+            rc = pool_snoop_do((PoolSnoopObject *)fn, lo, hi, invalidate, data);
+            if (rc != 0) {
+                Py_DECREF(fn);
+                rc = rc < 0 ? -1 : 0;
+                continue;
+            }
+        }
+        *python = 1; /* another agent, or PoolSnoop's fallback: called as snoop_plain calls it */
+        if (flush_hits(h, pending) < 0) {
+            Py_DECREF(fn);
+            return -1;
+        }
+        if (data != NULL && view == NULL && (view = PyMemoryView_FromObject(data)) == NULL) {
+            Py_DECREF(fn);
+            return -1;
+        }
+        a[0] = PyLong_FromUnsignedLongLong(lo);
+        a[1] = a[0] == NULL ? NULL : PyLong_FromUnsignedLongLong(hi);
+        a[2] = invalidate ? Py_True : Py_False;
+        a[3] = data == NULL ? Py_None : view;
+        r = a[1] == NULL ? NULL
+            : PyObject_Vectorcall(Py_IS_TYPE(fn, &PoolSnoopType) ? ((PoolSnoopObject *)fn)->fallback : fn, a, 4, NULL);
+        Py_XDECREF(a[0]);
+        Py_XDECREF(a[1]);
+        Py_DECREF(fn);
+        if (r == NULL) {
+            rc = -1;
+        } else {
+            Py_DECREF(r);
+        }
+    }
+    Py_XDECREF(view);
+    return rc;
+}
+
+/* exchange(spa, runs, expect, writes) of whole lines in the page (see host_port_exchange): 1 with
+ * *out set (None or the bytes read), 0 when the generic sequence must do it (nothing happened yet),
+ * -1 on error.  The page is checked once (host_plain of the whole page) unless Python code ran
+ * since; the read's lines are compared where they lie; the counters grow as the generic sequence
+ * makes them grow. */
+#define EXCHANGE_RUNS 16
+static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObject *expect, PyObject *writes,
+                         PyObject **out)
+{
+    Py_ssize_t nruns, nw, r, i, total = 0, spans[2 * EXCHANGE_RUNS], woff[EXCHANGE_RUNS];
+    PyObject *sets, *dirty, **refs, *keys[PAGE / LINE], *lines[PAGE / LINE];
+    uint64_t mask, first = PAGE, end = 0;
+    Py_ssize_t pending = 0; /* hits not yet added to cache.hits (flush_hits before any Python code) */
+    int rc, python = 0, same = 1;
+    if ((spa & (PAGE - 1)) || !PyTuple_CheckExact(runs) || (nruns = PyTuple_GET_SIZE(runs)) == 0 ||
+        nruns > EXCHANGE_RUNS || (nw = PyList_GET_SIZE(writes)) > EXCHANGE_RUNS) {
+        return 0;
+    }
+    for (r = 0; r < nruns; r++) { /* whole lines inside the page (else the generic sequence says what is wrong) */
+        PyObject *run = PyTuple_GET_ITEM(runs, r);
+        Py_ssize_t off, len;
+        if (!PyTuple_CheckExact(run) || PyTuple_GET_SIZE(run) != 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(run, 0)) ||
+            !PyLong_CheckExact(PyTuple_GET_ITEM(run, 1))) {
+            return 0;
+        }
+        off = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 0));
+        len = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (((off | len) & (LINE - 1)) || off < 0 || len <= 0 || off >= PAGE || len > PAGE - off) {
+            return 0;
+        }
+        spans[2 * r] = off;
+        spans[2 * r + 1] = len / LINE;
+        total += len / LINE;
+        first = (uint64_t)off < first ? (uint64_t)off : first;
+        end = (uint64_t)(off + len) > end ? (uint64_t)(off + len) : end;
+    }
+    for (i = 0; i < nw; i++) { /* (offset, bytes) of whole lines inside the page */
+        PyObject *w = PyList_GET_ITEM(writes, i), *d;
+        if (!PyTuple_CheckExact(w) || PyTuple_GET_SIZE(w) != 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(w, 0)) ||
+            !PyBytes_CheckExact(d = PyTuple_GET_ITEM(w, 1))) {
+            return 0;
+        }
+        woff[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(w, 0));
+        if (woff[i] == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (((woff[i] | PyBytes_GET_SIZE(d)) & (LINE - 1)) || woff[i] < 0 || PyBytes_GET_SIZE(d) == 0 ||
+            woff[i] >= PAGE || PyBytes_GET_SIZE(d) > PAGE - woff[i]) {
+            return 0;
+        }
+    }
+    if (PyBytes_GET_SIZE(expect) != total * LINE) {
+        return 0;
+    }
+    if ((rc = host_plain(h, spa, PAGE)) <= 0) {
+        return rc;
+    }
+    if (cache_parts(h, &sets, &mask, &dirty) < 0) {
+        return -1;
+    }
+    if (!PySet_Check(dirty)) {
+        return 0;
+    }
+    /* the read: Core.host_read_runs of the runs */
+    if (snoop_plain_fast(h, spa + first, spa + end, 0, NULL, &python, &pending) < 0 ||
+        (python && cache_parts(h, &sets, &mask, &dirty) < 0)) {
+        return -1;
+    }
+    if ((refs = hit_runs(sets, mask, spa, nruns, spans, total, &rc)) == NULL) {
+        PyObject *got, *a[2];
+        if (rc < 0) {
+            return -1;
+        }
+        /* a line is absent: the cache's Python rest of read_runs, then the generic comparison */
+        if ((a[0] = PyLong_FromUnsignedLongLong(spa)) == NULL) {
+            return -1;
+        }
+        a[1] = runs;
+        got = PyObject_Vectorcall(h->runs_rest, a, 2, NULL);
+        Py_DECREF(a[0]);
+        if (got == NULL) {
+            return -1;
+        }
+        if (!PyBytes_CheckExact(got) || PyBytes_GET_SIZE(got) != PyBytes_GET_SIZE(expect) ||
+            memcmp(PyBytes_AS_STRING(got), PyBytes_AS_STRING(expect), (size_t)PyBytes_GET_SIZE(got)) != 0) {
+            *out = got;
+            return 1;
+        }
+        Py_DECREF(got);
+        python = 1;
+    } else {
+        for (i = 0; i < total && same; i++) {
+            same = memcmp(PyByteArray_AS_STRING(refs[total + i]), PyBytes_AS_STRING(expect) + i * LINE, LINE) == 0;
+        }
+        *out = NULL;
+        if (!same) { /* another request: what was read */
+            *out = PyBytes_FromStringAndSize(NULL, total * LINE);
+            if (*out != NULL) {
+                for (i = 0; i < total; i++) {
+                    memcpy(PyBytes_AS_STRING(*out) + i * LINE, PyByteArray_AS_STRING(refs[total + i]), LINE);
+                }
+            }
+        }
+        rc = touch_runs(sets, mask, spa, nruns, spans, total, refs, NULL);
+        PyMem_Free(refs);
+        pending = total;
+        if (rc < 0 || (!same && *out == NULL) || (!same && flush_hits(h, &pending) < 0)) {
+            Py_CLEAR(*out);
+            return -1;
+        }
+        if (!same) {
+            return 1;
+        }
+    }
+    /* the answer: Core.host_write of each (offset, data) */
+    for (i = 0; i < nw; i++) {
+        PyObject *d = PyTuple_GET_ITEM(PyList_GET_ITEM(writes, i), 1);
+        uint64_t wspa = spa + (uint64_t)woff[i];
+        Py_ssize_t n = PyBytes_GET_SIZE(d) / LINE;
+        Py_INCREF(d);
+        if (python) { /* Python ran since the page was checked: the whole write as host_port_write does it */
+            PyObject *a[2] = {PyLong_FromUnsignedLongLong(wspa), d}, *res;
+            res = a[0] == NULL || flush_hits(h, &pending) < 0 ? NULL : host_port_write(h, a, 2, NULL);
+            Py_XDECREF(a[0]);
+            Py_DECREF(d);
+            if (res == NULL) {
+                return -1;
+            }
+            Py_DECREF(res);
+            continue;
+        }
+        if (snoop_plain_fast(h, wspa, wspa + (uint64_t)n * LINE, 1, d, &python, &pending) < 0) {
+            Py_DECREF(d);
+            return -1;
+        }
+        if (python && cache_parts(h, &sets, &mask, &dirty) < 0) { /* (a snoop ran Python: the parts again) */
+            Py_DECREF(d);
+            return -1;
+        }
+        if (!PySet_Check(dirty)) {
+            PyErr_SetString(PyExc_TypeError, "cache.dirty must be a set");
+            rc = -1;
+        } else {
+            rc = hit_lines(sets, mask, wspa, n, keys, lines);
+        }
+        if (rc < 0) {
+            Py_DECREF(d);
+            return -1;
+        }
+        if (rc == 0) { /* a line is absent: the cache's Python rest of write_lines */
+            PyObject *a[2] = {PyLong_FromUnsignedLongLong(wspa), NULL}, *res = NULL;
+            if (a[0] != NULL && flush_hits(h, &pending) == 0 && (a[1] = PyMemoryView_FromObject(d)) != NULL) {
+                res = PyObject_Vectorcall(h->write_rest, a, 2, NULL);
+            }
+            Py_XDECREF(a[0]);
+            Py_XDECREF(a[1]);
+            Py_DECREF(d);
+            if (res == NULL) {
+                return -1;
+            }
+            Py_DECREF(res);
+            python = 1;
+            continue;
+        }
+        for (r = 0; r < n; r++) {
+            memcpy(PyByteArray_AS_STRING(lines[r]), PyBytes_AS_STRING(d) + r * LINE, LINE);
+        }
+        Py_DECREF(d);
+        if (touch_lines(sets, mask, wspa, n, keys, lines, dirty) < 0) {
+            return -1;
+        }
+        pending += n;
+    }
+    if (flush_hits(h, &pending) < 0) {
+        return -1;
+    }
+    *out = Py_NewRef(Py_None);
+    return 1;
+}
+
 static PyObject *host_port_exchange(HostPortObject *h, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *got, *writes, *a[2];
     Py_ssize_t i, n;
     uint64_t spa;
+    int rc;
     if (check_nargs("exchange", nargs, 4) < 0) {
         return NULL;
     }
@@ -3059,6 +3331,9 @@ static PyObject *host_port_exchange(HostPortObject *h, PyObject *const *args, Py
             PyErr_SetString(PyExc_TypeError, "exchange(): expect must be bytes, writes a list");
         }
         return NULL;
+    }
+    if ((rc = exchange_fast(h, spa, args[1], args[2], writes, &got)) != 0) {
+        return rc < 0 ? NULL : got;
     }
     got = host_port_read_runs(h, args, 2, NULL);
     if (got == NULL) {

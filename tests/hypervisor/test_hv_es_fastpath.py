@@ -146,3 +146,81 @@ def test_host_accesses_the_c_port_hands_on_give_what_the_core_gives(accel_flags:
         assert not core.vmcbs.held(vmcb.pa)
     finally:
         run.close()
+
+
+def _put_request(page: Any, key: bytes) -> None:
+    """Write the lines of ``_KNOWN_RUNS`` back as ``key`` holds them (the request the known answer answers)."""
+    pos = 0
+    for off, length in ghcb_mod._KNOWN_RUNS:
+        page.write(off, key[pos : pos + length])
+        pos += length
+
+
+@needs_c
+def test_the_exchanges_fallbacks_give_the_same_state_as_the_python_path(accel_flags: None) -> None:
+    """The one-pass exchange hands on what it does not serve itself -- the pool not synced (its snoop's
+    Python path), lines absent from the cache (after WBINVD: the cache's Python rests), a request that
+    is not the expected one, the VMCB page's range check -- with the same results as the Python path,
+    and the guest goes on the same way."""
+    states = []
+    for on in (True, False):
+        run = _launch(on)
+        try:
+            _until_hlt(run)
+            hv, vm = run.machine.hv, run.vm
+            hv.run(vm, 0, max_exits=5)
+            key, writes = hv.ghcb._known[0], hv.ghcb._known[5]
+            page = vm.vcpus[0].ghcb_map
+            pool = run.engines[0].pool
+            assert page is not None and key and writes
+            answered = page.read_runs(ghcb_mod._KNOWN_RUNS)
+            assert answered != key  # the last exit's answer is in the page
+            assert page.exchange(ghcb_mod._KNOWN_RUNS, key, writes) == answered  # another request: nothing written
+            _put_request(page, key)
+            pool.synced = False  # the pool's snoop takes its Python path
+            assert page.exchange(ghcb_mod._KNOWN_RUNS, key, writes) is None
+            assert page.read_runs(ghcb_mod._KNOWN_RUNS) == answered
+            _put_request(page, key)
+            run.machine.soc.cores[0].wbinvd()  # every line absent: the cache's Python rests
+            assert page.exchange(ghcb_mod._KNOWN_RUNS, key, writes) is None
+            assert page.read_runs(ghcb_mod._KNOWN_RUNS) == answered
+            core, vmcb = run.machine.soc.cores[0], vm.vcpus[0].vmcb
+            same = core.host_read(vmcb.pa + 0x400, 64)
+            assert core.vmcbs.held(vmcb.pa)
+            assert hv.core.host_exchange(vmcb.pa, ((0x400, 64),), same, [(0x400, same)]) is None  # the core's path
+            assert not core.vmcbs.held(vmcb.pa)  # the VMCB view was written back and dropped, as a host write does
+            r = hv.run(vm, 0, max_exits=40)
+            assert r.exits == 40 and not vm.crash_reason
+            states.append(_state(run))
+        finally:
+            run.close()
+    fast_state, slow_state = states
+    for key_ in fast_state:
+        assert fast_state[key_] == slow_state[key_], key_
+
+
+@needs_c
+def test_a_host_change_of_a_deciding_line_is_never_answered_from_memory(accel_flags: None) -> None:
+    """The host's attack on the remembered answer: after the request is in the page, it changes one
+    byte of a line that decides the answer (the port's value in RAX, then the exit code); the exchange
+    must see another request and write nothing, whichever line it was."""
+    for on in (True, False):
+        run = _launch(on)
+        try:
+            _until_hlt(run)
+            hv, vm = run.machine.hv, run.vm
+            hv.run(vm, 0, max_exits=5)
+            key, writes = hv.ghcb._known[0], hv.ghcb._known[5]
+            page = vm.vcpus[0].ghcb_map
+            assert page is not None
+            for off in (0x1F8, 0x390, 0x3F0, 0xFFC):  # RAX, SW_EXITCODE, the valid bitmap, ghcb_usage
+                _put_request(page, key)
+                b = page.read(off, 1)
+                page.write(off & ~63, page.read(off & ~63, 64)[: off & 63] + bytes([b[0] ^ 0x40])
+                           + page.read(off + 1, 63 - (off & 63)))
+                before = page.read(0, PAGE)
+                got = page.exchange(ghcb_mod._KNOWN_RUNS, key, writes)
+                assert got is not None and got != key
+                assert page.read(0, PAGE) == before  # nothing written
+        finally:
+            run.close()
