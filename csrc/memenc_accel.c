@@ -13,6 +13,9 @@
  *                                             (dict PFN -> 4 KiB bytearray): tweak, AES
  *                                             (OpenSSL's libcrypto) and tweak fused per page in
  *                                             a 4 KiB buffer, written straight into the pages
+ *   crypt_from_pages(pages, spa, dst, consts, key, code, encrypt) -> bool
+ *                                             the reverse: the pages of a page store (absent ones
+ *                                             zeros) transformed into dst, per page in L1
  *
  * Apart from crypt_pages (the bulk write of a large transfer: one pass over the data instead of
  * three, see its comment), the AES stays in `cryptography`.  Portable C99: no intrinsics, unaligned accesses through memcpy, little-endian decoding spelled
@@ -798,6 +801,245 @@ done:
     return result;
 }
 
+/* crypt_from_pages: the reverse direction of crypt_pages -- the pages of a page store (an absent
+ * page reads as zeros) transformed into one contiguous buffer, per page through a 4 KiB buffer
+ * that stays in L1 (the bulk path instead gathers the pages into the buffer and makes three
+ * passes over it).  Regular stores: the caller reads the result next (the PSP seals it). */
+static int xex_from_pages_run(const unsigned char *const *in, uint64_t spa, unsigned char *dst, Py_ssize_t len,
+                              const unsigned char *consts, int nbits, EVP_CIPHER_CTX *ctx, int pre, int post,
+                              int encrypt)
+{
+    uint64_t in_page[PAGE_BLOCKS][2];
+    uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
+    unsigned char *tmp = (unsigned char *)(tmp_words + 3 * 8); /* (4K aliasing: see xex_pages_run) */
+    Py_ssize_t p = 0;
+    in_page_table(consts, in_page);
+    while (len > 0) {
+        uint64_t t[2];
+        Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
+        Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
+        const uint64_t *inp = in_page[off / BLOCK];
+        const unsigned char *page = in[p] + off;
+        int out_len = 0;
+        page_tweak(spa & ~(uint64_t)(XP_PAGE - 1), consts, nbits, t);
+        if (pre) {
+            xor_tweak_run(tmp, page, inp, t[0], t[1], n / BLOCK);
+        } else {
+            memcpy(tmp, page, (size_t)n);
+        }
+        if ((encrypt ? EVP_EncryptUpdate(ctx, tmp, &out_len, tmp, (int)n)
+                     : EVP_DecryptUpdate(ctx, tmp, &out_len, tmp, (int)n)) != 1 || out_len != (int)n) {
+            return -1;
+        }
+        if (post) {
+            xor_tweak_run(dst, tmp, inp, t[0], t[1], n / BLOCK);
+        } else {
+            memcpy(dst, tmp, (size_t)n);
+        }
+        dst += n;
+        spa += (uint64_t)n;
+        len -= n;
+        p++;
+    }
+    return 0;
+}
+
+static int xts_from_pages_run(const unsigned char *const *in, uint64_t spa, unsigned char *dst, Py_ssize_t len,
+                              EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx, int encrypt)
+{
+    unsigned char seq[XP_PAGE / 4];
+    uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
+    unsigned char *tmp = (unsigned char *)(tmp_words + 3 * 8);
+    Py_ssize_t p = 0;
+    while (len > 0) {
+        Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
+        Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
+        Py_ssize_t units = n / 64, u;
+        int out_len = 0;
+        for (u = 0; u < units; u++) {
+            store_le64(seq + BLOCK * u, (spa >> 6) + (uint64_t)u);
+            store_le64(seq + BLOCK * u + 8, 0);
+        }
+        if (EVP_EncryptUpdate(tweak_ctx, seq, &out_len, seq, (int)(BLOCK * units)) != 1 ||
+            out_len != (int)(BLOCK * units)) {
+            return -1;
+        }
+        xts_xor_units(tmp, in[p] + off, seq, units, 4);
+        if ((encrypt ? EVP_EncryptUpdate(ctx, tmp, &out_len, tmp, (int)n)
+                     : EVP_DecryptUpdate(ctx, tmp, &out_len, tmp, (int)n)) != 1 || out_len != (int)n) {
+            return -1;
+        }
+        xts_xor_units(dst, tmp, seq, units, 4);
+        dst += n;
+        spa += (uint64_t)n;
+        len -= n;
+        p++;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(crypt_from_pages_doc,
+             "crypt_from_pages(pages, spa, dst, consts, key, code, encrypt, /)\n--\n\n"
+             "XE (code 0) / XEX (code 1, AES-128 key) / XTS (code 2, K1 || K2) of the bytes of the page\n"
+             "store `pages` (dict PFN -> 4096-byte bytearray; an absent page reads as zeros) at spa,\n"
+             "len(dst) bytes (16-byte blocks; XTS: 64-byte units, spa aligned alike), into dst.  True when\n"
+             "done; False, with nothing written, when dst overlaps one of the pages.  The same bytes as\n"
+             "gathering the pages and the bulk path's passes.");
+
+static PyObject *crypt_from_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *pages, *result = NULL;
+    Py_buffer dstv, constv, keyv;
+    Py_buffer *views = NULL;
+    const unsigned char **in = NULL;
+    uint64_t spa, first_pfn;
+    Py_ssize_t nbits, npages = 0, held = 0, i;
+    long code;
+    int encrypt, granule, failed = 0;
+    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    (void)self;
+
+    if (check_nargs("crypt_from_pages", nargs, 7, 7) < 0 || get_u64(args[1], "spa", &spa) < 0) {
+        return NULL;
+    }
+    pages = args[0];
+    if (!PyDict_CheckExact(pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
+        return NULL;
+    }
+    code = PyLong_AsLong(args[5]);
+    if (code == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    encrypt = PyObject_IsTrue(args[6]);
+    if (encrypt < 0) {
+        return NULL;
+    }
+    if (code < 0 || code > 2) {
+        PyErr_SetString(PyExc_ValueError, "code must be 0 (XE), 1 (XEX) or 2 (XTS)");
+        return NULL;
+    }
+    granule = code == 2 ? 64 : BLOCK;
+    if (PyObject_GetBuffer(args[2], &dstv, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[3], &constv, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&dstv);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[4], &keyv, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&constv);
+        PyBuffer_Release(&dstv);
+        return NULL;
+    }
+    nbits = constv.len / BLOCK;
+    if (dstv.len % granule || spa % (uint64_t)granule) {
+        PyErr_Format(PyExc_ValueError, "spa and len(dst) must be multiples of %d", granule);
+        goto done;
+    }
+    if (constv.len % BLOCK || nbits < PAGE_SHIFT || nbits > MAX_BITS) {
+        PyErr_Format(PyExc_ValueError, "consts must be 16 * pa_bits bytes with 12 <= pa_bits <= 63, not %zd",
+                     constv.len);
+        goto done;
+    }
+    if (spa >> nbits || (uint64_t)dstv.len > ((uint64_t)1 << nbits) - spa) {
+        PyErr_Format(PyExc_ValueError, "the span is outside the %zd-bit address space", nbits);
+        goto done;
+    }
+    if (keyv.len != (code == 2 ? 64 : 16)) {
+        PyErr_SetString(PyExc_ValueError, code == 2 ? "key must be 64 bytes (AES-256-XTS: K1 || K2)"
+                                                    : "key must be 16 bytes (AES-128)");
+        goto done;
+    }
+    if (dstv.len == 0) {
+        result = Py_NewRef(Py_True);
+        goto done;
+    }
+    first_pfn = spa >> PAGE_SHIFT;
+    npages = (Py_ssize_t)(((spa + (uint64_t)dstv.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
+    views = (Py_buffer *)PyMem_Calloc((size_t)npages, sizeof(Py_buffer));
+    in = (const unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*in));
+    if (views == NULL || in == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* the pages' buffers held (a bytearray with an export cannot be resized) while the GIL is released */
+    for (i = 0; i < npages; i++) {
+        PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i), *page;
+        if (key == NULL) {
+            goto done;
+        }
+        page = PyDict_GetItemWithError(pages, key);
+        Py_DECREF(key);
+        if (page == NULL) {
+            if (PyErr_Occurred()) {
+                goto done;
+            }
+            in[i] = zero_page;
+            continue;
+        }
+        if (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != XP_PAGE) {
+            PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
+            goto done;
+        }
+        if (PyObject_GetBuffer(page, &views[i], PyBUF_SIMPLE) < 0) {
+            goto done;
+        }
+        held = i + 1;
+        in[i] = (const unsigned char *)views[i].buf;
+        {
+            const char *lo = (const char *)views[i].buf, *d = (const char *)dstv.buf;
+            if (d < lo + XP_PAGE && lo < d + dstv.len) { /* nothing written: the caller's other path */
+                result = Py_NewRef(Py_False);
+                goto done;
+            }
+        }
+    }
+    {
+        const EVP_CIPHER *aes = code == 2 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
+        const unsigned char *k = (const unsigned char *)keyv.buf;
+        ctx = EVP_CIPHER_CTX_new();
+        if (ctx == NULL ||
+            (encrypt ? EVP_EncryptInit_ex(ctx, aes, NULL, k, NULL) : EVP_DecryptInit_ex(ctx, aes, NULL, k, NULL)) != 1 ||
+            EVP_CIPHER_CTX_set_padding(ctx, 0) != 1 ||
+            (code == 2 && ((tweak_ctx = EVP_CIPHER_CTX_new()) == NULL ||
+                           EVP_EncryptInit_ex(tweak_ctx, aes, NULL, k + 32, NULL) != 1 ||
+                           EVP_CIPHER_CTX_set_padding(tweak_ctx, 0) != 1))) {
+            PyErr_SetString(PyExc_RuntimeError, "crypt_from_pages: OpenSSL could not set up AES-ECB");
+            goto done;
+        }
+    }
+    {
+        unsigned char *dst = (unsigned char *)dstv.buf;
+        const unsigned char *consts = (const unsigned char *)constv.buf;
+        Py_ssize_t len = dstv.len;
+        int pre = encrypt || code == 1, post = !encrypt || code == 1;
+        Py_BEGIN_ALLOW_THREADS
+        failed = code == 2 ? xts_from_pages_run(in, spa, dst, len, ctx, tweak_ctx, encrypt)
+                           : xex_from_pages_run(in, spa, dst, len, consts, (int)nbits, ctx, pre, post, encrypt);
+        Py_END_ALLOW_THREADS
+    }
+    if (failed) {
+        PyErr_SetString(PyExc_RuntimeError, "crypt_from_pages: OpenSSL AES-ECB failed");
+        goto done;
+    }
+    result = Py_NewRef(Py_True);
+done:
+    for (i = 0; i < held; i++) {
+        if (views[i].obj != NULL) {
+            PyBuffer_Release(&views[i]);
+        }
+    }
+    PyMem_Free(views);
+    PyMem_Free((void *)in);
+    EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(tweak_ctx);
+    PyBuffer_Release(&keyv);
+    PyBuffer_Release(&constv);
+    PyBuffer_Release(&dstv);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"xor_addr_tweak", (PyCFunction)(void (*)(void))xor_addr_tweak, METH_FASTCALL, xor_addr_tweak_doc},
     {"xts_xor", (PyCFunction)(void (*)(void))xts_xor, METH_FASTCALL, xts_xor_doc},
@@ -805,6 +1047,7 @@ static PyMethodDef methods[] = {
     {"xor_bytes", (PyCFunction)(void (*)(void))xor_bytes, METH_FASTCALL, xor_bytes_doc},
     {"xor_bytearray", (PyCFunction)(void (*)(void))xor_bytearray, METH_FASTCALL, xor_bytearray_doc},
     {"crypt_pages", (PyCFunction)(void (*)(void))crypt_pages, METH_FASTCALL, crypt_pages_doc},
+    {"crypt_from_pages", (PyCFunction)(void (*)(void))crypt_from_pages, METH_FASTCALL, crypt_from_pages_doc},
     {NULL, NULL, 0, NULL},
 };
 
