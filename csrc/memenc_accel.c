@@ -523,11 +523,15 @@ static void copy_stream(unsigned char *restrict dst, const unsigned char *restri
 #define STREAM_FENCE() ((void)0)
 #endif
 
-/* The transform itself, without the GIL: 0, or -1 when OpenSSL failed.  Per page: src ^ T into
- * tmp, AES in place in tmp, tmp ^ T into the page (tmp and the tweak table stay in L1). */
-static int xex_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, Py_ssize_t len,
-                         const unsigned char *consts, int nbits, EVP_CIPHER_CTX *ctx, int pre, int post,
-                         int encrypt)
+/* The transform itself, without the GIL: 0, or -1 when OpenSSL failed.  Per page: the input ^ T
+ * into tmp, AES in place in tmp, tmp ^ T into the output (tmp and the tweak table stay in L1).
+ * `pages` holds each page's buffer; with `to_pages` the contiguous `buf` is the input and the pages
+ * the output (crypt_pages: non-temporal stores, the pages are not read again soon), otherwise the
+ * pages are the input and `buf` the output (crypt_from_pages: regular stores, the caller reads it
+ * next). */
+static int xex_pages_run(unsigned char *const *pages, int to_pages, unsigned char *buf, uint64_t spa,
+                         Py_ssize_t len, const unsigned char *consts, int nbits, EVP_CIPHER_CTX *ctx, int pre,
+                         int post, int encrypt)
 {
     uint64_t in_page[PAGE_BLOCKS][2];
     uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
@@ -541,7 +545,8 @@ static int xex_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, 
         Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
         Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
         const uint64_t *inp = in_page[off / BLOCK];
-        unsigned char *page = (unsigned char *)refs[p].view.buf + off;
+        unsigned char *page = pages[p] + off;
+        const unsigned char *src = to_pages ? buf : page;
         int out_len = 0;
         page_tweak(spa & ~(uint64_t)(XP_PAGE - 1), consts, nbits, t);
         if (pre) {
@@ -553,12 +558,18 @@ static int xex_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, 
                      : EVP_DecryptUpdate(ctx, tmp, &out_len, tmp, (int)n)) != 1 || out_len != (int)n) {
             return -1;
         }
-        if (post) {
+        if (!to_pages) {
+            if (post) {
+                xor_tweak_run(buf, tmp, inp, t[0], t[1], n / BLOCK);
+            } else {
+                memcpy(buf, tmp, (size_t)n);
+            }
+        } else if (post) {
             xor_tweak_stream(page, tmp, inp, t[0], t[1], n / BLOCK);
         } else {
             copy_stream(page, tmp, n / BLOCK);
         }
-        src += n;
+        buf += n;
         spa += (uint64_t)n;
         len -= n;
         p++;
@@ -568,10 +579,10 @@ static int xex_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, 
 }
 
 /* AES-256-XTS with 64-byte data units (the sequence number of a unit is its SPA >> 6), per page as
- * xex_pages_run: the page's unit tweaks E_K2(n) in one AES call, src ^ T into tmp, AES (K1) in
- * place, tmp ^ T into the page; spa and len are multiples of 64.  0, or -1 when OpenSSL failed. */
-static int xts_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, Py_ssize_t len,
-                         EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx, int encrypt)
+ * xex_pages_run: the page's unit tweaks E_K2(n) in one AES call, input ^ T into tmp, AES (K1) in
+ * place, tmp ^ T into the output; spa and len are multiples of 64.  0, or -1 when OpenSSL failed. */
+static int xts_pages_run(unsigned char *const *pages, int to_pages, unsigned char *buf, uint64_t spa,
+                         Py_ssize_t len, EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx, int encrypt)
 {
     unsigned char seq[XP_PAGE / 4];
     uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
@@ -581,7 +592,7 @@ static int xts_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, 
         Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
         Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
         Py_ssize_t units = n / 64, u;
-        unsigned char *page = (unsigned char *)refs[p].view.buf + off;
+        unsigned char *page = pages[p] + off;
         int out_len = 0;
         for (u = 0; u < units; u++) {
             store_le64(seq + BLOCK * u, (spa >> 6) + (uint64_t)u);
@@ -591,13 +602,13 @@ static int xts_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, 
             out_len != (int)(BLOCK * units)) {
             return -1;
         }
-        xts_xor_units(tmp, src, seq, units, 4);
+        xts_xor_units(tmp, to_pages ? buf : page, seq, units, 4);
         if ((encrypt ? EVP_EncryptUpdate(ctx, tmp, &out_len, tmp, (int)n)
                      : EVP_DecryptUpdate(ctx, tmp, &out_len, tmp, (int)n)) != 1 || out_len != (int)n) {
             return -1;
         }
-        xts_xor_units(page, tmp, seq, units, 4);
-        src += n;
+        xts_xor_units(to_pages ? page : buf, tmp, seq, units, 4);
+        buf += n;
         spa += (uint64_t)n;
         len -= n;
         p++;
@@ -605,7 +616,141 @@ static int xts_pages_run(PageRef *refs, uint64_t spa, const unsigned char *src, 
     return 0;
 }
 
+/* The arguments crypt_pages and crypt_from_pages share: (pages, spa, data, consts, key, code,
+ * encrypt), checked; the three buffers acquired (released again on failure).  0, or -1 with an
+ * exception set. */
+typedef struct {
+    PyObject *pages;
+    uint64_t spa;
+    Py_buffer data, consts, key;
+    Py_ssize_t nbits;
+    long code;
+    int encrypt;
+} CryptArgs;
+
+static int crypt_args(const char *name, PyObject *const *args, Py_ssize_t nargs, int writable, CryptArgs *a)
+{
+    int granule;
+    if (check_nargs(name, nargs, 7, 7) < 0 || get_u64(args[1], "spa", &a->spa) < 0) {
+        return -1;
+    }
+    a->pages = args[0];
+    if (!PyDict_CheckExact(a->pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
+        return -1;
+    }
+    a->code = PyLong_AsLong(args[5]);
+    if (a->code == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    a->encrypt = PyObject_IsTrue(args[6]);
+    if (a->encrypt < 0) {
+        return -1;
+    }
+    if (a->code < 0 || a->code > 2) {
+        PyErr_SetString(PyExc_ValueError, "code must be 0 (XE), 1 (XEX) or 2 (XTS)");
+        return -1;
+    }
+    granule = a->code == 2 ? 64 : BLOCK;
+    if (PyObject_GetBuffer(args[2], &a->data, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[3], &a->consts, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&a->data);
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[4], &a->key, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&a->consts);
+        PyBuffer_Release(&a->data);
+        return -1;
+    }
+    a->nbits = a->consts.len / BLOCK;
+    if (a->data.len % granule || a->spa % (uint64_t)granule) {
+        PyErr_Format(PyExc_ValueError, "spa and the data's length must be multiples of %d", granule);
+    } else if (a->consts.len % BLOCK || a->nbits < PAGE_SHIFT || a->nbits > MAX_BITS) {
+        PyErr_Format(PyExc_ValueError, "consts must be 16 * pa_bits bytes with 12 <= pa_bits <= 63, not %zd",
+                     a->consts.len);
+    } else if (a->spa >> a->nbits || (uint64_t)a->data.len > ((uint64_t)1 << a->nbits) - a->spa) {
+        PyErr_Format(PyExc_ValueError, "the span is outside the %zd-bit address space", a->nbits);
+    } else if (a->key.len != (a->code == 2 ? 64 : 16)) {
+        PyErr_SetString(PyExc_ValueError, a->code == 2 ? "key must be 64 bytes (AES-256-XTS: K1 || K2)"
+                                                       : "key must be 16 bytes (AES-128)");
+    } else {
+        return 0;
+    }
+    PyBuffer_Release(&a->key);
+    PyBuffer_Release(&a->consts);
+    PyBuffer_Release(&a->data);
+    return -1;
+}
+
+static void crypt_args_release(CryptArgs *a)
+{
+    PyBuffer_Release(&a->key);
+    PyBuffer_Release(&a->consts);
+    PyBuffer_Release(&a->data);
+}
+
+/* The AES-ECB contexts of a run (the tweak context for XTS only); 0, or -1 with RuntimeError. */
+static int crypt_contexts(const char *name, const CryptArgs *a, EVP_CIPHER_CTX **ctx, EVP_CIPHER_CTX **tweak_ctx)
+{
+    const EVP_CIPHER *aes = a->code == 2 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
+    const unsigned char *k = (const unsigned char *)a->key.buf;
+    *ctx = EVP_CIPHER_CTX_new();
+    if (*ctx == NULL ||
+        (a->encrypt ? EVP_EncryptInit_ex(*ctx, aes, NULL, k, NULL) : EVP_DecryptInit_ex(*ctx, aes, NULL, k, NULL)) != 1 ||
+        EVP_CIPHER_CTX_set_padding(*ctx, 0) != 1 ||
+        (a->code == 2 && ((*tweak_ctx = EVP_CIPHER_CTX_new()) == NULL ||
+                          EVP_EncryptInit_ex(*tweak_ctx, aes, NULL, k + 32, NULL) != 1 ||
+                          EVP_CIPHER_CTX_set_padding(*tweak_ctx, 0) != 1))) {
+        PyErr_Format(PyExc_RuntimeError, "%s: OpenSSL could not set up AES-ECB", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* The run itself, the GIL released: 0, or -1 with RuntimeError. */
+static int crypt_run(const char *name, const CryptArgs *a, unsigned char *const *pages, int to_pages,
+                     EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx)
+{
+    int failed;
+    unsigned char *buf = (unsigned char *)a->data.buf;
+    const unsigned char *consts = (const unsigned char *)a->consts.buf;
+    Py_ssize_t len = a->data.len;
+    int nbits = (int)a->nbits, encrypt = a->encrypt, pre = encrypt || a->code == 1, post = !encrypt || a->code == 1;
+    long code = a->code;
+    Py_BEGIN_ALLOW_THREADS
+    failed = code == 2 ? xts_pages_run(pages, to_pages, buf, a->spa, len, ctx, tweak_ctx, encrypt)
+                       : xex_pages_run(pages, to_pages, buf, a->spa, len, consts, nbits, ctx, pre, post, encrypt);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_Format(PyExc_RuntimeError, "%s: OpenSSL AES-ECB failed", name);
+        return -1;
+    }
+    return 0;
+}
+
 static const unsigned char zero_page[XP_PAGE];
+
+/* The page of `pages` (a dict PFN -> 4096-byte bytearray) at pfn, borrowed, in *page (NULL when
+ * absent); 0, or -1 with an exception set (TypeError for a page of another type or size). */
+static int page_at(PyObject *pages, uint64_t pfn, PyObject **page)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(pfn);
+    if (key == NULL) {
+        return -1;
+    }
+    *page = PyDict_GetItemWithError(pages, key);
+    Py_DECREF(key);
+    if (*page == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyByteArray_CheckExact(*page) || PyByteArray_GET_SIZE(*page) != XP_PAGE) {
+        PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
+        return -1;
+    }
+    return 0;
+}
 
 PyDoc_STRVAR(crypt_pages_doc,
              "crypt_pages(pages, spa, src, consts, key, code, encrypt, /)\n--\n\n"
@@ -619,95 +764,36 @@ PyDoc_STRVAR(crypt_pages_doc,
 
 static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *pages, *result = NULL;
-    Py_buffer srcv, constv, keyv;
-    uint64_t spa, first_pfn;
-    Py_ssize_t nbits, npages = 0, owned = 0, held = 0, i;
-    long code;
-    int encrypt, pre, post, granule, failed = 0;
+    PyObject *result = NULL;
+    CryptArgs a;
+    uint64_t first_pfn = 0;
+    Py_ssize_t npages = 0, owned = 0, held = 0, i;
     PageRef *refs = NULL;
+    unsigned char **out = NULL;
     EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
     (void)self;
 
-    if (check_nargs("crypt_pages", nargs, 7, 7) < 0 || get_u64(args[1], "spa", &spa) < 0) {
+    if (crypt_args("crypt_pages", args, nargs, 0, &a) < 0) {
         return NULL;
     }
-    pages = args[0];
-    if (!PyDict_CheckExact(pages)) {
-        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
-        return NULL;
-    }
-    code = PyLong_AsLong(args[5]);
-    if (code == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    encrypt = PyObject_IsTrue(args[6]);
-    if (encrypt < 0) {
-        return NULL;
-    }
-    if (code < 0 || code > 2) {
-        PyErr_SetString(PyExc_ValueError, "code must be 0 (XE), 1 (XEX) or 2 (XTS)");
-        return NULL;
-    }
-    granule = code == 2 ? 64 : BLOCK;
-    if (PyObject_GetBuffer(args[2], &srcv, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[3], &constv, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&srcv);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[4], &keyv, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&constv);
-        PyBuffer_Release(&srcv);
-        return NULL;
-    }
-    nbits = constv.len / BLOCK;
-    if (srcv.len % granule || spa % (uint64_t)granule) {
-        PyErr_Format(PyExc_ValueError, "spa and len(src) must be multiples of %d", granule);
-        goto done;
-    }
-    if (constv.len % BLOCK || nbits < PAGE_SHIFT || nbits > MAX_BITS) {
-        PyErr_Format(PyExc_ValueError, "consts must be 16 * pa_bits bytes with 12 <= pa_bits <= 63, not %zd",
-                     constv.len);
-        goto done;
-    }
-    if (spa >> nbits || (uint64_t)srcv.len > ((uint64_t)1 << nbits) - spa) {
-        PyErr_Format(PyExc_ValueError, "the span is outside the %zd-bit address space", nbits);
-        goto done;
-    }
-    if (keyv.len != (code == 2 ? 64 : 16)) {
-        PyErr_SetString(PyExc_ValueError, code == 2 ? "key must be 64 bytes (AES-256-XTS: K1 || K2)"
-                                                    : "key must be 16 bytes (AES-128)");
-        goto done;
-    }
-    if (srcv.len == 0) {
+    if (a.data.len == 0) {
         result = Py_NewRef(Py_True);
         goto done;
     }
-    first_pfn = spa >> PAGE_SHIFT;
-    npages = (Py_ssize_t)(((spa + (uint64_t)srcv.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
+    first_pfn = a.spa >> PAGE_SHIFT;
+    npages = (Py_ssize_t)(((a.spa + (uint64_t)a.data.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
     refs = (PageRef *)PyMem_Calloc((size_t)npages, sizeof(PageRef));
-    if (refs == NULL) {
+    out = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*out));
+    if (refs == NULL || out == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     /* 1: the pages (types checked before any is created) */
     for (i = 0; i < npages; i++) {
-        PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i), *page;
-        if (key == NULL) {
+        /* borrowed until the next loop takes a reference (not dropped on errors) */
+        if (page_at(a.pages, first_pfn + (uint64_t)i, &refs[i].obj) < 0) {
             goto done;
         }
-        page = PyDict_GetItemWithError(pages, key);
-        Py_DECREF(key);
-        if (page == NULL && PyErr_Occurred()) {
-            goto done;
-        }
-        if (page != NULL && (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != XP_PAGE)) {
-            PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
-            goto done;
-        }
-        refs[i].obj = page; /* borrowed until the next loop takes a reference (not dropped on errors) */
     }
     for (i = 0; i < npages; i++) {
         PyObject *page = refs[i].obj;
@@ -720,7 +806,7 @@ static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
             }
             memset(PyByteArray_AS_STRING(page), 0, XP_PAGE);
             key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
-            rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
+            rc = key == NULL ? -1 : PyDict_SetItem(a.pages, key, page);
             Py_XDECREF(key);
             if (rc < 0) {
                 Py_DECREF(page);
@@ -736,41 +822,16 @@ static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
             goto done;
         }
         held = i + 1;
+        out[i] = (unsigned char *)refs[i].view.buf;
         {
-            const char *lo = (const char *)refs[i].view.buf, *s = (const char *)srcv.buf;
-            if (s < lo + XP_PAGE && lo < s + srcv.len) { /* nothing written: the caller's other path */
+            const char *lo = (const char *)refs[i].view.buf, *s = (const char *)a.data.buf;
+            if (s < lo + XP_PAGE && lo < s + a.data.len) { /* nothing written: the caller's other path */
                 result = Py_NewRef(Py_False);
                 goto done;
             }
         }
     }
-    {
-        const EVP_CIPHER *aes = code == 2 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
-        const unsigned char *k = (const unsigned char *)keyv.buf;
-        ctx = EVP_CIPHER_CTX_new();
-        if (ctx == NULL ||
-            (encrypt ? EVP_EncryptInit_ex(ctx, aes, NULL, k, NULL) : EVP_DecryptInit_ex(ctx, aes, NULL, k, NULL)) != 1 ||
-            EVP_CIPHER_CTX_set_padding(ctx, 0) != 1 ||
-            (code == 2 && ((tweak_ctx = EVP_CIPHER_CTX_new()) == NULL ||
-                           EVP_EncryptInit_ex(tweak_ctx, aes, NULL, k + 32, NULL) != 1 ||
-                           EVP_CIPHER_CTX_set_padding(tweak_ctx, 0) != 1))) {
-            PyErr_SetString(PyExc_RuntimeError, "crypt_pages: OpenSSL could not set up AES-ECB");
-            goto done;
-        }
-    }
-    pre = encrypt || code == 1;
-    post = !encrypt || code == 1;
-    {
-        const unsigned char *src = (const unsigned char *)srcv.buf;
-        const unsigned char *consts = (const unsigned char *)constv.buf;
-        Py_ssize_t len = srcv.len;
-        Py_BEGIN_ALLOW_THREADS
-        failed = code == 2 ? xts_pages_run(refs, spa, src, len, ctx, tweak_ctx, encrypt)
-                           : xex_pages_run(refs, spa, src, len, consts, (int)nbits, ctx, pre, post, encrypt);
-        Py_END_ALLOW_THREADS
-    }
-    if (failed) {
-        PyErr_SetString(PyExc_RuntimeError, "crypt_pages: OpenSSL AES-ECB failed");
+    if (crypt_contexts("crypt_pages", &a, &ctx, &tweak_ctx) < 0 || crypt_run("crypt_pages", &a, out, 1, ctx, tweak_ctx) < 0) {
         goto done;
     }
     result = Py_NewRef(Py_True);
@@ -784,7 +845,7 @@ done:
             PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb); /* (an error of the call stays the one raised) */
-            if (key == NULL || PyDict_DelItem(pages, key) < 0) {
+            if (key == NULL || PyDict_DelItem(a.pages, key) < 0) {
                 PyErr_Clear();
             }
             Py_XDECREF(key);
@@ -793,89 +854,11 @@ done:
         Py_DECREF(refs[i].obj);
     }
     PyMem_Free(refs);
+    PyMem_Free(out);
     EVP_CIPHER_CTX_free(ctx);
     EVP_CIPHER_CTX_free(tweak_ctx);
-    PyBuffer_Release(&keyv);
-    PyBuffer_Release(&constv);
-    PyBuffer_Release(&srcv);
+    crypt_args_release(&a);
     return result;
-}
-
-/* crypt_from_pages: the reverse direction of crypt_pages -- the pages of a page store (an absent
- * page reads as zeros) transformed into one contiguous buffer, per page through a 4 KiB buffer
- * that stays in L1 (the bulk path instead gathers the pages into the buffer and makes three
- * passes over it).  Regular stores: the caller reads the result next (the PSP seals it). */
-static int xex_from_pages_run(const unsigned char *const *in, uint64_t spa, unsigned char *dst, Py_ssize_t len,
-                              const unsigned char *consts, int nbits, EVP_CIPHER_CTX *ctx, int pre, int post,
-                              int encrypt)
-{
-    uint64_t in_page[PAGE_BLOCKS][2];
-    uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
-    unsigned char *tmp = (unsigned char *)(tmp_words + 3 * 8); /* (4K aliasing: see xex_pages_run) */
-    Py_ssize_t p = 0;
-    in_page_table(consts, in_page);
-    while (len > 0) {
-        uint64_t t[2];
-        Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
-        Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
-        const uint64_t *inp = in_page[off / BLOCK];
-        const unsigned char *page = in[p] + off;
-        int out_len = 0;
-        page_tweak(spa & ~(uint64_t)(XP_PAGE - 1), consts, nbits, t);
-        if (pre) {
-            xor_tweak_run(tmp, page, inp, t[0], t[1], n / BLOCK);
-        } else {
-            memcpy(tmp, page, (size_t)n);
-        }
-        if ((encrypt ? EVP_EncryptUpdate(ctx, tmp, &out_len, tmp, (int)n)
-                     : EVP_DecryptUpdate(ctx, tmp, &out_len, tmp, (int)n)) != 1 || out_len != (int)n) {
-            return -1;
-        }
-        if (post) {
-            xor_tweak_run(dst, tmp, inp, t[0], t[1], n / BLOCK);
-        } else {
-            memcpy(dst, tmp, (size_t)n);
-        }
-        dst += n;
-        spa += (uint64_t)n;
-        len -= n;
-        p++;
-    }
-    return 0;
-}
-
-static int xts_from_pages_run(const unsigned char *const *in, uint64_t spa, unsigned char *dst, Py_ssize_t len,
-                              EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx, int encrypt)
-{
-    unsigned char seq[XP_PAGE / 4];
-    uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
-    unsigned char *tmp = (unsigned char *)(tmp_words + 3 * 8);
-    Py_ssize_t p = 0;
-    while (len > 0) {
-        Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
-        Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
-        Py_ssize_t units = n / 64, u;
-        int out_len = 0;
-        for (u = 0; u < units; u++) {
-            store_le64(seq + BLOCK * u, (spa >> 6) + (uint64_t)u);
-            store_le64(seq + BLOCK * u + 8, 0);
-        }
-        if (EVP_EncryptUpdate(tweak_ctx, seq, &out_len, seq, (int)(BLOCK * units)) != 1 ||
-            out_len != (int)(BLOCK * units)) {
-            return -1;
-        }
-        xts_xor_units(tmp, in[p] + off, seq, units, 4);
-        if ((encrypt ? EVP_EncryptUpdate(ctx, tmp, &out_len, tmp, (int)n)
-                     : EVP_DecryptUpdate(ctx, tmp, &out_len, tmp, (int)n)) != 1 || out_len != (int)n) {
-            return -1;
-        }
-        xts_xor_units(dst, tmp, seq, units, 4);
-        dst += n;
-        spa += (uint64_t)n;
-        len -= n;
-        p++;
-    }
-    return 0;
 }
 
 PyDoc_STRVAR(crypt_from_pages_doc,
@@ -886,141 +869,61 @@ PyDoc_STRVAR(crypt_from_pages_doc,
              "done; False, with nothing written, when dst overlaps one of the pages.  The same bytes as\n"
              "gathering the pages and the bulk path's passes.");
 
+/* crypt_from_pages: the reverse direction of crypt_pages -- the pages of a page store (an absent
+ * page reads as zeros) transformed into one contiguous buffer, per page through a 4 KiB buffer that
+ * stays in L1 (the bulk path instead gathers the pages into the buffer and makes three passes over
+ * it).  The pages' buffers are held (a bytearray with an export cannot be resized) while the GIL is
+ * released. */
 static PyObject *crypt_from_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *pages, *result = NULL;
-    Py_buffer dstv, constv, keyv;
+    PyObject *result = NULL;
+    CryptArgs a;
     Py_buffer *views = NULL;
-    const unsigned char **in = NULL;
-    uint64_t spa, first_pfn;
-    Py_ssize_t nbits, npages = 0, held = 0, i;
-    long code;
-    int encrypt, granule, failed = 0;
+    unsigned char **in = NULL;
+    uint64_t first_pfn;
+    Py_ssize_t npages = 0, held = 0, i;
     EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
     (void)self;
 
-    if (check_nargs("crypt_from_pages", nargs, 7, 7) < 0 || get_u64(args[1], "spa", &spa) < 0) {
+    if (crypt_args("crypt_from_pages", args, nargs, 1, &a) < 0) {
         return NULL;
     }
-    pages = args[0];
-    if (!PyDict_CheckExact(pages)) {
-        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
-        return NULL;
-    }
-    code = PyLong_AsLong(args[5]);
-    if (code == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    encrypt = PyObject_IsTrue(args[6]);
-    if (encrypt < 0) {
-        return NULL;
-    }
-    if (code < 0 || code > 2) {
-        PyErr_SetString(PyExc_ValueError, "code must be 0 (XE), 1 (XEX) or 2 (XTS)");
-        return NULL;
-    }
-    granule = code == 2 ? 64 : BLOCK;
-    if (PyObject_GetBuffer(args[2], &dstv, PyBUF_WRITABLE) < 0) {
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[3], &constv, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&dstv);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[4], &keyv, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&constv);
-        PyBuffer_Release(&dstv);
-        return NULL;
-    }
-    nbits = constv.len / BLOCK;
-    if (dstv.len % granule || spa % (uint64_t)granule) {
-        PyErr_Format(PyExc_ValueError, "spa and len(dst) must be multiples of %d", granule);
-        goto done;
-    }
-    if (constv.len % BLOCK || nbits < PAGE_SHIFT || nbits > MAX_BITS) {
-        PyErr_Format(PyExc_ValueError, "consts must be 16 * pa_bits bytes with 12 <= pa_bits <= 63, not %zd",
-                     constv.len);
-        goto done;
-    }
-    if (spa >> nbits || (uint64_t)dstv.len > ((uint64_t)1 << nbits) - spa) {
-        PyErr_Format(PyExc_ValueError, "the span is outside the %zd-bit address space", nbits);
-        goto done;
-    }
-    if (keyv.len != (code == 2 ? 64 : 16)) {
-        PyErr_SetString(PyExc_ValueError, code == 2 ? "key must be 64 bytes (AES-256-XTS: K1 || K2)"
-                                                    : "key must be 16 bytes (AES-128)");
-        goto done;
-    }
-    if (dstv.len == 0) {
+    if (a.data.len == 0) {
         result = Py_NewRef(Py_True);
         goto done;
     }
-    first_pfn = spa >> PAGE_SHIFT;
-    npages = (Py_ssize_t)(((spa + (uint64_t)dstv.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
+    first_pfn = a.spa >> PAGE_SHIFT;
+    npages = (Py_ssize_t)(((a.spa + (uint64_t)a.data.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
     views = (Py_buffer *)PyMem_Calloc((size_t)npages, sizeof(Py_buffer));
-    in = (const unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*in));
+    in = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*in));
     if (views == NULL || in == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    /* the pages' buffers held (a bytearray with an export cannot be resized) while the GIL is released */
     for (i = 0; i < npages; i++) {
-        PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i), *page;
-        if (key == NULL) {
+        PyObject *page;
+        if (page_at(a.pages, first_pfn + (uint64_t)i, &page) < 0) {
             goto done;
         }
-        page = PyDict_GetItemWithError(pages, key);
-        Py_DECREF(key);
         if (page == NULL) {
-            if (PyErr_Occurred()) {
-                goto done;
-            }
-            in[i] = zero_page;
+            in[i] = (unsigned char *)zero_page; /* (only read: the run writes dst) */
             continue;
-        }
-        if (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != XP_PAGE) {
-            PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
-            goto done;
         }
         if (PyObject_GetBuffer(page, &views[i], PyBUF_SIMPLE) < 0) {
             goto done;
         }
         held = i + 1;
-        in[i] = (const unsigned char *)views[i].buf;
+        in[i] = (unsigned char *)views[i].buf;
         {
-            const char *lo = (const char *)views[i].buf, *d = (const char *)dstv.buf;
-            if (d < lo + XP_PAGE && lo < d + dstv.len) { /* nothing written: the caller's other path */
+            const char *lo = (const char *)views[i].buf, *d = (const char *)a.data.buf;
+            if (d < lo + XP_PAGE && lo < d + a.data.len) { /* nothing written: the caller's other path */
                 result = Py_NewRef(Py_False);
                 goto done;
             }
         }
     }
-    {
-        const EVP_CIPHER *aes = code == 2 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
-        const unsigned char *k = (const unsigned char *)keyv.buf;
-        ctx = EVP_CIPHER_CTX_new();
-        if (ctx == NULL ||
-            (encrypt ? EVP_EncryptInit_ex(ctx, aes, NULL, k, NULL) : EVP_DecryptInit_ex(ctx, aes, NULL, k, NULL)) != 1 ||
-            EVP_CIPHER_CTX_set_padding(ctx, 0) != 1 ||
-            (code == 2 && ((tweak_ctx = EVP_CIPHER_CTX_new()) == NULL ||
-                           EVP_EncryptInit_ex(tweak_ctx, aes, NULL, k + 32, NULL) != 1 ||
-                           EVP_CIPHER_CTX_set_padding(tweak_ctx, 0) != 1))) {
-            PyErr_SetString(PyExc_RuntimeError, "crypt_from_pages: OpenSSL could not set up AES-ECB");
-            goto done;
-        }
-    }
-    {
-        unsigned char *dst = (unsigned char *)dstv.buf;
-        const unsigned char *consts = (const unsigned char *)constv.buf;
-        Py_ssize_t len = dstv.len;
-        int pre = encrypt || code == 1, post = !encrypt || code == 1;
-        Py_BEGIN_ALLOW_THREADS
-        failed = code == 2 ? xts_from_pages_run(in, spa, dst, len, ctx, tweak_ctx, encrypt)
-                           : xex_from_pages_run(in, spa, dst, len, consts, (int)nbits, ctx, pre, post, encrypt);
-        Py_END_ALLOW_THREADS
-    }
-    if (failed) {
-        PyErr_SetString(PyExc_RuntimeError, "crypt_from_pages: OpenSSL AES-ECB failed");
+    if (crypt_contexts("crypt_from_pages", &a, &ctx, &tweak_ctx) < 0 ||
+        crypt_run("crypt_from_pages", &a, in, 0, ctx, tweak_ctx) < 0) {
         goto done;
     }
     result = Py_NewRef(Py_True);
@@ -1031,12 +934,10 @@ done:
         }
     }
     PyMem_Free(views);
-    PyMem_Free((void *)in);
+    PyMem_Free(in);
     EVP_CIPHER_CTX_free(ctx);
     EVP_CIPHER_CTX_free(tweak_ctx);
-    PyBuffer_Release(&keyv);
-    PyBuffer_Release(&constv);
-    PyBuffer_Release(&dstv);
+    crypt_args_release(&a);
     return result;
 }
 

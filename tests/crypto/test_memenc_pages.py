@@ -49,10 +49,10 @@ def _reference(mode: EncryptionMode, key: bytes, tc: TweakConstants, before: dic
 CODE = {XE: 0, XEX: 1, XTS: 2}
 
 
-@pytest.mark.parametrize("mode", [XE, XEX, XTS])
-@settings(max_examples=40, deadline=None)
-@given(data=st.data())
-def test_same_pages_as_bulk_path_and_dram_write(mode: EncryptionMode, data: st.DataObject) -> None:
+def _case(mode: EncryptionMode, data: st.DataObject) -> tuple[TweakConstants, int, int, dict[int, bytes],
+                                                             random.Random, bytes]:
+    """(tweaks, SPA, length, the pages around the range before -- about half of them present --,
+    the case's random source, key) of one drawn case on any alignment of ``mode``."""
     tc = ZEN1 if mode is XE else ZEN2
     g = mode.granule
     spa = data.draw(st.integers(0, (DRAM - (1 << 16)) // g)) * g
@@ -61,8 +61,15 @@ def test_same_pages_as_bulk_path_and_dram_write(mode: EncryptionMode, data: st.D
     rng = random.Random(seed)
     first, last = spa >> 12, (spa + max(n, 1) - 1) >> 12
     before = {pfn: rng.randbytes(4096) for pfn in range(first - 1, last + 2) if rng.random() < 0.5}
+    return tc, spa, n, before, rng, _key(mode, seed)
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_same_pages_as_bulk_path_and_dram_write(mode: EncryptionMode, data: st.DataObject) -> None:
+    tc, spa, n, before, rng, key = _case(mode, data)
     plain = rng.randbytes(n)
-    key = _key(mode, seed)
     d = _dram_with(before)
     assert MemoryCipher(mode, key, tc).encrypt_to_pages(spa, plain, d.pages_dict()) is True
     assert d.pages_dict() == _reference(mode, key, tc, before, spa, plain)
@@ -164,15 +171,7 @@ def test_bad_input_is_refused_before_anything_is_written() -> None:
 def test_decrypt_from_pages_is_gather_then_bulk_decrypt(mode: EncryptionMode, data: st.DataObject) -> None:
     """The fused read gives what DRAM's read of the range (absent pages: zeros) and the bulk path
     without the accelerator give, on every alignment; the pages are left as they were."""
-    tc = ZEN1 if mode is XE else ZEN2
-    g = mode.granule
-    spa = data.draw(st.integers(0, (DRAM - (1 << 16)) // g)) * g
-    n = data.draw(st.integers(0, 3 * 4096 // g)) * g
-    seed = data.draw(st.integers(0, 1 << 30))
-    rng = random.Random(seed)
-    first, last = spa >> 12, (spa + max(n, 1) - 1) >> 12
-    before = {pfn: rng.randbytes(4096) for pfn in range(first - 1, last + 2) if rng.random() < 0.5}
-    key = _key(mode, seed)
+    tc, spa, n, before, _, key = _case(mode, data)
     d = _dram_with(before)
     out = bytearray(n + 32)
     assert MemoryCipher(mode, key, tc).decrypt_from_pages(spa, d.pages_dict(), memoryview(out)[16 : 16 + n]) is True

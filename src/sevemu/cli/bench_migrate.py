@@ -42,7 +42,9 @@ working in parallel.  Figures:
   the floor in CPU time (``time.process_time``, the better of two runs) and ``cpu_floor_ratio`` the
   floor's CPU per page over the busier side's -- the ratio a machine with a free core per side
   would show, less sensitive to other load than the wall-clock ``floor_ratio``;
-* ``doorbells``: ring-buffer doorbells the source rang.
+* ``doorbells``: ring-buffer doorbells the source rang;
+* ``destination_prealloc``: whether the destination VM was made and pinned before the migration
+  (setup above) or when START arrived (``--no-prealloc``).
 
 Verification: the destination runs the guest from where it stopped; it reads the markers back and
 prints their SHA-256, which must equal the source's.
@@ -554,5 +556,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     print(f"  CPU per page: source {r['source_cpu_us_per_page']:.1f} us, destination "
           f"{r['destination_cpu_us_per_page']:.1f} us -> {r['cpu_bound_mbps']:.2f} MB/s with a core each; "
           f"floor {r['floor_cpu_us_per_page']:.1f} us of CPU -> ratio {r['cpu_floor_ratio']:.2f} in CPU time")
+    print("  destination VM " + ("made with its RAM backed and pinned before the migration (as QEMU's -incoming "
+                                 "destination has it)" if r["destination_prealloc"] else
+                                 "made when START arrived, its pages backed as they were received"))
     print(f"  destination guest read its markers back: {'ok' if r['verified'] else 'MISMATCH'}")
     return 0 if r["verified"] else 1

@@ -74,6 +74,17 @@ destination, no huge page left) get 4 KiB pages.  The destination backs the same
 a named region of which FINISH finds a page missing is a protocol error, as is a region named after
 the first page, twice, unaligned or not inside the VM.
 
+Preallocated destination (:func:`prepare_destination`): QEMU's destination, started with
+``-incoming`` and the guest's ``-m``, builds the machine before the stream arrives, and for an SEV
+guest registers each RAM block with KVM_MEMORY_ENCRYPT_REG_REGION, which pins the whole block (Linux
+``sev_mem_enc_register_region``: ``sev_pin_memory`` with write access faults every page in, the host
+kernel clearing it; then ``sev_clflush_pages``).  ``prepare_destination`` makes that VM the same way
+before the connection -- every page backed (huge pages for 2 MiB regions while any are left) and
+cleared (:meth:`~sevemu.hw.host.HostCore.host_clear_pages`: flushed, stored in DRAM as zeros) --
+and :func:`receive_vm` (``vm=``) receives into it: START must ask for its size (ProtocolError
+otherwise), the HUGE regions are then backed already, and RECEIVE_UPDATE_DATA writes into pages
+that exist.
+
 SEV-ES guests (whose registers live in the encrypted VMSA and move with SEND_UPDATE_VMSA) and
 plain VMs are refused: only legacy SEV guests are modelled.
 """
