@@ -910,14 +910,14 @@ class MemoryCipher:
         ``out``; no gather, no passes over the whole range).  Only with the accelerator; returns
         False, with nothing done, otherwise (and when ``out`` overlaps one of the pages): the
         caller then gathers and takes the bulk path.  Checks as :meth:`decrypt_bulk_into`."""
-        if not self._accel:
+        run = getattr(_memenc_accel, "crypt_from_pages", None) if self._accel else None
+        if run is None:  # (no accelerator, or one built before crypt_from_pages existed)
             return False
         dst = _byte_view(out, "out")
         if dst.readonly:
             raise InputError("out must be a writable buffer")
         self._check(spa, dst.nbytes)
-        return bool(_memenc_accel.crypt_from_pages(pages, spa, dst, self._tables.consts_bytes, self._key,
-                                                   self._code, False))
+        return bool(run(pages, spa, dst, self._tables.consts_bytes, self._key, self._code, False))
 
     def encrypt_small(self, spa: int, data: bytes | bytearray) -> memoryview:
         """The ciphertext of ``data`` at ``spa`` in this thread's scratch buffer (valid until the
