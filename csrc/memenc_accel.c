@@ -13,13 +13,17 @@
  *                                             (dict PFN -> 4 KiB bytearray): tweak, AES
  *                                             (OpenSSL's libcrypto) and tweak fused per page in
  *                                             a 4 KiB buffer, written straight into the pages
+ *   crypt_from_pages(pages, spa, dst, consts, key, code, encrypt) -> bool
+ *                                             the reverse: the pages of a page store (absent ones
+ *                                             zeros) transformed into dst, per page in L1
  *   crypt_into(dst, spa, src, consts, key, code, encrypt) -> bool
- *                                             the same fused transform into one buffer (the bulk
- *                                             path of a large span)
+ *                                             the same between two buffers (memenc's bulk path)
  *
- * Apart from crypt_pages and crypt_into (the bulk write of a large transfer: one pass over the data instead of
- * three, see its comment), the AES stays in `cryptography`.  Portable C99: no intrinsics, unaligned accesses through memcpy, little-endian decoding spelled
- * out for the GF(2^128) arithmetic.  Buffers come through the buffer protocol (C-contiguous); every
+ * The crypt_* functions run the AES through OpenSSL's libcrypto themselves (one pass over the data
+ * instead of three, see xex_pages_run); elsewhere the AES stays in `cryptography`.  Portable C99
+ * apart from SSE2 intrinsics where the compiler has them (non-temporal stores, the fused passes'
+ * XORs), unaligned accesses through memcpy, little-endian decoding spelled out for the GF(2^128)
+ * arithmetic.  Buffers come through the buffer protocol (C-contiguous); every
  * length is checked here (ValueError), although memenc validates its arguments first.  dst may be
  * src itself (each block is read before it is written); other overlaps are not supported.
  */
@@ -472,19 +476,6 @@ typedef struct {
     int created;
 } PageRef;
 
-/* Where a fused run stores its result: a page store's pages (refs, one per page of the span), or
- * one contiguous buffer (dst).  stream: non-temporal stores (XE/XEX), for results not read soon. */
-typedef struct {
-    PageRef *refs;
-    unsigned char *dst;
-    int stream;
-} Sink;
-
-static unsigned char *sink_at(const Sink *sink, Py_ssize_t page, Py_ssize_t done, Py_ssize_t off)
-{
-    return sink->refs != NULL ? (unsigned char *)sink->refs[page].view.buf + off : sink->dst + done;
-}
-
 /* dst = src ^ T for `blocks` 16-byte blocks, T = inp[k] ^ t for block k (inp: the in-page tweaks
  * from the first block, two words each).  Separate buffers (restrict): the compiler makes one
  * 16-byte vector operation of each block. */
@@ -519,7 +510,7 @@ static void xor_tweak_stream(unsigned char *restrict dst, const unsigned char *r
     }
 }
 /* xor_tweak_run with one 16-byte vector operation per block, whatever the compiler's cost model
- * decides at -O2 (measured: the fused XEX pass 0.60 -> see memenc's docstring). */
+ * decides at -O2 (the fused passes' XORs into and out of their L1 buffer). */
 static void xor_tweak_vec(unsigned char *restrict dst, const unsigned char *restrict src,
                           const uint64_t *restrict inp, uint64_t t0, uint64_t t1, Py_ssize_t blocks)
 {
@@ -531,123 +522,95 @@ static void xor_tweak_vec(unsigned char *restrict dst, const unsigned char *rest
         _mm_storeu_si128((__m128i *)(dst + BLOCK * k), _mm_xor_si128(a, _mm_xor_si128(b, t)));
     }
 }
-static void copy_stream(unsigned char *restrict dst, const unsigned char *restrict src, Py_ssize_t blocks)
-{
-    Py_ssize_t k;
-    if ((uintptr_t)dst & 15) {
-        memcpy(dst, src, (size_t)(BLOCK * blocks));
-        return;
-    }
-    for (k = 0; k < blocks; k++) {
-        _mm_stream_si128((__m128i *)(dst + BLOCK * k), _mm_loadu_si128((const __m128i *)(src + BLOCK * k)));
-    }
-}
 #define STREAM_FENCE() _mm_sfence()
 #else
 #define xor_tweak_stream xor_tweak_run
 #define xor_tweak_vec xor_tweak_run
-#define copy_stream(d, s, blocks) memcpy((d), (s), (size_t)(BLOCK * (blocks)))
 #define STREAM_FENCE() ((void)0)
 #endif
 
-/* The transform itself, without the GIL: 0, or -1 when OpenSSL failed.  Per tile of up to
- * XP_TILE_PAGES pages: src ^ T into tmp page by page (each page its own tweak), one AES call over
- * the tile (in XP_SLICE slices, each after prefetch hints for the next tile's source), tmp ^ T
- * into each page.  tmp and the in-page tweak table (4 KiB) stay in L1.  Without the first XOR (XE
- * decryption) AES reads src itself; without the second (XE encryption) into a contiguous sink,
- * AES writes the result straight there.  The defaults (one page, one slice) measured best on a
- * 2-core EPYC VM against 2- to 8-page tiles and 1-2 KiB slices: 128 MiB encrypt+decrypt at
- * 0.80 (XE) and 0.68-0.75 (XEX) of raw AES-128-ECB, against 0.66 and 0.53 for the three-pass
- * chunk path; the next page's loads from DRAM then overlap this page's AES. */
-#ifndef XP_TILE_PAGES
-#define XP_TILE_PAGES 1
-#endif
-#define XP_TILE_BYTES (XP_TILE_PAGES * XP_PAGE)
-#ifndef XP_SLICE
-#define XP_SLICE 4096
-#endif
-static int xex_pages_run(const Sink *sink, uint64_t spa, const unsigned char *src, Py_ssize_t len,
+/* One side of a fused run: the pages of a page store (one pointer per page of the span, the first
+ * at the span's offset in its page) or one contiguous buffer. */
+typedef struct {
+    unsigned char *const *pages;
+    unsigned char *buf;
+} Span;
+
+static unsigned char *span_at(const Span *s, Py_ssize_t page, Py_ssize_t done, Py_ssize_t off)
+{
+    return s->pages != NULL ? s->pages[page] + off : s->buf + done;
+}
+
+/* Prefetch hints for the input's next page (n bytes), issued before a page's AES: the loads from
+ * DRAM then overlap the AES instead of stalling the next page's first XOR. */
+static void prefetch_next(const Span *in, Py_ssize_t page, Py_ssize_t done, Py_ssize_t n)
+{
+    const unsigned char *next = span_at(in, page, done, 0);
+    Py_ssize_t q;
+    for (q = 0; q < n; q += 64) {
+        PREFETCH(next + q);
+    }
+}
+
+/* The transform itself, without the GIL: 0, or -1 when OpenSSL failed.  Per page of the span: the
+ * input ^ T into tmp, AES in place there, tmp ^ T into the output (tmp and the tweak table stay in
+ * L1).  Without the first XOR (XE decryption) AES reads the input itself; without the second (XE
+ * encryption) AES writes the output itself.  `stream`: non-temporal stores into the output (it is
+ * not read again soon).  The input and output may be the same memory, page for page.  Measured on
+ * a 2-core EPYC VM, 128 MiB encrypt+decrypt: 0.80 (XE) and 0.68-0.75 (XEX) of one raw AES-128-ECB
+ * call over the buffer, against 0.66 and 0.53 for three passes over 256 KiB chunks; tiles of 2-8
+ * pages per AES call or smaller prefetch slices measured no better. */
+static int xex_pages_run(const Span *in, const Span *out, int stream, uint64_t spa, Py_ssize_t len,
                          const unsigned char *consts, int nbits, EVP_CIPHER_CTX *ctx, int pre, int post,
                          int encrypt)
 {
     uint64_t in_page[PAGE_BLOCKS][2];
-    uint64_t tmp_words[XP_TILE_PAGES * XP_PAGE / 8 + 3 * 8];
+    uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
     /* (tmp 3 lines past the table's page offset: buffers 4 KiB apart make loads wait for stores
      * to the same page offset, x86's "4K aliasing") */
     unsigned char *tmp = (unsigned char *)(tmp_words + 3 * 8);
-    int direct = !post && sink->refs == NULL;
     Py_ssize_t p = 0, done = 0;
     in_page_table(consts, in_page);
     while (len > 0) {
-        uint64_t t[XP_TILE_PAGES][2];
-        Py_ssize_t offs[XP_TILE_PAGES], ns[XP_TILE_PAGES], tn = 0;
-        int np = 0, k, out_len = 0;
-        const unsigned char *in;
-        unsigned char *out;
-        while (np < XP_TILE_PAGES && tn < len) {
-            uint64_t at = spa + (uint64_t)tn;
-            Py_ssize_t off = (Py_ssize_t)(at & (XP_PAGE - 1));
-            Py_ssize_t n = XP_PAGE - off < len - tn ? XP_PAGE - off : len - tn;
-            page_tweak(at & ~(uint64_t)(XP_PAGE - 1), consts, nbits, t[np]);
-            if (pre) {
-                xor_tweak_vec(tmp + tn, src + tn, in_page[off / BLOCK], t[np][0], t[np][1], n / BLOCK);
-            }
-            offs[np] = off;
-            ns[np] = n;
-            tn += n;
-            np++;
+        uint64_t t[2];
+        Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
+        Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
+        const uint64_t *inp = in_page[off / BLOCK];
+        const unsigned char *src = span_at(in, p, done, off);
+        unsigned char *dst = span_at(out, p, done, off);
+        const unsigned char *aes_in = pre ? tmp : src;
+        unsigned char *aes_out = post ? tmp : dst;
+        int out_len = 0;
+        page_tweak(spa & ~(uint64_t)(XP_PAGE - 1), consts, nbits, t);
+        if (pre) {
+            xor_tweak_vec(tmp, src, inp, t[0], t[1], n / BLOCK);
         }
-        in = pre ? tmp : src;
-        out = direct ? sink->dst + done : tmp;
-        {
-            /* AES in slices, each after prefetch hints for a slice of the next tile's source: the
-             * loads from DRAM then overlap the AES instead of stalling the next tile's XOR pass */
-            Py_ssize_t next = len - tn < XP_TILE_BYTES ? len - tn : XP_TILE_BYTES, at;
-            for (at = 0; at < tn; at += XP_SLICE) {
-                Py_ssize_t m = tn - at < XP_SLICE ? tn - at : XP_SLICE, q;
-                for (q = at * next / tn; q < (at + m) * next / tn; q += 64) {
-                    PREFETCH(src + tn + q);
-                }
-                if ((encrypt ? EVP_EncryptUpdate(ctx, out + at, &out_len, in + at, (int)m)
-                             : EVP_DecryptUpdate(ctx, out + at, &out_len, in + at, (int)m)) != 1 ||
-                    out_len != (int)m) {
-                    return -1;
-                }
-            }
+        if (len > n) {
+            prefetch_next(in, p + 1, done + n, len - n < XP_PAGE ? len - n : XP_PAGE);
         }
-        if (!direct) {
-            Py_ssize_t at = 0;
-            for (k = 0; k < np; k++) {
-                unsigned char *page = sink_at(sink, p + k, done + at, offs[k]);
-                Py_ssize_t blocks = ns[k] / BLOCK;
-                if (post) {
-                    (sink->stream ? xor_tweak_stream : xor_tweak_vec)(page, tmp + at, in_page[offs[k] / BLOCK],
-                                                                      t[k][0], t[k][1], blocks);
-                } else if (sink->stream) {
-                    copy_stream(page, tmp + at, blocks);
-                } else {
-                    memcpy(page, tmp + at, (size_t)ns[k]);
-                }
-                at += ns[k];
-            }
+        if ((encrypt ? EVP_EncryptUpdate(ctx, aes_out, &out_len, aes_in, (int)n)
+                     : EVP_DecryptUpdate(ctx, aes_out, &out_len, aes_in, (int)n)) != 1 || out_len != (int)n) {
+            return -1;
         }
-        src += tn;
-        spa += (uint64_t)tn;
-        len -= tn;
-        done += tn;
-        p += np;
+        if (post) {
+            (stream ? xor_tweak_stream : xor_tweak_vec)(dst, tmp, inp, t[0], t[1], n / BLOCK);
+        }
+        spa += (uint64_t)n;
+        len -= n;
+        done += n;
+        p++;
     }
-    if (sink->stream) {
+    if (stream) {
         STREAM_FENCE();
     }
     return 0;
 }
 
 /* AES-256-XTS with 64-byte data units (the sequence number of a unit is its SPA >> 6), per page as
- * xex_pages_run: the page's unit tweaks E_K2(n) in one AES call, src ^ T into tmp, AES (K1) in
- * place, tmp ^ T into the page; spa and len are multiples of 64.  0, or -1 when OpenSSL failed. */
-static int xts_pages_run(const Sink *sink, uint64_t spa, const unsigned char *src, Py_ssize_t len,
-                         EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx, int encrypt)
+ * xex_pages_run: the page's unit tweaks E_K2(n) in one AES call, input ^ T into tmp, AES (K1) in
+ * place, tmp ^ T into the output; spa and len are multiples of 64.  0, or -1 when OpenSSL failed. */
+static int xts_pages_run(const Span *in, const Span *out, uint64_t spa, Py_ssize_t len, EVP_CIPHER_CTX *ctx,
+                         EVP_CIPHER_CTX *tweak_ctx, int encrypt)
 {
     unsigned char seq[XP_PAGE / 4];
     uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
@@ -657,7 +620,6 @@ static int xts_pages_run(const Sink *sink, uint64_t spa, const unsigned char *sr
         Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
         Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
         Py_ssize_t units = n / 64, u;
-        unsigned char *page = sink_at(sink, p, done, off);
         int out_len = 0;
         for (u = 0; u < units; u++) {
             store_le64(seq + BLOCK * u, (spa >> 6) + (uint64_t)u);
@@ -667,19 +629,15 @@ static int xts_pages_run(const Sink *sink, uint64_t spa, const unsigned char *sr
             out_len != (int)(BLOCK * units)) {
             return -1;
         }
-        xts_xor_units(tmp, src, seq, units, 4);
-        {
-            Py_ssize_t q, next = len - n < XP_PAGE ? len - n : XP_PAGE; /* as xex_pages_run */
-            for (q = 0; q < next; q += 64) {
-                PREFETCH(src + n + q);
-            }
+        xts_xor_units(tmp, span_at(in, p, done, off), seq, units, 4);
+        if (len > n) {
+            prefetch_next(in, p + 1, done + n, len - n < XP_PAGE ? len - n : XP_PAGE);
         }
         if ((encrypt ? EVP_EncryptUpdate(ctx, tmp, &out_len, tmp, (int)n)
                      : EVP_DecryptUpdate(ctx, tmp, &out_len, tmp, (int)n)) != 1 || out_len != (int)n) {
             return -1;
         }
-        xts_xor_units(page, tmp, seq, units, 4);
-        src += n;
+        xts_xor_units(span_at(out, p, done, off), tmp, seq, units, 4);
         spa += (uint64_t)n;
         len -= n;
         done += n;
@@ -688,40 +646,34 @@ static int xts_pages_run(const Sink *sink, uint64_t spa, const unsigned char *sr
     return 0;
 }
 
-static const unsigned char zero_page[XP_PAGE];
-
-/* The arguments crypt_pages and crypt_into share: (spa, src, consts, key, code, encrypt), checked. */
+/* The arguments crypt_pages, crypt_from_pages and crypt_into share: (pages, spa, data, consts, key,
+ * code, encrypt), checked; the three buffers acquired (released again on failure).  0, or -1 with
+ * an exception set.  pages NULL: none (crypt_into, whose first argument is its output). */
 typedef struct {
+    PyObject *pages;
     uint64_t spa;
-    Py_buffer src, consts, key;
-    int nbufs; /* how many of src, consts, key are held */
+    Py_buffer data, consts, key;
+    Py_ssize_t nbits;
     long code;
     int encrypt;
-    Py_ssize_t nbits;
 } CryptArgs;
 
-static void crypt_args_release(CryptArgs *a)
+static int crypt_args(const char *name, PyObject *const *args, Py_ssize_t nargs, int writable, CryptArgs *a)
 {
-    Py_buffer *views[3] = {&a->src, &a->consts, &a->key};
-    while (a->nbufs > 0) {
-        PyBuffer_Release(views[--a->nbufs]);
-    }
-}
-
-/* args: spa, src, consts, key, code, encrypt.  0, or -1 with an exception (and nothing held). */
-static int crypt_args_parse(PyObject *const *args, CryptArgs *a)
-{
-    Py_buffer *views[3] = {&a->src, &a->consts, &a->key};
-    int granule, i;
-    a->nbufs = 0;
-    if (get_u64(args[0], "spa", &a->spa) < 0) {
+    int granule;
+    if (check_nargs(name, nargs, 7, 7) < 0 || get_u64(args[1], "spa", &a->spa) < 0) {
         return -1;
     }
-    a->code = PyLong_AsLong(args[4]);
+    a->pages = args[0];
+    if (a->pages != NULL && !PyDict_CheckExact(a->pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
+        return -1;
+    }
+    a->code = PyLong_AsLong(args[5]);
     if (a->code == -1 && PyErr_Occurred()) {
         return -1;
     }
-    a->encrypt = PyObject_IsTrue(args[5]);
+    a->encrypt = PyObject_IsTrue(args[6]);
     if (a->encrypt < 0) {
         return -1;
     }
@@ -729,21 +681,26 @@ static int crypt_args_parse(PyObject *const *args, CryptArgs *a)
         PyErr_SetString(PyExc_ValueError, "code must be 0 (XE), 1 (XEX) or 2 (XTS)");
         return -1;
     }
-    for (i = 0; i < 3; i++) {
-        if (PyObject_GetBuffer(args[1 + i], views[i], PyBUF_SIMPLE) < 0) {
-            crypt_args_release(a);
-            return -1;
-        }
-        a->nbufs = i + 1;
-    }
     granule = a->code == 2 ? 64 : BLOCK;
+    if (PyObject_GetBuffer(args[2], &a->data, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[3], &a->consts, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&a->data);
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[4], &a->key, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&a->consts);
+        PyBuffer_Release(&a->data);
+        return -1;
+    }
     a->nbits = a->consts.len / BLOCK;
-    if (a->src.len % granule || a->spa % (uint64_t)granule) {
-        PyErr_Format(PyExc_ValueError, "spa and len(src) must be multiples of %d", granule);
+    if (a->data.len % granule || a->spa % (uint64_t)granule) {
+        PyErr_Format(PyExc_ValueError, "spa and the data's length must be multiples of %d", granule);
     } else if (a->consts.len % BLOCK || a->nbits < PAGE_SHIFT || a->nbits > MAX_BITS) {
         PyErr_Format(PyExc_ValueError, "consts must be 16 * pa_bits bytes with 12 <= pa_bits <= 63, not %zd",
                      a->consts.len);
-    } else if (a->spa >> a->nbits || (uint64_t)a->src.len > ((uint64_t)1 << a->nbits) - a->spa) {
+    } else if (a->spa >> a->nbits || (uint64_t)a->data.len > ((uint64_t)1 << a->nbits) - a->spa) {
         PyErr_Format(PyExc_ValueError, "the span is outside the %zd-bit address space", a->nbits);
     } else if (a->key.len != (a->code == 2 ? 64 : 16)) {
         PyErr_SetString(PyExc_ValueError, a->code == 2 ? "key must be 64 bytes (AES-256-XTS: K1 || K2)"
@@ -751,43 +708,78 @@ static int crypt_args_parse(PyObject *const *args, CryptArgs *a)
     } else {
         return 0;
     }
-    crypt_args_release(a);
+    PyBuffer_Release(&a->key);
+    PyBuffer_Release(&a->consts);
+    PyBuffer_Release(&a->data);
     return -1;
 }
 
-/* The transform of a's span into sink, with the GIL released: 0, or -1 with an exception. */
-static int crypt_run(const CryptArgs *a, const Sink *sink)
+static void crypt_args_release(CryptArgs *a)
+{
+    PyBuffer_Release(&a->key);
+    PyBuffer_Release(&a->consts);
+    PyBuffer_Release(&a->data);
+}
+
+/* The AES-ECB contexts of a run (the tweak context for XTS only); 0, or -1 with RuntimeError. */
+static int crypt_contexts(const char *name, const CryptArgs *a, EVP_CIPHER_CTX **ctx, EVP_CIPHER_CTX **tweak_ctx)
 {
     const EVP_CIPHER *aes = a->code == 2 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
     const unsigned char *k = (const unsigned char *)a->key.buf;
-    const unsigned char *src = (const unsigned char *)a->src.buf;
-    const unsigned char *consts = (const unsigned char *)a->consts.buf;
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new(), *tweak_ctx = NULL;
-    int failed = 0;
-    if (ctx == NULL ||
-        (a->encrypt ? EVP_EncryptInit_ex(ctx, aes, NULL, k, NULL) : EVP_DecryptInit_ex(ctx, aes, NULL, k, NULL)) != 1 ||
-        EVP_CIPHER_CTX_set_padding(ctx, 0) != 1 ||
-        (a->code == 2 && ((tweak_ctx = EVP_CIPHER_CTX_new()) == NULL ||
-                          EVP_EncryptInit_ex(tweak_ctx, aes, NULL, k + 32, NULL) != 1 ||
-                          EVP_CIPHER_CTX_set_padding(tweak_ctx, 0) != 1))) {
-        PyErr_SetString(PyExc_RuntimeError, "memenc accelerator: OpenSSL could not set up AES-ECB");
-        failed = 1;
-    } else {
-        int pre = a->encrypt || a->code == 1, post = !a->encrypt || a->code == 1, encrypt = a->encrypt;
-        int nbits = (int)a->nbits;
-        uint64_t spa = a->spa;
-        Py_ssize_t len = a->src.len;
-        Py_BEGIN_ALLOW_THREADS
-        failed = a->code == 2 ? xts_pages_run(sink, spa, src, len, ctx, tweak_ctx, encrypt)
-                              : xex_pages_run(sink, spa, src, len, consts, nbits, ctx, pre, post, encrypt);
-        Py_END_ALLOW_THREADS
-        if (failed) {
-            PyErr_SetString(PyExc_RuntimeError, "memenc accelerator: OpenSSL AES-ECB failed");
-        }
+    *ctx = EVP_CIPHER_CTX_new();
+    if (*ctx == NULL ||
+        (a->encrypt ? EVP_EncryptInit_ex(*ctx, aes, NULL, k, NULL) : EVP_DecryptInit_ex(*ctx, aes, NULL, k, NULL)) != 1 ||
+        EVP_CIPHER_CTX_set_padding(*ctx, 0) != 1 ||
+        (a->code == 2 && ((*tweak_ctx = EVP_CIPHER_CTX_new()) == NULL ||
+                          EVP_EncryptInit_ex(*tweak_ctx, aes, NULL, k + 32, NULL) != 1 ||
+                          EVP_CIPHER_CTX_set_padding(*tweak_ctx, 0) != 1))) {
+        PyErr_Format(PyExc_RuntimeError, "%s: OpenSSL could not set up AES-ECB", name);
+        return -1;
     }
-    EVP_CIPHER_CTX_free(ctx);
-    EVP_CIPHER_CTX_free(tweak_ctx);
-    return failed ? -1 : 0;
+    return 0;
+}
+
+/* The run itself, the GIL released: 0, or -1 with RuntimeError. */
+static int crypt_run(const char *name, const CryptArgs *a, const Span *in, const Span *out, int stream,
+                     EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx)
+{
+    int failed;
+    const unsigned char *consts = (const unsigned char *)a->consts.buf;
+    Py_ssize_t len = a->data.len;
+    int nbits = (int)a->nbits, encrypt = a->encrypt, pre = encrypt || a->code == 1, post = !encrypt || a->code == 1;
+    long code = a->code;
+    uint64_t spa = a->spa;
+    Py_BEGIN_ALLOW_THREADS
+    failed = code == 2 ? xts_pages_run(in, out, spa, len, ctx, tweak_ctx, encrypt)
+                       : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, pre, post, encrypt);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_Format(PyExc_RuntimeError, "%s: OpenSSL AES-ECB failed", name);
+        return -1;
+    }
+    return 0;
+}
+
+static const unsigned char zero_page[XP_PAGE];
+
+/* The page of `pages` (a dict PFN -> 4096-byte bytearray) at pfn, borrowed, in *page (NULL when
+ * absent); 0, or -1 with an exception set (TypeError for a page of another type or size). */
+static int page_at(PyObject *pages, uint64_t pfn, PyObject **page)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(pfn);
+    if (key == NULL) {
+        return -1;
+    }
+    *page = PyDict_GetItemWithError(pages, key);
+    Py_DECREF(key);
+    if (*page == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyByteArray_CheckExact(*page) || PyByteArray_GET_SIZE(*page) != XP_PAGE) {
+        PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
+        return -1;
+    }
+    return 0;
 }
 
 PyDoc_STRVAR(crypt_pages_doc,
@@ -802,51 +794,36 @@ PyDoc_STRVAR(crypt_pages_doc,
 
 static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *pages, *result = NULL;
+    PyObject *result = NULL;
     CryptArgs a;
     uint64_t first_pfn = 0;
     Py_ssize_t npages = 0, owned = 0, held = 0, i;
     PageRef *refs = NULL;
+    unsigned char **out = NULL;
+    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
     (void)self;
 
-    if (check_nargs("crypt_pages", nargs, 7, 7) < 0) {
+    if (crypt_args("crypt_pages", args, nargs, 0, &a) < 0) {
         return NULL;
     }
-    pages = args[0];
-    if (!PyDict_CheckExact(pages)) {
-        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
-        return NULL;
-    }
-    if (crypt_args_parse(args + 1, &a) < 0) {
-        return NULL;
-    }
-    if (a.src.len == 0) {
+    if (a.data.len == 0) {
         result = Py_NewRef(Py_True);
         goto done;
     }
     first_pfn = a.spa >> PAGE_SHIFT;
-    npages = (Py_ssize_t)(((a.spa + (uint64_t)a.src.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
+    npages = (Py_ssize_t)(((a.spa + (uint64_t)a.data.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
     refs = (PageRef *)PyMem_Calloc((size_t)npages, sizeof(PageRef));
-    if (refs == NULL) {
+    out = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*out));
+    if (refs == NULL || out == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     /* 1: the pages (types checked before any is created) */
     for (i = 0; i < npages; i++) {
-        PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i), *page;
-        if (key == NULL) {
+        /* borrowed until the next loop takes a reference (not dropped on errors) */
+        if (page_at(a.pages, first_pfn + (uint64_t)i, &refs[i].obj) < 0) {
             goto done;
         }
-        page = PyDict_GetItemWithError(pages, key);
-        Py_DECREF(key);
-        if (page == NULL && PyErr_Occurred()) {
-            goto done;
-        }
-        if (page != NULL && (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != XP_PAGE)) {
-            PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
-            goto done;
-        }
-        refs[i].obj = page; /* borrowed until the next loop takes a reference (not dropped on errors) */
     }
     for (i = 0; i < npages; i++) {
         PyObject *page = refs[i].obj;
@@ -859,7 +836,7 @@ static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
             }
             memset(PyByteArray_AS_STRING(page), 0, XP_PAGE);
             key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
-            rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
+            rc = key == NULL ? -1 : PyDict_SetItem(a.pages, key, page);
             Py_XDECREF(key);
             if (rc < 0) {
                 Py_DECREF(page);
@@ -875,17 +852,19 @@ static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
             goto done;
         }
         held = i + 1;
+        out[i] = (unsigned char *)refs[i].view.buf;
         {
-            const char *lo = (const char *)refs[i].view.buf, *s = (const char *)a.src.buf;
-            if (s < lo + XP_PAGE && lo < s + a.src.len) { /* nothing written: the caller's other path */
+            const char *lo = (const char *)refs[i].view.buf, *s = (const char *)a.data.buf;
+            if (s < lo + XP_PAGE && lo < s + a.data.len) { /* nothing written: the caller's other path */
                 result = Py_NewRef(Py_False);
                 goto done;
             }
         }
     }
     {
-        Sink sink = {refs, NULL, 1};
-        if (crypt_run(&a, &sink) < 0) {
+        Span src = {NULL, (unsigned char *)a.data.buf}, dst = {out, NULL};
+        if (crypt_contexts("crypt_pages", &a, &ctx, &tweak_ctx) < 0 ||
+            crypt_run("crypt_pages", &a, &src, &dst, 1, ctx, tweak_ctx) < 0) {
             goto done;
         }
     }
@@ -900,7 +879,7 @@ done:
             PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb); /* (an error of the call stays the one raised) */
-            if (key == NULL || PyDict_DelItem(pages, key) < 0) {
+            if (key == NULL || PyDict_DelItem(a.pages, key) < 0) {
                 PyErr_Clear();
             }
             Py_XDECREF(key);
@@ -909,51 +888,147 @@ done:
         Py_DECREF(refs[i].obj);
     }
     PyMem_Free(refs);
+    PyMem_Free(out);
+    EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(tweak_ctx);
     crypt_args_release(&a);
     return result;
 }
 
-/* Results this large or larger go out with non-temporal stores (they exceed the CPU's caches). */
+PyDoc_STRVAR(crypt_from_pages_doc,
+             "crypt_from_pages(pages, spa, dst, consts, key, code, encrypt, /)\n--\n\n"
+             "XE (code 0) / XEX (code 1, AES-128 key) / XTS (code 2, K1 || K2) of the bytes of the page\n"
+             "store `pages` (dict PFN -> 4096-byte bytearray; an absent page reads as zeros) at spa,\n"
+             "len(dst) bytes (16-byte blocks; XTS: 64-byte units, spa aligned alike), into dst.  True when\n"
+             "done; False, with nothing written, when dst overlaps one of the pages.  The same bytes as\n"
+             "gathering the pages and the bulk path's passes.");
+
+/* crypt_from_pages: the reverse direction of crypt_pages -- the pages of a page store (an absent
+ * page reads as zeros) transformed into one contiguous buffer, per page through a 4 KiB buffer that
+ * stays in L1 (the bulk path instead gathers the pages into the buffer and makes three passes over
+ * it).  The pages' buffers are held (a bytearray with an export cannot be resized) while the GIL is
+ * released. */
+static PyObject *crypt_from_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *result = NULL;
+    CryptArgs a;
+    Py_buffer *views = NULL;
+    unsigned char **in = NULL;
+    uint64_t first_pfn;
+    Py_ssize_t npages = 0, held = 0, i;
+    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    (void)self;
+
+    if (crypt_args("crypt_from_pages", args, nargs, 1, &a) < 0) {
+        return NULL;
+    }
+    if (a.data.len == 0) {
+        result = Py_NewRef(Py_True);
+        goto done;
+    }
+    first_pfn = a.spa >> PAGE_SHIFT;
+    npages = (Py_ssize_t)(((a.spa + (uint64_t)a.data.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
+    views = (Py_buffer *)PyMem_Calloc((size_t)npages, sizeof(Py_buffer));
+    in = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*in));
+    if (views == NULL || in == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < npages; i++) {
+        PyObject *page;
+        if (page_at(a.pages, first_pfn + (uint64_t)i, &page) < 0) {
+            goto done;
+        }
+        if (page == NULL) {
+            in[i] = (unsigned char *)zero_page; /* (only read: the run writes dst) */
+            continue;
+        }
+        if (PyObject_GetBuffer(page, &views[i], PyBUF_SIMPLE) < 0) {
+            goto done;
+        }
+        held = i + 1;
+        in[i] = (unsigned char *)views[i].buf;
+        {
+            const char *lo = (const char *)views[i].buf, *d = (const char *)a.data.buf;
+            if (d < lo + XP_PAGE && lo < d + a.data.len) { /* nothing written: the caller's other path */
+                result = Py_NewRef(Py_False);
+                goto done;
+            }
+        }
+    }
+    {
+        Span src = {in, NULL}, dst = {NULL, (unsigned char *)a.data.buf};
+        if (crypt_contexts("crypt_from_pages", &a, &ctx, &tweak_ctx) < 0 ||
+            crypt_run("crypt_from_pages", &a, &src, &dst, 0, ctx, tweak_ctx) < 0) {
+            goto done;
+        }
+    }
+    result = Py_NewRef(Py_True);
+done:
+    for (i = 0; i < held; i++) {
+        if (views[i].obj != NULL) {
+            PyBuffer_Release(&views[i]);
+        }
+    }
+    PyMem_Free(views);
+    PyMem_Free(in);
+    EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(tweak_ctx);
+    crypt_args_release(&a);
+    return result;
+}
+
+/* Results this large or larger leave through non-temporal stores (they exceed the CPU's caches). */
 #define STREAM_MIN ((Py_ssize_t)4 << 20)
 
 PyDoc_STRVAR(crypt_into_doc,
              "crypt_into(dst, spa, src, consts, key, code, encrypt, /)\n--\n\n"
-             "crypt_pages' transform into one writable buffer dst of len(src) bytes: per 4 KiB of\n"
-             "the span, tweak, AES and tweak in a buffer that stays in L1, stored into dst.  True\n"
-             "when done; False, with nothing written, when dst overlaps src other than exactly\n"
-             "(in place is fine).  The same bytes as xor_addr_tweak + AES + xor_addr_tweak (XTS:\n"
-             "xts_xor + AES + xts_xor).");
+             "crypt_pages' transform of src at spa into one writable buffer dst of len(src) bytes\n"
+             "(may be src itself).  True when done; False, with nothing written, when dst overlaps src\n"
+             "other than exactly.  The same bytes as the bulk path's three passes.");
 
+/* crypt_into: the bulk path of MemoryCipher (encrypt_bulk_into / decrypt_bulk_into): the per-page
+ * fused transform between two contiguous buffers. */
 static PyObject *crypt_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *result = NULL;
+    PyObject *result = NULL, *sub[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     CryptArgs a;
     Py_buffer dstv;
+    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    Py_ssize_t i;
     (void)self;
 
     if (check_nargs("crypt_into", nargs, 7, 7) < 0) {
         return NULL;
     }
+    for (i = 1; i < 7; i++) {
+        sub[i] = args[i];
+    }
     if (PyObject_GetBuffer(args[0], &dstv, PyBUF_WRITABLE) < 0) {
         return NULL;
     }
-    if (crypt_args_parse(args + 1, &a) < 0) {
+    if (crypt_args("crypt_into", sub, 7, 0, &a) < 0) {
         PyBuffer_Release(&dstv);
         return NULL;
     }
-    if (dstv.len != a.src.len) {
-        PyErr_Format(PyExc_ValueError, "dst has %zd bytes for %zd bytes of src", dstv.len, a.src.len);
+    if (dstv.len != a.data.len) {
+        PyErr_Format(PyExc_ValueError, "dst has %zd bytes for %zd bytes of src", dstv.len, a.data.len);
     } else {
-        const char *d = (const char *)dstv.buf, *s = (const char *)a.src.buf;
-        if (d != s && s < d + dstv.len && d < s + a.src.len) {
+        const char *d = (const char *)dstv.buf, *s = (const char *)a.data.buf;
+        if (d != s && s < d + dstv.len && d < s + a.data.len) {
             result = Py_NewRef(Py_False);
+        } else if (a.data.len == 0) {
+            result = Py_NewRef(Py_True);
         } else {
-            Sink sink = {NULL, (unsigned char *)dstv.buf, a.src.len >= STREAM_MIN};
-            if (a.src.len == 0 || crypt_run(&a, &sink) == 0) {
+            Span src = {NULL, (unsigned char *)a.data.buf}, dst = {NULL, (unsigned char *)dstv.buf};
+            if (crypt_contexts("crypt_into", &a, &ctx, &tweak_ctx) == 0 &&
+                crypt_run("crypt_into", &a, &src, &dst, a.data.len >= STREAM_MIN, ctx, tweak_ctx) == 0) {
                 result = Py_NewRef(Py_True);
             }
         }
     }
+    EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(tweak_ctx);
     crypt_args_release(&a);
     PyBuffer_Release(&dstv);
     return result;
@@ -967,6 +1042,7 @@ static PyMethodDef methods[] = {
     {"xor_bytearray", (PyCFunction)(void (*)(void))xor_bytearray, METH_FASTCALL, xor_bytearray_doc},
     {"crypt_pages", (PyCFunction)(void (*)(void))crypt_pages, METH_FASTCALL, crypt_pages_doc},
     {"crypt_into", (PyCFunction)(void (*)(void))crypt_into, METH_FASTCALL, crypt_into_doc},
+    {"crypt_from_pages", (PyCFunction)(void (*)(void))crypt_from_pages, METH_FASTCALL, crypt_from_pages_doc},
     {NULL, NULL, 0, NULL},
 };
 

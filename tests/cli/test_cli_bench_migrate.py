@@ -20,6 +20,7 @@ def test_options() -> None:
     args = parse()
     assert (args.size, args.generation, args.json, args.func) == (1024, "milan", False, run_migrate)
     assert parse("--size", "64", "--json").size == 64
+    assert args.prealloc and not parse("--no-prealloc").prealloc
 
 
 def test_smallest_run_verifies(capsys: pytest.CaptureFixture[str]) -> None:
@@ -29,6 +30,14 @@ def test_smallest_run_verifies(capsys: pytest.CaptureFixture[str]) -> None:
     assert r["wire_bytes"] > r["pages"] * 4096  # headers and framing on top of the TRANS bytes
     assert r["migrate_mbps"] > 0 and r["raw_tcp_mbps"] > r["wire_mbps"]
     assert 0 < r["ratio"] < 1
+    assert r["destination_prealloc"] is True
+
+
+def test_smallest_run_verifies_without_a_preallocated_destination(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--no-prealloc``: the destination VM is made when START arrives, its pages backed as received."""
+    assert run_migrate(parse("--size", "8", "--json", "--timeout", "30", "--no-prealloc")) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["verified"] and r["pages"] == 8 * 256 and r["destination_prealloc"] is False
 
 
 def test_rejects_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:

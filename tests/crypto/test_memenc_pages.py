@@ -49,10 +49,10 @@ def _reference(mode: EncryptionMode, key: bytes, tc: TweakConstants, before: dic
 CODE = {XE: 0, XEX: 1, XTS: 2}
 
 
-@pytest.mark.parametrize("mode", [XE, XEX, XTS])
-@settings(max_examples=40, deadline=None)
-@given(data=st.data())
-def test_same_pages_as_bulk_path_and_dram_write(mode: EncryptionMode, data: st.DataObject) -> None:
+def _case(mode: EncryptionMode, data: st.DataObject) -> tuple[TweakConstants, int, int, dict[int, bytes],
+                                                             random.Random, bytes]:
+    """(tweaks, SPA, length, the pages around the range before -- about half of them present --,
+    the case's random source, key) of one drawn case on any alignment of ``mode``."""
     tc = ZEN1 if mode is XE else ZEN2
     g = mode.granule
     spa = data.draw(st.integers(0, (DRAM - (1 << 16)) // g)) * g
@@ -61,8 +61,15 @@ def test_same_pages_as_bulk_path_and_dram_write(mode: EncryptionMode, data: st.D
     rng = random.Random(seed)
     first, last = spa >> 12, (spa + max(n, 1) - 1) >> 12
     before = {pfn: rng.randbytes(4096) for pfn in range(first - 1, last + 2) if rng.random() < 0.5}
+    return tc, spa, n, before, rng, _key(mode, seed)
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_same_pages_as_bulk_path_and_dram_write(mode: EncryptionMode, data: st.DataObject) -> None:
+    tc, spa, n, before, rng, key = _case(mode, data)
     plain = rng.randbytes(n)
-    key = _key(mode, seed)
     d = _dram_with(before)
     assert MemoryCipher(mode, key, tc).encrypt_to_pages(spa, plain, d.pages_dict()) is True
     assert d.pages_dict() == _reference(mode, key, tc, before, spa, plain)
@@ -153,3 +160,52 @@ def test_bad_input_is_refused_before_anything_is_written() -> None:
     with pytest.raises(AlignmentError):
         MemoryCipher(XTS, _key(XTS), ZEN2).encrypt_to_pages(0x1010, bytes(64), pages)
     assert pages == {}
+
+
+# ---- the reverse: decrypt_from_pages (the C crypt_from_pages) ---------------------------------------
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_decrypt_from_pages_is_gather_then_bulk_decrypt(mode: EncryptionMode, data: st.DataObject) -> None:
+    """The fused read gives what DRAM's read of the range (absent pages: zeros) and the bulk path
+    without the accelerator give, on every alignment; the pages are left as they were."""
+    tc, spa, n, before, _, key = _case(mode, data)
+    d = _dram_with(before)
+    out = bytearray(n + 32)
+    assert MemoryCipher(mode, key, tc).decrypt_from_pages(spa, d.pages_dict(), memoryview(out)[16 : 16 + n]) is True
+    expected = MemoryCipher(mode, key, tc, accel=False).decrypt_bulk(spa, d.read(spa, n))
+    assert out[16 : 16 + n] == expected and out[:16] == out[16 + n :] == bytes(16)
+    assert d.pages_dict() == {pfn: bytearray(p) for pfn, p in before.items()}
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+def test_decrypt_from_pages_over_many_pages_undoes_encrypt_to_pages(mode: EncryptionMode) -> None:
+    tc = ZEN1 if mode is XE else ZEN2
+    rng = random.Random(6)
+    spa, plain = 0x12_3440, rng.randbytes(3 << 20)
+    d = _dram_with({pfn: rng.randbytes(4096) for pfn in range(spa >> 12, (spa >> 12) + 800, 3)})
+    cipher = MemoryCipher(mode, _key(mode, 6), tc)
+    assert cipher.encrypt_to_pages(spa, plain, d.pages_dict())
+    out = bytearray(len(plain))
+    assert cipher.decrypt_from_pages(spa, d.pages_dict(), out) and out == plain
+
+
+def test_decrypt_from_pages_declines_without_writing() -> None:
+    """Without the accelerator, or with ``out`` inside one of the pages, nothing is written and the
+    answer is False (the caller's bulk path runs); bad alignment or an address beyond the tweak's
+    bits raise as the bulk path does."""
+    d = _dram_with({0x10: random.Random(7).randbytes(4096), 0x11: bytes(4096)})
+    out = bytearray(4096)
+    assert not MemoryCipher(XEX, _key(XEX), ZEN2, accel=False).decrypt_from_pages(0x10000, d.pages_dict(), out)
+    assert out == bytes(4096)
+    own = own_page(d)
+    snapshot = bytes(own)
+    assert not MemoryCipher(XEX, _key(XEX), ZEN2).decrypt_from_pages(0xF800, d.pages_dict(), own[:4096])
+    assert bytes(own) == snapshot
+    mc = MemoryCipher(XTS, _key(XTS), ZEN2)
+    with pytest.raises(AlignmentError):
+        mc.decrypt_from_pages(0x1008, d.pages_dict(), bytearray(4096))
+    with pytest.raises((AddressError, ValueError)):
+        mc.decrypt_from_pages((1 << 48) - 4096, d.pages_dict(), bytearray(8192))

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 from hwkit import GUEST_SPA, US, FnEngine, P, PageTables, es_vmsa, make_soc
 
+from sevemu._util.units import PAGE
 from sevemu.abi.paging import ExitCode
 from sevemu.abi.paging import NpfExitInfo1 as N
 from sevemu.errors import AddressError
@@ -212,3 +213,35 @@ def test_wbinvd_counts_per_core() -> None:
     assert s.wbinvd_all() == 1
     assert [c.wbinvd_count for c in s.cores] == [1, 1, 1]
     assert s.cache.flush_epoch == 3
+
+
+def test_host_read_stream_into_is_host_read_stream(soc: Soc) -> None:
+    """The streaming read into a reused buffer gives host_read_stream's bytes: DRAM with the host's
+    dirty cached lines in place (some cached, some only in DRAM, unaligned ends)."""
+    core = soc.boot_cpu
+    base = 0x20_0000
+    core.host_write_stream(base, bytes(range(256)) * 64)  # 16 KiB straight to DRAM
+    core.host_write(base + 0x1040, b"dirty line in the cache" + bytes(41))  # a dirty cached line
+    core.host_write(base + 0x3FC0, b"\xAA" * 64)
+    for spa, length in ((base, 0x4000), (base + 0x1013, 0x2FAD), (base + 0x1040, 64)):
+        out = bytearray(length + 8)
+        core.host_read_stream_into(spa, memoryview(out)[4 : 4 + length])
+        assert bytes(out[4 : 4 + length]) == core.host_read_stream(spa, length)
+        assert out[:4] == out[-4:] == bytes(4)  # nothing outside the view written
+    assert b"dirty line" not in core.mc.dram.read(base + 0x1040, 64)  # (only in the cache: overlaid)
+    assert b"dirty line" in core.host_read_stream(base + 0x1040, 64)
+
+
+def test_host_clear_pages_zeroes_memory_and_drops_the_hosts_lines(soc: Soc) -> None:
+    """The host's clearing of pages it hands out: a dirty cached line of the range does not survive
+    (no later write-back over the zeros), every page reads zeros and is stored in DRAM."""
+    core = soc.boot_cpu
+    base = 0x40_0000
+    core.host_write_stream(base, b"\x5a" * (2 * PAGE))
+    core.host_write(base + 0x80, b"dirty" + bytes(59))  # dirty in the cache only
+    before = core.mc.dram.populated_pages
+    core.host_clear_pages(base, 3 * PAGE)  # the third page was never written
+    assert core.mc.dram.populated_pages == before + 1
+    assert core.host_read(base, 3 * PAGE) == bytes(3 * PAGE)
+    core.wbinvd()
+    assert core.mc.dram.read(base, 3 * PAGE) == bytes(3 * PAGE)

@@ -201,3 +201,20 @@ def test_bulk_transfers_match_a_byte_model_with_and_without_the_c_helpers(accel:
             d.read_into(size - 8, bytearray(16))
         with pytest.raises(InputError):
             d.read_into(0, b"read-only")
+
+
+def test_zero_pages_stores_every_page_of_the_range_as_zeros() -> None:
+    """zero_pages gives absent pages their 4 KiB of zeros (they read the same) and zeroes written ones;
+    pages outside the range are untouched; a range that is not whole pages, or outside DRAM, is refused."""
+    d = Dram(1 << 20)
+    d.write(0x3000, b"\x11" * PAGE)
+    d.write(0x5000, b"\x22" * PAGE)
+    d.zero_pages(0x2000, 3 * PAGE)
+    assert d.populated_pages == 4  # 0x2000 and 0x4000 created, 0x3000 zeroed, 0x5000 kept
+    assert d.read(0x2000, 3 * PAGE) == bytes(3 * PAGE)
+    assert d.read(0x5000, PAGE) == b"\x22" * PAGE
+    with pytest.raises(AlignmentError):
+        d.zero_pages(0x2000, 100)
+    with pytest.raises(AddressError):
+        d.zero_pages((1 << 20) - PAGE, 2 * PAGE)
+    assert d.populated_pages == 4

@@ -50,3 +50,35 @@ def test_fused_write_leaves_dram_as_the_bulk_path(mode: EncryptionMode, monkeypa
     mc = _mc(mode)
     _write_all(mc, data)
     assert mc.read(0x1000, 3 * MiB, 5, True) == data[: 3 * MiB]
+
+
+@pytest.mark.parametrize("mode", list(EncryptionMode))
+def test_fused_read_into_gives_the_bulk_paths_bytes(mode: EncryptionMode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``read_into`` of a large encrypted range decrypts straight from the pages
+    (``MemoryCipher.decrypt_from_pages``, absent pages reading as zeros): the same bytes as the
+    gather and chunked bulk path, which still runs below the threshold."""
+    data = random.Random(5).randbytes(4 * MiB)
+    mc = _mc(mode)
+    _write_all(mc, data)
+    calls: list[int] = []
+    real = MemoryCipher.decrypt_from_pages
+
+    def counted(self: MemoryCipher, spa: int, pages: dict[int, bytearray], out: bytearray | memoryview) -> bool:
+        taken = real(self, spa, pages, out)
+        calls.append(int(taken))
+        return taken
+
+    monkeypatch.setattr(MemoryCipher, "decrypt_from_pages", counted)
+    ranges = [(0x1000, 3 * MiB), (0x40_0040, 96 * KiB), (0x3F_F000, 256 * KiB), (0x60_0000, 64 * KiB - 64)]
+    fused = []
+    for spa, n in ranges:
+        out = bytearray(n)
+        mc.read_into(spa, out, 5, True)
+        fused.append(bytes(out))
+    assert calls == ([1, 1, 1] if ACCELERATED else [0, 0, 0])  # the three large reads asked
+    assert fused[0] == data[: 3 * MiB] and fused[1] == data[3 * MiB : 3 * MiB + 96 * KiB]
+    monkeypatch.setattr(memctl, "_FUSED_MIN", 1 << 62)  # the gather and bulk path everywhere
+    for (spa, n), got in zip(ranges, fused, strict=True):
+        out = bytearray(n)
+        mc.read_into(spa, out, 5, True)
+        assert bytes(out) == got

@@ -50,6 +50,7 @@ from sevemu.hypervisor.migration import (
     VcpuState,
     decode_frame,
     encode_frame,
+    prepare_destination,
     receive_vm,
     send_vm,
 )
@@ -233,13 +234,14 @@ def amd_certs(m: Machine) -> bytes:
 
 
 # ---- in-process migrations (the destination in a thread) ----------------------------------------
-def migrate_in_process(src: Machine, dst: Machine, vm: Vm, **kw: Any) -> tuple[Vm | None, Exception | None]:
+def migrate_in_process(src: Machine, dst: Machine, vm: Vm, prepared: Vm | None = None,
+                       **kw: Any) -> tuple[Vm | None, Exception | None]:
     a, b = socket.socketpair()
     result: dict[str, Any] = {}
 
     def destination() -> None:
         try:
-            result["vm"] = receive_vm(dst.hv, Channel(b, TIMEOUT), amd_certs=amd_certs(dst))
+            result["vm"] = receive_vm(dst.hv, Channel(b, TIMEOUT), amd_certs=amd_certs(dst), vm=prepared)
         except MigrationError as exc:
             result["error"] = exc
 
@@ -291,6 +293,60 @@ def test_whole_regions_arrive_in_huge_pages_with_the_same_gpas() -> None:
     assert set(moved.npt.mappings) == set(vm.npt.mappings)
     ranges = [(gpa, PAGE) for gpa in secrets] + [(SHARED_GPA, len(SHARED_MARK))]
     assert guest_reads(dst.hv, moved, ranges) == [*secrets.values(), SHARED_MARK]
+
+
+def test_a_prepared_destination_receives_into_its_pinned_memory() -> None:
+    """QEMU's destination (``-incoming``) has the VM and all of its RAM, pinned, before the migration:
+    prepare_destination backs every page (huge pages where it can), stores each in DRAM zeroed; the
+    guest then arrives into that VM with its memory and registers."""
+    src, dst = host("hv-mig-src-pre"), host("hv-mig-dst-pre")
+    prepared = prepare_destination(dst.hv, MEM, "incoming")
+    spas = set(prepared.npt.mappings.values())
+    assert set(prepared.npt.mappings) == set(range(MEM // PAGE)) and prepared.npt.huge
+    dram = dst.soc.dram
+    assert all(dram.read(spa, PAGE) == bytes(PAGE) for spa in sorted(spas)[::97])
+    before = dram.populated_pages
+    assert before >= len(spas)  # every backing page stored in DRAM already
+    secrets = secret_pages()
+    vm = running_guest(src, secrets, vcpus=2)
+    regs = dict(vm.vcpus[0].vmcb.regs)
+    moved, error = migrate_in_process(src, dst, vm, prepared=prepared)
+    assert error is None and moved is prepared and dst.hv.vms == [prepared]
+    assert guest_state(dst.hv, moved) == GuestState.RUNNING and moved.state is VmState.RUNNING
+    assert set(moved.npt.mappings.values()) == spas and moved.vcpus[0].vmcb.regs == regs
+    # written into the pages it had: the only pages created are the PSP's ring and bounce pages
+    assert dram.populated_pages - before <= 64 < len(spas)
+    ranges = [(gpa, PAGE) for gpa in secrets] + [(SHARED_GPA, len(SHARED_MARK))]
+    assert guest_reads(dst.hv, moved, ranges) == [*secrets.values(), SHARED_MARK]
+    assert all(dram.find(data[:32]) == [] for data in secrets.values())  # ciphertext in DRAM only
+    assert not dst.firmware.internal_errors
+
+
+def test_a_prepared_destination_of_another_size_refuses_the_guest() -> None:
+    """START asks for a memory size the prepared destination VM does not have: a protocol error, the
+    destination VM discarded, the source guest running again."""
+    src, dst = host("hv-mig-src-pre2"), host("hv-mig-dst-pre2")
+    prepared = prepare_destination(dst.hv, 2 * MEM)
+    secrets = secret_pages()
+    vm = running_guest(src, secrets)
+    moved, error = migrate_in_process(src, dst, vm, prepared=prepared)
+    assert isinstance(error, MigrationError) and moved is None
+    assert not dst.hv.vms and dst.hv.platform_status().guest_count == 0
+    assert guest_state(src.hv, vm) == GuestState.RUNNING and vm.state is VmState.RUNNING
+    assert guest_reads(src.hv, vm, [(g, PAGE) for g in secrets]) == list(secrets.values())
+
+
+def test_receive_into_a_vm_that_is_not_fresh_is_refused_and_leaves_it_alone() -> None:
+    """receive_vm with a running guest of the destination as ``vm``: refused before anything is sent,
+    the guest untouched."""
+    dst = host("hv-mig-dst-pre3")
+    secrets = secret_pages()
+    busy = running_guest(dst, secrets)
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(MigrationError, match="not a fresh destination VM"):
+        receive_vm(dst.hv, Channel(b, TIMEOUT), amd_certs=amd_certs(dst), vm=busy)
+    assert dst.hv.vms == [busy] and busy.state is VmState.RUNNING
+    assert guest_reads(dst.hv, busy, [(g, PAGE) for g in secrets]) == list(secrets.values())
 
 
 def test_a_region_named_whole_and_not_sent_whole_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -562,8 +618,8 @@ def test_migration_queues_a_command_per_page_through_the_ring_buffer(monkeypatch
     send = Channel.send
 
     def recording(self: Channel, msg: Message) -> None:
-        if isinstance(msg, Pages):
-            sent.append(msg)
+        if isinstance(msg, Pages):  # (a copy: the batch's buffers are reused by the next doorbell)
+            sent.append(Pages(msg.gpas, bytes(msg.hdrs), bytes(msg.transport)))
         send(self, msg)
 
     monkeypatch.setattr(Channel, "send", recording)

@@ -4,7 +4,13 @@ beside the raw loopback throughput of the same run.
 Setup (not timed).  The emulated AMD root of the generation (:func:`sevemu.scenario.default_amd_root`)
 certifies two chips -- the factory -- so each platform's chain verifies on the other.  The source
 host boots in this process; the destination host boots in a child process (``multiprocessing``,
-spawn) from its own platform directory and listens on 127.0.0.1 (ephemeral port).  The guest
+spawn) from its own platform directory, makes the destination VM with the guest's memory size and
+every page of it backed and pinned, as the destination QEMU (started with ``-incoming`` and the
+same ``-m``) has it before the migration -- QEMU registers each RAM block of an SEV guest with
+KVM_MEMORY_ENCRYPT_REG_REGION when it creates the machine, which pins, and so faults in, the whole
+block (:func:`~sevemu.hypervisor.migration.prepare_destination`; ``--no-prealloc``: the VM is made
+when START arrives and its pages are first touched as they are received) -- and listens on
+127.0.0.1 (ephemeral port).  The guest
 (``--size`` MiB) is backed entirely and launched with LAUNCH_UPDATE_DATA over all of its memory in
 runs of up to 64 MiB (a zero image: the host allocator's fresh pages hold zeros), so every page is
 populated ciphertext; the guest then boots and writes a random 32-byte marker into 256 pages spread
@@ -36,7 +42,9 @@ working in parallel.  Figures:
   the floor in CPU time (``time.process_time``, the better of two runs) and ``cpu_floor_ratio`` the
   floor's CPU per page over the busier side's -- the ratio a machine with a free core per side
   would show, less sensitive to other load than the wall-clock ``floor_ratio``;
-* ``doorbells``: ring-buffer doorbells the source rang.
+* ``doorbells``: ring-buffer doorbells the source rang;
+* ``destination_prealloc``: whether the destination VM was made and pinned before the migration
+  (setup above) or when START arrived (``--no-prealloc``).
 
 Verification: the destination runs the guest from where it stopped; it reads the markers back and
 prints their SHA-256, which must equal the source's.
@@ -82,7 +90,7 @@ from sevemu.guest.kernel import boot, print_
 from sevemu.hw.profiles import profile
 from sevemu.hw.pyengine import Op, PyEngine, op
 from sevemu.hypervisor.kvm import Hypervisor
-from sevemu.hypervisor.migration import Channel, MigrationError, receive_vm, send_vm
+from sevemu.hypervisor.migration import Channel, MigrationError, prepare_destination, receive_vm, send_vm
 from sevemu.hypervisor.psp import RingSession
 from sevemu.hypervisor.sev.legacy import PAGE_BATCH
 from sevemu.hypervisor.vm import Vm, VmState
@@ -120,6 +128,9 @@ def register_migrate(bench_subparsers: Any) -> None:
     p.add_argument("--generation", choices=GENERATIONS, default="milan", help="platform of both hosts (default milan)")
     p.add_argument("--timeout", type=seconds, default=60.0, metavar="S",
                    help="bound on every network wait, seconds (default 60)")
+    p.add_argument("--no-prealloc", dest="prealloc", action="store_false",
+                   help="make the destination VM when START arrives (its RAM first touched as pages are "
+                        "received) instead of before the migration, pinned, as QEMU's destination has it")
     p.set_defaults(func=run_migrate)
 
 
@@ -141,6 +152,10 @@ class DestinationPlan:
     baseline: bool = False
     """After the migration, accept one plain TCP connection and swallow it (raw loopback figure)."""
     seed: str | None = None
+    memory: int = 0
+    """The destination VM's RAM, as the destination QEMU is started with it (``-m``, ``-incoming``):
+    when set, the VM is made with every page backed and pinned before the host listens
+    (:func:`~sevemu.hypervisor.migration.prepare_destination`); 0: made when START arrives."""
 
 
 def _check_workload(ranges: tuple[tuple[int, int], ...]) -> Generator[Op, Any, None]:
@@ -164,6 +179,7 @@ def destination_main(plan: DestinationPlan, conn: Connection) -> None:
     try:
         m = build_machine(plan.generation, platform_dir=plan.platform_dir, seed=plan.seed)
         hv = m.hv
+        prepared = prepare_destination(hv, plan.memory, "received") if plan.memory else None
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
             listener.bind((_LOCALHOST, 0))
             listener.listen(2)
@@ -172,7 +188,7 @@ def destination_main(plan: DestinationPlan, conn: Connection) -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             report: dict[str, Any] = {}
             try:
-                vm = receive_vm(hv, chan, amd_certs=plan.amd_certs, name="received")
+                vm = receive_vm(hv, chan, amd_certs=plan.amd_certs, name="received", vm=prepared)
             except MigrationError as exc:
                 report.update(ok=False, error=str(exc))
                 vm = None
@@ -428,8 +444,10 @@ def _count_doorbells(hv: Hypervisor) -> Callable[[], int]:
 
 
 def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.0,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Run the benchmark (module docstring); returns the figures."""
+                  progress: Progress | None = None, prealloc: bool = True) -> dict[str, Any]:
+    """Run the benchmark (module docstring); returns the figures.  ``prealloc``: the destination
+    VM made and its RAM pinned before the migration, as QEMU's destination has it (module
+    docstring); False: made when START arrives, its pages first touched as they are received."""
     if size_mib < MIN_SIZE_MIB:
         raise InputError(f"--size {size_mib}: the benchmark guest needs at least {MIN_SIZE_MIB} MiB")
     size = size_mib * MiB
@@ -447,7 +465,8 @@ def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.
         dst_dir = Path(tmp) / "destination"
         manufacture(dst_dir, generation, root)
         plan = DestinationPlan(generation, str(dst_dir), root.amd_certs.encode(), timeout=timeout,
-                               check=tuple((gpa, len(d)) for gpa, d in marks), baseline=True)
+                               check=tuple((gpa, len(d)) for gpa, d in marks), baseline=True,
+                               memory=size if prealloc else 0)
         with Destination(plan) as dest:
             progress.step(f"launching a {size_mib} MiB SEV guest on the source")
             src = build_machine(generation, amd_root=root)
@@ -513,13 +532,14 @@ def bench_migrate(size_mib: int, generation: str = "milan", timeout: float = 60.
         "target_mbps": TARGET_MBPS,
         "target_floor_ratio": TARGET_FLOOR_RATIO,
         "doorbells": doorbells,
+        "destination_prealloc": prealloc,
         "verified": received.get("check_digest") == expected and received.get("check_reason") == "hlt",
     }
 
 
 def run_migrate(args: argparse.Namespace) -> int:
     with Progress(progress_enabled(quiet=args.json or bool(getattr(args, "quiet", False))), "bench migrate") as p:
-        r = bench_migrate(args.size, args.generation, args.timeout, p)
+        r = bench_migrate(args.size, args.generation, args.timeout, p, prealloc=getattr(args, "prealloc", True))
     if args.json:
         print(json.dumps(r, indent=2))
         return 0 if r["verified"] else 1
@@ -536,5 +556,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     print(f"  CPU per page: source {r['source_cpu_us_per_page']:.1f} us, destination "
           f"{r['destination_cpu_us_per_page']:.1f} us -> {r['cpu_bound_mbps']:.2f} MB/s with a core each; "
           f"floor {r['floor_cpu_us_per_page']:.1f} us of CPU -> ratio {r['cpu_floor_ratio']:.2f} in CPU time")
+    print("  destination VM " + ("made with its RAM backed and pinned before the migration (as QEMU's -incoming "
+                                 "destination has it)" if r["destination_prealloc"] else
+                                 "made when START arrived, its pages backed as they were received"))
     print(f"  destination guest read its markers back: {'ok' if r['verified'] else 'MISMATCH'}")
     return 0 if r["verified"] else 1

@@ -25,6 +25,11 @@ def crypt_pages(pages: dict[int, bytearray], spa: int, src: ReadableBuffer, cons
     """XE (code 0) / XEX (code 1, AES-128 key) / XTS (code 2, K1 || K2) of src at spa, straight into the
     page store; False, with nothing changed, when src overlaps one of the pages."""
 
+def crypt_from_pages(pages: dict[int, bytearray], spa: int, dst: WriteableBuffer, consts: ReadableBuffer,
+                     key: ReadableBuffer, code: int, encrypt: bool, /) -> bool:
+    """XE / XEX / XTS of the page store's bytes at spa (absent pages: zeros) into dst; False, with
+    nothing written, when dst overlaps one of the pages."""
+
 def crypt_into(dst: WriteableBuffer, spa: int, src: ReadableBuffer, consts: ReadableBuffer,
                key: ReadableBuffer, code: int, encrypt: bool, /) -> bool:
     """crypt_pages' fused transform into one buffer of len(src) bytes (may be src itself); False, with

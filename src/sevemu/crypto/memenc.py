@@ -906,6 +906,23 @@ class MemoryCipher:
         return bool(_memenc_accel.crypt_pages(pages, spa, src, self._tables.consts_bytes, self._key,
                                               self._code, True))
 
+    def decrypt_from_pages(self, spa: int, pages: dict[int, bytearray], out: bytearray | memoryview) -> bool:
+        """Decrypt ``len(out)`` bytes of a page store (PFN -> 4 KiB bytearray, as
+        :class:`sevemu.hw.dram.Dram` keeps; an absent page reads as zeros) at SPA ``spa`` into
+        ``out``: the bytes :meth:`decrypt_bulk` gives of the gathered pages, in one fused pass in the
+        C accelerator (per page: tweak, AES, tweak in a buffer that stays in L1, written into
+        ``out``; no gather, no passes over the whole range).  Only with the accelerator; returns
+        False, with nothing done, otherwise (and when ``out`` overlaps one of the pages): the
+        caller then gathers and takes the bulk path.  Checks as :meth:`decrypt_bulk_into`."""
+        run = getattr(_memenc_accel, "crypt_from_pages", None) if self._accel else None
+        if run is None:  # (no accelerator, or one built before crypt_from_pages existed)
+            return False
+        dst = _byte_view(out, "out")
+        if dst.readonly:
+            raise InputError("out must be a writable buffer")
+        self._check(spa, dst.nbytes)
+        return bool(run(pages, spa, dst, self._tables.consts_bytes, self._key, self._code, False))
+
     def encrypt_small(self, spa: int, data: bytes | bytearray) -> memoryview:
         """The ciphertext of ``data`` at ``spa`` in this thread's scratch buffer (valid until the
         thread's next bulk call): :meth:`encrypt_bulk_into`'s bytes, in fewer steps for a transfer of at

@@ -367,26 +367,47 @@ class Core:
         (PSP output, a NIC ring) avoids polluting the cache.
         """
         dram = self.mc.dram
-        cache = self.cache
         v = self.vmcbs
         if spa < v.hi and spa + length > v.lo:
             v.touch(spa, length, False)
         data = dram.read(spa, length)
-        dirty = cache.dirty
-        first, end = spa & ~63, spa + length
-        if (end - first) >> 6 <= len(dirty):
-            keys = [k for k in range(first, end, 64) if k in dirty]  # domain (0, C=0): the key is the SPA
-        else:  # fewer dirty lines than addresses: visit them
-            keys = sorted(k for k in dirty if first <= k < end)
+        keys = self._dirty_host_lines(spa, length)
         if not keys:
             return data
         out = bytearray(data)
+        self._overlay_dirty(spa, memoryview(out), keys)
+        return bytes(out)
+
+    def host_read_stream_into(self, spa: int, out: bytearray | memoryview) -> None:
+        """:meth:`host_read_stream` of ``len(out)`` bytes from ``spa``, into the caller's buffer (a
+        large copy that reuses its buffer instead of allocating one each time)."""
+        view = memoryview(out).cast("B")
+        length = len(view)
+        v = self.vmcbs
+        if spa < v.hi and spa + length > v.lo:
+            v.touch(spa, length, False)
+        self.mc.dram.read_into(spa, view)
+        keys = self._dirty_host_lines(spa, length)
+        if keys:
+            self._overlay_dirty(spa, view, keys)
+
+    def _dirty_host_lines(self, spa: int, length: int) -> list[int]:
+        """The host's dirty lines (domain (0, C=0): the key is the SPA) of ``[spa, spa+length)``."""
+        dirty = self.cache.dirty
+        first, end = spa & ~63, spa + length
+        if (end - first) >> 6 <= len(dirty):
+            return [k for k in range(first, end, 64) if k in dirty]
+        return sorted(k for k in dirty if first <= k < end)  # fewer dirty lines than addresses: visit them
+
+    def _overlay_dirty(self, spa: int, out: memoryview, keys: list[int]) -> None:
+        """The bytes of the cached lines ``keys`` in place of DRAM's in ``out`` (read from ``spa``)."""
+        cache = self.cache
+        end = spa + len(out)
         for key in keys:
             line = cache.sets[(key >> 6) & cache.set_mask].get(key)
             if line is not None:
                 lo, hi = max(key, spa), min(key + 64, end)
                 out[lo - spa : hi - spa] = line[lo - key : hi - key]
-        return bytes(out)
 
     def host_write_stream(self, spa: int, data: bytes | bytearray | memoryview) -> None:
         """Streaming (non-temporal) write of unencrypted memory as the host, C=0 (``MOVNTDQ``).
@@ -405,6 +426,21 @@ class Core:
             v.touch(spa, len(data), True)
         self.cache.flush_range(0, False, spa, len(data))
         dram.write(spa, data)
+
+    def host_clear_pages(self, spa: int, length: int) -> None:
+        """The host zeroes whole pages it hands out (Linux ``clear_page``; KVM pinning an SEV guest's
+        RAM faults every page in): :meth:`host_write_stream` of zeros over the page-aligned range --
+        the host's cached lines written back and invalidated, zeros in DRAM -- with every page of it
+        stored in DRAM's page store (:meth:`Dram.zero_pages`) rather than left absent."""
+        dram = self.mc.dram
+        dram.check_range(spa, length)
+        if self.rmp is not None:
+            self.rmp.check_host_write(spa, length)
+        v = self.vmcbs
+        if spa < v.hi and spa + length > v.lo:
+            v.touch(spa, length, True)
+        self.cache.flush_range(0, False, spa, length)
+        dram.zero_pages(spa, length)
 
     def clflush(self, spa: int, c: bool = False) -> None:
         """CLFLUSH of one line as the host: only host-domain lines are evicted."""

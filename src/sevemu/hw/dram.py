@@ -157,6 +157,21 @@ class Dram:
             memoryview(page)[off : off + n] = view[pos : pos + n]
             pos += n
 
+    def zero_pages(self, spa: int, length: int) -> None:
+        """Store zeros in every page of the page-aligned range ``[spa, spa+length)``, an absent page
+        getting its 4 KiB (it read as zeros before too): what the host's clearing of pages it hands
+        out leaves in DRAM, every page stored rather than left to be created by its first write."""
+        self.check_range(spa, length)
+        if (spa | length) & 0xFFF:
+            raise AlignmentError(f"zero_pages needs whole pages, got {spa:#x}+{length:#x}")
+        pages = self._pages
+        for pfn in range(spa >> 12, (spa + length) >> 12):
+            page = pages.get(pfn)
+            if page is None:
+                pages[pfn] = bytearray(PAGE)
+            else:
+                page[:] = _ZERO_PAGE
+
     def check_range(self, spa: int, length: int) -> None:
         if spa < 0 or length < 0 or spa + length > self.size:
             raise AddressError(

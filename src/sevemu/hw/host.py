@@ -107,9 +107,17 @@ class HostCore:
         """Non-temporal loads of a large range (C=0)."""
         return self._core.host_read_stream(spa, length)
 
+    def host_read_stream_into(self, spa: int, out: bytearray | memoryview) -> None:
+        """:meth:`host_read_stream` of ``len(out)`` bytes into the caller's (reused) buffer."""
+        self._core.host_read_stream_into(spa, out)
+
     def host_write_stream(self, spa: int, data: bytes | bytearray | memoryview) -> None:
         """Non-temporal stores of a large range (C=0)."""
         self._core.host_write_stream(spa, data)
+
+    def host_clear_pages(self, spa: int, length: int) -> None:
+        """Zero whole pages the host hands out, every page stored in DRAM (:meth:`Core.host_clear_pages`)."""
+        self._core.host_clear_pages(spa, length)
 
     def clflush(self, spa: int, c: bool = False) -> None:
         """CLFLUSH of the host's line (it cannot evict another ASID's line)."""

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 _ZERO_LINE = bytes(LINE)
 _CHUNK = MiB  # bulk encryption granule of large transfers (a whole number of pages)
-_FUSED_MIN = 64 * KiB  # bulk writes from this size go through MemoryCipher.encrypt_to_pages where it can
+_FUSED_MIN = 64 * KiB  # bulk writes (reads) from this size go through MemoryCipher.encrypt_to_pages (decrypt_from_pages) where it can
 _SCRATCH = threading.local()  # per thread: one _CHUNK buffer the bulk writes encrypt into, reused
 
 
@@ -241,6 +241,9 @@ class MemoryController:
         view = memoryview(out).cast("B")
         self._check_bulk(spa, len(view))
         cipher = self._cipher(asid) if c else None  # (no key: nothing is read)
+        if cipher is not None and len(view) >= _FUSED_MIN \
+                and cipher.decrypt_from_pages(spa, self.dram.pages_dict(), view):
+            return  # (large reads: one fused pass from the pages, the same bytes)
         self.dram.read_into(spa, view)
         if cipher is not None:
             cipher.decrypt_bulk_into(spa, view, view)

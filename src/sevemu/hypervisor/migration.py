@@ -74,6 +74,17 @@ destination, no huge page left) get 4 KiB pages.  The destination backs the same
 a named region of which FINISH finds a page missing is a protocol error, as is a region named after
 the first page, twice, unaligned or not inside the VM.
 
+Preallocated destination (:func:`prepare_destination`): QEMU's destination, started with
+``-incoming`` and the guest's ``-m``, builds the machine before the stream arrives, and for an SEV
+guest registers each RAM block with KVM_MEMORY_ENCRYPT_REG_REGION, which pins the whole block (Linux
+``sev_mem_enc_register_region``: ``sev_pin_memory`` with write access faults every page in, the host
+kernel clearing it; then ``sev_clflush_pages``).  ``prepare_destination`` makes that VM the same way
+before the connection -- every page backed (huge pages for 2 MiB regions while any are left) and
+cleared (:meth:`~sevemu.hw.host.HostCore.host_clear_pages`: flushed, stored in DRAM as zeros) --
+and :func:`receive_vm` (``vm=``) receives into it: START must ask for its size (ProtocolError
+otherwise), the HUGE regions are then backed already, and RECEIVE_UPDATE_DATA writes into pages
+that exist.
+
 SEV-ES guests (whose registers live in the encrypted VMSA and move with SEND_UPDATE_VMSA) and
 plain VMs are refused: only legacy SEV guests are modelled.
 """
@@ -123,6 +134,7 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "platform_certs",
+    "prepare_destination",
     "receive_vm",
     "send_vm",
 ]
@@ -611,14 +623,46 @@ def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel) -> tuple[int, int]:
 # ---- destination --------------------------------------------------------------------------------
 
 
+def prepare_destination(hv: Hypervisor, memory: int, name: str = "migrated") -> Vm:
+    """The destination VM as QEMU started with ``-incoming`` has it before the migration begins (module
+    docstring, preallocated destination): created with ``memory`` bytes of RAM, every page backed
+    (2 MiB regions with a host huge page each where one is left, the rest with 4 KiB pages) and
+    pinned -- KVM_MEMORY_ENCRYPT_REG_REGION, which QEMU issues for every RAM block of an SEV
+    guest when it creates the machine, pins the whole range (``sev_pin_memory`` with write access:
+    every page faulted in and cleared by the host kernel) and flushes it (``sev_clflush_pages``).
+    Pass it to :func:`receive_vm` (``vm=``)."""
+    if memory <= 0 or memory % PAGE or memory > hv.soc.dram_size:
+        raise MigrationError(f"a destination of {memory:#x} bytes: a positive multiple of 4 KiB within DRAM")
+    vm = hv.create_vm(name, memory, VmKind.SEV)
+    try:
+        if vm.huge_pages:
+            for gpa in range(0, memory - PAGE_2M + 1, PAGE_2M):
+                if vm.back_huge(gpa) is None:
+                    break  # (no huge page left: 4 KiB pages for the rest)
+        vm.back_range(0, memory)
+        spas = np.sort(np.fromiter(vm.npt.mappings.values(), dtype=np.uint64, count=len(vm.npt.mappings)))
+        breaks = np.flatnonzero(np.diff(spas) != np.uint64(PAGE)) + 1
+        for run in np.split(spas, breaks):
+            hv.core.host_clear_pages(int(run[0]), len(run) * PAGE)  # (cleared: flushed and zeroed)
+    except SevemuError:
+        hv.destroy(vm)
+        raise
+    return vm
+
+
 def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "migrated",
-               max_memory: int | None = None) -> Vm:
+               max_memory: int | None = None, vm: Vm | None = None) -> Vm:
     """Receive a guest over ``chan`` (module docstring); returns the RUNNING VM.
 
-    ``amd_certs`` is this platform's ASK || ARK (a host fetches it from AMD's key server).  On any
+    ``amd_certs`` is this platform's ASK || ARK (a host fetches it from AMD's key server).  ``vm``:
+    a destination VM made beforehand by :func:`prepare_destination` (START must then ask for its
+    memory size: ProtocolError otherwise); by default one is created when START arrives.  On any
     failure the new VM is discarded and :class:`MigrationError` raised.
     """
-    vm: Vm | None = None
+    prepared = vm
+    if prepared is not None and (prepared.handle or prepared.vcpus or prepared.kind is not VmKind.SEV
+                                 or prepared not in hv.vms):
+        raise MigrationError(f"{prepared.name} is not a fresh destination VM of this host (prepare_destination)")
     sev = hv.sev
     try:
         pdh, chain = sev.platform_certs()
@@ -627,7 +671,9 @@ def receive_vm(hv: Hypervisor, chan: Channel, *, amd_certs: bytes, name: str = "
         limit = max_memory if max_memory is not None else hv.soc.dram_size
         if start.memory <= 0 or start.memory % PAGE or start.memory > limit or not 0 < start.vcpus <= 64:
             raise ProtocolError(f"START asks for {start.memory:#x} bytes and {start.vcpus} vCPUs")
-        vm = hv.create_vm(name, start.memory, VmKind.SEV)
+        if prepared is not None and start.memory != prepared.memory:
+            raise ProtocolError(f"START asks for {start.memory:#x} bytes; the destination VM has {prepared.memory:#x}")
+        vm = prepared if prepared is not None else hv.create_vm(name, start.memory, VmKind.SEV)
         sev.context(vm)
         sev.receive_start(vm, start.policy, start.pdh, start.session)
         _receive_pages(hv, vm, chan, start.vcpus)

@@ -525,8 +525,10 @@ class LegacySev(SevHost):
         transport buffers in consecutive pages of one bounce run, read back with one streaming read
         each.  Both ring-buffer queues are configured, so a doorbell carries up to
         :data:`PAGE_BATCH` (510) commands.  ``gpas`` may be a numpy column (the SPAs of each batch
-        are then looked up in one pass).  Yields a :class:`PageBatch` per doorbell; a refused
-        command raises :class:`SevFirmwareError` (the pages before it were sent)."""
+        are then looked up in one pass).  Yields a :class:`PageBatch` per doorbell, its header
+        slots and transport buffers views of two buffers the generator reuses: valid until the
+        next batch is asked for (copy what must outlive it).  A refused command raises
+        :class:`SevFirmwareError` (the pages before it were sent)."""
         if not 0 < batch <= PAGE_BATCH:
             raise SevInputError(Errno.EINVAL, f"batch of {batch} pages: 1..{PAGE_BATCH}")
         hdr_len, _ = self.packet_lengths(vm)
@@ -537,29 +539,36 @@ class LegacySev(SevHost):
         mapped = vm.npt.mappings.get
         order = gpas.astype(np.uint64) if isinstance(gpas, np.ndarray) else None
         todo = iter(gpas) if order is None else None
+        hdr_out = memoryview(bytearray(batch * HDR_SLOT))  # (reused: see the docstring)
+        trans_out = memoryview(bytearray(batch * PAGE))
         with self.psp.ring(high=True) as ring, self.psp.bounce.stage() as st:
             hdr_base = st.alloc(batch * HDR_SLOT, PAGE)
             trans_base = st.alloc(batch * PAGE, PAGE)
             start = 0
             while True:
                 if order is not None:  # (GPAs as a column: the chunk's SPAs looked up in one pass)
-                    chunk = order[start : start + batch].tolist()
+                    column = order[start : start + batch]
+                    chunk = column.tolist()
+                    unaligned = bool((column & np.uint64(PAGE_MASK)).any())
                     start += batch
                 else:
                     chunk = list(itertools.islice(cast("Iterator[int]", todo), batch))
+                    unaligned = any(gpa & PAGE_MASK for gpa in chunk)
                 if not chunk:
                     break
-                spas = np.fromiter(map(mapped, [gpa >> 12 for gpa in chunk], itertools.repeat(-1)),
-                                   dtype=np.int64, count=len(chunk))
-                if (spas < 0).any() or any(gpa & PAGE_MASK for gpa in chunk):  # the error KVM answers
+                gfns = (column >> np.uint64(12)).tolist() if order is not None else [gpa >> 12 for gpa in chunk]
+                spas = np.fromiter(map(mapped, gfns, itertools.repeat(-1)), dtype=np.int64, count=len(chunk))
+                if unaligned or (spas < 0).any():  # the error KVM answers
                     spas = np.array([spa_of(gpa) if gpa & PAGE_MASK or s < 0 else s
                                      for gpa, s in zip(chunk, spas.tolist(), strict=True)], dtype=np.int64)
                 slots = transport_slots(handle, hdr_base, hdr_len, spas.astype(np.uint64) | me_mask, trans_base)
                 ring.submit_many(CommandId.SEND_UPDATE_DATA, slots)
                 _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
                 n = len(chunk)
-                yield PageBatch(tuple(chunk), core.host_read_stream(hdr_base, n * HDR_SLOT),
-                                core.host_read_stream(trans_base, n * PAGE), hdr_len)
+                hdrs, trans = hdr_out[: n * HDR_SLOT], trans_out[: n * PAGE]
+                core.host_read_stream_into(hdr_base, hdrs)
+                core.host_read_stream_into(trans_base, trans)
+                yield PageBatch(tuple(chunk), hdrs, trans, hdr_len)
 
     def send_finish(self, vm: Vm) -> None:
         self.need_context(vm)
