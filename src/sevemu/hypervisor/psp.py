@@ -70,6 +70,7 @@ RING_SLOT = _SLOT
 """Bytes of a queued command buffer's slot (:meth:`RingSession.submit_many`)."""
 _ENTRY = struct.Struct("<HHIQ")  # abi.sev.RingCmdEntry, packed in one call (a test holds them equal)
 _STATUS = struct.Struct("<H6xQ")  # abi.sev.RingStatusEntry
+_STATUSES: dict[int, Status] = {int(s): s for s in Status}  # (Status(n) for a known n, without the enum call)
 
 S = TypeVar("S", bound=Struct)
 
@@ -207,7 +208,7 @@ class PspDriver:
         if not is_response(reg):
             raise HardwareError(f"PSP did not answer {cmd.name}")
         status = decode_status(reg)
-        self.last_status = Status(status) if status in Status._value2member_map_ else Status.SUCCESS
+        self.last_status = _STATUSES.get(status, Status.SUCCESS)
         out = self._core.host_read(spa, n) if buf is not None and reply else b""
         return status, out
 

@@ -63,6 +63,7 @@ _FOUR_K_ONLY: Final = {SnpPageType.VMSA, SnpPageType.SECRETS, SnpPageType.CPUID}
 
 
 _TEMPLATES: dict[tuple[int, int, int, int, int], bytes] = {}
+"""PAGE_INFO templates by (page type, IMI, VMPL1, VMPL2, VMPL3 permissions)."""
 
 
 def _template(page_type: int, vmpl_perms: tuple[int, int, int], imi_page: bool) -> bytes:
@@ -110,11 +111,12 @@ _PAGE_TYPES: Final = {int(t): t for t in SnpPageType}
 def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     st = snp_state(fw)
     dma = fw.ports.dma
-    spa, _ = dma.strip(cmd.address)
-    if cmd.gctx_paddr % PAGE or spa % PAGE:
+    spa = cmd.address & ~dma.cbit_mask  # (dma.strip)
+    gctx = cmd.gctx_paddr
+    if gctx % PAGE or spa % PAGE:
         raise FirmwareError(Status.INVALID_PARAM, "SNP_LAUNCH_UPDATE addresses must be page aligned")
     st.need_init()
-    g = st.guest(cmd.gctx_paddr)
+    g = st.guest(gctx)
     port = st.port()
     own, lo, hi, state, huge, asid, gpa = st.governing(spa)
     if state != RmpPageState.PRE_GUEST:
@@ -135,18 +137,18 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INACTIVE, "the guest must be activated before SNP_LAUNCH_UPDATE")
     if asid != g.asid:
         raise FirmwareError(Status.INVALID_PAGE_OWNER, f"page {spa:#x} belongs to ASID {asid}, not {g.asid}")
-    imi = bool(flags.imi_page)
+    imi = flags.imi_page
     if g.imi_en and not imi:
         raise FirmwareError(Status.INVALID_PARAM, "an IMI guest's pages must be IMI pages")
-    perms = (cmd.vmpl1_perms, cmd.vmpl2_perms, cmd.vmpl3_perms)
-    if (perms[0] | perms[1] | perms[2]) & ~VMPL_PERM_MASK:
+    v1, v2, v3 = cmd.vmpl1_perms, cmd.vmpl2_perms, cmd.vmpl3_perms
+    if (v1 | v2 | v3) & ~VMPL_PERM_MASK:
         raise FirmwareError(Status.INVALID_PARAM, "VMPL permission masks set bits 7:5")
+    perms = (v1, v2, v3)
     size = PAGE_2M if huge else PAGE
     count = size // PAGE
-    info = _template(int(ptype), perms, imi)
+    info = _TEMPLATES.get((ptype, imi, v1, v2, v3)) or _template(int(ptype), perms, bool(imi))
     if ptype == SnpPageType.ZERO:  # the range's host lines written back and dropped; nothing to read
-        dma.evict(spa, size)
-        dma.write_encrypted(spa, bytes(size), g.asid)
+        dma.zero_encrypted(spa, size, g.asid)
         g.chain(info, gpa, count, None)
         port.make_guest_valid(own, lo, hi, False, perms)
         return

@@ -227,12 +227,22 @@ class SnpPlatform:
 _STATES: weakref.WeakKeyDictionary[Firmware, SnpPlatform] = weakref.WeakKeyDictionary()
 
 
+_LAST: list[tuple[weakref.ref[Firmware], SnpPlatform]] = []
+"""The last firmware :func:`snp_state` answered for, and its state (every SNP command asks: a weak
+reference called is cheaper than a WeakKeyDictionary lookup)."""
+
+
 def snp_state(fw: Firmware) -> SnpPlatform:
     """The SNP platform state of ``fw`` (created at first use, from the part's profile and RMP)."""
+    if _LAST:
+        ref, last = _LAST[0]
+        if ref() is fw:
+            return last
     st = _STATES.get(fw)
     if st is None:
         tcb = int.from_bytes(_TCB.get(fw.profile.name, _TCB["milan"]), "little")
         api = SNP_API_VERSION.get(fw.profile.name, (1, 55))
         st = _STATES[fw] = SnpPlatform(rmp=fw.ports.rmp, current_tcb=tcb, reported_tcb=tcb, committed_tcb=tcb,
                                        api=api)
+    _LAST[:] = [(weakref.ref(fw), st)]
     return st

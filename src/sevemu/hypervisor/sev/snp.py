@@ -75,7 +75,7 @@ from sevemu.abi.vmsa import SevFeatures
 from sevemu.hw.host import HostSoc
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
 from sevemu.hypervisor.sev.common import SevHost
-from sevemu.hypervisor.sev.es import sync_vmsa
+from sevemu.hypervisor.sev.es import vmsa_page
 from sevemu.hypervisor.sev.legacy import LegacySev
 from sevemu.hypervisor.uapi import (
     GHCB_VERSION_MAX,
@@ -284,7 +284,6 @@ def _free_context(host: SevHost, vm: Vm) -> None:
     vm.snp_context = 0
 
 
-_FEW: Final = 32
 _CMDS: dict[tuple[int, int, bool], bytes] = {}
 
 
@@ -346,8 +345,7 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
                 if done - first_backed >= len(backed):  # back up to the next 2 MiB boundary in one step
                     end = min(pages, done + (_SUBPAGES - (gpa // PAGE) % _SUBPAGES))
                     gpas = range(gpa, gpa0 + end * PAGE, PAGE)
-                    # (a few pages one by one: the batched mapping's array work costs more than it saves)
-                    backed = vm.back_pages(list(gpas)) if len(gpas) > _FEW else [vm.back(g) for g in gpas]
+                    backed = vm.back_pages(list(gpas))
                     first_backed = done
                 spa = backed[done - first_backed]
                 if spa in private or rmp_entry(spa).assigned:
@@ -393,7 +391,7 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
     if len(p.host_data) != KVM_SEV_SNP_FINISH_DATA_SIZE:
         raise SevInputError(Errno.EINVAL, "host_data is 32 bytes")
     for vcpu in sorted(vm.vcpus, key=lambda v: v.index != 0):  # the BSP first
-        page = sync_vmsa(vm, vcpu).encode()
+        page = vmsa_page(vm, vcpu)
         spa = vm.vmsa_page(vcpu.index)
         if host.soc.rmp_entry(spa).assigned:
             continue  # measured by an earlier, failed FINISH
