@@ -46,11 +46,9 @@ from sevemu.abi.snp import (
 )
 from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct
-from sevemu.crypto import ecc
-from sevemu.crypto.pagehash import page_info_chain, sha384_pages
+from sevemu.crypto import ecc, pagehash
 from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError, VerificationError
 from sevemu.firmware.core import ANY_STATE, Firmware
-from sevemu.firmware.sha_engine import hash_pages_later
 from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.cpuid import sanitize_cpuid_page
 from sevemu.firmware.snp.state import SnpGuest, snp_state
@@ -93,9 +91,8 @@ def measure_pages(ld: bytes, data: bytes, page_type: int, gpa: int, vmpl_perms: 
                   imi_page: bool = False) -> bytes:
     """The launch digest after ``ld`` is chained with every 4 KiB page of ``data`` (GPAs from ``gpa``)
     as measured pages: CONTENTS = SHA-384 of the page.  The same digest as :func:`page_info_digest` page
-    by page: the pages' hashes in one call, then the chain in one call (:mod:`sevemu.crypto.pagehash`)."""
-    return page_info_chain(ld, _template(page_type, vmpl_perms, imi_page), gpa, len(data) // PAGE,
-                           sha384_pages(data, PAGE))
+    by page, in one call (:func:`sevemu.crypto.pagehash.measure_pages`)."""
+    return pagehash.measure_pages(ld, _template(page_type, vmpl_perms, imi_page), gpa, data)
 
 
 def _secrets(fw: Firmware, g: SnpGuest) -> bytes:
@@ -154,9 +151,8 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         return
     data = dma.read_invalidate(spa, size)  # the whole page (512 x 4 KiB for a 2 MiB one) at once
     if ptype == SnpPageType.NORMAL:  # CONTENTS: the pages' hashes (a 2 MiB page's: on the SHA engine)
-        hashes = hash_pages_later(data) if huge else sha384_pages(data, PAGE)
+        g.measure(info, gpa, data, later=bool(huge))
         dma.write_encrypted(spa, data, g.asid)
-        g.chain(info, gpa, count, hashes)
         port.make_guest_valid(own, lo, hi, False, perms)
         return
     contents: bytes | None = None  # CONTENTS zero (the template's)
