@@ -180,7 +180,7 @@ class PspDma:
         mc.dram.check_range(spa, length)
         self._cache.flush_range(0, False, spa, length)
         if length == PAGE:
-            mc.write_small(spa, _ZERO_PAGE, asid)
+            mc.write_page(spa, _ZERO_PAGE, asid)
         else:
             mc.write(spa, bytes(length), asid, True)
 
@@ -204,7 +204,10 @@ class PspDma:
     def write_encrypted(self, spa: int, data: bytes | bytearray | memoryview, asid: int) -> None:
         """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""
         if len(data) <= PAGE and not isinstance(data, memoryview):  # (a page: the controller's short path)
-            self._mc.write_small(spa, data, asid)
+            if len(data) == PAGE:
+                self._mc.write_page(spa, data, asid)
+            else:
+                self._mc.write_small(spa, data, asid)
             return
         self._mc.write(spa, data, asid, True)
 

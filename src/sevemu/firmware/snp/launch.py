@@ -115,7 +115,10 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     st.need_init()
     g = st.guest(gctx)
     port = st.port()
-    own, lo, hi, state, huge, asid, gpa = st.governing(spa)
+    try:  # (SnpPlatform.governing, without asking for the port again)
+        own, lo, hi, state, huge, asid, gpa = port.governing(spa)
+    except AddressError as exc:
+        raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
     if state != RmpPageState.PRE_GUEST:
         raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {state.name}, not Pre-Guest")
     flags = cmd.flags

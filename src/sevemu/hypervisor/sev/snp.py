@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from sevemu._util.units import PAGE, PAGE_2M
+from sevemu._util.units import LINE, PAGE, PAGE_2M
 from sevemu.abi.commands import CommandId
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.rmp import RmpResult, RmpUpdateState
@@ -289,14 +289,15 @@ _CMDS: dict[tuple[int, int, bool], bytes] = {}
 
 def _update_cmd(gctx: int, ptype: SnpPageType, huge: bool) -> bytearray:
     """The SNP_LAUNCH_UPDATE buffer of a page of ``ptype`` (4 KiB or 2 MiB) for the context ``gctx``, its
-    address zero (the bytes SevHost.issue would write; encoded once per kind, the address patched in)."""
+    address zero (the bytes SevHost.issue would write, with the zeros PspDriver.raw stores after them to
+    the end of the line; encoded once per kind, the address patched in)."""
     key = (gctx, int(ptype), huge)
     raw = _CMDS.get(key)
     if raw is None:
         if len(_CMDS) >= 64:
             _CMDS.clear()
         raw = _CMDS[key] = SnpLaunchUpdateCmd(gctx_paddr=gctx, flags=SnpLaunchUpdateFlags(
-            page_type=int(ptype), page_size=huge)).encode()
+            page_type=int(ptype), page_size=huge)).encode().ljust(LINE, b"\0")
     return bytearray(raw)
 
 
@@ -320,7 +321,7 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
     pages = p.len // PAGE
     # The command buffer of each page differs only in its address (a 4 KiB and a 2 MiB variant): encoded
     # once, the address patched in per page (the bytes SevHost.issue would write; the reply is unused).
-    cmds = [_update_cmd(vm.snp_context, ptype, False), bytearray()]
+    cmds = [_update_cmd(vm.snp_context, ptype, False), bytearray()]  # (whole 64-byte lines, as raw stores them)
     at = slice(_CMD_ADDRESS, _CMD_ADDRESS + 8)
     me_mask = host.caps.me_mask
     rmp_entry = host.soc.rmp_entry
