@@ -482,7 +482,7 @@ class Firmware:
         spa = 0
         buf: Struct | None = None
         if entry.buffer is not None:
-            spa, _ = dma.strip(buffer_paddr)
+            spa = buffer_paddr & ~dma.cbit_mask  # (dma.strip)
             if self.tmr is not None and self.tmr.overlaps(spa, entry.buffer.SIZE):
                 return Status.INVALID_ADDRESS  # no x86 range inside the TMR (sevemu.firmware.tmr)
             if self.ring is not None and self.ring.overlaps(spa, entry.buffer.SIZE):

@@ -97,7 +97,6 @@ _HUGE_TYPES: Final = frozenset({SnpPageType.NORMAL, SnpPageType.ZERO, SnpPageTyp
 """Page types a 2 MiB SNP_LAUNCH_UPDATE may carry (VMSA, SECRETS and CPUID pages are 4 KiB only)."""
 
 _CMD_ADDRESS: Final = SnpLaunchUpdateCmd.offset_of("address")
-_VMSA_FLAGS: Final = SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA))
 
 __all__ = [
     "SNP_POLICY_MASK_VALID",
@@ -398,8 +397,9 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
             continue  # measured by an earlier, failed FINISH
         host.core.host_write_stream(spa, page)  # as written, then CLFLUSHed (the firmware reads DRAM)
         rmp_make_private(host, spa, VMSA_GPA, vm.asid, True)
-        status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(  # (the reply is unused)
-            gctx_paddr=vm.snp_context, flags=_VMSA_FLAGS, address=spa | host.caps.me_mask).encode(), reply=False)
+        cmd = _update_cmd(vm.snp_context, SnpPageType.VMSA, False)  # (launch_update's buffer, a VMSA page's)
+        cmd[_CMD_ADDRESS : _CMD_ADDRESS + 8] = (spa | host.caps.me_mask).to_bytes(8, "little")
+        status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, bytes(cmd), reply=False)  # (the reply is unused)
         if status != Status.SUCCESS:
             _reclaim(host, spa)
             raise SevFirmwareError(CommandId.SNP_LAUNCH_UPDATE.name, status)
