@@ -47,6 +47,25 @@ def test_page_info_chain_is_the_page_info_of_each_page(accel: bool) -> None:
 
 
 @pytest.mark.parametrize("accel", BOTH)
+def test_measure_pages_is_the_chain_of_the_pages_hashes(accel: bool) -> None:
+    """measure_pages (both hashes of each page in one pass) == page_info_chain of sha384_pages, and ==
+    the PageInfo of each page; no pages: ld unchanged; bad lengths and GPAs refused."""
+    ld0 = os.urandom(48)
+    pages = os.urandom(4096 * 7)
+    template = PageInfo(page_type=SnpPageType.NORMAL, imi_page=0, vmpl1_perms=7, vmpl2_perms=0, vmpl3_perms=2).encode()
+    got = pagehash.measure_pages(ld0, template, 0x7FFF_9000, pages, accel=accel)
+    contents = pagehash.sha384_pages(pages, accel=False)
+    assert got == pagehash.page_info_chain(ld0, template, 0x7FFF_9000, 7, contents, accel=False)
+    assert got == _chain(ld0, [hashlib.sha384(pages[i : i + 4096]).digest() for i in range(0, len(pages), 4096)],
+                         SnpPageType.NORMAL, 0x7FFF_9000, (7, 0, 2), 0)
+    assert pagehash.measure_pages(ld0, template, 0, b"", accel=accel) == ld0
+    for bad in [(bytes(47), template, 0, pages), (ld0, template[:-1], 0, pages), (ld0, template, 0, pages[:-1]),
+                (ld0, template, (1 << 64) - 4096, pages), (ld0, template, -4096, pages)]:
+        with pytest.raises(InputError):
+            pagehash.measure_pages(*bad, accel=accel)
+
+
+@pytest.mark.parametrize("accel", BOTH)
 def test_bad_lengths_are_refused(accel: bool) -> None:
     with pytest.raises(InputError):
         pagehash.sha384_pages(bytes(4097), accel=accel)
@@ -77,3 +96,9 @@ def test_the_c_module_checks_its_own_arguments() -> None:
         c.page_info_chain(bytes(48), bytes(0x70), 0, 2, bytes(48))
     with pytest.raises(ValueError):
         c.page_info_chain(bytes(48), bytes(0x70), -1, 1)
+    with pytest.raises(ValueError):
+        c.measure_pages(bytes(48), bytes(0x70), 0, bytes(4095))
+    with pytest.raises(ValueError):
+        c.measure_pages(bytes(47), bytes(0x70), 0, bytes(4096))
+    with pytest.raises(TypeError):
+        c.measure_pages(bytes(48), bytes(0x70), 0)

@@ -109,3 +109,60 @@ def test_setting_the_digest_drops_the_queue() -> None:
     assert g.ld == b"\x11" * 48 and not g._queued
     g.chain(_template(3, (0, 0, 0), False), 0x5000, 1, None)
     assert g.ld == page_info_digest(b"\x11" * 48, bytes(48), 3, 0x5000)
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_two_2m_pages_in_a_row_measure_as_one_thread(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Two 2 MiB NORMAL pages back to back (a 4 MiB image): with the engine on, the second page's whole
+    measurement is an engine job that starts from the first's digest; the digest equals the owner's
+    calculator either way, also with a ZERO page between and after them."""
+    monkeypatch.setattr(sha_engine, "mode", mode)
+    launch, g, image = _launched_image()
+    second = _image(1024)[HUGE:]
+    launch.update(HUGE, SnpPageType.NORMAL, second, huge=True)
+    if mode == "on":
+        assert len(g._queued) == 2 and all(q.done is not None and q.data is not None for q in g._queued)
+    launch.update(2 * HUGE, SnpPageType.ZERO)
+    launch.update(2 * HUGE + PAGE, SnpPageType.NORMAL, image[:PAGE])
+    d = SnpLaunchDigest(record=False)
+    d.normal(0, image)
+    d.normal(HUGE, second)
+    d.zero(2 * HUGE, PAGE)
+    d.normal(2 * HUGE + PAGE, image[:PAGE])
+    assert g.ld == d.digest and not g._queued
+    assert launch.m.firmware.internal_errors == []
+
+
+def test_a_reader_measures_what_the_engine_did_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine busy elsewhere: a reader of the digest cancels the queued measurement jobs and measures
+    their pages itself (never waiting for a job that has not started); a job that failed because the
+    one before it was cancelled is measured by the reader too.  The digest is the one-thread digest."""
+    monkeypatch.setattr(sha_engine, "mode", "on")
+    import threading
+    from concurrent.futures import CancelledError, Future
+
+    gate = threading.Event()
+    blocker = sha_engine.sha_engine().submit(gate.wait)
+    try:
+        launch, g, image = _launched_image()
+        second = _image(1024)[HUGE:]
+        launch.update(HUGE, SnpPageType.NORMAL, second, huge=True)
+        jobs = [q.done for q in g._queued]
+        assert len(jobs) == 2 and all(j is not None and not j.running() for j in jobs)
+        want = page_info_chain(bytes(48), _template(1, (0, 0, 0), False), 0, 1024, sha384_pages(image + second))
+        assert g.ld == want
+        assert all(j is not None and j.cancelled() for j in jobs)
+    finally:
+        gate.set()
+        blocker.result()
+    failed: Future[bytes] = Future()
+    failed.set_exception(CancelledError())
+    g2 = SnpGuest(gctx=GCTX, vek=bytes(16), launch_tcb=0)
+    g2._queued.append(_Queued(_template(1, (0, 0, 0), False), 0, 512, None, failed, image))
+    assert g2.ld == page_info_chain(bytes(48), _template(1, (0, 0, 0), False), 0, 512, sha384_pages(image))
+    broken: Future[bytes] = Future()
+    broken.set_exception(CancelledError())
+    g3 = SnpGuest(gctx=GCTX, vek=bytes(16), launch_tcb=0)
+    g3._queued.append(_Queued(_template(1, (0, 0, 0), False), 0, 512, sha384_pages(image), broken))
+    with pytest.raises(CancelledError):  # (no pages to measure: the engine's failure is reported)
+        _ = g3.ld

@@ -235,3 +235,35 @@ def test_domain_for_follows_apm_table_15_31() -> None:
     assert domain_for(7, True, True) == (7, True)
     assert domain_for(7, False, True) == (0, True)
     assert domain_for(7, False, False) == (0, False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_write_page_stores_what_write_small_stores(mode: EncryptionMode) -> None:
+    """write_page (one page, encrypted straight into the DRAM page where the accelerator can): the
+    ciphertext write_small stores, into a page that existed or not, of zeros or not; a page at an
+    unaligned address or of another size goes the write_small way; refused ones change nothing."""
+    mc, port = _mc(mode)
+    port.load(1, random.Random(12).randbytes(mode.key_size))
+    rng = random.Random(13)
+    for spa, data in [(0xA000, rng.randbytes(4096)), (0xB000, bytes(4096)), (0xC040, rng.randbytes(4096)),
+                      (0xE000, rng.randbytes(128))]:
+        mc.write_small(spa, data, 1)
+        want = mc.dram.read(spa & ~0xFFF, 3 * 4096)
+        mc.dram.write(spa & ~0xFFF, rng.randbytes(3 * 4096))
+        mc.write_page(spa, data, 1)
+        got = mc.dram.read(spa & ~0xFFF, 3 * 4096)
+        off = spa & 0xFFF
+        assert got[off : off + len(data)] == want[off : off + len(data)], hex(spa)
+        assert mc.read(spa, len(data), 1, True) == data
+    fresh = 0x40000
+    assert mc.dram.read(fresh, 4096) == bytes(4096)
+    mc.write_page(fresh, bytes(4096), 1)  # an absent page: made, holding the zeros' ciphertext
+    assert mc.read(fresh, 4096, 1, True) == bytes(4096) and mc.dram.read(fresh, 4096) != bytes(4096)
+    before = mc.dram.populated_pages
+    with pytest.raises(AlignmentError):
+        mc.write_page(0x10, bytes(4096), 1)
+    with pytest.raises(AddressError):
+        mc.write_page(4 * MiB - 64, bytes(4096), 1)
+    with pytest.raises(KeySlotError):
+        mc.write_page(0x30000, bytes(4096), 2)
+    assert mc.dram.populated_pages == before

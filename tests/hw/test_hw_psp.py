@@ -152,3 +152,39 @@ def test_dma_reads_merge_every_dirty_host_line_of_the_range(dirty_lines: int, ac
             out = bytearray(length)
             dma.read_into(spa, out)
             assert out == model[spa : spa + length]
+
+
+@pytest.mark.parametrize("length", [4096, 2 * 4096])
+def test_zero_encrypted_is_evict_then_encrypted_zeros(length: int) -> None:
+    """``zero_encrypted`` (the firmware's ZERO page): the same DRAM and the same cache as ``evict`` of
+    the range followed by ``write_encrypted`` of zeros -- the host's dirty lines written back and
+    dropped first; a range outside DRAM changes nothing, an ASID without a key writes no zeros (the
+    host's line is at most written back, as by ``evict``)."""
+    worlds = []
+    for lean in (True, False):
+        soc = make_soc()
+        ports = soc.psp.take_ports()
+        dma = ports.dma
+        ports.keys.load(200, bytes(range(16)))
+        soc.boot_cpu.host_write(0x5000, b"stale host plaintext" * 3)
+        soc.boot_cpu.host_write(0x5000 + length - 64, b"last line" * 7)
+        if lean:
+            dma.zero_encrypted(0x5000, length, 200)
+        else:
+            dma.evict(0x5000, length)
+            dma.write_encrypted(0x5000, bytes(length), 200)
+        assert dma.read_encrypted(0x5000, length, 200) == bytes(length)
+        worlds.append((soc.dram.read(0x4000, length + 2 * 4096), dma.cached_lines(0, False, 0x5000, length)))
+    assert worlds[0] == worlds[1] and worlds[0][1] == 0
+    soc = make_soc()
+    ports = soc.psp.take_ports()
+    ports.keys.load(200, bytes(range(16)))
+    soc.boot_cpu.host_write(0x5000, b"kept")
+    before = soc.dram.read(0x5000, 4096)
+    with pytest.raises(AddressError):
+        ports.dma.zero_encrypted(soc.dram.size - 4096, 2 * 4096, 200)
+    assert soc.boot_cpu.host_read(0x5000, 4) == b"kept"
+    assert soc.dram.read(0x5000, 4096) == before
+    with pytest.raises(KeySlotError):
+        ports.dma.zero_encrypted(0x5000, 4096, 201)
+    assert soc.boot_cpu.host_read(0x5000, 4) == soc.dram.read(0x5000, 4) == b"kept"

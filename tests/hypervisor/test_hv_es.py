@@ -124,6 +124,44 @@ def test_vmsa_carries_the_whole_reset_state(m: Machine) -> None:
         m.hv.destroy(legacy)
 
 
+@pytest.mark.parametrize("vm_type", [KvmVmType.SEV_ES_VM, KvmVmType.DEFAULT_VM])
+def test_memoised_vmsa_page_is_always_sync_vmsa(m: Machine, vm_type: KvmVmType) -> None:
+    """``es.vmsa_page`` (memoised by the state it reads) == ``sync_vmsa(...).encode()`` for every vCPU
+    and after each change of a value ``sync_vmsa`` reads (never a stale page), for both KVM VM types;
+    a vCPU being debugged is refused even when a page of its otherwise equal state is memoised."""
+    vm, _ = es_vm(m, vm_type)
+    try:
+        for v in vm.vcpus:
+            assert es.vmsa_page(vm, v) == es.sync_vmsa(vm, v).encode()
+        bsp = vm.vcpus[0]
+        fpu = vm_type is not KvmVmType.DEFAULT_VM  # (the FPU goes into the VMSA of INIT2 VMs only)
+        changes = [lambda: bsp.vmcb.regs.__setitem__("r12", 0x1234), lambda: setattr(bsp.vmcb, "rip", 0x42),
+                   lambda: setattr(bsp.vmcb, "cr4", 0x640), lambda: setattr(bsp.arch, "pkru", 0x55),
+                   lambda: setattr(bsp.arch, "xss", 0x100), lambda: setattr(bsp.arch, "dr6", 0xFFFF0FF1),
+                   lambda: setattr(bsp.arch, "g_pat", 0x0606060606060606),
+                   lambda: setattr(bsp.arch, "fpu", dataclasses.replace(bsp.arch.fpu, st=bytes(range(128)))),
+                   lambda: setattr(bsp.arch, "fpu", dataclasses.replace(bsp.arch.fpu, mxcsr=0x1FA0)),
+                   lambda: setattr(vm, "vmsa_features", vm.vmsa_features ^ 0x4),
+                   lambda: bsp.arch.segments.__setitem__("cs", dataclasses.replace(bsp.arch.segments["cs"], base=0x1000))]
+        seen = {es.vmsa_page(vm, bsp)}
+        for i, change in enumerate(changes):
+            change()
+            page = es.vmsa_page(vm, bsp)
+            assert page == es.sync_vmsa(vm, bsp).encode()
+            assert (page not in seen) == (fpu or i not in (7, 8)), i  # each change reaches the page
+            seen.add(page)
+        bsp.arch.guest_debug = True
+        with pytest.raises(SevError) as exc:
+            es.vmsa_page(vm, bsp)
+        assert exc.value.errno == Errno.EINVAL
+        bsp.arch.guest_debug = False
+        bsp.arch.dr7 = 0x401
+        with pytest.raises(SevError):
+            es.vmsa_page(vm, bsp)
+    finally:
+        m.hv.destroy(vm)
+
+
 def test_vmsa_carries_the_vcpus_state_not_a_template(m: Machine) -> None:
     """What the VMM set (KVM_SET_REGS/SREGS/XCRS/FPU) is what goes into the VMSA."""
     vm, _ = es_vm(m, vcpus=1)

@@ -29,6 +29,7 @@ from sevemu.guest.kernel import KVM_HC_MAP_GPA_RANGE, boot, print_
 from sevemu.guest.workloads import keep_secret, touch_pages
 from sevemu.hw.profiles import MILAN
 from sevemu.hw.pyengine import PyEngine, Workload, op
+from sevemu.hypervisor import npt
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine
 
@@ -543,11 +544,14 @@ def test_vmrun_invalid_crashes_the_vm(machine: Machine) -> None:
     assert r.exit.code == ExitCode.INVALID and vm.state is VmState.CRASHED
 
 
-def test_back_pages_backs_and_maps_as_back_does_page_by_page() -> None:
-    """Vm.back_pages (received migration batches): the same backing pages, the same nested
-    page-table entries in the same table pages, as Vm.back of each GPA in turn -- GPAs in runs,
-    across a 2 MiB page-table boundary, out of order, repeated and already backed; a GPA that is
-    not a page of the VM backs nothing."""
+@pytest.mark.parametrize("small", [64, 0], ids=["loop", "arrays"])
+def test_back_pages_backs_and_maps_as_back_does_page_by_page(small: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Vm.back_pages (received migration batches, KVM's SNP_LAUNCH_UPDATE): the same backing pages,
+    the same nested page-table entries in the same table pages, as Vm.back of each GPA in turn -- GPAs
+    in runs, across a 2 MiB page-table boundary, out of order, repeated and already backed; a GPA that
+    is not a page of the VM backs nothing.  Both ways of a batch: the loop (short batches) and the
+    arrays (``small`` 0: every batch)."""
+    monkeypatch.setattr(npt, "SMALL_BATCH", small)
     gpas = [0x1F_E000, 0x1F_F000, 0x20_0000, 0x20_1000, 0x5000, 0x3000, 0x5000, 0x30_0000]
     worlds = []
     for bulk in (False, True):
@@ -566,10 +570,12 @@ def test_back_pages_backs_and_maps_as_back_does_page_by_page() -> None:
     assert worlds[0] == worlds[1]
 
 
-def test_map_many_checks_every_pair_before_mapping_any() -> None:
+@pytest.mark.parametrize("small", [64, 0], ids=["loop", "arrays"])
+def test_map_many_checks_every_pair_before_mapping_any(small: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """NestedPageTable.map_many refuses a batch with one bad pair -- a misaligned GPA or SPA, a GPA
     outside the VM, a negative or 64-bit SPA -- naming it, with nothing mapped; then maps a good one
-    with the entries map() writes."""
+    with the entries map() writes (both ways of a batch, as above)."""
+    monkeypatch.setattr(npt, "SMALL_BATCH", small)
     m = small_machine()
     vm = m.hv.create_vm("m", 4 * MiB, VmKind.SEV)
     good = [(0x1000, 0x80_0000), (0x2000, 0x80_1000)]

@@ -9,7 +9,13 @@ import pytest
 
 from sevemu._util.units import MiB
 from sevemu.abi.rmp import RmpPageState
-from sevemu.abi.snp import SnpCpuidFunction, SnpGuestState
+from sevemu.abi.snp import (
+    SnpCpuidFunction,
+    SnpGuestState,
+    SnpLaunchUpdateCmd,
+    SnpLaunchUpdateFlags,
+    SnpPageType,
+)
 from sevemu.abi.status import Status
 from sevemu.errors import UnmappedError
 from sevemu.firmware.snp import snp_state
@@ -197,3 +203,18 @@ def test_dev_sev_snp_commands(m: Machine) -> None:
     assert _errno(pdev.issue, SevUserCmd.SNP_SET_CONFIG, SevUserDataSnpConfig())[0] == -Errno.EINVAL
     st3 = pdev.issue(SevUserCmd.SNP_PLATFORM_STATUS, SevUserDataSnpStatus()).data
     assert isinstance(st3, SevUserDataSnpStatus) and st3.state == 0 and not st3.is_rmp_initialized
+
+
+@pytest.mark.parametrize("ptype", list(SnpPageType))
+@pytest.mark.parametrize("huge", [False, True])
+def test_kvms_cached_update_buffer_is_the_encoded_command(ptype: SnpPageType, huge: bool) -> None:
+    """The SNP_LAUNCH_UPDATE buffer KVM encodes once per kind and patches (launch_update, the VMSAs of
+    launch_finish): the bytes of the command encoded afresh, then zeros to the end of the line (what
+    PspDriver.raw stores after a 32-byte buffer); each copy is the caller's own."""
+    spa = 0x1234_5000 | (1 << 51)
+    cmd = snp._update_cmd(0x7000, ptype, huge)
+    cmd[snp._CMD_ADDRESS : snp._CMD_ADDRESS + 8] = spa.to_bytes(8, "little")
+    want = SnpLaunchUpdateCmd(gctx_paddr=0x7000, flags=SnpLaunchUpdateFlags(page_type=int(ptype), page_size=int(huge)),
+                              address=spa).encode()
+    assert bytes(cmd) == want + bytes(64 - len(want))
+    assert snp._update_cmd(0x7000, ptype, huge) == want[:0x10] + bytes(8) + want[0x18:] + bytes(64 - len(want))

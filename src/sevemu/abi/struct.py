@@ -296,6 +296,7 @@ class _Plan:
         "mbz_mask",
         "memo",
         "name",
+        "nested_bits",
         "raw_checks",
         "reserved",
         "reserved_get",
@@ -327,6 +328,9 @@ class _Plan:
         self.ignored_mask = 0
         self.bit_fields: tuple[tuple[str, int, int, bool], ...] = ()  # bit layouts: (name, lo, mask, bool)
         self.memo: dict[int, Any] = {}  # bit layouts: value -> the (frozen, so shareable) instance
+        # When every special field is a nested bit layout present in every version: (ctor position,
+        # its plan, its class) of each -- Struct.decode takes their memoised instances directly.
+        self.nested_bits: tuple[tuple[int, _Plan, type[Struct]], ...] | None = None
 
     # ---- errors --------------------------------------------------------------------------------
 
@@ -566,6 +570,15 @@ class Struct:
         if p.reserved_get(vals) != p.reserved_zero:
             raise p.reserved_error(vals)
         if p.special:
+            nested = p.nested_bits
+            if nested is not None:  # (flags words: their memoised instances, when every one has one)
+                args = list(p.args(vals))
+                for pos, plan, layout in nested:
+                    hit = plan.memo.get(int.from_bytes(args[pos], "little"))
+                    if hit is None or type(hit) is not layout:
+                        return cls(*p.decode_special(vals))
+                    args[pos] = hit
+                return cls(*args)
             return cls(*p.decode_special(vals))
         return cls(*p.args(vals))
 
@@ -796,6 +809,11 @@ def _compile_bytes(plan: _Plan, fields: list[_Field], ctor_order: list[str],
     plan.raw_checks = tuple(raw_checks)
     plan.special = tuple((ctor_order.index(f.name), f) for f in fields if _is_special(f))
     plan.special_pack = tuple((pack_names.index(f.name), f) for f in fields if _is_special(f))
+    if plan.special and plan.version is None and all(
+            f.kind == NESTED and f.since is None and f.layout is not None and f.layout._PLAN.bit_layout
+            for _, f in plan.special):
+        plan.nested_bits = tuple((pos, f.layout._PLAN, f.layout) for pos, f in plan.special
+                                 if f.layout is not None)
 
 
 def _is_special(f: _Field) -> bool:

@@ -11,3 +11,6 @@ def sha384_pages(data: ReadableBuffer, size: int, /) -> bytes:
 def page_info_chain(ld: ReadableBuffer, info: ReadableBuffer, gpa: int, count: int,
                     contents: ReadableBuffer | None = None, /) -> bytes:
     """``count`` times ld = SHA-384(info) with ld, contents[i] and gpa + 4096 i filled in."""
+
+def measure_pages(ld: ReadableBuffer, info: ReadableBuffer, gpa: int, data: ReadableBuffer, /) -> bytes:
+    """``page_info_chain`` with each 4 KiB page of ``data``'s SHA-384 as its contents, in one pass."""

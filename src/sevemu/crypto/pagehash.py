@@ -6,6 +6,9 @@ SNP_LAUNCH_UPDATE measurement, :mod:`sevemu.firmware.snp.launch`).
   template ``info`` holding ``ld`` at 0x00, the page's CONTENTS at 0x30 (48 bytes each from
   ``contents``, or the template's own) and its GPA (``gpa`` + 4 KiB per page, little-endian) at 0x68
   (SNP ABI, PAGE_INFO).
+* :func:`measure_pages`: :func:`page_info_chain` of measured pages, CONTENTS the SHA-384 of each
+  4 KiB page of ``data`` -- both hashes of each page in one pass (in C: one call that drops the GIL
+  once for a 2 MiB page's whole measurement).
 
 Both run in the optional C accelerator ``sevemu.crypto._sha384_accel`` (``csrc/sha384_accel.c``: the
 same OpenSSL SHA-384, without the Python work around each of the 2 x 512 hashes of a 2 MiB page) when
@@ -20,7 +23,7 @@ from typing import Final
 from sevemu._util.units import PAGE
 from sevemu.errors import InputError
 
-__all__ = ["ACCELERATED", "page_info_chain", "sha384_pages"]
+__all__ = ["ACCELERATED", "measure_pages", "page_info_chain", "sha384_pages"]
 
 DIGEST: Final = 48
 INFO_SIZE: Final = 0x70
@@ -70,3 +73,17 @@ def page_info_chain(ld: bytes, info: bytes | bytearray, gpa: int, count: int,
         buf[_GPA] = (gpa + i * PAGE).to_bytes(8, "little")
         ld = sha384(buf).digest()
     return ld
+
+
+def measure_pages(ld: bytes, info: bytes | bytearray, gpa: int, data: bytes | bytearray | memoryview, *,
+                  accel: bool = True) -> bytes:
+    """``page_info_chain(ld, info, gpa, len(data) // PAGE, sha384_pages(data))``: the launch digest after
+    every 4 KiB page of ``data`` is chained as a measured page (module docstring)."""
+    _check(PAGE, len(data))
+    if accel and _sha384_accel is not None:
+        if len(ld) != DIGEST or len(info) != INFO_SIZE:
+            raise InputError("measure_pages: ld is 48 bytes, info 0x70")
+        if not 0 <= gpa or gpa + len(data) > 1 << 64:
+            raise InputError(f"measure_pages: GPA {gpa:#x} + {len(data) // PAGE} pages is not a 64-bit address")
+        return _sha384_accel.measure_pages(ld, info, gpa, data)
+    return page_info_chain(ld, info, gpa, len(data) // PAGE, sha384_pages(data, PAGE, accel=False), accel=False)

@@ -247,7 +247,7 @@ class CommandTable:
 
         def wrap(fn: Callable[[Firmware, B], B | None]) -> Callable[[Firmware, B], B | None]:
             def run(fw: Firmware, buf: Struct | None) -> B | None:
-                return fn(fw, _expect(buffer, buf))
+                return fn(fw, buf if type(buf) is buffer else _expect(buffer, buf))
 
             self._add(cid, buffer, states, None, run, malformed=malformed)
             return fn
@@ -278,7 +278,7 @@ class CommandTable:
 
         def wrap(fn: Callable[[Firmware, B, GuestContext], B | None]) -> Callable[[Firmware, B, GuestContext], B | None]:
             def run(fw: Firmware, buf: Struct | None) -> B | None:
-                cmd = _expect(buffer, buf)
+                cmd = buf if type(buf) is buffer else _expect(buffer, buf)
                 for check in pre:
                     check(fw, cmd)
                 handle = getattr(cmd, "handle", None)  # (an isinstance check of the Protocol costs ~20 us)
@@ -482,7 +482,7 @@ class Firmware:
         spa = 0
         buf: Struct | None = None
         if entry.buffer is not None:
-            spa, _ = dma.strip(buffer_paddr)
+            spa = buffer_paddr & ~dma.cbit_mask  # (dma.strip)
             if self.tmr is not None and self.tmr.overlaps(spa, entry.buffer.SIZE):
                 return Status.INVALID_ADDRESS  # no x86 range inside the TMR (sevemu.firmware.tmr)
             if self.ring is not None and self.ring.overlaps(spa, entry.buffer.SIZE):

@@ -6,7 +6,8 @@ a pool of :data:`QUEUES` worker threads (made on first use, shared by every firm
 OpenSSL's SHA-384 (``hashlib`` and ``csrc/sha384_accel.c``) drops the GIL while it hashes, so a queue
 hashes while the calling thread encrypts and writes back.  Used by SEV's LAUNCH_UPDATE_DATA
 (:mod:`sevemu.firmware.sev.launch`, one chunk at a time, in order) and SNP_LAUNCH_UPDATE of a 2 MiB page
-(:mod:`sevemu.firmware.snp.launch`: :func:`hash_pages_beside`, which shares its chunks with the caller);
+(:meth:`sevemu.firmware.snp.state.SnpGuest.measure`: the page's whole measurement, hashes and PAGE_INFO
+chain, as one job; :func:`hash_pages_later` gives a page's hashes alone, in chunks the caller shares);
 both follow :data:`mode` (:func:`engaged`).
 
 The results are the bytes a single thread computes (the pieces are independent; the tests compare);

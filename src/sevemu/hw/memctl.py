@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sevemu._util.units import LINE, KiB, MiB
+from sevemu._util.units import LINE, PAGE, KiB, MiB
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.errors import AlignmentError, AsidError, KeySlotError
 from sevemu.hw import memaccel
@@ -275,6 +275,16 @@ class MemoryController:
         first (nothing changes when one fails), the ciphertext from :meth:`MemoryCipher.encrypt_small`."""
         self._check_bulk(spa, len(data))
         self.dram.write(spa, self._cipher(asid).encrypt_small(spa, data))
+
+    def write_page(self, spa: int, data: bytes | bytearray, asid: int) -> None:
+        """:meth:`write_small` of one whole page at a page-aligned ``spa``: the ciphertext encrypted
+        straight into the DRAM page in one fused pass where the accelerator has it
+        (:meth:`MemoryCipher.encrypt_to_pages`: the same bytes), else as :meth:`write_small`."""
+        n = len(data)
+        self._check_bulk(spa, n)
+        cipher = self._cipher(asid)
+        if n != PAGE or spa % PAGE or not cipher.encrypt_to_pages(spa, data, self.dram.pages_dict()):
+            self.dram.write(spa, cipher.encrypt_small(spa, data))
 
     def _check_bulk(self, spa: int, length: int) -> None:
         if spa % LINE or length % LINE:

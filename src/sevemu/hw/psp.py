@@ -52,6 +52,7 @@ _CMDRESP = int(MailboxReg.CMDRESP)
 _ADDR_LO = int(MailboxReg.CMDBUFF_ADDR_LO)
 _ADDR_HI = int(MailboxReg.CMDBUFF_ADDR_HI)
 _INTSTS = int(MailboxReg.INTSTS)
+_ZERO_PAGE = bytes(PAGE)
 
 __all__ = ["MailboxHandler", "MailboxPort", "Psp", "PspDma", "PspPorts", "RingHandler"]
 
@@ -172,6 +173,17 @@ class PspDma:
         self._mc.dram.check_range(spa, length)
         self._cache.flush_range(0, False, spa, length)
 
+    def zero_encrypted(self, spa: int, length: int, asid: int) -> None:
+        """:meth:`evict` of the range, then zeros written with the key of ``asid`` (:meth:`write_encrypted`
+        of ``bytes(length)``): the firmware's ZERO page, in one step."""
+        mc = self._mc
+        mc.dram.check_range(spa, length)
+        self._cache.flush_range(0, False, spa, length)
+        if length == PAGE:
+            mc.write_page(spa, _ZERO_PAGE, asid)
+        else:
+            mc.write(spa, bytes(length), asid, True)
+
     def read_invalidate(self, spa: int, length: int) -> bytes:
         """Unencrypted read that also writes back and invalidates the host's lines of the range (the
         read-sized write-back-invalidate AMD's firmware sets around SNP_LAUNCH_UPDATE, AMD-ASPFW
@@ -192,7 +204,10 @@ class PspDma:
     def write_encrypted(self, spa: int, data: bytes | bytearray | memoryview, asid: int) -> None:
         """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""
         if len(data) <= PAGE and not isinstance(data, memoryview):  # (a page: the controller's short path)
-            self._mc.write_small(spa, data, asid)
+            if len(data) == PAGE:
+                self._mc.write_page(spa, data, asid)
+            else:
+                self._mc.write_small(spa, data, asid)
             return
         self._mc.write(spa, data, asid, True)
 

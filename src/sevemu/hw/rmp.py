@@ -283,15 +283,18 @@ class Rmp:
         if self._cached and (lo != old_lo | _VALIDATED or old_hi & ~hi) and self._verdict_cached(pfn, lo | old_lo):
             self._new_epoch()
         if (old_lo | lo) & _ASSIGNED:  # (_count of each, inline; skipped when neither is assigned)
-            counts = self._asid_pages
-            for v, delta in ((old_lo, -1), (lo, 1)):
-                asid = (v >> _ASID_SHIFT) & _ASID_MASK if v & _ASSIGNED else 0
-                if asid:
-                    n = counts.get(asid, 0) + delta
+            was = (old_lo >> _ASID_SHIFT) & _ASID_MASK if old_lo & _ASSIGNED else 0
+            now = (lo >> _ASID_SHIFT) & _ASID_MASK if lo & _ASSIGNED else 0
+            if was != now:  # (the same ASID before and after: its count stays)
+                counts = self._asid_pages
+                if was:
+                    n = counts.get(was, 0) - 1
                     if n:
-                        counts[asid] = n
+                        counts[was] = n
                     else:
-                        del counts[asid]
+                        del counts[was]
+                if now:
+                    counts[now] = counts.get(now, 0) + 1
         spa = self.base + RMP_BOOKKEEPING_SIZE + pfn * RMP_ENTRY_SIZE
         cache = self._cache
         key = spa & ~(LINE - 1)  # software's copy of the line goes first (coherence): CLFLUSH, when there
@@ -539,30 +542,31 @@ class Rmp:
     # ---- host instructions ---------------------------------------------------------------------
     def rmpupdate(self, spa: int, new: RmpUpdateState) -> RmpResult:
         """RMPUPDATE: RAX = ``spa``, [RCX] = ``new``; the EAX result (module docstring for the codes)."""
-        huge = new.pagesize == 1
+        gpa, assigned, pagesize, immutable, asid = new.gpa, new.assigned, new.pagesize, new.immutable, new.asid
+        huge = pagesize == 1
         size = PAGE_2M if huge else PAGE
-        if (not self.enabled or spa % size or not 0 <= spa or spa + size > self.covered
-                or new.pagesize > 1 or new.assigned > 1 or new.immutable > 1 or new.asid > self.max_asid
-                or new.gpa % size or new.gpa >> 51
-                or (not new.assigned and (new.asid or new.gpa or new.immutable))):
+        if (not self.enabled or spa % size or not 0 <= spa or spa + size > self._covered
+                or pagesize > 1 or assigned > 1 or immutable > 1 or asid > self.max_asid
+                or gpa % size or gpa >> 51
+                or (not assigned and (asid or gpa or immutable))):
             return RmpResult.FAIL_INPUT
         pfn = spa >> PAGE_SHIFT
         own, lo, old_hi = self._authoritative(pfn)
         if lo & _IMMUTABLE:
             return RmpResult.FAIL_PERMISSION
-        if self._busy(spa, size):
+        if self._in_use and self._busy(spa, size):
             return RmpResult.FAIL_INUSE
         if not huge and (own != pfn or lo & _ASSIGNED and lo & _PAGESIZE):
             return RmpResult.FAIL_OVERLAP  # inside an assigned 2 MiB page: PSMASH it first
         if huge:  # the 511 other entries, in order: the first offending one decides
             subs = self._lows(pfn + 1, _SUBPAGES - 1)
-            mask = np.uint64(_IMMUTABLE | (_ASSIGNED if new.assigned else 0))
+            mask = np.uint64(_IMMUTABLE | (_ASSIGNED if assigned else 0))
             hit = np.flatnonzero(subs & mask)
             if hit.size:
                 return RmpResult.FAIL_PERMISSION if int(subs[hit[0]]) & _IMMUTABLE else RmpResult.FAIL_OVERLAP
-        if new.assigned:
-            new_lo = (_ASSIGNED | (_PAGESIZE if huge else 0) | (_IMMUTABLE if new.immutable else 0)
-                      | (new.gpa & _GPA_MASK) | (new.asid << _ASID_SHIFT))
+        if assigned:
+            new_lo = (_ASSIGNED | (_PAGESIZE if huge else 0) | (_IMMUTABLE if immutable else 0)
+                      | (gpa & _GPA_MASK) | (asid << _ASID_SHIFT))
             self._put(pfn, new_lo, _VMPL0_ALL, lo, old_hi)
         else:
             self._put(pfn, _PAGESIZE if huge else 0, 0, lo, old_hi)

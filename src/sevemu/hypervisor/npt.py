@@ -33,6 +33,9 @@ __all__ = ["NestedPageTable"]
 _TABLE = int(Pte.P | Pte.RW | Pte.US)
 _LEAF = int(Pte.P | Pte.US)
 _RW = int(Pte.RW)
+SMALL_BATCH = 64
+"""Batches of :meth:`NestedPageTable.map_many` (and :meth:`~sevemu.hypervisor.vm.Vm.back_pages`) up to
+this many pages take the loop without arrays (the same checks, tables and entries)."""
 _PS = int(Pte.PS)
 _SUBPAGES = PAGE_2M // PAGE
 
@@ -126,6 +129,9 @@ class NestedPageTable:
         before any is mapped."""
         if not pairs:
             return
+        if len(pairs) <= SMALL_BATCH:
+            self._map_few(pairs)
+            return
         try:
             cols = np.array(pairs, dtype=np.int64).reshape(len(pairs), 2)
         except (OverflowError, ValueError):  # beyond 63 bits (or not pairs): the checks below name it
@@ -152,6 +158,36 @@ class NestedPageTable:
             pt = self._table(1, first)
             self._core.host_write(pt + ((first >> PAGE_SHIFT) & 0x1FF) * 8, entries[i:j].tobytes())
             self.mappings.update(zip(gfns[i:j], spas[i:j]))
+
+    def _map_few(self, pairs: list[tuple[int, int]]) -> None:
+        """:meth:`map_many` of a short batch without the array set-up (which costs more than it saves
+        for a few pages): the same checks first, the same runs, tables and entries."""
+        limit = self.gpa_limit
+        for gpa, spa in pairs:
+            if (gpa | spa) & PAGE_MASK:
+                raise AlignmentError(f"NPT mappings are 4 KiB pages: GPA {gpa:#x}, SPA {spa:#x}")
+            if not 0 <= gpa < limit:
+                raise AddressError(f"GPA {gpa:#x} is beyond the VM's {limit:#x} bytes")
+        if not all(0 <= spa < 1 << 63 for _, spa in pairs):
+            raise AddressError(f"SPA of an NPT mapping outside 0..2^63: {pairs!r:.200}")
+        if not self._tables:
+            raise HardwareError("the nested page table was released (its VM was destroyed)")
+        n = len(pairs)
+        i = 0
+        flags = _LEAF | _RW
+        mappings = self.mappings
+        while i < n:
+            first = prev = pairs[i][0]
+            j = i + 1
+            while j < n and (nxt := pairs[j][0]) == prev + PAGE and nxt & 0x1F_FFFF:
+                prev = nxt
+                j += 1
+            run = pairs[i:j]
+            pt = self._table(1, first)
+            self._core.host_write(pt + ((first >> PAGE_SHIFT) & 0x1FF) * 8,
+                                  b"".join((spa | flags).to_bytes(8, "little") for _, spa in run))
+            mappings.update((gpa >> PAGE_SHIFT, spa) for gpa, spa in run)
+            i = j
 
     def unmap(self, gpa: int) -> int | None:
         """Remove the mapping of ``gpa``; returns the SPA it pointed to."""

@@ -70,6 +70,9 @@ RING_SLOT = _SLOT
 """Bytes of a queued command buffer's slot (:meth:`RingSession.submit_many`)."""
 _ENTRY = struct.Struct("<HHIQ")  # abi.sev.RingCmdEntry, packed in one call (a test holds them equal)
 _STATUS = struct.Struct("<H6xQ")  # abi.sev.RingStatusEntry
+_STATUSES: dict[int, Status] = {int(s): s for s in Status}  # (Status(n) for a known n, without the enum call)
+_ADDR_LO, _ADDR_HI, _CMDRESP = int(MailboxReg.CMDBUFF_ADDR_LO), int(MailboxReg.CMDBUFF_ADDR_HI), int(MailboxReg.CMDRESP)
+_ISSUE: dict[CommandId, int] = {}  # command -> the CMDRESP value that issues it (encode_cmdresp, once each)
 
 S = TypeVar("S", bound=Struct)
 
@@ -200,14 +203,17 @@ class PspDriver:
                 buf = bytes(buf) + bytes(LINE - (n & (LINE - 1)))
             self._core.host_write(spa, buf)
         psp = self._psp
-        psp.mmio_write(MailboxReg.CMDBUFF_ADDR_LO, spa & 0xFFFFFFFF)
-        psp.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, spa >> 32)
-        psp.mmio_write(MailboxReg.CMDRESP, encode_cmdresp(int(cmd)))
-        reg = psp.mmio_read(MailboxReg.CMDRESP)
+        psp.mmio_write(_ADDR_LO, spa & 0xFFFFFFFF)
+        psp.mmio_write(_ADDR_HI, spa >> 32)
+        issue = _ISSUE.get(cmd)
+        if issue is None:
+            issue = _ISSUE[cmd] = encode_cmdresp(int(cmd))
+        psp.mmio_write(_CMDRESP, issue)
+        reg = psp.mmio_read(_CMDRESP)
         if not is_response(reg):
             raise HardwareError(f"PSP did not answer {cmd.name}")
         status = decode_status(reg)
-        self.last_status = Status(status) if status in Status._value2member_map_ else Status.SUCCESS
+        self.last_status = _STATUSES.get(status, Status.SUCCESS)
         out = self._core.host_read(spa, n) if buf is not None and reply else b""
         return status, out
 

@@ -28,6 +28,7 @@ from sevemu.errors import AddressError, InputError, UnmappedError
 from sevemu.hw.cpu import Engine
 from sevemu.hw.host import HostCore
 from sevemu.hw.svm import Vmcb, VmExit
+from sevemu.hypervisor import npt as npt_mod
 from sevemu.hypervisor.devices import DeviceBus, console_bus
 from sevemu.hypervisor.memory import PageAllocator
 from sevemu.hypervisor.npt import NestedPageTable
@@ -208,11 +209,14 @@ class Vm:
         """:meth:`back` of each page-aligned GPA, in order; their SPAs.  The new pages are mapped
         with :meth:`Npt.map_many` (the same pages and entries as one :meth:`back` after another)."""
         memory = self.memory
-        try:
-            at = np.array(gpas, dtype=np.int64)
-            outside = bool((at & PAGE_MASK).any() or (at < 0).any() or (at >= memory).any())
-        except (OverflowError, ValueError):  # beyond 63 bits: named below
-            outside = True
+        if len(gpas) <= npt_mod.SMALL_BATCH:  # (a few pages: the same check without the array)
+            outside = not all(not gpa & PAGE_MASK and 0 <= gpa < memory for gpa in gpas)
+        else:
+            try:
+                at = np.array(gpas, dtype=np.int64)
+                outside = bool((at & PAGE_MASK).any() or (at < 0).any() or (at >= memory).any())
+            except (OverflowError, ValueError):  # beyond 63 bits: named below
+                outside = True
         if outside:
             bad = next(gpa for gpa in gpas if gpa & PAGE_MASK or not 0 <= gpa < memory)
             raise AddressError(f"GPA {bad:#x} is not a page of {self.name}'s {memory:#x} bytes")

@@ -46,11 +46,9 @@ from sevemu.abi.snp import (
 )
 from sevemu.abi.status import Status
 from sevemu.abi.struct import Struct
-from sevemu.crypto import ecc
-from sevemu.crypto.pagehash import page_info_chain, sha384_pages
+from sevemu.crypto import ecc, pagehash
 from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError, VerificationError
 from sevemu.firmware.core import ANY_STATE, Firmware
-from sevemu.firmware.sha_engine import hash_pages_later
 from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.cpuid import sanitize_cpuid_page
 from sevemu.firmware.snp.state import SnpGuest, snp_state
@@ -63,6 +61,7 @@ _FOUR_K_ONLY: Final = {SnpPageType.VMSA, SnpPageType.SECRETS, SnpPageType.CPUID}
 
 
 _TEMPLATES: dict[tuple[int, int, int, int, int], bytes] = {}
+"""PAGE_INFO templates by (page type, IMI, VMPL1, VMPL2, VMPL3 permissions)."""
 
 
 def _template(page_type: int, vmpl_perms: tuple[int, int, int], imi_page: bool) -> bytes:
@@ -92,9 +91,8 @@ def measure_pages(ld: bytes, data: bytes, page_type: int, gpa: int, vmpl_perms: 
                   imi_page: bool = False) -> bytes:
     """The launch digest after ``ld`` is chained with every 4 KiB page of ``data`` (GPAs from ``gpa``)
     as measured pages: CONTENTS = SHA-384 of the page.  The same digest as :func:`page_info_digest` page
-    by page: the pages' hashes in one call, then the chain in one call (:mod:`sevemu.crypto.pagehash`)."""
-    return page_info_chain(ld, _template(page_type, vmpl_perms, imi_page), gpa, len(data) // PAGE,
-                           sha384_pages(data, PAGE))
+    by page, in one call (:func:`sevemu.crypto.pagehash.measure_pages`)."""
+    return pagehash.measure_pages(ld, _template(page_type, vmpl_perms, imi_page), gpa, data)
 
 
 def _secrets(fw: Firmware, g: SnpGuest) -> bytes:
@@ -110,13 +108,17 @@ _PAGE_TYPES: Final = {int(t): t for t in SnpPageType}
 def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     st = snp_state(fw)
     dma = fw.ports.dma
-    spa, _ = dma.strip(cmd.address)
-    if cmd.gctx_paddr % PAGE or spa % PAGE:
+    spa = cmd.address & ~dma.cbit_mask  # (dma.strip)
+    gctx = cmd.gctx_paddr
+    if gctx % PAGE or spa % PAGE:
         raise FirmwareError(Status.INVALID_PARAM, "SNP_LAUNCH_UPDATE addresses must be page aligned")
     st.need_init()
-    g = st.guest(cmd.gctx_paddr)
+    g = st.guest(gctx)
     port = st.port()
-    own, lo, hi, state, huge, asid, gpa = st.governing(spa)
+    try:  # (SnpPlatform.governing, without asking for the port again)
+        own, lo, hi, state, huge, asid, gpa = port.governing(spa)
+    except AddressError as exc:
+        raise FirmwareError(Status.INVALID_ADDRESS, str(exc)) from None
     if state != RmpPageState.PRE_GUEST:
         raise FirmwareError(Status.INVALID_PAGE_STATE, f"page {spa:#x} is {state.name}, not Pre-Guest")
     flags = cmd.flags
@@ -135,26 +137,25 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         raise FirmwareError(Status.INACTIVE, "the guest must be activated before SNP_LAUNCH_UPDATE")
     if asid != g.asid:
         raise FirmwareError(Status.INVALID_PAGE_OWNER, f"page {spa:#x} belongs to ASID {asid}, not {g.asid}")
-    imi = bool(flags.imi_page)
+    imi = flags.imi_page
     if g.imi_en and not imi:
         raise FirmwareError(Status.INVALID_PARAM, "an IMI guest's pages must be IMI pages")
-    perms = (cmd.vmpl1_perms, cmd.vmpl2_perms, cmd.vmpl3_perms)
-    if (perms[0] | perms[1] | perms[2]) & ~VMPL_PERM_MASK:
+    v1, v2, v3 = cmd.vmpl1_perms, cmd.vmpl2_perms, cmd.vmpl3_perms
+    if (v1 | v2 | v3) & ~VMPL_PERM_MASK:
         raise FirmwareError(Status.INVALID_PARAM, "VMPL permission masks set bits 7:5")
+    perms = (v1, v2, v3)
     size = PAGE_2M if huge else PAGE
     count = size // PAGE
-    info = _template(int(ptype), perms, imi)
+    info = _TEMPLATES.get((ptype, imi, v1, v2, v3)) or _template(int(ptype), perms, bool(imi))
     if ptype == SnpPageType.ZERO:  # the range's host lines written back and dropped; nothing to read
-        dma.evict(spa, size)
-        dma.write_encrypted(spa, bytes(size), g.asid)
+        dma.zero_encrypted(spa, size, g.asid)
         g.chain(info, gpa, count, None)
         port.make_guest_valid(own, lo, hi, False, perms)
         return
     data = dma.read_invalidate(spa, size)  # the whole page (512 x 4 KiB for a 2 MiB one) at once
     if ptype == SnpPageType.NORMAL:  # CONTENTS: the pages' hashes (a 2 MiB page's: on the SHA engine)
-        hashes = hash_pages_later(data) if huge else sha384_pages(data, PAGE)
+        g.measure(info, gpa, data, later=bool(huge))
         dma.write_encrypted(spa, data, g.asid)
-        g.chain(info, gpa, count, hashes)
         port.make_guest_valid(own, lo, hi, False, perms)
         return
     contents: bytes | None = None  # CONTENTS zero (the template's)

@@ -25,19 +25,20 @@ keys of LAUNCH_FINISH), ``policy``, ``vmpck`` (the four VMPCKs the secrets page 
 from __future__ import annotations
 
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sevemu._util.units import PAGE
 from sevemu.abi.rmp import RmpPageState
 from sevemu.abi.snp import IdBlock, SnpGuestState, SnpPlatformState, SnpPolicy, TcbVersion, TcbVersionTurin
 from sevemu.abi.status import Status
-from sevemu.crypto.pagehash import page_info_chain
+from sevemu.crypto.pagehash import measure_pages, page_info_chain, sha384_pages
 from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.core import Firmware
-from sevemu.firmware.sha_engine import PendingHashes, sha_engine
+from sevemu.firmware.sha_engine import CHUNKS, PendingHashes, engaged, sha_engine
 from sevemu.hw.rmp import RmpEntry, RmpFirmwarePort
 
 __all__ = ["SNP_API_VERSION", "SnpGuest", "SnpPlatform", "snp_state"]
@@ -64,7 +65,10 @@ class _Queued:
     count: int
     contents: bytes | PendingHashes | None
     done: Future[bytes] | None
-    """The engine's chain of this update from the digest before it (the first queued update only)."""
+    """The engine's chain of this update from the digest before it (the first queued update, or one
+    :meth:`SnpGuest.measure` handed to the engine behind another)."""
+    data: bytes | None = None
+    """The measured pages themselves when their hashes are still to compute (:meth:`SnpGuest.measure`)."""
 
 
 @dataclass(eq=False)
@@ -109,7 +113,14 @@ class SnpGuest:
             ld = self.measured
             for q in self._queued:
                 if q.done is not None and not q.done.cancel():  # the engine chained it (or is chaining it)
-                    ld = q.done.result()
+                    try:
+                        ld = q.done.result()
+                        continue
+                    except CancelledError:  # (a job behind one this reader cancelled: measured here)
+                        if q.data is None:
+                            raise
+                if q.data is not None:  # (the engine did not start it: measured here)
+                    ld = measure_pages(ld, q.info, q.gpa, q.data)
                     continue
                 hashes = q.contents.result() if isinstance(q.contents, PendingHashes) else q.contents
                 ld = page_info_chain(ld, q.info, q.gpa, q.count, hashes)
@@ -143,6 +154,33 @@ class SnpGuest:
             ld, hashes = self.measured, contents
             done = sha_engine().submit(lambda: page_info_chain(ld, info, gpa, count, hashes.result()))
         self._queued.append(_Queued(info, gpa, count, contents, done))
+
+    def measure(self, info: bytes, gpa: int, data: bytes, later: bool = False) -> None:
+        """Chain every 4 KiB page of ``data`` as a measured page (CONTENTS its SHA-384; GPAs from ``gpa``,
+        PAGE_INFOs from template ``info``): :meth:`chain` of its :func:`~sevemu.crypto.pagehash.sha384_pages`,
+        both hashes of each page in one pass (:func:`~sevemu.crypto.pagehash.measure_pages`).  ``later``
+        (a 2 MiB page; ``data`` immutable bytes): the whole measurement -- hashes and PAGE_INFO chain -- is
+        the SHA engine's when it is engaged, one job that drops the GIL once, and the command completes
+        without it (model choice, :meth:`chain`); behind another pending update the job starts from that
+        update's digest (the engine runs its jobs in order).  A reader of :attr:`ld` measures a job the
+        engine has not started itself."""
+        count = len(data) // PAGE
+        if later and count >= 2 * CHUNKS and engaged():
+            ld = self.measured
+            if not self._queued:
+                done = sha_engine().submit(measure_pages, ld, info, gpa, data)
+            else:
+                before = self._queued[-1].done
+                if before is None:  # (an update queued behind a page whose hashes are pending: chained here)
+                    self.chain(info, gpa, count, sha384_pages(data, PAGE))
+                    return
+                done = sha_engine().submit(lambda: measure_pages(before.result(), info, gpa, data))
+            self._queued.append(_Queued(info, gpa, count, None, done, data))
+            return
+        if not self._queued:
+            self.measured = measure_pages(self.measured, info, gpa, data)
+            return
+        self._queued.append(_Queued(info, gpa, count, sha384_pages(data, PAGE), None))
 
     @property
     def snp_policy(self) -> SnpPolicy:
@@ -227,12 +265,22 @@ class SnpPlatform:
 _STATES: weakref.WeakKeyDictionary[Firmware, SnpPlatform] = weakref.WeakKeyDictionary()
 
 
+_LAST: list[tuple[weakref.ref[Firmware], SnpPlatform]] = []
+"""The last firmware :func:`snp_state` answered for, and its state (every SNP command asks: a weak
+reference called is cheaper than a WeakKeyDictionary lookup)."""
+
+
 def snp_state(fw: Firmware) -> SnpPlatform:
     """The SNP platform state of ``fw`` (created at first use, from the part's profile and RMP)."""
+    if _LAST:
+        ref, last = _LAST[0]
+        if ref() is fw:
+            return last
     st = _STATES.get(fw)
     if st is None:
         tcb = int.from_bytes(_TCB.get(fw.profile.name, _TCB["milan"]), "little")
         api = SNP_API_VERSION.get(fw.profile.name, (1, 55))
         st = _STATES[fw] = SnpPlatform(rmp=fw.ports.rmp, current_tcb=tcb, reported_tcb=tcb, committed_tcb=tcb,
                                        api=api)
+    _LAST[:] = [(weakref.ref(fw), st)]
     return st

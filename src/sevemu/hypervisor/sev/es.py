@@ -41,7 +41,7 @@ from sevemu.hypervisor.uapi import KvmSevInit
 from sevemu.hypervisor.vcpu import DR7_RESET, KvmVmType
 from sevemu.hypervisor.vm import Vcpu, Vm
 
-__all__ = ["guest_init2", "launch_update_vmsa", "receive_update_vmsa", "send_update_vmsa", "sync_vmsa"]
+__all__ = ["guest_init2", "launch_update_vmsa", "receive_update_vmsa", "send_update_vmsa", "sync_vmsa", "vmsa_page"]
 
 
 def guest_init2(host: LegacySev, vm: Vm, data: KvmSevInit) -> None:
@@ -78,11 +78,34 @@ def sync_vmsa(vm: Vm, vcpu: Vcpu) -> SevEsSaveArea:
     return SevEsSaveArea(**values)
 
 
+_PAGES: dict[tuple[Any, ...], bytes] = {}
+_PAGES_MAX = 64
+
+
+def vmsa_page(vm: Vm, vcpu: Vcpu) -> bytes:
+    """``sync_vmsa(vm, vcpu).encode()``: the same page (and the same refusal), memoised by every value
+    :func:`sync_vmsa` reads -- a launch's APs share one reset state, and launches of one kind of VM
+    share theirs, so the encoding is made once per distinct state."""
+    arch, vmcb = vcpu.arch, vcpu.vmcb
+    fpu = arch.fpu
+    key = (arch.guest_debug, arch.dr7, tuple(arch.segments.items()), vmcb.efer, vmcb.cr4, vmcb.cr3, vmcb.cr0,
+           vmcb.rflags, arch.g_pat, tuple(vmcb.regs.items()), vmcb.rip, arch.xcr0, arch.pkru, arch.xss, arch.dr6,
+           vm.vmsa_features, vm.vm_type is KvmVmType.DEFAULT_VM, fpu.fcw, fpu.fsw, fpu.ftw, fpu.fop, fpu.rip,
+           fpu.rdp, fpu.mxcsr, bytes(fpu.st), bytes(fpu.xmm), bytes(fpu.ymm))
+    page = _PAGES.get(key)
+    if page is None:
+        page = sync_vmsa(vm, vcpu).encode()  # (refuses a debugged vCPU: never memoised)
+        if len(_PAGES) >= _PAGES_MAX:
+            _PAGES.clear()
+        _PAGES[key] = page
+    return page
+
+
 def launch_update_vmsa(host: SevHost, vm: Vm) -> None:
     """KVM_SEV_LAUNCH_UPDATE_VMSA: every vCPU's VMSA measured and encrypted; its state is protected."""
     host.need_es(vm)
     for vcpu in vm.vcpus:
-        page = sync_vmsa(vm, vcpu).encode()
+        page = vmsa_page(vm, vcpu)
         spa = vm.vmsa_page(vcpu.index)
         host.core.host_write(spa, page)
         host.core.clflush_range(spa, VMSA_PAGE_SIZE)

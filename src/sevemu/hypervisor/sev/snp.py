@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from sevemu._util.units import PAGE, PAGE_2M
+from sevemu._util.units import LINE, PAGE, PAGE_2M
 from sevemu.abi.commands import CommandId
 from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.rmp import RmpResult, RmpUpdateState
@@ -75,7 +75,7 @@ from sevemu.abi.vmsa import SevFeatures
 from sevemu.hw.host import HostSoc
 from sevemu.hypervisor.errors import Errno, SevFirmwareError, SevInputError, SevStateError
 from sevemu.hypervisor.sev.common import SevHost
-from sevemu.hypervisor.sev.es import sync_vmsa
+from sevemu.hypervisor.sev.es import vmsa_page
 from sevemu.hypervisor.sev.legacy import LegacySev
 from sevemu.hypervisor.uapi import (
     GHCB_VERSION_MAX,
@@ -97,7 +97,6 @@ _HUGE_TYPES: Final = frozenset({SnpPageType.NORMAL, SnpPageType.ZERO, SnpPageTyp
 """Page types a 2 MiB SNP_LAUNCH_UPDATE may carry (VMSA, SECRETS and CPUID pages are 4 KiB only)."""
 
 _CMD_ADDRESS: Final = SnpLaunchUpdateCmd.offset_of("address")
-_VMSA_FLAGS: Final = SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA))
 
 __all__ = [
     "SNP_POLICY_MASK_VALID",
@@ -284,20 +283,20 @@ def _free_context(host: SevHost, vm: Vm) -> None:
     vm.snp_context = 0
 
 
-_FEW: Final = 32
 _CMDS: dict[tuple[int, int, bool], bytes] = {}
 
 
 def _update_cmd(gctx: int, ptype: SnpPageType, huge: bool) -> bytearray:
     """The SNP_LAUNCH_UPDATE buffer of a page of ``ptype`` (4 KiB or 2 MiB) for the context ``gctx``, its
-    address zero (the bytes SevHost.issue would write; encoded once per kind, the address patched in)."""
+    address zero (the bytes SevHost.issue would write, with the zeros PspDriver.raw stores after them to
+    the end of the line; encoded once per kind, the address patched in)."""
     key = (gctx, int(ptype), huge)
     raw = _CMDS.get(key)
     if raw is None:
         if len(_CMDS) >= 64:
             _CMDS.clear()
         raw = _CMDS[key] = SnpLaunchUpdateCmd(gctx_paddr=gctx, flags=SnpLaunchUpdateFlags(
-            page_type=int(ptype), page_size=huge)).encode()
+            page_type=int(ptype), page_size=huge)).encode().ljust(LINE, b"\0")
     return bytearray(raw)
 
 
@@ -321,7 +320,7 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
     pages = p.len // PAGE
     # The command buffer of each page differs only in its address (a 4 KiB and a 2 MiB variant): encoded
     # once, the address patched in per page (the bytes SevHost.issue would write; the reply is unused).
-    cmds = [_update_cmd(vm.snp_context, ptype, False), bytearray()]
+    cmds = [_update_cmd(vm.snp_context, ptype, False), bytearray()]  # (whole 64-byte lines, as raw stores them)
     at = slice(_CMD_ADDRESS, _CMD_ADDRESS + 8)
     me_mask = host.caps.me_mask
     rmp_entry = host.soc.rmp_entry
@@ -346,8 +345,7 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
                 if done - first_backed >= len(backed):  # back up to the next 2 MiB boundary in one step
                     end = min(pages, done + (_SUBPAGES - (gpa // PAGE) % _SUBPAGES))
                     gpas = range(gpa, gpa0 + end * PAGE, PAGE)
-                    # (a few pages one by one: the batched mapping's array work costs more than it saves)
-                    backed = vm.back_pages(list(gpas)) if len(gpas) > _FEW else [vm.back(g) for g in gpas]
+                    backed = vm.back_pages(list(gpas))
                     first_backed = done
                 spa = backed[done - first_backed]
                 if spa in private or rmp_entry(spa).assigned:
@@ -393,14 +391,15 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
     if len(p.host_data) != KVM_SEV_SNP_FINISH_DATA_SIZE:
         raise SevInputError(Errno.EINVAL, "host_data is 32 bytes")
     for vcpu in sorted(vm.vcpus, key=lambda v: v.index != 0):  # the BSP first
-        page = sync_vmsa(vm, vcpu).encode()
+        page = vmsa_page(vm, vcpu)
         spa = vm.vmsa_page(vcpu.index)
         if host.soc.rmp_entry(spa).assigned:
             continue  # measured by an earlier, failed FINISH
         host.core.host_write_stream(spa, page)  # as written, then CLFLUSHed (the firmware reads DRAM)
         rmp_make_private(host, spa, VMSA_GPA, vm.asid, True)
-        status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(  # (the reply is unused)
-            gctx_paddr=vm.snp_context, flags=_VMSA_FLAGS, address=spa | host.caps.me_mask).encode(), reply=False)
+        cmd = _update_cmd(vm.snp_context, SnpPageType.VMSA, False)  # (launch_update's buffer, a VMSA page's)
+        cmd[_CMD_ADDRESS : _CMD_ADDRESS + 8] = (spa | host.caps.me_mask).to_bytes(8, "little")
+        status, _ = host.psp.raw(CommandId.SNP_LAUNCH_UPDATE, bytes(cmd), reply=False)  # (the reply is unused)
         if status != Status.SUCCESS:
             _reclaim(host, spa)
             raise SevFirmwareError(CommandId.SNP_LAUNCH_UPDATE.name, status)
