@@ -254,6 +254,11 @@ class UcEngine:
             return True
         return False
 
+    def slice_deadline(self) -> float:
+        runner = self._runner
+        start = runner.started if runner is not None else 0.0
+        return start + self.slice_s if start else 0.0
+
     def _stop(self) -> None:
         """Stop at the next block boundary (:func:`~sevemu.hw.uc.accel.block_stop_hook`): never from
         the middle of an instruction, which Unicorn would run again although its store was done."""
@@ -594,22 +599,21 @@ class UcEngine:
 
     def _leave(self, state: SaveState) -> None:
         """#VMEXIT: write modified slots back into the SoC and the registers into the save state."""
-        vals = self.vals
-        writable = self.pool.writable
+        pool = self.pool
+        writable = pool.writable
         if writable:
             # Slots that stay clean lose their write permission after a while (a TLB flush), so that
             # only pages the guest keeps writing are compared at each exit -- also while others (an
             # SEV-ES guest's GHCB) are written at every exit.
-            if self.pool.sync() >= len(writable):
+            if pool.sync() >= len(writable):
                 self._clean_syncs = 0
             else:
                 self._clean_syncs += 1
                 if self._clean_syncs >= _CLEAN_SYNCS_BEFORE_DEMOTE:
+                    vals = self.vals
                     self._demote_writes(vals[I_CR0], vals[I_CR3])
-        self.pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
-        runner = self._runner
-        assert runner is not None
-        runner.leave(state, self._efer)  # the GPRs, RIP, RFLAGS, CR0, CR3, CR4 of the last stop, and EFER
+        pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
+        self._runner.leave(state, self._efer)  # type: ignore[union-attr]  # (booted: a runner exists)  # the GPRs, RIP, RFLAGS, CR0, CR3, CR4 of the last stop, and EFER
 
     def _demote_writes(self, cr0: int, cr3: int) -> None:
         """Take write permission back from Unicorn (a TLB flush), so that only pages the guest
@@ -637,10 +641,24 @@ class UcEngine:
 
     # ---- the run loop ----------------------------------------------------------------------------
     def _execute(self, cpu: GuestCpu) -> VmExit:
+        runner = self._runner
+        assert runner is not None
+        first = None
+        if not self._tb_flush_pending:
+            # The first run, and its known port-I/O exit returned before the loop's set-up (the exit
+            # path): the same steps as the loop's first pass below, which then goes on with ``first``.
+            self._event = None
+            self._pending = None
+            self._timer_fired = False
+            self._stop_word.request = 0  # (as below)
+            first = runner.run_known(self, cpu.state.rip)
+            if first.__class__ is not int and (first.code != _VMGEXIT_CODE or cpu.vmcb.sev_es_enable):
+                self.stats.io_exits += 1
+                cpu.vmcb.next_rip = first.info2
+                return first  # type: ignore[no-any-return]
         vals = self.vals
         ports = self._ports
-        runner = self._runner
-        assert ports is not None and runner is not None
+        assert ports is not None
         run = runner.run_known
         io_offsets = ports.offsets
         io_exits = ports.exits
@@ -650,13 +668,16 @@ class UcEngine:
         rip = cpu.state.rip
         spurious = 0
         while True:
-            if self._tb_flush_pending:
-                self._flush_tb()
-            self._event = None
-            self._pending = None
-            self._timer_fired = False
-            stop_word.request = 0  # (a request made while the guest was not running is void, as uc_emu_stop's)
-            err = run(self, rip)
+            if first is not None:  # (the first run, made above)
+                err, first = first, None
+            else:
+                if self._tb_flush_pending:
+                    self._flush_tb()
+                self._event = None
+                self._pending = None
+                self._timer_fired = False
+                stop_word.request = 0  # (a request made while the guest was not running is void, as uc_emu_stop's)
+                err = run(self, rip)
             if err.__class__ is not int:  # a known port-I/O exit (the test below, made by the runner)
                 if err.code != _VMGEXIT_CODE or cpu.vmcb.sev_es_enable:
                     self.stats.io_exits += 1
