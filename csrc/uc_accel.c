@@ -689,7 +689,8 @@ static PyTypeObject RunnerType = {
  *     the ASID, mutable, 4 KiB, at the GPA.
  * Anything else -- and every check that does not pass -- goes to the fallback with nothing changed.
  * A validated entry answers EAX 0 with CF 1; else the table line's CLFLUSH (cache.clflush(0, False,
- * spa) when cache.plain_agents is not empty or the line is in its set) and the low quadword's store
+ * spa) when the line is in its set; else, as that CLFLUSH does for a line the cache does not hold,
+ * agent.snoop(key, key + 64, True, None) of each of cache.plain_agents) and the low quadword's store
  * with Validated, EAX 0 and CF 0.  Then as the Python path: engine.refresh() when the pool has stale
  * or updated slots, the stats' pvalidates and pvalidates_in_place counted, the TLB flushed if the
  * epoch moved (cpu.rmp_changed(), engine.flush_tlb()), RAX, RFLAGS, RIP written in one batch.  An
@@ -708,7 +709,7 @@ typedef int (*reg_write_batch_fn)(void *uc, int *regs, void *const *vals, int co
 #define RFLAGS_CF 1ULL
 
 static PyObject *s_epoch, *s_dirty, *s_plain_agents, *s_stale, *s_updated, *s_refresh, *s_clflush, *s_pvalidates,
-    *s_pvalidates_in_place, *s_rmp_changed, *s_flush_tlb, *pv_zero, *pv_one;
+    *s_pvalidates_in_place, *s_rmp_changed, *s_flush_tlb, *s_snoop, *pv_zero, *pv_one;
 
 typedef struct {
     PyObject_HEAD
@@ -1157,36 +1158,40 @@ static int pv_fast(PvHook *self)
         cf = 0;
         Py_INCREF(page);
         PyObject *agents = PyObject_GetAttr(self->cache, s_plain_agents);
-        if (agents == NULL) {
+        PyObject *set = PyList_GET_ITEM(self->sets, (Py_ssize_t)((key >> 6) & self->set_mask));
+        if (agents == NULL || !PyTuple_CheckExact(agents) || !PyDict_CheckExact(set)) {
+            PyErr_Clear();
+            Py_XDECREF(agents);
             Py_DECREF(page);
             return 0; /* (nothing changed yet) */
         }
-        int flush = PyObject_IsTrue(agents);
-        Py_DECREF(agents);
-        if (flush == 0) {
-            PyObject *set = PyList_GET_ITEM(self->sets, (Py_ssize_t)((key >> 6) & self->set_mask));
-            if (!PyDict_CheckExact(set)) {
-                Py_DECREF(page);
-                return 0;
-            }
-            PyObject *line = get_by_u64(set, key);
-            flush = line != NULL && line != Py_None;
-        }
-        if (flush < 0) {
-            PyErr_Clear();
-            Py_DECREF(page);
-            return 0;
-        }
-        if (flush) {
+        PyObject *line = get_by_u64(set, key);
+        int failed = 0;
+        if (line != NULL) { /* the line is cached: Cache.clflush (write-back, snoops) */
             PyObject *spa_obj = PyLong_FromUnsignedLongLong(at);
             PyObject *res = spa_obj == NULL ? NULL : PyObject_CallMethodObjArgs(self->cache, s_clflush, pv_zero,
                                                                                  Py_False, spa_obj, NULL);
             Py_XDECREF(spa_obj);
-            if (res == NULL) {
-                Py_DECREF(page);
-                return -1;
+            failed = res == NULL;
+            Py_XDECREF(res);
+        } else if (PyTuple_GET_SIZE(agents)) {
+            /* Cache.clflush(0, False, spa) of a line it does not hold: its snoop of the plain agents
+             * (Cache._snoop: the line's keys [key, key + 64), invalidate, no data), then nothing */
+            PyObject *lo_obj = PyLong_FromUnsignedLongLong(key), *hi_obj = PyLong_FromUnsignedLongLong(key + 64);
+            failed = lo_obj == NULL || hi_obj == NULL;
+            for (Py_ssize_t i = 0; !failed && i < PyTuple_GET_SIZE(agents); i++) {
+                PyObject *res = PyObject_CallMethodObjArgs(PyTuple_GET_ITEM(agents, i), s_snoop, lo_obj, hi_obj,
+                                                           Py_True, Py_None, NULL);
+                failed = res == NULL;
+                Py_XDECREF(res);
             }
-            Py_DECREF(res);
+            Py_XDECREF(lo_obj);
+            Py_XDECREF(hi_obj);
+        }
+        Py_DECREF(agents);
+        if (failed) {
+            Py_DECREF(page);
+            return -1;
         }
         if ((uint64_t)PyByteArray_GET_SIZE(page) < (at & 0xFFF) + 8) {
             Py_DECREF(page);
@@ -1363,7 +1368,8 @@ static int pvhook_exec(PyObject *m)
         (s_pvalidates = PyUnicode_InternFromString("pvalidates")) == NULL ||
         (s_pvalidates_in_place = PyUnicode_InternFromString("pvalidates_in_place")) == NULL ||
         (s_rmp_changed = PyUnicode_InternFromString("rmp_changed")) == NULL ||
-        (s_flush_tlb = PyUnicode_InternFromString("flush_tlb")) == NULL || (pv_zero = PyLong_FromLong(0)) == NULL ||
+        (s_flush_tlb = PyUnicode_InternFromString("flush_tlb")) == NULL ||
+        (s_snoop = PyUnicode_InternFromString("snoop")) == NULL || (pv_zero = PyLong_FromLong(0)) == NULL ||
         (pv_one = PyLong_FromLong(1)) == NULL) {
         return -1;
     }

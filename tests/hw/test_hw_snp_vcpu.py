@@ -613,6 +613,23 @@ def _pv_loop(n: int) -> bytes:
     return head + body + b"\x72" + (-(len(body) + 2) & 0xFF).to_bytes(1, "little") + b"\xf4"
 
 
+class _SnoopLog:
+    """A plain cache agent that holds nothing and records every snoop."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, int, bool, bool]] = []
+
+    def snoop(self, lo: int, hi: int, invalidate: bool, data: memoryview | None = None) -> None:
+        self.log.append((lo, hi, invalidate, data is None))
+
+    def snoop_fill(self, key: int) -> None:
+        pass
+
+    def rmp_lines(self, rmp: Rmp) -> list[tuple[int, int, bool, bool]]:
+        """The snoops about lines of the RMP's table."""
+        return [s for s in self.log if rmp.base <= s[0] <= rmp.end]
+
+
 def _run_pv_loop(states: list[str], use_c: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
     from sevemu.hw.uc.engine import UcEngine
 
@@ -638,13 +655,16 @@ def _run_pv_loop(states: list[str], use_c: bool, monkeypatch: pytest.MonkeyPatch
             g.own(gpa, asid=OTHER)
         elif state == "wrong GPA":
             g.own(gpa, at=gpa + PAGE)
+    snoops = _SnoopLog()
+    g.soc.cache.attach(snoops)  # (a plain agent: each RMP entry write's CLFLUSH snoops it)
     try:
         ex = g.soc.boot_cpu.vmrun(g.vmcb, eng)
         results = g.pt.gread(DATA, 8 * len(states))
         entries = [g.rmp.raw_entry(GUEST_SPA + _LOOP_START + i * PAGE) for i in range(len(states))]
         table = g.soc.dram.read(g.rmp.base, g.rmp.end + 1 - g.rmp.base)
         return (ex.code, ex.info1 if ex.code == ExitCode.NPF else None, eng.crash, results, entries, table,
-                sorted(g.soc.cache.dirty), g.rmp.epoch, eng.stats.pvalidates, eng.stats.pvalidates_in_place, calls[0])
+                sorted(g.soc.cache.dirty), g.rmp.epoch, eng.stats.pvalidates, eng.stats.pvalidates_in_place,
+                snoops.rmp_lines(g.rmp), calls[0])
     finally:
         eng.close()
         monkeypatch.undo()
@@ -658,7 +678,8 @@ def _run_pv_loop(states: list[str], use_c: bool, monkeypatch: pytest.MonkeyPatch
 def test_unicorn_pvalidate_in_c_answers_as_the_python_hook(states: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A guest validating pages in a loop: the results it stores (EAX, CF), the exit (HLT, or the
     #VMEXIT(NPF) of a page that is not its own at that GPA), the RMP's entries and its whole table in
-    DRAM, the cache's dirty lines, the RMP epoch and the counters are the same whether the C hook
+    DRAM, the cache's dirty lines, the RMP epoch, the counters and the snoops of the table's lines (the
+    CLFLUSH before each entry write) are the same whether the C hook
     retires the loop's PVALIDATEs once armed or every one goes through the Python hook; and the C hook
     did retire them (the Python hook saw only the first of each VMRUN and the faults)."""
     from sevemu.hw.uc import accel
@@ -667,11 +688,12 @@ def test_unicorn_pvalidate_in_c_answers_as_the_python_hook(states: list[str], mo
         pytest.skip("the C extension sevemu.hw.uc._uc_accel is not built with PvHook")
     fast = _run_pv_loop(states, True, monkeypatch)
     slow = _run_pv_loop(states, False, monkeypatch)
-    assert fast[:10] == slow[:10]
+    assert fast[:11] == slow[:11]
     done = next((i for i, s in enumerate(states) if s not in ("new", "validated")), len(states))
-    assert slow[10] == slow[8] == done + (done < len(states))
+    assert slow[11] == slow[8] == done + (done < len(states))
+    assert len(fast[10]) == states[:done].count("new")  # (one CLFLUSH of its entry's line per page validated)
     if done >= 2:
-        assert fast[10] < slow[10]  # (the C hook retired all but the first and the faulting one)
+        assert fast[11] < slow[11]  # (the C hook retired all but the first and the faulting one)
     assert fast[0] == (ExitCode.HLT if done == len(states) else ExitCode.NPF)
     for i in range(done):
         eax, cf = int.from_bytes(fast[3][8 * i : 8 * i + 4], "little"), fast[3][8 * i + 4 : 8 * i + 8]
