@@ -244,8 +244,8 @@ _access = st.tuples(st.sampled_from(_PAGES), st.booleans())
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.lists(_host_change, max_size=3), st.lists(_access, min_size=1, max_size=3)),
                 min_size=1, max_size=6))
-@example(states=[([], [(0x5000, False)]), ([(0x5000, "shared", False)], [(0x5000, False)])])
-@example(states=[([], [(0x6000, True)]), ([(0x6000, "mine", False)], [(0x6000, False)])])
+@example([([], [(0x5000, False)]), ([(0x5000, "shared", False)], [(0x5000, False)])])
+@example([([], [(0x6000, True)]), ([(0x6000, "mine", False)], [(0x6000, False)])])
 def test_cached_verdicts_always_equal_a_fresh_walk(steps: list[Any]) -> None:
     """Whatever the host does to the RMP between runs, an access through the TLB's cached verdicts has
     the outcome of the same access after a full flush (the hardware answer)."""

@@ -199,6 +199,11 @@ class UcEngine:
         self._retire_ids = (ctypes.c_int * 3)(REG["rax"], uc.REG_RFLAGS, uc.REG_RIP)
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
+        self._fill_regs = array.array("Q", bytes(16))
+        """CR0 and CR3 at a TLB fill, read in one batch."""
+        fbase = self._fill_regs.buffer_info()[0]
+        self._fill_ptrs = (ctypes.c_void_p * 2)(fbase, fbase + 8)
+        self._fill_ids = (ctypes.c_int * 2)(uc.REG_CR0, uc.REG_CR3)
         self._efer = 0  # the guest's EFER (LMA follows CR0.PG); Unicorn's copy has SVME too
         # stop reasons
         self._event: int | None = None
@@ -859,9 +864,11 @@ class UcEngine:
         self.stats.tlb_fills += 1
         write = access == uc.UC_MEM_WRITE
         fetch = access == uc.UC_MEM_FETCH
-        cr0 = self._reg_read(uc.REG_CR0)
+        regs = self._fill_regs
+        check(self._lib.uc_reg_read_batch(self._h, self._fill_ids, self._fill_ptrs, 2), "register read")
+        cr0 = regs[0]
         paging = bool(cr0 & CR0_PG)
-        cr3 = self._reg_read(uc.REG_CR3) if paging else 0
+        cr3 = regs[1] if paging else 0
         if paging:
             if (vaddr >> 47) not in (0, (1 << 17) - 1):  # non-canonical: #GP, never a walk
                 self._pending = None
