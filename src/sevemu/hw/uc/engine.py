@@ -191,6 +191,7 @@ class UcEngine:
         """Whether the invalid-instruction hook is the C one that retires the armed PVALIDATE case itself
         (:func:`accel.pvalidate_hook`; None: where it was built); set before the first run."""
         self._pv: accel.PvHook | None = None
+        self._pv_armed = False  # (whether _pv may be armed)
         """The runner's implementation (None: the C helper where it was built); set before the first run."""
         self._retire_vals = array.array("Q", bytes(24))
         """RAX, RFLAGS, RIP of an instruction retired inside a hook (:meth:`retire`)."""
@@ -242,6 +243,7 @@ class UcEngine:
             self._ports = None
         self._keep.clear()
         self._pv = None
+        self._pv_armed = False
         self._cpu = None
         self._pending = None
         for i in range(len(self.vals)):
@@ -563,8 +565,10 @@ class UcEngine:
     # ---- entry and exit: registers, coherence --------------------------------------------------
     def _enter(self, cpu: GuestCpu) -> None:
         self._cpu = cpu
-        if self._pv is not None and self._pv.armed:
-            self._pv.disarm()  # (armed again by the first PVALIDATE the Python hook retires)
+        if self._pv_armed:
+            self._pv_armed = False
+            self._pv.disarm()  # type: ignore[union-attr]  # (armed: the hook exists; armed again by the next
+            # PVALIDATE the Python hook retires)
         core = cpu.core
         pool = self.pool
         pool.synced = False
@@ -830,6 +834,7 @@ class UcEngine:
         cache, pages, first = rmp.validate_state()
         pv.arm(code, paging, length, self, cpu, rmp, cpu.core.tlb.rmp_epoch, cpu.asid, cpu.sev, cpu.vmcb.ncr3,
                walker, cache, pages, first, self.pool, self.stats)
+        self._pv_armed = True
 
     def _on_in(self, h: Any, port: int, size: int, user: Any) -> int:
         self._imprecise_io = (f"IN from port {port:#x} was not intercepted precisely (code written at run "
