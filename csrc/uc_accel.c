@@ -1007,6 +1007,23 @@ static int in_dirty(PyObject *dirty, uint64_t key)
     return r;
 }
 
+/* 1 when the vCPU's RMP epoch (epochs[asid]) is (rmp.epoch, 0), 0 when not, -1 on an error (set). */
+static int epoch_current(PvHook *self)
+{
+    PyObject *epoch = PyObject_GetAttr(self->rmp, s_epoch);
+    if (epoch == NULL) {
+        return -1;
+    }
+    PyObject *seen = PyDict_GetItemWithError(self->epochs, self->asid_obj);
+    int same = 0;
+    if (seen != NULL && PyTuple_CheckExact(seen) && PyTuple_GET_SIZE(seen) == 2 &&
+        PyLong_CheckExact(PyTuple_GET_ITEM(seen, 1)) && PyLong_AsLong(PyTuple_GET_ITEM(seen, 1)) == 0) {
+        same = PyObject_RichCompareBool(PyTuple_GET_ITEM(seen, 0), epoch, Py_EQ);
+    }
+    Py_DECREF(epoch);
+    return same < 0 || PyErr_Occurred() ? -1 : same;
+}
+
 /* The checks and the retire: 1 retired, 0 declined (nothing changed), -1 an exception after a change. */
 static int pv_fast(PvHook *self)
 {
@@ -1030,19 +1047,7 @@ static int pv_fast(PvHook *self)
         return 0;
     }
     /* the vCPU's RMP epoch */
-    PyObject *epoch = PyObject_GetAttr(self->rmp, s_epoch);
-    if (epoch == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    PyObject *seen = PyDict_GetItemWithError(self->epochs, self->asid_obj);
-    int same = 0;
-    if (seen != NULL && PyTuple_CheckExact(seen) && PyTuple_GET_SIZE(seen) == 2 &&
-        PyLong_CheckExact(PyTuple_GET_ITEM(seen, 1)) && PyLong_AsLong(PyTuple_GET_ITEM(seen, 1)) == 0) {
-        same = PyObject_RichCompareBool(PyTuple_GET_ITEM(seen, 0), epoch, Py_EQ);
-    }
-    Py_DECREF(epoch);
-    if (same != 1) {
+    if (epoch_current(self) != 1) {
         PyErr_Clear();
         return 0;
     }
@@ -1098,10 +1103,17 @@ static int pv_fast(PvHook *self)
         }
         PyErr_Clear();
         uint64_t eo = (gpa >> 9) & 0xFF8, pte;
-        if (entries == NULL || !PyBytes_CheckExact(entries) || (uint64_t)PyBytes_GET_SIZE(entries) < eo + 8) {
+        const char *raw = NULL;
+        if (entries != NULL && PyBytes_CheckExact(entries) && (uint64_t)PyBytes_GET_SIZE(entries) >= eo + 8) {
+            raw = PyBytes_AS_STRING(entries);
+        } else if (entries != NULL && PyByteArray_CheckExact(entries) &&
+                   (uint64_t)PyByteArray_GET_SIZE(entries) >= eo + 8) {
+            raw = PyByteArray_AS_STRING(entries);
+        }
+        if (raw == NULL) {
             return 0;
         }
-        memcpy(&pte, PyBytes_AS_STRING(entries) + eo, 8);
+        memcpy(&pte, raw + eo, 8);
         if (!(pte & 1) || (pte & self->rsvd)) {
             return 0;
         }
@@ -1203,18 +1215,8 @@ static int pv_fast(PvHook *self)
         Py_DECREF(page);
     }
     /* cpu.rmp_changed()'s test (insn.pvalidate calls it): never true here, validating takes no access away */
-    epoch = PyObject_GetAttr(self->rmp, s_epoch);
-    if (epoch == NULL) {
-        return -1;
-    }
-    seen = PyDict_GetItemWithError(self->epochs, self->asid_obj);
-    same = 0;
-    if (seen != NULL && PyTuple_CheckExact(seen) && PyTuple_GET_SIZE(seen) == 2 &&
-        PyLong_CheckExact(PyTuple_GET_ITEM(seen, 1)) && PyLong_AsLong(PyTuple_GET_ITEM(seen, 1)) == 0) {
-        same = PyObject_RichCompareBool(PyTuple_GET_ITEM(seen, 0), epoch, Py_EQ);
-    }
-    Py_DECREF(epoch);
-    if (same < 0 || PyErr_Occurred()) {
+    int same = epoch_current(self);
+    if (same < 0) {
         return -1;
     }
     if (!same) {
