@@ -54,6 +54,7 @@
 
 #include "pyargs.h"
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -668,6 +669,723 @@ static PyTypeObject RunnerType = {
     .tp_getset = runner_getset,
 };
 
+/* ---- PVALIDATE retired in the invalid-instruction hook, in C -----------------------------------
+ * PvHook(handle, reg_read_batch, reg_write_batch, ids, fallback) is the UC_HOOK_INSN_INVALID
+ * callback of an engine with this helper (address(): the C function; the hook's user data is the
+ * object itself, which the engine keeps alive).  Each call takes the GIL and either retires the
+ * instruction itself or calls fallback(None, None) -- the engine's Python hook, _on_invalid, whose
+ * answer (a bool) it returns.  It retires only what exits.pvalidate_in_place would retire with the
+ * same result, for the one case the engine armed it for (arm(): after the Python path retired a
+ * PVALIDATE of a 4 KiB page to validated with the engine's caching walker):
+ *   - RDX bit 0 set (validate), ECX 0 (4 KiB), CR0.PG as armed, and the 15 bytes at RIP in the
+ *     slot the page executes from (bind(): the engine's xgva and pool) equal to the armed ones: the same
+ *     decode (PVALIDATE, its length) as the Python path's decode of the same bytes in the same mode;
+ *   - the vCPU's RMP epoch (epochs[asid]) equal to (rmp.epoch, 0);
+ *   - the operand's (GPA, SPA) answered by the walker's own caches as NestedCachingMmu.operand
+ *     answers them (the guest 2 MiB region, then the nested translation, then the region's NPT
+ *     page table): the same dicts, looked up with the same keys;
+ *   - Rmp._validate_4k's case: SPA covered, no software line over the page's entry nor over its
+ *     region's 2 MiB entry, no assigned 2 MiB entry over the region, the entry in DRAM, assigned to
+ *     the ASID, mutable, 4 KiB, at the GPA.
+ * Anything else -- and every check that does not pass -- goes to the fallback with nothing changed.
+ * A validated entry answers EAX 0 with CF 1; else the table line's CLFLUSH (cache.clflush(0, False,
+ * spa) when the line is in its set; else, as that CLFLUSH does for a line the cache does not hold,
+ * agent.snoop(key, key + 64, True, None) of each of cache.plain_agents) and the low quadword's store
+ * with Validated, EAX 0 and CF 0.  Then as the Python path: engine.refresh() when the pool has stale
+ * or updated slots, the stats' pvalidates and pvalidates_in_place counted, the TLB flushed if the
+ * epoch moved (cpu.rmp_changed(), engine.flush_tlb()), RAX, RFLAGS, RIP written in one batch.  An
+ * exception after the first change is the engine's internal error (engine._internal = "Type: msg",
+ * the hook answers false), as the Python hook reports it.
+ * disarm(): the next call goes to the fallback (the engine disarms at every VMRUN). */
+typedef int (*reg_write_batch_fn)(void *uc, int *regs, void *const *vals, int count);
+
+#define PV_CODE 15
+#define PV_NREGS 7 /* RAX, RCX, RDX, RIP, RFLAGS, CR0, CR3 */
+#define RMP_ASSIGNED 1ULL
+#define RMP_PAGESIZE 2ULL
+#define RMP_IMMUTABLE 4ULL
+#define RMP_GPA_MASK (((1ULL << 39) - 1) << 12)
+#define RMP_VALIDATED (1ULL << 62)
+#define RFLAGS_CF 1ULL
+
+static PyObject *s_epoch, *s_dirty, *s_plain_agents, *s_stale, *s_updated, *s_refresh, *s_clflush, *s_pvalidates,
+    *s_pvalidates_in_place, *s_rmp_changed, *s_flush_tlb, *s_snoop, *pv_zero, *pv_one;
+
+typedef struct {
+    PyObject_HEAD
+    void *uc;
+    reg_read_batch_fn rbatch;
+    reg_write_batch_fn wbatch;
+    int ids[PV_NREGS];
+    PyObject *xgva; /* bind(): the engine's IoHooks.xgva (mutated, never rebound) */
+    const unsigned char *mem;
+    uint64_t mem_size;
+    PyObject *fallback;
+    /* armed */
+    int armed;
+    int paging, sev;
+    unsigned char code[PV_CODE];
+    uint64_t length, asid, ncr3, first, covered, set_mask, addr_mask, rsvd;
+    PyObject *engine, *cpu, *rmp, *epochs, *asid_obj, *ncr3_obj, *sevkey_obj, *regions, *nested, *optables, *cache,
+        *sets, *pages, *pool, *stats;
+} PvHook;
+
+static void pv_clear_armed(PvHook *self)
+{
+    self->armed = 0;
+    Py_CLEAR(self->engine);
+    Py_CLEAR(self->cpu);
+    Py_CLEAR(self->rmp);
+    Py_CLEAR(self->epochs);
+    Py_CLEAR(self->asid_obj);
+    Py_CLEAR(self->ncr3_obj);
+    Py_CLEAR(self->sevkey_obj);
+    Py_CLEAR(self->regions);
+    Py_CLEAR(self->nested);
+    Py_CLEAR(self->optables);
+    Py_CLEAR(self->cache);
+    Py_CLEAR(self->sets);
+    Py_CLEAR(self->pages);
+    Py_CLEAR(self->pool);
+    Py_CLEAR(self->stats);
+}
+
+static int pvhook_init(PvHook *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *handle, *rb, *wb, *ids, *fallback, *seq;
+    uint64_t h, frb, fwb;
+    static char *kwlist[] = {"handle", "reg_read_batch", "reg_write_batch", "ids", "fallback", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO:PvHook", kwlist, &handle, &rb, &wb, &ids, &fallback)) {
+        return -1;
+    }
+    if (get_u64(handle, "handle", &h) < 0 || get_u64(rb, "reg_read_batch", &frb) < 0 ||
+        get_u64(wb, "reg_write_batch", &fwb) < 0) {
+        return -1;
+    }
+    if (!h || !frb || !fwb || !PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_ValueError, "PvHook needs a Unicorn handle, the two batch functions and a callable");
+        return -1;
+    }
+    seq = PySequence_Fast(ids, "ids must be a sequence of register ids");
+    if (seq == NULL) {
+        return -1;
+    }
+    if (PySequence_Fast_GET_SIZE(seq) != PV_NREGS) {
+        PyErr_SetString(PyExc_ValueError, "ids must name RAX, RCX, RDX, RIP, RFLAGS, CR0, CR3");
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (int i = 0; i < PV_NREGS; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        self->ids[i] = (int)v;
+    }
+    Py_DECREF(seq);
+    self->uc = (void *)(uintptr_t)h;
+    self->rbatch = (reg_read_batch_fn)(uintptr_t)frb;
+    self->wbatch = (reg_write_batch_fn)(uintptr_t)fwb;
+    Py_INCREF(fallback);
+    Py_XSETREF(self->fallback, fallback);
+    pv_clear_armed(self);
+    return 0;
+}
+
+static int pvhook_traverse(PvHook *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->xgva);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->engine);
+    Py_VISIT(self->cpu);
+    Py_VISIT(self->rmp);
+    Py_VISIT(self->cache);
+    Py_VISIT(self->pool);
+    Py_VISIT(self->stats);
+    Py_VISIT(self->regions);
+    Py_VISIT(self->nested);
+    Py_VISIT(self->optables);
+    Py_VISIT(self->epochs);
+    Py_VISIT(self->sets);
+    Py_VISIT(self->pages);
+    return 0;
+}
+
+static int pvhook_clear(PvHook *self)
+{
+    pv_clear_armed(self);
+    Py_CLEAR(self->xgva);
+    self->mem = NULL;
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void pvhook_dealloc(PvHook *self)
+{
+    PyObject_GC_UnTrack(self);
+    pvhook_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int u64_attr(PyObject *obj, const char *name, uint64_t *out)
+{
+    PyObject *v = PyObject_GetAttrString(obj, name);
+    if (v == NULL) {
+        return -1;
+    }
+    int r = get_u64(v, name, out);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *dict_attr(PyObject *obj, const char *name)
+{
+    PyObject *v = PyObject_GetAttrString(obj, name);
+    if (v != NULL && !PyDict_CheckExact(v)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a dict", name);
+        Py_CLEAR(v);
+    }
+    return v;
+}
+
+PyDoc_STRVAR(pvhook_arm_doc,
+             "arm(code, paging, length, engine, cpu, rmp, epochs, asid, sev, ncr3, walker, cache, pages, first, "
+             "pool, stats)\nRetire in C the PVALIDATEs of these 15 instruction bytes in this paging mode (see the "
+             "module docstring).");
+
+static PyObject *pvhook_arm(PvHook *self, PyObject *args)
+{
+    Py_buffer code;
+    int paging, sev;
+    unsigned long long length, asid, ncr3, first;
+    PyObject *engine, *cpu, *rmp, *epochs, *walker, *cache, *pages, *pool, *stats;
+    if (!PyArg_ParseTuple(args, "y*pKOOOO!KpKOOO!KOO:arm", &code, &paging, &length, &engine, &cpu, &rmp,
+                          &PyDict_Type, &epochs, &asid, &sev, &ncr3, &walker, &cache, &PyDict_Type, &pages, &first,
+                          &pool, &stats)) {
+        return NULL;
+    }
+    pv_clear_armed(self);
+    if (code.len != PV_CODE || length == 0 || length > PV_CODE) {
+        PyBuffer_Release(&code);
+        PyErr_SetString(PyExc_ValueError, "arm needs the 15 instruction bytes and a length of at most 15");
+        return NULL;
+    }
+    memcpy(self->code, code.buf, PV_CODE);
+    PyBuffer_Release(&code);
+    PyObject *regions = dict_attr(walker, "_regions"), *nested = dict_attr(walker, "_nested"),
+             *optables = dict_attr(walker, "_operand_tables"), *sets = PyObject_GetAttrString(cache, "sets");
+    uint64_t covered, set_mask, addr_mask, rsvd;
+    if (regions == NULL || nested == NULL || optables == NULL || sets == NULL || !PyList_CheckExact(sets) ||
+        u64_attr(rmp, "covered", &covered) < 0 || u64_attr(cache, "set_mask", &set_mask) < 0 ||
+        u64_attr(walker, "addr_mask", &addr_mask) < 0 || u64_attr(walker, "rsvd_sev", &rsvd) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "cache.sets must be a list");
+        }
+        Py_XDECREF(regions);
+        Py_XDECREF(nested);
+        Py_XDECREF(optables);
+        Py_XDECREF(sets);
+        return NULL;
+    }
+    self->asid_obj = PyLong_FromUnsignedLongLong(asid);
+    self->ncr3_obj = PyLong_FromUnsignedLongLong(ncr3);
+    self->sevkey_obj = PyLong_FromLong(sev << 2 | 8);
+    if (self->asid_obj == NULL || self->ncr3_obj == NULL || self->sevkey_obj == NULL) {
+        Py_DECREF(regions);
+        Py_DECREF(nested);
+        Py_DECREF(optables);
+        Py_DECREF(sets);
+        pv_clear_armed(self);
+        return NULL;
+    }
+    self->regions = regions;
+    self->nested = nested;
+    self->optables = optables;
+    self->sets = sets;
+    self->paging = paging;
+    self->sev = sev;
+    self->length = length;
+    self->asid = asid;
+    self->ncr3 = ncr3;
+    self->first = first;
+    self->covered = covered;
+    self->set_mask = set_mask;
+    self->addr_mask = addr_mask;
+    self->rsvd = rsvd;
+#define PV_KEEP(field, v) Py_INCREF(v); self->field = v
+    PV_KEEP(engine, engine);
+    PV_KEEP(cpu, cpu);
+    PV_KEEP(rmp, rmp);
+    PV_KEEP(epochs, epochs);
+    PV_KEEP(cache, cache);
+    PV_KEEP(pages, pages);
+    PV_KEEP(pool, pool);
+    PV_KEEP(stats, stats);
+#undef PV_KEEP
+    self->armed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *pvhook_bind(PvHook *self, PyObject *args)
+{
+    PyObject *xgva;
+    unsigned long long address, size;
+    if (!PyArg_ParseTuple(args, "O!KK:bind", &PyDict_Type, &xgva, &address, &size)) {
+        return NULL;
+    }
+    pv_clear_armed(self);
+    Py_INCREF(xgva);
+    Py_XSETREF(self->xgva, xgva);
+    self->mem = (const unsigned char *)(uintptr_t)address;
+    self->mem_size = size;
+    Py_RETURN_NONE;
+}
+
+static PyObject *pvhook_disarm(PvHook *self, PyObject *unused)
+{
+    (void)unused;
+    pv_clear_armed(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *pvhook_get_armed(PvHook *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->armed);
+}
+
+/* dict[key] for a tuple key of n unsigned ints (borrowed; NULL: missing or an error, cleared). */
+static PyObject *get_by_tuple(PyObject *dict, int n, PyObject *const *items)
+{
+    PyObject *key = PyTuple_New(n);
+    if (key == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    for (int i = 0; i < n; i++) {
+        Py_INCREF(items[i]);
+        PyTuple_SET_ITEM(key, i, items[i]);
+    }
+    PyObject *v = PyDict_GetItemWithError(dict, key);
+    Py_DECREF(key);
+    if (v == NULL) {
+        PyErr_Clear();
+    }
+    return v;
+}
+
+/* The low quadword at byte off of a DRAM page (a bytearray of at least off + 8 bytes); -1: not one. */
+static int page_lo(PyObject *page, uint64_t off, uint64_t *lo)
+{
+    if (!PyByteArray_CheckExact(page) || (uint64_t)PyByteArray_GET_SIZE(page) < off + 16) {
+        return -1;
+    }
+    memcpy(lo, PyByteArray_AS_STRING(page) + off, 8); /* (little-endian host: x86-64 only, as Unicorn) */
+    return 0;
+}
+
+/* key in the set (or dict) `dirty`: 1, 0, or -1 when it cannot tell (not a set). */
+static int in_dirty(PyObject *dirty, uint64_t key)
+{
+    if (!PySet_CheckExact(dirty)) {
+        return -1;
+    }
+    if (PySet_GET_SIZE(dirty) == 0) {
+        return 0;
+    }
+    PyObject *k = PyLong_FromUnsignedLongLong(key);
+    if (k == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    int r = PySet_Contains(dirty, k);
+    Py_DECREF(k);
+    if (r < 0) {
+        PyErr_Clear();
+    }
+    return r;
+}
+
+/* 1 when the vCPU's RMP epoch (epochs[asid]) is (rmp.epoch, 0), 0 when not, -1 on an error (set). */
+static int epoch_current(PvHook *self)
+{
+    PyObject *epoch = PyObject_GetAttr(self->rmp, s_epoch);
+    if (epoch == NULL) {
+        return -1;
+    }
+    PyObject *seen = PyDict_GetItemWithError(self->epochs, self->asid_obj);
+    int same = 0;
+    if (seen != NULL && PyTuple_CheckExact(seen) && PyTuple_GET_SIZE(seen) == 2 &&
+        PyLong_CheckExact(PyTuple_GET_ITEM(seen, 1)) && PyLong_AsLong(PyTuple_GET_ITEM(seen, 1)) == 0) {
+        same = PyObject_RichCompareBool(PyTuple_GET_ITEM(seen, 0), epoch, Py_EQ);
+    }
+    Py_DECREF(epoch);
+    return same < 0 || PyErr_Occurred() ? -1 : same;
+}
+
+/* The checks and the retire: 1 retired, 0 declined (nothing changed), -1 an exception after a change. */
+static int pv_fast(PvHook *self)
+{
+    uint64_t r[PV_NREGS];
+    void *ptrs[PV_NREGS];
+    for (int i = 0; i < PV_NREGS; i++) {
+        ptrs[i] = &r[i];
+    }
+    if (self->rbatch(self->uc, self->ids, ptrs, PV_NREGS)) {
+        return 0;
+    }
+    uint64_t gva = r[0], rip = r[3], rflags = r[4], cr3 = r[6];
+    if (!(r[2] & 1) || (r[1] & 0xFFFFFFFFULL) || (int)((r[5] >> 31) & 1) != self->paging) {
+        return 0;
+    }
+    /* the instruction: the armed bytes in the slot the page executes from */
+    uint64_t off = rip & 0xFFF, slot;
+    if (self->xgva == NULL || self->mem == NULL || off + PV_CODE > 0x1000 ||
+        exact_u64(get_by_u64(self->xgva, rip & ~0xFFFULL), &slot) < 0 || slot >= self->mem_size / 0x1000 ||
+        memcmp(self->mem + slot * 0x1000 + off, self->code, PV_CODE) != 0) {
+        return 0;
+    }
+    /* the vCPU's RMP epoch */
+    if (epoch_current(self) != 1) {
+        PyErr_Clear();
+        return 0;
+    }
+    /* the operand: NestedCachingMmu.operand's cached answers */
+    uint64_t gpa, spa;
+    int enc = self->sev;
+    if (self->paging) {
+        PyObject *hi = PyLong_FromUnsignedLongLong(gva >> 21), *c3 = PyLong_FromUnsignedLongLong(cr3),
+                 *zero = PyLong_FromLong(0);
+        PyObject *region = NULL;
+        if (hi != NULL && c3 != NULL && zero != NULL) {
+            PyObject *items[7] = {hi, self->sevkey_obj, c3, self->asid_obj, self->ncr3_obj, zero, zero};
+            region = get_by_tuple(self->regions, 7, items);
+        }
+        Py_XDECREF(hi);
+        Py_XDECREF(c3);
+        Py_XDECREF(zero);
+        uint64_t base;
+        if (region == NULL || !PyTuple_CheckExact(region) || PyTuple_GET_SIZE(region) < 2 ||
+            exact_u64(PyTuple_GET_ITEM(region, 0), &base) < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        int c = PyObject_IsTrue(PyTuple_GET_ITEM(region, 1));
+        if (c < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        gpa = base | (gva & 0x1FFFFF);
+        enc = enc && c;
+    } else {
+        gpa = gva;
+    }
+    PyObject *pn = PyLong_FromUnsignedLongLong(gpa >> 12), *kind = PyLong_FromLong(4 | enc << 3);
+    PyObject *hit = NULL;
+    if (pn != NULL && kind != NULL) {
+        PyObject *items[3] = {self->ncr3_obj, pn, kind};
+        hit = get_by_tuple(self->nested, 3, items);
+    }
+    Py_XDECREF(pn);
+    Py_XDECREF(kind);
+    if (hit != NULL) {
+        if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) < 1 || exact_u64(PyTuple_GET_ITEM(hit, 0), &spa) < 0) {
+            return 0;
+        }
+    } else {
+        PyObject *rg = PyLong_FromUnsignedLongLong(gpa >> 21);
+        PyObject *entries = NULL;
+        if (rg != NULL) {
+            PyObject *items[2] = {self->ncr3_obj, rg};
+            entries = get_by_tuple(self->optables, 2, items);
+            Py_DECREF(rg);
+        }
+        PyErr_Clear();
+        uint64_t eo = (gpa >> 9) & 0xFF8, pte;
+        const char *raw = NULL;
+        if (entries != NULL && PyBytes_CheckExact(entries) && (uint64_t)PyBytes_GET_SIZE(entries) >= eo + 8) {
+            raw = PyBytes_AS_STRING(entries);
+        } else if (entries != NULL && PyByteArray_CheckExact(entries) &&
+                   (uint64_t)PyByteArray_GET_SIZE(entries) >= eo + 8) {
+            raw = PyByteArray_AS_STRING(entries);
+        }
+        if (raw == NULL) {
+            return 0;
+        }
+        memcpy(&pte, raw + eo, 8);
+        if (!(pte & 1) || (pte & self->rsvd)) {
+            return 0;
+        }
+        spa = pte & self->addr_mask;
+    }
+    gpa &= ~0xFFFULL;
+    spa &= ~0xFFFULL;
+    /* Rmp._validate_4k */
+    if (spa >= self->covered) {
+        return 0;
+    }
+    uint64_t pfn = spa >> 12, large = pfn & ~511ULL, lo;
+    PyObject *dirty = PyObject_GetAttr(self->cache, s_dirty);
+    if (dirty == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *page;
+    if (large != pfn) {
+        uint64_t at = self->first + large * 16;
+        if (in_dirty(dirty, at & ~63ULL) != 0) {
+            Py_DECREF(dirty);
+            return 0;
+        }
+        page = get_by_u64(self->pages, at >> 12);
+        if (page != NULL) {
+            if (page_lo(page, at & 0xFFF, &lo) < 0) {
+                Py_DECREF(dirty);
+                return 0;
+            }
+            if ((lo & (RMP_ASSIGNED | RMP_PAGESIZE)) == (RMP_ASSIGNED | RMP_PAGESIZE)) {
+                Py_DECREF(dirty);
+                return 0;
+            }
+        }
+    }
+    uint64_t at = self->first + pfn * 16, key = at & ~63ULL;
+    int d = in_dirty(dirty, key);
+    Py_DECREF(dirty);
+    if (d != 0) {
+        return 0;
+    }
+    page = get_by_u64(self->pages, at >> 12);
+    if (page == NULL || page_lo(page, at & 0xFFF, &lo) < 0) {
+        return 0;
+    }
+    if ((lo & (RMP_ASSIGNED | RMP_PAGESIZE | RMP_IMMUTABLE)) != RMP_ASSIGNED || ((lo >> 51) & 0x3FF) != self->asid ||
+        (lo & RMP_GPA_MASK) != gpa) {
+        return 0;
+    }
+    int cf = 1;
+    if (!(lo & RMP_VALIDATED)) {
+        /* from here on the model changes: an exception is the engine's internal error */
+        cf = 0;
+        Py_INCREF(page);
+        PyObject *agents = PyObject_GetAttr(self->cache, s_plain_agents);
+        PyObject *set = PyList_GET_ITEM(self->sets, (Py_ssize_t)((key >> 6) & self->set_mask));
+        if (agents == NULL || !PyTuple_CheckExact(agents) || !PyDict_CheckExact(set)) {
+            PyErr_Clear();
+            Py_XDECREF(agents);
+            Py_DECREF(page);
+            return 0; /* (nothing changed yet) */
+        }
+        PyObject *line = get_by_u64(set, key);
+        int failed = 0;
+        if (line != NULL) { /* the line is cached: Cache.clflush (write-back, snoops) */
+            PyObject *spa_obj = PyLong_FromUnsignedLongLong(at);
+            PyObject *res = spa_obj == NULL ? NULL : PyObject_CallMethodObjArgs(self->cache, s_clflush, pv_zero,
+                                                                                 Py_False, spa_obj, NULL);
+            Py_XDECREF(spa_obj);
+            failed = res == NULL;
+            Py_XDECREF(res);
+        } else if (PyTuple_GET_SIZE(agents)) {
+            /* Cache.clflush(0, False, spa) of a line it does not hold: its snoop of the plain agents
+             * (Cache._snoop: the line's keys [key, key + 64), invalidate, no data), then nothing */
+            PyObject *lo_obj = PyLong_FromUnsignedLongLong(key), *hi_obj = PyLong_FromUnsignedLongLong(key + 64);
+            failed = lo_obj == NULL || hi_obj == NULL;
+            for (Py_ssize_t i = 0; !failed && i < PyTuple_GET_SIZE(agents); i++) {
+                PyObject *res = PyObject_CallMethodObjArgs(PyTuple_GET_ITEM(agents, i), s_snoop, lo_obj, hi_obj,
+                                                           Py_True, Py_None, NULL);
+                failed = res == NULL;
+                Py_XDECREF(res);
+            }
+            Py_XDECREF(lo_obj);
+            Py_XDECREF(hi_obj);
+        }
+        Py_DECREF(agents);
+        if (failed) {
+            Py_DECREF(page);
+            return -1;
+        }
+        if ((uint64_t)PyByteArray_GET_SIZE(page) < (at & 0xFFF) + 8) {
+            Py_DECREF(page);
+            PyErr_SetString(PyExc_RuntimeError, "the RMP page shrank");
+            return -1;
+        }
+        uint64_t v = lo | RMP_VALIDATED;
+        memcpy(PyByteArray_AS_STRING(page) + (at & 0xFFF), &v, 8);
+        Py_DECREF(page);
+    }
+    /* cpu.rmp_changed()'s test (insn.pvalidate calls it): never true here, validating takes no access away */
+    int same = epoch_current(self);
+    if (same < 0) {
+        return -1;
+    }
+    if (!same) {
+        PyObject *res = PyObject_CallMethodNoArgs(self->cpu, s_rmp_changed);
+        if (res == NULL) {
+            return -1;
+        }
+        Py_DECREF(res);
+    }
+    /* as the Python path after insn.pvalidate */
+    int stale = 0;
+    for (int i = 0; i < 2 && !stale; i++) {
+        PyObject *v = PyObject_GetAttr(self->pool, i ? s_updated : s_stale);
+        if (v == NULL) {
+            return -1;
+        }
+        stale = PyObject_IsTrue(v);
+        Py_DECREF(v);
+        if (stale < 0) {
+            return -1;
+        }
+    }
+    if (stale) {
+        PyObject *res = PyObject_CallMethodNoArgs(self->engine, s_refresh);
+        if (res == NULL) {
+            return -1;
+        }
+        Py_DECREF(res);
+    }
+    PyObject *names[2] = {s_pvalidates, s_pvalidates_in_place};
+    for (int i = 0; i < 2; i++) {
+        PyObject *v = PyObject_GetAttr(self->stats, names[i]);
+        if (v == NULL) {
+            return -1;
+        }
+        PyObject *n = PyNumber_Add(v, pv_one);
+        Py_DECREF(v);
+        if (n == NULL) {
+            return -1;
+        }
+        int e = PyObject_SetAttr(self->stats, names[i], n);
+        Py_DECREF(n);
+        if (e < 0) {
+            return -1;
+        }
+    }
+    if (!same) { /* the RMP took an access away: Unicorn's TLB too */
+        PyObject *res = PyObject_CallMethodNoArgs(self->engine, s_flush_tlb);
+        if (res == NULL) {
+            return -1;
+        }
+        Py_DECREF(res);
+    }
+    uint64_t w[3] = {0, cf ? (rflags | RFLAGS_CF) : (rflags & ~RFLAGS_CF), rip + self->length};
+    void *wp[3] = {&w[0], &w[1], &w[2]};
+    int wid[3] = {self->ids[0], self->ids[4], self->ids[3]};
+    if (self->wbatch(self->uc, wid, wp, 3)) {
+        PyErr_SetString(PyExc_RuntimeError, "register write failed");
+        return -1;
+    }
+    return 1;
+}
+
+static bool pv_hook(void *uc, void *user)
+{
+    PvHook *self = (PvHook *)user;
+    (void)uc;
+    PyGILState_STATE g = PyGILState_Ensure();
+    bool out = false;
+    int r = self->armed ? pv_fast(self) : 0;
+    if (r == 1) {
+        out = true;
+    } else if (r < 0) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyObject *name = type != NULL ? PyObject_GetAttrString(type, "__name__") : NULL;
+        PyObject *msg = name != NULL ? PyUnicode_FromFormat("%U: %S", name, value != NULL ? value : Py_None) : NULL;
+        if (msg == NULL || self->engine == NULL || PyObject_SetAttr(self->engine, s_internal, msg) < 0) {
+            PyErr_Clear();
+        }
+        Py_XDECREF(msg);
+        Py_XDECREF(name);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    } else {
+        PyObject *res = PyObject_CallFunctionObjArgs(self->fallback, Py_None, Py_None, NULL);
+        if (res == NULL) {
+            PyErr_WriteUnraisable(self->fallback);
+        } else {
+            out = PyObject_IsTrue(res) == 1;
+            PyErr_Clear();
+            Py_DECREF(res);
+        }
+    }
+    PyGILState_Release(g);
+    return out;
+}
+
+static PyObject *pvhook_address(PyObject *self, PyObject *noargs)
+{
+    (void)self;
+    (void)noargs;
+    return PyLong_FromVoidPtr((void *)pv_hook);
+}
+
+static PyMethodDef pvhook_methods[] = {
+    {"arm", (PyCFunction)pvhook_arm, METH_VARARGS, pvhook_arm_doc},
+    {"bind", (PyCFunction)pvhook_bind, METH_VARARGS,
+     "bind(xgva, pool_address, pool_size): the engine's executed-page slots (a dict it mutates, never rebinds) "
+     "and its page pool's memory"},
+    {"disarm", (PyCFunction)pvhook_disarm, METH_NOARGS, "disarm(): every call goes to the fallback"},
+    {"address", (PyCFunction)pvhook_address, METH_NOARGS | METH_STATIC,
+     "address() -> the UC_HOOK_INSN_INVALID callback (its user data: the PvHook)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pvhook_getset[] = {
+    {"armed", (getter)pvhook_get_armed, NULL, "whether arm() holds a case the hook retires in C", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(pvhook_doc, "PvHook(handle, reg_read_batch, reg_write_batch, ids, fallback): PVALIDATE "
+                         "retired in C in the invalid-instruction hook (csrc/uc_accel.c).");
+
+static PyTypeObject PvHookType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sevemu.hw.uc._uc_accel.PvHook",
+    .tp_basicsize = sizeof(PvHook),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = pvhook_doc,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)pvhook_init,
+    .tp_dealloc = (destructor)pvhook_dealloc,
+    .tp_traverse = (traverseproc)pvhook_traverse,
+    .tp_clear = (inquiry)pvhook_clear,
+    .tp_methods = pvhook_methods,
+    .tp_getset = pvhook_getset,
+};
+
+static int pvhook_exec(PyObject *m)
+{
+    if ((s_epoch = PyUnicode_InternFromString("epoch")) == NULL ||
+        (s_dirty = PyUnicode_InternFromString("dirty")) == NULL ||
+        (s_plain_agents = PyUnicode_InternFromString("plain_agents")) == NULL ||
+        (s_stale = PyUnicode_InternFromString("stale")) == NULL ||
+        (s_updated = PyUnicode_InternFromString("updated")) == NULL ||
+        (s_refresh = PyUnicode_InternFromString("refresh")) == NULL ||
+        (s_clflush = PyUnicode_InternFromString("clflush")) == NULL ||
+        (s_pvalidates = PyUnicode_InternFromString("pvalidates")) == NULL ||
+        (s_pvalidates_in_place = PyUnicode_InternFromString("pvalidates_in_place")) == NULL ||
+        (s_rmp_changed = PyUnicode_InternFromString("rmp_changed")) == NULL ||
+        (s_flush_tlb = PyUnicode_InternFromString("flush_tlb")) == NULL ||
+        (s_snoop = PyUnicode_InternFromString("snoop")) == NULL || (pv_zero = PyLong_FromLong(0)) == NULL ||
+        (pv_one = PyLong_FromLong(1)) == NULL) {
+        return -1;
+    }
+    if (PyType_Ready(&PvHookType) < 0) {
+        return -1;
+    }
+    Py_INCREF(&PvHookType);
+    if (PyModule_AddObject(m, "PvHook", (PyObject *)&PvHookType) < 0) {
+        Py_DECREF(&PvHookType);
+        return -1;
+    }
+    return 0;
+}
+
 static int module_exec(PyObject *m)
 {
     if ((s_regs = PyUnicode_InternFromString("regs")) == NULL || (s_rip = PyUnicode_InternFromString("rip")) == NULL ||
@@ -692,7 +1410,7 @@ static int module_exec(PyObject *m)
         Py_DECREF(&RunnerType);
         return -1;
     }
-    return 0;
+    return pvhook_exec(m);
 }
 
 /* ---- stops at a block boundary ---------------------------------------------------------------

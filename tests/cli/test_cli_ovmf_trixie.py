@@ -87,3 +87,42 @@ def test_the_host_finds_none_of_the_snp_guests_decompressed_firmware_in_dram() -
         assert not any(snp.machine.soc.dram.find(x) for x in needles)
     finally:
         snp.close()
+
+
+@pytest.mark.slow
+def test_snp_pvalidates_retired_in_c_leave_what_the_python_hook_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OVMF's 65,535 PVALIDATEs (SEC and PEI, paging on: the operand through the walker's 2 MiB regions)
+    retired by the engine's C hook once armed, and all by the Python hook: the same RMP table in DRAM,
+    epoch and per-ASID counts at PEI's switch, the same counts; the C hook took all but a few."""
+    import hashlib
+
+    from sevemu.hw.uc import accel
+    from sevemu.hw.uc.engine import UcEngine
+
+    if not accel.PV_ENABLED:
+        pytest.skip("the C extension sevemu.hw.uc._uc_accel is not built with PvHook")
+    python_hook = UcEngine._on_invalid
+
+    def run(use_c: bool) -> tuple[object, ...]:
+        calls = [0]
+
+        def counted(self: UcEngine, h: object, user: object) -> bool:
+            calls[0] += 1
+            return python_hook(self, h, user)
+
+        monkeypatch.setattr(UcEngine, "_on_invalid", counted)
+        monkeypatch.setattr(accel, "PV_ENABLED", use_c)
+        boot = OvmfBoot(IMAGE, "snp")
+        try:
+            r = boot.run(until="PEI in permanent memory", timeout=900)
+            rmp = boot.machine.soc.rmp
+            assert rmp is not None
+            table = hashlib.sha256(boot.machine.soc.dram.read(rmp.base, rmp.end + 1 - rmp.base)).hexdigest()
+            return r.status, r.pvalidates, table, rmp.epoch, rmp.asid_pages(boot.launch.vm.asid), calls[0]
+        finally:
+            boot.close()
+            monkeypatch.undo()
+
+    fast, slow = run(True), run(False)
+    assert fast[0] == "reached" and fast[:5] == slow[:5]
+    assert slow[5] >= slow[1] > 65_000 and fast[5] < slow[1] // 20

@@ -508,7 +508,7 @@ def _uc_pvalidates(calls: list[tuple[int, int, int]], setup: Any, nested_cache: 
 
     monkeypatch.undo()
     if not in_place:
-        monkeypatch.setattr(exits, "pvalidate_in_place", lambda e, cpu, mmu: False)
+        monkeypatch.setattr(exits, "pvalidate_in_place", lambda *args: False)
     g, eng = _uc_guest(pvalidate=False, nested_cache=nested_cache)
     code = b""
     for (rax, ecx, edx), keep in zip(calls, (b"\x89\xc6\x19\xed", b"\x89\xc7\x19\xdb"), strict=False):
@@ -596,3 +596,106 @@ def test_unicorn_pvalidate_in_place_then_the_page_is_usable_and_a_rescinded_one_
         assert eng.stats.pvalidates == 2 and eng.stats.pvalidates_in_place == 1
     finally:
         eng.close()
+
+
+# ---- PVALIDATE retired in C (csrc/uc_accel.c PvHook): the same as the Python hook ------------------------
+_LOOP_START = 0x10_0000
+_PAGE_STATES = ("new", "validated", "other guest", "wrong GPA", "hypervisor")
+
+
+def _pv_loop(n: int) -> bytes:
+    """32-bit code: PVALIDATE (validate, 4 KiB) of ``n`` pages from _LOOP_START in a loop, each EAX and
+    CF (as 0 / -1) stored to DATA + 8i; then HLT."""
+    head = (b"\xbe" + _LOOP_START.to_bytes(4, "little") + b"\xbf" + (_LOOP_START + n * PAGE).to_bytes(4, "little")
+            + b"\xbb" + DATA.to_bytes(4, "little"))
+    body = (bytes.fromhex("89f0" "31c9" "ba01000000") + _PVALIDATE
+            + bytes.fromhex("8903" "19d2" "895304" "83c308" "81c600100000" "39fe"))
+    return head + body + b"\x72" + (-(len(body) + 2) & 0xFF).to_bytes(1, "little") + b"\xf4"
+
+
+class _SnoopLog:
+    """A plain cache agent that holds nothing and records every snoop."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, int, bool, bool]] = []
+
+    def snoop(self, lo: int, hi: int, invalidate: bool, data: memoryview | None = None) -> None:
+        self.log.append((lo, hi, invalidate, data is None))
+
+    def snoop_fill(self, key: int) -> None:
+        pass
+
+    def rmp_lines(self, rmp: Rmp) -> list[tuple[int, int, bool, bool]]:
+        """The snoops about lines of the RMP's table."""
+        return [s for s in self.log if rmp.base <= s[0] <= rmp.end]
+
+
+def _run_pv_loop(states: list[str], use_c: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, ...]:
+    from sevemu.hw.uc.engine import UcEngine
+
+    calls = [0]
+    python_hook = UcEngine._on_invalid
+
+    def counted(self: Any, h: Any, user: Any) -> bool:
+        calls[0] += 1
+        return python_hook(self, h, user)
+
+    monkeypatch.setattr(UcEngine, "_on_invalid", counted)
+    g, eng = _uc_guest(pvalidate=False, nested_cache=True)
+    eng.use_c_pvalidate = use_c
+    g.pt.gwrite(_CODE, _pv_loop(len(states)).ljust(PAGE, b"\xf4"))
+    g.own(DATA, validated=True)
+    for i, state in enumerate(states):
+        gpa = _LOOP_START + i * PAGE
+        if state == "new":
+            g.own(gpa)
+        elif state == "validated":
+            g.own(gpa, validated=True)
+        elif state == "other guest":
+            g.own(gpa, asid=OTHER)
+        elif state == "wrong GPA":
+            g.own(gpa, at=gpa + PAGE)
+    snoops = _SnoopLog()
+    g.soc.cache.attach(snoops)  # (a plain agent: each RMP entry write's CLFLUSH snoops it)
+    try:
+        ex = g.soc.boot_cpu.vmrun(g.vmcb, eng)
+        results = g.pt.gread(DATA, 8 * len(states))
+        entries = [g.rmp.raw_entry(GUEST_SPA + _LOOP_START + i * PAGE) for i in range(len(states))]
+        table = g.soc.dram.read(g.rmp.base, g.rmp.end + 1 - g.rmp.base)
+        return (ex.code, ex.info1 if ex.code == ExitCode.NPF else None, eng.crash, results, entries, table,
+                sorted(g.soc.cache.dirty), g.rmp.epoch, eng.stats.pvalidates, eng.stats.pvalidates_in_place,
+                snoops.rmp_lines(g.rmp), calls[0])
+    finally:
+        eng.close()
+        monkeypatch.undo()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(states=st.lists(st.sampled_from(_PAGE_STATES), min_size=1, max_size=20))
+@example(states=["new"] * 8 + ["validated"] * 3 + ["new"] * 4 + ["other guest"])
+@example(states=["new", "validated", "new", "wrong GPA"])
+@example(states=["new", "new", "hypervisor", "new"])
+def test_unicorn_pvalidate_in_c_answers_as_the_python_hook(states: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest validating pages in a loop: the results it stores (EAX, CF), the exit (HLT, or the
+    #VMEXIT(NPF) of a page that is not its own at that GPA), the RMP's entries and its whole table in
+    DRAM, the cache's dirty lines, the RMP epoch, the counters and the snoops of the table's lines (the
+    CLFLUSH before each entry write) are the same whether the C hook
+    retires the loop's PVALIDATEs once armed or every one goes through the Python hook; and the C hook
+    did retire them (the Python hook saw only the first of each VMRUN and the faults)."""
+    from sevemu.hw.uc import accel
+
+    if not accel.PV_ENABLED:
+        pytest.skip("the C extension sevemu.hw.uc._uc_accel is not built with PvHook")
+    fast = _run_pv_loop(states, True, monkeypatch)
+    slow = _run_pv_loop(states, False, monkeypatch)
+    assert fast[:11] == slow[:11]
+    done = next((i for i, s in enumerate(states) if s not in ("new", "validated")), len(states))
+    assert slow[11] == slow[8] == done + (done < len(states))
+    assert len(fast[10]) == states[:done].count("new")  # (one CLFLUSH of its entry's line per page validated)
+    if done >= 2:
+        assert fast[11] < slow[11]  # (the C hook retired all but the first and the faulting one)
+    assert fast[0] == (ExitCode.HLT if done == len(states) else ExitCode.NPF)
+    for i in range(done):
+        eax, cf = int.from_bytes(fast[3][8 * i : 8 * i + 4], "little"), fast[3][8 * i + 4 : 8 * i + 8]
+        assert eax == 0 and cf == (b"\xff" * 4 if states[i] == "validated" else bytes(4))
+        assert fast[4][i].validated

@@ -787,6 +787,13 @@ class Rmp:
         page[off : off + 8] = _pack_lo(lo | _VALIDATED)
         return _PV_DONE
 
+    def validate_state(self) -> tuple[Cache, dict[int, bytearray], int]:
+        """What :meth:`_validate_4k` reads and writes, for a copy of it in C (the Unicorn engine's
+        invalid-instruction hook, ``csrc/uc_accel.c`` ``PvHook``): the cache the table is read through
+        (its ``dirty`` set, ``sets``, ``plain_agents`` and ``clflush``), the DRAM's pages (written in
+        place) and the SPA of the first entry."""
+        return self._cache, self._pages, self.base + RMP_BOOKKEEPING_SIZE
+
     def rmpadjust(self, asid: int, gpa: int, spa: int, huge: bool, target_vmpl: int, perms: int,
                   vmsa: bool, caller_vmpl: int = 0) -> int:
         """RMPADJUST (APM3) at ``caller_vmpl``: set the permission mask of a less privileged VMPL

@@ -16,12 +16,13 @@ from __future__ import annotations
 import array
 import ctypes
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 from sevemu._util.units import PAGE
 from sevemu.hw.uc import binding as uc
 
-__all__ = ["ENABLED", "PyRunner", "Runner", "StopWord", "block_stop_hook", "runner"]
+__all__ = ["ENABLED", "PV_ENABLED", "PvHook", "PyRunner", "Runner", "StopWord", "block_stop_hook", "pvalidate_hook", "runner"]
 
 _M64 = (1 << 64) - 1
 _CR0_PG = 1 << 31
@@ -38,6 +39,8 @@ except ImportError:  # installed without a C compiler: ctypes
     ENABLED = False
 else:  # (a build older than csrc/uc_accel.c lacks some: the ctypes path then; rebuild with setup.py build_ext)
     ENABLED = all(hasattr(_c.Runner, name) for name in _METHODS)
+PV_ENABLED: Final[bool] = _c is not None and hasattr(_c, "PvHook")
+"""Whether :func:`pvalidate_hook` gives the C hook (``csrc/uc_accel.c`` ``PvHook``)."""
 
 
 class StopWord(ctypes.Structure):
@@ -124,6 +127,50 @@ class Runner(Protocol):
         the same long mode and DX (or an immediate port) and the slot the page executes from holds
         the same 16 instruction bytes: that exit.  Otherwise :meth:`run`'s int, nothing changed."""
         ...
+
+
+class PvHook(Protocol):
+    """PVALIDATE retired in C in Unicorn's invalid-instruction hook (``csrc/uc_accel.c``, ``PvHook``):
+    the hook runs the armed case itself -- exactly what :func:`sevemu.hw.uc.exits.pvalidate_in_place`
+    would do for it -- and hands every other call, with nothing changed, to the engine's Python hook."""
+
+    @property
+    def armed(self) -> bool:
+        """Whether a case is armed."""
+        ...
+
+    def address(self) -> int:
+        """The C callback's address (its user data: this object, which the engine keeps alive)."""
+        ...
+
+    def bind(self, xgva: dict[int, int], pool_address: int, pool_size: int) -> None:
+        """The engine's executed-page slots (:class:`~sevemu.hw.uc.ports.IoHooks` ``xgva``: mutated,
+        never rebound) and its page pool's memory: where the instruction's bytes are compared."""
+        ...
+
+    def arm(self, code: bytes, paging: bool, length: int, engine: Any, cpu: Any, rmp: Any, epochs: dict[int, Any],
+            asid: int, sev: bool, ncr3: int, walker: Any, cache: Any, pages: dict[int, bytearray], first: int,
+            pool: Any, stats: Any) -> None:
+        """Retire in C a validate of a 4 KiB page by the PVALIDATE whose 15 bytes (from its first) are
+        ``code`` in this paging mode (``length``: its length), for this vCPU (``asid``, ``sev``,
+        ``ncr3`` at VMPL0, RMP epochs ``epochs``) with the engine's caching walker, the RMP's DRAM
+        pages and its entry area at SPA ``first`` read through ``cache``."""
+        ...
+
+    def disarm(self) -> None:
+        """Every call goes to the Python hook from now on."""
+        ...
+
+
+def pvalidate_hook(lib: ctypes.CDLL, handle: ctypes.c_void_p, fallback: Callable[[Any, Any], bool]) -> PvHook | None:
+    """The C invalid-instruction hook for the open Unicorn ``handle`` whose every declined call goes
+    to ``fallback`` (the engine's Python hook, called with (None, None)); None without the extension."""
+    if not PV_ENABLED:
+        return None
+    ids = [uc.REG[n] for n in ("rax", "rcx", "rdx")] + [uc.REG_RIP, uc.REG_RFLAGS, uc.REG_CR0, uc.REG_CR3]
+    hook: PvHook = _c.PvHook(int(handle.value or 0), uc.fn_address(lib.uc_reg_read_batch),
+                             uc.fn_address(lib.uc_reg_write_batch), ids, fallback)
+    return hook
 
 
 class PyRunner:

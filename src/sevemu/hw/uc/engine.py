@@ -187,6 +187,11 @@ class UcEngine:
         self._ids = (ctypes.c_int * n)(*SYNC_IDS)
         self._runner: accel.Runner | None = None  # one time slice: uc_emu_start + the batch (hw/uc/accel.py)
         self.use_c_runner: bool | None = None
+        self.use_c_pvalidate: bool | None = None
+        """Whether the invalid-instruction hook is the C one that retires the armed PVALIDATE case itself
+        (:func:`accel.pvalidate_hook`; None: where it was built); set before the first run."""
+        self._pv: accel.PvHook | None = None
+        self._pv_armed = False  # (whether _pv may be armed)
         """The runner's implementation (None: the C helper where it was built); set before the first run."""
         self._retire_vals = array.array("Q", bytes(24))
         """RAX, RFLAGS, RIP of an instruction retired inside a hook (:meth:`retire`)."""
@@ -195,6 +200,11 @@ class UcEngine:
         self._retire_ids = (ctypes.c_int * 3)(REG["rax"], uc.REG_RFLAGS, uc.REG_RIP)
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
+        self._fill_regs = array.array("Q", bytes(16))
+        """CR0 and CR3 at a TLB fill, read in one batch."""
+        fbase = self._fill_regs.buffer_info()[0]
+        self._fill_ptrs = (ctypes.c_void_p * 2)(fbase, fbase + 8)
+        self._fill_ids = (ctypes.c_int * 2)(uc.REG_CR0, uc.REG_CR3)
         self._efer = 0  # the guest's EFER (LMA follows CR0.PG); Unicorn's copy has SVME too
         # stop reasons
         self._event: int | None = None
@@ -222,6 +232,8 @@ class UcEngine:
         self._closed = True
         WATCHDOG.unwatch(self)  # from here on the watchdog never touches the handle
         self._runner = None  # (it holds the handle and the register array's buffer)
+        if self._pv is not None:
+            self._pv.disarm()
         h, self._h = self._h, ctypes.c_void_p(0)
         if h.value:
             self._lib.uc_close(h)
@@ -230,6 +242,8 @@ class UcEngine:
             self._ports.close()
             self._ports = None
         self._keep.clear()
+        self._pv = None
+        self._pv_armed = False
         self._cpu = None
         self._pending = None
         for i in range(len(self.vals)):
@@ -330,8 +344,10 @@ class UcEngine:
         intr = uc.INTR_CB(self._on_intr)
         hin = uc.IN_CB(self._on_in)
         hout = uc.OUT_CB(self._on_out)
-        inval = uc.INSN_INVALID_CB(self._on_invalid)
-        self._keep += [fill, intr, hin, hout, inval]
+        pv = accel.pvalidate_hook(lib, h, self._on_invalid) if self.use_c_pvalidate is not False else None
+        inval = uc.INSN_INVALID_CB(self._on_invalid) if pv is None else None
+        self._pv = pv
+        self._keep += [fill, intr, hin, hout, inval, pv]
         hh = ctypes.c_size_t()
         block_stop, keep = accel.block_stop_hook(lib)
         self._stop_word.stop = uc.fn_address(lib.uc_emu_stop)
@@ -342,8 +358,9 @@ class UcEngine:
               "TLB-fill hook")
         check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INTR, uc.fn_address(intr), None, 1, 0),
               "interrupt hook")
-        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INSN_INVALID, uc.fn_address(inval), None, 1, 0),
-              "invalid-instruction hook")
+        check(lib.uc_hook_add(h, ctypes.byref(hh), uc.UC_HOOK_INSN_INVALID,
+                              uc.fn_address(inval) if pv is None else pv.address(),
+                              None if pv is None else ctypes.c_void_p(id(pv)), 1, 0), "invalid-instruction hook")
         for cb, which in ((hin, uc.UC_X86_INS_IN), (hout, uc.UC_X86_INS_OUT)):
             uc.hook_insn(h, hh, cb, which)
         # the private VMCB, permission maps, VMRUN stub
@@ -375,6 +392,8 @@ class UcEngine:
         self.pool.attach(cpu.core.cache)
         self._runner = accel.runner(lib, h, self._ids, self.vals, self._ptrs, GPRS, use_c=self.use_c_runner)
         self._runner.bind_io(self._ports.offsets, self._ports.exits, self._ports.xgva, address, self.pool_pages * PAGE)
+        if self._pv is not None:
+            self._pv.bind(self._ports.xgva, address, self.pool_pages * PAGE)
         self._booted = True
         WATCHDOG.watch(self)
 
@@ -551,6 +570,10 @@ class UcEngine:
     # ---- entry and exit: registers, coherence --------------------------------------------------
     def _enter(self, cpu: GuestCpu) -> None:
         self._cpu = cpu
+        if self._pv_armed:
+            self._pv_armed = False
+            self._pv.disarm()  # type: ignore[union-attr]  # (armed: the hook exists; armed again by the next
+            # PVALIDATE the Python hook retires)
         core = cpu.core
         pool = self.pool
         pool.synced = False
@@ -816,10 +839,23 @@ class UcEngine:
         try:
             if self._lib.uc_reg_read_batch(self._h, self._ids, self._ptrs, len(SYNC_IDS)):
                 return False
-            return exits.pvalidate_in_place(self, cpu, self._walker or cpu.core.mmu)
+            return exits.pvalidate_in_place(self, cpu, self._walker or cpu.core.mmu,
+                                            self._arm_pvalidate if self._pv is not None else None)
         except Exception as exc:  # noqa: BLE001 - an engine or model bug: the guest dies, the host lives
             self._internal = f"{type(exc).__name__}: {exc}"
             return False  # (Unicorn stops with UC_ERR_INSN_INVALID, before the instruction: no uc_emu_stop)
+
+    def _arm_pvalidate(self, code: bytes, paging: bool, length: int) -> None:
+        """:func:`exits.pvalidate_in_place` retired a 4 KiB validate of ``code`` with the caching walker:
+        the C hook retires the next ones of the same bytes in the same mode itself (until the next VMRUN)."""
+        cpu, walker, pv = self._cpu, self._walker, self._pv
+        rmp = cpu.rmp if cpu is not None else None
+        if pv is None or cpu is None or walker is None or rmp is None or cpu.vmpl:
+            return
+        cache, pages, first = rmp.validate_state()
+        pv.arm(code, paging, length, self, cpu, rmp, cpu.core.tlb.rmp_epoch, cpu.asid, cpu.sev, cpu.vmcb.ncr3,
+               walker, cache, pages, first, self.pool, self.stats)
+        self._pv_armed = True
 
     def _on_in(self, h: Any, port: int, size: int, user: Any) -> int:
         self._imprecise_io = (f"IN from port {port:#x} was not intercepted precisely (code written at run "
@@ -854,9 +890,11 @@ class UcEngine:
         self.stats.tlb_fills += 1
         write = access == uc.UC_MEM_WRITE
         fetch = access == uc.UC_MEM_FETCH
-        cr0 = self._reg_read(uc.REG_CR0)
+        regs = self._fill_regs
+        check(self._lib.uc_reg_read_batch(self._h, self._fill_ids, self._fill_ptrs, 2), "register read")
+        cr0 = regs[0]
         paging = bool(cr0 & CR0_PG)
-        cr3 = self._reg_read(uc.REG_CR3) if paging else 0
+        cr3 = regs[1] if paging else 0
         if paging:
             if (vaddr >> 47) not in (0, (1 << 17) - 1):  # non-canonical: #GP, never a walk
                 self._pending = None

@@ -24,6 +24,7 @@ dead: a triple fault, :class:`Crash`.  The functions take the engine as an
 from __future__ import annotations
 
 import array
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from sevemu._util.units import PAGE
@@ -375,7 +376,8 @@ a loop over a range validates with the same few bytes at the same RIP every time
 _IN_PLACE_DECODED_MAX: Final = 1024
 
 
-def pvalidate_in_place(e: EnginePort, cpu: GuestCpu, mmu: Mmu) -> bool:
+def pvalidate_in_place(e: EnginePort, cpu: GuestCpu, mmu: Mmu,
+                       armed: Callable[[bytes, bool, int], None] | None = None) -> bool:
     """Retire a PVALIDATE inside Unicorn's invalid-instruction hook, without stopping emulation
     (``e.vals`` holds the registers as of the instruction).  The semantics are
     :func:`insn.pvalidate`'s; only the operand's walk is ``mmu``'s (the engine's caching walker,
@@ -383,7 +385,11 @@ def pvalidate_in_place(e: EnginePort, cpu: GuestCpu, mmu: Mmu) -> bool:
     rFLAGS.CF and RIP written into Unicorn); False -- nothing changed -- for everything else, which
     then stops and takes the precise path (:func:`error`): another instruction, a rescind (it may
     take an access away: TLB flushes), VMPL above 0, an RMP epoch the vCPU has not caught up with,
-    #UD, #GP, a #PF or #NPF of the operand's walk, an RMP entry that faults."""
+    #UD, #GP, a #PF or #NPF of the operand's walk, an RMP entry that faults.
+
+    ``armed``: called with (the 15 instruction bytes, paging, the length) after a 4 KiB validate
+    retired with the caching walker -- the engine's C hook then retires the same case itself
+    (:func:`sevemu.hw.uc.accel.pvalidate_hook`)."""
     vals = e.vals
     rmp = cpu.rmp
     if rmp is None or cpu.vmpl or not vals[3] & 1:
@@ -428,4 +434,6 @@ def pvalidate_in_place(e: EnginePort, cpu: GuestCpu, mmu: Mmu) -> bool:
     ((_, rax),) = out.regs  # (PVALIDATE writes EAX alone)
     rflags = vals[I_RFLAGS]
     e.retire(rax, (rflags | RFLAGS_CF) if out.cf else (rflags & ~RFLAGS_CF), rip + guest[1])
+    if armed is not None and len(code) == 15 and not vals[2] & 0xFFFFFFFF and isinstance(mmu, NestedCachingMmu):
+        armed(code, paging, guest[1])
     return True
