@@ -10,6 +10,13 @@
  *       for each packet i in order: stop at the first whose HMAC-SHA256(tik, aad_i || src_i) is not
  *       mac_i (compared in constant time); otherwise dst_i = AES-128-CTR(tek, iv_i)(src_i).
  *       Returns how many packets verified (their plaintexts are in dst).
+ *   seal_to_pages(tek, tik, ivs, aads, src, pages, pfns, macs)
+ *       seal of 4 KiB packets, each packet's TRANS straight into a page of a page store (dict PFN ->
+ *       4096-byte bytearray, DRAM's) at its PFN (pfns: a u64 per packet), absent pages stored
+ *       (the firmware sealing into the pages of a DMA run, without a copy).
+ *   open_from_pages(tek, tik, ivs, aads, macs, pages, pfns, dst) -> count
+ *       open of 4 KiB packets, each packet's TRANS read where it lies in the page store (an
+ *       absent page reads as zeros).
  *
  * All cryptography is OpenSSL's libcrypto: one EVP cipher context keyed once (each packet sets
  * only its IV) and one EVP_MAC HMAC context keyed once (re-initialised per packet with the same
@@ -19,6 +26,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
@@ -175,6 +185,230 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int sealing)
     return PyLong_FromSsize_t(i);
 }
 
+/* seal_to_pages: the pages of the page store `pages` (a dict PFN -> 4096-byte bytearray) at the
+ * PFNs of `pfns` (one little-endian u64 per packet), absent ones stored first (zeros), each page's
+ * buffer held (a bytearray with an export cannot be resized) while the GIL is released.  Every
+ * present page is checked before any is stored: a TypeError changes nothing. */
+#define PAGE_BYTES 4096
+
+static PyObject *seal_to_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* tek tik ivs aads src pfns macs (single buffers); pages apart */
+    static const int writable[7] = {0, 0, 0, 0, 0, 0, 1};
+    enum { P_TEK, P_TIK, P_IVS, P_AADS, P_SRC, P_PAGES, P_PFNS, P_MACS, P_NARGS };
+    PyObject *single[7];
+    Py_buffer v[7], *views = NULL;
+    unsigned char **dst = NULL;
+    PyObject *pages, *result = NULL;
+    Py_ssize_t n = 0, aad_len, i, held = 0;
+    const uint64_t *pfns;
+    struct channel ch = {NULL, NULL, NULL};
+    int ok = 1;
+    (void)self;
+    if (nargs != P_NARGS) {
+        PyErr_Format(PyExc_TypeError, "seal_to_pages() takes %d arguments", P_NARGS);
+        return NULL;
+    }
+    pages = args[P_PAGES];
+    if (!PyDict_CheckExact(pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict PFN -> bytearray");
+        return NULL;
+    }
+    single[0] = args[P_TEK]; single[1] = args[P_TIK]; single[2] = args[P_IVS]; single[3] = args[P_AADS];
+    single[4] = args[P_SRC]; single[5] = args[P_PFNS]; single[6] = args[P_MACS];
+    if (get_buffers(single, v, 7, writable) < 0)
+        return NULL;
+    /* check(): macs at 6, src at 4 (standing in for dst too: the pages are a page each) */
+    if (!check(v, PAGE_BYTES, 6, 4, 4, &n, &aad_len))
+        goto done;
+    if (v[5].len != n * 8) {
+        PyErr_SetString(PyExc_ValueError, "pfns must hold one u64 per packet");
+        goto done;
+    }
+    pfns = (const uint64_t *)v[5].buf;
+    views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    dst = PyMem_Calloc((size_t)n, sizeof(*dst));
+    if (!views || !dst) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (int pass = 0; pass < 2; pass++) {  /* 0: check the present pages; 1: store, hold */
+        for (i = 0; i < n; i++) {
+            PyObject *key = PyLong_FromUnsignedLongLong(pfns[i]), *page;
+            if (!key)
+                goto done;
+            page = PyDict_GetItemWithError(pages, key);
+            if (page == NULL && PyErr_Occurred()) {
+                Py_DECREF(key);
+                goto done;
+            }
+            if (page != NULL && (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != PAGE_BYTES)) {
+                Py_DECREF(key);
+                PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
+                goto done;
+            }
+            if (pass == 0) {
+                Py_DECREF(key);
+                continue;
+            }
+            if (page == NULL) {
+                PyObject *fresh = PyByteArray_FromStringAndSize(NULL, PAGE_BYTES);
+                int rc = fresh == NULL ? -1 : PyDict_SetItem(pages, key, fresh);
+                if (fresh)
+                    memset(PyByteArray_AS_STRING(fresh), 0, PAGE_BYTES);
+                Py_XDECREF(fresh);  /* (the dict holds it) */
+                if (rc < 0) {
+                    Py_DECREF(key);
+                    goto done;
+                }
+                page = PyDict_GetItemWithError(pages, key);
+            }
+            Py_DECREF(key);
+            if (page == NULL || PyObject_GetBuffer(page, &views[i], PyBUF_WRITABLE) < 0) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_RuntimeError, "a stored page went missing");
+                goto done;
+            }
+            held = i + 1;
+            dst[i] = views[i].buf;
+            {
+                const unsigned char *lo = dst[i], *s = v[4].buf;
+                if (s < lo + PAGE_BYTES && lo < s + v[4].len) {
+                    PyErr_SetString(PyExc_ValueError, "a page overlaps the plaintext");
+                    goto done;
+                }
+            }
+        }
+    }
+    {
+        const unsigned char *ivs = v[2].buf, *aads = v[3].buf, *src = v[4].buf;
+        unsigned char *macs = v[6].buf;
+        Py_BEGIN_ALLOW_THREADS
+        ok = channel_init(&ch, v[0].buf, v[1].buf);
+        for (i = 0; ok && i < n; i++) {
+            ok = ctr(&ch, ivs + i * IVLEN, src + i * PAGE_BYTES, dst[i], PAGE_BYTES)
+                && hmac(&ch, aads + i * aad_len, (size_t)aad_len, dst[i], PAGE_BYTES, macs + i * MACLEN);
+        }
+        channel_free(&ch);
+        Py_END_ALLOW_THREADS
+    }
+    if (!ok)
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed in the transport accelerator");
+    else
+        result = Py_NewRef(Py_None);
+done:
+    for (i = 0; i < held; i++)
+        if (views[i].obj != NULL)
+            PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(dst);
+    release_buffers(v, 7);
+    return result;
+}
+
+/* open_from_pages: the reverse of seal_to_pages -- each packet's TRANS read where it lies in a page
+ * store (an absent page reads as zeros), verified in order and decrypted into dst; how many
+ * verified before the first that did not.  Pages held while the GIL is released. */
+static const unsigned char zero_page[PAGE_BYTES];
+
+static PyObject *open_from_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* tek tik ivs aads macs pfns dst (single buffers); pages apart */
+    static const int writable[7] = {0, 0, 0, 0, 0, 0, 1};
+    enum { O_TEK, O_TIK, O_IVS, O_AADS, O_MACS, O_PAGES, O_PFNS, O_DST, O_NARGS };
+    PyObject *single[7];
+    Py_buffer v[7], *views = NULL;
+    const unsigned char **src = NULL;
+    PyObject *pages, *result = NULL;
+    Py_ssize_t n = 0, aad_len, i = 0, held = 0;
+    const uint64_t *pfns;
+    struct channel ch = {NULL, NULL, NULL};
+    int ok = 1;
+    (void)self;
+    if (nargs != O_NARGS) {
+        PyErr_Format(PyExc_TypeError, "open_from_pages() takes %d arguments", O_NARGS);
+        return NULL;
+    }
+    pages = args[O_PAGES];
+    if (!PyDict_CheckExact(pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict PFN -> bytearray");
+        return NULL;
+    }
+    single[0] = args[O_TEK]; single[1] = args[O_TIK]; single[2] = args[O_IVS]; single[3] = args[O_AADS];
+    single[4] = args[O_MACS]; single[5] = args[O_PFNS]; single[6] = args[O_DST];
+    if (get_buffers(single, v, 7, writable) < 0)
+        return NULL;
+    /* check(): macs at 4, dst at 6 (standing in for src too: the pages are a page each) */
+    if (!check(v, PAGE_BYTES, 4, 6, 6, &n, &aad_len))
+        goto done;
+    if (v[5].len != n * 8) {
+        PyErr_SetString(PyExc_ValueError, "pfns must hold one u64 per packet");
+        goto done;
+    }
+    pfns = (const uint64_t *)v[5].buf;
+    views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    src = PyMem_Calloc((size_t)n, sizeof(*src));
+    if (!views || !src) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *key = PyLong_FromUnsignedLongLong(pfns[i]), *page;
+        if (!key)
+            goto done;
+        page = PyDict_GetItemWithError(pages, key);
+        Py_DECREF(key);
+        if (page == NULL) {
+            if (PyErr_Occurred())
+                goto done;
+            src[i] = zero_page;
+            continue;
+        }
+        if (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != PAGE_BYTES) {
+            PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
+            goto done;
+        }
+        if (PyObject_GetBuffer(page, &views[i], PyBUF_SIMPLE) < 0)
+            goto done;
+        held = i + 1;
+        src[i] = views[i].buf;
+        {
+            const unsigned char *lo = src[i], *d = v[6].buf;
+            if (d < lo + PAGE_BYTES && lo < d + v[6].len) {
+                PyErr_SetString(PyExc_ValueError, "a page overlaps the output");
+                goto done;
+            }
+        }
+    }
+    {
+        const unsigned char *ivs = v[2].buf, *aads = v[3].buf, *macs = v[4].buf;
+        unsigned char *dst = v[6].buf, mac[MACLEN];
+        Py_BEGIN_ALLOW_THREADS
+        ok = channel_init(&ch, v[0].buf, v[1].buf);
+        for (i = 0; ok && i < n; i++) {
+            ok = hmac(&ch, aads + i * aad_len, (size_t)aad_len, src[i], PAGE_BYTES, mac);
+            if (!ok || CRYPTO_memcmp(mac, macs + i * MACLEN, MACLEN) != 0)
+                break;
+            ok = ctr(&ch, ivs + i * IVLEN, src[i], dst + i * PAGE_BYTES, PAGE_BYTES);
+        }
+        OPENSSL_cleanse(mac, sizeof mac);
+        channel_free(&ch);
+        Py_END_ALLOW_THREADS
+    }
+    if (!ok)
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed in the transport accelerator");
+    else
+        result = PyLong_FromSsize_t(i);
+done:
+    for (Py_ssize_t j = 0; j < held; j++)
+        if (views[j].obj != NULL)
+            PyBuffer_Release(&views[j]);
+    PyMem_Free(views);
+    PyMem_Free((void *)src);
+    release_buffers(v, 7);
+    return result;
+}
+
 static PyObject *seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -193,7 +427,17 @@ PyDoc_STRVAR(open_doc, "open(tek, tik, ivs, aads, macs, src, dst, size, /)\n--\n
              "Verify mac_i = HMAC-SHA256(tik, aad_i || src_i) in order, decrypting each that verifies; "
              "returns how many did.");
 
+PyDoc_STRVAR(seal_to_pages_doc, "seal_to_pages(tek, tik, ivs, aads, src, pages, pfns, macs, /)\n--\n\n"
+             "seal of 4 KiB packets with packet i's TRANS written into pages[pfns[i]] (a dict PFN ->\n"
+             "4096-byte bytearray; absent pages are stored).");
+
+PyDoc_STRVAR(open_from_pages_doc, "open_from_pages(tek, tik, ivs, aads, macs, pages, pfns, dst, /)\n--\n\n"
+             "open of 4 KiB packets with packet i's TRANS read from pages[pfns[i]] (absent: zeros);\n"
+             "returns how many verified.");
+
 static PyMethodDef methods[] = {
+    {"open_from_pages", (PyCFunction)(void (*)(void))open_from_pages, METH_FASTCALL, open_from_pages_doc},
+    {"seal_to_pages", (PyCFunction)(void (*)(void))seal_to_pages, METH_FASTCALL, seal_to_pages_doc},
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL, seal_doc},
     {"open", (PyCFunction)(void (*)(void))open_, METH_FASTCALL, open_doc},
     {NULL, NULL, 0, NULL},

@@ -6,8 +6,9 @@ import hashlib
 import hmac
 import random
 
+import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sevemu.abi.sev import HdrBuf, SessionBuf
@@ -353,3 +354,79 @@ def test_runs_of_packets_check_their_lengths() -> None:
         pc.open_many(bytes(16), bytes(29), bytes(31), bytes(4096), 4096)  # a short MAC
     with pytest.raises(InputError):
         pc.seal_many(b"", b"", b"", 4096)
+
+
+# -- seal_many_to_pages: each packet's TRANS straight into a page of a page store (DRAM's) -----------
+@pytest.mark.parametrize("accel", RUN_PATHS)
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 9), seed=st.integers(0, 2**32 - 1), present=st.integers(0, 2**9 - 1))
+def test_seal_many_to_pages_is_seal_many(accel: bool, n: int, seed: int, present: int) -> None:
+    """The same TRANS and MACs as :meth:`seal_many` (the C helper's as the Python path's), packet
+    i in the page at its PFN -- present pages written in place, absent ones stored -- and every
+    other page untouched."""
+    rng = random.Random(seed)
+    tek, tik, ivs, aads, data = (rng.randbytes(16), rng.randbytes(16), rng.randbytes(16 * n),
+                                 rng.randbytes(29 * n), rng.randbytes(n * 4096))
+    pc = tp.PacketCrypto(tek, tik, accel=accel)
+    trans, macs = pc.seal_many(ivs, aads, data, 4096)
+    pfns = np.array(rng.sample(range(1000), n), dtype=np.uint64)
+    pages = {int(pfn): bytearray(b"\x5a" * 4096) for i, pfn in enumerate(pfns) if present >> i & 1}
+    kept = {2000: bytearray(b"\x77" * 4096)}
+    pages.update(kept)
+    held = {pfn: page for pfn, page in pages.items()}
+    assert pc.seal_many_to_pages(ivs, aads, data, pages, pfns) == macs
+    for i, pfn in enumerate(pfns.tolist()):
+        assert pages[pfn] == trans[i * 4096 : (i + 1) * 4096]
+        if pfn in held:
+            assert pages[pfn] is held[pfn]  # (written in place)
+    assert pages[2000] == b"\x77" * 4096 and len(pages) == n + 1
+    if tp.ACCELERATED:
+        other: dict[int, bytearray] = {}
+        assert tp.PacketCrypto(tek, tik, accel=not accel).seal_many_to_pages(ivs, aads, data, other, pfns) == macs
+        assert all(other[pfn] == pages[pfn] for pfn in pfns.tolist())
+
+
+@pytest.mark.parametrize("accel", RUN_PATHS)
+def test_seal_many_to_pages_refuses_a_bad_store_unchanged(accel: bool) -> None:
+    tek, tik, ivs, aads, data = _run(3, 4096)
+    pc = tp.PacketCrypto(tek, tik, accel=accel)
+    pages: dict[int, bytearray] = {7: bytearray(100)}
+    with pytest.raises(TypeError):
+        pc.seal_many_to_pages(ivs, aads, data, pages, np.array([5, 6, 7], dtype=np.uint64))
+    assert list(pages) == [7] and pages[7] == bytearray(100)
+    with pytest.raises(InputError):
+        pc.seal_many_to_pages(ivs, aads, data, {}, np.array([5, 6], dtype=np.uint64))
+
+
+@pytest.mark.parametrize("accel", RUN_PATHS)
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 9), seed=st.integers(0, 2**32 - 1), bad=st.integers(-1, 8), absent=st.integers(-1, 8))
+def test_open_many_from_pages_is_open_many(accel: bool, n: int, seed: int, bad: int, absent: int) -> None:
+    """The same count and plaintexts as :meth:`open_many` of the same TRANS gathered (an absent page
+    read as zeros; a packet altered stops the run there), the C helper's as the Python path's, the
+    page store unchanged."""
+    rng = random.Random(seed)
+    tek, tik, ivs, aads, data = (rng.randbytes(16), rng.randbytes(16), rng.randbytes(16 * n),
+                                 rng.randbytes(29 * n), rng.randbytes(n * 4096))
+    pc = tp.PacketCrypto(tek, tik, accel=accel)
+    trans, macs = pc.seal_many(ivs, aads, data, 4096)
+    gathered = bytearray(trans)
+    pfns = np.array(rng.sample(range(1000), n), dtype=np.uint64)
+    pages = {pfn: bytearray(trans[i * 4096 : (i + 1) * 4096]) for i, pfn in enumerate(pfns.tolist())}
+    if 0 <= bad < n:
+        pages[int(pfns[bad])][rng.randrange(4096)] ^= 1 << rng.randrange(8)
+        gathered[bad * 4096 :] = b"".join(pages[p] for p in pfns[bad:].tolist())
+    if 0 <= absent < n:
+        del pages[int(pfns[absent])]
+        gathered[absent * 4096 : (absent + 1) * 4096] = bytes(4096)
+    before = {p: bytes(v) for p, v in pages.items()}
+    want = bytearray(b"\xaa" * (n * 4096))
+    good = pc.open_many(ivs, aads, bytes(macs), gathered, 4096, want)[0]
+    got = bytearray(b"\xaa" * (n * 4096))
+    assert pc.open_many_from_pages(ivs, aads, bytes(macs), pages, pfns, got) == good
+    assert got == want and {p: bytes(v) for p, v in pages.items()} == before
+    if tp.ACCELERATED:
+        other = bytearray(b"\xaa" * (n * 4096))
+        assert tp.PacketCrypto(tek, tik, accel=not accel).open_many_from_pages(ivs, aads, bytes(macs), pages,
+                                                                               pfns, other) == good
+        assert other == got

@@ -767,10 +767,12 @@ def _counting_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _whole_page_world(seed: str, batched: bool, alter: Callable[[bytearray, bytearray], None],
-                      start: int = 0, high: int = 0) -> tuple[object, ...]:
+                      start: int = 0, high: int = 0,
+                      cached: Callable[[Machine], None] | None = None) -> tuple[object, ...]:
     """Eight whole-page SEND_UPDATE_DATA from a fresh pair of platforms (one doorbell, or one per
     command; the queue from entry ``start``), the packets altered by ``alter(headers, TRANS)``, then
-    eight RECEIVE_UPDATE_DATA of them: (send statuses, the sent bytes, receive statuses, the
+    eight RECEIVE_UPDATE_DATA of them (``cached``: what the host then writes without flushing):
+    (send statuses, the sent bytes, receive statuses, the
     received memory, both firmware logs)."""
     src, dst = machine(f"{seed}-src"), machine(f"{seed}-dst")
     ch = open_channel(src, dst)
@@ -781,6 +783,8 @@ def _whole_page_world(seed: str, batched: bool, alter: Callable[[bytearray, byte
     alter(hdrs, trans)
     put(dst, BATCH_HDRS, bytes(hdrs))
     put(dst, BATCH_TRANS, bytes(trans))
+    if cached is not None:  # (host writes left in the host's cache, dirty, before the doorbell)
+        cached(dst)
     recvs = [_batch_cmd(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, i, i) for i in range(8)]
     d_status = ring_run(dst, recvs, per_doorbell=not batched, start=start, high=high)
     g = dst.firmware.guests[ch.dh]
@@ -972,3 +976,27 @@ def test_whole_page_batches_seal_and_open_the_same_bytes_without_the_c_helper(
     assert worlds[0] == worlds[1]
     assert worlds[0][1] == [0] * 8
     assert worlds[0][2] == IMAGE * 2
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_whole_page_receives_see_the_hosts_dirty_lines_of_trans(monkeypatch: pytest.MonkeyPatch,
+                                                               change: bool) -> None:
+    """A batch of RECEIVE_UPDATE_DATA reads TRANS coherently: a line of a packet the host wrote
+    and left dirty in its cache (not flushed) is what the PSP reads -- the packet opened where it
+    lies in DRAM only when no such line is there.  The same bytes rewritten change nothing; a
+    byte altered in the cache only is refused (BAD_MEASUREMENT) as one by one, the rest received."""
+    batches = _counting_batches(monkeypatch)
+
+    def cached(m: Machine) -> None:
+        spa = BATCH_TRANS + 3 * PAGE + 128
+        line = bytearray(get(m, spa, 64))
+        line[5] ^= int(change)
+        m.hv.core.host_write(spa, bytes(line))
+
+    worlds = [_whole_page_world("dirty", batched, lambda h, t: None, cached=cached) for batched in (False, True)]
+    assert worlds[0] == worlds[1]
+    _, _, d_status, memory, _, _ = worlds[1]
+    assert d_status == ([0] * 3 + [Status.BAD_MEASUREMENT] + [0] * 4 if change else [0] * 8)
+    assert batches == ([8, 3, 4] if change else [8, 8])
+    for i in range(8):
+        assert (memory[i * PAGE : (i + 1) * PAGE] == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (not change or i != 3)

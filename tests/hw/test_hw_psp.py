@@ -188,3 +188,54 @@ def test_zero_encrypted_is_evict_then_encrypted_zeros(length: int) -> None:
     with pytest.raises(KeySlotError):
         ports.dma.zero_encrypted(0x5000, 4096, 201)
     assert soc.boot_cpu.host_read(0x5000, 4) == soc.dram.read(0x5000, 4) == b"kept"
+
+
+def test_dma_fill_pages_is_dma_write_in_place() -> None:
+    """``fill_pages``: every run checked first, the host's lines of each written back and dropped
+    (as ``write`` does), then the filler writes DRAM's pages in place -- the same memory as
+    ``write`` of those bytes; a refused run changes nothing."""
+    soc, ref = make_soc(), make_soc()
+    data = random.Random(7).randbytes(3 * 4096)
+    for s in (soc, ref):
+        s.boot_cpu.host_write(0x5010, b"host line, dirty")  # (a dirty host line inside a run)
+        s.boot_cpu.host_write(0x8000, b"next page")
+    ref.psp.take_ports().dma.write(0x5000, data[:8192])
+    dma = soc.psp.take_ports().dma
+
+    def fill(pages: dict[int, bytearray]) -> None:
+        for i, pfn in enumerate((5, 6)):
+            page = pages.setdefault(pfn, bytearray(4096))
+            page[:] = data[i * 4096 : (i + 1) * 4096]
+
+    dma.fill_pages([(0x5000, 0x2000)], fill)
+    assert soc.cache.peek(0, False, 0x5000) is None
+    for s in (soc, ref):
+        assert s.boot_cpu.host_read(0x5000, 8192) == data[:8192]
+        assert s.boot_cpu.host_read(0x8000, 9) == b"next page"
+        s.boot_cpu.wbinvd()
+    assert soc.dram.read(0x4000, 5 * 4096) == ref.dram.read(0x4000, 5 * 4096)
+    called: list[int] = []
+    for runs in ([(0x5000, 0x2000), (0x7010, 0x1000)], [(0x5000, 0x1000), (soc.dram.size - 4096, 8192)]):
+        soc.boot_cpu.host_write(0x5010, b"dirty again")
+        with pytest.raises(AddressError):
+            dma.fill_pages(runs, lambda pages: called.append(1))
+        assert not called and soc.cache.peek(0, False, 0x5000) is not None  # nothing flushed
+
+
+def test_dma_read_pages_only_without_dirty_host_lines() -> None:
+    """``read_pages`` hands DRAM's pages to the reader only when no host line of the runs is dirty
+    (what a coherent read returns is then DRAM's bytes); with one it reads nothing (None)."""
+    soc = make_soc()
+    dma = soc.psp.take_ports().dma
+    soc.dram.write(0x5000, b"packet" * 100)
+    seen: list[bytes] = []
+
+    def use(pages: dict[int, bytearray]) -> int:
+        seen.append(bytes(pages[5][:6]))
+        return 7
+
+    assert dma.read_pages([(0x5000, 0x1000), (0x9000, 0x1000)], use) == 7 and seen == [b"packet"]
+    soc.boot_cpu.host_write(0x9100, b"dirty")
+    assert dma.read_pages([(0x5000, 0x1000), (0x9000, 0x1000)], use) is None and len(seen) == 1
+    with pytest.raises(AddressError):
+        dma.read_pages([(0x5010, 0x1000)], use)

@@ -58,8 +58,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from sevemu._util.units import PAGE
 from sevemu.abi.sev import HdrBuf, SessionBuf
 from sevemu.crypto.kdf import kdf
 from sevemu.errors import InputError, KeySizeError, LayoutError, VerificationError
@@ -345,6 +347,57 @@ class PacketCrypto:
             trans[i * size : (i + 1) * size] = part
             macs[i * MAC_SIZE : (i + 1) * MAC_SIZE] = self.mac(aads[i * a : (i + 1) * a], part)
         return trans, macs
+
+    def seal_many_to_pages(self, ivs: bytes, aads: bytes, data: bytes | bytearray | memoryview,
+                           pages: dict[int, bytearray], pfns: npt.NDArray[np.uint64]) -> bytearray:
+        """:meth:`seal_many` of 4 KiB packets with packet i's TRANS written straight into
+        ``pages[pfns[i]]`` -- a page store (PFN -> 4096-byte bytearray: DRAM's), an absent page
+        stored first -- instead of a buffer (the firmware sealing into the pages of a DMA run
+        without a copy); returns the MACs.  The same bytes as :meth:`seal_many`.  A page of
+        another type or size is refused (TypeError) before any page is written."""
+        n = self._run(ivs, aads, PAGE, ("data", data, PAGE))
+        column = np.ascontiguousarray(pfns, dtype="<u8")
+        if column.shape != (n,):
+            raise InputError(f"{n} packets need {n} PFNs, got {column.shape}")
+        macs = bytearray(n * MAC_SIZE)
+        if self._accel:
+            _transport_accel.seal_to_pages(self.tek, self.tik, ivs, aads, data, pages, column.data, macs)
+            return macs
+        numbers = column.tolist()
+        for pfn in numbers:
+            page = pages.get(pfn)
+            if page is not None and (type(page) is not bytearray or len(page) != PAGE):
+                raise TypeError("a page must be a bytearray of 4096 bytes")
+        trans, macs = self.seal_many(ivs, aads, data, PAGE)
+        for i, pfn in enumerate(numbers):
+            page = pages.get(pfn)
+            if page is None:
+                page = pages[pfn] = bytearray(PAGE)
+            page[:] = trans[i * PAGE : (i + 1) * PAGE]
+        return macs
+
+    def open_many_from_pages(self, ivs: bytes, aads: bytes, macs: bytes, pages: dict[int, bytearray],
+                             pfns: npt.NDArray[np.uint64], out: bytearray | memoryview) -> int:
+        """:meth:`open_many` of 4 KiB packets with packet i's TRANS read where it lies, in
+        ``pages[pfns[i]]`` (a page store: PFN -> 4096-byte bytearray, DRAM's; an absent page reads
+        as zeros) instead of a buffer; the plaintexts of the packets that verified go to ``out``
+        (not overlapping any page); returns how many verified.  The same as :meth:`open_many`."""
+        n = self._run(ivs, aads, PAGE, ("MACs", macs, MAC_SIZE))
+        column = np.ascontiguousarray(pfns, dtype="<u8")
+        if column.shape != (n,):
+            raise InputError(f"{n} packets need {n} PFNs, got {column.shape}")
+        plain = _out_buffer(out, n * PAGE)
+        if self._accel:
+            return int(_transport_accel.open_from_pages(self.tek, self.tik, ivs, aads, macs, pages, column.data, plain))
+        trans = bytearray(n * PAGE)
+        for i, pfn in enumerate(column.tolist()):
+            page = pages.get(pfn)
+            if page is not None:
+                if type(page) is not bytearray or len(page) != PAGE:
+                    raise TypeError("a page must be a bytearray of 4096 bytes")
+                trans[i * PAGE : (i + 1) * PAGE] = page
+        good, _ = self.open_many(ivs, aads, macs, trans, PAGE, plain)
+        return good
 
     def open_many(self, ivs: bytes, aads: bytes, macs: bytes, trans: bytes | bytearray | memoryview,
                   size: int, out: bytearray | memoryview | None = None) -> tuple[int, bytearray | memoryview]:

@@ -167,6 +167,39 @@ class PspDma:
         self._cache.flush_range(0, False, spa, len(data))
         self._mc.dram.write(spa, data)
 
+    def fill_pages(self, runs: list[tuple[int, int]], fill: Callable[[dict[int, bytearray]], None]) -> None:
+        """An unencrypted write of whole pages made in place: each run ``(spa, length)`` (page-aligned)
+        is checked and its host lines written back and invalidated, as :meth:`write` does, then
+        ``fill`` gets DRAM's page store (PFN -> 4 KiB bytearray) and writes every byte of those
+        pages, storing absent ones (the firmware sealing packets straight into a DMA run:
+        :meth:`~sevemu.crypto.transport.PacketCrypto.seal_many_to_pages`).  Nothing is flushed or
+        written unless every run passes."""
+        dram = self._mc.dram
+        for spa, length in runs:
+            dram.check_range(spa, length)
+            if (spa | length) % PAGE:
+                raise AddressError(f"fill_pages takes whole pages, got {spa:#x}+{length:#x}")
+            if self.guest_owned(spa, length):
+                raise AddressError(f"SPA {spa:#x}+{length:#x} is an SNP guest's page: the PSP does not write it")
+        for spa, length in runs:
+            self._cache.flush_range(0, False, spa, length)
+        fill(dram.pages_dict())
+
+    def read_pages(self, runs: list[tuple[int, int]], use: Callable[[dict[int, bytearray]], int]) -> int | None:
+        """An unencrypted read of whole pages where they lie: when no run (page-aligned, checked
+        as :meth:`read` does) holds a dirty host line -- so DRAM's pages are what a coherent read
+        returns -- ``use`` gets DRAM's page store (PFN -> 4 KiB bytearray; an absent page reads as
+        zeros) to read those pages in place, without changing it, and its answer is returned;
+        otherwise None (nothing read: the caller reads through :meth:`read_into`)."""
+        dram = self._mc.dram
+        for spa, length in runs:
+            dram.check_range(spa, length)
+            if (spa | length) % PAGE:
+                raise AddressError(f"read_pages takes whole pages, got {spa:#x}+{length:#x}")
+        if any(self._dirty_host_lines(spa, length) for spa, length in runs):
+            return None
+        return use(dram.pages_dict())
+
     def evict(self, spa: int, length: int) -> None:
         """Write back and drop the host's (unencrypted) cached lines of a range, DRAM otherwise
         unchanged: what :meth:`write` of the range's own bytes does, without the copies."""

@@ -783,20 +783,32 @@ def _scratch(name: str, length: int) -> memoryview:
 def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _U64) -> None:
     """The effects of SEND_UPDATE_DATA on each whole page (checked by :func:`_whole_pages`): the
     pages read and decrypted from DRAM (:func:`read_guest` of each run) into the PSP's memory,
-    sealed from there into a second buffer, written out run by run."""
+    sealed from there straight into the TRANS pages in DRAM when every TRANS is page-aligned (the
+    host's lines of them written back and dropped first, as for any PSP write:
+    :meth:`~sevemu.hw.psp.PspDma.fill_pages`), else into a second buffer written out run by run."""
     n = len(guest)
     dma = fw.ports.dma
     plain = _scratch("plain", n * PAGE)
     for first, spa, length in _page_runs(guest):
         dma.read_encrypted_into(spa, plain[first * PAGE : first * PAGE + length], g.asid)
     ivs = fw.ports.trng(IV_SIZE * n)  # one draw for the doorbell: a fresh IV per page, in command order
-    sealed = _scratch("sealed", n * PAGE)
-    _, macs = _channel(g).seal_many(ivs, _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE), plain, PAGE, sealed)
+    aads = _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE)
+    channel = _channel(g)
+    runs = _page_runs(trans)
+    if not (trans % np.uint64(PAGE)).any():  # page-aligned TRANS: sealed straight into DRAM's pages
+        out: list[bytearray] = []
+        dma.fill_pages([(spa, length) for _, spa, length in runs],
+                       lambda pages: out.append(channel.seal_many_to_pages(ivs, aads, plain, pages,
+                                                                           trans >> np.uint64(12))))
+        macs = out[0]
+    else:
+        sealed = _scratch("sealed", n * PAGE)
+        _, macs = channel.seal_many(ivs, aads, plain, PAGE, sealed)
+        for first, spa, length in runs:
+            dma.write(spa, sealed[first * PAGE : first * PAGE + length])
     head = np.zeros(n, dtype=_HDR_DTYPE)  # flags 0
     head["iv"] = np.frombuffer(ivs, dtype="V16")
     head["mac"] = np.frombuffer(macs, dtype="V32")
-    for first, spa, length in _page_runs(trans):
-        dma.write(spa, sealed[first * PAGE : first * PAGE + length])
     _write_slots(fw, hdrs, head.tobytes(), HdrBuf.SIZE)
 
 
@@ -945,12 +957,22 @@ def _open_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
         return 0
     head = head[:n]
     dma = fw.ports.dma
-    data = _scratch("trans", n * PAGE)
-    for first, spa, length in _page_runs(trans[:n]):
-        dma.read_into(spa, data[first * PAGE : first * PAGE + length])
     ivs = head["iv"].tobytes()
+    aads, macs = _aads(head["flags"], ivs, PAGE), head["mac"].tobytes()
     plain = _scratch("plain", n * PAGE)
-    good, _ = _channel(g).open_many(ivs, _aads(head["flags"], ivs, PAGE), head["mac"].tobytes(), data, PAGE, plain)
+    channel = _channel(g)
+    runs = _page_runs(trans[:n])
+    found = None
+    if not (trans[:n] % np.uint64(PAGE)).any():  # page-aligned TRANS: opened where it lies in DRAM
+        column = trans[:n] >> np.uint64(12)
+        found = dma.read_pages([(spa, length) for _, spa, length in runs],
+                               lambda pages: channel.open_many_from_pages(ivs, aads, macs, pages, column, plain))
+    if found is None:  # (unaligned, or a dirty host line in the way: read coherently first)
+        data = _scratch("trans", n * PAGE)
+        for first, spa, length in runs:
+            dma.read_into(spa, data[first * PAGE : first * PAGE + length])
+        found, _ = channel.open_many(ivs, aads, macs, data, PAGE, plain)
+    good = found
     for first, spa, length in _page_runs(guest[:good]):
         dma.evict(spa, length)
         write_guest(fw, g, spa, plain[first * PAGE : first * PAGE + length])
