@@ -725,10 +725,29 @@ static void crypt_args_release(CryptArgs *a)
     PyBuffer_Release(&a->data);
 }
 
+/* AES-128-ECB (bits 128) or AES-256-ECB, fetched once: OpenSSL 3 would otherwise look the algorithm
+ * up again at every EVP_EncryptInit_ex of EVP_aes_*_ecb() (a few microseconds of every page-sized
+ * call).  The fetched methods are process-wide and never freed; without EVP_CIPHER_fetch (OpenSSL
+ * 1.1) or when it fails, the built-in ones. */
+static const EVP_CIPHER *aes_ecb(int bits)
+{
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    static const EVP_CIPHER *fetched[2] = {NULL, NULL};
+    int i = bits == 256;
+    if (fetched[i] == NULL) {
+        fetched[i] = EVP_CIPHER_fetch(NULL, i ? "AES-256-ECB" : "AES-128-ECB", NULL);
+    }
+    if (fetched[i] != NULL) {
+        return fetched[i];
+    }
+#endif
+    return bits == 256 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
+}
+
 /* The AES-ECB contexts of a run (the tweak context for XTS only); 0, or -1 with RuntimeError. */
 static int crypt_contexts(const char *name, const CryptArgs *a, EVP_CIPHER_CTX **ctx, EVP_CIPHER_CTX **tweak_ctx)
 {
-    const EVP_CIPHER *aes = a->code == 2 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
+    const EVP_CIPHER *aes = aes_ecb(a->code == 2 ? 256 : 128);
     const unsigned char *k = (const unsigned char *)a->key.buf;
     *ctx = EVP_CIPHER_CTX_new();
     if (*ctx == NULL ||
@@ -743,7 +762,7 @@ static int crypt_contexts(const char *name, const CryptArgs *a, EVP_CIPHER_CTX *
     return 0;
 }
 
-/* The run itself, the GIL released: 0, or -1 with RuntimeError. */
+/* The run itself, the GIL released (beyond a page): 0, or -1 with RuntimeError. */
 static int crypt_run(const char *name, const CryptArgs *a, const Span *in, const Span *out, int stream,
                      EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx)
 {
@@ -753,10 +772,15 @@ static int crypt_run(const char *name, const CryptArgs *a, const Span *in, const
     int nbits = (int)a->nbits, encrypt = a->encrypt, pre = encrypt || a->code == 1, post = !encrypt || a->code == 1;
     long code = a->code;
     uint64_t spa = a->spa;
-    Py_BEGIN_ALLOW_THREADS
-    failed = code == 2 ? xts_pages_run(in, out, spa, len, ctx, tweak_ctx, encrypt)
-                       : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, pre, post, encrypt);
-    Py_END_ALLOW_THREADS
+    if (len <= XP_PAGE) { /* a page or less (about a microsecond): not worth handing the GIL over */
+        failed = code == 2 ? xts_pages_run(in, out, spa, len, ctx, tweak_ctx, encrypt)
+                           : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, pre, post, encrypt);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        failed = code == 2 ? xts_pages_run(in, out, spa, len, ctx, tweak_ctx, encrypt)
+                           : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, pre, post, encrypt);
+        Py_END_ALLOW_THREADS
+    }
     if (failed) {
         PyErr_Format(PyExc_RuntimeError, "%s: OpenSSL AES-ECB failed", name);
         return -1;
