@@ -810,6 +810,100 @@ static int page_at(PyObject *pages, uint64_t pfn, PyObject **page)
     return 0;
 }
 
+/* The pages of a page store a crypt_* call writes: every page of [spa, spa+len) held writable
+ * (ptrs: their buffers), absent ones created zeroed.  page_set_take: 0; 1 when one of the pages
+ * overlaps `avoid` (the caller writes nothing: its other path); -1 with an exception set.  The
+ * pages' types are checked before any is created.  page_set_drop (also after a failure): the
+ * buffers released, and pages the call created that are still all zeros removed again (as if
+ * unwritten, as Dram.write leaves them). */
+typedef struct {
+    PyObject *pages;
+    uint64_t first_pfn;
+    Py_ssize_t owned, held;
+    PageRef *refs;
+    unsigned char **ptrs;
+} PageSet;
+
+static int page_set_take(PageSet *ps, PyObject *pages, uint64_t spa, Py_ssize_t len, const char *avoid,
+                         Py_ssize_t avoid_len)
+{
+    Py_ssize_t npages, i;
+    ps->pages = pages;
+    ps->first_pfn = spa >> PAGE_SHIFT;
+    npages = (Py_ssize_t)(((spa + (uint64_t)len - 1) >> PAGE_SHIFT) - ps->first_pfn + 1);
+    ps->refs = (PageRef *)PyMem_Calloc((size_t)npages, sizeof(PageRef));
+    ps->ptrs = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*ps->ptrs));
+    if (ps->refs == NULL || ps->ptrs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < npages; i++) {
+        /* borrowed until the next loop takes a reference (not dropped on errors) */
+        if (page_at(pages, ps->first_pfn + (uint64_t)i, &ps->refs[i].obj) < 0) {
+            return -1;
+        }
+    }
+    for (i = 0; i < npages; i++) {
+        PyObject *page = ps->refs[i].obj;
+        if (page == NULL) {
+            PyObject *key;
+            int rc;
+            page = PyByteArray_FromStringAndSize(NULL, XP_PAGE);
+            if (page == NULL) {
+                return -1;
+            }
+            memset(PyByteArray_AS_STRING(page), 0, XP_PAGE);
+            key = PyLong_FromUnsignedLongLong(ps->first_pfn + (uint64_t)i);
+            rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
+            Py_XDECREF(key);
+            if (rc < 0) {
+                Py_DECREF(page);
+                return -1;
+            }
+            ps->refs[i].created = 1;
+        } else {
+            Py_INCREF(page);
+        }
+        ps->refs[i].obj = page;
+        ps->owned = i + 1;
+        if (PyObject_GetBuffer(page, &ps->refs[i].view, PyBUF_WRITABLE) < 0) {
+            return -1;
+        }
+        ps->held = i + 1;
+        ps->ptrs[i] = (unsigned char *)ps->refs[i].view.buf;
+        if (avoid != NULL) {
+            const char *lo = (const char *)ps->refs[i].view.buf;
+            if (avoid < lo + XP_PAGE && lo < avoid + avoid_len) {
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+static void page_set_drop(PageSet *ps)
+{
+    Py_ssize_t i;
+    for (i = 0; i < ps->held; i++) {
+        PyBuffer_Release(&ps->refs[i].view);
+    }
+    for (i = 0; i < ps->owned; i++) {
+        if (ps->refs[i].created && !memcmp(PyByteArray_AS_STRING(ps->refs[i].obj), zero_page, XP_PAGE)) {
+            PyObject *key = PyLong_FromUnsignedLongLong(ps->first_pfn + (uint64_t)i);
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb); /* (an error of the call stays the one raised) */
+            if (key == NULL || PyDict_DelItem(ps->pages, key) < 0) {
+                PyErr_Clear();
+            }
+            Py_XDECREF(key);
+            PyErr_Restore(type, value, tb);
+        }
+        Py_DECREF(ps->refs[i].obj);
+    }
+    PyMem_Free(ps->refs);
+    PyMem_Free(ps->ptrs);
+}
+
 PyDoc_STRVAR(crypt_pages_doc,
              "crypt_pages(pages, spa, src, consts, key, code, encrypt, /)\n--\n\n"
              "XE (code 0) or XEX (code 1) with the AES-128 key `key`, or AES-256-XTS (code 2, 64-byte\n"
@@ -824,11 +918,9 @@ static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
 {
     PyObject *result = NULL;
     CryptArgs a;
-    uint64_t first_pfn = 0;
-    Py_ssize_t npages = 0, owned = 0, held = 0, i;
-    PageRef *refs = NULL;
-    unsigned char **out = NULL;
+    PageSet ps = {NULL, 0, 0, 0, NULL, NULL};
     EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    int taken;
     (void)self;
 
     if (crypt_args("crypt_pages", args, nargs, 0, &a) < 0) {
@@ -838,85 +930,18 @@ static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
         result = Py_NewRef(Py_True);
         goto done;
     }
-    first_pfn = a.spa >> PAGE_SHIFT;
-    npages = (Py_ssize_t)(((a.spa + (uint64_t)a.data.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
-    refs = (PageRef *)PyMem_Calloc((size_t)npages, sizeof(PageRef));
-    out = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*out));
-    if (refs == NULL || out == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    /* 1: the pages (types checked before any is created) */
-    for (i = 0; i < npages; i++) {
-        /* borrowed until the next loop takes a reference (not dropped on errors) */
-        if (page_at(a.pages, first_pfn + (uint64_t)i, &refs[i].obj) < 0) {
-            goto done;
+    taken = page_set_take(&ps, a.pages, a.spa, a.data.len, (const char *)a.data.buf, a.data.len);
+    if (taken == 1) { /* src overlaps a page: nothing written, the caller's other path */
+        result = Py_NewRef(Py_False);
+    } else if (taken == 0) {
+        Span src = {NULL, (unsigned char *)a.data.buf}, dst = {ps.ptrs, NULL};
+        if (crypt_contexts("crypt_pages", &a, &ctx, &tweak_ctx) == 0 &&
+            crypt_run("crypt_pages", &a, &src, &dst, 1, ctx, tweak_ctx) == 0) {
+            result = Py_NewRef(Py_True);
         }
     }
-    for (i = 0; i < npages; i++) {
-        PyObject *page = refs[i].obj;
-        if (page == NULL) {
-            PyObject *key;
-            int rc;
-            page = PyByteArray_FromStringAndSize(NULL, XP_PAGE);
-            if (page == NULL) {
-                goto done;
-            }
-            memset(PyByteArray_AS_STRING(page), 0, XP_PAGE);
-            key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
-            rc = key == NULL ? -1 : PyDict_SetItem(a.pages, key, page);
-            Py_XDECREF(key);
-            if (rc < 0) {
-                Py_DECREF(page);
-                goto done;
-            }
-            refs[i].created = 1;
-        } else {
-            Py_INCREF(page);
-        }
-        refs[i].obj = page;
-        owned = i + 1;
-        if (PyObject_GetBuffer(page, &refs[i].view, PyBUF_WRITABLE) < 0) {
-            goto done;
-        }
-        held = i + 1;
-        out[i] = (unsigned char *)refs[i].view.buf;
-        {
-            const char *lo = (const char *)refs[i].view.buf, *s = (const char *)a.data.buf;
-            if (s < lo + XP_PAGE && lo < s + a.data.len) { /* nothing written: the caller's other path */
-                result = Py_NewRef(Py_False);
-                goto done;
-            }
-        }
-    }
-    {
-        Span src = {NULL, (unsigned char *)a.data.buf}, dst = {out, NULL};
-        if (crypt_contexts("crypt_pages", &a, &ctx, &tweak_ctx) < 0 ||
-            crypt_run("crypt_pages", &a, &src, &dst, 1, ctx, tweak_ctx) < 0) {
-            goto done;
-        }
-    }
-    result = Py_NewRef(Py_True);
 done:
-    /* pages this call created and left all zeros go again (also after an error: as if unwritten) */
-    for (i = 0; i < held; i++) {
-        PyBuffer_Release(&refs[i].view);
-    }
-    for (i = 0; i < owned; i++) {
-        if (refs[i].created && !memcmp(PyByteArray_AS_STRING(refs[i].obj), zero_page, XP_PAGE)) {
-            PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb); /* (an error of the call stays the one raised) */
-            if (key == NULL || PyDict_DelItem(a.pages, key) < 0) {
-                PyErr_Clear();
-            }
-            Py_XDECREF(key);
-            PyErr_Restore(type, value, tb);
-        }
-        Py_DECREF(refs[i].obj);
-    }
-    PyMem_Free(refs);
-    PyMem_Free(out);
+    page_set_drop(&ps);
     EVP_CIPHER_CTX_free(ctx);
     EVP_CIPHER_CTX_free(tweak_ctx);
     crypt_args_release(&a);
@@ -1082,10 +1107,8 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
 {
     PyObject *result = NULL, *before = NULL, *sub[7];
     CryptArgs a;
-    uint64_t first_pfn = 0;
-    Py_ssize_t length, npages = 0, owned = 0, held = 0, i;
-    PageRef *refs = NULL;
-    unsigned char **ptrs = NULL;
+    PageSet ps = {NULL, 0, 0, 0, NULL, NULL};
+    Py_ssize_t length, i;
     EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
     (void)self;
 
@@ -1107,7 +1130,7 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
     for (i = 0; i < 7; i++) {
         sub[i] = args[i];
     }
-    sub[2] = before;
+    sub[2] = before; /* (the checks of crypt_args on a buffer of `length` bytes) */
     if (crypt_args("crypt_pages_in_place", sub, 7, 0, &a) < 0) {
         Py_DECREF(before);
         return NULL;
@@ -1116,54 +1139,14 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
         result = Py_NewRef(before);
         goto done;
     }
-    first_pfn = a.spa >> PAGE_SHIFT;
-    npages = (Py_ssize_t)(((a.spa + (uint64_t)length - 1) >> PAGE_SHIFT) - first_pfn + 1);
-    refs = (PageRef *)PyMem_Calloc((size_t)npages, sizeof(PageRef));
-    ptrs = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*ptrs));
-    if (refs == NULL || ptrs == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (i = 0; i < npages; i++) { /* the pages' types checked before any is created */
-        if (page_at(a.pages, first_pfn + (uint64_t)i, &refs[i].obj) < 0) {
-            goto done;
-        }
-    }
-    for (i = 0; i < npages; i++) {
-        PyObject *page = refs[i].obj;
-        if (page == NULL) {
-            PyObject *key;
-            int rc;
-            page = PyByteArray_FromStringAndSize(NULL, XP_PAGE);
-            if (page == NULL) {
-                goto done;
-            }
-            memset(PyByteArray_AS_STRING(page), 0, XP_PAGE);
-            key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
-            rc = key == NULL ? -1 : PyDict_SetItem(a.pages, key, page);
-            Py_XDECREF(key);
-            if (rc < 0) {
-                Py_DECREF(page);
-                goto done;
-            }
-            refs[i].created = 1;
-        } else {
-            Py_INCREF(page);
-        }
-        refs[i].obj = page;
-        owned = i + 1;
-        if (PyObject_GetBuffer(page, &refs[i].view, PyBUF_WRITABLE) < 0) {
-            goto done;
-        }
-        held = i + 1;
-        ptrs[i] = (unsigned char *)refs[i].view.buf;
-    }
-    if (crypt_contexts("crypt_pages_in_place", &a, &ctx, &tweak_ctx) < 0) {
+    if (page_set_take(&ps, a.pages, a.spa, length, NULL, 0) < 0 ||
+        crypt_contexts("crypt_pages_in_place", &a, &ctx, &tweak_ctx) < 0) {
         goto done;
     }
     {
         const unsigned char *consts = (const unsigned char *)a.consts.buf;
         unsigned char *copy = (unsigned char *)PyBytes_AS_STRING(before);
+        unsigned char **ptrs = ps.ptrs;
         int nbits = (int)a.nbits, encrypt = a.encrypt, failed = 0;
         int pre = encrypt || a.code == 1, post = !encrypt || a.code == 1;
         long code = a.code;
@@ -1199,24 +1182,7 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
     }
     result = Py_NewRef(before);
 done:
-    for (i = 0; i < held; i++) {
-        PyBuffer_Release(&refs[i].view);
-    }
-    for (i = 0; i < owned; i++) {
-        if (refs[i].created && !memcmp(PyByteArray_AS_STRING(refs[i].obj), zero_page, XP_PAGE)) {
-            PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            if (key == NULL || PyDict_DelItem(a.pages, key) < 0) {
-                PyErr_Clear();
-            }
-            Py_XDECREF(key);
-            PyErr_Restore(type, value, tb);
-        }
-        Py_DECREF(refs[i].obj);
-    }
-    PyMem_Free(refs);
-    PyMem_Free(ptrs);
+    page_set_drop(&ps);
     EVP_CIPHER_CTX_free(ctx);
     EVP_CIPHER_CTX_free(tweak_ctx);
     crypt_args_release(&a);
