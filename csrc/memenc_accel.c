@@ -18,6 +18,10 @@
  *                                             zeros) transformed into dst, per page in L1
  *   crypt_into(dst, spa, src, consts, key, code, encrypt) -> bool
  *                                             the same between two buffers (memenc's bulk path)
+ *   crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt) -> bytes | None
+ *                                             length bytes of a page store transformed in place,
+ *                                             the bytes before returned (copied per group of pages
+ *                                             just before they are transformed, in one pass)
  *
  * The crypt_* functions run the AES through OpenSSL's libcrypto themselves (one pass over the data
  * instead of three, see xex_pages_run); elsewhere the AES stays in `cryptography`.  Portable C99
@@ -721,10 +725,29 @@ static void crypt_args_release(CryptArgs *a)
     PyBuffer_Release(&a->data);
 }
 
+/* AES-128-ECB (bits 128) or AES-256-ECB, fetched once: OpenSSL 3 would otherwise look the algorithm
+ * up again at every EVP_EncryptInit_ex of EVP_aes_*_ecb() (a few microseconds of every page-sized
+ * call).  The fetched methods are process-wide and never freed; without EVP_CIPHER_fetch (OpenSSL
+ * 1.1) or when it fails, the built-in ones. */
+static const EVP_CIPHER *aes_ecb(int bits)
+{
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    static const EVP_CIPHER *fetched[2] = {NULL, NULL};
+    int i = bits == 256;
+    if (fetched[i] == NULL) {
+        fetched[i] = EVP_CIPHER_fetch(NULL, i ? "AES-256-ECB" : "AES-128-ECB", NULL);
+    }
+    if (fetched[i] != NULL) {
+        return fetched[i];
+    }
+#endif
+    return bits == 256 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
+}
+
 /* The AES-ECB contexts of a run (the tweak context for XTS only); 0, or -1 with RuntimeError. */
 static int crypt_contexts(const char *name, const CryptArgs *a, EVP_CIPHER_CTX **ctx, EVP_CIPHER_CTX **tweak_ctx)
 {
-    const EVP_CIPHER *aes = a->code == 2 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
+    const EVP_CIPHER *aes = aes_ecb(a->code == 2 ? 256 : 128);
     const unsigned char *k = (const unsigned char *)a->key.buf;
     *ctx = EVP_CIPHER_CTX_new();
     if (*ctx == NULL ||
@@ -739,7 +762,7 @@ static int crypt_contexts(const char *name, const CryptArgs *a, EVP_CIPHER_CTX *
     return 0;
 }
 
-/* The run itself, the GIL released: 0, or -1 with RuntimeError. */
+/* The run itself, the GIL released (beyond a page): 0, or -1 with RuntimeError. */
 static int crypt_run(const char *name, const CryptArgs *a, const Span *in, const Span *out, int stream,
                      EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx)
 {
@@ -749,10 +772,15 @@ static int crypt_run(const char *name, const CryptArgs *a, const Span *in, const
     int nbits = (int)a->nbits, encrypt = a->encrypt, pre = encrypt || a->code == 1, post = !encrypt || a->code == 1;
     long code = a->code;
     uint64_t spa = a->spa;
-    Py_BEGIN_ALLOW_THREADS
-    failed = code == 2 ? xts_pages_run(in, out, spa, len, ctx, tweak_ctx, encrypt)
-                       : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, pre, post, encrypt);
-    Py_END_ALLOW_THREADS
+    if (len <= XP_PAGE) { /* a page or less (about a microsecond): not worth handing the GIL over */
+        failed = code == 2 ? xts_pages_run(in, out, spa, len, ctx, tweak_ctx, encrypt)
+                           : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, pre, post, encrypt);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        failed = code == 2 ? xts_pages_run(in, out, spa, len, ctx, tweak_ctx, encrypt)
+                           : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, pre, post, encrypt);
+        Py_END_ALLOW_THREADS
+    }
     if (failed) {
         PyErr_Format(PyExc_RuntimeError, "%s: OpenSSL AES-ECB failed", name);
         return -1;
@@ -782,6 +810,100 @@ static int page_at(PyObject *pages, uint64_t pfn, PyObject **page)
     return 0;
 }
 
+/* The pages of a page store a crypt_* call writes: every page of [spa, spa+len) held writable
+ * (ptrs: their buffers), absent ones created zeroed.  page_set_take: 0; 1 when one of the pages
+ * overlaps `avoid` (the caller writes nothing: its other path); -1 with an exception set.  The
+ * pages' types are checked before any is created.  page_set_drop (also after a failure): the
+ * buffers released, and pages the call created that are still all zeros removed again (as if
+ * unwritten, as Dram.write leaves them). */
+typedef struct {
+    PyObject *pages;
+    uint64_t first_pfn;
+    Py_ssize_t owned, held;
+    PageRef *refs;
+    unsigned char **ptrs;
+} PageSet;
+
+static int page_set_take(PageSet *ps, PyObject *pages, uint64_t spa, Py_ssize_t len, const char *avoid,
+                         Py_ssize_t avoid_len)
+{
+    Py_ssize_t npages, i;
+    ps->pages = pages;
+    ps->first_pfn = spa >> PAGE_SHIFT;
+    npages = (Py_ssize_t)(((spa + (uint64_t)len - 1) >> PAGE_SHIFT) - ps->first_pfn + 1);
+    ps->refs = (PageRef *)PyMem_Calloc((size_t)npages, sizeof(PageRef));
+    ps->ptrs = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*ps->ptrs));
+    if (ps->refs == NULL || ps->ptrs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < npages; i++) {
+        /* borrowed until the next loop takes a reference (not dropped on errors) */
+        if (page_at(pages, ps->first_pfn + (uint64_t)i, &ps->refs[i].obj) < 0) {
+            return -1;
+        }
+    }
+    for (i = 0; i < npages; i++) {
+        PyObject *page = ps->refs[i].obj;
+        if (page == NULL) {
+            PyObject *key;
+            int rc;
+            page = PyByteArray_FromStringAndSize(NULL, XP_PAGE);
+            if (page == NULL) {
+                return -1;
+            }
+            memset(PyByteArray_AS_STRING(page), 0, XP_PAGE);
+            key = PyLong_FromUnsignedLongLong(ps->first_pfn + (uint64_t)i);
+            rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
+            Py_XDECREF(key);
+            if (rc < 0) {
+                Py_DECREF(page);
+                return -1;
+            }
+            ps->refs[i].created = 1;
+        } else {
+            Py_INCREF(page);
+        }
+        ps->refs[i].obj = page;
+        ps->owned = i + 1;
+        if (PyObject_GetBuffer(page, &ps->refs[i].view, PyBUF_WRITABLE) < 0) {
+            return -1;
+        }
+        ps->held = i + 1;
+        ps->ptrs[i] = (unsigned char *)ps->refs[i].view.buf;
+        if (avoid != NULL) {
+            const char *lo = (const char *)ps->refs[i].view.buf;
+            if (avoid < lo + XP_PAGE && lo < avoid + avoid_len) {
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+static void page_set_drop(PageSet *ps)
+{
+    Py_ssize_t i;
+    for (i = 0; i < ps->held; i++) {
+        PyBuffer_Release(&ps->refs[i].view);
+    }
+    for (i = 0; i < ps->owned; i++) {
+        if (ps->refs[i].created && !memcmp(PyByteArray_AS_STRING(ps->refs[i].obj), zero_page, XP_PAGE)) {
+            PyObject *key = PyLong_FromUnsignedLongLong(ps->first_pfn + (uint64_t)i);
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb); /* (an error of the call stays the one raised) */
+            if (key == NULL || PyDict_DelItem(ps->pages, key) < 0) {
+                PyErr_Clear();
+            }
+            Py_XDECREF(key);
+            PyErr_Restore(type, value, tb);
+        }
+        Py_DECREF(ps->refs[i].obj);
+    }
+    PyMem_Free(ps->refs);
+    PyMem_Free(ps->ptrs);
+}
+
 PyDoc_STRVAR(crypt_pages_doc,
              "crypt_pages(pages, spa, src, consts, key, code, encrypt, /)\n--\n\n"
              "XE (code 0) or XEX (code 1) with the AES-128 key `key`, or AES-256-XTS (code 2, 64-byte\n"
@@ -796,11 +918,9 @@ static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
 {
     PyObject *result = NULL;
     CryptArgs a;
-    uint64_t first_pfn = 0;
-    Py_ssize_t npages = 0, owned = 0, held = 0, i;
-    PageRef *refs = NULL;
-    unsigned char **out = NULL;
+    PageSet ps = {NULL, 0, 0, 0, NULL, NULL};
     EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    int taken;
     (void)self;
 
     if (crypt_args("crypt_pages", args, nargs, 0, &a) < 0) {
@@ -810,85 +930,18 @@ static PyObject *crypt_pages(PyObject *self, PyObject *const *args, Py_ssize_t n
         result = Py_NewRef(Py_True);
         goto done;
     }
-    first_pfn = a.spa >> PAGE_SHIFT;
-    npages = (Py_ssize_t)(((a.spa + (uint64_t)a.data.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
-    refs = (PageRef *)PyMem_Calloc((size_t)npages, sizeof(PageRef));
-    out = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*out));
-    if (refs == NULL || out == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    /* 1: the pages (types checked before any is created) */
-    for (i = 0; i < npages; i++) {
-        /* borrowed until the next loop takes a reference (not dropped on errors) */
-        if (page_at(a.pages, first_pfn + (uint64_t)i, &refs[i].obj) < 0) {
-            goto done;
+    taken = page_set_take(&ps, a.pages, a.spa, a.data.len, (const char *)a.data.buf, a.data.len);
+    if (taken == 1) { /* src overlaps a page: nothing written, the caller's other path */
+        result = Py_NewRef(Py_False);
+    } else if (taken == 0) {
+        Span src = {NULL, (unsigned char *)a.data.buf}, dst = {ps.ptrs, NULL};
+        if (crypt_contexts("crypt_pages", &a, &ctx, &tweak_ctx) == 0 &&
+            crypt_run("crypt_pages", &a, &src, &dst, 1, ctx, tweak_ctx) == 0) {
+            result = Py_NewRef(Py_True);
         }
     }
-    for (i = 0; i < npages; i++) {
-        PyObject *page = refs[i].obj;
-        if (page == NULL) {
-            PyObject *key;
-            int rc;
-            page = PyByteArray_FromStringAndSize(NULL, XP_PAGE);
-            if (page == NULL) {
-                goto done;
-            }
-            memset(PyByteArray_AS_STRING(page), 0, XP_PAGE);
-            key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
-            rc = key == NULL ? -1 : PyDict_SetItem(a.pages, key, page);
-            Py_XDECREF(key);
-            if (rc < 0) {
-                Py_DECREF(page);
-                goto done;
-            }
-            refs[i].created = 1;
-        } else {
-            Py_INCREF(page);
-        }
-        refs[i].obj = page;
-        owned = i + 1;
-        if (PyObject_GetBuffer(page, &refs[i].view, PyBUF_WRITABLE) < 0) {
-            goto done;
-        }
-        held = i + 1;
-        out[i] = (unsigned char *)refs[i].view.buf;
-        {
-            const char *lo = (const char *)refs[i].view.buf, *s = (const char *)a.data.buf;
-            if (s < lo + XP_PAGE && lo < s + a.data.len) { /* nothing written: the caller's other path */
-                result = Py_NewRef(Py_False);
-                goto done;
-            }
-        }
-    }
-    {
-        Span src = {NULL, (unsigned char *)a.data.buf}, dst = {out, NULL};
-        if (crypt_contexts("crypt_pages", &a, &ctx, &tweak_ctx) < 0 ||
-            crypt_run("crypt_pages", &a, &src, &dst, 1, ctx, tweak_ctx) < 0) {
-            goto done;
-        }
-    }
-    result = Py_NewRef(Py_True);
 done:
-    /* pages this call created and left all zeros go again (also after an error: as if unwritten) */
-    for (i = 0; i < held; i++) {
-        PyBuffer_Release(&refs[i].view);
-    }
-    for (i = 0; i < owned; i++) {
-        if (refs[i].created && !memcmp(PyByteArray_AS_STRING(refs[i].obj), zero_page, XP_PAGE)) {
-            PyObject *key = PyLong_FromUnsignedLongLong(first_pfn + (uint64_t)i);
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb); /* (an error of the call stays the one raised) */
-            if (key == NULL || PyDict_DelItem(a.pages, key) < 0) {
-                PyErr_Clear();
-            }
-            Py_XDECREF(key);
-            PyErr_Restore(type, value, tb);
-        }
-        Py_DECREF(refs[i].obj);
-    }
-    PyMem_Free(refs);
-    PyMem_Free(out);
+    page_set_drop(&ps);
     EVP_CIPHER_CTX_free(ctx);
     EVP_CIPHER_CTX_free(tweak_ctx);
     crypt_args_release(&a);
@@ -1034,6 +1087,109 @@ static PyObject *crypt_into(PyObject *self, PyObject *const *args, Py_ssize_t na
     return result;
 }
 
+/* Pages per group of crypt_pages_in_place: copied out, then transformed, while still in L2. */
+#define IN_PLACE_GROUP 16
+
+PyDoc_STRVAR(crypt_pages_in_place_doc,
+             "crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt, /)\n--\n\n"
+             "crypt_pages' transform of the `length` bytes of the page store `pages` (dict PFN ->\n"
+             "4096-byte bytearray; an absent page reads as zeros and is created unless its part of the\n"
+             "result is all zeros) at spa, written back into the same pages; returns the bytes the\n"
+             "range held before (a new bytes object of `length` bytes).  The same pages and bytes as\n"
+             "gathering the range, then crypt_pages of what was gathered.");
+
+/* crypt_pages_in_place: a page store's range read and transformed in place in one pass -- per group
+ * of pages, their bytes copied into the result, then the group transformed in place (still in the
+ * CPU's cache) -- instead of a gather into a buffer and a second pass from that buffer back into the
+ * pages.  Pages are created (zeroed) before the GIL is released; created pages left all zeros go
+ * again, as in crypt_pages. */
+static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *result = NULL, *before = NULL, *sub[7];
+    CryptArgs a;
+    PageSet ps = {NULL, 0, 0, 0, NULL, NULL};
+    Py_ssize_t length, i;
+    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    (void)self;
+
+    if (check_nargs("crypt_pages_in_place", nargs, 7, 7) < 0) {
+        return NULL;
+    }
+    length = PyLong_AsSsize_t(args[2]);
+    if (length == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (length < 0) {
+        PyErr_SetString(PyExc_ValueError, "length must not be negative");
+        return NULL;
+    }
+    before = PyBytes_FromStringAndSize(NULL, length);
+    if (before == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < 7; i++) {
+        sub[i] = args[i];
+    }
+    sub[2] = before; /* (the checks of crypt_args on a buffer of `length` bytes) */
+    if (crypt_args("crypt_pages_in_place", sub, 7, 0, &a) < 0) {
+        Py_DECREF(before);
+        return NULL;
+    }
+    if (length == 0) {
+        result = Py_NewRef(before);
+        goto done;
+    }
+    if (page_set_take(&ps, a.pages, a.spa, length, NULL, 0) < 0 ||
+        crypt_contexts("crypt_pages_in_place", &a, &ctx, &tweak_ctx) < 0) {
+        goto done;
+    }
+    {
+        const unsigned char *consts = (const unsigned char *)a.consts.buf;
+        unsigned char *copy = (unsigned char *)PyBytes_AS_STRING(before);
+        unsigned char **ptrs = ps.ptrs;
+        int nbits = (int)a.nbits, encrypt = a.encrypt, failed = 0;
+        int pre = encrypt || a.code == 1, post = !encrypt || a.code == 1;
+        long code = a.code;
+        uint64_t spa = a.spa;
+        Py_ssize_t left = length, done = 0, p = 0;
+        Py_BEGIN_ALLOW_THREADS
+        while (left > 0 && !failed) {
+            /* a group: up to IN_PLACE_GROUP pages, ending at a page boundary */
+            Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
+            Py_ssize_t n = (Py_ssize_t)IN_PLACE_GROUP * XP_PAGE - off, q, at;
+            Span span = {ptrs + p, NULL};
+            if (n > left) {
+                n = left;
+            }
+            for (q = 0, at = 0; at < n; q++) { /* the bytes before, page by page */
+                Py_ssize_t o = q == 0 ? off : 0;
+                Py_ssize_t k = XP_PAGE - o < n - at ? XP_PAGE - o : n - at;
+                memcpy(copy + done + at, ptrs[p + q] + o, (size_t)k);
+                at += k;
+            }
+            failed = code == 2 ? xts_pages_run(&span, &span, spa, n, ctx, tweak_ctx, encrypt)
+                               : xex_pages_run(&span, &span, 0, spa, n, consts, nbits, ctx, pre, post, encrypt);
+            spa += (uint64_t)n;
+            done += n;
+            left -= n;
+            p += q;
+        }
+        Py_END_ALLOW_THREADS
+        if (failed) {
+            PyErr_SetString(PyExc_RuntimeError, "crypt_pages_in_place: OpenSSL AES-ECB failed");
+            goto done;
+        }
+    }
+    result = Py_NewRef(before);
+done:
+    page_set_drop(&ps);
+    EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(tweak_ctx);
+    crypt_args_release(&a);
+    Py_DECREF(before);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"xor_addr_tweak", (PyCFunction)(void (*)(void))xor_addr_tweak, METH_FASTCALL, xor_addr_tweak_doc},
     {"xts_xor", (PyCFunction)(void (*)(void))xts_xor, METH_FASTCALL, xts_xor_doc},
@@ -1043,6 +1199,8 @@ static PyMethodDef methods[] = {
     {"crypt_pages", (PyCFunction)(void (*)(void))crypt_pages, METH_FASTCALL, crypt_pages_doc},
     {"crypt_into", (PyCFunction)(void (*)(void))crypt_into, METH_FASTCALL, crypt_into_doc},
     {"crypt_from_pages", (PyCFunction)(void (*)(void))crypt_from_pages, METH_FASTCALL, crypt_from_pages_doc},
+    {"crypt_pages_in_place", (PyCFunction)(void (*)(void))crypt_pages_in_place, METH_FASTCALL,
+     crypt_pages_in_place_doc},
     {NULL, NULL, 0, NULL},
 };
 

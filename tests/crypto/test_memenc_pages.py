@@ -209,3 +209,53 @@ def test_decrypt_from_pages_declines_without_writing() -> None:
         mc.decrypt_from_pages(0x1008, d.pages_dict(), bytearray(4096))
     with pytest.raises((AddressError, ValueError)):
         mc.decrypt_from_pages((1 << 48) - 4096, d.pages_dict(), bytearray(8192))
+
+
+# ---- in place: encrypt_pages_in_place (the C crypt_pages_in_place) --------------------------------
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_in_place_is_gather_then_encrypt_to_pages(mode: EncryptionMode, data: st.DataObject) -> None:
+    """The bytes the range held (absent pages: zeros) come back, and the pages end as the bulk path
+    and DRAM's write of those bytes leave them (an absent page created, or left absent when its
+    ciphertext is all zeros, as ``Dram.write``)."""
+    tc, spa, n, before, _, key = _case(mode, data)
+    d = _dram_with(before)
+    plain = d.read(spa, n)
+    got = MemoryCipher(mode, key, tc).encrypt_pages_in_place(spa, n, d.pages_dict())
+    assert got == plain and isinstance(got, bytes)
+    assert d.pages_dict() == _reference(mode, key, tc, before, spa, plain)
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+def test_in_place_decrypt_direction_inverts_over_many_pages(mode: EncryptionMode) -> None:
+    tc = ZEN1 if mode is XE else ZEN2
+    rng = random.Random(9)
+    before = {pfn: rng.randbytes(4096) for pfn in range(0x100, 0x100 + 300) if pfn % 7}
+    d = _dram_with(before)
+    c = MemoryCipher(mode, _key(mode), tc)
+    plain = c.encrypt_pages_in_place(0x100040, 300 * 4096 - 128, d.pages_dict())
+    assert plain is not None
+    back = memenc._memenc_accel.crypt_pages_in_place(d.pages_dict(), 0x100040, 300 * 4096 - 128,
+                                                     tc._tables.consts_bytes, _key(mode), CODE[mode], False)
+    assert d.read(0x100040, len(plain)) == plain and len(back) == len(plain)
+
+
+def test_in_place_declines_or_refuses_without_writing() -> None:
+    d = _dram_with({0x10: bytes(range(256)) * 16})
+    snapshot = {k: bytes(v) for k, v in d.pages_dict().items()}
+    assert MemoryCipher(XEX, _key(XEX), ZEN2, accel=False).encrypt_pages_in_place(0x10000, 4096, d.pages_dict()) is None
+    c = MemoryCipher(XEX, _key(XEX), ZEN2)
+    with pytest.raises(AlignmentError):
+        c.encrypt_pages_in_place(0x10008, 4096, d.pages_dict())
+    with pytest.raises(AddressError):
+        c.encrypt_pages_in_place((1 << 48) - 4096, 8192, d.pages_dict())
+    bad: dict[int, object] = {0x10: d.pages_dict()[0x10], 0x12: bytearray(100)}
+    with pytest.raises(TypeError, match="4096"):
+        memenc._memenc_accel.crypt_pages_in_place(bad, 0x10000, 4 * 4096, ZEN2._tables.consts_bytes, _key(XEX), 1, True)
+    assert sorted(bad) == [0x10, 0x12]  # no page made
+    with pytest.raises(ValueError, match="negative"):
+        memenc._memenc_accel.crypt_pages_in_place({}, 0x1000, -64, ZEN2._tables.consts_bytes, _key(XEX), 1, True)
+    assert {k: bytes(v) for k, v in d.pages_dict().items()} == snapshot

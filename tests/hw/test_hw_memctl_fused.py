@@ -82,3 +82,60 @@ def test_fused_read_into_gives_the_bulk_paths_bytes(mode: EncryptionMode, monkey
         out = bytearray(n)
         mc.read_into(spa, out, 5, True)
         assert bytes(out) == got
+
+
+def _in_place_case(mode: EncryptionMode) -> MemoryController:
+    """A controller whose DRAM holds plaintext over some pages and leaves others absent."""
+    mc = _mc(mode)
+    r = random.Random(6)
+    mc.dram.write(0x20_0000, r.randbytes(2 * MiB))
+    for pfn in (0x205, 0x2F0, 0x3FF):  # (absent pages inside the range: they read as zeros)
+        mc.dram.pages_dict().pop(pfn)
+    mc.dram.write(0x40_0000, r.randbytes(8 * KiB))
+    return mc
+
+
+@pytest.mark.parametrize("mode", list(EncryptionMode))
+@pytest.mark.parametrize(("spa", "length"), [(0x20_0000, 2 * MiB), (0x40_0000, 4 * KiB), (0x40_0040, 4 * KiB),
+                                             (0x20_1000, 0)])
+def test_encrypt_in_place_is_read_then_encrypted_write(mode: EncryptionMode, spa: int, length: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``encrypt_in_place`` returns the range's plaintext and leaves DRAM as :meth:`read` (C=0) then
+    :meth:`write` (C=1) of it do -- every mode, absent pages created, a range not page aligned; the same
+    with the accelerator's one pass and without it."""
+    mc = _in_place_case(mode)
+    want_before = mc.read(spa, length, 0, False)
+    mc.write(spa, want_before, 5, True)
+    want = {k: bytes(v) for k, v in mc.dram.pages_dict().items()}
+    taken: list[bool] = []
+    real = MemoryCipher.encrypt_pages_in_place
+
+    def counted(self: MemoryCipher, at: int, n: int, pages: dict[int, bytearray]) -> bytes | None:
+        got = real(self, at, n, pages)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(MemoryCipher, "encrypt_pages_in_place", counted)
+    mc = _in_place_case(mode)
+    before = mc.encrypt_in_place(spa, length, 5)
+    assert taken == [ACCELERATED]
+    assert isinstance(before, bytes) and before == want_before
+    assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == want
+    assert mc.read(spa, length, 5, True) == want_before
+    monkeypatch.setattr(MemoryCipher, "encrypt_pages_in_place", lambda *a: None)  # the fallback
+    mc = _in_place_case(mode)
+    assert mc.encrypt_in_place(spa, length, 5) == want_before
+    assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == want
+
+
+def test_encrypt_in_place_refused_changes_nothing() -> None:
+    """A range not of whole lines, outside DRAM, or of an ASID without a key: refused, DRAM as it was."""
+    from sevemu.errors import AddressError, AlignmentError, KeySlotError
+
+    mc = _in_place_case(EncryptionMode.XEX)
+    was = {k: bytes(v) for k, v in mc.dram.pages_dict().items()}
+    for spa, n, asid, err in [(0x20_0020, 4 * KiB, 5, AlignmentError), (0x20_0000, 4 * KiB + 8, 5, AlignmentError),
+                              (8 * MiB - 4 * KiB, 8 * KiB, 5, AddressError), (0x20_0000, 4 * KiB, 7, KeySlotError)]:
+        with pytest.raises(err):
+            mc.encrypt_in_place(spa, n, asid)
+    assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == was

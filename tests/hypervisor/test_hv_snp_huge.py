@@ -85,6 +85,12 @@ def test_a_2m_folio_launch_measures_as_512_pages(m: Machine, engine: str, monkey
             assert entry.page_size == int(huge) and entry.validated and entry.asid == vm.asid
             assert bool(_pde(m, vm, REGION) & PS) == huge
             assert all(vm.spa_of(g) in vm.private_spas for g in range(REGION, REGION + HUGE, PAGE))
+            # encrypted where it lay (SNP_LAUNCH_UPDATE's read + encryption in one pass): the guest's
+            # key reads the image back, the host's view (C=0) is ciphertext
+            mc = m.soc.mc
+            for g in (REGION, REGION + 7 * PAGE, REGION + HUGE - PAGE):
+                assert mc.read(vm.spa_of(g), PAGE, vm.asid, True) == image[g - REGION : g - REGION + PAGE]
+                assert mc.read(vm.spa_of(g), PAGE, 0, False) != image[g - REGION : g - REGION + PAGE]
             digests.append(snp_state(m.firmware).guests[vm.snp_context].ld)
         finally:
             m.hv.destroy(vm)

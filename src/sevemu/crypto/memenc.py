@@ -923,6 +923,20 @@ class MemoryCipher:
         self._check(spa, dst.nbytes)
         return bool(run(pages, spa, dst, self._tables.consts_bytes, self._key, self._code, False))
 
+    def encrypt_pages_in_place(self, spa: int, length: int, pages: dict[int, bytearray]) -> bytes | None:
+        """Encrypt ``length`` bytes of a page store (PFN -> 4 KiB bytearray, as :class:`sevemu.hw.dram.Dram`
+        keeps; an absent page reads as zeros) at SPA ``spa`` in place, and return the bytes the range
+        held before: the pages :meth:`encrypt_to_pages` of the gathered range leaves, and the gathered
+        bytes, in one pass in the C accelerator (per group of pages: copied out, then tweak, AES,
+        tweak in place while they are in the CPU's cache).  Only with an accelerator that has it;
+        None, with nothing done, otherwise (the caller then gathers and encrypts).  Checks as
+        :meth:`encrypt_bulk`."""
+        run = getattr(_memenc_accel, "crypt_pages_in_place", None) if self._accel else None
+        if run is None:  # (no accelerator, or one built before crypt_pages_in_place existed)
+            return None
+        self._check(spa, length)
+        return bytes(run(pages, spa, length, self._tables.consts_bytes, self._key, self._code, True))
+
     def encrypt_small(self, spa: int, data: bytes | bytearray) -> memoryview:
         """The ciphertext of ``data`` at ``spa`` in this thread's scratch buffer (valid until the
         thread's next bulk call): :meth:`encrypt_bulk_into`'s bytes, in fewer steps for a transfer of at

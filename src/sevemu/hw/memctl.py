@@ -270,6 +270,20 @@ class MemoryController:
             cipher.encrypt_bulk_into(spa + pos, part, out)
             self.dram.write(spa + pos, out)
 
+    def encrypt_in_place(self, spa: int, length: int, asid: int) -> bytes:
+        """Encrypt the ``length`` bytes at line-aligned ``spa`` in DRAM with the key of ``asid``
+        where they are, bypassing the caches, and return the bytes DRAM held there before: what
+        :meth:`read` through (asid, C=0) then :meth:`write` of those bytes through (asid, C=1) give,
+        in one pass where the accelerator has it (:meth:`MemoryCipher.encrypt_pages_in_place`).
+        The whole range is checked first: a refused transfer changes nothing."""
+        self._check_bulk(spa, length)
+        cipher = self._cipher(asid)
+        before = cipher.encrypt_pages_in_place(spa, length, self.dram.pages_dict())
+        if before is None:
+            before = self.dram.read(spa, length)
+            self.write(spa, before, asid, True)
+        return before
+
     def write_small(self, spa: int, data: bytes | bytearray, asid: int) -> None:
         """:meth:`write` of at most a page through domain (asid, C=1), in fewer steps: the same checks
         first (nothing changes when one fails), the ciphertext from :meth:`MemoryCipher.encrypt_small`."""

@@ -225,6 +225,16 @@ class PspDma:
         self.evict(spa, length)
         return self._mc.dram.read(spa, length)
 
+    def encrypt_in_place(self, spa: int, length: int, asid: int) -> bytes:
+        """:meth:`read_invalidate` of the range, then :meth:`write_encrypted` of what was read with
+        the key of ``asid``, in one step (the memory controller's
+        :meth:`~sevemu.hw.memctl.MemoryController.encrypt_in_place`): the bytes read are returned,
+        DRAM holds them encrypted, and no host line of the range is left cached."""
+        mc = self._mc
+        mc.dram.check_range(spa, length)
+        self._cache.flush_range(0, False, spa, length)
+        return mc.encrypt_in_place(spa, length, asid)
+
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:
         """Read with the key of ``asid`` straight from DRAM (not coherent with the caches)."""
         return self._mc.read(spa, length, asid, True)

@@ -152,12 +152,14 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
         g.chain(info, gpa, count, None)
         port.make_guest_valid(own, lo, hi, False, perms)
         return
-    data = dma.read_invalidate(spa, size)  # the whole page (512 x 4 KiB for a 2 MiB one) at once
     if ptype == SnpPageType.NORMAL:  # CONTENTS: the pages' hashes (a 2 MiB page's: on the SHA engine)
+        # read (the host's lines written back and dropped) and encrypted where it is, in one pass;
+        # the bytes read are what is measured
+        data = dma.encrypt_in_place(spa, size, g.asid)
         g.measure(info, gpa, data, later=bool(huge))
-        dma.write_encrypted(spa, data, g.asid)
         port.make_guest_valid(own, lo, hi, False, perms)
         return
+    data = dma.read_invalidate(spa, size)  # the whole page at once
     contents: bytes | None = None  # CONTENTS zero (the template's)
     if ptype == SnpPageType.VMSA:
         measured = bytearray(data)
