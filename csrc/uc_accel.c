@@ -365,6 +365,30 @@ static PyObject *runner_set_ctl(Runner *self, PyObject *values)
     Py_RETURN_NONE;
 }
 
+/* state.<name> = x, unless it already is an exact int of that value (no new int, no store: the
+ * control registers and EFER rarely change between exits); 0, or -1 with an error set. */
+static int set_u64_attr(PyObject *state, PyObject *name, uint64_t x)
+{
+    uint64_t have;
+    PyObject *old = PyObject_GetAttr(state, name);
+    if (old == NULL) {
+        PyErr_Clear(); /* (not there yet: stored below) */
+    } else {
+        int same = exact_u64(old, &have) == 0 && have == x;
+        Py_DECREF(old);
+        if (same) {
+            return 0;
+        }
+    }
+    PyObject *v = PyLong_FromUnsignedLongLong(x);
+    if (v == NULL || PyObject_SetAttr(state, name, v) < 0) {
+        Py_XDECREF(v);
+        return -1;
+    }
+    Py_DECREF(v);
+    return 0;
+}
+
 PyDoc_STRVAR(runner_leave_doc, "leave(state, efer): state.regs, state.rip/rflags/cr0/cr3/cr4 from the last register "
                                "batch, state.efer from efer (LMA when LME and CR0.PG).");
 
@@ -428,23 +452,17 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
     Py_DECREF(regs);
     self->shadow_valid = 1;
     for (i = 0; i < N_CTL; i++) {
-        PyObject *v = PyLong_FromUnsignedLongLong(vals[ngpr + i]);
-        if (v == NULL || PyObject_SetAttr(state, attrs[i], v) < 0) {
-            Py_XDECREF(v);
+        if (set_u64_attr(state, attrs[i], vals[ngpr + i]) < 0) {
             return NULL;
         }
-        Py_DECREF(v);
     }
     uint64_t cr0 = vals[ngpr + 2];
     if ((efer & EFER_LME) && (cr0 & CR0_PG)) {
         efer |= EFER_LMA;
     }
-    PyObject *e = PyLong_FromUnsignedLongLong(efer);
-    if (e == NULL || PyObject_SetAttr(state, s_efer, e) < 0) {
-        Py_XDECREF(e);
+    if (set_u64_attr(state, s_efer, efer) < 0) {
         return NULL;
     }
-    Py_DECREF(e);
     self->ctl[0] = vals[ngpr + 1]; /* RFLAGS, CR0, CR3, CR4 as stored, and EFER */
     self->ctl[1] = cr0;
     self->ctl[2] = vals[ngpr + 3];
