@@ -297,11 +297,11 @@ class UcEngine:
                 self._pending = None
                 self._timer_fired = False
                 self._stop_word.request = 0  # (a request made while the guest was not running is void)
-                first = self._runner.run_known(self, state.rip)  # type: ignore[union-attr]  # (booted)
+                first = self._runner.run_known(self, state.rip)  # type: ignore[union-attr]  # (booted: a runner exists)
                 if first.__class__ is not int and (first.code != _VMGEXIT_CODE or cpu.vmcb.sev_es_enable):
                     stats.io_exits += 1
-                    ex = first
-                    cpu.vmcb.next_rip = ex.info2  # type: ignore[union-attr]
+                    ex: VmExit = first
+                    cpu.vmcb.next_rip = ex.info2
                 else:
                     ex = self._execute(cpu, first)
             else:
