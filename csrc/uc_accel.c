@@ -266,19 +266,40 @@ static int ctl_same(Runner *self, PyObject *state)
     return 1;
 }
 
+/* The values of the dict regs for the GPR names, into vals (borrowed), when regs holds exactly those
+ * keys -- the same str objects -- in that order (a save state's usual dict): read in one walk of
+ * its entries.  1, or 0 when the caller must look each name up. */
+static int regs_in_order(Runner *self, PyObject *regs, PyObject **vals)
+{
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *k, *v;
+    if (!PyDict_CheckExact(regs) || PyDict_GET_SIZE(regs) != self->ngpr) {
+        return 0;
+    }
+    while (PyDict_Next(regs, &pos, &k, &v)) {
+        if (i >= self->ngpr || k != PyTuple_GET_ITEM(self->names, i)) {
+            return 0;
+        }
+        vals[i++] = v;
+    }
+    return i == self->ngpr;
+}
+
 /* The GPR load of enter(): writes, or -1 with an error set. */
 static long enter_gprs(Runner *self, PyObject *regs)
 {
     uint64_t now[MAX_REGS];
+    PyObject *got[MAX_REGS];
     Py_ssize_t i, ngpr = self->ngpr;
     long writes = 0;
     if (!PyDict_Check(regs)) {
         PyErr_SetString(PyExc_TypeError, "state.regs must be a dict");
         return -1;
     }
+    int in_order = regs_in_order(self, regs, got);
     for (i = 0; i < ngpr; i++) { /* every value first: nothing is written when one is bad */
         PyObject *name = PyTuple_GET_ITEM(self->names, i);
-        PyObject *v = PyDict_GetItemWithError(regs, name);
+        PyObject *v = in_order ? got[i] : PyDict_GetItemWithError(regs, name);
         if (v == NULL) {
             if (!PyErr_Occurred()) {
                 PyErr_SetObject(PyExc_KeyError, name);
@@ -421,9 +442,11 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "state.regs must be a dict");
         return NULL;
     }
+    PyObject *got[MAX_REGS];
+    int in_order = regs_in_order(self, regs, got); /* (a store below replaces a value: got[i] is not read after) */
     for (i = 0; i < ngpr; i++) {
         PyObject *name = PyTuple_GET_ITEM(self->names, i);
-        PyObject *old = PyDict_GetItemWithError(regs, name);
+        PyObject *old = in_order ? got[i] : PyDict_GetItemWithError(regs, name);
         self->shadow[i] = vals[i];
         if (old != NULL && PyLong_CheckExact(old)) {
             int overflow = 0;
