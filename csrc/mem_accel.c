@@ -40,7 +40,8 @@
  *   HostPort(core, cache_dict, ...)           a core's host accesses of whole unencrypted lines
  *                                             (write, read_runs, exchange) in one call each
  *   pool_sync_all(pool, cache_dict, write_back)  the pool's write-back at #VMEXIT
- *                                             (these three: see their comments below)
+ *   PoolSync(pool, cache_dict, write_back)    the same, bound to one pool (what PagePool.sync is)
+ *                                             (these four: see their comments below)
  *
  * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
  * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.

@@ -27,7 +27,10 @@
  *       #VMEXIT's register store from the last batch: state.regs[name] = the GPR for each name
  *       whose entry is not already that int; state.rip, .rflags, .cr0, .cr3, .cr4 = the batch's
  *       values after the GPRs (RIP, RFLAGS, CR0, CR3, CR4); state.efer = efer | LMA when
- *       efer.LME and CR0.PG (efer: the engine's copy of the guest's EFER, LMA clear).
+ *       efer.LME and CR0.PG (efer: the engine's copy of the guest's EFER, LMA clear); an attribute
+ *       that already holds an int of that value is left alone.  enter and leave read a dict that
+ *       holds exactly the GPR names (the same str objects) in their order in one walk of its
+ *       entries, any other by name.
  *   Runner.ctl() -> (rflags, cr0, cr3, cr4, efer) last exchanged, or () after forget()
  *   Runner.set_ctl(values)  the engine loaded these control registers (values that are not
  *       5 ints in 0..2**64-1 make the next enter() answer -1 again)
