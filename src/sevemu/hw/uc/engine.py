@@ -306,17 +306,11 @@ class UcEngine:
                     ex = self._execute(cpu, first)
             else:
                 ex = self._execute(cpu, None)
-        except NestedPageFault:
-            self._leave(state)
-            stats.count(ExitCode.NPF)
-            raise
-        except Crash as c:
-            self._leave(state)
-            self.crash = str(c)
-            self.crash_rip = state.rip
-            stats.count(ExitCode.SHUTDOWN)
-            return VmExit(ExitCode.SHUTDOWN)
-        # (_leave, inlined: the exit path)
+            stop: NestedPageFault | Crash | None = None
+        except (NestedPageFault, Crash) as exc:
+            stop = exc
+        # #VMEXIT (also after a nested page fault or a crash): modified slots back into the SoC, the
+        # registers into the save state
         pool = self.pool
         writable = pool.writable
         if writable:
@@ -332,6 +326,14 @@ class UcEngine:
                     self._demote_writes(vals[I_CR0], vals[I_CR3])
         pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
         self._runner.leave(state, self._efer)  # type: ignore[union-attr]  # (booted: a runner exists)
+        if stop is not None:
+            if isinstance(stop, NestedPageFault):
+                stats.count(ExitCode.NPF)
+                raise stop
+            self.crash = str(stop)
+            self.crash_rip = state.rip
+            stats.count(ExitCode.SHUTDOWN)
+            return VmExit(ExitCode.SHUTDOWN)
         stats.exits += 1  # (UcStats.count, inlined: the exit path)
         by = stats.by_code
         code = ex.code
@@ -627,24 +629,6 @@ class UcEngine:
         if efer != self.guest_efer(cr0):
             self.set_efer(efer, cr0)
         runner.set_ctl(ctl_regs)
-
-    def _leave(self, state: SaveState) -> None:
-        """#VMEXIT: write modified slots back into the SoC and the registers into the save state."""
-        pool = self.pool
-        writable = pool.writable
-        if writable:
-            # Slots that stay clean lose their write permission after a while (a TLB flush), so that
-            # only pages the guest keeps writing are compared at each exit -- also while others (an
-            # SEV-ES guest's GHCB) are written at every exit.
-            if pool.sync() >= len(writable):
-                self._clean_syncs = 0
-            else:
-                self._clean_syncs += 1
-                if self._clean_syncs >= _CLEAN_SYNCS_BEFORE_DEMOTE:
-                    vals = self.vals
-                    self._demote_writes(vals[I_CR0], vals[I_CR3])
-        pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
-        self._runner.leave(state, self._efer)  # type: ignore[union-attr]  # (booted: a runner exists)  # the GPRs, RIP, RFLAGS, CR0, CR3, CR4 of the last stop, and EFER
 
     def _demote_writes(self, cr0: int, cr3: int) -> None:
         """Take write permission back from Unicorn (a TLB flush), so that only pages the guest
