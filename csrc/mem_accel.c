@@ -40,7 +40,8 @@
  *   HostPort(core, cache_dict, ...)           a core's host accesses of whole unencrypted lines
  *                                             (write, read_runs, exchange) in one call each
  *   pool_sync_all(pool, cache_dict, write_back)  the pool's write-back at #VMEXIT
- *                                             (these three: see their comments below)
+ *   PoolSync(pool, cache_dict, write_back)    the same, bound to one pool (what PagePool.sync is)
+ *                                             (these four: see their comments below)
  *
  * The GIL is held throughout (the structures are Python objects).  Types and sizes are checked
  * (TypeError / ValueError) before anything is changed, where the check does not need a second pass.
@@ -2700,56 +2701,42 @@ static int cache_parts(HostPortObject *h, PyObject **sets, uint64_t *mask, PyObj
  * changed lines. */
 static PyObject *s_slot_key, *s_writable, *s_agents, *s_lines_written_back;
 
-static PyObject *pool_sync_all(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The loop of pool_sync_all over the pool's parts (mm, slot_key, _snap, stats, writable). */
+static PyObject *pool_sync_parts(PyObject *pool, PyObject *cd, PyObject *write_back, PyObject *mm, PyObject *keys,
+                                 PyObject *snaps, PyObject *stats, PyObject *wset)
 {
-    PyObject *pool, *cd, *write_back, *mm, *keys, *snaps, *stats, *slots = NULL, *out = NULL;
-    PyObject *sets, *cdirty, *runs = NULL, *a[5] = {NULL, NULL, NULL, NULL, NULL};
-    PyObject *names[5] = {s_mm, s_slot_key, s_snap, s_stats, s_writable};
+    PyObject *slots = NULL, *out = NULL, *sets, *cdirty, *runs = NULL, *small[8];
     uint64_t mask;
     Py_buffer mb;
-    Py_ssize_t i, count = 0, nslots;
-    (void)self;
-    if (check_nargs("pool_sync_all", nargs, 3) < 0) {
-        return NULL;
+    Py_ssize_t i, count = 0, nslots = 0;
+    if (mm == Py_None || (PyAnySet_Check(wset) && PySet_GET_SIZE(wset) == 0)) {
+        return PyLong_FromLong(0);
     }
-    pool = args[0];
-    cd = args[1];
-    write_back = args[2];
-    if (!PyDict_CheckExact(cd)) {
-        PyErr_SetString(PyExc_TypeError, "pool_sync_all: the cache's __dict__ must be a dict");
-        return NULL;
-    }
-    for (i = 0; i < 5; i++) { /* (attributes, not the pool's __dict__: see PoolSnoop) */
-        if ((a[i] = PyObject_GetAttr(pool, names[i])) == NULL) {
-            goto release;
-        }
-    }
-    mm = a[0];
-    keys = a[1];
-    snaps = a[2];
-    stats = a[3];
-    slots = a[4];
-    if (mm == Py_None || (PyAnySet_Check(slots) && PySet_GET_SIZE(slots) == 0)) {
-        out = PyLong_FromLong(0);
-        goto release;
-    }
-    if (!PyDict_CheckExact(keys) || !PyDict_CheckExact(snaps) || !PyAnySet_Check(slots)) {
+    if (!PyDict_CheckExact(keys) || !PyDict_CheckExact(snaps) || !PyAnySet_Check(wset)) {
         PyErr_SetString(PyExc_TypeError, "pool_sync_all: slot_key, _snap must be dicts, writable a set");
-        goto release;
+        return NULL;
     }
     if (cache_parts_of(cd, &sets, &mask, &cdirty) < 0) {
-        goto release;
+        return NULL;
     }
-    if ((slots = PySequence_List(slots)) == NULL) { /* (the set, as iterated: nothing here changes it) */
-        goto release;
+    /* the set, as iterated (a write-back's Python code may change it): a few slots held here, more as a list */
+    if (PySet_GET_SIZE(wset) <= 8) {
+        Py_ssize_t pos = 0;
+        Py_hash_t hash;
+        PyObject *key;
+        while (_PySet_NextEntry(wset, &pos, &key, &hash)) {
+            small[nslots++] = Py_NewRef(key);
+        }
+    } else if ((slots = PySequence_List(wset)) == NULL) {
+        return NULL;
+    } else {
+        nslots = PyList_GET_SIZE(slots);
     }
     if (PyObject_GetBuffer(mm, &mb, PyBUF_SIMPLE) < 0) {
-        Py_DECREF(slots);
-        goto release;
+        goto unref;
     }
-    nslots = PyList_GET_SIZE(slots);
     for (i = 0; i < nslots; i++) {
-        PyObject *s = PyList_GET_ITEM(slots, i), *key_o, *snap, *agents;
+        PyObject *s = slots == NULL ? small[i] : PyList_GET_ITEM(slots, i), *key_o, *snap, *agents;
         Py_ssize_t slot, o, start = -1, total = 0, nruns = 0;
         Py_ssize_t spans[2 * (PAGE / LINE / 2 + 1)];
         uint64_t key;
@@ -2882,13 +2869,153 @@ static PyObject *pool_sync_all(PyObject *self, PyObject *const *args, Py_ssize_t
 done:
     Py_XDECREF(runs);
     PyBuffer_Release(&mb);
-    Py_DECREF(slots);
+unref:
+    if (slots == NULL) {
+        for (i = 0; i < nslots; i++) {
+            Py_DECREF(small[i]);
+        }
+    }
+    Py_XDECREF(slots);
+    return out;
+}
+
+static PyObject *pool_sync_all(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *out = NULL, *a[5] = {NULL, NULL, NULL, NULL, NULL};
+    PyObject *names[5] = {s_mm, s_slot_key, s_snap, s_stats, s_writable};
+    (void)self;
+    if (check_nargs("pool_sync_all", nargs, 3) < 0) {
+        return NULL;
+    }
+    if (!PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "pool_sync_all: the cache's __dict__ must be a dict");
+        return NULL;
+    }
+    for (int i = 0; i < 5; i++) { /* (attributes, not the pool's __dict__: see PoolSnoop) */
+        if ((a[i] = PyObject_GetAttr(args[0], names[i])) == NULL) {
+            goto release;
+        }
+    }
+    out = pool_sync_parts(args[0], args[1], args[2], a[0], a[1], a[2], a[3], a[4]);
 release:
-    for (i = 0; i < 5; i++) {
+    for (int i = 0; i < 5; i++) {
         Py_XDECREF(a[i]);
     }
     return out;
 }
+
+/* PoolSync(pool, cache_dict, write_back): pool_sync_all(pool, cache_dict, write_back) as a callable
+ * that holds the pool's slot_key, _snap, stats and writable (objects a PagePool never rebinds: read
+ * once here) and reads pool.mm at each call (rebound at open and close). */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *pool, *cd, *write_back, *keys, *snaps, *stats, *wset;
+} PoolSyncObject;
+
+static PyObject *pool_sync_obj_call(PoolSyncObject *p, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    (void)args;
+    if (PyVectorcall_NARGS(nargsf) != 0 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "PoolSync() takes no arguments");
+        return NULL;
+    }
+    PyObject *mm = PyObject_GetAttr(p->pool, s_mm), *out;
+    if (mm == NULL) {
+        return NULL;
+    }
+    out = pool_sync_parts(p->pool, p->cd, p->write_back, mm, p->keys, p->snaps, p->stats, p->wset);
+    Py_DECREF(mm);
+    return out;
+}
+
+static int pool_sync_obj_traverse(PoolSyncObject *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->pool);
+    Py_VISIT(p->cd);
+    Py_VISIT(p->write_back);
+    Py_VISIT(p->keys);
+    Py_VISIT(p->snaps);
+    Py_VISIT(p->stats);
+    Py_VISIT(p->wset);
+    return 0;
+}
+
+static int pool_sync_obj_clear(PoolSyncObject *p)
+{
+    Py_CLEAR(p->pool);
+    Py_CLEAR(p->cd);
+    Py_CLEAR(p->write_back);
+    Py_CLEAR(p->keys);
+    Py_CLEAR(p->snaps);
+    Py_CLEAR(p->stats);
+    Py_CLEAR(p->wset);
+    return 0;
+}
+
+static void pool_sync_obj_dealloc(PoolSyncObject *p)
+{
+    PyObject_GC_UnTrack(p);
+    pool_sync_obj_clear(p);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *pool_sync_obj_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *pool, *cd, *write_back, *a[4] = {NULL, NULL, NULL, NULL};
+    PyObject *names[4] = {s_slot_key, s_snap, s_stats, s_writable};
+    PoolSyncObject *p;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "PoolSync() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OO!O:PoolSync", &pool, &PyDict_Type, &cd, &write_back)) {
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        if ((a[i] = PyObject_GetAttr(pool, names[i])) == NULL) {
+            goto fail;
+        }
+    }
+    if (!PyDict_CheckExact(a[0]) || !PyDict_CheckExact(a[1]) || !PyAnySet_Check(a[3])) {
+        PyErr_SetString(PyExc_TypeError, "PoolSync: slot_key, _snap must be dicts, writable a set");
+        goto fail;
+    }
+    if ((p = (PoolSyncObject *)type->tp_alloc(type, 0)) == NULL) {
+        goto fail;
+    }
+    p->vectorcall = (vectorcallfunc)pool_sync_obj_call;
+    p->pool = Py_NewRef(pool);
+    p->cd = Py_NewRef(cd);
+    p->write_back = Py_NewRef(write_back);
+    p->keys = a[0];
+    p->snaps = a[1];
+    p->stats = a[2];
+    p->wset = a[3];
+    return (PyObject *)p;
+fail:
+    for (int i = 0; i < 4; i++) {
+        Py_XDECREF(a[i]);
+    }
+    return NULL;
+}
+
+PyDoc_STRVAR(pool_sync_obj_doc, "PoolSync(pool, cache_dict, write_back)(): pool_sync_all(pool, cache_dict, write_back) "
+                                "with the pool's slot_key, _snap, stats, writable read once (csrc/mem_accel.c).");
+
+static PyTypeObject PoolSyncType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sevemu.hw._mem_accel.PoolSync",
+    .tp_basicsize = sizeof(PoolSyncObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(PoolSyncObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_doc = pool_sync_obj_doc,
+    .tp_new = pool_sync_obj_new,
+    .tp_dealloc = (destructor)pool_sync_obj_dealloc,
+    .tp_traverse = (traverseproc)pool_sync_obj_traverse,
+    .tp_clear = (inquiry)pool_sync_obj_clear,
+};
 
 
 PyDoc_STRVAR(host_port_write_doc, "write(spa, data, c=False): Core.host_write (see the comment in csrc/mem_accel.c).");
@@ -3501,9 +3628,9 @@ static int host_port_init_module(PyObject *m)
     if ((s_one = PyLong_FromLong(1)) == NULL) {
         return -1;
     }
-    PyTypeObject *types[2] = {&PoolSnoopType, &HostPortType};
-    const char *names[2] = {"PoolSnoop", "HostPort"};
-    for (int i = 0; i < 2; i++) {
+    PyTypeObject *types[3] = {&PoolSnoopType, &HostPortType, &PoolSyncType};
+    const char *names[3] = {"PoolSnoop", "HostPort", "PoolSync"};
+    for (int i = 0; i < 3; i++) {
         if (PyType_Ready(types[i]) < 0) {
             return -1;
         }

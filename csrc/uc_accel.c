@@ -27,7 +27,10 @@
  *       #VMEXIT's register store from the last batch: state.regs[name] = the GPR for each name
  *       whose entry is not already that int; state.rip, .rflags, .cr0, .cr3, .cr4 = the batch's
  *       values after the GPRs (RIP, RFLAGS, CR0, CR3, CR4); state.efer = efer | LMA when
- *       efer.LME and CR0.PG (efer: the engine's copy of the guest's EFER, LMA clear).
+ *       efer.LME and CR0.PG (efer: the engine's copy of the guest's EFER, LMA clear); an attribute
+ *       that already holds an int of that value is left alone.  enter and leave read a dict that
+ *       holds exactly the GPR names (the same str objects) in their order in one walk of its
+ *       entries, any other by name.
  *   Runner.ctl() -> (rflags, cr0, cr3, cr4, efer) last exchanged, or () after forget()
  *   Runner.set_ctl(values)  the engine loaded these control registers (values that are not
  *       5 ints in 0..2**64-1 make the next enter() answer -1 again)
@@ -267,19 +270,40 @@ static int ctl_same(Runner *self, PyObject *state)
     return 1;
 }
 
+/* The values of the dict regs for the GPR names, into vals (borrowed), when regs holds exactly those
+ * keys -- the same str objects -- in that order (a save state's usual dict): read in one walk of
+ * its entries.  1, or 0 when the caller must look each name up. */
+static int regs_in_order(Runner *self, PyObject *regs, PyObject **vals)
+{
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *k, *v;
+    if (!PyDict_CheckExact(regs) || PyDict_GET_SIZE(regs) != self->ngpr) {
+        return 0;
+    }
+    while (PyDict_Next(regs, &pos, &k, &v)) {
+        if (i >= self->ngpr || k != PyTuple_GET_ITEM(self->names, i)) {
+            return 0;
+        }
+        vals[i++] = v;
+    }
+    return i == self->ngpr;
+}
+
 /* The GPR load of enter(): writes, or -1 with an error set. */
 static long enter_gprs(Runner *self, PyObject *regs)
 {
     uint64_t now[MAX_REGS];
+    PyObject *got[MAX_REGS];
     Py_ssize_t i, ngpr = self->ngpr;
     long writes = 0;
     if (!PyDict_Check(regs)) {
         PyErr_SetString(PyExc_TypeError, "state.regs must be a dict");
         return -1;
     }
+    int in_order = regs_in_order(self, regs, got);
     for (i = 0; i < ngpr; i++) { /* every value first: nothing is written when one is bad */
         PyObject *name = PyTuple_GET_ITEM(self->names, i);
-        PyObject *v = PyDict_GetItemWithError(regs, name);
+        PyObject *v = in_order ? got[i] : PyDict_GetItemWithError(regs, name);
         if (v == NULL) {
             if (!PyErr_Occurred()) {
                 PyErr_SetObject(PyExc_KeyError, name);
@@ -366,6 +390,30 @@ static PyObject *runner_set_ctl(Runner *self, PyObject *values)
     Py_RETURN_NONE;
 }
 
+/* state.<name> = x, unless it already is an exact int of that value (no new int, no store: the
+ * control registers and EFER rarely change between exits); 0, or -1 with an error set. */
+static int set_u64_attr(PyObject *state, PyObject *name, uint64_t x)
+{
+    uint64_t have;
+    PyObject *old = PyObject_GetAttr(state, name);
+    if (old == NULL) {
+        PyErr_Clear(); /* (not there yet: stored below) */
+    } else {
+        int same = exact_u64(old, &have) == 0 && have == x;
+        Py_DECREF(old);
+        if (same) {
+            return 0;
+        }
+    }
+    PyObject *v = PyLong_FromUnsignedLongLong(x);
+    if (v == NULL || PyObject_SetAttr(state, name, v) < 0) {
+        Py_XDECREF(v);
+        return -1;
+    }
+    Py_DECREF(v);
+    return 0;
+}
+
 PyDoc_STRVAR(runner_leave_doc, "leave(state, efer): state.regs, state.rip/rflags/cr0/cr3/cr4 from the last register "
                                "batch, state.efer from efer (LMA when LME and CR0.PG).");
 
@@ -398,9 +446,11 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "state.regs must be a dict");
         return NULL;
     }
+    PyObject *got[MAX_REGS];
+    int in_order = regs_in_order(self, regs, got); /* (a store below replaces a value: got[i] is not read after) */
     for (i = 0; i < ngpr; i++) {
         PyObject *name = PyTuple_GET_ITEM(self->names, i);
-        PyObject *old = PyDict_GetItemWithError(regs, name);
+        PyObject *old = in_order ? got[i] : PyDict_GetItemWithError(regs, name);
         self->shadow[i] = vals[i];
         if (old != NULL && PyLong_CheckExact(old)) {
             int overflow = 0;
@@ -429,23 +479,17 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
     Py_DECREF(regs);
     self->shadow_valid = 1;
     for (i = 0; i < N_CTL; i++) {
-        PyObject *v = PyLong_FromUnsignedLongLong(vals[ngpr + i]);
-        if (v == NULL || PyObject_SetAttr(state, attrs[i], v) < 0) {
-            Py_XDECREF(v);
+        if (set_u64_attr(state, attrs[i], vals[ngpr + i]) < 0) {
             return NULL;
         }
-        Py_DECREF(v);
     }
     uint64_t cr0 = vals[ngpr + 2];
     if ((efer & EFER_LME) && (cr0 & CR0_PG)) {
         efer |= EFER_LMA;
     }
-    PyObject *e = PyLong_FromUnsignedLongLong(efer);
-    if (e == NULL || PyObject_SetAttr(state, s_efer, e) < 0) {
-        Py_XDECREF(e);
+    if (set_u64_attr(state, s_efer, efer) < 0) {
         return NULL;
     }
-    Py_DECREF(e);
     self->ctl[0] = vals[ngpr + 1]; /* RFLAGS, CR0, CR3, CR4 as stored, and EFER */
     self->ctl[1] = cr0;
     self->ctl[2] = vals[ngpr + 3];

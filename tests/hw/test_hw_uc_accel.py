@@ -152,6 +152,18 @@ def test_enter_writes_changed_registers_and_leave_stores_the_batch(use_c: bool) 
         assert state.efer == 0x500
         r.leave(state, 0x1)
         assert state.efer == 0x1
+        # A save state's dict in another order, with equal but not identical keys, or with another key
+        # (the C runner reads the usual dict in one walk): the same loads and stores, by name.
+        for make in (lambda d: dict(reversed(d.items())), lambda d: {"".join(list(k)): v for k, v in d.items()},
+                     lambda d: {**d, "extra": 1}):
+            r.forget()
+            odd = make({n: 0x2000 + i for i, n in enumerate(GPRS)})
+            assert r.enter(_state(odd)) == -1
+            assert [b.reg(n) for n in GPRS] == [0x2000 + i for i in range(16)]
+            odd_state = _state(odd)
+            r.leave(odd_state, 0)
+            assert [odd_state.regs[n] for n in GPRS] == list(b.vals[:16])
+            assert odd_state.regs.get("extra", 1) == 1 and list(odd_state.regs) == list(odd)  # (no key added or moved)
     finally:
         b.close()
 

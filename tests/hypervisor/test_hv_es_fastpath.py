@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -68,27 +68,65 @@ def _state(run: GuestRun) -> dict[str, Any]:
     }
 
 
-@needs_c
-def test_vmgexit_round_trips_give_the_same_state_with_and_without_the_c_paths(accel_flags: None) -> None:
+def _both_ways(body: Callable[[GuestRun, bool], None]) -> dict[str, Any]:
+    """``body(run, on)`` on a launched guest with the C paths (on) and without; the two end states
+    must be equal in every part: the C paths' one is returned."""
     states = []
     for on in (True, False):
         run = _launch(on)
         try:
-            hv, vm = run.machine.hv, run.vm
-            fast = type(hv.core.host_write).__name__ == "builtin_function_or_method"
-            assert fast is on  # the C paths where asked for, the Python ones otherwise
-            assert (type(run.engines[0].pool.snoop).__name__ == "PoolSnoop") is on
-            _until_hlt(run)
-            r = hv.run(vm, 0, max_exits=300)
-            assert r.exits == 300 and not vm.crash_reason
-            assert hv.ghcb._known[1] is not None  # the known answer was used (the exchange path)
+            body(run, on)
             states.append(_state(run))
         finally:
             run.close()
     fast_state, slow_state = states
-    assert fast_state["stats"]["slot_updates"] > 250 and fast_state["stats"]["lines_written_back"] > 250
     for key in fast_state:
         assert fast_state[key] == slow_state[key], key
+    return fast_state
+
+
+@needs_c
+def test_vmgexit_round_trips_give_the_same_state_with_and_without_the_c_paths(accel_flags: None) -> None:
+    def body(run: GuestRun, on: bool) -> None:
+        hv, vm = run.machine.hv, run.vm
+        fast = type(hv.core.host_write).__name__ == "builtin_function_or_method"
+        assert fast is on  # the C paths where asked for, the Python ones otherwise
+        assert (type(run.engines[0].pool.snoop).__name__ == "PoolSnoop") is on
+        _until_hlt(run)
+        assert (type(run.engines[0].pool.sync).__name__ == "PoolSync") is on  # (bound when the pool attached)
+        r = hv.run(vm, 0, max_exits=300)
+        assert r.exits == 300 and not vm.crash_reason
+        assert hv.ghcb._known[1] is not None  # the known answer was used (the exchange path)
+
+    fast_state = _both_ways(body)
+    assert fast_state["stats"]["slot_updates"] > 250 and fast_state["stats"]["lines_written_back"] > 250
+
+
+@needs_c
+def test_the_bound_write_back_follows_the_pool_through_drops_and_evictions(accel_flags: None) -> None:
+    """``PoolSync`` holds the pool's slot map, snapshots, counters and writable set, read once when the
+    pool attaches: they must stay the pool's own through WBINVD's drop of every slot and an eviction
+    (a rebound set would leave the bound write-back comparing slots the pool no longer has), and the
+    guest goes on exactly as with the Python write-back."""
+    def body(run: GuestRun, on: bool) -> None:
+        hv, vm = run.machine.hv, run.vm
+        engine = run.engines[0]
+        pool = engine.pool
+        parts = (pool.slot_key, pool._snap, pool.stats, pool.writable)
+        _until_hlt(run)
+        for step in ("run", "drop", "run", "evict", "run"):
+            if step == "drop":
+                engine.invalidate_pool()  # (the guest's WBINVD)
+            elif step == "evict":
+                pool.evict_requested = True  # (done at the next VMRUN)
+            else:
+                r = hv.run(vm, 0, max_exits=60)
+                assert r.exits == 60 and not vm.crash_reason
+        assert all(a is b for a, b in zip(parts, (pool.slot_key, pool._snap, pool.stats, pool.writable)))
+        assert (type(pool.sync).__name__ == "PoolSync") is on
+
+    fast_state = _both_ways(body)
+    assert fast_state["stats"]["evictions"] > 0 and fast_state["stats"]["lines_written_back"] > 100
 
 
 @needs_c

@@ -116,3 +116,12 @@ def pool_sync_all(pool: object, cache_dict: dict[str, Any],
     """:meth:`PagePool.sync_all <sevemu.hw.uc.pool.PagePool.sync_all>`'s loop: the changed lines of
     each writable slot into the cache (``write_back`` where another agent is snooped or a line
     misses); how many slots had changed lines."""
+
+class PoolSync:
+    """``pool_sync_all(pool, cache_dict, write_back)`` as a callable bound to one pool: its
+    ``slot_key``, snapshots, ``stats`` and ``writable`` read once (a pool never rebinds them), its
+    ``mm`` at each call."""
+
+    def __init__(self, pool: object, cache_dict: dict[str, Any],
+                 write_back: Callable[[int, bytearray, list[tuple[int, int]]], None], /) -> None: ...
+    def __call__(self) -> int: ...

@@ -297,7 +297,7 @@ class Core:
         """The SEV-ES save-state exchange (:mod:`sevemu.hw.vmsa`)."""
         self.vmsa_failure = ""
         self.vmrun_failure = ""
-        """Why the last VMRUN that failed with VMEXIT_INVALID failed (:meth:`vmrun_checks`)."""
+        """Why the last VMRUN that failed with VMEXIT_INVALID failed (:meth:`vmrun`, :func:`~sevemu.hw.svm.vmrun_checks`)."""
         self.vmcbs = VmcbCache(cache) if vmcbs is None else vmcbs
         """The SoC's copies of VMCB pages (:class:`~sevemu.hw.svm.VmcbCache`)."""
         self._last_cpu: GuestCpu | None = None  # the guest view of the last VMRUN (reused while it still fits)
@@ -465,11 +465,16 @@ class Core:
         return self.cache.vmpage_flush(asid, spa & ~0xFFF)
 
     # ---- VMRUN --------------------------------------------------------------------------------
-    def vmrun_checks(self, vmcb: Vmcb) -> str | None:
-        """VMRUN's checks, the one entry point both engines' VMRUN goes through (:func:`sevemu.hw.svm.vmrun_checks`):
-        with SEV-SNP the VMCB page must be Hypervisor-owned (#GP, raised); the view is made what the
-        VMCB page in memory holds (no read while nobody wrote it); then why VMRUN must fail with
-        VMEXIT_INVALID, or None.  No allocation on the usual path."""
+    def vmrun(self, vmcb: Vmcb, engine: Engine) -> VmExit:
+        """Run the guest described by ``vmcb`` until #VMEXIT; the exit is also written into ``vmcb``."""
+        if vmcb.sev_enable and type(engine) not in _CPU_ENGINES:  # (not is_cpu_engine(engine), inlined: the exit path)
+            raise ForeignEngineError(f"VMRUN of an SEV guest (ASID {vmcb.asid}) with a {type(engine).__name__}: "
+                                     "an SEV guest runs only its own code on the CPU's engines")
+        self.vmruns += 1
+        # VMRUN's checks, the one place both engines' VMRUN goes through (sevemu.hw.svm.vmrun_checks):
+        # with SEV-SNP the VMCB page must be Hypervisor-owned (#GP, raised); the view is made what the
+        # VMCB page in memory holds (no read while nobody wrote it); then why VMRUN must fail with
+        # VMEXIT_INVALID, or None.  No allocation on the usual path.
         rmp = self.rmp
         if rmp is not None:  # (SNP_EN) before the page is read: a VMCB must be the hypervisor's page
             why = rmp.vmcb_check(vmcb.pa)
@@ -478,16 +483,8 @@ class Core:
         pa = vmcb.pa
         if pa and self.vmcbs.view(pa) is not vmcb:
             self.vmcbs.load(vmcb)
-        return vmrun_checks(vmcb, self.profile, rmp, self.mc.asid_valid(vmcb.asid) if vmcb.sev_enable else True,
-                            self.mc.dram.size)
-
-    def vmrun(self, vmcb: Vmcb, engine: Engine) -> VmExit:
-        """Run the guest described by ``vmcb`` until #VMEXIT; the exit is also written into ``vmcb``."""
-        if vmcb.sev_enable and type(engine) not in _CPU_ENGINES:  # (not is_cpu_engine(engine), inlined: the exit path)
-            raise ForeignEngineError(f"VMRUN of an SEV guest (ASID {vmcb.asid}) with a {type(engine).__name__}: "
-                                     "an SEV guest runs only its own code on the CPU's engines")
-        self.vmruns += 1
-        invalid = self.vmrun_checks(vmcb)
+        invalid = vmrun_checks(vmcb, self.profile, rmp, self.mc.asid_valid(vmcb.asid) if vmcb.sev_enable else True,
+                               self.mc.dram.size)
         if invalid is not None:
             return self._vmrun_failed(vmcb, invalid)
         tlb_control = vmcb.tlb_control
@@ -502,7 +499,7 @@ class Core:
             # back into it at #VMEXIT (:mod:`sevemu.hw.vmsa`).  The hypervisor sees the exit code, the
             # exit information of an NPF and the GHCB MSR; a VMGEXIT or HLT completes in the guest (RIP
             # past it, as the hardware saves it), so ``next_rip`` is not shown.
-            rmp = self.rmp  # (an SNP VMSA's RMP entry was checked by vmrun_checks, at every VMRUN)
+            # (rmp: an SNP VMSA's RMP entry was checked by vmrun_checks above, at every VMRUN)
             vmsa, asid, vmsa_pa = self.vmsa, vmcb.asid, vmcb.vmsa_pa
             # VmsaUnit.load of a page the unit holds, inlined (the exit path): a page of DRAM, held
             # since the last #VMEXIT, and its TMR block still what the unit stored there
@@ -560,7 +557,6 @@ class Core:
             vmcb.exit_info1 = ex.info1
             vmcb.exit_info2 = ex.info2
             return ex
-        rmp = self.rmp
         c = self._last_cpu  # (_guest_cpu's reuse test, inlined: the exit path)
         if (c is not None and c.vmcb is vmcb and c.state is vmcb and rmp is None and c.asid == vmcb.asid
                 and c.sev == vmcb.sev_enable and c._cache is self.cache and c._tlb is self.tlb.by_asid.get(vmcb.asid)):

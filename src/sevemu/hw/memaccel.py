@@ -42,9 +42,9 @@ HOST_PORT: bool = ENABLED and hasattr(helpers, "HostPort") and hasattr(helpers, 
 :meth:`~sevemu.hw.uc.pool.PagePool.snoop`) take their one-call C paths; read when a core's host
 interface or a pool is made (tests turn it off first for the Python paths, which give the same results)."""
 
-POOL_SYNC: bool = ENABLED and hasattr(helpers, "pool_sync_all")
+POOL_SYNC: bool = ENABLED and hasattr(helpers, "pool_sync_all") and hasattr(helpers, "PoolSync")
 """Whether :meth:`PagePool.sync_all <sevemu.hw.uc.pool.PagePool.sync_all>` runs its loop in one C call
-(``pool_sync_all``: the same compares, write-backs, counters; a slot whose lines another agent must be
+(``pool_sync_all``, bound to a pool as ``PoolSync``: the same compares, write-backs, counters; a slot whose lines another agent must be
 snooped about, or that misses in the cache, goes to the pool's Python write-back).  Tests turn it off
 for the Python loop."""
 

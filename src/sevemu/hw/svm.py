@@ -311,7 +311,7 @@ def vmrun_checks(vmcb: Vmcb, profile: CpuProfile, rmp: Rmp | None, asid_valid: b
     in the model's order: why VMRUN must fail with VMEXIT_INVALID, or None.  ``rmp``: the RMP once
     SYSCFG.SNP_EN is set (else None); ``asid_valid``: the memory controller has a key for the ASID that
     the PSP has not invalidated.  The VMCB page's own check comes before it is read
-    (:meth:`sevemu.hw.cpu.Core.vmrun_checks`, the entry point).  Cheap: a few comparisons, and with SNP
+    (:meth:`sevemu.hw.cpu.Core.vmrun`, the entry point).  Cheap: a few comparisons, and with SNP
     one RMP entry for the VMSA."""
     snp_en = rmp is not None
     asid = vmcb.asid

@@ -289,7 +289,8 @@ class UcEngine:
             raise EngineClosedError(f"the Unicorn engine {self.name or hex(id(self))} was closed; it cannot run again")
         if self.crash is not None:
             return VmExit(ExitCode.SHUTDOWN)
-        self.stats.runs += 1
+        stats = self.stats
+        stats.runs += 1
         if not self._booted:
             reason = check_vmcb_state(cpu.state)
             if reason is None:
@@ -300,22 +301,54 @@ class UcEngine:
             if reason is not None:
                 self.crash = f"invalid initial state: {reason}"
                 return VmExit(ExitCode.INVALID)
+        state = cpu.state
         try:
             self._enter(cpu)
-            ex = self._execute(cpu)
-        except NestedPageFault:
-            self._leave(cpu.state)
-            self.stats.count(ExitCode.NPF)
-            raise
-        except Crash as c:
-            self._leave(cpu.state)
-            self.crash = str(c)
-            self.crash_rip = cpu.state.rip
-            self.stats.count(ExitCode.SHUTDOWN)
+            if not self._tb_flush_pending:
+                # The first run and its known port-I/O exit, in this frame (the exit path; _execute's
+                # first pass otherwise, which then goes on with this run's result)
+                self._event = None
+                self._pending = None
+                self._timer_fired = False
+                self._stop_word.request = 0  # (a request made while the guest was not running is void)
+                first = self._runner.run_known(self, state.rip)  # type: ignore[union-attr]  # (booted: a runner exists)
+                if first.__class__ is not int and (first.code != _VMGEXIT_CODE or cpu.vmcb.sev_es_enable):
+                    stats.io_exits += 1
+                    ex: VmExit = first
+                    cpu.vmcb.next_rip = ex.info2
+                else:
+                    ex = self._execute(cpu, first)
+            else:
+                ex = self._execute(cpu, None)
+            stop: NestedPageFault | Crash | None = None
+        except (NestedPageFault, Crash) as exc:
+            stop = exc
+        # #VMEXIT (also after a nested page fault or a crash): modified slots back into the SoC, the
+        # registers into the save state
+        pool = self.pool
+        writable = pool.writable
+        if writable:
+            # Slots that stay clean lose their write permission after a while (a TLB flush), so that
+            # only pages the guest keeps writing are compared at each exit -- also while others (an
+            # SEV-ES guest's GHCB) are written at every exit.
+            if pool.sync() >= len(writable):
+                self._clean_syncs = 0
+            else:
+                n = self._clean_syncs = self._clean_syncs + 1
+                if n >= _CLEAN_SYNCS_BEFORE_DEMOTE:
+                    vals = self.vals
+                    self._demote_writes(vals[I_CR0], vals[I_CR3])
+        pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
+        self._runner.leave(state, self._efer)  # type: ignore[union-attr]  # (booted: a runner exists)
+        if stop is not None:
+            if isinstance(stop, NestedPageFault):
+                stats.count(ExitCode.NPF)
+                raise stop
+            self.crash = str(stop)
+            self.crash_rip = state.rip
+            stats.count(ExitCode.SHUTDOWN)
             return VmExit(ExitCode.SHUTDOWN)
-        self._leave(cpu.state)
-        stats = self.stats  # (UcStats.count, inlined: the exit path)
-        stats.exits += 1
+        stats.exits += 1  # (UcStats.count, inlined: the exit path)
         by = stats.by_code
         code = ex.code
         by[code] = by.get(code, 0) + 1
@@ -620,24 +653,6 @@ class UcEngine:
             self.set_efer(efer, cr0)
         runner.set_ctl(ctl_regs)
 
-    def _leave(self, state: SaveState) -> None:
-        """#VMEXIT: write modified slots back into the SoC and the registers into the save state."""
-        pool = self.pool
-        writable = pool.writable
-        if writable:
-            # Slots that stay clean lose their write permission after a while (a TLB flush), so that
-            # only pages the guest keeps writing are compared at each exit -- also while others (an
-            # SEV-ES guest's GHCB) are written at every exit.
-            if pool.sync() >= len(writable):
-                self._clean_syncs = 0
-            else:
-                self._clean_syncs += 1
-                if self._clean_syncs >= _CLEAN_SYNCS_BEFORE_DEMOTE:
-                    vals = self.vals
-                    self._demote_writes(vals[I_CR0], vals[I_CR3])
-        pool.synced = True  # until the next VMRUN nothing in the pool changes behind the cache
-        self._runner.leave(state, self._efer)  # type: ignore[union-attr]  # (booted: a runner exists)  # the GPRs, RIP, RFLAGS, CR0, CR3, CR4 of the last stop, and EFER
-
     def _demote_writes(self, cr0: int, cr3: int) -> None:
         """Take write permission back from Unicorn (a TLB flush), so that only pages the guest
         writes again need checking at each exit; called when written pages stay clean a while."""
@@ -663,22 +678,11 @@ class UcEngine:
         self._flush_tlb_all()
 
     # ---- the run loop ----------------------------------------------------------------------------
-    def _execute(self, cpu: GuestCpu) -> VmExit:
+    def _execute(self, cpu: GuestCpu, first: Any) -> VmExit:
+        """The run loop; ``first``: the result of the time slice :meth:`run` already ran (not a known
+        port-I/O exit), or None when it ran none (a TB flush pending)."""
         runner = self._runner
         assert runner is not None
-        first = None
-        if not self._tb_flush_pending:
-            # The first run, and its known port-I/O exit returned before the loop's set-up (the exit
-            # path): the same steps as the loop's first pass below, which then goes on with ``first``.
-            self._event = None
-            self._pending = None
-            self._timer_fired = False
-            self._stop_word.request = 0  # (as below)
-            first = runner.run_known(self, cpu.state.rip)
-            if first.__class__ is not int and (first.code != _VMGEXIT_CODE or cpu.vmcb.sev_es_enable):
-                self.stats.io_exits += 1
-                cpu.vmcb.next_rip = first.info2
-                return first  # type: ignore[no-any-return]
         vals = self.vals
         ports = self._ports
         assert ports is not None

@@ -30,7 +30,6 @@ keeps no plaintext.
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 from collections import deque
 from collections.abc import Callable
@@ -87,7 +86,9 @@ class PagePool:
         at #VMEXIT, cleared at VMRUN): a snoop has nothing to write back."""
         self.sync: Callable[[], int] = self.sync_all
         """:meth:`sync_all` -- while attached, where the C helpers are built, its loop in one call with
-        its arguments bound (``pool_sync_all``: what the engine calls at every #VMEXIT)."""
+        its arguments bound (``PoolSync``, ``pool_sync_all`` with the pool's dicts and sets read once
+        -- :attr:`slot_key`, the snapshots, :attr:`stats` and :attr:`writable` are never rebound --
+        and :attr:`mm` at each call: what the engine calls at every #VMEXIT)."""
         if memaccel.HOST_PORT:  # the usual snoops (an exit's host accesses) in one C call; the rest come here
             # (an attribute set as any other: asking for the pool's __dict__ would slow every attribute access)
             setattr(self, "snoop", memaccel.helpers.PoolSnoop(self, PagePool.snoop.__get__(self, PagePool)))  # noqa: B010
@@ -116,7 +117,7 @@ class PagePool:
         cache.attach(self)
         self.cache = cache
         if memaccel.POOL_SYNC:  # sync_all's loop in one C call, its arguments bound once (every #VMEXIT calls it)
-            self.sync = functools.partial(memaccel.helpers.pool_sync_all, self, vars(cache), self._write_back)
+            self.sync = memaccel.helpers.PoolSync(self, vars(cache), self._write_back)
         return dropped
 
     def close(self, write_back: bool = True) -> None:
