@@ -262,3 +262,51 @@ def test_a_host_change_of_a_deciding_line_is_never_answered_from_memory(accel_fl
                 assert page.read(0, PAGE) == before  # nothing written
         finally:
             run.close()
+
+
+def test_the_known_out_goes_to_the_bus_only_while_the_host_keeps_its_port_out() -> None:
+    from sevemu.hypervisor.kvm import Hypervisor
+    from sevemu.scenario import build_machine
+
+    class OwnPorts(Hypervisor):
+        def port_out(self, vm: Any, port: int, size: int, value: int) -> None:
+            super().port_out(vm, port, size, value)
+
+    m = build_machine("milan", seed="es-fastpath-ports", dram_size=64 << 20, cache_size=64 << 10, init=False)
+    assert Hypervisor(m.soc.host_view(), host_reserved=16 << 20).ghcb.devices_out
+    assert not OwnPorts(m.soc.host_view(), host_reserved=16 << 20).ghcb.devices_out
+
+
+@needs_c
+def test_the_known_out_to_the_bus_gives_what_the_hosts_port_out_gives(accel_flags: None) -> None:
+    # The known OUT straight to the device bus (devices_out) against the same OUTs through the host's
+    # port_out: the same end state, and the host's port_out saw every OUT only in the second run.
+    seen: list[list[tuple[int, int, int]]] = []
+    states = []
+    for direct in (True, False):
+        run = _launch(True)
+        try:
+            hv, vm = run.machine.hv, run.vm
+            assert hv.ghcb.devices_out  # (the Hypervisor's own port_out)
+            outs: list[tuple[int, int, int]] = []
+            plain = hv.port_out
+
+            def spy(vm_: Any, port: int, size: int, value: int, outs: list[tuple[int, int, int]] = outs,
+                    plain: Any = plain) -> None:
+                outs.append((port, size, value))
+                plain(vm_, port, size, value)
+
+            _until_hlt(run)
+            hv.port_out = spy  # type: ignore[method-assign]
+            hv.ghcb.devices_out = direct
+            r = hv.run(vm, 0, max_exits=300)
+            assert r.exits == 300 and not vm.crash_reason
+            assert hv.ghcb._known[1] is not None
+            seen.append(outs)
+            states.append(_state(run))
+        finally:
+            run.close()
+    assert len(seen[0]) < 5  # (the first OUTs of the loop decode the GHCB: not the known path)
+    assert len(seen[1]) >= 300 and {p for p, _, _ in seen[1]} == {0x80}
+    for key in states[0]:
+        assert states[0][key] == states[1][key], key

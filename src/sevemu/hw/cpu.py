@@ -474,7 +474,8 @@ class Core:
         # VMRUN's checks, the one place both engines' VMRUN goes through (sevemu.hw.svm.vmrun_checks):
         # with SEV-SNP the VMCB page must be Hypervisor-owned (#GP, raised); the view is made what the
         # VMCB page in memory holds (no read while nobody wrote it); then why VMRUN must fail with
-        # VMEXIT_INVALID, or None.  No allocation on the usual path.
+        # VMEXIT_INVALID, or None.  No allocation on the usual path.  (MemoryController.asid_valid,
+        # inlined: the ASID's key loaded and not invalidated)
         rmp = self.rmp
         if rmp is not None:  # (SNP_EN) before the page is read: a VMCB must be the hypervisor's page
             why = rmp.vmcb_check(vmcb.pa)
@@ -483,7 +484,7 @@ class Core:
         pa = vmcb.pa
         if pa and self.vmcbs.view(pa) is not vmcb:
             self.vmcbs.load(vmcb)
-        invalid = vmrun_checks(vmcb, self.profile, rmp, self.mc.asid_valid(vmcb.asid) if vmcb.sev_enable else True,
+        invalid = vmrun_checks(vmcb, self.profile, rmp, vmcb.asid in self.mc._valid if vmcb.sev_enable else True,
                                self.mc.dram.size)
         if invalid is not None:
             return self._vmrun_failed(vmcb, invalid)

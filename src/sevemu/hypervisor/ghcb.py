@@ -192,6 +192,10 @@ class GhcbHandler:
 
     def __init__(self, host: NaeHost) -> None:
         self.host = host
+        self.devices_out = False
+        """Whether the host's ``port_out`` is the VM's device bus (``vm.devices.io_write``) and nothing
+        else: the known OUT then goes to the bus without the host's frame (the hypervisor sets it when
+        its class keeps that ``port_out``)."""
         self.msr_table: dict[int, MsrFn] = {
             GhcbMsrInfo.SEV_INFO_REQ: self._sev_info, GhcbMsrInfo.CPUID_REQ: self._msr_cpuid,
             GhcbMsrInfo.AP_RESET_HOLD_REQ: self._msr_reset_hold, GhcbMsrInfo.REG_GPA_REQ: self._reg_gpa,
@@ -248,7 +252,10 @@ class GhcbHandler:
                     and (registered is None or msr == registered) and vm.npt.mappings.get(msr >> 12) == page.spa
                     and self.nae_table.get(_IOIO_CODE) is known[1]
                     and page._core.host_exchange(page.spa, _KNOWN_RUNS, known[0], known[5]) is None):
-                self.host.port_out(vm, known[2], known[3], known[4])
+                if self.devices_out:
+                    vm.devices.io_write(known[2], known[3], known[4])
+                else:
+                    self.host.port_out(vm, known[2], known[3], known[4])
                 return None
             return self._page(vm, vcpu, msr)
         except StopRun as stop:

@@ -120,6 +120,8 @@ class Hypervisor:
         """CPUID results the VMM sets for its guests, by (leaf, subleaf)."""
         self.ghcb = GhcbHandler(self)
         """VMGEXIT of SEV-ES guests: the GHCB MSR protocol and the NAE events (:mod:`sevemu.hypervisor.ghcb`)."""
+        # (the known OUT of the GHCB may go straight to the device bus while port_out is this class's)
+        self.ghcb.devices_out = type(self).port_out is Hypervisor.port_out
         psc.install(self.ghcb, self.sev)  # SNP page-state changes (sevemu.hypervisor.psc)
         ap_creation.install(self.ghcb)  # SNP AP creation (sevemu.hypervisor.ap_creation)
         self._last_vmcb: dict[int, Vmcb] = {}  # ASID -> the VMCB that last ran with it on the core

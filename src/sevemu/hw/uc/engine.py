@@ -303,7 +303,27 @@ class UcEngine:
                 return VmExit(ExitCode.INVALID)
         state = cpu.state
         try:
-            self._enter(cpu)
+            # VMRUN's entry (in this frame: the exit path): the pool's PVALIDATE hook, coherence with
+            # the cache and TLB, the registers the hypervisor changed since the last exit
+            self._cpu = cpu
+            if self._pv_armed:
+                self._pv_armed = False
+                self._pv.disarm()  # type: ignore[union-attr]  # (armed: the hook exists; armed again by the next
+                # PVALIDATE the Python hook retires)
+            core = cpu.core
+            pool = self.pool
+            pool.synced = False
+            if (core.cache is not pool.cache or core.tlb.by_asid.get(cpu.asid) is not self._tlb_token
+                    or pool.stale or pool.evict_requested):
+                self._enter_maintenance(cpu)
+            elif pool.updated:  # only slots the host wrote whole lines of (an SEV-ES guest's GHCB answer)
+                assert self._ports is not None
+                self._ports.code_changed(pool.take_updated())
+            try:
+                if self._runner.enter(state) < 0:  # type: ignore[union-attr]  # (booted: a runner exists)
+                    self._sync_control((state.rflags, state.cr0, state.cr3, state.cr4, state.efer))
+            except RuntimeError as exc:
+                raise HardwareError(str(exc)) from exc
             if not self._tb_flush_pending:
                 # The first run and its known port-I/O exit, in this frame (the exit path; _execute's
                 # first pass otherwise, which then goes on with this run's result)
@@ -601,29 +621,6 @@ class UcEngine:
         return b""
 
     # ---- entry and exit: registers, coherence --------------------------------------------------
-    def _enter(self, cpu: GuestCpu) -> None:
-        self._cpu = cpu
-        if self._pv_armed:
-            self._pv_armed = False
-            self._pv.disarm()  # type: ignore[union-attr]  # (armed: the hook exists; armed again by the next
-            # PVALIDATE the Python hook retires)
-        core = cpu.core
-        pool = self.pool
-        pool.synced = False
-        if (core.cache is not pool.cache or core.tlb.by_asid.get(cpu.asid) is not self._tlb_token
-                or pool.stale or pool.evict_requested):
-            self._enter_maintenance(cpu)
-        elif pool.updated:  # only slots the host wrote whole lines of (an SEV-ES guest's GHCB answer)
-            assert self._ports is not None
-            self._ports.code_changed(pool.take_updated())
-        # registers the hypervisor changed since the last exit
-        state = cpu.state
-        try:
-            if self._runner.enter(state) < 0:  # type: ignore[union-attr]  # (booted: a runner exists)
-                self._sync_control((state.rflags, state.cr0, state.cr3, state.cr4, state.efer))
-        except RuntimeError as exc:
-            raise HardwareError(str(exc)) from exc
-
     def _enter_maintenance(self, cpu: GuestCpu) -> None:
         if self.pool.attach(cpu.core.cache):
             self._flush_tlb_all()
