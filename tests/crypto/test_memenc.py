@@ -245,8 +245,7 @@ def test_aes_contexts_are_built_at_first_use_for_the_key(mode: EncryptionMode) -
         assert mc.encrypt_bulk(spa, pt) == ct
         assert mc.decrypt_bulk(spa, ct) == pt
         assert mc.encrypt_line(spa + 64, pt[64:128]) == ct[64:128]
-    with pytest.raises(AttributeError, match="no attribute '_nothing'"):
-        getattr(mc, "_nothing")
+    assert not hasattr(mc, "_nothing")  # (any other name: AttributeError, as without __getattr__)
 
 
 @pytest.mark.parametrize("accel", PATHS)
