@@ -50,7 +50,8 @@ Model choices where AMD publishes nothing (``docs/memory-model.md``):
 
 Implementation notes.  The AES block operations are `cryptography`'s AES-ECB; ECB contexts keep no
 state between ``update`` calls, so each cipher keeps one encryptor and one decryptor for its whole
-life.  Everything around the AES has two implementations giving the same bytes:
+life, made at the first use of either (the C paths that take the raw key never need them: a key
+installed for a launch that only those paths use makes none).  Everything around the AES has two implementations giving the same bytes:
 
 * **The C accelerator** ``sevemu.crypto._memenc_accel`` (``csrc/memenc_accel.c``, an optional
   extension built at install time; :data:`ACCELERATED` says whether it loaded).
