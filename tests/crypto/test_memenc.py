@@ -227,6 +227,27 @@ def test_encrypt_small_matches_the_reference_and_the_bulk_path(mode: EncryptionM
         mc.encrypt_small(8, bytes(16))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_aes_contexts_are_built_at_first_use_for_the_key(mode: EncryptionMode) -> None:
+    """A new cipher holds no AES-ECB context until a path uses one (its slot unset); the first use --
+    a decryption first, or an encryption -- builds those of its own key: the reference's bytes."""
+    key = _key(mode, 3)
+    spa = 0x1234_5000
+    pt = random.Random(14).randbytes(256)
+    ct = ref_crypt(mode, key, ZEN2, spa, pt, True)
+    for first_decrypt in (True, False):
+        mc = MemoryCipher(mode, key, ZEN2, accel=False)
+        for slot in ("_enc", "_dec", "_tweak_enc"):
+            with pytest.raises(AttributeError):
+                getattr(MemoryCipher, slot).__get__(mc, MemoryCipher)  # (the slot itself, not __getattr__)
+        if first_decrypt:
+            assert mc.decrypt_line(spa, ct[:64]) == pt[:64]
+        assert mc.encrypt_bulk(spa, pt) == ct
+        assert mc.decrypt_bulk(spa, ct) == pt
+        assert mc.encrypt_line(spa + 64, pt[64:128]) == ct[64:128]
+    assert not hasattr(mc, "_nothing")  # (any other name: AttributeError, as without __getattr__)
+
+
 @pytest.mark.parametrize("accel", PATHS)
 def test_xts_is_cryptographys_xts_on_each_line(accel: bool) -> None:
     # Random keys and addresses, lines and multi-line spans, against cryptography's modes.XTS.

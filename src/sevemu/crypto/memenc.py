@@ -50,7 +50,8 @@ Model choices where AMD publishes nothing (``docs/memory-model.md``):
 
 Implementation notes.  The AES block operations are `cryptography`'s AES-ECB; ECB contexts keep no
 state between ``update`` calls, so each cipher keeps one encryptor and one decryptor for its whole
-life.  Everything around the AES has two implementations giving the same bytes:
+life, made at the first use of either (the C paths that take the raw key never need them: a key
+installed for a launch that only those paths use makes none).  Everything around the AES has two implementations giving the same bytes:
 
 * **The C accelerator** ``sevemu.crypto._memenc_accel`` (``csrc/memenc_accel.c``, an optional
   extension built at install time; :data:`ACCELERATED` says whether it loaded).
@@ -86,7 +87,7 @@ import random
 import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -503,6 +504,9 @@ _XTS: Final = 2
 _MODE_CODE: Final = {EncryptionMode.XE: _XE, EncryptionMode.XEX: _XEX, EncryptionMode.XTS256: _XTS}
 
 
+_LAZY_CONTEXTS: Final = frozenset({"_enc", "_dec", "_tweak_enc"})
+
+
 class MemoryCipher:
     """One key slot's encryption engine: a mode, a key and the boot's tweak constants."""
 
@@ -553,12 +557,8 @@ class MemoryCipher:
         self._tables = tweaks._tables
         key = bytes(key)
         self._key = key  # (the fused page write's: AES-128, or K1 || K2)
-        if self._code == _XTS:
-            self._enc, self._dec = _ecb(key[:32])
-            self._tweak_enc = _ecb(key[32:])[0]
-        else:
-            self._enc, self._dec = _ecb(key)
-            self._tweak_enc = self._enc
+        # (``_enc``, ``_dec``, ``_tweak_enc``: the AES-ECB contexts, built at their first use by
+        # ``__getattr__``; the C paths take ``_key`` and never need them)
         self._xts_memo: dict[int, int] = {}
         self._xts_pages: dict[int, bytes] = {}
         self._page_memo = self._tables.page_memo
@@ -568,6 +568,27 @@ class MemoryCipher:
         self._xts_memo_bytes: dict[int, bytearray] = {}
         self._page_memo_bytes = self._tables.page_memo_bytes
         self._line_in_page_bytes = self._tables.line_in_page_bytes
+
+    def _contexts(self) -> None:
+        """Build the AES-ECB contexts of the key (data encryptor and decryptor; XTS: the tweak's
+        encryptor from K2, else the data encryptor) into their slots."""
+        key = self._key
+        if self._code == _XTS:
+            self._enc, self._dec = _ecb(key[:32])
+            self._tweak_enc = _ecb(key[32:])[0]
+        else:
+            self._enc, self._dec = _ecb(key)
+            self._tweak_enc = self._enc
+
+    if not TYPE_CHECKING:  # (hidden from mypy: every other attribute stays checked)
+        def __getattr__(self, name: str) -> Any:
+            # Only an unset slot comes here: the contexts are made at the first access of one of
+            # them (tens of microseconds per key a launch installs and its C paths never use); then
+            # they are plain slot reads, the hot paths unchanged.
+            if name in _LAZY_CONTEXTS:
+                self._contexts()
+                return object.__getattribute__(self, name)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
         return f"MemoryCipher({self.mode.value}, pa_bits={self.tweak_constants.pa_bits})"
