@@ -74,3 +74,26 @@ def test_auto_engages_only_with_a_spare_core(monkeypatch: pytest.MonkeyPatch) ->
     assert sha_engine.engaged()
     monkeypatch.setattr(sha_engine, "mode", "off")
     assert not sha_engine.engaged()
+
+
+def test_start_returns_once_the_engine_runs_the_job_while_the_caller_holds_python() -> None:
+    """``start`` hands the GIL to the engine's thread at once: the job has begun when it returns, even
+    though the caller goes on running Python (a plain ``submit`` would leave the job waiting for the
+    caller's switch interval, 5 ms); its result is the function's."""
+    import time
+
+    began: list[float] = []
+
+    def job() -> bytes:
+        began.append(time.perf_counter())
+        return sha384_pages(_data(64), PAGE)
+
+    for _ in range(5):
+        began.clear()
+        t0 = time.perf_counter()
+        done = sha_engine.start(job)
+        returned = time.perf_counter()
+        while time.perf_counter() - returned < 0.003:  # Python work that never gives up the GIL by itself
+            pass
+        assert done.result() == _want(_data(64))
+        assert began and began[0] <= returned < t0 + sha_engine.START_WAIT_S + 0.05

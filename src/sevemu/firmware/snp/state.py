@@ -38,7 +38,7 @@ from sevemu.abi.status import Status
 from sevemu.crypto.pagehash import measure_pages, page_info_chain, sha384_pages
 from sevemu.errors import AddressError, FirmwareError
 from sevemu.firmware.core import Firmware
-from sevemu.firmware.sha_engine import CHUNKS, PendingHashes, engaged, sha_engine
+from sevemu.firmware.sha_engine import CHUNKS, PendingHashes, engaged, start
 from sevemu.hw.rmp import RmpEntry, RmpFirmwarePort
 
 __all__ = ["SNP_API_VERSION", "SnpGuest", "SnpPlatform", "snp_state"]
@@ -152,7 +152,7 @@ class SnpGuest:
         done: Future[bytes] | None = None
         if not self._queued and isinstance(contents, PendingHashes):
             ld, hashes = self.measured, contents
-            done = sha_engine().submit(lambda: page_info_chain(ld, info, gpa, count, hashes.result()))
+            done = start(lambda: page_info_chain(ld, info, gpa, count, hashes.result()))
         self._queued.append(_Queued(info, gpa, count, contents, done))
 
     def measure(self, info: bytes, gpa: int, data: bytes, later: bool = False) -> None:
@@ -168,13 +168,13 @@ class SnpGuest:
         if later and count >= 2 * CHUNKS and engaged():
             ld = self.measured
             if not self._queued:
-                done = sha_engine().submit(measure_pages, ld, info, gpa, data)
+                done = start(lambda: measure_pages(ld, info, gpa, data))
             else:
                 before = self._queued[-1].done
                 if before is None:  # (an update queued behind a page whose hashes are pending: chained here)
                     self.chain(info, gpa, count, sha384_pages(data, PAGE))
                     return
-                done = sha_engine().submit(lambda: measure_pages(before.result(), info, gpa, data))
+                done = start(lambda: measure_pages(before.result(), info, gpa, data))
             self._queued.append(_Queued(info, gpa, count, None, done, data))
             return
         if not self._queued:
