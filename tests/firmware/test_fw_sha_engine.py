@@ -97,3 +97,21 @@ def test_start_returns_once_the_engine_runs_the_job_while_the_caller_holds_pytho
             pass
         assert done.result() == _want(_data(64))
         assert began and began[0] <= returned < t0 + sha_engine.START_WAIT_S + 0.05
+
+
+def test_start_behind_a_busy_engine_does_not_wait_and_cancelled_jobs_free_it() -> None:
+    """Behind a running job ``start`` returns at once (the engine is busy; waiting would only stall the
+    caller); a job cancelled before it ran still counts as finished, so the engine is idle again."""
+    import threading
+    import time
+
+    release = threading.Event()
+    first = sha_engine.start(lambda: release.wait(5))
+    t0 = time.perf_counter()
+    second = sha_engine.start(lambda: b"second")
+    waited = time.perf_counter() - t0
+    assert second.cancel()  # (still queued behind the first)
+    release.set()
+    assert first.result() is True
+    assert waited < sha_engine.START_WAIT_S
+    assert sha_engine._OUTSTANDING[0] == 0

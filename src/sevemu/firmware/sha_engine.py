@@ -67,6 +67,10 @@ def sha_engine() -> ThreadPoolExecutor:
 
 _T = TypeVar("_T")
 
+_OUTSTANDING = [0]
+"""Jobs :func:`start` submitted that have not finished (the engine is idle at 0)."""
+_OUTSTANDING_LOCK = threading.Lock()
+
 START_WAIT_S: Final = 0.002
 """How long :func:`start` waits at most for the engine's thread to begin a job."""
 
@@ -77,15 +81,25 @@ def start(fn: Callable[[], _T]) -> Future[_T]:
     waiting for the GIL until the caller's thread gives it up, which a thread running Python does only
     every ``sys.getswitchinterval()`` (5 ms): measured on SNP_LAUNCH_UPDATE of a 2 MiB page, the job
     began 4.9 ms after its submission, when the firmware had finished every other command, and the
-    hashing never overlapped them.  Waiting here (the GIL released) hands the GIL over at once."""
+    hashing never overlapped them.  Waiting here (the GIL released) hands the GIL over at once; only when
+    the engine is idle (behind another job it is busy, and the caller would only stall)."""
     begun = threading.Event()
 
     def job() -> _T:
         begun.set()
         return fn()
 
+    def finished(_: Future[_T]) -> None:  # (run or cancelled)
+        with _OUTSTANDING_LOCK:
+            _OUTSTANDING[0] -= 1
+
     done = sha_engine().submit(job)
-    begun.wait(START_WAIT_S)
+    with _OUTSTANDING_LOCK:
+        idle = _OUTSTANDING[0] == 0
+        _OUTSTANDING[0] += 1
+    done.add_done_callback(finished)
+    if idle:  # (behind another job the engine is busy: waiting would only stall the caller)
+        begun.wait(START_WAIT_S)
     return done
 
 
