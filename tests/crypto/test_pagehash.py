@@ -65,6 +65,31 @@ def test_measure_pages_is_the_chain_of_the_pages_hashes(accel: bool) -> None:
             pagehash.measure_pages(*bad, accel=accel)
 
 
+def _runs_of_equal_pages() -> bytes:
+    """Pages in runs (the accelerator hashes a page equal to the one before it only once): erased
+    flash, a page that differs from its neighbour only in its last byte or only in its first, a run
+    again after a different page, zeros, and a page equal to one two pages back (not to the one
+    before)."""
+    ff, other = b"\xff" * 4096, os.urandom(4096)
+    last, first = ff[:-1] + b"\xfe", b"\x00" + ff[1:]
+    return b"".join([ff, ff, ff, last, ff, first, first, other, ff, ff, bytes(4096), bytes(4096), other, ff, other])
+
+
+@pytest.mark.parametrize("accel", BOTH)
+def test_repeated_pages_hash_as_each_page(accel: bool) -> None:
+    """A page equal to the one before it has the same CONTENTS as hashing it again gives: sha384_pages and
+    measure_pages over runs of equal pages (and near-equal ones) are hashlib's, page by page."""
+    pages = _runs_of_equal_pages()
+    want = [hashlib.sha384(pages[i : i + 4096]).digest() for i in range(0, len(pages), 4096)]
+    assert pagehash.sha384_pages(pages, accel=accel) == b"".join(want)
+    assert pagehash.sha384_pages(pages[:4096] * 3 + pages[4096:8192], 2048, accel=accel) == b"".join(
+        hashlib.sha384(h).digest() for h in [pages[:2048], pages[2048:4096]] * 3 + [pages[4096:6144], pages[6144:8192]])
+    ld0 = os.urandom(48)
+    template = PageInfo(page_type=SnpPageType.NORMAL).encode()
+    assert pagehash.measure_pages(ld0, template, 0x10_0000, pages, accel=accel) == _chain(
+        ld0, want, SnpPageType.NORMAL, 0x10_0000, (0, 0, 0), 0)
+
+
 @pytest.mark.parametrize("accel", BOTH)
 def test_bad_lengths_are_refused(accel: bool) -> None:
     with pytest.raises(InputError):
