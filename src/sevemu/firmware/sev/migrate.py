@@ -652,7 +652,7 @@ def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestC
     g = fw.guests.get(int(cols[_HANDLE][0]))
     if g is None or g.state not in (_SUPDATE if send else _RUPDATE) or not g.asid:
         return None
-    cols.append(np.array(items.spas, dtype=np.uint64))
+    cols.append(items.column if items.column is not None else np.array(items.spas, dtype=np.uint64))
     strip = np.uint64(~fw.ports.dma.cbit_mask & 0xFFFF_FFFF_FFFF_FFFF)
     cols += [cols[1] & strip, cols[3] & strip, cols[5] & strip]
     hdr_len, guest_len, trans_len = cols[_HDR_LEN], cols[_GUEST_LEN], cols[_TRANS_LEN]
