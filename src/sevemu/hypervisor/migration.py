@@ -747,8 +747,9 @@ def _huge_regions(vm: Vm, msg: Huge, named: set[int], pending: set[int], started
     if bad:
         raise ProtocolError("HUGE names a region twice, unaligned or outside the VM, or comes after a page")
     named |= fresh
-    if vm.huge_pages:
-        pending |= fresh
+    if vm.huge_pages:  # (a region with a page backed already -- a prepared destination's -- gets none)
+        mapped = vm.npt.mappings.keys()
+        pending |= {r for r in fresh if mapped.isdisjoint(range(r >> 12, (r + PAGE_2M) >> 12))}
 
 
 def _back_huge(vm: Vm, gpas: tuple[int, ...] | list[int], pending: set[int]) -> None:

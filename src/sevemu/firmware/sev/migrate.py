@@ -752,6 +752,8 @@ def _write_slots(fw: Firmware, spas: _U64, data: bytes, size: int) -> None:
         _write_runs(fw, [(int(spa), data[i * size : (i + 1) * size]) for i, spa in enumerate(spas)])
         return
     lo, span = int(spas[0]), stride * (n - 1) + size
+    if stride > size and fw.ports.dma.write_rows(lo, stride, np.frombuffer(data, dtype=np.uint8).reshape(n, size)):
+        return  # (in place, the bytes between rows untouched: the same memory as the span read back and written)
     if stride == size:
         fw.ports.dma.write(lo, data)
         return
