@@ -743,9 +743,11 @@ def _even(spas: _U64, size: int) -> int:
 
 
 def _write_slots(fw: Firmware, spas: _U64, data: bytes, size: int) -> None:
-    """Write ``size`` bytes of ``data`` per command at each SPA: one write when the SPAs are evenly
-    spaced less than a line apart (the bytes between them read back first: the same memory, and
-    the same host lines written back, as writing one by one), else in runs (:func:`_write_runs`)."""
+    """Write ``size`` bytes of ``data`` per command at each SPA: when the SPAs are evenly spaced less
+    than a line apart, in place row by row where no row crosses a page
+    (:meth:`~sevemu.hw.psp.PspDma.write_rows`), else one write of the span with the bytes between
+    them read back first -- either way the same memory, and the same host lines written back, as
+    writing one by one; otherwise in runs (:func:`_write_runs`)."""
     n = len(spas)
     stride = _even(spas, size)
     if not stride or stride - size >= LINE:
