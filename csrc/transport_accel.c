@@ -185,227 +185,203 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int sealing)
     return PyLong_FromSsize_t(i);
 }
 
-/* seal_to_pages: the pages of the page store `pages` (a dict PFN -> 4096-byte bytearray) at the
- * PFNs of `pfns` (one little-endian u64 per packet), absent ones stored first (zeros), each page's
- * buffer held (a bytearray with an export cannot be resized) while the GIL is released.  Every
- * present page is checked before any is stored: a TypeError changes nothing. */
+/* The arguments of seal_to_pages / open_from_pages, marshalled by one helper (page_call_open) and
+ * released by another (page_call_close): seven single buffers -- TEK, TIK, IVs, AADs, then the
+ * plaintext (seal) or the MACs (open), the PFN column, then the MACs (seal) or the output (open)
+ * -- and a page store (a dict PFN -> 4096-byte bytearray) between them, each packet's page
+ * resolved to a pointer and its buffer held (a bytearray with an export cannot be resized) while
+ * the GIL is released.
+ *
+ * Sealing: the pages are written; every present page is checked (type and size) before any
+ * absent one is stored (zeros), so a TypeError changes nothing.  Opening: the pages are read; an
+ * absent page reads as zeros.  No page may overlap the single buffer the packets are read from
+ * (seal) or written to (open). */
 #define PAGE_BYTES 4096
 
-static PyObject *seal_to_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+enum { PG_TEK, PG_TIK, PG_IVS, PG_AADS, PG_FLAT, PG_PFNS, PG_LAST, PG_NSINGLE };  /* the single buffers */
+#define PG_NARGS (PG_NSINGLE + 1)                                                 /* + the page store */
+#define PG_PAGES_AT 5                                                              /* its position */
+
+static const unsigned char zero_page[PAGE_BYTES];
+
+struct page_call {
+    Py_buffer v[PG_NSINGLE];
+    int have_v;
+    Py_buffer *views;       /* one per packet (obj NULL: not held) */
+    unsigned char **page;   /* each packet's page */
+    Py_ssize_t n, aad_len, held;
+};
+
+static void page_call_close(struct page_call *pc)
 {
-    /* tek tik ivs aads src pfns macs (single buffers); pages apart */
-    static const int writable[7] = {0, 0, 0, 0, 0, 0, 1};
-    enum { P_TEK, P_TIK, P_IVS, P_AADS, P_SRC, P_PAGES, P_PFNS, P_MACS, P_NARGS };
-    PyObject *single[7];
-    Py_buffer v[7], *views = NULL;
-    unsigned char **dst = NULL;
-    PyObject *pages, *result = NULL;
-    Py_ssize_t n = 0, aad_len, i, held = 0;
-    const uint64_t *pfns;
-    struct channel ch = {NULL, NULL, NULL};
-    int ok = 1;
-    (void)self;
-    if (nargs != P_NARGS) {
-        PyErr_Format(PyExc_TypeError, "seal_to_pages() takes %d arguments", P_NARGS);
+    for (Py_ssize_t i = 0; i < pc->held; i++)
+        if (pc->views[i].obj != NULL)
+            PyBuffer_Release(&pc->views[i]);
+    PyMem_Free(pc->views);
+    PyMem_Free(pc->page);
+    if (pc->have_v)
+        release_buffers(pc->v, PG_NSINGLE);
+}
+
+/* The page of pfn in the store, a borrowed reference; NULL with no error: absent.  TypeError for
+ * a page that is not a 4096-byte bytearray. */
+static PyObject *store_lookup(PyObject *pages, uint64_t pfn, PyObject **key_out)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(pfn), *page;
+    if (!key)
         return NULL;
+    page = PyDict_GetItemWithError(pages, key);
+    if (page != NULL && (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != PAGE_BYTES)) {
+        PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
+        page = NULL;
     }
-    pages = args[P_PAGES];
+    if (key_out != NULL && page == NULL && !PyErr_Occurred())
+        *key_out = key;  /* (absent: the caller stores under this key) */
+    else
+        Py_DECREF(key);
+    return page;
+}
+
+/* Marshal the arguments (layout above); 0 with an exception set on failure (pc->... released by
+ * page_call_close either way). */
+static int page_call_open(struct page_call *pc, PyObject *const *args, Py_ssize_t nargs, int sealing, const char *name)
+{
+    static const int writable[PG_NSINGLE] = {0, 0, 0, 0, 0, 0, 1};
+    PyObject *single[PG_NSINGLE], *pages;
+    const uint64_t *pfns;
+    const unsigned char *flat;
+    memset(pc, 0, sizeof *pc);
+    if (nargs != PG_NARGS) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %d arguments", name, PG_NARGS);
+        return 0;
+    }
+    pages = args[PG_PAGES_AT];
     if (!PyDict_CheckExact(pages)) {
         PyErr_SetString(PyExc_TypeError, "pages must be a dict PFN -> bytearray");
-        return NULL;
+        return 0;
     }
-    single[0] = args[P_TEK]; single[1] = args[P_TIK]; single[2] = args[P_IVS]; single[3] = args[P_AADS];
-    single[4] = args[P_SRC]; single[5] = args[P_PFNS]; single[6] = args[P_MACS];
-    if (get_buffers(single, v, 7, writable) < 0)
-        return NULL;
-    /* check(): macs at 6, src at 4 (standing in for dst too: the pages are a page each) */
-    if (!check(v, PAGE_BYTES, 6, 4, 4, &n, &aad_len))
-        goto done;
-    if (v[5].len != n * 8) {
+    for (int i = 0, j = 0; i < PG_NARGS; i++)
+        if (i != PG_PAGES_AT)
+            single[j++] = args[i];
+    if (get_buffers(single, pc->v, PG_NSINGLE, writable) < 0)
+        return 0;
+    pc->have_v = 1;
+    /* check(): the MACs are PG_LAST (seal) or PG_FLAT (open); the flat buffer stands for both the
+     * source and the destination (the pages are a page each) */
+    if (!check(pc->v, PAGE_BYTES, sealing ? PG_LAST : PG_FLAT, sealing ? PG_FLAT : PG_LAST,
+               sealing ? PG_FLAT : PG_LAST, &pc->n, &pc->aad_len))
+        return 0;
+    if (pc->v[PG_PFNS].len != pc->n * 8) {
         PyErr_SetString(PyExc_ValueError, "pfns must hold one u64 per packet");
-        goto done;
+        return 0;
     }
-    pfns = (const uint64_t *)v[5].buf;
-    views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
-    dst = PyMem_Calloc((size_t)n, sizeof(*dst));
-    if (!views || !dst) {
+    pfns = (const uint64_t *)pc->v[PG_PFNS].buf;
+    flat = sealing ? pc->v[PG_FLAT].buf : pc->v[PG_LAST].buf;  /* the plaintext (seal) or the output (open) */
+    pc->views = PyMem_Calloc((size_t)pc->n, sizeof(Py_buffer));
+    pc->page = PyMem_Calloc((size_t)pc->n, sizeof(*pc->page));
+    if (!pc->views || !pc->page) {
         PyErr_NoMemory();
-        goto done;
+        return 0;
     }
-    for (int pass = 0; pass < 2; pass++) {  /* 0: check the present pages; 1: store, hold */
-        for (i = 0; i < n; i++) {
-            PyObject *key = PyLong_FromUnsignedLongLong(pfns[i]), *page;
-            if (!key)
-                goto done;
-            page = PyDict_GetItemWithError(pages, key);
-            if (page == NULL && PyErr_Occurred()) {
-                Py_DECREF(key);
-                goto done;
-            }
-            if (page != NULL && (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != PAGE_BYTES)) {
-                Py_DECREF(key);
-                PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
-                goto done;
-            }
-            if (pass == 0) {
-                Py_DECREF(key);
-                continue;
-            }
-            if (page == NULL) {
-                PyObject *fresh = PyByteArray_FromStringAndSize(NULL, PAGE_BYTES);
-                int rc = fresh == NULL ? -1 : PyDict_SetItem(pages, key, fresh);
-                if (fresh)
-                    memset(PyByteArray_AS_STRING(fresh), 0, PAGE_BYTES);
-                Py_XDECREF(fresh);  /* (the dict holds it) */
-                if (rc < 0) {
-                    Py_DECREF(key);
-                    goto done;
-                }
-                page = PyDict_GetItemWithError(pages, key);
-            }
+    if (sealing) {  /* every present page checked before any page is stored */
+        for (Py_ssize_t i = 0; i < pc->n; i++)
+            if (store_lookup(pages, pfns[i], NULL) == NULL && PyErr_Occurred())
+                return 0;
+    }
+    for (Py_ssize_t i = 0; i < pc->n; i++) {
+        PyObject *key = NULL, *page = store_lookup(pages, pfns[i], sealing ? &key : NULL);
+        if (page == NULL && PyErr_Occurred())
+            return 0;
+        if (page == NULL && !sealing) {
+            pc->page[i] = (unsigned char *)zero_page;  /* (read only) */
+            continue;
+        }
+        if (page == NULL) {  /* sealing into an absent page: stored first, zeros */
+            PyObject *fresh = PyByteArray_FromStringAndSize(NULL, PAGE_BYTES);
+            int rc = fresh == NULL ? -1 : PyDict_SetItem(pages, key, fresh);
+            if (fresh)
+                memset(PyByteArray_AS_STRING(fresh), 0, PAGE_BYTES);
             Py_DECREF(key);
-            if (page == NULL || PyObject_GetBuffer(page, &views[i], PyBUF_WRITABLE) < 0) {
-                if (!PyErr_Occurred())
-                    PyErr_SetString(PyExc_RuntimeError, "a stored page went missing");
-                goto done;
-            }
-            held = i + 1;
-            dst[i] = views[i].buf;
-            {
-                const unsigned char *lo = dst[i], *s = v[4].buf;
-                if (s < lo + PAGE_BYTES && lo < s + v[4].len) {
-                    PyErr_SetString(PyExc_ValueError, "a page overlaps the plaintext");
-                    goto done;
-                }
+            page = fresh;
+            Py_XDECREF(fresh);  /* (the dict holds it) */
+            if (rc < 0)
+                return 0;
+        }
+        if (PyObject_GetBuffer(page, &pc->views[i], sealing ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+            return 0;
+        pc->held = i + 1;
+        pc->page[i] = pc->views[i].buf;
+        {
+            const unsigned char *lo = pc->page[i];
+            Py_ssize_t flat_len = sealing ? pc->v[PG_FLAT].len : pc->v[PG_LAST].len;
+            if (flat < lo + PAGE_BYTES && lo < flat + flat_len) {
+                PyErr_SetString(PyExc_ValueError, sealing ? "a page overlaps the plaintext" : "a page overlaps the output");
+                return 0;
             }
         }
     }
-    {
-        const unsigned char *ivs = v[2].buf, *aads = v[3].buf, *src = v[4].buf;
-        unsigned char *macs = v[6].buf;
+    return 1;
+}
+
+/* seal_to_pages(tek, tik, ivs, aads, src, pages, pfns, macs): seal of 4 KiB packets, packet i's
+ * TRANS written into its page of the store. */
+static PyObject *seal_to_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct page_call pc;
+    struct channel ch = {NULL, NULL, NULL};
+    PyObject *result = NULL;
+    int ok;
+    (void)self;
+    if (page_call_open(&pc, args, nargs, 1, "seal_to_pages")) {
+        const unsigned char *ivs = pc.v[PG_IVS].buf, *aads = pc.v[PG_AADS].buf, *src = pc.v[PG_FLAT].buf;
+        unsigned char *macs = pc.v[PG_LAST].buf;
         Py_BEGIN_ALLOW_THREADS
-        ok = channel_init(&ch, v[0].buf, v[1].buf);
-        for (i = 0; ok && i < n; i++) {
-            ok = ctr(&ch, ivs + i * IVLEN, src + i * PAGE_BYTES, dst[i], PAGE_BYTES)
-                && hmac(&ch, aads + i * aad_len, (size_t)aad_len, dst[i], PAGE_BYTES, macs + i * MACLEN);
-        }
+        ok = channel_init(&ch, pc.v[PG_TEK].buf, pc.v[PG_TIK].buf);
+        for (Py_ssize_t i = 0; ok && i < pc.n; i++)
+            ok = ctr(&ch, ivs + i * IVLEN, src + i * PAGE_BYTES, pc.page[i], PAGE_BYTES)
+                && hmac(&ch, aads + i * pc.aad_len, (size_t)pc.aad_len, pc.page[i], PAGE_BYTES, macs + i * MACLEN);
         channel_free(&ch);
         Py_END_ALLOW_THREADS
+        if (!ok)
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed in the transport accelerator");
+        else
+            result = Py_NewRef(Py_None);
     }
-    if (!ok)
-        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed in the transport accelerator");
-    else
-        result = Py_NewRef(Py_None);
-done:
-    for (i = 0; i < held; i++)
-        if (views[i].obj != NULL)
-            PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
-    PyMem_Free(dst);
-    release_buffers(v, 7);
+    page_call_close(&pc);
     return result;
 }
 
-/* open_from_pages: the reverse of seal_to_pages -- each packet's TRANS read where it lies in a page
- * store (an absent page reads as zeros), verified in order and decrypted into dst; how many
- * verified before the first that did not.  Pages held while the GIL is released. */
-static const unsigned char zero_page[PAGE_BYTES];
-
+/* open_from_pages(tek, tik, ivs, aads, macs, pages, pfns, dst) -> count: the reverse of
+ * seal_to_pages -- each packet's TRANS read where it lies in the store, verified in order and
+ * decrypted into dst; how many verified before the first that did not. */
 static PyObject *open_from_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    /* tek tik ivs aads macs pfns dst (single buffers); pages apart */
-    static const int writable[7] = {0, 0, 0, 0, 0, 0, 1};
-    enum { O_TEK, O_TIK, O_IVS, O_AADS, O_MACS, O_PAGES, O_PFNS, O_DST, O_NARGS };
-    PyObject *single[7];
-    Py_buffer v[7], *views = NULL;
-    const unsigned char **src = NULL;
-    PyObject *pages, *result = NULL;
-    Py_ssize_t n = 0, aad_len, i = 0, held = 0;
-    const uint64_t *pfns;
+    struct page_call pc;
     struct channel ch = {NULL, NULL, NULL};
-    int ok = 1;
+    PyObject *result = NULL;
+    Py_ssize_t i = 0;
+    int ok;
     (void)self;
-    if (nargs != O_NARGS) {
-        PyErr_Format(PyExc_TypeError, "open_from_pages() takes %d arguments", O_NARGS);
-        return NULL;
-    }
-    pages = args[O_PAGES];
-    if (!PyDict_CheckExact(pages)) {
-        PyErr_SetString(PyExc_TypeError, "pages must be a dict PFN -> bytearray");
-        return NULL;
-    }
-    single[0] = args[O_TEK]; single[1] = args[O_TIK]; single[2] = args[O_IVS]; single[3] = args[O_AADS];
-    single[4] = args[O_MACS]; single[5] = args[O_PFNS]; single[6] = args[O_DST];
-    if (get_buffers(single, v, 7, writable) < 0)
-        return NULL;
-    /* check(): macs at 4, dst at 6 (standing in for src too: the pages are a page each) */
-    if (!check(v, PAGE_BYTES, 4, 6, 6, &n, &aad_len))
-        goto done;
-    if (v[5].len != n * 8) {
-        PyErr_SetString(PyExc_ValueError, "pfns must hold one u64 per packet");
-        goto done;
-    }
-    pfns = (const uint64_t *)v[5].buf;
-    views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
-    src = PyMem_Calloc((size_t)n, sizeof(*src));
-    if (!views || !src) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (i = 0; i < n; i++) {
-        PyObject *key = PyLong_FromUnsignedLongLong(pfns[i]), *page;
-        if (!key)
-            goto done;
-        page = PyDict_GetItemWithError(pages, key);
-        Py_DECREF(key);
-        if (page == NULL) {
-            if (PyErr_Occurred())
-                goto done;
-            src[i] = zero_page;
-            continue;
-        }
-        if (!PyByteArray_CheckExact(page) || PyByteArray_GET_SIZE(page) != PAGE_BYTES) {
-            PyErr_SetString(PyExc_TypeError, "a page must be a bytearray of 4096 bytes");
-            goto done;
-        }
-        if (PyObject_GetBuffer(page, &views[i], PyBUF_SIMPLE) < 0)
-            goto done;
-        held = i + 1;
-        src[i] = views[i].buf;
-        {
-            const unsigned char *lo = src[i], *d = v[6].buf;
-            if (d < lo + PAGE_BYTES && lo < d + v[6].len) {
-                PyErr_SetString(PyExc_ValueError, "a page overlaps the output");
-                goto done;
-            }
-        }
-    }
-    {
-        const unsigned char *ivs = v[2].buf, *aads = v[3].buf, *macs = v[4].buf;
-        unsigned char *dst = v[6].buf, mac[MACLEN];
+    if (page_call_open(&pc, args, nargs, 0, "open_from_pages")) {
+        const unsigned char *ivs = pc.v[PG_IVS].buf, *aads = pc.v[PG_AADS].buf, *macs = pc.v[PG_FLAT].buf;
+        unsigned char *dst = pc.v[PG_LAST].buf, mac[MACLEN];
         Py_BEGIN_ALLOW_THREADS
-        ok = channel_init(&ch, v[0].buf, v[1].buf);
-        for (i = 0; ok && i < n; i++) {
-            ok = hmac(&ch, aads + i * aad_len, (size_t)aad_len, src[i], PAGE_BYTES, mac);
+        ok = channel_init(&ch, pc.v[PG_TEK].buf, pc.v[PG_TIK].buf);
+        for (; ok && i < pc.n; i++) {
+            ok = hmac(&ch, aads + i * pc.aad_len, (size_t)pc.aad_len, pc.page[i], PAGE_BYTES, mac);
             if (!ok || CRYPTO_memcmp(mac, macs + i * MACLEN, MACLEN) != 0)
                 break;
-            ok = ctr(&ch, ivs + i * IVLEN, src[i], dst + i * PAGE_BYTES, PAGE_BYTES);
+            ok = ctr(&ch, ivs + i * IVLEN, pc.page[i], dst + i * PAGE_BYTES, PAGE_BYTES);
         }
         OPENSSL_cleanse(mac, sizeof mac);
         channel_free(&ch);
         Py_END_ALLOW_THREADS
+        if (!ok)
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed in the transport accelerator");
+        else
+            result = PyLong_FromSsize_t(i);
     }
-    if (!ok)
-        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed in the transport accelerator");
-    else
-        result = PyLong_FromSsize_t(i);
-done:
-    for (Py_ssize_t j = 0; j < held; j++)
-        if (views[j].obj != NULL)
-            PyBuffer_Release(&views[j]);
-    PyMem_Free(views);
-    PyMem_Free((void *)src);
-    release_buffers(v, 7);
+    page_call_close(&pc);
     return result;
 }
 

@@ -31,6 +31,10 @@ def test_smallest_run_verifies(capsys: pytest.CaptureFixture[str]) -> None:
     assert r["migrate_mbps"] > 0 and r["raw_tcp_mbps"] > r["wire_mbps"]
     assert 0 < r["ratio"] < 1
     assert r["destination_prealloc"] is True
+    # the source's CPU over the migration's span, the sent VM's teardown after it apart
+    assert r["source_cpu_us_per_page"] > 0 and r["source_teardown_cpu_us_per_page"] > 0
+    assert r["cpu_bound_mbps"] == pytest.approx(
+        4096 / max(r["source_cpu_us_per_page"], r["destination_cpu_us_per_page"]))
 
 
 def test_smallest_run_verifies_without_a_preallocated_destination(capsys: pytest.CaptureFixture[str]) -> None:

@@ -398,6 +398,39 @@ def test_seal_many_to_pages_refuses_a_bad_store_unchanged(accel: bool) -> None:
         pc.seal_many_to_pages(ivs, aads, data, {}, np.array([5, 6], dtype=np.uint64))
 
 
+@pytest.mark.skipif(not tp.ACCELERATED, reason="the C helper is not built")
+def test_the_page_helpers_share_their_argument_checks() -> None:
+    """seal_to_pages and open_from_pages (one marshalling helper in C): a page of the wrong type or
+    size is refused before anything is written (open: the output untouched), as is a page that
+    overlaps the flat buffer the packets come from (seal) or go to (open), and a PFN column of the
+    wrong length."""
+    from sevemu.crypto import _transport_accel as c
+
+    tek, tik, ivs, aads, data = _run(2, 4096)
+    macs = bytearray(64)
+    pfns = np.array([5, 6], dtype="<u8")
+    for bad in (bytearray(100), bytes(4096)):
+        pages = {5: bytearray(b"\x11" * 4096), 6: bad}
+        with pytest.raises(TypeError):
+            c.seal_to_pages(tek, tik, ivs, aads, data, pages, pfns.data, macs)
+        assert pages[5] == b"\x11" * 4096 and macs == bytes(64)
+        out = bytearray(b"\x22" * 8192)
+        with pytest.raises(TypeError):
+            c.open_from_pages(tek, tik, ivs, aads, bytes(64), pages, pfns.data, out)
+        assert out == b"\x22" * 8192
+    flat = bytearray(data[:4096])  # one packet whose page is the flat buffer itself
+    one = np.array([6], dtype="<u8")
+    with pytest.raises(ValueError, match="overlaps the plaintext"):
+        c.seal_to_pages(tek, tik, ivs[:16], aads[:29], flat, {6: flat}, one.data, macs[:32])
+    with pytest.raises(ValueError, match="overlaps the output"):
+        c.open_from_pages(tek, tik, ivs[:16], aads[:29], bytes(32), {6: flat}, one.data, flat)
+    shared = {5: bytearray(4096), 6: bytearray(4096)}
+    with pytest.raises(ValueError, match="one u64 per packet"):
+        c.open_from_pages(tek, tik, ivs, aads, bytes(64), shared, pfns[:1].data, bytearray(8192))
+    with pytest.raises(TypeError, match="takes 8 arguments"):
+        c.seal_to_pages(tek, tik, ivs, aads, data, shared, pfns.data)
+
+
 @pytest.mark.parametrize("accel", RUN_PATHS)
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 9), seed=st.integers(0, 2**32 - 1), bad=st.integers(-1, 8), absent=st.integers(-1, 8))

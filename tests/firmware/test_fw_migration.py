@@ -818,6 +818,54 @@ def test_whole_page_batches_run_at_once_with_the_effects_of_one_by_one(monkeypat
         assert (page == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (i != 5)
 
 
+@pytest.mark.parametrize("bad", ["mac", "handle"])
+def test_the_queue_entries_column_and_a_list_of_addresses_run_the_same_batch(monkeypatch: pytest.MonkeyPatch,
+                                                                             bad: str) -> None:
+    """The ring buffer hands the batch runner its queue entries' buffer addresses as a column
+    (:meth:`Firmware.handle_batch`, no list built per doorbell): the same statuses, bytes and logs
+    as the same addresses given as a list -- with one bad command in the middle of the batch (a
+    packet whose MAC the host altered: BAD_MEASUREMENT; a command naming another handle:
+    INVALID_GUEST), that command refused and nothing of it written, the commands around it run."""
+    many = Firmware.handle_batch
+    kinds: list[str] = []
+
+    def as_list(self: Firmware, command_id: int, buffer_paddrs: Sequence[int]) -> int:
+        kinds.append(type(buffer_paddrs).__name__)
+        return many(self, command_id, [int(a) for a in buffer_paddrs])
+
+    def alter(hdrs: bytearray, trans: bytearray) -> None:
+        if bad == "mac":
+            hdrs[64 * 3 + 0x14] ^= 1  # packet 3: its MAC
+
+    worlds = []
+    for listed in (False, True):
+        if listed:
+            monkeypatch.setattr(Firmware, "handle_batch", as_list)
+        if bad == "mac":
+            worlds.append(_whole_page_world("column", True, alter))
+            continue
+        src, dst = machine("column-src"), machine("column-dst")
+        ch = open_channel(src, dst)
+        sends = [_batch_cmd(src, CommandId.SEND_UPDATE_DATA, ch.sh if i != 3 else ch.sh + 77, IMAGE_BASE, i, i % 4)
+                 for i in range(8)]
+        before = get(src, BATCH_HDRS + 64 * 3, 64) + get(src, BATCH_TRANS + 3 * PAGE, PAGE)
+        status = ring_run(src, sends, per_doorbell=False)
+        assert not src.firmware.internal_errors
+        assert get(src, BATCH_HDRS + 64 * 3, 64) + get(src, BATCH_TRANS + 3 * PAGE, PAGE) == before  # (nothing written)
+        worlds.append((status, get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8), src.firmware.log[-8:]))
+    assert worlds[0] == worlds[1]
+    assert kinds and set(kinds) == {"ndarray"}  # (the ring buffer's column, as the list path was given it)
+    if bad == "mac":
+        s_status, _, d_status, memory, _, _ = worlds[0]
+        assert s_status == [0] * 8 and d_status == [0] * 3 + [Status.BAD_MEASUREMENT] + [0] * 4
+        assert memory[3 * PAGE : 4 * PAGE] != IMAGE[3 * PAGE : 4 * PAGE]
+        assert memory[4 * PAGE : 5 * PAGE] == IMAGE[: PAGE]
+    else:
+        status, _, log = worlds[0]
+        assert status == [0, 0, 0, Status.INVALID_GUEST, 0, 0, 0, 0]
+        assert [st for _, st in log] == status
+
+
 def test_a_batch_across_the_queue_wrap_runs_at_once_with_the_effects_of_one_by_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Commands whose queue entries wrap from index 255 to 0 run as one batch (a doorbell of 255

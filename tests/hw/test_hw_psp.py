@@ -222,6 +222,44 @@ def test_dma_fill_pages_is_dma_write_in_place() -> None:
         assert not called and soc.cache.peek(0, False, 0x5000) is not None  # nothing flushed
 
 
+def test_dma_write_rows_is_dma_write_of_the_span_read_back() -> None:
+    """``write_rows``: rows written in place at a stride, the bytes between them untouched -- the
+    same memory, and the same host lines written back and dropped, as ``write`` of the span with
+    those bytes read back first (across a page boundary, into an absent page, over a dirty host
+    line between two rows); a row that would cross a page is declined (False) with nothing done,
+    a range outside DRAM refused before anything is flushed."""
+    import numpy as np
+
+    soc, ref = make_soc(), make_soc()
+    rng = random.Random(11)
+    rows = np.frombuffer(rng.randbytes(70 * 52), dtype=np.uint8).reshape(70, 52)
+    spa, stride = 0x5000 + 62 * 64, 64  # rows 0-1 in one page, the rest in the next two (absent)
+    for s in (soc, ref):
+        s.dram.write(0x5000, b"\x5a" * 4096)
+        s.boot_cpu.host_write(spa + 52, b"between rows")  # (a dirty host line: its gap bytes kept)
+        s.boot_cpu.host_write(0x8000, b"after the span")
+    span = stride * 69 + 52
+    ref_dma = ref.psp.take_ports().dma
+    back = bytearray(ref_dma.read(spa, span) + bytes(12))
+    for i in range(70):
+        back[i * stride : i * stride + 52] = rows[i].tobytes()
+    ref_dma.write(spa, bytes(back[:span]))
+    dma = soc.psp.take_ports().dma
+    assert dma.write_rows(spa, stride, rows)
+    assert soc.cache.peek(0, False, spa) is None and soc.cache.peek(0, False, 0x8000) is not None
+    for s in (soc, ref):
+        assert s.boot_cpu.host_read(spa, span) == ref.boot_cpu.host_read(spa, span)
+        s.boot_cpu.wbinvd()
+    assert soc.dram.read(0x4000, 5 * 4096) == ref.dram.read(0x4000, 5 * 4096)
+    before = soc.dram.read(0x4000, 5 * 4096)
+    soc.boot_cpu.host_write(0x5010, b"dirty again")
+    assert not dma.write_rows(0x5000 + 40, 48, rows[:3, :40])  # (48 does not divide a page)
+    assert not dma.write_rows(0x5000 + 32, 64, rows[:3])  # (not a multiple of the stride)
+    with pytest.raises(AddressError):
+        dma.write_rows(soc.dram.size - 64, 64, rows[:3])
+    assert soc.cache.peek(0, False, 0x5000) is not None and soc.dram.read(0x4000, 5 * 4096) == before
+
+
 def test_dma_read_pages_only_without_dirty_host_lines() -> None:
     """``read_pages`` hands DRAM's pages to the reader only when no host line of the runs is dirty
     (what a coherent read returns is then DRAM's bytes); with one it reads nothing (None)."""

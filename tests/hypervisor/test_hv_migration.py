@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,37 @@ def migrate_in_process(src: Machine, dst: Machine, vm: Vm, prepared: Vm | None =
     a.close()
     b.close()
     return result.get("vm"), error or result.get("error")
+
+
+def test_send_result_times_the_migration_not_the_teardown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SendResult.seconds`` and ``cpu_seconds`` span the migration up to SEND_FINISH; destroying
+    the sent VM after it is not counted (as the destination's VM is made before its span)."""
+    src, dst = host("hv-mig-cpu-src"), host("hv-mig-cpu-dst")
+    vm = running_guest(src, secret_pages())
+    destroy = src.hv.destroy
+    spent: list[float] = []
+
+    def slow_destroy(v: Vm) -> None:
+        t = time.process_time()
+        while time.process_time() - t < 0.3:  # CPU the teardown burns
+            pass
+        spent.append(time.process_time() - t)
+        destroy(v)
+
+    monkeypatch.setattr(src.hv, "destroy", slow_destroy)
+    a, b = socket.socketpair()
+    received: list[Vm] = []
+    t = threading.Thread(target=lambda: received.append(
+        receive_vm(dst.hv, Channel(b, TIMEOUT), amd_certs=amd_certs(dst))), daemon=True)
+    t.start()
+    c0 = time.process_time()
+    with a, b:
+        result = send_vm(src.hv, vm, Channel(a, TIMEOUT))
+        total = time.process_time() - c0
+        t.join(TIMEOUT)
+    assert received and spent and vm not in src.hv.vms and result.pages > 0
+    assert 0 < result.cpu_seconds <= total - spent[0]
+    assert 0 < result.seconds < TIMEOUT
 
 
 def test_in_process_migration_keeps_memory_registers_and_shared_pages() -> None:

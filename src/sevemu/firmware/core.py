@@ -50,6 +50,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Final, Protocol, TypeVar, overload, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import COMMAND_BUFFERS
@@ -109,12 +110,15 @@ class QueuedBuffers:
     (each buffer in DRAM and clear of the TMR and the ring buffer's pages), their bytes back to back
     (:attr:`raw`, ``layout.SIZE`` each), and the prefix that decodes (:meth:`decoded`, on first use)."""
 
-    __slots__ = ("_decoded", "layout", "raw", "spas")
+    __slots__ = ("_decoded", "column", "layout", "raw", "spas")
 
-    def __init__(self, layout: type[Struct], spas: list[int], raw: bytes) -> None:
+    def __init__(self, layout: type[Struct], spas: list[int], raw: bytes,
+                 column: npt.NDArray[np.uint64] | None = None) -> None:
         self.layout = layout
         self.spas = spas
         self.raw = raw
+        self.column = column
+        """The same SPAs as a u64 column when the dispatcher had them so (else None)."""
         self._decoded: list[tuple[int, Struct]] | None = None
 
     def __len__(self) -> int:
@@ -408,19 +412,27 @@ class Firmware:
         self.log.append((name, status))
         return status
 
-    def handle_batch(self, command_id: int, buffer_paddrs: Sequence[int]) -> int:
-        """Ring-buffer mode: run as many of these queued commands (one id, their buffers' addresses)
-        as the command's batch runner takes at once; returns how many ran, all successfully (0: the
-        caller runs the first one through :meth:`handle`).  The dispatcher's checks come first for
-        each buffer (state, address, decoding); the batch ends before the first that fails them."""
+    def handle_batch(self, command_id: int,
+                     buffer_paddrs: Sequence[int] | npt.NDArray[np.uint64]) -> int:
+        """Ring-buffer mode: run as many of these queued commands (one id, their buffers' addresses:
+        a sequence, or a u64 column as the queue entries hold them) as the command's batch runner
+        takes at once; returns how many ran, all successfully (0: the caller runs the first one
+        through :meth:`handle`).  The dispatcher's checks come first for each buffer (state,
+        address, decoding); the batch ends before the first that fails them."""
         entry = self._table.get(command_id)
         if entry is None or entry.batch is None or entry.buffer is None or self.state not in entry.platform_states:
             return 0
         dma = self.ports.dma
         size = entry.buffer.SIZE
         keep = ~dma.cbit_mask
-        spas = [paddr & keep for paddr in buffer_paddrs]  # (dma.strip of each)
-        lo, hi = min(spas), max(spas) + size
+        column = None
+        if isinstance(buffer_paddrs, np.ndarray):  # (dma.strip of each, as a column)
+            column = buffer_paddrs.astype(np.uint64) & np.uint64(keep & 0xFFFF_FFFF_FFFF_FFFF)
+            spas = column.tolist()
+            lo, hi = int(column.min()), int(column.max()) + size
+        else:
+            spas = [paddr & keep for paddr in buffer_paddrs]  # (dma.strip of each)
+            lo, hi = min(spas), max(spas) + size
         span = b""
         if hi - lo <= 4 * size * len(spas):  # buffers packed together: one read for all of them
             try:
@@ -432,10 +444,11 @@ class Firmware:
         n = len(spas)
         stride = spas[1] - spas[0] if n > 1 else 0
         if span and not fenced and size <= stride and hi - lo == stride * (n - 1) + size:
-            at = np.array(spas, dtype=np.int64)
-            if (np.diff(at) == stride).all():  # evenly spaced slots: every buffer read, in one step
-                rows = np.frombuffer(span + bytes(stride - size), dtype=np.uint8).reshape(n, stride)
-                return self._run_batch(entry.command, entry.batch, QueuedBuffers(entry.buffer, spas, rows[:, :size].tobytes()))
+            at = column if column is not None else np.array(spas, dtype=np.uint64)
+            if (np.diff(at) == np.uint64(stride)).all():  # evenly spaced slots: every buffer read, in one step
+                rows = np.lib.stride_tricks.as_strided(np.frombuffer(span, dtype=np.uint8), (n, size), (stride, 1))
+                return self._run_batch(entry.command, entry.batch,
+                                       QueuedBuffers(entry.buffer, spas, rows.tobytes(), at))
         raws: list[bytes] = []
         for spa in spas:
             if fenced and ((self.tmr is not None and self.tmr.overlaps(spa, size)) or

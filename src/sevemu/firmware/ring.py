@@ -189,7 +189,7 @@ class RingBuffer:
             words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
             differ = np.flatnonzero((words[:, 0] & np.uint64(0xFFFF_FFFF)) != words[0, 0] & np.uint64(0xFFFF_FFFF))
             same = int(differ[0]) if len(differ) else len(words)
-            done = fw.handle_batch(cmd_id, words[:same, 1].tolist()) if same > 1 else 0
+            done = fw.handle_batch(cmd_id, words[:same, 1]) if same > 1 else 0
         if done:
             return self._post(fw, q, index, [int(Status.SUCCESS)] * done, flags)
         return self._post(fw, q, index, [fw.handle(cmd_id, buffer_ptr)], flags)
@@ -231,7 +231,7 @@ class RingBuffer:
         flags = int(key[0]) >> 16
         if same <= n_hi or flags & ~_KNOWN_FLAGS:
             return None
-        done = fw.handle_batch(int(key[0]) & 0xFFFF, words[:same, 1].tolist())
+        done = fw.handle_batch(int(key[0]) & 0xFFFF, words[:same, 1])
         if not done:
             return None
         raised = self._post(fw, hi, hi_index, [int(Status.SUCCESS)] * min(done, n_hi), flags)

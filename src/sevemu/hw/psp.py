@@ -31,6 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
+
 from sevemu._util.units import LINE, PAGE
 from sevemu.abi.mailbox import (
     CMDRESP_RESP,
@@ -184,6 +187,35 @@ class PspDma:
         for spa, length in runs:
             self._cache.flush_range(0, False, spa, length)
         fill(dram.pages_dict())
+
+    def write_rows(self, spa: int, stride: int, rows: npt.NDArray[np.uint8]) -> bool:
+        """An unencrypted write of ``rows`` (n x size bytes) at ``spa + i * stride``, the bytes
+        between rows left as they are, made in place in DRAM's pages: the range is checked and its
+        host lines written back and invalidated, as :meth:`write` of the span (with the bytes
+        between rows read back) does, then each row stored in its page.  Only when no row crosses a
+        page (``stride`` divides a page and ``spa`` is a multiple of it; ``size <= stride``);
+        False, with nothing done, otherwise (the caller writes the span)."""
+        n, size = rows.shape
+        if not n or not 0 < size <= stride or PAGE % stride or spa % stride:
+            return False
+        span = stride * (n - 1) + size
+        self._mc.dram.check_range(spa, span)
+        if self.guest_owned(spa, span):
+            raise AddressError(f"SPA {spa:#x}+{span:#x} is an SNP guest's page: the PSP does not write it")
+        self._cache.flush_range(0, False, spa, span)
+        pages = self._mc.dram.pages_dict()
+        per_page = PAGE // stride
+        i = 0
+        while i < n:
+            at = spa + i * stride
+            page = pages.get(at >> 12)
+            if page is None:
+                page = pages[at >> 12] = bytearray(PAGE)
+            first = (at & (PAGE - 1)) // stride
+            k = min(per_page - first, n - i)
+            np.frombuffer(page, dtype=np.uint8).reshape(per_page, stride)[first : first + k, :size] = rows[i : i + k]
+            i += k
+        return True
 
     def read_pages(self, runs: list[tuple[int, int]], use: Callable[[dict[int, bytearray]], int]) -> int | None:
         """An unencrypted read of whole pages where they lie: when no run (page-aligned, checked

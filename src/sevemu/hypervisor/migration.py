@@ -542,6 +542,9 @@ class SendResult:
     shared: int
     bytes_sent: int
     seconds: float
+    """Wall time from the start to SEND_FINISH (the source VM's teardown after it not counted)."""
+    cpu_seconds: float = 0.0
+    """This process's CPU time over the same span (``time.process_time``)."""
 
 
 def _check_sendable(vm: Vm) -> None:
@@ -561,7 +564,7 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False)
     raised.
     """
     _check_sendable(vm)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sev = hv.sev
     sev.context(vm)
     started = False
@@ -594,7 +597,7 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False)
         if isinstance(exc, MigrationError) and not note:
             raise
         raise MigrationError(f"sending {vm.name} failed: {exc}{note}") from exc
-    result = SendResult(pages, shared, chan.bytes_sent, time.perf_counter() - t0)
+    result = SendResult(pages, shared, chan.bytes_sent, time.perf_counter() - t0, time.process_time() - c0)
     if not keep_source:
         hv.destroy(vm)
     return result
@@ -747,8 +750,9 @@ def _huge_regions(vm: Vm, msg: Huge, named: set[int], pending: set[int], started
     if bad:
         raise ProtocolError("HUGE names a region twice, unaligned or outside the VM, or comes after a page")
     named |= fresh
-    if vm.huge_pages:
-        pending |= fresh
+    if vm.huge_pages:  # (a region with a page backed already -- a prepared destination's -- gets none)
+        mapped = vm.npt.mappings.keys()
+        pending |= {r for r in fresh if mapped.isdisjoint(range(r >> 12, (r + PAGE_2M) >> 12))}
 
 
 def _back_huge(vm: Vm, gpas: tuple[int, ...] | list[int], pending: set[int]) -> None:

@@ -652,7 +652,7 @@ def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestC
     g = fw.guests.get(int(cols[_HANDLE][0]))
     if g is None or g.state not in (_SUPDATE if send else _RUPDATE) or not g.asid:
         return None
-    cols.append(np.array(items.spas, dtype=np.uint64))
+    cols.append(items.column if items.column is not None else np.array(items.spas, dtype=np.uint64))
     strip = np.uint64(~fw.ports.dma.cbit_mask & 0xFFFF_FFFF_FFFF_FFFF)
     cols += [cols[1] & strip, cols[3] & strip, cols[5] & strip]
     hdr_len, guest_len, trans_len = cols[_HDR_LEN], cols[_GUEST_LEN], cols[_TRANS_LEN]
@@ -743,15 +743,19 @@ def _even(spas: _U64, size: int) -> int:
 
 
 def _write_slots(fw: Firmware, spas: _U64, data: bytes, size: int) -> None:
-    """Write ``size`` bytes of ``data`` per command at each SPA: one write when the SPAs are evenly
-    spaced less than a line apart (the bytes between them read back first: the same memory, and
-    the same host lines written back, as writing one by one), else in runs (:func:`_write_runs`)."""
+    """Write ``size`` bytes of ``data`` per command at each SPA: when the SPAs are evenly spaced less
+    than a line apart, in place row by row where no row crosses a page
+    (:meth:`~sevemu.hw.psp.PspDma.write_rows`), else one write of the span with the bytes between
+    them read back first -- either way the same memory, and the same host lines written back, as
+    writing one by one; otherwise in runs (:func:`_write_runs`)."""
     n = len(spas)
     stride = _even(spas, size)
     if not stride or stride - size >= LINE:
         _write_runs(fw, [(int(spa), data[i * size : (i + 1) * size]) for i, spa in enumerate(spas)])
         return
     lo, span = int(spas[0]), stride * (n - 1) + size
+    if stride > size and fw.ports.dma.write_rows(lo, stride, np.frombuffer(data, dtype=np.uint8).reshape(n, size)):
+        return  # (in place, the bytes between rows untouched: the same memory as the span read back and written)
     if stride == size:
         fw.ports.dma.write(lo, data)
         return

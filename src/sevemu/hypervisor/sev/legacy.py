@@ -524,10 +524,11 @@ class LegacySev(SevHost):
         (:meth:`~sevemu.hypervisor.psp.PspDriver.ring`): the headers land in 64-byte slots and the
         transport buffers in consecutive pages of one bounce run, read back with one streaming read
         each.  Both ring-buffer queues are configured, so a doorbell carries up to
-        :data:`PAGE_BATCH` (510) commands.  ``gpas`` may be a numpy column (the SPAs of each batch
-        are then looked up in one pass).  Yields a :class:`PageBatch` per doorbell, its header
-        slots and transport buffers views of two buffers the generator reuses: valid until the
-        next batch is asked for (copy what must outlive it).  A refused command raises
+        :data:`PAGE_BATCH` (510) commands.  ``gpas`` may be a numpy column (the SPAs of all its pages
+        are then looked up in one pass before the first doorbell: the same pages, the nested page
+        table not changing meanwhile).  Yields a :class:`PageBatch` per doorbell, its header slots
+        and transport buffers views of two buffers the generator reuses: valid until the next
+        batch is asked for (copy what must outlive it).  A refused command raises
         :class:`SevFirmwareError` (the pages before it were sent)."""
         if not 0 < batch <= PAGE_BATCH:
             raise SevInputError(Errno.EINVAL, f"batch of {batch} pages: 1..{PAGE_BATCH}")
@@ -539,6 +540,10 @@ class LegacySev(SevHost):
         mapped = vm.npt.mappings.get
         order = gpas.astype(np.uint64) if isinstance(gpas, np.ndarray) else None
         todo = iter(gpas) if order is None else None
+        looked_up = None  # (a column: every page's SPA looked up in one pass, before any doorbell)
+        if order is not None:
+            looked_up = np.fromiter(map(mapped, (order >> np.uint64(12)).tolist(), itertools.repeat(-1)),
+                                    dtype=np.int64, count=len(order))
         hdr_out = memoryview(bytearray(batch * HDR_SLOT))  # (reused: see the docstring)
         trans_out = memoryview(bytearray(batch * PAGE))
         with self.psp.ring(high=True) as ring, self.psp.bounce.stage() as st:
@@ -546,18 +551,19 @@ class LegacySev(SevHost):
             trans_base = st.alloc(batch * PAGE, PAGE)
             start = 0
             while True:
-                if order is not None:  # (GPAs as a column: the chunk's SPAs looked up in one pass)
+                if order is not None and looked_up is not None:  # (GPAs as a column: SPAs looked up above)
                     column = order[start : start + batch]
                     chunk = column.tolist()
                     unaligned = bool((column & np.uint64(PAGE_MASK)).any())
+                    spas = looked_up[start : start + batch]
                     start += batch
                 else:
                     chunk = list(itertools.islice(cast("Iterator[int]", todo), batch))
                     unaligned = any(gpa & PAGE_MASK for gpa in chunk)
+                    spas = np.fromiter(map(mapped, [gpa >> 12 for gpa in chunk], itertools.repeat(-1)),
+                                       dtype=np.int64, count=len(chunk))
                 if not chunk:
                     break
-                gfns = (column >> np.uint64(12)).tolist() if order is not None else [gpa >> 12 for gpa in chunk]
-                spas = np.fromiter(map(mapped, gfns, itertools.repeat(-1)), dtype=np.int64, count=len(chunk))
                 if unaligned or (spas < 0).any():  # the error KVM answers
                     spas = np.array([spa_of(gpa) if gpa & PAGE_MASK or s < 0 else s
                                      for gpa, s in zip(chunk, spas.tolist(), strict=True)], dtype=np.int64)
