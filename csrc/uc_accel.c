@@ -237,18 +237,34 @@ PyDoc_STRVAR(runner_enter_doc, "enter(state) -> writes or -1: the GPRs of state.
                                "are not the ones last exchanged.");
 
 /* The uint64 value of an exact int in 0..2**64-1 into *out: 0, or -1 (no error set) for anything else. */
+/* An int's value when it is in 0..2**64-1: 0 with *out set, -1 (no error set) otherwise.  What
+ * PyLong_AsUnsignedLongLong gives, without its way through _PyLong_AsByteArray (CPython 3.11
+ * Objects/longobject.c), which converts a register value of more than 30 bits byte by byte: the sign
+ * and the bit length decide, then the digits are read as PyLong_AsUnsignedLongLongMask reads them. */
+static int int_u64(PyObject *v, uint64_t *out)
+{
+    size_t bits;
+    if (_PyLong_Sign(v) < 0) {
+        return -1;
+    }
+    bits = _PyLong_NumBits(v);
+    if (bits == (size_t)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (bits > 64) {
+        return -1;
+    }
+    *out = (uint64_t)PyLong_AsUnsignedLongLongMask(v);
+    return 0;
+}
+
 static int exact_u64(PyObject *v, uint64_t *out)
 {
     if (v == NULL || !PyLong_CheckExact(v)) {
         return -1;
     }
-    unsigned long long x = PyLong_AsUnsignedLongLong(v);
-    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return -1;
-    }
-    *out = (uint64_t)x;
-    return 0;
+    return int_u64(v, out);
 }
 
 #ifdef Py_TPFLAGS_VALID_VERSION_TAG
@@ -530,13 +546,8 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
         PyObject *old = in_order ? got[i] : PyDict_GetItemWithError(regs, name);
         self->shadow[i] = vals[i];
         if (old != NULL && PyLong_CheckExact(old)) {
-            int overflow = 0;
-            unsigned long long have = PyLong_AsUnsignedLongLong(old);
-            if (have == (unsigned long long)-1 && PyErr_Occurred()) {
-                PyErr_Clear();
-                overflow = 1;
-            }
-            if (!overflow && have == vals[i]) {
+            uint64_t have;
+            if (int_u64(old, &have) == 0 && have == vals[i]) {
                 continue; /* already that int */
             }
         } else if (old == NULL && PyErr_Occurred()) {

@@ -314,6 +314,18 @@ def test_slotted_save_states_are_exchanged_as_by_name() -> None:
         assert _exchange(r, b, Patched) == by_name and not r.slotted(Patched({}))
         assert r.slotted(_Slotted({}))  # (the base class is unchanged)
         assert r.slotted(Vmcb()) and r.slotted(VmsaState(bytes(4096)))  # the engines' save states
+        # leave() keeps a value that already is the register's (also one of 31 to 64 bits) and replaces
+        # any other: negative, 2**64 or more, another value
+        for i in range(16):
+            b.vals[i] = (1 << 63) + 0x1234 * i if i % 2 else (1 << 40) + i
+        state = _Slotted({n: b.vals[i] for i, n in enumerate(GPRS)})
+        kept = {n: id(v) for n, v in state.regs.items()}
+        r.leave(state, 0)
+        assert {n: id(v) for n, v in state.regs.items()} == kept
+        for odd in (-1, 1 << 64, -(1 << 70), 1 << 100, (1 << 63) + 1):
+            state.regs["rcx"] = odd
+            r.leave(state, 0)
+            assert state.regs["rcx"] == b.vals[GPRS.index("rcx")]
         assert seen  # the leave's store of RIP went through the property
     finally:
         b.close()
