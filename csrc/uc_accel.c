@@ -57,6 +57,7 @@
 
 #include "pyargs.h"
 
+#include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -239,23 +240,22 @@ PyDoc_STRVAR(runner_enter_doc, "enter(state) -> writes or -1: the GPRs of state.
 /* The uint64 value of an exact int in 0..2**64-1 into *out: 0, or -1 (no error set) for anything else. */
 /* An int's value when it is in 0..2**64-1: 0 with *out set, -1 (no error set) otherwise.  What
  * PyLong_AsUnsignedLongLong gives, without its way through _PyLong_AsByteArray (CPython 3.11
- * Objects/longobject.c), which converts a register value of more than 30 bits byte by byte: the sign
- * and the bit length decide, then the digits are read as PyLong_AsUnsignedLongLongMask reads them. */
+ * Objects/longobject.c), which converts a register value of more than 30 bits byte by byte: where an
+ * unsigned long has 64 bits, PyLong_AsUnsignedLong reads the digits themselves (the same range
+ * checks, the same OverflowError for a negative or too large value). */
 static int int_u64(PyObject *v, uint64_t *out)
 {
-    size_t bits;
-    if (_PyLong_Sign(v) < 0) {
-        return -1;
-    }
-    bits = _PyLong_NumBits(v);
-    if (bits == (size_t)-1 && PyErr_Occurred()) {
+#if ULONG_MAX == 0xFFFFFFFFFFFFFFFFUL
+    unsigned long x = PyLong_AsUnsignedLong(v);
+    if (x == (unsigned long)-1 && PyErr_Occurred()) {
+#else
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+#endif
         PyErr_Clear();
         return -1;
     }
-    if (bits > 64) {
-        return -1;
-    }
-    *out = (uint64_t)PyLong_AsUnsignedLongLongMask(v);
+    *out = (uint64_t)x;
     return 0;
 }
 
