@@ -74,6 +74,16 @@ static inline int line_differs(const char *a, const char *b)
     return x != 0;
 }
 
+/* Whether the SAME_BLOCK bytes at offset o of a and b (buffers of n bytes) are one aligned block that
+ * is equal: a page's scan for changed lines then skips the block's lines (its first one closes an
+ * open run, as an equal line does; the others change nothing) -- a slot at an exit differs in a few
+ * lines, and memcmp compares a block faster than its lines one by one. */
+#define SAME_BLOCK 512
+static inline int block_same(const char *a, const char *b, Py_ssize_t o, Py_ssize_t n)
+{
+    return o % SAME_BLOCK == 0 && o + SAME_BLOCK <= n && memcmp(a + o, b + o, SAME_BLOCK) == 0;
+}
+
 /* ---- DRAM pages ---------------------------------------------------------------------------- */
 
 static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
@@ -1443,7 +1453,8 @@ static PyObject *slot_sync(PyObject *self, PyObject *const *args, Py_ssize_t nar
         goto done;
     }
     for (o = 0; o <= n; o += LINE) {
-        int differs = o < n && line_differs(pa + o, pb + o);
+        int same_block = block_same(pa, pb, o, n);
+        int differs = !same_block && o < n && line_differs(pa + o, pb + o);
         if (differs) {
             memcpy(pb + o, pa + o, LINE);
             if (start < 0) {
@@ -1455,6 +1466,9 @@ static PyObject *slot_sync(PyObject *self, PyObject *const *args, Py_ssize_t nar
                 goto done;
             }
             start = -1;
+        }
+        if (same_block) {
+            o += SAME_BLOCK - LINE; /* (its other lines: equal too, and no run is open) */
         }
     }
 done:
@@ -2796,7 +2810,8 @@ static PyObject *pool_sync_parts(PyObject *pool, PyObject *cd, PyObject *write_b
             continue;
         }
         for (o = 0; o <= PAGE; o += LINE) { /* slot_sync: the runs of changed lines, taken into the snapshot */
-            int differs = o < PAGE && line_differs(pa + o, pb + o);
+            int same_block = block_same(pa, pb, o, PAGE);
+            int differs = !same_block && o < PAGE && line_differs(pa + o, pb + o);
             if (differs) {
                 memcpy(pb + o, pa + o, LINE);
                 if (start < 0) {
@@ -2808,6 +2823,9 @@ static PyObject *pool_sync_parts(PyObject *pool, PyObject *cd, PyObject *write_b
                 total += (o - start) / LINE;
                 nruns++;
                 start = -1;
+            }
+            if (same_block) {
+                o += SAME_BLOCK - LINE; /* (its other lines: equal too, and no run is open) */
             }
         }
         count++;
