@@ -57,6 +57,7 @@
 
 #include "pyargs.h"
 
+#include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -73,6 +74,7 @@ static PyObject *s_regs, *s_rip, *s_rflags, *s_cr0, *s_cr3, *s_cr4, *s_efer, *s_
 #define EFER_LMA (1ULL << 10)
 #define CR0_PG (1ULL << 31)
 #define N_CTL 5 /* RIP, RFLAGS, CR0, CR3, CR4 after the GPRs */
+enum { A_REGS, A_RIP, A_RFLAGS, A_CR0, A_CR3, A_CR4, A_EFER, N_ATTR }; /* the save state's attributes */
 
 typedef struct {
     PyObject_HEAD
@@ -90,6 +92,9 @@ typedef struct {
     int shadow_valid;
     uint64_t ctl[N_CTL]; /* RFLAGS, CR0, CR3, CR4, EFER as last exchanged */
     int ctl_valid;
+    PyTypeObject *slot_type;  /* the save state's type whose slots slot_off names (NULL: none) */
+    unsigned int slot_version; /* its version tag then */
+    Py_ssize_t slot_off[N_ATTR];
     int n;
     int ids[MAX_REGS];
     void *ptrs[MAX_REGS];
@@ -233,13 +238,20 @@ PyDoc_STRVAR(runner_enter_doc, "enter(state) -> writes or -1: the GPRs of state.
                                "are not the ones last exchanged.");
 
 /* The uint64 value of an exact int in 0..2**64-1 into *out: 0, or -1 (no error set) for anything else. */
-static int exact_u64(PyObject *v, uint64_t *out)
+/* An int's value when it is in 0..2**64-1: 0 with *out set, -1 (no error set) otherwise.  What
+ * PyLong_AsUnsignedLongLong gives, without its way through _PyLong_AsByteArray (CPython 3.11
+ * Objects/longobject.c), which converts a register value of more than 30 bits byte by byte: where an
+ * unsigned long has 64 bits, PyLong_AsUnsignedLong reads the digits themselves (the same range
+ * checks, the same OverflowError for a negative or too large value). */
+static int int_u64(PyObject *v, uint64_t *out)
 {
-    if (v == NULL || !PyLong_CheckExact(v)) {
-        return -1;
-    }
+#if ULONG_MAX == 0xFFFFFFFFFFFFFFFFUL
+    unsigned long x = PyLong_AsUnsignedLong(v);
+    if (x == (unsigned long)-1 && PyErr_Occurred()) {
+#else
     unsigned long long x = PyLong_AsUnsignedLongLong(v);
     if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+#endif
         PyErr_Clear();
         return -1;
     }
@@ -247,17 +259,97 @@ static int exact_u64(PyObject *v, uint64_t *out)
     return 0;
 }
 
-static PyObject *ctl_names[N_CTL]; /* rflags, cr0, cr3, cr4, efer (module_exec) */
+static int exact_u64(PyObject *v, uint64_t *out)
+{
+    if (v == NULL || !PyLong_CheckExact(v)) {
+        return -1;
+    }
+    return int_u64(v, out);
+}
+
+#ifdef Py_TPFLAGS_VALID_VERSION_TAG
+#define VERSION_VALID(tp) (PyType_HasFeature((tp), Py_TPFLAGS_VALID_VERSION_TAG) && (tp)->tp_version_tag != 0)
+#else
+#define VERSION_VALID(tp) ((tp)->tp_version_tag != 0) /* (Python 3.12 on: a tag of 0 is no tag) */
+#endif
+static PyObject *attr_names[N_ATTR]; /* regs, rip, rflags, cr0, cr3, cr4, efer (module_exec) */
+
+/* The save state's attributes where its type keeps them (the register exchange's reads and writes:
+ * state.regs, .rip, .rflags, .cr0, .cr3, .cr4, .efer).  For a type whose attributes are all plain
+ * __slots__ members -- writable object slots, found as member descriptors by the type's lookup, with
+ * the generic getattr and setattr -- each is read and written at its offset in the object, as the
+ * member descriptor itself reads and writes it (Objects/descrobject.c member_get / member_set,
+ * Python/structmember.c PyMember_GetOne / PyMember_SetOne for T_OBJECT_EX): the same objects, the
+ * same references, without the attribute lookup by name (what CPython's own LOAD_ATTR_SLOT and
+ * STORE_ATTR_SLOT do, Python/specialize.c).  The offsets are kept with the type's version tag, which
+ * any change of the type (or of a base) invalidates; any other type, an unset slot or an
+ * invalidated tag takes PyObject_GetAttr / PyObject_SetAttr.  1 when state's type has the offsets. */
+static int state_slots(Runner *self, PyObject *state)
+{
+    PyTypeObject *tp = Py_TYPE(state);
+    Py_ssize_t off[N_ATTR];
+    if (tp == self->slot_type && VERSION_VALID(tp) && tp->tp_version_tag == self->slot_version) {
+        return 1;
+    }
+    self->slot_type = NULL;
+    if (tp->tp_getattro != PyObject_GenericGetAttr || tp->tp_setattro != PyObject_GenericSetAttr) {
+        return 0;
+    }
+    for (int i = 0; i < N_ATTR; i++) {
+        PyObject *d = _PyType_Lookup(tp, attr_names[i]); /* (borrowed; assigns the version tag) */
+        PyMemberDef *m;
+        if (d == NULL || !Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+            return 0;
+        }
+        m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type != T_OBJECT_EX || (m->flags & READONLY) || m->offset < (Py_ssize_t)sizeof(PyObject) ||
+            !PyType_IsSubtype(tp, PyDescr_TYPE(d))) {
+            return 0;
+        }
+        off[i] = m->offset;
+    }
+    if (!VERSION_VALID(tp)) {
+        return 0;
+    }
+    memcpy(self->slot_off, off, sizeof off);
+    self->slot_version = tp->tp_version_tag;
+    self->slot_type = tp;
+    return 1;
+}
+
+/* state.<attribute i> (a new reference): from its slot when `fast`, else by name. */
+static PyObject *state_get(Runner *self, PyObject *state, int fast, int i)
+{
+    if (fast) {
+        PyObject *v = *(PyObject **)((char *)state + self->slot_off[i]);
+        if (v != NULL) {
+            return Py_NewRef(v);
+        }
+    }
+    return PyObject_GetAttr(state, attr_names[i]); /* (an unset slot: its AttributeError) */
+}
+
+/* state.<attribute i> = v (v borrowed): into its slot when `fast`, else by name; 0 or -1. */
+static int state_set(Runner *self, PyObject *state, int fast, int i, PyObject *v)
+{
+    if (fast) {
+        PyObject **p = (PyObject **)((char *)state + self->slot_off[i]), *old = *p;
+        *p = Py_NewRef(v);
+        Py_XDECREF(old);
+        return 0;
+    }
+    return PyObject_SetAttr(state, attr_names[i], v);
+}
 
 /* Whether state's RFLAGS, CR0, CR3, CR4, EFER are the ones last exchanged: 1, 0, or -1 on error. */
-static int ctl_same(Runner *self, PyObject *state)
+static int ctl_same(Runner *self, PyObject *state, int fast)
 {
     if (!self->ctl_valid) {
         return 0;
     }
     for (int i = 0; i < N_CTL; i++) {
         uint64_t x;
-        PyObject *v = PyObject_GetAttr(state, ctl_names[i]);
+        PyObject *v = state_get(self, state, fast, A_RFLAGS + i); /* rflags, cr0, cr3, cr4, efer */
         if (v == NULL) {
             return -1;
         }
@@ -342,7 +434,7 @@ static PyObject *runner_enter(Runner *self, PyObject *state)
         PyErr_SetString(PyExc_RuntimeError, "Runner was not initialised");
         return NULL;
     }
-    PyObject *regs = PyObject_GetAttr(state, s_regs);
+    PyObject *regs = state_get(self, state, state_slots(self, state), A_REGS);
     if (regs == NULL) {
         return NULL;
     }
@@ -351,7 +443,7 @@ static PyObject *runner_enter(Runner *self, PyObject *state)
     if (writes < 0) {
         return NULL;
     }
-    int same = ctl_same(self, state);
+    int same = ctl_same(self, state, state_slots(self, state));
     if (same < 0) {
         return NULL;
     }
@@ -392,10 +484,11 @@ static PyObject *runner_set_ctl(Runner *self, PyObject *values)
 
 /* state.<name> = x, unless it already is an exact int of that value (no new int, no store: the
  * control registers and EFER rarely change between exits); 0, or -1 with an error set. */
-static int set_u64_attr(PyObject *state, PyObject *name, uint64_t x)
+static int set_u64_attr(Runner *self, PyObject *state, int i, uint64_t x)
 {
     uint64_t have;
-    PyObject *old = PyObject_GetAttr(state, name);
+    int fast = state_slots(self, state); /* (asked again: a store may have run Python code) */
+    PyObject *old = state_get(self, state, fast, i);
     if (old == NULL) {
         PyErr_Clear(); /* (not there yet: stored below) */
     } else {
@@ -406,7 +499,7 @@ static int set_u64_attr(PyObject *state, PyObject *name, uint64_t x)
         }
     }
     PyObject *v = PyLong_FromUnsignedLongLong(x);
-    if (v == NULL || PyObject_SetAttr(state, name, v) < 0) {
+    if (v == NULL || state_set(self, state, state_slots(self, state), i, v) < 0) {
         Py_XDECREF(v);
         return -1;
     }
@@ -422,7 +515,7 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
     Py_ssize_t i, ngpr = self->ngpr;
     const uint64_t *vals;
     uint64_t efer;
-    PyObject *state, *regs, *attrs[N_CTL] = {s_rip, s_rflags, s_cr0, s_cr3, s_cr4};
+    PyObject *state, *regs;
     if (nargs != 2) {
         PyErr_Format(PyExc_TypeError, "leave() takes 2 arguments (%zd given)", nargs);
         return NULL;
@@ -437,7 +530,7 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
     }
     self->ctl_valid = 0;
     vals = (const uint64_t *)self->view.buf;
-    regs = PyObject_GetAttr(state, s_regs);
+    regs = state_get(self, state, state_slots(self, state), A_REGS);
     if (regs == NULL) {
         return NULL;
     }
@@ -453,13 +546,8 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
         PyObject *old = in_order ? got[i] : PyDict_GetItemWithError(regs, name);
         self->shadow[i] = vals[i];
         if (old != NULL && PyLong_CheckExact(old)) {
-            int overflow = 0;
-            unsigned long long have = PyLong_AsUnsignedLongLong(old);
-            if (have == (unsigned long long)-1 && PyErr_Occurred()) {
-                PyErr_Clear();
-                overflow = 1;
-            }
-            if (!overflow && have == vals[i]) {
+            uint64_t have;
+            if (int_u64(old, &have) == 0 && have == vals[i]) {
                 continue; /* already that int */
             }
         } else if (old == NULL && PyErr_Occurred()) {
@@ -479,7 +567,7 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
     Py_DECREF(regs);
     self->shadow_valid = 1;
     for (i = 0; i < N_CTL; i++) {
-        if (set_u64_attr(state, attrs[i], vals[ngpr + i]) < 0) {
+        if (set_u64_attr(self, state, A_RIP + i, vals[ngpr + i]) < 0) { /* rip, rflags, cr0, cr3, cr4 */
             return NULL;
         }
     }
@@ -487,7 +575,7 @@ static PyObject *runner_leave(Runner *self, PyObject *const *args, Py_ssize_t na
     if ((efer & EFER_LME) && (cr0 & CR0_PG)) {
         efer |= EFER_LMA;
     }
-    if (set_u64_attr(state, s_efer, efer) < 0) {
+    if (set_u64_attr(self, state, A_EFER, efer) < 0) {
         return NULL;
     }
     self->ctl[0] = vals[ngpr + 1]; /* RFLAGS, CR0, CR3, CR4 as stored, and EFER */
@@ -543,7 +631,7 @@ static PyObject *runner_bind_io(Runner *self, PyObject *const *args, Py_ssize_t 
  * only falls back to the engine's own test). */
 static PyObject *get_by_u64(PyObject *dict, uint64_t key)
 {
-    PyObject *k = PyLong_FromUnsignedLongLong(key);
+    PyObject *k = u64_obj(key);
     if (k == NULL) {
         PyErr_Clear();
         return NULL;
@@ -598,7 +686,7 @@ static PyObject *known_io(Runner *self, PyObject *engine)
     if (offs == NULL || !PyAnySet_Check(offs)) {
         return NULL;
     }
-    PyObject *o = PyLong_FromUnsignedLongLong(off);
+    PyObject *o = u64_obj(off);
     if (o == NULL) {
         PyErr_Clear();
         return NULL;
@@ -679,7 +767,14 @@ static PyObject *runner_get_started(Runner *self, void *closure)
     return PyFloat_FromDouble(self->started);
 }
 
+static PyObject *runner_slotted(Runner *self, PyObject *state)
+{
+    return PyBool_FromLong(state_slots(self, state));
+}
+
 static PyMethodDef runner_methods[] = {
+    {"slotted", (PyCFunction)runner_slotted, METH_O,
+     "slotted(state) -> whether enter() and leave() reach state's attributes at their slots' offsets."},
     {"run", (PyCFunction)runner_run, METH_O, runner_run_doc},
     {"enter", (PyCFunction)runner_enter, METH_O, runner_enter_doc},
     {"leave", (PyCFunction)(void (*)(void))runner_leave, METH_FASTCALL, runner_leave_doc},
@@ -1441,11 +1536,13 @@ static int module_exec(PyObject *m)
         (s_tb_flush_pending = PyUnicode_InternFromString("_tb_flush_pending")) == NULL) {
         return -1;
     }
-    ctl_names[0] = s_rflags;
-    ctl_names[1] = s_cr0;
-    ctl_names[2] = s_cr3;
-    ctl_names[3] = s_cr4;
-    ctl_names[4] = s_efer;
+    attr_names[A_REGS] = s_regs;
+    attr_names[A_RIP] = s_rip;
+    attr_names[A_RFLAGS] = s_rflags;
+    attr_names[A_CR0] = s_cr0;
+    attr_names[A_CR3] = s_cr3;
+    attr_names[A_CR4] = s_cr4;
+    attr_names[A_EFER] = s_efer;
     if (PyType_Ready(&RunnerType) < 0) {
         return -1;
     }

@@ -80,3 +80,19 @@ def test_slot_sync_and_copy_changed_refuse_ranges_outside_their_buffers() -> Non
         memaccel.helpers.copy_changed(dst, PAGE - 1, b"ab")
     with pytest.raises(BufferError):
         memaccel.helpers.copy_changed(bytes(PAGE), 0, b"ab")
+
+
+@needs_c
+@pytest.mark.parametrize("lines", [[7, 8], [7], [8], [0, 63], [15, 16, 17, 31, 32], list(range(64)), [63], [6, 9]])
+def test_slot_sync_runs_across_the_blocks_it_skips(lines: list[int]) -> None:
+    # The scan skips equal 512-byte blocks (csrc/mem_accel.c block_same): runs that end at, cross or
+    # start at a block's edge are still named exactly, and the snapshot taken up to date.
+    snap = random.Random(7).randbytes(PAGE)
+    cur = bytearray(snap)
+    for i in lines:
+        cur[i * LINE + (i % LINE)] ^= 0xFF
+    mine = bytearray(snap)
+    buf = bytearray(PAGE) + cur
+    assert memaccel.helpers.slot_sync(buf, PAGE, mine) == _reference(bytes(cur), snap)
+    assert mine == cur
+    assert memaccel.helpers.line_runs(cur, snap) == _reference(bytes(cur), snap)

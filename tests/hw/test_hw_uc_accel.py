@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
-from sevemu.hw.svm import GPRS
+from sevemu.hw.svm import GPRS, Vmcb
 from sevemu.hw.uc import accel
 from sevemu.hw.uc import binding as uc
 from sevemu.hw.uc.bare import BareRunner
 from sevemu.hw.ucengine import InitialState, UcEngine
+from sevemu.hw.vmsa import VmsaState
 from sevemu.hypervisor.vm import VmKind
 from sevemu.scenario import build_machine
 
@@ -236,5 +237,95 @@ def test_started_is_set_only_while_unicorn_runs(use_c: bool) -> None:
         assert r.started == 0.0
         assert r.run(BASE + CODE_OFF + 2) == 0
         assert r.started == 0.0 and len(seen) == 1 and seen[0] > 0.0  # a hook (the watchdog) sees the run's start
+    finally:
+        b.close()
+
+
+class _Slotted:
+    """A save state whose attributes are __slots__ (as VmsaState and Vmcb): the C runner reads and
+    writes them at their offsets (uc_accel.c state_slots)."""
+
+    __slots__ = ("cr0", "cr3", "cr4", "efer", "regs", "rflags", "rip")
+
+    def __init__(self, regs: dict[str, Any], **ctl: int) -> None:
+        self.regs = regs
+        for k, v in ({"rip": 0, "rflags": 2, "cr0": 0x11, "cr3": 0, "cr4": 0, "efer": 0} | ctl).items():
+            setattr(self, k, v)
+
+
+class _Logged(_Slotted):
+    """The same slots, with a __setattr__ that records: no slot access of its own (PyObject_SetAttr)."""
+
+    __slots__ = ("log",)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "log":
+            getattr(self, "log", []).append(name)
+        object.__setattr__(self, name, value)
+
+
+def _exchange(r: Any, b: _Bare, make: Any) -> list[Any]:
+    """enter / run / leave with a state made by ``make``: what each returned and the state after."""
+    out: list[Any] = []
+    r.forget()
+    regs = {n: 0x3000 + i for i, n in enumerate(GPRS)}
+    out.append(r.enter(make(regs)))
+    r.set_ctl((2, 0x11, 0, 0, 0))
+    out.append(r.enter(make(regs)))
+    out.append(r.enter(make(regs, cr4=0x20)))
+    out.append(r.run(BASE + CODE_OFF + 2))
+    state = make({"rax": 1})
+    r.leave(state, 0x500)
+    out.append((dict(state.regs), state.rip, state.rflags, state.cr0, state.cr3, state.cr4, state.efer, r.ctl()))
+    out.append(r.enter(state))
+    return out
+
+
+@pytest.mark.skipif(not accel.ENABLED, reason="csrc/uc_accel.c not built")
+def test_slotted_save_states_are_exchanged_as_by_name() -> None:
+    b = _Bare()
+    try:
+        r = b.runner(True)
+        by_name = _exchange(r, b, _state)
+        assert not r.slotted(_state({})) and r.slotted(_Slotted({})) and not r.slotted(_Logged({}))
+        assert _exchange(r, b, _Slotted) == by_name
+        logged = _exchange(r, b, _Logged)
+        assert logged == by_name
+        s = _Logged({})
+        s.log = []
+        r.leave(s, 0)
+        assert "rip" in s.log  # its __setattr__ saw the stores of what changed (no slot shortcut)
+        # An unset slot: the AttributeError of the lookup by name, on entry and on leaving alike.
+        empty = _Slotted.__new__(_Slotted)
+        with pytest.raises(AttributeError):
+            r.enter(empty)
+        with pytest.raises(AttributeError):
+            r.leave(empty, 0)
+        # The type changes after the runner learned its slots (a property over rip): its version tag
+        # changes, and the runner goes through the property from then on.
+        seen: list[int] = []
+
+        class Patched(_Slotted):
+            __slots__ = ()
+
+        assert _exchange(r, b, Patched) == by_name and r.slotted(Patched({}))
+        slot = _Slotted.rip
+        Patched.rip = property(lambda self: slot.__get__(self), lambda self, v: (seen.append(v), slot.__set__(self, v)))  # type: ignore[assignment]
+        assert _exchange(r, b, Patched) == by_name and not r.slotted(Patched({}))
+        assert r.slotted(_Slotted({}))  # (the base class is unchanged)
+        assert r.slotted(Vmcb()) and r.slotted(VmsaState(bytes(4096)))  # the engines' save states
+        # leave() keeps a value that already is the register's (also one of 31 to 64 bits) and replaces
+        # any other: negative, 2**64 or more, another value
+        for i in range(16):
+            b.vals[i] = (1 << 63) + 0x1234 * i if i % 2 else (1 << 40) + i
+        state = _Slotted({n: b.vals[i] for i, n in enumerate(GPRS)})
+        kept = {n: id(v) for n, v in state.regs.items()}
+        r.leave(state, 0)
+        assert {n: id(v) for n, v in state.regs.items()} == kept
+        for odd in (-1, 1 << 64, -(1 << 70), 1 << 100, (1 << 63) + 1):
+            state.regs["rcx"] = odd
+            r.leave(state, 0)
+            assert state.regs["rcx"] == b.vals[GPRS.index("rcx")]
+        assert seen  # the leave's store of RIP went through the property
     finally:
         b.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from sevemu._util.units import PAGE
 from sevemu.cli.run import GuestRun, launch_guest, load_image
 from sevemu.hw import memaccel
 from sevemu.hypervisor import ghcb as ghcb_mod
+from sevemu.hypervisor.devices.bus import DeviceBus
 
 needs_c = pytest.mark.skipif(not memaccel.HOST_PORT or not memaccel.POOL_SYNC, reason="csrc/mem_accel.c not built")
 
@@ -265,6 +267,8 @@ def test_a_host_change_of_a_deciding_line_is_never_answered_from_memory(accel_fl
 
 
 def test_the_known_out_goes_to_the_bus_only_while_the_host_keeps_its_port_out() -> None:
+    import functools
+
     from sevemu.hypervisor.kvm import Hypervisor
     from sevemu.scenario import build_machine
 
@@ -273,21 +277,31 @@ def test_the_known_out_goes_to_the_bus_only_while_the_host_keeps_its_port_out() 
             super().port_out(vm, port, size, value)
 
     m = build_machine("milan", seed="es-fastpath-ports", dram_size=64 << 20, cache_size=64 << 10, init=False)
-    assert Hypervisor(m.soc.host_view(), host_reserved=16 << 20).ghcb.devices_out
-    assert not OwnPorts(m.soc.host_view(), host_reserved=16 << 20).ghcb.devices_out
+    hv = Hypervisor(m.soc.host_view(), host_reserved=16 << 20)
+    own = OwnPorts(m.soc.host_view(), host_reserved=16 << 20)
+    vm = types.SimpleNamespace(devices=DeviceBus())
+    sink = hv.port_out_sink(vm, 0x80, 1)  # type: ignore[arg-type]
+    assert not isinstance(sink, functools.partial)  # the bus's own callable
+    sink(0x5A)
+    assert vm.devices.unassigned == {0x80: 1}
+    other = own.port_out_sink(vm, 0x80, 1)  # type: ignore[arg-type]
+    assert isinstance(other, functools.partial) and other.func == own.port_out
+    hv.port_out = lambda *a: None  # type: ignore[method-assign]  # (set on the instance: honoured too)
+    assert isinstance(hv.port_out_sink(vm, 0x80, 1), functools.partial)  # type: ignore[arg-type]
 
 
 @needs_c
 def test_the_known_out_to_the_bus_gives_what_the_hosts_port_out_gives(accel_flags: None) -> None:
-    # The known OUT straight to the device bus (devices_out) against the same OUTs through the host's
-    # port_out: the same end state, and the host's port_out saw every OUT only in the second run.
+    # The known OUT through the device bus's own callable (port_out_sink) against the same OUTs through
+    # the host's port_out: the same end state, and the host's port_out saw every OUT only in the second run.
+    import functools
+
     seen: list[list[tuple[int, int, int]]] = []
     states = []
     for direct in (True, False):
         run = _launch(True)
         try:
             hv, vm = run.machine.hv, run.vm
-            assert hv.ghcb.devices_out  # (the Hypervisor's own port_out)
             outs: list[tuple[int, int, int]] = []
             plain = hv.port_out
 
@@ -297,16 +311,19 @@ def test_the_known_out_to_the_bus_gives_what_the_hosts_port_out_gives(accel_flag
                 plain(vm_, port, size, value)
 
             _until_hlt(run)
-            hv.port_out = spy  # type: ignore[method-assign]
-            hv.ghcb.devices_out = direct
+            if not direct:  # a port_out set on the instance: port_out_sink gives it, bound to the OUT
+                hv.port_out = spy  # type: ignore[method-assign]
+            hv.ghcb.forget(vm)  # (the callable is made when the event is decoded: decoded again from here)
+            sink = hv.port_out_sink(vm, 0x80, 1)
+            assert isinstance(sink, functools.partial) is not direct
             r = hv.run(vm, 0, max_exits=300)
             assert r.exits == 300 and not vm.crash_reason
-            assert hv.ghcb._known[1] is not None
+            assert hv.ghcb._known[1] is not None and hv.ghcb._known[7] is vm
             seen.append(outs)
             states.append(_state(run))
         finally:
             run.close()
-    assert len(seen[0]) < 5  # (the first OUTs of the loop decode the GHCB: not the known path)
+    assert seen[0] == []
     assert len(seen[1]) >= 300 and {p for p, _, _ in seen[1]} == {0x80}
     for key in states[0]:
         assert states[0][key] == states[1][key], key

@@ -37,6 +37,7 @@ AP then reads the jump table (AP_JUMP_TABLE GET).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,6 +170,17 @@ class NaeExit:
 
 
 NaeFn = Callable[[NaeExit], str | None]
+_Known = tuple[bytes, NaeFn | None, int, int, int, list[tuple[int, bytes]], Callable[[int], None] | None, Vm | None]
+
+
+def _out_sink(host: NaeHost, vm: Vm, port: int, size: int) -> Callable[[int], None]:
+    """The host's OUT of ``size`` bytes to ``port`` of ``vm`` as one callable of the value: its
+    ``port_out_sink`` where it has one (the hypervisor's: its device bus's decode made once), else its
+    ``port_out`` with these arguments."""
+    make = getattr(host, "port_out_sink", None)
+    if make is not None:
+        return make(vm, port, size)  # type: ignore[no-any-return]
+    return functools.partial(host.port_out, vm, port, size)
 MsrFn = Callable[[Vm, Vcpu, int], str | None]
 
 
@@ -192,10 +204,6 @@ class GhcbHandler:
 
     def __init__(self, host: NaeHost) -> None:
         self.host = host
-        self.devices_out = False
-        """Whether the host's ``port_out`` is the VM's device bus (``vm.devices.io_write``) and nothing
-        else: the known OUT then goes to the bus without the host's frame (the hypervisor sets it when
-        its class keeps that ``port_out``)."""
         self.msr_table: dict[int, MsrFn] = {
             GhcbMsrInfo.SEV_INFO_REQ: self._sev_info, GhcbMsrInfo.CPUID_REQ: self._msr_cpuid,
             GhcbMsrInfo.AP_RESET_HOLD_REQ: self._msr_reset_hold, GhcbMsrInfo.REG_GPA_REQ: self._reg_gpa,
@@ -221,14 +229,15 @@ class GhcbHandler:
         self._last_out: dict[str, int] = {}  # the last answer, the GHCB it answered, and its writes
         self._last_wb_save = b""
         self._last_writes: list[tuple[int, bytes]] = []
-        self._known: tuple[bytes, NaeFn | None, int, int, int, list[tuple[int, bytes]]] = (b"", None, 0, 0, 0, [])
+        self._known: _Known = (b"", None, 0, 0, 0, [], None, None)
         """The last GHCB that asked for an OUT (IOIO, not string; no field below the GPRs marked) and
         got the plain answer: the lines that decide it (``_KNOWN_RUNS``: ``ghcb_usage``, SW_EXITCODE,
         SW_EXITINFO1/2, the valid bitmap, RAX -- and the bytes of the lines the answer rewrites), the
-        IOIO handler that answered it, the port, size and value, and the answer's writes -- the same
-        lines again are the same event with the same answer (the guest's loop of OUTs): the answer is
-        written and the OUT made without the decode and the event table (``_page``).  (The other
-        fields the bitmap may mark -- RBX, RCX ... -- are no input of an OUT.)"""
+        IOIO handler that answered it, the port, size and value, the answer's writes, the OUT as one
+        callable of the value (:func:`_out_sink`) and the VM it was made for -- the same lines again
+        are the same event with the same answer (the guest's loop of OUTs): the answer is written and
+        the OUT made without the decode and the event table (``_page``).  (The other fields the
+        bitmap may mark -- RBX, RCX ... -- are no input of an OUT.)"""
 
     # ---- entry -----------------------------------------------------------------------------------
     def vmgexit(self, vm: Vm, vcpu: Vcpu) -> str | None:
@@ -245,21 +254,29 @@ class GhcbHandler:
             # The known OUT (_known) again?  The GHCB mapped as at the last exit (the registered GPA,
             # the same NPT entry: _page's checks), the same IOIO handler, and the lines that decide it
             # read and -- when they are its -- its answer written in one host access; then the OUT
-            # (model choice: after its answer is in the GHCB; nothing sees the GHCB in between).
+            # (model choice: after its answer is in the GHCB; nothing sees the GHCB in between) -- the
+            # OUT as the callable made when the event was decoded for this VM (the host's port_out_sink:
+            # the device bus's decode made once), the host's port_out for another VM.
             # (NestedPageTable.lookup and HostPage.exchange, inlined: the GHCB's GPA is page-aligned
             # here -- no MSR-protocol bits -- and so is the mapped page's SPA)
             if (known[1] is not None and page is not None and page.gpa == msr
                     and (registered is None or msr == registered) and vm.npt.mappings.get(msr >> 12) == page.spa
                     and self.nae_table.get(_IOIO_CODE) is known[1]
                     and page._core.host_exchange(page.spa, _KNOWN_RUNS, known[0], known[5]) is None):
-                if self.devices_out:
-                    vm.devices.io_write(known[2], known[3], known[4])
+                if known[7] is vm:
+                    known[6](known[4])  # type: ignore[misc]  # (made for this VM: a callable)
                 else:
                     self.host.port_out(vm, known[2], known[3], known[4])
                 return None
             return self._page(vm, vcpu, msr)
         except StopRun as stop:
             return stop.reason
+
+    def forget(self, vm: Vm) -> None:
+        """``vm`` is gone, or the host's ``port_out`` changed: the known OUT's callable made for it is
+        dropped (the next OUT is decoded afresh; the callable is made when an event is decoded)."""
+        if self._known[7] is vm:
+            self._known = (b"", None, 0, 0, 0, [], None, None)
 
     @staticmethod
     def _terminate(vm: Vm, reason: str) -> str:
@@ -376,8 +393,9 @@ class GhcbHandler:
                 and not out["sw_exit_info_1"] and not out["sw_exit_info_2"] and "rax" in fields):
             size = _IOIO_SIZE_OF[ex.info1 & 0x70]
             key = got[:64] + got[_HEAD - _GPRS :]  # (the lines of _KNOWN_RUNS, from the head read)
-            self._known = (key, self.nae_table.get(_IOIO_CODE), (ex.info1 >> 16) & 0xFFFF, size,
-                           fields["rax"] & ((1 << (8 * size)) - 1), writes)
+            port = (ex.info1 >> 16) & 0xFFFF
+            self._known = (key, self.nae_table.get(_IOIO_CODE), port, size, fields["rax"] & ((1 << (8 * size)) - 1),
+                           writes, _out_sink(self.host, vm, port, size), vm)
         return stop
 
     @staticmethod

@@ -44,7 +44,8 @@ Errors: what the firmware refuses is a :class:`~sevemu.hypervisor.errors.SevFirm
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sevemu._util.units import PAGE, MiB, align_down, align_up
@@ -120,8 +121,6 @@ class Hypervisor:
         """CPUID results the VMM sets for its guests, by (leaf, subleaf)."""
         self.ghcb = GhcbHandler(self)
         """VMGEXIT of SEV-ES guests: the GHCB MSR protocol and the NAE events (:mod:`sevemu.hypervisor.ghcb`)."""
-        # (the known OUT of the GHCB may go straight to the device bus while port_out is this class's)
-        self.ghcb.devices_out = type(self).port_out is Hypervisor.port_out
         psc.install(self.ghcb, self.sev)  # SNP page-state changes (sevemu.hypervisor.psc)
         ap_creation.install(self.ghcb)  # SNP AP creation (sevemu.hypervisor.ap_creation)
         self._last_vmcb: dict[int, Vmcb] = {}  # ASID -> the VMCB that last ran with it on the core
@@ -342,6 +341,7 @@ class Hypervisor:
             vcpu.engine = None
             if self._last_vmcb.get(vcpu.vmcb.asid) is vcpu.vmcb:
                 del self._last_vmcb[vcpu.vmcb.asid]
+        self.ghcb.forget(vm)
         vm.release()
         vm.state = VmState.DESTROYED
         self.vms.remove(vm)
@@ -485,6 +485,16 @@ class Hypervisor:
     def port_out(self, vm: Vm, port: int, size: int, value: int) -> None:
         """OUT to the VM's devices (COM1 is the serial console)."""
         vm.devices.io_write(port, size, value)
+
+    def port_out_sink(self, vm: Vm, port: int, size: int) -> Callable[[int], None]:
+        """:meth:`port_out` of ``size`` bytes to ``port`` of ``vm`` as one callable of the value (the
+        GHCB's known OUT, :mod:`sevemu.hypervisor.ghcb`): the device bus's own
+        (:meth:`DeviceBus.out_sink <sevemu.hypervisor.devices.bus.DeviceBus.out_sink>`) while
+        :meth:`port_out` is this class's -- which is exactly that bus's ``io_write`` --, else
+        :meth:`port_out` with these arguments (a subclass's, or one set on the instance)."""
+        if getattr(self.port_out, "__func__", None) is Hypervisor.port_out:
+            return vm.devices.out_sink(port, size)
+        return functools.partial(self.port_out, vm, port, size)
 
     def msr_read(self, vm: Vm, msr: int) -> int:
         """An intercepted RDMSR: a device's MSR (the LAPIC's IA32_APIC_BASE, :mod:`sevemu.hypervisor.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from sevemu.errors import InputError
@@ -151,3 +153,43 @@ def test_com1_console_keeps_its_behaviour() -> None:
     assert out == b"hi!"
     bus.io_write(COM1 + 7, 1, 0x5A)  # scratch register
     assert bus.io_read(COM1 + 7, 1) == 0x5A
+
+
+def _bus_state(bus: DeviceBus, devs: list[Recorder]) -> tuple[object, ...]:
+    c = bus.clock
+    return (dict(bus.unassigned), [(d.reads, d.writes, list(d.log)) for d in devs], c.ns, c._activity,
+            c._poll_streak)
+
+
+@pytest.mark.parametrize(("port", "size"), [(0x80, 1), (0x80, 4), (0x501, 4), (0x502, 2), (0x70, 2), (0x71, 1),
+                                            (0xCF9, 1)])
+def test_an_out_sink_does_what_io_write_does(port: int, size: int) -> None:
+    # The bound OUT (the GHCB's known OUT) against io_write: the same device calls, counters and clock,
+    # for an unassigned port, a decoded one, one split into bytes; and after the map changed.
+    states = []
+    for bound in (True, False):
+        bus = DeviceBus()
+        dev, narrow = bus.add(Recorder("dev")), bus.add(Recorder("bytes", frozenset({1})))
+        quiet = bus.add(Recorder("quiet"))
+        quiet.quiet = True
+        bus.map_ports(dev, 0x500, 4)
+        bus.map_ports(narrow, 0x70, 2)
+        bus.map_ports(quiet, 0xCF8, 8)
+        out = bus.out_sink(port, size) if bound else functools.partial(bus.io_write, port, size)
+        for value in (0x1_DEADBEEF, 7, 0xFFFF_FFFF):
+            out(value)
+        bus.unmap_ports(dev)  # the map changes: the sink follows it
+        bus.unmap_ports(narrow)
+        mapped = bus.add(Recorder("late"))
+        bus.map_ports(mapped, 0x80, 1)
+        out(0x42)
+        states.append(_bus_state(bus, [dev, narrow, quiet, mapped]))
+    assert states[0] == states[1]
+
+
+def test_an_out_sink_refuses_what_io_write_refuses() -> None:
+    bus = DeviceBus()
+    with pytest.raises(InputError):
+        bus.out_sink(0x80, 3)
+    with pytest.raises(InputError):
+        bus.out_sink(0x10000, 1)

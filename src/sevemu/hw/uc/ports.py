@@ -31,6 +31,10 @@ __all__ = ["IoHooks", "scan_io_candidates", "scan_vmgexit_candidates"]
 
 _SCAN_PREFIXES: Final = LEGACY_PREFIXES | REX
 _MEMO_LIMIT: Final = 4096
+_PROMOTE_LIMIT: Final = 16
+"""Hooks moved to the front of Unicorn's list (:meth:`IoHooks.remember`) in an engine's lifetime."""
+_PROMOTE_MAX_HOOKS: Final = 1024
+"""No promotion while more hooks are installed (each one re-adds all of them)."""
 _VMMCALL: Final = re.compile(rb"\x0f\x01\xd9")
 
 
@@ -76,6 +80,9 @@ class IoHooks:
         self.exits: dict[int, tuple[bytes, bool, int, VmExit]] = {}
         """RIP -> (instruction bytes, long mode, DX or -1 for an immediate port, the exit)."""
         self._count = 0
+        self._front: list[tuple[int, tuple[int, int]]] = []
+        """(GVA page, range) of the hooks moved to the front of Unicorn's list, the latest first."""
+        self._promotions = 0
 
     @property
     def exec_slots(self) -> set[int]:
@@ -136,6 +143,7 @@ class IoHooks:
         self.xgva.clear()
         self.exits.clear()
         self._count = 0
+        self._front.clear()
 
     def unhook_address(self, rip: int) -> None:
         """A range hook fired on an instruction that is not I/O: drop that range and retranslate."""
@@ -216,7 +224,46 @@ class IoHooks:
         I/O exit, or an SEV-ES guest's VMGEXIT."""
         if len(self.exits) > _MEMO_LIMIT:
             self.exits.clear()
+        new = rip not in self.exits
         self.exits[rip] = (code, long_mode, dx, exit)
+        if new:
+            self._promote(rip)
+
+    def _promote(self, rip: int) -> None:
+        """Move the hook of the exit just remembered at ``rip`` to the front of Unicorn's list of
+        code hooks.  Unicorn calls an instruction's code hooks by walking that whole list in the
+        order they were added (``helper_uc_tracecode`` in Unicorn 2's ``uc.c``), checking each
+        hook's range, and leaves the walk once a callback asked to stop -- ours all do, with
+        ``uc_emu_stop``, at a hook that covers the instruction: an exit whose hook is the 140th of
+        150 walks 140 list entries per round trip; in front, one.  The ranges stay the same (the
+        same instructions stop, and nothing else), so only the cost changes.  Unicorn has no call
+        to insert a hook at the head, so every hook is removed and added again, the remembered ones
+        first -- at most :data:`_PROMOTE_LIMIT` times per engine, and only while at most
+        :data:`_PROMOTE_MAX_HOOKS` are installed."""
+        page = rip & ~(PAGE - 1)
+        ranges = self._ranges.get(page, ())
+        hit = next((r for r in ranges if r[0] <= rip - page <= r[1]), None)
+        if (hit is None or self._promotions >= _PROMOTE_LIMIT or self._count > _PROMOTE_MAX_HOOKS
+                or (page, hit) in self._front[:1]):
+            return
+        self._promotions += 1
+        front = [(page, hit)] + [f for f in self._front if f != (page, hit)]
+        # (only hooks still installed: a page re-hooked since may have lost the range)
+        front = [f for f in front if f[1] in self._ranges.get(f[0], ())]
+        self._front = front
+        lib, h = self._lib, self._h
+        for handles in self._hooks.values():
+            for hh in handles:
+                lib.uc_hook_del(h, hh)
+        hooks: dict[int, list[int]] = {p: [] for p in self._hooks}
+        handle = ctypes.c_size_t()
+        first = set(front)
+        order = front + [(p, r) for p, rs in self._ranges.items() for r in rs if (p, r) not in first]
+        for p, (lo, hi) in order:
+            check(self._lib.uc_hook_add(h, ctypes.byref(handle), UC_HOOK_CODE, self._stop_cb, None, p + lo, p + hi),
+                  "port I/O code hook")
+            hooks.setdefault(p, []).append(handle.value)
+        self._hooks = hooks
 
     def close(self) -> None:
         """Forget everything (the Unicorn instance is gone; its hooks with it)."""

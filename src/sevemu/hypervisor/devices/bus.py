@@ -24,6 +24,7 @@ reports as "devices touched" (:meth:`DeviceBus.touched`).  Each access is also o
 from __future__ import annotations
 
 import bisect
+import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -295,6 +296,43 @@ class DeviceBus:
         dev.writes += 1
         clock.quiet_access() if dev.quiet else clock.access()
         dev.io_write(off, size, value)
+
+    def out_sink(self, port: int, size: int) -> Callable[[int], None]:
+        """:meth:`io_write` of ``size`` bytes to ``port`` as one callable of the value, its decode made
+        once (a loop's OUT, answered again and again: the GHCB's known OUT,
+        :meth:`sevemu.hypervisor.kvm.Hypervisor.port_out_sink`).  The same counters, clock steps and
+        device calls as :meth:`io_write`; once the port map changed (a device mapped or unmapped:
+        :attr:`_ports` is then another dict) the callable is :meth:`io_write` again."""
+        mask = _IO_MASK.get(size)
+        if mask is None or not 0 <= port < _PORTS:
+            raise InputError(f"port write of {size} bytes at {port:#x}")
+        ports, clock, io_write = self._ports, self.clock, self.io_write
+        hit = ports.get(port)
+        if hit is None and type(clock).access is VirtualClock.access:
+            u = self._unassigned
+
+            def unassigned(value: int) -> None:
+                if self._ports is not ports:
+                    return io_write(port, size, value)
+                clock._ns += clock.access_ns  # (VirtualClock.access, inlined)
+                clock._activity += 1
+                u[port] = u.get(port, 0) + 1
+                return None
+
+            return unassigned
+        if hit is None or size not in hit[0].io_sizes:
+            return functools.partial(io_write, port, size)  # (split or widened: io_write's own way)
+        dev, off = hit
+
+        def decoded(value: int) -> None:
+            if self._ports is not ports:
+                return io_write(port, size, value)
+            dev.writes += 1
+            clock.quiet_access() if dev.quiet else clock.access()
+            dev.io_write(off, size, value & mask)
+            return None
+
+        return decoded
 
     def ins(self, port: int, size: int, count: int) -> bytes:
         """String IN (``rep insb/w/d``): ``count`` reads, little-endian, one after another."""
