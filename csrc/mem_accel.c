@@ -271,6 +271,7 @@ typedef struct {
     PyObject *line;
     uint64_t key;
     Py_ssize_t set;
+    int dirty;
 } Entry;
 
 static void drop_entries(Entry *e, Py_ssize_t n)
@@ -283,11 +284,13 @@ static void drop_entries(Entry *e, Py_ssize_t n)
 }
 
 /* Sort e[0:n) by key, all keys in [lo, lo + 64 * 2^bits): LSD radix sort of the line index
- * (key - lo) / 64, 11 bits a pass, through tmp (n entries). */
+ * (key - lo) / 64, 11 bits a pass, through tmp (n entries); the passes alternate between the two
+ * buffers and the result is copied back into e only when their count is odd. */
 static void sort_by_key(Entry *e, Entry *tmp, Py_ssize_t n, uint64_t lo, int bits)
 {
     enum { DIGIT = 11, RADIX = 1 << DIGIT };
     Py_ssize_t count[RADIX];
+    Entry *const out = e;
     int shift;
     for (shift = 0; shift < bits; shift += DIGIT) {
         Py_ssize_t i, sum = 0;
@@ -307,9 +310,69 @@ static void sort_by_key(Entry *e, Entry *tmp, Py_ssize_t n, uint64_t lo, int bit
         swap = e;
         e = tmp;
         tmp = swap;
-        memcpy(tmp, e, (size_t)n * sizeof(Entry)); /* the result back where the caller expects it */
+    }
+    if (e != out) {
+        memcpy(out, e, (size_t)n * sizeof(Entry)); /* the result where the caller expects it */
     }
 }
+
+/* cache_take's dirty test without a lookup per line: the dirty set's own table is walked once (its
+ * entries carry each key's hash, and a non-negative int below the hash modulus is its own hash, so
+ * only the keys whose hash falls in [lo, hi) are read), the keys in the range are marked in a bitmap
+ * of the range's lines, and each taken entry looks its bit up.  The same answer as one set lookup
+ * per taken key -- a key is dirty iff it is in the set -- without the lookups, which for line keys
+ * (multiples of 64, so their low hash bits are all zero) collide in the set's table and cost more
+ * than everything else cache_take does.  Returns the number of taken entries marked dirty, -1 when
+ * the walk cannot be used (then nothing was marked and the caller looks each key up), -2 on an error
+ * (MemoryError set).  Nothing changes in any Python object. */
+#if PY_VERSION_HEX < 0x030D0000 && !defined(Py_LIMITED_API)
+#define DIRTY_WALK 1
+#define DIRTY_WALK_MAX_LINES ((uint64_t)1 << 27) /* a bitmap of at most 16 MiB */
+static Py_ssize_t mark_dirty_by_walk(Entry *e, Py_ssize_t n, uint64_t lo, uint64_t hi, PyObject *dirty)
+{
+    uint64_t span = (hi - lo + LINE - 1) / LINE, *bits;
+    Py_ssize_t pos = 0, i, marked = 0;
+    PyObject *k;
+    Py_hash_t h;
+    if (!PySet_CheckExact(dirty) || hi > (uint64_t)_PyHASH_MODULUS || span > DIRTY_WALK_MAX_LINES) {
+        return -1;
+    }
+    bits = (uint64_t *)PyMem_Calloc((size_t)(span + 63) / 64, sizeof(uint64_t));
+    if (bits == NULL) {
+        PyErr_NoMemory();
+        return -2;
+    }
+    while (_PySet_NextEntry(dirty, &pos, &k, &h)) {
+        uint64_t v = (uint64_t)h, line;
+        if (v < lo || v >= hi) { /* (a negative hash casts above hi) */
+            continue;
+        }
+        if (!PyLong_CheckExact(k)) {
+            PyMem_Free(bits);
+            return -1;
+        }
+        v = (uint64_t)as_u64(k);
+        if (v == (uint64_t)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            continue; /* (not a key of the range: a negative int or one past 64 bits) */
+        }
+        if (v < lo || v >= hi || (v - lo) % LINE) { /* (a key at or above the modulus whose hash fell in) */
+            continue;
+        }
+        line = (v - lo) / LINE;
+        bits[line / 64] |= (uint64_t)1 << (line % 64);
+    }
+    for (i = 0; i < n; i++) {
+        uint64_t line = (e[i].key - lo) / LINE;
+        e[i].dirty = (e[i].key - lo) % LINE == 0 && ((bits[line / 64] >> (line % 64)) & 1);
+        marked += e[i].dirty;
+    }
+    PyMem_Free(bits);
+    return marked;
+}
+#else
+#define DIRTY_WALK 0
+#endif
 
 PyDoc_STRVAR(cache_take_doc,
              "cache_take(sets, lo, hi, dirty, /)\n--\n\n"
@@ -323,7 +386,7 @@ static PyObject *cache_take(PyObject *self, PyObject *const *args, Py_ssize_t na
 {
     PyObject *sets, *dirty, *keys = NULL, *data = NULL, *packed = NULL, *result = NULL;
     uint64_t lo, hi, span;
-    Py_ssize_t nsets, s, i, total = 0, n = 0, kept = 0;
+    Py_ssize_t nsets, s, i, total = 0, n = 0, kept = 0, marked = -1;
     Entry *all = NULL, *tmp = NULL;
     int bits = 0;
     (void)self;
@@ -367,6 +430,7 @@ static PyObject *cache_take(PyObject *self, PyObject *const *args, Py_ssize_t na
             all[n].key_obj = k;
             all[n].line = v;
             all[n].set = s;
+            all[n].dirty = 0;
             n++;
         }
     }
@@ -393,6 +457,13 @@ static PyObject *cache_take(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
     }
     n = kept;
+    /* 2b: which of them are dirty, by one walk of `dirty` (nothing changed yet) */
+#if DIRTY_WALK
+    marked = mark_dirty_by_walk(all, n, lo, hi, dirty);
+    if (marked == -2) {
+        goto fail_unchanged;
+    }
+#endif
     /* 3: out of the sets (a set wholly in the range is cleared in one call) */
     for (i = 0; i < n; i++) {
         Py_INCREF(all[i].key_obj);
@@ -417,6 +488,29 @@ static PyObject *cache_take(PyObject *self, PyObject *const *args, Py_ssize_t na
         i = j;
     }
     /* 4: the dirty ones stay (and leave `dirty`); the others are dropped */
+    if (marked >= 0) { /* (known already: all of `dirty` goes at once when every key of it was taken) */
+        int whole = marked == PySet_GET_SIZE(dirty);
+        kept = 0;
+        if (whole && PySet_Clear(dirty) < 0) {
+            goto fail;
+        }
+        for (i = 0; i < n; i++) {
+            if (!all[i].dirty) {
+                Py_DECREF(all[i].key_obj);
+                Py_DECREF(all[i].line);
+                continue;
+            }
+            if (!whole && PySet_Discard(dirty, all[i].key_obj) < 0) {
+                drop_entries(all, kept);
+                drop_entries(all + i, n - i);
+                n = 0;
+                goto fail;
+            }
+            all[kept++] = all[i];
+        }
+        n = kept;
+        goto sort;
+    }
     kept = 0;
     for (i = 0; i < n; i++) {
         int was = PySet_Discard(dirty, all[i].key_obj);
@@ -434,6 +528,7 @@ static PyObject *cache_take(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
     }
     n = kept;
+sort:
     /* 5: sorted by key, copied out */
     tmp = (Entry *)PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Entry));
     if (tmp == NULL) {

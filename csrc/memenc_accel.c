@@ -22,6 +22,12 @@
  *                                             length bytes of a page store transformed in place,
  *                                             the bytes before returned (copied per group of pages
  *                                             just before they are transformed, in one pass)
+ *   sha256_new() / sha256_copy(ctx) / sha256_update(ctx, data) / sha256_digest(ctx)
+ *                                             a SHA-256 context (OpenSSL's EVP) in a capsule: the
+ *                                             SEV launch digest (src/sevemu/crypto/sha256.py)
+ *   measure_pages_in_place(pages, spa, length, consts, key, code, ctx)
+ *                                             length bytes of a page store hashed into ctx, then
+ *                                             encrypted in place, per group of pages in one pass
  *
  * The crypt_* functions run the AES through OpenSSL's libcrypto themselves (one pass over the data
  * instead of three, see xex_pages_run); elsewhere the AES stays in `cryptography`.  Portable C99
@@ -1190,6 +1196,251 @@ done:
     return result;
 }
 
+/* ---- the launch digest: SHA-256 whose state lives here, so that a page store can be hashed in place ----
+ *
+ * A SHA-256 context (OpenSSL's EVP, one per capsule) that LAUNCH_UPDATE_DATA's measurement extends
+ * straight from DRAM's pages (measure_pages_in_place) as well as from buffers (sha256_update), the
+ * same digest as hashlib's of the same bytes in the same order. */
+
+#define SHA_CAPSULE "sevemu.sha256"
+
+static void sha_capsule_free(PyObject *capsule)
+{
+    EVP_MD_CTX *ctx = (EVP_MD_CTX *)PyCapsule_GetPointer(capsule, SHA_CAPSULE);
+    EVP_MD_CTX_free(ctx);
+}
+
+static const EVP_MD *sha256_md(void)
+{
+    static const EVP_MD *md = NULL; /* fetched once (OpenSSL 3 looks it up at every init otherwise) */
+    if (md == NULL) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+        md = EVP_MD_fetch(NULL, "SHA256", NULL);
+#endif
+        if (md == NULL) {
+            md = EVP_sha256();
+        }
+    }
+    return md;
+}
+
+static PyObject *sha_wrap(EVP_MD_CTX *ctx)
+{
+    PyObject *capsule = PyCapsule_New(ctx, SHA_CAPSULE, sha_capsule_free);
+    if (capsule == NULL) {
+        EVP_MD_CTX_free(ctx);
+    }
+    return capsule;
+}
+
+static EVP_MD_CTX *sha_ctx(PyObject *capsule)
+{
+    return (EVP_MD_CTX *)PyCapsule_GetPointer(capsule, SHA_CAPSULE); /* (ValueError when not ours) */
+}
+
+PyDoc_STRVAR(sha256_new_doc, "sha256_new(/)\n--\n\nA fresh SHA-256 context (a capsule).");
+
+static PyObject *sha256_new(PyObject *self, PyObject *unused)
+{
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    (void)self;
+    (void)unused;
+    if (ctx == NULL) {
+        return PyErr_NoMemory();
+    }
+    if (EVP_DigestInit_ex(ctx, sha256_md(), NULL) != 1) {
+        EVP_MD_CTX_free(ctx);
+        PyErr_SetString(PyExc_RuntimeError, "sha256_new: OpenSSL SHA-256 failed");
+        return NULL;
+    }
+    return sha_wrap(ctx);
+}
+
+PyDoc_STRVAR(sha256_copy_doc, "sha256_copy(ctx, /)\n--\n\nA new context in the state of ctx.");
+
+static PyObject *sha256_copy(PyObject *self, PyObject *capsule)
+{
+    EVP_MD_CTX *ctx = sha_ctx(capsule), *dup;
+    (void)self;
+    if (ctx == NULL) {
+        return NULL;
+    }
+    dup = EVP_MD_CTX_new();
+    if (dup == NULL) {
+        return PyErr_NoMemory();
+    }
+    if (EVP_MD_CTX_copy_ex(dup, ctx) != 1) {
+        EVP_MD_CTX_free(dup);
+        PyErr_SetString(PyExc_RuntimeError, "sha256_copy: OpenSSL failed");
+        return NULL;
+    }
+    return sha_wrap(dup);
+}
+
+PyDoc_STRVAR(sha256_digest_doc, "sha256_digest(ctx, /)\n--\n\nThe digest of what ctx has hashed (ctx unchanged).");
+
+static PyObject *sha256_digest(PyObject *self, PyObject *capsule)
+{
+    EVP_MD_CTX *ctx = sha_ctx(capsule), *dup;
+    unsigned char out[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    int ok;
+    (void)self;
+    if (ctx == NULL) {
+        return NULL;
+    }
+    dup = EVP_MD_CTX_new();
+    if (dup == NULL) {
+        return PyErr_NoMemory();
+    }
+    ok = EVP_MD_CTX_copy_ex(dup, ctx) == 1 && EVP_DigestFinal_ex(dup, out, &n) == 1 && n == 32;
+    EVP_MD_CTX_free(dup);
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "sha256_digest: OpenSSL failed");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)out, 32);
+}
+
+PyDoc_STRVAR(sha256_update_doc,
+             "sha256_update(ctx, data, /)\n--\n\nExtend ctx with the bytes of data (the GIL released from 4 KiB on).");
+
+static PyObject *sha256_update(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    EVP_MD_CTX *ctx;
+    Py_buffer view;
+    int ok;
+    (void)self;
+    if (check_nargs("sha256_update", nargs, 2, 2) < 0 || (ctx = sha_ctx(args[0])) == NULL) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (view.len >= XP_PAGE) {
+        Py_BEGIN_ALLOW_THREADS
+        ok = EVP_DigestUpdate(ctx, view.buf, (size_t)view.len) == 1;
+        Py_END_ALLOW_THREADS
+    } else {
+        ok = EVP_DigestUpdate(ctx, view.buf, (size_t)view.len) == 1;
+    }
+    PyBuffer_Release(&view);
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "sha256_update: OpenSSL failed");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(measure_pages_in_place_doc,
+             "measure_pages_in_place(pages, spa, length, consts, key, code, ctx, /)\n--\n\n"
+             "The `length` bytes of the page store `pages` (dict PFN -> 4096-byte bytearray; an absent\n"
+             "page reads as zeros) at spa hashed into the SHA-256 context ctx, then encrypted in place\n"
+             "as crypt_pages_in_place encrypts them (code 0 XE, 1 XEX, 2 XTS): the same pages and the\n"
+             "same digest as gathering the range, hashing what was gathered and crypt_pages of it,\n"
+             "without the copy.  Per group of pages (still in the CPU's cache), the GIL released.");
+
+/* measure_pages_in_place: LAUNCH_UPDATE_DATA's read, measurement and encryption in one pass over a
+ * page store's range that nothing else holds a newer copy of (the caller checked: no dirty host
+ * line) -- per group of pages, SHA-256 of their plaintext, then AES in place while they are still
+ * in L2: DRAM's pages are read once, and no plaintext copy is made. */
+static PyObject *measure_pages_in_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *result = NULL, *sub[7];
+    CryptArgs a;
+    PageSet ps = {NULL, 0, 0, 0, NULL, NULL};
+    Py_ssize_t length, i;
+    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    EVP_MD_CTX *sha;
+    PyObject *sized = NULL;
+    (void)self;
+
+    if (check_nargs("measure_pages_in_place", nargs, 7, 7) < 0 || (sha = sha_ctx(args[6])) == NULL) {
+        return NULL;
+    }
+    length = PyLong_AsSsize_t(args[2]);
+    if (length == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (length < 0) {
+        PyErr_SetString(PyExc_ValueError, "length must not be negative");
+        return NULL;
+    }
+    sized = PyBytes_FromStringAndSize(NULL, 0); /* (crypt_args checks the rest; the span is checked below) */
+    if (sized == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < 6; i++) {
+        sub[i] = args[i];
+    }
+    sub[2] = sized;
+    sub[6] = Py_True;
+    if (crypt_args("measure_pages_in_place", sub, 7, 0, &a) < 0) {
+        Py_DECREF(sized);
+        return NULL;
+    }
+    if (length % (a.code == 2 ? 64 : BLOCK) || a.spa % (a.code == 2 ? 64 : BLOCK)) {
+        PyErr_SetString(PyExc_ValueError, "measure_pages_in_place: spa and length must be whole blocks (XTS: units)");
+        goto done;
+    }
+    if ((uint64_t)length > ((uint64_t)1 << a.nbits) - a.spa) {
+        PyErr_Format(PyExc_ValueError, "the span is outside the %zd-bit address space", a.nbits);
+        goto done;
+    }
+    if (length == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (page_set_take(&ps, a.pages, a.spa, length, NULL, 0) < 0 ||
+        crypt_contexts("measure_pages_in_place", &a, &ctx, &tweak_ctx) < 0) {
+        goto done;
+    }
+    {
+        const unsigned char *consts = (const unsigned char *)a.consts.buf;
+        unsigned char **ptrs = ps.ptrs;
+        int nbits = (int)a.nbits, failed = 0;
+        int pre = 1, post = a.code == 1;
+        long code = a.code;
+        uint64_t spa = a.spa;
+        Py_ssize_t left = length, p = 0;
+        Py_BEGIN_ALLOW_THREADS
+        while (left > 0 && !failed) {
+            Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
+            Py_ssize_t n = (Py_ssize_t)IN_PLACE_GROUP * XP_PAGE - off, q, at;
+            Span span = {ptrs + p, NULL};
+            if (n > left) {
+                n = left;
+            }
+            for (q = 0, at = 0; at < n && !failed; q++) { /* the plaintext, page by page */
+                Py_ssize_t o = q == 0 ? off : 0;
+                Py_ssize_t k = XP_PAGE - o < n - at ? XP_PAGE - o : n - at;
+                failed = EVP_DigestUpdate(sha, ptrs[p + q] + o, (size_t)k) != 1;
+                at += k;
+            }
+            if (!failed) {
+                failed = code == 2 ? xts_pages_run(&span, &span, spa, n, ctx, tweak_ctx, 1)
+                                   : xex_pages_run(&span, &span, 0, spa, n, consts, nbits, ctx, pre, post, 1);
+            }
+            spa += (uint64_t)n;
+            left -= n;
+            p += q;
+        }
+        Py_END_ALLOW_THREADS
+        if (failed) {
+            PyErr_SetString(PyExc_RuntimeError, "measure_pages_in_place: OpenSSL failed");
+            goto done;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    page_set_drop(&ps);
+    EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(tweak_ctx);
+    crypt_args_release(&a);
+    Py_DECREF(sized);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"xor_addr_tweak", (PyCFunction)(void (*)(void))xor_addr_tweak, METH_FASTCALL, xor_addr_tweak_doc},
     {"xts_xor", (PyCFunction)(void (*)(void))xts_xor, METH_FASTCALL, xts_xor_doc},
@@ -1197,6 +1448,12 @@ static PyMethodDef methods[] = {
     {"xor_bytes", (PyCFunction)(void (*)(void))xor_bytes, METH_FASTCALL, xor_bytes_doc},
     {"xor_bytearray", (PyCFunction)(void (*)(void))xor_bytearray, METH_FASTCALL, xor_bytearray_doc},
     {"crypt_pages", (PyCFunction)(void (*)(void))crypt_pages, METH_FASTCALL, crypt_pages_doc},
+    {"sha256_new", (PyCFunction)sha256_new, METH_NOARGS, sha256_new_doc},
+    {"sha256_copy", (PyCFunction)sha256_copy, METH_O, sha256_copy_doc},
+    {"sha256_digest", (PyCFunction)sha256_digest, METH_O, sha256_digest_doc},
+    {"sha256_update", (PyCFunction)(void (*)(void))sha256_update, METH_FASTCALL, sha256_update_doc},
+    {"measure_pages_in_place", (PyCFunction)(void (*)(void))measure_pages_in_place, METH_FASTCALL,
+     measure_pages_in_place_doc},
     {"crypt_into", (PyCFunction)(void (*)(void))crypt_into, METH_FASTCALL, crypt_into_doc},
     {"crypt_from_pages", (PyCFunction)(void (*)(void))crypt_from_pages, METH_FASTCALL, crypt_from_pages_doc},
     {"crypt_pages_in_place", (PyCFunction)(void (*)(void))crypt_pages_in_place, METH_FASTCALL,

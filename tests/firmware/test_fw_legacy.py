@@ -25,7 +25,10 @@ from sevemu.abi.sev import (
 )
 from sevemu.abi.states import GuestState, PlatformState
 from sevemu.abi.status import Status
+from sevemu.crypto import memenc
+from sevemu.crypto.sha256 import Sha256
 from sevemu.firmware import sha_engine
+from sevemu.hw.psp import PspDma
 from sevemu.scenario import Machine, build_machine
 
 MiB = 1 << 20
@@ -196,6 +199,59 @@ def test_a_streamed_launch_update_equals_one_pass_at_unaligned_ends_and_chunk_se
         assert m.hv.psp.get_data(0x40) == data[off : off + 0x40], hex(off)
     assert m.soc.dram.read(spa - 0x30, 0x30) == bytes(range(0x30))
     assert m.soc.dram.read(spa + len(data), 0x30) == b"\xee" * 0x30
+
+
+def _launch_image(m: Machine, data: bytes, spa: int, dirty: int | None, sha_accel: bool | None) -> tuple[int, int]:
+    """LAUNCH_UPDATE_DATA of ``data`` at ``spa`` (written and flushed by the host first; ``dirty``:
+    an offset at which the host then writes one more line without flushing it), the guest's launch
+    digest a :class:`Sha256` in the accelerator or not; (handle, chunks hashed in place)."""
+    init(m, InitCmd())
+    handle = start_guest(m, asid=100)
+    m.firmware.guests[handle].ld = Sha256(accel=sha_accel)
+    m.hv.core.host_write(spa, data)
+    m.hv.core.clflush_range(spa, len(data))
+    if dirty is not None:
+        m.hv.core.host_write(spa + dirty, b"D" * 64)
+    fused = []
+    real = PspDma.measure_clean
+
+    def spy(self: PspDma, at: int, length: int, asid: int, sha: Sha256) -> bool:
+        done = real(self, at, length, asid, sha)
+        fused.append(done)
+        return done
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PspDma, "measure_clean", spy)
+        ok(m, CommandId.LAUNCH_UPDATE_DATA, LaunchUpdateDataCmd(handle=handle, paddr=spa, len=len(data)))
+    return handle, sum(fused)
+
+
+@pytest.mark.skipif(not memenc.ACCELERATED, reason="the C accelerator was not built")
+@pytest.mark.parametrize("dirty", [None, 3 * MiB + 0x1000])
+def test_a_launch_update_measured_in_place_is_the_two_step_read_hash_write(dirty: int | None,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a spare core each clean chunk is hashed and encrypted where it lies in DRAM (no
+    plaintext copy): the same digest, the same DRAM (ciphertext only) as the read, hash and write
+    the firmware makes with a ``hashlib`` digest -- and a chunk holding a dirty host line takes
+    that two-step path, so the PSP's coherent read measures the host's line, which later wins over
+    the ciphertext when the host flushes it, as on hardware."""
+    monkeypatch.setattr(sha_engine, "mode", "off")
+    spa = 0x4000_0000
+    data = hashlib.shake_256(b"in place").digest(5 * MiB + 0x1000)
+    want = data if dirty is None else data[:dirty] + b"D" * 64 + data[dirty + 64 :]
+    runs = []
+    for accel in (True, False):
+        m = build_machine("milan", seed="fw-tests", dram_size=8 << 30, init=False)
+        handle, fused = _launch_image(m, data, spa, dirty, accel)
+        assert fused == (0 if not accel else 3 if dirty is None else 2)  # 3 chunks: 2 MiB, 2 MiB, 1 MiB + 4 KiB
+        assert m.firmware.guests[handle].launch_digest == hashlib.sha256(want).digest()
+        stored = m.soc.dram.read(spa, len(data))
+        assert all(stored[o : o + 16] != want[o : o + 16] for o in range(0, len(want), 4096))
+        if dirty is not None:
+            m.hv.core.clflush_range(spa + dirty, 64)  # the host's dirty line goes to DRAM last
+            assert m.soc.dram.read(spa + dirty, 64) == b"D" * 64
+        runs.append((m.firmware.guests[handle].launch_digest, m.soc.dram.read(spa - 4096, len(data) + 8192)))
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("engine", ["on", "off"])  # the SHA engine's thread hashing, or the caller

@@ -403,6 +403,49 @@ def _bulk_against_line_by_line(mode: EncryptionMode, coherent: bool, ops: list[t
     assert _state(bulk) == _state(ref)
 
 
+def _high_asid_twin() -> tuple[Cache, KeySlotPort]:
+    """A cache of 64 lines whose memory controller has ASIDs up to 509: keys of ASID 256 and above
+    are at or past the int hash modulus 2**61 - 1, so their hashes are not their values."""
+    r = random.Random(9)
+    mc = MemoryController(Dram(4 * MiB), EncryptionMode.XEX, TweakConstants.random_zen2(48, r), 509, rng=r.randbytes)
+    port = mc.secure_port()
+    for asid in (1, 256, 300):
+        port.load(asid, r.randbytes(16))
+    return Cache(mc, 4096, 4), port
+
+
+@pytest.mark.parametrize("alone", [False, True])
+@pytest.mark.parametrize("stray", [False, True])
+@pytest.mark.parametrize("domain", [(0, False), (0, True), (1, True), (256, True), (300, True)])
+def test_a_flush_larger_than_the_cache_finds_the_dirty_lines_as_a_lookup_per_line_does(
+        domain: tuple[int, bool], stray: bool, alone: bool) -> None:
+    """The C flush of a range with more lines than the cache tells the dirty lines by one walk of the
+    dirty set (keys' hashes, then their values) instead of a lookup per line: the same lines written
+    back, the same dirty set left, the same DRAM as the Python path -- with keys whose hash is not
+    their value (ASID >= 256) resident and dirty, clean lines in the range, dirty ones outside it,
+    and (``stray``) a dirty key in the range that no set holds, which neither path may drop; or
+    (``alone``) with only the flushed domain's lines, all of the dirty set in the range."""
+    states = []
+    for accel in (True, False) if memaccel.ENABLED else (False,):
+        with mem_accel(accel):
+            cache, _ = _high_asid_twin()
+            r = random.Random(3)
+            for asid, c in [domain] if alone else [(0, False), (0, True), (1, True), (256, True), (300, True)]:
+                for i in range(12):
+                    cache.write(asid, c, 0x10000 + i * 0x440, r.randbytes(LINE))
+                cache.read(asid, c, 0x30000, 2 * LINE)  # clean lines
+            asid, c = domain
+            if stray:
+                cache.dirty.add(tag_key(asid, c, 0x10000 + 0x3000))
+            cache.flush_range(asid, c, 0x10000, 0x20000 + 2 * LINE)  # 2050 lines > 64
+            assert not any(key_domain(k)[:2] == (asid if c else 0, c) and 0x10000 <= key_domain(k)[2] < 0x30080
+                           for s in cache.sets for k in s)
+            states.append(_state(cache))
+    assert all(state == states[0] for state in states)
+    if stray:
+        assert tag_key(domain[0], domain[1], 0x13000) in states[0][2]
+
+
 @pytest.mark.parametrize("many", [False, True])
 @pytest.mark.parametrize("order", [((1, True), (0, False), (2, True)), ((2, True), (1, True), (0, False)),
                                    ((0, False), (1, True)), ((2, True), (0, False))])

@@ -622,3 +622,19 @@ def test_every_table_row_is_exercised_here() -> None:
                   (Api.SEV_DEV, SevUserCmd.SNP_COMMIT), (Api.SEV_DEV, SevUserCmd.SNP_SET_CONFIG)}
     elsewhere |= {(Api.SEV_DEV, SevUserCmd.SNP_VLEK_LOAD)}  # tests/test_vlek_load.py
     assert {(row.api, row.sub) for row in COMMANDS} == driven | elsewhere
+
+
+@pytest.mark.parametrize("gpa,length", [(0x10_0000, 64 * PAGE), (0x10_0123, 5 * PAGE), (0x10_0800, 0), (0x10_1000, 0)])
+def test_back_range_of_a_partly_backed_range_is_one_back_per_page(gpa: int, length: int) -> None:
+    """``Vm.back_range`` looks the backed pages up in one pass and backs only the others: the SPAs,
+    in order, that ``Vm.back`` of every page gives, the backed pages' mappings unchanged."""
+    m = build_machine("milan", seed="back-range")
+    vm = m.hv.create_vm("back", 2 * MiB)
+    before = {p: vm.back(p) for p in range(0x10_0000, 0x10_0000 + 64 * PAGE, 3 * PAGE)}
+    spas = vm.back_range(gpa, length)
+    first = gpa & ~(PAGE - 1)
+    pages = list(range(first, gpa + length, PAGE))
+    assert len(spas) == len(pages) and all(spas)
+    assert spas == [vm.back(p) for p in pages]  # (back of a backed page answers its SPA)
+    assert all(vm.back(p) == spa for p, spa in before.items())
+    assert len(set(spas)) == len(spas)

@@ -28,9 +28,11 @@ The firmware streams the run in 2 MiB chunks (:mod:`sevemu.firmware.sev.launch`)
 spare, each chunk is hashed on a worker thread (the PSP's SHA engine) while it is encrypted and
 written back, so the launch approaches the larger of the SHA-256 time and the rest (the host's
 flush, the copy out of DRAM's pages, the encryption); without one (``--sha-engine auto``, the
-default, decides by the load average; ``on`` / ``off`` force it) the firmware thread hashes each
-chunk right after reading it, which costs the least CPU.  The encryption of XE/XEX generations runs
-in one C pass per page straight into DRAM's pages (:meth:`~sevemu.crypto.memenc.MemoryCipher.encrypt_to_pages`).
+default, decides by the load average; ``on`` / ``off`` force it) the firmware thread measures each
+chunk where it lies in DRAM -- hashed from DRAM's pages, then encrypted in place, one C pass per
+group of pages, no plaintext copy (:meth:`~sevemu.crypto.memenc.MemoryCipher.measure_pages_in_place`)
+-- which costs the least CPU.  With the engine, the encryption of XE/XEX generations runs in one C
+pass per page straight into DRAM's pages (:meth:`~sevemu.crypto.memenc.MemoryCipher.encrypt_to_pages`).
 On a loaded machine every figure, the floors included, slows down: compare figures of one run only,
 and the CPU-time ratio before the wall-clock one.
 
@@ -251,7 +253,7 @@ def run_launch(args: argparse.Namespace) -> int:
       f"{r['aes_ratio']:.2f}")
     w(f"  in CPU time (all threads of this process): launch {r['launch_cpu_seconds'] * 1e3:.1f} ms, floor "
       f"{r['floor_cpu_seconds'] * 1e3:.1f} ms, ratio {r['cpu_ratio']:.2f}")
-    w(f"  SHA-256 {'on the SHA engine thread beside the encryption' if r['sha_engine_thread'] else 'on the firmware thread, chunk by chunk (no spare core)'}"
+    w(f"  SHA-256 {'on the SHA engine thread beside the encryption' if r['sha_engine_thread'] else 'on the firmware thread, each chunk where it lies in DRAM (no spare core)'}"
       f" (--sha-engine {r['sha_engine']})")
     w(f"  best of {r['rounds']} interleaved round(s); load average {r['load_average']:.1f}")
     return 0

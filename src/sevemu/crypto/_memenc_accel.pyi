@@ -34,3 +34,20 @@ def crypt_into(dst: WriteableBuffer, spa: int, src: ReadableBuffer, consts: Read
                key: ReadableBuffer, code: int, encrypt: bool, /) -> bool:
     """crypt_pages' fused transform into one buffer of len(src) bytes (may be src itself); False, with
     nothing written, when dst overlaps src other than exactly."""
+
+def sha256_new() -> object:
+    """A fresh SHA-256 context (a capsule)."""
+
+def sha256_copy(ctx: object, /) -> object:
+    """A new context in the state of ``ctx``."""
+
+def sha256_update(ctx: object, data: ReadableBuffer, /) -> None:
+    """Extend ``ctx`` with ``data``."""
+
+def sha256_digest(ctx: object, /) -> bytes:
+    """The digest of what ``ctx`` has hashed (``ctx`` unchanged)."""
+
+def measure_pages_in_place(pages: dict[int, bytearray], spa: int, length: int, consts: ReadableBuffer,
+                           key: ReadableBuffer, code: int, ctx: object, /) -> None:
+    """The page store's ``length`` bytes at spa hashed into ``ctx``, then encrypted in place (XE / XEX /
+    XTS as crypt_pages_in_place), per group of pages in one pass."""

@@ -96,6 +96,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 from sevemu._util.units import LINE, PAGE
 from sevemu.errors import AddressError, AlignmentError, InputError, KeySizeError
 
+if TYPE_CHECKING:
+    from sevemu.crypto.sha256 import Sha256
+
 #: Whether the optional C accelerator (``csrc/memenc_accel.c``) was built and loaded; without it the
 #: numpy and integer paths do the same work, slower.
 ACCELERATED: bool
@@ -957,6 +960,22 @@ class MemoryCipher:
             return None
         self._check(spa, length)
         return bytes(run(pages, spa, length, self._tables.consts_bytes, self._key, self._code, True))
+
+    def measure_pages_in_place(self, spa: int, length: int, pages: dict[int, bytearray], sha: Sha256) -> bool:
+        """Hash ``length`` bytes of a page store (PFN -> 4 KiB bytearray, as :class:`sevemu.hw.dram.Dram`
+        keeps; an absent page reads as zeros) at SPA ``spa`` into ``sha``, then encrypt them in place:
+        the digest of the gathered range and the pages :meth:`encrypt_pages_in_place` leaves, in one
+        pass in the C accelerator without a copy of the plaintext (per group of pages: SHA-256, then
+        tweak, AES, tweak while they are in the CPU's cache).  Only with the accelerator and a
+        :class:`~sevemu.crypto.sha256.Sha256` whose state it holds; False, with nothing done,
+        otherwise (the caller then reads, hashes and writes).  Checks as :meth:`encrypt_bulk`."""
+        ctx = sha.context
+        run = getattr(_memenc_accel, "measure_pages_in_place", None) if self._accel and ctx is not None else None
+        if run is None:
+            return False
+        self._check(spa, length)
+        run(pages, spa, length, self._tables.consts_bytes, self._key, self._code, ctx)
+        return True
 
     def encrypt_small(self, spa: int, data: bytes | bytearray) -> memoryview:
         """The ciphertext of ``data`` at ``spa`` in this thread's scratch buffer (valid until the

@@ -20,15 +20,12 @@ checks which bit is tabled in ``docs/firmware.md`` ("Policy").
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from hashlib import _Hash
+from typing import Final
 
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.states import GuestState
+from sevemu.crypto.sha256 import Sha256
 from sevemu.crypto.transport import PacketCrypto
 
 __all__ = ["CLOSED_KEY", "NO_DIGEST", "GuestContext"]
@@ -51,7 +48,7 @@ class GuestContext:
     state: GuestState = GuestState.LUPDATE
     asid: int = 0
     es: bool = False
-    ld: _Hash = field(default_factory=hashlib.sha256)  # running launch digest (hashlib object)
+    ld: Sha256 = field(default_factory=Sha256)  # running launch digest (hashlib's SHA-256, or its state in the accelerator)
     measure: bytes = b""  # LAUNCH_MEASURE output, bound into LAUNCH_SECRET MACs (API >= 0.17)
     measured_ld: bytes = NO_DIGEST  # GCTX.LD as LAUNCH_MEASURE finalised it (ATTESTATION reports it)
     session: bool = False  # LAUNCH_START carried an owner session (GODH certificate + session blob)

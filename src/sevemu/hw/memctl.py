@@ -38,6 +38,7 @@ from sevemu.hw import memaccel
 from sevemu.hw.dram import Dram
 
 if TYPE_CHECKING:
+    from sevemu.crypto.sha256 import Sha256
     from sevemu.hw._mem_accel import LineCipher
 
 _ZERO_LINE = bytes(LINE)
@@ -283,6 +284,15 @@ class MemoryController:
             before = self.dram.read(spa, length)
             self.write(spa, before, asid, True)
         return before
+
+    def measure_in_place(self, spa: int, length: int, asid: int, sha: Sha256) -> bool:
+        """Hash the ``length`` bytes DRAM holds at line-aligned ``spa`` into ``sha``, then encrypt them
+        there with the key of ``asid``, bypassing the caches: the digest and the DRAM contents of
+        :meth:`encrypt_in_place` followed by hashing the bytes it returns, in one pass without a copy
+        where the accelerator has it (:meth:`MemoryCipher.measure_pages_in_place`).  False, with
+        nothing done, otherwise.  The whole range is checked first: a refused transfer changes nothing."""
+        self._check_bulk(spa, length)
+        return self._cipher(asid).measure_pages_in_place(spa, length, self.dram.pages_dict(), sha)
 
     def write_small(self, spa: int, data: bytes | bytearray, asid: int) -> None:
         """:meth:`write` of at most a page through domain (asid, C=1), in fewer steps: the same checks

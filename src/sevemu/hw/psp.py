@@ -44,6 +44,7 @@ from sevemu.abi.mailbox import (
     encode_response,
 )
 from sevemu.abi.status import Status
+from sevemu.crypto.sha256 import Sha256
 from sevemu.errors import AddressError
 from sevemu.hw import memaccel
 from sevemu.hw.cache import Cache, tag_key
@@ -266,6 +267,22 @@ class PspDma:
         mc.dram.check_range(spa, length)
         self._cache.flush_range(0, False, spa, length)
         return mc.encrypt_in_place(spa, length, asid)
+
+    def measure_clean(self, spa: int, length: int, asid: int, sha: Sha256) -> bool:
+        """:meth:`read` of the line-aligned range, the bytes read hashed into ``sha``, then
+        :meth:`write_encrypted` of them with the key of ``asid`` -- in one pass where the range lies,
+        without a copy (the memory controller's
+        :meth:`~sevemu.hw.memctl.MemoryController.measure_in_place`), when the range holds no dirty
+        host line, so that what a coherent read returns is what DRAM holds.  The host's cached lines
+        are left as they are, as :meth:`write_encrypted` leaves them.  False, with nothing read or
+        written, when a dirty host line lies in the range (the caller then reads and writes as two
+        steps: the dirty line is read, and later written back over the ciphertext, as on hardware)
+        or where the accelerator cannot do it."""
+        mc = self._mc
+        mc.dram.check_range(spa, length)
+        if self._dirty_host_lines(spa, length):
+            return False
+        return mc.measure_in_place(spa, length, asid, sha)
 
     def read_encrypted(self, spa: int, length: int, asid: int) -> bytes:
         """Read with the key of ``asid`` straight from DRAM (not coherent with the caches)."""

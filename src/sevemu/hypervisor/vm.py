@@ -202,8 +202,15 @@ class Vm:
     def back_range(self, gpa: int, length: int) -> list[int]:
         """Back every page of ``[gpa, gpa+length)``; their SPAs in order (KVM ``sev_pin_memory``)."""
         first = align_down(gpa, PAGE)
-        mapped = self.npt.mappings.get  # gfn -> SPA: the pages already backed, without a walk each
-        return [mapped(p >> 12) or self.back(p) for p in range(first, gpa + length, PAGE)]
+        count = len(range(first, gpa + length, PAGE))
+        # gfn -> SPA of the pages already backed, in one C pass (``map``), without a walk each; only
+        # the others (None, or SPA 0 as before) are backed one by one
+        spas: list[int] = list(map(self.npt.mappings.get, range(first >> 12, (first >> 12) + count)))  # type: ignore[arg-type]
+        if not all(spas):
+            for i, spa in enumerate(spas):
+                if not spa:
+                    spas[i] = self.back(first + i * PAGE)
+        return spas
 
     def back_pages(self, gpas: list[int]) -> list[int]:
         """:meth:`back` of each page-aligned GPA, in order; their SPAs.  The new pages are mapped

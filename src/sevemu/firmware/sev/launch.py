@@ -54,13 +54,15 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Final
 
-from sevemu._util.units import KiB, MiB, align_down, is_aligned
+from sevemu._util.units import LINE, KiB, MiB, align_down, is_aligned
 from sevemu.abi.commands import CommandId
 from sevemu.abi.sev import HandleCmd, HdrBuf, LaunchStartCmd, LaunchUpdateDataCmd, MeasureBuf, TransportCmd
 from sevemu.abi.states import GuestState
 from sevemu.abi.status import Status
+from sevemu.crypto.sha256 import Sha256
 from sevemu.crypto.transport import measure_mac
 from sevemu.errors import FirmwareError
 from sevemu.firmware.checks import check_range, granule_region, host_region, need_active, read_host
@@ -70,7 +72,7 @@ from sevemu.firmware.guestmem import evict_host_lines, write_guest
 from sevemu.firmware.sev import session
 from sevemu.firmware.sev.api import SEV_API
 from sevemu.firmware.sev.guest import create_guest
-from sevemu.firmware.sha_engine import engaged, sha_engine
+from sevemu.firmware.sha_engine import engaged, sha_engine, start
 
 __all__ = ["LAUNCH_SECRET_MAX_LEN", "SECRET_GRANULE"]
 
@@ -120,12 +122,16 @@ def _stream_update(fw: Firmware, g: GuestContext, spa: int, length: int) -> None
     coherent view into a reused buffer, hashed into the launch digest and written back encrypted.
 
     With a core to spare (:func:`~sevemu.firmware.sha_engine.engaged`), the chunk is handed to the
-    SHA engine (a worker thread; hashlib drops the GIL while it hashes, and one chunk in it at a
-    time keeps them in order) and written back while the engine hashes it -- the PSP's separate SHA
+    SHA engine (a worker thread; the digest's OpenSSL hashing drops the GIL, and one chunk in it at a
+    time keeps them in order; :func:`~sevemu.firmware.sha_engine.start` hands the GIL to the idle
+    engine at once instead of after the switch interval) and written back while the engine hashes
+    it -- the PSP's separate SHA
     and AES engines -- and the next chunk is read into the other of two buffers; a buffer is reused
-    only once its hash is done.  Without one, this thread hashes each chunk right after reading it,
-    while it is still in the CPU's caches: a worker waiting for a core would only add hand-offs
-    and cache misses to the same work.
+    only once its hash is done.  Without one, this thread measures each chunk where it lies when no
+    dirty host line is in it (:meth:`~sevemu.hw.psp.PspDma.measure_clean`: hashed straight from
+    DRAM's pages, then encrypted in place, in one C pass without a copy), or else hashes it right
+    after reading it, while it is still in the CPU's caches: a worker waiting for a core would only
+    add hand-offs and cache misses to the same work.
 
     Chunks end on absolute chunk boundaries, so only the first and the last may hold a partial
     line.  The same digest and the same memory as one read, one hash and one write: the command is
@@ -133,6 +139,8 @@ def _stream_update(fw: Firmware, g: GuestContext, spa: int, length: int) -> None
     DRAM, never into the caches the coherent reads look at."""
     dma = fw.ports.dma
     engine = _sha_engine() if engaged() else None
+    ld = g.ld
+    fused = engine is None and isinstance(ld, Sha256)
     bufs = _chunk_buffers()
     pending: Future[None] | None = None
     pos, end = spa, spa + length
@@ -140,14 +148,17 @@ def _stream_update(fw: Firmware, g: GuestContext, spa: int, length: int) -> None
     try:
         while pos < end:
             stop = min(align_down(pos, _STREAM_CHUNK) + _STREAM_CHUNK, end)
+            if fused and not (pos | stop) & (LINE - 1) and dma.measure_clean(pos, stop - pos, g.asid, ld):
+                pos = stop  # (hashed and encrypted where it lies: no dirty host line in the chunk)
+                continue
             chunk = bufs[turn][: stop - pos]
             dma.read_into(pos, chunk)  # (the buffer's previous hash finished before ``pending``'s began)
             if engine is None:
-                g.ld.update(chunk)
+                ld.update(chunk)
             else:
                 if pending is not None:
                     pending.result()  # at most one chunk in the engine: bounded memory
-                pending = engine.submit(g.ld.update, chunk)
+                pending = start(partial(ld.update, chunk))  # (the GIL handed over at once: the engine is idle)
                 turn ^= 1
             write_guest(fw, g, pos, chunk)
             pos = stop
