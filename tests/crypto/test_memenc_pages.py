@@ -316,3 +316,20 @@ def test_in_place_declines_or_refuses_without_writing() -> None:
     with pytest.raises(ValueError, match="negative"):
         memenc._memenc_accel.crypt_pages_in_place({}, 0x1000, -64, ZEN2._tables.consts_bytes, _key(XEX), 1, True)
     assert {k: bytes(v) for k, v in d.pages_dict().items()} == snapshot
+
+
+def test_in_place_hashes_decline_with_an_accelerator_built_before_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An accelerator whose ``crypt_pages_in_place`` predates the ``hashes`` argument (its docstring
+    does not name it): the call declines (None), nothing written, and the memory controller's path
+    gathers, encrypts and hashes instead."""
+    class Old:
+        __doc__ = "crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt, /)"
+
+        def __call__(self, *args: object) -> bytes:
+            raise AssertionError("called with the hashes argument")
+
+    d = _dram_with({0x10: bytes(range(256)) * 16})
+    snapshot = {k: bytes(v) for k, v in d.pages_dict().items()}
+    monkeypatch.setattr(memenc._memenc_accel, "crypt_pages_in_place", Old())
+    assert MemoryCipher(XEX, _key(XEX), ZEN2).encrypt_pages_in_place(0x10000, 4096, d.pages_dict(), hashes=True) is None
+    assert {k: bytes(v) for k, v in d.pages_dict().items()} == snapshot
