@@ -479,6 +479,7 @@ static PyObject *xor_bytearray(PyObject *self, PyObject *const *args, Py_ssize_t
  * is released while the data is encrypted, so another thread (the PSP's SHA engine) runs meanwhile. */
 
 #define XP_PAGE 4096
+#define DIGEST384 48
 
 typedef struct {
     PyObject *obj;
@@ -1097,12 +1098,14 @@ static PyObject *crypt_into(PyObject *self, PyObject *const *args, Py_ssize_t na
 #define IN_PLACE_GROUP 16
 
 PyDoc_STRVAR(crypt_pages_in_place_doc,
-             "crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt, /)\n--\n\n"
+             "crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt, hashes=False, /)\n--\n\n"
              "crypt_pages' transform of the `length` bytes of the page store `pages` (dict PFN ->\n"
              "4096-byte bytearray; an absent page reads as zeros and is created unless its part of the\n"
              "result is all zeros) at spa, written back into the same pages; returns the bytes the\n"
              "range held before (a new bytes object of `length` bytes).  The same pages and bytes as\n"
-             "gathering the range, then crypt_pages of what was gathered.");
+             "gathering the range, then crypt_pages of what was gathered.  With `hashes` true (spa and\n"
+             "length whole pages): returns instead the SHA-384 of each 4 KiB page as it was (48 bytes a\n"
+             "page, in order), each page hashed just before its group is transformed.");
 
 /* crypt_pages_in_place: a page store's range read and transformed in place in one pass -- per group
  * of pages, their bytes copied into the result, then the group transformed in place (still in the
@@ -1111,15 +1114,23 @@ PyDoc_STRVAR(crypt_pages_in_place_doc,
  * again, as in crypt_pages. */
 static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *result = NULL, *before = NULL, *sub[7];
+    PyObject *result = NULL, *before = NULL, *scratch = NULL, *sub[7];
     CryptArgs a;
     PageSet ps = {NULL, 0, 0, 0, NULL, NULL};
     Py_ssize_t length, i;
     EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    EVP_MD_CTX *md_ctx = NULL;
+    int hashing = 0;
     (void)self;
 
-    if (check_nargs("crypt_pages_in_place", nargs, 7, 7) < 0) {
+    if (check_nargs("crypt_pages_in_place", nargs, 7, 8) < 0) {
         return NULL;
+    }
+    if (nargs == 8) {
+        hashing = PyObject_IsTrue(args[7]);
+        if (hashing < 0) {
+            return NULL;
+        }
     }
     length = PyLong_AsSsize_t(args[2]);
     if (length == -1 && PyErr_Occurred()) {
@@ -1129,16 +1140,50 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
         PyErr_SetString(PyExc_ValueError, "length must not be negative");
         return NULL;
     }
-    before = PyBytes_FromStringAndSize(NULL, length);
+    if (hashing) {
+        unsigned long long at = PyLong_AsUnsignedLongLong(args[1]);
+        if (at == (unsigned long long)-1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if ((at | (unsigned long long)length) & (XP_PAGE - 1)) {
+            PyErr_SetString(PyExc_ValueError, "crypt_pages_in_place: hashes take whole 4 KiB pages");
+            return NULL;
+        }
+        md_ctx = EVP_MD_CTX_new();
+        if (md_ctx == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    /* (the checks of crypt_args on a buffer of `length` bytes; the copy, unless hashing) */
+    before = PyBytes_FromStringAndSize(NULL, hashing ? 0 : length);
     if (before == NULL) {
+        EVP_MD_CTX_free(md_ctx);
         return NULL;
     }
     for (i = 0; i < 7; i++) {
         sub[i] = args[i];
     }
-    sub[2] = before; /* (the checks of crypt_args on a buffer of `length` bytes) */
+    if (hashing) {
+        scratch = PyByteArray_FromStringAndSize(NULL, length);
+        if (scratch == NULL) {
+            Py_DECREF(before);
+            EVP_MD_CTX_free(md_ctx);
+            return NULL;
+        }
+        Py_SETREF(before, PyBytes_FromStringAndSize(NULL, length / XP_PAGE * DIGEST384));
+        if (before == NULL) {
+            Py_DECREF(scratch);
+            EVP_MD_CTX_free(md_ctx);
+            return NULL;
+        }
+        sub[2] = scratch; /* (crypt_args checks a buffer of `length` bytes: never written) */
+    } else {
+        sub[2] = before;
+    }
     if (crypt_args("crypt_pages_in_place", sub, 7, 0, &a) < 0) {
         Py_DECREF(before);
+        Py_XDECREF(scratch);
+        EVP_MD_CTX_free(md_ctx);
         return NULL;
     }
     if (length == 0) {
@@ -1158,6 +1203,7 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
         long code = a.code;
         uint64_t spa = a.spa;
         Py_ssize_t left = length, done = 0, p = 0;
+        unsigned char last[XP_PAGE]; /* (hashing: the previous group's last page, as it was) */
         Py_BEGIN_ALLOW_THREADS
         while (left > 0 && !failed) {
             /* a group: up to IN_PLACE_GROUP pages, ending at a page boundary */
@@ -1167,11 +1213,36 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
             if (n > left) {
                 n = left;
             }
-            for (q = 0, at = 0; at < n; q++) { /* the bytes before, page by page */
-                Py_ssize_t o = q == 0 ? off : 0;
-                Py_ssize_t k = XP_PAGE - o < n - at ? XP_PAGE - o : n - at;
-                memcpy(copy + done + at, ptrs[p + q] + o, (size_t)k);
-                at += k;
+            if (hashing) { /* the SHA-384 of each page before (whole pages: off is 0) */
+                for (q = 0, at = 0; at < n && !failed; q++, at += XP_PAGE) {
+                    const unsigned char *page = ptrs[p + q];
+                    unsigned char *out = copy + (done + at) / XP_PAGE * DIGEST384;
+                    /* a page equal to the one before it (runs of erased flash or zeros): its digest
+                     * copied, as sha384_accel's measure_pages does; the one before is compared as it
+                     * was (the last page of the previous group, saved before that group's transform) */
+                    const unsigned char *prev = q > 0 ? ptrs[p + q - 1] : (done > 0 ? last : NULL);
+                    if (prev != NULL && memcmp(page, prev, XP_PAGE) == 0) {
+                        memcpy(out, out - DIGEST384, DIGEST384);
+                    } else {
+                        unsigned int dn = 0;
+                        failed = !(EVP_DigestInit_ex(md_ctx, EVP_sha384(), NULL) == 1 &&
+                                   EVP_DigestUpdate(md_ctx, page, XP_PAGE) == 1 &&
+                                   EVP_DigestFinal_ex(md_ctx, out, &dn) == 1 && dn == DIGEST384);
+                    }
+                }
+                if (!failed) {
+                    memcpy(last, ptrs[p + q - 1], XP_PAGE);
+                }
+            } else {
+                for (q = 0, at = 0; at < n; q++) { /* the bytes before, page by page */
+                    Py_ssize_t o = q == 0 ? off : 0;
+                    Py_ssize_t k = XP_PAGE - o < n - at ? XP_PAGE - o : n - at;
+                    memcpy(copy + done + at, ptrs[p + q] + o, (size_t)k);
+                    at += k;
+                }
+            }
+            if (failed) {
+                break;
             }
             failed = code == 2 ? xts_pages_run(&span, &span, spa, n, ctx, tweak_ctx, encrypt)
                                : xex_pages_run(&span, &span, 0, spa, n, consts, nbits, ctx, pre, post, encrypt);
@@ -1182,7 +1253,7 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
         }
         Py_END_ALLOW_THREADS
         if (failed) {
-            PyErr_SetString(PyExc_RuntimeError, "crypt_pages_in_place: OpenSSL AES-ECB failed");
+            PyErr_SetString(PyExc_RuntimeError, "crypt_pages_in_place: OpenSSL AES-ECB or SHA-384 failed");
             goto done;
         }
     }
@@ -1191,8 +1262,10 @@ done:
     page_set_drop(&ps);
     EVP_CIPHER_CTX_free(ctx);
     EVP_CIPHER_CTX_free(tweak_ctx);
+    EVP_MD_CTX_free(md_ctx);
     crypt_args_release(&a);
     Py_DECREF(before);
+    Py_XDECREF(scratch);
     return result;
 }
 

@@ -243,6 +243,63 @@ def test_in_place_decrypt_direction_inverts_over_many_pages(mode: EncryptionMode
     assert d.read(0x100040, len(plain)) == plain and len(back) == len(plain)
 
 
+def _hash_case_pages(rng: random.Random) -> dict[int, bytes]:
+    """40 pages from PFN 0x200 (groups of 16 pages in the C pass): runs of equal pages inside a group
+    and across the group boundaries (pages 15/16, 31/32), pages differing from the one before only in
+    their first or last byte (also across a boundary), a page equal to the one two back, absent pages
+    (zeros) beside stored zero pages."""
+    ff, other = b"\xff" * 4096, rng.randbytes(4096)
+    pages: dict[int, bytes] = {}
+    for i in range(40):
+        if i in (3, 4, 5, 14, 15, 16, 17):
+            pages[0x200 + i] = ff
+        elif i == 31:
+            pages[0x200 + i] = other
+        elif i == 32:
+            pages[0x200 + i] = other[:-1] + bytes([other[-1] ^ 1])
+        elif i == 33:
+            pages[0x200 + i] = bytes([other[0] ^ 0x80]) + other[1:]
+        elif i == 34:
+            pages[0x200 + i] = other
+        elif i in (20, 21, 26):
+            pages[0x200 + i] = bytes(4096)
+        elif i not in (22, 23, 27):
+            pages[0x200 + i] = rng.randbytes(4096)
+    return pages
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+@pytest.mark.parametrize(("first", "count"), [(0, 40), (15, 2), (16, 1), (1, 33)])
+def test_in_place_hashes_are_the_pages_sha384_and_the_pages_the_same(mode: EncryptionMode, first: int,
+                                                                     count: int) -> None:
+    """``hashes=True``: the SHA-384 of each page as it was (hashlib, page by page -- the copy of an equal
+    page's digest included) and the very pages the copying call leaves (created and absent alike)."""
+    import hashlib
+    tc = ZEN1 if mode is XE else ZEN2
+    before = _hash_case_pages(random.Random(5))
+    spa, n = (0x200 + first) * 4096, count * 4096
+    copied, hashed = _dram_with(before), _dram_with(before)
+    plain = copied.read(spa, n)
+    c = MemoryCipher(mode, _key(mode), tc)
+    assert c.encrypt_pages_in_place(spa, n, copied.pages_dict()) == plain
+    got = c.encrypt_pages_in_place(spa, n, hashed.pages_dict(), hashes=True)
+    want = b"".join(hashlib.sha384(plain[i : i + 4096]).digest() for i in range(0, n, 4096))
+    assert got == want
+    assert hashed.pages_dict() == copied.pages_dict()
+
+
+def test_in_place_hashes_take_whole_pages_only() -> None:
+    d = _dram_with({0x10: bytes(range(256)) * 16})
+    snapshot = {k: bytes(v) for k, v in d.pages_dict().items()}
+    c = MemoryCipher(XEX, _key(XEX), ZEN2)
+    with pytest.raises(AlignmentError):
+        c.encrypt_pages_in_place(0x10040, 4096, d.pages_dict(), hashes=True)
+    with pytest.raises(ValueError, match="whole 4 KiB pages"):  # (the C function's own check)
+        memenc._memenc_accel.crypt_pages_in_place(d.pages_dict(), 0x10000, 2048, ZEN2._tables.consts_bytes,
+                                                 _key(XEX), CODE[XEX], True, True)
+    assert {k: bytes(v) for k, v in d.pages_dict().items()} == snapshot
+
+
 def test_in_place_declines_or_refuses_without_writing() -> None:
     d = _dram_with({0x10: bytes(range(256)) * 16})
     snapshot = {k: bytes(v) for k, v in d.pages_dict().items()}
@@ -258,4 +315,21 @@ def test_in_place_declines_or_refuses_without_writing() -> None:
     assert sorted(bad) == [0x10, 0x12]  # no page made
     with pytest.raises(ValueError, match="negative"):
         memenc._memenc_accel.crypt_pages_in_place({}, 0x1000, -64, ZEN2._tables.consts_bytes, _key(XEX), 1, True)
+    assert {k: bytes(v) for k, v in d.pages_dict().items()} == snapshot
+
+
+def test_in_place_hashes_decline_with_an_accelerator_built_before_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An accelerator whose ``crypt_pages_in_place`` predates the ``hashes`` argument (its docstring
+    does not name it): the call declines (None), nothing written, and the memory controller's path
+    gathers, encrypts and hashes instead."""
+    class Old:
+        __doc__ = "crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt, /)"
+
+        def __call__(self, *args: object) -> bytes:
+            raise AssertionError("called with the hashes argument")
+
+    d = _dram_with({0x10: bytes(range(256)) * 16})
+    snapshot = {k: bytes(v) for k, v in d.pages_dict().items()}
+    monkeypatch.setattr(memenc._memenc_accel, "crypt_pages_in_place", Old())
+    assert MemoryCipher(XEX, _key(XEX), ZEN2).encrypt_pages_in_place(0x10000, 4096, d.pages_dict(), hashes=True) is None
     assert {k: bytes(v) for k, v in d.pages_dict().items()} == snapshot

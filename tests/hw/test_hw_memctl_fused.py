@@ -4,12 +4,14 @@ on every mode; below its threshold the bulk path runs as before."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import pytest
 
-from sevemu._util.units import KiB, MiB
+from sevemu._util.units import PAGE, KiB, MiB
 from sevemu.crypto.memenc import ACCELERATED, EncryptionMode, MemoryCipher, TweakConstants
+from sevemu.errors import AlignmentError
 from sevemu.hw import memctl
 from sevemu.hw.dram import Dram
 from sevemu.hw.memctl import MemoryController
@@ -110,8 +112,8 @@ def test_encrypt_in_place_is_read_then_encrypted_write(mode: EncryptionMode, spa
     taken: list[bool] = []
     real = MemoryCipher.encrypt_pages_in_place
 
-    def counted(self: MemoryCipher, at: int, n: int, pages: dict[int, bytearray]) -> bytes | None:
-        got = real(self, at, n, pages)
+    def counted(self: MemoryCipher, at: int, n: int, pages: dict[int, bytearray], **kw: bool) -> bytes | None:
+        got = real(self, at, n, pages, **kw)
         taken.append(got is not None)
         return got
 
@@ -122,15 +124,32 @@ def test_encrypt_in_place_is_read_then_encrypted_write(mode: EncryptionMode, spa
     assert isinstance(before, bytes) and before == want_before
     assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == want
     assert mc.read(spa, length, 5, True) == want_before
-    monkeypatch.setattr(MemoryCipher, "encrypt_pages_in_place", lambda *a: None)  # the fallback
+    # hashes=True (whole pages): each page's SHA-384 of those bytes, the same DRAM
+    hashes = b"".join(hashlib.sha384(want_before[i : i + PAGE]).digest() for i in range(0, length, PAGE))
+    aligned = not (spa | length) % PAGE
+    mc = _in_place_case(mode)
+    if aligned:
+        assert mc.encrypt_in_place(spa, length, 5, hashes=True) == hashes
+        assert taken[-1] == ACCELERATED
+        assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == want
+    else:
+        snapshot = {k: bytes(v) for k, v in mc.dram.pages_dict().items()}
+        with pytest.raises(AlignmentError):
+            mc.encrypt_in_place(spa, length, 5, hashes=True)
+        assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == snapshot
+    monkeypatch.setattr(MemoryCipher, "encrypt_pages_in_place", lambda *a, **k: None)  # the fallback
     mc = _in_place_case(mode)
     assert mc.encrypt_in_place(spa, length, 5) == want_before
     assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == want
+    if aligned:
+        mc = _in_place_case(mode)
+        assert mc.encrypt_in_place(spa, length, 5, hashes=True) == hashes
+        assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == want
 
 
 def test_encrypt_in_place_refused_changes_nothing() -> None:
     """A range not of whole lines, outside DRAM, or of an ASID without a key: refused, DRAM as it was."""
-    from sevemu.errors import AddressError, AlignmentError, KeySlotError
+    from sevemu.errors import AddressError, KeySlotError
 
     mc = _in_place_case(EncryptionMode.XEX)
     was = {k: bytes(v) for k, v in mc.dram.pages_dict().items()}

@@ -162,3 +162,50 @@ def test_making_one_page_of_a_2m_private_page_shared(m: Machine) -> None:
         assert spa + 2 * PAGE not in vm.private_spas and spa + PAGE in vm.private_spas
     finally:
         m.hv.destroy(vm)
+
+
+def _launch_fresh(engine: str, monkeypatch: pytest.MonkeyPatch, *, accel: bool = True,
+                  huge: bool = True) -> tuple[bytes, list[Any], dict[int, bytes], Machine, Vm]:
+    """(digest, RMP entries, raw DRAM pages of the region) of a launch of :func:`_image` on a fresh host
+    (one seed: the same keys every time)."""
+    from sevemu.crypto import memenc
+    with monkeypatch.context() as mp:
+        mp.setattr(sha_engine, "mode", engine)
+        if not accel:  # the memory controller gathers, writes back encrypted, then hashes what it gathered
+            mp.delattr(memenc._memenc_accel, "crypt_pages_in_place")
+        fresh = snp_machine("hv-snp-huge-paths")
+        vm = launch_snp(fresh, PyEngine(_idle()), [(REGION, _image())], name="paths", huge_pages=huge)
+        ld = snp_state(fresh.firmware).guests[vm.snp_context].ld
+    spas = [vm.spa_of(g) for g in range(REGION, REGION + HUGE, PAGE)]
+    rmp = [fresh.hv.soc.rmp_entry(spa) for spa in spas]
+    pages = fresh.soc.mc.dram.pages_dict()
+    raw = {spa: bytes(pages[spa >> 12]) for spa in spas}
+    return ld, rmp, raw, fresh, vm
+
+
+@pytest.mark.parametrize("huge", [True, False])
+def test_normal_pages_hashed_in_the_encrypting_pass_equal_the_copying_path(monkeypatch: pytest.MonkeyPatch,
+                                                                           huge: bool) -> None:
+    """SNP_LAUNCH_UPDATE of NORMAL pages without the SHA engine: each page hashed as the pass that
+    encrypts it reads it (no copy of the range).  The same digest, RMP entries and DRAM bytes as the
+    path that returns a copy of the bytes read and hashes that (the SHA engine's), and as the memory
+    controller's path without the accelerator (gather, write encrypted, hash the gathered bytes).  A
+    second update of a measured page is refused with nothing changed."""
+    from sevemu.abi.commands import CommandId
+    from sevemu.abi.snp import SnpLaunchUpdateCmd, SnpLaunchUpdateFlags
+    from sevemu.abi.status import Status
+    fast = _launch_fresh("off", monkeypatch, huge=huge)
+    copying = _launch_fresh("on", monkeypatch, huge=huge)
+    gathered = _launch_fresh("off", monkeypatch, accel=False, huge=huge)
+    for other in (copying, gathered):
+        assert fast[0] == other[0] and fast[1] == other[1] and fast[2] == other[2]
+    _, _, raw, fresh, vm = fast
+    g = snp_state(fresh.firmware).guests[vm.snp_context]
+    ld = g.ld
+    spa = vm.spa_of(REGION)
+    cmd = SnpLaunchUpdateCmd(gctx_paddr=vm.snp_context, flags=SnpLaunchUpdateFlags(page_type=1, page_size=huge),
+                             address=spa)
+    status, _ = fresh.hv.psp.raw(CommandId.SNP_LAUNCH_UPDATE, cmd.encode(), reply=False)
+    assert status == Status.INVALID_PAGE_STATE  # Guest-Valid (and the guest RUNNING): not measured again
+    pages = fresh.soc.mc.dram.pages_dict()
+    assert g.ld == ld and all(bytes(pages[s >> 12]) == b for s, b in raw.items())

@@ -947,18 +947,31 @@ class MemoryCipher:
         self._check(spa, dst.nbytes)
         return bool(run(pages, spa, dst, self._tables.consts_bytes, self._key, self._code, False))
 
-    def encrypt_pages_in_place(self, spa: int, length: int, pages: dict[int, bytearray]) -> bytes | None:
+    def encrypt_pages_in_place(self, spa: int, length: int, pages: dict[int, bytearray], *,
+                               hashes: bool = False) -> bytes | None:
         """Encrypt ``length`` bytes of a page store (PFN -> 4 KiB bytearray, as :class:`sevemu.hw.dram.Dram`
         keeps; an absent page reads as zeros) at SPA ``spa`` in place, and return the bytes the range
         held before: the pages :meth:`encrypt_to_pages` of the gathered range leaves, and the gathered
         bytes, in one pass in the C accelerator (per group of pages: copied out, then tweak, AES,
         tweak in place while they are in the CPU's cache).  Only with an accelerator that has it;
         None, with nothing done, otherwise (the caller then gathers and encrypts).  Checks as
-        :meth:`encrypt_bulk`."""
+        :meth:`encrypt_bulk`.
+
+        ``hashes`` (``spa`` and ``length`` whole pages): the SHA-384 of each 4 KiB page as it was
+        (48 bytes a page, in order) is returned instead of its bytes -- each page hashed while it is
+        in the CPU's cache, just before its group is encrypted, with no copy of the range made (the
+        firmware measuring a NORMAL page it encrypts: :func:`sevemu.crypto.pagehash.sha384_pages` of
+        the bytes this returns without ``hashes``)."""
         run = getattr(_memenc_accel, "crypt_pages_in_place", None) if self._accel else None
         if run is None:  # (no accelerator, or one built before crypt_pages_in_place existed)
             return None
         self._check(spa, length)
+        if hashes:
+            if (spa | length) % PAGE:
+                raise AlignmentError(f"page hashes take whole pages, got {spa:#x}+{length:#x}")
+            if "hashes" not in (run.__doc__ or ""):  # (an accelerator built before the hashes argument)
+                return None
+            return bytes(run(pages, spa, length, self._tables.consts_bytes, self._key, self._code, True, True))
         return bytes(run(pages, spa, length, self._tables.consts_bytes, self._key, self._code, True))
 
     def measure_pages_in_place(self, spa: int, length: int, pages: dict[int, bytearray], sha: Sha256) -> bool:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from sevemu._util.units import LINE, PAGE, KiB, MiB
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
+from sevemu.crypto.pagehash import sha384_pages
 from sevemu.errors import AlignmentError, AsidError, KeySlotError
 from sevemu.hw import memaccel
 from sevemu.hw.dram import Dram
@@ -271,18 +272,24 @@ class MemoryController:
             cipher.encrypt_bulk_into(spa + pos, part, out)
             self.dram.write(spa + pos, out)
 
-    def encrypt_in_place(self, spa: int, length: int, asid: int) -> bytes:
+    def encrypt_in_place(self, spa: int, length: int, asid: int, *, hashes: bool = False) -> bytes:
         """Encrypt the ``length`` bytes at line-aligned ``spa`` in DRAM with the key of ``asid``
         where they are, bypassing the caches, and return the bytes DRAM held there before: what
         :meth:`read` through (asid, C=0) then :meth:`write` of those bytes through (asid, C=1) give,
         in one pass where the accelerator has it (:meth:`MemoryCipher.encrypt_pages_in_place`).
-        The whole range is checked first: a refused transfer changes nothing."""
+        The whole range is checked first: a refused transfer changes nothing.  ``hashes`` (a
+        page-aligned range): the SHA-384 of each 4 KiB page of those bytes instead (48 bytes a page;
+        :meth:`MemoryCipher.encrypt_pages_in_place`: hashed in the same pass, no copy of the range)."""
         self._check_bulk(spa, length)
+        if hashes and (spa | length) % PAGE:
+            raise AlignmentError(f"page hashes take whole pages: {spa:#x}+{length:#x}")
         cipher = self._cipher(asid)
-        before = cipher.encrypt_pages_in_place(spa, length, self.dram.pages_dict())
+        before = cipher.encrypt_pages_in_place(spa, length, self.dram.pages_dict(), hashes=hashes)
         if before is None:
             before = self.dram.read(spa, length)
             self.write(spa, before, asid, True)
+            if hashes:
+                return sha384_pages(before, PAGE)
         return before
 
     def measure_in_place(self, spa: int, length: int, asid: int, sha: Sha256) -> bool:

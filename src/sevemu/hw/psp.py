@@ -258,15 +258,17 @@ class PspDma:
         self.evict(spa, length)
         return self._mc.dram.read(spa, length)
 
-    def encrypt_in_place(self, spa: int, length: int, asid: int) -> bytes:
+    def encrypt_in_place(self, spa: int, length: int, asid: int, *, hashes: bool = False) -> bytes:
         """:meth:`read_invalidate` of the range, then :meth:`write_encrypted` of what was read with
         the key of ``asid``, in one step (the memory controller's
         :meth:`~sevemu.hw.memctl.MemoryController.encrypt_in_place`): the bytes read are returned,
-        DRAM holds them encrypted, and no host line of the range is left cached."""
+        DRAM holds them encrypted, and no host line of the range is left cached.  ``hashes`` (whole
+        pages): the SHA-384 of each 4 KiB page of the bytes read, instead of the bytes (48 a page,
+        hashed in the same pass)."""
         mc = self._mc
         mc.dram.check_range(spa, length)
         self._cache.flush_range(0, False, spa, length)
-        return mc.encrypt_in_place(spa, length, asid)
+        return mc.encrypt_in_place(spa, length, asid, hashes=hashes)
 
     def measure_clean(self, spa: int, length: int, asid: int, sha: Sha256) -> bool:
         """:meth:`read` of the line-aligned range, the bytes read hashed into ``sha``, then

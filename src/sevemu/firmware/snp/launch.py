@@ -49,6 +49,7 @@ from sevemu.abi.struct import Struct
 from sevemu.crypto import ecc, pagehash
 from sevemu.errors import AddressError, FirmwareError, InputError, LayoutError, VerificationError
 from sevemu.firmware.core import ANY_STATE, Firmware
+from sevemu.firmware.sha_engine import engaged
 from sevemu.firmware.snp.api import SNP_API
 from sevemu.firmware.snp.cpuid import sanitize_cpuid_page
 from sevemu.firmware.snp.state import SnpGuest, snp_state
@@ -155,8 +156,11 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
     if ptype == SnpPageType.NORMAL:  # CONTENTS: the pages' hashes (a 2 MiB page's: on the SHA engine)
         # read (the host's lines written back and dropped) and encrypted where it is, in one pass;
         # the bytes read are what is measured
-        data = dma.encrypt_in_place(spa, size, g.asid)
-        g.measure(info, gpa, data, later=bool(huge))
+        if huge and engaged():  # the SHA engine hashes a copy of the bytes read while the firmware goes on
+            data = dma.encrypt_in_place(spa, size, g.asid)
+            g.measure(info, gpa, data, later=True)
+        else:  # each page hashed as it is read, in the pass that encrypts it (no copy): the same CONTENTS
+            g.chain(info, gpa, count, dma.encrypt_in_place(spa, size, g.asid, hashes=True))
         port.make_guest_valid(own, lo, hi, False, perms)
         return
     data = dma.read_invalidate(spa, size)  # the whole page at once
