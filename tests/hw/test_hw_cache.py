@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.errors import AlignmentError, InputError, KeySlotError
 from sevemu.hw import memaccel
-from sevemu.hw.cache import C_SHIFT, Cache, key_domain, tag_key
+from sevemu.hw.cache import ASID_SHIFT, C_SHIFT, SPA_MASK, Cache, key_domain, tag_key
 from sevemu.hw.dram import LINE, Dram
 from sevemu.hw.faults import GeneralProtection
 from sevemu.hw.memctl import KeySlotPort, MemoryController
-from sevemu.hw.profiles import GENOA, MILAN
+from sevemu.hw.profiles import GENOA, MILAN, PROFILES
 from sevemu.hw.soc import Soc
 
 MiB = 1 << 20
@@ -46,6 +46,38 @@ def test_tag_key_round_trip_and_c0_domain_has_no_asid() -> None:
     assert key_domain(tag_key(7, True, 0x12345)) == (7, True, 0x12340)
     assert tag_key(7, False, 0x1000) == tag_key(0, False, 0x1000) == 0x1000
     assert tag_key(1, True, X) != tag_key(2, True, X) != tag_key(0, True, X)
+
+
+_MAX_ASID = max(p.max_asid for p in PROFILES.values())
+_TOP_LINE = SPA_MASK & ~(LINE - 1)  # the last line of the 52-bit physical address space
+
+
+@pytest.mark.parametrize("asid", [0, 1, _MAX_ASID])
+@pytest.mark.parametrize("spa", [0, LINE - 1, LINE, X + 0x3F, _TOP_LINE, SPA_MASK])
+def test_tag_key_encodes_the_domain_and_line_reversibly_at_the_edges(asid: int, spa: int) -> None:
+    """(issues 8 and 10) The key is the whole (ASID, C, line SPA) triple: key_domain undoes tag_key
+    for ASID 0 and the largest ASID of any profile, at SPA 0 and at the top of the 52-bit physical
+    address space; C=0 folds every ASID into domain (0, C=0), whose key is the line's SPA; every key
+    fits the C paths' uint64 (csrc/mem_accel.c, csrc/uc_accel.c)."""
+    line = spa & ~(LINE - 1)
+    enc = tag_key(asid, True, spa)
+    assert key_domain(enc) == (asid, True, line)
+    assert enc >> ASID_SHIFT == asid and enc >> C_SHIFT & 1 and enc & SPA_MASK == line
+    assert tag_key(asid, True, line) == enc  # the offset inside the line is not part of the key
+    plain = tag_key(asid, False, spa)
+    assert plain == line == tag_key(0, False, spa) and key_domain(plain) == (0, False, line)
+    assert 0 <= plain < enc < 1 << 64
+    # a domain's keys are one contiguous ascending range below the next domain's
+    assert tag_key(asid, True, _TOP_LINE) < tag_key(asid + 1, True, 0)
+    assert tag_key(0, False, _TOP_LINE) < tag_key(0, True, 0)
+
+
+def test_tag_key_is_injective_over_edge_domains_and_lines() -> None:
+    domains = [(0, False), (0, True), (1, True), (_MAX_ASID - 1, True), (_MAX_ASID, True)]
+    lines = [0, LINE, X, _TOP_LINE - LINE, _TOP_LINE]
+    keys = {tag_key(a, c, s) for a, c in domains for s in lines}
+    assert len(keys) == len(domains) * len(lines)
+    assert {key_domain(k) for k in keys} == {(a, c, s) for a, c in domains for s in lines}
 
 
 @pytest.mark.parametrize("size,ways", [(0, 16), (3 * 64 * 16, 16), (1000, 16), (64 << 10, 0), (64 << 10, -4),
