@@ -1094,8 +1094,136 @@ static PyObject *crypt_into(PyObject *self, PyObject *const *args, Py_ssize_t na
     return result;
 }
 
-/* Pages per group of crypt_pages_in_place: copied out, then transformed, while still in L2. */
+/* Pages per group of the in-place passes (crypt_pages_in_place, measure_pages_in_place): read, then
+ * transformed, while still in L2. */
 #define IN_PLACE_GROUP 16
+
+/* What an in-place pass does with the range's bytes before they are transformed: called for each
+ * piece (the part of one page in the range, in order; at: its offset in the range; last: the
+ * group's last piece, transformed once this returns) with the GIL released.  0, or nonzero when
+ * OpenSSL failed. */
+typedef int (*PieceFn)(void *state, const unsigned char *piece, Py_ssize_t at, Py_ssize_t len, int last);
+
+/* The `length` bytes of a page store at a->spa, in place: per group of up to IN_PLACE_GROUP pages
+ * ending at a page boundary, each piece handed to piece(), then the group transformed (a->code,
+ * a->encrypt) while it is still in the CPU's cache -- one pass over the pages, no copy of the range.
+ * Pages are created (zeroed) before the GIL is released for the loop; page_set_drop removes created
+ * pages left all zeros, as in crypt_pages.  0, or -1 with an exception set (RuntimeError `failed`
+ * when OpenSSL failed in the loop). */
+static int in_place_run(const char *name, const char *failed_msg, const CryptArgs *a, Py_ssize_t length,
+                        PieceFn piece, void *state)
+{
+    PageSet ps = {NULL, 0, 0, 0, NULL, NULL};
+    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    int rc = -1;
+    if (length == 0) {
+        return 0;
+    }
+    if (page_set_take(&ps, a->pages, a->spa, length, NULL, 0) < 0 || crypt_contexts(name, a, &ctx, &tweak_ctx) < 0) {
+        goto done;
+    }
+    {
+        const unsigned char *consts = (const unsigned char *)a->consts.buf;
+        unsigned char **ptrs = ps.ptrs;
+        int nbits = (int)a->nbits, encrypt = a->encrypt, failed = 0;
+        int pre = encrypt || a->code == 1, post = !encrypt || a->code == 1;
+        long code = a->code;
+        uint64_t spa = a->spa;
+        Py_ssize_t left = length, done = 0, p = 0;
+        Py_BEGIN_ALLOW_THREADS
+        while (left > 0 && !failed) {
+            /* a group: up to IN_PLACE_GROUP pages, ending at a page boundary */
+            Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
+            Py_ssize_t n = (Py_ssize_t)IN_PLACE_GROUP * XP_PAGE - off, q, at;
+            Span span = {ptrs + p, NULL};
+            if (n > left) {
+                n = left;
+            }
+            for (q = 0, at = 0; at < n && !failed; q++) { /* the bytes before, page by page */
+                Py_ssize_t o = q == 0 ? off : 0;
+                Py_ssize_t k = XP_PAGE - o < n - at ? XP_PAGE - o : n - at;
+                failed = piece(state, ptrs[p + q] + o, done + at, k, at + k == n);
+                at += k;
+            }
+            if (!failed) {
+                failed = code == 2 ? xts_pages_run(&span, &span, spa, n, ctx, tweak_ctx, encrypt)
+                                   : xex_pages_run(&span, &span, 0, spa, n, consts, nbits, ctx, pre, post, encrypt);
+            }
+            spa += (uint64_t)n;
+            done += n;
+            left -= n;
+            p += q;
+        }
+        Py_END_ALLOW_THREADS
+        if (failed) {
+            PyErr_SetString(PyExc_RuntimeError, failed_msg);
+            goto done;
+        }
+    }
+    rc = 0;
+done:
+    page_set_drop(&ps);
+    EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(tweak_ctx);
+    return rc;
+}
+
+/* An in-place pass's `length` argument: 0, or -1 with an exception set. */
+static int in_place_length(PyObject *arg, Py_ssize_t *length)
+{
+    *length = PyLong_AsSsize_t(arg);
+    if (*length == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (*length < 0) {
+        PyErr_SetString(PyExc_ValueError, "length must not be negative");
+        return -1;
+    }
+    return 0;
+}
+
+/* crypt_pages_in_place's pieces: the bytes before, copied into the result. */
+static int copy_piece(void *state, const unsigned char *piece, Py_ssize_t at, Py_ssize_t len, int last)
+{
+    (void)last;
+    memcpy((unsigned char *)state + at, piece, (size_t)len);
+    return 0;
+}
+
+/* crypt_pages_in_place's pieces with `hashes` (whole pages): the SHA-384 of each page before.  A
+ * page equal to the one before it (runs of erased flash or zeros) has its digest copied, as
+ * sha384_accel's measure_pages does; the one before is compared as it was: within a group the page
+ * itself (not transformed yet), across groups `last`, the previous group's last page saved before
+ * that group's transform. */
+typedef struct {
+    EVP_MD_CTX *md;
+    unsigned char *digests;
+    const unsigned char *prev;
+    unsigned char last[XP_PAGE];
+} PageDigests;
+
+static int digest_piece(void *state, const unsigned char *piece, Py_ssize_t at, Py_ssize_t len, int last)
+{
+    PageDigests *d = (PageDigests *)state;
+    unsigned char *out = d->digests + at / XP_PAGE * DIGEST384;
+    (void)len; /* (XP_PAGE: spa and length are whole pages) */
+    if (d->prev != NULL && memcmp(piece, d->prev, XP_PAGE) == 0) {
+        memcpy(out, out - DIGEST384, DIGEST384);
+    } else {
+        unsigned int dn = 0;
+        if (!(EVP_DigestInit_ex(d->md, EVP_sha384(), NULL) == 1 && EVP_DigestUpdate(d->md, piece, XP_PAGE) == 1 &&
+              EVP_DigestFinal_ex(d->md, out, &dn) == 1 && dn == DIGEST384)) {
+            return 1;
+        }
+    }
+    if (last) {
+        memcpy(d->last, piece, XP_PAGE);
+        d->prev = d->last;
+    } else {
+        d->prev = piece;
+    }
+    return 0;
+}
 
 PyDoc_STRVAR(crypt_pages_in_place_doc,
              "crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt, hashes=False, /)\n--\n\n"
@@ -1107,22 +1235,21 @@ PyDoc_STRVAR(crypt_pages_in_place_doc,
              "length whole pages): returns instead the SHA-384 of each 4 KiB page as it was (48 bytes a\n"
              "page, in order), each page hashed just before its group is transformed.");
 
-/* crypt_pages_in_place: a page store's range read and transformed in place in one pass -- per group
- * of pages, their bytes copied into the result, then the group transformed in place (still in the
- * CPU's cache) -- instead of a gather into a buffer and a second pass from that buffer back into the
- * pages.  Pages are created (zeroed) before the GIL is released; created pages left all zeros go
- * again, as in crypt_pages. */
+/* crypt_pages_in_place: a page store's range read and transformed in place in one pass
+ * (in_place_run): per group of pages, their bytes copied into the result (or hashed), then the
+ * group transformed in place -- instead of a gather into a buffer and a second pass from that
+ * buffer back into the pages. */
 static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *result = NULL, *before = NULL, *scratch = NULL, *sub[7];
     CryptArgs a;
-    PageSet ps = {NULL, 0, 0, 0, NULL, NULL};
     Py_ssize_t length, i;
-    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
-    EVP_MD_CTX *md_ctx = NULL;
+    PageDigests digests;
     int hashing = 0;
     (void)self;
 
+    digests.md = NULL;
+    digests.prev = NULL;
     if (check_nargs("crypt_pages_in_place", nargs, 7, 8) < 0) {
         return NULL;
     }
@@ -1132,12 +1259,7 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
             return NULL;
         }
     }
-    length = PyLong_AsSsize_t(args[2]);
-    if (length == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (length < 0) {
-        PyErr_SetString(PyExc_ValueError, "length must not be negative");
+    if (in_place_length(args[2], &length) < 0) {
         return NULL;
     }
     if (hashing) {
@@ -1149,120 +1271,31 @@ static PyObject *crypt_pages_in_place(PyObject *self, PyObject *const *args, Py_
             PyErr_SetString(PyExc_ValueError, "crypt_pages_in_place: hashes take whole 4 KiB pages");
             return NULL;
         }
-        md_ctx = EVP_MD_CTX_new();
-        if (md_ctx == NULL) {
+        digests.md = EVP_MD_CTX_new();
+        if (digests.md == NULL) {
             return PyErr_NoMemory();
         }
     }
-    /* (the checks of crypt_args on a buffer of `length` bytes; the copy, unless hashing) */
-    before = PyBytes_FromStringAndSize(NULL, hashing ? 0 : length);
-    if (before == NULL) {
-        EVP_MD_CTX_free(md_ctx);
-        return NULL;
-    }
+    /* the result (the copy, or the digests), and the checks of crypt_args on a buffer of `length`
+     * bytes (hashing: a scratch one, never written) */
+    before = PyBytes_FromStringAndSize(NULL, hashing ? length / XP_PAGE * DIGEST384 : length);
+    scratch = before == NULL || !hashing ? NULL : PyByteArray_FromStringAndSize(NULL, length);
     for (i = 0; i < 7; i++) {
         sub[i] = args[i];
     }
-    if (hashing) {
-        scratch = PyByteArray_FromStringAndSize(NULL, length);
-        if (scratch == NULL) {
-            Py_DECREF(before);
-            EVP_MD_CTX_free(md_ctx);
-            return NULL;
-        }
-        Py_SETREF(before, PyBytes_FromStringAndSize(NULL, length / XP_PAGE * DIGEST384));
-        if (before == NULL) {
-            Py_DECREF(scratch);
-            EVP_MD_CTX_free(md_ctx);
-            return NULL;
-        }
-        sub[2] = scratch; /* (crypt_args checks a buffer of `length` bytes: never written) */
-    } else {
-        sub[2] = before;
-    }
-    if (crypt_args("crypt_pages_in_place", sub, 7, 0, &a) < 0) {
-        Py_DECREF(before);
+    sub[2] = hashing ? scratch : before;
+    if (sub[2] == NULL || crypt_args("crypt_pages_in_place", sub, 7, 0, &a) < 0) {
+        Py_XDECREF(before);
         Py_XDECREF(scratch);
-        EVP_MD_CTX_free(md_ctx);
+        EVP_MD_CTX_free(digests.md);
         return NULL;
     }
-    if (length == 0) {
+    digests.digests = (unsigned char *)PyBytes_AS_STRING(before);
+    if (in_place_run("crypt_pages_in_place", "crypt_pages_in_place: OpenSSL AES-ECB or SHA-384 failed", &a, length,
+                     hashing ? digest_piece : copy_piece, hashing ? (void *)&digests : (void *)digests.digests) == 0) {
         result = Py_NewRef(before);
-        goto done;
     }
-    if (page_set_take(&ps, a.pages, a.spa, length, NULL, 0) < 0 ||
-        crypt_contexts("crypt_pages_in_place", &a, &ctx, &tweak_ctx) < 0) {
-        goto done;
-    }
-    {
-        const unsigned char *consts = (const unsigned char *)a.consts.buf;
-        unsigned char *copy = (unsigned char *)PyBytes_AS_STRING(before);
-        unsigned char **ptrs = ps.ptrs;
-        int nbits = (int)a.nbits, encrypt = a.encrypt, failed = 0;
-        int pre = encrypt || a.code == 1, post = !encrypt || a.code == 1;
-        long code = a.code;
-        uint64_t spa = a.spa;
-        Py_ssize_t left = length, done = 0, p = 0;
-        unsigned char last[XP_PAGE]; /* (hashing: the previous group's last page, as it was) */
-        Py_BEGIN_ALLOW_THREADS
-        while (left > 0 && !failed) {
-            /* a group: up to IN_PLACE_GROUP pages, ending at a page boundary */
-            Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
-            Py_ssize_t n = (Py_ssize_t)IN_PLACE_GROUP * XP_PAGE - off, q, at;
-            Span span = {ptrs + p, NULL};
-            if (n > left) {
-                n = left;
-            }
-            if (hashing) { /* the SHA-384 of each page before (whole pages: off is 0) */
-                for (q = 0, at = 0; at < n && !failed; q++, at += XP_PAGE) {
-                    const unsigned char *page = ptrs[p + q];
-                    unsigned char *out = copy + (done + at) / XP_PAGE * DIGEST384;
-                    /* a page equal to the one before it (runs of erased flash or zeros): its digest
-                     * copied, as sha384_accel's measure_pages does; the one before is compared as it
-                     * was (the last page of the previous group, saved before that group's transform) */
-                    const unsigned char *prev = q > 0 ? ptrs[p + q - 1] : (done > 0 ? last : NULL);
-                    if (prev != NULL && memcmp(page, prev, XP_PAGE) == 0) {
-                        memcpy(out, out - DIGEST384, DIGEST384);
-                    } else {
-                        unsigned int dn = 0;
-                        failed = !(EVP_DigestInit_ex(md_ctx, EVP_sha384(), NULL) == 1 &&
-                                   EVP_DigestUpdate(md_ctx, page, XP_PAGE) == 1 &&
-                                   EVP_DigestFinal_ex(md_ctx, out, &dn) == 1 && dn == DIGEST384);
-                    }
-                }
-                if (!failed) {
-                    memcpy(last, ptrs[p + q - 1], XP_PAGE);
-                }
-            } else {
-                for (q = 0, at = 0; at < n; q++) { /* the bytes before, page by page */
-                    Py_ssize_t o = q == 0 ? off : 0;
-                    Py_ssize_t k = XP_PAGE - o < n - at ? XP_PAGE - o : n - at;
-                    memcpy(copy + done + at, ptrs[p + q] + o, (size_t)k);
-                    at += k;
-                }
-            }
-            if (failed) {
-                break;
-            }
-            failed = code == 2 ? xts_pages_run(&span, &span, spa, n, ctx, tweak_ctx, encrypt)
-                               : xex_pages_run(&span, &span, 0, spa, n, consts, nbits, ctx, pre, post, encrypt);
-            spa += (uint64_t)n;
-            done += n;
-            left -= n;
-            p += q;
-        }
-        Py_END_ALLOW_THREADS
-        if (failed) {
-            PyErr_SetString(PyExc_RuntimeError, "crypt_pages_in_place: OpenSSL AES-ECB or SHA-384 failed");
-            goto done;
-        }
-    }
-    result = Py_NewRef(before);
-done:
-    page_set_drop(&ps);
-    EVP_CIPHER_CTX_free(ctx);
-    EVP_CIPHER_CTX_free(tweak_ctx);
-    EVP_MD_CTX_free(md_ctx);
+    EVP_MD_CTX_free(digests.md);
     crypt_args_release(&a);
     Py_DECREF(before);
     Py_XDECREF(scratch);
@@ -1329,44 +1362,49 @@ static PyObject *sha256_new(PyObject *self, PyObject *unused)
     return sha_wrap(ctx);
 }
 
-PyDoc_STRVAR(sha256_copy_doc, "sha256_copy(ctx, /)\n--\n\nA new context in the state of ctx.");
-
-static PyObject *sha256_copy(PyObject *self, PyObject *capsule)
+/* A new context in the state of the capsule's (sha256_copy, sha256_digest); NULL with an exception
+ * set (RuntimeError `failed` when OpenSSL could not copy it). */
+static EVP_MD_CTX *sha_dup(PyObject *capsule, const char *failed)
 {
     EVP_MD_CTX *ctx = sha_ctx(capsule), *dup;
-    (void)self;
     if (ctx == NULL) {
         return NULL;
     }
     dup = EVP_MD_CTX_new();
     if (dup == NULL) {
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return NULL;
     }
     if (EVP_MD_CTX_copy_ex(dup, ctx) != 1) {
         EVP_MD_CTX_free(dup);
-        PyErr_SetString(PyExc_RuntimeError, "sha256_copy: OpenSSL failed");
+        PyErr_SetString(PyExc_RuntimeError, failed);
         return NULL;
     }
-    return sha_wrap(dup);
+    return dup;
+}
+
+PyDoc_STRVAR(sha256_copy_doc, "sha256_copy(ctx, /)\n--\n\nA new context in the state of ctx.");
+
+static PyObject *sha256_copy(PyObject *self, PyObject *capsule)
+{
+    EVP_MD_CTX *dup = sha_dup(capsule, "sha256_copy: OpenSSL failed");
+    (void)self;
+    return dup == NULL ? NULL : sha_wrap(dup);
 }
 
 PyDoc_STRVAR(sha256_digest_doc, "sha256_digest(ctx, /)\n--\n\nThe digest of what ctx has hashed (ctx unchanged).");
 
 static PyObject *sha256_digest(PyObject *self, PyObject *capsule)
 {
-    EVP_MD_CTX *ctx = sha_ctx(capsule), *dup;
+    EVP_MD_CTX *dup = sha_dup(capsule, "sha256_digest: OpenSSL failed");
     unsigned char out[EVP_MAX_MD_SIZE];
     unsigned int n = 0;
     int ok;
     (void)self;
-    if (ctx == NULL) {
+    if (dup == NULL) {
         return NULL;
     }
-    dup = EVP_MD_CTX_new();
-    if (dup == NULL) {
-        return PyErr_NoMemory();
-    }
-    ok = EVP_MD_CTX_copy_ex(dup, ctx) == 1 && EVP_DigestFinal_ex(dup, out, &n) == 1 && n == 32;
+    ok = EVP_DigestFinal_ex(dup, out, &n) == 1 && n == 32;
     EVP_MD_CTX_free(dup);
     if (!ok) {
         PyErr_SetString(PyExc_RuntimeError, "sha256_digest: OpenSSL failed");
@@ -1405,6 +1443,14 @@ static PyObject *sha256_update(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+/* measure_pages_in_place's pieces: the plaintext, extending the SHA-256 context. */
+static int sha256_piece(void *state, const unsigned char *piece, Py_ssize_t at, Py_ssize_t len, int last)
+{
+    (void)at;
+    (void)last;
+    return EVP_DigestUpdate((EVP_MD_CTX *)state, piece, (size_t)len) != 1;
+}
+
 PyDoc_STRVAR(measure_pages_in_place_doc,
              "measure_pages_in_place(pages, spa, length, consts, key, code, ctx, /)\n--\n\n"
              "The `length` bytes of the page store `pages` (dict PFN -> 4096-byte bytearray; an absent\n"
@@ -1415,15 +1461,13 @@ PyDoc_STRVAR(measure_pages_in_place_doc,
 
 /* measure_pages_in_place: LAUNCH_UPDATE_DATA's read, measurement and encryption in one pass over a
  * page store's range that nothing else holds a newer copy of (the caller checked: no dirty host
- * line) -- per group of pages, SHA-256 of their plaintext, then AES in place while they are still
- * in L2: DRAM's pages are read once, and no plaintext copy is made. */
+ * line) -- per group of pages (in_place_run), SHA-256 of their plaintext, then AES in place while
+ * they are still in L2: DRAM's pages are read once, and no plaintext copy is made. */
 static PyObject *measure_pages_in_place(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *result = NULL, *sub[7];
     CryptArgs a;
-    PageSet ps = {NULL, 0, 0, 0, NULL, NULL};
     Py_ssize_t length, i;
-    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
     EVP_MD_CTX *sha;
     PyObject *sized = NULL;
     (void)self;
@@ -1431,12 +1475,7 @@ static PyObject *measure_pages_in_place(PyObject *self, PyObject *const *args, P
     if (check_nargs("measure_pages_in_place", nargs, 7, 7) < 0 || (sha = sha_ctx(args[6])) == NULL) {
         return NULL;
     }
-    length = PyLong_AsSsize_t(args[2]);
-    if (length == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (length < 0) {
-        PyErr_SetString(PyExc_ValueError, "length must not be negative");
+    if (in_place_length(args[2], &length) < 0) {
         return NULL;
     }
     sized = PyBytes_FromStringAndSize(NULL, 0); /* (crypt_args checks the rest; the span is checked below) */
@@ -1454,61 +1493,12 @@ static PyObject *measure_pages_in_place(PyObject *self, PyObject *const *args, P
     }
     if (length % (a.code == 2 ? 64 : BLOCK) || a.spa % (a.code == 2 ? 64 : BLOCK)) {
         PyErr_SetString(PyExc_ValueError, "measure_pages_in_place: spa and length must be whole blocks (XTS: units)");
-        goto done;
-    }
-    if ((uint64_t)length > ((uint64_t)1 << a.nbits) - a.spa) {
+    } else if ((uint64_t)length > ((uint64_t)1 << a.nbits) - a.spa) {
         PyErr_Format(PyExc_ValueError, "the span is outside the %zd-bit address space", a.nbits);
-        goto done;
-    }
-    if (length == 0) {
+    } else if (in_place_run("measure_pages_in_place", "measure_pages_in_place: OpenSSL failed", &a, length,
+                            sha256_piece, sha) == 0) {
         result = Py_NewRef(Py_None);
-        goto done;
     }
-    if (page_set_take(&ps, a.pages, a.spa, length, NULL, 0) < 0 ||
-        crypt_contexts("measure_pages_in_place", &a, &ctx, &tweak_ctx) < 0) {
-        goto done;
-    }
-    {
-        const unsigned char *consts = (const unsigned char *)a.consts.buf;
-        unsigned char **ptrs = ps.ptrs;
-        int nbits = (int)a.nbits, failed = 0;
-        int pre = 1, post = a.code == 1;
-        long code = a.code;
-        uint64_t spa = a.spa;
-        Py_ssize_t left = length, p = 0;
-        Py_BEGIN_ALLOW_THREADS
-        while (left > 0 && !failed) {
-            Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
-            Py_ssize_t n = (Py_ssize_t)IN_PLACE_GROUP * XP_PAGE - off, q, at;
-            Span span = {ptrs + p, NULL};
-            if (n > left) {
-                n = left;
-            }
-            for (q = 0, at = 0; at < n && !failed; q++) { /* the plaintext, page by page */
-                Py_ssize_t o = q == 0 ? off : 0;
-                Py_ssize_t k = XP_PAGE - o < n - at ? XP_PAGE - o : n - at;
-                failed = EVP_DigestUpdate(sha, ptrs[p + q] + o, (size_t)k) != 1;
-                at += k;
-            }
-            if (!failed) {
-                failed = code == 2 ? xts_pages_run(&span, &span, spa, n, ctx, tweak_ctx, 1)
-                                   : xex_pages_run(&span, &span, 0, spa, n, consts, nbits, ctx, pre, post, 1);
-            }
-            spa += (uint64_t)n;
-            left -= n;
-            p += q;
-        }
-        Py_END_ALLOW_THREADS
-        if (failed) {
-            PyErr_SetString(PyExc_RuntimeError, "measure_pages_in_place: OpenSSL failed");
-            goto done;
-        }
-    }
-    result = Py_NewRef(Py_None);
-done:
-    page_set_drop(&ps);
-    EVP_CIPHER_CTX_free(ctx);
-    EVP_CIPHER_CTX_free(tweak_ctx);
     crypt_args_release(&a);
     Py_DECREF(sized);
     return result;
