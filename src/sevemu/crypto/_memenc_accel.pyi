@@ -51,3 +51,8 @@ def measure_pages_in_place(pages: dict[int, bytearray], spa: int, length: int, c
                            key: ReadableBuffer, code: int, ctx: object, /) -> None:
     """The page store's ``length`` bytes at spa hashed into ``ctx``, then encrypted in place (XE / XEX /
     XTS as crypt_pages_in_place), per group of pages in one pass."""
+
+def vector_isa(level: str | None = None, /) -> str:
+    """The instruction set of the fused passes ('avx512', 'avx2' or 'portable'; 'avx2' by default where
+    the CPU has it); with ``level``, use that one from now on (process-wide; ValueError when the CPU
+    lacks it) and return the previous."""
