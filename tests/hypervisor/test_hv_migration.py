@@ -210,7 +210,8 @@ def test_staged_receipt_puts_the_transport_buffers_where_the_stage_says() -> Non
             got = into.recv(transient=True, stage=stage)
             if isinstance(msg, Pages):
                 assert isinstance(got, Pages) and got.transport is None
-                assert (got.gpas, bytes(got.hdrs)) == (msg.gpas, bytes(msg.hdrs))
+                assert isinstance(got.gpas, np.ndarray) and got.gpas.dtype == np.uint64  # (a column)
+                assert (tuple(got.gpas.tolist()), bytes(got.hdrs)) == (msg.gpas, bytes(msg.hdrs))
                 assert staged[-1] == msg.transport
             else:
                 assert got == msg

@@ -114,6 +114,7 @@ from sevemu.hypervisor.sev.common import Packet
 from sevemu.hypervisor.sev.legacy import (
     HDR_SLOT,
     PAGE_BATCH,
+    Gpas,
     PageBatch,
     PageReceiver,
     Transport,
@@ -230,7 +231,8 @@ class Page:
 class Pages:
     """The SEND_UPDATE_DATA packets of one doorbell: whole private pages (module docstring)."""
 
-    gpas: tuple[int, ...]
+    gpas: Gpas
+    """A tuple, or a u64 column (:meth:`Channel.recv` with ``stage``; a source's batches)."""
     hdrs: bytes | memoryview
     """A :data:`~sevemu.hypervisor.sev.legacy.HDR_SLOT`-byte slot per page."""
     transport: Transport
@@ -300,6 +302,13 @@ def _blob(*parts: bytes) -> bytes:
     return b"".join(parts)
 
 
+def _gpa_bytes(gpas: Gpas) -> bytes:
+    """The GPAs as big-endian u64s."""
+    if isinstance(gpas, np.ndarray):
+        return gpas.astype(">u8").tobytes()
+    return struct.pack(f">{len(gpas)}Q", *gpas)
+
+
 def _pages_parts(msg: Pages) -> list[bytes | bytearray | memoryview]:
     """The PAGES frame of ``msg`` as its parts, in order: framing and GPAs, the header slots, the
     transport buffers (sent as they are, without joining them: one part, or one per page)."""
@@ -313,7 +322,7 @@ def _pages_parts(msg: Pages) -> list[bytes | bytearray | memoryview]:
     if length > MAX_FRAME:
         raise ProtocolError(f"PAGES frame of {length} bytes exceeds {MAX_FRAME}")
     head: list[bytes | bytearray | memoryview] = [
-        _HEADER.pack(length, MsgType.PAGES) + _U32.pack(n) + struct.pack(f">{n}Q", *msg.gpas), msg.hdrs]
+        _HEADER.pack(length, MsgType.PAGES) + _U32.pack(n) + _gpa_bytes(msg.gpas), msg.hdrs]
     return [*head, *transport] if isinstance(transport, list) else [*head, transport]
 
 
@@ -364,12 +373,14 @@ def _pages_count(n: int, count_bytes: bytes | memoryview) -> int:
     return count
 
 
-def _pages_head(head: memoryview, count: int) -> tuple[tuple[int, ...], memoryview]:
-    """The GPAs and header slots (a view) of the ``count * (8 + HDR_SLOT)`` bytes after a PAGES
-    payload's count; the slots' padding checked."""
+def _pages_head(head: memoryview, count: int, column: bool = False) -> tuple[Gpas, memoryview]:
+    """The GPAs (a tuple; a u64 column with ``column``) and header slots (a view) of the ``count *
+    (8 + HDR_SLOT)`` bytes after a PAGES payload's count; the slots' padding checked."""
     hdrs = head[8 * count : count * (8 + HDR_SLOT)]
     _need(not np.frombuffer(hdrs, dtype=np.uint8).reshape(count, HDR_SLOT)[:, HdrBuf.SIZE :].any(),
           MsgType.PAGES, "header padding is not zero")
+    if column:
+        return np.frombuffer(head, dtype=">u8", count=count).astype(np.uint64), hdrs
     return struct.unpack_from(f">{count}Q", head), hdrs
 
 
@@ -540,7 +551,7 @@ class Channel:
             raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
         if stage is not None and kind == MsgType.PAGES:
             count = _pages_count(length - 1, self._read(4) if length > 4 else b"")
-            gpas, hdrs = _pages_head(self._read_reused(count * (8 + HDR_SLOT)), count)
+            gpas, hdrs = _pages_head(self._read_reused(count * (8 + HDR_SLOT)), count, column=True)
             stage(count, self._fill_pages)
             return Pages(gpas, hdrs, None)
         if transient and kind == MsgType.PAGES:
@@ -776,10 +787,10 @@ def _new_page(vm: Vm, gpa: int, seen: _Seen) -> None:
     seen.any = True
 
 
-def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: _Seen) -> None:
+def _new_pages(vm: Vm, gpas: Gpas, seen: _Seen) -> None:
     """:func:`_new_page` of each GPA (all checked before any is recorded)."""
     try:
-        at = np.array(gpas, dtype=np.uint64)
+        at = np.asarray(gpas, dtype=np.uint64)
         bad = bool((at & np.uint64(PAGE - 1)).any() or (at >= np.uint64(vm.memory)).any())
     except (OverflowError, ValueError):  # not a u64 (a frame's GPAs are): named below
         bad = True
@@ -790,8 +801,9 @@ def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: _Seen) -> None:
         bad = repeated or bool(seen.flags[gfns].any())
     if bad:
         flags = seen.flags
-        bad_gpa = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
-                       or flags[gpa // PAGE] or gpa in gpas[:i])
+        listed = gpas.tolist() if isinstance(gpas, np.ndarray) else list(gpas)
+        bad_gpa = next(gpa for i, gpa in enumerate(listed) if gpa % PAGE or not 0 <= gpa < vm.memory
+                       or flags[gpa // PAGE] or gpa in listed[:i])
         raise ProtocolError(f"page at GPA {bad_gpa:#x}: unaligned, outside the VM or repeated")
     seen.flags[gfns] = True
     seen.any = True
@@ -817,7 +829,7 @@ def _huge_regions(vm: Vm, msg: Huge, named: set[int], pending: set[int], started
         pending |= {r for r in fresh if mapped.isdisjoint(range(r >> 12, (r + PAGE_2M) >> 12))}
 
 
-def _back_huge(vm: Vm, gpas: tuple[int, ...] | list[int], pending: set[int]) -> None:
+def _back_huge(vm: Vm, gpas: Gpas | list[int], pending: set[int]) -> None:
     """Back with one huge page each the regions of ``gpas`` named by HUGE and not backed yet."""
     if not pending:
         return

@@ -73,7 +73,7 @@ from sevemu.hypervisor.uapi import GHCB_VERSION_MAX, GHCB_VERSION_MIN
 from sevemu.hypervisor.vcpu import KvmVmType
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
-__all__ = ["GRANULE", "HDR_SLOT", "PAGE_BATCH", "LegacySev", "PageBatch", "PageReceiver", "Transport",
+__all__ = ["GRANULE", "HDR_SLOT", "PAGE_BATCH", "Gpas", "LegacySev", "PageBatch", "PageReceiver", "Transport",
            "transport_length", "transport_slots"]
 
 GRANULE = 16
@@ -105,6 +105,9 @@ def transport_slots(handle: int, hdr_base: int, hdr_len: int, guest_paddrs: list
     return words.tobytes()
 
 
+Gpas = tuple[int, ...] | npt.NDArray[np.uint64]
+"""A batch's guest page addresses: a tuple, or a u64 column (the source's sorted pages, a
+destination's frame)."""
 Transport = bytes | memoryview | list[bytearray] | None
 """A batch's transport buffers: back to back; or one 4 KiB buffer per page (the bounce area's DRAM
 pages a source hands to the socket as they lie, read-only: :meth:`LegacySev.send_page_batches`);
@@ -127,7 +130,7 @@ class PageBatch:
     :data:`HDR_SLOT`-byte slot per page (its first ``hdr_len`` bytes the header), ``transport`` the
     pages' transport buffers (:data:`Transport`)."""
 
-    gpas: tuple[int, ...]
+    gpas: Gpas
     hdrs: bytes | memoryview
     transport: Transport
     hdr_len: int
@@ -180,11 +183,14 @@ class PageReceiver:
                 staged != n if batch.transport is None else transport_length(batch.transport) != n * PAGE):
             raise SevInputError(Errno.EINVAL, "page batch buffers do not match its page count")
         me_mask = sev.caps.me_mask
-        gpas = list(batch.gpas)
-        try:
-            spas = vm.back_pages(gpas)  # (the same pages as guest_page() of each, mapped in runs)
-        except AddressError:  # (it checks every GPA before it backs any)
-            spas = [sev.guest_page(vm, gpa, PAGE) for gpa in gpas]  # raises what KVM answers
+        column = vm.backed_spas(batch.gpas) if isinstance(batch.gpas, np.ndarray) else None
+        if column is None:  # (not all backed already: back them)
+            gpas = batch.gpas.tolist() if isinstance(batch.gpas, np.ndarray) else list(batch.gpas)
+            try:
+                spas = vm.back_pages(gpas)  # (the same pages as guest_page() of each, mapped in runs)
+            except AddressError:  # (it checks every GPA before it backs any)
+                spas = [sev.guest_page(vm, gpa, PAGE) for gpa in gpas]  # raises what KVM answers
+            column = np.array(spas, dtype=np.uint64)
         hdr_base, trans_base = self._hdr_base, self._trans_base
         sev.core.host_write_stream(hdr_base, batch.hdrs)
         if batch.transport is not None:  # (None: staged in place)
@@ -193,7 +199,7 @@ class PageReceiver:
             else:
                 sev.core.host_write_stream(trans_base, batch.transport)
         self._ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, transport_slots(
-            vm.handle, hdr_base, batch.hdr_len, np.array(spas, dtype=np.uint64) | np.uint64(me_mask), trans_base))
+            vm.handle, hdr_base, batch.hdr_len, column | np.uint64(me_mask), trans_base))
         _check_batch(CommandId.RECEIVE_UPDATE_DATA, self._ring.run())
 
 
@@ -556,7 +562,8 @@ class LegacySev(SevHost):
         """SEND_UPDATE_DATA of whole private pages, one command each (KVM's contract): yields
         (GPA, header, transport buffer), from :meth:`send_page_batches`."""
         for batch in self.send_page_batches(vm, gpas):
-            for i, gpa in enumerate(batch.gpas):
+            at = batch.gpas.tolist() if isinstance(batch.gpas, np.ndarray) else batch.gpas
+            for i, gpa in enumerate(at):
                 yield gpa, batch.hdr(i), batch.trans(i)
 
     def send_page_batches(self, vm: Vm, gpas: Iterable[int] | npt.NDArray[np.uint64],
@@ -596,33 +603,34 @@ class LegacySev(SevHost):
             trans_base = st.alloc(batch * PAGE, PAGE)
             start = 0
             while True:
+                named: Gpas
                 if order is not None and looked_up is not None:  # (GPAs as a column: SPAs looked up above)
-                    column = order[start : start + batch]
-                    chunk = column.tolist()
-                    unaligned = bool((column & np.uint64(PAGE_MASK)).any())
+                    named = order[start : start + batch]
+                    unaligned = bool((named & np.uint64(PAGE_MASK)).any())
                     spas = looked_up[start : start + batch]
                     start += batch
                 else:
-                    chunk = list(itertools.islice(cast("Iterator[int]", todo), batch))
-                    unaligned = any(gpa & PAGE_MASK for gpa in chunk)
-                    spas = np.fromiter(map(mapped, [gpa >> 12 for gpa in chunk], itertools.repeat(-1)),
-                                       dtype=np.int64, count=len(chunk))
-                if not chunk:
+                    named = tuple(itertools.islice(cast("Iterator[int]", todo), batch))
+                    unaligned = any(gpa & PAGE_MASK for gpa in named)
+                    spas = np.fromiter(map(mapped, [gpa >> 12 for gpa in named], itertools.repeat(-1)),
+                                       dtype=np.int64, count=len(named))
+                n = len(named)
+                if not n:
                     break
                 if unaligned or (spas < 0).any():  # the error KVM answers
+                    listed = named.tolist() if isinstance(named, np.ndarray) else named
                     spas = np.array([spa_of(gpa) if gpa & PAGE_MASK or s < 0 else s
-                                     for gpa, s in zip(chunk, spas.tolist(), strict=True)], dtype=np.int64)
+                                     for gpa, s in zip(listed, spas.tolist(), strict=True)], dtype=np.int64)
                 slots = transport_slots(handle, hdr_base, hdr_len, spas.astype(np.uint64) | me_mask, trans_base)
                 ring.submit_many(CommandId.SEND_UPDATE_DATA, slots)
                 _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
-                n = len(chunk)
                 hdrs = hdr_out[: n * HDR_SLOT]
                 core.host_read_stream_into(hdr_base, hdrs)
                 trans: Transport = core.host_read_stream_pages(trans_base, n * PAGE)  # (no copy)
                 if trans is None:
                     trans = trans_out[: n * PAGE]
                     core.host_read_stream_into(trans_base, trans)
-                yield PageBatch(tuple(chunk), hdrs, trans, hdr_len)
+                yield PageBatch(named, hdrs, trans, hdr_len)
 
     def send_finish(self, vm: Vm) -> None:
         self.need_context(vm)
