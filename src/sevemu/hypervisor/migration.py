@@ -469,10 +469,11 @@ class Channel:
 
     def send(self, msg: Message) -> None:
         if isinstance(msg, Pages):  # (about a MiB: its parts go out as they are, after what is pending)
-            parts = _pages_parts(msg)
+            parts = _pages_parts(msg)  # (their lengths checked: the frame's)
+            total = _HEADER.size + 4 + len(msg.gpas) * (8 + HDR_SLOT + PAGE)
             self.flush()
-            self._send_parts(parts)
-            self.bytes_sent += sum(len(part) for part in parts)
+            self._send_parts(parts, total)
+            self.bytes_sent += total
             return
         frame = encode_frame(msg)
         self.bytes_sent += len(frame)
@@ -484,12 +485,11 @@ class Channel:
         if len(self._out) >= _SEND_BUFFER:
             self.flush()
 
-    def _send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        """``sendall`` of the parts (byte buffers) one after the other, gathered by the kernel
-        (``sendmsg``); after a partial send, the rest from where the kernel stopped."""
-        left = [part for part in parts if len(part)]
-        total = sum(map(len, left))
-        while left:
+    def _send_parts(self, parts: list[bytes | bytearray | memoryview], total: int) -> None:
+        """``sendall`` of the parts (byte buffers of ``total`` bytes) one after the other, gathered
+        by the kernel (``sendmsg``); after a partial send, the rest from where the kernel stopped."""
+        left = parts
+        while total > 0:
             sent = self.sock.sendmsg(left)
             if sent >= total:
                 return
