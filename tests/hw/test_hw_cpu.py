@@ -232,6 +232,64 @@ def test_host_read_stream_into_is_host_read_stream(soc: Soc) -> None:
     assert b"dirty line" in core.host_read_stream(base + 0x1040, 64)
 
 
+def test_host_read_stream_pages_are_what_host_read_stream_returns(soc: Soc) -> None:
+    """DRAM's own pages of a page-aligned range (no copy) only when they hold what the streaming read
+    returns: a dirty cached host line over the range, a page never written, an unaligned range or
+    a VMCB view over it give None (the caller copies instead)."""
+    core = soc.boot_cpu
+    base = 0x20_0000
+    data = bytes(range(256)) * 48  # 3 pages
+    core.host_write_stream(base, data)
+    pages = core.host_read_stream_pages(base, 3 * PAGE)
+    assert pages is not None and len(pages) == 3 and all(len(p) == PAGE for p in pages)
+    assert b"".join(pages) == core.host_read_stream(base, 3 * PAGE) == data
+    assert core.host_read_stream_pages(base + PAGE, PAGE) == [data[PAGE : 2 * PAGE]]
+    core.host_write(base + 0x1040, b"dirty line in the cache" + bytes(41))  # only in the cache
+    assert core.host_read_stream_pages(base, 3 * PAGE) is None
+    assert core.host_read_stream_pages(base + 2 * PAGE, PAGE) is not None  # (the dirty line is not in it)
+    assert core.host_read_stream_pages(base + 3 * PAGE, PAGE) is None  # never written: reads as zeros
+    assert core.host_read_stream_pages(base + 0x40, PAGE) is None  # not whole pages
+    assert core.host_read_stream_pages(base, 0) is None
+    with pytest.raises(AddressError):
+        core.host_read_stream_pages(soc.dram.size - PAGE, 2 * PAGE)
+
+
+def test_host_write_stream_pages_is_host_write_stream(soc: Soc) -> None:
+    """Bytes written in place into the pages handed over leave the memory host_write_stream of them
+    leaves: a dirty host line of the range written back, then overwritten (it does not come back
+    later over the new bytes), a page never written created; nothing is handed over for an unaligned
+    range or one outside DRAM."""
+    data = bytes((i * 7 + 3) & 0xFF for i in range(3 * PAGE))  # 3 pages
+    results = []
+    got: list[int] = []
+    for in_place in (False, True):
+        s = make_soc()
+        core = s.boot_cpu
+        base = 0x30_0000
+        core.host_write_stream(base, b"\x11" * PAGE)  # the first page stored; the others never written
+        core.host_write(base + 0x80, b"dirty" + bytes(59))  # a dirty cached line over it
+        if in_place:
+
+            def fill(pages: list[bytearray]) -> None:
+                got.append(len(pages))
+                for i, page in enumerate(pages):
+                    page[:] = data[i * PAGE : (i + 1) * PAGE]
+
+            core.host_write_stream_pages(base, 3 * PAGE, fill)
+            assert got == [3]
+        else:
+            core.host_write_stream(base, data)
+        assert core.host_read(base, 3 * PAGE) == data
+        results.append((core.mc.dram.read(base, 3 * PAGE), sorted(s.cache.dirty)))
+        core.wbinvd()
+        assert core.mc.dram.read(base, 3 * PAGE) == data  # (no stale line written back over it)
+    assert results[0] == results[1]
+    core = soc.boot_cpu
+    for spa, length in ((0x40_0040, PAGE), (0x40_0000, 0), (soc.dram.size - PAGE, 2 * PAGE)):
+        with pytest.raises(AddressError):
+            core.host_write_stream_pages(spa, length, lambda pages: pytest.fail("handed pages over"))
+
+
 def test_host_clear_pages_zeroes_memory_and_drops_the_hosts_lines(soc: Soc) -> None:
     """The host's clearing of pages it hands out: a dirty cached line of the range does not survive
     (no later write-back over the zeros), every page reads zeros and is stored in DRAM."""

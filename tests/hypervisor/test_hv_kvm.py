@@ -7,6 +7,7 @@ import dataclasses
 import random
 from typing import Any
 
+import numpy as np
 import pytest
 from hvkit import small_machine
 
@@ -568,6 +569,27 @@ def test_back_pages_backs_and_maps_as_back_does_page_by_page(small: int, monkeyp
                 vm.back_pages(bad)
             assert vm.npt.mappings == before
     assert worlds[0] == worlds[1]
+
+
+def test_backed_spas_are_back_pages_of_pages_backed_already() -> None:
+    """Vm.backed_spas (a prepared migration destination's batches): the SPAs back_pages gives for
+    GPAs that are all backed -- a huge page's and 4 KiB ones, out of order -- as a column, with
+    nothing backed or mapped; None (back them instead) for a GPA not backed, unaligned, outside the
+    VM, or an empty column."""
+    m = small_machine()
+    vm = m.hv.create_vm("b", 4 * MiB, VmKind.SEV)
+    vm.back_huge(0x20_0000)
+    for gpa in (0x3000, 0x5000, 0x1F_F000):
+        vm.back(gpa)
+    gpas = [0x20_1000, 0x5000, 0x3FF_000, 0x3000, 0x1F_F000, 0x20_0000]
+    before, allocated = dict(vm.npt.mappings), m.hv.pages.allocated
+    column = vm.backed_spas(np.array(gpas, dtype=np.uint64))
+    assert column is not None and column.dtype == np.uint64
+    assert column.tolist() == vm.back_pages(gpas)
+    assert vm.npt.mappings == before and m.hv.pages.allocated == allocated
+    for bad in ([0x5000, 0x6000], [0x5000, 0x3001], [0x5000, 4 * MiB], []):
+        assert vm.backed_spas(np.array(bad, dtype=np.uint64)) is None
+    assert vm.npt.mappings == before
 
 
 @pytest.mark.parametrize("small", [64, 0], ids=["loop", "arrays"])

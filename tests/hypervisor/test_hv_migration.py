@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from sevemu.hypervisor.migration import (
     receive_vm,
     send_vm,
 )
-from sevemu.hypervisor.sev.legacy import PAGE_BATCH, transport_slots
+from sevemu.hypervisor.sev.legacy import PAGE_BATCH, Transport, transport_slots
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 from sevemu.scenario import Machine, build_machine, default_amd_root, manufacture
 
@@ -179,6 +179,57 @@ def test_transient_receipt_reads_the_same_messages() -> None:
         a.sendall(bytes(bad))
         with pytest.raises(ProtocolError):
             into.recv(transient=True)
+
+
+def test_staged_receipt_puts_the_transport_buffers_where_the_stage_says() -> None:
+    """``recv(stage=...)`` (the destination's loop): a PAGES frame's transport buffers go straight
+    into the pages the stage hands over -- read in pieces as the peer trickles them in too -- and
+    the message is the one ``recv`` gives but for ``transport`` (None); other frames as usual, the
+    same byte count; a malformed PAGES frame is refused before the stage is asked for anything."""
+    frames = [Pages((0x1000, 0x3000), (bytes(range(1, 0x35)) + bytes(12)) * 2, os.urandom(2 * PAGE)), Done(),
+              Pages((0x5000,), bytes(range(2, 0x36)) + bytes(12), os.urandom(PAGE)),
+              Pages(tuple(range(0x10_0000, 0x10_0000 + 7 * PAGE, PAGE)), bytes(64) * 7, os.urandom(7 * PAGE))]
+    staged: list[bytes] = []
+
+    def stage(count: int, fill: Callable[[list[bytearray]], None]) -> None:
+        pages = [bytearray(PAGE) for _ in range(count)]
+        fill(pages)
+        staged.append(b"".join(pages))
+
+    a, b = socket.socketpair()
+    with a, b:
+        into = Channel(b, timeout=2)
+        for i, msg in enumerate(frames):
+            frame = encode_frame(msg)
+            if i < 3:
+                a.sendall(frame)
+            else:  # in pieces that end inside the pages: the reads resume mid-page
+                feeder = threading.Thread(target=lambda f=frame: [
+                    (a.sendall(f[k : k + 1000]), time.sleep(0.001)) for k in range(0, len(f), 1000)])
+                feeder.start()
+            got = into.recv(transient=True, stage=stage)
+            if isinstance(msg, Pages):
+                assert isinstance(got, Pages) and got.transport is None
+                assert isinstance(got.gpas, np.ndarray) and got.gpas.dtype == np.uint64  # (a column)
+                assert (tuple(got.gpas.tolist()), bytes(got.hdrs)) == (msg.gpas, bytes(msg.hdrs))
+                assert staged[-1] == msg.transport
+            else:
+                assert got == msg
+        feeder.join(5)
+        assert len(staged) == 3
+        assert into.bytes_received == sum(len(encode_frame(m)) for m in frames)
+    good = encode_frame(frames[2])
+    bad_padding = bytearray(good)
+    bad_padding[5 + 4 + 8 + 0x40 - 1] = 1
+    bad_count = bytearray(good)
+    bad_count[5:9] = struct.pack(">I", 2)  # two pages counted, one sent
+    for bad in (bytes(bad_padding), bytes(bad_count), struct.pack(">IB", 3, MsgType.PAGES) + b"\x00\x00"):
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(bad)
+            with pytest.raises(ProtocolError):
+                Channel(b, timeout=2).recv(transient=True, stage=stage)
+    assert len(staged) == 3
 
 
 # ---- hosts and guests ---------------------------------------------------------------------------
@@ -643,6 +694,12 @@ def test_pages_frames_that_do_not_add_up_are_not_sent() -> None:
         encode_frame(Pages((0x1000, 0x2000), bytes(64), bytes(2 * PAGE)))
 
 
+def _joined(transport: Transport) -> bytes:
+    """A PAGES message's transport buffers back to back (a source hands its bounce area's pages)."""
+    assert transport is not None
+    return b"".join(transport) if isinstance(transport, list) else bytes(transport)
+
+
 def test_migration_queues_a_command_per_page_through_the_ring_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     """KVM's contract holds: every page is its own SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA (its own
     IV and MAC), submitted through the PSP's ring buffer; the mailbox is back in mailbox mode after."""
@@ -651,7 +708,7 @@ def test_migration_queues_a_command_per_page_through_the_ring_buffer(monkeypatch
 
     def recording(self: Channel, msg: Message) -> None:
         if isinstance(msg, Pages):  # (a copy: the batch's buffers are reused by the next doorbell)
-            sent.append(Pages(msg.gpas, bytes(msg.hdrs), bytes(msg.transport)))
+            sent.append(Pages(msg.gpas, bytes(msg.hdrs), _joined(msg.transport)))
         send(self, msg)
 
     monkeypatch.setattr(Channel, "send", recording)

@@ -391,6 +391,53 @@ class Core:
         if keys:
             self._overlay_dirty(spa, view, keys)
 
+    def host_read_stream_pages(self, spa: int, length: int) -> list[bytearray] | None:
+        """:meth:`host_read_stream` of the page-aligned range ``[spa, spa+length)`` as DRAM's own 4 KiB
+        pages, in address order, instead of a copy -- when they hold exactly what it would return:
+        every page stored, no dirty host line in the range, no VMCB view over it; None otherwise (the
+        caller copies with :meth:`host_read_stream_into`).  For a device that takes the buffer as it
+        lies (a migration source handing its bounce area's transport buffers to the socket,
+        ``sendmsg``): the caller only reads them, before anything writes the range again."""
+        if (spa | length) & (PAGE - 1) or length <= 0:
+            return None
+        dram = self.mc.dram
+        dram.check_range(spa, length)
+        v = self.vmcbs
+        if spa < v.hi and spa + length > v.lo:
+            return None
+        first = spa >> 12
+        pages = list(map(dram.pages_dict().get, range(first, first + (length >> 12))))
+        if None in pages or self._dirty_host_lines(spa, length):
+            return None
+        return pages  # type: ignore[return-value]  # (no None left in it)
+
+    def host_write_stream_pages(self, spa: int, length: int, fill: Callable[[list[bytearray]], None]) -> None:
+        """:meth:`host_write_stream` of the page-aligned range ``[spa, spa+length)`` whose bytes arrive in
+        place: the range checked and its host lines written back and invalidated (a VMCB view over it
+        dropped) as there, every page of it stored (an absent one created), then ``fill`` gets DRAM's
+        pages of the range, in address order, and writes every byte of them -- a device delivering
+        straight into the buffer (a migration destination receiving transport buffers from the socket
+        into its bounce area, ``recvmsg_into``).  The same memory as the write of those bytes, but a
+        page written with zeros is stored rather than left absent."""
+        if (spa | length) & (PAGE - 1) or length <= 0:
+            raise AddressError(f"host_write_stream_pages takes whole pages, got {spa:#x}+{length:#x}")
+        dram = self.mc.dram
+        dram.check_range(spa, length)
+        if self.rmp is not None:
+            self.rmp.check_host_write(spa, length)
+        v = self.vmcbs
+        if spa < v.hi and spa + length > v.lo:
+            v.touch(spa, length, True)
+        self.cache.flush_range(0, False, spa, length)
+        store = dram.pages_dict()
+        first = spa >> 12
+        pages = list(map(store.get, range(first, first + (length >> 12))))
+        if None in pages:
+            for i, page in enumerate(pages):
+                if page is None:
+                    pages[i] = store[first + i] = bytearray(PAGE)
+        fill(pages)  # type: ignore[arg-type]  # (no None left in it)
+
     def _dirty_host_lines(self, spa: int, length: int) -> list[int]:
         """The host's dirty lines (domain (0, C=0): the key is the SPA) of ``[spa, spa+length)``."""
         dirty = self.cache.dirty

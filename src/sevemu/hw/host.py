@@ -115,6 +115,16 @@ class HostCore:
         """Non-temporal stores of a large range (C=0)."""
         self._core.host_write_stream(spa, data)
 
+    def host_read_stream_pages(self, spa: int, length: int) -> list[bytearray] | None:
+        """A page-aligned :meth:`host_read_stream` as DRAM's own pages, read-only, when they hold what
+        it returns (else None: copy instead; :meth:`Core.host_read_stream_pages`)."""
+        return self._core.host_read_stream_pages(spa, length)
+
+    def host_write_stream_pages(self, spa: int, length: int, fill: Callable[[list[bytearray]], None]) -> None:
+        """A page-aligned :meth:`host_write_stream` whose bytes ``fill`` writes in place into DRAM's
+        pages (:meth:`Core.host_write_stream_pages`)."""
+        self._core.host_write_stream_pages(spa, length, fill)
+
     def host_clear_pages(self, spa: int, length: int) -> None:
         """Zero whole pages the host hands out, every page stored in DRAM (:meth:`Core.host_clear_pages`)."""
         self._core.host_clear_pages(spa, length)

@@ -96,6 +96,7 @@ import enum
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -110,7 +111,15 @@ from sevemu.hw.svm import GPRS
 from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.kvm import Hypervisor
 from sevemu.hypervisor.sev.common import Packet
-from sevemu.hypervisor.sev.legacy import HDR_SLOT, PAGE_BATCH, PageBatch, PageReceiver
+from sevemu.hypervisor.sev.legacy import (
+    HDR_SLOT,
+    PAGE_BATCH,
+    Gpas,
+    PageBatch,
+    PageReceiver,
+    Transport,
+    transport_length,
+)
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
 __all__ = [
@@ -222,11 +231,14 @@ class Page:
 class Pages:
     """The SEND_UPDATE_DATA packets of one doorbell: whole private pages (module docstring)."""
 
-    gpas: tuple[int, ...]
+    gpas: Gpas
+    """A tuple, or a u64 column (:meth:`Channel.recv` with ``stage``; a source's batches)."""
     hdrs: bytes | memoryview
     """A :data:`~sevemu.hypervisor.sev.legacy.HDR_SLOT`-byte slot per page."""
-    transport: bytes | memoryview
-    """A 4 KiB transport buffer per page."""
+    transport: Transport
+    """A 4 KiB transport buffer per page: back to back, or one buffer per page (a source's bounce
+    area pages), or None on a destination that received them straight into its bounce area
+    (:meth:`Channel.recv` with ``stage``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,24 +292,38 @@ _VCPU = struct.Struct(">I6Q16Q")
 _FINISH = struct.Struct(">QQ")
 _HELLO = struct.Struct(">III")
 _HEADER = struct.Struct(">IB")
+StagePages = Callable[[int, Callable[[list[bytearray]], None]], None]
+"""Where a PAGES frame's transport buffers go as they are received (:meth:`Channel.recv`): called
+with the frame's page count and the channel's reader of that many pages, it hands the reader the
+pages to fill."""
 
 
 def _blob(*parts: bytes) -> bytes:
     return b"".join(parts)
 
 
-def _pages_parts(msg: Pages) -> list[bytes | memoryview]:
+def _gpa_bytes(gpas: Gpas) -> bytes:
+    """The GPAs as big-endian u64s."""
+    if isinstance(gpas, np.ndarray):
+        return gpas.astype(">u8").tobytes()
+    return struct.pack(f">{len(gpas)}Q", *gpas)
+
+
+def _pages_parts(msg: Pages) -> list[bytes | bytearray | memoryview]:
     """The PAGES frame of ``msg`` as its parts, in order: framing and GPAs, the header slots, the
-    transport buffers (sent as they are, without joining them)."""
+    transport buffers (sent as they are, without joining them: one part, or one per page)."""
     n = len(msg.gpas)
-    if len(msg.hdrs) != n * HDR_SLOT or len(msg.transport) != n * PAGE:
-        raise ProtocolError(f"PAGES of {n} pages with {len(msg.hdrs)} header and {len(msg.transport)} "
+    transport = msg.transport
+    if len(msg.hdrs) != n * HDR_SLOT or transport is None or transport_length(transport) != n * PAGE \
+            or (isinstance(transport, list) and len(transport) != n):
+        raise ProtocolError(f"PAGES of {n} pages with {len(msg.hdrs)} header and {transport_length(transport)} "
                             "transport bytes")
     length = 1 + 4 + n * (8 + HDR_SLOT + PAGE)
     if length > MAX_FRAME:
         raise ProtocolError(f"PAGES frame of {length} bytes exceeds {MAX_FRAME}")
-    return [_HEADER.pack(length, MsgType.PAGES) + _U32.pack(n) + struct.pack(f">{n}Q", *msg.gpas),
-            msg.hdrs, msg.transport]
+    head: list[bytes | bytearray | memoryview] = [
+        _HEADER.pack(length, MsgType.PAGES) + _U32.pack(n) + _gpa_bytes(msg.gpas), msg.hdrs]
+    return [*head, *transport] if isinstance(transport, list) else [*head, transport]
 
 
 def encode_frame(msg: Message) -> bytes:
@@ -337,20 +363,34 @@ def _need(cond: bool, kind: MsgType, what: str) -> None:
         raise ProtocolError(f"malformed {kind.name} frame: {what}")
 
 
-def _decode_pages(payload: bytes | memoryview) -> Pages:
-    """The PAGES message of a frame's payload; its header slots and pages are views of it."""
-    kind, n = MsgType.PAGES, len(payload)
+def _pages_count(n: int, count_bytes: bytes | memoryview) -> int:
+    """The page count of a PAGES payload of ``n`` bytes that starts with ``count_bytes``; checked."""
+    kind = MsgType.PAGES
     _need(n >= 4, kind, "truncated")
-    count = _U32.unpack_from(payload)[0]
+    count: int = _U32.unpack_from(count_bytes)[0]
     _need(0 < count <= PAGE_BATCH, kind, f"{count} pages")
     _need(n == 4 + count * (8 + HDR_SLOT + PAGE), kind, f"{n} bytes for {count} pages")
-    hdr_at = 4 + 8 * count
-    trans_at = hdr_at + count * HDR_SLOT
-    view = memoryview(payload)  # (the header slots and pages are views of the frame: no copies)
-    hdrs = view[hdr_at:trans_at]
+    return count
+
+
+def _pages_head(head: memoryview, count: int, column: bool = False) -> tuple[Gpas, memoryview]:
+    """The GPAs (a tuple; a u64 column with ``column``) and header slots (a view) of the ``count *
+    (8 + HDR_SLOT)`` bytes after a PAGES payload's count; the slots' padding checked."""
+    hdrs = head[8 * count : count * (8 + HDR_SLOT)]
     _need(not np.frombuffer(hdrs, dtype=np.uint8).reshape(count, HDR_SLOT)[:, HdrBuf.SIZE :].any(),
-          kind, "header padding is not zero")
-    return Pages(struct.unpack_from(f">{count}Q", payload, 4), hdrs, view[trans_at:])
+          MsgType.PAGES, "header padding is not zero")
+    if column:
+        return np.frombuffer(head, dtype=">u8", count=count).astype(np.uint64), hdrs
+    return struct.unpack_from(f">{count}Q", head), hdrs
+
+
+def _decode_pages(payload: bytes | memoryview) -> Pages:
+    """The PAGES message of a frame's payload; its header slots and pages are views of it."""
+    count = _pages_count(len(payload), payload)
+    view = memoryview(payload)  # (the header slots and pages are views of the frame: no copies)
+    trans_at = 4 + count * (8 + HDR_SLOT)
+    gpas, hdrs = _pages_head(view[4:trans_at], count)
+    return Pages(gpas, hdrs, view[trans_at:])
 
 
 def decode_frame(kind_byte: int, payload: bytes) -> Message:
@@ -412,7 +452,6 @@ class Channel:
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
         self.sock = sock
-        self._rfile = sock.makefile("rb")
         self._out = bytearray()
         self._reused = bytearray()
         self.bytes_sent = 0
@@ -430,10 +469,11 @@ class Channel:
 
     def send(self, msg: Message) -> None:
         if isinstance(msg, Pages):  # (about a MiB: its parts go out as they are, after what is pending)
-            parts = _pages_parts(msg)
+            parts = _pages_parts(msg)  # (their lengths checked: the frame's)
+            total = _HEADER.size + 4 + len(msg.gpas) * (8 + HDR_SLOT + PAGE)
             self.flush()
-            self._send_parts(parts)
-            self.bytes_sent += sum(len(part) for part in parts)
+            self._send_parts(parts, total)
+            self.bytes_sent += total
             return
         frame = encode_frame(msg)
         self.bytes_sent += len(frame)
@@ -445,36 +485,75 @@ class Channel:
         if len(self._out) >= _SEND_BUFFER:
             self.flush()
 
-    def _send_parts(self, parts: list[bytes | memoryview]) -> None:
-        """``sendall`` of the parts one after the other, gathered by the kernel (``sendmsg``)."""
-        views = [memoryview(part).cast("B") for part in parts if len(part)]
-        while views:
-            sent = self.sock.sendmsg(views)
-            while views and sent >= len(views[0]):
-                sent -= len(views.pop(0))
+    def _send_parts(self, parts: list[bytes | bytearray | memoryview], total: int) -> None:
+        """``sendall`` of the parts (byte buffers of ``total`` bytes) one after the other, gathered
+        by the kernel (``sendmsg``); after a partial send, the rest from where the kernel stopped."""
+        left = parts
+        while total > 0:
+            sent = self.sock.sendmsg(left)
+            if sent >= total:
+                return
+            total -= sent
+            i = 0
+            while sent >= len(left[i]):
+                sent -= len(left[i])
+                i += 1
+            left = left[i:]
             if sent:
-                views[0] = views[0][sent:]
+                left[0] = memoryview(left[0]).cast("B")[sent:]
 
     def flush(self) -> None:
         if self._out:
             out, self._out = bytes(self._out), bytearray()
             self.sock.sendall(out)
 
-    def _read(self, n: int) -> bytes:
-        data = self._rfile.read(n)
-        if data is None or len(data) != n:
-            raise ConnectionError("the peer closed the connection")
+    def _fill(self, view: memoryview) -> None:
+        """Read exactly ``len(view)`` bytes into ``view`` (frames are read exactly, nothing ahead:
+        a PAGES frame's transport buffers can then go straight where they belong)."""
+        got, n = 0, len(view)
+        while got < n:
+            k = self.sock.recv_into(view[got:] if got else view)
+            if not k:
+                raise ConnectionError("the peer closed the connection")
+            got += k
         self.bytes_received += n
-        return data
 
-    def recv(self, transient: bool = False) -> Message:
+    def _fill_pages(self, pages: list[bytearray]) -> None:
+        """Read exactly ``len(pages)`` 4 KiB pages into ``pages``, in order (``recvmsg_into``: the
+        kernel scatters each read over them)."""
+        total = len(pages) * PAGE
+        got = 0
+        while got < total:
+            i, off = divmod(got, PAGE)
+            into: list[bytearray | memoryview] = list(pages[i:]) if not off else [memoryview(pages[i])[off:], *pages[i + 1 :]]
+            k = self.sock.recvmsg_into(into)[0]
+            if not k:
+                raise ConnectionError("the peer closed the connection")
+            got += k
+        self.bytes_received += total
+
+    def _read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self._fill(memoryview(buf))
+        return bytes(buf)
+
+    def recv(self, transient: bool = False, stage: StagePages | None = None) -> Message:
         """The next message (flushes pending output first).  ``transient``: a PAGES frame is read
         into a buffer the channel reuses and its header slots and pages are views of it, valid
-        until the next call (the destination copies them into the bounce area first)."""
+        until the next call (the destination copies them into the bounce area first).  ``stage``:
+        a PAGES frame's transport buffers are read straight into the pages ``stage`` hands over
+        (``stage(count, fill)`` calls ``fill`` with them: :meth:`PageReceiver.stage`), after its
+        count, GPAs and header slots were read and checked, and the message's ``transport`` is
+        None."""
         self.flush()
         length, kind = _HEADER.unpack(self._read(_HEADER.size))
         if not 1 <= length <= MAX_FRAME:
             raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
+        if stage is not None and kind == MsgType.PAGES:
+            count = _pages_count(length - 1, self._read(4) if length > 4 else b"")
+            gpas, hdrs = _pages_head(self._read_reused(count * (8 + HDR_SLOT)), count, column=True)
+            stage(count, self._fill_pages)
+            return Pages(gpas, hdrs, None)
         if transient and kind == MsgType.PAGES:
             return _decode_pages(self._read_reused(length - 1))
         return decode_frame(kind, self._read(length - 1))
@@ -485,9 +564,7 @@ class Channel:
         if len(self._reused) < n:
             self._reused = bytearray(n)
         view = memoryview(self._reused)[:n]
-        if self._rfile.readinto(view) != n:
-            raise ConnectionError("the peer closed the connection")
-        self.bytes_received += n
+        self._fill(view)
         return view
 
     def abort(self, reason: str) -> None:
@@ -499,18 +576,14 @@ class Channel:
             pass
 
     def close(self) -> None:
-        try:
-            self._rfile.close()
-        except (OSError, ValueError):
-            pass
         self.sock.close()
 
 
 M = TypeVar("M", Hello, Start, Done)
 
 
-def _next(chan: Channel, transient: bool = False) -> Message:
-    msg = chan.recv(transient)
+def _next(chan: Channel, transient: bool = False, stage: StagePages | None = None) -> Message:
+    msg = chan.recv(transient, stage)
     if isinstance(msg, Abort):
         raise MigrationError(f"the peer aborted: {msg.reason}")
     return msg
@@ -714,10 +787,10 @@ def _new_page(vm: Vm, gpa: int, seen: _Seen) -> None:
     seen.any = True
 
 
-def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: _Seen) -> None:
+def _new_pages(vm: Vm, gpas: Gpas, seen: _Seen) -> None:
     """:func:`_new_page` of each GPA (all checked before any is recorded)."""
     try:
-        at = np.array(gpas, dtype=np.uint64)
+        at = np.asarray(gpas, dtype=np.uint64)
         bad = bool((at & np.uint64(PAGE - 1)).any() or (at >= np.uint64(vm.memory)).any())
     except (OverflowError, ValueError):  # not a u64 (a frame's GPAs are): named below
         bad = True
@@ -728,8 +801,9 @@ def _new_pages(vm: Vm, gpas: tuple[int, ...], seen: _Seen) -> None:
         bad = repeated or bool(seen.flags[gfns].any())
     if bad:
         flags = seen.flags
-        bad_gpa = next(gpa for i, gpa in enumerate(gpas) if gpa % PAGE or not 0 <= gpa < vm.memory
-                       or flags[gpa // PAGE] or gpa in gpas[:i])
+        listed = gpas.tolist() if isinstance(gpas, np.ndarray) else list(gpas)
+        bad_gpa = next(gpa for i, gpa in enumerate(listed) if gpa % PAGE or not 0 <= gpa < vm.memory
+                       or flags[gpa // PAGE] or gpa in listed[:i])
         raise ProtocolError(f"page at GPA {bad_gpa:#x}: unaligned, outside the VM or repeated")
     seen.flags[gfns] = True
     seen.any = True
@@ -755,7 +829,7 @@ def _huge_regions(vm: Vm, msg: Huge, named: set[int], pending: set[int], started
         pending |= {r for r in fresh if mapped.isdisjoint(range(r >> 12, (r + PAGE_2M) >> 12))}
 
 
-def _back_huge(vm: Vm, gpas: tuple[int, ...] | list[int], pending: set[int]) -> None:
+def _back_huge(vm: Vm, gpas: Gpas | list[int], pending: set[int]) -> None:
     """Back with one huge page each the regions of ``gpas`` named by HUGE and not backed yet."""
     if not pending:
         return
@@ -777,8 +851,16 @@ def _receive_pages(hv: Hypervisor, vm: Vm, chan: Channel, vcpus: int) -> None:
     with hv.psp.bounce.stage() as st, contextlib.ExitStack() as session:
         packet = Packet(st, HdrBuf.SIZE, PAGE)
         receiver: PageReceiver | None = None  # one ring-buffer session for a run of PAGES frames
+
+        def stage(count: int, fill: Callable[[list[bytearray]], None]) -> None:
+            """A PAGES frame's transport buffers straight into the session's bounce area."""
+            nonlocal receiver
+            if receiver is None:
+                receiver = session.enter_context(sev.page_receiver(vm))
+            receiver.stage(count, fill)
+
         while True:
-            msg = _next(chan, transient=True)  # (a PAGES frame is staged before the next read)
+            msg = _next(chan, transient=True, stage=stage)  # (a PAGES frame is staged before the next read)
             if isinstance(msg, Pages):
                 _new_pages(vm, msg.gpas, seen)
                 _back_huge(vm, msg.gpas, pending)

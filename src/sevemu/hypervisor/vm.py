@@ -17,11 +17,13 @@ ioctl layer (``KvmSev``) keeps no copy of it.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 
 from sevemu._util.units import PAGE, PAGE_2M, PAGE_MASK, align_down
 from sevemu.errors import AddressError, InputError, UnmappedError
@@ -238,6 +240,19 @@ class Vm:
         if len(fresh) == len(gpas):  # every page new: the SPAs just allocated, in order
             return spas
         return [mapped[gpa >> 12] for gpa in gpas]
+
+    def backed_spas(self, gpas: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64] | None:
+        """The SPAs of a column of GPAs when every one is a page of this VM that is backed already (a
+        prepared destination's): what :meth:`back_pages` returns for them then, as a column, without
+        backing anything; None when one is unaligned, outside the VM or not backed (back them with
+        :meth:`back_pages`)."""
+        if not len(gpas) or bool((gpas & np.uint64(PAGE_MASK)).any()) or int(gpas.max()) >= self.memory:
+            return None
+        spas = np.fromiter(map(self.npt.mappings.get, (gpas >> np.uint64(12)).tolist(), itertools.repeat(-1)),
+                           dtype=np.int64, count=len(gpas))
+        if bool((spas < 0).any()):
+            return None
+        return spas.astype(np.uint64)
 
     def spa_of(self, gpa: int) -> int:
         """SPA backing ``gpa``; :class:`UnmappedError` if the page is not backed."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -73,7 +73,8 @@ from sevemu.hypervisor.uapi import GHCB_VERSION_MAX, GHCB_VERSION_MIN
 from sevemu.hypervisor.vcpu import KvmVmType
 from sevemu.hypervisor.vm import Vm, VmKind, VmState
 
-__all__ = ["GRANULE", "HDR_SLOT", "PAGE_BATCH", "LegacySev", "PageBatch", "PageReceiver", "transport_slots"]
+__all__ = ["GRANULE", "HDR_SLOT", "PAGE_BATCH", "Gpas", "LegacySev", "PageBatch", "PageReceiver", "Transport",
+           "transport_length", "transport_slots"]
 
 GRANULE = 16
 """The SEV API's 16-byte granularity: LAUNCH_UPDATE_DATA lengths, DBG_DECRYPT / DBG_ENCRYPT addresses
@@ -104,22 +105,46 @@ def transport_slots(handle: int, hdr_base: int, hdr_len: int, guest_paddrs: list
     return words.tobytes()
 
 
+Gpas = tuple[int, ...] | npt.NDArray[np.uint64]
+"""A batch's guest page addresses: a tuple, or a u64 column (the source's sorted pages, a
+destination's frame)."""
+Transport = bytes | memoryview | list[bytearray] | None
+"""A batch's transport buffers: back to back; or one 4 KiB buffer per page (the bounce area's DRAM
+pages a source hands to the socket as they lie, read-only: :meth:`LegacySev.send_page_batches`);
+or None on a destination whose channel received them straight into the bounce area
+(:meth:`PageReceiver.stage`)."""
+
+
+def transport_length(transport: Transport) -> int:
+    """Bytes of a batch's transport buffers (0 for None)."""
+    if transport is None:
+        return 0
+    if isinstance(transport, list):
+        return sum(map(len, transport))
+    return len(transport)
+
+
 @dataclass(frozen=True, slots=True)
 class PageBatch:
     """SEND_UPDATE_DATA packets of whole pages, as one doorbell produced them: ``hdrs`` holds a
     :data:`HDR_SLOT`-byte slot per page (its first ``hdr_len`` bytes the header), ``transport`` the
-    pages' transport buffers back to back."""
+    pages' transport buffers (:data:`Transport`)."""
 
-    gpas: tuple[int, ...]
+    gpas: Gpas
     hdrs: bytes | memoryview
-    transport: bytes | memoryview
+    transport: Transport
     hdr_len: int
 
     def hdr(self, i: int) -> bytes:
         return bytes(self.hdrs[i * HDR_SLOT : i * HDR_SLOT + self.hdr_len])
 
     def trans(self, i: int) -> bytes:
-        return bytes(self.transport[i * PAGE : (i + 1) * PAGE])
+        transport = self.transport
+        if transport is None:
+            raise SevInputError(Errno.EINVAL, "the batch's transport buffers went straight into the bounce area")
+        if isinstance(transport, list):
+            return bytes(transport[i])
+        return bytes(transport[i * PAGE : (i + 1) * PAGE])
 
 
 class PageReceiver:
@@ -132,26 +157,49 @@ class PageReceiver:
         self._ring = ring
         self._hdr_base = hdr_base
         self._trans_base = trans_base
+        self._staged = 0
+
+    def stage(self, count: int, fill: Callable[[list[bytearray]], None]) -> None:
+        """The transport buffers of the next batch (``count`` pages) written into the bounce area in
+        place: ``fill`` gets its pages (:meth:`~sevemu.hw.host.HostCore.host_write_stream_pages`, the
+        host's streaming write, its cached lines of the range written back and dropped first) and
+        writes every byte -- the channel receiving them from the socket straight there.  The next
+        :meth:`receive` must then be of a batch of ``count`` pages whose ``transport`` is None."""
+        if not 0 < count <= PAGE_BATCH:
+            raise SevInputError(Errno.EINVAL, f"batch of {count} pages: 1..{PAGE_BATCH}")
+        self._staged = 0
+        self._sev.core.host_write_stream_pages(self._trans_base, count * PAGE, fill)
+        self._staged = count
 
     def receive(self, batch: PageBatch) -> None:
-        """:meth:`LegacySev.receive_page_batch` of ``batch`` in this session."""
+        """:meth:`LegacySev.receive_page_batch` of ``batch`` in this session (its transport buffers
+        staged by :meth:`stage` when ``batch.transport`` is None)."""
         sev, vm = self._sev, self._vm
         n = len(batch.gpas)
+        staged, self._staged = self._staged, 0
         if not 0 < n <= PAGE_BATCH:
             raise SevInputError(Errno.EINVAL, f"batch of {n} pages: 1..{PAGE_BATCH}")
-        if len(batch.hdrs) != n * HDR_SLOT or len(batch.transport) != n * PAGE or batch.hdr_len > HDR_SLOT:
+        if len(batch.hdrs) != n * HDR_SLOT or batch.hdr_len > HDR_SLOT or (
+                staged != n if batch.transport is None else transport_length(batch.transport) != n * PAGE):
             raise SevInputError(Errno.EINVAL, "page batch buffers do not match its page count")
         me_mask = sev.caps.me_mask
-        gpas = list(batch.gpas)
-        try:
-            spas = vm.back_pages(gpas)  # (the same pages as guest_page() of each, mapped in runs)
-        except AddressError:  # (it checks every GPA before it backs any)
-            spas = [sev.guest_page(vm, gpa, PAGE) for gpa in gpas]  # raises what KVM answers
+        column = vm.backed_spas(batch.gpas) if isinstance(batch.gpas, np.ndarray) else None
+        if column is None:  # (not all backed already: back them)
+            gpas = batch.gpas.tolist() if isinstance(batch.gpas, np.ndarray) else list(batch.gpas)
+            try:
+                spas = vm.back_pages(gpas)  # (the same pages as guest_page() of each, mapped in runs)
+            except AddressError:  # (it checks every GPA before it backs any)
+                spas = [sev.guest_page(vm, gpa, PAGE) for gpa in gpas]  # raises what KVM answers
+            column = np.array(spas, dtype=np.uint64)
         hdr_base, trans_base = self._hdr_base, self._trans_base
         sev.core.host_write_stream(hdr_base, batch.hdrs)
-        sev.core.host_write_stream(trans_base, batch.transport)
+        if batch.transport is not None:  # (None: staged in place)
+            if isinstance(batch.transport, list):
+                sev.core.host_write_stream(trans_base, b"".join(batch.transport))
+            else:
+                sev.core.host_write_stream(trans_base, batch.transport)
         self._ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, transport_slots(
-            vm.handle, hdr_base, batch.hdr_len, np.array(spas, dtype=np.uint64) | np.uint64(me_mask), trans_base))
+            vm.handle, hdr_base, batch.hdr_len, column | np.uint64(me_mask), trans_base))
         _check_batch(CommandId.RECEIVE_UPDATE_DATA, self._ring.run())
 
 
@@ -514,7 +562,8 @@ class LegacySev(SevHost):
         """SEND_UPDATE_DATA of whole private pages, one command each (KVM's contract): yields
         (GPA, header, transport buffer), from :meth:`send_page_batches`."""
         for batch in self.send_page_batches(vm, gpas):
-            for i, gpa in enumerate(batch.gpas):
+            at = batch.gpas.tolist() if isinstance(batch.gpas, np.ndarray) else batch.gpas
+            for i, gpa in enumerate(at):
                 yield gpa, batch.hdr(i), batch.trans(i)
 
     def send_page_batches(self, vm: Vm, gpas: Iterable[int] | npt.NDArray[np.uint64],
@@ -527,9 +576,12 @@ class LegacySev(SevHost):
         :data:`PAGE_BATCH` (510) commands.  ``gpas`` may be a numpy column (the SPAs of all its pages
         are then looked up in one pass before the first doorbell: the same pages, the nested page
         table not changing meanwhile).  Yields a :class:`PageBatch` per doorbell, its header slots
-        and transport buffers views of two buffers the generator reuses: valid until the next
-        batch is asked for (copy what must outlive it).  A refused command raises
-        :class:`SevFirmwareError` (the pages before it were sent)."""
+        and transport buffers views of two buffers the generator reuses, or the transport buffers
+        the bounce area's own DRAM pages (a list, read-only) where those hold what the host's
+        streaming read returns (:meth:`~sevemu.hw.host.HostCore.host_read_stream_pages`: a socket
+        takes them as they lie) -- either way valid until the next batch is asked for (copy what
+        must outlive it).  A refused command raises :class:`SevFirmwareError` (the pages before it
+        were sent)."""
         if not 0 < batch <= PAGE_BATCH:
             raise SevInputError(Errno.EINVAL, f"batch of {batch} pages: 1..{PAGE_BATCH}")
         hdr_len, _ = self.packet_lengths(vm)
@@ -551,30 +603,34 @@ class LegacySev(SevHost):
             trans_base = st.alloc(batch * PAGE, PAGE)
             start = 0
             while True:
+                named: Gpas
                 if order is not None and looked_up is not None:  # (GPAs as a column: SPAs looked up above)
-                    column = order[start : start + batch]
-                    chunk = column.tolist()
-                    unaligned = bool((column & np.uint64(PAGE_MASK)).any())
+                    named = order[start : start + batch]
+                    unaligned = bool((named & np.uint64(PAGE_MASK)).any())
                     spas = looked_up[start : start + batch]
                     start += batch
                 else:
-                    chunk = list(itertools.islice(cast("Iterator[int]", todo), batch))
-                    unaligned = any(gpa & PAGE_MASK for gpa in chunk)
-                    spas = np.fromiter(map(mapped, [gpa >> 12 for gpa in chunk], itertools.repeat(-1)),
-                                       dtype=np.int64, count=len(chunk))
-                if not chunk:
+                    named = tuple(itertools.islice(cast("Iterator[int]", todo), batch))
+                    unaligned = any(gpa & PAGE_MASK for gpa in named)
+                    spas = np.fromiter(map(mapped, [gpa >> 12 for gpa in named], itertools.repeat(-1)),
+                                       dtype=np.int64, count=len(named))
+                n = len(named)
+                if not n:
                     break
                 if unaligned or (spas < 0).any():  # the error KVM answers
+                    listed = named.tolist() if isinstance(named, np.ndarray) else named
                     spas = np.array([spa_of(gpa) if gpa & PAGE_MASK or s < 0 else s
-                                     for gpa, s in zip(chunk, spas.tolist(), strict=True)], dtype=np.int64)
+                                     for gpa, s in zip(listed, spas.tolist(), strict=True)], dtype=np.int64)
                 slots = transport_slots(handle, hdr_base, hdr_len, spas.astype(np.uint64) | me_mask, trans_base)
                 ring.submit_many(CommandId.SEND_UPDATE_DATA, slots)
                 _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
-                n = len(chunk)
-                hdrs, trans = hdr_out[: n * HDR_SLOT], trans_out[: n * PAGE]
+                hdrs = hdr_out[: n * HDR_SLOT]
                 core.host_read_stream_into(hdr_base, hdrs)
-                core.host_read_stream_into(trans_base, trans)
-                yield PageBatch(tuple(chunk), hdrs, trans, hdr_len)
+                trans: Transport = core.host_read_stream_pages(trans_base, n * PAGE)  # (no copy)
+                if trans is None:
+                    trans = trans_out[: n * PAGE]
+                    core.host_read_stream_into(trans_base, trans)
+                yield PageBatch(named, hdrs, trans, hdr_len)
 
     def send_finish(self, vm: Vm) -> None:
         self.need_context(vm)
