@@ -234,6 +234,32 @@ def test_secrets_page_carries_the_vmpcks() -> None:
     assert m.soc.mc.read(GUEST_BASE + 0x1000, PAGE, ASID, True) == bytes(PAGE)  # ZERO page: zeros
 
 
+def test_the_secrets_page_is_its_full_encoding_for_any_keys_gosvw_imien_and_fms() -> None:
+    """``launch._secrets`` puts the VMPCKs into a memoised page with zero keys: byte for byte the
+    encoding of the whole SecretsPage, for varied keys, GOSVW, IMIEN and FMS (the memo holding several
+    kinds at once); keys that are not 32 bytes are refused as the full encoding refuses them."""
+    import random
+    from types import SimpleNamespace
+
+    from sevemu.abi.snp import SecretsPageFlags
+    from sevemu.errors import LayoutError
+    from sevemu.firmware.snp.launch import _secrets
+
+    rng = random.Random(11)
+    for trial in range(60):
+        keys = tuple(rng.randbytes(32) for _ in range(4))
+        imi, fms, gosvw = rng.random() < 0.5, rng.choice([0xA00F11, 0xA10F11, 0x830F10]), rng.choice([bytes(16), rng.randbytes(16)])
+        fw = SimpleNamespace(profile=SimpleNamespace(cpuid_fn0000_0001_eax=fms))
+        g = SimpleNamespace(vmpck=keys, imi_en=imi, gosvw=gosvw)
+        want = SecretsPage(flags=SecretsPageFlags(imien=imi), fms=fms, gosvw=gosvw, vmpck0=keys[0],
+                           vmpck1=keys[1], vmpck2=keys[2], vmpck3=keys[3]).encode()
+        assert _secrets(fw, g) == want, trial  # type: ignore[arg-type]
+        assert SecretsPage.decode(want).vmpck(3) == keys[3]
+    g = SimpleNamespace(vmpck=(bytes(32), bytes(31), bytes(32), bytes(32)), imi_en=False, gosvw=bytes(16))
+    with pytest.raises(LayoutError):
+        _secrets(fw, g)  # type: ignore[arg-type]
+
+
 def test_launch_update_refusals_change_nothing() -> None:
     m = snp_machine()
     lau = SnpLaunch(m)

@@ -96,9 +96,28 @@ def measure_pages(ld: bytes, data: bytes, page_type: int, gpa: int, vmpl_perms: 
     return pagehash.measure_pages(ld, _template(page_type, vmpl_perms, imi_page), gpa, data)
 
 
+_VMPCKS: Final = slice(SecretsPage.offset_of("vmpck0"), SecretsPage.offset_of("vmpck3") + 32)
+assert [SecretsPage.offset_of(f"vmpck{i}") for i in range(4)] == list(range(_VMPCKS.start, _VMPCKS.stop, 32))
+_SECRETS: dict[tuple[bool, int, bytes], bytes] = {}
+"""Secrets pages with zero VMPCKs by (IMIEN, FMS, GOSVW): a guest's page is one with its keys put in."""
+
+
 def _secrets(fw: Firmware, g: SnpGuest) -> bytes:
-    k0, k1, k2, k3 = g.vmpck
-    return SecretsPage(flags=SecretsPageFlags(imien=g.imi_en), fms=fw.profile.cpuid_fn0000_0001_eax,
+    """The guest's secrets page: the encoding of its :class:`SecretsPage`, its four 32-byte VMPCKs (the
+    contiguous 0x20..0x9F) put into the encoding of the same page with zero keys, made once per
+    (IMIEN, FMS, GOSVW); any other key length takes the full encoding (which refuses it)."""
+    k0, k1, k2, k3 = vmpck = g.vmpck
+    fms = fw.profile.cpuid_fn0000_0001_eax
+    if all(type(k) is bytes and len(k) == 32 for k in vmpck):
+        key = (bool(g.imi_en), fms, g.gosvw)
+        page = _SECRETS.get(key)
+        if page is None:
+            if len(_SECRETS) >= 64:
+                _SECRETS.clear()
+            page = _SECRETS[key] = SecretsPage(flags=SecretsPageFlags(imien=g.imi_en), fms=fms,
+                                               gosvw=g.gosvw).encode()
+        return page[: _VMPCKS.start] + k0 + k1 + k2 + k3 + page[_VMPCKS.stop :]
+    return SecretsPage(flags=SecretsPageFlags(imien=g.imi_en), fms=fms,
                        gosvw=g.gosvw, vmpck0=k0, vmpck1=k1, vmpck2=k2, vmpck3=k3).encode()
 
 
