@@ -202,6 +202,36 @@ def _vmsa_update(lau: SnpLaunch, vmsa: bytes) -> None:
         gctx_paddr=lau.gctx, flags=SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA)), address=VMSA_SPA))
 
 
+def test_a_vmsa_page_is_measured_as_read_and_encrypted_where_it_is_a_dirty_host_line_included() -> None:
+    """SNP_LAUNCH_UPDATE of a VMSA page reads and encrypts it in one pass: what it measures is what it
+    read -- the host's dirty cached line written back first -- with GUEST_TSC_SCALE / OFFSET measured
+    as zero; DRAM then holds that page encrypted with the guest's key (TSC fields as written), no host
+    line of it stays cached, and the RMP entry is Guest-Valid with RMP.VMSA."""
+    from sevemu.abi.snp import SnpLaunchUpdateCmd, SnpLaunchUpdateFlags
+    m = snp_machine()
+    lau = SnpLaunch(m)
+    assert lau.start() == Status.SUCCESS
+    ref = sevsnpmeasure.GCTX()
+    vmsa = bytearray(range(256)) * 16
+    vmsa[0x2F0:0x300] = b"\x22" * 16
+    m.hv.core.host_write(VMSA_SPA, bytes(PAGE))
+    m.hv.core.clflush_range(VMSA_SPA, PAGE)  # DRAM holds zeros ...
+    m.hv.core.host_write(VMSA_SPA, bytes(vmsa))  # ... and the host's cache the page, dirty
+    assert m.soc.cache.dirty
+    rmpupdate(m, VMSA_SPA, assigned=True, asid=lau.asid, gpa=VMSA_GPA, immutable=True)
+    ok(m, CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
+        gctx_paddr=lau.gctx, flags=SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA)), address=VMSA_SPA))
+    measured = bytearray(vmsa)
+    measured[0x2F0:0x300] = bytes(16)
+    ref.update_vmsa_page(bytes(measured))
+    assert _state(m).guests[GCTX].ld == ref.ld()  # type: ignore[attr-defined]
+    assert m.soc.mc.read(VMSA_SPA, PAGE, ASID, True) == bytes(vmsa)
+    assert m.soc.mc.dram.read(VMSA_SPA, PAGE) not in (bytes(vmsa), bytes(PAGE))
+    assert not m.soc.cache.resident_keys(0, False, VMSA_SPA, PAGE)
+    e = m.hv.soc.rmp_entry(VMSA_SPA)
+    assert e.state == RmpPageState.GUEST_VALID and e.vmsa and e.gpa == VMSA_GPA and e.asid == ASID
+
+
 def test_launch_digest_equals_sev_snp_measure_and_pages_end_guest_valid() -> None:
     m = snp_machine()
     lau, ref = _launch(m)

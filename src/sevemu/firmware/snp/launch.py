@@ -182,13 +182,15 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
             g.chain(info, gpa, count, dma.encrypt_in_place(spa, size, g.asid, hashes=True))
         port.make_guest_valid(own, lo, hi, False, perms)
         return
-    data = dma.read_invalidate(spa, size)  # the whole page at once
-    contents: bytes | None = None  # CONTENTS zero (the template's)
-    if ptype == SnpPageType.VMSA:
-        measured = bytearray(data)
+    if ptype == SnpPageType.VMSA:  # read and encrypted where it is in one pass, as a NORMAL page: the
+        # bytes read are measured (nothing between the read and the write can fail)
+        measured = bytearray(dma.encrypt_in_place(spa, size, g.asid))
         measured[_VMSA_TSC] = bytes(16)
-        contents = hashlib.sha384(measured).digest()
-    elif ptype == SnpPageType.SECRETS:
+        g.chain(info, gpa, count, hashlib.sha384(measured).digest())
+        port.make_guest_valid(own, lo, hi, True, perms)
+        return
+    data = dma.read_invalidate(spa, size)  # the whole page at once
+    if ptype == SnpPageType.SECRETS:
         data = _secrets(fw, g)
     elif ptype == SnpPageType.CPUID:
         fixed = sanitize_cpuid_page(fw.profile, data)
@@ -196,8 +198,8 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
             dma.write(spa, fixed, guest_ok=True)  # the corrected page, unencrypted, for the VMM
             raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
     dma.write_encrypted(spa, data, g.asid)
-    g.chain(info, gpa, count, contents)
-    port.make_guest_valid(own, lo, hi, ptype == SnpPageType.VMSA, perms)
+    g.chain(info, gpa, count, None)  # CONTENTS zero (the template's): SECRETS, CPUID, UNMEASURED
+    port.make_guest_valid(own, lo, hi, False, perms)
 
 
 def _read(fw: Firmware, paddr: int, layout: type[Struct]) -> bytes:
