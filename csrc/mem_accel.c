@@ -776,9 +776,17 @@ static PyObject *resident_keys(PyObject *self, PyObject *const *args, Py_ssize_t
     if (out == NULL) {
         return NULL;
     }
+    if (held == 0) {
+        return out; /* no line in the sets the range maps to */
+    }
     if ((uint64_t)held < VISITS_PER_LOOKUP * lines) {
         for (i = 0; i < nmapped; i++) {
-            if (visit(PyList_GET_ITEM(sets, (first + i) & (Py_ssize_t)mask), lo, hi, out) < 0) {
+            PyObject *c = PyList_GET_ITEM(sets, (first + i) & (Py_ssize_t)mask);
+            /* an emptied dict still walks its table's dummy entries: skip it */
+            if ((PyDict_CheckExact(c) ? PyDict_GET_SIZE(c) : PySet_GET_SIZE(c)) == 0) {
+                continue;
+            }
+            if (visit(c, lo, hi, out) < 0) {
                 goto fail;
             }
         }

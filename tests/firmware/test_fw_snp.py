@@ -202,6 +202,36 @@ def _vmsa_update(lau: SnpLaunch, vmsa: bytes) -> None:
         gctx_paddr=lau.gctx, flags=SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA)), address=VMSA_SPA))
 
 
+def test_a_vmsa_page_is_measured_as_read_and_encrypted_where_it_is_a_dirty_host_line_included() -> None:
+    """SNP_LAUNCH_UPDATE of a VMSA page reads and encrypts it in one pass: what it measures is what it
+    read -- the host's dirty cached line written back first -- with GUEST_TSC_SCALE / OFFSET measured
+    as zero; DRAM then holds that page encrypted with the guest's key (TSC fields as written), no host
+    line of it stays cached, and the RMP entry is Guest-Valid with RMP.VMSA."""
+    from sevemu.abi.snp import SnpLaunchUpdateCmd, SnpLaunchUpdateFlags
+    m = snp_machine()
+    lau = SnpLaunch(m)
+    assert lau.start() == Status.SUCCESS
+    ref = sevsnpmeasure.GCTX()
+    vmsa = bytearray(range(256)) * 16
+    vmsa[0x2F0:0x300] = b"\x22" * 16
+    m.hv.core.host_write(VMSA_SPA, bytes(PAGE))
+    m.hv.core.clflush_range(VMSA_SPA, PAGE)  # DRAM holds zeros ...
+    m.hv.core.host_write(VMSA_SPA, bytes(vmsa))  # ... and the host's cache the page, dirty
+    assert m.soc.cache.dirty
+    rmpupdate(m, VMSA_SPA, assigned=True, asid=lau.asid, gpa=VMSA_GPA, immutable=True)
+    ok(m, CommandId.SNP_LAUNCH_UPDATE, SnpLaunchUpdateCmd(
+        gctx_paddr=lau.gctx, flags=SnpLaunchUpdateFlags(page_type=int(SnpPageType.VMSA)), address=VMSA_SPA))
+    measured = bytearray(vmsa)
+    measured[0x2F0:0x300] = bytes(16)
+    ref.update_vmsa_page(bytes(measured))
+    assert _state(m).guests[GCTX].ld == ref.ld()  # type: ignore[attr-defined]
+    assert m.soc.mc.read(VMSA_SPA, PAGE, ASID, True) == bytes(vmsa)
+    assert m.soc.mc.dram.read(VMSA_SPA, PAGE) not in (bytes(vmsa), bytes(PAGE))
+    assert not m.soc.cache.resident_keys(0, False, VMSA_SPA, PAGE)
+    e = m.hv.soc.rmp_entry(VMSA_SPA)
+    assert e.state == RmpPageState.GUEST_VALID and e.vmsa and e.gpa == VMSA_GPA and e.asid == ASID
+
+
 def test_launch_digest_equals_sev_snp_measure_and_pages_end_guest_valid() -> None:
     m = snp_machine()
     lau, ref = _launch(m)
@@ -232,6 +262,32 @@ def test_secrets_page_carries_the_vmpcks() -> None:
     assert [sp.vmpck(i) for i in range(4)] == list(g.vmpck) and len(set(g.vmpck)) == 4
     assert sp.version == 2 and sp.fms == m.hv.soc.cpuid(1)[0]
     assert m.soc.mc.read(GUEST_BASE + 0x1000, PAGE, ASID, True) == bytes(PAGE)  # ZERO page: zeros
+
+
+def test_the_secrets_page_is_its_full_encoding_for_any_keys_gosvw_imien_and_fms() -> None:
+    """``launch._secrets`` puts the VMPCKs into a memoised page with zero keys: byte for byte the
+    encoding of the whole SecretsPage, for varied keys, GOSVW, IMIEN and FMS (the memo holding several
+    kinds at once); keys that are not 32 bytes are refused as the full encoding refuses them."""
+    import random
+    from types import SimpleNamespace
+
+    from sevemu.abi.snp import SecretsPageFlags
+    from sevemu.errors import LayoutError
+    from sevemu.firmware.snp.launch import _secrets
+
+    rng = random.Random(11)
+    for trial in range(60):
+        keys = tuple(rng.randbytes(32) for _ in range(4))
+        imi, fms, gosvw = rng.random() < 0.5, rng.choice([0xA00F11, 0xA10F11, 0x830F10]), rng.choice([bytes(16), rng.randbytes(16)])
+        fw = SimpleNamespace(profile=SimpleNamespace(cpuid_fn0000_0001_eax=fms))
+        g = SimpleNamespace(vmpck=keys, imi_en=imi, gosvw=gosvw)
+        want = SecretsPage(flags=SecretsPageFlags(imien=imi), fms=fms, gosvw=gosvw, vmpck0=keys[0],
+                           vmpck1=keys[1], vmpck2=keys[2], vmpck3=keys[3]).encode()
+        assert _secrets(fw, g) == want, trial  # type: ignore[arg-type]
+        assert SecretsPage.decode(want).vmpck(3) == keys[3]
+    g = SimpleNamespace(vmpck=(bytes(32), bytes(31), bytes(32), bytes(32)), imi_en=False, gosvw=bytes(16))
+    with pytest.raises(LayoutError):
+        _secrets(fw, g)  # type: ignore[arg-type]
 
 
 def test_launch_update_refusals_change_nothing() -> None:

@@ -476,6 +476,43 @@ def test_the_one_quadword_lookup_reads_what_the_entry_lookup_reads() -> None:
     assert rmp._governing_lo(first + 700) & 3 == 3  # inside the 2 MiB page: its entry governs
 
 
+def test_the_range_checks_flag_bytes_are_each_entrys_low_byte_dirty_lines_included() -> None:
+    """``_low_flags`` (the range checks of host writes and of a 2 MiB RMPUPDATE read one byte an entry:
+    Assigned, Page_Size, Immutable) gives the low byte of the low quadword :meth:`Rmp._raw` reads for every
+    entry of a range -- entries never written, assigned 4 KiB and 2 MiB entries, and an entry software left
+    in its cache (a dirty line, before SNP_INIT) -- and the range checks answer from it: a host write
+    over the dirty entry faults there, a 2 MiB RMPUPDATE over it is refused as the first offending entry."""
+    from sevemu.abi.rmp import RMP_BOOKKEEPING_SIZE
+
+    soc = make_soc()
+    host = soc.host_view()
+    host.wrmsr(Msr.SYSCFG, host.rdmsr(Msr.SYSCFG) | SNP_EN)
+    rmp = soc.rmp
+    assert rmp is not None
+    first = _BASE >> 12
+    dirty_pfn = first + 3 * 512 + 7  # in a region of its own
+    host.boot_cpu.host_write(rmp.base + RMP_BOOKKEEPING_SIZE + 16 * dirty_pfn, (1 | 4 | 5 << 51).to_bytes(8, "little"))
+    assert soc.cache.dirty  # the entry's line is still the software's, in the cache
+    n = 4 * 512
+    flags = rmp._low_flags(first, n)
+    assert list(flags) == [rmp._raw(first + i)[0] & 0xFF for i in range(n)]
+    assert flags[3 * 512 + 7] == 1 | 4
+    with pytest.raises(HostRmpFault) as fault:  # the first assigned entry of the range decides
+        host.boot_cpu.host_write(_BASE + 3 * 0x200000, bytes(0x200000))
+    assert fault.value.address == _BASE + 3 * 0x200000 + 7 * PAGE
+    assert rmp.rmpupdate(_BASE + 3 * 0x200000, RmpUpdateState(pagesize=1)) == RmpResult.FAIL_PERMISSION
+    RmpFirmwarePort(rmp).initialize()
+    assert _private(host, _BASE + 0x200000, 0x200000, huge=True) == RmpResult.SUCCESS
+    assert _private(host, _BASE + 5 * PAGE, 5 * PAGE) == RmpResult.SUCCESS
+    flags = rmp._low_flags(first, n)
+    assert list(flags) == [rmp._raw(first + i)[0] & 0xFF for i in range(n)]
+    assert flags[512] & 3 == 3 and flags[5] == 1 and flags.count(0) == n - 2
+    with pytest.raises(HostRmpFault) as fault:  # inside the 2 MiB page: from its first page on
+        host.boot_cpu.host_write(_BASE + 6 * PAGE, bytes(0x300000))
+    assert fault.value.address == _BASE + 0x200000
+    assert rmp.rmpupdate(_BASE, RmpUpdateState(gpa=0, assigned=1, asid=ASID, pagesize=1)) == RmpResult.FAIL_OVERLAP
+
+
 def test_decoded_entries_are_shared_values_equal_to_a_fresh_decoding() -> None:
     from sevemu.hw.rmp import RmpEntry
 

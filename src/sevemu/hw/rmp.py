@@ -98,6 +98,19 @@ _CONTEXT_BITS: Final = _ASSIGNED | _IMMUTABLE | _VMSA
 _PRE_GUEST_MASK: Final = _ASSIGNED | _IMMUTABLE | _VALIDATED
 _PRE_GUEST_BITS: Final = _ASSIGNED | _IMMUTABLE
 _SUBPAGES: Final = PAGE_2M // PAGE
+
+
+def _bit_table(mask: int) -> bytes:
+    """A ``bytes.translate`` table: byte value -> 1 when it has a bit of ``mask``, else 0."""
+    return bytes(1 if b & mask else 0 for b in range(256))
+
+
+# The low byte of an entry's low quadword holds Assigned, Page_Size and Immutable (bits 0-2): the range
+# checks read that byte of each entry and find the first one with a bit of a mask set (``translate``
+# and ``find``, in C) instead of building arrays of whole quadwords.
+_HAS_ASSIGNED: Final = _bit_table(_ASSIGNED)
+_HAS_IMMUTABLE: Final = _bit_table(_IMMUTABLE)
+_HAS_ASSIGNED_OR_IMMUTABLE: Final = _bit_table(_ASSIGNED | _IMMUTABLE)
 _unpack_entry: Final = struct.Struct("<QQ").unpack_from
 _pack_entry: Final = struct.Struct("<QQ").pack
 _unpack_lo: Final = struct.Struct("<Q").unpack_from
@@ -274,6 +287,18 @@ class Rmp:
             raw = self._dram.read(spa, length)
         return np.frombuffer(raw, dtype="<u8")[0::2]
 
+    def _low_flags(self, pfn: int, n: int) -> bytes:
+        """The low byte of the low quadword of each of the ``n`` entries from ``pfn`` (Assigned,
+        Page_Size, Immutable in bits 0-2), one per entry, in one read (as :meth:`_lows` reads them)."""
+        spa = self._entry_spa(pfn)
+        length = n * RMP_ENTRY_SIZE
+        dirty = self._cache.dirty
+        if dirty and not dirty.isdisjoint(range(spa & ~(LINE - 1), spa + length, LINE)):
+            raw = self._cache.read(0, False, spa, length)
+        else:
+            raw = self._dram.read(spa, length)
+        return raw[0::RMP_ENTRY_SIZE]
+
     def _put(self, pfn: int, lo: int, hi: int, old_lo: int | None = None, old_hi: int | None = None) -> None:
         """Write one entry; ``old_lo`` / ``old_hi``: its previous quadwords when the caller read them
         (the per-ASID page counts are kept from the difference)."""
@@ -435,16 +460,19 @@ class Rmp:
             return
         # The same verdicts for a range, in one read of its entries (and of the 2 MiB entries of the
         # regions it touches): a page faults when its own entry or its region's 2 MiB entry is assigned.
+        # The first such page: its own entry's low byte (translated to 1 when Assigned), or the first
+        # page of the range in a region whose 2 MiB entry (the region's first) is Assigned and 2 MiB.
         head = first & ~(_SUBPAGES - 1)
-        lows = self._lows(head, last + 1 - head)
-        heads = lows[0::_SUBPAGES]
-        huge = (heads & np.uint64(_ASSIGNED | _PAGESIZE)) == np.uint64(_ASSIGNED | _PAGESIZE)
-        bad = (lows[first - head :] & np.uint64(_ASSIGNED)).astype(bool)
-        bad |= np.repeat(huge, _SUBPAGES)[first - head : last + 1 - head]
-        if bad.any():
-            pfn = first + int(np.argmax(bad))
-            _, lo, _ = self._authoritative(pfn)
-            raise fault(max(spa, pfn << PAGE_SHIFT), _state_of(lo))
+        flags = self._low_flags(head, last + 1 - head)
+        at = flags.translate(_HAS_ASSIGNED).find(1, first - head)
+        bad = last + 1 if at < 0 else head + at
+        for region in range(head, bad, _SUBPAGES):
+            if flags[region - head] & (_ASSIGNED | _PAGESIZE) == _ASSIGNED | _PAGESIZE:
+                bad = max(first, region)
+                break
+        if bad <= last:
+            _, lo, _ = self._authoritative(bad)
+            raise fault(max(spa, bad << PAGE_SHIFT), _state_of(lo))
 
     def guest_page_in(self, spa: int, length: int) -> bool:
         """Whether a page of ``[spa, spa+length)`` (within the covered memory) belongs to a guest: its
@@ -559,11 +587,10 @@ class Rmp:
         if not huge and (own != pfn or lo & _ASSIGNED and lo & _PAGESIZE):
             return RmpResult.FAIL_OVERLAP  # inside an assigned 2 MiB page: PSMASH it first
         if huge:  # the 511 other entries, in order: the first offending one decides
-            subs = self._lows(pfn + 1, _SUBPAGES - 1)
-            mask = np.uint64(_IMMUTABLE | (_ASSIGNED if assigned else 0))
-            hit = np.flatnonzero(subs & mask)
-            if hit.size:
-                return RmpResult.FAIL_PERMISSION if int(subs[hit[0]]) & _IMMUTABLE else RmpResult.FAIL_OVERLAP
+            subs = self._low_flags(pfn + 1, _SUBPAGES - 1)
+            at = subs.translate(_HAS_ASSIGNED_OR_IMMUTABLE if assigned else _HAS_IMMUTABLE).find(1)
+            if at >= 0:
+                return RmpResult.FAIL_PERMISSION if subs[at] & _IMMUTABLE else RmpResult.FAIL_OVERLAP
         if assigned:
             new_lo = (_ASSIGNED | (_PAGESIZE if huge else 0) | (_IMMUTABLE if immutable else 0)
                       | (gpa & _GPA_MASK) | (asid << _ASID_SHIFT))

@@ -96,9 +96,28 @@ def measure_pages(ld: bytes, data: bytes, page_type: int, gpa: int, vmpl_perms: 
     return pagehash.measure_pages(ld, _template(page_type, vmpl_perms, imi_page), gpa, data)
 
 
+_VMPCKS: Final = slice(SecretsPage.offset_of("vmpck0"), SecretsPage.offset_of("vmpck3") + 32)
+assert [SecretsPage.offset_of(f"vmpck{i}") for i in range(4)] == list(range(_VMPCKS.start, _VMPCKS.stop, 32))
+_SECRETS: dict[tuple[bool, int, bytes], bytes] = {}
+"""Secrets pages with zero VMPCKs by (IMIEN, FMS, GOSVW): a guest's page is one with its keys put in."""
+
+
 def _secrets(fw: Firmware, g: SnpGuest) -> bytes:
-    k0, k1, k2, k3 = g.vmpck
-    return SecretsPage(flags=SecretsPageFlags(imien=g.imi_en), fms=fw.profile.cpuid_fn0000_0001_eax,
+    """The guest's secrets page: the encoding of its :class:`SecretsPage`, its four 32-byte VMPCKs (the
+    contiguous 0x20..0x9F) put into the encoding of the same page with zero keys, made once per
+    (IMIEN, FMS, GOSVW); any other key length takes the full encoding (which refuses it)."""
+    k0, k1, k2, k3 = vmpck = g.vmpck
+    fms = fw.profile.cpuid_fn0000_0001_eax
+    if all(type(k) is bytes and len(k) == 32 for k in vmpck):
+        key = (bool(g.imi_en), fms, g.gosvw)
+        page = _SECRETS.get(key)
+        if page is None:
+            if len(_SECRETS) >= 64:
+                _SECRETS.clear()
+            page = _SECRETS[key] = SecretsPage(flags=SecretsPageFlags(imien=g.imi_en), fms=fms,
+                                               gosvw=g.gosvw).encode()
+        return page[: _VMPCKS.start] + k0 + k1 + k2 + k3 + page[_VMPCKS.stop :]
+    return SecretsPage(flags=SecretsPageFlags(imien=g.imi_en), fms=fms,
                        gosvw=g.gosvw, vmpck0=k0, vmpck1=k1, vmpck2=k2, vmpck3=k3).encode()
 
 
@@ -163,13 +182,15 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
             g.chain(info, gpa, count, dma.encrypt_in_place(spa, size, g.asid, hashes=True))
         port.make_guest_valid(own, lo, hi, False, perms)
         return
-    data = dma.read_invalidate(spa, size)  # the whole page at once
-    contents: bytes | None = None  # CONTENTS zero (the template's)
-    if ptype == SnpPageType.VMSA:
-        measured = bytearray(data)
+    if ptype == SnpPageType.VMSA:  # read and encrypted where it is in one pass, as a NORMAL page: the
+        # bytes read are measured (nothing between the read and the write can fail)
+        measured = bytearray(dma.encrypt_in_place(spa, size, g.asid))
         measured[_VMSA_TSC] = bytes(16)
-        contents = hashlib.sha384(measured).digest()
-    elif ptype == SnpPageType.SECRETS:
+        g.chain(info, gpa, count, hashlib.sha384(measured).digest())
+        port.make_guest_valid(own, lo, hi, True, perms)
+        return
+    data = dma.read_invalidate(spa, size)  # the whole page at once
+    if ptype == SnpPageType.SECRETS:
         data = _secrets(fw, g)
     elif ptype == SnpPageType.CPUID:
         fixed = sanitize_cpuid_page(fw.profile, data)
@@ -177,8 +198,8 @@ def snp_launch_update(fw: Firmware, cmd: SnpLaunchUpdateCmd) -> None:
             dma.write(spa, fixed, guest_ok=True)  # the corrected page, unencrypted, for the VMM
             raise FirmwareError(Status.INVALID_PARAM, "CPUID page entries exceed what the part allows")
     dma.write_encrypted(spa, data, g.asid)
-    g.chain(info, gpa, count, contents)
-    port.make_guest_valid(own, lo, hi, ptype == SnpPageType.VMSA, perms)
+    g.chain(info, gpa, count, None)  # CONTENTS zero (the template's): SECRETS, CPUID, UNMEASURED
+    port.make_guest_valid(own, lo, hi, False, perms)
 
 
 def _read(fw: Firmware, paddr: int, layout: type[Struct]) -> bytes:
