@@ -692,6 +692,12 @@ class MemoryCipher:
         """Whether this cipher runs its tweak work in the C accelerator."""
         return self._accel
 
+    @property
+    def bulk_aes_via_xts(self) -> bool:
+        """Whether a bulk transfer of this cipher has run its AES through `cryptography`'s AES-XTS
+        made AES-ECB (``crypt_into_via``; see the module's notes)."""
+        return self._via is not None
+
     # -- checks -------------------------------------------------------------------------------
 
     def _check(self, spa: int, length: int) -> None:
