@@ -235,3 +235,33 @@ def test_kept_views_are_released() -> None:
         with pytest.raises(ValueError, match="released"):
             len(view)
     assert out == MemoryCipher(XEX, key, ZEN2, accel=False).encrypt_bulk(0, bytes(2 * 4096))
+
+
+def test_threads_sharing_a_cipher(via_state: None) -> None:
+    """One cipher's contexts serve several threads at once (the C code drops the GIL around its passes;
+    the update calls hold it): every thread gets the numpy path's bytes."""
+    import threading
+
+    memenc._via_ok = True
+    key = random.Random(77).randbytes(64)
+    cipher = MemoryCipher(XTS, key, ZEN2)
+    data = random.Random(78).randbytes(512 << 10)
+    want = MemoryCipher(XTS, key, ZEN2, accel=False).encrypt_bulk(0x1000_0000, data)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(6):
+                out = cipher.encrypt_bulk(0x1000_0000, data)
+                assert out == want
+                assert cipher.decrypt_bulk(0x1000_0000, out) == data
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert cipher.bulk_aes_via_xts
