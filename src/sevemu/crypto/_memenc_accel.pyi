@@ -3,6 +3,8 @@
 Every function raises ValueError on inconsistent lengths, and takes C-contiguous buffers.
 """
 
+from collections.abc import Callable
+
 from _typeshed import ReadableBuffer, WriteableBuffer
 
 def xor_addr_tweak(dst: WriteableBuffer, src: ReadableBuffer, spa: int, consts: ReadableBuffer, /) -> None:
@@ -34,6 +36,15 @@ def crypt_into(dst: WriteableBuffer, spa: int, src: ReadableBuffer, consts: Read
                key: ReadableBuffer, code: int, encrypt: bool, /) -> bool:
     """crypt_pages' fused transform into one buffer of len(src) bytes (may be src itself); False, with
     nothing written, when dst overlaps src other than exactly."""
+
+def crypt_into_via(dst: WriteableBuffer, spa: int, src: ReadableBuffer, consts: ReadableBuffer,
+                   key: ReadableBuffer, code: int, encrypt: bool, update: Callable[..., object],
+                   tweak_update: Callable[..., object] | None, chunk: int, /) -> bool:
+    """crypt_into's transform with the AES-ECB through ``update`` (the bound update_into of an AES-XTS
+    context of `cryptography` that is AES-ECB under the data key: its tweak encrypts to zero), one call
+    per ``chunk`` bytes (a multiple of 4096, at most 1 MiB); XTS's unit tweaks through
+    ``tweak_update`` (the same under K2) or, None, the system libcrypto.  False, with nothing written,
+    when dst overlaps src other than exactly."""
 
 def sha256_new() -> object:
     """A fresh SHA-256 context (a capsule)."""

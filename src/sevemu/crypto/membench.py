@@ -18,7 +18,8 @@ Baselines (``ratio`` = baseline time / mode time):
   largest unit OpenSSL accepts).
 
 ``accelerated`` says whether the mode ran through the C accelerator of :mod:`sevemu.crypto.memenc`
-(``accel`` forces it on or off; the default uses it when it was built).
+(``accel`` forces it on or off; the default uses it when it was built), ``aes_via_xts`` whether its AES
+went through `cryptography`'s AES-XTS made AES-ECB (``MemoryCipher.bulk_aes_via_xts``).
 
 The single-line figures are microseconds per 64-byte line through ``encrypt_line``/``decrypt_line``:
 ``line_*_us`` cycling over ``lines`` consecutive lines (default 1024 = 64 KiB, a working set whose
@@ -164,6 +165,7 @@ def bench_modes(
         row["mode_gbps"] = 2 * size / mode_t / 1e9
         row["baseline_gbps"] = 2 * size / base_t / 1e9
         row["ratio"] = base_t / mode_t
+        row["aes_via_xts"] = cipher.bulk_aes_via_xts
         if extra_t:
             row["xts_unit_baseline"] = f"aes-256-xts/{xts_unit}B-units"
             row["xts_unit_gbps"] = 2 * size / extra_t[0] / 1e9

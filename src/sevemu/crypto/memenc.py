@@ -63,8 +63,11 @@ installed for a launch that only those paths use makes none).  Everything around
   the second tweak XOR on the way into the output (XTS: E_K2 of the page's sequence numbers
   first) -- one pass over the data instead of three passes over a 256 KiB chunk, the
   difference between XEX at 0.40-0.52x and at 0.7-0.8x of raw AES-128-ECB on the 2-core EPYC
-  this was measured on.  Only an output that overlaps the input other than exactly takes the
-  older three-pass chunk path.  The single-line path XORs 64-byte strings:
+  this was measured on.  From 32-64 KiB on the same passes run per chunk of 128-256 KiB around
+  ``crypt_into_via``, whose AES is `cryptography`'s AES-XTS made AES-ECB (a tweak that encrypts to
+  zero: VAES where its bundled OpenSSL has it, 1.5-1.7x the AES-NI ECB), guarded by a self-test at
+  first use (``docs/memory-model.md``).  Only an output that overlaps the input other than exactly
+  takes the older three-pass chunk path.  The single-line path XORs 64-byte strings:
   the memoised page tweak and the line's in-page tweak (XE/XEX), or the line's four XTS tweaks
   (memoised per line, from E_K2 of the page's 64 sequence numbers, one AES call per page).
 * **The numpy and integer paths**, used when the extension is missing (no C compiler at install
@@ -509,6 +512,91 @@ _MODE_CODE: Final = {EncryptionMode.XE: _XE, EncryptionMode.XEX: _XEX, Encryptio
 
 _LAZY_CONTEXTS: Final = frozenset({"_enc", "_dec", "_tweak_enc"})
 
+# -- the bulk path's AES through `cryptography`'s AES-XTS (crypt_into_via) ----------------------
+#
+# The OpenSSL that `cryptography` bundles runs AES-XTS on VAES / AVX-512 where the CPU has them, its
+# ECB (and the system libcrypto's, which crypt_into uses) on AES-NI only.  XTS encrypts block i of a
+# data unit as E_K1(P_i ^ M_i) ^ M_i with M_i = E_K2(iv) * alpha^i (IEEE 1619-2018, 5.3.1): with
+# iv = AES_K2^-1(0) every M_i is zero, and the XTS context is an AES-ECB context under K1.  OpenSSL
+# takes each update call as a whole data unit from the context's iv, so one context per direction
+# serves every chunk of every call.  Both facts are checked once per process (_via_usable) before
+# the path is taken; otherwise crypt_into runs, the same bytes.
+
+#: Chunk of each AES call (crypt_into_via; measured on a 2-core EPYC VM: XTS 64 KiB < 128 KiB ~
+#: 256 KiB, XE/XEX 64 < 128 < 256 KiB at 256 MiB).
+_VIA_CHUNK: Final = {0: 256 << 10, 1: 256 << 10, 2: 128 << 10}
+#: Smallest transfer that takes crypt_into_via, per mode (below it the calls into `cryptography`
+#: cost more than its faster AES saves: in cache the two paths meet near 32 KiB for XE, 64 KiB for
+#: XEX and 8-16 KiB for XTS).
+_VIA_MIN: Final = {0: 64 << 10, 1: 64 << 10, 2: 32 << 10}
+#: Second halves of the zero-mask XTS contexts: fixed keys (OpenSSL refuses an XTS key whose halves
+#: are equal, so a data key equal to the first takes the second).
+_ZERO_MASK_KEYS: Final = (bytes(range(0x40, 0x60)), bytes(range(0x60, 0x80)))
+_ZERO_MASK_IVS: dict[bytes, bytes] = {}
+#: Whether crypt_into_via may run: None until checked (_via_usable); tests set it to force a path.
+_via_ok: bool | None = None
+
+
+def _zero_mask_xts(key: bytes) -> Cipher[modes.XTS]:
+    """An AES-XTS cipher that is AES-ECB under ``key`` (16 or 32 bytes): its second key is a fixed
+    one != ``key`` and its tweak that key's decryption of zero, so every XTS mask is zero."""
+    k2 = next(k[: len(key)] for k in _ZERO_MASK_KEYS if k[: len(key)] != key)
+    iv = _ZERO_MASK_IVS.get(k2)
+    if iv is None:
+        iv = _ZERO_MASK_IVS[k2] = Cipher(algorithms.AES(k2), modes.ECB()).decryptor().update(bytes(BLOCK_SIZE))
+    return Cipher(algorithms.AES(key + k2), modes.XTS(iv))
+
+
+def _via_self_test(consts: bytes) -> bool:
+    """Whether the zero-mask XTS contexts behave as crypt_into_via needs, on this `cryptography`:
+    each update call of one context (twice, in place) gives AES-ECB of its data, both directions,
+    both key sizes; and crypt_into_via gives crypt_into's bytes on every mode (chunks of a page,
+    a run of several chunks and a partial one, at an address inside a page)."""
+    rng = random.Random(0x5EF)
+    for size in (16, 32):
+        key = rng.randbytes(size)
+        xts, ecb = _zero_mask_xts(key), Cipher(algorithms.AES(key), modes.ECB())
+        for ctx, ref in ((xts.encryptor(), ecb.encryptor()), (xts.decryptor(), ecb.decryptor())):
+            for length in (4096, 1024):
+                buf = bytearray(rng.randbytes(length))
+                expected = ref.update(bytes(buf))
+                ctx.update_into(buf, buf)
+                if buf != expected:
+                    return False
+    for code, size in ((_XE, 16), (_XEX, 16), (_XTS, 64)):
+        key = rng.randbytes(size)
+        data = rng.randbytes(2 * 4096 + 2112)
+        spa = 0x1_2345_6000 + 1024
+        via = _via_contexts(key, code)
+        for encrypt, update in ((True, via[0]), (False, via[1])):
+            want, got = bytearray(len(data)), bytearray(len(data))
+            _memenc_accel.crypt_into(want, spa, data, consts, key, code, encrypt)
+            if not _memenc_accel.crypt_into_via(got, spa, data, consts, key, code, encrypt, update, via[2], 4096):
+                return False
+            if got != want:
+                return False
+    return True
+
+
+def _via_usable(consts: bytes) -> bool:
+    """Whether the bulk path takes crypt_into_via: the accelerator has it and the self-test passed
+    (run once per process, on the caller's tweak constants; a failure of any kind means no)."""
+    global _via_ok
+    if _via_ok is None:
+        try:
+            _via_ok = ACCELERATED and hasattr(_memenc_accel, "crypt_into_via") and _via_self_test(consts)
+        except Exception:  # noqa: BLE001 - any surprise from the library means: do not use it
+            _via_ok = False
+    return _via_ok
+
+
+def _via_contexts(key: bytes, code: int) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any] | None]:
+    """The bound update_into of the zero-mask contexts crypt_into_via takes: data encryption and
+    decryption (XTS: under K1) and, for XTS, the unit tweaks' encryption under K2."""
+    data = _zero_mask_xts(key[:32] if code == _XTS else key)
+    tweak = _zero_mask_xts(key[32:]).encryptor().update_into if code == _XTS else None
+    return data.encryptor().update_into, data.decryptor().update_into, tweak
+
 
 class MemoryCipher:
     """One key slot's encryption engine: a mode, a key and the boot's tweak constants."""
@@ -526,6 +614,7 @@ class MemoryCipher:
         "_page_memo_bytes",
         "_tables",
         "_tweak_enc",
+        "_via",
         "_xor",
         "_xts_memo",
         "_xts_memo_bytes",
@@ -571,6 +660,8 @@ class MemoryCipher:
         self._xts_memo_bytes: dict[int, bytearray] = {}
         self._page_memo_bytes = self._tables.page_memo_bytes
         self._line_in_page_bytes = self._tables.line_in_page_bytes
+        # (the zero-mask XTS contexts of crypt_into_via, made at the first bulk transfer that takes it)
+        self._via: tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any] | None] | None = None
 
     def _contexts(self) -> None:
         """Build the AES-ECB contexts of the key (data encryptor and decryptor; XTS: the tweak's
@@ -600,6 +691,12 @@ class MemoryCipher:
     def accelerated(self) -> bool:
         """Whether this cipher runs its tweak work in the C accelerator."""
         return self._accel
+
+    @property
+    def bulk_aes_via_xts(self) -> bool:
+        """Whether a bulk transfer of this cipher has run its AES through `cryptography`'s AES-XTS
+        made AES-ECB (``crypt_into_via``; see the module's notes)."""
+        return self._via is not None
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -1025,9 +1122,17 @@ class MemoryCipher:
         self._check(spa, n)
         if not n:
             return
-        if self._accel and _memenc_accel.crypt_into(dst, spa, src, self._tables.consts_bytes, self._key,
-                                                    self._code, encrypt):
-            return
+        if self._accel:
+            if n >= _VIA_MIN[self._code] and _via_usable(self._tables.consts_bytes):
+                via = self._via
+                if via is None:
+                    via = self._via = _via_contexts(self._key, self._code)
+                if _memenc_accel.crypt_into_via(dst, spa, src, self._tables.consts_bytes, self._key, self._code,
+                                                encrypt, via[0] if encrypt else via[1], via[2],
+                                                _VIA_CHUNK[self._code]):
+                    return
+            if _memenc_accel.crypt_into(dst, spa, src, self._tables.consts_bytes, self._key, self._code, encrypt):
+                return
         sc: _Scratch | None = getattr(_SCRATCH, "buffers", None)
         if sc is None:
             sc = _SCRATCH.buffers = _Scratch()
