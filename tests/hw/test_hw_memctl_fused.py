@@ -158,3 +158,50 @@ def test_encrypt_in_place_refused_changes_nothing() -> None:
         with pytest.raises(err):
             mc.encrypt_in_place(spa, n, asid)
     assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == was
+
+
+def test_encrypt_in_place_hashes_refuses_part_pages_without_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hashes`` takes whole pages on the fallback path too (no accelerator: the controller reads and
+    writes itself and would otherwise hash a part page): AlignmentError, DRAM as it was."""
+    monkeypatch.setattr(MemoryCipher, "encrypt_pages_in_place", lambda *a, **k: None)
+    mc = _in_place_case(EncryptionMode.XEX)
+    was = {k: bytes(v) for k, v in mc.dram.pages_dict().items()}
+    for spa, n in [(0x40_0040, 4 * KiB), (0x40_0000, 4 * KiB + 64)]:
+        with pytest.raises(AlignmentError):
+            mc.encrypt_in_place(spa, n, 5, hashes=True)
+    assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == was
+
+
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_measure_in_place_refused_changes_nothing(accelerated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``measure_in_place`` checks the whole range before anything (lines, DRAM, key), with or
+    without the accelerator: a refused range raises, nothing is hashed and DRAM is as it was."""
+    from sevemu.crypto.sha256 import Sha256
+    from sevemu.errors import AddressError, KeySlotError
+
+    if not accelerated:
+        monkeypatch.setattr(MemoryCipher, "measure_pages_in_place", lambda *a, **k: False)
+    mc = _in_place_case(EncryptionMode.XEX)
+    was = {k: bytes(v) for k, v in mc.dram.pages_dict().items()}
+    sha = Sha256()
+    empty = Sha256().digest()
+    for spa, n, asid, err in [(0x20_0020, 4 * KiB, 5, AlignmentError), (0x20_0000, 4 * KiB + 8, 5, AlignmentError),
+                              (8 * MiB - 4 * KiB, 8 * KiB, 5, AddressError), (0x20_0000, 4 * KiB, 7, KeySlotError)]:
+        with pytest.raises(err):
+            mc.measure_in_place(spa, n, asid, sha)
+    assert sha.digest() == empty
+    assert {k: bytes(v) for k, v in mc.dram.pages_dict().items()} == was
+
+
+def test_read_run_without_c_bit_returns_dram_as_it_lies() -> None:
+    """``read_run`` through C=0 is the bytes DRAM holds (no key applies), absent pages as zeros;
+    through C=1 the same lines decrypted with the slot's key."""
+    mc = _mc(EncryptionMode.XEX)
+    plain = random.Random(8).randbytes(PAGE)
+    mc.write(0x30_0000, plain, 5, True)
+    raw = mc.dram.read(0x30_0000, PAGE)
+    assert raw != plain
+    assert bytes(mc.read_run(0x30_0040, 256, 5, False)) == raw[64:320]
+    assert bytes(mc.read_run(0x30_0040, 256, 0, False)) == raw[64:320]
+    assert bytes(mc.read_run(0x31_0000, 128, 5, False)) == bytes(128)  # (an absent page)
+    assert bytes(mc.read_run(0x30_0040, 256, 5, True)) == plain[64:320]

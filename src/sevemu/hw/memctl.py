@@ -46,6 +46,11 @@ _ZERO_LINE = bytes(LINE)
 _CHUNK = MiB  # bulk encryption granule of large transfers (a whole number of pages)
 _FUSED_MIN = 64 * KiB  # bulk writes (reads) from this size go through MemoryCipher.encrypt_to_pages (decrypt_from_pages) where it can
 _SCRATCH = threading.local()  # per thread: one _CHUNK buffer the bulk writes encrypt into, reused
+# Equivalent mutants (mutation testing of this module, tools/mutate.py): the ``if TYPE_CHECKING`` block
+# (typing only); _line_cipher's guards (``memaccel.ENABLED``, ``source is None``), whose fallback is the
+# cipher's Python line functions, the same bytes; another _FUSED_MIN, and ``>`` for ``>=`` against it,
+# choose only between two paths to the same bytes.  Last run (214 mutants): 204 killed, these 10
+# survived (95.3%).
 
 
 def _scratch() -> memoryview:
