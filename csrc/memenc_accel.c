@@ -1461,6 +1461,35 @@ done:
 /* Results this large or larger leave through non-temporal stores (they exceed the CPU's caches). */
 #define STREAM_MIN ((Py_ssize_t)4 << 20)
 
+/* The (dst, spa, src, consts, key, code, encrypt) head of crypt_into and crypt_into_via: dst acquired
+ * writable and the rest checked (crypt_args, no page store).  -1 with an exception set and nothing held;
+ * otherwise both held and 0 to run, 1 when dst overlaps src other than exactly (the answer: False,
+ * nothing written), 2 when src is empty (the answer: True). */
+static int into_args(const char *name, PyObject *const *args, Py_buffer *dstv, CryptArgs *a)
+{
+    PyObject *sub[7] = {NULL, args[1], args[2], args[3], args[4], args[5], args[6]};
+    const unsigned char *d, *s;
+    if (PyObject_GetBuffer(args[0], dstv, PyBUF_WRITABLE) < 0) {
+        return -1;
+    }
+    if (crypt_args(name, sub, 7, 0, a) < 0) {
+        PyBuffer_Release(dstv);
+        return -1;
+    }
+    if (dstv->len != a->data.len) {
+        PyErr_Format(PyExc_ValueError, "dst has %zd bytes for %zd bytes of src", dstv->len, a->data.len);
+        crypt_args_release(a);
+        PyBuffer_Release(dstv);
+        return -1;
+    }
+    d = (const unsigned char *)dstv->buf;
+    s = (const unsigned char *)a->data.buf;
+    if (d != s && s < d + dstv->len && d < s + a->data.len) {
+        return 1;
+    }
+    return a->data.len == 0 ? 2 : 0;
+}
+
 PyDoc_STRVAR(crypt_into_doc,
              "crypt_into(dst, spa, src, consts, key, code, encrypt, /)\n--\n\n"
              "crypt_pages' transform of src at spa into one writable buffer dst of len(src) bytes\n"
@@ -1471,40 +1500,23 @@ PyDoc_STRVAR(crypt_into_doc,
  * fused transform between two contiguous buffers. */
 static PyObject *crypt_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *result = NULL, *sub[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    PyObject *result = NULL;
     CryptArgs a;
     Py_buffer dstv;
     EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
-    Py_ssize_t i;
+    int state;
     (void)self;
 
-    if (check_nargs("crypt_into", nargs, 7, 7) < 0) {
+    if (check_nargs("crypt_into", nargs, 7, 7) < 0 || (state = into_args("crypt_into", args, &dstv, &a)) < 0) {
         return NULL;
     }
-    for (i = 1; i < 7; i++) {
-        sub[i] = args[i];
-    }
-    if (PyObject_GetBuffer(args[0], &dstv, PyBUF_WRITABLE) < 0) {
-        return NULL;
-    }
-    if (crypt_args("crypt_into", sub, 7, 0, &a) < 0) {
-        PyBuffer_Release(&dstv);
-        return NULL;
-    }
-    if (dstv.len != a.data.len) {
-        PyErr_Format(PyExc_ValueError, "dst has %zd bytes for %zd bytes of src", dstv.len, a.data.len);
+    if (state > 0) {
+        result = Py_NewRef(state == 1 ? Py_False : Py_True);
     } else {
-        const char *d = (const char *)dstv.buf, *s = (const char *)a.data.buf;
-        if (d != s && s < d + dstv.len && d < s + a.data.len) {
-            result = Py_NewRef(Py_False);
-        } else if (a.data.len == 0) {
+        Span src = {NULL, (unsigned char *)a.data.buf}, dst = {NULL, (unsigned char *)dstv.buf};
+        if (crypt_contexts("crypt_into", &a, &ctx, &tweak_ctx) == 0 &&
+            crypt_run("crypt_into", &a, &src, &dst, a.data.len >= STREAM_MIN, ctx, tweak_ctx) == 0) {
             result = Py_NewRef(Py_True);
-        } else {
-            Span src = {NULL, (unsigned char *)a.data.buf}, dst = {NULL, (unsigned char *)dstv.buf};
-            if (crypt_contexts("crypt_into", &a, &ctx, &tweak_ctx) == 0 &&
-                crypt_run("crypt_into", &a, &src, &dst, a.data.len >= STREAM_MIN, ctx, tweak_ctx) == 0) {
-                result = Py_NewRef(Py_True);
-            }
         }
     }
     EVP_CIPHER_CTX_free(ctx);
@@ -1759,10 +1771,11 @@ PyDoc_STRVAR(crypt_into_via_doc,
 
 static PyObject *crypt_into_via(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *result = NULL, *sub[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    PyObject *result = NULL;
     CryptArgs a;
     Py_buffer dstv;
-    Py_ssize_t i, chunk;
+    Py_ssize_t chunk;
+    int state;
     (void)self;
 
     if (check_nargs("crypt_into_via", nargs, 10, 10) < 0) {
@@ -1780,65 +1793,52 @@ static PyObject *crypt_into_via(PyObject *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_TypeError, "update and tweak_update must be callable (tweak_update: or None)");
         return NULL;
     }
-    for (i = 1; i < 7; i++) {
-        sub[i] = args[i];
-    }
-    if (PyObject_GetBuffer(args[0], &dstv, PyBUF_WRITABLE) < 0) {
+    if ((state = into_args("crypt_into_via", args, &dstv, &a)) < 0) {
         return NULL;
     }
-    if (crypt_args("crypt_into_via", sub, 7, 0, &a) < 0) {
-        PyBuffer_Release(&dstv);
-        return NULL;
-    }
-    if (dstv.len != a.data.len) {
-        PyErr_Format(PyExc_ValueError, "dst has %zd bytes for %zd bytes of src", dstv.len, a.data.len);
+    if (state > 0) {
+        result = Py_NewRef(state == 1 ? Py_False : Py_True);
     } else {
         unsigned char *d = (unsigned char *)dstv.buf;
         const unsigned char *s = (const unsigned char *)a.data.buf;
-        if (d != s && s < d + dstv.len && d < s + a.data.len) {
-            result = Py_NewRef(Py_False);
-        } else if (a.data.len == 0) {
-            result = Py_NewRef(Py_True);
+        ViaRun *r = (ViaRun *)PyMem_Calloc(1, sizeof(ViaRun));
+        /* tmp, then the unit tweaks 3 lines past tmp's page offset (4K aliasing, see xex_pages_run) */
+        void *raw = PyMem_Malloc((size_t)(chunk + chunk / 2 + 2 * 3 * 64 + 64));
+        if (r == NULL || raw == NULL) {
+            PyErr_NoMemory();
         } else {
-            ViaRun *r = (ViaRun *)PyMem_Calloc(1, sizeof(ViaRun));
-            /* tmp, then the unit tweaks 3 lines past tmp's page offset (4K aliasing, see xex_pages_run) */
-            void *raw = PyMem_Malloc((size_t)(chunk + chunk / 2 + 2 * 3 * 64 + 64));
-            if (r == NULL || raw == NULL) {
-                PyErr_NoMemory();
-            } else {
-                int best = isa_supported();
-                r->isa = isa_current();
-                /* (the XTS masks made on the fly: AVX-512 where the CPU has it unless vector_isa set a
-                 * level -- measured 8-15% faster than AVX2 here, where the XORs alone were not) */
-                r->xts_isa = !isa_forced && best == ISA_AVX512 ? ISA_AVX512 : r->isa;
-                r->code = (int)a.code;
-                r->encrypt = a.encrypt;
-                r->nbits = (int)a.nbits;
-                r->consts = (const unsigned char *)a.consts.buf;
-                r->update = args[7];
-                r->tweak_update = args[8] == Py_None ? NULL : args[8];
-                r->tmp = (unsigned char *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
-                r->tw[0] = r->tmp + chunk + 3 * 64;
-                r->tw[1] = r->tw[0] + chunk / 4 + 3 * 64;
-                if (a.code != 2) {
-                    in_page_table(r->consts, r->in_page);
-                }
-                if (a.code == 2 && r->tweak_update == NULL) {
-                    const unsigned char *k2 = (const unsigned char *)a.key.buf + 32;
-                    r->tweak_ctx = EVP_CIPHER_CTX_new();
-                    if (r->tweak_ctx == NULL || EVP_EncryptInit_ex(r->tweak_ctx, aes_ecb(256), NULL, k2, NULL) != 1 ||
-                        EVP_CIPHER_CTX_set_padding(r->tweak_ctx, 0) != 1) {
-                        PyErr_SetString(PyExc_RuntimeError, "crypt_into_via: OpenSSL could not set up AES-ECB");
-                    }
-                }
-                if (!PyErr_Occurred() && via_run(r, d, s, a.spa, a.data.len, chunk) == 0) {
-                    result = Py_NewRef(Py_True);
-                }
-                EVP_CIPHER_CTX_free(r->tweak_ctx);
+            int best = isa_supported();
+            r->isa = isa_current();
+            /* (the XTS masks made on the fly: AVX-512 where the CPU has it unless vector_isa set a
+             * level -- measured 8-15% faster than AVX2 here, where the XORs alone were not) */
+            r->xts_isa = !isa_forced && best == ISA_AVX512 ? ISA_AVX512 : r->isa;
+            r->code = (int)a.code;
+            r->encrypt = a.encrypt;
+            r->nbits = (int)a.nbits;
+            r->consts = (const unsigned char *)a.consts.buf;
+            r->update = args[7];
+            r->tweak_update = args[8] == Py_None ? NULL : args[8];
+            r->tmp = (unsigned char *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+            r->tw[0] = r->tmp + chunk + 3 * 64;
+            r->tw[1] = r->tw[0] + chunk / 4 + 3 * 64;
+            if (a.code != 2) {
+                in_page_table(r->consts, r->in_page);
             }
-            PyMem_Free(raw);
-            PyMem_Free(r);
+            if (a.code == 2 && r->tweak_update == NULL) {
+                const unsigned char *k2 = (const unsigned char *)a.key.buf + 32;
+                r->tweak_ctx = EVP_CIPHER_CTX_new();
+                if (r->tweak_ctx == NULL || EVP_EncryptInit_ex(r->tweak_ctx, aes_ecb(256), NULL, k2, NULL) != 1 ||
+                    EVP_CIPHER_CTX_set_padding(r->tweak_ctx, 0) != 1) {
+                    PyErr_SetString(PyExc_RuntimeError, "crypt_into_via: OpenSSL could not set up AES-ECB");
+                }
+            }
+            if (!PyErr_Occurred() && via_run(r, d, s, a.spa, a.data.len, chunk) == 0) {
+                result = Py_NewRef(Py_True);
+            }
+            EVP_CIPHER_CTX_free(r->tweak_ctx);
         }
+        PyMem_Free(raw);
+        PyMem_Free(r);
     }
     crypt_args_release(&a);
     PyBuffer_Release(&dstv);

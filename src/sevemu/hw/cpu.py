@@ -421,15 +421,8 @@ class Core:
         page written with zeros is stored rather than left absent."""
         if (spa | length) & (PAGE - 1) or length <= 0:
             raise AddressError(f"host_write_stream_pages takes whole pages, got {spa:#x}+{length:#x}")
-        dram = self.mc.dram
-        dram.check_range(spa, length)
-        if self.rmp is not None:
-            self.rmp.check_host_write(spa, length)
-        v = self.vmcbs
-        if spa < v.hi and spa + length > v.lo:
-            v.touch(spa, length, True)
-        self.cache.flush_range(0, False, spa, length)
-        store = dram.pages_dict()
+        self._host_stream_begin(spa, length)
+        store = self.mc.dram.pages_dict()
         first = spa >> 12
         pages = list(map(store.get, range(first, first + (length >> 12))))
         if None in pages:
@@ -464,30 +457,28 @@ class Core:
         as an ordinary write followed by CLFLUSH, without filling the cache (copying into a DMA
         buffer the PSP or a device reads next).
         """
-        dram = self.mc.dram
-        dram.check_range(spa, len(data))
-        if self.rmp is not None:
-            self.rmp.check_host_write(spa, len(data))
-        v = self.vmcbs
-        if spa < v.hi and spa + len(data) > v.lo:
-            v.touch(spa, len(data), True)
-        self.cache.flush_range(0, False, spa, len(data))
-        dram.write(spa, data)
+        self._host_stream_begin(spa, len(data))
+        self.mc.dram.write(spa, data)
 
-    def host_clear_pages(self, spa: int, length: int) -> None:
-        """The host zeroes whole pages it hands out (Linux ``clear_page``; KVM pinning an SEV guest's
-        RAM faults every page in): :meth:`host_write_stream` of zeros over the page-aligned range --
-        the host's cached lines written back and invalidated, zeros in DRAM -- with every page of it
-        stored in DRAM's page store (:meth:`Dram.zero_pages`) rather than left absent."""
-        dram = self.mc.dram
-        dram.check_range(spa, length)
+    def _host_stream_begin(self, spa: int, length: int) -> None:
+        """What every streaming host write does before its bytes reach DRAM: the range checked (DRAM,
+        the RMP's host-write check), a VMCB view over it dropped, the host's cached lines of it written
+        back and invalidated."""
+        self.mc.dram.check_range(spa, length)
         if self.rmp is not None:
             self.rmp.check_host_write(spa, length)
         v = self.vmcbs
         if spa < v.hi and spa + length > v.lo:
             v.touch(spa, length, True)
         self.cache.flush_range(0, False, spa, length)
-        dram.zero_pages(spa, length)
+
+    def host_clear_pages(self, spa: int, length: int) -> None:
+        """The host zeroes whole pages it hands out (Linux ``clear_page``; KVM pinning an SEV guest's
+        RAM faults every page in): :meth:`host_write_stream` of zeros over the page-aligned range --
+        the host's cached lines written back and invalidated, zeros in DRAM -- with every page of it
+        stored in DRAM's page store (:meth:`Dram.zero_pages`) rather than left absent."""
+        self._host_stream_begin(spa, length)
+        self.mc.dram.zero_pages(spa, length)
 
     def clflush(self, spa: int, c: bool = False) -> None:
         """CLFLUSH of one line as the host: only host-domain lines are evicted."""
