@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from hwkit import mem_accel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -134,17 +135,29 @@ def test_whole_line_calls_refuse_parts_of_lines(spa: int, length: int) -> None:
 _run = st.tuples(st.integers(0, 63), st.integers(1, 8))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=90, deadline=None)
 @given(coherent=st.booleans(), d=st.integers(0, len(_DOMAINS) - 1), page=st.integers(0, 1),
-       runs=st.lists(_run, min_size=1, max_size=4), seed=st.integers(0, 255))
-def test_read_runs_equal_one_read_lines_per_run(coherent: bool, d: int, page: int,
-                                                runs: list[tuple[int, int]], seed: int) -> None:
+       runs=st.lists(_run, min_size=1, max_size=4), seed=st.integers(0, 255), resident=st.booleans(),
+       accel=st.booleans())
+def test_read_runs_equal_one_read_lines_per_run(coherent: bool, d: int, page: int, runs: list[tuple[int, int]],
+                                                seed: int, resident: bool, accel: bool) -> None:
+    """The same bytes, state (hits and misses counted once) and snoops as read_lines run by run,
+    whether some lines miss or every one is resident, with the C helpers and with the Python loops."""
+    with mem_accel(accel):
+        _read_runs_case(coherent, d, page, runs, seed, resident)
+
+
+def _read_runs_case(coherent: bool, d: int, page: int, runs: list[tuple[int, int]], seed: int,
+                    resident: bool) -> None:
     fast, fagent = _twin(coherent)
     ref, ragent = _twin(coherent)
     asid, c = _DOMAINS[d]
     base = _BASE + page * 4096
+    first = seed % 32
     for cache in (fast, ref):  # some lines resident (dirty), others not
-        cache.write_lines(asid, c, base + (seed % 32) * LINE, random.Random(seed).randbytes(8 * LINE))
+        cache.write_lines(asid, c, base + first * LINE, random.Random(seed).randbytes(8 * LINE))
+    if resident:  # every run inside the eight resident lines
+        runs = [(first + line % 8, 1 + (n - 1) % (8 - line % 8)) for line, n in runs]
     spans = tuple((line * LINE, min(n, 64 - line) * LINE) for line, n in runs)
     fagent.snoops.clear()
     ragent.snoops.clear()
@@ -506,3 +519,40 @@ def test_the_agents_say_a_pages_fill_is_idle_only_without_another_domains_copy()
     assert VmsaUnit.fill_is_idle(unit, mine + 0x40)  # type: ignore[arg-type]
     assert not VmsaUnit.fill_is_idle(unit, tag_key(0, False, page))  # type: ignore[arg-type]
     assert VmsaUnit.fill_is_idle(unit, tag_key(0, False, page + 0x1000))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("accel", [False, True])
+def test_a_page_run_fill_writes_back_one_spas_lines_of_two_domains_in_eviction_order(accel: bool) -> None:
+    """A page run whose victims hold one SPA under two keys (32 sets of 2 ways: the run evicts both
+    ways of every set, the older domain's line first): they reach DRAM in eviction order, the last
+    one evicted winning, as line-by-line fills leave it -- never in key order."""
+    with mem_accel(accel):
+        twins = []
+        for _ in range(2):
+            small, agent = _twin(False)
+            small.detach(agent)
+            twins.append(Cache(small.mc, 32 * 2 * LINE, 2, False))
+        fast, ref = twins
+        spa = _BASE + 0x8000
+        for cache in (fast, ref):
+            cache.write(2, True, spa, random.Random(1).randbytes(32 * LINE))  # older: evicted first
+            cache.write(1, True, spa, random.Random(2).randbytes(32 * LINE))  # same SPAs, another key
+        page = _BASE + 0x4000
+        lines = b"".join(ref.read(0, True, page + off, LINE) for off in range(0, 0x1000, LINE))  # one by one
+        assert fast.read_lines(0, True, page, 0x1000) == lines
+        assert _state(fast)[:3] == _state(ref)[:3]  # (DRAM, sets, dirty lines; the counters count calls)
+        assert fast.mc.read(spa, 32 * LINE, 1, True) == random.Random(2).randbytes(32 * LINE)  # the last evicted
+
+
+@pytest.mark.parametrize("accel", [False, True])
+def test_a_page_run_fill_from_spa_zero_in_the_host_domain(accel: bool) -> None:
+    """The host's lines at SPA 0 have the cache key 0: a page run that misses there still fills every
+    line (the same bytes and state as line-by-line reads)."""
+    with mem_accel(accel):
+        fast, ref, _, _ = _page_twins(False, True)
+        for cache in (fast, ref):
+            cache.mc.dram.write(0, random.Random(9).randbytes(0x1000))
+            cache.write(0, False, 3 * LINE, bytes(range(64)))  # one line resident (dirty), the rest missing
+        lines = b"".join(ref.read(0, False, off, LINE) for off in range(0, 8 * LINE, LINE))
+        assert fast.read_lines(0, False, 0, 8 * LINE) == lines
+        assert _state(fast)[:3] == _state(ref)[:3]
