@@ -591,3 +591,61 @@ def test_is_context_answers_what_the_state_says() -> None:
         e = port.entry(spa)
         assert port.governing(spa)[3:] == (state, e.page_size, e.asid, e.gpa), kw
     assert {RmpPageState.CONTEXT, RmpPageState.PRE_GUEST, RmpPageState.PRE_SWAP} <= seen and len(seen) >= 8
+
+
+# ---- KVM's per-page probes: Assigned from one quadword, RMPUPDATE from the state's fields -----------
+def test_the_assigned_probe_answers_what_the_entry_says_dirty_lines_and_2m_pages_included() -> None:
+    """``HostSoc.rmp_assigned`` (KVM's check of each page it populates) answers ``rmp_entry(spa).assigned``
+    for entries never written, 4 KiB and 2 MiB assigned entries (every page of the 2 MiB one), Firmware
+    pages, an entry software left dirty in its cache before SNP_INIT, and refuses as ``rmp_entry`` does
+    (AddressError past the covered memory, HardwareError without SNP_EN)."""
+    from sevemu.abi.rmp import RMP_BOOKKEEPING_SIZE
+
+    soc = make_soc()
+    host = soc.host_view()
+    with pytest.raises(HardwareError):
+        host.rmp_assigned(_BASE)
+    host.wrmsr(Msr.SYSCFG, host.rdmsr(Msr.SYSCFG) | SNP_EN)
+    rmp = soc.rmp
+    assert rmp is not None
+    dirty_pfn = (_BASE >> 12) + 3 * 512 + 7
+    host.boot_cpu.host_write(rmp.base + RMP_BOOKKEEPING_SIZE + 16 * dirty_pfn, (1 | 4 | 5 << 51).to_bytes(8, "little"))
+    assert soc.cache.dirty
+    spas = [_BASE + i * PAGE for i in range(4 * 512)]
+    assert [host.rmp_assigned(s) for s in spas] == [host.rmp_entry(s).assigned for s in spas]
+    assert host.rmp_assigned(dirty_pfn << 12)
+    RmpFirmwarePort(rmp).initialize()
+    assert _private(host, _BASE + 0x200000, 0x200000, huge=True) == RmpResult.SUCCESS
+    assert _private(host, _BASE + 5 * PAGE, 5 * PAGE) == RmpResult.SUCCESS
+    RmpFirmwarePort(rmp).set(_BASE + 9 * PAGE, assigned=True, immutable=True)  # a Firmware page
+    got = [host.rmp_assigned(s) for s in spas]
+    assert got == [host.rmp_entry(s).assigned for s in spas]
+    assert sum(got) == 512 + 2 and host.rmp_assigned(_BASE + 0x3FF000) and host.rmp_assigned(rmp.base)
+    for spa in (rmp.covered, -PAGE):
+        with pytest.raises(AddressError):
+            host.rmp_entry(spa)
+        with pytest.raises(AddressError):
+            host.rmp_assigned(spa)
+
+
+@pytest.mark.parametrize("fields", [(0x5000, 1, 0, 1, ASID), (0x200000, 1, 1, 0, ASID), (0, 0, 0, 0, 0),
+                                    (0, 0, 1, 0, 0), (0x5000, 0, 0, 0, ASID), (0x5000, 1, 0, 1, 1 << 20)])
+def test_rmpupdate_from_fields_is_rmpupdate_of_the_state(fields: tuple[int, int, int, int, int]) -> None:
+    """``rmpupdate_fields`` (KVM's per-page RMPUPDATE without a state object) gives the result, the entry
+    and the ASID counts ``rmpupdate_state`` of the same :class:`RmpUpdateState` gives, from the same table
+    (a page assigned 4 KiB, then the same page again, a 2 MiB region, refusals)."""
+    gpa, assigned, pagesize, immutable, asid = fields
+    out = []
+    for by_fields in (False, True):
+        soc, host, rmp, _ = _snp()
+        _private(host, _BASE + 5 * PAGE, 5 * PAGE)
+        seq = []
+        for spa in (_BASE + 0x200000, _BASE + 0x200000, _BASE + 5 * PAGE):
+            if by_fields:
+                rc = host.boot_cpu.rmpupdate_fields(spa, gpa, assigned, pagesize, immutable, asid)
+            else:
+                rc = host.boot_cpu.rmpupdate_state(spa, RmpUpdateState(gpa=gpa, assigned=assigned, pagesize=pagesize,
+                                                                       immutable=immutable, asid=asid))
+            seq.append((rc, rmp._raw(spa >> 12), rmp.asid_pages(ASID)))
+        out.append(seq)
+    assert out[0] == out[1]

@@ -434,6 +434,13 @@ class Rmp:
         entry = _DECODED.get((lo, hi))  # (RmpEntry.from_raw's memo, looked up here: one call less)
         return entry if entry is not None and type(entry) is RmpEntry else RmpEntry.from_raw(lo, hi)
 
+    def assigned(self, spa: int) -> bool:
+        """:meth:`entry`'s ``assigned`` (AddressError outside the covered memory), from the governing low
+        quadword alone."""
+        if not 0 <= spa < self._covered:
+            raise AddressError(f"SPA {spa:#x} is not covered by the RMP ({self.covered:#x} bytes)")
+        return bool(self._governing_lo(spa >> PAGE_SHIFT) & _ASSIGNED)
+
     def raw_entry(self, spa: int) -> RmpEntry:
         """The entry stored for the 4 KiB page at ``spa`` itself (not the governing 2 MiB one)."""
         if not self._covers(spa):
@@ -570,7 +577,13 @@ class Rmp:
     # ---- host instructions ---------------------------------------------------------------------
     def rmpupdate(self, spa: int, new: RmpUpdateState) -> RmpResult:
         """RMPUPDATE: RAX = ``spa``, [RCX] = ``new``; the EAX result (module docstring for the codes)."""
-        gpa, assigned, pagesize, immutable, asid = new.gpa, new.assigned, new.pagesize, new.immutable, new.asid
+        return self.rmpupdate_fields(spa, new.gpa, new.assigned, new.pagesize, new.immutable, new.asid)
+
+    def rmpupdate_fields(self, spa: int, gpa: int, assigned: int, pagesize: int, immutable: int,
+                         asid: int) -> RmpResult:
+        """:meth:`rmpupdate` with the fields of the new state (:class:`~sevemu.abi.rmp.RmpUpdateState`)
+        given one by one: the same checks, result and entry, without a state object per page (KVM's
+        per-page loops)."""
         huge = pagesize == 1
         size = PAGE_2M if huge else PAGE
         if (not self.enabled or spa % size or not 0 <= spa or spa + size > self._covered
