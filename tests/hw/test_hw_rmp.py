@@ -637,7 +637,7 @@ def test_rmpupdate_from_fields_is_rmpupdate_of_the_state(fields: tuple[int, int,
     gpa, assigned, pagesize, immutable, asid = fields
     out = []
     for by_fields in (False, True):
-        soc, host, rmp, _ = _snp()
+        _soc, host, rmp, _ = _snp()
         _private(host, _BASE + 5 * PAGE, 5 * PAGE)
         seq = []
         for spa in (_BASE + 0x200000, _BASE + 0x200000, _BASE + 5 * PAGE):
