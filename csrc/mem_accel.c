@@ -244,6 +244,96 @@ fail:
     return NULL;
 }
 
+/* ---- the RMP's governing entry --------------------------------------------------------------- */
+
+/* The 16-byte RMP entry at `spa` of the page store (absent page: zeros) into lo, hi: 1; 0 when the
+ * caller must read it itself (the entry's line is in `dirty`: software's unwritten copy, read through
+ * the cache); -1 with an exception set. */
+static int rmp_entry_at(PyObject *pages, PyObject *dirty, uint64_t spa, uint64_t *lo, uint64_t *hi)
+{
+    PyObject *page;
+    const unsigned char *p;
+    int i;
+    if (PySet_GET_SIZE(dirty)) {
+        PyObject *key = PyLong_FromUnsignedLongLong(spa & ~(uint64_t)(LINE - 1));
+        int in_dirty;
+        if (key == NULL) {
+            return -1;
+        }
+        in_dirty = PySet_Contains(dirty, key);
+        Py_DECREF(key);
+        if (in_dirty) {
+            return in_dirty < 0 ? -1 : 0;
+        }
+    }
+    page = page_of(pages, spa >> 12);
+    if (page == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        *lo = *hi = 0;
+        return 1;
+    }
+    p = (const unsigned char *)PyByteArray_AS_STRING(page) + (spa & (PAGE - 1));
+    *lo = *hi = 0;
+    for (i = 7; i >= 0; i--) {
+        *lo = *lo << 8 | p[i];
+        *hi = *hi << 8 | p[8 + i];
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(rmp_governing_doc,
+             "rmp_governing(pages, dirty, first, pfn, /)\n--\n\n"
+             "Rmp._authoritative: (pfn of the entry that governs page pfn, its low and high quadwords) --\n"
+             "the 2 MiB entry of pfn's region when it is Assigned with Page_Size set, else pfn's own --, the\n"
+             "entries (16 bytes each from SPA `first`) read from the page store `pages` (dict PFN -> bytearray\n"
+             "of 4096 bytes; absent: zeros).  None, nothing read, when an entry to read lies in a line of\n"
+             "`dirty` (an exact set of the host's dirty line keys: the caller reads through the cache) or the\n"
+             "arguments are not an exact dict and set.");
+
+static PyObject *rmp_governing(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *pages, *dirty;
+    uint64_t first, pfn, large, at, lo = 0, hi = 0;
+    int rc;
+    (void)self;
+
+    if (check_nargs("rmp_governing", nargs, 4) < 0 || get_u64(args[2], "first", &first) < 0 ||
+        get_u64(args[3], "pfn", &pfn) < 0) {
+        return NULL;
+    }
+    pages = args[0];
+    dirty = args[1];
+    if (!PyDict_CheckExact(pages) || !PySet_CheckExact(dirty)) {
+        Py_RETURN_NONE;
+    }
+    large = pfn & ~(uint64_t)511;
+    at = large;
+    if (large != pfn) { /* the region's 2 MiB entry first: it governs when Assigned and 2 MiB */
+        rc = rmp_entry_at(pages, dirty, first + large * 16, &lo, &hi);
+        if (rc <= 0) {
+            if (rc < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        if (!((lo & 1) && (lo & 2))) {
+            at = pfn;
+        }
+    }
+    if (at == pfn) {
+        rc = rmp_entry_at(pages, dirty, first + pfn * 16, &lo, &hi);
+        if (rc <= 0) {
+            if (rc < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+    }
+    return Py_BuildValue("(KKK)", (unsigned long long)at, (unsigned long long)lo, (unsigned long long)hi);
+}
+
 /* ---- cache lines ----------------------------------------------------------------------------- */
 
 /* A prefetch hint (GCC, Clang): the cache's keys and lines are separate small objects spread over the
@@ -3785,6 +3875,7 @@ static PyMethodDef methods[] = {
     {"cache_take", (PyCFunction)(void (*)(void))cache_take, METH_FASTCALL, cache_take_doc},
     {"line_runs", (PyCFunction)(void (*)(void))line_runs, METH_FASTCALL, line_runs_doc},
     {"resident_keys", (PyCFunction)(void (*)(void))resident_keys, METH_FASTCALL, resident_keys_doc},
+    {"rmp_governing", (PyCFunction)(void (*)(void))rmp_governing, METH_FASTCALL, rmp_governing_doc},
     {"cache_hit_read", (PyCFunction)(void (*)(void))cache_hit_read, METH_FASTCALL, cache_hit_read_doc},
     {"cache_hit_write", (PyCFunction)(void (*)(void))cache_hit_write, METH_FASTCALL, cache_hit_write_doc},
     {"cache_hit_runs", (PyCFunction)(void (*)(void))cache_hit_runs, METH_FASTCALL, cache_hit_runs_doc},

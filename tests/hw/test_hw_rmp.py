@@ -16,6 +16,7 @@ from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.paging import ExitCode, NpfExitInfo1
 from sevemu.abi.rmp import RmpPageState, RmpResult, RmpUpdateState, rmp_covered_bytes
 from sevemu.errors import AddressError, HardwareError
+from sevemu.hw import memaccel
 from sevemu.hw.faults import GeneralProtection, NestedPageFault
 from sevemu.hw.host import HostSoc
 from sevemu.hw.profiles import MILAN, ROME
@@ -649,3 +650,53 @@ def test_rmpupdate_from_fields_is_rmpupdate_of_the_state(fields: tuple[int, int,
             seq.append((rc, rmp._raw(spa >> 12), rmp.asid_pages(ASID)))
         out.append(seq)
     assert out[0] == out[1]
+
+
+@pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+def test_the_governing_entry_in_c_is_the_python_lookup() -> None:
+    """``rmp_governing`` (``csrc/mem_accel.c``: the governing entry of every RMP check) gives what the
+    Python lookup gives -- the 2 MiB entry of an assigned 2 MiB region for each of its pages, a page's own
+    entry otherwise, zeros where no entry page is stored, entries with both quadwords set -- and
+    declines (None) an entry whose line software left dirty in the cache, which the Python path then
+    reads through the cache."""
+    from sevemu.abi.rmp import RMP_BOOKKEEPING_SIZE
+    from sevemu.hw import _mem_accel
+
+    soc = make_soc()
+    host = soc.host_view()
+    host.wrmsr(Msr.SYSCFG, host.rdmsr(Msr.SYSCFG) | SNP_EN)
+    rmp = soc.rmp
+    assert rmp is not None
+    first = rmp.base + RMP_BOOKKEEPING_SIZE
+    dirty_pfn = (_BASE >> 12) + 3 * 512 + 7
+    host.boot_cpu.host_write(first + 16 * dirty_pfn, (1 | 4 | 5 << 51).to_bytes(8, "little"))
+    pfns = [p for p in range((_BASE >> 12) - 3, (_BASE >> 12) + 4 * 512 + 3)]
+
+    def both() -> list[tuple[int, int, int]]:
+        rows = []
+        for accel in (True, False):
+            saved = memaccel.ENABLED
+            memaccel.ENABLED = accel
+            try:
+                rows.append([(rmp._authoritative(p), rmp._governing_lo(p)) for p in pfns])
+            finally:
+                memaccel.ENABLED = saved
+        assert rows[0] == rows[1]
+        assert [lo for (_, lo, _), gov in rows[0]] == [gov for _, gov in rows[0]]
+        return [auth for auth, _ in rows[0]]
+
+    before = both()
+    assert before[pfns.index(dirty_pfn)][1] == 1 | 4 | 5 << 51  # read through the cache
+    assert _mem_accel.rmp_governing(rmp._pages, soc.cache.dirty, first, dirty_pfn) is None
+    assert _mem_accel.rmp_governing(rmp._pages, set(soc.cache.dirty), first, dirty_pfn + 1) == (dirty_pfn + 1, 0, 0)
+    RmpFirmwarePort(rmp).initialize()
+    assert not soc.cache.dirty or all(k < first or k >= rmp.end for k in soc.cache.dirty)
+    assert _private(host, _BASE + 0x200000, 0x200000, huge=True) == RmpResult.SUCCESS
+    assert _private(host, _BASE + 5 * PAGE, 5 * PAGE, asid=7) == RmpResult.SUCCESS
+    RmpFirmwarePort(rmp).set(_BASE + 0x400000, assigned=True, immutable=True, huge=True, perms=(0xF, 3, 2, 1))
+    RmpFirmwarePort(rmp).set(_BASE + 0x400000 + 9 * PAGE, assigned=True, immutable=False, asid=3, gpa=0x9000)
+    after = both()
+    huge = pfns.index((_BASE + 0x200000) >> 12)
+    assert {own for own, _, _ in after[huge : huge + 512]} == {(_BASE + 0x200000) >> 12}
+    assert after[pfns.index((_BASE + 0x400000 >> 12) + 9)][0] == (_BASE + 0x400000 >> 12)  # 2 MiB Firmware entry governs
+    assert after[pfns.index((_BASE >> 12) + 5)] == ((_BASE >> 12) + 5, 1 | 5 * PAGE | 7 << 51, 0x1F)

@@ -58,6 +58,7 @@ from sevemu.abi.rmp import (
     rmp_covered_bytes,
 )
 from sevemu.errors import AddressError, ArchitecturalFault, InputError
+from sevemu.hw import memaccel
 from sevemu.hw.cache import Cache
 from sevemu.hw.dram import Dram
 from sevemu.hw.faults import NestedPageFault
@@ -98,6 +99,9 @@ _CONTEXT_BITS: Final = _ASSIGNED | _IMMUTABLE | _VMSA
 _PRE_GUEST_MASK: Final = _ASSIGNED | _IMMUTABLE | _VALIDATED
 _PRE_GUEST_BITS: Final = _ASSIGNED | _IMMUTABLE
 _SUBPAGES: Final = PAGE_2M // PAGE
+_GOVERNING_C: Final = getattr(memaccel.helpers, "rmp_governing", None) if memaccel.ENABLED else None
+"""The governing-entry lookup in C (``csrc/mem_accel.c`` ``rmp_governing``: :meth:`Rmp._authoritative`'s
+reads and choice, None where an entry's line is dirty in the cache); used while :data:`memaccel.ENABLED`."""
 
 
 def _bit_table(mask: int) -> bytes:
@@ -388,10 +392,14 @@ class Rmp:
     def _authoritative(self, pfn: int) -> tuple[int, int, int]:
         """(pfn of the entry that governs ``pfn``, lo, hi): the 2 MiB entry of the region if it is an
         assigned 2 MiB page, else the page's own entry (Linux ``__snp_lookup_rmpentry``).  (:meth:`_raw`
-        of each entry, inlined: every RMP check goes through here.)"""
+        of each entry, inlined: every RMP check goes through here; in C where it was built.)"""
         first = self.base + RMP_BOOKKEEPING_SIZE
         dirty = self._cache.dirty
         pages = self._pages
+        if _GOVERNING_C is not None and memaccel.ENABLED:
+            got: tuple[int, int, int] | None = _GOVERNING_C(pages, dirty, first, pfn)
+            if got is not None:
+                return got
         large = pfn & ~(_SUBPAGES - 1)
         for at in (large, pfn) if large != pfn else (pfn,):
             spa = first + at * RMP_ENTRY_SIZE
@@ -410,6 +418,10 @@ class Rmp:
         first = self.base + RMP_BOOKKEEPING_SIZE
         dirty = self._cache.dirty
         pages = self._pages
+        if _GOVERNING_C is not None and memaccel.ENABLED:
+            got: tuple[int, int, int] | None = _GOVERNING_C(pages, dirty, first, pfn)
+            if got is not None:
+                return got[1]
         large = pfn & ~(_SUBPAGES - 1)
         if large != pfn:
             spa = first + large * RMP_ENTRY_SIZE
