@@ -2540,7 +2540,7 @@ static PyTypeObject LineCipherType = {
  * and counters as the Python sequence (tests/hypervisor/test_hv_es_fastpath.py). */
 
 static PyObject *s_synced, *s_slot_of, *s_mm, *s_snap, *s_code_slots, *s_updated, *s_stats, *s_slot_updates,
-    *s_snoop, *s_rmp, *s_vmcbs, *s_lo, *s_hi, *s_plain_agents, *s_sets, *s_set_mask, *s_dirty, *s_one;
+    *s_snoop, *s_rmp, *s_check_host_write, *s_vmcbs, *s_lo, *s_hi, *s_plain_agents, *s_sets, *s_set_mask, *s_dirty, *s_one;
 
 typedef struct {
     PyObject_HEAD
@@ -2810,9 +2810,12 @@ typedef struct {
     PyObject *runs_rest;  /* Cache._read_runs_rest */
 } HostPortObject;
 
-/* 1 when the host's access [spa, spa + n) may go on here: no RMP, no VMCB view overlapping it; 0 when
- * the Core's Python method must do it; -1 on error. */
-static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
+/* 1 when the host's access [spa, spa + n) may go on here: inside DRAM, no VMCB view overlapping it, and
+ * no RMP -- or, for a write (`spa_obj`: the caller's spa argument), the RMP's check of a host write
+ * passed (Rmp.check_host_write, called here after the other checks, so that nothing sends the access
+ * on to the Core's Python method, which would check it again); 0 when the Core's Python method must
+ * do it; -1 on error (the RMP's fault: the exception Core.host_write raises, nothing written). */
+static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n, PyObject *spa_obj)
 {
     PyObject *rmp, *vmcbs, *lo_o, *hi_o;
     uint64_t lo = UINT64_MAX, hi = 0;
@@ -2823,11 +2826,12 @@ static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
     if ((rmp = PyObject_GetAttr(h->core, s_rmp)) == NULL) {
         return -1;
     }
-    Py_DECREF(rmp);
-    if (rmp != Py_None) {
+    if (rmp != Py_None && spa_obj == NULL) {
+        Py_DECREF(rmp);
         return 0;
     }
     if ((vmcbs = PyObject_GetAttr(h->core, s_vmcbs)) == NULL) {
+        Py_DECREF(rmp);
         return -1;
     }
     lo_o = PyObject_GetAttr(vmcbs, s_lo);
@@ -2835,6 +2839,7 @@ static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
     Py_DECREF(vmcbs);
     if (hi_o == NULL) {
         Py_XDECREF(lo_o);
+        Py_DECREF(rmp);
         return -1;
     }
     ok = exact_u64_of(hi_o, &hi);
@@ -2844,7 +2849,19 @@ static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
     }
     Py_DECREF(lo_o);
     Py_DECREF(hi_o);
-    return ok && !(spa < hi && spa + n > lo);
+    ok = ok && !(spa < hi && spa + n > lo);
+    if (ok && rmp != Py_None) { /* SNP: #PF(RMP) unless Hypervisor-owned (raised as Core.host_write does) */
+        PyObject *length = PyLong_FromUnsignedLongLong(n), *r;
+        r = length == NULL ? NULL : PyObject_CallMethodObjArgs(rmp, s_check_host_write, spa_obj, length, NULL);
+        Py_XDECREF(length);
+        if (r == NULL) {
+            Py_DECREF(rmp);
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(rmp);
+    return ok;
 }
 
 /* agent.snoop(lo, hi, invalidate, data) for every unencrypted agent of the cache (Cache._snoop's
@@ -3267,7 +3284,7 @@ static PyObject *host_port_write(HostPortObject *h, PyObject *const *args, size_
     if (n == 0 || ((spa | (uint64_t)n) & (LINE - 1))) {
         goto python;
     }
-    if ((rc = host_plain(h, spa, (uint64_t)n)) <= 0) {
+    if ((rc = host_plain(h, spa, (uint64_t)n, args[0])) <= 0) {
         if (rc < 0) {
             return NULL;
         }
@@ -3361,7 +3378,7 @@ static PyObject *host_port_read_runs(HostPortObject *h, PyObject *const *args, s
         first = (uint64_t)off < first ? (uint64_t)off : first;
         end = (uint64_t)(off + len) > end ? (uint64_t)(off + len) : end;
     }
-    if ((rc = host_plain(h, spa, PAGE)) <= 0) {
+    if ((rc = host_plain(h, spa, PAGE, NULL)) <= 0) {
         if (rc < 0) {
             return NULL;
         }
@@ -3541,7 +3558,7 @@ static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObje
     if (PyBytes_GET_SIZE(expect) != total * LINE) {
         return 0;
     }
-    if ((rc = host_plain(h, spa, PAGE)) <= 0) {
+    if ((rc = host_plain(h, spa, PAGE, NULL)) <= 0) {
         return rc;
     }
     if (cache_parts(h, &sets, &mask, &dirty) < 0) {
@@ -3837,6 +3854,7 @@ static int host_port_init_module(PyObject *m)
     INTERN(s_slot_updates, "slot_updates")
     INTERN(s_snoop, "snoop")
     INTERN(s_rmp, "rmp")
+    INTERN(s_check_host_write, "check_host_write")
     INTERN(s_vmcbs, "vmcbs")
     INTERN(s_lo, "lo")
     INTERN(s_hi, "hi")

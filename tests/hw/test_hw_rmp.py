@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hwkit import GUEST_SPA, PageTables, es_vmsa, make_soc
+from hwkit import GUEST_SPA, PageTables, es_vmsa, make_soc, mem_accel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -700,3 +700,43 @@ def test_the_governing_entry_in_c_is_the_python_lookup() -> None:
     assert {own for own, _, _ in after[huge : huge + 512]} == {(_BASE + 0x200000) >> 12}
     assert after[pfns.index((_BASE + 0x400000 >> 12) + 9)][0] == (_BASE + 0x400000 >> 12)  # 2 MiB Firmware entry governs
     assert after[pfns.index((_BASE >> 12) + 5)] == ((_BASE >> 12) + 5, 1 | 5 * PAGE | 7 << 51, 0x1F)
+
+
+@pytest.mark.skipif(not memaccel.HOST_PORT, reason="csrc/mem_accel.c not built")
+def test_whole_line_host_writes_on_an_snp_host_keep_the_rmp_check_in_the_c_path() -> None:
+    """On an SNP host the host's whole-line writes (``HostPort.write``: the PSP driver's command buffer)
+    take the C path after the RMP's check of a host write (``Rmp.check_host_write``): the same lines,
+    bytes, dirty set and hit / miss counts as the Python path, and a write into a guest's page (its own
+    4 KiB entry, or inside a 2 MiB one) raises the same #PF(RMP) with nothing written -- with and
+    without the C helpers; a write into a VMCB view and an unaligned write still go to the Python path."""
+    results = []
+    for on in (True, False):
+        with mem_accel(on):
+            soc, host, _rmp, _ = _snp()
+            core = host.boot_cpu
+            python_writes: list[int] = []
+
+            def counted(*args: Any, _seen: list[int] = python_writes, _write: Any = soc.cache.write_lines,
+                        **kw: Any) -> None:
+                _seen.append(args[2])
+                _write(*args, **kw)
+
+            soc.cache.write_lines = counted  # type: ignore[method-assign]  # (the Python path's call)
+            assert _private(host, _BASE + 5 * PAGE, 5 * PAGE) == RmpResult.SUCCESS
+            assert _private(host, _BASE + 0x200000, 0x200000, huge=True) == RmpResult.SUCCESS
+            core.host_write(_BASE, bytes(range(64)))  # a miss, then hits
+            core.host_write(_BASE, bytes([7]) * 64)
+            core.host_write(_BASE + 64, bytes(range(128)))
+            faults = []
+            for spa in (_BASE + 5 * PAGE + 64, _BASE + 0x200000 + 3 * PAGE):
+                with pytest.raises(HostRmpFault) as fault:
+                    core.host_write(spa, bytes([9]) * 64)
+                faults.append(fault.value.address)
+            core.host_write(_BASE + 8, bytes(8))  # not whole lines: the Python path
+            c_path = not python_writes
+            results.append((faults, soc.cache.hits, soc.cache.misses, sorted(soc.cache.dirty),
+                            core.host_read(_BASE, 256), core.host_read(_BASE + 5 * PAGE, 256),
+                            soc.dram.read(_BASE + 5 * PAGE, PAGE)))
+            assert c_path == on, python_writes
+    assert results[0] == results[1]
+    assert results[0][0] == [_BASE + 5 * PAGE + 64, _BASE + 0x200000 + 3 * PAGE]
