@@ -244,6 +244,96 @@ fail:
     return NULL;
 }
 
+/* ---- the RMP's governing entry --------------------------------------------------------------- */
+
+/* The 16-byte RMP entry at `spa` of the page store (absent page: zeros) into lo, hi: 1; 0 when the
+ * caller must read it itself (the entry's line is in `dirty`: software's unwritten copy, read through
+ * the cache); -1 with an exception set. */
+static int rmp_entry_at(PyObject *pages, PyObject *dirty, uint64_t spa, uint64_t *lo, uint64_t *hi)
+{
+    PyObject *page;
+    const unsigned char *p;
+    int i;
+    if (PySet_GET_SIZE(dirty)) {
+        PyObject *key = PyLong_FromUnsignedLongLong(spa & ~(uint64_t)(LINE - 1));
+        int in_dirty;
+        if (key == NULL) {
+            return -1;
+        }
+        in_dirty = PySet_Contains(dirty, key);
+        Py_DECREF(key);
+        if (in_dirty) {
+            return in_dirty < 0 ? -1 : 0;
+        }
+    }
+    page = page_of(pages, spa >> 12);
+    if (page == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        *lo = *hi = 0;
+        return 1;
+    }
+    p = (const unsigned char *)PyByteArray_AS_STRING(page) + (spa & (PAGE - 1));
+    *lo = *hi = 0;
+    for (i = 7; i >= 0; i--) {
+        *lo = *lo << 8 | p[i];
+        *hi = *hi << 8 | p[8 + i];
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(rmp_governing_doc,
+             "rmp_governing(pages, dirty, first, pfn, /)\n--\n\n"
+             "Rmp._authoritative: (pfn of the entry that governs page pfn, its low and high quadwords) --\n"
+             "the 2 MiB entry of pfn's region when it is Assigned with Page_Size set, else pfn's own --, the\n"
+             "entries (16 bytes each from SPA `first`) read from the page store `pages` (dict PFN -> bytearray\n"
+             "of 4096 bytes; absent: zeros).  None, nothing read, when an entry to read lies in a line of\n"
+             "`dirty` (an exact set of the host's dirty line keys: the caller reads through the cache) or the\n"
+             "arguments are not an exact dict and set.");
+
+static PyObject *rmp_governing(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *pages, *dirty;
+    uint64_t first, pfn, large, at, lo = 0, hi = 0;
+    int rc;
+    (void)self;
+
+    if (check_nargs("rmp_governing", nargs, 4) < 0 || get_u64(args[2], "first", &first) < 0 ||
+        get_u64(args[3], "pfn", &pfn) < 0) {
+        return NULL;
+    }
+    pages = args[0];
+    dirty = args[1];
+    if (!PyDict_CheckExact(pages) || !PySet_CheckExact(dirty)) {
+        Py_RETURN_NONE;
+    }
+    large = pfn & ~(uint64_t)511;
+    at = large;
+    if (large != pfn) { /* the region's 2 MiB entry first: it governs when Assigned and 2 MiB */
+        rc = rmp_entry_at(pages, dirty, first + large * 16, &lo, &hi);
+        if (rc <= 0) {
+            if (rc < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        if (!((lo & 1) && (lo & 2))) {
+            at = pfn;
+        }
+    }
+    if (at == pfn) {
+        rc = rmp_entry_at(pages, dirty, first + pfn * 16, &lo, &hi);
+        if (rc <= 0) {
+            if (rc < 0) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+    }
+    return Py_BuildValue("(KKK)", (unsigned long long)at, (unsigned long long)lo, (unsigned long long)hi);
+}
+
 /* ---- cache lines ----------------------------------------------------------------------------- */
 
 /* A prefetch hint (GCC, Clang): the cache's keys and lines are separate small objects spread over the
@@ -2450,7 +2540,7 @@ static PyTypeObject LineCipherType = {
  * and counters as the Python sequence (tests/hypervisor/test_hv_es_fastpath.py). */
 
 static PyObject *s_synced, *s_slot_of, *s_mm, *s_snap, *s_code_slots, *s_updated, *s_stats, *s_slot_updates,
-    *s_snoop, *s_rmp, *s_vmcbs, *s_lo, *s_hi, *s_plain_agents, *s_sets, *s_set_mask, *s_dirty, *s_one;
+    *s_snoop, *s_rmp, *s_check_host_write, *s_vmcbs, *s_lo, *s_hi, *s_plain_agents, *s_sets, *s_set_mask, *s_dirty, *s_one;
 
 typedef struct {
     PyObject_HEAD
@@ -2720,9 +2810,12 @@ typedef struct {
     PyObject *runs_rest;  /* Cache._read_runs_rest */
 } HostPortObject;
 
-/* 1 when the host's access [spa, spa + n) may go on here: no RMP, no VMCB view overlapping it; 0 when
- * the Core's Python method must do it; -1 on error. */
-static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
+/* 1 when the host's access [spa, spa + n) may go on here: inside DRAM, no VMCB view overlapping it, and
+ * no RMP -- or, for a write (`spa_obj`: the caller's spa argument), the RMP's check of a host write
+ * passed (Rmp.check_host_write, called here after the other checks, so that nothing sends the access
+ * on to the Core's Python method, which would check it again); 0 when the Core's Python method must
+ * do it; -1 on error (the RMP's fault: the exception Core.host_write raises, nothing written). */
+static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n, PyObject *spa_obj)
 {
     PyObject *rmp, *vmcbs, *lo_o, *hi_o;
     uint64_t lo = UINT64_MAX, hi = 0;
@@ -2733,11 +2826,12 @@ static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
     if ((rmp = PyObject_GetAttr(h->core, s_rmp)) == NULL) {
         return -1;
     }
-    Py_DECREF(rmp);
-    if (rmp != Py_None) {
+    if (rmp != Py_None && spa_obj == NULL) {
+        Py_DECREF(rmp);
         return 0;
     }
     if ((vmcbs = PyObject_GetAttr(h->core, s_vmcbs)) == NULL) {
+        Py_DECREF(rmp);
         return -1;
     }
     lo_o = PyObject_GetAttr(vmcbs, s_lo);
@@ -2745,6 +2839,7 @@ static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
     Py_DECREF(vmcbs);
     if (hi_o == NULL) {
         Py_XDECREF(lo_o);
+        Py_DECREF(rmp);
         return -1;
     }
     ok = exact_u64_of(hi_o, &hi);
@@ -2754,7 +2849,19 @@ static int host_plain(HostPortObject *h, uint64_t spa, uint64_t n)
     }
     Py_DECREF(lo_o);
     Py_DECREF(hi_o);
-    return ok && !(spa < hi && spa + n > lo);
+    ok = ok && !(spa < hi && spa + n > lo);
+    if (ok && rmp != Py_None) { /* SNP: #PF(RMP) unless Hypervisor-owned (raised as Core.host_write does) */
+        PyObject *length = PyLong_FromUnsignedLongLong(n), *r;
+        r = length == NULL ? NULL : PyObject_CallMethodObjArgs(rmp, s_check_host_write, spa_obj, length, NULL);
+        Py_XDECREF(length);
+        if (r == NULL) {
+            Py_DECREF(rmp);
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(rmp);
+    return ok;
 }
 
 /* agent.snoop(lo, hi, invalidate, data) for every unencrypted agent of the cache (Cache._snoop's
@@ -3177,7 +3284,7 @@ static PyObject *host_port_write(HostPortObject *h, PyObject *const *args, size_
     if (n == 0 || ((spa | (uint64_t)n) & (LINE - 1))) {
         goto python;
     }
-    if ((rc = host_plain(h, spa, (uint64_t)n)) <= 0) {
+    if ((rc = host_plain(h, spa, (uint64_t)n, args[0])) <= 0) {
         if (rc < 0) {
             return NULL;
         }
@@ -3271,7 +3378,7 @@ static PyObject *host_port_read_runs(HostPortObject *h, PyObject *const *args, s
         first = (uint64_t)off < first ? (uint64_t)off : first;
         end = (uint64_t)(off + len) > end ? (uint64_t)(off + len) : end;
     }
-    if ((rc = host_plain(h, spa, PAGE)) <= 0) {
+    if ((rc = host_plain(h, spa, PAGE, NULL)) <= 0) {
         if (rc < 0) {
             return NULL;
         }
@@ -3451,7 +3558,7 @@ static int exchange_fast(HostPortObject *h, uint64_t spa, PyObject *runs, PyObje
     if (PyBytes_GET_SIZE(expect) != total * LINE) {
         return 0;
     }
-    if ((rc = host_plain(h, spa, PAGE)) <= 0) {
+    if ((rc = host_plain(h, spa, PAGE, NULL)) <= 0) {
         return rc;
     }
     if (cache_parts(h, &sets, &mask, &dirty) < 0) {
@@ -3747,6 +3854,7 @@ static int host_port_init_module(PyObject *m)
     INTERN(s_slot_updates, "slot_updates")
     INTERN(s_snoop, "snoop")
     INTERN(s_rmp, "rmp")
+    INTERN(s_check_host_write, "check_host_write")
     INTERN(s_vmcbs, "vmcbs")
     INTERN(s_lo, "lo")
     INTERN(s_hi, "hi")
@@ -3785,6 +3893,7 @@ static PyMethodDef methods[] = {
     {"cache_take", (PyCFunction)(void (*)(void))cache_take, METH_FASTCALL, cache_take_doc},
     {"line_runs", (PyCFunction)(void (*)(void))line_runs, METH_FASTCALL, line_runs_doc},
     {"resident_keys", (PyCFunction)(void (*)(void))resident_keys, METH_FASTCALL, resident_keys_doc},
+    {"rmp_governing", (PyCFunction)(void (*)(void))rmp_governing, METH_FASTCALL, rmp_governing_doc},
     {"cache_hit_read", (PyCFunction)(void (*)(void))cache_hit_read, METH_FASTCALL, cache_hit_read_doc},
     {"cache_hit_write", (PyCFunction)(void (*)(void))cache_hit_write, METH_FASTCALL, cache_hit_write_doc},
     {"cache_hit_runs", (PyCFunction)(void (*)(void))cache_hit_runs, METH_FASTCALL, cache_hit_runs_doc},

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hwkit import GUEST_SPA, PageTables, es_vmsa, make_soc
+from hwkit import GUEST_SPA, PageTables, es_vmsa, make_soc, mem_accel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +16,7 @@ from sevemu.abi.cpuid import Msr, SysCfg
 from sevemu.abi.paging import ExitCode, NpfExitInfo1
 from sevemu.abi.rmp import RmpPageState, RmpResult, RmpUpdateState, rmp_covered_bytes
 from sevemu.errors import AddressError, HardwareError
+from sevemu.hw import memaccel
 from sevemu.hw.faults import GeneralProtection, NestedPageFault
 from sevemu.hw.host import HostSoc
 from sevemu.hw.profiles import MILAN, ROME
@@ -591,3 +592,151 @@ def test_is_context_answers_what_the_state_says() -> None:
         e = port.entry(spa)
         assert port.governing(spa)[3:] == (state, e.page_size, e.asid, e.gpa), kw
     assert {RmpPageState.CONTEXT, RmpPageState.PRE_GUEST, RmpPageState.PRE_SWAP} <= seen and len(seen) >= 8
+
+
+# ---- KVM's per-page probes: Assigned from one quadword, RMPUPDATE from the state's fields -----------
+def test_the_assigned_probe_answers_what_the_entry_says_dirty_lines_and_2m_pages_included() -> None:
+    """``HostSoc.rmp_assigned`` (KVM's check of each page it populates) answers ``rmp_entry(spa).assigned``
+    for entries never written, 4 KiB and 2 MiB assigned entries (every page of the 2 MiB one), Firmware
+    pages, an entry software left dirty in its cache before SNP_INIT, and refuses as ``rmp_entry`` does
+    (AddressError past the covered memory, HardwareError without SNP_EN)."""
+    from sevemu.abi.rmp import RMP_BOOKKEEPING_SIZE
+
+    soc = make_soc()
+    host = soc.host_view()
+    with pytest.raises(HardwareError):
+        host.rmp_assigned(_BASE)
+    host.wrmsr(Msr.SYSCFG, host.rdmsr(Msr.SYSCFG) | SNP_EN)
+    rmp = soc.rmp
+    assert rmp is not None
+    dirty_pfn = (_BASE >> 12) + 3 * 512 + 7
+    host.boot_cpu.host_write(rmp.base + RMP_BOOKKEEPING_SIZE + 16 * dirty_pfn, (1 | 4 | 5 << 51).to_bytes(8, "little"))
+    assert soc.cache.dirty
+    spas = [_BASE + i * PAGE for i in range(4 * 512)]
+    assert [host.rmp_assigned(s) for s in spas] == [host.rmp_entry(s).assigned for s in spas]
+    assert host.rmp_assigned(dirty_pfn << 12)
+    RmpFirmwarePort(rmp).initialize()
+    assert _private(host, _BASE + 0x200000, 0x200000, huge=True) == RmpResult.SUCCESS
+    assert _private(host, _BASE + 5 * PAGE, 5 * PAGE) == RmpResult.SUCCESS
+    RmpFirmwarePort(rmp).set(_BASE + 9 * PAGE, assigned=True, immutable=True)  # a Firmware page
+    got = [host.rmp_assigned(s) for s in spas]
+    assert got == [host.rmp_entry(s).assigned for s in spas]
+    assert sum(got) == 512 + 2 and host.rmp_assigned(_BASE + 0x3FF000) and host.rmp_assigned(rmp.base)
+    for spa in (rmp.covered, -PAGE):
+        with pytest.raises(AddressError):
+            host.rmp_entry(spa)
+        with pytest.raises(AddressError):
+            host.rmp_assigned(spa)
+
+
+@pytest.mark.parametrize("fields", [(0x5000, 1, 0, 1, ASID), (0x200000, 1, 1, 0, ASID), (0, 0, 0, 0, 0),
+                                    (0, 0, 1, 0, 0), (0x5000, 0, 0, 0, ASID), (0x5000, 1, 0, 1, 1 << 20)])
+def test_rmpupdate_from_fields_is_rmpupdate_of_the_state(fields: tuple[int, int, int, int, int]) -> None:
+    """``rmpupdate_fields`` (KVM's per-page RMPUPDATE without a state object) gives the result, the entry
+    and the ASID counts ``rmpupdate_state`` of the same :class:`RmpUpdateState` gives, from the same table
+    (a page assigned 4 KiB, then the same page again, a 2 MiB region, refusals)."""
+    gpa, assigned, pagesize, immutable, asid = fields
+    out = []
+    for by_fields in (False, True):
+        _soc, host, rmp, _ = _snp()
+        _private(host, _BASE + 5 * PAGE, 5 * PAGE)
+        seq = []
+        for spa in (_BASE + 0x200000, _BASE + 0x200000, _BASE + 5 * PAGE):
+            if by_fields:
+                rc = host.boot_cpu.rmpupdate_fields(spa, gpa, assigned, pagesize, immutable, asid)
+            else:
+                rc = host.boot_cpu.rmpupdate_state(spa, RmpUpdateState(gpa=gpa, assigned=assigned, pagesize=pagesize,
+                                                                       immutable=immutable, asid=asid))
+            seq.append((rc, rmp._raw(spa >> 12), rmp.asid_pages(ASID)))
+        out.append(seq)
+    assert out[0] == out[1]
+
+
+@pytest.mark.skipif(not memaccel.ENABLED, reason="csrc/mem_accel.c not built")
+def test_the_governing_entry_in_c_is_the_python_lookup() -> None:
+    """``rmp_governing`` (``csrc/mem_accel.c``: the governing entry of every RMP check) gives what the
+    Python lookup gives -- the 2 MiB entry of an assigned 2 MiB region for each of its pages, a page's own
+    entry otherwise, zeros where no entry page is stored, entries with both quadwords set -- and
+    declines (None) an entry whose line software left dirty in the cache, which the Python path then
+    reads through the cache."""
+    from sevemu.abi.rmp import RMP_BOOKKEEPING_SIZE
+    from sevemu.hw import _mem_accel
+
+    soc = make_soc()
+    host = soc.host_view()
+    host.wrmsr(Msr.SYSCFG, host.rdmsr(Msr.SYSCFG) | SNP_EN)
+    rmp = soc.rmp
+    assert rmp is not None
+    first = rmp.base + RMP_BOOKKEEPING_SIZE
+    dirty_pfn = (_BASE >> 12) + 3 * 512 + 7
+    host.boot_cpu.host_write(first + 16 * dirty_pfn, (1 | 4 | 5 << 51).to_bytes(8, "little"))
+    pfns = [p for p in range((_BASE >> 12) - 3, (_BASE >> 12) + 4 * 512 + 3)]
+
+    def both() -> list[tuple[int, int, int]]:
+        rows = []
+        for accel in (True, False):
+            saved = memaccel.ENABLED
+            memaccel.ENABLED = accel
+            try:
+                rows.append([(rmp._authoritative(p), rmp._governing_lo(p)) for p in pfns])
+            finally:
+                memaccel.ENABLED = saved
+        assert rows[0] == rows[1]
+        assert [lo for (_, lo, _), gov in rows[0]] == [gov for _, gov in rows[0]]
+        return [auth for auth, _ in rows[0]]
+
+    before = both()
+    assert before[pfns.index(dirty_pfn)][1] == 1 | 4 | 5 << 51  # read through the cache
+    assert _mem_accel.rmp_governing(rmp._pages, soc.cache.dirty, first, dirty_pfn) is None
+    assert _mem_accel.rmp_governing(rmp._pages, set(soc.cache.dirty), first, dirty_pfn + 1) == (dirty_pfn + 1, 0, 0)
+    RmpFirmwarePort(rmp).initialize()
+    assert not soc.cache.dirty or all(k < first or k >= rmp.end for k in soc.cache.dirty)
+    assert _private(host, _BASE + 0x200000, 0x200000, huge=True) == RmpResult.SUCCESS
+    assert _private(host, _BASE + 5 * PAGE, 5 * PAGE, asid=7) == RmpResult.SUCCESS
+    RmpFirmwarePort(rmp).set(_BASE + 0x400000, assigned=True, immutable=True, huge=True, perms=(0xF, 3, 2, 1))
+    RmpFirmwarePort(rmp).set(_BASE + 0x400000 + 9 * PAGE, assigned=True, immutable=False, asid=3, gpa=0x9000)
+    after = both()
+    huge = pfns.index((_BASE + 0x200000) >> 12)
+    assert {own for own, _, _ in after[huge : huge + 512]} == {(_BASE + 0x200000) >> 12}
+    assert after[pfns.index((_BASE + 0x400000 >> 12) + 9)][0] == (_BASE + 0x400000 >> 12)  # 2 MiB Firmware entry governs
+    assert after[pfns.index((_BASE >> 12) + 5)] == ((_BASE >> 12) + 5, 1 | 5 * PAGE | 7 << 51, 0x1F)
+
+
+@pytest.mark.skipif(not memaccel.HOST_PORT, reason="csrc/mem_accel.c not built")
+def test_whole_line_host_writes_on_an_snp_host_keep_the_rmp_check_in_the_c_path() -> None:
+    """On an SNP host the host's whole-line writes (``HostPort.write``: the PSP driver's command buffer)
+    take the C path after the RMP's check of a host write (``Rmp.check_host_write``): the same lines,
+    bytes, dirty set and hit / miss counts as the Python path, and a write into a guest's page (its own
+    4 KiB entry, or inside a 2 MiB one) raises the same #PF(RMP) with nothing written -- with and
+    without the C helpers; a write into a VMCB view and an unaligned write still go to the Python path."""
+    results = []
+    for on in (True, False):
+        with mem_accel(on):
+            soc, host, _rmp, _ = _snp()
+            core = host.boot_cpu
+            python_writes: list[int] = []
+
+            def counted(*args: Any, _seen: list[int] = python_writes, _write: Any = soc.cache.write_lines,
+                        **kw: Any) -> None:
+                _seen.append(args[2])
+                _write(*args, **kw)
+
+            soc.cache.write_lines = counted  # type: ignore[method-assign]  # (the Python path's call)
+            assert _private(host, _BASE + 5 * PAGE, 5 * PAGE) == RmpResult.SUCCESS
+            assert _private(host, _BASE + 0x200000, 0x200000, huge=True) == RmpResult.SUCCESS
+            core.host_write(_BASE, bytes(range(64)))  # a miss, then hits
+            core.host_write(_BASE, bytes([7]) * 64)
+            core.host_write(_BASE + 64, bytes(range(128)))
+            faults = []
+            for spa in (_BASE + 5 * PAGE + 64, _BASE + 0x200000 + 3 * PAGE):
+                with pytest.raises(HostRmpFault) as fault:
+                    core.host_write(spa, bytes([9]) * 64)
+                faults.append(fault.value.address)
+            core.host_write(_BASE + 8, bytes(8))  # not whole lines: the Python path
+            c_path = not python_writes
+            results.append((faults, soc.cache.hits, soc.cache.misses, sorted(soc.cache.dirty),
+                            core.host_read(_BASE, 256), core.host_read(_BASE + 5 * PAGE, 256),
+                            soc.dram.read(_BASE + 5 * PAGE, PAGE)))
+            assert c_path == on, python_writes
+    assert results[0] == results[1]
+    assert results[0][0] == [_BASE + 5 * PAGE + 64, _BASE + 0x200000 + 3 * PAGE]

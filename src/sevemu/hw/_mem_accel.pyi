@@ -19,6 +19,11 @@ def cache_take(sets: list[dict[int, bytearray]], lo: int, hi: int, dirty: set[in
     """Remove the lines with keys in ``[lo, hi)``; the dirty ones leave ``dirty`` and come back
     sorted: (keys, their lines joined, the keys as little-endian uint64)."""
 
+def rmp_governing(pages: dict[int, bytearray], dirty: set[int], first: int, pfn: int, /) -> tuple[int, int, int] | None:
+    """``Rmp._authoritative(pfn)``: (pfn of the governing entry, its low and high quadwords) read from the
+    page store (entries of 16 bytes from SPA ``first``); None, nothing read, when an entry's line is in
+    ``dirty`` (the caller reads through the cache) or ``pages`` / ``dirty`` are not an exact dict / set."""
+
 def line_runs(cur: ReadableBuffer, snap: ReadableBuffer, /) -> list[tuple[int, int]]:
     """The runs of 64-byte lines where ``cur`` and ``snap`` differ: ``[(lo, hi), ...]`` byte offsets."""
 

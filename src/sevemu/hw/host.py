@@ -159,6 +159,15 @@ class HostCore:
             raise HardwareError("#UD: RMPUPDATE with SYSCFG.SNP_EN clear")
         return rmp.rmpupdate(spa, state)
 
+    def rmpupdate_fields(self, spa: int, gpa: int, assigned: int, pagesize: int, immutable: int,
+                         asid: int) -> RmpResult:
+        """:meth:`rmpupdate_state` with the new state's fields (:class:`~sevemu.abi.rmp.RmpUpdateState`:
+        GPA, Assigned, Page_Size, Immutable, ASID) given one by one."""
+        rmp = self._core.rmp
+        if rmp is None:
+            raise HardwareError("#UD: RMPUPDATE with SYSCFG.SNP_EN clear")
+        return rmp.rmpupdate_fields(spa, gpa, assigned, pagesize, immutable, asid)
+
     def rmpupdate_run(self, spa: int, pages: int, state: RmpUpdateState) -> tuple[int, RmpResult]:
         """RMPUPDATE of ``pages`` consecutive 4 KiB pages from ``spa``, page ``i`` with ``state``'s GPA
         advanced by ``i`` pages when it assigns: what one :meth:`rmpupdate_state` per page in order
@@ -232,6 +241,16 @@ class HostSoc:
         if rmp is None or not rmp.enabled:
             raise HardwareError("no RMP: SYSCFG.SNP_EN is clear")
         return rmp.entry(spa)
+
+    def rmp_assigned(self, spa: int) -> bool:
+        """Whether the RMP entry governing the page at ``spa`` is Assigned: :meth:`rmp_entry`'s
+        ``assigned``, read from its low quadword alone (Linux ``snp_lookup_rmpentry``'s ``assigned``,
+        which KVM checks for every page it populates).  HardwareError without SNP_EN; AddressError
+        outside the memory the RMP covers, as there."""
+        rmp = self._soc.rmp
+        if rmp is None or not rmp.enabled:
+            raise HardwareError("no RMP: SYSCFG.SNP_EN is clear")
+        return rmp.assigned(spa)
 
     def device_dma_write(self, spa: int, data: bytes | bytearray) -> None:
         """A device the host programmed writes ``data`` at ``spa`` by DMA (unencrypted, coherent):

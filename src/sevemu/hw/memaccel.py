@@ -9,7 +9,9 @@ controller's single-line cipher (``LineCipher``: AES through OpenSSL's libcrypto
 extension links, around the tweaks of :class:`~sevemu.crypto.memenc.MemoryCipher`); and an SEV-ES
 exit's host accesses in one call each (:data:`HOST_PORT`: ``HostPort``, the host's whole-line
 writes, run reads and the GHCB exchange of :class:`~sevemu.hw.host.HostCore`, with ``PoolSnoop``, the
-page pool's snoop; :data:`POOL_SYNC`: ``pool_sync_all``, the pool's write-back at #VMEXIT).
+page pool's snoop; :data:`POOL_SYNC`: ``pool_sync_all``, the pool's write-back at #VMEXIT); and the RMP's
+governing-entry lookup of every RMP check (``rmp_governing``: :meth:`~sevemu.hw.rmp.Rmp._authoritative`,
+used where the extension has it -- an older build without it keeps the Python lookup).
 
 They decide nothing: each does what the Python loop beside its caller (:mod:`sevemu.hw.dram`,
 :mod:`sevemu.hw.cache`, :mod:`sevemu.hw.uc.pool`) does, without one interpreted step per page or per line.  Without a C

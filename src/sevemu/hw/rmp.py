@@ -58,6 +58,7 @@ from sevemu.abi.rmp import (
     rmp_covered_bytes,
 )
 from sevemu.errors import AddressError, ArchitecturalFault, InputError
+from sevemu.hw import memaccel
 from sevemu.hw.cache import Cache
 from sevemu.hw.dram import Dram
 from sevemu.hw.faults import NestedPageFault
@@ -98,6 +99,9 @@ _CONTEXT_BITS: Final = _ASSIGNED | _IMMUTABLE | _VMSA
 _PRE_GUEST_MASK: Final = _ASSIGNED | _IMMUTABLE | _VALIDATED
 _PRE_GUEST_BITS: Final = _ASSIGNED | _IMMUTABLE
 _SUBPAGES: Final = PAGE_2M // PAGE
+_GOVERNING_C: Final = getattr(memaccel.helpers, "rmp_governing", None) if memaccel.ENABLED else None
+"""The governing-entry lookup in C (``csrc/mem_accel.c`` ``rmp_governing``: :meth:`Rmp._authoritative`'s
+reads and choice, None where an entry's line is dirty in the cache); used while :data:`memaccel.ENABLED`."""
 
 
 def _bit_table(mask: int) -> bytes:
@@ -388,10 +392,14 @@ class Rmp:
     def _authoritative(self, pfn: int) -> tuple[int, int, int]:
         """(pfn of the entry that governs ``pfn``, lo, hi): the 2 MiB entry of the region if it is an
         assigned 2 MiB page, else the page's own entry (Linux ``__snp_lookup_rmpentry``).  (:meth:`_raw`
-        of each entry, inlined: every RMP check goes through here.)"""
+        of each entry, inlined: every RMP check goes through here; in C where it was built.)"""
         first = self.base + RMP_BOOKKEEPING_SIZE
         dirty = self._cache.dirty
         pages = self._pages
+        if _GOVERNING_C is not None and memaccel.ENABLED:
+            got: tuple[int, int, int] | None = _GOVERNING_C(pages, dirty, first, pfn)
+            if got is not None:
+                return got
         large = pfn & ~(_SUBPAGES - 1)
         for at in (large, pfn) if large != pfn else (pfn,):
             spa = first + at * RMP_ENTRY_SIZE
@@ -410,6 +418,10 @@ class Rmp:
         first = self.base + RMP_BOOKKEEPING_SIZE
         dirty = self._cache.dirty
         pages = self._pages
+        if _GOVERNING_C is not None and memaccel.ENABLED:
+            got: tuple[int, int, int] | None = _GOVERNING_C(pages, dirty, first, pfn)
+            if got is not None:
+                return got[1]
         large = pfn & ~(_SUBPAGES - 1)
         if large != pfn:
             spa = first + large * RMP_ENTRY_SIZE
@@ -433,6 +445,13 @@ class Rmp:
         _, lo, hi = self._authoritative(spa >> PAGE_SHIFT)
         entry = _DECODED.get((lo, hi))  # (RmpEntry.from_raw's memo, looked up here: one call less)
         return entry if entry is not None and type(entry) is RmpEntry else RmpEntry.from_raw(lo, hi)
+
+    def assigned(self, spa: int) -> bool:
+        """:meth:`entry`'s ``assigned`` (AddressError outside the covered memory), from the governing low
+        quadword alone."""
+        if not 0 <= spa < self._covered:
+            raise AddressError(f"SPA {spa:#x} is not covered by the RMP ({self.covered:#x} bytes)")
+        return bool(self._governing_lo(spa >> PAGE_SHIFT) & _ASSIGNED)
 
     def raw_entry(self, spa: int) -> RmpEntry:
         """The entry stored for the 4 KiB page at ``spa`` itself (not the governing 2 MiB one)."""
@@ -570,7 +589,13 @@ class Rmp:
     # ---- host instructions ---------------------------------------------------------------------
     def rmpupdate(self, spa: int, new: RmpUpdateState) -> RmpResult:
         """RMPUPDATE: RAX = ``spa``, [RCX] = ``new``; the EAX result (module docstring for the codes)."""
-        gpa, assigned, pagesize, immutable, asid = new.gpa, new.assigned, new.pagesize, new.immutable, new.asid
+        return self.rmpupdate_fields(spa, new.gpa, new.assigned, new.pagesize, new.immutable, new.asid)
+
+    def rmpupdate_fields(self, spa: int, gpa: int, assigned: int, pagesize: int, immutable: int,
+                         asid: int) -> RmpResult:
+        """:meth:`rmpupdate` with the fields of the new state (:class:`~sevemu.abi.rmp.RmpUpdateState`)
+        given one by one: the same checks, result and entry, without a state object per page (KVM's
+        per-page loops)."""
         huge = pagesize == 1
         size = PAGE_2M if huge else PAGE
         if (not self.enabled or spa % size or not 0 <= spa or spa + size > self._covered

@@ -140,6 +140,12 @@ class Needs(enum.Flag):
     before the user structure is read."""
 
 
+_BIT_SEV, _BIT_ES, _BIT_SEV_FD, _BIT_WRITABLE, _BIT_INIT, _BIT_API_0_16, _BIT_NEED_INIT = (
+    int(f.value) for f in (Needs.SEV, Needs.ES, Needs.SEV_FD, Needs.WRITABLE, Needs.INIT, Needs.API_0_16,
+                           Needs.NEED_INIT))
+"""The bits of :class:`Needs` members, tested against a row's ``needs`` value."""
+
+
 class Query(enum.Enum):
     """When a call is a length query (the firmware is asked with address and length 0)."""
 
@@ -288,7 +294,7 @@ class Command(Generic[S]):
             self._check(caller)
             p = self._structure(data)
             args = self._args(p)
-            if Needs.SEV_FD in self.needs and not caller.sev_fd:
+            if self.needs._value_ & _BIT_SEV_FD and not caller.sev_fd:
                 raise SevInputError(Errno.EBADF, "sev_fd is not an open /dev/sev")
             reply = self._run(caller, p, args)
             self._copy_out(p, args, reply)
@@ -308,19 +314,19 @@ class Command(Generic[S]):
 
     def _check(self, caller: Caller) -> None:
         """The checks Linux makes before it reads the user structure."""
-        needs = self.needs
-        if Needs.API_0_16 in needs:
+        needs: int = self.needs._value_  # (bit tests of the value: a Flag's ``in`` costs ~0.3 us each)
+        if needs & _BIT_API_0_16:
             major, minor, _ = caller.sev.api_version()
             if (major, minor) < (0, 16):
                 raise SevStateError(Errno.ENOTSUPP, "GET_ID needs firmware API 0.16")
-        if Needs.WRITABLE in needs and not caller.writable:
+        if needs & _BIT_WRITABLE and not caller.writable:
             raise SevStateError(Errno.EPERM, "/dev/sev is not open for writing")
-        if Needs.NEED_INIT in needs and not caller.guest.need_init:
+        if needs & _BIT_NEED_INIT and not caller.guest.need_init:
             raise SevStateError(Errno.EINVAL, f"{caller.guest.name} ({caller.guest.vm_type.name}) takes no "
                                               "KVM_SEV_INIT2")
-        if Needs.SEV in needs:
+        if needs & _BIT_SEV:
             caller.sev.need_context(caller.guest, self.not_sev)
-        if Needs.ES in needs:
+        if needs & _BIT_ES:
             caller.sev.need_es(caller.guest)
 
     def _structure(self, data: object) -> S:
@@ -357,7 +363,7 @@ class Command(Generic[S]):
         return Args(blobs, lengths, query)
 
     def _run(self, caller: Caller, p: S, args: Args) -> Reply | None:
-        if Needs.INIT not in self.needs:
+        if not self.needs._value_ & _BIT_INIT:
             return self.handler(caller, p, args)
         sev = caller.sev
         if sev.platform_state() != PlatformState.UNINIT:

@@ -50,7 +50,7 @@ from typing import Final
 from sevemu._util.units import LINE, PAGE, PAGE_2M
 from sevemu.abi.commands import CommandId
 from sevemu.abi.cpuid import Msr, SysCfg
-from sevemu.abi.rmp import RmpResult, RmpUpdateState
+from sevemu.abi.rmp import RmpResult
 from sevemu.abi.snp import (
     PADDR_PAGE_SIZE_2M,
     VMSA_GPA,
@@ -195,18 +195,20 @@ def _issue(host: SevHost, cmd: CommandId, buf: Struct) -> None:
 
 
 # ---- the RMP, as arch/x86/virt/svm/sev.c drives it ------------------------------------------------
-def _rmpupdate(host: SevHost, spa: int, state: RmpUpdateState) -> None:
-    rc = host.core.rmpupdate_state(spa, state)
+def _rmpupdate(host: SevHost, spa: int, gpa: int = 0, assigned: int = 0, pagesize: int = 0, immutable: int = 0,
+               asid: int = 0) -> None:
+    """RMPUPDATE of ``spa`` to the state with these fields (:class:`~sevemu.abi.rmp.RmpUpdateState`'s)."""
+    rc = host.core.rmpupdate_fields(spa, gpa, assigned, pagesize, immutable, asid)
     if rc != RmpResult.SUCCESS:
         raise SevStateError(Errno.EIO, f"RMPUPDATE of {spa:#x} failed: {RmpResult(rc).name}")
 
 
 def rmp_make_private(host: SevHost, spa: int, gpa: int, asid: int, immutable: bool) -> None:
-    _rmpupdate(host, spa, RmpUpdateState(gpa=gpa, assigned=1, asid=asid, immutable=int(immutable)))
+    _rmpupdate(host, spa, gpa, 1, 0, int(immutable), asid)
 
 
 def rmp_make_shared(host: SevHost, spa: int) -> None:
-    _rmpupdate(host, spa, RmpUpdateState())
+    _rmpupdate(host, spa)
 
 
 def _reclaim(host: SevHost, spa: int) -> None:
@@ -217,7 +219,7 @@ def _reclaim(host: SevHost, spa: int) -> None:
     if entry.immutable:
         host.issue(CommandId.SNP_PAGE_RECLAIM, SnpPageCmd(paddr=spa | (PADDR_PAGE_SIZE_2M if entry.page_size else 0)))
     if entry.assigned or entry.immutable:
-        _rmpupdate(host, spa, RmpUpdateState(pagesize=entry.page_size))
+        _rmpupdate(host, spa, pagesize=entry.page_size)
 
 
 # ---- KVM ------------------------------------------------------------------------------------------
@@ -323,8 +325,8 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
     cmds = [_update_cmd(vm.snp_context, ptype, False), bytearray()]  # (whole 64-byte lines, as raw stores them)
     at = slice(_CMD_ADDRESS, _CMD_ADDRESS + 8)
     me_mask = host.caps.me_mask
-    rmp_entry = host.soc.rmp_entry
-    rmpupdate = host.core.rmpupdate_state
+    rmp_assigned = host.soc.rmp_assigned
+    rmpupdate = host.core.rmpupdate_fields
     write_page = host.core.host_write_stream
     issue = host.psp.raw
     private = vm.private_spas
@@ -348,12 +350,12 @@ def launch_update(host: SevHost, vm: Vm, p: KvmSevSnpLaunchUpdate) -> None:
                     backed = vm.back_pages(list(gpas))
                     first_backed = done
                 spa = backed[done - first_backed]
-                if spa in private or rmp_entry(spa).assigned:
+                if spa in private or rmp_assigned(spa):
                     raise SevInputError(Errno.EINVAL, f"GPA {gpa:#x} is already private")
                 if src is not None:  # (ZERO: no source; the firmware writes the zeros)
                     write_page(spa, src[done * PAGE : (done + 1) * PAGE])
-            # ... then it is the guest's (RmpUpdateState: gpa, assigned, pagesize, immutable, asid)
-            rc = rmpupdate(spa, RmpUpdateState(gpa, 1, 1 if huge else 0, 1, asid))
+            # ... then it is the guest's (RmpUpdateState's fields: gpa, assigned, pagesize, immutable, asid)
+            rc = rmpupdate(spa, gpa, 1, 1 if huge else 0, 1, asid)
             if rc != RmpResult.SUCCESS:
                 raise SevStateError(Errno.EIO, f"RMPUPDATE of {spa:#x} failed: {RmpResult(rc).name}")
             if huge and not cmds[1]:
@@ -393,7 +395,7 @@ def launch_finish(host: SevHost, vm: Vm, p: KvmSevSnpLaunchFinish) -> None:
     for vcpu in sorted(vm.vcpus, key=lambda v: v.index != 0):  # the BSP first
         page = vmsa_page(vm, vcpu)
         spa = vm.vmsa_page(vcpu.index)
-        if host.soc.rmp_entry(spa).assigned:
+        if host.soc.rmp_assigned(spa):
             continue  # measured by an earlier, failed FINISH
         host.core.host_write_stream(spa, page)  # as written, then CLFLUSHed (the firmware reads DRAM)
         rmp_make_private(host, spa, VMSA_GPA, vm.asid, True)
