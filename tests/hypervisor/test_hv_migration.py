@@ -438,7 +438,7 @@ def test_a_region_named_whole_and_not_sent_whole_is_refused(monkeypatch: pytest.
     src, dst = host("hv-mig-src-lie"), host("hv-mig-dst-lie")
     secrets = secret_pages()
     vm = running_guest(src, secrets)
-    monkeypatch.setattr(migration, "_whole_regions", lambda _vm: [SECRET_GPAS[0]])
+    monkeypatch.setattr(migration, "_whole_regions", lambda _vm, _gfns=None: [SECRET_GPAS[0]])
     moved, error = migrate_in_process(src, dst, vm)
     assert isinstance(error, MigrationError) and "HUGE" in str(error)
     assert moved is None and not dst.hv.vms and dst.hv.platform_status().guest_count == 0
