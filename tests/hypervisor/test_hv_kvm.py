@@ -633,6 +633,8 @@ def test_npt_columns_and_lookup_many_follow_every_change() -> None:
         assert not keys.flags.writeable and not spas.flags.writeable
         assert table.lookup_many(probe).tolist() == [table.mappings.get(g, -1) for g in probe.tolist()]
         assert table.lookup_many(probe).tolist() == [table.mappings.get(g, -1) for g in probe.tolist()]  # (kept)
+        inside = keys[::3].copy()  # (only mapped GFNs: the gather without the masks when they are one run)
+        assert table.lookup_many(inside).tolist() == spas[::3].tolist()
 
     agree()  # nothing mapped
     spa = 0x100_0000

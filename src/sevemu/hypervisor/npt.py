@@ -245,6 +245,9 @@ class NestedPageTable:
         first = int(keys[0])
         if int(keys[-1]) - first == n - 1:  # one run of GFNs: each one's index is its distance from the first
             at = gfns - np.int64(first)
+            if not len(at) or (int(at.min()) >= 0 and int(at.max()) < n):
+                found: npt.NDArray[np.int64] = spas[at]  # (every GFN inside the run: a gather)
+                return found
             inside = (at >= 0) & (at < n)
             return np.where(inside, spas[np.where(inside, at, 0)], np.int64(-1))
         at = np.minimum(np.searchsorted(keys, gfns), n - 1)
