@@ -574,8 +574,9 @@ class LegacySev(SevHost):
         transport buffers in consecutive pages of one bounce run, read back with one streaming read
         each.  Both ring-buffer queues are configured, so a doorbell carries up to
         :data:`PAGE_BATCH` (510) commands.  ``gpas`` may be a numpy column (the SPAs of all its pages
-        are then looked up in one pass before the first doorbell: the same pages, the nested page
-        table not changing meanwhile: :meth:`~sevemu.hypervisor.npt.NestedPageTable.lookup_many`).  Yields a :class:`PageBatch` per doorbell, its header slots
+        are then looked up in one pass before the first doorbell,
+        :meth:`~sevemu.hypervisor.npt.NestedPageTable.lookup_many`: the same pages, the nested page
+        table not changing meanwhile).  Yields a :class:`PageBatch` per doorbell, its header slots
         and transport buffers views of two buffers the generator reuses, or the transport buffers
         the bounce area's own DRAM pages (a list, read-only) where those hold what the host's
         streaming read returns (:meth:`~sevemu.hw.host.HostCore.host_read_stream_pages`: a socket
