@@ -614,3 +614,47 @@ def test_map_many_checks_every_pair_before_mapping_any(small: int, monkeypatch: 
     pt = vm.npt._tables[(1, 0)]
     entries = m.hv.core.host_read(pt + 8, 16)
     assert [int.from_bytes(entries[i : i + 8], "little") & ~0xFFF for i in (0, 8)] == [0x80_0000, 0x80_1000]
+
+
+def test_npt_columns_and_lookup_many_follow_every_change() -> None:
+    """NestedPageTable.columns lists sorted(mappings.items()) and lookup_many gives mappings.get(gfn,
+    -1) of each GFN -- one run of GFNs (indexed directly) and scattered ones (searched), GFNs mapped
+    out of order, unmapped and outside every mapping -- after each kind of change (map, map_many in
+    both of its ways, map_huge, unmap, release): the snapshot kept between lookups is never stale."""
+    m = small_machine()
+    vm = m.hv.create_vm("cols", 8 * MiB, VmKind.SEV)
+    table = vm.npt
+    rng = random.Random(7)
+    probe = np.array([0, 1, 2, 3, 5, 17, 511, 512, 513, 1023, 1024, 1500, 2047, 2048, 1 << 40], dtype=np.int64)
+
+    def agree() -> None:
+        keys, spas = table.columns()
+        assert list(zip(keys.tolist(), spas.tolist(), strict=True)) == sorted(table.mappings.items())
+        assert not keys.flags.writeable and not spas.flags.writeable
+        assert table.lookup_many(probe).tolist() == [table.mappings.get(g, -1) for g in probe.tolist()]
+        assert table.lookup_many(probe).tolist() == [table.mappings.get(g, -1) for g in probe.tolist()]  # (kept)
+        inside = keys[::3].copy()  # (only mapped GFNs: the gather without the masks when they are one run)
+        assert table.lookup_many(inside).tolist() == spas[::3].tolist()
+
+    agree()  # nothing mapped
+    spa = 0x100_0000
+    for gfn in (3, 1, 2):  # out of GFN order: one run once sorted
+        table.map(gfn << 12, spa + gfn * 0x1000)
+        agree()
+    table.map_many([(g << 12, spa + g * 0x1000) for g in rng.sample(range(4, 40), 20)])  # scattered, array path
+    agree()
+    table.map_many([(5 << 12, 0x200_0000)] if 5 not in table.mappings else [(41 << 12, 0x200_0000)])  # few pairs
+    agree()
+    table.map_huge(2 * MiB, 0x400_0000)  # GFNs 512..1023
+    agree()
+    table.unmap(600 << 12)
+    agree()
+    table.unmap(1 << 12)
+    agree()
+    table.unmap(2 << 12)  # as many mappings as before, other ones: the snapshot's length alone would not tell
+    table.map(1 << 12, 0x300_0000)
+    agree()
+    table.map(1 << 12, 0x300_1000)  # the same GFN moved to another page
+    agree()
+    table.release()
+    agree()

@@ -438,7 +438,7 @@ def test_a_region_named_whole_and_not_sent_whole_is_refused(monkeypatch: pytest.
     src, dst = host("hv-mig-src-lie"), host("hv-mig-dst-lie")
     secrets = secret_pages()
     vm = running_guest(src, secrets)
-    monkeypatch.setattr(migration, "_whole_regions", lambda _vm: [SECRET_GPAS[0]])
+    monkeypatch.setattr(migration, "_whole_regions", lambda _vm, _gfns=None: [SECRET_GPAS[0]])
     moved, error = migrate_in_process(src, dst, vm)
     assert isinstance(error, MigrationError) and "HUGE" in str(error)
     assert moved is None and not dst.hv.vms and dst.hv.platform_status().guest_count == 0
@@ -737,3 +737,21 @@ def test_transport_slots_are_the_transport_commands_one_by_one() -> None:
         TRANSPORT_PACK.pack(0x1_0203, 0x40_0000 + 64 * i, 0x34, spa, PAGE, 0x80_0000 + PAGE * i, PAGE).ljust(64, b"\0")
         for i, spa in enumerate(spas))
     assert transport_slots(1, 0, 0x34, [], 0) == b""
+
+
+def test_send_page_batches_looks_a_column_up_as_a_tuple() -> None:
+    """send_page_batches given its GPAs as a column (SPAs looked up with NestedPageTable.lookup_many,
+    the unaligned test run once over the column) answers as given them as a tuple (a lookup per page):
+    the same error for an unmapped GPA, an unaligned one, and for good pages of a guest that is not
+    sending (the firmware's refusal)."""
+    m = host("hv-mig-cols")
+    vm = running_guest(m, secret_pages())
+    good = sorted(SECRET_GPAS)[:2]
+    for gpas in ([MEM + PAGE, *good], [good[0] + 0x10, good[1]], good):  # (the first batch's)
+        answers = []
+        for given in (np.array(gpas, dtype=np.uint64), tuple(gpas)):
+            with pytest.raises(Exception) as caught:
+                list(m.hv.sev.send_page_batches(vm, given, batch=2))
+            answers.append((type(caught.value), str(caught.value)))
+        assert answers[0] == answers[1]
+    assert guest_state(m.hv, vm) == GuestState.RUNNING

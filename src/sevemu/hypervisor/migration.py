@@ -101,6 +101,7 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from sevemu._util.units import PAGE, PAGE_2M, KiB, MiB
 from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
@@ -677,10 +678,11 @@ def send_vm(hv: Hypervisor, vm: Vm, chan: Channel, *, keep_source: bool = False)
 
 
 def _send_pages(hv: Hypervisor, vm: Vm, chan: Channel) -> tuple[int, int]:
-    regions = _whole_regions(vm)  # (named before any page: module docstring, backing)
+    columns = vm.npt.columns()  # (every mapping, ascending: read once; nothing maps or unmaps meanwhile)
+    regions = _whole_regions(vm, columns[0])  # (named before any page: module docstring, backing)
     for i in range(0, len(regions), _HUGE_FRAME):
         chan.send(Huge(tuple(regions[i : i + _HUGE_FRAME])))
-    gfns = np.sort(np.fromiter(vm.npt.mappings, dtype=np.uint64, count=len(vm.npt.mappings)))
+    gfns = columns[0].astype(np.uint64)
     is_shared = np.isin(gfns, np.fromiter((gpa >> 12 for gpa in vm.shared_gpas), dtype=np.uint64))
     for gfn in gfns[is_shared].tolist():  # (ascending, before the private pages)
         chan.send(SharedPage(gfn << 12, vm.host_read(gfn << 12, PAGE)))
@@ -809,9 +811,12 @@ def _new_pages(vm: Vm, gpas: Gpas, seen: _Seen) -> None:
     seen.any = True
 
 
-def _whole_regions(vm: Vm) -> list[int]:
-    """2 MiB-aligned GPAs of the regions of ``vm`` whose 512 pages are all backed, ascending."""
-    counts = np.bincount(np.fromiter(vm.npt.mappings, dtype=np.int64, count=len(vm.npt.mappings)) >> 9)
+def _whole_regions(vm: Vm, gfns: npt.NDArray[np.int64] | None = None) -> list[int]:
+    """2 MiB-aligned GPAs of the regions of ``vm`` whose 512 pages are all backed, ascending
+    (``gfns``: its backed GFNs when the caller has them as a column)."""
+    if gfns is None:
+        gfns = np.fromiter(vm.npt.mappings, dtype=np.int64, count=len(vm.npt.mappings))
+    counts = np.bincount(gfns >> 9)
     return [int(region) << 21 for region in np.flatnonzero(counts == PAGE_2M // PAGE)]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import numpy.typing as npt
 
 from sevemu._util.units import PAGE, PAGE_2M, PAGE_MASK, PAGE_SHIFT, is_aligned
 from sevemu.abi.paging import Pte
@@ -50,6 +51,8 @@ class NestedPageTable:
         self.root = alloc.alloc()
         self._tables: dict[tuple[int, int], int] = {(4, 0): self.root}  # (level, gpa prefix) -> SPA
         self.mappings: dict[int, int] = {}  # GFN -> SPA of the backing page
+        self._columns: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
+        """:meth:`columns` since the last change of ``mappings`` (every change below drops it)."""
         self.table_pages = 1
         self.huge: set[int] = set()
         """2 MiB regions (GPA >> 21) mapped by one PDE with PS (:meth:`map_huge`)."""
@@ -83,6 +86,7 @@ class NestedPageTable:
         entry = spa | _LEAF | (_RW if writable else 0)
         self._core.host_write(pt + ((gpa >> PAGE_SHIFT) & 0x1FF) * 8, entry.to_bytes(8, "little"))
         self.mappings[gpa >> PAGE_SHIFT] = spa
+        self._columns = None
 
     def map_huge(self, gpa: int, spa: int, writable: bool = True) -> None:
         """Map the 2 MiB guest region at ``gpa`` to the 2 MiB host run at ``spa`` with one PDE (PS).
@@ -101,6 +105,7 @@ class NestedPageTable:
         self._core.host_write(pd + ((gpa >> 21) & 0x1FF) * 8, entry.to_bytes(8, "little"))
         self.huge.add(gpa >> 21)
         self.mappings.update(zip(range(first, first + _SUBPAGES), range(spa, spa + PAGE_2M, PAGE)))
+        self._columns = None
 
     def split(self, gpa: int) -> bool:
         """Split the 2 MiB leaf mapping ``gpa`` (if any) into a page table of 512 4 KiB leaves mapping
@@ -158,6 +163,7 @@ class NestedPageTable:
             pt = self._table(1, first)
             self._core.host_write(pt + ((first >> PAGE_SHIFT) & 0x1FF) * 8, entries[i:j].tobytes())
             self.mappings.update(zip(gfns[i:j], spas[i:j]))
+            self._columns = None
 
     def _map_few(self, pairs: list[tuple[int, int]]) -> None:
         """:meth:`map_many` of a short batch without the array set-up (which costs more than it saves
@@ -187,11 +193,13 @@ class NestedPageTable:
             self._core.host_write(pt + ((first >> PAGE_SHIFT) & 0x1FF) * 8,
                                   b"".join((spa | flags).to_bytes(8, "little") for _, spa in run))
             mappings.update((gpa >> PAGE_SHIFT, spa) for gpa, spa in run)
+            self._columns = None
             i = j
 
     def unmap(self, gpa: int) -> int | None:
         """Remove the mapping of ``gpa``; returns the SPA it pointed to."""
         spa = self.mappings.pop(gpa >> PAGE_SHIFT, None)
+        self._columns = None
         if spa is not None:
             self.split(gpa)
             pt = self._tables[(1, gpa >> 21)]
@@ -204,8 +212,46 @@ class NestedPageTable:
             self._alloc.free(spa)
         self._tables.clear()
         self.mappings.clear()
+        self._columns = None
         self.huge.clear()
         self.table_pages = 0
+
+    def columns(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Every mapping as two read-only columns, ascending by GFN: the GFNs and the SPAs of their
+        pages -- what ``sorted(mappings.items())`` lists, read in one pass over the index (its keys
+        and values in the same order) instead of a lookup per page, sorted only when the index is
+        not in GFN order already (pages backed in ascending runs), and kept until a mapping changes."""
+        cached = self._columns
+        if cached is not None and len(cached[0]) == len(self.mappings):
+            return cached
+        n = len(self.mappings)
+        gfns = np.fromiter(self.mappings.keys(), dtype=np.int64, count=n)
+        spas = np.fromiter(self.mappings.values(), dtype=np.int64, count=n)
+        if n > 1 and not bool((gfns[1:] > gfns[:-1]).all()):
+            order = np.argsort(gfns, kind="stable")
+            gfns, spas = gfns[order], spas[order]
+        gfns.flags.writeable = spas.flags.writeable = False
+        self._columns = (gfns, spas)
+        return gfns, spas
+
+    def lookup_many(self, gfns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The SPA of the page of each GFN of a column, -1 where none is mapped: ``mappings.get(gfn,
+        -1)`` of each, looked up in :meth:`columns` (indexed directly when the mapped GFNs are one
+        run, else one binary search per GFN)."""
+        keys, spas = self.columns()
+        n = len(keys)
+        if not n:
+            return np.full(len(gfns), -1, dtype=np.int64)
+        first = int(keys[0])
+        if int(keys[-1]) - first == n - 1:  # one run of GFNs: each one's index is its distance from the first
+            at = gfns - np.int64(first)
+            if not len(at) or (int(at.min()) >= 0 and int(at.max()) < n):
+                found: npt.NDArray[np.int64] = spas[at]  # (every GFN inside the run: a gather)
+                return found
+            inside = (at >= 0) & (at < n)
+            return np.where(inside, spas[np.where(inside, at, 0)], np.int64(-1))
+        at = np.minimum(np.searchsorted(keys, gfns), n - 1)
+        return np.where(keys[at] == gfns, spas[at], np.int64(-1))
 
     def lookup(self, gpa: int) -> int | None:
         """SPA backing ``gpa`` (with the page offset), or None if unmapped."""

@@ -248,6 +248,8 @@ class Vm:
         :meth:`back_pages`)."""
         if not len(gpas) or bool((gpas & np.uint64(PAGE_MASK)).any()) or int(gpas.max()) >= self.memory:
             return None
+        # (a dict lookup per page: NestedPageTable.lookup_many measured 0.1-0.2 us per page slower here in
+        # a migration's receive loop, though cheaper alone -- docs/firmware.md, the twelfth round)
         spas = np.fromiter(map(self.npt.mappings.get, (gpas >> np.uint64(12)).tolist(), itertools.repeat(-1)),
                            dtype=np.int64, count=len(gpas))
         if bool((spas < 0).any()):

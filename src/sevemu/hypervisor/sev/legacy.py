@@ -574,7 +574,8 @@ class LegacySev(SevHost):
         transport buffers in consecutive pages of one bounce run, read back with one streaming read
         each.  Both ring-buffer queues are configured, so a doorbell carries up to
         :data:`PAGE_BATCH` (510) commands.  ``gpas`` may be a numpy column (the SPAs of all its pages
-        are then looked up in one pass before the first doorbell: the same pages, the nested page
+        are then looked up in one pass before the first doorbell,
+        :meth:`~sevemu.hypervisor.npt.NestedPageTable.lookup_many`: the same pages, the nested page
         table not changing meanwhile).  Yields a :class:`PageBatch` per doorbell, its header slots
         and transport buffers views of two buffers the generator reuses, or the transport buffers
         the bounce area's own DRAM pages (a list, read-only) where those hold what the host's
@@ -593,9 +594,10 @@ class LegacySev(SevHost):
         order = gpas.astype(np.uint64) if isinstance(gpas, np.ndarray) else None
         todo = iter(gpas) if order is None else None
         looked_up = None  # (a column: every page's SPA looked up in one pass, before any doorbell)
+        any_unaligned = False
         if order is not None:
-            looked_up = np.fromiter(map(mapped, (order >> np.uint64(12)).tolist(), itertools.repeat(-1)),
-                                    dtype=np.int64, count=len(order))
+            looked_up = vm.npt.lookup_many((order >> np.uint64(12)).astype(np.int64))
+            any_unaligned = bool((order & np.uint64(PAGE_MASK)).any())  # (else no batch has one)
         hdr_out = memoryview(bytearray(batch * HDR_SLOT))  # (reused: see the docstring)
         trans_out = memoryview(bytearray(batch * PAGE))
         with self.psp.ring(high=True) as ring, self.psp.bounce.stage() as st:
@@ -606,7 +608,7 @@ class LegacySev(SevHost):
                 named: Gpas
                 if order is not None and looked_up is not None:  # (GPAs as a column: SPAs looked up above)
                     named = order[start : start + batch]
-                    unaligned = bool((named & np.uint64(PAGE_MASK)).any())
+                    unaligned = any_unaligned and bool((named & np.uint64(PAGE_MASK)).any())
                     spas = looked_up[start : start + batch]
                     start += batch
                 else:
