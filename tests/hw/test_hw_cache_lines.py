@@ -556,3 +556,56 @@ def test_a_page_run_fill_from_spa_zero_in_the_host_domain(accel: bool) -> None:
         lines = b"".join(ref.read(0, False, off, LINE) for off in range(0, 8 * LINE, LINE))
         assert fast.read_lines(0, False, 0, 8 * LINE) == lines
         assert _state(fast)[:3] == _state(ref)[:3]
+
+
+@pytest.mark.parametrize("accel", [False, True])
+@pytest.mark.parametrize("coherent", [False, True])
+def test_write_lines_below_the_cache_size_touch_only_their_lines(coherent: bool, accel: bool) -> None:
+    """Two lines written (one resident, one not), a neighbour resident: the cache then holds exactly
+    the bytes written and the neighbour's, and after WBINVD DRAM has them -- fixed expectations, not
+    a twin run through the same code."""
+    with mem_accel(accel):
+        cache, _ = _twin(coherent)
+        spa = _BASE + 0x2000
+        old = random.Random(10).randbytes(3 * LINE)
+        cache.write_lines(1, True, spa, old)
+        cache.wbinvd()
+        assert cache.read_lines(1, True, spa + LINE, LINE) == old[LINE : 2 * LINE]  # resident, clean
+        new = random.Random(11).randbytes(2 * LINE)
+        cache.write_lines(1, True, spa + 2 * LINE, new[LINE:])  # not resident
+        cache.write_lines(1, True, spa, new[:LINE])  # not resident
+        assert sorted(cache.dirty) == [tag_key(1, True, spa), tag_key(1, True, spa + 2 * LINE)]
+        want = new[:LINE] + old[LINE : 2 * LINE] + new[LINE:]
+        assert cache.read_lines(1, True, spa, 3 * LINE) == want
+        assert all(len(line) == LINE for s in cache.sets for line in s.values())
+        cache.wbinvd()
+        assert cache.mc.read(spa, 3 * LINE, 1, True) == want
+
+
+@pytest.mark.parametrize("accel", [False, True])
+def test_read_lines_across_a_page_boundary_fill_every_line(accel: bool) -> None:
+    """A run of missing lines across two pages (fewer lines than sets: each in its own set) reads
+    the bytes written, from both pages."""
+    with mem_accel(accel):
+        cache, _ = _twin(False)
+        spa = _BASE + 0x3F00  # four lines in one page, four in the next
+        data = random.Random(12).randbytes(8 * LINE)
+        cache.write_lines(1, True, spa, data)
+        cache.wbinvd()
+        assert not any(cache.sets)
+        assert cache.read_lines(1, True, spa, 8 * LINE) == data
+        assert cache.misses >= 8 and all(len(line) == LINE for s in cache.sets for line in s.values())
+
+
+@pytest.mark.parametrize("accel", [False, True])
+def test_read_lines_of_one_more_line_than_sets_fill_every_line(accel: bool) -> None:
+    """A run inside a page of one line more than the cache has sets (two of its lines share a set:
+    not a page run) reads the bytes written."""
+    with mem_accel(accel):
+        cache, _ = _twin(False)
+        n = cache.set_mask + 2
+        spa = _BASE + 0x5000
+        data = random.Random(13).randbytes(n * LINE)
+        cache.write_lines(1, True, spa, data)
+        cache.wbinvd()
+        assert cache.read_lines(1, True, spa, n * LINE) == data
