@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -63,9 +64,28 @@ def test_work_failure_propagates_after_the_engine(monkeypatch: pytest.MonkeyPatc
     assert sha_engine.hash_pages_beside(data, lambda: None) == _want(bytes(data))
 
 
-def test_auto_engages_only_with_a_spare_core(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_engages_only_with_a_core_spare_now(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``auto`` reads the tasks runnable at this instant (the caller among them) against the CPUs it may
+    use, not the minute-long load average: an idle host right after a busy minute engages the engine."""
     monkeypatch.setattr(sha_engine, "mode", "auto")
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 2.0, 1.0))  # a busy minute behind
+    loadavg = tmp_path / "loadavg"
+    monkeypatch.setattr(sha_engine, "LOADAVG", str(loadavg))
+    for line, want in [("3.50 2.00 1.00 1/180 4242\n", True), ("3.50 2.00 1.00 2/180 4242\n", False),
+                       ("0.10 0.10 0.10 3/180 4242\n", False)]:
+        loadavg.write_text(line)
+        assert sha_engine.runnable_tasks() == int(line.split()[3].split("/")[0])
+        assert sha_engine.engaged() is want
+    loadavg.write_text("garbled\n")  # unreadable: the load average decides
+    assert sha_engine.runnable_tasks() is None
+    assert not sha_engine.engaged()
+
+
+def test_auto_falls_back_to_the_load_average(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sha_engine, "mode", "auto")
+    monkeypatch.setattr(sha_engine, "LOADAVG", str(tmp_path / "absent"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     assert sha_engine.engaged()
     monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 0.5, 0.5))

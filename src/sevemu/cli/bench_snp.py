@@ -79,8 +79,8 @@ def register_snp(bsub: Any) -> None:
     p.add_argument("--ovmf", type=Path, metavar="PATH", help="the OVMF image (default: Debian's OVMF.fd)")
     p.add_argument("--vcpus", type=positive_int, default=4, help="vCPUs of the launched guest (default 4)")
     p.add_argument("--vcpu-type", default="EPYC-Milan", help="QEMU -cpu model (default EPYC-Milan)")
-    p.add_argument("--repeat", type=positive_int, default=5, metavar="N",
-                   help="timed runs of each side after a warm-up; the best is reported (default 5)")
+    p.add_argument("--repeat", type=positive_int, default=15, metavar="N",
+                   help="timed runs of each side after a warm-up; the best is reported (default 15)")
     p.add_argument("--pvalidate-size", type=positive_int, default=1024, metavar="MiB",
                    help="guest memory PVALIDATEd, in MiB (default 1024)")
     p.add_argument("--sha-engine", choices=sha_engine.MODES, default="auto",

@@ -26,8 +26,8 @@ from typing import Final, TypeVar
 from sevemu._util.units import PAGE
 from sevemu.crypto.pagehash import sha384_pages
 
-__all__ = ["CHUNKS", "MODES", "QUEUES", "PendingHashes", "engaged", "hash_pages_beside", "hash_pages_later", "mode",
-           "sha_engine", "start"]
+__all__ = ["CHUNKS", "LOADAVG", "MODES", "QUEUES", "PendingHashes", "engaged", "hash_pages_beside", "hash_pages_later",
+           "mode", "runnable_tasks", "sha_engine", "start"]
 
 QUEUES: Final = 1
 """Worker threads of the engine (model choice: the machines sevemu runs on have few cores)."""
@@ -41,21 +41,48 @@ MODES: Final = ("auto", "on", "off")
 mode = "auto"
 """Whether :func:`hash_pages_beside` and SEV's streamed LAUNCH_UPDATE_DATA hand work to the engine's
 thread: ``on``, ``off`` (the calling thread hashes everything), or ``auto`` (default): only while the
-host has a core to spare -- its one-minute load average at least one below its CPU count.  A thread
-that waits for a core only adds scheduling delays and cache misses (measured: a 2 MiB page took longer
-with the engine on a saturated 2-core host; a 64 MiB LAUNCH_UPDATE_DATA cost 124-128 ms of CPU with
-the thread and 110-123 ms without, at load 6 on 2 cores)."""
+host has a core to spare now -- the tasks runnable at this instant (the caller among them; Linux's
+``/proc/loadavg``, fourth field) at least one fewer than the CPUs this process may run on, or where
+that count is unavailable the one-minute load average at least one below them.  (The load average
+alone lags a minute behind: right after a test run or another benchmark it kept the engine off on
+an idle host.)  A thread that waits for a core only adds scheduling delays and cache misses
+(measured: a 2 MiB page took longer with the engine on a saturated 2-core host; a 64 MiB
+LAUNCH_UPDATE_DATA cost 124-128 ms of CPU with the thread and 110-123 ms without, at load 6 on 2
+cores)."""
 
 
 def engaged() -> bool:
     """Whether the engine's thread is used now (:data:`mode`)."""
     if mode == "auto":
-        cpus = os.cpu_count() or 1
+        cpus = _usable_cpus()
+        runnable = runnable_tasks()
+        if runnable is not None:
+            return runnable + 1 <= cpus
         try:
             return os.getloadavg()[0] + 1 <= cpus
         except OSError:  # pragma: no cover - no load average on this platform
             return cpus > 1
     return mode == "on"
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+LOADAVG: Final = "/proc/loadavg"
+
+
+def runnable_tasks() -> int | None:
+    """The tasks runnable on the host at this instant, the calling thread among them (the numerator
+    of ``/proc/loadavg``'s fourth field, proc(5)); None where the file is absent or unreadable."""
+    try:
+        with open(LOADAVG, "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def sha_engine() -> ThreadPoolExecutor:
