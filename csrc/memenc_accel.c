@@ -1573,7 +1573,8 @@ typedef struct {
     const unsigned char *consts;
     EVP_CIPHER_CTX *tweak_ctx; /* XTS without tweak_update: AES-256-ECB under K2 */
     PyObject *update, *tweak_update;
-    unsigned char *tmp, *tw[2]; /* chunk bytes; XTS: chunk / 4 bytes of unit tweaks, twice */
+    unsigned char *tmp, *tw[2], *seq; /* chunk bytes; XTS: chunk / 4 bytes of unit tweaks, twice, and
+                                       * of their sequence numbers (the tweak AES's input) */
     uint64_t in_page[PAGE_BLOCKS][2];
 } ViaRun;
 
@@ -1691,13 +1692,16 @@ static int via_tweaks(ViaRun *r, unsigned char *tw, uint64_t spa, Py_ssize_t n, 
 {
     Py_ssize_t units = n / 64, u;
     int out_len = 0;
+    /* (cryptography 49+ refuses an update_into whose output overlaps its input: the sequence numbers
+     * go in a buffer of their own) */
+    unsigned char *seq = r->tweak_update != NULL ? r->seq : tw;
     for (u = 0; u < units; u++) {
-        store_le64(tw + BLOCK * u, (spa >> 6) + (uint64_t)u);
-        store_le64(tw + BLOCK * u + 8, 0);
+        store_le64(seq + BLOCK * u, (spa >> 6) + (uint64_t)u);
+        store_le64(seq + BLOCK * u + 8, 0);
     }
     if (r->tweak_update != NULL) {
         PyEval_RestoreThread(*ts);
-        if (via_call(r->tweak_update, tw, tw, BLOCK * units) != 0) {
+        if (via_call(r->tweak_update, seq, tw, BLOCK * units) != 0) {
             return -1;
         }
         *ts = PyEval_SaveThread();
@@ -1767,7 +1771,8 @@ PyDoc_STRVAR(crypt_into_via_doc,
              "mode's data key (XTS: K1) -- an AES-XTS context whose tweak encrypts to zero -- called once\n"
              "per chunk of `chunk` bytes (a multiple of 4096, at most 1 MiB); tweak_update (XTS only, or\n"
              "None: the system libcrypto) the same for the unit tweaks' AES-ECB encryption under K2.\n"
-             "True when done; False, with nothing written, when dst overlaps src other than exactly.");
+             "True when done; False, with nothing written, when dst overlaps src other than exactly, or\n"
+             "is src itself for XE decryption (whose AES reads src: crypt_into serves it).");
 
 static PyObject *crypt_into_via(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1796,14 +1801,19 @@ static PyObject *crypt_into_via(PyObject *self, PyObject *const *args, Py_ssize_
     if ((state = into_args("crypt_into_via", args, &dstv, &a)) < 0) {
         return NULL;
     }
+    if (state == 0 && a.code == 0 && !a.encrypt && dstv.buf == a.data.buf) {
+        state = 1; /* XE decryption in place: its AES reads the input and writes the output, which
+                    * cryptography 49+ refuses to overlap -- False, and the caller takes crypt_into */
+    }
     if (state > 0) {
         result = Py_NewRef(state == 1 ? Py_False : Py_True);
     } else {
         unsigned char *d = (unsigned char *)dstv.buf;
         const unsigned char *s = (const unsigned char *)a.data.buf;
         ViaRun *r = (ViaRun *)PyMem_Calloc(1, sizeof(ViaRun));
-        /* tmp, then the unit tweaks 3 lines past tmp's page offset (4K aliasing, see xex_pages_run) */
-        void *raw = PyMem_Malloc((size_t)(chunk + chunk / 2 + 2 * 3 * 64 + 64));
+        /* tmp, then the unit tweaks and their sequence numbers, each 3 lines past the previous
+         * buffer's page offset (4K aliasing, see xex_pages_run) */
+        void *raw = PyMem_Malloc((size_t)(chunk + 3 * (chunk / 4) + 3 * 3 * 64 + 64));
         if (r == NULL || raw == NULL) {
             PyErr_NoMemory();
         } else {
@@ -1821,6 +1831,7 @@ static PyObject *crypt_into_via(PyObject *self, PyObject *const *args, Py_ssize_
             r->tmp = (unsigned char *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
             r->tw[0] = r->tmp + chunk + 3 * 64;
             r->tw[1] = r->tw[0] + chunk / 4 + 3 * 64;
+            r->seq = r->tw[1] + chunk / 4 + 3 * 64;
             if (a.code != 2) {
                 in_page_table(r->consts, r->in_page);
             }

@@ -41,9 +41,15 @@ def via_state() -> Iterator[None]:
 def _via(mode: EncryptionMode, key: bytes, spa: int, src: bytes | bytearray | memoryview,
          dst: bytearray | memoryview, encrypt: bool, chunk: int, tweaks_through_xts: bool = True) -> None:
     enc, dec, tweak = memenc._via_contexts(key, CODE[mode])
-    ok = memenc._memenc_accel.crypt_into_via(dst, spa, src, _tc(mode)._tables.consts_bytes, key, CODE[mode],
-                                             encrypt, enc if encrypt else dec,
+    consts = _tc(mode)._tables.consts_bytes
+    ok = memenc._memenc_accel.crypt_into_via(dst, spa, src, consts, key, CODE[mode], encrypt, enc if encrypt else dec,
                                              tweak if tweaks_through_xts else None, chunk)
+    if mode is XE and not encrypt and dst is src:
+        # XE decryption in place: its AES reads the input, and `cryptography` (49+) refuses an output
+        # that overlaps the input -- declined, and MemoryCipher takes crypt_into
+        assert ok is False
+        assert memenc._memenc_accel.crypt_into(dst, spa, src, consts, key, CODE[mode], encrypt)
+        return
     assert ok is True
 
 
@@ -55,16 +61,16 @@ def test_self_test_passes_here() -> None:
 @pytest.mark.parametrize("size", [16, 32])
 def test_zero_mask_context_is_reusable_ecb(size: int) -> None:
     """Every update call of one context is AES-ECB of its data (a fresh data unit from the same zero
-    tweak), in place, both directions; keys equal to the fixed second half take the other one."""
+    tweak), both directions; keys equal to the fixed second half take the other one."""
     rng = random.Random(size)
     for key in (rng.randbytes(size), memenc._ZERO_MASK_KEYS[0][:size]):
         xts, ecb = memenc._zero_mask_xts(key), Cipher(algorithms.AES(key), modes.ECB())
         for ctx, ref in ((xts.encryptor(), ecb.encryptor()), (xts.decryptor(), ecb.decryptor())):
             for n in (16, 4096, 65536, 48):
-                buf = bytearray(rng.randbytes(n))
-                want = ref.update(bytes(buf))
-                ctx.update_into(buf, buf)
-                assert buf == want
+                buf = rng.randbytes(n)
+                out = bytearray(n)  # (another buffer: cryptography 49+ refuses an overlapping output)
+                ctx.update_into(buf, out)
+                assert out == ref.update(buf)
 
 
 @pytest.mark.parametrize("mode", [XE, XEX, XTS])
