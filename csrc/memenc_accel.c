@@ -1692,8 +1692,8 @@ static int via_tweaks(ViaRun *r, unsigned char *tw, uint64_t spa, Py_ssize_t n, 
 {
     Py_ssize_t units = n / 64, u;
     int out_len = 0;
-    /* (cryptography 49+ refuses an update_into whose output overlaps its input: the sequence numbers
-     * go in a buffer of their own) */
+    /* (cryptography 51 refuses an update_into whose output overlaps its input, where 48 took it: the
+     * sequence numbers go in a buffer of their own) */
     unsigned char *seq = r->tweak_update != NULL ? r->seq : tw;
     for (u = 0; u < units; u++) {
         store_le64(seq + BLOCK * u, (spa >> 6) + (uint64_t)u);
@@ -1803,7 +1803,7 @@ static PyObject *crypt_into_via(PyObject *self, PyObject *const *args, Py_ssize_
     }
     if (state == 0 && a.code == 0 && !a.encrypt && dstv.buf == a.data.buf) {
         state = 1; /* XE decryption in place: its AES reads the input and writes the output, which
-                    * cryptography 49+ refuses to overlap -- False, and the caller takes crypt_into */
+                    * cryptography after 48 refuses to overlap -- False, and the caller takes crypt_into */
     }
     if (state > 0) {
         result = Py_NewRef(state == 1 ? Py_False : Py_True);

@@ -45,7 +45,7 @@ def _via(mode: EncryptionMode, key: bytes, spa: int, src: bytes | bytearray | me
     ok = memenc._memenc_accel.crypt_into_via(dst, spa, src, consts, key, CODE[mode], encrypt, enc if encrypt else dec,
                                              tweak if tweaks_through_xts else None, chunk)
     if mode is XE and not encrypt and dst is src:
-        # XE decryption in place: its AES reads the input, and `cryptography` (49+) refuses an output
+        # XE decryption in place: its AES reads the input, and `cryptography` after 48 refuses an output
         # that overlaps the input -- declined, and MemoryCipher takes crypt_into
         assert ok is False
         assert memenc._memenc_accel.crypt_into(dst, spa, src, consts, key, CODE[mode], encrypt)
@@ -68,7 +68,7 @@ def test_zero_mask_context_is_reusable_ecb(size: int) -> None:
         for ctx, ref in ((xts.encryptor(), ecb.encryptor()), (xts.decryptor(), ecb.decryptor())):
             for n in (16, 4096, 65536, 48):
                 buf = rng.randbytes(n)
-                out = bytearray(n)  # (another buffer: cryptography 49+ refuses an overlapping output)
+                out = bytearray(n)  # (another buffer: cryptography after 48 refuses an overlapping output)
                 ctx.update_into(buf, out)
                 assert out == ref.update(buf)
 
