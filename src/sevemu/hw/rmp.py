@@ -278,30 +278,24 @@ class Rmp:
             return 0, 0
         return _unpack_entry(page, spa & (PAGE - 1))
 
-    def _lows(self, pfn: int, n: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
-        """The low quadwords of the ``n`` entries from ``pfn`` in one read (what :meth:`_raw` gives
-        each: software's unwritten lines of the range merged in)."""
-        spa = self._entry_spa(pfn)
-        length = n * RMP_ENTRY_SIZE
-        dirty = self._cache.dirty
-        first = spa & ~(LINE - 1)
-        if any(k in dirty for k in range(first, spa + length, LINE)) if dirty else False:
-            raw = self._cache.read(0, False, spa, length)
-        else:
-            raw = self._dram.read(spa, length)
-        return np.frombuffer(raw, dtype="<u8")[0::2]
-
-    def _low_flags(self, pfn: int, n: int) -> bytes:
-        """The low byte of the low quadword of each of the ``n`` entries from ``pfn`` (Assigned,
-        Page_Size, Immutable in bits 0-2), one per entry, in one read (as :meth:`_lows` reads them)."""
+    def _entries_bytes(self, pfn: int, n: int) -> bytes:
+        """The ``n`` entries from ``pfn`` in one read (what :meth:`_raw` gives each: software's
+        unwritten lines of the range merged in)."""
         spa = self._entry_spa(pfn)
         length = n * RMP_ENTRY_SIZE
         dirty = self._cache.dirty
         if dirty and not dirty.isdisjoint(range(spa & ~(LINE - 1), spa + length, LINE)):
-            raw = self._cache.read(0, False, spa, length)
-        else:
-            raw = self._dram.read(spa, length)
-        return raw[0::RMP_ENTRY_SIZE]
+            return self._cache.read(0, False, spa, length)
+        return self._dram.read(spa, length)
+
+    def _lows(self, pfn: int, n: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
+        """The low quadwords of the ``n`` entries from ``pfn`` in one read."""
+        return np.frombuffer(self._entries_bytes(pfn, n), dtype="<u8")[0::2]
+
+    def _low_flags(self, pfn: int, n: int) -> bytes:
+        """The low byte of the low quadword of each of the ``n`` entries from ``pfn`` (Assigned,
+        Page_Size, Immutable in bits 0-2), one per entry, in one read."""
+        return self._entries_bytes(pfn, n)[0::RMP_ENTRY_SIZE]
 
     def _put(self, pfn: int, lo: int, hi: int, old_lo: int | None = None, old_hi: int | None = None) -> None:
         """Write one entry; ``old_lo`` / ``old_hi``: its previous quadwords when the caller read them
