@@ -19,7 +19,9 @@ Baselines (``ratio`` = baseline time / mode time):
 
 ``accelerated`` says whether the mode ran through the C accelerator of :mod:`sevemu.crypto.memenc`
 (``accel`` forces it on or off; the default uses it when it was built), ``aes_via_xts`` whether its AES
-went through `cryptography`'s AES-XTS made AES-ECB (``MemoryCipher.bulk_aes_via_xts``).
+went through `cryptography`'s AES-XTS made AES-ECB (``MemoryCipher.bulk_aes_via_xts``), ``aes_engine``
+which AES the bulk path runs (``MemoryCipher.bulk_aes_engine``: ``vaes`` for XTS on a CPU with VAES and
+AVX-512).
 
 The single-line figures are microseconds per 64-byte line through ``encrypt_line``/``decrypt_line``:
 ``line_*_us`` cycling over ``lines`` consecutive lines (default 1024 = 64 KiB, a working set whose
@@ -166,6 +168,7 @@ def bench_modes(
         row["baseline_gbps"] = 2 * size / base_t / 1e9
         row["ratio"] = base_t / mode_t
         row["aes_via_xts"] = cipher.bulk_aes_via_xts
+        row["aes_engine"] = cipher.bulk_aes_engine
         if extra_t:
             row["xts_unit_baseline"] = f"aes-256-xts/{xts_unit}B-units"
             row["xts_unit_gbps"] = 2 * size / extra_t[0] / 1e9
