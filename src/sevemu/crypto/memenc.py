@@ -703,8 +703,8 @@ class MemoryCipher:
 
     @property
     def bulk_aes_engine(self) -> str:
-        """Which AES a bulk transfer of this cipher runs now: ``"vaes"`` (XTS in one pass on VAES /
-        AVX-512, ``crypt_into``), ``"cryptography-xts"`` (`cryptography`'s AES-XTS made AES-ECB,
+        """Which AES a bulk transfer of this cipher runs now: ``"vaes"`` (the whole transform in one pass
+        on VAES / AVX-512, ``crypt_into``), ``"cryptography-xts"`` (`cryptography`'s AES-XTS made AES-ECB,
         ``crypt_into_via``, for transfers from 32-64 KiB), ``"openssl"`` (libcrypto's AES-ECB between
         the C passes) or ``"cryptography-ecb"`` (the numpy path)."""
         if not self._accel:
@@ -714,9 +714,9 @@ class MemoryCipher:
         return "cryptography-xts" if _via_usable(self._tables.consts_bytes) else "openssl"
 
     def _vaes(self) -> bool:
-        """Whether the accelerator's XTS runs on its VAES engine (the whole transform in one pass, faster
-        than ``crypt_into_via``'s chunks: see docs/memory-model.md), so crypt_into takes every size."""
-        return self._code == _XTS and _memenc_accel.aes_engine() == "vaes"
+        """Whether the accelerator runs on its VAES engine (the whole transform in one pass, faster than
+        ``crypt_into_via``'s chunks: see docs/memory-model.md), so crypt_into takes every size."""
+        return _memenc_accel.aes_engine() == "vaes"
 
     # -- checks -------------------------------------------------------------------------------
 
