@@ -1,7 +1,7 @@
 /*
  * sevemu.crypto._memenc_accel: optional C helpers for the memory-encryption engine
  * (src/sevemu/crypto/memenc.py): the work around the AES that would otherwise take several numpy
- * passes per chunk, and (XTS on VAES) the AES itself:
+ * passes per chunk, and (on VAES) the AES itself:
  *
  *   xor_addr_tweak(dst, src, spa, consts)     XE/XEX: dst = src ^ T(spa + 16k) for each block k
  *   xts_xor(dst, src, tweaks, blocks)         XTS: dst = src ^ E_K2(n) * alpha^j per block j of unit n
@@ -23,7 +23,7 @@
  *                                             AES-XTS context whose masks are zero: VAES where its
  *                                             OpenSSL has it), per chunk (memenc's large transfers)
  *   vector_isa(level=None) -> str             the fused passes' instruction set (see xor_run)
- *   aes_engine(name=None) -> str              XTS's AES engine: 'vaes' (one pass on VAES / AVX-512,
+ *   aes_engine(name=None) -> str              the AES engine: 'vaes' (one pass on VAES / AVX-512,
  *                                             see xts_vaes_run) or 'openssl'
  *   crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt) -> bytes | None
  *                                             length bytes of a page store transformed in place,
@@ -38,7 +38,7 @@
  *
  * The crypt_* functions run the AES through OpenSSL's libcrypto themselves (one pass over the data
  * instead of three, see xex_pages_run), except crypt_into_via, which calls the update_into of
- * `cryptography` contexts it is given, and XTS where the CPU has VAES with AVX-512: there the
+ * `cryptography` contexts it is given, and where the CPU has VAES with AVX-512: there the
  * rounds are the CPU's AES instructions in this file (the memory controller's engine, checked by a
  * known-answer test before first use; aes_engine); elsewhere the AES stays in `cryptography`.  Portable C99
  * apart from SSE2 intrinsics where the compiler has them (non-temporal stores, the fused passes'
@@ -945,22 +945,23 @@ static PyObject *vector_isa(PyObject *self, PyObject *const *args, Py_ssize_t na
     return PyUnicode_FromString(isa_names[previous]);
 }
 
-/* ---- the AES engine of XTS: VAES (AVX-512) or OpenSSL ---------------------------------------
+/* ---- the AES engine: VAES (AVX-512) or OpenSSL ---------------------------------------------
  *
- * AES-256-XTS with 64-byte data units is five AES blocks per unit: the unit's tweak E_K2(n) and its
- * four data blocks E_K1(P_j ^ M_j) ^ M_j, M_j = E_K2(n) * alpha^j (IEEE 1619-2018, 5.3.1).  Through
- * OpenSSL that is three steps per page (the page's tweaks in one call, input ^ mask into an L1
- * buffer, AES-ECB there, buffer ^ mask into the output: xts_pages_run) or per chunk
- * (crypt_into_via), with the AES an opaque call that nothing else overlaps.  Where the CPU has VAES
- * with AVX-512, one 64-byte unit is exactly one ZMM register, so xts_vaes_run does the whole
- * transform in one pass: four units' tweaks in one register, their masks made in registers, eight
- * units' data through the rounds side by side, each byte read once and written once.
+ * Through OpenSSL a page's transform is three steps (input ^ tweak into an L1 buffer, AES-ECB
+ * there, buffer ^ tweak into the output: xex_pages_run / xts_pages_run; XTS with its unit tweaks
+ * E_K2(n) in one more call first) or per chunk (crypt_into_via), with the AES an opaque call that
+ * nothing else overlaps.  Where the CPU has VAES with AVX-512, four 16-byte blocks are one ZMM
+ * register and the whole transform is one pass in registers: xts_vaes_run (AES-256-XTS with 64-byte
+ * units, IEEE 1619-2018 5.3.1: a unit is one register, its tweak and masks E_K2(n) * alpha^j made
+ * beside the data rounds) and xex_vaes_run (XE/XEX, AES-128: the address tweak from the in-page
+ * table and the page's tweak), eight registers per step, each byte read once and written once.
  *
- * The rounds are the CPU's AES instructions (VAESENC / VAESDEC; the key schedule with AESKEYGENASSIST
- * and AESIMC, FIPS 197 5.2 and 5.3.5's equivalent inverse cipher).  Before the engine is first used a
- * known-answer test runs it (FIPS 197 Appendix C.3, AES-256, both directions, every lane); if that
- * fails, or the CPU lacks AVX-512F, VAES or AES-NI, OpenSSL's path runs, the same bytes.
- * aes_engine() reports and forces the choice (the tests run both on the same data). */
+ * The rounds are the CPU's AES instructions (VAESENC / VAESDEC; the key schedules with
+ * AESKEYGENASSIST and AESIMC, FIPS 197 5.2 and 5.3.5's equivalent inverse cipher).  Before the
+ * engine is first used known-answer tests run it (FIPS 197 Appendix C.1 and C.3, AES-128 and
+ * AES-256, both directions, every lane); if they fail, or the CPU lacks AVX-512F, VAES or AES-NI,
+ * OpenSSL's path runs, the same bytes.  aes_engine() reports and forces the choice (the tests run
+ * both on the same data). */
 
 enum { ENGINE_OPENSSL = 0, ENGINE_VAES = 1 };
 static const char *const engine_names[] = {"openssl", "vaes"};
@@ -1310,7 +1311,7 @@ static const EngineKeys *engine_keys(EngineKeys *ks, const unsigned char *key, l
 
 PyDoc_STRVAR(aes_engine_doc,
              "aes_engine(name=None, /) -> str\n--\n\n"
-             "The AES engine of the crypt_* functions' XTS runs: 'vaes' (the whole transform in one\n"
+             "The AES engine of the crypt_* functions: 'vaes' (the whole transform in one\n"
              "pass on VAES / AVX-512, where the CPU has them and the engine passed its known-answer\n"
              "test) or 'openssl' (libcrypto's AES-ECB between the tweak passes).  With `name`, that one\n"
              "is used from now on, process-wide (ValueError if this CPU or build lacks it), and the\n"

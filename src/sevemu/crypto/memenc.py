@@ -66,10 +66,10 @@ installed for a launch that only those paths use makes none).  Everything around
   this was measured on.  From 32-64 KiB on the same passes run per chunk of 128-256 KiB around
   ``crypt_into_via``, whose AES is `cryptography`'s AES-XTS made AES-ECB (a tweak that encrypts to
   zero: VAES where its bundled OpenSSL has it, 1.5-1.7x the AES-NI ECB), guarded by a self-test at
-  first use (``docs/memory-model.md``).  XTS skips both where the CPU has VAES with AVX-512: the
-  accelerator's own engine then does a page's whole transform in one pass (the four blocks of a
-  64-byte unit in one register, their masks made in registers beside the AES rounds; checked by a
-  known-answer test at first use, ``aes_engine()`` reports and forces it).  Only an output that overlaps the input other than exactly
+  first use (``docs/memory-model.md``).  Every mode skips both where the CPU has VAES with AVX-512:
+  the accelerator's own engine then does a page's whole transform in one pass (four blocks per
+  register, the tweaks made in registers beside the AES rounds; checked by FIPS 197 known-answer
+  tests at first use, ``aes_engine()`` reports and forces it).  Only an output that overlaps the input other than exactly
   takes the older three-pass chunk path.  The single-line path XORs 64-byte strings:
   the memoised page tweak and the line's in-page tweak (XE/XEX), or the line's four XTS tweaks
   (memoised per line, from E_K2 of the page's 64 sequence numbers, one AES call per page).
