@@ -205,3 +205,51 @@ def test_read_run_without_c_bit_returns_dram_as_it_lies() -> None:
     assert bytes(mc.read_run(0x30_0040, 256, 0, False)) == raw[64:320]
     assert bytes(mc.read_run(0x31_0000, 128, 5, False)) == bytes(128)  # (an absent page)
     assert bytes(mc.read_run(0x30_0040, 256, 5, True)) == plain[64:320]
+
+
+@pytest.mark.parametrize("mode", list(EncryptionMode))
+def test_read_pages_into_gathers_what_read_into_reads_page_by_page(mode: EncryptionMode,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages at SPAs in any order (repeated, absent, consecutive runs among them): page k of the output
+    is ``read_into`` of ``spas[k]`` -- through the accelerator's gather, and through the page-by-page
+    path it falls back to -- on either AES engine."""
+    import numpy as np
+
+    mc = _mc(mode)
+    _write_all(mc, random.Random(5).randbytes(4 * MiB))
+    r = random.Random(6)
+    spas = [r.randrange(0, 8 * MiB // PAGE) * PAGE for _ in range(40)]
+    spas += [0x20_0000 + k * PAGE for k in range(9)] + [spas[3], 0x7F_F000]
+    column = np.array(spas, dtype=np.uint64)
+    want = b"".join(mc.read(spa, PAGE, 5, True) for spa in spas)
+    out = bytearray(len(want))
+    mc.read_pages_into(column, out, 5)
+    assert out == want
+    calls: list[bool] = []
+    real = MemoryCipher.decrypt_pages_gather
+
+    def declined(self: MemoryCipher, pfns: object, pages: dict[int, bytearray], o: object) -> bool:
+        calls.append(real(self, pfns, pages, bytearray(len(want))))  # type: ignore[arg-type]
+        return False
+
+    monkeypatch.setattr(MemoryCipher, "decrypt_pages_gather", declined)
+    out = bytearray(len(want))
+    mc.read_pages_into(column, out, 5)
+    assert out == want and calls == [ACCELERATED]
+
+
+def test_read_pages_into_refuses_before_writing() -> None:
+    """An SPA that is not page-aligned, a page past DRAM or a wrong output size: refused, the output
+    untouched; an empty list reads nothing."""
+    import numpy as np
+
+    from sevemu.errors import AddressError, InputError
+
+    mc = _mc(EncryptionMode.XEX)
+    out = bytearray(b"\x5a" * 2 * PAGE)
+    for spas, error in (([0x1000, 0x2040], AlignmentError), ([0x1000, 8 * MiB], AddressError),
+                        ([0x1000], InputError)):
+        with pytest.raises(error):
+            mc.read_pages_into(np.array(spas, dtype=np.uint64), out, 5)
+        assert out == b"\x5a" * 2 * PAGE
+    mc.read_pages_into(np.zeros(0, dtype=np.uint64), bytearray(), 5)
