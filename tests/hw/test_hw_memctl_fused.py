@@ -238,18 +238,23 @@ def test_read_pages_into_gathers_what_read_into_reads_page_by_page(mode: Encrypt
     assert out == want and calls == [ACCELERATED]
 
 
-def test_read_pages_into_refuses_before_writing() -> None:
-    """An SPA that is not page-aligned, a page past DRAM or a wrong output size: refused, the output
-    untouched; an empty list reads nothing."""
+@pytest.mark.parametrize("gather", [True, False])
+def test_read_pages_into_refuses_before_writing(gather: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SPA that is not page-aligned (named in the error), a page past DRAM or a wrong output size:
+    refused, the output untouched, with the accelerator's gather and on the page-by-page path; an
+    empty list reads nothing."""
     import numpy as np
 
     from sevemu.errors import AddressError, InputError
 
+    if not gather:
+        monkeypatch.setattr(MemoryCipher, "decrypt_pages_gather", lambda *args: False)
     mc = _mc(EncryptionMode.XEX)
     out = bytearray(b"\x5a" * 2 * PAGE)
-    for spas, error in (([0x1000, 0x2040], AlignmentError), ([0x1000, 8 * MiB], AddressError),
-                        ([0x1000], InputError)):
-        with pytest.raises(error):
+    for spas, error, match in (([0x1000, 0x2040], AlignmentError, "0x2040"),
+                               ([0x1000, 8 * MiB], AddressError, "outside DRAM"),
+                               ([0x1000], InputError, "for 1 pages")):
+        with pytest.raises(error, match=match):
             mc.read_pages_into(np.array(spas, dtype=np.uint64), out, 5)
         assert out == b"\x5a" * 2 * PAGE
     mc.read_pages_into(np.zeros(0, dtype=np.uint64), bytearray(), 5)
