@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sevemu.crypto import memenc
 from sevemu.crypto.memenc import ACCELERATED, EncryptionMode, MemoryCipher, TweakConstants
-from sevemu.errors import AddressError, AlignmentError
+from sevemu.errors import AddressError, AlignmentError, InputError
 from sevemu.hw.dram import Dram
 
 pytestmark = pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
@@ -369,3 +369,12 @@ def test_gather_is_crypt_from_pages_of_each_page(mode: EncryptionMode) -> None:
     assert ax.crypt_gather(store, np.array([page], dtype=np.uint64), inside, consts, key, CODE[mode], False) is False
     with pytest.raises(AddressError):
         cipher.decrypt_pages_gather(np.array([1 << 36], dtype=np.uint64), store, bytearray(4096))
+    top = bytearray(4096)  # the last page of the 48-bit space is inside it
+    assert cipher.decrypt_pages_gather(np.array([(1 << 36) - 1], dtype=np.uint64), store, top)
+    with pytest.raises(InputError, match="writable"):
+        cipher.decrypt_pages_gather(pfns, store, bytes(len(out)))
+    with pytest.raises(InputError, match="for 25 pages"):
+        cipher.decrypt_pages_gather(pfns, store, bytearray(4096))
+    untouched = bytearray(b"\x33" * len(out))
+    assert MemoryCipher(mode, key, tc, accel=False).decrypt_pages_gather(pfns, store, untouched) is False
+    assert untouched == b"\x33" * len(out)
