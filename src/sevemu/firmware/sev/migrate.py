@@ -116,12 +116,12 @@ import hmac
 import struct
 import threading
 from dataclasses import replace
-from itertools import pairwise
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
+from sevemu._util.runs import page_runs
 from sevemu._util.units import LINE, PAGE
 from sevemu.abi.certs import AMD_CERT_HEADER_SIZE, SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage
 from sevemu.abi.commands import CommandId
@@ -726,16 +726,6 @@ def _aads(flags: npt.NDArray[np.uint32], ivs: bytes, size: int) -> bytes:
     return a.tobytes()
 
 
-def _page_runs(spas: _U64) -> list[tuple[int, int, int]]:
-    """(first index, SPA, length) of each run of physically consecutive pages, in command order."""
-    n = len(spas)
-    if not n:
-        return []
-    breaks = np.flatnonzero(spas[1:] != spas[:-1] + np.uint64(PAGE)) + 1
-    bounds = [0, *breaks.tolist(), n]
-    return [(a, int(spas[a]), (b - a) * PAGE) for a, b in pairwise(bounds)]
-
-
 def _even(spas: _U64, size: int) -> int:
     """The spacing of ``spas`` when they go evenly upward at least ``size`` apart, else 0."""
     stride = int(spas[1]) - int(spas[0]) if len(spas) > 1 else size
@@ -798,7 +788,7 @@ def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
     ivs = fw.ports.trng(IV_SIZE * n)  # one draw for the doorbell: a fresh IV per page, in command order
     aads = _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE)
     channel = _channel(g)
-    runs = _page_runs(trans)
+    runs = page_runs(trans)
     if not (trans % np.uint64(PAGE)).any():  # page-aligned TRANS: sealed straight into DRAM's pages
         out: list[bytearray] = []
         dma.fill_pages([(spa, length) for _, spa, length in runs],
@@ -965,7 +955,7 @@ def _open_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
     aads, macs = _aads(head["flags"], ivs, PAGE), head["mac"].tobytes()
     plain = _scratch("plain", n * PAGE)
     channel = _channel(g)
-    runs = _page_runs(trans[:n])
+    runs = page_runs(trans[:n])
     found = None
     if not (trans[:n] % np.uint64(PAGE)).any():  # page-aligned TRANS: opened where it lies in DRAM
         column = trans[:n] >> np.uint64(12)
@@ -977,9 +967,8 @@ def _open_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
             dma.read_into(spa, data[first * PAGE : first * PAGE + length])
         found, _ = channel.open_many(ivs, aads, macs, data, PAGE, plain)
     good = found
-    for first, spa, length in _page_runs(guest[:good]):
-        dma.evict(spa, length)
-        write_guest(fw, g, spa, plain[first * PAGE : first * PAGE + length])
+    dma.evict_pages(guest[:good])  # (the host's lines of the pages, then one scatter, in any order)
+    dma.write_encrypted_pages(guest[:good], plain[: good * PAGE], g.asid)
     return good
 
 
