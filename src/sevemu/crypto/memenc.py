@@ -82,7 +82,8 @@ installed for a launch that only those paths use makes none).  Everything around
   computes E_K2 of the chunk's sequence numbers in one AES call and the alpha multiples with shifts.
 
 Memos are bounded and cleared when full.  A :class:`MemoryCipher` is not thread-safe (neither are the
-ECB contexts it holds).
+ECB contexts it holds), except for its bulk transfers, which several threads may run at once (the C
+paths hold no shared state; ``crypt_into_via``'s contexts are used under a lock of the cipher).
 """
 
 from __future__ import annotations
@@ -618,6 +619,7 @@ class MemoryCipher:
         "_tables",
         "_tweak_enc",
         "_via",
+        "_via_lock",
         "_xor",
         "_xts_memo",
         "_xts_memo_bytes",
@@ -665,6 +667,9 @@ class MemoryCipher:
         self._line_in_page_bytes = self._tables.line_in_page_bytes
         # (the zero-mask XTS contexts of crypt_into_via, made at the first bulk transfer that takes it)
         self._via: tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any] | None] | None = None
+        # (held around each crypt_into_via call: `cryptography` 51 releases the GIL inside update_into
+        # and refuses a context another thread is using -- "Already borrowed" -- where 48 held it)
+        self._via_lock = threading.Lock()
 
     def _contexts(self) -> None:
         """Build the AES-ECB contexts of the key (data encryptor and decryptor; XTS: the tweak's
@@ -1188,9 +1193,11 @@ class MemoryCipher:
                 via = self._via
                 if via is None:
                     via = self._via = _via_contexts(self._key, self._code)
-                if _memenc_accel.crypt_into_via(dst, spa, src, self._tables.consts_bytes, self._key, self._code,
-                                                encrypt, via[0] if encrypt else via[1], via[2],
-                                                _VIA_CHUNK[self._code]):
+                with self._via_lock:
+                    taken = _memenc_accel.crypt_into_via(dst, spa, src, self._tables.consts_bytes, self._key,
+                                                         self._code, encrypt, via[0] if encrypt else via[1], via[2],
+                                                         _VIA_CHUNK[self._code])
+                if taken:
                     return
             if _memenc_accel.crypt_into(dst, spa, src, self._tables.consts_bytes, self._key, self._code, encrypt):
                 return
