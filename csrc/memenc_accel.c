@@ -27,8 +27,8 @@
  *                                             AES-XTS context whose masks are zero: VAES where its
  *                                             OpenSSL has it), per chunk (memenc's large transfers)
  *   vector_isa(level=None) -> str             the fused passes' instruction set (see xor_run)
- *   aes_engine(name=None) -> str              the AES engine: 'vaes' (one pass on VAES / AVX-512,
- *                                             see xts_vaes_run) or 'openssl'
+ *   aes_engine(name=None) -> str              the AES engine: 'vaes' / 'vaes256' (one pass on VAES
+ *                                             with AVX-512 / AVX2, see xts_vaes_run) or 'openssl'
  *   crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt) -> bytes | None
  *                                             length bytes of a page store transformed in place,
  *                                             the bytes before returned (copied per group of pages
@@ -980,17 +980,19 @@ static PyObject *vector_isa(PyObject *self, PyObject *const *args, Py_ssize_t na
  * register and the whole transform is one pass in registers: xts_vaes_run (AES-256-XTS with 64-byte
  * units, IEEE 1619-2018 5.3.1: a unit is one register, its tweak and masks E_K2(n) * alpha^j made
  * beside the data rounds) and xex_vaes_run (XE/XEX, AES-128: the address tweak from the in-page
- * table and the page's tweak), eight registers per step, each byte read once and written once.
+ * table and the page's tweak), eight registers per step, each byte read once and written once;
+ * where the CPU has VAES without AVX-512 (Zen 3, Intel client cores) the same on YMM registers of
+ * two blocks (xts_vaes256_run, xex_vaes256_run: engine 'vaes256').
  *
  * The rounds are the CPU's AES instructions (VAESENC / VAESDEC; the key schedules with
  * AESKEYGENASSIST and AESIMC, FIPS 197 5.2 and 5.3.5's equivalent inverse cipher).  Before the
  * engine is first used known-answer tests run it (FIPS 197 Appendix C.1 and C.3, AES-128 and
- * AES-256, both directions, every lane); if they fail, or the CPU lacks AVX-512F, VAES or AES-NI,
- * OpenSSL's path runs, the same bytes.  aes_engine() reports and forces the choice (the tests run
+ * AES-256, both directions, every lane); if they fail, or the CPU lacks VAES, AES-NI or both of
+ * AVX-512F and AVX2, OpenSSL's path runs, the same bytes.  aes_engine() reports and forces the choice (the tests run
  * both on the same data). */
 
-enum { ENGINE_OPENSSL = 0, ENGINE_VAES = 1 };
-static const char *const engine_names[] = {"openssl", "vaes"};
+enum { ENGINE_OPENSSL = 0, ENGINE_VAES = 1, ENGINE_VAES256 = 2, ENGINES = 3 };
+static const char *const engine_names[] = {"openssl", "vaes", "vaes256"};
 static int engine_level = -1; /* -1: not chosen yet (a benign race: every thread chooses the same) */
 
 #define XTS_ROUNDS 14 /* AES-256 */
@@ -1006,6 +1008,7 @@ typedef unsigned char AesRows[XTS_ROUNDS + 1][64];
 typedef struct {
     AesRows k1 ALIGNED64;
     AesRows k2 ALIGNED64;
+    int wide; /* the kernels on ZMM registers (ENGINE_VAES), else on YMM (ENGINE_VAES256) */
 } EngineKeys;
 
 #ifdef HAVE_VAES
@@ -1269,8 +1272,190 @@ __attribute__((target("avx512f,vaes"))) static int vaes_answer(int bits, const u
     return ok;
 }
 
-/* FIPS 197 Appendix C.1 (AES-128) and C.3 (AES-256): the engine's rounds and key schedules. */
-static int vaes_known_answer(void)
+/* ---- the same engine on 256-bit registers (VAES with AVX2: Zen 3, Intel client cores) --------
+ *
+ * Where the CPU has VAES but not AVX-512, the same one-pass transforms run on YMM registers of two
+ * blocks: XTS four 64-byte units per step (two registers each; their tweaks two to a register,
+ * made beside the previous step's data rounds; the masks as xts_run_avx2 makes them), XE/XEX eight
+ * registers of two blocks per step with the last ones loaded and stored through AVX2 lane masks. */
+
+#define ROUND_KEY256(row) _mm256_load_si256((const __m256i *)(const void *)(row))
+
+__attribute__((target("avx2,vaes"), always_inline)) static inline void
+aes_ymm(__m256i *x, int n, const AesRows rows, int rounds, int decrypt)
+{
+    int i, r;
+    for (i = 0; i < n; i++) {
+        x[i] = _mm256_xor_si256(x[i], ROUND_KEY256(rows[0]));
+    }
+    for (r = 1; r < rounds; r++) {
+        __m256i k = ROUND_KEY256(rows[r]);
+        for (i = 0; i < n; i++) {
+            x[i] = decrypt ? _mm256_aesdec_epi128(x[i], k) : _mm256_aesenc_epi128(x[i], k);
+        }
+    }
+    for (i = 0; i < n; i++) {
+        __m256i k = ROUND_KEY256(rows[rounds]);
+        x[i] = decrypt ? _mm256_aesdeclast_epi128(x[i], k) : _mm256_aesenclast_epi128(x[i], k);
+    }
+}
+
+/* aes_zmm_with_tweaks on YMM: x[0..n) through K1's rounds, t[0..2) through K2's, interleaved. */
+__attribute__((target("avx2,vaes"), always_inline)) static inline void
+aes_ymm_with_tweaks(__m256i *x, int n, const AesRows k1, int decrypt, __m256i *t, const AesRows k2)
+{
+    int i, r;
+    for (i = 0; i < n; i++) {
+        x[i] = _mm256_xor_si256(x[i], ROUND_KEY256(k1[0]));
+    }
+    t[0] = _mm256_xor_si256(t[0], ROUND_KEY256(k2[0]));
+    t[1] = _mm256_xor_si256(t[1], ROUND_KEY256(k2[0]));
+    for (r = 1; r < XTS_ROUNDS; r++) {
+        __m256i k = ROUND_KEY256(k1[r]), kt = ROUND_KEY256(k2[r]);
+        for (i = 0; i < n; i++) {
+            x[i] = decrypt ? _mm256_aesdec_epi128(x[i], k) : _mm256_aesenc_epi128(x[i], k);
+        }
+        t[0] = _mm256_aesenc_epi128(t[0], kt);
+        t[1] = _mm256_aesenc_epi128(t[1], kt);
+    }
+    {
+        __m256i k = ROUND_KEY256(k1[XTS_ROUNDS]), kt = ROUND_KEY256(k2[XTS_ROUNDS]);
+        for (i = 0; i < n; i++) {
+            x[i] = decrypt ? _mm256_aesdeclast_epi128(x[i], k) : _mm256_aesenclast_epi128(x[i], k);
+        }
+        t[0] = _mm256_aesenclast_epi128(t[0], kt);
+        t[1] = _mm256_aesenclast_epi128(t[1], kt);
+    }
+}
+#undef ROUND_KEY256
+
+/* The half `half` (blocks 2*half, 2*half + 1) of the mask of a unit whose tweak S is in both lanes of
+ * x: S * alpha^(2*half), S * alpha^(2*half + 1) (as xts_run_avx2). */
+__attribute__((target("avx2"), always_inline)) static inline __m256i xts_half_mask(__m256i x, int half)
+{
+    const __m256i cnt = half ? _mm256_set_epi64x(3, 3, 2, 2) : _mm256_set_epi64x(1, 1, 0, 0);
+    const __m256i rcnt = half ? _mm256_set_epi64x(61, 61, 62, 62) : _mm256_set_epi64x(63, 63, 64, 64);
+    __m256i sw = _mm256_shuffle_epi32(x, 0x4e);
+    __m256i out = _mm256_sllv_epi64(x, cnt);
+    __m256i car = _mm256_srlv_epi64(sw, rcnt);
+    __m256i red = _mm256_xor_si256(_mm256_xor_si256(car, _mm256_slli_epi64(car, 1)),
+                                   _mm256_xor_si256(_mm256_slli_epi64(car, 2), _mm256_slli_epi64(car, 7)));
+    return _mm256_xor_si256(out, _mm256_blend_epi32(red, car, 0xcc));
+}
+
+/* xts_vaes_run on YMM: four units (eight registers) per step. */
+__attribute__((target("avx2,vaes"))) static void xts_vaes256_run(unsigned char *dst, const unsigned char *src,
+                                                                  uint64_t seq, Py_ssize_t units,
+                                                                  const EngineKeys *ks, int decrypt)
+{
+    const __m256i lanes = _mm256_set_epi64x(0, 1, 0, 0);
+    __m256i tw[2];
+    tw[0] = _mm256_add_epi64(lanes, _mm256_set_epi64x(0, (long long)seq, 0, (long long)seq));
+    tw[1] = _mm256_add_epi64(tw[0], _mm256_set_epi64x(0, 2, 0, 2));
+    aes_ymm(tw, units > 2 ? 2 : 1, ks->k2, XTS_ROUNDS, 0);
+    while (units > 0) {
+        __m256i x[8], m[8], next[2];
+        int n = units < 4 ? (int)units : 4, i;
+        for (i = 0; i < n; i++) {
+            __m256i t = tw[i >> 1];
+            t = (i & 1) ? _mm256_permute2x128_si256(t, t, 0x11) : _mm256_permute2x128_si256(t, t, 0x00);
+            m[2 * i] = xts_half_mask(t, 0);
+            m[2 * i + 1] = xts_half_mask(t, 1);
+            x[2 * i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(const void *)(src + 64 * i)), m[2 * i]);
+            x[2 * i + 1] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(const void *)(src + 64 * i + 32)),
+                                            m[2 * i + 1]);
+        }
+        if (units > 4) { /* (so n == 4) */
+            seq += 4;
+            next[0] = _mm256_add_epi64(lanes, _mm256_set_epi64x(0, (long long)seq, 0, (long long)seq));
+            next[1] = _mm256_add_epi64(next[0], _mm256_set_epi64x(0, 2, 0, 2));
+            aes_ymm_with_tweaks(x, 8, ks->k1, decrypt, next, ks->k2);
+            tw[0] = next[0];
+            tw[1] = next[1];
+        } else {
+            aes_ymm(x, 2 * n, ks->k1, XTS_ROUNDS, decrypt);
+        }
+        for (i = 0; i < 2 * n; i++) {
+            _mm256_storeu_si256((__m256i *)(void *)(dst + 32 * i), _mm256_xor_si256(x[i], m[i]));
+        }
+        src += 64 * n;
+        dst += 64 * n;
+        units -= n;
+    }
+}
+
+/* xex_vaes_run on YMM: eight registers of two blocks per step; a last step of fewer than 16 blocks
+ * through lane masks (VPMASKMOVQ: masked-off lanes neither read nor written). */
+__attribute__((target("avx2,vaes"))) static void xex_vaes256_run(unsigned char *dst, const unsigned char *src,
+                                                                  const uint64_t *tab, uint64_t t0, uint64_t t1,
+                                                                  Py_ssize_t blocks, const AesRows rows, int pre,
+                                                                  int post, int decrypt)
+{
+    const __m256i t = _mm256_set_epi64x((long long)t1, (long long)t0, (long long)t1, (long long)t0);
+    const __m256i *tp = (const __m256i *)(const void *)tab;
+    for (; blocks >= 16; blocks -= 16, src += 256, dst += 256, tp += 8) {
+        __m256i x[8], m[8];
+        int i;
+        for (i = 0; i < 8; i++) {
+            m[i] = _mm256_xor_si256(_mm256_loadu_si256(tp + i), t);
+            x[i] = _mm256_loadu_si256((const __m256i *)(const void *)(src + 32 * i));
+            if (pre) {
+                x[i] = _mm256_xor_si256(x[i], m[i]);
+            }
+        }
+        aes_ymm(x, 8, rows, XEX_ROUNDS, decrypt);
+        for (i = 0; i < 8; i++) {
+            _mm256_storeu_si256((__m256i *)(void *)(dst + 32 * i), post ? _mm256_xor_si256(x[i], m[i]) : x[i]);
+        }
+    }
+    if (blocks > 0) {
+        __m256i x[8], m[8], lanes[8];
+        int n = (int)((blocks + 1) / 2), i;
+        for (i = 0; i < n; i++) {
+            lanes[i] = blocks - 2 * i >= 2 ? _mm256_set1_epi64x(-1) : _mm256_set_epi64x(0, 0, -1, -1);
+            m[i] = _mm256_xor_si256(_mm256_maskload_epi64((const long long *)(const void *)(tp + i), lanes[i]), t);
+            x[i] = _mm256_maskload_epi64((const long long *)(const void *)(src + 32 * i), lanes[i]);
+            if (pre) {
+                x[i] = _mm256_xor_si256(x[i], m[i]);
+            }
+        }
+        aes_ymm(x, n, rows, XEX_ROUNDS, decrypt);
+        for (i = 0; i < n; i++) {
+            _mm256_maskstore_epi64((long long *)(void *)(dst + 32 * i), lanes[i],
+                                   post ? _mm256_xor_si256(x[i], m[i]) : x[i]);
+        }
+    }
+}
+
+/* vaes_answer on YMM. */
+__attribute__((target("avx2,vaes"))) static int vaes256_answer(int bits, const unsigned char *plain,
+                                                                const unsigned char *cipher)
+{
+    unsigned char key[32], out[32];
+    EngineKeys ks;
+    __m256i x[1];
+    int i, ok = 1, rounds = bits == 256 ? XTS_ROUNDS : XEX_ROUNDS;
+    for (i = 0; i < 32; i++) {
+        key[i] = (unsigned char)i;
+    }
+    ks_rows(ks.k1, key, bits, 0);
+    ks_rows(ks.k2, key, bits, 1);
+    x[0] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)plain));
+    aes_ymm(x, 1, ks.k1, rounds, 0);
+    _mm256_storeu_si256((__m256i *)(void *)out, x[0]);
+    for (i = 0; i < 2; i++) {
+        ok &= memcmp(out + 16 * i, cipher, 16) == 0;
+    }
+    aes_ymm(x, 1, ks.k2, rounds, 1);
+    _mm256_storeu_si256((__m256i *)(void *)out, x[0]);
+    for (i = 0; i < 2; i++) {
+        ok &= memcmp(out + 16 * i, plain, 16) == 0;
+    }
+    return ok;
+}
+
+/* FIPS 197 Appendix C.1 (AES-128) and C.3 (AES-256): an engine's rounds and key schedules. */
+static int vaes_known_answer(int engine)
 {
     static const unsigned char plain[16] = {0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77,
                                             0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff};
@@ -1278,39 +1463,48 @@ static int vaes_known_answer(void)
                                            0xd8, 0xcd, 0xb7, 0x80, 0x70, 0xb4, 0xc5, 0x5a};
     static const unsigned char c256[16] = {0x8e, 0xa2, 0xb7, 0xca, 0x51, 0x67, 0x45, 0xbf,
                                            0xea, 0xfc, 0x49, 0x90, 0x4b, 0x49, 0x60, 0x89};
+    if (engine == ENGINE_VAES256) {
+        return vaes256_answer(128, plain, c128) && vaes256_answer(256, plain, c256);
+    }
     return vaes_answer(128, plain, c128) && vaes_answer(256, plain, c256);
 }
 #endif
 
-/* Whether this CPU (and build) can run the VAES engine at all. */
-static int vaes_supported(void)
+/* Whether this CPU (and build) can run a VAES engine at all: VAES and AES-NI, with AVX-512F (vaes)
+ * or AVX2 (vaes256). */
+static int vaes_supported(int engine)
 {
 #ifdef HAVE_VAES
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vaes") && __builtin_cpu_supports("aes");
+    return __builtin_cpu_supports("vaes") && __builtin_cpu_supports("aes") &&
+           (engine == ENGINE_VAES ? __builtin_cpu_supports("avx512f") : __builtin_cpu_supports("avx2"));
 #else
+    (void)engine;
     return 0;
 #endif
 }
 
-/* Whether the VAES engine may run: the CPU has it and it passed the known-answer test (once). */
-static int vaes_usable(void)
+/* Whether an engine may run: OpenSSL always; a VAES one where the CPU has it and it passed the
+ * known-answer test (once per engine). */
+static int engine_usable(int engine)
 {
-    static int ok = -1;
-    if (ok < 0) {
+    static int ok[ENGINES] = {1, -1, -1};
+    if (ok[engine] < 0) {
 #ifdef HAVE_VAES
-        ok = vaes_supported() && vaes_known_answer();
+        ok[engine] = vaes_supported(engine) && vaes_known_answer(engine);
 #else
-        ok = 0;
+        ok[engine] = 0;
 #endif
     }
-    return ok;
+    return ok[engine];
 }
 
+/* The engine in use: at first the fastest that may run (ZMM, then YMM, then OpenSSL). */
 static int engine_current(void)
 {
     if (engine_level < 0) {
-        engine_level = vaes_usable() ? ENGINE_VAES : ENGINE_OPENSSL;
+        engine_level = engine_usable(ENGINE_VAES) ? ENGINE_VAES
+                       : engine_usable(ENGINE_VAES256) ? ENGINE_VAES256 : ENGINE_OPENSSL;
     }
     return engine_level;
 }
@@ -1320,7 +1514,9 @@ static int engine_current(void)
 static const EngineKeys *engine_keys(EngineKeys *ks, const unsigned char *key, long code, int encrypt)
 {
 #ifdef HAVE_VAES
-    if (engine_current() == ENGINE_VAES) {
+    int engine = engine_current();
+    if (engine != ENGINE_OPENSSL) {
+        ks->wide = engine == ENGINE_VAES;
         ks_rows(ks->k1, key, code == 2 ? 256 : 128, !encrypt);
         if (code == 2) {
             ks_rows(ks->k2, key + 32, 256, 0);
@@ -1337,23 +1533,25 @@ static const EngineKeys *engine_keys(EngineKeys *ks, const unsigned char *key, l
 
 PyDoc_STRVAR(aes_engine_doc,
              "aes_engine(name=None, /) -> str\n--\n\n"
-             "The AES engine of the crypt_* functions: 'vaes' (the whole transform in one\n"
-             "pass on VAES / AVX-512, where the CPU has them and the engine passed its known-answer\n"
-             "test) or 'openssl' (libcrypto's AES-ECB between the tweak passes).  With `name`, that one\n"
+             "The AES engine of the crypt_* functions: 'vaes' or 'vaes256' (the whole transform in\n"
+             "one pass on VAES with AVX-512 or AVX2, where the CPU has them and the engine passed its\n"
+             "known-answer tests; the first that may run is the default) or 'openssl' (libcrypto's\n"
+             "AES-ECB between the tweak passes).  With `name`, that one\n"
              "is used from now on, process-wide (ValueError if this CPU or build lacks it), and the\n"
              "previous one returned: both give the same bytes.");
 
 static PyObject *aes_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int previous = engine_current(), engine = 0;
-    int given = chosen_name("aes_engine", args, nargs, engine_names, 2, "name", "'openssl' or 'vaes'", &engine);
+    int given = chosen_name("aes_engine", args, nargs, engine_names, ENGINES, "name", "'openssl', 'vaes' or 'vaes256'",
+                            &engine);
     (void)self;
     if (given < 0) {
         return NULL;
     }
     if (given) {
-        if (engine == ENGINE_VAES && !vaes_usable()) {
-            PyErr_SetString(PyExc_ValueError, "this CPU (or build) does not run the vaes engine");
+        if (!engine_usable(engine)) {
+            PyErr_Format(PyExc_ValueError, "this CPU (or build) does not run the %s engine", engine_names[engine]);
             return NULL;
         }
         engine_level = engine;
@@ -1431,8 +1629,9 @@ static int xex_pages_run(const Span *in, const Span *out, int stream, uint64_t s
             if (in->pages != NULL && len > n) {
                 prefetch_next(in, p + 1, done + n, len - n < XP_PAGE ? len - n : XP_PAGE);
             }
-            xex_vaes_run(span_at(out, p, done, off), span_at(in, p, done, off), in_page[off / BLOCK], t[0], t[1],
-                         n / BLOCK, ks->k1, pre, post, !encrypt);
+            (ks->wide ? xex_vaes_run : xex_vaes256_run)(span_at(out, p, done, off), span_at(in, p, done, off),
+                                                        in_page[off / BLOCK], t[0], t[1], n / BLOCK, ks->k1, pre,
+                                                        post, !encrypt);
             spa += (uint64_t)n;
             len -= n;
             done += n;
@@ -1513,7 +1712,8 @@ static int xts_pages_run(const Span *in, const Span *out, int stream, uint64_t s
             if (in->pages != NULL && len > n) { /* (a page store's next page is elsewhere) */
                 prefetch_next(in, p + 1, done + n, len - n < XP_PAGE ? len - n : XP_PAGE);
             }
-            xts_vaes_run(dst, span_at(in, p, done, off), spa >> 6, n / 64, ks, !encrypt);
+            (ks->wide ? xts_vaes_run : xts_vaes256_run)(dst, span_at(in, p, done, off), spa >> 6, n / 64, ks,
+                                                        !encrypt);
             spa += (uint64_t)n;
             len -= n;
             done += n;

@@ -1,11 +1,13 @@
-"""The accelerator's VAES engine (``_memenc_accel.aes_engine``): the whole transform of a page in one pass
-in AVX-512 registers -- XTS eight 64-byte units per step, XE/XEX eight registers of four 16-byte blocks.
+"""The accelerator's VAES engines (``_memenc_accel.aes_engine``): the whole transform of a page in one pass
+in registers -- ``vaes`` on AVX-512 (XTS eight 64-byte units per step, XE/XEX eight registers of four
+16-byte blocks), ``vaes256`` on AVX2 (four units, eight registers of two blocks), each tested here where
+the CPU runs it.
 It must give, byte for byte, what the standard gives through `cryptography` (IEEE 1619 XTS-AES-256 with
 64-byte data units, one context per unit, tweak SPA >> 6; XE/XEX as AES-128-ECB of the block XORed with
 its address tweak), and what the OpenSSL engine and the numpy path give, through every entry point
 (contiguous buffers, page stores with absent pages, in place, hashed then encrypted), on every length a
 step can end with, at every offset in a page, into aligned and unaligned outputs; the bulk path takes
-it instead of crypt_into_via.  Skipped where the CPU (or the build) has no VAES with AVX-512."""
+it instead of crypt_into_via.  Skipped where the CPU (or the build) has no VAES."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from sevemu.crypto import memenc
 from sevemu.crypto.memenc import ACCELERATED, EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.crypto.sha256 import Sha256
-from tests.crypto.conftest import runnable_engines
+from tests.crypto.conftest import runnable_engines, vaes_engines
 
 XE, XEX, XTS = EncryptionMode.XE, EncryptionMode.XEX, EncryptionMode.XTS256
 CODE = {XE: 0, XEX: 1, XTS: 2}
@@ -29,8 +31,7 @@ CONSTS = TC._tables.consts_bytes
 
 pytestmark = [pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built"),
               pytest.mark.usefixtures("restore_engine")]
-needs_vaes = pytest.mark.skipif("vaes" not in runnable_engines(),
-                                reason="this CPU (or build) has no VAES with AVX-512: the OpenSSL engine runs")
+needs_vaes = pytest.mark.skipif(not vaes_engines(), reason="this CPU (or build) has no VAES: the OpenSSL engine runs")
 
 
 def _reference(mode: EncryptionMode, key: bytes, spa: int, data: bytes, encrypt: bool) -> bytes:
@@ -78,19 +79,19 @@ def test_engine_reported_forced_and_refused() -> None:
     engines = runnable_engines()
     assert engines[0] == "openssl"
     flags = _cpu_flags()
-    if flags is not None and {"avx512f", "vaes", "aes"} <= flags:
-        assert "vaes" in engines  # the CPU has it, so the known-answer tests passed
-    if flags is not None and not {"avx512f", "vaes"} <= flags:
-        assert engines == ["openssl"]
+    if flags is not None:  # the CPU has them, so the known-answer tests passed; it lacks them, so not
+        assert ("vaes" in engines) == ({"avx512f", "vaes", "aes"} <= flags)
+        assert ("vaes256" in engines) == ({"avx2", "vaes", "aes"} <= flags)
     default = ax.aes_engine()
-    assert default == engines[-1]  # the best one by default
+    assert default == next(e for e in ("vaes", "vaes256", "openssl") if e in engines)  # the fastest
     with pytest.raises(ValueError, match="name must be"):
         ax.aes_engine("aesni")
     with pytest.raises(TypeError):
         ax.aes_engine("vaes", "openssl")
-    if "vaes" not in engines:
-        with pytest.raises(ValueError, match="does not run"):
-            ax.aes_engine("vaes")
+    for name in ("vaes", "vaes256"):
+        if name not in engines:
+            with pytest.raises(ValueError, match="does not run"):
+                ax.aes_engine(name)
     assert ax.aes_engine("openssl") == default
     assert ax.aes_engine(None) == "openssl"
 
@@ -145,7 +146,7 @@ def test_same_bytes_as_openssl_engine(mode: EncryptionMode, data: st.DataObject)
     shift = data.draw(st.integers(0, 63))
     plain = rng.randbytes(n)
     got = {}
-    for engine in ("openssl", "vaes"):
+    for engine in runnable_engines():
         raw = bytearray(b"\xa5" * (n + 128))
         out = memoryview(raw)[shift : shift + n]
         _into(engine, mode, key, spa, plain, out, True)
@@ -154,7 +155,7 @@ def test_same_bytes_as_openssl_engine(mode: EncryptionMode, data: st.DataObject)
         _into(engine, mode, key, spa, out, out, False)  # in place
         assert out == plain, engine
         got[engine] = ct
-    assert got["vaes"] == got["openssl"]
+    assert all(ct == got["openssl"] for ct in got.values())
 
 
 @needs_vaes
@@ -170,7 +171,7 @@ def test_page_store_entry_points_agree(mode: EncryptionMode) -> None:
     plain = rng.randbytes(6 * 4096 - 5 * g - 3 * g)
     other_page = rng.randbytes(4096)
     results = {}
-    for engine in ("openssl", "vaes"):
+    for engine in runnable_engines():
         ax.aes_engine(engine)
         pages: dict[int, bytearray] = {}
         assert ax.crypt_pages(pages, spa, plain, CONSTS, key, CODE[mode], True) is True
@@ -188,8 +189,8 @@ def test_page_store_entry_points_agree(mode: EncryptionMode) -> None:
         assert MemoryCipher(mode, key, TC).measure_pages_in_place(spa, len(plain), pages, sha)
         results[engine] = (stored, bytes(gathered), bytes(before), in_place,
                            {pfn: bytes(p) for pfn, p in pages.items()}, sha.digest())
-    assert results["vaes"] == results["openssl"]
-    stored = results["vaes"][0]
+    assert all(r == results["openssl"] for r in results.values())
+    stored = results[vaes_engines()[0]][0]
     lo = spa & 0xFFF
     assert b"".join(stored[pfn] for pfn in sorted(stored))[lo : lo + len(plain)] == _reference(
         mode, key, spa, plain, True)
@@ -206,12 +207,13 @@ def test_bulk_path_takes_the_engine_not_crypt_into_via(mode: EncryptionMode) -> 
     plain = rng.randbytes((1 << 20) + 3 * 4096 + 128)
     expect = MemoryCipher(mode, key, TC, accel=False).encrypt_bulk(spa, plain)
     ax = memenc._memenc_accel
-    ax.aes_engine("vaes")
-    cipher = MemoryCipher(mode, key, TC)
-    assert cipher.bulk_aes_engine == "vaes"
-    assert cipher.encrypt_bulk(spa, plain) == expect
-    assert cipher._via is None and not cipher.bulk_aes_via_xts
-    assert cipher.decrypt_bulk(spa, expect) == plain
+    for engine in vaes_engines():
+        ax.aes_engine(engine)
+        cipher = MemoryCipher(mode, key, TC)
+        assert cipher.bulk_aes_engine == engine
+        assert cipher.encrypt_bulk(spa, plain) == expect
+        assert cipher._via is None and not cipher.bulk_aes_via_xts
+        assert cipher.decrypt_bulk(spa, expect) == plain
     ax.aes_engine("openssl")
     other = MemoryCipher(mode, key, TC)
     assert other.encrypt_bulk(spa, plain) == expect

@@ -69,6 +69,6 @@ def vector_isa(level: str | None = None, /) -> str:
     lacks it) and return the previous."""
 
 def aes_engine(name: str | None = None, /) -> str:
-    """The AES engine of the crypt_* functions: 'vaes' (one pass on VAES / AVX-512, where the
+    """The AES engine of the crypt_* functions: 'vaes' / 'vaes256' (one pass on VAES with AVX-512 / AVX2, where the
     CPU has them and the engine passed its known-answer test) or 'openssl'; with ``name``, use that one
     from now on (process-wide; ValueError when it cannot run here) and return the previous."""

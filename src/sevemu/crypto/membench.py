@@ -26,7 +26,7 @@ Baselines (``ratio`` = baseline time / mode time):
 (``accel`` forces it on or off; the default uses it when it was built), ``aes_via_xts`` whether its AES
 went through `cryptography`'s AES-XTS made AES-ECB (``MemoryCipher.bulk_aes_via_xts``), ``aes_engine``
 which AES the bulk path runs (``MemoryCipher.bulk_aes_engine``: ``vaes`` on a CPU with VAES and
-AVX-512).
+AVX-512, ``vaes256`` with VAES and AVX2 only).
 
 The single-line figures are microseconds per 64-byte line through ``encrypt_line``/``decrypt_line``:
 ``line_*_us`` cycling over ``lines`` consecutive lines (default 1024 = 64 KiB, a working set whose

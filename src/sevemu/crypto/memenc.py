@@ -68,8 +68,9 @@ installed for a launch that only those paths use makes none).  Everything around
   zero: VAES where its bundled OpenSSL has it, 1.5-1.7x the AES-NI ECB), guarded by a self-test at
   first use (``docs/memory-model.md``).  Every mode skips both where the CPU has VAES with AVX-512:
   the accelerator's own engine then does a page's whole transform in one pass (four blocks per
-  register, the tweaks made in registers beside the AES rounds; checked by FIPS 197 known-answer
-  tests at first use, ``aes_engine()`` reports and forces it).  Only an output that overlaps the input other than exactly
+  register, the tweaks made in registers beside the AES rounds; two blocks per register where the
+  CPU has VAES with AVX2 only; checked by FIPS 197 known-answer tests at first use,
+  ``aes_engine()`` reports and forces it).  Only an output that overlaps the input other than exactly
   takes the older three-pass chunk path.  The single-line path XORs 64-byte strings:
   the memoised page tweak and the line's in-page tweak (XE/XEX), or the line's four XTS tweaks
   (memoised per line, from E_K2 of the page's 64 sequence numbers, one AES call per page).
@@ -708,20 +709,21 @@ class MemoryCipher:
 
     @property
     def bulk_aes_engine(self) -> str:
-        """Which AES a bulk transfer of this cipher runs now: ``"vaes"`` (the whole transform in one pass
-        on VAES / AVX-512, ``crypt_into``), ``"cryptography-xts"`` (`cryptography`'s AES-XTS made AES-ECB,
+        """Which AES a bulk transfer of this cipher runs now: ``"vaes"`` or ``"vaes256"`` (the whole
+        transform in one pass on VAES with AVX-512 or AVX2, ``crypt_into``), ``"cryptography-xts"`` (`cryptography`'s AES-XTS made AES-ECB,
         ``crypt_into_via``, for transfers from 32-64 KiB), ``"openssl"`` (libcrypto's AES-ECB between
         the C passes) or ``"cryptography-ecb"`` (the numpy path)."""
         if not self._accel:
             return "cryptography-ecb"
-        if self._vaes():
-            return "vaes"
+        engine = _memenc_accel.aes_engine()
+        if engine != "openssl":
+            return engine
         return "cryptography-xts" if _via_usable(self._tables.consts_bytes) else "openssl"
 
     def _vaes(self) -> bool:
-        """Whether the accelerator runs on its VAES engine (the whole transform in one pass, faster than
+        """Whether the accelerator runs on a VAES engine (the whole transform in one pass, faster than
         ``crypt_into_via``'s chunks: see docs/memory-model.md), so crypt_into takes every size."""
-        return _memenc_accel.aes_engine() == "vaes"
+        return _memenc_accel.aes_engine() != "openssl"
 
     # -- checks -------------------------------------------------------------------------------
 
