@@ -56,6 +56,7 @@ from sevemu.abi.mailbox import RB_QUEUE_ENTRIES, MailboxReg, RbCtl, RbHead, enco
 from sevemu.abi.sev import RingCmdFlags
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
+from sevemu.hw import columns
 
 if TYPE_CHECKING:
     from sevemu.firmware.core import Firmware
@@ -224,14 +225,12 @@ class RingBuffer:
         if not n_hi or not n_lo:
             return None
         raw = self._entries(fw, hi, hi_index, n_hi) + self._entries(fw, lo, lo_index, n_lo)
-        words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-        key = words[:, 0] & np.uint64(0xFFFF_FFFF)  # command id and flags
-        differ = np.flatnonzero(key != key[0])
-        same = int(differ[0]) if len(differ) else len(words)
-        flags = int(key[0]) >> 16
+        same = columns.key_run(raw, 0xFFFF_FFFF)  # the entries queuing the first one's command id and flags
+        key = int.from_bytes(raw[:4], "little")
+        flags = key >> 16
         if same <= n_hi or flags & ~_KNOWN_FLAGS:
             return None
-        done = fw.handle_batch(int(key[0]) & 0xFFFF, words[:same, 1])
+        done = fw.handle_batch(key & 0xFFFF, np.frombuffer(raw, dtype="<u8", count=2 * same)[1::2])
         if not done:
             return None
         raised = self._post(fw, hi, hi_index, [int(Status.SUCCESS)] * min(done, n_hi), flags)

@@ -55,3 +55,9 @@ PAGE_FILL: bool = ENABLED and hasattr(helpers, "cache_page_plan") and hasattr(he
 page pool's page loads) takes its lookups, evictions and installs in C (``cache_page_plan`` /
 ``cache_page_install``: the same steps as the Python loop, which stays where they were not built or
 :data:`ENABLED` is off)."""
+
+COLUMNS: bool = ENABLED and all(hasattr(helpers, name) for name in
+                                ("u64_columns", "u64_runs", "record_words", "strided_rows", "key_run"))
+"""Whether :mod:`sevemu.hw.columns` summarises u64 columns in C (one pass each: the firmware's
+whole-page batches and ring-buffer queues); its numpy expressions, which give the same values, stay
+where they were not built.  Tests turn it off for the numpy paths."""
