@@ -4147,6 +4147,76 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(dram_scatter_rows_doc,
+             "dram_scatter_rows(pages, spa, stride, rows, size, /)\n--\n\n"
+             "Store the len(rows) // size rows of size bytes of `rows` at spa + i * stride in the page\n"
+             "store `pages` (dict PFN -> bytearray of 4096 bytes; an absent page is created, zeroed),\n"
+             "the bytes between rows left as they are: dram_scatter of each row.  Only for rows that\n"
+             "cannot cross a page (stride divides 4096, spa is a multiple of it, 0 < size <= stride):\n"
+             "ValueError otherwise, before anything is stored.");
+
+static PyObject *dram_scatter_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer rows;
+    PyObject *pages, *page = NULL;
+    uint64_t spa, stride, size, last_pfn = UINT64_MAX;
+    (void)self;
+    if (check_nargs("dram_scatter_rows", nargs, 5) < 0 || get_u64(args[1], "spa", &spa) < 0 ||
+        get_u64(args[2], "stride", &stride) < 0 || get_u64(args[4], "size", &size) < 0) {
+        return NULL;
+    }
+    pages = args[0];
+    if (!PyDict_CheckExact(pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
+        return NULL;
+    }
+    if (size == 0 || size > stride || stride > PAGE || PAGE % stride || spa % stride) {
+        PyErr_SetString(PyExc_ValueError, "dram_scatter_rows: rows that may cross a page");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[3], &rows, PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    if (rows.len % (Py_ssize_t)size || (uint64_t)(rows.len / (Py_ssize_t)size) > (UINT64_MAX - spa) / stride) {
+        PyErr_SetString(PyExc_ValueError, "dram_scatter_rows: rows is not whole rows, or they pass the top of memory");
+        PyBuffer_Release(&rows);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0, n = rows.len / (Py_ssize_t)size; i < n; i++) {
+        uint64_t addr = spa + (uint64_t)i * stride;
+        if (addr >> 12 != last_pfn) { /* (the rows of one page share its lookup) */
+            page = page_of(pages, addr >> 12);
+            if (page == NULL && PyErr_Occurred()) {
+                goto fail;
+            }
+            if (page == NULL) {
+                PyObject *key;
+                int rc;
+                page = PyByteArray_FromStringAndSize(NULL, PAGE);
+                if (page == NULL) {
+                    goto fail;
+                }
+                memset(PyByteArray_AS_STRING(page), 0, PAGE);
+                key = PyLong_FromUnsignedLongLong(addr >> 12);
+                rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
+                Py_XDECREF(key);
+                Py_DECREF(page); /* the dict holds it now (or it is gone on failure) */
+                if (rc < 0) {
+                    goto fail;
+                }
+            }
+            last_pfn = addr >> 12;
+        }
+        memcpy(PyByteArray_AS_STRING(page) + (addr & (PAGE - 1)), (const char *)rows.buf + i * (Py_ssize_t)size,
+               (size_t)size);
+    }
+    PyBuffer_Release(&rows);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&rows);
+    return NULL;
+}
+
 PyDoc_STRVAR(key_run_doc,
              "key_run(raw, mask, /)\n--\n\n"
              "raw: 16-byte entries (two little-endian u64 words each, at least one); how many of\n"
@@ -4198,6 +4268,7 @@ static PyMethodDef methods[] = {
     {"record_words", (PyCFunction)(void (*)(void))record_words, METH_FASTCALL, record_words_doc},
     {"strided_rows", (PyCFunction)(void (*)(void))strided_rows, METH_FASTCALL, strided_rows_doc},
     {"key_run", (PyCFunction)(void (*)(void))key_run, METH_FASTCALL, key_run_doc},
+    {"dram_scatter_rows", (PyCFunction)(void (*)(void))dram_scatter_rows, METH_FASTCALL, dram_scatter_rows_doc},
     {"pool_sync_all", (PyCFunction)(void (*)(void))pool_sync_all, METH_FASTCALL,
      "pool_sync_all(pool, cache_dict, write_back) -> int: PagePool.sync_all (csrc/mem_accel.c)."},
     {NULL, NULL, 0, NULL},

@@ -103,3 +103,14 @@ def test_the_c_helpers_check_their_arguments() -> None:
         helpers.key_run(b"", 0)
     with pytest.raises(TypeError):
         helpers.u64_columns(bytes(8), [0])  # type: ignore[arg-type]
+    pages: dict[int, bytearray] = {}
+    for spa, stride, size in ((0, 48, 40), (32, 64, 52), (0, 64, 65), (0, 64, 0)):  # rows that may cross a page
+        with pytest.raises(ValueError):
+            helpers.dram_scatter_rows(pages, spa, stride, bytes(size or 1), size)
+    with pytest.raises(ValueError):
+        helpers.dram_scatter_rows(pages, 0, 64, bytes(53), 52)  # not whole rows
+    with pytest.raises(TypeError):
+        helpers.dram_scatter_rows([], 0, 64, bytes(52), 52)  # type: ignore[arg-type]
+    pages[1] = bytearray(8)  # not a page
+    with pytest.raises(TypeError):
+        helpers.dram_scatter_rows(pages, 0x1000, 64, bytes(104), 52)

@@ -69,6 +69,9 @@ _KNOWN_FLAGS: Final = int(RingCmdFlags.INT_COMPLETE | RingCmdFlags.CONT_ON_ERROR
 _CONT_ON_ERROR: Final = int(RingCmdFlags.CONT_ON_ERROR)
 _INT_COMPLETE: Final = int(RingCmdFlags.INT_COMPLETE)
 _CMD_DONE: Final = int(RbHead.CMD_DONE_INT_STAT)
+_RUNNING_BIT: Final = (int(RbHead.LO_QUEUE_RUNNING), int(RbHead.HI_QUEUE_RUNNING))  # (low, high queue)
+_RESUME_BIT: Final = (int(RbCtl.RESUME_LO_QUEUE), int(RbCtl.RESUME_HI_QUEUE))
+_X86_CONTROL, _RB_MODE_ACTIVE, _CLEAR_INT_BITS = int(RbCtl.X86_CONTROL), int(RbCtl.RB_MODE_ACTIVE), int(RbCtl.CLEAR_INT_BITS)
 _PAUSED: Final = int(RbHead.Q_PAUSED_INT_STAT)
 _INT_STATUS: Final = int(RbHead.ALL_QUEUE_EMPTY_INT_STAT | RbHead.CMD_DONE_INT_STAT | RbHead.Q_PAUSED_INT_STAT
                          | RbHead.Q_FREE_INT_STAT)
@@ -89,11 +92,11 @@ class RingQueue:
 
     @property
     def running_bit(self) -> int:
-        return int(RbHead.HI_QUEUE_RUNNING if self.high else RbHead.LO_QUEUE_RUNNING)
+        return _RUNNING_BIT[self.high]
 
     @property
     def resume_bit(self) -> int:
-        return int(RbCtl.RESUME_HI_QUEUE if self.high else RbCtl.RESUME_LO_QUEUE)
+        return _RESUME_BIT[self.high]
 
     @property
     def empty_int_bit(self) -> int:
@@ -128,13 +131,13 @@ class RingBuffer:
         """Answer one CMDRESP write in ring-buffer mode (module docstring, steps 1-5)."""
         port = fw.mailbox
         ctl = port.read(MailboxReg.CMDRESP)
-        if not (ctl & RbCtl.X86_CONTROL and ctl & RbCtl.RB_MODE_ACTIVE):
+        if not (ctl & _X86_CONTROL and ctl & _RB_MODE_ACTIVE):
             self.leave(fw)
             port.write(MailboxReg.CMDRESP, encode_response(Status.RING_BUFFER_EXIT))
             port.interrupt()
             return
         raised = False
-        if ctl & RbCtl.CLEAR_INT_BITS:
+        if ctl & _CLEAR_INT_BITS:
             self.head &= ~_INT_STATUS
         for q in self.queues:
             if not self.head & q.running_bit and ctl & q.resume_bit:

@@ -149,3 +149,7 @@ def strided_rows(span: ReadableBuffer, offset: int, stride: int, n: int, size: i
 
 def key_run(raw: ReadableBuffer, mask: int, /) -> int:
     """How many 16-byte entries of ``raw``, from the first, have ``word0 & mask`` equal to the first's."""
+
+def dram_scatter_rows(pages: dict[int, bytearray], spa: int, stride: int, rows: ReadableBuffer, size: int, /) -> None:
+    """Each ``size``-byte row of ``rows`` stored at ``spa + i * stride`` in the page store (absent
+    pages created zeroed), the bytes between rows untouched; rows must not be able to cross a page."""
