@@ -69,6 +69,7 @@ _KNOWN_FLAGS: Final = int(RingCmdFlags.INT_COMPLETE | RingCmdFlags.CONT_ON_ERROR
 _CONT_ON_ERROR: Final = int(RingCmdFlags.CONT_ON_ERROR)
 _INT_COMPLETE: Final = int(RingCmdFlags.INT_COMPLETE)
 _CMD_DONE: Final = int(RbHead.CMD_DONE_INT_STAT)
+_NO_ERRORS: Final = memoryview(bytes(_STATUS.size * RB_QUEUE_ENTRIES))  # the status entries of commands that succeeded
 _RUNNING_BIT: Final = (int(RbHead.LO_QUEUE_RUNNING), int(RbHead.HI_QUEUE_RUNNING))  # (low, high queue)
 _RESUME_BIT: Final = (int(RbCtl.RESUME_LO_QUEUE), int(RbCtl.RESUME_HI_QUEUE))
 _X86_CONTROL, _RB_MODE_ACTIVE, _CLEAR_INT_BITS = int(RbCtl.X86_CONTROL), int(RbCtl.RB_MODE_ACTIVE), int(RbCtl.CLEAR_INT_BITS)
@@ -190,12 +191,10 @@ class RingBuffer:
             return self._post(fw, q, index, [int(Status.INVALID_PARAM)], flags)
         done = 0
         if len(raw) > _ENTRY.size:  # the entries after it that queue the same command, same flags
-            words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-            differ = np.flatnonzero((words[:, 0] & np.uint64(0xFFFF_FFFF)) != words[0, 0] & np.uint64(0xFFFF_FFFF))
-            same = int(differ[0]) if len(differ) else len(words)
-            done = fw.handle_batch(cmd_id, words[:same, 1]) if same > 1 else 0
+            same = columns.key_run(raw, 0xFFFF_FFFF)
+            done = fw.handle_batch(cmd_id, np.frombuffer(raw, dtype="<u8", count=2 * same)[1::2]) if same > 1 else 0
         if done:
-            return self._post(fw, q, index, [int(Status.SUCCESS)] * done, flags)
+            return self._post(fw, q, index, done, flags)
         return self._post(fw, q, index, [fw.handle(cmd_id, buffer_ptr)], flags)
 
     @staticmethod
@@ -236,23 +235,30 @@ class RingBuffer:
         done = fw.handle_batch(key & 0xFFFF, np.frombuffer(raw, dtype="<u8", count=2 * same)[1::2])
         if not done:
             return None
-        raised = self._post(fw, hi, hi_index, [int(Status.SUCCESS)] * min(done, n_hi), flags)
+        raised = self._post(fw, hi, hi_index, min(done, n_hi), flags)
         if done > n_hi:
-            raised |= self._post(fw, lo, lo_index, [int(Status.SUCCESS)] * (done - n_hi), flags)
+            raised |= self._post(fw, lo, lo_index, done - n_hi, flags)
         return raised
 
-    def _post(self, fw: Firmware, q: RingQueue, index: int, statuses: list[int], flags: int) -> bool:
+    def _post(self, fw: Firmware, q: RingQueue, index: int, statuses: list[int] | int, flags: int) -> bool:
         """Write the status entries of the commands from ``index`` on (wrapping at the page's end
-        as the queue does), advance the head; whether an interrupt was earned."""
-        entries = bytes(_STATUS.size * len(statuses)) if not any(statuses) else \
-            b"".join([_STATUS.pack(st, 0) for st in statuses])  # (all SUCCESS: zero entries)
+        as the queue does), advance the head; whether an interrupt was earned.  ``statuses``: each
+        command's status, or the number of commands that all succeeded."""
+        if isinstance(statuses, int):  # (all SUCCESS: zero entries)
+            entries: bytes | memoryview = _NO_ERRORS[: _STATUS.size * statuses]
+            statuses = [int(Status.SUCCESS)] if statuses else []
+            count = len(entries) // _STATUS.size
+        else:
+            entries = bytes(_STATUS.size * len(statuses)) if not any(statuses) else \
+                b"".join([_STATUS.pack(st, 0) for st in statuses])
+            count = len(statuses)
         room = (RB_QUEUE_ENTRIES - index) * _STATUS.size
         fw.ports.dma.write(q.status_spa + index * _STATUS.size, entries[:room])
         if len(entries) > room:
             fw.ports.dma.write(q.status_spa, entries[room:])
-        self.head = (self.head & ~(0xFF << q.shift)) | (((index + len(statuses)) % RB_QUEUE_ENTRIES) << q.shift)
+        self.head = (self.head & ~(0xFF << q.shift)) | (((index + count) % RB_QUEUE_ENTRIES) << q.shift)
         raised = False
-        if statuses[-1] and not flags & _CONT_ON_ERROR:  # (SUCCESS is 0; only the last may fail)
+        if statuses and statuses[-1] and not flags & _CONT_ON_ERROR:  # (SUCCESS is 0; only the last may fail)
             self.head = (self.head & ~q.running_bit) | _PAUSED
             raised = True
         if flags & _INT_COMPLETE:

@@ -615,10 +615,12 @@ class LegacySev(SevHost):
         order = gpas.astype(np.uint64) if isinstance(gpas, np.ndarray) else None
         todo = iter(gpas) if order is None else None
         looked_up = None  # (a column: every page's SPA looked up in one pass, before any doorbell)
-        any_unaligned = False
+        any_unaligned = any_unmapped = False
         if order is not None:
             looked_up = vm.npt.lookup_many((order >> np.uint64(12)).astype(np.int64))
             any_unaligned = bool((order & np.uint64(PAGE_MASK)).any())  # (else no batch has one)
+            any_unmapped = bool((looked_up < 0).any())  # (nor one of these)
+            paddrs = None if any_unmapped else looked_up.astype(np.uint64) | me_mask  # (the C-bit, once)
         hdr_out = memoryview(bytearray(batch * HDR_SLOT))  # (reused: see the docstring)
         trans_out = memoryview(bytearray(batch * PAGE))
         with self.psp.ring(high=True) as ring, self.psp.bounce.stage() as st:
@@ -632,20 +634,25 @@ class LegacySev(SevHost):
                     named = order[start : start + batch]
                     unaligned = any_unaligned and bool((named & np.uint64(PAGE_MASK)).any())
                     spas = looked_up[start : start + batch]
+                    unmapped = any_unmapped and bool((spas < 0).any())
+                    column = None if paddrs is None else paddrs[start : start + batch]
                     start += batch
                 else:
                     named = tuple(itertools.islice(cast("Iterator[int]", todo), batch))
                     unaligned = any(gpa & PAGE_MASK for gpa in named)
                     spas = np.fromiter(map(mapped, [gpa >> 12 for gpa in named], itertools.repeat(-1)),
                                        dtype=np.int64, count=len(named))
+                    unmapped, column = bool((spas < 0).any()), None
                 n = len(named)
                 if not n:
                     break
-                if unaligned or (spas < 0).any():  # the error KVM answers
+                if unaligned or unmapped:  # the error KVM answers
                     listed = named.tolist() if isinstance(named, np.ndarray) else named
                     spas = np.array([spa_of(gpa) if gpa & PAGE_MASK or s < 0 else s
                                      for gpa, s in zip(listed, spas.tolist(), strict=True)], dtype=np.int64)
-                ring.submit_many(CommandId.SEND_UPDATE_DATA, template.slots(spas.astype(np.uint64) | me_mask))
+                if unaligned or unmapped or column is None:
+                    column = spas.astype(np.uint64) | me_mask
+                ring.submit_many(CommandId.SEND_UPDATE_DATA, template.slots(column))
                 _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
                 hdrs = hdr_out[: n * HDR_SLOT]
                 core.host_read_stream_into(hdr_base, hdrs)
