@@ -4217,6 +4217,73 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(dram_page_list_doc,
+             "dram_page_list(pages, pfn, count, create, /)\n--\n\n"
+             "The pages pfn, pfn + 1, ... (count of them) of the page store `pages` (dict PFN ->\n"
+             "bytearray of 4096 bytes) as a list, in order; an absent page is stored first as a new\n"
+             "zeroed bytearray when `create`, else the answer is None (nothing stored).");
+
+static PyObject *dram_page_list(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *pages, *out;
+    uint64_t pfn, count;
+    int create;
+    (void)self;
+    if (check_nargs("dram_page_list", nargs, 4) < 0 || get_u64(args[1], "pfn", &pfn) < 0 ||
+        get_u64(args[2], "count", &count) < 0) {
+        return NULL;
+    }
+    pages = args[0];
+    if (!PyDict_CheckExact(pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
+        return NULL;
+    }
+    if ((create = PyObject_IsTrue(args[3])) < 0) {
+        return NULL;
+    }
+    if (count > (uint64_t)PY_SSIZE_T_MAX / sizeof(PyObject *) || pfn > UINT64_MAX - count) {
+        PyErr_SetString(PyExc_ValueError, "dram_page_list: too many pages");
+        return NULL;
+    }
+    out = PyList_New((Py_ssize_t)count);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (uint64_t i = 0; i < count; i++) {
+        PyObject *page = page_of(pages, pfn + i);
+        if (page == NULL && PyErr_Occurred()) {
+            goto fail;
+        }
+        if (page == NULL) {
+            PyObject *key;
+            int rc;
+            if (!create) {
+                Py_DECREF(out);
+                Py_RETURN_NONE;
+            }
+            page = PyByteArray_FromStringAndSize(NULL, PAGE);
+            if (page == NULL) {
+                goto fail;
+            }
+            memset(PyByteArray_AS_STRING(page), 0, PAGE);
+            key = PyLong_FromUnsignedLongLong(pfn + i);
+            rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
+            Py_XDECREF(key);
+            if (rc < 0) {
+                Py_DECREF(page);
+                goto fail;
+            }
+            PyList_SET_ITEM(out, (Py_ssize_t)i, page); /* (the list's reference; the dict holds its own) */
+            continue;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, Py_NewRef(page));
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 PyDoc_STRVAR(key_run_doc,
              "key_run(raw, mask, /)\n--\n\n"
              "raw: 16-byte entries (two little-endian u64 words each, at least one); how many of\n"
@@ -4268,6 +4335,7 @@ static PyMethodDef methods[] = {
     {"record_words", (PyCFunction)(void (*)(void))record_words, METH_FASTCALL, record_words_doc},
     {"strided_rows", (PyCFunction)(void (*)(void))strided_rows, METH_FASTCALL, strided_rows_doc},
     {"key_run", (PyCFunction)(void (*)(void))key_run, METH_FASTCALL, key_run_doc},
+    {"dram_page_list", (PyCFunction)(void (*)(void))dram_page_list, METH_FASTCALL, dram_page_list_doc},
     {"dram_scatter_rows", (PyCFunction)(void (*)(void))dram_scatter_rows, METH_FASTCALL, dram_scatter_rows_doc},
     {"pool_sync_all", (PyCFunction)(void (*)(void))pool_sync_all, METH_FASTCALL,
      "pool_sync_all(pool, cache_dict, write_back) -> int: PagePool.sync_all (csrc/mem_accel.c)."},

@@ -111,6 +111,16 @@ def test_the_c_helpers_check_their_arguments() -> None:
         helpers.dram_scatter_rows(pages, 0, 64, bytes(53), 52)  # not whole rows
     with pytest.raises(TypeError):
         helpers.dram_scatter_rows([], 0, 64, bytes(52), 52)  # type: ignore[arg-type]
+    store: dict[int, bytearray] = {5: bytearray(b"\x01" * 4096)}
+    assert helpers.dram_page_list(store, 4, 3, False) is None and list(store) == [5]  # (absent: nothing stored)
+    listed = helpers.dram_page_list(store, 4, 3, True)
+    assert listed is not None and [p is store[4 + i] for i, p in enumerate(listed)] == [True] * 3
+    assert bytes(listed[0]) == bytes(listed[2]) == bytes(4096) and listed[1] == b"\x01" * 4096
+    assert helpers.dram_page_list(store, 4, 3, False) == listed and helpers.dram_page_list(store, 9, 0, False) == []
+    with pytest.raises(TypeError):
+        helpers.dram_page_list([], 0, 1, True)  # type: ignore[arg-type]
     pages[1] = bytearray(8)  # not a page
+    with pytest.raises(TypeError):
+        helpers.dram_page_list(pages, 1, 1, True)
     with pytest.raises(TypeError):
         helpers.dram_scatter_rows(pages, 0x1000, 64, bytes(104), 52)

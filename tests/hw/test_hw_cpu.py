@@ -232,10 +232,21 @@ def test_host_read_stream_into_is_host_read_stream(soc: Soc) -> None:
     assert b"dirty line" in core.host_read_stream(base + 0x1040, 64)
 
 
-def test_host_read_stream_pages_are_what_host_read_stream_returns(soc: Soc) -> None:
+def _pages_in_c(monkeypatch: pytest.MonkeyPatch, in_c: bool) -> None:
+    from sevemu.hw import memaccel
+
+    if in_c and not memaccel.COLUMNS:
+        pytest.skip("the C helpers were not built")
+    monkeypatch.setattr(memaccel, "COLUMNS", in_c)
+
+
+@pytest.mark.parametrize("in_c", [True, False])
+def test_host_read_stream_pages_are_what_host_read_stream_returns(soc: Soc, monkeypatch: pytest.MonkeyPatch, in_c: bool) -> None:
     """DRAM's own pages of a page-aligned range (no copy) only when they hold what the streaming read
     returns: a dirty cached host line over the range, a page never written, an unaligned range or
-    a VMCB view over it give None (the caller copies instead)."""
+    a VMCB view over it give None (the caller copies instead).  The pages listed in C
+    (``dram_page_list``) or in Python."""
+    _pages_in_c(monkeypatch, in_c)
     core = soc.boot_cpu
     base = 0x20_0000
     data = bytes(range(256)) * 48  # 3 pages
@@ -254,11 +265,13 @@ def test_host_read_stream_pages_are_what_host_read_stream_returns(soc: Soc) -> N
         core.host_read_stream_pages(soc.dram.size - PAGE, 2 * PAGE)
 
 
-def test_host_write_stream_pages_is_host_write_stream(soc: Soc) -> None:
+@pytest.mark.parametrize("in_c", [True, False])
+def test_host_write_stream_pages_is_host_write_stream(soc: Soc, monkeypatch: pytest.MonkeyPatch, in_c: bool) -> None:
     """Bytes written in place into the pages handed over leave the memory host_write_stream of them
     leaves: a dirty host line of the range written back, then overwritten (it does not come back
     later over the new bytes), a page never written created; nothing is handed over for an unaligned
-    range or one outside DRAM."""
+    range or one outside DRAM.  The pages stored and listed in C (``dram_page_list``) or in Python."""
+    _pages_in_c(monkeypatch, in_c)
     data = bytes((i * 7 + 3) & 0xFF for i in range(3 * PAGE))  # 3 pages
     results = []
     got: list[int] = []

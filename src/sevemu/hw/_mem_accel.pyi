@@ -153,3 +153,7 @@ def key_run(raw: ReadableBuffer, mask: int, /) -> int:
 def dram_scatter_rows(pages: dict[int, bytearray], spa: int, stride: int, rows: ReadableBuffer, size: int, /) -> None:
     """Each ``size``-byte row of ``rows`` stored at ``spa + i * stride`` in the page store (absent
     pages created zeroed), the bytes between rows untouched; rows must not be able to cross a page."""
+
+def dram_page_list(pages: dict[int, bytearray], pfn: int, count: int, create: bool, /) -> list[bytearray] | None:
+    """The ``count`` pages from ``pfn`` on of the page store, in order (absent ones stored zeroed
+    first when ``create``, else None)."""

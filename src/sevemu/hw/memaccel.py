@@ -58,8 +58,9 @@ page pool's page loads) takes its lookups, evictions and installs in C (``cache_
 
 COLUMNS: bool = ENABLED and all(hasattr(helpers, name) for name in
                                 ("u64_columns", "u64_runs", "record_words", "strided_rows", "key_run",
-                                 "dram_scatter_rows"))
+                                 "dram_scatter_rows", "dram_page_list"))
 """Whether :mod:`sevemu.hw.columns` summarises u64 columns in C (one pass each: the firmware's
 whole-page batches and ring-buffer queues); its numpy expressions, which give the same values, stay
 where they were not built; and :meth:`PspDma.write_rows <sevemu.hw.psp.PspDma.write_rows>` stores its
-rows in one call (``dram_scatter_rows``).  Tests turn it off for the numpy paths."""
+rows in one call (``dram_scatter_rows``), and a core's page-run streaming accesses list DRAM's pages in
+one (``dram_page_list``).  Tests turn it off for the numpy paths."""

@@ -372,8 +372,13 @@ class RingSession:
                     self._paused, self._tail = paused, at
             raw = core.host_read_stream(self.hi_status_spa if high else self.status_spa,
                                         RB_QUEUE_ENTRIES * _STATUS.size)
-            statuses = np.frombuffer(raw, dtype="<u2")[:: _STATUS.size // 2]  # _STATUS: the u16 first
-            out += statuses[(first + np.arange(done)) % RB_QUEUE_ENTRIES].tolist() + [None] * (count - done)
+            end = first + done  # (the entries of the commands that ran, wrapping at the page's end)
+            ran = raw[first * _STATUS.size : end * _STATUS.size] + raw[: max(end - RB_QUEUE_ENTRIES, 0) * _STATUS.size]
+            if ran.count(0) == len(ran):  # (every entry zero: all SUCCESS, the usual answer)
+                out += [int(Status.SUCCESS)] * done
+            else:
+                out += np.frombuffer(ran, dtype="<u2")[:: _STATUS.size // 2].tolist()  # _STATUS: the u16 first
+            out += [None] * (count - done)
         if dropped:
             mailbox.mmio_write(MailboxReg.CMDBUFF_ADDR_HI, rb_tail(self._tail, self._hi_tail))
         return out
