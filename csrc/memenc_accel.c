@@ -1,7 +1,7 @@
 /*
  * sevemu.crypto._memenc_accel: optional C helpers for the memory-encryption engine
- * (src/sevemu/crypto/memenc.py).  The AES itself stays in `cryptography`; this module does only the
- * work around it that would otherwise take several numpy passes per chunk:
+ * (src/sevemu/crypto/memenc.py): the work around the AES that would otherwise take several numpy
+ * passes per chunk, and (on VAES) the AES itself:
  *
  *   xor_addr_tweak(dst, src, spa, consts)     XE/XEX: dst = src ^ T(spa + 16k) for each block k
  *   xts_xor(dst, src, tweaks, blocks)         XTS: dst = src ^ E_K2(n) * alpha^j per block j of unit n
@@ -23,6 +23,8 @@
  *                                             AES-XTS context whose masks are zero: VAES where its
  *                                             OpenSSL has it), per chunk (memenc's large transfers)
  *   vector_isa(level=None) -> str             the fused passes' instruction set (see xor_run)
+ *   aes_engine(name=None) -> str              the AES engine: 'vaes' (one pass on VAES / AVX-512,
+ *                                             see xts_vaes_run) or 'openssl'
  *   crypt_pages_in_place(pages, spa, length, consts, key, code, encrypt) -> bytes | None
  *                                             length bytes of a page store transformed in place,
  *                                             the bytes before returned (copied per group of pages
@@ -36,7 +38,9 @@
  *
  * The crypt_* functions run the AES through OpenSSL's libcrypto themselves (one pass over the data
  * instead of three, see xex_pages_run), except crypt_into_via, which calls the update_into of
- * `cryptography` contexts it is given; elsewhere the AES stays in `cryptography`.  Portable C99
+ * `cryptography` contexts it is given, and where the CPU has VAES with AVX-512: there the
+ * rounds are the CPU's AES instructions in this file (the memory controller's engine, checked by a
+ * known-answer test before first use; aes_engine); elsewhere the AES stays in `cryptography`.  Portable C99
  * apart from SSE2 intrinsics where the compiler has them (non-temporal stores, the fused passes'
  * XORs) and the fused passes' AVX2 / AVX-512 variants (GCC/Clang target attributes, used only when
  * the CPU has them: see xor_run; vector_isa() reports and forces the level), unaligned accesses
@@ -941,6 +945,407 @@ static PyObject *vector_isa(PyObject *self, PyObject *const *args, Py_ssize_t na
     return PyUnicode_FromString(isa_names[previous]);
 }
 
+/* ---- the AES engine: VAES (AVX-512) or OpenSSL ---------------------------------------------
+ *
+ * Through OpenSSL a page's transform is three steps (input ^ tweak into an L1 buffer, AES-ECB
+ * there, buffer ^ tweak into the output: xex_pages_run / xts_pages_run; XTS with its unit tweaks
+ * E_K2(n) in one more call first) or per chunk (crypt_into_via), with the AES an opaque call that
+ * nothing else overlaps.  Where the CPU has VAES with AVX-512, four 16-byte blocks are one ZMM
+ * register and the whole transform is one pass in registers: xts_vaes_run (AES-256-XTS with 64-byte
+ * units, IEEE 1619-2018 5.3.1: a unit is one register, its tweak and masks E_K2(n) * alpha^j made
+ * beside the data rounds) and xex_vaes_run (XE/XEX, AES-128: the address tweak from the in-page
+ * table and the page's tweak), eight registers per step, each byte read once and written once.
+ *
+ * The rounds are the CPU's AES instructions (VAESENC / VAESDEC; the key schedules with
+ * AESKEYGENASSIST and AESIMC, FIPS 197 5.2 and 5.3.5's equivalent inverse cipher).  Before the
+ * engine is first used known-answer tests run it (FIPS 197 Appendix C.1 and C.3, AES-128 and
+ * AES-256, both directions, every lane); if they fail, or the CPU lacks AVX-512F, VAES or AES-NI,
+ * OpenSSL's path runs, the same bytes.  aes_engine() reports and forces the choice (the tests run
+ * both on the same data). */
+
+enum { ENGINE_OPENSSL = 0, ENGINE_VAES = 1 };
+static const char *const engine_names[] = {"openssl", "vaes"};
+static int engine_level = -1; /* -1: not chosen yet (a benign race: every thread chooses the same) */
+
+#define XTS_ROUNDS 14 /* AES-256 */
+#define XEX_ROUNDS 10 /* AES-128 */
+
+/* A key schedule, each round key broadcast to a 64-byte row (the rounds take them as memory
+ * operands); AES-128 uses the first 11 rows. */
+typedef unsigned char AesRows[XTS_ROUNDS + 1][64];
+
+/* The expanded keys of one run: k1 the data key's schedule for the run's direction (decryption:
+ * the equivalent inverse cipher's; AES-128 for XE/XEX, AES-256 for XTS), k2 XTS's tweak key's
+ * encryption schedule. */
+typedef struct {
+    AesRows k1 ALIGNED64;
+    AesRows k2 ALIGNED64;
+} EngineKeys;
+
+#ifdef HAVE_VECTOR_ISA
+__attribute__((target("aes"))) static __m128i ks_mix(__m128i k, __m128i t)
+{
+    k = _mm_xor_si128(k, _mm_slli_si128(k, 4));
+    k = _mm_xor_si128(k, _mm_slli_si128(k, 4));
+    k = _mm_xor_si128(k, _mm_slli_si128(k, 4));
+    return _mm_xor_si128(k, t);
+}
+
+/* FIPS 197 5.2 for a 256-bit key: words w[8i..8i+7] from w[8i-8..8i-1]; AESKEYGENASSIST gives
+ * SubWord(RotWord(w)) ^ Rcon (dword 3, even round keys) and SubWord(w) (dword 2, odd ones). */
+#define KS256_EVEN(i, rcon) \
+    rk[i] = ks_mix(rk[(i) - 2], _mm_shuffle_epi32(_mm_aeskeygenassist_si128(rk[(i) - 1], rcon), 0xff))
+#define KS256_ODD(i) \
+    rk[i] = ks_mix(rk[(i) - 2], _mm_shuffle_epi32(_mm_aeskeygenassist_si128(rk[(i) - 1], 0), 0xaa))
+
+/* FIPS 197 5.2 for a 128-bit key: each round key from the previous one and SubWord(RotWord(its last
+ * word)) ^ Rcon (AESKEYGENASSIST's dword 3). */
+#define KS128(i, rcon) \
+    rk[i] = ks_mix(rk[(i) - 1], _mm_shuffle_epi32(_mm_aeskeygenassist_si128(rk[(i) - 1], rcon), 0xff))
+
+/* The schedule of a 16-byte (bits 128) or 32-byte key into rows (each round key four times):
+ * encryption, or with `decrypt` the equivalent inverse cipher's (FIPS 197 5.3.5: reversed,
+ * InvMixColumns on the middle ones). */
+__attribute__((target("aes"))) static void ks_rows(AesRows rows, const unsigned char *key, int bits, int decrypt)
+{
+    __m128i rk[XTS_ROUNDS + 1];
+    int i, lane, rounds = bits == 256 ? XTS_ROUNDS : XEX_ROUNDS;
+    rk[0] = _mm_loadu_si128((const __m128i *)key);
+    if (bits != 256) {
+        KS128(1, 0x01);
+        KS128(2, 0x02);
+        KS128(3, 0x04);
+        KS128(4, 0x08);
+        KS128(5, 0x10);
+        KS128(6, 0x20);
+        KS128(7, 0x40);
+        KS128(8, 0x80);
+        KS128(9, 0x1b);
+        KS128(10, 0x36);
+    } else {
+        rk[1] = _mm_loadu_si128((const __m128i *)(key + 16));
+        KS256_EVEN(2, 0x01);
+        KS256_ODD(3);
+        KS256_EVEN(4, 0x02);
+        KS256_ODD(5);
+        KS256_EVEN(6, 0x04);
+        KS256_ODD(7);
+        KS256_EVEN(8, 0x08);
+        KS256_ODD(9);
+        KS256_EVEN(10, 0x10);
+        KS256_ODD(11);
+        KS256_EVEN(12, 0x20);
+        KS256_ODD(13);
+        KS256_EVEN(14, 0x40);
+    }
+    for (i = 0; i <= rounds; i++) {
+        __m128i k = rk[i];
+        if (decrypt) {
+            k = rk[rounds - i];
+            if (i > 0 && i < rounds) {
+                k = _mm_aesimc_si128(k);
+            }
+        }
+        for (lane = 0; lane < 4; lane++) {
+            _mm_store_si128((__m128i *)(rows[i] + 16 * lane), k);
+        }
+    }
+}
+#undef KS256_EVEN
+#undef KS256_ODD
+#undef KS128
+
+#define ROUND_KEY(row) _mm512_load_si512((const void *)(row))
+/* The AES rounds (10 or 14) over n registers side by side (n and rounds compile-time constants after
+ * inlining where the caller's are). */
+__attribute__((target("avx512f,vaes"), always_inline)) static inline void
+aes_zmm(__m512i *x, int n, const AesRows rows, int rounds, int decrypt)
+{
+    int i, r;
+    for (i = 0; i < n; i++) {
+        x[i] = _mm512_xor_si512(x[i], ROUND_KEY(rows[0]));
+    }
+    for (r = 1; r < rounds; r++) {
+        __m512i k = ROUND_KEY(rows[r]);
+        for (i = 0; i < n; i++) {
+            x[i] = decrypt ? _mm512_aesdec_epi128(x[i], k) : _mm512_aesenc_epi128(x[i], k);
+        }
+    }
+    for (i = 0; i < n; i++) {
+        __m512i k = ROUND_KEY(rows[rounds]);
+        x[i] = decrypt ? _mm512_aesdeclast_epi128(x[i], k) : _mm512_aesenclast_epi128(x[i], k);
+    }
+}
+
+/* The mask of a unit whose tweak S is in all four lanes of x: lane j = S * alpha^j (as xts_run_avx512). */
+__attribute__((target("avx512f"), always_inline)) static inline __m512i xts_unit_mask(__m512i x, __m512i table)
+{
+    const __m512i cnt = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i rcnt = _mm512_set_epi64(61, 61, 62, 62, 63, 63, 64, 64);
+    __m512i car = _mm512_srlv_epi64(_mm512_shuffle_epi32(x, _MM_PERM_BADC), rcnt);
+    __m512i red = _mm512_permutexvar_epi64(car, table);
+    return _mm512_xor_si512(_mm512_sllv_epi64(x, cnt), _mm512_mask_blend_epi64(0xaa, red, car));
+}
+
+/* The data rounds of x[0..n) (K1's schedule, either direction) and the tweak rounds of t[0..2) (K2's,
+ * encryption) interleaved round by round: the next step's tweaks are made while this step's data
+ * goes through, instead of holding up the step's start for a whole chain of AES latencies. */
+__attribute__((target("avx512f,vaes"), always_inline)) static inline void
+aes_zmm_with_tweaks(__m512i *x, int n, const AesRows k1, int decrypt, __m512i *t, const AesRows k2)
+{
+    int i, r;
+    for (i = 0; i < n; i++) {
+        x[i] = _mm512_xor_si512(x[i], ROUND_KEY(k1[0]));
+    }
+    t[0] = _mm512_xor_si512(t[0], ROUND_KEY(k2[0]));
+    t[1] = _mm512_xor_si512(t[1], ROUND_KEY(k2[0]));
+    for (r = 1; r < XTS_ROUNDS; r++) {
+        __m512i k = ROUND_KEY(k1[r]), kt = ROUND_KEY(k2[r]);
+        for (i = 0; i < n; i++) {
+            x[i] = decrypt ? _mm512_aesdec_epi128(x[i], k) : _mm512_aesenc_epi128(x[i], k);
+        }
+        t[0] = _mm512_aesenc_epi128(t[0], kt);
+        t[1] = _mm512_aesenc_epi128(t[1], kt);
+    }
+    {
+        __m512i k = ROUND_KEY(k1[XTS_ROUNDS]), kt = ROUND_KEY(k2[XTS_ROUNDS]);
+        for (i = 0; i < n; i++) {
+            x[i] = decrypt ? _mm512_aesdeclast_epi128(x[i], k) : _mm512_aesenclast_epi128(x[i], k);
+        }
+        t[0] = _mm512_aesenclast_epi128(t[0], kt);
+        t[1] = _mm512_aesenclast_epi128(t[1], kt);
+    }
+}
+
+#undef ROUND_KEY
+
+/* `units` 64-byte units of XTS from src into dst (may be src itself), the first unit's sequence
+ * number `seq`.  Eight units per step: their
+ * tweaks (two registers of four, made during the previous step) give the eight masks, the eight
+ * data registers go through K1's rounds with the next step's tweaks through K2's beside them; a
+ * last step of fewer units takes the same path with the registers it needs. */
+__attribute__((target("avx512f,vaes"))) static void xts_vaes_run(unsigned char *dst, const unsigned char *src,
+                                                                  uint64_t seq, Py_ssize_t units,
+                                                                  const EngineKeys *ks, int decrypt)
+{
+    const __m512i table = _mm512_loadu_si512((const void *)gf_reduce);
+    const __m512i step = _mm512_maskz_set1_epi64(0x55, 4);
+    __m512i tw[2];
+    tw[0] = _mm512_add_epi64(_mm512_set_epi64(0, 3, 0, 2, 0, 1, 0, 0), _mm512_maskz_set1_epi64(0x55, (long long)seq));
+    tw[1] = _mm512_add_epi64(tw[0], step);
+    aes_zmm(tw, units > 4 ? 2 : 1, ks->k2, XTS_ROUNDS, 0);
+    while (units > 0) {
+        __m512i x[8], m[8], next[2];
+        int n = units < 8 ? (int)units : 8, i;
+        for (i = 0; i < n; i++) {
+            __m512i t = tw[i >> 2];
+            switch (i & 3) {
+            case 0: t = _mm512_shuffle_i64x2(t, t, 0x00); break;
+            case 1: t = _mm512_shuffle_i64x2(t, t, 0x55); break;
+            case 2: t = _mm512_shuffle_i64x2(t, t, 0xaa); break;
+            default: t = _mm512_shuffle_i64x2(t, t, 0xff); break;
+            }
+            m[i] = xts_unit_mask(t, table);
+            x[i] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(src + 64 * i)), m[i]);
+        }
+        if (units > 8) { /* (so n == 8) */
+            seq += 8;
+            next[0] = _mm512_add_epi64(_mm512_set_epi64(0, 3, 0, 2, 0, 1, 0, 0),
+                                       _mm512_maskz_set1_epi64(0x55, (long long)seq));
+            next[1] = _mm512_add_epi64(next[0], step);
+            aes_zmm_with_tweaks(x, 8, ks->k1, decrypt, next, ks->k2);
+            tw[0] = next[0];
+            tw[1] = next[1];
+        } else {
+            aes_zmm(x, n, ks->k1, XTS_ROUNDS, decrypt);
+        }
+        for (i = 0; i < n; i++) {
+            _mm512_storeu_si512((void *)(dst + 64 * i), _mm512_xor_si512(x[i], m[i]));
+        }
+        src += 64 * n;
+        dst += 64 * n;
+        units -= n;
+    }
+}
+
+/* XE / XEX of `blocks` 16-byte blocks from src into dst (may be src itself) on the VAES engine:
+ * T_k = tab[k] ^ t (tab: the in-page tweaks from the first block, t the page's tweak), the block
+ * ^ T_k before the rounds when `pre`, after them when `post` (xex_pages_run's flags).  Eight
+ * registers of four blocks per step; a last step of fewer blocks loads and stores through lane
+ * masks (the masked-off bytes are neither read nor written). */
+__attribute__((target("avx512f,vaes"))) static void xex_vaes_run(unsigned char *dst, const unsigned char *src,
+                                                                  const uint64_t *tab, uint64_t t0, uint64_t t1,
+                                                                  Py_ssize_t blocks, const AesRows rows, int pre,
+                                                                  int post, int decrypt)
+{
+    const __m512i t = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)t1, (long long)t0));
+    const __m512i *tp = (const __m512i *)(const void *)tab;
+    for (; blocks >= 32; blocks -= 32, src += 512, dst += 512, tp += 8) {
+        __m512i x[8], m[8];
+        int i;
+        for (i = 0; i < 8; i++) {
+            m[i] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(tp + i)), t);
+            x[i] = _mm512_loadu_si512((const void *)(src + 64 * i));
+            if (pre) {
+                x[i] = _mm512_xor_si512(x[i], m[i]);
+            }
+        }
+        aes_zmm(x, 8, rows, XEX_ROUNDS, decrypt);
+        for (i = 0; i < 8; i++) {
+            _mm512_storeu_si512((void *)(dst + 64 * i), post ? _mm512_xor_si512(x[i], m[i]) : x[i]);
+        }
+    }
+    if (blocks > 0) {
+        __m512i x[8], m[8];
+        __mmask8 lanes[8];
+        int n = (int)((blocks + 3) / 4), i;
+        for (i = 0; i < n; i++) {
+            Py_ssize_t left = blocks - 4 * i;
+            lanes[i] = left >= 4 ? (__mmask8)0xff : (__mmask8)((1u << (2 * left)) - 1);
+            m[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi64(lanes[i], (const void *)(tp + i)), t);
+            x[i] = _mm512_maskz_loadu_epi64(lanes[i], (const void *)(src + 64 * i));
+            if (pre) {
+                x[i] = _mm512_xor_si512(x[i], m[i]);
+            }
+        }
+        aes_zmm(x, n, rows, XEX_ROUNDS, decrypt);
+        for (i = 0; i < n; i++) {
+            _mm512_mask_storeu_epi64((void *)(dst + 64 * i), lanes[i], post ? _mm512_xor_si512(x[i], m[i]) : x[i]);
+        }
+    }
+}
+
+/* One FIPS 197 known answer: key 00 01 .. (bits / 8 bytes) encrypts `plain` to `cipher` on every
+ * lane, and decrypts it back. */
+__attribute__((target("avx512f,vaes"))) static int vaes_answer(int bits, const unsigned char *plain,
+                                                               const unsigned char *cipher)
+{
+    unsigned char key[32], out[64];
+    EngineKeys ks;
+    __m512i x[1];
+    int i, ok = 1, rounds = bits == 256 ? XTS_ROUNDS : XEX_ROUNDS;
+    for (i = 0; i < 32; i++) {
+        key[i] = (unsigned char)i;
+    }
+    ks_rows(ks.k1, key, bits, 0);
+    ks_rows(ks.k2, key, bits, 1);
+    x[0] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)plain));
+    aes_zmm(x, 1, ks.k1, rounds, 0);
+    _mm512_storeu_si512((void *)out, x[0]);
+    for (i = 0; i < 4; i++) {
+        ok &= memcmp(out + 16 * i, cipher, 16) == 0;
+    }
+    aes_zmm(x, 1, ks.k2, rounds, 1);
+    _mm512_storeu_si512((void *)out, x[0]);
+    for (i = 0; i < 4; i++) {
+        ok &= memcmp(out + 16 * i, plain, 16) == 0;
+    }
+    return ok;
+}
+
+/* FIPS 197 Appendix C.1 (AES-128) and C.3 (AES-256): the engine's rounds and key schedules. */
+static int vaes_known_answer(void)
+{
+    static const unsigned char plain[16] = {0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77,
+                                            0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff};
+    static const unsigned char c128[16] = {0x69, 0xc4, 0xe0, 0xd8, 0x6a, 0x7b, 0x04, 0x30,
+                                           0xd8, 0xcd, 0xb7, 0x80, 0x70, 0xb4, 0xc5, 0x5a};
+    static const unsigned char c256[16] = {0x8e, 0xa2, 0xb7, 0xca, 0x51, 0x67, 0x45, 0xbf,
+                                           0xea, 0xfc, 0x49, 0x90, 0x4b, 0x49, 0x60, 0x89};
+    return vaes_answer(128, plain, c128) && vaes_answer(256, plain, c256);
+}
+#endif
+
+/* Whether this CPU (and build) can run the VAES engine at all. */
+static int vaes_supported(void)
+{
+#ifdef HAVE_VECTOR_ISA
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vaes") && __builtin_cpu_supports("aes");
+#else
+    return 0;
+#endif
+}
+
+/* Whether the VAES engine may run: the CPU has it and it passed the known-answer test (once). */
+static int vaes_usable(void)
+{
+    static int ok = -1;
+    if (ok < 0) {
+#ifdef HAVE_VECTOR_ISA
+        ok = vaes_supported() && vaes_known_answer();
+#else
+        ok = 0;
+#endif
+    }
+    return ok;
+}
+
+static int engine_current(void)
+{
+    if (engine_level < 0) {
+        engine_level = vaes_usable() ? ENGINE_VAES : ENGINE_OPENSSL;
+    }
+    return engine_level;
+}
+
+/* The keys of a run (code 2: key = K1 || K2, 64 bytes; else a 16-byte AES-128 key) when the VAES
+ * engine runs it, else NULL. */
+static const EngineKeys *engine_keys(EngineKeys *ks, const unsigned char *key, long code, int encrypt)
+{
+#ifdef HAVE_VECTOR_ISA
+    if (engine_current() == ENGINE_VAES) {
+        ks_rows(ks->k1, key, code == 2 ? 256 : 128, !encrypt);
+        if (code == 2) {
+            ks_rows(ks->k2, key + 32, 256, 0);
+        }
+        return ks;
+    }
+#endif
+    (void)code;
+    (void)ks;
+    (void)key;
+    (void)encrypt;
+    return NULL;
+}
+
+PyDoc_STRVAR(aes_engine_doc,
+             "aes_engine(name=None, /) -> str\n--\n\n"
+             "The AES engine of the crypt_* functions: 'vaes' (the whole transform in one\n"
+             "pass on VAES / AVX-512, where the CPU has them and the engine passed its known-answer\n"
+             "test) or 'openssl' (libcrypto's AES-ECB between the tweak passes).  With `name`, that one\n"
+             "is used from now on, process-wide (ValueError if this CPU or build lacks it), and the\n"
+             "previous one returned: both give the same bytes.");
+
+static PyObject *aes_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int previous, i;
+    const char *name;
+    (void)self;
+    if (check_nargs("aes_engine", nargs, 0, 1) < 0) {
+        return NULL;
+    }
+    previous = engine_current();
+    if (nargs == 1 && args[0] != Py_None) {
+        name = PyUnicode_AsUTF8(args[0]);
+        if (name == NULL) {
+            return NULL;
+        }
+        for (i = 0; i < 2 && strcmp(name, engine_names[i]) != 0; i++) {
+        }
+        if (i == 2) {
+            PyErr_Format(PyExc_ValueError, "name must be 'openssl' or 'vaes', not %R", args[0]);
+            return NULL;
+        }
+        if (i == ENGINE_VAES && !vaes_usable()) {
+            PyErr_SetString(PyExc_ValueError, "this CPU (or build) does not run the vaes engine");
+            return NULL;
+        }
+        engine_level = i;
+    }
+    return PyUnicode_FromString(engine_names[previous]);
+}
+
 
 /* One side of a fused run: the pages of a page store (one pointer per page of the span, the first
  * at the span's offset in its page) or one contiguous buffer. */
@@ -978,8 +1383,8 @@ static void prefetch_next(const Span *in, Py_ssize_t page, Py_ssize_t done, Py_s
  * ~2% at 128 MiB (memory-bound there).  Dropping prefetch_next measured no better in cache and
  * 8% worse out of it. */
 static int xex_pages_run(const Span *in, const Span *out, int stream, uint64_t spa, Py_ssize_t len,
-                         const unsigned char *consts, int nbits, EVP_CIPHER_CTX *ctx, int pre, int post,
-                         int encrypt)
+                         const unsigned char *consts, int nbits, EVP_CIPHER_CTX *ctx, const EngineKeys *ks,
+                         int pre, int post, int encrypt)
 {
     uint64_t in_page[PAGE_BLOCKS][2];
     uint64_t tmp_words[XP_PAGE / 8 + 3 * 8];
@@ -991,6 +1396,31 @@ static int xex_pages_run(const Span *in, const Span *out, int stream, uint64_t s
     uint64_t t[2], page = spa & ~(uint64_t)(XP_PAGE - 1);
     in_page_table(consts, in_page);
     page_tweak(page, consts, nbits, t);
+#ifdef HAVE_VECTOR_ISA
+    if (ks != NULL) { /* the VAES engine: one pass per page (ordinary stores, as xts_pages_run's) */
+        (void)stream;
+        (void)tmp;
+        while (len > 0) {
+            Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
+            Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
+            if (in->pages != NULL && len > n) {
+                prefetch_next(in, p + 1, done + n, len - n < XP_PAGE ? len - n : XP_PAGE);
+            }
+            xex_vaes_run(span_at(out, p, done, off), span_at(in, p, done, off), in_page[off / BLOCK], t[0], t[1],
+                         n / BLOCK, ks->k1, pre, post, !encrypt);
+            spa += (uint64_t)n;
+            len -= n;
+            done += n;
+            p++;
+            if (len > 0) {
+                page_tweak_step(page, spa, consts, nbits, t);
+                page = spa;
+            }
+        }
+        return 0;
+    }
+#endif
+    (void)ks;
     while (len > 0) {
         Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
         Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
@@ -1034,7 +1464,7 @@ static int xex_pages_run(const Span *in, const Span *out, int stream, uint64_t s
  * (K1) in place, tmp ^ mask into the output (non-temporal stores with `stream`); spa and len are
  * multiples of 64.  0, or -1 when OpenSSL failed. */
 static int xts_pages_run(const Span *in, const Span *out, int stream, uint64_t spa, Py_ssize_t len,
-                         EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx, int encrypt)
+                         EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *tweak_ctx, const EngineKeys *ks, int encrypt)
 {
     unsigned char seq[XP_PAGE / 4];
     /* mask, then tmp 3 lines past the next page offset (x86's "4K aliasing", see xex_pages_run) */
@@ -1043,6 +1473,29 @@ static int xts_pages_run(const Span *in, const Span *out, int stream, uint64_t s
     unsigned char *tmp = (unsigned char *)(words + XP_PAGE / 8 + 3 * 8);
     Py_ssize_t p = 0, done = 0;
     int isa = isa_current();
+#ifdef HAVE_VECTOR_ISA
+    if (ks != NULL) {
+        /* The VAES engine: one pass per page, ordinary stores whatever `stream` says (256 MiB
+         * encrypted and decrypted on a Zen 4 EPYC VM: 7.7 GB/s with them, 6.8 with non-temporal
+         * stores; software prefetch 1-4 KiB ahead within 2%, so none). */
+        (void)stream;
+        while (len > 0) {
+            Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
+            Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
+            unsigned char *dst = span_at(out, p, done, off);
+            if (in->pages != NULL && len > n) { /* (a page store's next page is elsewhere) */
+                prefetch_next(in, p + 1, done + n, len - n < XP_PAGE ? len - n : XP_PAGE);
+            }
+            xts_vaes_run(dst, span_at(in, p, done, off), spa >> 6, n / 64, ks, !encrypt);
+            spa += (uint64_t)n;
+            len -= n;
+            done += n;
+            p++;
+        }
+        return 0;
+    }
+#endif
+    (void)ks;
     while (len > 0) {
         Py_ssize_t off = (Py_ssize_t)(spa & (XP_PAGE - 1));
         Py_ssize_t n = XP_PAGE - off < len ? XP_PAGE - off : len;
@@ -1199,13 +1652,15 @@ static int crypt_run(const char *name, const CryptArgs *a, const Span *in, const
     int nbits = (int)a->nbits, encrypt = a->encrypt, pre = encrypt || a->code == 1, post = !encrypt || a->code == 1;
     long code = a->code;
     uint64_t spa = a->spa;
+    EngineKeys ksbuf;
+    const EngineKeys *ks = engine_keys(&ksbuf, (const unsigned char *)a->key.buf, code, encrypt);
     if (len <= XP_PAGE) { /* a page or less (about a microsecond): not worth handing the GIL over */
-        failed = code == 2 ? xts_pages_run(in, out, stream, spa, len, ctx, tweak_ctx, encrypt)
-                           : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, pre, post, encrypt);
+        failed = code == 2 ? xts_pages_run(in, out, stream, spa, len, ctx, tweak_ctx, ks, encrypt)
+                           : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, ks, pre, post, encrypt);
     } else {
         Py_BEGIN_ALLOW_THREADS
-        failed = code == 2 ? xts_pages_run(in, out, stream, spa, len, ctx, tweak_ctx, encrypt)
-                           : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, pre, post, encrypt);
+        failed = code == 2 ? xts_pages_run(in, out, stream, spa, len, ctx, tweak_ctx, ks, encrypt)
+                           : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, ks, pre, post, encrypt);
         Py_END_ALLOW_THREADS
     }
     if (failed) {
@@ -1893,6 +2348,8 @@ static int in_place_run(const char *name, const char *failed_msg, const CryptArg
         long code = a->code;
         uint64_t spa = a->spa;
         Py_ssize_t left = length, done = 0, p = 0;
+        EngineKeys ksbuf;
+        const EngineKeys *ks = engine_keys(&ksbuf, (const unsigned char *)a->key.buf, code, encrypt);
         Py_BEGIN_ALLOW_THREADS
         while (left > 0 && !failed) {
             /* a group: up to IN_PLACE_GROUP pages, ending at a page boundary */
@@ -1909,8 +2366,8 @@ static int in_place_run(const char *name, const char *failed_msg, const CryptArg
                 at += k;
             }
             if (!failed) {
-                failed = code == 2 ? xts_pages_run(&span, &span, 0, spa, n, ctx, tweak_ctx, encrypt)
-                                   : xex_pages_run(&span, &span, 0, spa, n, consts, nbits, ctx, pre, post, encrypt);
+                failed = code == 2 ? xts_pages_run(&span, &span, 0, spa, n, ctx, tweak_ctx, ks, encrypt)
+                                   : xex_pages_run(&span, &span, 0, spa, n, consts, nbits, ctx, ks, pre, post, encrypt);
             }
             spa += (uint64_t)n;
             done += n;
@@ -2286,6 +2743,7 @@ static PyMethodDef methods[] = {
     {"crypt_pages_in_place", (PyCFunction)(void (*)(void))crypt_pages_in_place, METH_FASTCALL,
      crypt_pages_in_place_doc},
     {"vector_isa", (PyCFunction)(void (*)(void))vector_isa, METH_FASTCALL, vector_isa_doc},
+    {"aes_engine", (PyCFunction)(void (*)(void))aes_engine, METH_FASTCALL, aes_engine_doc},
     {NULL, NULL, 0, NULL},
 };
 

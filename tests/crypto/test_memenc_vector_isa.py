@@ -3,7 +3,8 @@ level the CPU runs gives the same bytes as the portable one -- and the portable 
 numpy path -- on random data, every granule offset in a page, both directions, in place and into
 another buffer, into a page store, across the non-temporal-store threshold with output buffers at
 every 16-byte alignment modulo 64 (and an unaligned one), for XE, XEX and XTS.  The portable level is
-forced here, so it stays tested on machines that would otherwise always take the vector code."""
+forced here, so it stays tested on machines that would otherwise always take the vector code.  XTS runs
+on the OpenSSL engine here (the passes under test; tests/crypto/test_memenc_vaes.py covers the VAES one)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 from sevemu.crypto import memenc
 from sevemu.crypto.memenc import ACCELERATED, EncryptionMode, MemoryCipher, TweakConstants
 
-pytestmark = pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
+pytestmark = [pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built"),
+              pytest.mark.usefixtures("openssl_engine")]
 
 XE, XEX, XTS = EncryptionMode.XE, EncryptionMode.XEX, EncryptionMode.XTS256
 CODE = {XE: 0, XEX: 1, XTS: 2}

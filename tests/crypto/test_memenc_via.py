@@ -2,7 +2,9 @@
 ``MemoryCipher.encrypt_bulk_into`` / ``decrypt_bulk_into`` from 32-64 KiB on): a zero-mask XTS context
 is AES-ECB, reused chunk after chunk; the same bytes as the numpy path and the per-unit XTS reference on
 random addresses and lengths (page- and chunk-crossing, in place and into another buffer, every vector
-level); the self-test that guards the path, and the fallback to ``crypt_into`` when it fails."""
+level); the self-test that guards the path, and the fallback to ``crypt_into`` when it fails.  XTS runs on
+the OpenSSL engine here: where the CPU has VAES the bulk path takes the accelerator's own engine instead
+(tests/crypto/test_memenc_vaes.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from hypothesis import strategies as st
 from sevemu.crypto import memenc
 from sevemu.crypto.memenc import ACCELERATED, EncryptionMode, MemoryCipher, TweakConstants, xts_encrypt_units
 
-pytestmark = pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
+pytestmark = [pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built"),
+              pytest.mark.usefixtures("openssl_engine")]
 
 XE, XEX, XTS = EncryptionMode.XE, EncryptionMode.XEX, EncryptionMode.XTS256
 CODE = {XE: 0, XEX: 1, XTS: 2}

@@ -67,3 +67,8 @@ def vector_isa(level: str | None = None, /) -> str:
     """The instruction set of the fused passes ('avx512', 'avx2' or 'portable'; 'avx2' by default where
     the CPU has it); with ``level``, use that one from now on (process-wide; ValueError when the CPU
     lacks it) and return the previous."""
+
+def aes_engine(name: str | None = None, /) -> str:
+    """The AES engine of the crypt_* functions: 'vaes' (one pass on VAES / AVX-512, where the
+    CPU has them and the engine passed its known-answer test) or 'openssl'; with ``name``, use that one
+    from now on (process-wide; ValueError when it cannot run here) and return the previous."""

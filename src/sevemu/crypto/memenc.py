@@ -66,7 +66,10 @@ installed for a launch that only those paths use makes none).  Everything around
   this was measured on.  From 32-64 KiB on the same passes run per chunk of 128-256 KiB around
   ``crypt_into_via``, whose AES is `cryptography`'s AES-XTS made AES-ECB (a tweak that encrypts to
   zero: VAES where its bundled OpenSSL has it, 1.5-1.7x the AES-NI ECB), guarded by a self-test at
-  first use (``docs/memory-model.md``).  Only an output that overlaps the input other than exactly
+  first use (``docs/memory-model.md``).  Every mode skips both where the CPU has VAES with AVX-512:
+  the accelerator's own engine then does a page's whole transform in one pass (four blocks per
+  register, the tweaks made in registers beside the AES rounds; checked by FIPS 197 known-answer
+  tests at first use, ``aes_engine()`` reports and forces it).  Only an output that overlaps the input other than exactly
   takes the older three-pass chunk path.  The single-line path XORs 64-byte strings:
   the memoised page tweak and the line's in-page tweak (XE/XEX), or the line's four XTS tweaks
   (memoised per line, from E_K2 of the page's 64 sequence numbers, one AES call per page).
@@ -698,6 +701,23 @@ class MemoryCipher:
         made AES-ECB (``crypt_into_via``; see the module's notes)."""
         return self._via is not None
 
+    @property
+    def bulk_aes_engine(self) -> str:
+        """Which AES a bulk transfer of this cipher runs now: ``"vaes"`` (the whole transform in one pass
+        on VAES / AVX-512, ``crypt_into``), ``"cryptography-xts"`` (`cryptography`'s AES-XTS made AES-ECB,
+        ``crypt_into_via``, for transfers from 32-64 KiB), ``"openssl"`` (libcrypto's AES-ECB between
+        the C passes) or ``"cryptography-ecb"`` (the numpy path)."""
+        if not self._accel:
+            return "cryptography-ecb"
+        if self._vaes():
+            return "vaes"
+        return "cryptography-xts" if _via_usable(self._tables.consts_bytes) else "openssl"
+
+    def _vaes(self) -> bool:
+        """Whether the accelerator runs on its VAES engine (the whole transform in one pass, faster than
+        ``crypt_into_via``'s chunks: see docs/memory-model.md), so crypt_into takes every size."""
+        return _memenc_accel.aes_engine() == "vaes"
+
     # -- checks -------------------------------------------------------------------------------
 
     def _check(self, spa: int, length: int) -> None:
@@ -1123,7 +1143,7 @@ class MemoryCipher:
         if not n:
             return
         if self._accel:
-            if n >= _VIA_MIN[self._code] and _via_usable(self._tables.consts_bytes):
+            if n >= _VIA_MIN[self._code] and not self._vaes() and _via_usable(self._tables.consts_bytes):
                 via = self._via
                 if via is None:
                     via = self._via = _via_contexts(self._key, self._code)
