@@ -4284,6 +4284,74 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(u64_dict_get_doc,
+             "u64_dict_get(mapping, keys, shift, /)\n--\n\n"
+             "mapping.get(k >> shift, -1) for each little-endian u64 k of `keys` (mapping: a dict of\n"
+             "int -> int), as little-endian int64 values back to back (bytes); TypeError for a value\n"
+             "that is not an int, OverflowError for one outside int64.");
+
+static PyObject *u64_dict_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer b;
+    PyObject *mapping, *out = NULL;
+    uint64_t shift;
+    (void)self;
+    if (check_nargs("u64_dict_get", nargs, 3) < 0 || get_u64(args[2], "shift", &shift) < 0) {
+        return NULL;
+    }
+    mapping = args[0];
+    if (!PyDict_CheckExact(mapping)) {
+        PyErr_SetString(PyExc_TypeError, "mapping must be a dict");
+        return NULL;
+    }
+    if (shift > 63) {
+        PyErr_SetString(PyExc_ValueError, "shift must be in 0..63");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (b.len % 8) {
+        PyErr_Format(PyExc_ValueError, "u64_dict_get needs a column of u64 (got %zd bytes)", b.len);
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, b.len);
+    if (out == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < b.len / 8; i++) {
+        PyObject *key = PyLong_FromUnsignedLongLong(le64_at((const char *)b.buf + 8 * i) >> shift);
+        PyObject *value;
+        long long v = -1;
+        if (key == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        value = PyDict_GetItemWithError(mapping, key);
+        Py_DECREF(key);
+        if (value == NULL && PyErr_Occurred()) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        if (value != NULL) {
+            if (!PyLong_Check(value)) {
+                PyErr_SetString(PyExc_TypeError, "u64_dict_get: a value is not an int");
+                Py_CLEAR(out);
+                goto done;
+            }
+            v = PyLong_AsLongLong(value);
+            if (v == -1 && PyErr_Occurred()) {
+                Py_CLEAR(out);
+                goto done;
+            }
+        }
+        le64_put(PyBytes_AS_STRING(out) + 8 * i, (uint64_t)v);
+    }
+done:
+    PyBuffer_Release(&b);
+    return out;
+}
+
 PyDoc_STRVAR(key_run_doc,
              "key_run(raw, mask, /)\n--\n\n"
              "raw: 16-byte entries (two little-endian u64 words each, at least one); how many of\n"
@@ -4335,6 +4403,7 @@ static PyMethodDef methods[] = {
     {"record_words", (PyCFunction)(void (*)(void))record_words, METH_FASTCALL, record_words_doc},
     {"strided_rows", (PyCFunction)(void (*)(void))strided_rows, METH_FASTCALL, strided_rows_doc},
     {"key_run", (PyCFunction)(void (*)(void))key_run, METH_FASTCALL, key_run_doc},
+    {"u64_dict_get", (PyCFunction)(void (*)(void))u64_dict_get, METH_FASTCALL, u64_dict_get_doc},
     {"dram_page_list", (PyCFunction)(void (*)(void))dram_page_list, METH_FASTCALL, dram_page_list_doc},
     {"dram_scatter_rows", (PyCFunction)(void (*)(void))dram_scatter_rows, METH_FASTCALL, dram_scatter_rows_doc},
     {"pool_sync_all", (PyCFunction)(void (*)(void))pool_sync_all, METH_FASTCALL,

@@ -87,6 +87,21 @@ def test_record_words_strided_rows_and_key_run_in_c_are_the_numpy_ones(monkeypat
         assert _both(monkeypatch, columns.key_run, entries.tobytes(), 0xFFFF_FFFF) == (n, n)
 
 
+def test_lookup_in_c_is_a_dict_get_per_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    mapping = {3: 0x1000, 5: 0x7FFF_FFFF_FFFF_F000, 7: 0, 1 << 40: 9}
+    col = np.array([3 << 12, 4 << 12, 5 << 12 | 0xFFF, 7 << 12, 1 << 52, TOP], dtype=np.uint64)
+    got, want = _both(monkeypatch, columns.lookup, mapping, col, 12)
+    assert got.dtype == want.dtype == np.int64
+    assert got.tolist() == want.tolist() == [0x1000, -1, 0x7FFF_FFFF_FFFF_F000, 0, 9, -1]
+    assert columns.lookup(mapping, np.array([3, 5], dtype=np.uint64)).tolist() == [0x1000, 0x7FFF_FFFF_FFFF_F000]
+    with pytest.raises(TypeError):
+        memaccel.helpers.u64_dict_get({1: "x"}, np.array([1], dtype=np.uint64).data, 0)
+    with pytest.raises(OverflowError):
+        memaccel.helpers.u64_dict_get({1: 1 << 64}, np.array([1], dtype=np.uint64).data, 0)
+    with pytest.raises(ValueError):
+        memaccel.helpers.u64_dict_get({}, bytes(8), 64)
+
+
 def test_the_c_helpers_check_their_arguments() -> None:
     helpers = memaccel.helpers
     with pytest.raises(ValueError, match="columns"):

@@ -157,3 +157,6 @@ def dram_scatter_rows(pages: dict[int, bytearray], spa: int, stride: int, rows: 
 def dram_page_list(pages: dict[int, bytearray], pfn: int, count: int, create: bool, /) -> list[bytearray] | None:
     """The ``count`` pages from ``pfn`` on of the page store, in order (absent ones stored zeroed
     first when ``create``, else None)."""
+
+def u64_dict_get(mapping: dict[int, int], keys: ReadableBuffer, shift: int, /) -> bytes:
+    """``mapping.get(k >> shift, -1)`` of each u64 ``k`` of ``keys``, as int64 values back to back."""

@@ -14,6 +14,7 @@ same either way (tested both ways).
 
 from __future__ import annotations
 
+import itertools
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import numpy.typing as npt
 
 from sevemu.hw import memaccel
 
-__all__ = ["ColumnStats", "key_run", "record_words", "runs", "stats", "strided_rows"]
+__all__ = ["ColumnStats", "key_run", "lookup", "record_words", "runs", "stats", "strided_rows"]
 
 _U64 = npt.NDArray[np.uint64]
 
@@ -111,3 +112,13 @@ def key_run(raw: bytes | bytearray | memoryview, mask: int) -> int:
     key = np.frombuffer(raw, dtype="<u8")[::2] & np.uint64(mask)
     differ = np.flatnonzero(key != key[0])
     return int(differ[0]) if len(differ) else len(key)
+
+
+def lookup(mapping: dict[int, int], col: _U64, shift: int = 0) -> npt.NDArray[np.int64]:
+    """``mapping.get(k >> shift, -1)`` of each value ``k`` of ``col``, as an int64 column (a dict
+    lookup per value, as ``np.fromiter(map(mapping.get, ...))`` makes them)."""
+    col = _contiguous(col)
+    if memaccel.COLUMNS:
+        return np.frombuffer(memaccel.helpers.u64_dict_get(mapping, col.data, shift), dtype="<i8").astype(np.int64, copy=False)
+    return np.fromiter(map(mapping.get, (col >> np.uint64(shift)).tolist(), itertools.repeat(-1)), dtype=np.int64,
+                       count=len(col))

@@ -58,7 +58,7 @@ page pool's page loads) takes its lookups, evictions and installs in C (``cache_
 
 COLUMNS: bool = ENABLED and all(hasattr(helpers, name) for name in
                                 ("u64_columns", "u64_runs", "record_words", "strided_rows", "key_run",
-                                 "dram_scatter_rows", "dram_page_list"))
+                                 "dram_scatter_rows", "dram_page_list", "u64_dict_get"))
 """Whether :mod:`sevemu.hw.columns` summarises u64 columns in C (one pass each: the firmware's
 whole-page batches and ring-buffer queues); its numpy expressions, which give the same values, stay
 where they were not built; and :meth:`PspDma.write_rows <sevemu.hw.psp.PspDma.write_rows>` stores its

@@ -740,26 +740,15 @@ def _disjoint(outs: list[tuple[_U64, np.uint64]], ins: list[tuple[_U64, np.uint6
     return True
 
 
-def _aads(flags: npt.NDArray[np.uint32] | None, ivs: bytes, size: int) -> bytes:
-    """The AAD (:func:`_aad`) of each packet of a run of ``size``-byte packets with these IVs (16
-    bytes each) and header flags (None: all 0)."""
-    n = len(ivs) // IV_SIZE
-    base = _AAD_RUNS.get(size)
-    if base is None or len(base) < n:  # (the terms every packet of the size shares, laid out once)
-        base = np.zeros(max(n, 512), dtype=_AAD_DTYPE)
-        base["context"] = DATA_CONTEXT
-        base["guest_len"] = size
-        base["trans_len"] = size
-        base.flags.writeable = False
-        _AAD_RUNS[size] = base
-    a = base[:n].copy()
-    if flags is not None:
-        a["flags"] = flags
+def _aads(flags: npt.NDArray[np.uint32], ivs: bytes, size: int) -> bytes:
+    """The AAD (:func:`_aad`) of each packet of a run of ``size``-byte packets."""
+    a = np.zeros(len(flags), dtype=_AAD_DTYPE)
+    a["context"] = DATA_CONTEXT
+    a["flags"] = flags
     a["iv"] = np.frombuffer(ivs, dtype="V16")
+    a["guest_len"] = size
+    a["trans_len"] = size
     return a.tobytes()
-
-
-_AAD_RUNS: dict[int, npt.NDArray[np.void]] = {}  # packet size -> the shared AAD terms of a run (_aads)
 
 
 def _page_runs(spas: _U64) -> list[tuple[int, int, int]]:
@@ -831,7 +820,7 @@ def _seal_pages(fw: Firmware, whole: _Whole) -> None:
     for first, spa, length in _page_runs(guest):
         dma.read_encrypted_into(spa, plain[first * PAGE : first * PAGE + length], g.asid)
     ivs = fw.ports.trng(IV_SIZE * n)  # one draw for the doorbell: a fresh IV per page, in command order
-    aads = _aads(None, ivs, PAGE)
+    aads = _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE)
     channel = _channel(g)
     runs = _page_runs(trans)
     if whole.trans_aligned:  # page-aligned TRANS: sealed straight into DRAM's pages
