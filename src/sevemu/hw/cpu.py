@@ -444,6 +444,10 @@ class Core:
         """The host's dirty lines (domain (0, C=0): the key is the SPA) of ``[spa, spa+length)``."""
         dirty = self.cache.dirty
         first, end = spa & ~63, spa + length
+        if memaccel.ENABLED:  # the same keys, in C (as the PSP's coherent reads find them)
+            found = memaccel.helpers.resident_keys([dirty], 0, first, end)
+            if found is not None:  # (None: the dirty set is a set subclass, answered in Python below)
+                return found
         if (end - first) >> 6 <= len(dirty):
             return [k for k in range(first, end, 64) if k in dirty]
         return sorted(k for k in dirty if first <= k < end)  # fewer dirty lines than addresses: visit them
