@@ -16,6 +16,8 @@
  *   crypt_from_pages(pages, spa, dst, consts, key, code, encrypt) -> bool
  *                                             the reverse: the pages of a page store (absent ones
  *                                             zeros) transformed into dst, per page in L1
+ *   crypt_gather(pages, pfns, dst, consts, key, code, encrypt) -> bool
+ *                                             crypt_from_pages of whole pages at a list of PFNs
  *   crypt_into(dst, spa, src, consts, key, code, encrypt) -> bool
  *                                             the same between two buffers (memenc's bulk path)
  *   crypt_into_via(dst, spa, src, consts, key, code, encrypt, update, tweak_update, chunk) -> bool
@@ -1352,7 +1354,17 @@ static PyObject *aes_engine(PyObject *self, PyObject *const *args, Py_ssize_t na
 typedef struct {
     unsigned char *const *pages;
     unsigned char *buf;
+    const uint64_t *pfns; /* page p's PFN where the pages are not consecutive (whole pages: a gather
+                             or a scatter); NULL: consecutive from the run's SPA */
 } Span;
+
+/* The SPA of page p of a run (p > 0, the run not done): from the PFN list of the side that has one,
+ * else `spa` (the previous page's end). */
+static uint64_t span_spa(const Span *in, const Span *out, Py_ssize_t p, uint64_t spa)
+{
+    const uint64_t *pfns = in->pfns != NULL ? in->pfns : out->pfns;
+    return pfns != NULL ? pfns[p] << PAGE_SHIFT : spa;
+}
 
 static unsigned char *span_at(const Span *s, Py_ssize_t page, Py_ssize_t done, Py_ssize_t off)
 {
@@ -1413,6 +1425,7 @@ static int xex_pages_run(const Span *in, const Span *out, int stream, uint64_t s
             done += n;
             p++;
             if (len > 0) {
+                spa = span_spa(in, out, p, spa);
                 page_tweak_step(page, spa, consts, nbits, t);
                 page = spa;
             }
@@ -1448,6 +1461,7 @@ static int xex_pages_run(const Span *in, const Span *out, int stream, uint64_t s
         done += n;
         p++;
         if (len > 0) {
+            spa = span_spa(in, out, p, spa);
             page_tweak_step(page, spa, consts, nbits, t);
             page = spa;
         }
@@ -1491,6 +1505,9 @@ static int xts_pages_run(const Span *in, const Span *out, int stream, uint64_t s
             len -= n;
             done += n;
             p++;
+            if (len > 0) {
+                spa = span_spa(in, out, p, spa);
+            }
         }
         return 0;
     }
@@ -1523,6 +1540,9 @@ static int xts_pages_run(const Span *in, const Span *out, int stream, uint64_t s
         len -= n;
         done += n;
         p++;
+        if (len > 0) {
+            spa = span_spa(in, out, p, spa);
+        }
     }
     if (stream) {
         STREAM_FENCE();
@@ -1843,26 +1863,18 @@ PyDoc_STRVAR(crypt_from_pages_doc,
  * stays in L1 (the bulk path instead gathers the pages into the buffer and makes three passes over
  * it).  The pages' buffers are held (a bytearray with an export cannot be resized) while the GIL is
  * released. */
-static PyObject *crypt_from_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* crypt_from_pages and crypt_gather: the pages of a->pages at the PFNs pfns[0..npages) (pfns NULL:
+ * consecutive from a->spa's page) transformed into a->data (a->spa: the first page's SPA plus the
+ * offset).  A new reference to True, to False when dst overlaps one of the pages (nothing written),
+ * or NULL with an exception set. */
+static PyObject *from_pages_run(const char *name, const CryptArgs *a, const uint64_t *pfns, Py_ssize_t npages)
 {
     PyObject *result = NULL;
-    CryptArgs a;
     Py_buffer *views = NULL;
     unsigned char **in = NULL;
-    uint64_t first_pfn;
-    Py_ssize_t npages = 0, held = 0, i;
+    uint64_t first_pfn = a->spa >> PAGE_SHIFT;
+    Py_ssize_t held = 0, i;
     EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
-    (void)self;
-
-    if (crypt_args("crypt_from_pages", args, nargs, 1, &a) < 0) {
-        return NULL;
-    }
-    if (a.data.len == 0) {
-        result = Py_NewRef(Py_True);
-        goto done;
-    }
-    first_pfn = a.spa >> PAGE_SHIFT;
-    npages = (Py_ssize_t)(((a.spa + (uint64_t)a.data.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
     views = (Py_buffer *)PyMem_Calloc((size_t)npages, sizeof(Py_buffer));
     in = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*in));
     if (views == NULL || in == NULL) {
@@ -1871,7 +1883,7 @@ static PyObject *crypt_from_pages(PyObject *self, PyObject *const *args, Py_ssiz
     }
     for (i = 0; i < npages; i++) {
         PyObject *page;
-        if (page_at(a.pages, first_pfn + (uint64_t)i, &page) < 0) {
+        if (page_at(a->pages, pfns != NULL ? pfns[i] : first_pfn + (uint64_t)i, &page) < 0) {
             goto done;
         }
         if (page == NULL) {
@@ -1884,17 +1896,16 @@ static PyObject *crypt_from_pages(PyObject *self, PyObject *const *args, Py_ssiz
         held = i + 1;
         in[i] = (unsigned char *)views[i].buf;
         {
-            const char *lo = (const char *)views[i].buf, *d = (const char *)a.data.buf;
-            if (d < lo + XP_PAGE && lo < d + a.data.len) { /* nothing written: the caller's other path */
+            const char *lo = (const char *)views[i].buf, *d = (const char *)a->data.buf;
+            if (d < lo + XP_PAGE && lo < d + a->data.len) { /* nothing written: the caller's other path */
                 result = Py_NewRef(Py_False);
                 goto done;
             }
         }
     }
     {
-        Span src = {in, NULL}, dst = {NULL, (unsigned char *)a.data.buf};
-        if (crypt_contexts("crypt_from_pages", &a, &ctx, &tweak_ctx) < 0 ||
-            crypt_run("crypt_from_pages", &a, &src, &dst, 0, ctx, tweak_ctx) < 0) {
+        Span src = {in, NULL, pfns}, dst = {NULL, (unsigned char *)a->data.buf, NULL};
+        if (crypt_contexts(name, a, &ctx, &tweak_ctx) < 0 || crypt_run(name, a, &src, &dst, 0, ctx, tweak_ctx) < 0) {
             goto done;
         }
     }
@@ -1909,6 +1920,88 @@ done:
     PyMem_Free(in);
     EVP_CIPHER_CTX_free(ctx);
     EVP_CIPHER_CTX_free(tweak_ctx);
+    return result;
+}
+
+static PyObject *crypt_from_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *result;
+    CryptArgs a;
+    (void)self;
+
+    if (crypt_args("crypt_from_pages", args, nargs, 1, &a) < 0) {
+        return NULL;
+    }
+    if (a.data.len == 0) {
+        result = Py_NewRef(Py_True);
+    } else {
+        uint64_t first_pfn = a.spa >> PAGE_SHIFT;
+        Py_ssize_t npages = (Py_ssize_t)(((a.spa + (uint64_t)a.data.len - 1) >> PAGE_SHIFT) - first_pfn + 1);
+        result = from_pages_run("crypt_from_pages", &a, NULL, npages);
+    }
+    crypt_args_release(&a);
+    return result;
+}
+
+PyDoc_STRVAR(crypt_gather_doc,
+             "crypt_gather(pages, pfns, dst, consts, key, code, encrypt, /)\n--\n\n"
+             "crypt_from_pages of whole pages that need not be consecutive: page k of dst (4096 bytes\n"
+             "per PFN) is the transform of the page store's page pfns[k] (native u64s, e.g. a numpy\n"
+             "uint64 array; an absent page reads as zeros) at SPA pfns[k] << 12.  True when done; False,\n"
+             "with nothing written, when dst overlaps one of the pages.  The same bytes as\n"
+             "crypt_from_pages of each page.");
+
+/* crypt_gather: the arguments checked as crypt_from_pages' (with spa 0), the PFNs copied (the run
+ * releases the GIL) and each checked against the address space, then one run over the list. */
+static PyObject *crypt_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *result = NULL, *argv[7], *zero;
+    CryptArgs a;
+    Py_buffer pv;
+    uint64_t *pfns = NULL;
+    Py_ssize_t count, i;
+    (void)self;
+
+    if (check_nargs("crypt_gather", nargs, 7, 7) < 0 || (zero = PyLong_FromLong(0)) == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < 7; i++) {
+        argv[i] = i == 1 ? zero : args[i];
+    }
+    i = crypt_args("crypt_gather", argv, 7, 1, &a);
+    Py_DECREF(zero);
+    if (i < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &pv, PyBUF_SIMPLE) < 0) {
+        crypt_args_release(&a);
+        return NULL;
+    }
+    count = pv.len / 8;
+    if (pv.len % 8) {
+        PyErr_Format(PyExc_ValueError, "pfns must be native 8-byte integers, not %zd bytes", pv.len);
+    } else if (a.data.len != count * XP_PAGE) {
+        PyErr_Format(PyExc_ValueError, "dst has %zd bytes for %zd pages (4096 bytes each)", a.data.len, count);
+    } else if (count > 0 && (pfns = (uint64_t *)PyMem_Malloc((size_t)count * 8)) == NULL) {
+        PyErr_NoMemory();
+    } else {
+        if (count > 0) {
+            memcpy(pfns, pv.buf, (size_t)count * 8);
+        }
+        for (i = 0; i < count && (pfns[i] >> (a.nbits - PAGE_SHIFT)) == 0; i++) {
+        }
+        if (i < count) {
+            PyErr_Format(PyExc_ValueError, "PFN %#llx is outside the %zd-bit address space",
+                         (unsigned long long)pfns[i], a.nbits);
+        } else if (count == 0) {
+            result = Py_NewRef(Py_True);
+        } else {
+            a.spa = pfns[0] << PAGE_SHIFT;
+            result = from_pages_run("crypt_gather", &a, pfns, count);
+        }
+    }
+    PyMem_Free(pfns);
+    PyBuffer_Release(&pv);
     crypt_args_release(&a);
     return result;
 }
@@ -2740,6 +2833,7 @@ static PyMethodDef methods[] = {
     {"crypt_into", (PyCFunction)(void (*)(void))crypt_into, METH_FASTCALL, crypt_into_doc},
     {"crypt_into_via", (PyCFunction)(void (*)(void))crypt_into_via, METH_FASTCALL, crypt_into_via_doc},
     {"crypt_from_pages", (PyCFunction)(void (*)(void))crypt_from_pages, METH_FASTCALL, crypt_from_pages_doc},
+    {"crypt_gather", (PyCFunction)(void (*)(void))crypt_gather, METH_FASTCALL, crypt_gather_doc},
     {"crypt_pages_in_place", (PyCFunction)(void (*)(void))crypt_pages_in_place, METH_FASTCALL,
      crypt_pages_in_place_doc},
     {"vector_isa", (PyCFunction)(void (*)(void))vector_isa, METH_FASTCALL, vector_isa_doc},

@@ -333,3 +333,39 @@ def test_in_place_hashes_decline_with_an_accelerator_built_before_them(monkeypat
     monkeypatch.setattr(memenc._memenc_accel, "crypt_pages_in_place", Old())
     assert MemoryCipher(XEX, _key(XEX), ZEN2).encrypt_pages_in_place(0x10000, 4096, d.pages_dict(), hashes=True) is None
     assert {k: bytes(v) for k, v in d.pages_dict().items()} == snapshot
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+def test_gather_is_crypt_from_pages_of_each_page(mode: EncryptionMode) -> None:
+    """``crypt_gather`` over PFNs in any order (absent pages, repeats) gives each page's
+    ``crypt_from_pages``; the refusals (a PFN past the address space, a wrong output size, a list
+    that is not whole 8-byte integers, an output inside one of the pages) write nothing."""
+    import numpy as np
+
+    ax = memenc._memenc_accel
+    tc = ZEN1 if mode is XE else ZEN2
+    consts = tc._tables.consts_bytes
+    rng = random.Random(41)
+    key = _key(mode, 41)
+    store = {pfn: bytearray(rng.randbytes(4096)) for pfn in rng.sample(range(1 << 20), 30)}
+    pfns = np.array(rng.sample(sorted(store), 20) + [12345678, 7, *sorted(store)[:3]], dtype=np.uint64)
+    out = bytearray(4096 * len(pfns))
+    assert ax.crypt_gather(store, pfns, out, consts, key, CODE[mode], False) is True
+    for k, pfn in enumerate(pfns.tolist()):
+        one = bytearray(4096)
+        assert ax.crypt_from_pages(store, pfn << 12, one, consts, key, CODE[mode], False) is True
+        assert out[4096 * k : 4096 * (k + 1)] == one, k
+    cipher = MemoryCipher(mode, key, tc)
+    again = bytearray(len(out))
+    assert cipher.decrypt_pages_gather(pfns, store, again) and again == out
+    assert ax.crypt_gather(store, np.zeros(0, dtype=np.uint64), bytearray(), consts, key, CODE[mode], False)
+    before = bytes(out)
+    for bad, size in ((np.array([1 << 36], dtype=np.uint64), 4096), (pfns, 4096), (b"\x01" * 12, 4096)):
+        with pytest.raises(ValueError):
+            ax.crypt_gather(store, bad, memoryview(out)[:size], consts, key, CODE[mode], False)
+    assert out == before
+    page = next(iter(store))
+    inside = memoryview(store[page])
+    assert ax.crypt_gather(store, np.array([page], dtype=np.uint64), inside, consts, key, CODE[mode], False) is False
+    with pytest.raises(AddressError):
+        cipher.decrypt_pages_gather(np.array([1 << 36], dtype=np.uint64), store, bytearray(4096))

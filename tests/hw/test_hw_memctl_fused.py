@@ -205,3 +205,56 @@ def test_read_run_without_c_bit_returns_dram_as_it_lies() -> None:
     assert bytes(mc.read_run(0x30_0040, 256, 0, False)) == raw[64:320]
     assert bytes(mc.read_run(0x31_0000, 128, 5, False)) == bytes(128)  # (an absent page)
     assert bytes(mc.read_run(0x30_0040, 256, 5, True)) == plain[64:320]
+
+
+@pytest.mark.parametrize("mode", list(EncryptionMode))
+def test_read_pages_into_gathers_what_read_into_reads_page_by_page(mode: EncryptionMode,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages at SPAs in any order (repeated, absent, consecutive runs among them): page k of the output
+    is ``read_into`` of ``spas[k]`` -- through the accelerator's gather, and through the page-by-page
+    path it falls back to -- on either AES engine."""
+    import numpy as np
+
+    mc = _mc(mode)
+    _write_all(mc, random.Random(5).randbytes(4 * MiB))
+    r = random.Random(6)
+    spas = [r.randrange(0, 8 * MiB // PAGE) * PAGE for _ in range(40)]
+    spas += [0x20_0000 + k * PAGE for k in range(9)] + [spas[3], 0x7F_F000]
+    column = np.array(spas, dtype=np.uint64)
+    want = b"".join(mc.read(spa, PAGE, 5, True) for spa in spas)
+    out = bytearray(len(want))
+    mc.read_pages_into(column, out, 5)
+    assert out == want
+    calls: list[bool] = []
+    real = MemoryCipher.decrypt_pages_gather
+
+    def declined(self: MemoryCipher, pfns: object, pages: dict[int, bytearray], o: object) -> bool:
+        calls.append(real(self, pfns, pages, bytearray(len(want))))  # type: ignore[arg-type]
+        return False
+
+    monkeypatch.setattr(MemoryCipher, "decrypt_pages_gather", declined)
+    out = bytearray(len(want))
+    mc.read_pages_into(column, out, 5)
+    assert out == want and calls == [ACCELERATED]
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_read_pages_into_refuses_before_writing(gather: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SPA that is not page-aligned (named in the error), a page past DRAM or a wrong output size:
+    refused, the output untouched, with the accelerator's gather and on the page-by-page path; an
+    empty list reads nothing."""
+    import numpy as np
+
+    from sevemu.errors import AddressError, InputError
+
+    if not gather:
+        monkeypatch.setattr(MemoryCipher, "decrypt_pages_gather", lambda *args: False)
+    mc = _mc(EncryptionMode.XEX)
+    out = bytearray(b"\x5a" * 2 * PAGE)
+    for spas, error, match in (([0x1000, 0x2040], AlignmentError, "0x2040"),
+                               ([0x1000, 8 * MiB], AddressError, "outside DRAM"),
+                               ([0x1000], InputError, "for 1 pages")):
+        with pytest.raises(error, match=match):
+            mc.read_pages_into(np.array(spas, dtype=np.uint64), out, 5)
+        assert out == b"\x5a" * 2 * PAGE
+    mc.read_pages_into(np.zeros(0, dtype=np.uint64), bytearray(), 5)

@@ -29,6 +29,7 @@ from sevemu.amd.roots import AmdRoot
 from sevemu.cli.bench_migrate import Destination, DestinationPlan
 from sevemu.cli.bench_migrate import _check_workload as destination_check  # the destination's check program
 from sevemu.guest.kernel import boot
+from sevemu.hw.psp import PspDma
 from sevemu.hw.pyengine import Op, PyEngine, op
 from sevemu.hypervisor import migration
 from sevemu.hypervisor.kvm import Hypervisor
@@ -356,6 +357,31 @@ def test_in_process_migration_keeps_memory_registers_and_shared_pages() -> None:
     assert moved.shared_gpas == {SHARED_GPA}
     ranges = [(gpa, PAGE) for gpa in secrets] + [(SHARED_GPA, len(SHARED_MARK))]
     assert guest_reads(dst.hv, moved, ranges) == [*secrets.values(), SHARED_MARK]
+    assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+
+
+def test_a_guest_whose_backing_is_scattered_migrates_in_one_gather(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest made after another was destroyed gets its pages back in the allocator's order, not
+    physically consecutive: SEND_UPDATE_DATA reads each doorbell's pages in one gather whatever their
+    order (no run per page), and the destination's guest reads its secrets back."""
+    src, dst = host("hv-mig-scatter-src"), host("hv-mig-scatter-dst")
+    first = running_guest(src, secret_pages())
+    src.hv.destroy(first)
+    secrets = secret_pages()
+    vm = running_guest(src, secrets)
+    gathered: list[np.ndarray] = []
+    real = PspDma.read_encrypted_pages_into
+
+    def spy(self: PspDma, spas: np.ndarray, out: bytearray | memoryview, asid: int) -> None:
+        gathered.append(np.array(spas, dtype=np.uint64))
+        real(self, spas, out, asid)
+
+    monkeypatch.setattr(PspDma, "read_encrypted_pages_into", spy)
+    moved, error = migrate_in_process(src, dst, vm)
+    assert error is None and moved is not None
+    assert any(len(c) > 1 and (c[1:] != c[:-1] + np.uint64(PAGE)).any() for c in gathered)
+    ranges = [(gpa, PAGE) for gpa in secrets]
+    assert guest_reads(dst.hv, moved, ranges) == list(secrets.values())
     assert not src.firmware.internal_errors and not dst.firmware.internal_errors
 
 

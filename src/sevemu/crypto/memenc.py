@@ -1064,6 +1064,27 @@ class MemoryCipher:
         self._check(spa, dst.nbytes)
         return bool(run(pages, spa, dst, self._tables.consts_bytes, self._key, self._code, False))
 
+    def decrypt_pages_gather(self, pfns: npt.NDArray[np.uint64], pages: dict[int, bytearray],
+                             out: bytearray | memoryview) -> bool:
+        """Decrypt whole pages of a page store that need not be consecutive: page k of ``out`` (4 KiB
+        per PFN) from the page ``pfns[k]`` (an absent page reads as zeros) at SPA ``pfns[k] << 12``;
+        the bytes :meth:`decrypt_from_pages` gives of each page, in one call into the C accelerator.
+        Only with the accelerator; False, with nothing done, otherwise (and when ``out`` overlaps one
+        of the pages): the caller then reads page by page."""
+        run = getattr(_memenc_accel, "crypt_gather", None) if self._accel else None
+        if run is None:
+            return False
+        dst = _byte_view(out, "out")
+        if dst.readonly:
+            raise InputError("out must be a writable buffer")
+        column = np.ascontiguousarray(pfns, dtype=np.uint64)
+        if dst.nbytes != PAGE * len(column):
+            raise InputError(f"out has {dst.nbytes} bytes for {len(column)} pages")
+        if len(column) and int(column.max()) >= self.tweak_constants.address_limit >> 12:
+            raise AddressError(f"PFN {int(column.max()):#x} is beyond the {self.tweak_constants.pa_bits}-bit "
+                               "address space")
+        return bool(run(pages, column, dst, self._tables.consts_bytes, self._key, self._code, False))
+
     def encrypt_pages_in_place(self, spa: int, length: int, pages: dict[int, bytearray], *,
                                hashes: bool = False) -> bytes | None:
         """Encrypt ``length`` bytes of a page store (PFN -> 4 KiB bytearray, as :class:`sevemu.hw.dram.Dram`

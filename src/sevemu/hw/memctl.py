@@ -31,10 +31,13 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+import numpy.typing as npt
+
 from sevemu._util.units import LINE, PAGE, KiB, MiB
 from sevemu.crypto.memenc import EncryptionMode, MemoryCipher, TweakConstants
 from sevemu.crypto.pagehash import sha384_pages
-from sevemu.errors import AlignmentError, AsidError, KeySlotError
+from sevemu.errors import AlignmentError, AsidError, InputError, KeySlotError
 from sevemu.hw import memaccel
 from sevemu.hw.dram import Dram
 
@@ -254,6 +257,27 @@ class MemoryController:
         self.dram.read_into(spa, view)
         if cipher is not None:
             cipher.decrypt_bulk_into(spa, view, view)
+
+    def read_pages_into(self, spas: npt.NDArray[np.uint64], out: bytearray | memoryview, asid: int) -> None:
+        """:meth:`read_into` through (asid, C=1) of whole pages that need not be consecutive: page k of
+        ``out`` (4 KiB per SPA) from the page-aligned ``spas[k]``, in one pass where the accelerator
+        has it (:meth:`MemoryCipher.decrypt_pages_gather`), else page by page.  Every SPA is checked
+        first: a refused transfer changes nothing."""
+        view = memoryview(out).cast("B")
+        column = np.ascontiguousarray(spas, dtype=np.uint64)
+        if len(view) != PAGE * len(column):
+            raise InputError(f"out has {len(view)} bytes for {len(column)} pages")
+        if not len(column):
+            return
+        if (column % np.uint64(PAGE)).any():
+            bad = int(column[(column % np.uint64(PAGE)) != 0][0])
+            raise AlignmentError(f"page reads take page-aligned SPAs: {bad:#x}")
+        self.dram.check_range(int(column.max()), PAGE)
+        cipher = self._cipher(asid)
+        if cipher.decrypt_pages_gather(column >> np.uint64(12), self.dram.pages_dict(), view):
+            return
+        for k, spa in enumerate(column.tolist()):
+            self.read_into(spa, view[k * PAGE : (k + 1) * PAGE], asid, True)
 
     def write(self, spa: int, data: bytes | bytearray | memoryview, asid: int, c: bool) -> None:
         """Store ``data`` at line-aligned ``spa`` through domain (asid, c), bypassing the caches.

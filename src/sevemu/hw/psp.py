@@ -299,6 +299,12 @@ class PspDma:
         memory: a bulk transfer that reuses its buffer)."""
         self._mc.read_into(spa, out, asid, True)
 
+    def read_encrypted_pages_into(self, spas: npt.NDArray[np.uint64], out: bytearray | memoryview, asid: int) -> None:
+        """:meth:`read_encrypted_into` of whole pages at page-aligned SPAs that need not be consecutive
+        (page k of ``out`` from ``spas[k]``), in one pass: a guest whose backing is scattered costs
+        what a contiguous one does."""
+        self._mc.read_pages_into(spas, out, asid)
+
     def write_encrypted(self, spa: int, data: bytes | bytearray | memoryview, asid: int) -> None:
         """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""
         if len(data) <= PAGE and not isinstance(data, memoryview):  # (a page: the controller's short path)

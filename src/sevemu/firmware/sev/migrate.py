@@ -809,7 +809,8 @@ def _scratch(name: str, length: int) -> memoryview:
 
 def _seal_pages(fw: Firmware, whole: _Whole) -> None:
     """The effects of SEND_UPDATE_DATA on each whole page (checked by :func:`_whole_pages`): the
-    pages read and decrypted from DRAM (:func:`read_guest` of each run) into the PSP's memory,
+    pages read and decrypted from DRAM into the PSP's memory in one gather, whether or not they are
+    physically consecutive (:meth:`~sevemu.hw.psp.PspDma.read_encrypted_pages_into`),
     sealed from there straight into the TRANS pages in DRAM when every TRANS is page-aligned (the
     host's lines of them written back and dropped first, as for any PSP write:
     :meth:`~sevemu.hw.psp.PspDma.fill_pages`), else into a second buffer written out run by run."""
@@ -817,8 +818,7 @@ def _seal_pages(fw: Firmware, whole: _Whole) -> None:
     n = len(guest)
     dma = fw.ports.dma
     plain = _scratch("plain", n * PAGE)
-    for first, spa, length in _page_runs(guest):
-        dma.read_encrypted_into(spa, plain[first * PAGE : first * PAGE + length], g.asid)
+    dma.read_encrypted_pages_into(guest, plain, g.asid)  # (one gather, consecutive or not)
     ivs = fw.ports.trng(IV_SIZE * n)  # one draw for the doorbell: a fresh IV per page, in command order
     aads = _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE)
     channel = _channel(g)
