@@ -18,6 +18,8 @@
  *                                             zeros) transformed into dst, per page in L1
  *   crypt_gather(pages, pfns, dst, consts, key, code, encrypt) -> bool
  *                                             crypt_from_pages of whole pages at a list of PFNs
+ *   crypt_scatter(pages, pfns, src, consts, key, code, encrypt) -> bool
+ *                                             crypt_pages of whole pages into a list of PFNs
  *   crypt_into(dst, spa, src, consts, key, code, encrypt) -> bool
  *                                             the same between two buffers (memenc's bulk path)
  *   crypt_into_via(dst, spa, src, consts, key, code, encrypt, update, tweak_update, chunk) -> bool
@@ -57,6 +59,7 @@
 
 #include <openssl/evp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 16
@@ -591,6 +594,10 @@ static const char *const isa_names[] = {"portable", "avx2", "avx512"};
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
 #define HAVE_VECTOR_ISA 1
 #include <immintrin.h>
+/* The VAES engine needs the compiler's VAES / AVX-512 intrinsics (GCC 8, Clang 6 and later). */
+#if defined(__clang__) ? __clang_major__ >= 6 : __GNUC__ >= 8
+#define HAVE_VAES 1
+#endif
 #endif
 
 /* The best level this CPU runs; process-wide, like OpenSSL's own capability vector. */
@@ -984,7 +991,7 @@ typedef struct {
     AesRows k2 ALIGNED64;
 } EngineKeys;
 
-#ifdef HAVE_VECTOR_ISA
+#ifdef HAVE_VAES
 __attribute__((target("aes"))) static __m128i ks_mix(__m128i k, __m128i t)
 {
     k = _mm_xor_si128(k, _mm_slli_si128(k, 4));
@@ -1261,7 +1268,7 @@ static int vaes_known_answer(void)
 /* Whether this CPU (and build) can run the VAES engine at all. */
 static int vaes_supported(void)
 {
-#ifdef HAVE_VECTOR_ISA
+#ifdef HAVE_VAES
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vaes") && __builtin_cpu_supports("aes");
 #else
@@ -1274,7 +1281,7 @@ static int vaes_usable(void)
 {
     static int ok = -1;
     if (ok < 0) {
-#ifdef HAVE_VECTOR_ISA
+#ifdef HAVE_VAES
         ok = vaes_supported() && vaes_known_answer();
 #else
         ok = 0;
@@ -1295,7 +1302,7 @@ static int engine_current(void)
  * engine runs it, else NULL. */
 static const EngineKeys *engine_keys(EngineKeys *ks, const unsigned char *key, long code, int encrypt)
 {
-#ifdef HAVE_VECTOR_ISA
+#ifdef HAVE_VAES
     if (engine_current() == ENGINE_VAES) {
         ks_rows(ks->k1, key, code == 2 ? 256 : 128, !encrypt);
         if (code == 2) {
@@ -1408,7 +1415,7 @@ static int xex_pages_run(const Span *in, const Span *out, int stream, uint64_t s
     uint64_t t[2], page = spa & ~(uint64_t)(XP_PAGE - 1);
     in_page_table(consts, in_page);
     page_tweak(page, consts, nbits, t);
-#ifdef HAVE_VECTOR_ISA
+#ifdef HAVE_VAES
     if (ks != NULL) { /* the VAES engine: one pass per page (ordinary stores, as xts_pages_run's) */
         (void)stream;
         (void)tmp;
@@ -1487,7 +1494,7 @@ static int xts_pages_run(const Span *in, const Span *out, int stream, uint64_t s
     unsigned char *tmp = (unsigned char *)(words + XP_PAGE / 8 + 3 * 8);
     Py_ssize_t p = 0, done = 0;
     int isa = isa_current();
-#ifdef HAVE_VECTOR_ISA
+#ifdef HAVE_VAES
     if (ks != NULL) {
         /* The VAES engine: one pass per page, ordinary stores whatever `stream` says (256 MiB
          * encrypted and decrypted on a Zen 4 EPYC VM: 7.7 GB/s with them, 6.8 with non-temporal
@@ -1724,15 +1731,40 @@ typedef struct {
     Py_ssize_t owned, held;
     PageRef *refs;
     unsigned char **ptrs;
+    const uint64_t *pfns; /* page i's PFN when listed (page_set_take_list), else first_pfn + i */
 } PageSet;
+
+static uint64_t page_set_pfn(const PageSet *ps, Py_ssize_t i)
+{
+    return ps->pfns != NULL ? ps->pfns[i] : ps->first_pfn + (uint64_t)i;
+}
+
+static int page_set_take_pages(PageSet *ps, PyObject *pages, Py_ssize_t npages, const char *avoid,
+                               Py_ssize_t avoid_len);
 
 static int page_set_take(PageSet *ps, PyObject *pages, uint64_t spa, Py_ssize_t len, const char *avoid,
                          Py_ssize_t avoid_len)
 {
-    Py_ssize_t npages, i;
-    ps->pages = pages;
     ps->first_pfn = spa >> PAGE_SHIFT;
-    npages = (Py_ssize_t)(((spa + (uint64_t)len - 1) >> PAGE_SHIFT) - ps->first_pfn + 1);
+    ps->pfns = NULL;
+    return page_set_take_pages(ps, pages, (Py_ssize_t)(((spa + (uint64_t)len - 1) >> PAGE_SHIFT) - ps->first_pfn + 1),
+                               avoid, avoid_len);
+}
+
+/* page_set_take of the pages at pfns[0..npages) (distinct: a repeated PFN would be created twice). */
+static int page_set_take_list(PageSet *ps, PyObject *pages, const uint64_t *pfns, Py_ssize_t npages,
+                              const char *avoid, Py_ssize_t avoid_len)
+{
+    ps->first_pfn = 0;
+    ps->pfns = pfns;
+    return page_set_take_pages(ps, pages, npages, avoid, avoid_len);
+}
+
+static int page_set_take_pages(PageSet *ps, PyObject *pages, Py_ssize_t npages, const char *avoid,
+                               Py_ssize_t avoid_len)
+{
+    Py_ssize_t i;
+    ps->pages = pages;
     ps->refs = (PageRef *)PyMem_Calloc((size_t)npages, sizeof(PageRef));
     ps->ptrs = (unsigned char **)PyMem_Calloc((size_t)npages, sizeof(*ps->ptrs));
     if (ps->refs == NULL || ps->ptrs == NULL) {
@@ -1741,7 +1773,7 @@ static int page_set_take(PageSet *ps, PyObject *pages, uint64_t spa, Py_ssize_t 
     }
     for (i = 0; i < npages; i++) {
         /* borrowed until the next loop takes a reference (not dropped on errors) */
-        if (page_at(pages, ps->first_pfn + (uint64_t)i, &ps->refs[i].obj) < 0) {
+        if (page_at(pages, page_set_pfn(ps, i), &ps->refs[i].obj) < 0) {
             return -1;
         }
     }
@@ -1755,7 +1787,7 @@ static int page_set_take(PageSet *ps, PyObject *pages, uint64_t spa, Py_ssize_t 
                 return -1;
             }
             memset(PyByteArray_AS_STRING(page), 0, XP_PAGE);
-            key = PyLong_FromUnsignedLongLong(ps->first_pfn + (uint64_t)i);
+            key = PyLong_FromUnsignedLongLong(page_set_pfn(ps, i));
             rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
             Py_XDECREF(key);
             if (rc < 0) {
@@ -1791,7 +1823,7 @@ static void page_set_drop(PageSet *ps)
     }
     for (i = 0; i < ps->owned; i++) {
         if (ps->refs[i].created && !memcmp(PyByteArray_AS_STRING(ps->refs[i].obj), zero_page, XP_PAGE)) {
-            PyObject *key = PyLong_FromUnsignedLongLong(ps->first_pfn + (uint64_t)i);
+            PyObject *key = PyLong_FromUnsignedLongLong(page_set_pfn(ps, i));
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb); /* (an error of the call stays the one raised) */
             if (key == NULL || PyDict_DelItem(ps->pages, key) < 0) {
@@ -1951,57 +1983,157 @@ PyDoc_STRVAR(crypt_gather_doc,
              "with nothing written, when dst overlaps one of the pages.  The same bytes as\n"
              "crypt_from_pages of each page.");
 
-/* crypt_gather: the arguments checked as crypt_from_pages' (with spa 0), the PFNs copied (the run
- * releases the GIL) and each checked against the address space, then one run over the list. */
-static PyObject *crypt_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The arguments crypt_gather and crypt_scatter share, (pages, pfns, data, consts, key, code,
+ * encrypt): checked as crypt_args' (with spa 0), data 4096 bytes per PFN, the PFNs copied into *pfns
+ * (PyMem; the run releases the GIL) and each checked against the address space, a->spa the first
+ * page's SPA.  0 (*pfns NULL when there are none), or -1 with an exception set and nothing held. */
+static int pfn_list_args(const char *name, PyObject *const *args, Py_ssize_t nargs, int writable, CryptArgs *a,
+                         uint64_t **pfns, Py_ssize_t *count)
 {
-    PyObject *result = NULL, *argv[7], *zero;
-    CryptArgs a;
+    PyObject *argv[7], *zero;
     Py_buffer pv;
-    uint64_t *pfns = NULL;
-    Py_ssize_t count, i;
-    (void)self;
-
-    if (check_nargs("crypt_gather", nargs, 7, 7) < 0 || (zero = PyLong_FromLong(0)) == NULL) {
-        return NULL;
+    Py_ssize_t i;
+    int rc;
+    *pfns = NULL;
+    if (check_nargs(name, nargs, 7, 7) < 0 || (zero = PyLong_FromLong(0)) == NULL) {
+        return -1;
     }
     for (i = 0; i < 7; i++) {
         argv[i] = i == 1 ? zero : args[i];
     }
-    i = crypt_args("crypt_gather", argv, 7, 1, &a);
+    rc = crypt_args(name, argv, 7, writable, a);
     Py_DECREF(zero);
-    if (i < 0) {
-        return NULL;
+    if (rc < 0) {
+        return -1;
     }
     if (PyObject_GetBuffer(args[1], &pv, PyBUF_SIMPLE) < 0) {
-        crypt_args_release(&a);
-        return NULL;
+        crypt_args_release(a);
+        return -1;
     }
-    count = pv.len / 8;
+    *count = pv.len / 8;
+    rc = -1;
     if (pv.len % 8) {
         PyErr_Format(PyExc_ValueError, "pfns must be native 8-byte integers, not %zd bytes", pv.len);
-    } else if (a.data.len != count * XP_PAGE) {
-        PyErr_Format(PyExc_ValueError, "dst has %zd bytes for %zd pages (4096 bytes each)", a.data.len, count);
-    } else if (count > 0 && (pfns = (uint64_t *)PyMem_Malloc((size_t)count * 8)) == NULL) {
+    } else if (a->data.len != *count * XP_PAGE) {
+        PyErr_Format(PyExc_ValueError, "the data has %zd bytes for %zd pages (4096 bytes each)", a->data.len,
+                     *count);
+    } else if (*count > 0 && (*pfns = (uint64_t *)PyMem_Malloc((size_t)*count * 8)) == NULL) {
         PyErr_NoMemory();
     } else {
-        if (count > 0) {
-            memcpy(pfns, pv.buf, (size_t)count * 8);
+        if (*count > 0) {
+            memcpy(*pfns, pv.buf, (size_t)*count * 8);
         }
-        for (i = 0; i < count && (pfns[i] >> (a.nbits - PAGE_SHIFT)) == 0; i++) {
+        for (i = 0; i < *count && ((*pfns)[i] >> (a->nbits - PAGE_SHIFT)) == 0; i++) {
         }
-        if (i < count) {
+        if (i < *count) {
             PyErr_Format(PyExc_ValueError, "PFN %#llx is outside the %zd-bit address space",
-                         (unsigned long long)pfns[i], a.nbits);
-        } else if (count == 0) {
-            result = Py_NewRef(Py_True);
+                         (unsigned long long)(*pfns)[i], a->nbits);
         } else {
-            a.spa = pfns[0] << PAGE_SHIFT;
-            result = from_pages_run("crypt_gather", &a, pfns, count);
+            a->spa = *count > 0 ? (*pfns)[0] << PAGE_SHIFT : 0;
+            rc = 0;
         }
     }
-    PyMem_Free(pfns);
     PyBuffer_Release(&pv);
+    if (rc < 0) {
+        PyMem_Free(*pfns);
+        *pfns = NULL;
+        crypt_args_release(a);
+    }
+    return rc;
+}
+
+static PyObject *crypt_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *result;
+    CryptArgs a;
+    uint64_t *pfns;
+    Py_ssize_t count;
+    (void)self;
+
+    if (pfn_list_args("crypt_gather", args, nargs, 1, &a, &pfns, &count) < 0) {
+        return NULL;
+    }
+    result = count == 0 ? Py_NewRef(Py_True) : from_pages_run("crypt_gather", &a, pfns, count);
+    PyMem_Free(pfns);
+    crypt_args_release(&a);
+    return result;
+}
+
+PyDoc_STRVAR(crypt_scatter_doc,
+             "crypt_scatter(pages, pfns, src, consts, key, code, encrypt, /)\n--\n\n"
+             "crypt_pages of whole pages that need not be consecutive: page k of src (4096 bytes per\n"
+             "PFN) transformed into the page store's page pfns[k] (native u64s; absent pages are\n"
+             "created unless their result is all zeros) at SPA pfns[k] << 12.  True when done; False,\n"
+             "with nothing changed, when a PFN repeats or src overlaps one of the pages.  The same\n"
+             "pages as crypt_pages of each page.");
+
+static int u64_cmp(const void *x, const void *y)
+{
+    uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* Whether a PFN list repeats one (sorted copy; 0 or 1, -1 with MemoryError). */
+static int pfns_repeat(const uint64_t *pfns, Py_ssize_t count)
+{
+    uint64_t *sorted;
+    Py_ssize_t i;
+    int repeat = 0;
+    if (count < 2) {
+        return 0;
+    }
+    sorted = (uint64_t *)PyMem_Malloc((size_t)count * 8);
+    if (sorted == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(sorted, pfns, (size_t)count * 8);
+    qsort(sorted, (size_t)count, 8, u64_cmp);
+    for (i = 1; i < count && !repeat; i++) {
+        repeat = sorted[i] == sorted[i - 1];
+    }
+    PyMem_Free(sorted);
+    return repeat;
+}
+
+static PyObject *crypt_scatter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *result = NULL;
+    CryptArgs a;
+    PageSet ps = {NULL, 0, 0, 0, NULL, NULL, NULL};
+    EVP_CIPHER_CTX *ctx = NULL, *tweak_ctx = NULL;
+    uint64_t *pfns;
+    Py_ssize_t count;
+    int repeat, taken;
+    (void)self;
+
+    if (pfn_list_args("crypt_scatter", args, nargs, 0, &a, &pfns, &count) < 0) {
+        return NULL;
+    }
+    if (count == 0) {
+        result = Py_NewRef(Py_True);
+        goto done;
+    }
+    repeat = pfns_repeat(pfns, count);
+    if (repeat != 0) { /* a repeated page: the caller's other path, page by page in order */
+        result = repeat < 0 ? NULL : Py_NewRef(Py_False);
+        goto done;
+    }
+    taken = page_set_take_list(&ps, a.pages, pfns, count, (const char *)a.data.buf, a.data.len);
+    if (taken == 1) { /* src overlaps a page: nothing written */
+        result = Py_NewRef(Py_False);
+    } else if (taken == 0) {
+        Span src = {NULL, (unsigned char *)a.data.buf, NULL}, dst = {ps.ptrs, NULL, pfns};
+        if (crypt_contexts("crypt_scatter", &a, &ctx, &tweak_ctx) == 0 &&
+            crypt_run("crypt_scatter", &a, &src, &dst, 1, ctx, tweak_ctx) == 0) {
+            result = Py_NewRef(Py_True);
+        }
+    }
+done:
+    page_set_drop(&ps);
+    EVP_CIPHER_CTX_free(ctx);
+    EVP_CIPHER_CTX_free(tweak_ctx);
+    PyMem_Free(pfns);
     crypt_args_release(&a);
     return result;
 }
@@ -2834,6 +2966,7 @@ static PyMethodDef methods[] = {
     {"crypt_into_via", (PyCFunction)(void (*)(void))crypt_into_via, METH_FASTCALL, crypt_into_via_doc},
     {"crypt_from_pages", (PyCFunction)(void (*)(void))crypt_from_pages, METH_FASTCALL, crypt_from_pages_doc},
     {"crypt_gather", (PyCFunction)(void (*)(void))crypt_gather, METH_FASTCALL, crypt_gather_doc},
+    {"crypt_scatter", (PyCFunction)(void (*)(void))crypt_scatter, METH_FASTCALL, crypt_scatter_doc},
     {"crypt_pages_in_place", (PyCFunction)(void (*)(void))crypt_pages_in_place, METH_FASTCALL,
      crypt_pages_in_place_doc},
     {"vector_isa", (PyCFunction)(void (*)(void))vector_isa, METH_FASTCALL, vector_isa_doc},

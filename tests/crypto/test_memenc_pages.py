@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sevemu.crypto import memenc
 from sevemu.crypto.memenc import ACCELERATED, EncryptionMode, MemoryCipher, TweakConstants
-from sevemu.errors import AddressError, AlignmentError
+from sevemu.errors import AddressError, AlignmentError, InputError
 from sevemu.hw.dram import Dram
 
 pytestmark = pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built")
@@ -369,3 +369,57 @@ def test_gather_is_crypt_from_pages_of_each_page(mode: EncryptionMode) -> None:
     assert ax.crypt_gather(store, np.array([page], dtype=np.uint64), inside, consts, key, CODE[mode], False) is False
     with pytest.raises(AddressError):
         cipher.decrypt_pages_gather(np.array([1 << 36], dtype=np.uint64), store, bytearray(4096))
+    top = bytearray(4096)  # the last page of the 48-bit space is inside it
+    assert cipher.decrypt_pages_gather(np.array([(1 << 36) - 1], dtype=np.uint64), store, top)
+    with pytest.raises(InputError, match="writable"):
+        cipher.decrypt_pages_gather(pfns, store, bytes(len(out)))
+    with pytest.raises(InputError, match="for 25 pages"):
+        cipher.decrypt_pages_gather(pfns, store, bytearray(4096))
+    untouched = bytearray(b"\x33" * len(out))
+    assert MemoryCipher(mode, key, tc, accel=False).decrypt_pages_gather(pfns, store, untouched) is False
+    assert untouched == b"\x33" * len(out)
+
+
+@pytest.mark.parametrize("mode", [XE, XEX, XTS])
+def test_scatter_is_crypt_pages_of_each_page(mode: EncryptionMode) -> None:
+    """``crypt_scatter`` into PFNs in any order (absent and present pages, an all-zero result that
+    leaves its page absent) gives each page's ``crypt_pages``; a repeated PFN or a source inside one of
+    the pages is declined (False) with nothing changed; the refusals write nothing."""
+    import numpy as np
+
+    ax = memenc._memenc_accel
+    tc = ZEN1 if mode is XE else ZEN2
+    consts = tc._tables.consts_bytes
+    rng = random.Random(43)
+    key = _key(mode, 43)
+    base = {pfn: rng.randbytes(4096) for pfn in rng.sample(range(4000), 30)}
+    pfns = np.array(rng.sample(sorted(base), 10) + rng.sample(range(4000, 8000), 10), dtype=np.uint64)
+    cipher = MemoryCipher(mode, key, tc)
+    src = bytearray(rng.randbytes(4096 * len(pfns)))
+    zero_ct = MemoryCipher(mode, key, tc, accel=False).decrypt_bulk(int(pfns[-1]) << 12, bytes(4096))
+    src[-4096:] = zero_ct  # encrypts to zeros: its (absent) page stays absent
+
+    def store() -> dict[int, bytearray]:
+        return {k: bytearray(v) for k, v in base.items()}
+
+    lean, ref = store(), store()
+    assert cipher.encrypt_pages_scatter(pfns, src, lean) is True
+    for k, pfn in enumerate(pfns.tolist()):
+        assert ax.crypt_pages(ref, pfn << 12, src[4096 * k : 4096 * (k + 1)], consts, key, CODE[mode], True)
+    assert lean == ref and int(pfns[-1]) not in lean
+    untouched = store()
+    repeated = np.array([*pfns[:3].tolist(), int(pfns[1])], dtype=np.uint64)
+    assert ax.crypt_scatter(untouched, repeated, bytes(4 * 4096), consts, key, CODE[mode], True) is False
+    page = int(pfns[0])
+    assert ax.crypt_scatter(untouched, np.array([page], dtype=np.uint64), memoryview(untouched[page]), consts, key,
+                            CODE[mode], True) is False
+    assert untouched == store()
+    with pytest.raises(InputError, match="for 20 pages"):
+        cipher.encrypt_pages_scatter(pfns, bytes(4096), untouched)
+    with pytest.raises(AddressError):
+        cipher.encrypt_pages_scatter(np.array([1 << 36], dtype=np.uint64), bytes(4096), untouched)
+    with pytest.raises(ValueError):
+        ax.crypt_scatter(untouched, b"\x01" * 12, bytes(4096), consts, key, CODE[mode], True)
+    assert untouched == store()
+    assert MemoryCipher(mode, key, tc, accel=False).encrypt_pages_scatter(pfns, src, untouched) is False
+    assert untouched == store()

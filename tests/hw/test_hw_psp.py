@@ -284,3 +284,49 @@ def test_dma_read_pages_only_without_dirty_host_lines() -> None:
     assert dma.read_pages([(0x5000, 0x1000), (0x9000, 0x1000)], use) is None and len(seen) == 1
     with pytest.raises(AddressError):
         dma.read_pages([(0x5010, 0x1000)], use)
+
+
+def test_dma_page_lists_are_the_per_page_transfers() -> None:
+    """``evict_pages`` + ``write_encrypted_pages`` of pages in any order (runs among them, a dirty host
+    line inside one, a repeated page: the last one written wins) leave the memory and the cache that
+    ``evict`` + ``write_encrypted`` page by page leave; ``read_encrypted_pages_into`` reads them back;
+    a misaligned SPA or a page past DRAM is refused before any line is flushed or written."""
+    import numpy as np
+
+    rng = random.Random(21)
+    spas = [0x9000, 0x5000, 0x6000, 0x7000, 0x20000, 0x9000, 0x3000]
+    data = rng.randbytes(4096 * len(spas))
+    worlds = []
+    for lean in (True, False):
+        soc = make_soc()
+        ports = soc.psp.take_ports()
+        ports.keys.load(200, bytes(range(16)))
+        soc.boot_cpu.host_write(0x6010, b"host line, dirty")
+        soc.boot_cpu.host_write(0x8000, b"next page")
+        dma = ports.dma
+        if lean:
+            column = np.array(spas, dtype=np.uint64)
+            dma.evict_pages(column)
+            dma.write_encrypted_pages(column, data, 200)
+        else:
+            for k, spa in enumerate(spas):
+                dma.evict(spa, 4096)
+                dma.write_encrypted(spa, data[k * 4096 : (k + 1) * 4096], 200)
+        back = bytearray(len(data))
+        dma.read_encrypted_pages_into(np.array(spas, dtype=np.uint64), back, 200)
+        last = {spa: data[k * 4096 : (k + 1) * 4096] for k, spa in enumerate(spas)}
+        assert back == b"".join(last[spa] for spa in spas)
+        worlds.append((soc.dram.read(0, 0x30000), dma.cached_lines(0, False, 0x6000, 4096),
+                       soc.boot_cpu.host_read(0x8000, 9)))
+    assert worlds[0] == worlds[1] and worlds[0][1] == 0 and worlds[0][2] == b"next page"
+    soc = make_soc()
+    ports = soc.psp.take_ports()
+    ports.keys.load(200, bytes(range(16)))
+    soc.boot_cpu.host_write(0x5010, b"dirty")
+    before = soc.dram.read(0, 0x10000)
+    for bad, error in (([0x5000, 0x6040], AlignmentError), ([0x5000, soc.dram.size], AddressError)):
+        with pytest.raises(error):
+            ports.dma.evict_pages(np.array(bad, dtype=np.uint64))
+        with pytest.raises(error):
+            ports.dma.write_encrypted_pages(np.array(bad, dtype=np.uint64), bytes(8192), 200)
+        assert soc.cache.peek(0, False, 0x5000) is not None and soc.dram.read(0, 0x10000) == before

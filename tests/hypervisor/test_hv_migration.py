@@ -363,23 +363,31 @@ def test_in_process_migration_keeps_memory_registers_and_shared_pages() -> None:
 def test_a_guest_whose_backing_is_scattered_migrates_in_one_gather(monkeypatch: pytest.MonkeyPatch) -> None:
     """A guest made after another was destroyed gets its pages back in the allocator's order, not
     physically consecutive: SEND_UPDATE_DATA reads each doorbell's pages in one gather whatever their
-    order (no run per page), and the destination's guest reads its secrets back."""
+    order (no run per page); a destination that also hosted a guest before receives into scattered
+    pages through one scatter per doorbell; the destination's guest reads its secrets back."""
     src, dst = host("hv-mig-scatter-src"), host("hv-mig-scatter-dst")
-    first = running_guest(src, secret_pages())
-    src.hv.destroy(first)
+    src.hv.destroy(running_guest(src, secret_pages()))
+    dst.hv.destroy(running_guest(dst, secret_pages()))
     secrets = secret_pages()
     vm = running_guest(src, secrets)
     gathered: list[np.ndarray] = []
-    real = PspDma.read_encrypted_pages_into
+    scattered: list[np.ndarray] = []
+    real_read, real_write = PspDma.read_encrypted_pages_into, PspDma.write_encrypted_pages
 
-    def spy(self: PspDma, spas: np.ndarray, out: bytearray | memoryview, asid: int) -> None:
+    def spy_read(self: PspDma, spas: np.ndarray, out: bytearray | memoryview, asid: int) -> None:
         gathered.append(np.array(spas, dtype=np.uint64))
-        real(self, spas, out, asid)
+        real_read(self, spas, out, asid)
 
-    monkeypatch.setattr(PspDma, "read_encrypted_pages_into", spy)
+    def spy_write(self: PspDma, spas: np.ndarray, data: bytes | bytearray | memoryview, asid: int) -> None:
+        scattered.append(np.array(spas, dtype=np.uint64))
+        real_write(self, spas, data, asid)
+
+    monkeypatch.setattr(PspDma, "read_encrypted_pages_into", spy_read)
+    monkeypatch.setattr(PspDma, "write_encrypted_pages", spy_write)
     moved, error = migrate_in_process(src, dst, vm)
     assert error is None and moved is not None
-    assert any(len(c) > 1 and (c[1:] != c[:-1] + np.uint64(PAGE)).any() for c in gathered)
+    for columns in (gathered, scattered):
+        assert any(len(c) > 1 and (c[1:] != c[:-1] + np.uint64(PAGE)).any() for c in columns)
     ranges = [(gpa, PAGE) for gpa in secrets]
     assert guest_reads(dst.hv, moved, ranges) == list(secrets.values())
     assert not src.firmware.internal_errors and not dst.firmware.internal_errors

@@ -1077,13 +1077,33 @@ class MemoryCipher:
         dst = _byte_view(out, "out")
         if dst.readonly:
             raise InputError("out must be a writable buffer")
+        column = self._pfn_column(pfns, dst.nbytes)
+        return bool(run(pages, column, dst, self._tables.consts_bytes, self._key, self._code, False))
+
+    def encrypt_pages_scatter(self, pfns: npt.NDArray[np.uint64], data: Buffer, pages: dict[int, bytearray]) -> bool:
+        """Encrypt whole pages into a page store at PFNs that need not be consecutive: page k of
+        ``data`` (4 KiB per PFN) into the page ``pfns[k]`` at SPA ``pfns[k] << 12`` (an absent page is
+        created unless its ciphertext is all zeros), the pages :meth:`encrypt_to_pages` leaves of each
+        page, in one call into the C accelerator.  Only with the accelerator; False, with nothing done,
+        otherwise (and when a PFN repeats or ``data`` overlaps one of the pages): the caller then
+        writes page by page, in order."""
+        run = getattr(_memenc_accel, "crypt_scatter", None) if self._accel else None
+        if run is None:
+            return False
+        src = _byte_view(data, "data")
+        column = self._pfn_column(pfns, src.nbytes)
+        return bool(run(pages, column, src, self._tables.consts_bytes, self._key, self._code, True))
+
+    def _pfn_column(self, pfns: npt.NDArray[np.uint64], nbytes: int) -> npt.NDArray[np.uint64]:
+        """``pfns`` as a contiguous u64 column, checked: ``nbytes`` is 4 KiB per PFN, every page is
+        inside the address space."""
         column = np.ascontiguousarray(pfns, dtype=np.uint64)
-        if dst.nbytes != PAGE * len(column):
-            raise InputError(f"out has {dst.nbytes} bytes for {len(column)} pages")
+        if nbytes != PAGE * len(column):
+            raise InputError(f"{nbytes} bytes given for {len(column)} pages")
         if len(column) and int(column.max()) >= self.tweak_constants.address_limit >> 12:
             raise AddressError(f"PFN {int(column.max()):#x} is beyond the {self.tweak_constants.pa_bits}-bit "
                                "address space")
-        return bool(run(pages, column, dst, self._tables.consts_bytes, self._key, self._code, False))
+        return column
 
     def encrypt_pages_in_place(self, spa: int, length: int, pages: dict[int, bytearray], *,
                                hashes: bool = False) -> bytes | None:

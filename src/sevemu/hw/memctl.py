@@ -264,20 +264,43 @@ class MemoryController:
         has it (:meth:`MemoryCipher.decrypt_pages_gather`), else page by page.  Every SPA is checked
         first: a refused transfer changes nothing."""
         view = memoryview(out).cast("B")
-        column = np.ascontiguousarray(spas, dtype=np.uint64)
-        if len(view) != PAGE * len(column):
-            raise InputError(f"out has {len(view)} bytes for {len(column)} pages")
+        column = self.page_column(spas, len(view), "out")
         if not len(column):
             return
-        if (column % np.uint64(PAGE)).any():
-            bad = int(column[(column % np.uint64(PAGE)) != 0][0])
-            raise AlignmentError(f"page reads take page-aligned SPAs: {bad:#x}")
-        self.dram.check_range(int(column.max()), PAGE)
         cipher = self._cipher(asid)
         if cipher.decrypt_pages_gather(column >> np.uint64(12), self.dram.pages_dict(), view):
             return
         for k, spa in enumerate(column.tolist()):
             self.read_into(spa, view[k * PAGE : (k + 1) * PAGE], asid, True)
+
+    def write_pages(self, spas: npt.NDArray[np.uint64], data: bytes | bytearray | memoryview, asid: int) -> None:
+        """:meth:`write` through (asid, C=1) of whole pages that need not be consecutive: page k of
+        ``data`` (4 KiB per SPA) to the page-aligned ``spas[k]``, in order (a repeated SPA ends with
+        its last page), in one pass where the accelerator has it
+        (:meth:`MemoryCipher.encrypt_pages_scatter`), else page by page.  Every SPA is checked
+        first: a refused transfer changes nothing."""
+        view = memoryview(data).cast("B")
+        column = self.page_column(spas, len(view), "data")
+        if not len(column):
+            return
+        cipher = self._cipher(asid)
+        if cipher.encrypt_pages_scatter(column >> np.uint64(12), view, self.dram.pages_dict()):
+            return
+        for k, spa in enumerate(column.tolist()):
+            self.write(spa, view[k * PAGE : (k + 1) * PAGE], asid, True)
+
+    def page_column(self, spas: npt.NDArray[np.uint64], nbytes: int, name: str) -> npt.NDArray[np.uint64]:
+        """The SPAs of a page-list transfer as a u64 column, checked: ``nbytes`` (of ``name``) is 4 KiB
+        per SPA, each SPA page-aligned (the first that is not, named) and its page inside DRAM."""
+        column = np.ascontiguousarray(spas, dtype=np.uint64)
+        if nbytes != PAGE * len(column):
+            raise InputError(f"{name} has {nbytes} bytes for {len(column)} pages")
+        if len(column):
+            if (column % np.uint64(PAGE)).any():
+                bad = int(column[(column % np.uint64(PAGE)) != 0][0])
+                raise AlignmentError(f"page transfers take page-aligned SPAs: {bad:#x}")
+            self.dram.check_range(int(column.max()), PAGE)
+        return column
 
     def write(self, spa: int, data: bytes | bytearray | memoryview, asid: int, c: bool) -> None:
         """Store ``data`` at line-aligned ``spa`` through domain (asid, c), bypassing the caches.

@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from sevemu._util.runs import page_runs
 from sevemu._util.units import LINE, PAGE
 from sevemu.abi.mailbox import (
     CMDRESP_RESP,
@@ -304,6 +305,19 @@ class PspDma:
         (page k of ``out`` from ``spas[k]``), in one pass: a guest whose backing is scattered costs
         what a contiguous one does."""
         self._mc.read_pages_into(spas, out, asid)
+
+    def write_encrypted_pages(self, spas: npt.NDArray[np.uint64], data: bytes | bytearray | memoryview,
+                              asid: int) -> None:
+        """:meth:`write_encrypted` of whole pages at page-aligned SPAs that need not be consecutive
+        (page k of ``data`` to ``spas[k]``, in order), in one pass."""
+        self._mc.write_pages(spas, data, asid)
+
+    def evict_pages(self, spas: npt.NDArray[np.uint64]) -> None:
+        """:meth:`evict` of each page at the page-aligned ``spas`` (all checked first; physically
+        consecutive pages flushed as one range)."""
+        flush = self._cache.flush_range
+        for _, spa, length in page_runs(self._mc.page_column(spas, PAGE * len(spas), "spas")):
+            flush(0, False, spa, length)
 
     def write_encrypted(self, spa: int, data: bytes | bytearray | memoryview, asid: int) -> None:
         """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""

@@ -752,7 +752,8 @@ def _aads(flags: npt.NDArray[np.uint32], ivs: bytes, size: int) -> bytes:
 
 
 def _page_runs(spas: _U64) -> list[tuple[int, int, int]]:
-    """(first index, SPA, length) of each run of physically consecutive pages, in command order."""
+    """(first index, SPA, length) of each run of physically consecutive pages, in command order
+    (:func:`sevemu._util.runs.page_runs`, in one C pass: :func:`sevemu.hw.columns.runs`)."""
     return columns.runs(spas, PAGE)
 
 
@@ -1001,9 +1002,8 @@ def _open_pages(fw: Firmware, whole: _Whole) -> int:
             dma.read_into(spa, data[first * PAGE : first * PAGE + length])
         found, _ = channel.open_many(ivs, aads, macs, data, PAGE, plain)
     good = found
-    for first, spa, length in _page_runs(guest[:good]):
-        dma.evict(spa, length)
-        write_guest(fw, g, spa, plain[first * PAGE : first * PAGE + length])
+    dma.evict_pages(guest[:good])  # (the host's lines of the pages, then one scatter, in any order)
+    dma.write_encrypted_pages(guest[:good], plain[: good * PAGE], g.asid)
     return good
 
 
