@@ -924,31 +924,48 @@ PyDoc_STRVAR(vector_isa_doc,
              "build lacks it), and the previous one returned: every level gives the same bytes.\n"
              "crypt_into_via's XTS masks run on AVX-512 where the CPU has it until a level is set.");
 
+/* The optional name argument of vector_isa and aes_engine: its index among `names` (count of them;
+ * `what` and `choices` spell the argument and its values in the error) in *chosen and 1; 0 when none
+ * was given (or None); -1 with an exception set. */
+static int chosen_name(const char *fname, PyObject *const *args, Py_ssize_t nargs, const char *const *names,
+                       int count, const char *what, const char *choices, int *chosen)
+{
+    const char *name;
+    int i;
+    if (check_nargs(fname, nargs, 0, 1) < 0) {
+        return -1;
+    }
+    if (nargs == 0 || args[0] == Py_None) {
+        return 0;
+    }
+    name = PyUnicode_AsUTF8(args[0]);
+    if (name == NULL) {
+        return -1;
+    }
+    for (i = 0; i < count && strcmp(name, names[i]) != 0; i++) {
+    }
+    if (i == count) {
+        PyErr_Format(PyExc_ValueError, "%s must be %s, not %R", what, choices, args[0]);
+        return -1;
+    }
+    *chosen = i;
+    return 1;
+}
+
 static PyObject *vector_isa(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    int previous, i;
-    const char *name;
+    int previous = isa_current(), level = 0;
+    int given = chosen_name("vector_isa", args, nargs, isa_names, 3, "level", "'portable', 'avx2' or 'avx512'", &level);
     (void)self;
-    if (check_nargs("vector_isa", nargs, 0, 1) < 0) {
+    if (given < 0) {
         return NULL;
     }
-    previous = isa_current();
-    if (nargs == 1 && args[0] != Py_None) {
-        name = PyUnicode_AsUTF8(args[0]);
-        if (name == NULL) {
+    if (given) {
+        if (level > isa_supported()) {
+            PyErr_Format(PyExc_ValueError, "this CPU (or build) does not run the %s level", isa_names[level]);
             return NULL;
         }
-        for (i = 0; i < 3 && strcmp(name, isa_names[i]) != 0; i++) {
-        }
-        if (i == 3) {
-            PyErr_Format(PyExc_ValueError, "level must be 'portable', 'avx2' or 'avx512', not %R", args[0]);
-            return NULL;
-        }
-        if (i > isa_supported()) {
-            PyErr_Format(PyExc_ValueError, "this CPU (or build) does not run the %s level", name);
-            return NULL;
-        }
-        isa_level = i;
+        isa_level = level;
         isa_forced = 1;
     }
     return PyUnicode_FromString(isa_names[previous]);
@@ -1328,29 +1345,18 @@ PyDoc_STRVAR(aes_engine_doc,
 
 static PyObject *aes_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    int previous, i;
-    const char *name;
+    int previous = engine_current(), engine = 0;
+    int given = chosen_name("aes_engine", args, nargs, engine_names, 2, "name", "'openssl' or 'vaes'", &engine);
     (void)self;
-    if (check_nargs("aes_engine", nargs, 0, 1) < 0) {
+    if (given < 0) {
         return NULL;
     }
-    previous = engine_current();
-    if (nargs == 1 && args[0] != Py_None) {
-        name = PyUnicode_AsUTF8(args[0]);
-        if (name == NULL) {
-            return NULL;
-        }
-        for (i = 0; i < 2 && strcmp(name, engine_names[i]) != 0; i++) {
-        }
-        if (i == 2) {
-            PyErr_Format(PyExc_ValueError, "name must be 'openssl' or 'vaes', not %R", args[0]);
-            return NULL;
-        }
-        if (i == ENGINE_VAES && !vaes_usable()) {
+    if (given) {
+        if (engine == ENGINE_VAES && !vaes_usable()) {
             PyErr_SetString(PyExc_ValueError, "this CPU (or build) does not run the vaes engine");
             return NULL;
         }
-        engine_level = i;
+        engine_level = engine;
     }
     return PyUnicode_FromString(engine_names[previous]);
 }

@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from sevemu.crypto import memenc
 
 
-def runnable_engines() -> list[str]:
-    """The XTS engines this CPU and build run (``openssl`` always; ``vaes`` where it passed its test)."""
-    if not memenc.ACCELERATED:
-        return []
-    ax = memenc._memenc_accel
-    previous = ax.aes_engine()
+def runnable(choose: Callable[..., str], names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` that ``choose`` (``vector_isa`` or ``aes_engine`` of the accelerator) accepts
+    on this CPU and build, the process-wide choice put back after."""
+    previous = choose()
     ok = []
     try:
-        for name in ("openssl", "vaes"):
+        for name in names:
             try:
-                ax.aes_engine(name)
+                choose(name)
             except ValueError:
                 continue
             ok.append(name)
     finally:
-        ax.aes_engine(previous)
+        choose(previous)
     return ok
+
+
+def runnable_engines() -> list[str]:
+    """The XTS engines this CPU and build run (``openssl`` always; ``vaes`` where it passed its test)."""
+    return runnable(memenc._memenc_accel.aes_engine, ("openssl", "vaes")) if memenc.ACCELERATED else []
 
 
 @pytest.fixture

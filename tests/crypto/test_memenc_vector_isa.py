@@ -15,6 +15,7 @@ import pytest
 
 from sevemu.crypto import memenc
 from sevemu.crypto.memenc import ACCELERATED, EncryptionMode, MemoryCipher, TweakConstants
+from tests.crypto.conftest import runnable
 
 pytestmark = [pytest.mark.skipif(not ACCELERATED, reason="the C accelerator was not built"),
               pytest.mark.usefixtures("openssl_engine")]
@@ -26,19 +27,7 @@ LEVELS = ("portable", "avx2", "avx512")
 
 
 def _runnable() -> list[str]:
-    ax = memenc._memenc_accel
-    previous = ax.vector_isa()
-    ok = []
-    try:
-        for level in LEVELS:
-            try:
-                ax.vector_isa(level)
-            except ValueError:
-                continue
-            ok.append(level)
-    finally:
-        ax.vector_isa(previous)
-    return ok
+    return runnable(memenc._memenc_accel.vector_isa, LEVELS)
 
 
 @pytest.fixture

@@ -272,21 +272,32 @@ def test_write_pages_is_write_page_by_page(mode: EncryptionMode, scatter: bool,
 
     from sevemu.errors import AddressError, InputError
 
-    if not scatter:
-        monkeypatch.setattr(MemoryCipher, "encrypt_pages_scatter", lambda *args: False)
     r = random.Random(8)
-    spas = [r.randrange(0, 8 * MiB // PAGE) * PAGE for _ in range(30)] + [0x20_0000 + k * PAGE for k in range(5)]
-    spas += [spas[2], 0x7F_F000]
-    data = bytearray(r.randbytes(PAGE * len(spas)))
-    data[PAGE * 5 : PAGE * 6] = bytes(PAGE)
+    distinct = r.sample(range(8 * MiB // PAGE - 1), 30)
+    spas = [p * PAGE for p in distinct] + [0x20_0000 + k * PAGE for k in range(5) if 0x200 + k not in distinct]
+    spas.append(0x7F_F000)
     ref, lean = _mc(mode), _mc(mode)
     base = random.Random(9).randbytes(4 * MiB)
     _write_all(ref, base)
     _write_all(lean, base)
-    lean.write_pages(np.array(spas, dtype=np.uint64), data, 5)
-    for k, spa in enumerate(spas):
-        ref.write(spa, data[k * PAGE : (k + 1) * PAGE], 5, True)
-    assert lean.dram.pages_dict() == ref.dram.pages_dict()
+    calls: list[bool] = []
+    real = MemoryCipher.encrypt_pages_scatter
+
+    def counted(self: MemoryCipher, pfns: np.ndarray, src: object, pages: dict[int, bytearray]) -> bool:
+        taken = real(self, pfns, src, pages) if scatter else False  # type: ignore[arg-type]
+        calls.append(taken)
+        return taken
+
+    monkeypatch.setattr(MemoryCipher, "encrypt_pages_scatter", counted)
+    for written in (spas, [spas[2], spas[7], spas[2]]):  # (the second: a repeat, written in order)
+        data = bytearray(r.randbytes(PAGE * len(written)))
+        data[PAGE : 2 * PAGE] = bytes(PAGE)
+        lean.write_pages(np.array(written, dtype=np.uint64), data, 5)
+        for k, spa in enumerate(written):
+            ref.write(spa, data[k * PAGE : (k + 1) * PAGE], 5, True)
+        assert lean.dram.pages_dict() == ref.dram.pages_dict()
+    assert calls == [scatter and ACCELERATED, False]
+    lean.write_pages(np.zeros(0, dtype=np.uint64), b"", 9)  # nothing to write: not even a key needed
     before = {k: bytes(v) for k, v in lean.dram.pages_dict().items()}
     for bad, error in (([0x1000, 0x2040], AlignmentError), ([0x1000, 8 * MiB], AddressError),
                        ([0x1000], InputError)):

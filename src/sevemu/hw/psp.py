@@ -317,7 +317,7 @@ class PspDma:
         consecutive pages flushed as one range)."""
         flush = self._cache.flush_range
         for _, spa, length in page_runs(self._mc.page_column(spas, PAGE * len(spas), "spas")):
-            flush(0, False, spa, length)
+            flush(0, False, spa, length)  # (equivalent mutant: any ASID here, C=0 lines are the host's)
 
     def write_encrypted(self, spa: int, data: bytes | bytearray | memoryview, asid: int) -> None:
         """Write with the key of ``asid`` straight to DRAM (not coherent with the caches)."""
