@@ -3885,6 +3885,503 @@ static int host_port_init_module(PyObject *m)
     return 0;
 }
 
+/* ---- u64 columns (the firmware's whole-page batches, the ring's queue entries) ---------------
+ * Summaries of little-endian u64 columns in one pass each, so that a caller deciding on a batch of
+ * commands reads a few numbers instead of running a dozen array operations over it.  They decide
+ * nothing: each gives what the numpy expression quoted in its doc string gives. */
+
+static inline uint64_t le64_at(const char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline void le64_put(char *p, uint64_t v)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    memcpy(p, &v, 8);
+}
+
+/* The u64 items of a tuple of ints into out[] (TypeError / ValueError as get_u64); -1 on error. */
+static int u64_tuple(PyObject *t, const char *what, uint64_t *out, Py_ssize_t want)
+{
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != want) {
+        PyErr_Format(PyExc_TypeError, "%s must be a tuple of %zd ints", what, want);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < want; i++) {
+        if (get_u64(PyTuple_GET_ITEM(t, i), what, &out[i]) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(u64_columns_doc,
+             "u64_columns(buf, lengths, /)\n--\n\n"
+             "buf: len(lengths) columns of n little-endian u64 each, back to back (n >= 1).  For each\n"
+             "column c and its length L, (min, max, or, stride, apart): c.min(), c.max(), the OR of\n"
+             "all values; stride = c[1] - c[0] when n > 1, c[1] >= c[0] and every step c[i+1] - c[i]\n"
+             "equals it, else 0; apart = (c[1:] >= c[:-1] + L).all() with u64 wrap-around (True for\n"
+             "n == 1).");
+
+static PyObject *u64_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer b;
+    PyObject *out = NULL;
+    Py_ssize_t k, n;
+    uint64_t lens[16];
+    (void)self;
+    if (check_nargs("u64_columns", nargs, 2) < 0) {
+        return NULL;
+    }
+    if (!PyTuple_Check(args[1]) || (k = PyTuple_GET_SIZE(args[1])) < 1 || k > 16) {
+        PyErr_SetString(PyExc_TypeError, "lengths must be a tuple of 1..16 ints");
+        return NULL;
+    }
+    if (u64_tuple(args[1], "lengths", lens, k) < 0 || PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (b.len == 0 || b.len % (8 * k)) {
+        PyErr_Format(PyExc_ValueError, "u64_columns needs %zd non-empty columns of u64 (got %zd bytes)", k, b.len);
+        goto done;
+    }
+    n = b.len / (8 * k);
+    out = PyList_New(k);
+    if (out == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const char *c = (const char *)b.buf + 8 * n * j;
+        uint64_t first = le64_at(c), lo = first, hi = first, bits = first, prev = first, step = 0;
+        int even = n > 1, apart = 1;
+        if (n > 1) {
+            step = le64_at(c + 8) - first;
+            even = le64_at(c + 8) >= first;
+        }
+        for (Py_ssize_t i = 1; i < n; i++) {
+            uint64_t v = le64_at(c + 8 * i);
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
+            bits |= v;
+            even &= v - prev == step;
+            apart &= v >= prev + lens[j];
+            prev = v;
+        }
+        PyObject *item = Py_BuildValue("(KKKKO)", (unsigned long long)lo, (unsigned long long)hi,
+                                       (unsigned long long)bits, (unsigned long long)(even ? step : 0),
+                                       apart ? Py_True : Py_False);
+        if (item == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, j, item);
+    }
+done:
+    PyBuffer_Release(&b);
+    return out;
+}
+
+PyDoc_STRVAR(u64_runs_doc,
+             "u64_runs(buf, step, /)\n--\n\n"
+             "The runs of a column of little-endian u64 values c (buf) in which each value is the one\n"
+             "before it plus step (u64 wrap-around): [(first index, c[first], count * step), ...] in\n"
+             "order ([] for an empty column).");
+
+static PyObject *u64_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer b;
+    PyObject *out = NULL;
+    uint64_t step;
+    Py_ssize_t n, first = 0;
+    (void)self;
+    if (check_nargs("u64_runs", nargs, 2) < 0 || get_u64(args[1], "step", &step) < 0 ||
+        PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (b.len % 8) {
+        PyErr_Format(PyExc_ValueError, "u64_runs needs a column of u64 (got %zd bytes)", b.len);
+        goto done;
+    }
+    n = b.len / 8;
+    out = PyList_New(0);
+    if (out == NULL) {
+        goto done;
+    }
+    const char *c = (const char *)b.buf;
+    for (Py_ssize_t i = 1; i <= n; i++) {
+        if (i < n && le64_at(c + 8 * i) == le64_at(c + 8 * (i - 1)) + step) {
+            continue;
+        }
+        PyObject *run = Py_BuildValue("(nKK)", first, (unsigned long long)le64_at(c + 8 * first),
+                                      (unsigned long long)((uint64_t)(i - first) * step));
+        if (run == NULL || PyList_Append(out, run) < 0) {
+            Py_XDECREF(run);
+            Py_CLEAR(out);
+            goto done;
+        }
+        Py_DECREF(run);
+        first = i;
+    }
+done:
+    PyBuffer_Release(&b);
+    return out;
+}
+
+PyDoc_STRVAR(record_words_doc,
+             "record_words(raw, size, mask, picks, ands, /)\n--\n\n"
+             "raw: n records of size bytes back to back, each read as W = len(mask) // 8 little-endian\n"
+             "u64 words (zero-padded to 8 * W >= size bytes).  None when a word w of a record has a\n"
+             "bit of mask's word w set; else the columns picks[j] (a word index) of every record, each\n"
+             "ANDed with ands[j], back to back: len(picks) columns of n u64.");
+
+static PyObject *record_words(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer raw, mask;
+    PyObject *out = NULL;
+    uint64_t size, m[16], picks[16], ands[16];
+    Py_ssize_t w, k, n;
+    (void)self;
+    if (check_nargs("record_words", nargs, 5) < 0 || get_u64(args[1], "size", &size) < 0) {
+        return NULL;
+    }
+    if (!PyTuple_Check(args[3]) || (k = PyTuple_GET_SIZE(args[3])) < 1 || k > 16) {
+        PyErr_SetString(PyExc_TypeError, "picks must be a tuple of 1..16 ints");
+        return NULL;
+    }
+    if (u64_tuple(args[3], "picks", picks, k) < 0 || u64_tuple(args[4], "ands", ands, k) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &raw, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &mask, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&raw);
+        return NULL;
+    }
+    w = mask.len / 8;
+    if (size == 0 || mask.len % 8 || w > 16 || (uint64_t)(8 * w) < size || (uint64_t)(8 * w) - size >= 8 ||
+        raw.len % (Py_ssize_t)size) {
+        PyErr_SetString(PyExc_ValueError, "record_words: raw is not whole records, or mask is not the records' words");
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        if (picks[j] >= (uint64_t)w) {
+            PyErr_SetString(PyExc_ValueError, "record_words: a pick is not a word of the record");
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < w; i++) {
+        m[i] = le64_at((const char *)mask.buf + 8 * i);
+    }
+    n = raw.len / (Py_ssize_t)size;
+    out = PyBytes_FromStringAndSize(NULL, 8 * k * n);
+    if (out == NULL) {
+        goto done;
+    }
+    char *dst = PyBytes_AS_STRING(out);
+    for (Py_ssize_t r = 0; r < n; r++) {
+        const char *rec = (const char *)raw.buf + (Py_ssize_t)size * r;
+        uint64_t words[16], bad = 0;
+        for (Py_ssize_t i = 0; i < w; i++) {
+            if ((uint64_t)(8 * i + 8) <= size) {
+                words[i] = le64_at(rec + 8 * i);
+            } else {
+                char pad[8] = {0};
+                memcpy(pad, rec + 8 * i, (size_t)(size - 8 * (uint64_t)i));
+                words[i] = le64_at(pad);
+            }
+            bad |= words[i] & m[i];
+        }
+        if (bad) {
+            Py_CLEAR(out);
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+        for (Py_ssize_t j = 0; j < k; j++) {
+            le64_put(dst + 8 * (n * j + r), words[picks[j]] & ands[j]);
+        }
+    }
+done:
+    PyBuffer_Release(&raw);
+    PyBuffer_Release(&mask);
+    return out;
+}
+
+PyDoc_STRVAR(strided_rows_doc,
+             "strided_rows(span, offset, stride, n, size, /)\n--\n\n"
+             "The n rows span[offset + i * stride : offset + i * stride + size] joined (bytes);\n"
+             "ValueError when the last row does not fit span.");
+
+static PyObject *strided_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer b;
+    PyObject *out = NULL;
+    uint64_t offset, stride, n, size;
+    (void)self;
+    if (check_nargs("strided_rows", nargs, 5) < 0 || get_u64(args[1], "offset", &offset) < 0 ||
+        get_u64(args[2], "stride", &stride) < 0 || get_u64(args[3], "n", &n) < 0 ||
+        get_u64(args[4], "size", &size) < 0 || PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (n == 0 || n > (uint64_t)PY_SSIZE_T_MAX / (size ? size : 1) || stride > (uint64_t)PY_SSIZE_T_MAX / n ||
+        offset > (uint64_t)b.len || (n - 1) * stride + size > (uint64_t)b.len - offset) {
+        PyErr_SetString(PyExc_ValueError, "strided_rows: the rows do not fit the span");
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * size));
+    if (out == NULL) {
+        goto done;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        memcpy(PyBytes_AS_STRING(out) + i * size, (const char *)b.buf + offset + i * stride, (size_t)size);
+    }
+done:
+    PyBuffer_Release(&b);
+    return out;
+}
+
+PyDoc_STRVAR(dram_scatter_rows_doc,
+             "dram_scatter_rows(pages, spa, stride, rows, size, /)\n--\n\n"
+             "Store the len(rows) // size rows of size bytes of `rows` at spa + i * stride in the page\n"
+             "store `pages` (dict PFN -> bytearray of 4096 bytes; an absent page is created, zeroed),\n"
+             "the bytes between rows left as they are: dram_scatter of each row.  Only for rows that\n"
+             "cannot cross a page (stride divides 4096, spa is a multiple of it, 0 < size <= stride):\n"
+             "ValueError otherwise, before anything is stored.");
+
+static PyObject *dram_scatter_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer rows;
+    PyObject *pages, *page = NULL;
+    uint64_t spa, stride, size, last_pfn = UINT64_MAX;
+    (void)self;
+    if (check_nargs("dram_scatter_rows", nargs, 5) < 0 || get_u64(args[1], "spa", &spa) < 0 ||
+        get_u64(args[2], "stride", &stride) < 0 || get_u64(args[4], "size", &size) < 0) {
+        return NULL;
+    }
+    pages = args[0];
+    if (!PyDict_CheckExact(pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
+        return NULL;
+    }
+    if (size == 0 || size > stride || stride > PAGE || PAGE % stride || spa % stride) {
+        PyErr_SetString(PyExc_ValueError, "dram_scatter_rows: rows that may cross a page");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[3], &rows, PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    if (rows.len % (Py_ssize_t)size || (uint64_t)(rows.len / (Py_ssize_t)size) > (UINT64_MAX - spa) / stride) {
+        PyErr_SetString(PyExc_ValueError, "dram_scatter_rows: rows is not whole rows, or they pass the top of memory");
+        PyBuffer_Release(&rows);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0, n = rows.len / (Py_ssize_t)size; i < n; i++) {
+        uint64_t addr = spa + (uint64_t)i * stride;
+        if (addr >> 12 != last_pfn) { /* (the rows of one page share its lookup) */
+            page = page_of(pages, addr >> 12);
+            if (page == NULL && PyErr_Occurred()) {
+                goto fail;
+            }
+            if (page == NULL) {
+                PyObject *key;
+                int rc;
+                page = PyByteArray_FromStringAndSize(NULL, PAGE);
+                if (page == NULL) {
+                    goto fail;
+                }
+                memset(PyByteArray_AS_STRING(page), 0, PAGE);
+                key = PyLong_FromUnsignedLongLong(addr >> 12);
+                rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
+                Py_XDECREF(key);
+                Py_DECREF(page); /* the dict holds it now (or it is gone on failure) */
+                if (rc < 0) {
+                    goto fail;
+                }
+            }
+            last_pfn = addr >> 12;
+        }
+        memcpy(PyByteArray_AS_STRING(page) + (addr & (PAGE - 1)), (const char *)rows.buf + i * (Py_ssize_t)size,
+               (size_t)size);
+    }
+    PyBuffer_Release(&rows);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&rows);
+    return NULL;
+}
+
+PyDoc_STRVAR(dram_page_list_doc,
+             "dram_page_list(pages, pfn, count, create, /)\n--\n\n"
+             "The pages pfn, pfn + 1, ... (count of them) of the page store `pages` (dict PFN ->\n"
+             "bytearray of 4096 bytes) as a list, in order; an absent page is stored first as a new\n"
+             "zeroed bytearray when `create`, else the answer is None (nothing stored).");
+
+static PyObject *dram_page_list(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *pages, *out;
+    uint64_t pfn, count;
+    int create;
+    (void)self;
+    if (check_nargs("dram_page_list", nargs, 4) < 0 || get_u64(args[1], "pfn", &pfn) < 0 ||
+        get_u64(args[2], "count", &count) < 0) {
+        return NULL;
+    }
+    pages = args[0];
+    if (!PyDict_CheckExact(pages)) {
+        PyErr_SetString(PyExc_TypeError, "pages must be a dict");
+        return NULL;
+    }
+    if ((create = PyObject_IsTrue(args[3])) < 0) {
+        return NULL;
+    }
+    if (count > (uint64_t)PY_SSIZE_T_MAX / sizeof(PyObject *) || pfn > UINT64_MAX - count) {
+        PyErr_SetString(PyExc_ValueError, "dram_page_list: too many pages");
+        return NULL;
+    }
+    out = PyList_New((Py_ssize_t)count);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (uint64_t i = 0; i < count; i++) {
+        PyObject *page = page_of(pages, pfn + i);
+        if (page == NULL && PyErr_Occurred()) {
+            goto fail;
+        }
+        if (page == NULL) {
+            PyObject *key;
+            int rc;
+            if (!create) {
+                Py_DECREF(out);
+                Py_RETURN_NONE;
+            }
+            page = PyByteArray_FromStringAndSize(NULL, PAGE);
+            if (page == NULL) {
+                goto fail;
+            }
+            memset(PyByteArray_AS_STRING(page), 0, PAGE);
+            key = PyLong_FromUnsignedLongLong(pfn + i);
+            rc = key == NULL ? -1 : PyDict_SetItem(pages, key, page);
+            Py_XDECREF(key);
+            if (rc < 0) {
+                Py_DECREF(page);
+                goto fail;
+            }
+            PyList_SET_ITEM(out, (Py_ssize_t)i, page); /* (the list's reference; the dict holds its own) */
+            continue;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, Py_NewRef(page));
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+PyDoc_STRVAR(u64_dict_get_doc,
+             "u64_dict_get(mapping, keys, shift, /)\n--\n\n"
+             "mapping.get(k >> shift, -1) for each little-endian u64 k of `keys` (mapping: a dict of\n"
+             "int -> int), as little-endian int64 values back to back (bytes); TypeError for a value\n"
+             "that is not an int, OverflowError for one outside int64.");
+
+static PyObject *u64_dict_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer b;
+    PyObject *mapping, *out = NULL;
+    uint64_t shift;
+    (void)self;
+    if (check_nargs("u64_dict_get", nargs, 3) < 0 || get_u64(args[2], "shift", &shift) < 0) {
+        return NULL;
+    }
+    mapping = args[0];
+    if (!PyDict_CheckExact(mapping)) {
+        PyErr_SetString(PyExc_TypeError, "mapping must be a dict");
+        return NULL;
+    }
+    if (shift > 63) {
+        PyErr_SetString(PyExc_ValueError, "shift must be in 0..63");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (b.len % 8) {
+        PyErr_Format(PyExc_ValueError, "u64_dict_get needs a column of u64 (got %zd bytes)", b.len);
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, b.len);
+    if (out == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < b.len / 8; i++) {
+        PyObject *key = PyLong_FromUnsignedLongLong(le64_at((const char *)b.buf + 8 * i) >> shift);
+        PyObject *value;
+        long long v = -1;
+        if (key == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        value = PyDict_GetItemWithError(mapping, key);
+        Py_DECREF(key);
+        if (value == NULL && PyErr_Occurred()) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        if (value != NULL) {
+            if (!PyLong_Check(value)) {
+                PyErr_SetString(PyExc_TypeError, "u64_dict_get: a value is not an int");
+                Py_CLEAR(out);
+                goto done;
+            }
+            v = PyLong_AsLongLong(value);
+            if (v == -1 && PyErr_Occurred()) {
+                Py_CLEAR(out);
+                goto done;
+            }
+        }
+        le64_put(PyBytes_AS_STRING(out) + 8 * i, (uint64_t)v);
+    }
+done:
+    PyBuffer_Release(&b);
+    return out;
+}
+
+PyDoc_STRVAR(key_run_doc,
+             "key_run(raw, mask, /)\n--\n\n"
+             "raw: 16-byte entries (two little-endian u64 words each, at least one); how many of\n"
+             "them, from the first on, have (word0 & mask) equal to the first entry's.");
+
+static PyObject *key_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer b;
+    uint64_t mask;
+    Py_ssize_t n, i = 1;
+    (void)self;
+    if (check_nargs("key_run", nargs, 2) < 0 || get_u64(args[1], "mask", &mask) < 0 ||
+        PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (b.len == 0 || b.len % 16) {
+        PyBuffer_Release(&b);
+        PyErr_Format(PyExc_ValueError, "key_run needs whole 16-byte entries (got %zd bytes)", b.len);
+        return NULL;
+    }
+    n = b.len / 16;
+    const char *p = (const char *)b.buf;
+    uint64_t key = le64_at(p) & mask;
+    while (i < n && (le64_at(p + 16 * i) & mask) == key) {
+        i++;
+    }
+    PyBuffer_Release(&b);
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"dram_gather", (PyCFunction)(void (*)(void))dram_gather, METH_FASTCALL, dram_gather_doc},
     {"cache_page_plan", (PyCFunction)(void (*)(void))cache_page_plan, METH_FASTCALL, cache_page_plan_doc},
@@ -3901,6 +4398,14 @@ static PyMethodDef methods[] = {
      cache_hit_write_runs_doc},
     {"slot_sync", (PyCFunction)(void (*)(void))slot_sync, METH_FASTCALL, slot_sync_doc},
     {"copy_changed", (PyCFunction)(void (*)(void))copy_changed, METH_FASTCALL, copy_changed_doc},
+    {"u64_columns", (PyCFunction)(void (*)(void))u64_columns, METH_FASTCALL, u64_columns_doc},
+    {"u64_runs", (PyCFunction)(void (*)(void))u64_runs, METH_FASTCALL, u64_runs_doc},
+    {"record_words", (PyCFunction)(void (*)(void))record_words, METH_FASTCALL, record_words_doc},
+    {"strided_rows", (PyCFunction)(void (*)(void))strided_rows, METH_FASTCALL, strided_rows_doc},
+    {"key_run", (PyCFunction)(void (*)(void))key_run, METH_FASTCALL, key_run_doc},
+    {"u64_dict_get", (PyCFunction)(void (*)(void))u64_dict_get, METH_FASTCALL, u64_dict_get_doc},
+    {"dram_page_list", (PyCFunction)(void (*)(void))dram_page_list, METH_FASTCALL, dram_page_list_doc},
+    {"dram_scatter_rows", (PyCFunction)(void (*)(void))dram_scatter_rows, METH_FASTCALL, dram_scatter_rows_doc},
     {"pool_sync_all", (PyCFunction)(void (*)(void))pool_sync_all, METH_FASTCALL,
      "pool_sync_all(pool, cache_dict, write_back) -> int: PagePool.sync_all (csrc/mem_accel.c)."},
     {NULL, NULL, 0, NULL},

@@ -1048,3 +1048,116 @@ def test_whole_page_receives_see_the_hosts_dirty_lines_of_trans(monkeypatch: pyt
     assert batches == ([8, 3, 4] if change else [8, 8])
     for i in range(8):
         assert (memory[i * PAGE : (i + 1) * PAGE] == IMAGE[(i % 4) * PAGE : (i % 4 + 1) * PAGE]) is (not change or i != 3)
+
+
+# ---- the whole-page checks' column summaries (sevemu.hw.columns), in C and in numpy ----------------
+class _Raw:
+    """A queued command buffer given as its bytes (for one with a reserved byte set)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def encode(self) -> bytes:
+        return self.raw
+
+
+def _reserved_offset() -> int:
+    spans = [field_span(TransportCmd, name) for name in ("handle", "hdr_paddr", "hdr_len", "guest_paddr",
+                                                         "guest_len", "trans_paddr", "trans_len")]
+    return next(i for i in range(TransportCmd.SIZE) if not any(lo <= i < lo + n for lo, n in spans))
+
+
+# command index -> field overrides ("raw": a reserved byte set) of the eight SENDs / RECEIVEs
+_SEND_FAULTS: dict[str, dict[int, dict[str, int]]] = {
+    "none": {},
+    "reserved byte": {3: {"raw": 1}},
+    "another handle": {3: {"handle": 77}},
+    "unaligned guest page": {4: {"guest_paddr": IMAGE_BASE + PAGE + 16}},
+    "header length written back": {2: {"hdr_len": 0x40}},
+    "short TRANS": {5: {"trans_len": 0x800}},
+    "TRANS over the headers": {6: {"trans_paddr": BATCH_HDRS}},
+    "two TRANS on one page": {5: {"trans_paddr": BATCH_TRANS + 4 * PAGE}},
+    "two headers in one slot": {5: {"hdr_paddr": BATCH_HDRS + 64 * 4}},
+    "TRANS on a ring page": {1: {"trans_paddr": RING_STATUS}},
+    "guest page outside DRAM": {7: {"guest_paddr": OUTSIDE}},
+    "headers in reverse order": {i: {"hdr_paddr": BATCH_HDRS + 64 * (7 - i)} for i in range(8)},
+}
+_RECEIVE_FAULTS: dict[str, dict[int, dict[str, int]]] = {
+    "none": {},
+    "reserved byte": {6: {"raw": 1}},
+    "short TRANS": {2: {"trans_len": 0x800}},
+    "short header length": {1: {"hdr_len": 0x30}},
+    "two commands on one guest page": {4: {"guest_paddr": TARGET_BASE + 3 * PAGE}},
+    "a header in a page received": {5: {"hdr_paddr": TARGET_BASE + 6 * PAGE}},
+    "TRANS outside DRAM": {3: {"trans_paddr": OUTSIDE}},
+    "guest pages in reverse order": {i: {"guest_paddr": TARGET_BASE + (7 - i) * PAGE} for i in range(8)},
+}
+
+
+def _faulty(m: Machine, cid: CommandId, handle: int, base: int, over: dict[int, dict[str, int]]) -> list[Any]:
+    cmds: list[Any] = []
+    for i in range(8):
+        fields = dict(over.get(i, {}))
+        raw = fields.pop("raw", 0)
+        who = handle + fields.pop("handle", 0)
+        if "guest_paddr" in fields:
+            fields["guest_paddr"] |= m.profile.cbit_mask
+        page = i % 4 if cid == CommandId.SEND_UPDATE_DATA else i
+        cmd = _batch_cmd(m, cid, who, base, i, page, **fields)
+        if raw:
+            buf = bytearray(cmd[1].encode())
+            buf[_reserved_offset()] = raw
+            cmd = (cid, _Raw(bytes(buf)))  # type: ignore[arg-type]
+        cmds.append(cmd)
+    return cmds
+
+
+def _faulty_world(seed: str, batched: bool, sends: dict[int, dict[str, int]],
+                  receives: dict[int, dict[str, int]]) -> tuple[object, ...]:
+    """Eight whole-page SENDs (``sends``: their faults), then eight RECEIVEs of the packets they left
+    (``receives``: their faults), one doorbell each or one for all; the statuses, the bytes
+    written, the received memory, both logs and both guests' states."""
+    src, dst = machine(f"{seed}-src"), machine(f"{seed}-dst")
+    ch = open_channel(src, dst)
+    s_status = ring_run(src, _faulty(src, CommandId.SEND_UPDATE_DATA, ch.sh, IMAGE_BASE, sends), per_doorbell=not batched)
+    sent = get(src, BATCH_HDRS, 64 * 8) + get(src, BATCH_TRANS, PAGE * 8)
+    put(dst, BATCH_HDRS, get(src, BATCH_HDRS, 64 * 8))
+    put(dst, BATCH_TRANS, get(src, BATCH_TRANS, PAGE * 8))
+    d_status = ring_run(dst, _faulty(dst, CommandId.RECEIVE_UPDATE_DATA, ch.dh, TARGET_BASE, receives),
+                        per_doorbell=not batched)
+    g = dst.firmware.guests[ch.dh]
+    assert not src.firmware.internal_errors and not dst.firmware.internal_errors
+    return (s_status, sent, d_status, get(dst, BATCH_HDRS, 64 * 8), dst.soc.mc.read(TARGET_BASE, 8 * PAGE, g.asid, True),
+            src.firmware.log[-8:], dst.firmware.log[-8:], g.state, src.firmware.guests[ch.sh].state)
+
+
+@pytest.mark.parametrize(("sends", "receives"), [(s, "none") for s in _SEND_FAULTS] +
+                         [("none", r) for r in _RECEIVE_FAULTS if r != "none"])
+def test_whole_page_checks_refuse_as_one_by_one_in_c_and_in_numpy(monkeypatch: pytest.MonkeyPatch,
+                                                                  sends: str, receives: str) -> None:
+    """A doorbell of eight SEND_UPDATE_DATA then one of eight RECEIVE_UPDATE_DATA, one command of
+    them faulty -- a reserved byte set, another handle, an unaligned guest page, a header length to
+    write back, a short TRANS, an output over another command's output or input, a region on a ring
+    page or outside DRAM -- or all valid in an unusual order: the whole-page checks, whose column
+    summaries run in C (sevemu.hw.columns) or in numpy, give the statuses, bytes, logs and guest
+    states of a doorbell per command, the faulty command refused with its own status and nothing of
+    it written."""
+    from sevemu.hw import memaccel
+
+    worlds = [_faulty_world("faults", False, _SEND_FAULTS[sends], _RECEIVE_FAULTS[receives])]
+    for c in (memaccel.COLUMNS, False):
+        monkeypatch.setattr(memaccel, "COLUMNS", c)
+        worlds.append(_faulty_world("faults", True, _SEND_FAULTS[sends], _RECEIVE_FAULTS[receives]))
+    assert worlds[0] == worlds[1] == worlds[2]
+    s_status, d_status = worlds[0][0], worlds[0][2]
+    assert isinstance(s_status, list) and isinstance(d_status, list)
+    refused = {"reserved byte": 3, "another handle": 3, "unaligned guest page": 4, "short TRANS": 5,
+               "TRANS on a ring page": 1, "guest page outside DRAM": 7}.get(sends)
+    if refused is not None:
+        assert s_status[refused] and s_status.count(0) == 7
+    refused = {"reserved byte": 6, "short TRANS": 2, "short header length": 1, "a header in a page received": 5,
+               "TRANS outside DRAM": 3}.get(receives)
+    if refused is not None:
+        assert d_status[refused] and d_status.count(0) == 7
+    if (sends, receives) == ("none", "none"):
+        assert s_status == d_status == [0] * 8

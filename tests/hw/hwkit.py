@@ -234,12 +234,12 @@ MEM_ACCEL_MODES = [pytest.param(True, id="c-helpers",
 @contextmanager
 def mem_accel(on: bool) -> Iterator[None]:
     """Run the block with the memory model's C helpers used (if built) or not."""
-    saved = memaccel.ENABLED, memaccel.HOST_PORT, memaccel.POOL_SYNC
-    memaccel.ENABLED, memaccel.HOST_PORT, memaccel.POOL_SYNC = (on and flag for flag in saved)
+    saved = memaccel.ENABLED, memaccel.HOST_PORT, memaccel.POOL_SYNC, memaccel.COLUMNS
+    memaccel.ENABLED, memaccel.HOST_PORT, memaccel.POOL_SYNC, memaccel.COLUMNS = (on and flag for flag in saved)
     try:
         yield
     finally:
-        memaccel.ENABLED, memaccel.HOST_PORT, memaccel.POOL_SYNC = saved
+        memaccel.ENABLED, memaccel.HOST_PORT, memaccel.POOL_SYNC, memaccel.COLUMNS = saved
 
 
 def identity_tables(img: bytearray, base: int, cbit: int | None, shared: tuple[int, ...] = ()) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hwkit import GUEST_SPA, US, FnEngine, P, PageTables, es_vmsa, make_soc
+from hwkit import GUEST_SPA, MEM_ACCEL_MODES, US, FnEngine, P, PageTables, es_vmsa, make_soc, mem_accel
 
 from sevemu._util.units import PAGE
 from sevemu.abi.paging import ExitCode
@@ -215,9 +215,16 @@ def test_wbinvd_counts_per_core() -> None:
     assert s.cache.flush_epoch == 3
 
 
-def test_host_read_stream_into_is_host_read_stream(soc: Soc) -> None:
+@pytest.mark.parametrize("accel", MEM_ACCEL_MODES)
+def test_host_read_stream_into_is_host_read_stream(soc: Soc, accel: bool) -> None:
     """The streaming read into a reused buffer gives host_read_stream's bytes: DRAM with the host's
-    dirty cached lines in place (some cached, some only in DRAM, unaligned ends)."""
+    dirty cached lines in place (some cached, some only in DRAM, unaligned ends) -- the dirty lines
+    found in C (resident_keys over the dirty set) or in Python."""
+    with mem_accel(accel):
+        _stream_reads_see_dirty_lines(soc)
+
+
+def _stream_reads_see_dirty_lines(soc: Soc) -> None:
     core = soc.boot_cpu
     base = 0x20_0000
     core.host_write_stream(base, bytes(range(256)) * 64)  # 16 KiB straight to DRAM
@@ -232,10 +239,21 @@ def test_host_read_stream_into_is_host_read_stream(soc: Soc) -> None:
     assert b"dirty line" in core.host_read_stream(base + 0x1040, 64)
 
 
-def test_host_read_stream_pages_are_what_host_read_stream_returns(soc: Soc) -> None:
+def _pages_in_c(monkeypatch: pytest.MonkeyPatch, in_c: bool) -> None:
+    from sevemu.hw import memaccel
+
+    if in_c and not memaccel.COLUMNS:
+        pytest.skip("the C helpers were not built")
+    monkeypatch.setattr(memaccel, "COLUMNS", in_c)
+
+
+@pytest.mark.parametrize("in_c", [True, False])
+def test_host_read_stream_pages_are_what_host_read_stream_returns(soc: Soc, monkeypatch: pytest.MonkeyPatch, in_c: bool) -> None:
     """DRAM's own pages of a page-aligned range (no copy) only when they hold what the streaming read
     returns: a dirty cached host line over the range, a page never written, an unaligned range or
-    a VMCB view over it give None (the caller copies instead)."""
+    a VMCB view over it give None (the caller copies instead).  The pages listed in C
+    (``dram_page_list``) or in Python."""
+    _pages_in_c(monkeypatch, in_c)
     core = soc.boot_cpu
     base = 0x20_0000
     data = bytes(range(256)) * 48  # 3 pages
@@ -254,11 +272,13 @@ def test_host_read_stream_pages_are_what_host_read_stream_returns(soc: Soc) -> N
         core.host_read_stream_pages(soc.dram.size - PAGE, 2 * PAGE)
 
 
-def test_host_write_stream_pages_is_host_write_stream(soc: Soc) -> None:
+@pytest.mark.parametrize("in_c", [True, False])
+def test_host_write_stream_pages_is_host_write_stream(soc: Soc, monkeypatch: pytest.MonkeyPatch, in_c: bool) -> None:
     """Bytes written in place into the pages handed over leave the memory host_write_stream of them
     leaves: a dirty host line of the range written back, then overwritten (it does not come back
     later over the new bytes), a page never written created; nothing is handed over for an unaligned
-    range or one outside DRAM."""
+    range or one outside DRAM.  The pages stored and listed in C (``dram_page_list``) or in Python."""
+    _pages_in_c(monkeypatch, in_c)
     data = bytes((i * 7 + 3) & 0xFF for i in range(3 * PAGE))  # 3 pages
     results = []
     got: list[int] = []

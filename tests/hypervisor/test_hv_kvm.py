@@ -571,11 +571,17 @@ def test_back_pages_backs_and_maps_as_back_does_page_by_page(small: int, monkeyp
     assert worlds[0] == worlds[1]
 
 
-def test_backed_spas_are_back_pages_of_pages_backed_already() -> None:
+@pytest.mark.parametrize("in_c", [True, False])
+def test_backed_spas_are_back_pages_of_pages_backed_already(monkeypatch: pytest.MonkeyPatch, in_c: bool) -> None:
     """Vm.backed_spas (a prepared migration destination's batches): the SPAs back_pages gives for
     GPAs that are all backed -- a huge page's and 4 KiB ones, out of order -- as a column, with
     nothing backed or mapped; None (back them instead) for a GPA not backed, unaligned, outside the
-    VM, or an empty column."""
+    VM, or an empty column.  The lookups in C (sevemu.hw.columns.lookup) or one by one in Python."""
+    from sevemu.hw import memaccel
+
+    if in_c and not memaccel.COLUMNS:
+        pytest.skip("the C helpers were not built")
+    monkeypatch.setattr(memaccel, "COLUMNS", in_c)
     m = small_machine()
     vm = m.hv.create_vm("b", 4 * MiB, VmKind.SEV)
     vm.back_huge(0x20_0000)

@@ -506,10 +506,20 @@ def test_bad_huge_frames_are_protocol_errors(regions: tuple[int, ...], started: 
     (0x1000, 0x2800),  # unaligned
     (0x1000, MEM),  # outside the VM
     (0x1000, 1 << 64),  # not a u64
+    np.array([0x6000, 0x7000, 0x6000], dtype=np.uint64),  # a frame's column: repeated
+    np.array([0x6000, MEM + PAGE], dtype=np.uint64),  # a frame's column: outside the VM
 ])
-def test_pages_of_a_frame_are_new_pages_of_the_vm(gpas: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("in_c", [True, False])
+def test_pages_of_a_frame_are_new_pages_of_the_vm(monkeypatch: pytest.MonkeyPatch, gpas: tuple[int, ...],
+                                                  in_c: bool) -> None:
     """The destination takes each GPA of a PAGES frame once, inside the VM and page aligned; a frame
-    with one bad GPA is refused, naming it, and records none of its pages."""
+    with one bad GPA is refused, naming it, and records none of its pages (the frame's column
+    summarised in C, sevemu.hw.columns, or in numpy)."""
+    from sevemu.hw import memaccel
+
+    if in_c and not memaccel.COLUMNS:
+        pytest.skip("the C helpers were not built")
+    monkeypatch.setattr(memaccel, "COLUMNS", in_c)
     vm = Vm.__new__(Vm)
     vm.memory = MEM
     seen = migration._Seen(MEM)

@@ -64,6 +64,7 @@ from sevemu.firmware.identity import PlatformIdentity, boot_identity
 from sevemu.firmware.nvstore import SealedNv
 from sevemu.firmware.ring import RingBuffer
 from sevemu.firmware.tmr import Tmr
+from sevemu.hw import columns
 from sevemu.hw.psp import MailboxPort, PspPorts
 
 __all__ = [
@@ -110,19 +111,29 @@ class QueuedBuffers:
     (each buffer in DRAM and clear of the TMR and the ring buffer's pages), their bytes back to back
     (:attr:`raw`, ``layout.SIZE`` each), and the prefix that decodes (:meth:`decoded`, on first use)."""
 
-    __slots__ = ("_decoded", "column", "layout", "raw", "spas")
+    __slots__ = ("_decoded", "_spas", "column", "layout", "raw")
 
-    def __init__(self, layout: type[Struct], spas: list[int], raw: bytes,
+    def __init__(self, layout: type[Struct], spas: list[int] | None, raw: bytes,
                  column: npt.NDArray[np.uint64] | None = None) -> None:
+        if spas is None and column is None:
+            raise ValueError("queued buffers need their SPAs, as a list or a column")
         self.layout = layout
-        self.spas = spas
+        self._spas = spas
         self.raw = raw
         self.column = column
         """The same SPAs as a u64 column when the dispatcher had them so (else None)."""
         self._decoded: list[tuple[int, Struct]] | None = None
 
+    @property
+    def spas(self) -> list[int]:
+        """The buffers' SPAs (a list made from :attr:`column` on first use when given only that)."""
+        if self._spas is None:
+            assert self.column is not None
+            self._spas = self.column.tolist()
+        return self._spas
+
     def __len__(self) -> int:
-        return len(self.spas)
+        return len(self._spas) if self._spas is not None else len(self.column)  # type: ignore[arg-type]
 
     def decoded(self) -> list[tuple[int, Struct]]:
         """(SPA, decoded buffer) of each command up to the first whose buffer does not decode."""
@@ -425,30 +436,25 @@ class Firmware:
         dma = self.ports.dma
         size = entry.buffer.SIZE
         keep = ~dma.cbit_mask
-        column = None
         if isinstance(buffer_paddrs, np.ndarray):  # (dma.strip of each, as a column)
             column = buffer_paddrs.astype(np.uint64) & np.uint64(keep & 0xFFFF_FFFF_FFFF_FFFF)
+            n = len(column)
+            if not n:
+                return 0
+            shape = columns.stats(column, (size,))[0]  # (where they lie, whether evenly spaced: one pass)
+            lo, hi, even = shape.lo, shape.hi + size, shape.stride
+            span = self._span(lo, hi, n * size)
+            if span and even >= size and not self._fenced(lo, hi):  # evenly spaced slots: every buffer read, in one step
+                return self._run_batch(entry.command, entry.batch, QueuedBuffers(
+                    entry.buffer, None, columns.strided_rows(span, 0, even, n, size), column))
             spas = column.tolist()
-            lo, hi = int(column.min()), int(column.max()) + size
         else:
             spas = [paddr & keep for paddr in buffer_paddrs]  # (dma.strip of each)
+            if not spas:
+                return 0
             lo, hi = min(spas), max(spas) + size
-        span = b""
-        if hi - lo <= 4 * size * len(spas):  # buffers packed together: one read for all of them
-            try:
-                span = dma.read(lo, hi - lo)
-            except AddressError:
-                span = b""
-        fenced = (self.tmr is not None and self.tmr.overlaps(lo, hi - lo)) or \
-            (self.ring is not None and self.ring.overlaps(lo, hi - lo))  # else no buffer touches them
-        n = len(spas)
-        stride = spas[1] - spas[0] if n > 1 else 0
-        if span and not fenced and size <= stride and hi - lo == stride * (n - 1) + size:
-            at = column if column is not None else np.array(spas, dtype=np.uint64)
-            if (np.diff(at) == np.uint64(stride)).all():  # evenly spaced slots: every buffer read, in one step
-                rows = np.lib.stride_tricks.as_strided(np.frombuffer(span, dtype=np.uint8), (n, size), (stride, 1))
-                return self._run_batch(entry.command, entry.batch,
-                                       QueuedBuffers(entry.buffer, spas, rows.tobytes(), at))
+            span = self._span(lo, hi, len(spas) * size)
+        fenced = self._fenced(lo, hi)  # else no buffer touches them
         raws: list[bytes] = []
         for spa in spas:
             if fenced and ((self.tmr is not None and self.tmr.overlaps(spa, size)) or
@@ -461,6 +467,21 @@ class Firmware:
         if not raws:
             return 0
         return self._run_batch(entry.command, entry.batch, QueuedBuffers(entry.buffer, spas[: len(raws)], b"".join(raws)))
+
+    def _span(self, lo: int, hi: int, total: int) -> bytes:
+        """The bytes of ``[lo, hi)`` when queued buffers of ``total`` bytes lie packed together in
+        it (one read for all of them), else (or outside DRAM) b""."""
+        if hi - lo > 4 * total:
+            return b""
+        try:
+            return self.ports.dma.read(lo, hi - lo)
+        except AddressError:
+            return b""
+
+    def _fenced(self, lo: int, hi: int) -> bool:
+        """Whether ``[lo, hi)`` touches the TMR or the ring buffer's pages."""
+        return (self.tmr is not None and self.tmr.overlaps(lo, hi - lo)) or \
+            (self.ring is not None and self.ring.overlaps(lo, hi - lo))
 
     def _run_batch(self, command: CommandId, batch: BatchRun, items: QueuedBuffers) -> int:
         """``batch`` on ``items``; how many commands it ran, logged as successes."""

@@ -56,6 +56,7 @@ from sevemu.abi.mailbox import RB_QUEUE_ENTRIES, MailboxReg, RbCtl, RbHead, enco
 from sevemu.abi.sev import RingCmdFlags
 from sevemu.abi.states import PlatformState
 from sevemu.abi.status import Status
+from sevemu.hw import columns
 
 if TYPE_CHECKING:
     from sevemu.firmware.core import Firmware
@@ -68,6 +69,10 @@ _KNOWN_FLAGS: Final = int(RingCmdFlags.INT_COMPLETE | RingCmdFlags.CONT_ON_ERROR
 _CONT_ON_ERROR: Final = int(RingCmdFlags.CONT_ON_ERROR)
 _INT_COMPLETE: Final = int(RingCmdFlags.INT_COMPLETE)
 _CMD_DONE: Final = int(RbHead.CMD_DONE_INT_STAT)
+_NO_ERRORS: Final = memoryview(bytes(_STATUS.size * RB_QUEUE_ENTRIES))  # the status entries of commands that succeeded
+_RUNNING_BIT: Final = (int(RbHead.LO_QUEUE_RUNNING), int(RbHead.HI_QUEUE_RUNNING))  # (low, high queue)
+_RESUME_BIT: Final = (int(RbCtl.RESUME_LO_QUEUE), int(RbCtl.RESUME_HI_QUEUE))
+_X86_CONTROL, _RB_MODE_ACTIVE, _CLEAR_INT_BITS = int(RbCtl.X86_CONTROL), int(RbCtl.RB_MODE_ACTIVE), int(RbCtl.CLEAR_INT_BITS)
 _PAUSED: Final = int(RbHead.Q_PAUSED_INT_STAT)
 _INT_STATUS: Final = int(RbHead.ALL_QUEUE_EMPTY_INT_STAT | RbHead.CMD_DONE_INT_STAT | RbHead.Q_PAUSED_INT_STAT
                          | RbHead.Q_FREE_INT_STAT)
@@ -88,11 +93,11 @@ class RingQueue:
 
     @property
     def running_bit(self) -> int:
-        return int(RbHead.HI_QUEUE_RUNNING if self.high else RbHead.LO_QUEUE_RUNNING)
+        return _RUNNING_BIT[self.high]
 
     @property
     def resume_bit(self) -> int:
-        return int(RbCtl.RESUME_HI_QUEUE if self.high else RbCtl.RESUME_LO_QUEUE)
+        return _RESUME_BIT[self.high]
 
     @property
     def empty_int_bit(self) -> int:
@@ -127,13 +132,13 @@ class RingBuffer:
         """Answer one CMDRESP write in ring-buffer mode (module docstring, steps 1-5)."""
         port = fw.mailbox
         ctl = port.read(MailboxReg.CMDRESP)
-        if not (ctl & RbCtl.X86_CONTROL and ctl & RbCtl.RB_MODE_ACTIVE):
+        if not (ctl & _X86_CONTROL and ctl & _RB_MODE_ACTIVE):
             self.leave(fw)
             port.write(MailboxReg.CMDRESP, encode_response(Status.RING_BUFFER_EXIT))
             port.interrupt()
             return
         raised = False
-        if ctl & RbCtl.CLEAR_INT_BITS:
+        if ctl & _CLEAR_INT_BITS:
             self.head &= ~_INT_STATUS
         for q in self.queues:
             if not self.head & q.running_bit and ctl & q.resume_bit:
@@ -186,12 +191,10 @@ class RingBuffer:
             return self._post(fw, q, index, [int(Status.INVALID_PARAM)], flags)
         done = 0
         if len(raw) > _ENTRY.size:  # the entries after it that queue the same command, same flags
-            words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-            differ = np.flatnonzero((words[:, 0] & np.uint64(0xFFFF_FFFF)) != words[0, 0] & np.uint64(0xFFFF_FFFF))
-            same = int(differ[0]) if len(differ) else len(words)
-            done = fw.handle_batch(cmd_id, words[:same, 1]) if same > 1 else 0
+            same = columns.key_run(raw, 0xFFFF_FFFF)
+            done = fw.handle_batch(cmd_id, np.frombuffer(raw, dtype="<u8", count=2 * same)[1::2]) if same > 1 else 0
         if done:
-            return self._post(fw, q, index, [int(Status.SUCCESS)] * done, flags)
+            return self._post(fw, q, index, done, flags)
         return self._post(fw, q, index, [fw.handle(cmd_id, buffer_ptr)], flags)
 
     @staticmethod
@@ -224,33 +227,38 @@ class RingBuffer:
         if not n_hi or not n_lo:
             return None
         raw = self._entries(fw, hi, hi_index, n_hi) + self._entries(fw, lo, lo_index, n_lo)
-        words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-        key = words[:, 0] & np.uint64(0xFFFF_FFFF)  # command id and flags
-        differ = np.flatnonzero(key != key[0])
-        same = int(differ[0]) if len(differ) else len(words)
-        flags = int(key[0]) >> 16
+        same = columns.key_run(raw, 0xFFFF_FFFF)  # the entries queuing the first one's command id and flags
+        key = int.from_bytes(raw[:4], "little")
+        flags = key >> 16
         if same <= n_hi or flags & ~_KNOWN_FLAGS:
             return None
-        done = fw.handle_batch(int(key[0]) & 0xFFFF, words[:same, 1])
+        done = fw.handle_batch(key & 0xFFFF, np.frombuffer(raw, dtype="<u8", count=2 * same)[1::2])
         if not done:
             return None
-        raised = self._post(fw, hi, hi_index, [int(Status.SUCCESS)] * min(done, n_hi), flags)
+        raised = self._post(fw, hi, hi_index, min(done, n_hi), flags)
         if done > n_hi:
-            raised |= self._post(fw, lo, lo_index, [int(Status.SUCCESS)] * (done - n_hi), flags)
+            raised |= self._post(fw, lo, lo_index, done - n_hi, flags)
         return raised
 
-    def _post(self, fw: Firmware, q: RingQueue, index: int, statuses: list[int], flags: int) -> bool:
+    def _post(self, fw: Firmware, q: RingQueue, index: int, statuses: list[int] | int, flags: int) -> bool:
         """Write the status entries of the commands from ``index`` on (wrapping at the page's end
-        as the queue does), advance the head; whether an interrupt was earned."""
-        entries = bytes(_STATUS.size * len(statuses)) if not any(statuses) else \
-            b"".join([_STATUS.pack(st, 0) for st in statuses])  # (all SUCCESS: zero entries)
+        as the queue does), advance the head; whether an interrupt was earned.  ``statuses``: each
+        command's status, or the number of commands that all succeeded."""
+        if isinstance(statuses, int):  # (all SUCCESS: zero entries)
+            entries: bytes | memoryview = _NO_ERRORS[: _STATUS.size * statuses]
+            statuses = [int(Status.SUCCESS)] if statuses else []
+            count = len(entries) // _STATUS.size
+        else:
+            entries = bytes(_STATUS.size * len(statuses)) if not any(statuses) else \
+                b"".join([_STATUS.pack(st, 0) for st in statuses])
+            count = len(statuses)
         room = (RB_QUEUE_ENTRIES - index) * _STATUS.size
         fw.ports.dma.write(q.status_spa + index * _STATUS.size, entries[:room])
         if len(entries) > room:
             fw.ports.dma.write(q.status_spa, entries[room:])
-        self.head = (self.head & ~(0xFF << q.shift)) | (((index + len(statuses)) % RB_QUEUE_ENTRIES) << q.shift)
+        self.head = (self.head & ~(0xFF << q.shift)) | (((index + count) % RB_QUEUE_ENTRIES) << q.shift)
         raised = False
-        if statuses[-1] and not flags & _CONT_ON_ERROR:  # (SUCCESS is 0; only the last may fail)
+        if statuses and statuses[-1] and not flags & _CONT_ON_ERROR:  # (SUCCESS is 0; only the last may fail)
             self.head = (self.head & ~q.running_bit) | _PAUSED
             raised = True
         if flags & _INT_COMPLETE:

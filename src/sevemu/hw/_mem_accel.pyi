@@ -130,3 +130,33 @@ class PoolSync:
     def __init__(self, pool: object, cache_dict: dict[str, Any],
                  write_back: Callable[[int, bytearray, list[tuple[int, int]]], None], /) -> None: ...
     def __call__(self) -> int: ...
+
+def u64_columns(buf: ReadableBuffer, lengths: tuple[int, ...], /) -> list[tuple[int, int, int, int, bool]]:
+    """For each of ``len(lengths)`` columns of n u64 back to back in ``buf`` (n >= 1) and its
+    length L: (min, max, OR of all values, the common step of an ascending evenly spaced column or
+    0, ``(c[1:] >= c[:-1] + L).all()`` with u64 wrap-around)."""
+
+def u64_runs(buf: ReadableBuffer, step: int, /) -> list[tuple[int, int, int]]:
+    """(first index, value, count * step) of each run of a u64 column whose values go up by ``step``."""
+
+def record_words(raw: ReadableBuffer, size: int, mask: ReadableBuffer, picks: tuple[int, ...],
+                 ands: tuple[int, ...], /) -> bytes | None:
+    """The u64 words ``picks`` of each ``size``-byte record of ``raw`` (zero-padded to whole words),
+    ANDed with ``ands``, as columns back to back; None when a record has a bit of ``mask`` set."""
+
+def strided_rows(span: ReadableBuffer, offset: int, stride: int, n: int, size: int, /) -> bytes:
+    """The ``n`` rows of ``size`` bytes at ``offset + i * stride`` of ``span``, joined."""
+
+def key_run(raw: ReadableBuffer, mask: int, /) -> int:
+    """How many 16-byte entries of ``raw``, from the first, have ``word0 & mask`` equal to the first's."""
+
+def dram_scatter_rows(pages: dict[int, bytearray], spa: int, stride: int, rows: ReadableBuffer, size: int, /) -> None:
+    """Each ``size``-byte row of ``rows`` stored at ``spa + i * stride`` in the page store (absent
+    pages created zeroed), the bytes between rows untouched; rows must not be able to cross a page."""
+
+def dram_page_list(pages: dict[int, bytearray], pfn: int, count: int, create: bool, /) -> list[bytearray] | None:
+    """The ``count`` pages from ``pfn`` on of the page store, in order (absent ones stored zeroed
+    first when ``create``, else None)."""
+
+def u64_dict_get(mapping: dict[int, int], keys: ReadableBuffer, shift: int, /) -> bytes:
+    """``mapping.get(k >> shift, -1)`` of each u64 ``k`` of ``keys``, as int64 values back to back."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from sevemu._util.units import PAGE
 from sevemu.abi.paging import ExitCode
 from sevemu.errors import AddressError, HardwareError
+from sevemu.hw import memaccel
 from sevemu.hw.cache import ASID_SHIFT, C_SHIFT, Cache, tag_key
 from sevemu.hw.codefetch import _CPU_ENGINES
 from sevemu.hw.faults import GeneralProtection, NestedPageFault
@@ -406,6 +407,9 @@ class Core:
         if spa < v.hi and spa + length > v.lo:
             return None
         first = spa >> 12
+        if memaccel.COLUMNS:  # (the same list, in one call)
+            listed = memaccel.helpers.dram_page_list(dram.pages_dict(), first, length >> 12, False)
+            return None if listed is None or self._dirty_host_lines(spa, length) else listed
         pages = list(map(dram.pages_dict().get, range(first, first + (length >> 12))))
         if None in pages or self._dirty_host_lines(spa, length):
             return None
@@ -424,6 +428,11 @@ class Core:
         self._host_stream_begin(spa, length)
         store = self.mc.dram.pages_dict()
         first = spa >> 12
+        if memaccel.COLUMNS:  # (the same pages stored and listed, in one call)
+            made = memaccel.helpers.dram_page_list(store, first, length >> 12, True)
+            assert made is not None
+            fill(made)
+            return
         pages = list(map(store.get, range(first, first + (length >> 12))))
         if None in pages:
             for i, page in enumerate(pages):
@@ -435,6 +444,10 @@ class Core:
         """The host's dirty lines (domain (0, C=0): the key is the SPA) of ``[spa, spa+length)``."""
         dirty = self.cache.dirty
         first, end = spa & ~63, spa + length
+        if memaccel.ENABLED:  # the same keys, in C (as the PSP's coherent reads find them)
+            found = memaccel.helpers.resident_keys([dirty], 0, first, end)
+            if found is not None:  # (None: the dirty set is a set subclass, answered in Python below)
+                return found
         if (end - first) >> 6 <= len(dirty):
             return [k for k in range(first, end, 64) if k in dirty]
         return sorted(k for k in dirty if first <= k < end)  # fewer dirty lines than addresses: visit them

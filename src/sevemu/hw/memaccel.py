@@ -55,3 +55,12 @@ PAGE_FILL: bool = ENABLED and hasattr(helpers, "cache_page_plan") and hasattr(he
 page pool's page loads) takes its lookups, evictions and installs in C (``cache_page_plan`` /
 ``cache_page_install``: the same steps as the Python loop, which stays where they were not built or
 :data:`ENABLED` is off)."""
+
+COLUMNS: bool = ENABLED and all(hasattr(helpers, name) for name in
+                                ("u64_columns", "u64_runs", "record_words", "strided_rows", "key_run",
+                                 "dram_scatter_rows", "dram_page_list", "u64_dict_get"))
+"""Whether :mod:`sevemu.hw.columns` summarises u64 columns in C (one pass each: the firmware's
+whole-page batches and ring-buffer queues); its numpy expressions, which give the same values, stay
+where they were not built; and :meth:`PspDma.write_rows <sevemu.hw.psp.PspDma.write_rows>` stores its
+rows in one call (``dram_scatter_rows``), and a core's page-run streaming accesses list DRAM's pages in
+one (``dram_page_list``).  Tests turn it off for the numpy paths."""

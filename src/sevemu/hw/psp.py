@@ -206,6 +206,10 @@ class PspDma:
             raise AddressError(f"SPA {spa:#x}+{span:#x} is an SNP guest's page: the PSP does not write it")
         self._cache.flush_range(0, False, spa, span)
         pages = self._mc.dram.pages_dict()
+        if memaccel.COLUMNS:  # (the same stores, in one call)
+            memaccel.helpers.dram_scatter_rows(pages, spa, stride, rows.data if rows.flags.c_contiguous
+                                               else np.ascontiguousarray(rows).data, size)
+            return True
         per_page = PAGE // stride
         i = 0
         while i < n:

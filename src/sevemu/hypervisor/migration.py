@@ -108,6 +108,7 @@ from sevemu.abi.certs import SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE
 from sevemu.abi.policy import GuestPolicy
 from sevemu.abi.sev import HdrBuf, SessionBuf
 from sevemu.errors import SevemuError, VmError
+from sevemu.hw import columns
 from sevemu.hw.svm import GPRS
 from sevemu.hypervisor.errors import SevFirmwareError
 from sevemu.hypervisor.kvm import Hypervisor
@@ -793,13 +794,15 @@ def _new_pages(vm: Vm, gpas: Gpas, seen: _Seen) -> None:
     """:func:`_new_page` of each GPA (all checked before any is recorded)."""
     try:
         at = np.asarray(gpas, dtype=np.uint64)
-        bad = bool((at & np.uint64(PAGE - 1)).any() or (at >= np.uint64(vm.memory)).any())
     except (OverflowError, ValueError):  # not a u64 (a frame's GPAs are): named below
         bad = True
+    else:
+        shape = columns.stats(at, (1,))[0] if len(at) else None  # (bounds, alignment, order: one pass)
+        bad = shape is not None and (shape.bits % PAGE != 0 or shape.hi >= vm.memory)
     if not bad:
         gfns = (at >> np.uint64(12)).astype(np.intp)
-        steps = np.diff(gfns)
-        repeated = not (steps > 0).all() and len(np.unique(gfns)) != len(gfns)  # (ascending: none repeated)
+        # (ascending -- each GPA above the one before: none repeated)
+        repeated = shape is not None and not shape.apart and len(np.unique(gfns)) != len(gfns)
         bad = repeated or bool(seen.flags[gfns].any())
     if bad:
         flags = seen.flags

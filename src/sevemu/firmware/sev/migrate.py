@@ -116,12 +116,11 @@ import hmac
 import struct
 import threading
 from dataclasses import replace
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from sevemu._util.runs import page_runs
 from sevemu._util.units import LINE, PAGE
 from sevemu.abi.certs import AMD_CERT_HEADER_SIZE, SEV_CERT_CHAIN_SIZE, SEV_CERT_SIZE, KeyUsage
 from sevemu.abi.commands import CommandId
@@ -160,6 +159,7 @@ from sevemu.firmware.sev.api import SEV_API
 from sevemu.firmware.sev.es import check_vmsa, need_es, set_up_vmsa, vmsa_room
 from sevemu.firmware.sev.guest import create_guest
 from sevemu.firmware.sev.session import godh_public_key, open_channel
+from sevemu.hw import columns
 
 __all__ = [
     "AMD_CERTS_LENGTHS",
@@ -544,10 +544,9 @@ def send_update_batch(fw: Firmware, items: QueuedBuffers) -> int:
     others' outputs (:func:`_batchable`) -- all of them at once when they are whole pages
     (:func:`_whole_pages`) --; the plaintexts read, the IVs drawn in command order, each packet
     sealed with its own IV and MAC (:meth:`PacketCrypto.seal_many`), the outputs written in runs."""
-    fast = _whole_pages(fw, items, send=True)
-    if fast is not None:
-        whole, cols = fast
-        _seal_pages(fw, whole, cols[_GUEST], cols[_HDR], cols[_TRANS])
+    whole = _whole_pages(fw, items, send=True)
+    if whole is not None:
+        _seal_pages(fw, whole)
         return len(items)
     g: GuestContext | None = None
     plan = _Spans()
@@ -584,9 +583,9 @@ def send_update_batch(fw: Firmware, items: QueuedBuffers) -> int:
 
 
 # ---- whole-page batches: the checks of a ring-buffer batch on all its commands at once ----------
-# Columns of the commands' fields (read from the buffers' bytes), then the SPAs of the command
-# buffer, header, guest page and TRANS.
-_HANDLE, _HDR_LEN, _GUEST_LEN, _TRANS_LEN, _CMD, _HDR, _GUEST, _TRANS = 0, 2, 4, 6, 7, 8, 9, 10
+# Columns of the commands' fields (read from the buffers' bytes, in _COLUMNS' order), then the
+# SPAs (C-bit stripped) of the header, guest page and TRANS.
+_HANDLE, _HDR_LEN, _GUEST_LEN, _TRANS_LEN, _HDR, _GUEST, _TRANS = 0, 2, 4, 6, 7, 8, 9
 _COLUMNS: Final = ("handle", "hdr_paddr", "hdr_len", "guest_paddr", "guest_len", "trans_paddr", "trans_len")
 _U64 = npt.NDArray[np.uint64]
 
@@ -612,16 +611,21 @@ def _cmd_words() -> tuple[int, tuple[int, ...], npt.NDArray[np.uint64]]:
 _CMD_WORDS, _COLUMN_WORDS, _RESERVED_MASK = _cmd_words()
 
 
-def _cmd_columns(raw: bytes, n: int) -> list[_U64] | None:
-    """The ``_COLUMNS`` fields of ``n`` TransportCmd buffers back to back in ``raw``, as columns (the
-    values :meth:`TransportCmd.decode` gives); None when a buffer has a reserved byte set (it does
-    not decode)."""
-    rows = np.zeros((n, 8 * _CMD_WORDS), dtype=np.uint8)  # (each buffer zero-padded to whole words)
-    rows[:, : TransportCmd.SIZE] = np.frombuffer(raw, dtype=np.uint8).reshape(n, TransportCmd.SIZE)
-    words: _U64 = rows.view("<u8").astype(np.uint64, copy=False)  # (no copy on little-endian hosts)
-    if (words & _RESERVED_MASK).any():
-        return None
-    return [words[:, w] for w in _COLUMN_WORDS]  # (the reserved bytes zero: each word is its field)
+def _cmd_columns(raw: bytes, n: int, strip: int | None = None) -> _U64 | None:
+    """The ``_COLUMNS`` fields of ``n`` TransportCmd buffers back to back in ``raw``, as the rows of
+    a ``(7, n)`` array (the values :meth:`TransportCmd.decode` gives) -- with ``strip`` (a mask),
+    three more rows: the header, guest and TRANS addresses ANDed with it (``_HDR``, ``_GUEST``,
+    ``_TRANS``); None when a buffer has a reserved byte set (it does not decode).  One pass over the
+    buffers (:func:`sevemu.hw.columns.record_words`)."""
+    if len(raw) != n * TransportCmd.SIZE:
+        raise LayoutError(f"{len(raw)} bytes are not {n} TransportCmd buffers")
+    picks, ands = _COLUMN_WORDS, (_ALL_BITS,) * len(_COLUMN_WORDS)
+    if strip is not None:  # (hdr_paddr, guest_paddr, trans_paddr again, stripped)
+        picks, ands = picks + picks[1:6:2], ands + (strip & _ALL_BITS,) * 3
+    return columns.record_words(raw, TransportCmd.SIZE, _RESERVED_MASK, picks, ands)
+
+
+_ALL_BITS: Final = 0xFFFF_FFFF_FFFF_FFFF
 _AAD_DTYPE: Final = np.dtype([("context", "u1"), ("flags", "<u4"), ("iv", "V16"), ("guest_len", "<u4"),
                               ("trans_len", "<u4")])
 _HDR_DTYPE: Final = np.dtype([("flags", "<u4"), ("iv", "V16"), ("mac", "V32")])
@@ -632,9 +636,23 @@ def _snp_on(fw: Firmware) -> bool:
     return rmp is not None and rmp.rmp.enabled
 
 
-def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestContext, list[_U64]] | None:
-    """The guest and the field columns of a batch of SEND (``send``) or RECEIVE_UPDATE_DATA commands
-    that may all run at once: every buffer decodes, each names the same activated guest in the
+class _Whole(NamedTuple):
+    """A whole-page batch that :func:`_whole_pages` let through: its guest, the guest page, header
+    and TRANS SPAs of its commands, and what its checks found about them on the way."""
+
+    g: GuestContext
+    guest: _U64
+    hdrs: _U64
+    trans: _U64
+    hdr_stride: int
+    """The headers' common spacing (ascending, at least a header apart), else 0 (:func:`_even`)."""
+    trans_aligned: bool
+    """Whether every TRANS is page-aligned."""
+
+
+def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> _Whole | None:
+    """The batch of SEND (``send``) or RECEIVE_UPDATE_DATA commands, when they may all run at once:
+    every buffer decodes, each names the same activated guest in the
     command's state, moves one whole 4 KiB page at a page-aligned guest address (SEND: ``hdr_len``
     exactly 0x34, ``trans_len`` at least a page; RECEIVE: ``trans_len`` a page, ``hdr_len`` at least
     0x34) with every region in DRAM, outside the TMR and the ring buffer's pages (SNP off), and no
@@ -642,31 +660,32 @@ def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestC
     each passes every check of :func:`_send_update` / :func:`_receive_update` and running them
     together has the effects of running them one by one (the MACs of a RECEIVE batch are checked
     after: :func:`_open_pages`).  None when any of that does not hold: the batch then goes command
-    by command."""
+    by command.  The per-command work is two passes over the buffers' bytes
+    (:func:`_cmd_columns`, :func:`sevemu.hw.columns.stats`: each column's bounds, OR of its bits,
+    spacing and order); the checks are then on those numbers."""
     n = len(items)
     if n < 2 or items.layout is not TransportCmd or _snp_on(fw):
         return None
-    cols = _cmd_columns(items.raw, n)
+    cols = _cmd_columns(items.raw, n, ~fw.ports.dma.cbit_mask)
     if cols is None:
         return None  # a buffer that does not decode (reserved bytes set)
-    g = fw.guests.get(int(cols[_HANDLE][0]))
+    g = fw.guests.get(int(cols[_HANDLE, 0]))
     if g is None or g.state not in (_SUPDATE if send else _RUPDATE) or not g.asid:
         return None
-    cols.append(items.column if items.column is not None else np.array(items.spas, dtype=np.uint64))
-    strip = np.uint64(~fw.ports.dma.cbit_mask & 0xFFFF_FFFF_FFFF_FFFF)
-    cols += [cols[1] & strip, cols[3] & strip, cols[5] & strip]
-    hdr_len, guest_len, trans_len = cols[_HDR_LEN], cols[_GUEST_LEN], cols[_TRANS_LEN]
-    page = np.uint64(PAGE)
-    lengths_ok = (hdr_len == HdrBuf.SIZE).all() and (guest_len == page).all() and (trans_len >= page).all() \
-        if send else (hdr_len >= HdrBuf.SIZE).all() and (guest_len == page).all() and (trans_len == page).all()
-    if not lengths_ok or (cols[_HANDLE] != np.uint64(g.handle)).any() or (cols[_GUEST] % page).any():
+    cmd = items.column if items.column is not None else np.array(items.spas, dtype=np.uint64)
+    size, hdr = TransportCmd.SIZE, HdrBuf.SIZE
+    shape = columns.stats(cols, (0, 0, 0, 0, 0, 0, 0, hdr, PAGE, PAGE))  # (lengths: the regions' own)
+    handle, hdr_len, guest_len, trans_len = shape[_HANDLE], shape[_HDR_LEN], shape[_GUEST_LEN], shape[_TRANS_LEN]
+    hdr_at, guest_at, trans_at = shape[_HDR], shape[_GUEST], shape[_TRANS]
+    cmd_at = columns.stats(cmd, (size,))[0]
+    lengths_ok = hdr_len.lo == hdr_len.hi == hdr and guest_len.lo == guest_len.hi == PAGE and trans_len.lo >= PAGE \
+        if send else hdr_len.lo >= hdr and guest_len.lo == guest_len.hi == PAGE and trans_len.lo == trans_len.hi == PAGE
+    if not lengths_ok or not handle.lo == handle.hi == g.handle or guest_at.bits % PAGE:
         return None
-    size = np.uint64(TransportCmd.SIZE)
-    hdr = np.uint64(HdrBuf.SIZE)
-    regions = [(cols[_CMD], size), (cols[_HDR], hdr), (cols[_GUEST], page), (cols[_TRANS], page)]
-    stacked = np.stack([cols[_CMD], cols[_HDR], cols[_GUEST], cols[_TRANS]])
-    hulls = [(lo, hi + int(length)) for lo, hi, (_, length)  # (no wrap)
-             in zip(stacked.min(axis=1).tolist(), stacked.max(axis=1).tolist(), regions, strict=True)]
+    shapes = (cmd_at, hdr_at, guest_at, trans_at)
+    regions = [(cmd, np.uint64(size)), (cols[_HDR], np.uint64(hdr)), (cols[_GUEST], np.uint64(PAGE)),
+               (cols[_TRANS], np.uint64(PAGE))]
+    hulls = [(at.lo, at.hi + int(length)) for at, (_, length) in zip(shapes, regions, strict=True)]  # (no wrap)
     try:
         fw.ports.dma.check(0, max(end for _, end in hulls))
     except AddressError:
@@ -680,21 +699,27 @@ def _whole_pages(fw: Firmware, items: QueuedBuffers, send: bool) -> tuple[GuestC
                 return None
     picks = ([1, 3], [0, 2]) if send else ([2], [0, 1, 3])  # (outputs, inputs) among the regions
     if not _disjoint([regions[i] for i in picks[0]], [regions[i] for i in picks[1]],
-                     ([hulls[i] for i in picks[0]], [hulls[i] for i in picks[1]])):
+                     ([hulls[i] for i in picks[0]], [hulls[i] for i in picks[1]]),
+                     ordered=all(shapes[i].apart for i in picks[0])):
         return None
-    return g, cols
+    return _Whole(g, cols[_GUEST], cols[_HDR], cols[_TRANS], hdr_at.stride if hdr_at.stride >= hdr else 0,
+                  not trans_at.bits % PAGE)
 
 
 def _disjoint(outs: list[tuple[_U64, np.uint64]], ins: list[tuple[_U64, np.uint64]],
-              known: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None) -> bool:
+              known: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None,
+              ordered: bool | None = None) -> bool:
     """Whether the output ranges (starts, length) overlap neither each other nor any input range;
     ``known``: the (lowest start, highest end) of each of ``outs`` and of ``ins`` when the caller
-    has them."""
+    has them; ``ordered``: whether each output family goes upward without overlapping itself
+    (:attr:`ColumnStats.apart <sevemu.hw.columns.ColumnStats.apart>`), when the caller knows."""
     if known is None:
         known = ([(int(s.min()), int(s.max()) + int(length)) for s, length in outs],
                  [(int(s.min()), int(s.max()) + int(length)) for s, length in ins])
     hulls, spread = known
-    if all((s[1:] >= s[:-1] + length).all() for s, length in outs) and \
+    if ordered is None:
+        ordered = all((s[1:] >= s[:-1] + length).all() for s, length in outs)
+    if ordered and \
             all(b <= c or d <= a for i, (a, b) in enumerate(hulls) for c, d in hulls[i + 1 :] + spread):
         return True  # (the usual layout: each output family in order, apart from the rest)
     starts = np.concatenate([s for s, _ in outs])
@@ -726,20 +751,29 @@ def _aads(flags: npt.NDArray[np.uint32], ivs: bytes, size: int) -> bytes:
     return a.tobytes()
 
 
+def _page_runs(spas: _U64) -> list[tuple[int, int, int]]:
+    """(first index, SPA, length) of each run of physically consecutive pages, in command order
+    (:func:`sevemu._util.runs.page_runs`, in one C pass: :func:`sevemu.hw.columns.runs`)."""
+    return columns.runs(spas, PAGE)
+
+
 def _even(spas: _U64, size: int) -> int:
     """The spacing of ``spas`` when they go evenly upward at least ``size`` apart, else 0."""
-    stride = int(spas[1]) - int(spas[0]) if len(spas) > 1 else size
-    return stride if stride >= size and bool((np.diff(spas) == np.uint64(stride)).all()) else 0
+    if len(spas) < 2:
+        return size
+    stride = columns.stats(spas, (0,))[0].stride
+    return stride if stride >= size else 0
 
 
-def _write_slots(fw: Firmware, spas: _U64, data: bytes, size: int) -> None:
+def _write_slots(fw: Firmware, spas: _U64, data: bytes, size: int, stride: int | None = None) -> None:
     """Write ``size`` bytes of ``data`` per command at each SPA: when the SPAs are evenly spaced less
     than a line apart, in place row by row where no row crosses a page
     (:meth:`~sevemu.hw.psp.PspDma.write_rows`), else one write of the span with the bytes between
     them read back first -- either way the same memory, and the same host lines written back, as
-    writing one by one; otherwise in runs (:func:`_write_runs`)."""
+    writing one by one; otherwise in runs (:func:`_write_runs`).  ``stride``: :func:`_even` of
+    ``spas`` when the caller has it."""
     n = len(spas)
-    stride = _even(spas, size)
+    stride = _even(spas, size) if stride is None else stride
     if not stride or stride - size >= LINE:
         _write_runs(fw, [(int(spa), data[i * size : (i + 1) * size]) for i, spa in enumerate(spas)])
         return
@@ -754,14 +788,14 @@ def _write_slots(fw: Firmware, spas: _U64, data: bytes, size: int) -> None:
     fw.ports.dma.write(lo, rows.tobytes()[:span])
 
 
-def _read_slots(fw: Firmware, spas: _U64, size: int) -> bytes:
-    """``size`` bytes at each SPA, back to back (one read where they are evenly spaced)."""
+def _read_slots(fw: Firmware, spas: _U64, size: int, stride: int | None = None) -> bytes:
+    """``size`` bytes at each SPA, back to back (one read where they are evenly spaced; ``stride``:
+    :func:`_even` of ``spas`` when the caller has it)."""
     n = len(spas)
-    stride = _even(spas, size)
+    stride = _even(spas, size) if stride is None else stride
     if not stride:
         return b"".join(_read_all(fw, [(int(spa), size) for spa in spas]))
-    span = fw.ports.dma.read(int(spas[0]), stride * (n - 1) + size) + bytes(stride - size)
-    return np.frombuffer(span, dtype=np.uint8).reshape(n, stride)[:, :size].tobytes()
+    return columns.strided_rows(fw.ports.dma.read(int(spas[0]), stride * (n - 1) + size), 0, stride, n, size)
 
 
 def _scratch(name: str, length: int) -> memoryview:
@@ -774,13 +808,14 @@ def _scratch(name: str, length: int) -> memoryview:
     return memoryview(buf)[:length]
 
 
-def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _U64) -> None:
+def _seal_pages(fw: Firmware, whole: _Whole) -> None:
     """The effects of SEND_UPDATE_DATA on each whole page (checked by :func:`_whole_pages`): the
     pages read and decrypted from DRAM into the PSP's memory in one gather, whether or not they are
     physically consecutive (:meth:`~sevemu.hw.psp.PspDma.read_encrypted_pages_into`),
     sealed from there straight into the TRANS pages in DRAM when every TRANS is page-aligned (the
     host's lines of them written back and dropped first, as for any PSP write:
     :meth:`~sevemu.hw.psp.PspDma.fill_pages`), else into a second buffer written out run by run."""
+    g, guest, hdrs, trans = whole.g, whole.guest, whole.hdrs, whole.trans
     n = len(guest)
     dma = fw.ports.dma
     plain = _scratch("plain", n * PAGE)
@@ -788,8 +823,8 @@ def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
     ivs = fw.ports.trng(IV_SIZE * n)  # one draw for the doorbell: a fresh IV per page, in command order
     aads = _aads(np.zeros(n, dtype=np.uint32), ivs, PAGE)
     channel = _channel(g)
-    runs = page_runs(trans)
-    if not (trans % np.uint64(PAGE)).any():  # page-aligned TRANS: sealed straight into DRAM's pages
+    runs = _page_runs(trans)
+    if whole.trans_aligned:  # page-aligned TRANS: sealed straight into DRAM's pages
         out: list[bytearray] = []
         dma.fill_pages([(spa, length) for _, spa, length in runs],
                        lambda pages: out.append(channel.seal_many_to_pages(ivs, aads, plain, pages,
@@ -803,7 +838,7 @@ def _seal_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
     head = np.zeros(n, dtype=_HDR_DTYPE)  # flags 0
     head["iv"] = np.frombuffer(ivs, dtype="V16")
     head["mac"] = np.frombuffer(macs, dtype="V32")
-    _write_slots(fw, hdrs, head.tobytes(), HdrBuf.SIZE)
+    _write_slots(fw, hdrs, head.tobytes(), HdrBuf.SIZE, whole.hdr_stride)
 
 
 @SEV_API.guest(CommandId.SEND_UPDATE_VMSA, TransportCmd, READY, _SUPDATE, before_guest=(_hdr_length_query,))
@@ -882,10 +917,9 @@ def receive_update_batch(fw: Firmware, items: QueuedBuffers) -> int:
     its own IV and MAC (:meth:`PacketCrypto.open_many`), the host's lines of the guest regions
     written back and dropped, the plaintexts written encrypted, physically consecutive pages in
     one write."""
-    fast = _whole_pages(fw, items, send=False)
-    if fast is not None:
-        whole, cols = fast
-        return _open_pages(fw, whole, cols[_GUEST], cols[_HDR], cols[_TRANS])
+    whole = _whole_pages(fw, items, send=False)
+    if whole is not None:
+        return _open_pages(fw, whole)
     g: GuestContext | None = None
     plan = _Spans()
     checked: list[tuple[int, int, int, int]] = []  # (guest SPA, length, hdr SPA, TRANS SPA)
@@ -940,11 +974,12 @@ def _write_received(fw: Firmware, g: GuestContext, todo: list[tuple[int, bytes]]
         write_guest(fw, g, spa, bytes(data))
 
 
-def _open_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _U64) -> int:
+def _open_pages(fw: Firmware, whole: _Whole) -> int:
     """The effects of RECEIVE_UPDATE_DATA on each whole page (checked by :func:`_whole_pages`) up to
     the first whose header says COMPRESSED or whose MAC does not verify (that one is answered one
     by one: UNSUPPORTED, BAD_MEASUREMENT); how many were received."""
-    head = np.frombuffer(_read_slots(fw, hdrs, HdrBuf.SIZE), dtype=_HDR_DTYPE)
+    g, guest, hdrs, trans = whole.g, whole.guest, whole.hdrs, whole.trans
+    head = np.frombuffer(_read_slots(fw, hdrs, HdrBuf.SIZE, whole.hdr_stride), dtype=_HDR_DTYPE)
     compressed = np.flatnonzero(head["flags"] & np.uint32(HdrFlags.COMPRESSED))
     n = int(compressed[0]) if len(compressed) else len(head)
     if not n:
@@ -955,9 +990,9 @@ def _open_pages(fw: Firmware, g: GuestContext, guest: _U64, hdrs: _U64, trans: _
     aads, macs = _aads(head["flags"], ivs, PAGE), head["mac"].tobytes()
     plain = _scratch("plain", n * PAGE)
     channel = _channel(g)
-    runs = page_runs(trans[:n])
+    runs = _page_runs(trans[:n])
     found = None
-    if not (trans[:n] % np.uint64(PAGE)).any():  # page-aligned TRANS: opened where it lies in DRAM
+    if whole.trans_aligned if n == len(trans) else not (trans[:n] % np.uint64(PAGE)).any():  # page-aligned TRANS: opened where it lies in DRAM
         column = trans[:n] >> np.uint64(12)
         found = dma.read_pages([(spa, length) for _, spa, length in runs],
                                lambda pages: channel.open_many_from_pages(ivs, aads, macs, pages, column, plain))

@@ -92,17 +92,34 @@ def transport_slots(handle: int, hdr_base: int, hdr_len: int, guest_paddrs: list
     4096 * i`` -- :data:`~sevemu.abi.sev.TRANSPORT_PACK` of each, zero-padded to its slot, built as
     columns (every field of the layout is a little-endian u32 or u64 at a multiple of 8: one u64
     word each)."""
-    n = len(guest_paddrs)
-    at = np.arange(n, dtype=np.uint64)
-    words = np.zeros((n, RING_SLOT // 8), dtype="<u8")
-    words[:, 0] = handle
-    words[:, 1] = at * np.uint64(HDR_SLOT) + np.uint64(hdr_base)
-    words[:, 2] = hdr_len
-    words[:, 3] = guest_paddrs if isinstance(guest_paddrs, np.ndarray) else np.fromiter(guest_paddrs, dtype=np.uint64, count=n)
-    words[:, 4] = PAGE
-    words[:, 5] = at * np.uint64(PAGE) + np.uint64(trans_base)
-    words[:, 6] = PAGE
-    return words.tobytes()
+    return SlotTemplate(handle, hdr_base, hdr_len, trans_base, len(guest_paddrs)).slots(guest_paddrs)
+
+
+class SlotTemplate:
+    """:func:`transport_slots` of one session's batches: every field but ``guest_paddr`` is the same
+    from doorbell to doorbell (the handle, the header slots and TRANS pages of the session's
+    bounce runs), so they are laid out once, for up to ``capacity`` commands, and each batch only
+    writes its guest addresses into the words (the same bytes as :func:`transport_slots`)."""
+
+    __slots__ = ("_words",)
+
+    def __init__(self, handle: int, hdr_base: int, hdr_len: int, trans_base: int, capacity: int) -> None:
+        at = np.arange(capacity, dtype=np.uint64)
+        words = np.zeros((capacity, RING_SLOT // 8), dtype="<u8")
+        words[:, 0] = handle
+        words[:, 1] = at * np.uint64(HDR_SLOT) + np.uint64(hdr_base)
+        words[:, 2] = hdr_len
+        words[:, 4] = PAGE
+        words[:, 5] = at * np.uint64(PAGE) + np.uint64(trans_base)
+        words[:, 6] = PAGE
+        self._words = words
+
+    def slots(self, guest_paddrs: list[int] | tuple[int, ...] | npt.NDArray[np.uint64]) -> bytes:
+        """The slots of a batch of these guest page addresses (at most ``capacity``)."""
+        n = len(guest_paddrs)
+        words = self._words[:n]
+        words[:, 3] = guest_paddrs if isinstance(guest_paddrs, np.ndarray) else np.fromiter(guest_paddrs, dtype=np.uint64, count=n)
+        return words.tobytes()
 
 
 Gpas = tuple[int, ...] | npt.NDArray[np.uint64]
@@ -158,6 +175,8 @@ class PageReceiver:
         self._hdr_base = hdr_base
         self._trans_base = trans_base
         self._staged = 0
+        self._template: SlotTemplate | None = None  # (made at the first batch: hdr_len is the batch's)
+        self._hdr_len = -1
 
     def stage(self, count: int, fill: Callable[[list[bytearray]], None]) -> None:
         """The transport buffers of the next batch (``count`` pages) written into the bounce area in
@@ -198,8 +217,10 @@ class PageReceiver:
                 sev.core.host_write_stream(trans_base, b"".join(batch.transport))
             else:
                 sev.core.host_write_stream(trans_base, batch.transport)
-        self._ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, transport_slots(
-            vm.handle, hdr_base, batch.hdr_len, column | np.uint64(me_mask), trans_base))
+        if self._template is None or self._hdr_len != batch.hdr_len:
+            self._template = SlotTemplate(vm.handle, hdr_base, batch.hdr_len, trans_base, PAGE_BATCH)
+            self._hdr_len = batch.hdr_len
+        self._ring.submit_many(CommandId.RECEIVE_UPDATE_DATA, self._template.slots(column | np.uint64(me_mask)))
         _check_batch(CommandId.RECEIVE_UPDATE_DATA, self._ring.run())
 
 
@@ -594,15 +615,18 @@ class LegacySev(SevHost):
         order = gpas.astype(np.uint64) if isinstance(gpas, np.ndarray) else None
         todo = iter(gpas) if order is None else None
         looked_up = None  # (a column: every page's SPA looked up in one pass, before any doorbell)
-        any_unaligned = False
+        any_unaligned = any_unmapped = False
         if order is not None:
             looked_up = vm.npt.lookup_many((order >> np.uint64(12)).astype(np.int64))
             any_unaligned = bool((order & np.uint64(PAGE_MASK)).any())  # (else no batch has one)
+            any_unmapped = bool((looked_up < 0).any())  # (nor one of these)
+            paddrs = None if any_unmapped else looked_up.astype(np.uint64) | me_mask  # (the C-bit, once)
         hdr_out = memoryview(bytearray(batch * HDR_SLOT))  # (reused: see the docstring)
         trans_out = memoryview(bytearray(batch * PAGE))
         with self.psp.ring(high=True) as ring, self.psp.bounce.stage() as st:
             hdr_base = st.alloc(batch * HDR_SLOT, PAGE)
             trans_base = st.alloc(batch * PAGE, PAGE)
+            template = SlotTemplate(handle, hdr_base, hdr_len, trans_base, batch)
             start = 0
             while True:
                 named: Gpas
@@ -610,21 +634,25 @@ class LegacySev(SevHost):
                     named = order[start : start + batch]
                     unaligned = any_unaligned and bool((named & np.uint64(PAGE_MASK)).any())
                     spas = looked_up[start : start + batch]
+                    unmapped = any_unmapped and bool((spas < 0).any())
+                    column = None if paddrs is None else paddrs[start : start + batch]
                     start += batch
                 else:
                     named = tuple(itertools.islice(cast("Iterator[int]", todo), batch))
                     unaligned = any(gpa & PAGE_MASK for gpa in named)
                     spas = np.fromiter(map(mapped, [gpa >> 12 for gpa in named], itertools.repeat(-1)),
                                        dtype=np.int64, count=len(named))
+                    unmapped, column = bool((spas < 0).any()), None
                 n = len(named)
                 if not n:
                     break
-                if unaligned or (spas < 0).any():  # the error KVM answers
+                if unaligned or unmapped:  # the error KVM answers
                     listed = named.tolist() if isinstance(named, np.ndarray) else named
                     spas = np.array([spa_of(gpa) if gpa & PAGE_MASK or s < 0 else s
                                      for gpa, s in zip(listed, spas.tolist(), strict=True)], dtype=np.int64)
-                slots = transport_slots(handle, hdr_base, hdr_len, spas.astype(np.uint64) | me_mask, trans_base)
-                ring.submit_many(CommandId.SEND_UPDATE_DATA, slots)
+                if unaligned or unmapped or column is None:
+                    column = spas.astype(np.uint64) | me_mask
+                ring.submit_many(CommandId.SEND_UPDATE_DATA, template.slots(column))
                 _check_batch(CommandId.SEND_UPDATE_DATA, ring.run())
                 hdrs = hdr_out[: n * HDR_SLOT]
                 core.host_read_stream_into(hdr_base, hdrs)
