@@ -34,7 +34,6 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from sevemu._util.runs import page_runs
 from sevemu._util.units import LINE, PAGE
 from sevemu.abi.mailbox import (
     CMDRESP_RESP,
@@ -47,7 +46,7 @@ from sevemu.abi.mailbox import (
 from sevemu.abi.status import Status
 from sevemu.crypto.sha256 import Sha256
 from sevemu.errors import AddressError
-from sevemu.hw import memaccel
+from sevemu.hw import columns, memaccel
 from sevemu.hw.cache import Cache, tag_key
 from sevemu.hw.memctl import KeySlotPort, MemoryController
 from sevemu.hw.profiles import CpuProfile
@@ -316,7 +315,7 @@ class PspDma:
         """:meth:`evict` of each page at the page-aligned ``spas`` (all checked first; physically
         consecutive pages flushed as one range)."""
         flush = self._cache.flush_range
-        for _, spa, length in page_runs(self._mc.page_column(spas, PAGE * len(spas), "spas")):
+        for _, spa, length in columns.runs(self._mc.page_column(spas, PAGE * len(spas), "spas"), PAGE):
             flush(0, False, spa, length)  # (equivalent mutant: any ASID here, C=0 lines are the host's)
 
     def write_encrypted(self, spa: int, data: bytes | bytearray | memoryview, asid: int) -> None:

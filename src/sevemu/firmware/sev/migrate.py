@@ -753,7 +753,7 @@ def _aads(flags: npt.NDArray[np.uint32], ivs: bytes, size: int) -> bytes:
 
 def _page_runs(spas: _U64) -> list[tuple[int, int, int]]:
     """(first index, SPA, length) of each run of physically consecutive pages, in command order
-    (:func:`sevemu._util.runs.page_runs`, in one C pass: :func:`sevemu.hw.columns.runs`)."""
+    (:func:`sevemu.hw.columns.runs`, in one C pass where the helpers are built)."""
     return columns.runs(spas, PAGE)
 
 
