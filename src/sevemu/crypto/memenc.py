@@ -710,9 +710,10 @@ class MemoryCipher:
     @property
     def bulk_aes_engine(self) -> str:
         """Which AES a bulk transfer of this cipher runs now: ``"vaes"`` or ``"vaes256"`` (the whole
-        transform in one pass on VAES with AVX-512 or AVX2, ``crypt_into``), ``"cryptography-xts"`` (`cryptography`'s AES-XTS made AES-ECB,
-        ``crypt_into_via``, for transfers from 32-64 KiB), ``"openssl"`` (libcrypto's AES-ECB between
-        the C passes) or ``"cryptography-ecb"`` (the numpy path)."""
+        transform in one pass on VAES with AVX-512 or AVX2, ``crypt_into``), ``"cryptography-xts"``
+        (`cryptography`'s AES-XTS made AES-ECB, ``crypt_into_via``, for transfers from 32-64 KiB),
+        ``"openssl"`` (libcrypto's AES-ECB between the C passes) or ``"cryptography-ecb"`` (the numpy
+        path)."""
         if not self._accel:
             return "cryptography-ecb"
         engine = _memenc_accel.aes_engine()
