@@ -723,3 +723,23 @@ def test_a_large_flush_takes_lines_of_any_buffer_type(accel: bool) -> None:
         cache.flush_range(0, False, X, 1 << 20)  # more lines than the cache holds
         assert not cache.dirty and cache.peek(0, False, X + LINE) is None
         assert cache.mc.dram.read(X, 4 * LINE) == _data(70, 4 * LINE)
+
+
+@pytest.mark.parametrize("on", MEM_ACCEL_MODES)
+@pytest.mark.parametrize(("before_end", "lines"), [(100, 300), (124, 1000)])
+def test_resident_keys_of_a_range_whose_sets_wrap_around(on: bool, before_end: int, lines: int) -> None:
+    """A range of more lines than the visit threshold but fewer than the sets, starting near the last
+    set, maps onto the last sets and then the first ones (the second shape: more lines than the sets
+    before its first): visiting its sets' lines (the Python way, and C's) finds every resident line of
+    the range, on both sides of the wrap, and none outside it."""
+    cache, _ = _cache(size=1 << 20, ways=16)  # 1024 sets
+    nsets = len(cache.sets)
+    base = 0x10_0000  # set 0
+    first_line = nsets - before_end  # sets first_line..1023, then 0..
+    resident = [first_line + k for k in (0, 7, 50, 99, before_end, before_end + 1, before_end + 50, lines - 1)]
+    outside = [first_line - 1, first_line + lines, first_line + lines + 5]
+    for line in resident + outside:
+        cache.line(tag_key(1, True, base + line * LINE))
+    with mem_accel(on):
+        got = cache.resident_keys(1, True, base + first_line * LINE, lines * LINE)
+    assert got == [tag_key(1, True, base + line * LINE) for line in sorted(resident)]

@@ -174,7 +174,7 @@ def test_read_runs_refuses_runs_outside_the_page_or_parts_of_lines() -> None:
     cache, agent = _twin(False)
     before = _state(cache)
     for spa, runs in [(_BASE + LINE, ((0, LINE),)), (_BASE, ((8, LINE),)), (_BASE, ((0, LINE), (4032, 2 * LINE))),
-                      (_BASE, ((0, 0),))]:
+                      (_BASE, ((0, 0),)), (_BASE, ((1, LINE),)), (_BASE, ((0, LINE + 1),))]:  # (odd: bit 0 too)
         with pytest.raises(AlignmentError):
             cache.read_runs(1, True, spa, runs)
     assert cache.read_runs(1, True, _BASE, ()) == b""  # nothing read, nobody snooped

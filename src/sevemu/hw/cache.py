@@ -65,8 +65,15 @@ _VISIT_MIN_LINES = 256  # from this many lines on, a range may visit its sets' l
 # its two ways (as another _VISIT_MIN_LINES above); ``>=`` for ``>`` and ``or`` for the inner ``and`` in
 # _write_lines_rest's choice of streaming (a path to the same state, taken more or less often); in
 # _read_run's choice of a page run, ``PAGE - 2`` for ``PAGE - 1`` on a line address (always even) and
-# ``mask - 1`` for ``mask + 1`` (fewer page runs: the same bytes line by line).  Last sampled run (every tenth of the 798 mutants, 2026-12-06): 67 of 80 killed, the other
-# 13 the equivalents named here.
+# ``mask - 1`` for ``mask + 1`` (fewer page runs: the same bytes line by line).  Also: removing
+# _resident_keys' C call (the Python way finds the same keys), ``<=`` for ``<`` in the bound of the
+# run-span memo, no C port from port() (the view's Python load/store: the same lookups), ``or`` for
+# ``and`` in read_lines' choice of the C hit read (it serves a zero-length read as nothing too), and
+# ``j + i`` for ``j - i`` in _write_runs' choice between bulk and line-by-line write-back.  Sampled runs
+# (2026-12-06): a first sample of every tenth of the 798 mutants, 67 of 80 killed, the other 13
+# equivalents named here; every tenth from #5 (#5, #15, ...), 66 of 80 killed, of the 14 left two real (an odd run offset
+# read_runs did not refuse in any test; the slice of the wrapped sets in _resident_keys' visit),
+# killed since by tests, and 12 equivalents named here.
 
 
 def tag_key(asid: int, c: bool, spa: int) -> int:
