@@ -1509,12 +1509,11 @@ static int engine_current(void)
     return engine_level;
 }
 
-/* The keys of a run (code 2: key = K1 || K2, 64 bytes; else a 16-byte AES-128 key) when the VAES
+/* The keys of a run (code 2: key = K1 || K2, 64 bytes; else a 16-byte AES-128 key) when a VAES
  * engine runs it, else NULL. */
-static const EngineKeys *engine_keys(EngineKeys *ks, const unsigned char *key, long code, int encrypt)
+static const EngineKeys *engine_keys(EngineKeys *ks, int engine, const unsigned char *key, long code, int encrypt)
 {
 #ifdef HAVE_VAES
-    int engine = engine_current();
     if (engine != ENGINE_OPENSSL) {
         ks->wide = engine == ENGINE_VAES;
         ks_rows(ks->k1, key, code == 2 ? 256 : 128, !encrypt);
@@ -1524,6 +1523,7 @@ static const EngineKeys *engine_keys(EngineKeys *ks, const unsigned char *key, l
         return ks;
     }
 #endif
+    (void)engine;
     (void)code;
     (void)ks;
     (void)key;
@@ -1773,6 +1773,7 @@ typedef struct {
     Py_ssize_t nbits;
     long code;
     int encrypt;
+    int engine; /* the AES engine of the run (engine_current() when the arguments were taken) */
 } CryptArgs;
 
 static int crypt_args(const char *name, PyObject *const *args, Py_ssize_t nargs, int writable, CryptArgs *a)
@@ -1794,6 +1795,7 @@ static int crypt_args(const char *name, PyObject *const *args, Py_ssize_t nargs,
     if (a->encrypt < 0) {
         return -1;
     }
+    a->engine = engine_current();
     if (a->code < 0 || a->code > 2) {
         PyErr_SetString(PyExc_ValueError, "code must be 0 (XE), 1 (XEX) or 2 (XTS)");
         return -1;
@@ -1857,11 +1859,16 @@ static const EVP_CIPHER *aes_ecb(int bits)
     return bits == 256 ? EVP_aes_256_ecb() : EVP_aes_128_ecb();
 }
 
-/* The AES-ECB contexts of a run (the tweak context for XTS only); 0, or -1 with RuntimeError. */
+/* The AES-ECB contexts of a run (the tweak context for XTS only), none when a VAES engine runs it
+ * (setting them up cost a microsecond of every page-sized call for nothing); 0, or -1 with
+ * RuntimeError. */
 static int crypt_contexts(const char *name, const CryptArgs *a, EVP_CIPHER_CTX **ctx, EVP_CIPHER_CTX **tweak_ctx)
 {
     const EVP_CIPHER *aes = aes_ecb(a->code == 2 ? 256 : 128);
     const unsigned char *k = (const unsigned char *)a->key.buf;
+    if (a->engine != ENGINE_OPENSSL) {
+        return 0;
+    }
     *ctx = EVP_CIPHER_CTX_new();
     if (*ctx == NULL ||
         (a->encrypt ? EVP_EncryptInit_ex(*ctx, aes, NULL, k, NULL) : EVP_DecryptInit_ex(*ctx, aes, NULL, k, NULL)) != 1 ||
@@ -1886,7 +1893,7 @@ static int crypt_run(const char *name, const CryptArgs *a, const Span *in, const
     long code = a->code;
     uint64_t spa = a->spa;
     EngineKeys ksbuf;
-    const EngineKeys *ks = engine_keys(&ksbuf, (const unsigned char *)a->key.buf, code, encrypt);
+    const EngineKeys *ks = engine_keys(&ksbuf, a->engine, (const unsigned char *)a->key.buf, code, encrypt);
     if (len <= XP_PAGE) { /* a page or less (about a microsecond): not worth handing the GIL over */
         failed = code == 2 ? xts_pages_run(in, out, stream, spa, len, ctx, tweak_ctx, ks, encrypt)
                            : xex_pages_run(in, out, stream, spa, len, consts, nbits, ctx, ks, pre, post, encrypt);
@@ -2780,7 +2787,7 @@ static int in_place_run(const char *name, const char *failed_msg, const CryptArg
         uint64_t spa = a->spa;
         Py_ssize_t left = length, done = 0, p = 0;
         EngineKeys ksbuf;
-        const EngineKeys *ks = engine_keys(&ksbuf, (const unsigned char *)a->key.buf, code, encrypt);
+        const EngineKeys *ks = engine_keys(&ksbuf, a->engine, (const unsigned char *)a->key.buf, code, encrypt);
         Py_BEGIN_ALLOW_THREADS
         while (left > 0 && !failed) {
             /* a group: up to IN_PLACE_GROUP pages, ending at a page boundary */
